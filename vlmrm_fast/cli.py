@@ -1,0 +1,568 @@
+"""The ``vlmrm-fast`` command-line tool.
+
+Commands
+--------
+``vlmrm-fast score PATH --goal TEXT``
+    Score every frame of a video file, a GIF, an image, or a folder of images with a CLIP
+    reward and write the per-frame rewards as CSV (and, with ``--plot``, a PNG).
+
+Adding a command: write ``_add_<name>_parser(subparsers)`` that registers its options and
+sets ``handler=`` to a ``_run_<name>(args) -> int`` function, then call it from
+:func:`build_parser`. :func:`main` turns the expected error types into a one-line message
+and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import importlib
+import queue
+import re
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Generator, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, TypeVar
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from vlmrm_fast import CLIPReward, PretrainedWeightsError
+
+PROG = "vlmrm-fast"
+DEFAULT_MODEL = "ViT-B-32"
+DEFAULT_PRETRAINED = "laion2b_s34b_b79k"
+DEFAULT_BATCH_SIZE = 64
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".gif")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+CLI_EXTRA_HINT = "install the CLI extra: pip install 'vlmrm-fast[cli]'"
+
+T = TypeVar("T")
+
+#: One decoded frame: RGB uint8 array [H, W, 3] and the text for the CSV ``source`` column.
+LabelledFrame = tuple[np.ndarray, str]
+
+
+class CLIError(Exception):
+    """A user-facing error; :func:`main` prints its message and exits with code 2."""
+
+
+# --------------------------------------------------------------------------- arguments
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Build the top-level parser with one subparser per command."""
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Fast CLIP rewards for reinforcement learning (VLM-RM).",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_score_parser(subparsers)
+    return parser
+
+
+def _add_score_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``score``: rewards for every frame of a clip or image folder."""
+    epilog = textwrap.dedent(
+        """\
+        reward (VLM-RM): with unit-norm CLIP embeddings x (frame), g (goal), b (baseline),
+          reward = 1 - 0.5 * ||alpha * proj(x) + (1 - alpha) * x - g||^2,
+        where proj projects onto the direction b -> g. alpha=0 (no baseline) gives the plain
+        cosine similarity to the goal.
+
+        outputs: CSV columns are frame (0-based), source (image file name; for videos the
+        timestamp in seconds, frame / fps) and reward. By default the CSV goes next to the
+        input: clip.mp4 -> clip.rewards.csv, folder frames/ -> frames.rewards.csv (beside
+        the folder, so a second run does not pick up the outputs as frames).
+
+        examples:
+          vlmrm-fast score episode.mp4 --goal "a humanoid robot kneeling" --plot
+          vlmrm-fast score frames/ --goal "a cartpole with the pole upright" \\
+              --baseline "a cartpole" --alpha 0.5 --out rewards.csv --plot=rewards.png
+        """
+    )
+    p = subparsers.add_parser(
+        "score",
+        help="score the frames of a video or image folder against a goal prompt",
+        description="Score every frame of a video, GIF, image, or folder of images with a "
+        "CLIP reward and write the per-frame rewards as CSV. Use it to try prompts on "
+        "your own clips before training.",
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "path",
+        metavar="PATH",
+        type=Path,
+        help="a video file (%s), a single image, or a folder of images (%s; taken in natural "
+        "order, so frame2 comes before frame10; other files are ignored)"
+        % (", ".join(VIDEO_EXTENSIONS), ", ".join(IMAGE_EXTENSIONS)),
+    )
+    prompts = p.add_argument_group("reward")
+    prompts.add_argument(
+        "--goal",
+        action="append",
+        required=True,
+        metavar="TEXT",
+        help="goal prompt describing the desired state; repeat to average several prompts "
+        "into one goal embedding",
+    )
+    prompts.add_argument(
+        "--baseline",
+        action="append",
+        metavar="TEXT",
+        help="baseline prompt describing the environment in general (e.g. 'a humanoid "
+        "robot'); repeat to average several. Only used when --alpha > 0",
+    )
+    prompts.add_argument(
+        "--alpha",
+        type=_unit_interval,
+        default=0.0,
+        help="baseline regularisation strength in [0, 1]: 0 ignores the baseline, 1 keeps "
+        "only the goal-baseline direction (default: %(default)s)",
+    )
+    model = p.add_argument_group("model")
+    model.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help="open_clip model name, e.g. ViT-B-32, ViT-L-14, ViT-bigG-14 (default: %(default)s)",
+    )
+    model.add_argument(
+        "--pretrained",
+        default=DEFAULT_PRETRAINED,
+        help="open_clip pretrained tag, a local checkpoint path, or 'none' for random "
+        "weights (only useful for testing) (default: %(default)s)",
+    )
+    model.add_argument(
+        "--preprocess",
+        choices=("vlmrm", "openclip"),
+        default="vlmrm",
+        help="image preprocessing: 'vlmrm' (fused resize and normalise, as in the VLM-RM "
+        "paper) or 'openclip' (the model's own torchvision transform) (default: %(default)s)",
+    )
+    model.add_argument(
+        "--device",
+        default=None,
+        help="torch device, e.g. cuda, cuda:1, cpu (default: cuda if available, else cpu)",
+    )
+    model.add_argument(
+        "--dtype",
+        choices=("auto", *DTYPES),
+        default="auto",
+        help="compute dtype of the CLIP towers (default: auto = bfloat16 on CUDA, float32 "
+        "on CPU)",
+    )
+    io = p.add_argument_group("input and output")
+    io.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=DEFAULT_BATCH_SIZE,
+        metavar="N",
+        help="frames decoded and scored per step; lower it if you run out of memory "
+        "(default: %(default)s)",
+    )
+    io.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        metavar="CSV",
+        help="where to write the rewards CSV (default: next to PATH, clip.mp4 -> "
+        "clip.rewards.csv, folder frames/ -> frames.rewards.csv)",
+    )
+    io.add_argument(
+        "--plot",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="PNG",
+        help="also plot reward over frames to a PNG (default file: the CSV path with .png). "
+        "Put --plot after PATH or write --plot=FILE.png, so PATH is not taken as its value",
+    )
+    io.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="hide the progress bar (it is shown on a terminal for runs over a second)",
+    )
+    p.set_defaults(handler=_run_score)
+
+
+def _unit_interval(text: str) -> float:
+    """argparse type: a float in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the command line ``argv`` (default: ``sys.argv[1:]``); return the exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help and usage errors; return the code instead of exiting
+        return 0 if exc.code is None else exc.code if isinstance(exc.code, int) else 2
+    try:
+        return args.handler(args)
+    except torch.cuda.OutOfMemoryError:
+        _print_error(f"out of GPU memory; lower --batch-size (was {args.batch_size})")
+    except (CLIError, ValueError, TypeError, OSError, PretrainedWeightsError) as exc:
+        _print_error(str(exc))
+    except KeyboardInterrupt:
+        _print_error("interrupted")
+        return 130
+    return 2
+
+
+def _print_error(message: str) -> None:
+    """Print ``vlmrm-fast: error: <message>`` to stderr."""
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+
+
+# --------------------------------------------------------------------------- score
+
+
+def _run_score(args: argparse.Namespace) -> int:
+    """``vlmrm-fast score``: score the frames, write CSV (and PNG), print a summary."""
+    source = open_frames(args.path)
+    csv_path = args.out if args.out is not None else default_csv_path(args.path)
+    plot_path = _plot_path(args.plot, csv_path)
+    rm = CLIPReward.from_pretrained(
+        args.model,
+        None if args.pretrained.lower() == "none" else args.pretrained,
+        goal=args.goal,
+        baseline=args.baseline,
+        alpha=args.alpha,
+        device=args.device,
+        dtype=DTYPES.get(args.dtype),
+        preprocess=args.preprocess,
+        max_batch_size=args.batch_size,
+    )
+    start = time.perf_counter()
+    rewards, labels = score_frames(rm, source, args.batch_size, progress=not args.no_progress)
+    elapsed = time.perf_counter() - start
+    written = [write_csv(csv_path, rewards, labels)]
+    if plot_path is not None:
+        written.append(write_plot(plot_path, rewards, args.goal, args.baseline, args.alpha))
+    print(_summary(rewards, elapsed, written))
+    return 0
+
+
+def default_csv_path(path: Path) -> Path:
+    """Where the CSV goes without ``--out``: beside the input, named after it.
+
+    ``clip.mp4 -> clip.rewards.csv``; a folder ``frames/ -> frames.rewards.csv`` beside the
+    folder rather than inside it, so a later run on the folder does not see our outputs.
+    """
+    if path.is_dir():
+        folder = path if path.name not in ("", "..") else path.resolve()
+        return folder.parent / f"{folder.name or 'frames'}.rewards.csv"
+    return path.with_suffix(".rewards.csv")
+
+
+def _plot_path(plot: Optional[str], csv_path: Path) -> Optional[Path]:
+    """Resolve ``--plot``: absent -> None, bare -> next to the CSV, else the given PNG path."""
+    if plot is None:
+        return None
+    if plot == "":
+        return csv_path.with_suffix(".png")
+    path = Path(plot)
+    if path.suffix.lower() != ".png":
+        raise CLIError(f"--plot expects a .png file name, got '{plot}'; write --plot=FILE.png")
+    return path
+
+
+def score_frames(
+    rm: Callable[[np.ndarray], torch.Tensor],
+    frames: Iterable[LabelledFrame],
+    batch_size: int,
+    progress: bool = True,
+) -> tuple[np.ndarray, list[str]]:
+    """Score ``frames`` in batches of equal-sized consecutive frames.
+
+    Decoding runs in a background thread so that it overlaps with scoring. Returns the
+    float32 rewards [N] and the source label of each frame.
+    """
+    total = getattr(frames, "total", None)
+    chunks: list[np.ndarray] = []
+    labels: list[str] = []
+    with tqdm(
+        total=total, unit="frame", desc="scoring", delay=1.0, disable=None if progress else True
+    ) as bar:
+        for batch, names in _prefetch(batched(frames, batch_size)):
+            chunks.append(rm(batch).detach().float().cpu().numpy())
+            labels.extend(names)
+            bar.update(len(names))
+    return np.concatenate(chunks), labels
+
+
+def batched(
+    frames: Iterable[LabelledFrame], batch_size: int
+) -> Iterator[tuple[np.ndarray, list[str]]]:
+    """Group consecutive frames of the same shape into uint8 batches [B, H, W, 3]."""
+    buffer: list[np.ndarray] = []
+    names: list[str] = []
+    for frame, name in frames:
+        if buffer and (len(buffer) == batch_size or frame.shape != buffer[0].shape):
+            yield np.stack(buffer), names
+            buffer, names = [], []
+        buffer.append(frame)
+        names.append(name)
+    if buffer:
+        yield np.stack(buffer), names
+
+
+_DONE = object()
+
+
+def _prefetch(items: Generator[T, None, None], depth: int = 2) -> Iterator[T]:
+    """Yield from ``items``, producing up to ``depth`` items ahead in a daemon thread.
+
+    Exceptions raised while producing are re-raised in the consumer.
+    """
+    slots: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            with contextlib.closing(items):  # stops an ffmpeg reader when we stop early
+                for item in items:
+                    if stop.is_set():
+                        return
+                    slots.put(item)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            slots.put(exc)
+        else:
+            slots.put(_DONE)
+
+    worker = threading.Thread(target=produce, name="vlmrm-fast-decode", daemon=True)
+    worker.start()
+    try:
+        while (item := slots.get()) is not _DONE:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        with contextlib.suppress(queue.Empty):
+            slots.get_nowait()  # unblock a producer waiting on a full queue
+
+
+def write_csv(path: Path, rewards: np.ndarray, labels: Sequence[str]) -> Path:
+    """Write ``frame,source,reward`` rows; rewards at float32 round-trip precision."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["frame", "source", "reward"])
+        for index, (label, reward) in enumerate(zip(labels, rewards)):
+            writer.writerow([index, label, f"{float(reward):.9g}"])
+    return path
+
+
+def write_plot(
+    path: Path,
+    rewards: np.ndarray,
+    goal: Sequence[str],
+    baseline: Optional[Sequence[str]],
+    alpha: float,
+) -> Path:
+    """Plot reward over frames to a PNG, titled with the prompts."""
+    figure_module = _require("matplotlib.figure", "matplotlib")
+    figure = figure_module.Figure(figsize=(8, 4), layout="constrained")
+    ax = figure.add_subplot()
+    ax.plot(np.arange(len(rewards)), rewards, linewidth=1.2, marker="." if len(rewards) <= 200 else None)
+    ax.set_xlabel("frame")
+    ax.set_ylabel("reward")
+    ax.grid(alpha=0.3)
+    title = "goal: " + _quote_prompts(goal)
+    if baseline and alpha > 0:
+        title += f"\nbaseline: {_quote_prompts(baseline)}, alpha = {alpha:g}"
+    ax.set_title(title, fontsize=10)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    return path
+
+
+def _quote_prompts(prompts: Sequence[str], width: int = 90) -> str:
+    """Quote prompts for a plot title, shortened to ``width`` characters."""
+    text = " + ".join(f'"{p}"' for p in prompts)
+    return textwrap.shorten(text, width=width, placeholder=" ...")
+
+
+def _summary(rewards: np.ndarray, elapsed: float, written: Sequence[Path]) -> str:
+    """One line: frame count, reward statistics, throughput, output files."""
+    n = len(rewards)
+    rate = n / elapsed if elapsed > 0 else float("inf")
+    return (
+        f"scored {n} frames in {elapsed:.2f} s ({rate:.1f} frames/s): reward mean "
+        f"{np.mean(rewards):.4f}, min {np.min(rewards):.4f}, max {np.max(rewards):.4f}; "
+        f"wrote {', '.join(str(p) for p in written)}"
+    )
+
+
+# --------------------------------------------------------------------------- reading frames
+
+
+def open_frames(path: Path) -> ImageFiles | VideoFile:
+    """Open ``path`` as a frame source, checking it before any model is loaded."""
+    if not path.exists():
+        raise CLIError(f"'{path}' does not exist; give a video file or a folder of images")
+    if path.is_dir():
+        return ImageFiles(list_images(path))
+    suffix = path.suffix.lower()
+    if suffix in IMAGE_EXTENSIONS:
+        return ImageFiles([path])
+    if suffix in VIDEO_EXTENSIONS:
+        return VideoFile.open(path)
+    raise CLIError(
+        f"'{path}' has an unsupported file type '{path.suffix}'; give a video "
+        f"({', '.join(VIDEO_EXTENSIONS)}), an image or a folder of images "
+        f"({', '.join(IMAGE_EXTENSIONS)}), or convert it, e.g. ffmpeg -i '{path}' clip.mp4"
+    )
+
+
+def list_images(folder: Path) -> list[Path]:
+    """The image files directly in ``folder``, in natural order; hidden files are skipped."""
+    images = [
+        p
+        for p in folder.iterdir()
+        if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".") and p.is_file()
+    ]
+    if not images:
+        raise CLIError(
+            f"no images found in folder '{folder}' (looked for {', '.join(IMAGE_EXTENSIONS)}); "
+            "point PATH at a folder of frames or at a video file"
+        )
+    return sorted(images, key=natural_key)
+
+
+def natural_key(path: Path) -> tuple:
+    """Sort key that orders embedded numbers by value: frame2 < frame10.
+
+    ``re.split`` with a capturing group alternates text and digits, so keys compare
+    str with str and int with int at every position.
+    """
+    parts = re.split(r"(\d+)", path.name)
+    return tuple(int(part) if i % 2 else part.casefold() for i, part in enumerate(parts))
+
+
+@dataclass
+class ImageFiles:
+    """Frames from image files, each converted to RGB uint8; labelled by file name."""
+
+    files: list[Path]
+
+    @property
+    def total(self) -> int:
+        """Number of frames."""
+        return len(self.files)
+
+    def __iter__(self) -> Iterator[LabelledFrame]:
+        for file in self.files:
+            yield read_image(file), file.name
+
+
+def read_image(path: Path) -> np.ndarray:
+    """Read one image as RGB uint8 [H, W, 3] (alpha dropped, greyscale expanded)."""
+    image_module = _require("PIL.Image", "pillow")
+    try:
+        with image_module.open(path) as image:
+            return np.asarray(image.convert("RGB"))
+    except (OSError, ValueError) as exc:
+        raise CLIError(
+            f"cannot read image '{path}' ({exc}); re-export it or remove it from the folder"
+        ) from None
+
+
+@dataclass
+class VideoFile:
+    """Frames decoded by ffmpeg (imageio-ffmpeg), streamed; labelled by timestamp."""
+
+    path: Path
+    fps: Optional[float]
+    size: tuple[int, int]  # (width, height) of the decoded frames
+    total: Optional[int]
+
+    @classmethod
+    def open(cls, path: Path) -> VideoFile:
+        """Probe the video (size, fps, frame count) so that a bad file fails early."""
+        ffmpeg = _require("imageio_ffmpeg", "imageio-ffmpeg")
+        with contextlib.closing(_read_frames(ffmpeg, path)) as reader:
+            meta = _next_frame(reader, path)
+        fps = meta.get("fps") or None
+        return cls(path, fps, tuple(meta["size"]), _count_frames(ffmpeg, path, meta))
+
+    def __iter__(self) -> Iterator[LabelledFrame]:
+        ffmpeg = _require("imageio_ffmpeg", "imageio-ffmpeg")
+        width, height = self.size
+        with contextlib.closing(_read_frames(ffmpeg, self.path)) as reader:
+            _next_frame(reader, self.path)  # the metadata dict
+            index = 0
+            while (raw := _next_frame(reader, self.path, None)) is not None:
+                frame = np.frombuffer(raw, dtype=np.uint8).reshape(height, width, 3)
+                yield frame, f"{index / self.fps:.4f}" if self.fps else ""
+                index += 1
+        if index == 0:
+            raise CLIError(f"no frames could be decoded from '{self.path}'; check that it plays")
+
+
+def _read_frames(ffmpeg, path: Path) -> Iterator:
+    """imageio-ffmpeg's frame generator: a metadata dict, then raw RGB24 frames."""
+    return ffmpeg.read_frames(str(path), pix_fmt="rgb24")
+
+
+def _next_frame(reader: Iterator, path: Path, *default):
+    """``next(reader)``, turning ffmpeg failures into a short :class:`CLIError`."""
+    try:
+        return next(reader, *default)
+    except (OSError, RuntimeError) as exc:
+        lines = [line for line in str(exc).splitlines() if line.strip()]
+        reason = lines[-1] if lines else type(exc).__name__
+        raise CLIError(
+            f"cannot read video '{path}' (ffmpeg: {reason}); check that it plays, or "
+            f"re-encode it: ffmpeg -i '{path}' -c:v libx264 fixed.mp4"
+        ) from None
+
+
+def _count_frames(ffmpeg, path: Path, meta: dict) -> Optional[int]:
+    """Frame count for the progress bar: exact from a stream copy, else fps * duration."""
+    try:
+        return ffmpeg.count_frames_and_secs(str(path))[0]
+    except (OSError, RuntimeError, ValueError):
+        fps, duration = meta.get("fps"), meta.get("duration")
+        return round(fps * duration) if fps and duration else None
+
+
+def _require(module: str, package: str):
+    """Import an optional dependency of the CLI, or fail with the install command."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise CLIError(f"'{package}' is needed to read frames and plot; {CLI_EXTRA_HINT}") from None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""Checking frames at the API boundary and handing them to the device in chunks.
+
+Accepted: uint8 RGB frames [N, H, W, 3] as a torch tensor (any device, any strides), a numpy array
+(any strides, negative ones included, as ``env.render()`` can give), or a list of [H, W, 3] arrays or
+tensors of one shape. Float frames are accepted in [0, 1] (torchvision's convention for float
+images); 0-255 values must come as uint8. Anything else is rejected with a message naming the fix.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Sequence, Union
+
+import numpy as np
+import torch
+
+FrameInput = Union[torch.Tensor, np.ndarray, Sequence[Union[torch.Tensor, np.ndarray]]]
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@dataclass
+class FrameBatch:
+    """Validated frames: N frames of H x W x 3, uint8 or float in [0, 1], sliceable onto a device."""
+
+    source: Union[torch.Tensor, np.ndarray, List]
+    num_frames: int
+    height: int
+    width: int
+    dtype: torch.dtype
+
+    def chunk(self, start: int, stop: int, device: torch.device) -> torch.Tensor:
+        """Frames ``start:stop`` as a [n, H, W, 3] tensor on ``device`` (strides kept where possible)."""
+        part = self.source[start:stop]
+        if isinstance(part, list):
+            part = torch.stack([_as_tensor(f) for f in part])
+        elif isinstance(part, np.ndarray):
+            part = _as_tensor(part)
+        if part.device != device:
+            if device.type == "cuda" and part.device.type == "cpu":
+                part = part.contiguous().pin_memory().to(device, non_blocking=True)
+            else:
+                part = part.to(device)
+        return part
+
+
+def _as_tensor(frames: Union[np.ndarray, torch.Tensor]) -> torch.Tensor:
+    if isinstance(frames, torch.Tensor):
+        return frames
+    # torch.from_numpy rejects negative strides; one host copy makes the array plain.
+    return torch.from_numpy(np.ascontiguousarray(frames))
+
+
+def _torch_dtype(array: Union[np.ndarray, torch.Tensor]) -> torch.dtype:
+    if isinstance(array, torch.Tensor):
+        return array.dtype
+    if array.dtype == np.uint8:
+        return torch.uint8
+    if array.dtype in (np.float16, np.float32, np.float64):
+        return torch.from_numpy(np.zeros(0, dtype=array.dtype)).dtype
+    return torch.int64 if np.issubdtype(array.dtype, np.integer) else torch.bool
+
+
+def _check_shape(shape: Sequence[int], what: str) -> None:
+    if len(shape) == 3 and shape[-1] in (1, 3, 4):
+        raise ValueError(
+            f"{what} has shape {tuple(shape)}: one frame [H, W, C], but a batch [N, H, W, 3] is expected. "
+            "Pass frames[None] (numpy or torch) to score a single frame."
+        )
+    if len(shape) != 4:
+        raise ValueError(f"{what} must have rank 4, [N, H, W, 3] (RGB, channels last); got shape {tuple(shape)}.")
+    channels = shape[-1]
+    if channels == 3:
+        return
+    if shape[1] == 3:
+        raise ValueError(
+            f"{what} has shape {tuple(shape)}: channels first [N, 3, H, W]. Frames are channels last; "
+            "pass frames.permute(0, 2, 3, 1) (torch) or frames.transpose(0, 2, 3, 1) (numpy)."
+        )
+    if channels == 4:
+        raise ValueError(f"{what} has 4 channels (RGBA?); pass the RGB channels, frames[..., :3].")
+    if channels == 1:
+        raise ValueError(f"{what} has 1 channel (grayscale?); repeat it to RGB, e.g. frames.repeat(1, 1, 1, 3).")
+    raise ValueError(f"{what} must have 3 channels (RGB) in the last axis, [N, H, W, 3]; got shape {tuple(shape)}.")
+
+
+def _check_dtype(dtype: torch.dtype, what: str) -> None:
+    if dtype == torch.uint8 or dtype in _FLOAT_DTYPES:
+        return
+    raise TypeError(
+        f"{what} has dtype {dtype}; frames must be uint8 (0-255) or float in [0, 1]. "
+        "Convert 0-255 integers with .astype(np.uint8) / .to(torch.uint8)."
+    )
+
+
+def _check_float_range(frames: Union[np.ndarray, torch.Tensor], what: str) -> None:
+    if isinstance(frames, np.ndarray):
+        lo, hi = float(np.min(frames)), float(np.max(frames))
+    else:
+        lo, hi = frames.amin().item(), frames.amax().item()
+    if not (0.0 <= lo and hi <= 1.0):  # also false for NaN
+        hint = " If they are 0-255 values, pass them as uint8." if hi > 1.0 else ""
+        raise ValueError(
+            f"Float {what} must lie in [0, 1] (finite); found values in [{lo}, {hi}].{hint}"
+        )
+
+
+def as_frame_batch(frames: FrameInput) -> FrameBatch:
+    """Validate ``frames`` and describe them; raises TypeError/ValueError naming the fix."""
+    if isinstance(frames, (torch.Tensor, np.ndarray)):
+        _check_shape(frames.shape, "frames")
+        dtype = _torch_dtype(frames)
+        _check_dtype(dtype, "frames")
+        n, height, width, _ = frames.shape
+        if n > 0 and dtype != torch.uint8:
+            _check_float_range(frames, "frames")
+        return FrameBatch(frames, n, height, width, dtype)
+    if isinstance(frames, (list, tuple)):
+        return _list_batch(list(frames))
+    raise TypeError(
+        f"frames must be a torch.Tensor or numpy array [N, H, W, 3], or a list of [H, W, 3] arrays; "
+        f"got {type(frames).__name__}."
+    )
+
+
+def _list_batch(frames: List) -> FrameBatch:
+    if not frames:
+        return FrameBatch(frames, 0, 0, 0, torch.uint8)
+    first = frames[0]
+    for i, frame in enumerate(frames):
+        if not isinstance(frame, (torch.Tensor, np.ndarray)):
+            raise TypeError(f"frames[{i}] is a {type(frame).__name__}; list items must be numpy arrays or tensors.")
+        if frame.ndim != 3:
+            raise ValueError(f"frames[{i}] has shape {tuple(frame.shape)}; list items must be single frames [H, W, 3].")
+        _check_shape((1,) + tuple(frame.shape), f"frames[{i}]")
+        if tuple(frame.shape) != tuple(first.shape) or type(frame) is not type(first):
+            raise ValueError(
+                f"frames[{i}] has shape {tuple(frame.shape)} ({type(frame).__name__}) but frames[0] has "
+                f"{tuple(first.shape)} ({type(first).__name__}): frames in one call must share shape and type. "
+                "Score frames of different sizes in separate calls."
+            )
+        dtype = _torch_dtype(frame)
+        _check_dtype(dtype, f"frames[{i}]")
+        if dtype != _torch_dtype(first):
+            raise ValueError(f"frames[{i}] has dtype {dtype} but frames[0] has {_torch_dtype(first)}.")
+        if dtype != torch.uint8:
+            _check_float_range(frame, f"frames[{i}]")
+    height, width, _ = first.shape
+    return FrameBatch(frames, len(frames), height, width, _torch_dtype(first))

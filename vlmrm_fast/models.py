@@ -1,0 +1,183 @@
+"""Loading CLIP models through open_clip's registries, and what their towers expect.
+
+``pretrained`` resolves, in this order, to: None (random weights, with a warning), one of open_clip's
+pretrained tags for the model, or a local checkpoint file. Downloads go through open_clip's own
+cache; when the hub cannot be reached, a tag is loaded from that cache or fails at once with an
+error that says how to pass a local file instead (open_clip itself would retry for about a minute).
+"""
+from __future__ import annotations
+
+import contextlib
+import difflib
+import os
+import socket
+import warnings
+from pathlib import Path
+from typing import Callable, Iterator, Optional, Tuple
+from urllib.parse import urlparse
+
+import open_clip
+import torch
+
+from vlmrm_fast.ops.preprocess import PreprocessSpec, mean_std_of
+
+TINY_MODEL = "vlmrm-tiny"
+"""A tiny random-init CLIP (2 layers per tower, width 64, 224 px input) for tests and offline demos."""
+
+_CONFIG_DIR = Path(__file__).parent / "model_configs"
+_CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
+_OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+_OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class PretrainedWeightsError(RuntimeError):
+    """Pretrained weights were asked for but cannot be had (offline, unknown tag, bad checkpoint)."""
+
+
+def register_model_configs() -> None:
+    """Add our model configs (``vlmrm-tiny``) to open_clip's registry; safe to call again."""
+    if TINY_MODEL not in open_clip.list_models():
+        open_clip.add_model_config(_CONFIG_DIR)
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub (or ``HF_ENDPOINT``) answers a TCP connection within ``timeout``."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        with socket.create_connection((endpoint.hostname, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _hub_offline() -> Iterator[None]:
+    """Make huggingface_hub answer from its cache only, without network retries."""
+    try:
+        from huggingface_hub import constants
+    except ImportError:  # pragma: no cover - open_clip then has no hub downloads to silence
+        yield
+        return
+    previous = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = previous
+
+
+def _check_model_name(model_name: str) -> None:
+    if model_name.startswith(("hf-hub:", "local-dir:")):
+        return
+    known = open_clip.list_models()
+    if model_name not in known:
+        close = difflib.get_close_matches(model_name, known, n=5, cutoff=0.5)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise ValueError(
+            f"Unknown model {model_name!r}: open_clip has no config of that name.{hint} "
+            "`open_clip.list_models()` lists them all; the tiny test model is 'vlmrm-tiny'."
+        )
+
+
+def _local_file_hint(model_name: str) -> str:
+    return (
+        f"To load weights without network, download the checkpoint once on a machine with network "
+        f"(e.g. `open_clip.create_model({model_name!r}, pretrained=TAG)` fills ~/.cache/huggingface), "
+        "or pass pretrained='/path/to/open_clip_pytorch_model.bin' (or .safetensors)."
+    )
+
+
+def _create_from_tag(model_name: str, tag: str, cache_dir: Optional[str]) -> torch.nn.Module:
+    online = _hub_reachable()
+    context = contextlib.nullcontext() if online else _hub_offline()
+    try:
+        with context, warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="QuickGELU mismatch")
+            return open_clip.create_model(model_name, pretrained=tag, cache_dir=cache_dir, require_pretrained=True)
+    except Exception as error:  # open_clip raises RuntimeError/FileNotFoundError/HTTP errors alike
+        where = "the hub is unreachable (offline?) and they are not in the local cache" if not online else str(error)
+        raise PretrainedWeightsError(
+            f"Could not load pretrained weights {tag!r} for {model_name}: {where}. {_local_file_hint(model_name)}"
+        ) from error
+
+
+def _create_from_file(model_name: str, path: str) -> torch.nn.Module:
+    try:
+        return open_clip.create_model(model_name, pretrained=path, require_pretrained=True)
+    except Exception as error:
+        raise PretrainedWeightsError(
+            f"The checkpoint {path!r} does not load into {model_name}: {str(error)[:600]}. "
+            "Check that it was saved from this architecture (a state_dict of the open_clip model)."
+        ) from error
+
+
+def create_clip(
+    model_name: str, pretrained: Optional[str], *, cache_dir: Optional[str] = None
+) -> Tuple[torch.nn.Module, Callable]:
+    """An open_clip model (float32, CPU, eval mode) and its tokenizer.
+
+    Args:
+        model_name: an open_clip model name ("ViT-B-32", "vlmrm-tiny", "hf-hub:org/repo", "local-dir:PATH").
+        pretrained: an open_clip tag for that model, a local checkpoint path, or None for random weights.
+        cache_dir: where downloads are cached (open_clip's default when None).
+    Raises:
+        ValueError: unknown model name or tag. FileNotFoundError: a checkpoint path that does not exist.
+        PretrainedWeightsError: weights that cannot be downloaded or do not fit the model.
+    """
+    register_model_configs()
+    _check_model_name(model_name)
+    if model_name.startswith(("hf-hub:", "local-dir:")):
+        if pretrained is not None:
+            raise ValueError(f"{model_name!r} names its own weights; pass pretrained=None with it.")
+        if model_name.startswith("hf-hub:") and not _hub_reachable():
+            raise PretrainedWeightsError(f"{model_name!r} needs the Hugging Face hub, which is unreachable (offline?).")
+        model = open_clip.create_model(model_name, cache_dir=cache_dir)
+    elif pretrained is None:
+        warnings.warn(
+            f"{model_name} has random weights (pretrained=None): its rewards carry no meaning. "
+            "Pass an open_clip tag or a checkpoint path for a real reward model.",
+            UserWarning,
+            stacklevel=3,
+        )
+        model = open_clip.create_model(model_name)
+    else:
+        tags = open_clip.list_pretrained_tags_by_model(model_name)
+        if pretrained in tags:
+            model = _create_from_tag(model_name, pretrained, cache_dir)
+        elif os.path.isfile(pretrained):
+            model = _create_from_file(model_name, pretrained)
+        elif os.sep in pretrained or pretrained.endswith(_CHECKPOINT_SUFFIXES):
+            raise FileNotFoundError(
+                f"No checkpoint file at {pretrained!r}. Pass an existing path, or one of open_clip's tags "
+                f"for {model_name}: {tags or 'none'}."
+            )
+        else:
+            raise ValueError(
+                f"{pretrained!r} is neither an open_clip pretrained tag for {model_name} nor a file. "
+                f"Tags for {model_name}: {tags or 'none (pass a checkpoint path)'}."
+            )
+    model.eval()
+    return model, open_clip.get_tokenizer(model_name)
+
+
+def image_size_of(model: torch.nn.Module) -> Tuple[int, int]:
+    """(height, width) of the vision tower's input."""
+    size = getattr(model.visual, "image_size", None)
+    if size is None:
+        size = getattr(model.visual, "preprocess_cfg", {}).get("size")
+    if size is None:
+        raise ValueError("Cannot tell the vision tower's input size: model.visual has no image_size.")
+    if isinstance(size, int):
+        return size, size
+    return int(size[0]), int(size[1])
+
+
+def preprocess_spec_of(model: torch.nn.Module, mode: str) -> PreprocessSpec:
+    """The tower's input size and normalisation, read from the model's open_clip preprocess config."""
+    cfg = getattr(model.visual, "preprocess_cfg", None) or {}
+    mean = cfg.get("mean", getattr(model.visual, "image_mean", None) or _OPENAI_MEAN)
+    std = cfg.get("std", getattr(model.visual, "image_std", None) or _OPENAI_STD)
+    return PreprocessSpec(size=image_size_of(model), mean=mean_std_of(mean), std=mean_std_of(std), mode=mode)

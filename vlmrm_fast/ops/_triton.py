@@ -1,0 +1,64 @@
+"""Where the fused Triton kernels can run, and which implementation an op uses.
+
+Triton compiles for CUDA (and ROCm) devices. On CPU it runs only through its interpreter
+(``TRITON_INTERPRET=1``, set before the kernels are defined), which is exact but slow and meant
+for tests. Everywhere else the ops fall back to their plain torch path, which has the same
+semantics.
+"""
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+import torch
+
+try:  # Triton ships for Linux only; without it every op uses its torch path.
+    import triton  # noqa: F401
+    import triton.language  # noqa: F401
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - exercised on platforms without Triton wheels
+    HAS_TRITON = False
+
+Kernels = Literal["auto", "triton", "torch"]
+KERNEL_CHOICES = ("auto", "triton", "torch")
+
+
+def interpreter_enabled() -> bool:
+    """True when ``TRITON_INTERPRET=1``: kernels run in Triton's CPU interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_runs_on(device: torch.device) -> bool:
+    """Whether the Triton kernels can run on tensors that live on ``device``."""
+    if not HAS_TRITON:
+        return False
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and interpreter_enabled()
+
+
+def resolve_kernels(kernels: str, device: torch.device) -> Literal["triton", "torch"]:
+    """Map a user choice ("auto" | "triton" | "torch") to the implementation used on ``device``.
+
+    "auto" picks Triton on CUDA and the torch path elsewhere (the interpreter is never chosen
+    automatically: it is for tests). "triton" where it cannot run is an error that names the fix.
+    """
+    if kernels not in KERNEL_CHOICES:
+        raise ValueError(f"kernels={kernels!r} is not one of {KERNEL_CHOICES}.")
+    if kernels == "torch":
+        return "torch"
+    if kernels == "auto":
+        return "triton" if HAS_TRITON and device.type == "cuda" else "torch"
+    if not HAS_TRITON:
+        raise ValueError(
+            "kernels='triton' needs the `triton` package, which is not installed (it has wheels for "
+            "Linux only). Install it with `pip install triton`, or pass kernels='torch'."
+        )
+    if not triton_runs_on(device):
+        raise ValueError(
+            f"kernels='triton' cannot run on device {device}: Triton compiles for CUDA devices. "
+            "Use a CUDA device, set TRITON_INTERPRET=1 before importing vlmrm_fast to run the kernels "
+            "in Triton's (slow) CPU interpreter, or pass kernels='torch'."
+        )
+    return "triton"

@@ -1,0 +1,252 @@
+"""Frame preprocessing: uint8 (or [0, 1] float) NHWC frames -> normalised NCHW tower input.
+
+One fused op: layout change, cast, bicubic resize (squash or shorter side + centre crop, with or
+without antialiasing), an optional flip of bottom-up (OpenGL) rows, and the CLIP normalisation, in a
+single pass over the frames. Because resizing is linear with weights that sum to one, the
+normalisation ``(v / 255 - mean) / std`` is applied once to the resampled value as ``v * scale +
+shift``.
+
+Semantics (SPEC §1.2), shared by the Triton kernel and the torch path:
+- "vlmrm": frames / 255 -> resize to (S, S), bicubic, no antialiasing (aspect ratio not kept) -> normalise.
+- "openclip": frames / 255 -> shorter side to S, bicubic with antialiasing -> centre crop S x S -> normalise.
+- Frames already S x S: both reduce to the cast and the normalisation (the fast path).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from vlmrm_fast.ops._triton import HAS_TRITON, interpreter_enabled
+from vlmrm_fast.ops.resize_taps import is_identity, resize_tables, shortest_side_geometry
+
+PreprocessMode = Literal["vlmrm", "openclip"]
+PREPROCESS_MODES = ("vlmrm", "openclip")
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    """What a vision tower expects: its input size and normalisation, and how frames get there.
+
+    Attributes:
+        size: (height, width) of the tower's input.
+        mean, std: per-channel normalisation of [0, 1] RGB values.
+        mode: "vlmrm" (squash, no antialiasing) or "openclip" (shorter side, antialiased, centre crop).
+    """
+
+    size: Tuple[int, int]
+    mean: Tuple[float, float, float]
+    std: Tuple[float, float, float]
+    mode: PreprocessMode = "vlmrm"
+
+    def __post_init__(self) -> None:
+        if self.mode not in PREPROCESS_MODES:
+            raise ValueError(f"preprocess={self.mode!r} is not one of {PREPROCESS_MODES} (see SPEC §1.2).")
+        if len(self.mean) != 3 or len(self.std) != 3:
+            raise ValueError(f"mean and std need 3 values (RGB); got {self.mean} and {self.std}.")
+        if any(s <= 0 for s in self.std):
+            raise ValueError(f"std must be positive; got {self.std}.")
+
+    def affine(self, frames_dtype: torch.dtype) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
+        """Per-channel (scale, shift) mapping a stored value v to ``(v / range - mean) / std``."""
+        value_range = 255.0 if frames_dtype == torch.uint8 else 1.0
+        scale = tuple(1.0 / (value_range * s) for s in self.std)
+        shift = tuple(-m / s for m, s in zip(self.mean, self.std))
+        return scale, shift
+
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _to_output(value, out_ty: tl.constexpr, ROUND_BF16: tl.constexpr):
+        # Triton's CPU interpreter truncates float32 -> bfloat16 casts where GPUs round to nearest
+        # even; with ROUND_BF16 the rounding is done on the bits, so CPU tests see GPU numerics.
+        if ROUND_BF16:
+            bits = value.to(tl.uint32, bitcast=True)
+            bits = (bits + (((bits >> 16) & 1) + 0x7FFF)) & 0xFFFF0000
+            value = bits.to(tl.float32, bitcast=True)
+        return value.to(out_ty)
+
+    @triton.jit
+    def _preprocess_kernel(
+        src_ptr,
+        out_ptr,
+        row_idx_ptr,
+        row_w_ptr,
+        col_idx_ptr,
+        col_w_ptr,
+        scale0, scale1, scale2,
+        shift0, shift1, shift2,
+        stride_n, stride_h, stride_w, stride_c,
+        height,
+        out_h,
+        out_w,
+        taps_y,
+        taps_x,
+        RESAMPLE: tl.constexpr,
+        BOTTOM_UP: tl.constexpr,
+        ROUND_BF16: tl.constexpr,
+        BLOCK_Y: tl.constexpr,
+        BLOCK_X: tl.constexpr,
+    ):
+        # One program: a BLOCK_Y x BLOCK_X tile of one frame's output, all three channels.
+        tile = tl.program_id(0)
+        frame = tl.program_id(1).to(tl.int64)
+        tiles_x = tl.cdiv(out_w, BLOCK_X)
+        oy = (tile // tiles_x) * BLOCK_Y + tl.arange(0, BLOCK_Y)
+        ox = (tile % tiles_x) * BLOCK_X + tl.arange(0, BLOCK_X)
+        in_y = oy < out_h
+        in_x = ox < out_w
+        mask = in_y[:, None] & in_x[None, :]
+        src = src_ptr + frame * stride_n
+
+        if RESAMPLE:
+            acc0 = tl.zeros((BLOCK_Y, BLOCK_X), dtype=tl.float32)
+            acc1 = tl.zeros((BLOCK_Y, BLOCK_X), dtype=tl.float32)
+            acc2 = tl.zeros((BLOCK_Y, BLOCK_X), dtype=tl.float32)
+            for ky in range(taps_y):
+                iy = tl.load(row_idx_ptr + oy * taps_y + ky, mask=in_y, other=0)
+                wy = tl.load(row_w_ptr + oy * taps_y + ky, mask=in_y, other=0.0)
+                row0 = tl.zeros((BLOCK_Y, BLOCK_X), dtype=tl.float32)
+                row1 = tl.zeros((BLOCK_Y, BLOCK_X), dtype=tl.float32)
+                row2 = tl.zeros((BLOCK_Y, BLOCK_X), dtype=tl.float32)
+                for kx in range(taps_x):
+                    ix = tl.load(col_idx_ptr + ox * taps_x + kx, mask=in_x, other=0)
+                    wx = tl.load(col_w_ptr + ox * taps_x + kx, mask=in_x, other=0.0)[None, :]
+                    p = src + iy[:, None] * stride_h + ix[None, :] * stride_w
+                    row0 += wx * tl.load(p, mask=mask, other=0).to(tl.float32)
+                    row1 += wx * tl.load(p + stride_c, mask=mask, other=0).to(tl.float32)
+                    row2 += wx * tl.load(p + 2 * stride_c, mask=mask, other=0).to(tl.float32)
+                acc0 += wy[:, None] * row0
+                acc1 += wy[:, None] * row1
+                acc2 += wy[:, None] * row2
+        else:
+            if BOTTOM_UP:
+                iy = height - 1 - oy
+            else:
+                iy = oy
+            p = src + iy[:, None] * stride_h + ox[None, :] * stride_w
+            acc0 = tl.load(p, mask=mask, other=0).to(tl.float32)
+            acc1 = tl.load(p + stride_c, mask=mask, other=0).to(tl.float32)
+            acc2 = tl.load(p + 2 * stride_c, mask=mask, other=0).to(tl.float32)
+
+        plane = out_h * out_w
+        dst = out_ptr + frame * 3 * plane + oy[:, None] * out_w + ox[None, :]
+        out_ty = out_ptr.dtype.element_ty
+        tl.store(dst, _to_output(acc0 * scale0 + shift0, out_ty, ROUND_BF16), mask=mask)
+        tl.store(dst + plane, _to_output(acc1 * scale1 + shift1, out_ty, ROUND_BF16), mask=mask)
+        tl.store(dst + 2 * plane, _to_output(acc2 * scale2 + shift2, out_ty, ROUND_BF16), mask=mask)
+
+
+_BLOCK_Y, _BLOCK_X = 16, 64
+
+
+def _tile_shape(out_h: int, out_w: int) -> Tuple[int, int]:
+    """16 x 64 tiles on a GPU; in the CPU interpreter, whose cost is per operation rather than per
+    element, one tile covers the whole frame."""
+    if interpreter_enabled():
+        return triton.next_power_of_2(out_h), triton.next_power_of_2(out_w)
+    return _BLOCK_Y, _BLOCK_X
+
+
+def preprocess_triton(
+    frames: torch.Tensor, spec: PreprocessSpec, out_dtype: torch.dtype, bottom_up: bool = False
+) -> torch.Tensor:
+    """Launch the fused kernel: one program per output tile (16 x 64 on a GPU) per frame.
+
+    Args:
+        frames: [N, H, W, 3] uint8 or float in [0, 1], any strides, on a CUDA device (or CPU under
+            ``TRITON_INTERPRET=1``).
+    Returns:
+        [N, 3, S_h, S_w] contiguous, ``out_dtype``, on ``frames.device``.
+    """
+    n, height, width, _ = frames.shape
+    out_h, out_w = spec.size
+    out = torch.empty((n, 3, out_h, out_w), dtype=out_dtype, device=frames.device)
+    if n == 0:
+        return out
+    resample = not is_identity(height, width, spec.size)
+    if resample:
+        row_idx, row_w, col_idx, col_w = resize_tables(
+            height, width, spec.size,
+            crop=spec.mode == "openclip", antialias=spec.mode == "openclip",
+            bottom_up=bottom_up, device=frames.device,
+        )
+        taps_y, taps_x = row_idx.shape[1], col_idx.shape[1]
+    else:  # the tables are not read on the fast path; any int32/float32 pointers do
+        row_idx = col_idx = torch.empty(1, dtype=torch.int32, device=frames.device)
+        row_w = col_w = torch.empty(1, dtype=torch.float32, device=frames.device)
+        taps_y = taps_x = 0
+    scale, shift = spec.affine(frames.dtype)
+    block_y, block_x = _tile_shape(out_h, out_w)
+    grid = (triton.cdiv(out_h, block_y) * triton.cdiv(out_w, block_x), n)
+    _preprocess_kernel[grid](
+        frames, out, row_idx, row_w, col_idx, col_w,
+        *scale, *shift,
+        *frames.stride(),
+        height, out_h, out_w, taps_y, taps_x,
+        RESAMPLE=resample, BOTTOM_UP=bottom_up,
+        ROUND_BF16=out_dtype == torch.bfloat16 and interpreter_enabled(),
+        BLOCK_Y=block_y, BLOCK_X=block_x,
+    )
+    return out
+
+
+def preprocess_torch(
+    frames: torch.Tensor, spec: PreprocessSpec, out_dtype: torch.dtype, bottom_up: bool = False
+) -> torch.Tensor:
+    """The same op in plain torch (float32 arithmetic): the fallback and the kernel's reference."""
+    x = frames.permute(0, 3, 1, 2).to(torch.float32)
+    if frames.dtype == torch.uint8:
+        x = x / 255.0
+    if bottom_up:
+        x = x.flip(2)
+    height, width = x.shape[2:]
+    out_h, out_w = spec.size
+    if x.shape[0] > 0 and not is_identity(height, width, spec.size):
+        if spec.mode == "vlmrm":
+            x = F.interpolate(x, size=(out_h, out_w), mode="bicubic", align_corners=False, antialias=False)
+        else:
+            if out_h != out_w:
+                raise ValueError(
+                    f"preprocess='openclip' needs a square input size; the model takes {out_h}x{out_w}."
+                )
+            resized_h, resized_w, top, left = shortest_side_geometry(height, width, out_h)
+            x = F.interpolate(x, size=(resized_h, resized_w), mode="bicubic", align_corners=False, antialias=True)
+            x = x[:, :, top : top + out_h, left : left + out_w]
+    elif x.shape[0] == 0:
+        x = x.new_empty((0, 3, out_h, out_w))
+    mean = torch.tensor(spec.mean, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(spec.std, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+    return ((x - mean) / std).to(out_dtype).contiguous()
+
+
+def preprocess(
+    frames: torch.Tensor,
+    spec: PreprocessSpec,
+    out_dtype: torch.dtype = torch.float32,
+    *,
+    bottom_up: bool = False,
+    impl: Literal["triton", "torch"] = "triton",
+) -> torch.Tensor:
+    """Frames [N, H, W, 3] (uint8, or float in [0, 1]) -> tower input [N, 3, S_h, S_w] in ``out_dtype``.
+
+    ``bottom_up`` reads the rows last-first (frames straight from ``glReadPixels``). ``impl`` picks
+    the fused Triton kernel or the plain torch path; inputs are assumed validated (see
+    :func:`vlmrm_fast.frames.as_frame_batch`).
+    """
+    if impl == "triton":
+        return preprocess_triton(frames, spec, out_dtype, bottom_up)
+    return preprocess_torch(frames, spec, out_dtype, bottom_up)
+
+
+def mean_std_of(values: Sequence[float]) -> Tuple[float, float, float]:
+    """Three floats from a config entry (open_clip stores mean/std as lists or tuples)."""
+    out = tuple(float(v) for v in values)
+    if len(out) != 3:
+        raise ValueError(f"expected 3 per-channel values, got {len(out)}: {out}")
+    return out  # type: ignore[return-value]

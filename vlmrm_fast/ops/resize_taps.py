@@ -1,0 +1,138 @@
+"""Sampling taps of the bicubic resizes, computed once per geometry on the host.
+
+A separable resize maps each output index ``i`` along an axis to a few input indices and
+weights: ``out[i] = sum_k w[i, k] * in[idx[i, k]]``. Tabulating them (float64 on the host, cast to
+float32 on the device, cached) lets one kernel serve every mode: torch's bicubic without
+antialiasing (a = -0.75, borders clamped), torch's antialiased bicubic (a = -0.5, a filter widened
+by the downscale factor, weights renormalised at the borders), a centre crop (an offset into the
+resized axis) and OpenGL's bottom-up rows (mirrored indices).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Tuple
+
+import numpy as np
+import torch
+
+_A_PLAIN = -0.75  # torch.nn.functional.interpolate(mode="bicubic", antialias=False)
+_A_ANTIALIAS = -0.5  # antialias=True (the PIL convention)
+
+
+def _cubic(x: np.ndarray, a: float) -> np.ndarray:
+    """Keys' cubic convolution kernel with parameter ``a``, support [-2, 2]."""
+    x = np.abs(x)
+    near = ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
+    far = ((a * x - 5.0 * a) * x + 8.0 * a) * x - 4.0 * a
+    return np.where(x < 1.0, near, np.where(x < 2.0, far, 0.0))
+
+
+def _plain_taps(in_size: int, out_size: int, positions: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Four taps per output index, borders replicated (clamped indices)."""
+    scale = in_size / out_size
+    src = scale * (positions + 0.5) - 0.5  # cubic resampling does not clamp the source coordinate
+    base = np.floor(src)
+    frac = src - base
+    offsets = np.arange(-1, 3)
+    idx = np.clip(base[:, None].astype(np.int64) + offsets[None, :], 0, in_size - 1)
+    weights = _cubic(frac[:, None] - offsets[None, :], _A_PLAIN)
+    return idx, weights
+
+
+def _antialias_taps(in_size: int, out_size: int, positions: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """A filter stretched by the downscale factor; taps past the border are dropped and the rest renormalised."""
+    scale = in_size / out_size
+    support = 2.0 * scale if scale >= 1.0 else 2.0
+    inv_scale = 1.0 / scale if scale >= 1.0 else 1.0
+    center = scale * (positions + 0.5)
+    # Truncation toward zero, as the reference implementation casts to an integer.
+    first = np.maximum(np.trunc(center - support + 0.5), 0).astype(np.int64)
+    last = np.minimum(np.trunc(center + support + 0.5), in_size).astype(np.int64)
+    count = last - first
+    width = int(count.max())
+    k = np.arange(width)
+    idx = first[:, None] + k[None, :]
+    weights = _cubic((idx - center[:, None] + 0.5) * inv_scale, _A_ANTIALIAS)
+    weights = np.where(k[None, :] < count[:, None], weights, 0.0)
+    weights = weights / weights.sum(axis=1, keepdims=True)
+    return np.clip(idx, 0, in_size - 1), weights
+
+
+def axis_taps(
+    in_size: int,
+    resized_size: int,
+    out_size: int,
+    crop_offset: int = 0,
+    antialias: bool = False,
+    mirror: bool = False,
+) -> Tuple[np.ndarray, np.ndarray]:
+    """Taps of one axis: resize ``in_size`` -> ``resized_size``, keep ``out_size`` from ``crop_offset``.
+
+    Returns ``(idx, weights)``, int64 and float64 arrays of shape [out_size, K]. With ``mirror`` the
+    input is stored last row first (OpenGL), so index ``i`` reads memory row ``in_size - 1 - i``.
+    """
+    positions = np.arange(out_size, dtype=np.float64) + crop_offset
+    taps = _antialias_taps if antialias else _plain_taps
+    idx, weights = taps(in_size, resized_size, positions)
+    if mirror:
+        idx = in_size - 1 - idx
+    return idx, weights
+
+
+def shortest_side_geometry(height: int, width: int, size: int) -> Tuple[int, int, int, int]:
+    """open_clip's eval transform: shorter side to ``size`` (the longer one truncated), centre crop.
+
+    Returns ``(resized_h, resized_w, crop_top, crop_left)``.
+    """
+    if width <= height:
+        resized_w, resized_h = size, int(size * height / width)
+    else:
+        resized_h, resized_w = size, int(size * width / height)
+    # Python's round (half to even) decides the centre crop's offset, as in torchvision.
+    crop_top = int(round((resized_h - size) / 2.0))
+    crop_left = int(round((resized_w - size) / 2.0))
+    return resized_h, resized_w, crop_top, crop_left
+
+
+@functools.lru_cache(maxsize=64)
+def resize_tables(
+    height: int,
+    width: int,
+    out_size: Tuple[int, int],
+    *,
+    crop: bool,
+    antialias: bool,
+    bottom_up: bool,
+    device: torch.device,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Row and column taps for one geometry on ``device``: (row_idx, row_w, col_idx, col_w).
+
+    Indices are int32 [out_h, Ky] / [out_w, Kx]; weights float32 of the same shapes. Cached: an RL
+    loop renders one frame size, so the tables are built once.
+    """
+    out_h, out_w = out_size
+    if crop:
+        if out_h != out_w:
+            raise ValueError(
+                f"preprocess='openclip' (shorter side + centre crop) needs a square input size; the model "
+                f"takes {out_h}x{out_w}. Use preprocess='vlmrm' (a squash resize) for this model."
+            )
+        resized_h, resized_w, top, left = shortest_side_geometry(height, width, out_h)
+    else:
+        resized_h, resized_w, top, left = out_h, out_w, 0, 0
+    row_idx, row_w = axis_taps(height, resized_h, out_h, top, antialias, mirror=bottom_up)
+    col_idx, col_w = axis_taps(width, resized_w, out_w, left, antialias)
+    return (
+        torch.from_numpy(row_idx.astype(np.int32)).to(device),
+        torch.from_numpy(row_w.astype(np.float32)).to(device),
+        torch.from_numpy(col_idx.astype(np.int32)).to(device),
+        torch.from_numpy(col_w.astype(np.float32)).to(device),
+    )
+
+
+def is_identity(height: int, width: int, out_size: Tuple[int, int]) -> bool:
+    """Frames already at the tower's size: every mode reduces to a copy (the fast path)."""
+    return (height, width) == tuple(out_size)
+
+
+__all__ = ["axis_taps", "resize_tables", "shortest_side_geometry", "is_identity"]

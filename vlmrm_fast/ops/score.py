@@ -1,0 +1,180 @@
+"""Scoring: image embeddings -> VLM-RM rewards for T tasks at once.
+
+For a unit embedding ``x``, goal ``g`` (a mean of unit prompt embeddings, not re-normalised), unit
+direction ``u`` (from baseline to goal) and ``alpha`` in [0, 1], the reward is
+
+    r = 1 - 0.5 * |M (x - g)|^2,    M = alpha * u u^T + (1 - alpha) * I        (SPEC §1.1)
+
+M is the identity plus a rank-one term, so with ``v = x - g``:
+
+    |M v|^2 = (1 - alpha)^2 |v|^2 + alpha (2 - alpha) (u . v)^2
+    |v|^2   = 1 - 2 x.g + |g|^2,    u . v = x.u - g.u
+
+Each row needs its norm and two dot products per task: O(D T), not O(D^2). The kernel reads the
+raw tower output once, normalises it on the fly and accumulates in float32.
+
+A zero, NaN or inf embedding gives a NaN reward; callers check the (small) reward tensor rather than
+the embeddings (see :class:`vlmrm_fast.CLIPReward`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from vlmrm_fast.ops._triton import HAS_TRITON
+
+
+@dataclass(frozen=True)
+class ScoringTargets:
+    """The text side of T tasks, on one device, all float32.
+
+    Attributes:
+        goals: [T, D] goal embeddings ``g``.
+        directions: [T, D] unit directions ``u`` (a zero row where a task has none; alpha must be 0 there).
+        alphas: [T] projection strengths in [0, 1].
+    """
+
+    goals: torch.Tensor
+    directions: torch.Tensor
+    alphas: torch.Tensor
+
+    @property
+    def goal_sq_norms(self) -> torch.Tensor:
+        """[T] ``|g|^2``."""
+        return (self.goals * self.goals).sum(dim=1)
+
+    @property
+    def goal_dot_directions(self) -> torch.Tensor:
+        """[T] ``g . u``."""
+        return (self.goals * self.directions).sum(dim=1)
+
+    @property
+    def num_tasks(self) -> int:
+        return self.goals.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return self.goals.shape[1]
+
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _score_kernel(
+        x_ptr,
+        goals_ptr,
+        dirs_ptr,
+        goal_sq_ptr,
+        goal_dir_ptr,
+        alpha_ptr,
+        out_ptr,
+        n_rows,
+        dim,
+        n_tasks,
+        stride_xn,
+        stride_xd,
+        stride_on,
+        BLOCK_N: tl.constexpr,
+        BLOCK_T: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+    ):
+        # One program: BLOCK_N embeddings x BLOCK_T tasks; D is swept in BLOCK_D chunks.
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        tasks = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+        row_ok = rows < n_rows
+        task_ok = tasks < n_tasks
+        x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xn
+
+        sq_norm = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        x_dot_g = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
+        x_dot_u = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
+        for d0 in range(0, dim, BLOCK_D):
+            cols = d0 + tl.arange(0, BLOCK_D)
+            col_ok = cols < dim
+            x = tl.load(x_rows + cols[None, :] * stride_xd, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+            x = x.to(tl.float32)
+            t_mask = task_ok[:, None] & col_ok[None, :]
+            g = tl.load(goals_ptr + tasks[:, None] * dim + cols[None, :], mask=t_mask, other=0.0)
+            u = tl.load(dirs_ptr + tasks[:, None] * dim + cols[None, :], mask=t_mask, other=0.0)
+            sq_norm += tl.sum(x * x, axis=1)
+            x_dot_g += tl.sum(x[:, None, :] * g[None, :, :], axis=2)
+            x_dot_u += tl.sum(x[:, None, :] * u[None, :, :], axis=2)
+
+        # Rows past the end get a dummy norm; a real zero row still yields NaN, by design.
+        sq_norm = tl.where(row_ok, sq_norm, 1.0)
+        inv_norm = (1.0 / tl.sqrt(sq_norm))[:, None]
+        goal_sq = tl.load(goal_sq_ptr + tasks, mask=task_ok, other=0.0)[None, :]
+        goal_dir = tl.load(goal_dir_ptr + tasks, mask=task_ok, other=0.0)[None, :]
+        alpha = tl.load(alpha_ptr + tasks, mask=task_ok, other=0.0)[None, :]
+        v_sq = 1.0 - 2.0 * x_dot_g * inv_norm + goal_sq
+        u_dot_v = x_dot_u * inv_norm - goal_dir
+        keep = 1.0 - alpha
+        reward = 1.0 - 0.5 * (keep * keep * v_sq + alpha * (2.0 - alpha) * u_dot_v * u_dot_v)
+        out = out_ptr + rows.to(tl.int64)[:, None] * stride_on + tasks[None, :]
+        tl.store(out, reward, mask=row_ok[:, None] & task_ok[None, :])
+
+
+def _blocks(n_tasks: int) -> tuple:
+    block_t = min(triton.next_power_of_2(max(n_tasks, 1)), 16)
+    block_n = 16
+    # Keep the [BLOCK_N, BLOCK_T, BLOCK_D] products within a few thousand registers' worth.
+    block_d = max(16, min(128, 4096 // (block_n * block_t)))
+    return block_n, block_t, block_d
+
+
+def score_triton(embeddings: torch.Tensor, targets: ScoringTargets) -> torch.Tensor:
+    """Launch the fused kernel: one program per 16 rows x up to 16 tasks.
+
+    Args:
+        embeddings: [N, D] float32/bfloat16/float16, any strides, on the targets' device.
+    Returns:
+        [N, T] float32 rewards.
+    """
+    n, dim = embeddings.shape
+    out = torch.empty((n, targets.num_tasks), dtype=torch.float32, device=embeddings.device)
+    if n == 0:
+        return out
+    block_n, block_t, block_d = _blocks(targets.num_tasks)
+    grid = (triton.cdiv(n, block_n), triton.cdiv(targets.num_tasks, block_t))
+    _score_kernel[grid](
+        embeddings,
+        targets.goals.contiguous(),
+        targets.directions.contiguous(),
+        targets.goal_sq_norms,
+        targets.goal_dot_directions,
+        targets.alphas,
+        out,
+        n, dim, targets.num_tasks,
+        embeddings.stride(0), embeddings.stride(1), out.stride(0),
+        BLOCK_N=block_n, BLOCK_T=block_t, BLOCK_D=block_d,
+    )
+    return out
+
+
+def score_torch(embeddings: torch.Tensor, targets: ScoringTargets) -> torch.Tensor:
+    """The same closed form in plain torch, float32: the fallback and the kernel's reference."""
+    x = embeddings.to(torch.float32)
+    x = x / x.norm(dim=1, keepdim=True)
+    x_dot_g = x @ targets.goals.T
+    x_dot_u = x @ targets.directions.T
+    alpha = targets.alphas[None, :]
+    v_sq = 1.0 - 2.0 * x_dot_g + targets.goal_sq_norms[None, :]
+    u_dot_v = x_dot_u - targets.goal_dot_directions[None, :]
+    return 1.0 - 0.5 * ((1.0 - alpha) ** 2 * v_sq + alpha * (2.0 - alpha) * u_dot_v**2)
+
+
+def score(
+    embeddings: torch.Tensor, targets: ScoringTargets, *, impl: Literal["triton", "torch"] = "triton"
+) -> torch.Tensor:
+    """Rewards [N, T] float32 from embeddings [N, D] (unnormalised is fine: rows are normalised here)."""
+    if embeddings.ndim != 2 or embeddings.shape[1] != targets.dim:
+        raise ValueError(
+            f"embeddings must be [N, {targets.dim}] (the text embeddings' width); got {tuple(embeddings.shape)}."
+        )
+    if impl == "triton":
+        return score_triton(embeddings, targets)
+    return score_torch(embeddings, targets)

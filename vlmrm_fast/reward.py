@@ -1,0 +1,302 @@
+"""CLIPReward: a sentence in, a reward per frame out (the VLM-RM method, SPEC §1)."""
+from __future__ import annotations
+
+from typing import Callable, List, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+
+from vlmrm_fast.frames import FrameInput, as_frame_batch
+from vlmrm_fast.models import create_clip, image_size_of, preprocess_spec_of
+from vlmrm_fast.ops._triton import resolve_kernels
+from vlmrm_fast.ops.preprocess import PreprocessSpec, preprocess
+from vlmrm_fast.ops.score import score as score_op
+from vlmrm_fast.tasks import EncodedTasks, Prompts, Task, check_alpha, encode_tasks
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16,
+}
+
+
+def _resolve_device(device: Union[str, torch.device, None]) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={str(device)!r} but CUDA is not available here; pass device='cpu'.")
+    return device
+
+
+def _resolve_dtype(dtype: Union[str, torch.dtype, None], device: torch.device) -> torch.dtype:
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype={dtype!r} is not one of {sorted(_DTYPES)}.")
+        return _DTYPES[dtype]
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"dtype={dtype} is not supported; use torch.float32, torch.bfloat16 or torch.float16.")
+    return dtype
+
+
+class CLIPReward:
+    """A CLIP model as a zero-shot reward: ``rm(frames)`` gives one reward per frame (and per task).
+
+    The reward of a frame with unit image embedding ``x`` is ``1 - 0.5 * |M (x - g)|^2`` with goal ``g``
+    (mean of the goal prompts' unit text embeddings), ``M = alpha u u^T + (1 - alpha) I`` and ``u`` the
+    unit direction from baseline to goal (SPEC §1.1). Frames go through the fused preprocessing kernel,
+    the vision tower and the fused scoring kernel, in chunks of at most ``max_batch_size`` frames.
+
+    Single task (``goal=``/``baseline=``): rewards are [N]. Several tasks at once (``tasks=[Task(...),
+    ...]``): rewards are [N, T], one column per task, from one pass through the tower.
+
+    Build one with :meth:`from_pretrained`, or from an open_clip model you already have:
+    ``CLIPReward(model, tokenizer, goal=...)`` (the model is moved to ``device`` and its vision tower
+    cast to ``dtype`` in place; the text tower stays float32, so goals are computed in full precision).
+
+    Args:
+        model: an open_clip CLIP model.
+        tokenizer: its tokenizer (``open_clip.get_tokenizer(name)``).
+        goal: a prompt or list of prompts (averaged into one goal). Exclusive with ``tasks``.
+        baseline: a prompt or list of prompts, or None (then alpha must be 0).
+        tasks: several :class:`Task` scored together; rewards become [N, T].
+        alpha: goal-baseline projection strength in [0, 1]; 0 scores against the goal alone.
+        device: where everything runs; default CUDA when available, else CPU.
+        dtype: the vision tower's precision; default bfloat16 on CUDA, float32 on CPU.
+        preprocess: "vlmrm" (squash resize, no antialiasing: parity with the original code) or
+            "openclip" (shorter side, antialiased, centre crop). See SPEC §1.2.
+        kernels: "auto" (Triton on CUDA, torch elsewhere), "triton" or "torch".
+        max_batch_size: most frames per tower call; default 256 on CUDA, 32 on CPU.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Callable,
+        *,
+        goal: Optional[Prompts] = None,
+        baseline: Optional[Prompts] = None,
+        tasks: Optional[Sequence[Task]] = None,
+        alpha: float = 0.0,
+        device: Union[str, torch.device, None] = None,
+        dtype: Union[str, torch.dtype, None] = None,
+        preprocess: str = "vlmrm",
+        kernels: str = "auto",
+        max_batch_size: Optional[int] = None,
+    ) -> None:
+        self._device = _resolve_device(device)
+        self._dtype = _resolve_dtype(dtype, self._device)
+        self._kernels = resolve_kernels(kernels, self._device)
+        self._spec: PreprocessSpec = preprocess_spec_of(model, preprocess)
+        if max_batch_size is None:
+            max_batch_size = 256 if self._device.type == "cuda" else 32
+        if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be a positive integer; got {max_batch_size!r}.")
+        self.max_batch_size = max_batch_size
+        self.model = model.eval().to(self._device)
+        self.model.visual.to(self._dtype)
+        self.tokenizer = tokenizer
+        self._alpha = check_alpha(alpha)
+        self.set_tasks(goal=goal, baseline=baseline, tasks=tasks)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_name: str,
+        pretrained: Optional[str],
+        *,
+        goal: Optional[Prompts] = None,
+        baseline: Optional[Prompts] = None,
+        tasks: Optional[Sequence[Task]] = None,
+        alpha: float = 0.0,
+        device: Union[str, torch.device, None] = None,
+        dtype: Union[str, torch.dtype, None] = None,
+        preprocess: str = "vlmrm",
+        kernels: str = "auto",
+        max_batch_size: Optional[int] = None,
+        cache_dir: Optional[str] = None,
+    ) -> "CLIPReward":
+        """Load an open_clip model and build the reward.
+
+        Args:
+            model_name: any open_clip model name ("ViT-B-32", "ViT-bigG-14", ...), or "vlmrm-tiny".
+            pretrained: an open_clip tag ("laion2b_s34b_b79k"), a local checkpoint path, or None for
+                random weights (with a warning). Offline, a tag loads from the local cache or fails
+                at once with :class:`vlmrm_fast.PretrainedWeightsError`.
+            cache_dir: open_clip's download cache; default ``~/.cache/huggingface``.
+            The other arguments are those of :class:`CLIPReward`.
+        """
+        _resolve_device(device)  # fail before a long model load
+        model, tokenizer = create_clip(model_name, pretrained, cache_dir=cache_dir)
+        return cls(
+            model, tokenizer, goal=goal, baseline=baseline, tasks=tasks, alpha=alpha, device=device,
+            dtype=dtype, preprocess=preprocess, kernels=kernels, max_batch_size=max_batch_size,
+        )
+
+    # ---- the text side -------------------------------------------------------------------
+
+    def set_tasks(
+        self,
+        goal: Optional[Prompts] = None,
+        baseline: Optional[Prompts] = None,
+        tasks: Optional[Sequence[Task]] = None,
+    ) -> None:
+        """Replace the prompts (one goal/baseline, or several tasks) without reloading the model."""
+        if tasks is None:
+            if goal is None:
+                raise ValueError("Give a goal prompt (goal='a humanoid robot kneeling') or tasks=[Task(...), ...].")
+            tasks, single = [Task(goal=goal, baseline=baseline)], True
+        else:
+            if goal is not None or baseline is not None:
+                raise ValueError("Pass either goal=/baseline= (one task) or tasks= (several), not both.")
+            if isinstance(tasks, Task):
+                tasks = [tasks]
+            single = False
+        encoded = encode_tasks(self.model, self.tokenizer, list(tasks), self._device)
+        self._targets = encoded.targets(self._alpha)  # raises before any state changes
+        self._encoded: EncodedTasks = encoded
+        self._single = single
+
+    @property
+    def alpha(self) -> float:
+        """Goal-baseline projection strength in [0, 1] for tasks without their own; settable."""
+        return self._alpha
+
+    @alpha.setter
+    def alpha(self, value: float) -> None:
+        value = check_alpha(value)
+        self._targets = self._encoded.targets(value)
+        self._alpha = value
+
+    @property
+    def tasks(self) -> List[Task]:
+        return list(self._encoded.tasks)
+
+    @property
+    def task_names(self) -> List[str]:
+        return [t.label for t in self._encoded.tasks]
+
+    @property
+    def goals(self) -> torch.Tensor:
+        """[T, D] float32 goal embeddings (means of unit prompt embeddings, not re-normalised)."""
+        return self._encoded.goals
+
+    @property
+    def directions(self) -> torch.Tensor:
+        """[T, D] float32 unit goal-baseline directions (zero rows for tasks without one)."""
+        return self._encoded.directions
+
+    # ---- facts -----------------------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The vision tower's precision."""
+        return self._dtype
+
+    @property
+    def kernels(self) -> str:
+        """The implementation the ops use here: "triton" or "torch"."""
+        return self._kernels
+
+    @property
+    def image_size(self) -> tuple:
+        """(height, width) the vision tower takes; render at this size to skip resizing."""
+        return image_size_of(self.model)
+
+    @property
+    def preprocess_spec(self) -> PreprocessSpec:
+        return self._spec
+
+    @property
+    def embed_dim(self) -> int:
+        return self._encoded.goals.shape[1]
+
+    # ---- the image side --------------------------------------------------------------------
+
+    def preprocess(self, frames: FrameInput, *, bottom_up: bool = False) -> torch.Tensor:
+        """Frames -> the tower's input [N, 3, S_h, S_w] in the tower's dtype (for inspection)."""
+        batch = as_frame_batch(frames)
+        chunks = [
+            preprocess(batch.chunk(i, i + self.max_batch_size, self._device), self._spec, self._dtype,
+                       bottom_up=bottom_up, impl=self._kernels)
+            for i in range(0, batch.num_frames, self.max_batch_size)
+        ]
+        if not chunks:
+            return torch.empty((0, 3) + self.image_size, dtype=self._dtype, device=self._device)
+        return torch.cat(chunks)
+
+    @torch.inference_mode()
+    def _tower(self, frames: torch.Tensor, bottom_up: bool) -> torch.Tensor:
+        pixels = preprocess(frames, self._spec, self._dtype, bottom_up=bottom_up, impl=self._kernels)
+        return self.model.encode_image(pixels)
+
+    def embed(self, frames: FrameInput, *, bottom_up: bool = False) -> torch.Tensor:
+        """Unit image embeddings [N, D], float32, on ``device``.
+
+        ``bottom_up=True`` takes frames whose rows are stored last-first (OpenGL's ``glReadPixels``).
+        """
+        batch = as_frame_batch(frames)
+        out = torch.empty((batch.num_frames, self.embed_dim), dtype=torch.float32, device=self._device)
+        for i in range(0, batch.num_frames, self.max_batch_size):
+            raw = self._tower(batch.chunk(i, i + self.max_batch_size, self._device), bottom_up)
+            out[i : i + raw.shape[0]] = F.normalize(raw.float(), dim=-1)
+        return out
+
+    def __call__(self, frames: FrameInput, *, bottom_up: bool = False) -> torch.Tensor:
+        """Rewards for frames: float32 [N] (one task) or [N, T] (``tasks=``), on ``device``.
+
+        Args:
+            frames: uint8 RGB [N, H, W, 3] (torch on any device, numpy with any strides, or a list of
+                [H, W, 3] arrays); float frames in [0, 1] are accepted too. Any H, W: frames are resized
+                to the tower's input (render at ``image_size`` to skip that).
+            bottom_up: rows stored last-first (OpenGL), flipped inside the preprocessing kernel.
+        """
+        batch = as_frame_batch(frames)
+        rewards = torch.empty((batch.num_frames, self._targets.num_tasks), dtype=torch.float32, device=self._device)
+        for i in range(0, batch.num_frames, self.max_batch_size):
+            raw = self._tower(batch.chunk(i, i + self.max_batch_size, self._device), bottom_up)
+            rewards[i : i + raw.shape[0]] = score_op(raw, self._targets, impl=self._kernels)
+        self._check_finite(rewards, "frames")
+        return rewards[:, 0] if self._single else rewards
+
+    def score(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """Rewards from image embeddings [N, D] (normalised here; unit ones are fine): [N] or [N, T]."""
+        if not isinstance(embeddings, torch.Tensor):
+            raise TypeError(f"embeddings must be a torch.Tensor [N, D]; got {type(embeddings).__name__}.")
+        if embeddings.ndim != 2 or embeddings.shape[1] != self.embed_dim:
+            raise ValueError(
+                f"embeddings must be [N, {self.embed_dim}] (this model's embedding width); got {tuple(embeddings.shape)}."
+            )
+        if not embeddings.is_floating_point():
+            raise TypeError(f"embeddings must be floating point; got {embeddings.dtype}.")
+        rewards = score_op(embeddings.to(self._device), self._targets, impl=self._kernels)
+        self._check_finite(rewards, "embeddings")
+        return rewards[:, 0] if self._single else rewards
+
+    def _check_finite(self, rewards: torch.Tensor, what: str) -> None:
+        # The reward is NaN exactly when an embedding has a NaN/inf or is all zeros; checking the
+        # small [N, T] output costs one sync instead of a pass over [N, D].
+        if rewards.numel() == 0 or bool(torch.isfinite(rewards).all()):
+            return
+        bad = (~torch.isfinite(rewards)).any(dim=1).nonzero().flatten().tolist()
+        shown = ", ".join(map(str, bad[:10])) + (", ..." if len(bad) > 10 else "")
+        cause = (
+            "the vision tower produced NaN/inf or all-zero embeddings for them"
+            + (" (float16 can overflow: try dtype=torch.bfloat16 or torch.float32)" if self._dtype == torch.float16 else "")
+            if what == "frames"
+            else "those embedding rows contain NaN/inf or are all zeros"
+        )
+        raise ValueError(f"Rewards are not finite for {len(bad)} of {rewards.shape[0]} {what} (rows {shown}): {cause}.")
+
+    def __repr__(self) -> str:
+        return (
+            f"CLIPReward(tasks={self.task_names}, alpha={self._alpha}, device={self._device}, "
+            f"dtype={self._dtype}, preprocess={self._spec.mode!r}, kernels={self._kernels!r}, "
+            f"image_size={self.image_size}, max_batch_size={self.max_batch_size})"
+        )

@@ -1,0 +1,140 @@
+"""Tasks: the text side of the reward, computed once per set of prompts.
+
+For each task (SPEC §1.1): every prompt is embedded and normalised in float32; the goal ``g`` is the
+mean of the goal prompts' unit embeddings and the baseline ``b`` the mean of the baseline prompts'
+(neither mean is re-normalised); the direction is ``u = (g - b) / |g - b|``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+
+from vlmrm_fast.ops.score import ScoringTargets
+
+Prompts = Union[str, Sequence[str]]
+
+# |g - b| below this means goal and baseline coincide: no direction to project on.
+_MIN_DIRECTION_NORM = 1e-6
+
+
+@dataclass(frozen=True)
+class Task:
+    """One reward: a goal and an optional baseline, each a prompt or a list of prompts (averaged).
+
+    Attributes:
+        goal: what the agent should do, e.g. "a humanoid robot kneeling".
+        baseline: the neutral description, e.g. "a humanoid robot"; None for no baseline (alpha must be 0).
+        alpha: this task's goal-baseline projection strength in [0, 1]; None uses the reward model's ``alpha``.
+        name: a label for logs and CSV columns; defaults to the first goal prompt.
+    """
+
+    goal: Prompts
+    baseline: Optional[Prompts] = None
+    alpha: Optional[float] = None
+    name: Optional[str] = None
+
+    @property
+    def label(self) -> str:
+        return self.name or _prompt_list(self.goal, "goal")[0]
+
+
+def _prompt_list(prompts: Prompts, what: str) -> List[str]:
+    if isinstance(prompts, str):
+        return [prompts]
+    if not isinstance(prompts, (list, tuple)):
+        raise TypeError(f"{what} must be a string or a list of strings; got {type(prompts).__name__}.")
+    if len(prompts) == 0:
+        raise ValueError(f"{what} is an empty list: give at least one prompt (a string or a list of strings).")
+    for p in prompts:
+        if not isinstance(p, str):
+            raise TypeError(f"{what} must contain strings only; found {type(p).__name__} {p!r}.")
+    return list(prompts)
+
+
+def check_alpha(alpha: float, what: str = "alpha") -> float:
+    """``alpha`` as a float in [0, 1], or a ValueError that says so."""
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise TypeError(f"{what} must be a number in [0, 1]; got {type(alpha).__name__}.")
+    alpha = float(alpha)
+    if not (math.isfinite(alpha) and 0.0 <= alpha <= 1.0):
+        raise ValueError(
+            f"{what}={alpha} is outside [0, 1]: 0 scores against the goal alone (cosine-like), 1 projects "
+            "fully onto the goal-baseline direction (SPEC §1.1)."
+        )
+    return alpha
+
+
+@torch.inference_mode()
+def embed_prompts(model: torch.nn.Module, tokenizer: Callable, prompts: List[str], device: torch.device) -> torch.Tensor:
+    """Unit text embeddings [P, D], float32, on ``device``."""
+    tokens = tokenizer(prompts).to(device)
+    return F.normalize(model.encode_text(tokens).float(), dim=-1)
+
+
+@dataclass(frozen=True)
+class EncodedTasks:
+    """Goals [T, D], unit directions [T, D] (zero rows where none) and per-task alpha overrides."""
+
+    tasks: Tuple[Task, ...]
+    goals: torch.Tensor
+    directions: torch.Tensor
+    has_direction: Tuple[bool, ...]
+
+    def targets(self, default_alpha: float) -> ScoringTargets:
+        """The scoring op's inputs with each task's alpha resolved; checks that alpha > 0 has a direction."""
+        alphas = []
+        for task, has_dir in zip(self.tasks, self.has_direction):
+            alpha = default_alpha if task.alpha is None else task.alpha
+            if alpha > 0 and not has_dir:
+                why = (
+                    "it has no baseline"
+                    if task.baseline is None
+                    else "its goal and baseline embed to the same vector (same prompts?)"
+                )
+                raise ValueError(
+                    f"Task {task.label!r} cannot use alpha={alpha}: {why}, so the goal-baseline direction is "
+                    "undefined. Use alpha=0, or give a baseline that differs from the goal."
+                )
+            alphas.append(alpha)
+        alphas_t = torch.tensor(alphas, dtype=torch.float32, device=self.goals.device)
+        return ScoringTargets(self.goals, self.directions, alphas_t)
+
+
+def encode_tasks(
+    model: torch.nn.Module, tokenizer: Callable, tasks: Sequence[Task], device: torch.device
+) -> EncodedTasks:
+    """Embed every task's prompts in one text-tower pass and form goals and directions."""
+    if len(tasks) == 0:
+        raise ValueError("tasks is empty: give at least one Task(goal=..., baseline=...).")
+    prompts: List[str] = []
+    spans = []
+    for i, task in enumerate(tasks):
+        if not isinstance(task, Task):
+            raise TypeError(f"tasks[{i}] is a {type(task).__name__}; use vlmrm_fast.Task(goal=..., baseline=...).")
+        if task.alpha is not None:
+            check_alpha(task.alpha, f"tasks[{i}].alpha")
+        goal = _prompt_list(task.goal, "goal")
+        baseline = [] if task.baseline is None else _prompt_list(task.baseline, "baseline")
+        spans.append((len(prompts), len(goal), len(baseline)))
+        prompts += goal + baseline
+    embeddings = embed_prompts(model, tokenizer, prompts, device)
+    goals, directions, has_direction = [], [], []
+    for start, n_goal, n_base in spans:
+        goal = embeddings[start : start + n_goal].mean(dim=0)
+        direction = torch.zeros_like(goal)
+        ok = False
+        if n_base:
+            baseline = embeddings[start + n_goal : start + n_goal + n_base].mean(dim=0)
+            diff = goal - baseline
+            norm = diff.norm()
+            ok = bool(norm > _MIN_DIRECTION_NORM)
+            if ok:
+                direction = diff / norm
+        goals.append(goal)
+        directions.append(direction)
+        has_direction.append(ok)
+    return EncodedTasks(tuple(tasks), torch.stack(goals), torch.stack(directions), tuple(has_direction))
