@@ -13,14 +13,14 @@ Semantics (SPEC §1.2), shared by the Triton kernel and the torch path:
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Literal, Sequence, Tuple
+from typing import Iterator, Literal, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 
 from vlmrm_fast.ops._triton import HAS_TRITON, interpreter_enabled
-from vlmrm_fast.ops.resize_taps import is_identity, resize_tables, shortest_side_geometry
+from vlmrm_fast.ops.resize_taps import is_identity, resize_matrices, resize_tables
 
 PreprocessMode = Literal["vlmrm", "openclip"]
 PREPROCESS_MODES = ("vlmrm", "openclip")
@@ -196,33 +196,47 @@ def preprocess_triton(
     return out
 
 
+@contextlib.contextmanager
+def _full_precision_matmul(device: torch.device) -> Iterator[None]:
+    # TF32 (if a user enabled it) would cost ~1e-3 here; the resize is cheap next to the tower.
+    if device.type != "cuda":
+        yield
+        return
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+
+
 def preprocess_torch(
     frames: torch.Tensor, spec: PreprocessSpec, out_dtype: torch.dtype, bottom_up: bool = False
 ) -> torch.Tensor:
-    """The same op in plain torch (float32 arithmetic): the fallback and the kernel's reference."""
+    """The same op in plain torch, float32: the fallback where Triton cannot run.
+
+    The resize is two matmuls with dense resampling matrices built from the same taps as the
+    kernel's (``rows @ image @ cols.T``); torch's own float32 bicubic drifts ~2e-4 from float64 at
+    480 -> 224, these stay within ~1e-6.
+    """
+    n, height, width, _ = frames.shape
     x = frames.permute(0, 3, 1, 2).to(torch.float32)
-    if frames.dtype == torch.uint8:
-        x = x / 255.0
-    if bottom_up:
+    if n > 0 and not is_identity(height, width, spec.size):
+        rows, cols = resize_matrices(
+            height, width, spec.size,
+            crop=spec.mode == "openclip", antialias=spec.mode == "openclip",
+            bottom_up=bottom_up, device=frames.device,
+        )
+        with _full_precision_matmul(frames.device):
+            x = rows @ x @ cols.T
+    elif bottom_up:
         x = x.flip(2)
-    height, width = x.shape[2:]
-    out_h, out_w = spec.size
-    if x.shape[0] > 0 and not is_identity(height, width, spec.size):
-        if spec.mode == "vlmrm":
-            x = F.interpolate(x, size=(out_h, out_w), mode="bicubic", align_corners=False, antialias=False)
-        else:
-            if out_h != out_w:
-                raise ValueError(
-                    f"preprocess='openclip' needs a square input size; the model takes {out_h}x{out_w}."
-                )
-            resized_h, resized_w, top, left = shortest_side_geometry(height, width, out_h)
-            x = F.interpolate(x, size=(resized_h, resized_w), mode="bicubic", align_corners=False, antialias=True)
-            x = x[:, :, top : top + out_h, left : left + out_w]
-    elif x.shape[0] == 0:
-        x = x.new_empty((0, 3, out_h, out_w))
-    mean = torch.tensor(spec.mean, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(spec.std, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
-    return ((x - mean) / std).to(out_dtype).contiguous()
+    if n == 0:
+        x = x.new_empty((0, 3) + tuple(spec.size))
+    scale, shift = spec.affine(frames.dtype)
+    scale_t = torch.tensor(scale, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+    shift_t = torch.tensor(shift, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+    return (x * scale_t + shift_t).to(out_dtype).contiguous()
 
 
 def preprocess(

@@ -94,6 +94,22 @@ def shortest_side_geometry(height: int, width: int, size: int) -> Tuple[int, int
     return resized_h, resized_w, crop_top, crop_left
 
 
+def _host_taps(height, width, out_size, crop, antialias, bottom_up):
+    out_h, out_w = out_size
+    if crop:
+        if out_h != out_w:
+            raise ValueError(
+                f"preprocess='openclip' (shorter side + centre crop) needs a square input size; the model "
+                f"takes {out_h}x{out_w}. Use preprocess='vlmrm' (a squash resize) for this model."
+            )
+        resized_h, resized_w, top, left = shortest_side_geometry(height, width, out_h)
+    else:
+        resized_h, resized_w, top, left = out_h, out_w, 0, 0
+    row_idx, row_w = axis_taps(height, resized_h, out_h, top, antialias, mirror=bottom_up)
+    col_idx, col_w = axis_taps(width, resized_w, out_w, left, antialias)
+    return row_idx, row_w, col_idx, col_w
+
+
 @functools.lru_cache(maxsize=64)
 def resize_tables(
     height: int,
@@ -110,18 +126,7 @@ def resize_tables(
     Indices are int32 [out_h, Ky] / [out_w, Kx]; weights float32 of the same shapes. Cached: an RL
     loop renders one frame size, so the tables are built once.
     """
-    out_h, out_w = out_size
-    if crop:
-        if out_h != out_w:
-            raise ValueError(
-                f"preprocess='openclip' (shorter side + centre crop) needs a square input size; the model "
-                f"takes {out_h}x{out_w}. Use preprocess='vlmrm' (a squash resize) for this model."
-            )
-        resized_h, resized_w, top, left = shortest_side_geometry(height, width, out_h)
-    else:
-        resized_h, resized_w, top, left = out_h, out_w, 0, 0
-    row_idx, row_w = axis_taps(height, resized_h, out_h, top, antialias, mirror=bottom_up)
-    col_idx, col_w = axis_taps(width, resized_w, out_w, left, antialias)
+    row_idx, row_w, col_idx, col_w = _host_taps(height, width, out_size, crop, antialias, bottom_up)
     return (
         torch.from_numpy(row_idx.astype(np.int32)).to(device),
         torch.from_numpy(row_w.astype(np.float32)).to(device),
@@ -130,9 +135,34 @@ def resize_tables(
     )
 
 
+def _dense(idx: np.ndarray, weights: np.ndarray, in_size: int) -> np.ndarray:
+    matrix = np.zeros((idx.shape[0], in_size))
+    np.add.at(matrix, (np.repeat(np.arange(idx.shape[0]), idx.shape[1]), idx.ravel()), weights.ravel())
+    return matrix
+
+
+@functools.lru_cache(maxsize=64)
+def resize_matrices(
+    height: int,
+    width: int,
+    out_size: Tuple[int, int],
+    *,
+    crop: bool,
+    antialias: bool,
+    bottom_up: bool,
+    device: torch.device,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The same resize as dense float32 matrices (rows [out_h, H], cols [out_w, W]) on ``device``,
+    so that ``rows @ image @ cols.T`` resamples a [..., H, W] image (the torch path)."""
+    row_idx, row_w, col_idx, col_w = _host_taps(height, width, out_size, crop, antialias, bottom_up)
+    rows = torch.from_numpy(_dense(row_idx, row_w, height).astype(np.float32)).to(device)
+    cols = torch.from_numpy(_dense(col_idx, col_w, width).astype(np.float32)).to(device)
+    return rows, cols
+
+
 def is_identity(height: int, width: int, out_size: Tuple[int, int]) -> bool:
     """Frames already at the tower's size: every mode reduces to a copy (the fast path)."""
     return (height, width) == tuple(out_size)
 
 
-__all__ = ["axis_taps", "resize_tables", "shortest_side_geometry", "is_identity"]
+__all__ = ["axis_taps", "resize_tables", "resize_matrices", "shortest_side_geometry", "is_identity"]

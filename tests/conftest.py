@@ -1,0 +1,46 @@
+"""Test setup: Triton's CPU interpreter where there is no GPU, devices, and the tiny model.
+
+TRITON_INTERPRET must be set before any kernel is defined, so before vlmrm_fast is imported. On a
+CUDA machine it is left unset: there the same tests run the compiled kernels (marker ``gpu``).
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import warnings  # noqa: E402
+
+import pytest  # noqa: E402
+
+import vlmrm_fast  # noqa: E402,F401  (registers the tiny config with open_clip)
+from vlmrm_fast.models import TINY_MODEL, create_clip  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+
+DEVICES = [
+    pytest.param("cpu", id="cpu"),
+    pytest.param(
+        "cuda", id="cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")]
+    ),
+]
+
+
+def make_tiny(seed: int = 0):
+    """The tiny random-init CLIP (float32, CPU) and its tokenizer, with reproducible weights."""
+    torch.manual_seed(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "random weights" is the point here
+        return create_clip(TINY_MODEL, None)
+
+
+@pytest.fixture
+def tiny():
+    """A fresh tiny model per test (CLIPReward moves and casts the model it is given)."""
+    return make_tiny()
+
+
+@pytest.fixture
+def rng():
+    return torch.Generator().manual_seed(1234)

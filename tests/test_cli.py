@@ -1,0 +1,171 @@
+"""Tests for the ``vlmrm-fast`` command line (``vlmrm_fast.cli``).
+
+They run the tiny random-weights model on CPU against a small image folder and a short
+video generated in ``tmp_path``.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from vlmrm_fast import cli
+
+Image = pytest.importorskip("PIL.Image", reason="the CLI needs pillow: pip install 'vlmrm-fast[cli]'")
+
+# The tiny model is random-init on purpose, which the core warns about.
+pytestmark = pytest.mark.filterwarnings("ignore:.*random weights:UserWarning")
+
+TINY = ["--model", "vlmrm-tiny", "--pretrained", "none", "--device", "cpu", "--no-progress"]
+
+# Natural order; frame3 and frame20 hold the same picture; frame9/frame10 are larger.
+FRAME_NAMES = ["frame1", "frame2", "frame3", "frame9", "frame10", "frame11", "frame20"]
+LARGE = {"frame9", "frame10"}
+
+
+def _picture(name: str) -> np.ndarray:
+    """A small RGB picture, distinct per name except frame3 == frame20."""
+    height, width = (36, 50) if name in LARGE else (30, 40)
+    seed = 3 if name == "frame20" else int(name.removeprefix("frame"))
+    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    """A folder of 7 PNGs in two sizes, written in shuffled order, plus a non-image file."""
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for name in reversed(FRAME_NAMES):
+        Image.fromarray(_picture(name)).save(folder / f"{name}.png")
+    (folder / "notes.txt").write_text("not a frame")
+    return folder
+
+
+@pytest.fixture
+def video(tmp_path: Path) -> Path:
+    """A 6-frame 64x48 mp4 at 10 fps."""
+    iio = pytest.importorskip("imageio.v3", reason="needs imageio: pip install 'vlmrm-fast[cli]'")
+    frames = np.random.default_rng(0).integers(0, 256, (6, 48, 64, 3), dtype=np.uint8)
+    path = tmp_path / "clip.mp4"
+    try:
+        iio.imwrite(path, frames, plugin="FFMPEG", fps=10)
+    except Exception as exc:  # any writer failure means no ffmpeg here, not a CLI bug
+        pytest.skip(f"cannot write an mp4 with imageio's ffmpeg plugin ({exc}); install imageio-ffmpeg")
+    return path
+
+
+def score(argv: list[str]) -> int:
+    """Run ``vlmrm-fast score ARGV``; return the exit code."""
+    return cli.main(["score", *argv])
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_score_folder_natural_order(image_folder: Path, capsys: pytest.CaptureFixture) -> None:
+    code = score([str(image_folder), "--goal", "a red square", "--batch-size", "2", *TINY])
+
+    assert code == 0, capsys.readouterr().err
+    rows = _read_csv(image_folder.parent / "frames.rewards.csv")
+    assert [r["frame"] for r in rows] == [str(i) for i in range(len(FRAME_NAMES))]
+    assert [r["source"] for r in rows] == [f"{name}.png" for name in FRAME_NAMES]
+    rewards = {r["source"]: float(r["reward"]) for r in rows}
+    assert all(math.isfinite(r) for r in rewards.values())
+    assert rewards["frame3.png"] == pytest.approx(rewards["frame20.png"], abs=1e-5)
+    summary = capsys.readouterr().out
+    assert "scored 7 frames" in summary and "frames.rewards.csv" in summary
+
+
+def test_score_video_with_plot(video: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "out" / "rewards.csv"
+    argv = [str(video), "--goal", "a cat", "--goal", "a kitten", "--baseline", "an animal"]
+    code = score([*argv, "--alpha", "0.5", "--out", str(out), "--plot", *TINY])
+
+    assert code == 0, capsys.readouterr().err
+    rows = _read_csv(out)
+    assert len(rows) == 6
+    assert [float(r["source"]) for r in rows] == pytest.approx([i / 10 for i in range(6)])
+    assert all(math.isfinite(float(r["reward"])) for r in rows)
+    png = out.with_suffix(".png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 1000
+
+
+def test_plot_to_given_path(image_folder: Path, tmp_path: Path) -> None:
+    plot = tmp_path / "plots" / "r.png"
+    argv = [str(image_folder / "frame2.png"), "--goal", "x", f"--plot={plot}", *TINY]
+
+    assert score(argv) == 0
+    assert len(_read_csv(image_folder / "frame2.rewards.csv")) == 1
+    assert plot.stat().st_size > 0
+
+
+@pytest.mark.parametrize(
+    ("make_path", "message"),
+    [
+        (lambda tmp: tmp / "missing.mp4", "does not exist"),
+        (lambda tmp: (tmp / "empty").mkdir() or tmp / "empty", "no images found"),
+        (lambda tmp: (tmp / "a.txt").write_text("x") and tmp / "a.txt", "unsupported file type"),
+        (lambda tmp: (tmp / "bad.mp4").write_bytes(b"\0" * 64) and tmp / "bad.mp4", "cannot read video"),
+    ],
+    ids=["missing", "empty-folder", "unsupported", "corrupt-video"],
+)
+def test_bad_input_fails_cleanly(tmp_path: Path, capsys: pytest.CaptureFixture, make_path, message: str) -> None:
+    code = score([str(make_path(tmp_path)), "--goal", "x", *TINY])
+
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("vlmrm-fast: error: ") and message in err
+    assert "Traceback" not in err
+
+
+def test_corrupt_image_names_the_file(image_folder: Path, capsys: pytest.CaptureFixture) -> None:
+    (image_folder / "frame5.png").write_bytes(b"not a png")
+
+    assert score([str(image_folder), "--goal", "x", *TINY]) == 2
+    assert "frame5.png" in capsys.readouterr().err
+
+
+def test_core_errors_are_one_line(image_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    argv = [str(image_folder), "--goal", "x", *TINY, "--pretrained", str(tmp_path / "no.pt")]
+
+    assert score(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("vlmrm-fast: error: ") and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "extra", [["--alpha", "1.5"], ["--batch-size", "0"], ["--plot=out.jpg"]], ids=["alpha", "batch", "plot"]
+)
+def test_bad_options_exit_2(image_folder: Path, capsys: pytest.CaptureFixture, extra: list[str]) -> None:
+    assert score([str(image_folder), "--goal", "x", *TINY, *extra]) == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_help_lists_score(capsys: pytest.CaptureFixture) -> None:
+    assert cli.main(["--help"]) == 0
+    assert "score" in capsys.readouterr().out
+    assert cli.main(["score", "--help"]) == 0
+    assert "--baseline" in capsys.readouterr().out
+    assert cli.main([]) == 2
+
+
+def test_natural_key_orders_numbers_by_value() -> None:
+    names = ["frame10.png", "Frame2.png", "frame1.png", "frame_b.png", "frame_a10.png", "frame_a9.png"]
+    ordered = [p.name for p in sorted(map(Path, names), key=cli.natural_key)]
+    assert ordered == ["frame1.png", "Frame2.png", "frame10.png", "frame_a9.png", "frame_a10.png", "frame_b.png"]
+
+
+def test_batched_splits_on_size_change() -> None:
+    shapes = [(2, 3), (2, 3), (2, 3), (4, 4), (2, 3)]
+    frames = [(np.zeros((*s, 3), np.uint8), str(i)) for i, s in enumerate(shapes)]
+
+    batches = list(cli.batched(frames, batch_size=2))
+
+    assert [names for _, names in batches] == [["0", "1"], ["2"], ["3"], ["4"]]
+    assert [b.shape for b, _ in batches] == [(2, 2, 3, 3), (1, 2, 3, 3), (1, 4, 4, 3), (1, 2, 3, 3)]

@@ -1,0 +1,146 @@
+"""Bad input at the API boundary: a TypeError or ValueError that names the problem and the fix."""
+import numpy as np
+import pytest
+import torch
+
+from vlmrm_fast import CLIPReward, Task
+
+
+@pytest.fixture
+def rm(tiny):
+    model, tokenizer = tiny
+    return CLIPReward(model, tokenizer, goal="a humanoid robot kneeling", baseline="a humanoid robot",
+                      alpha=0.5, device="cpu", kernels="torch")
+
+
+@pytest.mark.parametrize(
+    "frames,error,match",
+    [
+        (np.zeros((2, 16, 16, 4), np.uint8), ValueError, r"RGBA.*\[\.\.\., :3\]"),
+        (np.zeros((2, 3, 16, 16), np.uint8), ValueError, r"channels first.*transpose"),
+        (np.zeros((2, 16, 16, 1), np.uint8), ValueError, r"1 channel"),
+        (np.zeros((2, 16, 16, 2), np.uint8), ValueError, r"3 channels"),
+        (np.zeros((16, 16, 3), np.uint8), ValueError, r"one frame.*frames\[None\]"),
+        (np.zeros((1, 2, 16, 16, 3), np.uint8), ValueError, r"rank 4"),
+        (np.zeros((2, 16, 16, 3), np.int64), TypeError, r"uint8"),
+        (np.zeros((2, 16, 16, 3), bool), TypeError, r"uint8"),
+        (torch.zeros((2, 16, 16, 3), dtype=torch.int32), TypeError, r"uint8"),
+        (np.full((2, 16, 16, 3), 255.0, np.float32), ValueError, r"\[0, 1\].*uint8"),
+        (np.full((2, 16, 16, 3), -0.5, np.float32), ValueError, r"\[0, 1\]"),
+        (np.full((2, 16, 16, 3), np.nan, np.float32), ValueError, r"\[0, 1\]"),
+        ("frames.png", TypeError, r"torch.Tensor or numpy"),
+        ([np.zeros((8, 8, 3), np.uint8), np.zeros((9, 8, 3), np.uint8)], ValueError, r"share shape"),
+        ([np.zeros((8, 8, 3), np.uint8), "x"], TypeError, r"frames\[1\]"),
+        ([np.zeros((1, 8, 8, 3), np.uint8)], ValueError, r"single frames \[H, W, 3\]"),
+    ],
+)
+def test_bad_frames(rm, frames, error, match):
+    with pytest.raises(error, match=match):
+        rm(frames)
+
+
+def test_nan_and_inf_embeddings(rm):
+    emb = torch.randn(4, rm.embed_dim)
+    emb[1, 0] = float("nan")
+    emb[3, 2] = float("inf")
+    with pytest.raises(ValueError, match=r"not finite for 2 of 4 embeddings \(rows 1, 3\)"):
+        rm.score(emb)
+    with pytest.raises(ValueError, match="all zeros"):
+        rm.score(torch.zeros(2, rm.embed_dim))
+
+
+def test_non_finite_tower_output_is_reported_not_returned(rm, monkeypatch):
+    monkeypatch.setattr(rm.model, "encode_image", lambda pixels: torch.full((pixels.shape[0], rm.embed_dim), float("nan")))
+    with pytest.raises(ValueError, match="vision tower produced NaN/inf"):
+        rm(np.zeros((2, 16, 16, 3), np.uint8))
+
+
+@pytest.mark.parametrize(
+    "emb,error,match",
+    [
+        (np.zeros((2, 32), np.float32), TypeError, "torch.Tensor"),
+        (torch.zeros(2, 31), ValueError, r"\[N, 32\]"),
+        (torch.zeros(32), ValueError, r"\[N, 32\]"),
+        (torch.zeros(2, 32, dtype=torch.int64), TypeError, "floating point"),
+    ],
+)
+def test_bad_embeddings(rm, emb, error, match):
+    with pytest.raises(error, match=match):
+        rm.score(emb)
+
+
+def test_goal_equal_to_baseline(tiny):
+    model, tokenizer = tiny
+    with pytest.raises(ValueError, match="same vector.*alpha=0"):
+        CLIPReward(model, tokenizer, goal="a humanoid robot", baseline="a humanoid robot", alpha=0.5, device="cpu")
+    rm = CLIPReward(model, tokenizer, goal="a humanoid robot", baseline=["a humanoid robot"], alpha=0.0, device="cpu")
+    with pytest.raises(ValueError, match="undefined"):
+        rm.alpha = 0.1
+    assert rm.alpha == 0.0  # a refused change leaves the model as it was
+
+
+def test_alpha_without_baseline(tiny):
+    model, tokenizer = tiny
+    with pytest.raises(ValueError, match="no baseline"):
+        CLIPReward(model, tokenizer, goal="kneeling", alpha=0.3, device="cpu")
+
+
+@pytest.mark.parametrize("alpha", [-0.1, 1.5, float("nan"), float("inf")])
+def test_alpha_outside_unit_interval(rm, tiny, alpha):
+    with pytest.raises(ValueError, match=r"outside \[0, 1\]"):
+        rm.alpha = alpha
+    with pytest.raises(ValueError, match=r"outside \[0, 1\]"):
+        CLIPReward(*tiny, goal="a", baseline="b", alpha=alpha, device="cpu")
+    with pytest.raises(ValueError, match=r"tasks\[0\]\.alpha"):
+        rm.set_tasks(tasks=[Task("a", "b", alpha=alpha)])
+
+
+def test_alpha_type(rm):
+    with pytest.raises(TypeError, match="number"):
+        rm.alpha = "0.5"
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        (dict(goal=[]), ValueError, "empty list"),
+        (dict(goal="a", baseline=[]), ValueError, "baseline is an empty list"),
+        (dict(goal=["a", 3]), TypeError, "strings only"),
+        (dict(goal=7), TypeError, "string or a list"),
+        (dict(), ValueError, "Give a goal prompt"),
+        (dict(tasks=[]), ValueError, "tasks is empty"),
+        (dict(tasks=[("a", "b")]), TypeError, r"vlmrm_fast.Task"),
+        (dict(goal="a", tasks=[Task("a")]), ValueError, "either goal"),
+    ],
+)
+def test_bad_prompts(rm, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        rm.set_tasks(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        (dict(device="cuda:0"), ValueError, "CUDA is not available"),
+        (dict(dtype="fp8"), ValueError, "dtype="),
+        (dict(dtype=torch.int8), ValueError, "not supported"),
+        (dict(preprocess="bilinear"), ValueError, "preprocess="),
+        (dict(kernels="cuda"), ValueError, "kernels="),
+        (dict(max_batch_size=0), ValueError, "positive integer"),
+    ],
+)
+def test_bad_options(tiny, kwargs, error, match):
+    if kwargs.get("device", "").startswith("cuda") and torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    kwargs.setdefault("device", "cpu")
+    with pytest.raises(error, match=match):
+        CLIPReward(*tiny, goal="a", **kwargs)
+
+
+def test_triton_without_a_gpu_names_the_fixes(monkeypatch):
+    from vlmrm_fast.ops._triton import resolve_kernels
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1.*kernels='torch'"):
+        resolve_kernels("triton", torch.device("cpu"))
+    assert resolve_kernels("auto", torch.device("cpu")) == "torch"

@@ -1,0 +1,121 @@
+"""The preprocess op (Triton kernel and torch path) against the float64 reference of SPEC §1.2.
+
+Tolerances. float32: outputs are O(4) after normalisation; the op is a weighted sum of at most
+~120 taps plus one affine map in float32 (relative error a few 1e-7), so 1e-5 absolute has room to
+spare and still catches any wrong tap, weight, crop offset or flip (those cost >1e-2).
+bfloat16/float16: the output is a rounding of that float32 value. The best any implementation can do
+at that precision is PyTorch's own rounding of the exact answer (``ref.to(dtype)``), whose error is
+half an ulp; we allow twice that error, plus the float32 slack.
+"""
+import numpy as np
+import pytest
+import torch
+
+from conftest import DEVICES
+from reference import reference_preprocess
+from vlmrm_fast.ops.preprocess import PreprocessSpec, preprocess
+
+MEAN = (0.48145466, 0.4578275, 0.40821073)
+STD = (0.26862954, 0.26130258, 0.27577711)
+GEOMETRIES = [  # (H, W, S): downscale, upscale in one axis, odd sizes, and the identity fast path
+    (37, 53, 17),
+    (9, 40, 16),
+    (61, 29, 31),
+    (23, 23, 23),
+]
+
+
+def _frames(n, h, w, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (n, h, w, 3), dtype=np.uint8)
+
+
+def _check(out: torch.Tensor, ref: np.ndarray, dtype: torch.dtype):
+    assert out.dtype == dtype and out.shape == ref.shape and out.is_contiguous()
+    err = (out.double().cpu() - torch.from_numpy(ref)).abs().max().item()
+    if dtype == torch.float32:
+        bound = 1e-5
+    else:
+        own = (torch.from_numpy(ref).to(dtype).double() - torch.from_numpy(ref)).abs().max().item()
+        bound = 2 * own + 1e-5
+    assert err <= bound, f"max error {err:.3g} > {bound:.3g}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+@pytest.mark.parametrize("mode", ["vlmrm", "openclip"])
+@pytest.mark.parametrize("h,w,s", GEOMETRIES)
+def test_matches_float64_reference(device, impl, mode, h, w, s):
+    frames = _frames(3, h, w)
+    spec = PreprocessSpec((s, s), MEAN, STD, mode)
+    out = preprocess(torch.from_numpy(frames).to(device), spec, torch.float32, impl=impl)
+    _check(out, reference_preprocess(frames, s, MEAN, STD, mode), torch.float32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("mode,h,w,s", [("vlmrm", 37, 53, 17), ("openclip", 61, 29, 31), ("vlmrm", 23, 23, 23)])
+def test_low_precision_outputs(device, impl, dtype, mode, h, w, s):
+    frames = _frames(3, h, w, seed=1)
+    spec = PreprocessSpec((s, s), MEAN, STD, mode)
+    out = preprocess(torch.from_numpy(frames).to(device), spec, dtype, impl=impl)
+    _check(out, reference_preprocess(frames, s, MEAN, STD, mode), dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+@pytest.mark.parametrize("mode,h,w,s", [("vlmrm", 37, 53, 17), ("openclip", 40, 61, 16), ("vlmrm", 19, 19, 19)])
+def test_bottom_up_rows_are_flipped(device, impl, mode, h, w, s):
+    frames = _frames(2, h, w, seed=2)
+    spec = PreprocessSpec((s, s), MEAN, STD, mode)
+    gl_order = np.ascontiguousarray(frames[:, ::-1])  # what glReadPixels returns
+    out = preprocess(torch.from_numpy(gl_order).to(device), spec, torch.float32, bottom_up=True, impl=impl)
+    _check(out, reference_preprocess(frames, s, MEAN, STD, mode), torch.float32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_strided_views_are_read_in_place(device, impl):
+    big = torch.from_numpy(_frames(4, 50, 70, seed=3)).to(device)
+    view = big[::2, 3:44, 5::2]  # every other frame, a crop, every other column
+    assert not view.is_contiguous()
+    spec = PreprocessSpec((15, 15), MEAN, STD, "vlmrm")
+    out = preprocess(view, spec, torch.float32, impl=impl)
+    _check(out, reference_preprocess(view.cpu().numpy(), 15, MEAN, STD, "vlmrm"), torch.float32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+@pytest.mark.parametrize("frame_dtype", [torch.float32, torch.float64, torch.float16])
+def test_float_frames_in_unit_range(device, impl, frame_dtype):
+    frames = _frames(2, 29, 31, seed=4)
+    as_float = (torch.from_numpy(frames).to(torch.float64) / 255).to(frame_dtype)
+    spec = PreprocessSpec((13, 13), MEAN, STD, "openclip")
+    out = preprocess(as_float.to(device), spec, torch.float32, impl=impl)
+    _check(out, reference_preprocess(as_float.double().numpy(), 13, MEAN, STD, "openclip"), torch.float32)
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_mean_and_std_come_from_the_spec(impl):
+    frames = _frames(2, 21, 21, seed=5)
+    mean, std = (0.5, 0.25, 0.125), (0.5, 0.75, 1.5)
+    out = preprocess(torch.from_numpy(frames), PreprocessSpec((11, 11), mean, std, "vlmrm"), torch.float32, impl=impl)
+    _check(out, reference_preprocess(frames, 11, mean, std, "vlmrm"), torch.float32)
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_empty_batch(impl):
+    spec = PreprocessSpec((8, 8), MEAN, STD, "vlmrm")
+    out = preprocess(torch.zeros((0, 12, 9, 3), dtype=torch.uint8), spec, torch.bfloat16, impl=impl)
+    assert out.shape == (0, 3, 8, 8) and out.dtype == torch.bfloat16
+
+
+def test_openclip_mode_needs_a_square_input():
+    spec = PreprocessSpec((16, 24), MEAN, STD, "openclip")
+    with pytest.raises(ValueError, match="square"):
+        preprocess(torch.zeros((1, 30, 30, 3), dtype=torch.uint8), spec, torch.float32, impl="triton")
+
+
+def test_spec_rejects_unknown_mode():
+    with pytest.raises(ValueError, match="preprocess="):
+        PreprocessSpec((8, 8), MEAN, STD, "bilinear")
