@@ -12,8 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
-from vlmrm_fast import cli
+from vlmrm_fast import CLIPReward, cli
 
 Image = pytest.importorskip("PIL.Image", reason="the CLI needs pillow: pip install 'vlmrm-fast[cli]'")
 
@@ -36,12 +37,14 @@ def _picture(name: str) -> np.ndarray:
 
 @pytest.fixture
 def image_folder(tmp_path: Path) -> Path:
-    """A folder of 7 PNGs in two sizes, written in shuffled order, plus a non-image file."""
+    """7 PNG frames in two sizes, written in reverse order, and files that are not frames."""
     folder = tmp_path / "frames"
     folder.mkdir()
     for name in reversed(FRAME_NAMES):
         Image.fromarray(_picture(name)).save(folder / f"{name}.png")
     (folder / "notes.txt").write_text("not a frame")
+    (folder / "._frame1.png").write_bytes(b"macOS metadata, not a PNG")
+    Image.fromarray(_picture("frame1")).save(folder / "frame1.rewards.png")  # an old plot
     return folder
 
 
@@ -80,6 +83,17 @@ def test_score_folder_natural_order(image_folder: Path, capsys: pytest.CaptureFi
     assert rewards["frame3.png"] == pytest.approx(rewards["frame20.png"], abs=1e-5)
     summary = capsys.readouterr().out
     assert "scored 7 frames" in summary and "frames.rewards.csv" in summary
+
+
+def test_rewards_match_the_api(image_folder: Path, tmp_path: Path) -> None:
+    out = tmp_path / "r.csv"
+    torch.manual_seed(0)  # the same random weights in the CLI and here
+    assert score([str(image_folder), "--goal", "a red square", "--out", str(out), *TINY]) == 0
+    torch.manual_seed(0)
+    rm = CLIPReward.from_pretrained("vlmrm-tiny", None, goal="a red square", device="cpu")
+
+    expected = [float(rm(_picture(name)[None])[0]) for name in FRAME_NAMES]
+    assert [float(r["reward"]) for r in _read_csv(out)] == pytest.approx(expected, abs=1e-5)
 
 
 def test_score_video_with_plot(video: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -24,10 +24,11 @@ import sys
 import textwrap
 import threading
 import time
+import warnings
 from collections.abc import Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, TypeVar
+from typing import Callable, Optional, TextIO, TypeVar
 
 import numpy as np
 import torch
@@ -38,10 +39,9 @@ from vlmrm_fast import CLIPReward, PretrainedWeightsError
 PROG = "vlmrm-fast"
 DEFAULT_MODEL = "ViT-B-32"
 DEFAULT_PRETRAINED = "laion2b_s34b_b79k"
-DEFAULT_BATCH_SIZE = 64
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".gif")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = ("float32", "bfloat16", "float16")
 CLI_EXTRA_HINT = "install the CLI extra: pip install 'vlmrm-fast[cli]'"
 
 T = TypeVar("T")
@@ -72,10 +72,10 @@ def _add_score_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register ``score``: rewards for every frame of a clip or image folder."""
     epilog = textwrap.dedent(
         """\
-        reward (VLM-RM): with unit-norm CLIP embeddings x (frame), g (goal), b (baseline),
-          reward = 1 - 0.5 * ||alpha * proj(x) + (1 - alpha) * x - g||^2,
-        where proj projects onto the direction b -> g. alpha=0 (no baseline) gives the plain
-        cosine similarity to the goal.
+        reward (VLM-RM): with x the frame's unit CLIP embedding, g the mean of the goal
+        prompts' unit embeddings and u the unit direction from baseline to goal,
+          reward = 1 - 0.5 * |M (x - g)|^2,   M = alpha * u u^T + (1 - alpha) * I.
+        With alpha = 0 and one goal prompt this is the cosine similarity to the goal.
 
         outputs: CSV columns are frame (0-based), source (image file name; for videos the
         timestamp in seconds, frame / fps) and reward. By default the CSV goes next to the
@@ -101,9 +101,9 @@ def _add_score_parser(subparsers: argparse._SubParsersAction) -> None:
         "path",
         metavar="PATH",
         type=Path,
-        help="a video file (%s), a single image, or a folder of images (%s; taken in natural "
-        "order, so frame2 comes before frame10; other files are ignored)"
-        % (", ".join(VIDEO_EXTENSIONS), ", ".join(IMAGE_EXTENSIONS)),
+        help=f"a video file ({', '.join(VIDEO_EXTENSIONS)}), a single image, or a folder of "
+        f"images ({', '.join(IMAGE_EXTENSIONS)}; taken in natural order, so frame2 comes before "
+        "frame10; other files, hidden files and *.rewards.png plots are ignored)",
     )
     prompts = p.add_argument_group("reward")
     prompts.add_argument(
@@ -144,8 +144,10 @@ def _add_score_parser(subparsers: argparse._SubParsersAction) -> None:
         "--preprocess",
         choices=("vlmrm", "openclip"),
         default="vlmrm",
-        help="image preprocessing: 'vlmrm' (fused resize and normalise, as in the VLM-RM "
-        "paper) or 'openclip' (the model's own torchvision transform) (default: %(default)s)",
+        help="how frames are fitted to the model's input: 'vlmrm' squashes the whole frame "
+        "to the input size without antialiasing (as the original VLM-RM code does); "
+        "'openclip' resizes the shorter side with antialiasing and centre-crops, like "
+        "open_clip's own transform (default: %(default)s)",
     )
     model.add_argument(
         "--device",
@@ -156,17 +158,17 @@ def _add_score_parser(subparsers: argparse._SubParsersAction) -> None:
         "--dtype",
         choices=("auto", *DTYPES),
         default="auto",
-        help="compute dtype of the CLIP towers (default: auto = bfloat16 on CUDA, float32 "
-        "on CPU)",
+        help="precision of the vision tower; prompts are always embedded in float32 "
+        "(default: auto = bfloat16 on CUDA, float32 on CPU)",
     )
     io = p.add_argument_group("input and output")
     io.add_argument(
         "--batch-size",
         type=_positive_int,
-        default=DEFAULT_BATCH_SIZE,
+        default=None,
         metavar="N",
         help="frames decoded and scored per step; lower it if you run out of memory "
-        "(default: %(default)s)",
+        "(default: the reward model's, 256 on CUDA and 32 on CPU)",
     )
     io.add_argument(
         "--out",
@@ -226,9 +228,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except SystemExit as exc:  # --help and usage errors; return the code instead of exiting
         return 0 if exc.code is None else exc.code if isinstance(exc.code, int) else 2
     try:
-        return args.handler(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            return args.handler(args)
     except torch.cuda.OutOfMemoryError:
-        _print_error(f"out of GPU memory; lower --batch-size (was {args.batch_size})")
+        _print_error("out of GPU memory; lower --batch-size or use a smaller --model")
     except (CLIError, ValueError, TypeError, OSError, PretrainedWeightsError) as exc:
         _print_error(str(exc))
     except KeyboardInterrupt:
@@ -240,6 +244,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def _print_error(message: str) -> None:
     """Print ``vlmrm-fast: error: <message>`` to stderr."""
     print(f"{PROG}: error: {message}", file=sys.stderr)
+
+
+def _show_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: Optional[TextIO] = None,
+    line: Optional[str] = None,
+) -> None:
+    """Show a warning as one line, ``vlmrm-fast: warning: <message>``, without source lines."""
+    print(f"{PROG}: warning: {message}", file=file or sys.stderr)
 
 
 # --------------------------------------------------------------------------- score
@@ -257,12 +273,12 @@ def _run_score(args: argparse.Namespace) -> int:
         baseline=args.baseline,
         alpha=args.alpha,
         device=args.device,
-        dtype=DTYPES.get(args.dtype),
+        dtype=None if args.dtype == "auto" else args.dtype,
         preprocess=args.preprocess,
         max_batch_size=args.batch_size,
     )
     start = time.perf_counter()
-    rewards, labels = score_frames(rm, source, args.batch_size, progress=not args.no_progress)
+    rewards, labels = score_frames(rm, source, rm.max_batch_size, progress=not args.no_progress)
     elapsed = time.perf_counter() - start
     written = [write_csv(csv_path, rewards, labels)]
     if plot_path is not None:
@@ -445,18 +461,29 @@ def open_frames(path: Path) -> ImageFiles | VideoFile:
 
 
 def list_images(folder: Path) -> list[Path]:
-    """The image files directly in ``folder``, in natural order; hidden files are skipped."""
-    images = [
-        p
-        for p in folder.iterdir()
-        if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".") and p.is_file()
-    ]
+    """The image files directly in ``folder``, in natural order.
+
+    Hidden files (such as macOS ``._frame1.png`` companions) and our own ``*.rewards.png``
+    plots are skipped.
+    """
+    images = [p for p in folder.iterdir() if _is_frame_file(p)]
     if not images:
         raise CLIError(
             f"no images found in folder '{folder}' (looked for {', '.join(IMAGE_EXTENSIONS)}); "
             "point PATH at a folder of frames or at a video file"
         )
     return sorted(images, key=natural_key)
+
+
+def _is_frame_file(path: Path) -> bool:
+    """Whether a folder entry is an input frame (see :func:`list_images`)."""
+    name = path.name.lower()
+    return (
+        path.suffix.lower() in IMAGE_EXTENSIONS
+        and not name.startswith(".")
+        and not name.endswith(".rewards.png")
+        and path.is_file()
+    )
 
 
 def natural_key(path: Path) -> tuple:
@@ -493,7 +520,7 @@ def read_image(path: Path) -> np.ndarray:
             return np.asarray(image.convert("RGB"))
     except (OSError, ValueError) as exc:
         raise CLIError(
-            f"cannot read image '{path}' ({exc}); re-export it or remove it from the folder"
+            f"cannot read image '{path}' ({exc}); re-export it, or remove it from the folder"
         ) from None
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import logging
 import os
 import socket
 import warnings
@@ -67,6 +68,27 @@ def _hub_offline() -> Iterator[None]:
         yield
     finally:
         constants.HF_HUB_OFFLINE = previous
+
+
+class _DropOpenClipRecords(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "open_clip" not in record.pathname
+
+
+@contextlib.contextmanager
+def _quiet_open_clip_logs() -> Iterator[None]:
+    """Keep open_clip's root-logger lines ("No pretrained weights loaded", "Failed to download")
+    out of the user's output: our warnings and errors say the same with the fix. A NullHandler
+    also stops ``logging.warning`` from configuring the root logger as a side effect."""
+    root = logging.getLogger()
+    guard, drop = logging.NullHandler(), _DropOpenClipRecords()
+    root.addHandler(guard)
+    root.addFilter(drop)
+    try:
+        yield
+    finally:
+        root.removeFilter(drop)
+        root.removeHandler(guard)
 
 
 def _check_model_name(model_name: str) -> None:
@@ -129,38 +151,44 @@ def create_clip(
     """
     register_model_configs()
     _check_model_name(model_name)
+    with _quiet_open_clip_logs():
+        model = _create(model_name, pretrained, cache_dir)
+    model.eval()
+    return model, open_clip.get_tokenizer(model_name)
+
+
+def _create(model_name: str, pretrained: Optional[str], cache_dir: Optional[str]) -> torch.nn.Module:
     if model_name.startswith(("hf-hub:", "local-dir:")):
         if pretrained is not None:
             raise ValueError(f"{model_name!r} names its own weights; pass pretrained=None with it.")
         if model_name.startswith("hf-hub:") and not _hub_reachable():
-            raise PretrainedWeightsError(f"{model_name!r} needs the Hugging Face hub, which is unreachable (offline?).")
-        model = open_clip.create_model(model_name, cache_dir=cache_dir)
-    elif pretrained is None:
+            raise PretrainedWeightsError(
+                f"{model_name!r} needs the Hugging Face hub, which is unreachable (offline?). Download the repo "
+                "once elsewhere and pass 'local-dir:/path/to/it' instead."
+            )
+        return open_clip.create_model(model_name, cache_dir=cache_dir)
+    if pretrained is None:
         warnings.warn(
             f"{model_name} has random weights (pretrained=None): its rewards carry no meaning. "
             "Pass an open_clip tag or a checkpoint path for a real reward model.",
             UserWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
-        model = open_clip.create_model(model_name)
-    else:
-        tags = open_clip.list_pretrained_tags_by_model(model_name)
-        if pretrained in tags:
-            model = _create_from_tag(model_name, pretrained, cache_dir)
-        elif os.path.isfile(pretrained):
-            model = _create_from_file(model_name, pretrained)
-        elif os.sep in pretrained or pretrained.endswith(_CHECKPOINT_SUFFIXES):
-            raise FileNotFoundError(
-                f"No checkpoint file at {pretrained!r}. Pass an existing path, or one of open_clip's tags "
-                f"for {model_name}: {tags or 'none'}."
-            )
-        else:
-            raise ValueError(
-                f"{pretrained!r} is neither an open_clip pretrained tag for {model_name} nor a file. "
-                f"Tags for {model_name}: {tags or 'none (pass a checkpoint path)'}."
-            )
-    model.eval()
-    return model, open_clip.get_tokenizer(model_name)
+        return open_clip.create_model(model_name)
+    tags = open_clip.list_pretrained_tags_by_model(model_name)
+    if pretrained in tags:
+        return _create_from_tag(model_name, pretrained, cache_dir)
+    if os.path.isfile(pretrained):
+        return _create_from_file(model_name, pretrained)
+    if os.sep in pretrained or pretrained.endswith(_CHECKPOINT_SUFFIXES):
+        raise FileNotFoundError(
+            f"No checkpoint file at {pretrained!r}. Pass an existing path, or one of open_clip's tags "
+            f"for {model_name}: {tags or 'none'}."
+        )
+    raise ValueError(
+        f"{pretrained!r} is neither an open_clip pretrained tag for {model_name} nor a file. "
+        f"Tags for {model_name}: {tags or 'none (pass a checkpoint path)'}."
+    )
 
 
 def image_size_of(model: torch.nn.Module) -> Tuple[int, int]:

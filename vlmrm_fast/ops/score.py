@@ -119,7 +119,7 @@ if HAS_TRITON:
 
 
 def _blocks(n_tasks: int) -> tuple:
-    block_t = min(triton.next_power_of_2(max(n_tasks, 1)), 16)
+    block_t = min(max(triton.next_power_of_2(n_tasks), 2), 16)
     block_n = 16
     # Keep the [BLOCK_N, BLOCK_T, BLOCK_D] products within a few thousand registers' worth.
     block_d = max(16, min(128, 4096 // (block_n * block_t)))
