@@ -118,6 +118,21 @@ def test_chunking_does_not_change_rewards():
     assert torch.allclose(chunked, rm(frames), atol=1e-6, rtol=0)  # BLAS blocking may differ by batch size
 
 
+def test_ten_thousand_frames_go_through_in_chunks(monkeypatch):
+    rm, _, _ = _reward_model(kernels="torch", alpha=0.5, max_batch_size=1000)
+    seen = []
+    tower = rm.model.encode_image
+
+    def spy(pixels):
+        seen.append(pixels.shape[0])
+        return tower(pixels[:1]).expand(pixels.shape[0], -1)  # the tower's cost is not under test
+
+    monkeypatch.setattr(rm.model, "encode_image", spy)
+    rewards = rm(np.random.default_rng(0).integers(0, 256, (10_000, 6, 5, 3), dtype=np.uint8))
+    assert rewards.shape == (10_000,) and torch.isfinite(rewards).all()
+    assert seen == [1000] * 10
+
+
 def test_input_kinds_agree():
     """numpy with negative strides, lists of arrays or tensors, torch views: one answer."""
     rm, _, _ = _reward_model(alpha=0.5)

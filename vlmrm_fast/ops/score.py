@@ -18,7 +18,7 @@ the embeddings (see :class:`vlmrm_fast.CLIPReward`).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -28,27 +28,28 @@ from vlmrm_fast.ops._triton import HAS_TRITON
 
 @dataclass(frozen=True)
 class ScoringTargets:
-    """The text side of T tasks, on one device, all float32.
+    """The text side of T tasks, on one device, all float32 and contiguous.
 
     Attributes:
         goals: [T, D] goal embeddings ``g``.
         directions: [T, D] unit directions ``u`` (a zero row where a task has none; alpha must be 0 there).
         alphas: [T] projection strengths in [0, 1].
+        goal_sq_norms: [T] ``|g|^2`` (derived once, here).
+        goal_dot_directions: [T] ``g . u`` (derived once, here).
     """
 
     goals: torch.Tensor
     directions: torch.Tensor
     alphas: torch.Tensor
+    goal_sq_norms: torch.Tensor = field(init=False)
+    goal_dot_directions: torch.Tensor = field(init=False)
 
-    @property
-    def goal_sq_norms(self) -> torch.Tensor:
-        """[T] ``|g|^2``."""
-        return (self.goals * self.goals).sum(dim=1)
-
-    @property
-    def goal_dot_directions(self) -> torch.Tensor:
-        """[T] ``g . u``."""
-        return (self.goals * self.directions).sum(dim=1)
+    def __post_init__(self) -> None:
+        # Derived per set of prompts, not per call: at small N these would cost more than the kernel.
+        for name in ("goals", "directions", "alphas"):
+            object.__setattr__(self, name, getattr(self, name).to(torch.float32).contiguous())
+        object.__setattr__(self, "goal_sq_norms", (self.goals * self.goals).sum(dim=1))
+        object.__setattr__(self, "goal_dot_directions", (self.goals * self.directions).sum(dim=1))
 
     @property
     def num_tasks(self) -> int:
@@ -142,8 +143,8 @@ def score_triton(embeddings: torch.Tensor, targets: ScoringTargets) -> torch.Ten
     grid = (triton.cdiv(n, block_n), triton.cdiv(targets.num_tasks, block_t))
     _score_kernel[grid](
         embeddings,
-        targets.goals.contiguous(),
-        targets.directions.contiguous(),
+        targets.goals,
+        targets.directions,
         targets.goal_sq_norms,
         targets.goal_dot_directions,
         targets.alphas,

@@ -1,0 +1,495 @@
+"""Benchmark vlmrm_fast's two fused ops against the plain torch path and the original VLM-RM code.
+
+Ops (SPEC §1.2, §1.4, §2):
+- ``preprocess``: uint8 frames [N, H, W, 3] -> normalised tower input [N, 3, 224, 224].
+- ``score``: image embeddings [N, D] -> rewards [N, T].
+- ``copy``: a device-to-device copy, the bandwidth ceiling preprocessing is judged against. It is
+  measured whenever ``preprocess`` is, so that every preprocess row gets its ``frac_of_copy``.
+
+Providers:
+- ``triton``: the fused kernel (``impl="triton"``); ``triton-interpret`` when it runs in Triton's
+  CPU interpreter (``TRITON_INTERPRET=1``), whose timings say nothing about the kernel's speed.
+- ``torch``: the package's plain torch path (``impl="torch"``).
+- ``seed``: the original VLM-RM code's way, the baseline for ``speedup_vs_seed``.
+
+Usage:
+    python benchmarks/bench_kernels.py                     # defaults for the device found
+    python benchmarks/bench_kernels.py --quick             # smallest sensible set
+    python benchmarks/bench_kernels.py --csv benchmarks/results/kernels-h200.csv \
+        --json benchmarks/results/kernels-h200.json
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import functools
+import importlib.metadata
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from vlmrm_fast.ops._triton import interpreter_enabled, triton_runs_on
+from vlmrm_fast.ops.preprocess import PreprocessSpec, preprocess
+from vlmrm_fast.ops.score import ScoringTargets, score
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+TOWER_SIZE = (224, 224)
+L2_FLUSH_BYTES = 256 << 20  # larger than any GPU's L2, so no repeat reads the previous one's data from cache
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def _run(command: Sequence[str]) -> Optional[str]:
+    """stdout of a command, stripped, or None if it cannot run or fails."""
+    try:
+        done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def _version(distribution: str) -> str:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return ""
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(device: torch.device) -> Dict[str, str]:
+    """What a result depends on: commit, device, driver and versions (the CSV's key columns)."""
+    commit = _run(["git", "rev-parse", "--short", "HEAD"]) or "unknown"
+    if commit != "unknown" and _run(["git", "status", "--porcelain", "--untracked-files=no"]):
+        commit += "+dirty"
+    if device.type == "cuda":
+        device_name = torch.cuda.get_device_name(device)
+        driver = (_run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]) or "").splitlines()
+        driver_version = driver[0].strip() if driver else ""
+    else:
+        device_name = f"{_cpu_model()} ({torch.get_num_threads()} threads)"
+        driver_version = ""
+    return {
+        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "commit": commit,
+        "device": device_name,
+        "driver": driver_version,
+        "cuda": (torch.version.cuda or "") if device.type == "cuda" else "",
+        "torch": torch.__version__,
+        "triton": _version("triton"),
+        "open_clip": _version("open_clip_torch"),
+        "torchvision": _version("torchvision"),
+        "python": platform.python_version(),
+    }
+
+
+@dataclass(frozen=True)
+class PreprocessCase:
+    """Frames of H x W resized to the tower's 224 x 224 in ``mode`` (SPEC §1.2)."""
+
+    name: str
+    height: int
+    width: int
+    mode: str
+
+
+@dataclass(frozen=True)
+class ScoreCase:
+    """Embeddings of width ``dim`` scored against ``tasks`` goals."""
+
+    name: str
+    dim: int
+    tasks: int
+
+
+PREPROCESS_CASES = (
+    PreprocessCase("480-vlmrm", 480, 480, "vlmrm"),
+    PreprocessCase("224-fast", 224, 224, "vlmrm"),
+    PreprocessCase("480-openclip", 480, 480, "openclip"),
+)
+SCORE_CASES = (
+    ScoreCase("bigG-D1280-T1", 1280, 1),
+    ScoreCase("B32-D512-T1", 512, 1),
+    ScoreCase("bigG-D1280-T8", 1280, 8),
+)
+
+
+@dataclass
+class Row:
+    """One CSV row: one (op, case, provider, N), with the run's environment."""
+
+    timestamp: str
+    commit: str
+    device: str
+    driver: str
+    cuda: str
+    torch: str
+    triton: str
+    open_clip: str
+    torchvision: str
+    python: str
+    op: str
+    case: str
+    provider: str
+    N: Optional[int]
+    H: Optional[int]
+    W: Optional[int]
+    dtype: str
+    repeats: int
+    median_ms: float
+    min_ms: float
+    max_ms: float
+    frames_per_s: Optional[float] = None
+    gb_per_s: Optional[float] = None
+    frac_of_copy: Optional[float] = None
+    speedup_vs_seed: Optional[float] = None
+    max_abs_diff_vs_seed: Optional[float] = None
+
+
+COLUMNS = [f.name for f in fields(Row)]
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """Command line; device-dependent defaults (batch sizes, repeats, dtype) are filled in here."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--ops", nargs="+", choices=("preprocess", "score", "copy"),
+                        default=["preprocess", "score", "copy"], help="copy is always added with preprocess")
+    parser.add_argument("--batch-sizes", nargs="+", type=int, help="N; default 1 64 1024 on CUDA, 1 32 on CPU")
+    parser.add_argument("--repeats", type=int, help="timed calls per row; default 20 on CUDA, 5 on CPU")
+    parser.add_argument("--warmup", type=int, help="untimed calls first (Triton compiles); default 3 on CUDA, 1 on CPU")
+    parser.add_argument("--dtype", choices=("auto", *DTYPES), default="auto",
+                        help="preprocess output and score input dtype; auto = bf16 on CUDA, fp32 on CPU")
+    parser.add_argument("--copy-mib", type=int, help="copy size; default 1024 on CUDA, 256 on CPU")
+    parser.add_argument("--quick", action="store_true", help="smallest sensible set (one N, fewer repeats)")
+    parser.add_argument("--csv", type=Path, help="append one row per (op, case, provider, N) to this CSV")
+    parser.add_argument("--json", type=Path, help="write the whole run (environment, config, rows) as JSON")
+    args = parser.parse_args(argv)
+
+    args.device = torch.device(args.device)
+    if args.device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device here.")
+    if args.device.type not in ("cuda", "cpu"):
+        parser.error(f"--device {args.device}: only cuda and cpu are benchmarked.")
+    on_cuda = args.device.type == "cuda"
+    if args.batch_sizes is None:
+        args.batch_sizes = ([64] if on_cuda else [8]) if args.quick else ([1, 64, 1024] if on_cuda else [1, 32])
+    if args.repeats is None:
+        args.repeats = (10 if on_cuda else 3) if args.quick else (20 if on_cuda else 5)
+    if args.warmup is None:
+        args.warmup = 3 if on_cuda else 1
+    if args.copy_mib is None:
+        args.copy_mib = 1024 if on_cuda else 256
+    if args.dtype == "auto":
+        args.dtype = "bf16" if on_cuda else "fp32"
+    if "preprocess" in args.ops and "copy" not in args.ops:
+        args.ops.append("copy")
+    if min(args.batch_sizes) < 1 or args.repeats < 1 or args.warmup < 1:
+        parser.error("batch sizes, --repeats and --warmup must be at least 1 (the warm-up compiles the kernels).")
+    return args
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Milliseconds per call over the timed repeats."""
+
+    median_ms: float
+    min_ms: float
+    max_ms: float
+
+
+class Timer:
+    """Times a callable: warm-up calls first (compilation, cached tables), then one timed call per repeat.
+
+    On CUDA each repeat is bracketed by CUDA events, after a write of 256 MiB that evicts the inputs
+    from L2 (as ``triton.testing.do_bench`` does), so small batches are not read from cache.
+    """
+
+    def __init__(self, device: torch.device, warmup: int, repeats: int) -> None:
+        self.device = device
+        self.warmup = warmup
+        self.repeats = repeats
+        self.flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device=device) if device.type == "cuda" else None
+
+    def __call__(self, fn: Callable[[], object]) -> Timing:
+        for _ in range(self.warmup):
+            fn()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            events = []
+            for _ in range(self.repeats):
+                self.flush.zero_()
+                start = torch.cuda.Event(enable_timing=True)
+                end = torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                events.append((start, end))
+            torch.cuda.synchronize(self.device)
+            times = [start.elapsed_time(end) for start, end in events]
+        else:
+            times = []
+            for _ in range(self.repeats):
+                begin = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - begin) * 1e3)
+        return Timing(statistics.median(times), min(times), max(times))
+
+
+def seed_preprocess(frames: torch.Tensor, mode: str, out_dtype: torch.dtype) -> torch.Tensor:
+    """The original VLM-RM code's preprocessing (SPEC §1.4): cast to float32 at full resolution, then resize.
+
+    "vlmrm" mode squashes to 224 x 224 without antialiasing, as the original did; "openclip" mode is
+    open_clip's eval transform on tensors (shorter side to 224, antialiased, centre crop).
+    """
+    import torchvision.transforms.functional as tvf
+    from torchvision.transforms import InterpolationMode
+
+    x = frames.permute(0, 3, 1, 2).to(torch.float32) / 255.0
+    if mode == "vlmrm":
+        x = tvf.resize(x, list(TOWER_SIZE), interpolation=InterpolationMode.BICUBIC, antialias=False)
+    else:
+        x = tvf.resize(x, TOWER_SIZE[0], interpolation=InterpolationMode.BICUBIC, antialias=True)
+        x = tvf.center_crop(x, list(TOWER_SIZE))
+    x = tvf.normalize(x, list(OPENAI_MEAN), list(OPENAI_STD))
+    return x.to(out_dtype)
+
+
+def seed_projections(targets: ScoringTargets) -> List[torch.Tensor]:
+    """The original's D x D matrices ``M = alpha u u^T + (1 - alpha) I``, one per task.
+
+    The original builds M once, when the reward model is made, so this is not timed.
+    """
+    eye = torch.eye(targets.dim, device=targets.goals.device)
+    return [a * torch.outer(u, u) + (1.0 - a) * eye for u, a in zip(targets.directions, targets.alphas.tolist())]
+
+
+def seed_score(embeddings: torch.Tensor, targets: ScoringTargets, projections: List[torch.Tensor]) -> torch.Tensor:
+    """The original's reward per task: normalise x, then ``1 - 0.5 |(x - g) @ M^T|^2``, a D x D matmul."""
+    x = embeddings.to(torch.float32)
+    x = x / x.norm(dim=-1, keepdim=True)
+    rewards = [1.0 - 0.5 * ((x - g) @ m.T).norm(dim=-1) ** 2 for g, m in zip(targets.goals, projections)]
+    return torch.stack(rewards, dim=1)
+
+
+def providers_for(device: torch.device) -> Tuple[List[str], List[str]]:
+    """The providers that run on ``device``, and a reason for each one skipped."""
+    providers, skipped = ["seed", "torch"], []
+    try:
+        import torchvision  # noqa: F401
+    except ImportError:
+        providers.remove("seed")
+        skipped.append("seed (torchvision is not installed; speedup_vs_seed stays empty)")
+    if triton_runs_on(device):
+        providers.append("triton-interpret" if device.type == "cpu" else "triton")
+    elif device.type == "cpu":
+        skipped.append("triton (on CPU it runs only in Triton's interpreter, which is very slow: "
+                       "set TRITON_INTERPRET=1 to include it)")
+    else:
+        skipped.append("triton (the triton package is not installed)")
+    return providers, skipped
+
+
+def impl_of(provider: str) -> str:
+    return "triton" if provider.startswith("triton") else "torch"
+
+
+def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.to(torch.float32) - b.to(torch.float32)).abs().max().item()
+
+
+def bench_copy(args: argparse.Namespace, env: Dict[str, str], timer: Timer) -> Row:
+    """``dst.copy_(src)`` of ``--copy-mib`` MiB of uint8; GB/s counts the bytes read and written."""
+    nbytes = args.copy_mib << 20
+    src = torch.randint(0, 256, (nbytes,), dtype=torch.uint8, device=args.device)
+    dst = torch.empty_like(src)
+    timing = timer(lambda: dst.copy_(src))
+    return Row(**env, op="copy", case=f"{args.copy_mib}MiB", provider="torch", N=None, H=None, W=None,
+               dtype="uint8", repeats=args.repeats, **asdict(timing),
+               gb_per_s=2 * nbytes / (timing.median_ms * 1e-3) / 1e9)
+
+
+def bench_preprocess(args: argparse.Namespace, env: Dict[str, str], timer: Timer, providers: List[str]) -> List[Row]:
+    """Every preprocess case and batch size; GB/s = (uint8 bytes read + output bytes written) / time."""
+    out_dtype = DTYPES[args.dtype]
+    rows = []
+    for case in PREPROCESS_CASES:
+        spec = PreprocessSpec(TOWER_SIZE, OPENAI_MEAN, OPENAI_STD, case.mode)
+        for n in args.batch_sizes:
+            frames = torch.randint(0, 256, (n, case.height, case.width, 3), dtype=torch.uint8, device=args.device)
+            nbytes = frames.numel() + n * 3 * TOWER_SIZE[0] * TOWER_SIZE[1] * out_dtype.itemsize
+            reference = None
+            for provider in providers:
+                if provider == "seed":
+                    fn = functools.partial(seed_preprocess, frames, case.mode, out_dtype)
+                else:
+                    fn = functools.partial(preprocess, frames, spec, out_dtype, impl=impl_of(provider))
+                output = fn()
+                reference = output if provider == "seed" else reference
+                timing = timer(fn)
+                rows.append(Row(
+                    **env, op="preprocess", case=case.name, provider=provider, N=n, H=case.height, W=case.width,
+                    dtype=args.dtype, repeats=args.repeats, **asdict(timing),
+                    frames_per_s=n / (timing.median_ms * 1e-3),
+                    gb_per_s=nbytes / (timing.median_ms * 1e-3) / 1e9,
+                    max_abs_diff_vs_seed=None if reference is None else max_abs_diff(output, reference),
+                ))
+    return rows
+
+
+def make_targets(dim: int, tasks: int, device: torch.device) -> ScoringTargets:
+    """T random tasks: goals averaged from two unit prompts (so |g| < 1), unit directions, alpha = 0.5."""
+    generator = torch.Generator().manual_seed(0)
+    prompts = torch.nn.functional.normalize(torch.randn(tasks, 3, dim, generator=generator), dim=2)
+    goals = prompts[:, :2].mean(dim=1)
+    directions = torch.nn.functional.normalize(goals - prompts[:, 2], dim=1)
+    return ScoringTargets(goals.to(device), directions.to(device), torch.full((tasks,), 0.5, device=device))
+
+
+def bench_score(args: argparse.Namespace, env: Dict[str, str], timer: Timer, providers: List[str]) -> List[Row]:
+    """Every score case and batch size; frames/s only (the op is O(N D) and not judged in GB/s)."""
+    rows = []
+    for case in SCORE_CASES:
+        targets = make_targets(case.dim, case.tasks, args.device)
+        projections = seed_projections(targets)
+        for n in args.batch_sizes:
+            embeddings = torch.randn(n, case.dim, device=args.device).to(DTYPES[args.dtype])
+            reference = None
+            for provider in providers:
+                if provider == "seed":
+                    fn = functools.partial(seed_score, embeddings, targets, projections)
+                else:
+                    fn = functools.partial(score, embeddings, targets, impl=impl_of(provider))
+                output = fn()
+                reference = output if provider == "seed" else reference
+                timing = timer(fn)
+                rows.append(Row(
+                    **env, op="score", case=case.name, provider=provider, N=n, H=None, W=None,
+                    dtype=args.dtype, repeats=args.repeats, **asdict(timing),
+                    frames_per_s=n / (timing.median_ms * 1e-3),
+                    max_abs_diff_vs_seed=None if reference is None else max_abs_diff(output, reference),
+                ))
+    return rows
+
+
+def add_ratios(rows: List[Row]) -> None:
+    """Fill ``speedup_vs_seed`` (frames/s over the seed's, same op/case/N) and ``frac_of_copy``."""
+    seed = {(r.op, r.case, r.N): r.frames_per_s for r in rows if r.provider == "seed"}
+    copy = next((r.gb_per_s for r in rows if r.op == "copy"), None)
+    for row in rows:
+        seed_rate = seed.get((row.op, row.case, row.N))
+        if seed_rate and row.frames_per_s:
+            row.speedup_vs_seed = row.frames_per_s / seed_rate
+        if row.op == "preprocess" and copy:
+            row.frac_of_copy = row.gb_per_s / copy
+
+
+def _fmt(value: object) -> str:
+    """Compact text for the table and the CSV: 4 significant digits, empty for None."""
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.0f}" if abs(value) >= 1e4 else f"{value:.4g}"
+    return str(value)
+
+
+def markdown_table(rows: List[Row]) -> str:
+    header = ["op", "case", "provider", "N", "dtype", "median ms", "min ms", "max ms",
+              "frames/s", "GB/s", "frac of copy", "vs seed", "max |diff| vs seed"]
+    keys = ["op", "case", "provider", "N", "dtype", "median_ms", "min_ms", "max_ms",
+            "frames_per_s", "gb_per_s", "frac_of_copy", "speedup_vs_seed", "max_abs_diff_vs_seed"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        lines.append("| " + " | ".join(_fmt(getattr(row, key)) for key in keys) + " |")
+    return "\n".join(lines)
+
+
+def check_csv(path: Path) -> None:
+    """Stop before benchmarking if an existing CSV has other columns than this script writes."""
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    with path.open(newline="") as f:
+        existing = next(csv.reader(f), [])
+    if existing != COLUMNS:
+        sys.exit(f"{path} has other columns than this script writes; use a new file.\n"
+                 f"  file:   {existing}\n  script: {COLUMNS}")
+
+
+def append_csv(path: Path, rows: List[Row]) -> None:
+    """Append rows, writing the header first when the file is new (see :func:`check_csv`)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists() or path.stat().st_size == 0
+    with path.open("a", newline="") as f:
+        writer = csv.writer(f)
+        if new:
+            writer.writerow(COLUMNS)
+        writer.writerows([_fmt(getattr(row, column)) for column in COLUMNS] for row in rows)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    args = parse_args(argv)
+    if args.csv:
+        check_csv(args.csv)
+    env = environment(args.device)
+    providers, skipped = providers_for(args.device)
+    begin = time.perf_counter()
+
+    print(f"# vlmrm_fast kernel benchmark on {env['device']}")
+    print(" ".join(f"{key}={value}" for key, value in env.items() if value and key != "device"))
+    print(f"ops={','.join(args.ops)} N={args.batch_sizes} dtype={args.dtype} repeats={args.repeats} "
+          f"warmup={args.warmup} (median, min, max of the repeats)")
+    print(f"providers: {', '.join(providers)}")
+    print(f"skipped: {'; '.join(skipped) if skipped else 'none'}")
+    if interpreter_enabled():
+        print("note: TRITON_INTERPRET=1, so the Triton kernels run in the CPU interpreter; their timings "
+              "measure the interpreter, not the kernels.")
+    print()
+
+    timer = Timer(args.device, args.warmup, args.repeats)
+    rows: List[Row] = []
+    with torch.inference_mode():
+        if "copy" in args.ops:
+            rows.append(bench_copy(args, env, timer))
+        if "preprocess" in args.ops:
+            rows += bench_preprocess(args, env, timer, providers)
+        if "score" in args.ops:
+            rows += bench_score(args, env, timer, providers)
+    add_ratios(rows)
+    elapsed = time.perf_counter() - begin
+
+    print(markdown_table(rows))
+    print(f"\n{len(rows)} rows in {elapsed:.1f} s")
+    if args.csv:
+        append_csv(args.csv, rows)
+        print(f"appended to {args.csv}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        config = {key: (str(value) if isinstance(value, (torch.device, Path)) else value)
+                  for key, value in vars(args).items()}
+        run = {"environment": env, "config": config, "providers": providers, "skipped": skipped,
+               "elapsed_s": elapsed, "rows": [asdict(row) for row in rows]}
+        args.json.write_text(json.dumps(run, indent=2) + "\n")
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
