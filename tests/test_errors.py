@@ -32,6 +32,13 @@ def rm(tiny):
         ([np.zeros((8, 8, 3), np.uint8), np.zeros((9, 8, 3), np.uint8)], ValueError, r"share shape"),
         ([np.zeros((8, 8, 3), np.uint8), "x"], TypeError, r"frames\[1\]"),
         ([np.zeros((1, 8, 8, 3), np.uint8)], ValueError, r"single frames \[H, W, 3\]"),
+        ([np.zeros((3, 8, 8), np.uint8)], ValueError, r"\[3, H, W\].*permute\(1, 2, 0\)"),
+        ([np.zeros((8, 8, 3), np.uint8), np.zeros((8, 8, 3), np.float32)], ValueError, "one dtype per call"),
+        (np.zeros((2, 16, 0, 3), np.uint8), ValueError, "zero height or width"),
+        (np.zeros((2, 0, 16, 3), np.uint8), ValueError, "zero height or width"),
+        ([np.zeros((0, 8, 3), np.uint8)], ValueError, "zero height or width"),
+        (np.zeros((2, 16, 16, 3), np.uint16), TypeError, r"numpy uint16.*>> 8"),
+        (np.zeros((2, 16, 16, 3), np.complex64), TypeError, r"numpy complex64"),
     ],
 )
 def test_bad_frames(rm, frames, error, match):
@@ -98,6 +105,17 @@ def test_alpha_outside_unit_interval(rm, tiny, alpha):
 def test_alpha_type(rm):
     with pytest.raises(TypeError, match="number"):
         rm.alpha = "0.5"
+    for ok in (np.float32(0.25), np.int64(1), torch.tensor(0.75)):
+        rm.alpha = ok
+        assert rm.alpha == float(ok)
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, None, True])
+def test_max_batch_size_is_checked_when_set(rm, bad):
+    with pytest.raises(ValueError, match="positive integer"):
+        rm.max_batch_size = bad
+    rm.max_batch_size = np.int64(4)
+    assert rm.max_batch_size == 4
 
 
 @pytest.mark.parametrize(
@@ -140,7 +158,7 @@ def test_bad_options(tiny, kwargs, error, match):
 def test_triton_without_a_gpu_names_the_fixes(monkeypatch):
     from vlmrm_fast.ops._triton import resolve_kernels
 
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr("vlmrm_fast.ops._triton._INTERPRETED", False)
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1.*kernels='torch'"):
         resolve_kernels("triton", torch.device("cpu"))
     assert resolve_kernels("auto", torch.device("cpu")) == "torch"

@@ -6,6 +6,7 @@ DEVELOPERS.md's 1e-5 bar; a wrong prompt mean, projection or resize costs far mo
 spread across these noise frames is ~1e-2).
 """
 import copy
+import warnings
 
 import numpy as np
 import pytest
@@ -146,6 +147,30 @@ def test_input_kinds_agree():
     padded = torch.from_numpy(_noise(3, 44, 64, seed=0))
     padded[:, 2:42, 3:63] = torch.from_numpy(frames)
     assert torch.allclose(rm(padded[:, 2:42, 3:63]), want, atol=1e-6)
+
+
+def test_unusual_numpy_layouts():
+    """Negative strides on size-1 axes, big-endian floats and read-only arrays are read as they are."""
+    rm, _, _ = _reward_model(alpha=0.5)
+    frames = _noise(1, 1, 50, seed=16)
+    want = rm(frames)
+    assert torch.equal(rm(frames[::-1]), want)
+    assert torch.equal(rm(frames[:, ::-1]), want)
+    as_float = frames.astype(np.float32) / 255
+    assert torch.allclose(rm(as_float.astype(">f4")), rm(as_float), atol=0)
+    read_only = frames.copy()
+    read_only.flags.writeable = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(rm(read_only), want)
+
+
+def test_cached_resize_tables_work_outside_inference_mode():
+    rm, _, _ = _reward_model(alpha=0.5, kernels="torch")
+    frames = _noise(2, 33, 35, seed=17)
+    rm(frames)  # builds the tables inside the tower's inference mode
+    pixels = rm.preprocess(torch.from_numpy(frames).float().div(255).requires_grad_())
+    pixels.sum().backward()
 
 
 def test_bottom_up_frames():

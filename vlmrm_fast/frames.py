@@ -7,8 +7,9 @@ images); 0-255 values must come as uint8. Anything else is rejected with a messa
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
-from typing import List, Sequence, Union
+from typing import List, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -46,22 +47,41 @@ class FrameBatch:
 def _as_tensor(frames: Union[np.ndarray, torch.Tensor]) -> torch.Tensor:
     if isinstance(frames, torch.Tensor):
         return frames
-    # torch.from_numpy rejects negative strides; one host copy makes the array plain.
-    return torch.from_numpy(np.ascontiguousarray(frames))
+    native = frames.dtype.newbyteorder("=")
+    # torch.from_numpy rejects negative strides (numpy keeps them on size-1 axes even in "contiguous"
+    # arrays) and non-native byte orders; one host copy makes the array plain.
+    if any(st < 0 for st in frames.strides) or frames.dtype != native:
+        frames = np.array(frames, dtype=native, order="C", copy=True)
+    else:
+        frames = np.ascontiguousarray(frames)
+    with warnings.catch_warnings():  # read-only arrays are fine: the tensor is only read
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(frames)
 
 
-def _torch_dtype(array: Union[np.ndarray, torch.Tensor]) -> torch.dtype:
+def _torch_dtype(array: Union[np.ndarray, torch.Tensor]) -> Optional[torch.dtype]:
+    """The torch dtype frames will have, or None for an unsupported numpy dtype."""
     if isinstance(array, torch.Tensor):
         return array.dtype
-    if array.dtype == np.uint8:
+    kind, size = array.dtype.kind, array.dtype.itemsize
+    if kind == "u" and size == 1:
         return torch.uint8
-    if array.dtype in (np.float16, np.float32, np.float64):
-        return torch.from_numpy(np.zeros(0, dtype=array.dtype)).dtype
-    return torch.int64 if np.issubdtype(array.dtype, np.integer) else torch.bool
+    if kind == "f" and size in (2, 4, 8):
+        return {2: torch.float16, 4: torch.float32, 8: torch.float64}[size]
+    return None
 
 
-def _check_shape(shape: Sequence[int], what: str) -> None:
-    if len(shape) == 3 and shape[-1] in (1, 3, 4):
+def _dtype_name(array: Union[np.ndarray, torch.Tensor]) -> str:
+    return str(array.dtype) if isinstance(array, torch.Tensor) else f"numpy {array.dtype}"
+
+
+def _check_shape(shape: Sequence[int], what: str, item: bool = False) -> None:
+    """Rank and channel checks for a batch [N, H, W, 3], or with ``item`` a list item [H, W, 3]."""
+    if item:
+        if len(shape) != 3:
+            raise ValueError(f"{what} has shape {tuple(shape)}; list items must be single frames [H, W, 3].")
+        shape = (1,) + tuple(shape)
+    elif len(shape) == 3 and shape[-1] in (1, 3, 4):
         raise ValueError(
             f"{what} has shape {tuple(shape)}: one frame [H, W, C], but a batch [N, H, W, 3] is expected. "
             "Pass frames[None] (numpy or torch) to score a single frame."
@@ -72,6 +92,11 @@ def _check_shape(shape: Sequence[int], what: str) -> None:
     if channels == 3:
         return
     if shape[1] == 3:
+        if item:
+            raise ValueError(
+                f"{what} has shape {tuple(shape[1:])}: channels first [3, H, W]. Frames are channels last; "
+                "pass frame.permute(1, 2, 0) (torch) or frame.transpose(1, 2, 0) (numpy)."
+            )
         raise ValueError(
             f"{what} has shape {tuple(shape)}: channels first [N, 3, H, W]. Frames are channels last; "
             "pass frames.permute(0, 2, 3, 1) (torch) or frames.transpose(0, 2, 3, 1) (numpy)."
@@ -83,13 +108,19 @@ def _check_shape(shape: Sequence[int], what: str) -> None:
     raise ValueError(f"{what} must have 3 channels (RGB) in the last axis, [N, H, W, 3]; got shape {tuple(shape)}.")
 
 
-def _check_dtype(dtype: torch.dtype, what: str) -> None:
+def _check_dtype(frames: Union[np.ndarray, torch.Tensor], what: str) -> torch.dtype:
+    dtype = _torch_dtype(frames)
     if dtype == torch.uint8 or dtype in _FLOAT_DTYPES:
-        return
-    raise TypeError(
-        f"{what} has dtype {dtype}; frames must be uint8 (0-255) or float in [0, 1]. "
-        "Convert 0-255 integers with .astype(np.uint8) / .to(torch.uint8)."
-    )
+        return dtype
+    hint = "Convert 0-255 integers with .astype(np.uint8) / .to(torch.uint8)."
+    if frames.dtype in (np.uint16, torch.uint16):
+        hint = "16-bit images: scale to 8 bits first, e.g. (frames >> 8).astype(np.uint8)."
+    raise TypeError(f"{what} has dtype {_dtype_name(frames)}; frames must be uint8 (0-255) or float in [0, 1]. {hint}")
+
+
+def _check_size(height: int, width: int, what: str) -> None:
+    if height == 0 or width == 0:
+        raise ValueError(f"{what} have zero height or width ({height} x {width}); there is nothing to score.")
 
 
 def _check_float_range(frames: Union[np.ndarray, torch.Tensor], what: str) -> None:
@@ -108,9 +139,10 @@ def as_frame_batch(frames: FrameInput) -> FrameBatch:
     """Validate ``frames`` and describe them; raises TypeError/ValueError naming the fix."""
     if isinstance(frames, (torch.Tensor, np.ndarray)):
         _check_shape(frames.shape, "frames")
-        dtype = _torch_dtype(frames)
-        _check_dtype(dtype, "frames")
+        dtype = _check_dtype(frames, "frames")
         n, height, width, _ = frames.shape
+        if n > 0:
+            _check_size(height, width, "frames")
         if n > 0 and dtype != torch.uint8:
             _check_float_range(frames, "frames")
         return FrameBatch(frames, n, height, width, dtype)
@@ -129,20 +161,20 @@ def _list_batch(frames: List) -> FrameBatch:
     for i, frame in enumerate(frames):
         if not isinstance(frame, (torch.Tensor, np.ndarray)):
             raise TypeError(f"frames[{i}] is a {type(frame).__name__}; list items must be numpy arrays or tensors.")
-        if frame.ndim != 3:
-            raise ValueError(f"frames[{i}] has shape {tuple(frame.shape)}; list items must be single frames [H, W, 3].")
-        _check_shape((1,) + tuple(frame.shape), f"frames[{i}]")
+        _check_shape(frame.shape, f"frames[{i}]", item=True)
         if tuple(frame.shape) != tuple(first.shape) or type(frame) is not type(first):
             raise ValueError(
                 f"frames[{i}] has shape {tuple(frame.shape)} ({type(frame).__name__}) but frames[0] has "
                 f"{tuple(first.shape)} ({type(first).__name__}): frames in one call must share shape and type. "
                 "Score frames of different sizes in separate calls."
             )
-        dtype = _torch_dtype(frame)
-        _check_dtype(dtype, f"frames[{i}]")
+        dtype = _check_dtype(frame, f"frames[{i}]")
         if dtype != _torch_dtype(first):
-            raise ValueError(f"frames[{i}] has dtype {dtype} but frames[0] has {_torch_dtype(first)}.")
+            raise ValueError(f"frames[{i}] has dtype {dtype} but frames[0] has {_torch_dtype(first)}: one dtype per call.")
+        if isinstance(frame, torch.Tensor) and frame.device != first.device:
+            raise ValueError(f"frames[{i}] is on {frame.device} but frames[0] on {first.device}: one device per call.")
         if dtype != torch.uint8:
             _check_float_range(frame, f"frames[{i}]")
     height, width, _ = first.shape
+    _check_size(height, width, "frames")
     return FrameBatch(frames, len(frames), height, width, _torch_dtype(first))

@@ -1,6 +1,7 @@
 """CLIPReward: a sentence in, a reward per frame out (the VLM-RM method, SPEC §1)."""
 from __future__ import annotations
 
+import numbers
 from typing import Callable, List, Optional, Sequence, Union
 
 import torch
@@ -90,11 +91,7 @@ class CLIPReward:
         self._dtype = _resolve_dtype(dtype, self._device)
         self._kernels = resolve_kernels(kernels, self._device)
         self._spec: PreprocessSpec = preprocess_spec_of(model, preprocess)
-        if max_batch_size is None:
-            max_batch_size = 256 if self._device.type == "cuda" else 32
-        if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be a positive integer; got {max_batch_size!r}.")
-        self.max_batch_size = max_batch_size
+        self.max_batch_size = (256 if self._device.type == "cuda" else 32) if max_batch_size is None else max_batch_size
         self.model = model.eval().to(self._device)
         self.model.visual.to(self._dtype)
         self.tokenizer = tokenizer
@@ -187,6 +184,17 @@ class CLIPReward:
     def directions(self) -> torch.Tensor:
         """[T, D] float32 unit goal-baseline directions (zero rows for tasks without one)."""
         return self._encoded.directions
+
+    @property
+    def max_batch_size(self) -> int:
+        """Most frames per tower call; larger inputs are split into chunks of this size. Settable."""
+        return self._max_batch_size
+
+    @max_batch_size.setter
+    def max_batch_size(self, value: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise ValueError(f"max_batch_size must be a positive integer; got {value!r}.")
+        self._max_batch_size = int(value)
 
     # ---- facts -----------------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ mean of the goal prompts' unit embeddings and the baseline ``b`` the mean of the
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
@@ -57,7 +58,9 @@ def _prompt_list(prompts: Prompts, what: str) -> List[str]:
 
 def check_alpha(alpha: float, what: str = "alpha") -> float:
     """``alpha`` as a float in [0, 1], or a ValueError that says so."""
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+    if isinstance(alpha, torch.Tensor) and alpha.numel() == 1:
+        alpha = alpha.item()
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):  # numpy scalars are Real
         raise TypeError(f"{what} must be a number in [0, 1]; got {type(alpha).__name__}.")
     alpha = float(alpha)
     if not (math.isfinite(alpha) and 0.0 <= alpha <= 1.0):

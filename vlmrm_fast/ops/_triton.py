@@ -7,8 +7,9 @@ semantics.
 """
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Literal
+from typing import ContextManager, Literal
 
 import torch
 
@@ -24,9 +25,21 @@ Kernels = Literal["auto", "triton", "torch"]
 KERNEL_CHOICES = ("auto", "triton", "torch")
 
 
+# Triton decides at kernel definition (this package's import) whether kernels are interpreted;
+# setting the variable later changes nothing, so the decision is read once, here.
+_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def interpreter_enabled() -> bool:
-    """True when ``TRITON_INTERPRET=1``: kernels run in Triton's CPU interpreter."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """True when the kernels were defined under ``TRITON_INTERPRET=1`` (Triton's CPU interpreter)."""
+    return _INTERPRETED
+
+
+def on_device(device: torch.device) -> ContextManager:
+    """Make ``device`` current for a launch: Triton launches on the current CUDA device and stream."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
 
 
 def triton_runs_on(device: torch.device) -> bool:
@@ -58,7 +71,7 @@ def resolve_kernels(kernels: str, device: torch.device) -> Literal["triton", "to
     if not triton_runs_on(device):
         raise ValueError(
             f"kernels='triton' cannot run on device {device}: Triton compiles for CUDA devices. "
-            "Use a CUDA device, set TRITON_INTERPRET=1 before importing vlmrm_fast to run the kernels "
-            "in Triton's (slow) CPU interpreter, or pass kernels='torch'."
+            "Use a CUDA device, set TRITON_INTERPRET=1 before importing vlmrm_fast (it is read at import) "
+            "to run the kernels in Triton's slow CPU interpreter, or pass kernels='torch'."
         )
     return "triton"

@@ -19,7 +19,7 @@ from typing import Iterator, Literal, Sequence, Tuple
 
 import torch
 
-from vlmrm_fast.ops._triton import HAS_TRITON, interpreter_enabled
+from vlmrm_fast.ops._triton import HAS_TRITON, interpreter_enabled, on_device as _on_device
 from vlmrm_fast.ops.resize_taps import is_identity, resize_matrices, resize_tables
 
 PreprocessMode = Literal["vlmrm", "openclip"]
@@ -93,9 +93,11 @@ if HAS_TRITON:
         BLOCK_Y: tl.constexpr,
         BLOCK_X: tl.constexpr,
     ):
-        # One program: a BLOCK_Y x BLOCK_X tile of one frame's output, all three channels.
-        tile = tl.program_id(0)
-        frame = tl.program_id(1).to(tl.int64)
+        # One program: a BLOCK_Y x BLOCK_X tile of one frame's output, all three channels. Frames run
+        # along grid axis 0 (no 65535 limit there). Offsets are int64: a strided view (a mosaic of all
+        # envs, a planar buffer) can put one frame's pixels more than 2**31 bytes apart.
+        frame = tl.program_id(0).to(tl.int64)
+        tile = tl.program_id(1)
         tiles_x = tl.cdiv(out_w, BLOCK_X)
         oy = (tile // tiles_x) * BLOCK_Y + tl.arange(0, BLOCK_Y)
         ox = (tile % tiles_x) * BLOCK_X + tl.arange(0, BLOCK_X)
@@ -103,19 +105,20 @@ if HAS_TRITON:
         in_x = ox < out_w
         mask = in_y[:, None] & in_x[None, :]
         src = src_ptr + frame * stride_n
+        stride_c = stride_c.to(tl.int64)
 
         if RESAMPLE:
             acc0 = tl.zeros((BLOCK_Y, BLOCK_X), dtype=tl.float32)
             acc1 = tl.zeros((BLOCK_Y, BLOCK_X), dtype=tl.float32)
             acc2 = tl.zeros((BLOCK_Y, BLOCK_X), dtype=tl.float32)
             for ky in range(taps_y):
-                iy = tl.load(row_idx_ptr + oy * taps_y + ky, mask=in_y, other=0)
+                iy = tl.load(row_idx_ptr + oy * taps_y + ky, mask=in_y, other=0).to(tl.int64)
                 wy = tl.load(row_w_ptr + oy * taps_y + ky, mask=in_y, other=0.0)
                 row0 = tl.zeros((BLOCK_Y, BLOCK_X), dtype=tl.float32)
                 row1 = tl.zeros((BLOCK_Y, BLOCK_X), dtype=tl.float32)
                 row2 = tl.zeros((BLOCK_Y, BLOCK_X), dtype=tl.float32)
                 for kx in range(taps_x):
-                    ix = tl.load(col_idx_ptr + ox * taps_x + kx, mask=in_x, other=0)
+                    ix = tl.load(col_idx_ptr + ox * taps_x + kx, mask=in_x, other=0).to(tl.int64)
                     wx = tl.load(col_w_ptr + ox * taps_x + kx, mask=in_x, other=0.0)[None, :]
                     p = src + iy[:, None] * stride_h + ix[None, :] * stride_w
                     row0 += wx * tl.load(p, mask=mask, other=0).to(tl.float32)
@@ -126,10 +129,10 @@ if HAS_TRITON:
                 acc2 += wy[:, None] * row2
         else:
             if BOTTOM_UP:
-                iy = height - 1 - oy
+                iy = (height - 1 - oy).to(tl.int64)
             else:
-                iy = oy
-            p = src + iy[:, None] * stride_h + ox[None, :] * stride_w
+                iy = oy.to(tl.int64)
+            p = src + iy[:, None] * stride_h + ox.to(tl.int64)[None, :] * stride_w
             acc0 = tl.load(p, mask=mask, other=0).to(tl.float32)
             acc1 = tl.load(p + stride_c, mask=mask, other=0).to(tl.float32)
             acc2 = tl.load(p + 2 * stride_c, mask=mask, other=0).to(tl.float32)
@@ -183,16 +186,17 @@ def preprocess_triton(
         taps_y = taps_x = 0
     scale, shift = spec.affine(frames.dtype)
     block_y, block_x = _tile_shape(out_h, out_w)
-    grid = (triton.cdiv(out_h, block_y) * triton.cdiv(out_w, block_x), n)
-    _preprocess_kernel[grid](
-        frames, out, row_idx, row_w, col_idx, col_w,
-        *scale, *shift,
-        *frames.stride(),
-        height, out_h, out_w, taps_y, taps_x,
-        RESAMPLE=resample, BOTTOM_UP=bottom_up,
-        ROUND_BF16=out_dtype == torch.bfloat16 and interpreter_enabled(),
-        BLOCK_Y=block_y, BLOCK_X=block_x,
-    )
+    grid = (n, triton.cdiv(out_h, block_y) * triton.cdiv(out_w, block_x))
+    with _on_device(frames.device):
+        _preprocess_kernel[grid](
+            frames, out, row_idx, row_w, col_idx, col_w,
+            *scale, *shift,
+            *frames.stride(),
+            height, out_h, out_w, taps_y, taps_x,
+            RESAMPLE=resample, BOTTOM_UP=bottom_up,
+            ROUND_BF16=out_dtype == torch.bfloat16 and interpreter_enabled(),
+            BLOCK_Y=block_y, BLOCK_X=block_x,
+        )
     return out
 
 

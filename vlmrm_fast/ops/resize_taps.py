@@ -127,12 +127,13 @@ def resize_tables(
     loop renders one frame size, so the tables are built once.
     """
     row_idx, row_w, col_idx, col_w = _host_taps(height, width, out_size, crop, antialias, bottom_up)
-    return (
-        torch.from_numpy(row_idx.astype(np.int32)).to(device),
-        torch.from_numpy(row_w.astype(np.float32)).to(device),
-        torch.from_numpy(col_idx.astype(np.int32)).to(device),
-        torch.from_numpy(col_w.astype(np.float32)).to(device),
-    )
+    with torch.inference_mode(False):  # cached: must stay usable outside inference mode too
+        return (
+            torch.from_numpy(row_idx.astype(np.int32)).to(device),
+            torch.from_numpy(row_w.astype(np.float32)).to(device),
+            torch.from_numpy(col_idx.astype(np.int32)).to(device),
+            torch.from_numpy(col_w.astype(np.float32)).to(device),
+        )
 
 
 def _dense(idx: np.ndarray, weights: np.ndarray, in_size: int) -> np.ndarray:
@@ -155,8 +156,9 @@ def resize_matrices(
     """The same resize as dense float32 matrices (rows [out_h, H], cols [out_w, W]) on ``device``,
     so that ``rows @ image @ cols.T`` resamples a [..., H, W] image (the torch path)."""
     row_idx, row_w, col_idx, col_w = _host_taps(height, width, out_size, crop, antialias, bottom_up)
-    rows = torch.from_numpy(_dense(row_idx, row_w, height).astype(np.float32)).to(device)
-    cols = torch.from_numpy(_dense(col_idx, col_w, width).astype(np.float32)).to(device)
+    with torch.inference_mode(False):  # cached: must stay usable outside inference mode too
+        rows = torch.from_numpy(_dense(row_idx, row_w, height).astype(np.float32)).to(device)
+        cols = torch.from_numpy(_dense(col_idx, col_w, width).astype(np.float32)).to(device)
     return rows, cols
 
 

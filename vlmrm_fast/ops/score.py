@@ -23,7 +23,7 @@ from typing import Literal
 
 import torch
 
-from vlmrm_fast.ops._triton import HAS_TRITON
+from vlmrm_fast.ops._triton import HAS_TRITON, on_device
 
 
 @dataclass(frozen=True)
@@ -96,7 +96,9 @@ if HAS_TRITON:
         for d0 in range(0, dim, BLOCK_D):
             cols = d0 + tl.arange(0, BLOCK_D)
             col_ok = cols < dim
-            x = tl.load(x_rows + cols[None, :] * stride_xd, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+            x = tl.load(
+                x_rows + cols.to(tl.int64)[None, :] * stride_xd, mask=row_ok[:, None] & col_ok[None, :], other=0.0
+            )
             x = x.to(tl.float32)
             t_mask = task_ok[:, None] & col_ok[None, :]
             g = tl.load(goals_ptr + tasks[:, None] * dim + cols[None, :], mask=t_mask, other=0.0)
@@ -141,18 +143,19 @@ def score_triton(embeddings: torch.Tensor, targets: ScoringTargets) -> torch.Ten
         return out
     block_n, block_t, block_d = _blocks(targets.num_tasks)
     grid = (triton.cdiv(n, block_n), triton.cdiv(targets.num_tasks, block_t))
-    _score_kernel[grid](
-        embeddings,
-        targets.goals,
-        targets.directions,
-        targets.goal_sq_norms,
-        targets.goal_dot_directions,
-        targets.alphas,
-        out,
-        n, dim, targets.num_tasks,
-        embeddings.stride(0), embeddings.stride(1), out.stride(0),
-        BLOCK_N=block_n, BLOCK_T=block_t, BLOCK_D=block_d,
-    )
+    with on_device(embeddings.device):
+        _score_kernel[grid](
+            embeddings,
+            targets.goals,
+            targets.directions,
+            targets.goal_sq_norms,
+            targets.goal_dot_directions,
+            targets.alphas,
+            out,
+            n, dim, targets.num_tasks,
+            embeddings.stride(0), embeddings.stride(1), out.stride(0),
+            BLOCK_N=block_n, BLOCK_T=block_t, BLOCK_D=block_d,
+        )
     return out
 
 
