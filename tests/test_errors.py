@@ -10,7 +10,7 @@ from vlmrm_fast import CLIPReward, Task
 def rm(tiny):
     model, tokenizer = tiny
     return CLIPReward(model, tokenizer, goal="a humanoid robot kneeling", baseline="a humanoid robot",
-                      alpha=0.5, device="cpu", kernels="torch")
+                      alpha=0.5, device="cpu", kernels="torch", backend="torch")
 
 
 @pytest.mark.parametrize(
@@ -57,7 +57,7 @@ def test_nan_and_inf_embeddings(rm):
 
 
 def test_non_finite_tower_output_is_reported_not_returned(rm, monkeypatch):
-    monkeypatch.setattr(rm.model, "encode_image", lambda pixels: torch.full((pixels.shape[0], rm.embed_dim), float("nan")))
+    monkeypatch.setattr(rm, "_backend", lambda pixels: torch.full((pixels.shape[0], rm.embed_dim), float("nan")))
     with pytest.raises(ValueError, match="vision tower produced NaN/inf"):
         rm(np.zeros((2, 16, 16, 3), np.uint8))
 

@@ -34,6 +34,7 @@ def _reward_model(kernels="triton", **kw):
     untouched = copy.deepcopy(model)
     kw.setdefault("goal", GOALS["one"][0])
     kw.setdefault("baseline", GOALS["one"][1])
+    kw.setdefault("backend", "torch")  # backends are compared with each other in test_backends.py
     return CLIPReward(model, tokenizer, device="cpu", kernels=kernels, **kw), untouched, tokenizer
 
 
@@ -122,13 +123,13 @@ def test_chunking_does_not_change_rewards():
 def test_ten_thousand_frames_go_through_in_chunks(monkeypatch):
     rm, _, _ = _reward_model(kernels="torch", alpha=0.5, max_batch_size=1000)
     seen = []
-    tower = rm.model.encode_image
+    tower = rm.vision_backend
 
     def spy(pixels):
         seen.append(pixels.shape[0])
         return tower(pixels[:1]).expand(pixels.shape[0], -1)  # the tower's cost is not under test
 
-    monkeypatch.setattr(rm.model, "encode_image", spy)
+    monkeypatch.setattr(rm, "_backend", spy)
     rewards = rm(np.random.default_rng(0).integers(0, 256, (10_000, 6, 5, 3), dtype=np.uint8))
     assert rewards.shape == (10_000,) and torch.isfinite(rewards).all()
     assert seen == [1000] * 10
@@ -211,7 +212,7 @@ def test_mean_and_std_come_from_the_models_open_clip_config():
     model = open_clip.create_model("vlmrm-tiny", force_preprocess_cfg={"mean": mean, "std": std})
     untouched = copy.deepcopy(model)
     tokenizer = open_clip.get_tokenizer("vlmrm-tiny")
-    rm = CLIPReward(model, tokenizer, goal="a", baseline="b", alpha=0.5, device="cpu", kernels="triton")
+    rm = CLIPReward(model, tokenizer, goal="a", baseline="b", alpha=0.5, device="cpu", kernels="triton", backend="torch")
     assert rm.preprocess_spec.mean == mean and rm.preprocess_spec.std == std
     frames = _noise(2, 50, 50, seed=15)
     want = reference_reward(untouched, tokenizer, frames, ["a"], ["b"], 0.5, mean=mean, std=std)

@@ -7,6 +7,7 @@ from typing import Callable, List, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
+from vlmrm_fast.backends import VisionBackend, build_backend, resolve_backend
 from vlmrm_fast.frames import FrameInput, as_frame_batch
 from vlmrm_fast.models import create_clip, image_size_of, preprocess_spec_of
 from vlmrm_fast.ops._triton import resolve_kernels
@@ -69,7 +70,13 @@ class CLIPReward:
         preprocess: "vlmrm" (squash resize, no antialiasing: parity with the original code) or
             "openclip" (shorter side, antialiased, centre crop). See SPEC §1.2.
         kernels: "auto" (Triton on CUDA, torch elsewhere), "triton" or "torch".
+        backend: how the vision tower runs: "auto" (the fastest verified here), "torch", "compile",
+            "onnxruntime" or "tensorrt" (see :mod:`vlmrm_fast.backends`). The fused preprocessing and
+            score ops run around every backend.
+        backend_options: extra arguments for the backend (e.g. ``{"buckets": (1, 32, 256)}`` for
+            "compile", ``{"cache_dir": ...}`` for "tensorrt").
         max_batch_size: most frames per tower call; default 256 on CUDA, 32 on CPU.
+        model_name: a label for logs and engine caches (set by :meth:`from_pretrained`).
     """
 
     def __init__(
@@ -85,18 +92,26 @@ class CLIPReward:
         dtype: Union[str, torch.dtype, None] = None,
         preprocess: str = "vlmrm",
         kernels: str = "auto",
+        backend: str = "auto",
+        backend_options: Optional[dict] = None,
         max_batch_size: Optional[int] = None,
+        model_name: Optional[str] = None,
     ) -> None:
         self._device = _resolve_device(device)
         self._dtype = _resolve_dtype(dtype, self._device)
         self._kernels = resolve_kernels(kernels, self._device)
         self._spec: PreprocessSpec = preprocess_spec_of(model, preprocess)
         self.max_batch_size = (256 if self._device.type == "cuda" else 32) if max_batch_size is None else max_batch_size
+        self.model_name = model_name or type(model).__name__
         self.model = model.eval().to(self._device)
         self.model.visual.to(self._dtype)
         self.tokenizer = tokenizer
         self._alpha = check_alpha(alpha)
         self.set_tasks(goal=goal, baseline=baseline, tasks=tasks)
+        self._backend: VisionBackend = build_backend(
+            resolve_backend(backend, self._device, self._dtype), self.model.visual, self._spec, self._device,
+            self._dtype, max_batch_size=self.max_batch_size, model_name=self.model_name, options=backend_options,
+        )
 
     @classmethod
     def from_pretrained(
@@ -112,6 +127,8 @@ class CLIPReward:
         dtype: Union[str, torch.dtype, None] = None,
         preprocess: str = "vlmrm",
         kernels: str = "auto",
+        backend: str = "auto",
+        backend_options: Optional[dict] = None,
         max_batch_size: Optional[int] = None,
         cache_dir: Optional[str] = None,
     ) -> "CLIPReward":
@@ -125,11 +142,13 @@ class CLIPReward:
             cache_dir: open_clip's download cache; default ``~/.cache/huggingface``.
             The other arguments are those of :class:`CLIPReward`.
         """
-        _resolve_device(device)  # fail before a long model load
+        resolved = _resolve_device(device)  # fail before a long model load
+        resolve_backend(backend, resolved, _resolve_dtype(dtype, resolved))
         model, tokenizer = create_clip(model_name, pretrained, cache_dir=cache_dir)
         return cls(
             model, tokenizer, goal=goal, baseline=baseline, tasks=tasks, alpha=alpha, device=device,
-            dtype=dtype, preprocess=preprocess, kernels=kernels, max_batch_size=max_batch_size,
+            dtype=dtype, preprocess=preprocess, kernels=kernels, backend=backend,
+            backend_options=backend_options, max_batch_size=max_batch_size, model_name=model_name,
         )
 
     # ---- the text side -------------------------------------------------------------------
@@ -208,6 +227,16 @@ class CLIPReward:
         return self._dtype
 
     @property
+    def backend(self) -> str:
+        """The vision-tower backend in use: "torch", "compile", "onnxruntime" or "tensorrt"."""
+        return self._backend.name
+
+    @property
+    def vision_backend(self) -> VisionBackend:
+        """The backend object (its ``build_seconds`` is the one-off export/compile/build cost)."""
+        return self._backend
+
+    @property
     def kernels(self) -> str:
         """The implementation the ops use here: "triton" or "torch"."""
         return self._kernels
@@ -242,7 +271,7 @@ class CLIPReward:
     @torch.inference_mode()
     def _tower(self, frames: torch.Tensor, bottom_up: bool) -> torch.Tensor:
         pixels = preprocess(frames, self._spec, self._dtype, bottom_up=bottom_up, impl=self._kernels)
-        return self.model.encode_image(pixels)
+        return self._backend(pixels)
 
     def embed(self, frames: FrameInput, *, bottom_up: bool = False) -> torch.Tensor:
         """Unit image embeddings [N, D], float32, on ``device``.
@@ -305,6 +334,6 @@ class CLIPReward:
     def __repr__(self) -> str:
         return (
             f"CLIPReward(tasks={self.task_names}, alpha={self._alpha}, device={self._device}, "
-            f"dtype={self._dtype}, preprocess={self._spec.mode!r}, kernels={self._kernels!r}, "
+            f"dtype={self._dtype}, preprocess={self._spec.mode!r}, kernels={self._kernels!r}, backend={self.backend!r}, "
             f"image_size={self.image_size}, max_batch_size={self.max_batch_size})"
         )

@@ -1,0 +1,62 @@
+"""The TensorRT engine cache: keys, atomic writes, and refusal of stale or damaged files (no TensorRT needed)."""
+import dataclasses
+
+import pytest
+import torch
+
+from vlmrm_fast.backends.engine_cache import EngineCache, EngineKey, weights_digest
+
+KEY = EngineKey(model="ViT-B-32", weights="ab" * 32, precision="bf16", image_size=(224, 224),
+                batch_range=(1, 128, 256), compute_capability=(9, 0), tensorrt_version="10.8.0")
+
+
+def test_round_trip(tmp_path):
+    cache = EngineCache(tmp_path)
+    assert cache.load(KEY) is None
+    path = cache.store(KEY, b"engine bytes")
+    assert path.parent == tmp_path and cache.load(KEY) == b"engine bytes"
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left behind
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [("compute_capability", (8, 0)), ("tensorrt_version", "10.9.0"), ("precision", "fp16"),
+     ("batch_range", (1, 64, 128)), ("weights", "cd" * 32), ("image_size", (336, 336))],
+)
+def test_every_key_field_changes_the_file(tmp_path, field, value):
+    cache = EngineCache(tmp_path)
+    cache.store(KEY, b"old")
+    other = dataclasses.replace(KEY, **{field: value})
+    assert cache.path(other) != cache.path(KEY) and cache.load(other) is None
+
+
+def test_a_file_under_the_right_name_but_another_key_is_refused(tmp_path):
+    cache = EngineCache(tmp_path)
+    other = dataclasses.replace(KEY, tensorrt_version="9.3")
+    cache.store(other, b"stale")
+    cache.path(other).rename(cache.path(KEY))  # e.g. copied between machines by hand
+    assert cache.load(KEY) is None
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "garbage", "empty"])
+def test_damaged_files_are_refused(tmp_path, damage):
+    cache = EngineCache(tmp_path)
+    path = cache.store(KEY, bytes(range(256)) * 10)
+    blob = path.read_bytes()
+    blob = {
+        "truncate": blob[:-100],
+        "flip": blob[:-1] + bytes([blob[-1] ^ 1]),
+        "garbage": b"not an engine",
+        "empty": b"",
+    }[damage]
+    path.write_bytes(blob)
+    assert cache.load(KEY) is None
+
+
+def test_weights_digest_follows_the_weights():
+    layer = torch.nn.Linear(4, 3).to(torch.bfloat16)
+    before = weights_digest(layer)
+    assert weights_digest(layer) == before
+    with torch.no_grad():
+        layer.weight[0, 0] += 1
+    assert weights_digest(layer) != before

@@ -1,0 +1,75 @@
+"""Vision-tower backends behind one interface (:class:`VisionBackend`): pixels in, embeddings out.
+
+| backend | devices | precisions | notes |
+|---|---|---|---|
+| "torch" | any | fp32, bf16, fp16 | eager PyTorch, SDPA attention |
+| "compile" | any | fp32, bf16, fp16 | torch.compile per batch bucket, CUDA graphs on CUDA |
+| "onnxruntime" | CPU, CUDA (onnxruntime-gpu) | fp32 (CPU); fp32, fp16 (CUDA) | extra `export` |
+| "tensorrt" | CUDA | fp16, bf16, fp32 | extra `tensorrt`; engines cached on disk |
+
+"auto" picks the fastest backend *verified* on that kind of device (README, "Status"): ONNX Runtime
+on CPU for float32 when it is installed, else torch. On CUDA it is "torch" until the compiled and
+TensorRT paths have GPU results committed under benchmarks/results/.
+"""
+from __future__ import annotations
+
+import importlib.util
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+
+from vlmrm_fast.backends.base import BackendError, VisionBackend
+from vlmrm_fast.ops.preprocess import PreprocessSpec
+
+BACKEND_CHOICES = ("auto", "torch", "compile", "onnxruntime", "tensorrt")
+
+
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The concrete backend for a choice, a device and a precision."""
+    if backend not in BACKEND_CHOICES:
+        raise BackendError(f"backend={backend!r} is not one of {BACKEND_CHOICES}.")
+    if backend != "auto":
+        return backend
+    if device.type == "cpu" and dtype == torch.float32 and importlib.util.find_spec("onnxruntime") is not None:
+        return "onnxruntime"
+    return "torch"
+
+
+def build_backend(
+    backend: str,
+    visual: torch.nn.Module,
+    spec: PreprocessSpec,
+    device: torch.device,
+    dtype: torch.dtype,
+    *,
+    max_batch_size: int,
+    model_name: str = "model",
+    options: Optional[Dict[str, Any]] = None,
+) -> VisionBackend:
+    """Build a resolved backend around ``visual`` (already on ``device`` in ``dtype``).
+
+    ``options`` go to the backend's constructor: ``buckets``/``mode`` for "compile",
+    ``cache_dir``/``workspace_gib`` for "tensorrt".
+    """
+    options = dict(options or {})
+    image_size: Tuple[int, int] = tuple(spec.size)  # type: ignore[assignment]
+    if backend == "torch":
+        from vlmrm_fast.backends.eager import TorchBackend
+
+        return TorchBackend(visual, device, dtype, image_size, **options)
+    if backend == "compile":
+        from vlmrm_fast.backends.compiled import CompileBackend
+
+        return CompileBackend(visual, device, dtype, image_size, max_batch_size, **options)
+    if backend == "onnxruntime":
+        from vlmrm_fast.backends.onnxruntime import OnnxRuntimeBackend
+
+        return OnnxRuntimeBackend(visual, spec, device, dtype, image_size, **options)
+    if backend == "tensorrt":
+        from vlmrm_fast.backends.tensorrt import TensorRTBackend
+
+        return TensorRTBackend(visual, spec, device, dtype, image_size, max_batch_size, model_name=model_name, **options)
+    raise BackendError(f"backend={backend!r} is not one of {BACKEND_CHOICES[1:]} (resolve 'auto' first).")
+
+
+__all__ = ["BACKEND_CHOICES", "BackendError", "VisionBackend", "build_backend", "resolve_backend"]

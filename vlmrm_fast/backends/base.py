@@ -1,0 +1,43 @@
+"""The interface every vision-tower backend implements."""
+from __future__ import annotations
+
+import abc
+from typing import Tuple
+
+import torch
+
+
+class BackendError(ValueError):
+    """A backend cannot run here (missing extra, device or precision it does not support)."""
+
+
+def missing_extra(package: str, extra: str, backend: str) -> BackendError:
+    return BackendError(
+        f"backend={backend!r} needs the `{package}` package, which is not installed. "
+        f"Install it with `pip install 'vlmrm-fast[{extra}]'`, or pick another backend (backend='torch')."
+    )
+
+
+class VisionBackend(abc.ABC):
+    """Runs a CLIP vision tower: normalised pixels [N, 3, S_h, S_w] -> raw embeddings [N, D].
+
+    Every backend takes the output of the fused preprocessing op, in ``dtype`` on ``device``, and
+    returns unnormalised embeddings (any float dtype) on ``device``; the fused score op follows.
+    ``build_seconds`` is the one-off cost (export, compilation, engine build), reported apart from
+    steady-state time.
+    """
+
+    name: str = ""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype, image_size: Tuple[int, int]) -> None:
+        self.device = device
+        self.dtype = dtype
+        self.image_size = image_size
+        self.build_seconds = 0.0
+
+    @abc.abstractmethod
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[N, 3, S_h, S_w] ``dtype`` -> [N, D] raw embeddings."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(device={self.device}, dtype={self.dtype}, build_seconds={self.build_seconds:.1f})"

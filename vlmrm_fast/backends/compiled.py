@@ -1,0 +1,82 @@
+"""The "compile" backend: torch.compile over a few batch-size buckets, with CUDA graphs on CUDA.
+
+Each batch is padded up to the smallest bucket that holds it, so only ``len(buckets)`` graphs are
+ever compiled and (on CUDA, ``mode="reduce-overhead"``) captured; larger batches run in slices of
+the largest bucket. Compilation happens on first use of a bucket, or up front with
+:meth:`CompileBackend.warmup`; its time is kept in ``build_seconds`` (per bucket in
+``compile_seconds``), apart from steady-state time.
+"""
+from __future__ import annotations
+
+import time
+from typing import Dict, Optional, Sequence
+
+import torch
+
+from vlmrm_fast.backends.base import VisionBackend
+
+DEFAULT_BUCKETS = (1, 8, 32, 64, 128, 256, 512, 1024)
+
+
+def default_buckets(max_batch_size: int) -> tuple:
+    """The standard buckets up to ``max_batch_size``, which is always one of them."""
+    return tuple(sorted({b for b in DEFAULT_BUCKETS if b < max_batch_size} | {max_batch_size}))
+
+
+class CompileBackend(VisionBackend):
+    name = "compile"
+
+    def __init__(
+        self,
+        visual: torch.nn.Module,
+        device,
+        dtype,
+        image_size,
+        max_batch_size: int,
+        buckets: Optional[Sequence[int]] = None,
+        mode: Optional[str] = None,
+    ) -> None:
+        super().__init__(device, dtype, image_size)
+        self.buckets = tuple(sorted(buckets)) if buckets else default_buckets(max_batch_size)
+        if any(b < 1 for b in self.buckets):
+            raise ValueError(f"buckets must be positive batch sizes; got {self.buckets}.")
+        self.mode = mode or ("reduce-overhead" if device.type == "cuda" else "default")
+        self.compiled = torch.compile(visual, mode=self.mode, dynamic=False)
+        self.compile_seconds: Dict[int, float] = {}
+
+    def bucket_for(self, n: int) -> int:
+        return next((b for b in self.buckets if b >= n), self.buckets[-1])
+
+    def warmup(self, buckets: Optional[Sequence[int]] = None) -> Dict[int, float]:
+        """Compile the given buckets now (three calls each: CUDA graphs are captured after a warm-up
+        run); returns the seconds spent per bucket, which become ``compile_seconds``."""
+        for bucket in buckets or self.buckets:
+            zeros = torch.zeros((bucket, 3) + tuple(self.image_size), dtype=self.dtype, device=self.device)
+            start = time.perf_counter()
+            for _ in range(3):
+                self(zeros)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.compile_seconds[bucket] = time.perf_counter() - start
+        self.build_seconds = sum(self.compile_seconds.values())
+        return dict(self.compile_seconds)
+
+    @torch.inference_mode()
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        n = pixels.shape[0]
+        largest = self.buckets[-1]
+        if n > largest:
+            return torch.cat([self(pixels[i : i + largest]) for i in range(0, n, largest)])
+        bucket = self.bucket_for(n)
+        if n < bucket:
+            pixels = torch.cat([pixels, pixels.new_zeros((bucket - n,) + tuple(pixels.shape[1:]))])
+        first = bucket not in self.compile_seconds
+        start = time.perf_counter()
+        out = self.compiled(pixels)
+        if first:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.compile_seconds[bucket] = time.perf_counter() - start
+            self.build_seconds = sum(self.compile_seconds.values())
+        # CUDA graphs reuse their output buffer on the next replay: hand back a copy.
+        return out[:n].clone()

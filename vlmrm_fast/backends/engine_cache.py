@@ -1,0 +1,107 @@
+"""A disk cache for built TensorRT engines that never trusts a stale or damaged file.
+
+An engine is valid only for the GPU architecture, TensorRT version, weights, precision and batch
+range it was built for, so all of these form its key. Each file holds a header (the key and a
+SHA-256 of the engine bytes) and the engine; a file whose header does not match the key, or whose
+bytes do not match the checksum, is rebuilt. Files are written to a temporary name and renamed into
+place, so a crash mid-write never leaves half an engine under the real name.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Optional, Tuple, Union
+
+import torch
+
+_MAGIC = b"VLMRMTRT1\n"
+
+
+def default_cache_dir() -> Path:
+    """``$VLMRM_FAST_CACHE`` or ``~/.cache/vlmrm_fast``, then ``tensorrt/``."""
+    root = os.environ.get("VLMRM_FAST_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "vlmrm_fast")
+    return Path(root) / "tensorrt"
+
+
+def weights_digest(module: torch.nn.Module) -> str:
+    """SHA-256 over the module's state (names, shapes, dtypes, bytes): changes whenever the weights do."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineKey:
+    """Everything a built engine depends on."""
+
+    model: str
+    weights: str
+    precision: str
+    image_size: Tuple[int, int]
+    batch_range: Tuple[int, int, int]  # (min, opt, max)
+    compute_capability: Tuple[int, int]
+    tensorrt_version: str
+
+    def as_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    def filename(self) -> str:
+        safe_model = "".join(c if c.isalnum() or c in "-_." else "_" for c in self.model)
+        return f"{safe_model}-{self.precision}-{hashlib.sha256(self.as_json().encode()).hexdigest()[:16]}.engine"
+
+
+class EngineCache:
+    """Engines on disk under ``directory``, keyed by :class:`EngineKey`."""
+
+    def __init__(self, directory: Union[str, Path, None] = None) -> None:
+        self.directory = Path(directory) if directory is not None else default_cache_dir()
+
+    def path(self, key: EngineKey) -> Path:
+        return self.directory / key.filename()
+
+    def load(self, key: EngineKey) -> Optional[bytes]:
+        """The cached engine bytes for ``key``, or None when absent, stale or damaged."""
+        path = self.path(key)
+        try:
+            blob = path.read_bytes()
+        except OSError:
+            return None
+        if not blob.startswith(_MAGIC):
+            return None
+        header_end = blob.find(b"\n", len(_MAGIC))
+        if header_end < 0:
+            return None
+        try:
+            header = json.loads(blob[len(_MAGIC) : header_end])
+        except ValueError:
+            return None
+        payload = blob[header_end + 1 :]
+        if header.get("key") != json.loads(key.as_json()):
+            return None
+        if header.get("sha256") != hashlib.sha256(payload).hexdigest():
+            return None
+        return payload
+
+    def store(self, key: EngineKey, payload: bytes) -> Path:
+        """Write atomically: a temporary file in the same folder, fsynced, then renamed."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        header = json.dumps({"key": json.loads(key.as_json()), "sha256": hashlib.sha256(payload).hexdigest()})
+        path = self.path(key)
+        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=path.name, suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(_MAGIC + header.encode() + b"\n" + payload)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path

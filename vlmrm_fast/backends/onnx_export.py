@@ -1,0 +1,152 @@
+"""Exporting the vision tower to ONNX, for ONNX Runtime, TensorRT, or your own runtime.
+
+Two input formats:
+- "uint8-nhwc": raw frames uint8 [N, S, S, 3], as a renderer produces them. The CLIP normalisation is
+  folded into the patch embedding (SPEC §1.2): normalisation is affine per channel and the patch
+  convolution is linear without padding, so ``conv(W, (v * a_c) + s_c) = conv(W * a_c, v) + sum W s_c``,
+  exact up to rounding. The graph is a cast, a transpose and the tower.
+- "pixels": normalised float [N, 3, S, S], the output of vlmrm_fast's preprocessing op; what the
+  runtime backends inside CLIPReward use, so that any frame size can be resized first.
+
+The batch axis is dynamic. Graphs whose weights exceed what one protobuf can hold (2 GB; ViT-bigG-14)
+are written with their tensors in a side file ``<name>.data``.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import inspect
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Iterator, Literal, Optional, Union
+
+import torch
+
+from vlmrm_fast.backends.base import missing_extra
+from vlmrm_fast.ops.preprocess import PreprocessSpec
+
+InputFormat = Literal["uint8-nhwc", "pixels"]
+INPUT_FORMATS = ("uint8-nhwc", "pixels")
+_PROTOBUF_LIMIT = 2 * 1024**3
+_OPSET = 17
+
+
+class Uint8VisionTower(torch.nn.Module):
+    """uint8 frames [N, S, S, 3] -> raw embeddings [N, D], normalisation folded into ``conv1``.
+
+    Towers whose first layer is not an unpadded convolution (e.g. ResNets) keep an explicit
+    per-channel affine step instead; the result is the same.
+    """
+
+    def __init__(self, visual: torch.nn.Module, spec: PreprocessSpec) -> None:
+        super().__init__()
+        self.visual = copy.deepcopy(visual)
+        scale, shift = spec.affine(torch.uint8)
+        dtype = next(self.visual.parameters()).dtype
+        scale_t = torch.tensor(scale, dtype=torch.float64)
+        shift_t = torch.tensor(shift, dtype=torch.float64)
+        conv = getattr(self.visual, "conv1", None)
+        self.folded = isinstance(conv, torch.nn.Conv2d) and conv.padding in ((0, 0), 0) and conv.in_channels == 3
+        if self.folded:
+            weight = conv.weight.detach().double()
+            bias = weight.mul(shift_t.view(1, 3, 1, 1)).sum(dim=(1, 2, 3))
+            if conv.bias is not None:
+                bias = bias + conv.bias.detach().double()
+            folded = torch.nn.Conv2d(3, conv.out_channels, conv.kernel_size, conv.stride, bias=True)
+            folded.weight.data = (weight * scale_t.view(1, 3, 1, 1)).to(dtype)
+            folded.bias.data = bias.to(dtype)
+            self.visual.conv1 = folded.to(conv.weight.device)
+        self.register_buffer("scale", scale_t.to(dtype).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("shift", shift_t.to(dtype).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        x = frames.permute(0, 3, 1, 2).to(self.scale.dtype)
+        if not self.folded:
+            x = x * self.scale + self.shift
+        return self.visual(x)
+
+
+@contextlib.contextmanager
+def _mha_fastpath_disabled() -> Iterator[None]:
+    # nn.MultiheadAttention's inference fast path (one fused op) has no ONNX form; the exporter
+    # must trace the plain path.
+    mha = getattr(torch.backends, "mha", None)
+    if mha is None or not hasattr(mha, "set_fastpath_enabled"):
+        yield
+        return
+    previous = mha.get_fastpath_enabled()
+    mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        mha.set_fastpath_enabled(previous)
+
+
+def _export_kwargs() -> dict:
+    # The TorchScript-based exporter handles open_clip's towers and dynamic batch axes on every
+    # supported torch (>= 2.4); newer torch defaults to the dynamo exporter, so ask for it by name.
+    if "dynamo" in inspect.signature(torch.onnx.export).parameters:
+        return {"dynamo": False}
+    return {}
+
+
+def export_onnx(
+    visual: torch.nn.Module,
+    path: Union[str, Path],
+    spec: PreprocessSpec,
+    *,
+    input_format: InputFormat = "uint8-nhwc",
+    external_data: Optional[bool] = None,
+    opset: int = _OPSET,
+) -> Path:
+    """Write the vision tower to ``path`` as ONNX; returns the path.
+
+    Args:
+        visual: the open_clip vision tower (``model.visual``), in the precision to export (float32 or
+            float16), on any device.
+        spec: the tower's input size and normalisation (``CLIPReward.preprocess_spec``).
+        input_format: "uint8-nhwc" (normalisation folded in) or "pixels" (normalised NCHW input).
+        external_data: store weights in ``<path>.data``; default: only when over 2 GB.
+    """
+    try:
+        import onnx
+    except ImportError:
+        raise missing_extra("onnx", "export", "onnx export") from None
+    if input_format not in INPUT_FORMATS:
+        raise ValueError(f"input_format={input_format!r} is not one of {INPUT_FORMATS}.")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    param = next(visual.parameters())
+    height, width = spec.size
+    if input_format == "uint8-nhwc":
+        module = Uint8VisionTower(visual, spec).eval()
+        example = torch.zeros((2, height, width, 3), dtype=torch.uint8, device=param.device)
+        input_name = "frames"
+    else:
+        module = visual.eval()
+        example = torch.zeros((2, 3, height, width), dtype=param.dtype, device=param.device)
+        input_name = "pixels"
+    weight_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
+    if external_data is None:
+        external_data = weight_bytes > _PROTOBUF_LIMIT * 0.9
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notes
+        raw = Path(tmp) / "tower.onnx"
+        with torch.inference_mode(False), torch.no_grad(), _mha_fastpath_disabled():
+            torch.onnx.export(
+                module, (example,), str(raw),
+                input_names=[input_name], output_names=["embeddings"],
+                dynamic_axes={input_name: {0: "batch"}, "embeddings": {0: "batch"}},
+                opset_version=opset, do_constant_folding=True, **_export_kwargs(),
+            )
+        graph = onnx.load(str(raw), load_external_data=True)
+        for stale in (path, path.with_name(path.name + ".data")):
+            stale.unlink(missing_ok=True)
+        if external_data:
+            onnx.save_model(graph, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=path.name + ".data", size_threshold=1024)
+        else:
+            onnx.save_model(graph, str(path))
+    onnx.checker.check_model(str(path))
+    return path

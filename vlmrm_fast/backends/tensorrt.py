@@ -1,0 +1,127 @@
+"""The "tensorrt" backend: a TensorRT engine built from the tower's ONNX export.
+
+Written against TensorRT 10's Python API (``build_serialized_network``, named I/O tensors,
+``execute_async_v3``); see README for what has been verified where. Precisions: float16, bfloat16
+and float32. LayerNorm layers are pinned to float32 (fp16 CLIP engines lose accuracy in them). The
+input takes the fused preprocessing op's output in the tower's dtype; the output is float32.
+Engines are cached on disk (:mod:`vlmrm_fast.backends.engine_cache`).
+"""
+from __future__ import annotations
+
+import copy
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from vlmrm_fast.backends.base import BackendError, VisionBackend, missing_extra
+from vlmrm_fast.backends.engine_cache import EngineCache, EngineKey, weights_digest
+from vlmrm_fast.backends.onnx_export import export_onnx
+from vlmrm_fast.ops.preprocess import PreprocessSpec
+
+_PRECISIONS = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+class TensorRTBackend(VisionBackend):
+    name = "tensorrt"
+
+    def __init__(
+        self,
+        visual: torch.nn.Module,
+        spec: PreprocessSpec,
+        device,
+        dtype,
+        image_size,
+        max_batch_size: int,
+        model_name: str = "model",
+        cache_dir: Optional[str] = None,
+        workspace_gib: float = 8.0,
+    ) -> None:
+        super().__init__(device, dtype, image_size)
+        try:
+            import tensorrt as trt
+        except ImportError:
+            raise missing_extra("tensorrt", "tensorrt", self.name) from None
+        if device.type != "cuda":
+            raise BackendError("backend='tensorrt' needs a CUDA device; use backend='onnxruntime' or 'torch' on CPU.")
+        if dtype not in _PRECISIONS:
+            raise BackendError(f"backend='tensorrt' supports {sorted(_PRECISIONS.values())}, not {dtype}.")
+        self._trt = trt
+        self._logger = trt.Logger(trt.Logger.WARNING)
+        key = EngineKey(
+            model=model_name,
+            weights=weights_digest(visual),
+            precision=_PRECISIONS[dtype],
+            image_size=tuple(image_size),
+            batch_range=(1, max(1, max_batch_size // 2), max_batch_size),
+            compute_capability=torch.cuda.get_device_capability(device),
+            tensorrt_version=trt.__version__,
+        )
+        cache = EngineCache(cache_dir)
+        start = time.perf_counter()
+        runtime = trt.Runtime(self._logger)
+        payload = cache.load(key)
+        engine = runtime.deserialize_cuda_engine(payload) if payload is not None else None
+        if engine is None:  # absent, stale, damaged, or refused by this TensorRT: build afresh
+            payload = self._build(visual, spec, key, workspace_gib)
+            cache.store(key, payload)
+            engine = runtime.deserialize_cuda_engine(payload)
+            if engine is None:
+                raise BackendError("TensorRT built an engine it cannot deserialize; see the TensorRT log above.")
+        self._max_batch = key.batch_range[2]
+        self.engine = engine
+        self.context = engine.create_execution_context()
+        self.embed_dim = int(engine.get_tensor_shape("embeddings")[1])
+        self.engine_path = cache.path(key)
+        self.build_seconds = time.perf_counter() - start
+
+    def _build(self, visual, spec, key: EngineKey, workspace_gib: float) -> bytes:
+        trt = self._trt
+        builder = trt.Builder(self._logger)
+        network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
+        parser = trt.OnnxParser(network, self._logger)
+        with tempfile.TemporaryDirectory(prefix="vlmrm_fast_trt_") as tmp:
+            fp32_copy = copy.deepcopy(visual).float()  # TensorRT lowers precision itself, per the flags
+            onnx_path = export_onnx(fp32_copy, Path(tmp) / "tower.onnx", spec, input_format="pixels")
+            if not parser.parse_from_file(str(onnx_path)):
+                errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+                raise BackendError(f"TensorRT could not parse the tower's ONNX graph: {errors}")
+        config = builder.create_builder_config()
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * 1024**3))
+        trt_dtype = {"fp16": trt.float16, "bf16": trt.bfloat16, "fp32": trt.float32}[key.precision]
+        if key.precision == "fp16":
+            config.set_flag(trt.BuilderFlag.FP16)
+        elif key.precision == "bf16":
+            config.set_flag(trt.BuilderFlag.BF16)
+        config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
+        for i in range(network.num_layers):
+            layer = network.get_layer(i)
+            if layer.type == trt.LayerType.NORMALIZATION:
+                layer.precision = trt.float32
+                layer.set_output_type(0, trt.float32)
+        network.get_input(0).dtype = trt_dtype
+        network.get_output(0).dtype = trt.float32
+        low, opt, high = key.batch_range
+        height, width = key.image_size
+        profile = builder.create_optimization_profile()
+        profile.set_shape("pixels", (low, 3, height, width), (opt, 3, height, width), (high, 3, height, width))
+        config.add_optimization_profile(profile)
+        serialized = builder.build_serialized_network(network, config)
+        if serialized is None:
+            raise BackendError("TensorRT failed to build the engine; see the TensorRT log above.")
+        return bytes(serialized)
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        largest = self._max_batch
+        if pixels.shape[0] > largest:  # the engine's profile ends there
+            return torch.cat([self(pixels[i : i + largest]) for i in range(0, pixels.shape[0], largest)])
+        pixels = pixels.contiguous()
+        out = torch.empty((pixels.shape[0], self.embed_dim), dtype=torch.float32, device=self.device)
+        self.context.set_input_shape("pixels", tuple(pixels.shape))
+        self.context.set_tensor_address("pixels", pixels.data_ptr())
+        self.context.set_tensor_address("embeddings", out.data_ptr())
+        if not self.context.execute_async_v3(torch.cuda.current_stream(self.device).cuda_stream):
+            raise RuntimeError("TensorRT execution failed; see the TensorRT log above.")
+        return out
