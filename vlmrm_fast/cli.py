@@ -35,6 +35,7 @@ import torch
 from tqdm import tqdm
 
 from vlmrm_fast import CLIPReward, PretrainedWeightsError
+from vlmrm_fast.export import add_export_parser
 
 PROG = "vlmrm-fast"
 DEFAULT_MODEL = "ViT-B-32"
@@ -65,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_score_parser(subparsers)
+    add_export_parser(subparsers)
     return parser
 
 

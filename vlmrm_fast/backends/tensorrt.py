@@ -48,7 +48,6 @@ class TensorRTBackend(VisionBackend):
             raise BackendError("backend='tensorrt' needs a CUDA device; use backend='onnxruntime' or 'torch' on CPU.")
         if dtype not in _PRECISIONS:
             raise BackendError(f"backend='tensorrt' supports {sorted(_PRECISIONS.values())}, not {dtype}.")
-        self._trt = trt
         self._logger = trt.Logger(trt.Logger.WARNING)
         key = EngineKey(
             model=model_name,
@@ -78,40 +77,11 @@ class TensorRTBackend(VisionBackend):
         self.build_seconds = time.perf_counter() - start
 
     def _build(self, visual, spec, key: EngineKey, workspace_gib: float) -> bytes:
-        trt = self._trt
-        builder = trt.Builder(self._logger)
-        network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
-        parser = trt.OnnxParser(network, self._logger)
         with tempfile.TemporaryDirectory(prefix="vlmrm_fast_trt_") as tmp:
             fp32_copy = copy.deepcopy(visual).float()  # TensorRT lowers precision itself, per the flags
             onnx_path = export_onnx(fp32_copy, Path(tmp) / "tower.onnx", spec, input_format="pixels")
-            if not parser.parse_from_file(str(onnx_path)):
-                errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-                raise BackendError(f"TensorRT could not parse the tower's ONNX graph: {errors}")
-        config = builder.create_builder_config()
-        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * 1024**3))
-        trt_dtype = {"fp16": trt.float16, "bf16": trt.bfloat16, "fp32": trt.float32}[key.precision]
-        if key.precision == "fp16":
-            config.set_flag(trt.BuilderFlag.FP16)
-        elif key.precision == "bf16":
-            config.set_flag(trt.BuilderFlag.BF16)
-        config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
-        for i in range(network.num_layers):
-            layer = network.get_layer(i)
-            if layer.type == trt.LayerType.NORMALIZATION:
-                layer.precision = trt.float32
-                layer.set_output_type(0, trt.float32)
-        network.get_input(0).dtype = trt_dtype
-        network.get_output(0).dtype = trt.float32
-        low, opt, high = key.batch_range
-        height, width = key.image_size
-        profile = builder.create_optimization_profile()
-        profile.set_shape("pixels", (low, 3, height, width), (opt, 3, height, width), (high, 3, height, width))
-        config.add_optimization_profile(profile)
-        serialized = builder.build_serialized_network(network, config)
-        if serialized is None:
-            raise BackendError("TensorRT failed to build the engine; see the TensorRT log above.")
-        return bytes(serialized)
+            return build_engine(onnx_path, key.precision, key.batch_range, workspace_gib=workspace_gib,
+                                logger=self._logger)
 
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
         largest = self._max_batch
@@ -125,3 +95,59 @@ class TensorRTBackend(VisionBackend):
         if not self.context.execute_async_v3(torch.cuda.current_stream(self.device).cuda_stream):
             raise RuntimeError("TensorRT execution failed; see the TensorRT log above.")
         return out
+
+
+def build_engine(
+    onnx_path: Path,
+    precision: str,
+    batch_range: tuple,
+    *,
+    workspace_gib: float = 8.0,
+    logger=None,
+) -> bytes:
+    """Build a serialized TensorRT engine from an ONNX export of the tower (either input format).
+
+    ``precision`` is "fp16", "bf16" or "fp32"; LayerNorm layers stay float32 whatever it is. A
+    float input ("pixels") takes that precision; a uint8 input ("frames") stays uint8. The output
+    is float32. ``batch_range`` is the optimisation profile's (min, opt, max) batch size.
+    """
+    try:
+        import tensorrt as trt
+    except ImportError:
+        raise missing_extra("tensorrt", "tensorrt", "tensorrt") from None
+    logger = logger or trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise BackendError(f"TensorRT could not parse {onnx_path}: {errors}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * 1024**3))
+    flags = {"fp16": trt.BuilderFlag.FP16, "bf16": trt.BuilderFlag.BF16}
+    if precision not in ("fp16", "bf16", "fp32"):
+        raise BackendError(
+            f"TensorRT precision {precision!r} is not supported: use fp16, bf16 or fp32 (fp8 needs a "
+            "quantized (Q/DQ) ONNX graph, which vlmrm_fast does not produce yet)."
+        )
+    if precision in flags:
+        config.set_flag(flags[precision])
+    config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        if layer.type == trt.LayerType.NORMALIZATION:
+            layer.precision = trt.float32
+            layer.set_output_type(0, trt.float32)
+    tensor_in = network.get_input(0)
+    if tensor_in.dtype != trt.uint8:
+        tensor_in.dtype = {"fp16": trt.float16, "bf16": trt.bfloat16, "fp32": trt.float32}[precision]
+    network.get_output(0).dtype = trt.float32
+    low, opt, high = batch_range
+    sample = tuple(tensor_in.shape)[1:]
+    profile = builder.create_optimization_profile()
+    profile.set_shape(tensor_in.name, (low,) + sample, (opt,) + sample, (high,) + sample)
+    config.add_optimization_profile(profile)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise BackendError("TensorRT failed to build the engine; see the TensorRT log above.")
+    return bytes(serialized)

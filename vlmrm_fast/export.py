@@ -1,0 +1,118 @@
+"""``vlmrm-fast export``: the vision tower as an ONNX graph or a TensorRT engine, for deployment.
+
+The exported tower takes raw frames, uint8 [N, S, S, 3] (NHWC, as a renderer produces them), with
+the CLIP normalisation folded into the patch embedding; ``--input pixels`` exports the normalised
+NCHW float input instead. The batch axis is dynamic; ONNX weights over 2 GB go to ``<out>.data``.
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from vlmrm_fast.backends.onnx_export import INPUT_FORMATS, export_onnx
+from vlmrm_fast.models import create_clip, preprocess_spec_of
+from vlmrm_fast.ops.preprocess import preprocess
+
+FORMATS = ("onnx", "tensorrt")
+
+
+def add_export_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``export``."""
+    p = subparsers.add_parser(
+        "export",
+        help="export the vision tower to ONNX or a TensorRT engine",
+        description=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("model", metavar="MODEL", help="open_clip model name, e.g. ViT-B-32, ViT-bigG-14")
+    p.add_argument("--format", choices=FORMATS, default="onnx", help="onnx, or a tensorrt engine (CUDA) (default: %(default)s)")
+    p.add_argument(
+        "--pretrained",
+        default="none",
+        help="open_clip tag or local checkpoint; 'none' exports random weights, which serve for speed "
+        "tests only (default: %(default)s)",
+    )
+    p.add_argument("--out", type=Path, default=None, help="output file (default: <model>-<weights>-<input>.onnx/.engine)")
+    p.add_argument("--input", choices=INPUT_FORMATS, default="uint8-nhwc", help="the graph's input (default: %(default)s)")
+    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None,
+                   help="precision: ONNX fp32 or fp16 (default fp32); TensorRT fp16, bf16 or fp32 (default bf16)")
+    p.add_argument("--max-batch-size", type=int, default=256, help="TensorRT: largest batch of the engine's profile (default: %(default)s)")
+    p.add_argument("--external-data", choices=("auto", "yes", "no"), default="auto",
+                   help="ONNX: weights in a side file <out>.data (auto: when over 2 GB)")
+    p.add_argument("--no-verify", action="store_true", help="ONNX: skip the check against torch in ONNX Runtime")
+    p.set_defaults(handler=run_export)
+
+
+def default_out(model: str, pretrained: Optional[str], input_format: str, fmt: str, dtype: str) -> Path:
+    weights = "random" if pretrained is None else Path(pretrained).stem if "/" in pretrained else pretrained
+    suffix = ".onnx" if fmt == "onnx" else ".engine"
+    return Path(f"{model.replace('/', '-')}-{weights}-{input_format}-{dtype}{suffix}")
+
+
+def run_export(args: argparse.Namespace) -> int:
+    pretrained = None if args.pretrained.lower() == "none" else args.pretrained
+    dtype = args.dtype or ("fp32" if args.format == "onnx" else "bf16")
+    if args.format == "onnx" and dtype == "bf16":
+        raise ValueError("ONNX export supports fp32 or fp16 (ONNX Runtime has few bf16 kernels); use --dtype fp16.")
+    out = args.out or default_out(args.model, pretrained, args.input, args.format, dtype)
+    model, _ = create_clip(args.model, pretrained)
+    spec = preprocess_spec_of(model, "vlmrm")
+    start = time.perf_counter()
+    if args.format == "onnx":
+        visual = model.visual.to(torch.float16 if dtype == "fp16" else torch.float32)
+        external = {"auto": None, "yes": True, "no": False}[args.external_data]
+        path = export_onnx(visual, out, spec, input_format=args.input, external_data=external)
+        message = f"wrote {path} ({_size(path)}) in {time.perf_counter() - start:.1f} s"
+        if not args.no_verify and dtype == "fp32":
+            message += f"; ONNX Runtime vs torch: max relative error {verify_onnx(path, model.visual, spec, args.input):.2e}"
+    else:
+        path = export_engine(model.visual, spec, out, dtype, args.input, args.max_batch_size)
+        message = f"wrote {path} ({_size(path)}) in {time.perf_counter() - start:.1f} s"
+    print(f"{message}. Input: {'frames uint8 [N, %d, %d, 3]' % spec.size if args.input == 'uint8-nhwc' else 'pixels [N, 3, %d, %d]' % spec.size}"
+          f"; output: embeddings [N, D] (unnormalised).")
+    return 0
+
+
+def verify_onnx(path: Path, visual: torch.nn.Module, spec, input_format: str) -> float:
+    """Max relative error of ONNX Runtime against the torch tower on two random frames."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        warnings.warn("onnxruntime is not installed: the export was not checked (pip install 'vlmrm-fast[export]').")
+        return float("nan")
+    frames = torch.randint(0, 256, (2,) + tuple(spec.size) + (3,), dtype=torch.uint8)
+    pixels = preprocess(frames, spec, torch.float32, impl="torch")
+    with torch.inference_mode():
+        want = visual.float()(pixels).numpy()
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    inputs = frames.numpy() if input_format == "uint8-nhwc" else pixels.numpy()
+    got = session.run(None, {session.get_inputs()[0].name: inputs})[0]
+    return float(np.abs(got - want).max() / np.abs(want).max())
+
+
+def export_engine(visual, spec, out: Path, dtype: str, input_format: str, max_batch_size: int) -> Path:
+    """Build a TensorRT engine file (needs CUDA and tensorrt)."""
+    from vlmrm_fast.backends.tensorrt import build_engine
+
+    if not torch.cuda.is_available():
+        raise ValueError("--format tensorrt needs a CUDA device; export --format onnx here and build the engine on the GPU machine.")
+    with tempfile.TemporaryDirectory(prefix="vlmrm_fast_export_") as tmp:
+        onnx_path = export_onnx(visual.float(), Path(tmp) / "tower.onnx", spec, input_format=input_format)
+        engine = build_engine(onnx_path, dtype, (1, max(1, max_batch_size // 2), max_batch_size))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp_out = out.with_name(out.name + ".tmp")
+    tmp_out.write_bytes(engine)
+    tmp_out.replace(out)  # never a half-written engine under the real name
+    return out
+
+
+def _size(path: Path) -> str:
+    total = path.stat().st_size + sum(p.stat().st_size for p in path.parent.glob(path.name + ".data"))
+    return f"{total / 1e6:.1f} MB"
