@@ -1,9 +1,120 @@
-"""Build script.
+"""Build script: metadata lives in pyproject.toml; this file adds the optional CUDA extension.
 
-All metadata lives in pyproject.toml. This file exists so that the CUDA extension (csrc/, the
-GL-CUDA batch renderer) can be added with torch.utils.cpp_extension behind environment knobs
-without changing how the package is installed; today it only defers to pyproject.
+The extension ``vlmrm_fast._render_cuda`` (csrc/gl_cuda_readback.cpp) reads MuJoCo's OpenGL frames
+into CUDA memory without a trip through the host (vlmrm_fast.render.BatchRenderer's GPU path). It is
+optional: without it the package is pure Python and BatchRenderer renders on the CPU path.
+
+Environment knobs (flash-attention style):
+
+- ``VLMRM_FAST_SKIP_CUDA_BUILD=1``: never build the extension.
+- ``VLMRM_FAST_FORCE_BUILD=1``: build even when no GPU is visible (CUDA toolkit still needed),
+  e.g. in a wheel-building container; a failed forced build is an error.
+- ``VLMRM_FAST_CUDA_ARCHS="80;90"``: compute capabilities to compile for (PTX is added for the newest).
+  Default: ``TORCH_CUDA_ARCH_LIST`` if set, else the visible GPUs' capabilities, else "80;90".
+
+By default the extension is built only when torch is importable in the build environment (e.g.
+``pip install -e . --no-build-isolation``), ``torch.cuda.is_available()`` and the CUDA toolkit (nvcc)
+is found. Otherwise a one-line note is printed and the install is pure Python.
 """
+import os
+import sys
+
 from setuptools import setup
 
-setup()
+EXT_NAME = "vlmrm_fast._render_cuda"
+SOURCES = ["csrc/gl_cuda_readback.cpp"]
+
+
+def _truthy(name):
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _note(msg):
+    print(f"vlmrm_fast setup: {msg}", file=sys.stderr)
+
+
+def _arch_list(torch):
+    archs = os.environ.get("VLMRM_FAST_CUDA_ARCHS", "").strip()
+    if not archs:
+        if os.environ.get("TORCH_CUDA_ARCH_LIST"):
+            return None  # torch's own knob, honoured by cpp_extension
+        if torch.cuda.is_available():
+            caps = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+            archs = ";".join(f"{a}{b}" for a, b in caps)
+        else:
+            archs = "80;90"
+    parts = [a.strip().replace(".", "") for a in archs.replace(",", ";").split(";") if a.strip()]
+    parts = sorted(set(parts), key=lambda a: (int(a[:-1]), a[-1]))
+    # "8.0;9.0+PTX": the newest also as PTX, so newer GPUs can JIT it.
+    return ";".join(f"{a[:-1]}.{a[-1]}" for a in parts) + "+PTX"
+
+
+def cuda_extensions():
+    """The extension list and cmdclass, or ([], {}) with a printed reason."""
+    if _truthy("VLMRM_FAST_SKIP_CUDA_BUILD"):
+        _note("VLMRM_FAST_SKIP_CUDA_BUILD is set: pure-Python install, no CUDA extension")
+        return [], {}
+    force = _truthy("VLMRM_FAST_FORCE_BUILD")
+    try:
+        import torch
+    except ImportError:
+        msg = ("torch is not importable in the build environment (build isolation?): no CUDA extension; "
+               "to build it, install torch first and run `pip install -e . --no-build-isolation`")
+        if force:
+            raise RuntimeError("VLMRM_FAST_FORCE_BUILD: " + msg)
+        _note(msg)
+        return [], {}
+    if torch.version.cuda is None:
+        msg = f"torch {torch.__version__} is a CPU-only build: no CUDA extension"
+        if force:
+            raise RuntimeError("VLMRM_FAST_FORCE_BUILD: " + msg)
+        _note(msg)
+        return [], {}
+    if not (torch.cuda.is_available() or force):
+        _note("no CUDA device visible (set VLMRM_FAST_FORCE_BUILD=1 to build anyway): no CUDA extension")
+        return [], {}
+    if not os.environ.get("CUDA_HOME") and not os.environ.get("CUDA_PATH") and os.path.isdir("/usr/local/cuda"):
+        os.environ["CUDA_HOME"] = "/usr/local/cuda"
+    from torch.utils import cpp_extension
+
+    if cpp_extension.CUDA_HOME is None or not os.path.exists(os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc")):
+        msg = "the CUDA toolkit (nvcc, CUDA_HOME) was not found: no CUDA extension"
+        if force:
+            raise RuntimeError("VLMRM_FAST_FORCE_BUILD: " + msg)
+        _note(msg)
+        return [], {}
+    archs = _arch_list(torch)
+    if archs is not None:
+        os.environ["TORCH_CUDA_ARCH_LIST"] = archs
+    _note(f"building {EXT_NAME} (CUDA_HOME={cpp_extension.CUDA_HOME}, "
+          f"TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST')})")
+    ext = cpp_extension.CUDAExtension(
+        name=EXT_NAME,
+        sources=SOURCES,
+        extra_compile_args={"cxx": ["-O2"]},
+        libraries=["dl"],
+    )
+
+    class BuildExt(cpp_extension.BuildExtension):
+        def run(self):
+            try:
+                super().run()
+            except Exception as exc:  # an optional extension must not break a default install
+                if force:
+                    raise
+                _note(f"building {EXT_NAME} failed, installing without it: {exc}")
+
+    return [ext], {"build_ext": BuildExt.with_options(use_ninja=_has_ninja())}
+
+
+def _has_ninja():
+    try:
+        from torch.utils.cpp_extension import is_ninja_available
+
+        return is_ninja_available()
+    except Exception:
+        return False
+
+
+ext_modules, cmdclass = cuda_extensions()
+setup(ext_modules=ext_modules, cmdclass=cmdclass)

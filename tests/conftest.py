@@ -5,7 +5,10 @@ CUDA machine it is left unset: there the same tests run the compiled kernels (ma
 """
 import os
 
-import torch
+os.environ.setdefault("MUJOCO_GL", "egl")  # headless MuJoCo rendering (Mesa EGL on CPU machines)
+os.environ.setdefault("PYOPENGL_PLATFORM", "egl")
+
+import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

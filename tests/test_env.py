@@ -1,0 +1,189 @@
+"""vlmrm_fast/TexturedHumanoid-v0: the paper's humanoid (SPEC §1.3).
+
+Physics and stepping tests need no OpenGL; rendering tests need EGL (MUJOCO_GL=egl) and skip with
+the reason where it cannot make a context.
+"""
+import os
+
+os.environ.setdefault("MUJOCO_GL", "egl")  # before mujoco is imported (headless rendering)
+os.environ.setdefault("PYOPENGL_PLATFORM", "egl")
+
+import pickle  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+gym = pytest.importorskip("gymnasium")
+mujoco = pytest.importorskip("mujoco")
+
+import vlmrm_fast.envs as envs_mod  # noqa: E402
+from vlmrm_fast.envs import EPISODE_LENGTH, HUMANOID_ENV_ID, register_envs  # noqa: E402
+
+
+def _egl_reason():
+    try:
+        m = mujoco.MjModel.from_xml_string("<mujoco><worldbody><geom size='1'/></worldbody></mujoco>")
+        with mujoco.Renderer(m, 8, 8) as r:
+            r.update_scene(mujoco.MjData(m))
+            r.render()
+    except Exception as exc:  # no EGL library, no device, or mujoco imported with another backend
+        return f"MuJoCo cannot render here (MUJOCO_GL={os.environ.get('MUJOCO_GL')!r}): {type(exc).__name__}: {exc}"
+    return None
+
+
+_EGL = _egl_reason()
+needs_egl = pytest.mark.skipif(_EGL is not None, reason=str(_EGL))
+
+
+@pytest.fixture
+def env():
+    e = gym.make(HUMANOID_ENV_ID)
+    yield e
+    e.close()
+
+
+def test_registered_idempotent():
+    register_envs()
+    register_envs()
+    assert HUMANOID_ENV_ID in gym.registry
+    spec = gym.spec(HUMANOID_ENV_ID)
+    assert spec.max_episode_steps == EPISODE_LENGTH == 100
+
+
+@pytest.mark.filterwarnings("ignore:.*infinity")
+def test_check_env(env):
+    from gymnasium.utils.env_checker import check_env
+
+    check_env(env.unwrapped, skip_render_check=True)  # the render check would open a window
+
+
+def test_frame_skip_and_physics_are_gymnasiums(env):
+    u = env.unwrapped
+    assert u.frame_skip == 5
+    assert u.dt == pytest.approx(0.015)
+    ref = gym.make("Humanoid-v5").unwrapped  # same humanoid.xml physics
+    for field in ("nq", "nv", "nu", "nbody", "njnt"):
+        assert getattr(u.model, field) == getattr(ref.model, field)
+    np.testing.assert_array_equal(u.model.body_mass, ref.model.body_mass)
+    np.testing.assert_array_equal(u.model.actuator_gear, ref.model.actuator_gear)
+    assert u.model.opt.timestep == ref.model.opt.timestep
+    assert u.observation_space.shape == (376,)  # v4 observations, as in the original code
+    ref.close()
+
+
+@pytest.mark.parametrize("length", [7, None])
+def test_fixed_episode_length_never_terminates(length):
+    kwargs = {} if length is None else {"max_episode_steps": length}
+    e = gym.make(HUMANOID_ENV_ID, **kwargs)
+    expected = EPISODE_LENGTH if length is None else length
+    e.reset(seed=0)
+    e.action_space.seed(0)
+    fell = False
+    for episode in range(2):
+        for t in range(1, expected + 1):
+            _, _, terminated, truncated, _ = e.step(e.action_space.sample())
+            fell = fell or not e.unwrapped.is_healthy
+            assert not terminated  # not even once the humanoid has fallen (unhealthy)
+            assert truncated == (t == expected), (episode, t)
+        e.reset()
+    if length is None:
+        assert fell  # 100 random steps topple it; the episode still ran to the end
+    e.close()
+
+
+def test_textured_scene_in_model(env):
+    m = env.unwrapped.model
+    assert m.ntex >= 3
+    tex_types = [int(t) for t in m.tex_type]
+    assert int(mujoco.mjtTexture.mjTEXTURE_SKYBOX) in tex_types
+    floor = mujoco.mj_name2id(m, mujoco.mjtObj.mjOBJ_GEOM, "floor")
+    mat = m.geom_matid[floor]
+    assert mat >= 0
+    floor_tex = m.mat_texid[mat].max()
+    assert floor_tex >= 0 and m.tex_type[floor_tex] == mujoco.mjtTexture.mjTEXTURE_2D
+    assert m.mat_texrepeat[mat][0] > 1  # a tiled floor
+    # every robot geom (all but the floor) carries the textured material of the default class
+    robot = [g for g in range(m.ngeom) if g != floor]
+    mats = {int(m.geom_matid[g]) for g in robot}
+    assert len(mats) == 1 and mats.pop() >= 0
+    assert m.mat_texid[m.geom_matid[robot[0]]].max() >= 0
+    # the changed light
+    light = mujoco.mj_name2id(m, mujoco.mjtObj.mjOBJ_LIGHT, "key")
+    assert light >= 0 and m.light_castshadow[light]
+
+
+def test_camera_config(env):
+    u = env.unwrapped
+    cfg = u.camera_config
+    assert cfg["type"] == mujoco.mjtCamera.mjCAMERA_TRACKING
+    assert cfg["trackbodyid"] == 1
+    assert cfg["distance"] == 3.5 and cfg["elevation"] == -10.0 and cfg["azimuth"] == 180.0
+    np.testing.assert_array_equal(cfg["lookat"], [0.0, 0.0, 1.0])
+    assert u.mujoco_renderer.default_cam_config is cfg
+    assert u.render_mode == "rgb_array" and (u.width, u.height) == (224, 224)
+
+
+def test_untextured_option_keeps_physics_and_camera():
+    e = gym.make(HUMANOID_ENV_ID, textured=False)
+    ref = gym.make("Humanoid-v5").unwrapped
+    assert e.unwrapped.model.ntex == ref.model.ntex
+    assert e.unwrapped.camera_config["trackbodyid"] == 1
+    e.close()
+    ref.close()
+
+
+def test_pickle_roundtrip():
+    e = gym.make(HUMANOID_ENV_ID, width=64, height=48, camera_config={"distance": 5.0}).unwrapped
+    e2 = pickle.loads(pickle.dumps(e))
+    assert (e2.width, e2.height) == (64, 48)
+    assert e2.camera_config["distance"] == 5.0 and e2.unwrapped.frame_skip == 5
+    e.close()
+    e2.close()
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="MjvCamera"):
+        gym.make(HUMANOID_ENV_ID, camera_config={"no_such_field": 1})
+    with pytest.raises(TypeError, match="frame_skip"):
+        gym.make(HUMANOID_ENV_ID, frame_skip=2)
+
+
+def test_render_mode_none_is_a_clear_error():
+    e = gym.make(HUMANOID_ENV_ID, render_mode=None, disable_env_checker=True)
+    e.reset(seed=0)
+    with pytest.raises(RuntimeError, match="render_mode"):
+        e.unwrapped.render()
+    e.close()
+
+
+def test_envs_import_is_light():
+    # registering must not need mujoco's env classes until an env is made
+    assert hasattr(envs_mod, "register_envs")
+    assert envs_mod.TexturedHumanoidEnv.__name__ == "TexturedHumanoidEnv"
+
+
+@needs_egl
+def test_render_default_224(env):
+    env.reset(seed=0)
+    frame = env.render()
+    assert frame.shape == (224, 224, 3) and frame.dtype == np.uint8
+    assert frame.std() > 10  # a textured scene, not a blank frame
+    u = env.unwrapped
+    cam = u.mujoco_renderer.viewer.cam
+    assert cam.type == mujoco.mjtCamera.mjCAMERA_TRACKING and cam.trackbodyid == 1
+    # a tracking camera looks at the torso's subtree centre of mass
+    np.testing.assert_allclose(cam.lookat, u.data.subtree_com[1])
+    # the camera follows the body: step until it moves, the view stays centred on it
+    for _ in range(20):
+        env.step(env.action_space.sample())
+    env.render()
+    np.testing.assert_allclose(cam.lookat, u.data.subtree_com[1])
+
+
+@needs_egl
+def test_render_custom_size():
+    e = gym.make(HUMANOID_ENV_ID, width=96, height=64)
+    e.reset(seed=0)
+    frame = e.render()
+    assert frame.shape == (64, 96, 3) and frame.dtype == np.uint8
+    e.close()

@@ -1,0 +1,293 @@
+"""vlmrm_fast.render.BatchRenderer: N MuJoCo envs -> one uint8 tensor [N, H, W, 3].
+
+CPU path: frames equal what each env's own ``env.render()`` gives for the same state (exactly: the
+same MuJoCo renderer, camera and options). GPU path (marker ``gpu``): frames equal MuJoCo's own
+renderer's frames, in OpenGL row order (``bottom_up``). Tests skip with the reason where EGL
+cannot make a context.
+"""
+import os
+
+os.environ.setdefault("MUJOCO_GL", "egl")  # before mujoco is imported (headless rendering)
+os.environ.setdefault("PYOPENGL_PLATFORM", "egl")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+gym = pytest.importorskip("gymnasium")
+mujoco = pytest.importorskip("mujoco")
+
+from vlmrm_fast.envs import HUMANOID_ENV_ID  # noqa: E402
+from vlmrm_fast.render import BatchRenderer, gpu_unavailable_reason  # noqa: E402
+
+
+def _egl_reason():
+    try:
+        m = mujoco.MjModel.from_xml_string("<mujoco><worldbody><geom size='1'/></worldbody></mujoco>")
+        with mujoco.Renderer(m, 8, 8) as r:
+            r.update_scene(mujoco.MjData(m))
+            r.render()
+    except Exception as exc:
+        return f"MuJoCo cannot render here (MUJOCO_GL={os.environ.get('MUJOCO_GL')!r}): {type(exc).__name__}: {exc}"
+    return None
+
+
+_EGL = _egl_reason()
+pytestmark = pytest.mark.skipif(_EGL is not None, reason=str(_EGL))
+HAS_CUDA = torch.cuda.is_available()
+_GPU_REASON = gpu_unavailable_reason("cuda") if HAS_CUDA else "needs a CUDA device"
+gpu_only = pytest.mark.skipif(_GPU_REASON is not None, reason=str(_GPU_REASON))
+# Environmental reasons for the GPU path not to run on a CUDA machine (skip); any other reason fails.
+_ENVIRONMENTAL = ("EGL context is not on", "EGL device display", "Cannot create an EGL context")
+
+
+def _gpu_renderer(envs, **kwargs):
+    r = BatchRenderer.from_envs(envs, device="cuda", **kwargs)
+    if r.path != "gpu":
+        reason = r.fallback_reason or ""
+        r.close()
+        if any(s in reason for s in _ENVIRONMENTAL):
+            pytest.skip(f"GPU render path unavailable on this machine: {reason}")
+        pytest.fail(f"GPU render path failed to start: {reason}")
+    return r
+
+
+def _make_envs(n=3, **kwargs):
+    envs = [gym.make(HUMANOID_ENV_ID, **kwargs) for _ in range(n)]
+    for i, e in enumerate(envs):  # different states: different seeds and numbers of random steps
+        e.reset(seed=i)
+        e.action_space.seed(i)
+        for _ in range(2 + 3 * i):
+            e.step(e.action_space.sample())
+    return envs
+
+
+@pytest.fixture(scope="module")
+def envs():
+    es = _make_envs()
+    yield es
+    for e in es:
+        e.close()
+
+
+@pytest.fixture(scope="module")
+def env_frames(envs):
+    return np.stack([e.render() for e in envs])  # the envs' own renders (negative row strides)
+
+
+@pytest.fixture(scope="module")
+def cpu_renderer(envs):
+    r = BatchRenderer.from_envs(envs, device="cpu")
+    yield r
+    r.close()
+
+
+def test_cpu_path_equals_env_render(cpu_renderer, env_frames):
+    frames = cpu_renderer.render()
+    assert frames.shape == (3, 224, 224, 3) and frames.dtype == torch.uint8
+    assert frames.device == torch.device("cpu")
+    assert cpu_renderer.bottom_up is False and cpu_renderer.path == "cpu"
+    assert cpu_renderer.fallback_reason
+    assert frames.is_contiguous() and all(s > 0 for s in frames.stride())
+    np.testing.assert_array_equal(frames.numpy(), env_frames)
+    # the three states differ, so this is not one frame compared three times
+    assert not np.array_equal(env_frames[0], env_frames[2])
+    # a second call gives a new tensor with the same frames
+    again = cpu_renderer.render()
+    assert again.data_ptr() != frames.data_ptr() and torch.equal(again, frames)
+
+
+def test_env_render_unaffected(envs, env_frames):
+    # gymnasium renders into whatever GL context is current: the batch renderer must restore it
+    r = BatchRenderer.from_envs(envs, device="cpu")
+    r.render()
+    np.testing.assert_array_equal(np.stack([e.render() for e in envs]), env_frames)
+    r.close()
+    np.testing.assert_array_equal(np.stack([e.render() for e in envs]), env_frames)
+
+
+def test_follows_env_steps(envs):
+    e = _make_envs(1)[0]
+    r = BatchRenderer.from_envs([e], device="cpu")
+    before = r.render()
+    for _ in range(5):
+        e.step(e.action_space.sample())
+    after = r.render()
+    assert not torch.equal(before, after)
+    np.testing.assert_array_equal(after[0].numpy(), e.render())
+    r.close()
+    e.close()
+
+
+def test_out_argument_and_negative_strides(cpu_renderer, env_frames):
+    out = torch.zeros((3, 224, 224, 3), dtype=torch.uint8)
+    res = cpu_renderer.render(out=out)
+    assert res is out
+    np.testing.assert_array_equal(out.numpy(), env_frames)
+    # env.render() arrays are row-reversed views (negative strides); a copy is needed for torch
+    assert env_frames.strides[1] > 0  # np.stack made a copy
+    single = gym.make(HUMANOID_ENV_ID)
+    single.reset(seed=0)
+    raw = single.render()
+    assert raw.strides[0] < 0
+    assert torch.equal(torch.from_numpy(np.ascontiguousarray(raw)), torch.from_numpy(raw.copy()))
+    single.close()
+    with pytest.raises(ValueError, match="out must be"):
+        cpu_renderer.render(out=torch.zeros((3, 224, 224, 4), dtype=torch.uint8))
+
+
+def test_model_data_pairs_with_camera_dict(envs, env_frames):
+    cfg = envs[0].unwrapped.camera_config
+    pairs = [(e.unwrapped.model, e.unwrapped.data) for e in envs]
+    with BatchRenderer(pairs, width=224, height=224, camera=cfg, device="cpu") as r:
+        np.testing.assert_array_equal(r.render().numpy(), env_frames)
+
+
+def test_custom_size_and_reward_model_input(envs, env_frames):
+    from vlmrm_fast import CLIPReward
+
+    es = _make_envs(2, width=96, height=64)
+    with BatchRenderer.from_envs(es, device="cpu") as r:
+        frames = r.render()
+        assert frames.shape == (2, 64, 96, 3)
+        np.testing.assert_array_equal(frames.numpy(), np.stack([e.render() for e in es]))
+    for e in es:
+        e.close()
+    # the rendered batch goes straight into the reward model
+    from tests.conftest import make_tiny  # noqa: WPS433
+
+    model, tok = make_tiny()
+    rm = CLIPReward(model, tok, goal="a humanoid robot kneeling", baseline="a humanoid robot", alpha=0.5,
+                    device="cpu")
+    with BatchRenderer.from_envs(envs, device="cpu") as r:
+        frames = r.render()
+        rewards = rm(frames, bottom_up=r.bottom_up)
+    assert rewards.shape == (3,) and torch.isfinite(rewards).all()
+    # (not e.render() here: closing the envs above released the GL context gymnasium's envs
+    # render into; gymnasium never makes its context current again. BatchRenderer does, per call.)
+    torch.testing.assert_close(rewards, rm(env_frames))
+
+
+def test_errors(envs):
+    with pytest.raises(ValueError, match="at least one"):
+        BatchRenderer([])
+    with pytest.raises(TypeError, match="MuJoCo"):
+        BatchRenderer.from_envs([gym.make("CartPole-v1")])
+    other = mujoco.MjModel.from_xml_string("<mujoco><worldbody><geom size='1'/></worldbody></mujoco>")
+    with pytest.raises(ValueError, match="ONE model"):
+        BatchRenderer([(envs[0].unwrapped.model, envs[0].unwrapped.data), (other, mujoco.MjData(other))],
+                      device="cpu")
+    with pytest.raises(ValueError, match="gpu=True"):
+        BatchRenderer(envs, device="cpu", gpu=True)
+    r = BatchRenderer.from_envs(envs[:1], width=32, height=32, device="cpu")
+    r.close()
+    r.close()  # idempotent
+    with pytest.raises(RuntimeError, match="close"):
+        r.render()
+
+
+def test_gpu_unavailable_reason_is_one_line():
+    reason = gpu_unavailable_reason()
+    if reason is not None:
+        assert isinstance(reason, str) and "\n" not in reason
+
+
+# -- GPU path ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("size,offsamples", [((224, 224), 4), ((101, 75), 4), ((101, 75), 0)],
+                         ids=["224-msaa", "odd-101x75-msaa", "odd-101x75-no-msaa"])
+def test_extension_gl_readback_without_cuda(size, offsamples):
+    """The GL half of the GPU path (resolve blit, glReadPixels into a PBO), where the extension is
+    built: read back through glGetBufferSubData instead of CUDA, so it runs on any EGL (Mesa too)."""
+    from vlmrm_fast.render import _cuda
+    from vlmrm_fast.render.batch import _keep_current_gl
+
+    ext = _cuda.extension()
+    if ext is None:
+        pytest.skip("the extension vlmrm_fast._render_cuda is not built")
+    if os.environ.get("MUJOCO_GL") != "egl":
+        pytest.skip("needs MUJOCO_GL=egl")
+    from mujoco.egl import GLContext
+
+    width, height = size
+    es = _make_envs(3, width=width, height=height)
+    for e in es:
+        e.unwrapped.model.vis.quality.offsamples = offsamples
+    with BatchRenderer.from_envs(es, device="cpu") as r:
+        ref = r.render().numpy()
+        cams = r.cameras
+    m = es[0].unwrapped.model
+    with _keep_current_gl():
+        ctx = GLContext(width, height)
+        ctx.make_current()
+        con = mujoco.MjrContext(m, mujoco.mjtFontScale.mjFONTSCALE_150)
+        mujoco.mjr_setBuffer(mujoco.mjtFramebuffer.mjFB_OFFSCREEN, con)
+        assert (con.offFBO_r != 0) == (offsamples > 0)
+        reader = ext.PboReader(width, height, 3, -1)
+        scene = mujoco.MjvScene(m, maxgeom=10000)
+        rect = mujoco.MjrRect(0, 0, width, height)
+        for i, e in enumerate(es):
+            mujoco.mjv_updateScene(m, e.unwrapped.data, mujoco.MjvOption(), None, cams[i],
+                                   mujoco.mjtCatBit.mjCAT_ALL, scene)
+            mujoco.mjr_render(rect, scene, con)
+            reader.read(con.offFBO, con.offFBO_r, i)
+        got = reader.download(3).numpy()
+        assert not reader.registered
+        with pytest.raises(RuntimeError, match="not registered"):
+            reader.copy_to(torch.empty((3, height, width, 3), dtype=torch.uint8), 3)
+        reader.close()
+        con.free()
+        ctx.free()
+    np.testing.assert_array_equal(got[:, ::-1], ref)  # bottom-up rows, tightly packed
+
+@pytest.mark.gpu
+@gpu_only
+@pytest.mark.parametrize("size", [(224, 224), (101, 75)], ids=["224", "odd-101x75"])
+@pytest.mark.parametrize("offsamples", [4, 0], ids=["msaa", "no-msaa"])
+def test_gpu_path_equals_mujoco_renderer(size, offsamples):
+    width, height = size
+    es = _make_envs(3, width=width, height=height)
+    for e in es:
+        e.unwrapped.model.vis.quality.offsamples = offsamples
+    with _gpu_renderer(es) as r:
+        assert r.path == "gpu" and r.bottom_up is True and r.fallback_reason is None
+        frames = r.render()
+        assert frames.shape == (3, height, width, 3) and frames.dtype == torch.uint8
+        assert frames.device.type == "cuda"
+        gpu = frames.flip(1).cpu().numpy()  # OpenGL rows run bottom-up
+    with BatchRenderer.from_envs(es, device="cpu") as cpu:  # mujoco.Renderer
+        ref = cpu.render().numpy()
+    np.testing.assert_array_equal(gpu, ref)
+    np.testing.assert_array_equal(ref, np.stack([e.render() for e in es]))
+    for e in es:
+        e.close()
+
+
+@pytest.mark.gpu
+@gpu_only
+def test_gpu_frames_into_reward_model(envs, env_frames):
+    from tests.conftest import make_tiny
+
+    from vlmrm_fast import CLIPReward
+
+    model, tok = make_tiny()
+    rm = CLIPReward(model, tok, goal="a humanoid robot kneeling", baseline="a humanoid robot", alpha=0.5,
+                    device="cuda", dtype=torch.float32)
+    with _gpu_renderer(envs) as r:
+        assert r.bottom_up
+        frames = r.render()
+        got = rm(frames, bottom_up=r.bottom_up)
+        # frames stay valid across renders: a second batch into a given tensor, same content
+        out = torch.empty_like(frames)
+        assert r.render(out=out) is out and torch.equal(out, frames)
+    np.testing.assert_array_equal(frames.flip(1).cpu().numpy(), env_frames)
+    torch.testing.assert_close(got, rm(env_frames))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_cuda_device_cpu_path_fallback(envs, env_frames):
+    with BatchRenderer.from_envs(envs, device="cuda", gpu=False) as r:
+        assert r.path == "cpu" and not r.bottom_up
+        frames = r.render()
+        assert frames.device.type == "cuda"
+        np.testing.assert_array_equal(frames.cpu().numpy(), env_frames)

@@ -1,0 +1,56 @@
+"""Guarded import of the compiled GL -> CUDA readback extension (``vlmrm_fast._render_cuda``).
+
+The extension is optional (setup.py builds it only where CUDA is present); everything here works
+without it and says why the GPU path is unavailable.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+_ext: Any = None
+_import_error: Optional[str] = None
+
+try:
+    import torch  # noqa: F401  (the extension links against torch's libraries)
+
+    from vlmrm_fast import _render_cuda as _ext  # type: ignore[attr-defined,no-redef]
+except Exception as exc:  # ImportError, or OSError from a missing shared library
+    _ext = None
+    _import_error = f"{type(exc).__name__}: {exc}"
+
+
+def extension() -> Any:
+    """The compiled module, or None when it is not built or cannot load."""
+    return _ext
+
+
+def gpu_unavailable_reason(device: Any = None) -> Optional[str]:
+    """Why the GPU render path cannot run here, in one line; None when it can be tried.
+
+    Static checks only (extension built, CUDA device, ``MUJOCO_GL=egl``); whether the EGL context
+    really sits on the CUDA device is checked when a :class:`BatchRenderer` is made (it then falls
+    back to the CPU path and records the reason in ``fallback_reason``).
+    """
+    import torch
+
+    if _ext is None:
+        return (
+            "the CUDA extension vlmrm_fast._render_cuda is not built "
+            f"({_import_error}); build it on a CUDA machine with `pip install -e . --no-build-isolation`"
+        )
+    if not torch.cuda.is_available():
+        return "no CUDA device (torch.cuda.is_available() is False)"
+    if device is not None:
+        dev = torch.device(device)
+        if dev.type != "cuda":
+            return f"device {dev} is not a CUDA device"
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            return f"{dev} does not exist ({torch.cuda.device_count()} CUDA devices)"
+    gl = os.environ.get("MUJOCO_GL", "").strip().lower()
+    if gl != "egl":
+        return (
+            f"MUJOCO_GL={gl!r}: the GPU path renders through EGL on the CUDA device; set "
+            "MUJOCO_GL=egl (and PYOPENGL_PLATFORM=egl) before importing mujoco"
+        )
+    return None

@@ -1,0 +1,526 @@
+"""Render N MuJoCo envs of one model into one uint8 tensor ``[N, H, W, 3]`` on a device.
+
+Two paths:
+
+- CPU path (always available): one ``mujoco.Renderer``; each env's scene is drawn and read back in
+  turn into a preallocated host tensor (pinned when the output goes to CUDA), rows flipped to
+  top-down as ``env.render()`` gives them, then copied to the device. ``bottom_up`` is False.
+- GPU path (CUDA device, the ``vlmrm_fast._render_cuda`` extension, ``MUJOCO_GL=egl``): an EGL
+  context on the CUDA device; after each ``mjr_render`` the extension resolves the multisampled
+  framebuffer and reads it with ``glReadPixels`` into a pixel-pack buffer registered with CUDA; one
+  device-to-device copy per batch moves all frames into the output tensor. Frames never touch the
+  host and keep OpenGL's bottom-up row order (``bottom_up`` is True): the reward model's
+  preprocessing kernel flips them for free, ``rm(frames, bottom_up=r.bottom_up)``.
+"""
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+from vlmrm_fast.render import _cuda
+
+__all__ = ["BatchRenderer"]
+
+CameraSpec = Union[None, int, str, Dict[str, Any], Any]  # Any: mujoco.MjvCamera
+
+_CAMERA_FIELDS = ("type", "fixedcamid", "trackbodyid", "lookat", "distance", "azimuth", "elevation",
+                  "orthographic")
+
+
+def _mujoco():
+    import mujoco
+
+    return mujoco
+
+
+def _is_env(obj: Any) -> bool:
+    return hasattr(obj, "unwrapped") or (hasattr(obj, "model") and hasattr(obj, "data")
+                                         and not isinstance(obj, tuple))
+
+
+def _model_data_of(env: Any) -> Tuple[Any, Any]:
+    mujoco = _mujoco()
+    u = getattr(env, "unwrapped", env)
+    model, data = getattr(u, "model", None), getattr(u, "data", None)
+    if not isinstance(model, mujoco.MjModel) or not isinstance(data, mujoco.MjData):
+        raise TypeError(
+            f"{type(u).__name__} is not a MuJoCo env: BatchRenderer needs env.unwrapped.model "
+            "(mujoco.MjModel) and env.unwrapped.data (mujoco.MjData)"
+        )
+    return model, data
+
+
+def _copy_camera(src: Any) -> Any:
+    mujoco = _mujoco()
+    cam = mujoco.MjvCamera()
+    for name in _CAMERA_FIELDS:
+        value = getattr(src, name)
+        if name == "lookat":
+            cam.lookat[:] = value
+        else:
+            setattr(cam, name, value)
+    return cam
+
+
+def _make_camera(model: Any, data: Any, spec: CameraSpec) -> Any:
+    """An ``mujoco.MjvCamera`` from a camera spec (see :class:`BatchRenderer`)."""
+    mujoco = _mujoco()
+    if isinstance(spec, mujoco.MjvCamera):
+        return _copy_camera(spec)
+    cam = mujoco.MjvCamera()
+    if spec is None or (isinstance(spec, (int, np.integer)) and int(spec) == -1):
+        cam.type = mujoco.mjtCamera.mjCAMERA_FREE
+        cam.fixedcamid = -1
+        mujoco.mjv_defaultFreeCamera(model, cam)
+        return cam
+    if isinstance(spec, str):
+        cam_id = mujoco.mj_name2id(model, mujoco.mjtObj.mjOBJ_CAMERA, spec)
+        if cam_id == -1:
+            raise ValueError(f"camera {spec!r} is not a camera of the model")
+        spec = cam_id
+    if isinstance(spec, (int, np.integer)):
+        if not 0 <= int(spec) < model.ncam:
+            raise ValueError(f"camera id {spec} outside [-1, {model.ncam})")
+        cam.type = mujoco.mjtCamera.mjCAMERA_FIXED
+        cam.fixedcamid = int(spec)
+        return cam
+    if isinstance(spec, dict):
+        # gymnasium's default_camera_config: attributes set on a free camera that gymnasium first
+        # points at the median geom position from the model's extent.
+        cam.type = mujoco.mjtCamera.mjCAMERA_FREE
+        cam.fixedcamid = -1
+        cam.lookat[:] = np.median(data.geom_xpos, axis=0) if model.ngeom else 0.0
+        cam.distance = model.stat.extent
+        for key, value in spec.items():
+            if not hasattr(cam, key):
+                raise ValueError(f"camera config key {key!r} is not an attribute of mujoco.MjvCamera")
+            if key == "lookat":
+                cam.lookat[:] = np.asarray(value, dtype=np.float64)
+            else:
+                setattr(cam, key, value)
+        return cam
+    raise TypeError(
+        "camera must be None (free camera), an int id or name of a model camera, a dict of "
+        f"mujoco.MjvCamera attributes (gymnasium's default_camera_config) or an MjvCamera; got {type(spec)}"
+    )
+
+
+def _env_camera(env: Any) -> Tuple[CameraSpec, Optional[Any]]:
+    """The camera and scene options an env's own ``render()`` uses (gymnasium MujocoEnv)."""
+    mujoco = _mujoco()
+    u = env.unwrapped if hasattr(env, "unwrapped") else env
+    r = getattr(u, "mujoco_renderer", None)
+    if r is None:
+        return None, None
+    camera_id = getattr(r, "camera_id", -1)
+    viewer = getattr(r, "_viewers", {}).get("rgb_array") if hasattr(r, "_viewers") else None
+    vopt = None
+    if viewer is not None:
+        cam = _copy_camera(viewer.cam)
+        vopt = viewer.vopt
+    else:
+        config = dict(getattr(r, "default_cam_config", None) or {})
+        model, data = _model_data_of(env)
+        cam = _make_camera(model, data, config)
+        flags = getattr(r, "_vopt", None)
+        if flags:
+            vopt = mujoco.MjvOption()
+            for flag, value in flags.items():
+                vopt.flags[flag] = value
+    # gymnasium's render: camera_id -1 forces a free camera, >= 0 a fixed one, None keeps the type.
+    if camera_id is not None:
+        if camera_id == -1:
+            cam.type = mujoco.mjtCamera.mjCAMERA_FREE
+        else:
+            cam.type = mujoco.mjtCamera.mjCAMERA_FIXED
+        cam.fixedcamid = camera_id
+    return cam, vopt
+
+
+def _check_same_model(models: Sequence[Any]) -> None:
+    first = models[0]
+    fields = ("nbody", "ngeom", "nmat", "ntex", "nmesh", "nlight", "ncam", "nq", "nskin", "nflex", "nhfield")
+    for i, m in enumerate(models[1:], start=1):
+        if m is first:
+            continue
+        diff = [f for f in fields if getattr(m, f, None) != getattr(first, f, None)]
+        if diff:
+            raise ValueError(
+                f"BatchRenderer renders envs of ONE model (its textures and meshes are uploaded "
+                f"once); model {i} differs from model 0 in {diff}"
+            )
+
+
+@contextmanager
+def _egl_device_for(index: int):
+    """Point MuJoCo's EGL display at CUDA device ``index`` unless the user or an earlier context chose."""
+    created = False
+    try:
+        import mujoco.egl as megl
+
+        created = getattr(megl, "EGL_DISPLAY", None) is not None
+    except Exception:
+        pass
+    set_here = not created and "MUJOCO_EGL_DEVICE_ID" not in os.environ
+    if set_here:
+        os.environ["MUJOCO_EGL_DEVICE_ID"] = str(index)
+    try:
+        yield
+    finally:
+        if set_here:
+            os.environ.pop("MUJOCO_EGL_DEVICE_ID", None)
+
+
+@contextmanager
+def _keep_current_gl():
+    """Restore the caller's current GL context afterwards.
+
+    gymnasium's MuJoCo envs make their own context current once, when their viewer is created, and
+    render into whatever context is current afterwards: a renderer that leaves its own context
+    current (or none, after freeing it) would silently break their ``env.render()``. EGL and GLFW
+    contexts are restored; with OSMesa this is best effort (nothing is restored).
+    """
+    backend = os.environ.get("MUJOCO_GL", "").strip().lower()
+    saved = None
+    try:
+        if backend == "egl":
+            from mujoco.egl import egl_ext as EGL
+
+            ctx = EGL.eglGetCurrentContext()
+            if ctx:
+                saved = ("egl", (EGL.eglGetCurrentDisplay(), EGL.eglGetCurrentSurface(EGL.EGL_DRAW),
+                                 EGL.eglGetCurrentSurface(EGL.EGL_READ), ctx))
+        elif backend in ("", "glfw", "glx", "enable", "enabled", "on", "true", "1"):
+            import glfw
+
+            win = glfw.get_current_context()
+            if win:
+                saved = ("glfw", win)
+    except Exception:
+        saved = None
+    try:
+        yield
+    finally:
+        if saved is not None:
+            kind, state = saved
+            try:
+                if kind == "egl":
+                    from mujoco.egl import egl_ext as EGL
+
+                    EGL.eglMakeCurrent(*state)
+                else:
+                    import glfw
+
+                    glfw.make_context_current(state)
+            except Exception:  # the saved context is gone (e.g. it was ours, freed by close())
+                pass
+
+
+class BatchRenderer:
+    """Render N MuJoCo envs of the same model into one uint8 tensor ``[N, H, W, 3]``.
+
+    Args:
+        sources: a list of gymnasium MuJoCo envs (``env.unwrapped.model/.data``) or of
+            ``(mujoco.MjModel, mujoco.MjData)`` pairs. All must share one model (same assets); the
+            datas are read at each :meth:`render`, so stepping the envs is all that is needed.
+        width, height: frame size (default 224 x 224, the CLIP towers' input size). The models'
+            offscreen buffer (``model.vis.global_.offwidth/offheight``) is grown to fit if smaller.
+        camera: None (MuJoCo's default free camera), an id or name of a model camera, a dict of
+            ``mujoco.MjvCamera`` attributes (gymnasium's ``default_camera_config``), an
+            ``MjvCamera``, or a list of N of these (one per env). For envs given without a camera,
+            each env's own render camera is used (as :meth:`from_envs`).
+        device: where the frames go: "cpu", "cuda", "cuda:1", a torch.device; default CUDA when
+            available, else CPU.
+        gpu: "auto" (default: the GPU path where it can run, else the CPU path, with the reason in
+            ``fallback_reason``), True (the GPU path or an error saying why not), False (CPU path).
+        max_geom: scene capacity (geoms).
+        scene_option: a ``mujoco.MjvOption`` for all envs (default: each env's, else MuJoCo's).
+
+    Attributes: ``device``, ``width``, ``height``, ``num_envs``, ``bottom_up`` (True on the GPU
+    path: rows in OpenGL order), ``path`` ("gpu" or "cpu"), ``fallback_reason`` (why not "gpu").
+    """
+
+    def __init__(
+        self,
+        sources: Sequence[Any],
+        width: int = 224,
+        height: int = 224,
+        camera: Union[CameraSpec, Sequence[CameraSpec]] = None,
+        device: Union[str, torch.device, None] = None,
+        *,
+        gpu: Union[str, bool] = "auto",
+        max_geom: int = 10000,
+        scene_option: Any = None,
+    ):
+        mujoco = _mujoco()
+        self._closed = True
+        sources = list(sources)
+        if not sources:
+            raise ValueError("BatchRenderer needs at least one env or (model, data) pair")
+        width, height = int(width), int(height)
+        if width <= 0 or height <= 0:
+            raise ValueError(f"width and height must be positive, got {width} x {height}")
+        models, datas, env_cams, env_opts = [], [], [], []
+        for src in sources:
+            if isinstance(src, (tuple, list)) and len(src) == 2:
+                m, d = src
+                if not isinstance(m, mujoco.MjModel) or not isinstance(d, mujoco.MjData):
+                    raise TypeError("a (model, data) pair must be (mujoco.MjModel, mujoco.MjData)")
+                cam, opt = None, None
+            elif _is_env(src):
+                m, d = _model_data_of(src)
+                cam, opt = _env_camera(src) if camera is None else (None, None)
+            else:
+                raise TypeError(
+                    f"BatchRenderer takes gymnasium MuJoCo envs or (MjModel, MjData) pairs, got {type(src)}"
+                )
+            models.append(m)
+            datas.append(d)
+            env_cams.append(cam)
+            env_opts.append(opt)
+        _check_same_model(models)
+        n = len(models)
+        if isinstance(camera, (list, tuple)):
+            if len(camera) != n:
+                raise ValueError(f"camera: a list of {len(camera)} cameras for {n} envs")
+            specs = list(camera)
+        else:
+            specs = [camera] * n
+        self._cameras = [
+            env_cams[i] if (specs[i] is None and env_cams[i] is not None) else _make_camera(models[i], datas[i], specs[i])
+            for i in range(n)
+        ]
+        if scene_option is not None:
+            self._options = [scene_option] * n
+        else:
+            default = mujoco.MjvOption()
+            self._options = [opt if opt is not None else default for opt in env_opts]
+        for m in models:  # mjr contexts size their offscreen buffers from the model
+            m.vis.global_.offwidth = max(m.vis.global_.offwidth, width)
+            m.vis.global_.offheight = max(m.vis.global_.offheight, height)
+
+        self._models, self._datas = models, datas
+        self.width, self.height, self.num_envs = width, height, n
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        self.device = device
+        self.max_geom = int(max_geom)
+        self.fallback_reason: Optional[str] = None
+        self.path = "cpu"
+
+        if gpu not in ("auto", True, False):
+            raise ValueError(f"gpu must be 'auto', True or False, got {gpu!r}")
+        want_gpu = gpu is True or (gpu == "auto" and device.type == "cuda")
+        if gpu is True and device.type != "cuda":
+            raise ValueError(f"gpu=True needs a CUDA device, got device={device}")
+        if want_gpu:
+            reason = _cuda.gpu_unavailable_reason(device)
+            if reason is None:
+                with _keep_current_gl():
+                    reason = self._init_gpu()
+            if reason is not None:
+                if gpu is True:
+                    raise RuntimeError(f"BatchRenderer GPU path unavailable: {reason}")
+                self.fallback_reason = reason
+        elif device.type == "cuda":
+            self.fallback_reason = "gpu=False"
+        else:
+            self.fallback_reason = f"device is {device}"
+        if self.path == "cpu":
+            with _keep_current_gl():
+                self._init_cpu()
+        self._closed = False
+
+    # -- construction ---------------------------------------------------------------------------
+    @classmethod
+    def from_envs(
+        cls,
+        envs: Iterable[Any],
+        width: Optional[int] = None,
+        height: Optional[int] = None,
+        device: Union[str, torch.device, None] = None,
+        **kwargs: Any,
+    ) -> "BatchRenderer":
+        """A renderer for gymnasium MuJoCo envs, with each env's camera and render size.
+
+        ``width``/``height`` default to the first env's render size (``env.unwrapped.width/height``).
+        Other keyword arguments go to :class:`BatchRenderer` (``camera`` overrides the envs' cameras).
+        """
+        envs = list(envs)
+        if not envs:
+            raise ValueError("from_envs needs at least one env")
+        u = getattr(envs[0], "unwrapped", envs[0])
+        _model_data_of(envs[0])
+        if width is None:
+            width = getattr(u, "width", None) or 224
+        if height is None:
+            height = getattr(u, "height", None) or 224
+        return cls(envs, width=width, height=height, device=device, **kwargs)
+
+    def _init_cpu(self) -> None:
+        mujoco = _mujoco()
+        try:
+            self._renderer = mujoco.Renderer(self._models[0], self.height, self.width, self.max_geom)
+        except Exception as exc:
+            from vlmrm_fast.envs.humanoid import rendering_help
+
+            raise RuntimeError(rendering_help(exc)) from exc
+        pin = self.device.type == "cuda" and torch.cuda.is_available()
+        self._host = torch.empty((self.num_envs, self.height, self.width, 3), dtype=torch.uint8, pin_memory=pin)
+        self._host_np = self._host.numpy()
+        self._copy_done: Optional[torch.cuda.Event] = None
+        self.path = "cpu"
+
+    def _init_gpu(self) -> Optional[str]:
+        """Set up the EGL context, MuJoCo's GL context and the CUDA-registered PBO; a reason on failure."""
+        mujoco = _mujoco()
+        ext = _cuda.extension()
+        index = self.device.index
+        gl_ctx = con = reader = None
+        try:
+            with _egl_device_for(index):
+                from mujoco.egl import GLContext
+
+                gl_ctx = GLContext(self.width, self.height)
+            gl_ctx.make_current()
+            con = mujoco.MjrContext(self._models[0], mujoco.mjtFontScale.mjFONTSCALE_150)
+            mujoco.mjr_setBuffer(mujoco.mjtFramebuffer.mjFB_OFFSCREEN, con)
+            devices = list(ext.gl_cuda_devices())
+            if index not in devices:
+                raise RuntimeError(
+                    f"the EGL context is not on cuda:{index} (CUDA devices behind it: {devices or 'none'}; "
+                    "a software renderer, or MUJOCO_EGL_DEVICE_ID / CUDA_VISIBLE_DEVICES pointing at "
+                    "another GPU, or a container without the NVIDIA driver's graphics libraries)"
+                )
+            reader = ext.PboReader(self.width, self.height, self.num_envs, index)
+        except Exception as exc:
+            try:
+                if con is not None:
+                    con.free()
+                if gl_ctx is not None:
+                    gl_ctx.free()
+            except Exception:
+                pass
+            return f"{type(exc).__name__}: {exc}"
+        self._gl, self._con, self._reader = gl_ctx, con, reader
+        self._scene = mujoco.MjvScene(self._models[0], maxgeom=self.max_geom)
+        self._rect = mujoco.MjrRect(0, 0, self.width, self.height)
+        self.path = "gpu"
+        return None
+
+    # -- rendering ------------------------------------------------------------------------------
+    @property
+    def bottom_up(self) -> bool:
+        """True when frames come in OpenGL row order (the GPU path): ``rm(frames, bottom_up=...)``."""
+        return self.path == "gpu"
+
+    @property
+    def cameras(self) -> List[Any]:
+        """The ``mujoco.MjvCamera`` of each env (modifiable: takes effect on the next render)."""
+        return self._cameras
+
+    def render(self, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Frames of all envs in their current state: uint8 ``[N, H, W, 3]`` on ``self.device``.
+
+        ``out``: an optional contiguous uint8 tensor of that shape on ``self.device`` to write into.
+        Each call returns a new tensor otherwise (never an internal buffer).
+        """
+        if self._closed:
+            raise RuntimeError("BatchRenderer.render() after close()")
+        shape = (self.num_envs, self.height, self.width, 3)
+        if out is not None:
+            if (tuple(out.shape) != shape or out.dtype != torch.uint8 or out.device != self.device
+                    or not out.is_contiguous()):
+                raise ValueError(f"out must be a contiguous uint8 tensor of shape {shape} on {self.device}")
+        with _keep_current_gl():
+            if self.path == "gpu":
+                return self._render_gpu(out)
+            return self._render_cpu(out)
+
+    __call__ = render
+
+    def _render_cpu(self, out: Optional[torch.Tensor]) -> torch.Tensor:
+        mujoco = _mujoco()
+        r = self._renderer
+        if self._copy_done is not None:  # the previous async host->device copy still reads _host
+            self._copy_done.synchronize()
+            self._copy_done = None
+        to_cpu = self.device.type == "cpu"
+        target = out if (to_cpu and out is not None) else (
+            torch.empty(self._host.shape, dtype=torch.uint8) if to_cpu else self._host)
+        target_np = target.numpy()
+        for i in range(self.num_envs):
+            mujoco.mjv_updateScene(self._models[i], self._datas[i], self._options[i], None, self._cameras[i],
+                                   mujoco.mjtCatBit.mjCAT_ALL, r.scene)
+            r.render(out=target_np[i])
+        if to_cpu:
+            return target
+        if out is None:
+            out = torch.empty(self._host.shape, dtype=torch.uint8, device=self.device)
+        out.copy_(self._host, non_blocking=self._host.is_pinned())
+        if self._host.is_pinned():
+            self._copy_done = torch.cuda.Event()
+            self._copy_done.record(torch.cuda.current_stream(self.device))
+        return out
+
+    def _render_gpu(self, out: Optional[torch.Tensor]) -> torch.Tensor:
+        mujoco = _mujoco()
+        self._gl.make_current()
+        con, scene, rect, reader = self._con, self._scene, self._rect, self._reader
+        for i in range(self.num_envs):
+            mujoco.mjv_updateScene(self._models[i], self._datas[i], self._options[i], None, self._cameras[i],
+                                   mujoco.mjtCatBit.mjCAT_ALL, scene)
+            mujoco.mjr_render(rect, scene, con)
+            reader.read(con.offFBO, con.offFBO_r, i)
+        if out is None:
+            out = torch.empty((self.num_envs, self.height, self.width, 3), dtype=torch.uint8, device=self.device)
+        with torch.cuda.device(self.device):
+            reader.copy_to(out, self.num_envs)
+        return out
+
+    # -- lifetime -------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Free the GL context and buffers (idempotent)."""
+        if getattr(self, "_closed", True):
+            return
+        self._closed = True
+        with _keep_current_gl():
+            self._free()
+
+    def _free(self) -> None:
+        if self.path == "gpu":
+            try:
+                self._gl.make_current()
+                self._reader.close()
+                self._con.free()
+            finally:
+                self._gl.free()
+                self._reader = self._con = self._gl = None
+        else:
+            if self._copy_done is not None:
+                self._copy_done.synchronize()
+            self._renderer.close()
+            self._renderer = None
+
+    def __enter__(self) -> "BatchRenderer":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __repr__(self) -> str:
+        return (f"BatchRenderer(num_envs={self.num_envs}, size={self.width}x{self.height}, device={self.device}, "
+                f"path={self.path!r}, bottom_up={self.bottom_up})")
