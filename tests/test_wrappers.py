@@ -1,0 +1,496 @@
+"""VLMRewardWrapper / VLMRewardVecEnv: rewards per mode, info keys, one batch per VecEnv step, terminal
+frames under SB3's auto-reset, errors, the gymnasium and SB3 checkers, and a SAC smoke run.
+
+Rendering is slow on CPU-only machines, so envs render small (64 x 64) frames for few steps.
+"""
+import os
+
+os.environ.setdefault("MUJOCO_GL", "egl")
+os.environ.setdefault("PYOPENGL_PLATFORM", "egl")
+
+import warnings  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+gym = pytest.importorskip("gymnasium")
+pytest.importorskip("stable_baselines3")
+pytest.importorskip("mujoco")
+
+from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv  # noqa: E402
+
+from vlmrm_fast import CLIPReward, Task  # noqa: E402
+from vlmrm_fast import wrappers as W  # noqa: E402
+from vlmrm_fast.wrappers import RenderTerminalFrame, VLMRewardVecEnv, VLMRewardWrapper  # noqa: E402
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:.*random weights.*:UserWarning"),
+    pytest.mark.filterwarnings("ignore:.*is resized, which costs time.*:UserWarning"),
+    pytest.mark.filterwarnings("ignore:.*different from the unwrapped version.*"),
+]
+
+SIZE = 64
+ENV_ID = "InvertedPendulum-v5"
+
+
+def _tiny_reward(**kwargs) -> CLIPReward:
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return CLIPReward.from_pretrained("vlmrm-tiny", None, alpha=0.5, device="cpu", backend="torch", **kwargs)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """The tiny model's batches are small: one intra-op thread avoids OpenMP stalls (hundreds of ms per
+    call) when the few cores are shared with other processes (MuJoCo's renderer, parallel test runs)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def rm() -> CLIPReward:
+    return _tiny_reward(goal="a humanoid robot kneeling", baseline="a humanoid robot")
+
+
+@pytest.fixture(scope="module")
+def rm_tasks() -> CLIPReward:
+    return _tiny_reward(tasks=[
+        Task(goal="a humanoid robot kneeling", baseline="a humanoid robot", name="kneel"),
+        Task(goal="a humanoid robot doing the splits", baseline="a humanoid robot", name="splits"),
+    ])
+
+
+def make_env(max_episode_steps=None, render_mode="rgb_array", size=SIZE) -> gym.Env:
+    kwargs = {} if max_episode_steps is None else {"max_episode_steps": max_episode_steps}
+    return gym.make(ENV_ID, render_mode=render_mode, width=size, height=size, **kwargs)
+
+
+def actions(n_steps: int, n_envs: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).uniform(-3.0, 3.0, size=(n_steps, n_envs, 1)).astype(np.float32)
+
+
+class Spy:
+    """Delegates to a reward model and records the batch size of every call."""
+
+    def __init__(self, rm):
+        self.rm = rm
+        self.batch_sizes = []
+
+    def __call__(self, frames, **kwargs):
+        self.batch_sizes.append(len(frames))
+        return self.rm(frames, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.rm, name)
+
+
+class CountingEnv(gym.Env):
+    """A non-MuJoCo env whose frame shows its step count (gray level 40 * t); episodes end at t = 3."""
+
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 30}
+
+    def __init__(self, render_mode="rgb_array", frame_fn=None):
+        self.render_mode = render_mode
+        self.observation_space = gym.spaces.Box(0.0, 10.0, shape=(1,), dtype=np.float32)
+        self.action_space = gym.spaces.Box(-1.0, 1.0, shape=(1,), dtype=np.float32)
+        self.frame_fn = frame_fn
+        self.t = 0
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.t = 0
+        return np.array([0.0], dtype=np.float32), {}
+
+    def step(self, action):
+        self.t += 1
+        return np.array([self.t], dtype=np.float32), float(self.t), self.t >= 3, False, {}
+
+    def render(self):
+        frame = counting_frame(self.t)
+        return frame if self.frame_fn is None else self.frame_fn(frame)
+
+
+def counting_frame(t: int) -> np.ndarray:
+    return np.full((32, 32, 3), 40 * t, dtype=np.uint8)
+
+
+# ---- VLMRewardWrapper -----------------------------------------------------------------------------
+
+
+MODES = ["replace", "add", "log"]
+
+
+def test_single_env_modes(rm):
+    """Each mode's reward against rm() on the reference env's frame (``mode`` switched between steps)."""
+    env = VLMRewardWrapper(make_env(), rm, mode="add", weight=0.5)
+    ref = make_env()
+    env.reset(seed=0)
+    ref.reset(seed=0)
+    for step, action in enumerate(actions(4, 1)[:, 0]):
+        env.mode = mode = MODES[step % 3]
+        obs, reward, term, trunc, info = env.step(action)
+        ref_obs, ref_reward, ref_term, ref_trunc, _ = ref.step(action)
+        np.testing.assert_array_equal(obs, ref_obs)
+        expected_vlm = float(rm(ref.render()[None])[0])
+        assert info["vlm_reward"] == pytest.approx(expected_vlm, abs=1e-6)
+        assert info["gt_reward"] == ref_reward
+        expected = {"replace": expected_vlm, "add": ref_reward + 0.5 * expected_vlm, "log": ref_reward}[mode]
+        assert reward == pytest.approx(expected, abs=1e-6)
+        assert isinstance(reward, float)
+        assert (term, trunc) == (ref_term, ref_trunc)
+        if term or trunc:
+            break
+    with pytest.raises(ValueError, match="mode must be one of"):
+        env.mode = "multiply"
+    with pytest.raises(ValueError, match="finite"):
+        env.weight = float("nan")
+    env.close()
+    ref.close()
+
+
+def test_single_env_episode_returns_and_tasks(rm_tasks):
+    env = VLMRewardWrapper(make_env(max_episode_steps=3), rm_tasks, task="splits")
+    env.reset(seed=1)
+    vlm, gt = [], []
+    for action in actions(3, 1, seed=5)[:, 0]:
+        _, reward, term, trunc, info = env.step(action)
+        assert set(info["vlm_rewards"]) == {"kneel", "splits"}
+        assert info["vlm_reward"] == info["vlm_rewards"]["splits"] == reward
+        vlm.append(info["vlm_reward"])
+        gt.append(info["gt_reward"])
+        if term or trunc:
+            break
+    assert term or trunc
+    assert info["episode_vlm_return"] == pytest.approx(sum(vlm))
+    assert info["episode_gt_return"] == pytest.approx(sum(gt))
+    with pytest.raises(ValueError, match="not one of the reward model's tasks"):
+        VLMRewardWrapper(CountingEnv(), rm_tasks, task="lotus")
+    with pytest.raises(ValueError, match="mode must be one of"):
+        VLMRewardWrapper(CountingEnv(), rm_tasks, mode="multiply")
+    with pytest.raises(ValueError, match="out of range"):
+        VLMRewardWrapper(CountingEnv(), rm_tasks, task=2)
+
+
+def test_single_env_needs_rgb_array(rm):
+    with pytest.raises(ValueError, match=r'render_mode="rgb_array"'):
+        VLMRewardWrapper(gym.make(ENV_ID), rm)
+
+
+def test_single_env_bad_frames(rm):
+    rgba = VLMRewardWrapper(CountingEnv(frame_fn=lambda f: np.concatenate([f, f[..., :1]], axis=-1)), rm)
+    rgba.reset(seed=0)
+    with pytest.raises(ValueError, match=r"uint8 RGB frame \[H, W, 3\]"):
+        rgba.step(np.zeros(1, np.float32))
+    floats = VLMRewardWrapper(CountingEnv(frame_fn=lambda f: f.astype(np.float32)), rm)
+    floats.reset(seed=0)
+    with pytest.raises(ValueError, match="uint8"):
+        floats.step(np.zeros(1, np.float32))
+
+
+def test_single_env_negative_strides(rm):
+    # A frame that is a flipped view (negative strides on both axes) scores like its contiguous copy.
+    env = VLMRewardWrapper(CountingEnv(frame_fn=lambda f: np.ascontiguousarray(f)[::-1, ::-1]), rm)
+    env.reset(seed=0)
+    _, reward, _, _, _ = env.step(np.zeros(1, np.float32))
+    assert reward == pytest.approx(float(rm(counting_frame(1)[None])[0]), abs=1e-6)
+    # gymnasium's MuJoCo renderer itself returns row-flipped views
+    wrapped = VLMRewardWrapper(make_env(), rm)
+    wrapped.reset(seed=0)
+    frame = wrapped.render()
+    _, reward, _, _, _ = wrapped.step(np.zeros(1, np.float32))
+    expected = float(rm(np.ascontiguousarray(wrapped.render())[None])[0])
+    assert reward == pytest.approx(expected, abs=1e-6)
+    assert frame.dtype == np.uint8
+
+
+def test_single_env_size_warning(rm):
+    with pytest.warns(UserWarning, match="renders 64x64 frames but the reward model's tower takes 224x224"):
+        VLMRewardWrapper(make_env(), rm)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        VLMRewardWrapper(make_env(size=224), rm)  # no render at construction, no warning
+
+
+def test_single_env_checkers(rm):
+    from gymnasium.utils.env_checker import check_env as gym_check_env
+    from stable_baselines3.common.env_checker import check_env as sb3_check_env
+
+    gym_check_env(VLMRewardWrapper(make_env(), rm, mode="add"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        sb3_check_env(VLMRewardWrapper(make_env(), rm), warn=True, skip_render_check=True)
+
+
+# ---- VLMRewardVecEnv ------------------------------------------------------------------------------
+
+
+class FakeBatchRenderer:
+    """Stands in for vlmrm_fast.render.BatchRenderer: renders each env's MjData, rows bottom-up (as GL)."""
+
+    bottom_up = True
+    device = torch.device("cpu")
+
+    def __init__(self, envs):
+        self.envs = envs
+        self.closed = False
+
+    @classmethod
+    def from_envs(cls, envs, width=None, height=None):
+        return cls(envs)
+
+    def render(self):
+        return torch.from_numpy(np.stack([np.ascontiguousarray(e.unwrapped.render()[::-1]) for e in self.envs]))
+
+    def close(self):
+        self.closed = True
+
+
+@pytest.fixture
+def fake_batch(monkeypatch):
+    monkeypatch.setattr(W, "_import_batch_renderer", lambda: FakeBatchRenderer)
+    return FakeBatchRenderer
+
+
+@pytest.fixture
+def no_batch(monkeypatch):
+    def missing():
+        raise ImportError("no vlmrm_fast.render here")
+
+    monkeypatch.setattr(W, "_import_batch_renderer", missing)
+
+
+def run_against_reference(venv, wrapped, rm, n_envs, n_steps, seed, make, weight, modes=("replace",),
+                          ref_renderer=None):
+    """Step ``wrapped`` and n_envs plain reference envs with the same actions; check every reward.
+
+    ``wrapped.mode`` cycles through ``modes``, one per step. The reference frames come from each
+    reference env's ``render()``, or from ``ref_renderer(refs)()`` (frames [N, H, W, 3], top-down).
+    """
+    refs = [make() for _ in range(n_envs)]
+    render_refs = ref_renderer(refs) if ref_renderer else (lambda: np.stack([r.render() for r in refs]))
+    venv.seed(seed)
+    obs = wrapped.reset()
+    ref_obs = np.stack([r.reset(seed=seed + i)[0] for i, r in enumerate(refs)])
+    np.testing.assert_array_equal(obs, ref_obs)
+    episode = [[0.0, 0.0] for _ in range(n_envs)]
+    ends = 0
+    for step, action in enumerate(actions(n_steps, n_envs, seed)):
+        wrapped.mode = mode = modes[step % len(modes)]
+        obs, rewards, dones, infos = wrapped.step(action)
+        assert rewards.dtype == np.float32 and rewards.shape == (n_envs,)
+        steps = [r.step(a) for r, a in zip(refs, action)]
+        frames = render_refs()  # the states this step reached, terminal or not
+        gts = [st[1] for st in steps]
+        ref_dones = [st[2] or st[3] for st in steps]
+        ref_obs = [r.reset()[0] if done else st[0] for r, st, done in zip(refs, steps, ref_dones)]
+        np.testing.assert_array_equal(dones, ref_dones)
+        np.testing.assert_allclose(obs, np.stack(ref_obs), atol=1e-6)  # auto-reset state intact after the swap
+        vlm = rm(frames).numpy()
+        expected = {"replace": vlm, "add": np.array(gts) + weight * vlm, "log": np.array(gts)}[mode]
+        np.testing.assert_allclose(rewards, expected, atol=1e-5)
+        for i, info in enumerate(infos):
+            assert info["gt_reward"] == pytest.approx(gts[i])
+            assert info["vlm_reward"] == pytest.approx(float(vlm[i]), abs=1e-5)
+            assert "terminal_frame" not in info
+            episode[i][0] += info["vlm_reward"]
+            episode[i][1] += info["gt_reward"]
+            if dones[i]:
+                ends += 1
+                assert info["vlm_terminal_frame"] is True
+                assert info["episode_vlm_return"] == pytest.approx(episode[i][0], abs=1e-4)
+                assert info["episode_gt_return"] == pytest.approx(episode[i][1], abs=1e-4)
+                episode[i] = [0.0, 0.0]
+            else:
+                assert "episode_vlm_return" not in info
+    for r in refs:
+        r.close()
+    return ends
+
+
+def test_vec_env_modes_one_batch(rm, no_batch):
+    n_envs, n_steps = 2, 6
+    venv = DummyVecEnv([make_env] * n_envs)
+    spy = Spy(rm)
+    wrapped = VLMRewardVecEnv(venv, spy, mode="add", weight=0.5)
+    assert wrapped.render_source == "images"
+    run_against_reference(venv, wrapped, rm, n_envs, n_steps, 0, make_env, 0.5, modes=MODES)
+    assert spy.batch_sizes == [n_envs] * n_steps  # one reward-model call per step, all envs in it
+    wrapped.close()
+
+
+def real_batch_renderer_or_skip(envs):
+    """The real BatchRenderer class, or skip the test where it is missing or cannot render."""
+    try:
+        from vlmrm_fast.render import BatchRenderer
+    except ImportError as exc:
+        pytest.skip(f"vlmrm_fast.render.BatchRenderer not available: {exc}")
+    try:
+        BatchRenderer.from_envs(envs, device="cpu").close()
+    except Exception as exc:  # noqa: BLE001
+        pytest.skip(f"BatchRenderer cannot run here: {exc!r}")
+    return BatchRenderer
+
+
+def batch_reference(renderer_cls):
+    """Reference frames from a BatchRenderer over the reference envs, built (like the wrapper's) before
+    reset: its free-camera placement depends on when it is built, as gymnasium's own viewer's does."""
+
+    def build(refs):
+        renderer = renderer_cls.from_envs(refs, device="cpu")
+
+        def render():
+            frames = renderer.render().numpy()
+            return frames[:, ::-1] if renderer.bottom_up else frames
+
+        return render
+
+    return build
+
+
+@pytest.mark.parametrize("render", ["images", "fake-batch", "batch"])
+def test_vec_env_terminal_frames_mujoco(rm, monkeypatch, render):
+    """Episodes end (time limit 3, or the pole falls): the terminal step is scored on the terminal state,
+    rendered in the same batch as the other envs, and the auto-reset state is intact afterwards.
+    "fake-batch": a stand-in renderer giving bottom-up frames; "batch": vlmrm_fast.render.BatchRenderer."""
+    n_envs = 2
+
+    def make():
+        return make_env(max_episode_steps=3)
+
+    venv = DummyVecEnv([make] * n_envs)
+    if render == "fake-batch":
+        monkeypatch.setattr(W, "_import_batch_renderer", lambda: FakeBatchRenderer)
+    ref_renderer = None
+    if render == "batch":
+        ref_renderer = batch_reference(real_batch_renderer_or_skip(list(venv.envs)))
+    spy = Spy(rm)
+    wrapped = VLMRewardVecEnv(venv, spy, render=render.replace("fake-", ""))
+    assert wrapped.render_source == render.replace("fake-", "")
+    ends = run_against_reference(venv, wrapped, rm, n_envs, 7, 3, make, 1.0, ref_renderer=ref_renderer)
+    assert ends >= 2 * n_envs
+    assert spy.batch_sizes == [n_envs] * 7
+    renderer = wrapped.renderer
+    wrapped.close()
+    if render == "fake-batch":
+        assert renderer.closed
+
+
+def test_vec_env_terminal_frames_other_envs(rm_tasks, no_batch):
+    """Non-MuJoCo envs in a DummyVecEnv: RenderTerminalFrame is applied; several tasks reported by name."""
+    venv = DummyVecEnv([CountingEnv] * 2)
+    wrapped = VLMRewardVecEnv(venv, rm_tasks, task=1)
+    wrapped.reset()
+    all_expected = rm_tasks(np.stack([counting_frame(t) for t in (1, 2, 3)])).numpy()
+    for t in (1, 2, 3, 1):
+        _, rewards, dones, infos = wrapped.step(np.zeros((2, 1), np.float32))
+        expected = all_expected[t - 1]
+        np.testing.assert_allclose(rewards, [expected[1]] * 2, atol=1e-5)
+        for info in infos:
+            assert info["vlm_rewards"]["kneel"] == pytest.approx(float(expected[0]), abs=1e-5)
+            assert info["vlm_rewards"]["splits"] == pytest.approx(float(expected[1]), abs=1e-5)
+        assert dones.tolist() == [t == 3] * 2
+        if t == 3:
+            assert all(info["vlm_terminal_frame"] for info in infos)
+            assert infos[0]["episode_gt_return"] == pytest.approx(6.0)
+            assert infos[0]["episode_vlm_return"] == pytest.approx(float(all_expected[:, 1].sum()), abs=1e-4)
+            assert "terminal_frame" not in infos[0]
+    wrapped.close()
+
+
+def test_vec_env_through_vec_wrappers(rm):
+    """A DummyVecEnv under other VecEnv wrappers (VecMonitor) is still found: terminal frames, no warning."""
+    from stable_baselines3.common.vec_env import VecMonitor
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        wrapped = VLMRewardVecEnv(VecMonitor(DummyVecEnv([CountingEnv])), rm)
+    wrapped.reset()
+    for _ in range(3):
+        _, rewards, dones, infos = wrapped.step(np.zeros((1, 1), np.float32))
+    assert dones[0] and infos[0]["vlm_terminal_frame"]
+    np.testing.assert_allclose(rewards, rm(counting_frame(3)[None]).numpy(), atol=1e-5)
+    assert "episode" in infos[0]  # VecMonitor's own episode info is kept
+    wrapped.close()
+
+
+def test_vec_env_subproc(rm):
+    """SubprocVecEnv: without RenderTerminalFrame a warning; with it the terminal frame is scored."""
+    expected = rm(np.stack([counting_frame(t) for t in (0, 3)])).numpy()  # next episode's first frame, terminal
+    with pytest.warns(UserWarning, match="RenderTerminalFrame"):
+        plain = VLMRewardVecEnv(SubprocVecEnv([CountingEnv] * 2, start_method="fork"), rm)
+    framed = VLMRewardVecEnv(
+        SubprocVecEnv([lambda: RenderTerminalFrame(CountingEnv())] * 2, start_method="fork"), rm)
+    try:
+        for wrapped, (reward, terminal) in ((plain, (expected[0], False)), (framed, (expected[1], True))):
+            wrapped.reset()
+            for _ in range(3):
+                _, rewards, dones, infos = wrapped.step(np.zeros((2, 1), np.float32))
+            assert dones.all()
+            np.testing.assert_allclose(rewards, [reward] * 2, atol=1e-5)
+            assert [info["vlm_terminal_frame"] for info in infos] == [terminal] * 2
+    finally:
+        plain.close()
+        framed.close()
+
+
+def test_vec_env_errors(rm, no_batch):
+    with pytest.raises(ValueError, match=r'render_mode="rgb_array"'):
+        VLMRewardVecEnv(DummyVecEnv([lambda: gym.make(ENV_ID)]), rm)
+    with pytest.raises(ValueError, match="render must be one of"):
+        VLMRewardVecEnv(DummyVecEnv([make_env]), rm, render="gpu")
+    with pytest.raises(ValueError, match="DummyVecEnv of MuJoCo envs"):
+        VLMRewardVecEnv(DummyVecEnv([CountingEnv]), rm, render="batch")
+    with pytest.raises(ImportError):
+        VLMRewardVecEnv(DummyVecEnv([make_env]), rm, render="batch")  # renderer missing: no silent fallback
+    bad = VLMRewardVecEnv(DummyVecEnv([lambda: CountingEnv(frame_fn=lambda f: f[..., 0])]), rm)
+    bad.reset()
+    with pytest.raises(ValueError, match=r"uint8 RGB frame \[H, W, 3\]"):
+        bad.step(np.zeros((1, 1), np.float32))
+
+
+def test_vec_env_auto_fallbacks(rm, monkeypatch):
+    class Broken(FakeBatchRenderer):
+        def render(self):
+            raise RuntimeError("no GL context")
+
+    monkeypatch.setattr(W, "_import_batch_renderer", lambda: Broken)
+    wrapped = VLMRewardVecEnv(DummyVecEnv([make_env] * 2), rm)
+    assert wrapped.render_source == "batch"
+    wrapped.reset()
+    with pytest.warns(UserWarning, match="falls back|get_images"):
+        _, rewards, _, _ = wrapped.step(np.zeros((2, 1), np.float32))
+    assert wrapped.render_source == "images" and np.isfinite(rewards).all()
+    wrapped.close()
+
+    class Unbuildable(FakeBatchRenderer):
+        @classmethod
+        def from_envs(cls, envs, width=None, height=None):
+            raise RuntimeError("EGL device not found")
+
+    monkeypatch.setattr(W, "_import_batch_renderer", lambda: Unbuildable)
+    with pytest.warns(UserWarning, match="could not be built"):
+        wrapped = VLMRewardVecEnv(DummyVecEnv([make_env]), rm)
+    assert wrapped.render_source == "images"
+    wrapped.close()
+
+
+def test_sac_learns_through_vec_env(rm):
+    """SAC through VLMRewardVecEnv with render="auto" (the BatchRenderer where it runs, else get_images)."""
+    from stable_baselines3 import SAC
+
+    venv = VLMRewardVecEnv(DummyVecEnv([lambda: make_env(max_episode_steps=10)] * 2), rm)
+    model = SAC("MlpPolicy", venv, learning_starts=10, batch_size=16, buffer_size=200, seed=0, device="cpu",
+                policy_kwargs={"net_arch": [16, 16]})
+    assert venv.render_source in ("batch", "images")
+    model.learn(total_timesteps=50)
+    buffer = model.replay_buffer
+    stored = buffer.rewards[: buffer.pos]
+    assert stored.size >= 40 and np.isfinite(stored).all()
+    # the env's own reward is 1.0 per step; the stored rewards are the CLIP rewards
+    assert not np.allclose(stored, 1.0)
+    assert model.num_timesteps >= 50
+    venv.close()

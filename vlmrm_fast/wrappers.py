@@ -1,0 +1,626 @@
+"""CLIP rewards inside reinforcement-learning loops: a gymnasium wrapper and a stable-baselines3 VecEnv wrapper.
+
+Both render the environment after each step, score the frame with a :class:`~vlmrm_fast.CLIPReward` (the
+VLM-RM reward, SPEC §1.1) and hand the result to the agent as its reward:
+
+- :class:`VLMRewardWrapper` wraps one ``gymnasium.Env`` (one frame, one reward model call per step).
+- :class:`VLMRewardVecEnv` wraps an SB3 ``VecEnv``: all envs are rendered once per step and scored in
+  one batch. With a ``DummyVecEnv`` of MuJoCo envs the frames come from
+  :class:`vlmrm_fast.render.BatchRenderer` (kept on the GPU when it renders there); otherwise from
+  ``venv.get_images()`` through host memory (``SubprocVecEnv`` pickles every frame through a pipe, so
+  ``DummyVecEnv`` is the fast path).
+
+Modes (both wrappers):
+
+- ``"replace"``: reward = VLM reward (the paper's setting).
+- ``"add"``: reward = env reward + ``weight`` * VLM reward.
+- ``"log"``: reward = env reward, unchanged; the VLM reward is only reported in ``info``.
+
+Every step's ``info`` gets ``"gt_reward"`` (the env's own reward, float) and ``"vlm_reward"`` (float).
+With a several-task reward model (``CLIPReward(tasks=[...])``) the task chosen by ``task=`` (index or
+name, default the first) drives the reward and ``info["vlm_rewards"]`` maps every task name to its
+reward. On the step where an episode ends, ``info["episode_vlm_return"]`` and
+``info["episode_gt_return"]`` hold the episode's sums of the VLM and env rewards.
+
+**Terminal steps in a VecEnv.** SB3 VecEnvs reset an env inside ``step_wait`` as soon as its episode
+ends, so a frame rendered afterwards shows the *next* episode's first state, not the state the last
+action reached. :class:`VLMRewardVecEnv` scores the true terminal state wherever SB3 allows it:
+
+- ``DummyVecEnv`` of MuJoCo envs: each env is wrapped (in ``venv.envs``) by a tiny gymnasium wrapper
+  that copies the MuJoCo state (``mj_copyData``) when an episode ends, before the auto-reset. At the
+  next render the terminal state is swapped in, the frame rendered with all the others in the same
+  batch, and the reset state swapped back (exact: the whole ``MjData`` is copied both ways).
+- ``DummyVecEnv`` of other envs: each env is wrapped by :class:`RenderTerminalFrame`, which renders
+  the terminal frame before the reset and passes it in ``info``.
+- Other VecEnvs (``SubprocVecEnv``, ...): build the envs with :class:`RenderTerminalFrame` inside
+  (``make_vec_env(..., wrapper_class=RenderTerminalFrame)``), and the terminal frame travels in
+  ``info`` (one extra frame per episode). Without it the terminal step is scored on the next episode's
+  first frame; a warning says so once, and ``info["vlm_terminal_frame"]`` is ``False`` on those steps
+  (``True`` where the true terminal frame was scored).
+"""
+from __future__ import annotations
+
+import inspect
+import warnings
+from contextlib import ExitStack, contextmanager
+from typing import Any, Dict, Iterator, List, Optional, Sequence, SupportsFloat, Tuple, Union
+
+import numpy as np
+import torch
+
+try:
+    import gymnasium as gym
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "vlmrm_fast.wrappers needs gymnasium (and stable-baselines3 for VLMRewardVecEnv): "
+        "pip install gymnasium stable-baselines3"
+    ) from exc
+
+try:
+    from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv, VecEnvWrapper
+    from stable_baselines3.common.vec_env.base_vec_env import VecEnvObs, VecEnvStepReturn
+except ImportError:  # pragma: no cover - depends on the environment
+    DummyVecEnv = VecEnv = None  # type: ignore[assignment,misc]
+    VecEnvWrapper = object  # type: ignore[assignment,misc]
+    VecEnvObs = VecEnvStepReturn = Any  # type: ignore[misc]
+    _HAS_SB3 = False
+else:
+    _HAS_SB3 = True
+
+__all__ = ["VLMRewardWrapper", "VLMRewardVecEnv", "RenderTerminalFrame", "MODES"]
+
+MODES = ("replace", "add", "log")
+RENDER_SOURCES = ("auto", "batch", "images")
+TERMINAL_FRAME_KEY = "terminal_frame"
+
+_RGB_FIX = 'gymnasium.make(env_id, render_mode="rgb_array")'
+
+
+# ---- shared helpers -----------------------------------------------------------------------------
+
+
+def _check_mode(mode: str, weight: float) -> Tuple[str, float]:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}; got {mode!r}.")
+    weight = float(weight)
+    if not np.isfinite(weight):
+        raise ValueError(f"weight must be a finite number; got {weight}.")
+    return mode, weight
+
+
+def _task_index(reward_model: Any, task: Union[int, str]) -> int:
+    names = list(getattr(reward_model, "task_names", []) or [])
+    if isinstance(task, str):
+        if task not in names:
+            raise ValueError(f"task {task!r} is not one of the reward model's tasks {names}.")
+        return names.index(task)
+    index = int(task)
+    if names and not -len(names) <= index < len(names):
+        raise ValueError(f"task index {index} is out of range for the reward model's {len(names)} task(s) {names}.")
+    return index % len(names) if names else index
+
+
+def _combine(mode: str, weight: float, env_reward: Any, vlm_reward: Any) -> Any:
+    if mode == "replace":
+        return vlm_reward
+    if mode == "add":
+        return env_reward + weight * vlm_reward
+    return env_reward
+
+
+def _frame_size(frame: Any) -> Tuple[int, int]:
+    return int(frame.shape[0]), int(frame.shape[1])
+
+
+def _check_frame(frame: Any, where: str) -> None:
+    """A rendered frame must be uint8 RGB [H, W, 3] (numpy or torch)."""
+    if frame is None:
+        raise ValueError(
+            f"{where} returned None instead of an RGB frame: create the env with render_mode=\"rgb_array\" "
+            f"({_RGB_FIX})."
+        )
+    if not isinstance(frame, (np.ndarray, torch.Tensor)):
+        raise TypeError(
+            f"{where} must return a uint8 [H, W, 3] numpy array or torch tensor; got {type(frame).__name__}."
+        )
+    uint8 = frame.dtype == (torch.uint8 if isinstance(frame, torch.Tensor) else np.uint8)
+    if frame.ndim != 3 or frame.shape[2] != 3 or not uint8:
+        raise ValueError(
+            f"{where} must return a uint8 RGB frame [H, W, 3]; got shape {tuple(frame.shape)} and dtype {frame.dtype}. "
+            f"Use render_mode=\"rgb_array\" ({_RGB_FIX})."
+        )
+
+
+def _warn_size(size: Tuple[int, int], reward_model: Any, what: str) -> None:
+    want = tuple(getattr(reward_model, "image_size", size))
+    if tuple(size) != want:
+        warnings.warn(
+            f"{what} renders {size[0]}x{size[1]} frames but the reward model's tower takes {want[0]}x{want[1]}: every "
+            f"frame is resized, which costs time. Render at the tower's size to skip it (for MuJoCo envs: "
+            f"gymnasium.make(env_id, render_mode=\"rgb_array\", width={want[1]}, height={want[0]})).",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+def _declared_render_size(env: Any) -> Optional[Tuple[int, int]]:
+    """(H, W) an env says it renders at (MuJoCo envs: ``width``/``height``), or None if unknown."""
+    base = getattr(env, "unwrapped", env)
+    width, height = getattr(base, "width", None), getattr(base, "height", None)
+    if isinstance(width, (int, np.integer)) and isinstance(height, (int, np.integer)):
+        return int(height), int(width)
+    return None
+
+
+def _rewards_to_numpy(rewards: torch.Tensor) -> np.ndarray:
+    """[N] or [N, T] rewards -> float32 numpy [N, T] on the host."""
+    array = rewards.detach().to("cpu", torch.float32).numpy()
+    return array.reshape(array.shape[0], -1)
+
+
+def _mujoco_parts(env: Any) -> Optional[Tuple[Any, Any]]:
+    """(MjModel, MjData) of a MuJoCo env, or None."""
+    base = getattr(env, "unwrapped", env)
+    model, data = getattr(base, "model", None), getattr(base, "data", None)
+    if model is None or data is None:
+        return None
+    try:
+        import mujoco
+    except ImportError:
+        return None
+    if isinstance(model, mujoco.MjModel) and isinstance(data, mujoco.MjData):
+        return model, data
+    return None
+
+
+class _RewardMode:
+    """``mode`` and ``weight`` as validated attributes (changing them takes effect at the next step)."""
+
+    _mode: str = "replace"
+    _weight: float = 1.0
+
+    @property
+    def mode(self) -> str:
+        """``"replace"``, ``"add"`` or ``"log"``; may be changed between steps."""
+        return self._mode
+
+    @mode.setter
+    def mode(self, value: str) -> None:
+        self._mode, _ = _check_mode(value, self._weight)
+
+    @property
+    def weight(self) -> float:
+        """Scale of the VLM reward in ``"add"`` mode; may be changed between steps (e.g. annealed)."""
+        return self._weight
+
+    @weight.setter
+    def weight(self, value: float) -> None:
+        _, self._weight = _check_mode(self._mode, value)
+
+
+# ---- the single-env wrapper ---------------------------------------------------------------------
+
+
+class VLMRewardWrapper(_RewardMode, gym.Wrapper, gym.utils.RecordConstructorArgs):
+    """A gymnasium wrapper whose reward is the CLIP (VLM-RM) reward of the frame rendered after each step.
+
+    After ``env.step(action)`` the env is rendered once (``env.render()``, an RGB array) and the frame
+    scored with ``reward_model``: ``r_vlm = 1 - 0.5 * |M (x - g)|^2`` for the frame's CLIP embedding ``x``
+    (SPEC §1.1). The returned reward is, by ``mode``:
+
+    - ``"replace"``: ``r_vlm``;
+    - ``"add"``: ``env_reward + weight * r_vlm``;
+    - ``"log"``: ``env_reward`` (``r_vlm`` only in ``info``).
+
+    The reward is a Python float in every mode. ``info`` always gets ``"gt_reward"`` (the env's own
+    reward, float) and ``"vlm_reward"`` (float); with a several-task reward model also ``"vlm_rewards"`` (``{task name: reward}``), the task ``task`` driving the
+    reward. On the step where the episode ends (terminated or truncated): ``"episode_vlm_return"`` and
+    ``"episode_gt_return"``, the episode's sums.
+
+    The frame may be any size (the reward model resizes it), but rendering at ``reward_model.image_size``
+    skips the resize: a warning says so once when the sizes differ. One reward-model call per step, on
+    ``reward_model.device``; for many envs use :class:`VLMRewardVecEnv`, which scores them in one batch.
+
+    Args:
+        env: the environment, made with ``render_mode="rgb_array"``.
+        reward_model: a :class:`~vlmrm_fast.CLIPReward` (any callable ``rm(frames [N, H, W, 3] uint8) ->
+            [N] or [N, T]`` with ``image_size`` and ``task_names``).
+        mode: ``"replace"``, ``"add"`` or ``"log"``.
+        weight: scale of the VLM reward in ``"add"`` mode (unused otherwise).
+        task: which task (index or name in ``reward_model.task_names``) drives the reward.
+
+    Raises:
+        ValueError: the env's render mode is not ``"rgb_array"``, or a rendered frame is not uint8 [H, W, 3].
+    """
+
+    def __init__(
+        self,
+        env: gym.Env,
+        reward_model: Any,
+        *,
+        mode: str = "replace",
+        weight: float = 1.0,
+        task: Union[int, str] = 0,
+    ) -> None:
+        gym.utils.RecordConstructorArgs.__init__(self, reward_model=reward_model, mode=mode, weight=weight, task=task)
+        gym.Wrapper.__init__(self, env)
+        if env.render_mode != "rgb_array":
+            raise ValueError(
+                f"VLMRewardWrapper scores rendered frames, so the env must render RGB arrays; its render_mode is "
+                f"{env.render_mode!r}. Create it with {_RGB_FIX}."
+            )
+        # Only RGB arrays work here; say so to tools that try every render mode (gymnasium's checker).
+        self.metadata = {**env.metadata, "render_modes": ["rgb_array"]}
+        self.reward_model = reward_model
+        self._mode, self._weight = _check_mode(mode, weight)
+        self.task = _task_index(reward_model, task)
+        self.task_names: List[str] = list(getattr(reward_model, "task_names", []) or [])
+        self._size_checked = False
+        size = _declared_render_size(env)
+        if size is not None:
+            self._size_checked = True
+            _warn_size(size, reward_model, "The env")
+        self._episode_vlm = 0.0
+        self._episode_gt = 0.0
+
+    def reset(
+        self, *, seed: Optional[int] = None, options: Optional[Dict[str, Any]] = None
+    ) -> Tuple[Any, Dict[str, Any]]:
+        self._episode_vlm = 0.0
+        self._episode_gt = 0.0
+        return self.env.reset(seed=seed, options=options)
+
+    def vlm_rewards(self) -> np.ndarray:
+        """Render the env now and score the frame: float32 [T] (one entry per task of the reward model)."""
+        frame = self.env.render()
+        _check_frame(frame, "env.render()")
+        if not self._size_checked:
+            self._size_checked = True
+            _warn_size(_frame_size(frame), self.reward_model, "The env")
+        return _rewards_to_numpy(self.reward_model(frame[None]))[0]
+
+    def step(self, action: Any) -> Tuple[Any, SupportsFloat, bool, bool, Dict[str, Any]]:
+        obs, env_reward, terminated, truncated, info = self.env.step(action)
+        rewards = self.vlm_rewards()
+        vlm = float(rewards[self.task])
+        gt = float(env_reward)
+        info["gt_reward"] = gt
+        info["vlm_reward"] = vlm
+        if len(rewards) > 1:
+            info["vlm_rewards"] = {name: float(r) for name, r in zip(self.task_names, rewards)}
+        self._episode_vlm += vlm
+        self._episode_gt += gt
+        if terminated or truncated:
+            info["episode_vlm_return"] = self._episode_vlm
+            info["episode_gt_return"] = self._episode_gt
+            self._episode_vlm = self._episode_gt = 0.0
+        return obs, float(_combine(self.mode, self.weight, gt, vlm)), terminated, truncated, info
+
+
+# ---- terminal frames in VecEnvs -----------------------------------------------------------------
+
+
+class RenderTerminalFrame(gym.Wrapper, gym.utils.RecordConstructorArgs):
+    """Renders the last frame of each episode before a VecEnv's auto-reset and passes it in ``info``.
+
+    On the step where the episode ends (terminated or truncated), ``info["terminal_frame"]`` is the uint8
+    [H, W, 3] frame of the state that step reached; :class:`VLMRewardVecEnv` scores it (and removes it from
+    ``info``) instead of the next episode's first frame. Use it inside the env factory of a
+    ``SubprocVecEnv`` (``make_vec_env(env_id, n_envs, vec_env_cls=SubprocVecEnv, wrapper_class=
+    RenderTerminalFrame, env_kwargs={"render_mode": "rgb_array"})``); for a ``DummyVecEnv``,
+    :class:`VLMRewardVecEnv` applies it (or an exact MuJoCo state copy) itself. Costs one extra render per
+    episode.
+    """
+
+    def __init__(self, env: gym.Env) -> None:
+        gym.utils.RecordConstructorArgs.__init__(self)
+        gym.Wrapper.__init__(self, env)
+        if env.render_mode != "rgb_array":
+            raise ValueError(
+                f"RenderTerminalFrame renders frames, so the env must render RGB arrays; its render_mode is "
+                f"{env.render_mode!r}. Create it with {_RGB_FIX}."
+            )
+
+    def step(self, action: Any) -> Tuple[Any, SupportsFloat, bool, bool, Dict[str, Any]]:
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        if terminated or truncated:
+            frame = self.env.render()
+            _check_frame(frame, "env.render()")
+            info[TERMINAL_FRAME_KEY] = frame.clone() if isinstance(frame, torch.Tensor) else np.array(frame)
+        return obs, reward, terminated, truncated, info
+
+
+class _MujocoTerminalState(gym.Wrapper):
+    """Copies a MuJoCo env's whole state (``MjData``) when an episode ends, before the VecEnv resets it.
+
+    :meth:`terminal_state` swaps the copy in for rendering and swaps the live (reset) state back after.
+    ``pending`` survives the auto-reset that follows (that is the point); :class:`VLMRewardVecEnv` clears it.
+    """
+
+    def __init__(self, env: gym.Env, model: Any, data: Any) -> None:
+        super().__init__(env)
+        import mujoco
+
+        self._mujoco = mujoco
+        self._model = model
+        self._data = data
+        self._terminal = mujoco.MjData(model)
+        self._scratch = mujoco.MjData(model)
+        self.pending = False
+
+    def step(self, action: Any) -> Tuple[Any, SupportsFloat, bool, bool, Dict[str, Any]]:
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        if terminated or truncated:
+            self._mujoco.mj_copyData(self._terminal, self._model, self._data)
+            self.pending = True
+        return obs, reward, terminated, truncated, info
+
+    @contextmanager
+    def terminal_state(self) -> Iterator[None]:
+        """Inside the block the env's ``MjData`` holds the terminal state; the live state comes back after."""
+        mj = self._mujoco
+        mj.mj_copyData(self._scratch, self._model, self._data)
+        mj.mj_copyData(self._data, self._model, self._terminal)
+        try:
+            yield
+        finally:
+            mj.mj_copyData(self._data, self._model, self._scratch)
+            self.pending = False
+
+
+def _import_batch_renderer() -> Any:
+    """The GPU batch renderer class (imported lazily: it is optional)."""
+    from vlmrm_fast.render import BatchRenderer
+
+    return BatchRenderer
+
+
+# ---- the VecEnv wrapper -------------------------------------------------------------------------
+
+
+class VLMRewardVecEnv(_RewardMode, VecEnvWrapper):
+    """An SB3 VecEnv wrapper whose rewards are CLIP (VLM-RM) rewards, all envs scored in one batch per step.
+
+    After each ``step_wait`` of the wrapped VecEnv, every env is rendered once and the N frames go through
+    ``reward_model`` in one call (on ``reward_model.device``); the rewards come back to the host as float32
+    numpy [N] (SB3's convention). By ``mode``, each env's reward is ``r_vlm`` (``"replace"``),
+    ``env_reward + weight * r_vlm`` (``"add"``) or ``env_reward`` (``"log"``).
+
+    Rendering (``render=``):
+
+    - ``"batch"``: :class:`vlmrm_fast.render.BatchRenderer` over ``venv.envs`` (the venv must be a
+      ``DummyVecEnv`` of MuJoCo envs): frames stay on the GPU when the renderer runs there, and come in
+      OpenGL row order (``bottom_up``), flipped inside the reward model's preprocessing.
+    - ``"images"``: ``venv.get_images()``: any VecEnv whose envs render RGB arrays; frames go through host
+      memory (``SubprocVecEnv`` also pickles them through pipes; ``DummyVecEnv`` is the fast path).
+    - ``"auto"`` (default): ``"batch"`` when possible (DummyVecEnv, MuJoCo envs, renderer importable and
+      constructible), else ``"images"``. If the batch renderer fails at its first use, it falls back to
+      ``"images"`` with a warning.
+
+    Per-env ``info``: ``"gt_reward"`` (the env's reward), ``"vlm_reward"``, with several tasks
+    ``"vlm_rewards"`` (``{task name: reward}``); on the step an episode ends, ``"episode_vlm_return"``,
+    ``"episode_gt_return"`` (sums over the episode) and ``"vlm_terminal_frame"`` (whether the scored frame
+    showed the terminal state: see the module docstring on auto-reset; ``True`` for DummyVecEnvs).
+
+    Apply it directly on the VecEnv that steps the envs (before ``VecNormalize``, so normalisation sees the
+    VLM reward). The envs of a ``DummyVecEnv`` are wrapped in place (``venv.envs[i]``) by a wrapper that
+    keeps each episode's terminal state; ``env_method``/``get_attr`` still reach the envs.
+
+    Args:
+        venv: the VecEnv; its envs made with ``render_mode="rgb_array"`` (needed for ``"images"``).
+        reward_model: a :class:`~vlmrm_fast.CLIPReward`.
+        mode: ``"replace"``, ``"add"`` or ``"log"``.
+        weight: scale of the VLM reward in ``"add"`` mode (unused otherwise).
+        render: ``"auto"``, ``"batch"`` or ``"images"``.
+        task: which task (index or name in ``reward_model.task_names``) drives the reward.
+    """
+
+    def __init__(
+        self,
+        venv: "VecEnv",
+        reward_model: Any,
+        *,
+        mode: str = "replace",
+        weight: float = 1.0,
+        render: str = "auto",
+        task: Union[int, str] = 0,
+    ) -> None:
+        if not _HAS_SB3:  # pragma: no cover - depends on the environment
+            raise ImportError("VLMRewardVecEnv needs stable-baselines3: pip install stable-baselines3")
+        if render not in RENDER_SOURCES:
+            raise ValueError(f"render must be one of {RENDER_SOURCES}; got {render!r}.")
+        super().__init__(venv)
+        self.reward_model = reward_model
+        self._mode, self._weight = _check_mode(mode, weight)
+        self.task = _task_index(reward_model, task)
+        self.task_names: List[str] = list(getattr(reward_model, "task_names", []) or [])
+        self._episode_vlm = np.zeros(self.num_envs, dtype=np.float64)
+        self._episode_gt = np.zeros(self.num_envs, dtype=np.float64)
+        self._size_checked = False
+
+        base = venv.unwrapped if isinstance(venv, VecEnvWrapper) else venv
+        self._dummy: Optional["DummyVecEnv"] = base if isinstance(base, DummyVecEnv) else None
+        mujoco_parts = [_mujoco_parts(env) for env in self._dummy.envs] if self._dummy is not None else []
+        all_mujoco = bool(mujoco_parts) and all(p is not None for p in mujoco_parts)
+
+        self.renderer: Any = None
+        if render == "batch":
+            if not all_mujoco:
+                raise ValueError(
+                    'render="batch" needs a DummyVecEnv of MuJoCo envs (it renders their MjData directly); '
+                    'use render="images" (or "auto") for other VecEnvs.'
+                )
+            self.renderer = self._build_renderer()
+        elif render == "auto" and all_mujoco:
+            try:
+                self.renderer = self._build_renderer()
+            except ImportError:
+                self.renderer = None  # the optional renderer is not there: images, silently
+            except Exception as exc:  # noqa: BLE001 - any failure of the optional fast path
+                warnings.warn(f"BatchRenderer could not be built ({exc!r}); rendering through venv.get_images().")
+                self.renderer = None
+        if self.renderer is None:
+            self._require_rgb_array()
+
+        # Terminal frames (see the module docstring): wrap the envs of a DummyVecEnv in place.
+        self._terminal_states: List[Optional[_MujocoTerminalState]] = [None] * self.num_envs
+        self.terminal_frames = True
+        if self._dummy is not None:
+            for i, env in enumerate(self._dummy.envs):
+                if isinstance(env, _MujocoTerminalState):
+                    self._terminal_states[i] = env
+                elif mujoco_parts[i] is not None:
+                    self._terminal_states[i] = self._dummy.envs[i] = _MujocoTerminalState(env, *mujoco_parts[i])
+                elif not _is_wrapped(env, RenderTerminalFrame):
+                    self._dummy.envs[i] = RenderTerminalFrame(env)
+        else:
+            try:
+                wrapped = venv.env_is_wrapped(RenderTerminalFrame)
+            except Exception:  # noqa: BLE001 - a VecEnv that cannot answer
+                wrapped = [False] * self.num_envs
+            self.terminal_frames = all(wrapped)
+            if not self.terminal_frames:
+                warnings.warn(
+                    f"{type(venv).__name__} resets an env inside step_wait when its episode ends, so the frame "
+                    "rendered after that step shows the next episode's first state: the terminal step's VLM reward "
+                    "will be scored on it. Build the envs with vlmrm_fast.wrappers.RenderTerminalFrame inside "
+                    "(make_vec_env(..., wrapper_class=RenderTerminalFrame)) to score the true terminal frame, or "
+                    "use a DummyVecEnv.",
+                    UserWarning,
+                    stacklevel=2,
+                )
+
+    def _build_renderer(self) -> Any:
+        """A BatchRenderer over the DummyVecEnv's envs, at their render size, writing where the reward model runs."""
+        renderer_cls = _import_batch_renderer()
+        envs = list(self._dummy.envs)
+        device = getattr(self.reward_model, "device", None)
+        try:
+            accepts_device = "device" in inspect.signature(renderer_cls.from_envs).parameters
+        except (TypeError, ValueError):
+            accepts_device = False
+        if device is not None and accepts_device:
+            return renderer_cls.from_envs(envs, device=device)
+        return renderer_cls.from_envs(envs)
+
+    @property
+    def render_source(self) -> str:
+        """Where frames come from now: ``"batch"`` (BatchRenderer) or ``"images"`` (``venv.get_images()``)."""
+        return "batch" if self.renderer is not None else "images"
+
+    def _require_rgb_array(self) -> None:
+        if self.venv.render_mode != "rgb_array":
+            raise ValueError(
+                f"VLMRewardVecEnv renders frames with venv.get_images(), so the envs must render RGB arrays; the "
+                f"VecEnv's render_mode is {self.venv.render_mode!r}. Create the envs with render_mode=\"rgb_array\" "
+                f"({_RGB_FIX}, or make_vec_env(env_id, n_envs, env_kwargs={{\"render_mode\": \"rgb_array\"}}))."
+            )
+
+    def reset(self) -> VecEnvObs:
+        obs = self.venv.reset()
+        self._episode_vlm[:] = 0.0
+        self._episode_gt[:] = 0.0
+        for state in self._terminal_states:
+            if state is not None:
+                state.pending = False
+        return obs
+
+    def _render(self, infos: Sequence[Dict[str, Any]]) -> Tuple[Any, bool, np.ndarray]:
+        """All envs' frames (terminal states where an episode just ended): (frames, bottom_up, terminal [N] bool)."""
+        terminal = np.zeros(self.num_envs, dtype=bool)
+        pending = [s for s in self._terminal_states if s is not None and s.pending]
+        for i, s in enumerate(self._terminal_states):
+            terminal[i] = s is not None and s.pending
+        with ExitStack() as stack:
+            for state in pending:
+                stack.enter_context(state.terminal_state())
+            if self.renderer is not None:
+                try:
+                    frames = self.renderer.render()
+                    bottom_up = bool(getattr(self.renderer, "bottom_up", False))
+                except Exception as exc:  # noqa: BLE001 - fall back to the host path
+                    warnings.warn(
+                        f"BatchRenderer.render() failed ({exc!r}); rendering through venv.get_images() from now on."
+                    )
+                    self._close_renderer()
+                    self._require_rgb_array()
+                if self.renderer is not None:
+                    self._check_batch(frames)
+                    for info in infos:
+                        info.pop(TERMINAL_FRAME_KEY, None)
+                    return frames, bottom_up, terminal
+            images = list(self.venv.get_images())
+        for i, info in enumerate(infos):
+            frame = info.pop(TERMINAL_FRAME_KEY, None)
+            if frame is not None and not terminal[i]:
+                images[i] = frame
+                terminal[i] = True
+        for i, frame in enumerate(images):
+            _check_frame(frame, f"venv.get_images()[{i}]")
+        sizes = {_frame_size(f) for f in images}
+        if len(sizes) > 1:
+            raise ValueError(f"The envs render frames of different sizes {sorted(sizes)}; give them one render size.")
+        if not self._size_checked and images:
+            self._size_checked = True
+            _warn_size(_frame_size(images[0]), self.reward_model, "The VecEnv")
+        return images, False, terminal
+
+    def _check_batch(self, frames: Any) -> None:
+        if (
+            not isinstance(frames, torch.Tensor)
+            or frames.ndim != 4
+            or frames.shape[0] != self.num_envs
+            or frames.shape[3] != 3
+            or frames.dtype != torch.uint8
+        ):
+            raise ValueError(
+                f"BatchRenderer.render() must return uint8 [{self.num_envs}, H, W, 3]; got "
+                f"{type(frames).__name__} {tuple(getattr(frames, 'shape', ()))} {getattr(frames, 'dtype', '')}."
+            )
+        if not self._size_checked:
+            self._size_checked = True
+            _warn_size((int(frames.shape[1]), int(frames.shape[2])), self.reward_model, "The BatchRenderer")
+
+    def step_wait(self) -> VecEnvStepReturn:
+        obs, env_rewards, dones, infos = self.venv.step_wait()
+        frames, bottom_up, terminal = self._render(infos)
+        all_rewards = _rewards_to_numpy(self.reward_model(frames, bottom_up=bottom_up))  # [N, T]
+        vlm = all_rewards[:, self.task]
+        gt = np.asarray(env_rewards, dtype=np.float32).reshape(self.num_envs)
+        rewards = _combine(self.mode, self.weight, gt, vlm).astype(np.float32)
+        self._episode_vlm += vlm
+        self._episode_gt += gt
+        several = all_rewards.shape[1] > 1
+        for i, info in enumerate(infos):
+            info["gt_reward"] = float(gt[i])
+            info["vlm_reward"] = float(vlm[i])
+            if several:
+                info["vlm_rewards"] = {name: float(r) for name, r in zip(self.task_names, all_rewards[i])}
+            if dones[i]:
+                info["episode_vlm_return"] = float(self._episode_vlm[i])
+                info["episode_gt_return"] = float(self._episode_gt[i])
+                info["vlm_terminal_frame"] = bool(terminal[i])
+                self._episode_vlm[i] = 0.0
+                self._episode_gt[i] = 0.0
+        return obs, rewards, dones, infos
+
+    def _close_renderer(self) -> None:
+        renderer, self.renderer = self.renderer, None
+        if renderer is not None:
+            try:
+                renderer.close()
+            except Exception:  # noqa: BLE001 - closing is best effort
+                pass
+
+    def close(self) -> None:
+        self._close_renderer()
+        self.venv.close()
+
+
+def _is_wrapped(env: gym.Env, wrapper_class: type) -> bool:
+    while isinstance(env, gym.Wrapper):
+        if isinstance(env, wrapper_class):
+            return True
+        env = env.env
+    return False
+
