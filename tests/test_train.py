@@ -1,0 +1,333 @@
+"""``vlmrm-fast train``: smoke runs, deferred rewards in the replay buffer, checkpoints, resume, errors.
+
+Most tests use ``DotEnv`` below (a square moving in a 32 x 32 image: numpy rendering, instant) so
+that the whole file stays within a few minutes on 2 CPU cores; one smoke run uses the textured
+humanoid at 64 x 64. Subprocess runs reach it as ``test_train:VlmrmTestDot-v0`` (gymnasium imports
+this module first), with this folder on PYTHONPATH.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+from vlmrm_fast.train import checkpoint as ckpt
+from vlmrm_fast.train.config import TrainConfig, apply_overrides, from_preset, load_config_file, parse_set
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+DOT_ID = "test_train:VlmrmTestDot-v0"
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
+
+
+class DotEnv(gym.Env):
+    """A square at ``pos`` in [-1, 1]^2, moved by the action; reward -|pos|; RGB frames."""
+
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 10}
+
+    def __init__(self, render_mode="rgb_array", width=32, height=32):
+        self.render_mode, self.width, self.height = render_mode, width, height
+        self.observation_space = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
+        self.action_space = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
+        self.pos = np.zeros(2, dtype=np.float32)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.pos = self.np_random.uniform(-0.5, 0.5, 2).astype(np.float32)
+        return self.pos.copy(), {}
+
+    def step(self, action):
+        self.pos = np.clip(self.pos + 0.2 * np.asarray(action, dtype=np.float32), -1, 1).astype(np.float32)
+        return self.pos.copy(), float(-np.linalg.norm(self.pos)), False, False, {}
+
+    def render(self):
+        img = np.full((self.height, self.width, 3), 40, dtype=np.uint8)
+        r = int((self.pos[1] + 1) / 2 * (self.height - 6)); c = int((self.pos[0] + 1) / 2 * (self.width - 6))
+        img[r:r + 6, c:c + 6] = (250, 200, 30)
+        return img
+
+
+class NoRenderEnv(DotEnv):
+    metadata = {"render_modes": ["human"], "render_fps": 10}
+
+
+for _id, _cls in (("VlmrmTestDot-v0", DotEnv), ("VlmrmTestNoRender-v0", NoRenderEnv)):
+    if _id not in gym.registry:
+        gym.register(_id, entry_point=_cls)
+
+
+class RecordingReward:
+    """Delegates to a CLIPReward and records every call's rewards."""
+
+    def __init__(self, rm):
+        self.rm = rm
+        self.calls = []
+
+    def __getattr__(self, name):
+        return getattr(self.rm, name)
+
+    def __call__(self, frames, bottom_up=False):
+        out = self.rm(frames, bottom_up=bottom_up)
+        self.calls.append(out.detach().float().cpu().numpy().copy())
+        return out
+
+
+def dot_config(tmp_path, **kw) -> TrainConfig:
+    base = dict(env_id=DOT_ID, render_width=32, render_height=32, episode_length=20, total_timesteps=120,
+                train_freq=10, gradient_steps=2, learning_starts=20, batch_size=16, buffer_size=5000,
+                checkpoint_every=40, video_width=32, video_height=32, run_dir=str(tmp_path / "run"))
+    base.update(kw)
+    return apply_overrides(from_preset("smoke"), base)
+
+
+def tiny_reward(config):
+    from vlmrm_fast.train.run import build_reward_model
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return RecordingReward(build_reward_model(config))
+
+
+def tb_tags(run_dir: Path) -> set:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = set()
+    for events in (run_dir / "tb").glob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(events))
+        acc.Reload()
+        tags |= set(acc.Tags()["scalars"])
+    return tags
+
+
+def load_buffer(path: Path):
+    import pickle
+
+    with open(path / "replay_buffer.pkl", "rb") as f:
+        return pickle.load(f)
+
+
+# --------------------------------------------------------------------------- smoke runs
+
+
+def test_smoke_humanoid_deferred_rewards_reach_buffer(tmp_path):
+    """The smoke preset on the textured humanoid: the buffer's rewards are the rollout-batched VLM rewards."""
+    from vlmrm_fast.train import train
+
+    config = apply_overrides(from_preset("smoke"), dict(
+        total_timesteps=80, train_freq=20, learning_starts=20, checkpoint_every=40, eval_every=80,
+        episode_length=15, run_dir=str(tmp_path / "run")))
+    rm = tiny_reward(config)
+    result = train(config, reward_model=rm)
+    assert result.num_timesteps == 80 and result.stopped_by is None
+    buf = result.model.replay_buffer
+    calls = [c for c in rm.calls if c.shape == (20 * 2,)]  # one call per rollout (the others: checks, eval)
+    assert len(calls) == 2
+    vlm = np.concatenate([c.reshape(20, 2) for c in calls])
+    np.testing.assert_allclose(buf.rewards[:buf.pos], vlm, rtol=0, atol=0)  # mode replace, weight 1
+    assert np.all(vlm != 0) and np.ptp(vlm) > 0
+    tags = tb_tags(result.run_dir)
+    for tag in ("rollout/vlm_return", "rollout/gt_return", "time/steps_per_s", "time/render_s", "time/reward_s",
+                "time/sac_update_s"):
+        assert tag in tags
+    assert ckpt.find_latest(result.run_dir).name == ckpt.step_name(80)
+    videos = list((result.run_dir / "videos").glob("*.mp4"))
+    assert videos and videos[0].stat().st_size > 0
+
+
+def test_step_rewards_add_mode(tmp_path):
+    """Per-step rewards, mode add: buffer reward = env reward + weight * the VLM reward of that step."""
+    from vlmrm_fast.train import train
+
+    config = dot_config(tmp_path, reward_timing="step", reward_mode="add", reward_weight=2.0, total_timesteps=60)
+    rm = tiny_reward(config)
+    result = train(config, reward_model=rm)
+    buf = result.model.replay_buffer
+    steps = [c for c in rm.calls if c.shape == (2,)]
+    assert len(steps) == buf.pos == 30
+    gt = -np.linalg.norm(buf.next_observations[:buf.pos], axis=-1)  # no episode ends in 30 steps of 20? see below
+    done = buf.dones[:buf.pos].astype(bool)
+    expected = gt + 2.0 * np.stack(steps)
+    np.testing.assert_allclose(buf.rewards[:buf.pos][~done], expected[~done], rtol=1e-5, atol=1e-5)
+    assert {"rollout/vlm_return", "time/reward_s"} <= tb_tags(result.run_dir)
+
+
+def test_resume_continues_exactly(tmp_path):
+    """Stop at a checkpoint and resume: the same buffer and policy as one uninterrupted run."""
+    from vlmrm_fast.train import train
+
+    full = train(dot_config(tmp_path / "a", total_timesteps=100), reward_model=tiny_reward(dot_config(tmp_path)))
+    half = train(dot_config(tmp_path / "b", total_timesteps=60), reward_model=tiny_reward(dot_config(tmp_path)))
+    saved = load_buffer(half.checkpoint)
+    resumed = train(dot_config(tmp_path / "b", total_timesteps=100), resume=half.run_dir,
+                    reward_model=tiny_reward(dot_config(tmp_path)))
+    assert resumed.num_timesteps == full.num_timesteps == 100
+    a, b = full.model.replay_buffer, resumed.model.replay_buffer
+    np.testing.assert_array_equal(b.observations[:saved.pos], saved.observations[:saved.pos])
+    np.testing.assert_array_equal(b.rewards[:saved.pos], saved.rewards[:saved.pos])
+    assert a.pos == b.pos
+    for name in ("observations", "actions", "rewards", "dones"):
+        np.testing.assert_allclose(getattr(b, name)[:b.pos], getattr(a, name)[:a.pos], rtol=0, atol=1e-6, err_msg=name)
+    pa, pb = full.model.policy.state_dict(), resumed.model.policy.state_dict()
+    for key in pa:
+        torch.testing.assert_close(pa[key], pb[key], rtol=0, atol=1e-5, msg=key)
+
+
+# --------------------------------------------------------------------------- signals and crashes
+
+
+def _spawn(run_dir: Path, *extra: str) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), str(REPO), os.environ.get("PYTHONPATH", "")]))
+    args = ["--preset", "smoke", "--env-id", DOT_ID, "--render-width", "32", "--render-height", "32",
+            "--episode-length", "20", "--train-freq", "10", "--gradient-steps", "2", "--learning-starts", "20",
+            "--batch-size", "16", "--buffer-size", "20000", "--checkpoint-every", "20", "--total-timesteps", "20000",
+            "--run-dir", str(run_dir), *extra]
+    return subprocess.Popen([sys.executable, "-m", "vlmrm_fast.train.run", *args], cwd=str(REPO), env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for_checkpoint(proc: subprocess.Popen, run_dir: Path, min_step: int = 40, timeout: float = 90) -> Path:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        found = ckpt.find_latest(run_dir)
+        if found is not None and ckpt.read_meta(found)["step"] >= min_step:
+            return found
+        if proc.poll() is not None:
+            raise AssertionError(f"training exited early:\n{proc.stdout.read()}")
+        time.sleep(0.2)
+    proc.kill()
+    raise AssertionError("no checkpoint in time")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
+def test_killed_run_resumes_from_last_checkpoint(tmp_path, sig):
+    from vlmrm_fast.train.run import config_from_args, train
+    from vlmrm_fast.train.run import main as _  # noqa: F401
+
+    run_dir = tmp_path / "run"
+    proc = _spawn(run_dir)
+    _wait_for_checkpoint(proc, run_dir)
+    proc.send_signal(sig)
+    out, _ = proc.communicate(timeout=60)
+    found = ckpt.find_latest(run_dir)
+    step = ckpt.read_meta(found)["step"]
+    if sig == signal.SIGTERM:
+        assert proc.returncode == 143, out
+        assert "continue with: vlmrm-fast train --resume" in out
+        assert ckpt.load_state(found)["extra"]["rollout_steps_done"] >= 0
+    else:
+        assert proc.returncode == -signal.SIGKILL
+    assert not [p for p in (run_dir / "checkpoints").iterdir() if p.name.startswith(".tmp-")] or sig == signal.SIGKILL
+    saved = load_buffer(found)
+    assert saved.pos * 2 == step  # every stored transition is a step (2 envs), no more, no less
+    total = step + 40
+    import argparse
+
+    args = argparse.Namespace(set=[f"total_timesteps={total}"], preset=None, config=None, resume=run_dir,
+                              print_config=False, **{f"field_{k}": None for k in TrainConfig.__dataclass_fields__})
+    config, resume = config_from_args(args)
+    assert config.n_envs == 2 and config.total_timesteps == total
+    result = train(config, resume=resume)
+    assert result.num_timesteps == total
+    buf = result.model.replay_buffer
+    assert buf.pos * 2 == total
+    for name in ("observations", "actions", "rewards"):
+        np.testing.assert_array_equal(getattr(buf, name)[:saved.pos], getattr(saved, name)[:saved.pos])
+    assert not np.all(buf.rewards[:buf.pos] == 0)
+
+
+def test_crash_during_checkpoint_keeps_previous(tmp_path, monkeypatch):
+    from vlmrm_fast.train import train
+
+    result = train(dot_config(tmp_path, total_timesteps=40), reward_model=tiny_reward(dot_config(tmp_path)))
+    good = ckpt.find_latest(result.run_dir)
+    original = ckpt._write_files
+
+    def half_then_crash(folder, model, config_json, extra):
+        (folder / "config.json").write_text(config_json)
+        model.save(folder / "model.zip")
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(ckpt, "_write_files", half_then_crash)
+    result.model.num_timesteps += 2
+    with pytest.raises(OSError, match="simulated"):
+        ckpt.save_checkpoint(result.run_dir, result.model, "{}", {})
+    root = result.run_dir / "checkpoints"
+    assert (root / "latest").read_text().strip() == good.name
+    assert ckpt.find_latest(result.run_dir) == good
+    assert not [p for p in root.iterdir() if p.name.startswith(".tmp-")]
+    # A half-written folder under a final name (e.g. copied by hand) is never picked up either.
+    monkeypatch.setattr(ckpt, "_write_files", original)
+    fake = root / ckpt.step_name(10_000)
+    fake.mkdir()
+    (fake / "model.zip").write_bytes(b"partial")
+    (root / "latest").write_text(fake.name)
+    with pytest.warns(UserWarning, match="incomplete"):
+        assert ckpt.find_latest(result.run_dir) == good
+
+
+# --------------------------------------------------------------------------- errors and config
+
+
+def test_env_without_rgb_rendering_is_a_clear_error(tmp_path):
+    from vlmrm_fast.train import train
+
+    config = dot_config(tmp_path, env_id="test_train:VlmrmTestNoRender-v0")
+    with pytest.raises(ValueError, match='render_mode="rgb_array"'):
+        train(config)
+
+
+def test_bad_render_size_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="render_width"):
+        dot_config(tmp_path, render_width=0).validate()
+
+
+def test_resume_with_another_config_names_fields_and_fix(tmp_path):
+    import argparse
+
+    from vlmrm_fast.train import train
+    from vlmrm_fast.train.run import config_from_args
+
+    result = train(dot_config(tmp_path, total_timesteps=40), reward_model=tiny_reward(dot_config(tmp_path)))
+    fields = {f"field_{k}": None for k in TrainConfig.__dataclass_fields__}
+    fields.update(field_n_envs="3", field_env_id=DOT_ID)
+    args = argparse.Namespace(set=["alpha=0.5"], preset="smoke", config=None, resume=result.run_dir,
+                              print_config=False, **fields)
+    with pytest.raises(ValueError) as err:
+        config_from_args(args)
+    text = str(err.value)
+    assert "n_envs: 2 in the checkpoint, 3 given" in text and "alpha" in text and "--resume" in text
+    # The checkpoint's own config, with a longer run: accepted.
+    args = argparse.Namespace(set=["total_timesteps=80"], preset=None, config=None, resume=result.run_dir,
+                              print_config=False, **{f"field_{k}": None for k in TrainConfig.__dataclass_fields__})
+    config, _ = config_from_args(args)
+    assert config.total_timesteps == 80 and config.n_envs == 2
+    # A new run into a folder with checkpoints: refused, naming --resume.
+    with pytest.raises(ValueError, match="--resume"):
+        train(dot_config(tmp_path, total_timesteps=40))
+
+
+def test_config_file_and_overrides(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('model = "vlmrm-tiny"\nn_envs = 4\n[sac]\nlearning_rate = 1e-3\ntotal_timesteps = 1e6\n')
+    config = apply_overrides(TrainConfig(), load_config_file(path))
+    config = apply_overrides(config, parse_set(["alpha=0.5", "goal=a robot", "pretrained=none", "net_arch=[64, 64]"]))
+    assert (config.n_envs, config.learning_rate, config.total_timesteps) == (4, 1e-3, 1_000_000)
+    assert config.goal == ["a robot"] and config.pretrained is None and config.net_arch == [64, 64]
+    with pytest.raises(ValueError, match="unknown config key"):
+        apply_overrides(config, {"n_env": 3})
+    kneel = from_preset("kneeling").validate()
+    assert (kneel.model, kneel.pretrained, kneel.n_envs, kneel.reward_timing) == (
+        "ViT-bigG-14", "laion2b_s39b_b160k", 32, "deferred")
+    assert (kneel.batch_size, kneel.learning_rate, kneel.gamma, kneel.learning_starts) == (512, 6e-4, 0.95, 50_000)
+    json.loads(kneel.to_json())

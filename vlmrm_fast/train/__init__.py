@@ -1,0 +1,17 @@
+"""Training SAC on VLM-RM rewards: ``vlmrm-fast train`` and its Python API.
+
+- :class:`TrainConfig`, :func:`from_preset` (``"kneeling"``, ``"smoke"``): the run's settings.
+- :func:`train`: builds reward model, envs and SAC, trains, checkpoints; ``resume=RUN_DIR`` continues.
+- :func:`add_train_parser`: registers ``train`` on an argparse subparsers object.
+"""
+from vlmrm_fast.train.config import PRESETS, TrainConfig, from_preset
+
+__all__ = ["TrainConfig", "PRESETS", "from_preset", "train", "TrainResult", "add_train_parser"]
+
+
+def __getattr__(name):  # lazy, so that ``python -m vlmrm_fast.train.run`` imports run.py once
+    if name in ("train", "TrainResult", "add_train_parser"):
+        from vlmrm_fast.train import run
+
+        return getattr(run, name)
+    raise AttributeError(name)

@@ -1,0 +1,314 @@
+"""The training callback: deferred rewards, logging, checkpoints, signals, evaluation videos, progress.
+
+SB3's off-policy loop calls, per rollout (``train_freq`` vector steps)::
+
+    on_rollout_start -> (env.step -> on_step -> store transition) x train_freq -> on_rollout_end -> train()
+
+so :class:`TrainingCallback` does:
+
+- ``on_rollout_start``: the state is consistent here (the last ``train()`` is done, every transition
+  stored and rewarded): periodic checkpoints and evaluation videos; the time since the previous
+  ``on_rollout_end`` is the SAC update time.
+- ``on_step``: notes the replay slot of the transition about to be stored (deferred rewards),
+  collects episode returns (step rewards), advances the progress bar; after SIGINT/SIGTERM it stores
+  the step itself, scores the partial rollout, writes a checkpoint and stops training.
+- ``on_rollout_end``: deferred rewards: scores the rollout's frames in one batch and writes them into
+  the replay buffer, before ``train()`` samples it; then logs to TensorBoard.
+"""
+from __future__ import annotations
+
+import signal
+import threading
+import time
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.type_aliases import TrainFreq, TrainFrequencyUnit
+from tqdm import tqdm
+
+from vlmrm_fast.train import checkpoint as ckpt
+from vlmrm_fast.train.config import TrainConfig
+from vlmrm_fast.train.deferred import DeferredRewardRecorder, score_and_write_back
+
+
+class TrainingCallback(BaseCallback):
+    """Everything around SB3's SAC loop for a VLM-RM run (see the module docstring).
+
+    Args:
+        config: the run's config.
+        reward_model: the CLIPReward (deferred scoring and evaluation).
+        run_dir: the run folder (checkpoints, videos).
+        config_json: the config text stored in checkpoints.
+        recorder: the :class:`DeferredRewardRecorder` for deferred rewards, else None (per-step).
+        timed_env: the env wrapper with ``env_s``/``render_s``/``reward_s`` counters.
+        resume_extra: the ``extra`` dict of the checkpoint resumed from, if any.
+    """
+
+    def __init__(self, config: TrainConfig, reward_model, run_dir: Path, config_json: str,
+                 recorder: Optional[DeferredRewardRecorder] = None, timed_env=None,
+                 resume_extra: Optional[dict] = None) -> None:
+        super().__init__(verbose=0)
+        self.config = config
+        self.reward_model = reward_model
+        self.run_dir = Path(run_dir)
+        self.config_json = config_json
+        self.recorder = recorder
+        self.timed_env = timed_env if timed_env is not None else recorder
+        self.resume_extra = resume_extra or {}
+        self.stop_signal: Optional[int] = None
+        self.last_checkpoint: Optional[Path] = None
+        self._slots: list = []
+        self._rollout_steps = 0
+        self._rollout_offset = int(self.resume_extra.get("rollout_steps_done", 0))
+        self._train_freq_original: Optional[TrainFreq] = None
+        self._previous_handlers: dict = {}
+        self._bar = None
+        self._update_t0: Optional[float] = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def _on_training_start(self) -> None:
+        n = self.model.num_timesteps
+        extra = self.resume_extra
+        self._last_ckpt_step = int(extra.get("last_checkpoint_step", n))
+        self._last_eval_step = int(extra.get("last_eval_step", n))
+        n_envs = self.training_env.num_envs
+        self._ep_vlm = np.asarray(extra.get("ep_vlm", np.zeros(n_envs)), dtype=np.float64).copy()
+        self._ep_gt = np.asarray(extra.get("ep_gt", np.zeros(n_envs)), dtype=np.float64).copy()
+        self._done_vlm: list = []
+        self._done_gt: list = []
+        self._stage = {"render_s": 0.0, "reward_s": 0.0, "env_s": 0.0, "sac_update_s": 0.0}
+        self._stage_seen = {"render_s": 0.0, "reward_s": 0.0, "env_s": 0.0}
+        self._rollouts = 0
+        self._log_t, self._log_step = time.perf_counter(), n
+        if self._rollout_offset:
+            # Resumed mid-rollout (after a signal): finish that rollout, so gradient steps fall
+            # on the same env steps as in an uninterrupted run.
+            freq = self.model.train_freq
+            self._train_freq_original = freq
+            self.model.train_freq = TrainFreq(max(1, freq.frequency - self._rollout_offset), TrainFrequencyUnit.STEP)
+        self._trim_last_rollout(n)
+        self._install_signal_handlers()
+        if self.config.progress:
+            self._bar = tqdm(total=self.config.total_timesteps, initial=n, unit="step", dynamic_ncols=True,
+                             desc="train", smoothing=0.05)
+
+    def _on_training_end(self) -> None:
+        self._restore_signal_handlers()
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    # ------------------------------------------------------------------ per rollout and step
+
+    def _on_rollout_start(self) -> None:
+        if self._update_t0 is not None:
+            self._stage["sac_update_s"] += time.perf_counter() - self._update_t0
+            self._update_t0 = None
+        self._rollout_steps = 0
+        self._slots = []
+        n = self.model.num_timesteps
+        every = self.config.checkpoint_every
+        if every and n - self._last_ckpt_step >= every:
+            self.save()
+        every = self.config.eval_every
+        if every and n - self._last_eval_step >= every:
+            self.evaluate()
+
+    def _trim_last_rollout(self, n: int) -> None:
+        """Shorten the final rollout so the run ends exactly at ``total_timesteps`` (when n_envs divides it)."""
+        n_envs = self.training_env.num_envs
+        steps_left = -(-(self.config.total_timesteps - n) // n_envs)
+        freq = self.model.train_freq
+        if 0 < steps_left < freq.frequency:
+            if self._train_freq_original is None:
+                self._train_freq_original = freq
+            self.model.train_freq = TrainFreq(steps_left, TrainFrequencyUnit.STEP)
+
+    def _on_step(self) -> bool:
+        if self.recorder is not None:
+            self._slots.append(self.model.replay_buffer.pos)  # where SB3 stores this step next
+        else:
+            for info in self.locals["infos"]:
+                if "episode_vlm_return" in info:
+                    self._done_vlm.append(info["episode_vlm_return"])
+                    self._done_gt.append(info["episode_gt_return"])
+        self._rollout_steps += 1
+        if self._bar is not None:
+            self._bar.update(self.training_env.num_envs)
+        if self.stop_signal is not None:
+            self._store_current_step()
+            self._flush_rewards()
+            self.save(mid_rollout=True)
+            return False
+        return True
+
+    def _on_rollout_end(self) -> None:
+        self._flush_rewards()
+        if self._train_freq_original is not None:
+            self.model.train_freq = self._train_freq_original
+            self._train_freq_original = None
+            self._rollout_offset = 0
+        self._rollouts += 1
+        n = self.model.num_timesteps
+        self._trim_last_rollout(n)  # SB3 reads train_freq before on_rollout_start: set it for the next one
+        if not self.config.log_every or n - self._log_step >= self.config.log_every:
+            self._log()
+        self._update_t0 = time.perf_counter()
+
+    # ------------------------------------------------------------------ rewards and logs
+
+    def _flush_rewards(self) -> None:
+        """Deferred: score the recorded frames, write rewards into the replay buffer."""
+        if self.recorder is None or self.recorder.count == 0:
+            self._slots = []
+            return
+        t = time.perf_counter()
+        vlm, gt, dones = score_and_write_back(self.recorder, self.reward_model, self.model.replay_buffer,
+                                              self._slots, self.config.reward_weight, self.config.reward_mode)
+        self._stage["reward_s"] += time.perf_counter() - t
+        self._slots = []
+        for step in range(len(vlm)):
+            self._ep_vlm += vlm[step]
+            self._ep_gt += gt[step]
+            for i in np.flatnonzero(dones[step]):
+                self._done_vlm.append(float(self._ep_vlm[i]))
+                self._done_gt.append(float(self._ep_gt[i]))
+                self._ep_vlm[i] = self._ep_gt[i] = 0.0
+
+    def _log(self) -> None:
+        now, n = time.perf_counter(), self.model.num_timesteps
+        env = self.timed_env
+        if env is not None:
+            for key in self._stage_seen:
+                value = float(getattr(env, key, 0.0))
+                if key != "reward_s" or self.recorder is None:  # deferred: reward time measured here
+                    self._stage[key] += value - self._stage_seen[key]
+                self._stage_seen[key] = value
+        rollouts = max(1, self._rollouts)
+        record = self.logger.record
+        if self._done_vlm:
+            record("rollout/vlm_return", float(np.mean(self._done_vlm)))
+            record("rollout/gt_return", float(np.mean(self._done_gt)))
+            if self._bar is not None:
+                self._bar.set_postfix(vlm_return=f"{np.mean(self._done_vlm):.3g}", refresh=False)
+        record("time/steps_per_s", (n - self._log_step) / max(now - self._log_t, 1e-9))
+        for key, value in self._stage.items():
+            record(f"time/{key}", value / rollouts)  # seconds per rollout
+        record("time/total_timesteps", n)
+        self.logger.dump(n)
+        self._done_vlm, self._done_gt = [], []
+        self._stage = {k: 0.0 for k in self._stage}
+        self._rollouts = 0
+        self._log_t, self._log_step = now, n
+
+    # ------------------------------------------------------------------ checkpoints and signals
+
+    def _store_current_step(self) -> None:
+        """Store the step SB3 would store after ``on_step`` (it returns early when we stop)."""
+        m, loc = self.model, self.locals
+        m._update_info_buffer(loc["infos"], loc["dones"])
+        m._store_transition(m.replay_buffer, loc["buffer_actions"], loc["new_obs"], loc["rewards"], loc["dones"],
+                            loc["infos"])
+        m._update_current_progress_remaining(m.num_timesteps, m._total_timesteps)
+        m._on_step()
+        m._episode_num += int(np.sum(loc["dones"]))
+
+    def save(self, mid_rollout: bool = False) -> Path:
+        """Write a checkpoint of the current state (see :mod:`vlmrm_fast.train.checkpoint`)."""
+        n = self.model.num_timesteps
+        extra = {
+            "step": n,
+            "rollout_steps_done": (self._rollout_offset + self._rollout_steps) if mid_rollout else 0,
+            "last_checkpoint_step": n,
+            "last_eval_step": self._last_eval_step,
+            "ep_vlm": self._ep_vlm.copy(),
+            "ep_gt": self._ep_gt.copy(),
+        }
+        current = self.model.train_freq
+        if self._train_freq_original is not None:
+            self.model.train_freq = self._train_freq_original  # save the run's own schedule
+        try:
+            path = ckpt.save_checkpoint(self.run_dir, self.model, self.config_json, extra,
+                                        keep=self.config.keep_checkpoints)
+        finally:
+            self.model.train_freq = current
+        self._last_ckpt_step = n
+        self.last_checkpoint = path
+        return path
+
+    def _install_signal_handlers(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous_handlers[sig] = signal.signal(sig, self._handle_signal)
+
+    def _restore_signal_handlers(self) -> None:
+        for sig, handler in self._previous_handlers.items():
+            signal.signal(sig, handler)
+        self._previous_handlers = {}
+
+    def _handle_signal(self, signum, frame) -> None:
+        if self.stop_signal is not None:  # a second signal: stop now, without a checkpoint
+            self._restore_signal_handlers()
+            raise KeyboardInterrupt
+        self.stop_signal = signum
+        if self._bar is not None:
+            self._bar.write(f"{signal.Signals(signum).name}: checkpointing after this step, then stopping "
+                            "(send it again to stop at once)")
+
+    # ------------------------------------------------------------------ evaluation
+
+    def evaluate(self) -> Optional[Path]:
+        """Run ``eval_episodes`` deterministic episodes in a separate env; write the first as mp4."""
+        self._last_eval_step = self.model.num_timesteps
+        try:
+            path, gt, vlm = evaluate_policy_video(self.model, self.config, self.reward_model, self.run_dir)
+        except (ImportError, OSError, RuntimeError) as exc:
+            warnings.warn(f"evaluation video skipped: {exc}")
+            return None
+        self.logger.record("eval/gt_return", gt)
+        self.logger.record("eval/vlm_return", vlm)
+        return path
+
+
+def evaluate_policy_video(model, config: TrainConfig, reward_model, run_dir: Path):
+    """Deterministic episodes in a fresh env at the video size; returns (mp4 path, mean gt return, VLM return).
+
+    The VLM return is the reward model's sum over the recorded episode's frames (at the video size,
+    resized by the model).
+    """
+    import imageio.v2 as imageio
+
+    from vlmrm_fast.train.run import make_env
+
+    env = make_env(config, config.video_width, config.video_height)
+    length = config.video_length or config.episode_length
+    frames, gt_returns = [], []
+    try:
+        for episode in range(config.eval_episodes):
+            obs, _ = env.reset(seed=config.seed + 1_000_003 + episode)
+            total, done = 0.0, False
+            while not done:
+                action, _ = model.predict(obs, deterministic=True)
+                obs, reward, terminated, truncated, _ = env.step(action)
+                total += float(reward)
+                done = terminated or truncated
+                if episode == 0 and len(frames) < length:
+                    frames.append(np.asarray(env.render()))
+            gt_returns.append(total)
+        fps = int(env.metadata.get("render_fps") or 30)
+    finally:
+        env.close()
+    with torch.inference_mode():
+        vlm = float(reward_model(np.stack(frames)).float().sum()) if frames else 0.0
+    out = Path(run_dir) / "videos" / f"eval_step_{model.num_timesteps:012d}.mp4"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # imageio's note on resizing to a multiple of 16
+        imageio.mimwrite(out, frames, fps=fps, macro_block_size=16)
+    return out, float(np.mean(gt_returns)), vlm

@@ -1,0 +1,316 @@
+"""Checkpoints: policy, replay buffer, config, RNG and env state, written atomically.
+
+Layout of a run folder::
+
+    RUN_DIR/config.json                     the effective config of the run
+    RUN_DIR/checkpoints/step_000000001000/  one complete checkpoint
+        model.zip            SB3 ``model.save`` (policy, optimisers, entropy coefficient, counters, last obs)
+        replay_buffer.pkl    SB3 ``model.save_replay_buffer``
+        state.pt             RNG states (python, numpy, torch, action space), env states, training-loop state
+        config.json          the config it was made with
+        meta.json            written last: step and the size of every file above
+    RUN_DIR/checkpoints/latest              the name of the newest complete checkpoint
+
+A checkpoint is written into ``checkpoints/.tmp-*`` and renamed into place only once every file,
+``meta.json`` last, has been written and flushed to disk; ``latest`` is then replaced with
+``os.replace``. A crash at any point leaves the previous checkpoint and ``latest`` untouched; the
+loader also checks ``meta.json`` (present, file sizes) and falls back to the newest complete
+checkpoint if ``latest`` is missing or bad.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import uuid
+import warnings
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+FORMAT = 1
+FILES = ("model.zip", "replay_buffer.pkl", "state.pt", "config.json")
+PREFIX = "step_"
+
+
+def step_name(step: int) -> str:
+    """Folder name of the checkpoint at ``step``."""
+    return f"{PREFIX}{int(step):012d}"
+
+
+def checkpoint_root(run_dir: os.PathLike) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+# --------------------------------------------------------------------------- RNG and env state
+
+
+def rng_state(model) -> dict:
+    """Python, numpy, torch (CPU and CUDA) and the model's action-space RNG states."""
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "torch_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+    space_rng = getattr(model.action_space, "_np_random", None)
+    state["action_space"] = None if space_rng is None else space_rng.bit_generator.state
+    return state
+
+
+def set_rng_state(model, state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("torch_cuda") is not None and torch.cuda.is_available():
+        try:
+            torch.cuda.set_rng_state_all(state["torch_cuda"])
+        except (RuntimeError, IndexError):  # another GPU count: keep the fresh state
+            pass
+    if state.get("action_space") is not None:
+        model.action_space.np_random.bit_generator.state = state["action_space"]
+
+
+_SCALARS = (bool, int, float, str, np.number, np.bool_)
+
+
+def _plain_attrs(obj: Any, skip: tuple = ()) -> dict:
+    """The object's own scalar and small-array attributes (its counters and accumulators)."""
+    out = {}
+    for key, value in vars(obj).items():
+        if key in skip:
+            continue
+        if isinstance(value, _SCALARS) or (isinstance(value, np.ndarray) and value.nbytes <= 1 << 20):
+            out[key] = value.copy() if isinstance(value, np.ndarray) else value
+    return out
+
+
+def _restore_attrs(obj: Any, attrs: dict) -> None:
+    for key, value in attrs.items():
+        try:
+            setattr(obj, key, value)
+        except (AttributeError, TypeError):
+            pass
+
+
+def _mujoco_handles(env):
+    """``(mujoco module, MjModel, MjData)`` of a MuJoCo env, or None."""
+    base = env.unwrapped
+    model, data = getattr(base, "model", None), getattr(base, "data", None)
+    if model is None or data is None:
+        return None
+    try:
+        import mujoco
+    except ImportError:  # pragma: no cover
+        return None
+    if isinstance(model, mujoco.MjModel) and isinstance(data, mujoco.MjData):
+        return mujoco, model, data
+    return None
+
+
+def env_state(venv) -> dict:
+    """Best-effort state of a DummyVecEnv of gymnasium envs under SB3 VecEnv wrappers.
+
+    Per env: the MuJoCo integration state (``mj_getState``), the env's ``np_random`` state and
+    the scalar attributes of every gymnasium wrapper layer (step counters such as TimeLimit's).
+    Per VecEnv wrapper: its scalar and small-array attributes (episode accumulators).
+    """
+    wrappers = []
+    layer = venv
+    while hasattr(layer, "venv"):
+        wrappers.append(_plain_attrs(layer, skip=("num_envs",)))
+        layer = layer.venv
+    envs = []
+    for env in getattr(layer, "envs", []):
+        entry: dict = {"layers": [], "np_random": None, "mujoco": None}
+        e = env
+        while True:
+            entry["layers"].append(_plain_attrs(e))
+            if not hasattr(e, "env"):
+                break
+            e = e.env
+        rng = getattr(env.unwrapped, "_np_random", None)
+        if rng is not None:
+            entry["np_random"] = rng.bit_generator.state
+        handles = _mujoco_handles(env)
+        if handles is not None:
+            mujoco, m, d = handles
+            spec = mujoco.mjtState.mjSTATE_INTEGRATION
+            buf = np.empty(mujoco.mj_stateSize(m, spec), dtype=np.float64)
+            mujoco.mj_getState(m, d, buf, spec)
+            entry["mujoco"] = buf
+        envs.append(entry)
+    return {"wrappers": wrappers, "envs": envs, "buf_obs": getattr(layer, "buf_obs", None)}
+
+
+def set_env_state(venv, state: dict) -> bool:
+    """Restore :func:`env_state`; True if every env's simulator state was restored."""
+    layer, i = venv, 0
+    while hasattr(layer, "venv"):
+        if i < len(state["wrappers"]):
+            _restore_attrs(layer, state["wrappers"][i])
+        layer, i = layer.venv, i + 1
+    envs = getattr(layer, "envs", [])
+    if len(envs) != len(state["envs"]):
+        return False
+    complete = True
+    for env, entry in zip(envs, state["envs"]):
+        e, j = env, 0
+        while True:
+            if j < len(entry["layers"]):
+                _restore_attrs(e, entry["layers"][j])
+            if not hasattr(e, "env"):
+                break
+            e, j = e.env, j + 1
+        if entry["np_random"] is not None:
+            env.unwrapped.np_random.bit_generator.state = entry["np_random"]
+        handles = _mujoco_handles(env)
+        if entry["mujoco"] is not None and handles is not None:
+            mujoco, m, d = handles
+            spec = mujoco.mjtState.mjSTATE_INTEGRATION
+            if mujoco.mj_stateSize(m, spec) != entry["mujoco"].size:
+                complete = False
+                continue
+            mujoco.mj_setState(m, d, entry["mujoco"], spec)
+            mujoco.mj_forward(m, d)
+        elif handles is not None or entry["mujoco"] is not None:
+            complete = False
+    return complete
+
+
+# --------------------------------------------------------------------------- save
+
+
+def save_checkpoint(run_dir: os.PathLike, model, config_json: str, extra: dict, keep: int = 2) -> Path:
+    """Write a complete checkpoint of ``model`` at ``model.num_timesteps``; return its folder.
+
+    ``extra`` (JSON-able or picklable) is stored in ``state.pt`` with the RNG and env states.
+    """
+    root = checkpoint_root(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    step = int(model.num_timesteps)
+    name = step_name(step)
+    tmp = root / f".tmp-{name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        _write_files(tmp, model, config_json, extra)
+        meta = {"format": FORMAT, "step": step, "files": {f: (tmp / f).stat().st_size for f in FILES}}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        for f in (*FILES, "meta.json"):
+            _fsync_file(tmp / f)
+        _fsync_dir(tmp)
+        final = root / name
+        if final.exists():  # same step written twice (e.g. a signal right after a periodic save)
+            old = root / f".old-{name}-{uuid.uuid4().hex[:8]}"
+            os.rename(final, old)
+            os.rename(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, final)
+        _fsync_dir(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _write_latest(root, name)
+    _prune(root, keep, protect=name)
+    return final
+
+
+def _write_files(folder: Path, model, config_json: str, extra: dict) -> None:
+    """The checkpoint's files (a separate function so tests can inject a crash in the middle)."""
+    (folder / "config.json").write_text(config_json)
+    model.save(folder / "model.zip")
+    model.save_replay_buffer(folder / "replay_buffer.pkl")
+    state = {"rng": rng_state(model), "env": env_state(model.get_env()), "extra": extra}
+    torch.save(state, folder / "state.pt")
+
+
+def _write_latest(root: Path, name: str) -> None:
+    tmp = root / f".latest-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    with open(tmp, "w") as f:
+        f.write(name + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, root / "latest")
+    _fsync_dir(root)
+
+
+def _prune(root: Path, keep: int, protect: str) -> None:
+    complete = [p for p in sorted(root.glob(PREFIX + "*")) if is_complete(p)]
+    for path in complete[:-keep]:
+        if path.name != protect:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def clean_stale(run_dir: os.PathLike) -> None:
+    """Remove the leftovers of interrupted writes (``.tmp-*``, ``.old-*``, ``.latest-*``)."""
+    root = checkpoint_root(run_dir)
+    if not root.is_dir():
+        return
+    for path in root.iterdir():
+        if path.name.startswith((".tmp-", ".old-", ".latest-")):
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------- load
+
+
+def is_complete(path: Path) -> bool:
+    """Whether ``path`` is a complete checkpoint (meta.json present, every file of its size)."""
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+        return meta.get("format") == FORMAT and all(
+            (path / f).stat().st_size == size for f, size in meta["files"].items()
+        ) and set(meta["files"]) >= set(FILES)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+
+
+def find_latest(run_dir: os.PathLike) -> Optional[Path]:
+    """The checkpoint ``latest`` names if complete, else the newest complete one, else None."""
+    root = checkpoint_root(run_dir)
+    if not root.is_dir():
+        return None
+    try:
+        name = (root / "latest").read_text().strip()
+    except OSError:
+        name = ""
+    if name and is_complete(root / name):
+        return root / name
+    candidates = [p for p in sorted(root.glob(PREFIX + "*"), reverse=True) if is_complete(p)]
+    if candidates and name:
+        warnings.warn(f"checkpoint '{name}' named by {root / 'latest'} is incomplete; using '{candidates[0].name}'")
+    return candidates[0] if candidates else None
+
+
+def read_meta(path: Path) -> dict:
+    return json.loads((path / "meta.json").read_text())
+
+
+def load_state(path: Path) -> dict:
+    """``state.pt`` of a checkpoint (RNG, env, extra)."""
+    return torch.load(path / "state.pt", weights_only=False)

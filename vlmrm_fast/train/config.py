@@ -1,0 +1,345 @@
+"""Training configuration: :class:`TrainConfig`, presets, config files and overrides.
+
+A run's configuration is built in layers, later ones winning:
+
+1. the defaults of :class:`TrainConfig` (the paper's settings, SPEC §1.3);
+2. a preset (``--preset kneeling`` or ``--preset smoke``), see :data:`PRESETS`;
+3. a config file (``--config run.toml``; TOML, or JSON for ``.json``) of flat ``key = value`` pairs
+   (tables such as ``[sac]`` are allowed and flattened: their keys are the field names);
+4. command-line overrides: ``--set key=value`` (value read as TOML, e.g. ``--set alpha=0.5``,
+   ``--set 'goal=["a", "b"]'``, else as a plain string) and the explicit flags of ``vlmrm-fast train``.
+
+The effective configuration is written to ``RUN_DIR/config.json`` and into every checkpoint.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python < 3.11
+    try:
+        import tomli as tomllib
+    except ImportError:
+        tomllib = None
+
+TEXTURED_HUMANOID = "vlmrm_fast/TexturedHumanoid-v0"
+REWARD_MODES = ("replace", "add", "log")
+REWARD_TIMINGS = ("step", "deferred")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    """A dataclass field with its documentation (shown by ``vlmrm-fast train --help``)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a VLM-RM training run (SAC on CLIP rewards).
+
+    Defaults are the paper's humanoid setup (SPEC §1.3). Each field's ``metadata["help"]`` is its
+    documentation; ``vlmrm-fast train --help`` lists them all.
+    """
+
+    # ---- environment
+    env_id: str = _f(TEXTURED_HUMANOID, "gymnasium env id; it must render RGB frames with render_mode='rgb_array'")
+    env_kwargs: dict = _f({}, "extra keyword arguments for gymnasium.make (TOML table / JSON object)")
+    n_envs: int = _f(32, "number of environments stepped together (one DummyVecEnv)")
+    episode_length: int = _f(100, "fixed episode length in env steps (passed as max_episode_steps)")
+    render_width: Optional[int] = _f(None, "width of the frames scored by the reward model (default: the model's input size)")
+    render_height: Optional[int] = _f(None, "height of the frames scored by the reward model (default: the model's input size)")
+
+    # ---- reward model
+    model: str = _f("ViT-bigG-14", "open_clip model name (vlmrm-tiny: the tiny random model for tests)")
+    pretrained: Optional[str] = _f("laion2b_s39b_b160k", "open_clip tag, a local checkpoint path, or none (random weights)")
+    goal: list = _f(["a humanoid robot kneeling"], "goal prompt(s); several are averaged")
+    baseline: list = _f(["a humanoid robot"], "baseline prompt(s); several are averaged (used when alpha > 0)")
+    alpha: float = _f(0.0, "goal-baseline regularisation strength in [0, 1]")
+    preprocess: str = _f("vlmrm", "frame preprocessing: vlmrm (the original's squash) or openclip")
+    reward_mode: str = _f("replace", "replace: reward = weight * VLM; add: env reward + weight * VLM; log: env reward, VLM only logged")
+    reward_weight: float = _f(1.0, "weight of the VLM reward")
+    reward_timing: str = _f("deferred", "step: rewards per env step, batched over envs; deferred: frames of a whole rollout scored in one batch before the gradient steps (the paper)")
+    reward_device: Optional[str] = _f(None, "torch device of the reward model and of the deferred frame buffer (default: cuda if available)")
+    reward_dtype: str = _f("auto", "vision-tower precision: auto, float32, bfloat16, float16")
+    reward_backend: str = _f("auto", "vision-tower backend: auto, torch, compile, onnxruntime, tensorrt")
+    reward_batch_size: Optional[int] = _f(None, "frames per reward-model call (default: the model's, 256 on CUDA, 32 on CPU)")
+
+    # ---- SAC (stable-baselines3)
+    learning_rate: float = _f(6e-4, "SAC learning rate")
+    batch_size: int = _f(512, "SAC minibatch size")
+    gamma: float = _f(0.95, "discount factor")
+    tau: float = _f(0.005, "target network soft-update coefficient")
+    learning_starts: int = _f(50_000, "env steps (over all envs) of random actions before learning")
+    train_freq: int = _f(100, "rollout length: vector-env steps collected between training phases")
+    gradient_steps: int = _f(100, "gradient steps per training phase (paper: 100 per 100 env steps)")
+    buffer_size: int = _f(1_000_000, "replay buffer capacity in transitions")
+    ent_coef: str = _f("auto", "SAC entropy coefficient ('auto' or a number)")
+    net_arch: list = _f([256, 256], "hidden layer sizes of actor and critics")
+    sac_device: str = _f("auto", "torch device of the SAC networks")
+    total_timesteps: int = _f(10_000_000, "total env steps (over all envs)")
+    seed: int = _f(0, "random seed (envs, SAC, action sampling)")
+
+    # ---- outputs
+    run_dir: Optional[str] = _f(None, "output folder (default: runs/<preset or 'run'>-<time>)")
+    checkpoint_every: int = _f(100_000, "env steps between checkpoints (0: only at the end and on SIGINT/SIGTERM)")
+    keep_checkpoints: int = _f(2, "how many of the newest checkpoints to keep")
+    eval_every: int = _f(100_000, "env steps between evaluation videos (0: never)")
+    eval_episodes: int = _f(1, "episodes per evaluation (the first is recorded)")
+    video_width: int = _f(480, "evaluation video width")
+    video_height: int = _f(480, "evaluation video height")
+    video_length: Optional[int] = _f(None, "frames per evaluation video (default: the episode length)")
+    tensorboard: bool = _f(True, "write TensorBoard logs to RUN_DIR/tb")
+    log_every: int = _f(0, "env steps between TensorBoard dumps (0: every rollout)")
+    progress: bool = _f(True, "show a progress bar with steps/s")
+
+    # ------------------------------------------------------------------------- helpers
+
+    def to_dict(self) -> dict:
+        """Plain JSON-able dict of all fields."""
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "config") -> "TrainConfig":
+        """Build from a dict, checking names and types (unknown keys: ``ValueError`` naming them)."""
+        return apply_overrides(cls(), data, source)
+
+    def validate(self) -> "TrainConfig":
+        """Check values; raises ``ValueError`` naming the field and the fix. Returns self."""
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                raise ValueError(msg)
+
+        need(self.n_envs >= 1, f"n_envs must be >= 1, got {self.n_envs}")
+        need(self.episode_length >= 1, f"episode_length must be >= 1, got {self.episode_length}")
+        for name in ("render_width", "render_height"):
+            value = getattr(self, name)
+            need(value is None or value >= 1,
+                 f"{name} must be a positive number of pixels (or none for the model's input size), got {value}")
+        need(self.video_width >= 1 and self.video_height >= 1,
+             f"video_width/video_height must be positive, got {self.video_width}x{self.video_height}")
+        need(0.0 <= self.alpha <= 1.0, f"alpha must be in [0, 1], got {self.alpha}")
+        need(self.reward_mode in REWARD_MODES, f"reward_mode must be one of {', '.join(REWARD_MODES)}, got {self.reward_mode!r}")
+        need(self.reward_timing in REWARD_TIMINGS,
+             f"reward_timing must be one of {', '.join(REWARD_TIMINGS)}, got {self.reward_timing!r}")
+        need(self.reward_dtype in DTYPES, f"reward_dtype must be one of {', '.join(DTYPES)}, got {self.reward_dtype!r}")
+        need(self.preprocess in ("vlmrm", "openclip"), f"preprocess must be vlmrm or openclip, got {self.preprocess!r}")
+        need(bool(self.goal) and all(isinstance(g, str) and g for g in self.goal), "goal needs at least one non-empty prompt")
+        need(all(isinstance(b, str) and b for b in self.baseline), "baseline prompts must be non-empty strings")
+        need(self.alpha == 0 or bool(self.baseline), "alpha > 0 needs a baseline prompt; set baseline or alpha = 0")
+        need(self.reward_batch_size is None or self.reward_batch_size >= 1, "reward_batch_size must be >= 1 (or none)")
+        need(math.isfinite(self.reward_weight), "reward_weight must be finite")
+        need(self.batch_size >= 1 and self.train_freq >= 1 and self.gradient_steps >= 0,
+             "batch_size and train_freq must be >= 1, gradient_steps >= 0")
+        need(self.learning_starts >= 0, "learning_starts must be >= 0")
+        need(self.buffer_size >= self.train_freq * 1,
+             f"buffer_size ({self.buffer_size}) must hold at least one rollout (train_freq = {self.train_freq} steps); "
+             "raise buffer_size")
+        need(self.total_timesteps >= 1, "total_timesteps must be >= 1")
+        need(self.checkpoint_every >= 0 and self.eval_every >= 0 and self.log_every >= 0,
+             "checkpoint_every, eval_every and log_every must be >= 0")
+        need(self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1")
+        need(self.eval_episodes >= 1, "eval_episodes must be >= 1")
+        need(self.video_length is None or self.video_length >= 1, "video_length must be >= 1 (or none)")
+        if self.ent_coef != "auto" and not self.ent_coef.startswith("auto_"):
+            try:
+                float(self.ent_coef)
+            except ValueError:
+                raise ValueError(f"ent_coef must be 'auto', 'auto_<init>' or a number, got {self.ent_coef!r}") from None
+        return self
+
+
+# --------------------------------------------------------------------------- presets
+
+PRESETS: dict[str, dict] = {
+    # SPEC §1.3: the paper-scale kneeling run.
+    "kneeling": dict(
+        env_id=TEXTURED_HUMANOID, n_envs=32, episode_length=100, model="ViT-bigG-14",
+        pretrained="laion2b_s39b_b160k", goal=["a humanoid robot kneeling"], baseline=["a humanoid robot"],
+        alpha=0.0, reward_mode="replace", reward_timing="deferred", reward_batch_size=3200, batch_size=512,
+        learning_rate=6e-4, gamma=0.95, tau=0.005, learning_starts=50_000, train_freq=100, gradient_steps=100,
+        total_timesteps=10_000_000,
+    ),
+    # A CPU run of a few hundred steps with the tiny random model: checks the plumbing, learns nothing.
+    "smoke": dict(
+        env_id=TEXTURED_HUMANOID, n_envs=2, episode_length=50, render_width=64, render_height=64,
+        model="vlmrm-tiny", pretrained=None, reward_device="cpu", reward_dtype="float32", reward_backend="torch",
+        reward_timing="deferred", batch_size=32, learning_starts=50, train_freq=25, gradient_steps=5,
+        buffer_size=2_000, net_arch=[32, 32], sac_device="cpu", total_timesteps=300, checkpoint_every=100,
+        eval_every=0, video_width=64, video_height=64, progress=False,
+    ),
+}
+
+#: Fields that may differ between a checkpoint and the config it is resumed with.
+RESUMABLE_FIELDS = frozenset({
+    "total_timesteps", "run_dir", "checkpoint_every", "keep_checkpoints", "eval_every", "eval_episodes",
+    "video_width", "video_height", "video_length", "tensorboard", "log_every", "progress", "reward_device",
+    "reward_backend", "reward_batch_size", "sac_device",
+})
+
+
+def from_preset(name: str) -> TrainConfig:
+    """The config of a preset (``ValueError`` naming the presets if unknown)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return apply_overrides(TrainConfig(), PRESETS[name], f"preset {name!r}")
+
+
+# --------------------------------------------------------------------------- files and overrides
+
+
+def load_config_file(path: Union[str, Path]) -> dict:
+    """Read a TOML (or ``.json``) config file into a flat dict (tables flattened)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file '{path}' does not exist")
+    text = path.read_text()
+    if path.suffix.lower() == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"config file '{path}' is not valid JSON: {exc}") from None
+    else:
+        if tomllib is None:  # pragma: no cover
+            raise ValueError(f"reading '{path}' needs tomli on Python < 3.11 (pip install tomli), or use JSON")
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ValueError(f"config file '{path}' is not valid TOML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"config file '{path}' must hold key = value pairs")
+    flat: dict = {}
+    names = {f.name for f in fields(TrainConfig)}
+    for key, value in data.items():
+        if isinstance(value, dict) and key not in names:  # a section like [sac]
+            flat.update(value)
+        else:
+            flat[key] = value
+    return flat
+
+
+def parse_set(items: list[str]) -> dict:
+    """``["alpha=0.5", "goal=a robot"]`` -> dict; values read as TOML literals, else strings."""
+    out: dict = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key:
+            raise ValueError(f"--set expects key=value, got {item!r}")
+        out[key] = _parse_literal(raw.strip())
+    return out
+
+
+def _parse_literal(raw: str) -> Any:
+    if raw.lower() in ("none", "null"):
+        return None
+    if tomllib is not None:
+        try:
+            return tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            pass
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        return raw
+
+
+def apply_overrides(config: TrainConfig, values: dict, source: str = "overrides") -> TrainConfig:
+    """A copy of ``config`` with ``values`` applied, each converted to its field's type."""
+    hints = get_type_hints(TrainConfig)
+    names = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ValueError(
+            f"unknown config key(s) in {source}: {', '.join(unknown)}; valid keys are listed by "
+            "'vlmrm-fast train --help'"
+        )
+    converted = {key: coerce(key, hints[key], value, source) for key, value in values.items()}
+    return dataclasses.replace(config, **converted)
+
+
+def coerce(name: str, hint: Any, value: Any, source: str = "config") -> Any:
+    """Convert ``value`` (from TOML, JSON or a command line) to the type ``hint`` of field ``name``."""
+    optional = get_origin(hint) is Union and type(None) in get_args(hint)
+    base = next(a for a in get_args(hint) if a is not type(None)) if optional else hint
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null", "")):
+        if optional:
+            return None
+        raise ValueError(f"{name} in {source} cannot be none")
+
+    def bad(expected: str) -> ValueError:
+        return ValueError(f"{name} in {source} must be {expected}, got {value!r}")
+
+    if base is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
+            return value.lower() in ("true", "yes", "1", "on")
+        raise bad("true or false")
+    if base is int:
+        if isinstance(value, bool):
+            raise bad("an integer")
+        if isinstance(value, float) and value.is_integer():
+            return int(value)  # 1e7 in TOML/JSON
+        if isinstance(value, str):
+            try:
+                f = float(value.replace("_", ""))
+            except ValueError:
+                raise bad("an integer") from None
+            if f.is_integer():
+                return int(f)
+            raise bad("an integer")
+        if isinstance(value, int):
+            return value
+        raise bad("an integer")
+    if base is float:
+        if isinstance(value, bool):
+            raise bad("a number")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise bad("a number") from None
+    if base is str:
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and name == "ent_coef":
+            return str(value)
+        if not isinstance(value, str):
+            raise bad("a string")
+        return value
+    if base is list:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise bad("a list")
+        return list(value)
+    if base is dict:
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                raise bad("a JSON object") from None
+        if not isinstance(value, dict):
+            raise bad("a table / JSON object")
+        return dict(value)
+    return value  # pragma: no cover
+
+
+def diff_configs(saved: TrainConfig, given: TrainConfig, ignore=RESUMABLE_FIELDS) -> list[tuple[str, Any, Any]]:
+    """``(field, saved value, given value)`` for each field that differs, outside ``ignore``."""
+    a, b = saved.to_dict(), given.to_dict()
+    return [(k, a[k], b[k]) for k in a if k not in ignore and a[k] != b[k]]
+
+
+def field_help() -> dict[str, str]:
+    """Field name -> documentation."""
+    return {f.name: f.metadata.get("help", "") for f in fields(TrainConfig)}

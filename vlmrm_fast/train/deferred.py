@@ -1,0 +1,179 @@
+"""Deferred VLM rewards: keep a rollout's frames on the reward device, score them in one batch.
+
+The paper computed CLIP rewards once per rollout, in large batches, before the gradient steps.
+Here that works in three parts:
+
+- :class:`DeferredRewardRecorder` (a :class:`~vlmrm_fast.wrappers.VLMRewardVecEnv` that renders
+  but does not score): after every vector step renders all envs (the BatchRenderer where it
+  works; the true terminal state on the step an episode ends, as the wrapper does) into a
+  preallocated uint8 tensor ``[steps, n_envs, H, W, 3]`` on the reward device, and returns a
+  placeholder reward to SB3 (0 for mode "replace", the env reward for "add"/"log").
+- the training callback (:mod:`vlmrm_fast.train.callbacks`) records, at each step, the replay
+  slot the transition will occupy (``replay_buffer.pos``, before SB3 stores it), and in
+  ``_on_rollout_end`` (after the rollout, before ``train()``) scores all frames with one
+  ``rm(frames)`` call (chunked inside the model) and writes the rewards into
+  ``replay_buffer.rewards[slots]``: see :func:`score_and_write_back`.
+"""
+from __future__ import annotations
+
+import time
+from typing import Optional
+
+import numpy as np
+import torch
+from stable_baselines3.common.vec_env import VecEnv
+
+from vlmrm_fast.wrappers import VLMRewardVecEnv
+
+
+class DeferredRewardRecorder(VLMRewardVecEnv):
+    """Record each step's frames on the reward device; hand SB3 a placeholder reward.
+
+    A :class:`vlmrm_fast.wrappers.VLMRewardVecEnv` whose ``step_wait`` renders (same frame source,
+    same exact terminal frames) but does not score: the frames go into ``self.frames[t]``, a
+    preallocated uint8 tensor ``[capacity, n_envs, H, W, 3]`` on ``reward_model.device``, and SB3
+    gets 0 (mode ``"replace"``) or the env reward (``"add"``/``"log"``) until
+    :func:`score_and_write_back` replaces it in the replay buffer.
+
+    Args:
+        venv: the vector env.
+        reward_model: the :class:`~vlmrm_fast.CLIPReward` (its device holds the frames).
+        capacity: vector steps held (the rollout length, ``train_freq``).
+        mode, weight: how VLM and env rewards combine (see :func:`combine`).
+    """
+
+    def __init__(self, venv: VecEnv, reward_model, capacity: int, mode: str = "replace", weight: float = 1.0,
+                 render: str = "auto") -> None:
+        super().__init__(venv, reward_model, mode=mode, weight=weight, render=render)
+        self.capacity = int(capacity)
+        self.device = torch.device(getattr(reward_model, "device", "cpu"))
+        self.frames: Optional[torch.Tensor] = None  # allocated at the first step (frame size known)
+        self.gt = np.zeros((self.capacity, self.num_envs), dtype=np.float32)
+        self.dones = np.zeros((self.capacity, self.num_envs), dtype=bool)
+        self.count = 0
+        self.bottom_up: Optional[bool] = None  # row order of the stored frames
+        self.env_s = 0.0
+        self.render_s = 0.0
+        self._t0 = 0.0
+
+    def step_async(self, actions: np.ndarray) -> None:
+        self._t0 = time.perf_counter()
+        self.venv.step_async(actions)
+
+    def step_wait(self):
+        obs, env_rewards, dones, infos = self.venv.step_wait()
+        t1 = time.perf_counter()
+        self.env_s += t1 - self._t0
+        if self.count >= self.capacity:
+            raise RuntimeError(
+                f"deferred reward buffer full ({self.capacity} steps): score_and_write_back must run at the "
+                "end of every rollout (is the training callback attached?)"
+            )
+        frames, bottom_up, _ = self._render(infos)
+        if not isinstance(frames, torch.Tensor):
+            frames = torch.from_numpy(np.stack([np.asarray(f) for f in frames]))
+        if self.frames is None or tuple(self.frames.shape[2:]) != tuple(frames.shape[1:]):
+            if self.count:
+                raise ValueError(f"frame size changed mid-rollout to {tuple(frames.shape[1:3])}; give the envs one render size")
+            self.frames = torch.empty((self.capacity, *frames.shape), dtype=torch.uint8, device=self.device)
+        if self.count == 0:
+            self.bottom_up = bool(bottom_up)
+        elif bool(bottom_up) != self.bottom_up:  # the renderer fell back mid-rollout: match the row order
+            frames = frames.flip(1)
+        self.frames[self.count].copy_(frames, non_blocking=False)
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()  # honest timing
+        self.render_s += time.perf_counter() - t1
+        gt = np.asarray(env_rewards, dtype=np.float32).reshape(self.num_envs)
+        self.gt[self.count] = gt
+        self.dones[self.count] = dones
+        self.count += 1
+        for i, info in enumerate(infos):
+            info["gt_reward"] = float(gt[i])
+        placeholder = np.zeros_like(gt) if self.mode == "replace" else gt
+        return obs, placeholder, dones, infos
+
+    def pop(self):
+        """The recorded ``(frames [T, n, H, W, 3], gt [T, n], dones [T, n])``; clears the record."""
+        n, self.count = self.count, 0
+        frames = self.frames[:n] if self.frames is not None else torch.empty((0, self.num_envs, 1, 1, 3), dtype=torch.uint8)
+        return frames, self.gt[:n].copy(), self.dones[:n].copy()
+
+
+def combine(gt: np.ndarray, vlm: np.ndarray, mode: str, weight: float) -> np.ndarray:
+    """The reward SAC trains on: ``weight * vlm`` (replace), ``gt + weight * vlm`` (add), ``gt`` (log)."""
+    if mode == "replace":
+        return (weight * vlm).astype(np.float32)
+    if mode == "add":
+        return (gt + weight * vlm).astype(np.float32)
+    return gt.astype(np.float32)
+
+
+def score_frames(reward_model, frames: torch.Tensor, bottom_up: bool) -> np.ndarray:
+    """VLM rewards [T, n] for frames [T, n, H, W, 3] (one call; the model chunks it)."""
+    t, n = frames.shape[:2]
+    if t * n == 0:
+        return np.zeros((t, n), dtype=np.float32)
+    with torch.inference_mode():
+        rewards = reward_model(frames.reshape(t * n, *frames.shape[2:]), bottom_up=bottom_up)
+    return rewards.float().reshape(t, n).cpu().numpy()
+
+
+def score_and_write_back(recorder: DeferredRewardRecorder, reward_model, replay_buffer, slots: list,
+                         weight: float, mode: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Score the recorded rollout and write its rewards into ``replay_buffer.rewards[slots]``.
+
+    ``slots[t]`` is the replay index the t-th recorded step was stored at (rows hold all envs).
+    Returns ``(vlm [T, n], gt [T, n], dones [T, n])`` for logging.
+    """
+    frames, gt, dones = recorder.pop()
+    if len(slots) != len(gt):
+        raise RuntimeError(f"recorded {len(gt)} steps but {len(slots)} replay slots; the callback missed steps")
+    vlm = score_frames(reward_model, frames, bool(recorder.bottom_up))
+    if len(slots):
+        # In order, so a slot written twice (rollout longer than the buffer) keeps the newest.
+        for t, slot in enumerate(slots):
+            replay_buffer.rewards[slot] = combine(gt[t], vlm[t], mode, weight)
+    return vlm, gt, dones
+
+
+def unwrap_recorder(venv) -> Optional[DeferredRewardRecorder]:
+    """The :class:`DeferredRewardRecorder` in a wrapper chain, or None."""
+    while venv is not None:
+        if isinstance(venv, DeferredRewardRecorder):
+            return venv
+        venv = getattr(venv, "venv", None)
+    return None
+
+
+class TimedVLMRewardVecEnv(VLMRewardVecEnv):
+    """:class:`~vlmrm_fast.wrappers.VLMRewardVecEnv` (per-step rewards) that also times its stages.
+
+    ``env_s``: stepping the envs; ``render_s``: rendering; ``reward_s``: the reward model and
+    bookkeeping. Cumulative seconds; the training callback logs their increments.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.env_s = self.render_s = self.reward_s = 0.0
+        self._t0 = self._t_render_end = 0.0
+
+    def step_async(self, actions: np.ndarray) -> None:
+        self._t0 = time.perf_counter()
+        self.venv.step_async(actions)
+
+    def _render(self, infos):
+        t = time.perf_counter()
+        self.env_s += t - self._t0
+        out = super()._render(infos)
+        frames = out[0]
+        if isinstance(frames, torch.Tensor) and frames.device.type == "cuda":
+            torch.cuda.current_stream(frames.device).synchronize()
+        self._t_render_end = time.perf_counter()
+        self.render_s += self._t_render_end - t
+        return out
+
+    def step_wait(self):
+        out = super().step_wait()
+        self.reward_s += time.perf_counter() - self._t_render_end
+        return out

@@ -1,0 +1,441 @@
+"""``vlmrm-fast train``: SAC (stable-baselines3) on VLM-RM rewards.
+
+Top to bottom: config -> frame check -> reward model -> vector env (rewards per step or deferred per
+rollout) -> SAC (new, or loaded from a checkpoint) -> ``learn`` with :class:`TrainingCallback` ->
+final checkpoint.
+
+Python use::
+
+    from vlmrm_fast.train import TrainConfig, from_preset, train
+    result = train(from_preset("smoke"))
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import signal
+import sys
+import textwrap
+import time
+import warnings
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Optional, Sequence
+
+os.environ.setdefault("MUJOCO_GL", "egl")  # headless MuJoCo rendering; before mujoco is imported
+os.environ.setdefault("PYOPENGL_PLATFORM", "egl")
+
+import numpy as np  # noqa: E402
+
+from vlmrm_fast.train import checkpoint as ckpt  # noqa: E402
+from vlmrm_fast.train.config import (  # noqa: E402
+    PRESETS, RESUMABLE_FIELDS, TrainConfig, apply_overrides, diff_configs, field_help, from_preset,
+    load_config_file, parse_set,
+)
+
+RGB_FIX = 'render_mode="rgb_array"'
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` did."""
+
+    run_dir: Path
+    num_timesteps: int
+    checkpoint: Optional[Path]
+    stopped_by: Optional[str]  # "SIGINT"/"SIGTERM" when a signal stopped the run, else None
+    seconds: float
+    model: object = None
+
+
+# --------------------------------------------------------------------------- environments
+
+
+def _register_envs(env_id: str) -> None:
+    if env_id.startswith("vlmrm_fast/"):
+        import vlmrm_fast.envs  # noqa: F401  (registers the package's envs)
+
+
+def make_env(config: TrainConfig, width: Optional[int], height: Optional[int]):
+    """One gymnasium env rendering RGB frames of ``width`` x ``height``, episodes of ``episode_length``."""
+    import gymnasium as gym
+
+    _register_envs(config.env_id)
+    kwargs = dict(config.env_kwargs)
+    kwargs.setdefault("render_mode", "rgb_array")
+    if width is not None:
+        kwargs.setdefault("width", width)
+        kwargs.setdefault("height", height)
+    try:
+        return gym.make(config.env_id, max_episode_steps=config.episode_length, **kwargs)
+    except gym.error.Error as exc:
+        raise ValueError(f"cannot make env {config.env_id!r}: {exc}") from None
+    except TypeError as exc:
+        if "width" in str(exc) or "height" in str(exc):
+            raise ValueError(
+                f"env {config.env_id!r} does not take width/height ({exc}); render at its own size with "
+                "--set render_width=none --set render_height=none, or register it with a width/height argument"
+            ) from None
+        raise
+
+
+def check_env_frames(config: TrainConfig, width: Optional[int], height: Optional[int]) -> tuple[int, int]:
+    """Make one env, render a frame and check it is uint8 RGB [H, W, 3]; return (H, W).
+
+    Runs before the reward model is loaded, so a bad env fails in seconds with the fix named.
+    """
+    env = make_env(config, width, height)
+    try:
+        modes = env.metadata.get("render_modes") or []
+        if "rgb_array" not in modes or env.render_mode != "rgb_array":
+            raise ValueError(
+                f"env {config.env_id!r} cannot render RGB frames (render modes {list(modes)}, render_mode "
+                f"{env.render_mode!r}); VLM rewards score rendered frames, so the env must support "
+                f'{RGB_FIX}: pick an env that does, or add an "rgb_array" render mode to it'
+            )
+        env.reset(seed=config.seed)
+        frame = env.render()
+    finally:
+        env.close()
+    if not isinstance(frame, np.ndarray) or frame.ndim != 3 or frame.shape[2] != 3 or frame.dtype != np.uint8:
+        what = "None" if frame is None else f"{type(frame).__name__} {getattr(frame, 'shape', '')} {getattr(frame, 'dtype', '')}"
+        raise ValueError(
+            f"env {config.env_id!r} rendered {what}, not a uint8 RGB frame [H, W, 3]; the VLM reward needs "
+            f"{RGB_FIX} frames with 3 channels"
+        )
+    if frame.shape[0] < 1 or frame.shape[1] < 1:
+        raise ValueError(f"env {config.env_id!r} rendered an empty frame {frame.shape}; set render_width/render_height >= 1")
+    if width is not None and (frame.shape[0], frame.shape[1]) != (height, width):
+        warnings.warn(
+            f"env {config.env_id!r} renders {frame.shape[1]}x{frame.shape[0]}, not the {width}x{height} asked for"
+        )
+    return int(frame.shape[0]), int(frame.shape[1])
+
+
+def model_input_size(model_name: str) -> Optional[tuple[int, int]]:
+    """(H, W) the vision tower takes, from open_clip's config (without loading weights)."""
+    try:
+        import open_clip
+
+        import vlmrm_fast  # noqa: F401  (registers vlmrm-tiny)
+
+        cfg = open_clip.get_model_config(model_name)
+    except Exception:  # noqa: BLE001 - unknown here: decided after loading
+        return None
+    size = (cfg or {}).get("vision_cfg", {}).get("image_size")
+    if size is None:
+        return None
+    return (size, size) if isinstance(size, int) else tuple(size)
+
+
+def build_reward_model(config: TrainConfig):
+    """The CLIPReward of ``config``; random weights (pretrained none) are drawn from ``seed``, so a
+    resumed run gets the same model."""
+    import torch
+
+    from vlmrm_fast import CLIPReward
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        return CLIPReward.from_pretrained(
+            config.model, config.pretrained, goal=list(config.goal), baseline=list(config.baseline) or None,
+            alpha=config.alpha, device=config.reward_device,
+            dtype=None if config.reward_dtype == "auto" else config.reward_dtype, preprocess=config.preprocess,
+            backend=config.reward_backend, max_batch_size=config.reward_batch_size,
+        )
+
+
+def build_vec_env(config: TrainConfig, reward_model, width, height):
+    """DummyVecEnv -> VecMonitor (env-reward episode stats) -> VLM reward wrapper (per step or deferred)."""
+    from stable_baselines3.common.vec_env import DummyVecEnv, VecMonitor
+
+    from vlmrm_fast.train.deferred import DeferredRewardRecorder, TimedVLMRewardVecEnv
+
+    venv = VecMonitor(DummyVecEnv([lambda: make_env(config, width, height)] * config.n_envs))
+    if config.reward_timing == "deferred":
+        return DeferredRewardRecorder(venv, reward_model, capacity=config.train_freq, mode=config.reward_mode,
+                                      weight=config.reward_weight)
+    return TimedVLMRewardVecEnv(venv, reward_model, mode=config.reward_mode, weight=config.reward_weight)
+
+
+def make_logger(run_dir: Path, tensorboard: bool, start_step: int):
+    """SB3 logger: TensorBoard events in RUN_DIR/tb and a CSV (a new file per resumed session)."""
+    from stable_baselines3.common.logger import CSVOutputFormat, Logger, TensorBoardOutputFormat
+
+    folder = run_dir / "tb"
+    folder.mkdir(parents=True, exist_ok=True)
+    name = "progress.csv" if start_step == 0 else f"progress-from-{start_step}.csv"
+    formats = [CSVOutputFormat(str(folder / name))]
+    if tensorboard:
+        formats.append(TensorBoardOutputFormat(str(folder)))
+    return Logger(str(folder), formats)
+
+
+# --------------------------------------------------------------------------- training
+
+
+def train(config: TrainConfig, *, resume: Optional[os.PathLike] = None, reward_model=None) -> TrainResult:
+    """Train SAC on VLM rewards as ``config`` says; continue the run in ``resume`` if given.
+
+    ``reward_model``: an already built reward model (default: built from the config).
+    Returns when ``total_timesteps`` are reached, or after SIGINT/SIGTERM (checkpoint written).
+    """
+    from stable_baselines3 import SAC
+
+    from vlmrm_fast.train.callbacks import TrainingCallback
+
+    config.validate()
+    start = time.perf_counter()
+    run_dir = Path(config.run_dir or default_run_dir())
+    config = dataclasses.replace(config, run_dir=str(run_dir))
+    resume_from = _resume_checkpoint(run_dir, resume)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt.clean_stale(run_dir)
+    config_json = config.to_json()
+    _atomic_write(run_dir / "config.json", config_json)
+
+    # 1. frames: check the env renders RGB before loading a large model.
+    size = (config.render_height, config.render_width)
+    if None in size:
+        size = model_input_size(config.model) or (None, None)
+        size = (config.render_height or size[0], config.render_width or size[1])
+    height, width = check_env_frames(config, size[1], size[0])
+
+    # 2. the reward model, and a check that it takes these frames.
+    rm = reward_model if reward_model is not None else build_reward_model(config)
+    _check_model_takes_frames(rm, config, height, width)
+
+    # 3. vector env with VLM rewards.
+    env = build_vec_env(config, rm, width, height)
+    recorder = env if config.reward_timing == "deferred" else None
+
+    # 4. SAC: new, or exactly where the checkpoint left it.
+    extra = None
+    if resume_from is None:
+        model = SAC(
+            "MlpPolicy", env, learning_rate=config.learning_rate, buffer_size=config.buffer_size,
+            learning_starts=config.learning_starts, batch_size=config.batch_size, tau=config.tau,
+            gamma=config.gamma, train_freq=(config.train_freq, "step"), gradient_steps=config.gradient_steps,
+            ent_coef=config.ent_coef if config.ent_coef.startswith("auto") else float(config.ent_coef),
+            optimize_memory_usage=False,  # deferred rewards index the buffer by transition
+            policy_kwargs=dict(net_arch=list(config.net_arch)), seed=config.seed, device=config.sac_device,
+            verbose=0,
+        )
+    else:
+        model, extra = _load_checkpoint(resume_from, env, config)
+    model.set_logger(make_logger(run_dir, config.tensorboard, model.num_timesteps))
+
+    # 5. learn.
+    callback = TrainingCallback(config, rm, run_dir, config_json, recorder=recorder, timed_env=env,
+                                resume_extra=extra)
+    remaining = config.total_timesteps - model.num_timesteps
+    try:
+        if remaining > 0:
+            model.learn(total_timesteps=remaining, callback=callback, reset_num_timesteps=resume_from is None,
+                        log_interval=None)
+        stopped = signal.Signals(callback.stop_signal).name if callback.stop_signal is not None else None
+        if stopped is None and remaining > 0:
+            if callback.last_checkpoint is None or callback.last_checkpoint.name != ckpt.step_name(model.num_timesteps):
+                callback.save()
+            if config.eval_every:
+                callback.evaluate()
+                model.logger.dump(model.num_timesteps)
+    finally:
+        env.close()
+    return TrainResult(run_dir, int(model.num_timesteps), callback.last_checkpoint or resume_from, stopped,
+                       time.perf_counter() - start, model)
+
+
+def default_run_dir(name: str = "run") -> Path:
+    return Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _resume_checkpoint(run_dir: Path, resume: Optional[os.PathLike]) -> Optional[Path]:
+    """The checkpoint to continue from (``resume``), checking a new run does not overwrite one."""
+    if resume is None:
+        if ckpt.find_latest(run_dir) is not None:
+            raise ValueError(
+                f"run folder '{run_dir}' already holds checkpoints; continue it with --resume {run_dir}, "
+                "or choose another --run-dir"
+            )
+        return None
+    found = ckpt.find_latest(resume)
+    if found is None:
+        raise FileNotFoundError(
+            f"no complete checkpoint in '{Path(resume) / 'checkpoints'}'; check the path, or start a new run "
+            "without --resume"
+        )
+    return found
+
+
+def _check_model_takes_frames(rm, config: TrainConfig, height: int, width: int) -> None:
+    frame = np.zeros((1, height, width, 3), dtype=np.uint8)
+    try:
+        out = rm(frame)
+    except (ValueError, TypeError, RuntimeError) as exc:
+        raise ValueError(
+            f"the reward model {config.model!r} cannot take {width}x{height} frames ({exc}); set "
+            f"render_width/render_height to its input size {getattr(rm, 'image_size', '')} or leave them unset"
+        ) from None
+    if tuple(getattr(out, "shape", ())) not in ((1,), (1, 1)):
+        raise ValueError(f"the reward model must return one reward per frame; got shape {tuple(out.shape)}")
+
+
+def _load_checkpoint(path: Path, env, config: TrainConfig):
+    """SAC, replay buffer, RNG and env state from checkpoint ``path``."""
+    from stable_baselines3 import SAC
+
+    meta = ckpt.read_meta(path)
+    env.reset()  # initialise the envs; their state is overwritten below
+    model = SAC.load(path / "model.zip", env=env, device=config.sac_device, force_reset=False)
+    model.load_replay_buffer(path / "replay_buffer.pkl")
+    state = ckpt.load_state(path)
+    if not ckpt.set_env_state(env, state["env"]):
+        warnings.warn("could not restore every env's simulator state; episodes in progress restart")
+        model._last_obs = env.reset()
+    ckpt.set_rng_state(model, state["rng"])
+    if model.num_timesteps != meta["step"]:
+        raise ValueError(f"checkpoint '{path}' is inconsistent (model at step {model.num_timesteps}, meta {meta['step']})")
+    return model, state["extra"]
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, Optional[Path]]:
+    """The effective config and the run folder to resume (or None), from parsed ``train`` arguments."""
+    overrides = parse_set(args.set or [])
+    for f in fields(TrainConfig):
+        value = getattr(args, f"field_{f.name}", None)
+        if value is not None:
+            if f.name == "net_arch" and isinstance(value, str):
+                value = [int(v) for v in value.replace(",", " ").split()]
+            overrides[f.name] = value
+    base = from_preset(args.preset) if args.preset else TrainConfig()
+    if args.config is not None:
+        base = apply_overrides(base, load_config_file(args.config), f"config file '{args.config}'")
+    config = apply_overrides(base, overrides, "the command line")
+    if args.preset and config.run_dir is None and args.resume is None:
+        config = dataclasses.replace(config, run_dir=str(default_run_dir(args.preset)))
+    if args.resume is None:
+        return config, None
+
+    run_dir = Path(args.resume)
+    found = ckpt.find_latest(run_dir)
+    if found is None:
+        raise FileNotFoundError(f"no complete checkpoint in '{run_dir / 'checkpoints'}'; check the path, or start "
+                                "a new run without --resume")
+    saved = TrainConfig.from_dict(json.loads((found / "config.json").read_text()), f"checkpoint '{found}'")
+    given = config if (args.preset or args.config) else apply_overrides(saved, overrides, "the command line")
+    diffs = diff_configs(saved, given)
+    if diffs:
+        lines = "; ".join(f"{k}: {a!r} in the checkpoint, {b!r} given" for k, a, b in diffs)
+        raise ValueError(
+            f"checkpoint '{found}' comes from another config ({lines}). Resume with the run's own config "
+            f"(vlmrm-fast train --resume {run_dir}, without --preset/--config or those overrides), or start a new "
+            f"run in another folder (--run-dir). Only these may change on resume: {', '.join(sorted(RESUMABLE_FIELDS))}"
+        )
+    effective = dataclasses.replace(saved, **{k: getattr(given, k) for k in RESUMABLE_FIELDS})
+    return dataclasses.replace(effective, run_dir=str(run_dir)), run_dir
+
+
+def run_train_command(args: argparse.Namespace) -> int:
+    """Handler of ``vlmrm-fast train``; exit code 0, or 130/143 after SIGINT/SIGTERM (checkpoint written)."""
+    config, resume = config_from_args(args)
+    if args.print_config:
+        print(config.to_json())
+        return 0
+    result = train(config, resume=resume)
+    where = f"checkpoint {result.checkpoint}" if result.checkpoint else "no checkpoint"
+    if result.stopped_by:
+        print(f"stopped by {result.stopped_by} at step {result.num_timesteps}; {where}; continue with: "
+              f"vlmrm-fast train --resume {result.run_dir}", file=sys.stderr)
+        return 130 if result.stopped_by == "SIGINT" else 143
+    rate = result.num_timesteps / max(result.seconds, 1e-9)
+    print(f"trained to step {result.num_timesteps} in {result.seconds:.1f} s; {where}; logs in {result.run_dir / 'tb'}"
+          f" ({rate:.1f} steps/s this session)")
+    return 0
+
+
+EPILOG = textwrap.dedent("""\
+    config layers (later wins): TrainConfig defaults (the paper's) < --preset < --config FILE
+    (TOML or .json, flat key = value; tables are flattened) < --set KEY=VALUE and the flags below.
+    The effective config is saved in RUN_DIR/config.json and in every checkpoint.
+
+    rewards: --reward-timing step scores all envs' frames each env step (one batch per step);
+    deferred (the paper) keeps a rollout's frames on the reward device and scores them in one batch
+    before the gradient steps, writing the rewards into the replay buffer.
+
+    outputs in RUN_DIR: tb/ (TensorBoard: rollout/vlm_return, rollout/gt_return, time/steps_per_s,
+    time/render_s, time/reward_s, time/sac_update_s, time/env_s; a CSV too), checkpoints/ (every
+    --checkpoint-every steps, at the end and on SIGINT/SIGTERM; written atomically), videos/ (mp4
+    every --eval-every steps).
+
+    examples:
+      vlmrm-fast train --preset smoke
+      vlmrm-fast train --preset kneeling --run-dir runs/kneel --set alpha=0.5
+      vlmrm-fast train --config my_run.toml --n-envs 8 --reward-timing step
+      vlmrm-fast train --resume runs/kneel            # after a crash, SIGINT or SIGTERM
+    """)
+
+
+def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register ``train`` on ``subparsers``; sets ``handler=run_train_command``."""
+    p = subparsers.add_parser(
+        "train", help="train SAC on CLIP (VLM-RM) rewards", description="Train a SAC agent (stable-baselines3) on "
+        "VLM-RM rewards: a CLIP model scores rendered frames against a goal prompt.", epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--preset", choices=sorted(PRESETS),
+                   help="kneeling: the paper's ViT-bigG-14 humanoid run (SPEC §1.3); smoke: a tiny CPU run")
+    p.add_argument("--config", type=Path, metavar="FILE", help="TOML (or .json) config file")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any config field (repeatable)")
+    p.add_argument("--resume", type=Path, metavar="RUN_DIR",
+                   help="continue the run in RUN_DIR from its latest complete checkpoint")
+    p.add_argument("--print-config", action="store_true", help="print the effective config as JSON and exit")
+    group = p.add_argument_group("config fields (override the preset and the config file)")
+    docs = field_help()
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        kwargs = dict(dest=f"field_{f.name}", default=None, help=docs[f.name])
+        if f.type in ("bool", bool):
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+        elif f.name in ("goal", "baseline"):
+            group.add_argument(flag, action="append", metavar="TEXT", **kwargs)
+        elif f.name == "env_kwargs":
+            group.add_argument(flag, metavar="JSON", **kwargs)
+        else:
+            group.add_argument(flag, metavar=f.name.split("_")[-1].upper(), **kwargs)
+    p.set_defaults(handler=run_train_command)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m vlmrm_fast.train.run ARGS`` (the same as ``vlmrm-fast train ARGS``)."""
+    parser = argparse.ArgumentParser(prog="vlmrm-fast")
+    add_train_parser(parser.add_subparsers(dest="command", required=True))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = parser.parse_args(["train", *argv])
+    except SystemExit as exc:
+        return 0 if exc.code is None else exc.code if isinstance(exc.code, int) else 2
+    try:
+        return args.handler(args)
+    except (ValueError, TypeError, OSError) as exc:
+        print(f"vlmrm-fast: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("vlmrm-fast: error: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
