@@ -4,11 +4,16 @@ Commands
 --------
 ``vlmrm-fast score PATH --goal TEXT``
     Score every frame of a video file, a GIF, an image, or a folder of images with a CLIP
-    reward and write the per-frame rewards as CSV (and, with ``--plot``, a PNG).
+    reward and write the per-frame rewards as CSV (and, with ``--plot``, a PNG). Defined here.
+``vlmrm-fast export MODEL``
+    The vision tower as ONNX or a TensorRT engine (vlmrm_fast/export.py).
+``vlmrm-fast bench``
+    Frames/s per stage against the seed's pipeline (vlmrm_fast/profiler.py).
+``vlmrm-fast train``
+    SAC on the VLM reward (vlmrm_fast/train/run.py).
 
-Adding a command: write ``_add_<name>_parser(subparsers)`` that registers its options and
-sets ``handler=`` to a ``_run_<name>(args) -> int`` function, then call it from
-:func:`build_parser`. :func:`main` turns the expected error types into a one-line message
+Adding a command: write ``add_<name>_parser(subparsers)`` that registers its options and sets
+``handler=`` to a function ``(args) -> int``, then call it from :func:`build_parser`. :func:`main` turns the expected error types into a one-line message
 and exit code 2.
 """
 
@@ -36,6 +41,8 @@ from tqdm import tqdm
 
 from vlmrm_fast import CLIPReward, PretrainedWeightsError
 from vlmrm_fast.export import add_export_parser
+from vlmrm_fast.profiler import add_bench_parser
+from vlmrm_fast.train.run import add_train_parser
 
 PROG = "vlmrm-fast"
 DEFAULT_MODEL = "ViT-B-32"
@@ -67,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_score_parser(subparsers)
     add_export_parser(subparsers)
+    add_bench_parser(subparsers)
+    add_train_parser(subparsers)
     return parser
 
 

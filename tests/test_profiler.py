@@ -1,0 +1,192 @@
+"""Tests for the FPS profiler, ``vlmrm-fast bench`` (``vlmrm_fast.profiler``).
+
+The FLOP counts are checked against SPEC §2's table from open_clip's configs alone (the big towers
+are never instantiated). One short run of the tiny random-weights model on CPU (batch 1 and 2, one
+repeat) is shared by the tests of the outputs; its timings are not checked, only that they exist
+and are positive: speed on a shared 2-core machine says nothing.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+import json
+import warnings
+
+import open_clip
+import pytest
+import torch
+
+from vlmrm_fast import cli, create_clip, profiler
+from vlmrm_fast.profiler import Row, check_targets, tower_gflops
+
+HAS_ORT = importlib.util.find_spec("onnxruntime") is not None
+HAS_MPL = importlib.util.find_spec("matplotlib") is not None
+
+SPEC_GFLOPS = {
+    "ViT-B-32": 8.82,
+    "ViT-B-16": 35.13,
+    "ViT-L-14": 162.03,
+    "ViT-H-14": 334.59,
+    "ViT-g-14": 534.06,
+    "ViT-bigG-14": 967.5,
+}
+
+
+@pytest.mark.parametrize("name", SPEC_GFLOPS)
+def test_tower_gflops_reproduces_spec_table_from_config(name, monkeypatch):
+    def no_instantiation(*args, **kwargs):
+        raise AssertionError("tower_gflops(name) must not build the model")
+
+    monkeypatch.setattr(open_clip, "create_model", no_instantiation)
+    assert tower_gflops(name) == pytest.approx(SPEC_GFLOPS[name], rel=0.01)
+
+
+def test_tower_gflops_same_from_config_and_from_instantiated_tower():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        model, _ = create_clip("vlmrm-tiny", None)
+    from_config = tower_gflops("vlmrm-tiny")
+    assert tower_gflops(model) == pytest.approx(from_config, rel=1e-12)
+    assert tower_gflops(model.visual) == pytest.approx(from_config, rel=1e-12)
+
+
+def test_tower_gflops_counts_other_towers_and_warns():
+    class TinyConvTower(torch.nn.Module):
+        image_size = (16, 16)
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 8, kernel_size=4, stride=4, bias=False)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.conv(x).flatten(1)
+
+    # 4 x 4 outputs x 8 channels x (3 x 4 x 4) multiply-adds, 2 FLOPs each.
+    with pytest.warns(UserWarning, match="undercount"):
+        assert tower_gflops(TinyConvTower()) == pytest.approx(2 * 16 * 8 * 48 / 1e9)
+
+
+# --------------------------------------------------------------------------- one short run
+
+
+@pytest.fixture(scope="module")
+def bench_run(tmp_path_factory):
+    """``vlmrm-fast bench`` on the tiny model: (exit code, output folder, stdout)."""
+    out = tmp_path_factory.mktemp("bench")
+    backends = ["torch", "onnxruntime", "tensorrt"] if HAS_ORT else ["torch", "tensorrt"]
+    argv = ["bench", "--models", "vlmrm-tiny", "--batch-sizes", "1", "2", "--repeats", "1", "--warmup", "1",
+            "--backends", *backends, "--device", "cpu", "--out", str(out), "--no-progress"]
+    if not HAS_MPL:
+        argv.append("--no-plot")
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        code = cli.main(argv)
+    return code, out, stdout.getvalue()
+
+
+@pytest.fixture(scope="module")
+def results(bench_run):
+    return json.loads((bench_run[1] / "bench.json").read_text())
+
+
+def test_run_succeeds_and_writes_outputs(bench_run):
+    code, out, stdout = bench_run
+    assert code == 0, stdout
+    assert {p.name for p in out.iterdir()} >= {"bench.json", "bench.md"}
+    table = (out / "bench.md").read_text()
+    assert "| model | backend | dtype |" in table and "| vlmrm-tiny | torch | fp32 |" in table
+    assert "| model | backend | dtype |" in stdout  # the table is printed too
+    assert "random" in table
+
+
+@pytest.mark.skipif(not HAS_MPL, reason="the plot needs matplotlib: pip install 'vlmrm-fast[cli]'")
+def test_plot_is_a_png(bench_run):
+    png = (bench_run[1] / "bench.png").read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 1000
+
+
+def test_rows_cover_every_configuration(results):
+    backends = ["torch", "onnxruntime"] if HAS_ORT else ["torch"]
+    got = {(r["backend"], r["batch"]) for r in results["rows"]}
+    assert got == {(b, n) for b in ["seed", *backends] for n in (1, 2)}
+    for row in results["rows"]:
+        assert row["h2d_fps"] is None  # not applicable on CPU
+        for stage in ("preprocess", "tower", "score", "end_to_end"):
+            assert row[f"{stage}_fps"] > 0
+            assert row["timings"][stage]["repeats"] == 1
+        assert row["tower_gflops"] == pytest.approx(tower_gflops("vlmrm-tiny"))
+        assert row["achieved_tflops"] > 0 and row["frac_of_peak"] > 0
+    assert results["peak_tflops"]["fp32"] == max(results["peak_samples"]["fp32"]) > 0
+    assert len(results["peak_samples"]["fp32"]) == 2  # before and after the model
+    assert results["complete"] is True and results["failures"] == []
+
+
+def test_seed_rows_and_speedups(results):
+    seed = [r for r in results["rows"] if r["backend"] == "seed"]
+    assert [r["batch"] for r in seed] == [1, 2]
+    assert all(r["frame_size"] == 480 and r["dtype"] == "fp32" for r in seed)
+    for row in results["rows"]:
+        if row["backend"] != "seed":  # the seed is timed again, in alternation with each row
+            paired = row["timings"]["seed_end_to_end"]
+            assert row["seed_fps"] == pytest.approx(row["batch"] / paired["median_s"])
+            assert row["speedup_vs_seed"] == pytest.approx(row["end_to_end_fps"] / row["seed_fps"])
+            assert row["speedup_vs_seed"] > 0
+
+
+def test_onnxruntime_build_time_is_reported_apart(results):
+    if not HAS_ORT:
+        pytest.skip("needs onnxruntime (pip install 'vlmrm-fast[export]')")
+    ort_rows = [r for r in results["rows"] if r["backend"] == "onnxruntime"]
+    assert all(r["build_seconds"] > 0 for r in ort_rows)
+    assert all(r["build_seconds"] == 0 for r in results["rows"] if r["backend"] == "torch")
+
+
+def test_environment_is_recorded(results):
+    env = results["environment"]
+    for key in ("timestamp", "commit", "device", "torch", "open_clip", "python"):
+        assert env[key], key
+    assert env["device_type"] == "cpu" and "random" in env["weights"]
+    assert results["config"]["batch_sizes"] == [1, 2]
+
+
+def test_unavailable_backend_is_skipped_with_a_reason(results, bench_run):
+    if importlib.util.find_spec("tensorrt") is not None:
+        pytest.skip("tensorrt is installed here")
+    [skipped] = [s for s in results["skipped"] if s["what"] == "tensorrt"]
+    assert "CUDA" in skipped["reason"]
+    assert "skipped tensorrt" in bench_run[2]
+
+
+# --------------------------------------------------------------------------- options and targets
+
+
+def test_quick_defaults():
+    args = cli.build_parser().parse_args(["bench", "--quick", "--device", "cpu"])
+    config = profiler.resolve_config(args)
+    assert config.models == ["vlmrm-tiny"] and config.batch_sizes == [1, 8]
+    assert config.backends == ["torch", "onnxruntime"] and config.repeats == 2 and config.dtypes == ["fp32"]
+    assert config.frame_size == 480 and config.seed
+
+
+def test_unknown_model_fails_before_any_work(tmp_path, capsys):
+    assert cli.main(["bench", "--models", "ViT-B-33", "--device", "cpu", "--out", str(tmp_path / "x")]) == 2
+    assert "ViT-B-33" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def _row(model: str, backend: str, fps: float, seed_fps: float, dtype: str = "fp32") -> Row:
+    return Row(model=model, backend=backend, dtype=dtype, kernels="torch", batch=8, frame_size=480,
+               h2d_fps=None, preprocess_fps=1.0, tower_fps=1.0, score_fps=1.0, end_to_end_fps=fps,
+               tower_gflops=8.82, flops_method="analytic", achieved_tflops=0.1, peak_tflops=None,
+               frac_of_peak=None, build_seconds=0.0, setup_seconds=0.0, seed_fps=seed_fps,
+               speedup_vs_seed=fps / seed_fps)
+
+
+def test_targets_take_the_best_configuration():
+    rows = [_row("ViT-B-32", "torch", 12.0, 10.0), _row("ViT-B-32", "onnxruntime", 16.0, 10.0)]
+    [cpu] = check_targets(rows, torch.device("cpu"))
+    assert cpu["met"] and cpu["measured"] == pytest.approx(1.6) and cpu["where"].startswith("onnxruntime")
+    gpu_rows = [_row("ViT-B-32", "compile", 60_000.0, 20_000.0, "bf16"), _row("ViT-B-32", "torch", 70_000.0, 20_000.0)]
+    [gpu] = check_targets(gpu_rows, torch.device("cuda"))
+    assert gpu["met"] and gpu["measured"] == 60_000.0  # only bf16 rows count on the GPU
