@@ -50,11 +50,9 @@ if os.environ["MUJOCO_GL"] in ("egl", "osmesa"):
 import argparse  # noqa: E402
 import csv  # noqa: E402
 import datetime  # noqa: E402
-import importlib.metadata  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
@@ -65,6 +63,10 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple  # noqa:
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+# Importing vlmrm_fast loads open_clip and with it Triton, which must happen before any Mesa GL
+# context exists (README, "Import order on CPU machines").
+from vlmrm_fast.run_info import cpu_name, git_commit, gpu_driver, package_version  # noqa: E402
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 REFERENCE_SIZE = 480  # the original code's frames (SPEC §1.3)
 RENDER_SIZES = (224, 480)
@@ -73,32 +75,6 @@ PAPER_ROLLOUT_FRAMES = 3200  # 32 envs x 100 steps, scored in one batch per roll
 
 
 # --------------------------------------------------------------------------- environment of a run
-
-
-def _run(command: Sequence[str]) -> Optional[str]:
-    """stdout of a command, stripped, or None if it cannot run or fails."""
-    try:
-        done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return done.stdout.strip() if done.returncode == 0 else None
-
-
-def _version(distribution: str) -> str:
-    try:
-        return importlib.metadata.version(distribution)
-    except importlib.metadata.PackageNotFoundError:
-        return ""
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def egl_unavailable_reason() -> Optional[str]:
@@ -132,15 +108,12 @@ def gl_renderer_name() -> str:
 
 def environment(device: torch.device) -> Dict[str, str]:
     """What a result depends on: commit, device, driver, versions and the GL renderer (the CSV's key columns)."""
-    commit = _run(["git", "rev-parse", "--short", "HEAD"]) or "unknown"
-    if commit != "unknown" and _run(["git", "status", "--porcelain", "--untracked-files=no"]):
-        commit += "+dirty"
+    commit = git_commit()
     if device.type == "cuda":
         device_name = torch.cuda.get_device_name(device)
-        driver = (_run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]) or "").splitlines()
-        driver_version = driver[0].strip() if driver else ""
+        driver_version = gpu_driver()
     else:
-        device_name = f"{_cpu_model()} ({torch.get_num_threads()} threads)"
+        device_name = f"{cpu_name()} ({torch.get_num_threads()} threads)"
         driver_version = ""
     return {
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -149,10 +122,10 @@ def environment(device: torch.device) -> Dict[str, str]:
         "driver": driver_version,
         "cuda": (torch.version.cuda or "") if device.type == "cuda" else "",
         "torch": torch.__version__,
-        "mujoco": _version("mujoco"),
-        "gymnasium": _version("gymnasium"),
-        "stable_baselines3": _version("stable_baselines3"),
-        "open_clip": _version("open_clip_torch"),
+        "mujoco": package_version("mujoco"),
+        "gymnasium": package_version("gymnasium"),
+        "stable_baselines3": package_version("stable_baselines3"),
+        "open_clip": package_version("open_clip_torch"),
         "python": platform.python_version(),
         "mujoco_gl": os.environ.get("MUJOCO_GL", ""),
         "gl_renderer": gl_renderer_name(),

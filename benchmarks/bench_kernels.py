@@ -24,12 +24,9 @@ import argparse
 import csv
 import datetime
 import functools
-import importlib.metadata
 import json
-import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
@@ -39,6 +36,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from vlmrm_fast.ops._triton import interpreter_enabled, triton_runs_on
+from vlmrm_fast.run_info import device_name, git_commit, gpu_driver, package_version
 from vlmrm_fast.ops.preprocess import PreprocessSpec, preprocess
 from vlmrm_fast.ops.score import ScoringTargets, score
 
@@ -50,54 +48,18 @@ L2_FLUSH_BYTES = 256 << 20  # larger than any GPU's L2, so no repeat reads the p
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def _run(command: Sequence[str]) -> Optional[str]:
-    """stdout of a command, stripped, or None if it cannot run or fails."""
-    try:
-        done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return done.stdout.strip() if done.returncode == 0 else None
-
-
-def _version(distribution: str) -> str:
-    try:
-        return importlib.metadata.version(distribution)
-    except importlib.metadata.PackageNotFoundError:
-        return ""
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def environment(device: torch.device) -> Dict[str, str]:
     """What a result depends on: commit, device, driver and versions (the CSV's key columns)."""
-    commit = _run(["git", "rev-parse", "--short", "HEAD"]) or "unknown"
-    if commit != "unknown" and _run(["git", "status", "--porcelain", "--untracked-files=no"]):
-        commit += "+dirty"
-    if device.type == "cuda":
-        device_name = torch.cuda.get_device_name(device)
-        driver = (_run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]) or "").splitlines()
-        driver_version = driver[0].strip() if driver else ""
-    else:
-        device_name = f"{_cpu_model()} ({torch.get_num_threads()} threads)"
-        driver_version = ""
     return {
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": commit,
-        "device": device_name,
-        "driver": driver_version,
+        "commit": git_commit(),
+        "device": device_name(device),
+        "driver": gpu_driver() if device.type == "cuda" else "",
         "cuda": (torch.version.cuda or "") if device.type == "cuda" else "",
         "torch": torch.__version__,
-        "triton": _version("triton"),
-        "open_clip": _version("open_clip_torch"),
-        "torchvision": _version("torchvision"),
+        "triton": package_version("triton"),
+        "open_clip": package_version("open_clip_torch"),
+        "torchvision": package_version("torchvision"),
         "python": platform.python_version(),
     }
 

@@ -39,7 +39,6 @@ import os
 import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 import warnings
@@ -57,6 +56,7 @@ from vlmrm_fast.models import TINY_MODEL, create_clip, preprocess_spec_of, regis
 from vlmrm_fast.ops._triton import HAS_TRITON, interpreter_enabled
 from vlmrm_fast.ops.preprocess import PreprocessSpec, preprocess
 from vlmrm_fast.reward import CLIPReward
+from vlmrm_fast.run_info import command_output, cpu_name, git_commit, package_version
 
 BACKENDS = ("torch", "compile", "onnxruntime", "tensorrt")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -1067,47 +1067,6 @@ def write_outputs(report: Report, config: BenchConfig) -> List[Path]:
 # --------------------------------------------------------------------------- environment
 
 
-def _command(args: Sequence[str]) -> Optional[str]:
-    """stdout of a command, stripped; None when it cannot run or fails."""
-    try:
-        done = subprocess.run(args, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return done.stdout.strip() if done.returncode == 0 else None
-
-
-def _version(*distributions: str) -> str:
-    for name in distributions:
-        try:
-            return importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return ""
-
-
-def _git_commit() -> str:
-    """Short commit of the checkout this package runs from, "+dirty" with uncommitted changes to
-    tracked files; "unknown" for an installed copy outside a checkout."""
-    git = ["git", "-C", str(REPO_ROOT)]
-    top = _command(git + ["rev-parse", "--show-toplevel"])
-    if top is None or Path(top).resolve() != REPO_ROOT:
-        return "unknown"
-    commit = _command(git + ["rev-parse", "--short", "HEAD"]) or "unknown"
-    if _command(git + ["status", "--porcelain", "--untracked-files=no"]):
-        commit += "+dirty"
-    return commit
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _load_average() -> Optional[float]:
     """The 1-minute load average (other work on the machine shows here), where the OS has one."""
     try:
@@ -1120,21 +1079,21 @@ def environment(device: torch.device) -> Dict[str, Any]:
     """What the figures depend on: device, driver, library versions, commit, time (UTC)."""
     env: Dict[str, Any] = {
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": _git_commit(),
-        "device": f"{_cpu_name()} ({torch.get_num_threads()} threads)",
+        "commit": git_commit(),
+        "device": f"{cpu_name()} ({torch.get_num_threads()} threads)",
         "device_type": device.type,
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
         "cpu_threads": torch.get_num_threads(),
         "driver": "",
         "cuda": "",
         "torch": torch.__version__,
-        "triton": _version("triton", "pytorch-triton"),
-        "open_clip": _version("open_clip_torch"),
-        "torchvision": _version("torchvision"),
-        "onnxruntime": _version("onnxruntime", "onnxruntime-gpu"),
-        "onnx": _version("onnx"),
-        "tensorrt": _version("tensorrt", "tensorrt-cu12", "tensorrt-cu13"),
-        "numpy": _version("numpy"),
+        "triton": package_version("triton", "pytorch-triton"),
+        "open_clip": package_version("open_clip_torch"),
+        "torchvision": package_version("torchvision"),
+        "onnxruntime": package_version("onnxruntime", "onnxruntime-gpu"),
+        "onnx": package_version("onnx"),
+        "tensorrt": package_version("tensorrt", "tensorrt-cu12", "tensorrt-cu13"),
+        "numpy": package_version("numpy"),
         "python": platform.python_version(),
         "triton_interpret": interpreter_enabled(),
         "cpu_count": os.cpu_count(),
@@ -1143,7 +1102,7 @@ def environment(device: torch.device) -> Dict[str, Any]:
     }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        driver = (_command(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]) or "").splitlines()
+        driver = (command_output(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]) or "").splitlines()
         env.update(
             device=torch.cuda.get_device_name(device),
             driver=driver[0].strip() if driver else "",

@@ -1,0 +1,69 @@
+"""What a measurement depends on, for the rows of every benchmark and profile: commit, device,
+driver and library versions. One place, so that all result files name them the same way."""
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+import subprocess
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def command_output(args: Sequence[str]) -> Optional[str]:
+    """stdout of a command, stripped; None when it cannot run or fails."""
+    try:
+        done = subprocess.run(args, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def package_version(*distributions: str) -> str:
+    """The installed version of the first of ``distributions`` found, else ""."""
+    for name in distributions:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return ""
+
+
+def git_commit() -> str:
+    """Short commit of the checkout this package runs from, "+dirty" with uncommitted changes to
+    tracked files; "unknown" for an installed copy outside a checkout."""
+    git = ["git", "-C", str(REPO_ROOT)]
+    top = command_output(git + ["rev-parse", "--show-toplevel"])
+    if top is None or Path(top).resolve() != REPO_ROOT:
+        return "unknown"
+    commit = command_output(git + ["rev-parse", "--short", "HEAD"]) or "unknown"
+    if command_output(git + ["status", "--porcelain", "--untracked-files=no"]):
+        commit += "+dirty"
+    return commit
+
+
+def cpu_name() -> str:
+    """The CPU model (from /proc/cpuinfo where it exists)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's with torch's thread count."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{cpu_name()} ({torch.get_num_threads()} threads)"
+
+
+def gpu_driver() -> str:
+    """The NVIDIA driver version from nvidia-smi, or "" where there is none."""
+    out = command_output(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]) or ""
+    return out.splitlines()[0].strip() if out else ""
