@@ -1,0 +1,337 @@
+"""Result rows, targets, and the outputs: markdown table, JSON, PNG plot, and the run's environment."""
+from __future__ import annotations
+
+import datetime
+import importlib
+import importlib.metadata
+import importlib.util
+import json
+import os
+import platform
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence
+
+import torch
+
+from vlmrm_fast.ops._triton import interpreter_enabled
+from vlmrm_fast.profiler.seed import SEED, SEED_CUDA_DTYPE, SEED_FRAME_SIZE
+from vlmrm_fast.profiler.timing import SWITCH_PAUSE_S, StageTiming
+from vlmrm_fast.run_info import command_output, cpu_name, git_commit, package_version
+
+if TYPE_CHECKING:
+    from vlmrm_fast.profiler.run import BenchConfig
+
+CLI_EXTRA = "pip install 'vlmrm-fast[cli]'"
+GPU_FPS_TARGETS = {"ViT-B-32": 50_000.0, "ViT-L-14": 3_900.0, "ViT-bigG-14": 650.0}
+"""End-to-end frames/s on the GPU in bf16, from uint8 frames already on the GPU."""
+GPU_SPEEDUP_TARGETS = {"ViT-bigG-14": 3.0}
+CPU_SPEEDUP_TARGETS = {"ViT-B-32": 1.5}
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass
+class Row:
+    """One (model, backend, dtype, batch): frames/s per stage, the seed's, and the tower's FLOP rate.
+
+    The seed pipeline's rows have ``backend == "seed"`` and ``frame_size == 480``. In the other rows
+    ``seed_fps`` is the seed's end to end timed in alternation with the row's own (``timings`` keeps
+    both), and ``speedup_vs_seed = end_to_end_fps / seed_fps``.
+    """
+
+    model: str
+    backend: str
+    dtype: str
+    kernels: str
+    batch: int
+    frame_size: int
+    h2d_fps: Optional[float]
+    preprocess_fps: float
+    tower_fps: float
+    score_fps: float
+    end_to_end_fps: float
+    tower_gflops: float
+    flops_method: str
+    achieved_tflops: float
+    peak_tflops: Optional[float]
+    frac_of_peak: Optional[float]
+    build_seconds: float
+    setup_seconds: float
+    seed_fps: Optional[float] = None
+    speedup_vs_seed: Optional[float] = None
+    timings: Dict[str, Optional[StageTiming]] = field(default_factory=dict)
+
+
+@dataclass
+class Report:
+    """Everything a run produced, as written to bench.json."""
+
+    environment: Dict[str, Any]
+    config: Dict[str, Any]
+    peak_tflops: Dict[str, float] = field(default_factory=dict)
+    peak_samples: Dict[str, List[float]] = field(default_factory=dict)
+    peak_sizes: Dict[str, int] = field(default_factory=dict)
+    models: Dict[str, Dict[str, Any]] = field(default_factory=dict)
+    rows: List[Row] = field(default_factory=list)
+    skipped: List[Dict[str, str]] = field(default_factory=list)
+    failures: List[Dict[str, Any]] = field(default_factory=list)
+    targets: List[Dict[str, Any]] = field(default_factory=list)
+    complete: bool = False
+    elapsed_seconds: float = 0.0
+
+    def add_peak(self, dtype: str, tflops: float, size: int) -> None:
+        """Record one matmul measurement; the peak is the best of them (other load only lowers one)."""
+        self.peak_sizes[dtype] = size
+        self.peak_samples.setdefault(dtype, []).append(tflops)
+        self.peak_tflops[dtype] = max(self.peak_samples[dtype])
+
+    def set_peaks(self) -> None:
+        """Set every row's peak and fraction of it from the best matmul measurements so far."""
+        for row in self.rows:
+            row.peak_tflops = self.peak_tflops.get(peak_dtype(row.dtype))
+            row.frac_of_peak = row.achieved_tflops / row.peak_tflops if row.peak_tflops else None
+
+
+def _stage_row(
+    *, model: str, backend: str, dtype: str, kernels: str, batch: int, frame_size: int,
+    timings: Dict[str, Optional[StageTiming]], gflops: float, flops_method: str,
+    build_seconds: float, setup_seconds: float,
+) -> Row:
+    """A row from its stage timings; the peak fraction is filled in by :meth:`Report.set_peaks`."""
+    rate = {stage: None if t is None else batch / t.median_s for stage, t in timings.items()}
+    return Row(
+        model=model, backend=backend, dtype=dtype, kernels=kernels, batch=batch, frame_size=frame_size,
+        h2d_fps=rate["h2d"], preprocess_fps=rate["preprocess"], tower_fps=rate["tower"],
+        score_fps=rate["score"], end_to_end_fps=rate["end_to_end"], tower_gflops=gflops,
+        flops_method=flops_method, achieved_tflops=gflops * rate["tower"] / 1e3, peak_tflops=None,
+        frac_of_peak=None, build_seconds=build_seconds, setup_seconds=setup_seconds, timings=timings,
+    )
+
+
+def peak_dtype(row_dtype: str) -> str:
+    """The matmul precision a row's tower runs in (the seed on CUDA: fp16 under autocast)."""
+    return "fp16" if row_dtype == SEED_CUDA_DTYPE else row_dtype
+
+
+# --------------------------------------------------------------------------- targets and outputs
+
+
+def check_targets(rows: Sequence[Row], device: torch.device) -> List[Dict[str, Any]]:
+    """The project's targets that this run's rows speak to, each with the best measurement.
+
+    CUDA (bf16 rows): end-to-end frames/s for ViT-B-32, ViT-L-14, ViT-bigG-14, and the speedup over
+    the seed for ViT-bigG-14. CPU: the speedup over the seed for ViT-B-32.
+    """
+    on_cuda = device.type == "cuda"
+    candidates = [r for r in rows if r.backend != SEED and (r.dtype == "bf16" or not on_cuda)]
+    targets = []
+
+    def add(model: str, kind: str, required: float, key: Callable[[Row], Optional[float]]) -> None:
+        mine = [r for r in candidates if r.model == model and key(r) is not None]
+        if not any(r.model == model for r in rows):
+            return
+        best = max(mine, key=key, default=None)
+        targets.append({
+            "model": model, "kind": kind, "required": required,
+            "measured": None if best is None else key(best),
+            "where": None if best is None else f"{best.backend} {best.dtype} batch {best.batch}, {best.frame_size} px",
+            "met": best is not None and key(best) >= required,
+        })
+
+    for model, required in (GPU_FPS_TARGETS if on_cuda else {}).items():
+        add(model, "end-to-end frames/s (bf16)", required, lambda r: r.end_to_end_fps)
+    for model, required in (GPU_SPEEDUP_TARGETS if on_cuda else CPU_SPEEDUP_TARGETS).items():
+        add(model, "end-to-end speedup vs seed" + (" (bf16)" if on_cuda else ""), required, lambda r: r.speedup_vs_seed)
+    return targets
+
+
+def _rate(value: Optional[float]) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:,.0f}" if value >= 1000 else f"{value:.3g}"
+
+
+def _num(value: Optional[float], spec: str) -> str:
+    return "" if value is None else format(value, spec)
+
+
+TABLE_COLUMNS = (
+    ("model", lambda r: r.model),
+    ("backend", lambda r: r.backend),
+    ("dtype", lambda r: r.dtype),
+    ("kernels", lambda r: r.kernels),
+    ("batch", lambda r: str(r.batch)),
+    ("frame", lambda r: str(r.frame_size)),
+    ("h2d", lambda r: _rate(r.h2d_fps)),
+    ("preprocess", lambda r: _rate(r.preprocess_fps)),
+    ("tower", lambda r: _rate(r.tower_fps)),
+    ("score", lambda r: _rate(r.score_fps)),
+    ("end to end", lambda r: _rate(r.end_to_end_fps)),
+    ("seed", lambda r: _rate(r.seed_fps) if r.seed_fps else ""),
+    ("vs seed", lambda r: _num(r.speedup_vs_seed, ".2f") + ("x" if r.speedup_vs_seed else "")),
+    ("GFLOP/img", lambda r: f"{r.tower_gflops:.4g}"),
+    ("TFLOP/s", lambda r: f"{r.achieved_tflops:.3g}"),
+    ("of peak", lambda r: _num(None if r.frac_of_peak is None else 100 * r.frac_of_peak, ".1f") + ("%" if r.frac_of_peak else "")),
+    ("build s", lambda r: f"{r.build_seconds:.1f}"),
+)
+
+
+def markdown_table(rows: Sequence[Row]) -> str:
+    """One line per row: frames/s per stage (median), end to end, the seed's, FLOP rate, build time."""
+    lines = ["| " + " | ".join(name for name, _ in TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
+    lines += ["| " + " | ".join(cell(row) for _, cell in TABLE_COLUMNS) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def markdown_report(report: Report) -> str:
+    """bench.md: the environment, the table, the targets, what was skipped or failed."""
+    env, config = report.environment, report.config
+    versions = ", ".join(f"{k} {env[k]}" for k in ("torch", "triton", "open_clip", "torchvision", "onnxruntime",
+                                                     "tensorrt", "python") if env.get(k))
+    peaks = ", ".join(f"{k} {v:.3g} TFLOP/s ({report.peak_sizes[k]}^3)" for k, v in report.peak_tflops.items())
+    load = [env.get("load_average_start"), env.get("load_average_end")]
+    lines = [
+        f"# vlmrm-fast bench: {env['device']}",
+        "",
+        f"{env['timestamp']}, commit {env['commit']}" + (f", driver {env['driver']}" if env.get("driver") else "")
+        + f"; {versions}.",
+        f"Weights are random (no downloads); speed does not depend on them. Measured matmul peak (the best of the "
+        f"measurements before and after each model): {peaks}.",
+        "",
+        *([f"Load average (1 min): {load[0]} at start, {'n/a' if load[1] is None else load[1]} at end, on "
+           f"{env.get('cpu_count')} CPUs (this run's threads count too; above the CPU count, other work was "
+           "competing for the cores and every figure is lower)."] if load[0] is not None else []),
+        "",
+        markdown_table(report.rows),
+        "",
+        f"Frames/s = batch / median seconds per call ({config['repeats']} repeats at most, after {config['warmup']} "
+        f"warm-up; stages stop after {config['time_budget']:g} s of timed calls once 3 are done). Frames are uint8 "
+        f"already on the device except for h2d (pinned host to device; n/a on CPU; the seed's rows copy from pageable "
+        "memory, as the original did). The seed pipeline (SPEC §1.4) always gets 480 x 480 frames; in a backend's row, "
+        "'seed' is the seed's end to end at that batch size timed in alternation with the row's own end to end (so "
+        "load on a shared machine weighs on both alike), and 'vs seed' is their ratio. TFLOP/s = tower GFLOP/img x "
+        "tower frames/s; 'of peak' against the matmul peak in that dtype (fp16 for the seed on CUDA). 'build s' (export, compile, "
+        "engine build) is not in any frames/s. On CPU each stage, and each switch between the seed and the pipeline "
+        f"timed with it, starts after a {SWITCH_PAUSE_S:g} s pause (ONNX Runtime's threads spin after a run and slow "
+        "the torch work that follows).",
+    ]
+    if report.targets:
+        lines += ["", "## Targets", "", "| model | target | required | best measured | where | met |", "|---|---|---|---|---|---|"]
+        for t in report.targets:
+            fmt = (lambda v: f"{v:.2f}x") if "speedup" in t["kind"] else _rate
+            lines.append(f"| {t['model']} | {t['kind']} | {fmt(t['required'])} | "
+                         f"{'not measured' if t['measured'] is None else fmt(t['measured'])} | {t['where'] or ''} | "
+                         f"{'yes' if t['met'] else 'no'} |")
+    if report.skipped:
+        lines += ["", "Skipped: " + "; ".join(f"{s['what']} ({s['reason']})" for s in report.skipped) + "."]
+    if report.failures:
+        lines += ["", "Failed: " + "; ".join(f"{f['what']} ({f['error'][:300]})" for f in report.failures) + "."]
+    if not report.complete:
+        lines += ["", "The run is incomplete: these are the results so far."]
+    return "\n".join(lines) + "\n"
+
+
+def _require_matplotlib() -> None:
+    if importlib.util.find_spec("matplotlib") is None:
+        raise ValueError(f"bench.png needs matplotlib, which is not installed: {CLI_EXTRA} (or pass --no-plot).")
+
+
+def write_plot(path: Path, report: Report) -> Path:
+    """End-to-end frames/s against batch size, log-log: one line per (model, backend, dtype), the
+    seed dashed, in the model's colour; dotted lines at the GPU targets."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(8.5, 5.5), layout="constrained")
+    ax = figure.add_subplot()
+    models = list(dict.fromkeys(r.model for r in report.rows))
+    colours = {m: f"C{i % 10}" for i, m in enumerate(models)}
+    styles = {"torch": "-", "compile": "-.", "onnxruntime": (0, (5, 1, 1, 1)), "tensorrt": (0, (1, 1))}
+    for key in dict.fromkeys((r.model, r.backend, r.dtype) for r in report.rows):
+        line = sorted((r for r in report.rows if (r.model, r.backend, r.dtype) == key), key=lambda r: r.batch)
+        model, backend, dtype = key
+        ax.plot([r.batch for r in line], [r.end_to_end_fps for r in line], color=colours[model],
+                linestyle="--" if backend == SEED else styles.get(backend, "-"), marker="o", markersize=3.5,
+                label=f"{model} {backend} {dtype}")
+    if report.config["device"].startswith("cuda"):
+        for model, target in GPU_FPS_TARGETS.items():
+            if model in colours:
+                ax.axhline(target, color=colours[model], linestyle=":", linewidth=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    batches = sorted({r.batch for r in report.rows})
+    ax.set_xticks(batches, labels=[str(b) for b in batches])
+    ax.minorticks_off()
+    ax.set_xlabel("batch size (frames per call)")
+    ax.set_ylabel("end-to-end frames/s")
+    size = report.config["frame_size"]
+    seed_size = "" if size == SEED_FRAME_SIZE else f" at {SEED_FRAME_SIZE}x{SEED_FRAME_SIZE}"
+    ax.set_title(f"vlmrm-fast bench, {report.environment['device']}\n{size}x{size} uint8 frames on the device "
+                 f"(the seed dashed{seed_size}); random weights", fontsize=9)
+    ax.grid(alpha=0.3)
+    if report.rows:
+        ax.legend(fontsize=7, loc="best")
+    figure.savefig(path, dpi=120)
+    return path
+
+
+def write_outputs(report: Report, config: BenchConfig) -> List[Path]:
+    """Write bench.json, bench.md and (unless --no-plot) bench.png into ``config.out``."""
+    out = config.out
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(asdict(report), indent=2, default=str) + "\n")
+    (out / "bench.md").write_text(markdown_report(report))
+    written = [out / "bench.json", out / "bench.md"]
+    if config.plot:
+        written.append(write_plot(out / "bench.png", report))
+    return written
+
+
+# --------------------------------------------------------------------------- environment
+
+
+def _load_average() -> Optional[float]:
+    """The 1-minute load average (other work on the machine shows here), where the OS has one."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
+
+
+def environment(device: torch.device) -> Dict[str, Any]:
+    """What the figures depend on: device, driver, library versions, commit, time (UTC)."""
+    env: Dict[str, Any] = {
+        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "commit": git_commit(),
+        "device": f"{cpu_name()} ({torch.get_num_threads()} threads)",
+        "device_type": device.type,
+        "cpu": cpu_name(),
+        "cpu_threads": torch.get_num_threads(),
+        "driver": "",
+        "cuda": "",
+        "torch": torch.__version__,
+        "triton": package_version("triton", "pytorch-triton"),
+        "open_clip": package_version("open_clip_torch"),
+        "torchvision": package_version("torchvision"),
+        "onnxruntime": package_version("onnxruntime", "onnxruntime-gpu"),
+        "onnx": package_version("onnx"),
+        "tensorrt": package_version("tensorrt", "tensorrt-cu12", "tensorrt-cu13"),
+        "numpy": package_version("numpy"),
+        "python": platform.python_version(),
+        "triton_interpret": interpreter_enabled(),
+        "cpu_count": os.cpu_count(),
+        "load_average_start": _load_average(),
+        "weights": "random (pretrained=None): speed does not depend on them",
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        driver = (command_output(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]) or "").splitlines()
+        env.update(
+            device=torch.cuda.get_device_name(device),
+            driver=driver[0].strip() if driver else "",
+            cuda=torch.version.cuda or "",
+            gpu_memory_gib=round(props.total_memory / 2**30, 1),
+            compute_capability=f"{props.major}.{props.minor}",
+        )
+    return env

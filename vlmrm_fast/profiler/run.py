@@ -1,0 +1,497 @@
+"""``vlmrm-fast bench``: frames/s per stage of the reward pipeline, against the original code's.
+
+For every model x backend x precision x batch size, over the same random uint8 frames, each stage is
+timed on its own (median of the repeats, frames/s = N / median):
+
+| stage | what is timed |
+|---|---|
+| ``h2d`` | pinned host frames uint8 [N, H, W, 3] -> device (CUDA only; not applicable on CPU) |
+| ``preprocess`` | the fused preprocessing op on device frames -> [N, 3, S, S] in the tower's dtype |
+| ``tower`` | ``rm.vision_backend(pixels)`` -> raw embeddings [N, D] |
+| ``score`` | ``rm.score(embeddings)`` -> rewards [N] (normalises, and checks finiteness: one sync) |
+| ``end_to_end`` | ``rm(frames)`` with the frames already on the device |
+
+The seed pipeline (SPEC §1.4: fp32 weights under fp16 autocast on CUDA, torchvision resize of
+480 x 480 frames, a D x D projection) is measured in the same run for every model and batch size, as
+the reference for ``speedup_vs_seed``: its end to end is timed in alternation with each
+configuration's, so that drifting load on a shared machine cancels out of the ratio. Tower FLOPs
+come from :func:`tower_gflops` (SPEC §2), and the achieved TFLOP/s is set against the device's
+dense matmul throughput measured in the same run. Backend build time (ONNX export, torch.compile,
+TensorRT engine) is reported apart from steady state.
+
+Weights are random (no downloads): speed does not depend on them.
+
+Outputs in ``--out``: ``bench.json`` (everything), ``bench.md`` (the table, also printed) and
+``bench.png`` (end-to-end frames/s against batch size). They are rewritten after every model, so a
+run cut short keeps what it measured.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import gc
+import importlib
+import importlib.metadata
+import importlib.util
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import open_clip
+import torch
+from tqdm import tqdm
+
+from vlmrm_fast.backends import BackendError
+from vlmrm_fast.models import TINY_MODEL, preprocess_spec_of, register_model_configs
+from vlmrm_fast.ops._triton import HAS_TRITON, interpreter_enabled
+from vlmrm_fast.ops.preprocess import preprocess
+from vlmrm_fast.profiler.flops import _gflops_and_method, create_random_model
+from vlmrm_fast.profiler.report import (
+    Report,
+    Row,
+    _load_average,
+    _require_matplotlib,
+    _stage_row,
+    check_targets,
+    environment,
+    markdown_report,
+    write_outputs,
+)
+from vlmrm_fast.profiler.seed import (
+    ALPHA,
+    BASELINE,
+    GOAL,
+    SEED,
+    SEED_CUDA_DTYPE,
+    SEED_FRAME_SIZE,
+    SeedPipeline,
+)
+from vlmrm_fast.profiler.timing import StageTimer, StageTiming, measure_peak_tflops
+from vlmrm_fast.reward import CLIPReward
+
+BACKENDS = ("torch", "compile", "onnxruntime", "tensorrt")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPE_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+@dataclass
+class BenchConfig:
+    """The resolved options of one run (device-dependent defaults filled in)."""
+
+    models: List[str]
+    batch_sizes: List[int]
+    backends: List[str]
+    dtypes: List[str]
+    frame_size: int
+    device: torch.device
+    repeats: int
+    warmup: int
+    time_budget: float
+    seed: bool
+    out: Path
+    progress: bool
+    plot: bool
+    quick: bool
+
+    def as_json(self) -> Dict[str, Any]:
+        return {key: str(value) if isinstance(value, (Path, torch.device)) else value for key, value in asdict(self).items()}
+
+
+def add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``bench``: the FPS profiler."""
+    p = subparsers.add_parser(
+        "bench",
+        help="frames/s per stage (host to device, preprocess, tower, score, end to end) against the seed pipeline",
+        description="Profile the reward pipeline: frames/s per stage over models x batch sizes x backends x "
+        "precisions, the original VLM-RM pipeline measured in the same run as the reference, and the "
+        "tower's achieved TFLOP/s against the device's matmul peak measured in the same run. Writes "
+        "bench.json, bench.md and bench.png. Weights are random (speed does not depend on them), so it "
+        "runs offline.",
+        epilog="examples:\n  vlmrm-fast bench --quick\n  vlmrm-fast bench --frame-size 224\n"
+        "  vlmrm-fast bench --models ViT-bigG-14 --batch-sizes 256 1024 --backends torch compile tensorrt",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--models", nargs="+", metavar="NAME",
+                   help="open_clip model names (default: CPU vlmrm-tiny ViT-B-32; CUDA ViT-B-32 ViT-L-14 ViT-bigG-14)")
+    p.add_argument("--batch-sizes", nargs="+", type=_positive_int, metavar="N",
+                   help="frames per call (default: CPU 1 8 32; CUDA 1 8 64 256 1024)")
+    p.add_argument("--backends", nargs="+", choices=BACKENDS,
+                   help="vision-tower backends; unavailable ones are skipped with the reason "
+                   "(default: CPU torch onnxruntime; CUDA torch compile)")
+    p.add_argument("--dtypes", nargs="+", choices=(*DTYPES, *DTYPE_ALIASES), metavar="DTYPE",
+                   help=f"tower precisions, from {', '.join(DTYPES)} (default: CPU fp32; CUDA bf16)")
+    p.add_argument("--frame-size", type=_positive_int, default=SEED_FRAME_SIZE, metavar="PX",
+                   help="square frames of PX x PX; 480 is the original's render size, 224 the towers' input "
+                   "(the fast path: no resize). The seed always gets 480 x 480 (default: %(default)s)")
+    p.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda if available, else cpu)")
+    p.add_argument("--repeats", type=_positive_int, metavar="N",
+                   help="timed calls per stage; the median is reported (default: CPU 3, CUDA 20)")
+    p.add_argument("--warmup", type=_positive_int, metavar="N", help="untimed calls first (default: CPU 1, CUDA 3)")
+    p.add_argument("--time-budget", type=float, default=10.0, metavar="S",
+                   help="stop repeating a stage after S seconds of timed calls, once 3 are done (default: %(default)s)")
+    p.add_argument("--no-seed", action="store_true", help="skip the seed pipeline (no speedups)")
+    p.add_argument("--out", type=Path, metavar="DIR", help="output folder (default: runs/bench-<UTC timestamp>/)")
+    p.add_argument("--quick", action="store_true",
+                   help="a smoke run: vlmrm-tiny, batch sizes 1 and 8, torch and onnxruntime, 2 repeats "
+                   "(options given explicitly still apply)")
+    p.add_argument("--no-plot", action="store_true", help="do not write bench.png (no matplotlib needed)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar (shown on a terminal)")
+    p.set_defaults(handler=run_bench)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def resolve_config(args: argparse.Namespace) -> BenchConfig:
+    """Fill in the defaults for the device (and ``--quick``), and check the model names."""
+    device = torch.device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available here; pass --device cpu.")
+    if device.type not in ("cuda", "cpu"):
+        raise ValueError(f"--device {device}: only cuda and cpu are profiled.")
+    on_cuda = device.type == "cuda"
+    if args.quick:
+        defaults = dict(models=[TINY_MODEL], batch_sizes=[1, 8], backends=["torch", "onnxruntime"], repeats=2)
+    elif on_cuda:
+        defaults = dict(models=["ViT-B-32", "ViT-L-14", "ViT-bigG-14"], batch_sizes=[1, 8, 64, 256, 1024],
+                        backends=["torch", "compile"], repeats=20)
+    else:
+        defaults = dict(models=[TINY_MODEL, "ViT-B-32"], batch_sizes=[1, 8, 32], backends=["torch", "onnxruntime"], repeats=3)
+    dtypes = [DTYPE_ALIASES.get(d, d) for d in (args.dtypes or (["bf16"] if on_cuda else ["fp32"]))]
+    models = list(dict.fromkeys(args.models or defaults["models"]))
+    register_model_configs()
+    known = open_clip.list_models()
+    unknown = [m for m in models if m not in known]
+    if unknown:
+        raise ValueError(f"unknown model(s) {', '.join(unknown)}: `open_clip.list_models()` lists the names "
+                         f"(the tiny test model is {TINY_MODEL!r}).")
+    if not args.time_budget > 0:
+        raise ValueError(f"--time-budget must be positive; got {args.time_budget}.")
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    return BenchConfig(
+        models=models,
+        batch_sizes=sorted(set(args.batch_sizes or defaults["batch_sizes"])),
+        backends=list(dict.fromkeys(args.backends or defaults["backends"])),
+        dtypes=list(dict.fromkeys(dtypes)),
+        frame_size=args.frame_size,
+        device=device,
+        repeats=args.repeats or defaults["repeats"],
+        warmup=args.warmup or (3 if on_cuda else 1),
+        time_budget=args.time_budget,
+        seed=not args.no_seed,
+        out=args.out or Path("runs") / f"bench-{stamp}",
+        progress=not args.no_progress,
+        plot=not args.no_plot,
+        quick=args.quick,
+    )
+
+
+def backend_unavailable(backend: str, device: torch.device) -> Optional[str]:
+    """Why ``backend`` cannot run on ``device`` at all (None when it may); precision limits are
+    found when the backend is built, and reported the same way."""
+    on_cuda = device.type == "cuda"
+    if backend == "compile":
+        if on_cuda and not HAS_TRITON:
+            return "torch.compile on CUDA needs the triton package, which is not installed"
+        if not on_cuda and not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "c++", "clang++")):
+            return "torch.compile on CPU needs a C++ compiler (g++ or clang++), none found"
+    if backend == "onnxruntime":
+        for module in ("onnxruntime", "onnx"):
+            if importlib.util.find_spec(module) is None:
+                return f"{module} is not installed (pip install 'vlmrm-fast[export]')"
+        if on_cuda:
+            import onnxruntime
+
+            if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+                return "this onnxruntime has no CUDAExecutionProvider (pip install onnxruntime-gpu)"
+    if backend == "tensorrt":
+        if not on_cuda:
+            return "TensorRT runs on CUDA devices only"
+        try:
+            importlib.import_module("tensorrt")
+        except Exception as error:  # a broken install raises more than ImportError
+            return f"tensorrt is not importable ({type(error).__name__}: {error}); pip install 'vlmrm-fast[tensorrt]'"
+    return None
+
+
+# --------------------------------------------------------------------------- the run
+
+
+@dataclass
+class Frames:
+    """Random uint8 frames for the largest batch, sliced for smaller ones.
+
+    ``device`` [N, F, F, 3] at the run's frame size; on CUDA also ``pinned``, the same frames in
+    pinned host memory, and ``landing``, their device destination for the h2d stage. For the seed,
+    ``seed_device`` at 480 x 480 and, on CUDA, ``seed_pageable`` in pageable host memory (the
+    original's copies were pageable); both None without the seed.
+    """
+
+    device: torch.Tensor
+    pinned: Optional[torch.Tensor]
+    landing: Optional[torch.Tensor]
+    seed_device: Optional[torch.Tensor]
+    seed_pageable: Optional[torch.Tensor]
+
+    @classmethod
+    def make(cls, n: int, size: int, device: torch.device, seed: bool) -> "Frames":
+        generator = torch.Generator().manual_seed(0)
+
+        def noise(side: int) -> torch.Tensor:
+            return torch.randint(0, 256, (n, side, side, 3), dtype=torch.uint8, generator=generator)
+
+        host = noise(size)
+        seed_host = None if not seed else host if size == SEED_FRAME_SIZE else noise(SEED_FRAME_SIZE)
+        on_cuda = device.type == "cuda"
+        frames = host.to(device)
+        return cls(
+            device=frames,
+            pinned=host.pin_memory() if on_cuda else None,
+            landing=torch.empty_like(frames) if on_cuda else None,
+            seed_device=None if seed_host is None else frames if seed_host is host else seed_host.to(device),
+            seed_pageable=seed_host if on_cuda else None,
+        )
+
+
+class Profiler:
+    """Runs the configurations of one :class:`BenchConfig` and fills a :class:`Report`."""
+
+    def __init__(self, config: BenchConfig, report: Report, bar: tqdm) -> None:
+        self.config = config
+        self.report = report
+        self.bar = bar
+        self.device = config.device
+        self.timer = StageTimer(config.device, config.warmup, config.repeats, config.time_budget)
+        self.frames = Frames.make(max(config.batch_sizes), config.frame_size, config.device, config.seed)
+
+    def say(self, message: str) -> None:
+        tqdm.write(message)
+
+    def skip(self, what: str, reason: str) -> None:
+        self.report.skipped.append({"what": what, "reason": reason})
+        self.say(f"skipped {what}: {reason}")
+
+    def fail(self, what: str, error: BaseException) -> None:
+        text = f"{type(error).__name__}: {error}"
+        self.report.failures.append({"what": what, "error": text[:2000]})
+        self.say(f"FAILED {what}: {text[:500]}")
+        self._free()
+
+    def _free(self) -> None:
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def measure_peaks(self, dtypes: Sequence[str]) -> None:
+        """One matmul measurement per dtype; taken before and after every model, so that a busy
+        moment on a shared machine does not become the ceiling."""
+        for name in dtypes:
+            self.bar.set_description(f"matmul peak {name}")
+            self.report.add_peak(name, *measure_peak_tflops(self.device, DTYPES[name], self.timer))
+
+    def profile_model(self, name: str, backends: Sequence[str]) -> None:
+        """The seed, then every backend x dtype, over all batch sizes, for one model."""
+        self.bar.set_description(f"{name}: creating")
+        start = time.perf_counter()
+        base, tokenizer = create_random_model(name)
+        create_seconds = time.perf_counter() - start
+        gflops, method = _gflops_and_method(base)
+        self.report.models[name] = {"create_seconds": create_seconds, "tower_gflops": gflops, "flops_method": method}
+        self.say(f"{name}: created in {create_seconds:.1f} s (random weights); tower {gflops:.4g} GFLOP/image ({method})")
+        seed = self._profile_seed(name, base, gflops, method) if self.config.seed else None
+        for backend in backends:
+            for dtype in self.config.dtypes:
+                self._profile_backend(name, base, tokenizer, backend, dtype, gflops, method, seed)
+        del base, seed
+        self._free()
+
+    def _profile_seed(self, name: str, base: torch.nn.Module, gflops: float, method: str) -> Optional[SeedPipeline]:
+        """The seed's rows for every batch size; the pipeline is kept for the backends' paired timings."""
+        batches = self.config.batch_sizes
+        what = f"{name} seed"
+        if importlib.util.find_spec("torchvision") is None:
+            self.skip(what, "torchvision is not installed (the seed resizes with it); no speedups")
+            self.bar.update(len(batches))
+            return None
+        try:
+            seed = SeedPipeline(copy.deepcopy(base), preprocess_spec_of(base, "vlmrm"), self.device)
+        except Exception as error:
+            self.fail(what, error)
+            self.bar.update(len(batches))
+            return None
+        dtype = SEED_CUDA_DTYPE if self.device.type == "cuda" else "fp32"
+        for n in batches:
+            self.bar.set_description(f"{name} seed b={n}")
+            try:
+                self.report.rows.append(self._measure_seed(name, seed, n, dtype, gflops, method))
+            except Exception as error:
+                self.fail(f"{what} batch {n}", error)
+            self.bar.update(1)
+        return seed
+
+    def _measure_seed(self, name: str, seed: SeedPipeline, n: int, dtype: str, gflops: float, method: str) -> Row:
+        frames = self.frames.seed_device[:n]
+        timer = self.timer
+        with torch.inference_mode():
+            timings: Dict[str, Optional[StageTiming]] = {
+                "h2d": None if self.frames.seed_pageable is None
+                else timer(lambda: self.frames.seed_pageable[:n].to(self.device)),
+            }
+            pixels = seed.preprocess(frames)
+            timings["preprocess"] = timer(lambda: seed.preprocess(frames))
+            embeddings = seed.tower(pixels)
+            timings["tower"] = timer(lambda: seed.tower(pixels))
+            timings["score"] = timer(lambda: seed.score(embeddings))
+            timings["end_to_end"] = timer(lambda: seed(frames))
+        return _stage_row(
+            model=name, backend=SEED, dtype=dtype, kernels="torch", batch=n, frame_size=SEED_FRAME_SIZE,
+            timings=timings, gflops=gflops, flops_method=method, build_seconds=0.0, setup_seconds=0.0,
+        )
+
+    def _profile_backend(
+        self, name: str, base: torch.nn.Module, tokenizer: Callable, backend: str, dtype: str, gflops: float,
+        method: str, seed: Optional[SeedPipeline],
+    ) -> None:
+        batches = self.config.batch_sizes
+        what = f"{name} {backend} {dtype}"
+        self.bar.set_description(f"{what}: building")
+        start = time.perf_counter()
+        try:
+            rm = CLIPReward(
+                copy.deepcopy(base), tokenizer, goal=GOAL, baseline=BASELINE, alpha=ALPHA, device=self.device,
+                dtype=DTYPES[dtype], backend=backend, max_batch_size=max(batches), model_name=name,
+                backend_options={"buckets": tuple(batches)} if backend == "compile" else None,
+            )
+            warmup = getattr(rm.vision_backend, "warmup", None)
+            if callable(warmup):  # compile now, so that compilation is measured apart, not timed
+                warmup()
+        except BackendError as error:
+            self.skip(what, str(error))
+            self.bar.update(len(batches))
+            self._free()
+            return
+        except Exception as error:
+            self.fail(f"{what} (build)", error)
+            self.bar.update(len(batches))
+            return
+        setup_seconds = time.perf_counter() - start
+        for n in batches:
+            self.bar.set_description(f"{what} b={n}")
+            try:
+                row = self._measure_reward(rm, name, dtype, n, gflops, method, setup_seconds, seed)
+                self.report.rows.append(row)
+            except Exception as error:
+                self.fail(f"{what} batch {n}", error)
+            self.bar.update(1)
+        del rm
+        self._free()
+
+    def _measure_reward(
+        self, rm: CLIPReward, name: str, dtype: str, n: int, gflops: float, method: str, setup_seconds: float,
+        seed: Optional[SeedPipeline],
+    ) -> Row:
+        """Every stage of ``rm`` at batch ``n``; end to end in alternation with the seed where the
+        seed ran at that batch size, so that the speedup compares calls made side by side."""
+        frames = self.frames.device[:n]
+        seed_ran = any(r.backend == SEED and r.model == name and r.batch == n for r in self.report.rows)
+        timer = self.timer
+        spec, tower_dtype, impl = rm.preprocess_spec, rm.dtype, rm.kernels
+        with torch.inference_mode():
+            timings: Dict[str, Optional[StageTiming]] = {"h2d": None}
+            if self.frames.pinned is not None:
+                pinned, landing = self.frames.pinned[:n], self.frames.landing[:n]
+                timings["h2d"] = timer(lambda: landing.copy_(pinned, non_blocking=True))
+            # The op itself, as rm(frames) runs it per chunk; rm.preprocess would add a concatenation.
+            pixels = preprocess(frames, spec, tower_dtype, impl=impl)
+            timings["preprocess"] = timer(lambda: preprocess(frames, spec, tower_dtype, impl=impl))
+            embeddings = rm.vision_backend(pixels)
+            timings["tower"] = timer(lambda: rm.vision_backend(pixels))
+            timings["score"] = timer(lambda: rm.score(embeddings))
+            if seed is not None and seed_ran:
+                seed_frames = self.frames.seed_device[:n]
+                timings["end_to_end"], timings["seed_end_to_end"] = timer.paired(
+                    lambda: rm(frames), lambda: seed(seed_frames))
+            else:
+                timings["end_to_end"] = timer(lambda: rm(frames))
+        row = _stage_row(
+            model=name, backend=rm.backend, dtype=dtype, kernels=rm.kernels, batch=n,
+            frame_size=self.config.frame_size, timings=timings, gflops=gflops, flops_method=method,
+            build_seconds=rm.vision_backend.build_seconds, setup_seconds=setup_seconds,
+        )
+        if "seed_end_to_end" in timings:
+            row.seed_fps = n / timings["seed_end_to_end"].median_s
+            row.speedup_vs_seed = row.end_to_end_fps / row.seed_fps
+        return row
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    """``vlmrm-fast bench``: profile, write bench.json/.md/.png, print the table.
+
+    Returns 0, or 1 when a configuration failed (the others are still reported).
+    """
+    config = resolve_config(args)
+    if config.plot:
+        _require_matplotlib()
+    config.out.mkdir(parents=True, exist_ok=True)
+    began = time.perf_counter()
+    report = Report(environment=environment(config.device), config=config.as_json())
+    backends = []
+    for backend in config.backends:
+        reason = backend_unavailable(backend, config.device)
+        if reason is None:
+            backends.append(backend)
+        else:
+            report.skipped.append({"what": backend, "reason": reason})
+    if not backends and not config.seed:
+        raise ValueError("none of the chosen backends can run here: " + "; ".join(
+            f"{s['what']}: {s['reason']}" for s in report.skipped))
+
+    env = report.environment
+    print(f"vlmrm-fast bench on {env['device']} (torch {env['torch']}, commit {env['commit']}): "
+          f"{len(config.models)} model(s) x batch {config.batch_sizes} x {backends} x {config.dtypes}, "
+          f"{config.frame_size}x{config.frame_size} frames, weights random (speed does not depend on them)")
+    for skipped in report.skipped:
+        print(f"skipped {skipped['what']}: {skipped['reason']}")
+    if interpreter_enabled():
+        print("note: TRITON_INTERPRET=1; the Triton kernels would run in Triton's interpreter (kernels=auto picks "
+              "the torch path on CPU)")
+
+    per_model = len(config.batch_sizes) * (len(backends) * len(config.dtypes) + int(config.seed))
+    peak_dtypes = list(dict.fromkeys(config.dtypes + (["fp16"] if config.seed and config.device.type == "cuda" else [])))
+    with tqdm(total=per_model * len(config.models), unit="config", disable=None if config.progress else True,
+              file=sys.stderr, dynamic_ncols=True) as bar:
+        profiler = Profiler(config, report, bar)
+        profiler.measure_peaks(peak_dtypes)
+        for name in config.models:
+            try:
+                profiler.profile_model(name, backends)
+            except Exception as error:  # model creation; the other models still run
+                profiler.fail(f"{name} (create)", error)
+            profiler.measure_peaks(peak_dtypes)
+            report.set_peaks()
+            report.elapsed_seconds = time.perf_counter() - began
+            write_outputs(report, config)
+    report.targets = check_targets(report.rows, config.device)
+    report.complete = True
+    report.elapsed_seconds = time.perf_counter() - began
+    report.environment["load_average_end"] = _load_average()
+    written = write_outputs(report, config)
+    print()
+    print(markdown_report(report))
+    print(f"{len(report.rows)} rows in {report.elapsed_seconds:.1f} s; wrote {', '.join(map(str, written))}")
+    return 1 if report.failures else 0
