@@ -48,7 +48,6 @@ if os.environ["MUJOCO_GL"] in ("egl", "osmesa"):
     os.environ.setdefault("PYOPENGL_PLATFORM", os.environ["MUJOCO_GL"])
 
 import argparse  # noqa: E402
-import csv  # noqa: E402
 import datetime  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
@@ -65,6 +64,7 @@ import torch  # noqa: E402
 
 # Importing vlmrm_fast loads open_clip and with it Triton, which must happen before any Mesa GL
 # context exists (README, "Import order on CPU machines").
+from results_io import append_csv, check_csv, fmt  # noqa: E402  (benchmarks/, beside this script)
 from vlmrm_fast.run_info import cpu_name, git_commit, gpu_driver, package_version  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -75,20 +75,6 @@ PAPER_ROLLOUT_FRAMES = 3200  # 32 envs x 100 steps, scored in one batch per roll
 
 
 # --------------------------------------------------------------------------- environment of a run
-
-
-def egl_unavailable_reason() -> Optional[str]:
-    """None if MuJoCo can draw an RGB frame here, else why not (no EGL library, no device, ...)."""
-    try:
-        import mujoco
-
-        model = mujoco.MjModel.from_xml_string("<mujoco><worldbody><geom size='1'/></worldbody></mujoco>")
-        with mujoco.Renderer(model, 8, 8) as renderer:
-            renderer.update_scene(mujoco.MjData(model))
-            renderer.render()
-    except Exception as exc:  # noqa: BLE001 - any failure means: cannot render here
-        return f"MuJoCo cannot render (MUJOCO_GL={os.environ.get('MUJOCO_GL')!r}): {type(exc).__name__}: {exc}"
-    return None
 
 
 def gl_renderer_name() -> str:
@@ -565,15 +551,6 @@ def bench_env_steps(args: argparse.Namespace, env: Dict[str, str], rm: Any, seed
 # --------------------------------------------------------------------------- output
 
 
-def _fmt(value: object) -> str:
-    """Compact text for the table and the CSV: 4 significant digits, empty for None."""
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        return f"{value:.0f}" if abs(value) >= 1e4 else f"{value:.4g}"
-    return str(value)
-
-
 def markdown_table(rows: List[Row]) -> str:
     header = ["bench", "path", "render", "N", "W x H", "median ms", "min ms", "max ms", "steps/s", "frames/s",
               "physics ms", "render ms", "transfer ms", "reward ms", "other ms", "vs reference"]
@@ -582,30 +559,8 @@ def markdown_table(rows: List[Row]) -> str:
         cells = [r.bench, r.path, r.render_path, r.N, f"{r.width}x{r.height}", r.median_ms, r.min_ms, r.max_ms,
                  r.steps_per_s, r.frames_per_s, r.physics_ms, r.render_ms, r.transfer_ms, r.reward_ms, r.other_ms,
                  r.speedup_vs_reference]
-        lines.append("| " + " | ".join(_fmt(c) for c in cells) + " |")
+        lines.append("| " + " | ".join(fmt(c) for c in cells) + " |")
     return "\n".join(lines)
-
-
-def check_csv(path: Path) -> None:
-    """Stop before benchmarking if an existing CSV has other columns than this script writes."""
-    if not path.exists() or path.stat().st_size == 0:
-        return
-    with path.open(newline="") as f:
-        existing = next(csv.reader(f), [])
-    if existing != COLUMNS:
-        sys.exit(f"{path} has other columns than this script writes; use a new file.\n"
-                 f"  file:   {existing}\n  script: {COLUMNS}")
-
-
-def append_csv(path: Path, rows: List[Row]) -> None:
-    """Append rows, writing the header first when the file is new (see :func:`check_csv`)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.exists() or path.stat().st_size == 0
-    with path.open("a", newline="") as f:
-        writer = csv.writer(f)
-        if new:
-            writer.writerow(COLUMNS)
-        writer.writerows([_fmt(getattr(row, column)) for column in COLUMNS] for row in rows)
 
 
 def log(message: str) -> None:
@@ -615,7 +570,7 @@ def log(message: str) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parse_args(argv)
     if args.csv:
-        check_csv(args.csv)
+        check_csv(args.csv, COLUMNS)
     # Triton before any GL context: importing triton (as vlmrm_fast and torch.compile do) once Mesa's
     # EGL has loaded its LLVM crashes the process (seen with Mesa llvmpipe; harmless the other way round).
     import vlmrm_fast  # noqa: F401
@@ -626,7 +581,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         pass
     if args.device.type == "cuda":  # the envs' own contexts and the batch renderer on the benchmarked GPU
         os.environ.setdefault("MUJOCO_EGL_DEVICE_ID", str(args.device.index))
-    reason = egl_unavailable_reason()
+    from vlmrm_fast.render import rendering_unavailable_reason
+
+    reason = rendering_unavailable_reason()
     if reason is not None:
         print(f"skipped: {reason}. Set MUJOCO_GL=egl and PYOPENGL_PLATFORM=egl with an EGL library installed "
               "(CPU: apt-get install libegl1 libgl1-mesa-dri; GPU: the NVIDIA driver's EGL).")
@@ -693,7 +650,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         print(f"render target on an H200: 3000 frames/s at 224 x 224 into CUDA tensors; best here "
               f"{best.frames_per_s:.0f} frames/s (N={best.N}, {best.render_path} path, GL: {env['gl_renderer']})")
     if args.csv:
-        append_csv(args.csv, rows)
+        append_csv(args.csv, rows, COLUMNS)
         print(f"appended to {args.csv}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

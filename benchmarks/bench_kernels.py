@@ -21,13 +21,11 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import functools
 import json
 import platform
 import statistics
-import sys
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -36,6 +34,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from vlmrm_fast.ops._triton import interpreter_enabled, triton_runs_on
+from results_io import append_csv, check_csv, fmt  # noqa: E402  (benchmarks/, beside this script)
 from vlmrm_fast.run_info import device_name, git_commit, gpu_driver, package_version
 from vlmrm_fast.ops.preprocess import PreprocessSpec, preprocess
 from vlmrm_fast.ops.score import ScoringTargets, score
@@ -365,15 +364,6 @@ def add_ratios(rows: List[Row]) -> None:
             row.frac_of_copy = row.gb_per_s / copy
 
 
-def _fmt(value: object) -> str:
-    """Compact text for the table and the CSV: 4 significant digits, empty for None."""
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        return f"{value:.0f}" if abs(value) >= 1e4 else f"{value:.4g}"
-    return str(value)
-
-
 def markdown_table(rows: List[Row]) -> str:
     header = ["op", "case", "provider", "N", "dtype", "median ms", "min ms", "max ms",
               "frames/s", "GB/s", "frac of copy", "vs seed", "max |diff| vs seed"]
@@ -381,36 +371,14 @@ def markdown_table(rows: List[Row]) -> str:
             "frames_per_s", "gb_per_s", "frac_of_copy", "speedup_vs_seed", "max_abs_diff_vs_seed"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
-        lines.append("| " + " | ".join(_fmt(getattr(row, key)) for key in keys) + " |")
+        lines.append("| " + " | ".join(fmt(getattr(row, key)) for key in keys) + " |")
     return "\n".join(lines)
-
-
-def check_csv(path: Path) -> None:
-    """Stop before benchmarking if an existing CSV has other columns than this script writes."""
-    if not path.exists() or path.stat().st_size == 0:
-        return
-    with path.open(newline="") as f:
-        existing = next(csv.reader(f), [])
-    if existing != COLUMNS:
-        sys.exit(f"{path} has other columns than this script writes; use a new file.\n"
-                 f"  file:   {existing}\n  script: {COLUMNS}")
-
-
-def append_csv(path: Path, rows: List[Row]) -> None:
-    """Append rows, writing the header first when the file is new (see :func:`check_csv`)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.exists() or path.stat().st_size == 0
-    with path.open("a", newline="") as f:
-        writer = csv.writer(f)
-        if new:
-            writer.writerow(COLUMNS)
-        writer.writerows([_fmt(getattr(row, column)) for column in COLUMNS] for row in rows)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parse_args(argv)
     if args.csv:
-        check_csv(args.csv)
+        check_csv(args.csv, COLUMNS)
     env = environment(args.device)
     providers, skipped = providers_for(args.device)
     begin = time.perf_counter()
@@ -441,7 +409,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     print(markdown_table(rows))
     print(f"\n{len(rows)} rows in {elapsed:.1f} s")
     if args.csv:
-        append_csv(args.csv, rows)
+        append_csv(args.csv, rows, COLUMNS)
         print(f"appended to {args.csv}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -17,21 +17,11 @@ gym = pytest.importorskip("gymnasium")
 mujoco = pytest.importorskip("mujoco")
 
 import vlmrm_fast.envs as envs_mod  # noqa: E402
+from vlmrm_fast.render import rendering_unavailable_reason  # noqa: E402
 from vlmrm_fast.envs import EPISODE_LENGTH, HUMANOID_ENV_ID, register_envs  # noqa: E402
 
 
-def _egl_reason():
-    try:
-        m = mujoco.MjModel.from_xml_string("<mujoco><worldbody><geom size='1'/></worldbody></mujoco>")
-        with mujoco.Renderer(m, 8, 8) as r:
-            r.update_scene(mujoco.MjData(m))
-            r.render()
-    except Exception as exc:  # no EGL library, no device, or mujoco imported with another backend
-        return f"MuJoCo cannot render here (MUJOCO_GL={os.environ.get('MUJOCO_GL')!r}): {type(exc).__name__}: {exc}"
-    return None
-
-
-_EGL = _egl_reason()
+_EGL = rendering_unavailable_reason()
 needs_egl = pytest.mark.skipif(_EGL is not None, reason=str(_EGL))
 
 

@@ -18,21 +18,10 @@ gym = pytest.importorskip("gymnasium")
 mujoco = pytest.importorskip("mujoco")
 
 from vlmrm_fast.envs import HUMANOID_ENV_ID  # noqa: E402
-from vlmrm_fast.render import BatchRenderer, gpu_unavailable_reason  # noqa: E402
+from vlmrm_fast.render import BatchRenderer, gpu_unavailable_reason, rendering_unavailable_reason  # noqa: E402
 
 
-def _egl_reason():
-    try:
-        m = mujoco.MjModel.from_xml_string("<mujoco><worldbody><geom size='1'/></worldbody></mujoco>")
-        with mujoco.Renderer(m, 8, 8) as r:
-            r.update_scene(mujoco.MjData(m))
-            r.render()
-    except Exception as exc:
-        return f"MuJoCo cannot render here (MUJOCO_GL={os.environ.get('MUJOCO_GL')!r}): {type(exc).__name__}: {exc}"
-    return None
-
-
-_EGL = _egl_reason()
+_EGL = rendering_unavailable_reason()
 pytestmark = pytest.mark.skipif(_EGL is not None, reason=str(_EGL))
 HAS_CUDA = torch.cuda.is_available()
 _GPU_REASON = gpu_unavailable_reason("cuda") if HAS_CUDA else "needs a CUDA device"
