@@ -108,19 +108,11 @@ def test_follows_env_steps(envs):
     e.close()
 
 
-def test_out_argument_and_negative_strides(cpu_renderer, env_frames):
+def test_out_argument(cpu_renderer, env_frames):
     out = torch.zeros((3, 224, 224, 3), dtype=torch.uint8)
     res = cpu_renderer.render(out=out)
     assert res is out
     np.testing.assert_array_equal(out.numpy(), env_frames)
-    # env.render() arrays are row-reversed views (negative strides); a copy is needed for torch
-    assert env_frames.strides[1] > 0  # np.stack made a copy
-    single = gym.make(HUMANOID_ENV_ID)
-    single.reset(seed=0)
-    raw = single.render()
-    assert raw.strides[0] < 0
-    assert torch.equal(torch.from_numpy(np.ascontiguousarray(raw)), torch.from_numpy(raw.copy()))
-    single.close()
     with pytest.raises(ValueError, match="out must be"):
         cpu_renderer.render(out=torch.zeros((3, 224, 224, 4), dtype=torch.uint8))
 

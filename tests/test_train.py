@@ -162,6 +162,24 @@ def test_step_rewards_add_mode(tmp_path):
     assert {"rollout/vlm_return", "time/reward_s"} <= tb_tags(result.run_dir)
 
 
+@pytest.mark.parametrize("timing", ["step", "deferred"])
+def test_replace_mode_trains_on_the_vlm_reward_in_both_timings(tmp_path, timing):
+    """In replace mode the buffer holds the VLM reward itself (the weight applies to add mode only),
+    whether scored per step or per rollout."""
+    from vlmrm_fast.train import train
+
+    config = dot_config(tmp_path, reward_timing=timing, reward_mode="replace", reward_weight=2.0, total_timesteps=40,
+                        eval_every=0)
+    rm = tiny_reward(config)
+    result = train(config, reward_model=rm)
+    buf = result.model.replay_buffer
+    per_call = 2 if timing == "step" else config.train_freq * 2  # one env step, or one rollout, of 2 envs
+    scored = [c for c in rm.calls if c.shape == (per_call,)]
+    vlm = np.concatenate([c.reshape(-1, 2) for c in scored])
+    assert len(vlm) == buf.pos == 20
+    np.testing.assert_allclose(buf.rewards[: buf.pos], vlm, rtol=0, atol=1e-6)
+
+
 def test_resume_continues_exactly(tmp_path):
     """Stop at a checkpoint and resume: the same buffer and policy as one uninterrupted run."""
     from vlmrm_fast.train import train
@@ -212,7 +230,6 @@ def _wait_for_checkpoint(proc: subprocess.Popen, run_dir: Path, min_step: int = 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
 def test_killed_run_resumes_from_last_checkpoint(tmp_path, sig):
     from vlmrm_fast.train.run import config_from_args, train
-    from vlmrm_fast.train.run import main as _  # noqa: F401
 
     run_dir = tmp_path / "run"
     proc = _spawn(run_dir)
@@ -224,7 +241,8 @@ def test_killed_run_resumes_from_last_checkpoint(tmp_path, sig):
     if sig == signal.SIGTERM:
         assert proc.returncode == 143, out
         assert "continue with: vlmrm-fast train --resume" in out
-        assert ckpt.load_state(found)["extra"]["rollout_steps_done"] >= 0
+        train_freq = json.loads((found / "config.json").read_text())["train_freq"]
+        assert 0 <= ckpt.load_state(found)["extra"]["rollout_steps_done"] < train_freq
     else:
         assert proc.returncode == -signal.SIGKILL
     assert not [p for p in (run_dir / "checkpoints").iterdir() if p.name.startswith(".tmp-")] or sig == signal.SIGKILL
@@ -276,6 +294,22 @@ def test_crash_during_checkpoint_keeps_previous(tmp_path, monkeypatch):
         assert ckpt.find_latest(result.run_dir) == good
 
 
+def test_interrupted_overwrite_and_stale_pointer_recover_the_newest_checkpoint(tmp_path):
+    from vlmrm_fast.train import train
+
+    result = train(dot_config(tmp_path, total_timesteps=40, checkpoint_every=20), reward_model=tiny_reward(dot_config(tmp_path)))
+    root = result.run_dir / "checkpoints"
+    newest = ckpt.find_latest(result.run_dir)
+    older = sorted(p for p in root.glob(ckpt.PREFIX + "*") if p != newest)[-1]
+    # A crash after ``latest`` was written for the older one but before it moved on: the newest wins.
+    (root / "latest").write_text(older.name)
+    assert ckpt.find_latest(result.run_dir) == newest
+    # A crash between the two renames of a same-step overwrite: the complete old folder comes back.
+    os.rename(newest, root / f".old-{newest.name}-0123abcd")
+    ckpt.clean_stale(result.run_dir)
+    assert ckpt.is_complete(newest) and ckpt.find_latest(result.run_dir) == newest
+
+
 # --------------------------------------------------------------------------- errors and config
 
 
@@ -312,6 +346,9 @@ def test_resume_with_another_config_names_fields_and_fix(tmp_path):
                               print_config=False, **{f"field_{k}": None for k in TrainConfig.__dataclass_fields__})
     config, _ = config_from_args(args)
     assert config.total_timesteps == 80 and config.n_envs == 2
+    # Through the Python API too.
+    with pytest.raises(ValueError, match="n_envs: 2 in the checkpoint, 3 given"):
+        train(dot_config(tmp_path, total_timesteps=80, n_envs=3), resume=result.run_dir)
     # A new run into a folder with checkpoints: refused, naming --resume.
     with pytest.raises(ValueError, match="--resume"):
         train(dot_config(tmp_path, total_timesteps=40))

@@ -53,7 +53,7 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(
         "vlmrm_fast.wrappers needs gymnasium (and stable-baselines3 for VLMRewardVecEnv): "
-        "pip install gymnasium stable-baselines3"
+        "pip install 'vlmrm-fast[train]'"
     ) from exc
 
 try:
@@ -426,7 +426,7 @@ class VLMRewardVecEnv(_RewardMode, VecEnvWrapper):
         task: Union[int, str] = 0,
     ) -> None:
         if not _HAS_SB3:  # pragma: no cover - depends on the environment
-            raise ImportError("VLMRewardVecEnv needs stable-baselines3: pip install stable-baselines3")
+            raise ImportError("VLMRewardVecEnv needs stable-baselines3: pip install 'vlmrm-fast[train]'")
         if render not in RENDER_SOURCES:
             raise ValueError(f"render must be one of {RENDER_SOURCES}; got {render!r}.")
         super().__init__(venv)

@@ -98,7 +98,7 @@ class TrainingCallback(BaseCallback):
                              desc="train", smoothing=0.05)
 
     def _on_training_end(self) -> None:
-        self._restore_signal_handlers()
+        self.restore_signal_handlers()
         if self._bar is not None:
             self._bar.close()
             self._bar = None
@@ -247,14 +247,14 @@ class TrainingCallback(BaseCallback):
         for sig in (signal.SIGINT, signal.SIGTERM):
             self._previous_handlers[sig] = signal.signal(sig, self._handle_signal)
 
-    def _restore_signal_handlers(self) -> None:
+    def restore_signal_handlers(self) -> None:
         for sig, handler in self._previous_handlers.items():
             signal.signal(sig, handler)
         self._previous_handlers = {}
 
     def _handle_signal(self, signum, frame) -> None:
         if self.stop_signal is not None:  # a second signal: stop now, without a checkpoint
-            self._restore_signal_handlers()
+            self.restore_signal_handlers()
             raise KeyboardInterrupt
         self.stop_signal = signum
         if self._bar is not None:

@@ -98,6 +98,7 @@ _SCALARS = (bool, int, float, str, np.number, np.bool_)
 def _plain_attrs(obj: Any, skip: tuple = ()) -> dict:
     """The object's own scalar and small-array attributes (its counters and accumulators)."""
     out = {}
+    skip = tuple(skip) + tuple(getattr(obj, "checkpoint_skip", ()))
     for key, value in vars(obj).items():
         if key in skip:
             continue
@@ -161,7 +162,7 @@ def env_state(venv) -> dict:
             mujoco.mj_getState(m, d, buf, spec)
             entry["mujoco"] = buf
         envs.append(entry)
-    return {"wrappers": wrappers, "envs": envs, "buf_obs": getattr(layer, "buf_obs", None)}
+    return {"wrappers": wrappers, "envs": envs}
 
 
 def set_env_state(venv, state: dict) -> bool:
@@ -264,11 +265,20 @@ def _prune(root: Path, keep: int, protect: str) -> None:
 
 
 def clean_stale(run_dir: os.PathLike) -> None:
-    """Remove the leftovers of interrupted writes (``.tmp-*``, ``.old-*``, ``.latest-*``)."""
+    """Remove the leftovers of interrupted writes (``.tmp-*``, ``.old-*``, ``.latest-*``).
+
+    An ``.old-<name>-*`` whose ``<name>`` is missing is a complete checkpoint caught between the two
+    renames of a same-step overwrite: it is put back, not deleted.
+    """
     root = checkpoint_root(run_dir)
     if not root.is_dir():
         return
-    for path in root.iterdir():
+    for path in sorted(root.iterdir()):
+        if path.name.startswith(".old-"):
+            original = root / path.name[len(".old-"):].rsplit("-", 1)[0]
+            if not original.exists() and is_complete(path):
+                os.rename(path, original)
+                continue
         if path.name.startswith((".tmp-", ".old-", ".latest-")):
             if path.is_dir():
                 shutil.rmtree(path, ignore_errors=True)
@@ -291,7 +301,11 @@ def is_complete(path: Path) -> bool:
 
 
 def find_latest(run_dir: os.PathLike) -> Optional[Path]:
-    """The checkpoint ``latest`` names if complete, else the newest complete one, else None."""
+    """The newest complete checkpoint, else None.
+
+    ``latest`` is a pointer written after each checkpoint; a crash between the two leaves it one
+    behind, so the newest complete folder wins over it (names sort by step).
+    """
     root = checkpoint_root(run_dir)
     if not root.is_dir():
         return None
@@ -299,12 +313,12 @@ def find_latest(run_dir: os.PathLike) -> Optional[Path]:
         name = (root / "latest").read_text().strip()
     except OSError:
         name = ""
-    if name and is_complete(root / name):
-        return root / name
     candidates = [p for p in sorted(root.glob(PREFIX + "*"), reverse=True) if is_complete(p)]
-    if candidates and name:
+    if not candidates:
+        return None
+    if name and candidates[0].name != name and not is_complete(root / name):
         warnings.warn(f"checkpoint '{name}' named by {root / 'latest'} is incomplete; using '{candidates[0].name}'")
-    return candidates[0] if candidates else None
+    return candidates[0]
 
 
 def read_meta(path: Path) -> dict:

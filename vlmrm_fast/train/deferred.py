@@ -23,10 +23,14 @@ import numpy as np
 import torch
 from stable_baselines3.common.vec_env import VecEnv
 
-from vlmrm_fast.wrappers import VLMRewardVecEnv
+from vlmrm_fast.wrappers import VLMRewardVecEnv, _combine
 
 
 class DeferredRewardRecorder(VLMRewardVecEnv):
+    #: Per-session timings: not restored from a checkpoint (the first log after a resume would
+    #: otherwise report the whole previous session).
+    checkpoint_skip = ("env_s", "render_s", "reward_s", "_t0", "_t_render_end")
+
     """Record each step's frames on the reward device; hand SB3 a placeholder reward.
 
     A :class:`vlmrm_fast.wrappers.VLMRewardVecEnv` whose ``step_wait`` renders (same frame source,
@@ -101,21 +105,20 @@ class DeferredRewardRecorder(VLMRewardVecEnv):
 
 
 def combine(gt: np.ndarray, vlm: np.ndarray, mode: str, weight: float) -> np.ndarray:
-    """The reward SAC trains on: ``weight * vlm`` (replace), ``gt + weight * vlm`` (add), ``gt`` (log)."""
-    if mode == "replace":
-        return (weight * vlm).astype(np.float32)
-    if mode == "add":
-        return (gt + weight * vlm).astype(np.float32)
-    return gt.astype(np.float32)
+    """The reward SAC trains on, exactly as :class:`VLMRewardVecEnv` combines it per step."""
+    return np.asarray(_combine(mode, weight, gt, vlm), dtype=np.float32)
 
 
-def score_frames(reward_model, frames: torch.Tensor, bottom_up: bool) -> np.ndarray:
-    """VLM rewards [T, n] for frames [T, n, H, W, 3] (one call; the model chunks it)."""
+def score_frames(reward_model, frames: torch.Tensor, bottom_up: bool, task: int = 0) -> np.ndarray:
+    """VLM rewards [T, n] for frames [T, n, H, W, 3] (one call; the model chunks it). A several-task
+    reward model contributes its ``task`` column, as in :class:`VLMRewardVecEnv`."""
     t, n = frames.shape[:2]
     if t * n == 0:
         return np.zeros((t, n), dtype=np.float32)
     with torch.inference_mode():
         rewards = reward_model(frames.reshape(t * n, *frames.shape[2:]), bottom_up=bottom_up)
+    if rewards.ndim == 2:
+        rewards = rewards[:, task]
     return rewards.float().reshape(t, n).cpu().numpy()
 
 
@@ -129,7 +132,7 @@ def score_and_write_back(recorder: DeferredRewardRecorder, reward_model, replay_
     frames, gt, dones = recorder.pop()
     if len(slots) != len(gt):
         raise RuntimeError(f"recorded {len(gt)} steps but {len(slots)} replay slots; the callback missed steps")
-    vlm = score_frames(reward_model, frames, bool(recorder.bottom_up))
+    vlm = score_frames(reward_model, frames, bool(recorder.bottom_up), recorder.task)
     if len(slots):
         # In order, so a slot written twice (rollout longer than the buffer) keeps the newest.
         for t, slot in enumerate(slots):
@@ -147,6 +150,8 @@ def unwrap_recorder(venv) -> Optional[DeferredRewardRecorder]:
 
 
 class TimedVLMRewardVecEnv(VLMRewardVecEnv):
+    checkpoint_skip = DeferredRewardRecorder.checkpoint_skip
+
     """:class:`~vlmrm_fast.wrappers.VLMRewardVecEnv` (per-step rewards) that also times its stages.
 
     ``env_s``: stepping the envs; ``render_s``: rendering; ``reward_s``: the reward model and

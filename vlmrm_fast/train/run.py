@@ -188,9 +188,12 @@ def train(config: TrainConfig, *, resume: Optional[os.PathLike] = None, reward_m
 
     config.validate()
     start = time.perf_counter()
-    run_dir = Path(config.run_dir or default_run_dir())
+    # A resumed run lives on in its own folder, whatever config.run_dir says.
+    run_dir = Path(resume) if resume is not None else Path(config.run_dir or default_run_dir())
     config = dataclasses.replace(config, run_dir=str(run_dir))
     resume_from = _resume_checkpoint(run_dir, resume)
+    if resume_from is not None:
+        _check_resume_config(resume_from, config)
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt.clean_stale(run_dir)
     config_json = config.to_json()
@@ -236,13 +239,16 @@ def train(config: TrainConfig, *, resume: Optional[os.PathLike] = None, reward_m
             model.learn(total_timesteps=remaining, callback=callback, reset_num_timesteps=resume_from is None,
                         log_interval=None)
         stopped = signal.Signals(callback.stop_signal).name if callback.stop_signal is not None else None
-        if stopped is None and remaining > 0:
-            if callback.last_checkpoint is None or callback.last_checkpoint.name != ckpt.step_name(model.num_timesteps):
-                callback.save()
-            if config.eval_every:
-                callback.evaluate()
-                model.logger.dump(model.num_timesteps)
+        # Also after a signal that came too late for the callback's own checkpoint (during the last
+        # gradient steps): the work since the last checkpoint is saved either way.
+        behind = callback.last_checkpoint is None or callback.last_checkpoint.name != ckpt.step_name(model.num_timesteps)
+        if remaining > 0 and behind:
+            callback.save()
+        if stopped is None and remaining > 0 and config.eval_every:
+            callback.evaluate()
+            model.logger.dump(model.num_timesteps)
     finally:
+        callback.restore_signal_handlers()  # also when learn() raised: Ctrl-C must work again
         env.close()
     return TrainResult(run_dir, int(model.num_timesteps), callback.last_checkpoint or resume_from, stopped,
                        time.perf_counter() - start, model)
@@ -268,6 +274,20 @@ def _resume_checkpoint(run_dir: Path, resume: Optional[os.PathLike]) -> Optional
             "without --resume"
         )
     return found
+
+
+def _check_resume_config(found: Path, config: TrainConfig) -> None:
+    """A checkpoint continues only under its own config (bar the fields that may change on resume)."""
+    saved = TrainConfig.from_dict(json.loads((found / "config.json").read_text()), f"checkpoint '{found}'")
+    diffs = diff_configs(saved, config)
+    if diffs:
+        lines = "; ".join(f"{k}: {a!r} in the checkpoint, {b!r} given" for k, a, b in diffs)
+        raise ValueError(
+            f"checkpoint '{found}' comes from another config ({lines}). Resume with the run's own config "
+            f"(vlmrm-fast train --resume {found.parent.parent}, without --preset/--config or those overrides), or "
+            f"start a new run in another folder (--run-dir). Only these may change on resume: "
+            f"{', '.join(sorted(RESUMABLE_FIELDS))}"
+        )
 
 
 def _check_model_takes_frames(rm, config: TrainConfig, height: int, width: int) -> None:
