@@ -40,6 +40,7 @@ import torch
 from tqdm import tqdm
 
 from vlmrm_fast import CLIPReward, PretrainedWeightsError
+from vlmrm_fast.argtypes import positive_int
 from vlmrm_fast.export import add_export_parser
 from vlmrm_fast.profiler import add_bench_parser
 from vlmrm_fast.train.run import add_train_parser
@@ -175,7 +176,7 @@ def _add_score_parser(subparsers: argparse._SubParsersAction) -> None:
     io = p.add_argument_group("input and output")
     io.add_argument(
         "--batch-size",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         metavar="N",
         help="frames decoded and scored per step; lower it if you run out of memory "
@@ -214,17 +215,6 @@ def _unit_interval(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
     if not 0.0 <= value <= 1.0:
         raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
     return value
 
 

@@ -46,6 +46,7 @@ import open_clip
 import torch
 from tqdm import tqdm
 
+from vlmrm_fast.argtypes import positive_int
 from vlmrm_fast.backends import BackendError
 from vlmrm_fast.models import TINY_MODEL, preprocess_spec_of, register_model_configs
 from vlmrm_fast.ops._triton import HAS_TRITON, interpreter_enabled
@@ -121,20 +122,20 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--models", nargs="+", metavar="NAME",
                    help="open_clip model names (default: CPU vlmrm-tiny ViT-B-32; CUDA ViT-B-32 ViT-L-14 ViT-bigG-14)")
-    p.add_argument("--batch-sizes", nargs="+", type=_positive_int, metavar="N",
+    p.add_argument("--batch-sizes", nargs="+", type=positive_int, metavar="N",
                    help="frames per call (default: CPU 1 8 32; CUDA 1 8 64 256 1024)")
     p.add_argument("--backends", nargs="+", choices=BACKENDS,
                    help="vision-tower backends; unavailable ones are skipped with the reason "
                    "(default: CPU torch onnxruntime; CUDA torch compile)")
     p.add_argument("--dtypes", nargs="+", choices=(*DTYPES, *DTYPE_ALIASES), metavar="DTYPE",
                    help=f"tower precisions, from {', '.join(DTYPES)} (default: CPU fp32; CUDA bf16)")
-    p.add_argument("--frame-size", type=_positive_int, default=SEED_FRAME_SIZE, metavar="PX",
+    p.add_argument("--frame-size", type=positive_int, default=SEED_FRAME_SIZE, metavar="PX",
                    help="square frames of PX x PX; 480 is the original's render size, 224 the towers' input "
                    "(the fast path: no resize). The seed always gets 480 x 480 (default: %(default)s)")
     p.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda if available, else cpu)")
-    p.add_argument("--repeats", type=_positive_int, metavar="N",
+    p.add_argument("--repeats", type=positive_int, metavar="N",
                    help="timed calls per stage; the median is reported (default: CPU 3, CUDA 20)")
-    p.add_argument("--warmup", type=_positive_int, metavar="N", help="untimed calls first (default: CPU 1, CUDA 3)")
+    p.add_argument("--warmup", type=positive_int, metavar="N", help="untimed calls first (default: CPU 1, CUDA 3)")
     p.add_argument("--time-budget", type=float, default=10.0, metavar="S",
                    help="stop repeating a stage after S seconds of timed calls, once 3 are done (default: %(default)s)")
     p.add_argument("--no-seed", action="store_true", help="skip the seed pipeline (no speedups)")
@@ -145,16 +146,6 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-plot", action="store_true", help="do not write bench.png (no matplotlib needed)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar (shown on a terminal)")
     p.set_defaults(handler=run_bench)
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
 
 
 def resolve_config(args: argparse.Namespace) -> BenchConfig:

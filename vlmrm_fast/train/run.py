@@ -31,8 +31,15 @@ import numpy as np  # noqa: E402
 
 from vlmrm_fast.train import checkpoint as ckpt  # noqa: E402
 from vlmrm_fast.train.config import (  # noqa: E402
-    PRESETS, RESUMABLE_FIELDS, TrainConfig, apply_overrides, diff_configs, field_help, from_preset,
-    load_config_file, parse_set,
+    PRESETS,
+    RESUMABLE_FIELDS,
+    TrainConfig,
+    apply_overrides,
+    diff_configs,
+    field_help,
+    from_preset,
+    load_config_file,
+    parse_set,
 )
 
 RGB_FIX = 'render_mode="rgb_array"'
@@ -162,7 +169,11 @@ def build_vec_env(config: TrainConfig, reward_model, width, height):
 
 def make_logger(run_dir: Path, tensorboard: bool, start_step: int):
     """SB3 logger: TensorBoard events in RUN_DIR/tb and a CSV (a new file per resumed session)."""
-    from stable_baselines3.common.logger import CSVOutputFormat, Logger, TensorBoardOutputFormat
+    from stable_baselines3.common.logger import (
+        CSVOutputFormat,
+        Logger,
+        TensorBoardOutputFormat,
+    )
 
     folder = run_dir / "tb"
     folder.mkdir(parents=True, exist_ok=True)
@@ -355,14 +366,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, Optional[Pa
                                 "a new run without --resume")
     saved = TrainConfig.from_dict(json.loads((found / "config.json").read_text()), f"checkpoint '{found}'")
     given = config if (args.preset or args.config) else apply_overrides(saved, overrides, "the command line")
-    diffs = diff_configs(saved, given)
-    if diffs:
-        lines = "; ".join(f"{k}: {a!r} in the checkpoint, {b!r} given" for k, a, b in diffs)
-        raise ValueError(
-            f"checkpoint '{found}' comes from another config ({lines}). Resume with the run's own config "
-            f"(vlmrm-fast train --resume {run_dir}, without --preset/--config or those overrides), or start a new "
-            f"run in another folder (--run-dir). Only these may change on resume: {', '.join(sorted(RESUMABLE_FIELDS))}"
-        )
+    _check_resume_config(found, given)
     effective = dataclasses.replace(saved, **{k: getattr(given, k) for k in RESUMABLE_FIELDS})
     return dataclasses.replace(effective, run_dir=str(run_dir)), run_dir
 
