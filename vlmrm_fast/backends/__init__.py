@@ -4,7 +4,7 @@
 |---|---|---|---|
 | "torch" | any | fp32, bf16, fp16 | eager PyTorch, SDPA attention |
 | "compile" | any | fp32, bf16, fp16 | torch.compile per batch bucket, CUDA graphs on CUDA |
-| "onnxruntime" | CPU, CUDA (onnxruntime-gpu) | fp32 (CPU); fp32, fp16 (CUDA) | extra `export` |
+| "onnxruntime" | CPU, CUDA (onnxruntime-gpu) | fp32, int8 opt-in (CPU); fp32, fp16 (CUDA) | extra `export` |
 | "tensorrt" | CUDA | fp16, bf16, fp32 | extra `tensorrt`; engines cached on disk |
 
 "auto" picks the fastest backend *verified* on that kind of device (README, "Status"): ONNX Runtime
@@ -49,7 +49,7 @@ def build_backend(
     """Build a resolved backend around ``visual`` (already on ``device`` in ``dtype``).
 
     ``options`` go to the backend's constructor: ``buckets``/``mode`` for "compile",
-    ``cache_dir``/``workspace_gib`` for "tensorrt".
+    ``cache_dir``/``workspace_gib`` for "tensorrt", ``quantize`` for "onnxruntime".
     """
     options = dict(options or {})
     image_size: Tuple[int, int] = tuple(spec.size)  # type: ignore[assignment]

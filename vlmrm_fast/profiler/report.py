@@ -27,6 +27,8 @@ GPU_FPS_TARGETS = {"ViT-B-32": 50_000.0, "ViT-L-14": 3_900.0, "ViT-bigG-14": 650
 """End-to-end frames/s on the GPU in bf16, from uint8 frames already on the GPU."""
 GPU_SPEEDUP_TARGETS = {"ViT-bigG-14": 3.0}
 CPU_SPEEDUP_TARGETS = {"ViT-B-32": 1.5}
+REWARD_CHECK_FRAMES = 8
+"""Frames whose rewards every configuration is checked on, against the float32 eager path."""
 
 
 # --------------------------------------------------------------------------- results
@@ -61,6 +63,8 @@ class Row:
     setup_seconds: float
     seed_fps: Optional[float] = None
     speedup_vs_seed: Optional[float] = None
+    reward_error: Optional[float] = None
+    """max |r - r_fp32| over the run's first frames, r_fp32 from the float32 eager path (not for the seed)."""
     timings: Dict[str, Optional[StageTiming]] = field(default_factory=dict)
 
 
@@ -175,6 +179,7 @@ TABLE_COLUMNS = (
     ("TFLOP/s", lambda r: f"{r.achieved_tflops:.3g}"),
     ("of peak", lambda r: _num(None if r.frac_of_peak is None else 100 * r.frac_of_peak, ".1f") + ("%" if r.frac_of_peak else "")),
     ("build s", lambda r: f"{r.build_seconds:.1f}"),
+    ("reward err", lambda r: _num(r.reward_error, ".1e")),
 )
 
 
@@ -213,7 +218,9 @@ def markdown_report(report: Report) -> str:
         "'seed' is the seed's end to end at that batch size timed in alternation with the row's own end to end (so "
         "load on a shared machine weighs on both alike), and 'vs seed' is their ratio. TFLOP/s = tower GFLOP/img x "
         "tower frames/s; 'of peak' against the matmul peak in that dtype (fp16 for the seed on CUDA). 'build s' (export, compile, "
-        "engine build) is not in any frames/s. On CPU each stage, and each switch between the seed and the pipeline "
+        "engine build) is not in any frames/s. 'reward err' is the largest difference between the row's rewards and "
+        f"the float32 eager path's, on the same model and the first {REWARD_CHECK_FRAMES} frames (random weights: a guide, not a "
+        "guarantee for a pretrained checkpoint). On CPU each stage, and each switch between the seed and the pipeline "
         f"timed with it, starts after a {SWITCH_PAUSE_S:g} s pause (ONNX Runtime's threads spin after a run and slow "
         "the torch work that follows).",
     ]

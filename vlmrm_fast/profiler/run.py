@@ -11,6 +11,10 @@ timed on its own (median of the repeats, frames/s = N / median):
 | ``score`` | ``rm.score(embeddings)`` -> rewards [N] (normalises, and checks finiteness: one sync) |
 | ``end_to_end`` | ``rm(frames)`` with the frames already on the device |
 
+Each configuration's accuracy is reported beside its speed: ``reward_error`` is the largest difference
+between its rewards and those of the float32 eager path of the same model, over the first
+``REWARD_CHECK_FRAMES`` frames (what bf16, fp16 or int8 cost in reward).
+
 The seed pipeline (SPEC §1.4: fp32 weights under fp16 autocast on CUDA, torchvision resize of
 480 x 480 frames, a D x D projection) is measured in the same run for every model and batch size, as
 the reference for ``speedup_vs_seed``: its end to end is timed in alternation with each
@@ -53,6 +57,7 @@ from vlmrm_fast.ops._triton import HAS_TRITON, interpreter_enabled
 from vlmrm_fast.ops.preprocess import preprocess
 from vlmrm_fast.profiler.flops import _gflops_and_method, create_random_model
 from vlmrm_fast.profiler.report import (
+    REWARD_CHECK_FRAMES,
     Report,
     Row,
     _load_average,
@@ -78,6 +83,9 @@ from vlmrm_fast.reward import CLIPReward
 BACKENDS = ("torch", "compile", "onnxruntime", "tensorrt")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPE_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+QUANTIZED = {"int8": ("onnxruntime", torch.float32)}
+"""Precisions that are a quantisation option of one backend: (backend, the tower's float dtype)."""
+PRECISIONS = (*DTYPES, *QUANTIZED)
 
 
 # --------------------------------------------------------------------------- configuration
@@ -127,8 +135,9 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--backends", nargs="+", choices=BACKENDS,
                    help="vision-tower backends; unavailable ones are skipped with the reason "
                    "(default: CPU torch onnxruntime; CUDA torch compile)")
-    p.add_argument("--dtypes", nargs="+", choices=(*DTYPES, *DTYPE_ALIASES), metavar="DTYPE",
-                   help=f"tower precisions, from {', '.join(DTYPES)} (default: CPU fp32; CUDA bf16)")
+    p.add_argument("--dtypes", nargs="+", choices=(*PRECISIONS, *DTYPE_ALIASES), metavar="DTYPE",
+                   help=f"tower precisions, from {', '.join(PRECISIONS)}; int8 is ONNX Runtime's dynamic "
+                   "quantisation, on CPU (default: CPU fp32; CUDA bf16)")
     p.add_argument("--frame-size", type=positive_int, default=SEED_FRAME_SIZE, metavar="PX",
                    help="square frames of PX x PX; 480 is the original's render size, 224 the towers' input "
                    "(the fast path: no resize). The seed always gets 480 x 480 (default: %(default)s)")
@@ -305,11 +314,29 @@ class Profiler:
         self.report.models[name] = {"create_seconds": create_seconds, "tower_gflops": gflops, "flops_method": method}
         self.say(f"{name}: created in {create_seconds:.1f} s (random weights); tower {gflops:.4g} GFLOP/image ({method})")
         seed = self._profile_seed(name, base, gflops, method) if self.config.seed else None
+        reference = self._reference_rewards(name, base, tokenizer)
         for backend in backends:
             for dtype in self.config.dtypes:
-                self._profile_backend(name, base, tokenizer, backend, dtype, gflops, method, seed)
+                self._profile_backend(name, base, tokenizer, backend, dtype, gflops, method, seed, reference)
         del base, seed
         self._free()
+
+    def _reference_rewards(self, name: str, base: torch.nn.Module, tokenizer: Callable) -> Optional[torch.Tensor]:
+        """Rewards [k] of the first ``REWARD_CHECK_FRAMES`` frames through the float32 eager path
+        (torch backend and ops), against which every configuration's ``reward_error`` is taken."""
+        try:
+            rm = CLIPReward(
+                copy.deepcopy(base), tokenizer, goal=GOAL, baseline=BASELINE, alpha=ALPHA, device=self.device,
+                dtype=torch.float32, backend="torch", kernels="torch", model_name=name,
+            )
+            with torch.inference_mode():
+                rewards = rm(self.frames.device[:REWARD_CHECK_FRAMES])
+        except Exception as error:
+            self.fail(f"{name} float32 reference rewards (no reward errors)", error)
+            return None
+        del rm
+        self._free()
+        return rewards
 
     def _profile_seed(self, name: str, base: torch.nn.Module, gflops: float, method: str) -> Optional[SeedPipeline]:
         """The seed's rows for every batch size; the pipeline is kept for the backends' paired timings."""
@@ -356,17 +383,26 @@ class Profiler:
 
     def _profile_backend(
         self, name: str, base: torch.nn.Module, tokenizer: Callable, backend: str, dtype: str, gflops: float,
-        method: str, seed: Optional[SeedPipeline],
+        method: str, seed: Optional[SeedPipeline], reference: Optional[torch.Tensor],
     ) -> None:
         batches = self.config.batch_sizes
         what = f"{name} {backend} {dtype}"
+        if dtype in QUANTIZED and QUANTIZED[dtype][0] != backend:
+            self.skip(what, f"{dtype} is a quantisation of the {QUANTIZED[dtype][0]} backend only")
+            self.bar.update(len(batches))
+            return
+        options: Optional[Dict[str, Any]] = None
+        if backend == "compile":
+            options = {"buckets": tuple(batches)}
+        elif dtype in QUANTIZED:
+            options = {"quantize": dtype}
         self.bar.set_description(f"{what}: building")
         start = time.perf_counter()
         try:
             rm = CLIPReward(
                 copy.deepcopy(base), tokenizer, goal=GOAL, baseline=BASELINE, alpha=ALPHA, device=self.device,
-                dtype=DTYPES[dtype], backend=backend, max_batch_size=max(batches), model_name=name,
-                backend_options={"buckets": tuple(batches)} if backend == "compile" else None,
+                dtype=QUANTIZED[dtype][1] if dtype in QUANTIZED else DTYPES[dtype], backend=backend,
+                max_batch_size=max(batches), model_name=name, backend_options=options,
             )
             warmup = getattr(rm.vision_backend, "warmup", None)
             if callable(warmup):  # compile now, so that compilation is measured apart, not timed
@@ -381,10 +417,21 @@ class Profiler:
             self.bar.update(len(batches))
             return
         setup_seconds = time.perf_counter() - start
+        reward_error = None
+        if reference is not None:
+            try:
+                with torch.inference_mode():
+                    rewards = rm(self.frames.device[:REWARD_CHECK_FRAMES])
+                reward_error = (rewards.double() - reference.double()).abs().max().item()
+            except Exception as error:
+                self.fail(f"{what} (rewards)", error)
+                self.bar.update(len(batches))
+                return
         for n in batches:
             self.bar.set_description(f"{what} b={n}")
             try:
                 row = self._measure_reward(rm, name, dtype, n, gflops, method, setup_seconds, seed)
+                row.reward_error = reward_error
                 self.report.rows.append(row)
             except Exception as error:
                 self.fail(f"{what} batch {n}", error)
@@ -463,7 +510,8 @@ def run_bench(args: argparse.Namespace) -> int:
               "the torch path on CPU)")
 
     per_model = len(config.batch_sizes) * (len(backends) * len(config.dtypes) + int(config.seed))
-    peak_dtypes = list(dict.fromkeys(config.dtypes + (["fp16"] if config.seed and config.device.type == "cuda" else [])))
+    peak_dtypes = [d for d in dict.fromkeys(config.dtypes + (["fp16"] if config.seed and config.device.type == "cuda" else []))
+                   if d in DTYPES]  # no int8 matmul peak: its rows show none
     with tqdm(total=per_model * len(config.models), unit="config", disable=None if config.progress else True,
               file=sys.stderr, dynamic_ncols=True) as bar:
         profiler = Profiler(config, report, bar)

@@ -1,0 +1,111 @@
+"""int8 dynamic quantisation of the tower (backend "onnxruntime", ``quantize="int8"``, CPU).
+
+Tolerance, argued as for bf16/fp16 (at most twice PyTorch's own error at that precision against the
+float64 reference): PyTorch's own int8 is ``torch.ao.quantization.quantize_dynamic`` over the tower's
+``nn.Linear`` layers (int8 weights, activations quantised per call, fbgemm). On the same frames, our
+rewards may be off the float64 reference by at most twice as much as PyTorch's int8 rewards are.
+Measured here (random weights, the frames below): ViT-B-32 6.7e-5 against PyTorch's 5.1e-4; the tiny
+model 1.05e-3 against 1.08e-3. Without per-channel scales and 7-bit weights the errors are 2.3e-3 and
+9.3e-3, and the test fails.
+A tower left unquantised by mistake fails the graph test below, and its error (1e-7) would not pass
+for int8 in tests/test_profiler.py either.
+"""
+import copy
+import importlib.util
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_tiny
+from reference import float64_model, reference_preprocess, reference_reward_from_embeddings, reference_targets
+from vlmrm_fast import CLIPReward, create_clip
+from vlmrm_fast.backends import BackendError
+from vlmrm_fast.models import preprocess_spec_of
+
+HAS_ORT = importlib.util.find_spec("onnxruntime") is not None
+pytestmark = pytest.mark.skipif(not HAS_ORT, reason="needs onnxruntime (pip install 'vlmrm-fast[export]')")
+GOAL, BASELINE, ALPHA = ["a humanoid robot kneeling", "kneeling"], ["a humanoid robot"], 0.5
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+
+
+def _torch_int8_tower(visual: torch.nn.Module) -> torch.nn.Module:
+    quantize_dynamic = getattr(getattr(torch, "ao", None) and torch.ao.quantization, "quantize_dynamic", None)
+    if quantize_dynamic is None:
+        pytest.skip("this torch has no torch.ao.quantization.quantize_dynamic, the int8 comparison point")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # its deprecation notice (torchao is its successor)
+        return quantize_dynamic(copy.deepcopy(visual).eval(), {torch.nn.Linear}, dtype=torch.qint8)
+
+
+def _model(name):
+    if name == "vlmrm-tiny":
+        return make_tiny()
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return create_clip(name, None)
+
+
+@pytest.mark.parametrize("name", ["vlmrm-tiny", "ViT-B-32"])
+def test_int8_rewards_within_twice_pytorch_int8_error(name):
+    model, tokenizer = _model(name)
+    frames = np.random.default_rng(7).integers(0, 256, (5, 231, 199, 3), dtype=np.uint8)  # odd sizes: resized
+    model64 = float64_model(model)
+    pixels = torch.from_numpy(reference_preprocess(frames, 224, CLIP_MEAN, CLIP_STD, "vlmrm"))
+    with torch.no_grad():
+        goal, direction = reference_targets(model64, tokenizer, GOAL, BASELINE)
+        want = reference_reward_from_embeddings(model64.encode_image(pixels), goal, direction, ALPHA)
+        torch_int8 = reference_reward_from_embeddings(_torch_int8_tower(model.visual)(pixels.float()), goal, direction, ALPHA)
+    rm = CLIPReward(copy.deepcopy(model), tokenizer, goal=GOAL, baseline=BASELINE, alpha=ALPHA, device="cpu",
+                    kernels="torch", backend="onnxruntime", backend_options={"quantize": "int8"})
+    assert rm.vision_backend.quantize == "int8"
+    got = rm(frames).double()
+    assert torch.isfinite(got).all()
+    pytorch_error = (torch_int8 - want).abs().max().item()
+    assert (got - want).abs().max().item() <= 2 * pytorch_error
+
+
+def test_int8_graph_quantises_the_weight_matmuls_and_keeps_the_output_projection(tmp_path):
+    import onnx
+
+    from vlmrm_fast.backends.onnx_export import export_onnx
+    from vlmrm_fast.backends.onnx_quantize import quantize_int8, weight_matmuls
+
+    model, _ = make_tiny()
+    source = export_onnx(model.visual, tmp_path / "tower.onnx", preprocess_spec_of(model, "vlmrm"), input_format="pixels")
+    graph = onnx.load(str(source))
+    chosen = weight_matmuls(graph)
+    # 2 layers x (attention input projection + MLP in + MLP out); the output projection is left out.
+    assert len(chosen) == 6
+    [output_node] = [n for n in graph.graph.node if "embeddings" in n.output]
+    assert output_node.op_type == "MatMul" and output_node.name not in chosen
+    quantized = onnx.load(str(quantize_int8(source, tmp_path / "int8.onnx")))
+    ops = [n.op_type for n in quantized.graph.node]
+    assert ops.count("MatMulInteger") == len(chosen) and ops.count("DynamicQuantizeLinear") == len(chosen)
+    [still_float] = [n for n in quantized.graph.node if "embeddings" in n.output]
+    assert still_float.op_type == "MatMul"  # the output projection, in float32
+
+
+def test_int8_is_opt_in(tiny):
+    rm = CLIPReward(*tiny, goal="a", device="cpu", dtype=torch.float32)
+    assert rm.backend == "onnxruntime" and rm.vision_backend.quantize is None  # "auto" never picks int8
+
+
+@pytest.mark.parametrize("options,dtype,match", [
+    ({"quantize": "int4"}, torch.float32, "int4"),
+    ({"quantize": "int8"}, torch.bfloat16, "float32"),
+])
+def test_int8_bad_options_are_clear_errors(tiny, options, dtype, match):
+    with pytest.raises(BackendError, match=match):
+        CLIPReward(*tiny, goal="a", device="cpu", dtype=dtype, backend="onnxruntime", backend_options=options)
+
+
+def test_int8_refuses_cuda():
+    from vlmrm_fast.backends.onnxruntime import OnnxRuntimeBackend
+
+    model, _ = make_tiny()
+    with pytest.raises(BackendError, match="CPU"):  # checked before anything touches a GPU
+        OnnxRuntimeBackend(model.visual, preprocess_spec_of(model, "vlmrm"), torch.device("cuda"), torch.float32,
+                           (224, 224), quantize="int8")
