@@ -204,6 +204,10 @@ def test_targets_take_the_best_configuration():
     rows = [_row("ViT-B-32", "torch", 12.0, 10.0), _row("ViT-B-32", "onnxruntime", 16.0, 10.0)]
     [cpu] = check_targets(rows, torch.device("cpu"))
     assert cpu["met"] and cpu["measured"] == pytest.approx(1.6) and cpu["where"].startswith("onnxruntime")
+    # On CPU each precision gets its own line: a target met only in int8 does not hide fp32's miss.
+    fp32, int8 = check_targets(rows + [_row("ViT-B-32", "onnxruntime", 25.0, 10.0, "int8")], torch.device("cpu"))
+    assert "(fp32)" in fp32["kind"] and fp32["measured"] == pytest.approx(1.6)
+    assert "(int8)" in int8["kind"] and int8["measured"] == pytest.approx(2.5) and "int8" in int8["where"]
     gpu_rows = [_row("ViT-B-32", "compile", 60_000.0, 20_000.0, "bf16"), _row("ViT-B-32", "torch", 70_000.0, 20_000.0)]
     [gpu] = check_targets(gpu_rows, torch.device("cuda"))
     assert gpu["met"] and gpu["measured"] == 60_000.0  # only bf16 rows count on the GPU
