@@ -84,6 +84,19 @@ def test_tensorrt_missing_names_the_extra(tiny):
         CLIPReward(*tiny, goal="a", device="cpu", backend="tensorrt")
 
 
+@pytest.mark.parametrize("version", ["11.1.0", "9.3.0"])
+def test_tensorrt_of_another_major_version_is_refused(tiny, monkeypatch, version, tmp_path):
+    import types
+
+    from vlmrm_fast.backends.tensorrt import build_engine
+
+    monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__=version))
+    with pytest.raises(BackendError, match=r"tensorrt>=10,<11"):
+        CLIPReward(*tiny, goal="a", device="cpu", backend="tensorrt")
+    with pytest.raises(BackendError, match=version):
+        build_engine(tmp_path / "tower.onnx", "bf16", (1, 2, 4))
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not (HAS_TRT and torch.cuda.is_available()), reason="needs tensorrt and a CUDA device")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -7,7 +7,8 @@ import torch
 from vlmrm_fast.backends.engine_cache import EngineCache, EngineKey, weights_digest
 
 KEY = EngineKey(model="ViT-B-32", weights="ab" * 32, precision="bf16", image_size=(224, 224),
-                batch_range=(1, 128, 256), compute_capability=(9, 0), tensorrt_version="10.8.0")
+                batch_range=(1, 128, 256), compute_capability=(9, 0), tensorrt_version="10.8.0",
+                device_name="NVIDIA H200", torch_version="2.11.0", recipe=1)
 
 
 def test_round_trip(tmp_path):
@@ -21,7 +22,8 @@ def test_round_trip(tmp_path):
 @pytest.mark.parametrize(
     "field,value",
     [("compute_capability", (8, 0)), ("tensorrt_version", "10.9.0"), ("precision", "fp16"),
-     ("batch_range", (1, 64, 128)), ("weights", "cd" * 32), ("image_size", (336, 336))],
+     ("batch_range", (1, 64, 128)), ("weights", "cd" * 32), ("image_size", (336, 336)),
+     ("device_name", "NVIDIA H100 80GB HBM3"), ("torch_version", "2.12.0"), ("recipe", 2)],
 )
 def test_every_key_field_changes_the_file(tmp_path, field, value):
     cache = EngineCache(tmp_path)
@@ -38,7 +40,7 @@ def test_a_file_under_the_right_name_but_another_key_is_refused(tmp_path):
     assert cache.load(KEY) is None
 
 
-@pytest.mark.parametrize("damage", ["truncate", "flip", "garbage", "empty"])
+@pytest.mark.parametrize("damage", ["truncate", "flip", "garbage", "empty", "header-not-a-dict"])
 def test_damaged_files_are_refused(tmp_path, damage):
     cache = EngineCache(tmp_path)
     path = cache.store(KEY, bytes(range(256)) * 10)
@@ -48,6 +50,7 @@ def test_damaged_files_are_refused(tmp_path, damage):
         "flip": blob[:-1] + bytes([blob[-1] ^ 1]),
         "garbage": b"not an engine",
         "empty": b"",
+        "header-not-a-dict": b"VLMRMTRT1\n[1, 2]\n" + blob.split(b"\n", 2)[2],
     }[damage]
     path.write_bytes(blob)
     assert cache.load(KEY) is None

@@ -7,6 +7,7 @@ NCHW float input instead. The batch axis is dynamic; ONNX weights over 2 GB go t
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 import warnings
@@ -16,6 +17,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from vlmrm_fast.argtypes import positive_int
 from vlmrm_fast.backends.onnx_export import INPUT_FORMATS, export_onnx
 from vlmrm_fast.models import create_clip, preprocess_spec_of
 from vlmrm_fast.ops.preprocess import preprocess
@@ -43,7 +45,7 @@ def add_export_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--input", choices=INPUT_FORMATS, default="uint8-nhwc", help="the graph's input (default: %(default)s)")
     p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None,
                    help="precision: ONNX fp32 or fp16 (default fp32); TensorRT fp16, bf16 or fp32 (default bf16)")
-    p.add_argument("--max-batch-size", type=int, default=256, help="TensorRT: largest batch of the engine's profile (default: %(default)s)")
+    p.add_argument("--max-batch-size", type=positive_int, default=256, help="TensorRT: largest batch of the engine's profile (default: %(default)s)")
     p.add_argument("--external-data", choices=("auto", "yes", "no"), default="auto",
                    help="ONNX: weights in a side file <out>.data (auto: when over 2 GB)")
     p.add_argument("--no-verify", action="store_true", help="ONNX: skip the check against torch in ONNX Runtime")
@@ -107,9 +109,14 @@ def export_engine(visual, spec, out: Path, dtype: str, input_format: str, max_ba
         onnx_path = export_onnx(visual.float(), Path(tmp) / "tower.onnx", spec, input_format=input_format)
         engine = build_engine(onnx_path, dtype, (1, max(1, max_batch_size // 2), max_batch_size))
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = out.with_name(out.name + ".tmp")
-    tmp_out.write_bytes(engine)
-    tmp_out.replace(out)  # never a half-written engine under the real name
+    fd, tmp_out = tempfile.mkstemp(dir=out.parent, prefix=out.name, suffix=".tmp")  # unique: exports may run side by side
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(engine)
+        os.replace(tmp_out, out)  # never a half-written engine under the real name
+    except BaseException:
+        Path(tmp_out).unlink(missing_ok=True)
+        raise
     return out
 
 

@@ -1,7 +1,7 @@
 """A disk cache for built TensorRT engines that never trusts a stale or damaged file.
 
-An engine is valid only for the GPU architecture, TensorRT version, weights, precision and batch
-range it was built for, so all of these form its key. Each file holds a header (the key and a
+An engine is valid only for the GPU model, TensorRT version, weights, precision and batch range it
+was built for, and the recipe that built it (flags, exporter), so all of these form its key. Each file holds a header (the key and a
 SHA-256 of the engine bytes) and the engine; a file whose header does not match the key, or whose
 bytes do not match the checksum, is rebuilt. Files are written to a temporary name and renamed into
 place, so a crash mid-write never leaves half an engine under the real name.
@@ -48,6 +48,12 @@ class EngineKey:
     batch_range: Tuple[int, int, int]  # (min, opt, max)
     compute_capability: Tuple[int, int]
     tensorrt_version: str
+    device_name: str = ""
+    """TensorRT plans are tied to the GPU model: an H100 and an H200 share compute capability 9.0."""
+    torch_version: str = ""
+    """The ONNX exporter's version: a different graph may build a different engine."""
+    recipe: int = 1
+    """Bumped whenever vlmrm_fast changes how it builds engines (flags, precision pinning)."""
 
     def as_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -81,6 +87,8 @@ class EngineCache:
         try:
             header = json.loads(blob[len(_MAGIC) : header_end])
         except ValueError:
+            return None
+        if not isinstance(header, dict):
             return None
         payload = blob[header_end + 1 :]
         if header.get("key") != json.loads(key.as_json()):

@@ -61,7 +61,9 @@ class Uint8VisionTower(torch.nn.Module):
         self.register_buffer("shift", shift_t.to(dtype).view(1, 3, 1, 1), persistent=False)
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
-        x = frames.permute(0, 3, 1, 2).to(self.scale.dtype)
+        # Cast before the transpose: TensorRT's ONNX parser takes uint8 only as a graph input or
+        # output, never as an intermediate tensor.
+        x = frames.to(self.scale.dtype).permute(0, 3, 1, 2)
         if not self.folded:
             x = x * self.scale + self.shift
         return self.visual(x)

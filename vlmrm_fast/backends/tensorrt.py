@@ -1,7 +1,8 @@
 """The "tensorrt" backend: a TensorRT engine built from the tower's ONNX export.
 
 Written against TensorRT 10's Python API (``build_serialized_network``, named I/O tensors,
-``execute_async_v3``); see README for what has been verified where. Precisions: float16, bfloat16
+``execute_async_v3``); TensorRT 11 removed the precision flags and per-layer precision this relies
+on, so other major versions are refused with a clear error. See README for what has been verified where. Precisions: float16, bfloat16
 and float32. LayerNorm layers are pinned to float32 (fp16 CLIP engines lose accuracy in them). The
 input takes the fused preprocessing op's output in the tower's dtype; the output is float32.
 Engines are cached on disk (:mod:`vlmrm_fast.backends.engine_cache`).
@@ -11,6 +12,7 @@ from __future__ import annotations
 import copy
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -22,6 +24,23 @@ from vlmrm_fast.backends.onnx_export import export_onnx
 from vlmrm_fast.ops.preprocess import PreprocessSpec
 
 _PRECISIONS = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+SUPPORTED_MAJOR = 10
+
+
+def import_tensorrt(what: str = "tensorrt"):
+    """The ``tensorrt`` module, if it is installed and of the major version this code is written for."""
+    try:
+        import tensorrt as trt
+    except ImportError:
+        raise missing_extra("tensorrt", "tensorrt", what) from None
+    major = str(getattr(trt, "__version__", "0")).split(".")[0]
+    if major != str(SUPPORTED_MAJOR):
+        raise BackendError(
+            f"{what}: vlmrm_fast builds engines with TensorRT {SUPPORTED_MAJOR}'s API, but TensorRT "
+            f"{trt.__version__} is installed; `pip install 'tensorrt>={SUPPORTED_MAJOR},<{SUPPORTED_MAJOR + 1}'` "
+            "(or the vlmrm-fast[tensorrt] extra), or use backend='compile'."
+        )
+    return trt
 
 
 class TensorRTBackend(VisionBackend):
@@ -40,10 +59,7 @@ class TensorRTBackend(VisionBackend):
         workspace_gib: float = 8.0,
     ) -> None:
         super().__init__(device, dtype, image_size)
-        try:
-            import tensorrt as trt
-        except ImportError:
-            raise missing_extra("tensorrt", "tensorrt", self.name) from None
+        trt = import_tensorrt(self.name)
         if device.type != "cuda":
             raise BackendError("backend='tensorrt' needs a CUDA device; use backend='onnxruntime' or 'torch' on CPU.")
         if dtype not in _PRECISIONS:
@@ -57,21 +73,30 @@ class TensorRTBackend(VisionBackend):
             batch_range=(1, max(1, max_batch_size // 2), max_batch_size),
             compute_capability=torch.cuda.get_device_capability(device),
             tensorrt_version=trt.__version__,
+            device_name=torch.cuda.get_device_name(device),
+            torch_version=torch.__version__,
         )
         cache = EngineCache(cache_dir)
         start = time.perf_counter()
-        runtime = trt.Runtime(self._logger)
-        payload = cache.load(key)
-        engine = runtime.deserialize_cuda_engine(payload) if payload is not None else None
-        if engine is None:  # absent, stale, damaged, or refused by this TensorRT: build afresh
-            payload = self._build(visual, spec, key, workspace_gib)
-            cache.store(key, payload)
-            engine = runtime.deserialize_cuda_engine(payload)
-            if engine is None:
-                raise BackendError("TensorRT built an engine it cannot deserialize; see the TensorRT log above.")
+        # TensorRT builds and deserializes on the current CUDA device, which need not be ``device``.
+        with torch.cuda.device(device):
+            runtime = trt.Runtime(self._logger)
+            payload = cache.load(key)
+            engine = runtime.deserialize_cuda_engine(payload) if payload is not None else None
+            if engine is None:  # absent, stale, damaged, or refused by this TensorRT: build afresh
+                payload = self._build(visual, spec, key, workspace_gib)
+                try:
+                    cache.store(key, payload)
+                except OSError as error:  # a read-only cache must not throw away a built engine
+                    warnings.warn(f"TensorRT engine not cached ({error}); it is rebuilt next time.", stacklevel=2)
+                engine = runtime.deserialize_cuda_engine(payload)
+                if engine is None:
+                    raise BackendError("TensorRT built an engine it cannot deserialize; see the TensorRT log above.")
+            self.context = engine.create_execution_context()
+            # enqueueV3 on the legacy default stream makes TensorRT synchronise around each call.
+            self._stream = torch.cuda.Stream(device)
         self._max_batch = key.batch_range[2]
         self.engine = engine
-        self.context = engine.create_execution_context()
         self.embed_dim = int(engine.get_tensor_shape("embeddings")[1])
         self.engine_path = cache.path(key)
         self.build_seconds = time.perf_counter() - start
@@ -84,15 +109,33 @@ class TensorRTBackend(VisionBackend):
                                 logger=self._logger)
 
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        if pixels.dtype != self.dtype or pixels.device != self.device:
+            raise ValueError(f"the TensorRT engine takes {self.dtype} pixels on {self.device}; got {pixels.dtype} on {pixels.device}.")
+        out = torch.empty((pixels.shape[0], self.embed_dim), dtype=torch.float32, device=self.device)
+        if pixels.shape[0] == 0:  # the profile starts at batch 1
+            return out
         largest = self._max_batch
         if pixels.shape[0] > largest:  # the engine's profile ends there
-            return torch.cat([self(pixels[i : i + largest]) for i in range(0, pixels.shape[0], largest)])
+            for i in range(0, pixels.shape[0], largest):
+                out[i : i + largest] = self(pixels[i : i + largest])
+            return out
         pixels = pixels.contiguous()
-        out = torch.empty((pixels.shape[0], self.embed_dim), dtype=torch.float32, device=self.device)
-        self.context.set_input_shape("pixels", tuple(pixels.shape))
-        self.context.set_tensor_address("pixels", pixels.data_ptr())
-        self.context.set_tensor_address("embeddings", out.data_ptr())
-        if not self.context.execute_async_v3(torch.cuda.current_stream(self.device).cuda_stream):
+        context = self.context
+        if not context.set_input_shape("pixels", tuple(pixels.shape)):
+            raise RuntimeError(f"TensorRT refused input shape {tuple(pixels.shape)}; see the TensorRT log above.")
+        if not (context.set_tensor_address("pixels", pixels.data_ptr())
+                and context.set_tensor_address("embeddings", out.data_ptr())):
+            raise RuntimeError("TensorRT refused a tensor address; see the TensorRT log above.")
+        current = torch.cuda.current_stream(self.device)
+        self._stream.wait_stream(current)  # pixels are written on the caller's stream
+        with torch.cuda.device(self.device):
+            ok = context.execute_async_v3(self._stream.cuda_stream)
+        # The caller's stream waits for the engine; the caching allocator must not reuse these
+        # buffers before the engine's stream is done with them.
+        current.wait_stream(self._stream)
+        pixels.record_stream(self._stream)
+        out.record_stream(self._stream)
+        if not ok:
             raise RuntimeError("TensorRT execution failed; see the TensorRT log above.")
         return out
 
@@ -111,10 +154,7 @@ def build_engine(
     float input ("pixels") takes that precision; a uint8 input ("frames") stays uint8. The output
     is float32. ``batch_range`` is the optimisation profile's (min, opt, max) batch size.
     """
-    try:
-        import tensorrt as trt
-    except ImportError:
-        raise missing_extra("tensorrt", "tensorrt", "tensorrt") from None
+    trt = import_tensorrt()
     logger = logger or trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
