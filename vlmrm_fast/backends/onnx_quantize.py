@@ -24,8 +24,10 @@ measured per run by the profiler's reward-error column.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 from pathlib import Path
-from typing import List, Union
+from typing import Iterator, List, Union
 
 from vlmrm_fast.backends.base import missing_extra
 
@@ -43,6 +45,29 @@ def weight_matmuls(model) -> List[str]:
         if node.op_type == "MatMul" and any(name in constants for name in node.input[:2])
         and not outputs.intersection(node.output)
     ]
+
+
+class _DropOnnxRuntimeRecords(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "onnxruntime" not in record.pathname
+
+
+@contextlib.contextmanager
+def _quantizer_advice_silenced() -> Iterator[None]:
+    # The quantiser logs generic advice ("consider pre-processing") through the root logger, and
+    # configures an unconfigured root logger to print it. Neither is ours to change for the caller.
+    root = logging.getLogger()
+    guard = logging.NullHandler() if not root.handlers else None
+    drop = _DropOnnxRuntimeRecords()
+    if guard is not None:
+        root.addHandler(guard)
+    root.addFilter(drop)
+    try:
+        yield
+    finally:
+        root.removeFilter(drop)
+        if guard is not None:
+            root.removeHandler(guard)
 
 
 def quantize_int8(source: Union[str, Path], target: Union[str, Path]) -> Path:
@@ -63,8 +88,9 @@ def quantize_int8(source: Union[str, Path], target: Union[str, Path]) -> Path:
     if not nodes:
         raise ValueError(f"{source} has no MatMul with a weight input: nothing for int8 quantisation to speed up.")
     # Node names must be unique for nodes_to_quantize to mean what it says; the exporters make them so.
-    quantize_dynamic(
-        str(source), str(target), weight_type=QuantType.QInt8, per_channel=True, reduce_range=True,
-        nodes_to_quantize=nodes, use_external_data_format=external,
-    )
+    with _quantizer_advice_silenced():
+        quantize_dynamic(
+            str(source), str(target), weight_type=QuantType.QInt8, per_channel=True, reduce_range=True,
+            nodes_to_quantize=nodes, use_external_data_format=external,
+        )
     return target
