@@ -170,3 +170,15 @@ def test_folding_is_exact_in_float64():
     pixels = (frames.permute(0, 3, 1, 2).double() / 255 - torch.tensor(spec.mean, dtype=torch.float64).view(1, 3, 1, 1)) / torch.tensor(spec.std, dtype=torch.float64).view(1, 3, 1, 1)
     with torch.no_grad():
         assert (tower(frames) - visual(pixels)).abs().max().item() < 1e-12
+
+
+def test_cuda_device_gets_an_index(monkeypatch):
+    # Tensors report cuda:0, which is not equal to torch.device("cuda"): backends that check where
+    # their inputs live need the index.
+    from vlmrm_fast.reward import _resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert _resolve_device("cuda") == torch.device("cuda", 1)
+    assert _resolve_device(None) == torch.device("cuda", 1)
+    assert _resolve_device("cuda:0") == torch.device("cuda", 0)

@@ -2,13 +2,14 @@
 
 Tolerance, argued as for bf16/fp16 (at most twice PyTorch's own error at that precision against the
 float64 reference): PyTorch's own int8 is ``torch.ao.quantization.quantize_dynamic`` over the tower's
-``nn.Linear`` layers (int8 weights, activations quantised per call, fbgemm). On the same frames, our
+``nn.Linear`` layers (int8 weights, activations quantised per call, fbgemm); that reaches only the
+MLP layers (attention keeps its projections as raw parameters), while ours also quantises the
+attention input projections, so the comparison is stricter on us than on PyTorch. On the same frames, our
 rewards may be off the float64 reference by at most twice as much as PyTorch's int8 rewards are.
 Measured here (random weights, the frames below): ViT-B-32 6.7e-5 against PyTorch's 5.1e-4; the tiny
 model 1.05e-3 against 1.08e-3. Without per-channel scales and 7-bit weights the errors are 2.3e-3 and
 9.3e-3, and the test fails.
-A tower left unquantised by mistake fails the graph test below, and its error (1e-7) would not pass
-for int8 in tests/test_profiler.py either.
+A tower left unquantised by mistake (error 1e-7) fails the lower bound in the reward test.
 """
 import copy
 import importlib.util
@@ -65,7 +66,8 @@ def test_int8_rewards_within_twice_pytorch_int8_error(name):
     got = rm(frames).double()
     assert torch.isfinite(got).all()
     pytorch_error = (torch_int8 - want).abs().max().item()
-    assert (got - want).abs().max().item() <= 2 * pytorch_error
+    error = (got - want).abs().max().item()
+    assert 1e-5 < error <= 2 * pytorch_error  # lossy (so int8 really ran), but no worse than PyTorch's int8
 
 
 def test_int8_graph_quantises_the_weight_matmuls_and_keeps_the_output_projection(tmp_path, caplog):

@@ -113,6 +113,9 @@ def export_engine(visual, spec, out: Path, dtype: str, input_format: str, max_ba
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(engine)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp_out, 0o666 & ~umask)  # mkstemp's file is owner-only; an exported engine is for sharing
         os.replace(tmp_out, out)  # never a half-written engine under the real name
     except BaseException:
         Path(tmp_out).unlink(missing_ok=True)

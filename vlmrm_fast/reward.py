@@ -23,11 +23,15 @@ _DTYPES = {
 
 
 def _resolve_device(device: Union[str, torch.device, None]) -> torch.device:
+    """The device, with a CUDA index always set: tensors report ``cuda:0``, which is not equal to
+    ``torch.device("cuda")``."""
     if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={str(device)!r} but CUDA is not available here; pass device='cpu'.")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     return device
 
 

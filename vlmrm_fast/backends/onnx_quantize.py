@@ -13,7 +13,7 @@ Choices, and why:
   to zero by a large one elsewhere in the matrix.
 - ``reduce_range`` (7-bit weights): on x86 CPUs without AVX512-VNNI, ONNX Runtime's u8 x s8 kernels add
   pairs of products in int16 (``vpmaddubsw``), which can saturate with 8-bit weights; 7-bit weights
-  cannot. The same numerics on every x86 CPU is worth the half-bit.
+  cannot. The same numerics on every x86 CPU is worth the bit.
 - The output projection (the last matmul, whose output is the embedding) stays float32: it is a small
   share of the FLOPs and its error goes straight into the reward.
 
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from pathlib import Path
 from typing import Iterator, List, Union
 
@@ -41,23 +42,29 @@ def weight_matmuls(model) -> List[str]:
     outputs = {out.name for out in model.graph.output}
     return [
         node.name for node in model.graph.node
-        if node.op_type == "MatMul" and any(name in constants for name in node.input[:2])
+        if node.op_type == "MatMul" and node.input[1] in constants  # the quantiser takes input 1 as the weight
         and not outputs.intersection(node.output)
     ]
 
 
-class _DropOnnxRuntimeRecords(logging.Filter):
+class _DropRecordsFrom(logging.Filter):
+    def __init__(self, folder: str) -> None:
+        super().__init__()
+        self.folder = os.path.join(os.path.abspath(folder), "")
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return "onnxruntime" not in record.pathname
+        return not os.path.abspath(record.pathname).startswith(self.folder)
 
 
 @contextlib.contextmanager
 def _quantizer_advice_silenced() -> Iterator[None]:
     # The quantiser logs generic advice ("consider pre-processing") through the root logger, and
     # configures an unconfigured root logger to print it. Neither is ours to change for the caller.
+    import onnxruntime.quantization
+
     root = logging.getLogger()
     guard = logging.NullHandler() if not root.handlers else None
-    drop = _DropOnnxRuntimeRecords()
+    drop = _DropRecordsFrom(os.path.dirname(onnxruntime.quantization.__file__))
     if guard is not None:
         root.addHandler(guard)
     root.addFilter(drop)

@@ -5,7 +5,7 @@ see benchmarks/results/). On CUDA it needs the onnxruntime-gpu build and runs fl
 with the inputs and outputs bound to torch's device memory (no host copies).
 
 ``quantize="int8"`` (CPU only, opt-in, never picked by "auto") runs the tower with int8 weight matmuls
-(:mod:`vlmrm_fast.backends.onnx_quantize`): 1.5-1.6x the float32 tower on an AVX2 CPU, at a reward
+(:mod:`vlmrm_fast.backends.onnx_quantize`): about 1.5-1.6x the float32 tower on an AVX2 CPU, at a reward
 error that the profiler reports per run; check it on your checkpoint before training on it.
 """
 from __future__ import annotations
@@ -46,7 +46,8 @@ class OnnxRuntimeBackend(VisionBackend):
         if quantize is not None and (device.type != "cpu" or dtype != torch.float32):
             raise BackendError(
                 f"quantize={quantize!r} runs on CPU with dtype=torch.float32 (float activations around int8 "
-                f"matmuls), not {device.type} {dtype}; on CUDA use dtype=torch.bfloat16 instead."
+                f"matmuls), not {device.type} {dtype}. Drop quantize; on CUDA use backend='torch' or 'tensorrt' "
+                "with dtype=torch.bfloat16, or backend='onnxruntime' with dtype=torch.float16."
             )
         self.quantize = quantize
         try:

@@ -58,10 +58,12 @@ class TensorRTBackend(VisionBackend):
         cache_dir: Optional[str] = None,
         workspace_gib: float = 8.0,
     ) -> None:
-        super().__init__(device, dtype, image_size)
         trt = import_tensorrt(self.name)
         if device.type != "cuda":
             raise BackendError("backend='tensorrt' needs a CUDA device; use backend='onnxruntime' or 'torch' on CPU.")
+        if device.index is None:  # inputs report cuda:0, which is not equal to torch.device("cuda")
+            device = torch.device("cuda", torch.cuda.current_device())
+        super().__init__(device, dtype, image_size)
         if dtype not in _PRECISIONS:
             raise BackendError(f"backend='tensorrt' supports {sorted(_PRECISIONS.values())}, not {dtype}.")
         self._logger = trt.Logger(trt.Logger.WARNING)
@@ -172,6 +174,8 @@ def build_engine(
         )
     if precision in flags:
         config.set_flag(flags[precision])
+    else:  # TensorRT runs "fp32" matmuls in TF32 unless told otherwise
+        config.clear_flag(trt.BuilderFlag.TF32)
     config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
     for i in range(network.num_layers):
         layer = network.get_layer(i)

@@ -32,6 +32,7 @@ run cut short keeps what it measured.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import datetime
 import gc
@@ -44,7 +45,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 import open_clip
 import torch
@@ -232,6 +233,18 @@ def backend_unavailable(backend: str, device: torch.device) -> Optional[str]:
 # --------------------------------------------------------------------------- the run
 
 
+@contextlib.contextmanager
+def _full_float32() -> Iterator[None]:
+    """No TF32 in cuDNN convolutions (on by default) or cuBLAS matmuls while the reference runs."""
+    matmul = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, allow_tf32=False):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul
+
+
 @dataclass
 class Frames:
     """Random uint8 frames for the largest batch, sliced for smaller ones.
@@ -329,7 +342,7 @@ class Profiler:
                 copy.deepcopy(base), tokenizer, goal=GOAL, baseline=BASELINE, alpha=ALPHA, device=self.device,
                 dtype=torch.float32, backend="torch", kernels="torch", model_name=name,
             )
-            with torch.inference_mode():
+            with torch.inference_mode(), _full_float32():
                 rewards = rm(self.frames.device[:REWARD_CHECK_FRAMES])
         except Exception as error:
             self.fail(f"{name} float32 reference rewards (no reward errors)", error)
