@@ -7,7 +7,6 @@ NCHW float input instead. The batch axis is dynamic; ONNX weights over 2 GB go t
 from __future__ import annotations
 
 import argparse
-import os
 import tempfile
 import time
 import warnings
@@ -18,6 +17,7 @@ import numpy as np
 import torch
 
 from vlmrm_fast.argtypes import positive_int
+from vlmrm_fast.atomic import write_atomically
 from vlmrm_fast.backends.onnx_export import INPUT_FORMATS, export_onnx
 from vlmrm_fast.models import create_clip, preprocess_spec_of
 from vlmrm_fast.ops.preprocess import preprocess
@@ -108,19 +108,7 @@ def export_engine(visual, spec, out: Path, dtype: str, input_format: str, max_ba
     with tempfile.TemporaryDirectory(prefix="vlmrm_fast_export_") as tmp:
         onnx_path = export_onnx(visual.float(), Path(tmp) / "tower.onnx", spec, input_format=input_format)
         engine = build_engine(onnx_path, dtype, (1, max(1, max_batch_size // 2), max_batch_size))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_out = tempfile.mkstemp(dir=out.parent, prefix=out.name, suffix=".tmp")  # unique: exports may run side by side
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(engine)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp_out, 0o666 & ~umask)  # mkstemp's file is owner-only; an exported engine is for sharing
-        os.replace(tmp_out, out)  # never a half-written engine under the real name
-    except BaseException:
-        Path(tmp_out).unlink(missing_ok=True)
-        raise
-    return out
+    return write_atomically(out, engine)  # never a half-written engine under the real name
 
 
 def _size(path: Path) -> str:

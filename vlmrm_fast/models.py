@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-import logging
 import os
 import socket
 import warnings
@@ -21,6 +20,7 @@ import open_clip
 import torch
 
 from vlmrm_fast.ops.preprocess import PreprocessSpec, mean_std_of
+from vlmrm_fast.quiet_logging import root_records_dropped
 
 TINY_MODEL = "vlmrm-tiny"
 """A tiny random-init CLIP (2 layers per tower, width 64, 224 px input) for tests and offline demos."""
@@ -70,25 +70,10 @@ def _hub_offline() -> Iterator[None]:
         constants.HF_HUB_OFFLINE = previous
 
 
-class _DropOpenClipRecords(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "open_clip" not in record.pathname
-
-
-@contextlib.contextmanager
-def _quiet_open_clip_logs() -> Iterator[None]:
+def _quiet_open_clip_logs():
     """Keep open_clip's root-logger lines ("No pretrained weights loaded", "Failed to download")
-    out of the user's output: our warnings and errors say the same with the fix. A NullHandler
-    also stops ``logging.warning`` from configuring the root logger as a side effect."""
-    root = logging.getLogger()
-    guard, drop = logging.NullHandler(), _DropOpenClipRecords()
-    root.addHandler(guard)
-    root.addFilter(drop)
-    try:
-        yield
-    finally:
-        root.removeFilter(drop)
-        root.removeHandler(guard)
+    out of the user's output: our warnings and errors say the same with the fix."""
+    return root_records_dropped(os.path.dirname(open_clip.__file__))
 
 
 def _check_model_name(model_name: str) -> None:

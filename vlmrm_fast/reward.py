@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from vlmrm_fast.backends import VisionBackend, build_backend, resolve_backend
+from vlmrm_fast.backends.base import with_cuda_index
 from vlmrm_fast.frames import FrameInput, as_frame_batch
 from vlmrm_fast.models import create_clip, image_size_of, preprocess_spec_of
 from vlmrm_fast.ops._triton import resolve_kernels
@@ -23,16 +24,13 @@ _DTYPES = {
 
 
 def _resolve_device(device: Union[str, torch.device, None]) -> torch.device:
-    """The device, with a CUDA index always set: tensors report ``cuda:0``, which is not equal to
-    ``torch.device("cuda")``."""
+    """The device, with a CUDA index always set (:func:`with_cuda_index`)."""
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={str(device)!r} but CUDA is not available here; pass device='cpu'.")
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    return device
+    return with_cuda_index(device)
 
 
 def _resolve_dtype(dtype: Union[str, torch.dtype, None], device: torch.device) -> torch.dtype:

@@ -11,6 +11,15 @@ class BackendError(ValueError):
     """A backend cannot run here (missing extra, device or precision it does not support)."""
 
 
+def with_cuda_index(device: torch.device) -> torch.device:
+    """``device`` with a CUDA index always set (the current device's when none is given): tensors
+    report ``cuda:0``, which is not equal to ``torch.device("cuda")``. Without CUDA it is returned
+    as is, for the caller's own error."""
+    if device.type == "cuda" and device.index is None and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def missing_extra(package: str, extra: str, backend: str) -> BackendError:
     return BackendError(
         f"backend={backend!r} needs the `{package}` package, which is not installed. "
@@ -30,7 +39,7 @@ class VisionBackend(abc.ABC):
     name: str = ""
 
     def __init__(self, device: torch.device, dtype: torch.dtype, image_size: Tuple[int, int]) -> None:
-        self.device = device
+        self.device = with_cuda_index(device)
         self.dtype = dtype
         self.image_size = image_size
         self.build_seconds = 0.0

@@ -12,11 +12,12 @@ import dataclasses
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Optional, Tuple, Union
 
 import torch
+
+from vlmrm_fast.atomic import write_atomically
 
 _MAGIC = b"VLMRMTRT1\n"
 
@@ -98,18 +99,6 @@ class EngineCache:
         return payload
 
     def store(self, key: EngineKey, payload: bytes) -> Path:
-        """Write atomically: a temporary file in the same folder, fsynced, then renamed."""
-        self.directory.mkdir(parents=True, exist_ok=True)
+        """Write atomically (:func:`vlmrm_fast.atomic.write_atomically`)."""
         header = json.dumps({"key": json.loads(key.as_json()), "sha256": hashlib.sha256(payload).hexdigest()})
-        path = self.path(key)
-        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=path.name, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(_MAGIC + header.encode() + b"\n" + payload)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return write_atomically(self.path(key), _MAGIC + header.encode() + b"\n" + payload)

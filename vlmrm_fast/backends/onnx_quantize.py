@@ -24,13 +24,12 @@ measured per run by the profiler's reward-error column.
 """
 from __future__ import annotations
 
-import contextlib
-import logging
 import os
 from pathlib import Path
-from typing import Iterator, List, Union
+from typing import List, Union
 
 from vlmrm_fast.backends.base import missing_extra
+from vlmrm_fast.quiet_logging import root_records_dropped
 
 QUANTIZE_CHOICES = ("int8",)
 
@@ -47,35 +46,6 @@ def weight_matmuls(model) -> List[str]:
     ]
 
 
-class _DropRecordsFrom(logging.Filter):
-    def __init__(self, folder: str) -> None:
-        super().__init__()
-        self.folder = os.path.join(os.path.abspath(folder), "")
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not os.path.abspath(record.pathname).startswith(self.folder)
-
-
-@contextlib.contextmanager
-def _quantizer_advice_silenced() -> Iterator[None]:
-    # The quantiser logs generic advice ("consider pre-processing") through the root logger, and
-    # configures an unconfigured root logger to print it. Neither is ours to change for the caller.
-    import onnxruntime.quantization
-
-    root = logging.getLogger()
-    guard = logging.NullHandler() if not root.handlers else None
-    drop = _DropRecordsFrom(os.path.dirname(onnxruntime.quantization.__file__))
-    if guard is not None:
-        root.addHandler(guard)
-    root.addFilter(drop)
-    try:
-        yield
-    finally:
-        root.removeFilter(drop)
-        if guard is not None:
-            root.removeHandler(guard)
-
-
 def quantize_int8(source: Union[str, Path], target: Union[str, Path]) -> Path:
     """Write an int8 dynamically quantised copy of the ONNX graph ``source`` to ``target``.
 
@@ -85,6 +55,7 @@ def quantize_int8(source: Union[str, Path], target: Union[str, Path]) -> Path:
     """
     try:
         import onnx
+        import onnxruntime.quantization
         from onnxruntime.quantization import QuantType, quantize_dynamic
     except ImportError:
         raise missing_extra("onnxruntime", "export", "onnxruntime") from None
@@ -94,7 +65,8 @@ def quantize_int8(source: Union[str, Path], target: Union[str, Path]) -> Path:
     if not nodes:
         raise ValueError(f"{source} has no MatMul with a weight input: nothing for int8 quantisation to speed up.")
     # Node names must be unique for nodes_to_quantize to mean what it says; the exporters make them so.
-    with _quantizer_advice_silenced():
+    # The quantiser logs generic advice ("consider pre-processing") through the root logger.
+    with root_records_dropped(os.path.dirname(onnxruntime.quantization.__file__)):
         quantize_dynamic(
             str(source), str(target), weight_type=QuantType.QInt8, per_channel=True, reduce_range=True,
             nodes_to_quantize=nodes, use_external_data_format=external,

@@ -58,12 +58,11 @@ class TensorRTBackend(VisionBackend):
         cache_dir: Optional[str] = None,
         workspace_gib: float = 8.0,
     ) -> None:
+        super().__init__(device, dtype, image_size)
         trt = import_tensorrt(self.name)
         if device.type != "cuda":
             raise BackendError("backend='tensorrt' needs a CUDA device; use backend='onnxruntime' or 'torch' on CPU.")
-        if device.index is None:  # inputs report cuda:0, which is not equal to torch.device("cuda")
-            device = torch.device("cuda", torch.cuda.current_device())
-        super().__init__(device, dtype, image_size)
+        device = self.device
         if dtype not in _PRECISIONS:
             raise BackendError(f"backend='tensorrt' supports {sorted(_PRECISIONS.values())}, not {dtype}.")
         self._logger = trt.Logger(trt.Logger.WARNING)

@@ -334,14 +334,16 @@ class Profiler:
         del base, seed
         self._free()
 
+    def _reward_model(self, base: torch.nn.Module, tokenizer: Callable, name: str, **options: Any) -> CLIPReward:
+        """A CLIPReward over a copy of ``base`` with the run's task, on the run's device."""
+        return CLIPReward(copy.deepcopy(base), tokenizer, goal=GOAL, baseline=BASELINE, alpha=ALPHA,
+                          device=self.device, model_name=name, **options)
+
     def _reference_rewards(self, name: str, base: torch.nn.Module, tokenizer: Callable) -> Optional[torch.Tensor]:
         """Rewards [k] of the first ``REWARD_CHECK_FRAMES`` frames through the float32 eager path
         (torch backend and ops), against which every configuration's ``reward_error`` is taken."""
         try:
-            rm = CLIPReward(
-                copy.deepcopy(base), tokenizer, goal=GOAL, baseline=BASELINE, alpha=ALPHA, device=self.device,
-                dtype=torch.float32, backend="torch", kernels="torch", model_name=name,
-            )
+            rm = self._reward_model(base, tokenizer, name, dtype=torch.float32, backend="torch", kernels="torch")
             with torch.inference_mode(), _full_float32():
                 rewards = rm(self.frames.device[:REWARD_CHECK_FRAMES])
         except Exception as error:
@@ -412,10 +414,9 @@ class Profiler:
         self.bar.set_description(f"{what}: building")
         start = time.perf_counter()
         try:
-            rm = CLIPReward(
-                copy.deepcopy(base), tokenizer, goal=GOAL, baseline=BASELINE, alpha=ALPHA, device=self.device,
-                dtype=QUANTIZED[dtype][1] if dtype in QUANTIZED else DTYPES[dtype], backend=backend,
-                max_batch_size=max(batches), model_name=name, backend_options=options,
+            rm = self._reward_model(
+                base, tokenizer, name, dtype=QUANTIZED[dtype][1] if dtype in QUANTIZED else DTYPES[dtype],
+                backend=backend, max_batch_size=max(batches), backend_options=options,
             )
             warmup = getattr(rm.vision_backend, "warmup", None)
             if callable(warmup):  # compile now, so that compilation is measured apart, not timed

@@ -31,6 +31,8 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from vlmrm_fast.atomic import write_atomically
+
 FORMAT = 1
 FILES = ("model.zip", "replay_buffer.pkl", "state.pt", "config.json")
 PREFIX = "step_"
@@ -248,12 +250,7 @@ def _write_files(folder: Path, model, config_json: str, extra: dict) -> None:
 
 
 def _write_latest(root: Path, name: str) -> None:
-    tmp = root / f".latest-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    with open(tmp, "w") as f:
-        f.write(name + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, root / "latest")
+    write_atomically(root / "latest", (name + "\n").encode())
     _fsync_dir(root)
 
 
@@ -265,7 +262,7 @@ def _prune(root: Path, keep: int, protect: str) -> None:
 
 
 def clean_stale(run_dir: os.PathLike) -> None:
-    """Remove the leftovers of interrupted writes (``.tmp-*``, ``.old-*``, ``.latest-*``).
+    """Remove the leftovers of interrupted writes (``.tmp-*``, ``.old-*``, ``.latest*``).
 
     An ``.old-<name>-*`` whose ``<name>`` is missing is a complete checkpoint caught between the two
     renames of a same-step overwrite: it is put back, not deleted.
@@ -279,7 +276,7 @@ def clean_stale(run_dir: os.PathLike) -> None:
             if not original.exists() and is_complete(path):
                 os.rename(path, original)
                 continue
-        if path.name.startswith((".tmp-", ".old-", ".latest-")):
+        if path.name.startswith((".tmp-", ".old-", ".latest")):
             if path.is_dir():
                 shutil.rmtree(path, ignore_errors=True)
             else:

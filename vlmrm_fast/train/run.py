@@ -29,6 +29,7 @@ os.environ.setdefault("PYOPENGL_PLATFORM", "egl")
 
 import numpy as np  # noqa: E402
 
+from vlmrm_fast.atomic import write_atomically  # noqa: E402
 from vlmrm_fast.train import checkpoint as ckpt  # noqa: E402
 from vlmrm_fast.train.config import (  # noqa: E402
     PRESETS,
@@ -208,7 +209,7 @@ def train(config: TrainConfig, *, resume: Optional[os.PathLike] = None, reward_m
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt.clean_stale(run_dir)
     config_json = config.to_json()
-    _atomic_write(run_dir / "config.json", config_json)
+    write_atomically(run_dir / "config.json", config_json.encode())
 
     # 1. frames: check the env renders RGB before loading a large model.
     size = (config.render_height, config.render_width)
@@ -330,12 +331,6 @@ def _load_checkpoint(path: Path, env, config: TrainConfig):
     if model.num_timesteps != meta["step"]:
         raise ValueError(f"checkpoint '{path}' is inconsistent (model at step {model.num_timesteps}, meta {meta['step']})")
     return model, state["extra"]
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------- command line

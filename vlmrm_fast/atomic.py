@@ -1,0 +1,29 @@
+"""Writing a file so that a crash never leaves a half-written one under its real name."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Union
+
+
+def write_atomically(path: Union[str, Path], data: bytes) -> Path:
+    """Write ``data`` to ``path``: a unique temporary file in the same folder, fsynced, given the
+    permissions a plain ``open`` would (umask), then renamed into place. Writers running side by
+    side each use their own temporary file; on any error it is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's file is owner-only
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

@@ -1,0 +1,32 @@
+"""Keeping a dependency's root-logger lines out of the user's output."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from typing import Iterator
+
+
+class _DropRecordsFrom(logging.Filter):
+    def __init__(self, folder: str) -> None:
+        super().__init__()
+        self.folder = os.path.join(os.path.abspath(folder), "")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not os.path.abspath(record.pathname).startswith(self.folder)
+
+
+@contextlib.contextmanager
+def root_records_dropped(folder: str) -> Iterator[None]:
+    """While inside, drop root-logger records logged from files under ``folder`` (a package's
+    directory). A NullHandler also stops ``logging.warning`` from configuring an unconfigured root
+    logger as a side effect; both are removed on the way out."""
+    root = logging.getLogger()
+    guard, drop = logging.NullHandler(), _DropRecordsFrom(folder)
+    root.addHandler(guard)
+    root.addFilter(drop)
+    try:
+        yield
+    finally:
+        root.removeFilter(drop)
+        root.removeHandler(guard)
