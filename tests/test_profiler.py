@@ -211,3 +211,7 @@ def test_targets_take_the_best_configuration():
     gpu_rows = [_row("ViT-B-32", "compile", 60_000.0, 20_000.0, "bf16"), _row("ViT-B-32", "torch", 70_000.0, 20_000.0)]
     [gpu] = check_targets(gpu_rows, torch.device("cuda"))
     assert gpu["met"] and gpu["measured"] == 60_000.0  # only bf16 rows count on the GPU
+    # fp8 rows get their own GPU lines, so that bf16's result stands on its own.
+    bf16, fp8 = check_targets(gpu_rows + [_row("ViT-B-32", "tensorrt", 40_000.0, 20_000.0, "fp8")], torch.device("cuda"))
+    assert "(bf16)" in bf16["kind"] and bf16["measured"] == 60_000.0 and bf16["met"]
+    assert "(fp8)" in fp8["kind"] and fp8["measured"] == 40_000.0 and not fp8["met"]

@@ -1,7 +1,7 @@
 """A disk cache for built TensorRT engines that never trusts a stale or damaged file.
 
 An engine is valid only for the GPU model, TensorRT version, weights, precision and batch range it
-was built for, and the recipe that built it (flags, exporter), so all of these form its key. Each file holds a header (the key and a
+was built for, the recipe that built it (flags, exporter) and, for fp8, its calibration frames, so all of these form its key. Each file holds a header (the key and a
 SHA-256 of the engine bytes) and the engine; a file whose header does not match the key, or whose
 bytes do not match the checksum, is rebuilt. Files are written to a temporary name and renamed into
 place, so a crash mid-write never leaves half an engine under the real name.
@@ -55,6 +55,8 @@ class EngineKey:
     """The ONNX exporter's version: a different graph may build a different engine."""
     recipe: int = 1
     """Bumped whenever vlmrm_fast changes how it builds engines (flags, precision pinning)."""
+    calibration: str = ""
+    """For fp8 engines, a digest of the calibration frames: they set the activation scales."""
 
     def as_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)

@@ -6,25 +6,38 @@ on, so other major versions are refused with a clear error. See README for what 
 and float32. LayerNorm layers are pinned to float32 (fp16 CLIP engines lose accuracy in them). The
 input takes the fused preprocessing op's output in the tower's dtype; the output is float32.
 Engines are cached on disk (:mod:`vlmrm_fast.backends.engine_cache`).
+
+``quantize="fp8"`` (opt-in, GPUs of compute capability 8.9 or later, TensorRT 10.6 or later for
+per-channel fp8 weights): the transformer's weight matmuls run in fp8 E4M3, with activation scales
+calibrated on ``calibration_frames`` you pass (:mod:`vlmrm_fast.backends.onnx_fp8`), and the rest in
+the tower's dtype (bf16 or fp16), LayerNorm in float32. TensorRT builds it as a strongly typed network
+from a graph that carries those types (:mod:`vlmrm_fast.backends.onnx_half`).
 """
 from __future__ import annotations
 
 import copy
+import hashlib
 import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Tuple
 
+import numpy as np
 import torch
 
 from vlmrm_fast.backends.base import BackendError, VisionBackend, missing_extra
 from vlmrm_fast.backends.engine_cache import EngineCache, EngineKey, weights_digest
 from vlmrm_fast.backends.onnx_export import export_onnx
-from vlmrm_fast.ops.preprocess import PreprocessSpec
+from vlmrm_fast.ops.preprocess import PreprocessSpec, preprocess
 
 _PRECISIONS = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 SUPPORTED_MAJOR = 10
+FP8_MIN_VERSION = (10, 6)
+"""Per-channel fp8 weight scales for matmuls arrived in TensorRT 10.6."""
+FP8_MIN_CAPABILITY = (8, 9)
+"""fp8 tensor cores: Ada (8.9) and Hopper (9.0) onwards."""
+QUANTIZE_CHOICES = ("fp8",)
 
 
 def import_tensorrt(what: str = "tensorrt"):
@@ -57,19 +70,30 @@ class TensorRTBackend(VisionBackend):
         model_name: str = "model",
         cache_dir: Optional[str] = None,
         workspace_gib: float = 8.0,
+        quantize: Optional[str] = None,
+        calibration_frames=None,
     ) -> None:
         super().__init__(device, dtype, image_size)
+        if dtype not in _PRECISIONS:
+            raise BackendError(f"backend='tensorrt' supports {sorted(_PRECISIONS.values())}, not {dtype}.")
+        self.quantize = quantize
+        self._calibration = _check_quantize(quantize, dtype, calibration_frames)
         trt = import_tensorrt(self.name)
         if device.type != "cuda":
             raise BackendError("backend='tensorrt' needs a CUDA device; use backend='onnxruntime' or 'torch' on CPU.")
         device = self.device
-        if dtype not in _PRECISIONS:
-            raise BackendError(f"backend='tensorrt' supports {sorted(_PRECISIONS.values())}, not {dtype}.")
+        precision = _PRECISIONS[dtype]
+        calibration = ""
+        if quantize == "fp8":
+            _check_fp8_support(trt, device)
+            precision = f"fp8-{precision}"
+            calibration = _frames_digest(self._calibration)
         self._logger = trt.Logger(trt.Logger.WARNING)
         key = EngineKey(
             model=model_name,
             weights=weights_digest(visual),
-            precision=_PRECISIONS[dtype],
+            precision=precision,
+            calibration=calibration,
             image_size=tuple(image_size),
             batch_range=(1, max(1, max_batch_size // 2), max_batch_size),
             compute_capability=torch.cuda.get_device_capability(device),
@@ -106,6 +130,13 @@ class TensorRTBackend(VisionBackend):
         with tempfile.TemporaryDirectory(prefix="vlmrm_fast_trt_") as tmp:
             fp32_copy = copy.deepcopy(visual).float()  # TensorRT lowers precision itself, per the flags
             onnx_path = export_onnx(fp32_copy, Path(tmp) / "tower.onnx", spec, input_format="pixels")
+            del fp32_copy
+            if self.quantize == "fp8":
+                from vlmrm_fast.backends.onnx_fp8 import fp8_tower_graph, ort_providers
+
+                pixels = _calibration_pixels(self._calibration, spec)
+                onnx_path = fp8_tower_graph(onnx_path, pixels, key.precision.split("-")[1], ort_providers())
+            self._calibration = None  # only needed to build
             return build_engine(onnx_path, key.precision, key.batch_range, workspace_gib=workspace_gib,
                                 logger=self._logger)
 
@@ -141,6 +172,67 @@ class TensorRTBackend(VisionBackend):
         return out
 
 
+def _check_quantize(quantize: Optional[str], dtype: torch.dtype, calibration_frames) -> Optional[torch.Tensor]:
+    """Validate the quantisation options (before anything needs TensorRT or a GPU); the calibration
+    frames as a uint8 CPU tensor [N, H, W, 3], or None."""
+    if quantize is None:
+        if calibration_frames is not None:
+            raise BackendError("calibration_frames are for quantize='fp8'; pass both, or neither.")
+        return None
+    if quantize not in QUANTIZE_CHOICES:
+        raise BackendError(f"backend_options quantize={quantize!r} is not one of {QUANTIZE_CHOICES} (or None).")
+    if dtype not in (torch.bfloat16, torch.float16):
+        raise BackendError(
+            f"quantize='fp8' runs the layers left out of fp8 (attention, LayerNorm, GELU) in the tower's dtype, "
+            f"which must be torch.bfloat16 or torch.float16, not {dtype}."
+        )
+    if calibration_frames is None:
+        raise BackendError(
+            "quantize='fp8' needs calibration frames to set its activation scales: backend_options="
+            "{'quantize': 'fp8', 'calibration_frames': frames}, uint8 [N, H, W, 3], a few hundred frames like "
+            "the ones you will score (e.g. renders of a random policy)."
+        )
+    frames = torch.as_tensor(np.asarray(calibration_frames) if not torch.is_tensor(calibration_frames) else calibration_frames)
+    if frames.dtype != torch.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] == 0:
+        raise BackendError(
+            f"calibration_frames must be uint8 [N, H, W, 3] with N >= 1 (RGB frames as rendered); "
+            f"got {frames.dtype} {tuple(frames.shape)}."
+        )
+    return frames.detach().cpu().contiguous()
+
+
+def _frames_digest(frames: torch.Tensor) -> str:
+    """SHA-256 of the calibration frames: an engine is only valid for the scales they produce."""
+    digest = hashlib.sha256(str(tuple(frames.shape)).encode())
+    digest.update(frames.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _calibration_pixels(frames: torch.Tensor, spec: PreprocessSpec) -> torch.Tensor:
+    """The calibration frames through the reference preprocessing, float32 [N, 3, S, S] on the CPU."""
+    return torch.cat([preprocess(frames[i : i + 64], spec, torch.float32, impl="torch")
+                      for i in range(0, frames.shape[0], 64)])
+
+
+def _version(trt) -> Tuple[int, int]:
+    parts = (str(trt.__version__).split(".") + ["0"])[:2]
+    return tuple(int("".join(ch for ch in part if ch.isdigit()) or 0) for part in parts)  # type: ignore[return-value]
+
+
+def _check_fp8_support(trt, device: torch.device) -> None:
+    if _version(trt) < FP8_MIN_VERSION:
+        raise BackendError(
+            f"quantize='fp8' needs TensorRT >= {'.'.join(map(str, FP8_MIN_VERSION))} (per-channel fp8 weights); "
+            f"{trt.__version__} is installed: `pip install -U 'tensorrt>=10.6,<11'`."
+        )
+    capability = torch.cuda.get_device_capability(device)
+    if capability < FP8_MIN_CAPABILITY:
+        raise BackendError(
+            f"quantize='fp8' needs a GPU with fp8 tensor cores (compute capability 8.9 or later: Ada, Hopper); "
+            f"{torch.cuda.get_device_name(device)} is {capability[0]}.{capability[1]}. Drop quantize and use bf16."
+        )
+
+
 def build_engine(
     onnx_path: Path,
     precision: str,
@@ -154,37 +246,51 @@ def build_engine(
     ``precision`` is "fp16", "bf16" or "fp32"; LayerNorm layers stay float32 whatever it is. A
     float input ("pixels") takes that precision; a uint8 input ("frames") stays uint8. The output
     is float32. ``batch_range`` is the optimisation profile's (min, opt, max) batch size.
+
+    "fp8-bf16" and "fp8-fp16" take the typed fp8 graph of
+    :func:`~vlmrm_fast.backends.onnx_fp8.fp8_tower_graph` and build it strongly typed: every layer
+    runs in the type the graph gives it (no precision flags).
     """
     trt = import_tensorrt()
+    if precision not in ("fp16", "bf16", "fp32", "fp8-bf16", "fp8-fp16"):
+        raise BackendError(f"TensorRT precision {precision!r} is not one of fp16, bf16, fp32, fp8-bf16, fp8-fp16.")
+    strongly_typed = precision.startswith("fp8-")
+    if strongly_typed and _version(trt) < FP8_MIN_VERSION:
+        raise BackendError(f"fp8 engines need TensorRT >= 10.6; {trt.__version__} is installed.")
     logger = logger or trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
+    # Explicit batch is the only mode in TensorRT 10; strong typing is what it advises for Q/DQ graphs.
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if strongly_typed else 0)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise BackendError(f"TensorRT could not parse {onnx_path}: {errors}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * 1024**3))
-    flags = {"fp16": trt.BuilderFlag.FP16, "bf16": trt.BuilderFlag.BF16}
-    if precision not in ("fp16", "bf16", "fp32"):
-        raise BackendError(
-            f"TensorRT precision {precision!r} is not supported: use fp16, bf16 or fp32 (fp8 needs a "
-            "quantized (Q/DQ) ONNX graph, which vlmrm_fast does not produce yet)."
-        )
-    if precision in flags:
-        config.set_flag(flags[precision])
-    else:  # TensorRT runs "fp32" matmuls in TF32 unless told otherwise
-        config.clear_flag(trt.BuilderFlag.TF32)
-    config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
-    for i in range(network.num_layers):
-        layer = network.get_layer(i)
-        if layer.type == trt.LayerType.NORMALIZATION:
-            layer.precision = trt.float32
-            layer.set_output_type(0, trt.float32)
     tensor_in = network.get_input(0)
-    if tensor_in.dtype != trt.uint8:
-        tensor_in.dtype = {"fp16": trt.float16, "bf16": trt.bfloat16, "fp32": trt.float32}[precision]
-    network.get_output(0).dtype = trt.float32
+    if strongly_typed:
+        # The graph carries the types; check that it is the graph this precision means.
+        want = {"fp8-bf16": trt.bfloat16, "fp8-fp16": trt.float16}[precision]
+        if tensor_in.dtype not in (want, trt.uint8) or network.get_output(0).dtype != trt.float32:
+            raise BackendError(
+                f"{onnx_path} is not a {precision} tower graph (input {tensor_in.dtype}, output "
+                f"{network.get_output(0).dtype}); build it with vlmrm_fast.backends.onnx_fp8.fp8_tower_graph."
+            )
+    else:
+        flags = {"fp16": trt.BuilderFlag.FP16, "bf16": trt.BuilderFlag.BF16}
+        if precision in flags:
+            config.set_flag(flags[precision])
+        else:  # TensorRT runs "fp32" matmuls in TF32 unless told otherwise
+            config.clear_flag(trt.BuilderFlag.TF32)
+        config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
+        for i in range(network.num_layers):
+            layer = network.get_layer(i)
+            if layer.type == trt.LayerType.NORMALIZATION:
+                layer.precision = trt.float32
+                layer.set_output_type(0, trt.float32)
+        if tensor_in.dtype != trt.uint8:
+            tensor_in.dtype = {"fp16": trt.float16, "bf16": trt.bfloat16, "fp32": trt.float32}[precision]
+        network.get_output(0).dtype = trt.float32
     low, opt, high = batch_range
     sample = tuple(tensor_in.shape)[1:]
     profile = builder.create_optimization_profile()

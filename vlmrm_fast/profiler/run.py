@@ -13,7 +13,8 @@ timed on its own (median of the repeats, frames/s = N / median):
 
 Each configuration's accuracy is reported beside its speed: ``reward_error`` is the largest difference
 between its rewards and those of the float32 eager path of the same model, over the first
-``REWARD_CHECK_FRAMES`` frames (what bf16, fp16 or int8 cost in reward).
+``REWARD_CHECK_FRAMES`` frames (what bf16, fp16, int8 or fp8 cost in reward). fp8 is calibrated on
+``FP8_CALIBRATION_FRAMES`` other random frames, never on the frames it is checked on.
 
 The seed pipeline (SPEC §1.4: fp32 weights under fp16 autocast on CUDA, torchvision resize of
 480 x 480 frames, a D x D projection) is measured in the same run for every model and batch size, as
@@ -84,9 +85,10 @@ from vlmrm_fast.reward import CLIPReward
 BACKENDS = ("torch", "compile", "onnxruntime", "tensorrt")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPE_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
-QUANTIZED = {"int8": ("onnxruntime", torch.float32)}
+QUANTIZED = {"int8": ("onnxruntime", torch.float32), "fp8": ("tensorrt", torch.bfloat16)}
 """Precisions that are a quantisation option of one backend: (backend, the tower's float dtype)."""
 PRECISIONS = (*DTYPES, *QUANTIZED)
+FP8_CALIBRATION_FRAMES = 64
 
 
 # --------------------------------------------------------------------------- configuration
@@ -138,7 +140,7 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
                    "(default: CPU torch onnxruntime; CUDA torch compile)")
     p.add_argument("--dtypes", nargs="+", choices=(*PRECISIONS, *DTYPE_ALIASES), metavar="DTYPE",
                    help=f"tower precisions, from {', '.join(PRECISIONS)}; int8 is ONNX Runtime's dynamic "
-                   "quantisation, on CPU (default: CPU fp32; CUDA bf16)")
+                   "quantisation, on CPU; fp8 is TensorRT's, on Ada/Hopper GPUs (default: CPU fp32; CUDA bf16)")
     p.add_argument("--frame-size", type=positive_int, default=SEED_FRAME_SIZE, metavar="PX",
                    help="square frames of PX x PX; 480 is the original's render size, 224 the towers' input "
                    "(the fast path: no resize). The seed always gets 480 x 480 (default: %(default)s)")
@@ -243,6 +245,11 @@ def _full_float32() -> Iterator[None]:
             yield
     finally:
         torch.backends.cuda.matmul.allow_tf32 = matmul
+
+
+def calibration_frames(n: int, size: int) -> torch.Tensor:
+    """Random uint8 frames [n, size, size, 3] on the CPU, from another seed than :class:`Frames`'."""
+    return torch.randint(0, 256, (n, size, size, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
 
 
 @dataclass
@@ -411,6 +418,8 @@ class Profiler:
             options = {"buckets": tuple(batches)}
         elif dtype in QUANTIZED:
             options = {"quantize": dtype}
+            if dtype == "fp8":
+                options["calibration_frames"] = calibration_frames(FP8_CALIBRATION_FRAMES, self.config.frame_size)
         self.bar.set_description(f"{what}: building")
         start = time.perf_counter()
         try:

@@ -1,0 +1,195 @@
+"""A float32 tower graph rewritten to compute in bfloat16 or float16, LayerNorm kept in float32.
+
+TensorRT builds fp8 (Q/DQ) graphs as *strongly typed* networks (TensorRT 10's advice, and the only mode
+TensorRT 11 keeps): every tensor runs in the type the graph gives it, so the graph itself must say
+"bf16 here, fp32 in LayerNorm". This pass says it:
+
+- The input ("pixels") becomes half; the output ("embeddings") is cast back to float32.
+- Float weights and constants take the type of the computation that reads them.
+- LayerNormalization reads float32 (a Cast in front of it) and keeps its scale and bias in float32:
+  the mean and variance of 1,000-wide rows lose too much in 8 mantissa bits.
+- Shape arithmetic stays float32: a float tensor cast from integers keeps float32 until it meets a
+  half tensor, and is cast to half there.
+- A Cast to float32 of a float tensor casts to half instead: the exporter writes those where the
+  model casts to its own dtype (open_clip's LayerNorm casting back to its input's type, the attention
+  scale cast to the queries' type), and that dtype is now half, as in a tower run in half by PyTorch.
+
+Type rules, node by node: an op that reads any half tensor computes in half (its float32 inputs are cast);
+an op that reads only float32 tensors and constants stays float32; DequantizeLinear's scale, and so its
+output, is half. The result passes ONNX's strict type inference, which the tests check, and ONNX's
+reference evaluator runs it.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, List, Union
+
+import numpy as np
+
+from vlmrm_fast.backends.base import missing_extra
+
+_PROTOBUF_LIMIT = 2 * 1024**3
+HALF_TYPES = ("bf16", "fp16")
+
+
+def to_half_precision(source: Union[str, Path], target: Union[str, Path], half: str = "bf16") -> Path:
+    """Write the float32 graph ``source`` rewritten to compute in ``half`` ("bf16" or "fp16") to ``target``.
+
+    Weights over 2 GB in half precision (ViT-bigG-14) go to ``<target>.data``.
+    """
+    try:
+        import onnx
+        from onnx import TensorProto, helper, numpy_helper
+    except ImportError:
+        raise missing_extra("onnx", "export", "half-precision graphs") from None
+    if half not in HALF_TYPES:
+        raise ValueError(f"half={half!r} is not one of {HALF_TYPES}.")
+    HALF = TensorProto.BFLOAT16 if half == "bf16" else TensorProto.FLOAT16
+    FLOAT = TensorProto.FLOAT
+    source, target = Path(source), Path(target)
+    model = onnx.load(str(source), load_external_data=True)
+    graph = model.graph
+    typed = onnx.shape_inference.infer_shapes(model.__class__.FromString(_without_weights(model)), strict_mode=True)
+    elem: Dict[str, int] = {v.name: v.type.tensor_type.elem_type for v in
+                            list(typed.graph.value_info) + list(typed.graph.input) + list(typed.graph.output)}
+
+    initializers = {init.name: init for init in graph.initializer}
+    constants = {n.output[0]: n for n in graph.node if n.op_type == "Constant" and n.attribute[0].name == "value"}
+
+    def is_float_constant(name: str) -> bool:
+        tensor = initializers.get(name) or (constants[name].attribute[0].t if name in constants else None)
+        return tensor is not None and tensor.data_type == FLOAT
+
+    kind: Dict[str, int] = {}  # float tensors computed so far -> FLOAT or HALF
+    for value in graph.input:
+        if value.type.tensor_type.elem_type == FLOAT:
+            value.type.tensor_type.elem_type = HALF
+            kind[value.name] = HALF
+    half_copies: Dict[str, str] = {}  # float constant -> its half twin
+    new_initializers: List = []
+    nodes: List = []
+    cast_count = [0]
+
+    def as_half_constant(name: str) -> str:
+        if name not in half_copies:
+            source_tensor = initializers[name] if name in initializers else constants[name].attribute[0].t
+            values = numpy_helper.to_array(source_tensor).astype(np.float32)
+            copy = _half_tensor(values, name + "_" + half, half)
+            new_initializers.append(copy)
+            half_copies[name] = copy.name
+        return half_copies[name]
+
+    def cast(name: str, to: int) -> str:
+        cast_count[0] += 1
+        out = f"{name}_to_{'half' if to == HALF else 'float'}_{cast_count[0]}"
+        nodes.append(helper.make_node("Cast", [name], [out], to=to, name=out))
+        return out
+
+    def is_float(name: str) -> bool:
+        return name in kind or is_float_constant(name)
+
+    for node in graph.node:
+        if node.op_type == "Constant" and node.output[0] in constants and is_float_constant(node.output[0]):
+            kind[node.output[0]] = FLOAT  # left as is; a half reader gets a half twin
+            nodes.append(node)
+            continue
+        if node.op_type == "Cast":
+            to = next(a.i for a in node.attribute if a.name == "to")
+            if to == FLOAT:
+                src = node.input[0]
+                reads_float = src in kind or is_float_constant(src)
+                if reads_float:  # open_clip's cast back to the input's type: that type is now half
+                    for a in node.attribute:
+                        if a.name == "to":
+                            a.i = HALF
+                    kind[node.output[0]] = HALF
+                else:  # from integers: shape arithmetic, stays float32
+                    kind[node.output[0]] = FLOAT
+            nodes.append(node)
+            continue
+        if node.op_type == "LayerNormalization":
+            x = node.input[0]
+            if kind.get(x) == HALF:
+                node.input[0] = cast(x, FLOAT)
+            kind[node.output[0]] = FLOAT  # scale and bias stay float32
+            nodes.append(node)
+            continue
+        if node.op_type == "DequantizeLinear":
+            node.input[1] = as_half_constant(node.input[1])
+            kind[node.output[0]] = HALF
+            nodes.append(node)
+            continue
+        float_inputs = [i for i, name in enumerate(node.input) if name and is_float(name)]
+        computes_half = any(kind.get(node.input[i]) == HALF for i in float_inputs)
+        if computes_half:
+            for i in float_inputs:
+                name = node.input[i]
+                if kind.get(name) == HALF:
+                    continue
+                if is_float_constant(name):
+                    node.input[i] = as_half_constant(name)
+                else:
+                    node.input[i] = cast(name, HALF)
+        for out in node.output:
+            if elem.get(out) == FLOAT:
+                kind[out] = HALF if computes_half else FLOAT
+        nodes.append(node)
+
+    outputs = []
+    for value in graph.output:
+        if kind.get(value.name) == HALF:
+            # Rename the producer's output so the graph output keeps its name, now float32.
+            inner = value.name + "_half"
+            for node in nodes:
+                node.input[:] = [inner if i == value.name else i for i in node.input]
+                node.output[:] = [inner if o == value.name else o for o in node.output]
+            nodes.append(helper.make_node("Cast", [inner], [value.name], to=FLOAT, name=value.name + "_to_float"))
+        outputs.append(value)
+    read = {i for n in nodes for i in n.input} | {o.name for o in graph.output}
+    nodes = [n for n in nodes if n.op_type != "Constant" or n.output[0] in read]  # replaced by half twins
+    del graph.node[:]
+    graph.node.extend(nodes)
+    graph.initializer.extend(new_initializers)
+    used = {i for n in graph.node for i in n.input}
+    kept = [init for init in graph.initializer if init.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    del graph.value_info[:]  # the float32 types inferred for the source no longer hold
+
+    for stale in (target, target.with_name(target.name + ".data")):
+        stale.unlink(missing_ok=True)
+    if sum(init.ByteSize() for init in graph.initializer) > _PROTOBUF_LIMIT * 0.9:
+        onnx.save_model(model, str(target), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=target.name + ".data", size_threshold=1024)
+    else:
+        onnx.save_model(model, str(target))
+    onnx.checker.check_model(str(target))
+    onnx.shape_inference.infer_shapes_path(str(target), str(target.with_name(target.name + ".typecheck")),
+                                           strict_mode=True)
+    target.with_name(target.name + ".typecheck").unlink(missing_ok=True)
+    return target
+
+
+def _without_weights(model) -> bytes:
+    """The model's bytes with initializer payloads dropped (shape inference needs only their types),
+    so that graphs over 2 GB can be inferred in memory."""
+    light = model.__class__()
+    light.CopyFrom(model)
+    for init in light.graph.initializer:
+        init.ClearField("raw_data")
+        for field in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
+            init.ClearField(field)
+        del init.external_data[:]
+        init.data_location = 0
+    return light.SerializeToString()
+
+
+def _half_tensor(values: np.ndarray, name: str, half: str):
+    from onnx import TensorProto, helper
+
+    if half == "fp16":
+        return helper.make_tensor(name, TensorProto.FLOAT16, values.shape, values.astype(np.float16).tobytes(), raw=True)
+    import torch  # numpy has no bfloat16; torch rounds to nearest even
+
+    bits = torch.from_numpy(np.ascontiguousarray(values)).to(torch.bfloat16).view(torch.int16).numpy()
+    return helper.make_tensor(name, TensorProto.BFLOAT16, values.shape, bits.tobytes(), raw=True)
