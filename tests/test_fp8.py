@@ -185,6 +185,26 @@ def test_fp8_graph_is_typed_for_a_strongly_typed_tensorrt_build(tmp_path):
                 assert inits[name].data_type == TensorProto.FLOAT
 
 
+def test_fp8_graph_of_a_tower_with_external_weights(tmp_path):
+    """ViT-bigG-14's export keeps its weights in a side file; the fp8 graphs must find them."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    from onnx.reference import ReferenceEvaluator
+
+    from vlmrm_fast.backends.onnx_export import export_onnx
+    from vlmrm_fast.backends.onnx_fp8 import fp8_tower_graph
+
+    model, _ = make_tiny()
+    spec = preprocess_spec_of(model, "vlmrm")
+    inline = fp8_tower_graph(export_onnx(model.visual, tmp_path / "a" / "tower.onnx", spec, input_format="pixels"),
+                             torch.ones(2, 3, 224, 224), "bf16")
+    source = export_onnx(model.visual, tmp_path / "b" / "tower.onnx", spec, input_format="pixels", external_data=True)
+    assert (tmp_path / "b" / "tower.onnx.data").exists()
+    side = fp8_tower_graph(source, torch.ones(2, 3, 224, 224), "bf16")
+    pixels = {"pixels": np.random.default_rng(2).standard_normal((2, 3, 224, 224)).astype(ml_dtypes.bfloat16)}
+    np.testing.assert_array_equal(ReferenceEvaluator(str(side)).run(None, pixels)[0],
+                                  ReferenceEvaluator(str(inline)).run(None, pixels)[0])
+
+
 @pytest.mark.parametrize("scale_type,dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16)])
 def test_scales_round_up_to_representable_values(scale_type, dtype):
     from vlmrm_fast.backends.onnx_fp8 import representable_scale
