@@ -78,7 +78,7 @@ class CLIPReward:
         backend_options: extra arguments for the backend (e.g. ``{"buckets": (1, 32, 256)}`` for
             "compile", ``{"cache_dir": ...}`` for "tensorrt", ``{"quantize": "int8"}`` for
             "onnxruntime" on CPU, ``{"quantize": "fp8", "calibration_frames": frames}`` for "tensorrt"
-            on Ada/Hopper GPUs: both opt-in, see :mod:`vlmrm_fast.backends.onnx_quantize` and
+            on Hopper GPUs: both opt-in, see :mod:`vlmrm_fast.backends.onnx_quantize` and
             :mod:`vlmrm_fast.backends.onnx_fp8`).
         max_batch_size: most frames per tower call; default 256 on CUDA, 32 on CPU.
         model_name: a label for logs and engine caches (set by :meth:`from_pretrained`).

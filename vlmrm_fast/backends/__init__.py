@@ -5,7 +5,7 @@
 | "torch" | any | fp32, bf16, fp16 | eager PyTorch, SDPA attention |
 | "compile" | any | fp32, bf16, fp16 | torch.compile per batch bucket, CUDA graphs on CUDA |
 | "onnxruntime" | CPU, CUDA (onnxruntime-gpu) | fp32, int8 opt-in (CPU); fp32, fp16 (CUDA) | extra `export` |
-| "tensorrt" | CUDA | fp16, bf16, fp32; fp8 opt-in (Ada, Hopper) | extra `tensorrt`; engines cached on disk |
+| "tensorrt" | CUDA | fp16, bf16, fp32; fp8 opt-in (Hopper) | extra `tensorrt`; engines cached on disk |
 
 "auto" picks the fastest backend *verified* on that kind of device (README, "Status"): ONNX Runtime
 on CPU for float32 when it is installed, else torch. On CUDA it is "torch" until the compiled and

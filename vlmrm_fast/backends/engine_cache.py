@@ -53,7 +53,7 @@ class EngineKey:
     """TensorRT plans are tied to the GPU model: an H100 and an H200 share compute capability 9.0."""
     torch_version: str = ""
     """The ONNX exporter's version: a different graph may build a different engine."""
-    recipe: int = 1
+    recipe: int = 2
     """Bumped whenever vlmrm_fast changes how it builds engines (flags, precision pinning)."""
     calibration: str = ""
     """For fp8 engines, a digest of the calibration frames: they set the activation scales."""

@@ -142,13 +142,24 @@ def export_onnx(
                 dynamic_axes={input_name: {0: "batch"}, "embeddings": {0: "batch"}},
                 opset_version=opset, do_constant_folding=True, **_export_kwargs(),
             )
-        graph = onnx.load(str(raw), load_external_data=True)
-        for stale in (path, path.with_name(path.name + ".data")):
-            stale.unlink(missing_ok=True)
-        if external_data:
-            onnx.save_model(graph, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=path.name + ".data", size_threshold=1024)
-        else:
-            onnx.save_model(graph, str(path))
+        save_graph(onnx.load(str(raw), load_external_data=True), path, external_data)
+    return path
+
+
+def save_graph(model, path: Union[str, Path], external_data: Optional[bool] = None) -> Path:
+    """Write an ``onnx.ModelProto`` (weights loaded) to ``path`` and check it; weights go to
+    ``<path>.data`` when ``external_data``, by default when they near protobuf's 2 GB limit."""
+    import onnx
+
+    path = Path(path)
+    if external_data is None:
+        external_data = sum(init.ByteSize() for init in model.graph.initializer) > _PROTOBUF_LIMIT * 0.9
+    for stale in (path, path.with_name(path.name + ".data")):
+        stale.unlink(missing_ok=True)
+    if external_data:
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=path.name + ".data", size_threshold=1024)
+    else:
+        onnx.save_model(model, str(path))
     onnx.checker.check_model(str(path))
     return path

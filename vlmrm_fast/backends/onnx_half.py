@@ -27,15 +27,20 @@ from typing import Dict, List, Union
 import numpy as np
 
 from vlmrm_fast.backends.base import missing_extra
+from vlmrm_fast.backends.onnx_export import save_graph
 
-_PROTOBUF_LIMIT = 2 * 1024**3
 HALF_TYPES = ("bf16", "fp16")
+_FLOAT_TYPES = (1, 10, 11, 16, 17, 18, 19, 20)  # FLOAT, FLOAT16, DOUBLE, BFLOAT16, FLOAT8 kinds
+_FLOAT32_INPUTS = {"Resize": (1, 2)}
+"""Inputs that ONNX requires in float32 whatever the data's type (Resize's roi and scales)."""
 
 
 def to_half_precision(source: Union[str, Path], target: Union[str, Path], half: str = "bf16") -> Path:
     """Write the float32 graph ``source`` rewritten to compute in ``half`` ("bf16" or "fp16") to ``target``.
 
-    Weights over 2 GB in half precision (ViT-bigG-14) go to ``<target>.data``.
+    Weights over 2 GB (ViT-bigG-14) go to ``<target>.data``. Limits: a Cast to float32 of a float
+    tensor becomes a cast to half (see above), so a deliberate float32 island other than LayerNorm
+    would not survive; open_clip's ViTs have none.
     """
     try:
         import onnx
@@ -119,7 +124,8 @@ def to_half_precision(source: Union[str, Path], target: Union[str, Path], half: 
             kind[node.output[0]] = HALF
             nodes.append(node)
             continue
-        float_inputs = [i for i, name in enumerate(node.input) if name and is_float(name)]
+        pinned = _FLOAT32_INPUTS.get(node.op_type, ())
+        float_inputs = [i for i, name in enumerate(node.input) if name and is_float(name) and i not in pinned]
         computes_half = any(kind.get(node.input[i]) == HALF for i in float_inputs)
         if computes_half:
             for i in float_inputs:
@@ -156,31 +162,29 @@ def to_half_precision(source: Union[str, Path], target: Union[str, Path], half: 
     graph.initializer.extend(kept)
     del graph.value_info[:]  # the float32 types inferred for the source no longer hold
 
-    for stale in (target, target.with_name(target.name + ".data")):
-        stale.unlink(missing_ok=True)
-    if sum(init.ByteSize() for init in graph.initializer) > _PROTOBUF_LIMIT * 0.9:
-        onnx.save_model(model, str(target), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=target.name + ".data", size_threshold=1024)
-    else:
-        onnx.save_model(model, str(target))
-    onnx.checker.check_model(str(target))
-    onnx.shape_inference.infer_shapes_path(str(target), str(target.with_name(target.name + ".typecheck")),
-                                           strict_mode=True)
-    target.with_name(target.name + ".typecheck").unlink(missing_ok=True)
-    return target
+    # Every tensor's type must follow from the graph: what a strongly typed TensorRT build relies on.
+    onnx.shape_inference.infer_shapes(model.__class__.FromString(_without_weights(model)), strict_mode=True)
+    return save_graph(model, target)
 
 
 def _without_weights(model) -> bytes:
-    """The model's bytes with initializer payloads dropped (shape inference needs only their types),
-    so that graphs over 2 GB can be inferred in memory."""
-    light = model.__class__()
-    light.CopyFrom(model)
-    for init in light.graph.initializer:
-        init.ClearField("raw_data")
-        for field in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
-            init.ClearField(field)
-        del init.external_data[:]
-        init.data_location = 0
+    """The model's bytes with large float initializers reduced to their name, type and shape (all that
+    type inference needs of them), so that graphs over 2 GB are inferred in memory without a copy of
+    their weights. Integer initializers (shapes, axes) keep their values: inference may read them."""
+    from onnx import ModelProto, TensorProto
+
+    light = ModelProto(ir_version=model.ir_version, producer_name=model.producer_name)
+    light.opset_import.extend(model.opset_import)
+    light.functions.extend(model.functions)
+    graph = light.graph
+    graph.name = model.graph.name
+    for field in ("node", "input", "output", "value_info"):
+        getattr(graph, field).extend(getattr(model.graph, field))
+    for init in model.graph.initializer:
+        if init.data_type in _FLOAT_TYPES and (init.data_location == TensorProto.EXTERNAL or len(init.raw_data) > 4096):
+            graph.initializer.append(TensorProto(name=init.name, data_type=init.data_type, dims=init.dims))
+        else:
+            graph.initializer.append(init)
     return light.SerializeToString()
 
 

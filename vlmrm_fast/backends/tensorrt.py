@@ -7,8 +7,8 @@ and float32. LayerNorm layers are pinned to float32 (fp16 CLIP engines lose accu
 input takes the fused preprocessing op's output in the tower's dtype; the output is float32.
 Engines are cached on disk (:mod:`vlmrm_fast.backends.engine_cache`).
 
-``quantize="fp8"`` (opt-in, GPUs of compute capability 8.9 or later, TensorRT 10.6 or later for
-per-channel fp8 weights): the transformer's weight matmuls run in fp8 E4M3, with activation scales
+``quantize="fp8"`` (opt-in, Hopper GPUs or later and TensorRT 10.6 or later: per-channel fp8
+matmul weights): the transformer's weight matmuls run in fp8 E4M3, with activation scales
 calibrated on ``calibration_frames`` you pass (:mod:`vlmrm_fast.backends.onnx_fp8`), and the rest in
 the tower's dtype (bf16 or fp16), LayerNorm in float32. TensorRT builds it as a strongly typed network
 from a graph that carries those types (:mod:`vlmrm_fast.backends.onnx_half`).
@@ -35,8 +35,8 @@ _PRECISIONS = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp
 SUPPORTED_MAJOR = 10
 FP8_MIN_VERSION = (10, 6)
 """Per-channel fp8 weight scales for matmuls arrived in TensorRT 10.6."""
-FP8_MIN_CAPABILITY = (8, 9)
-"""fp8 tensor cores: Ada (8.9) and Hopper (9.0) onwards."""
+FP8_MIN_CAPABILITY = (9, 0)
+"""Hopper: TensorRT's per-channel fp8 matmul scales are for Hopper GPUs (TensorRT 10.6 release notes)."""
 QUANTIZE_CHOICES = ("fp8",)
 
 
@@ -87,7 +87,7 @@ class TensorRTBackend(VisionBackend):
         if quantize == "fp8":
             _check_fp8_support(trt, device)
             precision = f"fp8-{precision}"
-            calibration = _frames_digest(self._calibration)
+            calibration = calibration_digest(self._calibration, spec)
         self._logger = trt.Logger(trt.Logger.WARNING)
         key = EngineKey(
             model=model_name,
@@ -117,6 +117,7 @@ class TensorRTBackend(VisionBackend):
                 engine = runtime.deserialize_cuda_engine(payload)
                 if engine is None:
                     raise BackendError("TensorRT built an engine it cannot deserialize; see the TensorRT log above.")
+            self._calibration = None  # only needed to build
             self.context = engine.create_execution_context()
             # enqueueV3 on the legacy default stream makes TensorRT synchronise around each call.
             self._stream = torch.cuda.Stream(device)
@@ -129,16 +130,27 @@ class TensorRTBackend(VisionBackend):
     def _build(self, visual, spec, key: EngineKey, workspace_gib: float) -> bytes:
         with tempfile.TemporaryDirectory(prefix="vlmrm_fast_trt_") as tmp:
             fp32_copy = copy.deepcopy(visual).float()  # TensorRT lowers precision itself, per the flags
-            onnx_path = export_onnx(fp32_copy, Path(tmp) / "tower.onnx", spec, input_format="pixels")
-            del fp32_copy
             if self.quantize == "fp8":
-                from vlmrm_fast.backends.onnx_fp8 import fp8_tower_graph, ort_providers
+                from vlmrm_fast.backends.onnx_fp8 import FP8_OPSET, fp8_tower_graph, ort_providers
 
+                onnx_path = export_onnx(fp32_copy, Path(tmp) / "tower.onnx", spec, input_format="pixels", opset=FP8_OPSET)
+                del fp32_copy
                 pixels = _calibration_pixels(self._calibration, spec)
-                onnx_path = fp8_tower_graph(onnx_path, pixels, key.precision.split("-")[1], ort_providers())
-            self._calibration = None  # only needed to build
+                onnx_path = fp8_tower_graph(onnx_path, pixels, key.precision.split("-")[1], ort_providers(self.device.index))
+            else:
+                onnx_path = export_onnx(fp32_copy, Path(tmp) / "tower.onnx", spec, input_format="pixels")
+                del fp32_copy
             return build_engine(onnx_path, key.precision, key.batch_range, workspace_gib=workspace_gib,
                                 logger=self._logger)
+
+    def layer_information(self) -> dict:
+        """TensorRT's description of the engine's layers (fusions, tactics, input and output formats
+        and precisions), as parsed JSON: where to see which layers run in fp8."""
+        import json
+
+        trt = import_tensorrt(self.name)
+        inspector = self.engine.create_engine_inspector()
+        return json.loads(inspector.get_engine_information(trt.LayerInformationFormat.JSON))
 
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
         if pixels.dtype != self.dtype or pixels.device != self.device:
@@ -201,9 +213,10 @@ def _check_quantize(quantize: Optional[str], dtype: torch.dtype, calibration_fra
     return frames.detach().cpu().contiguous()
 
 
-def _frames_digest(frames: torch.Tensor) -> str:
-    """SHA-256 of the calibration frames: an engine is only valid for the scales they produce."""
-    digest = hashlib.sha256(str(tuple(frames.shape)).encode())
+def calibration_digest(frames: torch.Tensor, spec: PreprocessSpec) -> str:
+    """SHA-256 of the calibration frames and of the preprocessing that turns them into the pixels the
+    scales are taken from: an fp8 engine is only valid for those scales."""
+    digest = hashlib.sha256(f"{tuple(frames.shape)} {spec!r}".encode())
     digest.update(frames.numpy().tobytes())
     return digest.hexdigest()
 
@@ -228,7 +241,8 @@ def _check_fp8_support(trt, device: torch.device) -> None:
     capability = torch.cuda.get_device_capability(device)
     if capability < FP8_MIN_CAPABILITY:
         raise BackendError(
-            f"quantize='fp8' needs a GPU with fp8 tensor cores (compute capability 8.9 or later: Ada, Hopper); "
+            f"quantize='fp8' needs a Hopper GPU or later (compute capability 9.0: TensorRT's per-channel fp8 "
+            f"matmuls); "
             f"{torch.cuda.get_device_name(device)} is {capability[0]}.{capability[1]}. Drop quantize and use bf16."
         )
 
@@ -267,6 +281,7 @@ def build_engine(
         raise BackendError(f"TensorRT could not parse {onnx_path}: {errors}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * 1024**3))
+    config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED  # layer precisions for layer_information()
     tensor_in = network.get_input(0)
     if strongly_typed:
         # The graph carries the types; check that it is the graph this precision means.

@@ -140,7 +140,7 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
                    "(default: CPU torch onnxruntime; CUDA torch compile)")
     p.add_argument("--dtypes", nargs="+", choices=(*PRECISIONS, *DTYPE_ALIASES), metavar="DTYPE",
                    help=f"tower precisions, from {', '.join(PRECISIONS)}; int8 is ONNX Runtime's dynamic "
-                   "quantisation, on CPU; fp8 is TensorRT's, on Ada/Hopper GPUs (default: CPU fp32; CUDA bf16)")
+                   "quantisation, on CPU; fp8 is TensorRT's, on Hopper GPUs (default: CPU fp32; CUDA bf16)")
     p.add_argument("--frame-size", type=positive_int, default=SEED_FRAME_SIZE, metavar="PX",
                    help="square frames of PX x PX; 480 is the original's render size, 224 the towers' input "
                    "(the fast path: no resize). The seed always gets 480 x 480 (default: %(default)s)")
