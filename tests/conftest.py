@@ -30,12 +30,17 @@ DEVICES = [
 ]
 
 
-def make_tiny(seed: int = 0):
-    """The tiny random-init CLIP (float32, CPU) and its tokenizer, with reproducible weights."""
+def make_model(name: str, seed: int = 0):
+    """A random-init open_clip model (float32, CPU) and its tokenizer, with reproducible weights."""
     torch.manual_seed(seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "random weights" is the point here
-        return create_clip(TINY_MODEL, None)
+        return create_clip(name, None)
+
+
+def make_tiny(seed: int = 0):
+    """The tiny random-init CLIP (float32, CPU) and its tokenizer, with reproducible weights."""
+    return make_model(TINY_MODEL, seed)
 
 
 @pytest.fixture

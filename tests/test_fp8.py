@@ -18,15 +18,13 @@ ViT-B-32 7.4e-4 against 5.5e-4, the tiny model 2.0e-3 against 2.5e-3.
 """
 import copy
 import importlib.util
-import warnings
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import make_tiny
+from conftest import make_model, make_tiny
 from reference import float64_model, reference_preprocess, reference_reward_from_embeddings, reference_targets
-from vlmrm_fast import create_clip
 from vlmrm_fast.backends import BackendError
 from vlmrm_fast.models import preprocess_spec_of
 
@@ -65,15 +63,6 @@ def _torch_fp8_tower(visual: torch.nn.Module) -> torch.nn.Module:
         block.mlp.c_fc.register_forward_pre_hook(lambda module, args: (_dynamic(args[0]),))
         block.mlp.c_proj.register_forward_pre_hook(lambda module, args: (_dynamic(args[0]),))
     return visual
-
-
-def _model(name):
-    if name == "vlmrm-tiny":
-        return make_tiny()
-    torch.manual_seed(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        return create_clip(name, None)
 
 
 def _frames(seed: int, n: int) -> np.ndarray:
@@ -116,7 +105,7 @@ def _reference(model, tokenizer, frames):
 @pytest.fixture(scope="module", params=["vlmrm-tiny", "ViT-B-32"])
 def fp8_case(request, tmp_path_factory):
     """(model, tokenizer, float32 twin, {half type: graph}) per model, built once for the tests below."""
-    model, tokenizer = _model(request.param)
+    model, tokenizer = make_model(request.param)
     twin, bf16 = _fp8_graphs(model, tmp_path_factory.mktemp(request.param))
     graphs = {"bf16": bf16}
     if request.param == "vlmrm-tiny":  # numpy's float16 matmuls take 90 s for ViT-B-32 in the evaluator
@@ -290,6 +279,15 @@ def test_fp8_bad_options_are_clear_errors(dtype, options, match):
         _backend(dtype, **options)
 
 
+def test_fp8_calibration_frames_as_rendered():
+    from vlmrm_fast.backends.tensorrt import _check_quantize
+
+    rendered = _frames(3, 2)[:, ::-1]  # env.render() arrays can have negative strides
+    frames = _check_quantize("fp8", torch.bfloat16, rendered)
+    assert frames.dtype == torch.uint8 and frames.device.type == "cpu"
+    np.testing.assert_array_equal(frames.numpy(), rendered)
+
+
 def test_fp8_engines_are_keyed_by_their_calibration_frames_and_preprocessing():
     import dataclasses
 
@@ -333,7 +331,7 @@ def test_fp8_needs_a_recent_tensorrt_and_an_fp8_gpu(monkeypatch):
 def test_tensorrt_fp8_rewards_within_twice_pytorch_bf16_fp8_error(tmp_path):
     from vlmrm_fast import CLIPReward
 
-    model, tokenizer = _model("ViT-B-32")
+    model, tokenizer = make_model("ViT-B-32")
     frames = _frames(7, 9)
     pixels, goal, direction, want = _reference(model, tokenizer, frames)
     with torch.no_grad():

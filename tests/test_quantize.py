@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_tiny
+from conftest import make_model, make_tiny
 from reference import float64_model, reference_preprocess, reference_reward_from_embeddings, reference_targets
-from vlmrm_fast import CLIPReward, create_clip
+from vlmrm_fast import CLIPReward
 from vlmrm_fast.backends import BackendError
 from vlmrm_fast.models import preprocess_spec_of
 
@@ -41,18 +41,9 @@ def _torch_int8_tower(visual: torch.nn.Module) -> torch.nn.Module:
         return quantize_dynamic(copy.deepcopy(visual).eval(), {torch.nn.Linear}, dtype=torch.qint8)
 
 
-def _model(name):
-    if name == "vlmrm-tiny":
-        return make_tiny()
-    torch.manual_seed(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        return create_clip(name, None)
-
-
 @pytest.mark.parametrize("name", ["vlmrm-tiny", "ViT-B-32"])
 def test_int8_rewards_within_twice_pytorch_int8_error(name):
-    model, tokenizer = _model(name)
+    model, tokenizer = make_model(name)
     frames = np.random.default_rng(7).integers(0, 256, (5, 231, 199, 3), dtype=np.uint8)  # odd sizes: resized
     model64 = float64_model(model)
     pixels = torch.from_numpy(reference_preprocess(frames, 224, CLIP_MEAN, CLIP_STD, "vlmrm"))

@@ -66,6 +66,10 @@ def to_half_precision(source: Union[str, Path], target: Union[str, Path], half: 
         return tensor is not None and tensor.data_type == FLOAT
 
     kind: Dict[str, int] = {}  # float tensors computed so far -> FLOAT or HALF
+
+    def is_float(name: str) -> bool:
+        return name in kind or is_float_constant(name)
+
     for value in graph.input:
         if value.type.tensor_type.elem_type == FLOAT:
             value.type.tensor_type.elem_type = HALF
@@ -90,26 +94,17 @@ def to_half_precision(source: Union[str, Path], target: Union[str, Path], half: 
         nodes.append(helper.make_node("Cast", [name], [out], to=to, name=out))
         return out
 
-    def is_float(name: str) -> bool:
-        return name in kind or is_float_constant(name)
-
     for node in graph.node:
         if node.op_type == "Constant" and node.output[0] in constants and is_float_constant(node.output[0]):
             kind[node.output[0]] = FLOAT  # left as is; a half reader gets a half twin
             nodes.append(node)
             continue
         if node.op_type == "Cast":
-            to = next(a.i for a in node.attribute if a.name == "to")
-            if to == FLOAT:
-                src = node.input[0]
-                reads_float = src in kind or is_float_constant(src)
-                if reads_float:  # open_clip's cast back to the input's type: that type is now half
-                    for a in node.attribute:
-                        if a.name == "to":
-                            a.i = HALF
-                    kind[node.output[0]] = HALF
-                else:  # from integers: shape arithmetic, stays float32
-                    kind[node.output[0]] = FLOAT
+            [to] = [a for a in node.attribute if a.name == "to"]
+            if to.i == FLOAT:
+                if is_float(node.input[0]):  # open_clip's cast back to the input's type: that type is now half
+                    to.i = HALF
+                kind[node.output[0]] = to.i  # else from integers: shape arithmetic, stays float32
             nodes.append(node)
             continue
         if node.op_type == "LayerNormalization":
@@ -141,7 +136,6 @@ def to_half_precision(source: Union[str, Path], target: Union[str, Path], half: 
                 kind[out] = HALF if computes_half else FLOAT
         nodes.append(node)
 
-    outputs = []
     for value in graph.output:
         if kind.get(value.name) == HALF:
             # Rename the producer's output so the graph output keeps its name, now float32.
@@ -150,7 +144,6 @@ def to_half_precision(source: Union[str, Path], target: Union[str, Path], half: 
                 node.input[:] = [inner if i == value.name else i for i in node.input]
                 node.output[:] = [inner if o == value.name else o for o in node.output]
             nodes.append(helper.make_node("Cast", [inner], [value.name], to=FLOAT, name=value.name + "_to_float"))
-        outputs.append(value)
     read = {i for n in nodes for i in n.input} | {o.name for o in graph.output}
     nodes = [n for n in nodes if n.op_type != "Constant" or n.output[0] in read]  # replaced by half twins
     del graph.node[:]

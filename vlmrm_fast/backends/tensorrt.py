@@ -23,12 +23,12 @@ import warnings
 from pathlib import Path
 from typing import Optional, Tuple
 
-import numpy as np
 import torch
 
 from vlmrm_fast.backends.base import BackendError, VisionBackend, missing_extra
 from vlmrm_fast.backends.engine_cache import EngineCache, EngineKey, weights_digest
 from vlmrm_fast.backends.onnx_export import export_onnx
+from vlmrm_fast.frames import as_frame_batch
 from vlmrm_fast.ops.preprocess import PreprocessSpec, preprocess
 
 _PRECISIONS = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
@@ -46,8 +46,7 @@ def import_tensorrt(what: str = "tensorrt"):
         import tensorrt as trt
     except ImportError:
         raise missing_extra("tensorrt", "tensorrt", what) from None
-    major = str(getattr(trt, "__version__", "0")).split(".")[0]
-    if major != str(SUPPORTED_MAJOR):
+    if _version(trt)[0] != SUPPORTED_MAJOR:
         raise BackendError(
             f"{what}: vlmrm_fast builds engines with TensorRT {SUPPORTED_MAJOR}'s API, but TensorRT "
             f"{trt.__version__} is installed; `pip install 'tensorrt>={SUPPORTED_MAJOR},<{SUPPORTED_MAJOR + 1}'` "
@@ -129,17 +128,15 @@ class TensorRTBackend(VisionBackend):
 
     def _build(self, visual, spec, key: EngineKey, workspace_gib: float) -> bytes:
         with tempfile.TemporaryDirectory(prefix="vlmrm_fast_trt_") as tmp:
-            fp32_copy = copy.deepcopy(visual).float()  # TensorRT lowers precision itself, per the flags
-            if self.quantize == "fp8":
-                from vlmrm_fast.backends.onnx_fp8 import FP8_OPSET, fp8_tower_graph, ort_providers
+            from vlmrm_fast.backends.onnx_fp8 import FP8_OPSET, fp8_tower_graph, ort_providers
 
-                onnx_path = export_onnx(fp32_copy, Path(tmp) / "tower.onnx", spec, input_format="pixels", opset=FP8_OPSET)
-                del fp32_copy
+            fp32_copy = copy.deepcopy(visual).float()  # TensorRT lowers precision itself, per the flags
+            opset = {"opset": FP8_OPSET} if self.quantize == "fp8" else {}
+            onnx_path = export_onnx(fp32_copy, Path(tmp) / "tower.onnx", spec, input_format="pixels", **opset)
+            del fp32_copy
+            if self.quantize == "fp8":
                 pixels = _calibration_pixels(self._calibration, spec)
                 onnx_path = fp8_tower_graph(onnx_path, pixels, key.precision.split("-")[1], ort_providers(self.device.index))
-            else:
-                onnx_path = export_onnx(fp32_copy, Path(tmp) / "tower.onnx", spec, input_format="pixels")
-                del fp32_copy
             return build_engine(onnx_path, key.precision, key.batch_range, workspace_gib=workspace_gib,
                                 logger=self._logger)
 
@@ -204,13 +201,13 @@ def _check_quantize(quantize: Optional[str], dtype: torch.dtype, calibration_fra
             "{'quantize': 'fp8', 'calibration_frames': frames}, uint8 [N, H, W, 3], a few hundred frames like "
             "the ones you will score (e.g. renders of a random policy)."
         )
-    frames = torch.as_tensor(np.asarray(calibration_frames) if not torch.is_tensor(calibration_frames) else calibration_frames)
-    if frames.dtype != torch.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] == 0:
+    batch = as_frame_batch(calibration_frames)  # shape, channels, any strides (env.render() output)
+    if batch.dtype != torch.uint8 or batch.num_frames == 0:
         raise BackendError(
             f"calibration_frames must be uint8 [N, H, W, 3] with N >= 1 (RGB frames as rendered); "
-            f"got {frames.dtype} {tuple(frames.shape)}."
+            f"got {batch.num_frames} frames of {batch.dtype}."
         )
-    return frames.detach().cpu().contiguous()
+    return batch.chunk(0, batch.num_frames, torch.device("cpu")).detach().contiguous()
 
 
 def calibration_digest(frames: torch.Tensor, spec: PreprocessSpec) -> str:
@@ -228,7 +225,8 @@ def _calibration_pixels(frames: torch.Tensor, spec: PreprocessSpec) -> torch.Ten
 
 
 def _version(trt) -> Tuple[int, int]:
-    parts = (str(trt.__version__).split(".") + ["0"])[:2]
+    """(major, minor) of the installed TensorRT."""
+    parts = (str(getattr(trt, "__version__", "0")).split(".") + ["0"])[:2]
     return tuple(int("".join(ch for ch in part if ch.isdigit()) or 0) for part in parts)  # type: ignore[return-value]
 
 
