@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from vlmrm_fast import CLIPReward, Task
+from vlmrm_fast.ops._triton import HAS_TRITON, interpreter_enabled
 
 
 @pytest.fixture
@@ -162,3 +163,55 @@ def test_triton_without_a_gpu_names_the_fixes(monkeypatch):
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1.*kernels='torch'"):
         resolve_kernels("triton", torch.device("cpu"))
     assert resolve_kernels("auto", torch.device("cpu")) == "torch"
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+def test_a_broken_triton_interpreter_is_refused_with_the_fix(monkeypatch):
+    # Triton 3.0's interpreter under NumPy 2 runs kernels but drops their stores: outputs would be
+    # uninitialised memory. The probe must see that, and every Triton entry point refuse to run.
+    from vlmrm_fast.ops import _triton
+    from vlmrm_fast.ops.preprocess import PreprocessSpec, preprocess
+    from vlmrm_fast.ops.score import ScoringTargets, score
+
+    class StoresNothing:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: None
+
+    monkeypatch.setattr(_triton, "_INTERPRETED", True)
+    monkeypatch.setattr(_triton, "_probe_kernel", StoresNothing())
+    _triton.interpreter_problem.cache_clear()
+    try:
+        assert "loses kernel stores" in _triton.interpreter_problem()
+        fix = r"numpy<2.*kernels='torch'"
+        with pytest.raises(RuntimeError, match=fix):
+            _triton.resolve_kernels("triton", torch.device("cpu"))
+        targets = ScoringTargets(torch.randn(1, 8), torch.randn(1, 8), torch.tensor([0.5]))
+        with pytest.raises(RuntimeError, match=fix):
+            score(torch.randn(3, 8), targets, impl="triton")
+        spec = PreprocessSpec(size=(8, 8), mean=(0.5, 0.5, 0.5), std=(0.2, 0.2, 0.2), mode="vlmrm")
+        with pytest.raises(RuntimeError, match=fix):
+            preprocess(torch.zeros((2, 12, 12, 3), dtype=torch.uint8), spec, torch.float32, impl="triton")
+    finally:
+        _triton.interpreter_problem.cache_clear()
+
+
+@pytest.mark.skipif(not HAS_TRITON or not interpreter_enabled(), reason="the kernels are compiled here, not interpreted")
+def test_this_triton_interpreter_passes_the_probe():
+    from vlmrm_fast.ops._triton import interpreter_problem
+
+    assert interpreter_problem() is None
+
+
+def test_kernel_modules_keep_real_annotations():
+    # Stringified annotations hide tl.constexpr from Triton 3.0's interpreter, which then fails on
+    # every kernel; CI runs a newer Triton, so only this test would notice the import coming back.
+    import pathlib
+    import re
+
+    import vlmrm_fast
+
+    root = pathlib.Path(vlmrm_fast.__file__).parent
+    kernel_modules = [p for p in root.rglob("*.py") if "@triton.jit" in p.read_text()]
+    assert len(kernel_modules) >= 3, kernel_modules
+    for path in kernel_modules:
+        assert not re.search(r"^from __future__ import .*annotations", path.read_text(), re.M), path

@@ -4,12 +4,14 @@ Triton compiles for CUDA (and ROCm) devices. On CPU it runs only through its int
 (``TRITON_INTERPRET=1``, set before the kernels are defined), which is exact but slow and meant
 for tests. Everywhere else the ops fall back to their plain torch path, which has the same
 semantics.
-"""
-from __future__ import annotations
 
+Modules that define kernels do without ``from __future__ import annotations``: Triton 3.0's
+interpreter recognises a ``tl.constexpr`` parameter by its annotation object, not by a string.
+"""
 import contextlib
+import functools
 import os
-from typing import ContextManager, Literal
+from typing import ContextManager, Literal, Optional
 
 import torch
 
@@ -33,6 +35,48 @@ _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 def interpreter_enabled() -> bool:
     """True when the kernels were defined under ``TRITON_INTERPRET=1`` (Triton's CPU interpreter)."""
     return _INTERPRETED
+
+
+if HAS_TRITON:
+    import triton.language as tl
+
+    @triton.jit
+    def _probe_kernel(out_ptr, BLOCK: tl.constexpr):
+        offsets = tl.arange(0, BLOCK)
+        tl.store(out_ptr + offsets, offsets + 1)
+
+
+@functools.lru_cache(maxsize=None)
+def interpreter_problem() -> Optional[str]:
+    """Why Triton's CPU interpreter cannot be trusted in this environment, or None if it can.
+
+    Runs a four-element store once per process. Triton 3.0's interpreter under NumPy 2 runs kernels
+    without an error but loses their stores (seen here with NumPy 2.0-2.4), which would leave an
+    op's output uninitialised.
+    """
+    import numpy
+
+    out = torch.zeros(4, dtype=torch.int32)
+    try:
+        _probe_kernel[(1,)](out, BLOCK=4)
+    except Exception as error:  # noqa: BLE001 - any failure means the interpreter is unusable
+        return f"a probe kernel failed in Triton {triton.__version__}'s CPU interpreter ({error!r})"
+    if out.tolist() != [1, 2, 3, 4]:
+        return (f"Triton {triton.__version__}'s CPU interpreter loses kernel stores under NumPy "
+                f"{numpy.__version__} (Triton 3.0 predates NumPy 2)")
+    return None
+
+
+def require_working_interpreter() -> None:
+    """Raise if the kernels are interpreted (``TRITON_INTERPRET=1``) and the interpreter is broken."""
+    if not interpreter_enabled():
+        return
+    problem = interpreter_problem()
+    if problem is not None:
+        raise RuntimeError(
+            f"{problem}. Install a Triton whose interpreter works here (3.6 and 3.9 pass this package's "
+            "tests under NumPy 2.4) or `pip install 'numpy<2'`, or pass kernels='torch'."
+        )
 
 
 def on_device(device: torch.device) -> ContextManager:
@@ -74,4 +118,6 @@ def resolve_kernels(kernels: str, device: torch.device) -> Literal["triton", "to
             "Use a CUDA device, set TRITON_INTERPRET=1 before importing vlmrm_fast (it is read at import) "
             "to run the kernels in Triton's slow CPU interpreter, or pass kernels='torch'."
         )
+    if device.type == "cpu":
+        require_working_interpreter()
     return "triton"

@@ -11,15 +11,14 @@ Semantics (SPEC §1.2), shared by the Triton kernel and the torch path:
 - "openclip": frames / 255 -> shorter side to S, bicubic with antialiasing -> centre crop S x S -> normalise.
 - Frames already S x S: both reduce to the cast and the normalisation (the fast path).
 """
-from __future__ import annotations
-
 import contextlib
 from dataclasses import dataclass
 from typing import Iterator, Literal, Sequence, Tuple
 
 import torch
 
-from vlmrm_fast.ops._triton import HAS_TRITON, interpreter_enabled, on_device as _on_device
+from vlmrm_fast.ops._triton import HAS_TRITON, interpreter_enabled, require_working_interpreter
+from vlmrm_fast.ops._triton import on_device as _on_device
 from vlmrm_fast.ops.resize_taps import is_identity, resize_matrices, resize_tables
 
 PreprocessMode = Literal["vlmrm", "openclip"]
@@ -85,8 +84,8 @@ if HAS_TRITON:
         height,
         out_h,
         out_w,
-        taps_y,
-        taps_x,
+        TAPS_Y: tl.constexpr,
+        TAPS_X: tl.constexpr,
         RESAMPLE: tl.constexpr,
         BOTTOM_UP: tl.constexpr,
         ROUND_BF16: tl.constexpr,
@@ -108,18 +107,21 @@ if HAS_TRITON:
         stride_c = stride_c.to(tl.int64)
 
         if RESAMPLE:
+            # Tap counts are compile-time constants: a frame size has one pair (4 x 4 for the squash
+            # resize), the loops get known trip counts, and the CPU interpreter of Triton 3.0-3.6 (3.9's
+            # is fixed) cannot take a runtime integer as a loop bound under NumPy >= 2.4.
             acc0 = tl.zeros((BLOCK_Y, BLOCK_X), dtype=tl.float32)
             acc1 = tl.zeros((BLOCK_Y, BLOCK_X), dtype=tl.float32)
             acc2 = tl.zeros((BLOCK_Y, BLOCK_X), dtype=tl.float32)
-            for ky in range(taps_y):
-                iy = tl.load(row_idx_ptr + oy * taps_y + ky, mask=in_y, other=0).to(tl.int64)
-                wy = tl.load(row_w_ptr + oy * taps_y + ky, mask=in_y, other=0.0)
+            for ky in range(TAPS_Y):
+                iy = tl.load(row_idx_ptr + oy * TAPS_Y + ky, mask=in_y, other=0).to(tl.int64)
+                wy = tl.load(row_w_ptr + oy * TAPS_Y + ky, mask=in_y, other=0.0)
                 row0 = tl.zeros((BLOCK_Y, BLOCK_X), dtype=tl.float32)
                 row1 = tl.zeros((BLOCK_Y, BLOCK_X), dtype=tl.float32)
                 row2 = tl.zeros((BLOCK_Y, BLOCK_X), dtype=tl.float32)
-                for kx in range(taps_x):
-                    ix = tl.load(col_idx_ptr + ox * taps_x + kx, mask=in_x, other=0).to(tl.int64)
-                    wx = tl.load(col_w_ptr + ox * taps_x + kx, mask=in_x, other=0.0)[None, :]
+                for kx in range(TAPS_X):
+                    ix = tl.load(col_idx_ptr + ox * TAPS_X + kx, mask=in_x, other=0).to(tl.int64)
+                    wx = tl.load(col_w_ptr + ox * TAPS_X + kx, mask=in_x, other=0.0)[None, :]
                     p = src + iy[:, None] * stride_h + ix[None, :] * stride_w
                     row0 += wx * tl.load(p, mask=mask, other=0).to(tl.float32)
                     row1 += wx * tl.load(p + stride_c, mask=mask, other=0).to(tl.float32)
@@ -167,6 +169,7 @@ def preprocess_triton(
     Returns:
         [N, 3, S_h, S_w] contiguous, ``out_dtype``, on ``frames.device``.
     """
+    require_working_interpreter()
     n, height, width, _ = frames.shape
     out_h, out_w = spec.size
     out = torch.empty((n, 3, out_h, out_w), dtype=out_dtype, device=frames.device)
@@ -192,8 +195,8 @@ def preprocess_triton(
             frames, out, row_idx, row_w, col_idx, col_w,
             *scale, *shift,
             *frames.stride(),
-            height, out_h, out_w, taps_y, taps_x,
-            RESAMPLE=resample, BOTTOM_UP=bottom_up,
+            height, out_h, out_w,
+            TAPS_Y=taps_y, TAPS_X=taps_x, RESAMPLE=resample, BOTTOM_UP=bottom_up,
             ROUND_BF16=out_dtype == torch.bfloat16 and interpreter_enabled(),
             BLOCK_Y=block_y, BLOCK_X=block_x,
         )

@@ -16,14 +16,12 @@ raw tower output once, normalises it on the fly and accumulates in float32.
 A zero, NaN or inf embedding gives a NaN reward; callers check the (small) reward tensor rather than
 the embeddings (see :class:`vlmrm_fast.CLIPReward`).
 """
-from __future__ import annotations
-
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 
-from vlmrm_fast.ops._triton import HAS_TRITON, on_device
+from vlmrm_fast.ops._triton import HAS_TRITON, on_device, require_working_interpreter
 
 
 @dataclass(frozen=True)
@@ -74,16 +72,17 @@ if HAS_TRITON:
         alpha_ptr,
         out_ptr,
         n_rows,
-        dim,
         n_tasks,
         stride_xn,
         stride_xd,
         stride_on,
+        DIM: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_T: tl.constexpr,
         BLOCK_D: tl.constexpr,
     ):
-        # One program: BLOCK_N embeddings x BLOCK_T tasks; D is swept in BLOCK_D chunks.
+        # One program: BLOCK_N embeddings x BLOCK_T tasks; D is swept in BLOCK_D chunks. D is a
+        # compile-time constant (one per model): see the loop-bound note in ops/preprocess.py.
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         tasks = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
         row_ok = rows < n_rows
@@ -93,16 +92,16 @@ if HAS_TRITON:
         sq_norm = tl.zeros((BLOCK_N,), dtype=tl.float32)
         x_dot_g = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
         x_dot_u = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
-        for d0 in range(0, dim, BLOCK_D):
+        for d0 in range(0, DIM, BLOCK_D):
             cols = d0 + tl.arange(0, BLOCK_D)
-            col_ok = cols < dim
+            col_ok = cols < DIM
             x = tl.load(
                 x_rows + cols.to(tl.int64)[None, :] * stride_xd, mask=row_ok[:, None] & col_ok[None, :], other=0.0
             )
             x = x.to(tl.float32)
             t_mask = task_ok[:, None] & col_ok[None, :]
-            g = tl.load(goals_ptr + tasks[:, None] * dim + cols[None, :], mask=t_mask, other=0.0)
-            u = tl.load(dirs_ptr + tasks[:, None] * dim + cols[None, :], mask=t_mask, other=0.0)
+            g = tl.load(goals_ptr + tasks[:, None] * DIM + cols[None, :], mask=t_mask, other=0.0)
+            u = tl.load(dirs_ptr + tasks[:, None] * DIM + cols[None, :], mask=t_mask, other=0.0)
             sq_norm += tl.sum(x * x, axis=1)
             x_dot_g += tl.sum(x[:, None, :] * g[None, :, :], axis=2)
             x_dot_u += tl.sum(x[:, None, :] * u[None, :, :], axis=2)
@@ -137,6 +136,7 @@ def score_triton(embeddings: torch.Tensor, targets: ScoringTargets) -> torch.Ten
     Returns:
         [N, T] float32 rewards.
     """
+    require_working_interpreter()
     n, dim = embeddings.shape
     out = torch.empty((n, targets.num_tasks), dtype=torch.float32, device=embeddings.device)
     if n == 0:
@@ -152,9 +152,9 @@ def score_triton(embeddings: torch.Tensor, targets: ScoringTargets) -> torch.Ten
             targets.goal_dot_directions,
             targets.alphas,
             out,
-            n, dim, targets.num_tasks,
+            n, targets.num_tasks,
             embeddings.stride(0), embeddings.stride(1), out.stride(0),
-            BLOCK_N=block_n, BLOCK_T=block_t, BLOCK_D=block_d,
+            DIM=dim, BLOCK_N=block_n, BLOCK_T=block_t, BLOCK_D=block_d,
         )
     return out
 
