@@ -94,7 +94,8 @@ def counted_gflops(visual: torch.nn.Module) -> float:
     parameter = next(visual.parameters())
     pixels = torch.zeros((1, 3, height, width), dtype=parameter.dtype, device=parameter.device)
     counter = FlopCounterMode(display=False)
-    with torch.inference_mode(), counter:
+    # no_grad, not inference_mode: torch 2.4's counter sees no ops under inference_mode.
+    with torch.no_grad(), counter:
         visual(pixels)
     return counter.get_total_flops() / 1e9
 
