@@ -1,0 +1,75 @@
+"""Building the wheel (what a GPU cluster installs): setup.py's knobs and what the wheel holds.
+
+Builds run on a copy of the sources in a temporary folder, so the checkout gets no build/ folder.
+"""
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _sources(tmp_path: Path) -> Path:
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "setup.py", "README.md"):
+        shutil.copy2(ROOT / name, src / name)
+    ignore = shutil.ignore_patterns("__pycache__", "*.so", "*.egg-info")
+    for name in ("vlmrm_fast", "csrc"):
+        shutil.copytree(ROOT / name, src / name, ignore=ignore)
+    return src
+
+
+def _missing_build_requirements():
+    # Without build isolation pip uses what is installed: pyproject's [build-system] requirements.
+    import importlib.metadata
+    import importlib.util
+
+    setuptools_version = tuple(int(p) for p in importlib.metadata.version("setuptools").split(".")[:2])
+    if importlib.util.find_spec("wheel") is None and setuptools_version < (70, 1):
+        return "no `wheel` package and setuptools < 70.1: `pip install wheel` (the dev extra has it)"
+    return None
+
+
+pytestmark = pytest.mark.skipif(_missing_build_requirements() is not None, reason=str(_missing_build_requirements()))
+
+
+def _pip_wheel(src: Path, out: Path, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-v", "-w", str(out), str(src)],
+        env={**os.environ, **env}, capture_output=True, text=True, timeout=300,
+    )
+
+
+def test_pure_python_wheel_holds_the_package_and_its_model_configs(tmp_path):
+    src, out = _sources(tmp_path), tmp_path / "dist"
+    result = _pip_wheel(src, out, VLMRM_FAST_SKIP_CUDA_BUILD="1")
+    assert result.returncode == 0, result.stderr
+    assert "VLMRM_FAST_SKIP_CUDA_BUILD is set" in result.stdout + result.stderr
+    (wheel,) = out.glob("vlmrm_fast-*.whl")
+    assert wheel.name.endswith("-py3-none-any.whl"), wheel.name  # no extension: one wheel for every platform
+    names = set(zipfile.ZipFile(wheel).namelist())
+    configs = {p.name for p in (ROOT / "vlmrm_fast" / "model_configs").glob("*.json")}
+    assert configs and {f"vlmrm_fast/model_configs/{c}" for c in configs} <= names
+    assert "vlmrm_fast/reward.py" in names and "vlmrm_fast/backends/tensorrt.py" in names
+    assert not any(n.startswith(("tests/", "benchmarks/", "csrc/")) for n in names)
+    entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
+    assert "vlmrm-fast = vlmrm_fast.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+
+
+def test_forced_cuda_build_without_the_toolkit_fails_and_says_why(tmp_path):
+    torch = pytest.importorskip("torch")
+    if torch.version.cuda is None:
+        pytest.skip("a CPU-only torch build: the forced build stops earlier, at 'CPU-only build'")
+    src, out = _sources(tmp_path), tmp_path / "dist"
+    no_toolkit = tmp_path / "no-cuda"  # CUDA_HOME without bin/nvcc: as on a machine without the toolkit
+    no_toolkit.mkdir()
+    result = _pip_wheel(src, out, VLMRM_FAST_FORCE_BUILD="1", CUDA_HOME=str(no_toolkit), CUDA_PATH="")
+    assert result.returncode != 0
+    assert "VLMRM_FAST_FORCE_BUILD: the CUDA toolkit (nvcc, CUDA_HOME) was not found" in result.stdout + result.stderr
+    assert not list(out.glob("*.whl"))
