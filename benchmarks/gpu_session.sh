@@ -1,0 +1,131 @@
+#!/usr/bin/env bash
+# The GPU checks and figures, in parts that each end well inside ten minutes, for a CUDA machine
+# that may have no network: Python wheels and EGL libraries travel in .whl/ and .gl/ (both ignored
+# by git), fetched beforehand on a machine that reaches PyPI and Debian.
+#
+#   bash benchmarks/gpu_session.sh fetch            # on the networked machine: fill .whl/ and .gl/
+#   bash benchmarks/gpu_session.sh PART [PART ...]  # on the GPU machine
+#
+# PARTs, in the order worth running them:
+#   info         nvidia-smi, library versions, whether EGL reaches the GPU               (seconds)
+#   tests        build the GL-CUDA extension, then `pytest -m gpu`                       (minutes)
+#   kernels      benchmarks/bench_kernels.py: preprocess GB/s against the copy, score frames/s
+#   render       benchmarks/bench_env.py --no-env-steps: render-only frames/s (target 3,000/s at 224)
+#   env          benchmarks/bench_env.py --no-render: env steps/s with the VLM reward, N = 1 8 32
+#   profile-b32, profile-l14, profile-bigg
+#                `vlmrm-fast bench` for one model at 224 px, batch 1-1024, bf16, torch and compile
+#
+# Each part writes under $RESULTS/<part>/ (RESULTS defaults to $OUT where that is set, else
+# runs/gpu-session/), with its log; copy the figures worth keeping to benchmarks/results/ and commit
+# them with the commit they were measured at. Override the python with PYTHON=...
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+RESULTS=${RESULTS:-${OUT:-runs/gpu-session}}
+# Versions for the fetch step; the GPU image supplies torch, triton, numpy and the rest.
+WHEEL_PYTHON=${WHEEL_PYTHON:-3.12}
+WHEELS=(open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.9.4 mujoco==4.0.0 mujoco-core==4.0.0 mujoco-studio==4.0.0
+        glfw==2.11.0 pyopengl==3.1.10 gymnasium==1.4.0 farama-notifications==0.0.6 stable-baselines3==2.9.2)
+GL_DEBS=(libegl1 libglvnd0 libopengl0 libgl1 libglx0 libgles2)
+
+fetch() {
+    mkdir -p .whl .gl
+    "$PYTHON" -m pip download -q --no-deps --only-binary=:all: --python-version "$WHEEL_PYTHON" --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
+        --platform manylinux2014_x86_64 -d .whl "${WHEELS[@]}" || return 1
+    local lists=/tmp/gpu-session-apt
+    mkdir -p "$lists/partial"
+    local apt_opts=(-oAPT::Architecture=amd64 -oAPT::Architectures=amd64 "-oDir::State::Lists=$lists")
+    apt-get "${apt_opts[@]}" update -qq && (cd .gl && apt-get "${apt_opts[@]}" download "${GL_DEBS[@]}") || return 1
+    du -sh .whl .gl
+}
+
+setup() {
+    # What a bare machine lacks: the GL libraries (unpacked into /), the carried wheels, this package.
+    if compgen -G ".gl/*.deb" >/dev/null; then
+        for deb in .gl/*.deb; do dpkg -x "$deb" /; done
+        ldconfig
+    fi
+    if compgen -G ".whl/*.whl" >/dev/null; then
+        "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+            || return 1
+        export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+    fi
+    local vendor=/usr/local/nvidia/share/glvnd/egl_vendor.d/10_nvidia.json
+    [ -f "$vendor" ] && export __EGL_VENDOR_LIBRARY_FILENAMES=$vendor
+    export MUJOCO_GL=egl PYOPENGL_PLATFORM=egl PYTHONUNBUFFERED=1
+    # --no-build-isolation: the extension builds against the torch already here (setup.py's knobs).
+    "$PYTHON" -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | grep "vlmrm_fast setup" || true
+}
+
+part() {  # part NAME COMMAND...: run COMMAND with its output also in $RESULTS/NAME/log.txt
+    local name=$1
+    shift
+    mkdir -p "$RESULTS/$name"
+    echo "== $name: $*"
+    local start=$SECONDS
+    "$@" 2>&1 | tee "$RESULTS/$name/log.txt"
+    local rc=${PIPESTATUS[0]}
+    echo "== $name: exit $rc after $((SECONDS - start)) s"
+    return "$rc"
+}
+
+info() {
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv || true
+    git rev-parse --short HEAD 2>/dev/null || true
+    "$PYTHON" - <<'EOF'
+import importlib.metadata as md
+for name in ("torch", "triton", "open_clip_torch", "onnx", "onnxruntime", "mujoco", "gymnasium", "stable_baselines3"):
+    try:
+        print(f"{name} {md.version(name)}")
+    except md.PackageNotFoundError:
+        print(f"{name} missing")
+import torch
+print("cuda", torch.version.cuda, "device", torch.cuda.get_device_name() if torch.cuda.is_available() else None)
+try:
+    from vlmrm_fast.render import gpu_unavailable_reason, rendering_unavailable_reason
+    print("MuJoCo rendering:", rendering_unavailable_reason() or "available")
+    print("GPU render path:", gpu_unavailable_reason() or "available")
+except Exception as error:  # the summary must print whatever is missing
+    print("rendering: unknown", repr(error))
+EOF
+}
+
+profile() {  # profile MODEL NAME; PROFILE_BATCHES="1 64 1024" trims a part that would run too long
+    # shellcheck disable=SC2086
+    "$PYTHON" -m vlmrm_fast bench --models "$1" --frame-size 224 --batch-sizes ${PROFILE_BATCHES:-1 8 64 256 1024} \
+        --dtypes bf16 --backends torch compile --out "$RESULTS/$2" --no-progress
+}
+
+run_part() {
+    case $1 in
+        info) part info info ;;
+        tests) part tests "$PYTHON" -m pytest -m gpu -q -rs -p no:cacheprovider ;;
+        kernels) part kernels "$PYTHON" benchmarks/bench_kernels.py \
+                     --csv "$RESULTS/kernels/kernels.csv" --json "$RESULTS/kernels/kernels.json" ;;
+        render) part render "$PYTHON" benchmarks/bench_env.py --no-env-steps \
+                    --csv "$RESULTS/render/env.csv" --json "$RESULTS/render/env.json" ;;
+        env) part env "$PYTHON" benchmarks/bench_env.py --no-render \
+                 --csv "$RESULTS/env/env.csv" --json "$RESULTS/env/env.json" ;;
+        profile-b32) part profile-b32 profile ViT-B-32 profile-b32 ;;
+        profile-l14) part profile-l14 profile ViT-L-14 profile-l14 ;;
+        profile-bigg) part profile-bigg profile ViT-bigG-14 profile-bigg ;;
+        *) echo "unknown part '$1' (see the top of $0)" >&2; return 2 ;;
+    esac
+}
+
+if [ $# -eq 0 ] || [ "$1" = -h ] || [ "$1" = --help ]; then
+    sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'
+    exit 0
+fi
+if [ "$1" = fetch ]; then
+    fetch
+    exit
+fi
+setup || { echo "setup failed" >&2; exit 1; }
+status=0
+for name in "$@"; do
+    run_part "$name" || status=1
+done
+exit $status
