@@ -1,0 +1,187 @@
+"""Compile the fused Triton kernels for a GPU architecture on any machine, and report their resources.
+
+Triton compiles ahead of time with the ptxas its wheel ships; cuobjdump (shipped too) reads each
+cubin's registers per thread, local memory and stack (spills) and shared memory. No GPU is needed. On
+a CPU-only machine this checks what Triton's interpreter lets through (the compiler's type rules and
+its lowering to each architecture) and shows register pressure before a GPU is at hand.
+
+The kernels are compiled exactly as the ops launch them: each variant runs the real launcher
+(``preprocess_triton`` / ``score_triton``) on CPU tensors with the kernel replaced by a recorder, and
+the recorded arguments give the signature and the compile-time constants. Integer arguments are
+compiled as plain i32/i64, without the divisibility hints Triton adds at launch, so register counts
+can differ a little from a GPU's.
+
+    python benchmarks/kernel_resources.py                 # sm_80 and sm_90, a table
+    python benchmarks/kernel_resources.py --archs 90 --json resources.json
+
+Needs Triton >= 3.3 (its ahead-of-time API) and must run without TRITON_INTERPRET=1.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import inspect
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Tuple
+
+import torch
+
+_TYPES = {torch.uint8: "u8", torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
+          torch.int32: "i32", torch.int64: "i64"}
+
+
+@dataclass
+class Resources:
+    kernel: str
+    variant: str
+    arch: int
+    registers: int
+    local_bytes: int
+    stack_bytes: int
+    shared_bytes: int
+    compile_s: float
+
+
+class _Recorder:
+    """Stands in for a kernel: ``kernel[grid](*args, **kwargs)`` records the call and runs nothing."""
+
+    def __init__(self) -> None:
+        self.calls: List[Tuple[tuple, dict]] = []
+
+    def __getitem__(self, grid: Any) -> Callable[..., None]:
+        return lambda *args, **kwargs: self.calls.append((args, kwargs))
+
+
+@contextlib.contextmanager
+def _recording(module: Any, name: str) -> Iterator[_Recorder]:
+    recorder, kernel = _Recorder(), getattr(module, name)
+    setattr(module, name, recorder)
+    try:
+        yield recorder
+    finally:
+        setattr(module, name, kernel)
+
+
+def _variants() -> List[Tuple[str, Any, Callable[[], None]]]:
+    """(name, JITFunction, its launch on CPU tensors) for each variant worth compiling."""
+    # The modules, not the functions of the same names that vlmrm_fast.ops exports.
+    pre = importlib.import_module("vlmrm_fast.ops.preprocess")
+    sc = importlib.import_module("vlmrm_fast.ops.score")
+
+    spec = pre.PreprocessSpec(size=(224, 224), mean=(0.48, 0.46, 0.41), std=(0.27, 0.26, 0.28), mode="vlmrm")
+    crop = pre.PreprocessSpec(size=(224, 224), mean=(0.48, 0.46, 0.41), std=(0.27, 0.26, 0.28), mode="openclip")
+    u8 = lambda side: torch.zeros((2, side, side, 3), dtype=torch.uint8)  # noqa: E731
+
+    def targets(t: int, d: int) -> Any:
+        return sc.ScoringTargets(torch.randn(t, d), torch.randn(t, d), torch.rand(t))
+
+    kernel_pre, kernel_score = pre._preprocess_kernel, sc._score_kernel
+    return [
+        ("480 squash resize -> bf16", kernel_pre, lambda: pre.preprocess_triton(u8(480), spec, torch.bfloat16)),
+        ("224 identity, bottom-up -> bf16", kernel_pre,
+         lambda: pre.preprocess_triton(u8(224), spec, torch.bfloat16, bottom_up=True)),
+        ("480 float, crop + antialias -> fp16", kernel_pre,
+         lambda: pre.preprocess_triton(torch.zeros((2, 480, 480, 3)), crop, torch.float16)),
+        ("400x600 squash resize -> fp32", kernel_pre,
+         lambda: pre.preprocess_triton(torch.zeros((2, 400, 600, 3), dtype=torch.uint8), spec, torch.float32)),
+        ("bf16 D=1280 T=1", kernel_score, lambda: sc.score_triton(torch.zeros((4, 1280), dtype=torch.bfloat16), targets(1, 1280))),
+        ("fp16 D=768 T=3", kernel_score, lambda: sc.score_triton(torch.zeros((4, 768), dtype=torch.float16), targets(3, 768))),
+        ("fp32 D=512 T=8", kernel_score, lambda: sc.score_triton(torch.zeros((4, 512)), targets(8, 512))),
+    ]
+
+
+def _signature(kernel: Any, args: tuple, kwargs: dict) -> Tuple[Dict[str, str], Dict[str, Any]]:
+    names = [p.name for p in kernel.params]
+    values = dict(zip(names, args), **kwargs)
+    signature, constexprs = {}, {}
+    for param in kernel.params:
+        value = values[param.name]
+        if param.is_constexpr:
+            signature[param.name], constexprs[param.name] = "constexpr", value
+        elif isinstance(value, torch.Tensor):
+            signature[param.name] = "*" + _TYPES[value.dtype]
+        elif isinstance(value, bool):
+            signature[param.name] = "i1"
+        elif isinstance(value, int):
+            signature[param.name] = "i32" if -(2**31) <= value < 2**31 else "i64"
+        elif isinstance(value, float):
+            signature[param.name] = "fp32"
+        else:
+            raise TypeError(f"{param.name}: no Triton type for {type(value).__name__}")
+    return signature, constexprs
+
+
+def _cuobjdump() -> Path:
+    import triton
+
+    return Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+
+
+def _resource_usage(cubin: bytes) -> Dict[str, int]:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([str(_cuobjdump()), "--dump-resource-usage", f.name],
+                             capture_output=True, text=True, check=True).stdout
+    line = next(line for line in out.splitlines() if "REG:" in line)
+    fields = dict(item.split(":", 1) for item in line.split())
+    return {key: int(fields[key]) for key in ("REG", "STACK", "SHARED", "LOCAL")}
+
+
+def compile_all(archs: List[int]) -> List[Resources]:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        raise SystemExit("unset TRITON_INTERPRET: interpreted kernels cannot be compiled")
+    if "constexprs" not in inspect.signature(ASTSource.__init__).parameters:
+        raise SystemExit(f"Triton {triton.__version__} predates the ahead-of-time API used here (3.3+)")
+    rows = []
+    for variant, kernel, launch in _variants():
+        module = sys.modules[kernel.fn.__module__]
+        with _recording(module, kernel.fn.__name__) as recorder:
+            launch()
+        ((args, kwargs),) = recorder.calls
+        signature, constexprs = _signature(kernel, args, kwargs)
+        for arch in archs:
+            start = time.perf_counter()
+            compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+                                      target=GPUTarget("cuda", arch, 32))
+            seconds = time.perf_counter() - start
+            usage = _resource_usage(compiled.asm["cubin"])
+            rows.append(Resources(kernel.fn.__name__, variant, arch, usage["REG"], usage["LOCAL"], usage["STACK"],
+                                  max(usage["SHARED"], int(compiled.metadata.shared)), round(seconds, 2)))
+    return rows
+
+
+def main(argv: List[str] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--archs", nargs="+", type=int, default=[80, 90], help="compute capabilities x 10 (default: 80 90)")
+    parser.add_argument("--json", type=Path, help="write the rows, with the Triton and torch versions, here")
+    args = parser.parse_args(argv)
+    import triton
+
+    rows = compile_all(args.archs)
+    print(f"Triton {triton.__version__}, torch {torch.__version__}: registers per thread, spills, shared memory")
+    print(f"{'kernel':<20} {'variant':<36} {'sm':>3} {'regs':>5} {'local B':>8} {'stack B':>8} {'shared B':>9} {'compile s':>9}")
+    for r in rows:
+        print(f"{r.kernel:<20} {r.variant:<36} {r.arch:>3} {r.registers:>5} {r.local_bytes:>8} {r.stack_bytes:>8} "
+              f"{r.shared_bytes:>9} {r.compile_s:>9.2f}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"triton": triton.__version__, "torch": torch.__version__,
+                                         "rows": [asdict(r) for r in rows]}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

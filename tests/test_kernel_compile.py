@@ -1,0 +1,40 @@
+"""The Triton kernels compile for Ampere (sm_80) and Hopper (sm_90) here, without a GPU, and do not spill.
+
+Triton's CPU interpreter, which runs the numerical tests on machines without a GPU, accepts code its
+compiler rejects; benchmarks/kernel_resources.py compiles every launch variant ahead of time with the
+ptxas Triton ships, so a kernel that would not build on a GPU fails here first. Register spills
+(local memory, stack) would cost a memory-bound kernel bandwidth, so any is a failure.
+"""
+import inspect
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+triton = pytest.importorskip("triton")
+from triton.compiler import ASTSource  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.skipif("constexprs" not in inspect.signature(ASTSource.__init__).parameters,
+                    reason=f"Triton {triton.__version__} predates the ahead-of-time API the script uses (3.3+)")
+def test_kernels_compile_for_sm80_and_sm90_without_spills(tmp_path):
+    out = tmp_path / "resources.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compiled, not interpreted
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "kernel_resources.py"), "--archs", "80", "90", "--json", str(out)],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["kernel"], r["arch"]) for r in rows} == {
+        (kernel, arch) for kernel in ("_preprocess_kernel", "_score_kernel") for arch in (80, 90)
+    }
+    assert len(rows) == 14
+    for r in rows:
+        assert 0 < r["registers"] <= 255, r
+        assert r["local_bytes"] == 0 and r["stack_bytes"] == 0, f"spills: {r}"
