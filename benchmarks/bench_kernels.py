@@ -9,6 +9,8 @@ Ops (SPEC §1.2, §1.4, §2):
 Providers:
 - ``triton``: the fused kernel (``impl="triton"``); ``triton-interpret`` when it runs in Triton's
   CPU interpreter (``TRITON_INTERPRET=1``), whose timings say nothing about the kernel's speed.
+- ``triton-16x64w8`` (with ``--preprocess-tiles 16x64w8``): the preprocess kernel launched with
+  16 x 64 tiles and 8 warps instead of its default, for tuning.
 - ``torch``: the package's plain torch path (``impl="torch"``).
 - ``seed``: the original VLM-RM code's way, the baseline for ``speedup_vs_seed``.
 
@@ -36,7 +38,7 @@ import torch
 from vlmrm_fast.ops._triton import interpreter_enabled, triton_runs_on
 from results_io import append_csv, check_csv, fmt  # noqa: E402  (benchmarks/, beside this script)
 from vlmrm_fast.run_info import device_name, git_commit, gpu_driver, package_version
-from vlmrm_fast.ops.preprocess import PreprocessSpec, preprocess
+from vlmrm_fast.ops.preprocess import PreprocessSpec, preprocess, preprocess_triton
 from vlmrm_fast.ops.score import ScoringTargets, score
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -142,6 +144,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="preprocess output and score input dtype; auto = bf16 on CUDA, fp32 on CPU")
     parser.add_argument("--copy-mib", type=int, help="copy size; default 1024 on CUDA, 256 on CPU")
     parser.add_argument("--quick", action="store_true", help="smallest sensible set (one N, fewer repeats)")
+    parser.add_argument("--preprocess-tiles", nargs="+", default=[], metavar="RxCwW",
+                        help="also time the preprocess kernel with these tiles, e.g. 16x64w8 8x64w4 (rows x "
+                        "columns, warps; powers of two), as providers triton-RxCwW (where Triton runs)")
     parser.add_argument("--csv", type=Path, help="append one row per (op, case, provider, N) to this CSV")
     parser.add_argument("--json", type=Path, help="write the whole run (environment, config, rows) as JSON")
     args = parser.parse_args(argv)
@@ -164,6 +169,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         args.dtype = "bf16" if on_cuda else "fp32"
     if "preprocess" in args.ops and "copy" not in args.ops:
         args.ops.append("copy")
+    try:
+        args.preprocess_tiles = [parse_tile(t) for t in args.preprocess_tiles]
+    except ValueError as error:
+        parser.error(str(error))
     if min(args.batch_sizes) < 1 or args.repeats < 1 or args.warmup < 1:
         parser.error("batch sizes, --repeats and --warmup must be at least 1 (the warm-up compiles the kernels).")
     return args
@@ -270,6 +279,23 @@ def providers_for(device: torch.device) -> Tuple[List[str], List[str]]:
     return providers, skipped
 
 
+def parse_tile(text: str) -> Tuple[int, int, int]:
+    """ "16x64w8" -> (16, 64, 8)."""
+    try:
+        rows_cols, warps = text.lower().split("w")
+        rows, cols = rows_cols.split("x")
+        tile = (int(rows), int(cols), int(warps))
+    except ValueError:
+        raise ValueError(f"--preprocess-tiles {text!r}: write rows x columns, then w and the warps, e.g. 16x64w8") from None
+    if not all(v > 0 and v & (v - 1) == 0 for v in tile):
+        raise ValueError(f"--preprocess-tiles {text!r}: rows, columns and warps must be powers of two")
+    return tile
+
+
+def tile_name(tile: Tuple[int, int, int]) -> str:
+    return f"triton-{tile[0]}x{tile[1]}w{tile[2]}"
+
+
 def impl_of(provider: str) -> str:
     return "triton" if provider.startswith("triton") else "torch"
 
@@ -299,9 +325,12 @@ def bench_preprocess(args: argparse.Namespace, env: Dict[str, str], timer: Timer
             frames = torch.randint(0, 256, (n, case.height, case.width, 3), dtype=torch.uint8, device=args.device)
             nbytes = frames.numel() + n * 3 * TOWER_SIZE[0] * TOWER_SIZE[1] * out_dtype.itemsize
             reference = None
-            for provider in providers:
+            tiled = {tile_name(t): t for t in args.preprocess_tiles} if any(p.startswith("triton") for p in providers) else {}
+            for provider in [*providers, *tiled]:
                 if provider == "seed":
                     fn = functools.partial(seed_preprocess, frames, case.mode, out_dtype)
+                elif provider in tiled:
+                    fn = functools.partial(preprocess_triton, frames, spec, out_dtype, tile=tiled[provider])
                 else:
                     fn = functools.partial(preprocess, frames, spec, out_dtype, impl=impl_of(provider))
                 output = fn()

@@ -9,7 +9,8 @@
 # PARTs, in the order worth running them:
 #   info         nvidia-smi, library versions, whether EGL reaches the GPU               (seconds)
 #   tests        build the GL-CUDA extension, then `pytest -m gpu`                       (minutes)
-#   kernels      benchmarks/bench_kernels.py: preprocess GB/s against the copy, score frames/s
+#   kernels      benchmarks/bench_kernels.py: preprocess GB/s against the copy (with 3 other tiles),
+#                score frames/s
 #   render       benchmarks/bench_env.py --no-env-steps: render-only frames/s (target 3,000/s at 224)
 #   env          benchmarks/bench_env.py --no-render: env steps/s with the VLM reward, N = 1 8 32
 #   profile-b32, profile-l14, profile-bigg
@@ -102,7 +103,7 @@ run_part() {
     case $1 in
         info) part info info ;;
         tests) part tests "$PYTHON" -m pytest -m gpu -q -rs -p no:cacheprovider ;;
-        kernels) part kernels "$PYTHON" benchmarks/bench_kernels.py \
+        kernels) part kernels "$PYTHON" benchmarks/bench_kernels.py --preprocess-tiles 16x64w8 8x64w4 16x32w4 \
                      --csv "$RESULTS/kernels/kernels.csv" --json "$RESULTS/kernels/kernels.json" ;;
         render) part render "$PYTHON" benchmarks/bench_env.py --no-env-steps \
                     --csv "$RESULTS/render/env.csv" --json "$RESULTS/render/env.json" ;;

@@ -13,7 +13,8 @@ import torch
 
 from conftest import DEVICES
 from reference import reference_preprocess
-from vlmrm_fast.ops.preprocess import PreprocessSpec, preprocess
+from vlmrm_fast.ops._triton import triton_runs_on
+from vlmrm_fast.ops.preprocess import PreprocessSpec, preprocess, preprocess_triton
 
 MEAN = (0.48145466, 0.4578275, 0.40821073)
 STD = (0.26862954, 0.26130258, 0.27577711)
@@ -119,3 +120,19 @@ def test_openclip_mode_needs_a_square_input():
 def test_spec_rejects_unknown_mode():
     with pytest.raises(ValueError, match="preprocess="):
         PreprocessSpec((8, 8), MEAN, STD, "bilinear")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode,h,w,s", [("vlmrm", 37, 53, 17), ("vlmrm", 19, 19, 19)])
+def test_other_tiles_give_the_same_output(device, mode, h, w, s):
+    # The tile is a tuning knob: the per-pixel arithmetic is the same in any tile, so outputs must
+    # match exactly, edges (partial tiles on the odd sizes) included.
+    if not triton_runs_on(torch.device(device)):
+        pytest.skip("Triton cannot run here")
+    frames = torch.from_numpy(_frames(2, h, w, seed=4)).to(device)
+    spec = PreprocessSpec((s, s), MEAN, STD, mode)
+    default = preprocess_triton(frames, spec, torch.float32)
+    for tile in [(8, 16, 4), (4, 32, 8)]:
+        assert torch.equal(preprocess_triton(frames, spec, torch.float32, tile=tile), default), tile
+    with pytest.raises(ValueError, match="power of two"):
+        preprocess_triton(frames, spec, torch.float32, tile=(12, 64, 4))

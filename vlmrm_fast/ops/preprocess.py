@@ -13,7 +13,7 @@ Semantics (SPEC §1.2), shared by the Triton kernel and the torch path:
 """
 import contextlib
 from dataclasses import dataclass
-from typing import Iterator, Literal, Sequence, Tuple
+from typing import Iterator, Literal, Optional, Sequence, Tuple
 
 import torch
 
@@ -159,17 +159,26 @@ def _tile_shape(out_h: int, out_w: int) -> Tuple[int, int]:
 
 
 def preprocess_triton(
-    frames: torch.Tensor, spec: PreprocessSpec, out_dtype: torch.dtype, bottom_up: bool = False
+    frames: torch.Tensor,
+    spec: PreprocessSpec,
+    out_dtype: torch.dtype,
+    bottom_up: bool = False,
+    *,
+    tile: Optional[Tuple[int, int, int]] = None,
 ) -> torch.Tensor:
     """Launch the fused kernel: one program per output tile (16 x 64 on a GPU) per frame.
 
     Args:
         frames: [N, H, W, 3] uint8 or float in [0, 1], any strides, on a CUDA device (or CPU under
             ``TRITON_INTERPRET=1``).
+        tile: (rows, columns, warps) of one program instead of the default, for tuning
+            (``benchmarks/bench_kernels.py --preprocess-tiles``); rows and columns powers of two.
     Returns:
         [N, 3, S_h, S_w] contiguous, ``out_dtype``, on ``frames.device``.
     """
     require_working_interpreter()
+    if tile is not None and not (len(tile) == 3 and all(v > 0 and v & (v - 1) == 0 for v in tile)):
+        raise ValueError(f"tile must be (rows, columns, warps), each a power of two; got {tile!r}.")
     n, height, width, _ = frames.shape
     out_h, out_w = spec.size
     out = torch.empty((n, 3, out_h, out_w), dtype=out_dtype, device=frames.device)
@@ -188,7 +197,8 @@ def preprocess_triton(
         row_w = col_w = torch.empty(1, dtype=torch.float32, device=frames.device)
         taps_y = taps_x = 0
     scale, shift = spec.affine(frames.dtype)
-    block_y, block_x = _tile_shape(out_h, out_w)
+    block_y, block_x = _tile_shape(out_h, out_w) if tile is None else tile[:2]
+    launch = {} if tile is None else {"num_warps": tile[2]}
     grid = (n, triton.cdiv(out_h, block_y) * triton.cdiv(out_w, block_x))
     with _on_device(frames.device):
         _preprocess_kernel[grid](
@@ -198,7 +208,7 @@ def preprocess_triton(
             height, out_h, out_w,
             TAPS_Y=taps_y, TAPS_X=taps_x, RESAMPLE=resample, BOTTOM_UP=bottom_up,
             ROUND_BF16=out_dtype == torch.bfloat16 and interpreter_enabled(),
-            BLOCK_Y=block_y, BLOCK_X=block_x,
+            BLOCK_Y=block_y, BLOCK_X=block_x, **launch,
         )
     return out
 
