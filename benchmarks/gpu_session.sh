@@ -93,10 +93,10 @@ except Exception as error:  # the summary must print whatever is missing
 EOF
 }
 
-profile() {  # profile MODEL NAME; PROFILE_BATCHES="1 64 1024" trims a part that would run too long
+profile() {  # profile MODEL NAME; PROFILE_BATCHES="1 64 1024" or PROFILE_BACKENDS=compile trim a long part
     # shellcheck disable=SC2086
     "$PYTHON" -m vlmrm_fast bench --models "$1" --frame-size 224 --batch-sizes ${PROFILE_BATCHES:-1 8 64 256 1024} \
-        --dtypes bf16 --backends torch compile --out "$RESULTS/$2" --no-progress
+        --dtypes bf16 --backends ${PROFILE_BACKENDS:-torch compile} --out "$RESULTS/$2" --no-progress
 }
 
 run_part() {
