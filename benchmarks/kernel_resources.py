@@ -42,6 +42,7 @@ _TYPES = {torch.uint8: "u8", torch.float32: "fp32", torch.bfloat16: "bf16", torc
 class Resources:
     kernel: str
     variant: str
+    default_launch: bool  # False: a tuning candidate (another tile), not what the op launches today
     arch: int
     registers: int
     local_bytes: int
@@ -70,8 +71,8 @@ def _recording(module: Any, name: str) -> Iterator[_Recorder]:
         setattr(module, name, kernel)
 
 
-def _variants() -> List[Tuple[str, Any, Callable[[], None]]]:
-    """(name, JITFunction, its launch on CPU tensors) for each variant worth compiling."""
+def _variants() -> List[Tuple[str, Any, Callable[[], None], bool]]:
+    """(name, JITFunction, its launch on CPU tensors, whether the ops launch it so) for each variant."""
     # The modules, not the functions of the same names that vlmrm_fast.ops exports.
     pre = importlib.import_module("vlmrm_fast.ops.preprocess")
     sc = importlib.import_module("vlmrm_fast.ops.score")
@@ -85,22 +86,26 @@ def _variants() -> List[Tuple[str, Any, Callable[[], None]]]:
 
     kernel_pre, kernel_score = pre._preprocess_kernel, sc._score_kernel
     return [
-        ("480 squash resize -> bf16", kernel_pre, lambda: pre.preprocess_triton(u8(480), spec, torch.bfloat16)),
+        ("480 squash resize -> bf16", kernel_pre, lambda: pre.preprocess_triton(u8(480), spec, torch.bfloat16), True),
+        ("480 squash resize, 8 warps -> bf16", kernel_pre,
+         lambda: pre.preprocess_triton(u8(480), spec, torch.bfloat16, tile=(16, 64, 8)), False),
         ("224 identity, bottom-up -> bf16", kernel_pre,
-         lambda: pre.preprocess_triton(u8(224), spec, torch.bfloat16, bottom_up=True)),
+         lambda: pre.preprocess_triton(u8(224), spec, torch.bfloat16, bottom_up=True), True),
         ("480 float, crop + antialias -> fp16", kernel_pre,
-         lambda: pre.preprocess_triton(torch.zeros((2, 480, 480, 3)), crop, torch.float16)),
+         lambda: pre.preprocess_triton(torch.zeros((2, 480, 480, 3)), crop, torch.float16), True),
         ("400x600 squash resize -> fp32", kernel_pre,
-         lambda: pre.preprocess_triton(torch.zeros((2, 400, 600, 3), dtype=torch.uint8), spec, torch.float32)),
-        ("bf16 D=1280 T=1", kernel_score, lambda: sc.score_triton(torch.zeros((4, 1280), dtype=torch.bfloat16), targets(1, 1280))),
-        ("fp16 D=768 T=3", kernel_score, lambda: sc.score_triton(torch.zeros((4, 768), dtype=torch.float16), targets(3, 768))),
-        ("fp32 D=512 T=8", kernel_score, lambda: sc.score_triton(torch.zeros((4, 512)), targets(8, 512))),
+         lambda: pre.preprocess_triton(torch.zeros((2, 400, 600, 3), dtype=torch.uint8), spec, torch.float32), True),
+        ("bf16 D=1280 T=1", kernel_score, lambda: sc.score_triton(torch.zeros((4, 1280), dtype=torch.bfloat16), targets(1, 1280)), True),
+        ("fp16 D=768 T=3", kernel_score, lambda: sc.score_triton(torch.zeros((4, 768), dtype=torch.float16), targets(3, 768)), True),
+        ("fp32 D=512 T=8", kernel_score, lambda: sc.score_triton(torch.zeros((4, 512)), targets(8, 512)), True),
     ]
 
 
-def _signature(kernel: Any, args: tuple, kwargs: dict) -> Tuple[Dict[str, str], Dict[str, Any]]:
+def _signature(kernel: Any, args: tuple, kwargs: dict) -> Tuple[Dict[str, str], Dict[str, Any], Dict[str, Any]]:
+    """(signature, compile-time constants, compile options such as num_warps) of a recorded launch."""
     names = [p.name for p in kernel.params]
     values = dict(zip(names, args), **kwargs)
+    options = {key: value for key, value in kwargs.items() if key not in names}
     signature, constexprs = {}, {}
     for param in kernel.params:
         value = values[param.name]
@@ -116,7 +121,7 @@ def _signature(kernel: Any, args: tuple, kwargs: dict) -> Tuple[Dict[str, str], 
             signature[param.name] = "fp32"
         else:
             raise TypeError(f"{param.name}: no Triton type for {type(value).__name__}")
-    return signature, constexprs
+    return signature, constexprs, options
 
 
 def _cuobjdump() -> Path:
@@ -146,19 +151,19 @@ def compile_all(archs: List[int]) -> List[Resources]:
     if "constexprs" not in inspect.signature(ASTSource.__init__).parameters:
         raise SystemExit(f"Triton {triton.__version__} predates the ahead-of-time API used here (3.3+)")
     rows = []
-    for variant, kernel, launch in _variants():
+    for variant, kernel, launch, default_launch in _variants():
         module = sys.modules[kernel.fn.__module__]
         with _recording(module, kernel.fn.__name__) as recorder:
             launch()
         ((args, kwargs),) = recorder.calls
-        signature, constexprs = _signature(kernel, args, kwargs)
+        signature, constexprs, options = _signature(kernel, args, kwargs)
         for arch in archs:
             start = time.perf_counter()
             compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
-                                      target=GPUTarget("cuda", arch, 32))
+                                      target=GPUTarget("cuda", arch, 32), options=options)
             seconds = time.perf_counter() - start
             usage = _resource_usage(compiled.asm["cubin"])
-            rows.append(Resources(kernel.fn.__name__, variant, arch, usage["REG"], usage["LOCAL"], usage["STACK"],
+            rows.append(Resources(kernel.fn.__name__, variant, default_launch, arch, usage["REG"], usage["LOCAL"], usage["STACK"],
                                   max(usage["SHARED"], int(compiled.metadata.shared)), round(seconds, 2)))
     return rows
 
@@ -174,8 +179,9 @@ def main(argv: List[str] = None) -> int:
     print(f"Triton {triton.__version__}, torch {torch.__version__}: registers per thread, spills, shared memory")
     print(f"{'kernel':<20} {'variant':<36} {'sm':>3} {'regs':>5} {'local B':>8} {'stack B':>8} {'shared B':>9} {'compile s':>9}")
     for r in rows:
-        print(f"{r.kernel:<20} {r.variant:<36} {r.arch:>3} {r.registers:>5} {r.local_bytes:>8} {r.stack_bytes:>8} "
+        print(f"{r.kernel:<20} {r.variant + ('' if r.default_launch else ' *'):<36} {r.arch:>3} {r.registers:>5} {r.local_bytes:>8} {r.stack_bytes:>8} "
               f"{r.shared_bytes:>9} {r.compile_s:>9.2f}")
+    print("* a tuning candidate, not the tile the op launches")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"triton": triton.__version__, "torch": torch.__version__,

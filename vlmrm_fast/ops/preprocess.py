@@ -198,7 +198,8 @@ def preprocess_triton(
         taps_y = taps_x = 0
     scale, shift = spec.affine(frames.dtype)
     block_y, block_x = _tile_shape(out_h, out_w) if tile is None else tile[:2]
-    launch = {} if tile is None else {"num_warps": tile[2]}
+    # FMA contraction pinned on: Triton 3.10 turns its default off (and 3.9 warns that it will).
+    launch = {"enable_fp_fusion": True} if tile is None else {"enable_fp_fusion": True, "num_warps": tile[2]}
     grid = (n, triton.cdiv(out_h, block_y) * triton.cdiv(out_w, block_x))
     with _on_device(frames.device):
         _preprocess_kernel[grid](

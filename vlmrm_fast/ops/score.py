@@ -155,6 +155,7 @@ def score_triton(embeddings: torch.Tensor, targets: ScoringTargets) -> torch.Ten
             n, targets.num_tasks,
             embeddings.stride(0), embeddings.stride(1), out.stride(0),
             DIM=dim, BLOCK_N=block_n, BLOCK_T=block_t, BLOCK_D=block_d,
+            enable_fp_fusion=True,  # pinned, as in ops/preprocess.py: Triton 3.10 changes the default
         )
     return out
 
