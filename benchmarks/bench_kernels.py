@@ -146,7 +146,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="smallest sensible set (one N, fewer repeats)")
     parser.add_argument("--preprocess-tiles", nargs="+", default=[], metavar="RxCwW",
                         help="also time the preprocess kernel with these tiles, e.g. 16x64w8 8x64w4 (rows x "
-                        "columns, warps; powers of two), as providers triton-RxCwW (where Triton runs)")
+                        "columns, warps; powers of two), as providers triton-RxCwW (where Triton runs; in the "
+                        "interpreter, triton-interpret-RxCwW, slower than its whole-frame default tile)")
     parser.add_argument("--csv", type=Path, help="append one row per (op, case, provider, N) to this CSV")
     parser.add_argument("--json", type=Path, help="write the whole run (environment, config, rows) as JSON")
     args = parser.parse_args(argv)
@@ -287,13 +288,14 @@ def parse_tile(text: str) -> Tuple[int, int, int]:
         tile = (int(rows), int(cols), int(warps))
     except ValueError:
         raise ValueError(f"--preprocess-tiles {text!r}: write rows x columns, then w and the warps, e.g. 16x64w8") from None
-    if not all(v > 0 and v & (v - 1) == 0 for v in tile):
-        raise ValueError(f"--preprocess-tiles {text!r}: rows, columns and warps must be powers of two")
+    if not all(v > 0 and v & (v - 1) == 0 for v in tile) or tile[2] > 32:
+        raise ValueError(f"--preprocess-tiles {text!r}: rows, columns and warps must be powers of two, warps at most 32")
     return tile
 
 
 def tile_name(tile: Tuple[int, int, int]) -> str:
-    return f"triton-{tile[0]}x{tile[1]}w{tile[2]}"
+    prefix = "triton-interpret" if interpreter_enabled() else "triton"
+    return f"{prefix}-{tile[0]}x{tile[1]}w{tile[2]}"
 
 
 def impl_of(provider: str) -> str:
@@ -444,7 +446,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         config = {key: (str(value) if isinstance(value, (torch.device, Path)) else value)
                   for key, value in vars(args).items()}
-        run = {"environment": env, "config": config, "providers": providers, "skipped": skipped,
+        tiled = [tile_name(t) for t in args.preprocess_tiles] if any(p.startswith("triton") for p in providers) else []
+        run = {"environment": env, "config": config, "providers": providers + tiled, "skipped": skipped,
                "elapsed_s": elapsed, "rows": [asdict(row) for row in rows]}
         args.json.write_text(json.dumps(run, indent=2) + "\n")
         print(f"wrote {args.json}")

@@ -32,6 +32,7 @@ GL_DEBS=(libegl1 libglvnd0 libopengl0 libgl1 libglx0 libgles2)
 
 fetch() {
     mkdir -p .whl .gl
+    rm -f .whl/*.whl .gl/*.deb  # one Python version's wheels at a time
     "$PYTHON" -m pip download -q --no-deps --only-binary=:all: --python-version "$WHEEL_PYTHON" --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
         --platform manylinux2014_x86_64 -d .whl "${WHEELS[@]}" || return 1
@@ -44,8 +45,9 @@ fetch() {
 
 setup() {
     # What a bare machine lacks: the GL libraries (unpacked into /), the carried wheels, this package.
+    mkdir -p "$RESULTS"
     if compgen -G ".gl/*.deb" >/dev/null; then
-        for deb in .gl/*.deb; do dpkg -x "$deb" /; done
+        for deb in .gl/*.deb; do dpkg -x "$deb" / || { echo "unpacking $deb failed" >&2; return 1; }; done
         ldconfig
     fi
     if compgen -G ".whl/*.whl" >/dev/null; then
@@ -57,7 +59,11 @@ setup() {
     [ -f "$vendor" ] && export __EGL_VENDOR_LIBRARY_FILENAMES=$vendor
     export MUJOCO_GL=egl PYOPENGL_PLATFORM=egl PYTHONUNBUFFERED=1
     # --no-build-isolation: the extension builds against the torch already here (setup.py's knobs).
-    "$PYTHON" -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | grep "vlmrm_fast setup" || true
+    if ! "$PYTHON" -m pip install --no-deps --no-build-isolation -v -e . >"$RESULTS/setup.log" 2>&1; then
+        tail -n 30 "$RESULTS/setup.log" >&2
+        return 1
+    fi
+    grep "vlmrm_fast setup" "$RESULTS/setup.log" || true  # whether the GL-CUDA extension was built
 }
 
 part() {  # part NAME COMMAND...: run COMMAND with its output also in $RESULTS/NAME/log.txt
@@ -124,7 +130,13 @@ if [ "$1" = fetch ]; then
     fetch
     exit
 fi
-setup || { echo "setup failed" >&2; exit 1; }
+for name in "$@"; do  # every name checked before setup touches the machine
+    case $name in
+        info | tests | kernels | render | env | profile-b32 | profile-l14 | profile-bigg) ;;
+        *) echo "unknown part '$name' (see the top of $0)" >&2; exit 2 ;;
+    esac
+done
+setup || { echo "setup failed (log: $RESULTS/setup.log)" >&2; exit 1; }
 status=0
 for name in "$@"; do
     run_part "$name" || status=1

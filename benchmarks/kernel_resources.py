@@ -181,7 +181,7 @@ def main(argv: List[str] = None) -> int:
     for r in rows:
         print(f"{r.kernel:<20} {r.variant + ('' if r.default_launch else ' *'):<36} {r.arch:>3} {r.registers:>5} {r.local_bytes:>8} {r.stack_bytes:>8} "
               f"{r.shared_bytes:>9} {r.compile_s:>9.2f}")
-    print("* a tuning candidate, not the tile the op launches")
+    print("* a tuning candidate, not the tile the op launches; compile s is 0 where Triton's cache held the kernel")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"triton": triton.__version__, "torch": torch.__version__,

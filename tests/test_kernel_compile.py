@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_kernels_compile_for_sm80_and_sm90_without_spills(tmp_path):
     out = tmp_path / "resources.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compiled, not interpreted
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))  # this checkout's kernels
     result = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "kernel_resources.py"), "--archs", "80", "90", "--json", str(out)],
         env=env, capture_output=True, text=True, timeout=600,

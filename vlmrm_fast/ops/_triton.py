@@ -48,7 +48,8 @@ if HAS_TRITON:
 
 @functools.lru_cache(maxsize=None)
 def interpreter_problem() -> Optional[str]:
-    """Why Triton's CPU interpreter cannot be trusted in this environment, or None if it can.
+    """Why Triton's CPU interpreter cannot be trusted in this environment, or None if it can (or if
+    the kernels are compiled, not interpreted).
 
     Runs a four-element store once per process. Triton 3.0's interpreter under NumPy 2 runs kernels
     without an error but loses their stores (seen here with NumPy 2.0-2.4), which would leave an
@@ -56,6 +57,8 @@ def interpreter_problem() -> Optional[str]:
     """
     import numpy
 
+    if not interpreter_enabled():
+        return None  # compiled kernels: nothing to probe here
     out = torch.zeros(4, dtype=torch.int32)
     try:
         _probe_kernel[(1,)](out, BLOCK=4)
@@ -69,8 +72,6 @@ def interpreter_problem() -> Optional[str]:
 
 def require_working_interpreter() -> None:
     """Raise if the kernels are interpreted (``TRITON_INTERPRET=1``) and the interpreter is broken."""
-    if not interpreter_enabled():
-        return
     problem = interpreter_problem()
     if problem is not None:
         raise RuntimeError(
@@ -118,6 +119,5 @@ def resolve_kernels(kernels: str, device: torch.device) -> Literal["triton", "to
             "Use a CUDA device, set TRITON_INTERPRET=1 before importing vlmrm_fast (it is read at import) "
             "to run the kernels in Triton's slow CPU interpreter, or pass kernels='torch'."
         )
-    if device.type == "cpu":
-        require_working_interpreter()
+    require_working_interpreter()  # interpreted kernels, on CPU or CUDA tensors alike
     return "triton"

@@ -177,8 +177,12 @@ def preprocess_triton(
         [N, 3, S_h, S_w] contiguous, ``out_dtype``, on ``frames.device``.
     """
     require_working_interpreter()
-    if tile is not None and not (len(tile) == 3 and all(v > 0 and v & (v - 1) == 0 for v in tile)):
-        raise ValueError(f"tile must be (rows, columns, warps), each a power of two; got {tile!r}.")
+    if tile is not None and not (
+        len(tile) == 3
+        and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 and v & (v - 1) == 0 for v in tile)
+        and tile[2] <= 32
+    ):
+        raise ValueError(f"tile must be (rows, columns, warps), each a power of two, at most 32 warps; got {tile!r}.")
     n, height, width, _ = frames.shape
     out_h, out_w = spec.size
     out = torch.empty((n, 3, out_h, out_w), dtype=out_dtype, device=frames.device)

@@ -94,8 +94,8 @@ def counted_gflops(visual: torch.nn.Module) -> float:
     parameter = next(visual.parameters())
     pixels = torch.zeros((1, 3, height, width), dtype=parameter.dtype, device=parameter.device)
     counter = FlopCounterMode(display=False)
-    # no_grad, not inference_mode: torch 2.4's counter sees no ops under inference_mode.
-    with torch.no_grad(), counter:
+    # Out of inference_mode (a caller's too), under no_grad: torch 2.4's counter sees no ops in it.
+    with torch.inference_mode(False), torch.no_grad(), counter:
         visual(pixels)
     return counter.get_total_flops() / 1e9
 
