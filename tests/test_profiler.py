@@ -65,6 +65,10 @@ def test_tower_gflops_counts_other_towers_and_warns():
     # 4 x 4 outputs x 8 channels x (3 x 4 x 4) multiply-adds, 2 FLOPs each.
     with pytest.warns(UserWarning, match="undercount"):
         assert tower_gflops(TinyConvTower()) == pytest.approx(2 * 16 * 8 * 48 / 1e9)
+    # A caller in inference mode (the profiler's own timing is) must get the same count: torch 2.4's
+    # counter sees nothing under inference_mode.
+    with pytest.warns(UserWarning, match="undercount"), torch.inference_mode():
+        assert tower_gflops(TinyConvTower()) == pytest.approx(2 * 16 * 8 * 48 / 1e9)
 
 
 # --------------------------------------------------------------------------- one short run

@@ -92,11 +92,13 @@ def counted_gflops(visual: torch.nn.Module) -> float:
 
     height, width = _pair(getattr(visual, "image_size", 224))
     parameter = next(visual.parameters())
-    pixels = torch.zeros((1, 3, height, width), dtype=parameter.dtype, device=parameter.device)
     counter = FlopCounterMode(display=False)
-    # Out of inference_mode (a caller's too), under no_grad: torch 2.4's counter sees no ops in it.
-    with torch.inference_mode(False), torch.no_grad(), counter:
-        visual(pixels)
+    # Out of inference_mode (a caller's too), under no_grad: torch 2.4's counter sees no ops in it,
+    # nor on an input made in it.
+    with torch.inference_mode(False), torch.no_grad():
+        pixels = torch.zeros((1, 3, height, width), dtype=parameter.dtype, device=parameter.device)
+        with counter:
+            visual(pixels)
     return counter.get_total_flops() / 1e9
 
 
