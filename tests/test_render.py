@@ -5,7 +5,12 @@ same MuJoCo renderer, camera and options). GPU path (marker ``gpu``): frames equ
 renderer's frames, in OpenGL row order (``bottom_up``). Tests skip with the reason where EGL
 cannot make a context.
 """
+import importlib.util
 import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 os.environ.setdefault("MUJOCO_GL", "egl")  # before mujoco is imported (headless rendering)
 os.environ.setdefault("PYOPENGL_PLATFORM", "egl")
@@ -174,17 +179,48 @@ def test_gpu_unavailable_reason_is_one_line():
 
 
 # -- GPU path ----------------------------------------------------------------------------------
+def _nvcc_found() -> bool:
+    homes = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
+    return shutil.which("nvcc") is not None or any(h and os.path.exists(os.path.join(h, "bin", "nvcc")) for h in homes)
+
+
+@pytest.fixture(scope="module")
+def render_extension(tmp_path_factory):
+    """The GL-CUDA extension: the installed one, else built here from csrc/ where nvcc is found (the
+    test command's isolated install cannot build it: torch is not importable in the isolated build),
+    so that CI compiles csrc/ against its torch on every run; else skip."""
+    from vlmrm_fast.render import _cuda
+
+    if _cuda.extension() is not None:
+        return _cuda.extension()
+    if not _nvcc_found():
+        pytest.skip("the extension vlmrm_fast._render_cuda is not built, and there is no nvcc to build it")
+    root = Path(__file__).resolve().parents[1]
+    build = tmp_path_factory.mktemp("render_extension")
+    for name in ("setup.py", "pyproject.toml", "README.md"):
+        shutil.copy2(root / name, build / name)
+    ignore = shutil.ignore_patterns("__pycache__", "*.so", "*.egg-info")
+    for name in ("csrc", "vlmrm_fast"):
+        shutil.copytree(root / name, build / name, ignore=ignore)
+    env = {**os.environ, "VLMRM_FAST_FORCE_BUILD": "1", "VLMRM_FAST_CUDA_ARCHS": "9.0"}
+    result = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=build, env=env,
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, f"csrc/ does not build against torch {torch.__version__}:\n{result.stderr[-3000:]}"
+    (library,) = (build / "vlmrm_fast").glob("_render_cuda*.so")
+    spec = importlib.util.spec_from_file_location("vlmrm_fast._render_cuda", library)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.mark.parametrize("size,offsamples", [((224, 224), 4), ((101, 75), 4), ((101, 75), 0)],
                          ids=["224-msaa", "odd-101x75-msaa", "odd-101x75-no-msaa"])
-def test_extension_gl_readback_without_cuda(size, offsamples):
-    """The GL half of the GPU path (resolve blit, glReadPixels into a PBO), where the extension is
-    built: read back through glGetBufferSubData instead of CUDA, so it runs on any EGL (Mesa too)."""
-    from vlmrm_fast.render import _cuda
+def test_extension_gl_readback_without_cuda(size, offsamples, render_extension):
+    """The GL half of the GPU path (resolve blit, glReadPixels into a PBO): read back through
+    glGetBufferSubData instead of CUDA, so it runs on any EGL (Mesa too)."""
     from vlmrm_fast.render.batch import _keep_current_gl
 
-    ext = _cuda.extension()
-    if ext is None:
-        pytest.skip("the extension vlmrm_fast._render_cuda is not built")
+    ext = render_extension
     if os.environ.get("MUJOCO_GL") != "egl":
         pytest.skip("needs MUJOCO_GL=egl")
     from mujoco.egl import GLContext
