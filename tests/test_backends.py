@@ -53,6 +53,30 @@ def test_compile_backend_buckets_pad_and_split():
     assert backend.buckets == (4,) and set(backend.compile_seconds) == {4} and backend.build_seconds > 0
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_compile_backend_with_cuda_graphs_within_twice_eager_bf16_error():
+    # bf16 on the GPU, the compile backend's real use: CUDA graphs ("reduce-overhead") over a padded
+    # bucket. Inductor fuses and reorders, so it may round differently from eager, but not worse than
+    # twice eager's own bf16 error against the float64 reference (the bar tests/test_reward.py argues).
+    model, tokenizer = make_tiny()
+    untouched = __import__("copy").deepcopy(model)
+    frames = _noise(9, 224, 224, seed=5)
+    want = reference_reward(untouched, tokenizer, frames, GOAL, BASELINE, 0.5)
+    common = dict(goal=GOAL, baseline=BASELINE, alpha=0.5, device="cuda", dtype=torch.bfloat16)
+    eager = CLIPReward(make_tiny()[0], tokenizer, backend="torch", **common)
+    compiled = CLIPReward(model, tokenizer, backend="compile", backend_options={"buckets": (4,)}, **common)
+    assert compiled.vision_backend.mode == "reduce-overhead"
+    on_gpu = torch.from_numpy(frames).cuda()
+    got = compiled(on_gpu)  # 4 + 4 + 1 (padded): three replays of one graph
+    kept = got.clone()
+    compiled(on_gpu[:3])  # another replay must not write into the rewards handed back before
+    assert torch.equal(got, kept)
+    err_eager = (eager(on_gpu).double().cpu() - want).abs().max().item()
+    err_compiled = (got.double().cpu() - want).abs().max().item()
+    assert err_compiled <= 2 * err_eager + 1e-6, (err_compiled, err_eager)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_auto_picks_a_verified_backend(device):
     device = torch.device(device)
