@@ -179,6 +179,31 @@ def test_unavailable_backend_is_skipped_with_a_reason(results, bench_run):
     assert "skipped tensorrt" in bench_run[2]
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_short_cuda_run(tmp_path):
+    # What the CPU run cannot reach: pinned host-to-device copies, the L2 flush, the fp16-autocast
+    # seed, CUDA graphs in "compile" and bf16/fp16 matmul peaks. A cheap check before the long runs.
+    argv = ["bench", "--models", "vlmrm-tiny", "--batch-sizes", "1", "8", "--repeats", "2", "--warmup", "1",
+            "--backends", "torch", "compile", "--dtypes", "bf16", "fp16", "--device", "cuda", "--frame-size", "224",
+            "--out", str(tmp_path), "--no-progress", "--no-plot"]
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        assert cli.main(argv) == 0, stdout.getvalue()
+    results = json.loads((tmp_path / "bench.json").read_text())
+    assert results["complete"] is True and results["failures"] == [], results["failures"]
+    got = {(r["backend"], r["dtype"], r["batch"]) for r in results["rows"]}
+    assert got == {(b, d, n) for b, d in [("seed", "fp16-autocast"), ("torch", "bf16"), ("torch", "fp16"),
+                                           ("compile", "bf16"), ("compile", "fp16")] for n in (1, 8)}
+    for row in results["rows"]:
+        for stage in ("h2d", "preprocess", "tower", "score", "end_to_end"):
+            assert row[f"{stage}_fps"] > 0, (row["backend"], stage)
+        if row["backend"] != "seed":
+            assert 0 <= row["reward_error"] < 5e-2 and row["speedup_vs_seed"] > 0
+    assert results["peak_tflops"]["bf16"] > 0 and results["peak_tflops"]["fp16"] > 0
+    assert results["environment"]["device_type"] == "cuda"
+
+
 # --------------------------------------------------------------------------- options and targets
 
 
