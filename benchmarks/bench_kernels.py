@@ -38,7 +38,7 @@ import torch
 from vlmrm_fast.ops._triton import interpreter_enabled, triton_runs_on
 from results_io import append_csv, check_csv, fmt  # noqa: E402  (benchmarks/, beside this script)
 from vlmrm_fast.run_info import device_name, git_commit, gpu_driver, package_version
-from vlmrm_fast.ops.preprocess import PreprocessSpec, preprocess, preprocess_triton
+from vlmrm_fast.ops.preprocess import PreprocessSpec, check_tile, preprocess, preprocess_triton
 from vlmrm_fast.ops.score import ScoringTargets, score
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -288,14 +288,19 @@ def parse_tile(text: str) -> Tuple[int, int, int]:
         tile = (int(rows), int(cols), int(warps))
     except ValueError:
         raise ValueError(f"--preprocess-tiles {text!r}: write rows x columns, then w and the warps, e.g. 16x64w8") from None
-    if not all(v > 0 and v & (v - 1) == 0 for v in tile) or tile[2] > 32:
-        raise ValueError(f"--preprocess-tiles {text!r}: rows, columns and warps must be powers of two, warps at most 32")
+    try:
+        check_tile(tile)
+    except ValueError as error:
+        raise ValueError(f"--preprocess-tiles {text!r}: {error}") from None
     return tile
 
 
-def tile_name(tile: Tuple[int, int, int]) -> str:
+def tile_providers(tiles: Sequence[Tuple[int, int, int]], providers: Sequence[str]) -> Dict[str, Tuple[int, int, int]]:
+    """Provider name -> tile for the extra preprocess tiles, where Triton runs at all."""
+    if not any(p.startswith("triton") for p in providers):
+        return {}
     prefix = "triton-interpret" if interpreter_enabled() else "triton"
-    return f"{prefix}-{tile[0]}x{tile[1]}w{tile[2]}"
+    return {f"{prefix}-{rows}x{cols}w{warps}": (rows, cols, warps) for rows, cols, warps in tiles}
 
 
 def impl_of(provider: str) -> str:
@@ -317,8 +322,12 @@ def bench_copy(args: argparse.Namespace, env: Dict[str, str], timer: Timer) -> R
                gb_per_s=2 * nbytes / (timing.median_ms * 1e-3) / 1e9)
 
 
-def bench_preprocess(args: argparse.Namespace, env: Dict[str, str], timer: Timer, providers: List[str]) -> List[Row]:
-    """Every preprocess case and batch size; GB/s = (uint8 bytes read + output bytes written) / time."""
+def bench_preprocess(
+    args: argparse.Namespace, env: Dict[str, str], timer: Timer, providers: List[str],
+    tiled: Dict[str, Tuple[int, int, int]],
+) -> List[Row]:
+    """Every preprocess case and batch size; GB/s = (uint8 bytes read + output bytes written) / time.
+    ``tiled``: extra providers, the Triton kernel with another tile (:func:`tile_providers`)."""
     out_dtype = DTYPES[args.dtype]
     rows = []
     for case in PREPROCESS_CASES:
@@ -327,7 +336,6 @@ def bench_preprocess(args: argparse.Namespace, env: Dict[str, str], timer: Timer
             frames = torch.randint(0, 256, (n, case.height, case.width, 3), dtype=torch.uint8, device=args.device)
             nbytes = frames.numel() + n * 3 * TOWER_SIZE[0] * TOWER_SIZE[1] * out_dtype.itemsize
             reference = None
-            tiled = {tile_name(t): t for t in args.preprocess_tiles} if any(p.startswith("triton") for p in providers) else {}
             for provider in [*providers, *tiled]:
                 if provider == "seed":
                     fn = functools.partial(seed_preprocess, frames, case.mode, out_dtype)
@@ -412,6 +420,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         check_csv(args.csv, COLUMNS)
     env = environment(args.device)
     providers, skipped = providers_for(args.device)
+    tiled = tile_providers(args.preprocess_tiles, providers)
     begin = time.perf_counter()
 
     print(f"# vlmrm_fast kernel benchmark on {env['device']}")
@@ -431,7 +440,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         if "copy" in args.ops:
             rows.append(bench_copy(args, env, timer))
         if "preprocess" in args.ops:
-            rows += bench_preprocess(args, env, timer, providers)
+            rows += bench_preprocess(args, env, timer, providers, tiled)
         if "score" in args.ops:
             rows += bench_score(args, env, timer, providers)
     add_ratios(rows)
@@ -446,8 +455,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         config = {key: (str(value) if isinstance(value, (torch.device, Path)) else value)
                   for key, value in vars(args).items()}
-        tiled = [tile_name(t) for t in args.preprocess_tiles] if any(p.startswith("triton") for p in providers) else []
-        run = {"environment": env, "config": config, "providers": providers + tiled, "skipped": skipped,
+        run = {"environment": env, "config": config, "providers": providers + list(tiled), "skipped": skipped,
                "elapsed_s": elapsed, "rows": [asdict(row) for row in rows]}
         args.json.write_text(json.dumps(run, indent=2) + "\n")
         print(f"wrote {args.json}")

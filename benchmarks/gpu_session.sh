@@ -105,22 +105,20 @@ profile() {  # profile MODEL NAME; PROFILE_BATCHES="1 64 1024" or PROFILE_BACKEN
         --dtypes bf16 --backends ${PROFILE_BACKENDS:-torch compile} --out "$RESULTS/$2" --no-progress
 }
 
-run_part() {
-    case $1 in
-        info) part info info ;;
-        tests) part tests "$PYTHON" -m pytest -m gpu -q -rs -p no:cacheprovider ;;
-        kernels) part kernels "$PYTHON" benchmarks/bench_kernels.py --preprocess-tiles 16x64w8 8x64w4 16x32w4 \
-                     --csv "$RESULTS/kernels/kernels.csv" --json "$RESULTS/kernels/kernels.json" ;;
-        render) part render "$PYTHON" benchmarks/bench_env.py --no-env-steps \
-                    --csv "$RESULTS/render/env.csv" --json "$RESULTS/render/env.json" ;;
-        env) part env "$PYTHON" benchmarks/bench_env.py --no-render \
-                 --csv "$RESULTS/env/env.csv" --json "$RESULTS/env/env.json" ;;
-        profile-b32) part profile-b32 profile ViT-B-32 profile-b32 ;;
-        profile-l14) part profile-l14 profile ViT-L-14 profile-l14 ;;
-        profile-bigg) part profile-bigg profile ViT-bigG-14 profile-bigg ;;
-        *) echo "unknown part '$1' (see the top of $0)" >&2; return 2 ;;
-    esac
+# One function per part: part_<name>, dashes as underscores.
+part_info() { part info info; }
+part_tests() { part tests "$PYTHON" -m pytest -m gpu -q -rs -p no:cacheprovider; }
+part_kernels() {
+    part kernels "$PYTHON" benchmarks/bench_kernels.py --preprocess-tiles 16x64w8 8x64w4 16x32w4 \
+        --csv "$RESULTS/kernels/kernels.csv" --json "$RESULTS/kernels/kernels.json"
 }
+part_render() {
+    part render "$PYTHON" benchmarks/bench_env.py --no-env-steps --csv "$RESULTS/render/env.csv" --json "$RESULTS/render/env.json"
+}
+part_env() { part env "$PYTHON" benchmarks/bench_env.py --no-render --csv "$RESULTS/env/env.csv" --json "$RESULTS/env/env.json"; }
+part_profile_b32() { part profile-b32 profile ViT-B-32 profile-b32; }
+part_profile_l14() { part profile-l14 profile ViT-L-14 profile-l14; }
+part_profile_bigg() { part profile-bigg profile ViT-bigG-14 profile-bigg; }
 
 if [ $# -eq 0 ] || [ "$1" = -h ] || [ "$1" = --help ]; then
     sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'
@@ -131,14 +129,11 @@ if [ "$1" = fetch ]; then
     exit
 fi
 for name in "$@"; do  # every name checked before setup touches the machine
-    case $name in
-        info | tests | kernels | render | env | profile-b32 | profile-l14 | profile-bigg) ;;
-        *) echo "unknown part '$name' (see the top of $0)" >&2; exit 2 ;;
-    esac
+    declare -F "part_${name//-/_}" >/dev/null || { echo "unknown part '$name' (see the top of $0)" >&2; exit 2; }
 done
 setup || { echo "setup failed (log: $RESULTS/setup.log)" >&2; exit 1; }
 status=0
 for name in "$@"; do
-    run_part "$name" || status=1
+    "part_${name//-/_}" || status=1
 done
 exit $status

@@ -13,7 +13,9 @@ import torch  # noqa: E402
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import shutil  # noqa: E402
 import warnings  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -36,6 +38,21 @@ def make_model(name: str, seed: int = 0):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "random weights" is the point here
         return create_clip(name, None)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def copy_sources(dest: Path) -> Path:
+    """What setup.py builds from (metadata, csrc/, the package; no build outputs), copied to ``dest``:
+    builds in tests run there, so the checkout gets no build/ folder or stray extension."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in ("pyproject.toml", "setup.py", "README.md"):
+        shutil.copy2(ROOT / name, dest / name)
+    ignore = shutil.ignore_patterns("__pycache__", "*.so", "*.egg-info")
+    for name in ("vlmrm_fast", "csrc"):
+        shutil.copytree(ROOT / name, dest / name, ignore=ignore)
+    return dest
 
 
 def make_tiny(seed: int = 0):

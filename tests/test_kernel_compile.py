@@ -11,14 +11,13 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
+from conftest import ROOT
+
 triton = pytest.importorskip("triton")
 from triton.compiler import ASTSource  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.skipif("constexprs" not in inspect.signature(ASTSource.__init__).parameters,

@@ -3,7 +3,6 @@
 Builds run on a copy of the sources in a temporary folder, so the checkout gets no build/ folder.
 """
 import os
-import shutil
 import subprocess
 import sys
 import zipfile
@@ -11,18 +10,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _sources(tmp_path: Path) -> Path:
-    src = tmp_path / "src"
-    src.mkdir()
-    for name in ("pyproject.toml", "setup.py", "README.md"):
-        shutil.copy2(ROOT / name, src / name)
-    ignore = shutil.ignore_patterns("__pycache__", "*.so", "*.egg-info")
-    for name in ("vlmrm_fast", "csrc"):
-        shutil.copytree(ROOT / name, src / name, ignore=ignore)
-    return src
+from conftest import ROOT, copy_sources
 
 
 def _missing_build_requirements():
@@ -36,7 +24,8 @@ def _missing_build_requirements():
     return None
 
 
-pytestmark = pytest.mark.skipif(_missing_build_requirements() is not None, reason=str(_missing_build_requirements()))
+_MISSING = _missing_build_requirements()
+pytestmark = pytest.mark.skipif(_MISSING is not None, reason=str(_MISSING))
 
 
 def _pip_wheel(src: Path, out: Path, **env: str) -> subprocess.CompletedProcess:
@@ -47,7 +36,7 @@ def _pip_wheel(src: Path, out: Path, **env: str) -> subprocess.CompletedProcess:
 
 
 def test_pure_python_wheel_holds_the_package_and_its_model_configs(tmp_path):
-    src, out = _sources(tmp_path), tmp_path / "dist"
+    src, out = copy_sources(tmp_path / "src"), tmp_path / "dist"
     result = _pip_wheel(src, out, VLMRM_FAST_SKIP_CUDA_BUILD="1")
     assert result.returncode == 0, result.stderr
     assert "VLMRM_FAST_SKIP_CUDA_BUILD is set" in result.stdout + result.stderr
@@ -66,7 +55,7 @@ def test_forced_cuda_build_without_the_toolkit_fails_and_says_why(tmp_path):
     torch = pytest.importorskip("torch")
     if torch.version.cuda is None:
         pytest.skip("a CPU-only torch build: the forced build stops earlier, at 'CPU-only build'")
-    src, out = _sources(tmp_path), tmp_path / "dist"
+    src, out = copy_sources(tmp_path / "src"), tmp_path / "dist"
     no_toolkit = tmp_path / "no-cuda"  # CUDA_HOME without bin/nvcc: as on a machine without the toolkit
     no_toolkit.mkdir()
     result = _pip_wheel(src, out, VLMRM_FAST_FORCE_BUILD="1", CUDA_HOME=str(no_toolkit), CUDA_PATH="")

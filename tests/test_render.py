@@ -10,7 +10,6 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 os.environ.setdefault("MUJOCO_GL", "egl")  # before mujoco is imported (headless rendering)
 os.environ.setdefault("PYOPENGL_PLATFORM", "egl")
@@ -22,6 +21,7 @@ import torch  # noqa: E402
 gym = pytest.importorskip("gymnasium")
 mujoco = pytest.importorskip("mujoco")
 
+from conftest import copy_sources  # noqa: E402
 from vlmrm_fast.envs import HUMANOID_ENV_ID  # noqa: E402
 from vlmrm_fast.render import BatchRenderer, gpu_unavailable_reason, rendering_unavailable_reason  # noqa: E402
 
@@ -195,13 +195,7 @@ def render_extension(tmp_path_factory):
         return _cuda.extension()
     if not _nvcc_found():
         pytest.skip("the extension vlmrm_fast._render_cuda is not built, and there is no nvcc to build it")
-    root = Path(__file__).resolve().parents[1]
-    build = tmp_path_factory.mktemp("render_extension")
-    for name in ("setup.py", "pyproject.toml", "README.md"):
-        shutil.copy2(root / name, build / name)
-    ignore = shutil.ignore_patterns("__pycache__", "*.so", "*.egg-info")
-    for name in ("csrc", "vlmrm_fast"):
-        shutil.copytree(root / name, build / name, ignore=ignore)
+    build = copy_sources(tmp_path_factory.mktemp("render_extension"))
     env = {**os.environ, "VLMRM_FAST_FORCE_BUILD": "1", "VLMRM_FAST_CUDA_ARCHS": "9.0"}
     result = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=build, env=env,
                             capture_output=True, text=True, timeout=900)

@@ -158,6 +158,16 @@ def _tile_shape(out_h: int, out_w: int) -> Tuple[int, int]:
     return _BLOCK_Y, _BLOCK_X
 
 
+def check_tile(tile: Tuple[int, int, int]) -> None:
+    """Raise ValueError unless ``tile`` is (rows, columns, warps), powers of two, at most 32 warps."""
+    if not (
+        len(tile) == 3
+        and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 and v & (v - 1) == 0 for v in tile)
+        and tile[2] <= 32
+    ):
+        raise ValueError(f"tile must be (rows, columns, warps), each a power of two, at most 32 warps; got {tile!r}.")
+
+
 def preprocess_triton(
     frames: torch.Tensor,
     spec: PreprocessSpec,
@@ -177,12 +187,8 @@ def preprocess_triton(
         [N, 3, S_h, S_w] contiguous, ``out_dtype``, on ``frames.device``.
     """
     require_working_interpreter()
-    if tile is not None and not (
-        len(tile) == 3
-        and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 and v & (v - 1) == 0 for v in tile)
-        and tile[2] <= 32
-    ):
-        raise ValueError(f"tile must be (rows, columns, warps), each a power of two, at most 32 warps; got {tile!r}.")
+    if tile is not None:
+        check_tile(tile)
     n, height, width, _ = frames.shape
     out_h, out_w = spec.size
     out = torch.empty((n, 3, out_h, out_w), dtype=out_dtype, device=frames.device)
