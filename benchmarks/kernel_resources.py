@@ -7,9 +7,11 @@ its lowering to each architecture) and shows register pressure before a GPU is a
 
 The kernels are compiled exactly as the ops launch them: each variant runs the real launcher
 (``preprocess_triton`` / ``score_triton``) on CPU tensors with the kernel replaced by a recorder, and
-the recorded arguments give the signature and the compile-time constants. Integer arguments are
-compiled as plain i32/i64, without the divisibility hints Triton adds at launch, so register counts
-can differ a little from a GPU's.
+the recorded arguments give the signature and the compile-time constants. Argument types come from
+Triton's own launch-time rule (``triton.runtime.jit.mangle_type``), so an integer equal to 1 becomes a
+compile-time constant as it does on a GPU (code that only works on a runtime integer fails here). The
+divisibility hints Triton also adds at launch are left out, so register counts can differ a little
+from a GPU's.
 
     python benchmarks/kernel_resources.py                 # sm_80 and sm_90, a table
     python benchmarks/kernel_resources.py --archs 90 --json resources.json
@@ -93,6 +95,9 @@ def _variants() -> List[Tuple[str, Any, Callable[[], None], bool]]:
          lambda: pre.preprocess_triton(u8(224), spec, torch.bfloat16, bottom_up=True), True),
         ("480 float, crop + antialias -> fp16", kernel_pre,
          lambda: pre.preprocess_triton(torch.zeros((2, 480, 480, 3)), crop, torch.float16), True),
+        ("480 planar (NCHW storage) resize -> bf16", kernel_pre,  # stride_w == 1, stride_c == H * W
+         lambda: pre.preprocess_triton(torch.zeros((2, 3, 480, 480), dtype=torch.uint8).permute(0, 2, 3, 1), spec,
+                                       torch.bfloat16), True),
         ("400x600 squash resize -> fp32", kernel_pre,
          lambda: pre.preprocess_triton(torch.zeros((2, 400, 600, 3), dtype=torch.uint8), spec, torch.float32), True),
         ("bf16 D=1280 T=1", kernel_score, lambda: sc.score_triton(torch.zeros((4, 1280), dtype=torch.bfloat16), targets(1, 1280)), True),
@@ -103,24 +108,19 @@ def _variants() -> List[Tuple[str, Any, Callable[[], None], bool]]:
 
 def _signature(kernel: Any, args: tuple, kwargs: dict) -> Tuple[Dict[str, str], Dict[str, Any], Dict[str, Any]]:
     """(signature, compile-time constants, compile options such as num_warps) of a recorded launch."""
+    from triton.runtime.jit import mangle_type
     names = [p.name for p in kernel.params]
     values = dict(zip(names, args), **kwargs)
     options = {key: value for key, value in kwargs.items() if key not in names}
     signature, constexprs = {}, {}
     for param in kernel.params:
         value = values[param.name]
-        if param.is_constexpr:
-            signature[param.name], constexprs[param.name] = "constexpr", value
-        elif isinstance(value, torch.Tensor):
+        if isinstance(value, torch.Tensor):
             signature[param.name] = "*" + _TYPES[value.dtype]
-        elif isinstance(value, bool):
-            signature[param.name] = "i1"
-        elif isinstance(value, int):
-            signature[param.name] = "i32" if -(2**31) <= value < 2**31 else "i64"
-        elif isinstance(value, float):
-            signature[param.name] = "fp32"
+        elif param.is_constexpr or mangle_type(value, True) == "constexpr":  # the latter: an int equal to 1
+            signature[param.name], constexprs[param.name] = "constexpr", value
         else:
-            raise TypeError(f"{param.name}: no Triton type for {type(value).__name__}")
+            signature[param.name] = mangle_type(value, True)
     return signature, constexprs, options
 
 
@@ -177,9 +177,9 @@ def main(argv: List[str] = None) -> int:
 
     rows = compile_all(args.archs)
     print(f"Triton {triton.__version__}, torch {torch.__version__}: registers per thread, spills, shared memory")
-    print(f"{'kernel':<20} {'variant':<36} {'sm':>3} {'regs':>5} {'local B':>8} {'stack B':>8} {'shared B':>9} {'compile s':>9}")
+    print(f"{'kernel':<20} {'variant':<42} {'sm':>3} {'regs':>5} {'local B':>8} {'stack B':>8} {'shared B':>9} {'compile s':>9}")
     for r in rows:
-        print(f"{r.kernel:<20} {r.variant + ('' if r.default_launch else ' *'):<36} {r.arch:>3} {r.registers:>5} {r.local_bytes:>8} {r.stack_bytes:>8} "
+        print(f"{r.kernel:<20} {r.variant + ('' if r.default_launch else ' *'):<42} {r.arch:>3} {r.registers:>5} {r.local_bytes:>8} {r.stack_bytes:>8} "
               f"{r.shared_bytes:>9} {r.compile_s:>9.2f}")
     print("* a tuning candidate, not the tile the op launches; compile s is 0 where Triton's cache held the kernel")
     if args.json:

@@ -104,7 +104,9 @@ if HAS_TRITON:
         in_x = ox < out_w
         mask = in_y[:, None] & in_x[None, :]
         src = src_ptr + frame * stride_n
-        stride_c = stride_c.to(tl.int64)
+        # tl.cast, not .to(): a GPU launch turns an integer argument equal to 1 (stride_c of every
+        # NHWC frame tensor) into a compile-time constant, a plain int with no .to method.
+        stride_c = tl.cast(stride_c, tl.int64)
 
         if RESAMPLE:
             # Tap counts are compile-time constants: a frame size has one pair (4 x 4 for the squash
