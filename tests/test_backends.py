@@ -53,6 +53,37 @@ def test_compile_backend_buckets_pad_and_split():
     assert backend.buckets == (4,) and set(backend.compile_seconds) == {4} and backend.build_seconds > 0
 
 
+def test_compile_backend_compiles_every_bucket_of_every_instance(monkeypatch):
+    # Dynamo's graph limit is per function, and every tower shares its class's forward: two towers of
+    # 5 buckets each need 10 graphs against a default limit of 8. Every call must run a compiled graph
+    # (counted by a pass-through compiler backend), none fall back to eager.
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    monkeypatch.setattr(config, "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit", 8)
+    torch._dynamo.reset()
+    graph_runs = []
+
+    def counting_backend(gm, example_inputs):
+        def run(*args):
+            graph_runs.append(1)
+            return gm.forward(*args)
+        return run
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: real_compile(model, backend=counting_backend, dynamic=False))
+    from vlmrm_fast.backends.compiled import CompileBackend
+
+    for buckets in [(1, 2, 3, 4, 5), (6, 7, 9, 10, 11)]:  # distinct shapes: no graph can be shared
+        visual = make_tiny()[0].visual.eval()
+        backend = CompileBackend(visual, torch.device("cpu"), torch.float32, (224, 224), max_batch_size=11, buckets=buckets)
+        for bucket in buckets:
+            before = len(graph_runs)
+            backend(torch.zeros((bucket, 3, 224, 224)))
+            assert len(graph_runs) == before + 1, f"bucket {bucket} of {buckets} ran eagerly"
+    torch._dynamo.reset()
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_compile_backend_with_cuda_graphs_within_twice_eager_bf16_error():

@@ -18,6 +18,18 @@ from vlmrm_fast.backends.base import VisionBackend
 DEFAULT_BUCKETS = (1, 8, 32, 64, 128, 256, 512, 1024)
 
 
+def _allow_more_graphs(count: int) -> None:
+    """Raise dynamo's limit of graphs per function by ``count``.
+
+    Every instance of a model class shares one ``forward``, so the default limit (8) is shared by all
+    compiled towers, buckets and dtypes in a process; past it, dynamo runs the call eagerly with no
+    more than a log line, and "compile" rows would silently measure eager.
+    """
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.6
+    setattr(config, name, getattr(config, name) + count)
+
+
 def default_buckets(max_batch_size: int) -> tuple:
     """The standard buckets up to ``max_batch_size``, which is always one of them."""
     return tuple(sorted({b for b in DEFAULT_BUCKETS if b < max_batch_size} | {max_batch_size}))
@@ -41,6 +53,7 @@ class CompileBackend(VisionBackend):
         if any(b < 1 for b in self.buckets):
             raise ValueError(f"buckets must be positive batch sizes; got {self.buckets}.")
         self.mode = mode or ("reduce-overhead" if device.type == "cuda" else "default")
+        _allow_more_graphs(len(self.buckets))
         self.compiled = torch.compile(visual, mode=self.mode, dynamic=False)
         self.compile_seconds: Dict[int, float] = {}
 
