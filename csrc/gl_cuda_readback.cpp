@@ -77,7 +77,7 @@ constexpr GLenum kGL_PACK_ALIGNMENT = 0x0D05;
 constexpr GLenum kGL_UNSIGNED_BYTE = 0x1401;
 constexpr GLenum kGL_RGB = 0x1907;
 constexpr GLenum kGL_NEAREST = 0x2600;
-constexpr GLenum kGL_STREAM_READ = 0x88E1;
+constexpr GLenum kGL_STREAM_COPY = 0x88E2;
 constexpr GLenum kGL_PIXEL_PACK_BUFFER = 0x88EB;
 constexpr GLenum kGL_PIXEL_PACK_BUFFER_BINDING = 0x88ED;
 constexpr GLenum kGL_DRAW_FRAMEBUFFER_BINDING = 0x8CA6;
@@ -193,8 +193,10 @@ class PboReader {
     f.GetIntegerv(kGL_PIXEL_PACK_BUFFER_BINDING, &prev);
     f.GenBuffers(1, &pbo_);
     f.BindBuffer(kGL_PIXEL_PACK_BUFFER, pbo_);
+    // STREAM_COPY, not STREAM_READ: GL writes the buffer and CUDA reads it on the same GPU, and a
+    // READ hint invites the driver to place it in host memory for a CPU reader that never comes.
     f.BufferData(kGL_PIXEL_PACK_BUFFER, static_cast<GLsizeiptr>(frame_bytes_ * capacity_), nullptr,
-                 kGL_STREAM_READ);
+                 kGL_STREAM_COPY);
     f.BindBuffer(kGL_PIXEL_PACK_BUFFER, static_cast<GLuint>(prev));
     check_gl("glBufferData(GL_PIXEL_PACK_BUFFER)");
     if (device_index_ >= 0) {
@@ -339,7 +341,8 @@ class PboReader {
 };
 
 // CUDA device ordinals of the GPUs behind the current GL context (empty: none, e.g. a software
-// renderer such as Mesa's llvmpipe, or a context on a GPU CUDA cannot see).
+// renderer such as Mesa's llvmpipe, or a context on a GPU CUDA cannot see). Any other CUDA error
+// is raised with its name: reported as "no device", a real fault would read as a missing GPU.
 std::vector<int64_t> gl_cuda_devices() {
   unsigned int count = 0;
   int devices[16] = {0};
@@ -347,7 +350,8 @@ std::vector<int64_t> gl_cuda_devices() {
   std::vector<int64_t> result;
   if (err != cudaSuccess) {
     cudaGetLastError();  // clear the (non-sticky) error so later calls do not report it
-    return result;
+    if (err == cudaErrorNoDevice) return result;
+    check_cuda(err, "cudaGLGetDevices");
   }
   for (unsigned int i = 0; i < count && i < 16; ++i) result.push_back(devices[i]);
   return result;

@@ -121,6 +121,7 @@ class TensorRTBackend(VisionBackend):
             # enqueueV3 on the legacy default stream makes TensorRT synchronise around each call.
             self._stream = torch.cuda.Stream(device)
         self._max_batch = key.batch_range[2]
+        self._runtime = runtime  # TensorRT's samples keep the runtime alive as long as its engines
         self.engine = engine
         self.embed_dim = int(engine.get_tensor_shape("embeddings")[1])
         self.engine_path = cache.path(key)
