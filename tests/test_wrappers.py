@@ -175,6 +175,30 @@ def test_single_env_episode_returns_and_tasks(rm_tasks):
         VLMRewardWrapper(CountingEnv(), rm_tasks, task=2)
 
 
+class Uncopyable(Spy):
+    """A reward model that cannot be copied, as one holding an ONNX Runtime or TensorRT session."""
+
+    def __deepcopy__(self, memo):
+        raise TypeError("the reward model was copied")
+
+    def __reduce_ex__(self, protocol):
+        raise TypeError("the reward model was pickled")
+
+
+def test_single_env_shares_the_reward_model(rm):
+    """One model for all wrapped envs: never copied (gymnasium deep-copies recorded constructor
+    arguments, e.g. for ``env.spec``), whatever the backend holds."""
+    model = Uncopyable(rm)
+    env = VLMRewardWrapper(make_env(), model, mode="add", weight=0.5)
+    assert env.reward_model is model
+    again = gym.make(env.spec)  # what gymnasium's checker does
+    assert isinstance(again, VLMRewardWrapper) and again.reward_model is model
+    assert (again.mode, again.weight) == ("add", 0.5)
+    again.reset(seed=0)
+    again.step(again.action_space.sample())
+    assert model.batch_sizes == [1]
+
+
 def test_single_env_needs_rgb_array(rm):
     with pytest.raises(ValueError, match=r'render_mode="rgb_array"'):
         VLMRewardWrapper(gym.make(ENV_ID), rm)

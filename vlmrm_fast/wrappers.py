@@ -201,6 +201,21 @@ class _RewardMode:
 # ---- the single-env wrapper ---------------------------------------------------------------------
 
 
+class _SharedReference:
+    """Stands for the reward model in ``env.spec``: deep copies of it are itself (the model is shared)."""
+
+    __slots__ = ("target",)
+
+    def __init__(self, target: Any) -> None:
+        self.target = target
+
+    def __deepcopy__(self, memo: dict) -> "_SharedReference":
+        return self
+
+    def __repr__(self) -> str:
+        return f"<shared {type(self.target).__name__}>"
+
+
 class VLMRewardWrapper(_RewardMode, gym.Wrapper, gym.utils.RecordConstructorArgs):
     """A gymnasium wrapper whose reward is the CLIP (VLM-RM) reward of the frame rendered after each step.
 
@@ -216,6 +231,11 @@ class VLMRewardWrapper(_RewardMode, gym.Wrapper, gym.utils.RecordConstructorArgs
     reward, float) and ``"vlm_reward"`` (float); with a several-task reward model also ``"vlm_rewards"`` (``{task name: reward}``), the task ``task`` driving the
     reward. On the step where the episode ends (terminated or truncated): ``"episode_vlm_return"`` and
     ``"episode_gt_return"``, the episode's sums.
+
+    The wrapper holds ``reward_model`` itself, shared by every env it wraps, and so does an env made
+    again from ``env.spec``: gymnasium deep-copies the constructor arguments it records there, and a
+    copy of the CLIP model per env (or a failure, for a model holding an ONNX Runtime or TensorRT
+    session) is never wanted, so the spec records a shared reference.
 
     The frame may be any size (the reward model resizes it), but rendering at ``reward_model.image_size``
     skips the resize: a warning says so once when the sizes differ. One reward-model call per step, on
@@ -242,7 +262,11 @@ class VLMRewardWrapper(_RewardMode, gym.Wrapper, gym.utils.RecordConstructorArgs
         weight: float = 1.0,
         task: Union[int, str] = 0,
     ) -> None:
-        gym.utils.RecordConstructorArgs.__init__(self, reward_model=reward_model, mode=mode, weight=weight, task=task)
+        if isinstance(reward_model, _SharedReference):  # made again from env.spec
+            reward_model = reward_model.target
+        gym.utils.RecordConstructorArgs.__init__(
+            self, reward_model=_SharedReference(reward_model), mode=mode, weight=weight, task=task
+        )
         gym.Wrapper.__init__(self, env)
         if env.render_mode != "rgb_array":
             raise ValueError(
