@@ -99,15 +99,21 @@ def tiny_reward(config):
         return RecordingReward(build_reward_model(config))
 
 
-def tb_tags(run_dir: Path) -> set:
+def tb_scalars(run_dir: Path) -> dict:
+    """{tag: [(step, value), ...]} of every scalar in the run's TensorBoard files."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    tags = set()
+    scalars: dict = {}
     for events in (run_dir / "tb").glob("events.out.tfevents.*"):
         acc = EventAccumulator(str(events))
         acc.Reload()
-        tags |= set(acc.Tags()["scalars"])
-    return tags
+        for tag in acc.Tags()["scalars"]:
+            scalars.setdefault(tag, []).extend((e.step, e.value) for e in acc.Scalars(tag))
+    return scalars
+
+
+def tb_tags(run_dir: Path) -> set:
+    return set(tb_scalars(run_dir))
 
 
 def load_buffer(path: Path):
@@ -143,6 +149,25 @@ def test_smoke_humanoid_deferred_rewards_reach_buffer(tmp_path):
     assert ckpt.find_latest(result.run_dir).name == ckpt.step_name(80)
     videos = list((result.run_dir / "videos").glob("*.mp4"))
     assert videos and videos[0].stat().st_size > 0
+
+
+def test_evaluation_logged_at_its_step_over_all_episodes(tmp_path):
+    """Evaluations every 40 steps: videos and TensorBoard scalars at 40 and 80; the VLM return is the
+    mean over the evaluation's episodes of each episode's summed rewards, like the ground-truth one."""
+    from vlmrm_fast.train import train
+
+    config = dot_config(tmp_path, total_timesteps=80, eval_every=40, eval_episodes=2, episode_length=15,
+                        checkpoint_every=0)
+    rm = tiny_reward(config)
+    result = train(config, reward_model=rm)
+    videos = sorted(p.name for p in (result.run_dir / "videos").glob("*.mp4"))
+    assert videos == [f"eval_step_{step:012d}.mp4" for step in (40, 80)]
+    episodes = [c for c in rm.calls if c.shape == (15,)]  # one call per evaluation episode (rollouts: 20)
+    assert len(episodes) == 4
+    logged = sorted(tb_scalars(result.run_dir)["eval/vlm_return"])
+    assert [step for step, _ in logged] == [40, 80]
+    for (_, value), pair in zip(logged, (episodes[:2], episodes[2:])):
+        assert value == pytest.approx(np.mean([c.sum(dtype=np.float64) for c in pair]), rel=1e-5)
 
 
 def test_step_rewards_add_mode(tmp_path):
@@ -199,6 +224,48 @@ def test_resume_continues_exactly(tmp_path):
     pa, pb = full.model.policy.state_dict(), resumed.model.policy.state_dict()
     for key in pa:
         torch.testing.assert_close(pa[key], pb[key], rtol=0, atol=1e-5, msg=key)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_run(tmp_path_factory):
+    from vlmrm_fast.train import train
+
+    path = tmp_path_factory.mktemp("full")
+    return train(dot_config(path, total_timesteps=100), reward_model=tiny_reward(dot_config(path)))
+
+
+def _assert_same_run(resumed, full) -> None:
+    a, b = full.model.replay_buffer, resumed.model.replay_buffer
+    assert resumed.num_timesteps == full.num_timesteps and a.pos == b.pos
+    for name in ("observations", "actions", "rewards", "dones"):
+        np.testing.assert_allclose(getattr(b, name)[:b.pos], getattr(a, name)[:a.pos], rtol=0, atol=1e-6, err_msg=name)
+    pa, pb = full.model.policy.state_dict(), resumed.model.policy.state_dict()
+    for key in pa:
+        torch.testing.assert_close(pa[key], pb[key], rtol=0, atol=1e-5, msg=key)
+
+
+# 2 envs, 10 steps per rollout: rollouts end at 20, 40, 60, ... timesteps. 54 is mid-rollout; 60 is a
+# rollout's last step, where stopping before its gradient steps would shift every later rollout.
+@pytest.mark.parametrize("stop_at", [54, 60], ids=["mid-rollout", "last-step-of-rollout"])
+def test_signal_then_resume_continues_exactly(tmp_path, monkeypatch, uninterrupted_run, stop_at):
+    """A stop signal at any step, then --resume: the same buffer and policy as one uninterrupted run."""
+    from vlmrm_fast.train import callbacks, train
+
+    on_step = callbacks.TrainingCallback._on_step
+
+    def signal_at_step(self):
+        if self.model.num_timesteps == stop_at and not getattr(self, "_signalled", False):
+            self._signalled = True
+            self.stop_signal = signal.SIGTERM  # what the handler records
+        return on_step(self)
+
+    config = dot_config(tmp_path, total_timesteps=100, checkpoint_every=0)
+    monkeypatch.setattr(callbacks.TrainingCallback, "_on_step", signal_at_step)
+    stopped = train(config, reward_model=tiny_reward(config))
+    monkeypatch.setattr(callbacks.TrainingCallback, "_on_step", on_step)
+    assert stopped.stopped_by == "SIGTERM" and stop_at <= stopped.num_timesteps < 100
+    resumed = train(config, resume=stopped.run_dir, reward_model=tiny_reward(config))
+    _assert_same_run(resumed, uninterrupted_run)
 
 
 # --------------------------------------------------------------------------- signals and crashes

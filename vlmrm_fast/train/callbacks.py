@@ -140,7 +140,9 @@ class TrainingCallback(BaseCallback):
         self._rollout_steps += 1
         if self._bar is not None:
             self._bar.update(self.training_env.num_envs)
-        if self.stop_signal is not None:
+        # On a rollout's last step, stopping would skip the gradient steps that follow it, and a resumed
+        # run would then start its rollouts one step late; go through them and stop at the next step.
+        if self.stop_signal is not None and self._rollout_steps < self.model.train_freq.frequency:
             self._store_current_step()
             self._flush_rewards()
             self.save(mid_rollout=True)
@@ -273,14 +275,16 @@ class TrainingCallback(BaseCallback):
             return None
         self.logger.record("eval/gt_return", gt)
         self.logger.record("eval/vlm_return", vlm)
+        self.logger.dump(self.model.num_timesteps)  # at the step evaluated, not at the next log
         return path
 
 
 def evaluate_policy_video(model, config: TrainConfig, reward_model, run_dir: Path):
-    """Deterministic episodes in a fresh env at the video size; returns (mp4 path, mean gt return, VLM return).
+    """Deterministic episodes in a fresh env at the video size; returns (mp4 path of the first episode,
+    mean ground-truth return, mean VLM return).
 
-    The VLM return is the reward model's sum over the recorded episode's frames (at the video size,
-    resized by the model).
+    Each episode's VLM return is the reward model's sum over its frames (at the video size, resized
+    by the model), scored in one batch when the episode ends.
     """
     import imageio.v2 as imageio
 
@@ -288,27 +292,28 @@ def evaluate_policy_video(model, config: TrainConfig, reward_model, run_dir: Pat
 
     env = make_env(config, config.video_width, config.video_height)
     length = config.video_length or config.episode_length
-    frames, gt_returns = [], []
+    video, gt_returns, vlm_returns = [], [], []
     try:
         for episode in range(config.eval_episodes):
             obs, _ = env.reset(seed=config.seed + 1_000_003 + episode)
-            total, done = 0.0, False
+            total, done, frames = 0.0, False, []
             while not done:
                 action, _ = model.predict(obs, deterministic=True)
                 obs, reward, terminated, truncated, _ = env.step(action)
                 total += float(reward)
                 done = terminated or truncated
-                if episode == 0 and len(frames) < length:
-                    frames.append(np.asarray(env.render()))
+                frames.append(np.asarray(env.render()))
             gt_returns.append(total)
+            with torch.inference_mode():
+                vlm_returns.append(float(reward_model(np.stack(frames)).float().sum()))
+            if episode == 0:
+                video = frames[:length]
         fps = int(env.metadata.get("render_fps") or 30)
     finally:
         env.close()
-    with torch.inference_mode():
-        vlm = float(reward_model(np.stack(frames)).float().sum()) if frames else 0.0
     out = Path(run_dir) / "videos" / f"eval_step_{model.num_timesteps:012d}.mp4"
     out.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # imageio's note on resizing to a multiple of 16
-        imageio.mimwrite(out, frames, fps=fps, macro_block_size=16)
-    return out, float(np.mean(gt_returns)), vlm
+        imageio.mimwrite(out, video, fps=fps, macro_block_size=16)
+    return out, float(np.mean(gt_returns)), float(np.mean(vlm_returns))
