@@ -393,6 +393,28 @@ def test_bad_render_size_is_a_clear_error(tmp_path):
         dot_config(tmp_path, render_width=0).validate()
 
 
+def test_buffer_smaller_than_a_rollout_is_a_clear_error(tmp_path):
+    # SB3 keeps buffer_size // n_envs rows of n_envs transitions; a rollout is train_freq rows.
+    dot_config(tmp_path, buffer_size=20, train_freq=10, n_envs=2).validate()
+    with pytest.raises(ValueError, match=r"buffer_size \(19 transitions\).*train_freq x n_envs = 10 x 2"):
+        dot_config(tmp_path, buffer_size=19, train_freq=10, n_envs=2).validate()
+
+
+def test_resume_with_another_reward_setup_warns(tmp_path):
+    """reward_device/reward_backend may change on resume, but the rewards change with them: a warning."""
+    from vlmrm_fast.train import train
+
+    config = dot_config(tmp_path, total_timesteps=40)
+    first = train(config, reward_model=tiny_reward(config))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same setup: no warning
+        train(dot_config(tmp_path, total_timesteps=60), resume=first.run_dir, reward_model=tiny_reward(config))
+    other = dot_config(tmp_path, total_timesteps=80, reward_backend="onnxruntime")
+    with pytest.warns(UserWarning, match=r"now runs on cpu torch.float32 \(onnxruntime backend\), before this resume on "
+                                         r"cpu torch.float32 \(torch backend\)"):
+        train(other, resume=first.run_dir, reward_model=tiny_reward(other))
+
+
 def test_resume_with_another_config_names_fields_and_fix(tmp_path):
     import argparse
 

@@ -230,6 +230,7 @@ class TrainingCallback(BaseCallback):
             "last_eval_step": self._last_eval_step,
             "ep_vlm": self._ep_vlm.copy(),
             "ep_gt": self._ep_gt.copy(),
+            "reward_setup": reward_setup(self.reward_model),
         }
         current = self.model.train_freq
         if self._train_freq_original is not None:
@@ -277,6 +278,11 @@ class TrainingCallback(BaseCallback):
         self.logger.record("eval/vlm_return", vlm)
         self.logger.dump(self.model.num_timesteps)  # at the step evaluated, not at the next log
         return path
+
+
+def reward_setup(reward_model) -> dict:
+    """Where and how the reward model computes: device, tower dtype and backend (as strings)."""
+    return {key: str(getattr(reward_model, key, None)) for key in ("device", "dtype", "backend")}
 
 
 def evaluate_policy_video(model, config: TrainConfig, reward_model, run_dir: Path):

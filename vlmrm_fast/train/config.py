@@ -143,9 +143,9 @@ class TrainConfig:
         need(self.batch_size >= 1 and self.train_freq >= 1 and self.gradient_steps >= 0,
              "batch_size and train_freq must be >= 1, gradient_steps >= 0")
         need(self.learning_starts >= 0, "learning_starts must be >= 0")
-        need(self.buffer_size >= self.train_freq * 1,
-             f"buffer_size ({self.buffer_size}) must hold at least one rollout (train_freq = {self.train_freq} steps); "
-             "raise buffer_size")
+        need(self.buffer_size >= self.train_freq * self.n_envs,
+             f"buffer_size ({self.buffer_size} transitions) must hold at least one rollout (train_freq x n_envs = "
+             f"{self.train_freq} x {self.n_envs}); raise buffer_size")
         need(self.total_timesteps >= 1, "total_timesteps must be >= 1")
         need(self.checkpoint_every >= 0 and self.eval_every >= 0 and self.log_every >= 0,
              "checkpoint_every, eval_every and log_every must be >= 0")

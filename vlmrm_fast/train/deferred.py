@@ -27,10 +27,6 @@ from vlmrm_fast.wrappers import VLMRewardVecEnv, _combine
 
 
 class DeferredRewardRecorder(VLMRewardVecEnv):
-    #: Per-session timings: not restored from a checkpoint (the first log after a resume would
-    #: otherwise report the whole previous session).
-    checkpoint_skip = ("env_s", "render_s", "reward_s", "_t0", "_t_render_end")
-
     """Record each step's frames on the reward device; hand SB3 a placeholder reward.
 
     A :class:`vlmrm_fast.wrappers.VLMRewardVecEnv` whose ``step_wait`` renders (same frame source,
@@ -45,6 +41,10 @@ class DeferredRewardRecorder(VLMRewardVecEnv):
         capacity: vector steps held (the rollout length, ``train_freq``).
         mode, weight: how VLM and env rewards combine (see :func:`combine`).
     """
+
+    #: Per-session timings: not restored from a checkpoint (the first log after a resume would
+    #: otherwise report the whole previous session).
+    checkpoint_skip = ("env_s", "render_s", "reward_s", "_t0", "_t_render_end")
 
     def __init__(self, venv: VecEnv, reward_model, capacity: int, mode: str = "replace", weight: float = 1.0,
                  render: str = "auto") -> None:
@@ -150,13 +150,13 @@ def unwrap_recorder(venv) -> Optional[DeferredRewardRecorder]:
 
 
 class TimedVLMRewardVecEnv(VLMRewardVecEnv):
-    checkpoint_skip = DeferredRewardRecorder.checkpoint_skip
-
     """:class:`~vlmrm_fast.wrappers.VLMRewardVecEnv` (per-step rewards) that also times its stages.
 
     ``env_s``: stepping the envs; ``render_s``: rendering; ``reward_s``: the reward model and
     bookkeeping. Cumulative seconds; the training callback logs their increments.
     """
+
+    checkpoint_skip = DeferredRewardRecorder.checkpoint_skip
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)

@@ -240,6 +240,7 @@ def train(config: TrainConfig, *, resume: Optional[os.PathLike] = None, reward_m
         )
     else:
         model, extra = _load_checkpoint(resume_from, env, config)
+        _warn_if_reward_setup_changed(extra.get("reward_setup"), rm, model.num_timesteps)
     model.set_logger(make_logger(run_dir, config.tensorboard, model.num_timesteps))
 
     # 5. learn.
@@ -299,6 +300,22 @@ def _check_resume_config(found: Path, config: TrainConfig) -> None:
             f"(vlmrm-fast train --resume {found.parent.parent}, without --preset/--config or those overrides), or "
             f"start a new run in another folder (--run-dir). Only these may change on resume: "
             f"{', '.join(sorted(RESUMABLE_FIELDS))}"
+        )
+
+
+def _warn_if_reward_setup_changed(saved: Optional[dict], rm, step: int) -> None:
+    """reward_device and reward_backend may change on resume (another machine), and with them the
+    tower's precision (dtype "auto": float32 on CPU, bfloat16 on CUDA): say so, as the rewards change."""
+    from vlmrm_fast.train.callbacks import reward_setup
+
+    now = reward_setup(rm)
+    if saved and saved != now:
+        show = lambda d: f"{d['device']} {d['dtype']} ({d['backend']} backend)"  # noqa: E731
+        warnings.warn(
+            f"the reward model now runs on {show(now)}, before this resume on {show(saved)}: rewards from step "
+            f"{step} on are computed differently and can differ slightly from those already in the replay buffer. "
+            "Pass the run's reward_device/reward_backend (and reward_dtype) to keep them the same.",
+            stacklevel=3,
         )
 
 
