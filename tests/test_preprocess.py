@@ -52,6 +52,35 @@ def test_matches_float64_reference(device, impl, mode, h, w, s):
     _check(out, reference_preprocess(frames, s, MEAN, STD, mode), torch.float32)
 
 
+@pytest.mark.parametrize("mode,h,w,bottom_up", [("vlmrm", 480, 480, False), ("openclip", 400, 601, True),
+                                               ("vlmrm", 1080, 1920, True)])
+def test_torch_path_at_render_sizes(mode, h, w, bottom_up):
+    # Many bands of the banded torch resize (14 per axis at 224), windows clamped at both borders, an
+    # antialiased filter spanning ~9 inputs per output; the Triton kernel is covered at these sizes by
+    # the GPU tests (the CPU interpreter is too slow for them).
+    frames = _frames(1, h, w, seed=h)
+    spec = PreprocessSpec((224, 224), MEAN, STD, mode)
+    stored = np.ascontiguousarray(frames[:, ::-1]) if bottom_up else frames
+    out = preprocess(torch.from_numpy(stored), spec, torch.float32, bottom_up=bottom_up, impl="torch")
+    _check(out, reference_preprocess(frames, 224, MEAN, STD, mode), torch.float32)
+
+
+def test_bands_hold_every_tap():
+    # The bands reassemble into the dense resampling matrices exactly (every tap in its band's window).
+    from vlmrm_fast.ops.resize_taps import resize_bands, resize_matrices
+
+    for h, w, s, crop in [(480, 480, 224, False), (37, 53, 17, False), (9, 40, 16, True), (1080, 1920, 224, True)]:
+        kwargs = dict(crop=crop, antialias=crop, bottom_up=True, device=torch.device("cpu"))
+        rows, cols = resize_matrices(h, w, (s, s), **kwargs)
+        row_windows, row_w, col_windows, col_w_t = resize_bands(h, w, (s, s), **kwargs)
+        for dense, windows, weights in [(rows, row_windows, row_w), (cols, col_windows, col_w_t.transpose(1, 2))]:
+            k, band, win = weights.shape
+            rebuilt = torch.zeros(k * band, dense.shape[1])
+            for i in range(k):
+                rebuilt[i * band:(i + 1) * band].index_add_(1, windows[i * win:(i + 1) * win], weights[i])
+            assert torch.equal(rebuilt[:s], dense) and not rebuilt[s:].any()
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("impl", ["triton", "torch"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
