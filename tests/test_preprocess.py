@@ -65,6 +65,19 @@ def test_torch_path_at_render_sizes(mode, h, w, bottom_up):
     _check(out, reference_preprocess(frames, 224, MEAN, STD, mode), torch.float32)
 
 
+def test_torch_path_in_slices_of_the_batch(monkeypatch):
+    # On CPU the torch path resamples a large batch in slices (for the cache): force one frame a slice.
+    import importlib
+
+    module = importlib.import_module("vlmrm_fast.ops.preprocess")  # not the function of that name
+    monkeypatch.setattr(module, "_CPU_SLICE_BYTES", 1)
+    frames = _frames(5, 37, 53, seed=5)
+    for mode in ("vlmrm", "openclip"):
+        spec = PreprocessSpec((17, 17), MEAN, STD, mode)
+        out = preprocess(torch.from_numpy(frames), spec, torch.float32, impl="torch")
+        _check(out, reference_preprocess(frames, 17, MEAN, STD, mode), torch.float32)
+
+
 def test_bands_hold_every_tap():
     # The bands reassemble into the dense resampling matrices exactly (every tap in its band's window).
     from vlmrm_fast.ops.resize_taps import resize_bands, resize_matrices

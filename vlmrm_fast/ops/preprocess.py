@@ -259,6 +259,27 @@ def _resample_banded(frames: torch.Tensor, bands: Tuple[torch.Tensor, ...], out_
     return x.transpose(0, 1).reshape(n, 3, out_h, k_x * band)[..., :out_w]
 
 
+_CPU_SLICE_BYTES = 4 << 20
+
+
+def _resample_banded_in_slices(frames: torch.Tensor, bands: Tuple[torch.Tensor, ...], out_size: Tuple[int, int]) -> torch.Tensor:
+    """:func:`_resample_banded` over slices of the batch on CPU, whole on a GPU.
+
+    On CPU the window rows of one 480 x 480 frame are already 2.9 MB of float32; a whole batch runs
+    out of cache, and slices of about 4 MB are 2-4x faster at batch 8-32.
+    """
+    n, _, width, _ = frames.shape
+    k_y, _, win_y = bands[1].shape
+    per_frame = k_y * win_y * width * 3 * 4
+    step = n if frames.device.type != "cpu" else max(1, _CPU_SLICE_BYTES // per_frame)
+    if step >= n:
+        return _resample_banded(frames, bands, out_size)
+    out = torch.empty((n, 3) + tuple(out_size), dtype=torch.float32)
+    for i in range(0, n, step):
+        out[i : i + step] = _resample_banded(frames[i : i + step], bands, out_size)
+    return out
+
+
 def preprocess_torch(
     frames: torch.Tensor, spec: PreprocessSpec, out_dtype: torch.dtype, bottom_up: bool = False
 ) -> torch.Tensor:
@@ -277,7 +298,7 @@ def preprocess_torch(
             bottom_up=bottom_up, device=frames.device,
         )
         with _full_precision_matmul(frames.device):
-            x = _resample_banded(frames, bands, spec.size)
+            x = _resample_banded_in_slices(frames, bands, spec.size)
     else:
         # Transposing the uint8 frames first moves a quarter of the bytes a float32 transpose would.
         x = frames.permute(0, 3, 1, 2).contiguous().to(torch.float32)
