@@ -1,5 +1,6 @@
 """The TensorRT engine cache: keys, atomic writes, and refusal of stale or damaged files (no TensorRT needed)."""
 import dataclasses
+import os
 
 import pytest
 import torch
@@ -64,3 +65,18 @@ def test_weights_digest_follows_the_weights():
     with torch.no_grad():
         layer.weight[0, 0] += 1
     assert weights_digest(layer) != before
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="tells files from folders by /proc/self/fd (Linux)")
+def test_atomic_write_flushes_the_file_then_its_folder(tmp_path, monkeypatch):
+    # The data before the rename, the folder entry after it: both must reach the disk.
+    from vlmrm_fast import atomic
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(atomic.os, "fsync", lambda fd: (events.append(("fsync", os.path.isdir(f"/proc/self/fd/{fd}"))),
+                                                        real_fsync(fd))[1])
+    monkeypatch.setattr(atomic.os, "replace", lambda a, b: (events.append(("replace",)), real_replace(a, b))[1])
+    atomic.write_atomically(tmp_path / "engine.plan", b"bytes")
+    assert events == [("fsync", False), ("replace",), ("fsync", True)]
+    assert (tmp_path / "engine.plan").read_bytes() == b"bytes"

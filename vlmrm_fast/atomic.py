@@ -7,10 +7,25 @@ from pathlib import Path
 from typing import Union
 
 
+def fsync_dir(path: Union[str, Path]) -> None:
+    """Flush a folder's entries (a rename into it) to disk; a no-op where folders cannot be opened."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
 def write_atomically(path: Union[str, Path], data: bytes) -> Path:
     """Write ``data`` to ``path``: a unique temporary file in the same folder, fsynced, given the
-    permissions a plain ``open`` would (umask), then renamed into place. Writers running side by
-    side each use their own temporary file; on any error it is removed."""
+    permissions a plain ``open`` would (umask), then renamed into place, and the rename flushed too
+    (else a power cut can lose it). Writers running side by side each use their own temporary file;
+    on any error it is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -26,4 +41,5 @@ def write_atomically(path: Union[str, Path], data: bytes) -> Path:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_dir(path.parent)
     return path

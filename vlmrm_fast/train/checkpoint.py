@@ -31,6 +31,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from vlmrm_fast.atomic import fsync_dir as _fsync_dir
 from vlmrm_fast.atomic import write_atomically
 
 FORMAT = 1
@@ -50,19 +51,6 @@ def checkpoint_root(run_dir: os.PathLike) -> Path:
 def _fsync_file(path: Path) -> None:
     with open(path, "rb+") as f:
         os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
 
 
 # --------------------------------------------------------------------------- RNG and env state
