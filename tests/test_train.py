@@ -227,11 +227,20 @@ def test_resume_continues_exactly(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted_run(tmp_path_factory):
+def uninterrupted_runs(tmp_path_factory):
+    """One uninterrupted 100-step run per train_freq, made on first use."""
     from vlmrm_fast.train import train
 
-    path = tmp_path_factory.mktemp("full")
-    return train(dot_config(path, total_timesteps=100), reward_model=tiny_reward(dot_config(path)))
+    runs = {}
+
+    def run(train_freq: int):
+        if train_freq not in runs:
+            path = tmp_path_factory.mktemp(f"full{train_freq}")
+            config = dot_config(path, total_timesteps=100, train_freq=train_freq)
+            runs[train_freq] = train(config, reward_model=tiny_reward(config))
+        return runs[train_freq]
+
+    return run
 
 
 def _assert_same_run(resumed, full) -> None:
@@ -239,16 +248,20 @@ def _assert_same_run(resumed, full) -> None:
     assert resumed.num_timesteps == full.num_timesteps and a.pos == b.pos
     for name in ("observations", "actions", "rewards", "dones"):
         np.testing.assert_allclose(getattr(b, name)[:b.pos], getattr(a, name)[:a.pos], rtol=0, atol=1e-6, err_msg=name)
+    assert resumed.model._n_updates == full.model._n_updates
     pa, pb = full.model.policy.state_dict(), resumed.model.policy.state_dict()
     for key in pa:
         torch.testing.assert_close(pa[key], pb[key], rtol=0, atol=1e-5, msg=key)
 
 
-# 2 envs, 10 steps per rollout: rollouts end at 20, 40, 60, ... timesteps. 54 is mid-rollout; 60 is a
-# rollout's last step, where stopping before its gradient steps would shift every later rollout.
-@pytest.mark.parametrize("stop_at", [54, 60], ids=["mid-rollout", "last-step-of-rollout"])
-def test_signal_then_resume_continues_exactly(tmp_path, monkeypatch, uninterrupted_run, stop_at):
-    """A stop signal at any step, then --resume: the same buffer and policy as one uninterrupted run."""
+# 2 envs: with train_freq 10, rollouts end at 20, 40, 60, ... timesteps; 54 is mid-rollout, 60 a
+# rollout's last step (its gradient steps not yet run), 100 the run's last step. With train_freq 1
+# every step is a rollout's last.
+@pytest.mark.parametrize("train_freq,stop_at", [(10, 54), (10, 60), (1, 56), (10, 100)],
+                         ids=["mid-rollout", "last-step-of-rollout", "train-freq-1", "last-step-of-run"])
+def test_signal_then_resume_continues_exactly(tmp_path, monkeypatch, uninterrupted_runs, train_freq, stop_at):
+    """A stop signal at any step stops there (with a checkpoint); --resume then gives the same buffer,
+    update count and policy as one uninterrupted run."""
     from vlmrm_fast.train import callbacks, train
 
     on_step = callbacks.TrainingCallback._on_step
@@ -259,13 +272,14 @@ def test_signal_then_resume_continues_exactly(tmp_path, monkeypatch, uninterrupt
             self.stop_signal = signal.SIGTERM  # what the handler records
         return on_step(self)
 
-    config = dot_config(tmp_path, total_timesteps=100, checkpoint_every=0)
+    config = dot_config(tmp_path, total_timesteps=100, train_freq=train_freq, checkpoint_every=0)
     monkeypatch.setattr(callbacks.TrainingCallback, "_on_step", signal_at_step)
     stopped = train(config, reward_model=tiny_reward(config))
     monkeypatch.setattr(callbacks.TrainingCallback, "_on_step", on_step)
-    assert stopped.stopped_by == "SIGTERM" and stop_at <= stopped.num_timesteps < 100
+    assert stopped.stopped_by == "SIGTERM" and stopped.num_timesteps == stop_at
+    assert stopped.checkpoint.name == ckpt.step_name(stop_at)
     resumed = train(config, resume=stopped.run_dir, reward_model=tiny_reward(config))
-    _assert_same_run(resumed, uninterrupted_run)
+    _assert_same_run(resumed if stop_at < 100 else stopped, uninterrupted_runs(train_freq))
 
 
 # --------------------------------------------------------------------------- signals and crashes
@@ -406,9 +420,10 @@ def test_resume_with_another_reward_setup_warns(tmp_path):
 
     config = dot_config(tmp_path, total_timesteps=40)
     first = train(config, reward_model=tiny_reward(config))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # the same setup: no warning
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         train(dot_config(tmp_path, total_timesteps=60), resume=first.run_dir, reward_model=tiny_reward(config))
+    assert not [w for w in caught if "now runs on" in str(w.message)]  # the same setup: no warning
     other = dot_config(tmp_path, total_timesteps=80, reward_backend="onnxruntime")
     with pytest.warns(UserWarning, match=r"now runs on cpu torch.float32 \(onnxruntime backend\), before this resume on "
                                          r"cpu torch.float32 \(torch backend\)"):

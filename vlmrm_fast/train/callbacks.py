@@ -11,7 +11,9 @@ so :class:`TrainingCallback` does:
   ``on_rollout_end`` is the SAC update time.
 - ``on_step``: notes the replay slot of the transition about to be stored (deferred rewards),
   collects episode returns (step rewards), advances the progress bar; after SIGINT/SIGTERM it stores
-  the step itself, scores the partial rollout, writes a checkpoint and stops training.
+  the step itself, scores the partial rollout, writes a checkpoint and stops training. A resumed run
+  finishes that rollout (or, stopped on its last step, first runs the gradient steps that were due),
+  so it continues exactly as an uninterrupted one.
 - ``on_rollout_end``: deferred rewards: scores the rollout's frames in one batch and writes them into
   the replay buffer, before ``train()`` samples it; then logs to TensorBoard.
 """
@@ -140,9 +142,8 @@ class TrainingCallback(BaseCallback):
         self._rollout_steps += 1
         if self._bar is not None:
             self._bar.update(self.training_env.num_envs)
-        # On a rollout's last step, stopping would skip the gradient steps that follow it, and a resumed
-        # run would then start its rollouts one step late; go through them and stop at the next step.
-        if self.stop_signal is not None and self._rollout_steps < self.model.train_freq.frequency:
+        # On the run's last step, stopping would only skip its final gradient steps: finish instead.
+        if self.stop_signal is not None and self.model.num_timesteps < self.config.total_timesteps:
             self._store_current_step()
             self._flush_rewards()
             self.save(mid_rollout=True)
@@ -223,9 +224,13 @@ class TrainingCallback(BaseCallback):
     def save(self, mid_rollout: bool = False) -> Path:
         """Write a checkpoint of the current state (see :mod:`vlmrm_fast.train.checkpoint`)."""
         n = self.model.num_timesteps
+        # Stopped on a rollout's last step: the rollout is complete but its gradient steps are not
+        # done; the resumed run does them first (train_pending), then starts the next rollout.
+        complete = mid_rollout and self._rollout_steps >= self.model.train_freq.frequency
         extra = {
             "step": n,
-            "rollout_steps_done": (self._rollout_offset + self._rollout_steps) if mid_rollout else 0,
+            "rollout_steps_done": (self._rollout_offset + self._rollout_steps) if mid_rollout and not complete else 0,
+            "train_pending": complete,
             "last_checkpoint_step": n,
             "last_eval_step": self._last_eval_step,
             "ep_vlm": self._ep_vlm.copy(),

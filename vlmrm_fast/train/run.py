@@ -242,6 +242,8 @@ def train(config: TrainConfig, *, resume: Optional[os.PathLike] = None, reward_m
         model, extra = _load_checkpoint(resume_from, env, config)
         _warn_if_reward_setup_changed(extra.get("reward_setup"), rm, model.num_timesteps)
     model.set_logger(make_logger(run_dir, config.tensorboard, model.num_timesteps))
+    if extra is not None and extra.get("train_pending"):
+        _train_after_rollout(model)
 
     # 5. learn.
     callback = TrainingCallback(config, rm, run_dir, config_json, recorder=recorder, timed_env=env,
@@ -259,7 +261,6 @@ def train(config: TrainConfig, *, resume: Optional[os.PathLike] = None, reward_m
             callback.save()
         if stopped is None and remaining > 0 and config.eval_every:
             callback.evaluate()
-            model.logger.dump(model.num_timesteps)
     finally:
         callback.restore_signal_handlers()  # also when learn() raised: Ctrl-C must work again
         env.close()
@@ -303,6 +304,13 @@ def _check_resume_config(found: Path, config: TrainConfig) -> None:
         )
 
 
+def _train_after_rollout(model) -> None:
+    """The gradient steps SB3 runs after each rollout (``OffPolicyAlgorithm.learn``), for a run that a
+    signal stopped on a rollout's last step, before them; the RNG state is the one they started from."""
+    if model.num_timesteps > 0 and model.num_timesteps > model.learning_starts and model.gradient_steps > 0:
+        model.train(batch_size=model.batch_size, gradient_steps=model.gradient_steps)
+
+
 def _warn_if_reward_setup_changed(saved: Optional[dict], rm, step: int) -> None:
     """reward_device and reward_backend may change on resume (another machine), and with them the
     tower's precision (dtype "auto": float32 on CPU, bfloat16 on CUDA): say so, as the rewards change."""
@@ -314,7 +322,7 @@ def _warn_if_reward_setup_changed(saved: Optional[dict], rm, step: int) -> None:
         warnings.warn(
             f"the reward model now runs on {show(now)}, before this resume on {show(saved)}: rewards from step "
             f"{step} on are computed differently and can differ slightly from those already in the replay buffer. "
-            "Pass the run's reward_device/reward_backend (and reward_dtype) to keep them the same.",
+            "To keep them the same, resume with the run's reward_device and reward_backend on a machine like its own.",
             stacklevel=3,
         )
 
