@@ -54,13 +54,15 @@ def test_compile_backend_buckets_pad_and_split():
 
 
 def test_compile_backend_compiles_every_bucket_of_every_instance(monkeypatch):
-    # Dynamo's graph limit is per function, and every tower shares its class's forward: two towers of
-    # 5 buckets each need 10 graphs against a default limit of 8. Every call must run a compiled graph
-    # (counted by a pass-through compiler backend), none fall back to eager.
+    # Dynamo's graph limits are per function, and every tower shares its class's forward: two towers of
+    # 5 buckets each need 10 graphs, against limits set here to 8 (recompiles) and 9 (accumulated; 256
+    # by default). Every call must run a compiled graph (counted by a pass-through compiler backend).
     import torch._dynamo
 
     config = torch._dynamo.config
-    monkeypatch.setattr(config, "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit", 8)
+    new_names = hasattr(config, "recompile_limit")
+    monkeypatch.setattr(config, "recompile_limit" if new_names else "cache_size_limit", 8)
+    monkeypatch.setattr(config, "accumulated_recompile_limit" if new_names else "accumulated_cache_size_limit", 9)
     torch._dynamo.reset()
     graph_runs = []
 
@@ -74,14 +76,17 @@ def test_compile_backend_compiles_every_bucket_of_every_instance(monkeypatch):
     monkeypatch.setattr(torch, "compile", lambda model, **kwargs: real_compile(model, backend=counting_backend, dynamic=False))
     from vlmrm_fast.backends.compiled import CompileBackend
 
-    for buckets in [(1, 2, 3, 4, 5), (6, 7, 9, 10, 11)]:  # distinct shapes: no graph can be shared
-        visual = make_tiny()[0].visual.eval()
-        backend = CompileBackend(visual, torch.device("cpu"), torch.float32, (224, 224), max_batch_size=11, buckets=buckets)
-        for bucket in buckets:
-            before = len(graph_runs)
-            backend(torch.zeros((bucket, 3, 224, 224)))
-            assert len(graph_runs) == before + 1, f"bucket {bucket} of {buckets} ran eagerly"
-    torch._dynamo.reset()
+    try:
+        for buckets in [(1, 2, 3, 4, 5), (6, 7, 9, 10, 11)]:  # distinct shapes: no graph can be shared
+            visual = make_tiny()[0].visual.eval()
+            backend = CompileBackend(visual, torch.device("cpu"), torch.float32, (224, 224), max_batch_size=11,
+                                     buckets=buckets)
+            for bucket in buckets:
+                before = len(graph_runs)
+                backend(torch.zeros((bucket, 3, 224, 224)))
+                assert len(graph_runs) == before + 1, f"bucket {bucket} of {buckets} ran eagerly"
+    finally:
+        torch._dynamo.reset()
 
 
 @pytest.mark.gpu

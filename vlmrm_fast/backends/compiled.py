@@ -18,16 +18,25 @@ from vlmrm_fast.backends.base import VisionBackend
 DEFAULT_BUCKETS = (1, 8, 32, 64, 128, 256, 512, 1024)
 
 
-def _allow_more_graphs(count: int) -> None:
-    """Raise dynamo's limit of graphs per function by ``count``.
+_graphs_requested = 0
 
-    Every instance of a model class shares one ``forward``, so the default limit (8) is shared by all
-    compiled towers, buckets and dtypes in a process; past it, dynamo runs the call eagerly with no
-    more than a log line, and "compile" rows would silently measure eager.
+
+def _allow_more_graphs(count: int) -> None:
+    """Make room in dynamo's per-function graph limits for ``count`` more graphs.
+
+    Every instance of a model class shares one ``forward``, so the default limits (8 graphs, 256 over
+    all) are shared by all compiled towers, buckets and dtypes in a process; past them, dynamo runs
+    the call eagerly with no more than a log line, and "compile" rows would silently measure eager.
+    Both limits are process-wide settings: they are raised to 8 plus the buckets of every compile
+    backend built so far (never lowered), which loosens dynamo's recompilation guard for other code too.
     """
+    global _graphs_requested
+    _graphs_requested += count
     config = torch._dynamo.config
-    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.6
-    setattr(config, name, getattr(config, name) + count)
+    new_names = hasattr(config, "recompile_limit")  # torch >= 2.6; cache_size_limit before
+    for name in ("recompile_limit", "accumulated_recompile_limit") if new_names else (
+            "cache_size_limit", "accumulated_cache_size_limit"):
+        setattr(config, name, max(getattr(config, name), 8 + _graphs_requested))
 
 
 def default_buckets(max_batch_size: int) -> tuple:
