@@ -125,6 +125,10 @@ def test_strided_views_are_read_in_place(device, impl):
     spec = PreprocessSpec((15, 15), MEAN, STD, "vlmrm")
     out = preprocess(view, spec, torch.float32, impl=impl)
     _check(out, reference_preprocess(view.cpu().numpy(), 15, MEAN, STD, "vlmrm"), torch.float32)
+    planar = torch.from_numpy(np.ascontiguousarray(_frames(2, 41, 37, seed=4).transpose(0, 3, 1, 2))).to(device)
+    planar = planar.permute(0, 2, 3, 1)  # NCHW storage seen as NHWC: channel stride H * W, column stride 1
+    out = preprocess(planar, spec, torch.float32, impl=impl)
+    _check(out, reference_preprocess(planar.cpu().numpy(), 15, MEAN, STD, "vlmrm"), torch.float32)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -192,7 +192,7 @@ def test_single_env_shares_the_reward_model(rm):
     env = VLMRewardWrapper(make_env(), model, mode="add", weight=0.5)
     assert env.reward_model is model
     again = gym.make(env.spec)  # what gymnasium's checker does
-    assert isinstance(again, VLMRewardWrapper) and again.reward_model is model
+    assert isinstance(again, VLMRewardWrapper) and again.reward_model is model and again.spec == env.spec
     assert (again.mode, again.weight) == ("add", 0.5)
     again.reset(seed=0)
     again.step(again.action_space.sample())

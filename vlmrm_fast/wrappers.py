@@ -212,6 +212,12 @@ class _SharedReference:
     def __deepcopy__(self, memo: dict) -> "_SharedReference":
         return self
 
+    def __eq__(self, other: object) -> bool:  # specs of wrappers on the same model compare equal
+        return isinstance(other, _SharedReference) and other.target is self.target
+
+    def __hash__(self) -> int:
+        return id(self.target)
+
     def __repr__(self) -> str:
         return f"<shared {type(self.target).__name__}>"
 

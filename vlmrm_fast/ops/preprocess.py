@@ -251,10 +251,10 @@ def _resample_banded(frames: torch.Tensor, bands: Tuple[torch.Tensor, ...], out_
     out_h, out_w = out_size
     k_y, band, win_y = row_w.shape
     k_x, win_x, _ = col_w_t.shape
-    x = frames.index_select(1, rows).to(torch.float32).view(n, k_y, win_y, width * 3)
+    x = frames.index_select(1, rows).to(torch.float32).reshape(n, k_y, win_y, width * 3)
     x = torch.matmul(row_w, x)  # [N, Ky, band, W * 3]
     x = x.view(n, k_y * band, width, 3)[:, :out_h].permute(0, 3, 1, 2)  # [N, 3, S_h, W]
-    x = x.index_select(3, cols).view(n * 3 * out_h, k_x, win_x).transpose(0, 1)  # [Kx, N * 3 * S_h, win_x]
+    x = x.index_select(3, cols).reshape(n * 3 * out_h, k_x, win_x).transpose(0, 1)  # [Kx, N * 3 * S_h, win_x]
     x = torch.bmm(x, col_w_t)  # [Kx, N * 3 * S_h, band]
     return x.transpose(0, 1).reshape(n, 3, out_h, k_x * band)[..., :out_w]
 
@@ -274,7 +274,7 @@ def _resample_banded_in_slices(frames: torch.Tensor, bands: Tuple[torch.Tensor, 
     step = n if frames.device.type != "cpu" else max(1, _CPU_SLICE_BYTES // per_frame)
     if step >= n:
         return _resample_banded(frames, bands, out_size)
-    out = torch.empty((n, 3) + tuple(out_size), dtype=torch.float32)
+    out = torch.empty((n, 3) + tuple(out_size), dtype=torch.float32, device=frames.device)
     for i in range(0, n, step):
         out[i : i + step] = _resample_banded(frames[i : i + step], bands, out_size)
     return out

@@ -154,7 +154,8 @@ def resize_matrices(
     device: torch.device,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """The same resize as dense float32 matrices (rows [out_h, H], cols [out_w, W]) on ``device``,
-    so that ``rows @ image @ cols.T`` resamples a [..., H, W] image (the torch path)."""
+    so that ``rows @ image @ cols.T`` resamples a [..., H, W] image (for checks: the torch path
+    uses :func:`resize_bands`, the same taps without the zeros)."""
     row_idx, row_w, col_idx, col_w = _host_taps(height, width, out_size, crop, antialias, bottom_up)
     with torch.inference_mode(False):  # cached: must stay usable outside inference mode too
         rows = torch.from_numpy(_dense(row_idx, row_w, height).astype(np.float32)).to(device)
@@ -171,8 +172,9 @@ BAND = 16
 def _bands(idx: np.ndarray, weights: np.ndarray, in_size: int, band: int) -> Tuple[np.ndarray, np.ndarray]:
     """One axis's resize as bands: each run of ``band`` outputs reads one window of ``win`` inputs.
 
-    Returns (window starts' indices flattened, int64 [K * win]; weights float64 [K, band, win]), K =
-    ceil(out / band); output rows past ``out`` (the last band's padding) have zero weights.
+    Returns (every band's window of input indices, flattened: int64 [K * win]; weights float64
+    [K, band, win]), K = ceil(out / band); output rows past ``out`` (the last band's padding) have
+    zero weights.
     """
     out = idx.shape[0]
     k = -(-out // band)
