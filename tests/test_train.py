@@ -345,6 +345,20 @@ def test_killed_run_resumes_from_last_checkpoint(tmp_path, sig):
     assert not np.all(buf.rewards[:buf.pos] == 0)
 
 
+def test_env_state_leaves_out_wall_clock_times():
+    # Episode times after a resume count from the new process, not across the downtime.
+    from stable_baselines3.common.vec_env import DummyVecEnv, VecMonitor
+
+    venv = VecMonitor(DummyVecEnv([lambda: gym.wrappers.RecordEpisodeStatistics(DotEnv())]))
+    venv.reset()
+    venv.step(np.zeros((1, 2), dtype=np.float32))
+    state = ckpt.env_state(venv)
+    assert "t_start" not in state["wrappers"][0] and "episode_returns" in state["wrappers"][0]
+    layers = state["envs"][0]["layers"]
+    assert all("episode_start_times" not in layer for layer in layers)
+    assert any("episode_returns" in layer for layer in layers)
+
+
 def test_crash_during_checkpoint_keeps_previous(tmp_path, monkeypatch):
     from vlmrm_fast.train import train
 

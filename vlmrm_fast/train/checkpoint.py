@@ -83,12 +83,15 @@ def set_rng_state(model, state: dict) -> None:
 
 
 _SCALARS = (bool, int, float, str, np.number, np.bool_)
+#: Wall-clock start times (SB3's VecMonitor/Monitor, gymnasium's RecordEpisodeStatistics): they belong
+#: to one process, and restored they would count the time between the stop and the resume.
+_WALL_CLOCK = ("t_start", "episode_start_times")
 
 
 def _plain_attrs(obj: Any, skip: tuple = ()) -> dict:
     """The object's own scalar and small-array attributes (its counters and accumulators)."""
     out = {}
-    skip = tuple(skip) + tuple(getattr(obj, "checkpoint_skip", ()))
+    skip = tuple(skip) + _WALL_CLOCK + tuple(getattr(obj, "checkpoint_skip", ()))
     for key, value in vars(obj).items():
         if key in skip:
             continue
