@@ -151,23 +151,27 @@ def test_smoke_humanoid_deferred_rewards_reach_buffer(tmp_path):
     assert videos and videos[0].stat().st_size > 0
 
 
-def test_evaluation_logged_at_its_step_over_all_episodes(tmp_path):
+def test_evaluation_logged_at_its_step_over_all_episodes(tmp_path, monkeypatch):
     """Evaluations every 40 steps: videos and TensorBoard scalars at 40 and 80; the VLM return is the
     mean over the evaluation's episodes of each episode's summed rewards, like the ground-truth one."""
     from vlmrm_fast.train import train
 
+    from vlmrm_fast.train import callbacks
+
+    monkeypatch.setattr(callbacks, "_EVAL_CHUNK", 6)  # episodes of 15 frames: chunks of 6, 6 and 3
     config = dot_config(tmp_path, total_timesteps=80, eval_every=40, eval_episodes=2, episode_length=15,
                         checkpoint_every=0)
     rm = tiny_reward(config)
     result = train(config, reward_model=rm)
     videos = sorted(p.name for p in (result.run_dir / "videos").glob("*.mp4"))
     assert videos == [f"eval_step_{step:012d}.mp4" for step in (40, 80)]
-    episodes = [c for c in rm.calls if c.shape == (15,)]  # one call per evaluation episode (rollouts: 20)
-    assert len(episodes) == 4
+    chunks = [c for c in rm.calls if c.shape in ((6,), (3,))]  # evaluation calls (rollouts: 20 frames)
+    assert [c.shape[0] for c in chunks] == [6, 6, 3] * 4  # 2 evaluations x 2 episodes
+    episodes = [sum(c.sum(dtype=np.float64) for c in chunks[i:i + 3]) for i in range(0, 12, 3)]
     logged = sorted(tb_scalars(result.run_dir)["eval/vlm_return"])
     assert [step for step, _ in logged] == [40, 80]
     for (_, value), pair in zip(logged, (episodes[:2], episodes[2:])):
-        assert value == pytest.approx(np.mean([c.sum(dtype=np.float64) for c in pair]), rel=1e-5)
+        assert value == pytest.approx(np.mean(pair), rel=1e-5)
 
 
 def test_step_rewards_add_mode(tmp_path):

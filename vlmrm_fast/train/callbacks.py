@@ -290,12 +290,16 @@ def reward_setup(reward_model) -> dict:
     return {key: str(getattr(reward_model, key, None)) for key in ("device", "dtype", "backend")}
 
 
+#: Evaluation frames per reward-model call: memory stays one chunk of frames, not a whole episode.
+_EVAL_CHUNK = 64
+
+
 def evaluate_policy_video(model, config: TrainConfig, reward_model, run_dir: Path):
     """Deterministic episodes in a fresh env at the video size; returns (mp4 path of the first episode,
     mean ground-truth return, mean VLM return).
 
     Each episode's VLM return is the reward model's sum over its frames (at the video size, resized
-    by the model), scored in one batch when the episode ends.
+    by the model), scored in chunks of up to 64 frames as the episode runs.
     """
     import imageio.v2 as imageio
 
@@ -307,18 +311,22 @@ def evaluate_policy_video(model, config: TrainConfig, reward_model, run_dir: Pat
     try:
         for episode in range(config.eval_episodes):
             obs, _ = env.reset(seed=config.seed + 1_000_003 + episode)
-            total, done, frames = 0.0, False, []
+            gt, vlm, done, pending = 0.0, 0.0, False, []
             while not done:
                 action, _ = model.predict(obs, deterministic=True)
                 obs, reward, terminated, truncated, _ = env.step(action)
-                total += float(reward)
+                gt += float(reward)
                 done = terminated or truncated
-                frames.append(np.asarray(env.render()))
-            gt_returns.append(total)
-            with torch.inference_mode():
-                vlm_returns.append(float(reward_model(np.stack(frames)).float().sum()))
-            if episode == 0:
-                video = frames[:length]
+                frame = np.asarray(env.render())
+                pending.append(frame)
+                if episode == 0 and len(video) < length:
+                    video.append(frame)
+                if len(pending) == _EVAL_CHUNK or done:
+                    with torch.inference_mode():
+                        vlm += float(reward_model(np.stack(pending)).double().sum())
+                    pending = []
+            gt_returns.append(gt)
+            vlm_returns.append(vlm)
         fps = int(env.metadata.get("render_fps") or 30)
     finally:
         env.close()
