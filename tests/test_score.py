@@ -2,9 +2,9 @@
 
 Tolerance: rewards are O(1) and both paths accumulate in float32 whatever the input dtype (bf16 and
 fp16 inputs are upcast exactly), so the only error is float32 rounding over D products: ~D^0.5 *
-6e-8 < 1e-6 for D <= 1280. 1e-5 is DEVELOPERS.md's float32 bar; a wrong term of the closed form
-costs >1e-2. The reference is computed from the same (rounded) inputs, so low-precision inputs meet
-the same bound.
+6e-8 < 1e-6 for D <= 1280; the bound is 2e-6 (the project's float32 bar is 1e-5, and a slip in a
+small term of the closed form can hide under that). A wrong term costs >1e-2. The reference is
+computed from the same (rounded) inputs, so low-precision inputs meet the same bound.
 """
 import pytest
 import torch
@@ -48,7 +48,7 @@ def test_matches_explicit_projection(device, impl, dtype, n, d, t, rng):
     out = score(x.to(device), on_device, impl=impl)
     assert out.shape == (n, t) and out.dtype == torch.float32
     err = (out.cpu().double() - _reference(x, targets)).abs().max().item()
-    assert err <= 1e-5, err
+    assert err <= 2e-6, err
 
 
 @pytest.mark.parametrize("device", DEVICES)
