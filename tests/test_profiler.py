@@ -120,8 +120,12 @@ def test_rows_cover_every_configuration(results):
             assert row[f"{stage}_fps"] > 0
             assert row["timings"][stage]["repeats"] == 1
         assert row["tower_gflops"] == pytest.approx(tower_gflops("vlmrm-tiny"))
-        assert row["achieved_tflops"] > 0
-        assert (row["frac_of_peak"] is None) == (row["dtype"] == "int8")  # no int8 matmul peak is measured
+        # TFLOP/s from the tower stage alone (GFLOP/img x tower frames/s), against this run's fp32 peak.
+        assert row["achieved_tflops"] == pytest.approx(row["tower_gflops"] * row["tower_fps"] / 1e3)
+        if row["dtype"] == "int8":
+            assert row["frac_of_peak"] is None  # no int8 matmul peak is measured
+        else:
+            assert row["frac_of_peak"] == pytest.approx(row["achieved_tflops"] / results["peak_tflops"]["fp32"])
     assert results["peak_tflops"]["fp32"] == max(results["peak_samples"]["fp32"]) > 0
     assert len(results["peak_samples"]["fp32"]) == 2  # before and after the model
     assert results["complete"] is True and results["failures"] == []
@@ -137,6 +141,40 @@ def test_seed_rows_and_speedups(results):
             assert row["seed_fps"] == pytest.approx(row["batch"] / paired["median_s"])
             assert row["speedup_vs_seed"] == pytest.approx(row["end_to_end_fps"] / row["seed_fps"])
             assert row["speedup_vs_seed"] > 0
+
+
+def test_seed_pipeline_is_the_original_computation():
+    """Every speedup divides by the seed's speed, so the seed must do the original's work, no more:
+    torchvision's bicubic without antialiasing at full resolution, the fp32 tower, and the reward of
+    SPEC §1.1 through the D x D matrix for its own goal g and unit direction u (alpha 0.5).
+    Tolerances: the resize is torch's own float32 bicubic, ~2e-4 from float64 at 480 -> 224 (an
+    antialiased or otherwise different resize costs >1e-2); the tower and the score ~1e-6."""
+    import numpy as np
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+
+    from conftest import make_tiny
+    from reference import float64_model, reference_preprocess, reference_reward_from_embeddings
+    from vlmrm_fast.models import preprocess_spec_of
+    from vlmrm_fast.profiler.seed import ALPHA, SeedPipeline
+
+    model = make_tiny(seed=2)[0]
+    model64 = float64_model(model)
+    seed = SeedPipeline(model, preprocess_spec_of(model, "vlmrm"), torch.device("cpu"))
+    frames = np.random.default_rng(9).integers(0, 256, (3, 480, 480, 3), dtype=np.uint8)
+    exact = torch.from_numpy(reference_preprocess(frames, 224, OPENAI_DATASET_MEAN, OPENAI_DATASET_STD))
+    with torch.inference_mode():
+        pixels = seed.preprocess(torch.from_numpy(frames))
+        assert pixels.dtype == torch.float32 and (pixels.double() - exact).abs().max().item() < 5e-4
+        embeddings = seed.tower(exact.float())
+        want = torch.nn.functional.normalize(model64.encode_image(exact), dim=-1)
+        assert (embeddings.double() - want).abs().max().item() < 1e-5
+        # The seed's own targets, from its documented construction; its reward is SPEC's formula.
+        g = seed.goal.double()
+        u = torch.linalg.eigh(seed.projection.double()).eigenvectors[:, -1]  # eigenvalue 1: u (unit)
+        expected = reference_reward_from_embeddings(embeddings.double(), g, u, ALPHA)
+        assert (seed.score(embeddings).double() - expected).abs().max().item() < 1e-5
+        assert torch.allclose(seed.projection.double(), ALPHA * torch.outer(u, u) + (1 - ALPHA) * torch.eye(len(u)),
+                              atol=1e-6)
 
 
 def test_onnxruntime_build_time_is_reported_apart(results):
