@@ -85,12 +85,17 @@ def test_score_folder_natural_order(image_folder: Path, capsys: pytest.CaptureFi
     assert "scored 7 frames" in summary and "frames.rewards.csv" in summary
 
 
-def test_rewards_match_the_api(image_folder: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("prompts,api", [
+    (["--goal", "a red square"], dict(goal="a red square")),
+    (["--goal", "a red square", "--goal", "a red box", "--baseline", "a square", "--alpha", "0.5"],
+     dict(goal=["a red square", "a red box"], baseline="a square", alpha=0.5)),
+], ids=["one-goal", "goals-baseline-alpha"])
+def test_rewards_match_the_api(image_folder: Path, tmp_path: Path, prompts, api) -> None:
     out = tmp_path / "r.csv"
     torch.manual_seed(0)  # the same random weights in the CLI and here
-    assert score([str(image_folder), "--goal", "a red square", "--out", str(out), *TINY]) == 0
+    assert score([str(image_folder), *prompts, "--out", str(out), *TINY]) == 0
     torch.manual_seed(0)
-    rm = CLIPReward.from_pretrained("vlmrm-tiny", None, goal="a red square", device="cpu")
+    rm = CLIPReward.from_pretrained("vlmrm-tiny", None, device="cpu", **api)
 
     expected = [float(rm(_picture(name)[None])[0]) for name in FRAME_NAMES]
     assert [float(r["reward"]) for r in _read_csv(out)] == pytest.approx(expected, abs=1e-5)
