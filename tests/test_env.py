@@ -44,7 +44,7 @@ def test_registered_idempotent():
 def test_check_env(env):
     from gymnasium.utils.env_checker import check_env
 
-    check_env(env.unwrapped, skip_render_check=True)  # the render check would open a window
+    check_env(env.unwrapped, skip_render_check=True)  # its render check tries "human" too: a window
 
 
 def test_frame_skip_and_physics_are_gymnasiums(env):
