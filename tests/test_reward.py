@@ -40,7 +40,7 @@ def _reward_model(kernels="triton", **kw):
 
 @pytest.mark.parametrize("kernels", ["triton", "torch"])
 @pytest.mark.parametrize("prompts", ["one", "several"])
-@pytest.mark.parametrize("h,w", [(480, 480), (400, 600), (224, 224)])
+@pytest.mark.parametrize("h,w", [(480, 480), (400, 600), (224, 224), (97, 131)])  # down, non-square, identity, odd up
 def test_float32_matches_reference(kernels, prompts, h, w):
     goal, baseline = GOALS[prompts]
     rm, model, tokenizer = _reward_model(kernels, goal=goal, baseline=baseline, alpha=0.0)
