@@ -233,11 +233,17 @@ def test_short_cuda_run(tmp_path):
     got = {(r["backend"], r["dtype"], r["batch"]) for r in results["rows"]}
     assert got == {(b, d, n) for b, d in [("seed", "fp16-autocast"), ("torch", "bf16"), ("torch", "fp16"),
                                            ("compile", "bf16"), ("compile", "fp16")] for n in (1, 8)}
+    eager_error = {(r["dtype"], r["batch"]): r["reward_error"] for r in results["rows"] if r["backend"] == "torch"}
     for row in results["rows"]:
         for stage in ("h2d", "preprocess", "tower", "score", "end_to_end"):
             assert row[f"{stage}_fps"] > 0, (row["backend"], stage)
-        if row["backend"] != "seed":
-            assert 0 <= row["reward_error"] < 5e-2 and row["speedup_vs_seed"] > 0
+        if row["backend"] == "torch":
+            # Against the float32 eager path: bf16/fp16 rounding alone, ~1e-3 on the tiny tower
+            # (tests/test_reward.py measures PyTorch's own); 1e-2 is a sanity bound for the pipeline.
+            assert 0 < row["reward_error"] < 1e-2 and row["speedup_vs_seed"] > 0
+        elif row["backend"] == "compile":  # the bar of the compile backend's own GPU test
+            assert row["reward_error"] <= 2 * eager_error[(row["dtype"], row["batch"])] + 1e-5
+            assert row["speedup_vs_seed"] > 0
     assert results["peak_tflops"]["bf16"] > 0 and results["peak_tflops"]["fp16"] > 0
     assert results["environment"]["device_type"] == "cuda"
 
