@@ -174,39 +174,59 @@ def test_evaluation_logged_at_its_step_over_all_episodes(tmp_path, monkeypatch):
         assert value == pytest.approx(np.mean(pair), rel=1e-5)
 
 
+def vlm_of_next_observations(rm, buf) -> np.ndarray:
+    """The VLM reward each stored transition should carry, computed apart from the training code: a
+    DotEnv frame is a function of its position, which is the transition's next observation (SB3
+    stores the true last observation on rows where an episode ended), rendered here and scored."""
+    positions = buf.next_observations[:buf.pos]  # [T, n_envs, 2]
+    env = DotEnv()
+    frames = []
+    for pos in positions.reshape(-1, 2):
+        env.pos = pos
+        frames.append(env.render())
+    with torch.no_grad():
+        return rm.rm(np.stack(frames)).float().numpy().reshape(positions.shape[:2])
+
+
 def test_step_rewards_add_mode(tmp_path):
-    """Per-step rewards, mode add: buffer reward = env reward + weight * the VLM reward of that step."""
+    """Per-step rewards, mode add: buffer reward = env reward + weight * the VLM reward of the frame
+    after the step, on every row, the last step of an episode included."""
     from vlmrm_fast.train import train
 
     config = dot_config(tmp_path, reward_timing="step", reward_mode="add", reward_weight=2.0, total_timesteps=60)
     rm = tiny_reward(config)
     result = train(config, reward_model=rm)
     buf = result.model.replay_buffer
-    steps = [c for c in rm.calls if c.shape == (2,)]
-    assert len(steps) == buf.pos == 30
-    gt = -np.linalg.norm(buf.next_observations[:buf.pos], axis=-1)  # no episode ends in 30 steps of 20? see below
-    done = buf.dones[:buf.pos].astype(bool)
-    expected = gt + 2.0 * np.stack(steps)
-    np.testing.assert_allclose(buf.rewards[:buf.pos][~done], expected[~done], rtol=1e-5, atol=1e-5)
+    assert buf.pos == 30 and buf.dones[:buf.pos].any()  # episodes of 20 steps: one ends in each env
+    gt = -np.linalg.norm(buf.next_observations[:buf.pos], axis=-1)
+    expected = gt + 2.0 * vlm_of_next_observations(rm, buf)
+    np.testing.assert_allclose(buf.rewards[:buf.pos], expected, rtol=0, atol=1e-5)
     assert {"rollout/vlm_return", "time/reward_s"} <= tb_tags(result.run_dir)
 
 
 @pytest.mark.parametrize("timing", ["step", "deferred"])
 def test_replace_mode_trains_on_the_vlm_reward_in_both_timings(tmp_path, timing):
-    """In replace mode the buffer holds the VLM reward itself (the weight applies to add mode only),
-    whether scored per step or per rollout."""
+    """In replace mode the buffer holds the VLM reward of the frame after each step (the weight applies
+    to add mode only), whether scored per step or per rollout, the last step of an episode included."""
     from vlmrm_fast.train import train
 
-    config = dot_config(tmp_path, reward_timing=timing, reward_mode="replace", reward_weight=2.0, total_timesteps=40,
+    config = dot_config(tmp_path, reward_timing=timing, reward_mode="replace", reward_weight=2.0, total_timesteps=60,
                         eval_every=0)
     rm = tiny_reward(config)
     result = train(config, reward_model=rm)
     buf = result.model.replay_buffer
-    per_call = 2 if timing == "step" else config.train_freq * 2  # one env step, or one rollout, of 2 envs
-    scored = [c for c in rm.calls if c.shape == (per_call,)]
-    vlm = np.concatenate([c.reshape(-1, 2) for c in scored])
-    assert len(vlm) == buf.pos == 20
-    np.testing.assert_allclose(buf.rewards[: buf.pos], vlm, rtol=0, atol=1e-6)
+    assert buf.pos == 30 and buf.dones[:buf.pos].any()
+    np.testing.assert_allclose(buf.rewards[:buf.pos], vlm_of_next_observations(rm, buf), rtol=0, atol=1e-5)
+    # Both envs end an episode at their 20th step (timestep 40): TensorBoard gets the mean over the two
+    # of each episode's summed VLM and ground-truth rewards, at that step, and stage times.
+    scalars = tb_scalars(result.run_dir)
+    vlm = buf.rewards[:20].astype(np.float64).sum(axis=0).mean()
+    gt = (-np.linalg.norm(buf.next_observations[:20].astype(np.float64), axis=-1)).sum(axis=0).mean()
+    assert [step for step, _ in scalars["rollout/vlm_return"]] == [40]
+    assert scalars["rollout/vlm_return"][0][1] == pytest.approx(vlm, rel=1e-4)
+    assert scalars["rollout/gt_return"][0][1] == pytest.approx(gt, rel=1e-4)
+    for key in ("time/render_s", "time/reward_s", "time/env_s", "time/steps_per_s"):
+        assert all(value > 0 for _, value in scalars[key]), key
 
 
 def test_resume_continues_exactly(tmp_path):
