@@ -496,6 +496,21 @@ def test_resume_with_another_config_names_fields_and_fix(tmp_path):
         train(dot_config(tmp_path, total_timesteps=40))
 
 
+def test_config_reaches_sac(tmp_path):
+    """Every SAC setting of the config is the one SAC runs with (none left at SB3's defaults)."""
+    from vlmrm_fast.train import train
+
+    config = dot_config(tmp_path, total_timesteps=20, learning_rate=3e-4, gamma=0.9, tau=0.02, batch_size=8,
+                        train_freq=5, gradient_steps=3, learning_starts=6, buffer_size=300, net_arch=[16, 8],
+                        checkpoint_every=0)
+    model = train(config, reward_model=tiny_reward(config)).model
+    assert (model.gamma, model.tau, model.batch_size, model.gradient_steps, model.learning_starts) == (0.9, 0.02, 8, 3, 6)
+    assert (model.train_freq.frequency, model.train_freq.unit.value) == (5, "step")
+    assert model.buffer_size == 300 and model.replay_buffer.buffer_size == 300 // config.n_envs
+    assert all(group["lr"] == 3e-4 for group in model.actor.optimizer.param_groups)
+    assert [layer.out_features for layer in model.actor.latent_pi if isinstance(layer, torch.nn.Linear)] == [16, 8]
+
+
 def test_config_file_and_overrides(tmp_path):
     path = tmp_path / "run.toml"
     path.write_text('model = "vlmrm-tiny"\nn_envs = 4\n[sac]\nlearning_rate = 1e-3\ntotal_timesteps = 1e6\n')
@@ -506,7 +521,12 @@ def test_config_file_and_overrides(tmp_path):
     with pytest.raises(ValueError, match="unknown config key"):
         apply_overrides(config, {"n_env": 3})
     kneel = from_preset("kneeling").validate()
-    assert (kneel.model, kneel.pretrained, kneel.n_envs, kneel.reward_timing) == (
-        "ViT-bigG-14", "laion2b_s39b_b160k", 32, "deferred")
-    assert (kneel.batch_size, kneel.learning_rate, kneel.gamma, kneel.learning_starts) == (512, 6e-4, 0.95, 50_000)
+    # Every value SPEC §1.3 gives for the paper-scale run.
+    assert (kneel.model, kneel.pretrained, kneel.n_envs, kneel.episode_length, kneel.reward_timing) == (
+        "ViT-bigG-14", "laion2b_s39b_b160k", 32, 100, "deferred")
+    assert (kneel.train_freq * kneel.n_envs, kneel.reward_batch_size) == (3200, 3200)  # one batch per rollout
+    assert (kneel.batch_size, kneel.gradient_steps, kneel.train_freq) == (512, 100, 100)  # 100 per 100 steps
+    assert (kneel.learning_rate, kneel.gamma, kneel.tau, kneel.learning_starts) == (6e-4, 0.95, 0.005, 50_000)
+    assert (kneel.total_timesteps, kneel.alpha) == (10_000_000, 0.0)
+    assert (kneel.goal, kneel.baseline) == (["a humanoid robot kneeling"], ["a humanoid robot"])
     json.loads(kneel.to_json())
