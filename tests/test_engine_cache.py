@@ -80,3 +80,19 @@ def test_atomic_write_flushes_the_file_then_its_folder(tmp_path, monkeypatch):
     atomic.write_atomically(tmp_path / "engine.plan", b"bytes")
     assert events == [("fsync", False), ("replace",), ("fsync", True)]
     assert (tmp_path / "engine.plan").read_bytes() == b"bytes"
+
+
+def test_failed_atomic_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path, monkeypatch):
+    from vlmrm_fast import atomic
+
+    target = tmp_path / "engine.plan"
+    atomic.write_atomically(target, b"old")
+
+    def broken_replace(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(atomic.os, "replace", broken_replace)
+    with pytest.raises(OSError, match="disk full"):
+        atomic.write_atomically(target, b"new")
+    assert target.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["engine.plan"]  # the temporary file is gone
