@@ -177,3 +177,26 @@ def test_render_custom_size():
     frame = e.render()
     assert frame.shape == (64, 96, 3) and frame.dtype == np.uint8
     e.close()
+
+
+def test_no_egl_is_a_clear_error_naming_the_fix(monkeypatch):
+    """Where no GL context can be made (a headless machine without EGL), rendering fails with the fix:
+    MUJOCO_GL=egl and the EGL packages, both for the env and for the batch renderer."""
+    from gymnasium.envs.mujoco.mujoco_env import MujocoEnv
+
+    from vlmrm_fast.render import BatchRenderer
+
+    def no_context(*args, **kwargs):
+        raise RuntimeError("eglInitialize() failed: EGL_NOT_INITIALIZED")  # what MuJoCo's EGL backend raises
+
+    fix = r"MUJOCO_GL=egl and PYOPENGL_PLATFORM=egl.*apt-get install libegl1"
+    monkeypatch.setattr(MujocoEnv, "render", no_context)
+    env = gym.make(HUMANOID_ENV_ID, render_mode="rgb_array")
+    env.reset(seed=0)
+    with pytest.raises(RuntimeError, match=fix):
+        env.render()
+    env.close()
+    monkeypatch.setattr(mujoco, "Renderer", no_context)
+    model = mujoco.MjModel.from_xml_string("<mujoco><worldbody><geom size='1'/></worldbody></mujoco>")
+    with pytest.raises(RuntimeError, match=fix):
+        BatchRenderer([(model, mujoco.MjData(model))], width=8, height=8, device="cpu")
