@@ -62,3 +62,32 @@ def test_forced_cuda_build_without_the_toolkit_fails_and_says_why(tmp_path):
     assert result.returncode != 0
     assert "VLMRM_FAST_FORCE_BUILD: the CUDA toolkit (nvcc, CUDA_HOME) was not found" in result.stdout + result.stderr
     assert not list(out.glob("*.whl"))
+
+
+def _nvcc_found() -> bool:
+    import shutil
+
+    homes = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
+    return shutil.which("nvcc") is not None or any(h and os.path.exists(os.path.join(h, "bin", "nvcc")) for h in homes)
+
+
+def test_forced_cuda_build_gives_a_platform_wheel_with_the_extension(tmp_path):
+    # What the README's cluster recipe promises: a wheel for this platform holding the compiled
+    # GL-CUDA extension; and a source that does not compile fails the forced build, with no wheel.
+    torch = pytest.importorskip("torch")
+    if torch.version.cuda is None or not _nvcc_found():
+        pytest.skip("needs a CUDA build of torch and nvcc (the CUDA toolkit) to compile the extension")
+    broken = copy_sources(tmp_path / "broken")
+    source = broken / "csrc" / "gl_cuda_readback.cpp"
+    source.write_text("#error broken on purpose\n" + source.read_text())
+    result = _pip_wheel(broken, tmp_path / "broken-dist", VLMRM_FAST_FORCE_BUILD="1", VLMRM_FAST_CUDA_ARCHS="9.0")
+    assert result.returncode != 0 and "broken on purpose" in result.stdout + result.stderr
+    assert not list((tmp_path / "broken-dist").glob("*.whl"))
+
+    src, out = copy_sources(tmp_path / "src"), tmp_path / "dist"
+    result = _pip_wheel(src, out, VLMRM_FAST_FORCE_BUILD="1", VLMRM_FAST_CUDA_ARCHS="9.0")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (wheel,) = out.glob("vlmrm_fast-*.whl")
+    assert wheel.name.endswith("_x86_64.whl") and f"-cp{sys.version_info[0]}{sys.version_info[1]}-" in wheel.name
+    names = zipfile.ZipFile(wheel).namelist()
+    assert any(n.startswith("vlmrm_fast/_render_cuda") and n.endswith(".so") for n in names), names
