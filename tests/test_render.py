@@ -118,8 +118,15 @@ def test_out_argument(cpu_renderer, env_frames):
     res = cpu_renderer.render(out=out)
     assert res is out
     np.testing.assert_array_equal(out.numpy(), env_frames)
-    with pytest.raises(ValueError, match="out must be"):
-        cpu_renderer.render(out=torch.zeros((3, 224, 224, 4), dtype=torch.uint8))
+    bad = {
+        "shape": torch.zeros((3, 224, 224, 4), dtype=torch.uint8),
+        "dtype": torch.zeros((3, 224, 224, 3), dtype=torch.float32),
+        "strides": torch.zeros((3, 224, 224, 6), dtype=torch.uint8)[..., ::2],
+        "device": torch.zeros((3, 224, 224, 3), dtype=torch.uint8, device="meta"),
+    }
+    for what, tensor in bad.items():
+        with pytest.raises(ValueError, match="out must be a contiguous uint8 tensor"):
+            cpu_renderer.render(out=tensor)
 
 
 def test_model_data_pairs_with_camera_dict(envs, env_frames):
