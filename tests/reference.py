@@ -129,38 +129,26 @@ def reference_reward(
     mode: str = "vlmrm",
     mean: Sequence[float] = (0.48145466, 0.4578275, 0.40821073),
     std: Sequence[float] = (0.26862954, 0.26130258, 0.27577711),
+    tower_dtype: Optional[torch.dtype] = None,
 ) -> torch.Tensor:
-    """The whole reward in float64: [N] for uint8 frames [N, H, W, 3]."""
+    """The whole reward in float64: [N] for uint8 frames [N, H, W, 3].
+
+    ``tower_dtype`` (see :func:`torch_own_reward`): the tower alone runs at that precision instead.
+    """
     model64 = float64_model(model)
     size = model.visual.image_size
     size = size if isinstance(size, int) else size[0]
     pixels = torch.from_numpy(reference_preprocess(frames, size, mean, std, mode))
-    x = model64.encode_image(pixels)
+    if tower_dtype is None:
+        x = model64.encode_image(pixels)
+    else:
+        x = copy.deepcopy(model.visual).cpu().eval().to(tower_dtype)(pixels.to(tower_dtype))
     g, u = reference_targets(model64, tokenizer, goal, baseline)
     return reference_reward_from_embeddings(x, g, u, alpha)
 
 
-@torch.no_grad()
-def torch_own_reward(
-    model: torch.nn.Module,
-    tokenizer: Callable,
-    frames: np.ndarray,
-    goal: List[str],
-    baseline: Optional[List[str]],
-    alpha: float,
-    dtype: torch.dtype,
-    mode: str = "vlmrm",
-    mean: Sequence[float] = (0.48145466, 0.4578275, 0.40821073),
-    std: Sequence[float] = (0.26862954, 0.26130258, 0.27577711),
-) -> torch.Tensor:
+def torch_own_reward(model, tokenizer, frames, goal, baseline, alpha, dtype: torch.dtype, **kwargs) -> torch.Tensor:
     """PyTorch's own reward at ``dtype``, for the "twice PyTorch's own error" bars: the exact (float64)
     tower input rounded to ``dtype``, a copy of the tower cast to ``dtype`` in plain PyTorch, and the
     rest in float64. Nothing of the package runs, so its error is PyTorch's rounding alone."""
-    model64 = float64_model(model)
-    size = model.visual.image_size
-    size = size if isinstance(size, int) else size[0]
-    pixels = torch.from_numpy(reference_preprocess(frames, size, mean, std, mode)).to(dtype)
-    visual = copy.deepcopy(model.visual).cpu().eval().to(dtype)
-    x = visual(pixels)
-    g, u = reference_targets(model64, tokenizer, goal, baseline)
-    return reference_reward_from_embeddings(x, g, u, alpha)
+    return reference_reward(model, tokenizer, frames, goal, baseline, alpha, tower_dtype=dtype, **kwargs)
