@@ -90,28 +90,36 @@ def test_compile_backend_compiles_every_bucket_of_every_instance(monkeypatch):
         torch._dynamo.reset()
 
 
+def _errors_against_reference(frames, dtype, backend, device="cuda", **backend_kwargs):
+    """(the ``backend`` reward model, its largest reward error, eager torch's) against the float64
+    reference, both at ``dtype`` on ``device``: the bar "within twice eager's own error" of the GPU
+    tests below (argued in tests/test_reward.py)."""
+    model, tokenizer = make_tiny()
+    want = reference_reward(model, tokenizer, frames, GOAL, BASELINE, 0.5)  # before CLIPReward casts the model
+    common = dict(goal=GOAL, baseline=BASELINE, alpha=0.5, device=device, dtype=dtype)
+    eager = CLIPReward(make_tiny()[0], tokenizer, backend="torch", **common)
+    rm = CLIPReward(model, tokenizer, backend=backend, **backend_kwargs, **common)
+    on_device = torch.from_numpy(frames).to(device)
+    errors = [(r(on_device).double().cpu() - want).abs().max().item() for r in (rm, eager)]
+    return rm, errors[0], errors[1]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_compile_backend_with_cuda_graphs_within_twice_eager_bf16_error():
     # bf16 on the GPU, the compile backend's real use: CUDA graphs ("reduce-overhead") over a padded
     # bucket. Inductor fuses and reorders, so it may round differently from eager, but not worse than
-    # twice eager's own bf16 error against the float64 reference (the bar tests/test_reward.py argues).
-    model, tokenizer = make_tiny()
-    untouched = __import__("copy").deepcopy(model)
-    frames = _noise(9, 224, 224, seed=5)
-    want = reference_reward(untouched, tokenizer, frames, GOAL, BASELINE, 0.5)
-    common = dict(goal=GOAL, baseline=BASELINE, alpha=0.5, device="cuda", dtype=torch.bfloat16)
-    eager = CLIPReward(make_tiny()[0], tokenizer, backend="torch", **common)
-    compiled = CLIPReward(model, tokenizer, backend="compile", backend_options={"buckets": (4,)}, **common)
+    # twice eager's own bf16 error against the float64 reference.
+    frames = _noise(9, 224, 224, seed=5)  # 4 + 4 + 1 (padded): three replays of one graph
+    compiled, err_compiled, err_eager = _errors_against_reference(
+        frames, torch.bfloat16, "compile", backend_options={"buckets": (4,)})
     assert compiled.vision_backend.mode == "reduce-overhead"
+    assert err_compiled <= 2 * err_eager + 1e-6, (err_compiled, err_eager)
     on_gpu = torch.from_numpy(frames).cuda()
-    got = compiled(on_gpu)  # 4 + 4 + 1 (padded): three replays of one graph
+    got = compiled(on_gpu)
     kept = got.clone()
     compiled(on_gpu[:3])  # another replay must not write into the rewards handed back before
     assert torch.equal(got, kept)
-    err_eager = (eager(on_gpu).double().cpu() - want).abs().max().item()
-    err_compiled = (got.double().cpu() - want).abs().max().item()
-    assert err_compiled <= 2 * err_eager + 1e-6, (err_compiled, err_eager)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -181,17 +189,8 @@ def test_onnxruntime_on_cuda_names_the_gpu_build():
 @pytest.mark.skipif(not (_ort_has_cuda() and torch.cuda.is_available()), reason="needs onnxruntime-gpu and a CUDA device")
 def test_onnxruntime_cuda_fp16_within_twice_eager_fp16_error():
     # ONNX Runtime's CUDA provider, inputs and outputs bound to torch's memory: fp16, within twice
-    # eager fp16's own error against the float64 reference (the bar tests/test_reward.py argues).
-    model, tokenizer = make_tiny()
-    untouched = __import__("copy").deepcopy(model)
-    frames = _noise(5, 224, 224, seed=4)
-    want = reference_reward(untouched, tokenizer, frames, GOAL, BASELINE, 0.5)
-    common = dict(goal=GOAL, baseline=BASELINE, alpha=0.5, device="cuda", dtype=torch.float16)
-    eager = CLIPReward(make_tiny()[0], tokenizer, backend="torch", **common)
-    ort_rm = CLIPReward(model, tokenizer, backend="onnxruntime", **common)
-    on_gpu = torch.from_numpy(frames).cuda()
-    err_eager = (eager(on_gpu).double().cpu() - want).abs().max().item()
-    err_ort = (ort_rm(on_gpu).double().cpu() - want).abs().max().item()
+    # eager fp16's own error against the float64 reference.
+    _, err_ort, err_eager = _errors_against_reference(_noise(5, 224, 224, seed=4), torch.float16, "onnxruntime")
     assert err_ort <= 2 * err_eager + 1e-6, (err_ort, err_eager)
 
 
@@ -203,16 +202,8 @@ def test_tensorrt_within_twice_eager_error_and_cached(dtype, tmp_path, monkeypat
     # in float32 where the engine shows normalisation layers; a second build served from the cache.
     from vlmrm_fast.backends.tensorrt import TensorRTBackend
 
-    model, tokenizer = make_tiny()
-    untouched = __import__("copy").deepcopy(model)
-    frames = _noise(5, 224, 224, seed=6)
-    want = reference_reward(untouched, tokenizer, frames, GOAL, BASELINE, 0.5)
-    common = dict(goal=GOAL, baseline=BASELINE, alpha=0.5, device="cuda", dtype=dtype)
-    eager = CLIPReward(make_tiny()[0], tokenizer, backend="torch", **common)
-    trt = CLIPReward(model, tokenizer, backend="tensorrt", backend_options={"cache_dir": str(tmp_path)}, **common)
-    on_gpu = torch.from_numpy(frames).cuda()
-    err_eager = (eager(on_gpu).double().cpu() - want).abs().max().item()
-    err_trt = (trt(on_gpu).double().cpu() - want).abs().max().item()
+    options = {"backend_options": {"cache_dir": str(tmp_path)}}
+    trt, err_trt, err_eager = _errors_against_reference(_noise(5, 224, 224, seed=6), dtype, "tensorrt", **options)
     assert err_trt <= 2 * err_eager + 1e-6, (err_trt, err_eager)
     layers = [layer for layer in trt.vision_backend.layer_information().get("Layers", []) if isinstance(layer, dict)]
     norms = [layer for layer in layers if "normalization" in str(layer.get("LayerType", "")).lower()]
@@ -223,8 +214,8 @@ def test_tensorrt_within_twice_eager_error_and_cached(dtype, tmp_path, monkeypat
         raise AssertionError("the engine was built again instead of loaded from the cache")
 
     monkeypatch.setattr(TensorRTBackend, "_build", no_build)
-    again = CLIPReward(make_tiny()[0], tokenizer, backend="tensorrt", backend_options={"cache_dir": str(tmp_path)},
-                       **common)
+    again = CLIPReward(*make_tiny(), goal=GOAL, baseline=BASELINE, alpha=0.5, device="cuda", dtype=dtype,
+                       backend="tensorrt", **options)
     assert again.vision_backend.engine_path == trt.vision_backend.engine_path
 
 

@@ -154,9 +154,7 @@ def test_smoke_humanoid_deferred_rewards_reach_buffer(tmp_path):
 def test_evaluation_logged_at_its_step_over_all_episodes(tmp_path, monkeypatch):
     """Evaluations every 40 steps: videos and TensorBoard scalars at 40 and 80; the VLM return is the
     mean over the evaluation's episodes of each episode's summed rewards, like the ground-truth one."""
-    from vlmrm_fast.train import train
-
-    from vlmrm_fast.train import callbacks
+    from vlmrm_fast.train import callbacks, train
 
     monkeypatch.setattr(callbacks, "_EVAL_CHUNK", 6)  # episodes of 15 frames: chunks of 6, 6 and 3
     config = dot_config(tmp_path, total_timesteps=80, eval_every=40, eval_episodes=2, episode_length=15,
@@ -229,27 +227,6 @@ def test_replace_mode_trains_on_the_vlm_reward_in_both_timings(tmp_path, timing)
         assert all(value > 0 for _, value in scalars[key]), key
 
 
-def test_resume_continues_exactly(tmp_path):
-    """Stop at a checkpoint and resume: the same buffer and policy as one uninterrupted run."""
-    from vlmrm_fast.train import train
-
-    full = train(dot_config(tmp_path / "a", total_timesteps=100), reward_model=tiny_reward(dot_config(tmp_path)))
-    half = train(dot_config(tmp_path / "b", total_timesteps=60), reward_model=tiny_reward(dot_config(tmp_path)))
-    saved = load_buffer(half.checkpoint)
-    resumed = train(dot_config(tmp_path / "b", total_timesteps=100), resume=half.run_dir,
-                    reward_model=tiny_reward(dot_config(tmp_path)))
-    assert resumed.num_timesteps == full.num_timesteps == 100
-    a, b = full.model.replay_buffer, resumed.model.replay_buffer
-    np.testing.assert_array_equal(b.observations[:saved.pos], saved.observations[:saved.pos])
-    np.testing.assert_array_equal(b.rewards[:saved.pos], saved.rewards[:saved.pos])
-    assert a.pos == b.pos
-    for name in ("observations", "actions", "rewards", "dones"):
-        np.testing.assert_allclose(getattr(b, name)[:b.pos], getattr(a, name)[:a.pos], rtol=0, atol=1e-6, err_msg=name)
-    pa, pb = full.model.policy.state_dict(), resumed.model.policy.state_dict()
-    for key in pa:
-        torch.testing.assert_close(pa[key], pb[key], rtol=0, atol=1e-5, msg=key)
-
-
 @pytest.fixture(scope="module")
 def uninterrupted_runs(tmp_path_factory):
     """One uninterrupted 100-step run per train_freq, made on first use."""
@@ -276,6 +253,20 @@ def _assert_same_run(resumed, full) -> None:
     pa, pb = full.model.policy.state_dict(), resumed.model.policy.state_dict()
     for key in pa:
         torch.testing.assert_close(pa[key], pb[key], rtol=0, atol=1e-5, msg=key)
+
+
+def test_resume_continues_exactly(tmp_path, uninterrupted_runs):
+    """Stop at a checkpoint and resume: the same buffer and policy as one uninterrupted run."""
+    from vlmrm_fast.train import train
+
+    half = train(dot_config(tmp_path, total_timesteps=60), reward_model=tiny_reward(dot_config(tmp_path)))
+    saved = load_buffer(half.checkpoint)
+    resumed = train(dot_config(tmp_path, total_timesteps=100), resume=half.run_dir,
+                    reward_model=tiny_reward(dot_config(tmp_path)))
+    b = resumed.model.replay_buffer
+    np.testing.assert_array_equal(b.observations[:saved.pos], saved.observations[:saved.pos])
+    np.testing.assert_array_equal(b.rewards[:saved.pos], saved.rewards[:saved.pos])
+    _assert_same_run(resumed, uninterrupted_runs(10))
 
 
 # 2 envs: with train_freq 10, rollouts end at 20, 40, 60, ... timesteps; 54 is mid-rollout, 60 a
