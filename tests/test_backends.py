@@ -136,6 +136,39 @@ def test_auto_picks_a_verified_backend(device):
 
 
 @needs_ort
+def test_onnxruntime_preprocesses_small_cpu_chunks_on_one_torch_thread(tiny, monkeypatch):
+    """Small chunks are preprocessed on one torch thread (torch's spinning OpenMP workers would take
+    the cores ONNX Runtime needs next); large ones on all of them; the count is restored after each
+    chunk, also when preprocessing fails."""
+    from vlmrm_fast import reward as reward_module
+    from vlmrm_fast.backends import onnxruntime as ort_backend
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        rm = CLIPReward(*tiny, goal="a", device="cpu", backend="onnxruntime", max_batch_size=64)
+        seen = []
+
+        def spy(frames, *args, **kwargs):
+            seen.append((frames.shape[0], torch.get_num_threads()))
+            if frames.shape[0] == 5:
+                raise RuntimeError("preprocessing failed")
+            return preprocess(frames, *args, **kwargs)
+
+        monkeypatch.setattr(reward_module, "preprocess", spy)
+        per_frame = 224 * 224 * 3
+        small = ort_backend.ONE_THREAD_BYTES // per_frame
+        rm(_noise(small, 224, 224))
+        rm(_noise(small + 1, 224, 224))
+        with pytest.raises(RuntimeError, match="preprocessing failed"):
+            rm(_noise(5, 224, 224))
+        assert seen == [(small, 1), (small + 1, 2), (5, 1)]
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(previous)
+
+
+@needs_ort
 def test_onnxruntime_on_cpu_refuses_half_precision(tiny):
     with pytest.raises(BackendError, match="CPU runs float32.*dtype=torch.float32"):
         CLIPReward(*tiny, goal="a", device="cpu", dtype=torch.bfloat16, backend="onnxruntime")

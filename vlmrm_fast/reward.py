@@ -275,7 +275,8 @@ class CLIPReward:
 
     @torch.inference_mode()
     def _tower(self, frames: torch.Tensor, bottom_up: bool) -> torch.Tensor:
-        pixels = preprocess(frames, self._spec, self._dtype, bottom_up=bottom_up, impl=self._kernels)
+        with self._backend.preprocessing(frames):
+            pixels = preprocess(frames, self._spec, self._dtype, bottom_up=bottom_up, impl=self._kernels)
         return self._backend(pixels)
 
     def embed(self, frames: FrameInput, *, bottom_up: bool = False) -> torch.Tensor:

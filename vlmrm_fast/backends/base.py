@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import abc
-from typing import Tuple
+import contextlib
+from typing import ContextManager, Iterator, Tuple
 
 import torch
 
@@ -27,6 +28,18 @@ def missing_extra(package: str, extra: str, backend: str) -> BackendError:
     )
 
 
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run torch's CPU ops on ``n`` threads inside the block (process-wide while it lasts), then
+    restore the count it had."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 class VisionBackend(abc.ABC):
     """Runs a CLIP vision tower: normalised pixels [N, 3, S_h, S_w] -> raw embeddings [N, D].
 
@@ -43,6 +56,11 @@ class VisionBackend(abc.ABC):
         self.dtype = dtype
         self.image_size = image_size
         self.build_seconds = 0.0
+
+    def preprocessing(self, frames: torch.Tensor) -> ContextManager[None]:
+        """The context in which CLIPReward runs the preprocessing op on ``frames`` (one chunk, as
+        passed to the op) before calling this backend; by default none."""
+        return contextlib.nullcontext()
 
     @abc.abstractmethod
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
