@@ -58,7 +58,8 @@ def test_nan_and_inf_embeddings(rm):
 
 
 def test_non_finite_tower_output_is_reported_not_returned(rm, monkeypatch):
-    monkeypatch.setattr(rm, "_backend", lambda pixels: torch.full((pixels.shape[0], rm.embed_dim), float("nan")))
+    monkeypatch.setattr(type(rm.vision_backend), "__call__",
+                        lambda self, pixels: torch.full((pixels.shape[0], rm.embed_dim), float("nan")))
     with pytest.raises(ValueError, match="vision tower produced NaN/inf"):
         rm(np.zeros((2, 16, 16, 3), np.uint8))
 
