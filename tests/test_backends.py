@@ -312,6 +312,66 @@ def test_folding_is_exact_in_float64():
         assert (tower(frames) - visual(pixels)).abs().max().item() < 1e-12
 
 
+class _Block(torch.nn.Module):
+    """Self-attention called as open_clip calls it, or (``cross``/``masked``) in ways the static form
+    must leave alone."""
+
+    def __init__(self, batch_first, cross=False, masked=False, bias=True):
+        super().__init__()
+        self.attn = torch.nn.MultiheadAttention(24, 3, batch_first=batch_first, bias=bias)
+        self.cross, self.masked = cross, masked
+
+    def forward(self, x):
+        key = x.flip(1 if self.attn.batch_first else 0) if self.cross else x
+        mask = torch.zeros(x.shape[1 if self.attn.batch_first else 0], x.shape[1 if self.attn.batch_first else 0])
+        return self.attn(x, key, key, need_weights=False, attn_mask=mask if self.masked else None)[0]
+
+
+@pytest.mark.parametrize("batch_first,bias", [(True, True), (False, True), (True, False)])
+def test_static_self_attention_computes_what_multihead_attention_does(batch_first, bias):
+    """In float64 to 1e-12, on 7 tokens and 5 frames; swapped only inside the block, also on error."""
+    from vlmrm_fast.backends.onnx_export import StaticSelfAttention, static_self_attention
+
+    torch.manual_seed(0)
+    block = _Block(batch_first, bias=bias).double().eval()
+    x = torch.randn((5, 7, 24) if batch_first else (7, 5, 24), dtype=torch.float64)
+    with torch.no_grad():
+        want = block(x)
+        with static_self_attention(block, x) as swapped:
+            assert swapped == 1 and isinstance(block.attn, StaticSelfAttention)
+            got = block(x)
+        assert isinstance(block.attn, torch.nn.MultiheadAttention)
+        assert (got - want).abs().max().item() < 1e-12
+        with pytest.raises(RuntimeError, match="export failed"), static_self_attention(block, x):
+            raise RuntimeError("export failed")
+        assert isinstance(block.attn, torch.nn.MultiheadAttention)
+
+
+@pytest.mark.parametrize("how", ["cross", "masked"])
+def test_static_self_attention_leaves_other_attention_alone(how):
+    from vlmrm_fast.backends.onnx_export import static_self_attention
+
+    block = _Block(True, **{how: True}).eval()
+    with static_self_attention(block, torch.randn(2, 7, 24)) as swapped:
+        assert swapped == 0 and isinstance(block.attn, torch.nn.MultiheadAttention)
+
+
+@needs_ort
+def test_exported_attention_has_no_shape_arithmetic(tmp_path):
+    """Only the batch axis is dynamic: the graph reads the input's shape a fixed number of times, not
+    once per block (the tiny tower has 2 blocks; ViT-bigG-14 has 48)."""
+    import onnx
+
+    from vlmrm_fast.backends.onnx_export import export_onnx
+
+    model, _ = make_tiny()
+    spec = preprocess_spec_of(model, "vlmrm")
+    nodes = onnx.load(str(export_onnx(model.visual, tmp_path / "t.onnx", spec, input_format="pixels"))).graph.node
+    shape_reads = sum(node.op_type == "Shape" for node in nodes)
+    assert shape_reads <= 4, shape_reads
+    assert sum(node.op_type == "Softmax" for node in nodes) == 2
+
+
 def test_cuda_device_gets_an_index(monkeypatch):
     # Tensors report cuda:0, which is not equal to torch.device("cuda"): backends that check where
     # their inputs live need the index.

