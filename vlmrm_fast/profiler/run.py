@@ -477,9 +477,14 @@ class Profiler:
             if self.frames.pinned is not None:
                 pinned, landing = self.frames.pinned[:n], self.frames.landing[:n]
                 timings["h2d"] = timer(lambda: landing.copy_(pinned, non_blocking=True))
-            # The op itself, as rm(frames) runs it per chunk; rm.preprocess would add a concatenation.
-            pixels = preprocess(frames, spec, tower_dtype, impl=impl)
-            timings["preprocess"] = timer(lambda: preprocess(frames, spec, tower_dtype, impl=impl))
+            # The op itself, as rm(frames) runs it per chunk (in the backend's context: one torch thread
+            # for small CPU chunks before ONNX Runtime); rm.preprocess would add a concatenation.
+            def run_preprocess() -> torch.Tensor:
+                with rm.vision_backend.preprocessing(frames):
+                    return preprocess(frames, spec, tower_dtype, impl=impl)
+
+            pixels = run_preprocess()
+            timings["preprocess"] = timer(run_preprocess)
             embeddings = rm.vision_backend(pixels)
             timings["tower"] = timer(lambda: rm.vision_backend(pixels))
             timings["score"] = timer(lambda: rm.score(embeddings))
