@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
-from typing import ContextManager, Iterator, Tuple
+from typing import Any, Callable, ContextManager, Iterator, Tuple
 
 import torch
 
@@ -29,15 +29,19 @@ def missing_extra(package: str, extra: str, backend: str) -> BackendError:
 
 
 @contextlib.contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    """Run torch's CPU ops on ``n`` threads inside the block (process-wide while it lasts), then
-    restore the count it had."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(n)
+def temporarily(get: Callable[[], Any], set_to: Callable[[Any], None], value: Any) -> Iterator[None]:
+    """Inside the block the setting read by ``get`` is ``value``; after it, what it was before."""
+    previous = get()
+    set_to(value)
     try:
         yield
     finally:
-        torch.set_num_threads(previous)
+        set_to(previous)
+
+
+def torch_threads(n: int) -> ContextManager[None]:
+    """Run torch's CPU ops on ``n`` threads inside the block (process-wide while it lasts)."""
+    return temporarily(torch.get_num_threads, torch.set_num_threads, n)
 
 
 class VisionBackend(abc.ABC):

@@ -26,7 +26,7 @@ from typing import Dict, Iterator, Literal, Optional, Union
 import torch
 import torch.nn.functional as F
 
-from vlmrm_fast.backends.base import missing_extra
+from vlmrm_fast.backends.base import missing_extra, temporarily
 from vlmrm_fast.ops.preprocess import PreprocessSpec
 
 InputFormat = Literal["uint8-nhwc", "pixels"]
@@ -156,12 +156,8 @@ def _mha_fastpath_disabled() -> Iterator[None]:
     if mha is None or not hasattr(mha, "set_fastpath_enabled"):
         yield
         return
-    previous = mha.get_fastpath_enabled()
-    mha.set_fastpath_enabled(False)
-    try:
+    with temporarily(mha.get_fastpath_enabled, mha.set_fastpath_enabled, False):
         yield
-    finally:
-        mha.set_fastpath_enabled(previous)
 
 
 def _export_kwargs() -> dict:
