@@ -347,13 +347,95 @@ def test_static_self_attention_computes_what_multihead_attention_does(batch_firs
         assert isinstance(block.attn, torch.nn.MultiheadAttention)
 
 
-@pytest.mark.parametrize("how", ["cross", "masked"])
+class _Calls(torch.nn.Module):
+    """Calls its attention as ``call(attention, x)`` says (a list of calls: each is made)."""
+
+    def __init__(self, calls, dropout=0.0):
+        super().__init__()
+        self.attn = torch.nn.MultiheadAttention(24, 3, batch_first=True, dropout=dropout)
+        self.calls = calls
+
+    def forward(self, x):
+        return [call(self.attn, x) for call in self.calls]
+
+
+_MASK = torch.zeros(2, 7, dtype=torch.bool)
+_LEFT_ALONE = {
+    "pooler: key is value, not query": [lambda a, x: a(x[:, :1] * 2, x, x, need_weights=False)],
+    "positional key_padding_mask": [lambda a, x: a(x, x, x, _MASK, False)],
+    "need_weights left at its default": [lambda a, x: a(x, x, x)],
+    "is_causal": [lambda a, x: a(x, x, x, need_weights=False, attn_mask=torch.zeros(7, 7), is_causal=True)],
+    "unbatched 2-D tokens": [lambda a, x: a(x[0], x[0], x[0], need_weights=False)],
+    "two token counts": [lambda a, x: a(x, x, x, need_weights=False), lambda a, x: a(x[:, :5], x[:, :5], x[:, :5], need_weights=False)],
+}
+
+
+@pytest.mark.parametrize("how", list(_LEFT_ALONE) + ["cross", "masked", "training with dropout"])
 def test_static_self_attention_leaves_other_attention_alone(how):
     from vlmrm_fast.backends.onnx_export import static_self_attention
 
-    block = _Block(True, **{how: True}).eval()
+    if how in ("cross", "masked"):
+        block = _Block(True, **{how: True}).eval()
+    elif how == "training with dropout":
+        block = _Calls([lambda a, x: a(x, x, x, need_weights=False)], dropout=0.1).train()
+    else:
+        block = _Calls(_LEFT_ALONE[how]).eval()
     with static_self_attention(block, torch.randn(2, 7, 24)) as swapped:
         assert swapped == 0 and isinstance(block.attn, torch.nn.MultiheadAttention)
+
+
+def test_static_self_attention_takes_positional_query_key_value():
+    from vlmrm_fast.backends.onnx_export import static_self_attention
+
+    block = _Calls([lambda a, x: a(x, x, x, None, False)]).eval()
+    with static_self_attention(block, torch.randn(2, 7, 24)) as swapped:
+        assert swapped == 1
+
+
+def test_one_torch_thread_blocks_from_two_threads_run_one_at_a_time():
+    """A second thread waits for the first one's block to end, and each restores what it found: the
+    count of threads that start torch work afterwards is the one from before (overlapping
+    save-and-restore would leave it at one)."""
+    import threading
+
+    from vlmrm_fast.backends.base import ONE_TORCH_THREAD
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        first_in, first_may_leave, second_in = threading.Event(), threading.Event(), threading.Event()
+        seen = {}
+
+        def first():
+            with ONE_TORCH_THREAD:
+                seen["first"] = torch.get_num_threads()
+                first_in.set()
+                first_may_leave.wait(5)
+
+        def second():
+            first_in.wait(5)
+            with ONE_TORCH_THREAD:
+                second_in.set()
+                seen["second"] = torch.get_num_threads()
+
+        def fresh():
+            seen["fresh thread after"] = torch.get_num_threads()
+
+        threads = [threading.Thread(target=first), threading.Thread(target=second)]
+        for t in threads:
+            t.start()
+        first_in.wait(5)
+        assert not second_in.wait(0.3), "the second block ran inside the first"
+        first_may_leave.set()
+        for t in threads:
+            t.join(10)
+        after = threading.Thread(target=fresh)
+        after.start()
+        after.join(10)
+        assert seen == {"first": 1, "second": 1, "fresh thread after": 2}
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(previous)
 
 
 @needs_ort

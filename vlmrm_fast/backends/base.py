@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import threading
 from typing import Any, Callable, ContextManager, Iterator, Tuple
 
 import torch
@@ -39,9 +40,32 @@ def temporarily(get: Callable[[], Any], set_to: Callable[[Any], None], value: An
         set_to(previous)
 
 
-def torch_threads(n: int) -> ContextManager[None]:
-    """Run torch's CPU ops on ``n`` threads inside the block (process-wide while it lasts)."""
-    return temporarily(torch.get_num_threads, torch.set_num_threads, n)
+class _OneTorchThread:
+    """``with ONE_TORCH_THREAD:`` runs the calling thread's torch CPU ops on one thread inside the block.
+
+    ``torch.set_num_threads`` sets the calling thread's count and the count that threads starting torch
+    work later begin with, so blocks entered from several threads at once would restore each other's
+    values out of order (and could leave new threads on one thread for good). Blocks therefore take a
+    lock: they run one at a time (they are short), and each restores exactly what it found.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._before: list = []
+
+    def __enter__(self) -> None:
+        self._lock.acquire()
+        self._before.append(torch.get_num_threads())
+        torch.set_num_threads(1)
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            torch.set_num_threads(self._before.pop())
+        finally:
+            self._lock.release()
+
+
+ONE_TORCH_THREAD = _OneTorchThread()
 
 
 class VisionBackend(abc.ABC):

@@ -95,13 +95,20 @@ class StaticSelfAttention(torch.nn.Module):
     @staticmethod
     def fits(attention: torch.nn.MultiheadAttention, args: tuple, kwargs: dict) -> Optional[int]:
         """The token count of a call ``attention(*args, **kwargs)`` this class computes alike, else None."""
-        query, key, value = (list(args) + [kwargs.get(k) for k in ("query", "key", "value")][len(args):])[:3]
+        try:
+            call = inspect.signature(type(attention).forward).bind(attention, *args, **kwargs)
+        except TypeError:
+            return None
+        call.apply_defaults()
+        given = call.arguments
+        query = given["query"]
         plain = (
             attention._qkv_same_embed_dim and attention.bias_k is None and attention.bias_v is None
-            and not attention.add_zero_attn
+            and not attention.add_zero_attn and (not attention.training or attention.dropout == 0)
         )
-        unmasked = all(kwargs.get(k) is None for k in ("attn_mask", "key_padding_mask")) and not kwargs.get("is_causal")
-        if not (plain and unmasked and key is query and value is query and kwargs.get("need_weights") is False):
+        unmasked = given.get("attn_mask") is None and given.get("key_padding_mask") is None and not given.get("is_causal")
+        self_attention = given["key"] is query and given["value"] is query and query.dim() == 3
+        if not (plain and unmasked and self_attention and given.get("need_weights") is False):
             return None
         return query.shape[1 if attention.batch_first else 0]
 

@@ -11,6 +11,7 @@ error that the profiler reports per run; check it on your checkpoint before trai
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import tempfile
 import time
@@ -20,7 +21,7 @@ from typing import ContextManager, Optional
 import numpy as np
 import torch
 
-from vlmrm_fast.backends.base import BackendError, VisionBackend, missing_extra, torch_threads
+from vlmrm_fast.backends.base import ONE_TORCH_THREAD, BackendError, VisionBackend, missing_extra
 from vlmrm_fast.backends.onnx_export import export_onnx
 from vlmrm_fast.backends.onnx_quantize import QUANTIZE_CHOICES, quantize_int8
 from vlmrm_fast.ops.preprocess import PreprocessSpec
@@ -28,6 +29,13 @@ from vlmrm_fast.ops.preprocess import PreprocessSpec
 _NUMPY = {torch.float32: np.float32, torch.float16: np.float16}
 ONE_THREAD_BYTES = 2 << 20
 """CPU frame chunks up to this size are preprocessed on one torch thread (see ``preprocessing``)."""
+
+
+@functools.lru_cache(maxsize=None)
+def _torch_uses_openmp() -> bool:
+    """Whether torch's CPU ops run on OpenMP (libgomp's workers spin; torch's native pool is not
+    resized after its first parallel op)."""
+    return "parallel backend: OpenMP" in torch.__config__.parallel_info()
 
 
 class OnnxRuntimeBackend(VisionBackend):
@@ -89,13 +97,14 @@ class OnnxRuntimeBackend(VisionBackend):
     def preprocessing(self, frames: torch.Tensor) -> ContextManager[None]:
         """One torch thread for a small chunk of CPU frames. After a parallel op, torch's OpenMP workers
         busy-wait for several milliseconds (libgomp's default), on the cores this session's threads
-        need next. Measured with ViT-B-32 on 2 cores: that costs 3-4 ms of a 64 ms call at batch 1, and
+        need next. (Process-wide while it lasts: see :data:`~vlmrm_fast.backends.base.ONE_TORCH_THREAD`.)
+        Measured with ViT-B-32 on 2 cores: that costs 3-4 ms of a 64 ms call at batch 1, and
         one thread wins up to 2 frames at 480 x 480 and at least 8 at 224 x 224 (about 2 MB of frames),
         while from 4 frames at 480 x 480 the second thread's share of the resize is worth more."""
         small = frames.numel() * frames.element_size() <= ONE_THREAD_BYTES
-        if self.device.type != "cpu" or frames.device.type != "cpu" or not small or torch.get_num_threads() == 1:
+        if self.device.type != "cpu" or frames.device.type != "cpu" or not small or not _torch_uses_openmp():
             return contextlib.nullcontext()
-        return torch_threads(1)
+        return ONE_TORCH_THREAD
 
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
         pixels = pixels.contiguous()
