@@ -33,8 +33,8 @@ ONE_THREAD_BYTES = 2 << 20
 
 @functools.lru_cache(maxsize=None)
 def _torch_uses_openmp() -> bool:
-    """Whether torch's CPU ops run on OpenMP (libgomp's workers spin; torch's native pool is not
-    resized after its first parallel op)."""
+    """Whether torch's CPU ops run on OpenMP, whose idle workers spin; builds on torch's own thread
+    pool are left as they are."""
     return "parallel backend: OpenMP" in torch.__config__.parallel_info()
 
 
@@ -97,7 +97,7 @@ class OnnxRuntimeBackend(VisionBackend):
     def preprocessing(self, frames: torch.Tensor) -> ContextManager[None]:
         """One torch thread for a small chunk of CPU frames. After a parallel op, torch's OpenMP workers
         busy-wait for several milliseconds (libgomp's default), on the cores this session's threads
-        need next. (Process-wide while it lasts: see :data:`~vlmrm_fast.backends.base.ONE_TORCH_THREAD`.)
+        need next. (Such blocks run one at a time across threads: :data:`~vlmrm_fast.backends.base.ONE_TORCH_THREAD`.)
         Measured with ViT-B-32 on 2 cores: that costs 3-4 ms of a 64 ms call at batch 1, and
         one thread wins up to 2 frames at 480 x 480 and at least 8 at 224 x 224 (about 2 MB of frames),
         while from 4 frames at 480 x 480 the second thread's share of the resize is worth more."""
