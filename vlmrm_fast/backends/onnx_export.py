@@ -218,7 +218,7 @@ def export_onnx(
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notes
         raw = Path(tmp) / "tower.onnx"
         with torch.inference_mode(False), torch.no_grad(), _mha_fastpath_disabled(), \
-                static_self_attention(module, example):
+                static_self_attention(module, example[:1]):  # one frame: the token count is all it needs
             torch.onnx.export(
                 module, (example,), str(raw),
                 input_names=[input_name], output_names=["embeddings"],
