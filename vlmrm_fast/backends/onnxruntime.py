@@ -1,6 +1,6 @@
 """The "onnxruntime" backend: the tower exported to ONNX and run by ONNX Runtime.
 
-On CPU this is the fastest backend measured here (ONNX Runtime's fused attention and GEMM kernels;
+On CPU this is the fastest backend measured here (ONNX Runtime's GEMM kernels and graph fusions;
 see benchmarks/results/). On CUDA it needs the onnxruntime-gpu build and runs float32 or float16,
 with the inputs and outputs bound to torch's device memory (no host copies).
 
