@@ -83,12 +83,14 @@ def test_torch_path_in_slices_of_the_batch(monkeypatch):
 
 def test_bands_hold_every_tap():
     # The bands reassemble into the dense resampling matrices exactly (every tap in its band's window).
-    from vlmrm_fast.ops.resize_taps import resize_bands, resize_matrices
+    from vlmrm_fast.ops.resize_taps import _dense, _host_taps, resize_bands
 
     for h, w, s, crop in [(480, 480, 224, False), (37, 53, 17, False), (9, 40, 16, True), (1080, 1920, 224, True)]:
-        kwargs = dict(crop=crop, antialias=crop, bottom_up=True, device=torch.device("cpu"))
-        rows, cols = resize_matrices(h, w, (s, s), **kwargs)
-        row_windows, row_w, col_windows, col_w_t = resize_bands(h, w, (s, s), **kwargs)
+        row_idx, row_taps, col_idx, col_taps = _host_taps(h, w, (s, s), crop, crop, True)
+        rows = torch.from_numpy(_dense(row_idx, row_taps, h).astype(np.float32))
+        cols = torch.from_numpy(_dense(col_idx, col_taps, w).astype(np.float32))
+        row_windows, row_w, col_windows, col_w_t = resize_bands(
+            h, w, (s, s), crop=crop, antialias=crop, bottom_up=True, device=torch.device("cpu"))
         for dense, windows, weights in [(rows, row_windows, row_w), (cols, col_windows, col_w_t.transpose(1, 2))]:
             k, band, win = weights.shape
             rebuilt = torch.zeros(k * band, dense.shape[1])

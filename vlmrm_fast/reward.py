@@ -265,19 +265,21 @@ class CLIPReward:
         """Frames -> the tower's input [N, 3, S_h, S_w] in the tower's dtype (for inspection)."""
         batch = as_frame_batch(frames)
         chunks = [
-            preprocess(batch.chunk(i, i + self.max_batch_size, self._device), self._spec, self._dtype,
-                       bottom_up=bottom_up, impl=self._kernels)
+            self._pixels(batch.chunk(i, i + self.max_batch_size, self._device), bottom_up)
             for i in range(0, batch.num_frames, self.max_batch_size)
         ]
         if not chunks:
             return torch.empty((0, 3) + self.image_size, dtype=self._dtype, device=self._device)
         return torch.cat(chunks)
 
+    def _pixels(self, frames: torch.Tensor, bottom_up: bool) -> torch.Tensor:
+        """The preprocessing op on one chunk of frames on ``device``, in the backend's context."""
+        with self._backend.preprocessing(frames):
+            return preprocess(frames, self._spec, self._dtype, bottom_up=bottom_up, impl=self._kernels)
+
     @torch.inference_mode()
     def _tower(self, frames: torch.Tensor, bottom_up: bool) -> torch.Tensor:
-        with self._backend.preprocessing(frames):
-            pixels = preprocess(frames, self._spec, self._dtype, bottom_up=bottom_up, impl=self._kernels)
-        return self._backend(pixels)
+        return self._backend(self._pixels(frames, bottom_up))
 
     def embed(self, frames: FrameInput, *, bottom_up: bool = False) -> torch.Tensor:
         """Unit image embeddings [N, D], float32, on ``device``.

@@ -4,7 +4,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import threading
-from typing import Any, Callable, ContextManager, Iterator, Tuple
+from typing import ContextManager, Tuple
 
 import torch
 
@@ -27,17 +27,6 @@ def missing_extra(package: str, extra: str, backend: str) -> BackendError:
         f"backend={backend!r} needs the `{package}` package, which is not installed. "
         f"Install it with `pip install 'vlmrm-fast[{extra}]'`, or pick another backend (backend='torch')."
     )
-
-
-@contextlib.contextmanager
-def temporarily(get: Callable[[], Any], set_to: Callable[[Any], None], value: Any) -> Iterator[None]:
-    """Inside the block the setting read by ``get`` is ``value``; after it, what it was before."""
-    previous = get()
-    set_to(value)
-    try:
-        yield
-    finally:
-        set_to(previous)
 
 
 class _OneTorchThread:

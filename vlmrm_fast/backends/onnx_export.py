@@ -9,8 +9,9 @@ Two input formats:
   runtime backends inside CLIPReward use, so that any frame size can be resized first.
 
 The batch axis is dynamic; everything else is fixed, and each block's self-attention is written with
-its token count and head layout as constants (:class:`StaticSelfAttention`). Graphs whose weights exceed what one protobuf can hold (2 GB; ViT-bigG-14)
-are written with their tensors in a side file ``<name>.data``.
+its token count and head layout as constants (:class:`StaticSelfAttention`). Graphs whose weights
+exceed what one protobuf can hold (2 GB; ViT-bigG-14) are written with their tensors in a side file
+``<name>.data``.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from typing import Dict, Iterator, Literal, Optional, Union
 import torch
 import torch.nn.functional as F
 
-from vlmrm_fast.backends.base import missing_extra, temporarily
+from vlmrm_fast.backends.base import missing_extra
 from vlmrm_fast.ops.preprocess import PreprocessSpec
 
 InputFormat = Literal["uint8-nhwc", "pixels"]
@@ -163,8 +164,12 @@ def _mha_fastpath_disabled() -> Iterator[None]:
     if mha is None or not hasattr(mha, "set_fastpath_enabled"):
         yield
         return
-    with temporarily(mha.get_fastpath_enabled, mha.set_fastpath_enabled, False):
+    previous = mha.get_fastpath_enabled()
+    mha.set_fastpath_enabled(False)
+    try:
         yield
+    finally:
+        mha.set_fastpath_enabled(previous)
 
 
 def _export_kwargs() -> dict:

@@ -142,27 +142,6 @@ def _dense(idx: np.ndarray, weights: np.ndarray, in_size: int) -> np.ndarray:
     return matrix
 
 
-@functools.lru_cache(maxsize=64)
-def resize_matrices(
-    height: int,
-    width: int,
-    out_size: Tuple[int, int],
-    *,
-    crop: bool,
-    antialias: bool,
-    bottom_up: bool,
-    device: torch.device,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The same resize as dense float32 matrices (rows [out_h, H], cols [out_w, W]) on ``device``,
-    so that ``rows @ image @ cols.T`` resamples a [..., H, W] image (for checks: the torch path
-    uses :func:`resize_bands`, the same taps without the zeros)."""
-    row_idx, row_w, col_idx, col_w = _host_taps(height, width, out_size, crop, antialias, bottom_up)
-    with torch.inference_mode(False):  # cached: must stay usable outside inference mode too
-        rows = torch.from_numpy(_dense(row_idx, row_w, height).astype(np.float32)).to(device)
-        cols = torch.from_numpy(_dense(col_idx, col_w, width).astype(np.float32)).to(device)
-    return rows, cols
-
-
 #: Outputs per band of the banded torch resize. Sixteen outputs read a window of about 16 x scale + 3
 #: inputs, so the products do ~16 / scale-th of the dense matrices' work (480 -> 224: 36 of 480 inputs
 #: per band); smaller bands save little more and launch more, smaller products.
@@ -225,4 +204,4 @@ def is_identity(height: int, width: int, out_size: Tuple[int, int]) -> bool:
     return (height, width) == tuple(out_size)
 
 
-__all__ = ["axis_taps", "resize_tables", "resize_matrices", "resize_bands", "shortest_side_geometry", "is_identity"]
+__all__ = ["axis_taps", "resize_tables", "resize_bands", "shortest_side_geometry", "is_identity"]

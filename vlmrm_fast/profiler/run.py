@@ -56,7 +56,6 @@ from vlmrm_fast.argtypes import positive_int
 from vlmrm_fast.backends import BackendError
 from vlmrm_fast.models import TINY_MODEL, preprocess_spec_of, register_model_configs
 from vlmrm_fast.ops._triton import HAS_TRITON, interpreter_enabled
-from vlmrm_fast.ops.preprocess import preprocess
 from vlmrm_fast.profiler.flops import _gflops_and_method, create_random_model
 from vlmrm_fast.profiler.report import (
     REWARD_CHECK_FRAMES,
@@ -471,20 +470,14 @@ class Profiler:
         frames = self.frames.device[:n]
         seed_ran = any(r.backend == SEED and r.model == name and r.batch == n for r in self.report.rows)
         timer = self.timer
-        spec, tower_dtype, impl = rm.preprocess_spec, rm.dtype, rm.kernels
         with torch.inference_mode():
             timings: Dict[str, Optional[StageTiming]] = {"h2d": None}
             if self.frames.pinned is not None:
                 pinned, landing = self.frames.pinned[:n], self.frames.landing[:n]
                 timings["h2d"] = timer(lambda: landing.copy_(pinned, non_blocking=True))
-            # The op itself, as rm(frames) runs it per chunk (in the backend's context: one torch thread
-            # for small CPU chunks before ONNX Runtime); rm.preprocess would add a concatenation.
-            def run_preprocess() -> torch.Tensor:
-                with rm.vision_backend.preprocessing(frames):
-                    return preprocess(frames, spec, tower_dtype, impl=impl)
-
-            pixels = run_preprocess()
-            timings["preprocess"] = timer(run_preprocess)
+            # The op on one chunk, as rm(frames) runs it; rm.preprocess would add a concatenation.
+            pixels = rm._pixels(frames, False)
+            timings["preprocess"] = timer(lambda: rm._pixels(frames, False))
             embeddings = rm.vision_backend(pixels)
             timings["tower"] = timer(lambda: rm.vision_backend(pixels))
             timings["score"] = timer(lambda: rm.score(embeddings))
