@@ -14,7 +14,8 @@
 #   render       benchmarks/bench_env.py --no-env-steps: render-only frames/s (target 3,000/s at 224)
 #   env          benchmarks/bench_env.py --no-render: env steps/s with the VLM reward, N = 1 8 32
 #   profile-b32, profile-l14, profile-bigg
-#                `vlmrm-fast bench` for one model at 224 px, batch 1-1024, bf16, torch and compile
+#                `vlmrm-fast bench` for one model at 224 px, batch 1-1024, bf16, torch and compile,
+#                with the kernel profile of the largest batch (where the time goes against the ceiling)
 #
 # Each part writes under $RESULTS/<part>/ (RESULTS defaults to $OUT where that is set, else
 # runs/gpu-session/), with its log; copy the figures worth keeping to benchmarks/results/ and commit
@@ -102,7 +103,7 @@ EOF
 profile() {  # profile MODEL NAME; PROFILE_BATCHES="1 64 1024" or PROFILE_BACKENDS=compile trim a long part
     # shellcheck disable=SC2086
     "$PYTHON" -m vlmrm_fast bench --models "$1" --frame-size 224 --batch-sizes ${PROFILE_BATCHES:-1 8 64 256 1024} \
-        --dtypes bf16 --backends ${PROFILE_BACKENDS:-torch compile} --out "$RESULTS/$2" --no-progress
+        --dtypes bf16 --backends ${PROFILE_BACKENDS:-torch compile} --out "$RESULTS/$2" --no-progress --kernel-profile
 }
 
 # One function per part: part_<name>, dashes as underscores.

@@ -5,6 +5,7 @@
 | run.py | options, the measurement loop, the command |
 | flops.py | tower FLOPs (analytic for ViTs, SPEC §2) |
 | timing.py | stage timers and the measured matmul peak |
+| kernels.py | ``--kernel-profile``: the tower's time per kind of kernel, against its FLOP ceiling |
 | seed.py | the original code's pipeline, the reference |
 | report.py | rows, targets, markdown/JSON/PNG outputs, environment |
 """

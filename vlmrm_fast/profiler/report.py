@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence
 import torch
 
 from vlmrm_fast.ops._triton import interpreter_enabled
+from vlmrm_fast.profiler.kernels import TowerProfile, markdown_kernel_profiles
 from vlmrm_fast.profiler.seed import SEED, SEED_CUDA_DTYPE, SEED_FRAME_SIZE
 from vlmrm_fast.profiler.timing import SWITCH_PAUSE_S, StageTiming
 from vlmrm_fast.run_info import command_output, cpu_name, git_commit, package_version
@@ -83,6 +84,7 @@ class Report:
     skipped: List[Dict[str, str]] = field(default_factory=list)
     failures: List[Dict[str, Any]] = field(default_factory=list)
     targets: List[Dict[str, Any]] = field(default_factory=list)
+    kernel_profiles: List[TowerProfile] = field(default_factory=list)
     complete: bool = False
     elapsed_seconds: float = 0.0
 
@@ -97,6 +99,8 @@ class Report:
         for row in self.rows:
             row.peak_tflops = self.peak_tflops.get(peak_dtype(row.dtype))
             row.frac_of_peak = row.achieved_tflops / row.peak_tflops if row.peak_tflops else None
+        for profile in self.kernel_profiles:
+            profile.peak_tflops = self.peak_tflops.get(peak_dtype(profile.dtype))
 
 
 def _stage_row(
@@ -240,6 +244,7 @@ def markdown_report(report: Report) -> str:
             lines.append(f"| {t['model']} | {t['kind']} | {fmt(t['required'])} | "
                          f"{'not measured' if t['measured'] is None else fmt(t['measured'])} | {t['where'] or ''} | "
                          f"{'yes' if t['met'] else 'no'} |")
+    lines += markdown_kernel_profiles(report.kernel_profiles)
     if report.skipped:
         lines += ["", "Skipped: " + "; ".join(f"{s['what']} ({s['reason']})" for s in report.skipped) + "."]
     if report.failures:
@@ -296,7 +301,9 @@ def write_outputs(report: Report, config: BenchConfig) -> List[Path]:
     """Write bench.json, bench.md and (unless --no-plot) bench.png into ``config.out``."""
     out = config.out
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bench.json").write_text(json.dumps(asdict(report), indent=2, default=str) + "\n")
+    data = asdict(report)
+    data["kernel_profiles"] = [profile.as_json() for profile in report.kernel_profiles]  # with derived figures
+    (out / "bench.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
     (out / "bench.md").write_text(markdown_report(report))
     written = [out / "bench.json", out / "bench.md"]
     if config.plot:

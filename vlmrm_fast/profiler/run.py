@@ -24,6 +24,9 @@ come from :func:`tower_gflops` (SPEC §2), and the achieved TFLOP/s is set again
 dense matmul throughput measured in the same run. Backend build time (ONNX export, torch.compile,
 TensorRT engine) is reported apart from steady state.
 
+With ``--kernel-profile``, each configuration's tower is also run under ``torch.profiler`` at the
+largest batch size, and its time split by kind of kernel against the FLOP ceiling (:mod:`.kernels`).
+
 Weights are random (no downloads): speed does not depend on them.
 
 Outputs in ``--out``: ``bench.json`` (everything), ``bench.md`` (the table, also printed) and
@@ -57,6 +60,7 @@ from vlmrm_fast.backends import BackendError
 from vlmrm_fast.models import TINY_MODEL, preprocess_spec_of, register_model_configs
 from vlmrm_fast.ops._triton import HAS_TRITON, interpreter_enabled
 from vlmrm_fast.profiler.flops import _gflops_and_method, create_random_model
+from vlmrm_fast.profiler.kernels import profile_tower
 from vlmrm_fast.profiler.report import (
     REWARD_CHECK_FRAMES,
     Report,
@@ -67,6 +71,7 @@ from vlmrm_fast.profiler.report import (
     check_targets,
     environment,
     markdown_report,
+    peak_dtype,
     write_outputs,
 )
 from vlmrm_fast.profiler.seed import (
@@ -111,6 +116,7 @@ class BenchConfig:
     progress: bool
     plot: bool
     quick: bool
+    kernel_profile: bool = False
 
     def as_json(self) -> Dict[str, Any]:
         return {key: str(value) if isinstance(value, (Path, torch.device)) else value for key, value in asdict(self).items()}
@@ -154,6 +160,10 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--quick", action="store_true",
                    help="a smoke run: vlmrm-tiny, batch sizes 1 and 8, torch and onnxruntime, 2 repeats "
                    "(options given explicitly still apply)")
+    p.add_argument("--kernel-profile", action="store_true",
+                   help="also profile each configuration's tower at the largest batch size with torch.profiler: "
+                   "time per kind of kernel (matmul, attention, layer norm, ...), the costliest kernels, idle time, "
+                   "against the FLOP ceiling (a section of bench.md; every kernel in bench.json)")
     p.add_argument("--no-plot", action="store_true", help="do not write bench.png (no matplotlib needed)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar (shown on a terminal)")
     p.set_defaults(handler=run_bench)
@@ -200,6 +210,7 @@ def resolve_config(args: argparse.Namespace) -> BenchConfig:
         progress=not args.no_progress,
         plot=not args.no_plot,
         quick=args.quick,
+        kernel_profile=args.kernel_profile,
     )
 
 
@@ -458,8 +469,31 @@ class Profiler:
             except Exception as error:
                 self.fail(f"{what} batch {n}", error)
             self.bar.update(1)
+        if self.config.kernel_profile:
+            self._profile_kernels(rm, name, dtype, gflops)
         del rm
         self._free()
+
+    def _profile_kernels(self, rm: CLIPReward, name: str, dtype: str, gflops: float) -> None:
+        """The tower's kernels at the largest batch size, beside that batch's row (none if it failed)."""
+        n = max(self.config.batch_sizes)
+        row = next((r for r in self.report.rows if (r.model, r.backend, r.dtype, r.batch) == (name, rm.backend, dtype, n)), None)
+        if row is None:
+            return
+        what = f"{name} {rm.backend} {dtype} batch {n} kernel profile"
+        if self.device.type == "cpu" and rm.backend == "onnxruntime":
+            self.skip(what, "ONNX Runtime's CPU kernels are not visible to torch.profiler (on CUDA they are)")
+            return
+        self.bar.set_description(f"{name} {rm.backend} {dtype} b={n}: kernel profile")
+        try:
+            pixels = rm._pixels(self.frames.device[:n], False)
+            self.report.kernel_profiles.append(profile_tower(
+                rm.vision_backend, pixels, model=name, backend=rm.backend, dtype=dtype,
+                wall_ms=1e3 * row.timings["tower"].median_s, gflops_per_image=gflops,
+                peak_tflops=self.report.peak_tflops.get(peak_dtype(dtype)),
+            ))
+        except Exception as error:
+            self.fail(what, error)
 
     def _measure_reward(
         self, rm: CLIPReward, name: str, dtype: str, n: int, gflops: float, method: str, setup_seconds: float,

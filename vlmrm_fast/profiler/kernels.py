@@ -1,0 +1,209 @@
+"""Where the tower's time goes, kernel by kernel: ``vlmrm-fast bench --kernel-profile``.
+
+``torch.profiler`` runs over a few calls of one backend's tower at one batch size. On CUDA the entries
+are device kernels as CUPTI sees them, whoever launched them (cuBLAS, flash attention, Triton, TensorRT's
+and ONNX Runtime's own kernels); on CPU they are torch ops' self time (ONNX Runtime's CPU kernels are
+invisible there, so the profiler skips that backend on CPU). Each entry gets a kind from its name
+(:func:`kernel_kind`), and the tower's time is set against its FLOP ceiling (tower FLOPs over the
+measured matmul peak):
+
+    wall = ceiling + (matmul + attention - ceiling) + other kernels + idle
+
+where the second term is what the matmuls and attention lose to the peak, "other kernels" are layer
+norms, elementwise ops and copies (no FLOPs in the count, pure cost), and idle is the wall time (timed
+without the profiler) in which no kernel ran: launch gaps, host work, synchronisation.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterable, List, Optional, Sequence
+
+import torch
+
+KINDS = ("matmul", "attention", "layernorm", "elementwise", "copy")
+"""Kinds in the order they are shown. A name gets the first kind in ``_KIND_PATTERNS`` whose pattern it
+matches: attention before matmul (fused attention kernels have "gemm" in their names), layer norm and
+matmul before copy (a compiler's fused kernels name the copies they absorb)."""
+
+_KIND_PATTERNS = (
+    ("attention", r"flash|fmha|mha|attention|sdpa|softmax"),
+    ("layernorm", r"layer_?norm|rms_?norm"),
+    ("matmul", r"gemm|xmma|cutlass|cublas|nvjet|wgmma|matmul|convolution|conv2d|fprop|addmm|bmm|\bmm\b|_mm\b|_mm_"),
+    ("copy", r"memcpy|memset|copy|\bcat\b|concat|clone|contiguous|transpose|permute"),
+)
+TOP_KERNELS = 8
+"""Kernels listed per configuration in bench.md (bench.json keeps all of them)."""
+
+
+def kernel_kind(name: str) -> str:
+    """The kind of a kernel or op by its name: one of :data:`KINDS` ("elementwise" when nothing else
+    matches: activations, adds, scales, casts and fused mixes of them)."""
+    lowered = name.lower()
+    for kind, pattern in _KIND_PATTERNS:
+        if re.search(pattern, lowered):
+            return kind
+    return "elementwise"
+
+
+@dataclass
+class KernelTime:
+    """One kernel (CUDA) or op (CPU), summed over the profiled calls and divided by their number."""
+
+    name: str
+    kind: str
+    launches: float
+    """Launches per tower call."""
+    ms: float
+    """Milliseconds per tower call (self time: what runs inside it, not in its children)."""
+
+
+@dataclass
+class TowerProfile:
+    """One configuration's tower at one batch size; times are milliseconds per call."""
+
+    model: str
+    backend: str
+    dtype: str
+    batch: int
+    source: str
+    """"cuda kernels" or "cpu torch ops"."""
+    calls: int
+    wall_ms: float
+    """The tower stage's median wall time, timed without the profiler."""
+    gflops_per_image: float
+    peak_tflops: Optional[float]
+    kernels: List[KernelTime] = field(default_factory=list)
+
+    @property
+    def busy_ms(self) -> float:
+        return sum(k.ms for k in self.kernels)
+
+    @property
+    def by_kind(self) -> Dict[str, float]:
+        return {kind: sum(k.ms for k in self.kernels if k.kind == kind) for kind in KINDS}
+
+    @property
+    def idle_ms(self) -> float:
+        """Wall time with nothing profiled running (never below 0: the profiler's own overhead can
+        make the kernels' sum exceed the unprofiled wall time on CPU)."""
+        return max(0.0, self.wall_ms - self.busy_ms)
+
+    @property
+    def ceiling_ms(self) -> Optional[float]:
+        """The tower's FLOPs at the measured matmul peak (GFLOP / (TFLOP/s) = ms)."""
+        return self.gflops_per_image * self.batch / self.peak_tflops if self.peak_tflops else None
+
+    @property
+    def matmul_tflops(self) -> Optional[float]:
+        """The tower's FLOPs over the time in matmul and attention kernels: the rate those kernels
+        reach, against which the peak says how much of the gap is theirs."""
+        kinds = self.by_kind
+        ms = kinds["matmul"] + kinds["attention"]
+        return self.gflops_per_image * self.batch / ms if ms > 0 else None
+
+    def as_json(self) -> Dict[str, object]:
+        return {
+            "model": self.model, "backend": self.backend, "dtype": self.dtype, "batch": self.batch,
+            "source": self.source, "calls": self.calls, "wall_ms": self.wall_ms, "busy_ms": self.busy_ms,
+            "idle_ms": self.idle_ms, "by_kind_ms": self.by_kind, "ceiling_ms": self.ceiling_ms,
+            "gflops_per_image": self.gflops_per_image, "peak_tflops": self.peak_tflops,
+            "matmul_attention_tflops": self.matmul_tflops,
+            "kernels": [vars(k) for k in self.kernels],
+        }
+
+
+def _self_ms(event: object, on_cuda: bool) -> float:
+    """An averaged event's self time in ms (torch < 2.4 names the device field self_cuda_time_total)."""
+    if not on_cuda:
+        return event.self_cpu_time_total / 1e3
+    value = getattr(event, "self_device_time_total", None)
+    return (event.self_cuda_time_total if value is None else value) / 1e3
+
+
+def summarize_events(events: Iterable[object], on_cuda: bool, calls: int) -> List[KernelTime]:
+    """Averaged profiler events -> kernels per tower call, the costliest first.
+
+    On CUDA only device events count (CPU-side ops and runtime calls are host work, which the idle
+    time covers); on CPU only the ops' self time, so that nested ops are not counted twice.
+    """
+    kernels = []
+    for event in events:
+        is_device = str(getattr(event, "device_type", "")).endswith(("CUDA", "PrivateUse1"))
+        if is_device != on_cuda:
+            continue
+        ms = _self_ms(event, on_cuda)
+        if ms <= 0:
+            continue
+        kernels.append(KernelTime(name=event.key, kind=kernel_kind(event.key), launches=event.count / calls, ms=ms / calls))
+    return sorted(kernels, key=lambda k: k.ms, reverse=True)
+
+
+def profile_tower(
+    tower: Callable[[torch.Tensor], torch.Tensor], pixels: torch.Tensor, *, model: str, backend: str, dtype: str,
+    wall_ms: float, gflops_per_image: float, peak_tflops: Optional[float], calls: int = 3, warmup: int = 1,
+) -> TowerProfile:
+    """Profile ``calls`` calls of ``tower(pixels)`` (pixels [N, 3, S, S] on the tower's device) after
+    ``warmup`` unprofiled ones; ``wall_ms`` is the caller's unprofiled time per call."""
+    from torch.profiler import ProfilerActivity, profile
+
+    on_cuda = pixels.device.type == "cuda"
+    with torch.inference_mode():
+        for _ in range(warmup):
+            tower(pixels)
+        if on_cuda:
+            torch.cuda.synchronize(pixels.device)
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
+        with profile(activities=activities) as prof:
+            for _ in range(calls):
+                tower(pixels)
+            if on_cuda:
+                torch.cuda.synchronize(pixels.device)
+    return TowerProfile(
+        model=model, backend=backend, dtype=dtype, batch=pixels.shape[0],
+        source="cuda kernels" if on_cuda else "cpu torch ops", calls=calls, wall_ms=wall_ms,
+        gflops_per_image=gflops_per_image, peak_tflops=peak_tflops,
+        kernels=summarize_events(prof.key_averages(), on_cuda, calls),
+    )
+
+
+def _ms(value: Optional[float]) -> str:
+    return "" if value is None else f"{value:.3g}"
+
+
+def _share(ms: float, wall: float) -> str:
+    return f"{ms:.3g} ({100 * ms / wall:.0f}%)" if wall > 0 else f"{ms:.3g}"
+
+
+def markdown_kernel_profiles(profiles: Sequence[TowerProfile]) -> List[str]:
+    """bench.md's section: one summary line per configuration, then its costliest kernels."""
+    if not profiles:
+        return []
+    lines = [
+        "", "## Where the tower's time goes", "",
+        "Milliseconds per tower call (share of the wall time), from `torch.profiler` over "
+        f"{profiles[0].calls} calls; wall time from the table above (timed without the profiler). Ceiling: "
+        "the tower's FLOPs at the measured matmul peak. 'mm+attn TFLOP/s': the tower's FLOPs over the time in "
+        "matmul and attention kernels. Idle: wall time in which nothing profiled ran (on CUDA: launch gaps, "
+        "host work; on CPU: time outside torch ops).", "",
+        "| model | backend | dtype | batch | source | wall | ceiling | " + " | ".join(KINDS)
+        + " | idle | mm+attn TFLOP/s |",
+        "|" + "---|" * (9 + len(KINDS)),
+    ]
+    for p in profiles:
+        kinds = p.by_kind
+        lines.append(
+            f"| {p.model} | {p.backend} | {p.dtype} | {p.batch} | {p.source} | {p.wall_ms:.3g} | {_ms(p.ceiling_ms)} | "
+            + " | ".join(_share(kinds[k], p.wall_ms) for k in KINDS)
+            + f" | {_share(p.idle_ms, p.wall_ms)} | {_ms(p.matmul_tflops)} |"
+        )
+    for p in profiles:
+        what = "kernels" if p.source.startswith("cuda") else "ops"
+        lines += ["", f"{p.model} {p.backend} {p.dtype}, batch {p.batch}: the costliest "
+                  f"{min(TOP_KERNELS, len(p.kernels))} of {len(p.kernels)} {what}", "",
+                  "| kernel | kind | launches per call | ms per call | share of wall |", "|---|---|---|---|---|"]
+        for k in p.kernels[:TOP_KERNELS]:
+            name = k.name if len(k.name) <= 90 else k.name[:87] + "..."
+            lines.append(f"| `{name.replace('|', '/')}` | {k.kind} | {k.launches:g} | {k.ms:.3g} | "
+                         f"{100 * k.ms / p.wall_ms:.1f}% |")
+    return lines
