@@ -362,6 +362,25 @@ def test_summarize_events_counts_device_kernels_per_call():
     assert launch.name == "cudaLaunchKernel" and launch.ms == pytest.approx(0.1)
 
 
+def test_kernel_profiles_take_the_best_peak_measured():
+    from vlmrm_fast.profiler.kernels import KernelTime, TowerProfile
+    from vlmrm_fast.profiler.report import Report
+
+    report = Report(environment={}, config={})
+    report.add_peak("bf16", 500.0, 8192)
+    profile = TowerProfile(model="ViT-B-32", backend="torch", dtype="bf16", batch=1024, source="cuda kernels",
+                           calls=3, wall_ms=300.0, gflops_per_image=8.82, peak_tflops=500.0,
+                           kernels=[KernelTime("nvjet_gemm", "matmul", 72, 200.0), KernelTime("flash_fwd", "attention", 12, 25.0),
+                                    KernelTime("layer_norm", "layernorm", 25, 30.0)])
+    report.kernel_profiles.append(profile)
+    report.add_peak("bf16", 800.0, 8192)  # a later, better measurement (the first was on a busy moment)
+    report.set_peaks()
+    assert profile.peak_tflops == 800.0
+    assert profile.ceiling_ms == pytest.approx(8.82 * 1024 / 800.0)
+    assert profile.busy_ms == 255.0 and profile.idle_ms == 45.0
+    assert profile.matmul_tflops == pytest.approx(8.82 * 1024 / 225.0)
+
+
 def test_unknown_model_fails_before_any_work(tmp_path, capsys):
     assert cli.main(["bench", "--models", "ViT-B-33", "--device", "cpu", "--out", str(tmp_path / "x")]) == 2
     assert "ViT-B-33" in capsys.readouterr().err
