@@ -11,6 +11,7 @@ import contextlib
 import importlib.util
 import io
 import json
+import os
 import warnings
 
 import open_clip
@@ -76,7 +77,8 @@ def test_tower_gflops_counts_other_towers_and_warns():
 
 @pytest.fixture(scope="module")
 def bench_run(tmp_path_factory):
-    """``vlmrm-fast bench`` on the tiny model: (exit code, output folder, stdout)."""
+    """``vlmrm-fast bench`` on the tiny model: (exit code, output folder, stdout), run from an empty
+    working directory (which must stay empty: profilers' traces go elsewhere)."""
     out = tmp_path_factory.mktemp("bench")
     backends = ["torch", "onnxruntime", "tensorrt"] if HAS_ORT else ["torch", "tensorrt"]
     argv = ["bench", "--models", "vlmrm-tiny", "--batch-sizes", "1", "2", "--repeats", "1", "--warmup", "1",
@@ -85,8 +87,14 @@ def bench_run(tmp_path_factory):
     if not HAS_MPL:
         argv.append("--no-plot")
     stdout = io.StringIO()
-    with contextlib.redirect_stdout(stdout):
-        code = cli.main(argv)
+    cwd, workdir = os.getcwd(), tmp_path_factory.mktemp("cwd")
+    os.chdir(workdir)
+    try:
+        with contextlib.redirect_stdout(stdout):
+            code = cli.main(argv)
+    finally:
+        os.chdir(cwd)
+    assert not list(workdir.iterdir()), list(workdir.iterdir())
     return code, out, stdout.getvalue()
 
 
@@ -270,15 +278,19 @@ def test_quick_defaults():
 
 def test_kernel_profile_of_the_largest_batch(results, bench_run):
     profiles = {(p["backend"], p["dtype"]): p for p in results["kernel_profiles"]}
-    assert set(profiles) == {("torch", "fp32")}
-    if HAS_ORT:  # ONNX Runtime's own CPU kernels are invisible to torch.profiler: said, not shown as idle time
-        reasons = {s["what"]: s["reason"] for s in results["skipped"]}
-        for dtype in ("fp32", "int8"):
-            assert "not visible" in reasons[f"vlmrm-tiny onnxruntime {dtype} batch 2 kernel profile"]
+    assert set(profiles) == {("torch", "fp32")} | ({("onnxruntime", "fp32"), ("onnxruntime", "int8")} if HAS_ORT else set())
     rows = {(r["backend"], r["dtype"], r["batch"]): r for r in results["rows"]}
     tiny = open_clip.get_model_config("vlmrm-tiny")["vision_cfg"]
     for (backend, dtype), p in profiles.items():
-        assert p["batch"] == 2 and p["calls"] == 3 and p["source"] == "cpu torch ops"
+        # ONNX Runtime's CPU kernels are invisible to torch.profiler: its own profiler gives its nodes.
+        assert p["batch"] == 2 and p["calls"] == 3
+        assert p["source"] == ("onnxruntime nodes" if backend == "onnxruntime" else "cpu torch ops")
+        kinds = p["by_kind_ms"]
+        assert kinds["matmul"] > 0 and kinds["layernorm"] > 0 and kinds["attention"] > 0, p["kernels"]
+        # Per call, not per profiled run: two layer norms per block, one before the blocks and one after
+        # (ONNX Runtime may fuse some with the residual add; torch's aten::layer_norm wraps the native op).
+        norms = [k for k in p["kernels"] if k["kind"] == "layernorm" and k["name"] != "aten::layer_norm"]
+        assert sum(k["launches"] for k in norms) == 2 * tiny["layers"] + 2, norms
         # Wall time is the tower stage's unprofiled median; the rest follows from the kernels.
         assert p["wall_ms"] == pytest.approx(1e3 * rows[(backend, dtype, 2)]["timings"]["tower"]["median_s"])
         assert sum(p["by_kind_ms"].values()) == pytest.approx(p["busy_ms"]) == pytest.approx(sum(k["ms"] for k in p["kernels"]))
@@ -287,12 +299,10 @@ def test_kernel_profile_of_the_largest_batch(results, bench_run):
         assert p["ceiling_ms"] == (None if peak is None else pytest.approx(tower_gflops("vlmrm-tiny") * 2 / peak))
     eager = profiles[("torch", "fp32")]
     kinds = eager["by_kind_ms"]
-    assert kinds["matmul"] > 0 and kinds["layernorm"] > 0 and kinds["attention"] > 0
     assert eager["matmul_attention_tflops"] == pytest.approx(
         tower_gflops("vlmrm-tiny") * 2 / (kinds["matmul"] + kinds["attention"]))
-    # Launches per call, not per profiled run: two layer norms per block, one before and one after them.
-    [norm] = [k for k in eager["kernels"] if k["name"] == "aten::native_layer_norm"]
-    assert norm["launches"] == 2 * tiny["layers"] + 2
+    if HAS_ORT:  # the int8 graph's weight matmuls are integer ones, and its profile says so
+        assert any("Integer" in k["name"] or "Quantize" in k["name"] for k in profiles[("onnxruntime", "int8")]["kernels"])
     table = (bench_run[1] / "bench.md").read_text()
     assert "## Where the tower's time goes" in table and "| vlmrm-tiny | torch | fp32 | 2 | cpu torch ops |" in table
     assert "`aten::native_layer_norm` | layernorm | 6 |" in table

@@ -4,7 +4,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import threading
-from typing import ContextManager, Tuple
+from typing import ContextManager, List, Optional, Tuple
 
 import torch
 
@@ -78,6 +78,11 @@ class VisionBackend(abc.ABC):
         """The context in which CLIPReward runs the preprocessing op on ``frames`` (one chunk, as
         passed to the op) before calling this backend; by default none."""
         return contextlib.nullcontext()
+
+    def profile_nodes(self, pixels: torch.Tensor, calls: int, warmup: int = 1) -> Optional[List[Tuple[str, float, int]]]:
+        """The backend's own profile of ``calls`` calls on ``pixels``, as (kernel or op, total ms, count),
+        where torch.profiler cannot see its work; None (the default) to leave it to torch.profiler."""
+        return None
 
     @abc.abstractmethod
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:

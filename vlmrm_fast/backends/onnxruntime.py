@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import os
 import tempfile
 import time
 from pathlib import Path
-from typing import ContextManager, Optional
+from typing import ContextManager, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -83,16 +84,54 @@ class OnnxRuntimeBackend(VisionBackend):
         path = export_onnx(visual, Path(self._workdir.name) / "tower.onnx", spec, input_format="pixels")
         if quantize == "int8":
             path = quantize_int8(path, path.with_name("tower-int8.onnx"))
+        self._model_path = path
+        self.session = ort.InferenceSession(str(path), self._session_options(), providers=providers)
+        self.embed_dim = self.session.get_outputs()[0].shape[1]
+        self.build_seconds = time.perf_counter() - start
+
+    def _session_options(self):
+        import onnxruntime as ort
+
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads()))
-        if device.type == "cpu":
+        if self.device.type == "cpu":
             # Idle ORT workers otherwise busy-wait ~50 ms after each run, halving the speed of the
             # torch work that follows on the same cores (preprocessing, scoring, SAC updates).
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(str(path), options, providers=providers)
-        self.embed_dim = self.session.get_outputs()[0].shape[1]
-        self.build_seconds = time.perf_counter() - start
+        return options
+
+    def profile_nodes(self, pixels: torch.Tensor, calls: int, warmup: int = 1) -> Optional[List[Tuple[str, float, int]]]:
+        """ONNX Runtime's own profile on CPU, whose kernels torch.profiler cannot see: (op type, total ms,
+        count) over ``calls`` runs on ``pixels`` after ``warmup`` others. It runs a second session with
+        profiling on (same graph and options), which writes its trace into this backend's temporary
+        folder. None on CUDA, where torch.profiler sees ONNX Runtime's kernels."""
+        if self.device.type != "cpu":
+            return None
+        import onnxruntime as ort
+
+        options = self._session_options()
+        options.enable_profiling = True
+        options.profile_file_prefix = str(Path(self._workdir.name) / "profile")
+        session = ort.InferenceSession(str(self._model_path), options, providers=["CPUExecutionProvider"])
+        feed = {"pixels": pixels.contiguous().numpy()}
+        for _ in range(warmup + calls):
+            session.run(None, feed)
+        trace = Path(session.end_profiling())
+        events = json.loads(trace.read_text())
+        trace.unlink()
+        runs = sorted((e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"),
+                      key=lambda e: e["ts"])[-calls:]
+        totals: dict = {}
+        for event in events:
+            if event.get("cat") != "Node" or not event.get("name", "").endswith("_kernel_time"):
+                continue
+            if not any(run["ts"] <= event["ts"] <= run["ts"] + run["dur"] for run in runs):
+                continue  # a warm-up run's
+            op = event.get("args", {}).get("op_name", event["name"])
+            ms, count = totals.get(op, (0.0, 0))
+            totals[op] = (ms + event["dur"] / 1e3, count + 1)
+        return [(op, ms, count) for op, (ms, count) in totals.items()]
 
     def preprocessing(self, frames: torch.Tensor) -> ContextManager[None]:
         """One torch thread for a small chunk of CPU frames. After a parallel op, torch's OpenMP workers

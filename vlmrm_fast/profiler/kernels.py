@@ -2,8 +2,9 @@
 
 ``torch.profiler`` runs over a few calls of one backend's tower at one batch size. On CUDA the entries
 are device kernels as CUPTI sees them, whoever launched them (cuBLAS, flash attention, Triton, TensorRT's
-and ONNX Runtime's own kernels); on CPU they are torch ops' self time (ONNX Runtime's CPU kernels are
-invisible there, so the profiler skips that backend on CPU). Each entry gets a kind from its name
+and ONNX Runtime's own kernels); on CPU they are torch ops' self time, except for a backend that
+profiles itself where torch.profiler is blind (ONNX Runtime on CPU: its nodes' times by op type, from
+its own profiler; :meth:`VisionBackend.profile_nodes`). Each entry gets a kind from its name
 (:func:`kernel_kind`), and the tower's time is set against its FLOP ceiling (tower FLOPs over the
 measured matmul peak):
 
@@ -21,6 +22,8 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 import torch
 
+from vlmrm_fast.backends.base import VisionBackend
+
 KINDS = ("matmul", "attention", "layernorm", "elementwise", "copy")
 """Kinds in the order they are shown. A name gets the first kind in ``_KIND_PATTERNS`` whose pattern it
 matches: attention before matmul (fused attention kernels have "gemm" in their names), layer norm and
@@ -29,7 +32,7 @@ matmul before copy (a compiler's fused kernels name the copies they absorb)."""
 _KIND_PATTERNS = (
     ("attention", r"flash|fmha|mha|attention|sdpa|softmax"),
     ("layernorm", r"layer_?norm|rms_?norm"),
-    ("matmul", r"gemm|xmma|cutlass|cublas|nvjet|wgmma|matmul|convolution|conv2d|fprop|addmm|bmm|\bmm\b|_mm\b|_mm_"),
+    ("matmul", r"gemm|xmma|cutlass|cublas|nvjet|wgmma|matmul|\bconv\b|convolution|conv2d|fprop|addmm|bmm|\bmm\b|_mm\b|_mm_"),
     ("copy", r"memcpy|memset|copy|\bcat\b|concat|clone|contiguous|transpose|permute"),
 )
 TOP_KERNELS = 8
@@ -67,7 +70,7 @@ class TowerProfile:
     dtype: str
     batch: int
     source: str
-    """"cuda kernels" or "cpu torch ops"."""
+    """"cuda kernels", "cpu torch ops" or "onnxruntime nodes"."""
     calls: int
     wall_ms: float
     """The tower stage's median wall time, timed without the profiler."""
@@ -147,6 +150,12 @@ def profile_tower(
     ``warmup`` unprofiled ones; ``wall_ms`` is the caller's unprofiled time per call."""
     from torch.profiler import ProfilerActivity, profile
 
+    meta = dict(model=model, backend=backend, dtype=dtype, batch=pixels.shape[0], calls=calls, wall_ms=wall_ms,
+                gflops_per_image=gflops_per_image, peak_tflops=peak_tflops)
+    own = tower.profile_nodes(pixels, calls, warmup) if isinstance(tower, VisionBackend) else None
+    if own is not None:
+        kernels = [KernelTime(name=op, kind=kernel_kind(op), launches=count / calls, ms=ms / calls) for op, ms, count in own]
+        return TowerProfile(source=f"{backend} nodes", kernels=sorted(kernels, key=lambda k: k.ms, reverse=True), **meta)
     on_cuda = pixels.device.type == "cuda"
     with torch.inference_mode():
         for _ in range(warmup):
@@ -159,12 +168,8 @@ def profile_tower(
                 tower(pixels)
             if on_cuda:
                 torch.cuda.synchronize(pixels.device)
-    return TowerProfile(
-        model=model, backend=backend, dtype=dtype, batch=pixels.shape[0],
-        source="cuda kernels" if on_cuda else "cpu torch ops", calls=calls, wall_ms=wall_ms,
-        gflops_per_image=gflops_per_image, peak_tflops=peak_tflops,
-        kernels=summarize_events(prof.key_averages(), on_cuda, calls),
-    )
+    return TowerProfile(source="cuda kernels" if on_cuda else "cpu torch ops",
+                        kernels=summarize_events(prof.key_averages(), on_cuda, calls), **meta)
 
 
 def _ms(value: Optional[float]) -> str:
@@ -185,7 +190,7 @@ def markdown_kernel_profiles(profiles: Sequence[TowerProfile]) -> List[str]:
         f"{profiles[0].calls} calls; wall time from the table above (timed without the profiler). Ceiling: "
         "the tower's FLOPs at the measured matmul peak. 'mm+attn TFLOP/s': the tower's FLOPs over the time in "
         "matmul and attention kernels. Idle: wall time in which nothing profiled ran (on CUDA: launch gaps, "
-        "host work; on CPU: time outside torch ops).", "",
+        "host work; on CPU: time outside the ops profiled).", "",
         "| model | backend | dtype | batch | source | wall | ceiling | " + " | ".join(KINDS)
         + " | idle | mm+attn TFLOP/s |",
         "|" + "---|" * (9 + len(KINDS)),

@@ -481,9 +481,6 @@ class Profiler:
         if row is None:
             return
         what = f"{name} {rm.backend} {dtype} batch {n} kernel profile"
-        if self.device.type == "cpu" and rm.backend == "onnxruntime":
-            self.skip(what, "ONNX Runtime's CPU kernels are not visible to torch.profiler (on CUDA they are)")
-            return
         self.bar.set_description(f"{name} {rm.backend} {dtype} b={n}: kernel profile")
         try:
             pixels = rm._pixels(self.frames.device[:n], False)
