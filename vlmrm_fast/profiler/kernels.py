@@ -173,11 +173,13 @@ def profile_tower(
 
 
 def _ms(value: Optional[float]) -> str:
-    return "" if value is None else f"{value:.3g}"
+    if value is None:
+        return ""
+    return f"{value:,.0f}" if value >= 1000 else f"{value:.3g}"
 
 
 def _share(ms: float, wall: float) -> str:
-    return f"{ms:.3g} ({100 * ms / wall:.0f}%)" if wall > 0 else f"{ms:.3g}"
+    return f"{_ms(ms)} ({100 * ms / wall:.0f}%)" if wall > 0 else _ms(ms)
 
 
 def markdown_kernel_profiles(profiles: Sequence[TowerProfile]) -> List[str]:
@@ -186,8 +188,9 @@ def markdown_kernel_profiles(profiles: Sequence[TowerProfile]) -> List[str]:
         return []
     lines = [
         "", "## Where the tower's time goes", "",
-        "Milliseconds per tower call (share of the wall time), from `torch.profiler` over "
-        f"{profiles[0].calls} calls; wall time from the table above (timed without the profiler). Ceiling: "
+        f"Milliseconds per tower call (share of the wall time) over {profiles[0].calls} profiled calls: device "
+        "kernels from `torch.profiler` on CUDA; on CPU torch ops' self time, or ONNX Runtime's nodes from its own "
+        "profiler. Wall time from the table above (timed without a profiler). Ceiling: "
         "the tower's FLOPs at the measured matmul peak. 'mm+attn TFLOP/s': the tower's FLOPs over the time in "
         "matmul and attention kernels. Idle: wall time in which nothing profiled ran (on CUDA: launch gaps, "
         "host work; on CPU: time outside the ops profiled).", "",
@@ -198,7 +201,7 @@ def markdown_kernel_profiles(profiles: Sequence[TowerProfile]) -> List[str]:
     for p in profiles:
         kinds = p.by_kind
         lines.append(
-            f"| {p.model} | {p.backend} | {p.dtype} | {p.batch} | {p.source} | {p.wall_ms:.3g} | {_ms(p.ceiling_ms)} | "
+            f"| {p.model} | {p.backend} | {p.dtype} | {p.batch} | {p.source} | {_ms(p.wall_ms)} | {_ms(p.ceiling_ms)} | "
             + " | ".join(_share(kinds[k], p.wall_ms) for k in KINDS)
             + f" | {_share(p.idle_ms, p.wall_ms)} | {_ms(p.matmul_tflops)} |"
         )
@@ -209,6 +212,6 @@ def markdown_kernel_profiles(profiles: Sequence[TowerProfile]) -> List[str]:
                   "| kernel | kind | launches per call | ms per call | share of wall |", "|---|---|---|---|---|"]
         for k in p.kernels[:TOP_KERNELS]:
             name = k.name if len(k.name) <= 90 else k.name[:87] + "..."
-            lines.append(f"| `{name.replace('|', '/')}` | {k.kind} | {k.launches:g} | {k.ms:.3g} | "
+            lines.append(f"| `{name.replace('|', '/')}` | {k.kind} | {k.launches:g} | {_ms(k.ms)} | "
                          f"{100 * k.ms / p.wall_ms:.1f}% |")
     return lines
