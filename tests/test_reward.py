@@ -169,6 +169,49 @@ def test_unusual_numpy_layouts():
         assert torch.equal(rm(read_only), want)
 
 
+def _host_layouts(frames):
+    """The same uint8 frames [N, H, W, 3] in every host layout callers pass: name -> input."""
+    flipped = np.ascontiguousarray(frames[:, ::-1, ::-1])[:, ::-1, ::-1]  # negative strides, same pixels
+    wide = torch.from_numpy(np.pad(frames, ((0, 0), (1, 2), (3, 1), (0, 0))))
+    return {
+        "numpy": frames,
+        "numpy negative strides": flipped,
+        "list of numpy views": list(flipped),
+        "cpu tensor view": wide[:, 1:-2, 3:-1],
+        "list of cpu tensors": [torch.from_numpy(f) for f in frames],
+    }
+
+
+@pytest.mark.parametrize("layout", list(_host_layouts(_noise(1, 2, 2))))
+def test_host_frames_are_staged_in_one_contiguous_copy(layout):
+    from vlmrm_fast.frames import staged_on_host
+
+    frames = _noise(3, 7, 5, seed=18)
+    part = _host_layouts(frames)[layout]
+    staged = staged_on_host(part, torch.uint8, pin=False)
+    assert staged.is_contiguous() and staged.dtype == torch.uint8
+    assert torch.equal(staged, torch.from_numpy(frames))
+    source = part[0] if isinstance(part, list) else part
+    source = source if isinstance(source, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(source))
+    assert staged.data_ptr() != source.data_ptr()  # a copy: the caller may reuse its buffer at once
+    as_float = frames.astype(np.float32) / 255  # other byte orders are converted in the same copy
+    assert torch.equal(staged_on_host(as_float.astype(">f4"), torch.float32, pin=False), torch.from_numpy(as_float))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_host_frames_reach_cuda_as_device_frames_do():
+    # Host frames go through pinned memory and a non-blocking upload: the rewards must be those of
+    # the same frames handed over on the device, chunk after chunk (max_batch_size 2 of 5 frames).
+    model, tokenizer = make_tiny()
+    rm = CLIPReward(model, tokenizer, goal=GOALS["one"][0], baseline=GOALS["one"][1], alpha=0.5, device="cuda",
+                    dtype=torch.float32, max_batch_size=2)
+    frames = _noise(5, 40, 60, seed=19)
+    want = rm(torch.from_numpy(frames).cuda())
+    for layout, part in _host_layouts(frames).items():
+        assert torch.equal(rm(part), want), layout
+
+
 def test_cached_resize_tables_work_outside_inference_mode():
     rm, _, _ = _reward_model(alpha=0.5, kernels="torch")
     frames = _noise(2, 33, 35, seed=17)

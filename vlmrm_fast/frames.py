@@ -30,18 +30,39 @@ class FrameBatch:
     dtype: torch.dtype
 
     def chunk(self, start: int, stop: int, device: torch.device) -> torch.Tensor:
-        """Frames ``start:stop`` as a [n, H, W, 3] tensor on ``device`` (strides kept where possible)."""
+        """Frames ``start:stop`` as a [n, H, W, 3] tensor on ``device`` (strides kept where possible).
+
+        Host frames bound for a CUDA device take one host copy, into pinned memory (whatever their
+        strides or byte order), and an upload that does not block the host.
+        """
         part = self.source[start:stop]
+        if device.type == "cuda" and _on_host(part):
+            return staged_on_host(part, self.dtype, pin=True).to(device, non_blocking=True)
         if isinstance(part, list):
             part = torch.stack([_as_tensor(f) for f in part])
         elif isinstance(part, np.ndarray):
             part = _as_tensor(part)
-        if part.device != device:
-            if device.type == "cuda" and part.device.type == "cpu":
-                part = part.contiguous().pin_memory().to(device, non_blocking=True)
-            else:
-                part = part.to(device)
-        return part
+        return part if part.device == device else part.to(device)
+
+
+def _on_host(part: Union[torch.Tensor, np.ndarray, List]) -> bool:
+    first = part[0] if isinstance(part, list) else part
+    return isinstance(first, np.ndarray) or first.device.type == "cpu"
+
+
+def staged_on_host(part: Union[torch.Tensor, np.ndarray, List], dtype: torch.dtype, pin: bool) -> torch.Tensor:
+    """Host frames (a numpy array of any strides and byte order, a CPU tensor of any strides, or a list
+    of single frames of either) copied once into a new contiguous ``dtype`` tensor [n, H, W, 3], in
+    pinned memory with ``pin`` (what an upload that does not block the host reads from)."""
+    is_list = isinstance(part, list)
+    shape = (len(part),) + tuple(part[0].shape) if is_list else tuple(part.shape)
+    out = torch.empty(shape, dtype=dtype, pin_memory=pin)
+    for item, target in zip(part, out.unbind(0)) if is_list else [(part, out)]:
+        if isinstance(item, np.ndarray):
+            target.numpy()[...] = item  # numpy reads negative strides and other byte orders itself
+        else:
+            target.copy_(item)
+    return out
 
 
 def _as_tensor(frames: Union[np.ndarray, torch.Tensor]) -> torch.Tensor:
