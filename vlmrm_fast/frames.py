@@ -56,7 +56,7 @@ def staged_on_host(part: Union[torch.Tensor, np.ndarray, List], dtype: torch.dty
     pinned memory with ``pin`` (what an upload that does not block the host reads from)."""
     is_list = isinstance(part, list)
     shape = (len(part),) + tuple(part[0].shape) if is_list else tuple(part.shape)
-    out = torch.empty(shape, dtype=dtype, pin_memory=pin)
+    out = torch.empty(shape, dtype=dtype, device="cpu", pin_memory=pin)  # whatever torch's default device
     for item, target in zip(part, out.unbind(0)) if is_list else [(part, out)]:
         if isinstance(item, np.ndarray):
             target.numpy()[...] = item  # numpy reads negative strides and other byte orders itself
