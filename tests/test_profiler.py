@@ -261,6 +261,10 @@ def test_short_cuda_run(tmp_path):
     assert set(profiles) == {(b, d) for b in ("torch", "compile") for d in ("bf16", "fp16")}
     for (backend, _), p in profiles.items():
         assert p["source"] == "cuda kernels" and p["batch"] == 8 and p["ceiling_ms"] > 0
+        # Annotated ranges (torch.compile's "## Call CompiledFxGraph ##" spans the graph's kernels) are
+        # not counted as kernels: device time stays within the wall time (one stream; loose for jitter).
+        assert not [k for k in p["kernels"] if k["name"].startswith("## ")]
+        assert p["busy_ms"] <= 1.5 * p["wall_ms"], (p["busy_ms"], p["wall_ms"], p["kernels"][:5])
         if backend == "torch":
             assert p["by_kind_ms"]["matmul"] > 0 and p["by_kind_ms"]["attention"] > 0, p["kernels"][:10]
 
@@ -285,8 +289,10 @@ def test_kernel_profile_of_the_largest_batch(results, bench_run):
         # ONNX Runtime's CPU kernels are invisible to torch.profiler: its own profiler gives its nodes.
         assert p["batch"] == 2 and p["calls"] == 3
         assert p["source"] == ("onnxruntime nodes" if backend == "onnxruntime" else "cpu torch ops")
-        kinds = p["by_kind_ms"]
-        assert kinds["matmul"] > 0 and kinds["layernorm"] > 0 and kinds["attention"] > 0, p["kernels"]
+        # Every kind the tower runs is found (ONNX Runtime times nodes in whole microseconds: the tiny
+        # model's softmax may read 0), and the matmuls take time.
+        assert {"matmul", "attention", "layernorm"} <= {k["kind"] for k in p["kernels"]}, p["kernels"]
+        assert p["by_kind_ms"]["matmul"] > 0
         # Per call, not per profiled run: two layer norms per block, one before the blocks and one after
         # (ONNX Runtime may fuse some with the residual add; torch's aten::layer_norm wraps the native op).
         norms = [k for k in p["kernels"] if k["kind"] == "layernorm" and k["name"] != "aten::layer_norm"]
@@ -316,6 +322,7 @@ def test_kernel_profile_of_the_largest_batch(results, bench_run):
     ("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc_tilesize128x128x64", "matmul"),
     ("cutlass_80_tensorop_bf16_s16816gemm_relu_bf16_64x64_32x6_tn_align8", "matmul"),
     ("triton_tem_fused_mm_3", "matmul"),
+    ("FusedConv", "matmul"), ("QLinearConv", "matmul"), ("ConvInteger", "matmul"),  # ONNX Runtime's
     ("aten::addmm", "matmul"), ("aten::mm", "matmul"), ("aten::bmm", "matmul"), ("aten::mkldnn_convolution", "matmul"),
     # fused attention (their names contain "gemm" too), softmax of the unfused path
     ("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128, 128, 4, false, false, cutlass::bfloat16_t>>",
@@ -328,6 +335,7 @@ def test_kernel_profile_of_the_largest_batch(results, bench_run):
     # layer norms: ATen's CUDA kernel, Inductor's fused one (which also names a copy), ONNX Runtime's
     ("void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<c10::BFloat16, float>", "layernorm"),
     ("triton_per_fused_native_layer_norm_clone_2", "layernorm"),
+    ("__myl_AddCastMeanSubMulMeanAddSqrtDivMulCastMulAdd_0x1a2b", "layernorm"),  # TensorRT's fused norm
     ("void onnxruntime::cuda::cuApplyLayerNorm<float, float, float, false>", "layernorm"),
     ("aten::native_layer_norm", "layernorm"),
     # copies and layout changes
@@ -335,10 +343,15 @@ def test_kernel_profile_of_the_largest_batch(results, bench_run):
     ("void at::native::elementwise_kernel<128, 4, at::native::gpu_kernel_impl_nocast<at::native::direct_copy_kernel_cuda>>",
      "copy"),
     ("aten::cat", "copy"), ("aten::copy_", "copy"),
+    ("triton_poi_fused_cat_0", "copy"), ("triton_poi_fused__to_copy_0", "copy"),
     # everything else: activations, adds, casts, fused mixes
     ("void at::native::vectorized_elementwise_kernel<4, at::native::GeluCUDAKernelImpl>", "elementwise"),
     ("triton_poi_fused_add_gelu_4", "elementwise"), ("aten::gelu", "elementwise"), ("aten::add", "elementwise"),
     ("__myl_MulAddCast_0x7f", "elementwise"),
+    # Inductor's pointwise kernels after a cuBLAS matmul (bias, activation) are not matmuls, nor copies
+    # when they only absorb a cast; "convert" is not a convolution
+    ("triton_poi_fused_addmm_gelu_3", "elementwise"), ("triton_poi_fused__to_copy_gelu_view_3", "elementwise"),
+    ("void at::native::vectorized_elementwise_kernel<4, convert_kernel>", "elementwise"),
 ])
 def test_kernel_kind_by_name(name, kind):
     from vlmrm_fast.profiler.kernels import kernel_kind
@@ -358,11 +371,15 @@ def test_summarize_events_counts_device_kernels_per_call():
 
     events = [
         event("aten::addmm", "CPU", 900.0, 0.0, 12),  # host side of a launch: not device time
+        # torch.compile's range around a graph call spans its kernels: not a kernel itself
+        event("## Call CompiledFxGraph fabc ##", "CUDA", 0.0, 9000.0, 3),
         event("cudaLaunchKernel", "CPU", 300.0, 0.0, 30),
         event("nvjet_tst_gemm", "CUDA", 0.0, 6000.0, 12),
         event("vectorized_layer_norm_kernel", "CUDA", 0.0, 1500.0, 15, old_torch=True),
         event("idle_kernel", "CUDA", 0.0, 0.0, 3),  # no time: left out
     ]
+    events.append(SimpleNamespace(key="my_range", device_type="DeviceType.CUDA", self_cpu_time_total=0.0,
+                                  self_device_time_total=9000.0, count=3, is_user_annotation=True))
     gemm, norm = summarize_events(events, on_cuda=True, calls=3)
     assert (gemm.name, gemm.kind, gemm.launches, gemm.ms) == ("nvjet_tst_gemm", "matmul", 4, 2.0)
     assert (norm.name, norm.kind, norm.launches, norm.ms) == ("vectorized_layer_norm_kernel", "layernorm", 5, 0.5)
@@ -370,6 +387,23 @@ def test_summarize_events_counts_device_kernels_per_call():
     addmm, launch = summarize_events(events, on_cuda=False, calls=3)
     assert (addmm.name, addmm.ms, addmm.launches) == ("aten::addmm", 0.3, 4)
     assert launch.name == "cudaLaunchKernel" and launch.ms == pytest.approx(0.1)
+
+
+def test_kernel_profiles_come_after_every_timing(tmp_path, monkeypatch):
+    # On CUDA the profiler's CUPTI can stay attached and slow what is timed after it.
+    from vlmrm_fast.profiler import run as bench
+
+    order = []
+    measure, profile = bench.Profiler._measure_reward, bench.profile_tower
+    monkeypatch.setattr(bench.Profiler, "_measure_reward", lambda *a, **k: order.append("time") or measure(*a, **k))
+    monkeypatch.setattr(bench, "profile_tower", lambda *a, **k: order.append("profile") or profile(*a, **k))
+    argv = ["bench", "--models", "vlmrm-tiny", "--batch-sizes", "1", "--repeats", "1", "--no-seed", "--backends", "torch",
+            "--dtypes", "fp32", "bf16", "--device", "cpu", "--out", str(tmp_path), "--no-progress", "--no-plot",
+            "--kernel-profile"]
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert cli.main(argv) == 0
+    assert order == ["time", "time", "profile", "profile"]
+    assert [p["dtype"] for p in json.loads((tmp_path / "bench.json").read_text())["kernel_profiles"]] == ["fp32", "bf16"]
 
 
 def test_kernel_profiles_take_the_best_peak_measured():

@@ -31,10 +31,16 @@ matmul before copy (a compiler's fused kernels name the copies they absorb)."""
 
 _KIND_PATTERNS = (
     ("attention", r"flash|fmha|mha|attention|sdpa|softmax"),
-    ("layernorm", r"layer_?norm|rms_?norm"),
-    ("matmul", r"gemm|xmma|cutlass|cublas|nvjet|wgmma|matmul|\bconv\b|convolution|conv2d|fprop|addmm|bmm|\bmm\b|_mm\b|_mm_"),
+    ("layernorm", r"layer_?norm|rms_?norm|mean.*sqrt"),  # TensorRT's fused norms name their ops: ...MeanSub...Sqrt...
+    ("matmul", r"gemm|xmma|cutlass|cublas|nvjet|wgmma|matmul|conv\b|\bconv_|convinteger|convolution|conv2d|fprop"
+               r"|addmm|bmm|\bmm\b|_mm\b|_mm_"),
     ("copy", r"memcpy|memset|copy|\bcat\b|concat|clone|contiguous|transpose|permute"),
 )
+_INDUCTOR_FUSED = re.compile(r"triton_(?:poi|per|red)_fused_(.*?)(?:_\d+)?$")
+"""Inductor's pointwise and reduction kernels, named after the ops fused into them; its matmul
+templates (triton_tem_) are matmuls like any other."""
+_LAYOUT_OPS = {"", "to", "copy", "view", "clone", "cat", "permute", "transpose", "t", "expand", "unsqueeze", "squeeze",
+               "select", "slice", "reshape", "contiguous", "unsafe", "split", "with", "sizes", "stack"}
 TOP_KERNELS = 8
 """Kernels listed per configuration in bench.md (bench.json keeps all of them)."""
 
@@ -43,6 +49,14 @@ def kernel_kind(name: str) -> str:
     """The kind of a kernel or op by its name: one of :data:`KINDS` ("elementwise" when nothing else
     matches: activations, adds, scales, casts and fused mixes of them)."""
     lowered = name.lower()
+    fused = _INDUCTOR_FUSED.match(lowered)
+    if fused:  # never a matmul (a bias or an activation after one names it), a copy only if nothing else
+        ops = fused.group(1)
+        if re.search(r"layer_norm|rms_norm", ops):
+            return "layernorm"
+        if "softmax" in ops:
+            return "attention"
+        return "copy" if set(ops.split("_")) <= _LAYOUT_OPS else "elementwise"
     for kind, pattern in _KIND_PATTERNS:
         if re.search(pattern, lowered):
             return kind
@@ -128,12 +142,15 @@ def summarize_events(events: Iterable[object], on_cuda: bool, calls: int) -> Lis
     """Averaged profiler events -> kernels per tower call, the costliest first.
 
     On CUDA only device events count (CPU-side ops and runtime calls are host work, which the idle
-    time covers); on CPU only the ops' self time, so that nested ops are not counted twice.
+    time covers); on CPU only the ops' self time, so that nested ops are not counted twice. Annotated
+    ranges are not kernels (on CUDA their "kernel" spans the range's kernels: torch.compile wraps every
+    graph call in one, ``## Call CompiledFxGraph ... ##``), so they are left out; on CPU the code they
+    run outside torch ops (Inductor's C++ kernels) then shows as idle time.
     """
     kernels = []
     for event in events:
         is_device = str(getattr(event, "device_type", "")).endswith(("CUDA", "PrivateUse1"))
-        if is_device != on_cuda:
+        if is_device != on_cuda or getattr(event, "is_user_annotation", False) or event.key.startswith("## "):
             continue
         ms = _self_ms(event, on_cuda)
         if ms <= 0:
@@ -168,8 +185,11 @@ def profile_tower(
                 tower(pixels)
             if on_cuda:
                 torch.cuda.synchronize(pixels.device)
-    return TowerProfile(source="cuda kernels" if on_cuda else "cpu torch ops",
-                        kernels=summarize_events(prof.key_averages(), on_cuda, calls), **meta)
+    kernels = summarize_events(prof.key_averages(), on_cuda, calls)
+    if on_cuda and not kernels:  # not "all idle": CUPTI is missing, or another profiler holds it
+        raise RuntimeError("torch.profiler recorded no CUDA kernels: CUPTI is unavailable here or taken by another "
+                           "profiler (Nsight Systems, a second torch.profiler); the kernel profile needs it.")
+    return TowerProfile(source="cuda kernels" if on_cuda else "cpu torch ops", kernels=kernels, **meta)
 
 
 def _ms(value: Optional[float]) -> str:

@@ -24,8 +24,10 @@ come from :func:`tower_gflops` (SPEC §2), and the achieved TFLOP/s is set again
 dense matmul throughput measured in the same run. Backend build time (ONNX export, torch.compile,
 TensorRT engine) is reported apart from steady state.
 
-With ``--kernel-profile``, each configuration's tower is also run under ``torch.profiler`` at the
-largest batch size, and its time split by kind of kernel against the FLOP ceiling (:mod:`.kernels`).
+With ``--kernel-profile``, each configuration's tower is also profiled at the largest batch size, and
+its time split by kind of kernel against the FLOP ceiling (:mod:`.kernels`). The profiles come after
+every timing of the run (their reward models are kept until then), as on CUDA the profiler's CUPTI can
+stay attached and slow whatever is timed after it.
 
 Weights are random (no downloads): speed does not depend on them.
 
@@ -308,6 +310,8 @@ class Profiler:
         self.device = config.device
         self.timer = StageTimer(config.device, config.warmup, config.repeats, config.time_budget)
         self.frames = Frames.make(max(config.batch_sizes), config.frame_size, config.device, config.seed)
+        self.to_profile: List[tuple] = []
+        """(reward model, model name, dtype, GFLOP per image) per configuration, for --kernel-profile."""
 
     def say(self, message: str) -> None:
         tqdm.write(message)
@@ -470,9 +474,18 @@ class Profiler:
                 self.fail(f"{what} batch {n}", error)
             self.bar.update(1)
         if self.config.kernel_profile:
-            self._profile_kernels(rm, name, dtype, gflops)
+            self.to_profile.append((rm, name, dtype, gflops))
         del rm
         self._free()
+
+    def profile_kernels(self) -> None:
+        """The kernel profiles of the configurations kept for them, once every timing of the run is
+        done: on CUDA, CUPTI can stay attached after a profile and slow what is timed after it."""
+        while self.to_profile:
+            rm, name, dtype, gflops = self.to_profile.pop(0)
+            self._profile_kernels(rm, name, dtype, gflops)
+            del rm
+            self._free()
 
     def _profile_kernels(self, rm: CLIPReward, name: str, dtype: str, gflops: float) -> None:
         """The tower's kernels at the largest batch size, beside that batch's row (none if it failed)."""
@@ -577,6 +590,8 @@ def run_bench(args: argparse.Namespace) -> int:
             report.set_peaks()
             report.elapsed_seconds = time.perf_counter() - began
             write_outputs(report, config)
+        profiler.profile_kernels()
+        report.set_peaks()
     report.targets = check_targets(report.rows, config.device)
     report.complete = True
     report.elapsed_seconds = time.perf_counter() - began
