@@ -104,8 +104,9 @@ class OnnxRuntimeBackend(VisionBackend):
     def profile_nodes(self, pixels: torch.Tensor, calls: int, warmup: int = 1) -> Optional[List[Tuple[str, float, int]]]:
         """ONNX Runtime's own profile on CPU, whose kernels torch.profiler cannot see: (op type, total ms,
         count) over ``calls`` runs on ``pixels`` after ``warmup`` others. It runs a second session with
-        profiling on (same graph and options), which writes its trace into this backend's temporary
-        folder. None on CUDA, where torch.profiler sees ONNX Runtime's kernels."""
+        profiling on (same graph and options; a second copy of the weights while it lives), which writes
+        its trace into this backend's temporary folder. None on CUDA, where torch.profiler sees ONNX
+        Runtime's kernels."""
         if self.device.type != "cpu":
             return None
         import onnxruntime as ort
