@@ -423,6 +423,13 @@ def test_kernel_profiles_take_the_best_peak_measured():
     assert profile.ceiling_ms == pytest.approx(8.82 * 1024 / 800.0)
     assert profile.busy_ms == 255.0 and profile.idle_ms == 45.0
     assert profile.matmul_tflops == pytest.approx(8.82 * 1024 / 225.0)
+    # Shares are of the wall time, or of the kernels' sum where a profiler's overhead makes it larger.
+    from vlmrm_fast.profiler.kernels import markdown_kernel_profiles
+
+    assert "| 200 (67%) | 25 (8%) | 30 (10%) | 0 (0%) | 0 (0%) | 45 (15%) |" in "\n".join(markdown_kernel_profiles([profile]))
+    profile.wall_ms = 200.0
+    assert profile.whole_ms == 255.0 and profile.idle_ms == 0.0
+    assert "| 200 (78%) | 25 (10%) | 30 (12%) | 0 (0%) | 0 (0%) | 0 (0%) |" in "\n".join(markdown_kernel_profiles([profile]))
 
 
 def test_unknown_model_fails_before_any_work(tmp_path, capsys):
