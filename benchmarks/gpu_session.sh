@@ -19,7 +19,9 @@
 #
 # Each part writes under $RESULTS/<part>/ (RESULTS defaults to $OUT where that is set, else
 # runs/gpu-session/), with its log; copy the figures worth keeping to benchmarks/results/ and commit
-# them with the commit they were measured at. Override the python with PYTHON=...
+# them with the commit they were measured at. Override the python with PYTHON=... With
+# PART_TIMEOUT=S each part gets S seconds (then SIGTERM: the profiler writes what it measured), so
+# that one slow part leaves time for the next.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -73,7 +75,9 @@ part() {  # part NAME COMMAND...: run COMMAND with its output also in $RESULTS/N
     mkdir -p "$RESULTS/$name"
     echo "== $name: $*"
     local start=$SECONDS
-    "$@" 2>&1 | tee "$RESULTS/$name/log.txt"
+    local limit=()
+    if [ -n "${PART_TIMEOUT:-}" ] && [ "$(type -t "$1")" = file ]; then limit=(timeout -k 15 "$PART_TIMEOUT"); fi
+    ${limit[@]+"${limit[@]}"} "$@" 2>&1 | tee "$RESULTS/$name/log.txt"
     local rc=${PIPESTATUS[0]}
     echo "== $name: exit $rc after $((SECONDS - start)) s"
     return "$rc"
@@ -100,10 +104,10 @@ except Exception as error:  # the summary must print whatever is missing
 EOF
 }
 
-profile() {  # profile MODEL NAME; PROFILE_BATCHES="1 64 1024" or PROFILE_BACKENDS=compile trim a long part
+profile() {  # profile PART MODEL; PROFILE_BATCHES="1 64 1024" or PROFILE_BACKENDS=compile trim a long part
     # shellcheck disable=SC2086
-    "$PYTHON" -m vlmrm_fast bench --models "$1" --frame-size 224 --batch-sizes ${PROFILE_BATCHES:-1 8 64 256 1024} \
-        --dtypes bf16 --backends ${PROFILE_BACKENDS:-torch compile} --out "$RESULTS/$2" --no-progress --kernel-profile
+    part "$1" "$PYTHON" -m vlmrm_fast bench --models "$2" --frame-size 224 --batch-sizes ${PROFILE_BATCHES:-1 8 64 256 1024} \
+        --dtypes bf16 --backends ${PROFILE_BACKENDS:-torch compile} --out "$RESULTS/$1" --no-progress --kernel-profile
 }
 
 # One function per part: part_<name>, dashes as underscores.
@@ -117,9 +121,9 @@ part_render() {
     part render "$PYTHON" benchmarks/bench_env.py --no-env-steps --csv "$RESULTS/render/env.csv" --json "$RESULTS/render/env.json"
 }
 part_env() { part env "$PYTHON" benchmarks/bench_env.py --no-render --csv "$RESULTS/env/env.csv" --json "$RESULTS/env/env.json"; }
-part_profile_b32() { part profile-b32 profile ViT-B-32 profile-b32; }
-part_profile_l14() { part profile-l14 profile ViT-L-14 profile-l14; }
-part_profile_bigg() { part profile-bigg profile ViT-bigG-14 profile-bigg; }
+part_profile_b32() { profile profile-b32 ViT-B-32; }
+part_profile_l14() { profile profile-l14 ViT-L-14; }
+part_profile_bigg() { profile profile-bigg ViT-bigG-14; }
 
 if [ $# -eq 0 ] || [ "$1" = -h ] || [ "$1" = --help ]; then
     sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'

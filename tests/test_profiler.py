@@ -406,6 +406,47 @@ def test_kernel_profiles_come_after_every_timing(tmp_path, monkeypatch):
     assert [p["dtype"] for p in json.loads((tmp_path / "bench.json").read_text())["kernel_profiles"]] == ["fp32", "bf16"]
 
 
+def test_interrupted_run_keeps_what_it_measured(tmp_path, monkeypatch):
+    # A job's time limit (SIGTERM) or Ctrl-C in the second configuration: the first one's rows are on
+    # disk, marked incomplete, and the command exits 130. They were on disk before it began, too (a
+    # SIGKILL gives no chance to write).
+    from vlmrm_fast.profiler import run as bench
+
+    measure = bench.Profiler._profile_backend
+    calls, on_disk = [], []
+
+    def interrupted(self, *args, **kwargs):
+        calls.append(args[3])  # the backend
+        if len(calls) == 2:
+            on_disk.extend(r["backend"] for r in json.loads((tmp_path / "bench.json").read_text())["rows"])
+            raise KeyboardInterrupt
+        return measure(self, *args, **kwargs)
+
+    monkeypatch.setattr(bench.Profiler, "_profile_backend", interrupted)
+    argv = ["bench", "--models", "vlmrm-tiny", "--batch-sizes", "1", "2", "--repeats", "1", "--backends", "torch",
+            "compile", "--device", "cpu", "--out", str(tmp_path), "--no-progress", "--no-plot"]
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert cli.main(argv) == 130
+    results = json.loads((tmp_path / "bench.json").read_text())
+    assert results["complete"] is False and calls == ["torch", "compile"]
+    assert on_disk == ["seed", "seed", "torch", "torch"]
+    assert {(r["backend"], r["batch"]) for r in results["rows"]} == {(b, n) for b in ("seed", "torch") for n in (1, 2)}
+    assert "incomplete" in (tmp_path / "bench.md").read_text()
+
+
+def test_sigterm_becomes_keyboard_interrupt_inside_the_run_only():
+    import signal
+
+    from vlmrm_fast.profiler.run import _sigterm_as_interrupt
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt), _sigterm_as_interrupt():
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(1000):  # the handler runs between bytecodes
+            pass
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
 def test_kernel_profiles_take_the_best_peak_measured():
     from vlmrm_fast.profiler.kernels import KernelTime, TowerProfile
     from vlmrm_fast.profiler.report import Report

@@ -297,8 +297,8 @@ def write_plot(path: Path, report: Report) -> Path:
     return path
 
 
-def write_outputs(report: Report, config: BenchConfig) -> List[Path]:
-    """Write bench.json, bench.md and (unless --no-plot) bench.png into ``config.out``."""
+def write_outputs(report: Report, config: BenchConfig, plot: Optional[bool] = None) -> List[Path]:
+    """Write bench.json, bench.md and (unless --no-plot, or ``plot`` is False) bench.png into ``config.out``."""
     out = config.out
     out.mkdir(parents=True, exist_ok=True)
     data = asdict(report)
@@ -306,7 +306,7 @@ def write_outputs(report: Report, config: BenchConfig) -> List[Path]:
     (out / "bench.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
     (out / "bench.md").write_text(markdown_report(report))
     written = [out / "bench.json", out / "bench.md"]
-    if config.plot:
+    if config.plot if plot is None else plot:
         written.append(write_plot(out / "bench.png", report))
     return written
 

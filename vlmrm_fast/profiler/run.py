@@ -32,8 +32,9 @@ stay attached and slow whatever is timed after it.
 Weights are random (no downloads): speed does not depend on them.
 
 Outputs in ``--out``: ``bench.json`` (everything), ``bench.md`` (the table, also printed) and
-``bench.png`` (end-to-end frames/s against batch size). They are rewritten after every model, so a
-run cut short keeps what it measured.
+``bench.png`` (end-to-end frames/s against batch size). The first two are rewritten after every
+configuration and the plot after every model, so a run cut short (a job's time limit, SIGTERM or
+Ctrl-C) keeps what it measured.
 """
 from __future__ import annotations
 
@@ -47,7 +48,9 @@ import importlib.metadata
 import importlib.util
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -303,10 +306,11 @@ class Frames:
 class Profiler:
     """Runs the configurations of one :class:`BenchConfig` and fills a :class:`Report`."""
 
-    def __init__(self, config: BenchConfig, report: Report, bar: tqdm) -> None:
+    def __init__(self, config: BenchConfig, report: Report, bar: tqdm, began: float) -> None:
         self.config = config
         self.report = report
         self.bar = bar
+        self.began = began
         self.device = config.device
         self.timer = StageTimer(config.device, config.warmup, config.repeats, config.time_budget)
         self.frames = Frames.make(max(config.batch_sizes), config.frame_size, config.device, config.seed)
@@ -315,6 +319,12 @@ class Profiler:
 
     def say(self, message: str) -> None:
         tqdm.write(message)
+
+    def save(self, plot: bool = False) -> None:
+        """Write what has been measured so far (bench.json, bench.md; bench.png with ``plot``)."""
+        self.report.set_peaks()
+        self.report.elapsed_seconds = time.perf_counter() - self.began
+        write_outputs(self.report, self.config, plot=plot and self.config.plot)
 
     def skip(self, what: str, reason: str) -> None:
         self.report.skipped.append({"what": what, "reason": reason})
@@ -348,10 +358,12 @@ class Profiler:
         self.report.models[name] = {"create_seconds": create_seconds, "tower_gflops": gflops, "flops_method": method}
         self.say(f"{name}: created in {create_seconds:.1f} s (random weights); tower {gflops:.4g} GFLOP/image ({method})")
         seed = self._profile_seed(name, base, gflops, method) if self.config.seed else None
+        self.save()
         reference = self._reference_rewards(name, base, tokenizer)
         for backend in backends:
             for dtype in self.config.dtypes:
                 self._profile_backend(name, base, tokenizer, backend, dtype, gflops, method, seed, reference)
+                self.save()
         del base, seed
         self._free()
 
@@ -486,6 +498,7 @@ class Profiler:
             self._profile_kernels(rm, name, dtype, gflops)
             del rm
             self._free()
+            self.save()
 
     def _profile_kernels(self, rm: CLIPReward, name: str, dtype: str, gflops: float) -> None:
         """The tower's kernels at the largest batch size, beside that batch's row (none if it failed)."""
@@ -542,6 +555,23 @@ class Profiler:
         return row
 
 
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM raises KeyboardInterrupt inside the block (main thread only; elsewhere nothing changes)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run_bench(args: argparse.Namespace) -> int:
     """``vlmrm-fast bench``: profile, write bench.json/.md/.png, print the table.
 
@@ -577,21 +607,27 @@ def run_bench(args: argparse.Namespace) -> int:
     per_model = len(config.batch_sizes) * (len(backends) * len(config.dtypes) + int(config.seed))
     peak_dtypes = [d for d in dict.fromkeys(config.dtypes + (["fp16"] if config.seed and config.device.type == "cuda" else []))
                    if d in DTYPES]  # no int8 matmul peak: its rows show none
-    with tqdm(total=per_model * len(config.models), unit="config", disable=None if config.progress else True,
-              file=sys.stderr, dynamic_ncols=True) as bar:
-        profiler = Profiler(config, report, bar)
-        profiler.measure_peaks(peak_dtypes)
-        for name in config.models:
-            try:
-                profiler.profile_model(name, backends)
-            except Exception as error:  # model creation; the other models still run
-                profiler.fail(f"{name} (create)", error)
+    try:
+        with tqdm(total=per_model * len(config.models), unit="config", disable=None if config.progress else True,
+                  file=sys.stderr, dynamic_ncols=True) as bar, _sigterm_as_interrupt():
+            profiler = Profiler(config, report, bar, began)
             profiler.measure_peaks(peak_dtypes)
+            for name in config.models:
+                try:
+                    profiler.profile_model(name, backends)
+                except Exception as error:  # model creation; the other models still run
+                    profiler.fail(f"{name} (create)", error)
+                profiler.measure_peaks(peak_dtypes)
+                profiler.save(plot=True)
+            profiler.profile_kernels()
             report.set_peaks()
-            report.elapsed_seconds = time.perf_counter() - began
-            write_outputs(report, config)
-        profiler.profile_kernels()
-        report.set_peaks()
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM (a job's time limit): keep what was measured, marked incomplete
+        report.targets = check_targets(report.rows, config.device)
+        report.elapsed_seconds = time.perf_counter() - began
+        written = write_outputs(report, config)
+        print(f"interrupted after {report.elapsed_seconds:.0f} s; wrote what was measured: "
+              f"{', '.join(map(str, written))}", file=sys.stderr)
+        raise
     report.targets = check_targets(report.rows, config.device)
     report.complete = True
     report.elapsed_seconds = time.perf_counter() - began
