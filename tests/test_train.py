@@ -374,6 +374,59 @@ def test_env_state_leaves_out_wall_clock_times():
     assert any("episode_returns" in layer for layer in layers)
 
 
+def test_humanoid_env_state_restores_the_next_reward_exactly():
+    # The humanoid's reward reads body positions its previous step left behind (x-velocity from
+    # xipos): a restored env must give the same next rewards, not only the same physics.
+    from stable_baselines3.common.vec_env import DummyVecEnv
+
+    def humanoid():
+        env = DummyVecEnv([lambda: gym.make("vlmrm_fast/TexturedHumanoid-v0", max_episode_steps=50)])
+        env.seed(0)
+        env.reset()
+        return env
+
+    def rollout(venv, actions):
+        return [venv.step(action)[:2] for action in actions]
+
+    actions = np.random.default_rng(0).uniform(-0.4, 0.4, (8, 1, 17)).astype(np.float32)
+    running = humanoid()
+    rollout(running, actions[:5])
+    state = ckpt.env_state(running)
+    restored = humanoid()
+    assert ckpt.set_env_state(restored, state)
+    want, got = rollout(running, actions[5:]), rollout(restored, actions[5:])
+    for (obs, reward), (obs_restored, reward_restored) in zip(want, got):
+        np.testing.assert_array_equal(obs_restored, obs)
+        np.testing.assert_array_equal(reward_restored, reward)
+    # Without the saved MjData (a checkpoint from another MuJoCo version): the physics still continues
+    # exactly from the integration state.
+    for entry in state["envs"]:
+        entry["mujoco_data"] = None
+    fallback = humanoid()
+    assert ckpt.set_env_state(fallback, state)
+    for (obs, _), (obs_fallback, _) in zip(want, rollout(fallback, actions[5:])):
+        np.testing.assert_array_equal(obs_fallback, obs)
+
+
+def test_resume_without_env_state_restarts_episode_sums(tmp_path, monkeypatch):
+    # Envs that cannot be restored are reset: their episodes restart, and so do the return sums.
+    from vlmrm_fast.train import train
+    from vlmrm_fast.train.run import _load_checkpoint, build_vec_env
+
+    config = dot_config(tmp_path, total_timesteps=50, episode_length=30)
+    rm = tiny_reward(config)
+    path = ckpt.find_latest(train(config, reward_model=rm).run_dir)
+    saved = ckpt.load_state(path)["extra"]
+    assert np.any(saved["ep_vlm"] != 0)  # episodes were in progress at the checkpoint
+    env = build_vec_env(config, rm, 32, 32)
+    _, extra = _load_checkpoint(path, env, config)
+    np.testing.assert_array_equal(extra["ep_vlm"], saved["ep_vlm"])  # restored: the sums go on
+    monkeypatch.setattr(ckpt, "set_env_state", lambda venv, state: False)
+    with pytest.warns(UserWarning, match="episodes in progress restart"):
+        _, extra = _load_checkpoint(path, env, config)
+    assert "ep_vlm" not in extra and "ep_gt" not in extra and extra["step"] == saved["step"]
+
+
 def test_crash_during_checkpoint_keeps_previous(tmp_path, monkeypatch):
     from vlmrm_fast.train import train
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import shutil
 import uuid
@@ -126,8 +127,9 @@ def _mujoco_handles(env):
 def env_state(venv) -> dict:
     """Best-effort state of a DummyVecEnv of gymnasium envs under SB3 VecEnv wrappers.
 
-    Per env: the MuJoCo integration state (``mj_getState``), the env's ``np_random`` state and
-    the scalar attributes of every gymnasium wrapper layer (step counters such as TimeLimit's).
+    Per env: the MuJoCo simulator state (all of ``MjData``, and the integration state of
+    ``mj_getState`` as a fallback), the env's ``np_random`` state and the scalar attributes of every
+    gymnasium wrapper layer (step counters such as TimeLimit's).
     Per VecEnv wrapper: its scalar and small-array attributes (episode accumulators).
     """
     wrappers = []
@@ -137,7 +139,7 @@ def env_state(venv) -> dict:
         layer = layer.venv
     envs = []
     for env in getattr(layer, "envs", []):
-        entry: dict = {"layers": [], "np_random": None, "mujoco": None}
+        entry: dict = {"layers": [], "np_random": None, "mujoco": None, "mujoco_data": None}
         e = env
         while True:
             entry["layers"].append(_plain_attrs(e))
@@ -154,8 +156,28 @@ def env_state(venv) -> dict:
             buf = np.empty(mujoco.mj_stateSize(m, spec), dtype=np.float64)
             mujoco.mj_getState(m, d, buf, spec)
             entry["mujoco"] = buf
+            # Everything, not only what integration needs: after mj_step the derived quantities (body
+            # positions, forces) are still those of the last substep's forward pass, and envs read them
+            # before their next step (the humanoid's x-velocity reward reads xipos). mj_forward on the
+            # restored integration state would recompute them at the new positions: another reward.
+            entry["mujoco_data"] = pickle.dumps(d)
         envs.append(entry)
     return {"wrappers": wrappers, "envs": envs}
+
+
+def _restore_mjdata(mujoco, m, d, blob: Optional[bytes]) -> bool:
+    """Copy a pickled ``MjData`` of the same model into ``d``; False where it cannot be (none saved,
+    another MuJoCo version, another model)."""
+    if blob is None:
+        return False
+    try:
+        saved = pickle.loads(blob)
+        if any(getattr(saved.model, k) != getattr(m, k) for k in ("nq", "nv", "na", "nu", "nbody", "ngeom", "nbuffer")):
+            return False
+        mujoco.mj_copyData(d, m, saved)  # refuses buffers of another size itself
+    except Exception:
+        return False
+    return True
 
 
 def set_env_state(venv, state: dict) -> bool:
@@ -180,7 +202,11 @@ def set_env_state(venv, state: dict) -> bool:
         if entry["np_random"] is not None:
             env.unwrapped.np_random.bit_generator.state = entry["np_random"]
         handles = _mujoco_handles(env)
+        if handles is not None and _restore_mjdata(*handles, entry.get("mujoco_data")):
+            continue
         if entry["mujoco"] is not None and handles is not None:
+            # Integration state only (a checkpoint from another MuJoCo version, say): the physics
+            # continues exactly; quantities read before the next step are recomputed at the restored state.
             mujoco, m, d = handles
             spec = mujoco.mjtState.mjSTATE_INTEGRATION
             if mujoco.mj_stateSize(m, spec) != entry["mujoco"].size:
