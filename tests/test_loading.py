@@ -1,5 +1,6 @@
 """Model loading: local checkpoints, open_clip tags offline, and clear errors for the rest."""
 import time
+import warnings
 
 import numpy as np
 import open_clip
@@ -75,3 +76,78 @@ def test_hf_hub_offline_env_counts_as_offline(monkeypatch):
 def test_random_weights_warn():
     with pytest.warns(UserWarning, match="random weights"):
         create_clip("vlmrm-tiny", None)
+
+
+def _activation(model):
+    return type(model.visual.transformer.resblocks[0].mlp.gelu).__name__
+
+
+def test_quickgelu_tags_get_quickgelu(monkeypatch):
+    # OpenAI's (and MetaCLIP's, DFN's) weights were trained with QuickGELU, which ViT-B-32's config
+    # lacks: open_clip only warns about it, and GELU in its place gives other embeddings.
+    calls, tiny = [], make_tiny()[0]
+
+    def create_model(name, **kwargs):
+        calls.append(kwargs)
+        return tiny
+
+    monkeypatch.setattr(models, "_hub_reachable", lambda timeout=3.0: True)
+    monkeypatch.setattr(open_clip, "create_model", create_model)
+    create_clip("ViT-B-32", "openai")
+    create_clip("ViT-B-32", "laion2b_s34b_b79k")
+    create_clip("ViT-B-32-quickgelu", "openai")  # the config has it already
+    assert [c["force_quick_gelu"] for c in calls] == [True, False, False]
+
+
+def _save_tiny(path, **create):
+    torch.manual_seed(5)
+    model = open_clip.create_model("vlmrm-tiny", **create)
+    torch.save(model.state_dict(), path)
+    return model
+
+
+def test_checkpoint_with_its_open_clip_config_gets_its_activation_and_normalisation(tmp_path):
+    import json
+
+    _save_tiny(tmp_path / "open_clip_pytorch_model.bin", force_quick_gelu=True)
+    (tmp_path / "open_clip_config.json").write_text(json.dumps({
+        "model_cfg": {**open_clip.get_model_config("vlmrm-tiny"), "quick_gelu": True},
+        "preprocess_cfg": {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]},
+    }))
+    model, _ = create_clip("vlmrm-tiny", str(tmp_path / "open_clip_pytorch_model.bin"))
+    assert _activation(model) == "QuickGELU"
+    spec = models.preprocess_spec_of(model, "vlmrm")
+    assert spec.mean == (0.5, 0.5, 0.5) and spec.std == (0.5, 0.5, 0.5)
+    (tmp_path / "open_clip_config.json").unlink()  # without it: the config's own settings
+    model, _ = create_clip("vlmrm-tiny", str(tmp_path / "open_clip_pytorch_model.bin"))
+    assert _activation(model) == "GELU" and models.preprocess_spec_of(model, "vlmrm").mean[0] == pytest.approx(0.48145466)
+
+
+def test_bare_checkpoint_warns_where_tags_of_the_model_differ(tmp_path, monkeypatch):
+    path = tmp_path / "weights.pt"
+    _save_tiny(path)
+    tags = {"plain": {}, "halves": {"mean": (0.5,) * 3, "std": (0.5,) * 3}, "quick": {"quick_gelu": True}}
+    monkeypatch.setattr(open_clip, "list_pretrained_tags_by_model", lambda name: list(tags))
+    monkeypatch.setattr(open_clip, "get_pretrained_cfg", lambda name, tag: tags[tag])
+    with pytest.warns(UserWarning, match=r"no open_clip_config.json.*halves \(mean \(0.5, 0.5, 0.5\).*quick \(QuickGELU\)"):
+        create_clip("vlmrm-tiny", str(path))
+    del tags["halves"], tags["quick"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        create_clip("vlmrm-tiny", str(path))  # every tag matches the config: nothing to say
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_checkpoint_for_another_image_size_is_refused(tmp_path, suffix):
+    # open_clip would interpolate the position embeddings to fit, silently: another model.
+    torch.manual_seed(5)
+    model = open_clip.create_model("vlmrm-tiny", force_image_size=256)
+    path = tmp_path / f"tiny-256{suffix}"
+    if suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    else:
+        torch.save({"state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}}, path)
+    with pytest.raises(PretrainedWeightsError, match=r"another image size: its vision tower has 65 .* vlmrm-tiny's 50"):
+        create_clip("vlmrm-tiny", str(path))

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import json
 import os
 import socket
 import warnings
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Tuple
+from typing import Callable, Dict, Iterator, Optional, Tuple
 from urllib.parse import urlparse
 
 import open_clip
@@ -93,17 +94,25 @@ def _local_file_hint(model_name: str) -> str:
     return (
         f"To load weights without network, download the checkpoint once on a machine with network "
         f"(e.g. `open_clip.create_model({model_name!r}, pretrained=TAG)` fills ~/.cache/huggingface), "
-        "or pass pretrained='/path/to/open_clip_pytorch_model.bin' (or .safetensors)."
+        "or pass pretrained='/path/to/open_clip_pytorch_model.bin' (or .safetensors), with the "
+        "open_clip_config.json that comes with it in the same folder."
     )
+
+
+def _config_quick_gelu(model_name: str) -> bool:
+    return bool((open_clip.get_model_config(model_name) or {}).get("quick_gelu", False))
 
 
 def _create_from_tag(model_name: str, tag: str, cache_dir: Optional[str]) -> torch.nn.Module:
     online = _hub_reachable()
     context = contextlib.nullcontext() if online else _hub_offline()
+    # Weights trained with QuickGELU (OpenAI's, MetaCLIP's, DFN's) get it, whatever the config says:
+    # open_clip only warns, and GELU in their place gives other embeddings.
+    quick_gelu = bool(open_clip.get_pretrained_cfg(model_name, tag).get("quick_gelu", False))
     try:
-        with context, warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="QuickGELU mismatch")
-            return open_clip.create_model(model_name, pretrained=tag, cache_dir=cache_dir, require_pretrained=True)
+        with context:
+            return open_clip.create_model(model_name, pretrained=tag, cache_dir=cache_dir, require_pretrained=True,
+                                          force_quick_gelu=quick_gelu and not _config_quick_gelu(model_name))
     except Exception as error:  # open_clip raises RuntimeError/FileNotFoundError/HTTP errors alike
         where = "the hub is unreachable (offline?) and they are not in the local cache" if not online else str(error)
         raise PretrainedWeightsError(
@@ -111,14 +120,94 @@ def _create_from_tag(model_name: str, tag: str, cache_dir: Optional[str]) -> tor
         ) from error
 
 
+SIDECAR_CONFIG = "open_clip_config.json"
+"""The config the Hugging Face hub keeps beside open_clip weights: their activation and preprocessing."""
+
+
 def _create_from_file(model_name: str, path: str) -> torch.nn.Module:
+    """Weights from a file; their QuickGELU flag and preprocessing from an ``open_clip_config.json``
+    beside it, else the model config's (with a warning where tags of the model differ from it)."""
+    sidecar = Path(path).with_name(SIDECAR_CONFIG)
+    config = json.loads(sidecar.read_text()) if sidecar.is_file() else None
+    quick_gelu = bool((config or {}).get("model_cfg", {}).get("quick_gelu", False))
     try:
-        return open_clip.create_model(model_name, pretrained=path, require_pretrained=True)
+        model = open_clip.create_model(model_name, pretrained=path, require_pretrained=True,
+                                       force_quick_gelu=quick_gelu and not _config_quick_gelu(model_name))
     except Exception as error:
         raise PretrainedWeightsError(
             f"The checkpoint {path!r} does not load into {model_name}: {str(error)[:600]}. "
             "Check that it was saved from this architecture (a state_dict of the open_clip model)."
         ) from error
+    _check_position_embeddings(model, model_name, path)
+    if config is not None:
+        preprocess = {**getattr(model.visual, "preprocess_cfg", {}), **config.get("preprocess_cfg", {})}
+        model.visual.preprocess_cfg = preprocess
+    else:
+        _warn_if_tags_differ(model, model_name, path)
+    return model
+
+
+def _warn_if_tags_differ(model: torch.nn.Module, model_name: str, path: str) -> None:
+    """Weights from a bare file get the model config's activation and normalisation; say so where some
+    of the model's tags were trained with others, since the file may hold one of those."""
+    current = getattr(model.visual, "preprocess_cfg", {})
+    quick = _config_quick_gelu(model_name)
+    differing = []
+    for tag in open_clip.list_pretrained_tags_by_model(model_name):
+        cfg = open_clip.get_pretrained_cfg(model_name, tag)
+        what = []
+        if "mean" in cfg and (mean_std_of(cfg["mean"]) != mean_std_of(current.get("mean", _OPENAI_MEAN))
+                              or mean_std_of(cfg["std"]) != mean_std_of(current.get("std", _OPENAI_STD))):
+            what.append(f"mean {tuple(cfg['mean'])} std {tuple(cfg['std'])}")
+        if bool(cfg.get("quick_gelu", False)) != quick:
+            what.append("QuickGELU" if cfg.get("quick_gelu") else "GELU")
+        if what:
+            differing.append(f"{tag} ({', '.join(what)})")
+    if differing:
+        warnings.warn(
+            f"{path} is loaded with {model_name}'s own settings ({'QuickGELU' if quick else 'GELU'}, normalisation "
+            f"mean {tuple(current.get('mean', _OPENAI_MEAN))} std {tuple(current.get('std', _OPENAI_STD))}), as no "
+            f"{SIDECAR_CONFIG} is beside it. Weights of these tags need others: {'; '.join(differing)}. If the file "
+            f"holds one of them, put that tag's {SIDECAR_CONFIG} (downloaded with the weights from the Hugging Face "
+            "hub) in the same folder, or load it by its tag.",
+            UserWarning,
+            stacklevel=5,
+        )
+
+
+def _checkpoint_shapes(path: str, keys: Tuple[str, ...]) -> Dict[str, Tuple[int, ...]]:
+    """Shapes of ``keys`` in a checkpoint, read without loading it (safetensors header, or a memory-mapped
+    torch file); empty where that cannot be done (an old pickle format): the check is then skipped."""
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors import safe_open
+
+            with safe_open(path, framework="pt") as f:
+                return {k: tuple(f.get_slice(k).get_shape()) for k in keys if k in f.keys()}
+        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception:
+        return {}
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        return {}
+    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    return {k: tuple(state[k].shape) for k in keys if isinstance(state.get(k), torch.Tensor)}
+
+
+def _check_position_embeddings(model: torch.nn.Module, model_name: str, path: str) -> None:
+    """open_clip resizes position embeddings of another length without a word (another image size or
+    context length): that is another model, refused here."""
+    params = dict(model.named_parameters())
+    keys = tuple(k for k in ("visual.positional_embedding", "positional_embedding") if k in params)
+    for key, shape in _checkpoint_shapes(path, keys).items():
+        expected = tuple(params[key].shape)
+        if shape != expected:
+            what = (f"image size: its vision tower has {shape[0]} position embeddings, {model_name}'s "
+                    f"{expected[0]} (patches + class token); pick the config of its input size (such as the "
+                    "'-256' variants for 256 px weights)" if key.startswith("visual.") else
+                    f"text context length: {shape[0]} positions, {model_name} has {expected[0]}")
+            raise PretrainedWeightsError(f"The checkpoint {path!r} is for another {what}.")
 
 
 def create_clip(
