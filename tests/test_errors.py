@@ -55,6 +55,18 @@ def test_nan_and_inf_embeddings(rm):
         rm.score(emb)
     with pytest.raises(ValueError, match="all zeros"):
         rm.score(torch.zeros(2, rm.embed_dim))
+    with pytest.raises(ValueError, match=r"rows 0\).*norms float32 cannot square.*rescale"):
+        rm.score(torch.randn(2, rm.embed_dim) * torch.tensor([[1e20], [1.0]]))
+
+
+def test_goal_and_direction_views_are_copies(rm):
+    # Editing what the properties return must not change the model's rewards (its cached |g|^2, g.u).
+    emb = torch.randn(3, rm.embed_dim)
+    want = rm.score(emb)
+    goals, directions = rm.goals, rm.directions
+    goals /= goals.norm(dim=1, keepdim=True)
+    directions.zero_()
+    assert torch.equal(rm.score(emb), want)
 
 
 def test_non_finite_tower_output_is_reported_not_returned(rm, monkeypatch):

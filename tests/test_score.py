@@ -83,6 +83,22 @@ def test_nan_inf_and_zero_rows_give_nan_rewards(impl, rng):
     assert torch.isnan(out[1:4]).all() and torch.isfinite(out[[0, 4]]).all()
 
 
+@pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_norms_float32_cannot_square_give_nan_not_a_wrong_reward(impl, rng):
+    # |x|^2 overflows (or underflows to 0) in float32: normalising would give x = 0 (or 0/0), so a
+    # finite reward there would be wrong. Large but representable rows still score as their direction.
+    targets = _targets(2, 24, rng)
+    x = torch.randn(4, 24, generator=rng)
+    x[1] *= 1e20
+    x[2] *= 1e-25
+    x[3] *= 1e15
+    out = score(x, targets, impl=impl)
+    assert torch.isnan(out[1:3]).all()
+    want = _reference(x[[0, 3]] / x[[0, 3]].norm(dim=1, keepdim=True), targets)
+    assert (out[[0, 3]].double() - want).abs().max().item() <= 2e-6
+
+
 def test_rejects_wrong_width(rng):
     with pytest.raises(ValueError, match=r"\[N, 24\]"):
         score(torch.randn(3, 25), _targets(1, 24, rng), impl="torch")

@@ -201,13 +201,13 @@ class CLIPReward:
 
     @property
     def goals(self) -> torch.Tensor:
-        """[T, D] float32 goal embeddings (means of unit prompt embeddings, not re-normalised)."""
-        return self._encoded.goals
+        """[T, D] float32 goal embeddings (means of unit prompt embeddings, not re-normalised); a copy."""
+        return self._encoded.goals.clone()
 
     @property
     def directions(self) -> torch.Tensor:
-        """[T, D] float32 unit goal-baseline directions (zero rows for tasks without one)."""
-        return self._encoded.directions
+        """[T, D] float32 unit goal-baseline directions (zero rows for tasks without one); a copy."""
+        return self._encoded.directions.clone()
 
     @property
     def max_batch_size(self) -> int:
@@ -325,17 +325,18 @@ class CLIPReward:
         return rewards[:, 0] if self._single else rewards
 
     def _check_finite(self, rewards: torch.Tensor, what: str) -> None:
-        # The reward is NaN exactly when an embedding has a NaN/inf or is all zeros; checking the
-        # small [N, T] output costs one sync instead of a pass over [N, D].
+        # The reward is NaN exactly when an embedding has a NaN/inf or a squared norm that is 0 or
+        # overflows in float32; checking the small [N, T] output costs one sync instead of a pass over [N, D].
         if rewards.numel() == 0 or bool(torch.isfinite(rewards).all()):
             return
         bad = (~torch.isfinite(rewards)).any(dim=1).nonzero().flatten().tolist()
         shown = ", ".join(map(str, bad[:10])) + (", ..." if len(bad) > 10 else "")
         cause = (
-            "the vision tower produced NaN/inf or all-zero embeddings for them"
+            "the vision tower produced NaN/inf or all-zero embeddings for them (or norms float32 cannot square)"
             + (" (float16 can overflow: try dtype=torch.bfloat16 or torch.float32)" if self._dtype == torch.float16 else "")
             if what == "frames"
-            else "those embedding rows contain NaN/inf or are all zeros"
+            else "those embedding rows contain NaN/inf, are all zeros, or have norms float32 cannot square "
+            "(outside about 1e-22 to 1e19: rescale them)"
         )
         raise ValueError(f"Rewards are not finite for {len(bad)} of {rewards.shape[0]} {what} (rows {shown}): {cause}.")
 

@@ -106,9 +106,11 @@ if HAS_TRITON:
             x_dot_g += tl.sum(x[:, None, :] * g[None, :, :], axis=2)
             x_dot_u += tl.sum(x[:, None, :] * u[None, :, :], axis=2)
 
-        # Rows past the end get a dummy norm; a real zero row still yields NaN, by design.
+        # Rows past the end get a dummy norm. A real zero row yields NaN (0 x inf), by design, and so
+        # does a row whose squared norm overflows float32: 1/sqrt(inf) = 0 would score it as x = 0.
         sq_norm = tl.where(row_ok, sq_norm, 1.0)
-        inv_norm = (1.0 / tl.sqrt(sq_norm))[:, None]
+        inv_norm = 1.0 / tl.sqrt(sq_norm)
+        inv_norm = tl.where(inv_norm > 0.0, inv_norm, float("nan"))[:, None]
         goal_sq = tl.load(goal_sq_ptr + tasks, mask=task_ok, other=0.0)[None, :]
         goal_dir = tl.load(goal_dir_ptr + tasks, mask=task_ok, other=0.0)[None, :]
         alpha = tl.load(alpha_ptr + tasks, mask=task_ok, other=0.0)[None, :]
@@ -163,7 +165,8 @@ def score_triton(embeddings: torch.Tensor, targets: ScoringTargets) -> torch.Ten
 def score_torch(embeddings: torch.Tensor, targets: ScoringTargets) -> torch.Tensor:
     """The same closed form in plain torch, float32: the fallback and the kernel's reference."""
     x = embeddings.to(torch.float32)
-    x = x / x.norm(dim=1, keepdim=True)
+    norm = x.norm(dim=1, keepdim=True)
+    x = x / torch.where(norm < float("inf"), norm, float("nan"))  # as the kernel: an overflowing norm is NaN
     x_dot_g = x @ targets.goals.T
     x_dot_u = x @ targets.directions.T
     alpha = targets.alphas[None, :]
