@@ -174,6 +174,20 @@ def test_onnxruntime_on_cpu_refuses_half_precision(tiny):
         CLIPReward(*tiny, goal="a", device="cpu", dtype=torch.bfloat16, backend="onnxruntime")
 
 
+def test_backend_options_are_checked_against_the_backend(tiny):
+    model, tokenizer = tiny
+    with pytest.raises(BackendError, match=r"\['buckets'\] are not options of the 'torch' backend, whose options are: "
+                                           r"none; they are options of 'compile'"):
+        CLIPReward(model, tokenizer, goal="a", device="cpu", backend="torch", backend_options={"buckets": (1, 8)})
+    if importlib.util.find_spec("onnxruntime") is not None:  # "auto" takes ONNX Runtime on CPU
+        with pytest.raises(BackendError, match=r"'onnxruntime' backend \(which backend='auto' picked on cpu\), whose "
+                                               r"options are: quantize; they are options of 'compile'"):
+            CLIPReward(model, tokenizer, goal="a", device="cpu", backend_options={"mode": "default"})
+    for buckets in ([2.5], (4, True), (0, 8)):
+        with pytest.raises(BackendError, match="buckets must be positive integers"):
+            CLIPReward(model, tokenizer, goal="a", device="cpu", backend="compile", backend_options={"buckets": buckets})
+
+
 def test_missing_extra_names_it(tiny, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails as if not installed
     with pytest.raises(BackendError, match=r"pip install 'vlmrm-fast\[export\]'"):

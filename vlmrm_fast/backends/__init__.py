@@ -22,6 +22,13 @@ from vlmrm_fast.backends.base import BackendError, VisionBackend
 from vlmrm_fast.ops.preprocess import PreprocessSpec
 
 BACKEND_CHOICES = ("auto", "torch", "compile", "onnxruntime", "tensorrt")
+BACKEND_OPTIONS = {
+    "torch": (),
+    "compile": ("buckets", "mode"),
+    "onnxruntime": ("quantize",),
+    "tensorrt": ("cache_dir", "workspace_gib", "quantize", "calibration_frames"),
+}
+"""The ``backend_options`` each backend takes."""
 
 
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
@@ -45,14 +52,23 @@ def build_backend(
     max_batch_size: int,
     model_name: str = "model",
     options: Optional[Dict[str, Any]] = None,
+    requested: Optional[str] = None,
 ) -> VisionBackend:
     """Build a resolved backend around ``visual`` (already on ``device`` in ``dtype``).
 
-    ``options`` go to the backend's constructor: ``buckets``/``mode`` for "compile",
-    ``cache_dir``/``workspace_gib``/``quantize``/``calibration_frames`` for "tensorrt", ``quantize`` for
-    "onnxruntime".
+    ``options`` go to the backend's constructor (:data:`BACKEND_OPTIONS`): ``buckets``/``mode`` for
+    "compile", ``cache_dir``/``workspace_gib``/``quantize``/``calibration_frames`` for "tensorrt",
+    ``quantize`` for "onnxruntime". ``requested`` is the caller's choice ("auto"), for error messages.
     """
     options = dict(options or {})
+    unknown = sorted(set(options) - set(BACKEND_OPTIONS.get(backend, ())))
+    if unknown:
+        takes = ", ".join(BACKEND_OPTIONS.get(backend, ())) or "none"
+        picked = f" (which backend={requested!r} picked on {device.type})" if requested not in (None, backend) else ""
+        owners = sorted({b for b, names in BACKEND_OPTIONS.items() for name in unknown if name in names})
+        hint = f"; they are options of {', '.join(repr(b) for b in owners)}: pass that backend by name" if owners else ""
+        raise BackendError(f"backend_options {unknown} are not options of the {backend!r} backend{picked}, "
+                           f"whose options are: {takes}{hint}.")
     image_size: Tuple[int, int] = tuple(spec.size)  # type: ignore[assignment]
     if backend == "torch":
         from vlmrm_fast.backends.eager import TorchBackend

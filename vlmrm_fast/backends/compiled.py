@@ -8,12 +8,13 @@ the largest bucket. Compilation happens on first use of a bucket, or up front wi
 """
 from __future__ import annotations
 
+import numbers
 import time
 from typing import Dict, Optional, Sequence
 
 import torch
 
-from vlmrm_fast.backends.base import VisionBackend
+from vlmrm_fast.backends.base import BackendError, VisionBackend
 
 DEFAULT_BUCKETS = (1, 8, 32, 64, 128, 256, 512, 1024)
 
@@ -58,9 +59,10 @@ class CompileBackend(VisionBackend):
         mode: Optional[str] = None,
     ) -> None:
         super().__init__(device, dtype, image_size)
-        self.buckets = tuple(sorted(buckets)) if buckets else default_buckets(max_batch_size)
-        if any(b < 1 for b in self.buckets):
-            raise ValueError(f"buckets must be positive batch sizes; got {self.buckets}.")
+        if buckets is not None and not all(isinstance(b, numbers.Integral) and not isinstance(b, bool) and b >= 1
+                                           for b in buckets):
+            raise BackendError(f"backend_options buckets must be positive integers (batch sizes); got {tuple(buckets)}.")
+        self.buckets = tuple(sorted(int(b) for b in buckets)) if buckets else default_buckets(max_batch_size)
         self.mode = mode or ("reduce-overhead" if device.type == "cuda" else "default")
         _allow_more_graphs(len(self.buckets))
         self.compiled = torch.compile(visual, mode=self.mode, dynamic=False)
