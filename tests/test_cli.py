@@ -188,3 +188,18 @@ def test_batched_splits_on_size_change() -> None:
 
     assert [names for _, names in batches] == [["0", "1"], ["2"], ["3"], ["4"]]
     assert [b.shape for b, _ in batches] == [(2, 2, 3, 3), (1, 2, 3, 3), (1, 4, 4, 3), (1, 2, 3, 3)]
+
+
+def test_sixteen_bit_greyscale_keeps_its_range(tmp_path: Path) -> None:
+    # PIL's convert("RGB") clips 16-bit values at 255: nearly every pixel white. The high byte is kept.
+    from vlmrm_fast.cli import CLIError, read_image
+
+    values = np.arange(0, 65536, 256, dtype=np.uint16).reshape(16, 16)
+    Image.fromarray(values).save(tmp_path / "deep.png")
+    assert Image.open(tmp_path / "deep.png").mode.startswith("I;16")
+    frame = read_image(tmp_path / "deep.png")
+    assert frame.shape == (16, 16, 3) and frame.dtype == np.uint8
+    np.testing.assert_array_equal(frame[..., 0], (values >> 8).astype(np.uint8))
+    Image.fromarray(np.ones((4, 4), np.float32)).save(tmp_path / "float.tiff")
+    with pytest.raises(CLIError, match="floating point greyscale.*8-bit RGB"):
+        read_image(tmp_path / "float.tiff")

@@ -514,10 +514,19 @@ class ImageFiles:
 
 
 def read_image(path: Path) -> np.ndarray:
-    """Read one image as RGB uint8 [H, W, 3] (alpha dropped, greyscale expanded)."""
+    """Read one image as RGB uint8 [H, W, 3] (alpha dropped, greyscale expanded, 16-bit greyscale
+    reduced to its high byte; 32-bit integer and float images are refused: their range is unknown)."""
     image_module = _require("PIL.Image", "pillow")
     try:
         with image_module.open(path) as image:
+            if image.mode.startswith("I;16"):  # PIL's convert("RGB") would clip every value above 255
+                grey = (np.asarray(image).astype(np.uint16) >> 8).astype(np.uint8)
+                return np.repeat(grey[:, :, None], 3, axis=2)
+            if image.mode in ("I", "F"):
+                raise CLIError(
+                    f"image '{path}' is {'32-bit integer' if image.mode == 'I' else 'floating point'} greyscale "
+                    "(PIL mode " + image.mode + "), whose range is unknown; save it as 8-bit RGB (or 16-bit) first"
+                )
             return np.asarray(image.convert("RGB"))
     except (OSError, ValueError) as exc:
         raise CLIError(
