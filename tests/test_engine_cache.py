@@ -96,3 +96,16 @@ def test_failed_atomic_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path
         atomic.write_atomically(target, b"new")
     assert target.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["engine.plan"]  # the temporary file is gone
+
+
+def test_weights_digest_follows_the_architecture_too():
+    # The same weights under GELU and under QuickGELU are two towers: never one cached engine.
+    import open_clip
+
+    torch.manual_seed(0)
+    gelu = open_clip.create_model("vlmrm-tiny").visual
+    torch.manual_seed(0)
+    quick = open_clip.create_model("vlmrm-tiny", force_quick_gelu=True).visual
+    assert all(torch.equal(a, b) for a, b in zip(gelu.state_dict().values(), quick.state_dict().values()))
+    assert weights_digest(gelu) != weights_digest(quick)
+

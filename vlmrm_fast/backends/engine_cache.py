@@ -29,8 +29,10 @@ def default_cache_dir() -> Path:
 
 
 def weights_digest(module: torch.nn.Module) -> str:
-    """SHA-256 over the module's state (names, shapes, dtypes, bytes): changes whenever the weights do."""
-    digest = hashlib.sha256()
+    """SHA-256 over the module's structure (its repr: layers, activations, norms' settings) and state
+    (names, shapes, dtypes, bytes): changes whenever the weights do, or the code they run through
+    (the same weights under GELU and QuickGELU are two towers)."""
+    digest = hashlib.sha256(repr(module).encode())
     for name, tensor in sorted(module.state_dict().items()):
         tensor = tensor.detach().cpu().contiguous()
         digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
