@@ -212,6 +212,19 @@ def test_host_frames_reach_cuda_as_device_frames_do():
         assert torch.equal(rm(part), want), layout
 
 
+def test_text_side_is_float32_whatever_the_model_came_in():
+    # Goals are computed in full precision, also from a model handed over in half precision.
+    full, tokenizer = make_tiny()
+    half = copy.deepcopy(full).half()
+    rm_half = CLIPReward(half, tokenizer, goal=GOALS["one"][0], baseline=GOALS["one"][1], alpha=0.5, device="cpu")
+    rm_full = CLIPReward(full, tokenizer, goal=GOALS["one"][0], baseline=GOALS["one"][1], alpha=0.5, device="cpu")
+    assert next(rm_half.model.transformer.parameters()).dtype == torch.float32
+    # The weights were rounded to fp16 once, so the goals differ by that rounding, not by fp16 arithmetic.
+    assert torch.allclose(rm_half.goals, rm_full.goals, atol=2e-3)
+    assert torch.equal(rm_half.goals, CLIPReward(copy.deepcopy(half).float(), tokenizer, goal=GOALS["one"][0],
+                                                 baseline=GOALS["one"][1], alpha=0.5, device="cpu").goals)
+
+
 def test_cached_resize_tables_work_outside_inference_mode():
     rm, _, _ = _reward_model(alpha=0.5, kernels="torch")
     frames = _noise(2, 33, 35, seed=17)

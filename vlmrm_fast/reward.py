@@ -108,7 +108,7 @@ class CLIPReward:
         self._spec: PreprocessSpec = preprocess_spec_of(model, preprocess)
         self.max_batch_size = (256 if self._device.type == "cuda" else 32) if max_batch_size is None else max_batch_size
         self.model_name = model_name or type(model).__name__
-        self.model = model.eval().to(self._device)
+        self.model = model.eval().to(self._device, torch.float32)  # the text side in float32, whatever it came in
         self.model.visual.to(self._dtype)
         self.tokenizer = tokenizer
         self._alpha = check_alpha(alpha)
