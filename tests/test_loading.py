@@ -151,3 +151,28 @@ def test_checkpoint_for_another_image_size_is_refused(tmp_path, suffix):
         torch.save({"state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}}, path)
     with pytest.raises(PretrainedWeightsError, match=r"another image size: its vision tower has 65 .* vlmrm-tiny's 50"):
         create_clip("vlmrm-tiny", str(path))
+
+
+@pytest.mark.parametrize("text", ["{not json", "[1, 2]", '{"model_cfg": 3}'])
+def test_unreadable_open_clip_config_names_the_file(tmp_path, text):
+    _save_tiny(tmp_path / "weights.pt")
+    (tmp_path / "open_clip_config.json").write_text(text)
+    with pytest.raises(PretrainedWeightsError, match=r"open_clip_config.json .*fix or remove it"):
+        create_clip("vlmrm-tiny", str(tmp_path / "weights.pt"))
+
+
+def test_open_clip_config_saying_gelu_beside_a_quickgelu_model_warns(tmp_path, monkeypatch):
+    import json
+
+    _save_tiny(tmp_path / "weights.pt")
+    (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": {"quick_gelu": False}}))
+    monkeypatch.setattr(models, "_config_quick_gelu", lambda name: True)  # as a "-quickgelu" config would
+    with pytest.warns(UserWarning, match="trained with GELU.*without '-quickgelu'"):
+        create_clip("vlmrm-tiny", str(tmp_path / "weights.pt"))
+
+
+def test_quickgelu_tags_are_known_from_the_quickgelu_config_too(monkeypatch):
+    # open_clip before 2.29 has no quick_gelu flag on tags; it lists them under "<model>-quickgelu".
+    monkeypatch.setattr(open_clip, "get_pretrained_cfg", lambda name, tag: {})
+    assert models._tag_quick_gelu("ViT-B-32", "laion400m_e32")
+    assert not models._tag_quick_gelu("ViT-B-32", "laion2b_s34b_b79k")

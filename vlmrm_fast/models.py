@@ -103,12 +103,21 @@ def _config_quick_gelu(model_name: str) -> bool:
     return bool((open_clip.get_model_config(model_name) or {}).get("quick_gelu", False))
 
 
+def _tag_quick_gelu(model_name: str, tag: str) -> bool:
+    """Whether a tag's weights were trained with QuickGELU: its pretrained config says so (open_clip
+    >= 2.29), or open_clip lists the tag under the model's "-quickgelu" config too (every version)."""
+    if open_clip.get_pretrained_cfg(model_name, tag).get("quick_gelu", False):
+        return True
+    quick_name = f"{model_name}-quickgelu"
+    return quick_name in open_clip.list_models() and tag in open_clip.list_pretrained_tags_by_model(quick_name)
+
+
 def _create_from_tag(model_name: str, tag: str, cache_dir: Optional[str]) -> torch.nn.Module:
     online = _hub_reachable()
     context = contextlib.nullcontext() if online else _hub_offline()
     # Weights trained with QuickGELU (OpenAI's, MetaCLIP's, DFN's) get it, whatever the config says:
     # open_clip only warns, and GELU in their place gives other embeddings.
-    quick_gelu = bool(open_clip.get_pretrained_cfg(model_name, tag).get("quick_gelu", False))
+    quick_gelu = _tag_quick_gelu(model_name, tag)
     try:
         with context:
             return open_clip.create_model(model_name, pretrained=tag, cache_dir=cache_dir, require_pretrained=True,
@@ -128,23 +137,44 @@ def _create_from_file(model_name: str, path: str) -> torch.nn.Module:
     """Weights from a file; their QuickGELU flag and preprocessing from an ``open_clip_config.json``
     beside it, else the model config's (with a warning where tags of the model differ from it)."""
     sidecar = Path(path).with_name(SIDECAR_CONFIG)
-    config = json.loads(sidecar.read_text()) if sidecar.is_file() else None
-    quick_gelu = bool((config or {}).get("model_cfg", {}).get("quick_gelu", False))
+    config = _read_sidecar(sidecar) if sidecar.is_file() else None
+    model_cfg, preprocess = (config or {}).get("model_cfg") or {}, (config or {}).get("preprocess_cfg") or {}
+    quick_gelu = bool(model_cfg.get("quick_gelu", False))
+    if "quick_gelu" in model_cfg and not quick_gelu and _config_quick_gelu(model_name):
+        warnings.warn(
+            f"{sidecar} says its weights were trained with GELU, but {model_name} runs QuickGELU: load them with "
+            f"the config of the same name without '-quickgelu'.", UserWarning, stacklevel=5,
+        )
     try:
+        # The sidecar's preprocessing goes through open_clip, which keeps the keys it knows; the input size
+        # stays the model's (a checkpoint for another size is refused below).
         model = open_clip.create_model(model_name, pretrained=path, require_pretrained=True,
-                                       force_quick_gelu=quick_gelu and not _config_quick_gelu(model_name))
+                                       force_quick_gelu=quick_gelu and not _config_quick_gelu(model_name),
+                                       force_preprocess_cfg={k: v for k, v in preprocess.items() if k != "size"} or None)
     except Exception as error:
         raise PretrainedWeightsError(
             f"The checkpoint {path!r} does not load into {model_name}: {str(error)[:600]}. "
             "Check that it was saved from this architecture (a state_dict of the open_clip model)."
         ) from error
     _check_position_embeddings(model, model_name, path)
-    if config is not None:
-        preprocess = {**getattr(model.visual, "preprocess_cfg", {}), **config.get("preprocess_cfg", {})}
-        model.visual.preprocess_cfg = preprocess
-    else:
+    if config is None:
         _warn_if_tags_differ(model, model_name, path)
     return model
+
+
+def _read_sidecar(path: Path) -> dict:
+    """An ``open_clip_config.json``: a dict whose ``model_cfg`` and ``preprocess_cfg`` are dicts (or absent)."""
+    try:
+        config = json.loads(path.read_text())
+        ok = isinstance(config, dict) and all(isinstance(config.get(k) or {}, dict) for k in ("model_cfg", "preprocess_cfg"))
+    except (OSError, ValueError) as error:
+        raise PretrainedWeightsError(f"{path} cannot be read as JSON ({error}): fix or remove it.") from None
+    if not ok:
+        raise PretrainedWeightsError(
+            f"{path} is not an open_clip config (a JSON object with 'model_cfg' and 'preprocess_cfg' objects): "
+            "fix or remove it."
+        )
+    return config
 
 
 def _warn_if_tags_differ(model: torch.nn.Module, model_name: str, path: str) -> None:
@@ -159,8 +189,9 @@ def _warn_if_tags_differ(model: torch.nn.Module, model_name: str, path: str) -> 
         if "mean" in cfg and (mean_std_of(cfg["mean"]) != mean_std_of(current.get("mean", _OPENAI_MEAN))
                               or mean_std_of(cfg["std"]) != mean_std_of(current.get("std", _OPENAI_STD))):
             what.append(f"mean {tuple(cfg['mean'])} std {tuple(cfg['std'])}")
-        if bool(cfg.get("quick_gelu", False)) != quick:
-            what.append("QuickGELU" if cfg.get("quick_gelu") else "GELU")
+        tag_quick = _tag_quick_gelu(model_name, tag)
+        if tag_quick != quick:
+            what.append("QuickGELU" if tag_quick else "GELU")
         if what:
             differing.append(f"{tag} ({', '.join(what)})")
     if differing:
