@@ -223,6 +223,12 @@ def test_text_side_is_float32_whatever_the_model_came_in():
     assert torch.allclose(rm_half.goals, rm_full.goals, atol=2e-3)
     assert torch.equal(rm_half.goals, CLIPReward(copy.deepcopy(half).float(), tokenizer, goal=GOALS["one"][0],
                                                  baseline=GOALS["one"][1], alpha=0.5, device="cpu").goals)
+    # The tower goes to its own dtype (never through float32), the rest to float32, in the same places.
+    names = list(half._modules)
+    rm_bf16 = CLIPReward(copy.deepcopy(half), tokenizer, goal="a", device="cpu", dtype=torch.bfloat16, backend="torch")
+    assert list(rm_bf16.model._modules) == names
+    assert {p.dtype for p in rm_bf16.model.visual.parameters()} == {torch.bfloat16}
+    assert {p.dtype for n, p in rm_bf16.model.named_parameters() if not n.startswith("visual.")} == {torch.float32}
 
 
 def test_cached_resize_tables_work_outside_inference_mode():

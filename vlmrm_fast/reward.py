@@ -23,6 +23,19 @@ _DTYPES = {
 }
 
 
+def _place(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """``model`` on ``device``, its vision tower in ``dtype`` and everything else (the text side) in
+    float32, whatever it came in. The tower is cast first and left out of the float32 cast: a bf16
+    ViT-bigG-14 never holds a float32 copy of its tower."""
+    visual = model.visual.to(device, dtype)
+    model._modules["visual"] = torch.nn.Identity()  # in its place (the order of modules is kept)
+    try:
+        model.to(device, torch.float32)
+    finally:
+        model._modules["visual"] = visual
+    return model
+
+
 def _resolve_device(device: Union[str, torch.device, None]) -> torch.device:
     """The device, with a CUDA index always set (:func:`with_cuda_index`)."""
     if device is None:
@@ -108,8 +121,7 @@ class CLIPReward:
         self._spec: PreprocessSpec = preprocess_spec_of(model, preprocess)
         self.max_batch_size = (256 if self._device.type == "cuda" else 32) if max_batch_size is None else max_batch_size
         self.model_name = model_name or type(model).__name__
-        self.model = model.eval().to(self._device, torch.float32)  # the text side in float32, whatever it came in
-        self.model.visual.to(self._dtype)
+        self.model = _place(model.eval(), self._device, self._dtype)
         self.tokenizer = tokenizer
         self._alpha = check_alpha(alpha)
         self.set_tasks(goal=goal, baseline=baseline, tasks=tasks)
