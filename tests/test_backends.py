@@ -183,8 +183,8 @@ def test_backend_options_are_checked_against_the_backend(tiny):
         with pytest.raises(BackendError, match=r"'onnxruntime' backend \(which backend='auto' picked on cpu\), whose "
                                                r"options are: quantize; they are options of 'compile'"):
             CLIPReward(model, tokenizer, goal="a", device="cpu", backend_options={"mode": "default"})
-    for buckets in ([2.5], (4, True), (0, 8)):
-        with pytest.raises(BackendError, match="buckets must be positive integers"):
+    for buckets in ([2.5], (4, True), (0, 8), 8, (b for b in (1, 8)), []):
+        with pytest.raises(BackendError, match="buckets must be a list of positive integers"):
             CLIPReward(model, tokenizer, goal="a", device="cpu", backend="compile", backend_options={"buckets": buckets})
 
 

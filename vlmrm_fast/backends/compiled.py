@@ -59,9 +59,9 @@ class CompileBackend(VisionBackend):
         mode: Optional[str] = None,
     ) -> None:
         super().__init__(device, dtype, image_size)
-        if buckets is not None and not all(isinstance(b, numbers.Integral) and not isinstance(b, bool) and b >= 1
-                                           for b in buckets):
-            raise BackendError(f"backend_options buckets must be positive integers (batch sizes); got {tuple(buckets)}.")
+        if buckets is not None and (not isinstance(buckets, (list, tuple, range)) or not buckets or not all(
+                isinstance(b, numbers.Integral) and not isinstance(b, bool) and b >= 1 for b in buckets)):
+            raise BackendError(f"backend_options buckets must be a list of positive integers (batch sizes); got {buckets!r}.")
         self.buckets = tuple(sorted(int(b) for b in buckets)) if buckets else default_buckets(max_batch_size)
         self.mode = mode or ("reduce-overhead" if device.type == "cuda" else "default")
         _allow_more_graphs(len(self.buckets))
