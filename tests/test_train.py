@@ -427,6 +427,16 @@ def test_resume_without_env_state_restarts_episode_sums(tmp_path, monkeypatch):
     assert "ep_vlm" not in extra and "ep_gt" not in extra and extra["step"] == saved["step"]
 
 
+def test_checkpoint_records_the_evaluation_of_its_own_step(tmp_path):
+    # Evaluation and checkpoint due at the same step: the checkpoint knows the evaluation was done,
+    # so a run resumed from it does not evaluate (and log) that step twice.
+    from vlmrm_fast.train import train
+
+    config = dot_config(tmp_path, total_timesteps=60, checkpoint_every=40, eval_every=40)
+    run_dir = train(config, reward_model=tiny_reward(config)).run_dir
+    assert ckpt.load_state(run_dir / "checkpoints" / ckpt.step_name(40))["extra"]["last_eval_step"] == 40
+
+
 def test_crash_during_checkpoint_keeps_previous(tmp_path, monkeypatch):
     from vlmrm_fast.train import train
 

@@ -114,12 +114,14 @@ class TrainingCallback(BaseCallback):
         self._rollout_steps = 0
         self._slots = []
         n = self.model.num_timesteps
-        every = self.config.checkpoint_every
-        if every and n - self._last_ckpt_step >= every:
-            self.save()
+        # Evaluate first, so that a checkpoint at the same step records it: a run resumed from there
+        # does not evaluate (and log) that step again. Evaluation leaves the training RNG alone.
         every = self.config.eval_every
         if every and n - self._last_eval_step >= every:
             self.evaluate()
+        every = self.config.checkpoint_every
+        if every and n - self._last_ckpt_step >= every:
+            self.save()
 
     def _trim_last_rollout(self, n: int) -> None:
         """Shorten the final rollout so the run ends exactly at ``total_timesteps`` (when n_envs divides it)."""
