@@ -137,7 +137,7 @@ def test_bare_checkpoint_warns_where_tags_of_the_model_differ(tmp_path, monkeypa
         create_clip("vlmrm-tiny", str(path))  # every tag matches the config: nothing to say
 
 
-@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors", ".bin"])  # .bin: torch's legacy (non-zip) format
 def test_checkpoint_for_another_image_size_is_refused(tmp_path, suffix):
     # open_clip would interpolate the position embeddings to fit, silently: another model.
     torch.manual_seed(5)
@@ -148,8 +148,19 @@ def test_checkpoint_for_another_image_size_is_refused(tmp_path, suffix):
 
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
     else:
-        torch.save({"state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}}, path)
+        torch.save({"state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}}, path,
+                   _use_new_zipfile_serialization=suffix == ".pt")
     with pytest.raises(PretrainedWeightsError, match=r"another image size: its vision tower has 65 .* vlmrm-tiny's 50"):
+        create_clip("vlmrm-tiny", str(path))
+    assert open_clip.factory.resize_pos_embed.__module__ == "open_clip.model"  # open_clip's own again afterwards
+
+
+def test_checkpoint_for_another_context_length_is_refused(tmp_path):
+    state = open_clip.create_model("vlmrm-tiny").state_dict()
+    state["positional_embedding"] = state["positional_embedding"][:32]  # as a 32-token text tower saves it
+    path = tmp_path / "tiny-ctx32.pt"
+    torch.save(state, path)
+    with pytest.raises(PretrainedWeightsError, match=r"another text context length: 32 positions, vlmrm-tiny has 77"):
         create_clip("vlmrm-tiny", str(path))
 
 

@@ -14,7 +14,7 @@ import os
 import socket
 import warnings
 from pathlib import Path
-from typing import Callable, Dict, Iterator, Optional, Tuple
+from typing import Callable, Iterator, Optional, Tuple
 from urllib.parse import urlparse
 
 import open_clip
@@ -147,16 +147,19 @@ def _create_from_file(model_name: str, path: str) -> torch.nn.Module:
         )
     try:
         # The sidecar's preprocessing goes through open_clip, which keeps the keys it knows; the input size
-        # stays the model's (a checkpoint for another size is refused below).
-        model = open_clip.create_model(model_name, pretrained=path, require_pretrained=True,
-                                       force_quick_gelu=quick_gelu and not _config_quick_gelu(model_name),
-                                       force_preprocess_cfg={k: v for k, v in preprocess.items() if k != "size"} or None)
+        # stays the model's (a checkpoint for another size is refused).
+        with _position_embeddings_kept(model_name, path):
+            model = open_clip.create_model(
+                model_name, pretrained=path, require_pretrained=True,
+                force_quick_gelu=quick_gelu and not _config_quick_gelu(model_name),
+                force_preprocess_cfg={k: v for k, v in preprocess.items() if k != "size"} or None)
+    except PretrainedWeightsError:
+        raise
     except Exception as error:
         raise PretrainedWeightsError(
             f"The checkpoint {path!r} does not load into {model_name}: {str(error)[:600]}. "
             "Check that it was saved from this architecture (a state_dict of the open_clip model)."
         ) from error
-    _check_position_embeddings(model, model_name, path)
     if config is None:
         _warn_if_tags_differ(model, model_name, path)
     return model
@@ -206,39 +209,39 @@ def _warn_if_tags_differ(model: torch.nn.Module, model_name: str, path: str) -> 
         )
 
 
-def _checkpoint_shapes(path: str, keys: Tuple[str, ...]) -> Dict[str, Tuple[int, ...]]:
-    """Shapes of ``keys`` in a checkpoint, read without loading it (safetensors header, or a memory-mapped
-    torch file); empty where that cannot be done (an old pickle format): the check is then skipped."""
+@contextlib.contextmanager
+def _position_embeddings_kept(model_name: str, path: str) -> Iterator[None]:
+    """While ``path`` loads: open_clip interpolates position embeddings of another length to fit, without
+    a word (weights for another image size or context length: another model); here that is refused."""
+    factory = open_clip.factory
+    originals = {name: getattr(factory, name) for name in ("resize_pos_embed", "resize_text_pos_embed")
+                 if hasattr(factory, name)}
+
+    def guarded(name: str) -> Callable:
+        def check(state_dict, model, *args, **kwargs):
+            if name == "resize_pos_embed":
+                keys, target = ("visual.positional_embedding",), getattr(model.visual, "positional_embedding", None)
+            else:
+                keys = ("positional_embedding", "text.positional_embedding")
+                target = getattr(model, "positional_embedding", getattr(getattr(model, "text", None), "positional_embedding", None))
+            saved = next((state_dict[k] for k in keys if k in state_dict), None)
+            if saved is not None and isinstance(target, torch.Tensor) and tuple(saved.shape) != tuple(target.shape):
+                what = (f"image size: its vision tower has {saved.shape[0]} position embeddings, {model_name}'s "
+                        f"{target.shape[0]} (patches + class token); pick the config of its input size (such as "
+                        "the '-256' variants for 256 px weights)" if name == "resize_pos_embed" else
+                        f"text context length: {saved.shape[0]} positions, {model_name} has {target.shape[0]}")
+                raise PretrainedWeightsError(f"The checkpoint {path!r} is for another {what}.")
+            return originals[name](state_dict, model, *args, **kwargs)
+
+        return check
+
+    for name in originals:
+        setattr(factory, name, guarded(name))
     try:
-        if path.endswith(".safetensors"):
-            from safetensors import safe_open
-
-            with safe_open(path, framework="pt") as f:
-                return {k: tuple(f.get_slice(k).get_shape()) for k in keys if k in f.keys()}
-        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except Exception:
-        return {}
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        return {}
-    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
-    return {k: tuple(state[k].shape) for k in keys if isinstance(state.get(k), torch.Tensor)}
-
-
-def _check_position_embeddings(model: torch.nn.Module, model_name: str, path: str) -> None:
-    """open_clip resizes position embeddings of another length without a word (another image size or
-    context length): that is another model, refused here."""
-    params = dict(model.named_parameters())
-    keys = tuple(k for k in ("visual.positional_embedding", "positional_embedding") if k in params)
-    for key, shape in _checkpoint_shapes(path, keys).items():
-        expected = tuple(params[key].shape)
-        if shape != expected:
-            what = (f"image size: its vision tower has {shape[0]} position embeddings, {model_name}'s "
-                    f"{expected[0]} (patches + class token); pick the config of its input size (such as the "
-                    "'-256' variants for 256 px weights)" if key.startswith("visual.") else
-                    f"text context length: {shape[0]} positions, {model_name} has {expected[0]}")
-            raise PretrainedWeightsError(f"The checkpoint {path!r} is for another {what}.")
+        yield
+    finally:
+        for name, original in originals.items():
+            setattr(factory, name, original)
 
 
 def create_clip(
