@@ -574,6 +574,14 @@ def test_config_file_and_overrides(tmp_path):
     assert config.goal == ["a robot"] and config.pretrained is None and config.net_arch == [64, 64]
     with pytest.raises(ValueError, match="unknown config key"):
         apply_overrides(config, {"n_env": 3})
+    # Command-line values read as TOML literals still reach their field's type.
+    config = apply_overrides(config, parse_set(["net_arch=64,32", "progress=1", "run_dir=2024-05-01"]))
+    assert (config.net_arch, config.progress, config.run_dir) == ([64, 32], True, "2024-05-01")
+    with pytest.raises(ValueError, match="net_arch.*positive layer sizes"):
+        apply_overrides(config, parse_set(["net_arch=64,0"]))
+    for bad, match in (("gamma=nan", "gamma"), ("tau=-3", "tau"), ("learning_rate=0", "learning_rate")):
+        with pytest.raises(ValueError, match=match):
+            apply_overrides(config, parse_set([bad])).validate()
     kneel = from_preset("kneeling").validate()
     # Every value SPEC §1.3 gives for the paper-scale run.
     assert (kneel.model, kneel.pretrained, kneel.n_envs, kneel.episode_length, kneel.reward_timing) == (

@@ -14,6 +14,7 @@ The effective configuration is written to ``RUN_DIR/config.json`` and into every
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 import math
 import sys
@@ -143,6 +144,11 @@ class TrainConfig:
         need(self.batch_size >= 1 and self.train_freq >= 1 and self.gradient_steps >= 0,
              "batch_size and train_freq must be >= 1, gradient_steps >= 0")
         need(self.learning_starts >= 0, "learning_starts must be >= 0")
+        need(math.isfinite(self.learning_rate) and self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}")
+        need(0.0 < self.gamma <= 1.0, f"gamma (discount) must be in (0, 1], got {self.gamma}")
+        need(0.0 < self.tau <= 1.0, f"tau (target smoothing) must be in (0, 1], got {self.tau}")
+        need(bool(self.net_arch) and all(isinstance(n, int) and n >= 1 for n in self.net_arch),
+             f"net_arch must be positive layer sizes, got {self.net_arch}")
         need(self.buffer_size >= self.train_freq * self.n_envs,
              f"buffer_size ({self.buffer_size} transitions) must hold at least one rollout (train_freq x n_envs = "
              f"{self.train_freq} x {self.n_envs}); raise buffer_size")
@@ -286,6 +292,8 @@ def coerce(name: str, hint: Any, value: Any, source: str = "config") -> Any:
             return value
         if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
             return value.lower() in ("true", "yes", "1", "on")
+        if isinstance(value, int) and value in (0, 1):  # --set progress=1 reads as the integer 1
+            return bool(value)
         raise bad("true or false")
     if base is int:
         if isinstance(value, bool):
@@ -313,10 +321,21 @@ def coerce(name: str, hint: Any, value: Any, source: str = "config") -> Any:
     if base is str:
         if isinstance(value, (int, float)) and not isinstance(value, bool) and name == "ent_coef":
             return str(value)
+        if isinstance(value, (datetime.date, datetime.time)):  # --set run_dir=2024-05-01 reads as a TOML date
+            return value.isoformat()
         if not isinstance(value, str):
             raise bad("a string")
         return value
     if base is list:
+        if name == "net_arch":  # layer sizes: "64,64" on a command line, [64, 64] in TOML
+            items = value.split(",") if isinstance(value, str) else value if isinstance(value, (list, tuple)) else [value]
+            try:
+                sizes = [coerce(name, int, item.strip() if isinstance(item, str) else item, source) for item in items]
+            except ValueError:
+                raise bad("a list of positive layer sizes, e.g. 256,256") from None
+            if not sizes or min(sizes) < 1:
+                raise bad("a list of positive layer sizes, e.g. 256,256")
+            return sizes
         if isinstance(value, str):
             value = [value]
         if not isinstance(value, (list, tuple)):

@@ -397,7 +397,7 @@ def run_train_command(args: argparse.Namespace) -> int:
     """Handler of ``vlmrm-fast train``; exit code 0, or 130/143 after SIGINT/SIGTERM (checkpoint written)."""
     config, resume = config_from_args(args)
     if args.print_config:
-        print(config.to_json())
+        print(config.validate().to_json())  # what would run, so what would be refused is refused here too
         return 0
     result = train(config, resume=resume)
     where = f"checkpoint {result.checkpoint}" if result.checkpoint else "no checkpoint"
