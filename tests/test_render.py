@@ -309,3 +309,48 @@ def test_cuda_device_cpu_path_fallback(envs, env_frames):
         frames = r.render()
         assert frames.device.type == "cuda"
         np.testing.assert_array_equal(frames.cpu().numpy(), env_frames)
+
+
+def test_env_cameras_without_lookat_frame_the_env_after_its_reset():
+    # Ant's camera config sets no lookat: gymnasium points it at the median geom position when its
+    # viewer is made (first render, after reset). A renderer made before the reset must do the same.
+    env = gym.make("Ant-v5", render_mode="rgb_array", width=48, height=40)
+    renderer = BatchRenderer.from_envs([env], device="cpu")
+    env.reset(seed=0)
+    for _ in range(3):
+        env.step(env.action_space.sample())
+    try:
+        np.testing.assert_array_equal(renderer.render()[0].numpy(), env.render())
+    finally:
+        renderer.close()
+        env.close()
+
+
+def test_none_in_a_camera_list_means_the_envs_own_camera(envs, env_frames):
+    renderer = BatchRenderer.from_envs(envs, device="cpu", camera=[None] * len(envs))
+    try:
+        np.testing.assert_array_equal(renderer.render().numpy(), env_frames)
+    finally:
+        renderer.close()
+
+
+def test_a_size_too_large_leaves_the_envs_renderers_working():
+    [env] = _make_envs(1, width=32, height=32, render_mode="rgb_array")
+    before = env.render()
+    model = env.unwrapped.model
+    sizes = (model.vis.global_.offwidth, model.vis.global_.offheight)
+    with pytest.raises(RuntimeError, match="smaller width and height"):
+        BatchRenderer.from_envs([env], width=40_000, height=8, device="cpu")
+    assert (model.vis.global_.offwidth, model.vis.global_.offheight) == sizes
+    np.testing.assert_array_equal(env.render(), before)
+    env.close()
+
+
+def test_envs_of_another_look_are_refused():
+    # Same counts of bodies, geoms, materials and textures, other textures: one upload cannot draw both.
+    textured, plain = gym.make(HUMANOID_ENV_ID), gym.make(HUMANOID_ENV_ID, textured=False)
+    for env in (textured, plain):
+        env.reset(seed=0)
+    with pytest.raises(ValueError, match="ONE model.*tex_data"):
+        BatchRenderer.from_envs([textured, plain], width=16, height=16, device="cpu")
+

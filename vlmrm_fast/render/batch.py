@@ -93,7 +93,7 @@ def _make_camera(model: Any, data: Any, spec: CameraSpec) -> Any:
         # points at the median geom position from the model's extent.
         cam.type = mujoco.mjtCamera.mjCAMERA_FREE
         cam.fixedcamid = -1
-        cam.lookat[:] = np.median(data.geom_xpos, axis=0) if model.ngeom else 0.0
+        cam.lookat[:] = np.nan  # unless the config sets it: placed at the first render (see _place_lookats)
         cam.distance = model.stat.extent
         for key, value in spec.items():
             if not hasattr(cam, key):
@@ -141,6 +141,10 @@ def _env_camera(env: Any) -> Tuple[CameraSpec, Optional[Any]]:
     return cam, vopt
 
 
+_LOOK_ARRAYS = ("tex_data", "tex_height", "tex_width", "mat_texid", "mat_rgba", "geom_rgba", "geom_matid",
+                "skin_matid", "light_diffuse")
+
+
 def _check_same_model(models: Sequence[Any]) -> None:
     first = models[0]
     fields = ("nbody", "ngeom", "nmat", "ntex", "nmesh", "nlight", "ncam", "nq", "nskin", "nflex", "nhfield")
@@ -148,6 +152,10 @@ def _check_same_model(models: Sequence[Any]) -> None:
         if m is first:
             continue
         diff = [f for f in fields if getattr(m, f, None) != getattr(first, f, None)]
+        # Same counts can still be other textures or colours (a textured and a plain humanoid): those
+        # would be drawn with model 0's.
+        diff += [a for a in _LOOK_ARRAYS if not diff and hasattr(first, a)
+                 and not np.array_equal(getattr(m, a), getattr(first, a))]
         if diff:
             raise ValueError(
                 f"BatchRenderer renders envs of ONE model (its textures and meshes are uploaded "
@@ -273,7 +281,7 @@ class BatchRenderer:
                 cam, opt = None, None
             elif _is_env(src):
                 m, d = _model_data_of(src)
-                cam, opt = _env_camera(src) if camera is None else (None, None)
+                cam, opt = _env_camera(src)  # used where no camera (or None in a list) and no scene_option is given
             else:
                 raise TypeError(
                     f"BatchRenderer takes gymnasium MuJoCo envs or (MjModel, MjData) pairs, got {type(src)}"
@@ -299,12 +307,21 @@ class BatchRenderer:
         else:
             default = mujoco.MjvOption()
             self._options = [opt if opt is not None else default for opt in env_opts]
+        offscreen = [(m.vis.global_.offwidth, m.vis.global_.offheight) for m in models]
         for m in models:  # mjr contexts size their offscreen buffers from the model
             m.vis.global_.offwidth = max(m.vis.global_.offwidth, width)
             m.vis.global_.offheight = max(m.vis.global_.offheight, height)
+        try:
+            self._setup(models, datas, width, height, device, gpu, max_geom)
+        except BaseException:  # the envs' own renderers must keep working (a too-large size breaks them)
+            for m, (w, h) in zip(models, offscreen):
+                m.vis.global_.offwidth, m.vis.global_.offheight = w, h
+            raise
 
+    def _setup(self, models, datas, width, height, device, gpu, max_geom) -> None:
+        """Device, path (GPU or CPU) and the renderer itself."""
         self._models, self._datas = models, datas
-        self.width, self.height, self.num_envs = width, height, n
+        self.width, self.height, self.num_envs = width, height, len(models)
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         device = torch.device(device)
@@ -369,6 +386,9 @@ class BatchRenderer:
         try:
             self._renderer = mujoco.Renderer(self._models[0], self.height, self.width, self.max_geom)
         except Exception as exc:
+            if "framebuffer" in str(exc).lower():
+                raise RuntimeError(f"cannot make a {self.width} x {self.height} offscreen framebuffer ({exc}): "
+                                   "render at a smaller width and height") from exc
             from vlmrm_fast.envs.humanoid import rendering_help
 
             raise RuntimeError(rendering_help(exc)) from exc
@@ -439,10 +459,19 @@ class BatchRenderer:
             if (tuple(out.shape) != shape or out.dtype != torch.uint8 or out.device != self.device
                     or not out.is_contiguous()):
                 raise ValueError(f"out must be a contiguous uint8 tensor of shape {shape} on {self.device}")
+        self._place_lookats()
         with _keep_current_gl():
             if self.path == "gpu":
                 return self._render_gpu(out)
             return self._render_cpu(out)
+
+    def _place_lookats(self) -> None:
+        """Free cameras from a camera config without a lookat look at the median geom position when
+        they first render, as gymnasium's viewer does when it is made: at construction the envs may not
+        have been reset yet (every geom at the origin)."""
+        for cam, model, data in zip(self._cameras, self._models, self._datas):
+            if np.isnan(cam.lookat).any():
+                cam.lookat[:] = np.median(data.geom_xpos, axis=0) if model.ngeom else 0.0
 
     __call__ = render
 
