@@ -592,3 +592,15 @@ def test_config_file_and_overrides(tmp_path):
     assert (kneel.total_timesteps, kneel.alpha) == (10_000_000, 0.0)
     assert (kneel.goal, kneel.baseline) == (["a humanoid robot kneeling"], ["a humanoid robot"])
     json.loads(kneel.to_json())
+
+
+@pytest.mark.parametrize("given", ["64,32", "64 32"])
+def test_net_arch_flag_takes_layer_sizes(given):
+    import argparse
+
+    from vlmrm_fast.train.run import add_train_parser, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_train_parser(parser.add_subparsers(dest="command"))
+    config, _ = config_from_args(parser.parse_args(["train", "--preset", "smoke", "--net-arch", given]))
+    assert config.net_arch == [64, 32]

@@ -139,8 +139,8 @@ def _create_from_file(model_name: str, path: str) -> torch.nn.Module:
     sidecar = Path(path).with_name(SIDECAR_CONFIG)
     config = _read_sidecar(sidecar) if sidecar.is_file() else None
     model_cfg, preprocess = (config or {}).get("model_cfg") or {}, (config or {}).get("preprocess_cfg") or {}
-    quick_gelu = bool(model_cfg.get("quick_gelu", False))
-    if "quick_gelu" in model_cfg and not quick_gelu and _config_quick_gelu(model_name):
+    quick_gelu, config_quick_gelu = bool(model_cfg.get("quick_gelu", False)), _config_quick_gelu(model_name)
+    if "quick_gelu" in model_cfg and not quick_gelu and config_quick_gelu:
         warnings.warn(
             f"{sidecar} says its weights were trained with GELU, but {model_name} runs QuickGELU: load them with "
             f"the config of the same name without '-quickgelu'.", UserWarning, stacklevel=5,
@@ -151,7 +151,7 @@ def _create_from_file(model_name: str, path: str) -> torch.nn.Module:
         with _position_embeddings_kept(model_name, path):
             model = open_clip.create_model(
                 model_name, pretrained=path, require_pretrained=True,
-                force_quick_gelu=quick_gelu and not _config_quick_gelu(model_name),
+                force_quick_gelu=quick_gelu and not config_quick_gelu,
                 force_preprocess_cfg={k: v for k, v in preprocess.items() if k != "size"} or None)
     except PretrainedWeightsError:
         raise

@@ -153,15 +153,21 @@ def summarize_events(events: Iterable[object], on_cuda: bool, calls: int) -> Lis
     graph call in one, ``## Call CompiledFxGraph ... ##``), so they are left out; on CPU the code they
     run outside torch ops (Inductor's C++ kernels) then shows as idle time.
     """
-    kernels = []
+    totals = []
     for event in events:
         is_device = str(getattr(event, "device_type", "")).endswith(("CUDA", "PrivateUse1"))
         if is_device != on_cuda or getattr(event, "is_user_annotation", False) or event.key.startswith("## "):
             continue
         ms = _self_ms(event, on_cuda)
-        if ms <= 0:
-            continue
-        kernels.append(KernelTime(name=event.key, kind=kernel_kind(event.key), launches=event.count / calls, ms=ms / calls))
+        if ms > 0:
+            totals.append((event.key, ms, event.count))
+    return _per_call(totals, calls)
+
+
+def _per_call(totals: Iterable[tuple], calls: int) -> List[KernelTime]:
+    """(name, total ms, count) over ``calls`` calls -> kernels per call, the costliest first."""
+    kernels = [KernelTime(name=name, kind=kernel_kind(name), launches=count / calls, ms=ms / calls)
+               for name, ms, count in totals]
     return sorted(kernels, key=lambda k: k.ms, reverse=True)
 
 
@@ -177,8 +183,7 @@ def profile_tower(
                 gflops_per_image=gflops_per_image, peak_tflops=peak_tflops)
     own = tower.profile_nodes(pixels, calls, warmup) if isinstance(tower, VisionBackend) else None
     if own is not None:
-        kernels = [KernelTime(name=op, kind=kernel_kind(op), launches=count / calls, ms=ms / calls) for op, ms, count in own]
-        return TowerProfile(source=f"{backend} nodes", kernels=sorted(kernels, key=lambda k: k.ms, reverse=True), **meta)
+        return TowerProfile(source=f"{backend} nodes", kernels=_per_call(own, calls), **meta)
     on_cuda = pixels.device.type == "cuda"
     with torch.inference_mode():
         for _ in range(warmup):

@@ -619,8 +619,7 @@ def run_bench(args: argparse.Namespace) -> int:
                     profiler.fail(f"{name} (create)", error)
                 profiler.measure_peaks(peak_dtypes)
                 profiler.save(plot=True)
-            profiler.profile_kernels()
-            report.set_peaks()
+            profiler.profile_kernels()  # each saves the report with the peaks set
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM (a job's time limit): keep what was measured, marked incomplete
         report.targets = check_targets(report.rows, config.device)
         report.elapsed_seconds = time.perf_counter() - began

@@ -152,10 +152,8 @@ def _check_same_model(models: Sequence[Any]) -> None:
         if m is first:
             continue
         diff = [f for f in fields if getattr(m, f, None) != getattr(first, f, None)]
-        # Same counts can still be other textures or colours (a textured and a plain humanoid): those
-        # would be drawn with model 0's.
-        diff += [a for a in _LOOK_ARRAYS if not diff and hasattr(first, a)
-                 and not np.array_equal(getattr(m, a), getattr(first, a))]
+        if not diff:  # same counts can still be other textures or colours, drawn with model 0's
+            diff = [a for a in _LOOK_ARRAYS if hasattr(first, a) and not np.array_equal(getattr(m, a), getattr(first, a))]
         if diff:
             raise ValueError(
                 f"BatchRenderer renders envs of ONE model (its textures and meshes are uploaded "

@@ -327,10 +327,11 @@ def coerce(name: str, hint: Any, value: Any, source: str = "config") -> Any:
             raise bad("a string")
         return value
     if base is list:
-        if name == "net_arch":  # layer sizes: "64,64" on a command line, [64, 64] in TOML
-            items = value.split(",") if isinstance(value, str) else value if isinstance(value, (list, tuple)) else [value]
+        if name == "net_arch":  # layer sizes: "64,64" or "64 64" on a command line, [64, 64] in TOML
+            items = value.replace(",", " ").split() if isinstance(value, str) else (
+                value if isinstance(value, (list, tuple)) else [value])
             try:
-                sizes = [coerce(name, int, item.strip() if isinstance(item, str) else item, source) for item in items]
+                sizes = [coerce(name, int, item, source) for item in items]
             except ValueError:
                 raise bad("a list of positive layer sizes, e.g. 256,256") from None
             if not sizes or min(sizes) < 1:

@@ -369,9 +369,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, Optional[Pa
     for f in fields(TrainConfig):
         value = getattr(args, f"field_{f.name}", None)
         if value is not None:
-            if f.name == "net_arch" and isinstance(value, str):
-                value = [int(v) for v in value.replace(",", " ").split()]
-            overrides[f.name] = value
+            overrides[f.name] = value  # converted to the field's type by apply_overrides (net_arch "64,64" too)
     base = from_preset(args.preset) if args.preset else TrainConfig()
     if args.config is not None:
         base = apply_overrides(base, load_config_file(args.config), f"config file '{args.config}'")
