@@ -574,6 +574,13 @@ def test_config_file_and_overrides(tmp_path):
     assert config.goal == ["a robot"] and config.pretrained is None and config.net_arch == [64, 64]
     with pytest.raises(ValueError, match="unknown config key"):
         apply_overrides(config, {"n_env": 3})
+    # Sections are flattened: one key in two places is an error, not a silent last-one-wins.
+    for text, match in (("gamma = 0.9\n[sac]\ngamma = 0.99\n", r"sets 'gamma' twice, in the top level and in \[sac\]"),
+                        ("[a]\ntau = 0.1\n[b]\ntau = 0.2\n", r"sets 'tau' twice, in \[a\] and in \[b\]")):
+        path.write_text(text)
+        with pytest.raises(ValueError, match=match):
+            load_config_file(path)
+    path.write_text('model = "vlmrm-tiny"\nn_envs = 4\n[sac]\nlearning_rate = 1e-3\ntotal_timesteps = 1e6\n')
     # Command-line values read as TOML literals still reach their field's type.
     config = apply_overrides(config, parse_set(["net_arch=64,32", "progress=1", "run_dir=2024-05-01"]))
     assert (config.net_arch, config.progress, config.run_dir) == ([64, 32], True, "2024-05-01")

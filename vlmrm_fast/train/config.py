@@ -226,12 +226,17 @@ def load_config_file(path: Union[str, Path]) -> dict:
     if not isinstance(data, dict):
         raise ValueError(f"config file '{path}' must hold key = value pairs")
     flat: dict = {}
+    where: dict = {}  # key -> where it was set, for the error on a key set twice
     names = {f.name for f in fields(TrainConfig)}
     for key, value in data.items():
-        if isinstance(value, dict) and key not in names:  # a section like [sac]
-            flat.update(value)
-        else:
-            flat[key] = value
+        section = isinstance(value, dict) and key not in names  # a section like [sac]
+        for name, item in (value.items() if section else [(key, value)]):
+            place = f"[{key}]" if section else "the top level"
+            if name in flat:
+                raise ValueError(
+                    f"config file '{path}' sets {name!r} twice, in {where[name]} and in {place}; keep one"
+                )
+            flat[name], where[name] = item, place
     return flat
 
 
