@@ -188,6 +188,26 @@ def test_backend_options_are_checked_against_the_backend(tiny):
             CLIPReward(model, tokenizer, goal="a", device="cpu", backend="compile", backend_options={"buckets": buckets})
 
 
+def test_backend_options_list_each_constructors_keywords():
+    """BACKEND_OPTIONS (checked before a backend is built) names exactly the keywords each constructor
+    takes beyond what build_backend passes itself, so no option is refused or lost on the way."""
+    import inspect
+
+    from vlmrm_fast.backends import BACKEND_OPTIONS
+    from vlmrm_fast.backends.compiled import CompileBackend
+    from vlmrm_fast.backends.eager import TorchBackend
+    from vlmrm_fast.backends.onnxruntime import OnnxRuntimeBackend
+    from vlmrm_fast.backends.tensorrt import TensorRTBackend
+
+    passed_by_builder = {"self", "visual", "spec", "device", "dtype", "image_size", "max_batch_size", "model_name"}
+    classes = {"torch": TorchBackend, "compile": CompileBackend, "onnxruntime": OnnxRuntimeBackend,
+               "tensorrt": TensorRTBackend}
+    assert set(classes) == set(BACKEND_OPTIONS)
+    for name, cls in classes.items():
+        keywords = set(inspect.signature(cls.__init__).parameters) - passed_by_builder
+        assert keywords == set(BACKEND_OPTIONS[name]), name
+
+
 def test_missing_extra_names_it(tiny, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails as if not installed
     with pytest.raises(BackendError, match=r"pip install 'vlmrm-fast\[export\]'"):
