@@ -54,40 +54,71 @@ def test_compile_backend_buckets_pad_and_split():
     assert backend.buckets == (4,) and set(backend.compile_seconds) == {4} and backend.build_seconds > 0
 
 
-def test_compile_backend_compiles_every_bucket_of_every_instance(monkeypatch):
-    # Dynamo's graph limits are per function, and every tower shares its class's forward: two towers of
-    # 5 buckets each need 10 graphs, against limits set here to 8 (recompiles) and 9 (accumulated; 256
-    # by default). Every call must run a compiled graph (counted by a pass-through compiler backend).
+@pytest.fixture
+def counting_compile(monkeypatch):
+    """torch.compile through a pass-through compiler backend that counts the graphs it compiles and the
+    calls that run one: (compiled, runs), two growing lists (``compiled`` holds each graph's batch sizes
+    of 224 x 224 images). Dynamo's caches are cleared around it."""
     import torch._dynamo
 
-    config = torch._dynamo.config
-    new_names = hasattr(config, "recompile_limit")
-    monkeypatch.setattr(config, "recompile_limit" if new_names else "cache_size_limit", 8)
-    monkeypatch.setattr(config, "accumulated_recompile_limit" if new_names else "accumulated_cache_size_limit", 9)
-    torch._dynamo.reset()
-    graph_runs = []
+    compiled, runs = [], []
 
     def counting_backend(gm, example_inputs):
+        compiled.append(sorted(t.shape[0] for t in example_inputs if t.dim() == 4 and t.shape[1:] == (3, 224, 224)))
+
         def run(*args):
-            graph_runs.append(1)
+            runs.append(1)
             return gm.forward(*args)
         return run
 
     real_compile = torch.compile
     monkeypatch.setattr(torch, "compile", lambda model, **kwargs: real_compile(model, backend=counting_backend, dynamic=False))
+    torch._dynamo.reset()
+    yield compiled, runs
+    torch._dynamo.reset()
+
+
+def test_compile_backend_compiles_every_bucket_of_every_instance(monkeypatch, counting_compile):
+    # Dynamo's graph limits are per function, and every tower shares its class's forward: two towers of
+    # 5 buckets each need 10 graphs, against limits set here to 8 (recompiles) and 9 (accumulated; 256
+    # by default). Every call must run a compiled graph (counted by a pass-through compiler backend).
+    import torch._dynamo
+
     from vlmrm_fast.backends.compiled import CompileBackend
 
-    try:
-        for buckets in [(1, 2, 3, 4, 5), (6, 7, 9, 10, 11)]:  # distinct shapes: no graph can be shared
-            visual = make_tiny()[0].visual.eval()
-            backend = CompileBackend(visual, torch.device("cpu"), torch.float32, (224, 224), max_batch_size=11,
-                                     buckets=buckets)
-            for bucket in buckets:
-                before = len(graph_runs)
-                backend(torch.zeros((bucket, 3, 224, 224)))
-                assert len(graph_runs) == before + 1, f"bucket {bucket} of {buckets} ran eagerly"
-    finally:
-        torch._dynamo.reset()
+    config = torch._dynamo.config
+    new_names = hasattr(config, "recompile_limit")
+    monkeypatch.setattr(config, "recompile_limit" if new_names else "cache_size_limit", 8)
+    monkeypatch.setattr(config, "accumulated_recompile_limit" if new_names else "accumulated_cache_size_limit", 9)
+    _, graph_runs = counting_compile
+    for buckets in [(1, 2, 3, 4, 5), (6, 7, 9, 10, 11)]:  # distinct shapes: no graph can be shared
+        visual = make_tiny()[0].visual.eval()
+        backend = CompileBackend(visual, torch.device("cpu"), torch.float32, (224, 224), max_batch_size=11,
+                                 buckets=buckets)
+        for bucket in buckets:
+            before = len(graph_runs)
+            backend(torch.zeros((bucket, 3, 224, 224)))
+            assert len(graph_runs) == before + 1, f"bucket {bucket} of {buckets} ran eagerly"
+
+
+def test_compile_backend_warmup_compiles_the_graphs_real_calls_run(counting_compile):
+    # CLIPReward's calls bring inference tensors (preprocessed under inference mode); dynamo guards on
+    # that, so a warm-up on other tensors would compile graphs no call runs, and every bucket twice.
+    compiled, runs = counting_compile
+    model, tokenizer = make_tiny()
+    rm = CLIPReward(model, tokenizer, goal=GOAL, baseline=BASELINE, alpha=0.5, device="cpu",
+                    backend="compile", backend_options={"buckets": (2, 4)})
+    assert rm.vision_backend.warmup([3]) == {4: pytest.approx(rm.vision_backend.build_seconds)}  # 3 is in bucket 4
+    seconds = rm.vision_backend.warmup()
+    assert sorted(seconds) == [2, 4] and sorted(compiled) == [[2], [4]]
+    assert rm.vision_backend.build_seconds == pytest.approx(sum(seconds.values()))
+    frames = _noise(7, 224, 224)
+    before = len(runs)
+    rm(frames)  # 4 + 3 (padded to 4)
+    rm(frames[:2])
+    rm.vision_backend(torch.zeros((4, 3, 224, 224)))  # a tensor made outside inference mode, as a user may pass
+    assert len(compiled) == 2 and len(runs) == before + 4  # no further graph; every call ran a compiled one
+    assert rm.vision_backend.warmup() == seconds  # nothing left to compile
 
 
 def _errors_against_reference(frames, dtype, backend, device="cuda", **backend_kwargs):
