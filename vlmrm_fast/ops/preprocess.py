@@ -13,13 +13,14 @@ Semantics (SPEC §1.2), shared by the Triton kernel and the torch path:
 """
 import contextlib
 from dataclasses import dataclass
-from typing import Iterator, Literal, Optional, Sequence, Tuple
+from typing import ContextManager, Literal, Optional, Sequence, Tuple
 
 import torch
 
 from vlmrm_fast.ops._triton import HAS_TRITON, interpreter_enabled, require_working_interpreter
 from vlmrm_fast.ops._triton import on_device as _on_device
 from vlmrm_fast.ops.resize_taps import is_identity, resize_bands, resize_tables
+from vlmrm_fast.precision import float32_matmuls
 
 PreprocessMode = Literal["vlmrm", "openclip"]
 PREPROCESS_MODES = ("vlmrm", "openclip")
@@ -226,18 +227,9 @@ def preprocess_triton(
     return out
 
 
-@contextlib.contextmanager
-def _full_precision_matmul(device: torch.device) -> Iterator[None]:
+def _full_precision_matmul(device: torch.device) -> ContextManager[None]:
     # TF32 (if a user enabled it) would cost ~1e-3 here; the resize is cheap next to the tower.
-    if device.type != "cuda":
-        yield
-        return
-    previous = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = previous
+    return float32_matmuls() if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _resample_banded(frames: torch.Tensor, bands: Tuple[torch.Tensor, ...], out_size: Tuple[int, int]) -> torch.Tensor:

@@ -5,7 +5,7 @@ timed on its own (median of the repeats, frames/s = N / median):
 
 | stage | what is timed |
 |---|---|
-| ``h2d`` | pinned host frames uint8 [N, H, W, 3] -> device (CUDA only; not applicable on CPU) |
+| ``h2d`` | host frames uint8 [N, H, W, 3] in pageable memory -> device, as ``rm(frames)`` moves them (one copy into pinned memory, then the upload; CUDA only) |
 | ``preprocess`` | the fused preprocessing op on device frames -> [N, 3, S, S] in the tower's dtype |
 | ``tower`` | ``rm.vision_backend(pixels)`` -> raw embeddings [N, D] |
 | ``score`` | ``rm.score(embeddings)`` -> rewards [N] (normalises, and checks finiteness: one sync) |
@@ -62,8 +62,10 @@ from tqdm import tqdm
 
 from vlmrm_fast.argtypes import positive_int
 from vlmrm_fast.backends import BackendError
+from vlmrm_fast.frames import as_frame_batch
 from vlmrm_fast.models import TINY_MODEL, preprocess_spec_of, register_model_configs
 from vlmrm_fast.ops._triton import HAS_TRITON, interpreter_enabled
+from vlmrm_fast.precision import float32_matmuls
 from vlmrm_fast.profiler.flops import _gflops_and_method, create_random_model
 from vlmrm_fast.profiler.kernels import profile_tower
 from vlmrm_fast.profiler.report import (
@@ -253,13 +255,8 @@ def backend_unavailable(backend: str, device: torch.device) -> Optional[str]:
 @contextlib.contextmanager
 def _full_float32() -> Iterator[None]:
     """No TF32 in cuDNN convolutions (on by default) or cuBLAS matmuls while the reference runs."""
-    matmul = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, allow_tf32=False):
-            yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = matmul
+    with float32_matmuls(), torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, allow_tf32=False):
+        yield
 
 
 def calibration_frames(n: int, size: int) -> torch.Tensor:
@@ -271,15 +268,14 @@ def calibration_frames(n: int, size: int) -> torch.Tensor:
 class Frames:
     """Random uint8 frames for the largest batch, sliced for smaller ones.
 
-    ``device`` [N, F, F, 3] at the run's frame size; on CUDA also ``pinned``, the same frames in
-    pinned host memory, and ``landing``, their device destination for the h2d stage. For the seed,
+    ``device`` [N, F, F, 3] at the run's frame size; on CUDA also ``host``, the same frames in pageable
+    host memory, where a user's frames usually are, for the h2d stage. For the seed,
     ``seed_device`` at 480 x 480 and, on CUDA, ``seed_pageable`` in pageable host memory (the
     original's copies were pageable); both None without the seed.
     """
 
     device: torch.Tensor
-    pinned: Optional[torch.Tensor]
-    landing: Optional[torch.Tensor]
+    host: Optional[torch.Tensor]
     seed_device: Optional[torch.Tensor]
     seed_pageable: Optional[torch.Tensor]
 
@@ -296,8 +292,7 @@ class Frames:
         frames = host.to(device)
         return cls(
             device=frames,
-            pinned=host.pin_memory() if on_cuda else None,
-            landing=torch.empty_like(frames) if on_cuda else None,
+            host=host if on_cuda else None,
             seed_device=None if seed_host is None else frames if seed_host is host else seed_host.to(device),
             seed_pageable=seed_host if on_cuda else None,
         )
@@ -529,9 +524,9 @@ class Profiler:
         timer = self.timer
         with torch.inference_mode():
             timings: Dict[str, Optional[StageTiming]] = {"h2d": None}
-            if self.frames.pinned is not None:
-                pinned, landing = self.frames.pinned[:n], self.frames.landing[:n]
-                timings["h2d"] = timer(lambda: landing.copy_(pinned, non_blocking=True))
+            if self.frames.host is not None:  # the upload rm(frames) makes of host frames, staging included
+                host, device = self.frames.host[:n], frames.device
+                timings["h2d"] = timer(lambda: as_frame_batch(host).chunk(0, n, device))
             # The op on one chunk, as rm(frames) runs it; rm.preprocess would add a concatenation.
             pixels = rm._pixels(frames, False)
             timings["preprocess"] = timer(lambda: rm._pixels(frames, False))
