@@ -179,6 +179,17 @@ def test_errors(envs):
         r.render()
 
 
+def test_an_env_that_replaced_its_data_is_refused():
+    env = gym.make(HUMANOID_ENV_ID, width=32, height=32)
+    env.reset(seed=0)
+    with BatchRenderer.from_envs([env], device="cpu") as r:
+        r.render()
+        env.unwrapped.data = mujoco.MjData(env.unwrapped.model)  # the renderer would draw the old one
+        with pytest.raises(RuntimeError, match="env 0 replaced its MjModel or MjData.*new BatchRenderer"):
+            r.render()
+    env.close()
+
+
 def test_gpu_unavailable_reason_is_one_line():
     reason = gpu_unavailable_reason()
     if reason is not None:

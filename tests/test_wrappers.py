@@ -403,6 +403,64 @@ def test_vec_env_terminal_frames_mujoco(rm, monkeypatch, render):
         assert renderer.closed
 
 
+def _recoloured_pendulum(max_episode_steps=3):
+    """InvertedPendulum with visual domain randomisation: every reset recolours its geoms, so the next
+    episode's model draws the terminal state in other colours."""
+    from gymnasium.envs.mujoco.inverted_pendulum_v5 import InvertedPendulumEnv
+
+    class Recoloured(InvertedPendulumEnv):
+        def reset_model(self):
+            self.model.geom_rgba[:, :3] = self.np_random.uniform(0, 1, (self.model.ngeom, 3))
+            return super().reset_model()
+
+    return gym.wrappers.TimeLimit(Recoloured(render_mode="rgb_array", width=SIZE, height=SIZE), max_episode_steps)
+
+
+@pytest.mark.parametrize("render", ["images", "batch"])
+def test_vec_env_terminal_frames_keep_the_episodes_colours(rm, render):
+    """The terminal state is drawn with the model as it was when the episode ended, not as the auto-reset
+    left it (the reference renders each terminal state before its reset)."""
+    venv = DummyVecEnv([_recoloured_pendulum] * 2)
+    ref_renderer = batch_reference(real_batch_renderer_or_skip(list(venv.envs))) if render == "batch" else None
+    wrapped = VLMRewardVecEnv(venv, rm, render=render)
+    ends = run_against_reference(venv, wrapped, rm, 2, 7, 3, _recoloured_pendulum, 1.0, ref_renderer=ref_renderer)
+    assert ends >= 4
+    wrapped.close()
+
+
+def test_vec_env_refuses_envs_that_replace_their_mujoco_data(rm, no_batch):
+    """An env that makes a new MjData at reset would leave the terminal-state copy (and a BatchRenderer)
+    on the old one: an error, at the first step after that reset, rather than stale frames."""
+    import mujoco
+
+    def make():
+        env = make_env(max_episode_steps=2)
+        reset_model = env.unwrapped.reset_model
+
+        def new_data_then_reset():
+            env.unwrapped.data = mujoco.MjData(env.unwrapped.model)
+            return reset_model()
+
+        env.unwrapped.reset_model = new_data_then_reset
+        return env
+
+    wrapped = VLMRewardVecEnv(DummyVecEnv([make]), rm)
+    wrapped.reset()  # made a new MjData already, after the wrapper kept the old one
+    with pytest.raises(RuntimeError, match="replaced its MjModel or MjData.*mj_resetData"):
+        wrapped.step(np.zeros((1, 1), np.float32))
+    wrapped.close()
+
+
+def test_wrapping_keeps_the_envs_specs(rm, no_batch):
+    """The envs of a wrapped DummyVecEnv can still be re-made from their spec (gym.make(spec))."""
+    venv = DummyVecEnv([lambda: make_env(max_episode_steps=3)])
+    wrapped = VLMRewardVecEnv(venv, rm)
+    spec = venv.envs[0].spec
+    assert [w.name for w in spec.additional_wrappers] == []
+    gym.make(spec).close()
+    wrapped.close()
+
+
 def test_vec_env_terminal_frames_other_envs(rm_tasks, no_batch):
     """Non-MuJoCo envs in a DummyVecEnv: RenderTerminalFrame is applied; several tasks reported by name."""
     venv = DummyVecEnv([CountingEnv] * 2)

@@ -29,7 +29,10 @@ action reached. :class:`VLMRewardVecEnv` scores the true terminal state wherever
 - ``DummyVecEnv`` of MuJoCo envs: each env is wrapped (in ``venv.envs``) by a tiny gymnasium wrapper
   that copies the MuJoCo state (``mj_copyData``) when an episode ends, before the auto-reset. At the
   next render the terminal state is swapped in, the frame rendered with all the others in the same
-  batch, and the reset state swapped back (exact: the whole ``MjData`` is copied both ways).
+  batch, and the reset state swapped back (exact: the whole ``MjData`` is copied both ways, and so are
+  the model's colours, sizes, materials, lights and camera angles, which visual domain randomisation
+  may change at reset; textures, which the renderer uploads once, are not). An env that replaces its
+  ``MjModel`` or ``MjData`` object is refused with an error at the step it does so.
 - ``DummyVecEnv`` of other envs: each env is wrapped by :class:`RenderTerminalFrame`, which renders
   the terminal frame before the reset and passes it in ``info``.
 - Other VecEnvs (``SubprocVecEnv``, ...): build the envs with :class:`RenderTerminalFrame` inside
@@ -360,8 +363,15 @@ class RenderTerminalFrame(gym.Wrapper, gym.utils.RecordConstructorArgs):
         return obs, reward, terminated, truncated, info
 
 
+# What a frame reads from the MjModel that an env may change at reset (visual domain randomisation).
+_LOOK_FIELDS = ("geom_rgba", "geom_size", "geom_matid", "mat_rgba", "mat_emission", "mat_specular", "mat_shininess",
+                "mat_reflectance", "site_rgba", "site_size", "skin_matid", "light_diffuse", "light_ambient",
+                "light_specular", "cam_fovy")
+
+
 class _MujocoTerminalState(gym.Wrapper):
-    """Copies a MuJoCo env's whole state (``MjData``) when an episode ends, before the VecEnv resets it.
+    """Copies a MuJoCo env's whole state (``MjData``), and the model fields a frame reads that a reset may
+    change (``_LOOK_FIELDS``), when an episode ends, before the VecEnv resets it.
 
     :meth:`terminal_state` swaps the copy in for rendering and swaps the live (reset) state back after.
     ``pending`` survives the auto-reset that follows (that is the point); :class:`VLMRewardVecEnv` clears it.
@@ -376,25 +386,48 @@ class _MujocoTerminalState(gym.Wrapper):
         self._data = data
         self._terminal = mujoco.MjData(model)
         self._scratch = mujoco.MjData(model)
+        self._fields = [f for f in _LOOK_FIELDS if getattr(model, f, None) is not None]
+        self._terminal_look = {f: np.array(getattr(model, f)) for f in self._fields}
+        self._scratch_look = {f: np.array(getattr(model, f)) for f in self._fields}
         self.pending = False
+
+    @property
+    def spec(self) -> Any:
+        """The env's own spec: this wrapper is an implementation detail, not part of how the env is made."""
+        return self.env.spec
 
     def step(self, action: Any) -> Tuple[Any, SupportsFloat, bool, bool, Dict[str, Any]]:
         obs, reward, terminated, truncated, info = self.env.step(action)
+        u = self.env.unwrapped
+        if getattr(u, "model", None) is not self._model or getattr(u, "data", None) is not self._data:
+            raise RuntimeError(
+                f"{type(u).__name__} replaced its MjModel or MjData object; VLMRewardVecEnv renders the ones the "
+                "env had when it was wrapped. Reset them in place (mujoco.mj_resetData, as gymnasium's MuJoCo envs "
+                "do), or use VLMRewardVecEnv(..., render='images') over envs wrapped in RenderTerminalFrame."
+            )
         if terminated or truncated:
             self._mujoco.mj_copyData(self._terminal, self._model, self._data)
+            for f in self._fields:
+                np.copyto(self._terminal_look[f], getattr(self._model, f))
             self.pending = True
         return obs, reward, terminated, truncated, info
 
     @contextmanager
     def terminal_state(self) -> Iterator[None]:
-        """Inside the block the env's ``MjData`` holds the terminal state; the live state comes back after."""
+        """Inside the block the env holds its terminal state; the live state comes back after."""
         mj = self._mujoco
         mj.mj_copyData(self._scratch, self._model, self._data)
         mj.mj_copyData(self._data, self._model, self._terminal)
+        for f in self._fields:
+            live = getattr(self._model, f)
+            np.copyto(self._scratch_look[f], live)
+            np.copyto(live, self._terminal_look[f])
         try:
             yield
         finally:
             mj.mj_copyData(self._data, self._model, self._scratch)
+            for f in self._fields:
+                np.copyto(getattr(self._model, f), self._scratch_look[f])
             self.pending = False
 
 

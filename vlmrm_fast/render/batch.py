@@ -270,25 +270,28 @@ class BatchRenderer:
         width, height = int(width), int(height)
         if width <= 0 or height <= 0:
             raise ValueError(f"width and height must be positive, got {width} x {height}")
-        models, datas, env_cams, env_opts = [], [], [], []
+        models, datas, env_cams, env_opts, envs = [], [], [], [], []
         for src in sources:
             if isinstance(src, (tuple, list)) and len(src) == 2:
                 m, d = src
                 if not isinstance(m, mujoco.MjModel) or not isinstance(d, mujoco.MjData):
                     raise TypeError("a (model, data) pair must be (mujoco.MjModel, mujoco.MjData)")
-                cam, opt = None, None
+                cam, opt, env = None, None, None
             elif _is_env(src):
                 m, d = _model_data_of(src)
+                env = getattr(src, "unwrapped", src)  # checked at each render: still these model and data
                 cam, opt = _env_camera(src)  # used where no camera (or None in a list) and no scene_option is given
             else:
                 raise TypeError(
                     f"BatchRenderer takes gymnasium MuJoCo envs or (MjModel, MjData) pairs, got {type(src)}"
                 )
+            envs.append(env)
             models.append(m)
             datas.append(d)
             env_cams.append(cam)
             env_opts.append(opt)
         _check_same_model(models)
+        self._envs = envs
         n = len(models)
         if isinstance(camera, (list, tuple)):
             if len(camera) != n:
@@ -457,11 +460,23 @@ class BatchRenderer:
             if (tuple(out.shape) != shape or out.dtype != torch.uint8 or out.device != self.device
                     or not out.is_contiguous()):
                 raise ValueError(f"out must be a contiguous uint8 tensor of shape {shape} on {self.device}")
+        self._check_envs_keep_their_state()
         self._place_lookats()
         with _keep_current_gl():
             if self.path == "gpu":
                 return self._render_gpu(out)
             return self._render_cpu(out)
+
+    def _check_envs_keep_their_state(self) -> None:
+        """The envs still hold the MjModel and MjData read at construction (a frame of stale ones
+        would be a silent wrong answer)."""
+        for i, (env, model, data) in enumerate(zip(self._envs, self._models, self._datas)):
+            if env is not None and (getattr(env, "model", None) is not model or getattr(env, "data", None) is not data):
+                raise RuntimeError(
+                    f"env {i} replaced its MjModel or MjData since this BatchRenderer was made, which renders the "
+                    "ones it was given: reset them in place (mujoco.mj_resetData, as gymnasium's MuJoCo envs do), "
+                    "or make a new BatchRenderer after such a change."
+                )
 
     def _place_lookats(self) -> None:
         """Free cameras from a camera config without a lookat look at the median geom position when
