@@ -565,6 +565,30 @@ def test_config_reaches_sac(tmp_path):
     assert [layer.out_features for layer in model.actor.latent_pi if isinstance(layer, torch.nn.Linear)] == [16, 8]
 
 
+def test_deferred_rewards_combine_each_step_by_its_own_mode_and_weight(tmp_path):
+    """VLMRewardVecEnv's mode and weight may change between steps (e.g. an annealed weight); the deferred
+    write-back combines each step as the per-step wrapper would have at that step."""
+    from types import SimpleNamespace
+
+    from stable_baselines3.common.vec_env import DummyVecEnv
+
+    from vlmrm_fast.train.deferred import DeferredRewardRecorder, score_and_write_back
+
+    rm = tiny_reward(dot_config(tmp_path))
+    recorder = DeferredRewardRecorder(DummyVecEnv([lambda: DotEnv()] * 2), rm, capacity=3, render="images")
+    recorder.seed(0)
+    recorder.reset()
+    steps = [("replace", 1.0), ("add", 0.5), ("log", 2.0)]
+    for mode, weight in steps:
+        recorder.mode, recorder.weight = mode, weight
+        recorder.step(np.full((2, 2), 0.3, np.float32))
+    buffer = SimpleNamespace(rewards=np.full((8, 2), np.nan, np.float32))
+    vlm, gt, _ = score_and_write_back(recorder, rm, buffer, [5, 6, 7])
+    assert np.isfinite(vlm).all() and not np.allclose(vlm, gt)
+    np.testing.assert_allclose(buffer.rewards[5:], [vlm[0], gt[1] + 0.5 * vlm[1], gt[2]], rtol=1e-6)
+    recorder.close()
+
+
 def test_config_file_and_overrides(tmp_path):
     path = tmp_path / "run.toml"
     path.write_text('model = "vlmrm-tiny"\nn_envs = 4\n[sac]\nlearning_rate = 1e-3\ntotal_timesteps = 1e6\n')

@@ -173,8 +173,7 @@ class TrainingCallback(BaseCallback):
             self._slots = []
             return
         t = time.perf_counter()
-        vlm, gt, dones = score_and_write_back(self.recorder, self.reward_model, self.model.replay_buffer,
-                                              self._slots, self.config.reward_weight, self.config.reward_mode)
+        vlm, gt, dones = score_and_write_back(self.recorder, self.reward_model, self.model.replay_buffer, self._slots)
         self._stage["reward_s"] += time.perf_counter() - t
         self._slots = []
         for step in range(len(vlm)):

@@ -54,6 +54,7 @@ class DeferredRewardRecorder(VLMRewardVecEnv):
         self.frames: Optional[torch.Tensor] = None  # allocated at the first step (frame size known)
         self.gt = np.zeros((self.capacity, self.num_envs), dtype=np.float32)
         self.dones = np.zeros((self.capacity, self.num_envs), dtype=bool)
+        self.combined_as: list = [None] * self.capacity  # each step's (mode, weight): both may change between steps
         self.count = 0
         self.bottom_up: Optional[bool] = None  # row order of the stored frames
         self.env_s = 0.0
@@ -91,6 +92,7 @@ class DeferredRewardRecorder(VLMRewardVecEnv):
         gt = np.asarray(env_rewards, dtype=np.float32).reshape(self.num_envs)
         self.gt[self.count] = gt
         self.dones[self.count] = dones
+        self.combined_as[self.count] = (self.mode, self.weight)
         self.count += 1
         for i, info in enumerate(infos):
             info["gt_reward"] = float(gt[i])
@@ -98,10 +100,11 @@ class DeferredRewardRecorder(VLMRewardVecEnv):
         return obs, placeholder, dones, infos
 
     def pop(self):
-        """The recorded ``(frames [T, n, H, W, 3], gt [T, n], dones [T, n])``; clears the record."""
+        """The recorded ``(frames [T, n, H, W, 3], gt [T, n], dones [T, n], combined_as)``, ``combined_as[t]``
+        being step t's ``(mode, weight)``; clears the record."""
         n, self.count = self.count, 0
         frames = self.frames[:n] if self.frames is not None else torch.empty((0, self.num_envs, 1, 1, 3), dtype=torch.uint8)
-        return frames, self.gt[:n].copy(), self.dones[:n].copy()
+        return frames, self.gt[:n].copy(), self.dones[:n].copy(), list(self.combined_as[:n])
 
 
 def combine(gt: np.ndarray, vlm: np.ndarray, mode: str, weight: float) -> np.ndarray:
@@ -122,20 +125,22 @@ def score_frames(reward_model, frames: torch.Tensor, bottom_up: bool, task: int 
     return rewards.float().reshape(t, n).cpu().numpy()
 
 
-def score_and_write_back(recorder: DeferredRewardRecorder, reward_model, replay_buffer, slots: list,
-                         weight: float, mode: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Score the recorded rollout and write its rewards into ``replay_buffer.rewards[slots]``.
+def score_and_write_back(recorder: DeferredRewardRecorder, reward_model, replay_buffer,
+                         slots: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Score the recorded rollout and write its rewards into ``replay_buffer.rewards[slots]``, each step's
+    combined with the env reward by the recorder's ``mode`` and ``weight`` at that step.
 
     ``slots[t]`` is the replay index the t-th recorded step was stored at (rows hold all envs).
     Returns ``(vlm [T, n], gt [T, n], dones [T, n])`` for logging.
     """
-    frames, gt, dones = recorder.pop()
+    frames, gt, dones, combined_as = recorder.pop()
     if len(slots) != len(gt):
         raise RuntimeError(f"recorded {len(gt)} steps but {len(slots)} replay slots; the callback missed steps")
     vlm = score_frames(reward_model, frames, bool(recorder.bottom_up), recorder.task)
     if len(slots):
         # In order, so a slot written twice (rollout longer than the buffer) keeps the newest.
         for t, slot in enumerate(slots):
+            mode, weight = combined_as[t]
             replay_buffer.rewards[slot] = combine(gt[t], vlm[t], mode, weight)
     return vlm, gt, dones
 
