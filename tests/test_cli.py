@@ -178,6 +178,10 @@ def test_natural_key_orders_numbers_by_value() -> None:
     names = ["frame10.png", "Frame2.png", "frame1.png", "frame_b.png", "frame_a10.png", "frame_a9.png"]
     ordered = [p.name for p in sorted(map(Path, names), key=cli.natural_key)]
     assert ordered == ["frame1.png", "Frame2.png", "frame10.png", "frame_a9.png", "frame_a10.png", "frame_b.png"]
+    # Names equal by number value and case still have one order, whatever order the folder lists them in.
+    ties = ["frame1.png", "frame01.png", "Frame1.png"]
+    orders = {tuple(p.name for p in sorted(map(Path, given), key=cli.natural_key)) for given in (ties, ties[::-1])}
+    assert orders == {("Frame1.png", "frame01.png", "frame1.png")}
 
 
 def test_batched_splits_on_size_change() -> None:
@@ -188,6 +192,22 @@ def test_batched_splits_on_size_change() -> None:
 
     assert [names for _, names in batches] == [["0", "1"], ["2"], ["3"], ["4"]]
     assert [b.shape for b, _ in batches] == [(2, 2, 3, 3), (1, 2, 3, 3), (1, 4, 4, 3), (1, 2, 3, 3)]
+
+
+def test_images_are_read_upright_by_their_exif_orientation(tmp_path: Path) -> None:
+    # Stored 40 wide and 20 high, left half red; Orientation 6: shown turned 90 degrees clockwise, so
+    # 20 wide and 40 high with the red half on top, as a video's rotation is applied by its reader.
+    from vlmrm_fast.cli import read_image
+
+    stored = np.zeros((20, 40, 3), np.uint8)
+    stored[:, :20, 0] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(stored).save(tmp_path / "turned.png", exif=exif)
+    frame = read_image(tmp_path / "turned.png")
+    assert frame.shape == (40, 20, 3)
+    np.testing.assert_array_equal(frame, np.rot90(stored, k=-1))
+    assert frame[:20, :, 0].min() == 255 and frame[20:, :, 0].max() == 0
 
 
 def test_sixteen_bit_greyscale_keeps_its_range(tmp_path: Path) -> None:

@@ -491,10 +491,11 @@ def natural_key(path: Path) -> tuple:
     """Sort key that orders embedded numbers by value: frame2 < frame10.
 
     ``re.split`` with a capturing group alternates text and digits, so keys compare
-    str with str and int with int at every position.
+    str with str and int with int at every position. Names equal by that measure (frame1 and
+    frame01, Frame1 and frame1) are ordered by their plain names, not by the directory listing.
     """
     parts = re.split(r"(\d+)", path.name)
-    return tuple(int(part) if i % 2 else part.casefold() for i, part in enumerate(parts))
+    return tuple(int(part) if i % 2 else part.casefold() for i, part in enumerate(parts)), path.name
 
 
 @dataclass
@@ -514,11 +515,14 @@ class ImageFiles:
 
 
 def read_image(path: Path) -> np.ndarray:
-    """Read one image as RGB uint8 [H, W, 3] (alpha dropped, greyscale expanded, 16-bit greyscale
-    reduced to its high byte; 32-bit integer and float images are refused: their range is unknown)."""
+    """Read one image as RGB uint8 [H, W, 3], upright as viewers show it (EXIF orientation applied, as
+    videos get their rotation), alpha dropped, greyscale expanded, 16-bit greyscale reduced to its
+    high byte; 32-bit integer and float images are refused: their range is unknown."""
     image_module = _require("PIL.Image", "pillow")
+    image_ops = _require("PIL.ImageOps", "pillow")
     try:
-        with image_module.open(path) as image:
+        with image_module.open(path) as opened:
+            image = image_ops.exif_transpose(opened)
             if image.mode.startswith("I;16"):  # PIL's convert("RGB") would clip every value above 255
                 grey = (np.asarray(image).astype(np.uint16) >> 8).astype(np.uint8)
                 return np.repeat(grey[:, :, None], 3, axis=2)
