@@ -29,8 +29,6 @@ from vlmrm_fast.render import BatchRenderer, gpu_unavailable_reason, rendering_u
 _EGL = rendering_unavailable_reason()
 pytestmark = pytest.mark.skipif(_EGL is not None, reason=str(_EGL))
 HAS_CUDA = torch.cuda.is_available()
-_GPU_REASON = gpu_unavailable_reason("cuda") if HAS_CUDA else "needs a CUDA device"
-gpu_only = pytest.mark.skipif(_GPU_REASON is not None, reason=str(_GPU_REASON))
 # Environmental reasons for the GPU path not to run on a CUDA machine (skip); any other reason fails.
 _ENVIRONMENTAL = ("EGL context is not on", "EGL device display", "Cannot create an EGL context")
 
@@ -268,11 +266,31 @@ def test_extension_gl_readback_without_cuda(size, offsamples, render_extension):
         ctx.free()
     np.testing.assert_array_equal(got[:, ::-1], ref)  # bottom-up rows, tightly packed
 
+@pytest.fixture(scope="module")
+def gpu_extension(request):
+    """For the GPU-path tests: the extension (installed, or built here from csrc/ by render_extension)
+    put where BatchRenderer looks for it, so that they run on any CUDA machine with nvcc, not only after
+    a --no-build-isolation install; skip with the reason where the GPU path cannot be tried."""
+    if not HAS_CUDA:
+        pytest.skip("needs a CUDA device")
+    from vlmrm_fast.render import _cuda
+
+    ext = request.getfixturevalue("render_extension")
+    saved = _cuda._ext
+    _cuda._ext = ext
+    try:
+        reason = gpu_unavailable_reason("cuda")
+        if reason is not None:
+            pytest.skip(reason)
+        yield ext
+    finally:
+        _cuda._ext = saved
+
+
 @pytest.mark.gpu
-@gpu_only
 @pytest.mark.parametrize("size", [(224, 224), (101, 75)], ids=["224", "odd-101x75"])
 @pytest.mark.parametrize("offsamples", [4, 0], ids=["msaa", "no-msaa"])
-def test_gpu_path_equals_mujoco_renderer(size, offsamples):
+def test_gpu_path_equals_mujoco_renderer(size, offsamples, gpu_extension):
     width, height = size
     es = _make_envs(3, width=width, height=height)
     for e in es:
@@ -292,9 +310,8 @@ def test_gpu_path_equals_mujoco_renderer(size, offsamples):
 
 
 @pytest.mark.gpu
-@gpu_only
-def test_gpu_frames_into_reward_model(envs, env_frames):
-    from tests.conftest import make_tiny
+def test_gpu_frames_into_reward_model(envs, env_frames, gpu_extension):
+    from conftest import make_tiny
 
     from vlmrm_fast import CLIPReward
 
