@@ -198,7 +198,13 @@ class PboReader {
     f.BufferData(kGL_PIXEL_PACK_BUFFER, static_cast<GLsizeiptr>(frame_bytes_ * capacity_), nullptr,
                  kGL_STREAM_COPY);
     f.BindBuffer(kGL_PIXEL_PACK_BUFFER, static_cast<GLuint>(prev));
-    check_gl("glBufferData(GL_PIXEL_PACK_BUFFER)");
+    try {
+      check_gl("glBufferData(GL_PIXEL_PACK_BUFFER) (too many or too large frames for GPU memory?)");
+    } catch (...) {
+      f.DeleteBuffers(1, &pbo_);
+      pbo_ = 0;
+      throw;
+    }
     if (device_index_ >= 0) {
       c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device_index_));
       cudaError_t err =
@@ -214,9 +220,15 @@ class PboReader {
 
   ~PboReader() {
     // Without the GL context current nothing can be freed safely; close() is the proper path.
-    // Unregistering needs no GL call; the buffer itself is freed with the context.
+    // Unregistering needs no GL call; the buffer itself is freed with the context. No exceptions
+    // here (a destructor): the device is switched and restored by hand, errors ignored.
     if (resource_ != nullptr) {
+      int previous = -1;
+      bool switched = cudaGetDevice(&previous) == cudaSuccess && previous != device_index_ &&
+                      cudaSetDevice(static_cast<int>(device_index_)) == cudaSuccess;
       cudaGraphicsUnregisterResource(resource_);
+      if (switched) cudaSetDevice(previous);
+      cudaGetLastError();
       resource_ = nullptr;
     }
   }
@@ -228,6 +240,9 @@ class PboReader {
     TORCH_CHECK(slot >= 0 && slot < capacity_, "PboReader.read: slot ", slot, " outside [0, ",
                 capacity_, ")");
     const GLFunctions& f = gl();
+    // mjr_render never checks GL errors: a flag it left would otherwise be reported as ours below.
+    for (int i = 0; i < 16 && f.GetError() != kGL_NO_ERROR; ++i) {
+    }
     GLint prev_read_fbo = 0, prev_draw_fbo = 0, prev_pack = 0, prev_align = 4, prev_read_buf = 0;
     f.GetIntegerv(kGL_READ_FRAMEBUFFER_BINDING, &prev_read_fbo);
     f.GetIntegerv(kGL_DRAW_FRAMEBUFFER_BINDING, &prev_draw_fbo);
@@ -235,31 +250,41 @@ class PboReader {
     f.GetIntegerv(kGL_PACK_ALIGNMENT, &prev_align);
     const GLint w = static_cast<GLint>(width_), h = static_cast<GLint>(height_);
     GLuint source = static_cast<GLuint>(fbo);
+    GLenum err = kGL_NO_ERROR;
+    const char* failed = nullptr;
+    bool read_buffer_saved = false;
     if (fbo_resolve != 0) {  // multisampled: resolve (same blit as mjr_readPixels)
       f.BindFramebuffer(kGL_READ_FRAMEBUFFER, static_cast<GLuint>(fbo));
       f.BindFramebuffer(kGL_DRAW_FRAMEBUFFER, static_cast<GLuint>(fbo_resolve));
       f.BlitFramebuffer(0, 0, w, h, 0, 0, w, h, kGL_COLOR_BUFFER_BIT, kGL_NEAREST);
-      check_gl("glBlitFramebuffer (offFBO -> offFBO_r)");
+      err = f.GetError();
+      failed = "glBlitFramebuffer (offFBO -> offFBO_r)";
       source = static_cast<GLuint>(fbo_resolve);
     }
-    f.BindFramebuffer(kGL_READ_FRAMEBUFFER, source);
-    f.GetIntegerv(kGL_READ_BUFFER, &prev_read_buf);
-    f.ReadBuffer(kGL_COLOR_ATTACHMENT0);
-    f.BindBuffer(kGL_PIXEL_PACK_BUFFER, pbo_);
-    f.PixelStorei(kGL_PACK_ALIGNMENT, 1);  // rows of width * 3 bytes, tightly packed
-    // With a pack buffer bound, the pointer argument is a byte offset into it.
-    f.ReadPixels(0, 0, w, h, kGL_RGB, kGL_UNSIGNED_BYTE,
-                 reinterpret_cast<void*>(static_cast<std::uintptr_t>(slot * frame_bytes_)));
-    GLenum err = f.GetError();
-    // Restore the state MuJoCo left (it expects offFBO bound for its next draw).
+    if (err == kGL_NO_ERROR) {
+      f.BindFramebuffer(kGL_READ_FRAMEBUFFER, source);
+      f.GetIntegerv(kGL_READ_BUFFER, &prev_read_buf);
+      read_buffer_saved = true;
+      f.ReadBuffer(kGL_COLOR_ATTACHMENT0);
+      f.BindBuffer(kGL_PIXEL_PACK_BUFFER, pbo_);
+      f.PixelStorei(kGL_PACK_ALIGNMENT, 1);  // rows of width * 3 bytes, tightly packed
+      // With a pack buffer bound, the pointer argument is a byte offset into it.
+      f.ReadPixels(0, 0, w, h, kGL_RGB, kGL_UNSIGNED_BYTE,
+                   reinterpret_cast<void*>(static_cast<std::uintptr_t>(slot * frame_bytes_)));
+      err = f.GetError();
+      failed = "glReadPixels into the pack buffer";
+    }
+    // Restore the state MuJoCo left (it expects offFBO bound for its next draw), error or not.
     f.PixelStorei(kGL_PACK_ALIGNMENT, prev_align);
     f.BindBuffer(kGL_PIXEL_PACK_BUFFER, static_cast<GLuint>(prev_pack));
-    f.ReadBuffer(static_cast<GLenum>(prev_read_buf));
+    if (read_buffer_saved) f.ReadBuffer(static_cast<GLenum>(prev_read_buf));
     f.BindFramebuffer(kGL_READ_FRAMEBUFFER, static_cast<GLuint>(prev_read_fbo));
     f.BindFramebuffer(kGL_DRAW_FRAMEBUFFER, static_cast<GLuint>(prev_draw_fbo));
     if (err != kGL_NO_ERROR) {
+      for (int i = 0; i < 16 && f.GetError() != kGL_NO_ERROR; ++i) {
+      }
       std::ostringstream msg;
-      msg << "OpenGL error 0x" << std::hex << err << " in glReadPixels into the pack buffer";
+      msg << "OpenGL error 0x" << std::hex << err << " in " << failed;
       throw std::runtime_error(msg.str());
     }
     check_gl("restoring GL state after glReadPixels");
@@ -341,8 +366,9 @@ class PboReader {
 };
 
 // CUDA device ordinals of the GPUs behind the current GL context (empty: none, e.g. a software
-// renderer such as Mesa's llvmpipe, or a context on a GPU CUDA cannot see). Any other CUDA error
-// is raised with its name: reported as "no device", a real fault would read as a missing GPU.
+// renderer such as Mesa's llvmpipe, or a context on a GPU CUDA cannot see; cudaGLGetDevices then
+// reports no device, an invalid graphics context or an operating-system error). Any other CUDA
+// error is raised with its name: reported as "no device", a real fault would read as a missing GPU.
 std::vector<int64_t> gl_cuda_devices() {
   unsigned int count = 0;
   int devices[16] = {0};
@@ -350,7 +376,10 @@ std::vector<int64_t> gl_cuda_devices() {
   std::vector<int64_t> result;
   if (err != cudaSuccess) {
     cudaGetLastError();  // clear the (non-sticky) error so later calls do not report it
-    if (err == cudaErrorNoDevice) return result;
+    if (err == cudaErrorNoDevice || err == cudaErrorInvalidGraphicsContext ||
+        err == cudaErrorOperatingSystem) {
+      return result;
+    }
     check_cuda(err, "cudaGLGetDevices");
   }
   for (unsigned int i = 0; i < count && i < 16; ++i) result.push_back(devices[i]);

@@ -177,6 +177,40 @@ def test_errors(envs):
         r.render()
 
 
+def test_renders_from_another_thread():
+    """A renderer made on one thread renders on another (an EGL context current on the first would be
+    refused on the second: none is left current where none was)."""
+    import threading
+
+    from vlmrm_fast.render.batch import _keep_current_gl
+
+    if os.environ.get("MUJOCO_GL") != "egl":
+        pytest.skip("needs MUJOCO_GL=egl")
+    from mujoco.egl import egl_ext as EGL
+
+    es = _make_envs(2, width=32, height=32)
+    with _keep_current_gl():  # whatever the other tests' envs made current comes back after
+        if EGL.eglGetCurrentContext():
+            EGL.eglMakeCurrent(EGL.eglGetCurrentDisplay(), EGL.EGL_NO_SURFACE, EGL.EGL_NO_SURFACE, EGL.EGL_NO_CONTEXT)
+        with BatchRenderer.from_envs(es, device="cpu") as r:
+            here = r.render()
+            result = {}
+
+            def render_there():
+                try:
+                    result["frames"] = r.render()
+                except Exception as exc:  # noqa: BLE001 - reported below
+                    result["error"] = exc
+
+            thread = threading.Thread(target=render_there)
+            thread.start()
+            thread.join()
+            assert "error" not in result, result.get("error")
+            assert torch.equal(result["frames"], here) and torch.equal(r.render(), here)
+    for e in es:
+        e.close()
+
+
 def test_an_env_that_replaced_its_data_is_refused():
     env = gym.make(HUMANOID_ENV_ID, width=32, height=32)
     env.reset(seed=0)
@@ -223,6 +257,19 @@ def render_extension(tmp_path_factory):
     return module
 
 
+def _gl_enable(cap: int) -> None:
+    """glEnable through the GL library itself (PyOpenGL's wrapper would read the error flag it sets)."""
+    import ctypes
+
+    for name in ("libOpenGL.so.0", "libGL.so.1"):
+        try:
+            ctypes.CDLL(name).glEnable(ctypes.c_uint(cap))
+            return
+        except (OSError, AttributeError):
+            continue
+    pytest.skip("no libOpenGL.so.0 or libGL.so.1 to call glEnable from")
+
+
 @pytest.mark.parametrize("size,offsamples", [((224, 224), 4), ((101, 75), 4), ((101, 75), 0)],
                          ids=["224-msaa", "odd-101x75-msaa", "odd-101x75-no-msaa"])
 def test_extension_gl_readback_without_cuda(size, offsamples, render_extension):
@@ -256,6 +303,8 @@ def test_extension_gl_readback_without_cuda(size, offsamples, render_extension):
             mujoco.mjv_updateScene(m, e.unwrapped.data, mujoco.MjvOption(), None, cams[i],
                                    mujoco.mjtCatBit.mjCAT_ALL, scene)
             mujoco.mjr_render(rect, scene, con)
+            if i == 1:  # an error flag left by earlier GL calls (mjr_render checks none) is not ours to report
+                _gl_enable(0xFFFF)  # GL_INVALID_ENUM
             reader.read(con.offFBO, con.offFBO_r, i)
         got = reader.download(3).numpy()
         assert not reader.registered

@@ -188,7 +188,9 @@ def _keep_current_gl():
     gymnasium's MuJoCo envs make their own context current once, when their viewer is created, and
     render into whatever context is current afterwards: a renderer that leaves its own context
     current (or none, after freeing it) would silently break their ``env.render()``. EGL and GLFW
-    contexts are restored; with OSMesa this is best effort (nothing is restored).
+    contexts are restored; with OSMesa this is best effort (nothing is restored). Where no EGL context
+    was current, none is left current: an EGL context current on one thread cannot be made current
+    on another, so one left current here would make rendering from another thread fail.
     """
     backend = os.environ.get("MUJOCO_GL", "").strip().lower()
     saved = None
@@ -211,6 +213,15 @@ def _keep_current_gl():
     try:
         yield
     finally:
+        if saved is None and backend == "egl":
+            try:
+                from mujoco.egl import egl_ext as EGL
+
+                if EGL.eglGetCurrentContext():
+                    EGL.eglMakeCurrent(EGL.eglGetCurrentDisplay(), EGL.EGL_NO_SURFACE, EGL.EGL_NO_SURFACE,
+                                       EGL.EGL_NO_CONTEXT)
+            except Exception:
+                pass
         if saved is not None:
             kind, state = saved
             try:
@@ -421,8 +432,16 @@ class BatchRenderer:
                     "another GPU, or a container without the NVIDIA driver's graphics libraries)"
                 )
             reader = ext.PboReader(self.width, self.height, self.num_envs, index)
+            # One frame through the whole path now, so that a fault in mapping or copying falls back
+            # here, with its reason, rather than failing the first render().
+            reader.read(con.offFBO, con.offFBO_r, 0)
+            with torch.cuda.device(self.device):
+                reader.copy_to(torch.empty((1, self.height, self.width, 3), dtype=torch.uint8, device=self.device), 1)
+                torch.cuda.synchronize(self.device)
         except Exception as exc:
             try:
+                if reader is not None:
+                    reader.close()
                 if con is not None:
                     con.free()
                 if gl_ctx is not None:
