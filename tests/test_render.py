@@ -431,3 +431,19 @@ def test_envs_of_another_look_are_refused():
     with pytest.raises(ValueError, match="ONE model.*tex_data"):
         BatchRenderer.from_envs([textured, plain], width=16, height=16, device="cpu")
 
+
+
+def test_egl_position_of_a_cuda_device():
+    """MuJoCo < 4 takes MUJOCO_EGL_DEVICE_ID as a position in EGL's device list: torch's cuda:i is looked
+    up there by the driver's CUDA ordinal (physical, through CUDA_VISIBLE_DEVICES, then torch's own)."""
+    from vlmrm_fast.render.batch import _egl_cuda_ids, egl_position_of_cuda_device as position
+
+    egl = [None, 2, 0, 3, 1]  # a software device first, then four GPUs in another order than CUDA's
+    assert position(egl, 0, None) == 2 and position(egl, 3, None) == 3
+    assert position(egl, 0, "3,1") == 3 and position(egl, 1, "3,1") == 4  # physical GPUs 3 and 1
+    assert position([None, 1, 0], 0, "5") == 2  # ordinal 5 unknown to EGL: torch's own number, 0
+    assert position(egl, 0, "GPU-8a0c1e2f") == 2  # UUIDs: no physical ordinal to look up
+    assert position([None], 0, None) is None  # no CUDA device behind EGL (Mesa): EGL's own order
+    assert position([None, 0], 3, None) is None  # no EGL device on that GPU
+    if os.environ.get("MUJOCO_GL") == "egl":
+        assert all(x is None or x >= 0 for x in _egl_cuda_ids())  # the query runs on this EGL

@@ -161,19 +161,75 @@ def _check_same_model(models: Sequence[Any]) -> None:
             )
 
 
+def egl_position_of_cuda_device(egl_cuda_ids: Sequence[Optional[int]], index: int,
+                                visible: Optional[str]) -> Optional[int]:
+    """Position in EGL's device list of the device behind torch's ``cuda:index``.
+
+    ``egl_cuda_ids``: each EGL device's ``EGL_CUDA_DEVICE_NV`` (None where the driver gives none);
+    ``visible``: ``CUDA_VISIBLE_DEVICES``. The driver's ordinal is looked up as the physical one
+    (``visible`` maps torch's index to it) and then as torch's own; None where neither is there
+    (a software renderer, GPUs named by UUID): the caller then keeps EGL's own order.
+    """
+    physical: Optional[int] = index
+    if visible is not None and visible.strip():
+        try:
+            ids = [int(v) for v in visible.split(",") if v.strip()]
+            physical = ids[index] if index < len(ids) else None
+        except ValueError:  # UUIDs or MIG names
+            physical = None
+    for wanted in dict.fromkeys(x for x in (physical, index) if x is not None):
+        if wanted in egl_cuda_ids:
+            return list(egl_cuda_ids).index(wanted)
+    return None
+
+
+def _egl_cuda_ids() -> List[Optional[int]]:
+    """``EGL_CUDA_DEVICE_NV`` of each EGL device, in ``eglQueryDevicesEXT``'s order (EGL_NV_device_cuda)."""
+    import ctypes
+
+    from mujoco.egl import egl_ext as EGL
+
+    query = EGL.eglGetProcAddress("eglQueryDeviceAttribEXT")  # EGL_EXT_device_query
+    if not query:
+        return []
+    attrib = ctypes.CFUNCTYPE(ctypes.c_uint, ctypes.c_void_p, ctypes.c_int32, ctypes.POINTER(ctypes.c_ssize_t))(
+        ctypes.cast(query, ctypes.c_void_p).value)
+    out: List[Optional[int]] = []
+    for device in EGL.eglQueryDevicesEXT():
+        value = ctypes.c_ssize_t(-1)
+        handle = ctypes.cast(device, ctypes.c_void_p).value
+        out.append(int(value.value) if attrib(handle, 0x323A, ctypes.byref(value)) and value.value >= 0 else None)
+    EGL.eglGetError()  # a driver without EGL_NV_device_cuda refused the attribute: clear that error
+    return out
+
+
 @contextmanager
 def _egl_device_for(index: int):
-    """Point MuJoCo's EGL display at CUDA device ``index`` unless the user or an earlier context chose."""
-    created = False
+    """Point MuJoCo's EGL display at CUDA device ``index`` unless the user or an earlier context chose.
+
+    ``MUJOCO_EGL_DEVICE_ID`` is a CUDA device number for MuJoCo >= 4 (it reads ``EGL_CUDA_DEVICE_NV``
+    itself) but a position in EGL's device list before, where the two orders differ on many-GPU
+    machines and under ``CUDA_VISIBLE_DEVICES``: there the position is looked up here.
+    """
+    created, major = False, 4
     try:
+        import mujoco
         import mujoco.egl as megl
 
         created = getattr(megl, "EGL_DISPLAY", None) is not None
+        major = int(mujoco.__version__.split(".")[0])
     except Exception:
         pass
     set_here = not created and "MUJOCO_EGL_DEVICE_ID" not in os.environ
     if set_here:
-        os.environ["MUJOCO_EGL_DEVICE_ID"] = str(index)
+        position: Optional[int] = index
+        if major < 4:
+            try:
+                found = egl_position_of_cuda_device(_egl_cuda_ids(), index, os.environ.get("CUDA_VISIBLE_DEVICES"))
+                position = index if found is None else found
+            except Exception:  # no device-query extension: EGL's own order, checked after by cudaGLGetDevices
+                pass
+        os.environ["MUJOCO_EGL_DEVICE_ID"] = str(position)
     try:
         yield
     finally:
