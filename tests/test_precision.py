@@ -1,35 +1,70 @@
-"""``float32_matmuls`` turns TF32 off and back through whichever TF32 API the process used (on torch
->= 2.9, reading the legacy flag raises once the new one is set, and the other way round)."""
+"""``float32_matmuls`` / ``float32_convolutions`` turn TF32 off for a block and leave the process's
+setting exactly as it was, whichever TF32 API the process used (on torch >= 2.9 reading a legacy flag
+raises once the new API is set, and setting a legacy flag pins that operator in the new API).
+
+Each case runs in a fresh interpreter: TF32 settings are process-wide and cannot be reset."""
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 
-from vlmrm_fast.precision import float32_matmuls
+HAS_NEW_API = hasattr(torch.backends.cuda.matmul, "fp32_precision")
+needs_new_api = pytest.mark.skipif(not HAS_NEW_API, reason="torch < 2.9 has only the legacy allow_tf32 flags")
 
-MATMUL = torch.backends.cuda.matmul
-HAS_NEW_API = hasattr(MATMUL, "fp32_precision")
-
-
-@pytest.fixture
-def restore_tf32():
-    """Put the process's TF32 setting back after a test changes it (through the API it then uses)."""
-    try:
-        name, value = "allow_tf32", MATMUL.allow_tf32
-    except RuntimeError:
-        name, value = "fp32_precision", MATMUL.fp32_precision
-    yield
-    setattr(MATMUL, name, value)
+PRELUDE = """
+import torch
+from vlmrm_fast.precision import float32_convolutions, float32_matmuls
+matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+"""
 
 
-def test_legacy_flag_is_turned_off_and_restored(restore_tf32):
-    MATMUL.allow_tf32 = True
-    with float32_matmuls():
-        assert MATMUL.allow_tf32 is False
-    assert MATMUL.allow_tf32 is True  # and still readable: the new API was not touched
+def _run(body: str) -> None:
+    done = subprocess.run([sys.executable, "-c", PRELUDE + textwrap.dedent(body)], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
 
 
-@pytest.mark.skipif(not HAS_NEW_API, reason="torch < 2.9 has only the legacy allow_tf32 flag")
-def test_new_api_is_turned_off_and_restored(restore_tf32):
-    MATMUL.fp32_precision = "tf32"
-    with float32_matmuls():
-        assert MATMUL.fp32_precision == "ieee"
-    assert MATMUL.fp32_precision == "tf32"
+def test_legacy_flags_are_turned_off_and_restored():
+    _run("""
+        matmul.allow_tf32 = True
+        with float32_matmuls(), float32_convolutions():
+            assert matmul.allow_tf32 is False  # (cuDNN's legacy flag is unreadable while conv and RNN differ)
+        assert matmul.allow_tf32 is True and cudnn.allow_tf32 is True  # cuDNN's default is on
+    """)
+
+
+@needs_new_api
+def test_untouched_settings_stay_untouched():
+    # Left at "none" (follow the global setting), not pinned by a legacy write on the way.
+    _run("""
+        with float32_matmuls(), float32_convolutions():
+            assert matmul.fp32_precision == "ieee" and cudnn.conv.fp32_precision == "ieee"
+            assert matmul.allow_tf32 is False  # (cuDNN's legacy flag is unreadable while conv and RNN differ)
+        assert matmul.fp32_precision == "none" and matmul.allow_tf32 is False
+        assert cudnn.conv.fp32_precision == "tf32" and cudnn.allow_tf32 is True  # cuDNN's default is on
+        torch.backends.fp32_precision = "tf32"  # a later global choice still reaches matmuls
+        assert matmul.fp32_precision == "tf32"
+    """)
+
+
+@needs_new_api
+def test_new_api_settings_are_turned_off_and_restored():
+    _run("""
+        matmul.fp32_precision = "tf32"
+        with float32_matmuls():
+            assert matmul.fp32_precision == "ieee"
+        assert matmul.fp32_precision == "tf32"
+    """)
+
+
+@needs_new_api
+def test_global_new_api_setting():
+    # torch.backends.fp32_precision makes cuDNN's legacy flag unreadable (torch.backends.cudnn.flags raises).
+    _run("""
+        torch.backends.fp32_precision = "tf32"
+        with float32_matmuls(), float32_convolutions():
+            assert matmul.fp32_precision == "ieee" and cudnn.conv.fp32_precision == "ieee"
+        assert matmul.fp32_precision == "tf32" and cudnn.conv.fp32_precision == "tf32"
+    """)

@@ -1,30 +1,49 @@
-"""cuBLAS float32 matmuls without TF32 for the length of a block, whichever TF32 setting the process uses.
+"""Full float32 (TF32 off) in cuBLAS matmuls and cuDNN convolutions for the length of a block,
+whichever TF32 setting the process uses, and exactly as it was afterwards.
 
-torch >= 2.9 has two ways to set TF32 for matmuls: the legacy flag
-(``torch.backends.cuda.matmul.allow_tf32``) and ``fp32_precision``. Once a process has set the new
-one, reading the legacy flag raises, and once it has set the legacy one, setting the new one makes
-later reads of the legacy flag raise. So the block below works through the API the process already
-uses: the legacy flag where it can still be read, ``fp32_precision`` otherwise.
+torch >= 2.9 has two ways to set TF32: the legacy flags (``torch.backends.cuda.matmul.allow_tf32``,
+``torch.backends.cudnn.allow_tf32``) and ``fp32_precision`` (per backend and operator, or globally
+as ``torch.backends.fp32_precision``). For matmuls the two do not mix: once a process has set the new
+API, reading the legacy flag raises, and once it has set the legacy flag, the operator is pinned in
+the new API (no longer "none", which follows the global setting). So matmuls go through the new API
+where the legacy flag cannot be read or nothing was set ("none"), and through the legacy flag where
+that is what the process set. cuDNN convolutions always go through the new API where it exists: a
+legacy write does not reach them once the global setting is used, and the legacy flag stays
+readable and consistent after a new-API write.
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 
 
 @contextlib.contextmanager
-def float32_matmuls() -> Iterator[None]:
-    """Inside the block, CUDA float32 matmuls run in full float32 (TF32 off); the setting is restored
-    after. A no-op for CPU matmuls, which never use TF32."""
-    matmul = torch.backends.cuda.matmul
+def _tf32_off(legacy_owner: Any, new_owner: Any, new_api_always: bool) -> Iterator[None]:
+    current = getattr(new_owner, "fp32_precision", None) if new_owner is not None else None
     try:
-        name, previous, off = "allow_tf32", matmul.allow_tf32, False
-    except RuntimeError:  # the process set fp32_precision: stay on that API
-        name, previous, off = "fp32_precision", matmul.fp32_precision, "ieee"
-    setattr(matmul, name, off)
+        legacy = legacy_owner.allow_tf32
+    except RuntimeError:  # the new API is in use
+        legacy = None
+    if current is not None and (new_api_always or legacy is None or current == "none"):
+        owner, name, previous, off = new_owner, "fp32_precision", current, "ieee"
+    else:
+        owner, name, previous, off = legacy_owner, "allow_tf32", legacy, False
+    setattr(owner, name, off)
     try:
         yield
     finally:
-        setattr(matmul, name, previous)
+        setattr(owner, name, previous)
+
+
+def float32_matmuls() -> "contextlib.AbstractContextManager[None]":
+    """Inside the block, CUDA float32 matmuls run in full float32 (TF32 off); the setting is restored
+    after. A no-op for CPU matmuls, which never use TF32."""
+    return _tf32_off(torch.backends.cuda.matmul, torch.backends.cuda.matmul, new_api_always=False)
+
+
+def float32_convolutions() -> "contextlib.AbstractContextManager[None]":
+    """Inside the block, cuDNN float32 convolutions run in full float32 (TF32 off, which is on by
+    default); the setting is restored after."""
+    return _tf32_off(torch.backends.cudnn, getattr(torch.backends.cudnn, "conv", None), new_api_always=True)
