@@ -437,10 +437,10 @@ def test_interrupted_run_keeps_what_it_measured(tmp_path, monkeypatch):
 def test_sigterm_becomes_keyboard_interrupt_inside_the_run_only():
     import signal
 
-    from vlmrm_fast.profiler.run import _sigterm_as_interrupt
+    from vlmrm_fast.profiler.timing import sigterm_as_interrupt
 
     before = signal.getsignal(signal.SIGTERM)
-    with pytest.raises(KeyboardInterrupt), _sigterm_as_interrupt():
+    with pytest.raises(KeyboardInterrupt), sigterm_as_interrupt():
         os.kill(os.getpid(), signal.SIGTERM)
         for _ in range(1000):  # the handler runs between bytecodes
             pass
@@ -502,3 +502,16 @@ def test_targets_take_the_best_configuration():
     bf16, fp8 = check_targets(gpu_rows + [_row("ViT-B-32", "tensorrt", 40_000.0, 20_000.0, "fp8")], torch.device("cuda"))
     assert "(bf16)" in bf16["kind"] and bf16["measured"] == 60_000.0 and bf16["met"]
     assert "(fp8)" in fp8["kind"] and fp8["measured"] == 40_000.0 and not fp8["met"]
+
+
+def test_commit_of_a_tree_without_its_git_folder(tmp_path, monkeypatch):
+    """A copy of the tree sent to a GPU machine has no .git: results name the commit the session gives
+    in $VLMRM_FAST_COMMIT, and "unknown" without it, never another repository's commit."""
+    from vlmrm_fast import run_info
+
+    assert run_info.git_commit() not in ("", "unknown")  # this checkout
+    monkeypatch.setattr(run_info, "REPO_ROOT", tmp_path)  # not a git checkout
+    monkeypatch.delenv(run_info.COMMIT_VARIABLE, raising=False)
+    assert run_info.git_commit() == "unknown"
+    monkeypatch.setenv(run_info.COMMIT_VARIABLE, "7a93ce9")
+    assert run_info.git_commit() == "7a93ce9"

@@ -3,6 +3,7 @@ driver and library versions. One place, so that all result files name them the s
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import platform
 import subprocess
 from pathlib import Path
@@ -32,13 +33,18 @@ def package_version(*distributions: str) -> str:
     return ""
 
 
+#: Names the commit where the tree runs without its git folder (a copy sent to a GPU machine).
+COMMIT_VARIABLE = "VLMRM_FAST_COMMIT"
+
+
 def git_commit() -> str:
     """Short commit of the checkout this package runs from, "+dirty" with uncommitted changes to
-    tracked files; "unknown" for an installed copy outside a checkout."""
+    tracked files. Outside a checkout (an installed copy, or a copy of the tree without its git
+    folder), what ``$VLMRM_FAST_COMMIT`` says, else "unknown"."""
     git = ["git", "-C", str(REPO_ROOT)]
     top = command_output(git + ["rev-parse", "--show-toplevel"])
     if top is None or Path(top).resolve() != REPO_ROOT:
-        return "unknown"
+        return os.environ.get(COMMIT_VARIABLE, "").strip() or "unknown"
     commit = command_output(git + ["rev-parse", "--short", "HEAD"]) or "unknown"
     if command_output(git + ["status", "--porcelain", "--untracked-files=no"]):
         commit += "+dirty"

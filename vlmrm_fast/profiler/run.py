@@ -48,9 +48,7 @@ import importlib.metadata
 import importlib.util
 import os
 import shutil
-import signal
 import sys
-import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -65,7 +63,7 @@ from vlmrm_fast.backends import BackendError
 from vlmrm_fast.frames import as_frame_batch
 from vlmrm_fast.models import TINY_MODEL, preprocess_spec_of, register_model_configs
 from vlmrm_fast.ops._triton import HAS_TRITON, interpreter_enabled
-from vlmrm_fast.precision import float32_matmuls
+from vlmrm_fast.precision import float32_convolutions, float32_matmuls
 from vlmrm_fast.profiler.flops import _gflops_and_method, create_random_model
 from vlmrm_fast.profiler.kernels import profile_tower
 from vlmrm_fast.profiler.report import (
@@ -90,7 +88,7 @@ from vlmrm_fast.profiler.seed import (
     SEED_FRAME_SIZE,
     SeedPipeline,
 )
-from vlmrm_fast.profiler.timing import StageTimer, StageTiming, measure_peak_tflops
+from vlmrm_fast.profiler.timing import StageTimer, StageTiming, measure_peak_tflops, sigterm_as_interrupt
 from vlmrm_fast.reward import CLIPReward
 
 BACKENDS = ("torch", "compile", "onnxruntime", "tensorrt")
@@ -255,7 +253,7 @@ def backend_unavailable(backend: str, device: torch.device) -> Optional[str]:
 @contextlib.contextmanager
 def _full_float32() -> Iterator[None]:
     """No TF32 in cuDNN convolutions (on by default) or cuBLAS matmuls while the reference runs."""
-    with float32_matmuls(), torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, allow_tf32=False):
+    with float32_matmuls(), float32_convolutions():
         yield
 
 
@@ -550,23 +548,6 @@ class Profiler:
         return row
 
 
-@contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM raises KeyboardInterrupt inside the block (main thread only; elsewhere nothing changes)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def run_bench(args: argparse.Namespace) -> int:
     """``vlmrm-fast bench``: profile, write bench.json/.md/.png, print the table.
 
@@ -604,7 +585,7 @@ def run_bench(args: argparse.Namespace) -> int:
                    if d in DTYPES]  # no int8 matmul peak: its rows show none
     try:
         with tqdm(total=per_model * len(config.models), unit="config", disable=None if config.progress else True,
-                  file=sys.stderr, dynamic_ncols=True) as bar, _sigterm_as_interrupt():
+                  file=sys.stderr, dynamic_ncols=True) as bar, sigterm_as_interrupt():
             profiler = Profiler(config, report, bar, began)
             profiler.measure_peaks(peak_dtypes)
             for name in config.models:

@@ -1,10 +1,13 @@
 """Timing stages (medians over repeats, CUDA-synchronised) and the device's measured matmul peak."""
 from __future__ import annotations
 
+import contextlib
+import signal
 import statistics
+import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, List, Sequence, Tuple
+from typing import Callable, Iterator, List, Sequence, Tuple
 
 import torch
 
@@ -134,3 +137,21 @@ def measure_peak_tflops(device: torch.device, dtype: torch.dtype, timer: StageTi
             n *= 2
         timing = timer(lambda: torch.mm(a, b, out=out))
     return 2 * n**3 / timing.median_s / 1e12, n
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM raises KeyboardInterrupt inside the block (main thread only; elsewhere nothing changes),
+    so that a benchmark stopped by ``timeout`` writes what it measured, as after Ctrl-C."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
