@@ -446,8 +446,26 @@ def test_vec_env_refuses_envs_that_replace_their_mujoco_data(rm, no_batch):
 
     wrapped = VLMRewardVecEnv(DummyVecEnv([make]), rm)
     wrapped.reset()  # made a new MjData already, after the wrapper kept the old one
-    with pytest.raises(RuntimeError, match="replaced its MjModel or MjData.*mj_resetData"):
+    with pytest.raises(RuntimeError, match="replaced its MjModel or MjData.*render='images'.*RenderTerminalFrame"):
         wrapped.step(np.zeros((1, 1), np.float32))
+    wrapped.close()
+    # The way out the error names: such envs inside RenderTerminalFrame, frames from env.render().
+    wrapped = VLMRewardVecEnv(DummyVecEnv([lambda: RenderTerminalFrame(make())]), rm, render="images")
+    wrapped.reset()
+    for _ in range(2):
+        _, rewards, dones, infos = wrapped.step(np.zeros((1, 1), np.float32))
+    assert dones[0] and infos[0]["vlm_terminal_frame"] is True and np.isfinite(rewards).all()
+    wrapped.close()
+
+
+def test_terminal_states_of_envs_sharing_one_model_leave_its_fields_alone(rm, no_batch):
+    """Envs built on one MjModel object: one env's terminal colours swapped into it would redraw the
+    others in the same batch, so only their MjData is swapped."""
+    envs = [_recoloured_pendulum(), _recoloured_pendulum(), _recoloured_pendulum()]
+    envs[1].unwrapped.model = envs[0].unwrapped.model
+    wrapped = VLMRewardVecEnv(DummyVecEnv([lambda e=e: e for e in envs]), rm)
+    fields = [state._fields for state in wrapped._terminal_states]
+    assert fields[0] == [] and fields[1] == [] and "geom_rgba" in fields[2]
     wrapped.close()
 
 

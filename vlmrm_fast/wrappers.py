@@ -377,7 +377,7 @@ class _MujocoTerminalState(gym.Wrapper):
     ``pending`` survives the auto-reset that follows (that is the point); :class:`VLMRewardVecEnv` clears it.
     """
 
-    def __init__(self, env: gym.Env, model: Any, data: Any) -> None:
+    def __init__(self, env: gym.Env, model: Any, data: Any, model_fields: bool = True) -> None:
         super().__init__(env)
         import mujoco
 
@@ -386,7 +386,8 @@ class _MujocoTerminalState(gym.Wrapper):
         self._data = data
         self._terminal = mujoco.MjData(model)
         self._scratch = mujoco.MjData(model)
-        self._fields = [f for f in _LOOK_FIELDS if getattr(model, f, None) is not None]
+        # Not for a model other envs share: its terminal fields would redraw them in the same batch.
+        self._fields = [f for f in _LOOK_FIELDS if model_fields and getattr(model, f, None) is not None]
         self._terminal_look = {f: np.array(getattr(model, f)) for f in self._fields}
         self._scratch_look = {f: np.array(getattr(model, f)) for f in self._fields}
         self.pending = False
@@ -529,12 +530,16 @@ class VLMRewardVecEnv(_RewardMode, VecEnvWrapper):
         self._terminal_states: List[Optional[_MujocoTerminalState]] = [None] * self.num_envs
         self.terminal_frames = True
         if self._dummy is not None:
+            models = [id(p[0]) for p in mujoco_parts if p is not None]
             for i, env in enumerate(self._dummy.envs):
+                framed = _is_wrapped(env, RenderTerminalFrame)
                 if isinstance(env, _MujocoTerminalState):
                     self._terminal_states[i] = env
-                elif mujoco_parts[i] is not None:
-                    self._terminal_states[i] = self._dummy.envs[i] = _MujocoTerminalState(env, *mujoco_parts[i])
-                elif not _is_wrapped(env, RenderTerminalFrame):
+                elif mujoco_parts[i] is not None and not (framed and self.renderer is None):
+                    shared = models.count(id(mujoco_parts[i][0])) > 1
+                    self._terminal_states[i] = self._dummy.envs[i] = _MujocoTerminalState(
+                        env, *mujoco_parts[i], model_fields=not shared)
+                elif not framed:
                     self._dummy.envs[i] = RenderTerminalFrame(env)
         else:
             try:
