@@ -604,6 +604,10 @@ def test_config_file_and_overrides(tmp_path):
         path.write_text(text)
         with pytest.raises(ValueError, match=match):
             load_config_file(path)
+    as_json = tmp_path / "run.json"
+    as_json.write_text('{"seed": 1, "sac": {"gamma": 0.9}, "seed": 2}')
+    with pytest.raises(ValueError, match=r"sets 'seed' twice in one object"):
+        load_config_file(as_json)
     path.write_text('model = "vlmrm-tiny"\nn_envs = 4\n[sac]\nlearning_rate = 1e-3\ntotal_timesteps = 1e6\n')
     # Command-line values read as TOML literals still reach their field's type.
     config = apply_overrides(config, parse_set(["net_arch=64,32", "progress=1", "run_dir=2024-05-01"]))

@@ -205,6 +205,20 @@ def from_preset(name: str) -> TrainConfig:
 # --------------------------------------------------------------------------- files and overrides
 
 
+class _RepeatedKey(Exception):
+    pass
+
+
+def _without_repeats(pairs: list) -> dict:
+    """A JSON object as a dict, refusing a key given twice (json keeps the last one silently)."""
+    out: dict = {}
+    for key, value in pairs:
+        if key in out:
+            raise _RepeatedKey(key)
+        out[key] = value
+    return out
+
+
 def load_config_file(path: Union[str, Path]) -> dict:
     """Read a TOML (or ``.json``) config file into a flat dict (tables flattened)."""
     path = Path(path)
@@ -213,9 +227,11 @@ def load_config_file(path: Union[str, Path]) -> dict:
     text = path.read_text()
     if path.suffix.lower() == ".json":
         try:
-            data = json.loads(text)
+            data = json.loads(text, object_pairs_hook=_without_repeats)
         except json.JSONDecodeError as exc:
             raise ValueError(f"config file '{path}' is not valid JSON: {exc}") from None
+        except _RepeatedKey as exc:  # TOML refuses these itself
+            raise ValueError(f"config file '{path}' sets {exc.args[0]!r} twice in one object; keep one") from None
     else:
         if tomllib is None:  # pragma: no cover
             raise ValueError(f"reading '{path}' needs tomli on Python < 3.11 (pip install tomli), or use JSON")
