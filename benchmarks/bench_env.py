@@ -49,13 +49,12 @@ if os.environ["MUJOCO_GL"] in ("egl", "osmesa"):
 
 import argparse  # noqa: E402
 import datetime  # noqa: E402
-import json  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
-from dataclasses import asdict, dataclass, fields  # noqa: E402
+from dataclasses import dataclass, fields  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple  # noqa: E402
 
@@ -64,7 +63,8 @@ import torch  # noqa: E402
 
 # Importing vlmrm_fast loads open_clip and with it Triton, which must happen before any Mesa GL
 # context exists (README, "Import order on CPU machines").
-from results_io import append_csv, check_csv, fmt  # noqa: E402  (benchmarks/, beside this script)
+from results_io import RunFiles, check_csv, fmt  # noqa: E402  (benchmarks/, beside this script)
+from vlmrm_fast.profiler.timing import sigterm_as_interrupt  # noqa: E402
 from vlmrm_fast.run_info import cpu_name, git_commit, gpu_driver, package_version  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -621,22 +621,31 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                 for s in sorted(ref_sizes)}
     log(f"{n_max} envs per size ready ({time.perf_counter() - begin:.1f} s)")
 
+    config = {key: (str(value) if isinstance(value, (torch.device, Path)) else value) for key, value in vars(args).items()}
+    files = RunFiles(args.csv, args.json, COLUMNS, {"environment": env, "config": config})
     rows: List[Row] = []
+    complete = True
     try:
-        if not args.no_render:
-            for n in args.render_num_envs:
-                for size in args.render_sizes:
-                    new = bench_render(args, env, fast_envs, ref_envs, n, size)
+        with sigterm_as_interrupt():
+            if not args.no_render:
+                for n in args.render_num_envs:
+                    for size in args.render_sizes:
+                        new = bench_render(args, env, fast_envs, ref_envs, n, size)
+                        rows += new
+                        files.add(new)  # each row written as soon as it is measured
+                        log(f"render N={n} {size}px: " + ", ".join(
+                            f"{r.path} {r.frames_per_s:.1f} frames/s ({r.render_path})" for r in new)
+                            + f"  [{time.perf_counter() - begin:.0f} s]")
+            if not args.no_env_steps:
+                for n in args.num_envs:
+                    new = bench_env_steps(args, env, rm, seed_reward, fast_envs, ref_envs[REFERENCE_SIZE], n)
                     rows += new
-                    log(f"render N={n} {size}px: " + ", ".join(
-                        f"{r.path} {r.frames_per_s:.1f} frames/s ({r.render_path})" for r in new)
+                    files.add(new)
+                    log(f"env steps N={n}: " + ", ".join(f"{r.path} {r.steps_per_s:.1f} steps/s" for r in new)
                         + f"  [{time.perf_counter() - begin:.0f} s]")
-        if not args.no_env_steps:
-            for n in args.num_envs:
-                new = bench_env_steps(args, env, rm, seed_reward, fast_envs, ref_envs[REFERENCE_SIZE], n)
-                rows += new
-                log(f"env steps N={n}: " + ", ".join(f"{r.path} {r.steps_per_s:.1f} steps/s" for r in new)
-                    + f"  [{time.perf_counter() - begin:.0f} s]")
+    except KeyboardInterrupt:
+        complete = False
+        print(f"interrupted (SIGTERM or Ctrl-C): keeping the {len(rows)} rows measured before")
     finally:
         for e in {id(e): e for group in ref_envs.values() for e in group}.values():
             e.close()
@@ -649,17 +658,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if best is not None and args.device.type == "cuda":
         print(f"render target on an H200: 3000 frames/s at 224 x 224 into CUDA tensors; best here "
               f"{best.frames_per_s:.0f} frames/s (N={best.N}, {best.render_path} path, GL: {env['gl_renderer']})")
-    if args.csv:
-        append_csv(args.csv, rows, COLUMNS)
-        print(f"appended to {args.csv}")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        config = {key: (str(value) if isinstance(value, (torch.device, Path)) else value)
-                  for key, value in vars(args).items()}
-        run = {"environment": env, "config": config, "elapsed_s": elapsed, "rows": [asdict(row) for row in rows]}
-        args.json.write_text(json.dumps(run, indent=2) + "\n")
-        print(f"wrote {args.json}")
-
+    files.finish(complete, elapsed_s=elapsed)
+    if not complete:
+        sys.exit(130)
 
 if __name__ == "__main__":
     main()

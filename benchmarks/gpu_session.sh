@@ -4,10 +4,12 @@
 # by git), fetched beforehand on a machine that reaches PyPI and Debian.
 #
 #   bash benchmarks/gpu_session.sh fetch            # on the networked machine: fill .whl/ and .gl/
-#   bash benchmarks/gpu_session.sh PART [PART ...]  # on the GPU machine
+#   VLMRM_FAST_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_session.sh PART [PART ...]
+#                                                   # on the GPU machine (a copy of the tree without
+#                                                   # .git needs the commit named: results carry it)
 #
-# PARTs, in the order worth running them:
-#   info         nvidia-smi, library versions, whether EGL reaches the GPU               (seconds)
+# PARTs:
+#   info         nvidia-smi, library versions, commit, whether EGL reaches the GPU       (seconds)
 #   tests        build the GL-CUDA extension, then `pytest -m gpu`                       (minutes)
 #   kernels      benchmarks/bench_kernels.py: preprocess GB/s against the copy (with 3 other tiles),
 #                score frames/s
@@ -15,18 +17,23 @@
 #   env          benchmarks/bench_env.py --no-render: env steps/s with the VLM reward, N = 1 8 32
 #   profile-b32, profile-l14, profile-bigg
 #                `vlmrm-fast bench` for one model at 224 px, batch 1-1024, bf16, torch and compile,
-#                with the kernel profile of the largest batch (where the time goes against the ceiling)
+#                with the kernel profile of the largest batch (where the time goes against the ceiling);
+#                PROFILE_BATCHES="1 64 1024", PROFILE_BACKENDS=torch (or compile) and PROFILE_NO_SEED=1
+#                split a long one (ViT-bigG-14) over calls
 #
 # Each part writes under $RESULTS/<part>/ (RESULTS defaults to $OUT where that is set, else
-# runs/gpu-session/), with its log; copy the figures worth keeping to benchmarks/results/ and commit
-# them with the commit they were measured at. Override the python with PYTHON=... With
-# PART_TIMEOUT=S each part gets S seconds (then SIGTERM: the profiler writes what it measured), so
-# that one slow part leaves time for the next.
+# runs/gpu-session/): its log and results, at most 4 files; copy the figures worth keeping to
+# benchmarks/results/ and commit them. Override the python with PYTHON=... Time: the whole call
+# ends by CALL_LIMIT seconds (default 570, for a 600 s limit): each part gets what is left, or
+# PART_TIMEOUT=S seconds if less, then SIGTERM (every benchmark then writes what it measured); a
+# part with under 30 s left is skipped. The GL-CUDA extension is built only for the parts that use
+# it (tests, render, env).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
 RESULTS=${RESULTS:-${OUT:-runs/gpu-session}}
+CALL_LIMIT=${CALL_LIMIT:-570}
 # Versions for the fetch step; the GPU image supplies torch, triton, numpy and the rest.
 WHEEL_PYTHON=${WHEEL_PYTHON:-3.12}
 WHEELS=(open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.9.4 mujoco==4.0.0 mujoco-core==4.0.0 mujoco-studio==4.0.0
@@ -61,12 +68,17 @@ setup() {
     local vendor=/usr/local/nvidia/share/glvnd/egl_vendor.d/10_nvidia.json
     [ -f "$vendor" ] && export __EGL_VENDOR_LIBRARY_FILENAMES=$vendor
     export MUJOCO_GL=egl PYOPENGL_PLATFORM=egl PYTHONUNBUFFERED=1
-    # --no-build-isolation: the extension builds against the torch already here (setup.py's knobs).
-    if ! "$PYTHON" -m pip install --no-deps --no-build-isolation -v -e . >"$RESULTS/setup.log" 2>&1; then
-        tail -n 30 "$RESULTS/setup.log" >&2
+    # --no-build-isolation: the extension builds against the torch already here (setup.py's knobs);
+    # only the parts that render need it (a build takes about a minute).
+    local build=()
+    [ "${NEEDS_EXTENSION:-0}" = 1 ] || build=(env VLMRM_FAST_SKIP_CUDA_BUILD=1)
+    local log=/tmp/vlmrm-fast-setup.log
+    if ! ${build[@]+"${build[@]}"} "$PYTHON" -m pip install --no-deps --no-build-isolation -v -e . >"$log" 2>&1; then
+        cp "$log" "$RESULTS/setup.log"
+        tail -n 30 "$log" >&2
         return 1
     fi
-    grep "vlmrm_fast setup" "$RESULTS/setup.log" || true  # whether the GL-CUDA extension was built
+    grep "vlmrm_fast setup" "$log" || true  # whether the GL-CUDA extension was built
 }
 
 part() {  # part NAME COMMAND...: run COMMAND with its output also in $RESULTS/NAME/log.txt
@@ -75,8 +87,15 @@ part() {  # part NAME COMMAND...: run COMMAND with its output also in $RESULTS/N
     mkdir -p "$RESULTS/$name"
     echo "== $name: $*"
     local start=$SECONDS
+    local left=$((CALL_LIMIT - SECONDS - 15))  # 15 s for the kill's grace period
+    if [ "$left" -lt 30 ]; then
+        echo "== $name: skipped, ${left} s left of CALL_LIMIT=$CALL_LIMIT"
+        return 1
+    fi
+    local seconds=$left
+    if [ -n "${PART_TIMEOUT:-}" ] && [ "$PART_TIMEOUT" -lt "$left" ]; then seconds=$PART_TIMEOUT; fi
     local limit=()
-    if [ -n "${PART_TIMEOUT:-}" ] && [ "$(type -t "$1")" = file ]; then limit=(timeout -k 15 "$PART_TIMEOUT"); fi
+    if [ "$(type -t "$1")" = file ]; then limit=(timeout -k 15 "$seconds"); fi
     ${limit[@]+"${limit[@]}"} "$@" 2>&1 | tee "$RESULTS/$name/log.txt"
     local rc=${PIPESTATUS[0]}
     echo "== $name: exit $rc after $((SECONDS - start)) s"
@@ -85,9 +104,13 @@ part() {  # part NAME COMMAND...: run COMMAND with its output also in $RESULTS/N
 
 info() {
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv || true
-    git rev-parse --short HEAD 2>/dev/null || true
     "$PYTHON" - <<'EOF'
 import importlib.metadata as md
+try:
+    from vlmrm_fast.run_info import git_commit
+    print("commit", git_commit())
+except Exception as error:  # the summary must print whatever is missing
+    print("commit: unknown", repr(error))
 for name in ("torch", "triton", "open_clip_torch", "onnx", "onnxruntime", "mujoco", "gymnasium", "stable_baselines3"):
     try:
         print(f"{name} {md.version(name)}")
@@ -104,15 +127,22 @@ except Exception as error:  # the summary must print whatever is missing
 EOF
 }
 
-profile() {  # profile PART MODEL; PROFILE_BATCHES="1 64 1024" or PROFILE_BACKENDS=compile trim a long part
+profile() {  # profile PART MODEL; PROFILE_BATCHES, PROFILE_BACKENDS and PROFILE_NO_SEED=1 trim a long part
+    local seed=()
+    [ "${PROFILE_NO_SEED:-0}" = 1 ] && seed=(--no-seed)
     # shellcheck disable=SC2086
     part "$1" "$PYTHON" -m vlmrm_fast bench --models "$2" --frame-size 224 --batch-sizes ${PROFILE_BATCHES:-1 8 64 256 1024} \
-        --dtypes bf16 --backends ${PROFILE_BACKENDS:-torch compile} --out "$RESULTS/$1" --no-progress --kernel-profile
+        --dtypes bf16 --backends ${PROFILE_BACKENDS:-torch compile} --out "$RESULTS/$1" --no-progress --kernel-profile \
+        ${seed[@]+"${seed[@]}"}
 }
 
 # One function per part: part_<name>, dashes as underscores.
 part_info() { part info info; }
-part_tests() { part tests "$PYTHON" -m pytest -m gpu -q -rs -p no:cacheprovider; }
+part_tests() {
+    local per_test=()  # pytest-timeout, where installed: one hung test must not take the whole call
+    "$PYTHON" -c "import pytest_timeout" 2>/dev/null && per_test=(--timeout=240)
+    part tests "$PYTHON" -m pytest -m gpu -q -rs -p no:cacheprovider ${per_test[@]+"${per_test[@]}"}
+}
 part_kernels() {
     part kernels "$PYTHON" benchmarks/bench_kernels.py --preprocess-tiles 16x64w8 8x64w4 16x32w4 \
         --csv "$RESULTS/kernels/kernels.csv" --json "$RESULTS/kernels/kernels.json"
@@ -133,9 +163,16 @@ if [ "$1" = fetch ]; then
     fetch
     exit
 fi
+NEEDS_EXTENSION=0
 for name in "$@"; do  # every name checked before setup touches the machine
     declare -F "part_${name//-/_}" >/dev/null || { echo "unknown part '$name' (see the top of $0)" >&2; exit 2; }
+    case $name in tests | render | env) NEEDS_EXTENSION=1 ;; esac
 done
+if ! git rev-parse --git-dir >/dev/null 2>&1 && [ -z "${VLMRM_FAST_COMMIT:-}" ]; then
+    echo "this copy of the tree has no .git, so results could not name their commit: run it as" >&2
+    echo "  VLMRM_FAST_COMMIT=\$(git rev-parse --short HEAD) bash $0 $* (the commit of the tree sent)" >&2
+    exit 2
+fi
 setup || { echo "setup failed (log: $RESULTS/setup.log)" >&2; exit 1; }
 status=0
 for name in "$@"; do

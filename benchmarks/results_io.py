@@ -2,9 +2,13 @@
 from __future__ import annotations
 
 import csv
+import json
 import sys
+from dataclasses import asdict
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Dict, Iterable, List, Optional, Sequence
+
+from vlmrm_fast.atomic import write_atomically
 
 
 def fmt(value: object) -> str:
@@ -36,3 +40,37 @@ def append_csv(path: Path, rows: Iterable[object], columns: Sequence[str]) -> No
         if new:
             writer.writerow(list(columns))
         writer.writerows([fmt(getattr(row, column)) for column in columns] for row in rows)
+
+
+class RunFiles:
+    """A run's CSV and JSON kept current as its rows come in, so that a run stopped part way (SIGTERM
+    from a time limit, Ctrl-C, a crash in a later row) keeps every row already measured.
+
+    :meth:`add` appends the new rows to the CSV (header first when the file is new) and rewrites
+    the JSON whole, atomically: ``{**header, "complete": False, "rows": [...]}``; :meth:`finish`
+    rewrites it once more with ``complete`` and any extra keys (``elapsed_s``...).
+    """
+
+    def __init__(self, csv_path: Optional[Path], json_path: Optional[Path], columns: Sequence[str],
+                 header: Dict[str, Any]) -> None:
+        self.csv_path, self.json_path, self.columns, self.header = csv_path, json_path, columns, header
+        self.rows: List[Any] = []
+
+    def add(self, rows: Iterable[Any]) -> None:
+        rows = list(rows)
+        self.rows += rows
+        if self.csv_path and rows:
+            append_csv(self.csv_path, rows, self.columns)
+        self._write_json(complete=False)
+
+    def finish(self, complete: bool = True, **extra: Any) -> None:
+        self._write_json(complete, **extra)
+        if self.csv_path:
+            print(f"appended {len(self.rows)} rows to {self.csv_path}")
+        if self.json_path:
+            print(f"wrote {self.json_path}")
+
+    def _write_json(self, complete: bool, **extra: Any) -> None:
+        if self.json_path:
+            run = {**self.header, **extra, "complete": complete, "rows": [asdict(row) for row in self.rows]}
+            write_atomically(self.json_path, (json.dumps(run, indent=2) + "\n").encode())

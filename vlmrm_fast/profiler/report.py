@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
+from vlmrm_fast.atomic import write_atomically
 from vlmrm_fast.ops._triton import interpreter_enabled
 from vlmrm_fast.profiler.kernels import TowerProfile, markdown_kernel_profiles
 from vlmrm_fast.profiler.seed import SEED, SEED_CUDA_DTYPE, SEED_FRAME_SIZE
@@ -303,8 +304,9 @@ def write_outputs(report: Report, config: BenchConfig, plot: Optional[bool] = No
     out.mkdir(parents=True, exist_ok=True)
     data = asdict(report)
     data["kernel_profiles"] = [profile.as_json() for profile in report.kernel_profiles]  # with derived figures
-    (out / "bench.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
-    (out / "bench.md").write_text(markdown_report(report))
+    # Atomically: rewritten after every configuration, and a kill mid-write must not leave it cut short.
+    write_atomically(out / "bench.json", (json.dumps(data, indent=2, default=str) + "\n").encode())
+    write_atomically(out / "bench.md", markdown_report(report).encode())
     written = [out / "bench.json", out / "bench.md"]
     if config.plot if plot is None else plot:
         written.append(write_plot(out / "bench.png", report))
