@@ -108,7 +108,7 @@ def reference_reward_from_embeddings(x: torch.Tensor, g: torch.Tensor, u: Option
     x = x / x.norm(dim=-1, keepdim=True)
     dim = x.shape[1]
     m = (1 - alpha) * torch.eye(dim, dtype=torch.float64)
-    if u is not None:
+    if u is not None and alpha != 0:  # at alpha = 0, M = I whatever u is (NaN for goal = baseline)
         m = m + alpha * torch.outer(u, u)
     v = x - g
     return 1 - 0.5 * ((v @ m.T) ** 2).sum(dim=1)

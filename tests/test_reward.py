@@ -108,6 +108,16 @@ def test_single_prompt_alpha_zero_is_cosine_similarity():
     assert torch.allclose(rm(frames), (emb @ goal.T)[:, 0], atol=1e-6)
 
 
+def test_goal_equal_to_baseline_at_alpha_zero():
+    # No direction exists (g - b = 0), but at alpha = 0 none is needed: M = I.
+    prompt = "a humanoid robot kneeling"
+    rm, model, tokenizer = _reward_model("torch", goal=prompt, baseline=prompt, alpha=0.0)
+    frames = _noise(3, 97, 131, seed=3)
+    want = reference_reward(model, tokenizer, frames, [prompt], [prompt], 0.0)
+    assert torch.isfinite(want).all()
+    assert (rm(frames).double() - want).abs().max().item() <= 1e-5
+
+
 def test_embed_then_score_equals_call():
     rm, _, _ = _reward_model(alpha=0.7)
     frames = _noise(5, 100, 90, seed=8)
