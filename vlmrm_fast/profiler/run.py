@@ -350,6 +350,8 @@ class Profiler:
         gflops, method = _gflops_and_method(base)
         self.report.models[name] = {"create_seconds": create_seconds, "tower_gflops": gflops, "flops_method": method}
         self.say(f"{name}: created in {create_seconds:.1f} s (random weights); tower {gflops:.4g} GFLOP/image ({method})")
+        if self.device.type == "cuda":  # each configuration copies it: device copies, not host copies of up to 10 GB
+            base = base.to(self.device)
         seed = self._profile_seed(name, base, gflops, method) if self.config.seed else None
         self.save()
         reference = self._reference_rewards(name, base, tokenizer)
