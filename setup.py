@@ -9,14 +9,18 @@ Environment knobs (flash-attention style):
 - ``VLMRM_FAST_SKIP_CUDA_BUILD=1``: never build the extension.
 - ``VLMRM_FAST_FORCE_BUILD=1``: build even when no GPU is visible (CUDA toolkit still needed),
   e.g. in a wheel-building container; a failed forced build is an error.
-- ``VLMRM_FAST_CUDA_ARCHS="80;90"``: compute capabilities to compile for (PTX is added for the newest).
-  Default: ``TORCH_CUDA_ARCH_LIST`` if set, else the visible GPUs' capabilities, else "80;90".
+- ``VLMRM_FAST_CUDA_ARCHS="8.0;9.0"``: compute capabilities to compile device code for (as
+  ``TORCH_CUDA_ARCH_LIST``; "80 90", "sm_90", "9.0a" and "+PTX" are understood). Default:
+  ``TORCH_CUDA_ARCH_LIST`` if set, else the visible GPUs' capabilities, else "8.0;9.0". The extension
+  today is host code calling the CUDA runtime (no kernels of its own), so its one build runs on every
+  GPU the torch it was built against supports; the list matters once device code is added.
 
 By default the extension is built only when torch is importable in the build environment (e.g.
 ``pip install -e . --no-build-isolation``), ``torch.cuda.is_available()`` and the CUDA toolkit (nvcc)
 is found. Otherwise a one-line note is printed and the install is pure Python.
 """
 import os
+import re
 import sys
 
 from setuptools import setup
@@ -33,20 +37,35 @@ def _note(msg):
     print(f"vlmrm_fast setup: {msg}", file=sys.stderr)
 
 
+_ARCH = re.compile(r"^(?:sm_|compute_)?(\d+?)\.?(\d)([a-z]?)(\+ptx)?$", re.IGNORECASE)
+
+
 def _arch_list(torch):
+    """TORCH_CUDA_ARCH_LIST for the build ("8.0;9.0+PTX"), or None to leave torch's own setting."""
     archs = os.environ.get("VLMRM_FAST_CUDA_ARCHS", "").strip()
     if not archs:
         if os.environ.get("TORCH_CUDA_ARCH_LIST"):
             return None  # torch's own knob, honoured by cpp_extension
         if torch.cuda.is_available():
             caps = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
-            archs = ";".join(f"{a}{b}" for a, b in caps)
+            archs = ";".join(f"{a}.{b}" for a, b in caps)
         else:
-            archs = "80;90"
-    parts = [a.strip().replace(".", "") for a in archs.replace(",", ";").split(";") if a.strip()]
-    parts = sorted(set(parts), key=lambda a: (int(a[:-1]), a[-1]))
-    # "8.0;9.0+PTX": the newest also as PTX, so newer GPUs can JIT it.
-    return ";".join(f"{a[:-1]}.{a[-1]}" for a in parts) + "+PTX"
+            archs = "8.0;9.0"
+    parsed = []
+    for token in re.split(r"[;,\s]+", archs):
+        if not token:
+            continue
+        match = _ARCH.match(token)
+        if match is None:
+            raise ValueError(f"VLMRM_FAST_CUDA_ARCHS: {token!r} is not a compute capability such as 8.0, 90 or 9.0a")
+        major, minor, suffix, ptx = match.groups()
+        parsed.append((int(major), int(minor), suffix.lower(), bool(ptx)))
+    if not parsed:
+        raise ValueError(f"VLMRM_FAST_CUDA_ARCHS={archs!r} names no compute capability")
+    parsed.sort()
+    newest = parsed[-1][:3]
+    # The newest also as PTX, so that newer GPUs can compile it at load time.
+    return ";".join(f"{a}.{b}{s}" + ("+PTX" if ptx or (a, b, s) == newest else "") for a, b, s, ptx in parsed)
 
 
 def cuda_extensions():
@@ -92,6 +111,7 @@ def cuda_extensions():
         name=EXT_NAME,
         sources=SOURCES,
         extra_compile_args={"cxx": ["-O2"]},
+        extra_link_args=["-Wl,--strip-debug"],  # Python's CFLAGS add -g: 12 MB of debug info otherwise
         libraries=["dl"],
     )
 

@@ -91,3 +91,35 @@ def test_forced_cuda_build_gives_a_platform_wheel_with_the_extension(tmp_path):
     assert wheel.name.endswith("_x86_64.whl") and f"-cp{sys.version_info[0]}{sys.version_info[1]}-" in wheel.name
     names = zipfile.ZipFile(wheel).namelist()
     assert any(n.startswith("vlmrm_fast/_render_cuda") and n.endswith(".so") for n in names), names
+
+
+def test_source_distribution_holds_the_extension_source(tmp_path):
+    # A cluster may build its wheel from the sdist, made anywhere (here: where no extension is built,
+    # as in an isolated `python -m build --sdist`): csrc/ must be in it, tests and benchmarks not.
+    import tarfile
+
+    src = copy_sources(tmp_path / "src")
+    result = subprocess.run([sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path / "dist")], cwd=src,
+                            env={**os.environ, "VLMRM_FAST_SKIP_CUDA_BUILD": "1"}, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (sdist,) = (tmp_path / "dist").glob("vlmrm_fast-*.tar.gz")
+    names = {n.split("/", 1)[1] for n in tarfile.open(sdist).getnames() if "/" in n}
+    assert {"csrc/gl_cuda_readback.cpp", "setup.py", "pyproject.toml", "vlmrm_fast/model_configs/vlmrm-tiny.json"} <= names
+    assert not any(n.startswith(("tests/", "benchmarks/")) or n.endswith(".so") for n in names)
+
+
+def test_an_extension_that_does_not_load_is_reported_as_such(tmp_path):
+    # Built against another torch (undefined symbols) or damaged: the GPU path says so and how to fix
+    # it, instead of "not built".
+    import importlib.machinery
+
+    src = copy_sources(tmp_path / "src")
+    (src / "vlmrm_fast" / f"_render_cuda{importlib.machinery.EXTENSION_SUFFIXES[0]}").write_bytes(b"not a library")
+    code = "import vlmrm_fast.render._cuda as c; print(c.__file__); print(c.gpu_unavailable_reason())"
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(src)},
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    where, reason = result.stdout.splitlines()[:2]
+    assert where.startswith(str(src))
+    assert "built but does not load" in reason and "another torch" in reason

@@ -10,6 +10,7 @@ from typing import Any, Optional
 
 _ext: Any = None
 _import_error: Optional[str] = None
+_built = False  # the compiled file is there (it may still fail to load)
 
 try:
     import torch  # noqa: F401  (the extension links against torch's libraries)
@@ -18,6 +19,12 @@ try:
 except Exception as exc:  # ImportError, or OSError from a missing shared library
     _ext = None
     _import_error = f"{type(exc).__name__}: {exc}"
+    try:
+        import importlib.util
+
+        _built = importlib.util.find_spec("vlmrm_fast._render_cuda") is not None
+    except Exception:
+        _built = False
 
 
 def extension() -> Any:
@@ -34,6 +41,12 @@ def gpu_unavailable_reason(device: Any = None) -> Optional[str]:
     """
     import torch
 
+    if _ext is None and _built:
+        return (
+            f"the CUDA extension vlmrm_fast._render_cuda is built but does not load ({_import_error}); "
+            f"usually it was built against another torch than this one ({torch.__version__}): rebuild it "
+            "against this torch (`pip install -e . --no-build-isolation`, or a wheel built where this torch is installed)"
+        )
     if _ext is None:
         return (
             "the CUDA extension vlmrm_fast._render_cuda is not built "
