@@ -103,7 +103,7 @@ def test_source_distribution_holds_the_extension_source(tmp_path):
                             env={**os.environ, "VLMRM_FAST_SKIP_CUDA_BUILD": "1"}, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    (sdist,) = (tmp_path / "dist").glob("vlmrm_fast-*.tar.gz")
+    (sdist,) = (tmp_path / "dist").glob("vlmrm*-*.tar.gz")  # vlmrm_fast- or, setuptools < 69, vlmrm-fast-
     names = {n.split("/", 1)[1] for n in tarfile.open(sdist).getnames() if "/" in n}
     assert {"csrc/gl_cuda_readback.cpp", "setup.py", "pyproject.toml", "vlmrm_fast/model_configs/vlmrm-tiny.json"} <= names
     assert not any(n.startswith(("tests/", "benchmarks/")) or n.endswith(".so") for n in names)
