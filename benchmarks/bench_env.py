@@ -63,8 +63,7 @@ import torch  # noqa: E402
 
 # Importing vlmrm_fast loads open_clip and with it Triton, which must happen before any Mesa GL
 # context exists (README, "Import order on CPU machines").
-from results_io import RunFiles, check_csv, fmt  # noqa: E402  (benchmarks/, beside this script)
-from vlmrm_fast.profiler.timing import sigterm_as_interrupt  # noqa: E402
+from results_io import RunFiles, check_csv, config_of, fmt  # noqa: E402  (benchmarks/, beside this script)
 from vlmrm_fast.run_info import cpu_name, git_commit, gpu_driver, package_version  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -621,17 +620,13 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                 for s in sorted(ref_sizes)}
     log(f"{n_max} envs per size ready ({time.perf_counter() - begin:.1f} s)")
 
-    config = {key: (str(value) if isinstance(value, (torch.device, Path)) else value) for key, value in vars(args).items()}
-    files = RunFiles(args.csv, args.json, COLUMNS, {"environment": env, "config": config})
-    rows: List[Row] = []
-    complete = True
+    files = RunFiles(args.csv, args.json, COLUMNS, {"environment": env, "config": config_of(args)})
     try:
-        with sigterm_as_interrupt():
+        with files.interruptible():
             if not args.no_render:
                 for n in args.render_num_envs:
                     for size in args.render_sizes:
                         new = bench_render(args, env, fast_envs, ref_envs, n, size)
-                        rows += new
                         files.add(new)  # each row written as soon as it is measured
                         log(f"render N={n} {size}px: " + ", ".join(
                             f"{r.path} {r.frames_per_s:.1f} frames/s ({r.render_path})" for r in new)
@@ -639,18 +634,15 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             if not args.no_env_steps:
                 for n in args.num_envs:
                     new = bench_env_steps(args, env, rm, seed_reward, fast_envs, ref_envs[REFERENCE_SIZE], n)
-                    rows += new
                     files.add(new)
                     log(f"env steps N={n}: " + ", ".join(f"{r.path} {r.steps_per_s:.1f} steps/s" for r in new)
                         + f"  [{time.perf_counter() - begin:.0f} s]")
-    except KeyboardInterrupt:
-        complete = False
-        print(f"interrupted (SIGTERM or Ctrl-C): keeping the {len(rows)} rows measured before")
     finally:
         for e in {id(e): e for group in ref_envs.values() for e in group}.values():
             e.close()
     elapsed = time.perf_counter() - begin
 
+    rows = files.rows
     print(markdown_table(rows))
     print(f"\n{len(rows)} rows in {elapsed:.1f} s")
     best = max((r for r in rows if r.bench == "render" and r.path == "vlmrm_fast" and r.width == 224),
@@ -658,8 +650,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if best is not None and args.device.type == "cuda":
         print(f"render target on an H200: 3000 frames/s at 224 x 224 into CUDA tensors; best here "
               f"{best.frames_per_s:.0f} frames/s (N={best.N}, {best.render_path} path, GL: {env['gl_renderer']})")
-    files.finish(complete, elapsed_s=elapsed)
-    if not complete:
+    files.finish(elapsed_s=elapsed)
+    if not files.complete:
         sys.exit(130)
 
 if __name__ == "__main__":

@@ -36,11 +36,10 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from vlmrm_fast.ops._triton import interpreter_enabled, triton_runs_on
-from results_io import RunFiles, check_csv, fmt  # noqa: E402  (benchmarks/, beside this script)
+from results_io import RunFiles, check_csv, config_of, fmt  # noqa: E402  (benchmarks/, beside this script)
 from vlmrm_fast.run_info import device_name, git_commit, gpu_driver, package_version
 from vlmrm_fast.ops.preprocess import PreprocessSpec, check_tile, preprocess, preprocess_triton
 from vlmrm_fast.ops.score import ScoringTargets, score
-from vlmrm_fast.profiler.timing import sigterm_as_interrupt
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -435,35 +434,27 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
               "measure the interpreter, not the kernels.")
     print()
 
-    config = {key: (str(value) if isinstance(value, (torch.device, Path)) else value) for key, value in vars(args).items()}
-    files = RunFiles(args.csv, args.json, COLUMNS, {"environment": env, "config": config,
+    files = RunFiles(args.csv, args.json, COLUMNS, {"environment": env, "config": config_of(args),
                                                     "providers": providers + list(tiled), "skipped": skipped})
     timer = Timer(args.device, args.warmup, args.repeats)
-    rows: List[Row] = []
-    complete = True
 
-    def add(new: List[Row]) -> None:  # each op's rows written as soon as they are measured
-        rows.extend(new)
-        add_ratios(rows)
+    def add(new: List[Row]) -> None:  # each op's rows written as soon as they are measured, ratios filled
+        add_ratios(files.rows + new)
         files.add(new)
 
-    try:
-        with torch.inference_mode(), sigterm_as_interrupt():
-            if "copy" in args.ops:
-                add([bench_copy(args, env, timer)])
-            if "preprocess" in args.ops:
-                add(bench_preprocess(args, env, timer, providers, tiled))
-            if "score" in args.ops:
-                add(bench_score(args, env, timer, providers))
-    except KeyboardInterrupt:
-        complete = False
-        print(f"interrupted (SIGTERM or Ctrl-C): keeping the {len(rows)} rows measured before")
+    with torch.inference_mode(), files.interruptible():
+        if "copy" in args.ops:
+            add([bench_copy(args, env, timer)])
+        if "preprocess" in args.ops:
+            add(bench_preprocess(args, env, timer, providers, tiled))
+        if "score" in args.ops:
+            add(bench_score(args, env, timer, providers))
     elapsed = time.perf_counter() - begin
 
-    print(markdown_table(rows))
-    print(f"\n{len(rows)} rows in {elapsed:.1f} s")
-    files.finish(complete, elapsed_s=elapsed)
-    if not complete:
+    print(markdown_table(files.rows))
+    print(f"\n{len(files.rows)} rows in {elapsed:.1f} s")
+    files.finish(elapsed_s=elapsed)
+    if not files.complete:
         sys.exit(130)
 
 if __name__ == "__main__":

@@ -1,14 +1,19 @@
 """Result files shared by the benchmark scripts: one CSV per machine kind, rows appended per run."""
 from __future__ import annotations
 
+import argparse
+import contextlib
 import csv
 import json
 import sys
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence
+
+import torch
 
 from vlmrm_fast.atomic import write_atomically
+from vlmrm_fast.profiler.timing import sigterm_as_interrupt
 
 
 def fmt(value: object) -> str:
@@ -43,8 +48,8 @@ def append_csv(path: Path, rows: Iterable[object], columns: Sequence[str]) -> No
 
 
 class RunFiles:
-    """A run's CSV and JSON kept current as its rows come in, so that a run stopped part way (SIGTERM
-    from a time limit, Ctrl-C, a crash in a later row) keeps every row already measured.
+    """A run's rows, and its CSV and JSON kept current as they come in, so that a run stopped part way
+    (SIGTERM from a time limit, Ctrl-C, a crash in a later row) keeps every row already measured.
 
     :meth:`add` appends the new rows to the CSV (header first when the file is new) and rewrites
     the JSON whole, atomically: ``{**header, "complete": False, "rows": [...]}``; :meth:`finish`
@@ -55,22 +60,39 @@ class RunFiles:
                  header: Dict[str, Any]) -> None:
         self.csv_path, self.json_path, self.columns, self.header = csv_path, json_path, columns, header
         self.rows: List[Any] = []
+        self.complete = True  # False once interrupted
 
     def add(self, rows: Iterable[Any]) -> None:
         rows = list(rows)
         self.rows += rows
         if self.csv_path and rows:
             append_csv(self.csv_path, rows, self.columns)
-        self._write_json(complete=False)
+        self._write_json(finished=False)
 
-    def finish(self, complete: bool = True, **extra: Any) -> None:
-        self._write_json(complete, **extra)
+    @contextlib.contextmanager
+    def interruptible(self) -> Iterator[None]:
+        """SIGTERM or Ctrl-C inside the block ends it early, keeping the rows so far (``complete`` False)."""
+        try:
+            with sigterm_as_interrupt():
+                yield
+        except KeyboardInterrupt:
+            self.complete = False
+            print(f"interrupted (SIGTERM or Ctrl-C): keeping the {len(self.rows)} rows measured before")
+
+    def finish(self, **extra: Any) -> None:
+        self._write_json(finished=True, **extra)
         if self.csv_path:
             print(f"appended {len(self.rows)} rows to {self.csv_path}")
         if self.json_path:
             print(f"wrote {self.json_path}")
 
-    def _write_json(self, complete: bool, **extra: Any) -> None:
+    def _write_json(self, finished: bool, **extra: Any) -> None:
         if self.json_path:
+            complete = finished and self.complete
             run = {**self.header, **extra, "complete": complete, "rows": [asdict(row) for row in self.rows]}
             write_atomically(self.json_path, (json.dumps(run, indent=2) + "\n").encode())
+
+
+def config_of(args: argparse.Namespace) -> Dict[str, Any]:
+    """A script's arguments as JSON values (devices and paths as text)."""
+    return {key: str(value) if isinstance(value, (torch.device, Path)) else value for key, value in vars(args).items()}

@@ -21,7 +21,7 @@ import torch
 
 @contextlib.contextmanager
 def _tf32_off(legacy_owner: Any, new_owner: Any, new_api_always: bool) -> Iterator[None]:
-    current = getattr(new_owner, "fp32_precision", None) if new_owner is not None else None
+    current = getattr(new_owner, "fp32_precision", None)  # None: torch < 2.9, no new API
     try:
         legacy = legacy_owner.allow_tf32
     except RuntimeError:  # the new API is in use

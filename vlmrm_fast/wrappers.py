@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import inspect
 import warnings
+from collections import Counter
 from contextlib import ExitStack, contextmanager
 from typing import Any, Dict, Iterator, List, Optional, Sequence, SupportsFloat, Tuple, Union
 
@@ -530,13 +531,13 @@ class VLMRewardVecEnv(_RewardMode, VecEnvWrapper):
         self._terminal_states: List[Optional[_MujocoTerminalState]] = [None] * self.num_envs
         self.terminal_frames = True
         if self._dummy is not None:
-            models = [id(p[0]) for p in mujoco_parts if p is not None]
+            envs_per_model = Counter(id(p[0]) for p in mujoco_parts if p is not None)
             for i, env in enumerate(self._dummy.envs):
                 framed = _is_wrapped(env, RenderTerminalFrame)
                 if isinstance(env, _MujocoTerminalState):
                     self._terminal_states[i] = env
                 elif mujoco_parts[i] is not None and not (framed and self.renderer is None):
-                    shared = models.count(id(mujoco_parts[i][0])) > 1
+                    shared = envs_per_model[id(mujoco_parts[i][0])] > 1
                     self._terminal_states[i] = self._dummy.envs[i] = _MujocoTerminalState(
                         env, *mujoco_parts[i], model_fields=not shared)
                 elif not framed:

@@ -5,6 +5,7 @@ without it and says why the GPU path is unavailable.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 from typing import Any, Optional
 
@@ -19,12 +20,7 @@ try:
 except Exception as exc:  # ImportError, or OSError from a missing shared library
     _ext = None
     _import_error = f"{type(exc).__name__}: {exc}"
-    try:
-        import importlib.util
-
-        _built = importlib.util.find_spec("vlmrm_fast._render_cuda") is not None
-    except Exception:
-        _built = False
+    _built = importlib.util.find_spec("vlmrm_fast._render_cuda") is not None
 
 
 def extension() -> Any:
