@@ -46,6 +46,12 @@ def test_pure_python_wheel_holds_the_package_and_its_model_configs(tmp_path):
     configs = {p.name for p in (ROOT / "vlmrm_fast" / "model_configs").glob("*.json")}
     assert configs and {f"vlmrm_fast/model_configs/{c}" for c in configs} <= names
     assert "vlmrm_fast/reward.py" in names and "vlmrm_fast/backends/tensorrt.py" in names
+    assert "vlmrm_fast/py.typed" in names  # type checkers read the package's annotations (PEP 561)
+    assert any(n.endswith("LICENSE") and ".dist-info/" in n for n in names), names
+    metadata = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
+    import vlmrm_fast  # the version is written once, in the package; the wheel's metadata reads it there
+
+    assert f"\nVersion: {vlmrm_fast.__version__}\n" in metadata and f"-{vlmrm_fast.__version__}-" in wheel.name
     assert not any(n.startswith(("tests/", "benchmarks/", "csrc/")) for n in names)
     entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
     assert "vlmrm-fast = vlmrm_fast.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()

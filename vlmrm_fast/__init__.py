@@ -6,7 +6,7 @@ from vlmrm_fast.models import TINY_MODEL, PretrainedWeightsError, create_clip, r
 from vlmrm_fast.reward import CLIPReward
 from vlmrm_fast.tasks import Task
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the only place: pyproject.toml reads it from here
 
 register_model_configs()
 
