@@ -154,6 +154,32 @@ def test_compile_backend_with_cuda_graphs_within_twice_eager_bf16_error():
     assert torch.equal(got, kept)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_compile_backend_results_survive_replays_of_every_bucket():
+    # Each bucket's CUDA graph owns a static output buffer that its next replay overwrites: what the
+    # backend hands back must stay as it was through calls into the same bucket, another bucket and
+    # a split over the largest one.
+    from vlmrm_fast.backends.compiled import CompiledBackend
+
+    model, _ = make_tiny()
+    visual = model.visual.to("cuda", torch.bfloat16).eval()
+    size = tuple(model.visual.image_size)
+    backend = CompiledBackend(visual, torch.device("cuda"), torch.bfloat16, size, 4, buckets=(2, 4))
+    generator = torch.Generator(device="cuda").manual_seed(3)
+    with torch.inference_mode():
+        batches = [torch.randn((n, 3) + size, device="cuda", generator=generator).to(torch.bfloat16) for n in (3, 2, 9)]
+        first = [backend(b) for b in batches]
+        kept = [f.clone() for f in first]
+        again = [backend(b) for b in reversed(batches)][::-1]
+        eager = [visual(b).float() for b in batches]
+    assert backend.mode == "reduce-overhead"
+    for got, was, rerun in zip(first, kept, again):
+        assert torch.equal(got, was) and torch.equal(rerun, was)
+    for got, want in zip(first, eager):  # the graphs compute the tower (inductor rounds its own way in bf16)
+        assert torch.allclose(got.float(), want, rtol=0.05, atol=0.05)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_auto_picks_a_verified_backend(device):
     device = torch.device(device)
@@ -263,6 +289,61 @@ def test_tensorrt_of_another_major_version_is_refused(tiny, monkeypatch, version
         CLIPReward(*tiny, goal="a", device="cpu", backend="tensorrt")
     with pytest.raises(BackendError, match=version):
         build_engine(tmp_path / "tower.onnx", "bf16", (1, 2, 4))
+
+
+class _FakeLogger:
+    WARNING = 2
+
+    def __init__(self, level=None):
+        self.level = level
+
+
+def test_tensorrt_that_cannot_start_names_the_build_to_install(monkeypatch, tmp_path):
+    # A TensorRT build for a newer CUDA than the driver's: its bindings give back a null Builder or
+    # Runtime (pybind11 raises TypeError, or None comes back) instead of an error that says why.
+    import types
+
+    from vlmrm_fast.backends.tensorrt import build_engine
+
+    def null_factory(logger):
+        raise TypeError("pybind11::init(): factory function returned nullptr")
+
+    for factory in (null_factory, lambda logger: None):
+        fake = types.SimpleNamespace(__version__="10.13.3.9", Builder=factory, Logger=_FakeLogger)
+        monkeypatch.setitem(sys.modules, "tensorrt", fake)
+        with pytest.raises(BackendError, match=r"could not create its builder.*pip install 'tensorrt-cu\d+>=10,<11'"):
+            build_engine(tmp_path / "tower.onnx", "bf16", (1, 2, 4))
+
+
+def test_tensorrt_bf16_needs_an_ampere_gpu(monkeypatch):
+    from vlmrm_fast.backends import tensorrt as backend
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    with pytest.raises(BackendError, match=r"compute capability 8\.0.*Tesla T4 is 7\.5: use dtype=torch.float16"):
+        backend._check_precision_support(torch.bfloat16, torch.device("cuda:0"))
+    backend._check_precision_support(torch.float16, torch.device("cuda:0"))  # fp16 runs there
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    backend._check_precision_support(torch.bfloat16, torch.device("cuda:0"))
+
+
+def test_tensorrt_input_is_moved_to_an_aligned_address_only_when_needed():
+    # TensorRT wants 256-byte aligned tensor addresses; a slice of a larger batch (frames of
+    # 3 x 378 x 378 bf16, as the split over the engine's largest batch makes) can start off it.
+    from vlmrm_fast.backends.tensorrt import ADDRESS_ALIGNMENT, aligned_contiguous
+
+    size = 5 * 3 * 37 * 37 * 2
+    memory = torch.empty(size + ADDRESS_ALIGNMENT, dtype=torch.uint8)
+    start = -memory.data_ptr() % ADDRESS_ALIGNMENT
+    pixels = memory[start : start + size].view(torch.bfloat16).view(5, 3, 37, 37)
+    pixels.copy_(torch.randn(5, 3, 37, 37))
+    assert pixels.data_ptr() % ADDRESS_ALIGNMENT == 0
+    assert pixels[1:].data_ptr() % ADDRESS_ALIGNMENT  # the case to fix
+    moved = aligned_contiguous(pixels[1:])
+    assert moved.data_ptr() % ADDRESS_ALIGNMENT == 0 and torch.equal(moved, pixels[1:])
+    assert aligned_contiguous(pixels).data_ptr() == pixels.data_ptr()  # no copy when already fine
+    strided = aligned_contiguous(pixels.transpose(2, 3))
+    assert strided.is_contiguous() and strided.data_ptr() % ADDRESS_ALIGNMENT == 0
 
 
 def _ort_has_cuda() -> bool:

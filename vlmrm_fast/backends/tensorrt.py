@@ -37,6 +37,10 @@ FP8_MIN_VERSION = (10, 6)
 """Per-channel fp8 weight scales for matmuls arrived in TensorRT 10.6."""
 FP8_MIN_CAPABILITY = (9, 0)
 """Hopper: TensorRT's per-channel fp8 matmul scales are for Hopper GPUs (TensorRT 10.6 release notes)."""
+BF16_MIN_CAPABILITY = (8, 0)
+"""Ampere: the first GPUs with bf16 tensor cores; TensorRT has no bf16 kernels before them."""
+ADDRESS_ALIGNMENT = 256
+"""``IExecutionContext.setTensorAddress``: "The pointer must have at least 256-byte alignment"."""
 QUANTIZE_CHOICES = ("fp8",)
 
 
@@ -83,6 +87,7 @@ class TensorRTBackend(VisionBackend):
         device = self.device
         precision = _PRECISIONS[dtype]
         calibration = ""
+        _check_precision_support(dtype, device)
         if quantize == "fp8":
             _check_fp8_support(trt, device)
             precision = f"fp8-{precision}"
@@ -104,7 +109,7 @@ class TensorRTBackend(VisionBackend):
         start = time.perf_counter()
         # TensorRT builds and deserializes on the current CUDA device, which need not be ``device``.
         with torch.cuda.device(device):
-            runtime = trt.Runtime(self._logger)
+            runtime = _created(trt, trt.Runtime, self._logger, "runtime")
             payload = cache.load(key)
             engine = runtime.deserialize_cuda_engine(payload) if payload is not None else None
             if engine is None:  # absent, stale, damaged, or refused by this TensorRT: build afresh
@@ -118,6 +123,11 @@ class TensorRTBackend(VisionBackend):
                     raise BackendError("TensorRT built an engine it cannot deserialize; see the TensorRT log above.")
             self._calibration = None  # only needed to build
             self.context = engine.create_execution_context()
+            if self.context is None:  # the bindings return TensorRT's null pointer as None
+                raise BackendError(
+                    "TensorRT could not create an execution context for the engine (usually out of GPU memory; "
+                    "see the TensorRT log above): free GPU memory, or lower max_batch_size."
+                )
             # enqueueV3 on the legacy default stream makes TensorRT synchronise around each call.
             self._stream = torch.cuda.Stream(device)
         self._max_batch = key.batch_range[2]
@@ -135,6 +145,7 @@ class TensorRTBackend(VisionBackend):
             opset = {"opset": FP8_OPSET} if self.quantize == "fp8" else {}
             onnx_path = export_onnx(fp32_copy, Path(tmp) / "tower.onnx", spec, input_format="pixels", **opset)
             del fp32_copy
+            torch.cuda.empty_cache()  # the copy's memory (7 GB for ViT-bigG-14) is the builder's to use
             if self.quantize == "fp8":
                 pixels = _calibration_pixels(self._calibration, spec)
                 onnx_path = fp8_tower_graph(onnx_path, pixels, key.precision.split("-")[1], ort_providers(self.device.index))
@@ -161,7 +172,7 @@ class TensorRTBackend(VisionBackend):
             for i in range(0, pixels.shape[0], largest):
                 out[i : i + largest] = self(pixels[i : i + largest])
             return out
-        pixels = pixels.contiguous()
+        pixels = aligned_contiguous(pixels)  # a slice of a larger batch can start off the alignment
         context = self.context
         if not context.set_input_shape("pixels", tuple(pixels.shape)):
             raise RuntimeError(f"TensorRT refused input shape {tuple(pixels.shape)}; see the TensorRT log above.")
@@ -231,6 +242,44 @@ def _version(trt) -> Tuple[int, int]:
     return tuple(int("".join(ch for ch in part if ch.isdigit()) or 0) for part in parts)  # type: ignore[return-value]
 
 
+def aligned_contiguous(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor``, contiguous and starting on a TensorRT-aligned address (a copy only where needed)."""
+    tensor = tensor.contiguous()
+    if tensor.data_ptr() % ADDRESS_ALIGNMENT == 0:
+        return tensor
+    # torch's allocators align less on some devices (64 bytes on CPU), so align the copy explicitly.
+    size = tensor.numel() * tensor.element_size()
+    memory = torch.empty(size + ADDRESS_ALIGNMENT, dtype=torch.uint8, device=tensor.device)
+    start = -memory.data_ptr() % ADDRESS_ALIGNMENT
+    return memory[start : start + size].view(tensor.dtype).view(tensor.shape).copy_(tensor)
+
+
+def _created(trt, factory, logger, what: str):
+    """``factory(logger)`` (``trt.Runtime`` or ``trt.Builder``), or a clear error where TensorRT cannot start."""
+    try:
+        made = factory(logger)
+    except TypeError:  # pybind11's "factory function returned nullptr"
+        made = None
+    if made is None:
+        cuda = (torch.version.cuda or "12").split(".")[0]
+        raise BackendError(
+            f"TensorRT {trt.__version__} could not create its {what}: usually its CUDA build does not match the "
+            f"driver (from 10.13.3 the `tensorrt` package installs the CUDA 13 build, which needs an R580 driver). "
+            f"Install the build for torch's CUDA {torch.version.cuda}: `pip install 'tensorrt-cu{cuda}>=10,<11'`; "
+            "see the TensorRT log above."
+        )
+    return made
+
+
+def _check_precision_support(dtype: torch.dtype, device: torch.device) -> None:
+    capability = torch.cuda.get_device_capability(device)
+    if dtype == torch.bfloat16 and capability < BF16_MIN_CAPABILITY:
+        raise BackendError(
+            f"backend='tensorrt' with torch.bfloat16 needs an Ampere GPU or later (compute capability 8.0); "
+            f"{torch.cuda.get_device_name(device)} is {capability[0]}.{capability[1]}: use dtype=torch.float16."
+        )
+
+
 def _check_fp8_support(trt, device: torch.device) -> None:
     if _version(trt) < FP8_MIN_VERSION:
         raise BackendError(
@@ -271,7 +320,7 @@ def build_engine(
     if strongly_typed and _version(trt) < FP8_MIN_VERSION:
         raise BackendError(f"fp8 engines need TensorRT >= 10.6; {trt.__version__} is installed.")
     logger = logger or trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
+    builder = _created(trt, trt.Builder, logger, "builder")
     # Explicit batch is the only mode in TensorRT 10; strong typing is what it advises for Q/DQ graphs.
     network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if strongly_typed else 0)
     parser = trt.OnnxParser(network, logger)
