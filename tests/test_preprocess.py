@@ -187,3 +187,14 @@ def test_other_tiles_give_the_same_output(device, mode, h, w, s):
         assert torch.equal(preprocess_triton(frames, spec, torch.float32, tile=tile), default), tile
     with pytest.raises(ValueError, match="power of two"):
         preprocess_triton(frames, spec, torch.float32, tile=(12, 64, 4))
+
+
+def test_a_tile_too_small_for_cudas_grid_is_refused_before_launch():
+    # Tiles of one frame go on the grid's second axis, which CUDA caps at 65535 programs: a 1 x 1
+    # tile over a 336 x 336 output would be 112,896 of them and the launch would fail in the driver.
+    if not triton_runs_on(torch.device("cpu")):
+        pytest.skip("Triton cannot run here")
+    frames = torch.zeros((1, 336, 336, 3), dtype=torch.uint8)
+    spec = PreprocessSpec((336, 336), MEAN, STD, "vlmrm")
+    with pytest.raises(ValueError, match=r"112896 tiles, over CUDA's 65535.*more rows or columns"):
+        preprocess_triton(frames, spec, torch.float32, tile=(1, 1, 1))

@@ -515,3 +515,30 @@ def test_commit_of_a_tree_without_its_git_folder(tmp_path, monkeypatch):
     assert run_info.git_commit() == "unknown"
     monkeypatch.setenv(run_info.COMMIT_VARIABLE, "7a93ce9")
     assert run_info.git_commit() == "7a93ce9"
+
+
+def test_matmul_peak_times_bursts_of_products(monkeypatch):
+    # One product timed alone carries the synchronisation around it (1-2% of an 8192^3 bf16 product
+    # on an H200): each timed repeat is a burst of about PEAK_BURST_S, and the FLOPs count all of it.
+    from vlmrm_fast.profiler import timing
+
+    calls = []
+    real_mm = torch.mm
+    monkeypatch.setattr(timing.torch, "mm", lambda *a, **k: (calls.append(1), real_mm(*a, **k))[1])
+    monkeypatch.setattr(timing, "PEAK_SIZE", {"cpu": 256, "cuda": 256})  # a 512^3 product: ~1 ms here
+    monkeypatch.setattr(timing, "PEAK_BURST_S", 0.03)
+    timed = []
+
+    class CountingTimer(timing.StageTimer):
+        def _time_once(self, fn):
+            before = len(calls)
+            seconds = super()._time_once(fn)
+            timed.append((len(calls) - before, seconds))
+            return seconds
+
+    tflops, n = timing.measure_peak_tflops(torch.device("cpu"), torch.float32,
+                                           CountingTimer(torch.device("cpu"), warmup=0, repeats=3, time_budget=1.0))
+    burst = timed[0][0]
+    assert n == 512 and 1 < burst <= timing.PEAK_MAX_BURST and all(k == burst for k, _ in timed)
+    median_s = sorted(s for _, s in timed)[1]
+    assert tflops == pytest.approx(2 * n**3 * burst / median_s / 1e12)

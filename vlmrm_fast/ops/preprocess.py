@@ -161,6 +161,10 @@ def _tile_shape(out_h: int, out_w: int) -> Tuple[int, int]:
     return _BLOCK_Y, _BLOCK_X
 
 
+MAX_GRID_Y = 65535
+"""CUDA's limit on a launch grid's second axis, where the preprocess kernel puts the tiles of a frame."""
+
+
 def check_tile(tile: Tuple[int, int, int]) -> None:
     """Raise ValueError unless ``tile`` is (rows, columns, warps), powers of two, at most 32 warps."""
     if not (
@@ -214,6 +218,11 @@ def preprocess_triton(
     # FMA contraction pinned on: Triton 3.10 turns its default off (and 3.9 warns that it will).
     launch = {"enable_fp_fusion": True} if tile is None else {"enable_fp_fusion": True, "num_warps": tile[2]}
     grid = (n, triton.cdiv(out_h, block_y) * triton.cdiv(out_w, block_x))
+    if grid[1] > MAX_GRID_Y:
+        raise ValueError(
+            f"tile {tile!r} cuts a {out_h} x {out_w} output into {grid[1]} tiles, over CUDA's {MAX_GRID_Y} "
+            "programs on a grid's second axis: use more rows or columns per tile."
+        )
     with _on_device(frames.device):
         _preprocess_kernel[grid](
             frames, out, row_idx, row_w, col_idx, col_w,
