@@ -100,16 +100,17 @@ def tiny_reward(config):
 
 
 def tb_scalars(run_dir: Path) -> dict:
-    """{tag: [(step, value), ...]} of every scalar in the run's TensorBoard files."""
+    """{tag: [(step, value), ...]} of every scalar in the run's TensorBoard files (one per session of a
+    resumed run), by step."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     scalars: dict = {}
-    for events in (run_dir / "tb").glob("events.out.tfevents.*"):
+    for events in sorted((run_dir / "tb").glob("events.out.tfevents.*")):
         acc = EventAccumulator(str(events))
         acc.Reload()
         for tag in acc.Tags()["scalars"]:
             scalars.setdefault(tag, []).extend((e.step, e.value) for e in acc.Scalars(tag))
-    return scalars
+    return {tag: sorted(points, key=lambda point: point[0]) for tag, points in scalars.items()}
 
 
 def tb_tags(run_dir: Path) -> set:
@@ -435,6 +436,69 @@ def test_checkpoint_records_the_evaluation_of_its_own_step(tmp_path):
     config = dot_config(tmp_path, total_timesteps=60, checkpoint_every=40, eval_every=40)
     run_dir = train(config, reward_model=tiny_reward(config)).run_dir
     assert ckpt.load_state(run_dir / "checkpoints" / ckpt.step_name(40))["extra"]["last_eval_step"] == 40
+    # The run's final evaluation too: extended from its last checkpoint, the run evaluates at 100
+    # (40 steps on), not at 80 again after 60.
+    assert ckpt.load_state(run_dir / "checkpoints" / ckpt.step_name(60))["extra"]["last_eval_step"] == 60
+    train(dot_config(tmp_path, total_timesteps=100, checkpoint_every=40, eval_every=40), resume=run_dir,
+          reward_model=tiny_reward(config))
+    assert [step for step, _ in tb_scalars(run_dir)["eval/gt_return"]] == [40, 60, 100]
+
+
+def test_a_signal_during_the_final_checkpoint_lets_it_finish(tmp_path, monkeypatch):
+    # The run's last checkpoint is written after learn() returns; a SIGTERM then (a job scheduler's
+    # time limit) must stop the run after that write, not kill it with the write half done.
+    from vlmrm_fast.train import train
+
+    config = dot_config(tmp_path, total_timesteps=40, checkpoint_every=0)
+    real_save, handlers = ckpt.save_checkpoint, []
+
+    def save_while_signalled(run_dir, model, *args, **kwargs):
+        handler = signal.getsignal(signal.SIGTERM)
+        handlers.append(handler)
+        if type(getattr(handler, "__self__", None)).__name__ == "TrainingCallback":  # else it would kill pytest
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_save(run_dir, model, *args, **kwargs)
+
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(ckpt, "save_checkpoint", save_while_signalled)
+    result = train(config, reward_model=tiny_reward(config))
+    assert len(handlers) == 1 and type(getattr(handlers[0], "__self__", None)).__name__ == "TrainingCallback"
+    assert result.stopped_by == "SIGTERM" and result.num_timesteps == 40
+    assert result.checkpoint.name == ckpt.step_name(40) and ckpt.is_complete(result.checkpoint)
+    assert signal.getsignal(signal.SIGTERM) == before  # and Ctrl-C / SIGTERM behave as before afterwards
+
+
+@pytest.mark.parametrize("timing", ["deferred", "step"])
+def test_every_episode_and_the_runs_tail_reach_tensorboard_across_a_stop(tmp_path, monkeypatch, timing):
+    # log_every=60 over 100 steps (2 envs, episodes of 20 steps end at 40 and 80): the steps after the
+    # last interval are logged when the run ends, and the episodes that ended before a stop at 54 are
+    # logged before it stops; a resumed run then logs what the uninterrupted one does.
+    from vlmrm_fast.train import callbacks, train
+
+    def config_in(folder):
+        return dot_config(folder, total_timesteps=100, log_every=60, checkpoint_every=0, reward_timing=timing)
+
+    full = tb_scalars(train(config_in(tmp_path / "full"), reward_model=tiny_reward(config_in(tmp_path))).run_dir)
+    assert [step for step, _ in full["time/steps_per_s"]] == [60, 100]
+    assert [step for step, _ in full["rollout/vlm_return"]] == [60, 100]
+
+    on_step = callbacks.TrainingCallback._on_step
+
+    def signal_at_54(self):
+        if self.model.num_timesteps == 54 and self.stop_signal is None:
+            self.stop_signal = signal.SIGTERM
+        return on_step(self)
+
+    config = config_in(tmp_path / "stopped")
+    monkeypatch.setattr(callbacks.TrainingCallback, "_on_step", signal_at_54)
+    stopped = train(config, reward_model=tiny_reward(config))
+    monkeypatch.setattr(callbacks.TrainingCallback, "_on_step", on_step)
+    assert stopped.num_timesteps == 54
+    train(config, resume=stopped.run_dir, reward_model=tiny_reward(config))
+    got = tb_scalars(stopped.run_dir)
+    for tag in ("rollout/vlm_return", "rollout/gt_return"):
+        assert [step for step, _ in got[tag]] == [54, 100], tag
+        assert [v for _, v in got[tag]] == pytest.approx([v for _, v in full[tag]], rel=1e-5), tag
 
 
 def test_crash_during_checkpoint_keeps_previous(tmp_path, monkeypatch):
@@ -467,7 +531,7 @@ def test_crash_during_checkpoint_keeps_previous(tmp_path, monkeypatch):
         assert ckpt.find_latest(result.run_dir) == good
 
 
-def test_interrupted_overwrite_and_stale_pointer_recover_the_newest_checkpoint(tmp_path):
+def test_interrupted_overwrite_and_stale_pointer_recover_the_newest_checkpoint(tmp_path, monkeypatch):
     from vlmrm_fast.train import train
 
     result = train(dot_config(tmp_path, total_timesteps=40, checkpoint_every=20), reward_model=tiny_reward(dot_config(tmp_path)))
@@ -481,6 +545,46 @@ def test_interrupted_overwrite_and_stale_pointer_recover_the_newest_checkpoint(t
     os.rename(newest, root / f".old-{newest.name}-0123abcd")
     ckpt.clean_stale(result.run_dir)
     assert ckpt.is_complete(newest) and ckpt.find_latest(result.run_dir) == newest
+    # --resume puts it back before choosing the checkpoint to continue from, not after.
+    import argparse
+
+    from vlmrm_fast.train.run import _resume_checkpoint, config_from_args
+
+    os.rename(newest, root / f".old-{newest.name}-0123abcd")
+    args = argparse.Namespace(set=[], preset=None, config=None, resume=result.run_dir, print_config=False,
+                              **{f"field_{k}": None for k in TrainConfig.__dataclass_fields__})
+    config_from_args(args)
+    assert ckpt.find_latest(result.run_dir) == newest
+    chosen = []
+    monkeypatch.setattr("vlmrm_fast.train.run._resume_checkpoint", lambda *a: chosen.append(_resume_checkpoint(*a)) or chosen[-1])
+    os.rename(newest, root / f".old-{newest.name}-0123abcd")
+    train(dot_config(tmp_path, total_timesteps=40, checkpoint_every=20), resume=result.run_dir,
+          reward_model=tiny_reward(dot_config(tmp_path)))
+    assert chosen == [newest]
+
+
+def test_a_kill_while_pruning_old_checkpoints_leaves_nothing_behind(tmp_path, monkeypatch):
+    # keep_checkpoints=2: the third checkpoint deletes the first. Killed half-way through that
+    # deletion, the run leaves no half-deleted checkpoint folder once cleaned up.
+    from vlmrm_fast.train import train
+
+    real_rmtree = ckpt.shutil.rmtree
+
+    def killed_midway(path, *args, **kwargs):
+        if ckpt.PREFIX.strip("_") in Path(path).name and not Path(path).name.startswith(".tmp-"):
+            (Path(path) / "meta.json").unlink()
+            raise KeyboardInterrupt("killed while deleting (simulated)")
+        return real_rmtree(path, *args, **kwargs)
+
+    config = dot_config(tmp_path, total_timesteps=60, checkpoint_every=20, keep_checkpoints=2)
+    monkeypatch.setattr(ckpt.shutil, "rmtree", killed_midway)
+    with pytest.raises(KeyboardInterrupt, match="simulated"):
+        train(config, reward_model=tiny_reward(config))
+    monkeypatch.setattr(ckpt.shutil, "rmtree", real_rmtree)
+    root = tmp_path / "run" / "checkpoints"
+    ckpt.clean_stale(tmp_path / "run")
+    left = sorted(p.name for p in root.iterdir() if p.name != "latest")
+    assert left and all(ckpt.is_complete(root / name) for name in left), left
 
 
 # --------------------------------------------------------------------------- errors and config
@@ -617,6 +721,13 @@ def test_config_file_and_overrides(tmp_path):
     for bad, match in (("gamma=nan", "gamma"), ("tau=-3", "tau"), ("learning_rate=0", "learning_rate")):
         with pytest.raises(ValueError, match=match):
             apply_overrides(config, parse_set([bad])).validate()
+    # What SB3 would only refuse (or train on as NaN) after the env and the reward model are built.
+    for bad in ("ent_coef=auto_-1", "ent_coef=auto_0", "ent_coef=auto_abc", "ent_coef=nan", "ent_coef=-0.1",
+                "ent_coef=inf", "seed=-1", f"seed={2**40}"):
+        with pytest.raises(ValueError, match=bad.split("=")[0] + " must be"):
+            apply_overrides(config, parse_set([bad])).validate()
+    for good in ("ent_coef=auto", "ent_coef=auto_0.1", "ent_coef=0", "ent_coef=0.05", f"seed={2**32 - 1}"):
+        apply_overrides(config, parse_set([good])).validate()
     kneel = from_preset("kneeling").validate()
     # Every value SPEC §1.3 gives for the paper-scale run.
     assert (kneel.model, kneel.pretrained, kneel.n_envs, kneel.episode_length, kneel.reward_timing) == (

@@ -100,7 +100,13 @@ class TrainingCallback(BaseCallback):
                              desc="train", smoothing=0.05)
 
     def _on_training_end(self) -> None:
-        self.restore_signal_handlers()
+        # The signal handlers stay until train() has written its final checkpoint (it restores them):
+        # a signal during that write must not kill the process with the write half done.
+        if self._update_t0 is not None:  # the last rollout's gradient steps
+            self._stage["sac_update_s"] += time.perf_counter() - self._update_t0
+            self._update_t0 = None
+        if self.model.num_timesteps > self._log_step or self._done_vlm:
+            self._log()  # the tail since the last log (log_every), and episodes that ended before a stop
         if self._bar is not None:
             self._bar.close()
             self._bar = None

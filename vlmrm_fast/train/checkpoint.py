@@ -275,11 +275,16 @@ def _prune(root: Path, keep: int, protect: str) -> None:
     complete = [p for p in sorted(root.glob(PREFIX + "*")) if is_complete(p)]
     for path in complete[:-keep]:
         if path.name != protect:
-            shutil.rmtree(path, ignore_errors=True)
+            # Renamed first, so that a kill during the deletion leaves a ``.trash-*`` that
+            # clean_stale removes, not a half-deleted checkpoint folder that nothing would.
+            trash = root / f".trash-{path.name}-{os.getpid()}"
+            os.rename(path, trash)
+            shutil.rmtree(trash, ignore_errors=True)
 
 
 def clean_stale(run_dir: os.PathLike) -> None:
-    """Remove the leftovers of interrupted writes (``.tmp-*``, ``.old-*``, ``.latest*``).
+    """Remove the leftovers of interrupted writes and deletions (``.tmp-*``, ``.old-*``, ``.latest*``,
+    ``.trash-*``). Call it before looking for the newest checkpoint.
 
     An ``.old-<name>-*`` whose ``<name>`` is missing is a complete checkpoint caught between the two
     renames of a same-step overwrite: it is put back, not deleted.
@@ -293,7 +298,7 @@ def clean_stale(run_dir: os.PathLike) -> None:
             if not original.exists() and is_complete(path):
                 os.rename(path, original)
                 continue
-        if path.name.startswith((".tmp-", ".old-", ".latest")):
+        if path.name.startswith((".tmp-", ".old-", ".latest", ".trash-")):
             if path.is_dir():
                 shutil.rmtree(path, ignore_errors=True)
             else:

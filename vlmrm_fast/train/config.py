@@ -158,11 +158,17 @@ class TrainConfig:
         need(self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1")
         need(self.eval_episodes >= 1, "eval_episodes must be >= 1")
         need(self.video_length is None or self.video_length >= 1, "video_length must be >= 1 (or none)")
-        if self.ent_coef != "auto" and not self.ent_coef.startswith("auto_"):
+        need(0 <= self.seed < 2**32, f"seed must be in [0, 2**32) (numpy and gymnasium seeds), got {self.seed}")
+        if self.ent_coef != "auto":
+            # SB3 asserts on these deep inside SAC, after the env and the reward model are built.
+            automatic = self.ent_coef.startswith("auto_")
             try:
-                float(self.ent_coef)
+                value = float(self.ent_coef[len("auto_"):] if automatic else self.ent_coef)
             except ValueError:
-                raise ValueError(f"ent_coef must be 'auto', 'auto_<init>' or a number, got {self.ent_coef!r}") from None
+                value = math.nan
+            need(math.isfinite(value) and (value > 0 if automatic else value >= 0),
+                 f"ent_coef must be 'auto', 'auto_<initial value > 0>' (e.g. auto_0.1) or a number >= 0, "
+                 f"got {self.ent_coef!r}")
         return self
 
 

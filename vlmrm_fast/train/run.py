@@ -203,11 +203,11 @@ def train(config: TrainConfig, *, resume: Optional[os.PathLike] = None, reward_m
     # A resumed run lives on in its own folder, whatever config.run_dir says.
     run_dir = Path(resume) if resume is not None else Path(config.run_dir or default_run_dir())
     config = dataclasses.replace(config, run_dir=str(run_dir))
+    ckpt.clean_stale(run_dir)  # first: it puts back a checkpoint a crash left mid-overwrite
     resume_from = _resume_checkpoint(run_dir, resume)
     if resume_from is not None:
         _check_resume_config(resume_from, config)
     run_dir.mkdir(parents=True, exist_ok=True)
-    ckpt.clean_stale(run_dir)
     config_json = config.to_json()
     write_atomically(run_dir / "config.json", config_json.encode())
 
@@ -253,14 +253,16 @@ def train(config: TrainConfig, *, resume: Optional[os.PathLike] = None, reward_m
         if remaining > 0:
             model.learn(total_timesteps=remaining, callback=callback, reset_num_timesteps=resume_from is None,
                         log_interval=None)
-        stopped = signal.Signals(callback.stop_signal).name if callback.stop_signal is not None else None
+        # The final evaluation comes before the final checkpoint, so that the checkpoint records it
+        # and a run extended from there does not evaluate (and log) this step again.
+        if callback.stop_signal is None and remaining > 0 and config.eval_every:
+            callback.evaluate()
         # Also after a signal that came too late for the callback's own checkpoint (during the last
-        # gradient steps): the work since the last checkpoint is saved either way.
+        # gradient steps, or the evaluation): the work since the last checkpoint is saved either way.
         behind = callback.last_checkpoint is None or callback.last_checkpoint.name != ckpt.step_name(model.num_timesteps)
         if remaining > 0 and behind:
             callback.save()
-        if stopped is None and remaining > 0 and config.eval_every:
-            callback.evaluate()
+        stopped = signal.Signals(callback.stop_signal).name if callback.stop_signal is not None else None
     finally:
         callback.restore_signal_handlers()  # also when learn() raised: Ctrl-C must work again
         env.close()
@@ -380,6 +382,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, Optional[Pa
         return config, None
 
     run_dir = Path(args.resume)
+    ckpt.clean_stale(run_dir)  # first: it puts back a checkpoint a crash left mid-overwrite
     found = ckpt.find_latest(run_dir)
     if found is None:
         raise FileNotFoundError(f"no complete checkpoint in '{run_dir / 'checkpoints'}'; check the path, or start "
