@@ -646,6 +646,24 @@ def test_resume_with_another_config_names_fields_and_fix(tmp_path):
                               print_config=False, **{f"field_{k}": None for k in TrainConfig.__dataclass_fields__})
     config, _ = config_from_args(args)
     assert config.total_timesteps == 80 and config.n_envs == 2
+    # With the preset it was made from: the fields a resume may change keep the run's own values
+    # unless given, not the preset's (its 300 steps, checkpoint every 100, 64 x 64 videos).
+    fields = {f"field_{k}": None for k in TrainConfig.__dataclass_fields__}
+    fields.update(field_env_id=DOT_ID, field_render_width="32", field_render_height="32", field_episode_length="20",
+                  field_train_freq="10", field_gradient_steps="2", field_learning_starts="20", field_batch_size="16",
+                  field_buffer_size="5000")
+    args = argparse.Namespace(set=[], preset="smoke", config=None, resume=result.run_dir, print_config=False, **fields)
+    config, _ = config_from_args(args)
+    assert (config.total_timesteps, config.checkpoint_every, config.video_width) == (40, 40, 32)
+    # A config file changes what it sets, and only that.
+    saved = json.loads((ckpt.find_latest(result.run_dir) / "config.json").read_text())
+    for key in ("total_timesteps", "checkpoint_every"):
+        del saved[key]
+    (tmp_path / "own.json").write_text(json.dumps({**saved, "video_width": 48}))
+    args = argparse.Namespace(set=[], preset=None, config=tmp_path / "own.json", resume=result.run_dir,
+                              print_config=False, **{f"field_{k}": None for k in TrainConfig.__dataclass_fields__})
+    config, _ = config_from_args(args)
+    assert (config.total_timesteps, config.checkpoint_every, config.video_width) == (40, 40, 48)
     # Through the Python API too.
     with pytest.raises(ValueError, match="n_envs: 2 in the checkpoint, 3 given"):
         train(dot_config(tmp_path, total_timesteps=80, n_envs=3), resume=result.run_dir)

@@ -373,8 +373,9 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, Optional[Pa
         if value is not None:
             overrides[f.name] = value  # converted to the field's type by apply_overrides (net_arch "64,64" too)
     base = from_preset(args.preset) if args.preset else TrainConfig()
+    from_file = load_config_file(args.config) if args.config is not None else {}
     if args.config is not None:
-        base = apply_overrides(base, load_config_file(args.config), f"config file '{args.config}'")
+        base = apply_overrides(base, from_file, f"config file '{args.config}'")
     config = apply_overrides(base, overrides, "the command line")
     if args.preset and config.run_dir is None and args.resume is None:
         config = dataclasses.replace(config, run_dir=str(default_run_dir(args.preset)))
@@ -390,7 +391,10 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, Optional[Pa
     saved = TrainConfig.from_dict(json.loads((found / "config.json").read_text()), f"checkpoint '{found}'")
     given = config if (args.preset or args.config) else apply_overrides(saved, overrides, "the command line")
     _check_resume_config(found, given)
-    effective = dataclasses.replace(saved, **{k: getattr(given, k) for k in RESUMABLE_FIELDS})
+    # Of the fields a resumed run may change, those given (in the file or on the command line) change;
+    # the others keep the run's own values, not a preset's or the defaults (total_timesteps above all).
+    changed = RESUMABLE_FIELDS & (set(from_file) | set(overrides))
+    effective = dataclasses.replace(saved, **{k: getattr(given, k) for k in changed})
     return dataclasses.replace(effective, run_dir=str(run_dir)), run_dir
 
 
