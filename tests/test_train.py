@@ -62,7 +62,15 @@ class NoRenderEnv(DotEnv):
     metadata = {"render_modes": ["human"], "render_fps": 10}
 
 
-for _id, _cls in (("VlmrmTestDot-v0", DotEnv), ("VlmrmTestNoRender-v0", NoRenderEnv)):
+class FixedSizeEnv(DotEnv):
+    """Renders at its own size (24 x 40) and takes no width/height, like most gymnasium envs."""
+
+    def __init__(self, render_mode="rgb_array"):
+        super().__init__(render_mode, width=40, height=24)
+
+
+for _id, _cls in (("VlmrmTestDot-v0", DotEnv), ("VlmrmTestNoRender-v0", NoRenderEnv),
+                  ("VlmrmTestFixedSize-v0", FixedSizeEnv)):
     if _id not in gym.registry:
         gym.register(_id, entry_point=_cls)
 
@@ -86,7 +94,7 @@ class RecordingReward:
 def dot_config(tmp_path, **kw) -> TrainConfig:
     base = dict(env_id=DOT_ID, render_width=32, render_height=32, episode_length=20, total_timesteps=120,
                 train_freq=10, gradient_steps=2, learning_starts=20, batch_size=16, buffer_size=5000,
-                checkpoint_every=40, video_width=32, video_height=32, run_dir=str(tmp_path / "run"))
+                checkpoint_every=40, video_width=32, video_height=32, progress=False, run_dir=str(tmp_path / "run"))
     base.update(kw)
     return apply_overrides(from_preset("smoke"), base)
 
@@ -596,6 +604,45 @@ def test_env_without_rgb_rendering_is_a_clear_error(tmp_path):
     config = dot_config(tmp_path, env_id="test_train:VlmrmTestNoRender-v0")
     with pytest.raises(ValueError, match='render_mode="rgb_array"'):
         train(config)
+
+
+def test_summary_counts_this_sessions_steps(tmp_path, capsys):
+    # The closing line's steps/s is this session's steps over its training time; a resume of a
+    # finished run says there is nothing to train and how to continue.
+    import argparse
+
+    from vlmrm_fast.train import train
+    from vlmrm_fast.train.run import run_train_command
+
+    first = train(dot_config(tmp_path, total_timesteps=40), reward_model=tiny_reward(dot_config(tmp_path)))
+    assert (first.steps_this_session, first.num_timesteps) == (40, 40) and 0 < first.learn_seconds < first.seconds
+
+    def resume(total):
+        args = argparse.Namespace(set=[f"total_timesteps={total}"], preset=None, config=None, resume=first.run_dir,
+                                  print_config=False, **{f"field_{k}": None for k in TrainConfig.__dataclass_fields__})
+        assert run_train_command(args) == 0
+        return capsys.readouterr().out
+
+    assert "trained 20 steps, to step 60, in " in resume(60)
+    out = resume(60)
+    assert "already at step 60" in out and "--total-timesteps N" in out and "steps/s" not in out
+
+
+def test_env_without_a_size_argument_renders_at_its_own_size(tmp_path):
+    # Most envs take no width/height. With the render size left unset (the model's input size is
+    # then only a default) they render at their own size; a size asked for explicitly is an error
+    # that names the way out.
+    from vlmrm_fast.train import train
+
+    config = dot_config(tmp_path, env_id="test_train:VlmrmTestFixedSize-v0", render_width=None, render_height=None,
+                        total_timesteps=20, checkpoint_every=0, eval_every=20)
+    rm = tiny_reward(config)
+    result = train(config, reward_model=rm)
+    assert result.num_timesteps == 20 and len(rm.calls) >= 1
+    assert list((result.run_dir / "videos").glob("*.mp4"))  # the evaluation video at the env's own size
+    with pytest.raises(ValueError, match="does not take width/height.*leave render_width and render_height unset"):
+        train(dot_config(tmp_path / "sized", env_id="test_train:VlmrmTestFixedSize-v0", total_timesteps=20),
+              reward_model=rm)
 
 
 def test_bad_render_size_is_a_clear_error(tmp_path):

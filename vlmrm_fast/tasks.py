@@ -66,7 +66,7 @@ def check_alpha(alpha: float, what: str = "alpha") -> float:
     if not (math.isfinite(alpha) and 0.0 <= alpha <= 1.0):
         raise ValueError(
             f"{what}={alpha} is outside [0, 1]: 0 scores against the goal alone (cosine-like), 1 projects "
-            "fully onto the goal-baseline direction (SPEC §1.1)."
+            "fully onto the goal-baseline direction (README: How it works)."
         )
     return alpha
 

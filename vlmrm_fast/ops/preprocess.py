@@ -43,7 +43,7 @@ class PreprocessSpec:
 
     def __post_init__(self) -> None:
         if self.mode not in PREPROCESS_MODES:
-            raise ValueError(f"preprocess={self.mode!r} is not one of {PREPROCESS_MODES} (see SPEC §1.2).")
+            raise ValueError(f"preprocess={self.mode!r} is not one of {PREPROCESS_MODES} (README: How it works).")
         if len(self.mean) != 3 or len(self.std) != 3:
             raise ValueError(f"mean and std need 3 values (RGB); got {self.mean} and {self.std}.")
         if any(s <= 0 for s in self.std):

@@ -226,7 +226,7 @@ def markdown_report(report: Report) -> str:
         f"Frames/s = batch / median seconds per call ({config['repeats']} repeats at most, after {config['warmup']} "
         f"warm-up; stages stop after {config['time_budget']:g} s of timed calls once 3 are done). Frames are uint8 "
         f"already on the device except for h2d (from pageable host memory, as rm(frames) uploads them: one copy into "
-        "pinned memory, then the upload; n/a on CPU; the seed's rows copy from pageable memory, as the original did). The seed pipeline (SPEC §1.4) always gets 480 x 480 frames; in a backend's row, "
+        "pinned memory, then the upload; n/a on CPU; the seed's rows copy from pageable memory, as the original did). The seed pipeline (the original code's) always gets 480 x 480 frames; in a backend's row, "
         "'seed' is the seed's end to end at that batch size timed in alternation with the row's own end to end (so "
         "load on a shared machine weighs on both alike), and 'vs seed' is their ratio. TFLOP/s = tower GFLOP/img x "
         "tower frames/s; 'of peak' against the matmul peak in that dtype (fp16 for the seed on CUDA). 'build s' (export, compile, "

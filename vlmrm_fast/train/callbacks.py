@@ -312,7 +312,7 @@ def evaluate_policy_video(model, config: TrainConfig, reward_model, run_dir: Pat
 
     from vlmrm_fast.train.run import make_env
 
-    env = make_env(config, config.video_width, config.video_height)
+    env = make_env(config, config.video_width, config.video_height, exact=False)
     length = config.video_length or config.episode_length
     video, gt_returns, vlm_returns = [], [], []
     try:

@@ -189,7 +189,7 @@ PRESETS: dict[str, dict] = {
         model="vlmrm-tiny", pretrained=None, reward_device="cpu", reward_dtype="float32", reward_backend="torch",
         reward_timing="deferred", batch_size=32, learning_starts=50, train_freq=25, gradient_steps=5,
         buffer_size=2_000, net_arch=[32, 32], sac_device="cpu", total_timesteps=300, checkpoint_every=100,
-        eval_every=0, video_width=64, video_height=64, progress=False,
+        eval_every=0, video_width=64, video_height=64,
     ),
 }
 

@@ -54,8 +54,10 @@ class TrainResult:
     num_timesteps: int
     checkpoint: Optional[Path]
     stopped_by: Optional[str]  # "SIGINT"/"SIGTERM" when a signal stopped the run, else None
-    seconds: float
+    seconds: float  # this session's, set-up included
     model: object = None
+    steps_this_session: int = 0
+    learn_seconds: float = 0.0  # this session's time in SB3's learn(): env steps, rewards, updates
 
 
 # --------------------------------------------------------------------------- environments
@@ -66,27 +68,37 @@ def _register_envs(env_id: str) -> None:
         import vlmrm_fast.envs  # noqa: F401  (registers the package's envs)
 
 
-def make_env(config: TrainConfig, width: Optional[int], height: Optional[int]):
-    """One gymnasium env rendering RGB frames of ``width`` x ``height``, episodes of ``episode_length``."""
+def make_env(config: TrainConfig, width: Optional[int], height: Optional[int], *, exact: Optional[bool] = None):
+    """One gymnasium env rendering RGB frames of ``width`` x ``height``, episodes of ``episode_length``.
+
+    An env that takes no width/height renders at its own size, unless ``exact`` (default: the config
+    sets render_width or render_height) asks for this size: then it is an error naming the fix.
+    """
     import gymnasium as gym
 
     _register_envs(config.env_id)
+    if exact is None:
+        exact = config.render_width is not None or config.render_height is not None
     kwargs = dict(config.env_kwargs)
     kwargs.setdefault("render_mode", "rgb_array")
+    sized = dict(kwargs)
     if width is not None:
-        kwargs.setdefault("width", width)
-        kwargs.setdefault("height", height)
+        sized.setdefault("width", width)
+        sized.setdefault("height", height)
     try:
-        return gym.make(config.env_id, max_episode_steps=config.episode_length, **kwargs)
+        return gym.make(config.env_id, max_episode_steps=config.episode_length, **sized)
     except gym.error.Error as exc:
         raise ValueError(f"cannot make env {config.env_id!r}: {exc}") from None
     except TypeError as exc:
-        if "width" in str(exc) or "height" in str(exc):
+        if "width" not in str(exc) and "height" not in str(exc):
+            raise
+        if exact:
             raise ValueError(
-                f"env {config.env_id!r} does not take width/height ({exc}); render at its own size with "
-                "--set render_width=none --set render_height=none, or register it with a width/height argument"
+                f"env {config.env_id!r} does not take width/height ({exc}); leave render_width and render_height "
+                "unset (none) to render at its own size, or register it with a width/height argument"
             ) from None
-        raise
+    # The model's input size was only a default: the frames are resized on the reward model's device.
+    return gym.make(config.env_id, max_episode_steps=config.episode_length, **kwargs)
 
 
 def check_env_frames(config: TrainConfig, width: Optional[int], height: Optional[int]) -> tuple[int, int]:
@@ -249,10 +261,13 @@ def train(config: TrainConfig, *, resume: Optional[os.PathLike] = None, reward_m
     callback = TrainingCallback(config, rm, run_dir, config_json, recorder=recorder, timed_env=env,
                                 resume_extra=extra)
     remaining = config.total_timesteps - model.num_timesteps
+    first_step, learn_seconds = model.num_timesteps, 0.0
     try:
         if remaining > 0:
+            learn_start = time.perf_counter()
             model.learn(total_timesteps=remaining, callback=callback, reset_num_timesteps=resume_from is None,
                         log_interval=None)
+            learn_seconds = time.perf_counter() - learn_start
         # The final evaluation comes before the final checkpoint, so that the checkpoint records it
         # and a run extended from there does not evaluate (and log) this step again.
         if callback.stop_signal is None and remaining > 0 and config.eval_every:
@@ -267,7 +282,7 @@ def train(config: TrainConfig, *, resume: Optional[os.PathLike] = None, reward_m
         callback.restore_signal_handlers()  # also when learn() raised: Ctrl-C must work again
         env.close()
     return TrainResult(run_dir, int(model.num_timesteps), callback.last_checkpoint or resume_from, stopped,
-                       time.perf_counter() - start, model)
+                       time.perf_counter() - start, model, int(model.num_timesteps - first_step), learn_seconds)
 
 
 def default_run_dir(name: str = "run") -> Path:
@@ -410,9 +425,13 @@ def run_train_command(args: argparse.Namespace) -> int:
         print(f"stopped by {result.stopped_by} at step {result.num_timesteps}; {where}; continue with: "
               f"vlmrm-fast train --resume {result.run_dir}", file=sys.stderr)
         return 130 if result.stopped_by == "SIGINT" else 143
-    rate = result.num_timesteps / max(result.seconds, 1e-9)
-    print(f"trained to step {result.num_timesteps} in {result.seconds:.1f} s; {where}; logs in {result.run_dir / 'tb'}"
-          f" ({rate:.1f} steps/s this session)")
+    if result.steps_this_session == 0:
+        print(f"{result.run_dir} is already at step {result.num_timesteps} (total_timesteps); nothing to train. "
+              f"Continue it with: vlmrm-fast train --resume {result.run_dir} --total-timesteps N")
+        return 0
+    rate = result.steps_this_session / max(result.learn_seconds, 1e-9)
+    print(f"trained {result.steps_this_session} steps, to step {result.num_timesteps}, in {result.learn_seconds:.1f} s "
+          f"({rate:.1f} steps/s; {result.seconds:.1f} s with set-up); {where}; logs in {result.run_dir / 'tb'}")
     return 0
 
 
@@ -446,7 +465,7 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--preset", choices=sorted(PRESETS),
-                   help="kneeling: the paper's ViT-bigG-14 humanoid run (SPEC §1.3); smoke: a tiny CPU run")
+                   help="kneeling: the paper's ViT-bigG-14 humanoid run; smoke: a tiny CPU run")
     p.add_argument("--config", type=Path, metavar="FILE", help="TOML (or .json) config file")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any config field (repeatable)")
     p.add_argument("--resume", type=Path, metavar="RUN_DIR",
