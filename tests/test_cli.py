@@ -6,6 +6,7 @@ video generated in ``tmp_path``.
 
 from __future__ import annotations
 
+import argparse
 import csv
 import math
 from pathlib import Path
@@ -223,3 +224,25 @@ def test_sixteen_bit_greyscale_keeps_its_range(tmp_path: Path) -> None:
     Image.fromarray(np.ones((4, 4), np.float32)).save(tmp_path / "float.tiff")
     with pytest.raises(CLIError, match="floating point greyscale.*8-bit RGB"):
         read_image(tmp_path / "float.tiff")
+
+
+def test_every_command_takes_both_dtype_spellings():
+    # bf16 and bfloat16 (fp32/float32, fp16/float16) name one precision in every command, each
+    # command keeping its own spelling internally; anything else is refused by the parser.
+    from vlmrm_fast.argtypes import dtype_choice
+    from vlmrm_fast.train.run import config_from_args
+
+    parser = cli.build_parser()
+    for given, want in (("bf16", "bfloat16"), ("BFloat16", "bfloat16"), ("fp32", "float32"), ("auto", "auto")):
+        assert parser.parse_args(["score", "x.png", "--goal", "a", "--dtype", given]).dtype == want
+    for given, want in (("float16", "fp16"), ("fp16", "fp16"), ("bfloat16", "bf16")):
+        assert parser.parse_args(["export", "vlmrm-tiny", "--dtype", given]).dtype == want
+    for given, want in (("bf16", "bfloat16"), ("float16", "float16")):
+        config, _ = config_from_args(parser.parse_args(["train", "--preset", "smoke", "--reward-dtype", given]))
+        assert config.validate().reward_dtype == want
+        config, _ = config_from_args(parser.parse_args(["train", "--preset", "smoke", "--set", f"reward_dtype={given}"]))
+        assert config.reward_dtype == want
+    with pytest.raises(argparse.ArgumentTypeError, match="expected one of fp32, fp16, bf16, got 'int8'"):
+        dtype_choice(("fp32", "fp16", "bf16"))("int8")
+    with pytest.raises(ValueError, match="reward_dtype must be one of"):
+        config_from_args(parser.parse_args(["train", "--preset", "smoke", "--reward-dtype", "half"]))[0].validate()

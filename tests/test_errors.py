@@ -19,7 +19,8 @@ def rm(tiny):
     [
         (np.zeros((2, 16, 16, 4), np.uint8), ValueError, r"RGBA.*\[\.\.\., :3\]"),
         (np.zeros((2, 3, 16, 16), np.uint8), ValueError, r"channels first.*transpose"),
-        (np.zeros((2, 16, 16, 1), np.uint8), ValueError, r"1 channel"),
+        (np.zeros((2, 16, 16, 1), np.uint8), ValueError, r"1 channel.*np\.repeat\(frames, 3, axis=-1\)"),
+        (np.zeros((2, 16, 17), np.uint8), ValueError, r"Grayscale frames \[N, H, W\]\?.*np\.repeat"),
         (np.zeros((2, 16, 16, 2), np.uint8), ValueError, r"3 channels"),
         (np.zeros((16, 16, 3), np.uint8), ValueError, r"one frame.*frames\[None\]"),
         (np.zeros((1, 2, 16, 16, 3), np.uint8), ValueError, r"rank 4"),
@@ -45,6 +46,16 @@ def rm(tiny):
 def test_bad_frames(rm, frames, error, match):
     with pytest.raises(error, match=match):
         rm(frames)
+
+
+def test_the_fixes_bad_frames_name_work(rm):
+    # What the grayscale errors tell users to write must give frames rm takes, in numpy and torch.
+    gray = np.random.default_rng(0).integers(0, 256, (2, 16, 17), dtype=np.uint8)
+    want = rm(np.repeat(gray[..., None], 3, axis=-1))
+    one_channel = gray[..., None]
+    torch.testing.assert_close(rm(np.repeat(one_channel, 3, axis=-1)), want)
+    torch.testing.assert_close(rm(torch.from_numpy(one_channel).expand(-1, -1, -1, 3)), want)
+    torch.testing.assert_close(rm(torch.from_numpy(gray)[..., None].expand(-1, -1, -1, 3)), want)
 
 
 def test_nan_and_inf_embeddings(rm):

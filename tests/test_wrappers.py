@@ -542,6 +542,8 @@ def test_vec_env_errors(rm, no_batch):
         VLMRewardVecEnv(DummyVecEnv([lambda: gym.make(ENV_ID)]), rm)
     with pytest.raises(ValueError, match="render must be one of"):
         VLMRewardVecEnv(DummyVecEnv([make_env]), rm, render="gpu")
+    with pytest.raises(TypeError, match=r"not TimeLimit: vectorise the env first, DummyVecEnv.*VLMRewardWrapper"):
+        VLMRewardVecEnv(gym.make(ENV_ID, render_mode="rgb_array"), rm)  # a gymnasium env, not a VecEnv
     with pytest.raises(ValueError, match="DummyVecEnv of MuJoCo envs"):
         VLMRewardVecEnv(DummyVecEnv([CountingEnv]), rm, render="batch")
     with pytest.raises(ImportError):

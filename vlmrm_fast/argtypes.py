@@ -1,5 +1,33 @@
 """argparse value types shared by the ``vlmrm-fast`` commands."""
 import argparse
+from typing import Callable, Sequence
+
+SHORT_DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+"""torch's dtype names and the short ones; every command takes both."""
+
+
+def dtype_name(text: str, long: bool) -> str:
+    """``text`` (fp32 or float32, bf16 or bfloat16, fp16 or float16, any case) as torch's long name
+    (``long``) or the short one; other text comes back lower-cased, for the caller's own check."""
+    text = text.strip().lower()
+    short = SHORT_DTYPE_NAMES.get(text, text)
+    if not long:
+        return short
+    return {v: k for k, v in SHORT_DTYPE_NAMES.items()}.get(short, text)
+
+
+def dtype_choice(choices: Sequence[str]) -> Callable[[str], str]:
+    """An argparse type taking either spelling of ``choices`` (given in one spelling) and returning it
+    in that spelling."""
+    long = any(c in SHORT_DTYPE_NAMES for c in choices)
+
+    def parse(text: str) -> str:
+        value = dtype_name(text, long)
+        if value not in choices:
+            raise argparse.ArgumentTypeError(f"expected one of {', '.join(choices)}, got {text!r}")
+        return value
+
+    return parse
 
 
 def positive_int(text: str) -> int:

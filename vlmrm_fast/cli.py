@@ -40,7 +40,7 @@ import torch
 from tqdm import tqdm
 
 from vlmrm_fast import CLIPReward, PretrainedWeightsError
-from vlmrm_fast.argtypes import positive_int
+from vlmrm_fast.argtypes import dtype_choice, positive_int
 from vlmrm_fast.export import add_export_parser
 from vlmrm_fast.profiler import add_bench_parser
 from vlmrm_fast.train.run import add_train_parser
@@ -168,10 +168,10 @@ def _add_score_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     model.add_argument(
         "--dtype",
-        choices=("auto", *DTYPES),
+        type=dtype_choice(("auto", *DTYPES)),
         default="auto",
-        help="precision of the vision tower; prompts are always embedded in float32 "
-        "(default: auto = bfloat16 on CUDA, float32 on CPU)",
+        help="precision of the vision tower: auto, float32 (fp32), bfloat16 (bf16) or float16 (fp16); prompts "
+        "are always embedded in float32 (default: auto = bfloat16 on CUDA, float32 on CPU)",
     )
     io = p.add_argument_group("input and output")
     io.add_argument(

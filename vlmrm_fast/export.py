@@ -16,7 +16,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from vlmrm_fast.argtypes import positive_int
+from vlmrm_fast.argtypes import dtype_choice, positive_int
 from vlmrm_fast.atomic import write_atomically
 from vlmrm_fast.backends.onnx_export import INPUT_FORMATS, export_onnx
 from vlmrm_fast.models import create_clip, preprocess_spec_of
@@ -41,10 +41,11 @@ def add_export_parser(subparsers: argparse._SubParsersAction) -> None:
         help="open_clip tag or local checkpoint; 'none' exports random weights, which serve for speed "
         "tests only (default: %(default)s)",
     )
-    p.add_argument("--out", type=Path, default=None, help="output file (default: <model>-<weights>-<input>.onnx/.engine)")
+    p.add_argument("--out", type=Path, default=None, help="output file (default: <model>-<weights>-<input>-<dtype>.onnx/.engine)")
     p.add_argument("--input", choices=INPUT_FORMATS, default="uint8-nhwc", help="the graph's input (default: %(default)s)")
-    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None,
-                   help="precision: ONNX fp32 or fp16 (default fp32); TensorRT fp16, bf16 or fp32 (default bf16)")
+    p.add_argument("--dtype", type=dtype_choice(("fp32", "fp16", "bf16")), default=None,
+                   help="precision: ONNX fp32 or fp16 (default fp32); TensorRT fp16, bf16 or fp32 (default bf16); "
+                   "float32/float16/bfloat16 too")
     p.add_argument("--max-batch-size", type=positive_int, default=256, help="TensorRT: largest batch of the engine's profile (default: %(default)s)")
     p.add_argument("--external-data", choices=("auto", "yes", "no"), default="auto",
                    help="ONNX: weights in a side file <out>.data (auto: when over 2 GB)")

@@ -108,7 +108,11 @@ def _check_shape(shape: Sequence[int], what: str, item: bool = False) -> None:
             "Pass frames[None] (numpy or torch) to score a single frame."
         )
     if len(shape) != 4:
-        raise ValueError(f"{what} must have rank 4, [N, H, W, 3] (RGB, channels last); got shape {tuple(shape)}.")
+        hint = ""
+        if len(shape) == 3:  # [N, H, W]
+            hint = (" Grayscale frames [N, H, W]? Give them 3 channels: np.repeat(frames[..., None], 3, axis=-1) "
+                    "(numpy) or frames[..., None].expand(-1, -1, -1, 3) (torch).")
+        raise ValueError(f"{what} must have rank 4, [N, H, W, 3] (RGB, channels last); got shape {tuple(shape)}.{hint}")
     channels = shape[-1]
     if channels == 3:
         return
@@ -125,7 +129,8 @@ def _check_shape(shape: Sequence[int], what: str, item: bool = False) -> None:
     if channels == 4:
         raise ValueError(f"{what} has 4 channels (RGBA?); pass the RGB channels, frames[..., :3].")
     if channels == 1:
-        raise ValueError(f"{what} has 1 channel (grayscale?); repeat it to RGB, e.g. frames.repeat(1, 1, 1, 3).")
+        raise ValueError(f"{what} has 1 channel (grayscale?); repeat it to RGB: np.repeat(frames, 3, axis=-1) (numpy) "
+                         "or frames.expand(-1, -1, -1, 3) (torch).")
     raise ValueError(f"{what} must have 3 channels (RGB) in the last axis, [N, H, W, 3]; got shape {tuple(shape)}.")
 
 

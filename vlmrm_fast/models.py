@@ -94,8 +94,8 @@ def _local_file_hint(model_name: str) -> str:
     return (
         f"To load weights without network, download the checkpoint once on a machine with network "
         f"(e.g. `open_clip.create_model({model_name!r}, pretrained=TAG)` fills ~/.cache/huggingface), "
-        "or pass pretrained='/path/to/open_clip_pytorch_model.bin' (or .safetensors), with the "
-        "open_clip_config.json that comes with it in the same folder."
+        "or pass pretrained='/path/to/open_clip_pytorch_model.bin' (or .safetensors; on the command line "
+        "--pretrained PATH), with the open_clip_config.json that comes with it in the same folder."
     )
 
 

@@ -494,6 +494,11 @@ class VLMRewardVecEnv(_RewardMode, VecEnvWrapper):
             raise ImportError("VLMRewardVecEnv needs stable-baselines3: pip install 'vlmrm-fast[train]'")
         if render not in RENDER_SOURCES:
             raise ValueError(f"render must be one of {RENDER_SOURCES}; got {render!r}.")
+        if not isinstance(venv, VecEnv):
+            raise TypeError(
+                f"VLMRewardVecEnv wraps a stable-baselines3 VecEnv, not {type(venv).__name__}: vectorise the env "
+                "first, DummyVecEnv([make_env] * n), or wrap a single gymnasium env with VLMRewardWrapper."
+            )
         super().__init__(venv)
         self.reward_model = reward_model
         self._mode, self._weight = _check_mode(mode, weight)

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 
+from vlmrm_fast.argtypes import dtype_name
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python < 3.11
@@ -134,7 +136,8 @@ class TrainConfig:
         need(self.reward_mode in REWARD_MODES, f"reward_mode must be one of {', '.join(REWARD_MODES)}, got {self.reward_mode!r}")
         need(self.reward_timing in REWARD_TIMINGS,
              f"reward_timing must be one of {', '.join(REWARD_TIMINGS)}, got {self.reward_timing!r}")
-        need(self.reward_dtype in DTYPES, f"reward_dtype must be one of {', '.join(DTYPES)}, got {self.reward_dtype!r}")
+        need(self.reward_dtype in DTYPES,
+             f"reward_dtype must be one of {', '.join(DTYPES)} (or fp32, bf16, fp16), got {self.reward_dtype!r}")
         need(self.preprocess in ("vlmrm", "openclip"), f"preprocess must be vlmrm or openclip, got {self.preprocess!r}")
         need(bool(self.goal) and all(isinstance(g, str) and g for g in self.goal), "goal needs at least one non-empty prompt")
         need(all(isinstance(b, str) and b for b in self.baseline), "baseline prompts must be non-empty strings")
@@ -313,6 +316,9 @@ def coerce(name: str, hint: Any, value: Any, source: str = "config") -> Any:
 
     def bad(expected: str) -> ValueError:
         return ValueError(f"{name} in {source} must be {expected}, got {value!r}")
+
+    if name == "reward_dtype" and isinstance(value, str):
+        value = dtype_name(value, long=True)  # bf16 as well as bfloat16, as in the other commands
 
     if base is bool:
         if isinstance(value, bool):
