@@ -542,3 +542,23 @@ def test_matmul_peak_times_bursts_of_products(monkeypatch):
     assert n == 512 and 1 < burst <= timing.PEAK_MAX_BURST and all(k == burst for k, _ in timed)
     median_s = sorted(s for _, s in timed)[1]
     assert tflops == pytest.approx(2 * n**3 * burst / median_s / 1e12)
+
+
+def test_a_seed_that_moved_during_the_run_marks_the_ratio():
+    # 'vs seed' divides by the seed timed in alternation with the row; where that seed and the
+    # seed's own row disagree by over 1.5x, the machine's load changed and the ratio is marked.
+    import dataclasses
+
+    from vlmrm_fast.profiler.report import Report, markdown_report, markdown_table, unsteady_rows
+
+    seed = dataclasses.replace(_row("ViT-B-32", "seed", 10.0, 1.0), seed_fps=None, speedup_vs_seed=None)
+    steady, moved = _row("ViT-B-32", "torch", 12.0, 12.0), _row("ViT-B-32", "onnxruntime", 16.0, 4.0)
+    slower_seed = _row("ViT-B-32", "onnxruntime", 16.0, 16.0, "int8")
+    rows = [seed, steady, moved, slower_seed]
+    assert unsteady_rows(rows) == [2, 3]  # 10 against 12: steady; against 4 and 16: not
+    lines = markdown_table(rows).splitlines()[2:]
+    assert "1.00x †" not in lines[1] and "1.00x |" in lines[1] and "4.00x †" in lines[2] and "1.00x †" in lines[3]
+    env = {"device": "cpu", "timestamp": "t", "commit": "c", "cpu_count": 2}
+    config = {"repeats": 3, "warmup": 1, "time_budget": 1.0, "batch_sizes": [8]}
+    assert "ratio is unsteady" in markdown_report(Report(env, config, rows=rows))
+    assert "ratio is unsteady" not in markdown_report(Report(env, config, rows=[seed, steady]))

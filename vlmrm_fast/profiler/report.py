@@ -195,10 +195,32 @@ TABLE_COLUMNS = (
 )
 
 
+SEED_DISAGREEMENT = 1.5
+"""A row's seed figure (timed in alternation with it) and the seed's own row further apart than this
+factor: the machine's load changed during the run, and the row's 'vs seed' is marked."""
+UNSTEADY_MARK = " †"
+
+
+def unsteady_rows(rows: Sequence[Row]) -> List[int]:
+    """Indices of the rows whose seed figure disagrees with the seed's own row at that model and batch
+    by more than :data:`SEED_DISAGREEMENT` either way."""
+    seed = {(r.model, r.batch): r.end_to_end_fps for r in rows if r.backend == "seed" and r.end_to_end_fps}
+    flagged = []
+    for i, row in enumerate(rows):
+        own = seed.get((row.model, row.batch))
+        if row.backend != "seed" and row.seed_fps and own:
+            if max(row.seed_fps / own, own / row.seed_fps) > SEED_DISAGREEMENT:
+                flagged.append(i)
+    return flagged
+
+
 def markdown_table(rows: Sequence[Row]) -> str:
     """One line per row: frames/s per stage (median), end to end, the seed's, FLOP rate, build time."""
+    flagged = set(unsteady_rows(rows))
     lines = ["| " + " | ".join(name for name, _ in TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
-    lines += ["| " + " | ".join(cell(row) for _, cell in TABLE_COLUMNS) + " |" for row in rows]
+    for i, row in enumerate(rows):
+        cells = [cell(row) + (UNSTEADY_MARK if name == "vs seed" and i in flagged else "") for name, cell in TABLE_COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -237,6 +259,13 @@ def markdown_report(report: Report) -> str:
         f"timed with it, starts after a {SWITCH_PAUSE_S:g} s pause (ONNX Runtime's threads spin after a run and slow "
         "the torch work that follows).",
     ]
+    if unsteady_rows(report.rows):
+        lines += [
+            "",
+            f"{UNSTEADY_MARK.strip()} The seed timed with this row and the seed's own row differ by more than "
+            f"{SEED_DISAGREEMENT:g}x: the machine's load changed during the run (other work on shared cores), so this "
+            "ratio is unsteady; run again on an idle machine before quoting it.",
+        ]
     if report.targets:
         lines += ["", "## Targets", "", "| model | target | required | best measured | where | met |", "|---|---|---|---|---|---|"]
         for t in report.targets:
