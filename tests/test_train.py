@@ -765,7 +765,7 @@ def test_config_file_and_overrides(tmp_path):
     config = apply_overrides(config, parse_set(["alpha=0.5", "goal=a robot", "pretrained=none", "net_arch=[64, 64]"]))
     assert (config.n_envs, config.learning_rate, config.total_timesteps) == (4, 1e-3, 1_000_000)
     assert config.goal == ["a robot"] and config.pretrained is None and config.net_arch == [64, 64]
-    with pytest.raises(ValueError, match="unknown config key"):
+    with pytest.raises(ValueError, match="unknown config key.*did you mean 'n_envs' for 'n_env'"):
         apply_overrides(config, {"n_env": 3})
     # Sections are flattened: one key in two places is an error, not a silent last-one-wins.
     for text, match in (("gamma = 0.9\n[sac]\ngamma = 0.99\n", r"sets 'gamma' twice, in the top level and in \[sac\]"),

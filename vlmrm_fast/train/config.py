@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import difflib
 import json
 import math
 import sys
@@ -297,9 +298,11 @@ def apply_overrides(config: TrainConfig, values: dict, source: str = "overrides"
     names = {f.name for f in fields(TrainConfig)}
     unknown = sorted(set(values) - names)
     if unknown:
+        guesses = {key: difflib.get_close_matches(key, sorted(names), n=1) for key in unknown}
+        hint = "".join(f"; did you mean {guess[0]!r} for {key!r}?" for key, guess in guesses.items() if guess)
         raise ValueError(
-            f"unknown config key(s) in {source}: {', '.join(unknown)}; valid keys are listed by "
-            "'vlmrm-fast train --help'"
+            f"unknown config key(s) in {source}: {', '.join(unknown)}{hint} Valid keys are listed by "
+            "'vlmrm-fast train --help' (as flags: key total_timesteps is --total-timesteps)"
         )
     converted = {key: coerce(key, hints[key], value, source) for key, value in values.items()}
     return dataclasses.replace(config, **converted)
