@@ -432,6 +432,71 @@ def test_envs_of_another_look_are_refused():
         BatchRenderer.from_envs([textured, plain], width=16, height=16, device="cpu")
 
 
+_MESH_XML = """<mujoco><asset>{asset}</asset><worldbody><light pos="0 0 3"/>{geom}</worldbody></mujoco>"""
+
+
+@pytest.mark.parametrize("kind", ["mesh", "hfield"])
+def test_envs_with_other_meshes_or_heightfields_are_refused(kind):
+    # Uploaded once from model 0, like textures: same counts but other vertices or heights would be
+    # drawn as model 0's.
+    if kind == "mesh":
+        asset = '<mesh name="m" vertex="0 0 0  1 0 0  0 1 0  0 0 {z}"/>'
+        geom = '<geom type="mesh" mesh="m"/>'
+    else:
+        asset = '<hfield name="h" nrow="2" ncol="2" size="1 1 {z} 0.1" elevation="0 1 1 0"/>'
+        geom = '<geom type="hfield" hfield="h"/>'
+    models = [mujoco.MjModel.from_xml_string(_MESH_XML.format(asset=asset.format(z=z), geom=geom)) for z in (1, 2)]
+    pairs = [(m, mujoco.MjData(m)) for m in models]
+    with pytest.raises(ValueError, match=f"ONE model.*{kind}"):
+        BatchRenderer(pairs, width=16, height=16, device="cpu")
+    BatchRenderer([pairs[0], (models[0], mujoco.MjData(models[0]))], width=16, height=16, device="cpu").close()
+
+
+def test_envs_in_other_colours_and_lights_are_drawn_in_their_own():
+    # Visual domain randomisation at reset (colours, materials' colours, lights) goes into each env's
+    # scene from its own model: accepted, and each frame is what the env's own render gives.
+    envs = _make_envs(2, width=48, height=48)
+    model = envs[1].unwrapped.model
+    model.geom_rgba[:, :3] = np.random.default_rng(0).uniform(0, 1, (model.ngeom, 3))
+    model.mat_rgba[:, :3] = 0.3
+    model.light_diffuse[:] = 0.9
+    own = np.stack([e.render() for e in envs])
+    assert np.abs(own[0].astype(int) - own[1].astype(int)).mean() > 5  # the look really differs
+    with BatchRenderer.from_envs(envs, device="cpu") as renderer:
+        np.testing.assert_array_equal(renderer.render().numpy(), own)
+    for env in envs:
+        env.close()
+
+
+def test_envs_of_other_render_sizes_are_refused_unless_a_size_is_given():
+    small, large = _make_envs(1, width=32, height=32)[0], _make_envs(1, width=48, height=24)[0]
+    with pytest.raises(ValueError, match=r"different sizes \(\[\(32, 32\), \(48, 24\)\]"):
+        BatchRenderer.from_envs([small, large], device="cpu")
+    with BatchRenderer.from_envs([small, large], width=40, height=40, device="cpu") as renderer:
+        assert tuple(renderer.render().shape) == (2, 40, 40, 3)
+    for env in (small, large):
+        env.close()
+
+
+def test_free_camera_takes_the_lookat_of_a_viewer_made_after_it():
+    # gymnasium places a free camera's lookat once, when the env's viewer is made (its first render).
+    # A renderer made before that, first rendering after it (the env moved meanwhile), uses the
+    # viewer's camera, so its frames still equal env.render().
+    envs = [gym.make("InvertedPendulum-v5", render_mode="rgb_array", width=40, height=40) for _ in range(2)]
+    renderer = BatchRenderer.from_envs(envs, device="cpu")
+    for i, env in enumerate(envs):
+        env.reset(seed=i)
+        env.render()  # the viewer is made here, its lookat placed at this state
+        env.action_space.seed(i)
+        for _ in range(5):
+            env.step(env.action_space.sample())
+    own = np.stack([env.render() for env in envs])
+    np.testing.assert_array_equal(renderer.render().numpy(), own)
+    renderer.close()
+    for env in envs:
+        env.close()
+
+
 
 def test_egl_position_of_a_cuda_device():
     """MuJoCo < 4 takes MUJOCO_EGL_DEVICE_ID as a position in EGL's device list: torch's cuda:i is looked

@@ -544,6 +544,8 @@ def test_vec_env_errors(rm, no_batch):
         VLMRewardVecEnv(DummyVecEnv([make_env]), rm, render="gpu")
     with pytest.raises(TypeError, match=r"not TimeLimit: vectorise the env first, DummyVecEnv.*VLMRewardWrapper"):
         VLMRewardVecEnv(gym.make(ENV_ID, render_mode="rgb_array"), rm)  # a gymnasium env, not a VecEnv
+    with pytest.raises(TypeError, match=r"not SyncVectorEnv: a gymnasium vector env: build .*DummyVecEnv"):
+        VLMRewardVecEnv(gym.vector.SyncVectorEnv([make_env]), rm)
     with pytest.raises(ValueError, match="DummyVecEnv of MuJoCo envs"):
         VLMRewardVecEnv(DummyVecEnv([CountingEnv]), rm, render="batch")
     with pytest.raises(ImportError):
@@ -598,3 +600,27 @@ def test_sac_learns_through_vec_env(rm):
     assert not np.allclose(stored, 1.0)
     assert model.num_timesteps >= 50
     venv.close()
+
+
+def test_set_attr_reaches_the_envs_the_wrapper_wraps_in_place(rm, no_batch):
+    # SB3's set_attr sets an attribute on each env's outermost object; the wrappers VLMRewardVecEnv puts
+    # around a DummyVecEnv's envs (terminal-state copies, RenderTerminalFrame) pass it on to the env,
+    # where it went before.
+    from gymnasium.envs.mujoco.inverted_pendulum_v5 import InvertedPendulumEnv
+
+    venv = DummyVecEnv([lambda: InvertedPendulumEnv(render_mode="rgb_array", width=SIZE, height=SIZE)])
+    wrapped = VLMRewardVecEnv(venv, rm)
+    assert type(venv.envs[0]).__name__ == "_MujocoTerminalState"
+    wrapped.set_attr("_reset_noise_scale", 0.0)
+    assert venv.envs[0].unwrapped._reset_noise_scale == 0.0
+    assert wrapped.get_attr("_reset_noise_scale") == [0.0]
+    wrapped.reset()
+    wrapped.step(np.zeros((1, 1), np.float32))  # the wrapper's own state still works
+    assert "pending" not in venv.envs[0].unwrapped.__dict__
+    wrapped.close()
+    counting = DummyVecEnv([CountingEnv])
+    wrapped = VLMRewardVecEnv(counting, rm)
+    assert isinstance(counting.envs[0], RenderTerminalFrame) and counting.envs[0] is not counting.envs[0].unwrapped
+    wrapped.set_attr("speed", 7)
+    assert counting.envs[0].unwrapped.speed == 7
+    wrapped.close()

@@ -364,13 +364,33 @@ class RenderTerminalFrame(gym.Wrapper, gym.utils.RecordConstructorArgs):
         return obs, reward, terminated, truncated, info
 
 
+class _PassesNewAttributesOn:
+    """For the wrappers :class:`VLMRewardVecEnv` puts around a DummyVecEnv's envs: SB3's ``set_attr`` sets
+    an attribute on each env's outermost object, so one this wrapper does not own goes on to the env it
+    wraps, where it went before the wrapper was there."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if self.__dict__.get("_passes_on", False) and name not in self.__dict__ and not hasattr(type(self), name):
+            setattr(self.env, name, value)
+        else:
+            object.__setattr__(self, name, value)
+
+
+class _InsertedRenderTerminalFrame(_PassesNewAttributesOn, RenderTerminalFrame):
+    """:class:`RenderTerminalFrame` as :class:`VLMRewardVecEnv` inserts it (attributes pass on)."""
+
+    def __init__(self, env: gym.Env) -> None:
+        super().__init__(env)
+        self._passes_on = True
+
+
 # What a frame reads from the MjModel that an env may change at reset (visual domain randomisation).
 _LOOK_FIELDS = ("geom_rgba", "geom_size", "geom_matid", "mat_rgba", "mat_emission", "mat_specular", "mat_shininess",
                 "mat_reflectance", "site_rgba", "site_size", "skin_matid", "light_diffuse", "light_ambient",
                 "light_specular", "cam_fovy")
 
 
-class _MujocoTerminalState(gym.Wrapper):
+class _MujocoTerminalState(_PassesNewAttributesOn, gym.Wrapper):
     """Copies a MuJoCo env's whole state (``MjData``), and the model fields a frame reads that a reset may
     change (``_LOOK_FIELDS``), when an episode ends, before the VecEnv resets it.
 
@@ -392,6 +412,7 @@ class _MujocoTerminalState(gym.Wrapper):
         self._terminal_look = {f: np.array(getattr(model, f)) for f in self._fields}
         self._scratch_look = {f: np.array(getattr(model, f)) for f in self._fields}
         self.pending = False
+        self._passes_on = True
 
     @property
     def spec(self) -> Any:
@@ -495,10 +516,13 @@ class VLMRewardVecEnv(_RewardMode, VecEnvWrapper):
         if render not in RENDER_SOURCES:
             raise ValueError(f"render must be one of {RENDER_SOURCES}; got {render!r}.")
         if not isinstance(venv, VecEnv):
-            raise TypeError(
-                f"VLMRewardVecEnv wraps a stable-baselines3 VecEnv, not {type(venv).__name__}: vectorise the env "
-                "first, DummyVecEnv([make_env] * n), or wrap a single gymnasium env with VLMRewardWrapper."
-            )
+            if isinstance(venv, gym.vector.VectorEnv):
+                fix = ("a gymnasium vector env: build the envs as an SB3 DummyVecEnv([make_env] * n), or put "
+                       "VLMRewardWrapper inside gymnasium's vector env (one reward call per env)")
+            else:
+                fix = ("vectorise the env first, DummyVecEnv([make_env] * n), or wrap a single gymnasium env with "
+                       "VLMRewardWrapper")
+            raise TypeError(f"VLMRewardVecEnv wraps a stable-baselines3 VecEnv, not {type(venv).__name__}: {fix}.")
         super().__init__(venv)
         self.reward_model = reward_model
         self._mode, self._weight = _check_mode(mode, weight)
@@ -546,7 +570,7 @@ class VLMRewardVecEnv(_RewardMode, VecEnvWrapper):
                     self._terminal_states[i] = self._dummy.envs[i] = _MujocoTerminalState(
                         env, *mujoco_parts[i], model_fields=not shared)
                 elif not framed:
-                    self._dummy.envs[i] = RenderTerminalFrame(env)
+                    self._dummy.envs[i] = _InsertedRenderTerminalFrame(env)
         else:
             try:
                 wrapped = venv.env_is_wrapped(RenderTerminalFrame)

@@ -109,6 +109,13 @@ def _make_camera(model: Any, data: Any, spec: CameraSpec) -> Any:
     )
 
 
+def _rgb_viewer(env: Any) -> Optional[Any]:
+    """The offscreen viewer a gymnasium MuJoCo env renders rgb_array frames with, once it was made."""
+    u = env.unwrapped if hasattr(env, "unwrapped") else env
+    r = getattr(u, "mujoco_renderer", None)
+    return getattr(r, "_viewers", {}).get("rgb_array") if hasattr(r, "_viewers") else None
+
+
 def _env_camera(env: Any) -> Tuple[CameraSpec, Optional[Any]]:
     """The camera and scene options an env's own ``render()`` uses (gymnasium MujocoEnv)."""
     mujoco = _mujoco()
@@ -117,7 +124,7 @@ def _env_camera(env: Any) -> Tuple[CameraSpec, Optional[Any]]:
     if r is None:
         return None, None
     camera_id = getattr(r, "camera_id", -1)
-    viewer = getattr(r, "_viewers", {}).get("rgb_array") if hasattr(r, "_viewers") else None
+    viewer = _rgb_viewer(env)
     vopt = None
     if viewer is not None:
         cam = _copy_camera(viewer.cam)
@@ -141,8 +148,12 @@ def _env_camera(env: Any) -> Tuple[CameraSpec, Optional[Any]]:
     return cam, vopt
 
 
-_LOOK_ARRAYS = ("tex_data", "tex_height", "tex_width", "mat_texid", "mat_rgba", "geom_rgba", "geom_matid",
-                "skin_matid", "light_diffuse")
+# What the GL context uploads once, from model 0 (mjr_makeContext): textures, the materials' texture
+# bindings, meshes, heightfields, skins and flexes. Colours, sizes, lights and which material a geom
+# uses go into each env's scene from its own model (mjv_updateScene), so envs may differ in those.
+_UPLOADED_ARRAYS = ("tex_data", "tex_height", "tex_width", "mat_texid", "mat_texuniform", "mat_texrepeat",
+                    "mesh_vert", "mesh_face", "mesh_normal", "mesh_texcoord", "hfield_data", "hfield_size",
+                    "skin_vert", "skin_face", "skin_texcoord", "skin_matid", "flex_vert", "flex_elem")
 
 
 def _check_same_model(models: Sequence[Any]) -> None:
@@ -152,11 +163,12 @@ def _check_same_model(models: Sequence[Any]) -> None:
         if m is first:
             continue
         diff = [f for f in fields if getattr(m, f, None) != getattr(first, f, None)]
-        if not diff:  # same counts can still be other textures or colours, drawn with model 0's
-            diff = [a for a in _LOOK_ARRAYS if hasattr(first, a) and not np.array_equal(getattr(m, a), getattr(first, a))]
+        if not diff:  # same counts can still be other textures or meshes, which would be drawn as model 0's
+            diff = [a for a in _UPLOADED_ARRAYS
+                    if hasattr(first, a) and not np.array_equal(getattr(m, a), getattr(first, a))]
         if diff:
             raise ValueError(
-                f"BatchRenderer renders envs of ONE model (its textures and meshes are uploaded "
+                f"BatchRenderer renders envs of ONE model (its textures, meshes and heightfields are uploaded "
                 f"once); model {i} differs from model 0 in {diff}"
             )
 
@@ -441,12 +453,18 @@ class BatchRenderer:
         envs = list(envs)
         if not envs:
             raise ValueError("from_envs needs at least one env")
-        u = getattr(envs[0], "unwrapped", envs[0])
         _model_data_of(envs[0])
+        sizes = [(getattr(u, "width", None) or 224, getattr(u, "height", None) or 224)
+                 for u in (getattr(env, "unwrapped", env) for env in envs)]
+        if (width is None or height is None) and len(set(sizes)) > 1:
+            raise ValueError(
+                f"the envs render at different sizes ({sorted(set(sizes))} as width x height); one batch holds one "
+                "size: make them alike, or pass width= and height= (each env is then drawn at that size)"
+            )
         if width is None:
-            width = getattr(u, "width", None) or 224
+            width = sizes[0][0]
         if height is None:
-            height = getattr(u, "height", None) or 224
+            height = sizes[0][1]
         return cls(envs, width=width, height=height, device=device, **kwargs)
 
     def _init_cpu(self) -> None:
@@ -556,10 +574,15 @@ class BatchRenderer:
     def _place_lookats(self) -> None:
         """Free cameras from a camera config without a lookat look at the median geom position when
         they first render, as gymnasium's viewer does when it is made: at construction the envs may not
-        have been reset yet (every geom at the origin)."""
-        for cam, model, data in zip(self._cameras, self._models, self._datas):
+        have been reset yet (every geom at the origin). Where the env's own viewer was made since, its
+        camera is the one ``env.render()`` uses, placed when it was made: that one is taken."""
+        for cam, model, data, env in zip(self._cameras, self._models, self._datas, self._envs):
             if np.isnan(cam.lookat).any():
-                cam.lookat[:] = np.median(data.geom_xpos, axis=0) if model.ngeom else 0.0
+                viewer = _rgb_viewer(env) if env is not None else None
+                if viewer is not None:
+                    cam.lookat[:] = viewer.cam.lookat
+                else:
+                    cam.lookat[:] = np.median(data.geom_xpos, axis=0) if model.ngeom else 0.0
 
     __call__ = render
 
