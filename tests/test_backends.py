@@ -227,6 +227,15 @@ def test_onnxruntime_preprocesses_small_cpu_chunks_on_one_torch_thread(tiny, mon
 
 
 @needs_ort
+@needs_ort
+def test_onnxruntime_threads_follow_torch_whatever_omp_num_threads_says(tiny, monkeypatch):
+    # "2,1" is valid OpenMP (nested levels); the session takes torch's thread count, which already
+    # follows OMP_NUM_THREADS, instead of parsing the variable again.
+    monkeypatch.setenv("OMP_NUM_THREADS", "2,1")
+    rm = CLIPReward(*tiny, goal="a", device="cpu", backend="onnxruntime")
+    assert rm.vision_backend._session_options().intra_op_num_threads == torch.get_num_threads()
+
+
 def test_onnxruntime_on_cpu_refuses_half_precision(tiny):
     with pytest.raises(BackendError, match="CPU runs float32.*dtype=torch.float32"):
         CLIPReward(*tiny, goal="a", device="cpu", dtype=torch.bfloat16, backend="onnxruntime")

@@ -44,9 +44,37 @@ def test_checkpoint_of_another_architecture(tmp_path):
         create_clip("vlmrm-tiny", str(path))
 
 
+def test_checkpoint_of_another_width_is_another_architecture_not_another_image_size(tmp_path):
+    # Position embeddings of the same count but another width: not a question of image size.
+    wide = open_clip.create_model("vlmrm-tiny")
+    state = wide.state_dict()
+    state["visual.positional_embedding"] = torch.zeros(state["visual.positional_embedding"].shape[0], 7)
+    torch.save(state, tmp_path / "wide.pt")
+    with pytest.raises(PretrainedWeightsError, match="does not load into vlmrm-tiny") as error:
+        create_clip("vlmrm-tiny", str(tmp_path / "wide.pt"))
+    assert "image or patch size" not in str(error.value)
+
+
+@pytest.mark.skipif(int(open_clip.__version__.split(".")[0]) < 3, reason="open_clip < 3 has no local-dir: models")
+def test_local_dir_without_weights_is_refused_not_random(tmp_path):
+    # open_clip builds such a model with random weights and only logs it; pretrained weights were asked for.
+    import json
+
+    (tmp_path / "open_clip_config.json").write_text(
+        json.dumps({"model_cfg": open_clip.get_model_config("vlmrm-tiny"), "preprocess_cfg": {}}))
+    with pytest.raises(PretrainedWeightsError, match="no weights were loaded.*open_clip_pytorch_model.bin"):
+        create_clip(f"local-dir:{tmp_path}", None)
+    model, _ = make_tiny(seed=3)
+    torch.save(model.state_dict(), tmp_path / "open_clip_pytorch_model.bin")
+    loaded, _ = create_clip(f"local-dir:{tmp_path}", None)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+
+
 def test_missing_checkpoint_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="No checkpoint file.*laion2b_s34b_b79k"):
         create_clip("ViT-B-32", str(tmp_path / "missing.pt"))
+    with pytest.raises(FileNotFoundError, match="No checkpoint file"):  # a pathlib.Path as well as a str
+        create_clip("ViT-B-32", tmp_path / "missing.pt")
 
 
 def test_unknown_model_name_suggests_close_ones():
@@ -150,7 +178,7 @@ def test_checkpoint_for_another_image_size_is_refused(tmp_path, suffix):
     else:
         torch.save({"state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}}, path,
                    _use_new_zipfile_serialization=suffix == ".pt")
-    with pytest.raises(PretrainedWeightsError, match=r"another image size: its vision tower has 65 .* vlmrm-tiny's 50"):
+    with pytest.raises(PretrainedWeightsError, match=r"another image or patch size: its vision tower has 65 .* vlmrm-tiny's 50"):
         create_clip("vlmrm-tiny", str(path))
     assert open_clip.factory.resize_pos_embed.__module__ == "open_clip.model"  # open_clip's own again afterwards
 

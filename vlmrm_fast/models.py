@@ -14,7 +14,7 @@ import os
 import socket
 import warnings
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Tuple
+from typing import Callable, Iterator, Optional, Tuple, Union
 from urllib.parse import urlparse
 
 import open_clip
@@ -226,10 +226,12 @@ def _position_embeddings_kept(model_name: str, path: str) -> Iterator[None]:
                 target = getattr(model, "positional_embedding", getattr(getattr(model, "text", None), "positional_embedding", None))
             saved = next((state_dict[k] for k in keys if k in state_dict), None)
             if saved is not None and isinstance(target, torch.Tensor) and tuple(saved.shape) != tuple(target.shape):
-                what = (f"image size: its vision tower has {saved.shape[0]} position embeddings, {model_name}'s "
-                        f"{target.shape[0]} (patches + class token); pick the config of its input size (such as "
-                        "the '-256' variants for 256 px weights)" if name == "resize_pos_embed" else
-                        f"text context length: {saved.shape[0]} positions, {model_name} has {target.shape[0]}")
+                if tuple(saved.shape[1:]) != tuple(target.shape[1:]):
+                    return None  # another width: another architecture, which the strict load reports as such
+                what = (f"image or patch size: its vision tower has {saved.shape[0]} position embeddings, "
+                        f"{model_name}'s {target.shape[0]} (patches + class token); pick the config of its input "
+                        "and patch size (such as the '-256' variants for 256 px weights)" if name == "resize_pos_embed"
+                        else f"text context length: {saved.shape[0]} positions, {model_name} has {target.shape[0]}")
                 raise PretrainedWeightsError(f"The checkpoint {path!r} is for another {what}.")
             return originals[name](state_dict, model, *args, **kwargs)
 
@@ -245,7 +247,7 @@ def _position_embeddings_kept(model_name: str, path: str) -> Iterator[None]:
 
 
 def create_clip(
-    model_name: str, pretrained: Optional[str], *, cache_dir: Optional[str] = None
+    model_name: str, pretrained: Union[str, os.PathLike, None], *, cache_dir: Optional[str] = None
 ) -> Tuple[torch.nn.Module, Callable]:
     """An open_clip model (float32, CPU, eval mode) and its tokenizer.
 
@@ -259,6 +261,8 @@ def create_clip(
     """
     register_model_configs()
     _check_model_name(model_name)
+    if isinstance(pretrained, os.PathLike):
+        pretrained = os.fspath(pretrained)
     with _quiet_open_clip_logs():
         model = _create(model_name, pretrained, cache_dir)
     model.eval()
@@ -274,7 +278,13 @@ def _create(model_name: str, pretrained: Optional[str], cache_dir: Optional[str]
                 f"{model_name!r} needs the Hugging Face hub, which is unreachable (offline?). Download the repo "
                 "once elsewhere and pass 'local-dir:/path/to/it' instead."
             )
-        return open_clip.create_model(model_name, cache_dir=cache_dir)
+        try:  # open_clip only logs (and builds random weights) where the folder or repo holds none
+            return open_clip.create_model(model_name, cache_dir=cache_dir, require_pretrained=True)
+        except RuntimeError as exc:
+            raise PretrainedWeightsError(
+                f"{model_name!r}: no weights were loaded ({exc}). The folder or repo must hold "
+                "open_clip_pytorch_model.bin (or open_clip_model.safetensors) beside its open_clip_config.json."
+            ) from exc
     if pretrained is None:
         warnings.warn(
             f"{model_name} has random weights (pretrained=None): its rewards carry no meaning. "

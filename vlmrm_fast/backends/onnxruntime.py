@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -94,7 +93,8 @@ class OnnxRuntimeBackend(VisionBackend):
 
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads()))
+        # torch's count already follows OMP_NUM_THREADS (which may also read "2,1": nested levels).
+        options.intra_op_num_threads = torch.get_num_threads()
         if self.device.type == "cpu":
             # Idle ORT workers otherwise busy-wait ~50 ms after each run, halving the speed of the
             # torch work that follows on the same cores (preprocessing, scoring, SAC updates).

@@ -48,6 +48,11 @@ class PreprocessSpec:
             raise ValueError(f"mean and std need 3 values (RGB); got {self.mean} and {self.std}.")
         if any(s <= 0 for s in self.std):
             raise ValueError(f"std must be positive; got {self.std}.")
+        if self.mode == "openclip" and self.size[0] != self.size[1]:  # here, not at the first frames to resize
+            raise ValueError(
+                f"preprocess='openclip' (shorter side + centre crop) needs a square input size; the model "
+                f"takes {self.size[0]}x{self.size[1]}. Use preprocess='vlmrm' (a squash resize) for this model."
+            )
 
     def affine(self, frames_dtype: torch.dtype) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
         """Per-channel (scale, shift) mapping a stored value v to ``(v / range - mean) / std``."""
