@@ -236,6 +236,45 @@ def test_onnxruntime_threads_follow_torch_whatever_omp_num_threads_says(tiny, mo
     assert rm.vision_backend._session_options().intra_op_num_threads == torch.get_num_threads()
 
 
+@needs_ort
+def test_auto_takes_onnxruntime_only_where_the_tower_can_be_exported(monkeypatch):
+    # onnxruntime does not depend on onnx: with onnxruntime alone, "auto" must not pick a backend that
+    # then fails for want of onnx.
+    import importlib.util as util
+
+    real = util.find_spec
+    monkeypatch.setattr(util, "find_spec", lambda name, *a: None if name == "onnx" else real(name, *a))
+    assert resolve_backend("auto", torch.device("cpu"), torch.float32) == "torch"
+    monkeypatch.setattr(util, "find_spec", real)
+    assert resolve_backend("auto", torch.device("cpu"), torch.float32) == "onnxruntime"
+
+
+@needs_ort
+def test_onnxruntime_refuses_other_devices_and_a_cuda_provider_that_did_not_start(monkeypatch):
+    import onnxruntime as ort
+
+    from vlmrm_fast.backends.onnxruntime import OnnxRuntimeBackend
+
+    model, _ = make_tiny()
+    spec = preprocess_spec_of(model, "vlmrm")
+    with pytest.raises(BackendError, match="runs on CPU or CUDA, not mps"):
+        OnnxRuntimeBackend(model.visual, spec, torch.device("mps"), torch.float32, (224, 224))
+    # A GPU build that cannot load its CUDA libraries falls back to the CPU provider with a log line;
+    # the backend would then hand CUDA memory to a CPU session.
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    with pytest.raises(BackendError, match="could not start its CUDA provider"):
+        OnnxRuntimeBackend(model.visual, spec, torch.device("cuda", 0), torch.float32, (224, 224))
+
+
+def test_a_missing_package_is_named_with_what_needs_it(monkeypatch, tmp_path):
+    from vlmrm_fast.backends.onnx_export import export_onnx
+
+    model, _ = make_tiny()
+    monkeypatch.setitem(sys.modules, "onnx", None)
+    with pytest.raises(BackendError, match=r"^ONNX export needs the `onnx` package.*vlmrm-fast\[export\]'`\.$"):
+        export_onnx(model.visual, tmp_path / "t.onnx", preprocess_spec_of(model, "vlmrm"))
+
+
 def test_onnxruntime_on_cpu_refuses_half_precision(tiny):
     with pytest.raises(BackendError, match="CPU runs float32.*dtype=torch.float32"):
         CLIPReward(*tiny, goal="a", device="cpu", dtype=torch.bfloat16, backend="onnxruntime")

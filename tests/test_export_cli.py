@@ -1,5 +1,6 @@
 """`vlmrm-fast export`: files that ONNX Runtime runs and that agree with torch."""
 import copy
+import os
 import importlib.util
 import re
 
@@ -103,3 +104,48 @@ def test_export_errors(tmp_path, capsys):
         assert "needs a CUDA device" in capsys.readouterr().err
     assert main(["export", "ViT-Z-99"]) == 2
     assert "Unknown model" in capsys.readouterr().err
+
+
+def test_an_interrupted_or_failed_export_leaves_the_previous_one_whole(tmp_path, monkeypatch, capsys):
+    # Written and checked beside the target, then renamed into place: a crash while writing the
+    # weights, or a graph that fails its check against torch, never replaces a good export.
+    import onnx
+
+    from vlmrm_fast import export
+
+    monkeypatch.setattr(onnx_export, "_PROTOBUF_LIMIT", 64 * 1024)  # weights in tower.onnx.data
+    out = tmp_path / "tower.onnx"
+    assert main(["export", "vlmrm-tiny", "--out", str(out)]) == 0
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert set(before) == {"tower.onnx", "tower.onnx.data"}
+    real_save = onnx.save_model
+
+    def killed_while_writing(model, path, *args, **kwargs):
+        real_save(model, path, *args, **kwargs)
+        with open(path, "r+b") as f:  # half of it on disk when the process dies
+            f.truncate(f.seek(0, 2) // 2)
+        raise KeyboardInterrupt("killed (simulated)")
+
+    monkeypatch.setattr(onnx, "save_model", killed_while_writing)
+    assert main(["export", "vlmrm-tiny", "--out", str(out)]) != 0
+    assert "interrupted" in capsys.readouterr().err
+    monkeypatch.setattr(onnx, "save_model", real_save)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no leftovers either
+    monkeypatch.setattr(export, "verify_onnx", lambda *args: 0.5)
+    assert main(["export", "vlmrm-tiny", "--out", str(out)]) == 2
+    assert "does not match the torch tower" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    # The side file gets the permissions a plain file would (onnx writes it owner-only).
+    old_umask = os.umask(0o022)
+    try:
+        monkeypatch.setattr(export, "verify_onnx", lambda *args: 0.0)
+        assert main(["export", "vlmrm-tiny", "--out", str(tmp_path / "shared[v1].onnx")]) == 0
+    finally:
+        os.umask(old_umask)
+    assert (tmp_path / "shared[v1].onnx.data").stat().st_mode & 0o777 == 0o644
+    assert "MB)" in capsys.readouterr().out and "(0.0 MB)" not in capsys.readouterr().out
+
+
+def test_export_into_a_folder_takes_the_default_name(tmp_path):
+    assert main(["export", "vlmrm-tiny", "--out", str(tmp_path), "--no-verify"]) == 0
+    assert (tmp_path / "vlmrm-tiny-random-uint8-nhwc-fp32.onnx").exists()

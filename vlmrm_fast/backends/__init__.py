@@ -37,7 +37,8 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> s
         raise BackendError(f"backend={backend!r} is not one of {BACKEND_CHOICES}.")
     if backend != "auto":
         return backend
-    if device.type == "cpu" and dtype == torch.float32 and importlib.util.find_spec("onnxruntime") is not None:
+    if (device.type == "cpu" and dtype == torch.float32 and importlib.util.find_spec("onnxruntime") is not None
+            and importlib.util.find_spec("onnx") is not None):  # onnxruntime alone cannot export the tower
         return "onnxruntime"
     return "torch"
 

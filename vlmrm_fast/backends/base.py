@@ -22,11 +22,18 @@ def with_cuda_index(device: torch.device) -> torch.device:
     return device
 
 
-def missing_extra(package: str, extra: str, backend: str) -> BackendError:
-    return BackendError(
-        f"backend={backend!r} needs the `{package}` package, which is not installed. "
-        f"Install it with `pip install 'vlmrm-fast[{extra}]'`, or pick another backend (backend='torch')."
-    )
+_BACKEND_NAMES = ("torch", "compile", "onnxruntime", "tensorrt")
+
+
+def missing_extra(package: str, extra: str, needed_by: str) -> BackendError:
+    """The error for a missing optional package; ``needed_by`` is a backend's name or a feature ("ONNX export")."""
+    if needed_by in _BACKEND_NAMES:
+        return BackendError(
+            f"backend={needed_by!r} needs the `{package}` package, which is not installed. "
+            f"Install it with `pip install 'vlmrm-fast[{extra}]'`, or pick another backend (backend='torch')."
+        )
+    return BackendError(f"{needed_by} needs the `{package}` package, which is not installed. "
+                        f"Install it with `pip install 'vlmrm-fast[{extra}]'`.")
 
 
 class _OneTorchThread:

@@ -19,14 +19,16 @@ import contextlib
 import copy
 import inspect
 import math
+import os
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Dict, Iterator, Literal, Optional, Union
+from typing import Callable, Dict, Iterator, Literal, Optional, Union
 
 import torch
 import torch.nn.functional as F
 
+from vlmrm_fast.atomic import fsync_dir
 from vlmrm_fast.backends.base import missing_extra
 from vlmrm_fast.ops.preprocess import PreprocessSpec
 
@@ -188,6 +190,7 @@ def export_onnx(
     input_format: InputFormat = "uint8-nhwc",
     external_data: Optional[bool] = None,
     opset: int = _OPSET,
+    check: Optional[Callable[[Path], None]] = None,
 ) -> Path:
     """Write the vision tower to ``path`` as ONNX; returns the path.
 
@@ -197,11 +200,13 @@ def export_onnx(
         spec: the tower's input size and normalisation (``CLIPReward.preprocess_spec``).
         input_format: "uint8-nhwc" (normalisation folded in) or "pixels" (normalised NCHW input).
         external_data: store weights in ``<path>.data``; default: only when over 2 GB.
+        check: called with the finished graph's path before it replaces anything at ``path`` (see
+            :func:`save_graph`); an exception there leaves ``path`` as it was.
     """
     try:
         import onnx
     except ImportError:
-        raise missing_extra("onnx", "export", "onnx export") from None
+        raise missing_extra("onnx", "export", "ONNX export") from None
     if input_format not in INPUT_FORMATS:
         raise ValueError(f"input_format={input_format!r} is not one of {INPUT_FORMATS}.")
     path = Path(path)
@@ -230,24 +235,46 @@ def export_onnx(
                 dynamic_axes={input_name: {0: "batch"}, "embeddings": {0: "batch"}},
                 opset_version=opset, do_constant_folding=True, **_export_kwargs(),
             )
-        save_graph(onnx.load(str(raw), load_external_data=True), path, external_data)
+        save_graph(onnx.load(str(raw), load_external_data=True), path, external_data, check=check)
     return path
 
 
-def save_graph(model, path: Union[str, Path], external_data: Optional[bool] = None) -> Path:
+def save_graph(model, path: Union[str, Path], external_data: Optional[bool] = None,
+               check: Optional[Callable[[Path], None]] = None) -> Path:
     """Write an ``onnx.ModelProto`` (weights loaded) to ``path`` and check it; weights go to
-    ``<path>.data`` when ``external_data``, by default when they near protobuf's 2 GB limit."""
+    ``<path>.data`` when ``external_data``, by default when they near protobuf's 2 GB limit.
+
+    The files are written and checked (ONNX's checker, then ``check`` if given) in a temporary folder
+    beside ``path``, then renamed into place, side file first: an interrupted or failed export leaves
+    the previous one whole, never half a graph under the final name.
+    """
     import onnx
 
     path = Path(path)
     if external_data is None:
         external_data = sum(init.ByteSize() for init in model.graph.initializer) > _PROTOBUF_LIMIT * 0.9
-    for stale in (path, path.with_name(path.name + ".data")):
-        stale.unlink(missing_ok=True)
-    if external_data:
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=path.name + ".data", size_threshold=1024)
-    else:
-        onnx.save_model(model, str(path))
-    onnx.checker.check_model(str(path))
+    data_name = path.name + ".data"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as tmp:
+        staged = Path(tmp) / path.name
+        if external_data:
+            onnx.save_model(model, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=data_name, size_threshold=1024)
+        else:
+            onnx.save_model(model, str(staged))
+        onnx.checker.check_model(str(staged))
+        if check is not None:
+            check(staged)
+        files = ([Path(tmp) / data_name] if external_data else []) + [staged]
+        umask = os.umask(0)
+        os.umask(umask)
+        for staged_file in files:
+            os.chmod(staged_file, 0o666 & ~umask)  # onnx writes the side file owner-only
+            with open(staged_file, "rb") as f:
+                os.fsync(f.fileno())
+        for staged_file in files:
+            os.replace(staged_file, path.parent / staged_file.name)
+    if not external_data:
+        (path.parent / data_name).unlink(missing_ok=True)  # a previous export's weights, now unused
+    fsync_dir(path.parent)
     return path

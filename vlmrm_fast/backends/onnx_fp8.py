@@ -40,7 +40,7 @@ def _onnx():
     try:
         import onnx
     except ImportError:
-        raise missing_extra("onnx", "export", "fp8 quantisation") from None
+        raise missing_extra("onnx", "export", "fp8 quantisation (quantize='fp8')") from None
     return onnx
 
 

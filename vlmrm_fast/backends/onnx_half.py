@@ -46,7 +46,7 @@ def to_half_precision(source: Union[str, Path], target: Union[str, Path], half: 
         import onnx
         from onnx import TensorProto, helper, numpy_helper
     except ImportError:
-        raise missing_extra("onnx", "export", "half-precision graphs") from None
+        raise missing_extra("onnx", "export", "Half-precision ONNX graphs") from None
     if half not in HALF_TYPES:
         raise ValueError(f"half={half!r} is not one of {HALF_TYPES}.")
     HALF = TensorProto.BFLOAT16 if half == "bf16" else TensorProto.FLOAT16

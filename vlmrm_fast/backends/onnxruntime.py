@@ -61,6 +61,8 @@ class OnnxRuntimeBackend(VisionBackend):
                 "with dtype=torch.bfloat16, or backend='onnxruntime' with dtype=torch.float16."
             )
         self.quantize = quantize
+        if device.type not in ("cpu", "cuda"):
+            raise BackendError(f"backend='onnxruntime' runs on CPU or CUDA, not {device.type}; use backend='torch' there.")
         try:
             import onnxruntime as ort
         except ImportError:
@@ -73,7 +75,7 @@ class OnnxRuntimeBackend(VisionBackend):
                 )
             if dtype not in _NUMPY:
                 raise BackendError(f"backend='onnxruntime' runs float32 or float16 on CUDA, not {dtype}; pass dtype=torch.float16.")
-            providers = [("CUDAExecutionProvider", {"device_id": device.index or 0}), "CPUExecutionProvider"]
+            providers = [("CUDAExecutionProvider", {"device_id": self.device.index or 0}), "CPUExecutionProvider"]
         else:
             if dtype != torch.float32:
                 raise BackendError(f"backend='onnxruntime' on CPU runs float32, not {dtype}; pass dtype=torch.float32.")
@@ -85,6 +87,14 @@ class OnnxRuntimeBackend(VisionBackend):
             path = quantize_int8(path, path.with_name("tower-int8.onnx"))
         self._model_path = path
         self.session = ort.InferenceSession(str(path), self._session_options(), providers=providers)
+        if device.type == "cuda" and "CUDAExecutionProvider" not in self.session.get_providers():
+            # ONNX Runtime falls back to its CPU provider (a cuDNN or CUDA it cannot load) with a log line;
+            # the calls would then hand it CUDA memory.
+            raise BackendError(
+                "ONNX Runtime could not start its CUDA provider (see its log above: usually a CUDA or cuDNN "
+                "version that does not match onnxruntime-gpu's); install the onnxruntime-gpu build for this "
+                "CUDA, or use backend='torch'."
+            )
         self.embed_dim = self.session.get_outputs()[0].shape[1]
         self.build_seconds = time.perf_counter() - start
 
