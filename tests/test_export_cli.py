@@ -149,3 +149,21 @@ def test_an_interrupted_or_failed_export_leaves_the_previous_one_whole(tmp_path,
 def test_export_into_a_folder_takes_the_default_name(tmp_path):
     assert main(["export", "vlmrm-tiny", "--out", str(tmp_path), "--no-verify"]) == 0
     assert (tmp_path / "vlmrm-tiny-random-uint8-nhwc-fp32.onnx").exists()
+
+
+def test_exporting_again_into_the_current_folder_with_external_data(tmp_path, monkeypatch):
+    # The previous export's side file sits in the current folder (a relative --out, as the default
+    # name is); onnx's own external-data conversion refuses such a location.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(onnx_export, "_PROTOBUF_LIMIT", 64 * 1024)
+    for _ in range(2):
+        assert main(["export", "vlmrm-tiny", "--out", "tower.onnx"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tower.onnx", "tower.onnx.data"]
+
+
+def test_a_verification_that_gives_nan_does_not_pass(tmp_path, monkeypatch, capsys):
+    from vlmrm_fast import export
+
+    monkeypatch.setattr(export, "verify_onnx", lambda *args: float("nan"))
+    assert main(["export", "vlmrm-tiny", "--out", str(tmp_path / "t.onnx")]) == 2
+    assert "does not match" in capsys.readouterr().err and not list(tmp_path.iterdir())

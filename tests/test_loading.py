@@ -64,6 +64,11 @@ def test_local_dir_without_weights_is_refused_not_random(tmp_path):
         json.dumps({"model_cfg": open_clip.get_model_config("vlmrm-tiny"), "preprocess_cfg": {}}))
     with pytest.raises(PretrainedWeightsError, match="no weights were loaded.*open_clip_pytorch_model.bin"):
         create_clip(f"local-dir:{tmp_path}", None)
+    state = open_clip.create_model("vlmrm-tiny").state_dict()
+    state["visual.proj"] = torch.zeros(3, 3)  # weights there, but for another model
+    torch.save(state, tmp_path / "open_clip_pytorch_model.bin")
+    with pytest.raises(PretrainedWeightsError, match=r"(?s)weights do not load into its config.*visual.proj"):
+        create_clip(f"local-dir:{tmp_path}", None)
     model, _ = make_tiny(seed=3)
     torch.save(model.state_dict(), tmp_path / "open_clip_pytorch_model.bin")
     loaded, _ = create_clip(f"local-dir:{tmp_path}", None)

@@ -435,17 +435,20 @@ def test_envs_of_another_look_are_refused():
 _MESH_XML = """<mujoco><asset>{asset}</asset><worldbody><light pos="0 0 3"/>{geom}</worldbody></mujoco>"""
 
 
-@pytest.mark.parametrize("kind", ["mesh", "hfield"])
+@pytest.mark.parametrize("kind", ["mesh", "hfield", "plane"])
 def test_envs_with_other_meshes_or_heightfields_are_refused(kind):
-    # Uploaded once from model 0, like textures: same counts but other vertices or heights would be
-    # drawn as model 0's.
+    # Uploaded once from model 0, like textures: same counts but other vertices, heights or floor
+    # sizes (a plane's grid) would be drawn as model 0's.
     if kind == "mesh":
         asset = '<mesh name="m" vertex="0 0 0  1 0 0  0 1 0  0 0 {z}"/>'
         geom = '<geom type="mesh" mesh="m"/>'
-    else:
+    elif kind == "hfield":
         asset = '<hfield name="h" nrow="2" ncol="2" size="1 1 {z} 0.1" elevation="0 1 1 0"/>'
         geom = '<geom type="hfield" hfield="h"/>'
-    models = [mujoco.MjModel.from_xml_string(_MESH_XML.format(asset=asset.format(z=z), geom=geom)) for z in (1, 2)]
+    else:
+        asset, geom = "", '<geom type="plane" size="{z} {z} 0.1"/>'
+    models = [mujoco.MjModel.from_xml_string(_MESH_XML.format(asset=asset.format(z=z), geom=geom.format(z=z)))
+              for z in (1, 2)]
     pairs = [(m, mujoco.MjData(m)) for m in models]
     with pytest.raises(ValueError, match=f"ONE model.*{kind}"):
         BatchRenderer(pairs, width=16, height=16, device="cpu")

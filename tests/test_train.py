@@ -476,6 +476,19 @@ def test_a_signal_during_the_final_checkpoint_lets_it_finish(tmp_path, monkeypat
     assert signal.getsignal(signal.SIGTERM) == before  # and Ctrl-C / SIGTERM behave as before afterwards
 
 
+def test_a_failing_final_evaluation_still_leaves_the_final_checkpoint(tmp_path, monkeypatch):
+    from vlmrm_fast.train import callbacks, train
+
+    def broken(*args, **kwargs):
+        raise ValueError("evaluation broke (simulated)")
+
+    monkeypatch.setattr(callbacks, "evaluate_policy_video", broken)
+    config = dot_config(tmp_path, total_timesteps=40, checkpoint_every=0, eval_every=40)
+    with pytest.raises(ValueError, match="simulated"):
+        train(config, reward_model=tiny_reward(config))
+    assert ckpt.find_latest(tmp_path / "run").name == ckpt.step_name(40)
+
+
 @pytest.mark.parametrize("timing", ["deferred", "step"])
 def test_every_episode_and_the_runs_tail_reach_tensorboard_across_a_stop(tmp_path, monkeypatch, timing):
     # log_every=60 over 100 steps (2 envs, episodes of 20 steps end at 40 and 80): the steps after the

@@ -21,6 +21,20 @@ def fsync_dir(path: Union[str, Path]) -> None:
         os.close(fd)
 
 
+def default_file_mode(folder: Union[str, Path]) -> int:
+    """The permissions a plain ``open`` gives a new file in ``folder`` (0o666 less the umask), read
+    from a probe file: unlike ``os.umask``, nothing process-wide changes, even for a moment."""
+    fd, probe = tempfile.mkstemp(dir=folder, prefix=".mode-probe.")  # a unique name (the file is owner-only)
+    os.close(fd)
+    os.unlink(probe)
+    try:
+        with open(probe, "x"):
+            pass
+        return os.stat(probe).st_mode & 0o777
+    finally:
+        Path(probe).unlink(missing_ok=True)
+
+
 def write_atomically(path: Union[str, Path], data: bytes) -> Path:
     """Write ``data`` to ``path``: a unique temporary file in the same folder, fsynced, given the
     permissions a plain ``open`` would (umask), then renamed into place, and the rename flushed too
@@ -34,9 +48,7 @@ def write_atomically(path: Union[str, Path], data: bytes) -> Path:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's file is owner-only
+        os.chmod(tmp, default_file_mode(path.parent))  # mkstemp's file is owner-only
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

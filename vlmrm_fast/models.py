@@ -281,6 +281,8 @@ def _create(model_name: str, pretrained: Optional[str], cache_dir: Optional[str]
         try:  # open_clip only logs (and builds random weights) where the folder or repo holds none
             return open_clip.create_model(model_name, cache_dir=cache_dir, require_pretrained=True)
         except RuntimeError as exc:
+            if "required" not in str(exc).lower():  # weights found but not loadable (load_state_dict's error)
+                raise PretrainedWeightsError(f"{model_name!r}: its weights do not load into its config: {exc}") from exc
             raise PretrainedWeightsError(
                 f"{model_name!r}: no weights were loaded ({exc}). The folder or repo must hold "
                 "open_clip_pytorch_model.bin (or open_clip_model.safetensors) beside its open_clip_config.json."

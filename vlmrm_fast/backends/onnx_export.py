@@ -28,7 +28,7 @@ from typing import Callable, Dict, Iterator, Literal, Optional, Union
 import torch
 import torch.nn.functional as F
 
-from vlmrm_fast.atomic import fsync_dir
+from vlmrm_fast.atomic import default_file_mode, fsync_dir
 from vlmrm_fast.backends.base import missing_extra
 from vlmrm_fast.ops.preprocess import PreprocessSpec
 
@@ -258,18 +258,19 @@ def save_graph(model, path: Union[str, Path], external_data: Optional[bool] = No
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as tmp:
         staged = Path(tmp) / path.name
         if external_data:
-            onnx.save_model(model, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=data_name, size_threshold=1024)
-        else:
-            onnx.save_model(model, str(staged))
+            # Marked here rather than by save_model(save_as_external_data=True), which refuses a location
+            # that exists relative to the current folder (the previous export's side file, often).
+            for tensor in model.graph.initializer:
+                if tensor.HasField("raw_data") and len(tensor.raw_data) >= 1024:
+                    onnx.external_data_helper.set_external_data(tensor, data_name)
+        onnx.save_model(model, str(staged))  # the side file goes beside `staged`
         onnx.checker.check_model(str(staged))
         if check is not None:
             check(staged)
         files = ([Path(tmp) / data_name] if external_data else []) + [staged]
-        umask = os.umask(0)
-        os.umask(umask)
+        mode = default_file_mode(Path(tmp))
         for staged_file in files:
-            os.chmod(staged_file, 0o666 & ~umask)  # onnx writes the side file owner-only
+            os.chmod(staged_file, mode)  # onnx writes the side file owner-only
             with open(staged_file, "rb") as f:
                 os.fsync(f.fileno())
         for staged_file in files:

@@ -151,9 +151,29 @@ def _env_camera(env: Any) -> Tuple[CameraSpec, Optional[Any]]:
 # What the GL context uploads once, from model 0 (mjr_makeContext): textures, the materials' texture
 # bindings, meshes, heightfields, skins and flexes. Colours, sizes, lights and which material a geom
 # uses go into each env's scene from its own model (mjv_updateScene), so envs may differ in those.
-_UPLOADED_ARRAYS = ("tex_data", "tex_height", "tex_width", "mat_texid", "mat_texuniform", "mat_texrepeat",
-                    "mesh_vert", "mesh_face", "mesh_normal", "mesh_texcoord", "hfield_data", "hfield_size",
-                    "skin_vert", "skin_face", "skin_texcoord", "skin_matid", "flex_vert", "flex_elem")
+_UPLOADED_ARRAYS = ("tex_type", "tex_nchannel", "tex_colorspace", "tex_adr", "tex_data", "tex_height", "tex_width",
+                    "mat_texid", "mat_texuniform", "mat_texrepeat",
+                    "mesh_vertadr", "mesh_vertnum", "mesh_faceadr", "mesh_facenum", "mesh_normaladr", "mesh_texcoordadr",
+                    "mesh_vert", "mesh_face", "mesh_normal", "mesh_texcoord", "mesh_facenormal", "mesh_facetexcoord",
+                    "mesh_graphadr", "mesh_graph",
+                    "hfield_nrow", "hfield_ncol", "hfield_adr", "hfield_data", "hfield_size",
+                    "skin_face", "skin_texcoord", "geom_type")
+_UPLOADED_VISUAL = ("quality.numslices", "quality.numstacks", "quality.numquads", "map.haze", "rgba.haze")
+"""Fields of ``model.vis`` the context's display lists are built with."""
+
+
+def _uploaded_differences(m: Any, first: Any) -> List[str]:
+    """What model ``m`` would have drawn as ``first``'s: the names of the uploaded fields that differ."""
+    diff = [a for a in _UPLOADED_ARRAYS if hasattr(first, a) and not np.array_equal(getattr(m, a), getattr(first, a))]
+    planes = np.asarray(first.geom_type) == _mujoco().mjtGeom.mjGEOM_PLANE
+    if "geom_type" not in diff and not np.array_equal(m.geom_size[planes], first.geom_size[planes]):
+        diff.append("geom_size (of planes: their grids are built once)")
+    for name in _UPLOADED_VISUAL:
+        group, field_name = name.split(".")
+        mine, theirs = getattr(getattr(m.vis, group), field_name), getattr(getattr(first.vis, group), field_name)
+        if not np.array_equal(np.asarray(mine), np.asarray(theirs)):
+            diff.append(f"vis.{name}")
+    return diff
 
 
 def _check_same_model(models: Sequence[Any]) -> None:
@@ -164,8 +184,7 @@ def _check_same_model(models: Sequence[Any]) -> None:
             continue
         diff = [f for f in fields if getattr(m, f, None) != getattr(first, f, None)]
         if not diff:  # same counts can still be other textures or meshes, which would be drawn as model 0's
-            diff = [a for a in _UPLOADED_ARRAYS
-                    if hasattr(first, a) and not np.array_equal(getattr(m, a), getattr(first, a))]
+            diff = _uploaded_differences(m, first)
         if diff:
             raise ValueError(
                 f"BatchRenderer renders envs of ONE model (its textures, meshes and heightfields are uploaded "
@@ -378,10 +397,10 @@ class BatchRenderer:
             specs = list(camera)
         else:
             specs = [camera] * n
-        self._cameras = [
-            env_cams[i] if (specs[i] is None and env_cams[i] is not None) else _make_camera(models[i], datas[i], specs[i])
-            for i in range(n)
-        ]
+        from_env = [specs[i] is None and env_cams[i] is not None for i in range(n)]
+        self._cameras = [env_cams[i] if from_env[i] else _make_camera(models[i], datas[i], specs[i]) for i in range(n)]
+        # The envs whose own camera is used: where its viewer is made later, that viewer's lookat is env.render()'s.
+        self._viewer_envs = [envs[i] if from_env[i] else None for i in range(n)]
         if scene_option is not None:
             self._options = [scene_option] * n
         else:
@@ -576,7 +595,7 @@ class BatchRenderer:
         they first render, as gymnasium's viewer does when it is made: at construction the envs may not
         have been reset yet (every geom at the origin). Where the env's own viewer was made since, its
         camera is the one ``env.render()`` uses, placed when it was made: that one is taken."""
-        for cam, model, data, env in zip(self._cameras, self._models, self._datas, self._envs):
+        for cam, model, data, env in zip(self._cameras, self._models, self._datas, self._viewer_envs):
             if np.isnan(cam.lookat).any():
                 viewer = _rgb_viewer(env) if env is not None else None
                 if viewer is not None:

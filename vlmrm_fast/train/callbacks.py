@@ -20,6 +20,7 @@ so :class:`TrainingCallback` does:
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 import time
 import warnings
@@ -272,9 +273,12 @@ class TrainingCallback(BaseCallback):
             self.restore_signal_handlers()
             raise KeyboardInterrupt
         self.stop_signal = signum
+        message = (f"{signal.Signals(signum).name}: checkpointing after this step, then stopping "
+                   "(send it again to stop at once)")
         if self._bar is not None:
-            self._bar.write(f"{signal.Signals(signum).name}: checkpointing after this step, then stopping "
-                            "(send it again to stop at once)")
+            self._bar.write(message)
+        else:  # no progress bar, or after training (the final evaluation and checkpoint)
+            print(message, file=sys.stderr, flush=True)
 
     # ------------------------------------------------------------------ evaluation
 

@@ -269,14 +269,18 @@ def train(config: TrainConfig, *, resume: Optional[os.PathLike] = None, reward_m
                         log_interval=None)
             learn_seconds = time.perf_counter() - learn_start
         # The final evaluation comes before the final checkpoint, so that the checkpoint records it
-        # and a run extended from there does not evaluate (and log) this step again.
-        if callback.stop_signal is None and remaining > 0 and config.eval_every:
-            callback.evaluate()
-        # Also after a signal that came too late for the callback's own checkpoint (during the last
-        # gradient steps, or the evaluation): the work since the last checkpoint is saved either way.
-        behind = callback.last_checkpoint is None or callback.last_checkpoint.name != ckpt.step_name(model.num_timesteps)
-        if remaining > 0 and behind:
-            callback.save()
+        # and a run extended from there does not evaluate (and log) this step again; the checkpoint
+        # is written whatever the evaluation does (an error, a second Ctrl-C).
+        try:
+            if callback.stop_signal is None and remaining > 0 and config.eval_every:
+                callback.evaluate()
+        finally:
+            # Also after a signal that came too late for the callback's own checkpoint (during the last
+            # gradient steps, or the evaluation): the work since the last checkpoint is saved either way.
+            behind = (callback.last_checkpoint is None
+                      or callback.last_checkpoint.name != ckpt.step_name(model.num_timesteps))
+            if remaining > 0 and behind:
+                callback.save()
         stopped = signal.Signals(callback.stop_signal).name if callback.stop_signal is not None else None
     finally:
         callback.restore_signal_handlers()  # also when learn() raised: Ctrl-C must work again
