@@ -174,8 +174,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         args.preprocess_tiles = [parse_tile(t) for t in args.preprocess_tiles]
     except ValueError as error:
         parser.error(str(error))
-    if min(args.batch_sizes) < 1 or args.repeats < 1 or args.warmup < 1:
-        parser.error("batch sizes, --repeats and --warmup must be at least 1 (the warm-up compiles the kernels).")
+    if min(args.batch_sizes) < 1 or args.repeats < 1 or args.warmup < 1 or args.copy_mib < 1:
+        parser.error("batch sizes, --repeats, --warmup and --copy-mib must be at least 1 (the warm-up compiles the "
+                     "kernels).")
     return args
 
 

@@ -112,8 +112,18 @@ def test_score_video_with_plot(video: Path, tmp_path: Path, capsys: pytest.Captu
     assert len(rows) == 6
     assert [float(r["source"]) for r in rows] == pytest.approx([i / 10 for i in range(6)])
     assert all(math.isfinite(float(r["reward"])) for r in rows)
-    png = out.with_suffix(".png").read_bytes()
+    png = (out.parent / "rewards.rewards.png").read_bytes()  # a name later runs over a folder skip
     assert png.startswith(b"\x89PNG") and len(png) > 1000
+
+
+def test_a_bare_plot_beside_the_csv_in_the_frames_folder_is_not_scored_next_time(image_folder: Path) -> None:
+    from vlmrm_fast.cli import _plot_path
+
+    assert _plot_path("", Path("clip.rewards.csv")) == Path("clip.rewards.png")
+    argv = [str(image_folder), "--goal", "x", "--out", str(image_folder / "rewards.csv"), "--plot", *TINY]
+    assert score(argv) == 0 and (image_folder / "rewards.rewards.png").exists()
+    assert score(argv) == 0
+    assert len(_read_csv(image_folder / "rewards.csv")) == len(FRAME_NAMES)
 
 
 def test_plot_to_given_path(image_folder: Path, tmp_path: Path) -> None:

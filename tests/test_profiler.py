@@ -562,3 +562,32 @@ def test_a_seed_that_moved_during_the_run_marks_the_ratio():
     config = {"repeats": 3, "warmup": 1, "time_budget": 1.0, "batch_sizes": [8]}
     assert "ratio is unsteady" in markdown_report(Report(env, config, rows=rows))
     assert "ratio is unsteady" not in markdown_report(Report(env, config, rows=[seed, steady]))
+
+
+def test_targets_leave_out_ratios_whose_seed_moved_and_the_notes_say_why():
+    import dataclasses
+
+    from vlmrm_fast.profiler.report import Report, markdown_report
+
+    seed = dataclasses.replace(_row("ViT-B-32", "seed", 10.0, 1.0), seed_fps=None, speedup_vs_seed=None)
+    moved, steady = _row("ViT-B-32", "onnxruntime", 16.0, 2.0), _row("ViT-B-32", "torch", 12.0, 10.0)
+    [target] = check_targets([seed, moved, steady], torch.device("cpu"))
+    assert target["measured"] == pytest.approx(1.2) and not target["met"]  # 8x from a moved seed decides nothing
+    fast = dataclasses.replace(steady, frac_of_peak=1.3)
+    env = {"device": "cpu", "timestamp": "t", "commit": "c", "cpu_count": 2}
+    text = markdown_report(Report(env, {"repeats": 2, "warmup": 1, "time_budget": 1.0, "batch_sizes": [8]},
+                                  rows=[seed, fast]))
+    assert "'of peak' above 100%" in text and "once 2 are done" in text
+
+
+@pytest.mark.skipif(not HAS_ORT, reason="needs onnxruntime")
+def test_the_seed_is_set_against_a_peak_in_its_own_dtype(tmp_path):
+    # With only int8 asked for (no int8 matmul peak), the seed (fp32 on CPU) still gets its "of peak".
+    argv = ["bench", "--models", "vlmrm-tiny", "--batch-sizes", "1", "--repeats", "1", "--warmup", "1",
+            "--backends", "onnxruntime", "--dtypes", "int8", "--device", "cpu", "--out", str(tmp_path),
+            "--no-progress", "--no-plot"]
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert cli.main(argv) == 0
+    results = json.loads((tmp_path / "bench.json").read_text())
+    [seed] = [r for r in results["rows"] if r["backend"] == "seed"]
+    assert "fp32" in results["peak_tflops"] and seed["frac_of_peak"] is not None

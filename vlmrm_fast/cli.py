@@ -196,7 +196,7 @@ def _add_score_parser(subparsers: argparse._SubParsersAction) -> None:
         const="",
         default=None,
         metavar="PNG",
-        help="also plot reward over frames to a PNG (default file: the CSV path with .png). "
+        help="also plot reward over frames to a PNG (default file: beside the CSV, <name>.rewards.png). "
         "Put --plot after PATH or write --plot=FILE.png, so PATH is not taken as its value",
     )
     io.add_argument(
@@ -301,11 +301,13 @@ def default_csv_path(path: Path) -> Path:
 
 
 def _plot_path(plot: Optional[str], csv_path: Path) -> Optional[Path]:
-    """Resolve ``--plot``: absent -> None, bare -> next to the CSV, else the given PNG path."""
+    """Resolve ``--plot``: absent -> None, bare -> next to the CSV as ``<name>.rewards.png`` (a name a
+    later run over a folder holding it skips), else the given PNG path."""
     if plot is None:
         return None
     if plot == "":
-        return csv_path.with_suffix(".png")
+        stem = csv_path.name[: -len(".csv")] if csv_path.name.endswith(".csv") else csv_path.name
+        return csv_path.with_name(stem + ".png" if stem.endswith(".rewards") else stem + ".rewards.png")
     path = Path(plot)
     if path.suffix.lower() != ".png":
         raise CLIError(f"--plot expects a .png file name, got '{plot}'; write --plot=FILE.png")

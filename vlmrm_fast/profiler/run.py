@@ -583,7 +583,9 @@ def run_bench(args: argparse.Namespace) -> int:
               "the torch path on CPU)")
 
     per_model = len(config.batch_sizes) * (len(backends) * len(config.dtypes) + int(config.seed))
-    peak_dtypes = [d for d in dict.fromkeys(config.dtypes + (["fp16"] if config.seed and config.device.type == "cuda" else []))
+    # The seed's own precision too (fp16 autocast on CUDA, fp32 on CPU): its rows are set against it.
+    seed_peak = ["fp16" if config.device.type == "cuda" else "fp32"] if config.seed else []
+    peak_dtypes = [d for d in dict.fromkeys(config.dtypes + seed_peak)
                    if d in DTYPES]  # no int8 matmul peak: its rows show none
     try:
         with tqdm(total=per_model * len(config.models), unit="config", disable=None if config.progress else True,
