@@ -591,3 +591,27 @@ def test_the_seed_is_set_against_a_peak_in_its_own_dtype(tmp_path):
     results = json.loads((tmp_path / "bench.json").read_text())
     [seed] = [r for r in results["rows"] if r["backend"] == "seed"]
     assert "fp32" in results["peak_tflops"] and seed["frac_of_peak"] is not None
+
+
+def test_paired_timing_never_times_a_call_straight_after_a_pause(monkeypatch):
+    # The first call after an idle pause runs about twice as slow on CPU, and the pauses fall unevenly
+    # on the two callables: every timed call must follow a call of its own callable, never a pause.
+    from vlmrm_fast.profiler import timing
+
+    events = []
+    monkeypatch.setattr(timing.time, "sleep", lambda s: events.append("pause"))
+
+    class Recording(timing.StageTimer):
+        def _time_once(self, fn):
+            events.append("timed")
+            return super()._time_once(fn)
+
+    timer = Recording(torch.device("cpu"), warmup=1, repeats=5, time_budget=10.0)
+    first, second = timer.paired(lambda: events.append("a"), lambda: events.append("b"))
+    assert first.repeats == second.repeats == 5
+    calls = [e for e in events if e != "timed"]
+    for i, event in enumerate(events):
+        if event == "timed":
+            timed_call, before = events[i + 1], [e for e in events[:i] if e != "timed"][-1]
+            assert before == timed_call, (i, events)  # warm: the same callable ran just before
+    assert calls.count("pause") >= 5
