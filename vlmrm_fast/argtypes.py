@@ -4,6 +4,7 @@ from typing import Callable, Sequence
 
 SHORT_DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 """torch's dtype names and the short ones; every command takes both."""
+_LONG_DTYPE_NAMES = {short: name for name, short in SHORT_DTYPE_NAMES.items()}
 
 
 def dtype_name(text: str, long: bool) -> str:
@@ -13,7 +14,7 @@ def dtype_name(text: str, long: bool) -> str:
     short = SHORT_DTYPE_NAMES.get(text, text)
     if not long:
         return short
-    return {v: k for k, v in SHORT_DTYPE_NAMES.items()}.get(short, text)
+    return _LONG_DTYPE_NAMES.get(short, text)
 
 
 def dtype_choice(choices: Sequence[str]) -> Callable[[str], str]:

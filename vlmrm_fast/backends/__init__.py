@@ -18,10 +18,10 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 
-from vlmrm_fast.backends.base import BackendError, VisionBackend
+from vlmrm_fast.backends.base import BACKEND_NAMES, BackendError, VisionBackend
 from vlmrm_fast.ops.preprocess import PreprocessSpec
 
-BACKEND_CHOICES = ("auto", "torch", "compile", "onnxruntime", "tensorrt")
+BACKEND_CHOICES = ("auto", *BACKEND_NAMES)
 BACKEND_OPTIONS = {
     "torch": (),
     "compile": ("buckets", "mode"),

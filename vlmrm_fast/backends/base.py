@@ -22,12 +22,13 @@ def with_cuda_index(device: torch.device) -> torch.device:
     return device
 
 
-_BACKEND_NAMES = ("torch", "compile", "onnxruntime", "tensorrt")
+BACKEND_NAMES = ("torch", "compile", "onnxruntime", "tensorrt")
+"""The concrete backends (``"auto"`` picks one of them)."""
 
 
 def missing_extra(package: str, extra: str, needed_by: str) -> BackendError:
     """The error for a missing optional package; ``needed_by`` is a backend's name or a feature ("ONNX export")."""
-    if needed_by in _BACKEND_NAMES:
+    if needed_by in BACKEND_NAMES:
         return BackendError(
             f"backend={needed_by!r} needs the `{package}` package, which is not installed. "
             f"Install it with `pip install 'vlmrm-fast[{extra}]'`, or pick another backend (backend='torch')."

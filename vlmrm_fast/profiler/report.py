@@ -208,11 +208,11 @@ UNSTEADY_MARK = " †"
 def unsteady_rows(rows: Sequence[Row]) -> List[int]:
     """Indices of the rows whose seed figure disagrees with the seed's own row at that model and batch
     by more than :data:`SEED_DISAGREEMENT` either way."""
-    seed = {(r.model, r.batch): r.end_to_end_fps for r in rows if r.backend == "seed" and r.end_to_end_fps}
+    seed = {(r.model, r.batch): r.end_to_end_fps for r in rows if r.backend == SEED and r.end_to_end_fps}
     flagged = []
     for i, row in enumerate(rows):
         own = seed.get((row.model, row.batch))
-        if row.backend != "seed" and row.seed_fps and own:
+        if row.backend != SEED and row.seed_fps and own:
             if max(row.seed_fps / own, own / row.seed_fps) > SEED_DISAGREEMENT:
                 flagged.append(i)
     return flagged

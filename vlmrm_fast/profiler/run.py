@@ -60,6 +60,7 @@ from tqdm import tqdm
 
 from vlmrm_fast.argtypes import positive_int
 from vlmrm_fast.backends import BackendError
+from vlmrm_fast.backends.base import BACKEND_NAMES
 from vlmrm_fast.frames import as_frame_batch
 from vlmrm_fast.models import TINY_MODEL, preprocess_spec_of, register_model_configs
 from vlmrm_fast.ops._triton import HAS_TRITON, interpreter_enabled
@@ -91,7 +92,7 @@ from vlmrm_fast.profiler.seed import (
 from vlmrm_fast.profiler.timing import StageTimer, StageTiming, measure_peak_tflops, sigterm_as_interrupt
 from vlmrm_fast.reward import CLIPReward
 
-BACKENDS = ("torch", "compile", "onnxruntime", "tensorrt")
+BACKENDS = BACKEND_NAMES
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPE_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 QUANTIZED = {"int8": ("onnxruntime", torch.float32), "fp8": ("tensorrt", torch.bfloat16)}

@@ -158,7 +158,8 @@ _UPLOADED_ARRAYS = ("tex_type", "tex_nchannel", "tex_colorspace", "tex_adr", "te
                     "mesh_graphadr", "mesh_graph",
                     "hfield_nrow", "hfield_ncol", "hfield_adr", "hfield_data", "hfield_size",
                     "skin_face", "skin_texcoord", "geom_type")
-_UPLOADED_VISUAL = ("quality.numslices", "quality.numstacks", "quality.numquads", "map.haze", "rgba.haze")
+_UPLOADED_VISUAL = (("quality", "numslices"), ("quality", "numstacks"), ("quality", "numquads"), ("map", "haze"),
+                    ("rgba", "haze"))
 """Fields of ``model.vis`` the context's display lists are built with."""
 
 
@@ -168,11 +169,9 @@ def _uploaded_differences(m: Any, first: Any) -> List[str]:
     planes = np.asarray(first.geom_type) == _mujoco().mjtGeom.mjGEOM_PLANE
     if "geom_type" not in diff and not np.array_equal(m.geom_size[planes], first.geom_size[planes]):
         diff.append("geom_size (of planes: their grids are built once)")
-    for name in _UPLOADED_VISUAL:
-        group, field_name = name.split(".")
-        mine, theirs = getattr(getattr(m.vis, group), field_name), getattr(getattr(first.vis, group), field_name)
-        if not np.array_equal(np.asarray(mine), np.asarray(theirs)):
-            diff.append(f"vis.{name}")
+    for group, name in _UPLOADED_VISUAL:
+        if not np.array_equal(getattr(getattr(m.vis, group), name), getattr(getattr(first.vis, group), name)):
+            diff.append(f"vis.{group}.{name}")
     return diff
 
 

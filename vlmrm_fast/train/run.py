@@ -393,8 +393,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, Optional[Pa
             overrides[f.name] = value  # converted to the field's type by apply_overrides (net_arch "64,64" too)
     base = from_preset(args.preset) if args.preset else TrainConfig()
     from_file = load_config_file(args.config) if args.config is not None else {}
-    if args.config is not None:
-        base = apply_overrides(base, from_file, f"config file '{args.config}'")
+    base = apply_overrides(base, from_file, f"config file '{args.config}'")
     config = apply_overrides(base, overrides, "the command line")
     if args.preset and config.run_dir is None and args.resume is None:
         config = dataclasses.replace(config, run_dir=str(default_run_dir(args.preset)))
