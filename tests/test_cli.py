@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import csv
 import math
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -116,6 +117,64 @@ def test_score_video_with_plot(video: Path, tmp_path: Path, capsys: pytest.Captu
     assert png.startswith(b"\x89PNG") and len(png) > 1000
 
 
+GIF_DURATIONS_MS = [500, 100, 100, 300]  # ffmpeg's default constant-rate output repeats frame 0 here
+
+
+@pytest.fixture
+def uneven_gif(tmp_path: Path) -> Path:
+    """A 4-frame GIF of flat grey levels whose frames last 0.5, 0.1, 0.1 and 0.3 s."""
+    frames = [Image.fromarray(np.full((24, 32, 3), level, np.uint8)) for level in (0, 80, 160, 240)]
+    path = tmp_path / "uneven.gif"
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=GIF_DURATIONS_MS, loop=0)
+    return path
+
+
+def test_a_gif_with_uneven_frame_durations_gives_one_row_per_frame_at_its_time(
+    uneven_gif: Path, tmp_path: Path
+) -> None:
+    pytest.importorskip("imageio_ffmpeg", reason="needs imageio-ffmpeg: pip install 'vlmrm-fast[cli]'")
+    out = tmp_path / "r.csv"
+    torch.manual_seed(0)
+    assert score([str(uneven_gif), "--goal", "a grey square", "--out", str(out), *TINY]) == 0
+    torch.manual_seed(0)
+    rm = CLIPReward.from_pretrained("vlmrm-tiny", None, device="cpu", goal="a grey square")
+
+    rows = _read_csv(out)
+    starts = np.cumsum([0, *GIF_DURATIONS_MS[:-1]]) / 1000
+    assert [float(r["source"]) for r in rows] == pytest.approx(starts.tolist())
+    expected = [float(rm(np.full((1, 24, 32, 3), level, np.uint8))[0]) for level in (0, 80, 160, 240)]
+    assert [float(r["reward"]) for r in rows] == pytest.approx(expected, abs=1e-5)
+
+
+def test_video_labels_fall_back_to_frame_over_fps_and_a_count_mismatch_is_reported(
+    video: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(cli, "_frame_timestamps", lambda ffmpeg, path: None)
+    source = cli.VideoFile.open(video)
+    assert source.timestamps is None and source.total == 6
+    assert [label for _, label in source] == [f"{i / 10:.4f}" for i in range(6)]
+
+    source.timestamps = [i / 10 for i in range(7)]  # the container listing a frame the decoder dropped
+    with pytest.warns(UserWarning, match="decoded 6 frames .* lists 7"):
+        assert len(list(source)) == 6
+
+
+@pytest.mark.parametrize(("version", "option"), [
+    ("9.0.2-17-g2a571b6068-20260930", "-fps_mode"),
+    ("n5.1.2", "-fps_mode"),
+    ("N-113547-g0f9ca8d8b6", "-fps_mode"),  # a development build
+    ("5.0.1", "-vsync"),
+    ("4.4.2-0ubuntu0.22.04.1", "-vsync"),
+])
+def test_passthrough_option_follows_the_ffmpeg_version(version: str, option: str) -> None:
+    class FakeFFmpeg:
+        @staticmethod
+        def get_ffmpeg_version() -> str:
+            return version
+
+    assert cli._passthrough_option(FakeFFmpeg) == [option, "passthrough"]
+
+
 def test_a_bare_plot_beside_the_csv_in_the_frames_folder_is_not_scored_next_time(image_folder: Path) -> None:
     from vlmrm_fast.cli import _plot_path
 
@@ -152,6 +211,15 @@ def test_bad_input_fails_cleanly(tmp_path: Path, capsys: pytest.CaptureFixture, 
     assert code == 2
     assert err.startswith("vlmrm-fast: error: ") and message in err
     assert "Traceback" not in err
+
+
+def test_a_file_without_a_video_stream_says_so(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    ffmpeg = pytest.importorskip("imageio_ffmpeg", reason="needs imageio-ffmpeg: pip install 'vlmrm-fast[cli]'")
+    audio = tmp_path / "sound.mp4"
+    subprocess.run([ffmpeg.get_ffmpeg_exe(), "-v", "error", "-f", "lavfi", "-i", "sine=d=0.2", str(audio)], check=True)
+
+    assert score([str(audio), "--goal", "x", *TINY]) == 2
+    assert "has no video stream" in capsys.readouterr().err
 
 
 def test_corrupt_image_names_the_file(image_folder: Path, capsys: pytest.CaptureFixture) -> None:

@@ -25,6 +25,7 @@ import csv
 import importlib
 import queue
 import re
+import subprocess
 import sys
 import textwrap
 import threading
@@ -51,6 +52,8 @@ DEFAULT_PRETRAINED = "laion2b_s34b_b79k"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".gif")
 DTYPES = ("float32", "bfloat16", "float16")
+VIDEO_STREAM = "0:V:0"  # the first video stream that is not cover art; the frames and their times agree
+NO_PTS = -(2**63)  # ffmpeg's AV_NOPTS_VALUE, as framecrc prints a packet without a timestamp
 CLI_EXTRA_HINT = "install the CLI extra: pip install 'vlmrm-fast[cli]'"
 
 T = TypeVar("T")
@@ -90,9 +93,10 @@ def _add_score_parser(subparsers: argparse._SubParsersAction) -> None:
         With alpha = 0 and one goal prompt this is the cosine similarity to the goal.
 
         outputs: CSV columns are frame (0-based), source (image file name; for videos the
-        timestamp in seconds, frame / fps) and reward. By default the CSV goes next to the
-        input: clip.mp4 -> clip.rewards.csv, folder frames/ -> frames.rewards.csv (beside
-        the folder, so a second run does not pick up the outputs as frames).
+        time in seconds from the first frame) and reward; a video gives one row per frame
+        stored in it. By default the CSV goes next to the input: clip.mp4 ->
+        clip.rewards.csv, folder frames/ -> frames.rewards.csv (beside the folder, so a
+        second run does not pick up the outputs as frames).
 
         examples:
           vlmrm-fast score episode.mp4 --goal "a humanoid robot kneeling" --plot
@@ -542,21 +546,32 @@ def read_image(path: Path) -> np.ndarray:
 
 @dataclass
 class VideoFile:
-    """Frames decoded by ffmpeg (imageio-ffmpeg), streamed; labelled by timestamp."""
+    """Frames decoded by ffmpeg (imageio-ffmpeg), streamed: one per frame stored in the file (no frames
+    repeated or dropped to reach a constant rate, which ffmpeg's default does to a GIF whose frames
+    have different durations); labelled by presentation time."""
 
     path: Path
     fps: Optional[float]
     size: tuple[int, int]  # (width, height) of the decoded frames
     total: Optional[int]
+    #: Seconds from the first frame, one per stored frame in display order, from the container's
+    #: timestamps; None where they could not be read (the labels are then frame / fps).
+    timestamps: Optional[list[float]] = None
 
     @classmethod
     def open(cls, path: Path) -> VideoFile:
-        """Probe the video (size, fps, frame count) so that a bad file fails early."""
+        """Probe the video (size, fps, frame timestamps) so that a bad file fails early."""
         ffmpeg = _require("imageio_ffmpeg", "imageio-ffmpeg")
         with contextlib.closing(_read_frames(ffmpeg, path)) as reader:
             meta = _next_frame(reader, path)
         fps = meta.get("fps") or None
-        return cls(path, fps, tuple(meta["size"]), _count_frames(ffmpeg, path, meta))
+        timestamps = _frame_timestamps(ffmpeg, path)
+        if timestamps is not None:
+            total = len(timestamps)
+        else:
+            duration = meta.get("duration")
+            total = round(fps * duration) if fps and duration else None
+        return cls(path, fps, tuple(meta["size"]), total, timestamps)
 
     def __iter__(self) -> Iterator[LabelledFrame]:
         ffmpeg = _require("imageio_ffmpeg", "imageio-ffmpeg")
@@ -566,15 +581,29 @@ class VideoFile:
             index = 0
             while (raw := _next_frame(reader, self.path, None)) is not None:
                 frame = np.frombuffer(raw, dtype=np.uint8).reshape(height, width, 3)
-                yield frame, f"{index / self.fps:.4f}" if self.fps else ""
+                yield frame, self._label(index)
                 index += 1
         if index == 0:
             raise CLIError(f"no frames could be decoded from '{self.path}'; check that it plays")
+        if self.timestamps is not None and index != len(self.timestamps):
+            warnings.warn(
+                f"ffmpeg decoded {index} frames from '{self.path}' but its container lists "
+                f"{len(self.timestamps)}, so the times in the source column may be off; re-encode it "
+                f"for exact ones: ffmpeg -i '{self.path}' -c:v libx264 fixed.mp4",
+                stacklevel=2,
+            )
+
+    def _label(self, index: int) -> str:
+        """The ``source`` column of frame ``index``: its time in seconds, or '' where unknown."""
+        if self.timestamps is not None and index < len(self.timestamps):
+            return f"{self.timestamps[index]:.4f}"
+        return f"{index / self.fps:.4f}" if self.fps else ""
 
 
 def _read_frames(ffmpeg, path: Path) -> Iterator:
-    """imageio-ffmpeg's frame generator: a metadata dict, then raw RGB24 frames."""
-    return ffmpeg.read_frames(str(path), pix_fmt="rgb24")
+    """imageio-ffmpeg's frame generator: a metadata dict, then raw RGB24 frames, one per stored frame."""
+    options = ["-map", VIDEO_STREAM, *_passthrough_option(ffmpeg)]
+    return ffmpeg.read_frames(str(path), pix_fmt="rgb24", output_params=options)
 
 
 def _next_frame(reader: Iterator, path: Path, *default):
@@ -582,6 +611,8 @@ def _next_frame(reader: Iterator, path: Path, *default):
     try:
         return next(reader, *default)
     except (OSError, RuntimeError) as exc:
+        if "matches no streams" in str(exc):
+            raise CLIError(f"'{path}' has no video stream (only audio or cover art?); give a video") from None
         lines = [line for line in str(exc).splitlines() if line.strip()]
         reason = lines[-1] if lines else type(exc).__name__
         raise CLIError(
@@ -590,13 +621,43 @@ def _next_frame(reader: Iterator, path: Path, *default):
         ) from None
 
 
-def _count_frames(ffmpeg, path: Path, meta: dict) -> Optional[int]:
-    """Frame count for the progress bar: exact from a stream copy, else fps * duration."""
+def _passthrough_option(ffmpeg) -> list[str]:
+    """ffmpeg's option to pass frames through at their own times (ffmpeg 5.1 renamed ``-vsync``
+    to ``-fps_mode``, and 8 removed the old name)."""
+    version = ffmpeg.get_ffmpeg_version()
+    match = re.match(r"n?(\d+)\.(\d+)", version)
+    if match is not None and (int(match[1]), int(match[2])) < (5, 1):
+        return ["-vsync", "passthrough"]
+    return ["-fps_mode", "passthrough"]  # 5.1 or newer, or a development build ("N-...")
+
+
+def _frame_timestamps(ffmpeg, path: Path) -> Optional[list[float]]:
+    """Presentation times of the first video stream's frames (cover art aside), in seconds from the first, sorted.
+
+    Read from the packets of a stream copy (no decoding) in ffmpeg's framecrc format: a ``#tb 0:
+    NUM/DEN`` header, then ``stream, dts, pts, duration, size, hash`` per packet. None where ffmpeg
+    fails or a packet has no timestamp.
+    """
+    command = [ffmpeg.get_ffmpeg_exe(), "-nostdin", "-v", "error", "-i", str(path),
+               "-map", VIDEO_STREAM, "-c", "copy", "-f", "framecrc", "-"]
     try:
-        return ffmpeg.count_frames_and_secs(str(path))[0]
-    except (OSError, RuntimeError, ValueError):
-        fps, duration = meta.get("fps"), meta.get("duration")
-        return round(fps * duration) if fps and duration else None
+        listing = subprocess.run(command, capture_output=True, text=True, timeout=600, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    timebase, pts = None, []
+    for line in listing.splitlines():
+        if line.startswith("#tb 0:"):
+            num, den = line.split(":", 1)[1].strip().split("/")
+            timebase = int(num) / int(den)
+        elif line and not line.startswith("#"):
+            fields = [field.strip() for field in line.split(",")]
+            if len(fields) < 3 or not fields[2].lstrip("-").isdigit() or int(fields[2]) == NO_PTS:
+                return None
+            pts.append(int(fields[2]))
+    if timebase is None or not pts:
+        return None
+    first = min(pts)
+    return [(value - first) * timebase for value in sorted(pts)]
 
 
 def _require(module: str, package: str):
