@@ -490,6 +490,28 @@ def test_a_failing_final_evaluation_still_leaves_the_final_checkpoint(tmp_path, 
 
 
 @pytest.mark.parametrize("timing", ["deferred", "step"])
+def test_each_rows_sac_update_time_is_its_own_rollouts(tmp_path, monkeypatch, timing):
+    # SAC's gradient steps follow a rollout; its row waits for them, so that every rollout's update
+    # time is in the row of its own step, the last one included. Each update phase sleeps 50 ms.
+    from stable_baselines3 import SAC
+
+    from vlmrm_fast.train import train
+
+    real_train, pause = SAC.train, 0.05
+
+    def slow_train(self, *args, **kwargs):
+        time.sleep(pause)
+        return real_train(self, *args, **kwargs)
+
+    monkeypatch.setattr(SAC, "train", slow_train)
+    config = dot_config(tmp_path, total_timesteps=60, train_freq=10, learning_starts=0, checkpoint_every=0,
+                        eval_every=0, reward_timing=timing)  # 2 envs: rollouts of 20 steps
+    updates = tb_scalars(train(config, reward_model=tiny_reward(config)).run_dir)["time/sac_update_s"]
+    assert [step for step, _ in updates] == [20, 40, 60]
+    assert all(pause <= seconds < 20 * pause for _, seconds in updates), updates
+
+
+@pytest.mark.parametrize("timing", ["deferred", "step"])
 def test_every_episode_and_the_runs_tail_reach_tensorboard_across_a_stop(tmp_path, monkeypatch, timing):
     # log_every=60 over 100 steps (2 envs, episodes of 20 steps end at 40 and 80): the steps after the
     # last interval are logged when the run ends, and the episodes that ended before a stop at 54 are

@@ -103,10 +103,8 @@ class TrainingCallback(BaseCallback):
     def _on_training_end(self) -> None:
         # The signal handlers stay until train() has written its final checkpoint (it restores them):
         # a signal during that write must not kill the process with the write half done.
-        if self._update_t0 is not None:  # the last rollout's gradient steps
-            self._stage["sac_update_s"] += time.perf_counter() - self._update_t0
-            self._update_t0 = None
-        if self.model.num_timesteps > self._log_step or self._done_vlm:
+        self._end_update_timer()  # the last rollout's gradient steps
+        if self._rollouts or self.model.num_timesteps > self._log_step or self._done_vlm:
             self._log()  # the tail since the last log (log_every), and episodes that ended before a stop
         if self._bar is not None:
             self._bar.close()
@@ -115,9 +113,12 @@ class TrainingCallback(BaseCallback):
     # ------------------------------------------------------------------ per rollout and step
 
     def _on_rollout_start(self) -> None:
-        if self._update_t0 is not None:
-            self._stage["sac_update_s"] += time.perf_counter() - self._update_t0
-            self._update_t0 = None
+        self._end_update_timer()
+        # A rollout's row is written once its gradient steps are done, so that every stage in a row
+        # (render, reward, env, SAC update) belongs to the same rollouts.
+        every = self.config.log_every
+        if self._rollouts and (not every or self.model.num_timesteps - self._log_step >= every):
+            self._log()
         self._rollout_steps = 0
         self._slots = []
         n = self.model.num_timesteps
@@ -168,9 +169,13 @@ class TrainingCallback(BaseCallback):
         self._rollouts += 1
         n = self.model.num_timesteps
         self._trim_last_rollout(n)  # SB3 reads train_freq before on_rollout_start: set it for the next one
-        if not self.config.log_every or n - self._log_step >= self.config.log_every:
-            self._log()
-        self._update_t0 = time.perf_counter()
+        self._update_t0 = time.perf_counter()  # SB3's gradient steps come next
+
+    def _end_update_timer(self) -> None:
+        """Add the time since the last rollout ended (SB3's gradient steps) to ``sac_update_s``."""
+        if self._update_t0 is not None:
+            self._stage["sac_update_s"] += time.perf_counter() - self._update_t0
+            self._update_t0 = None
 
     # ------------------------------------------------------------------ rewards and logs
 
