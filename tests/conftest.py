@@ -19,8 +19,7 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-import vlmrm_fast  # noqa: E402,F401  (registers the tiny config with open_clip)
-from vlmrm_fast.models import TINY_MODEL, create_clip  # noqa: E402
+from vlmrm_fast.models import TINY_MODEL, create_clip  # noqa: E402  (importing it registers the tiny config with open_clip)
 
 HAS_CUDA = torch.cuda.is_available()
 

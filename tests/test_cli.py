@@ -10,6 +10,7 @@ import argparse
 import csv
 import math
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -115,6 +116,35 @@ def test_score_video_with_plot(video: Path, tmp_path: Path, capsys: pytest.Captu
     assert all(math.isfinite(float(r["reward"])) for r in rows)
     png = (out.parent / "rewards.rewards.png").read_bytes()  # a name later runs over a folder skip
     assert png.startswith(b"\x89PNG") and len(png) > 1000
+
+
+def test_the_command_line_parser_and_the_package_load_without_torch() -> None:
+    # `vlmrm-fast --help` and usage errors answer in well under a second; importing torch and
+    # open_clip takes seconds. A fresh interpreter, so that this session's imports do not count.
+    code = (
+        "import sys, vlmrm_fast; from vlmrm_fast.cli import build_parser, main\n"
+        "assert main(['--help']) == 0 and main(['train', '--help']) == 0 and main(['bench', '--nope']) == 2\n"
+        "heavy = sorted(m for m in ('torch', 'open_clip', 'triton', 'stable_baselines3', 'mujoco') if m in sys.modules)\n"
+        "assert not heavy, heavy\n"
+        "assert vlmrm_fast.CLIPReward.__name__ == 'CLIPReward' and 'torch' in sys.modules\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_the_lazy_package_names_all_resolve() -> None:
+    import vlmrm_fast
+
+    missing = [name for name in vlmrm_fast.__all__ if not hasattr(vlmrm_fast, name)]
+    assert not missing and set(vlmrm_fast.__all__) <= set(dir(vlmrm_fast))
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        vlmrm_fast.nope  # noqa: B018
+
+
+def test_bench_precision_names_match_the_dtypes_it_runs() -> None:
+    from vlmrm_fast.profiler import options, run
+
+    assert (*run.DTYPES, *run.QUANTIZED) == options.PRECISIONS
 
 
 GIF_DURATIONS_MS = [500, 100, 100, 300]  # ffmpeg's default constant-rate output repeats frame 0 here

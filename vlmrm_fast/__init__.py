@@ -1,35 +1,56 @@
-"""vlmrm_fast: CLIP models as fast zero-shot reward models for reinforcement learning (VLM-RM)."""
+"""vlmrm_fast: CLIP models as fast zero-shot reward models for reinforcement learning (VLM-RM).
+
+The public names load on first use (PEP 562), so that ``import vlmrm_fast`` and the ``vlmrm-fast``
+command line (``--help``, argument errors) answer without importing torch and open_clip; the tiny
+test config is added to open_clip's registry when :mod:`vlmrm_fast.models` loads (any use of
+``CLIPReward``, ``create_clip`` or ``register_model_configs``). The RL pieces need the ``train``
+extra (gymnasium, stable-baselines3, mujoco).
+"""
+from __future__ import annotations
+
 import importlib
 import importlib.util
-
-from vlmrm_fast.models import TINY_MODEL, PretrainedWeightsError, create_clip, register_model_configs
-from vlmrm_fast.reward import CLIPReward
-from vlmrm_fast.tasks import Task
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"  # the only place: pyproject.toml reads it from here
 
-register_model_configs()
-
-# The RL pieces need the `train` extra (gymnasium, stable-baselines3, mujoco); they load on first use
-# so that `import vlmrm_fast` stays light and works without them.
 _LAZY = {
+    "CLIPReward": "vlmrm_fast.reward",
+    "Task": "vlmrm_fast.tasks",
+    "TINY_MODEL": "vlmrm_fast.models",
+    "PretrainedWeightsError": "vlmrm_fast.models",
+    "create_clip": "vlmrm_fast.models",
+    "register_model_configs": "vlmrm_fast.models",
     "VLMRewardWrapper": "vlmrm_fast.wrappers",
     "VLMRewardVecEnv": "vlmrm_fast.wrappers",
     "RenderTerminalFrame": "vlmrm_fast.wrappers",
     "BatchRenderer": "vlmrm_fast.render",
 }
 
+if TYPE_CHECKING:  # what type checkers and IDEs see
+    from vlmrm_fast.models import TINY_MODEL, PretrainedWeightsError, create_clip, register_model_configs
+    from vlmrm_fast.render import BatchRenderer
+    from vlmrm_fast.reward import CLIPReward
+    from vlmrm_fast.tasks import Task
+    from vlmrm_fast.wrappers import RenderTerminalFrame, VLMRewardVecEnv, VLMRewardWrapper
+
 if importlib.util.find_spec("gymnasium") is not None:
-    import vlmrm_fast.envs  # noqa: F401  registers vlmrm_fast/TexturedHumanoid-v0
+    import vlmrm_fast.envs  # noqa: F401  registers vlmrm_fast/TexturedHumanoid-v0 (gymnasium only, light)
 
 
-def __getattr__(name):
+def __getattr__(name: str):
     if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value  # later lookups skip this function
+        return value
     raise AttributeError(f"module 'vlmrm_fast' has no attribute {name!r}")
 
 
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
+
 __all__ = [
-    "CLIPReward", "Task", "PretrainedWeightsError", "create_clip", "TINY_MODEL", "__version__",
-    "VLMRewardWrapper", "VLMRewardVecEnv", "RenderTerminalFrame", "BatchRenderer",
+    "CLIPReward", "Task", "PretrainedWeightsError", "create_clip", "register_model_configs", "TINY_MODEL",
+    "__version__", "VLMRewardWrapper", "VLMRewardVecEnv", "RenderTerminalFrame", "BatchRenderer",
 ]

@@ -1,6 +1,16 @@
-"""argparse value types shared by the ``vlmrm-fast`` commands."""
+"""argparse value types and the names the ``vlmrm-fast`` commands offer.
+
+Free of heavy imports (torch, open_clip): the parsers are built from it before ``--help`` answers.
+"""
 import argparse
 from typing import Callable, Sequence
+
+BACKEND_NAMES = ("torch", "compile", "onnxruntime", "tensorrt")
+"""The concrete vision-tower backends (``"auto"`` picks one of them)."""
+
+ONNX_INPUT_FORMATS = ("uint8-nhwc", "pixels")
+"""An exported tower's input: uint8 frames [N, H, W, 3] with the preprocessing folded in, or
+preprocessed float pixels [N, 3, H, W]."""
 
 SHORT_DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 """torch's dtype names and the short ones; every command takes both."""

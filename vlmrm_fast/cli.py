@@ -34,17 +34,18 @@ import warnings
 from collections.abc import Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, TextIO, TypeVar
+from typing import TYPE_CHECKING, Callable, Optional, TextIO, TypeVar
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
-from vlmrm_fast import CLIPReward, PretrainedWeightsError
 from vlmrm_fast.argtypes import dtype_choice, positive_int
 from vlmrm_fast.export import add_export_parser
 from vlmrm_fast.profiler import add_bench_parser
 from vlmrm_fast.train.run import add_train_parser
+
+if TYPE_CHECKING:
+    import torch
 
 PROG = "vlmrm-fast"
 DEFAULT_MODEL = "ViT-B-32"
@@ -232,6 +233,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help and usage errors; return the code instead of exiting
         return 0 if exc.code is None else exc.code if isinstance(exc.code, int) else 2
+    # Imported after parsing, so that --help and usage errors do not wait for torch; every command
+    # needs it next anyway.
+    import torch
+
+    from vlmrm_fast.models import PretrainedWeightsError
+
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning
@@ -271,6 +278,8 @@ def _run_score(args: argparse.Namespace) -> int:
     source = open_frames(args.path)
     csv_path = args.out if args.out is not None else default_csv_path(args.path)
     plot_path = _plot_path(args.plot, csv_path)
+    from vlmrm_fast.reward import CLIPReward
+
     rm = CLIPReward.from_pretrained(
         args.model,
         None if args.pretrained.lower() == "none" else args.pretrained,

@@ -11,16 +11,15 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-import numpy as np
-import torch
-
-from vlmrm_fast.argtypes import dtype_choice, positive_int
+from vlmrm_fast.argtypes import ONNX_INPUT_FORMATS, dtype_choice, positive_int
 from vlmrm_fast.atomic import write_atomically
-from vlmrm_fast.backends.onnx_export import INPUT_FORMATS, export_onnx
-from vlmrm_fast.models import create_clip, preprocess_spec_of
-from vlmrm_fast.ops.preprocess import preprocess
+
+if TYPE_CHECKING:
+    import torch
+
+# torch, open_clip and the exporters load inside the functions: the parser (``--help``) needs none of them.
 
 FORMATS = ("onnx", "tensorrt")
 
@@ -42,7 +41,7 @@ def add_export_parser(subparsers: argparse._SubParsersAction) -> None:
         "tests only (default: %(default)s)",
     )
     p.add_argument("--out", type=Path, default=None, help="output file (default: <model>-<weights>-<input>-<dtype>.onnx/.engine)")
-    p.add_argument("--input", choices=INPUT_FORMATS, default="uint8-nhwc", help="the graph's input (default: %(default)s)")
+    p.add_argument("--input", choices=ONNX_INPUT_FORMATS, default="uint8-nhwc", help="the graph's input (default: %(default)s)")
     p.add_argument("--dtype", type=dtype_choice(("fp32", "fp16", "bf16")), default=None,
                    help="precision: ONNX fp32 or fp16 (default fp32); TensorRT fp16, bf16 or fp32 (default bf16); "
                    "float32/float16/bfloat16 too")
@@ -60,6 +59,11 @@ def default_out(model: str, pretrained: Optional[str], input_format: str, fmt: s
 
 
 def run_export(args: argparse.Namespace) -> int:
+    import torch
+
+    from vlmrm_fast.backends.onnx_export import export_onnx
+    from vlmrm_fast.models import create_clip, preprocess_spec_of
+
     pretrained = None if args.pretrained.lower() == "none" else args.pretrained
     dtype = args.dtype or ("fp32" if args.format == "onnx" else "bf16")
     if args.format == "onnx" and dtype == "bf16":
@@ -114,7 +118,11 @@ def _has_onnxruntime() -> bool:
 def verify_onnx(path: Path, visual: torch.nn.Module, spec, input_format: str) -> float:
     """Max relative error of ONNX Runtime against the torch tower on three random frames (batch 3:
     the batch axis is dynamic)."""
+    import numpy as np
     import onnxruntime as ort
+    import torch
+
+    from vlmrm_fast.ops.preprocess import preprocess
 
     frames = torch.randint(0, 256, (3,) + tuple(spec.size) + (3,), dtype=torch.uint8)
     pixels = preprocess(frames, spec, torch.float32, impl="torch")
@@ -128,6 +136,9 @@ def verify_onnx(path: Path, visual: torch.nn.Module, spec, input_format: str) ->
 
 def export_engine(visual, spec, out: Path, dtype: str, input_format: str, max_batch_size: int) -> Path:
     """Build a TensorRT engine file (needs CUDA and tensorrt)."""
+    import torch
+
+    from vlmrm_fast.backends.onnx_export import export_onnx
     from vlmrm_fast.backends.tensorrt import build_engine
 
     if not torch.cuda.is_available():

@@ -42,6 +42,9 @@ def register_model_configs() -> None:
         open_clip.add_model_config(_CONFIG_DIR)
 
 
+register_model_configs()  # on import, so that open_clip.create_model("vlmrm-tiny") works after it
+
+
 def _hub_reachable(timeout: float = 3.0) -> bool:
     """Whether the Hugging Face hub (or ``HF_ENDPOINT``) answers a TCP connection within ``timeout``."""
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):

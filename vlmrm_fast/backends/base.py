@@ -8,6 +8,8 @@ from typing import ContextManager, List, Optional, Tuple
 
 import torch
 
+from vlmrm_fast.argtypes import BACKEND_NAMES  # noqa: F401  (re-exported; defined where parsers need no torch)
+
 
 class BackendError(ValueError):
     """A backend cannot run here (missing extra, device or precision it does not support)."""
@@ -20,10 +22,6 @@ def with_cuda_index(device: torch.device) -> torch.device:
     if device.type == "cuda" and device.index is None and torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     return device
-
-
-BACKEND_NAMES = ("torch", "compile", "onnxruntime", "tensorrt")
-"""The concrete backends (``"auto"`` picks one of them)."""
 
 
 def missing_extra(package: str, extra: str, needed_by: str) -> BackendError:

@@ -28,12 +28,13 @@ from typing import Callable, Dict, Iterator, Literal, Optional, Union
 import torch
 import torch.nn.functional as F
 
+from vlmrm_fast.argtypes import ONNX_INPUT_FORMATS
 from vlmrm_fast.atomic import default_file_mode, fsync_dir
 from vlmrm_fast.backends.base import missing_extra
 from vlmrm_fast.ops.preprocess import PreprocessSpec
 
 InputFormat = Literal["uint8-nhwc", "pixels"]
-INPUT_FORMATS = ("uint8-nhwc", "pixels")
+INPUT_FORMATS = ONNX_INPUT_FORMATS
 _PROTOBUF_LIMIT = 2 * 1024**3
 _OPSET = 17
 

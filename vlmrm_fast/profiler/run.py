@@ -58,15 +58,14 @@ import open_clip
 import torch
 from tqdm import tqdm
 
-from vlmrm_fast.argtypes import positive_int
 from vlmrm_fast.backends import BackendError
-from vlmrm_fast.backends.base import BACKEND_NAMES
 from vlmrm_fast.frames import as_frame_batch
 from vlmrm_fast.models import TINY_MODEL, preprocess_spec_of, register_model_configs
 from vlmrm_fast.ops._triton import HAS_TRITON, interpreter_enabled
 from vlmrm_fast.precision import float32_convolutions, float32_matmuls
 from vlmrm_fast.profiler.flops import _gflops_and_method, create_random_model
 from vlmrm_fast.profiler.kernels import profile_tower
+from vlmrm_fast.profiler.options import DTYPE_ALIASES, FLOAT_PRECISIONS
 from vlmrm_fast.profiler.report import (
     REWARD_CHECK_FRAMES,
     Report,
@@ -92,12 +91,9 @@ from vlmrm_fast.profiler.seed import (
 from vlmrm_fast.profiler.timing import StageTimer, StageTiming, measure_peak_tflops, sigterm_as_interrupt
 from vlmrm_fast.reward import CLIPReward
 
-BACKENDS = BACKEND_NAMES
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-DTYPE_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+DTYPES = dict(zip(FLOAT_PRECISIONS, (torch.float32, torch.bfloat16, torch.float16)))
 QUANTIZED = {"int8": ("onnxruntime", torch.float32), "fp8": ("tensorrt", torch.bfloat16)}
 """Precisions that are a quantisation option of one backend: (backend, the tower's float dtype)."""
-PRECISIONS = (*DTYPES, *QUANTIZED)
 FP8_CALIBRATION_FRAMES = 64
 
 
@@ -126,53 +122,6 @@ class BenchConfig:
 
     def as_json(self) -> Dict[str, Any]:
         return {key: str(value) if isinstance(value, (Path, torch.device)) else value for key, value in asdict(self).items()}
-
-
-def add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
-    """Register ``bench``: the FPS profiler."""
-    p = subparsers.add_parser(
-        "bench",
-        help="frames/s per stage (host to device, preprocess, tower, score, end to end) against the seed pipeline",
-        description="Profile the reward pipeline: frames/s per stage over models x batch sizes x backends x "
-        "precisions, the original VLM-RM pipeline measured in the same run as the reference, and the "
-        "tower's achieved TFLOP/s against the device's matmul peak measured in the same run. Writes "
-        "bench.json, bench.md and bench.png. Weights are random (speed does not depend on them), so it "
-        "runs offline.",
-        epilog="examples:\n  vlmrm-fast bench --quick\n  vlmrm-fast bench --frame-size 224\n"
-        "  vlmrm-fast bench --models ViT-bigG-14 --batch-sizes 256 1024 --backends torch compile tensorrt",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("--models", nargs="+", metavar="NAME",
-                   help="open_clip model names (default: CPU vlmrm-tiny ViT-B-32; CUDA ViT-B-32 ViT-L-14 ViT-bigG-14)")
-    p.add_argument("--batch-sizes", nargs="+", type=positive_int, metavar="N",
-                   help="frames per call (default: CPU 1 8 32; CUDA 1 8 64 256 1024)")
-    p.add_argument("--backends", nargs="+", choices=BACKENDS,
-                   help="vision-tower backends; unavailable ones are skipped with the reason "
-                   "(default: CPU torch onnxruntime; CUDA torch compile)")
-    p.add_argument("--dtypes", nargs="+", choices=(*PRECISIONS, *DTYPE_ALIASES), metavar="DTYPE",
-                   help=f"tower precisions, from {', '.join(PRECISIONS)}; int8 is ONNX Runtime's dynamic "
-                   "quantisation, on CPU; fp8 is TensorRT's, on Hopper GPUs (default: CPU fp32; CUDA bf16)")
-    p.add_argument("--frame-size", type=positive_int, default=SEED_FRAME_SIZE, metavar="PX",
-                   help="square frames of PX x PX; 480 is the original's render size, 224 the towers' input "
-                   "(the fast path: no resize). The seed always gets 480 x 480 (default: %(default)s)")
-    p.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda if available, else cpu)")
-    p.add_argument("--repeats", type=positive_int, metavar="N",
-                   help="timed calls per stage; the median is reported (default: CPU 3, CUDA 20)")
-    p.add_argument("--warmup", type=positive_int, metavar="N", help="untimed calls first (default: CPU 1, CUDA 3)")
-    p.add_argument("--time-budget", type=float, default=10.0, metavar="S",
-                   help="stop repeating a stage after S seconds of timed calls, once 3 are done (default: %(default)s)")
-    p.add_argument("--no-seed", action="store_true", help="skip the seed pipeline (no speedups)")
-    p.add_argument("--out", type=Path, metavar="DIR", help="output folder (default: runs/bench-<UTC timestamp>/)")
-    p.add_argument("--quick", action="store_true",
-                   help="a smoke run: vlmrm-tiny, batch sizes 1 and 8, torch and onnxruntime, 2 repeats "
-                   "(options given explicitly still apply)")
-    p.add_argument("--kernel-profile", action="store_true",
-                   help="also profile each configuration's tower at the largest batch size with torch.profiler: "
-                   "time per kind of kernel (matmul, attention, layer norm, ...), the costliest kernels, idle time, "
-                   "against the FLOP ceiling (a section of bench.md; every kernel in bench.json)")
-    p.add_argument("--no-plot", action="store_true", help="do not write bench.png (no matplotlib needed)")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar (shown on a terminal)")
-    p.set_defaults(handler=run_bench)
 
 
 def resolve_config(args: argparse.Namespace) -> BenchConfig:

@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
-import torch
 
 from vlmrm_fast.atomic import fsync_dir as _fsync_dir
 from vlmrm_fast.atomic import write_atomically
@@ -59,6 +58,8 @@ def _fsync_file(path: Path) -> None:
 
 def rng_state(model) -> dict:
     """Python, numpy, torch (CPU and CUDA) and the model's action-space RNG states."""
+    import torch  # here and below, not at the top: `vlmrm-fast --help` builds the parser without torch
+
     state = {
         "python": random.getstate(),
         "numpy": np.random.get_state(),
@@ -71,6 +72,8 @@ def rng_state(model) -> dict:
 
 
 def set_rng_state(model, state: dict) -> None:
+    import torch
+
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
@@ -262,6 +265,8 @@ def _write_files(folder: Path, model, config_json: str, extra: dict) -> None:
     (folder / "config.json").write_text(config_json)
     model.save(folder / "model.zip")
     model.save_replay_buffer(folder / "replay_buffer.pkl")
+    import torch
+
     state = {"rng": rng_state(model), "env": env_state(model.get_env()), "extra": extra}
     torch.save(state, folder / "state.pt")
 
@@ -346,4 +351,6 @@ def read_meta(path: Path) -> dict:
 
 def load_state(path: Path) -> dict:
     """``state.pt`` of a checkpoint (RNG, env, extra)."""
+    import torch
+
     return torch.load(path / "state.pt", weights_only=False)
