@@ -243,6 +243,16 @@ def test_bad_input_fails_cleanly(tmp_path: Path, capsys: pytest.CaptureFixture, 
     assert "Traceback" not in err
 
 
+def test_score_announces_the_one_off_onnx_export_once(image_folder: Path, capsys: pytest.CaptureFixture) -> None:
+    pytest.importorskip("onnxruntime", reason="the CPU auto backend is torch without the export extra")
+    pytest.importorskip("onnx", reason="the CPU auto backend is torch without the export extra")
+
+    assert score([str(image_folder), "--goal", "x", *TINY]) == 0
+    err = capsys.readouterr().err
+    assert err.count("vlmrm-fast: exporting the vision tower to ONNX") == 1, err
+    assert err.count("ONNX Runtime session ready in") == 1, err
+
+
 def test_a_file_without_a_video_stream_says_so(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     ffmpeg = pytest.importorskip("imageio_ffmpeg", reason="needs imageio-ffmpeg: pip install 'vlmrm-fast[cli]'")
     audio = tmp_path / "sound.mp4"

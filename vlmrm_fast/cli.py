@@ -23,6 +23,7 @@ import argparse
 import contextlib
 import csv
 import importlib
+import logging
 import queue
 import re
 import subprocess
@@ -55,6 +56,7 @@ VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".m
 DTYPES = ("float32", "bfloat16", "float16")
 VIDEO_STREAM = "0:V:0"  # the first video stream that is not cover art; the frames and their times agree
 NO_PTS = -(2**63)  # ffmpeg's AV_NOPTS_VALUE, as framecrc prints a packet without a timestamp
+SHOW_LIBRARY_MESSAGES = ("score", "train")  # bench reports build times in its table, and has a progress bar
 CLI_EXTRA_HINT = "install the CLI extra: pip install 'vlmrm-fast[cli]'"
 
 T = TypeVar("T")
@@ -240,7 +242,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from vlmrm_fast.models import PretrainedWeightsError
 
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _library_messages_shown(args.command in SHOW_LIBRARY_MESSAGES):
             warnings.showwarning = _show_warning
             return args.handler(args)
     except torch.cuda.OutOfMemoryError:
@@ -251,6 +253,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         _print_error("interrupted")
         return 130
     return 2
+
+
+@contextlib.contextmanager
+def _library_messages_shown(show: bool) -> Generator[None, None, None]:
+    """While inside (where ``show``), the package's INFO messages, which announce its one-off builds (an
+    ONNX export, a TensorRT engine), go to stderr as ``vlmrm-fast: <message>``."""
+    if not show:
+        yield
+        return
+    logger = logging.getLogger("vlmrm_fast")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"{PROG}: %(message)s"))
+    level, propagate = logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False  # a dependency may have configured the root logger: one line each, ours
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = propagate
 
 
 def _print_error(message: str) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import logging
 import tempfile
 import time
 from pathlib import Path
@@ -28,6 +29,7 @@ from vlmrm_fast.ops.preprocess import PreprocessSpec
 
 _NUMPY = {torch.float32: np.float32, torch.float16: np.float16}
 ONE_THREAD_BYTES = 2 << 20
+_log = logging.getLogger(__name__)
 """CPU frame chunks up to this size are preprocessed on one torch thread (see ``preprocessing``)."""
 
 
@@ -81,6 +83,8 @@ class OnnxRuntimeBackend(VisionBackend):
                 raise BackendError(f"backend='onnxruntime' on CPU runs float32, not {dtype}; pass dtype=torch.float32.")
             providers = ["CPUExecutionProvider"]
         start = time.perf_counter()
+        _log.info("exporting the vision tower to ONNX for ONNX Runtime (once per reward model; backend='torch' "
+                  "skips it)")
         self._workdir = tempfile.TemporaryDirectory(prefix="vlmrm_fast_onnx_")
         path = export_onnx(visual, Path(self._workdir.name) / "tower.onnx", spec, input_format="pixels")
         if quantize == "int8":
@@ -97,6 +101,7 @@ class OnnxRuntimeBackend(VisionBackend):
             )
         self.embed_dim = self.session.get_outputs()[0].shape[1]
         self.build_seconds = time.perf_counter() - start
+        _log.info("ONNX Runtime session ready in %.1f s", self.build_seconds)
 
     def _session_options(self):
         import onnxruntime as ort

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import logging
 import tempfile
 import time
 import warnings
@@ -30,6 +31,8 @@ from vlmrm_fast.backends.engine_cache import EngineCache, EngineKey, weights_dig
 from vlmrm_fast.backends.onnx_export import export_onnx
 from vlmrm_fast.frames import as_frame_batch
 from vlmrm_fast.ops.preprocess import PreprocessSpec, preprocess
+
+_log = logging.getLogger(__name__)
 
 _PRECISIONS = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 SUPPORTED_MAJOR = 10
@@ -113,6 +116,8 @@ class TensorRTBackend(VisionBackend):
             payload = cache.load(key)
             engine = runtime.deserialize_cuda_engine(payload) if payload is not None else None
             if engine is None:  # absent, stale, damaged, or refused by this TensorRT: build afresh
+                _log.info("building a TensorRT engine (%s, batch %d to %d; minutes for the large towers), then "
+                          "caching it in %s", precision, key.batch_range[0], key.batch_range[2], cache.directory)
                 payload = self._build(visual, spec, key, workspace_gib)
                 try:
                     cache.store(key, payload)
