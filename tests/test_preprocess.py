@@ -199,3 +199,26 @@ def test_a_tile_too_small_for_cudas_grid_is_refused_before_launch():
     spec = PreprocessSpec((336, 336), MEAN, STD, "vlmrm")
     with pytest.raises(ValueError, match=r"112896 tiles, over CUDA's 65535.*more rows or columns"):
         preprocess_triton(frames, spec, torch.float32, tile=(1, 1, 1))
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_identity_size_reads_any_strides(impl):
+    # At the tower's size no resampling runs, and the copy path addresses pixels itself: a cropped,
+    # subsampled view and planar (channel-first) storage seen as NHWC must both be read right.
+    spec = PreprocessSpec((15, 15), MEAN, STD, "vlmrm")
+    view = torch.from_numpy(_frames(4, 50, 70, seed=3))[::2, 3:18, 5:35:2]
+    planar = torch.from_numpy(np.ascontiguousarray(_frames(2, 15, 15, seed=4).transpose(0, 3, 1, 2))).permute(0, 2, 3, 1)
+    for frames in (view, planar):
+        assert frames.shape[1:] == (15, 15, 3) and frames.stride()[1:] != (45, 3, 1)
+        _check(preprocess(frames, spec, torch.float32, impl=impl), reference_preprocess(frames.numpy(), 15, MEAN, STD),
+               torch.float32)
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_openclip_mode_portrait_frames(impl):
+    # 51 x 29 (taller than wide) to 13: the short side goes to 13, the long one to int(13 * 51 / 29) = 22
+    # (torchvision truncates; rounding would give 23), then a centre crop.
+    frames = _frames(2, 51, 29, seed=6)
+    spec = PreprocessSpec((13, 13), MEAN, STD, "openclip")
+    _check(preprocess(torch.from_numpy(frames), spec, torch.float32, impl=impl),
+           reference_preprocess(frames, 13, MEAN, STD, "openclip"), torch.float32)

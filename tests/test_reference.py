@@ -17,10 +17,13 @@ def test_resize_matrices_match_torch_float64(in_size, out_size, antialias):
     np.testing.assert_allclose(ours, theirs[0, 0].numpy(), rtol=0, atol=1e-12)
 
 
-def test_openclip_mode_is_resize_shorter_side_then_centre_crop():
-    frames = np.random.default_rng(0).integers(0, 256, (2, 40, 61, 3), dtype=np.uint8)
+@pytest.mark.parametrize("height,width", [(40, 61), (51, 29)], ids=["landscape", "portrait"])
+def test_openclip_mode_is_resize_shorter_side_then_centre_crop(height, width):
+    frames = np.random.default_rng(0).integers(0, 256, (2, height, width, 3), dtype=np.uint8)
     ours = reference_preprocess(frames, 16, (0, 0, 0), (1, 1, 1), "openclip")
     x = torch.from_numpy(frames).permute(0, 3, 1, 2).double() / 255
-    resized = F.interpolate(x, size=(16, int(16 * 61 / 40)), mode="bicubic", align_corners=False, antialias=True)
-    left = int(round((resized.shape[-1] - 16) / 2))
-    np.testing.assert_allclose(ours, resized[..., left : left + 16].numpy(), atol=1e-12)
+    short, long = min(height, width), max(height, width)
+    size = (16, int(16 * long / short)) if height <= width else (int(16 * long / short), 16)  # torchvision truncates
+    resized = F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=True)
+    top, left = (int(round((extent - 16) / 2)) for extent in resized.shape[-2:])
+    np.testing.assert_allclose(ours, resized[..., top : top + 16, left : left + 16].numpy(), atol=1e-12)

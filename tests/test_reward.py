@@ -298,3 +298,59 @@ def test_repr_and_facts():
     rm, _, _ = _reward_model()
     assert rm.image_size == (224, 224) and rm.embed_dim == 32 and rm.kernels == "triton"
     assert "kneeling" in repr(rm)
+
+
+KNEEL = ["a humanoid robot kneeling", "a robot kneeling on the floor", "kneeling"]
+STAND = ["a humanoid robot", "a robot standing"]
+
+
+def _torch_reward(**kwargs) -> CLIPReward:
+    model, tokenizer = make_tiny()
+    return CLIPReward(model, tokenizer, device="cpu", kernels="torch", backend="torch", **kwargs)
+
+
+def test_goal_and_direction_match_the_float64_reference():
+    # The rewards cannot tell u from -u (M holds u u^T): the public targets are checked on their own.
+    from reference import float64_model, reference_targets
+
+    model, tokenizer = make_tiny()
+    goal, direction = reference_targets(float64_model(model), tokenizer, KNEEL, STAND)
+    rm = _torch_reward(goal=KNEEL, baseline=STAND, alpha=0.5)
+    assert (rm.goals[0].double() - goal).abs().max() <= 1e-5
+    assert (rm.directions[0].double() - direction).abs().max() <= 1e-5
+
+
+def test_the_same_prompts_in_another_order_have_no_direction():
+    # Their float32 means differ by rounding only (~5e-8): a unit vector made of that noise would be
+    # a silent wrong reward.
+    with pytest.raises(ValueError, match="same vector"):
+        _torch_reward(goal=KNEEL, baseline=KNEEL[::-1], alpha=0.5)
+
+
+def test_preprocess_and_embed_read_bottom_up_frames():
+    rm = _torch_reward(goal="a", baseline="b", alpha=0.5)
+    frames = np.random.default_rng(12).integers(0, 256, (2, 40, 60, 3), dtype=np.uint8)
+    gl_rows = np.ascontiguousarray(frames[:, ::-1])
+    torch.testing.assert_close(rm.preprocess(gl_rows, bottom_up=True), rm.preprocess(frames), rtol=0, atol=1e-6)
+    torch.testing.assert_close(rm.embed(gl_rows, bottom_up=True), rm.embed(frames), rtol=0, atol=1e-6)
+
+
+def test_low_precision_embeddings_are_normalised_in_float32():
+    # Normalised in bf16, a row's norm would be off by up to ~4e-3 (bf16's half ulp at 1); in float32, ~1e-7.
+    rm = _torch_reward(goal="a", dtype=torch.bfloat16)
+    frames = np.random.default_rng(1).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    embeddings = rm.embed(frames)
+    assert embeddings.dtype == torch.float32
+    assert (embeddings.norm(dim=1) - 1).abs().max().item() <= 1e-6
+
+
+def test_a_list_of_float_frames_outside_unit_range_is_refused():
+    rm = _torch_reward(goal="a")
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        rm([np.full((8, 8, 3), 255.0, np.float32)])
+
+
+def test_numpy_float16_frames_stay_float16():
+    from vlmrm_fast.frames import as_frame_batch
+
+    assert as_frame_batch(np.zeros((1, 4, 4, 3), np.float16)).dtype == torch.float16

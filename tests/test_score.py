@@ -60,6 +60,9 @@ def test_strided_embeddings(device, impl, rng):
     on_device = ScoringTargets(*(v.to(device) for v in (targets.goals, targets.directions, targets.alphas)))
     out = score(wide.to(device)[::2, 7:40], on_device, impl=impl)
     assert (out.cpu().double() - _reference(x, targets)).abs().max().item() <= 1e-5
+    transposed = torch.randn(33, 9, generator=rng).T  # column stride 9: the kernel must not assume 1
+    out = score(transposed.to(device), on_device, impl=impl)
+    assert (out.cpu().double() - _reference(transposed, targets)).abs().max().item() <= 1e-5
 
 
 @pytest.mark.parametrize("impl", ["triton", "torch"])
