@@ -34,7 +34,6 @@ from vlmrm_fast.backends.base import missing_extra
 from vlmrm_fast.ops.preprocess import PreprocessSpec
 
 InputFormat = Literal["uint8-nhwc", "pixels"]
-INPUT_FORMATS = ONNX_INPUT_FORMATS
 _PROTOBUF_LIMIT = 2 * 1024**3
 _OPSET = 17
 
@@ -208,8 +207,8 @@ def export_onnx(
         import onnx
     except ImportError:
         raise missing_extra("onnx", "export", "ONNX export") from None
-    if input_format not in INPUT_FORMATS:
-        raise ValueError(f"input_format={input_format!r} is not one of {INPUT_FORMATS}.")
+    if input_format not in ONNX_INPUT_FORMATS:
+        raise ValueError(f"input_format={input_format!r} is not one of {ONNX_INPUT_FORMATS}.")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     param = next(visual.parameters())

@@ -29,8 +29,8 @@ from vlmrm_fast.ops.preprocess import PreprocessSpec
 
 _NUMPY = {torch.float32: np.float32, torch.float16: np.float16}
 ONE_THREAD_BYTES = 2 << 20
-_log = logging.getLogger(__name__)
 """CPU frame chunks up to this size are preprocessed on one torch thread (see ``preprocessing``)."""
+_log = logging.getLogger(__name__)
 
 
 @functools.lru_cache(maxsize=None)

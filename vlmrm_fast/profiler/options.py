@@ -8,14 +8,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from vlmrm_fast.argtypes import BACKEND_NAMES, SHORT_DTYPE_NAMES, positive_int
+from vlmrm_fast.argtypes import BACKEND_NAMES, dtype_choice, positive_int
 
 FLOAT_PRECISIONS = ("fp32", "bf16", "fp16")
 QUANTIZED_PRECISIONS = ("int8", "fp8")
 """int8: ONNX Runtime's dynamic quantisation (CPU); fp8: TensorRT's (Hopper)."""
 PRECISIONS = (*FLOAT_PRECISIONS, *QUANTIZED_PRECISIONS)
-DTYPE_ALIASES = SHORT_DTYPE_NAMES
-"""torch's long dtype names, accepted for the float precisions."""
 SEED_FRAME_SIZE = 480
 """The original code rendered 480 x 480 frames (SPEC §1.3): the seed pipeline always gets those, and
 they are the default ``--frame-size``."""
@@ -42,8 +40,8 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--backends", nargs="+", choices=BACKEND_NAMES,
                    help="vision-tower backends; unavailable ones are skipped with the reason "
                    "(default: CPU torch onnxruntime; CUDA torch compile)")
-    p.add_argument("--dtypes", nargs="+", choices=(*PRECISIONS, *DTYPE_ALIASES), metavar="DTYPE",
-                   help=f"tower precisions, from {', '.join(PRECISIONS)}; int8 is ONNX Runtime's dynamic "
+    p.add_argument("--dtypes", nargs="+", type=dtype_choice(PRECISIONS), metavar="DTYPE",
+                   help=f"tower precisions, from {', '.join(PRECISIONS)} (float32/bfloat16/float16 too); int8 is ONNX Runtime's dynamic "
                    "quantisation, on CPU; fp8 is TensorRT's, on Hopper GPUs (default: CPU fp32; CUDA bf16)")
     p.add_argument("--frame-size", type=positive_int, default=SEED_FRAME_SIZE, metavar="PX",
                    help="square frames of PX x PX; 480 is the original's render size, 224 the towers' input "

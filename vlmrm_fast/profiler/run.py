@@ -65,7 +65,7 @@ from vlmrm_fast.ops._triton import HAS_TRITON, interpreter_enabled
 from vlmrm_fast.precision import float32_convolutions, float32_matmuls
 from vlmrm_fast.profiler.flops import _gflops_and_method, create_random_model
 from vlmrm_fast.profiler.kernels import profile_tower
-from vlmrm_fast.profiler.options import DTYPE_ALIASES, FLOAT_PRECISIONS
+from vlmrm_fast.profiler.options import FLOAT_PRECISIONS
 from vlmrm_fast.profiler.report import (
     REWARD_CHECK_FRAMES,
     Report,
@@ -139,7 +139,7 @@ def resolve_config(args: argparse.Namespace) -> BenchConfig:
                         backends=["torch", "compile"], repeats=20)
     else:
         defaults = dict(models=[TINY_MODEL, "ViT-B-32"], batch_sizes=[1, 8, 32], backends=["torch", "onnxruntime"], repeats=3)
-    dtypes = [DTYPE_ALIASES.get(d, d) for d in (args.dtypes or (["bf16"] if on_cuda else ["fp32"]))]
+    dtypes = args.dtypes or (["bf16"] if on_cuda else ["fp32"])  # short names: the parser spells them so
     models = list(dict.fromkeys(args.models or defaults["models"]))
     register_model_configs()
     known = open_clip.list_models()

@@ -104,7 +104,7 @@ class TrainingCallback(BaseCallback):
         # The signal handlers stay until train() has written its final checkpoint (it restores them):
         # a signal during that write must not kill the process with the write half done.
         self._end_update_timer()  # the last rollout's gradient steps
-        if self._rollouts or self.model.num_timesteps > self._log_step or self._done_vlm:
+        if self.model.num_timesteps > self._log_step or self._done_vlm:
             self._log()  # the tail since the last log (log_every), and episodes that ended before a stop
         if self._bar is not None:
             self._bar.close()

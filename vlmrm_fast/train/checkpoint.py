@@ -262,11 +262,11 @@ def save_checkpoint(run_dir: os.PathLike, model, config_json: str, extra: dict, 
 
 def _write_files(folder: Path, model, config_json: str, extra: dict) -> None:
     """The checkpoint's files (a separate function so tests can inject a crash in the middle)."""
+    import torch
+
     (folder / "config.json").write_text(config_json)
     model.save(folder / "model.zip")
     model.save_replay_buffer(folder / "replay_buffer.pkl")
-    import torch
-
     state = {"rng": rng_state(model), "env": env_state(model.get_env()), "extra": extra}
     torch.save(state, folder / "state.pt")
 
