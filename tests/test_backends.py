@@ -326,8 +326,18 @@ def test_missing_extra_names_it(tiny, monkeypatch):
 
 @pytest.mark.skipif(HAS_TRT, reason="tensorrt is installed here")
 def test_tensorrt_missing_names_the_extra(tiny):
-    with pytest.raises(BackendError, match=r"vlmrm-fast\[tensorrt\]"):
+    with pytest.raises(BackendError, match=r"vlmrm-fast\[tensorrt(-cu1[23])?\]"):
         CLIPReward(*tiny, goal="a", device="cpu", backend="tensorrt")
+
+
+@pytest.mark.parametrize("cuda,extra", [("12.8", "tensorrt-cu12"), ("13.0", "tensorrt-cu13"), ("11.8", "tensorrt"),
+                                        (None, "tensorrt")])
+def test_tensorrt_extra_follows_torchs_cuda(monkeypatch, cuda, extra):
+    # Plain `tensorrt` brings the CUDA 13 build from 10.13.2 on: a CUDA 12 stack is told the cu12 one.
+    from vlmrm_fast.backends.tensorrt import tensorrt_extra
+
+    monkeypatch.setattr(torch.version, "cuda", cuda)
+    assert tensorrt_extra() == extra
 
 
 @pytest.mark.parametrize("version", ["11.1.0", "9.3.0"])
@@ -337,7 +347,7 @@ def test_tensorrt_of_another_major_version_is_refused(tiny, monkeypatch, version
     from vlmrm_fast.backends.tensorrt import build_engine
 
     monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__=version))
-    with pytest.raises(BackendError, match=r"tensorrt>=10,<11"):
+    with pytest.raises(BackendError, match=rf"{version} is installed; `pip install 'vlmrm-fast\[tensorrt"):
         CLIPReward(*tiny, goal="a", device="cpu", backend="tensorrt")
     with pytest.raises(BackendError, match=version):
         build_engine(tmp_path / "tower.onnx", "bf16", (1, 2, 4))
@@ -363,7 +373,9 @@ def test_tensorrt_that_cannot_start_names_the_build_to_install(monkeypatch, tmp_
     for factory in (null_factory, lambda logger: None):
         fake = types.SimpleNamespace(__version__="10.13.3.9", Builder=factory, Logger=_FakeLogger)
         monkeypatch.setitem(sys.modules, "tensorrt", fake)
-        with pytest.raises(BackendError, match=r"could not create its builder.*pip install 'tensorrt-cu\d+>=10,<11'"):
+        monkeypatch.setattr(torch.version, "cuda", "12.8")
+        with pytest.raises(BackendError, match=r"could not create its builder.*CUDA 12\.8.*pip uninstall -y tensorrt "
+                                               r".*pip install 'vlmrm-fast\[tensorrt-cu12\]'"):
             build_engine(tmp_path / "tower.onnx", "bf16", (1, 2, 4))
 
 
@@ -373,10 +385,10 @@ def test_tensorrt_bf16_needs_an_ampere_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
     with pytest.raises(BackendError, match=r"compute capability 8\.0.*Tesla T4 is 7\.5: use dtype=torch.float16"):
-        backend._check_precision_support(torch.bfloat16, torch.device("cuda:0"))
-    backend._check_precision_support(torch.float16, torch.device("cuda:0"))  # fp16 runs there
+        backend.check_precision_support(torch.bfloat16, torch.device("cuda:0"))
+    backend.check_precision_support(torch.float16, torch.device("cuda:0"))  # fp16 runs there
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
-    backend._check_precision_support(torch.bfloat16, torch.device("cuda:0"))
+    backend.check_precision_support(torch.bfloat16, torch.device("cuda:0"))
 
 
 def test_tensorrt_input_is_moved_to_an_aligned_address_only_when_needed():

@@ -1,10 +1,14 @@
-"""The TensorRT engine cache: keys, atomic writes, and refusal of stale or damaged files (no TensorRT needed)."""
+"""The TensorRT engine cache: keys, atomic writes, refusal of stale or damaged files, and when a
+built engine is cached (no TensorRT needed)."""
 import dataclasses
 import os
+import re
+import types
 
 import pytest
 import torch
 
+from vlmrm_fast.backends.base import BackendError
 from vlmrm_fast.backends.engine_cache import EngineCache, EngineKey, weights_digest
 
 KEY = EngineKey(model="ViT-B-32", weights="ab" * 32, precision="bf16", image_size=(224, 224),
@@ -25,7 +29,7 @@ def test_round_trip(tmp_path):
     [("compute_capability", (8, 0)), ("tensorrt_version", "10.9.0"), ("precision", "fp16"),
      ("batch_range", (1, 64, 128)), ("weights", "cd" * 32), ("image_size", (336, 336)),
      ("device_name", "NVIDIA H100 80GB HBM3"), ("torch_version", "2.12.0"), ("recipe", 2),
-     ("calibration", "ef" * 32)],
+     ("calibration", "ef" * 32), ("tensorrt_build", "tensorrt-cu13-libs 10.13.3.9")],
 )
 def test_every_key_field_changes_the_file(tmp_path, field, value):
     cache = EngineCache(tmp_path)
@@ -109,3 +113,151 @@ def test_weights_digest_follows_the_architecture_too():
     assert all(torch.equal(a, b) for a, b in zip(gelu.state_dict().values(), quick.state_dict().values()))
     assert weights_digest(gelu) != weights_digest(quick)
 
+
+
+# ---- loading or building an engine (TensorRT's runtime stood in for: no TensorRT needed) ----------
+
+FAKE_TRT = types.SimpleNamespace(float16="float16", bfloat16="bfloat16", float32="float32",
+                                 TensorIOMode=types.SimpleNamespace(INPUT="INPUT", OUTPUT="OUTPUT"))
+
+
+class FakeEngine:
+    """What engine_io_problem reads of a deserialized ICudaEngine: its named I/O tensors."""
+
+    def __init__(self, tensors, origin=b""):
+        self.tensors, self.origin = tensors, origin  # name -> (mode, dtype, shape)
+        self.num_io_tensors = len(tensors)
+
+    def get_tensor_name(self, i):
+        return list(self.tensors)[i]
+
+    def get_tensor_mode(self, name):
+        return self.tensors[name][0]
+
+    def get_tensor_dtype(self, name):
+        return self.tensors[name][1]
+
+    def get_tensor_shape(self, name):
+        return self.tensors[name][2]
+
+
+def tower_tensors(pixels="bfloat16", embeddings="float32"):
+    return {"pixels": ("INPUT", pixels, (-1, 3, 224, 224)), "embeddings": ("OUTPUT", embeddings, (-1, 512))}
+
+
+@pytest.mark.parametrize(
+    "tensors,precision,problem",
+    [(tower_tensors(), "bf16", None), (tower_tensors(), "fp8-bf16", None),
+     (tower_tensors("float16"), "fp16", None), (tower_tensors("float16"), "fp8-fp16", None),
+     (tower_tensors("float32"), "fp32", None),
+     (tower_tensors(), "fp16", "'pixels' is INPUT bfloat16 of rank 4, not INPUT float16"),
+     (tower_tensors(embeddings="bfloat16"), "bf16", "'embeddings' is OUTPUT bfloat16"),
+     ({**tower_tensors(), "pixels": ("INPUT", "bfloat16", (-1, 224, 224))}, "bf16", "of rank 3, not"),
+     ({**tower_tensors(), "pixels": ("OUTPUT", "bfloat16", (-1, 3, 224, 224))}, "bf16", "'pixels' is OUTPUT"),
+     ({"frames": tower_tensors()["pixels"], "embeddings": tower_tensors()["embeddings"]}, "bf16",
+      r"tensors \['frames', 'embeddings'\]"),
+     ({**tower_tensors(), "extra": ("OUTPUT", "float32", (-1,))}, "bf16", "tensors")],
+)
+def test_engine_io_check(tensors, precision, problem):
+    # The backend hands TensorRT raw pointers: an engine with other tensors or types would read the
+    # pixels' bytes as another dtype, silently.
+    from vlmrm_fast.backends.tensorrt import engine_io_problem
+
+    found = engine_io_problem(FAKE_TRT, FakeEngine(tensors), precision)
+    if problem is None:
+        assert found is None
+    else:
+        assert found is not None and re.search(problem, found), found
+
+
+class Runtime:
+    """deserialize_cuda_engine: None for bytes TensorRT would refuse, else an engine with the tensors given."""
+
+    def __init__(self, engines):
+        self.engines = engines  # payload -> tensors, or None
+
+    def deserialize(self, payload):
+        tensors = self.engines.get(payload)
+        return None if tensors is None else FakeEngine(tensors, payload)
+
+
+def load_or_build(cache, runtime, built=None):
+    from vlmrm_fast.backends.tensorrt import engine_io_problem, load_or_build_engine
+
+    builds = []
+
+    def build():
+        builds.append(built)
+        if built is None:
+            raise AssertionError("built although the cache held a good engine")
+        return built
+
+    engine = load_or_build_engine(cache, KEY, runtime.deserialize, build,
+                                  lambda engine: engine_io_problem(FAKE_TRT, engine, KEY.precision))
+    return engine, builds
+
+
+def test_a_good_cached_engine_is_loaded_not_rebuilt(tmp_path):
+    cache = EngineCache(tmp_path)
+    cache.store(KEY, b"good")
+    engine, builds = load_or_build(cache, Runtime({b"good": tower_tensors()}))
+    assert engine.origin == b"good" and not builds
+
+
+@pytest.mark.parametrize("cached", [b"refused by this TensorRT", b"another tower's"])
+def test_a_cached_engine_that_does_not_load_or_fit_is_rebuilt_and_replaced(tmp_path, cached):
+    cache = EngineCache(tmp_path)
+    cache.store(KEY, cached)
+    runtime = Runtime({b"another tower's": tower_tensors("float16"), b"fresh": tower_tensors()})
+    engine, builds = load_or_build(cache, runtime, built=b"fresh")
+    assert engine.origin == b"fresh" and builds == [b"fresh"]
+    assert cache.load(KEY) == b"fresh"
+
+
+@pytest.mark.parametrize("tensors,error", [(None, "cannot deserialize"),
+                                           (tower_tensors(embeddings="float16"), "not the tower's")])
+def test_a_built_engine_that_does_not_load_or_fit_is_never_cached(tmp_path, tensors, error):
+    # Cached, it would be read, hashed and rebuilt at every start.
+    cache = EngineCache(tmp_path)
+    with pytest.raises(BackendError, match=error):
+        load_or_build(cache, Runtime({b"bad": tensors}), built=b"bad")
+    assert cache.load(KEY) is None and not list(tmp_path.iterdir())
+
+
+def test_a_built_engine_survives_a_cache_it_cannot_write(tmp_path, monkeypatch):
+    cache = EngineCache(tmp_path)
+
+    def read_only(key, payload):
+        raise PermissionError(13, "Permission denied", str(cache.path(key)))
+
+    monkeypatch.setattr(cache, "store", read_only)
+    with pytest.warns(UserWarning, match="not cached.*Permission denied"):
+        engine, _ = load_or_build(cache, Runtime({b"fresh": tower_tensors()}), built=b"fresh")
+    assert engine.origin == b"fresh"
+
+
+def test_the_key_names_tensorrts_cuda_build(monkeypatch):
+    # The CUDA 12 and 13 wheels report the same tensorrt.__version__.
+    import importlib.metadata
+
+    from vlmrm_fast.backends.engine_cache import tensorrt_build
+
+    def dists(*names):
+        return lambda: [types.SimpleNamespace(metadata={"Name": n}, version="10.13.3.9") for n in names]
+
+    monkeypatch.setattr(importlib.metadata, "distributions", dists("numpy", "tensorrt_cu12_libs", "tensorrt-cu12-bindings"))
+    assert tensorrt_build() == "tensorrt-cu12-libs 10.13.3.9"
+    monkeypatch.setattr(importlib.metadata, "distributions", dists("tensorrt-cu13-libs", "tensorrt"))
+    assert tensorrt_build() == "tensorrt-cu13-libs 10.13.3.9"
+    monkeypatch.setattr(importlib.metadata, "distributions", dists("numpy"))
+    assert tensorrt_build() == ""  # a system or container install
+
+
+def test_engine_builds_write_their_graphs_in_the_cache_folder(tmp_path):
+    # Gigabytes of ONNX for ViT-bigG-14: not the system's temporary folder (often a small tmpfs),
+    # unless the cache folder cannot be made.
+    from vlmrm_fast.backends.tensorrt import scratch_parent
+
+    assert scratch_parent(tmp_path / "cache" / "tensorrt") == tmp_path / "cache" / "tensorrt"
+    (tmp_path / "file").write_bytes(b"")
+    assert scratch_parent(tmp_path / "file" / "tensorrt") is None

@@ -167,3 +167,24 @@ def test_a_verification_that_gives_nan_does_not_pass(tmp_path, monkeypatch, caps
     monkeypatch.setattr(export, "verify_onnx", lambda *args: float("nan"))
     assert main(["export", "vlmrm-tiny", "--out", str(tmp_path / "t.onnx")]) == 2
     assert "does not match" in capsys.readouterr().err and not list(tmp_path.iterdir())
+
+
+def test_tensorrt_export_checks_bf16_and_tensorrt_before_exporting(tmp_path, monkeypatch, capsys):
+    # The default --dtype bf16 on a pre-Ampere GPU, or no TensorRT: said before minutes of export,
+    # not by TensorRT afterwards.
+    import sys
+    import types
+
+    exported = []
+    monkeypatch.setattr(onnx_export, "export_onnx", lambda *a, **k: exported.append(a))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    out = str(tmp_path / "x.engine")
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # not installed
+    assert main(["export", "vlmrm-tiny", "--format", "tensorrt", "--out", out]) == 2
+    assert "needs the `tensorrt` package" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="10.13.3.9"))
+    assert main(["export", "vlmrm-tiny", "--format", "tensorrt", "--out", out]) == 2
+    assert "Tesla T4 is 7.5: use --dtype fp16" in capsys.readouterr().err
+    assert not exported and not os.listdir(tmp_path)

@@ -1,7 +1,8 @@
 """A disk cache for built TensorRT engines that never trusts a stale or damaged file.
 
-An engine is valid only for the GPU model, TensorRT version, weights, precision and batch range it
-was built for, the recipe that built it (flags, exporter) and, for fp8, its calibration frames, so all of these form its key. Each file holds a header (the key and a
+An engine is valid only for the GPU model, TensorRT version and build (CUDA 12 or 13), weights,
+precision and batch range it was built for, the recipe that built it (flags, exporter) and, for fp8,
+its calibration frames, so all of these form its key. Each file holds a header (the key and a
 SHA-256 of the engine bytes) and the engine; a file whose header does not match the key, or whose
 bytes do not match the checksum, is rebuilt. Files are written to a temporary name and renamed into
 place, so a crash mid-write never leaves half an engine under the real name.
@@ -40,6 +41,19 @@ def weights_digest(module: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
+def tensorrt_build() -> str:
+    """The installed TensorRT library wheels with their versions ("tensorrt-cu12-libs 10.13.3.9"),
+    or "" where TensorRT comes from elsewhere (a system package, a container image)."""
+    from importlib import metadata
+
+    found = set()
+    for dist in metadata.distributions():
+        name = (dist.metadata["Name"] or "").lower().replace("_", "-")
+        if name.startswith("tensorrt-cu") and name.endswith("-libs"):
+            found.add(f"{name} {dist.version}")
+    return ", ".join(sorted(found))
+
+
 @dataclasses.dataclass(frozen=True)
 class EngineKey:
     """Everything a built engine depends on."""
@@ -59,6 +73,9 @@ class EngineKey:
     """Bumped whenever vlmrm_fast changes how it builds engines (flags, precision pinning)."""
     calibration: str = ""
     """For fp8 engines, a digest of the calibration frames: they set the activation scales."""
+    tensorrt_build: str = ""
+    """Which of NVIDIA's wheels holds TensorRT's libraries (:func:`tensorrt_build`): the CUDA 12 and
+    CUDA 13 builds report the same ``tensorrt.__version__``."""
 
     def as_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)

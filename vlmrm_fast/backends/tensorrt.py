@@ -18,16 +18,17 @@ from __future__ import annotations
 import copy
 import hashlib
 import logging
+import os
 import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 
 from vlmrm_fast.backends.base import BackendError, VisionBackend, missing_extra
-from vlmrm_fast.backends.engine_cache import EngineCache, EngineKey, weights_digest
+from vlmrm_fast.backends.engine_cache import EngineCache, EngineKey, tensorrt_build, weights_digest
 from vlmrm_fast.backends.onnx_export import export_onnx
 from vlmrm_fast.frames import as_frame_batch
 from vlmrm_fast.ops.preprocess import PreprocessSpec, preprocess
@@ -47,17 +48,24 @@ ADDRESS_ALIGNMENT = 256
 QUANTIZE_CHOICES = ("fp8",)
 
 
+def tensorrt_extra() -> str:
+    """The extra that installs TensorRT's build for this torch's CUDA ("tensorrt-cu12"): plain
+    `tensorrt` brings the CUDA 13 build from 10.13.2 on, which a CUDA 12 stack's driver may not run."""
+    major = (torch.version.cuda or "").split(".")[0]
+    return f"tensorrt-cu{major}" if major in ("12", "13") else "tensorrt"
+
+
 def import_tensorrt(what: str = "tensorrt"):
     """The ``tensorrt`` module, if it is installed and of the major version this code is written for."""
     try:
         import tensorrt as trt
     except ImportError:
-        raise missing_extra("tensorrt", "tensorrt", what) from None
+        raise missing_extra("tensorrt", tensorrt_extra(), what) from None
     if _version(trt)[0] != SUPPORTED_MAJOR:
         raise BackendError(
             f"{what}: vlmrm_fast builds engines with TensorRT {SUPPORTED_MAJOR}'s API, but TensorRT "
-            f"{trt.__version__} is installed; `pip install 'tensorrt>={SUPPORTED_MAJOR},<{SUPPORTED_MAJOR + 1}'` "
-            "(or the vlmrm-fast[tensorrt] extra), or use backend='compile'."
+            f"{trt.__version__} is installed; `pip install 'vlmrm-fast[{tensorrt_extra()}]'` (TensorRT "
+            f"{SUPPORTED_MAJOR}), or use backend='compile'."
         )
     return trt
 
@@ -90,7 +98,7 @@ class TensorRTBackend(VisionBackend):
         device = self.device
         precision = _PRECISIONS[dtype]
         calibration = ""
-        _check_precision_support(dtype, device)
+        check_precision_support(dtype, device)
         if quantize == "fp8":
             _check_fp8_support(trt, device)
             precision = f"fp8-{precision}"
@@ -105,6 +113,7 @@ class TensorRTBackend(VisionBackend):
             batch_range=(1, max(1, max_batch_size // 2), max_batch_size),
             compute_capability=torch.cuda.get_device_capability(device),
             tensorrt_version=trt.__version__,
+            tensorrt_build=tensorrt_build(),
             device_name=torch.cuda.get_device_name(device),
             torch_version=torch.__version__,
         )
@@ -113,19 +122,11 @@ class TensorRTBackend(VisionBackend):
         # TensorRT builds and deserializes on the current CUDA device, which need not be ``device``.
         with torch.cuda.device(device):
             runtime = _created(trt, trt.Runtime, self._logger, "runtime")
-            payload = cache.load(key)
-            engine = runtime.deserialize_cuda_engine(payload) if payload is not None else None
-            if engine is None:  # absent, stale, damaged, or refused by this TensorRT: build afresh
-                _log.info("building a TensorRT engine (%s, batch %d to %d; minutes for the large towers), then "
-                          "caching it in %s", precision, key.batch_range[0], key.batch_range[2], cache.directory)
-                payload = self._build(visual, spec, key, workspace_gib)
-                try:
-                    cache.store(key, payload)
-                except OSError as error:  # a read-only cache must not throw away a built engine
-                    warnings.warn(f"TensorRT engine not cached ({error}); it is rebuilt next time.", stacklevel=2)
-                engine = runtime.deserialize_cuda_engine(payload)
-                if engine is None:
-                    raise BackendError("TensorRT built an engine it cannot deserialize; see the TensorRT log above.")
+            engine = load_or_build_engine(
+                cache, key, runtime.deserialize_cuda_engine,
+                build=lambda: self._build(visual, spec, key, workspace_gib, scratch_parent(cache.directory)),
+                io_problem=lambda engine: engine_io_problem(trt, engine, precision),
+            )
             self._calibration = None  # only needed to build
             self.context = engine.create_execution_context()
             if self.context is None:  # the bindings return TensorRT's null pointer as None
@@ -142,8 +143,8 @@ class TensorRTBackend(VisionBackend):
         self.engine_path = cache.path(key)
         self.build_seconds = time.perf_counter() - start
 
-    def _build(self, visual, spec, key: EngineKey, workspace_gib: float) -> bytes:
-        with tempfile.TemporaryDirectory(prefix="vlmrm_fast_trt_") as tmp:
+    def _build(self, visual, spec, key: EngineKey, workspace_gib: float, scratch: Optional[Path]) -> bytes:
+        with tempfile.TemporaryDirectory(prefix=".vlmrm_fast_build_", dir=scratch) as tmp:
             from vlmrm_fast.backends.onnx_fp8 import FP8_OPSET, fp8_tower_graph, ort_providers
 
             fp32_copy = copy.deepcopy(visual).float()  # TensorRT lowers precision itself, per the flags
@@ -266,22 +267,81 @@ def _created(trt, factory, logger, what: str):
     except TypeError:  # pybind11's "factory function returned nullptr"
         made = None
     if made is None:
-        cuda = (torch.version.cuda or "12").split(".")[0]
         raise BackendError(
             f"TensorRT {trt.__version__} could not create its {what}: usually its CUDA build does not match the "
-            f"driver (from 10.13.3 the `tensorrt` package installs the CUDA 13 build, which needs an R580 driver). "
-            f"Install the build for torch's CUDA {torch.version.cuda}: `pip install 'tensorrt-cu{cuda}>=10,<11'`; "
-            "see the TensorRT log above."
+            f"driver (from 10.13.2 the `tensorrt` package installs the CUDA 13 build, which needs an R580 driver). "
+            f"Replace it with the build for torch's CUDA {torch.version.cuda} (the builds overwrite each other's "
+            f"files, so remove the other first): `pip uninstall -y tensorrt tensorrt-cu12 tensorrt-cu13 "
+            f"tensorrt-cu12-bindings tensorrt-cu13-bindings tensorrt-cu12-libs tensorrt-cu13-libs && "
+            f"pip install 'vlmrm-fast[{tensorrt_extra()}]'`; see the TensorRT log above."
         )
     return made
 
 
-def _check_precision_support(dtype: torch.dtype, device: torch.device) -> None:
+def load_or_build_engine(cache: EngineCache, key: EngineKey, deserialize: Callable[[bytes], object],
+                         build: Callable[[], bytes], io_problem: Callable[[object], Optional[str]]):
+    """The engine for ``key``: the cached one where its file deserializes and has the tower's inputs
+    and outputs (``io_problem(engine)`` is None), else one built afresh (``build()``, serialized
+    bytes), checked the same way, then cached. An engine that fails those checks is never cached."""
+    payload = cache.load(key)
+    engine = deserialize(payload) if payload is not None else None
+    if engine is not None:
+        problem = io_problem(engine)
+        if problem is None:
+            return engine
+        _log.warning("the cached TensorRT engine %s is not the tower's (%s): rebuilding it", cache.path(key), problem)
+    # absent, stale, damaged, refused by this TensorRT, or not the tower's: build afresh
+    _log.info("building a TensorRT engine (%s, batch %d to %d; minutes for the large towers), then "
+              "caching it in %s", key.precision, key.batch_range[0], key.batch_range[2], cache.directory)
+    payload = build()
+    engine = deserialize(payload)
+    if engine is None:
+        raise BackendError("TensorRT built an engine it cannot deserialize; see the TensorRT log above.")
+    problem = io_problem(engine)
+    if problem is not None:
+        raise BackendError(f"TensorRT built an engine whose inputs and outputs are not the tower's: {problem}.")
+    try:
+        cache.store(key, payload)
+    except OSError as error:  # a read-only cache must not throw away a built engine
+        warnings.warn(f"TensorRT engine not cached ({error}); it is rebuilt next time.", stacklevel=3)
+    return engine
+
+
+def engine_io_problem(trt, engine, precision: str) -> Optional[str]:
+    """None where ``engine`` has exactly the backend's tensors: input "pixels" [N, 3, H, W] in the
+    dtype ``precision`` runs in ("bf16", "fp8-bf16": bfloat16; "fp16", "fp8-fp16": float16; "fp32")
+    and output "embeddings" [N, D] float32; else what differs. ``__call__`` hands TensorRT raw
+    pointers, so an engine with other types would read the pixels' bytes as another dtype."""
+    want_in = {"fp16": trt.float16, "bf16": trt.bfloat16, "fp32": trt.float32}[precision.split("-")[-1]]
+    want = {"pixels": (trt.TensorIOMode.INPUT, want_in, 4), "embeddings": (trt.TensorIOMode.OUTPUT, trt.float32, 2)}
+    names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+    if sorted(names) != sorted(want):
+        return f"tensors {names}, not {list(want)}"
+    for name, (mode, dtype, rank) in want.items():
+        got = (engine.get_tensor_mode(name), engine.get_tensor_dtype(name), len(engine.get_tensor_shape(name)))
+        if got != (mode, dtype, rank):
+            return f"{name!r} is {got[0]} {got[1]} of rank {got[2]}, not {mode} {dtype} of rank {rank}"
+    return None
+
+
+def scratch_parent(directory: Path) -> Optional[Path]:
+    """Where an engine build writes its ONNX graphs (gigabytes for ViT-bigG-14): ``directory`` (the
+    engine cache, on the disk the engine goes to) where it can be made, else None (the system's
+    temporary folder, often a small tmpfs)."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return None
+    return directory if os.access(directory, os.W_OK) else None
+
+
+def check_precision_support(dtype: torch.dtype, device: torch.device, fix: str = "use dtype=torch.float16") -> None:
+    """A clear error where ``device`` has no TensorRT kernels for ``dtype``; ``fix`` is the way out."""
     capability = torch.cuda.get_device_capability(device)
     if dtype == torch.bfloat16 and capability < BF16_MIN_CAPABILITY:
         raise BackendError(
-            f"backend='tensorrt' with torch.bfloat16 needs an Ampere GPU or later (compute capability 8.0); "
-            f"{torch.cuda.get_device_name(device)} is {capability[0]}.{capability[1]}: use dtype=torch.float16."
+            f"TensorRT with bfloat16 needs an Ampere GPU or later (compute capability 8.0); "
+            f"{torch.cuda.get_device_name(device)} is {capability[0]}.{capability[1]}: {fix}."
         )
 
 
