@@ -515,3 +515,38 @@ def test_egl_position_of_a_cuda_device():
     assert position([None, 0], 3, None) is None  # no EGL device on that GPU
     if os.environ.get("MUJOCO_GL") == "egl":
         assert all(x is None or x >= 0 for x in _egl_cuda_ids())  # the query runs on this EGL
+
+
+_ORDER_SCRIPT = """
+import sys
+{first}
+import mujoco
+model = mujoco.MjModel.from_xml_string("<mujoco><worldbody><geom size='1'/></worldbody></mujoco>")
+with mujoco.Renderer(model, 8, 8) as renderer:
+    renderer.update_scene(mujoco.MjData(model))
+    frame = renderer.render()
+print("mesa", any("/libLLVM" in line for line in open("/proc/self/maps")), flush=True)  # not vlmrm_fast's check:
+import vlmrm_fast  # importing it here is the point
+try:
+    reward = vlmrm_fast.CLIPReward.from_pretrained("vlmrm-tiny", None, goal="a", device="cpu", backend="torch",
+                                                   kernels="torch")
+except RuntimeError as error:
+    print("error", error, flush=True)
+    sys.exit(3)
+print("reward", float(reward(frame[None])[0]), flush=True)
+"""
+
+
+@pytest.mark.parametrize("first", ["import vlmrm_fast", ""], ids=["package-first", "frame-first"])
+def test_rendering_before_triton_loads_is_an_error_not_a_crash(first):
+    # Mesa's llvmpipe and Triton each bring an LLVM: Triton loaded after Mesa's GL context crashed the
+    # process (a segmentation fault). `import vlmrm_fast` loads Triton first; where a frame came
+    # before it, loading the reward model says how to fix the order. A fresh interpreter each.
+    env = dict(os.environ, MUJOCO_GL="egl", PYOPENGL_PLATFORM="egl")
+    result = subprocess.run([sys.executable, "-c", _ORDER_SCRIPT.format(first=first)], capture_output=True,
+                            text=True, env=env, timeout=300)
+    assert result.returncode in (0, 3), f"rc {result.returncode}: {result.stderr[-2000:]}"  # not a crash
+    if first or "mesa True" not in result.stdout:  # the package first, or a GPU driver's GL: it just works
+        assert result.returncode == 0 and "reward" in result.stdout, result.stdout + result.stderr[-2000:]
+    else:
+        assert result.returncode == 3 and "Import vlmrm_fast (or triton) before the first frame" in result.stdout

@@ -34,6 +34,11 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
     from vlmrm_fast.tasks import Task
     from vlmrm_fast.wrappers import RenderTerminalFrame, VLMRewardVecEnv, VLMRewardWrapper
 
+if importlib.util.find_spec("mujoco") is not None:
+    from vlmrm_fast.llvm_clash import load_triton_first
+
+    load_triton_first()  # before any MuJoCo frame: after one rendered by Mesa, loading Triton crashes
+
 if importlib.util.find_spec("gymnasium") is not None:
     import vlmrm_fast.envs  # noqa: F401  registers vlmrm_fast/TexturedHumanoid-v0 (gymnasium only, light)
 

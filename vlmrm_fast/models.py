@@ -17,8 +17,12 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional, Tuple, Union
 from urllib.parse import urlparse
 
-import open_clip
-import torch
+from vlmrm_fast.llvm_clash import check_triton_can_load
+
+check_triton_can_load()  # open_clip's torchvision loads Triton: a clear error where that would crash
+
+import open_clip  # noqa: E402
+import torch  # noqa: E402
 
 from vlmrm_fast.ops.preprocess import PreprocessSpec, mean_std_of
 from vlmrm_fast.quiet_logging import root_records_dropped

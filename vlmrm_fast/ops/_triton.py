@@ -15,6 +15,10 @@ from typing import ContextManager, Literal, Optional
 
 import torch
 
+from vlmrm_fast.llvm_clash import check_triton_can_load
+
+check_triton_can_load()  # a clear error where loading it now would crash the process
+
 try:  # Triton ships for Linux only; without it every op uses its torch path.
     import triton  # noqa: F401
     import triton.language  # noqa: F401
