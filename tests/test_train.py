@@ -62,6 +62,20 @@ class NoRenderEnv(DotEnv):
     metadata = {"render_modes": ["human"], "render_fps": 10}
 
 
+class NoGLEnv(DotEnv):
+    """Fails to render as MuJoCo's EGL backend does on a machine without EGL (its own message, no fix)."""
+
+    def render(self):
+        raise RuntimeError("eglInitialize() failed: EGL_NOT_INITIALIZED")
+
+
+class NeedsPygameEnv(DotEnv):
+    """Renders through a package that is not installed, as gymnasium's classic-control envs without pygame."""
+
+    def render(self):
+        raise gym.error.DependencyNotInstalled('pygame is not installed, run `pip install "gymnasium[classic-control]"`')
+
+
 class FixedSizeEnv(DotEnv):
     """Renders at its own size (24 x 40) and takes no width/height, like most gymnasium envs."""
 
@@ -70,7 +84,8 @@ class FixedSizeEnv(DotEnv):
 
 
 for _id, _cls in (("VlmrmTestDot-v0", DotEnv), ("VlmrmTestNoRender-v0", NoRenderEnv),
-                  ("VlmrmTestFixedSize-v0", FixedSizeEnv)):
+                  ("VlmrmTestFixedSize-v0", FixedSizeEnv), ("VlmrmTestNoGL-v0", NoGLEnv),
+                  ("VlmrmTestNeedsPygame-v0", NeedsPygameEnv)):
     if _id not in gym.registry:
         gym.register(_id, entry_point=_cls)
 
@@ -304,6 +319,70 @@ def test_signal_then_resume_continues_exactly(tmp_path, monkeypatch, uninterrupt
     assert stopped.checkpoint.name == ckpt.step_name(stop_at)
     resumed = train(config, resume=stopped.run_dir, reward_model=tiny_reward(config))
     _assert_same_run(resumed if stop_at < 100 else stopped, uninterrupted_runs(train_freq))
+
+
+def test_tensorboard_hides_what_a_crashed_session_logged_after_its_checkpoint(tmp_path, monkeypatch):
+    # Crashed at 78 (checkpoint at 40, rows logged up to 60): the resumed session logs 60 again.
+    # TensorBoard, reading the folder, must show each step once, 40 (logged before its checkpoint)
+    # included.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from vlmrm_fast.train import callbacks, train
+
+    on_step = callbacks.TrainingCallback._on_step
+
+    def crash_at_78(self):
+        if self.model.num_timesteps == 78:
+            raise RuntimeError("simulated crash")
+        return on_step(self)
+
+    config = dot_config(tmp_path, total_timesteps=100, checkpoint_every=40)
+    monkeypatch.setattr(callbacks.TrainingCallback, "_on_step", crash_at_78)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(config, reward_model=tiny_reward(config))
+    monkeypatch.setattr(callbacks.TrainingCallback, "_on_step", on_step)
+    assert ckpt.find_latest(Path(config.run_dir)).name == ckpt.step_name(40)
+    train(config, resume=config.run_dir, reward_model=tiny_reward(config))
+    board = EventAccumulator(str(Path(config.run_dir) / "tb"))  # the folder, as TensorBoard loads it
+    board.Reload()
+    assert [e.step for e in board.Scalars("time/total_timesteps")] == [20, 40, 60, 80, 100]
+    assert [e.step for e in board.Scalars("rollout/vlm_return")] == [40, 80]  # episodes of 20 steps x 2 envs
+    assert len(list((Path(config.run_dir) / "tb").glob("events.out.tfevents.*"))) == 2  # one per session
+
+
+def test_a_run_resumed_mid_rollout_evaluates_and_checkpoints_on_the_uninterrupted_schedule(tmp_path, monkeypatch):
+    # Rollouts of 20 steps (2 envs x 10); evaluations and checkpoints every 30 fall at 40, 80 and the
+    # end. Stopped at 74, the resumed run's first (partial) rollout starts at 74, not on a boundary:
+    # the evaluation and checkpoint due at 80 stay there.
+    from vlmrm_fast.train import callbacks, train
+
+    events = []
+    evaluate, save, on_step = (callbacks.TrainingCallback.evaluate, callbacks.TrainingCallback.save,
+                               callbacks.TrainingCallback._on_step)
+    monkeypatch.setattr(callbacks.TrainingCallback, "evaluate",
+                        lambda self: (events.append(("eval", self.model.num_timesteps)), evaluate(self))[1])
+    monkeypatch.setattr(callbacks.TrainingCallback, "save",
+                        lambda self, mid_rollout=False: (events.append(("save", self.model.num_timesteps)),
+                                                         save(self, mid_rollout))[1])
+
+    def config_in(folder):
+        return dot_config(folder, total_timesteps=100, eval_every=30, checkpoint_every=30, eval_episodes=1)
+
+    train(config_in(tmp_path / "full"), reward_model=tiny_reward(config_in(tmp_path)))
+    uninterrupted, events[:] = list(events), []
+    assert uninterrupted == [("eval", 40), ("save", 40), ("eval", 80), ("save", 80), ("eval", 100), ("save", 100)]
+
+    def signal_at_74(self):
+        if self.model.num_timesteps == 74 and self.stop_signal is None:
+            self.stop_signal = signal.SIGTERM
+        return on_step(self)
+
+    config = config_in(tmp_path / "stopped")
+    monkeypatch.setattr(callbacks.TrainingCallback, "_on_step", signal_at_74)
+    assert train(config, reward_model=tiny_reward(config)).num_timesteps == 74
+    monkeypatch.setattr(callbacks.TrainingCallback, "_on_step", on_step)
+    train(config, resume=config.run_dir, reward_model=tiny_reward(config))
+    assert events == uninterrupted[:2] + [("save", 74)] + uninterrupted[2:]
 
 
 # --------------------------------------------------------------------------- signals and crashes
@@ -641,6 +720,86 @@ def test_env_without_rgb_rendering_is_a_clear_error(tmp_path):
         train(config)
 
 
+def test_env_that_cannot_make_a_gl_context_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    # No EGL on a headless machine: one line naming the fix from the command line, not a traceback.
+    from vlmrm_fast.cli import main
+    from vlmrm_fast.train.run import check_env_frames
+
+    fix = r"cannot render: MuJoCo cannot render rgb_array frames.*EGL_NOT_INITIALIZED.*MUJOCO_GL=egl.*apt-get install"
+    config = dot_config(tmp_path, env_id="test_train:VlmrmTestNoGL-v0")
+    with pytest.raises(ValueError, match=fix):
+        check_env_frames(config, 32, 32)
+    assert main(["train", "--preset", "smoke", "--env-id", "test_train:VlmrmTestNoGL-v0",
+                 "--run-dir", str(tmp_path / "cli"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("vlmrm-fast: error: env 'test_train:VlmrmTestNoGL-v0' cannot render") and "Traceback" not in err
+    # The textured humanoid's own message (it names the fix already) is passed on once.
+    from gymnasium.envs.mujoco.mujoco_env import MujocoEnv
+
+    monkeypatch.setattr(MujocoEnv, "render", NoGLEnv.render)
+    with pytest.raises(ValueError, match=fix) as error:
+        check_env_frames(dot_config(tmp_path, env_id="vlmrm_fast/TexturedHumanoid-v0"), 32, 32)
+    assert str(error.value).count("MuJoCo cannot render") == 1
+
+
+def test_env_setup_mistakes_are_clear_errors(tmp_path, monkeypatch):
+    from vlmrm_fast.train import train
+    from vlmrm_fast.train.run import check_env_frames
+
+    # A package the env renders with, missing: gymnasium's message, as an error rather than a traceback.
+    with pytest.raises(ValueError, match=r"'test_train:VlmrmTestNeedsPygame-v0' cannot render: pygame is not installed"):
+        check_env_frames(dot_config(tmp_path, env_id="test_train:VlmrmTestNeedsPygame-v0"), 32, 32)
+    # env_kwargs overriding the render mode: that, not the env, is what to fix.
+    with pytest.raises(ValueError, match=r"env_kwargs set render_mode='human'.*leave render_mode out of env_kwargs"):
+        check_env_frames(dot_config(tmp_path, env_kwargs={"render_mode": "human"}), 32, 32)
+    # SAC on a CUDA device that is not there: SB3 would train on the CPU without a word.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=r"sac_device='cuda:1' but CUDA is not available here; pass --sac-device cpu"):
+        train(dot_config(tmp_path, sac_device="cuda:1"))
+    assert not (tmp_path / "run").exists()  # refused before anything is written
+
+
+def test_a_viewer_left_without_a_gl_context_is_freed_quietly(monkeypatch):
+    # gymnasium's OffScreenViewer, when EGL fails in its __init__, has no context to free, and its
+    # __del__ printed a second traceback under the clear error.
+    import gc
+
+    from vlmrm_fast.envs.humanoid import defuse_half_made_viewer
+
+    class OffScreenViewer:
+        def __init__(self):
+            raise RuntimeError("eglInitialize() failed")
+
+        def __del__(self):
+            self.opengl_context.free()
+
+    unraisable = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    try:
+        try:
+            OffScreenViewer()
+        except RuntimeError as exc:
+            raise ValueError("the clear error") from exc
+    except ValueError as error:
+        defuse_half_made_viewer(error)
+    gc.collect()
+    assert unraisable == []
+
+
+def test_out_of_gpu_memory_in_train_names_the_reward_models_knobs(monkeypatch, capsys):
+    # train's --batch-size is SAC's minibatch: it does not touch the reward model's memory.
+    from vlmrm_fast.cli import main
+    from vlmrm_fast.train import run
+
+    def out_of_memory(config, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(run, "train", out_of_memory)
+    assert main(["train", "--preset", "smoke", "--run-dir", "unused"]) == 2
+    err = capsys.readouterr().err
+    assert "--reward-batch-size" in err and "--reward-timing step" in err and "--batch-size " not in err
+
+
 def test_summary_counts_this_sessions_steps(tmp_path, capsys):
     # The closing line's steps/s is this session's steps over its training time; a resume of a
     # finished run says there is nothing to train and how to continue.
@@ -728,6 +887,16 @@ def test_resume_with_another_config_names_fields_and_fix(tmp_path):
                               print_config=False, **{f"field_{k}": None for k in TrainConfig.__dataclass_fields__})
     config, _ = config_from_args(args)
     assert config.total_timesteps == 80 and config.n_envs == 2
+    # The run continues in its own folder: another one named with --resume is refused, not ignored.
+    for run_dir, refused in ((tmp_path / "elsewhere", True), (result.run_dir, False)):
+        args = argparse.Namespace(set=[], preset=None, config=None, resume=result.run_dir, print_config=False,
+                                  **{f"field_{k}": None for k in TrainConfig.__dataclass_fields__})
+        args.field_run_dir = str(run_dir)
+        if refused:
+            with pytest.raises(ValueError, match=r"continues the run in its own folder, but run_dir '.*elsewhere'"):
+                config_from_args(args)
+        else:
+            assert config_from_args(args)[0].run_dir == str(result.run_dir)
     # With the preset it was made from: the fields a resume may change keep the run's own values
     # unless given, not the preset's (its 300 steps, checkpoint every 100, 64 x 64 videos).
     fields = {f"field_{k}": None for k in TrainConfig.__dataclass_fields__}

@@ -228,6 +228,16 @@ def _unit_interval(text: str) -> float:
 # --------------------------------------------------------------------------- entry point
 
 
+OUT_OF_MEMORY_FIX = {
+    "score": "out of GPU memory; lower --batch-size or use a smaller --model",
+    "bench": "out of GPU memory; leave out the largest of --batch-sizes or --models",
+    # train's --batch-size is SAC's minibatch: the reward model's memory is set by these.
+    "train": "out of GPU memory; lower --reward-batch-size or use a smaller --model; deferred rewards keep "
+             "a rollout's frames on the GPU (n_envs x train_freq of them): --reward-timing step, or fewer "
+             "--n-envs or a smaller --train-freq",
+}
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command line ``argv`` (default: ``sys.argv[1:]``); return the exit code."""
     parser = build_parser()
@@ -246,7 +256,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             warnings.showwarning = _show_warning
             return args.handler(args)
     except torch.cuda.OutOfMemoryError:
-        _print_error("out of GPU memory; lower --batch-size or use a smaller --model")
+        _print_error(OUT_OF_MEMORY_FIX.get(args.command, "out of GPU memory; use a smaller --model"))
     except (CLIError, ValueError, TypeError, OSError, PretrainedWeightsError) as exc:
         _print_error(str(exc))
     except KeyboardInterrupt:

@@ -192,12 +192,37 @@ class TexturedHumanoidEnv(_HumanoidBase):
         try:
             return super().render()
         except Exception as exc:  # context creation failures: name the fix
-            if _looks_like_gl_error(exc):
-                raise RuntimeError(rendering_help(exc)) from exc
+            if looks_like_gl_error(exc):
+                defuse_half_made_viewer(exc)
+                raise RenderingUnavailable(rendering_help(exc)) from exc
             raise
 
 
-def _looks_like_gl_error(exc: BaseException) -> bool:
+class RenderingUnavailable(RuntimeError):
+    """MuJoCo cannot make an OpenGL context here (no EGL, no display); the message names the fix."""
+
+
+def defuse_half_made_viewer(exc: BaseException) -> None:
+    """gymnasium's OffScreenViewer, when its GL context could not be made, is left without one, and its
+    ``__del__`` then prints a second traceback under the clear error; give it a context to free."""
+    while exc is not None:
+        tb = exc.__traceback__
+        while tb is not None:
+            # Only constructors' frames: reading a running frame's locals would keep them alive.
+            if tb.tb_frame.f_code.co_name == "__init__":
+                viewer = tb.tb_frame.f_locals.get("self")
+                if type(viewer).__name__ == "OffScreenViewer" and not hasattr(viewer, "opengl_context"):
+                    viewer.opengl_context = _NoContext()
+            tb = tb.tb_next
+        exc = exc.__cause__ or exc.__context__
+
+
+class _NoContext:
+    def free(self) -> None:
+        pass
+
+
+def looks_like_gl_error(exc: BaseException) -> bool:
     text = f"{type(exc).__name__}: {exc}".lower()
     return any(s in text for s in ("egl", "opengl", "gl context", "glfw", "osmesa", "display", "pyopengl"))
 

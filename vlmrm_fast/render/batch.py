@@ -493,9 +493,9 @@ class BatchRenderer:
             if "framebuffer" in str(exc).lower():
                 raise RuntimeError(f"cannot make a {self.width} x {self.height} offscreen framebuffer ({exc}): "
                                    "render at a smaller width and height") from exc
-            from vlmrm_fast.envs.humanoid import rendering_help
+            from vlmrm_fast.envs.humanoid import RenderingUnavailable, rendering_help
 
-            raise RuntimeError(rendering_help(exc)) from exc
+            raise RenderingUnavailable(rendering_help(exc)) from exc
         pin = self.device.type == "cuda" and torch.cuda.is_available()
         self._host = torch.empty((self.num_envs, self.height, self.width, 3), dtype=torch.uint8, pin_memory=pin)
         self._host_np = self._host.numpy()

@@ -121,6 +121,8 @@ class TrainingCallback(BaseCallback):
             self._log()
         self._rollout_steps = 0
         self._slots = []
+        if self._rollout_offset:
+            return  # resumed mid-rollout: the schedule runs at rollout boundaries, as it did before the stop
         n = self.model.num_timesteps
         # Evaluate first, so that a checkpoint at the same step records it: a run resumed from there
         # does not evaluate (and log) that step again. Evaluation leaves the training RNG alone.
@@ -244,7 +246,8 @@ class TrainingCallback(BaseCallback):
             "step": n,
             "rollout_steps_done": (self._rollout_offset + self._rollout_steps) if mid_rollout and not complete else 0,
             "train_pending": complete,
-            "last_checkpoint_step": n,
+            # A stop's checkpoint is extra: the periodic ones stay where an uninterrupted run puts them.
+            "last_checkpoint_step": self._last_ckpt_step if mid_rollout else n,
             "last_eval_step": self._last_eval_step,
             "ep_vlm": self._ep_vlm.copy(),
             "ep_gt": self._ep_gt.copy(),
@@ -258,7 +261,8 @@ class TrainingCallback(BaseCallback):
                                         keep=self.config.keep_checkpoints)
         finally:
             self.model.train_freq = current
-        self._last_ckpt_step = n
+        if not mid_rollout:
+            self._last_ckpt_step = n
         self.last_checkpoint = path
         return path
 

@@ -101,6 +101,31 @@ def make_env(config: TrainConfig, width: Optional[int], height: Optional[int], *
     return gym.make(config.env_id, max_episode_steps=config.episode_length, **kwargs)
 
 
+def _first_frame(env, config: TrainConfig):
+    """``env.render()`` after a reset; a missing package or GL library is a ``ValueError`` naming the fix."""
+    import gymnasium
+
+    from vlmrm_fast.envs.humanoid import (
+        RenderingUnavailable,
+        defuse_half_made_viewer,
+        looks_like_gl_error,
+        rendering_help,
+    )
+
+    try:
+        env.reset(seed=config.seed)
+        return env.render()
+    except gymnasium.error.DependencyNotInstalled as exc:  # e.g. pygame, for classic-control frames
+        raise ValueError(f"env {config.env_id!r} cannot render: {exc}") from exc
+    except RenderingUnavailable as exc:  # no GL context here: a setup problem with a fix, not a crash
+        raise ValueError(f"env {config.env_id!r} cannot render: {exc}") from exc
+    except Exception as exc:
+        if not looks_like_gl_error(exc):
+            raise
+        defuse_half_made_viewer(exc)  # an env of gymnasium's or the user's own, which does not name the fix
+        raise ValueError(f"env {config.env_id!r} cannot render: {rendering_help(exc)}") from exc
+
+
 def check_env_frames(config: TrainConfig, width: Optional[int], height: Optional[int]) -> tuple[int, int]:
     """Make one env, render a frame and check it is uint8 RGB [H, W, 3]; return (H, W).
 
@@ -109,14 +134,18 @@ def check_env_frames(config: TrainConfig, width: Optional[int], height: Optional
     env = make_env(config, width, height)
     try:
         modes = env.metadata.get("render_modes") or []
+        if "rgb_array" in modes and "render_mode" in config.env_kwargs and env.render_mode != "rgb_array":
+            raise ValueError(
+                f"env_kwargs set render_mode={config.env_kwargs['render_mode']!r}, but VLM rewards score "
+                f"rgb_array frames: leave render_mode out of env_kwargs (the env is made with {RGB_FIX})"
+            )
         if "rgb_array" not in modes or env.render_mode != "rgb_array":
             raise ValueError(
                 f"env {config.env_id!r} cannot render RGB frames (render modes {list(modes)}, render_mode "
                 f"{env.render_mode!r}); VLM rewards score rendered frames, so the env must support "
                 f'{RGB_FIX}: pick an env that does, or add an "rgb_array" render mode to it'
             )
-        env.reset(seed=config.seed)
-        frame = env.render()
+        frame = _first_frame(env, config)
     finally:
         env.close()
     if not isinstance(frame, np.ndarray) or frame.ndim != 3 or frame.shape[2] != 3 or frame.dtype != np.uint8:
@@ -193,7 +222,19 @@ def make_logger(run_dir: Path, tensorboard: bool, start_step: int):
     name = "progress.csv" if start_step == 0 else f"progress-from-{start_step}.csv"
     formats = [CSVOutputFormat(str(folder / name))]
     if tensorboard:
-        formats.append(TensorBoardOutputFormat(str(folder)))
+        before = set(folder.iterdir())
+        board = TensorBoardOutputFormat(str(folder))
+        if start_step:
+            # A session that died after its last checkpoint (a crash, SIGKILL) logged steps this one logs
+            # again; TensorBoard hides them behind a purge mark. Not the checkpoint's own step: it was
+            # logged before the checkpoint was written, and is not logged again.
+            from torch.utils.tensorboard import SummaryWriter
+
+            board.writer.close()
+            for empty in set(folder.iterdir()) - before:
+                empty.unlink()  # the closed writer's file, which holds no events
+            board.writer = SummaryWriter(log_dir=str(folder), purge_step=start_step + 1)
+        formats.append(board)
     return Logger(str(folder), formats)
 
 
@@ -211,6 +252,7 @@ def train(config: TrainConfig, *, resume: Optional[os.PathLike] = None, reward_m
     from vlmrm_fast.train.callbacks import TrainingCallback
 
     config.validate()
+    _check_sac_device(config.sac_device)
     start = time.perf_counter()
     # A resumed run lives on in its own folder, whatever config.run_dir says.
     run_dir = Path(resume) if resume is not None else Path(config.run_dir or default_run_dir())
@@ -289,6 +331,14 @@ def train(config: TrainConfig, *, resume: Optional[os.PathLike] = None, reward_m
                        time.perf_counter() - start, model, int(model.num_timesteps - first_step), learn_seconds)
 
 
+def _check_sac_device(device: str) -> None:
+    """SB3 trains on the CPU, silently, when given a CUDA device that is not there: say so instead."""
+    import torch
+
+    if device != "auto" and torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"sac_device={device!r} but CUDA is not available here; pass --sac-device cpu (or auto)")
+
+
 def default_run_dir(name: str = "run") -> Path:
     return Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
@@ -321,7 +371,7 @@ def _check_resume_config(found: Path, config: TrainConfig) -> None:
             f"checkpoint '{found}' comes from another config ({lines}). Resume with the run's own config "
             f"(vlmrm-fast train --resume {found.parent.parent}, without --preset/--config or those overrides), or "
             f"start a new run in another folder (--run-dir). Only these may change on resume: "
-            f"{', '.join(sorted(RESUMABLE_FIELDS))}"
+            f"{', '.join(sorted(RESUMABLE_FIELDS - {'run_dir'}))} (run_dir: the run stays in its folder)"
         )
 
 
@@ -401,6 +451,11 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, Optional[Pa
         return config, None
 
     run_dir = Path(args.resume)
+    asked = overrides.get("run_dir", from_file.get("run_dir"))
+    if asked is not None and Path(asked).resolve() != run_dir.resolve():
+        where = "on the command line" if "run_dir" in overrides else f"in '{args.config}'"
+        raise ValueError(f"--resume {run_dir} continues the run in its own folder, but run_dir {str(asked)!r} is given "
+                         f"{where}: drop it, or copy the run folder there and resume the copy")
     ckpt.clean_stale(run_dir)  # first: it puts back a checkpoint a crash left mid-overwrite
     found = ckpt.find_latest(run_dir)
     if found is None:
