@@ -324,9 +324,20 @@ def test_missing_extra_names_it(tiny, monkeypatch):
         CLIPReward(*tiny, goal="a", device="cpu", backend="onnxruntime")
 
 
+@pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None, reason="needs onnxruntime")
+def test_fp8_with_onnxruntime_points_to_tensorrt(tiny):
+    with pytest.raises(BackendError, match=r"quantize='fp8' is not one of \('int8',\).*fp8 needs backend='tensorrt'"):
+        CLIPReward(*tiny, goal="a", device="cpu", backend="onnxruntime", backend_options={"quantize": "fp8"})
+
+
 @pytest.mark.skipif(HAS_TRT, reason="tensorrt is installed here")
 def test_tensorrt_missing_names_the_extra(tiny):
-    with pytest.raises(BackendError, match=r"vlmrm-fast\[tensorrt(-cu1[23])?\]"):
+    from vlmrm_fast.backends.tensorrt import import_tensorrt
+
+    with pytest.raises(BackendError, match=r"backend='tensorrt' needs the `tensorrt` package.*vlmrm-fast\[tensorrt"):
+        import_tensorrt("tensorrt")
+    # On a CPU device the device is what to fix, TensorRT or not.
+    with pytest.raises(BackendError, match=r"needs a CUDA device; use backend='onnxruntime' or 'torch' on CPU"):
         CLIPReward(*tiny, goal="a", device="cpu", backend="tensorrt")
 
 
@@ -346,9 +357,11 @@ def test_tensorrt_of_another_major_version_is_refused(tiny, monkeypatch, version
 
     from vlmrm_fast.backends.tensorrt import build_engine
 
+    from vlmrm_fast.backends.tensorrt import import_tensorrt
+
     monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__=version))
     with pytest.raises(BackendError, match=rf"{version} is installed; `pip install 'vlmrm-fast\[tensorrt"):
-        CLIPReward(*tiny, goal="a", device="cpu", backend="tensorrt")
+        import_tensorrt("tensorrt")
     with pytest.raises(BackendError, match=version):
         build_engine(tmp_path / "tower.onnx", "bf16", (1, 2, 4))
 

@@ -42,7 +42,7 @@ def _resolve_device(device: Union[str, torch.device, None]) -> torch.device:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={str(device)!r} but CUDA is not available here; pass device='cpu' (command line: --device cpu).")
+        raise ValueError(f"device={str(device)!r} but CUDA is not available here; pass device='cpu' (command line: --device cpu; train: --reward-device cpu).")
     return with_cuda_index(device)
 
 

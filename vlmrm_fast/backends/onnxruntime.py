@@ -55,7 +55,9 @@ class OnnxRuntimeBackend(VisionBackend):
     ) -> None:
         super().__init__(device, dtype, image_size)
         if quantize is not None and quantize not in QUANTIZE_CHOICES:
-            raise BackendError(f"backend_options quantize={quantize!r} is not one of {QUANTIZE_CHOICES} (or None).")
+            also = "; fp8 needs backend='tensorrt' on a Hopper GPU" if quantize == "fp8" else ""
+            raise BackendError(f"backend_options quantize={quantize!r} is not one of {QUANTIZE_CHOICES} (or None) for "
+                               f"backend='onnxruntime'{also}.")
         if quantize is not None and (device.type != "cpu" or dtype != torch.float32):
             raise BackendError(
                 f"quantize={quantize!r} runs on CPU with dtype=torch.float32 (float activations around int8 "

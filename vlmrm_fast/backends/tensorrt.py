@@ -92,9 +92,9 @@ class TensorRTBackend(VisionBackend):
             raise BackendError(f"backend='tensorrt' supports {sorted(_PRECISIONS.values())}, not {dtype}.")
         self.quantize = quantize
         self._calibration = _check_quantize(quantize, dtype, calibration_frames)
-        trt = import_tensorrt(self.name)
-        if device.type != "cuda":
+        if device.type != "cuda":  # first: installing TensorRT would not help
             raise BackendError("backend='tensorrt' needs a CUDA device; use backend='onnxruntime' or 'torch' on CPU.")
+        trt = import_tensorrt(self.name)
         device = self.device
         precision = _PRECISIONS[dtype]
         calibration = ""
