@@ -252,6 +252,9 @@ def test_score_announces_the_one_off_onnx_export_once(image_folder: Path, capsys
     err = capsys.readouterr().err
     assert err.count("vlmrm-fast: exporting the vision tower to ONNX") == 1, err
     assert err.count("ONNX Runtime session ready in") == 1, err
+    # --backend torch skips it, as the announcement says.
+    assert score([str(image_folder), "--goal", "x", *TINY, "--backend", "torch"]) == 0
+    assert "exporting" not in capsys.readouterr().err
 
 
 def test_a_file_without_a_video_stream_says_so(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -14,6 +14,13 @@ def rm(tiny):
                       alpha=0.5, device="cpu", kernels="torch", backend="torch")
 
 
+class _ArrayLike:
+    """What numpy can convert but this API does not take as is (a PIL image, say)."""
+
+    def __array__(self, dtype=None, copy=None):
+        return np.zeros((8, 8, 3), np.uint8)
+
+
 @pytest.mark.parametrize(
     "frames,error,match",
     [
@@ -30,7 +37,9 @@ def rm(tiny):
         (np.full((2, 16, 16, 3), 255.0, np.float32), ValueError, r"\[0, 1\].*uint8"),
         (np.full((2, 16, 16, 3), -0.5, np.float32), ValueError, r"\[0, 1\]"),
         (np.full((2, 16, 16, 3), np.nan, np.float32), ValueError, r"\[0, 1\]"),
-        ("frames.png", TypeError, r"torch.Tensor or numpy"),
+        ("frames.png", TypeError, r"torch.Tensor or numpy.*use `vlmrm-fast score PATH`"),
+        (_ArrayLike(), TypeError, r"got _ArrayLike\. Convert it with np\.asarray"),  # a PIL image, say
+        ([np.zeros((8, 8, 3), np.uint8), _ArrayLike()], TypeError, r"frames\[1\] is a _ArrayLike.*np\.asarray"),
         ([np.zeros((8, 8, 3), np.uint8), np.zeros((9, 8, 3), np.uint8)], ValueError, r"share shape"),
         ([np.zeros((8, 8, 3), np.uint8), "x"], TypeError, r"frames\[1\]"),
         ([np.zeros((1, 8, 8, 3), np.uint8)], ValueError, r"single frames \[H, W, 3\]"),

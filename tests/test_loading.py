@@ -88,8 +88,12 @@ def test_unknown_model_name_suggests_close_ones():
 
 
 def test_unknown_tag_lists_the_known_ones():
-    with pytest.raises(ValueError, match="neither an open_clip pretrained tag.*laion2b_s34b_b79k"):
+    with pytest.raises(ValueError, match="neither an open_clip pretrained tag.*laion2b_s34b_b79k.*or a checkpoint path"):
         create_clip("ViT-B-32", "laion9b")
+    # A model without tags (the tiny one): the ways out, not a list that reads "none".
+    with pytest.raises(ValueError, match=r"no tags for vlmrm-tiny: pass a checkpoint path, or pretrained=None .*"
+                                         r"--pretrained none"):
+        create_clip("vlmrm-tiny", "none")
 
 
 def test_offline_tag_fails_fast_and_names_the_local_file_route(monkeypatch, tmp_path):

@@ -475,7 +475,8 @@ def test_kernel_profiles_take_the_best_peak_measured():
 
 def test_unknown_model_fails_before_any_work(tmp_path, capsys):
     assert cli.main(["bench", "--models", "ViT-B-33", "--device", "cpu", "--out", str(tmp_path / "x")]) == 2
-    assert "ViT-B-33" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "Unknown model 'ViT-B-33'" in err and "Did you mean ViT-B-32" in err  # as score, export and train
     assert not (tmp_path / "x").exists()
 
 

@@ -25,9 +25,11 @@ _LAZY = {
     "VLMRewardVecEnv": "vlmrm_fast.wrappers",
     "RenderTerminalFrame": "vlmrm_fast.wrappers",
     "BatchRenderer": "vlmrm_fast.render",
+    "BackendError": "vlmrm_fast.backends.base",
 }
 
 if TYPE_CHECKING:  # what type checkers and IDEs see
+    from vlmrm_fast.backends.base import BackendError
     from vlmrm_fast.models import TINY_MODEL, PretrainedWeightsError, create_clip, register_model_configs
     from vlmrm_fast.render import BatchRenderer
     from vlmrm_fast.reward import CLIPReward
@@ -57,5 +59,5 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "CLIPReward", "Task", "PretrainedWeightsError", "create_clip", "register_model_configs", "TINY_MODEL",
-    "__version__", "VLMRewardWrapper", "VLMRewardVecEnv", "RenderTerminalFrame", "BatchRenderer",
+    "__version__", "VLMRewardWrapper", "VLMRewardVecEnv", "RenderTerminalFrame", "BatchRenderer", "BackendError",
 ]

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Callable, Optional, TextIO, TypeVar
 import numpy as np
 from tqdm import tqdm
 
-from vlmrm_fast.argtypes import dtype_choice, positive_int
+from vlmrm_fast.argtypes import BACKEND_NAMES, dtype_choice, positive_int
 from vlmrm_fast.export import add_export_parser
 from vlmrm_fast.profiler import add_bench_parser
 from vlmrm_fast.train.run import add_train_parser
@@ -172,6 +172,14 @@ def _add_score_parser(subparsers: argparse._SubParsersAction) -> None:
         "--device",
         default=None,
         help="torch device, e.g. cuda, cuda:1, cpu (default: cuda if available, else cpu)",
+    )
+    model.add_argument(
+        "--backend",
+        choices=("auto", *BACKEND_NAMES),
+        default="auto",
+        help="how the vision tower runs: auto (the fastest verified on the device: onnxruntime on CPU when "
+        "installed, which exports the tower once per run; else torch), torch, compile, onnxruntime, tensorrt "
+        "(default: %(default)s)",
     )
     model.add_argument(
         "--dtype",
@@ -323,6 +331,7 @@ def _run_score(args: argparse.Namespace) -> int:
         device=args.device,
         dtype=None if args.dtype == "auto" else args.dtype,
         preprocess=args.preprocess,
+        backend=args.backend,
         max_batch_size=args.batch_size,
     )
     start = time.perf_counter()

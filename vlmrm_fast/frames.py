@@ -7,6 +7,7 @@ images); 0-255 values must come as uint8. Anything else is rejected with a messa
 """
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Union
@@ -176,8 +177,17 @@ def as_frame_batch(frames: FrameInput) -> FrameBatch:
         return _list_batch(list(frames))
     raise TypeError(
         f"frames must be a torch.Tensor or numpy array [N, H, W, 3], or a list of [H, W, 3] arrays; "
-        f"got {type(frames).__name__}."
+        f"got {type(frames).__name__}.{_conversion_hint(frames)}"
     )
+
+
+def _conversion_hint(item) -> str:
+    """How to get an array from what was passed instead, where that is clear."""
+    if isinstance(item, (str, os.PathLike)):
+        return " To score a video or image files, use `vlmrm-fast score PATH`, or read them into arrays first."
+    if hasattr(item, "__array_interface__") or hasattr(item, "__array__"):  # PIL images and the like
+        return " Convert it with np.asarray(...) first."
+    return ""
 
 
 def _list_batch(frames: List) -> FrameBatch:
@@ -186,7 +196,8 @@ def _list_batch(frames: List) -> FrameBatch:
     first = frames[0]
     for i, frame in enumerate(frames):
         if not isinstance(frame, (torch.Tensor, np.ndarray)):
-            raise TypeError(f"frames[{i}] is a {type(frame).__name__}; list items must be numpy arrays or tensors.")
+            raise TypeError(f"frames[{i}] is a {type(frame).__name__}; list items must be numpy arrays or "
+                            f"tensors.{_conversion_hint(frame)}")
         _check_shape(frame.shape, f"frames[{i}]", item=True)
         if tuple(frame.shape) != tuple(first.shape) or type(frame) is not type(first):
             raise ValueError(

@@ -84,7 +84,8 @@ def _quiet_open_clip_logs():
     return root_records_dropped(os.path.dirname(open_clip.__file__))
 
 
-def _check_model_name(model_name: str) -> None:
+def check_model_name(model_name: str) -> None:
+    """A ``ValueError`` suggesting close names where open_clip has no config called ``model_name``."""
     if model_name.startswith(("hf-hub:", "local-dir:")):
         return
     known = open_clip.list_models()
@@ -267,7 +268,7 @@ def create_clip(
         PretrainedWeightsError: weights that cannot be downloaded or do not fit the model.
     """
     register_model_configs()
-    _check_model_name(model_name)
+    check_model_name(model_name)
     if isinstance(pretrained, os.PathLike):
         pretrained = os.fspath(pretrained)
     with _quiet_open_clip_logs():
@@ -312,9 +313,15 @@ def _create(model_name: str, pretrained: Optional[str], cache_dir: Optional[str]
             f"No checkpoint file at {pretrained!r}. Pass an existing path, or one of open_clip's tags "
             f"for {model_name}: {tags or 'none'}."
         )
+    if not tags:
+        raise ValueError(
+            f"{pretrained!r} is neither an open_clip pretrained tag for {model_name} nor a file, and open_clip has "
+            f"no tags for {model_name}: pass a checkpoint path, or pretrained=None for random weights "
+            f"(command line: --pretrained none)."
+        )
     raise ValueError(
         f"{pretrained!r} is neither an open_clip pretrained tag for {model_name} nor a file. "
-        f"Tags for {model_name}: {tags or 'none (pass a checkpoint path)'}."
+        f"Tags for {model_name}: {tags}; or a checkpoint path."
     )
 
 

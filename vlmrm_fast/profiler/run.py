@@ -54,13 +54,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
-import open_clip
 import torch
 from tqdm import tqdm
 
 from vlmrm_fast.backends import BackendError
 from vlmrm_fast.frames import as_frame_batch
-from vlmrm_fast.models import TINY_MODEL, preprocess_spec_of, register_model_configs
+from vlmrm_fast.models import TINY_MODEL, check_model_name, preprocess_spec_of, register_model_configs
 from vlmrm_fast.ops._triton import HAS_TRITON, interpreter_enabled
 from vlmrm_fast.precision import float32_convolutions, float32_matmuls
 from vlmrm_fast.profiler.flops import _gflops_and_method, create_random_model
@@ -142,11 +141,8 @@ def resolve_config(args: argparse.Namespace) -> BenchConfig:
     dtypes = args.dtypes or (["bf16"] if on_cuda else ["fp32"])  # short names: the parser spells them so
     models = list(dict.fromkeys(args.models or defaults["models"]))
     register_model_configs()
-    known = open_clip.list_models()
-    unknown = [m for m in models if m not in known]
-    if unknown:
-        raise ValueError(f"unknown model(s) {', '.join(unknown)}: `open_clip.list_models()` lists the names "
-                         f"(the tiny test model is {TINY_MODEL!r}).")
+    for model in models:
+        check_model_name(model)  # suggests close names
     if not args.time_budget > 0:
         raise ValueError(f"--time-budget must be positive; got {args.time_budget}.")
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")

@@ -495,7 +495,7 @@ def run_train_command(args: argparse.Namespace) -> int:
 
 EPILOG = textwrap.dedent("""\
     config layers (later wins): TrainConfig defaults (the paper's) < --preset < --config FILE
-    (TOML or .json, flat key = value; tables are flattened) < --set KEY=VALUE and the flags below.
+    (TOML or .json, flat key = value; tables are flattened) < --set KEY=VALUE and the flags above.
     The effective config is saved in RUN_DIR/config.json and in every checkpoint.
 
     rewards: --reward-timing step scores all envs' frames each env step (one batch per step);
@@ -503,7 +503,9 @@ EPILOG = textwrap.dedent("""\
     before the gradient steps, writing the rewards into the replay buffer.
 
     outputs in RUN_DIR: tb/ (TensorBoard: rollout/vlm_return, rollout/gt_return, time/steps_per_s,
-    time/render_s, time/reward_s, time/sac_update_s, time/env_s; a CSV too), checkpoints/ (every
+    time/render_s, time/reward_s, time/sac_update_s, time/env_s, time/total_timesteps, SB3's train/*,
+    and eval/vlm_return, eval/gt_return with --eval-every; the same rows in progress.csv, and
+    progress-from-STEP.csv per resumed session), checkpoints/ (every
     --checkpoint-every steps, at the end and on SIGINT/SIGTERM; written atomically), videos/ (mp4
     every --eval-every steps).
 
