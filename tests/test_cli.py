@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import csv
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -368,3 +369,17 @@ def test_every_command_takes_both_dtype_spellings():
         dtype_choice(("fp32", "fp16", "bf16"))("int8")
     with pytest.raises(ValueError, match="reward_dtype must be one of"):
         config_from_args(parser.parse_args(["train", "--preset", "smoke", "--reward-dtype", "half"]))[0].validate()
+
+
+def test_a_triton_that_cannot_load_leaves_the_package_usable(tmp_path):
+    # Loading Triton early is optional: a broken install (a missing libtriton.so, say) must leave the
+    # torch paths, as it did before the early load.
+    fake = tmp_path / "triton"
+    fake.mkdir()
+    (fake / "__init__.py").write_text('raise ImportError("libtriton.so: cannot open shared object file")\n')
+    code = ("import vlmrm_fast\nfrom vlmrm_fast.ops._triton import HAS_TRITON\nassert not HAS_TRITON\n"
+            "print(float(vlmrm_fast.CLIPReward.from_pretrained('vlmrm-tiny', None, goal='a', device='cpu', "
+            "backend='torch')(__import__('numpy').zeros((1, 8, 8, 3), 'uint8'))[0]))")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]

@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional, Tuple, Union
 from urllib.parse import urlparse
 
-from vlmrm_fast.llvm_clash import check_triton_can_load
+from vlmrm_fast.llvm_clash import warn_if_triton_may_crash
 
-check_triton_can_load()  # open_clip's torchvision loads Triton: a clear error where that would crash
+warn_if_triton_may_crash()  # open_clip's torchvision loads Triton: the cause of a crash, named first
 
 import open_clip  # noqa: E402
 import torch  # noqa: E402

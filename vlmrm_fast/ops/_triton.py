@@ -15,9 +15,9 @@ from typing import ContextManager, Literal, Optional
 
 import torch
 
-from vlmrm_fast.llvm_clash import check_triton_can_load
+from vlmrm_fast.llvm_clash import warn_if_triton_may_crash
 
-check_triton_can_load()  # a clear error where loading it now would crash the process
+warn_if_triton_may_crash()  # where loading it now may crash the process: the cause, named first
 
 try:  # Triton ships for Linux only; without it every op uses its torch path.
     import triton  # noqa: F401
