@@ -122,6 +122,22 @@ def tiny_reward(config):
         return RecordingReward(build_reward_model(config))
 
 
+def train_stopped_at(step: int, config: TrainConfig, monkeypatch):
+    """Train ``config`` as if SIGTERM arrived at env step ``step`` (what the handler records); the result."""
+    from vlmrm_fast.train import callbacks, train
+
+    on_step = callbacks.TrainingCallback._on_step
+
+    def signal_at_step(self):
+        if self.model.num_timesteps == step and self.stop_signal is None:
+            self.stop_signal = signal.SIGTERM
+        return on_step(self)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(callbacks.TrainingCallback, "_on_step", signal_at_step)
+        return train(config, reward_model=tiny_reward(config))
+
+
 def tb_scalars(run_dir: Path) -> dict:
     """{tag: [(step, value), ...]} of every scalar in the run's TensorBoard files (one per session of a
     resumed run), by step."""
@@ -301,20 +317,10 @@ def test_resume_continues_exactly(tmp_path, uninterrupted_runs):
 def test_signal_then_resume_continues_exactly(tmp_path, monkeypatch, uninterrupted_runs, train_freq, stop_at):
     """A stop signal at any step stops there (with a checkpoint); --resume then gives the same buffer,
     update count and policy as one uninterrupted run."""
-    from vlmrm_fast.train import callbacks, train
-
-    on_step = callbacks.TrainingCallback._on_step
-
-    def signal_at_step(self):
-        if self.model.num_timesteps == stop_at and not getattr(self, "_signalled", False):
-            self._signalled = True
-            self.stop_signal = signal.SIGTERM  # what the handler records
-        return on_step(self)
+    from vlmrm_fast.train import train
 
     config = dot_config(tmp_path, total_timesteps=100, train_freq=train_freq, checkpoint_every=0)
-    monkeypatch.setattr(callbacks.TrainingCallback, "_on_step", signal_at_step)
-    stopped = train(config, reward_model=tiny_reward(config))
-    monkeypatch.setattr(callbacks.TrainingCallback, "_on_step", on_step)
+    stopped = train_stopped_at(stop_at, config, monkeypatch)
     assert stopped.stopped_by == "SIGTERM" and stopped.num_timesteps == stop_at
     assert stopped.checkpoint.name == ckpt.step_name(stop_at)
     resumed = train(config, resume=stopped.run_dir, reward_model=tiny_reward(config))
@@ -357,8 +363,7 @@ def test_a_run_resumed_mid_rollout_evaluates_and_checkpoints_on_the_uninterrupte
     from vlmrm_fast.train import callbacks, train
 
     events = []
-    evaluate, save, on_step = (callbacks.TrainingCallback.evaluate, callbacks.TrainingCallback.save,
-                               callbacks.TrainingCallback._on_step)
+    evaluate, save = callbacks.TrainingCallback.evaluate, callbacks.TrainingCallback.save
     monkeypatch.setattr(callbacks.TrainingCallback, "evaluate",
                         lambda self: (events.append(("eval", self.model.num_timesteps)), evaluate(self))[1])
     monkeypatch.setattr(callbacks.TrainingCallback, "save",
@@ -372,15 +377,8 @@ def test_a_run_resumed_mid_rollout_evaluates_and_checkpoints_on_the_uninterrupte
     uninterrupted, events[:] = list(events), []
     assert uninterrupted == [("eval", 40), ("save", 40), ("eval", 80), ("save", 80), ("eval", 100), ("save", 100)]
 
-    def signal_at_74(self):
-        if self.model.num_timesteps == 74 and self.stop_signal is None:
-            self.stop_signal = signal.SIGTERM
-        return on_step(self)
-
     config = config_in(tmp_path / "stopped")
-    monkeypatch.setattr(callbacks.TrainingCallback, "_on_step", signal_at_74)
-    assert train(config, reward_model=tiny_reward(config)).num_timesteps == 74
-    monkeypatch.setattr(callbacks.TrainingCallback, "_on_step", on_step)
+    assert train_stopped_at(74, config, monkeypatch).num_timesteps == 74
     train(config, resume=config.run_dir, reward_model=tiny_reward(config))
     assert events == uninterrupted[:2] + [("save", 74)] + uninterrupted[2:]
 
@@ -595,7 +593,7 @@ def test_every_episode_and_the_runs_tail_reach_tensorboard_across_a_stop(tmp_pat
     # log_every=60 over 100 steps (2 envs, episodes of 20 steps end at 40 and 80): the steps after the
     # last interval are logged when the run ends, and the episodes that ended before a stop at 54 are
     # logged before it stops; a resumed run then logs what the uninterrupted one does.
-    from vlmrm_fast.train import callbacks, train
+    from vlmrm_fast.train import train
 
     def config_in(folder):
         return dot_config(folder, total_timesteps=100, log_every=60, checkpoint_every=0, reward_timing=timing)
@@ -604,17 +602,8 @@ def test_every_episode_and_the_runs_tail_reach_tensorboard_across_a_stop(tmp_pat
     assert [step for step, _ in full["time/steps_per_s"]] == [60, 100]
     assert [step for step, _ in full["rollout/vlm_return"]] == [60, 100]
 
-    on_step = callbacks.TrainingCallback._on_step
-
-    def signal_at_54(self):
-        if self.model.num_timesteps == 54 and self.stop_signal is None:
-            self.stop_signal = signal.SIGTERM
-        return on_step(self)
-
     config = config_in(tmp_path / "stopped")
-    monkeypatch.setattr(callbacks.TrainingCallback, "_on_step", signal_at_54)
-    stopped = train(config, reward_model=tiny_reward(config))
-    monkeypatch.setattr(callbacks.TrainingCallback, "_on_step", on_step)
+    stopped = train_stopped_at(54, config, monkeypatch)
     assert stopped.num_timesteps == 54
     train(config, resume=stopped.run_dir, reward_model=tiny_reward(config))
     got = tb_scalars(stopped.run_dir)
