@@ -139,18 +139,19 @@ def export_engine(visual, spec, out: Path, dtype: str, input_format: str, max_ba
     import torch
 
     from vlmrm_fast.backends.onnx_export import export_onnx
-    from vlmrm_fast.backends.tensorrt import check_precision_support, build_engine, import_tensorrt
+    from vlmrm_fast.backends.tensorrt import build_engine, check_precision_support, import_tensorrt, profile_batch_range
 
     if not torch.cuda.is_available():
         raise ValueError("--format tensorrt needs a CUDA device; export --format onnx here and build the engine on the GPU machine.")
     import_tensorrt("--format tensorrt")  # before minutes of export
-    check_precision_support({"bf16": torch.bfloat16}.get(dtype, torch.float16), torch.device("cuda"), "use --dtype fp16")
+    if dtype == "bf16":
+        check_precision_support(torch.bfloat16, torch.device("cuda"), "use --dtype fp16")
     out.parent.mkdir(parents=True, exist_ok=True)
     # The graph beside the engine rather than in the system's temporary folder (often a small tmpfs):
     # gigabytes for ViT-bigG-14.
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
         onnx_path = export_onnx(visual.float(), Path(tmp) / "tower.onnx", spec, input_format=input_format)
-        engine = build_engine(onnx_path, dtype, (1, max(1, max_batch_size // 2), max_batch_size))
+        engine = build_engine(onnx_path, dtype, profile_batch_range(max_batch_size))
     return write_atomically(out, engine)  # never a half-written engine under the real name
 
 

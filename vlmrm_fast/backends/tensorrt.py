@@ -55,6 +55,11 @@ def tensorrt_extra() -> str:
     return f"tensorrt-cu{major}" if major in ("12", "13") else "tensorrt"
 
 
+def profile_batch_range(max_batch_size: int) -> Tuple[int, int, int]:
+    """The engine's optimisation profile over the batch axis: (min, opt, max)."""
+    return 1, max(1, max_batch_size // 2), max_batch_size
+
+
 def import_tensorrt(what: str = "tensorrt"):
     """The ``tensorrt`` module, if it is installed and of the major version this code is written for."""
     try:
@@ -110,7 +115,7 @@ class TensorRTBackend(VisionBackend):
             precision=precision,
             calibration=calibration,
             image_size=tuple(image_size),
-            batch_range=(1, max(1, max_batch_size // 2), max_batch_size),
+            batch_range=profile_batch_range(max_batch_size),
             compute_capability=torch.cuda.get_device_capability(device),
             tensorrt_version=trt.__version__,
             tensorrt_build=tensorrt_build(),

@@ -115,9 +115,9 @@ def _first_frame(env, config: TrainConfig):
     try:
         env.reset(seed=config.seed)
         return env.render()
-    except gymnasium.error.DependencyNotInstalled as exc:  # e.g. pygame, for classic-control frames
-        raise ValueError(f"env {config.env_id!r} cannot render: {exc}") from exc
-    except RenderingUnavailable as exc:  # no GL context here: a setup problem with a fix, not a crash
+    except (gymnasium.error.DependencyNotInstalled, RenderingUnavailable) as exc:
+        # A missing package (pygame for classic-control frames) or no GL context here: a setup
+        # problem whose message names the fix, not a crash.
         raise ValueError(f"env {config.env_id!r} cannot render: {exc}") from exc
     except Exception as exc:
         if not looks_like_gl_error(exc):
