@@ -7,6 +7,7 @@ this module first), with this folder on PYTHONPATH.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -444,6 +445,64 @@ def test_killed_run_resumes_from_last_checkpoint(tmp_path, sig):
     for name in ("observations", "actions", "rewards"):
         np.testing.assert_array_equal(getattr(buf, name)[:saved.pos], getattr(saved, name)[:saved.pos])
     assert not np.all(buf.rewards[:buf.pos] == 0)
+
+
+def test_a_second_process_in_a_run_folder_is_refused_and_the_first_keeps_its_checkpoints(tmp_path):
+    # A requeued job starting while its first copy still trains would clear that copy's half-written
+    # checkpoint and prune its checkpoints; it is refused instead, naming the holder.
+    import argparse
+
+    from vlmrm_fast.train.run import config_from_args, train
+    from vlmrm_fast.train.run_lock import RunFolderBusy
+
+    run_dir = tmp_path / "run"
+    proc = _spawn(run_dir)
+    try:
+        _wait_for_checkpoint(proc, run_dir, min_step=20)
+        half_written = run_dir / "checkpoints" / ".tmp-step_000000999999-1-cafe"
+        half_written.mkdir()
+        args = argparse.Namespace(set=None, preset=None, config=None, resume=run_dir, print_config=False,
+                                  **{f"field_{k}": None for k in TrainConfig.__dataclass_fields__})
+        with pytest.raises(RunFolderBusy, match=rf"in use by another training process \(pid {proc.pid} on .*--run-dir"):
+            config_from_args(args)
+        config = dot_config(tmp_path)
+        with pytest.raises(RunFolderBusy, match=f"pid {proc.pid}"):
+            train(config, resume=run_dir)
+        with pytest.raises(RunFolderBusy, match=f"pid {proc.pid}"):
+            train(config)  # a new run into the same folder
+        assert half_written.is_dir()  # nobody cleared the holder's work
+        half_written.rmdir()
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, out
+    step = ckpt.read_meta(ckpt.find_latest(run_dir))["step"]
+    result = train(dataclasses.replace(config_from_args(args)[0], total_timesteps=step + 20),
+                   resume=run_dir)  # the lock went with its process
+    assert result.num_timesteps == step + 20
+
+
+def test_a_filesystem_without_flock_warns_and_trains_unlocked(tmp_path, monkeypatch):
+    import errno
+
+    from vlmrm_fast.train import run_lock
+
+    def no_flock(fd, op):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(run_lock.fcntl, "flock", no_flock)
+    with pytest.warns(UserWarning, match="cannot lock run folder .* no other process trains in it"):
+        with run_lock.hold_run_folder(tmp_path / "run"):
+            pass
+
+
+def test_resuming_a_folder_that_does_not_exist_creates_nothing(tmp_path):
+    from vlmrm_fast.train.run import train
+
+    with pytest.raises(FileNotFoundError, match="no run folder .* check the path"):
+        train(dot_config(tmp_path), resume=tmp_path / "typo")
+    assert not (tmp_path / "typo").exists()
 
 
 def test_env_state_leaves_out_wall_clock_times():

@@ -42,6 +42,7 @@ from vlmrm_fast.train.config import (  # noqa: E402
     load_config_file,
     parse_set,
 )
+from vlmrm_fast.train.run_lock import hold_run_folder  # noqa: E402
 
 RGB_FIX = 'render_mode="rgb_array"'
 
@@ -246,22 +247,31 @@ def train(config: TrainConfig, *, resume: Optional[os.PathLike] = None, reward_m
 
     ``reward_model``: an already built reward model (default: built from the config).
     Returns when ``total_timesteps`` are reached, or after SIGINT/SIGTERM (checkpoint written).
+    Raises :class:`~vlmrm_fast.train.run_lock.RunFolderBusy` (a ``ValueError``) when another
+    process trains in the run folder.
     """
-    from stable_baselines3 import SAC
-
-    from vlmrm_fast.train.callbacks import TrainingCallback
-
     config.validate()
     _check_sac_device(config.sac_device)
     start = time.perf_counter()
     # A resumed run lives on in its own folder, whatever config.run_dir says.
     run_dir = Path(resume) if resume is not None else Path(config.run_dir or default_run_dir())
     config = dataclasses.replace(config, run_dir=str(run_dir))
+    if resume is not None and not run_dir.is_dir():
+        raise FileNotFoundError(f"no run folder '{run_dir}' to resume; check the path, or start a new run without --resume")
+    with hold_run_folder(run_dir):  # a second process here would clear and prune this one's checkpoints
+        return _train_in(run_dir, config, resume, reward_model, start)
+
+
+def _train_in(run_dir: Path, config: TrainConfig, resume, reward_model, start: float) -> TrainResult:
+    """:func:`train`'s work, in ``run_dir``, which this process holds."""
+    from stable_baselines3 import SAC
+
+    from vlmrm_fast.train.callbacks import TrainingCallback
+
     ckpt.clean_stale(run_dir)  # first: it puts back a checkpoint a crash left mid-overwrite
     resume_from = _resume_checkpoint(run_dir, resume)
     if resume_from is not None:
         _check_resume_config(resume_from, config)
-    run_dir.mkdir(parents=True, exist_ok=True)
     config_json = config.to_json()
     write_atomically(run_dir / "config.json", config_json.encode())
 
@@ -456,8 +466,11 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, Optional[Pa
         where = "on the command line" if "run_dir" in overrides else f"in '{args.config}'"
         raise ValueError(f"--resume {run_dir} continues the run in its own folder, but run_dir {str(asked)!r} is given "
                          f"{where}: drop it, or copy the run folder there and resume the copy")
-    ckpt.clean_stale(run_dir)  # first: it puts back a checkpoint a crash left mid-overwrite
-    found = ckpt.find_latest(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"no run folder '{run_dir}' to resume; check the path, or start a new run without --resume")
+    with hold_run_folder(run_dir):  # not while another process writes checkpoints here
+        ckpt.clean_stale(run_dir)  # first: it puts back a checkpoint a crash left mid-overwrite
+        found = ckpt.find_latest(run_dir)
     if found is None:
         raise FileNotFoundError(f"no complete checkpoint in '{run_dir / 'checkpoints'}'; check the path, or start "
                                 "a new run without --resume")
