@@ -592,6 +592,9 @@ def test_sac_learns_through_vec_env(rm):
     from vlmrm_fast.render import rendering_unavailable_reason
 
     assert venv.render_source == ("batch" if rendering_unavailable_reason() is None else "images")
+    from stable_baselines3.common.logger import Logger
+
+    model.set_logger(Logger(None, []))  # SB3's default logger leaves an empty /tmp/SB3-<date> folder per run
     model.learn(total_timesteps=50)
     buffer = model.replay_buffer
     stored = buffer.rewards[: buffer.pos]
