@@ -463,11 +463,11 @@ def test_a_second_process_in_a_run_folder_is_refused_and_the_first_keeps_its_che
         half_written.mkdir()
         args = argparse.Namespace(set=None, preset=None, config=None, resume=run_dir, print_config=False,
                                   **{f"field_{k}": None for k in TrainConfig.__dataclass_fields__})
+        config, resume = config_from_args(args)  # reads (--print-config works beside a run), clears nothing
+        assert resume == run_dir and half_written.is_dir()
         with pytest.raises(RunFolderBusy, match=rf"in use by another training process \(pid {proc.pid} on .*--run-dir"):
-            config_from_args(args)
-        config = dot_config(tmp_path)
-        with pytest.raises(RunFolderBusy, match=f"pid {proc.pid}"):
             train(config, resume=run_dir)
+        config = dot_config(tmp_path)
         with pytest.raises(RunFolderBusy, match=f"pid {proc.pid}"):
             train(config)  # a new run into the same folder
         assert half_written.is_dir()  # nobody cleared the holder's work

@@ -42,7 +42,7 @@ from vlmrm_fast.train.config import (  # noqa: E402
     load_config_file,
     parse_set,
 )
-from vlmrm_fast.train.run_lock import hold_run_folder  # noqa: E402
+from vlmrm_fast.train.run_lock import RunFolderBusy, hold_run_folder  # noqa: E402
 
 RGB_FIX = 'render_mode="rgb_array"'
 
@@ -468,9 +468,12 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, Optional[Pa
                          f"{where}: drop it, or copy the run folder there and resume the copy")
     if not run_dir.is_dir():
         raise FileNotFoundError(f"no run folder '{run_dir}' to resume; check the path, or start a new run without --resume")
-    with hold_run_folder(run_dir):  # not while another process writes checkpoints here
-        ckpt.clean_stale(run_dir)  # first: it puts back a checkpoint a crash left mid-overwrite
-        found = ckpt.find_latest(run_dir)
+    try:
+        with hold_run_folder(run_dir):  # not while another process writes checkpoints here
+            ckpt.clean_stale(run_dir)  # first: it puts back a checkpoint a crash left mid-overwrite
+    except RunFolderBusy:
+        pass  # reading is safe (--print-config); train() refuses to run beside the holder
+    found = ckpt.find_latest(run_dir)
     if found is None:
         raise FileNotFoundError(f"no complete checkpoint in '{run_dir / 'checkpoints'}'; check the path, or start "
                                 "a new run without --resume")
