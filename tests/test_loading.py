@@ -1,4 +1,7 @@
 """Model loading: local checkpoints, open_clip tags offline, and clear errors for the rest."""
+import subprocess
+import sys
+import textwrap
 import time
 import warnings
 
@@ -14,6 +17,25 @@ from vlmrm_fast import models
 
 def test_tiny_config_is_registered_with_open_clip():
     assert "vlmrm-tiny" in open_clip.list_models()
+
+
+def test_loading_leaves_the_root_logger_unconfigured():
+    # open_clip logs through the root logger, whose first use configures it (basicConfig): a user's
+    # own logging.basicConfig afterwards would then do nothing. A fresh interpreter: pytest configures
+    # the root logger itself.
+    script = textwrap.dedent("""
+        import logging, warnings
+        import numpy as np
+        warnings.simplefilter("ignore")
+        from vlmrm_fast import CLIPReward
+        rm = CLIPReward.from_pretrained("vlmrm-tiny", None, goal="a cat", baseline="an animal", device="cpu")
+        rm(np.zeros((2, 40, 40, 3), np.uint8))
+        rm.set_tasks(goal="a dog")
+        print(logging.getLogger().handlers)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]", out.stdout
 
 
 @pytest.mark.parametrize("suffix", [".pt", ".safetensors"])

@@ -271,10 +271,11 @@ def create_clip(
     check_model_name(model_name)
     if isinstance(pretrained, os.PathLike):
         pretrained = os.fspath(pretrained)
-    with _quiet_open_clip_logs():
+    with _quiet_open_clip_logs():  # the tokenizer too: its logging.info would configure the root logger
         model = _create(model_name, pretrained, cache_dir)
+        tokenizer = open_clip.get_tokenizer(model_name)
     model.eval()
-    return model, open_clip.get_tokenizer(model_name)
+    return model, tokenizer
 
 
 def _create(model_name: str, pretrained: Optional[str], cache_dir: Optional[str]) -> torch.nn.Module:
