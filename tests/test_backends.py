@@ -43,6 +43,35 @@ def test_onnxruntime_rewards_match_reference(h, w, kernels):
     assert (rm(frames).double() - want).abs().max().item() <= 1e-5
 
 
+@needs_ort
+@pytest.mark.parametrize("backend,options", [("onnxruntime", {}), ("onnxruntime", {"quantize": "int8"}), ("torch", {})])
+def test_a_cpu_reward_model_pickles_and_copies(backend, options):
+    # What subprocess envs (SB3's SubprocVecEnv, gymnasium's AsyncVectorEnv) and copy.deepcopy do to a
+    # wrapper holding it; ONNX Runtime's session itself cannot be pickled, so the copy starts its own.
+    import copy
+    import pickle
+
+    model, tokenizer = make_tiny()
+    rm = CLIPReward(model, tokenizer, goal=GOAL, baseline=BASELINE, alpha=0.3, device="cpu", backend=backend,
+                    backend_options=options)
+    frames = _noise(3, 40, 40, seed=5)
+    want = rm(frames)
+    for copied in (pickle.loads(pickle.dumps(rm)), copy.deepcopy(rm)):
+        assert copied.backend == backend and copied.vision_backend is not rm.vision_backend
+        assert torch.equal(copied(frames), want)
+    if backend == "onnxruntime":  # its own copy of the graph's files, which outlive the original's folder
+        assert copied.vision_backend._workdir.name != rm.vision_backend._workdir.name
+
+
+def test_a_tensorrt_reward_model_refuses_pickling_naming_the_fix():
+    import pickle
+
+    from vlmrm_fast.backends.tensorrt import TensorRTBackend
+
+    with pytest.raises(TypeError, match="backend='tensorrt' cannot be pickled.*build the reward model inside each worker"):
+        pickle.dumps(object.__new__(TensorRTBackend))
+
+
 def test_compile_backend_buckets_pad_and_split():
     model, tokenizer = make_tiny()
     eager = CLIPReward(model, tokenizer, goal=GOAL, baseline=BASELINE, alpha=0.5, device="cpu", backend="torch")

@@ -84,6 +84,7 @@ class OnnxRuntimeBackend(VisionBackend):
             if dtype != torch.float32:
                 raise BackendError(f"backend='onnxruntime' on CPU runs float32, not {dtype}; pass dtype=torch.float32.")
             providers = ["CPUExecutionProvider"]
+        self._providers = providers
         start = time.perf_counter()
         _log.info("exporting the vision tower to ONNX for ONNX Runtime (once per reward model; backend='torch' "
                   "skips it)")
@@ -92,8 +93,16 @@ class OnnxRuntimeBackend(VisionBackend):
         if quantize == "int8":
             path = quantize_int8(path, path.with_name("tower-int8.onnx"))
         self._model_path = path
-        self.session = ort.InferenceSession(str(path), self._session_options(), providers=providers)
-        if device.type == "cuda" and "CUDAExecutionProvider" not in self.session.get_providers():
+        self._start_session()
+        self.embed_dim = self.session.get_outputs()[0].shape[1]
+        self.build_seconds = time.perf_counter() - start
+        _log.info("ONNX Runtime session ready in %.1f s", self.build_seconds)
+
+    def _start_session(self) -> None:
+        import onnxruntime as ort
+
+        self.session = ort.InferenceSession(str(self._model_path), self._session_options(), providers=self._providers)
+        if self.device.type == "cuda" and "CUDAExecutionProvider" not in self.session.get_providers():
             # ONNX Runtime falls back to its CPU provider (a cuDNN or CUDA it cannot load) with a log line;
             # the calls would then hand it CUDA memory.
             raise BackendError(
@@ -101,9 +110,25 @@ class OnnxRuntimeBackend(VisionBackend):
                 "version that does not match onnxruntime-gpu's); install the onnxruntime-gpu build for this "
                 "CUDA, or use backend='torch'."
             )
-        self.embed_dim = self.session.get_outputs()[0].shape[1]
-        self.build_seconds = time.perf_counter() - start
-        _log.info("ONNX Runtime session ready in %.1f s", self.build_seconds)
+
+    def __getstate__(self) -> dict:
+        """Pickling (a reward model sent to subprocess envs, ``copy.deepcopy``) carries the exported graph's
+        files, not the session, which ONNX Runtime cannot pickle; unpickling starts a new session."""
+        state = self.__dict__.copy()
+        del state["session"], state["_workdir"]
+        path = state.pop("_model_path")
+        state["_graph_files"] = {f.name: f.read_bytes() for f in (path, path.with_name(path.name + ".data")) if f.exists()}
+        state["_graph_name"] = path.name
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        files, name = state.pop("_graph_files"), state.pop("_graph_name")
+        self.__dict__.update(state)
+        self._workdir = tempfile.TemporaryDirectory(prefix="vlmrm_fast_onnx_")
+        for file_name, data in files.items():
+            (Path(self._workdir.name) / file_name).write_bytes(data)
+        self._model_path = Path(self._workdir.name) / name
+        self._start_session()
 
     def _session_options(self):
         import onnxruntime as ort

@@ -148,6 +148,13 @@ class TensorRTBackend(VisionBackend):
         self.engine_path = cache.path(key)
         self.build_seconds = time.perf_counter() - start
 
+    def __getstate__(self) -> dict:
+        raise TypeError(
+            "a reward model on backend='tensorrt' cannot be pickled or copied: its engine, execution context and "
+            "CUDA stream belong to this process. Score in this process (VLMRewardVecEnv scores every env's frame "
+            "in one batch), or build the reward model inside each worker (the engine cache makes that quick)."
+        )
+
     def _build(self, visual, spec, key: EngineKey, workspace_gib: float, scratch: Optional[Path]) -> bytes:
         with tempfile.TemporaryDirectory(prefix=".vlmrm_fast_build_", dir=scratch) as tmp:
             from vlmrm_fast.backends.onnx_fp8 import FP8_OPSET, fp8_tower_graph, ort_providers
