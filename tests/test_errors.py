@@ -152,41 +152,60 @@ def test_max_batch_size_is_checked_when_set(rm, bad):
     assert rm.max_batch_size == 4
 
 
-@pytest.mark.parametrize(
-    "kwargs,error,match",
-    [
-        (dict(goal=[]), ValueError, "empty list"),
-        (dict(goal="a", baseline=[]), ValueError, "baseline is an empty list"),
-        (dict(goal=["a", 3]), TypeError, "strings only"),
-        (dict(goal=7), TypeError, "string or a list"),
-        (dict(), ValueError, "Give a goal prompt"),
-        (dict(tasks=[]), ValueError, "tasks is empty"),
-        (dict(tasks=[("a", "b")]), TypeError, r"vlmrm_fast.Task"),
-        (dict(goal="a", tasks=[Task("a")]), ValueError, "either goal"),
-    ],
-)
+BAD_PROMPTS = [
+    (dict(goal=[]), ValueError, "empty list"),
+    (dict(goal="a", baseline=[]), ValueError, "baseline is an empty list"),
+    (dict(goal=["a", 3]), TypeError, "strings only"),
+    (dict(goal=7), TypeError, "string or a list"),
+    (dict(), ValueError, "Give a goal prompt"),
+    (dict(tasks=[]), ValueError, "tasks is empty"),
+    (dict(tasks=[("a", "b")]), TypeError, r"vlmrm_fast.Task"),
+    (dict(goal="a", tasks=[Task("a")]), ValueError, "either goal"),
+    (dict(tasks=[Task("a", "b", alpha=2.0)]), ValueError, r"tasks\[0\]\.alpha"),
+    (dict(tasks=[Task("a", alpha=0.5)]), ValueError, "no baseline"),
+]
+
+BAD_OPTIONS = [
+    (dict(device="cuda:0"), ValueError, "CUDA is not available"),
+    (dict(dtype="fp8"), ValueError, "dtype="),
+    (dict(dtype=torch.int8), ValueError, "not supported"),
+    (dict(preprocess="bilinear"), ValueError, "preprocess="),
+    (dict(kernels="cuda"), ValueError, "kernels="),
+    (dict(max_batch_size=0), ValueError, "positive integer"),
+    (dict(alpha=1.5), ValueError, r"\[0, 1\]"),
+    (dict(alpha=0.5, baseline=None), ValueError, "no baseline"),
+    (dict(backend="torch", backend_options={"buckets": (1, 8)}), ValueError, "not options of the 'torch' backend"),
+]
+
+
+@pytest.mark.parametrize("kwargs,error,match", BAD_PROMPTS)
 def test_bad_prompts(rm, kwargs, error, match):
     with pytest.raises(error, match=match):
         rm.set_tasks(**kwargs)
 
 
-@pytest.mark.parametrize(
-    "kwargs,error,match",
-    [
-        (dict(device="cuda:0"), ValueError, "CUDA is not available"),
-        (dict(dtype="fp8"), ValueError, "dtype="),
-        (dict(dtype=torch.int8), ValueError, "not supported"),
-        (dict(preprocess="bilinear"), ValueError, "preprocess="),
-        (dict(kernels="cuda"), ValueError, "kernels="),
-        (dict(max_batch_size=0), ValueError, "positive integer"),
-    ],
-)
+@pytest.mark.parametrize("kwargs,error,match", BAD_OPTIONS)
 def test_bad_options(tiny, kwargs, error, match):
     if kwargs.get("device", "").startswith("cuda") and torch.cuda.is_available():
         pytest.skip("CUDA is available here")
-    kwargs.setdefault("device", "cpu")
+    kwargs = {"device": "cpu", "goal": "a", **kwargs}
     with pytest.raises(error, match=match):
-        CLIPReward(*tiny, goal="a", **kwargs)
+        CLIPReward(*tiny, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs,error,match",
+                         [({"goal": "a", "baseline": "b", **k}, e, m) for k, e, m in BAD_OPTIONS] + BAD_PROMPTS)
+def test_from_pretrained_checks_its_arguments_before_loading(monkeypatch, kwargs, error, match):
+    # A bad alpha found after minutes of loading ViT-bigG-14 is minutes lost.
+    if kwargs.get("device", "").startswith("cuda") and torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+
+    def no_loading(*args, **kw):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr("vlmrm_fast.reward.create_clip", no_loading)
+    with pytest.raises(error, match=match):
+        CLIPReward.from_pretrained("vlmrm-tiny", None, **{"device": "cpu", **kwargs})
 
 
 def test_triton_without_a_gpu_names_the_fixes(monkeypatch):

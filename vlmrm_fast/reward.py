@@ -7,14 +7,14 @@ from typing import Callable, List, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
-from vlmrm_fast.backends import VisionBackend, build_backend, resolve_backend
+from vlmrm_fast.backends import VisionBackend, build_backend, check_backend_options, resolve_backend
 from vlmrm_fast.backends.base import with_cuda_index
 from vlmrm_fast.frames import FrameInput, as_frame_batch
 from vlmrm_fast.models import create_clip, image_size_of, preprocess_spec_of
 from vlmrm_fast.ops._triton import resolve_kernels
-from vlmrm_fast.ops.preprocess import PreprocessSpec, preprocess
+from vlmrm_fast.ops.preprocess import PreprocessSpec, check_preprocess_mode, preprocess
 from vlmrm_fast.ops.score import score as score_op
-from vlmrm_fast.tasks import EncodedTasks, Prompts, Task, check_alpha, encode_tasks
+from vlmrm_fast.tasks import EncodedTasks, Prompts, Task, check_alpha, check_tasks, encode_tasks, task_list
 
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32,
@@ -56,6 +56,12 @@ def _resolve_dtype(dtype: Union[str, torch.dtype, None], device: torch.device) -
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"dtype={dtype} is not supported; use torch.float32, torch.bfloat16 or torch.float16.")
     return dtype
+
+
+def _check_max_batch_size(value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"max_batch_size must be a positive integer; got {value!r}.")
+    return int(value)
 
 
 class CLIPReward:
@@ -160,8 +166,15 @@ class CLIPReward:
             cache_dir: open_clip's download cache; default ``~/.cache/huggingface``.
             The other arguments are those of :class:`CLIPReward`.
         """
-        resolved = _resolve_device(device)  # fail before a long model load
-        resolve_backend(backend, resolved, _resolve_dtype(dtype, resolved))
+        # Every argument that can be checked without the model is checked before a load of minutes.
+        resolved = _resolve_device(device)
+        picked = resolve_backend(backend, resolved, _resolve_dtype(dtype, resolved))
+        check_backend_options(picked, dict(backend_options or {}), resolved, requested=backend)
+        resolve_kernels(kernels, resolved)
+        check_preprocess_mode(preprocess)
+        if max_batch_size is not None:
+            _check_max_batch_size(max_batch_size)
+        check_tasks(task_list(goal, baseline, tasks)[0], check_alpha(alpha))
         model, tokenizer = create_clip(model_name, pretrained, cache_dir=cache_dir)
         return cls(
             model, tokenizer, goal=goal, baseline=baseline, tasks=tasks, alpha=alpha, device=device,
@@ -178,17 +191,8 @@ class CLIPReward:
         tasks: Optional[Sequence[Task]] = None,
     ) -> None:
         """Replace the prompts (one goal/baseline, or several tasks) without reloading the model."""
-        if tasks is None:
-            if goal is None:
-                raise ValueError("Give a goal prompt (goal='a humanoid robot kneeling') or tasks=[Task(...), ...].")
-            tasks, single = [Task(goal=goal, baseline=baseline)], True
-        else:
-            if goal is not None or baseline is not None:
-                raise ValueError("Pass either goal=/baseline= (one task) or tasks= (several), not both.")
-            if isinstance(tasks, Task):
-                tasks = [tasks]
-            single = False
-        encoded = encode_tasks(self.model, self.tokenizer, list(tasks), self._device)
+        tasks, single = task_list(goal, baseline, tasks)
+        encoded = encode_tasks(self.model, self.tokenizer, tasks, self._device)
         self._targets = encoded.targets(self._alpha)  # raises before any state changes
         self._encoded: EncodedTasks = encoded
         self._single = single
@@ -229,9 +233,7 @@ class CLIPReward:
 
     @max_batch_size.setter
     def max_batch_size(self, value: int) -> None:
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-            raise ValueError(f"max_batch_size must be a positive integer; got {value!r}.")
-        self._max_batch_size = int(value)
+        self._max_batch_size = _check_max_batch_size(value)
 
     # ---- facts -----------------------------------------------------------------------------
 

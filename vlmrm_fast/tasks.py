@@ -93,33 +93,58 @@ class EncodedTasks:
         for task, has_dir in zip(self.tasks, self.has_direction):
             alpha = default_alpha if task.alpha is None else task.alpha
             if alpha > 0 and not has_dir:
-                why = (
-                    "it has no baseline"
-                    if task.baseline is None
-                    else "its goal and baseline embed to the same vector (same prompts?)"
-                )
-                raise ValueError(
-                    f"Task {task.label!r} cannot use alpha={alpha}: {why}, so the goal-baseline direction is "
-                    "undefined. Use alpha=0, or give a baseline that differs from the goal."
-                )
+                _no_direction(task, alpha)
             alphas.append(alpha)
         alphas_t = torch.tensor(alphas, dtype=torch.float32, device=self.goals.device)
         return ScoringTargets(self.goals, self.directions, alphas_t)
+
+
+def task_list(
+    goal: Optional[Prompts], baseline: Optional[Prompts], tasks: Optional[Sequence[Task]]
+) -> Tuple[List[Task], bool]:
+    """The tasks that ``goal=``/``baseline=`` or ``tasks=`` give, and whether it is the single-task form."""
+    if tasks is None:
+        if goal is None:
+            raise ValueError("Give a goal prompt (goal='a humanoid robot kneeling') or tasks=[Task(...), ...].")
+        return [Task(goal=goal, baseline=baseline)], True
+    if goal is not None or baseline is not None:
+        raise ValueError("Pass either goal=/baseline= (one task) or tasks= (several), not both.")
+    return ([tasks] if isinstance(tasks, Task) else list(tasks)), False
+
+
+def check_tasks(tasks: Sequence[Task], default_alpha: float) -> None:
+    """What can be checked without the model: types, prompts, alphas, and a baseline for alpha > 0."""
+    if len(tasks) == 0:
+        raise ValueError("tasks is empty: give at least one Task(goal=..., baseline=...).")
+    for i, task in enumerate(tasks):
+        if not isinstance(task, Task):
+            raise TypeError(f"tasks[{i}] is a {type(task).__name__}; use vlmrm_fast.Task(goal=..., baseline=...).")
+        if task.alpha is not None:
+            check_alpha(task.alpha, f"tasks[{i}].alpha")
+        _prompt_list(task.goal, "goal")
+        if task.baseline is not None:
+            _prompt_list(task.baseline, "baseline")
+        alpha = default_alpha if task.alpha is None else task.alpha
+        if alpha > 0 and task.baseline is None:
+            _no_direction(task, alpha)
+
+
+def _no_direction(task: Task, alpha: float) -> None:
+    why = "it has no baseline" if task.baseline is None else "its goal and baseline embed to the same vector (same prompts?)"
+    raise ValueError(
+        f"Task {task.label!r} cannot use alpha={alpha}: {why}, so the goal-baseline direction is "
+        "undefined. Use alpha=0, or give a baseline that differs from the goal."
+    )
 
 
 def encode_tasks(
     model: torch.nn.Module, tokenizer: Callable, tasks: Sequence[Task], device: torch.device
 ) -> EncodedTasks:
     """Embed every task's prompts in one text-tower pass and form goals and directions."""
-    if len(tasks) == 0:
-        raise ValueError("tasks is empty: give at least one Task(goal=..., baseline=...).")
+    check_tasks(tasks, default_alpha=0.0)
     prompts: List[str] = []
     spans = []
-    for i, task in enumerate(tasks):
-        if not isinstance(task, Task):
-            raise TypeError(f"tasks[{i}] is a {type(task).__name__}; use vlmrm_fast.Task(goal=..., baseline=...).")
-        if task.alpha is not None:
-            check_alpha(task.alpha, f"tasks[{i}].alpha")
+    for task in tasks:
         goal = _prompt_list(task.goal, "goal")
         baseline = [] if task.baseline is None else _prompt_list(task.baseline, "baseline")
         spans.append((len(prompts), len(goal), len(baseline)))

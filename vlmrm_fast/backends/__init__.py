@@ -43,6 +43,20 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> s
     return "torch"
 
 
+def check_backend_options(
+    backend: str, options: Optional[Dict[str, Any]], device: torch.device, requested: Optional[str] = None
+) -> None:
+    """A :class:`BackendError` for ``options`` that the resolved ``backend``'s constructor does not take."""
+    unknown = sorted(set(options or {}) - set(BACKEND_OPTIONS.get(backend, ())))
+    if unknown:
+        takes = ", ".join(BACKEND_OPTIONS.get(backend, ())) or "none"
+        picked = f" (which backend={requested!r} picked on {device.type})" if requested not in (None, backend) else ""
+        owners = sorted({b for b, names in BACKEND_OPTIONS.items() for name in unknown if name in names})
+        hint = f"; they are options of {', '.join(repr(b) for b in owners)}: pass that backend by name" if owners else ""
+        raise BackendError(f"backend_options {unknown} are not options of the {backend!r} backend{picked}, "
+                           f"whose options are: {takes}{hint}.")
+
+
 def build_backend(
     backend: str,
     visual: torch.nn.Module,
@@ -62,14 +76,7 @@ def build_backend(
     ``quantize`` for "onnxruntime". ``requested`` is the caller's choice ("auto"), for error messages.
     """
     options = dict(options or {})
-    unknown = sorted(set(options) - set(BACKEND_OPTIONS.get(backend, ())))
-    if unknown:
-        takes = ", ".join(BACKEND_OPTIONS.get(backend, ())) or "none"
-        picked = f" (which backend={requested!r} picked on {device.type})" if requested not in (None, backend) else ""
-        owners = sorted({b for b, names in BACKEND_OPTIONS.items() for name in unknown if name in names})
-        hint = f"; they are options of {', '.join(repr(b) for b in owners)}: pass that backend by name" if owners else ""
-        raise BackendError(f"backend_options {unknown} are not options of the {backend!r} backend{picked}, "
-                           f"whose options are: {takes}{hint}.")
+    check_backend_options(backend, options, device, requested)
     image_size: Tuple[int, int] = tuple(spec.size)  # type: ignore[assignment]
     if backend == "torch":
         from vlmrm_fast.backends.eager import TorchBackend
@@ -90,4 +97,4 @@ def build_backend(
     raise BackendError(f"backend={backend!r} is not one of {BACKEND_CHOICES[1:]} (resolve 'auto' first).")
 
 
-__all__ = ["BACKEND_CHOICES", "BackendError", "VisionBackend", "build_backend", "resolve_backend"]
+__all__ = ["BACKEND_CHOICES", "BackendError", "VisionBackend", "build_backend", "check_backend_options", "resolve_backend"]

@@ -26,6 +26,12 @@ PreprocessMode = Literal["vlmrm", "openclip"]
 PREPROCESS_MODES = ("vlmrm", "openclip")
 
 
+def check_preprocess_mode(mode: str) -> None:
+    """A ``ValueError`` naming the choices unless ``mode`` is one of :data:`PREPROCESS_MODES`."""
+    if mode not in PREPROCESS_MODES:
+        raise ValueError(f"preprocess={mode!r} is not one of {PREPROCESS_MODES} (README: How it works).")
+
+
 @dataclass(frozen=True)
 class PreprocessSpec:
     """What a vision tower expects: its input size and normalisation, and how frames get there.
@@ -42,8 +48,7 @@ class PreprocessSpec:
     mode: PreprocessMode = "vlmrm"
 
     def __post_init__(self) -> None:
-        if self.mode not in PREPROCESS_MODES:
-            raise ValueError(f"preprocess={self.mode!r} is not one of {PREPROCESS_MODES} (README: How it works).")
+        check_preprocess_mode(self.mode)
         if len(self.mean) != 3 or len(self.std) != 3:
             raise ValueError(f"mean and std need 3 values (RGB); got {self.mean} and {self.std}.")
         if any(s <= 0 for s in self.std):
