@@ -537,6 +537,15 @@ def test_vec_env_subproc(rm):
         framed.close()
 
 
+@pytest.mark.parametrize("not_a_model", [None, "ViT-B-32"])
+def test_wrappers_refuse_what_is_not_a_reward_model(not_a_model):
+    # Not at the first step: at the wrapper, naming what it takes.
+    with pytest.raises(TypeError, match=r"VLMRewardWrapper needs a reward model: a CLIPReward .*; got"):
+        VLMRewardWrapper(make_env(), not_a_model)
+    with pytest.raises(TypeError, match=r"VLMRewardVecEnv needs a reward model"):
+        VLMRewardVecEnv(DummyVecEnv([make_env]), not_a_model)
+
+
 def test_vec_env_errors(rm, no_batch):
     with pytest.raises(ValueError, match=r'render_mode="rgb_array"'):
         VLMRewardVecEnv(DummyVecEnv([lambda: gym.make(ENV_ID)]), rm)

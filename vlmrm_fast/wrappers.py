@@ -92,6 +92,14 @@ def _check_mode(mode: str, weight: float) -> Tuple[str, float]:
     return mode, weight
 
 
+def _check_reward_model(reward_model: Any, wrapper: str) -> None:
+    if not callable(reward_model):
+        raise TypeError(
+            f"{wrapper} needs a reward model: a CLIPReward (CLIPReward.from_pretrained(...)) or any callable "
+            f"rm(frames [N, H, W, 3] uint8) -> rewards [N]; got {type(reward_model).__name__}."
+        )
+
+
 def _task_index(reward_model: Any, task: Union[int, str]) -> int:
     names = list(getattr(reward_model, "task_names", []) or [])
     if isinstance(task, str):
@@ -244,8 +252,8 @@ class VLMRewardWrapper(_RewardMode, gym.Wrapper, gym.utils.RecordConstructorArgs
 
     The wrapper holds ``reward_model`` itself, shared by every env it wraps, and so does an env made
     again from ``env.spec``: gymnasium deep-copies the constructor arguments it records there, and a
-    copy of the CLIP model per env (or a failure, for a model holding an ONNX Runtime or TensorRT
-    session) is never wanted, so the spec records a shared reference.
+    copy of the CLIP model per env (or a failure, for a model holding a TensorRT engine) is never
+    wanted, so the spec records a shared reference. In subprocess envs each worker holds its own copy.
 
     The frame may be any size (the reward model resizes it), but rendering at ``reward_model.image_size``
     skips the resize: a warning says so once when the sizes differ. One reward-model call per step, on
@@ -278,6 +286,7 @@ class VLMRewardWrapper(_RewardMode, gym.Wrapper, gym.utils.RecordConstructorArgs
             self, reward_model=_SharedReference(reward_model), mode=mode, weight=weight, task=task
         )
         gym.Wrapper.__init__(self, env)
+        _check_reward_model(reward_model, "VLMRewardWrapper")
         if env.render_mode != "rgb_array":
             raise ValueError(
                 f"VLMRewardWrapper scores rendered frames, so the env must render RGB arrays; its render_mode is "
@@ -523,6 +532,7 @@ class VLMRewardVecEnv(_RewardMode, VecEnvWrapper):
                 fix = ("vectorise the env first, DummyVecEnv([make_env] * n), or wrap a single gymnasium env with "
                        "VLMRewardWrapper")
             raise TypeError(f"VLMRewardVecEnv wraps a stable-baselines3 VecEnv, not {type(venv).__name__}: {fix}.")
+        _check_reward_model(reward_model, "VLMRewardVecEnv")
         super().__init__(venv)
         self.reward_model = reward_model
         self._mode, self._weight = _check_mode(mode, weight)
