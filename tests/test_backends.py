@@ -59,8 +59,25 @@ def test_a_cpu_reward_model_pickles_and_copies(backend, options):
     for copied in (pickle.loads(pickle.dumps(rm)), copy.deepcopy(rm)):
         assert copied.backend == backend and copied.vision_backend is not rm.vision_backend
         assert torch.equal(copied(frames), want)
-    if backend == "onnxruntime":  # its own copy of the graph's files, which outlive the original's folder
-        assert copied.vision_backend._workdir.name != rm.vision_backend._workdir.name
+    if backend == "onnxruntime":  # a copy keeps no graph files, so it cannot be copied again
+        with pytest.raises(TypeError, match="copy.*the original"):
+            pickle.dumps(copied)
+        assert copied.vision_backend.profile_nodes(torch.zeros(1, 3, 32, 32), calls=1) is None
+
+
+@needs_ort
+def test_an_unpickled_onnxruntime_backend_leaves_no_files(tiny, tmp_path, monkeypatch):
+    # Subprocess envs' workers end with os._exit, which no cleanup outlives: a copy's graph files
+    # (gigabytes for ViT-bigG-14) would stay behind once per worker and run.
+    import pickle
+    import tempfile
+
+    backend = CLIPReward(*tiny, goal="a", device="cpu", backend="onnxruntime").vision_backend
+    blob = pickle.dumps(backend)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    copied = pickle.loads(blob)
+    assert list(tmp_path.iterdir()) == [] and copied.session is not None
+    assert backend._model_path.exists()  # the original keeps its own until it goes
 
 
 def test_a_tensorrt_reward_model_refuses_pickling_naming_the_fix():

@@ -113,22 +113,35 @@ class OnnxRuntimeBackend(VisionBackend):
 
     def __getstate__(self) -> dict:
         """Pickling (a reward model sent to subprocess envs, ``copy.deepcopy``) carries the exported graph's
-        files, not the session, which ONNX Runtime cannot pickle; unpickling starts a new session."""
+        files, not the session, which ONNX Runtime cannot pickle; unpickling starts a new session and
+        keeps no files, so a copy cannot be copied again (nor profiled by :meth:`profile_nodes`)."""
         state = self.__dict__.copy()
         del state["session"], state["_workdir"]
         path = state.pop("_model_path")
-        state["_graph_files"] = {f.name: f.read_bytes() for f in (path, path.with_name(path.name + ".data")) if f.exists()}
+        if path is None:
+            raise TypeError(
+                "this reward model is itself a copy of one on backend='onnxruntime', and a copy keeps no graph "
+                "to copy again: copy (or pickle) the original, or use backend='torch'."
+            )
+        data = path.with_name(path.name + ".data")  # the weights of an export with external data
+        state["_graph_files"] = {f.name: f.read_bytes() for f in (path, data) if f is path or f.exists()}
         state["_graph_name"] = path.name
         return state
 
     def __setstate__(self, state: dict) -> None:
+        # The copy's session reads the graph from files that are removed at once: a subprocess env's
+        # worker ends with os._exit, which no cleanup outlives, and a leftover graph is gigabytes.
         files, name = state.pop("_graph_files"), state.pop("_graph_name")
         self.__dict__.update(state)
         self._workdir = tempfile.TemporaryDirectory(prefix="vlmrm_fast_onnx_")
-        for file_name, data in files.items():
-            (Path(self._workdir.name) / file_name).write_bytes(data)
-        self._model_path = Path(self._workdir.name) / name
-        self._start_session()
+        try:
+            for file_name, data in files.items():
+                (Path(self._workdir.name) / file_name).write_bytes(data)
+            self._model_path = Path(self._workdir.name) / name
+            self._start_session()
+        finally:
+            self._workdir.cleanup()
+        self._model_path = None
 
     def _session_options(self):
         import onnxruntime as ort
@@ -149,7 +162,7 @@ class OnnxRuntimeBackend(VisionBackend):
         profiling on (same graph and options; a second copy of the weights while it lives), which writes
         its trace into this backend's temporary folder. None on CUDA, where torch.profiler sees ONNX
         Runtime's kernels."""
-        if self.device.type != "cpu":
+        if self.device.type != "cpu" or self._model_path is None:  # on CUDA, or a copy (no graph kept)
             return None
         import onnxruntime as ort
 
