@@ -208,6 +208,13 @@ def test_from_pretrained_checks_its_arguments_before_loading(monkeypatch, kwargs
         CLIPReward.from_pretrained("vlmrm-tiny", None, **{"device": "cpu", **kwargs})
 
 
+def test_from_pretrained_takes_tasks_from_a_generator():
+    # Read once: the early checks and the model would otherwise share one pass over it.
+    rm = CLIPReward.from_pretrained("vlmrm-tiny", None, tasks=(Task(g, "a robot", name=g) for g in "ab"),
+                                    device="cpu", backend="torch")
+    assert rm.task_names == ["a", "b"]
+
+
 def test_triton_without_a_gpu_names_the_fixes(monkeypatch):
     from vlmrm_fast.ops._triton import resolve_kernels
 

@@ -450,7 +450,6 @@ def test_killed_run_resumes_from_last_checkpoint(tmp_path, sig):
 def test_a_second_process_in_a_run_folder_is_refused_and_the_first_keeps_its_checkpoints(tmp_path):
     # A requeued job starting while its first copy still trains would clear that copy's half-written
     # checkpoint and prune its checkpoints; it is refused instead, naming the holder.
-    import argparse
 
     from vlmrm_fast.train.run import config_from_args, train
     from vlmrm_fast.train.run_lock import RunFolderBusy
@@ -461,8 +460,7 @@ def test_a_second_process_in_a_run_folder_is_refused_and_the_first_keeps_its_che
         _wait_for_checkpoint(proc, run_dir, min_step=20)
         half_written = run_dir / "checkpoints" / ".tmp-step_000000999999-1-cafe"
         half_written.mkdir()
-        args = argparse.Namespace(set=None, preset=None, config=None, resume=run_dir, print_config=False,
-                                  **{f"field_{k}": None for k in TrainConfig.__dataclass_fields__})
+        args = _resume_args(run_dir)
         config, resume = config_from_args(args)  # reads (--print-config works beside a run), clears nothing
         assert resume == run_dir and half_written.is_dir()
         with pytest.raises(RunFolderBusy, match=rf"in use by another training process \(pid {proc.pid} on .*--run-dir"):
@@ -483,18 +481,53 @@ def test_a_second_process_in_a_run_folder_is_refused_and_the_first_keeps_its_che
     assert result.num_timesteps == step + 20
 
 
-def test_a_filesystem_without_flock_warns_and_trains_unlocked(tmp_path, monkeypatch):
+def _resume_args(run_dir: Path, *overrides: str):
+    import argparse
+
+    return argparse.Namespace(set=list(overrides), preset=None, config=None, resume=run_dir, print_config=False,
+                              **{f"field_{k}": None for k in TrainConfig.__dataclass_fields__})
+
+
+def test_a_filesystem_without_flock_warns_once_and_trains_unlocked(tmp_path, monkeypatch):
     import errno
 
     from vlmrm_fast.train import run_lock
+    from vlmrm_fast.train.run import config_from_args, train
+
+    first = train(dot_config(tmp_path, total_timesteps=40), reward_model=tiny_reward(dot_config(tmp_path)))
 
     def no_flock(fd, op):
         raise OSError(errno.ENOSYS, "Function not implemented")
 
     monkeypatch.setattr(run_lock.fcntl, "flock", no_flock)
-    with pytest.warns(UserWarning, match="cannot lock run folder .* no other process trains in it"):
-        with run_lock.hold_run_folder(tmp_path / "run"):
-            pass
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        config, resume = config_from_args(_resume_args(first.run_dir, "total_timesteps=60"))
+        result = train(config, resume=resume, reward_model=tiny_reward(config))
+    assert result.num_timesteps == 60
+    said = [str(w.message) for w in caught if "cannot lock run folder" in str(w.message)]
+    assert len(said) == 1 and "no other process trains in it" in said[0], said
+
+
+def test_resume_reads_a_run_folder_it_cannot_write(tmp_path, monkeypatch):
+    # --print-config of someone else's run, or of one on a read-only mount: the lock file cannot be
+    # made, and the config is read all the same.
+    import errno
+
+    from vlmrm_fast.train import run_lock
+    from vlmrm_fast.train.run import config_from_args, train
+
+    first = train(dot_config(tmp_path, total_timesteps=40), reward_model=tiny_reward(dot_config(tmp_path)))
+    real_open = os.open
+
+    def read_only(path, *args, **kwargs):
+        if str(path).endswith(run_lock.LOCK_NAME):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(run_lock.os, "open", read_only)
+    config, resume = config_from_args(_resume_args(first.run_dir))
+    assert resume == first.run_dir and config.total_timesteps == 40
 
 
 def test_resuming_a_folder_that_does_not_exist_creates_nothing(tmp_path):

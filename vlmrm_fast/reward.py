@@ -167,6 +167,8 @@ class CLIPReward:
             The other arguments are those of :class:`CLIPReward`.
         """
         # Every argument that can be checked without the model is checked before a load of minutes.
+        if tasks is not None and not isinstance(tasks, Task):
+            tasks = list(tasks)  # once: a generator is read by the check below and again by the model
         resolved = _resolve_device(device)
         picked = resolve_backend(backend, resolved, _resolve_dtype(dtype, resolved))
         check_backend_options(picked, dict(backend_options or {}), resolved, requested=backend)

@@ -469,10 +469,10 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, Optional[Pa
     if not run_dir.is_dir():
         raise FileNotFoundError(f"no run folder '{run_dir}' to resume; check the path, or start a new run without --resume")
     try:
-        with hold_run_folder(run_dir):  # not while another process writes checkpoints here
+        with hold_run_folder(run_dir, warn_unlocked=False):  # not while another process writes checkpoints here
             ckpt.clean_stale(run_dir)  # first: it puts back a checkpoint a crash left mid-overwrite
-    except RunFolderBusy:
-        pass  # reading is safe (--print-config); train() refuses to run beside the holder
+    except (RunFolderBusy, OSError):
+        pass  # in use, or not ours to write: reading is safe (--print-config); train() refuses to run beside a holder
     found = ckpt.find_latest(run_dir)
     if found is None:
         raise FileNotFoundError(f"no complete checkpoint in '{run_dir / 'checkpoints'}'; check the path, or start "

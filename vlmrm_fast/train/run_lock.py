@@ -39,12 +39,12 @@ def _holder(path: Path) -> str:
 
 
 @contextlib.contextmanager
-def hold_run_folder(run_dir: os.PathLike) -> Iterator[None]:
+def hold_run_folder(run_dir: os.PathLike, *, warn_unlocked: bool = True) -> Iterator[None]:
     """Hold ``RUN_DIR/.lock`` for the duration of the block (creating ``run_dir`` if needed).
 
     Raises :class:`RunFolderBusy`, naming the holder, when another process (or another open of
     the same lock in this one) holds it. On a filesystem without ``flock`` (some Lustre mounts),
-    warns and runs unlocked.
+    runs unlocked, with a warning if ``warn_unlocked``.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -54,7 +54,7 @@ def hold_run_folder(run_dir: os.PathLike) -> Iterator[None]:
         return
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        if _lock(fd, run_dir, path):
+        if _lock(fd, run_dir, path, warn_unlocked):
             os.ftruncate(fd, 0)
             os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode())
         yield
@@ -62,7 +62,7 @@ def hold_run_folder(run_dir: os.PathLike) -> Iterator[None]:
         os.close(fd)  # releases the lock; the file stays (removing it would race with a new holder)
 
 
-def _lock(fd: int, run_dir: Path, path: Path) -> bool:
+def _lock(fd: int, run_dir: Path, path: Path, warn_unlocked: bool) -> bool:
     """Take the lock on ``fd``: True; False (with a warning) where the filesystem cannot lock."""
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -73,9 +73,10 @@ def _lock(fd: int, run_dir: Path, path: Path) -> bool:
                 f"run folder '{run_dir}' is in use by another training process{_holder(path)}; wait for it to end "
                 "(SIGINT or SIGTERM make it checkpoint and stop), or train in another --run-dir"
             ) from None
-        warnings.warn(
-            f"cannot lock run folder '{run_dir}' ({exc}; the filesystem may not support flock): make sure no other "
-            "process trains in it, or two runs would overwrite each other's checkpoints",
-            stacklevel=4,
-        )
+        if warn_unlocked:
+            warnings.warn(
+                f"cannot lock run folder '{run_dir}' ({exc}; the filesystem may not support flock): make sure no other "
+                "process trains in it, or two runs would overwrite each other's checkpoints",
+                stacklevel=4,
+            )
         return False
