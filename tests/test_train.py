@@ -10,12 +10,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Optional
 
 import gymnasium as gym
 import numpy as np
@@ -123,8 +126,9 @@ def tiny_reward(config):
         return RecordingReward(build_reward_model(config))
 
 
-def train_stopped_at(step: int, config: TrainConfig, monkeypatch):
-    """Train ``config`` as if SIGTERM arrived at env step ``step`` (what the handler records); the result."""
+def train_stopped_at(step: int, config: TrainConfig, monkeypatch, resume: Optional[Path] = None):
+    """Train ``config`` (continuing ``resume``) as if SIGTERM arrived at env step ``step`` (what the
+    handler records); the result."""
     from vlmrm_fast.train import callbacks, train
 
     on_step = callbacks.TrainingCallback._on_step
@@ -136,7 +140,7 @@ def train_stopped_at(step: int, config: TrainConfig, monkeypatch):
 
     with monkeypatch.context() as patch:
         patch.setattr(callbacks.TrainingCallback, "_on_step", signal_at_step)
-        return train(config, reward_model=tiny_reward(config))
+        return train(config, resume=resume, reward_model=tiny_reward(config))
 
 
 def tb_scalars(run_dir: Path) -> dict:
@@ -1100,3 +1104,254 @@ def test_net_arch_flag_takes_layer_sizes(given):
     add_train_parser(parser.add_subparsers(dest="command"))
     config, _ = config_from_args(parser.parse_args(["train", "--preset", "smoke", "--net-arch", given]))
     assert config.net_arch == [64, 32]
+
+
+# --------------------------------------------------------------------------- from a mutation audit
+# Each test below kills a hand-made mutant that every other test let through.
+
+
+@pytest.mark.parametrize("stops,kw", [
+    ([24], dict(total_timesteps=60, learning_starts=50)),  # before learning_starts: actions from the action space's RNG
+    ([20], dict(total_timesteps=60, learning_starts=20)),  # on learning_starts, a rollout's last step
+    ([54, 56], dict(total_timesteps=100)),  # stopped twice within one rollout
+], ids=["before-learning-starts", "on-learning-starts", "twice-in-one-rollout"])
+def test_stops_anywhere_then_resume_continue_exactly(tmp_path, monkeypatch, stops, kw):
+    from vlmrm_fast.train import train
+
+    def config_in(folder):
+        return dot_config(folder, checkpoint_every=0, **kw)
+
+    full = train(config_in(tmp_path / "full"), reward_model=tiny_reward(config_in(tmp_path)))
+    config = config_in(tmp_path / "stopped")
+    for i, step in enumerate(stops):
+        stopped = train_stopped_at(step, config, monkeypatch, resume=None if i == 0 else Path(config.run_dir))
+        assert stopped.num_timesteps == step
+    resumed = train(config, resume=Path(config.run_dir), reward_model=tiny_reward(config))
+    _assert_same_run(resumed, full)
+
+
+def test_total_timesteps_not_a_multiple_of_the_envs_rounds_up_once(tmp_path):
+    from vlmrm_fast.train import train
+
+    config = dot_config(tmp_path, total_timesteps=61, checkpoint_every=0)  # 2 envs
+    assert train(config, reward_model=tiny_reward(config)).num_timesteps == 62
+
+
+def test_each_logged_gt_return_is_its_own_episodes(tmp_path):
+    # Episodes of 20 steps on 2 envs: the second pair ends at step 80, and its return is the sum of
+    # its own env rewards, not one carried on from the first episodes.
+    from vlmrm_fast.train import train
+
+    config = dot_config(tmp_path, total_timesteps=100, eval_every=0, checkpoint_every=0)
+    result = train(config, reward_model=tiny_reward(config))
+    buf = result.model.replay_buffer
+    gt = -np.linalg.norm(buf.next_observations[20:40].astype(np.float64), axis=-1)  # rows of steps 41-80
+    logged = dict(tb_scalars(result.run_dir)["rollout/gt_return"])
+    assert logged[80] == pytest.approx(gt.sum(axis=0).mean(), rel=1e-4)
+
+
+def test_evaluation_episodes_start_from_different_states(tmp_path, monkeypatch):
+    from vlmrm_fast.train import callbacks, train
+
+    monkeypatch.setattr(callbacks, "_EVAL_CHUNK", 6)
+    config = dot_config(tmp_path, total_timesteps=40, eval_every=40, eval_episodes=2, episode_length=15,
+                        checkpoint_every=0)
+    rm = tiny_reward(config)
+    train(config, reward_model=rm)
+    chunks = [c for c in rm.calls if c.shape == (6,)]
+    assert not np.allclose(chunks[0], chunks[2])  # the first chunk of episode 0, and of episode 1
+
+
+def test_a_second_signal_stops_at_once_and_restores_the_handler(tmp_path):
+    from vlmrm_fast.train.callbacks import TrainingCallback
+
+    before = signal.getsignal(signal.SIGTERM)
+    callback = TrainingCallback(dot_config(tmp_path), None, tmp_path, "{}")
+    callback._install_signal_handlers()
+    try:
+        callback._handle_signal(signal.SIGTERM, None)
+        with pytest.raises(KeyboardInterrupt):
+            callback._handle_signal(signal.SIGTERM, None)
+        assert signal.getsignal(signal.SIGTERM) == before
+    finally:
+        callback.restore_signal_handlers()
+
+
+def test_stage_times_are_per_row_not_running_totals(tmp_path, monkeypatch):
+    from vlmrm_fast.train import train
+
+    step = DotEnv.step
+
+    def slow_step(self, action):
+        time.sleep(0.004)
+        return step(self, action)
+
+    monkeypatch.setattr(DotEnv, "step", slow_step)
+    config = dot_config(tmp_path, total_timesteps=80, checkpoint_every=0, eval_every=0, learning_starts=0)
+    rows = [v for _, v in tb_scalars(train(config, reward_model=tiny_reward(config)).run_dir)["time/env_s"]]
+    assert len(rows) >= 3 and max(rows) < 2 * min(rows), rows
+
+
+def test_env_state_from_the_integration_fallback_recomputes_derived_quantities():
+    # A checkpoint from another MuJoCo version restores only the integration state: what MuJoCo derives
+    # from it (body positions, read by the renderer and the next observation) must follow.
+    import mujoco
+    from stable_baselines3.common.vec_env import DummyVecEnv
+
+    import vlmrm_fast.envs  # noqa: F401
+
+    def humanoid():
+        env = DummyVecEnv([lambda: gym.make("vlmrm_fast/TexturedHumanoid-v0", max_episode_steps=50)])
+        env.seed(0)
+        env.reset()
+        return env
+
+    actions = np.random.default_rng(0).uniform(-0.4, 0.4, (8, 1, 17)).astype(np.float32)
+    running = humanoid()
+    for a in actions[:5]:
+        running.step(a)
+    state = ckpt.env_state(running)
+    for entry in state["envs"]:
+        entry["mujoco_data"] = None  # as from another MuJoCo version
+    restored = humanoid()
+    for a in actions[::-1][:3]:
+        restored.step(a)  # somewhere else first
+    assert ckpt.set_env_state(restored, state)
+    base = restored.envs[0].unwrapped
+    fresh = mujoco.MjData(base.model)
+    mujoco.mj_copyData(fresh, base.model, base.data)
+    mujoco.mj_forward(base.model, fresh)
+    np.testing.assert_allclose(base.data.xipos, fresh.xipos, atol=1e-9)
+
+
+@pytest.fixture
+def one_checkpoint(tmp_path):
+    """(run result, its checkpoint at step 40)."""
+    from vlmrm_fast.train import train
+
+    result = train(dot_config(tmp_path, total_timesteps=40), reward_model=tiny_reward(dot_config(tmp_path)))
+    return result, ckpt.find_latest(result.run_dir)
+
+
+def test_a_checkpoint_with_any_file_one_byte_short_is_incomplete(tmp_path, one_checkpoint):
+    _, path = one_checkpoint
+    for name in ("model.zip", "replay_buffer.pkl", "state.pt", "config.json"):
+        copy = tmp_path / f"copy-{name}"
+        shutil.copytree(path, copy)
+        with open(copy / name, "r+b") as f:
+            f.truncate((copy / name).stat().st_size - 1)
+        assert not ckpt.is_complete(copy), name
+
+
+def test_a_crash_while_overwriting_a_checkpoint_of_the_same_step_keeps_it(one_checkpoint, monkeypatch):
+    result, path = one_checkpoint
+    real = os.rename
+
+    def fails_into_place(src, dst):
+        if Path(src).name.startswith(".tmp-") and Path(dst).name == path.name:
+            raise OSError("simulated crash")
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "rename", fails_into_place)
+    with pytest.raises(OSError, match="simulated crash"):
+        ckpt.save_checkpoint(result.run_dir, result.model, "{}", {})
+    monkeypatch.setattr(os, "rename", real)
+    ckpt.clean_stale(result.run_dir)
+    assert ckpt.find_latest(result.run_dir) == path
+
+
+def test_every_checkpoint_file_reaches_the_disk_before_the_checkpoint_is_renamed_into_place(one_checkpoint, monkeypatch):
+    result, _ = one_checkpoint
+    events = []
+    real_fsync, real_rename = ckpt._fsync_file, os.rename
+
+    def fsync(path):
+        events.append(("fsync", Path(path).name))
+        return real_fsync(path)
+
+    def rename(src, dst):
+        events.append(("rename", Path(src).name))
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(ckpt, "_fsync_file", fsync)
+    monkeypatch.setattr(os, "rename", rename)
+    result.model.num_timesteps += 2
+    ckpt.save_checkpoint(result.run_dir, result.model, "{}", {})
+    into_place = next(i for i, e in enumerate(events) if e[0] == "rename" and e[1].startswith(".tmp-"))
+    synced = {name for kind, name in events[:into_place] if kind == "fsync"}
+    assert synced >= {*ckpt.FILES, "meta.json"}
+
+
+def test_without_env_state_the_policy_starts_from_the_reset_observations(tmp_path, monkeypatch):
+    from vlmrm_fast.train import train
+    from vlmrm_fast.train.run import _load_checkpoint, build_vec_env
+
+    config = dot_config(tmp_path, total_timesteps=50, episode_length=30)
+    rm = tiny_reward(config)
+    path = ckpt.find_latest(train(config, reward_model=rm).run_dir)
+    env = build_vec_env(config, rm, 32, 32)
+    monkeypatch.setattr(ckpt, "set_env_state", lambda venv, state: False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model, _ = _load_checkpoint(path, env, config)
+    np.testing.assert_array_equal(model._last_obs, np.stack(env.get_attr("pos")))
+
+
+class _BottomUpRenderer:
+    """A BatchRenderer stand-in giving frames bottom up (as OpenGL reads them); ``fail_at``: the call
+    that raises, as a lost GL context would, so the recorder falls back to ``get_images``."""
+
+    bottom_up = True
+    fail_at: Optional[int] = None
+
+    def __init__(self, envs):
+        self.envs, self.calls = envs, 0
+
+    @classmethod
+    def from_envs(cls, envs, **kwargs):
+        return cls(envs)
+
+    def render(self):
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise RuntimeError("GL context lost")
+        return torch.from_numpy(np.stack([np.ascontiguousarray(e.unwrapped.render()[::-1]) for e in self.envs]))
+
+    def close(self):
+        pass
+
+
+@pytest.mark.parametrize("fail_at", [None, 3], ids=["batch", "fallback-mid-rollout"])
+def test_deferred_rewards_score_bottom_up_frames_the_right_way_up(tmp_path, monkeypatch, fail_at):
+    from stable_baselines3.common.vec_env import DummyVecEnv
+
+    from vlmrm_fast import wrappers
+    from vlmrm_fast.train.deferred import DeferredRewardRecorder, score_and_write_back
+
+    monkeypatch.setattr(_BottomUpRenderer, "fail_at", fail_at)
+    monkeypatch.setattr(wrappers, "_import_batch_renderer", lambda: _BottomUpRenderer)
+    venv = DummyVecEnv([lambda: gym.make("InvertedPendulum-v5", render_mode="rgb_array", width=32, height=32)] * 2)
+    rm = tiny_reward(dot_config(tmp_path))
+    recorder = DeferredRewardRecorder(venv, rm, capacity=4, render="batch")
+    recorder.seed(0)
+    recorder.reset()
+    upright = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(4):
+            recorder.step(np.zeros((2, 1), np.float32))
+            upright.append(np.stack([np.ascontiguousarray(e.unwrapped.render()) for e in venv.envs]))
+        vlm, _, _ = score_and_write_back(recorder, rm, SimpleNamespace(rewards=np.zeros((4, 2), np.float32)),
+                                         [0, 1, 2, 3])
+    want = rm.rm(np.concatenate(upright)).float().numpy().reshape(4, 2)
+    np.testing.assert_allclose(vlm, want, atol=1e-5)
+    recorder.close()
+
+
+def test_the_lock_file_names_only_its_holder(tmp_path):
+    from vlmrm_fast.train import run_lock
+
+    (tmp_path / run_lock.LOCK_NAME).write_text("x" * 300)  # a longer text from an earlier holder
+    with run_lock.hold_run_folder(tmp_path):
+        text = (tmp_path / run_lock.LOCK_NAME).read_text()
+    assert text.startswith(f"pid {os.getpid()} on ") and "xxxxx" not in text

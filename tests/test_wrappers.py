@@ -636,3 +636,27 @@ def test_set_attr_reaches_the_envs_the_wrapper_wraps_in_place(rm, no_batch):
     wrapped.set_attr("speed", 7)
     assert counting.envs[0].unwrapped.speed == 7
     wrapped.close()
+
+
+def test_episode_sums_end_on_truncation_and_restart_on_reset(rm):
+    # CountingEnv's reward is its step count t, and its episodes end at t = 3 (found by a mutation audit).
+    env = VLMRewardWrapper(gym.wrappers.TimeLimit(CountingEnv(), 2), rm)
+    env.reset(seed=0)
+    env.step(np.zeros(1, np.float32))
+    *_, truncated, info = env.step(np.zeros(1, np.float32))
+    assert truncated and info["episode_gt_return"] == 3.0  # 1 + 2, reported on a truncation too
+    env = VLMRewardWrapper(CountingEnv(), rm)
+    env.reset(seed=0)
+    env.step(np.zeros(1, np.float32))
+    env.reset(seed=0)  # mid-episode: the step before is not part of the next episode
+    for _ in range(3):
+        *_, info = env.step(np.zeros(1, np.float32))
+    assert info["episode_gt_return"] == 6.0
+    venv = VLMRewardVecEnv(DummyVecEnv([CountingEnv]), rm)
+    venv.reset()
+    venv.step(np.zeros((1, 1), np.float32))
+    venv.reset()
+    for _ in range(3):
+        _, _, dones, infos = venv.step(np.zeros((1, 1), np.float32))
+    assert dones[0] and infos[0]["episode_gt_return"] == 6.0
+    venv.close()
