@@ -556,25 +556,30 @@ def test_env_state_leaves_out_wall_clock_times():
     assert any("episode_returns" in layer for layer in layers)
 
 
+def _humanoid_venv():
+    """A DummyVecEnv of one textured humanoid (episodes of 50 steps), seeded 0 and reset."""
+    from stable_baselines3.common.vec_env import DummyVecEnv
+
+    import vlmrm_fast.envs  # noqa: F401  (registers it)
+
+    env = DummyVecEnv([lambda: gym.make("vlmrm_fast/TexturedHumanoid-v0", max_episode_steps=50)])
+    env.seed(0)
+    env.reset()
+    return env
+
+
 def test_humanoid_env_state_restores_the_next_reward_exactly():
     # The humanoid's reward reads body positions its previous step left behind (x-velocity from
     # xipos): a restored env must give the same next rewards, not only the same physics.
-    from stable_baselines3.common.vec_env import DummyVecEnv
-
-    def humanoid():
-        env = DummyVecEnv([lambda: gym.make("vlmrm_fast/TexturedHumanoid-v0", max_episode_steps=50)])
-        env.seed(0)
-        env.reset()
-        return env
 
     def rollout(venv, actions):
         return [venv.step(action)[:2] for action in actions]
 
     actions = np.random.default_rng(0).uniform(-0.4, 0.4, (8, 1, 17)).astype(np.float32)
-    running = humanoid()
+    running = _humanoid_venv()
     rollout(running, actions[:5])
     state = ckpt.env_state(running)
-    restored = humanoid()
+    restored = _humanoid_venv()
     assert ckpt.set_env_state(restored, state)
     want, got = rollout(running, actions[5:]), rollout(restored, actions[5:])
     for (obs, reward), (obs_restored, reward_restored) in zip(want, got):
@@ -584,7 +589,7 @@ def test_humanoid_env_state_restores_the_next_reward_exactly():
     # exactly from the integration state.
     for entry in state["envs"]:
         entry["mujoco_data"] = None
-    fallback = humanoid()
+    fallback = _humanoid_venv()
     assert ckpt.set_env_state(fallback, state)
     for (obs, _), (obs_fallback, _) in zip(want, rollout(fallback, actions[5:])):
         np.testing.assert_array_equal(obs_fallback, obs)
@@ -1196,24 +1201,15 @@ def test_env_state_from_the_integration_fallback_recomputes_derived_quantities()
     # A checkpoint from another MuJoCo version restores only the integration state: what MuJoCo derives
     # from it (body positions, read by the renderer and the next observation) must follow.
     import mujoco
-    from stable_baselines3.common.vec_env import DummyVecEnv
-
-    import vlmrm_fast.envs  # noqa: F401
-
-    def humanoid():
-        env = DummyVecEnv([lambda: gym.make("vlmrm_fast/TexturedHumanoid-v0", max_episode_steps=50)])
-        env.seed(0)
-        env.reset()
-        return env
 
     actions = np.random.default_rng(0).uniform(-0.4, 0.4, (8, 1, 17)).astype(np.float32)
-    running = humanoid()
+    running = _humanoid_venv()
     for a in actions[:5]:
         running.step(a)
     state = ckpt.env_state(running)
     for entry in state["envs"]:
         entry["mujoco_data"] = None  # as from another MuJoCo version
-    restored = humanoid()
+    restored = _humanoid_venv()
     for a in actions[::-1][:3]:
         restored.step(a)  # somewhere else first
     assert ckpt.set_env_state(restored, state)
