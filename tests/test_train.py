@@ -1344,6 +1344,33 @@ def test_deferred_rewards_score_bottom_up_frames_the_right_way_up(tmp_path, monk
     recorder.close()
 
 
+def test_deferred_rewards_follow_the_chosen_task_of_a_several_task_model():
+    from stable_baselines3.common.vec_env import DummyVecEnv
+
+    from vlmrm_fast import CLIPReward, Task
+    from vlmrm_fast.train.deferred import DeferredRewardRecorder, score_and_write_back
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rm = CLIPReward.from_pretrained("vlmrm-tiny", None, device="cpu", backend="torch", alpha=0.5, tasks=[
+            Task("a yellow square", "a square", name="yellow"), Task("a dark image", "an image", name="dark")])
+    scored = {}
+    for task in ("yellow", "dark"):
+        venv = DummyVecEnv([DotEnv] * 2)
+        recorder = DeferredRewardRecorder(venv, rm, capacity=3, task=task)
+        recorder.seed(0)
+        recorder.reset()
+        frames = []
+        for _ in range(3):
+            recorder.step(np.full((2, 2), 0.5, np.float32))
+            frames.append(np.stack(venv.get_images()))
+        vlm, _, _ = score_and_write_back(recorder, rm, SimpleNamespace(rewards=np.zeros((3, 2), np.float32)), [0, 1, 2])
+        want = rm(np.concatenate(frames)).numpy()[:, rm.task_names.index(task)].reshape(3, 2)
+        np.testing.assert_allclose(vlm, want, atol=1e-6)
+        scored[task] = vlm
+    assert not np.allclose(scored["yellow"], scored["dark"])
+
+
 def test_the_lock_file_names_only_its_holder(tmp_path):
     from vlmrm_fast.train import run_lock
 

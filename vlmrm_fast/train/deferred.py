@@ -17,7 +17,7 @@ Here that works in three parts:
 from __future__ import annotations
 
 import time
-from typing import Optional
+from typing import Optional, Union
 
 import numpy as np
 import torch
@@ -40,6 +40,8 @@ class DeferredRewardRecorder(VLMRewardVecEnv):
         reward_model: the :class:`~vlmrm_fast.CLIPReward` (its device holds the frames).
         capacity: vector steps held (the rollout length, ``train_freq``).
         mode, weight: how VLM and env rewards combine (see :func:`combine`).
+        render: the frame source, as for :class:`~vlmrm_fast.wrappers.VLMRewardVecEnv`.
+        task: which task (index or name) of a several-task reward model drives the reward.
     """
 
     #: Per-session timings: not restored from a checkpoint (the first log after a resume would
@@ -47,8 +49,8 @@ class DeferredRewardRecorder(VLMRewardVecEnv):
     checkpoint_skip = ("env_s", "render_s", "reward_s", "_t0", "_t_render_end")
 
     def __init__(self, venv: VecEnv, reward_model, capacity: int, mode: str = "replace", weight: float = 1.0,
-                 render: str = "auto") -> None:
-        super().__init__(venv, reward_model, mode=mode, weight=weight, render=render)
+                 render: str = "auto", task: Union[int, str] = 0) -> None:
+        super().__init__(venv, reward_model, mode=mode, weight=weight, render=render, task=task)
         self.capacity = int(capacity)
         self.device = torch.device(getattr(reward_model, "device", "cpu"))
         self.frames: Optional[torch.Tensor] = None  # allocated at the first step (frame size known)
