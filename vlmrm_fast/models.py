@@ -267,7 +267,6 @@ def create_clip(
         ValueError: unknown model name or tag. FileNotFoundError: a checkpoint path that does not exist.
         PretrainedWeightsError: weights that cannot be downloaded or do not fit the model.
     """
-    register_model_configs()
     check_model_name(model_name)
     if isinstance(pretrained, os.PathLike):
         pretrained = os.fspath(pretrained)

@@ -133,15 +133,12 @@ class OnnxRuntimeBackend(VisionBackend):
         # worker ends with os._exit, which no cleanup outlives, and a leftover graph is gigabytes.
         files, name = state.pop("_graph_files"), state.pop("_graph_name")
         self.__dict__.update(state)
-        self._workdir = tempfile.TemporaryDirectory(prefix="vlmrm_fast_onnx_")
-        try:
+        with tempfile.TemporaryDirectory(prefix="vlmrm_fast_onnx_") as folder:
             for file_name, data in files.items():
-                (Path(self._workdir.name) / file_name).write_bytes(data)
-            self._model_path = Path(self._workdir.name) / name
+                (Path(folder) / file_name).write_bytes(data)
+            self._model_path = Path(folder) / name
             self._start_session()
-        finally:
-            self._workdir.cleanup()
-        self._model_path = None
+        self._model_path = self._workdir = None
 
     def _session_options(self):
         import onnxruntime as ort

@@ -8,7 +8,7 @@ from typing import Callable, Optional, Sequence, Tuple, Union
 import open_clip
 import torch
 
-from vlmrm_fast.models import create_clip, register_model_configs
+from vlmrm_fast.models import create_clip  # its import registers vlmrm-tiny with open_clip
 
 # --------------------------------------------------------------------------- FLOPs
 
@@ -50,7 +50,6 @@ def _pair(value: Union[int, Sequence[int]]) -> Tuple[int, int]:
 def vit_shape_from_config(model_name: str) -> Optional[ViTShape]:
     """The tower's shape from open_clip's config alone (nothing instantiated); None for towers that
     are not open_clip VisionTransformers (ResNets, timm towers, attentional pooling)."""
-    register_model_configs()
     config = open_clip.get_model_config(model_name)
     if config is None:
         raise ValueError(f"open_clip has no config for model {model_name!r}.")

@@ -59,7 +59,7 @@ from tqdm import tqdm
 
 from vlmrm_fast.backends import BackendError
 from vlmrm_fast.frames import as_frame_batch
-from vlmrm_fast.models import TINY_MODEL, check_model_name, preprocess_spec_of, register_model_configs
+from vlmrm_fast.models import TINY_MODEL, check_model_name, preprocess_spec_of
 from vlmrm_fast.ops._triton import HAS_TRITON, interpreter_enabled
 from vlmrm_fast.precision import float32_convolutions, float32_matmuls
 from vlmrm_fast.profiler.flops import _gflops_and_method, create_random_model
@@ -140,7 +140,6 @@ def resolve_config(args: argparse.Namespace) -> BenchConfig:
         defaults = dict(models=[TINY_MODEL, "ViT-B-32"], batch_sizes=[1, 8, 32], backends=["torch", "onnxruntime"], repeats=3)
     dtypes = args.dtypes or (["bf16"] if on_cuda else ["fp32"])  # short names: the parser spells them so
     models = list(dict.fromkeys(args.models or defaults["models"]))
-    register_model_configs()
     for model in models:
         check_model_name(model)  # suggests close names
     if not args.time_budget > 0:

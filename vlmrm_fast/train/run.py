@@ -256,8 +256,8 @@ def train(config: TrainConfig, *, resume: Optional[os.PathLike] = None, reward_m
     # A resumed run lives on in its own folder, whatever config.run_dir says.
     run_dir = Path(resume) if resume is not None else Path(config.run_dir or default_run_dir())
     config = dataclasses.replace(config, run_dir=str(run_dir))
-    if resume is not None and not run_dir.is_dir():
-        raise FileNotFoundError(f"no run folder '{run_dir}' to resume; check the path, or start a new run without --resume")
+    if resume is not None:
+        _check_resume_folder(run_dir)  # before the lock, which would make it
     with hold_run_folder(run_dir):  # a second process here would clear and prune this one's checkpoints
         return _train_in(run_dir, config, resume, reward_model, start)
 
@@ -351,6 +351,11 @@ def _check_sac_device(device: str) -> None:
 
 def default_run_dir(name: str = "run") -> Path:
     return Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _check_resume_folder(run_dir: Path) -> None:
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"no run folder '{run_dir}' to resume; check the path, or start a new run without --resume")
 
 
 def _resume_checkpoint(run_dir: Path, resume: Optional[os.PathLike]) -> Optional[Path]:
@@ -466,17 +471,13 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, Optional[Pa
         where = "on the command line" if "run_dir" in overrides else f"in '{args.config}'"
         raise ValueError(f"--resume {run_dir} continues the run in its own folder, but run_dir {str(asked)!r} is given "
                          f"{where}: drop it, or copy the run folder there and resume the copy")
-    if not run_dir.is_dir():
-        raise FileNotFoundError(f"no run folder '{run_dir}' to resume; check the path, or start a new run without --resume")
+    _check_resume_folder(run_dir)
     try:
         with hold_run_folder(run_dir, warn_unlocked=False):  # not while another process writes checkpoints here
             ckpt.clean_stale(run_dir)  # first: it puts back a checkpoint a crash left mid-overwrite
     except (RunFolderBusy, OSError):
         pass  # in use, or not ours to write: reading is safe (--print-config); train() refuses to run beside a holder
-    found = ckpt.find_latest(run_dir)
-    if found is None:
-        raise FileNotFoundError(f"no complete checkpoint in '{run_dir / 'checkpoints'}'; check the path, or start "
-                                "a new run without --resume")
+    found = _resume_checkpoint(run_dir, run_dir)
     saved = TrainConfig.from_dict(json.loads((found / "config.json").read_text()), f"checkpoint '{found}'")
     given = config if (args.preset or args.config) else apply_overrides(saved, overrides, "the command line")
     _check_resume_config(found, given)
