@@ -553,7 +553,7 @@ def test_vec_env_errors(rm, no_batch):
         VLMRewardVecEnv(DummyVecEnv([make_env]), rm, render="gpu")
     with pytest.raises(TypeError, match=r"not TimeLimit: vectorise the env first, DummyVecEnv.*VLMRewardWrapper"):
         VLMRewardVecEnv(gym.make(ENV_ID, render_mode="rgb_array"), rm)  # a gymnasium env, not a VecEnv
-    with pytest.raises(TypeError, match=r"not SyncVectorEnv: a gymnasium vector env: build .*DummyVecEnv"):
+    with pytest.raises(TypeError, match=r"not SyncVectorEnv: a gymnasium vector env: wrap it with .*VectorWrapper"):
         VLMRewardVecEnv(gym.vector.SyncVectorEnv([make_env]), rm)
     with pytest.raises(ValueError, match="DummyVecEnv of MuJoCo envs"):
         VLMRewardVecEnv(DummyVecEnv([CountingEnv]), rm, render="batch")

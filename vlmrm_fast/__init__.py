@@ -24,6 +24,7 @@ _LAZY = {
     "VLMRewardWrapper": "vlmrm_fast.wrappers",
     "VLMRewardVecEnv": "vlmrm_fast.wrappers",
     "RenderTerminalFrame": "vlmrm_fast.wrappers",
+    "VLMRewardVectorWrapper": "vlmrm_fast.vector_wrapper",
     "BatchRenderer": "vlmrm_fast.render",
     "BackendError": "vlmrm_fast.backends.base",
 }
@@ -34,6 +35,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
     from vlmrm_fast.render import BatchRenderer
     from vlmrm_fast.reward import CLIPReward
     from vlmrm_fast.tasks import Task
+    from vlmrm_fast.vector_wrapper import VLMRewardVectorWrapper
     from vlmrm_fast.wrappers import RenderTerminalFrame, VLMRewardVecEnv, VLMRewardWrapper
 
 if importlib.util.find_spec("mujoco") is not None:
@@ -59,5 +61,6 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "CLIPReward", "Task", "PretrainedWeightsError", "create_clip", "register_model_configs", "TINY_MODEL",
-    "__version__", "VLMRewardWrapper", "VLMRewardVecEnv", "RenderTerminalFrame", "BatchRenderer", "BackendError",
+    "__version__", "VLMRewardWrapper", "VLMRewardVecEnv", "VLMRewardVectorWrapper",
+    "RenderTerminalFrame", "BatchRenderer", "BackendError",
 ]

@@ -9,6 +9,7 @@ VLM-RM reward, SPEC §1.1) and hand the result to the agent as its reward:
   :class:`vlmrm_fast.render.BatchRenderer` (kept on the GPU when it renders there); otherwise from
   ``venv.get_images()`` through host memory (``SubprocVecEnv`` pickles every frame through a pipe, so
   ``DummyVecEnv`` is the fast path).
+- :class:`vlmrm_fast.vector_wrapper.VLMRewardVectorWrapper` does the same for gymnasium vector envs.
 
 Modes (both wrappers):
 
@@ -246,8 +247,8 @@ class VLMRewardWrapper(_RewardMode, gym.Wrapper, gym.utils.RecordConstructorArgs
     - ``"log"``: ``env_reward`` (``r_vlm`` only in ``info``).
 
     The reward is a Python float in every mode. ``info`` always gets ``"gt_reward"`` (the env's own
-    reward, float) and ``"vlm_reward"`` (float); with a several-task reward model also ``"vlm_rewards"`` (``{task name: reward}``), the task ``task`` driving the
-    reward. On the step where the episode ends (terminated or truncated): ``"episode_vlm_return"`` and
+    reward, float) and ``"vlm_reward"`` (float); with a several-task reward model also ``"vlm_rewards"``
+    (``{task name: reward}``), the task ``task`` driving the reward. On the step where the episode ends (terminated or truncated): ``"episode_vlm_return"`` and
     ``"episode_gt_return"``, the episode's sums.
 
     The wrapper holds ``reward_model`` itself, shared by every env it wraps, and so does an env made
@@ -463,11 +464,97 @@ class _MujocoTerminalState(_PassesNewAttributesOn, gym.Wrapper):
             self.pending = False
 
 
+def _keep_terminal_states(
+    envs: List[gym.Env], mujoco_parts: Sequence[Optional[Tuple[Any, Any]]], batch: bool
+) -> List[Optional[_MujocoTerminalState]]:
+    """Wraps the envs of a vector env that steps them in this process, in place, so that each episode's
+    terminal state (MuJoCo envs) or terminal frame (others, and MuJoCo envs already wrapped in
+    :class:`RenderTerminalFrame` where frames come from ``render()``) outlives the auto-reset.
+
+    Returns each env's :class:`_MujocoTerminalState` (None where the env has none).
+    """
+    states: List[Optional[_MujocoTerminalState]] = [None] * len(envs)
+    envs_per_model = Counter(id(p[0]) for p in mujoco_parts if p is not None)
+    for i, env in enumerate(envs):
+        framed = _is_wrapped(env, RenderTerminalFrame)
+        if isinstance(env, _MujocoTerminalState):
+            states[i] = env
+        elif mujoco_parts[i] is not None and not (framed and not batch):
+            shared = envs_per_model[id(mujoco_parts[i][0])] > 1
+            states[i] = envs[i] = _MujocoTerminalState(env, *mujoco_parts[i], model_fields=not shared)
+        elif not framed:
+            envs[i] = _InsertedRenderTerminalFrame(env)
+    return states
+
+
 def _import_batch_renderer() -> Any:
     """The GPU batch renderer class (imported lazily: it is optional)."""
     from vlmrm_fast.render import BatchRenderer
 
     return BatchRenderer
+
+
+def _new_batch_renderer(envs: Sequence[gym.Env], reward_model: Any) -> Any:
+    """A BatchRenderer over ``envs`` (MuJoCo envs), at their render size, writing where the reward model runs."""
+    renderer_cls = _import_batch_renderer()
+    device = getattr(reward_model, "device", None)
+    try:
+        accepts_device = "device" in inspect.signature(renderer_cls.from_envs).parameters
+    except (TypeError, ValueError):
+        accepts_device = False
+    if device is not None and accepts_device:
+        return renderer_cls.from_envs(list(envs), device=device)
+    return renderer_cls.from_envs(list(envs))
+
+
+def _choose_renderer(
+    render: str, envs: Optional[Sequence[gym.Env]], reward_model: Any, vector_kind: str, images: str
+) -> Any:
+    """The BatchRenderer for ``render`` ("batch", "auto" or "images"), or None to render through ``images``.
+
+    ``envs`` are the vector env's MuJoCo envs when it steps them in this process, else None.
+    """
+    if render not in RENDER_SOURCES:
+        raise ValueError(f"render must be one of {RENDER_SOURCES}; got {render!r}.")
+    if render == "batch":
+        if envs is None:
+            raise ValueError(
+                f'render="batch" needs a {vector_kind} of MuJoCo envs (it renders their MjData directly); '
+                'use render="images" (or "auto") for other vector envs.'
+            )
+        return _new_batch_renderer(envs, reward_model)
+    if render == "auto" and envs is not None:
+        try:
+            return _new_batch_renderer(envs, reward_model)
+        except ImportError:
+            return None  # the optional renderer is not there: images, silently
+        except Exception as exc:  # noqa: BLE001 - any failure of the optional fast path
+            warnings.warn(f"BatchRenderer could not be built ({exc!r}); rendering through {images}.", stacklevel=3)
+    return None
+
+
+def _check_renderer_frames(frames: Any, num_envs: int) -> Tuple[int, int]:
+    """``BatchRenderer.render()``'s output must be uint8 [num_envs, H, W, 3]; returns (H, W)."""
+    if (
+        not isinstance(frames, torch.Tensor)
+        or frames.ndim != 4
+        or frames.shape[0] != num_envs
+        or frames.shape[3] != 3
+        or frames.dtype != torch.uint8
+    ):
+        raise ValueError(
+            f"BatchRenderer.render() must return uint8 [{num_envs}, H, W, 3]; got "
+            f"{type(frames).__name__} {tuple(getattr(frames, 'shape', ()))} {getattr(frames, 'dtype', '')}."
+        )
+    return int(frames.shape[1]), int(frames.shape[2])
+
+
+def _close_quietly(renderer: Any) -> None:
+    if renderer is not None:
+        try:
+            renderer.close()
+        except Exception:  # noqa: BLE001 - closing is best effort
+            pass
 
 
 # ---- the VecEnv wrapper -------------------------------------------------------------------------
@@ -522,12 +609,10 @@ class VLMRewardVecEnv(_RewardMode, VecEnvWrapper):
     ) -> None:
         if not _HAS_SB3:  # pragma: no cover - depends on the environment
             raise ImportError("VLMRewardVecEnv needs stable-baselines3: pip install 'vlmrm-fast[train]'")
-        if render not in RENDER_SOURCES:
-            raise ValueError(f"render must be one of {RENDER_SOURCES}; got {render!r}.")
         if not isinstance(venv, VecEnv):
             if isinstance(venv, gym.vector.VectorEnv):
-                fix = ("a gymnasium vector env: build the envs as an SB3 DummyVecEnv([make_env] * n), or put "
-                       "VLMRewardWrapper inside gymnasium's vector env (one reward call per env)")
+                fix = ("a gymnasium vector env: wrap it with vlmrm_fast.VLMRewardVectorWrapper, or build the envs as "
+                       "an SB3 DummyVecEnv([make_env] * n)")
             else:
                 fix = ("vectorise the env first, DummyVecEnv([make_env] * n), or wrap a single gymnasium env with "
                        "VLMRewardWrapper")
@@ -547,22 +632,8 @@ class VLMRewardVecEnv(_RewardMode, VecEnvWrapper):
         mujoco_parts = [_mujoco_parts(env) for env in self._dummy.envs] if self._dummy is not None else []
         all_mujoco = bool(mujoco_parts) and all(p is not None for p in mujoco_parts)
 
-        self.renderer: Any = None
-        if render == "batch":
-            if not all_mujoco:
-                raise ValueError(
-                    'render="batch" needs a DummyVecEnv of MuJoCo envs (it renders their MjData directly); '
-                    'use render="images" (or "auto") for other VecEnvs.'
-                )
-            self.renderer = self._build_renderer()
-        elif render == "auto" and all_mujoco:
-            try:
-                self.renderer = self._build_renderer()
-            except ImportError:
-                self.renderer = None  # the optional renderer is not there: images, silently
-            except Exception as exc:  # noqa: BLE001 - any failure of the optional fast path
-                warnings.warn(f"BatchRenderer could not be built ({exc!r}); rendering through venv.get_images().")
-                self.renderer = None
+        envs = list(self._dummy.envs) if all_mujoco else None
+        self.renderer: Any = _choose_renderer(render, envs, reward_model, "DummyVecEnv", "venv.get_images()")
         if self.renderer is None:
             self._require_rgb_array()
 
@@ -570,17 +641,7 @@ class VLMRewardVecEnv(_RewardMode, VecEnvWrapper):
         self._terminal_states: List[Optional[_MujocoTerminalState]] = [None] * self.num_envs
         self.terminal_frames = True
         if self._dummy is not None:
-            envs_per_model = Counter(id(p[0]) for p in mujoco_parts if p is not None)
-            for i, env in enumerate(self._dummy.envs):
-                framed = _is_wrapped(env, RenderTerminalFrame)
-                if isinstance(env, _MujocoTerminalState):
-                    self._terminal_states[i] = env
-                elif mujoco_parts[i] is not None and not (framed and self.renderer is None):
-                    shared = envs_per_model[id(mujoco_parts[i][0])] > 1
-                    self._terminal_states[i] = self._dummy.envs[i] = _MujocoTerminalState(
-                        env, *mujoco_parts[i], model_fields=not shared)
-                elif not framed:
-                    self._dummy.envs[i] = _InsertedRenderTerminalFrame(env)
+            self._terminal_states = _keep_terminal_states(self._dummy.envs, mujoco_parts, self.renderer is not None)
         else:
             try:
                 wrapped = venv.env_is_wrapped(RenderTerminalFrame)
@@ -597,19 +658,6 @@ class VLMRewardVecEnv(_RewardMode, VecEnvWrapper):
                     UserWarning,
                     stacklevel=2,
                 )
-
-    def _build_renderer(self) -> Any:
-        """A BatchRenderer over the DummyVecEnv's envs, at their render size, writing where the reward model runs."""
-        renderer_cls = _import_batch_renderer()
-        envs = list(self._dummy.envs)
-        device = getattr(self.reward_model, "device", None)
-        try:
-            accepts_device = "device" in inspect.signature(renderer_cls.from_envs).parameters
-        except (TypeError, ValueError):
-            accepts_device = False
-        if device is not None and accepts_device:
-            return renderer_cls.from_envs(envs, device=device)
-        return renderer_cls.from_envs(envs)
 
     @property
     def render_source(self) -> str:
@@ -674,20 +722,10 @@ class VLMRewardVecEnv(_RewardMode, VecEnvWrapper):
         return images, False, terminal
 
     def _check_batch(self, frames: Any) -> None:
-        if (
-            not isinstance(frames, torch.Tensor)
-            or frames.ndim != 4
-            or frames.shape[0] != self.num_envs
-            or frames.shape[3] != 3
-            or frames.dtype != torch.uint8
-        ):
-            raise ValueError(
-                f"BatchRenderer.render() must return uint8 [{self.num_envs}, H, W, 3]; got "
-                f"{type(frames).__name__} {tuple(getattr(frames, 'shape', ()))} {getattr(frames, 'dtype', '')}."
-            )
+        size = _check_renderer_frames(frames, self.num_envs)
         if not self._size_checked:
             self._size_checked = True
-            _warn_size((int(frames.shape[1]), int(frames.shape[2])), self.reward_model, "The BatchRenderer")
+            _warn_size(size, self.reward_model, "The BatchRenderer")
 
     def step_wait(self) -> VecEnvStepReturn:
         obs, env_rewards, dones, infos = self.venv.step_wait()
@@ -714,11 +752,7 @@ class VLMRewardVecEnv(_RewardMode, VecEnvWrapper):
 
     def _close_renderer(self) -> None:
         renderer, self.renderer = self.renderer, None
-        if renderer is not None:
-            try:
-                renderer.close()
-            except Exception:  # noqa: BLE001 - closing is best effort
-                pass
+        _close_quietly(renderer)
 
     def close(self) -> None:
         self._close_renderer()

@@ -1,0 +1,256 @@
+"""VLMRewardVectorWrapper (gymnasium vector envs): rewards against one VLMRewardWrapper per env under each
+auto-reset mode and frame source, one batch per step, terminal frames, info layout, errors.
+
+The reference for every reward is :class:`VLMRewardWrapper` on a plain env stepped with the same actions
+(itself checked against ``rm`` on the env's own frame in test_wrappers.py). The vector wrapper scores the
+same frames in one batch, so the rewards agree to fp32 rounding of a batched forward pass (1e-5).
+"""
+import os
+
+os.environ.setdefault("MUJOCO_GL", "egl")
+os.environ.setdefault("PYOPENGL_PLATFORM", "egl")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+gym = pytest.importorskip("gymnasium")
+pytest.importorskip("stable_baselines3")
+pytest.importorskip("mujoco")
+AutoresetMode = getattr(gym.vector, "AutoresetMode", None)  # gymnasium 1.0: next-step auto-reset only, no modes
+
+from stable_baselines3.common.vec_env import DummyVecEnv  # noqa: E402
+from test_wrappers import (  # noqa: E402  helpers only (its fixtures stay there)
+    ENV_ID, MODES, SIZE, CountingEnv, FakeBatchRenderer, Spy, _tiny_reward, actions, counting_frame, make_env,
+    real_batch_renderer_or_skip,
+)
+
+from vlmrm_fast import Task, VLMRewardVectorWrapper, VLMRewardWrapper  # noqa: E402
+from vlmrm_fast import wrappers as W  # noqa: E402
+from vlmrm_fast.vector_wrapper import autoreset_mode  # noqa: E402
+from vlmrm_fast.wrappers import RenderTerminalFrame  # noqa: E402
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:.*random weights.*:UserWarning"),
+    pytest.mark.filterwarnings("ignore:.*is resized, which costs time.*:UserWarning"),
+]
+
+NO_MODES = pytest.mark.skipif(AutoresetMode is None, reason="gymnasium < 1.1 has no AutoresetMode (next-step only)")
+RESET_MODES = ["next_step", pytest.param("same_step", marks=NO_MODES), pytest.param("disabled", marks=NO_MODES)]
+
+
+@pytest.fixture(scope="module")
+def rm():
+    return _tiny_reward(goal="a humanoid robot kneeling", baseline="a humanoid robot")
+
+
+def reset_kwargs(reset_mode):
+    """The vector env's auto-reset argument (none on gymnasium 1.0, whose only mode is next-step)."""
+    return {} if AutoresetMode is None else {"autoreset_mode": getattr(AutoresetMode, reset_mode.upper())}
+
+
+def sync_envs(make, n, reset_mode="next_step"):
+    return gym.vector.SyncVectorEnv([make] * n, **reset_kwargs(reset_mode))
+
+
+def short_env():
+    return make_env(max_episode_steps=4)
+
+
+@pytest.mark.parametrize("render", ["images", "fake_batch", "batch"])
+@pytest.mark.parametrize("reset_mode", RESET_MODES)
+def test_rewards_match_one_wrapper_per_env(rm, reset_mode, render, monkeypatch):
+    """Every step's reward, episode returns and terminal-frame flags against VLMRewardWrapper on each env.
+
+    Episodes end by falling (terminated) and by the 4-step limit (truncated) within 13 steps, so each mode's
+    reset path is crossed: NEXT_STEP's reset rows (reward 0, masked out), SAME_STEP's terminal state kept
+    across the reset, DISABLED's partial reset.
+    """
+    n, steps, seeds = 3, 13, [11, 12, 13]
+    if render == "fake_batch":  # bottom-up rows, flipped by the reward model
+        monkeypatch.setattr(W, "_import_batch_renderer", lambda: FakeBatchRenderer)
+    if render == "batch":
+        real_batch_renderer_or_skip([short_env()])
+    spy = Spy(rm)
+    envs = VLMRewardVectorWrapper(sync_envs(short_env, n, reset_mode), spy,
+                                  render="images" if render == "images" else "batch")
+    assert envs.autoreset_mode == reset_mode and envs.render_source == ("images" if render == "images" else "batch")
+    refs = [VLMRewardWrapper(short_env(), rm) for _ in range(n)]
+    envs.reset(seed=seeds)
+    for ref, seed in zip(refs, seeds):
+        ref.reset(seed=seed)
+    acts = actions(steps, n, seed=1)
+    resetting = np.zeros(n, dtype=bool)
+    seen = {"terminated": 0, "truncated": 0, "reset rows": 0}
+    for t in range(steps):
+        _, rewards, terminated, truncated, info = envs.step(acts[t])
+        assert rewards.dtype == np.float64 and rewards.shape == (n,)
+        for i, ref in enumerate(refs):
+            if resetting[i]:  # NEXT_STEP: this call reset env i instead of stepping it
+                ref.reset()
+                seen["reset rows"] += 1
+                assert rewards[i] == 0.0 and info["vlm_reward"][i] == 0.0
+                assert not info["_vlm_reward"][i] and not info["_gt_reward"][i]
+                continue
+            _, reward, ref_term, ref_trunc, ref_info = ref.step(acts[t, i])
+            assert (ref_term, ref_trunc) == (terminated[i], truncated[i])
+            assert info["_vlm_reward"][i] and info["_gt_reward"][i]
+            assert rewards[i] == pytest.approx(reward, abs=1e-5)
+            assert info["vlm_reward"][i] == pytest.approx(ref_info["vlm_reward"], abs=1e-5)
+            assert info["gt_reward"][i] == ref_info["gt_reward"]
+            if ref_term or ref_trunc:
+                seen["terminated" if ref_term else "truncated"] += 1
+                assert info["_episode_vlm_return"][i] and info["vlm_terminal_frame"][i]
+                assert info["episode_vlm_return"][i] == pytest.approx(ref_info["episode_vlm_return"], abs=1e-4)
+                assert info["episode_gt_return"][i] == ref_info["episode_gt_return"]
+                if reset_mode != "next_step":
+                    ref.reset()
+            elif "_episode_vlm_return" in info:  # another env's episode ended: gymnasium's zero fill here
+                assert not info["_episode_vlm_return"][i] and info["episode_vlm_return"][i] == 0.0
+        ended = terminated | truncated
+        if reset_mode == "next_step":
+            resetting = ended
+        if reset_mode == "disabled" and ended.any():
+            envs.reset(options={"reset_mask": ended})
+        assert "terminal_frame" not in info and "terminal_frame" not in info.get("final_info", {})
+    assert spy.batch_sizes == [n] * steps  # one call per step, all envs
+    assert seen["terminated"] and seen["truncated"]
+    assert bool(seen["reset rows"]) == (reset_mode == "next_step")
+    envs.close()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_modes_tasks_and_info_layout(mode):
+    """``mode``/``weight``, a several-task model's per-task rewards, and gymnasium's vector-info layout."""
+    rm2 = _tiny_reward(tasks=[Task(goal="kneeling", baseline="a robot", name="kneel"),
+                              Task(goal="the splits", baseline="a robot", name="splits")])
+    envs = VLMRewardVectorWrapper(sync_envs(lambda: make_env(max_episode_steps=50), 2), rm2, mode=mode,
+                                  weight=0.25, render="images", task="splits")
+    envs.reset(seed=0)
+    _, rewards, _, _, info = envs.step(np.zeros((2, 1), np.float32))
+    frames = np.stack(envs.env.render())
+    want = rm2(frames).numpy().astype(np.float64)  # [2, 2]: the frames the step scored (nothing moved since)
+    np.testing.assert_allclose(info["vlm_reward"], want[:, 1], atol=1e-6)
+    np.testing.assert_allclose(info["vlm_rewards"]["kneel"], want[:, 0], atol=1e-6)
+    assert info["_vlm_rewards"].all() and info["vlm_rewards"]["_splits"].all()
+    expected = {"replace": want[:, 1], "add": info["gt_reward"] + 0.25 * want[:, 1], "log": info["gt_reward"]}[mode]
+    np.testing.assert_allclose(rewards, expected, atol=1e-6)
+    assert "episode_vlm_return" not in info  # no episode ended
+    envs.close()
+
+
+def test_full_reset_after_an_episode_ended(rm):
+    """NEXT_STEP: an env whose episode just ended would be reset by the next step; a reset of all envs in
+    between does it instead, so the next step is a real transition for every env (scored, masks True)."""
+    envs = VLMRewardVectorWrapper(sync_envs(lambda: make_env(max_episode_steps=2), 2), rm, render="images")
+    envs.reset(seed=0)
+    for _ in range(2):
+        _, _, _, truncated, _ = envs.step(np.zeros((2, 1), np.float32))
+    assert truncated.all()
+    envs.reset(seed=1)
+    _, rewards, _, _, info = envs.step(np.zeros((2, 1), np.float32))
+    assert info["_vlm_reward"].all() and (rewards != 0).all()
+    np.testing.assert_allclose(rewards, rm(np.stack(envs.env.render())).numpy(), atol=1e-5)
+    envs.close()
+
+
+def test_gymnasium_episode_statistics_see_the_vlm_reward(rm):
+    """gymnasium's RecordEpisodeStatistics over the wrapper sums the VLM rewards (the wrapper's own return)."""
+    envs = gym.wrappers.vector.RecordEpisodeStatistics(VLMRewardVectorWrapper(sync_envs(short_env, 2), rm))
+    envs.reset(seed=3)
+    for t in range(6):
+        _, _, terminated, truncated, info = envs.step(actions(6, 2, seed=4)[t])
+        if "_episode" in info:
+            ended = info["_episode"]
+            np.testing.assert_allclose(info["episode"]["r"][ended], info["episode_vlm_return"][ended], atol=1e-5)
+            assert (info["_episode_vlm_return"] == ended).all()
+    envs.close()
+
+
+@pytest.mark.parametrize("vector", ["sync", "async"])
+@pytest.mark.parametrize("reset_mode", RESET_MODES)
+def test_terminal_frame_of_non_mujoco_envs(rm, vector, reset_mode):
+    """CountingEnv's frame shows its step count; an episode ends at t = 3, so the terminal step must be
+    scored on frame 3 (frame 0 is the next episode's first state).
+
+    A SyncVectorEnv always scores frame 3 (under SAME_STEP the wrapper inserts RenderTerminalFrame itself).
+    An AsyncVectorEnv under SAME_STEP needs RenderTerminalFrame inside its envs: without it the terminal step
+    is scored on frame 0, with a warning and ``vlm_terminal_frame`` False.
+    """
+    terminal_frame, next_first_frame = rm(np.stack([counting_frame(3), counting_frame(0)])).numpy()
+    cases = [(CountingEnv, True)]
+    if vector == "async":
+        cases = [(CountingEnv, reset_mode != "same_step"), (lambda: RenderTerminalFrame(CountingEnv()), True)]
+    for make, scored_terminal in cases:
+        if vector == "sync":
+            base = gym.vector.SyncVectorEnv([make] * 2, **reset_kwargs(reset_mode))
+        else:
+            base = gym.vector.AsyncVectorEnv([make] * 2, context="fork", **reset_kwargs(reset_mode))
+        envs = VLMRewardVectorWrapper(base, rm)
+        envs.reset()
+        try:
+            for t in range(3):
+                if t == 2 and not scored_terminal:
+                    with pytest.warns(UserWarning, match="RenderTerminalFrame"):
+                        _, rewards, terminated, _, info = envs.step(np.zeros((2, 1), np.float32))
+                else:
+                    _, rewards, terminated, _, info = envs.step(np.zeros((2, 1), np.float32))
+            assert terminated.all()
+            want = terminal_frame if scored_terminal else next_first_frame
+            np.testing.assert_allclose(rewards, [want] * 2, atol=1e-5)
+            assert info["vlm_terminal_frame"].tolist() == [scored_terminal] * 2
+            assert "terminal_frame" not in info and "terminal_frame" not in info.get("final_info", {})
+        finally:
+            envs.close()
+
+
+def test_batch_renderer_failure_falls_back_to_images(rm, monkeypatch):
+    class Broken(FakeBatchRenderer):
+        def render(self):
+            raise RuntimeError("no GL context")
+
+    monkeypatch.setattr(W, "_import_batch_renderer", lambda: Broken)
+    envs = VLMRewardVectorWrapper(sync_envs(make_env, 2), rm)
+    assert envs.render_source == "batch"
+    envs.reset(seed=0)
+    with pytest.warns(UserWarning, match="envs.render"):
+        _, rewards, _, _, _ = envs.step(np.zeros((2, 1), np.float32))
+    assert envs.render_source == "images" and np.isfinite(rewards).all()
+    envs.close()
+
+
+def test_errors(rm):
+    with pytest.raises(TypeError, match=r"not DummyVecEnv: for a stable-baselines3 VecEnv use .*VLMRewardVecEnv"):
+        VLMRewardVectorWrapper(DummyVecEnv([make_env]), rm)
+    with pytest.raises(TypeError, match=r"not TimeLimit: vectorise it first, .*SyncVectorEnv.*VLMRewardWrapper"):
+        VLMRewardVectorWrapper(make_env(), rm)
+    with pytest.raises(TypeError, match="needs a reward model"):
+        VLMRewardVectorWrapper(sync_envs(make_env, 1), "a robot kneeling")
+    with pytest.raises(ValueError, match=r'render_mode is None.*make_vec\(env_id, num_envs, render_mode="rgb_array"'):
+        VLMRewardVectorWrapper(gym.vector.SyncVectorEnv([lambda: gym.make(ENV_ID)]), rm, render="images")
+    with pytest.raises(ValueError, match="render must be one of"):
+        VLMRewardVectorWrapper(sync_envs(make_env, 1), rm, render="gpu")
+    with pytest.raises(ValueError, match="SyncVectorEnv of MuJoCo envs"):
+        VLMRewardVectorWrapper(sync_envs(CountingEnv, 1), rm, render="batch")
+    with pytest.raises(ValueError, match="mode must be one of"):
+        VLMRewardVectorWrapper(sync_envs(make_env, 1), rm, mode="sum")
+    with pytest.raises(ValueError, match="not one of the reward model's tasks"):
+        VLMRewardVectorWrapper(sync_envs(make_env, 1), rm, task="splits")
+    sizes = gym.vector.SyncVectorEnv([make_env, lambda: make_env(size=SIZE + 8)])
+    envs = VLMRewardVectorWrapper(sizes, rm, render="images")
+    envs.reset(seed=0)
+    with pytest.raises(ValueError, match="frames of different sizes"):
+        envs.step(np.zeros((2, 1), np.float32))
+
+
+@NO_MODES
+def test_autoreset_mode_names():
+    """The mode as gymnasium records it (an enum, or its value), and gymnasium 1.0's missing key."""
+    class Fake:
+        def __init__(self, metadata):
+            self.metadata = metadata
+
+    assert autoreset_mode(Fake({"autoreset_mode": AutoresetMode.SAME_STEP})) == "same_step"
+    assert autoreset_mode(Fake({"autoreset_mode": "Disabled"})) == "disabled"
+    assert autoreset_mode(Fake({})) == "next_step"
+    with pytest.raises(ValueError, match="unknown autoreset_mode"):
+        autoreset_mode(Fake({"autoreset_mode": "sometimes"}))
