@@ -17,10 +17,14 @@ Environment knobs (flash-attention style):
 
 By default the extension is built only when torch is importable in the build environment (e.g.
 ``pip install -e . --no-build-isolation``), ``torch.cuda.is_available()`` and the CUDA toolkit (nvcc)
-is found. Otherwise a one-line note is printed and the install is pure Python.
+is found. Otherwise a one-line note is printed and the install is pure Python, as it is when such a
+default build fails to compile (the wheel is then ``py3-none-any``, with no extension left from an
+earlier build). The toolkit is ``CUDA_HOME`` (or ``CUDA_PATH``), else the one whose nvcc comes first on
+PATH, else /usr/local/cuda.
 """
 import os
 import re
+import shutil
 import sys
 
 from setuptools import setup
@@ -92,12 +96,15 @@ def cuda_extensions():
     if not (torch.cuda.is_available() or force):
         _note("no CUDA device visible (set VLMRM_FAST_FORCE_BUILD=1 to build anyway): no CUDA extension")
         return [], {}
-    if not os.environ.get("CUDA_HOME") and not os.environ.get("CUDA_PATH") and os.path.isdir("/usr/local/cuda"):
-        os.environ["CUDA_HOME"] = "/usr/local/cuda"
+    if not os.environ.get("CUDA_HOME") and not os.environ.get("CUDA_PATH"):
+        home = _toolkit_of_nvcc_on_path() or ("/usr/local/cuda" if os.path.isdir("/usr/local/cuda") else None)
+        if home is not None:
+            os.environ["CUDA_HOME"] = home
     from torch.utils import cpp_extension
 
     if cpp_extension.CUDA_HOME is None or not os.path.exists(os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc")):
-        msg = "the CUDA toolkit (nvcc, CUDA_HOME) was not found: no CUDA extension"
+        msg = (f"the CUDA toolkit (nvcc, CUDA_HOME) was not found (CUDA_HOME={cpp_extension.CUDA_HOME}; set it to the "
+               "toolkit's folder, the one holding bin/nvcc, or put that nvcc first on PATH): no CUDA extension")
         if force:
             raise RuntimeError("VLMRM_FAST_FORCE_BUILD: " + msg)
         _note(msg)
@@ -123,8 +130,37 @@ def cuda_extensions():
                 if force:
                     raise
                 _note(f"building {EXT_NAME} failed, installing without it: {exc}")
+                self._install_without_extensions()
+
+        def _install_without_extensions(self):
+            # An output of an earlier build must not ship in place of the one that failed, and a wheel
+            # without the extension is pure Python: say so in its tag (py3-none-any), not a platform one.
+            for extension in self.extensions:
+                output = self.get_ext_fullpath(extension.name)
+                if os.path.exists(output):
+                    os.remove(output)
+            self.distribution.ext_modules = []
+            wheel = self.distribution.command_obj.get("bdist_wheel")
+            if wheel is not None:
+                wheel.root_is_pure = True
 
     return [ext], {"build_ext": BuildExt.with_options(use_ninja=_has_ninja())}
+
+
+def _toolkit_of_nvcc_on_path():
+    """The CUDA toolkit whose nvcc comes first on PATH (``module load cuda`` often sets only PATH), or None.
+
+    Unlike torch's own search, an nvcc that is a wrapper or link outside its toolkit (/usr/local/bin/nvcc)
+    does not make its parent folder the toolkit: that folder must hold the CUDA headers.
+    """
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return None
+    for path in (nvcc, os.path.realpath(nvcc)):
+        home = os.path.dirname(os.path.dirname(path))
+        if os.path.exists(os.path.join(home, "include", "cuda_runtime.h")):
+            return home
+    return None
 
 
 def _has_ninja():

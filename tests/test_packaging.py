@@ -129,3 +129,59 @@ def test_an_extension_that_does_not_load_is_reported_as_such(tmp_path):
     where, reason = result.stdout.splitlines()[:2]
     assert where.startswith(str(src))
     assert "built but does not load" in reason and "another torch" in reason
+
+
+def _fake_toolkit(root: Path) -> Path:
+    """A CUDA toolkit folder (headers where setup.py looks) whose nvcc fails: any compile in it fails."""
+    (root / "bin").mkdir(parents=True)
+    (root / "include").mkdir()
+    (root / "include" / "cuda_runtime.h").touch()
+    nvcc = root / "bin" / "nvcc"
+    nvcc.write_text("#!/bin/sh\necho 'nvcc: broken on purpose' >&2\nexit 1\n")
+    nvcc.chmod(0o755)
+    return root
+
+
+def test_a_failed_optional_build_gives_a_pure_wheel_without_a_stale_extension(tmp_path):
+    # Without VLMRM_FAST_FORCE_BUILD, a GPU machine whose build of the extension fails still installs: the
+    # wheel must then be what it holds (pure Python, py3-none-any), and an extension left in build/ by an
+    # earlier build (against another torch, say) must not ship in place of the one that failed.
+    import sysconfig
+
+    torch = pytest.importorskip("torch")
+    if torch.version.cuda is None:
+        pytest.skip("a CPU-only torch build: setup.py does not try the extension")
+    src, out = copy_sources(tmp_path / "src"), tmp_path / "dist"
+    platlib = src / "build" / f"lib.{sysconfig.get_platform()}-{sys.implementation.cache_tag}" / "vlmrm_fast"
+    platlib.mkdir(parents=True)
+    stale = platlib / f"_render_cuda{sysconfig.get_config_var('EXT_SUFFIX')}"
+    stale.write_bytes(b"an earlier build")
+    fake_gpu = tmp_path / "fake-gpu"  # torch.cuda.is_available() is True in the build's processes
+    fake_gpu.mkdir()
+    (fake_gpu / "sitecustomize.py").write_text("import torch\ntorch.cuda.is_available = lambda: True\n")
+    result = _pip_wheel(src, out, PYTHONPATH=str(fake_gpu), CUDA_HOME=str(_fake_toolkit(tmp_path / "cuda")),
+                        VLMRM_FAST_CUDA_ARCHS="9.0")
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-3000:]
+    assert f"building vlmrm_fast._render_cuda (CUDA_HOME={tmp_path / 'cuda'}" in log  # the build was tried
+    assert "building vlmrm_fast._render_cuda failed, installing without it" in log
+    (wheel,) = out.glob("vlmrm_fast-*.whl")
+    assert wheel.name.endswith("-py3-none-any.whl"), wheel.name
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "vlmrm_fast/reward.py" in names and not any(n.endswith(".so") for n in names), names
+    assert not stale.exists()
+
+
+def test_the_toolkit_of_the_nvcc_on_path_comes_before_the_system_one(tmp_path):
+    # `module load cuda/X` often sets only PATH; /usr/local/cuda may be another toolkit.
+    torch = pytest.importorskip("torch")
+    if torch.version.cuda is None:
+        pytest.skip("a CPU-only torch build: setup.py does not look for a toolkit")
+    toolkit = _fake_toolkit(tmp_path / "cuda-on-path")
+    env = {k: v for k, v in os.environ.items() if k not in ("CUDA_HOME", "CUDA_PATH")}
+    env.update(PATH=f"{toolkit / 'bin'}{os.pathsep}{env.get('PATH', '')}", VLMRM_FAST_FORCE_BUILD="1",
+               VLMRM_FAST_CUDA_ARCHS="9.0")
+    result = subprocess.run([sys.executable, "setup.py", "--version"], cwd=copy_sources(tmp_path / "src"), env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"building vlmrm_fast._render_cuda (CUDA_HOME={toolkit}," in result.stderr

@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import warnings
 
 os.environ.setdefault("MUJOCO_GL", "egl")  # before mujoco is imported (headless rendering)
 os.environ.setdefault("PYOPENGL_PLATFORM", "egl")
@@ -549,3 +550,21 @@ def test_the_cause_of_an_llvm_clash_is_named_before_it_crashes(first):
     else:
         assert named and result.returncode in (0, -signal.SIGSEGV), result.stderr[-2000:]
 
+
+
+def test_a_fall_back_from_the_gpu_path_is_announced(envs):
+    """Frames asked for on a CUDA device but rendered on the CPU path (extension not built, or built against
+    another torch, no CUDA, EGL elsewhere): a warning with the reason, not only ``fallback_reason``."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        r = BatchRenderer.from_envs(envs, device="cuda:0")
+    r.close()
+    ours = [w for w in caught if "BatchRenderer renders on the CPU path" in str(w.message)]
+    if r.path == "gpu":
+        assert not ours
+    else:
+        assert len(ours) == 1 and r.fallback_reason in str(ours[0].message) and ours[0].filename == __file__
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # chosen, not fallen back to: no warning
+        BatchRenderer.from_envs(envs, device="cuda:0", gpu=False).close()
+        BatchRenderer.from_envs(envs, device="cpu").close()

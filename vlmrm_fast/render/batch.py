@@ -15,6 +15,8 @@ Two paths:
 from __future__ import annotations
 
 import os
+import sys
+import warnings
 from contextlib import contextmanager
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
@@ -323,6 +325,16 @@ def _keep_current_gl():
                 pass
 
 
+def _first_caller_outside_package() -> int:
+    """``stacklevel`` for a warning raised here that names the first caller outside vlmrm_fast (the
+    user's line, also when the renderer is built by a wrapper or ``from_envs``)."""
+    package = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "")
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 class BatchRenderer:
     """Render N MuJoCo envs of the same model into one uint8 tensor ``[N, H, W, 3]``.
 
@@ -444,6 +456,12 @@ class BatchRenderer:
                 if gpu is True:
                     raise RuntimeError(f"BatchRenderer GPU path unavailable: {reason}")
                 self.fallback_reason = reason
+                warnings.warn(  # asked for CUDA frames: a silent host round trip per frame would hide a bad install
+                    f"BatchRenderer renders on the CPU path and copies the frames to {device}: the GPU path cannot "
+                    f"run ({reason}). Pass gpu=False to choose the CPU path without this warning.",
+                    UserWarning,
+                    stacklevel=_first_caller_outside_package(),
+                )
         elif device.type == "cuda":
             self.fallback_reason = "gpu=False"
         else:
