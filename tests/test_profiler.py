@@ -276,7 +276,7 @@ def test_quick_defaults():
     args = cli.build_parser().parse_args(["bench", "--quick", "--device", "cpu"])
     config = profiler.resolve_config(args)
     assert config.models == ["vlmrm-tiny"] and config.batch_sizes == [1, 8]
-    assert config.backends == ["torch", "onnxruntime"] and config.repeats == 2 and config.dtypes == ["fp32"]
+    assert config.backends == ["torch", "onnxruntime"] and config.repeats == 3 and config.dtypes == ["fp32"]
     assert config.frame_size == 480 and config.seed
 
 
@@ -344,6 +344,7 @@ def test_kernel_profile_of_the_largest_batch(results, bench_run):
      "copy"),
     ("aten::cat", "copy"), ("aten::copy_", "copy"),
     ("triton_poi_fused_cat_0", "copy"), ("triton_poi_fused__to_copy_0", "copy"),
+    ("Reshape", "copy"), ("Squeeze", "copy"), ("Unsqueeze", "copy"), ("Flatten", "copy"),  # ONNX Runtime's nodes
     # everything else: activations, adds, casts, fused mixes
     ("void at::native::vectorized_elementwise_kernel<4, at::native::GeluCUDAKernelImpl>", "elementwise"),
     ("triton_poi_fused_add_gelu_4", "elementwise"), ("aten::gelu", "elementwise"), ("aten::add", "elementwise"),
@@ -563,6 +564,65 @@ def test_a_seed_that_moved_during_the_run_marks_the_ratio():
     config = {"repeats": 3, "warmup": 1, "time_budget": 1.0, "batch_sizes": [8]}
     assert "ratio is unsteady" in markdown_report(Report(env, config, rows=rows))
     assert "ratio is unsteady" not in markdown_report(Report(env, config, rows=[seed, steady]))
+
+
+def test_a_stage_slower_than_the_whole_pipeline_is_marked():
+    # The pipeline runs every stage, so a stage timed alone cannot be much slower than it: where it is
+    # (one slow call among few repeats, a busy moment), its cell is marked and a note says why.
+    import dataclasses
+
+    from vlmrm_fast.profiler.report import Report, disturbed_stages, markdown_report, markdown_table
+
+    row = dataclasses.replace(_row("ViT-B-32", "torch", 20.0, 10.0), h2d_fps=400.0, preprocess_fps=300.0,
+                              tower_fps=24.0, score_fps=900.0)
+    assert disturbed_stages(row) == []
+    slow_tower = dataclasses.replace(row, tower_fps=15.9)  # 20 / 1.25 = 16
+    slow_h2d = dataclasses.replace(row, h2d_fps=16.1)
+    assert disturbed_stages(slow_tower) == ["tower"] and disturbed_stages(slow_h2d) == []
+    cells = [c.strip() for c in markdown_table([row, slow_tower]).splitlines()[3].split("|")[1:-1]]
+    assert cells[8] == "15.9 ‡" and "‡" not in "".join(cells[:8] + cells[9:])
+    env = {"device": "cpu", "timestamp": "t", "commit": "c", "cpu_count": 2}
+    config = {"repeats": 3, "warmup": 1, "time_budget": 1.0, "batch_sizes": [8]}
+    assert "timed alone, was more than 1.25x slower" in markdown_report(Report(env, config, rows=[row, slow_tower]))
+    assert "timed alone" not in markdown_report(Report(env, config, rows=[row]))
+
+
+def test_a_run_that_measures_nothing_fails_and_leaves_no_stale_plot(tmp_path, capsys):
+    (tmp_path / "bench.png").write_bytes(b"an earlier run's plot")
+    argv = ["bench", "--models", "vlmrm-tiny", "--no-seed", "--dtypes", "fp8", "--batch-sizes", "1", "--device",
+            "cpu", "--out", str(tmp_path), "--no-progress", "--no-plot"]
+    assert cli.main(argv) == 1
+    assert "nothing was measured" in capsys.readouterr().err
+    assert not (tmp_path / "bench.png").exists() and json.loads((tmp_path / "bench.json").read_text())["rows"] == []
+
+
+def test_skip_reasons_speak_in_the_commands_options():
+    from vlmrm_fast.profiler.run import in_cli_terms
+
+    assert in_cli_terms("backend='onnxruntime' on CPU runs float32, not torch.bfloat16; pass dtype=torch.float32.") == (
+        "backend='onnxruntime' on CPU runs float32, not torch.bfloat16; pass --dtypes fp32.")
+    assert in_cli_terms("use backend='torch' there, or pick another backend (backend='compile').") == (
+        "use --backends torch there, or pick another backend (--backends compile).")
+
+
+def test_an_interrupted_run_sets_the_peaks_of_rows_not_saved_yet(tmp_path, monkeypatch):
+    from vlmrm_fast.profiler import run as bench
+
+    measure = bench.Profiler._profile_backend
+    monkeypatch.setattr(bench.Profiler, "save", lambda self, plot=False: None)  # rows measured since the last save
+
+    def interrupted(self, *args, **kwargs):
+        if args[3] == "compile":
+            raise KeyboardInterrupt
+        return measure(self, *args, **kwargs)
+
+    monkeypatch.setattr(bench.Profiler, "_profile_backend", interrupted)
+    argv = ["bench", "--models", "vlmrm-tiny", "--batch-sizes", "1", "--repeats", "1", "--backends", "torch",
+            "compile", "--device", "cpu", "--out", str(tmp_path), "--no-progress", "--no-plot", "--no-seed"]
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert cli.main(argv) == 130
+    rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
+    assert [r["backend"] for r in rows] == ["torch"] and rows[0]["peak_tflops"] and rows[0]["frac_of_peak"]
 
 
 def test_targets_leave_out_ratios_whose_seed_moved_and_the_notes_say_why():

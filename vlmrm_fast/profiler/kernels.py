@@ -34,7 +34,7 @@ _KIND_PATTERNS = (
     ("layernorm", r"layer_?norm|rms_?norm|mean.*sqrt"),  # TensorRT's fused norms name their ops: ...MeanSub...Sqrt...
     ("matmul", r"gemm|xmma|cutlass|cublas|nvjet|wgmma|matmul|conv\b|\bconv_|convinteger|convolution|conv2d|fprop"
                r"|addmm|bmm|\bmm\b|_mm\b|_mm_"),
-    ("copy", r"memcpy|memset|copy|\bcat\b|concat|clone|contiguous|transpose|permute"),
+    ("copy", r"memcpy|memset|copy|\bcat\b|concat|clone|contiguous|transpose|permute|reshape|squeeze|flatten"),
 )
 _INDUCTOR_FUSED = re.compile(r"triton_(?:poi|per|red)_fused_(.*?)(?:_\d+)?$")
 """Inductor's pointwise and reduction kernels, named after the ops fused into them; its matmul

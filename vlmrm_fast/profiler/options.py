@@ -55,7 +55,7 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-seed", action="store_true", help="skip the seed pipeline (no speedups)")
     p.add_argument("--out", type=Path, metavar="DIR", help="output folder (default: runs/bench-<UTC timestamp>/)")
     p.add_argument("--quick", action="store_true",
-                   help="a smoke run: vlmrm-tiny, batch sizes 1 and 8, torch and onnxruntime, 2 repeats "
+                   help="a smoke run: vlmrm-tiny, batch sizes 1 and 8, torch and onnxruntime, 3 repeats "
                    "(options given explicitly still apply)")
     p.add_argument("--kernel-profile", action="store_true",
                    help="also profile each configuration's tower at the largest batch size with torch.profiler: "

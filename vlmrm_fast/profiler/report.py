@@ -218,12 +218,29 @@ def unsteady_rows(rows: Sequence[Row]) -> List[int]:
     return flagged
 
 
+STAGE_EXCESS = 1.25
+"""A stage timed alone slower than the whole pipeline (which runs it too) by more than this factor: its
+timing was disturbed (other work on shared cores, one slow call among few), and its cell is marked."""
+STAGE_MARK = " ‡"
+_STAGE_COLUMNS = {"h2d": "h2d_fps", "preprocess": "preprocess_fps", "tower": "tower_fps", "score": "score_fps"}
+
+
+def disturbed_stages(row: Row) -> List[str]:
+    """The stages of ``row`` whose frames/s is below its end-to-end frames/s by more than :data:`STAGE_EXCESS`."""
+    if not row.end_to_end_fps:
+        return []
+    return [stage for stage, field in _STAGE_COLUMNS.items()
+            if getattr(row, field) and getattr(row, field) * STAGE_EXCESS < row.end_to_end_fps]
+
+
 def markdown_table(rows: Sequence[Row]) -> str:
     """One line per row: frames/s per stage (median), end to end, the seed's, FLOP rate, build time."""
     flagged = set(unsteady_rows(rows))
     lines = ["| " + " | ".join(name for name, _ in TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
     for i, row in enumerate(rows):
-        cells = [cell(row) + (UNSTEADY_MARK if name == "vs seed" and i in flagged else "") for name, cell in TABLE_COLUMNS]
+        disturbed = disturbed_stages(row)
+        cells = [cell(row) + (UNSTEADY_MARK if name == "vs seed" and i in flagged else "")
+                 + (STAGE_MARK if name in disturbed else "") for name, cell in TABLE_COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -277,6 +294,14 @@ def markdown_report(report: Report) -> str:
             f"{SEED_DISAGREEMENT:g}x: the machine's load changed during the run (other work on shared cores), so this "
             "ratio is unsteady; run again on an idle machine before quoting it.",
         ]
+    if any(disturbed_stages(r) for r in report.rows):
+        lines += [
+            "",
+            f"{STAGE_MARK.strip()} This stage, timed alone, was more than {STAGE_EXCESS:g}x slower than the whole "
+            "pipeline that includes it: its timing was disturbed (other work on shared cores, or one slow call among "
+            "few repeats; bench.json has each stage's min and max). Its end-to-end figure is measured apart; run "
+            "again on an idle machine, or with more --repeats, before quoting the stage.",
+        ]
     if report.targets:
         lines += ["", "## Targets", "", "| model | target | required | best measured | where | met |", "|---|---|---|---|---|---|"]
         for t in report.targets:
@@ -301,8 +326,9 @@ def _require_matplotlib() -> None:
 
 
 def write_plot(path: Path, report: Report) -> Path:
-    """End-to-end frames/s against batch size, log-log: one line per (model, backend, dtype), the
-    seed dashed, in the model's colour; dotted lines at the GPU targets."""
+    """End-to-end frames/s against batch size, log-log: one line per (model, backend, dtype), in the
+    model's colour, a line style per backend (the seed dashed) and a marker per precision; dotted lines
+    at the GPU targets."""
     from matplotlib.figure import Figure
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter, NullLocator
 
@@ -311,11 +337,13 @@ def write_plot(path: Path, report: Report) -> Path:
     models = list(dict.fromkeys(r.model for r in report.rows))
     colours = {m: f"C{i % 10}" for i, m in enumerate(models)}
     styles = {"torch": "-", "compile": "-.", "onnxruntime": (0, (5, 1, 1, 1)), "tensorrt": (0, (1, 1))}
+    markers = {"fp32": "o", "bf16": "s", "fp16": "^", "int8": "D", "fp8": "v"}  # the precision: its own marker
     for key in dict.fromkeys((r.model, r.backend, r.dtype) for r in report.rows):
         line = sorted((r for r in report.rows if (r.model, r.backend, r.dtype) == key), key=lambda r: r.batch)
         model, backend, dtype = key
         ax.plot([r.batch for r in line], [r.end_to_end_fps for r in line], color=colours[model],
-                linestyle="--" if backend == SEED else styles.get(backend, "-"), marker="o", markersize=3.5,
+                linestyle="--" if backend == SEED else styles.get(backend, "-"), marker=markers.get(dtype, "x"),
+                markersize=4, markerfacecolor="none" if backend == SEED else colours[model],
                 label=f"{model} {backend} {dtype}")
     if report.config["device"].startswith("cuda"):
         for model, target in GPU_FPS_TARGETS.items():

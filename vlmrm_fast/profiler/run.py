@@ -47,6 +47,7 @@ import importlib
 import importlib.metadata
 import importlib.util
 import os
+import re
 import shutil
 import sys
 import time
@@ -132,7 +133,7 @@ def resolve_config(args: argparse.Namespace) -> BenchConfig:
         raise ValueError(f"--device {device}: only cuda and cpu are profiled.")
     on_cuda = device.type == "cuda"
     if args.quick:
-        defaults = dict(models=[TINY_MODEL], batch_sizes=[1, 8], backends=["torch", "onnxruntime"], repeats=2)
+        defaults = dict(models=[TINY_MODEL], batch_sizes=[1, 8], backends=["torch", "onnxruntime"], repeats=3)
     elif on_cuda:
         defaults = dict(models=["ViT-B-32", "ViT-L-14", "ViT-bigG-14"], batch_sizes=[1, 8, 64, 256, 1024],
                         backends=["torch", "compile"], repeats=20)
@@ -397,7 +398,7 @@ class Profiler:
             if callable(warmup):  # compile now, so that compilation is measured apart, not timed
                 warmup()
         except BackendError as error:
-            self.skip(what, str(error))
+            self.skip(what, in_cli_terms(str(error)))
             self.bar.update(len(batches))
             self._free()
             return
@@ -495,15 +496,27 @@ class Profiler:
         return row
 
 
+def in_cli_terms(message: str) -> str:
+    """A backend's error, written for ``CLIReward`` callers, in this command's options: "pass
+    dtype=torch.float32" becomes "pass --dtypes fp32", "use backend='torch'" "use --backends torch"."""
+    names = {str(dtype).replace("torch.", ""): name for name, dtype in DTYPES.items()}
+    message = re.sub(r"dtype=torch\.(\w+)", lambda m: f"--dtypes {names.get(m.group(1), m.group(1))}", message)
+    for before in (r"(?<=use )", r"(?<=\()"):
+        message = re.sub(before + r"backend='(\w+)'", r"--backends \1", message)
+    return message
+
+
 def run_bench(args: argparse.Namespace) -> int:
     """``vlmrm-fast bench``: profile, write bench.json/.md/.png, print the table.
 
-    Returns 0, or 1 when a configuration failed (the others are still reported).
+    Returns 0, or 1 when a configuration failed (the others are still reported) or nothing was measured.
     """
     config = resolve_config(args)
     if config.plot:
         _require_matplotlib()
     config.out.mkdir(parents=True, exist_ok=True)
+    # An earlier run's plot in the same folder would pass for this run's (bench.json and .md are rewritten).
+    (config.out / "bench.png").unlink(missing_ok=True)
     began = time.perf_counter()
     report = Report(environment=environment(config.device), config=config.as_json())
     backends = []
@@ -546,6 +559,7 @@ def run_bench(args: argparse.Namespace) -> int:
                 profiler.save(plot=True)
             profiler.profile_kernels()  # each saves the report with the peaks set
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM (a job's time limit): keep what was measured, marked incomplete
+        report.set_peaks()  # the rows measured since the last save have none yet
         report.targets = check_targets(report.rows, config.device)
         report.elapsed_seconds = time.perf_counter() - began
         written = write_outputs(report, config)
@@ -560,4 +574,8 @@ def run_bench(args: argparse.Namespace) -> int:
     print()
     print(markdown_report(report))
     print(f"{len(report.rows)} rows in {report.elapsed_seconds:.1f} s; wrote {', '.join(map(str, written))}")
+    if not report.rows:
+        print("nothing was measured: every configuration was skipped or failed (see above); choose backends and "
+              "--dtypes that run on this device", file=sys.stderr)
+        return 1
     return 1 if report.failures else 0
