@@ -32,21 +32,17 @@ import numpy as np
 from vlmrm_fast.wrappers import (
     RENDER_SOURCES,
     TERMINAL_FRAME_KEY,
-    _check_frame,
+    _BatchFrames,
     _check_mode,
-    _check_renderer_frames,
     _check_reward_model,
     _choose_renderer,
-    _close_quietly,
     _combine,
-    _frame_size,
     _keep_terminal_states,
     _mujoco_parts,
     _MujocoTerminalState,
     _RewardMode,
     _rewards_to_numpy,
     _task_index,
-    _warn_size,
     gym,
 )
 
@@ -68,7 +64,7 @@ def autoreset_mode(envs: "gym.vector.VectorEnv") -> str:
     return modes[key]
 
 
-class VLMRewardVectorWrapper(_RewardMode, gym.vector.VectorWrapper):
+class VLMRewardVectorWrapper(_RewardMode, _BatchFrames, gym.vector.VectorWrapper):
     """A gymnasium vector-env wrapper whose rewards are CLIP (VLM-RM) rewards, all envs scored in one batch.
 
     After each ``step`` of the wrapped vector env, every env is rendered once and the N frames go through
@@ -107,6 +103,8 @@ class VLMRewardVectorWrapper(_RewardMode, gym.vector.VectorWrapper):
         render: ``"auto"``, ``"batch"`` or ``"images"``.
         task: which task (index or name in ``reward_model.task_names``) drives the reward.
     """
+
+    _images_source = "envs.render()"
 
     def __init__(
         self,
@@ -162,11 +160,6 @@ class VLMRewardVectorWrapper(_RewardMode, gym.vector.VectorWrapper):
         if self._sync is not None and (self.autoreset_mode == SAME_STEP or self.renderer is not None):
             self._terminal_states = _keep_terminal_states(self._sync.envs, mujoco_parts, self.renderer is not None)
 
-    @property
-    def render_source(self) -> str:
-        """Where frames come from now: ``"batch"`` (BatchRenderer) or ``"images"`` (``envs.render()``)."""
-        return "batch" if self.renderer is not None else "images"
-
     def _require_rgb_array(self) -> None:
         if self.env.render_mode != "rgb_array":
             raise ValueError(
@@ -202,22 +195,9 @@ class VLMRewardVectorWrapper(_RewardMode, gym.vector.VectorWrapper):
         with ExitStack() as stack:
             for state in pending:
                 stack.enter_context(state.terminal_state())
-            if self.renderer is not None:
-                try:
-                    frames = self.renderer.render()
-                    bottom_up = bool(getattr(self.renderer, "bottom_up", False))
-                except Exception as exc:  # noqa: BLE001 - fall back to the host path
-                    warnings.warn(
-                        f"BatchRenderer.render() failed ({exc!r}); rendering through envs.render() from now on.",
-                        stacklevel=3,
-                    )
-                    renderer, self.renderer = self.renderer, None
-                    _close_quietly(renderer)
-                    self._require_rgb_array()
-                if self.renderer is not None:
-                    size = _check_renderer_frames(frames, self.num_envs)
-                    self._check_size(size, "The BatchRenderer")
-                    return frames, bottom_up, terminal
+            batch = self._batch_frames()
+            if batch is not None:
+                return batch[0], batch[1], terminal
             images = list(self.env.render() or ())
         if len(images) != self.num_envs:
             raise ValueError(
@@ -228,18 +208,8 @@ class VLMRewardVectorWrapper(_RewardMode, gym.vector.VectorWrapper):
             for i, frame in final_frames.items():
                 if not terminal[i]:
                     images[i], terminal[i] = frame, True
-        for i, frame in enumerate(images):
-            _check_frame(frame, f"envs.render()[{i}]")
-        sizes = {_frame_size(f) for f in images}
-        if len(sizes) > 1:
-            raise ValueError(f"The envs render frames of different sizes {sorted(sizes)}; give them one render size.")
-        self._check_size(_frame_size(images[0]), "The vector env")
+        self._check_images(images, "The vector env")
         return images, False, terminal
-
-    def _check_size(self, size: Tuple[int, int], what: str) -> None:
-        if not self._size_checked:
-            self._size_checked = True
-            _warn_size(size, self.reward_model, what)
 
     def step(self, actions: Any) -> Tuple[Any, np.ndarray, np.ndarray, np.ndarray, Dict[str, Any]]:
         obs, env_rewards, terminations, truncations, infos = self.env.step(actions)
@@ -285,8 +255,7 @@ class VLMRewardVectorWrapper(_RewardMode, gym.vector.VectorWrapper):
         return obs, rewards, terminations, truncations, infos
 
     def close(self, **kwargs: Any) -> None:
-        renderer, self.renderer = self.renderer, None
-        _close_quietly(renderer)
+        self._close_renderer()
         self.env.close(**kwargs)
 
 

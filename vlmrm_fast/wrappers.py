@@ -557,10 +557,65 @@ def _close_quietly(renderer: Any) -> None:
             pass
 
 
+class _BatchFrames:
+    """Frames for a vector wrapper: the :class:`~vlmrm_fast.render.BatchRenderer` while it works, else the
+    vector env's own images (named by ``_images_source``), checked, with one warning about their size."""
+
+    _images_source = "venv.get_images()"
+    renderer: Any = None
+    reward_model: Any
+    num_envs: int
+    _size_checked = False
+
+    @property
+    def render_source(self) -> str:
+        """Where frames come from now: ``"batch"`` (BatchRenderer) or ``"images"`` (the vector env's images)."""
+        return "batch" if self.renderer is not None else "images"
+
+    def _require_rgb_array(self) -> None:
+        raise NotImplementedError
+
+    def _batch_frames(self) -> Optional[Tuple[Any, bool]]:
+        """The renderer's frames and row order (``bottom_up``); None without a renderer, or when it has just
+        failed (then it is closed, with a warning, and frames come from the images from now on)."""
+        if self.renderer is None:
+            return None
+        try:
+            frames = self.renderer.render()
+            bottom_up = bool(getattr(self.renderer, "bottom_up", False))
+        except Exception as exc:  # noqa: BLE001 - fall back to the host path
+            warnings.warn(
+                f"BatchRenderer.render() failed ({exc!r}); rendering through {self._images_source} from now on."
+            )
+            self._close_renderer()
+            self._require_rgb_array()
+            return None
+        self._check_size(_check_renderer_frames(frames, self.num_envs), "The BatchRenderer")
+        return frames, bottom_up
+
+    def _check_images(self, images: Sequence[Any], what: str) -> None:
+        for i, frame in enumerate(images):
+            _check_frame(frame, f"{self._images_source}[{i}]")
+        sizes = {_frame_size(f) for f in images}
+        if len(sizes) > 1:
+            raise ValueError(f"The envs render frames of different sizes {sorted(sizes)}; give them one render size.")
+        if images:
+            self._check_size(_frame_size(images[0]), what)
+
+    def _check_size(self, size: Tuple[int, int], what: str) -> None:
+        if not self._size_checked:
+            self._size_checked = True
+            _warn_size(size, self.reward_model, what)
+
+    def _close_renderer(self) -> None:
+        renderer, self.renderer = self.renderer, None
+        _close_quietly(renderer)
+
+
 # ---- the VecEnv wrapper -------------------------------------------------------------------------
 
 
-class VLMRewardVecEnv(_RewardMode, VecEnvWrapper):
+class VLMRewardVecEnv(_RewardMode, _BatchFrames, VecEnvWrapper):
     """An SB3 VecEnv wrapper whose rewards are CLIP (VLM-RM) rewards, all envs scored in one batch per step.
 
     After each ``step_wait`` of the wrapped VecEnv, every env is rendered once and the N frames go through
@@ -659,11 +714,6 @@ class VLMRewardVecEnv(_RewardMode, VecEnvWrapper):
                     stacklevel=2,
                 )
 
-    @property
-    def render_source(self) -> str:
-        """Where frames come from now: ``"batch"`` (BatchRenderer) or ``"images"`` (``venv.get_images()``)."""
-        return "batch" if self.renderer is not None else "images"
-
     def _require_rgb_array(self) -> None:
         if self.venv.render_mode != "rgb_array":
             raise ValueError(
@@ -690,42 +740,19 @@ class VLMRewardVecEnv(_RewardMode, VecEnvWrapper):
         with ExitStack() as stack:
             for state in pending:
                 stack.enter_context(state.terminal_state())
-            if self.renderer is not None:
-                try:
-                    frames = self.renderer.render()
-                    bottom_up = bool(getattr(self.renderer, "bottom_up", False))
-                except Exception as exc:  # noqa: BLE001 - fall back to the host path
-                    warnings.warn(
-                        f"BatchRenderer.render() failed ({exc!r}); rendering through venv.get_images() from now on."
-                    )
-                    self._close_renderer()
-                    self._require_rgb_array()
-                if self.renderer is not None:
-                    self._check_batch(frames)
-                    for info in infos:
-                        info.pop(TERMINAL_FRAME_KEY, None)
-                    return frames, bottom_up, terminal
+            batch = self._batch_frames()
+            if batch is not None:
+                for info in infos:
+                    info.pop(TERMINAL_FRAME_KEY, None)
+                return batch[0], batch[1], terminal
             images = list(self.venv.get_images())
         for i, info in enumerate(infos):
             frame = info.pop(TERMINAL_FRAME_KEY, None)
             if frame is not None and not terminal[i]:
                 images[i] = frame
                 terminal[i] = True
-        for i, frame in enumerate(images):
-            _check_frame(frame, f"venv.get_images()[{i}]")
-        sizes = {_frame_size(f) for f in images}
-        if len(sizes) > 1:
-            raise ValueError(f"The envs render frames of different sizes {sorted(sizes)}; give them one render size.")
-        if not self._size_checked and images:
-            self._size_checked = True
-            _warn_size(_frame_size(images[0]), self.reward_model, "The VecEnv")
+        self._check_images(images, "The VecEnv")
         return images, False, terminal
-
-    def _check_batch(self, frames: Any) -> None:
-        size = _check_renderer_frames(frames, self.num_envs)
-        if not self._size_checked:
-            self._size_checked = True
-            _warn_size(size, self.reward_model, "The BatchRenderer")
 
     def step_wait(self) -> VecEnvStepReturn:
         obs, env_rewards, dones, infos = self.venv.step_wait()
@@ -749,10 +776,6 @@ class VLMRewardVecEnv(_RewardMode, VecEnvWrapper):
                 self._episode_vlm[i] = 0.0
                 self._episode_gt[i] = 0.0
         return obs, rewards, dones, infos
-
-    def _close_renderer(self) -> None:
-        renderer, self.renderer = self.renderer, None
-        _close_quietly(renderer)
 
     def close(self) -> None:
         self._close_renderer()
