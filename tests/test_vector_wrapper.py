@@ -26,7 +26,7 @@ from test_wrappers import (  # noqa: E402  helpers only (its fixtures stay there
 
 from vlmrm_fast import Task, VLMRewardVectorWrapper, VLMRewardWrapper  # noqa: E402
 from vlmrm_fast import wrappers as W  # noqa: E402
-from vlmrm_fast.vector_wrapper import autoreset_mode  # noqa: E402
+from vlmrm_fast.vector_wrapper import reset_mode_of  # noqa: E402
 from vlmrm_fast.wrappers import RenderTerminalFrame  # noqa: E402
 
 pytestmark = [
@@ -61,26 +61,27 @@ def short_env():
 def test_rewards_match_one_wrapper_per_env(rm, reset_mode, render, monkeypatch):
     """Every step's reward, episode returns and terminal-frame flags against VLMRewardWrapper on each env.
 
-    Episodes end by falling (terminated) and by the 4-step limit (truncated) within 13 steps, so each mode's
-    reset path is crossed: NEXT_STEP's reset rows (reward 0, masked out), SAME_STEP's terminal state kept
-    across the reset, DISABLED's partial reset.
+    Episodes end by falling (terminated) and by each env's own step limit (3, 4, 5: truncated) within 13
+    steps, so each mode's reset path is crossed: NEXT_STEP's reset rows (reward 0, masked out), SAME_STEP's
+    terminal state kept across the reset, DISABLED's partial resets (some envs, not all).
     """
     n, steps, seeds = 3, 13, [11, 12, 13]
+    makes = [lambda limit=limit: make_env(max_episode_steps=limit) for limit in (3, 4, 5)]
     if render == "fake_batch":  # bottom-up rows, flipped by the reward model
         monkeypatch.setattr(W, "_import_batch_renderer", lambda: FakeBatchRenderer)
     if render == "batch":
         real_batch_renderer_or_skip([short_env()])
     spy = Spy(rm)
-    envs = VLMRewardVectorWrapper(sync_envs(short_env, n, reset_mode), spy,
+    envs = VLMRewardVectorWrapper(gym.vector.SyncVectorEnv(makes, **reset_kwargs(reset_mode)), spy,
                                   render="images" if render == "images" else "batch")
-    assert envs.autoreset_mode == reset_mode and envs.render_source == ("images" if render == "images" else "batch")
-    refs = [VLMRewardWrapper(short_env(), rm) for _ in range(n)]
+    assert envs.reset_mode == reset_mode and envs.render_source == ("images" if render == "images" else "batch")
+    refs = [VLMRewardWrapper(make(), rm) for make in makes]
     envs.reset(seed=seeds)
     for ref, seed in zip(refs, seeds):
         ref.reset(seed=seed)
     acts = actions(steps, n, seed=1)
     resetting = np.zeros(n, dtype=bool)
-    seen = {"terminated": 0, "truncated": 0, "reset rows": 0}
+    seen = {"terminated": 0, "truncated": 0, "reset rows": 0, "partial resets": 0}
     for t in range(steps):
         _, rewards, terminated, truncated, info = envs.step(acts[t])
         assert rewards.dtype == np.float64 and rewards.shape == (n,)
@@ -110,11 +111,13 @@ def test_rewards_match_one_wrapper_per_env(rm, reset_mode, render, monkeypatch):
         if reset_mode == "next_step":
             resetting = ended
         if reset_mode == "disabled" and ended.any():
+            seen["partial resets"] += not ended.all()
             envs.reset(options={"reset_mask": ended})
         assert "terminal_frame" not in info and "terminal_frame" not in info.get("final_info", {})
     assert spy.batch_sizes == [n] * steps  # one call per step, all envs
     assert seen["terminated"] and seen["truncated"]
     assert bool(seen["reset rows"]) == (reset_mode == "next_step")
+    assert bool(seen["partial resets"]) == (reset_mode == "disabled")
     envs.close()
 
 
@@ -243,14 +246,14 @@ def test_errors(rm):
 
 
 @NO_MODES
-def test_autoreset_mode_names():
+def test_reset_mode_names():
     """The mode as gymnasium records it (an enum, or its value), and gymnasium 1.0's missing key."""
     class Fake:
         def __init__(self, metadata):
             self.metadata = metadata
 
-    assert autoreset_mode(Fake({"autoreset_mode": AutoresetMode.SAME_STEP})) == "same_step"
-    assert autoreset_mode(Fake({"autoreset_mode": "Disabled"})) == "disabled"
-    assert autoreset_mode(Fake({})) == "next_step"
+    assert reset_mode_of(Fake({"autoreset_mode": AutoresetMode.SAME_STEP})) == "same_step"
+    assert reset_mode_of(Fake({"autoreset_mode": "Disabled"})) == "disabled"
+    assert reset_mode_of(Fake({})) == "next_step"
     with pytest.raises(ValueError, match="unknown autoreset_mode"):
-        autoreset_mode(Fake({"autoreset_mode": "sometimes"}))
+        reset_mode_of(Fake({"autoreset_mode": "sometimes"}))

@@ -446,7 +446,7 @@ def test_vec_env_refuses_envs_that_replace_their_mujoco_data(rm, no_batch):
 
     wrapped = VLMRewardVecEnv(DummyVecEnv([make]), rm)
     wrapped.reset()  # made a new MjData already, after the wrapper kept the old one
-    with pytest.raises(RuntimeError, match="replaced its MjModel or MjData.*render='images'.*RenderTerminalFrame"):
+    with pytest.raises(RuntimeError, match="replaced its MjModel or MjData.*RenderTerminalFrame.*render='images'"):
         wrapped.step(np.zeros((1, 1), np.float32))
     wrapped.close()
     # The way out the error names: such envs inside RenderTerminalFrame, frames from env.render().

@@ -46,12 +46,12 @@ from vlmrm_fast.wrappers import (
     gym,
 )
 
-__all__ = ["VLMRewardVectorWrapper", "autoreset_mode"]
+__all__ = ["VLMRewardVectorWrapper"]
 
 NEXT_STEP, SAME_STEP, DISABLED = "next_step", "same_step", "disabled"
 
 
-def autoreset_mode(envs: "gym.vector.VectorEnv") -> str:
+def reset_mode_of(envs: "gym.vector.VectorEnv") -> str:
     """``"next_step"``, ``"same_step"`` or ``"disabled"``: how ``envs`` resets an env whose episode ended.
 
     gymnasium < 1.1 has only next-step auto-reset and does not record the mode.
@@ -86,7 +86,8 @@ class VLMRewardVectorWrapper(_RewardMode, _BatchFrames, gym.vector.VectorWrapper
     ``"vlm_reward"``, with several tasks ``"vlm_rewards"`` (``{task name: [N]}``); where an episode ends,
     ``"episode_vlm_return"``, ``"episode_gt_return"`` (float64 sums over the episode) and
     ``"vlm_terminal_frame"`` (whether the scored frame showed the terminal state). See the module
-    docstring for each auto-reset mode.
+    docstring for each auto-reset mode; ``reset_mode`` says which one the wrapped env uses
+    (``"next_step"``, ``"same_step"`` or ``"disabled"``).
 
     Apply it on the vector env that steps the envs, before wrappers that read rewards (normalisation,
     episode statistics), so they see the VLM reward. The envs of a ``SyncVectorEnv`` may be wrapped in place
@@ -134,7 +135,8 @@ class VLMRewardVectorWrapper(_RewardMode, _BatchFrames, gym.vector.VectorWrapper
         self._mode, self._weight = _check_mode(mode, weight)
         self.task = _task_index(reward_model, task)
         self.task_names: List[str] = list(getattr(reward_model, "task_names", []) or [])
-        self.autoreset_mode = autoreset_mode(envs)
+        # A name of its own: gymnasium's vector envs have `autoreset_mode`, an AutoresetMode enum.
+        self.reset_mode = reset_mode_of(envs)
         n = self.num_envs
         self._episode_vlm = np.zeros(n, dtype=np.float64)
         self._episode_gt = np.zeros(n, dtype=np.float64)
@@ -157,7 +159,7 @@ class VLMRewardVectorWrapper(_RewardMode, _BatchFrames, gym.vector.VectorWrapper
         # Terminal states: needed where the env is reset inside the terminal step; with the batch renderer
         # also otherwise, for the check that the env keeps its MjModel and MjData objects.
         self._terminal_states: List[Optional[_MujocoTerminalState]] = [None] * n
-        if self._sync is not None and (self.autoreset_mode == SAME_STEP or self.renderer is not None):
+        if self._sync is not None and (self.reset_mode == SAME_STEP or self.renderer is not None):
             self._terminal_states = _keep_terminal_states(self._sync.envs, mujoco_parts, self.renderer is not None)
 
     def _require_rgb_array(self) -> None:
@@ -186,7 +188,7 @@ class VLMRewardVectorWrapper(_RewardMode, _BatchFrames, gym.vector.VectorWrapper
     def _render(self, infos: Dict[str, Any], ended: np.ndarray) -> Tuple[Any, bool, np.ndarray]:
         """All envs' frames, terminal states where an episode just ended: (frames, bottom_up, terminal [N] bool)."""
         terminal = np.zeros(self.num_envs, dtype=bool)
-        if self.autoreset_mode != SAME_STEP:
+        if self.reset_mode != SAME_STEP:
             terminal |= ended  # the env is not reset yet: the frame after the step is the terminal state
         pending = [s for s in self._terminal_states if s is not None and s.pending]
         for i, s in enumerate(self._terminal_states):
@@ -204,7 +206,7 @@ class VLMRewardVectorWrapper(_RewardMode, _BatchFrames, gym.vector.VectorWrapper
                 f"envs.render() returned {len(images)} frames for {self.num_envs} envs; VLMRewardVectorWrapper needs "
                 "one RGB frame per env (a vector env made with render_mode=\"rgb_array\")."
             )
-        if self.autoreset_mode == SAME_STEP:
+        if self.reset_mode == SAME_STEP:
             for i, frame in final_frames.items():
                 if not terminal[i]:
                     images[i], terminal[i] = frame, True
@@ -224,7 +226,7 @@ class VLMRewardVectorWrapper(_RewardMode, _BatchFrames, gym.vector.VectorWrapper
         gt = env_rewards.astype(np.float64).reshape(n)
         rewards = _combine(self.mode, self.weight, gt, vlm.astype(np.float64))
         rewards = rewards.astype(np.result_type(env_rewards.dtype, np.float32)).reshape(env_rewards.shape)
-        if self.autoreset_mode == SAME_STEP and not self._warned_terminal and (ended & ~terminal).any():
+        if self.reset_mode == SAME_STEP and not self._warned_terminal and (ended & ~terminal).any():
             self._warned_terminal = True
             warnings.warn(
                 f"{type(self.env.unwrapped).__name__} resets an env inside the step that ends its episode "
@@ -250,7 +252,7 @@ class VLMRewardVectorWrapper(_RewardMode, _BatchFrames, gym.vector.VectorWrapper
             _set(infos, "vlm_terminal_frame", terminal & ended, ended)
             self._episode_vlm[ended] = 0.0
             self._episode_gt[ended] = 0.0
-        if self.autoreset_mode == NEXT_STEP:
+        if self.reset_mode == NEXT_STEP:
             self._resetting = ended
         return obs, rewards, terminations, truncations, infos
 

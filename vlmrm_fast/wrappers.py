@@ -434,9 +434,10 @@ class _MujocoTerminalState(_PassesNewAttributesOn, gym.Wrapper):
         u = self.env.unwrapped
         if getattr(u, "model", None) is not self._model or getattr(u, "data", None) is not self._data:
             raise RuntimeError(
-                f"{type(u).__name__} replaced its MjModel or MjData object; VLMRewardVecEnv renders the ones the "
-                "env had when it was wrapped. Reset them in place (mujoco.mj_resetData, as gymnasium's MuJoCo envs "
-                "do), or use VLMRewardVecEnv(..., render='images') over envs wrapped in RenderTerminalFrame."
+                f"{type(u).__name__} replaced its MjModel or MjData object; the VLM reward wrapper (VLMRewardVecEnv, "
+                "VLMRewardVectorWrapper) keeps the terminal states of the ones the env had when it was wrapped. Reset "
+                "them in place (mujoco.mj_resetData, as gymnasium's MuJoCo envs do), or wrap each env in "
+                "vlmrm_fast.wrappers.RenderTerminalFrame and pass render='images' to the wrapper."
             )
         if terminated or truncated:
             self._mujoco.mj_copyData(self._terminal, self._model, self._data)

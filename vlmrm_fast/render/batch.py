@@ -458,7 +458,8 @@ class BatchRenderer:
                 self.fallback_reason = reason
                 warnings.warn(  # asked for CUDA frames: a silent host round trip per frame would hide a bad install
                     f"BatchRenderer renders on the CPU path and copies the frames to {device}: the GPU path cannot "
-                    f"run ({reason}). Pass gpu=False to choose the CPU path without this warning.",
+                    f"run ({reason}). To choose the CPU path without this warning, pass gpu=False (BatchRenderer) or "
+                    "render='images' (VLMRewardVecEnv, VLMRewardVectorWrapper).",
                     UserWarning,
                     stacklevel=_first_caller_outside_package(),
                 )
