@@ -24,18 +24,15 @@ step and the N frames are scored in one reward-model call. Rewards, modes and in
 from __future__ import annotations
 
 import warnings
-from contextlib import ExitStack
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 
 from vlmrm_fast.wrappers import (
-    RENDER_SOURCES,
     TERMINAL_FRAME_KEY,
     _BatchFrames,
     _check_mode,
     _check_reward_model,
-    _choose_renderer,
     _combine,
     _keep_terminal_states,
     _mujoco_parts,
@@ -126,8 +123,6 @@ class VLMRewardVectorWrapper(_RewardMode, _BatchFrames, gym.vector.VectorWrapper
             raise TypeError(
                 f"VLMRewardVectorWrapper wraps a gymnasium vector env, not {type(envs).__name__}: {fix}."
             )
-        if render not in RENDER_SOURCES:
-            raise ValueError(f"render must be one of {RENDER_SOURCES}; got {render!r}.")
         _check_reward_model(reward_model, "VLMRewardVectorWrapper")
         super().__init__(envs)
         self.renderer: Any = None  # before anything can fail: gymnasium 1.0 closes half-built wrappers too
@@ -150,9 +145,7 @@ class VLMRewardVectorWrapper(_RewardMode, _BatchFrames, gym.vector.VectorWrapper
         )
         mujoco_parts = [_mujoco_parts(env) for env in self._sync.envs] if self._sync is not None else []
         all_mujoco = bool(mujoco_parts) and all(p is not None for p in mujoco_parts)
-        self.renderer = _choose_renderer(
-            render, list(self._sync.envs) if all_mujoco else None, reward_model, "SyncVectorEnv", "envs.render()"
-        )
+        self.renderer = self._pick_renderer(render, list(self._sync.envs) if all_mujoco else None, "SyncVectorEnv")
         if self.renderer is None:
             self._require_rgb_array()
 
@@ -187,16 +180,10 @@ class VLMRewardVectorWrapper(_RewardMode, _BatchFrames, gym.vector.VectorWrapper
 
     def _render(self, infos: Dict[str, Any], ended: np.ndarray) -> Tuple[Any, bool, np.ndarray]:
         """All envs' frames, terminal states where an episode just ended: (frames, bottom_up, terminal [N] bool)."""
-        terminal = np.zeros(self.num_envs, dtype=bool)
-        if self.reset_mode != SAME_STEP:
-            terminal |= ended  # the env is not reset yet: the frame after the step is the terminal state
-        pending = [s for s in self._terminal_states if s is not None and s.pending]
-        for i, s in enumerate(self._terminal_states):
-            terminal[i] |= s is not None and s.pending
         final_frames = _pop_terminal_frames(infos)
-        with ExitStack() as stack:
-            for state in pending:
-                stack.enter_context(state.terminal_state())
+        with self._terminal_states_in() as terminal:
+            if self.reset_mode != SAME_STEP:
+                terminal |= ended  # the env is not reset yet: the frame after the step is the terminal state
             batch = self._batch_frames()
             if batch is not None:
                 return batch[0], batch[1], terminal
@@ -240,11 +227,11 @@ class VLMRewardVectorWrapper(_RewardMode, _BatchFrames, gym.vector.VectorWrapper
         self._episode_vlm[stepped] += vlm[stepped]
         self._episode_gt[stepped] += gt[stepped]
         _set(infos, "gt_reward", gt, stepped)
-        _set(infos, "vlm_reward", vlm.copy(), stepped)
+        _set(infos, "vlm_reward", vlm, stepped)
         if all_rewards.shape[1] > 1:
             per_task: Dict[str, Any] = {}
             for j, name in enumerate(self.task_names):
-                _set(per_task, name, all_rewards[:, j].copy(), stepped)
+                _set(per_task, name, all_rewards[:, j], stepped)
             _set(infos, "vlm_rewards", per_task, stepped)
         if ended.any():
             _set(infos, "episode_vlm_return", np.where(ended, self._episode_vlm, 0.0), ended)

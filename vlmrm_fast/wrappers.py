@@ -248,8 +248,8 @@ class VLMRewardWrapper(_RewardMode, gym.Wrapper, gym.utils.RecordConstructorArgs
 
     The reward is a Python float in every mode. ``info`` always gets ``"gt_reward"`` (the env's own
     reward, float) and ``"vlm_reward"`` (float); with a several-task reward model also ``"vlm_rewards"``
-    (``{task name: reward}``), the task ``task`` driving the reward. On the step where the episode ends (terminated or truncated): ``"episode_vlm_return"`` and
-    ``"episode_gt_return"``, the episode's sums.
+    (``{task name: reward}``), the task ``task`` driving the reward. On the step where the episode ends
+    (terminated or truncated): ``"episode_vlm_return"`` and ``"episode_gt_return"``, the episode's sums.
 
     The wrapper holds ``reward_model`` itself, shared by every env it wraps, and so does an env made
     again from ``env.spec``: gymnasium deep-copies the constructor arguments it records there, and a
@@ -508,32 +508,6 @@ def _new_batch_renderer(envs: Sequence[gym.Env], reward_model: Any) -> Any:
     return renderer_cls.from_envs(list(envs))
 
 
-def _choose_renderer(
-    render: str, envs: Optional[Sequence[gym.Env]], reward_model: Any, vector_kind: str, images: str
-) -> Any:
-    """The BatchRenderer for ``render`` ("batch", "auto" or "images"), or None to render through ``images``.
-
-    ``envs`` are the vector env's MuJoCo envs when it steps them in this process, else None.
-    """
-    if render not in RENDER_SOURCES:
-        raise ValueError(f"render must be one of {RENDER_SOURCES}; got {render!r}.")
-    if render == "batch":
-        if envs is None:
-            raise ValueError(
-                f'render="batch" needs a {vector_kind} of MuJoCo envs (it renders their MjData directly); '
-                'use render="images" (or "auto") for other vector envs.'
-            )
-        return _new_batch_renderer(envs, reward_model)
-    if render == "auto" and envs is not None:
-        try:
-            return _new_batch_renderer(envs, reward_model)
-        except ImportError:
-            return None  # the optional renderer is not there: images, silently
-        except Exception as exc:  # noqa: BLE001 - any failure of the optional fast path
-            warnings.warn(f"BatchRenderer could not be built ({exc!r}); rendering through {images}.", stacklevel=3)
-    return None
-
-
 def _check_renderer_frames(frames: Any, num_envs: int) -> Tuple[int, int]:
     """``BatchRenderer.render()``'s output must be uint8 [num_envs, H, W, 3]; returns (H, W)."""
     if (
@@ -550,23 +524,52 @@ def _check_renderer_frames(frames: Any, num_envs: int) -> Tuple[int, int]:
     return int(frames.shape[1]), int(frames.shape[2])
 
 
-def _close_quietly(renderer: Any) -> None:
-    if renderer is not None:
-        try:
-            renderer.close()
-        except Exception:  # noqa: BLE001 - closing is best effort
-            pass
-
-
 class _BatchFrames:
     """Frames for a vector wrapper: the :class:`~vlmrm_fast.render.BatchRenderer` while it works, else the
-    vector env's own images (named by ``_images_source``), checked, with one warning about their size."""
+    vector env's own images (named by ``_images_source``), checked, with one warning about their size;
+    the MuJoCo terminal states (``_terminal_states``) swapped in while rendering."""
 
     _images_source = "venv.get_images()"
     renderer: Any = None
     reward_model: Any
     num_envs: int
     _size_checked = False
+    _terminal_states: List[Optional[_MujocoTerminalState]]  # one per env, set by the wrapper (None: no state kept)
+
+    def _pick_renderer(self, render: str, envs: Optional[Sequence[gym.Env]], vector_kind: str) -> Any:
+        """The BatchRenderer for ``render`` ("batch", "auto" or "images"), or None to render the images.
+
+        ``envs`` are the vector env's MuJoCo envs when it steps them in this process, else None.
+        """
+        if render not in RENDER_SOURCES:
+            raise ValueError(f"render must be one of {RENDER_SOURCES}; got {render!r}.")
+        if render == "batch":
+            if envs is None:
+                raise ValueError(
+                    f'render="batch" needs a {vector_kind} of MuJoCo envs (it renders their MjData directly); '
+                    'use render="images" (or "auto") for other vector envs.'
+                )
+            return _new_batch_renderer(envs, self.reward_model)
+        if render == "auto" and envs is not None:
+            try:
+                return _new_batch_renderer(envs, self.reward_model)
+            except ImportError:
+                return None  # the optional renderer is not there: images, silently
+            except Exception as exc:  # noqa: BLE001 - any failure of the optional fast path
+                warnings.warn(f"BatchRenderer could not be built ({exc!r}); rendering through {self._images_source}.",
+                              stacklevel=3)
+        return None
+
+    @contextmanager
+    def _terminal_states_in(self) -> Iterator[np.ndarray]:
+        """Inside the block the envs whose episode just ended hold their terminal MuJoCo state (the live
+        state comes back after); yields which envs those are ([N] bool)."""
+        pending = [s is not None and s.pending for s in self._terminal_states]
+        with ExitStack() as stack:
+            for state, swap in zip(self._terminal_states, pending):
+                if swap:
+                    stack.enter_context(state.terminal_state())
+            yield np.array(pending, dtype=bool)
 
     @property
     def render_source(self) -> str:
@@ -610,7 +613,11 @@ class _BatchFrames:
 
     def _close_renderer(self) -> None:
         renderer, self.renderer = self.renderer, None
-        _close_quietly(renderer)
+        if renderer is not None:
+            try:
+                renderer.close()
+            except Exception:  # noqa: BLE001 - closing is best effort
+                pass
 
 
 # ---- the VecEnv wrapper -------------------------------------------------------------------------
@@ -689,7 +696,7 @@ class VLMRewardVecEnv(_RewardMode, _BatchFrames, VecEnvWrapper):
         all_mujoco = bool(mujoco_parts) and all(p is not None for p in mujoco_parts)
 
         envs = list(self._dummy.envs) if all_mujoco else None
-        self.renderer: Any = _choose_renderer(render, envs, reward_model, "DummyVecEnv", "venv.get_images()")
+        self.renderer = self._pick_renderer(render, envs, "DummyVecEnv")
         if self.renderer is None:
             self._require_rgb_array()
 
@@ -734,13 +741,7 @@ class VLMRewardVecEnv(_RewardMode, _BatchFrames, VecEnvWrapper):
 
     def _render(self, infos: Sequence[Dict[str, Any]]) -> Tuple[Any, bool, np.ndarray]:
         """All envs' frames (terminal states where an episode just ended): (frames, bottom_up, terminal [N] bool)."""
-        terminal = np.zeros(self.num_envs, dtype=bool)
-        pending = [s for s in self._terminal_states if s is not None and s.pending]
-        for i, s in enumerate(self._terminal_states):
-            terminal[i] = s is not None and s.pending
-        with ExitStack() as stack:
-            for state in pending:
-                stack.enter_context(state.terminal_state())
+        with self._terminal_states_in() as terminal:
             batch = self._batch_frames()
             if batch is not None:
                 for info in infos:
