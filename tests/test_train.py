@@ -667,6 +667,34 @@ def test_a_failing_final_evaluation_still_leaves_the_final_checkpoint(tmp_path, 
     assert ckpt.find_latest(tmp_path / "run").name == ckpt.step_name(40)
 
 
+@pytest.mark.parametrize("fails", [False, True])
+def test_train_closes_its_log_files_and_the_model_logs_nowhere_after(tmp_path, monkeypatch, fails):
+    """A sweep of train() calls in one process must not keep a CSV file and a TensorBoard writer
+    thread per run open, also when the run raised; the returned model's logger takes further writes."""
+    from vlmrm_fast.train import callbacks, run, train
+
+    loggers = []
+    make_logger = run.make_logger
+    monkeypatch.setattr(run, "make_logger", lambda *a: loggers.append(make_logger(*a)) or loggers[-1])
+    if fails:
+        def broken(*args, **kwargs):
+            raise ValueError("evaluation broke (simulated)")
+
+        monkeypatch.setattr(callbacks, "evaluate_policy_video", broken)
+    config = dot_config(tmp_path, total_timesteps=40, checkpoint_every=0, eval_every=40 if fails else 0)
+    if fails:
+        with pytest.raises(ValueError, match="simulated"):
+            train(config, reward_model=tiny_reward(config))
+    else:
+        result = train(config, reward_model=tiny_reward(config))
+        result.model.logger.record("extra", 1.0)
+        result.model.logger.dump(41)  # a further learn() logs: no "closed file" error
+        assert result.model.logger is not loggers[0]
+        assert "time/reward_s" in tb_tags(tmp_path / "run")  # what was logged reached the file
+    csv, board = loggers[0].output_formats
+    assert csv.file.closed and board.writer.all_writers is None
+
+
 @pytest.mark.parametrize("timing", ["deferred", "step"])
 def test_each_rows_sac_update_time_is_its_own_rollouts(tmp_path, monkeypatch, timing):
     # SAC's gradient steps follow a rollout; its row waits for them, so that every rollout's update

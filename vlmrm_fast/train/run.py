@@ -56,7 +56,7 @@ class TrainResult:
     checkpoint: Optional[Path]
     stopped_by: Optional[str]  # "SIGINT"/"SIGTERM" when a signal stopped the run, else None
     seconds: float  # this session's, set-up included
-    model: object = None
+    model: object = None  # SB3's SAC; its logger writes nowhere (set_logger to log further learn() calls)
     steps_this_session: int = 0
     learn_seconds: float = 0.0  # this session's time in SB3's learn(): env steps, rewards, updates
 
@@ -337,8 +337,18 @@ def _train_in(run_dir: Path, config: TrainConfig, resume, reward_model, start: f
     finally:
         callback.restore_signal_handlers()  # also when learn() raised: Ctrl-C must work again
         env.close()
+        _close_logger(model)
     return TrainResult(run_dir, int(model.num_timesteps), callback.last_checkpoint or resume_from, stopped,
                        time.perf_counter() - start, model, int(model.num_timesteps - first_step), learn_seconds)
+
+
+def _close_logger(model) -> None:
+    """Close the run's CSV and TensorBoard files (a sweep of ``train()`` calls in one process would
+    otherwise hold a file and a writer thread per run); the model keeps a logger that writes nowhere."""
+    from stable_baselines3.common.logger import Logger
+
+    model.logger.close()
+    model.set_logger(Logger(folder=None, output_formats=[]))
 
 
 def _check_sac_device(device: str) -> None:
