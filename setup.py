@@ -10,7 +10,8 @@ Environment knobs (flash-attention style):
 - ``VLMRM_FAST_FORCE_BUILD=1``: build even when no GPU is visible (CUDA toolkit still needed),
   e.g. in a wheel-building container; a failed forced build is an error.
 - ``VLMRM_FAST_CUDA_ARCHS="8.0;9.0"``: compute capabilities to compile device code for (as
-  ``TORCH_CUDA_ARCH_LIST``; "80 90", "sm_90", "9.0a" and "+PTX" are understood). Default:
+  ``TORCH_CUDA_ARCH_LIST``; "80 90", "sm_90", "9.0a", "+PTX" and names such as "Ampere;Hopper" are
+  understood). Default:
   ``TORCH_CUDA_ARCH_LIST`` if set, else the visible GPUs' capabilities, else "8.0;9.0". The extension
   today is host code calling the CUDA runtime (no kernels of its own), so its one build runs on every
   GPU the torch it was built against supports; the list matters once device code is added.
@@ -42,6 +43,10 @@ def _note(msg):
 
 
 _ARCH = re.compile(r"^(?:sm_|compute_)?(\d+?)\.?(\d)([a-z]?)(\+ptx)?$", re.IGNORECASE)
+# Architecture names, as TORCH_CUDA_ARCH_LIST takes them: the capabilities of their data-centre and
+# consumer GPUs (Ampere: A100 8.0, RTX 30xx 8.6; Blackwell: B200 10.0, RTX 50xx 12.0).
+_ARCH_NAMES = {"volta": "7.0", "turing": "7.5", "ampere": "8.0;8.6", "ada": "8.9", "hopper": "9.0",
+               "blackwell": "10.0;12.0"}
 
 
 def _arch_list(torch):
@@ -56,12 +61,15 @@ def _arch_list(torch):
         else:
             archs = "8.0;9.0"
     parsed = []
+    for name, caps in _ARCH_NAMES.items():
+        archs = re.sub(rf"\b{name}\b", caps, archs, flags=re.IGNORECASE)
     for token in re.split(r"[;,\s]+", archs):
         if not token:
             continue
         match = _ARCH.match(token)
         if match is None:
-            raise ValueError(f"VLMRM_FAST_CUDA_ARCHS: {token!r} is not a compute capability such as 8.0, 90 or 9.0a")
+            raise ValueError(f"VLMRM_FAST_CUDA_ARCHS: {token!r} is not a compute capability such as 8.0, "
+                             f"90 or 9.0a, nor one of {', '.join(n.title() for n in _ARCH_NAMES)}")
         major, minor, suffix, ptx = match.groups()
         parsed.append((int(major), int(minor), suffix.lower(), bool(ptx)))
     if not parsed:
@@ -172,5 +180,6 @@ def _has_ninja():
         return False
 
 
-ext_modules, cmdclass = cuda_extensions()
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+if __name__ == "__main__":  # as pip and setuptools run it; tests import its helpers
+    ext_modules, cmdclass = cuda_extensions()
+    setup(ext_modules=ext_modules, cmdclass=cmdclass)

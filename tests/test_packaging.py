@@ -185,3 +185,50 @@ def test_the_toolkit_of_the_nvcc_on_path_comes_before_the_system_one(tmp_path):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"building vlmrm_fast._render_cuda (CUDA_HOME={toolkit}," in result.stderr
+
+
+def _setup_helpers() -> dict:
+    """setup.py's functions, without running setup() (it runs only as pip runs it, as __main__)."""
+    import runpy
+
+    return runpy.run_path(str(ROOT / "setup.py"), run_name="vlmrm_fast_setup")
+
+
+def _torch_with_gpus(*capabilities):
+    from types import SimpleNamespace
+
+    cuda = SimpleNamespace(is_available=lambda: bool(capabilities), device_count=lambda: len(capabilities),
+                           get_device_capability=lambda i: capabilities[i])
+    return SimpleNamespace(cuda=cuda)
+
+
+@pytest.mark.parametrize("given, expected", [
+    ("9.0", "9.0+PTX"),
+    ("80 90", "8.0;9.0+PTX"),
+    ("sm_90a,8.6", "8.6;9.0a+PTX"),
+    ("8.0+PTX;9.0", "8.0+PTX;9.0+PTX"),
+    ("Hopper", "9.0+PTX"),
+    ("ampere;HOPPER", "8.0;8.6;9.0+PTX"),
+    ("Ada+PTX 7.5", "7.5;8.9+PTX"),
+    ("Blackwell", "10.0;12.0+PTX"),
+])
+def test_cuda_archs_knob_takes_capabilities_and_architecture_names(monkeypatch, given, expected):
+    monkeypatch.setenv("VLMRM_FAST_CUDA_ARCHS", given)
+    assert _setup_helpers()["_arch_list"](_torch_with_gpus()) == expected
+
+
+def test_cuda_archs_default_to_the_visible_gpus_then_torchs_knob_then_a_fixed_list(monkeypatch):
+    arch_list = _setup_helpers()["_arch_list"]
+    monkeypatch.delenv("VLMRM_FAST_CUDA_ARCHS", raising=False)
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    assert arch_list(_torch_with_gpus((9, 0), (8, 0), (9, 0))) == "8.0;9.0+PTX"
+    assert arch_list(_torch_with_gpus()) == "8.0;9.0+PTX"
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "7.5")
+    assert arch_list(_torch_with_gpus((9, 0))) is None  # torch's own knob, left to cpp_extension
+
+
+@pytest.mark.parametrize("given", ["Hoper", "9", "sm_9x", ";"])
+def test_a_cuda_archs_value_that_names_no_capability_is_refused_with_the_accepted_forms(monkeypatch, given):
+    monkeypatch.setenv("VLMRM_FAST_CUDA_ARCHS", given)
+    with pytest.raises(ValueError, match=r"VLMRM_FAST_CUDA_ARCHS.*(Hopper|names no compute capability)"):
+        _setup_helpers()["_arch_list"](_torch_with_gpus())
