@@ -1406,3 +1406,24 @@ def test_the_lock_file_names_only_its_holder(tmp_path):
     with run_lock.hold_run_folder(tmp_path):
         text = (tmp_path / run_lock.LOCK_NAME).read_text()
     assert text.startswith(f"pid {os.getpid()} on ") and "xxxxx" not in text
+
+
+def test_deferred_scoring_hands_a_plain_reward_function_top_down_frames():
+    """Deferred rewards take any callable rm(frames) -> rewards, as the wrappers do: bottom-up frames are
+    flipped for one without ``bottom_up=``, and passed as they are, with the flag, to one that has it."""
+    from vlmrm_fast.train.deferred import score_frames
+
+    frames = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (3, 2, 7, 5, 3), dtype=np.uint8))
+
+    def row_weighted(batch):  # numpy out, no bottom_up=
+        rows = torch.arange(batch.shape[1], dtype=torch.float64)
+        return (batch.double().mean(dim=(2, 3)) * rows).mean(dim=1).numpy()
+
+    def takes_flag(batch, bottom_up=False):
+        return torch.from_numpy(row_weighted(batch.flip(1) if bottom_up else batch))
+
+    top_down = frames.flip(2).reshape(6, 7, 5, 3)
+    want = row_weighted(top_down).reshape(3, 2)
+    assert not np.allclose(want, row_weighted(frames.reshape(6, 7, 5, 3)).reshape(3, 2))
+    np.testing.assert_allclose(score_frames(row_weighted, frames, bottom_up=True), want, rtol=1e-6)
+    np.testing.assert_allclose(score_frames(takes_flag, frames, bottom_up=True), want, rtol=1e-6)

@@ -21,7 +21,7 @@ AutoresetMode = getattr(gym.vector, "AutoresetMode", None)  # gymnasium 1.0: nex
 from stable_baselines3.common.vec_env import DummyVecEnv  # noqa: E402
 from test_wrappers import (  # noqa: E402  helpers only (its fixtures stay there)
     ENV_ID, MODES, SIZE, CountingEnv, FakeBatchRenderer, Spy, _tiny_reward, actions, counting_frame, make_env,
-    real_batch_renderer_or_skip,
+    real_batch_renderer_or_skip, row_weighted_brightness,
 )
 
 from vlmrm_fast import Task, VLMRewardVectorWrapper, VLMRewardWrapper  # noqa: E402
@@ -218,6 +218,27 @@ def test_batch_renderer_failure_falls_back_to_images(rm, monkeypatch):
     with pytest.warns(UserWarning, match="envs.render"):
         _, rewards, _, _, _ = envs.step(np.zeros((2, 1), np.float32))
     assert envs.render_source == "images" and np.isfinite(rewards).all()
+    envs.close()
+
+
+@pytest.mark.parametrize("render", ["images", "fake_batch"])
+def test_a_plain_reward_function_gets_top_down_frames(render, monkeypatch):
+    """Any callable rm(frames) -> rewards (numpy here, no ``bottom_up=``): the batch renderer's bottom-up
+    frames reach it flipped; its rewards are each env's own frame's."""
+    if render == "fake_batch":
+        monkeypatch.setattr(W, "_import_batch_renderer", lambda: FakeBatchRenderer)
+    envs = VLMRewardVectorWrapper(sync_envs(make_env, 2), row_weighted_brightness,
+                                  render="images" if render == "images" else "batch")
+    refs = [make_env() for _ in range(2)]
+    envs.reset(seed=[3, 4])
+    for ref, seed in zip(refs, [3, 4]):
+        ref.reset(seed=seed)
+    for action in actions(3, 2, seed=2):
+        _, rewards, _, _, _ = envs.step(action)
+        for ref, a in zip(refs, action):
+            ref.step(a)
+        expected = row_weighted_brightness([ref.render() for ref in refs])
+        np.testing.assert_allclose(rewards, expected, rtol=1e-5, atol=1e-5)
     envs.close()
 
 

@@ -546,6 +546,52 @@ def test_wrappers_refuse_what_is_not_a_reward_model(not_a_model):
         VLMRewardVecEnv(DummyVecEnv([make_env]), not_a_model)
 
 
+def row_weighted_brightness(frames):
+    """A plain reward function (no ``bottom_up=``, numpy out): each row's mean brightness weighted by its
+    row index, so frames handed over upside down score differently."""
+    frames = np.stack([np.asarray(f) for f in frames]).astype(np.float64)
+    rows = np.arange(frames.shape[1]) / frames.shape[1]
+    return (frames.mean(axis=(2, 3)) * rows).mean(axis=1)
+
+
+@pytest.mark.parametrize("render", ["single", "images", "fake-batch"])
+def test_a_plain_reward_function_gets_top_down_frames_and_may_return_numpy(render, monkeypatch):
+    """The wrappers take any callable rm(frames) -> rewards, as their docs say: bottom-up frames from
+    the batch renderer are flipped for one that takes no ``bottom_up=``, and arrays are rewards too."""
+    if render == "fake-batch":
+        monkeypatch.setattr(W, "_import_batch_renderer", lambda: FakeBatchRenderer)
+    n = 1 if render == "single" else 2
+    if render == "single":
+        wrapped = VLMRewardWrapper(make_env(), row_weighted_brightness)
+        wrapped.reset(seed=5)
+    else:
+        venv = DummyVecEnv([make_env] * n)
+        wrapped = VLMRewardVecEnv(venv, row_weighted_brightness, render="images" if render == "images" else "batch")
+        venv.seed(5)
+        wrapped.reset()
+    ref = make_env()
+    ref.reset(seed=5)
+    for action in actions(3, n, seed=1):
+        if render == "single":
+            _, reward, *_ = wrapped.step(action[0])
+            rewards = [reward]
+        else:
+            _, rewards, *_ = wrapped.step(action)
+        ref.step(action[0])
+        expected, flipped = row_weighted_brightness([ref.render(), ref.render()[::-1]])
+        assert abs(expected - flipped) > 0.1  # the frame is not symmetric: a flipped one would fail below
+        np.testing.assert_allclose(rewards[0], expected, rtol=1e-5, atol=1e-5)
+    wrapped.close()
+
+
+def test_a_reward_function_returning_the_wrong_number_of_rewards_is_a_clear_error(no_batch):
+    venv = VLMRewardVecEnv(DummyVecEnv([make_env] * 2), lambda frames: np.zeros(len(frames) + 1))
+    venv.reset()
+    with pytest.raises(ValueError, match=r"returned rewards of shape \(3,\) for 2 frames; it must return \[2\]"):
+        venv.step(actions(1, 2)[0])
+    venv.close()
+
+
 def test_vec_env_errors(rm, no_batch):
     with pytest.raises(ValueError, match=r'render_mode="rgb_array"'):
         VLMRewardVecEnv(DummyVecEnv([lambda: gym.make(ENV_ID)]), rm)

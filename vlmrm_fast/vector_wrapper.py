@@ -38,7 +38,7 @@ from vlmrm_fast.wrappers import (
     _mujoco_parts,
     _MujocoTerminalState,
     _RewardMode,
-    _rewards_to_numpy,
+    _rewards_of,
     _task_index,
     gym,
 )
@@ -94,8 +94,9 @@ class VLMRewardVectorWrapper(_RewardMode, _BatchFrames, gym.vector.VectorWrapper
     Args:
         envs: the gymnasium vector env (``gymnasium.make_vec(env_id, n, render_mode="rgb_array")``, or
             ``SyncVectorEnv``/``AsyncVectorEnv`` of such envs).
-        reward_model: a :class:`~vlmrm_fast.CLIPReward` (any callable ``rm(frames [N, H, W, 3] uint8) ->
-            [N] or [N, T]`` with ``image_size`` and ``task_names``).
+        reward_model: a :class:`~vlmrm_fast.CLIPReward`, or any callable ``rm(frames) -> rewards``: frames
+            uint8 [N, H, W, 3] (a tensor or array, or a list of N [H, W, 3] arrays, as CLIPReward takes),
+            rewards [N] or [N, T] (a tensor or array); ``image_size`` and ``task_names`` are read if present.
         mode: ``"replace"``, ``"add"`` or ``"log"``.
         weight: scale of the VLM reward in ``"add"`` mode (unused otherwise).
         render: ``"auto"``, ``"batch"`` or ``"images"``.
@@ -206,7 +207,7 @@ class VLMRewardVectorWrapper(_RewardMode, _BatchFrames, gym.vector.VectorWrapper
         stepped = ~self._resetting  # NEXT_STEP: the rows this call reset are no transitions
         ended = np.asarray(terminations, dtype=bool).reshape(n) | np.asarray(truncations, dtype=bool).reshape(n)
         frames, bottom_up, terminal = self._render(infos, ended)
-        all_rewards = _rewards_to_numpy(self.reward_model(frames, bottom_up=bottom_up))  # [N, T] float32
+        all_rewards = _rewards_of(self.reward_model, frames, bottom_up)  # [N, T] float32
         all_rewards = np.where(stepped[:, None], all_rewards, np.float32(0.0))
         vlm = all_rewards[:, self.task]
         env_rewards = np.asarray(env_rewards)

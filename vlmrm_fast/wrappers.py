@@ -165,10 +165,37 @@ def _declared_render_size(env: Any) -> Optional[Tuple[int, int]]:
     return None
 
 
-def _rewards_to_numpy(rewards: torch.Tensor) -> np.ndarray:
-    """[N] or [N, T] rewards -> float32 numpy [N, T] on the host."""
-    array = rewards.detach().to("cpu", torch.float32).numpy()
-    return array.reshape(array.shape[0], -1)
+def _takes_bottom_up(reward_model: Any) -> bool:
+    """Whether ``reward_model`` can be called with ``bottom_up=`` (CLIPReward flips such rows itself)."""
+    try:
+        params = inspect.signature(reward_model).parameters.values()
+    except (TypeError, ValueError):  # a callable without an introspectable signature (a C extension)
+        return False
+    return any(p.name == "bottom_up" or p.kind is p.VAR_KEYWORD for p in params)
+
+
+def _rewards_of(reward_model: Any, frames: Any, bottom_up: bool = False) -> np.ndarray:
+    """``reward_model``'s rewards for ``frames`` [N, H, W, 3] as float32 numpy [N, T] on the host.
+
+    ``bottom_up`` frames (OpenGL row order, from :class:`~vlmrm_fast.render.BatchRenderer`) go to a model
+    that takes ``bottom_up=`` as they are; any other callable ``rm(frames)`` gets them flipped to the usual
+    top-down order first. The model may return a tensor (any device) or an array, of shape [N] or [N, T].
+    """
+    if bottom_up and not _takes_bottom_up(reward_model):
+        frames = frames.flip(1) if isinstance(frames, torch.Tensor) else np.ascontiguousarray(frames[:, ::-1])
+        bottom_up = False
+    rewards = reward_model(frames, bottom_up=True) if bottom_up else reward_model(frames)
+    if isinstance(rewards, torch.Tensor):
+        array = rewards.detach().to("cpu", torch.float32).numpy()
+    else:
+        array = np.asarray(rewards, dtype=np.float32)
+    n = len(frames)
+    if array.ndim not in (1, 2) or array.shape[0] != n:
+        raise ValueError(
+            f"the reward model returned rewards of shape {tuple(array.shape)} for {n} frames; it must return "
+            f"[{n}] (one reward per frame) or [{n}, T] (T tasks), as CLIPReward does."
+        )
+    return array.reshape(n, -1)
 
 
 def _mujoco_parts(env: Any) -> Optional[Tuple[Any, Any]]:
@@ -262,8 +289,9 @@ class VLMRewardWrapper(_RewardMode, gym.Wrapper, gym.utils.RecordConstructorArgs
 
     Args:
         env: the environment, made with ``render_mode="rgb_array"``.
-        reward_model: a :class:`~vlmrm_fast.CLIPReward` (any callable ``rm(frames [N, H, W, 3] uint8) ->
-            [N] or [N, T]`` with ``image_size`` and ``task_names``).
+        reward_model: a :class:`~vlmrm_fast.CLIPReward`, or any callable ``rm(frames) -> rewards``: frames
+            uint8 [N, H, W, 3] (a tensor or array, or a list of N [H, W, 3] arrays, as CLIPReward takes),
+            rewards [N] or [N, T] (a tensor or array); ``image_size`` and ``task_names`` are read if present.
         mode: ``"replace"``, ``"add"`` or ``"log"``.
         weight: scale of the VLM reward in ``"add"`` mode (unused otherwise).
         task: which task (index or name in ``reward_model.task_names``) drives the reward.
@@ -321,7 +349,7 @@ class VLMRewardWrapper(_RewardMode, gym.Wrapper, gym.utils.RecordConstructorArgs
         if not self._size_checked:
             self._size_checked = True
             _warn_size(_frame_size(frame), self.reward_model, "The env")
-        return _rewards_to_numpy(self.reward_model(frame[None]))[0]
+        return _rewards_of(self.reward_model, frame[None])[0]
 
     def step(self, action: Any) -> Tuple[Any, SupportsFloat, bool, bool, Dict[str, Any]]:
         obs, env_reward, terminated, truncated, info = self.env.step(action)
@@ -653,7 +681,9 @@ class VLMRewardVecEnv(_RewardMode, _BatchFrames, VecEnvWrapper):
 
     Args:
         venv: the VecEnv; its envs made with ``render_mode="rgb_array"`` (needed for ``"images"``).
-        reward_model: a :class:`~vlmrm_fast.CLIPReward`.
+        reward_model: a :class:`~vlmrm_fast.CLIPReward`, or any callable ``rm(frames) -> rewards``: frames
+            uint8 [N, H, W, 3] (a tensor or array, or a list of N [H, W, 3] arrays, as CLIPReward takes),
+            rewards [N] or [N, T] (a tensor or array); ``image_size`` and ``task_names`` are read if present.
         mode: ``"replace"``, ``"add"`` or ``"log"``.
         weight: scale of the VLM reward in ``"add"`` mode (unused otherwise).
         render: ``"auto"``, ``"batch"`` or ``"images"``.
@@ -759,7 +789,7 @@ class VLMRewardVecEnv(_RewardMode, _BatchFrames, VecEnvWrapper):
     def step_wait(self) -> VecEnvStepReturn:
         obs, env_rewards, dones, infos = self.venv.step_wait()
         frames, bottom_up, terminal = self._render(infos)
-        all_rewards = _rewards_to_numpy(self.reward_model(frames, bottom_up=bottom_up))  # [N, T]
+        all_rewards = _rewards_of(self.reward_model, frames, bottom_up)  # [N, T]
         vlm = all_rewards[:, self.task]
         gt = np.asarray(env_rewards, dtype=np.float32).reshape(self.num_envs)
         rewards = _combine(self.mode, self.weight, gt, vlm).astype(np.float32)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from stable_baselines3.common.vec_env import VecEnv
 
-from vlmrm_fast.wrappers import VLMRewardVecEnv, _combine
+from vlmrm_fast.wrappers import VLMRewardVecEnv, _combine, _rewards_of
 
 
 class DeferredRewardRecorder(VLMRewardVecEnv):
@@ -121,10 +121,8 @@ def score_frames(reward_model, frames: torch.Tensor, bottom_up: bool, task: int 
     if t * n == 0:
         return np.zeros((t, n), dtype=np.float32)
     with torch.inference_mode():
-        rewards = reward_model(frames.reshape(t * n, *frames.shape[2:]), bottom_up=bottom_up)
-    if rewards.ndim == 2:
-        rewards = rewards[:, task]
-    return rewards.float().reshape(t, n).cpu().numpy()
+        rewards = _rewards_of(reward_model, frames.reshape(t * n, *frames.shape[2:]), bottom_up)  # [t * n, T]
+    return rewards[:, task].reshape(t, n)
 
 
 def score_and_write_back(recorder: DeferredRewardRecorder, reward_model, replay_buffer,
