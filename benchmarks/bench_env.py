@@ -171,7 +171,7 @@ STAGES = ("physics", "render", "transfer", "reward")
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """Command line; device-dependent defaults are filled in here."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="where the reward model runs and the batch renderer writes")
     parser.add_argument("--num-envs", nargs="+", type=int, help="N; default 1 8 32 on CUDA, 1 8 on CPU")

@@ -133,7 +133,7 @@ COLUMNS = [f.name for f in fields(Row)]
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """Command line; device-dependent defaults (batch sizes, repeats, dtype) are filled in here."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--ops", nargs="+", choices=("preprocess", "score", "copy"),
                         default=["preprocess", "score", "copy"], help="copy is always added with preprocess")

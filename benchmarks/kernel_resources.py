@@ -169,7 +169,7 @@ def compile_all(archs: List[int]) -> List[Resources]:
 
 
 def main(argv: List[str] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--archs", nargs="+", type=int, default=[80, 90], help="compute capabilities x 10 (default: 80 90)")
     parser.add_argument("--json", type=Path, help="write the rows, with the Triton and torch versions, here")
     args = parser.parse_args(argv)

@@ -290,6 +290,17 @@ def test_bad_options_exit_2(image_folder: Path, capsys: pytest.CaptureFixture, e
     assert "error:" in capsys.readouterr().err
 
 
+def test_the_cli_runs_without_docstrings() -> None:
+    """``python -OO`` (PYTHONOPTIMIZE=2, set on some clusters) strips docstrings; help text is built from them."""
+    import subprocess
+    import sys
+
+    for args in (["--help"], ["export", "--help"], ["bench", "--help"]):
+        result = subprocess.run([sys.executable, "-OO", "-m", "vlmrm_fast", *args], capture_output=True, text=True,
+                                timeout=300)
+        assert result.returncode == 0 and "usage: vlmrm-fast" in result.stdout, (args, result.stderr[-2000:])
+
+
 def test_help_lists_score(capsys: pytest.CaptureFixture) -> None:
     assert cli.main(["--help"]) == 0
     assert "score" in capsys.readouterr().out

@@ -29,7 +29,7 @@ def add_export_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "export",
         help="export the vision tower to ONNX or a TensorRT engine",
-        description=__doc__.split("\n\n", 1)[1],
+        description=(__doc__ or "").split("\n\n", 1)[-1],  # no docstrings under python -OO
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("model", metavar="MODEL", help="open_clip model name, e.g. ViT-B-32, ViT-bigG-14")
