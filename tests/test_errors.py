@@ -157,6 +157,7 @@ BAD_PROMPTS = [
     (dict(goal="a", baseline=[]), ValueError, "baseline is an empty list"),
     (dict(goal=["a", 3]), TypeError, "strings only"),
     (dict(goal=7), TypeError, "string or a list"),
+    (dict(goal=b"a robot"), TypeError, "string or a list"),
     (dict(), ValueError, "Give a goal prompt"),
     (dict(tasks=[]), ValueError, "tasks is empty"),
     (dict(tasks=[("a", "b")]), TypeError, r"vlmrm_fast.Task"),
@@ -182,6 +183,22 @@ BAD_OPTIONS = [
 def test_bad_prompts(rm, kwargs, error, match):
     with pytest.raises(error, match=match):
         rm.set_tasks(**kwargs)
+
+
+def test_any_sequence_of_frames_or_prompts_is_taken_as_a_list_is(tiny):
+    """Frames and prompts are typed Sequence: a deque of recent frames or a UserList of prompts works."""
+    import collections
+
+    model, tokenizer = tiny
+    frames = list(np.random.default_rng(1).integers(0, 256, (3, 16, 16, 3), dtype=np.uint8))
+    make = lambda **prompts: CLIPReward(model, tokenizer, device="cpu", kernels="torch", backend="torch", **prompts)  # noqa: E731
+    rm = make(goal=["a robot kneeling", "a kneeling robot"], baseline=("a robot",))
+    want = rm(frames)
+    torch.testing.assert_close(rm(collections.deque(frames, maxlen=3)), want)
+    torch.testing.assert_close(rm(tuple(frames)), want)
+    other = make(goal=collections.UserList(["a robot kneeling", "a kneeling robot"]),
+                 baseline=collections.deque(["a robot"]))
+    torch.testing.assert_close(other(frames), want)
 
 
 @pytest.mark.parametrize("kwargs,error,match", BAD_OPTIONS)

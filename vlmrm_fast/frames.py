@@ -1,12 +1,14 @@
 """Checking frames at the API boundary and handing them to the device in chunks.
 
 Accepted: uint8 RGB frames [N, H, W, 3] as a torch tensor (any device, any strides), a numpy array
-(any strides, negative ones included, as ``env.render()`` can give), or a list of [H, W, 3] arrays or
-tensors of one shape. Float frames are accepted in [0, 1] (torchvision's convention for float
-images); 0-255 values must come as uint8. Anything else is rejected with a message naming the fix.
+(any strides, negative ones included, as ``env.render()`` can give), or a list (any sequence: a
+tuple, a deque of recent frames) of [H, W, 3] arrays or tensors of one shape. Float frames are
+accepted in [0, 1] (torchvision's convention for float images); 0-255 values must come as uint8.
+Anything else is rejected with a message naming the fix.
 """
 from __future__ import annotations
 
+import collections.abc
 import os
 import warnings
 from dataclasses import dataclass
@@ -173,8 +175,8 @@ def as_frame_batch(frames: FrameInput) -> FrameBatch:
         if n > 0 and dtype != torch.uint8:
             _check_float_range(frames, "frames")
         return FrameBatch(frames, n, height, width, dtype)
-    if isinstance(frames, (list, tuple)):
-        return _list_batch(list(frames))
+    if isinstance(frames, collections.abc.Sequence) and not isinstance(frames, (str, bytes)):
+        return _list_batch(list(frames))  # a list, a tuple, a deque of recent frames, ...
     raise TypeError(
         f"frames must be a torch.Tensor or numpy array [N, H, W, 3], or a list of [H, W, 3] arrays; "
         f"got {type(frames).__name__}.{_conversion_hint(frames)}"
