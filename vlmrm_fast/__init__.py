@@ -47,12 +47,14 @@ if importlib.util.find_spec("gymnasium") is not None:
     import vlmrm_fast.envs  # noqa: F401  registers vlmrm_fast/TexturedHumanoid-v0 (gymnasium only, light)
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value  # later lookups skip this function
-        return value
-    raise AttributeError(f"module 'vlmrm_fast' has no attribute {name!r}")
+if not TYPE_CHECKING:  # hidden from type checkers, which would otherwise take any misspelt name as Any
+
+    def __getattr__(name: str) -> object:
+        if name in _LAZY:
+            value = getattr(importlib.import_module(_LAZY[name]), name)
+            globals()[name] = value  # later lookups skip this function
+            return value
+        raise AttributeError(f"module 'vlmrm_fast' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:

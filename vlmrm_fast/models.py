@@ -255,7 +255,7 @@ def _position_embeddings_kept(model_name: str, path: str) -> Iterator[None]:
 
 
 def create_clip(
-    model_name: str, pretrained: Union[str, os.PathLike, None], *, cache_dir: Optional[str] = None
+    model_name: str, pretrained: Union[str, os.PathLike, None], *, cache_dir: Union[str, os.PathLike, None] = None
 ) -> Tuple[torch.nn.Module, Callable]:
     """An open_clip model (float32, CPU, eval mode) and its tokenizer.
 
@@ -270,6 +270,8 @@ def create_clip(
     check_model_name(model_name)
     if isinstance(pretrained, os.PathLike):
         pretrained = os.fspath(pretrained)
+    if cache_dir is not None:
+        cache_dir = os.fspath(cache_dir)
     with _quiet_open_clip_logs():  # the tokenizer too: its logging.info would configure the root logger
         model = _create(model_name, pretrained, cache_dir)
         tokenizer = open_clip.get_tokenizer(model_name)

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import numbers
-from typing import Callable, List, Optional, Sequence, Union
+import os
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -141,7 +142,7 @@ class CLIPReward:
     def from_pretrained(
         cls,
         model_name: str,
-        pretrained: Optional[str],
+        pretrained: Union[str, os.PathLike, None],
         *,
         goal: Optional[Prompts] = None,
         baseline: Optional[Prompts] = None,
@@ -154,7 +155,7 @@ class CLIPReward:
         backend: str = "auto",
         backend_options: Optional[dict] = None,
         max_batch_size: Optional[int] = None,
-        cache_dir: Optional[str] = None,
+        cache_dir: Union[str, os.PathLike, None] = None,
     ) -> "CLIPReward":
         """Load an open_clip model and build the reward.
 
@@ -264,7 +265,7 @@ class CLIPReward:
         return self._kernels
 
     @property
-    def image_size(self) -> tuple:
+    def image_size(self) -> Tuple[int, int]:
         """(height, width) the vision tower takes; render at this size to skip resizing."""
         return image_size_of(self.model)
 

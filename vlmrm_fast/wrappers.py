@@ -48,7 +48,7 @@ import inspect
 import warnings
 from collections import Counter
 from contextlib import ExitStack, contextmanager
-from typing import Any, Dict, Iterator, List, Optional, Sequence, SupportsFloat, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence, SupportsFloat, Tuple, Union
 
 import numpy as np
 import torch
@@ -61,13 +61,18 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         "pip install 'vlmrm-fast[train]'"
     ) from exc
 
+if TYPE_CHECKING:  # SB3's own aliases for checkers (a fallback in the same branch would hide them)
+    from stable_baselines3.common.vec_env.base_vec_env import VecEnvObs, VecEnvStepReturn
+else:
+    try:  # at run time too, for typing.get_type_hints
+        from stable_baselines3.common.vec_env.base_vec_env import VecEnvObs, VecEnvStepReturn
+    except ImportError:  # pragma: no cover - depends on the environment
+        VecEnvObs = VecEnvStepReturn = Any
 try:
     from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv, VecEnvWrapper
-    from stable_baselines3.common.vec_env.base_vec_env import VecEnvObs, VecEnvStepReturn
 except ImportError:  # pragma: no cover - depends on the environment
     DummyVecEnv = VecEnv = None  # type: ignore[assignment,misc]
     VecEnvWrapper = object  # type: ignore[assignment,misc]
-    VecEnvObs = VecEnvStepReturn = Any  # type: ignore[misc]
     _HAS_SB3 = False
 else:
     _HAS_SB3 = True

@@ -6,7 +6,12 @@ in a textured scene, camera tracking the torso, 224 x 224 RGB frames, episodes o
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import gymnasium
+
+if TYPE_CHECKING:
+    from vlmrm_fast.envs.humanoid import TexturedHumanoidEnv
 
 #: Episode length of the paper's runs (env steps; each step is ``frame_skip`` = 5 physics steps).
 EPISODE_LENGTH = 100
@@ -25,12 +30,14 @@ def register_envs() -> None:
         )
 
 
-def __getattr__(name):  # lazy: importing mujoco's env class is only needed to make the env
-    if name == "TexturedHumanoidEnv":
-        from vlmrm_fast.envs.humanoid import TexturedHumanoidEnv
+if not TYPE_CHECKING:
 
-        return TexturedHumanoidEnv
-    raise AttributeError(name)
+    def __getattr__(name: str) -> object:  # lazy: importing mujoco's env class is only needed to make the env
+        if name == "TexturedHumanoidEnv":
+            from vlmrm_fast.envs.humanoid import TexturedHumanoidEnv
+
+            return TexturedHumanoidEnv
+        raise AttributeError(f"module 'vlmrm_fast.envs' has no attribute {name!r}")
 
 
 register_envs()

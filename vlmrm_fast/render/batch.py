@@ -370,7 +370,7 @@ class BatchRenderer:
         gpu: Union[str, bool] = "auto",
         max_geom: int = 10000,
         scene_option: Any = None,
-    ):
+    ) -> None:
         mujoco = _mujoco()
         self._closed = True
         sources = list(sources)

@@ -4,14 +4,21 @@
 - :func:`train`: builds reward model, envs and SAC, trains, checkpoints; ``resume=RUN_DIR`` continues.
 - :func:`add_train_parser`: registers ``train`` on an argparse subparsers object.
 """
+from typing import TYPE_CHECKING
+
 from vlmrm_fast.train.config import PRESETS, TrainConfig, from_preset
+
+if TYPE_CHECKING:  # what type checkers and IDEs see
+    from vlmrm_fast.train.run import TrainResult, add_train_parser, train
 
 __all__ = ["TrainConfig", "PRESETS", "from_preset", "train", "TrainResult", "add_train_parser"]
 
 
-def __getattr__(name):  # lazy, so that ``python -m vlmrm_fast.train.run`` imports run.py once
-    if name in ("train", "TrainResult", "add_train_parser"):
-        from vlmrm_fast.train import run
+if not TYPE_CHECKING:
 
-        return getattr(run, name)
-    raise AttributeError(name)
+    def __getattr__(name: str) -> object:  # lazy, so that ``python -m vlmrm_fast.train.run`` imports run.py once
+        if name in ("train", "TrainResult", "add_train_parser"):
+            from vlmrm_fast.train import run
+
+            return getattr(run, name)
+        raise AttributeError(f"module 'vlmrm_fast.train' has no attribute {name!r}")

@@ -22,7 +22,7 @@ import time
 import warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 os.environ.setdefault("MUJOCO_GL", "egl")  # headless MuJoCo rendering; before mujoco is imported
 os.environ.setdefault("PYOPENGL_PLATFORM", "egl")
@@ -242,7 +242,7 @@ def make_logger(run_dir: Path, tensorboard: bool, start_step: int):
 # --------------------------------------------------------------------------- training
 
 
-def train(config: TrainConfig, *, resume: Optional[os.PathLike] = None, reward_model=None) -> TrainResult:
+def train(config: TrainConfig, *, resume: Union[str, os.PathLike, None] = None, reward_model: Any = None) -> TrainResult:
     """Train SAC on VLM rewards as ``config`` says; continue the run in ``resume`` if given.
 
     ``reward_model``: an already built reward model (default: built from the config).
