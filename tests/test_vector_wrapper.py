@@ -278,3 +278,126 @@ def test_reset_mode_names():
     assert reset_mode_of(Fake({})) == "next_step"
     with pytest.raises(ValueError, match="unknown autoreset_mode"):
         reset_mode_of(Fake({"autoreset_mode": "sometimes"}))
+
+
+# ---- behaviours a mutation audit found untested ---------------------------------------------------
+
+
+def test_a_reset_mid_episode_starts_the_episode_sums_again(rm):
+    """A reset of all envs before their episodes ended: the next episode's returns count its own steps only."""
+    envs = VLMRewardVectorWrapper(sync_envs(lambda: make_env(max_episode_steps=3), 2), rm, render="images")
+    envs.reset(seed=0)
+    envs.step(np.full((2, 1), 0.5, np.float32))  # an episode cut short by the reset below
+    envs.reset(seed=1)
+    vlm, gt = np.zeros(2), np.zeros(2)
+    for _ in range(3):
+        _, _, _, truncated, info = envs.step(np.zeros((2, 1), np.float32))
+        vlm += info["vlm_reward"]
+        gt += info["gt_reward"]
+    assert truncated.all()
+    np.testing.assert_allclose(info["episode_vlm_return"], vlm, atol=1e-5)
+    np.testing.assert_allclose(info["episode_gt_return"], gt, rtol=1e-12)
+    envs.close()
+
+
+def test_a_vector_env_that_renders_too_few_frames_is_refused(rm):
+    """envs.render() with fewer frames than envs: an error, never one frame's reward broadcast over all envs."""
+    base = sync_envs(CountingEnv, 2)
+    base.render = lambda: [counting_frame(0)]
+    envs = VLMRewardVectorWrapper(base, rm, render="images")
+    envs.reset()
+    with pytest.raises(ValueError, match="returned 1 frames for 2 envs"):
+        envs.step(np.zeros((2, 1), np.float32))
+    envs.close()
+
+
+@NO_MODES
+def test_the_missing_terminal_frame_warning_comes_once(rm):
+    """AsyncVectorEnv under SAME_STEP without RenderTerminalFrame: one warning, however many episodes end."""
+    base = gym.vector.AsyncVectorEnv([CountingEnv] * 2, context="fork", **reset_kwargs("same_step"))
+    envs = VLMRewardVectorWrapper(base, rm)
+    envs.reset()
+    try:
+        with pytest.warns(UserWarning, match="RenderTerminalFrame") as caught:
+            for _ in range(6):  # two episodes end in every env
+                _, _, terminated, _, info = envs.step(np.zeros((2, 1), np.float32))
+        assert terminated.all() and not info["vlm_terminal_frame"].any()
+        assert sum("RenderTerminalFrame" in str(w.message) for w in caught) == 1
+    finally:
+        envs.close()
+
+
+def test_per_task_rewards_of_reset_rows_are_masked_out():
+    """NEXT_STEP with a several-task model: on the step that resets an env, each task's mask is False too."""
+    rm2 = _tiny_reward(tasks=[Task(goal="kneeling", baseline="a robot", name="kneel"),
+                              Task(goal="the splits", baseline="a robot", name="splits")])
+    envs = VLMRewardVectorWrapper(sync_envs(lambda: make_env(max_episode_steps=2), 2), rm2, render="images")
+    envs.reset(seed=0)
+    for _ in range(2):
+        _, _, _, truncated, info = envs.step(np.zeros((2, 1), np.float32))
+    assert truncated.all() and info["vlm_rewards"]["_kneel"].all()
+    _, rewards, _, _, info = envs.step(np.zeros((2, 1), np.float32))  # resets both envs
+    assert not info["_vlm_reward"].any() and (rewards == 0).all()
+    for name in ("kneel", "splits"):
+        assert not info["vlm_rewards"]["_" + name].any() and (info["vlm_rewards"][name] == 0).all()
+    envs.close()
+
+
+def test_one_task_models_add_no_per_task_rewards(rm):
+    envs = VLMRewardVectorWrapper(sync_envs(lambda: make_env(max_episode_steps=50), 2), rm, render="images")
+    envs.reset(seed=0)
+    _, _, _, _, info = envs.step(np.zeros((2, 1), np.float32))
+    assert "vlm_rewards" not in info and "_vlm_rewards" not in info
+    envs.close()
+
+
+def test_episode_gt_return_of_running_envs_is_zero_filled(rm):
+    """Where one env's episode ends, the others' episode returns read 0 (masked out), the gt ones too."""
+    makes = [lambda: make_env(max_episode_steps=2), lambda: make_env(max_episode_steps=50)]
+    envs = VLMRewardVectorWrapper(gym.vector.SyncVectorEnv(makes), rm, render="images")
+    envs.reset(seed=0)
+    for _ in range(2):
+        _, _, _, truncated, info = envs.step(np.zeros((2, 1), np.float32))
+    assert truncated.tolist() == [True, False]
+    assert info["_episode_gt_return"].tolist() == [True, False] and info["episode_gt_return"][1] == 0.0
+    assert info["_episode_vlm_return"].tolist() == [True, False] and info["episode_vlm_return"][1] == 0.0
+    assert info["_vlm_terminal_frame"].tolist() == [True, False]
+    envs.close()
+
+
+@pytest.mark.parametrize("reset_mode", ["next_step", pytest.param("same_step", marks=NO_MODES)])
+def test_render_terminal_frame_leaves_no_keys_behind(rm, reset_mode):
+    """RenderTerminalFrame's frame and its mask are removed from the infos (and from final_info)."""
+    base = gym.vector.AsyncVectorEnv([lambda: RenderTerminalFrame(CountingEnv())] * 2, context="fork",
+                                     **reset_kwargs(reset_mode))
+    envs = VLMRewardVectorWrapper(base, rm)
+    envs.reset()
+    try:
+        for _ in range(3):
+            _, _, terminated, _, info = envs.step(np.zeros((2, 1), np.float32))
+        assert terminated.all()
+        for where in (info, info.get("final_info", {})):
+            assert not [k for k in where if "terminal_frame" in k and k != "vlm_terminal_frame"
+                        and k != "_vlm_terminal_frame"], sorted(where)
+    finally:
+        envs.close()
+
+
+def test_close_closes_the_batch_renderer(rm, monkeypatch):
+    monkeypatch.setattr(W, "_import_batch_renderer", lambda: FakeBatchRenderer)
+    envs = VLMRewardVectorWrapper(sync_envs(make_env, 2), rm, render="batch")
+    renderer = envs.renderer
+    envs.close()
+    assert renderer.closed and envs.renderer is None
+
+
+def test_env_rewards_keep_float64_precision(rm):
+    """The env's reward goes to info and the episode sums in float64, unrounded (1/3 is not a float32)."""
+    third = lambda: gym.wrappers.TransformReward(CountingEnv(), lambda r: r / 3)  # noqa: E731
+    envs = VLMRewardVectorWrapper(sync_envs(third, 2), rm, mode="log")
+    envs.reset()
+    for _ in range(3):
+        _, rewards, _, _, info = envs.step(np.zeros((2, 1), np.float32))
+    assert info["gt_reward"].tolist() == [3 / 3] * 2 and rewards.dtype == np.float64
+    assert info["episode_gt_return"].tolist() == [1 / 3 + 2 / 3 + 3 / 3] * 2
+    envs.close()
