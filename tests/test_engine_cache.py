@@ -261,3 +261,51 @@ def test_engine_builds_write_their_graphs_in_the_cache_folder(tmp_path):
     assert scratch_parent(tmp_path / "cache" / "tensorrt") == tmp_path / "cache" / "tensorrt"
     (tmp_path / "file").write_bytes(b"")
     assert scratch_parent(tmp_path / "file" / "tensorrt") is None
+
+
+def test_default_cache_folder_follows_the_variable_or_the_home_folder(tmp_path, monkeypatch):
+    from vlmrm_fast.backends.engine_cache import default_cache_dir
+
+    monkeypatch.setenv("VLMRM_FAST_CACHE", str(tmp_path / "cache"))
+    assert default_cache_dir() == tmp_path / "cache" / "tensorrt"
+    assert EngineCache().directory == tmp_path / "cache" / "tensorrt"
+    monkeypatch.delenv("VLMRM_FAST_CACHE")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert default_cache_dir() == tmp_path / "home" / ".cache" / "vlmrm_fast" / "tensorrt"
+
+
+def test_weights_digest_follows_dtype_and_shape_of_equal_bytes():
+    # Zero weights have the same bytes in bfloat16 and float16, and the same repr: the dtype (and the
+    # shape of a buffer, which the repr does not show) must still tell the towers apart.
+    layer = torch.nn.Linear(4, 3)
+    torch.nn.init.zeros_(layer.weight)
+    torch.nn.init.zeros_(layer.bias)
+    assert weights_digest(layer.to(torch.bfloat16)) != weights_digest(layer.to(torch.float16))
+    a, b = torch.nn.Module(), torch.nn.Module()
+    a.register_buffer("table", torch.zeros(2, 6))
+    b.register_buffer("table", torch.zeros(3, 4))
+    assert weights_digest(a) != weights_digest(b)
+
+
+def test_a_model_name_with_slashes_stays_in_the_cache_folder(tmp_path):
+    # open_clip's hf-hub names hold "/": the file must still sit in the cache folder itself.
+    cache = EngineCache(tmp_path)
+    key = dataclasses.replace(KEY, model="hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K")
+    path = cache.store(key, b"engine")
+    assert path.parent == tmp_path and "/" not in path.name and cache.load(key) == b"engine"
+
+
+def test_a_file_of_another_format_version_is_refused(tmp_path):
+    # A later format (another magic line) is refused, even where its header would parse.
+    cache = EngineCache(tmp_path)
+    path = cache.store(KEY, b"engine bytes")
+    blob = path.read_bytes()
+    assert blob.startswith(b"VLMRMTRT1\n")
+    path.write_bytes(b"VLMRMTRT2\n" + blob[len(b"VLMRMTRT1\n"):])
+    assert cache.load(KEY) is None
+
+
+def test_an_unreadable_cache_entry_is_a_miss(tmp_path):
+    cache = EngineCache(tmp_path)
+    cache.path(KEY).mkdir()  # something that is not a readable file under the engine's name
+    assert cache.load(KEY) is None

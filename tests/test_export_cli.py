@@ -141,7 +141,8 @@ def test_an_interrupted_or_failed_export_leaves_the_previous_one_whole(tmp_path,
     finally:
         os.umask(old_umask)
     assert (tmp_path / "shared[v1].onnx.data").stat().st_mode & 0o777 == 0o644
-    assert "MB)" in capsys.readouterr().out and "(0.0 MB)" not in capsys.readouterr().out
+    printed = capsys.readouterr().out  # read once: a second readouterr() holds only what came after
+    assert "MB)" in printed and "(0.0 MB)" not in printed
 
 
 def test_export_into_a_folder_takes_the_default_name(tmp_path):
@@ -186,3 +187,91 @@ def test_tensorrt_export_checks_bf16_and_tensorrt_before_exporting(tmp_path, mon
     assert main(["export", "vlmrm-tiny", "--format", "tensorrt", "--out", out]) == 2
     assert "Tesla T4 is 7.5: use --dtype fp16" in capsys.readouterr().err
     assert not exported and not os.listdir(tmp_path)
+
+
+# ---- behaviours a mutation audit found untested ---------------------------------------------------
+
+
+def test_default_names_of_checkpoints_hub_models_and_engines():
+    from pathlib import Path
+
+    from vlmrm_fast.export import default_out
+
+    assert default_out("ViT-B-32", "/ckpts/run-3/tiny.pt", "pixels", "onnx", "fp16") == Path("ViT-B-32-tiny-pixels-fp16.onnx")
+    assert default_out("hf-hub:laion/CLIP-ViT-B-32", "laion2b_s34b_b79k", "uint8-nhwc", "onnx", "fp32") == Path(
+        "hf-hub:laion-CLIP-ViT-B-32-laion2b_s34b_b79k-uint8-nhwc-fp32.onnx")
+    assert default_out("ViT-B-32", None, "uint8-nhwc", "tensorrt", "bf16") == Path("ViT-B-32-random-uint8-nhwc-bf16.engine")
+
+
+@pytest.mark.parametrize("input_format", ["uint8-nhwc", "pixels"])
+def test_a_float16_export_is_written_unverified(tmp_path, capsys, input_format):
+    # The check against torch is for float32 graphs; a float16 one is written without it.
+    out = tmp_path / "t.onnx"
+    assert main(["export", "vlmrm-tiny", "--dtype", "fp16", "--input", input_format, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert out.exists() and "max relative error" not in printed
+
+
+def test_no_verify_skips_the_check(tmp_path, monkeypatch, capsys):
+    from vlmrm_fast import export
+
+    monkeypatch.setattr(export, "verify_onnx", lambda *args: 0.5)  # would fail the export if run
+    assert main(["export", "vlmrm-tiny", "--out", str(tmp_path / "t.onnx"), "--no-verify"]) == 0
+    assert "max relative error" not in capsys.readouterr().out and (tmp_path / "t.onnx").exists()
+
+
+def test_an_export_without_onnxruntime_says_it_was_not_checked(tmp_path, monkeypatch, capsys):
+    import importlib.util as util
+
+    from vlmrm_fast import export
+
+    real = util.find_spec
+    monkeypatch.setattr(util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real(name, *a))
+    monkeypatch.setattr(export, "verify_onnx", lambda *args: pytest.fail("verified without onnxruntime"))
+    assert main(["export", "vlmrm-tiny", "--out", str(tmp_path / "t.onnx")]) == 0
+    assert "onnxruntime is not installed: the export was not checked" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("input_format,shape", [("uint8-nhwc", "frames uint8 [N, 224, 224, 3]"),
+                                                ("pixels", "pixels [N, 3, 224, 224]")])
+def test_the_summary_names_the_graphs_input(tmp_path, capsys, input_format, shape):
+    assert main(["export", "vlmrm-tiny", "--out", str(tmp_path / "t.onnx"), "--input", input_format, "--no-verify"]) == 0
+    assert f"Input: {shape}; output: embeddings [N, D]" in capsys.readouterr().out
+
+
+def test_verify_onnx_reports_the_error_relative_to_the_embeddings(tmp_path):
+    # A graph whose embeddings are all 1000x the tower's: the relative error is 999, whatever their scale.
+    import copy
+
+    import torch
+
+    from conftest import make_tiny
+    from vlmrm_fast.backends.onnx_export import export_onnx
+    from vlmrm_fast.export import verify_onnx
+    from vlmrm_fast.models import preprocess_spec_of
+
+    model, _ = make_tiny()
+    spec = preprocess_spec_of(model, "vlmrm")
+    scaled = copy.deepcopy(model.visual)
+    with torch.no_grad():
+        scaled.proj.mul_(1000.0)
+    path = export_onnx(scaled, tmp_path / "t.onnx", spec, input_format="pixels")
+    assert verify_onnx(path, model.visual, spec, "pixels") == pytest.approx(999.0, rel=1e-3)
+    assert verify_onnx(path, scaled, spec, "pixels") <= 1e-4
+
+
+def test_the_size_printed_counts_the_side_file(tmp_path, capsys):
+    # (The existing check `"(0.0 MB)" not in capsys.readouterr().out` reads the output a second time, when it
+    # is already empty: it can never fail.)
+    out = tmp_path / "t.onnx"
+    assert main(["export", "vlmrm-tiny", "--out", str(out), "--external-data", "yes", "--no-verify"]) == 0
+    total = out.stat().st_size + (tmp_path / "t.onnx.data").stat().st_size
+    assert f"({total / 1e6:.1f} MB)" in capsys.readouterr().out
+
+
+def test_external_data_no_keeps_a_large_graph_in_one_file(tmp_path, monkeypatch):
+    from vlmrm_fast.backends import onnx_export
+
+    monkeypatch.setattr(onnx_export, "_PROTOBUF_LIMIT", 64 * 1024)  # "auto" would split the tiny tower
+    assert main(["export", "vlmrm-tiny", "--out", str(tmp_path / "t.onnx"), "--external-data", "no", "--no-verify"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.onnx"]
