@@ -636,7 +636,11 @@ _LEFT_ALONE = {
     "need_weights left at its default": [lambda a, x: a(x, x, x)],
     "is_causal": [lambda a, x: a(x, x, x, need_weights=False, attn_mask=torch.zeros(7, 7), is_causal=True)],
     "unbatched 2-D tokens": [lambda a, x: a(x[0], x[0], x[0], need_weights=False)],
-    "two token counts": [lambda a, x: a(x, x, x, need_weights=False), lambda a, x: a(x[:, :5], x[:, :5], x[:, :5], need_weights=False)],
+    # One slice for all three arguments: three slices would be three tensors, left alone as cross-attention
+    # before the token counts are compared.
+    "two token counts": [lambda a, x: a(x, x, x, need_weights=False),
+                         lambda a, x: (lambda s: a(s, s, s, need_weights=False))(x[:, :5])],
+    "value is another tensor": [lambda a, x: a(x, x, x * 2, need_weights=False)],
 }
 
 
@@ -734,3 +738,206 @@ def test_cuda_device_gets_an_index(monkeypatch):
     assert _resolve_device("cuda") == torch.device("cuda", 1)
     assert _resolve_device(None) == torch.device("cuda", 1)
     assert _resolve_device("cuda:0") == torch.device("cuda", 0)
+
+
+# ---- behaviours a mutation audit found untested ---------------------------------------------------
+
+
+@needs_ort
+def test_onnxruntime_refuses_int8_and_bfloat16_on_cuda_before_any_work(monkeypatch):
+    # Both are checked before ONNX Runtime's CUDA provider or a GPU is touched (here the provider is
+    # said to be there: the GPU build's check must not be what refuses them).
+    import onnxruntime as ort
+
+    from vlmrm_fast.backends.onnxruntime import OnnxRuntimeBackend
+
+    model, _ = make_tiny()
+    spec = preprocess_spec_of(model, "vlmrm")
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    with pytest.raises(BackendError, match="quantize='int8' runs on CPU with dtype=torch.float32.*not cuda"):
+        OnnxRuntimeBackend(model.visual, spec, torch.device("cuda", 0), torch.float32, (224, 224), quantize="int8")
+    with pytest.raises(BackendError, match="runs float32 or float16 on CUDA, not torch.bfloat16"):
+        OnnxRuntimeBackend(model.visual, spec, torch.device("cuda", 0), torch.bfloat16, (224, 224))
+
+
+@needs_ort
+def test_a_copy_of_an_onnxruntime_backend_carries_external_weights(monkeypatch):
+    # Towers over 2 GB (ViT-bigG-14) keep their weights in tower.onnx.data: a pickled copy must carry it.
+    import pickle
+
+    from vlmrm_fast.backends import onnx_export
+
+    monkeypatch.setattr(onnx_export, "_PROTOBUF_LIMIT", 64 * 1024)  # the tiny tower's weights go to a side file
+    model, tokenizer = make_tiny()
+    rm = CLIPReward(model, tokenizer, goal=GOAL, baseline=BASELINE, alpha=0.3, device="cpu", backend="onnxruntime")
+    path = rm.vision_backend._model_path
+    assert path.with_name(path.name + ".data").exists()
+    frames = _noise(2, 40, 40, seed=6)
+    assert torch.equal(pickle.loads(pickle.dumps(rm))(frames), rm(frames))
+
+
+@needs_ort
+def test_onnxruntime_cpu_sessions_optimise_fully_and_do_not_spin(tiny):
+    import onnxruntime as ort
+
+    options = CLIPReward(*tiny, goal="a", device="cpu", backend="onnxruntime").vision_backend._session_options()
+    assert options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+
+
+@needs_ort
+def test_one_torch_thread_up_to_exactly_one_thread_bytes_and_only_under_openmp(tiny, monkeypatch):
+    from vlmrm_fast.backends import onnxruntime as ort_backend
+    from vlmrm_fast.backends.base import ONE_TORCH_THREAD
+
+    backend = CLIPReward(*tiny, goal="a", device="cpu", backend="onnxruntime").vision_backend
+    at_limit = torch.zeros(ort_backend.ONE_THREAD_BYTES, dtype=torch.uint8)
+    over = torch.zeros(ort_backend.ONE_THREAD_BYTES + 1, dtype=torch.uint8)
+    monkeypatch.setattr(ort_backend, "_torch_uses_openmp", lambda: True)
+    assert backend.preprocessing(at_limit) is ONE_TORCH_THREAD
+    assert backend.preprocessing(over) is not ONE_TORCH_THREAD
+    monkeypatch.setattr(ort_backend, "_torch_uses_openmp", lambda: False)  # torch's own pool does not spin
+    assert backend.preprocessing(at_limit) is not ONE_TORCH_THREAD
+
+
+@needs_ort
+def test_onnxruntime_cuda_session_runs_on_the_backends_gpu(monkeypatch):
+    # cuda:1 must give ONNX Runtime's CUDA provider device_id 1 (checked with a stand-in session: no GPU needed).
+    import onnxruntime as ort
+
+    from vlmrm_fast.backends.onnxruntime import OnnxRuntimeBackend
+
+    seen = []
+
+    class Session:
+        def __init__(self, path, options, providers):
+            seen.append(providers)
+
+        def get_providers(self):
+            return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+        def get_outputs(self):
+            return [type("Output", (), {"shape": ["batch", 32]})()]
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(ort, "InferenceSession", Session)
+    model, _ = make_tiny()
+    backend = OnnxRuntimeBackend(model.visual, preprocess_spec_of(model, "vlmrm"), torch.device("cuda", 1),
+                                 torch.float16, (224, 224))
+    assert seen == [[("CUDAExecutionProvider", {"device_id": 1}), "CPUExecutionProvider"]] and backend.embed_dim == 32
+
+
+class _ConvTower(torch.nn.Module):
+    """A tower whose first layer is ``conv1`` (as open_clip's ViTs), padded or with a bias as asked."""
+
+    image_size = (32, 32)
+
+    def __init__(self, padding=0, bias=False):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(3, 8, kernel_size=4, stride=4, padding=padding, bias=bias)
+
+    def forward(self, x):
+        return self.conv1(x).flatten(1)
+
+
+@pytest.mark.parametrize("padding,bias,folded", [(0, True, True), (1, False, False), (1, True, False)])
+def test_uint8_tower_normalises_exactly_whether_folded_or_not(padding, bias, folded):
+    """A padded first convolution pads with zeros after normalising, which folding cannot express: the
+    affine step stays explicit. A convolution's own bias is kept when folding. In float64 to 1e-12."""
+    from vlmrm_fast.backends.onnx_export import Uint8VisionTower
+
+    import dataclasses
+
+    model, _ = make_tiny()
+    spec = dataclasses.replace(preprocess_spec_of(model, "vlmrm"), size=(32, 32))
+    torch.manual_seed(0)
+    visual = _ConvTower(padding, bias).double()
+    tower = Uint8VisionTower(visual, spec)
+    assert tower.folded == folded
+    frames = torch.from_numpy(_noise(2, 32, 32, seed=3))
+    mean = torch.tensor(spec.mean, dtype=torch.float64).view(1, 3, 1, 1)
+    std = torch.tensor(spec.std, dtype=torch.float64).view(1, 3, 1, 1)
+    pixels = (frames.permute(0, 3, 1, 2).double() / 255 - mean) / std
+    with torch.no_grad():
+        assert (tower(frames) - visual(pixels)).abs().max().item() < 1e-12
+
+
+@pytest.mark.parametrize("how", ["add_bias_kv", "add_zero_attn"])
+def test_static_self_attention_leaves_attention_with_extra_keys_alone(how):
+    from vlmrm_fast.backends.onnx_export import static_self_attention
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = torch.nn.MultiheadAttention(24, 3, batch_first=True, **{how: True})
+
+        def forward(self, x):
+            return self.attn(x, x, x, need_weights=False)[0]
+
+    block = Block().eval()
+    with static_self_attention(block, torch.randn(2, 7, 24)) as swapped:
+        assert swapped == 0 and isinstance(block.attn, torch.nn.MultiheadAttention)
+
+
+@needs_ort
+def test_export_refuses_an_unknown_input_format(tmp_path):
+    from vlmrm_fast.backends.onnx_export import export_onnx
+
+    model, _ = make_tiny()
+    with pytest.raises(ValueError, match="input_format='nchw' is not one of"):
+        export_onnx(model.visual, tmp_path / "t.onnx", preprocess_spec_of(model, "vlmrm"), input_format="nchw")
+    assert not list(tmp_path.iterdir())
+
+
+@needs_ort
+def test_an_export_without_external_data_removes_the_previous_side_file(tmp_path):
+    from vlmrm_fast.backends.onnx_export import export_onnx
+
+    model, _ = make_tiny()
+    spec = preprocess_spec_of(model, "vlmrm")
+    export_onnx(model.visual, tmp_path / "t.onnx", spec, external_data=True)
+    assert (tmp_path / "t.onnx.data").exists()
+    export_onnx(model.visual, tmp_path / "t.onnx", spec, external_data=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.onnx"]
+
+
+@needs_ort
+def test_external_data_is_renamed_into_place_before_the_graph(tmp_path, monkeypatch):
+    # A crash between the two renames must leave the old graph beside weights it can still read, never a
+    # new graph pointing at the old weights.
+    import os
+
+    from vlmrm_fast.backends import onnx_export
+
+    model, _ = make_tiny()
+    moved, real_replace = [], os.replace
+    monkeypatch.setattr(onnx_export.os, "replace", lambda a, b: (moved.append(os.path.basename(b)), real_replace(a, b))[1])
+    onnx_export.export_onnx(model.visual, tmp_path / "t.onnx", preprocess_spec_of(model, "vlmrm"), external_data=True)
+    assert moved == ["t.onnx.data", "t.onnx"]
+
+
+def test_save_graph_refuses_an_invalid_graph_and_writes_nothing(tmp_path):
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper
+
+    from vlmrm_fast.backends.onnx_export import save_graph
+
+    node = helper.make_node("NoSuchOp", ["x"], ["y"])
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    with pytest.raises(onnx.checker.ValidationError):
+        save_graph(model, tmp_path / "bad.onnx")
+    assert not list(tmp_path.iterdir())
+
+
+@needs_ort
+def test_exported_output_batch_axis_is_dynamic(tmp_path):
+    import onnx
+
+    from vlmrm_fast.backends.onnx_export import export_onnx
+
+    model, _ = make_tiny()
+    graph = onnx.load(str(export_onnx(model.visual, tmp_path / "t.onnx", preprocess_spec_of(model, "vlmrm")))).graph
+    for value in (graph.input[0], graph.output[0]):
+        assert value.type.tensor_type.shape.dim[0].dim_param == "batch", value
