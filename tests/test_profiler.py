@@ -528,7 +528,9 @@ def test_matmul_peak_times_bursts_of_products(monkeypatch):
     real_mm = torch.mm
     monkeypatch.setattr(timing.torch, "mm", lambda *a, **k: (calls.append(1), real_mm(*a, **k))[1])
     monkeypatch.setattr(timing, "PEAK_SIZE", {"cpu": 256, "cuda": 256})  # a 512^3 product: ~1 ms here
-    monkeypatch.setattr(timing, "PEAK_BURST_S", 0.03)
+    # Bursts of up to a second: even on a loaded machine (one product taking 30 ms, not 1) a burst holds
+    # more than one product; idle, PEAK_MAX_BURST caps it at a fraction of that.
+    monkeypatch.setattr(timing, "PEAK_BURST_S", 1.0)
     timed = []
 
     class CountingTimer(timing.StageTimer):
@@ -676,3 +678,134 @@ def test_paired_timing_never_times_a_call_straight_after_a_pause(monkeypatch):
             timed_call, before = events[i + 1], [e for e in events[:i] if e != "timed"][-1]
             assert before == timed_call, (i, events)  # warm: the same callable ran just before
     assert calls.count("pause") >= 5
+
+
+# ---- the report: behaviours a mutation audit found untested ----------------------------------------
+
+ENV = {"device": "cpu", "timestamp": "t", "commit": "c", "cpu_count": 2}
+CONFIG = {"repeats": 3, "warmup": 1, "time_budget": 1.0, "batch_sizes": [8]}
+
+
+def test_the_peak_is_the_best_measurement_in_any_order():
+    from vlmrm_fast.profiler.report import Report
+
+    report = Report(environment={}, config={})
+    report.add_peak("fp32", 2.0, 2048)
+    report.add_peak("fp32", 1.0, 2048)  # a later measurement on a busy moment
+    assert report.peak_tflops == {"fp32": 2.0} and report.peak_samples == {"fp32": [2.0, 1.0]}
+
+
+def test_the_cuda_seed_is_set_against_the_fp16_peak():
+    # The seed on CUDA runs fp32 weights under fp16 autocast: its matmuls are fp16 ones.
+    import dataclasses
+
+    from vlmrm_fast.profiler.report import Report, peak_dtype
+    from vlmrm_fast.profiler.seed import SEED_CUDA_DTYPE
+
+    assert peak_dtype(SEED_CUDA_DTYPE) == "fp16" and peak_dtype("bf16") == "bf16"
+    seed = dataclasses.replace(_row("ViT-B-32", "seed", 10.0, 1.0, SEED_CUDA_DTYPE), achieved_tflops=50.0)
+    report = Report(environment={}, config={}, rows=[seed])
+    report.add_peak("fp16", 500.0, 8192)
+    report.set_peaks()
+    assert seed.peak_tflops == 500.0 and seed.frac_of_peak == pytest.approx(0.1)
+
+
+def test_stage_rows_take_each_stage_from_its_own_timing():
+    from vlmrm_fast.profiler.report import _stage_row
+    from vlmrm_fast.profiler.timing import StageTiming
+
+    def t(seconds):
+        return StageTiming(median_s=seconds, min_s=seconds, max_s=seconds, repeats=3)
+
+    timings = {"h2d": None, "preprocess": t(0.01), "tower": t(0.02), "score": t(0.04), "end_to_end": t(0.08)}
+    row = _stage_row(model="m", backend="torch", dtype="fp32", kernels="torch", batch=8, frame_size=224,
+                     timings=timings, gflops=2.0, flops_method="analytic", build_seconds=1.0, setup_seconds=2.0)
+    assert row.h2d_fps is None
+    assert (row.preprocess_fps, row.tower_fps, row.score_fps, row.end_to_end_fps) == pytest.approx((800, 400, 200, 100))
+    assert row.achieved_tflops == pytest.approx(2.0 * 400 / 1e3)
+
+
+def test_a_target_reached_exactly_is_met():
+    [target] = check_targets([_row("ViT-B-32", "torch", 15.0, 10.0)], torch.device("cpu"))
+    assert target["measured"] == pytest.approx(1.5) and target["met"]
+
+
+def test_the_targets_table():
+    # Speedups round down (1.499x reads 1.49x beside "no"), frames/s as the table writes them.
+    from vlmrm_fast.profiler.report import Report, markdown_report
+
+    rows = [_row("ViT-B-32", "torch", 14.99, 10.0)]
+    report = Report(ENV, CONFIG, rows=rows, targets=check_targets(rows, torch.device("cpu")))
+    text = markdown_report(report)
+    assert "## Targets" in text
+    assert "| ViT-B-32 | end-to-end speedup vs seed (fp32) | 1.50x | 1.49x | torch fp32 batch 8, 480 px | no |" in text
+    met = [_row("ViT-B-32", "torch", 30.0, 10.0)]
+    text = markdown_report(Report(ENV, CONFIG, rows=met, targets=check_targets(met, torch.device("cpu"))))
+    assert "| 1.50x | 3.00x | torch fp32 batch 8, 480 px | yes |" in text
+    gpu = [_row("ViT-L-14", "torch", 1000.0, 10.0, "bf16")]
+    text = markdown_report(Report(ENV, CONFIG, rows=gpu, targets=check_targets(gpu, torch.device("cuda"))))
+    assert "| ViT-L-14 | end-to-end frames/s (bf16) | 3,900 | 1,000 | torch bf16 batch 8, 480 px | no |" in text
+
+
+def test_the_report_notes_load_skips_failures_and_the_frames_checked():
+    from vlmrm_fast.profiler.report import Report, markdown_report
+
+    rows = [_row("ViT-B-32", "torch", 12.0, 10.0)]
+    plain = markdown_report(Report(ENV, {**CONFIG, "batch_sizes": [1, 2]}, rows=rows, complete=True))
+    assert "Load average" not in plain and "Skipped" not in plain and "Failed" not in plain
+    assert "the first 2 frames" in plain and "incomplete" not in plain
+    env = {**ENV, "load_average_start": 0.5, "load_average_end": None}
+    text = markdown_report(Report(env, CONFIG, rows=rows, complete=True,
+                                  skipped=[{"what": "tensorrt", "reason": "needs CUDA"}],
+                                  failures=[{"what": "compile fp32", "error": "x" * 400}]))
+    assert "Load average (1 min): 0.5 at start, n/a at end, on 2 CPUs" in text
+    assert "Skipped: tensorrt (needs CUDA)." in text
+    assert "Failed: compile fp32 (" + "x" * 300 + ")." in text
+
+
+def test_rates_of_a_thousand_and_more_get_thousands_separators():
+    from vlmrm_fast.profiler.report import _rate
+
+    assert (_rate(1000.0), _rate(999.4), _rate(12345.6), _rate(None)) == ("1,000", "999", "12,346", "n/a")
+
+
+def test_write_outputs_writes_derived_kernel_figures_and_the_plot_only_when_asked(tmp_path):
+    from types import SimpleNamespace
+
+    from vlmrm_fast.profiler.kernels import KernelTime, TowerProfile
+    from vlmrm_fast.profiler.report import Report, write_outputs
+
+    report = Report(ENV, {**CONFIG, "device": "cpu", "frame_size": 224}, rows=[_row("ViT-B-32", "torch", 12.0, 10.0)])
+    report.kernel_profiles.append(TowerProfile(model="ViT-B-32", backend="torch", dtype="fp32", batch=8,
+                                               source="cpu torch ops", calls=3, wall_ms=10.0, gflops_per_image=8.82,
+                                               peak_tflops=1.0, kernels=[KernelTime("aten::mm", "matmul", 4, 6.0)]))
+    written = write_outputs(report, SimpleNamespace(out=tmp_path, plot=True), plot=False)
+    assert [p.name for p in written] == ["bench.json", "bench.md"] and not (tmp_path / "bench.png").exists()
+    [profile] = json.loads((tmp_path / "bench.json").read_text())["kernel_profiles"]
+    assert profile["busy_ms"] == 6.0 and profile["idle_ms"] == 4.0 and profile["by_kind_ms"]["matmul"] == 6.0
+
+
+def test_the_report_names_the_repeats_a_stage_stops_after():
+    from vlmrm_fast.profiler.report import Report, markdown_report
+    from vlmrm_fast.profiler.timing import MIN_REPEATS
+
+    rows = [_row("ViT-B-32", "torch", 12.0, 10.0)]
+    text = markdown_report(Report(ENV, {**CONFIG, "repeats": 1}, rows=rows))
+    assert "(1 repeats at most" in text and "once 1 are done" in text
+    text = markdown_report(Report(ENV, {**CONFIG, "repeats": 50}, rows=rows))
+    assert f"once {MIN_REPEATS} are done" in text
+
+
+def test_the_environment_names_the_cpu_build_of_onnxruntime():
+    import importlib.metadata
+
+    from vlmrm_fast.profiler.report import environment
+
+    if importlib.util.find_spec("onnxruntime") is None:
+        pytest.skip("needs onnxruntime")
+    try:
+        want = importlib.metadata.version("onnxruntime")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("onnxruntime comes from another distribution (onnxruntime-gpu) here")
+    env = environment(torch.device("cpu"))
+    assert env["onnxruntime"] == want and env["device_type"] == "cpu"
