@@ -80,9 +80,9 @@ class Spy:
         self.rm = rm
         self.batch_sizes = []
 
-    def __call__(self, frames, **kwargs):
+    def __call__(self, frames, bottom_up=False):  # named, so that bottom-up frames reach rm as they are
         self.batch_sizes.append(len(frames))
-        return self.rm(frames, **kwargs)
+        return self.rm(frames, bottom_up=bottom_up)
 
     def __getattr__(self, name):
         return getattr(self.rm, name)
@@ -554,27 +554,45 @@ def row_weighted_brightness(frames):
     return (frames.mean(axis=(2, 3)) * rows).mean(axis=1)
 
 
+class RowWeightedModule(torch.nn.Module):
+    """The same reward as a torch module: its ``__call__`` takes ``**kwargs``, its ``forward`` no ``bottom_up``."""
+
+    def forward(self, frames):
+        return torch.from_numpy(row_weighted_brightness(frames))
+
+
+def row_weighted_ignoring_kwargs(frames, **kwargs):
+    """A reward function that takes any keyword and ignores it: ``bottom_up=True`` must not reach it."""
+    return row_weighted_brightness(frames)
+
+
+REWARD_CALLABLES = {"function": row_weighted_brightness, "module": RowWeightedModule(),
+                    "kwargs": row_weighted_ignoring_kwargs}
+
+
+@pytest.mark.parametrize("model", list(REWARD_CALLABLES))
 @pytest.mark.parametrize("render", ["single", "images", "fake-batch"])
-def test_a_plain_reward_function_gets_top_down_frames_and_may_return_numpy(render, monkeypatch):
+def test_a_plain_reward_function_gets_top_down_frames_and_may_return_numpy(render, model, monkeypatch):
     """The wrappers take any callable rm(frames) -> rewards, as their docs say: bottom-up frames from
-    the batch renderer are flipped for one that takes no ``bottom_up=``, and arrays are rewards too."""
+    the batch renderer are flipped for one without a ``bottom_up`` parameter, and arrays are rewards too."""
     if render == "fake-batch":
         monkeypatch.setattr(W, "_import_batch_renderer", lambda: FakeBatchRenderer)
+    reward = REWARD_CALLABLES[model]
     n = 1 if render == "single" else 2
     if render == "single":
-        wrapped = VLMRewardWrapper(make_env(), row_weighted_brightness)
+        wrapped = VLMRewardWrapper(make_env(), reward)
         wrapped.reset(seed=5)
     else:
         venv = DummyVecEnv([make_env] * n)
-        wrapped = VLMRewardVecEnv(venv, row_weighted_brightness, render="images" if render == "images" else "batch")
+        wrapped = VLMRewardVecEnv(venv, reward, render="images" if render == "images" else "batch")
         venv.seed(5)
         wrapped.reset()
     ref = make_env()
     ref.reset(seed=5)
     for action in actions(3, n, seed=1):
         if render == "single":
-            _, reward, *_ = wrapped.step(action[0])
-            rewards = [reward]
+            _, reward_value, *_ = wrapped.step(action[0])
+            rewards = [reward_value]
         else:
             _, rewards, *_ = wrapped.step(action)
         ref.step(action[0])

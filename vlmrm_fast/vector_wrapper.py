@@ -65,15 +65,15 @@ class VLMRewardVectorWrapper(_RewardMode, _BatchFrames, gym.vector.VectorWrapper
     """A gymnasium vector-env wrapper whose rewards are CLIP (VLM-RM) rewards, all envs scored in one batch.
 
     After each ``step`` of the wrapped vector env, every env is rendered once and the N frames go through
-    ``reward_model`` in one call (on ``reward_model.device``). By ``mode``, each env's reward is ``r_vlm``
+    ``reward_model`` in one call. By ``mode``, each env's reward is ``r_vlm``
     (``"replace"``), ``env_reward + weight * r_vlm`` (``"add"``) or ``env_reward`` (``"log"``); rewards
     come back as numpy [N] in the env rewards' float dtype (float64 for gymnasium's own vector envs).
 
     Rendering (``render=``):
 
     - ``"batch"``: :class:`vlmrm_fast.render.BatchRenderer` over the envs of a ``SyncVectorEnv`` of MuJoCo
-      envs: frames stay on the GPU when the renderer runs there (OpenGL row order, flipped inside the
-      reward model's preprocessing).
+      envs: frames stay on the GPU when the renderer runs there (OpenGL row order, flipped inside a
+      CLIPReward's preprocessing, or by the wrapper for a reward callable without ``bottom_up``).
     - ``"images"``: ``envs.render()``: any vector env made with ``render_mode="rgb_array"``; frames go
       through host memory (``AsyncVectorEnv`` also pickles them through pipes).
     - ``"auto"`` (default): ``"batch"`` when possible, else ``"images"``; a batch renderer that fails at

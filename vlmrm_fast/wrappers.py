@@ -171,12 +171,16 @@ def _declared_render_size(env: Any) -> Optional[Tuple[int, int]]:
 
 
 def _takes_bottom_up(reward_model: Any) -> bool:
-    """Whether ``reward_model`` can be called with ``bottom_up=`` (CLIPReward flips such rows itself)."""
+    """Whether ``reward_model`` names a ``bottom_up`` parameter (CLIPReward flips such rows itself).
+
+    Only that name counts: a ``**kwargs`` may drop it (a torch module's ``__call__`` passes it to a
+    ``forward`` that does not take it), and such a model gets the frames flipped instead.
+    """
+    fn = reward_model.forward if isinstance(reward_model, torch.nn.Module) else reward_model
     try:
-        params = inspect.signature(reward_model).parameters.values()
+        return "bottom_up" in inspect.signature(fn).parameters
     except (TypeError, ValueError):  # a callable without an introspectable signature (a C extension)
         return False
-    return any(p.name == "bottom_up" or p.kind is p.VAR_KEYWORD for p in params)
 
 
 def _rewards_of(reward_model: Any, frames: Any, bottom_up: bool = False) -> np.ndarray:
@@ -289,8 +293,8 @@ class VLMRewardWrapper(_RewardMode, gym.Wrapper, gym.utils.RecordConstructorArgs
     wanted, so the spec records a shared reference. In subprocess envs each worker holds its own copy.
 
     The frame may be any size (the reward model resizes it), but rendering at ``reward_model.image_size``
-    skips the resize: a warning says so once when the sizes differ. One reward-model call per step, on
-    ``reward_model.device``; for many envs use :class:`VLMRewardVecEnv`, which scores them in one batch.
+    skips the resize: a warning says so once when the sizes differ. One reward-model call per step; for
+    many envs use :class:`VLMRewardVecEnv`, which scores them in one batch.
 
     Args:
         env: the environment, made with ``render_mode="rgb_array"``.
@@ -660,7 +664,7 @@ class VLMRewardVecEnv(_RewardMode, _BatchFrames, VecEnvWrapper):
     """An SB3 VecEnv wrapper whose rewards are CLIP (VLM-RM) rewards, all envs scored in one batch per step.
 
     After each ``step_wait`` of the wrapped VecEnv, every env is rendered once and the N frames go through
-    ``reward_model`` in one call (on ``reward_model.device``); the rewards come back to the host as float32
+    ``reward_model`` in one call; the rewards come back to the host as float32
     numpy [N] (SB3's convention). By ``mode``, each env's reward is ``r_vlm`` (``"replace"``),
     ``env_reward + weight * r_vlm`` (``"add"``) or ``env_reward`` (``"log"``).
 
@@ -668,7 +672,8 @@ class VLMRewardVecEnv(_RewardMode, _BatchFrames, VecEnvWrapper):
 
     - ``"batch"``: :class:`vlmrm_fast.render.BatchRenderer` over ``venv.envs`` (the venv must be a
       ``DummyVecEnv`` of MuJoCo envs): frames stay on the GPU when the renderer runs there, and come in
-      OpenGL row order (``bottom_up``), flipped inside the reward model's preprocessing.
+      OpenGL row order (``bottom_up``), flipped inside a CLIPReward's preprocessing (by the wrapper, for a
+      reward callable without a ``bottom_up`` parameter).
     - ``"images"``: ``venv.get_images()``: any VecEnv whose envs render RGB arrays; frames go through host
       memory (``SubprocVecEnv`` also pickles them through pipes; ``DummyVecEnv`` is the fast path).
     - ``"auto"`` (default): ``"batch"`` when possible (DummyVecEnv, MuJoCo envs, renderer importable and

@@ -31,7 +31,8 @@ class DeferredRewardRecorder(VLMRewardVecEnv):
 
     A :class:`vlmrm_fast.wrappers.VLMRewardVecEnv` whose ``step_wait`` renders (same frame source,
     same exact terminal frames) but does not score: the frames go into ``self.frames[t]``, a
-    preallocated uint8 tensor ``[capacity, n_envs, H, W, 3]`` on ``reward_model.device``, and SB3
+    preallocated uint8 tensor ``[capacity, n_envs, H, W, 3]`` on ``reward_model.device`` (the CPU for a
+    model without one), and SB3
     gets 0 (mode ``"replace"``) or the env reward (``"add"``/``"log"``) until
     :func:`score_and_write_back` replaces it in the replay buffer.
 
@@ -115,8 +116,9 @@ def combine(gt: np.ndarray, vlm: np.ndarray, mode: str, weight: float) -> np.nda
 
 
 def score_frames(reward_model, frames: torch.Tensor, bottom_up: bool, task: int = 0) -> np.ndarray:
-    """VLM rewards [T, n] for frames [T, n, H, W, 3] (one call; the model chunks it). A several-task
-    reward model contributes its ``task`` column, as in :class:`VLMRewardVecEnv`."""
+    """VLM rewards [T, n] for frames [T, n, H, W, 3] in one call (a CLIPReward chunks it; a plain reward
+    callable gets all T * n frames, flipped top-down first if ``bottom_up``). A several-task reward model
+    contributes its ``task`` column, as in :class:`VLMRewardVecEnv`."""
     t, n = frames.shape[:2]
     if t * n == 0:
         return np.zeros((t, n), dtype=np.float32)
