@@ -10,9 +10,9 @@ Environment knobs (flash-attention style):
 - ``VLMRM_FAST_FORCE_BUILD=1``: build even when no GPU is visible (CUDA toolkit still needed),
   e.g. in a wheel-building container; a failed forced build is an error.
 - ``VLMRM_FAST_CUDA_ARCHS="8.0;9.0"``: compute capabilities to compile device code for (as
-  ``TORCH_CUDA_ARCH_LIST``; "80 90", "sm_90", "9.0a", "+PTX" and names such as "Ampere;Hopper" are
-  understood). Default:
-  ``TORCH_CUDA_ARCH_LIST`` if set, else the visible GPUs' capabilities, else "8.0;9.0". The extension
+  ``TORCH_CUDA_ARCH_LIST``; "80 90", "sm_90", "9.0a", "+PTX" and torch's architecture names such as
+  "Ampere;Hopper" are understood). Default: ``TORCH_CUDA_ARCH_LIST`` if set, else the visible GPUs'
+  capabilities, else "8.0;9.0". The extension
   today is host code calling the CUDA runtime (no kernels of its own), so its one build runs on every
   GPU the torch it was built against supports; the list matters once device code is added.
 
@@ -43,10 +43,10 @@ def _note(msg):
 
 
 _ARCH = re.compile(r"^(?:sm_|compute_)?(\d+?)\.?(\d)([a-z]?)(\+ptx)?$", re.IGNORECASE)
-# Architecture names, as TORCH_CUDA_ARCH_LIST takes them: the capabilities of their data-centre and
-# consumer GPUs (Ampere: A100 8.0, RTX 30xx 8.6; Blackwell: B200 10.0, RTX 50xx 12.0).
-_ARCH_NAMES = {"volta": "7.0", "turing": "7.5", "ampere": "8.0;8.6", "ada": "8.9", "hopper": "9.0",
-               "blackwell": "10.0;12.0"}
+# Architecture names handed to TORCH_CUDA_ARCH_LIST as they are: the torch building the extension expands
+# them to the capabilities its own toolkit supports (an older torch may not know the newer names).
+_ARCH_NAMES = ("Kepler+Tesla", "Kepler", "Maxwell+Tegra", "Maxwell", "Pascal", "Volta+Tegra", "Volta", "Turing",
+               "Ampere+Tegra", "Ampere", "Ada", "Hopper", "Blackwell+Tegra", "Blackwell", "Rubin")
 
 
 def _arch_list(torch):
@@ -60,24 +60,28 @@ def _arch_list(torch):
             archs = ";".join(f"{a}.{b}" for a, b in caps)
         else:
             archs = "8.0;9.0"
-    parsed = []
-    for name, caps in _ARCH_NAMES.items():
-        archs = re.sub(rf"\b{name}\b", caps, archs, flags=re.IGNORECASE)
+    names = {name.lower(): name for name in _ARCH_NAMES}
+    capabilities, named = {}, []
     for token in re.split(r"[;,\s]+", archs):
         if not token:
             continue
+        if token.lower() in names:
+            named.append(names[token.lower()])
+            continue
         match = _ARCH.match(token)
         if match is None:
-            raise ValueError(f"VLMRM_FAST_CUDA_ARCHS: {token!r} is not a compute capability such as 8.0, "
-                             f"90 or 9.0a, nor one of {', '.join(n.title() for n in _ARCH_NAMES)}")
+            raise ValueError(f"VLMRM_FAST_CUDA_ARCHS: {token!r} is not a compute capability such as 8.0, 90, sm_90, "
+                             f"9.0a or 9.0+PTX, nor an architecture name ({', '.join(_ARCH_NAMES)})")
         major, minor, suffix, ptx = match.groups()
-        parsed.append((int(major), int(minor), suffix.lower(), bool(ptx)))
-    if not parsed:
+        key = (int(major), int(minor), suffix.lower())
+        capabilities[key] = capabilities.get(key, False) or bool(ptx)
+    if not capabilities and not named:
         raise ValueError(f"VLMRM_FAST_CUDA_ARCHS={archs!r} names no compute capability")
-    parsed.sort()
-    newest = parsed[-1][:3]
-    # The newest also as PTX, so that newer GPUs can compile it at load time.
-    return ";".join(f"{a}.{b}{s}" + ("+PTX" if ptx or (a, b, s) == newest else "") for a, b, s, ptx in parsed)
+    # The newest also as PTX, so that newer GPUs can compile it at load time (names carry their own).
+    newest = max(capabilities) if capabilities and not named else None
+    numbers = [f"{a}.{b}{s}" + ("+PTX" if ptx or (a, b, s) == newest else "")
+               for (a, b, s), ptx in sorted(capabilities.items())]
+    return ";".join(numbers + list(dict.fromkeys(named)))
 
 
 def cuda_extensions():

@@ -207,17 +207,17 @@ def _torch_with_gpus(*capabilities):
     ("80 90", "8.0;9.0+PTX"),
     ("sm_90a,8.6", "8.6;9.0a+PTX"),
     ("8.0+PTX;9.0", "8.0+PTX;9.0+PTX"),
-    ("Hopper", "9.0+PTX"),
-    ("ampere;HOPPER", "8.0;8.6;9.0+PTX"),
-    ("Ada+PTX 7.5", "7.5;8.9+PTX"),
-    ("Blackwell", "10.0;12.0+PTX"),
+    ("90 sm_90 8.0+PTX 80", "8.0+PTX;9.0+PTX"),  # each capability once
+    ("Hopper", "Hopper"),  # names go to torch as they are: it expands them for its own toolkit
+    ("ampere;HOPPER;Hopper", "Ampere;Hopper"),
+    ("Ampere+Tegra 7.5", "7.5;Ampere+Tegra"),
 ])
 def test_cuda_archs_knob_takes_capabilities_and_architecture_names(monkeypatch, given, expected):
     monkeypatch.setenv("VLMRM_FAST_CUDA_ARCHS", given)
     assert _setup_helpers()["_arch_list"](_torch_with_gpus()) == expected
 
 
-def test_cuda_archs_default_to_the_visible_gpus_then_torchs_knob_then_a_fixed_list(monkeypatch):
+def test_cuda_archs_default_to_torchs_knob_then_the_visible_gpus_then_a_fixed_list(monkeypatch):
     arch_list = _setup_helpers()["_arch_list"]
     monkeypatch.delenv("VLMRM_FAST_CUDA_ARCHS", raising=False)
     monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
@@ -227,8 +227,21 @@ def test_cuda_archs_default_to_the_visible_gpus_then_torchs_knob_then_a_fixed_li
     assert arch_list(_torch_with_gpus((9, 0))) is None  # torch's own knob, left to cpp_extension
 
 
-@pytest.mark.parametrize("given", ["Hoper", "9", "sm_9x", ";"])
+@pytest.mark.parametrize("given", ["Hoper", "9", "sm_9x", ";", "Hopper+PTX"])
 def test_a_cuda_archs_value_that_names_no_capability_is_refused_with_the_accepted_forms(monkeypatch, given):
     monkeypatch.setenv("VLMRM_FAST_CUDA_ARCHS", given)
     with pytest.raises(ValueError, match=r"VLMRM_FAST_CUDA_ARCHS.*(Hopper|names no compute capability)"):
         _setup_helpers()["_arch_list"](_torch_with_gpus())
+
+
+def test_the_arch_list_with_names_is_one_torchs_extension_builder_takes(monkeypatch):
+    from torch.utils import cpp_extension
+
+    flags_of = getattr(cpp_extension, "_get_cuda_arch_flags", None)
+    if flags_of is None:
+        pytest.skip("this torch has no _get_cuda_arch_flags to ask")
+    monkeypatch.setenv("VLMRM_FAST_CUDA_ARCHS", "sm_80 Hopper")
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", _setup_helpers()["_arch_list"](_torch_with_gpus()))
+    flags = flags_of()
+    assert "-gencode=arch=compute_80,code=sm_80" in flags and "-gencode=arch=compute_90,code=sm_90" in flags
+    assert "-gencode=arch=compute_90,code=compute_90" in flags  # Hopper's own +PTX
