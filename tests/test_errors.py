@@ -38,6 +38,7 @@ class _ArrayLike:
         (np.full((2, 16, 16, 3), -0.5, np.float32), ValueError, r"\[0, 1\]"),
         (np.full((2, 16, 16, 3), np.nan, np.float32), ValueError, r"\[0, 1\]"),
         ("frames.png", TypeError, r"torch.Tensor or numpy.*use `vlmrm-fast score PATH`"),
+        (bytearray(b"frames"), TypeError, r"torch.Tensor or numpy.*got bytearray"),
         (_ArrayLike(), TypeError, r"got _ArrayLike\. Convert it with np\.asarray"),  # a PIL image, say
         ([np.zeros((8, 8, 3), np.uint8), _ArrayLike()], TypeError, r"frames\[1\] is a _ArrayLike.*np\.asarray"),
         ([np.zeros((8, 8, 3), np.uint8), np.zeros((9, 8, 3), np.uint8)], ValueError, r"share shape"),
@@ -158,6 +159,7 @@ BAD_PROMPTS = [
     (dict(goal=["a", 3]), TypeError, "strings only"),
     (dict(goal=7), TypeError, "string or a list"),
     (dict(goal=b"a robot"), TypeError, "string or a list"),
+    (dict(goal=bytearray(b"a robot")), TypeError, "string or a list"),
     (dict(), ValueError, "Give a goal prompt"),
     (dict(tasks=[]), ValueError, "tasks is empty"),
     (dict(tasks=[("a", "b")]), TypeError, r"vlmrm_fast.Task"),
@@ -199,6 +201,9 @@ def test_any_sequence_of_frames_or_prompts_is_taken_as_a_list_is(tiny):
     other = make(goal=collections.UserList(["a robot kneeling", "a kneeling robot"]),
                  baseline=collections.deque(["a robot"]))
     torch.testing.assert_close(other(frames), want)
+    one = make(goal="a robot kneeling", baseline="a robot")
+    torch.testing.assert_close(make(goal=collections.UserString("a robot kneeling"), baseline="a robot")(frames),
+                               one(frames))
 
 
 @pytest.mark.parametrize("kwargs,error,match", BAD_OPTIONS)

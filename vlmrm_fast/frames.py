@@ -8,6 +8,7 @@ Anything else is rejected with a message naming the fix.
 """
 from __future__ import annotations
 
+import collections
 import collections.abc
 import os
 import warnings
@@ -19,6 +20,7 @@ import torch
 
 FrameInput = Union[torch.Tensor, np.ndarray, Sequence[Union[torch.Tensor, np.ndarray]]]
 
+_TEXT = (str, bytes, bytearray, memoryview, collections.UserString)  # sequences, but never of frames
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -175,7 +177,7 @@ def as_frame_batch(frames: FrameInput) -> FrameBatch:
         if n > 0 and dtype != torch.uint8:
             _check_float_range(frames, "frames")
         return FrameBatch(frames, n, height, width, dtype)
-    if isinstance(frames, collections.abc.Sequence) and not isinstance(frames, (str, bytes)):
+    if isinstance(frames, collections.abc.Sequence) and not isinstance(frames, _TEXT):
         return _list_batch(list(frames))  # a list, a tuple, a deque of recent frames, ...
     raise TypeError(
         f"frames must be a torch.Tensor or numpy array [N, H, W, 3], or a list of [H, W, 3] arrays; "

@@ -6,6 +6,7 @@ mean of the goal prompts' unit embeddings and the baseline ``b`` the mean of the
 """
 from __future__ import annotations
 
+import collections
 import collections.abc
 import math
 import numbers
@@ -45,9 +46,9 @@ class Task:
 
 
 def _prompt_list(prompts: Prompts, what: str) -> List[str]:
-    if isinstance(prompts, str):
-        return [prompts]
-    if not isinstance(prompts, collections.abc.Sequence) or isinstance(prompts, bytes):
+    if isinstance(prompts, (str, collections.UserString)):
+        return [str(prompts)]
+    if not isinstance(prompts, collections.abc.Sequence) or isinstance(prompts, (bytes, bytearray, memoryview)):
         raise TypeError(f"{what} must be a string or a list of strings; got {type(prompts).__name__}.")
     if len(prompts) == 0:
         raise ValueError(f"{what} is an empty list: give at least one prompt (a string or a list of strings).")
