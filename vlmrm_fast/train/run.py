@@ -336,8 +336,10 @@ def _train_in(run_dir: Path, config: TrainConfig, resume, reward_model, start: f
         stopped = signal.Signals(callback.stop_signal).name if callback.stop_signal is not None else None
     finally:
         callback.restore_signal_handlers()  # also when learn() raised: Ctrl-C must work again
-        env.close()
-        _close_logger(model)
+        try:
+            env.close()
+        finally:
+            _close_logger(model)
     return TrainResult(run_dir, int(model.num_timesteps), callback.last_checkpoint or resume_from, stopped,
                        time.perf_counter() - start, model, int(model.num_timesteps - first_step), learn_seconds)
 
