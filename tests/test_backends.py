@@ -844,9 +844,9 @@ class _ConvTower(torch.nn.Module):
 def test_uint8_tower_normalises_exactly_whether_folded_or_not(padding, bias, folded):
     """A padded first convolution pads with zeros after normalising, which folding cannot express: the
     affine step stays explicit. A convolution's own bias is kept when folding. In float64 to 1e-12."""
-    from vlmrm_fast.backends.onnx_export import Uint8VisionTower
-
     import dataclasses
+
+    from vlmrm_fast.backends.onnx_export import Uint8VisionTower
 
     model, _ = make_tiny()
     spec = dataclasses.replace(preprocess_spec_of(model, "vlmrm"), size=(32, 32))

@@ -292,12 +292,12 @@ def test_bad_options_exit_2(image_folder: Path, capsys: pytest.CaptureFixture, e
 
 def test_the_cli_runs_without_docstrings() -> None:
     """``python -OO`` (PYTHONOPTIMIZE=2, set on some clusters) strips docstrings; help text is built from them."""
-    import subprocess
-    import sys
+    from conftest import ROOT
 
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     for args in (["--help"], ["export", "--help"], ["bench", "--help"]):
         result = subprocess.run([sys.executable, "-OO", "-m", "vlmrm_fast", *args], capture_output=True, text=True,
-                                timeout=300)
+                                timeout=300, env=env)
         assert result.returncode == 0 and "usage: vlmrm-fast" in result.stdout, (args, result.stderr[-2000:])
 
 

@@ -798,6 +798,7 @@ def test_the_report_names_the_repeats_a_stage_stops_after():
 
 def test_the_environment_names_the_cpu_build_of_onnxruntime():
     import importlib.metadata
+    import importlib.util
 
     from vlmrm_fast.profiler.report import environment
 
