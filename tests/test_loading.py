@@ -1,4 +1,5 @@
 """Model loading: local checkpoints, open_clip tags offline, and clear errors for the rest."""
+import contextlib
 import subprocess
 import sys
 import textwrap
@@ -246,3 +247,171 @@ def test_quickgelu_tags_are_known_from_the_quickgelu_config_too(monkeypatch):
     monkeypatch.setattr(open_clip, "get_pretrained_cfg", lambda name, tag: {})
     assert models._tag_quick_gelu("ViT-B-32", "laion400m_e32")
     assert not models._tag_quick_gelu("ViT-B-32", "laion2b_s34b_b79k")
+
+
+# ---- behaviours a mutation audit found untested ---------------------------------------------------
+
+
+@pytest.fixture
+def connections(monkeypatch):
+    """socket.create_connection stood in for: every connection 'succeeds', and its address is recorded."""
+    calls = []
+
+    def create_connection(address, timeout=None):
+        calls.append(address)
+        return contextlib.nullcontext()
+
+    monkeypatch.setattr(models.socket, "create_connection", create_connection)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    return calls
+
+
+@pytest.mark.parametrize("value", ["1", "true", "YES"])
+def test_every_spelling_of_hf_hub_offline_counts_as_offline(monkeypatch, connections, value):
+    assert models._hub_reachable() is True  # the stand-in answers
+    monkeypatch.setenv("HF_HUB_OFFLINE", value)
+    assert models._hub_reachable() is False
+    assert len(connections) == 1  # offline: not even a connection attempt
+
+
+@pytest.mark.parametrize("endpoint,address", [
+    (None, ("huggingface.co", 443)),
+    ("http://mirror.local", ("mirror.local", 80)),
+    ("https://mirror.local", ("mirror.local", 443)),
+    ("http://mirror.local:8080", ("mirror.local", 8080)),
+])
+def test_hub_reachable_connects_to_hf_endpoint_and_its_port(monkeypatch, connections, endpoint, address):
+    if endpoint is None:
+        monkeypatch.delenv("HF_ENDPOINT", raising=False)
+    else:
+        monkeypatch.setenv("HF_ENDPOINT", endpoint)
+    assert models._hub_reachable() is True
+    assert connections == [address]
+
+
+def test_hub_offline_is_undone_afterwards():
+    from huggingface_hub import constants
+
+    before = constants.HF_HUB_OFFLINE
+    with models._hub_offline():
+        assert constants.HF_HUB_OFFLINE is True
+    assert constants.HF_HUB_OFFLINE == before
+    with pytest.raises(KeyError), models._hub_offline():
+        raise KeyError("a failed load")
+    assert constants.HF_HUB_OFFLINE == before
+
+
+def test_an_open_clip_config_of_another_size_keeps_the_models_input_size(tmp_path):
+    import json
+
+    _save_tiny(tmp_path / "weights.pt")
+    (tmp_path / "open_clip_config.json").write_text(json.dumps({"preprocess_cfg": {"size": 256, "mean": [0.5] * 3}}))
+    model, _ = create_clip("vlmrm-tiny", str(tmp_path / "weights.pt"))
+    assert models.preprocess_spec_of(model, "vlmrm").mean == (0.5, 0.5, 0.5)  # the rest of it is taken
+    assert models.image_size_of(model) == (224, 224)
+    assert tuple(np.broadcast_to(model.visual.preprocess_cfg["size"], 2)) == (224, 224)  # open_clip's transforms too
+
+
+def test_an_open_clip_config_without_an_activation_says_nothing(tmp_path, monkeypatch):
+    import json
+
+    _save_tiny(tmp_path / "weights.pt")
+    (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": {}, "preprocess_cfg": {}}))
+    monkeypatch.setattr(models, "_config_quick_gelu", lambda name: True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        create_clip("vlmrm-tiny", str(tmp_path / "weights.pt"))
+
+
+def _tags(monkeypatch, tags):
+    monkeypatch.setattr(open_clip, "list_pretrained_tags_by_model", lambda name: list(tags))
+    monkeypatch.setattr(open_clip, "get_pretrained_cfg", lambda name, tag: tags[tag])
+
+
+def test_a_checkpoint_with_its_open_clip_config_is_not_warned_about_other_tags(tmp_path, monkeypatch):
+    import json
+
+    _save_tiny(tmp_path / "weights.pt")
+    (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": {}, "preprocess_cfg": {}}))
+    _tags(monkeypatch, {"halves": {"mean": (0.5,) * 3, "std": (0.5,) * 3}, "quick": {"quick_gelu": True}})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        create_clip("vlmrm-tiny", str(tmp_path / "weights.pt"))
+
+
+def test_bare_checkpoint_warns_of_a_tag_differing_only_in_std(tmp_path, monkeypatch):
+    _save_tiny(tmp_path / "weights.pt")
+    _tags(monkeypatch, {"stds": {"mean": models._OPENAI_MEAN, "std": (0.5,) * 3}})
+    with pytest.warns(UserWarning, match=r"stds \(mean .* std \(0.5, 0.5, 0.5\)\)"):
+        create_clip("vlmrm-tiny", str(tmp_path / "weights.pt"))
+
+
+def test_bare_checkpoint_beside_a_quickgelu_config_warns_of_gelu_tags(tmp_path, monkeypatch):
+    _save_tiny(tmp_path / "weights.pt")
+    _tags(monkeypatch, {"gelu": {}})
+    monkeypatch.setattr(models, "_config_quick_gelu", lambda name: True)  # as a "-quickgelu" config would
+    with pytest.warns(UserWarning, match=r"own settings \(QuickGELU.*gelu \(GELU\)"):
+        create_clip("vlmrm-tiny", str(tmp_path / "weights.pt"))
+
+
+def test_a_text_tower_checkpoint_of_another_context_length_is_refused_under_its_custom_text_key():
+    # Custom-text-tower models (model.text) save "text.positional_embedding".
+    import types
+
+    model = types.SimpleNamespace(text=types.SimpleNamespace(positional_embedding=torch.zeros(77, 8)))
+    with models._position_embeddings_kept("custom", "ckpt.pt"):
+        with pytest.raises(PretrainedWeightsError, match="another text context length: 32 positions, custom has 77"):
+            open_clip.factory.resize_text_pos_embed({"text.positional_embedding": torch.zeros(32, 8)}, model)
+
+
+def test_hub_and_local_dir_models_refuse_a_pretrained_tag():
+    with pytest.raises(ValueError, match="names its own weights; pass pretrained=None"):
+        create_clip("local-dir:/nowhere", "openai")
+    with pytest.raises(ValueError, match="names its own weights"):
+        create_clip("hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K", "laion2b_s34b_b79k")
+
+
+def test_hf_hub_model_offline_fails_at_once(monkeypatch):
+    def create_model(*args, **kwargs):
+        raise AssertionError("open_clip was asked to reach the hub")
+
+    monkeypatch.setattr(models, "_hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(open_clip, "create_model", create_model)
+    with pytest.raises(PretrainedWeightsError, match="unreachable.*local-dir:"):
+        create_clip("hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K", None)
+
+
+def test_a_bare_checkpoint_file_name_that_does_not_exist_is_a_missing_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name in ("model.pt", "weights.safetensors", "open_clip_pytorch_model.bin"):
+        with pytest.raises(FileNotFoundError, match="No checkpoint file"):
+            create_clip("vlmrm-tiny", name)
+
+
+def test_an_open_clip_config_gives_its_own_std_too(tmp_path):
+    import json
+
+    _save_tiny(tmp_path / "weights.pt")
+    (tmp_path / "open_clip_config.json").write_text(
+        json.dumps({"preprocess_cfg": {"mean": [0.1, 0.2, 0.3], "std": [0.4, 0.5, 0.6]}}))
+    spec = models.preprocess_spec_of(create_clip("vlmrm-tiny", str(tmp_path / "weights.pt"))[0], "vlmrm")
+    assert spec.mean == pytest.approx((0.1, 0.2, 0.3)) and spec.std == pytest.approx((0.4, 0.5, 0.6))
+
+
+def test_models_come_in_eval_mode(tmp_path):
+    model, _ = make_tiny(seed=3)
+    torch.save(model.state_dict(), tmp_path / "tiny.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # random weights
+        for pretrained in (None, str(tmp_path / "tiny.pt")):
+            loaded, _ = create_clip("vlmrm-tiny", pretrained)
+            assert not any(m.training for m in loaded.modules())
+
+
+def test_image_size_of_is_height_then_width():
+    import types
+
+    visual = types.SimpleNamespace(image_size=(192, 256))
+    assert models.image_size_of(types.SimpleNamespace(visual=visual)) == (192, 256)
+    visual = types.SimpleNamespace(preprocess_cfg={"size": 160})
+    assert models.image_size_of(types.SimpleNamespace(visual=visual)) == (160, 160)

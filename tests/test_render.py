@@ -568,3 +568,105 @@ def test_a_fall_back_from_the_gpu_path_is_announced(envs):
         warnings.simplefilter("error")  # chosen, not fallen back to: no warning
         BatchRenderer.from_envs(envs, device="cuda:0", gpu=False).close()
         BatchRenderer.from_envs(envs, device="cpu").close()
+
+
+# ---- argument checks and options a mutation audit found untested ------------------------------------
+
+_ONE_CAMERA = """<mujoco><worldbody><light pos="0 0 3"/><camera name="cam" pos="0 -3 1" xyaxes="1 0 0 0 0.3 1"/>
+<geom size="0.5" rgba="1 0 0 1"/><geom type="plane" size="2 2 0.1"/></worldbody></mujoco>"""
+
+
+def _pairs(n=2):
+    model = mujoco.MjModel.from_xml_string(_ONE_CAMERA)
+    pairs = [(model, mujoco.MjData(model)) for _ in range(n)]
+    for _, data in pairs:
+        mujoco.mj_forward(model, data)
+    return pairs
+
+
+@pytest.mark.parametrize("kwargs,error,message", [
+    (dict(width=0), ValueError, "width and height must be positive"),
+    (dict(height=-1), ValueError, "width and height must be positive"),
+    (dict(camera=[None]), ValueError, "a list of 1 cameras for 2 envs"),
+    (dict(camera=1), ValueError, r"camera id 1 outside \[-1, 1\)"),  # ncam is 1: ids 0 only
+    (dict(camera="nope"), ValueError, "'nope' is not a camera of the model"),
+    (dict(camera={"nope": 1}), ValueError, "'nope' is not an attribute of mujoco.MjvCamera"),
+    (dict(gpu="yes"), ValueError, "gpu must be 'auto', True or False"),
+])
+def test_bad_arguments_are_refused(kwargs, error, message):
+    args = {**dict(width=16, height=16, device="cpu"), **kwargs}
+    with pytest.raises(error, match=message):
+        BatchRenderer(_pairs(), **args).close()
+
+
+def test_a_camera_given_overrides_the_envs_own():
+    env = gym.make(HUMANOID_ENV_ID, width=32, height=32)
+    env.reset(seed=0)
+    try:
+        far = {"distance": 12.0, "elevation": -60.0, "lookat": [0.0, 0.0, 0.0]}
+        with BatchRenderer.from_envs([env], device="cpu", camera=far) as given, \
+                BatchRenderer([(env.unwrapped.model, env.unwrapped.data)], 32, 32, camera=far, device="cpu") as pair:
+            frame = given.render()
+            assert torch.equal(frame, pair.render())
+            assert not np.array_equal(frame[0].numpy(), env.render())
+    finally:
+        env.close()
+
+
+def test_a_scene_option_applies_to_every_env():
+    hidden = mujoco.MjvOption()
+    hidden.geomgroup[:] = 0  # no geoms drawn: only the background
+    with BatchRenderer(_pairs(), 16, 16, camera="cam", device="cpu") as plain, \
+            BatchRenderer(_pairs(), 16, 16, camera="cam", device="cpu", scene_option=hidden) as bare:
+        seen, empty = plain.render(), bare.render()
+    assert not torch.equal(seen, empty)
+    assert torch.equal(empty[0], empty[1])
+
+
+def test_a_width_without_a_height_still_refuses_envs_of_other_sizes():
+    small, large = (gym.make(HUMANOID_ENV_ID, width=w, height=h) for w, h in ((32, 32), (48, 24)))
+    try:
+        with pytest.raises(ValueError, match="different sizes"):
+            BatchRenderer.from_envs([small, large], width=40, device="cpu")
+        with pytest.raises(ValueError, match="different sizes"):
+            BatchRenderer.from_envs([small, large], height=40, device="cpu")
+    finally:
+        small.close()
+        large.close()
+
+
+def test_an_env_that_replaced_its_model_is_refused():
+    env = gym.make(HUMANOID_ENV_ID, width=32, height=32)
+    env.reset(seed=0)
+    try:
+        with BatchRenderer.from_envs([env], device="cpu") as r:
+            r.render()
+            model = env.unwrapped.model
+            env.unwrapped.model = mujoco.MjModel.from_xml_string(_ONE_CAMERA)
+            with pytest.raises(RuntimeError, match="env 0 replaced its MjModel or MjData"):
+                r.render()
+            env.unwrapped.model = model
+    finally:
+        env.close()
+
+
+def test_a_camera_config_without_a_distance_sits_at_the_models_extent():
+    # gymnasium's viewer starts a free camera at model.stat.extent; a config without "distance" keeps that.
+    pairs = _pairs()
+    extent = pairs[0][0].stat.extent
+    view = {"elevation": -20.0, "azimuth": 90.0, "lookat": [0.0, 0.0, 0.0]}
+    with BatchRenderer(pairs, 24, 24, camera=view, device="cpu") as implicit, \
+            BatchRenderer(pairs, 24, 24, camera={**view, "distance": extent}, device="cpu") as explicit:
+        assert implicit.cameras[0].distance == pytest.approx(extent)
+        assert torch.equal(implicit.render(), explicit.render())
+
+
+def test_an_env_rendering_from_a_fixed_camera_id_is_drawn_from_it():
+    env = gym.make("Ant-v5", render_mode="rgb_array", width=32, height=32, camera_id=0)
+    env.reset(seed=0)
+    try:
+        with BatchRenderer.from_envs([env], device="cpu") as r:
+            assert r.cameras[0].type == mujoco.mjtCamera.mjCAMERA_FIXED and r.cameras[0].fixedcamid == 0
+            np.testing.assert_array_equal(r.render()[0].numpy(), env.render())
+    finally:
+        env.close()
