@@ -394,3 +394,142 @@ def test_a_triton_that_cannot_load_leaves_the_package_usable(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+# ---- behaviours a mutation audit found untested ---------------------------------------------------
+
+
+@pytest.fixture
+def frames(tmp_path: Path) -> Path:
+    """5 PNG frames of one size."""
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i in range(5):
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(folder / f"f{i}.png")
+    return folder
+
+
+@pytest.mark.parametrize("alpha", ["0", "1", "0.0", "1.0"])
+def test_alpha_takes_both_ends_of_the_interval(alpha: str) -> None:
+    args = cli.build_parser().parse_args(["score", "x.png", "--goal", "a", "--alpha", alpha])
+    assert args.alpha == float(alpha)
+
+
+def test_batch_size_bounds_the_batches(frames: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    sizes = []
+    real_call = CLIPReward.__call__
+
+    def call(self, batch, *args, **kwargs):
+        sizes.append(len(batch))
+        return real_call(self, batch, *args, **kwargs)
+
+    monkeypatch.setattr(CLIPReward, "__call__", call)
+    assert score([str(frames), "--goal", "x", "--batch-size", "2", "--backend", "torch", *TINY]) == 0
+    assert sizes == [2, 2, 1]
+
+
+def test_pretrained_none_in_any_case_means_random_weights(frames: Path, tmp_path: Path) -> None:
+    out = tmp_path / "r.csv"
+    argv = [str(frames), "--goal", "x", "--out", str(out), *TINY]
+    assert score([*argv, "--pretrained", "None"]) == 0 and len(_read_csv(out)) == 5
+    assert score([*argv, "--pretrained", "NONE"]) == 0
+
+
+def test_scoring_the_current_folder_writes_beside_it(frames: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(frames)
+    assert cli.default_csv_path(Path(".")).resolve() == frames.parent / "frames.rewards.csv"
+    sub = frames / "sub"
+    sub.mkdir()
+    monkeypatch.chdir(sub)
+    assert cli.default_csv_path(Path("..")).resolve() == frames.parent / "frames.rewards.csv"
+
+
+def test_plot_names_in_capitals_are_pngs_too() -> None:
+    assert cli._plot_path("plots/R.PNG", Path("x.rewards.csv")) == Path("plots/R.PNG")
+    with pytest.raises(cli.CLIError, match="expects a .png"):
+        cli._plot_path("r.jpg", Path("x.rewards.csv"))
+
+
+def test_csv_rewards_read_back_as_the_same_float32(tmp_path: Path) -> None:
+    rewards = np.random.default_rng(0).normal(size=50).astype(np.float32) / 7
+    cli.write_csv(tmp_path / "r.csv", rewards, [str(i) for i in range(50)])
+    read = np.array([float(r["reward"]) for r in _read_csv(tmp_path / "r.csv")], dtype=np.float32)
+    np.testing.assert_array_equal(read, rewards)
+
+
+def test_summary_reports_min_and_max() -> None:
+    line = cli._summary(np.array([1.0, -2.0, 3.0], np.float32), 0.5, [Path("r.csv")])
+    assert "scored 3 frames in 0.50 s (6.0 frames/s)" in line
+    assert "mean 0.6667, min -2.0000, max 3.0000; wrote r.csv" in line
+
+
+def test_image_suffixes_in_capitals_are_images(tmp_path: Path) -> None:
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "SHOT.PNG", format="PNG")
+    source = cli.open_frames(tmp_path / "SHOT.PNG")
+    assert isinstance(source, cli.ImageFiles) and source.total == 1
+
+
+def test_a_folder_named_like_an_image_is_not_a_frame(frames: Path) -> None:
+    (frames / "more.png").mkdir()
+    assert [p.name for p in cli.list_images(frames)] == [f"f{i}.png" for i in range(5)]
+
+
+def test_frames_past_the_listed_timestamps_are_labelled_by_fps(tmp_path: Path) -> None:
+    source = cli.VideoFile(tmp_path / "v.mp4", fps=10.0, size=(4, 4), total=2, timestamps=[0.0, 0.5])
+    assert [source._label(i) for i in range(4)] == ["0.0000", "0.5000", "0.2000", "0.3000"]
+
+
+@pytest.mark.parametrize("listing,times", [
+    ("#tb 0: 1/10\n0, 0, 0, 1, 9, 0x0\n0, 1, 3, 1, 9, 0x0\n0, 2, 1, 1, 9, 0x0\n0, 3, 2, 1, 9, 0x0\n",
+     [0.0, 0.1, 0.2, 0.3]),  # B-frames: packets in decoding order
+    ("#tb 0: 1/10\n0, 0, 1, 1, 9, 0x0\n0, 1, 0, 1, 9, 0x0\n0, 2, 2, 1, 9, 0x0\n", [0.0, 0.1, 0.2]),
+    (f"#tb 0: 1/10\n0, 0, 0, 1, 9, 0x0\n0, 1, {cli.NO_PTS}, 1, 9, 0x0\n", None),  # a packet without a time
+], ids=["reordered", "first-not-earliest", "no-pts"])
+def test_frame_timestamps_are_presentation_times_from_the_earliest(monkeypatch, listing, times) -> None:
+    import subprocess
+    import types
+
+    monkeypatch.setattr(cli.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 0, stdout=listing))
+    fake = types.SimpleNamespace(get_ffmpeg_exe=lambda: "ffmpeg")
+    got = cli._frame_timestamps(fake, Path("v.mp4"))
+    assert got == (None if times is None else pytest.approx(times))
+
+
+def test_an_interrupted_score_exits_130(frames: Path, monkeypatch: pytest.MonkeyPatch,
+                                        capsys: pytest.CaptureFixture) -> None:
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "score_frames", interrupted)
+    assert score([str(frames), "--goal", "x", *TINY]) == 130
+    assert capsys.readouterr().err.strip().endswith("vlmrm-fast: error: interrupted")
+
+
+def test_thirty_two_bit_integer_images_are_refused(tmp_path: Path) -> None:
+    Image.fromarray(np.full((4, 4), 70000, np.int32)).save(tmp_path / "deep.tiff")
+    assert Image.open(tmp_path / "deep.tiff").mode == "I"
+    with pytest.raises(cli.CLIError, match="32-bit integer greyscale"):
+        cli.read_image(tmp_path / "deep.tiff")
+
+
+def test_a_video_of_no_decodable_frames_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("imageio_ffmpeg", reason="needs imageio-ffmpeg: pip install 'vlmrm-fast[cli]'")
+    def metadata_only(ffmpeg, path):  # a generator, as imageio-ffmpeg's reader: the metadata, then no frame
+        yield {"size": (4, 4), "fps": 10.0}
+
+    monkeypatch.setattr(cli, "_read_frames", metadata_only)
+    source = cli.VideoFile(tmp_path / "v.mp4", fps=10.0, size=(4, 4), total=None)
+    with pytest.raises(cli.CLIError, match="no frames could be decoded"):
+        list(source)
+
+
+@pytest.mark.parametrize("alpha,shown", [(0.5, True), (0.0, False)])
+def test_the_plot_title_names_the_baseline_only_where_it_counts(tmp_path: Path, monkeypatch, alpha, shown) -> None:
+    axes = pytest.importorskip("matplotlib.axes")
+    titles = []
+    monkeypatch.setattr(axes.Axes, "set_title", lambda self, title, **kwargs: titles.append(title))
+    cli.write_plot(tmp_path / "r.png", np.zeros(3, np.float32), ["a cat"], ["an animal"], alpha)
+    assert titles[0].startswith('goal: "a cat"')
+    assert ("baseline:" in titles[0]) is shown
+    if shown:
+        assert 'baseline: "an animal", alpha = 0.5' in titles[0]

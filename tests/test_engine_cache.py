@@ -309,3 +309,64 @@ def test_an_unreadable_cache_entry_is_a_miss(tmp_path):
     cache = EngineCache(tmp_path)
     cache.path(KEY).mkdir()  # something that is not a readable file under the engine's name
     assert cache.load(KEY) is None
+
+
+# ---- vlmrm_fast.atomic.write_atomically (what the engine cache writes with) ----------------------------
+
+
+def test_atomic_write_gives_the_permissions_of_a_plain_open(tmp_path):
+    from vlmrm_fast import atomic
+
+    old = os.umask(0o022)
+    try:
+        atomic.write_atomically(tmp_path / "engine.plan", b"bytes")
+        with open(tmp_path / "plain", "w"):
+            pass
+    finally:
+        os.umask(old)
+    assert (tmp_path / "engine.plan").stat().st_mode & 0o777 == (tmp_path / "plain").stat().st_mode & 0o777 == 0o644
+
+
+def test_interrupted_atomic_write_leaves_no_temporary(tmp_path, monkeypatch):
+    from vlmrm_fast import atomic
+
+    def interrupted(src, dst):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(atomic.os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        atomic.write_atomically(tmp_path / "engine.plan", b"new")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_write_makes_missing_folders(tmp_path):
+    from vlmrm_fast import atomic
+
+    target = tmp_path / "a" / "b" / "engine.plan"
+    assert atomic.write_atomically(target, b"bytes") == target and target.read_bytes() == b"bytes"
+
+
+def test_atomic_write_stages_in_the_target_folder_and_fsyncs_every_byte(tmp_path, monkeypatch):
+    # The temporary file sits beside the target (a rename across file systems is no rename), and holds
+    # all of the data when it is flushed to disk (not some of it left in Python's buffer).
+    from vlmrm_fast import atomic
+
+    sizes, sources = [], []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(atomic.os, "fsync", lambda fd: (sizes.append(os.fstat(fd).st_size), real_fsync(fd))[1])
+    monkeypatch.setattr(atomic.os, "replace", lambda a, b: (sources.append(a), real_replace(a, b))[1])
+    data = b"x" * 1000  # under the 8 KiB buffer: all of it buffered until flushed
+    atomic.write_atomically(tmp_path / "engine.plan", data)
+    assert sizes[0] == len(data)
+    assert [os.path.dirname(s) for s in sources] == [str(tmp_path)]
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts open descriptors in /proc/self/fd (Linux)")
+def test_atomic_write_closes_what_it_opens(tmp_path):
+    from vlmrm_fast import atomic
+
+    atomic.write_atomically(tmp_path / "warm-up", b"")
+    before = len(os.listdir("/proc/self/fd"))
+    for i in range(5):
+        atomic.write_atomically(tmp_path / f"engine{i}.plan", b"bytes")
+    assert len(os.listdir("/proc/self/fd")) == before
