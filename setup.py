@@ -12,9 +12,9 @@ Environment knobs (flash-attention style):
 - ``VLMRM_FAST_CUDA_ARCHS="8.0;9.0"``: compute capabilities to compile device code for (as
   ``TORCH_CUDA_ARCH_LIST``; "80 90", "sm_90", "9.0a", "+PTX" and torch's architecture names such as
   "Ampere;Hopper" are understood). Default: ``TORCH_CUDA_ARCH_LIST`` if set, else the visible GPUs'
-  capabilities, else "8.0;9.0". The extension
-  today is host code calling the CUDA runtime (no kernels of its own), so its one build runs on every
-  GPU the torch it was built against supports; the list matters once device code is added.
+  capabilities, else "8.0;9.0". The extension today is host code calling the CUDA runtime (no kernels
+  of its own), so its one build runs on every GPU the torch it was built against supports; the list
+  matters once device code is added.
 
 By default the extension is built only when torch is importable in the build environment (e.g.
 ``pip install -e . --no-build-isolation``), ``torch.cuda.is_available()`` and the CUDA toolkit (nvcc)

@@ -31,15 +31,12 @@ import numpy as np
 from vlmrm_fast.wrappers import (
     TERMINAL_FRAME_KEY,
     _BatchFrames,
-    _check_mode,
     _check_reward_model,
     _combine,
     _keep_terminal_states,
-    _mujoco_parts,
     _MujocoTerminalState,
     _RewardMode,
     _rewards_of,
-    _task_index,
     gym,
 )
 
@@ -94,9 +91,8 @@ class VLMRewardVectorWrapper(_RewardMode, _BatchFrames, gym.vector.VectorWrapper
     Args:
         envs: the gymnasium vector env (``gymnasium.make_vec(env_id, n, render_mode="rgb_array")``, or
             ``SyncVectorEnv``/``AsyncVectorEnv`` of such envs).
-        reward_model: a :class:`~vlmrm_fast.CLIPReward`, or any callable ``rm(frames) -> rewards``: frames
-            uint8 [N, H, W, 3] (a tensor or array, or a list of N [H, W, 3] arrays, as CLIPReward takes),
-            rewards [N] or [N, T] (a tensor or array); ``image_size`` and ``task_names`` are read if present.
+        reward_model: a :class:`~vlmrm_fast.CLIPReward`, or any reward callable (see
+            :class:`~vlmrm_fast.wrappers.VLMRewardWrapper`).
         mode: ``"replace"``, ``"add"`` or ``"log"``.
         weight: scale of the VLM reward in ``"add"`` mode (unused otherwise).
         render: ``"auto"``, ``"batch"`` or ``"images"``.
@@ -127,28 +123,20 @@ class VLMRewardVectorWrapper(_RewardMode, _BatchFrames, gym.vector.VectorWrapper
         _check_reward_model(reward_model, "VLMRewardVectorWrapper")
         super().__init__(envs)
         self.renderer: Any = None  # before anything can fail: gymnasium 1.0 closes half-built wrappers too
-        self.reward_model = reward_model
-        self._mode, self._weight = _check_mode(mode, weight)
-        self.task = _task_index(reward_model, task)
-        self.task_names: List[str] = list(getattr(reward_model, "task_names", []) or [])
+        self._set_reward(reward_model, mode, weight, task)
         # A name of its own: gymnasium's vector envs have `autoreset_mode`, an AutoresetMode enum.
         self.reset_mode = reset_mode_of(envs)
         n = self.num_envs
         self._episode_vlm = np.zeros(n, dtype=np.float64)
         self._episode_gt = np.zeros(n, dtype=np.float64)
         self._resetting = np.zeros(n, dtype=bool)  # NEXT_STEP: envs the next step resets instead of stepping
-        self._size_checked = False
         self._warned_terminal = False
 
         base = envs.unwrapped
         self._sync: Optional["gym.vector.SyncVectorEnv"] = (
             base if isinstance(base, gym.vector.SyncVectorEnv) else None
         )
-        mujoco_parts = [_mujoco_parts(env) for env in self._sync.envs] if self._sync is not None else []
-        all_mujoco = bool(mujoco_parts) and all(p is not None for p in mujoco_parts)
-        self.renderer = self._pick_renderer(render, list(self._sync.envs) if all_mujoco else None, "SyncVectorEnv")
-        if self.renderer is None:
-            self._require_rgb_array()
+        mujoco_parts = self._set_up_frames(render, self._sync.envs if self._sync is not None else None, "SyncVectorEnv")
 
         # Terminal states: needed where the env is reset inside the terminal step; with the batch renderer
         # also otherwise, for the check that the env keeps its MjModel and MjData objects.

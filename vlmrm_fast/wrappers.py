@@ -223,10 +223,17 @@ def _mujoco_parts(env: Any) -> Optional[Tuple[Any, Any]]:
 
 
 class _RewardMode:
-    """``mode`` and ``weight`` as validated attributes (changing them takes effect at the next step)."""
+    """The reward model and the task that drives the reward; ``mode`` and ``weight`` as validated
+    attributes (changing them takes effect at the next step)."""
 
     _mode: str = "replace"
     _weight: float = 1.0
+
+    def _set_reward(self, reward_model: Any, mode: str, weight: float, task: Union[int, str]) -> None:
+        self.reward_model = reward_model
+        self._mode, self._weight = _check_mode(mode, weight)
+        self.task = _task_index(reward_model, task)
+        self.task_names: List[str] = list(getattr(reward_model, "task_names", []) or [])
 
     @property
     def mode(self) -> str:
@@ -332,10 +339,7 @@ class VLMRewardWrapper(_RewardMode, gym.Wrapper, gym.utils.RecordConstructorArgs
             )
         # Only RGB arrays work here; say so to tools that try every render mode (gymnasium's checker).
         self.metadata = {**env.metadata, "render_modes": ["rgb_array"]}
-        self.reward_model = reward_model
-        self._mode, self._weight = _check_mode(mode, weight)
-        self.task = _task_index(reward_model, task)
-        self.task_names: List[str] = list(getattr(reward_model, "task_names", []) or [])
+        self._set_reward(reward_model, mode, weight, task)
         self._size_checked = False
         size = _declared_render_size(env)
         if size is not None:
@@ -573,6 +577,18 @@ class _BatchFrames:
     _size_checked = False
     _terminal_states: List[Optional[_MujocoTerminalState]]  # one per env, set by the wrapper (None: no state kept)
 
+    def _set_up_frames(
+        self, render: str, envs: Optional[Sequence[gym.Env]], vector_kind: str
+    ) -> List[Optional[Tuple[Any, Any]]]:
+        """Picks the frame source for ``render``; ``envs`` are the envs the vector env steps in this process
+        (None for others). Returns each of those envs' (MjModel, MjData), None for non-MuJoCo envs."""
+        mujoco_parts = [_mujoco_parts(env) for env in envs] if envs is not None else []
+        all_mujoco = bool(mujoco_parts) and all(p is not None for p in mujoco_parts)
+        self.renderer = self._pick_renderer(render, list(envs) if all_mujoco else None, vector_kind)
+        if self.renderer is None:
+            self._require_rgb_array()
+        return mujoco_parts
+
     def _pick_renderer(self, render: str, envs: Optional[Sequence[gym.Env]], vector_kind: str) -> Any:
         """The BatchRenderer for ``render`` ("batch", "auto" or "images"), or None to render the images.
 
@@ -691,9 +707,7 @@ class VLMRewardVecEnv(_RewardMode, _BatchFrames, VecEnvWrapper):
 
     Args:
         venv: the VecEnv; its envs made with ``render_mode="rgb_array"`` (needed for ``"images"``).
-        reward_model: a :class:`~vlmrm_fast.CLIPReward`, or any callable ``rm(frames) -> rewards``: frames
-            uint8 [N, H, W, 3] (a tensor or array, or a list of N [H, W, 3] arrays, as CLIPReward takes),
-            rewards [N] or [N, T] (a tensor or array); ``image_size`` and ``task_names`` are read if present.
+        reward_model: a :class:`~vlmrm_fast.CLIPReward`, or any reward callable (see :class:`VLMRewardWrapper`).
         mode: ``"replace"``, ``"add"`` or ``"log"``.
         weight: scale of the VLM reward in ``"add"`` mode (unused otherwise).
         render: ``"auto"``, ``"batch"`` or ``"images"``.
@@ -722,23 +736,13 @@ class VLMRewardVecEnv(_RewardMode, _BatchFrames, VecEnvWrapper):
             raise TypeError(f"VLMRewardVecEnv wraps a stable-baselines3 VecEnv, not {type(venv).__name__}: {fix}.")
         _check_reward_model(reward_model, "VLMRewardVecEnv")
         super().__init__(venv)
-        self.reward_model = reward_model
-        self._mode, self._weight = _check_mode(mode, weight)
-        self.task = _task_index(reward_model, task)
-        self.task_names: List[str] = list(getattr(reward_model, "task_names", []) or [])
+        self._set_reward(reward_model, mode, weight, task)
         self._episode_vlm = np.zeros(self.num_envs, dtype=np.float64)
         self._episode_gt = np.zeros(self.num_envs, dtype=np.float64)
-        self._size_checked = False
 
         base = venv.unwrapped if isinstance(venv, VecEnvWrapper) else venv
         self._dummy: Optional["DummyVecEnv"] = base if isinstance(base, DummyVecEnv) else None
-        mujoco_parts = [_mujoco_parts(env) for env in self._dummy.envs] if self._dummy is not None else []
-        all_mujoco = bool(mujoco_parts) and all(p is not None for p in mujoco_parts)
-
-        envs = list(self._dummy.envs) if all_mujoco else None
-        self.renderer = self._pick_renderer(render, envs, "DummyVecEnv")
-        if self.renderer is None:
-            self._require_rgb_array()
+        mujoco_parts = self._set_up_frames(render, self._dummy.envs if self._dummy is not None else None, "DummyVecEnv")
 
         # Terminal frames (see the module docstring): wrap the envs of a DummyVecEnv in place.
         self._terminal_states: List[Optional[_MujocoTerminalState]] = [None] * self.num_envs

@@ -32,9 +32,8 @@ class DeferredRewardRecorder(VLMRewardVecEnv):
     A :class:`vlmrm_fast.wrappers.VLMRewardVecEnv` whose ``step_wait`` renders (same frame source,
     same exact terminal frames) but does not score: the frames go into ``self.frames[t]``, a
     preallocated uint8 tensor ``[capacity, n_envs, H, W, 3]`` on ``reward_model.device`` (the CPU for a
-    model without one), and SB3
-    gets 0 (mode ``"replace"``) or the env reward (``"add"``/``"log"``) until
-    :func:`score_and_write_back` replaces it in the replay buffer.
+    model without one), and SB3 gets 0 (mode ``"replace"``) or the env reward (``"add"``/``"log"``)
+    until :func:`score_and_write_back` replaces it in the replay buffer.
 
     Args:
         venv: the vector env.
