@@ -610,6 +610,26 @@ def test_a_reward_function_returning_the_wrong_number_of_rewards_is_a_clear_erro
     venv.close()
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_a_reward_function_returning_nan_is_a_clear_error(no_batch, bad):
+    """A NaN reward would silently poison SAC's replay buffer: the wrappers refuse it and name the frame."""
+    def nan_on_second(frames):
+        rewards = np.zeros(len(frames), np.float32)
+        rewards[1] = bad
+        return rewards
+
+    venv = VLMRewardVecEnv(DummyVecEnv([make_env] * 3), nan_on_second)
+    venv.reset()
+    with pytest.raises(ValueError, match=r"NaN/inf rewards for 1 of 3 frames \(rows 1\).*return finite values"):
+        venv.step(actions(1, 3)[0])
+    venv.close()
+    single = VLMRewardWrapper(make_env(), lambda frames: torch.full((len(frames), 2), bad))
+    single.reset(seed=0)
+    with pytest.raises(ValueError, match=r"NaN/inf rewards for 1 of 1 frames \(rows 0\)"):
+        single.step(single.action_space.sample())
+    single.close()
+
+
 def test_vec_env_errors(rm, no_batch):
     with pytest.raises(ValueError, match=r'render_mode="rgb_array"'):
         VLMRewardVecEnv(DummyVecEnv([lambda: gym.make(ENV_ID)]), rm)

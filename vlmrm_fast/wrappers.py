@@ -188,7 +188,8 @@ def _rewards_of(reward_model: Any, frames: Any, bottom_up: bool = False) -> np.n
 
     ``bottom_up`` frames (OpenGL row order, from :class:`~vlmrm_fast.render.BatchRenderer`) go to a model
     that takes ``bottom_up=`` as they are; any other callable ``rm(frames)`` gets them flipped to the usual
-    top-down order first. The model may return a tensor (any device) or an array, of shape [N] or [N, T].
+    top-down order first. The model may return a tensor (any device) or an array, of shape [N] or [N, T],
+    of finite values (a NaN would reach the replay buffer, so it is an error here).
     """
     if bottom_up and not _takes_bottom_up(reward_model):
         frames = frames.flip(1) if isinstance(frames, torch.Tensor) else np.ascontiguousarray(frames[:, ::-1])
@@ -203,6 +204,14 @@ def _rewards_of(reward_model: Any, frames: Any, bottom_up: bool = False) -> np.n
         raise ValueError(
             f"the reward model returned rewards of shape {tuple(array.shape)} for {n} frames; it must return "
             f"[{n}] (one reward per frame) or [{n}, T] (T tasks), as CLIPReward does."
+        )
+    finite = np.isfinite(array)
+    if not finite.all():
+        bad = np.flatnonzero(~finite.reshape(n, -1).all(axis=1)).tolist()
+        shown = ", ".join(map(str, bad[:10])) + (", ..." if len(bad) > 10 else "")
+        raise ValueError(
+            f"the reward model returned NaN/inf rewards for {len(bad)} of {n} frames (rows {shown}); a NaN reward "
+            "would poison the replay buffer: make the reward function return finite values."
         )
     return array.reshape(n, -1)
 
