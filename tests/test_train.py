@@ -247,6 +247,43 @@ def test_step_rewards_add_mode(tmp_path):
     assert {"rollout/vlm_return", "time/reward_s"} <= tb_tags(result.run_dir)
 
 
+def top_heavy_brightness(frames) -> np.ndarray:
+    """A plain reward function of our own (no ``bottom_up``, numpy out): the mean brightness of each
+    frame's top half minus its bottom half, so a frame upside down gets the opposite reward."""
+    frames = np.asarray(frames, dtype=np.float64)
+    half = frames.shape[1] // 2
+    return frames[:, :half].mean(axis=(1, 2, 3)) - frames[:, -half:].mean(axis=(1, 2, 3))
+
+
+@pytest.mark.parametrize("timing", ["step", "deferred"])
+def test_train_takes_a_plain_reward_function(tmp_path, timing):
+    """train(reward_model=...) takes any callable rm(frames) -> rewards, as the wrappers do: its numpy
+    rewards reach the replay buffer, top-down, in both timings, and the evaluation sums them."""
+    from vlmrm_fast.train import train
+
+    config = dot_config(tmp_path, reward_timing=timing, reward_mode="replace", total_timesteps=40,
+                        checkpoint_every=0, eval_every=40, eval_episodes=1)
+    result = train(config, reward_model=top_heavy_brightness)
+    buf = result.model.replay_buffer
+    env = DotEnv()
+    frames = []
+    for pos in buf.next_observations[:buf.pos].reshape(-1, 2):
+        env.pos = pos
+        frames.append(env.render())
+    expected = top_heavy_brightness(frames).reshape(buf.pos, -1)
+    assert np.abs(expected).max() > 1.0  # the dot moves between halves: a flipped frame would fail below
+    np.testing.assert_allclose(buf.rewards[:buf.pos], expected, rtol=1e-6, atol=1e-5)
+    [(step, value)] = tb_scalars(result.run_dir)["eval/vlm_return"]
+    assert step == 40 and np.isfinite(value)
+
+
+def test_train_refuses_a_reward_function_with_several_rewards_per_frame(tmp_path):
+    from vlmrm_fast.train import train
+
+    with pytest.raises(ValueError, match=r"must return one reward per frame; got shape \(1, 2\) for 1 frame"):
+        train(dot_config(tmp_path), reward_model=lambda frames: [[0.0, 1.0]] * len(frames))
+
+
 @pytest.mark.parametrize("timing", ["step", "deferred"])
 def test_replace_mode_trains_on_the_vlm_reward_in_both_timings(tmp_path, timing):
     """In replace mode the buffer holds the VLM reward of the frame after each step (the weight applies

@@ -36,6 +36,7 @@ from tqdm import tqdm
 from vlmrm_fast.train import checkpoint as ckpt
 from vlmrm_fast.train.config import TrainConfig
 from vlmrm_fast.train.deferred import DeferredRewardRecorder, score_and_write_back
+from vlmrm_fast.wrappers import _rewards_of
 
 
 class TrainingCallback(BaseCallback):
@@ -343,7 +344,7 @@ def evaluate_policy_video(model, config: TrainConfig, reward_model, run_dir: Pat
                     video.append(frame)
                 if len(pending) == _EVAL_CHUNK or done:
                     with torch.inference_mode():
-                        vlm += float(reward_model(np.stack(pending)).double().sum())
+                        vlm += float(_rewards_of(reward_model, np.stack(pending))[:, 0].sum(dtype=np.float64))
                     pending = []
             gt_returns.append(gt)
             vlm_returns.append(vlm)

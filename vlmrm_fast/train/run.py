@@ -245,7 +245,9 @@ def make_logger(run_dir: Path, tensorboard: bool, start_step: int):
 def train(config: TrainConfig, *, resume: Union[str, os.PathLike, None] = None, reward_model: Any = None) -> TrainResult:
     """Train SAC on VLM rewards as ``config`` says; continue the run in ``resume`` if given.
 
-    ``reward_model``: an already built reward model (default: built from the config).
+    ``reward_model``: an already built reward model (default: built from the config): a
+    :class:`~vlmrm_fast.CLIPReward` or any callable ``rm(frames) -> rewards`` the wrappers take
+    (uint8 [N, H, W, 3] in, one finite reward per frame out, as a tensor or an array).
     Returns when ``total_timesteps`` are reached, or after SIGINT/SIGTERM (checkpoint written).
     Raises :class:`~vlmrm_fast.train.run_lock.RunFolderBusy` (a ``ValueError``) when another
     process trains in the run folder.
@@ -434,8 +436,9 @@ def _check_model_takes_frames(rm, config: TrainConfig, height: int, width: int) 
             f"the reward model {config.model!r} cannot take {width}x{height} frames ({exc}); set "
             f"render_width/render_height to its input size {getattr(rm, 'image_size', '')} or leave them unset"
         ) from None
-    if tuple(getattr(out, "shape", ())) not in ((1,), (1, 1)):
-        raise ValueError(f"the reward model must return one reward per frame; got shape {tuple(out.shape)}")
+    shape = tuple(np.shape(out))  # a tensor's own .shape; a list's or array's through numpy
+    if shape not in ((1,), (1, 1)):
+        raise ValueError(f"the reward model must return one reward per frame; got shape {shape} for 1 frame")
 
 
 def _load_checkpoint(path: Path, env, config: TrainConfig):
