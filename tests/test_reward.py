@@ -354,3 +354,15 @@ def test_numpy_float16_frames_stay_float16():
     from vlmrm_fast.frames import as_frame_batch
 
     assert as_frame_batch(np.zeros((1, 4, 4, 3), np.float16)).dtype == torch.float16
+
+
+def test_a_prompt_longer_than_the_context_is_a_warning_not_a_silent_cut():
+    """CLIP's tokenizer cuts a prompt past its 77 tokens without a word: the reward would ignore the rest."""
+    model, tokenizer = make_tiny()
+    fits, cut = "a " * 75, "a " * 76  # one token per word, plus the start and end tokens: 77 and 78
+    assert len(tokenizer.encode(fits)) == 75 and tokenizer.context_length == 77
+    with pytest.warns(UserWarning, match=r"is 78 tokens long, but the text tower reads 77: .*Shorten it to at most 75"):
+        rm = CLIPReward(model, tokenizer, goal=["a humanoid robot", cut], baseline="a robot", device="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rm.set_tasks(goal=fits, baseline="a robot")

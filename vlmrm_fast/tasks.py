@@ -10,6 +10,7 @@ import collections
 import collections.abc
 import math
 import numbers
+import warnings
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
@@ -139,6 +140,31 @@ def _no_direction(task: Task, alpha: float) -> None:
     )
 
 
+def _warn_of_cut_prompts(tokenizer: Callable, prompts: List[str]) -> None:
+    """Warn for each prompt longer than the text tower's context: CLIP's tokenizer cuts it silently.
+
+    Only open_clip's ``SimpleTokenizer`` (every CLIP model named in the README) can say how long a
+    prompt is; other tokenizers are not checked.
+    """
+    try:
+        from open_clip.tokenizer import SimpleTokenizer
+    except ImportError:  # a tokenizer of the user's own, without open_clip
+        return
+    if not isinstance(tokenizer, SimpleTokenizer):
+        return
+    context = tokenizer.context_length
+    for prompt in dict.fromkeys(prompts):
+        tokens = len(tokenizer.encode(prompt)) + 2  # with the start and end tokens
+        if tokens > context:
+            shown = prompt if len(prompt) <= 60 else prompt[:57] + "..."
+            warnings.warn(
+                f"the prompt {shown!r} is {tokens} tokens long, but the text tower reads {context}: the "
+                f"tokenizer cuts it, so the reward ignores the rest. Shorten it to at most {context - 2} tokens, "
+                "or split it into several goal prompts (they are averaged).",
+                stacklevel=4,
+            )
+
+
 def encode_tasks(
     model: torch.nn.Module, tokenizer: Callable, tasks: Sequence[Task], device: torch.device
 ) -> EncodedTasks:
@@ -151,6 +177,7 @@ def encode_tasks(
         baseline = [] if task.baseline is None else _prompt_list(task.baseline, "baseline")
         spans.append((len(prompts), len(goal), len(baseline)))
         prompts += goal + baseline
+    _warn_of_cut_prompts(tokenizer, prompts)
     embeddings = embed_prompts(model, tokenizer, prompts, device)
     goals, directions, has_direction = [], [], []
     for start, n_goal, n_base in spans:
