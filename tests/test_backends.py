@@ -941,3 +941,83 @@ def test_exported_output_batch_axis_is_dynamic(tmp_path):
     graph = onnx.load(str(export_onnx(model.visual, tmp_path / "t.onnx", preprocess_spec_of(model, "vlmrm")))).graph
     for value in (graph.input[0], graph.output[0]):
         assert value.type.tensor_type.shape.dim[0].dim_param == "batch", value
+
+
+def test_auto_on_cuda_is_torch_at_every_precision():
+    # No GPU is touched: the choice only reads the device's type. Float32 on CUDA must not take the
+    # CPU's pick (ONNX Runtime), whose CUDA path has no GPU results committed.
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        assert resolve_backend("auto", torch.device("cuda", 0), dtype) == "torch"
+
+
+def test_compile_backend_counts_compile_and_capture_as_build_time(monkeypatch):
+    # On CUDA ("reduce-overhead") the first call of a bucket compiles, the second records the CUDA graph
+    # and the third replays it, all three timed as build_seconds and synchronised; later calls run once.
+    # Checked without a GPU: a stand-in for torch.compile counts the calls (CPU tensors, device "cuda").
+    from vlmrm_fast.backends.compiled import CompileBackend
+
+    modes, calls, synced = [], [], []
+
+    def fake_compile(model, mode=None, dynamic=None):
+        modes.append(mode)
+
+        def run(pixels):
+            calls.append(pixels.shape[0])
+            return pixels.flatten(1)[:, :4] * 2
+        return run
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: synced.append(device))
+    visual = torch.nn.Identity()
+    cpu = CompileBackend(visual, torch.device("cpu"), torch.float32, (2, 2), 4, buckets=(2, 4))
+    cuda = CompileBackend(visual, torch.device("cuda"), torch.float32, (2, 2), 4, buckets=(2, 4))
+    chosen = CompileBackend(visual, torch.device("cuda"), torch.float32, (2, 2), 4, mode="max-autotune")
+    assert modes == ["default", "reduce-overhead", "max-autotune"] and chosen.mode == "max-autotune"
+    x = torch.randn(3, 3, 2, 2)
+    assert torch.equal(cuda(x), x.flatten(1)[:, :4] * 2)  # padded to 4 and sliced back
+    assert calls == [4, 4, 4] and len(synced) == 1 and set(cuda.compile_seconds) == {4}
+    built = cuda.build_seconds
+    cuda(x)  # steady state: one run, no more build time
+    assert calls == [4, 4, 4, 4] and cuda.build_seconds == built and len(synced) == 1
+    del calls[:]
+    cpu(x)
+    cpu(x)
+    assert calls == [4, 4] and set(cpu.compile_seconds) == {4}  # on CPU nothing to capture: one call compiles
+
+
+def test_compile_backend_buckets_are_sorted_and_end_at_max_batch_size(monkeypatch):
+    from vlmrm_fast.backends.compiled import CompileBackend, default_buckets
+
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: model)  # nothing to compile here
+    assert default_buckets(64) == (1, 8, 32, 64) and default_buckets(100) == (1, 8, 32, 64, 100)
+    assert default_buckets(1) == (1,)
+    visual = torch.nn.Identity()
+    assert CompileBackend(visual, torch.device("cpu"), torch.float32, (2, 2), 100).buckets == (1, 8, 32, 64, 100)
+    backend = CompileBackend(visual, torch.device("cpu"), torch.float32, (2, 2), 8, buckets=[8, 2])
+    assert backend.buckets == (2, 8)
+    assert [backend.bucket_for(n) for n in (1, 2, 3, 8, 9)] == [2, 2, 8, 8, 8]
+
+
+def test_missing_extra_messages_name_the_install_and_the_way_out():
+    from vlmrm_fast.backends.base import missing_extra
+
+    assert str(missing_extra("onnxruntime", "export", "onnxruntime")) == (
+        "backend='onnxruntime' needs the `onnxruntime` package, which is not installed. Install it with "
+        "`pip install 'vlmrm-fast[export]'`, or pick another backend (backend='torch').")
+    assert str(missing_extra("onnx", "export", "ONNX export")) == (
+        "ONNX export needs the `onnx` package, which is not installed. Install it with `pip install 'vlmrm-fast[export]'`.")
+
+
+def test_one_torch_thread_blocks_nest_in_one_thread():
+    from vlmrm_fast.backends.base import ONE_TORCH_THREAD
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with ONE_TORCH_THREAD:
+            with ONE_TORCH_THREAD:  # re-entrant: no deadlock
+                assert torch.get_num_threads() == 1
+            assert torch.get_num_threads() == 1  # the inner block restores what it found
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(previous)

@@ -200,3 +200,74 @@ def test_no_egl_is_a_clear_error_naming_the_fix(monkeypatch):
     model = mujoco.MjModel.from_xml_string("<mujoco><worldbody><geom size='1'/></worldbody></mujoco>")
     with pytest.raises(RuntimeError, match=fix):
         BatchRenderer([(model, mujoco.MjData(model))], width=8, height=8, device="cpu")
+
+
+# ---- behaviours a mutation audit found untested ---------------------------------------------------
+
+
+def test_camera_overrides_stay_with_their_env():
+    import copy
+
+    from vlmrm_fast.envs.humanoid import DEFAULT_CAMERA_CONFIG
+
+    before = copy.deepcopy(DEFAULT_CAMERA_CONFIG)
+    e = gym.make(HUMANOID_ENV_ID, camera_config={"distance": 5.0, "azimuth": 90.0})
+    fresh = gym.make(HUMANOID_ENV_ID)
+    assert (e.unwrapped.camera_config["distance"], e.unwrapped.camera_config["azimuth"]) == (5.0, 90.0)
+    assert (fresh.unwrapped.camera_config["distance"], fresh.unwrapped.camera_config["azimuth"]) == (3.5, 180.0)
+    assert DEFAULT_CAMERA_CONFIG.keys() == before.keys()
+    assert all(np.array_equal(DEFAULT_CAMERA_CONFIG[k], before[k]) for k in before)
+    e.close()
+    fresh.close()
+
+
+@needs_egl
+def test_render_larger_than_mujocos_default_framebuffer():
+    # MuJoCo's offscreen buffer is 640 x 480 unless the model asks for more: the env asks for its size.
+    e = gym.make(HUMANOID_ENV_ID, width=700, height=500)
+    m = e.unwrapped.model
+    assert (m.vis.global_.offwidth, m.vis.global_.offheight) == (700, 500)
+    e.reset(seed=0)
+    assert e.render().shape == (500, 700, 3)
+    e.close()
+
+
+def test_pickle_keeps_the_scene_termination_and_base_options():
+    e = gym.make(HUMANOID_ENV_ID, textured=False, terminate_when_unhealthy=True, ctrl_cost_weight=0.5).unwrapped
+    e2 = pickle.loads(pickle.dumps(e))
+    assert e2._textured is False and e2.model.ntex == e.model.ntex
+    assert e2._terminate_when_unhealthy is True and e2._ctrl_cost_weight == 0.5
+    e.close()
+    e2.close()
+
+
+@pytest.mark.parametrize("key", ["camera_id", "camera_name", "default_camera_config", "xml_file", "frame_skip"])
+def test_arguments_the_env_sets_itself_are_refused(key):
+    with pytest.raises(TypeError, match=f"does not take {key!r}"):
+        gym.make(HUMANOID_ENV_ID, **{key: None})
+
+
+def test_a_failed_gl_context_leaves_no_second_traceback(monkeypatch):
+    # gymnasium's viewer, left without a GL context, would raise again from __del__ ("Exception ignored
+    # in ...") under the clear error; the env hands it a context to free.
+    import gc
+    import sys
+
+    from gymnasium.envs.mujoco import mujoco_rendering
+
+    from vlmrm_fast.envs.humanoid import RenderingUnavailable
+
+    def no_context(width, height):
+        raise RuntimeError("eglInitialize() failed: EGL_NOT_INITIALIZED")
+
+    monkeypatch.setitem(mujoco_rendering._ALL_RENDERERS, os.environ["MUJOCO_GL"], no_context)
+    unraisable = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    e = gym.make(HUMANOID_ENV_ID)
+    e.reset(seed=0)
+    with pytest.raises(RenderingUnavailable, match="MUJOCO_GL=egl") as info:
+        e.render()
+    del info
+    e.close()
+    gc.collect()
+    assert unraisable == []

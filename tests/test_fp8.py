@@ -351,3 +351,157 @@ def test_tensorrt_fp8_rewards_within_twice_pytorch_bf16_fp8_error(tmp_path):
     formats = [str(t.get("Format/Datatype", "")) for layer in layers if isinstance(layer, dict)
                for t in layer.get("Inputs", [])]
     assert any("FP8" in f.upper() for f in formats), formats[:20]
+
+
+# ---- behaviours a mutation audit found untested ---------------------------------------------------
+
+
+def _tiny_export(tmp_path, opset=None):
+    from vlmrm_fast.backends.onnx_export import export_onnx
+    from vlmrm_fast.backends.onnx_fp8 import FP8_OPSET
+
+    model, _ = make_tiny()
+    return export_onnx(model.visual, tmp_path / "tower.onnx", preprocess_spec_of(model, "vlmrm"), input_format="pixels",
+                       opset=opset or FP8_OPSET)
+
+
+def test_quantize_fp8_checks_its_amax_and_scales_an_all_zero_activation(tmp_path):
+    import onnx
+    from onnx import numpy_helper
+
+    from vlmrm_fast.backends.onnx_fp8 import fp8_targets, quantize_fp8
+
+    source = _tiny_export(tmp_path)
+    activations = sorted({a for _, a, _ in fp8_targets(onnx.load(str(source)))})
+    zeros = dict.fromkeys(activations, 0.0)
+    for bad in (float("nan"), float("inf"), -1.0):
+        with pytest.raises(ValueError, match="must be finite and >= 0"):
+            quantize_fp8(source, tmp_path / "bad.onnx", {**zeros, activations[0]: bad})
+    with pytest.raises(ValueError, match="no calibrated amax"):
+        quantize_fp8(source, tmp_path / "bad.onnx", {a: 1.0 for a in activations[1:]})
+    assert not (tmp_path / "bad.onnx").exists()
+    # An activation that was zero on every calibration frame still gets a positive, finite scale.
+    graph = onnx.load(str(quantize_fp8(source, tmp_path / "fp8.onnx", zeros)))
+    scales = [numpy_helper.to_array(i) for i in graph.graph.initializer if i.name.endswith("_fp8_scale")]
+    assert len(scales) == 12 and all(np.isfinite(s).all() and (s > 0).all() for s in scales)
+
+
+def test_calibration_refuses_non_finite_activations_and_leaves_only_its_source(tmp_path):
+    from vlmrm_fast.backends.onnx_fp8 import calibrate_amax
+
+    source = _tiny_export(tmp_path, opset=17)
+    calibrate_amax(source, [np.zeros((1, 3, 224, 224), np.float32)])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tower.onnx"]  # its probe graph is gone
+    with pytest.raises(ValueError, match="inf or NaN"):
+        calibrate_amax(source, [np.full((1, 3, 224, 224), np.inf, np.float32)])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tower.onnx"]
+
+
+def test_calibration_batches_cover_every_frame_once():
+    from vlmrm_fast.backends.onnx_fp8 import calibration_batches
+
+    pixels = torch.arange(35 * 3, dtype=torch.float32).view(35, 3, 1, 1)
+    chunks = list(calibration_batches(pixels))
+    assert [len(c) for c in chunks] == [16, 16, 3] and all(isinstance(c, np.ndarray) for c in chunks)
+    np.testing.assert_array_equal(np.concatenate(chunks), pixels.numpy())
+    assert [len(c) for c in calibration_batches(pixels.numpy()[:10], batch_size=5)] == [5, 5]
+
+
+def test_calibration_runs_on_the_backends_gpu_where_onnxruntime_has_cuda(monkeypatch):
+    import onnxruntime as ort
+
+    from vlmrm_fast.backends.onnx_fp8 import ort_providers
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert ort_providers(1) == (("CUDAExecutionProvider", {"device_id": 1}), "CPUExecutionProvider")
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    assert ort_providers(1) == ("CPUExecutionProvider",)
+
+
+def test_fp8_half_graph_keeps_the_twins_scales_exactly_and_stores_weights_once(tmp_path):
+    # The scales are rounded up to bf16 values before the rewrite, so the bf16 graph quantises exactly as
+    # its float32 twin (what ONNX Runtime checks) does; quantised weights are stored in fp8 only, and
+    # no float32 original of a weight or constant the half graph replaced is left in either file.
+    import onnx
+    from onnx import TensorProto, numpy_helper
+
+    from vlmrm_fast.backends.onnx_fp8 import fp8_targets
+
+    model, _ = make_tiny()
+    twin, half = _fp8_graphs(model, tmp_path)
+    weights = {w for _, _, w in fp8_targets(onnx.load(str(tmp_path / "tower.onnx")))}
+    twin, half = onnx.load(str(twin)).graph, onnx.load(str(half)).graph
+    twin_inits = {init.name: init for init in twin.initializer}
+    assert weights and not weights & set(twin_inits)
+    assert all(twin_inits[w + "_fp8"].data_type == TensorProto.FLOAT8E4M3FN for w in weights)
+    half_inits = {init.name: init for init in half.initializer}
+    scales = [name for name in twin_inits if name.endswith("_fp8_scale")]
+    assert len(scales) == 12
+    for name in scales:
+        np.testing.assert_array_equal(numpy_helper.to_array(half_inits[name + "_bf16"]).astype(np.float32),
+                                      numpy_helper.to_array(twin_inits[name]))
+    for graph in (twin, half):
+        read = {i for node in graph.node for i in node.input} | {o.name for o in graph.output}
+        assert {init.name for init in graph.initializer} <= read
+        assert all(n.output[0] in read for n in graph.node if n.op_type == "Constant")
+
+
+def _half_test_graph(path):
+    """pixels [1, 3, 4, 4] -> Resize x2 (float32 scales from a Constant) -> LayerNorm over the last axis
+    (scale and bias initializers) -> MatMul with a Constant weight [8, 5] -> embeddings; opset 17."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    constant = lambda name, values: helper.make_node(  # noqa: E731
+        "Constant", [], [name], value=numpy_helper.from_array(np.asarray(values, np.float32), name + "_value"))
+    nodes = [
+        constant("scales", [1, 1, 2, 2]),
+        helper.make_node("Resize", ["pixels", "", "scales"], ["resized"], mode="nearest", name="resize"),
+        helper.make_node("LayerNormalization", ["resized", "ln_scale", "ln_bias"], ["normed"], axis=-1, name="ln"),
+        constant("weight", rng.standard_normal((8, 5))),
+        helper.make_node("MatMul", ["normed", "weight"], ["embeddings"], name="matmul"),
+    ]
+    inits = [numpy_helper.from_array(rng.uniform(0.5, 1.5, 8).astype(np.float32), "ln_scale"),
+             numpy_helper.from_array(rng.standard_normal(8).astype(np.float32), "ln_bias")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("pixels", TensorProto.FLOAT, [1, 3, 4, 4])],
+                              [helper.make_tensor_value_info("embeddings", TensorProto.FLOAT, [1, 3, 8, 5])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def test_half_rewrite_keeps_layernorm_and_resize_scales_in_float32(tmp_path):
+    # A LayerNorm read directly by a half op (no cast back after it, unlike open_clip's) and Resize,
+    # whose scales ONNX requires in float32 whatever the data's type.
+    import onnx
+    from onnx import TensorProto
+    from onnx.reference import ReferenceEvaluator
+
+    from vlmrm_fast.backends.onnx_half import to_half_precision
+
+    source = _half_test_graph(tmp_path / "g.onnx")
+    with pytest.raises(ValueError, match=r"half='fp8' is not one of \('bf16', 'fp16'\)"):
+        to_half_precision(source, tmp_path / "fp8.onnx", "fp8")
+    graph = onnx.load(str(to_half_precision(source, tmp_path / "fp16.onnx", "fp16"))).graph
+    assert graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT16
+    assert graph.output[0].type.tensor_type.elem_type == TensorProto.FLOAT
+    producers = {out: node for node in graph.node for out in node.output}
+    inits = {init.name: init for init in graph.initializer}
+    [ln] = [n for n in graph.node if n.op_type == "LayerNormalization"]
+    assert producers[ln.input[0]].op_type == "Cast" and all(inits[i].data_type == TensorProto.FLOAT for i in ln.input[1:])
+    [resize] = [n for n in graph.node if n.op_type == "Resize"]
+    assert producers[resize.input[2]].attribute[0].t.data_type == TensorProto.FLOAT
+    read = {i for node in graph.node for i in node.input}
+    assert set(inits) <= read and all(n.output[0] in read for n in graph.node if n.op_type == "Constant")
+    pixels = np.random.default_rng(1).standard_normal((1, 3, 4, 4)).astype(np.float32)
+    want = ReferenceEvaluator(str(source)).run(None, {"pixels": pixels})[0]
+    got = ReferenceEvaluator(str(tmp_path / "fp16.onnx")).run(None, {"pixels": pixels.astype(np.float16)})[0]
+    assert got.dtype == np.float32 and np.abs(got - want).max() <= 1e-2 * np.abs(want).max()
+
+
+@pytest.mark.parametrize("scale_type", ["fp32", "bf16", "fp16"])
+def test_scales_already_representable_are_kept(scale_type):
+    from vlmrm_fast.backends.onnx_fp8 import representable_scale
+
+    exact = np.array([0.5, 2.0**-10, 3.0, 1.5 * 2.0**-6])  # held exactly by all three types
+    np.testing.assert_array_equal(representable_scale(exact, scale_type), exact.astype(np.float32))
