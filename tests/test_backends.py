@@ -277,7 +277,6 @@ def test_onnxruntime_preprocesses_small_cpu_chunks_on_one_torch_thread(tiny, mon
 
 
 @needs_ort
-@needs_ort
 def test_onnxruntime_threads_follow_torch_whatever_omp_num_threads_says(tiny, monkeypatch):
     # "2,1" is valid OpenMP (nested levels); the session takes torch's thread count, which already
     # follows OMP_NUM_THREADS, instead of parsing the variable again.
