@@ -1471,3 +1471,258 @@ def test_deferred_scoring_hands_a_plain_reward_function_top_down_frames():
     assert not np.allclose(want, row_weighted(frames.reshape(6, 7, 5, 3)).reshape(3, 2))
     np.testing.assert_allclose(score_frames(row_weighted, frames, bottom_up=True), want, rtol=1e-6)
     np.testing.assert_allclose(score_frames(takes_flag, frames, bottom_up=True), want, rtol=1e-6)
+
+
+# The next ones come from a second audit, of checkpoint.py, config.py, run_lock.py and deferred.py.
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(n_envs=0), "n_envs must be >= 1"),
+    (dict(episode_length=0), "episode_length must be >= 1"),
+    (dict(video_width=0), "video_width/video_height must be positive"),
+    (dict(alpha=1.5), r"alpha must be in \[0, 1\]"),
+    (dict(alpha=-0.1), r"alpha must be in \[0, 1\]"),
+    (dict(reward_mode="multiply"), "reward_mode must be one of replace, add, log"),
+    (dict(reward_timing="later"), "reward_timing must be one of step, deferred"),
+    (dict(reward_dtype="int8"), "reward_dtype must be one of"),
+    (dict(preprocess="resize"), "preprocess must be vlmrm or openclip"),
+    (dict(goal=[]), "goal needs at least one non-empty prompt"),
+    (dict(goal=[""]), "goal needs at least one non-empty prompt"),
+    (dict(baseline=[""]), "baseline prompts must be non-empty"),
+    (dict(alpha=0.5, baseline=[]), "alpha > 0 needs a baseline prompt"),
+    (dict(reward_batch_size=0), "reward_batch_size must be >= 1"),
+    (dict(reward_weight=float("inf")), "reward_weight must be finite"),
+    (dict(batch_size=0), "batch_size and train_freq must be >= 1"),
+    (dict(gradient_steps=-1), "gradient_steps >= 0"),
+    (dict(learning_starts=-1), "learning_starts must be >= 0"),
+    (dict(net_arch=[]), "net_arch must be positive layer sizes"),
+    (dict(total_timesteps=0), "total_timesteps must be >= 1"),
+    (dict(log_every=-1), "log_every must be >= 0"),
+    (dict(keep_checkpoints=0), "keep_checkpoints must be >= 1"),
+    (dict(eval_episodes=0), "eval_episodes must be >= 1"),
+    (dict(video_length=0), "video_length must be >= 1"),
+    (dict(seed=2**32), r"seed must be in \[0, 2\*\*32\)"),
+])
+def test_each_bad_value_is_refused_naming_its_field(tmp_path, bad, match):
+    with pytest.raises(ValueError, match=match):
+        dataclasses.replace(dot_config(tmp_path), **bad).validate()
+
+
+def test_the_ends_of_each_allowed_range_are_accepted(tmp_path):
+    for edge in (dict(alpha=0.0), dict(alpha=1.0), dict(gamma=1.0), dict(tau=1.0), dict(gradient_steps=0),
+                 dict(learning_starts=0), dict(keep_checkpoints=1), dict(checkpoint_every=0, eval_every=0, log_every=0),
+                 dict(seed=0), dict(n_envs=1), dict(video_length=1), dict(reward_batch_size=1)):
+        dataclasses.replace(dot_config(tmp_path), **edge).validate()
+
+
+def test_configs_do_not_share_their_list_and_dict_defaults():
+    a, b = TrainConfig(), TrainConfig()
+    a.goal.append("a humanoid robot sitting")
+    a.net_arch[0] = 8
+    a.env_kwargs["frame_skip"] = 2
+    assert (b.goal, b.net_arch, b.env_kwargs) == (["a humanoid robot kneeling"], [256, 256], {})
+    assert TrainConfig().goal == ["a humanoid robot kneeling"]
+
+
+def test_a_config_file_table_named_like_a_field_is_that_field(tmp_path):
+    # [env_kwargs] is the dict field, not a section to flatten; a .JSON file is JSON whatever its case.
+    path = tmp_path / "run.toml"
+    path.write_text('n_envs = 4\n[env_kwargs]\nframe_skip = 2\n[sac]\ngamma = 0.9\n')
+    config = apply_overrides(TrainConfig(), load_config_file(path))
+    assert (config.env_kwargs, config.n_envs, config.gamma) == ({"frame_skip": 2}, 4, 0.9)
+    upper = tmp_path / "RUN.JSON"
+    upper.write_text('{"n_envs": 3, "env_kwargs": {"frame_skip": 3}}')
+    assert load_config_file(upper) == {"n_envs": 3, "env_kwargs": {"frame_skip": 3}}
+    upper.write_text('[1, 2]')
+    with pytest.raises(ValueError, match="must hold key = value pairs"):
+        load_config_file(upper)
+
+
+def test_overrides_reach_their_fields_type_or_are_refused():
+    base = TrainConfig()
+    # --set takes flag spellings (dashes) and values holding '='.
+    config = apply_overrides(base, parse_set(["total-timesteps=5000", "goal=a robot, arms = up"]))
+    assert config.total_timesteps == 5000 and config.goal == ["a robot, arms = up"]
+    assert base.total_timesteps == 10_000_000  # a copy: the base config is left as it was
+    # Command-line flags arrive as strings.
+    config = apply_overrides(base, {"n_envs": "8", "buffer_size": "1_000", "progress": "off", "tensorboard": "on",
+                                    "reward_batch_size": "", "reward_dtype": "bf16", "env_kwargs": '{"frame_skip": 2}',
+                                    "goal": "a robot", "ent_coef": 0.1})
+    assert (config.n_envs, config.buffer_size, config.progress, config.tensorboard) == (8, 1000, False, True)
+    assert (config.reward_batch_size, config.reward_dtype, config.env_kwargs) == (None, "bfloat16", {"frame_skip": 2})
+    assert (config.goal, config.ent_coef) == (["a robot"], "0.1")
+    for values, match in (({"n_envs": True}, "n_envs .* must be an integer"),
+                          ({"n_envs": 1.5}, "n_envs .* must be an integer"),
+                          ({"n_envs": "1.5"}, "n_envs .* must be an integer"),
+                          ({"alpha": True}, "alpha .* must be a number"),
+                          ({"model": 5}, "model .* must be a string"),
+                          ({"env_kwargs": "frame_skip=2"}, "env_kwargs .* must be a JSON object"),
+                          ({"n_envs": None}, "n_envs .* cannot be none")):
+        with pytest.raises(ValueError, match=match):
+            apply_overrides(base, values, "the command line")
+    with pytest.raises(ValueError, match="unknown preset 'kneel'; choose one of kneeling, smoke"):
+        from_preset("kneel")
+
+
+def test_a_resume_may_change_only_what_leaves_the_run_the_same(tmp_path):
+    from vlmrm_fast.train.config import diff_configs
+
+    saved = dot_config(tmp_path)
+    given = apply_overrides(saved, {"seed": 1, "learning_rate": 1e-3, "total_timesteps": 10**6, "progress": True,
+                                    "run_dir": "elsewhere", "sac_device": "cuda", "eval_every": 7})
+    assert diff_configs(saved, given) == [("learning_rate", saved.learning_rate, 1e-3), ("seed", 0, 1)]
+
+
+def test_rng_state_restores_every_generator_it_names():
+    import random
+
+    model = SimpleNamespace(action_space=gym.spaces.Box(-1.0, 1.0, (3,), np.float32))
+    model.action_space.seed(0)
+
+    def draws():
+        return random.random(), np.random.rand(), torch.rand(1).item(), model.action_space.sample().tolist()
+
+    state = ckpt.rng_state(model)
+    first = draws()
+    draws()
+    ckpt.set_rng_state(model, state)
+    assert draws() == first
+
+
+def test_checkpoints_are_ordered_by_step_and_only_the_newest_kept(one_checkpoint):
+    result, first = one_checkpoint  # step 40
+    root, model = first.parent, result.model
+    written = {}
+    for step in (100, 1000):  # names of more digits than the first's: their order is still the steps'
+        model.num_timesteps = step
+        written[step] = ckpt.save_checkpoint(result.run_dir, model, "{}", {}, keep=2)
+    assert sorted(p.name for p in root.iterdir()) == sorted(["latest", ckpt.step_name(100), ckpt.step_name(1000)])
+    assert ckpt.find_latest(result.run_dir) == written[1000]
+    assert (root / "latest").read_text().strip() == written[1000].name
+    # The checkpoint just written is never pruned, even behind a newer one.
+    model.num_timesteps = 60
+    behind = ckpt.save_checkpoint(result.run_dir, model, "{}", {}, keep=1)
+    assert ckpt.is_complete(behind) and ckpt.is_complete(written[1000]) and not written[100].exists()
+
+
+def test_a_checkpoint_whose_meta_lists_fewer_files_or_whose_file_grew_is_incomplete(tmp_path, one_checkpoint):
+    _, path = one_checkpoint
+    meta = ckpt.read_meta(path)
+    fewer = tmp_path / "fewer"
+    shutil.copytree(path, fewer)
+    del meta["files"]["state.pt"]
+    (fewer / "meta.json").write_text(json.dumps(meta))
+    assert ckpt.is_complete(path) and not ckpt.is_complete(fewer)
+    grown = tmp_path / "grown"
+    shutil.copytree(path, grown)
+    with open(grown / "replay_buffer.pkl", "ab") as f:
+        f.write(b"\0")
+    assert not ckpt.is_complete(grown)
+
+
+def test_a_stale_pointer_to_a_complete_checkpoint_is_no_warning(one_checkpoint):
+    result, path = one_checkpoint
+    result.model.num_timesteps = 60
+    newest = ckpt.save_checkpoint(result.run_dir, result.model, "{}", {})
+    (path.parent / "latest").write_text(path.name)  # a crash between the rename and the pointer
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert ckpt.find_latest(result.run_dir) == newest
+
+
+def test_clean_stale_removes_every_leftover_and_puts_back_only_a_complete_checkpoint(one_checkpoint):
+    result, path = one_checkpoint
+    root = path.parent
+    (root / ".latest.x1y2z3.tmp").write_text("step_")  # write_atomically's temporary file of ``latest``
+    (root / f".tmp-{ckpt.step_name(60)}-1-abcd1234").mkdir()
+    (root / f".trash-{ckpt.step_name(20)}-1").mkdir()
+    shutil.copytree(path, root / f".old-{path.name}-0123abcd")  # its checkpoint is in place: a leftover
+    half = root / f".old-{ckpt.step_name(80)}-4567cdef"  # incomplete: deleted, not put back
+    half.mkdir()
+    (half / "model.zip").write_bytes(b"partial")
+    ckpt.clean_stale(result.run_dir)
+    assert sorted(p.name for p in root.iterdir()) == sorted(["latest", path.name])
+    assert ckpt.find_latest(result.run_dir) == path
+
+
+def test_env_state_of_other_envs_is_reported_not_restored():
+    from stable_baselines3.common.vec_env import DummyVecEnv
+
+    def venv(*makers):
+        env = DummyVecEnv(list(makers))
+        env.seed(0)
+        env.reset()
+        return env
+
+    # Another number of envs.
+    assert ckpt.set_env_state(venv(DotEnv, DotEnv), ckpt.env_state(venv(DotEnv))) is False
+    # No simulator state for a MuJoCo env.
+    pendulum = venv(lambda: gym.make("InvertedPendulum-v5"))
+    assert ckpt.set_env_state(venv(lambda: gym.make("InvertedPendulum-v5")), ckpt.env_state(venv(DotEnv))) is False
+    # The simulator state of another MuJoCo model (another state size).
+    assert ckpt.set_env_state(venv(lambda: gym.make("Hopper-v5")), ckpt.env_state(pendulum)) is False
+
+
+def test_a_run_folder_is_held_by_one_holder_at_a_time(tmp_path):
+    from vlmrm_fast.train import run_lock
+
+    run_dir = tmp_path / "new" / "run"  # made by the lock
+    with run_lock.hold_run_folder(run_dir):
+        with pytest.raises(run_lock.RunFolderBusy, match=rf"in use by another training process \(pid {os.getpid()} on "):
+            with run_lock.hold_run_folder(run_dir):
+                pass
+    with run_lock.hold_run_folder(run_dir):  # released when its block ends
+        pass
+
+
+def test_env_state_is_a_snapshot_not_a_view_of_the_running_envs():
+    from stable_baselines3.common.vec_env import DummyVecEnv, VecMonitor
+
+    venv = VecMonitor(DummyVecEnv([DotEnv]))
+    venv.seed(0)
+    venv.reset()
+    venv.step(np.full((1, 2), 0.5, np.float32))
+    state = ckpt.env_state(venv)
+    returns = state["wrappers"][0]["episode_returns"].copy()
+    venv.step(np.full((1, 2), 0.5, np.float32))  # VecMonitor adds to its returns in place
+    np.testing.assert_array_equal(state["wrappers"][0]["episode_returns"], returns)
+
+
+def test_the_deferred_recorder_holds_one_rollout_and_hands_sac_placeholders(tmp_path):
+    from stable_baselines3.common.vec_env import DummyVecEnv
+
+    from vlmrm_fast.train.deferred import DeferredRewardRecorder, score_and_write_back
+
+    rm = tiny_reward(dot_config(tmp_path))
+    recorder = DeferredRewardRecorder(DummyVecEnv([lambda: gym.wrappers.TimeLimit(DotEnv(), 2)] * 2), rm, capacity=2,
+                                      render="images")
+    recorder.seed(0)
+    recorder.reset()
+    action = np.full((2, 2), 0.3, np.float32)
+    buffer = SimpleNamespace(rewards=np.full((4, 2), np.nan, np.float32))
+    nothing = score_and_write_back(recorder, rm, buffer, [])  # an empty rollout scores nothing
+    assert [a.shape for a in nothing] == [(0, 2)] * 3 and np.isnan(buffer.rewards).all()
+    _, placeholder, _, infos = recorder.step(action)
+    assert (placeholder == 0).all() and all(info["gt_reward"] < 0 for info in infos)  # "replace": 0 until scored
+    recorder.step(action)
+    with pytest.raises(RuntimeError, match=r"deferred reward buffer full \(2 steps\)"):
+        recorder.step(action)
+    with pytest.raises(RuntimeError, match="recorded 2 steps but 1 replay slots"):
+        score_and_write_back(recorder, rm, buffer, [0])
+    recorder.reset()
+    recorder.step(action)
+    recorder.step(action)
+    vlm, gt, dones = score_and_write_back(recorder, rm, buffer, [3, 3])  # one slot twice: the newest step wins
+    np.testing.assert_array_equal(buffer.rewards[3], vlm[1])
+    assert not dones[0].any() and dones[1].all()  # the 2-step episodes end on the second step
+    kept = gt.copy(), dones.copy()
+    for e in recorder.venv.envs:
+        e.unwrapped.width = e.unwrapped.height = 24
+    recorder.step(action)  # the next rollout: a new frame size is fine at its start, and leaves the last one's results alone
+    np.testing.assert_array_equal(gt, kept[0])
+    np.testing.assert_array_equal(dones, kept[1])
+    for e in recorder.venv.envs:
+        e.unwrapped.width = e.unwrapped.height = 32
+    with pytest.raises(ValueError, match="frame size changed mid-rollout"):
+        recorder.step(action)
+    recorder.close()
