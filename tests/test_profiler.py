@@ -810,3 +810,464 @@ def test_the_environment_names_the_cpu_build_of_onnxruntime():
         pytest.skip("onnxruntime comes from another distribution (onnxruntime-gpu) here")
     env = environment(torch.device("cpu"))
     assert env["onnxruntime"] == want and env["device_type"] == "cpu"
+
+
+# ---- timing, FLOPs, the seed and the run: behaviours a mutation audit found untested ---------------
+
+
+def _scripted_timer(monkeypatch, seconds, **kwargs):
+    """A CPU StageTimer whose timed calls "take" the given seconds in turn (the callable still runs);
+    no pauses. Returns (timer, events): events lists "pause", "fn" (any call) and "timed"."""
+    from vlmrm_fast.profiler import timing
+
+    events = []
+    monkeypatch.setattr(timing.time, "sleep", lambda s: events.append("pause"))
+    durations = iter(seconds)
+
+    class Scripted(timing.StageTimer):
+        def _time_once(self, fn):
+            events.append("timed")
+            fn()
+            return next(durations)
+
+    return Scripted(torch.device("cpu"), **kwargs), events
+
+
+def test_stage_timer_reports_median_min_max_of_the_timed_calls_after_the_warmup(monkeypatch):
+    timer, events = _scripted_timer(monkeypatch, [4.0, 1.0, 2.0], warmup=2, repeats=3, time_budget=100.0)
+    timing = timer(lambda: events.append("fn"))
+    assert (timing.median_s, timing.min_s, timing.max_s, timing.repeats) == (2.0, 1.0, 4.0, 3)  # the mean is 2.33
+    # An idle pause first (CPU), then the untimed warm-up calls, then the timed ones.
+    assert events == ["pause", "fn", "fn", "timed", "fn", "timed", "fn", "timed", "fn"]
+
+
+def test_stage_timer_stops_once_its_time_budget_is_spent_but_not_before_three_calls(monkeypatch):
+    # Calls of 0.25 s against a 1 s budget: 1.0 s after four is not over it, 1.25 s after five is.
+    timer, _ = _scripted_timer(monkeypatch, [0.25] * 20, warmup=0, repeats=20, time_budget=1.0)
+    assert timer(lambda: None).repeats == 5
+    # Calls longer than the whole budget still make min(3, repeats) repeats: a median needs them.
+    timer, _ = _scripted_timer(monkeypatch, [2.0] * 20, warmup=0, repeats=20, time_budget=1.0)
+    assert timer(lambda: None).repeats == 3
+    timer, _ = _scripted_timer(monkeypatch, [2.0] * 20, warmup=0, repeats=2, time_budget=1.0)
+    assert timer(lambda: None).repeats == 2
+    # Paired timing counts pairs the same way.
+    timer, _ = _scripted_timer(monkeypatch, [0.125] * 40, warmup=0, repeats=20, time_budget=1.0)
+    first, second = timer.paired(lambda: None, lambda: None)
+    assert first.repeats == second.repeats == 5  # 0.25 s per pair: 1.25 s after five pairs
+
+
+def test_a_timed_call_flushes_the_cache_and_waits_for_the_device_on_both_sides(monkeypatch):
+    # On CUDA work is queued: without the synchronisation after the call, the time is the launch's.
+    from vlmrm_fast.profiler import timing
+
+    events = []
+    monkeypatch.setattr(timing.time, "sleep", lambda s: None)
+
+    class Recording(timing.StageTimer):
+        def synchronize(self):
+            events.append("sync")
+
+    class Flush:
+        def zero_(self):
+            events.append("flush")
+
+    timer = Recording(torch.device("cpu"), warmup=0, repeats=1, time_budget=1.0)
+    timer._flush = Flush()  # the 256 MiB buffer a CUDA timer writes before each call
+    timer(lambda: events.append("fn"))
+    assert events == ["flush", "sync", "fn", "sync"]
+
+
+def test_paired_timing_alternates_which_callable_goes_first(monkeypatch):
+    # first-second, second-first, ...: neither always runs straight after the other.
+    from vlmrm_fast.profiler import timing
+
+    order = []
+    monkeypatch.setattr(timing.time, "sleep", lambda s: None)
+
+    class Recording(timing.StageTimer):
+        def _time_once(self, fn):
+            fn()
+            order.append(last[0])
+            return 0.001
+
+    last = [None]
+    timer = Recording(torch.device("cpu"), warmup=1, repeats=4, time_budget=10.0)
+    timer.paired(lambda: last.__setitem__(0, "a"), lambda: last.__setitem__(0, "b"))
+    assert order == ["a", "b", "b", "a", "a", "b", "b", "a"]
+
+
+def test_matmul_peak_size_precision_and_burst(monkeypatch):
+    # The products themselves are faked (instant): what is checked is which products are timed.
+    from vlmrm_fast.profiler import timing
+
+    products = []
+    monkeypatch.setattr(timing.torch, "mm", lambda a, b, out: products.append((a.shape[0], a.dtype, b.dtype)))
+    monkeypatch.setattr(timing.time, "sleep", lambda s: None)
+
+    def peak(dtype=torch.float32, timer=None):
+        products.clear()
+        return timing.measure_peak_tflops(torch.device("cpu"), dtype, timer or timing.StageTimer(
+            torch.device("cpu"), warmup=0, repeats=1, time_budget=1.0))
+
+    # Sizes double from 512 up to the device's largest, that one included...
+    monkeypatch.setattr(timing, "PEAK_SIZE", {"cpu": 1024, "cuda": 1024})
+    assert peak()[1] == 1024 and {n for n, _, _ in products} == {512, 1024}
+    # ... unless one product already takes over PEAK_CALL_S (a precision without fast kernels).
+    monkeypatch.setattr(timing, "PEAK_CALL_S", -1.0)
+    assert peak()[1] == 512
+    # The peak of a precision multiplies matrices of that precision.
+    assert peak(torch.bfloat16)[1] == 512 and {(a, b) for _, a, b in products} == {(torch.bfloat16, torch.bfloat16)}
+    # A burst never holds fewer than one product, however long one takes.
+    monkeypatch.setattr(timing, "PEAK_BURST_S", 0.0)
+    timed = []
+
+    class Counting(timing.StageTimer):
+        def _time_once(self, fn):
+            before = len(products)
+            seconds = super()._time_once(fn)
+            timed.append(len(products) - before)
+            return seconds
+
+    tflops, n = peak(timer=Counting(torch.device("cpu"), warmup=0, repeats=2, time_budget=1.0))
+    assert timed == [1, 1] and tflops > 0
+
+
+def test_vit_flops_formula_term_by_term():
+    # t = (8/4)^2 + 1 = 5 tokens, w = 8, h = 24 (MLP ratio 3), D = 4, two layers; multiply-adds:
+    # patch embedding (t - 1) w 3 p^2 = 4 * 8 * 48 = 1536; per layer t (4 w^2 + 2 w h) + 2 t^2 w
+    # = 5 * (256 + 384) + 400 = 3600; projection w D = 32. FLOPs are twice that.
+    from vlmrm_fast.profiler.flops import ViTShape
+
+    shape = ViTShape(width=8, layers=2, patch=(4, 4), image=(8, 8), mlp_hidden=24, embed_dim=4)
+    assert shape.tokens == 5
+    assert shape.gflops() == pytest.approx(2 * (1536 + 2 * 3600 + 32) / 1e9, rel=1e-12)
+    no_projection = ViTShape(width=8, layers=2, patch=(4, 4), image=(8, 8), mlp_hidden=24, embed_dim=None)
+    assert no_projection.gflops() == pytest.approx(2 * (1536 + 2 * 3600) / 1e9, rel=1e-12)
+
+
+def test_towers_that_are_not_plain_vits_get_no_analytic_count():
+    from vlmrm_fast.profiler.flops import _gflops_and_method, vit_shape_from_config, vit_shape_from_tower
+
+    # ResNets (layers per stage), timm towers and attentional pooling (CoCa) are not in the formula.
+    for name in ("RN50", "convnext_base", "coca_ViT-B-32"):
+        assert vit_shape_from_config(name) is None, name
+    assert vit_shape_from_config("ViT-B-32").embed_dim == 512
+    with pytest.raises(ValueError, match="no config"):
+        vit_shape_from_config("ViT-B-33")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        model, _ = create_clip("vlmrm-tiny", None)
+    visual = model.visual
+    with_projection = vit_shape_from_tower(visual)
+    assert with_projection.embed_dim == visual.proj.shape[1] and _gflops_and_method(visual)[1] == "analytic"
+    visual.proj = None  # a tower without the output projection: none counted
+    assert vit_shape_from_tower(visual).embed_dim is None
+    visual.attn_pool = torch.nn.Identity()
+    assert vit_shape_from_tower(visual) is None
+
+
+def test_a_counted_tower_says_so():
+    from vlmrm_fast.profiler.flops import _gflops_and_method
+
+    class Conv(torch.nn.Module):
+        image_size = 8
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 2, kernel_size=4, stride=4, bias=False)
+
+        def forward(self, x):
+            return self.conv(x).flatten(1)
+
+    with pytest.warns(UserWarning, match="undercount"):
+        assert _gflops_and_method(Conv()) == (pytest.approx(2 * 4 * 2 * 48 / 1e9), "flop-counter")
+
+
+def test_seed_runs_under_fp16_autocast_on_cuda_only_and_its_goal_is_a_unit_vector(monkeypatch):
+    # SPEC §1.4: the original ran fp32 weights under torch.autocast(float16) on CUDA.
+    from conftest import make_tiny
+    from vlmrm_fast.models import preprocess_spec_of
+    from vlmrm_fast.profiler import seed as seed_module
+
+    model = make_tiny(seed=2)[0]
+    seed = seed_module.SeedPipeline(model, preprocess_spec_of(model, "vlmrm"), torch.device("cpu"))
+    assert seed.goal.norm().item() == pytest.approx(1.0, abs=1e-6)
+    assert seed.projection.shape == (len(seed.goal), len(seed.goal))
+    asked = []
+    monkeypatch.setattr(seed_module.torch, "autocast",
+                        lambda device, **kwargs: asked.append((device, kwargs)) or contextlib.nullcontext())
+    seed._autocast()
+    seed.device = torch.device("cuda")  # what it asks for on a GPU (nothing runs here)
+    seed._autocast()
+    assert asked == [("cuda", {"dtype": torch.float16, "enabled": False}),
+                     ("cuda", {"dtype": torch.float16, "enabled": True})]
+
+
+def _bench_args(*extra):
+    return cli.build_parser().parse_args(["bench", "--device", "cpu", "--no-progress", "--no-plot", *extra])
+
+
+def test_resolve_config_defaults_per_device_and_deduplicates(monkeypatch):
+    from vlmrm_fast.profiler.run import resolve_config
+
+    cpu = resolve_config(_bench_args())
+    assert cpu.models == ["vlmrm-tiny", "ViT-B-32"] and cpu.batch_sizes == [1, 8, 32]
+    assert cpu.backends == ["torch", "onnxruntime"] and cpu.dtypes == ["fp32"]
+    assert (cpu.repeats, cpu.warmup, cpu.time_budget, cpu.frame_size) == (3, 1, 10.0, 480)
+    assert cpu.seed and not cpu.kernel_profile and cpu.out.parent.name == "runs" and cpu.out.name.startswith("bench-")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # only the defaults are looked at
+    gpu = resolve_config(cli.build_parser().parse_args(["bench", "--device", "cuda"]))
+    assert gpu.models == ["ViT-B-32", "ViT-L-14", "ViT-bigG-14"] and gpu.batch_sizes == [1, 8, 64, 256, 1024]
+    assert gpu.backends == ["torch", "compile"] and gpu.dtypes == ["bf16"] and (gpu.repeats, gpu.warmup) == (20, 3)
+    # Repeated names run once; batch sizes run smallest first.
+    given = resolve_config(_bench_args("--models", "vlmrm-tiny", "vlmrm-tiny", "--batch-sizes", "8", "1", "8",
+                                       "--backends", "torch", "torch", "--dtypes", "fp32", "float32", "--no-seed",
+                                       "--repeats", "5", "--warmup", "2", "--time-budget", "0.5", "--frame-size", "64"))
+    assert given.models == ["vlmrm-tiny"] and given.batch_sizes == [1, 8]
+    assert given.backends == ["torch"] and given.dtypes == ["fp32"] and not given.seed
+    assert (given.repeats, given.warmup, given.time_budget, given.frame_size) == (5, 2, 0.5, 64)
+
+
+def test_resolve_config_refuses_devices_it_cannot_profile(monkeypatch):
+    from vlmrm_fast.profiler.run import resolve_config
+
+    with pytest.raises(ValueError, match="only cuda and cpu"):
+        resolve_config(cli.build_parser().parse_args(["bench", "--device", "meta"]))
+    with pytest.raises(ValueError, match="must be positive"):
+        resolve_config(_bench_args("--time-budget", "0"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="pass --device cpu"):
+        resolve_config(cli.build_parser().parse_args(["bench", "--device", "cuda"]))
+
+
+def test_backend_unavailable_names_what_is_missing(monkeypatch):
+    from vlmrm_fast.profiler import run as bench
+
+    cpu = torch.device("cpu")
+    assert "CUDA devices only" in bench.backend_unavailable("tensorrt", cpu)
+    assert bench.backend_unavailable("torch", cpu) is None
+    monkeypatch.setattr(bench.shutil, "which", lambda name: None)
+    assert "C++ compiler" in bench.backend_unavailable("compile", cpu)
+    monkeypatch.setattr(bench.shutil, "which", lambda name: "/usr/bin/" + name)
+    assert bench.backend_unavailable("compile", cpu) is None
+    real = bench.importlib.util.find_spec
+    monkeypatch.setattr(bench.importlib.util, "find_spec", lambda name, *a: None if name == "onnx" else real(name, *a))
+    assert bench.backend_unavailable("onnxruntime", cpu) == "onnx is not installed (pip install 'vlmrm-fast[export]')"
+
+
+def test_the_seed_always_gets_480_pixel_frames():
+    from vlmrm_fast.profiler.run import Frames
+
+    cpu = torch.device("cpu")
+    small = Frames.make(2, 32, cpu, seed=True)
+    assert small.device.shape == (2, 32, 32, 3) and small.seed_device.shape == (2, 480, 480, 3)
+    assert small.host is None and small.seed_pageable is None  # no host-to-device stage on CPU
+    same = Frames.make(2, 480, cpu, seed=True)
+    assert same.seed_device is same.device  # the run's frames are the seed's: no second copy
+    assert Frames.make(2, 32, cpu, seed=False).seed_device is None
+
+
+class _StageRecorder:
+    """A stand-in for the profiler's StageTimer: calls each callable once, notes what ran inside it
+    (``note``), and gives every timing its own median, 1 ms more than the last."""
+
+    def __init__(self):
+        self.ran, self.current, self.by_median = [], None, {}
+
+    def note(self, what):
+        if self.current is not None:
+            self.current.append(what)
+
+    def __call__(self, fn):
+        from vlmrm_fast.profiler.timing import StageTiming
+
+        self.current = []
+        fn()
+        median = 1e-3 * (len(self.by_median) + 1)
+        self.by_median[median], self.current = self.current, None
+        return StageTiming(median, median, median, 1)
+
+    def paired(self, first, second):
+        return self(first), self(second)
+
+    def synchronize(self):
+        pass
+
+    def ran_in(self, timing):
+        return self.by_median[timing.median_s]
+
+
+@pytest.fixture
+def small_profiler(tmp_path):
+    """A Profiler of the tiny model at 64 px frames, batch 2, on CPU, with a recording timer; and the
+    model, its tokenizer and the seed pipeline over it."""
+    from tqdm import tqdm
+
+    from vlmrm_fast.models import preprocess_spec_of
+    from vlmrm_fast.profiler.flops import create_random_model
+    from vlmrm_fast.profiler.report import Report
+    from vlmrm_fast.profiler.run import Profiler, resolve_config
+    from vlmrm_fast.profiler.seed import SeedPipeline
+
+    config = resolve_config(_bench_args("--models", "vlmrm-tiny", "--batch-sizes", "2", "--backends", "torch",
+                                        "--dtypes", "fp32", "--frame-size", "64", "--out", str(tmp_path)))
+    profiler_ = Profiler(config, Report(environment={}, config={}), tqdm(disable=True), 0.0)
+    profiler_.timer = _StageRecorder()
+    base, tokenizer = create_random_model("vlmrm-tiny")
+    seed = SeedPipeline(base, preprocess_spec_of(base, "vlmrm"), torch.device("cpu"))
+    return profiler_, base, tokenizer, seed
+
+
+def test_each_stage_times_its_own_step_and_the_seed_gets_its_own_frames(small_profiler, monkeypatch):
+    from vlmrm_fast.profiler.seed import SeedPipeline
+
+    profiler_, base, tokenizer, seed = small_profiler
+    timer = profiler_.timer
+    for method in ("preprocess", "tower", "score"):
+        real = getattr(SeedPipeline, method)
+        monkeypatch.setattr(SeedPipeline, method, lambda self, x, _m=method, _r=real: (
+            timer.note((f"seed {_m}", tuple(x.shape[1:3]) if _m == "preprocess" else None)), _r(self, x))[1])
+    seed_row = profiler_._measure_seed("vlmrm-tiny", seed, 2, "fp32", 1.0, "analytic")
+    assert seed_row.frame_size == 480
+    s = {stage: timer.ran_in(seed_row.timings[stage]) for stage in ("preprocess", "tower", "score", "end_to_end")}
+    assert s["preprocess"] == [("seed preprocess", (480, 480))]
+    assert s["tower"] == [("seed tower", None)] and s["score"] == [("seed score", None)]
+    assert s["end_to_end"] == [("seed preprocess", (480, 480)), ("seed tower", None), ("seed score", None)]
+    assert seed_row.timings["h2d"] is None  # CPU
+    profiler_.report.rows.append(seed_row)
+
+    rm = profiler_._reward_model(base, tokenizer, "vlmrm-tiny", dtype=torch.float32, backend="torch")
+    real_pixels, real_score, backend = rm._pixels, rm.score, rm._backend
+
+    class Tower:  # the backend, noting its calls
+        def __getattr__(self, name):
+            return getattr(backend, name)
+
+        def __call__(self, pixels):
+            timer.note("tower")
+            return backend(pixels)
+
+    rm._backend = Tower()
+    rm._pixels = lambda frames, bottom_up: (timer.note(("pixels", tuple(frames.shape[1:3]))), real_pixels(frames, bottom_up))[1]
+    rm.score = lambda embeddings: (timer.note("score"), real_score(embeddings))[1]
+    row = profiler_._measure_reward(rm, "vlmrm-tiny", "fp32", 2, 1.0, "analytic", 0.5, seed)
+    r = {stage: timer.ran_in(row.timings[stage]) for stage in ("preprocess", "tower", "score", "end_to_end")}
+    assert r["preprocess"] == [("pixels", (64, 64))] and r["tower"] == ["tower"] and r["score"] == ["score"]
+    assert r["end_to_end"] == [("pixels", (64, 64)), "tower"]  # rm(frames), at the run's frame size
+    # The seed timed beside it runs on its own 480 px frames.
+    assert timer.ran_in(row.timings["seed_end_to_end"]) == s["end_to_end"]
+    assert row.frame_size == 64 and row.setup_seconds == 0.5
+    # frames/s = N / median; the speedup is the row's end to end over the seed's, timed in the same pair.
+    e2e, paired = row.timings["end_to_end"].median_s, row.timings["seed_end_to_end"].median_s
+    assert row.end_to_end_fps == pytest.approx(2 / e2e) and row.seed_fps == pytest.approx(2 / paired)
+    assert row.speedup_vs_seed == pytest.approx(paired / e2e)
+
+
+def test_profile_backend_builds_each_precision_with_its_options(small_profiler, monkeypatch):
+    from vlmrm_fast.backends import BackendError
+
+    profiler_ = small_profiler[0]
+    built = []
+
+    def refuse(base, tokenizer, name, **options):
+        built.append(options)
+        raise BackendError("no; pass dtype=torch.float32.")
+
+    monkeypatch.setattr(profiler_, "_reward_model", refuse)
+    for backend, dtype in (("compile", "fp32"), ("onnxruntime", "int8"), ("tensorrt", "fp8"), ("torch", "int8")):
+        profiler_._profile_backend("vlmrm-tiny", None, None, backend, dtype, 1.0, "analytic", None, None)
+    compiled, int8, fp8 = built  # torch int8 is skipped before anything is built
+    assert compiled == dict(dtype=torch.float32, backend="compile", max_batch_size=2, backend_options={"buckets": (2,)})
+    assert int8 == dict(dtype=torch.float32, backend="onnxruntime", max_batch_size=2,
+                        backend_options={"quantize": "int8"})
+    assert (fp8["dtype"], fp8["backend"], fp8["backend_options"]["quantize"]) == (torch.bfloat16, "tensorrt", "fp8")
+    # fp8 is calibrated on frames of the run's size, never the ones it is checked on.
+    calibration = fp8["backend_options"]["calibration_frames"]
+    assert calibration.shape == (64, 64, 64, 3) and calibration.dtype == torch.uint8
+    assert not torch.equal(calibration[:2], profiler_.frames.device[:2])
+    reasons = [s["reason"] for s in profiler_.report.skipped]
+    assert reasons[:3] == ["no; pass --dtypes fp32."] * 3 and "onnxruntime backend only" in reasons[3]
+    assert profiler_.report.rows == [] and profiler_.report.failures == []
+
+
+def test_profile_backend_warms_up_before_timing_and_reports_the_reward_error(small_profiler, monkeypatch):
+    profiler_, base, tokenizer, _ = small_profiler
+    timer = profiler_.timer
+    reference = profiler_._reference_rewards("vlmrm-tiny", base, tokenizer)
+    assert reference.shape == (2,)  # the first REWARD_CHECK_FRAMES frames there are
+    build = profiler_._reward_model
+
+    def with_warmup(*args, **kwargs):
+        rm = build(*args, **kwargs)
+        rm.vision_backend.warmup = lambda: timer.note("warmup") or timer.ran.append("warmup")
+        return rm
+
+    monkeypatch.setattr(profiler_, "_reward_model", with_warmup)
+    profiler_._profile_backend("vlmrm-tiny", base, tokenizer, "torch", "fp32", 1.0, "analytic", None, reference + 0.25)
+    [row] = profiler_.report.rows
+    assert timer.ran == ["warmup"] and all("warmup" not in ran for ran in timer.by_median.values())
+    assert row.reward_error == pytest.approx(0.25, abs=1e-6)  # |rewards - reference|, largest
+    assert row.seed_fps is None and profiler_.to_profile == []  # no seed here; --kernel-profile not given
+
+
+def test_a_failed_configuration_is_reported_and_the_command_exits_1(tmp_path, monkeypatch):
+    from vlmrm_fast.profiler import run as bench
+
+    measure = bench.Profiler._measure_reward
+
+    def fails_at_2(self, rm, name, dtype, n, *args):
+        if n == 2:
+            raise RuntimeError("out of something")
+        return measure(self, rm, name, dtype, n, *args)
+
+    monkeypatch.setattr(bench.Profiler, "_measure_reward", fails_at_2)
+    argv = ["bench", "--models", "vlmrm-tiny", "--batch-sizes", "1", "2", "--repeats", "1", "--warmup", "1",
+            "--backends", "torch", "--no-seed", "--device", "cpu", "--out", str(tmp_path), "--no-progress", "--no-plot"]
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert cli.main(argv) == 1
+    results = json.loads((tmp_path / "bench.json").read_text())
+    assert [r["batch"] for r in results["rows"]] == [1] and results["complete"] is True
+    assert results["failures"] == [{"what": "vlmrm-tiny torch fp32 batch 2", "error": "RuntimeError: out of something"}]
+
+
+def test_a_run_with_nothing_it_can_run_stops_before_any_work(tmp_path, capsys):
+    argv = ["bench", "--models", "vlmrm-tiny", "--backends", "tensorrt", "--no-seed", "--device", "cpu",
+            "--out", str(tmp_path / "out"), "--no-progress", "--no-plot"]
+    assert cli.main(argv) == 2
+    assert "none of the chosen backends can run here: tensorrt: TensorRT runs on CUDA devices only" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "bench.json").exists()
+
+
+def test_profile_tower_warms_up_then_profiles_the_calls_it_names():
+    from vlmrm_fast.profiler.kernels import profile_tower
+
+    calls = []
+    weight = torch.ones(4, 4)
+
+    def tower(pixels):
+        calls.append(pixels.shape[0])
+        return torch.mm(pixels.flatten(1)[:, :4], weight)
+
+    profile = profile_tower(tower, torch.ones(2, 3, 4, 4), model="m", backend="torch", dtype="fp32", wall_ms=5.0,
+                            gflops_per_image=1e-6, peak_tflops=None, calls=3, warmup=2)
+    assert calls == [2] * 5 and profile.calls == 3 and profile.batch == 2 and profile.source == "cpu torch ops"
+    [mm] = [k for k in profile.kernels if k.name == "aten::mm"]
+    assert mm.kind == "matmul" and mm.launches == 1  # per call: 3 profiled launches over 3 calls
+    assert profile.ceiling_ms is None and profile.wall_ms == 5.0
+
+
+def test_the_kernel_table_lists_the_costliest_with_names_that_fit():
+    from vlmrm_fast.profiler.kernels import TOP_KERNELS, KernelTime, TowerProfile, markdown_kernel_profiles
+
+    long_name = "void cutlass::Kernel<cutlass::gemm::GemmUniversal<" + "x" * 80 + " | tile>>"
+    kernels = [KernelTime(long_name, "matmul", 1, 1000.0), KernelTime("mul|add", "elementwise", 2, 500.0)] + [
+        KernelTime(f"k{i}", "elementwise", 1, 100.0 - i) for i in range(TOP_KERNELS + 1)]
+    profile = TowerProfile(model="m", backend="torch", dtype="bf16", batch=8, source="cpu torch ops", calls=3,
+                           wall_ms=2500.0, gflops_per_image=1.0, peak_tflops=None, kernels=kernels)
+    text = "\n".join(markdown_kernel_profiles([profile]))
+    assert f"the costliest {TOP_KERNELS} of {TOP_KERNELS + 3} ops" in text  # CPU: ops, not kernels
+    shown = [line for line in text.splitlines() if line.startswith("| `")]
+    assert len(shown) == TOP_KERNELS and "`k5`" in text and "`k6`" not in text  # k6 to k8 are left out
+    assert shown[0] == f"| `{long_name[:87]}...` | matmul | 1 | 1,000 | 40.0% |"
+    assert shown[1] == "| `mul/add` | elementwise | 2 | 500 | 20.0% |"  # no stray column separator
+    assert "| m | torch | bf16 | 8 | cpu torch ops | 2,500 |  |" in text  # thousands separated; no peak, no ceiling
