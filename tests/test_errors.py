@@ -296,3 +296,29 @@ def test_kernel_modules_keep_real_annotations():
     assert len(kernel_modules) >= 3, kernel_modules
     for path in kernel_modules:
         assert not re.search(r"^from __future__ import .*annotations", path.read_text(), re.M), path
+
+
+def test_a_cuda_device_index_past_the_last_gpu_is_refused_at_the_boundary(monkeypatch):
+    """cuda:1 on a one-GPU machine: a clear error naming the devices there are, before torch's
+    "invalid device ordinal" from deep inside a copy. Checked without a GPU: only the count is read."""
+    from vlmrm_fast import cli
+    from vlmrm_fast.profiler.run import resolve_config
+    from vlmrm_fast.reward import _resolve_device
+    from vlmrm_fast.train.run import _check_sac_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert _resolve_device("cuda:0") == torch.device("cuda", 0) and _resolve_device("cuda") == torch.device("cuda", 0)
+    with pytest.raises(ValueError, match=r"device='cuda:1': cuda:1 does not exist: this machine has 1 CUDA device "
+                                         r"\(cuda:0 to cuda:0\); pass one of those, or device='cuda'"):
+        _resolve_device("cuda:1")
+    with pytest.raises(ValueError, match=r"--device cuda:2: cuda:2 does not exist: this machine has 1 CUDA device"):
+        resolve_config(cli.build_parser().parse_args(["bench", "--device", "cuda:2"]))
+    with pytest.raises(ValueError, match=r"sac_device='cuda:1': cuda:1 does not exist.*--sac-device cuda"):
+        _check_sac_device("cuda:1")
+    _check_sac_device("cuda:0")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert _resolve_device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(ValueError, match=r"2 CUDA devices \(cuda:0 to cuda:1\)"):
+        _resolve_device("cuda:2")

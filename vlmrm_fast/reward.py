@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from vlmrm_fast.backends import VisionBackend, build_backend, check_backend_options, resolve_backend
-from vlmrm_fast.backends.base import with_cuda_index
+from vlmrm_fast.backends.base import missing_cuda_device, with_cuda_index
 from vlmrm_fast.frames import FrameInput, as_frame_batch
 from vlmrm_fast.models import create_clip, image_size_of, preprocess_spec_of
 from vlmrm_fast.ops._triton import resolve_kernels
@@ -44,6 +44,9 @@ def _resolve_device(device: Union[str, torch.device, None]) -> torch.device:
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={str(device)!r} but CUDA is not available here; pass device='cpu' (command line: --device cpu; train: --reward-device cpu).")
+    why = missing_cuda_device(device)
+    if why:
+        raise ValueError(f"device={str(device)!r}: {why}; pass one of those, or device='cuda' for the current one.")
     return with_cuda_index(device)
 
 

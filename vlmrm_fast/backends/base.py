@@ -24,6 +24,19 @@ def with_cuda_index(device: torch.device) -> torch.device:
     return device
 
 
+def missing_cuda_device(device: torch.device) -> Optional[str]:
+    """Why ``device`` (a CUDA device with an index) does not exist on this machine, or None.
+
+    Caught at the API boundary, before torch's "invalid device ordinal" from deep inside a copy.
+    """
+    if device.type != "cuda" or device.index is None or not torch.cuda.is_available():
+        return None
+    count = torch.cuda.device_count()
+    if device.index < count:
+        return None
+    return f"{device} does not exist: this machine has {count} CUDA device{'s' if count != 1 else ''} (cuda:0 to cuda:{count - 1})"
+
+
 def missing_extra(package: str, extra: str, needed_by: str) -> BackendError:
     """The error for a missing optional package; ``needed_by`` is a backend's name or a feature ("ONNX export")."""
     if needed_by in BACKEND_NAMES:

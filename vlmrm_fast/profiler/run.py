@@ -59,6 +59,7 @@ import torch
 from tqdm import tqdm
 
 from vlmrm_fast.backends import BackendError
+from vlmrm_fast.backends.base import missing_cuda_device
 from vlmrm_fast.frames import as_frame_batch
 from vlmrm_fast.models import TINY_MODEL, check_model_name, preprocess_spec_of
 from vlmrm_fast.ops._triton import HAS_TRITON, interpreter_enabled
@@ -131,6 +132,9 @@ def resolve_config(args: argparse.Namespace) -> BenchConfig:
         raise ValueError(f"--device {device}: CUDA is not available here; pass --device cpu.")
     if device.type not in ("cuda", "cpu"):
         raise ValueError(f"--device {device}: only cuda and cpu are profiled.")
+    why = missing_cuda_device(device)
+    if why:
+        raise ValueError(f"--device {device}: {why}.")
     on_cuda = device.type == "cuda"
     if args.quick:
         defaults = dict(models=[TINY_MODEL], batch_sizes=[1, 8], backends=["torch", "onnxruntime"], repeats=3)
