@@ -744,3 +744,276 @@ def test_episode_sums_end_on_truncation_and_restart_on_reset(rm):
         _, _, dones, infos = venv.step(np.zeros((1, 1), np.float32))
     assert dones[0] and infos[0]["episode_gt_return"] == 6.0
     venv.close()
+
+
+# ---- behaviours a mutation audit found untested ---------------------------------------------------
+
+
+def mean_brightness(frames):
+    """A plain reward function: each frame's mean gray level (numpy [N])."""
+    return np.stack([np.asarray(f) for f in frames]).astype(np.float64).mean(axis=(1, 2, 3))
+
+
+def test_single_env_negative_task_index_counts_from_the_end(rm_tasks):
+    env = VLMRewardWrapper(CountingEnv(), rm_tasks, task=-1)
+    assert env.task == 1
+    env.reset(seed=0)
+    _, reward, *_, info = env.step(np.zeros(1, np.float32))
+    assert reward == info["vlm_rewards"]["splits"]
+    with pytest.raises(ValueError, match="out of range"):
+        VLMRewardWrapper(CountingEnv(), rm_tasks, task=-3)
+
+
+def test_single_env_frames_that_are_not_arrays_are_named():
+    for frame_fn, error, message in (
+        (lambda f: None, ValueError, r'returned None instead of an RGB frame: create the env with render_mode="rgb_a'),
+        (lambda f: f.tolist(), TypeError, r"must return a uint8 \[H, W, 3\] numpy array or torch tensor; got list"),
+        (lambda f: torch.from_numpy(f).float(), ValueError, r"uint8 RGB frame \[H, W, 3\].*torch.float32"),
+    ):
+        env = VLMRewardWrapper(CountingEnv(frame_fn=frame_fn), mean_brightness)
+        env.reset(seed=0)
+        with pytest.raises(error, match=message):
+            env.step(np.zeros(1, np.float32))
+    env = VLMRewardWrapper(CountingEnv(frame_fn=torch.from_numpy), mean_brightness)  # a uint8 tensor is a frame
+    env.reset(seed=0)
+    assert env.step(np.zeros(1, np.float32))[1] == 40.0
+
+
+def test_single_env_size_warning_names_height_then_width_and_comes_once(rm):
+    with pytest.warns(UserWarning, match="renders 48x96 frames.*width=224, height=224") as record:
+        env = VLMRewardWrapper(gym.make(ENV_ID, render_mode="rgb_array", width=96, height=48), rm)
+    env.reset(seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said at construction: not again at the first frame
+        env.step(np.zeros(1, np.float32))
+    env.close()
+    assert len(record) == 1
+
+
+def test_vec_env_size_warning_comes_once(rm, no_batch):
+    wrapped = VLMRewardVecEnv(DummyVecEnv([CountingEnv]), rm)
+    wrapped.reset()
+    with pytest.warns(UserWarning, match="renders 32x32 frames"):
+        wrapped.step(np.zeros((1, 1), np.float32))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once, not at every step
+        wrapped.step(np.zeros((1, 1), np.float32))
+    wrapped.close()
+
+
+def test_low_precision_tensor_rewards_are_read_as_float32():
+    """A half-precision model may return bfloat16 rewards (numpy has no such dtype)."""
+    env = VLMRewardWrapper(CountingEnv(), lambda frames: torch.full((len(frames),), 0.5, dtype=torch.bfloat16))
+    env.reset(seed=0)
+    assert env.step(np.zeros(1, np.float32))[1] == 0.5
+
+
+def test_a_reward_function_returning_a_scalar_is_a_clear_error():
+    env = VLMRewardWrapper(CountingEnv(), lambda frames: np.float32(1.0))
+    env.reset(seed=0)
+    with pytest.raises(ValueError, match=r"returned rewards of shape \(\) for 1 frames"):
+        env.step(np.zeros(1, np.float32))
+
+
+def test_nan_in_one_task_names_its_row(no_batch):
+    def nan_in_second_task_of_row_2(frames):
+        rewards = np.zeros((len(frames), 2), np.float32)
+        rewards[2, 1] = np.nan
+        return rewards
+
+    venv = VLMRewardVecEnv(DummyVecEnv([CountingEnv] * 3), nan_in_second_task_of_row_2)
+    venv.reset()
+    with pytest.raises(ValueError, match=r"NaN/inf rewards for 1 of 3 frames \(rows 2\)"):
+        venv.step(np.zeros((3, 1), np.float32))
+    venv.close()
+
+
+def test_weight_is_stored_as_a_float():
+    env = VLMRewardWrapper(CountingEnv(), mean_brightness, mode="add")
+    env.weight = np.float32(0.25)
+    assert type(env.weight) is float and env.weight == 0.25
+    with pytest.raises(ValueError, match="finite"):
+        env.weight = float("inf")
+
+
+def test_one_task_models_add_no_per_task_rewards(rm, no_batch):
+    env = VLMRewardWrapper(CountingEnv(), rm)
+    env.reset(seed=0)
+    assert "vlm_rewards" not in env.step(np.zeros(1, np.float32))[-1]
+    venv = VLMRewardVecEnv(DummyVecEnv([CountingEnv]), rm)
+    venv.reset()
+    assert "vlm_rewards" not in venv.step(np.zeros((1, 1), np.float32))[-1][0]
+    venv.close()
+
+
+def test_single_env_episode_vlm_sums_restart(rm):
+    """Each episode's VLM return is its own: after an episode end, and after a reset mid-episode."""
+    per_step = [float(r) for r in rm(np.stack([counting_frame(t) for t in (1, 2, 3)])).numpy()]
+    env = VLMRewardWrapper(CountingEnv(), rm)
+    env.reset(seed=0)
+    env.step(np.zeros(1, np.float32))
+    env.reset(seed=0)
+    for _ in range(2):  # two whole episodes (CountingEnv ends at t = 3)
+        for _ in range(3):
+            *_, terminated, _, info = env.step(np.zeros(1, np.float32))
+        assert terminated
+        assert info["episode_vlm_return"] == pytest.approx(sum(per_step), abs=1e-5)
+        assert info["episode_gt_return"] == 6.0
+        env.reset(seed=0)
+
+    class SelfRestarting(CountingEnv):
+        """Starts its next episode by itself, without a reset (as an env under an auto-resetting wrapper)."""
+
+        def step(self, action):
+            self.t = 0 if self.t >= 3 else self.t
+            return super().step(action)
+
+    env = VLMRewardWrapper(SelfRestarting(), rm)
+    env.reset(seed=0)
+    for _ in range(2):
+        for _ in range(3):
+            *_, terminated, _, info = env.step(np.zeros(1, np.float32))
+        assert terminated
+        assert info["episode_vlm_return"] == pytest.approx(sum(per_step), abs=1e-5)
+        assert info["episode_gt_return"] == 6.0
+
+
+def test_render_terminal_frame_on_truncation_and_as_a_copy():
+    """The frame comes on a truncation too, and is the env's frame as it was then, even for an env that
+    renders into one buffer it reuses."""
+    class OneBuffer(CountingEnv):
+        buffer = np.zeros((32, 32, 3), np.uint8)
+
+        def render(self):
+            self.buffer[:] = 40 * self.t
+            return self.buffer
+
+    env = RenderTerminalFrame(gym.wrappers.TimeLimit(OneBuffer(), 2))
+    env.reset(seed=0)
+    assert "terminal_frame" not in env.step(np.zeros(1, np.float32))[-1]
+    *_, terminated, truncated, info = env.step(np.zeros(1, np.float32))
+    assert truncated and not terminated
+    env.reset(seed=0)
+    env.render()
+    np.testing.assert_array_equal(info["terminal_frame"], counting_frame(2))
+    with pytest.raises(ValueError, match=r'RenderTerminalFrame renders frames.*render_mode="rgb_array"'):
+        RenderTerminalFrame(CountingEnv(render_mode=None))
+
+
+def test_vec_env_terminal_frames_of_mujoco_envs_in_render_terminal_frame_with_the_batch_renderer(rm, fake_batch):
+    """MuJoCo envs the user wrapped in RenderTerminalFrame, frames from the batch renderer: the terminal
+    state is still swapped in (the renderer reads MjData, not the frame in info, which is dropped)."""
+    def make():
+        return RenderTerminalFrame(make_env(max_episode_steps=3))
+
+    venv = DummyVecEnv([make] * 2)
+    wrapped = VLMRewardVecEnv(venv, rm, render="batch")
+    assert run_against_reference(venv, wrapped, rm, 2, 4, 3, make, 1.0) >= 2
+    wrapped.close()
+
+
+def test_batch_renderer_is_built_on_the_reward_models_device(monkeypatch):
+    built = {}
+
+    class OnDevice(FakeBatchRenderer):
+        @classmethod
+        def from_envs(cls, envs, device=None):
+            built["device"] = device
+            return cls(envs)
+
+    class Model:
+        device = torch.device("meta")
+
+        def __call__(self, frames):
+            return mean_brightness(frames)
+
+    monkeypatch.setattr(W, "_import_batch_renderer", lambda: OnDevice)
+    VLMRewardVecEnv(DummyVecEnv([make_env]), Model(), render="batch").close()
+    assert built["device"] == torch.device("meta")
+
+
+def test_vec_env_refuses_a_renderer_giving_too_few_frames(monkeypatch):
+    class OneShort(FakeBatchRenderer):
+        def render(self):
+            return super().render()[1:]
+
+    monkeypatch.setattr(W, "_import_batch_renderer", lambda: OneShort)
+    wrapped = VLMRewardVecEnv(DummyVecEnv([make_env] * 2), mean_brightness, render="batch")
+    wrapped.reset()
+    with pytest.raises(ValueError, match=r"render\(\) must return uint8 \[2, H, W, 3\]"):
+        wrapped.step(np.zeros((2, 1), np.float32))
+    wrapped.close()
+
+
+def test_vec_env_refuses_envs_of_different_render_sizes(no_batch):
+    def small():
+        return CountingEnv(frame_fn=lambda f: f[:16])
+
+    for factories in ([CountingEnv, small], [CountingEnv, small, small]):
+        wrapped = VLMRewardVecEnv(DummyVecEnv(factories), mean_brightness)
+        wrapped.reset()
+        with pytest.raises(ValueError, match=r"frames of different sizes \[\(16, 32\), \(32, 32\)\]"):
+            wrapped.step(np.zeros((len(factories), 1), np.float32))
+        wrapped.close()
+
+
+def test_vec_env_batch_rendering_needs_all_envs_mujoco(fake_batch):
+    with pytest.raises(ValueError, match="DummyVecEnv of MuJoCo envs"):
+        VLMRewardVecEnv(DummyVecEnv([make_env, CountingEnv]), mean_brightness, render="batch")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        wrapped = VLMRewardVecEnv(DummyVecEnv([make_env, CountingEnv]), mean_brightness)
+    assert wrapped.render_source == "images"
+    wrapped.close()
+
+
+def test_vec_env_warns_when_some_subprocess_envs_lack_render_terminal_frame(rm):
+    with pytest.warns(UserWarning, match="RenderTerminalFrame"):
+        wrapped = VLMRewardVecEnv(SubprocVecEnv([CountingEnv, lambda: RenderTerminalFrame(CountingEnv())],
+                                                start_method="fork"), rm)
+    try:
+        assert not wrapped.terminal_frames
+        wrapped.reset()
+        for _ in range(3):
+            _, _, dones, infos = wrapped.step(np.zeros((2, 1), np.float32))
+        assert dones.all() and [info["vlm_terminal_frame"] for info in infos] == [False, True]
+    finally:
+        wrapped.close()
+
+
+class Opaque:
+    """A reward callable whose signature cannot be read (as some C extensions'): it gets top-down frames
+    and no ``bottom_up=``."""
+
+    __signature__ = "unreadable"
+
+    def __call__(self, frames):
+        return row_weighted_brightness(frames)
+
+
+def test_a_reward_callable_without_a_signature_gets_top_down_frames(fake_batch):
+    venv = DummyVecEnv([make_env])
+    wrapped = VLMRewardVecEnv(venv, Opaque(), render="batch")
+    venv.seed(5)
+    wrapped.reset()
+    ref = make_env()
+    ref.reset(seed=5)
+    _, rewards, _, _ = wrapped.step(np.zeros((1, 1), np.float32))
+    ref.step(np.zeros(1, np.float32))
+    np.testing.assert_allclose(rewards[0], row_weighted_brightness([ref.render()]), rtol=1e-5, atol=1e-5)
+    wrapped.close()
+
+
+def test_a_failed_batch_renderer_is_closed(rm, monkeypatch):
+    class Broken(FakeBatchRenderer):
+        def render(self):
+            raise RuntimeError("no GL context")
+
+    monkeypatch.setattr(W, "_import_batch_renderer", lambda: Broken)
+    wrapped = VLMRewardVecEnv(DummyVecEnv([make_env]), rm)
+    renderer = wrapped.renderer
+    wrapped.reset()
+    with pytest.warns(UserWarning, match="get_images"):
+        wrapped.step(np.zeros((1, 1), np.float32))
+    assert renderer.closed and wrapped.renderer is None
+    wrapped.close()
