@@ -322,3 +322,79 @@ def test_a_cuda_device_index_past_the_last_gpu_is_refused_at_the_boundary(monkey
     assert _resolve_device("cuda:1") == torch.device("cuda", 1)
     with pytest.raises(ValueError, match=r"2 CUDA devices \(cuda:0 to cuda:1\)"):
         _resolve_device("cuda:2")
+
+
+# ---- behaviours a mutation audit found untested ---------------------------------------------------
+
+
+def test_default_dtype_is_bfloat16_on_cuda_and_float32_elsewhere():
+    # Checked without a GPU: the choice reads only the device's type.
+    from vlmrm_fast.reward import _resolve_dtype
+
+    assert _resolve_dtype(None, torch.device("cuda", 0)) == torch.bfloat16
+    assert _resolve_dtype(None, torch.device("cpu")) == torch.float32
+    assert _resolve_dtype("fp16", torch.device("cuda", 0)) == torch.float16
+    assert _resolve_dtype(torch.float32, torch.device("cuda", 0)) == torch.float32
+
+
+def test_default_max_batch_size_on_cpu_is_32(rm):
+    assert rm.max_batch_size == 32
+
+
+def test_a_refused_set_tasks_leaves_the_old_tasks(rm):
+    # rm.alpha is 0.5 and these prompts give no direction: the change is refused as a whole.
+    emb = torch.randn(3, rm.embed_dim)
+    want, names, goals = rm.score(emb), rm.task_names, rm.goals
+    with pytest.raises(ValueError, match="same vector"):
+        rm.set_tasks(goal="a robot", baseline="a robot")
+    assert rm.task_names == names and torch.equal(rm.goals, goals)
+    assert torch.equal(rm.score(emb), want)
+
+
+def test_alpha_true_is_not_taken_for_one(rm):
+    with pytest.raises(TypeError, match="number"):
+        rm.alpha = True
+    assert rm.alpha == 0.5
+
+
+def test_a_baseline_with_tasks_is_refused_not_ignored(rm):
+    with pytest.raises(ValueError, match="either goal"):
+        rm.set_tasks(baseline="a humanoid robot", tasks=[Task("a humanoid robot kneeling")])
+
+
+def test_one_task_object_is_taken_as_a_list_of_one(rm):
+    rm.set_tasks(tasks=Task("a humanoid robot kneeling", "a humanoid robot", name="kneel"))
+    assert rm.task_names == ["kneel"]
+    assert rm.score(torch.randn(2, rm.embed_dim)).shape == (2, 1)
+
+
+def test_many_non_finite_rows_are_listed_ten_at_most(rm):
+    emb = torch.randn(12, rm.embed_dim)
+    emb[:, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"not finite for 12 of 12 embeddings \(rows 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, \.\.\.\)"):
+        rm.score(emb)
+
+
+def test_non_finite_float16_tower_output_suggests_another_dtype(tiny, monkeypatch):
+    rm = CLIPReward(*tiny, goal="a", device="cpu", dtype=torch.float16, kernels="torch", backend="torch")
+    monkeypatch.setattr(type(rm.vision_backend), "__call__",
+                        lambda self, pixels: torch.full((pixels.shape[0], rm.embed_dim), float("inf"), dtype=torch.float16))
+    with pytest.raises(ValueError, match=r"float16 can overflow: try dtype=torch\.bfloat16"):
+        rm(np.zeros((2, 16, 16, 3), np.uint8))
+
+
+def test_empty_batches_are_not_checked_for_size_or_range(rm):
+    # No frames: no pixels to find out of range, and no frame too small (np.min of nothing would raise).
+    assert rm(np.zeros((0, 16, 16, 3), np.float32)).shape == (0,)
+    assert rm(np.zeros((0, 0, 0, 3), np.uint8)).shape == (0,)
+
+
+def test_a_list_mixing_numpy_arrays_and_tensors_is_refused(rm):
+    frame = np.zeros((8, 8, 3), np.uint8)
+    with pytest.raises(ValueError, match="share shape and type"):
+        rm([frame, torch.from_numpy(frame)])
+
+
+def test_float64_frames_score_as_float32_ones(rm):
+    frames = np.random.default_rng(2).random((2, 16, 16, 3))
+    torch.testing.assert_close(rm(frames), rm(frames.astype(np.float32)), rtol=0, atol=1e-5)

@@ -222,3 +222,41 @@ def test_openclip_mode_portrait_frames(impl):
     spec = PreprocessSpec((13, 13), MEAN, STD, "openclip")
     _check(preprocess(torch.from_numpy(frames), spec, torch.float32, impl=impl),
            reference_preprocess(frames, 13, MEAN, STD, "openclip"), torch.float32)
+
+
+# ---- behaviours a mutation audit found untested ---------------------------------------------------
+
+
+def test_spec_rejects_bad_mean_and_std():
+    with pytest.raises(ValueError, match="3 values"):
+        PreprocessSpec((8, 8), MEAN[:2], STD, "vlmrm")
+    with pytest.raises(ValueError, match="3 values"):
+        PreprocessSpec((8, 8), MEAN, STD + (0.5,), "vlmrm")
+    with pytest.raises(ValueError, match="std must be positive"):  # not a ZeroDivisionError at the first frames
+        PreprocessSpec((8, 8), MEAN, (0.25, 0.0, 0.25), "vlmrm")
+
+
+def test_check_tile_refuses_what_cannot_launch():
+    from vlmrm_fast.ops.preprocess import check_tile
+
+    check_tile((8, 16, 32))
+    for bad in [(8, 16, 64), (True, 16, 4), (8, 16), (8, 16, 4, 1), (0, 16, 4), (8.0, 16, 4)]:
+        with pytest.raises(ValueError, match="power of two"):
+            check_tile(bad)
+
+
+def test_mean_std_of_needs_three_values():
+    from vlmrm_fast.ops.preprocess import mean_std_of
+
+    assert mean_std_of([0.5, 0.25, 1]) == (0.5, 0.25, 1.0)
+    with pytest.raises(ValueError, match="3 per-channel"):
+        mean_std_of([0.5, 0.25])
+
+
+def test_a_tile_count_one_past_cudas_grid_is_refused():
+    # 256 x 256 one-pixel tiles: 65536 programs, one more than the grid's second axis holds.
+    if not triton_runs_on(torch.device("cpu")):
+        pytest.skip("Triton cannot run here")
+    spec = PreprocessSpec((256, 256), MEAN, STD, "vlmrm")
+    with pytest.raises(ValueError, match=r"65536 tiles, over CUDA's 65535"):
+        preprocess_triton(torch.zeros((1, 256, 256, 3), dtype=torch.uint8), spec, torch.float32, tile=(1, 1, 1))

@@ -366,3 +366,47 @@ def test_a_prompt_longer_than_the_context_is_a_warning_not_a_silent_cut():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         rm.set_tasks(goal=fits, baseline="a robot")
+
+
+# ---- behaviours a mutation audit found untested ---------------------------------------------------
+
+
+def test_preprocess_of_no_frames_is_empty_in_the_towers_dtype():
+    rm = _torch_reward(goal="a", dtype=torch.bfloat16)
+    out = rm.preprocess(np.zeros((0, 16, 16, 3), np.uint8))
+    assert out.shape == (0, 3, 224, 224) and out.dtype == torch.bfloat16
+
+
+def test_a_long_prompt_given_twice_is_one_warning():
+    model, tokenizer = make_tiny()
+    cut = "a " * 76
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        CLIPReward(model, tokenizer, tasks=[Task(cut, "a robot"), Task([cut, "a robot kneeling"])], device="cpu",
+                   backend="torch")
+    assert len([w for w in caught if "tokens long" in str(w.message)]) == 1
+
+
+def test_the_long_prompt_warning_from_set_tasks_points_at_the_callers_line():
+    rm = _torch_reward(goal="a")
+    with pytest.warns(UserWarning, match="tokens long") as caught:
+        rm.set_tasks(goal="a " * 76)
+    assert [w.filename for w in caught if "tokens long" in str(w.message)] == [__file__]
+
+
+def test_the_long_prompt_warning_from_the_constructor_points_at_the_callers_line():
+    model, tokenizer = make_tiny()
+    with pytest.warns(UserWarning, match="tokens long") as caught:
+        CLIPReward(model, tokenizer, goal="a " * 76, device="cpu", backend="torch")
+        CLIPReward.from_pretrained("vlmrm-tiny", None, goal="a " * 76, device="cpu", backend="torch")
+    assert [w.filename for w in caught if "tokens long" in str(w.message)] == [__file__, __file__]
+
+
+def test_preprocess_and_embed_go_through_in_chunks_as_calls_do():
+    rm = _torch_reward(goal="a", max_batch_size=2)
+    frames = np.random.default_rng(20).integers(0, 256, (5, 20, 30, 3), dtype=np.uint8)
+    pixels, embeddings = rm.preprocess(frames), rm.embed(frames)
+    assert pixels.shape == (5, 3, 224, 224) and embeddings.shape == (5, rm.embed_dim)
+    rm.max_batch_size = 64
+    torch.testing.assert_close(pixels, rm.preprocess(frames), rtol=0, atol=1e-6)
+    torch.testing.assert_close(embeddings, rm.embed(frames), rtol=0, atol=1e-6)

@@ -105,3 +105,25 @@ def test_norms_float32_cannot_square_give_nan_not_a_wrong_reward(impl, rng):
 def test_rejects_wrong_width(rng):
     with pytest.raises(ValueError, match=r"\[N, 24\]"):
         score(torch.randn(3, 25), _targets(1, 24, rng), impl="torch")
+
+
+# ---- behaviours a mutation audit found untested ---------------------------------------------------
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_targets_are_stored_float32_and_contiguous(impl, rng):
+    # The kernel reads goals and directions as dense [T, D] float32 rows: column-major views and
+    # float64 inputs must be copied into that layout, not read as they lie.
+    targets = _targets(3, 20, rng)
+    odd = ScoringTargets(targets.goals.double().T.contiguous().T, targets.directions.T.contiguous().T,
+                         targets.alphas.double())
+    for name in ("goals", "directions", "alphas", "goal_sq_norms", "goal_dot_directions"):
+        value = getattr(odd, name)
+        assert value.dtype == torch.float32 and value.is_contiguous(), name
+    x = torch.randn(5, 20, generator=rng)
+    assert (score(x, odd, impl=impl) - score(x, targets, impl=impl)).abs().max().item() <= 1e-6
+
+
+def test_rejects_embeddings_that_are_not_a_matrix(rng):
+    with pytest.raises(ValueError, match=r"\[N, 24\]"):
+        score(torch.randn(24), _targets(1, 24, rng), impl="torch")

@@ -17,6 +17,7 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
+from vlmrm_fast.callers import stacklevel_outside_package
 from vlmrm_fast.ops.score import ScoringTargets
 
 Prompts = Union[str, Sequence[str]]
@@ -161,7 +162,7 @@ def _warn_of_cut_prompts(tokenizer: Callable, prompts: List[str]) -> None:
                 f"the prompt {shown!r} is {tokens} tokens long, but the text tower reads {context}: the "
                 f"tokenizer cuts it, so the reward ignores the rest. Shorten it to at most {context - 2} tokens, "
                 "or split it into several goal prompts (they are averaged).",
-                stacklevel=4,
+                stacklevel=stacklevel_outside_package(),
             )
 
 

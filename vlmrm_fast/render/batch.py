@@ -15,7 +15,6 @@ Two paths:
 from __future__ import annotations
 
 import os
-import sys
 import warnings
 from contextlib import contextmanager
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
@@ -23,6 +22,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
+from vlmrm_fast.callers import stacklevel_outside_package
 from vlmrm_fast.render import _cuda
 
 __all__ = ["BatchRenderer"]
@@ -325,16 +325,6 @@ def _keep_current_gl():
                 pass
 
 
-def _first_caller_outside_package() -> int:
-    """``stacklevel`` for a warning raised here that names the first caller outside vlmrm_fast (the
-    user's line, also when the renderer is built by a wrapper or ``from_envs``)."""
-    package = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "")
-    frame, level = sys._getframe(1), 1
-    while frame.f_back is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
-        frame, level = frame.f_back, level + 1
-    return level
-
-
 class BatchRenderer:
     """Render N MuJoCo envs of the same model into one uint8 tensor ``[N, H, W, 3]``.
 
@@ -461,7 +451,7 @@ class BatchRenderer:
                     f"run ({reason}). To choose the CPU path without this warning, pass gpu=False (BatchRenderer) or "
                     "render='images' (VLMRewardVecEnv, VLMRewardVectorWrapper).",
                     UserWarning,
-                    stacklevel=_first_caller_outside_package(),
+                    stacklevel=stacklevel_outside_package(),
                 )
         elif device.type == "cuda":
             self.fallback_reason = "gpu=False"
