@@ -733,6 +733,7 @@ def test_cuda_device_gets_an_index(monkeypatch):
     from vlmrm_fast.reward import _resolve_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)  # a machine where cuda:1 exists
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
     assert _resolve_device("cuda") == torch.device("cuda", 1)
     assert _resolve_device(None) == torch.device("cuda", 1)
