@@ -20,8 +20,8 @@ AutoresetMode = getattr(gym.vector, "AutoresetMode", None)  # gymnasium 1.0: nex
 
 from stable_baselines3.common.vec_env import DummyVecEnv  # noqa: E402
 from test_wrappers import (  # noqa: E402  helpers only (its fixtures stay there)
-    ENV_ID, MODES, SIZE, CountingEnv, FakeBatchRenderer, Spy, _tiny_reward, actions, counting_frame, make_env,
-    real_batch_renderer_or_skip, row_weighted_brightness,
+    ENV_ID, MODES, SIZE, CountingEnv, FakeBatchRenderer, GLlessBatchRenderer, Spy, _tiny_reward, actions,
+    counting_frame, make_env, real_batch_renderer_or_skip, row_weighted_brightness,
 )
 
 from vlmrm_fast import Task, VLMRewardVectorWrapper, VLMRewardWrapper  # noqa: E402
@@ -207,11 +207,7 @@ def test_terminal_frame_of_non_mujoco_envs(rm, vector, reset_mode):
 
 
 def test_batch_renderer_failure_falls_back_to_images(rm, monkeypatch):
-    class Broken(FakeBatchRenderer):
-        def render(self):
-            raise RuntimeError("no GL context")
-
-    monkeypatch.setattr(W, "_import_batch_renderer", lambda: Broken)
+    monkeypatch.setattr(W, "_import_batch_renderer", lambda: GLlessBatchRenderer)
     envs = VLMRewardVectorWrapper(sync_envs(make_env, 2), rm)
     assert envs.render_source == "batch"
     envs.reset(seed=0)

@@ -273,6 +273,13 @@ class FakeBatchRenderer:
         self.closed = True
 
 
+class GLlessBatchRenderer(FakeBatchRenderer):
+    """A batch renderer that builds but cannot render (its GL context is gone): the wrappers fall back."""
+
+    def render(self):
+        raise RuntimeError("no GL context")
+
+
 @pytest.fixture
 def fake_batch(monkeypatch):
     monkeypatch.setattr(W, "_import_batch_renderer", lambda: FakeBatchRenderer)
@@ -650,17 +657,15 @@ def test_vec_env_errors(rm, no_batch):
 
 
 def test_vec_env_auto_fallbacks(rm, monkeypatch):
-    class Broken(FakeBatchRenderer):
-        def render(self):
-            raise RuntimeError("no GL context")
-
-    monkeypatch.setattr(W, "_import_batch_renderer", lambda: Broken)
+    monkeypatch.setattr(W, "_import_batch_renderer", lambda: GLlessBatchRenderer)
     wrapped = VLMRewardVecEnv(DummyVecEnv([make_env] * 2), rm)
     assert wrapped.render_source == "batch"
+    renderer = wrapped.renderer
     wrapped.reset()
     with pytest.warns(UserWarning, match="falls back|get_images"):
         _, rewards, _, _ = wrapped.step(np.zeros((2, 1), np.float32))
     assert wrapped.render_source == "images" and np.isfinite(rewards).all()
+    assert renderer.closed and wrapped.renderer is None  # the failed renderer is closed, not just dropped
     wrapped.close()
 
     class Unbuildable(FakeBatchRenderer):
@@ -1001,19 +1006,4 @@ def test_a_reward_callable_without_a_signature_gets_top_down_frames(fake_batch):
     _, rewards, _, _ = wrapped.step(np.zeros((1, 1), np.float32))
     ref.step(np.zeros(1, np.float32))
     np.testing.assert_allclose(rewards[0], row_weighted_brightness([ref.render()]), rtol=1e-5, atol=1e-5)
-    wrapped.close()
-
-
-def test_a_failed_batch_renderer_is_closed(rm, monkeypatch):
-    class Broken(FakeBatchRenderer):
-        def render(self):
-            raise RuntimeError("no GL context")
-
-    monkeypatch.setattr(W, "_import_batch_renderer", lambda: Broken)
-    wrapped = VLMRewardVecEnv(DummyVecEnv([make_env]), rm)
-    renderer = wrapped.renderer
-    wrapped.reset()
-    with pytest.warns(UserWarning, match="get_images"):
-        wrapped.step(np.zeros((1, 1), np.float32))
-    assert renderer.closed and wrapped.renderer is None
     wrapped.close()

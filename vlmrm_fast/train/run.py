@@ -361,9 +361,11 @@ def _check_sac_device(device: str) -> None:
 
     from vlmrm_fast.backends.base import missing_cuda_device
 
-    if device != "auto" and torch.device(device).type == "cuda" and not torch.cuda.is_available():
+    if device == "auto":
+        return
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"sac_device={device!r} but CUDA is not available here; pass --sac-device cpu (or auto)")
-    why = None if device == "auto" else missing_cuda_device(torch.device(device))
+    why = missing_cuda_device(torch.device(device))
     if why:
         raise ValueError(f"sac_device={device!r}: {why}; pass one of those, or --sac-device cuda (or auto)")
 
