@@ -9,6 +9,8 @@ where the exact answer lies within the float32 error of a rounding midpoint, and
 PyTorch's by at most twice that distance: so each element's error may exceed PyTorch's own by 2e-5
 at most. (A bound of twice the largest rounding error over the tensor would let truncation through.)
 """
+import importlib
+
 import numpy as np
 import pytest
 import torch
@@ -260,3 +262,22 @@ def test_a_tile_count_one_past_cudas_grid_is_refused():
     spec = PreprocessSpec((256, 256), MEAN, STD, "vlmrm")
     with pytest.raises(ValueError, match=r"65536 tiles, over CUDA's 65535"):
         preprocess_triton(torch.zeros((1, 256, 256, 3), dtype=torch.uint8), spec, torch.float32, tile=(1, 1, 1))
+
+
+def test_a_tile_count_at_cudas_grid_limit_is_launched(monkeypatch):
+    # 255 x 257 one-pixel tiles: exactly 65535 programs, the most the grid's second axis holds. The
+    # launch is recorded, not run (65535 interpreted programs would take half a minute).
+    preprocess_module = importlib.import_module("vlmrm_fast.ops.preprocess")  # the package exports a function of that name
+    if not triton_runs_on(torch.device("cpu")):
+        pytest.skip("Triton cannot run here")
+    grids = []
+
+    class RecordingKernel:
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return lambda *args, **kwargs: None
+
+    monkeypatch.setattr(preprocess_module, "_preprocess_kernel", RecordingKernel())
+    spec = PreprocessSpec((255, 257), MEAN, STD, "vlmrm")
+    preprocess_triton(torch.zeros((1, 255, 257, 3), dtype=torch.uint8), spec, torch.float32, tile=(1, 1, 1))
+    assert grids == [(1, 65535)]
