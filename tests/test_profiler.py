@@ -930,6 +930,17 @@ def test_matmul_peak_size_precision_and_burst(monkeypatch):
 
     tflops, n = peak(timer=Counting(torch.device("cpu"), warmup=0, repeats=2, time_budget=1.0))
     assert timed == [1, 1] and tflops > 0
+    # Otherwise a burst is PEAK_BURST_S over one product's time, rounded, capped at PEAK_MAX_BURST: a
+    # clock that advances 10 ms a reading makes one product take 10 ms.
+    clock = iter(range(10**6))
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: next(clock) * 0.01)
+    monkeypatch.setattr(timing, "PEAK_CALL_S", 1.0)
+    monkeypatch.setattr(timing, "PEAK_SIZE", {"cpu": 512, "cuda": 512})
+    for burst_s, burst in [(0.126, 13), (0.134, 13), (10.0, timing.PEAK_MAX_BURST)]:
+        monkeypatch.setattr(timing, "PEAK_BURST_S", burst_s)
+        timed.clear()
+        peak(timer=Counting(torch.device("cpu"), warmup=0, repeats=1, time_budget=1.0))
+        assert timed == [burst], burst_s
 
 
 def test_vit_flops_formula_term_by_term():
