@@ -230,6 +230,7 @@ def test_from_pretrained_checks_its_arguments_before_loading(monkeypatch, kwargs
         CLIPReward.from_pretrained("vlmrm-tiny", None, **{"device": "cpu", **kwargs})
 
 
+@pytest.mark.filterwarnings("ignore:.*random weights:UserWarning")
 def test_from_pretrained_takes_tasks_from_a_generator():
     # Read once: the early checks and the model would otherwise share one pass over it.
     rm = CLIPReward.from_pretrained("vlmrm-tiny", None, tasks=(Task(g, "a robot", name=g) for g in "ab"),

@@ -394,6 +394,7 @@ def test_the_long_prompt_warning_from_set_tasks_points_at_the_callers_line():
     assert [w.filename for w in caught if "tokens long" in str(w.message)] == [__file__]
 
 
+@pytest.mark.filterwarnings("ignore:.*random weights:UserWarning")
 def test_the_long_prompt_warning_from_the_constructor_points_at_the_callers_line():
     model, tokenizer = make_tiny()
     with pytest.warns(UserWarning, match="tokens long") as caught:
