@@ -1726,3 +1726,242 @@ def test_the_deferred_recorder_holds_one_rollout_and_hands_sac_placeholders(tmp_
     with pytest.raises(ValueError, match="frame size changed mid-rollout"):
         recorder.step(action)
     recorder.close()
+
+
+# The next ones come from a third audit, of run.py and callbacks.py.
+
+
+def _train_parser():
+    import argparse
+
+    from vlmrm_fast.train.run import add_train_parser
+
+    parser = argparse.ArgumentParser()
+    add_train_parser(parser.add_subparsers(dest="command"))
+    return parser
+
+
+def test_every_config_field_has_a_flag_that_reaches_it(tmp_path):
+    # --no-progress / --no-tensorboard are False, not "not given"; --goal and --baseline repeat.
+    import argparse
+
+    from vlmrm_fast.train.run import add_train_parser, config_from_args
+
+    parser = argparse.ArgumentParser()
+    flags = set(add_train_parser(parser.add_subparsers(dest="command"))._option_string_actions)
+    assert {"--" + name.replace("_", "-") for name in TrainConfig.__dataclass_fields__} <= flags
+    config, resume = config_from_args(parser.parse_args([
+        "train", "--preset", "smoke", "--no-progress", "--no-tensorboard", "--goal", "a red dot", "--goal", "a dot",
+        "--baseline", "a square", "--alpha", "0.5", "--seed", "7", "--env-kwargs", '{"width": 40}']))
+    assert resume is None and (config.progress, config.tensorboard) == (False, False)
+    assert (config.goal, config.baseline, config.alpha, config.seed) == (["a red dot", "a dot"], ["a square"], 0.5, 7)
+    assert config.env_kwargs == {"width": 40}
+    assert config_from_args(parser.parse_args(["train", "--preset", "smoke", "--progress"]))[0].progress is True
+
+
+def test_the_command_line_beats_the_config_file_which_beats_the_preset(tmp_path):
+    from vlmrm_fast.train.run import config_from_args
+
+    path = tmp_path / "run.toml"
+    path.write_text('seed = 3\ngamma = 0.9\n[sac]\ntau = 0.5\n')
+    config, _ = config_from_args(_train_parser().parse_args(
+        ["train", "--preset", "smoke", "--config", str(path), "--seed", "5", "--set", "tau=0.25"]))
+    assert (config.seed, config.tau, config.gamma, config.model) == (5, 0.25, 0.9, "vlmrm-tiny")
+    # A preset run gets its own dated folder (runs/smoke-...) unless one is given; other runs name theirs in train().
+    assert Path(config.run_dir).parent == Path("runs") and Path(config.run_dir).name.startswith("smoke-")
+    config, _ = config_from_args(_train_parser().parse_args(["train", "--preset", "smoke", "--run-dir", "mine"]))
+    assert config.run_dir == "mine"
+    assert config_from_args(_train_parser().parse_args(["train", "--config", str(path)]))[0].run_dir is None
+
+
+def test_resume_refuses_another_run_dir_from_the_config_file(tmp_path):
+    # Checked before the folder is read: no run is needed.
+    from vlmrm_fast.train.run import config_from_args
+
+    path = tmp_path / "run.toml"
+    path.write_text(f'run_dir = "{tmp_path / "elsewhere"}"\n')
+    with pytest.raises(ValueError, match=r"run_dir '.*elsewhere' is given in '.*run.toml': drop it"):
+        config_from_args(_train_parser().parse_args(["train", "--config", str(path), "--resume", str(tmp_path / "run")]))
+
+
+def test_the_command_line_entry_point_answers_with_exit_codes(tmp_path, capsys):
+    from vlmrm_fast.train.run import main
+
+    assert main(["--help"]) == 0
+    assert main(["--preset", "nope"]) == 2  # argparse's own refusal
+    capsys.readouterr()
+    # --print-config refuses what train would refuse; a missing file (an OSError) is an error line, not a traceback.
+    assert main(["--preset", "smoke", "--set", "alpha=2", "--print-config"]) == 2
+    assert "alpha must be in [0, 1]" in capsys.readouterr().err
+    assert main(["--preset", "smoke", "--config", str(tmp_path / "missing.toml")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("vlmrm-fast: error: config file") and "does not exist" in err
+    assert main(["--preset", "smoke", "--seed", "4", "--print-config"]) == 0
+    assert json.loads(capsys.readouterr().out)["seed"] == 4
+
+
+def test_a_size_asked_for_in_one_dimension_is_exact_too(tmp_path):
+    from vlmrm_fast.train.run import check_env_frames
+
+    config = dot_config(tmp_path, env_id="test_train:VlmrmTestFixedSize-v0", render_width=32, render_height=None)
+    with pytest.raises(ValueError, match="does not take width/height"):
+        check_env_frames(config, 32, 32)
+    # Only the model's input size (nothing set): rendered at the env's own size, with a note.
+    config = dataclasses.replace(config, render_width=None)
+    with pytest.warns(UserWarning, match="renders 40x24, not the 32x32 asked for"):
+        assert check_env_frames(config, 32, 32) == (24, 40)
+
+
+class FloatFrameEnv(DotEnv):
+    def render(self):
+        return super().render().astype(np.float32) / 255
+
+
+def test_frames_that_are_not_uint8_are_a_clear_error(tmp_path):
+    from vlmrm_fast.train.run import check_env_frames
+
+    if "VlmrmTestFloatFrames-v0" not in gym.registry:
+        gym.register("VlmrmTestFloatFrames-v0", entry_point=FloatFrameEnv)
+    with pytest.raises(ValueError, match=r"rendered ndarray \(32, 32, 3\) float32, not a uint8 RGB frame"):
+        check_env_frames(dot_config(tmp_path, env_id="VlmrmTestFloatFrames-v0"), 32, 32)
+
+
+def test_a_run_renders_its_width_and_height_and_gives_sac_its_ent_coef(tmp_path):
+    from vlmrm_fast.train import train
+
+    shapes = []
+
+    def brightness(frames):
+        shapes.append(tuple(np.shape(frames)[1:]))
+        return np.asarray(frames, dtype=np.float64).mean(axis=(1, 2, 3))
+
+    config = dot_config(tmp_path, render_width=40, render_height=24, ent_coef="0.05", total_timesteps=20,
+                        checkpoint_every=0)
+    result = train(config, reward_model=brightness)
+    assert shapes and set(shapes) == {(24, 40, 3)}
+    assert result.model.log_ent_coef is None and float(result.model.ent_coef_tensor) == pytest.approx(0.05)
+    # RUN_DIR/config.json: the effective config.
+    saved = json.loads((result.run_dir / "config.json").read_text())
+    assert saved == json.loads(dataclasses.replace(config, run_dir=str(result.run_dir)).to_json())
+
+
+def test_each_session_logs_to_its_own_csv_and_tensorboard_can_be_turned_off(tmp_path):
+    import csv
+
+    from vlmrm_fast.train import train
+
+    config = dot_config(tmp_path, total_timesteps=40, checkpoint_every=0)
+    first = train(config, reward_model=top_heavy_brightness)
+    train(dataclasses.replace(config, total_timesteps=80, tensorboard=False), resume=first.run_dir,
+          reward_model=top_heavy_brightness)
+    tb = first.run_dir / "tb"
+
+    def steps(name):
+        with open(tb / name) as f:
+            return [int(float(row["time/total_timesteps"])) for row in csv.DictReader(f)]
+
+    assert steps("progress.csv") == [20, 40] and steps("progress-from-40.csv") == [60, 80]
+    assert [step for step, _ in tb_scalars(first.run_dir)["time/total_timesteps"]] == [20, 40]  # none from session 2
+
+
+def test_a_row_holds_per_rollout_stage_times_and_this_intervals_steps_per_s(tmp_path, monkeypatch):
+    from vlmrm_fast.train import callbacks
+
+    recorded, dumps = {}, []
+    logger = SimpleNamespace(record=recorded.__setitem__, dump=dumps.append)
+    callback = callbacks.TrainingCallback(dot_config(tmp_path), None, tmp_path, "{}",
+                                          timed_env=SimpleNamespace(env_s=7.0, render_s=5.0, reward_s=3.0))
+    callback.model = SimpleNamespace(num_timesteps=1040, logger=logger)
+    callback._stage = {"render_s": 0.0, "reward_s": 0.0, "env_s": 0.0, "sac_update_s": 0.8}
+    callback._stage_seen = {"render_s": 1.0, "reward_s": 1.0, "env_s": 1.0}  # counted in the previous row
+    callback._rollouts, callback._log_t, callback._log_step = 2, 100.0, 1000  # a resumed run: steps from 1000 on
+    callback._done_vlm, callback._done_gt = [1.0, 2.0], [-3.0, -5.0]
+    monkeypatch.setattr(callbacks.time, "perf_counter", lambda: 104.0)
+    callback._log()
+    assert recorded == {"rollout/vlm_return": 1.5, "rollout/gt_return": -4.0, "time/steps_per_s": 10.0,
+                        "time/render_s": 2.0, "time/reward_s": 1.0, "time/env_s": 3.0, "time/sac_update_s": 0.4,
+                        "time/total_timesteps": 1040}
+    assert dumps == [1040]
+
+
+def test_training_in_another_thread_keeps_the_signal_handlers_alone(tmp_path):
+    # A notebook or a GUI may train in a worker thread: Python allows signal handlers only in the main one.
+    import threading
+
+    from vlmrm_fast.train.callbacks import TrainingCallback
+
+    before = signal.getsignal(signal.SIGTERM)
+    callback, errors = TrainingCallback(dot_config(tmp_path), None, tmp_path, "{}"), []
+
+    def install():
+        try:
+            callback._install_signal_handlers()
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    worker = threading.Thread(target=install)
+    worker.start()
+    worker.join()
+    callback.restore_signal_handlers()
+    assert errors == [] and signal.getsignal(signal.SIGTERM) == before
+
+
+def test_an_evaluation_that_cannot_write_its_video_is_skipped_with_a_warning(tmp_path, monkeypatch):
+    # No ffmpeg, a full disk: training goes on and keeps its checkpoints.
+    from vlmrm_fast.train import callbacks, train
+
+    def no_ffmpeg(*args, **kwargs):
+        raise OSError("no ffmpeg (simulated)")
+
+    monkeypatch.setattr(callbacks, "evaluate_policy_video", no_ffmpeg)
+    config = dot_config(tmp_path, total_timesteps=40, eval_every=20, checkpoint_every=20)
+    with pytest.warns(UserWarning, match=r"evaluation video skipped: no ffmpeg \(simulated\)"):
+        result = train(config, reward_model=top_heavy_brightness)
+    assert result.num_timesteps == 40 and result.checkpoint.name == ckpt.step_name(40)
+    assert not {"eval/gt_return", "eval/vlm_return"} & tb_tags(result.run_dir)
+
+
+def test_the_evaluation_video_is_the_first_episode_at_the_envs_frame_rate(tmp_path):
+    import imageio.v2 as imageio
+
+    from vlmrm_fast.train import train
+    from vlmrm_fast.train.callbacks import evaluate_policy_video
+
+    config = dot_config(tmp_path, total_timesteps=20, checkpoint_every=0, episode_length=15, eval_episodes=2)
+    model = train(config, reward_model=top_heavy_brightness).model
+
+    def video(**kw):
+        path, _, _ = evaluate_policy_video(model, dataclasses.replace(config, **kw), top_heavy_brightness,
+                                           tmp_path / str(kw.get("video_length", "whole")))
+        reader = imageio.get_reader(path)
+        try:
+            return reader.count_frames(), reader.get_meta_data()["fps"]
+        finally:
+            reader.close()
+
+    assert video() == (15, 10)  # one episode of 15 frames, not both; DotEnv's render_fps
+    assert video(video_length=6) == (6, 10)
+    assert video(video_length=30) == (15, 10)  # longer than an episode: still the first episode only
+
+
+def test_the_progress_bar_counts_env_steps_and_a_resumed_run_starts_at_its_step(tmp_path, capsys):
+    from vlmrm_fast.train import train
+
+    config = dot_config(tmp_path, total_timesteps=40, checkpoint_every=0, progress=True)
+    first = train(config, reward_model=top_heavy_brightness)
+    assert "40/40" in capsys.readouterr().err  # 2 envs: 2 steps per vector step
+    train(dataclasses.replace(config, total_timesteps=60), resume=first.run_dir, reward_model=top_heavy_brightness)
+    bar = capsys.readouterr().err
+    assert "40/60" in bar and "60/60" in bar and "20/60" not in bar
+
+
+def test_a_checkpoint_whose_model_and_meta_disagree_on_the_step_is_refused(tmp_path, one_checkpoint):
+    # E.g. model.zip copied in from another checkpoint: resuming would misplace every schedule.
+    from vlmrm_fast.train.run import _load_checkpoint, build_vec_env
+
+    result, path = one_checkpoint
+    meta = ckpt.read_meta(path)
+    (path / "meta.json").write_text(json.dumps({**meta, "step": 60}))
+    config = dot_config(tmp_path)
+    with pytest.raises(ValueError, match=r"is inconsistent \(model at step 40, meta 60\)"):
+        _load_checkpoint(path, build_vec_env(config, top_heavy_brightness, 32, 32), config)
