@@ -284,6 +284,25 @@ def test_train_refuses_a_reward_function_with_several_rewards_per_frame(tmp_path
         train(dot_config(tmp_path), reward_model=lambda frames: [[0.0, 1.0]] * len(frames))
 
 
+def test_a_reward_model_that_cannot_take_the_frames_names_the_render_size(tmp_path):
+    # One frame is scored before anything else starts. A model that refuses it gets the render-size fix;
+    # one that runs out of GPU memory is not about the size, and its error goes through unchanged (the
+    # command line then names the memory fixes).
+    from vlmrm_fast.train import train
+
+    def refuses(frames):
+        raise ValueError("expects 7x7 frames")
+
+    with pytest.raises(ValueError, match=r"cannot take \d+x\d+ frames \(expects 7x7 frames\); set render_width/"):
+        train(dot_config(tmp_path), reward_model=refuses)
+
+    def out_of_memory(frames):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    with pytest.raises(torch.cuda.OutOfMemoryError, match="Tried to allocate"):
+        train(dot_config(tmp_path / "oom"), reward_model=out_of_memory)
+
+
 @pytest.mark.parametrize("timing", ["step", "deferred"])
 def test_replace_mode_trains_on_the_vlm_reward_in_both_timings(tmp_path, timing):
     """In replace mode the buffer holds the VLM reward of the frame after each step (the weight applies

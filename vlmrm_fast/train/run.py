@@ -435,9 +435,13 @@ def _warn_if_reward_setup_changed(saved: Optional[dict], rm, step: int) -> None:
 
 
 def _check_model_takes_frames(rm, config: TrainConfig, height: int, width: int) -> None:
+    import torch
+
     frame = np.zeros((1, height, width, 3), dtype=np.uint8)
     try:
         out = rm(frame)
+    except torch.cuda.OutOfMemoryError:
+        raise  # a RuntimeError too, but no frame size fixes it; the command line names the fixes that do
     except (ValueError, TypeError, RuntimeError) as exc:
         raise ValueError(
             f"the reward model {config.model!r} cannot take {width}x{height} frames ({exc}); set "
