@@ -10,6 +10,7 @@ import argparse
 import csv
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -533,3 +534,150 @@ def test_the_plot_title_names_the_baseline_only_where_it_counts(tmp_path: Path, 
     assert ("baseline:" in titles[0]) is shown
     if shown:
         assert 'baseline: "an animal", alpha = 0.5' in titles[0]
+
+
+# What main() does around every command: exit codes, one-line errors and warnings, the package's own
+# log lines. Each command's real work is replaced by a stand-in handler.
+
+COMMAND_ARGV = {"score": ["score", "x.png", "--goal", "a"], "export": ["export", "vlmrm-tiny"],
+                "bench": ["bench"], "train": ["train"]}
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    (action,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return dict(action.choices)
+
+
+def _every_handler(monkeypatch: pytest.MonkeyPatch, handler) -> None:
+    """Make every command of ``cli.main`` run ``handler(args)`` instead of its work."""
+    real_build = cli.build_parser
+
+    def build() -> argparse.ArgumentParser:
+        parser = real_build()
+        for sub in _subparsers(parser).values():
+            sub.set_defaults(handler=handler)
+        return parser
+
+    monkeypatch.setattr(cli, "build_parser", build)
+
+
+def test_the_stand_in_commands_cover_every_command() -> None:
+    assert set(_subparsers(cli.build_parser())) == set(COMMAND_ARGV)
+
+
+@pytest.mark.parametrize("command,knob", [("score", "--batch-size"), ("bench", "--batch-sizes"),
+                                          ("train", "--reward-batch-size"), ("export", None)])
+def test_out_of_gpu_memory_names_options_the_command_has(monkeypatch, capsys, command: str, knob) -> None:
+    # The fix the message names must be one the user can type after the same command (export takes its
+    # model as MODEL, not --model).
+    def out_of_memory(args):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    _every_handler(monkeypatch, out_of_memory)
+    assert cli.main(COMMAND_ARGV[command]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("vlmrm-fast: error: out of GPU memory") and err.count("\n") == 1, err
+    options = {s for a in _subparsers(cli.build_parser())[command]._actions for s in a.option_strings}
+    named = set(re.findall(r"--[a-z][a-z-]*", err))
+    assert (knob is None or knob in named) and named <= options, (named - options, err)
+
+
+@pytest.mark.parametrize("error", [
+    cli.CLIError("bad clip; re-encode it"), ValueError("bad value; pass 3"), TypeError("bad type; pass a str"),
+    FileNotFoundError("no such file: x.pt"), "PretrainedWeightsError",
+], ids=["cli", "value", "type", "os", "weights"])
+def test_expected_errors_are_one_line_and_exit_2(monkeypatch, capsys, error) -> None:
+    if error == "PretrainedWeightsError":
+        from vlmrm_fast import PretrainedWeightsError
+
+        error = PretrainedWeightsError("offline; pass a local checkpoint")
+
+    def fails(args):
+        raise error
+
+    _every_handler(monkeypatch, fails)
+    assert cli.main(COMMAND_ARGV["score"]) == 2
+    assert capsys.readouterr().err == f"vlmrm-fast: error: {error}\n"
+
+
+def test_warnings_are_one_line_on_stderr_while_a_command_runs(monkeypatch, capsys) -> None:
+    import warnings
+
+    def warns(args):
+        warnings.warn("the container lists 7 frames; re-encode it", UserWarning)
+        return 0
+
+    _every_handler(monkeypatch, warns)
+    before = warnings.showwarning
+    assert cli.main(COMMAND_ARGV["score"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == "vlmrm-fast: warning: the container lists 7 frames; re-encode it\n" and captured.out == ""
+    assert warnings.showwarning is before  # the hook is the caller's again afterwards
+
+
+@pytest.mark.parametrize("command,shown", [("score", True), ("train", True), ("bench", False), ("export", False)])
+def test_the_packages_log_lines_are_shown_for_score_and_train_once_each(monkeypatch, capsys, command, shown) -> None:
+    # score and train announce one-off builds (an ONNX export) on stderr; bench reports build times in
+    # its table. One line each, however the root logger is set up, and the logger is left as found.
+    import io
+    import logging
+
+    def announces(args):
+        logging.getLogger("vlmrm_fast.backends.onnxruntime").info("exporting the vision tower to ONNX")
+        return 0
+
+    _every_handler(monkeypatch, announces)
+    logger, root = logging.getLogger("vlmrm_fast"), logging.getLogger()
+    elsewhere = io.StringIO()
+    root_handler = logging.StreamHandler(elsewhere)
+    monkeypatch.setattr(root, "handlers", [root_handler])
+    monkeypatch.setattr(root, "level", logging.INFO)
+    monkeypatch.setattr(logger, "propagate", True)
+    level = logger.level
+    logger.setLevel(logging.ERROR)  # a level of the caller's own, to be found again afterwards
+    try:
+        before = (logger.level, list(logger.handlers), logger.propagate)
+        assert cli.main(COMMAND_ARGV[command]) == 0
+        after = (logger.level, list(logger.handlers), logger.propagate)
+    finally:
+        logger.setLevel(level)
+    err = capsys.readouterr().err
+    assert err == ("vlmrm-fast: exporting the vision tower to ONNX\n" if shown else "")
+    if shown:
+        assert elsewhere.getvalue() == ""  # not a second copy through the root logger
+    assert after == before
+
+
+def test_bad_alpha_is_refused_with_the_interval(capsys) -> None:
+    for given, shown in (("nan", "got nan"), ("-0.1", "got -0.1"), ("half", "got 'half'")):
+        assert cli.main([*COMMAND_ARGV["score"], "--alpha", given]) == 2
+        assert f"--alpha: expected a number in [0, 1], {shown}" in capsys.readouterr().err
+
+
+def test_positive_int_refuses_zero_fractions_and_words_saying_what_it_expects(capsys) -> None:
+    from vlmrm_fast.argtypes import positive_int
+
+    assert positive_int("3") == 3
+    for given, shown in (("0", "0"), ("-3", "-3"), ("2.5", "'2.5'"), ("two", "'two'")):
+        with pytest.raises(argparse.ArgumentTypeError, match=f"expected a positive integer, got {shown}$"):
+            positive_int(given)
+    assert cli.main([*COMMAND_ARGV["score"], "--batch-size", "two"]) == 2
+    assert "--batch-size: expected a positive integer, got 'two'" in capsys.readouterr().err
+
+
+def test_dtype_names_ignore_surrounding_spaces_and_case() -> None:
+    from vlmrm_fast.argtypes import dtype_name
+
+    assert dtype_name(" BF16 ", long=True) == "bfloat16" and dtype_name("Float16\n", long=False) == "fp16"
+    assert dtype_name(" Int8", long=True) == "int8"  # unknown: lower-cased for the caller's own check
+
+
+def test_a_missing_optional_dependency_names_the_install_command(monkeypatch) -> None:
+    import importlib
+
+    def missing(name):
+        raise ImportError(f"No module named {name!r}")
+
+    monkeypatch.setattr(importlib, "import_module", missing)
+    with pytest.raises(cli.CLIError, match=r"'pillow' is needed .*pip install 'vlmrm-fast\[cli\]'"):
+        cli._require("PIL.Image", "pillow")

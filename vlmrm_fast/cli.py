@@ -243,6 +243,8 @@ OUT_OF_MEMORY_FIX = {
     "train": "out of GPU memory; lower --reward-batch-size or use a smaller --model; deferred rewards keep "
              "a rollout's frames on the GPU (n_envs x train_freq of them): --reward-timing step, or fewer "
              "--n-envs or a smaller --train-freq",
+    # export takes its model as MODEL: there is no --model to name.
+    "export": "out of GPU memory; lower --max-batch-size or export a smaller MODEL",
 }
 
 
