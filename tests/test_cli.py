@@ -458,6 +458,15 @@ def test_csv_rewards_read_back_as_the_same_float32(tmp_path: Path) -> None:
     np.testing.assert_array_equal(read, rewards)
 
 
+def test_a_csv_that_fails_mid_write_leaves_the_earlier_one_in_place(tmp_path: Path) -> None:
+    cli.write_csv(tmp_path / "r.csv", np.array([0.5, 0.25], np.float32), ["a.png", "b.png"])
+    before = (tmp_path / "r.csv").read_bytes()
+    with pytest.raises(ValueError):  # the second row's reward cannot be written
+        cli.write_csv(tmp_path / "r.csv", np.array([1.0, "not a number"], dtype=object), ["a.png", "b.png"])
+    assert (tmp_path / "r.csv").read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["r.csv"]  # and no temporary file left beside it
+
+
 def test_summary_reports_min_and_max() -> None:
     line = cli._summary(np.array([1.0, -2.0, 3.0], np.float32), 0.5, [Path("r.csv")])
     assert "scored 3 frames in 0.50 s (6.0 frames/s)" in line

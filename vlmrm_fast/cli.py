@@ -23,6 +23,7 @@ import argparse
 import contextlib
 import csv
 import importlib
+import io
 import logging
 import queue
 import re
@@ -41,6 +42,7 @@ import numpy as np
 from tqdm import tqdm
 
 from vlmrm_fast.argtypes import BACKEND_NAMES, dtype_choice, positive_int
+from vlmrm_fast.atomic import write_atomically
 from vlmrm_fast.export import add_export_parser
 from vlmrm_fast.profiler import add_bench_parser
 from vlmrm_fast.train.run import add_train_parser
@@ -449,14 +451,14 @@ def _prefetch(items: Generator[T, None, None], depth: int = 2) -> Iterator[T]:
 
 
 def write_csv(path: Path, rewards: np.ndarray, labels: Sequence[str]) -> Path:
-    """Write ``frame,source,reward`` rows; rewards at float32 round-trip precision."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["frame", "source", "reward"])
-        for index, (label, reward) in enumerate(zip(labels, rewards)):
-            writer.writerow([index, label, f"{float(reward):.9g}"])
-    return path
+    """Write ``frame,source,reward`` rows; rewards at float32 round-trip precision. Atomically: a
+    crash never leaves a truncated file where an earlier run's CSV was."""
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(["frame", "source", "reward"])
+    for index, (label, reward) in enumerate(zip(labels, rewards)):
+        writer.writerow([index, label, f"{float(reward):.9g}"])
+    return write_atomically(path, text.getvalue().encode())
 
 
 def write_plot(
