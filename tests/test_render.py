@@ -5,8 +5,10 @@ same MuJoCo renderer, camera and options). GPU path (marker ``gpu``): frames equ
 renderer's frames, in OpenGL row order (``bottom_up``). Tests skip with the reason where EGL
 cannot make a context.
 """
+import contextlib
 import importlib.util
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -554,7 +556,11 @@ def test_the_cause_of_an_llvm_clash_is_named_before_it_crashes(first):
 
 def test_a_fall_back_from_the_gpu_path_is_announced(envs):
     """Frames asked for on a CUDA device but rendered on the CPU path (extension not built, or built against
-    another torch, no CUDA, EGL elsewhere): a warning with the reason, not only ``fallback_reason``."""
+    another torch, EGL elsewhere): a warning with the reason, not only ``fallback_reason``. Without CUDA,
+    a CUDA device is refused (test_a_cuda_device_this_machine_lacks_is_refused_at_construction); stand-ins
+    for CUDA reach this warning on any machine (test_a_gpu_path_that_cannot_start_frees_what_it_made...)."""
+    if not HAS_CUDA:
+        pytest.skip("needs a CUDA device")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         r = BatchRenderer.from_envs(envs, device="cuda:0")
@@ -670,3 +676,468 @@ def test_an_env_rendering_from_a_fixed_camera_id_is_drawn_from_it():
             np.testing.assert_array_equal(r.render()[0].numpy(), env.render())
     finally:
         env.close()
+
+
+# ---- the GPU path's logic on stand-ins for CUDA and the extension (a mutation audit found it untested) ----
+# On a machine without CUDA the GPU path's Python side (choosing it, its probe frame and fall-back, slots,
+# device placement, cleanup) runs here against: a fake extension whose PboReader reads each frame with
+# mjr_readPixels from the MjrContext BatchRenderer made (rows bottom-up, as glReadPixels gives them), and
+# a fake torch.cuda whose "CUDA" tensors live on the CPU and say which device they were made for.
+
+
+class _FakeCudaTensor(torch.Tensor):
+    """A CPU tensor standing in for one on a fake CUDA device, or in pinned host memory; notes how it was
+    copied into."""
+
+    fake_device = None
+    pinned = False
+    copied_non_blocking = None
+
+    @property
+    def device(self):
+        return self.fake_device or torch.device("cpu")
+
+    def is_pinned(self, device=None):
+        return self.pinned
+
+    def copy_(self, src, non_blocking=False):
+        self.copied_non_blocking = non_blocking
+        return super().copy_(src)
+
+
+def _on_fake_cuda(tensor, device=None, pinned=False):
+    tensor = tensor.as_subclass(_FakeCudaTensor)
+    tensor.fake_device, tensor.pinned = (torch.device(device) if device else None), pinned
+    return tensor
+
+
+class _FakeEvent:
+    def __init__(self):
+        self.recorded_on, self.pending = None, False
+
+    def record(self, stream):
+        self.recorded_on, self.pending = stream, True
+
+    def synchronize(self):
+        self.pending = False
+
+
+class _FakeCuda:
+    """torch.cuda with ``count`` devices; ``current``: the device of the innermost ``device()`` block."""
+
+    def __init__(self, count=2, current_index=0):
+        self.count, self.current_index, self.current = count, current_index, None
+        self.synchronized, self.events = [], []
+
+    def is_available(self):
+        return True
+
+    def device_count(self):
+        return self.count
+
+    def current_device(self):
+        return self.current_index
+
+    @contextlib.contextmanager
+    def device(self, device):
+        saved, self.current = self.current, torch.device(device)
+        try:
+            yield
+        finally:
+            self.current = saved
+
+    def synchronize(self, device=None):
+        self.synchronized.append(torch.device(device))
+
+    def Event(self):  # noqa: N802 - torch.cuda.Event
+        self.events.append(_FakeEvent())
+        return self.events[-1]
+
+    def current_stream(self, device=None):
+        return ("stream", torch.device(device))
+
+
+class _FakeTorch:
+    """batch.py's ``torch``: tensors asked for on a CUDA device are made on the CPU (noted in ``made``)."""
+
+    def __init__(self, cuda):
+        self.cuda, self.made = cuda, []
+
+    def empty(self, *size, device=None, pin_memory=False, **kwargs):
+        tensor = torch.empty(*size, **kwargs)
+        device = torch.device(device or "cpu")
+        if device.type == "cuda" or pin_memory:
+            tensor = _on_fake_cuda(tensor, device if device.type == "cuda" else None, pin_memory)
+        self.made.append((device, pin_memory, tensor))
+        return tensor
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+
+def _current_gl():
+    from mujoco.egl import egl_ext as EGL
+
+    ctx = EGL.eglGetCurrentContext()
+    return ctx.address if ctx else None
+
+
+class _FakeReader:
+    def __init__(self, ext, width, height, capacity, device_index):
+        self.ext, self.args = ext, (width, height, capacity, device_index)
+        self.frames = np.zeros((capacity, height, width, 3), np.uint8)
+        self.reads, self.copies, self.closed = [], [], 0
+        self.gl_at_read, self.gl_at_close = [], None
+
+    def read(self, fbo, fbo_resolve, slot):
+        if self.ext.fail == "read":
+            raise RuntimeError("OpenGL error 0x502 in glReadPixels into the pack buffer")
+        width, height, capacity, _ = self.args
+        assert 0 <= slot < capacity, f"slot {slot} outside [0, {capacity})"
+        con = self.ext.contexts[-1]
+        assert (fbo, fbo_resolve) == (con.offFBO, con.offFBO_r)
+        self.gl_at_read.append(_current_gl())
+        mujoco.mjr_readPixels(self.frames[slot], None, mujoco.MjrRect(0, 0, width, height), con)
+        self.reads.append(slot)
+
+    def copy_to(self, out, n):
+        assert 0 <= n <= self.args[2] and out.device == torch.device("cuda", self.args[3])
+        self.copies.append((self.ext.cuda.current, n))
+        out[:n] = torch.from_numpy(self.frames[:n])
+
+    def close(self):
+        self.closed += 1
+        self.gl_at_close = _current_gl()
+        if self.ext.fail == "close":
+            raise RuntimeError("close failed")
+
+
+class _FakeExtension:
+    def __init__(self, cuda, torch_):
+        self.cuda, self.torch = cuda, torch_
+        self.devices, self.fail = [0, 1], None  # devices: what gl_cuda_devices() says
+        self.readers, self.contexts, self.gl_contexts = [], [], []
+
+    def gl_cuda_devices(self):
+        return list(self.devices)
+
+    def PboReader(self, width, height, capacity, device_index):  # noqa: N802
+        self.readers.append(_FakeReader(self, width, height, capacity, device_index))
+        return self.readers[-1]
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """vlmrm_fast.render.batch on a machine with two fake CUDA devices and a fake extension."""
+    if os.environ.get("MUJOCO_GL") != "egl":
+        pytest.skip("needs MUJOCO_GL=egl")
+    import mujoco.egl as megl
+
+    from vlmrm_fast.render import _cuda, batch
+    from vlmrm_fast.render.batch import _keep_current_gl
+
+    cuda = _FakeCuda(count=2)
+    fake_torch = _FakeTorch(cuda)
+    ext = _FakeExtension(cuda, fake_torch)
+    monkeypatch.setattr(batch, "torch", fake_torch)
+    monkeypatch.setattr(_cuda, "_ext", ext)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # what _cuda.gpu_unavailable_reason reads
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: cuda.count)
+    real_context = mujoco.MjrContext
+
+    def recording_context(*args):
+        ext.contexts.append(real_context(*args))
+        return ext.contexts[-1]
+
+    class RecordingGLContext(megl.GLContext):
+        def __init__(self, width, height):
+            super().__init__(width, height)
+            self.size, self.freed, self.address = (width, height), 0, self._context.address
+            ext.gl_contexts.append(self)
+
+        def free(self):
+            self.freed += 1
+            super().free()
+
+    ext.RealGLContext = megl.GLContext
+    monkeypatch.setattr(mujoco, "MjrContext", recording_context)
+    monkeypatch.setattr(megl, "GLContext", RecordingGLContext)
+    with _keep_current_gl():
+        yield ext
+
+
+def _reference_frames(n, width, height):
+    envs = _make_envs(n, width=width, height=height)
+    with BatchRenderer.from_envs(envs, device="cpu") as cpu:  # equals env.render() (tests above)
+        ref = cpu.render().numpy()
+    assert not np.array_equal(ref[0], ref[-1])  # different states: frames are not one frame repeated
+    return envs, ref
+
+
+def test_the_gpu_path_draws_each_env_into_its_slot_on_its_device(fake_gpu):
+    envs, ref = _reference_frames(3, 40, 24)  # not square: width and height are not interchangeable
+    caller = fake_gpu.RealGLContext(8, 8)  # a context the caller has current (as a gymnasium env's viewer)
+    caller.make_current()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            r = BatchRenderer.from_envs(envs, device="cuda:1")
+        assert (r.path, r.bottom_up, r.fallback_reason, r.device) == ("gpu", True, None, torch.device("cuda", 1))
+        assert "path='gpu', bottom_up=True" in repr(r)
+        assert _current_gl() == caller._context.address  # the caller's context is current again
+        [ctx], [reader] = fake_gpu.gl_contexts, fake_gpu.readers
+        assert ctx.size == (40, 24) and reader.args == (40, 24, 3, 1)
+        # one frame through the whole path at construction, on cuda:1, waited for
+        assert reader.reads == [0] and reader.copies == [(torch.device("cuda", 1), 1)]
+        assert fake_gpu.cuda.synchronized == [torch.device("cuda", 1)]
+        assert not hasattr(r, "_renderer")  # no CPU renderer besides
+
+        fake_gpu.torch.made.clear()
+        frames = r.render()
+        assert _current_gl() == caller._context.address
+        assert reader.reads[1:] == [0, 1, 2] and reader.copies[1:] == [(torch.device("cuda", 1), 3)]
+        assert set(reader.gl_at_read) == {ctx.address}  # read with the renderer's own context current
+        assert [made[0] for made in fake_gpu.torch.made] == [torch.device("cuda", 1)]
+        assert frames.device == torch.device("cuda", 1) and tuple(frames.shape) == (3, 24, 40, 3)
+        np.testing.assert_array_equal(frames.flip(1).numpy(), ref)  # bottom-up rows
+        out = _on_fake_cuda(torch.zeros((3, 24, 40, 3), dtype=torch.uint8), "cuda:1")
+        assert r.render(out=out) is out and torch.equal(out, frames)
+        r.close()
+        assert _current_gl() == caller._context.address
+    finally:
+        caller.free()
+        for env in envs:
+            env.close()
+
+
+def test_closing_the_gpu_path_frees_its_buffer_and_contexts_once(fake_gpu):
+    before = _current_gl()
+    r = BatchRenderer(_pairs(), 16, 16, camera="cam", device="cuda:0")
+    assert r.path == "gpu"
+    [ctx], [reader], [con] = fake_gpu.gl_contexts, fake_gpu.readers, fake_gpu.contexts
+    r.close()
+    assert reader.closed == 1 and reader.gl_at_close == ctx.address  # the buffer is freed in its context
+    assert con.offFBO == 0 and ctx.freed == 1 and _current_gl() == before
+    r.close()  # idempotent
+    assert reader.closed == 1 and ctx.freed == 1
+    with pytest.raises(RuntimeError, match=r"render\(\) after close"):
+        r.render()
+    # a fault freeing the buffer still frees the EGL context, and is raised once
+    fake_gpu.fail = None
+    r = BatchRenderer(_pairs(), 16, 16, camera="cam", device="cuda:0")
+    fake_gpu.fail = "close"
+    with pytest.raises(RuntimeError, match="close failed"):
+        r.close()
+    assert fake_gpu.gl_contexts[-1].freed == 1
+    r.close()
+    assert fake_gpu.readers[-1].closed == 1
+
+
+@pytest.mark.parametrize("fault", ["devices", "read"])
+def test_a_gpu_path_that_cannot_start_frees_what_it_made_and_falls_back(fake_gpu, fault):
+    if fault == "devices":
+        fake_gpu.devices = [1]  # the EGL context sits on another GPU
+        reason = "RuntimeError: the EGL context is not on cuda:0 (CUDA devices behind it: [1]"
+    else:
+        fake_gpu.fail = "read"  # the probe frame fails
+        reason = "RuntimeError: OpenGL error 0x502 in glReadPixels"
+    before = _current_gl()
+    with pytest.raises(RuntimeError, match=re.escape(f"BatchRenderer GPU path unavailable: {reason}")):
+        BatchRenderer(_pairs(), 16, 16, camera="cam", device="cuda:0", gpu=True)
+    with pytest.warns(UserWarning, match=re.escape(reason)) as caught:
+        r = BatchRenderer(_pairs(), 16, 16, camera="cam", device="cuda:0")
+    assert [w.filename for w in caught] == [__file__]
+    assert r.path == "cpu" and not r.bottom_up and r.fallback_reason.startswith(reason)
+    assert all(ctx.freed == 1 for ctx in fake_gpu.gl_contexts) and len(fake_gpu.gl_contexts) == 2
+    assert fake_gpu.contexts[0].offFBO == 0 and fake_gpu.contexts[1].offFBO == 0  # the GPU path's MjrContexts
+    assert all(reader.closed == 1 for reader in fake_gpu.readers) and len(fake_gpu.readers) == (fault == "read") * 2
+    assert _current_gl() == before
+    r.close()
+
+
+def test_the_cpu_path_to_a_cuda_device_copies_from_pinned_memory_and_waits_before_reuse(fake_gpu):
+    envs, ref = _reference_frames(2, 24, 16)
+    fake_gpu.torch.made.clear()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # chosen, not fallen back to: no warning
+            r = BatchRenderer.from_envs(envs, device="cuda:1", gpu=False)
+        assert r.path == "cpu" and r.fallback_reason == "gpu=False" and not fake_gpu.gl_contexts
+        assert [made[:2] for made in fake_gpu.torch.made] == [(torch.device("cpu"), True)]  # pinned host frames
+        events = fake_gpu.cuda.events
+        pending_at_draw = []
+        draw = r._renderer.render
+
+        def spy(*args, **kwargs):
+            pending_at_draw.append(any(e.pending for e in events))
+            return draw(*args, **kwargs)
+
+        r._renderer.render = spy
+        first = r.render()
+        assert first.device == torch.device("cuda", 1) and first.copied_non_blocking is True
+        np.testing.assert_array_equal(first.numpy(), ref)
+        assert len(events) == 1 and events[0].pending and events[0].recorded_on == ("stream", torch.device("cuda", 1))
+        second = r.render()  # draws into the host buffer the first copy reads: waits for it first
+        assert second.data_ptr() != first.data_ptr() and torch.equal(second, first)
+        assert pending_at_draw == [False] * 4 and len(events) == 2 and events[1].pending
+        r.close()  # waits for the last copy before the buffer goes
+        assert not events[1].pending
+    finally:
+        for env in envs:
+            env.close()
+
+
+def test_the_default_device_and_index_come_from_torch_cuda(fake_gpu):
+    fake_gpu.cuda.current_index = 1
+    with BatchRenderer(_pairs(), 16, 16, camera="cam") as default, \
+            BatchRenderer(_pairs(), 16, 16, camera="cam", device="cuda") as unindexed:
+        for r in (default, unindexed):
+            assert r.device == torch.device("cuda", 1) and r.path == "gpu"
+    with BatchRenderer(_pairs(), 16, 16, camera="cam", device="cpu") as cpu:  # "auto" on the CPU: no GPU path tried
+        assert cpu.fallback_reason == "device is cpu" and len(fake_gpu.gl_contexts) == 2
+
+
+def test_gpu_true_where_the_gpu_path_is_unavailable_says_why():
+    reason = gpu_unavailable_reason("cuda:0")
+    if reason is None or not HAS_CUDA:  # without CUDA, device='cuda:0' itself is refused (the next test)
+        pytest.skip("the GPU path can be tried here" if reason is None else "needs a CUDA device")
+    with pytest.raises(RuntimeError, match=re.escape(f"BatchRenderer GPU path unavailable: {reason}")):
+        BatchRenderer(_pairs(), 16, 16, device="cuda:0", gpu=True)
+
+
+@pytest.mark.parametrize("gpu", ["auto", False, True])
+def test_a_cuda_device_this_machine_lacks_is_refused_at_construction(monkeypatch, gpu):
+    # Not a renderer whose first render() fails in a copy to the device: the mistake is named where it is
+    # made, and the model's offscreen buffer is left as it was.
+    from vlmrm_fast.render import batch
+
+    model, data = _pairs(1)[0]
+    offscreen = (model.vis.global_.offwidth, model.vis.global_.offheight)
+    size = offscreen[0] + 8  # grown for the renderer, then put back
+    monkeypatch.setattr(batch.torch.cuda, "is_available", lambda: False)
+    for device in ("cuda", "cuda:0", torch.device("cuda", 1)):
+        with pytest.raises(ValueError, match=r"device='cuda(:[01])?' but CUDA is not available here; pass device='cpu'"):
+            BatchRenderer([(model, data)], size, 16, device=device, gpu=gpu)
+    monkeypatch.setattr(batch.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(batch.torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ValueError, match=r"device='cuda:2': cuda:2 does not exist: this machine has 2 CUDA devices "
+                                         r"\(cuda:0 to cuda:1\); pass one of those"):
+        BatchRenderer([(model, data)], size, 16, device="cuda:2", gpu=gpu)
+    assert (model.vis.global_.offwidth, model.vis.global_.offheight) == offscreen
+
+
+def test_gpu_unavailable_reason_names_each_cause(monkeypatch):
+    from vlmrm_fast.render import _cuda
+
+    monkeypatch.setenv("MUJOCO_GL", "egl")
+    monkeypatch.setattr(_cuda, "_import_error", "ImportError: undefined symbol _ZN3c10")
+    monkeypatch.setattr(_cuda, "_ext", None)
+    monkeypatch.setattr(_cuda, "_built", True)
+    assert "is built but does not load (ImportError: undefined symbol _ZN3c10)" in gpu_unavailable_reason()
+    monkeypatch.setattr(_cuda, "_built", False)
+    reason = gpu_unavailable_reason()
+    assert "is not built (ImportError" in reason and "pip install -e . --no-build-isolation" in reason
+    monkeypatch.setattr(_cuda, "_ext", object())
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert gpu_unavailable_reason("cuda:0") == "no CUDA device (torch.cuda.is_available() is False)"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert gpu_unavailable_reason("cpu") == "device cpu is not a CUDA device"
+    assert gpu_unavailable_reason("cuda:2") == "cuda:2 does not exist (2 CUDA devices)"
+    assert gpu_unavailable_reason("cuda:1") is None and gpu_unavailable_reason() is None
+    monkeypatch.setenv("MUJOCO_GL", " EGL ")
+    assert gpu_unavailable_reason("cuda:1") is None
+    monkeypatch.setenv("MUJOCO_GL", "osmesa")
+    assert gpu_unavailable_reason("cuda:1").startswith("MUJOCO_GL='osmesa': the GPU path renders through EGL")
+
+
+def test_an_extension_that_is_not_there_is_reported_as_not_built():
+    from vlmrm_fast.render import _cuda
+
+    if _cuda.extension() is not None or importlib.util.find_spec("vlmrm_fast._render_cuda") is not None:
+        pytest.skip("the extension is built here")
+    assert _cuda._built is False and "is not built" in gpu_unavailable_reason()
+
+
+def test_rendering_unavailable_reason_says_why(monkeypatch):
+    def no_renderer(*args, **kwargs):
+        raise RuntimeError("no EGL device")
+
+    monkeypatch.setattr(mujoco, "Renderer", no_renderer)
+    reason = rendering_unavailable_reason()
+    assert reason == f"MuJoCo cannot render here (MUJOCO_GL={os.environ.get('MUJOCO_GL')!r}): RuntimeError: no EGL device"
+
+
+def test_the_egl_device_is_chosen_for_the_context_only_where_nobody_chose(monkeypatch):
+    import mujoco.egl as megl
+
+    from vlmrm_fast.render.batch import _egl_device_for
+
+    monkeypatch.setattr(megl, "EGL_DISPLAY", None)  # no EGL display made yet: the device can still be chosen
+    monkeypatch.delenv("MUJOCO_EGL_DEVICE_ID", raising=False)
+    with _egl_device_for(1):
+        if int(mujoco.__version__.split(".")[0]) >= 4:
+            assert os.environ["MUJOCO_EGL_DEVICE_ID"] == "1"
+        else:
+            assert "MUJOCO_EGL_DEVICE_ID" in os.environ
+    assert "MUJOCO_EGL_DEVICE_ID" not in os.environ  # only for the context made inside
+    monkeypatch.setenv("MUJOCO_EGL_DEVICE_ID", "3")  # the user's choice stands
+    with _egl_device_for(1):
+        assert os.environ["MUJOCO_EGL_DEVICE_ID"] == "3"
+    assert os.environ["MUJOCO_EGL_DEVICE_ID"] == "3"
+    monkeypatch.delenv("MUJOCO_EGL_DEVICE_ID")
+    monkeypatch.setattr(megl, "EGL_DISPLAY", object())  # a display made earlier fixed the device already
+    with _egl_device_for(1):
+        assert "MUJOCO_EGL_DEVICE_ID" not in os.environ
+
+
+def test_a_size_beyond_the_models_offscreen_buffer_grows_it():
+    pairs = _pairs()
+    model = pairs[0][0]
+    model.vis.global_.offwidth, model.vis.global_.offheight = 16, 8
+    with BatchRenderer(pairs, 40, 24, camera="cam", device="cpu") as r:
+        assert tuple(r.render().shape) == (2, 24, 40, 3)
+    assert (model.vis.global_.offwidth, model.vis.global_.offheight) == (40, 24)
+
+
+@pytest.mark.parametrize("path", ["cpu", "gpu"])
+def test_each_env_is_drawn_from_its_own_camera(path, request):
+    pairs = _pairs()  # one state, two cameras: the frames differ only by the camera
+    with BatchRenderer(pairs[:1], 16, 16, device="cpu") as free, \
+            BatchRenderer(pairs[:1], 16, 16, camera="cam", device="cpu") as fixed:
+        want = torch.cat([free.render(), fixed.render()])
+    assert not torch.equal(want[0], want[1])
+    if path == "gpu":
+        request.getfixturevalue("fake_gpu")
+    with BatchRenderer(pairs, 16, 16, camera=[None, "cam"], device="cuda:0" if path == "gpu" else "cpu") as both:
+        assert both.path == path
+        frames = both.render()
+    np.testing.assert_array_equal((frames.flip(1) if path == "gpu" else frames).numpy(), want.numpy())
+
+
+def test_an_extension_whose_library_cannot_load_is_reported_with_the_loaders_error(monkeypatch):
+    # A missing shared library (libcudart of another CUDA) raises OSError, not ImportError, on import:
+    # the guard catches it too, and the GPU path's reason names it.
+    import importlib.abc
+    import importlib.machinery
+
+    from vlmrm_fast.render import _cuda
+
+    class MissingLibrary(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+        def find_spec(self, name, path=None, target=None):
+            return importlib.machinery.ModuleSpec(name, self) if name == "vlmrm_fast._render_cuda" else None
+
+        def create_module(self, spec):
+            return None
+
+        def exec_module(self, module):
+            raise OSError("libcudart.so.12: cannot open shared object file: No such file or directory")
+
+    for name in ("_ext", "_import_error", "_built"):  # put back as they are after the reload below
+        monkeypatch.setattr(_cuda, name, getattr(_cuda, name))
+    monkeypatch.delitem(sys.modules, "vlmrm_fast._render_cuda", raising=False)
+    monkeypatch.setattr(sys, "meta_path", [MissingLibrary(), *sys.meta_path])
+    importlib.reload(_cuda)
+    assert _cuda.extension() is None and _cuda._built is True
+    reason = gpu_unavailable_reason()
+    assert "is built but does not load (OSError: libcudart.so.12: cannot open shared object file" in reason
