@@ -1984,3 +1984,19 @@ def test_a_checkpoint_whose_model_and_meta_disagree_on_the_step_is_refused(tmp_p
     config = dot_config(tmp_path)
     with pytest.raises(ValueError, match=r"is inconsistent \(model at step 40, meta 60\)"):
         _load_checkpoint(path, build_vec_env(config, top_heavy_brightness, 32, 32), config)
+
+
+def test_help_names_every_tag_a_run_logs(tmp_path, capsys):
+    # README sends readers to `vlmrm-fast train --help` for the full tag list: a tag added to the
+    # callback must be added there too (SB3's own train/* tags are named as a group).
+    from vlmrm_fast.train import train
+    from vlmrm_fast.train.run import main
+
+    result = train(dot_config(tmp_path, total_timesteps=40, eval_every=40, eval_episodes=1, checkpoint_every=0),
+                   reward_model=top_heavy_brightness)
+    tags = set(tb_scalars(result.run_dir))
+    assert {"rollout/vlm_return", "time/steps_per_s", "eval/gt_return"} <= tags
+    assert main(["--help"]) == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert sorted(t for t in tags if not t.startswith("train/") and t not in help_text) == []
+    assert "SB3's train/*" in help_text

@@ -545,8 +545,10 @@ EPILOG = textwrap.dedent("""\
     deferred (the paper) keeps a rollout's frames on the reward device and scores them in one batch
     before the gradient steps, writing the rewards into the replay buffer.
 
-    outputs in RUN_DIR: tb/ (TensorBoard: rollout/vlm_return, rollout/gt_return, time/steps_per_s,
-    time/render_s, time/reward_s, time/sac_update_s, time/env_s, time/total_timesteps, SB3's train/*,
+    outputs in RUN_DIR: tb/ (TensorBoard: rollout/vlm_return, rollout/gt_return, time/steps_per_s
+    (env steps per wall-clock second since the last row, evaluations and checkpoints included),
+    time/render_s, time/reward_s, time/sac_update_s, time/env_s (seconds per rollout),
+    time/total_timesteps, SB3's train/*,
     and eval/vlm_return, eval/gt_return with --eval-every; the same rows in progress.csv, and
     progress-from-STEP.csv per resumed session), checkpoints/ (every
     --checkpoint-every steps, at the end and on SIGINT/SIGTERM; written atomically), videos/ (mp4
