@@ -2000,3 +2000,15 @@ def test_help_names_every_tag_a_run_logs(tmp_path, capsys):
     help_text = " ".join(capsys.readouterr().out.split())
     assert sorted(t for t in tags if not t.startswith("train/") and t not in help_text) == []
     assert "SB3's train/*" in help_text
+
+
+def test_a_field_given_as_a_flag_and_through_set_is_refused():
+    from vlmrm_fast.train.run import config_from_args
+
+    parser = _train_parser()
+    with pytest.raises(ValueError, match=r"alpha is given twice on the command line \(--alpha and --set alpha=...\)"):
+        config_from_args(parser.parse_args(["train", "--alpha", "0.5", "--set", "alpha=0.25"]))
+    with pytest.raises(ValueError, match=r"n_envs is given twice .*\(--n-envs and --set n_envs=...\)"):
+        config_from_args(parser.parse_args(["train", "--set", "n-envs=2", "--n-envs", "2"]))
+    config, _ = config_from_args(parser.parse_args(["train", "--alpha", "0.5", "--set", "n_envs=3"]))
+    assert (config.alpha, config.n_envs) == (0.5, 3)

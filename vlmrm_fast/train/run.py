@@ -481,6 +481,10 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, Optional[Pa
     for f in fields(TrainConfig):
         value = getattr(args, f"field_{f.name}", None)
         if value is not None:
+            if f.name in overrides:  # which one wins would depend on an order the parser does not keep
+                flag = "--" + f.name.replace("_", "-")
+                raise ValueError(f"{f.name} is given twice on the command line ({flag} and --set {f.name}=...): "
+                                 "give it once")
             overrides[f.name] = value  # converted to the field's type by apply_overrides (net_arch "64,64" too)
     base = from_preset(args.preset) if args.preset else TrainConfig()
     from_file = load_config_file(args.config) if args.config is not None else {}
