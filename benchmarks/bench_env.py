@@ -267,8 +267,10 @@ class TimedRewardModel:
         self._model = model
         self._call = clock.timed("reward", model.__call__)
 
-    def __call__(self, *a: Any, **k: Any) -> Any:
-        return self._call(*a, **k)
+    def __call__(self, frames: Any, *, bottom_up: bool = False) -> Any:
+        # bottom_up named, as CLIPReward names it: the wrapper then passes the GPU path's OpenGL row order
+        # through to the preprocessing kernel instead of flipping the frames itself first (an extra copy).
+        return self._call(frames, bottom_up=bottom_up)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._model, name)

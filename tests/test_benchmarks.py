@@ -694,8 +694,6 @@ def test_fast_rollout_times_physics_render_and_reward_of_the_wrapped_env(monkeyp
     assert set(clock.totals) == {"physics", "render", "reward"} and all(t > 0 for t in clock.totals.values())
 
 
-@pytest.mark.xfail(strict=True, reason="TimedRewardModel hides CLIPReward's bottom_up parameter, so the wrapper "
-                   "flips the GPU path's frames itself (an extra copy that VLMRewardVecEnv(CLIPReward) never makes)")
 def test_timed_reward_model_takes_bottom_up_frames_as_the_model_it_times():
     from vlmrm_fast.wrappers import _rewards_of
 
