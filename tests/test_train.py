@@ -2012,3 +2012,22 @@ def test_a_field_given_as_a_flag_and_through_set_is_refused():
         config_from_args(parser.parse_args(["train", "--set", "n-envs=2", "--n-envs", "2"]))
     config, _ = config_from_args(parser.parse_args(["train", "--alpha", "0.5", "--set", "n_envs=3"]))
     assert (config.alpha, config.n_envs) == (0.5, 3)
+
+
+@pytest.mark.parametrize("timing", ["step", "deferred"])
+def test_a_render_size_the_config_chose_is_not_warned_about(tmp_path, timing):
+    # The wrappers warn when frames need a resize to the tower's size; in train that size is the config's
+    # choice (the smoke preset renders 64 x 64 on purpose), so the warning would only be noise.
+    from vlmrm_fast.train import train
+
+    class TowerOf224:
+        image_size = (224, 224)
+
+        def __call__(self, frames):
+            return top_heavy_brightness(frames)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(dot_config(tmp_path, reward_timing=timing, total_timesteps=8, checkpoint_every=0), reward_model=TowerOf224())
+    assert not [str(w.message) for w in caught if "resized" in str(w.message)]
+

@@ -47,6 +47,9 @@ class DeferredRewardRecorder(VLMRewardVecEnv):
     #: Per-session timings: not restored from a checkpoint (the first log after a resume would
     #: otherwise report the whole previous session).
     checkpoint_skip = ("env_s", "render_s", "reward_s", "_t0", "_t_render_end")
+    #: No resize warning: train renders at the tower's size unless its config asks for another size
+    #: (a choice, like the smoke preset's 64 x 64) or the env cannot take one (``check_env_frames`` says so).
+    _size_checked = True
 
     def __init__(self, venv: VecEnv, reward_model, capacity: int, mode: str = "replace", weight: float = 1.0,
                  render: str = "auto", task: Union[int, str] = 0) -> None:
@@ -163,6 +166,7 @@ class TimedVLMRewardVecEnv(VLMRewardVecEnv):
     """
 
     checkpoint_skip = DeferredRewardRecorder.checkpoint_skip
+    _size_checked = DeferredRewardRecorder._size_checked
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
