@@ -2031,3 +2031,14 @@ def test_a_render_size_the_config_chose_is_not_warned_about(tmp_path, timing):
         train(dot_config(tmp_path, reward_timing=timing, total_timesteps=8, checkpoint_every=0), reward_model=TowerOf224())
     assert not [str(w.message) for w in caught if "resized" in str(w.message)]
 
+
+def test_help_gives_every_fields_default(capsys):
+    from vlmrm_fast.train.config import TrainConfig
+    from vlmrm_fast.train.run import main
+
+    assert main(["--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(the paper) (default: deferred)" in text and "regularisation strength in [0, 1] (default: 0.0)" in text
+    assert "(default: a humanoid robot kneeling)" in text and "(default: 256, 256)" in text
+    assert "(default: true)" in text and "(default: {})" in text
+    assert text.count("(default:") >= len(dataclasses.fields(TrainConfig))

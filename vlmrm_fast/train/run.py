@@ -542,7 +542,8 @@ def run_train_command(args: argparse.Namespace) -> int:
 
 EPILOG = textwrap.dedent("""\
     config layers (later wins): TrainConfig defaults (the paper's) < --preset < --config FILE
-    (TOML or .json, flat key = value; tables are flattened) < --set KEY=VALUE and the flags above.
+    (TOML or .json, flat key = value; tables are flattened) < --set KEY=VALUE and the flags above
+    (a field by one or the other, not both).
     The effective config is saved in RUN_DIR/config.json and in every checkpoint.
 
     rewards: --reward-timing step scores all envs' frames each env step (one batch per step);
@@ -580,11 +581,15 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     p.add_argument("--resume", type=Path, metavar="RUN_DIR",
                    help="continue the run in RUN_DIR from its latest complete checkpoint")
     p.add_argument("--print-config", action="store_true", help="print the effective config as JSON and exit")
-    group = p.add_argument_group("config fields (override the preset and the config file)")
+    group = p.add_argument_group("config fields (override the preset and the config file; defaults without a preset)")
     docs = field_help()
+    defaults = TrainConfig()
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
-        kwargs = dict(dest=f"field_{f.name}", default=None, help=docs[f.name])
+        text = docs[f.name]
+        if "default" not in text:
+            text += f" (default: {_shown_default(getattr(defaults, f.name))})"
+        kwargs = dict(dest=f"field_{f.name}", default=None, help=text.replace("%", "%%"))
         if f.type in ("bool", bool):
             group.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
         elif f.name in ("goal", "baseline"):
@@ -595,6 +600,19 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
             group.add_argument(flag, metavar=f.name.split("_")[-1].upper(), **kwargs)
     p.set_defaults(handler=run_train_command)
     return p
+
+
+def _shown_default(value: Any) -> str:
+    """A field's default as a user would type it after its flag (or --set)."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return ", ".join(map(str, value)) or "none"
+    if isinstance(value, dict):
+        return json.dumps(value)
+    return str(value)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
