@@ -2042,3 +2042,17 @@ def test_help_gives_every_fields_default(capsys):
     assert "(default: a humanoid robot kneeling)" in text and "(default: 256, 256)" in text
     assert "(default: true)" in text and "(default: {})" in text
     assert text.count("(default:") >= len(dataclasses.fields(TrainConfig))
+
+
+def test_the_readmes_config_file_example_is_a_valid_config(tmp_path):
+    import re
+
+    from conftest import ROOT
+
+    from vlmrm_fast.train.run import config_from_args
+
+    [example] = re.findall(r"```toml\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    (tmp_path / "run.toml").write_text(example)
+    config, _ = config_from_args(_train_parser().parse_args(["train", "--config", str(tmp_path / "run.toml")]))
+    config.validate()
+    assert (config.model, config.n_envs, config.goal) == ("ViT-B-32", 8, ["a humanoid robot kneeling"])
