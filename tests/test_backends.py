@@ -1021,3 +1021,60 @@ def test_one_torch_thread_blocks_nest_in_one_thread():
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(previous)
+
+
+@needs_ort
+@pytest.mark.parametrize("input_format,shape,elem", [("uint8-nhwc", ["batch", 224, 224, 3], "UINT8"),
+                                                     ("pixels", ["batch", 3, 224, 224], "FLOAT")])
+def test_exported_graph_names_opset_inputs_and_outputs(input_format, shape, elem, tmp_path):
+    # What another runtime (TensorRT's parser, a user's own) reads of the graph: opset 17 (LayerNormalization
+    # as one op), the input's name, type and shape, float embeddings [batch, D]; uint8 frames are cast
+    # before anything else touches them (TensorRT takes uint8 only as a graph input or output).
+    import onnx
+
+    from vlmrm_fast.backends.onnx_export import export_onnx
+
+    model, _ = make_tiny()
+    path = export_onnx(model.visual, tmp_path / "t.onnx", preprocess_spec_of(model, "vlmrm"), input_format=input_format)
+    graph_model = onnx.load(str(path))
+    assert [o.version for o in graph_model.opset_import if o.domain in ("", "ai.onnx")] == [17]
+    graph = graph_model.graph
+    name = "frames" if input_format == "uint8-nhwc" else "pixels"
+    dims = lambda value: [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]  # noqa: E731
+    [given] = graph.input
+    assert given.name == name and dims(given) == shape
+    assert given.type.tensor_type.elem_type == getattr(onnx.TensorProto, elem)
+    [out] = graph.output
+    assert out.name == "embeddings" and dims(out) == ["batch", 32]
+    assert out.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    if input_format == "uint8-nhwc":
+        assert {node.op_type for node in graph.node if name in node.input} == {"Cast"}
+
+
+def test_export_leaves_multihead_attentions_fast_path_as_it_was():
+    # The exporter traces with the fused fast path off; the process's own setting comes back after.
+    from vlmrm_fast.backends.onnx_export import _mha_fastpath_disabled
+
+    mha = torch.backends.mha
+    previous = mha.get_fastpath_enabled()
+    try:
+        for setting in (True, False):
+            mha.set_fastpath_enabled(setting)
+            with _mha_fastpath_disabled():
+                assert mha.get_fastpath_enabled() is False
+            assert mha.get_fastpath_enabled() is setting
+    finally:
+        mha.set_fastpath_enabled(previous)
+
+
+@needs_ort
+def test_weights_near_protobufs_limit_go_to_a_side_file(tmp_path, monkeypatch):
+    # The graph's structure and protobuf's framing come on top of the weights: from 90% of the limit
+    # they go to <name>.data, not only past it.
+    from vlmrm_fast.backends import onnx_export
+
+    model, _ = make_tiny()
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.visual.parameters())
+    monkeypatch.setattr(onnx_export, "_PROTOBUF_LIMIT", int(weight_bytes / 0.95))
+    onnx_export.export_onnx(model.visual, tmp_path / "t.onnx", preprocess_spec_of(model, "vlmrm"), input_format="pixels")
+    assert (tmp_path / "t.onnx.data").exists()

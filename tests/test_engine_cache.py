@@ -370,3 +370,25 @@ def test_atomic_write_closes_what_it_opens(tmp_path):
     for i in range(5):
         atomic.write_atomically(tmp_path / f"engine{i}.plan", b"bytes")
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+# ---- behaviours a mutation audit found untested ---------------------------------------------------
+
+
+def test_storing_an_engine_is_atomic_and_makes_the_cache_folder(tmp_path, monkeypatch):
+    # The cache's own writes go through write_atomically: a first run makes ~/.cache/vlmrm_fast/tensorrt,
+    # and a write that fails (disk full, a crash before the rename) leaves the previous engine whole.
+    from vlmrm_fast import atomic
+
+    cache = EngineCache(tmp_path / "fresh" / "tensorrt")
+    cache.store(KEY, b"old engine")
+    assert cache.load(KEY) == b"old engine"
+
+    def broken_replace(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(atomic.os, "replace", broken_replace)
+    with pytest.raises(OSError, match="disk full"):
+        cache.store(KEY, b"new engine, never complete")
+    assert cache.load(KEY) == b"old engine"
+    assert [p.name for p in cache.directory.iterdir()] == [cache.path(KEY).name]

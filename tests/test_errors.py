@@ -399,3 +399,35 @@ def test_a_list_mixing_numpy_arrays_and_tensors_is_refused(rm):
 def test_float64_frames_score_as_float32_ones(rm):
     frames = np.random.default_rng(2).random((2, 16, 16, 3))
     torch.testing.assert_close(rm(frames), rm(frames.astype(np.float32)), rtol=0, atol=1e-5)
+
+
+def test_kernels_torch_is_honoured_even_where_triton_could_run(monkeypatch):
+    # kernels='torch' is the fix the errors above name: it must hold with the interpreter on (this
+    # suite's setting) and with a broken one, on CPU and CUDA devices alike.
+    from vlmrm_fast.ops import _triton
+
+    monkeypatch.setattr(_triton, "interpreter_problem", lambda: "broken")
+    for device in (torch.device("cpu"), torch.device("cuda", 0)):
+        assert _triton.resolve_kernels("torch", device) == "torch"
+
+
+def test_triton_runs_on_cuda_and_interpreted_cpu_only(monkeypatch):
+    from vlmrm_fast.ops import _triton
+
+    monkeypatch.setattr(_triton, "_INTERPRETED", True)
+    assert _triton.triton_runs_on(torch.device("cpu")) == _triton.HAS_TRITON
+    assert not _triton.triton_runs_on(torch.device("meta"))  # the interpreter reads host memory only
+    monkeypatch.setattr(_triton, "_INTERPRETED", False)
+    assert not _triton.triton_runs_on(torch.device("cpu"))
+    assert _triton.triton_runs_on(torch.device("cuda", 0)) == _triton.HAS_TRITON
+
+
+def test_launches_are_made_on_the_tensors_gpu():
+    # Triton launches on the current CUDA device: on cuda:1 the block must make cuda:1 current (a
+    # launch on cuda:0 would read another GPU's addresses). Built without entering: no GPU needed.
+    from vlmrm_fast.ops._triton import on_device
+
+    block = on_device(torch.device("cuda", 1))
+    assert isinstance(block, torch.cuda.device) and block.idx == 1
+    with on_device(torch.device("cpu")):
+        pass

@@ -68,3 +68,34 @@ def test_global_new_api_setting():
             assert matmul.fp32_precision == "ieee" and cudnn.conv.fp32_precision == "ieee"
         assert matmul.fp32_precision == "tf32" and cudnn.conv.fp32_precision == "tf32"
     """)
+
+
+# ---- behaviours a mutation audit found untested ---------------------------------------------------
+
+
+def test_torch_without_the_new_api_goes_through_the_legacy_flag():
+    # torch < 2.9 (this package supports 2.4 on) has no fp32_precision: the legacy flag is turned off and
+    # restored, even where the new API would always be used (cuDNN convolutions), and nothing new is set.
+    # Stand-in objects: the process's own flags are not touched.
+    import types
+
+    from vlmrm_fast.precision import _tf32_off
+
+    for new_api_always in (False, True):
+        owner = types.SimpleNamespace(allow_tf32=True)
+        with _tf32_off(owner, owner, new_api_always=new_api_always):
+            assert owner.allow_tf32 is False
+        assert vars(owner) == {"allow_tf32": True}
+
+
+def test_a_setting_is_restored_when_the_block_raises():
+    import types
+
+    from vlmrm_fast.precision import _tf32_off
+
+    legacy, new = types.SimpleNamespace(allow_tf32=True), types.SimpleNamespace(fp32_precision="tf32")
+    with pytest.raises(KeyError):
+        with _tf32_off(legacy, new, new_api_always=True):
+            assert new.fp32_precision == "ieee" and legacy.allow_tf32 is True
+            raise KeyError("in the block")
+    assert new.fp32_precision == "tf32" and legacy.allow_tf32 is True

@@ -281,3 +281,32 @@ def test_a_tile_count_at_cudas_grid_limit_is_launched(monkeypatch):
     spec = PreprocessSpec((255, 257), MEAN, STD, "vlmrm")
     preprocess_triton(torch.zeros((1, 255, 257, 3), dtype=torch.uint8), spec, torch.float32, tile=(1, 1, 1))
     assert grids == [(1, 65535)]
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_openclip_centre_crop_rounds_half_to_even_on_both_axes(impl):
+    # 16 x 21 (wider than tall) to 16: the long side stays 21 and the crop starts at round(5 / 2) = 2
+    # (Python's and torchvision's round, half to even; rounding half up would give 3). The portrait
+    # case above checks the rows' offset, this one the columns'.
+    from vlmrm_fast.ops.resize_taps import shortest_side_geometry
+
+    assert shortest_side_geometry(16, 21, 16) == (16, 21, 0, 2)
+    assert shortest_side_geometry(21, 16, 16) == (21, 16, 2, 0)
+    frames = _frames(2, 16, 21, seed=7)
+    spec = PreprocessSpec((16, 16), MEAN, STD, "openclip")
+    _check(preprocess(torch.from_numpy(frames), spec, torch.float32, impl=impl),
+           reference_preprocess(frames, 16, MEAN, STD, "openclip"), torch.float32)
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_a_non_square_tower_resizes_frames_of_its_transposed_size(impl):
+    # A 15 x 20 tower fed 20 x 15 frames: same pixel count, other shape, so the frames must be resized
+    # (rows 20 -> 15, columns 15 -> 20), never taken for the copy path's frames of the tower's size.
+    from reference import bicubic_matrix
+
+    frames = _frames(2, 20, 15, seed=8)
+    spec = PreprocessSpec((15, 20), MEAN, STD, "vlmrm")
+    x = (frames.astype(np.float64) / 255.0).transpose(0, 3, 1, 2)
+    x = bicubic_matrix(20, 15) @ x @ bicubic_matrix(15, 20).T
+    ref = (x - np.asarray(MEAN).reshape(1, 3, 1, 1)) / np.asarray(STD).reshape(1, 3, 1, 1)
+    _check(preprocess(torch.from_numpy(frames), spec, torch.float32, impl=impl), ref, torch.float32)

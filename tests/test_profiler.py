@@ -1282,3 +1282,82 @@ def test_the_kernel_table_lists_the_costliest_with_names_that_fit():
     assert shown[0] == f"| `{long_name[:87]}...` | matmul | 1 | 1,000 | 40.0% |"
     assert shown[1] == "| `mul/add` | elementwise | 2 | 500 | 20.0% |"  # no stray column separator
     assert "| m | torch | bf16 | 8 | cpu torch ops | 2,500 |  |" in text  # thousands separated; no peak, no ceiling
+
+
+# ---- run_info (what every result row names): behaviours a mutation audit found untested -------------
+
+
+def _git(repo, *args):
+    import subprocess
+
+    subprocess.run(["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t", *args], check=True,
+                   capture_output=True)
+
+
+def test_commit_is_dirty_for_changed_tracked_files_only(tmp_path, monkeypatch):
+    # Untracked files (results just written, caches) do not make a measurement's tree dirty; an
+    # edit to a tracked file does.
+    from vlmrm_fast import run_info
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "code.py").write_text("x = 1\n")
+    _git(repo, "init", "-q")
+    _git(repo, "add", "code.py")
+    _git(repo, "commit", "-q", "-m", "one")
+    monkeypatch.setattr(run_info, "REPO_ROOT", repo.resolve())
+    head = run_info.command_output(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"])
+    assert head and run_info.git_commit() == head
+    (repo / "results.json").write_text("{}")
+    assert run_info.git_commit() == head
+    (repo / "code.py").write_text("x = 2\n")
+    assert run_info.git_commit() == head + "+dirty"
+
+
+def test_a_tree_inside_another_repository_does_not_take_its_commit(tmp_path, monkeypatch):
+    # An installed or copied package whose folder lies inside some other checkout (a project that
+    # vendors it, a virtual environment in a repository): that repository's commit is not ours.
+    from vlmrm_fast import run_info
+
+    repo = tmp_path / "repo"
+    (repo / "site" / "vlmrm_fast_copy").mkdir(parents=True)
+    (repo / "site" / "vlmrm_fast_copy" / "a.py").write_text("")
+    _git(repo, "init", "-q")
+    _git(repo, "add", ".")
+    _git(repo, "commit", "-q", "-m", "one")
+    monkeypatch.setattr(run_info, "REPO_ROOT", (repo / "site").resolve())
+    monkeypatch.delenv(run_info.COMMIT_VARIABLE, raising=False)
+    assert run_info.git_commit() == "unknown"
+    monkeypatch.setenv(run_info.COMMIT_VARIABLE, " 7a93ce9\n")
+    assert run_info.git_commit() == "7a93ce9"
+
+
+def test_command_output_is_none_for_a_failing_or_missing_command(monkeypatch):
+    import subprocess
+    import sys
+
+    from vlmrm_fast import run_info
+
+    assert run_info.command_output([sys.executable, "-c", "print(' out ')"]) == "out"
+    assert run_info.command_output([sys.executable, "-c", "print('partial'); raise SystemExit(3)"]) is None
+    assert run_info.command_output(["/nonexistent/vlmrm-no-such-command"]) is None
+
+    def too_slow(*args, **kwargs):
+        raise subprocess.TimeoutExpired(args[0], 10)
+
+    monkeypatch.setattr(run_info.subprocess, "run", too_slow)
+    assert run_info.command_output(["nvidia-smi"]) is None  # a hung driver query: no driver named, no crash
+
+
+def test_gpu_driver_and_package_versions(monkeypatch):
+    from importlib.metadata import version
+
+    from vlmrm_fast import run_info
+
+    monkeypatch.setattr(run_info, "command_output", lambda args: "550.54.15\n550.54.15")  # one line a GPU
+    assert run_info.gpu_driver() == "550.54.15"
+    monkeypatch.setattr(run_info, "command_output", lambda args: None)
+    assert run_info.gpu_driver() == ""
+    assert run_info.package_version("vlmrm-no-such-distribution", "pytest") == version("pytest")
+    assert run_info.package_version("vlmrm-no-such-distribution") == ""
+    assert run_info.device_name(torch.device("cpu")).endswith(f"({torch.get_num_threads()} threads)")

@@ -1141,3 +1141,43 @@ def test_an_extension_whose_library_cannot_load_is_reported_with_the_loaders_err
     assert _cuda.extension() is None and _cuda._built is True
     reason = gpu_unavailable_reason()
     assert "is built but does not load (OSError: libcudart.so.12: cannot open shared object file" in reason
+
+
+# ---- vlmrm_fast.llvm_clash on stand-ins for /proc and Triton (a mutation audit found it untested) ----
+
+
+def test_the_llvm_clash_warning_comes_once_and_only_when_both_hold(monkeypatch):
+    from vlmrm_fast import llvm_clash
+
+    monkeypatch.setattr(llvm_clash, "_warned", False)
+    for triton_pending, mesa in [(True, False), (False, True), (False, False)]:
+        monkeypatch.setattr(llvm_clash, "_triton_not_loaded", lambda: triton_pending)
+        monkeypatch.setattr(llvm_clash, "mesa_llvm_loaded", lambda: mesa)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            llvm_clash.warn_if_triton_may_crash()
+    monkeypatch.setattr(llvm_clash, "_triton_not_loaded", lambda: True)
+    monkeypatch.setattr(llvm_clash, "mesa_llvm_loaded", lambda: True)
+    with pytest.warns(UserWarning, match="import vlmrm_fast .or triton. before the first frame"):
+        llvm_clash.warn_if_triton_may_crash()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        llvm_clash.warn_if_triton_may_crash()  # once a process: each kernel module asks
+
+
+def test_a_mapped_llvm_is_told_from_proc_self_maps(monkeypatch):
+    import io
+
+    from vlmrm_fast import llvm_clash
+
+    maps = {"yes": "7f00-7f01 r-xp 0 08:01 1 /usr/lib/x86_64-linux-gnu/libLLVM-15.so.1\n",
+            "no": "7f00-7f01 r-xp 0 08:01 1 /usr/lib/libc.so.6\n"}
+    for text, loaded in [("yes", True), ("no", False)]:
+        monkeypatch.setattr(llvm_clash, "open", lambda path, text=text: io.StringIO(maps[text]), raising=False)
+        assert llvm_clash.mesa_llvm_loaded() is loaded
+
+    def no_proc(path):
+        raise PermissionError(13, "Permission denied", path)  # a sandbox without /proc access
+
+    monkeypatch.setattr(llvm_clash, "open", no_proc, raising=False)
+    assert llvm_clash.mesa_llvm_loaded() is False
