@@ -311,7 +311,10 @@ def test_kernel_profile_of_the_largest_batch(results, bench_run):
         assert any("Integer" in k["name"] or "Quantize" in k["name"] for k in profiles[("onnxruntime", "int8")]["kernels"])
     table = (bench_run[1] / "bench.md").read_text()
     assert "## Where the tower's time goes" in table and "| vlmrm-tiny | torch | fp32 | 2 | cpu torch ops |" in table
-    assert "`aten::native_layer_norm` | layernorm | 6 |" in table
+    # Each configuration's costliest ops, as listed in the JSON (which ops make the cut depends on timing
+    # noise: layer norm's 6 launches are checked above from the JSON, not here).
+    for kernel in eager["kernels"][:3]:
+        assert f"| `{kernel['name']}` | {kernel['kind']} | {kernel['launches']:g} |" in table, kernel
 
 
 @pytest.mark.parametrize("name, kind", [
