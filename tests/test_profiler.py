@@ -522,6 +522,21 @@ def test_commit_of_a_tree_without_its_git_folder(tmp_path, monkeypatch):
     assert run_info.git_commit() == "7a93ce9"
 
 
+def _products_counting_timer(products: list, timed: list, repeats: int):
+    """A CPU StageTimer that appends (products made during the call, its seconds) to ``timed`` for each
+    timed call; ``products`` is the list a stand-in ``torch.mm`` appends to."""
+    from vlmrm_fast.profiler import timing
+
+    class CountingTimer(timing.StageTimer):
+        def _time_once(self, fn):
+            before = len(products)
+            seconds = super()._time_once(fn)
+            timed.append((len(products) - before, seconds))
+            return seconds
+
+    return CountingTimer(torch.device("cpu"), warmup=0, repeats=repeats, time_budget=1.0)
+
+
 def test_matmul_peak_times_bursts_of_products(monkeypatch):
     # One product timed alone carries the synchronisation around it (1-2% of an 8192^3 bf16 product
     # on an H200): each timed repeat is a burst of about PEAK_BURST_S, and the FLOPs count all of it.
@@ -535,16 +550,7 @@ def test_matmul_peak_times_bursts_of_products(monkeypatch):
     # more than one product; idle, PEAK_MAX_BURST caps it at a fraction of that.
     monkeypatch.setattr(timing, "PEAK_BURST_S", 1.0)
     timed = []
-
-    class CountingTimer(timing.StageTimer):
-        def _time_once(self, fn):
-            before = len(calls)
-            seconds = super()._time_once(fn)
-            timed.append((len(calls) - before, seconds))
-            return seconds
-
-    tflops, n = timing.measure_peak_tflops(torch.device("cpu"), torch.float32,
-                                           CountingTimer(torch.device("cpu"), warmup=0, repeats=3, time_budget=1.0))
+    tflops, n = timing.measure_peak_tflops(torch.device("cpu"), torch.float32, _products_counting_timer(calls, timed, 3))
     burst = timed[0][0]
     assert n == 512 and 1 < burst <= timing.PEAK_MAX_BURST and all(k == burst for k, _ in timed)
     median_s = sorted(s for _, s in timed)[1]
@@ -923,16 +929,8 @@ def test_matmul_peak_size_precision_and_burst(monkeypatch):
     # A burst never holds fewer than one product, however long one takes.
     monkeypatch.setattr(timing, "PEAK_BURST_S", 0.0)
     timed = []
-
-    class Counting(timing.StageTimer):
-        def _time_once(self, fn):
-            before = len(products)
-            seconds = super()._time_once(fn)
-            timed.append(len(products) - before)
-            return seconds
-
-    tflops, n = peak(timer=Counting(torch.device("cpu"), warmup=0, repeats=2, time_budget=1.0))
-    assert timed == [1, 1] and tflops > 0
+    tflops, n = peak(timer=_products_counting_timer(products, timed, 2))
+    assert [k for k, _ in timed] == [1, 1] and tflops > 0
     # Otherwise a burst is PEAK_BURST_S over one product's time, rounded, capped at PEAK_MAX_BURST: a
     # clock that advances 10 ms a reading makes one product take 10 ms.
     clock = iter(range(10**6))
@@ -942,8 +940,8 @@ def test_matmul_peak_size_precision_and_burst(monkeypatch):
     for burst_s, burst in [(0.126, 13), (0.134, 13), (10.0, timing.PEAK_MAX_BURST)]:
         monkeypatch.setattr(timing, "PEAK_BURST_S", burst_s)
         timed.clear()
-        peak(timer=Counting(torch.device("cpu"), warmup=0, repeats=1, time_budget=1.0))
-        assert timed == [burst], burst_s
+        peak(timer=_products_counting_timer(products, timed, 1))
+        assert [k for k, _ in timed] == [burst], burst_s
 
 
 def test_vit_flops_formula_term_by_term():

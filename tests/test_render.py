@@ -843,6 +843,7 @@ def fake_gpu(monkeypatch):
     monkeypatch.setattr(_cuda, "_ext", ext)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # what _cuda.gpu_unavailable_reason reads
     monkeypatch.setattr(torch.cuda, "device_count", lambda: cuda.count)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: cuda.current_index)  # read by checked_device
     real_context = mujoco.MjrContext
 
     def recording_context(*args):

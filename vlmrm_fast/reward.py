@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from vlmrm_fast.backends import VisionBackend, build_backend, check_backend_options, resolve_backend
-from vlmrm_fast.backends.base import missing_cuda_device, with_cuda_index
+from vlmrm_fast.backends.base import checked_device
 from vlmrm_fast.frames import FrameInput, as_frame_batch
 from vlmrm_fast.models import create_clip, image_size_of, preprocess_spec_of
 from vlmrm_fast.ops._triton import resolve_kernels
@@ -38,16 +38,10 @@ def _place(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> 
 
 
 def _resolve_device(device: Union[str, torch.device, None]) -> torch.device:
-    """The device, with a CUDA index always set (:func:`with_cuda_index`)."""
+    """The device, with a CUDA index always set (:func:`~vlmrm_fast.backends.base.checked_device`)."""
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={str(device)!r} but CUDA is not available here; pass device='cpu' (command line: --device cpu; train: --reward-device cpu).")
-    why = missing_cuda_device(device)
-    if why:
-        raise ValueError(f"device={str(device)!r}: {why}; pass one of those, or device='cuda' for the current one.")
-    return with_cuda_index(device)
+    return checked_device(device, "pass device='cpu' (command line: --device cpu; train: --reward-device cpu).")
 
 
 def _resolve_dtype(dtype: Union[str, torch.dtype, None], device: torch.device) -> torch.dtype:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import threading
-from typing import ContextManager, List, Optional, Tuple
+from typing import ContextManager, List, Optional, Tuple, Union
 
 import torch
 
@@ -35,6 +35,19 @@ def missing_cuda_device(device: torch.device) -> Optional[str]:
     if device.index < count:
         return None
     return f"{device} does not exist: this machine has {count} CUDA device{'s' if count != 1 else ''} (cuda:0 to cuda:{count - 1})"
+
+
+def checked_device(device: Union[str, torch.device], no_cuda_fix: str) -> torch.device:
+    """``device`` with its CUDA index (:func:`with_cuda_index`), or a ValueError where this machine has no
+    such device: without CUDA, naming ``no_cuda_fix`` (the caller's way to the CPU); past the last GPU,
+    naming the devices there are."""
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={str(device)!r} but CUDA is not available here; {no_cuda_fix}")
+    why = missing_cuda_device(device)
+    if why:
+        raise ValueError(f"device={str(device)!r}: {why}; pass one of those, or device='cuda' for the current one.")
+    return with_cuda_index(device)
 
 
 def missing_extra(package: str, extra: str, needed_by: str) -> BackendError:

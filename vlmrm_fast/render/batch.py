@@ -22,7 +22,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from vlmrm_fast.backends.base import missing_cuda_device
+from vlmrm_fast.backends.base import checked_device
 from vlmrm_fast.callers import stacklevel_outside_package
 from vlmrm_fast.render import _cuda
 
@@ -326,23 +326,6 @@ def _keep_current_gl():
                 pass
 
 
-def _frames_device(device: Union[str, torch.device]) -> torch.device:
-    """``device`` with its CUDA index, or a ValueError naming the fix where it cannot hold frames here
-    (else the first ``render()`` would fail in a copy, long after the mistake)."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        return device
-    if not torch.cuda.is_available():
-        raise ValueError(f"device={str(device)!r} but CUDA is not available here; pass device='cpu', or leave "
-                         "device unset (CUDA where there is one, else the CPU).")
-    if device.index is None:
-        return torch.device("cuda", torch.cuda.current_device())
-    why = missing_cuda_device(device)
-    if why:
-        raise ValueError(f"device={str(device)!r}: {why}; pass one of those, or device='cuda' for the current one.")
-    return device
-
-
 class BatchRenderer:
     """Render N MuJoCo envs of the same model into one uint8 tensor ``[N, H, W, 3]``.
 
@@ -442,7 +425,8 @@ class BatchRenderer:
         self.width, self.height, self.num_envs = width, height, len(models)
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = device = _frames_device(device)
+        self.device = device = checked_device(
+            device, "pass device='cpu', or leave device unset (CUDA where there is one, else the CPU).")
         self.max_geom = int(max_geom)
         self.fallback_reason: Optional[str] = None
         self.path = "cpu"

@@ -166,7 +166,7 @@ class TimedVLMRewardVecEnv(VLMRewardVecEnv):
     """
 
     checkpoint_skip = DeferredRewardRecorder.checkpoint_skip
-    _size_checked = DeferredRewardRecorder._size_checked
+    _size_checked = True  # no resize warning, as DeferredRewardRecorder
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
