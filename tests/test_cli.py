@@ -690,3 +690,22 @@ def test_a_missing_optional_dependency_names_the_install_command(monkeypatch) ->
     monkeypatch.setattr(importlib, "import_module", missing)
     with pytest.raises(cli.CLIError, match=r"'pillow' is needed .*pip install 'vlmrm-fast\[cli\]'"):
         cli._require("PIL.Image", "pillow")
+
+
+def _cut_short_savefig(figure, target, **kwargs):
+    """Figure.savefig that writes the start of a PNG to its target, then fails (a full disk, a kill)."""
+    if isinstance(target, (str, os.PathLike)):
+        Path(target).write_bytes(b"\x89PNG cut short")
+    else:
+        target.write(b"\x89PNG cut short")
+    raise OSError("No space left on device")
+
+
+def test_a_plot_cut_short_keeps_the_earlier_plot_and_leaves_no_temporary(tmp_path: Path, monkeypatch) -> None:
+    figure_module = pytest.importorskip("matplotlib.figure")
+    plot = tmp_path / "r.png"
+    plot.write_bytes(b"an earlier run's plot")
+    monkeypatch.setattr(figure_module.Figure, "savefig", _cut_short_savefig)
+    with pytest.raises(OSError, match="No space left"):
+        cli.write_plot(plot, np.array([0.1, 0.2]), ["a goal"], None, 0.0)
+    assert plot.read_bytes() == b"an earlier run's plot" and os.listdir(tmp_path) == ["r.png"]

@@ -13,6 +13,7 @@ import io
 import json
 import os
 import warnings
+from pathlib import Path
 
 import open_clip
 import pytest
@@ -776,6 +777,26 @@ def test_rates_of_a_thousand_and_more_get_thousands_separators():
     from vlmrm_fast.profiler.report import _rate
 
     assert (_rate(1000.0), _rate(999.4), _rate(12345.6), _rate(None)) == ("1,000", "999", "12,346", "n/a")
+
+
+def test_a_bench_plot_cut_short_keeps_the_earlier_plot_and_leaves_no_temporary(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    from vlmrm_fast.profiler.report import Report, write_plot
+
+    def cut_short(figure, target, **kwargs):  # writes the start of a PNG to its target, then fails
+        if isinstance(target, (str, os.PathLike)):
+            Path(target).write_bytes(b"\x89PNG cut short")
+        else:
+            target.write(b"\x89PNG cut short")
+        raise OSError("No space left on device")
+
+    (tmp_path / "bench.png").write_bytes(b"an earlier run's plot")
+    monkeypatch.setattr(Figure, "savefig", cut_short)
+    report = Report(ENV, {**CONFIG, "device": "cpu", "frame_size": 224}, rows=[_row("ViT-B-32", "torch", 12.0, 10.0)])
+    with pytest.raises(OSError, match="No space left"):
+        write_plot(tmp_path / "bench.png", report)
+    assert (tmp_path / "bench.png").read_bytes() == b"an earlier run's plot" and os.listdir(tmp_path) == ["bench.png"]
 
 
 def test_write_outputs_writes_derived_kernel_figures_and_the_plot_only_when_asked(tmp_path):

@@ -1,10 +1,11 @@
 """Writing a file so that a crash never leaves a half-written one under its real name."""
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 from pathlib import Path
-from typing import Union
+from typing import Any, Union
 
 
 def fsync_dir(path: Union[str, Path]) -> None:
@@ -55,3 +56,11 @@ def write_atomically(path: Union[str, Path], data: bytes) -> Path:
         raise
     fsync_dir(path.parent)
     return path
+
+
+def save_figure_atomically(figure: Any, path: Union[str, Path], dpi: int = 120) -> Path:
+    """Save a matplotlib ``Figure`` as a PNG at ``path`` through :func:`write_atomically`: rendered in
+    memory first, so a crash mid-save never leaves a cut-short image where an earlier one was."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=dpi)
+    return write_atomically(path, buffer.getvalue())

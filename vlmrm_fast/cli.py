@@ -42,7 +42,7 @@ import numpy as np
 from tqdm import tqdm
 
 from vlmrm_fast.argtypes import BACKEND_NAMES, dtype_choice, positive_int
-from vlmrm_fast.atomic import write_atomically
+from vlmrm_fast.atomic import save_figure_atomically, write_atomically
 from vlmrm_fast.export import add_export_parser
 from vlmrm_fast.profiler import add_bench_parser
 from vlmrm_fast.train.run import add_train_parser
@@ -480,9 +480,7 @@ def write_plot(
     if baseline and alpha > 0:
         title += f"\nbaseline: {_quote_prompts(baseline)}, alpha = {alpha:g}"
     ax.set_title(title, fontsize=10)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
-    return path
+    return save_figure_atomically(figure, path)
 
 
 def _quote_prompts(prompts: Sequence[str], width: int = 90) -> str:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from vlmrm_fast.atomic import write_atomically
+from vlmrm_fast.atomic import save_figure_atomically, write_atomically
 from vlmrm_fast.ops._triton import interpreter_enabled
 from vlmrm_fast.profiler.kernels import TowerProfile, markdown_kernel_profiles
 from vlmrm_fast.profiler.seed import SEED, SEED_CUDA_DTYPE, SEED_FRAME_SIZE
@@ -367,8 +367,7 @@ def write_plot(path: Path, report: Report) -> Path:
     ax.grid(alpha=0.3)
     if report.rows:
         ax.legend(fontsize=7, loc="best", handlelength=4)  # long enough to tell the line styles apart
-    figure.savefig(path, dpi=120)
-    return path
+    return save_figure_atomically(figure, path)
 
 
 def write_outputs(report: Report, config: BenchConfig, plot: Optional[bool] = None) -> List[Path]:
