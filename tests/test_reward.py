@@ -368,6 +368,59 @@ def test_a_prompt_longer_than_the_context_is_a_warning_not_a_silent_cut():
         rm.set_tasks(goal=fits, baseline="a robot")
 
 
+class _PaddingTokenizer:
+    """Stands in for open_clip's HFTokenizer: no start token, one id per word, an end token (2), then
+    padding (1) up to ``context_length``, cut there as a Hugging Face tokenizer with truncation=True."""
+
+    context_length = 12
+
+    def __call__(self, texts, context_length=None):
+        n = context_length or self.context_length
+        rows = [([5 + len(word) for word in text.split()] + [2])[:n] for text in texts]
+        return torch.tensor([row + [1] * (n - len(row)) for row in rows])
+
+
+def test_a_prompt_too_long_for_a_tokenizer_other_than_clips_is_a_warning_too():
+    from vlmrm_fast.tasks import _warn_of_cut_prompts
+
+    fits, cut = " ".join(["word"] * 11), " ".join(["word"] * 12)  # with the end token: 12 and 13 tokens
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _warn_of_cut_prompts(_PaddingTokenizer(), ["", "a robot", fits])
+    with pytest.warns(UserWarning, match=r"'word word .*' is 13 tokens long, but the text tower reads 12"):
+        _warn_of_cut_prompts(_PaddingTokenizer(), [fits, cut])
+    with pytest.warns(UserWarning, match=r"is 48 tokens long"):  # the most it can tell: 4x the context
+        _warn_of_cut_prompts(_PaddingTokenizer(), [" ".join(["word"] * 100)])
+
+
+def test_the_padding_measure_agrees_with_clips_exact_count_at_the_boundary():
+    from vlmrm_fast.tasks import _padded_length
+
+    _, tokenizer = make_tiny()
+    for words in (0, 1, 75, 76, 77):
+        prompt = "a " * words
+        assert _padded_length(tokenizer, prompt, 77) == len(tokenizer.encode(prompt)) + 2 == words + 2
+
+
+def test_a_tokenizer_that_cannot_be_measured_is_not_checked():
+    from vlmrm_fast.tasks import _warn_of_cut_prompts
+
+    class NoContextArgument:
+        context_length = 4
+
+        def __call__(self, texts):
+            return torch.zeros(len(texts), 4, dtype=torch.long)
+
+    class NoContext:
+        def __call__(self, texts, context_length=None):
+            raise AssertionError("a tokenizer without context_length is not called")
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _warn_of_cut_prompts(NoContextArgument(), ["a b c d e f"])
+        _warn_of_cut_prompts(NoContext(), ["a b c d e f"])
+
+
 # ---- behaviours a mutation audit found untested ---------------------------------------------------
 
 

@@ -144,19 +144,23 @@ def _no_direction(task: Task, alpha: float) -> None:
 def _warn_of_cut_prompts(tokenizer: Callable, prompts: List[str]) -> None:
     """Warn for each prompt longer than the text tower's context: CLIP's tokenizer cuts it silently.
 
-    Only open_clip's ``SimpleTokenizer`` (every CLIP model named in the README) can say how long a
-    prompt is; other tokenizers are not checked.
+    open_clip's ``SimpleTokenizer`` (every CLIP model named in the README) says exactly how long a prompt
+    is. Any other tokenizer with a ``context_length`` that takes ``context_length=`` as open_clip's do
+    (``HFTokenizer``, ``SigLipTokenizer``) is measured by :func:`_padded_length`; others are not checked.
     """
+    context = getattr(tokenizer, "context_length", None)
+    if not isinstance(context, int) or context <= 0:
+        return
     try:
         from open_clip.tokenizer import SimpleTokenizer
     except ImportError:  # a tokenizer of the user's own, without open_clip
-        return
-    if not isinstance(tokenizer, SimpleTokenizer):
-        return
-    context = tokenizer.context_length
+        SimpleTokenizer = ()
     for prompt in dict.fromkeys(prompts):
-        tokens = len(tokenizer.encode(prompt)) + 2  # with the start and end tokens
-        if tokens > context:
+        if isinstance(tokenizer, SimpleTokenizer):
+            tokens = len(tokenizer.encode(prompt)) + 2  # with the start and end tokens
+        else:
+            tokens = _padded_length(tokenizer, prompt, context)
+        if tokens is not None and tokens > context:
             shown = prompt if len(prompt) <= 60 else prompt[:57] + "..."
             warnings.warn(
                 f"the prompt {shown!r} is {tokens} tokens long, but the text tower reads {context}: the "
@@ -164,6 +168,22 @@ def _warn_of_cut_prompts(tokenizer: Callable, prompts: List[str]) -> None:
                 "or split it into several goal prompts (they are averaged).",
                 stacklevel=stacklevel_outside_package(),
             )
+
+
+def _padded_length(tokenizer: Callable, prompt: str, context: int) -> Optional[int]:
+    """How many tokens ``prompt`` fills when ``tokenizer`` may use 4x its context: the position after
+    its last token that is not padding (what the empty prompt has at the end). None where the tokenizer
+    cannot be asked so. A tokenizer whose end token is its padding (T5's) counts one short, so a prompt
+    exactly one token too long can go unwarned; it never warns of a prompt that fits."""
+    wide = 4 * context
+    try:
+        ids = torch.as_tensor(tokenizer([prompt, ""], context_length=wide))
+    except Exception:  # a tokenizer of another kind: the real tokenization, next, reports its own errors
+        return None
+    if ids.shape != (2, wide):
+        return None
+    used = torch.nonzero(ids[0] != ids[1, -1])
+    return int(used[-1]) + 1 if len(used) else 0
 
 
 def encode_tasks(
