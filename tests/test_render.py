@@ -934,6 +934,26 @@ def test_closing_the_gpu_path_frees_its_buffer_and_contexts_once(fake_gpu):
     assert fake_gpu.readers[-1].closed == 1
 
 
+def test_gpu_path_renderers_left_open_are_closed_at_exit(fake_gpu, monkeypatch):
+    from vlmrm_fast.render import batch
+
+    registered = []
+    monkeypatch.setattr(batch, "_closing_at_exit", False)
+    monkeypatch.setattr(batch, "_open_gpu_renderers", batch.weakref.WeakSet())
+    monkeypatch.setattr(batch.atexit, "register", registered.append)
+    cpu = BatchRenderer(_pairs(), 16, 16, camera="cam", device="cuda:0", gpu=False)
+    assert registered == [] and len(batch._open_gpu_renderers) == 0  # the CPU path holds no CUDA buffer
+    closed, left_open, failing = (BatchRenderer(_pairs(), 16, 16, camera="cam", device="cuda:0") for _ in range(3))
+    assert registered == [batch._close_open_gpu_renderers]  # once, by the first GPU-path renderer
+    closed.close()
+    assert set(batch._open_gpu_renderers) == {left_open, failing}
+    fake_gpu.fail = "close"  # the first one closed at exit fails: the other is closed all the same
+    registered[0]()
+    assert [reader.closed for reader in fake_gpu.readers] == [1, 1, 1]
+    assert all(ctx.freed == 1 for ctx in fake_gpu.gl_contexts) and len(batch._open_gpu_renderers) == 0
+    cpu.close()
+
+
 @pytest.mark.parametrize("fault", ["devices", "read"])
 def test_a_gpu_path_that_cannot_start_frees_what_it_made_and_falls_back(fake_gpu, fault):
     if fault == "devices":

@@ -14,8 +14,10 @@ Two paths:
 """
 from __future__ import annotations
 
+import atexit
 import os
 import warnings
+import weakref
 from contextlib import contextmanager
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
@@ -32,6 +34,29 @@ CameraSpec = Union[None, int, str, Dict[str, Any], Any]  # Any: mujoco.MjvCamera
 
 _CAMERA_FIELDS = ("type", "fixedcamid", "trackbodyid", "lookat", "distance", "azimuth", "elevation",
                   "orthographic")
+
+
+# GPU-path renderers not yet closed, closed at interpreter exit while CUDA and EGL are whole: a __del__ run
+# during teardown may find mujoco's EGL module half gone and leave the context to the driver's exit.
+_open_gpu_renderers: "weakref.WeakSet[BatchRenderer]" = weakref.WeakSet()
+_closing_at_exit = False
+
+
+def _close_open_gpu_renderers() -> None:
+    """Close every GPU-path renderer still open (registered with atexit by the first one)."""
+    for renderer in list(_open_gpu_renderers):
+        try:
+            renderer.close()
+        except Exception:  # at exit: one renderer's fault must not keep the others open
+            pass
+
+
+def _track_gpu_renderer(renderer: "BatchRenderer") -> None:
+    global _closing_at_exit
+    if not _closing_at_exit:
+        atexit.register(_close_open_gpu_renderers)
+        _closing_at_exit = True
+    _open_gpu_renderers.add(renderer)
 
 
 def _mujoco():
@@ -460,6 +485,8 @@ class BatchRenderer:
             with _keep_current_gl():
                 self._init_cpu()
         self._closed = False
+        if self.path == "gpu":
+            _track_gpu_renderer(self)
 
     # -- construction ---------------------------------------------------------------------------
     @classmethod
@@ -657,6 +684,7 @@ class BatchRenderer:
         if getattr(self, "_closed", True):
             return
         self._closed = True
+        _open_gpu_renderers.discard(self)
         with _keep_current_gl():
             self._free()
 
