@@ -245,3 +245,43 @@ def test_the_arch_list_with_names_is_one_torchs_extension_builder_takes(monkeypa
     flags = flags_of()
     assert "-gencode=arch=compute_80,code=sm_80" in flags and "-gencode=arch=compute_90,code=sm_90" in flags
     assert "-gencode=arch=compute_90,code=compute_90" in flags  # Hopper's own +PTX
+
+
+# ---- the README's Python examples ----
+
+def _readme_python_blocks():
+    import re
+
+    text = (ROOT / "README.md").read_text()
+    return [(text[:m.start()].count("\n") + 2, m.group(1)) for m in re.finditer(r"```python\n(.*?)```", text, re.S)]
+
+
+# Examples that need a GPU or downloaded weights run here with the tiny random model on the CPU: the
+# same code, these names swapped (the test's, not the README's).
+_OFFLINE = {'"ViT-B-32"': '"vlmrm-tiny"', '"laion2b_s34b_b79k"': "None", 'device="cuda"': 'device="cpu"'}
+
+
+def test_the_readme_has_python_examples_and_each_compiles():
+    blocks = _readme_python_blocks()
+    assert len(blocks) >= 4
+    for line, source in blocks:
+        compile(source, f"README.md, the example at line {line}", "exec")
+
+
+@pytest.mark.parametrize("line, source", [pytest.param(*b, id=f"line-{b[0]}") for b in _readme_python_blocks()])
+def test_the_readmes_python_example_runs_in_a_fresh_namespace(line, source):
+    import warnings
+
+    if "gym" in source:
+        pytest.importorskip("gymnasium")
+        pytest.importorskip("mujoco")
+        from vlmrm_fast.render import rendering_unavailable_reason
+
+        if rendering_unavailable_reason():
+            pytest.skip(rendering_unavailable_reason())
+    for name, offline in _OFFLINE.items():
+        source = source.replace(name, offline)
+    assert "laion" not in source and '"cuda"' not in source, "an example the offline swaps above do not cover"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the tiny model's "random weights"
+        exec(compile(source, f"README.md, the example at line {line}", "exec"), {"__name__": "__readme__"})
