@@ -389,7 +389,7 @@ def test_a_prompt_too_long_for_a_tokenizer_other_than_clips_is_a_warning_too():
         _warn_of_cut_prompts(_PaddingTokenizer(), ["", "a robot", fits])
     with pytest.warns(UserWarning, match=r"'word word .*' is 13 tokens long, but the text tower reads 12"):
         _warn_of_cut_prompts(_PaddingTokenizer(), [fits, cut])
-    with pytest.warns(UserWarning, match=r"is 48 tokens long"):  # the most it can tell: 4x the context
+    with pytest.warns(UserWarning, match=r"is at least 48 tokens long"):  # as far as it measures: 4x the context
         _warn_of_cut_prompts(_PaddingTokenizer(), [" ".join(["word"] * 100)])
 
 

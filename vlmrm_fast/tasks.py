@@ -162,8 +162,9 @@ def _warn_of_cut_prompts(tokenizer: Callable, prompts: List[str]) -> None:
             tokens = _padded_length(tokenizer, prompt, context)
         if tokens is not None and tokens > context:
             shown = prompt if len(prompt) <= 60 else prompt[:57] + "..."
+            length = f"at least {tokens}" if tokens >= 4 * context else str(tokens)  # as far as it measures
             warnings.warn(
-                f"the prompt {shown!r} is {tokens} tokens long, but the text tower reads {context}: the "
+                f"the prompt {shown!r} is {length} tokens long, but the text tower reads {context}: the "
                 f"tokenizer cuts it, so the reward ignores the rest. Shorten it to at most {context - 2} tokens, "
                 "or split it into several goal prompts (they are averaged).",
                 stacklevel=stacklevel_outside_package(),
