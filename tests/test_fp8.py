@@ -505,3 +505,197 @@ def test_scales_already_representable_are_kept(scale_type):
 
     exact = np.array([0.5, 2.0**-10, 3.0, 1.5 * 2.0**-6])  # held exactly by all three types
     np.testing.assert_array_equal(representable_scale(exact, scale_type), exact.astype(np.float32))
+
+
+def _fp8_test_graph(path, weight_shape=(4, 3)):
+    """pixels [N, 4] -> Reshape to [N, -1] (which ONNX Runtime refuses for N = 0, as in the towers) -> flat,
+    read by three weight MatMuls (w1 twice, w2 once) -> Sum -> Relu -> embeddings; opset 19.
+    One activation and one weight each feed more than one matmul, which open_clip's towers never do."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(4)
+    inits = [numpy_helper.from_array(rng.standard_normal(weight_shape).astype(np.float32), name) for name in ("w1", "w2")]
+    inits.append(numpy_helper.from_array(np.array([0, -1]), "flat_shape"))
+    nodes = [helper.make_node("Reshape", ["pixels", "flat_shape"], ["flat"], name="reshape")]
+    nodes += [helper.make_node("MatMul", ["flat", w], [f"m{i}"], name=f"matmul{i}") for i, w in enumerate(["w1", "w2", "w1"])]
+    nodes += [helper.make_node("Sum", ["m0", "m1", "m2"], ["summed"], name="sum"),
+              helper.make_node("Relu", ["summed"], ["embeddings"], name="relu")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("pixels", TensorProto.FLOAT, ["n", 4])],
+                              [helper.make_tensor_value_info("embeddings", TensorProto.FLOAT, ["n", weight_shape[-1]])], inits)
+    # IR version 9 (opset 19's): what the exporter writes, and what this ONNX Runtime reads.
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)], ir_version=9), str(path))
+    return path
+
+
+def test_calibration_takes_the_largest_magnitude_over_every_frame_it_is_given(tmp_path):
+    # The largest |x|, however the frames come: the most negative value counts, an empty batch is
+    # skipped, float64 frames are read as float32; and no frames at all is an error, not a zero scale.
+    from vlmrm_fast.backends.onnx_fp8 import calibrate_amax
+
+    source = _fp8_test_graph(tmp_path / "g.onnx")
+    batches = [np.zeros((0, 4), np.float32), np.array([[1.0, -7.0, 2.0, 3.0]]), np.full((2, 4), 0.5, np.float32)]
+    assert calibrate_amax(source, batches) == {"flat": 7.0}
+    with pytest.raises(ValueError, match="no frames"):
+        calibrate_amax(source, [np.zeros((0, 4), np.float32)])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g.onnx"]
+
+
+def test_quantize_fp8_gives_a_shared_activation_or_weight_one_qdq(tmp_path):
+    import onnx
+    from onnx import numpy_helper
+
+    from vlmrm_fast.backends.onnx_fp8 import quantize_fp8
+
+    source = _fp8_test_graph(tmp_path / "g.onnx")
+    pixels = np.random.default_rng(5).standard_normal((3, 4)).astype(np.float32)
+    graph = onnx.load(str(quantize_fp8(source, tmp_path / "fp8.onnx", {"flat": float(np.abs(pixels).max())})))
+    onnx.checker.check_model(graph, full_check=True)
+    outputs = [o for node in graph.graph.node for o in node.output]
+    names = [init.name for init in graph.graph.initializer]
+    assert len(outputs) == len(set(outputs)) and len(names) == len(set(names))  # each tensor defined once
+    ops = [n.op_type for n in graph.graph.node]
+    assert ops.count("QuantizeLinear") == 1 and ops.count("DequantizeLinear") == 3  # flat; flat, w1, w2
+    w = {init.name: numpy_helper.to_array(init) for init in onnx.load(str(source)).graph.initializer}
+    want = np.maximum(pixels @ (2 * w["w1"] + w["w2"]), 0)
+    got = _ort_qdq(tmp_path / "fp8.onnx", pixels)
+    assert np.abs(got - want).max() <= 0.1 * np.abs(want).max()  # fp8's rounding, not another computation
+
+
+def test_quantize_fp8_with_one_scale_per_weight_matrix(tmp_path):
+    # per_channel=False: one scale per matrix, from its largest magnitude, negative values included.
+    import onnx
+    from onnx import numpy_helper
+
+    from vlmrm_fast.backends.onnx_fp8 import quantize_fp8
+
+    source = _fp8_test_graph(tmp_path / "g.onnx")
+    graph = onnx.load(str(source))
+    w = {init.name: numpy_helper.to_array(init).copy() for init in graph.graph.initializer}
+    w["w2"][0, 0] = -2 * np.abs(w["w2"]).max()  # the largest magnitude is negative
+    graph.graph.initializer[1].CopyFrom(numpy_helper.from_array(w["w2"], "w2"))
+    onnx.save(graph, str(source))
+    fp8 = onnx.load(str(quantize_fp8(source, tmp_path / "fp8.onnx", {"flat": 3.0}, per_channel=False))).graph
+    inits = {init.name: numpy_helper.to_array(init) for init in fp8.initializer}
+    for name in ("w1", "w2"):
+        assert inits[name + "_fp8_scale"].shape == ()
+        np.testing.assert_allclose(inits[name + "_fp8_scale"], np.abs(w[name]).max() / E4M3_MAX, rtol=2**-23)
+    pixels = np.random.default_rng(5).uniform(-3, 3, (3, 4)).astype(np.float32)
+    want = np.maximum(pixels @ (2 * w["w1"] + w["w2"]), 0)
+    assert np.abs(_ort_qdq(tmp_path / "fp8.onnx", pixels) - want).max() <= 0.1 * np.abs(want).max()
+
+
+def test_fp8_refuses_what_it_cannot_quantise_saying_why(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    from vlmrm_fast.backends.onnx_fp8 import calibrate_amax, quantize_fp8, representable_scale
+
+    graph = helper.make_graph([helper.make_node("Relu", ["pixels"], ["embeddings"], name="relu")], "g",
+                              [helper.make_tensor_value_info("pixels", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("embeddings", TensorProto.FLOAT, [1, 4])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)], ir_version=9),
+              str(tmp_path / "relu.onnx"))
+    with pytest.raises(ValueError, match="no MatMul with a weight input"):
+        calibrate_amax(tmp_path / "relu.onnx", [np.ones((1, 4), np.float32)])
+    with pytest.raises(ValueError, match="no MatMul with a weight input"):  # not a copy left in float32
+        quantize_fp8(tmp_path / "relu.onnx", tmp_path / "fp8.onnx", {})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["relu.onnx"]
+    # A batched weight [2, 4, 3]: one scale per output column of a 2-D weight has no meaning for it.
+    source = _fp8_test_graph(tmp_path / "batched.onnx", weight_shape=(2, 4, 3))
+    with pytest.raises(ValueError, match="w1 of matmul0 is 3-D; fp8 quantises 2-D matmul weights"):
+        quantize_fp8(source, tmp_path / "fp8.onnx", {"flat": 1.0})
+    with pytest.raises(ValueError, match=r"scale_type='fp8' is not one of \('fp32', 'bf16', 'fp16'\)"):
+        representable_scale(np.ones(2), "fp8")
+
+
+def test_fp8_calibration_runs_on_the_providers_it_is_given(tmp_path, monkeypatch):
+    # The TensorRT backend passes the GPU's (ort_providers): a ViT-bigG-14 tower takes a second a frame on a CPU.
+    import onnxruntime as ort
+
+    from vlmrm_fast.backends.onnx_fp8 import fp8_tower_graph
+
+    asked, session = [], ort.InferenceSession
+
+    def recording(path, options=None, providers=None, **kwargs):
+        asked.append(providers)
+        return session(path, options, providers=providers, **kwargs)
+
+    monkeypatch.setattr(ort, "InferenceSession", recording)
+    providers = (("CPUExecutionProvider", {}),)
+    graph = fp8_tower_graph(_fp8_test_graph(tmp_path / "g.onnx"), np.ones((2, 4), np.float32), "bf16", providers)
+    assert graph == tmp_path / "g-fp8-bf16.onnx" and graph.exists()
+    assert asked == [[("CPUExecutionProvider", {})]]
+
+
+def test_fp8_and_half_passes_without_onnx_name_the_extra(tmp_path, monkeypatch):
+    import sys
+
+    from vlmrm_fast.backends.onnx_fp8 import calibrate_amax, quantize_fp8
+    from vlmrm_fast.backends.onnx_half import to_half_precision
+
+    source = _fp8_test_graph(tmp_path / "g.onnx")
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails as if not installed
+    with pytest.raises(BackendError, match=r"^fp8 calibration needs the `onnxruntime` package.*vlmrm-fast\[export\]'`\.$"):
+        calibrate_amax(source, [np.ones((1, 4), np.float32)])
+    monkeypatch.setitem(sys.modules, "onnx", None)
+    with pytest.raises(BackendError, match=r"^fp8 quantisation .* needs the `onnx` package.*vlmrm-fast\[export\]'`\.$"):
+        quantize_fp8(source, tmp_path / "fp8.onnx", {"flat": 1.0})
+    with pytest.raises(BackendError, match=r"^Half-precision ONNX graphs need.* the `onnx` package.*vlmrm-fast\[export\]"):
+        to_half_precision(source, tmp_path / "half.onnx")
+
+
+def test_half_rewrite_rounds_bf16_weights_to_nearest(tmp_path):
+    # Round to nearest even, as PyTorch's .to(torch.bfloat16) does: truncating the float32 bits would
+    # double the weights' error and bias it towards zero.
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from vlmrm_fast.backends.onnx_half import to_half_precision
+
+    weight = np.random.default_rng(7).standard_normal((8, 5)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["pixels", "weight"], ["embeddings"], name="matmul")], "g",
+                              [helper.make_tensor_value_info("pixels", TensorProto.FLOAT, [2, 8])],
+                              [helper.make_tensor_value_info("embeddings", TensorProto.FLOAT, [2, 5])],
+                              [numpy_helper.from_array(weight, "weight")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "g.onnx"))
+    half = onnx.load(str(to_half_precision(tmp_path / "g.onnx", tmp_path / "bf16.onnx")))
+    [stored] = half.graph.initializer
+    assert stored.data_type == TensorProto.BFLOAT16
+    want = torch.from_numpy(weight).to(torch.bfloat16).view(torch.int16).numpy()
+    np.testing.assert_array_equal(np.frombuffer(stored.raw_data, np.int16).reshape(want.shape), want)
+
+
+def test_half_rewrite_keeps_shape_arithmetic_in_float32_and_outputs_read_inside_the_graph(tmp_path):
+    # relu(pixels [1, 3, 4, 4] * sqrt(float(shape(pixels)))) -> embeddings, and embeddings + embeddings -> doubled,
+    # a second output that reads the first. The source carries value_info (a shape-inferred graph),
+    # whose float32 types the rewrite must not keep.
+    import onnx
+    from onnx import TensorProto, helper
+    from onnx.reference import ReferenceEvaluator
+
+    from vlmrm_fast.backends.onnx_half import to_half_precision
+
+    nodes = [helper.make_node("Shape", ["pixels"], ["dims"], name="shape"),
+             helper.make_node("Cast", ["dims"], ["dims_float"], to=TensorProto.FLOAT, name="cast_dims"),
+             helper.make_node("Sqrt", ["dims_float"], ["root"], name="sqrt"),
+             helper.make_node("Mul", ["pixels", "root"], ["scaled"], name="mul"),
+             helper.make_node("Relu", ["scaled"], ["embeddings"], name="relu"),
+             helper.make_node("Add", ["embeddings", "embeddings"], ["doubled"], name="add")]
+    outputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in ("embeddings", "doubled")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("pixels", TensorProto.FLOAT, [1, 3, 4, 4])],
+                              outputs)
+    model = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    assert model.graph.value_info
+    onnx.save(model, str(tmp_path / "g.onnx"))
+    half = onnx.load(str(to_half_precision(tmp_path / "g.onnx", tmp_path / "fp16.onnx", "fp16")))
+    typed = onnx.shape_inference.infer_shapes(half, strict_mode=True)
+    types = {v.name: v.type.tensor_type.elem_type for v in list(typed.graph.value_info) + list(typed.graph.output)}
+    assert types["root"] == TensorProto.FLOAT  # shape arithmetic in float32, cast to half where it meets pixels
+    assert types["scaled"] == TensorProto.FLOAT16
+    assert types["embeddings"] == types["doubled"] == TensorProto.FLOAT
+    pixels = np.random.default_rng(6).standard_normal((1, 3, 4, 4)).astype(np.float32)
+    want = ReferenceEvaluator(str(tmp_path / "g.onnx")).run(None, {"pixels": pixels})
+    got = ReferenceEvaluator(half).run(None, {"pixels": pixels.astype(np.float16)})
+    for g, w in zip(got, want):
+        assert g.dtype == np.float32 and np.abs(g - w).max() <= 1e-2 * np.abs(w).max()

@@ -415,3 +415,29 @@ def test_image_size_of_is_height_then_width():
     assert models.image_size_of(types.SimpleNamespace(visual=visual)) == (192, 256)
     visual = types.SimpleNamespace(preprocess_cfg={"size": 160})
     assert models.image_size_of(types.SimpleNamespace(visual=visual)) == (160, 160)
+
+
+def test_root_records_dropped_drops_only_that_folders_records_and_leaves_the_root_logger_as_found(tmp_path):
+    # What keeps open_clip's and ONNX Runtime's quantiser's root-logger lines out of the user's output.
+    import logging
+    import os
+
+    from vlmrm_fast.quiet_logging import root_records_dropped
+
+    def record(folder):
+        return logging.LogRecord("root", logging.WARNING, os.path.join(str(tmp_path / folder), "module.py"), 1, "m",
+                                 None, None)
+
+    root = logging.getLogger()
+    before = (list(root.handlers), list(root.filters))
+    with root_records_dropped(str(tmp_path / "pkg")):
+        assert not root.filter(record("pkg")) and not root.filter(record("pkg/sub"))
+        assert root.filter(record("pkg_extra")) and root.filter(record("other"))  # a sibling folder is not inside
+        # A handler, so that logging.warning does not configure the unconfigured root logger meanwhile.
+        assert [type(h) for h in root.handlers if h not in before[0]] == [logging.NullHandler]
+    assert (list(root.handlers), list(root.filters)) == before
+    with pytest.raises(RuntimeError, match="inside"):
+        with root_records_dropped(str(tmp_path / "pkg")):
+            raise RuntimeError("inside")
+    assert (list(root.handlers), list(root.filters)) == before  # removed on the way out, an error or not
+    assert root.filter(record("pkg"))

@@ -464,3 +464,31 @@ def test_preprocess_and_embed_go_through_in_chunks_as_calls_do():
     rm.max_batch_size = 64
     torch.testing.assert_close(pixels, rm.preprocess(frames), rtol=0, atol=1e-6)
     torch.testing.assert_close(embeddings, rm.embed(frames), rtol=0, atol=1e-6)
+
+
+def test_stacklevel_names_the_first_frame_outside_the_package_folder():
+    # vlmrm_fast.callers on functions compiled as if they were files of the package, or of a folder
+    # beside it whose name starts the same ("vlmrm_fast_user"), which is not the package.
+    import _thread
+    import os
+    import queue
+
+    from vlmrm_fast import callers
+
+    def load(source, folder):
+        namespace = {"stacklevel_outside_package": callers.stacklevel_outside_package}
+        exec(compile(source, os.path.join(folder, "module.py"), "exec"), namespace)
+        return namespace
+
+    package = load("def warner():\n    return stacklevel_outside_package()\n"
+                   "def wrapper(f):\n    return f()\n"
+                   "def entry(out):\n    try:\n        out.put(warner())\n    except Exception as e:\n        out.put(e)\n",
+                   callers._PACKAGE)
+    beside = load("def user(wrapper, warner):\n    return wrapper(warner)\n", callers._PACKAGE.rstrip(os.sep) + "_user")
+    assert package["warner"]() == 2  # warner, then this test
+    assert package["wrapper"](package["warner"]) == 3  # warner, wrapper, then this test
+    assert beside["user"](package["wrapper"], package["warner"]) == 3  # warner, wrapper, then user
+    # A thread whose first frame is the package's: the stack ends inside it (no frame outside).
+    out = queue.Queue()
+    _thread.start_new_thread(package["entry"], (out,))
+    assert out.get(timeout=10) == 2
