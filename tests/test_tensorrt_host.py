@@ -22,6 +22,7 @@ import torch
 from vlmrm_fast.backends import BackendError
 from vlmrm_fast.backends import tensorrt as backend
 from vlmrm_fast.ops.preprocess import PreprocessSpec
+from test_engine_cache import FakeEngine
 
 # ---- a stand-in for TensorRT 10's documented Python API ----------------------------------------------
 # Only what vlmrm_fast/backends/tensorrt.py calls, under the names TensorRT 10 documents (Builder,
@@ -184,22 +185,10 @@ def tensorrt_stand_in(version="10.13.3.9", graph=TOWER, parse_errors=(), build_f
         def get_error(self, index):
             return ParserError(parse_errors[index])
 
-    class Engine:
+    class Engine(FakeEngine):  # its named I/O tensors as test_engine_cache stands them in, and a context
         def __init__(self, tensors, batch_range):
-            self.tensors, self.batch_range = tensors, batch_range
-            self.num_io_tensors = len(tensors)
-
-        def get_tensor_name(self, index):
-            return list(self.tensors)[index]
-
-        def get_tensor_mode(self, name):
-            return self.tensors[name][0]
-
-        def get_tensor_dtype(self, name):
-            return self.tensors[name][1]
-
-        def get_tensor_shape(self, name):
-            return self.tensors[name][2]
+            super().__init__(tensors)
+            self.batch_range = batch_range
 
         def create_execution_context(self):
             return ExecutionContext(self) if context_starts else None
