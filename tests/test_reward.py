@@ -394,12 +394,12 @@ def test_a_prompt_too_long_for_a_tokenizer_other_than_clips_is_a_warning_too():
 
 
 def test_the_padding_measure_agrees_with_clips_exact_count_at_the_boundary():
-    from vlmrm_fast.tasks import _padded_length
+    from vlmrm_fast.tasks import _padded_lengths
 
     _, tokenizer = make_tiny()
     for words in (0, 1, 75, 76, 77):
         prompt = "a " * words
-        assert _padded_length(tokenizer, prompt, 77) == len(tokenizer.encode(prompt)) + 2 == words + 2
+        assert _padded_lengths(tokenizer, [prompt], 4 * 77) == [len(tokenizer.encode(prompt)) + 2] == [words + 2]
 
 
 def test_a_tokenizer_that_cannot_be_measured_is_not_checked():

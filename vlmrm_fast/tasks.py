@@ -141,12 +141,16 @@ def _no_direction(task: Task, alpha: float) -> None:
     )
 
 
+_MEASURED_CONTEXTS = 4
+"""How many contexts' worth of tokens a tokenizer other than CLIP's is asked for to measure a prompt."""
+
+
 def _warn_of_cut_prompts(tokenizer: Callable, prompts: List[str]) -> None:
     """Warn for each prompt longer than the text tower's context: CLIP's tokenizer cuts it silently.
 
     open_clip's ``SimpleTokenizer`` (every CLIP model named in the README) says exactly how long a prompt
     is. Any other tokenizer with a ``context_length`` that takes ``context_length=`` as open_clip's do
-    (``HFTokenizer``, ``SigLipTokenizer``) is measured by :func:`_padded_length`; others are not checked.
+    (``HFTokenizer``, ``SigLipTokenizer``) is measured by :func:`_padded_lengths`; others are not checked.
     """
     context = getattr(tokenizer, "context_length", None)
     if not isinstance(context, int) or context <= 0:
@@ -155,14 +159,18 @@ def _warn_of_cut_prompts(tokenizer: Callable, prompts: List[str]) -> None:
         from open_clip.tokenizer import SimpleTokenizer
     except ImportError:  # a tokenizer of the user's own, without open_clip
         SimpleTokenizer = ()
-    for prompt in dict.fromkeys(prompts):
-        if isinstance(tokenizer, SimpleTokenizer):
-            tokens = len(tokenizer.encode(prompt)) + 2  # with the start and end tokens
-        else:
-            tokens = _padded_length(tokenizer, prompt, context)
-        if tokens is not None and tokens > context:
+    prompts = list(dict.fromkeys(prompts))
+    if isinstance(tokenizer, SimpleTokenizer):
+        lengths, measured = [len(tokenizer.encode(p)) + 2 for p in prompts], None  # with start and end tokens
+    else:
+        measured = _MEASURED_CONTEXTS * context
+        lengths = _padded_lengths(tokenizer, prompts, measured)
+        if lengths is None:
+            return
+    for prompt, tokens in zip(prompts, lengths):
+        if tokens > context:
             shown = prompt if len(prompt) <= 60 else prompt[:57] + "..."
-            length = f"at least {tokens}" if tokens >= 4 * context else str(tokens)  # as far as it measures
+            length = f"at least {tokens}" if tokens == measured else str(tokens)  # it fills all it was given
             warnings.warn(
                 f"the prompt {shown!r} is {length} tokens long, but the text tower reads {context}: the "
                 f"tokenizer cuts it, so the reward ignores the rest. Shorten it to at most {context - 2} tokens, "
@@ -171,20 +179,20 @@ def _warn_of_cut_prompts(tokenizer: Callable, prompts: List[str]) -> None:
             )
 
 
-def _padded_length(tokenizer: Callable, prompt: str, context: int) -> Optional[int]:
-    """How many tokens ``prompt`` fills when ``tokenizer`` may use 4x its context: the position after
-    its last token that is not padding (what the empty prompt has at the end). None where the tokenizer
-    cannot be asked so. A tokenizer whose end token is its padding (T5's) counts one short, so a prompt
-    exactly one token too long can go unwarned; it never warns of a prompt that fits."""
-    wide = 4 * context
+def _padded_lengths(tokenizer: Callable, prompts: List[str], width: int) -> Optional[List[int]]:
+    """How many tokens each prompt fills when ``tokenizer`` pads or cuts to ``width``: the position after
+    its last token that is not padding (what the empty prompt, tokenized with them, ends in). None where
+    the tokenizer cannot be asked so. A tokenizer whose end token is its padding (T5's) counts one short,
+    so a prompt exactly one token too long can go unwarned; it never warns of a prompt that fits."""
     try:
-        ids = torch.as_tensor(tokenizer([prompt, ""], context_length=wide))
+        ids = torch.as_tensor(tokenizer([*prompts, ""], context_length=width))
     except Exception:  # a tokenizer of another kind: the real tokenization, next, reports its own errors
         return None
-    if ids.shape != (2, wide):
+    if ids.shape != (len(prompts) + 1, width):
         return None
-    used = torch.nonzero(ids[0] != ids[1, -1])
-    return int(used[-1]) + 1 if len(used) else 0
+    not_padding = ids[:-1] != ids[-1, -1]
+    after_last = width - not_padding.flip(1).int().argmax(dim=1)
+    return torch.where(not_padding.any(dim=1), after_last, 0).tolist()
 
 
 def encode_tasks(
