@@ -4,7 +4,8 @@ TensorRT builds fp8 (Q/DQ) graphs as *strongly typed* networks (TensorRT 10's ad
 TensorRT 11 keeps): every tensor runs in the type the graph gives it, so the graph itself must say
 "bf16 here, fp32 in LayerNorm". This pass says it:
 
-- The input ("pixels") becomes half; the output ("embeddings") is cast back to float32.
+- A float input ("pixels") becomes half; a uint8 input ("frames") stays uint8 and its cast to float
+  casts to half. The output ("embeddings") is cast back to float32.
 - Float weights and constants take the type of the computation that reads them.
 - LayerNormalization reads float32 (a Cast in front of it) and keeps its scale and bias in float32:
   the mean and variance of 1,000-wide rows lose too much in 8 mantissa bits.
@@ -70,6 +71,7 @@ def to_half_precision(source: Union[str, Path], target: Union[str, Path], half: 
     def is_float(name: str) -> bool:
         return name in kind or is_float_constant(name)
 
+    graph_inputs = {value.name for value in graph.input}
     for value in graph.input:
         if value.type.tensor_type.elem_type == FLOAT:
             value.type.tensor_type.elem_type = HALF
@@ -102,7 +104,9 @@ def to_half_precision(source: Union[str, Path], target: Union[str, Path], half: 
         if node.op_type == "Cast":
             [to] = [a for a in node.attribute if a.name == "to"]
             if to.i == FLOAT:
-                if is_float(node.input[0]):  # open_clip's cast back to the input's type: that type is now half
+                # open_clip's cast back to the input's type (that type is now half), or the uint8 frames
+                # input's cast (data, not shape arithmetic)
+                if is_float(node.input[0]) or node.input[0] in graph_inputs:
                     to.i = HALF
                 kind[node.output[0]] = to.i  # else from integers: shape arithmetic, stays float32
             nodes.append(node)

@@ -1,0 +1,91 @@
+"""The half-precision tower graph (:mod:`vlmrm_fast.backends.onnx_half`): what TensorRT builds every
+bf16 and fp16 engine from, as a strongly typed network (TensorRT 11 keeps no other mode).
+
+TensorRT cannot run here, so the graph runs in ONNX's reference evaluator, which computes each node in
+the type the graph gives it, as a strongly typed build must. Tolerance, as for every bf16/fp16 path: at
+most twice PyTorch's own error at that precision against the float64 reference (the exact tower input
+rounded to the half type, a copy of the tower cast to it, the rest in float64). Measured here (the tiny
+model, 6 frames): bf16 4.7e-4 (pixels) and 9.9e-4 (uint8 frames: the folded normalisation rounds the
+patch weights once more) against PyTorch's 6.8e-4; fp16 1.0e-4 and 1.1e-4 against 1.3e-4. A graph left
+in float32 (error 2.5e-8) fails the lower bound.
+"""
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_tiny
+from reference import (float64_model, reference_preprocess, reference_reward, reference_reward_from_embeddings,
+                       reference_targets, torch_own_reward)
+from vlmrm_fast.models import preprocess_spec_of
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("onnx") is None,
+                                reason="needs onnx (pip install 'vlmrm-fast[export]')")
+GOAL, BASELINE, ALPHA = ["a humanoid robot kneeling", "kneeling"], ["a humanoid robot"], 0.5
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+_COMPUTE_OPS = ("Conv", "MatMul", "Gemm", "Softmax", "Erf")
+
+
+def _half_types(half: str):
+    """(torch dtype, numpy dtype, ONNX element type) of ``half``."""
+    from onnx import TensorProto
+
+    if half == "fp16":
+        return torch.float16, np.float16, TensorProto.FLOAT16
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    return torch.bfloat16, ml_dtypes.bfloat16, TensorProto.BFLOAT16
+
+
+def _types(model) -> dict:
+    """Every tensor's element type, by ONNX's strict type inference."""
+    import onnx
+
+    typed = onnx.shape_inference.infer_shapes(model, strict_mode=True)
+    return {v.name: v.type.tensor_type.elem_type
+            for v in list(typed.graph.value_info) + list(typed.graph.input) + list(typed.graph.output)}
+
+
+@pytest.mark.parametrize("half", ["bf16", "fp16"])
+@pytest.mark.parametrize("input_format", ["pixels", "uint8-nhwc"])
+def test_half_tower_graph_within_twice_pytorch_half_error(tmp_path, input_format, half):
+    import onnx
+    from onnx import TensorProto
+    from onnx.reference import ReferenceEvaluator
+
+    from vlmrm_fast.backends.onnx_export import export_onnx
+    from vlmrm_fast.backends.onnx_half import to_half_precision
+
+    dtype, numpy_dtype, onnx_type = _half_types(half)
+    model, tokenizer = make_tiny(seed=3)
+    frames = np.random.default_rng(5).integers(0, 256, (6, 224, 224, 3), dtype=np.uint8)
+    source = export_onnx(model.visual, tmp_path / "tower.onnx", preprocess_spec_of(model, "vlmrm"),
+                         input_format=input_format)
+    graph = onnx.load(str(to_half_precision(source, tmp_path / f"tower-{half}.onnx", half)))
+
+    # Typed as a strongly typed build reads it: every matmul, the patch embedding, softmax and GELU in
+    # the half type (for uint8 frames too: their cast to float is data, not shape arithmetic), every
+    # LayerNorm in float32, the embeddings float32.
+    types = _types(graph)
+    computed = [(n.op_type, types[n.output[0]]) for n in graph.graph.node if n.op_type in _COMPUTE_OPS]
+    assert {op for op, _ in computed} == set(_COMPUTE_OPS)
+    assert all(t == onnx_type for _, t in computed), computed
+    assert all(types[n.input[0]] == types[n.output[0]] == TensorProto.FLOAT
+               for n in graph.graph.node if n.op_type == "LayerNormalization")
+    assert graph.graph.output[0].type.tensor_type.elem_type == TensorProto.FLOAT
+
+    if input_format == "pixels":
+        pixels = reference_preprocess(frames, 224, CLIP_MEAN, CLIP_STD)
+        inputs = {"pixels": torch.from_numpy(pixels).to(dtype).float().numpy().astype(numpy_dtype)}
+    else:
+        inputs = {"frames": frames}
+    embeddings = ReferenceEvaluator(graph).run(None, inputs)[0]
+    assert embeddings.dtype == np.float32
+    with torch.no_grad():
+        goal, direction = reference_targets(float64_model(model), tokenizer, GOAL, BASELINE)
+    ours = reference_reward_from_embeddings(torch.from_numpy(embeddings), goal, direction, ALPHA)
+    want = reference_reward(model, tokenizer, frames, GOAL, BASELINE, ALPHA)
+    theirs = torch_own_reward(model, tokenizer, frames, GOAL, BASELINE, ALPHA, dtype)
+    assert torch.isfinite(ours).all()
+    error, pytorch_error = (ours - want).abs().max().item(), (theirs - want).abs().max().item()
+    assert 1e-5 < error <= 2 * pytorch_error, (error, pytorch_error)
