@@ -68,3 +68,18 @@ def tiny():
 @pytest.fixture
 def rng():
     return torch.Generator().manual_seed(1234)
+
+
+def tensorrt_type_text(tensor: dict) -> str:
+    """The data type of a layer's input or output in TensorRT's engine-inspector JSON, upper case: its
+    own key where TensorRT 11 split "Format/Datatype" ("FLOAT", "BF16", ...), else TensorRT 10's
+    combined text ("ROW MAJOR LINEAR FP32 FORMAT (KLINEAR)")."""
+    for key in ("Datatype", "DataType", "Format/Datatype"):
+        if key in tensor:
+            return str(tensor[key]).upper()
+    return ""
+
+
+def tensorrt_is_float32(tensor: dict) -> bool:
+    text = tensorrt_type_text(tensor)
+    return text in ("FLOAT", "FP32", "FLOAT32") or "FP32" in text.split()

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_model, make_tiny
+from conftest import make_model, make_tiny, tensorrt_type_text
 from reference import float64_model, reference_preprocess, reference_reward_from_embeddings, reference_targets
 from vlmrm_fast.backends import BackendError
 from vlmrm_fast.models import preprocess_spec_of
@@ -348,9 +348,8 @@ def test_tensorrt_fp8_rewards_within_twice_pytorch_bf16_fp8_error(tmp_path):
     assert rm.vision_backend.engine_path.exists() and "fp8-bf16" in rm.vision_backend.engine_path.name
     # The rewards cannot tell fp8 kernels from a dequantise-then-bf16 fallback; the engine's layers can.
     layers = rm.vision_backend.layer_information().get("Layers", [])
-    formats = [str(t.get("Format/Datatype", "")) for layer in layers if isinstance(layer, dict)
-               for t in layer.get("Inputs", [])]
-    assert any("FP8" in f.upper() for f in formats), formats[:20]
+    formats = [tensorrt_type_text(t) for layer in layers if isinstance(layer, dict) for t in layer.get("Inputs", [])]
+    assert any("FP8" in f or "FLOAT8" in f or "E4M3" in f for f in formats), formats[:20]
 
 
 # ---- behaviours a mutation audit found untested ---------------------------------------------------

@@ -1,11 +1,12 @@
 """The TensorRT backend's host-side logic, with TensorRT and CUDA stood in for (no TensorRT, no GPU).
 
-What a user relies on and a stand-in can show: the precision flags each precision builds with
-(fp16, bf16, fp32 without TF32; fp8 strongly typed, without flags), LayerNorm kept in float32, the
-I/O types and the dynamic batch profile's (min, opt, max), the engine cache's key and its refusal
-of a damaged file, the errors that name the fix, and ``__call__``'s split of large batches over
-the profile, its aligned input and its stream handling. Whether TensorRT itself builds and runs
-these engines is for the GPU tests in test_backends.py and test_fp8.py.
+What a user relies on and a stand-in can show: every precision built strongly typed (TensorRT 10 and
+11) from the graph typed for it (fp32 with TF32 off), no weak-typing API used, the I/O types and the
+dynamic batch profile's (min, opt, max), the engine cache's key and its refusal of a damaged file,
+the errors that name the fix, and ``__call__``'s split of large batches over the profile, its
+aligned input and its stream handling. The stood-in parser reads real ONNX graphs where a test gives
+it one, so what TensorRT would be handed (types, LayerNorm in float32) is the real rewrite's. Whether
+TensorRT itself builds and runs these engines is for the GPU tests in test_backends.py and test_fp8.py.
 """
 import ctypes
 import enum
@@ -14,6 +15,7 @@ import math
 import re
 import sys
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,17 +26,20 @@ from vlmrm_fast.backends import tensorrt as backend
 from vlmrm_fast.ops.preprocess import PreprocessSpec
 from test_engine_cache import FakeEngine
 
-# ---- a stand-in for TensorRT 10's documented Python API ----------------------------------------------
-# Only what vlmrm_fast/backends/tensorrt.py calls, under the names TensorRT 10 documents (Builder,
+# ---- a stand-in for TensorRT 10's and 11's documented Python API -------------------------------------
+# Only what vlmrm_fast/backends/tensorrt.py calls, under the names TensorRT documents (Builder,
 # INetworkDefinition, OnnxParser, IBuilderConfig, IOptimizationProfile, Runtime, ICudaEngine,
 # IExecutionContext). It records what it is asked and builds nothing: a "plan" it returns
-# deserializes to an engine whose I/O tensors are the network's as the backend left them. TensorRT's
-# defaults are kept where the backend depends on them: a new builder config has TF32 on, and
-# STRONGLY_TYPED is bit 1 of create_network's flags (bit 0, EXPLICIT_BATCH, is ignored in TensorRT 10).
+# deserializes to an engine whose I/O tensors are the network's. TensorRT's defaults are kept where
+# the backend depends on them: a new builder config has TF32 on, and STRONGLY_TYPED is bit 1 of
+# create_network's flags in TensorRT 10 (bit 0, EXPLICIT_BATCH, is ignored) and bit 0 in TensorRT 11
+# (which removed EXPLICIT_BATCH and weak typing's builder flags). Tensor types are the graph's and
+# read-only, and layers take no precision or output type, as in a strongly typed network.
 
 DataType = enum.Enum("DataType", "FLOAT HALF BF16 UINT8 FP8")
 BuilderFlag = enum.Enum("BuilderFlag",
                         "FP16 BF16 FP8 INT8 TF32 OBEY_PRECISION_CONSTRAINTS PREFER_PRECISION_CONSTRAINTS")
+BuilderFlag11 = enum.Enum("BuilderFlag", "TF32 REFIT VERSION_COMPATIBLE")  # weak typing's flags removed
 LayerType = enum.Enum("LayerType", "CONVOLUTION MATRIX_MULTIPLY NORMALIZATION ELEMENTWISE SOFTMAX")
 TORCH_DTYPES = {DataType.FLOAT: torch.float32, DataType.HALF: torch.float16, DataType.BF16: torch.bfloat16,
                 DataType.UINT8: torch.uint8}
@@ -45,6 +50,11 @@ class NetworkDefinitionCreationFlag(enum.IntEnum):
     STRONGLY_TYPED = 1
 
 
+class NetworkDefinitionCreationFlag11(enum.IntEnum):
+    STRONGLY_TYPED = 0  # kept, ignored: strong typing is always on
+    PREFER_JIT_PYTHON_PLUGINS = 1
+
+
 class Logger:
     VERBOSE, INFO, WARNING, ERROR = range(4)
 
@@ -53,20 +63,22 @@ class Logger:
 
 
 class Tensor:
-    """ITensor: name, dtype (settable, as the bindings allow) and shape (-1 for the batch axis)."""
+    """ITensor: name, dtype (read-only: the graph's) and shape (-1 for the batch axis)."""
 
     def __init__(self, name, dtype, shape):
-        self.name, self.dtype, self.shape = name, dtype, tuple(shape)
+        self.name, self._dtype, self.shape = name, dtype, tuple(shape)
+
+    dtype = property(lambda self: self._dtype)
 
 
 class Layer:
-    """ILayer; ``precision`` None stands for "not set" (precisionIsSet() false)."""
+    """ILayer: its type and its first output's type, as the graph gives them. No ``precision`` or
+    ``set_output_type``: a strongly typed network refuses them, and TensorRT 11 removed them."""
 
-    def __init__(self, type):
-        self.type, self.precision, self.output_types = type, None, {}
+    __slots__ = ("type", "output_dtype")
 
-    def set_output_type(self, index, dtype):
-        self.output_types[index] = dtype
+    def __init__(self, type, output_dtype):
+        self.type, self.output_dtype = type, output_dtype
 
 
 class Network:
@@ -86,8 +98,8 @@ class Network:
 
 
 class BuilderConfig:
-    def __init__(self):
-        self.flags = {BuilderFlag.TF32}  # TensorRT's default
+    def __init__(self, tf32):
+        self.flags = {tf32}  # TensorRT's default
         self.pool_limits, self.profiles, self.profiling_verbosity = {}, [], None
 
     def set_flag(self, flag):
@@ -120,22 +132,74 @@ class ParserError:
         return f"In node -1 with name: and operator: (parseGraph): {self.desc}"
 
 
-# What the stood-in OnnxParser finds in any graph: a tower with two LayerNorms between matmuls.
+# A stand-in graph file (what the stood-in exporter and rewrites write): a float32 tower export with two
+# LayerNorms between matmuls, each layer with its output's type.
 TOWER = {"input": ("pixels", DataType.FLOAT, (-1, 3, 16, 16)), "output": ("embeddings", DataType.FLOAT, (-1, 4)),
-         "layers": (LayerType.CONVOLUTION, LayerType.NORMALIZATION, LayerType.MATRIX_MULTIPLY,
-                    LayerType.NORMALIZATION, LayerType.MATRIX_MULTIPLY)}
+         "layers": ((LayerType.CONVOLUTION, DataType.FLOAT), (LayerType.NORMALIZATION, DataType.FLOAT),
+                    (LayerType.MATRIX_MULTIPLY, DataType.FLOAT), (LayerType.NORMALIZATION, DataType.FLOAT),
+                    (LayerType.MATRIX_MULTIPLY, DataType.FLOAT))}
 
 
-def tensorrt_stand_in(version="10.13.3.9", graph=TOWER, parse_errors=(), build_fails=False, runtime_starts=True,
+def typed(graph, dtype):
+    """``graph`` as the half rewrite types it: a float input and every layer but LayerNorm in ``dtype``."""
+    name, input_dtype, shape = graph["input"]
+    return {**graph, "input": (name, dtype if input_dtype == DataType.FLOAT else input_dtype, shape),
+            "layers": tuple((kind, DataType.FLOAT if kind == LayerType.NORMALIZATION else dtype)
+                            for kind, _ in graph["layers"])}
+
+
+def write_graph(path, graph=TOWER):
+    """Write a stand-in graph file for the stood-in parser; returns ``path``."""
+    Path(path).write_text(json.dumps({
+        "input": [graph["input"][0], graph["input"][1].name, graph["input"][2]],
+        "output": [graph["output"][0], graph["output"][1].name, graph["output"][2]],
+        "layers": [[kind.name, dtype.name] for kind, dtype in graph["layers"]]}))
+    return Path(path)
+
+
+ONNX_TYPES = {1: DataType.FLOAT, 2: DataType.UINT8, 10: DataType.HALF, 16: DataType.BF16}
+ONNX_LAYERS = {"Conv": LayerType.CONVOLUTION, "MatMul": LayerType.MATRIX_MULTIPLY, "Gemm": LayerType.MATRIX_MULTIPLY,
+               "LayerNormalization": LayerType.NORMALIZATION, "Softmax": LayerType.SOFTMAX}
+
+
+def read_graph(path):
+    """(input, output, layers) of the graph file at ``path``: a stand-in graph, or a real ONNX graph
+    (its I/O tensors, and a layer per Conv, MatMul, Gemm, LayerNorm and Softmax node, with the type
+    ONNX's strict type inference gives its output; other nodes are left out)."""
+    blob = Path(path).read_bytes()
+    if blob.startswith(b"{"):
+        graph = json.loads(blob)
+        tensor = lambda entry: Tensor(entry[0], DataType[entry[1]], entry[2])  # noqa: E731
+        return (tensor(graph["input"]), tensor(graph["output"]),
+                [Layer(LayerType[kind], DataType[dtype]) for kind, dtype in graph["layers"]])
+    import onnx
+
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(path), load_external_data=False), strict_mode=True)
+    graph = model.graph
+    types_ = {v.name: v.type.tensor_type.elem_type for v in list(graph.value_info) + list(graph.output)}
+
+    def tensor(value):
+        shape = [d.dim_value if d.HasField("dim_value") else -1 for d in value.type.tensor_type.shape.dim]
+        return Tensor(value.name, ONNX_TYPES[value.type.tensor_type.elem_type], shape)
+
+    layers = [Layer(ONNX_LAYERS[n.op_type], ONNX_TYPES[types_[n.output[0]]]) for n in graph.node if n.op_type in ONNX_LAYERS]
+    return tensor(graph.input[0]), tensor(graph.output[0]), layers
+
+
+def tensorrt_stand_in(version="10.13.3.9", parse_errors=(), build_fails=False, runtime_starts=True,
                       context_starts=True, set_input_shape_ok=True, execute_ok=True):
-    """A ``tensorrt`` module for sys.modules; what it was asked is in its ``record``."""
+    """A ``tensorrt`` module for sys.modules, of TensorRT 10's API or, from ``version`` 11 on, 11's;
+    what it was asked is in its ``record``."""
     trt = types.ModuleType("tensorrt")
     record = types.SimpleNamespace(networks=[], configs=[], parsed=[], plans={}, deserialized=[], builds=0,
                                    executions=[], devices=[])
     trt.__version__, trt.record = version, record
-    trt.DataType, trt.BuilderFlag, trt.LayerType = DataType, BuilderFlag, LayerType
+    eleven = int(version.split(".")[0]) >= 11
+    trt.DataType, trt.LayerType = DataType, LayerType
+    trt.BuilderFlag = BuilderFlag11 if eleven else BuilderFlag
     trt.float32, trt.float16, trt.bfloat16, trt.uint8 = DataType.FLOAT, DataType.HALF, DataType.BF16, DataType.UINT8
-    trt.NetworkDefinitionCreationFlag, trt.Logger = NetworkDefinitionCreationFlag, Logger
+    trt.NetworkDefinitionCreationFlag = NetworkDefinitionCreationFlag11 if eleven else NetworkDefinitionCreationFlag
+    trt.Logger = Logger
     trt.MemoryPoolType = enum.Enum("MemoryPoolType", "WORKSPACE DLA_MANAGED_SRAM")
     trt.ProfilingVerbosity = enum.Enum("ProfilingVerbosity", "LAYER_NAMES_ONLY NONE DETAILED")
     trt.TensorIOMode = enum.Enum("TensorIOMode", "NONE INPUT OUTPUT")
@@ -150,7 +214,7 @@ def tensorrt_stand_in(version="10.13.3.9", graph=TOWER, parse_errors=(), build_f
             return record.networks[-1]
 
         def create_builder_config(self):
-            record.configs.append(BuilderConfig())
+            record.configs.append(BuilderConfig(trt.BuilderFlag.TF32))
             return record.configs[-1]
 
         def create_optimization_profile(self):
@@ -177,9 +241,8 @@ def tensorrt_stand_in(version="10.13.3.9", graph=TOWER, parse_errors=(), build_f
             if parse_errors:
                 self.num_errors = len(parse_errors)
                 return False
-            self.network.inputs = [Tensor(*graph["input"])]
-            self.network.outputs = [Tensor(*graph["output"])]
-            self.network.layers = [Layer(kind) for kind in graph["layers"]]
+            tensor_in, tensor_out, self.network.layers = read_graph(path)
+            self.network.inputs, self.network.outputs = [tensor_in], [tensor_out]
             return True
 
         def get_error(self, index):
@@ -281,8 +344,11 @@ SPEC = PreprocessSpec(size=(16, 16), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25
 
 @pytest.fixture
 def fake_cuda(monkeypatch):
-    """A CUDA device (an H200 unless a test says otherwise) whose TensorRT work is recorded."""
-    gpu = types.SimpleNamespace(name="NVIDIA H200", capability=(9, 0), exports=[], fp8_graphs=[])
+    """A CUDA device (an H200 unless a test says otherwise) whose TensorRT work is recorded. The
+    exporter and the graph rewrites are stood in for too: they write stand-in graph files (the
+    export: ``gpu.graph``), typed as the real ones are."""
+    gpu = types.SimpleNamespace(name="NVIDIA H200", capability=(9, 0), graph=TOWER, exports=[], half_graphs=[],
+                                fp8_graphs=[])
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: gpu.name)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: gpu.capability)
     monkeypatch.setattr(torch.cuda, "device", CudaDevice)
@@ -293,16 +359,23 @@ def fake_cuda(monkeypatch):
         f"{tuple(tensor.shape)} recorded on {stream.name}"))
     monkeypatch.setattr(Stream, "log", [])
 
+    halves = {"bf16": DataType.BF16, "fp16": DataType.HALF}
+
     def export_onnx(module, path, spec, input_format="uint8-nhwc", opset=17):
         gpu.exports.append(types.SimpleNamespace(dtype=next(module.parameters()).dtype, path=path,
                                                  input_format=input_format, opset=opset))
-        return path
+        return write_graph(path, gpu.graph)
+
+    def to_half_precision(source, target, half):
+        gpu.half_graphs.append(types.SimpleNamespace(source=source, target=target, half=half))
+        return write_graph(target, typed(gpu.graph, halves[half]))
 
     def fp8_tower_graph(source, pixels, half, providers):
         gpu.fp8_graphs.append(types.SimpleNamespace(source=source, pixels=pixels, half=half))
-        return source.with_name("tower-fp8.onnx")
+        return write_graph(source.with_name("tower-fp8.onnx"), typed(gpu.graph, halves[half]))
 
     monkeypatch.setattr(backend, "export_onnx", export_onnx)
+    monkeypatch.setattr("vlmrm_fast.backends.onnx_half.to_half_precision", to_half_precision)
     monkeypatch.setattr("vlmrm_fast.backends.onnx_fp8.fp8_tower_graph", fp8_tower_graph)
     return gpu
 
@@ -336,75 +409,113 @@ def test_the_batch_profile_runs_from_one_through_half_to_the_largest_batch():
     assert backend.profile_batch_range(1) == (1, 1, 1)  # opt is a batch the profile holds
 
 
-@pytest.mark.parametrize("precision,flags,input_dtype", [
-    ("fp16", {BuilderFlag.FP16, BuilderFlag.TF32}, DataType.HALF),
-    ("bf16", {BuilderFlag.BF16, BuilderFlag.TF32}, DataType.BF16),
-    ("fp32", set(), DataType.FLOAT),  # TF32 cleared: "fp32" means float32 matmuls
-])
-def test_build_engine_sets_the_precisions_flags_and_keeps_layernorm_float32(monkeypatch, tmp_path, precision, flags,
-                                                                            input_dtype):
-    trt = tensorrt_stand_in()
+@pytest.fixture(scope="module")
+def tiny_exports(tmp_path_factory):
+    """The tiny tower's float32 exports, {input format: path}: real graphs for the stood-in parser."""
+    pytest.importorskip("onnx")
+    from conftest import make_tiny
+    from vlmrm_fast.backends.onnx_export import export_onnx
+    from vlmrm_fast.models import preprocess_spec_of
+
+    model, _ = make_tiny()
+    folder, spec = tmp_path_factory.mktemp("exports"), preprocess_spec_of(model, "vlmrm")
+    return {fmt: export_onnx(model.visual, folder / f"{fmt}.onnx", spec, input_format=fmt) for fmt in ("pixels", "uint8-nhwc")}
+
+
+def layer_types(network) -> dict:
+    """{layer type: the set of its layers' output types}."""
+    found = {}
+    for layer in network.layers:
+        found.setdefault(layer.type, set()).add(layer.output_dtype)
+    return found
+
+
+VERSIONS = ["10.13.3.9", "11.1.0.106"]
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("precision,dtype", [("fp16", DataType.HALF), ("bf16", DataType.BF16), ("fp32", DataType.FLOAT)])
+def test_every_precision_builds_strongly_typed_from_its_typed_graph(monkeypatch, tiny_exports, version, precision,
+                                                                    dtype):
+    trt = tensorrt_stand_in(version)
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
-    plan = backend.build_engine(tmp_path / "tower.onnx", precision, (1, 4, 8), workspace_gib=1.5)
+    source = tiny_exports["pixels"]
+    graph = backend.typed_tower_graph(source, precision)
+    assert graph == (source if precision == "fp32" else source.with_name(f"pixels-{precision}.onnx"))
+    plan = backend.build_engine(graph, precision, (1, 4, 8), workspace_gib=1.5)
     [network], [config] = trt.record.networks, trt.record.configs
     assert plan == b"plan 1" and type(plan) is bytes
-    assert trt.record.parsed == [str(tmp_path / "tower.onnx")]
-    assert network.flags == 0  # weakly typed: the flags choose the precisions
-    assert config.flags == flags | {BuilderFlag.OBEY_PRECISION_CONSTRAINTS}
-    for layer in network.layers:
-        if layer.type == LayerType.NORMALIZATION:
-            assert layer.precision == DataType.FLOAT and layer.output_types == {0: DataType.FLOAT}
-        else:
-            assert layer.precision is None and layer.output_types == {}
-    assert network.get_input(0).dtype == input_dtype and network.get_output(0).dtype == DataType.FLOAT
+    assert trt.record.parsed == [str(graph)]
+    assert network.flags == 1 << trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED  # bit 1 in 10, bit 0 in 11
+    # No precision flags (11 has none); TF32 cleared for fp32 only: "fp32" means float32 matmuls.
+    assert config.flags == (set() if precision == "fp32" else {trt.BuilderFlag.TF32})
+    # What TensorRT is handed: the precision's type in, every matmul, the patch embedding and softmax
+    # computed in it, LayerNorm in float32, float32 out.
+    assert network.get_input(0).dtype == dtype and network.get_output(0).dtype == DataType.FLOAT
+    assert layer_types(network) == {LayerType.CONVOLUTION: {dtype}, LayerType.MATRIX_MULTIPLY: {dtype},
+                                    LayerType.SOFTMAX: {dtype}, LayerType.NORMALIZATION: {DataType.FLOAT}}
     [profile] = config.profiles
-    assert profile.shapes == {"pixels": ((1, 3, 16, 16), (4, 3, 16, 16), (8, 3, 16, 16))}
+    assert profile.shapes == {"pixels": ((1, 3, 224, 224), (4, 3, 224, 224), (8, 3, 224, 224))}
     assert config.pool_limits == {trt.MemoryPoolType.WORKSPACE: int(1.5 * 2**30)}
     assert config.profiling_verbosity == trt.ProfilingVerbosity.DETAILED  # layer_information() needs it
 
 
-def test_build_engine_keeps_a_uint8_input_uint8_and_makes_the_output_float32(monkeypatch, tmp_path):
-    # build_engine takes either export format (`vlmrm-fast export --format tensorrt`), of any float type.
-    frames = {**TOWER, "input": ("frames", DataType.UINT8, (-1, 16, 16, 3)),
-              "output": ("embeddings", DataType.HALF, (-1, 4))}
-    trt = tensorrt_stand_in(graph=frames)
+@pytest.mark.parametrize("version", VERSIONS)
+def test_a_uint8_frames_graph_stays_uint8_in_and_computes_in_the_precision(monkeypatch, tiny_exports, version):
+    # `vlmrm-fast export --format tensorrt` builds the uint8 frames export (the default --input).
+    trt = tensorrt_stand_in(version)
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
-    backend.build_engine(tmp_path / "tower.onnx", "fp16", (1, 2, 4))
+    backend.build_engine(backend.typed_tower_graph(tiny_exports["uint8-nhwc"], "fp16"), "fp16", (1, 2, 4))
     [network], [config] = trt.record.networks, trt.record.configs
     assert network.get_input(0).dtype == DataType.UINT8 and network.get_output(0).dtype == DataType.FLOAT
-    assert config.profiles[0].shapes == {"frames": ((1, 16, 16, 3), (2, 16, 16, 3), (4, 16, 16, 3))}
+    assert layer_types(network)[LayerType.CONVOLUTION] == layer_types(network)[LayerType.MATRIX_MULTIPLY] == {DataType.HALF}
+    assert config.profiles[0].shapes == {"frames": ((1, 224, 224, 3), (2, 224, 224, 3), (4, 224, 224, 3))}
 
 
+def test_typed_tower_graph_takes_the_float_precisions_only(tmp_path):
+    with pytest.raises(BackendError, match=r"precision 'fp8-bf16' is not one of fp16, bf16, fp32"):
+        backend.typed_tower_graph(tmp_path / "tower.onnx", "fp8-bf16")
+
+
+@pytest.mark.parametrize("version", VERSIONS)
 @pytest.mark.parametrize("precision,input_dtype", [("fp8-bf16", DataType.BF16), ("fp8-fp16", DataType.HALF),
                                                    ("fp8-bf16", DataType.UINT8)])
-def test_fp8_builds_strongly_typed_with_no_precision_flags(monkeypatch, tmp_path, precision, input_dtype):
-    # Strongly typed networks take their types from the graph; TensorRT refuses precision flags,
-    # layer precisions and output types on them.
-    trt = tensorrt_stand_in(graph={**TOWER, "input": ("pixels", input_dtype, (-1, 3, 16, 16))})
+def test_fp8_builds_strongly_typed_with_no_precision_flags(monkeypatch, tmp_path, version, precision, input_dtype):
+    trt = tensorrt_stand_in(version)
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
-    backend.build_engine(tmp_path / "tower.onnx", precision, (1, 4, 8))
+    graph = typed(TOWER, {"fp8-bf16": DataType.BF16, "fp8-fp16": DataType.HALF}[precision])
+    graph = write_graph(tmp_path / "tower-fp8.onnx", {**graph, "input": ("pixels", input_dtype, (-1, 3, 16, 16))})
+    backend.build_engine(graph, precision, (1, 4, 8))
     [network], [config] = trt.record.networks, trt.record.configs
-    assert network.flags == 1 << NetworkDefinitionCreationFlag.STRONGLY_TYPED
-    assert config.flags == {BuilderFlag.TF32}  # as TensorRT made it
-    assert all(layer.precision is None and not layer.output_types for layer in network.layers)
+    assert network.flags == 1 << trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED
+    assert config.flags == {trt.BuilderFlag.TF32}  # as TensorRT made it
     assert network.get_input(0).dtype == input_dtype
     assert config.profiles[0].shapes == {"pixels": ((1, 3, 16, 16), (4, 3, 16, 16), (8, 3, 16, 16))}
 
 
-@pytest.mark.parametrize("tensor,dtype", [("input", DataType.FLOAT), ("input", DataType.HALF),
-                                          ("output", DataType.BF16)])
-def test_fp8_build_refuses_a_graph_of_other_types(monkeypatch, tmp_path, tensor, dtype):
-    fp8_bf16 = {**TOWER, "input": ("pixels", DataType.BF16, (-1, 3, 16, 16))}  # what fp8_tower_graph writes
-    name, _, shape = fp8_bf16[tensor]
-    trt = tensorrt_stand_in(graph={**fp8_bf16, tensor: (name, dtype, shape)})
+@pytest.mark.parametrize("precision,tensor,dtype,typed_by", [
+    ("fp8-bf16", "input", DataType.FLOAT, "onnx_fp8.fp8_tower_graph"),
+    ("fp8-bf16", "input", DataType.HALF, "onnx_fp8.fp8_tower_graph"),
+    ("fp8-bf16", "output", DataType.BF16, "onnx_fp8.fp8_tower_graph"),
+    ("bf16", "input", DataType.FLOAT, "tensorrt.typed_tower_graph"),  # the float32 export, not rewritten
+    ("fp16", "input", DataType.BF16, "tensorrt.typed_tower_graph"),
+    ("fp32", "input", DataType.HALF, "tensorrt.typed_tower_graph"),
+    ("fp16", "output", DataType.HALF, "tensorrt.typed_tower_graph"),
+])
+def test_a_build_refuses_a_graph_not_typed_for_its_precision(monkeypatch, tmp_path, precision, tensor, dtype, typed_by):
+    want = {"fp8-bf16": DataType.BF16, "bf16": DataType.BF16, "fp16": DataType.HALF, "fp32": DataType.FLOAT}[precision]
+    right = typed(TOWER, want)
+    name, _, shape = right[tensor]
+    graph = write_graph(tmp_path / "tower.onnx", {**right, tensor: (name, dtype, shape)})
+    trt = tensorrt_stand_in()
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
-    with pytest.raises(BackendError, match=r"is not a fp8-bf16 tower graph.*onnx_fp8\.fp8_tower_graph"):
-        backend.build_engine(tmp_path / "tower.onnx", "fp8-bf16", (1, 4, 8))
+    with pytest.raises(BackendError, match=rf"is not a {precision} tower graph.*{re.escape(typed_by)}"):
+        backend.build_engine(graph, precision, (1, 4, 8))
     assert trt.record.builds == 0
 
 
 def test_build_engine_errors_name_the_cause(monkeypatch, tmp_path):
-    onnx = tmp_path / "tower.onnx"
+    onnx = write_graph(tmp_path / "tower.onnx", typed(TOWER, DataType.BF16))
     for trt, precision, match in [
         (tensorrt_stand_in(parse_errors=("no importer for op Foo", "bad initializer")), "bf16",
          rf"could not parse {re.escape(str(onnx))}: .*no importer for op Foo; .*bad initializer$"),
@@ -427,10 +538,13 @@ def test_the_backend_keys_its_engine_builds_it_once_and_rebuilds_a_damaged_file(
     assert (key["compute_capability"], key["device_name"]) == ([9, 0], "NVIDIA H200")
     assert (key["tensorrt_version"], key["torch_version"], key["calibration"]) == ("10.13.3.9", torch.__version__, "")
     assert key["weights"] == backend.weights_digest(tower(torch.bfloat16))
-    # Built once, from a float32 export written under the cache folder, inside the backend's device.
-    [export] = fake_cuda.exports
+    # Built once, from a float32 export written under the cache folder and rewritten to bf16 beside
+    # it, inside the backend's device.
+    [export], [half] = fake_cuda.exports, fake_cuda.half_graphs
     assert export.dtype == torch.float32 and export.input_format == "pixels" and export.opset == 17
     assert export.path.parent.parent == cache_dir  # not the system's (often small) temporary folder
+    assert (half.source, half.target, half.half) == (export.path, export.path.with_name("tower-bf16.onnx"), "bf16")
+    assert trt.record.parsed == [str(half.target)]
     assert trt.record.builds == 1 and trt.record.configs[0].pool_limits[trt.MemoryPoolType.WORKSPACE] == 2 * 2**30
     assert {device for _, device in trt.record.devices} == {rm.device}  # cuda:0 where CUDA is real
     assert rm.embed_dim == 4 and rm._max_batch == 8
@@ -454,8 +568,7 @@ def test_the_backend_keys_its_engine_builds_it_once_and_rebuilds_a_damaged_file(
 @pytest.mark.parametrize("dtype,half", [(torch.bfloat16, "bf16"), (torch.float16, "fp16")])
 def test_an_fp8_backend_builds_from_its_calibrated_graph_and_keys_the_frames(monkeypatch, tmp_path, fake_cuda, dtype,
                                                                               half):
-    trt_dtype = {"bf16": DataType.BF16, "fp16": DataType.HALF}[half]
-    trt = tensorrt_stand_in(graph={**TOWER, "input": ("pixels", trt_dtype, (-1, 3, 16, 16))})
+    trt = tensorrt_stand_in()
     frames = np.random.default_rng(0).integers(0, 256, (3, 12, 20, 3), dtype=np.uint8)
     rm = make_backend(monkeypatch, trt, tmp_path, dtype=dtype, quantize="fp8", calibration_frames=frames)
     key = cached_key(rm.engine_path)
@@ -466,7 +579,46 @@ def test_an_fp8_backend_builds_from_its_calibrated_graph_and_keys_the_frames(mon
     assert graph.source == export.path and graph.half == half and graph.pixels.shape == (3, 3, 16, 16)
     assert trt.record.parsed == [str(export.path.with_name("tower-fp8.onnx"))]
     assert trt.record.networks[0].flags == 1 << NetworkDefinitionCreationFlag.STRONGLY_TYPED
+    assert not fake_cuda.half_graphs  # fp8_tower_graph types the graph itself
     assert rm._calibration is None  # the frames are not kept once the engine is built
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("dtype,parsed,trt_dtype", [(torch.float32, "tower.onnx", DataType.FLOAT),
+                                                    (torch.float16, "tower-fp16.onnx", DataType.HALF),
+                                                    (torch.bfloat16, "tower-bf16.onnx", DataType.BF16)])
+def test_the_backend_builds_from_the_graph_typed_for_its_dtype(monkeypatch, tmp_path, fake_cuda, version, dtype, parsed,
+                                                               trt_dtype):
+    trt = tensorrt_stand_in(version)
+    rm = make_backend(monkeypatch, trt, tmp_path, dtype=dtype)
+    [export] = fake_cuda.exports
+    assert trt.record.parsed == [str(export.path.with_name(parsed))]
+    rewritten = {torch.float32: [], torch.float16: ["fp16"], torch.bfloat16: ["bf16"]}[dtype]
+    assert [h.half for h in fake_cuda.half_graphs] == rewritten  # fp32 builds the export as it is
+    assert trt.record.networks[0].flags == 1 << trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED
+    assert rm.engine.get_tensor_dtype("pixels") == trt_dtype  # what __call__ hands it
+    key = cached_key(rm.engine_path)
+    assert (key["tensorrt_version"], key["recipe"]) == (version, 3)  # weakly typed engines (recipe 2) are rebuilt
+
+
+def test_export_format_tensorrt_writes_the_engine_of_the_typed_frames_graph(monkeypatch, tmp_path):
+    pytest.importorskip("onnx")
+    from vlmrm_fast.cli import main
+
+    trt = tensorrt_stand_in("11.1.0.106")
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    out = tmp_path / "tiny.engine"
+    assert main(["export", "vlmrm-tiny", "--format", "tensorrt", "--max-batch-size", "6", "--out", str(out)]) == 0
+    assert out.read_bytes() == b"plan 1"
+    [parsed], [network] = trt.record.parsed, trt.record.networks
+    assert Path(parsed).name == "tower-bf16.onnx"  # --dtype bf16 by default
+    assert network.get_input(0).dtype == DataType.UINT8 and network.get_output(0).dtype == DataType.FLOAT
+    assert layer_types(network)[LayerType.MATRIX_MULTIPLY] == {DataType.BF16}
+    assert trt.record.configs[0].profiles[0].shapes == {"frames": ((1, 224, 224, 3), (3, 224, 224, 3), (6, 224, 224, 3))}
+    assert [p.name for p in tmp_path.iterdir()] == ["tiny.engine"]  # the graphs went with their folder
 
 
 @pytest.mark.parametrize("stand_in,gpu,dtype,options,match", [
@@ -496,24 +648,24 @@ def test_layer_information_is_tensorrts_json_description(monkeypatch, tmp_path, 
 def test_fp8_is_allowed_from_tensorrt_10_6_on(monkeypatch, tmp_path, fake_cuda):
     # Versions compare as numbers: 10.10 is after 10.6.
     for version in ("10.6.0", "10.10.0.31"):
-        trt = tensorrt_stand_in(version=version, graph={**TOWER, "input": ("pixels", DataType.BF16, (-1, 3, 16, 16))})
+        trt = tensorrt_stand_in(version=version)
         make_backend(monkeypatch, trt, tmp_path / version, quantize="fp8",
                      calibration_frames=np.zeros((1, 8, 8, 3), np.uint8))
         assert trt.record.builds == 1
 
 
-def _host_backend(monkeypatch, tmp_path, max_batch_size, dtype=torch.float32, **stand_in):
+def _host_backend(monkeypatch, tmp_path, fake_cuda, max_batch_size, dtype=torch.float32, **stand_in):
     """A backend whose stood-in engine reads and writes host memory: ``__call__`` on CPU tensors.
     Its frames are 3 x 15 x 15 (1350 bytes in bf16), so a slice of a batch starts off TensorRT's alignment."""
-    graph = {**TOWER, "input": ("pixels", DataType.FLOAT, (-1, 3, 15, 15))}
-    rm = make_backend(monkeypatch, tensorrt_stand_in(graph=graph, **stand_in), tmp_path, dtype=dtype,
+    fake_cuda.graph = {**TOWER, "input": ("pixels", DataType.FLOAT, (-1, 3, 15, 15))}
+    rm = make_backend(monkeypatch, tensorrt_stand_in(**stand_in), tmp_path, dtype=dtype,
                       max_batch_size=max_batch_size)
     rm.device = torch.device("cpu")
     return rm
 
 
 def test_call_splits_a_large_batch_over_the_profile_and_hands_tensorrt_aligned_inputs(monkeypatch, tmp_path, fake_cuda):
-    rm = _host_backend(monkeypatch, tmp_path, max_batch_size=2, dtype=torch.bfloat16)
+    rm = _host_backend(monkeypatch, tmp_path, fake_cuda, max_batch_size=2, dtype=torch.bfloat16)
     trt = sys.modules["tensorrt"]
     pixels = torch.randn(5, 3, 15, 15).to(torch.bfloat16)
     Stream.log.clear()
@@ -533,12 +685,26 @@ def test_call_splits_a_large_batch_over_the_profile_and_hands_tensorrt_aligned_i
 
 
 def test_call_errors_say_what_tensorrt_refused(monkeypatch, tmp_path, fake_cuda):
-    rm = _host_backend(monkeypatch, tmp_path, max_batch_size=4)
+    rm = _host_backend(monkeypatch, tmp_path, fake_cuda, max_batch_size=4)
     with pytest.raises(ValueError, match=r"takes torch.float32 pixels on cpu; got torch.float16 on cpu"):
         rm(torch.zeros(1, 3, 15, 15, dtype=torch.float16))
-    rm = _host_backend(monkeypatch, tmp_path / "shape", max_batch_size=4, set_input_shape_ok=False)
+    rm = _host_backend(monkeypatch, tmp_path / "shape", fake_cuda, max_batch_size=4, set_input_shape_ok=False)
     with pytest.raises(RuntimeError, match=r"refused input shape \(2, 3, 15, 15\)"):
         rm(torch.zeros(2, 3, 15, 15))
-    rm = _host_backend(monkeypatch, tmp_path / "run", max_batch_size=4, execute_ok=False)
+    rm = _host_backend(monkeypatch, tmp_path / "run", fake_cuda, max_batch_size=4, execute_ok=False)
     with pytest.raises(RuntimeError, match="TensorRT execution failed"):
         rm(torch.zeros(2, 3, 15, 15))
+
+
+def test_tensorrt_inspector_types_are_read_in_either_versions_layout():
+    # The GPU tests read layer types from TensorRT's inspector JSON: 10 writes "Format/Datatype",
+    # 11 split it. bf16 ("BFloat16") is not float32 in either.
+    from conftest import tensorrt_is_float32, tensorrt_type_text
+
+    ten = {"Format/Datatype": "Row major linear FP32 format (kLINEAR)"}
+    eleven = {"Format": "Row major linear format (kLINEAR)", "DataType": "Float"}
+    assert tensorrt_is_float32(ten) and tensorrt_is_float32(eleven)
+    assert not tensorrt_is_float32({"Format/Datatype": "Row major linear BF16 format (kLINEAR)"})
+    assert not tensorrt_is_float32({"Format": "Row major linear format (kLINEAR)", "DataType": "BFloat16"})
+    assert not tensorrt_is_float32({"Name": "x"})
+    assert tensorrt_type_text({"Format/Datatype": "Channel major FP8 format"}) == "CHANNEL MAJOR FP8 FORMAT"

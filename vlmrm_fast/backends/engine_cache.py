@@ -1,7 +1,7 @@
 """A disk cache for built TensorRT engines that never trusts a stale or damaged file.
 
 An engine is valid only for the GPU model, TensorRT version and build (CUDA 12 or 13), weights,
-precision and batch range it was built for, the recipe that built it (flags, exporter) and, for fp8,
+precision and batch range it was built for, the recipe that built it (typing, exporter) and, for fp8,
 its calibration frames, so all of these form its key. Each file holds a header (the key and a
 SHA-256 of the engine bytes) and the engine; a file whose header does not match the key, or whose
 bytes do not match the checksum, is rebuilt. Files are written to a temporary name and renamed into
@@ -69,8 +69,9 @@ class EngineKey:
     """TensorRT plans are tied to the GPU model: an H100 and an H200 share compute capability 9.0."""
     torch_version: str = ""
     """The ONNX exporter's version: a different graph may build a different engine."""
-    recipe: int = 2
-    """Bumped whenever vlmrm_fast changes how it builds engines (flags, precision pinning)."""
+    recipe: int = 3
+    """Bumped whenever vlmrm_fast changes how it builds engines (3: strongly typed from a typed graph;
+    2: weakly typed, precision flags and LayerNorm pinned per layer)."""
     calibration: str = ""
     """For fp8 engines, a digest of the calibration frames: they set the activation scales."""
     tensorrt_build: str = ""

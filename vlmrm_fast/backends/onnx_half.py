@@ -1,8 +1,8 @@
 """A float32 tower graph rewritten to compute in bfloat16 or float16, LayerNorm kept in float32.
 
-TensorRT builds fp8 (Q/DQ) graphs as *strongly typed* networks (TensorRT 10's advice, and the only mode
-TensorRT 11 keeps): every tensor runs in the type the graph gives it, so the graph itself must say
-"bf16 here, fp32 in LayerNorm". This pass says it:
+TensorRT builds every engine, bf16, fp16 and fp8 (Q/DQ), as a *strongly typed* network (TensorRT 10's
+advice, and the only mode TensorRT 11 keeps): every tensor runs in the type the graph gives it, so the
+graph itself must say "bf16 here, fp32 in LayerNorm". This pass says it:
 
 - A float input ("pixels") becomes half; a uint8 input ("frames") stays uint8 and its cast to float
   casts to half. The output ("embeddings") is cast back to float32.

@@ -1,17 +1,22 @@
 """The "tensorrt" backend: a TensorRT engine built from the tower's ONNX export.
 
-Written against TensorRT 10's Python API (``build_serialized_network``, named I/O tensors,
-``execute_async_v3``); TensorRT 11 removed the precision flags and per-layer precision this relies
-on, so other major versions are refused with a clear error. See README for what has been verified where. Precisions: float16, bfloat16
-and float32. LayerNorm layers are pinned to float32 (fp16 CLIP engines lose accuracy in them). The
-input takes the fused preprocessing op's output in the tower's dtype; the output is float32.
-Engines are cached on disk (:mod:`vlmrm_fast.backends.engine_cache`).
+Written against the Python API that TensorRT 10 and 11 share (``build_serialized_network``, named
+I/O tensors, ``execute_async_v3``); other major versions are refused with a clear error. See README
+for what has been verified where. Precisions: float16, bfloat16 and float32.
+
+Every engine is built as a *strongly typed* network: each layer runs in the type the ONNX graph gives
+it. That is TensorRT 11's only mode (it removed the precision flags and per-layer precisions of weak
+typing, which 10.12 deprecated) and TensorRT 10's advice. So the graph itself carries the precision:
+:func:`typed_tower_graph` rewrites the float32 export to compute in bf16 or fp16 with LayerNorm in
+float32, where fp16 CLIP engines lose accuracy (:mod:`vlmrm_fast.backends.onnx_half`); "fp32"
+builds the export as it is, with TF32 off. The input takes the fused preprocessing op's output in
+the tower's dtype; the output is float32. Engines are cached on disk
+(:mod:`vlmrm_fast.backends.engine_cache`).
 
 ``quantize="fp8"`` (opt-in, Hopper GPUs or later and TensorRT 10.6 or later: per-channel fp8
 matmul weights): the transformer's weight matmuls run in fp8 E4M3, with activation scales
 calibrated on ``calibration_frames`` you pass (:mod:`vlmrm_fast.backends.onnx_fp8`), and the rest in
-the tower's dtype (bf16 or fp16), LayerNorm in float32. TensorRT builds it as a strongly typed network
-from a graph that carries those types (:mod:`vlmrm_fast.backends.onnx_half`).
+the tower's dtype (bf16 or fp16), LayerNorm in float32, typed the same way.
 """
 from __future__ import annotations
 
@@ -36,7 +41,8 @@ from vlmrm_fast.ops.preprocess import PreprocessSpec, preprocess
 _log = logging.getLogger(__name__)
 
 _PRECISIONS = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-SUPPORTED_MAJOR = 10
+SUPPORTED_MAJORS = (10, 11)
+"""TensorRT's major versions whose API this code is written against."""
 FP8_MIN_VERSION = (10, 6)
 """Per-channel fp8 weight scales for matmuls arrived in TensorRT 10.6."""
 FP8_MIN_CAPABILITY = (9, 0)
@@ -61,16 +67,17 @@ def profile_batch_range(max_batch_size: int) -> Tuple[int, int, int]:
 
 
 def import_tensorrt(what: str = "tensorrt"):
-    """The ``tensorrt`` module, if it is installed and of the major version this code is written for."""
+    """The ``tensorrt`` module, if it is installed and of a major version this code is written for."""
     try:
         import tensorrt as trt
     except ImportError:
         raise missing_extra("tensorrt", tensorrt_extra(), what) from None
-    if _version(trt)[0] != SUPPORTED_MAJOR:
+    if _version(trt)[0] not in SUPPORTED_MAJORS:
+        majors = " or ".join(map(str, SUPPORTED_MAJORS))
         raise BackendError(
-            f"{what}: vlmrm_fast builds engines with TensorRT {SUPPORTED_MAJOR}'s API, but TensorRT "
+            f"{what}: vlmrm_fast builds engines with the API of TensorRT {majors}, but TensorRT "
             f"{trt.__version__} is installed; `pip install 'vlmrm-fast[{tensorrt_extra()}]'` (TensorRT "
-            f"{SUPPORTED_MAJOR}), or use backend='compile'."
+            f"{majors}), or use backend='compile'."
         )
     return trt
 
@@ -159,7 +166,8 @@ class TensorRTBackend(VisionBackend):
         with tempfile.TemporaryDirectory(prefix=".vlmrm_fast_build_", dir=scratch) as tmp:
             from vlmrm_fast.backends.onnx_fp8 import FP8_OPSET, fp8_tower_graph, ort_providers
 
-            fp32_copy = copy.deepcopy(visual).float()  # TensorRT lowers precision itself, per the flags
+            # Exported in float32 whatever the tower's dtype: the typed graph rounds each weight once.
+            fp32_copy = copy.deepcopy(visual).float()
             opset = {"opset": FP8_OPSET} if self.quantize == "fp8" else {}
             onnx_path = export_onnx(fp32_copy, Path(tmp) / "tower.onnx", spec, input_format="pixels", **opset)
             del fp32_copy
@@ -167,12 +175,15 @@ class TensorRTBackend(VisionBackend):
             if self.quantize == "fp8":
                 pixels = _calibration_pixels(self._calibration, spec)
                 onnx_path = fp8_tower_graph(onnx_path, pixels, key.precision.split("-")[1], ort_providers(self.device.index))
+            else:
+                onnx_path = typed_tower_graph(onnx_path, key.precision)
             return build_engine(onnx_path, key.precision, key.batch_range, workspace_gib=workspace_gib,
                                 logger=self._logger)
 
     def layer_information(self) -> dict:
         """TensorRT's description of the engine's layers (fusions, tactics, input and output formats
-        and precisions), as parsed JSON: where to see which layers run in fp8."""
+        and precisions), as parsed JSON: where to see which layers run in fp8. A layer's tensors give
+        their type under "Format/Datatype" in TensorRT 10, and under separate keys in TensorRT 11."""
         import json
 
         trt = import_tensorrt(self.name)
@@ -361,7 +372,7 @@ def _check_fp8_support(trt, device: torch.device) -> None:
     if _version(trt) < FP8_MIN_VERSION:
         raise BackendError(
             f"quantize='fp8' needs TensorRT >= {'.'.join(map(str, FP8_MIN_VERSION))} (per-channel fp8 weights); "
-            f"{trt.__version__} is installed: `pip install -U 'tensorrt>=10.6,<11'`."
+            f"{trt.__version__} is installed: `pip install -U '{tensorrt_extra()}>=10.6,<12'`."
         )
     capability = torch.cuda.get_device_capability(device)
     if capability < FP8_MIN_CAPABILITY:
@@ -372,6 +383,21 @@ def _check_fp8_support(trt, device: torch.device) -> None:
         )
 
 
+def typed_tower_graph(onnx_path: Path, precision: str) -> Path:
+    """The float32 export at ``onnx_path`` (either input format), typed for a strongly typed build at
+    ``precision``: "fp32" as it is; "bf16" and "fp16" rewritten to compute in that type with LayerNorm
+    in float32 (:func:`~vlmrm_fast.backends.onnx_half.to_half_precision`), written beside it as
+    ``<stem>-<precision>.onnx``. (fp8 graphs come from :func:`~vlmrm_fast.backends.onnx_fp8.fp8_tower_graph`.)"""
+    onnx_path = Path(onnx_path)
+    if precision == "fp32":
+        return onnx_path
+    if precision not in ("bf16", "fp16"):
+        raise BackendError(f"typed_tower_graph: precision {precision!r} is not one of fp16, bf16, fp32.")
+    from vlmrm_fast.backends.onnx_half import to_half_precision
+
+    return to_half_precision(onnx_path, onnx_path.with_name(f"{onnx_path.stem}-{precision}.onnx"), precision)
+
+
 def build_engine(
     onnx_path: Path,
     precision: str,
@@ -380,26 +406,25 @@ def build_engine(
     workspace_gib: float = 8.0,
     logger=None,
 ) -> bytes:
-    """Build a serialized TensorRT engine from an ONNX export of the tower (either input format).
+    """Build a serialized TensorRT engine from a typed ONNX graph of the tower (either input format),
+    as a strongly typed network: every layer runs in the type the graph gives it.
 
-    ``precision`` is "fp16", "bf16" or "fp32"; LayerNorm layers stay float32 whatever it is. A
-    float input ("pixels") takes that precision; a uint8 input ("frames") stays uint8. The output
-    is float32. ``batch_range`` is the optimisation profile's (min, opt, max) batch size.
-
-    "fp8-bf16" and "fp8-fp16" take the typed fp8 graph of
-    :func:`~vlmrm_fast.backends.onnx_fp8.fp8_tower_graph` and build it strongly typed: every layer
-    runs in the type the graph gives it (no precision flags).
+    ``precision`` is "fp16", "bf16" or "fp32" for a graph of :func:`typed_tower_graph`, "fp8-bf16" or
+    "fp8-fp16" for one of :func:`~vlmrm_fast.backends.onnx_fp8.fp8_tower_graph`. The graph's float
+    input ("pixels") must be of that precision's type, or its input uint8 ("frames"), and its output
+    float32; "fp32" builds with TF32 off. ``batch_range`` is the optimisation profile's (min, opt, max)
+    batch size.
     """
     trt = import_tensorrt()
     if precision not in ("fp16", "bf16", "fp32", "fp8-bf16", "fp8-fp16"):
         raise BackendError(f"TensorRT precision {precision!r} is not one of fp16, bf16, fp32, fp8-bf16, fp8-fp16.")
-    strongly_typed = precision.startswith("fp8-")
-    if strongly_typed and _version(trt) < FP8_MIN_VERSION:
+    if precision.startswith("fp8-") and _version(trt) < FP8_MIN_VERSION:
         raise BackendError(f"fp8 engines need TensorRT >= 10.6; {trt.__version__} is installed.")
     logger = logger or trt.Logger(trt.Logger.WARNING)
     builder = _created(trt, trt.Builder, logger, "builder")
-    # Explicit batch is the only mode in TensorRT 10; strong typing is what it advises for Q/DQ graphs.
-    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if strongly_typed else 0)
+    # Explicit batch is the only mode since TensorRT 10. The flag's bit differs between 10 and 11
+    # (where strong typing is always on and the flag is kept but ignored): never hard-code it.
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
@@ -407,30 +432,17 @@ def build_engine(
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * 1024**3))
     config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED  # layer precisions for layer_information()
-    tensor_in = network.get_input(0)
-    if strongly_typed:
-        # The graph carries the types; check that it is the graph this precision means.
-        want = {"fp8-bf16": trt.bfloat16, "fp8-fp16": trt.float16}[precision]
-        if tensor_in.dtype not in (want, trt.uint8) or network.get_output(0).dtype != trt.float32:
-            raise BackendError(
-                f"{onnx_path} is not a {precision} tower graph (input {tensor_in.dtype}, output "
-                f"{network.get_output(0).dtype}); build it with vlmrm_fast.backends.onnx_fp8.fp8_tower_graph."
-            )
-    else:
-        flags = {"fp16": trt.BuilderFlag.FP16, "bf16": trt.BuilderFlag.BF16}
-        if precision in flags:
-            config.set_flag(flags[precision])
-        else:  # TensorRT runs "fp32" matmuls in TF32 unless told otherwise
-            config.clear_flag(trt.BuilderFlag.TF32)
-        config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
-        for i in range(network.num_layers):
-            layer = network.get_layer(i)
-            if layer.type == trt.LayerType.NORMALIZATION:
-                layer.precision = trt.float32
-                layer.set_output_type(0, trt.float32)
-        if tensor_in.dtype != trt.uint8:
-            tensor_in.dtype = {"fp16": trt.float16, "bf16": trt.bfloat16, "fp32": trt.float32}[precision]
-        network.get_output(0).dtype = trt.float32
+    if precision == "fp32":  # TensorRT runs float32 matmuls in TF32 unless told otherwise
+        config.clear_flag(trt.BuilderFlag.TF32)
+    # The graph carries the types; check that it is the graph this precision means.
+    tensor_in, tensor_out = network.get_input(0), network.get_output(0)
+    want = {"fp16": trt.float16, "bf16": trt.bfloat16, "fp32": trt.float32}[precision.split("-")[-1]]
+    if tensor_in.dtype not in (want, trt.uint8) or tensor_out.dtype != trt.float32:
+        typed_by = "onnx_fp8.fp8_tower_graph" if precision.startswith("fp8-") else "tensorrt.typed_tower_graph"
+        raise BackendError(
+            f"{onnx_path} is not a {precision} tower graph (input {tensor_in.dtype}, output {tensor_out.dtype}); "
+            f"type it with vlmrm_fast.backends.{typed_by}."
+        )
     low, opt, high = batch_range
     sample = tuple(tensor_in.shape)[1:]
     profile = builder.create_optimization_profile()
