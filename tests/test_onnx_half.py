@@ -73,6 +73,9 @@ def test_half_tower_graph_within_twice_pytorch_half_error(tmp_path, input_format
     assert all(types[n.input[0]] == types[n.output[0]] == TensorProto.FLOAT
                for n in graph.graph.node if n.op_type == "LayerNormalization")
     assert graph.graph.output[0].type.tensor_type.elem_type == TensorProto.FLOAT
+    # TensorRT casts uint8 to float32 or float16 only: the frames go to float32 first.
+    input_casts = [n for n in graph.graph.node if n.op_type == "Cast" and n.input[0] == "frames"]
+    assert [a.i for n in input_casts for a in n.attribute] == ([TensorProto.FLOAT] if input_format == "uint8-nhwc" else [])
 
     if input_format == "pixels":
         pixels = reference_preprocess(frames, 224, CLIP_MEAN, CLIP_STD)
@@ -89,3 +92,33 @@ def test_half_tower_graph_within_twice_pytorch_half_error(tmp_path, input_format
     assert torch.isfinite(ours).all()
     error, pytorch_error = (ours - want).abs().max().item(), (theirs - want).abs().max().item()
     assert 1e-5 < error <= 2 * pytorch_error, (error, pytorch_error)
+
+
+def test_half_rewrite_leaves_initializers_listed_as_inputs_as_weights(tmp_path):
+    # Graphs of old IR versions list their initializers among the inputs. Such a float weight stays a
+    # float32 weight (a half twin for its half reader), and an integer one cast to float is shape
+    # arithmetic (float32), not data like the uint8 frames.
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    from onnx.reference import ReferenceEvaluator
+
+    from vlmrm_fast.backends.onnx_half import to_half_precision
+
+    weight = np.random.default_rng(2).standard_normal((4, 3)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["pixels", "weight"], ["product"], name="matmul"),
+             helper.make_node("Cast", ["count"], ["count_float"], to=TensorProto.FLOAT, name="cast_count"),
+             helper.make_node("Div", ["product", "count_float"], ["embeddings"], name="div")]
+    inputs = [helper.make_tensor_value_info("pixels", TensorProto.FLOAT, [2, 4]),
+              helper.make_tensor_value_info("weight", TensorProto.FLOAT, [4, 3]),
+              helper.make_tensor_value_info("count", TensorProto.INT64, [])]
+    graph = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info("embeddings", TensorProto.FLOAT, [2, 3])],
+                              [numpy_helper.from_array(weight, "weight"), numpy_helper.from_array(np.array(300), "count")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "g.onnx"))
+    half = onnx.load(str(to_half_precision(tmp_path / "g.onnx", tmp_path / "bf16.onnx")))
+    types = _types(half)
+    assert types["weight"] == types["count_float"] == TensorProto.FLOAT  # declared as stored; 300 kept exact
+    assert types["product"] == TensorProto.BFLOAT16 and types["embeddings"] == TensorProto.FLOAT
+    pixels = np.random.default_rng(3).standard_normal((2, 4)).astype(np.float32)
+    want = ReferenceEvaluator(str(tmp_path / "g.onnx")).run(None, {"pixels": pixels})[0]
+    got = ReferenceEvaluator(half).run(None, {"pixels": pixels.astype(_half_types("bf16")[1])})[0]
+    assert np.abs(got - want).max() <= 2e-2 * np.abs(want).max()

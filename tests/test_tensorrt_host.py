@@ -478,13 +478,11 @@ def test_typed_tower_graph_takes_the_float_precisions_only(tmp_path):
 
 
 @pytest.mark.parametrize("version", VERSIONS)
-@pytest.mark.parametrize("precision,input_dtype", [("fp8-bf16", DataType.BF16), ("fp8-fp16", DataType.HALF),
-                                                   ("fp8-bf16", DataType.UINT8)])
+@pytest.mark.parametrize("precision,input_dtype", [("fp8-bf16", DataType.BF16), ("fp8-fp16", DataType.HALF)])
 def test_fp8_builds_strongly_typed_with_no_precision_flags(monkeypatch, tmp_path, version, precision, input_dtype):
     trt = tensorrt_stand_in(version)
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
-    graph = typed(TOWER, {"fp8-bf16": DataType.BF16, "fp8-fp16": DataType.HALF}[precision])
-    graph = write_graph(tmp_path / "tower-fp8.onnx", {**graph, "input": ("pixels", input_dtype, (-1, 3, 16, 16))})
+    graph = write_graph(tmp_path / "tower-fp8.onnx", typed(TOWER, input_dtype))
     backend.build_engine(graph, precision, (1, 4, 8))
     [network], [config] = trt.record.networks, trt.record.configs
     assert network.flags == 1 << trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED
@@ -510,6 +508,19 @@ def test_a_build_refuses_a_graph_not_typed_for_its_precision(monkeypatch, tmp_pa
     trt = tensorrt_stand_in()
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
     with pytest.raises(BackendError, match=rf"is not a {precision} tower graph.*{re.escape(typed_by)}"):
+        backend.build_engine(graph, precision, (1, 4, 8))
+    assert trt.record.builds == 0
+
+
+@pytest.mark.parametrize("typed_as,precision", [("fp32", "bf16"), ("fp16", "bf16"), ("bf16", "fp32")])
+def test_a_uint8_frames_graph_is_refused_where_its_matmuls_are_not_the_precisions(monkeypatch, tiny_exports, typed_as,
+                                                                                  precision):
+    # Its uint8 input cannot say which precision the graph was typed for; its matmuls can.
+    trt = tensorrt_stand_in()
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    graph = backend.typed_tower_graph(tiny_exports["uint8-nhwc"], typed_as)
+    with pytest.raises(BackendError, match=rf"is not a {precision} tower graph \(its matmuls compute in {typed_as}\); "
+                                           r"type it with vlmrm_fast\.backends\.tensorrt\.typed_tower_graph"):
         backend.build_engine(graph, precision, (1, 4, 8))
     assert trt.record.builds == 0
 
@@ -601,7 +612,11 @@ def test_the_backend_builds_from_the_graph_typed_for_its_dtype(monkeypatch, tmp_
     assert (key["tensorrt_version"], key["recipe"]) == (version, 3)  # weakly typed engines (recipe 2) are rebuilt
 
 
-def test_export_format_tensorrt_writes_the_engine_of_the_typed_frames_graph(monkeypatch, tmp_path):
+@pytest.mark.parametrize("dtype,parsed,trt_dtype", [(None, "tower-bf16.onnx", DataType.BF16),  # the default
+                                                    ("fp16", "tower-fp16.onnx", DataType.HALF),
+                                                    ("fp32", "tower.onnx", DataType.FLOAT)])
+def test_export_format_tensorrt_writes_the_engine_of_the_typed_frames_graph(monkeypatch, tmp_path, dtype, parsed,
+                                                                           trt_dtype):
     pytest.importorskip("onnx")
     from vlmrm_fast.cli import main
 
@@ -611,12 +626,14 @@ def test_export_format_tensorrt_writes_the_engine_of_the_typed_frames_graph(monk
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     out = tmp_path / "tiny.engine"
-    assert main(["export", "vlmrm-tiny", "--format", "tensorrt", "--max-batch-size", "6", "--out", str(out)]) == 0
+    args = ["export", "vlmrm-tiny", "--format", "tensorrt", "--max-batch-size", "6", "--out", str(out)]
+    assert main(args + (["--dtype", dtype] if dtype else [])) == 0
     assert out.read_bytes() == b"plan 1"
-    [parsed], [network] = trt.record.parsed, trt.record.networks
-    assert Path(parsed).name == "tower-bf16.onnx"  # --dtype bf16 by default
+    [network], [config] = trt.record.networks, trt.record.configs
+    assert [Path(p).name for p in trt.record.parsed] == [parsed]
     assert network.get_input(0).dtype == DataType.UINT8 and network.get_output(0).dtype == DataType.FLOAT
-    assert layer_types(network)[LayerType.MATRIX_MULTIPLY] == {DataType.BF16}
+    assert layer_types(network)[LayerType.MATRIX_MULTIPLY] == {trt_dtype}
+    assert (trt.BuilderFlag.TF32 in config.flags) == (dtype != "fp32")
     assert trt.record.configs[0].profiles[0].shapes == {"frames": ((1, 224, 224, 3), (3, 224, 224, 3), (6, 224, 224, 3))}
     assert [p.name for p in tmp_path.iterdir()] == ["tiny.engine"]  # the graphs went with their folder
 

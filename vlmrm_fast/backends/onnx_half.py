@@ -4,8 +4,8 @@ TensorRT builds every engine, bf16, fp16 and fp8 (Q/DQ), as a *strongly typed* n
 advice, and the only mode TensorRT 11 keeps): every tensor runs in the type the graph gives it, so the
 graph itself must say "bf16 here, fp32 in LayerNorm". This pass says it:
 
-- A float input ("pixels") becomes half; a uint8 input ("frames") stays uint8 and its cast to float
-  casts to half. The output ("embeddings") is cast back to float32.
+- A float input ("pixels") becomes half; a uint8 input ("frames") stays uint8 and is cast to float32,
+  then to half. The output ("embeddings") is cast back to float32.
 - Float weights and constants take the type of the computation that reads them.
 - LayerNormalization reads float32 (a Cast in front of it) and keeps its scale and bias in float32:
   the mean and variance of 1,000-wide rows lose too much in 8 mantissa bits.
@@ -23,7 +23,7 @@ reference evaluator runs it.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, List, Union
+from typing import Dict, List, Set, Union
 
 import numpy as np
 
@@ -71,9 +71,10 @@ def to_half_precision(source: Union[str, Path], target: Union[str, Path], half: 
     def is_float(name: str) -> bool:
         return name in kind or is_float_constant(name)
 
-    graph_inputs = {value.name for value in graph.input}
+    # Graphs of old IR versions list initializers among the inputs too: those are weights, not data.
+    data_inputs = {value.name for value in graph.input} - set(initializers)
     for value in graph.input:
-        if value.type.tensor_type.elem_type == FLOAT:
+        if value.name in data_inputs and value.type.tensor_type.elem_type == FLOAT:
             value.type.tensor_type.elem_type = HALF
             kind[value.name] = HALF
     half_copies: Dict[str, str] = {}  # float constant -> its half twin
@@ -103,10 +104,16 @@ def to_half_precision(source: Union[str, Path], target: Union[str, Path], half: 
             continue
         if node.op_type == "Cast":
             [to] = [a for a in node.attribute if a.name == "to"]
+            if to.i == FLOAT and node.input[0] in data_inputs and not is_float(node.input[0]):
+                # The uint8 frames are data, not shape arithmetic: cast to float32, then to half
+                # (TensorRT casts uint8 to float32 or float16 only; 0-255 are exact in all three).
+                out = node.output[0]
+                node.output[0] = out + "_float"
+                kind[node.output[0]], kind[out] = FLOAT, HALF
+                nodes.extend([node, helper.make_node("Cast", [node.output[0]], [out], to=HALF, name=out + "_to_half")])
+                continue
             if to.i == FLOAT:
-                # open_clip's cast back to the input's type (that type is now half), or the uint8 frames
-                # input's cast (data, not shape arithmetic)
-                if is_float(node.input[0]) or node.input[0] in graph_inputs:
+                if is_float(node.input[0]):  # open_clip's cast back to the input's type: that type is now half
                     to.i = HALF
                 kind[node.output[0]] = to.i  # else from integers: shape arithmetic, stays float32
             nodes.append(node)
@@ -162,6 +169,19 @@ def to_half_precision(source: Union[str, Path], target: Union[str, Path], half: 
     # Every tensor's type must follow from the graph: what a strongly typed TensorRT build relies on.
     onnx.shape_inference.infer_shapes(model.__class__.FromString(_without_weights(model)), strict_mode=True)
     return save_graph(model, target)
+
+
+def matmul_types(path: Union[str, Path]) -> Set[str]:
+    """The types ("fp32", "bf16", "fp16") the graph at ``path`` computes its MatMul and Gemm nodes in,
+    by ONNX's type inference; its weights are not read."""
+    import onnx
+    from onnx import TensorProto
+
+    model = onnx.load(str(path), load_external_data=False)
+    typed = onnx.shape_inference.infer_shapes(model.__class__.FromString(_without_weights(model)), strict_mode=True)
+    elem = {v.name: v.type.tensor_type.elem_type for v in list(typed.graph.value_info) + list(typed.graph.output)}
+    names = {TensorProto.FLOAT: "fp32", TensorProto.BFLOAT16: "bf16", TensorProto.FLOAT16: "fp16"}
+    return {names.get(elem.get(n.output[0]), "other") for n in typed.graph.node if n.op_type in ("MatMul", "Gemm")}
 
 
 def _without_weights(model) -> bytes:

@@ -411,8 +411,8 @@ def build_engine(
 
     ``precision`` is "fp16", "bf16" or "fp32" for a graph of :func:`typed_tower_graph`, "fp8-bf16" or
     "fp8-fp16" for one of :func:`~vlmrm_fast.backends.onnx_fp8.fp8_tower_graph`. The graph's float
-    input ("pixels") must be of that precision's type, or its input uint8 ("frames"), and its output
-    float32; "fp32" builds with TF32 off. ``batch_range`` is the optimisation profile's (min, opt, max)
+    input ("pixels") must be of that precision's type, or its input uint8 ("frames") and its matmuls
+    of that type, and its output float32; "fp32" builds with TF32 off. ``batch_range`` is the optimisation profile's (min, opt, max)
     batch size.
     """
     trt = import_tensorrt()
@@ -437,11 +437,19 @@ def build_engine(
     # The graph carries the types; check that it is the graph this precision means.
     tensor_in, tensor_out = network.get_input(0), network.get_output(0)
     want = {"fp16": trt.float16, "bf16": trt.bfloat16, "fp32": trt.float32}[precision.split("-")[-1]]
+    problem = None
     if tensor_in.dtype not in (want, trt.uint8) or tensor_out.dtype != trt.float32:
+        problem = f"input {tensor_in.dtype}, output {tensor_out.dtype}"
+    elif tensor_in.dtype == trt.uint8:  # a float input's type says which precision the graph is typed for
+        from vlmrm_fast.backends.onnx_half import matmul_types
+
+        computed = matmul_types(onnx_path)
+        if computed != {precision.split("-")[-1]}:
+            problem = f"its matmuls compute in {', '.join(sorted(computed))}"
+    if problem is not None:
         typed_by = "onnx_fp8.fp8_tower_graph" if precision.startswith("fp8-") else "tensorrt.typed_tower_graph"
         raise BackendError(
-            f"{onnx_path} is not a {precision} tower graph (input {tensor_in.dtype}, output {tensor_out.dtype}); "
-            f"type it with vlmrm_fast.backends.{typed_by}."
+            f"{onnx_path} is not a {precision} tower graph ({problem}); type it with vlmrm_fast.backends.{typed_by}."
         )
     low, opt, high = batch_range
     sample = tuple(tensor_in.shape)[1:]
