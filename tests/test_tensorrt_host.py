@@ -192,7 +192,7 @@ def tensorrt_stand_in(version="10.13.3.9", parse_errors=(), build_fails=False, r
     what it was asked is in its ``record``."""
     trt = types.ModuleType("tensorrt")
     record = types.SimpleNamespace(networks=[], configs=[], parsed=[], plans={}, deserialized=[], builds=0,
-                                   executions=[], devices=[])
+                                   executions=[], devices=[], beside=[])
     trt.__version__, trt.record = version, record
     eleven = int(version.split(".")[0]) >= 11
     trt.DataType, trt.LayerType = DataType, LayerType
@@ -238,6 +238,7 @@ def tensorrt_stand_in(version="10.13.3.9", parse_errors=(), build_fails=False, r
 
         def parse_from_file(self, path):
             record.parsed.append(path)
+            record.beside.append(sorted(p.name for p in Path(path).parent.iterdir()))  # the folder as parsed
             if parse_errors:
                 self.num_errors = len(parse_errors)
                 return False
@@ -525,6 +526,15 @@ def test_a_uint8_frames_graph_is_refused_where_its_matmuls_are_not_the_precision
     assert trt.record.builds == 0
 
 
+def test_keep_only_graph_keeps_the_graph_and_its_weights_file(tmp_path):
+    # ViT-bigG-14's graphs keep their weights in <name>.data: the typed graph's must stay for the build.
+    for name in ("tower.onnx", "tower.onnx.data", "tower-bf16.onnx", "tower-bf16.onnx.data"):
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "folder").mkdir()
+    backend.keep_only_graph(tmp_path / "tower-bf16.onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "tower-bf16.onnx", "tower-bf16.onnx.data"]
+
+
 def test_build_engine_errors_name_the_cause(monkeypatch, tmp_path):
     onnx = write_graph(tmp_path / "tower.onnx", typed(TOWER, DataType.BF16))
     for trt, precision, match in [
@@ -591,6 +601,7 @@ def test_an_fp8_backend_builds_from_its_calibrated_graph_and_keys_the_frames(mon
     assert trt.record.parsed == [str(export.path.with_name("tower-fp8.onnx"))]
     assert trt.record.networks[0].flags == 1 << NetworkDefinitionCreationFlag.STRONGLY_TYPED
     assert not fake_cuda.half_graphs  # fp8_tower_graph types the graph itself
+    assert trt.record.beside == [["tower-fp8.onnx"]]
     assert rm._calibration is None  # the frames are not kept once the engine is built
 
 
@@ -604,6 +615,7 @@ def test_the_backend_builds_from_the_graph_typed_for_its_dtype(monkeypatch, tmp_
     rm = make_backend(monkeypatch, trt, tmp_path, dtype=dtype)
     [export] = fake_cuda.exports
     assert trt.record.parsed == [str(export.path.with_name(parsed))]
+    assert trt.record.beside == [[parsed]]  # the float32 export removed before the build when not built from
     rewritten = {torch.float32: [], torch.float16: ["fp16"], torch.bfloat16: ["bf16"]}[dtype]
     assert [h.half for h in fake_cuda.half_graphs] == rewritten  # fp32 builds the export as it is
     assert trt.record.networks[0].flags == 1 << trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED
@@ -631,6 +643,7 @@ def test_export_format_tensorrt_writes_the_engine_of_the_typed_frames_graph(monk
     assert out.read_bytes() == b"plan 1"
     [network], [config] = trt.record.networks, trt.record.configs
     assert [Path(p).name for p in trt.record.parsed] == [parsed]
+    assert trt.record.beside == [[parsed]]  # the float32 export removed before the build when not built from
     assert network.get_input(0).dtype == DataType.UINT8 and network.get_output(0).dtype == DataType.FLOAT
     assert layer_types(network)[LayerType.MATRIX_MULTIPLY] == {trt_dtype}
     assert (trt.BuilderFlag.TF32 in config.flags) == (dtype != "fp32")

@@ -139,7 +139,7 @@ def export_engine(visual, spec, out: Path, dtype: str, input_format: str, max_ba
     import torch
 
     from vlmrm_fast.backends.onnx_export import export_onnx
-    from vlmrm_fast.backends.tensorrt import (build_engine, check_precision_support, import_tensorrt,
+    from vlmrm_fast.backends.tensorrt import (build_engine, check_precision_support, import_tensorrt, keep_only_graph,
                                               profile_batch_range, typed_tower_graph)
 
     if not torch.cuda.is_available():
@@ -151,8 +151,10 @@ def export_engine(visual, spec, out: Path, dtype: str, input_format: str, max_ba
     # The graph beside the engine rather than in the system's temporary folder (often a small tmpfs):
     # gigabytes for ViT-bigG-14.
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
-        onnx_path = export_onnx(visual.float(), Path(tmp) / "tower.onnx", spec, input_format=input_format)
-        engine = build_engine(typed_tower_graph(onnx_path, dtype), dtype, profile_batch_range(max_batch_size))
+        onnx_path = typed_tower_graph(export_onnx(visual.float(), Path(tmp) / "tower.onnx", spec, input_format=input_format),
+                                      dtype)
+        keep_only_graph(onnx_path)
+        engine = build_engine(onnx_path, dtype, profile_batch_range(max_batch_size))
     return write_atomically(out, engine)  # never a half-written engine under the real name
 
 

@@ -177,6 +177,7 @@ class TensorRTBackend(VisionBackend):
                 onnx_path = fp8_tower_graph(onnx_path, pixels, key.precision.split("-")[1], ort_providers(self.device.index))
             else:
                 onnx_path = typed_tower_graph(onnx_path, key.precision)
+            keep_only_graph(onnx_path)
             return build_engine(onnx_path, key.precision, key.batch_range, workspace_gib=workspace_gib,
                                 logger=self._logger)
 
@@ -396,6 +397,16 @@ def typed_tower_graph(onnx_path: Path, precision: str) -> Path:
     from vlmrm_fast.backends.onnx_half import to_half_precision
 
     return to_half_precision(onnx_path, onnx_path.with_name(f"{onnx_path.stem}-{precision}.onnx"), precision)
+
+
+def keep_only_graph(onnx_path: Path) -> None:
+    """Remove every file beside the graph ``onnx_path`` but its own (``<name>``, ``<name>.data``): the
+    float32 export and twins it was typed from are not needed by the build, which takes minutes, and
+    are gigabytes for ViT-bigG-14. For a scratch folder of the build's own."""
+    onnx_path = Path(onnx_path)
+    for other in onnx_path.parent.iterdir():
+        if other.name not in (onnx_path.name, onnx_path.name + ".data") and other.is_file():
+            other.unlink()
 
 
 def build_engine(
