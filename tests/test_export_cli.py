@@ -145,6 +145,25 @@ def test_an_interrupted_or_failed_export_leaves_the_previous_one_whole(tmp_path,
     assert "MB)" in printed and "(0.0 MB)" not in printed
 
 
+def test_a_one_file_export_is_checked_before_it_replaces_the_previous_one(tmp_path, monkeypatch, capsys):
+    # A graph under 2 GB is placed as the exporter wrote it, not loaded and saved again: after the same
+    # checks, and removing the side file of an earlier export with external data.
+    from vlmrm_fast import export
+
+    out = tmp_path / "tower.onnx"
+    with monkeypatch.context() as patch:
+        patch.setattr(onnx_export, "_PROTOBUF_LIMIT", 64 * 1024)
+        assert main(["export", "vlmrm-tiny", "--out", str(out)]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tower.onnx", "tower.onnx.data"]
+    assert main(["export", "vlmrm-tiny", "--out", str(out)]) == 0
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert set(before) == {"tower.onnx"}
+    monkeypatch.setattr(export, "verify_onnx", lambda *args: 0.5)
+    assert main(["export", "vlmrm-tiny", "--out", str(out)]) == 2
+    assert "does not match the torch tower" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no leftovers either
+
+
 def test_export_into_a_folder_takes_the_default_name(tmp_path):
     assert main(["export", "vlmrm-tiny", "--out", str(tmp_path), "--no-verify"]) == 0
     assert (tmp_path / "vlmrm-tiny-random-uint8-nhwc-fp32.onnx").exists()
