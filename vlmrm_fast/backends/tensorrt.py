@@ -423,8 +423,8 @@ def build_engine(
     ``precision`` is "fp16", "bf16" or "fp32" for a graph of :func:`typed_tower_graph`, "fp8-bf16" or
     "fp8-fp16" for one of :func:`~vlmrm_fast.backends.onnx_fp8.fp8_tower_graph`. The graph's float
     input ("pixels") must be of that precision's type, or its input uint8 ("frames") and its matmuls
-    of that type, and its output float32; "fp32" builds with TF32 off. ``batch_range`` is the optimisation profile's (min, opt, max)
-    batch size.
+    of that type, and its output float32; "fp32" builds with TF32 off. ``batch_range`` is the
+    optimisation profile's (min, opt, max) batch size.
     """
     trt = import_tensorrt()
     if precision not in ("fp16", "bf16", "fp32", "fp8-bf16", "fp8-fp16"):
