@@ -408,6 +408,24 @@ def test_the_batch_profile_runs_from_one_through_half_to_the_largest_batch():
     assert backend.profile_batch_range(8) == (1, 4, 8)
     assert backend.profile_batch_range(9) == (1, 4, 9)
     assert backend.profile_batch_range(1) == (1, 1, 1)  # opt is a batch the profile holds
+    assert backend.profile_batch_range(256, 8) == (1, 8, 256)  # opt_batch_size: the batch you score most
+    assert backend.profile_batch_range(8, 8) == (1, 8, 8) and backend.profile_batch_range(8, 1) == (1, 1, 8)
+    for bad in (0, 9, 2.5, True, "8"):
+        with pytest.raises(BackendError, match=rf"opt_batch_size={bad!r} must be an integer from 1 to max_batch_size "
+                                               r"\(8\): the batch size you will score most often"):
+            backend.profile_batch_range(8, bad)
+
+
+def test_the_backend_tunes_its_engine_for_opt_batch_size_and_keys_it(monkeypatch, tmp_path, fake_cuda):
+    trt = tensorrt_stand_in()
+    rm = make_backend(monkeypatch, trt, tmp_path, max_batch_size=64, opt_batch_size=8)
+    assert trt.record.configs[0].profiles[0].shapes["pixels"] == ((1, 3, 16, 16), (8, 3, 16, 16), (64, 3, 16, 16))
+    assert cached_key(rm.engine_path)["batch_range"] == [1, 8, 64] and rm._max_batch == 64
+    other = make_backend(monkeypatch, trt, tmp_path, max_batch_size=64)  # the default opt is another engine
+    assert trt.record.builds == 2 and cached_key(other.engine_path)["batch_range"] == [1, 32, 64]
+    with pytest.raises(BackendError, match=r"opt_batch_size=65 must be an integer from 1 to max_batch_size \(64\)"):
+        make_backend(monkeypatch, trt, tmp_path, max_batch_size=64, opt_batch_size=65)
+    assert trt.record.builds == 2
 
 
 @pytest.fixture(scope="module")
@@ -638,7 +656,7 @@ def test_export_format_tensorrt_writes_the_engine_of_the_typed_frames_graph(monk
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     out = tmp_path / "tiny.engine"
-    args = ["export", "vlmrm-tiny", "--format", "tensorrt", "--max-batch-size", "6", "--out", str(out)]
+    args = ["export", "vlmrm-tiny", "--format", "tensorrt", "--max-batch-size", "6", "--opt-batch-size", "2", "--out", str(out)]
     assert main(args + (["--dtype", dtype] if dtype else [])) == 0
     assert out.read_bytes() == b"plan 1"
     [network], [config] = trt.record.networks, trt.record.configs
@@ -647,7 +665,7 @@ def test_export_format_tensorrt_writes_the_engine_of_the_typed_frames_graph(monk
     assert network.get_input(0).dtype == DataType.UINT8 and network.get_output(0).dtype == DataType.FLOAT
     assert layer_types(network)[LayerType.MATRIX_MULTIPLY] == {trt_dtype}
     assert (trt.BuilderFlag.TF32 in config.flags) == (dtype != "fp32")
-    assert trt.record.configs[0].profiles[0].shapes == {"frames": ((1, 224, 224, 3), (3, 224, 224, 3), (6, 224, 224, 3))}
+    assert trt.record.configs[0].profiles[0].shapes == {"frames": ((1, 224, 224, 3), (2, 224, 224, 3), (6, 224, 224, 3))}
     assert [p.name for p in tmp_path.iterdir()] == ["tiny.engine"]  # the graphs went with their folder
 
 

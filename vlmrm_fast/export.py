@@ -46,6 +46,8 @@ def add_export_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="precision: ONNX fp32 or fp16 (default fp32); TensorRT fp16, bf16 or fp32 (default bf16); "
                    "float32/float16/bfloat16 too")
     p.add_argument("--max-batch-size", type=positive_int, default=256, help="TensorRT: largest batch of the engine's profile (default: %(default)s)")
+    p.add_argument("--opt-batch-size", type=positive_int, default=None,
+                   help="TensorRT: the batch its kernels are tuned for, the one you will run most (default: half the max)")
     p.add_argument("--external-data", choices=("auto", "yes", "no"), default="auto",
                    help="ONNX: weights in a side file <out>.data (auto: when over 2 GB)")
     p.add_argument("--no-verify", action="store_true", help="ONNX: skip the check against torch in ONNX Runtime")
@@ -95,7 +97,7 @@ def run_export(args: argparse.Namespace) -> int:
         if errors:
             message += f"; ONNX Runtime vs torch: max relative error {errors[-1]:.2e}"
     else:
-        path = export_engine(model.visual, spec, out, dtype, args.input, args.max_batch_size)
+        path = export_engine(model.visual, spec, out, dtype, args.input, args.max_batch_size, args.opt_batch_size)
         message = f"wrote {path} ({_size(path)}) in {time.perf_counter() - start:.1f} s"
     print(f"{message}. Input: {'frames uint8 [N, %d, %d, 3]' % spec.size if args.input == 'uint8-nhwc' else 'pixels [N, 3, %d, %d]' % spec.size}"
           f"; output: embeddings [N, D] (unnormalised).")
@@ -134,7 +136,8 @@ def verify_onnx(path: Path, visual: torch.nn.Module, spec, input_format: str) ->
     return float(np.abs(got - want).max() / np.abs(want).max())
 
 
-def export_engine(visual, spec, out: Path, dtype: str, input_format: str, max_batch_size: int) -> Path:
+def export_engine(visual, spec, out: Path, dtype: str, input_format: str, max_batch_size: int,
+                  opt_batch_size: Optional[int] = None) -> Path:
     """Build a TensorRT engine file (needs CUDA and tensorrt)."""
     import torch
 
@@ -145,6 +148,7 @@ def export_engine(visual, spec, out: Path, dtype: str, input_format: str, max_ba
     if not torch.cuda.is_available():
         raise ValueError("--format tensorrt needs a CUDA device; export --format onnx here and build the engine on the GPU machine.")
     import_tensorrt("--format tensorrt")  # before minutes of export
+    batch_range = profile_batch_range(max_batch_size, opt_batch_size)
     if dtype == "bf16":
         check_precision_support(torch.bfloat16, torch.device("cuda"), "use --dtype fp16")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -154,7 +158,7 @@ def export_engine(visual, spec, out: Path, dtype: str, input_format: str, max_ba
         onnx_path = typed_tower_graph(export_onnx(visual.float(), Path(tmp) / "tower.onnx", spec, input_format=input_format),
                                       dtype)
         keep_only_graph(onnx_path)
-        engine = build_engine(onnx_path, dtype, profile_batch_range(max_batch_size))
+        engine = build_engine(onnx_path, dtype, batch_range)
     return write_atomically(out, engine)  # never a half-written engine under the real name
 
 

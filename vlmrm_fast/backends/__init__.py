@@ -26,7 +26,7 @@ BACKEND_OPTIONS = {
     "torch": (),
     "compile": ("buckets", "mode"),
     "onnxruntime": ("quantize",),
-    "tensorrt": ("cache_dir", "workspace_gib", "quantize", "calibration_frames"),
+    "tensorrt": ("cache_dir", "workspace_gib", "quantize", "calibration_frames", "opt_batch_size"),
 }
 """The ``backend_options`` each backend takes."""
 
@@ -72,7 +72,7 @@ def build_backend(
     """Build a resolved backend around ``visual`` (already on ``device`` in ``dtype``).
 
     ``options`` go to the backend's constructor (:data:`BACKEND_OPTIONS`): ``buckets``/``mode`` for
-    "compile", ``cache_dir``/``workspace_gib``/``quantize``/``calibration_frames`` for "tensorrt",
+    "compile", ``cache_dir``/``workspace_gib``/``quantize``/``calibration_frames``/``opt_batch_size`` for "tensorrt",
     ``quantize`` for "onnxruntime". ``requested`` is the caller's choice ("auto"), for error messages.
     """
     options = dict(options or {})

@@ -61,9 +61,17 @@ def tensorrt_extra() -> str:
     return f"tensorrt-cu{major}" if major in ("12", "13") else "tensorrt"
 
 
-def profile_batch_range(max_batch_size: int) -> Tuple[int, int, int]:
-    """The engine's optimisation profile over the batch axis: (min, opt, max)."""
-    return 1, max(1, max_batch_size // 2), max_batch_size
+def profile_batch_range(max_batch_size: int, opt_batch_size: Optional[int] = None) -> Tuple[int, int, int]:
+    """The engine's optimisation profile over the batch axis: (min, opt, max). TensorRT picks its
+    kernels for ``opt`` (default: half of ``max_batch_size``); every batch from 1 to the max runs."""
+    if opt_batch_size is None:
+        return 1, max(1, max_batch_size // 2), max_batch_size
+    if isinstance(opt_batch_size, bool) or not isinstance(opt_batch_size, int) or not 1 <= opt_batch_size <= max_batch_size:
+        raise BackendError(
+            f"opt_batch_size={opt_batch_size!r} must be an integer from 1 to max_batch_size ({max_batch_size}): "
+            f"the batch size you will score most often (e.g. your number of envs)."
+        )
+    return 1, opt_batch_size, max_batch_size
 
 
 def import_tensorrt(what: str = "tensorrt"):
@@ -98,8 +106,10 @@ class TensorRTBackend(VisionBackend):
         workspace_gib: float = 8.0,
         quantize: Optional[str] = None,
         calibration_frames=None,
+        opt_batch_size: Optional[int] = None,
     ) -> None:
         super().__init__(device, dtype, image_size)
+        batch_range = profile_batch_range(max_batch_size, opt_batch_size)
         if dtype not in _PRECISIONS:
             raise BackendError(f"backend='tensorrt' supports {sorted(_PRECISIONS.values())}, not {dtype}.")
         self.quantize = quantize
@@ -122,7 +132,7 @@ class TensorRTBackend(VisionBackend):
             precision=precision,
             calibration=calibration,
             image_size=tuple(image_size),
-            batch_range=profile_batch_range(max_batch_size),
+            batch_range=batch_range,
             compute_capability=torch.cuda.get_device_capability(device),
             tensorrt_version=trt.__version__,
             tensorrt_build=tensorrt_build(),
