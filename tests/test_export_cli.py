@@ -164,6 +164,32 @@ def test_a_one_file_export_is_checked_before_it_replaces_the_previous_one(tmp_pa
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no leftovers either
 
 
+@pytest.mark.parametrize("external,files", [("auto", ["t.onnx"]), ("no", ["t.onnx"]), ("yes", ["t.onnx", "t.onnx.data"])])
+def test_a_graph_the_exporter_splits_into_files_is_saved_whole(tmp_path, monkeypatch, external, files):
+    # Over 2 GB the exporter writes a file per tensor beside the graph: such a graph is not one file
+    # to place as written, but is loaded whole and saved as --external-data says.
+    import functools
+
+    import onnx
+    import onnxruntime as ort
+
+    real_export = torch.onnx.export
+
+    @functools.wraps(real_export)  # its signature says which exporter to use (onnx_export._export_kwargs)
+    def splitting_export(*args, **kwargs):
+        real_export(*args, **kwargs)
+        onnx.save_model(onnx.load(args[2]), args[2], save_as_external_data=True, all_tensors_to_one_file=False,
+                        size_threshold=1024)
+
+    monkeypatch.setattr(torch.onnx, "export", splitting_export)
+    out = tmp_path / "t.onnx"
+    assert main(["export", "vlmrm-tiny", "--out", str(out), "--external-data", external]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == files
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])  # after the export's folder is gone
+    frames = np.random.default_rng(0).integers(0, 256, (2, 224, 224, 3), dtype=np.uint8)
+    assert np.isfinite(session.run(None, {"frames": frames})[0]).all()
+
+
 def test_export_into_a_folder_takes_the_default_name(tmp_path):
     assert main(["export", "vlmrm-tiny", "--out", str(tmp_path), "--no-verify"]) == 0
     assert (tmp_path / "vlmrm-tiny-random-uint8-nhwc-fp32.onnx").exists()

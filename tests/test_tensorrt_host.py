@@ -410,6 +410,7 @@ def test_the_batch_profile_runs_from_one_through_half_to_the_largest_batch():
     assert backend.profile_batch_range(1) == (1, 1, 1)  # opt is a batch the profile holds
     assert backend.profile_batch_range(256, 8) == (1, 8, 256)  # opt_batch_size: the batch you score most
     assert backend.profile_batch_range(8, 8) == (1, 8, 8) and backend.profile_batch_range(8, 1) == (1, 1, 8)
+    assert type(backend.profile_batch_range(8, np.int64(3))[1]) is int  # for the engine key's JSON
     for bad in (0, 9, 2.5, True, "8"):
         with pytest.raises(BackendError, match=rf"opt_batch_size={bad!r} must be an integer from 1 to max_batch_size "
                                                r"\(8\): the batch size you will score most often"):
@@ -640,6 +641,16 @@ def test_the_backend_builds_from_the_graph_typed_for_its_dtype(monkeypatch, tmp_
     assert rm.engine.get_tensor_dtype("pixels") == trt_dtype  # what __call__ hands it
     key = cached_key(rm.engine_path)
     assert (key["tensorrt_version"], key["recipe"]) == (version, 3)  # weakly typed engines (recipe 2) are rebuilt
+
+
+def test_export_checks_opt_batch_size_against_max_batch_size_before_loading_weights(monkeypatch, tmp_path, capsys):
+    from vlmrm_fast.cli import main
+
+    monkeypatch.setattr("vlmrm_fast.models.create_clip", lambda *a, **k: pytest.fail("weights loaded first"))
+    args = ["export", "vlmrm-tiny", "--format", "tensorrt", "--max-batch-size", "4", "--opt-batch-size", "5"]
+    assert main(args + ["--out", str(tmp_path / "x.engine")]) == 2
+    assert "--opt-batch-size 5 is over --max-batch-size 4" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize("dtype,parsed,trt_dtype", [(None, "tower-bf16.onnx", DataType.BF16),  # the default

@@ -67,6 +67,9 @@ def run_export(args: argparse.Namespace) -> int:
     from vlmrm_fast.models import create_clip, preprocess_spec_of
 
     pretrained = None if args.pretrained.lower() == "none" else args.pretrained
+    if args.format == "tensorrt" and args.opt_batch_size is not None and args.opt_batch_size > args.max_batch_size:
+        raise ValueError(f"--opt-batch-size {args.opt_batch_size} is over --max-batch-size {args.max_batch_size}: "
+                         "the engine is tuned for a batch within its profile; raise --max-batch-size or lower it.")
     dtype = args.dtype or ("fp32" if args.format == "onnx" else "bf16")
     if args.format == "onnx" and dtype == "bf16":
         raise ValueError("ONNX export supports fp32 or fp16 (ONNX Runtime has few bf16 kernels); use --dtype fp16.")

@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import logging
+import numbers
 import os
 import tempfile
 import time
@@ -66,12 +67,13 @@ def profile_batch_range(max_batch_size: int, opt_batch_size: Optional[int] = Non
     kernels for ``opt`` (default: half of ``max_batch_size``); every batch from 1 to the max runs."""
     if opt_batch_size is None:
         return 1, max(1, max_batch_size // 2), max_batch_size
-    if isinstance(opt_batch_size, bool) or not isinstance(opt_batch_size, int) or not 1 <= opt_batch_size <= max_batch_size:
+    integral = isinstance(opt_batch_size, numbers.Integral) and not isinstance(opt_batch_size, bool)
+    if not (integral and 1 <= opt_batch_size <= max_batch_size):
         raise BackendError(
             f"opt_batch_size={opt_batch_size!r} must be an integer from 1 to max_batch_size ({max_batch_size}): "
             f"the batch size you will score most often (e.g. your number of envs)."
         )
-    return 1, opt_batch_size, max_batch_size
+    return 1, int(opt_batch_size), max_batch_size
 
 
 def import_tensorrt(what: str = "tensorrt"):
