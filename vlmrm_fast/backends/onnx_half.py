@@ -55,9 +55,7 @@ def to_half_precision(source: Union[str, Path], target: Union[str, Path], half: 
     source, target = Path(source), Path(target)
     model = onnx.load(str(source), load_external_data=True)
     graph = model.graph
-    typed = onnx.shape_inference.infer_shapes(model.__class__.FromString(_without_weights(model)), strict_mode=True)
-    elem: Dict[str, int] = {v.name: v.type.tensor_type.elem_type for v in
-                            list(typed.graph.value_info) + list(typed.graph.input) + list(typed.graph.output)}
+    elem = _inferred_types(model)
 
     initializers = {init.name: init for init in graph.initializer}
     constants = {n.output[0]: n for n in graph.node if n.op_type == "Constant" and n.attribute[0].name == "value"}
@@ -167,7 +165,7 @@ def to_half_precision(source: Union[str, Path], target: Union[str, Path], half: 
     del graph.value_info[:]  # the float32 types inferred for the source no longer hold
 
     # Every tensor's type must follow from the graph: what a strongly typed TensorRT build relies on.
-    onnx.shape_inference.infer_shapes(model.__class__.FromString(_without_weights(model)), strict_mode=True)
+    _inferred_types(model)
     return save_graph(model, target)
 
 
@@ -178,10 +176,18 @@ def matmul_types(path: Union[str, Path]) -> Set[str]:
     from onnx import TensorProto
 
     model = onnx.load(str(path), load_external_data=False)
-    typed = onnx.shape_inference.infer_shapes(model.__class__.FromString(_without_weights(model)), strict_mode=True)
-    elem = {v.name: v.type.tensor_type.elem_type for v in list(typed.graph.value_info) + list(typed.graph.output)}
+    elem = _inferred_types(model)
     names = {TensorProto.FLOAT: "fp32", TensorProto.BFLOAT16: "bf16", TensorProto.FLOAT16: "fp16"}
-    return {names.get(elem.get(n.output[0]), "other") for n in typed.graph.node if n.op_type in ("MatMul", "Gemm")}
+    return {names.get(elem.get(n.output[0]), "other") for n in model.graph.node if n.op_type in ("MatMul", "Gemm")}
+
+
+def _inferred_types(model) -> Dict[str, int]:
+    """Every tensor's ONNX element type in ``model``, by ONNX's strict type inference (weights not copied)."""
+    import onnx
+
+    typed = onnx.shape_inference.infer_shapes(model.__class__.FromString(_without_weights(model)), strict_mode=True)
+    return {v.name: v.type.tensor_type.elem_type
+            for v in list(typed.graph.value_info) + list(typed.graph.input) + list(typed.graph.output)}
 
 
 def _without_weights(model) -> bytes:

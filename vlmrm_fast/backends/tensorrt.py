@@ -186,7 +186,7 @@ class TensorRTBackend(VisionBackend):
             torch.cuda.empty_cache()  # the copy's memory (7 GB for ViT-bigG-14) is the builder's to use
             if self.quantize == "fp8":
                 pixels = _calibration_pixels(self._calibration, spec)
-                onnx_path = fp8_tower_graph(onnx_path, pixels, key.precision.split("-")[1], ort_providers(self.device.index))
+                onnx_path = fp8_tower_graph(onnx_path, pixels, _float_precision(key.precision), ort_providers(self.device.index))
             else:
                 onnx_path = typed_tower_graph(onnx_path, key.precision)
             keep_only_graph(onnx_path)
@@ -343,12 +343,22 @@ def load_or_build_engine(cache: EngineCache, key: EngineKey, deserialize: Callab
     return engine
 
 
+def _float_precision(precision: str) -> str:
+    """The float type an engine's precision computes in: "fp8-bf16" -> "bf16", "fp16" -> "fp16"."""
+    return precision.split("-")[-1]
+
+
+def _tensor_type(trt, precision: str):
+    """TensorRT's data type for the float type of ``precision`` (:func:`_float_precision`)."""
+    return {"fp16": trt.float16, "bf16": trt.bfloat16, "fp32": trt.float32}[_float_precision(precision)]
+
+
 def engine_io_problem(trt, engine, precision: str) -> Optional[str]:
     """None where ``engine`` has exactly the backend's tensors: input "pixels" [N, 3, H, W] in the
     dtype ``precision`` runs in ("bf16", "fp8-bf16": bfloat16; "fp16", "fp8-fp16": float16; "fp32")
     and output "embeddings" [N, D] float32; else what differs. ``__call__`` hands TensorRT raw
     pointers, so an engine with other types would read the pixels' bytes as another dtype."""
-    want_in = {"fp16": trt.float16, "bf16": trt.bfloat16, "fp32": trt.float32}[precision.split("-")[-1]]
+    want_in = _tensor_type(trt, precision)
     want = {"pixels": (trt.TensorIOMode.INPUT, want_in, 4), "embeddings": (trt.TensorIOMode.OUTPUT, trt.float32, 2)}
     names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
     if sorted(names) != sorted(want):
@@ -404,10 +414,10 @@ def typed_tower_graph(onnx_path: Path, precision: str) -> Path:
     onnx_path = Path(onnx_path)
     if precision == "fp32":
         return onnx_path
-    if precision not in ("bf16", "fp16"):
-        raise BackendError(f"typed_tower_graph: precision {precision!r} is not one of fp16, bf16, fp32.")
-    from vlmrm_fast.backends.onnx_half import to_half_precision
+    from vlmrm_fast.backends.onnx_half import HALF_TYPES, to_half_precision
 
+    if precision not in HALF_TYPES:
+        raise BackendError(f"typed_tower_graph: precision {precision!r} is not one of fp16, bf16, fp32.")
     return to_half_precision(onnx_path, onnx_path.with_name(f"{onnx_path.stem}-{precision}.onnx"), precision)
 
 
@@ -459,7 +469,7 @@ def build_engine(
         config.clear_flag(trt.BuilderFlag.TF32)
     # The graph carries the types; check that it is the graph this precision means.
     tensor_in, tensor_out = network.get_input(0), network.get_output(0)
-    want = {"fp16": trt.float16, "bf16": trt.bfloat16, "fp32": trt.float32}[precision.split("-")[-1]]
+    want = _tensor_type(trt, precision)
     problem = None
     if tensor_in.dtype not in (want, trt.uint8) or tensor_out.dtype != trt.float32:
         problem = f"input {tensor_in.dtype}, output {tensor_out.dtype}"
@@ -467,7 +477,7 @@ def build_engine(
         from vlmrm_fast.backends.onnx_half import matmul_types
 
         computed = matmul_types(onnx_path)
-        if computed != {precision.split("-")[-1]}:
+        if computed != {_float_precision(precision)}:
             problem = f"its matmuls compute in {', '.join(sorted(computed))}"
     if problem is not None:
         typed_by = "onnx_fp8.fp8_tower_graph" if precision.startswith("fp8-") else "tensorrt.typed_tower_graph"
