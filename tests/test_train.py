@@ -189,8 +189,11 @@ def test_smoke_humanoid_deferred_rewards_reach_buffer(tmp_path):
     assert np.all(vlm != 0) and np.ptp(vlm) > 0
     tags = tb_tags(result.run_dir)
     for tag in ("rollout/vlm_return", "rollout/gt_return", "time/steps_per_s", "time/render_s", "time/reward_s",
-                "time/sac_update_s"):
+                "time/sac_update_s", "time/train_steps_per_s", "time/eval_s", "time/checkpoint_s", "eval/vlm_return"):
         assert tag in tags
+    from vlmrm_fast.train.run import EPILOG  # `vlmrm-fast train --help` lists every tag the run logs
+
+    assert [t for t in tags if not t.startswith("train/") and t not in " ".join(EPILOG.split())] == []
     assert ckpt.find_latest(result.run_dir).name == ckpt.step_name(80)
     videos = list((result.run_dir / "videos").glob("*.mp4"))
     assert videos and videos[0].stat().st_size > 0
@@ -1288,6 +1291,41 @@ def test_stage_times_are_per_row_not_running_totals(tmp_path, monkeypatch):
     assert len(rows) >= 3 and max(rows) < 2 * min(rows), rows
 
 
+def test_evaluation_and_checkpoint_time_is_logged_apart_from_training_steps_per_s(tmp_path, monkeypatch):
+    # Rollouts of 20 env steps (2 envs, train_freq 10), a row each. The evaluation and checkpoint at step 40
+    # come after row 40 is written, so row 60 holds them: a slow evaluation (0.3 s) and checkpoint (+0.2 s)
+    # show there as eval_s and checkpoint_s, and train_steps_per_s is steps/s without them.
+    from vlmrm_fast.train import callbacks, train
+
+    save = callbacks.ckpt.save_checkpoint
+
+    def slow_save(*args, **kwargs):
+        time.sleep(0.2)
+        return save(*args, **kwargs)
+
+    def slow_evaluation(model, config, reward_model, run_dir):
+        time.sleep(0.3)
+        return None, 1.0, 2.0
+
+    monkeypatch.setattr(callbacks.ckpt, "save_checkpoint", slow_save)
+    monkeypatch.setattr(callbacks, "evaluate_policy_video", slow_evaluation)
+    config = dot_config(tmp_path, total_timesteps=80, train_freq=10, learning_starts=0, eval_every=40,
+                        checkpoint_every=40, log_every=0)
+    rows = tb_scalars(train(config, reward_model=tiny_reward(config)).run_dir)
+    by_step = {tag: dict(rows[tag]) for tag in ("time/eval_s", "time/checkpoint_s", "time/steps_per_s",
+                                                "time/train_steps_per_s")}
+    assert sorted(by_step["time/eval_s"]) == [20, 40, 60, 80]
+    for step in (20, 40, 60, 80):
+        eval_s, checkpoint_s = by_step["time/eval_s"][step], by_step["time/checkpoint_s"][step]
+        if step == 60:
+            assert 0.3 <= eval_s < 0.3 + 0.25 and 0.2 <= checkpoint_s < 0.2 + 1.0, (eval_s, checkpoint_s)
+        else:
+            assert eval_s == checkpoint_s == 0.0, (step, eval_s, checkpoint_s)
+        # 20 steps over the row's wall clock, and over that clock less the evaluation and checkpoint
+        wall, training = 20 / by_step["time/steps_per_s"][step], 20 / by_step["time/train_steps_per_s"][step]
+        assert wall - training == pytest.approx(eval_s + checkpoint_s, abs=1e-4), (step, wall, training)
+
+
 def test_env_state_from_the_integration_fallback_recomputes_derived_quantities():
     # A checkpoint from another MuJoCo version restores only the integration state: what MuJoCo derives
     # from it (body positions, read by the renderer and the next observation) must follow.
@@ -1891,14 +1929,16 @@ def test_a_row_holds_per_rollout_stage_times_and_this_intervals_steps_per_s(tmp_
     callback = callbacks.TrainingCallback(dot_config(tmp_path), None, tmp_path, "{}",
                                           timed_env=SimpleNamespace(env_s=7.0, render_s=5.0, reward_s=3.0))
     callback.model = SimpleNamespace(num_timesteps=1040, logger=logger)
-    callback._stage = {"render_s": 0.0, "reward_s": 0.0, "env_s": 0.0, "sac_update_s": 0.8}
+    callback._stage.update(sac_update_s=0.8, eval_s=1.2, checkpoint_s=0.8)
     callback._stage_seen = {"render_s": 1.0, "reward_s": 1.0, "env_s": 1.0}  # counted in the previous row
     callback._rollouts, callback._log_t, callback._log_step = 2, 100.0, 1000  # a resumed run: steps from 1000 on
     callback._done_vlm, callback._done_gt = [1.0, 2.0], [-3.0, -5.0]
     monkeypatch.setattr(callbacks.time, "perf_counter", lambda: 104.0)
     callback._log()
+    # 40 steps in 4 s of wall clock, 2 s of them in the evaluation and checkpoint writes
     assert recorded == {"rollout/vlm_return": 1.5, "rollout/gt_return": -4.0, "time/steps_per_s": 10.0,
-                        "time/render_s": 2.0, "time/reward_s": 1.0, "time/env_s": 3.0, "time/sac_update_s": 0.4,
+                        "time/train_steps_per_s": 20.0, "time/render_s": 2.0, "time/reward_s": 1.0, "time/env_s": 3.0,
+                        "time/sac_update_s": 0.4, "time/eval_s": 0.6, "time/checkpoint_s": 0.4,
                         "time/total_timesteps": 1040}
     assert dumps == [1040]
 

@@ -72,6 +72,10 @@ class TrainingCallback(BaseCallback):
         self._previous_handlers: dict = {}
         self._bar = None
         self._update_t0: Optional[float] = None
+        # Seconds per stage since the last log. eval_s and checkpoint_s are outside training proper
+        # (time/train_steps_per_s leaves them out); save() and evaluate() may run after learn() too.
+        self._stage = {"render_s": 0.0, "reward_s": 0.0, "env_s": 0.0, "sac_update_s": 0.0, "eval_s": 0.0,
+                       "checkpoint_s": 0.0}
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -85,7 +89,6 @@ class TrainingCallback(BaseCallback):
         self._ep_gt = np.asarray(extra.get("ep_gt", np.zeros(n_envs)), dtype=np.float64).copy()
         self._done_vlm: list = []
         self._done_gt: list = []
-        self._stage = {"render_s": 0.0, "reward_s": 0.0, "env_s": 0.0, "sac_update_s": 0.0}
         self._stage_seen = {"render_s": 0.0, "reward_s": 0.0, "env_s": 0.0}
         self._rollouts = 0
         self._log_t, self._log_step = time.perf_counter(), n
@@ -215,7 +218,10 @@ class TrainingCallback(BaseCallback):
             record("rollout/gt_return", float(np.mean(self._done_gt)))
             if self._bar is not None:
                 self._bar.set_postfix(vlm_return=f"{np.mean(self._done_vlm):.3g}", refresh=False)
-        record("time/steps_per_s", (n - self._log_step) / max(now - self._log_t, 1e-9))
+        wall = now - self._log_t
+        record("time/steps_per_s", (n - self._log_step) / max(wall, 1e-9))
+        paused = self._stage["eval_s"] + self._stage["checkpoint_s"]
+        record("time/train_steps_per_s", (n - self._log_step) / max(wall - paused, 1e-9))
         for key, value in self._stage.items():
             record(f"time/{key}", value / rollouts)  # seconds per rollout
         record("time/total_timesteps", n)
@@ -257,11 +263,13 @@ class TrainingCallback(BaseCallback):
         current = self.model.train_freq
         if self._train_freq_original is not None:
             self.model.train_freq = self._train_freq_original  # save the run's own schedule
+        start = time.perf_counter()
         try:
             path = ckpt.save_checkpoint(self.run_dir, self.model, self.config_json, extra,
                                         keep=self.config.keep_checkpoints)
         finally:
             self.model.train_freq = current
+            self._stage["checkpoint_s"] += time.perf_counter() - start
         if not mid_rollout:
             self._last_ckpt_step = n
         self.last_checkpoint = path
@@ -295,11 +303,14 @@ class TrainingCallback(BaseCallback):
     def evaluate(self) -> Optional[Path]:
         """Run ``eval_episodes`` deterministic episodes in a separate env; write the first as mp4."""
         self._last_eval_step = self.model.num_timesteps
+        start = time.perf_counter()
         try:
             path, gt, vlm = evaluate_policy_video(self.model, self.config, self.reward_model, self.run_dir)
         except (ImportError, OSError, RuntimeError) as exc:
             warnings.warn(f"evaluation video skipped: {exc}")
             return None
+        finally:
+            self._stage["eval_s"] += time.perf_counter() - start
         self.logger.record("eval/gt_return", gt)
         self.logger.record("eval/vlm_return", vlm)
         self.logger.dump(self.model.num_timesteps)  # at the step evaluated, not at the next log

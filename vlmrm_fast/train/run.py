@@ -552,7 +552,9 @@ EPILOG = textwrap.dedent("""\
 
     outputs in RUN_DIR: tb/ (TensorBoard: rollout/vlm_return, rollout/gt_return, time/steps_per_s
     (env steps per wall-clock second since the last row, evaluations and checkpoints included),
-    time/render_s, time/reward_s, time/sac_update_s, time/env_s (seconds per rollout),
+    time/train_steps_per_s (the same without them), time/render_s, time/reward_s,
+    time/sac_update_s, time/env_s, time/eval_s, time/checkpoint_s (seconds per rollout; the last
+    two are what the row's evaluations and checkpoint writes took, spread over its rollouts),
     time/total_timesteps, SB3's train/*,
     and eval/vlm_return, eval/gt_return with --eval-every; the same rows in progress.csv, and
     progress-from-STEP.csv per resumed session), checkpoints/ (every
