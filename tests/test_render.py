@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import warnings
+from types import SimpleNamespace
 
 os.environ.setdefault("MUJOCO_GL", "egl")  # before mujoco is imported (headless rendering)
 os.environ.setdefault("PYOPENGL_PLATFORM", "egl")
@@ -425,6 +426,51 @@ def test_a_size_too_large_leaves_the_envs_renderers_working():
     assert (model.vis.global_.offwidth, model.vis.global_.offheight) == sizes
     np.testing.assert_array_equal(env.render(), before)
     env.close()
+
+
+class _RecordingRenderer:
+    """A stand-in for ``mujoco.Renderer`` that records the calls made on it and on its GL context."""
+
+    calls: list = []
+    close_fails = False
+
+    def __init__(self, *args, fail: bool = False) -> None:
+        calls = self.calls
+        self._gl_context = SimpleNamespace(make_current=lambda: calls.append("make_current"),
+                                           free=lambda: calls.append("gl.free"))
+        if fail:
+            raise ValueError("framebuffer too large")
+
+    def close(self) -> None:
+        self.calls.append("close")
+        if self.close_fails:  # a MuJoCo whose close() reads attributes a failed __init__ never set
+            raise AttributeError("_mjr_context")
+
+
+@pytest.mark.parametrize("close_fails", [False, True])
+def test_a_mujoco_renderer_is_closed_with_its_own_gl_context_current(monkeypatch, close_fails):
+    # Before MuJoCo 4, Renderer.close freed its MjrContext in whatever GL context was current: a gymnasium
+    # env's, whose env.render() then gave black frames (seen with MuJoCo 3.17; the two tests above fail
+    # there without this). CI's MuJoCo frees in its own context, so the order is pinned on a stand-in.
+    from vlmrm_fast.render import batch
+
+    monkeypatch.setattr(_RecordingRenderer, "calls", [])
+    monkeypatch.setattr(_RecordingRenderer, "close_fails", close_fails)
+    batch._close_mujoco_renderer(_RecordingRenderer())
+    assert _RecordingRenderer.calls == ["make_current", "close"] + (["gl.free"] if close_fails else [])
+
+
+def test_a_mujoco_renderer_that_fails_to_start_is_closed_before_the_error(monkeypatch):
+    [env] = _make_envs(1, width=32, height=32, render_mode="rgb_array")
+    monkeypatch.setattr(_RecordingRenderer, "calls", [])
+    monkeypatch.setattr(mujoco, "Renderer", type("FailingRenderer", (_RecordingRenderer,), {
+        "__init__": lambda self, *args: _RecordingRenderer.__init__(self, fail=True)}))
+    try:
+        with pytest.raises(RuntimeError, match="smaller width and height"):
+            BatchRenderer.from_envs([env], device="cpu")
+        assert _RecordingRenderer.calls == ["make_current", "close"]
+    finally:
+        env.close()
 
 
 def test_envs_of_another_look_are_refused():

@@ -351,6 +351,24 @@ def _keep_current_gl():
                 pass
 
 
+def _close_mujoco_renderer(renderer: Any) -> None:
+    """Close a ``mujoco.Renderer`` (one whose ``__init__`` failed too) with its own GL context current.
+
+    Before MuJoCo 4, ``Renderer.close`` frees its ``MjrContext`` in whatever context is current, deleting
+    the GL objects of the same ids there (a gymnasium env's: its ``env.render()`` then returns black
+    frames), and ``GLContext.free`` releases the thread's current context even when that is another's.
+    Run inside :func:`_keep_current_gl`, which makes the caller's context current again afterwards.
+    """
+    gl = getattr(renderer, "_gl_context", None)
+    try:
+        if gl is not None:
+            gl.make_current()
+        renderer.close()
+    except AttributeError:  # an __init__ that failed before setting the attributes close() reads
+        if gl is not None:
+            gl.free()
+
+
 class BatchRenderer:
     """Render N MuJoCo envs of the same model into one uint8 tensor ``[N, H, W, 3]``.
 
@@ -522,9 +540,12 @@ class BatchRenderer:
 
     def _init_cpu(self) -> None:
         mujoco = _mujoco()
+        renderer = mujoco.Renderer.__new__(mujoco.Renderer)  # held, so a failed __init__ can be freed here
         try:
-            self._renderer = mujoco.Renderer(self._models[0], self.height, self.width, self.max_geom)
+            renderer.__init__(self._models[0], self.height, self.width, self.max_geom)
+            self._renderer = renderer
         except Exception as exc:
+            _close_mujoco_renderer(renderer)
             if "framebuffer" in str(exc).lower():
                 raise RuntimeError(f"cannot make a {self.width} x {self.height} offscreen framebuffer ({exc}): "
                                    "render at a smaller width and height") from exc
@@ -567,6 +588,8 @@ class BatchRenderer:
                 torch.cuda.synchronize(self.device)
         except Exception as exc:
             try:
+                if gl_ctx is not None and (reader is not None or con is not None):
+                    gl_ctx.make_current()  # both free GL objects in whatever context is current
                 if reader is not None:
                     reader.close()
                 if con is not None:
@@ -700,7 +723,7 @@ class BatchRenderer:
         else:
             if self._copy_done is not None:
                 self._copy_done.synchronize()
-            self._renderer.close()
+            _close_mujoco_renderer(self._renderer)
             self._renderer = None
 
     def __enter__(self) -> "BatchRenderer":
