@@ -196,7 +196,7 @@ def test_no_egl_is_a_clear_error_naming_the_fix(monkeypatch):
     with pytest.raises(RuntimeError, match=fix):
         env.render()
     env.close()
-    monkeypatch.setattr(mujoco, "Renderer", no_context)
+    monkeypatch.setattr(mujoco, "Renderer", type("NoContextRenderer", (), {"__init__": no_context}))
     model = mujoco.MjModel.from_xml_string("<mujoco><worldbody><geom size='1'/></worldbody></mujoco>")
     with pytest.raises(RuntimeError, match=fix):
         BatchRenderer([(model, mujoco.MjData(model))], width=8, height=8, device="cpu")

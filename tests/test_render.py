@@ -428,6 +428,20 @@ def test_a_size_too_large_leaves_the_envs_renderers_working():
     env.close()
 
 
+def test_checking_for_rendering_leaves_the_envs_renderers_working():
+    # rendering_unavailable_reason opens and closes a renderer of its own: gymnasium renders into whatever
+    # GL context is current, so the env's must be current again afterwards (it was not, on any MuJoCo).
+    from vlmrm_fast.render import rendering_unavailable_reason
+
+    [env] = _make_envs(1, width=32, height=32, render_mode="rgb_array")
+    try:
+        before = env.render()
+        assert rendering_unavailable_reason() is None
+        np.testing.assert_array_equal(env.render(), before)
+    finally:
+        env.close()
+
+
 class _RecordingRenderer:
     """A stand-in for ``mujoco.Renderer`` that records the calls made on it and on its GL context."""
 
@@ -456,7 +470,7 @@ def test_a_mujoco_renderer_is_closed_with_its_own_gl_context_current(monkeypatch
 
     monkeypatch.setattr(_RecordingRenderer, "calls", [])
     monkeypatch.setattr(_RecordingRenderer, "close_fails", close_fails)
-    batch._close_mujoco_renderer(_RecordingRenderer())
+    batch.close_mujoco_renderer(_RecordingRenderer())
     assert _RecordingRenderer.calls == ["make_current", "close"] + (["gl.free"] if close_fails else [])
 
 
@@ -1130,7 +1144,7 @@ def test_rendering_unavailable_reason_says_why(monkeypatch):
     def no_renderer(*args, **kwargs):
         raise RuntimeError("no EGL device")
 
-    monkeypatch.setattr(mujoco, "Renderer", no_renderer)
+    monkeypatch.setattr(mujoco, "Renderer", type("NoRenderer", (), {"__init__": no_renderer}))
     reason = rendering_unavailable_reason()
     assert reason == f"MuJoCo cannot render here (MUJOCO_GL={os.environ.get('MUJOCO_GL')!r}): RuntimeError: no EGL device"
 

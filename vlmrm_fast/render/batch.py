@@ -18,7 +18,7 @@ import atexit
 import os
 import warnings
 import weakref
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -351,7 +351,7 @@ def _keep_current_gl():
                 pass
 
 
-def _close_mujoco_renderer(renderer: Any) -> None:
+def close_mujoco_renderer(renderer: Any) -> None:
     """Close a ``mujoco.Renderer`` (one whose ``__init__`` failed too) with its own GL context current.
 
     Before MuJoCo 4, ``Renderer.close`` frees its ``MjrContext`` in whatever context is current, deleting
@@ -367,6 +367,20 @@ def _close_mujoco_renderer(renderer: Any) -> None:
     except AttributeError:  # an __init__ that failed before setting the attributes close() reads
         if gl is not None:
             gl.free()
+
+
+def open_mujoco_renderer(model: Any, height: int, width: int, max_geom: int = 10_000) -> Any:
+    """``mujoco.Renderer(model, height, width, max_geom)``; one whose ``__init__`` fails is closed by
+    :func:`close_mujoco_renderer` before the error is raised (not left to the garbage collector)."""
+    mujoco = _mujoco()
+    renderer = mujoco.Renderer.__new__(mujoco.Renderer)
+    try:
+        renderer.__init__(model, height, width, max_geom)
+    except Exception:
+        with suppress(Exception):  # the error that matters is __init__'s
+            close_mujoco_renderer(renderer)
+        raise
+    return renderer
 
 
 class BatchRenderer:
@@ -539,13 +553,9 @@ class BatchRenderer:
         return cls(envs, width=width, height=height, device=device, **kwargs)
 
     def _init_cpu(self) -> None:
-        mujoco = _mujoco()
-        renderer = mujoco.Renderer.__new__(mujoco.Renderer)  # held, so a failed __init__ can be freed here
         try:
-            renderer.__init__(self._models[0], self.height, self.width, self.max_geom)
-            self._renderer = renderer
+            self._renderer = open_mujoco_renderer(self._models[0], self.height, self.width, self.max_geom)
         except Exception as exc:
-            _close_mujoco_renderer(renderer)
             if "framebuffer" in str(exc).lower():
                 raise RuntimeError(f"cannot make a {self.width} x {self.height} offscreen framebuffer ({exc}): "
                                    "render at a smaller width and height") from exc
@@ -723,7 +733,7 @@ class BatchRenderer:
         else:
             if self._copy_done is not None:
                 self._copy_done.synchronize()
-            _close_mujoco_renderer(self._renderer)
+            close_mujoco_renderer(self._renderer)
             self._renderer = None
 
     def __enter__(self) -> "BatchRenderer":
