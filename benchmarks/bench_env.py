@@ -82,16 +82,12 @@ def gl_renderer_name() -> str:
         import mujoco
         from OpenGL import GL
 
-        from vlmrm_fast.render.batch import _keep_current_gl, close_mujoco_renderer, open_mujoco_renderer
+        from vlmrm_fast.render.batch import temporary_mujoco_renderer
 
         model = mujoco.MjModel.from_xml_string("<mujoco><worldbody><geom size='1'/></worldbody></mujoco>")
-        with _keep_current_gl():  # any env's context current again afterwards
-            renderer = open_mujoco_renderer(model, 8, 8)
-            try:
-                renderer._gl_context.make_current()
-                name = GL.glGetString(GL.GL_RENDERER)
-            finally:
-                close_mujoco_renderer(renderer)
+        with temporary_mujoco_renderer(model, 8, 8) as renderer:
+            renderer._gl_context.make_current()
+            name = GL.glGetString(GL.GL_RENDERER)
         return name.decode() if isinstance(name, bytes) else str(name or "")
     except Exception:  # noqa: BLE001 - informative only
         return ""

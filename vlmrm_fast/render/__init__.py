@@ -7,7 +7,7 @@ import os
 from typing import Optional
 
 from vlmrm_fast.render._cuda import gpu_unavailable_reason
-from vlmrm_fast.render.batch import BatchRenderer, _keep_current_gl, close_mujoco_renderer, open_mujoco_renderer
+from vlmrm_fast.render.batch import BatchRenderer, temporary_mujoco_renderer
 
 
 def rendering_unavailable_reason() -> Optional[str]:
@@ -19,13 +19,9 @@ def rendering_unavailable_reason() -> Optional[str]:
         import mujoco
 
         model = mujoco.MjModel.from_xml_string("<mujoco><worldbody><geom size='1'/></worldbody></mujoco>")
-        with _keep_current_gl():
-            renderer = open_mujoco_renderer(model, 8, 8)
-            try:
-                renderer.update_scene(mujoco.MjData(model))
-                renderer.render()
-            finally:
-                close_mujoco_renderer(renderer)
+        with temporary_mujoco_renderer(model, 8, 8) as renderer:
+            renderer.update_scene(mujoco.MjData(model))
+            renderer.render()
     except Exception as exc:  # noqa: BLE001 - any failure means: cannot render here
         return f"MuJoCo cannot render here (MUJOCO_GL={os.environ.get('MUJOCO_GL')!r}): {type(exc).__name__}: {exc}"
     return None

@@ -383,6 +383,18 @@ def open_mujoco_renderer(model: Any, height: int, width: int, max_geom: int = 10
     return renderer
 
 
+@contextmanager
+def temporary_mujoco_renderer(model: Any, height: int, width: int):
+    """A ``mujoco.Renderer`` for a short job (a check, a query), closed on exit with the caller's GL
+    context current again: gymnasium envs render into whatever context is current."""
+    with _keep_current_gl():
+        renderer = open_mujoco_renderer(model, height, width)
+        try:
+            yield renderer
+        finally:
+            close_mujoco_renderer(renderer)
+
+
 class BatchRenderer:
     """Render N MuJoCo envs of the same model into one uint8 tensor ``[N, H, W, 3]``.
 
