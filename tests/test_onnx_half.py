@@ -122,3 +122,46 @@ def test_half_rewrite_leaves_initializers_listed_as_inputs_as_weights(tmp_path):
     want = ReferenceEvaluator(str(tmp_path / "g.onnx")).run(None, {"pixels": pixels})[0]
     got = ReferenceEvaluator(half).run(None, {"pixels": pixels.astype(_half_types("bf16")[1])})[0]
     assert np.abs(got - want).max() <= 2e-2 * np.abs(want).max()
+
+
+@pytest.mark.parametrize("cast_back", [False, True], ids=["layernorm-alone", "with-the-models-cast"])
+def test_a_layernorm_result_is_half_with_or_without_a_cast_of_the_models_own(tmp_path, cast_back):
+    # open_clip's LayerNorm casts its result back to the input's type: a float32 Cast in a float32 export,
+    # which the TorchScript exporter writes and the dynamo exporter drops. Either way the matmul after the
+    # LayerNorm must compute in half, as in a tower run in half, not in float32 for the rest of the graph.
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    from onnx.reference import ReferenceEvaluator
+
+    from vlmrm_fast.backends.onnx_half import to_half_precision
+
+    rng = np.random.default_rng(0)
+    weights = {name: rng.standard_normal(shape).astype(np.float32)
+               for name, shape in (("w1", (5, 6)), ("w2", (6, 3)), ("gamma", (6,)), ("beta", (6,)))}
+    nodes = [helper.make_node("MatMul", ["pixels", "w1"], ["h"]),
+             helper.make_node("LayerNormalization", ["h", "gamma", "beta"], ["n"], axis=-1, epsilon=1e-5)]
+    if cast_back:
+        nodes.append(helper.make_node("Cast", ["n"], ["n_cast"], to=TensorProto.FLOAT))
+    nodes.append(helper.make_node("MatMul", ["n_cast" if cast_back else "n", "w2"], ["embeddings"]))
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("pixels", TensorProto.FLOAT, ["batch", 5])],
+        [helper.make_tensor_value_info("embeddings", TensorProto.FLOAT, ["batch", 3])],
+        [numpy_helper.from_array(value, name) for name, value in weights.items()])
+    source = tmp_path / "g.onnx"
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(source))
+
+    half = onnx.load(str(to_half_precision(source, tmp_path / "half.onnx", "fp16")))
+    types = _types(half)
+    matmuls = [types[n.output[0]] for n in half.graph.node if n.op_type == "MatMul"]
+    assert matmuls == [TensorProto.FLOAT16, TensorProto.FLOAT16]
+    [norm] = [n for n in half.graph.node if n.op_type == "LayerNormalization"]
+    assert types[norm.input[0]] == types[norm.output[0]] == TensorProto.FLOAT
+    pixels = rng.standard_normal((4, 5)).astype(np.float16)
+    got = ReferenceEvaluator(half).run(None, {"pixels": pixels})[0]
+    h = pixels.astype(np.float64) @ weights["w1"].astype(np.float16).astype(np.float64)
+    h = h.astype(np.float16).astype(np.float64)  # the first matmul's result, in half
+    n = (h - h.mean(-1, keepdims=True)) / np.sqrt(h.var(-1, keepdims=True) + 1e-5) * weights["gamma"] + weights["beta"]
+    want = n.astype(np.float16).astype(np.float64) @ weights["w2"].astype(np.float16).astype(np.float64)
+    # The reference rounds to half where the graph does; what is left is the evaluator's half matmul and
+    # the last rounding (measured 3.8e-4 of the largest value; fp16 keeps 4.9e-4): four half ulps.
+    assert got.dtype == np.float32 and np.abs(got - want).max() <= 2e-3 * np.abs(want).max()

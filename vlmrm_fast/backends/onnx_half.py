@@ -8,7 +8,8 @@ graph itself must say "bf16 here, fp32 in LayerNorm". This pass says it:
   then to half. The output ("embeddings") is cast back to float32.
 - Float weights and constants take the type of the computation that reads them.
 - LayerNormalization reads float32 (a Cast in front of it) and keeps its scale and bias in float32:
-  the mean and variance of 1,000-wide rows lose too much in 8 mantissa bits.
+  the mean and variance of 1,000-wide rows lose too much in 8 mantissa bits. Its result is cast back
+  to half.
 - Shape arithmetic stays float32: a float tensor cast from integers keeps float32 until it meets a
   half tensor, and is cast to half there.
 - A Cast to float32 of a float tensor casts to half instead: the exporter writes those where the
@@ -118,10 +119,18 @@ def to_half_precision(source: Union[str, Path], target: Union[str, Path], half: 
             continue
         if node.op_type == "LayerNormalization":
             x = node.input[0]
-            if kind.get(x) == HALF:
-                node.input[0] = cast(x, FLOAT)
-            kind[node.output[0]] = FLOAT  # scale and bias stay float32
-            nodes.append(node)
+            if kind.get(x) != HALF:  # shape arithmetic, or a float32 input: left as it is
+                kind[node.output[0]] = FLOAT
+                nodes.append(node)
+                continue
+            # Normalised in float32 (scale and bias stay float32), the result cast back to half: what
+            # the model does in half, with or without a Cast of its own after the LayerNorm (torch's
+            # dynamo exporter drops open_clip's cast back to the input's type, a float32 no-op).
+            node.input[0] = cast(x, FLOAT)
+            out = node.output[0]
+            node.output[0] = out + "_float"
+            kind[node.output[0]], kind[out] = FLOAT, HALF
+            nodes.extend([node, helper.make_node("Cast", [node.output[0]], [out], to=HALF, name=out + "_to_half")])
             continue
         if node.op_type == "DequantizeLinear":
             node.input[1] = as_half_constant(node.input[1])
