@@ -31,6 +31,26 @@ DEVICES = [
 ]
 
 
+def _dynamo_exporter_missing() -> str:
+    """Why torch's dynamo ONNX exporter cannot run here, or "" where it can."""
+    import importlib.util
+    import inspect
+
+    if "dynamic_shapes" not in inspect.signature(torch.onnx.export).parameters:
+        return f"torch {torch.__version__}'s ONNX export has no dynamo exporter with dynamic shapes (torch >= 2.5)"
+    if importlib.util.find_spec("onnxscript") is None:
+        return "the dynamo ONNX exporter needs onnxscript (pip install 'vlmrm-fast[export]')"
+    return ""
+
+
+DYNAMO_MISSING = _dynamo_exporter_missing()
+EXPORTERS = [
+    pytest.param("auto", id="auto"),  # the TorchScript exporter, where torch has it
+    pytest.param("dynamo", id="dynamo", marks=pytest.mark.skipif(bool(DYNAMO_MISSING), reason=DYNAMO_MISSING)),
+]
+"""``export_onnx(exporter=...)`` values for the tests of what is built on an export."""
+
+
 def make_model(name: str, seed: int = 0):
     """A random-init open_clip model (float32, CPU) and its tokenizer, with reproducible weights."""
     torch.manual_seed(seed)

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_model, make_tiny, tensorrt_type_text
+from conftest import EXPORTERS, make_model, make_tiny, tensorrt_type_text
 from reference import float64_model, reference_preprocess, reference_reward_from_embeddings, reference_targets
 from vlmrm_fast.backends import BackendError
 from vlmrm_fast.models import preprocess_spec_of
@@ -69,7 +69,7 @@ def _frames(seed: int, n: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (n, 231, 199, 3), dtype=np.uint8)  # odd sizes: resized
 
 
-def _fp8_graphs(model, tmp_path, half="bf16"):
+def _fp8_graphs(model, tmp_path, half="bf16", exporter="auto"):
     """(float32 twin, half graph) of the tower, calibrated on 12 frames other than the test's."""
     from vlmrm_fast.backends.onnx_export import export_onnx
     from vlmrm_fast.backends.onnx_fp8 import FP8_OPSET, fp8_tower_graph
@@ -77,7 +77,7 @@ def _fp8_graphs(model, tmp_path, half="bf16"):
 
     spec = preprocess_spec_of(model, "vlmrm")
     source = export_onnx(copy.deepcopy(model.visual).float(), tmp_path / "tower.onnx", spec, input_format="pixels",
-                         opset=FP8_OPSET)
+                         opset=FP8_OPSET, exporter=exporter)
     pixels = _calibration_pixels(torch.from_numpy(_frames(11, 12)), spec)  # what the TensorRT backend does
     graph = fp8_tower_graph(source, pixels, half)
     return tmp_path / f"tower-fp8-{half}-float32.onnx", graph
@@ -152,12 +152,13 @@ def test_fp8_half_graph_within_twice_pytorch_half_fp8_error(fp8_case, half):
     assert (ours - want).abs().max().item() <= 2 * pytorch_error
 
 
-def test_fp8_graph_is_typed_for_a_strongly_typed_tensorrt_build(tmp_path):
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_fp8_graph_is_typed_for_a_strongly_typed_tensorrt_build(tmp_path, exporter):
     import onnx
     from onnx import TensorProto
 
     model, _ = make_tiny()
-    _, half = _fp8_graphs(model, tmp_path)
+    _, half = _fp8_graphs(model, tmp_path, exporter=exporter)
     graph = onnx.load(str(half))
     assert graph.opset_import[0].version >= 19
     inits = {init.name: init for init in graph.graph.initializer}

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_tiny
+from conftest import EXPORTERS, make_tiny
 from reference import (float64_model, reference_preprocess, reference_reward, reference_reward_from_embeddings,
                        reference_targets, torch_own_reward)
 from vlmrm_fast.models import preprocess_spec_of
@@ -48,7 +48,8 @@ def _types(model) -> dict:
 
 @pytest.mark.parametrize("half", ["bf16", "fp16"])
 @pytest.mark.parametrize("input_format", ["pixels", "uint8-nhwc"])
-def test_half_tower_graph_within_twice_pytorch_half_error(tmp_path, input_format, half):
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_half_tower_graph_within_twice_pytorch_half_error(tmp_path, input_format, half, exporter):
     import onnx
     from onnx import TensorProto
     from onnx.reference import ReferenceEvaluator
@@ -60,7 +61,7 @@ def test_half_tower_graph_within_twice_pytorch_half_error(tmp_path, input_format
     model, tokenizer = make_tiny(seed=3)
     frames = np.random.default_rng(5).integers(0, 256, (6, 224, 224, 3), dtype=np.uint8)
     source = export_onnx(model.visual, tmp_path / "tower.onnx", preprocess_spec_of(model, "vlmrm"),
-                         input_format=input_format)
+                         input_format=input_format, exporter=exporter)
     graph = onnx.load(str(to_half_precision(source, tmp_path / f"tower-{half}.onnx", half)))
 
     # Typed as a strongly typed build reads it: every matmul, the patch embedding, softmax and GELU in

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_model, make_tiny
+from conftest import EXPORTERS, make_model, make_tiny
 from reference import float64_model, reference_preprocess, reference_reward_from_embeddings, reference_targets
 from vlmrm_fast import CLIPReward
 from vlmrm_fast.backends import BackendError
@@ -61,14 +61,16 @@ def test_int8_rewards_within_twice_pytorch_int8_error(name):
     assert 1e-5 < error <= 2 * pytorch_error  # lossy (so int8 really ran), but no worse than PyTorch's int8
 
 
-def test_int8_graph_quantises_the_weight_matmuls_and_keeps_the_output_projection(tmp_path, caplog):
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_int8_graph_quantises_the_weight_matmuls_and_keeps_the_output_projection(tmp_path, caplog, exporter):
     import onnx
 
     from vlmrm_fast.backends.onnx_export import export_onnx
     from vlmrm_fast.backends.onnx_quantize import quantize_int8, weight_matmuls
 
     model, _ = make_tiny()
-    source = export_onnx(model.visual, tmp_path / "tower.onnx", preprocess_spec_of(model, "vlmrm"), input_format="pixels")
+    source = export_onnx(model.visual, tmp_path / "tower.onnx", preprocess_spec_of(model, "vlmrm"), input_format="pixels",
+                         exporter=exporter)
     graph = onnx.load(str(source))
     chosen = weight_matmuls(graph)
     # 2 layers x (attention input projection + MLP in + MLP out); the output projection is left out.

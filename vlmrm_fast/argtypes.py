@@ -12,6 +12,9 @@ ONNX_INPUT_FORMATS = ("uint8-nhwc", "pixels")
 """An exported tower's input: uint8 frames [N, H, W, 3] with the preprocessing folded in, or
 preprocessed float pixels [N, 3, H, W]."""
 
+ONNX_EXPORTERS = ("auto", "torchscript", "dynamo")
+"""Which of torch's ONNX exporters writes a graph (:func:`vlmrm_fast.backends.onnx_export.export_onnx`)."""
+
 SHORT_DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 """torch's dtype names and the short ones; every command takes both."""
 _LONG_DTYPE_NAMES = {short: name for name, short in SHORT_DTYPE_NAMES.items()}

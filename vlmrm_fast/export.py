@@ -13,7 +13,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
-from vlmrm_fast.argtypes import ONNX_INPUT_FORMATS, dtype_choice, positive_int
+from vlmrm_fast.argtypes import ONNX_EXPORTERS, ONNX_INPUT_FORMATS, dtype_choice, positive_int
 from vlmrm_fast.atomic import write_atomically
 
 if TYPE_CHECKING:
@@ -51,6 +51,9 @@ def add_export_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--external-data", choices=("auto", "yes", "no"), default="auto",
                    help="ONNX: weights in a side file <out>.data (auto: when over 2 GB)")
     p.add_argument("--no-verify", action="store_true", help="ONNX: skip the check against torch in ONNX Runtime")
+    p.add_argument("--exporter", choices=ONNX_EXPORTERS, default="auto",
+                   help="torch's ONNX exporter: torchscript, dynamo (needs onnxscript), or auto: torchscript, and "
+                   "dynamo where that fails (default: %(default)s)")
     p.set_defaults(handler=run_export)
 
 
@@ -95,12 +98,13 @@ def run_export(args: argparse.Namespace) -> int:
 
         verify = not args.no_verify and dtype == "fp32" and _has_onnxruntime()
         path = export_onnx(visual, out, spec, input_format=args.input, external_data=external,
-                           check=check if verify else None)
+                           check=check if verify else None, exporter=args.exporter)
         message = f"wrote {path} ({_size(path)}) in {time.perf_counter() - start:.1f} s"
         if errors:
             message += f"; ONNX Runtime vs torch: max relative error {errors[-1]:.2e}"
     else:
-        path = export_engine(model.visual, spec, out, dtype, args.input, args.max_batch_size, args.opt_batch_size)
+        path = export_engine(model.visual, spec, out, dtype, args.input, args.max_batch_size, args.opt_batch_size,
+                             args.exporter)
         message = f"wrote {path} ({_size(path)}) in {time.perf_counter() - start:.1f} s"
     print(f"{message}. Input: {'frames uint8 [N, %d, %d, 3]' % spec.size if args.input == 'uint8-nhwc' else 'pixels [N, 3, %d, %d]' % spec.size}"
           f"; output: embeddings [N, D] (unnormalised).")
@@ -140,7 +144,7 @@ def verify_onnx(path: Path, visual: torch.nn.Module, spec, input_format: str) ->
 
 
 def export_engine(visual, spec, out: Path, dtype: str, input_format: str, max_batch_size: int,
-                  opt_batch_size: Optional[int] = None) -> Path:
+                  opt_batch_size: Optional[int] = None, exporter: str = "auto") -> Path:
     """Build a TensorRT engine file (needs CUDA and tensorrt)."""
     import torch
 
@@ -158,8 +162,8 @@ def export_engine(visual, spec, out: Path, dtype: str, input_format: str, max_ba
     # The graph beside the engine rather than in the system's temporary folder (often a small tmpfs):
     # gigabytes for ViT-bigG-14.
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
-        onnx_path = typed_tower_graph(export_onnx(visual.float(), Path(tmp) / "tower.onnx", spec, input_format=input_format),
-                                      dtype)
+        graph = export_onnx(visual.float(), Path(tmp) / "tower.onnx", spec, input_format=input_format, exporter=exporter)
+        onnx_path = typed_tower_graph(graph, dtype)
         keep_only_graph(onnx_path)
         engine = build_engine(onnx_path, dtype, batch_range)
     return write_atomically(out, engine)  # never a half-written engine under the real name

@@ -68,7 +68,8 @@ class EngineKey:
     device_name: str = ""
     """TensorRT plans are tied to the GPU model: an H100 and an H200 share compute capability 9.0."""
     torch_version: str = ""
-    """The ONNX exporter's version: a different graph may build a different engine."""
+    """The ONNX exporter's version, which also settles which of torch's exporters "auto" takes
+    (:func:`~vlmrm_fast.backends.onnx_export.export_onnx`): a different graph may build a different engine."""
     recipe: int = 3
     """Bumped whenever vlmrm_fast changes how it builds engines (3: strongly typed from a typed graph;
     2: weakly typed, precision flags and LayerNorm pinned per layer)."""

@@ -12,12 +12,20 @@ The batch axis is dynamic; everything else is fixed, and each block's self-atten
 its token count and head layout as constants (:class:`StaticSelfAttention`). Graphs whose weights
 exceed what one protobuf can hold (2 GB; ViT-bigG-14) are written with their tensors in a side file
 ``<name>.data``.
+
+Two of torch's exporters can write the graph (``exporter=``): the TorchScript-based one, which every
+supported torch has and every graph rewrite here (half precision, fp8, int8) is tested on, and the
+``torch.export``-based "dynamo" one (torch >= 2.5 and the ``onnxscript`` package), which torch makes its
+default from 2.9 and is replacing the TorchScript one with. ``"auto"`` (the default) uses the TorchScript
+exporter and, where it fails (a torch that no longer has it), the dynamo one, with a warning.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
+import importlib.util
 import inspect
+import logging
 import math
 import os
 import tempfile
@@ -28,14 +36,17 @@ from typing import Callable, Dict, Iterator, Literal, Optional, Union
 import torch
 import torch.nn.functional as F
 
-from vlmrm_fast.argtypes import ONNX_INPUT_FORMATS
+from vlmrm_fast.argtypes import ONNX_EXPORTERS, ONNX_INPUT_FORMATS
 from vlmrm_fast.atomic import default_file_mode, fsync_dir
 from vlmrm_fast.backends.base import missing_extra
 from vlmrm_fast.ops.preprocess import PreprocessSpec
 
 InputFormat = Literal["uint8-nhwc", "pixels"]
+Exporter = Literal["auto", "torchscript", "dynamo"]
 _PROTOBUF_LIMIT = 2 * 1024**3
 _OPSET = 17
+_DYNAMO_MIN_OPSET = 18
+_log = logging.getLogger(__name__)
 
 
 class Uint8VisionTower(torch.nn.Module):
@@ -174,12 +185,85 @@ def _mha_fastpath_disabled() -> Iterator[None]:
         mha.set_fastpath_enabled(previous)
 
 
-def _export_kwargs() -> dict:
-    # The TorchScript-based exporter handles open_clip's towers and dynamic batch axes on every
-    # supported torch (>= 2.4); newer torch defaults to the dynamo exporter, so ask for it by name.
+def _torchscript_kwargs() -> dict:
+    # Newer torch defaults to the dynamo exporter, so ask for the TorchScript one by name.
     if "dynamo" in inspect.signature(torch.onnx.export).parameters:
         return {"dynamo": False}
     return {}
+
+
+def _has_onnxscript() -> bool:
+    return importlib.util.find_spec("onnxscript") is not None
+
+
+def _export_torchscript(module: torch.nn.Module, example: torch.Tensor, raw: Path, input_name: str, opset: int,
+                        external_data: bool) -> None:
+    torch.onnx.export(
+        module, (example,), str(raw),
+        input_names=[input_name], output_names=["embeddings"],
+        dynamic_axes={input_name: {0: "batch"}, "embeddings": {0: "batch"}},
+        opset_version=opset, do_constant_folding=True, **_torchscript_kwargs(),
+    )
+
+
+def _export_dynamo(module: torch.nn.Module, example: torch.Tensor, raw: Path, input_name: str, opset: int,
+                   external_data: bool) -> None:
+    if "dynamic_shapes" not in inspect.signature(torch.onnx.export).parameters:
+        raise RuntimeError(f"torch {torch.__version__}'s torch.onnx.export takes no dynamic_shapes: the dynamo "
+                           "exporter needs torch >= 2.5 here; use exporter='torchscript'.")
+    if not _has_onnxscript():
+        raise missing_extra("onnxscript", "export", "torch's dynamo ONNX exporter")
+    from torch.export import Dim
+
+    torch.onnx.export(
+        module, (example,), str(raw),
+        input_names=[input_name], output_names=["embeddings"],
+        dynamic_shapes=({0: Dim("batch")},),  # the example's batch of 2 keeps it from specialising to 1
+        # Its lowest opset is 18: lower ones go through a version converter that warns and may fail.
+        opset_version=max(opset, _DYNAMO_MIN_OPSET), external_data=external_data, dynamo=True, verbose=False,
+    )
+
+
+@contextlib.contextmanager
+def _quiet_exporter_logs() -> Iterator[None]:
+    # The dynamo exporter's optimiser logs each pass at INFO: hundreds of lines where a user turned INFO
+    # on to see vlmrm_fast's one-off builds announced.
+    loggers = [logging.getLogger(name) for name in ("onnxscript", "onnx_ir", "torch.onnx")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(max(logger.getEffectiveLevel(), logging.WARNING))
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def _write_raw_graph(module: torch.nn.Module, example: torch.Tensor, raw: Path, input_name: str, opset: int,
+                     external_data: bool, exporter: str) -> Optional[BaseException]:
+    """Write the graph to ``raw`` (and, for large graphs, side files beside it) with ``exporter``;
+    returns the TorchScript exporter's error where "auto" fell back to the dynamo one, else None."""
+    args = (module, example, raw, input_name, opset, external_data)
+    if exporter == "dynamo":
+        _export_dynamo(*args)
+        return None
+    try:
+        _export_torchscript(*args)
+        return None
+    except Exception as exc:
+        if exporter == "torchscript":
+            raise
+        torchscript_error = exc
+    for leftover in raw.parent.iterdir():  # whatever the failed export wrote
+        leftover.unlink()
+    try:
+        _export_dynamo(*args)
+    except Exception as exc:
+        raise RuntimeError(
+            "ONNX export failed with both of torch's exporters. TorchScript: "
+            f"{type(torchscript_error).__name__}: {torchscript_error}. Dynamo: {type(exc).__name__}: {exc}"
+        ) from exc
+    return torchscript_error
 
 
 def export_onnx(
@@ -191,6 +275,7 @@ def export_onnx(
     external_data: Optional[bool] = None,
     opset: int = _OPSET,
     check: Optional[Callable[[Path], None]] = None,
+    exporter: Exporter = "auto",
 ) -> Path:
     """Write the vision tower to ``path`` as ONNX; returns the path.
 
@@ -202,6 +287,8 @@ def export_onnx(
         external_data: store weights in ``<path>.data``; default: only when over 2 GB.
         check: called with the finished graph's path before it replaces anything at ``path`` (see
             :func:`save_graph`); an exception there leaves ``path`` as it was.
+        exporter: "auto" (TorchScript, else dynamo with a warning), "torchscript" or "dynamo" (see the
+            module's docstring). The dynamo exporter writes at least opset 18, its lowest.
     """
     try:
         import onnx
@@ -209,6 +296,8 @@ def export_onnx(
         raise missing_extra("onnx", "export", "ONNX export") from None
     if input_format not in ONNX_INPUT_FORMATS:
         raise ValueError(f"input_format={input_format!r} is not one of {ONNX_INPUT_FORMATS}.")
+    if exporter not in ONNX_EXPORTERS:
+        raise ValueError(f"exporter={exporter!r} is not one of {ONNX_EXPORTERS}.")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     param = next(visual.parameters())
@@ -224,20 +313,26 @@ def export_onnx(
     weight_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
     if external_data is None:
         external_data = weight_bytes > _PROTOBUF_LIMIT * 0.9
-    with tempfile.TemporaryDirectory(dir=path.parent) as tmp, warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notes
-        raw = Path(tmp) / "tower.onnx"
-        with torch.inference_mode(False), torch.no_grad(), _mha_fastpath_disabled(), \
-                static_self_attention(module, example[:1]):  # one frame: the token count is all it needs
-            torch.onnx.export(
-                module, (example,), str(raw),
-                input_names=[input_name], output_names=["embeddings"],
-                dynamic_axes={input_name: {0: "batch"}, "embeddings": {0: "batch"}},
-                opset_version=opset, do_constant_folding=True, **_export_kwargs(),
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        raw = Path(tmp) / "export" / "tower.onnx"
+        raw.parent.mkdir()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the exporters' deprecation and tracer notes
+            with torch.inference_mode(False), torch.no_grad(), _mha_fastpath_disabled(), _quiet_exporter_logs(), \
+                    static_self_attention(module, example[:1]):  # one frame: the token count is all it needs
+                fell_back = _write_raw_graph(module, example, raw, input_name, opset, external_data, exporter)
+        if fell_back is not None:
+            warnings.warn(
+                f"torch's TorchScript ONNX exporter failed ({type(fell_back).__name__}: {fell_back}); the tower was "
+                "exported with its dynamo exporter instead, which vlmrm_fast's graph rewrites are tested on less. "
+                "Pass exporter='dynamo' to choose it without this warning.",
+                UserWarning, stacklevel=2,
             )
-        if not external_data and [f.name for f in Path(tmp).iterdir()] == [raw.name]:
+        _log.info("exported the vision tower with torch's %s ONNX exporter",
+                  "dynamo" if exporter == "dynamo" or fell_back is not None else "TorchScript")
+        if not external_data and [f.name for f in raw.parent.iterdir()] == [raw.name]:
             # One self-contained file: placed as written (loading and saving it again took 2.8 s of a
-            # 7.4 s ViT-B-32 export here). The exporter splits graphs over 2 GB into a file per tensor.
+            # 7.4 s ViT-B-32 export here). The exporters split graphs over 2 GB into side files.
             _check_and_place(raw, path, False, check)
         else:
             save_graph(onnx.load(str(raw), load_external_data=True), path, external_data, check=check)
