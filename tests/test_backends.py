@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import DEVICES, make_tiny, tensorrt_is_float32
+from conftest import DEVICES, EXPORTERS, make_tiny, tensorrt_is_float32
 from reference import reference_reward
 from vlmrm_fast import CLIPReward, create_clip
 from vlmrm_fast.backends import BackendError, resolve_backend
@@ -550,12 +550,15 @@ def test_uint8_export_matches_torch(model_name, tmp_path):
 
 @needs_ort
 @pytest.mark.parametrize("input_format", ["uint8-nhwc", "pixels"])
-def test_external_data_and_dynamic_batch(input_format, tmp_path):
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_external_data_and_dynamic_batch(input_format, exporter, tmp_path):
     from vlmrm_fast.backends.onnx_export import export_onnx
 
     model, _ = make_tiny()
     spec = preprocess_spec_of(model, "vlmrm")
-    path = export_onnx(model.visual, tmp_path / "t.onnx", spec, input_format=input_format, external_data=True)
+    path = export_onnx(model.visual, tmp_path / "t.onnx", spec, input_format=input_format, external_data=True,
+                       exporter=exporter)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.onnx", "t.onnx.data"]
     assert (tmp_path / "t.onnx.data").stat().st_size > 100_000  # the weights live beside the graph
     for n in (1, 5):  # one graph, any batch size
         frames = torch.from_numpy(_noise(n, 224, 224, seed=n))
@@ -911,7 +914,12 @@ def test_external_data_is_renamed_into_place_before_the_graph(tmp_path, monkeypa
 
     model, _ = make_tiny()
     moved, real_replace = [], os.replace
-    monkeypatch.setattr(onnx_export.os, "replace", lambda a, b: (moved.append(os.path.basename(b)), real_replace(a, b))[1])
+    def replace(source, target):  # the renames into tmp_path, not those inside an exporter's own folder
+        if os.path.dirname(os.path.abspath(target)) == str(tmp_path):
+            moved.append(os.path.basename(target))
+        return real_replace(source, target)
+
+    monkeypatch.setattr(onnx_export.os, "replace", replace)
     onnx_export.export_onnx(model.visual, tmp_path / "t.onnx", preprocess_spec_of(model, "vlmrm"), external_data=True)
     assert moved == ["t.onnx.data", "t.onnx"]
 
