@@ -336,7 +336,7 @@ def test_backend_options_are_checked_against_the_backend(tiny):
         CLIPReward(model, tokenizer, goal="a", device="cpu", backend="torch", backend_options={"buckets": (1, 8)})
     if importlib.util.find_spec("onnxruntime") is not None:  # "auto" takes ONNX Runtime on CPU
         with pytest.raises(BackendError, match=r"'onnxruntime' backend \(which backend='auto' picked on cpu\), whose "
-                                               r"options are: quantize; they are options of 'compile'"):
+                                               r"options are: quantize, exporter; they are options of 'compile'"):
             CLIPReward(model, tokenizer, goal="a", device="cpu", backend_options={"mode": "default"})
     for buckets in ([2.5], (4, True), (0, 8), 8, (b for b in (1, 8)), []):
         with pytest.raises(BackendError, match="buckets must be a list of positive integers"):

@@ -29,7 +29,7 @@ def test_round_trip(tmp_path):
     [("compute_capability", (8, 0)), ("tensorrt_version", "10.9.0"), ("precision", "fp16"),
      ("batch_range", (1, 64, 128)), ("weights", "cd" * 32), ("image_size", (336, 336)),
      ("device_name", "NVIDIA H100 80GB HBM3"), ("torch_version", "2.12.0"), ("recipe", 2),
-     ("calibration", "ef" * 32), ("tensorrt_build", "tensorrt-cu13-libs 10.13.3.9")],
+     ("calibration", "ef" * 32), ("tensorrt_build", "tensorrt-cu13-libs 10.13.3.9"), ("exporter", "dynamo")],
 )
 def test_every_key_field_changes_the_file(tmp_path, field, value):
     cache = EngineCache(tmp_path)

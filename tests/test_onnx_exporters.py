@@ -186,3 +186,26 @@ def test_export_command_takes_the_exporter(tmp_path, capsys):
     import onnx
 
     assert [o.version for o in onnx.load(str(out)).opset_import if o.domain in ("", "ai.onnx")] == [18]
+
+
+@needs_dynamo
+def test_the_onnxruntime_backend_takes_the_exporter_as_an_option(recwarn):
+    from reference import reference_reward
+    from vlmrm_fast import BackendError, CLIPReward
+
+    goal, baseline = ["a humanoid robot kneeling"], ["a humanoid robot"]
+    model, tokenizer = make_tiny()
+    untouched = __import__("copy").deepcopy(model)
+    rm = CLIPReward(model, tokenizer, goal=goal, baseline=baseline, alpha=0.3, device="cpu", backend="onnxruntime",
+                    backend_options={"exporter": "dynamo"})
+    import onnx
+
+    graph = onnx.load(str(rm.vision_backend._model_path), load_external_data=False)
+    assert [o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")] == [18]  # the dynamo exporter's
+    assert not [w for w in recwarn if "exporter" in str(w.message)]  # chosen, so no fallback warning
+    frames = np.random.default_rng(6).integers(0, 256, (3, 224, 224, 3), dtype=np.uint8)
+    want = reference_reward(untouched, tokenizer, frames, goal, baseline, 0.3)
+    assert (rm(frames).double() - want).abs().max().item() <= 1e-5
+    with pytest.raises(BackendError, match=r"exporter='jit' is not one of \('auto', 'torchscript', 'dynamo'\) for "
+                                           r"backend='onnxruntime'"):
+        CLIPReward(*make_tiny(), goal=goal, device="cpu", backend="onnxruntime", backend_options={"exporter": "jit"})

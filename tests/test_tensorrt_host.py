@@ -362,9 +362,9 @@ def fake_cuda(monkeypatch):
 
     halves = {"bf16": DataType.BF16, "fp16": DataType.HALF}
 
-    def export_onnx(module, path, spec, input_format="uint8-nhwc", opset=17):
+    def export_onnx(module, path, spec, input_format="uint8-nhwc", opset=17, exporter="auto"):
         gpu.exports.append(types.SimpleNamespace(dtype=next(module.parameters()).dtype, path=path,
-                                                 input_format=input_format, opset=opset))
+                                                 input_format=input_format, opset=opset, exporter=exporter))
         return write_graph(path, gpu.graph)
 
     def to_half_precision(source, target, half):
@@ -426,6 +426,19 @@ def test_the_backend_tunes_its_engine_for_opt_batch_size_and_keys_it(monkeypatch
     assert trt.record.builds == 2 and cached_key(other.engine_path)["batch_range"] == [1, 32, 64]
     with pytest.raises(BackendError, match=r"opt_batch_size=65 must be an integer from 1 to max_batch_size \(64\)"):
         make_backend(monkeypatch, trt, tmp_path, max_batch_size=64, opt_batch_size=65)
+    assert trt.record.builds == 2
+
+
+def test_the_backend_exports_with_the_exporter_asked_for_and_keys_it(monkeypatch, tmp_path, fake_cuda):
+    trt = tensorrt_stand_in()
+    rm = make_backend(monkeypatch, trt, tmp_path, exporter="dynamo")
+    assert [e.exporter for e in fake_cuda.exports] == ["dynamo"] and cached_key(rm.engine_path)["exporter"] == "dynamo"
+    other = make_backend(monkeypatch, trt, tmp_path)  # "auto" by default: another engine
+    assert [e.exporter for e in fake_cuda.exports] == ["dynamo", "auto"] and trt.record.builds == 2
+    assert cached_key(other.engine_path)["exporter"] == "auto"
+    with pytest.raises(BackendError, match=r"exporter='jit' is not one of \('auto', 'torchscript', 'dynamo'\) for "
+                                           r"backend='tensorrt'"):
+        make_backend(monkeypatch, trt, tmp_path, exporter="jit")
     assert trt.record.builds == 2
 
 

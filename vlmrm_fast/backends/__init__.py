@@ -25,8 +25,8 @@ BACKEND_CHOICES = ("auto", *BACKEND_NAMES)
 BACKEND_OPTIONS = {
     "torch": (),
     "compile": ("buckets", "mode"),
-    "onnxruntime": ("quantize",),
-    "tensorrt": ("cache_dir", "workspace_gib", "quantize", "calibration_frames", "opt_batch_size"),
+    "onnxruntime": ("quantize", "exporter"),
+    "tensorrt": ("cache_dir", "workspace_gib", "quantize", "calibration_frames", "opt_batch_size", "exporter"),
 }
 """The ``backend_options`` each backend takes."""
 
@@ -72,8 +72,9 @@ def build_backend(
     """Build a resolved backend around ``visual`` (already on ``device`` in ``dtype``).
 
     ``options`` go to the backend's constructor (:data:`BACKEND_OPTIONS`): ``buckets``/``mode`` for
-    "compile", ``cache_dir``/``workspace_gib``/``quantize``/``calibration_frames``/``opt_batch_size`` for "tensorrt",
-    ``quantize`` for "onnxruntime". ``requested`` is the caller's choice ("auto"), for error messages.
+    "compile", ``cache_dir``/``workspace_gib``/``quantize``/``calibration_frames``/``opt_batch_size``/``exporter``
+    for "tensorrt", ``quantize``/``exporter`` for "onnxruntime". ``requested`` is the caller's choice ("auto"), for
+    error messages.
     """
     options = dict(options or {})
     check_backend_options(backend, options, device, requested)

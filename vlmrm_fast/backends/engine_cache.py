@@ -73,6 +73,8 @@ class EngineKey:
     recipe: int = 3
     """Bumped whenever vlmrm_fast changes how it builds engines (3: strongly typed from a typed graph;
     2: weakly typed, precision flags and LayerNorm pinned per layer)."""
+    exporter: str = "auto"
+    """Which of torch's ONNX exporters was asked for (``backend_options={"exporter": ...}``)."""
     calibration: str = ""
     """For fp8 engines, a digest of the calibration frames: they set the activation scales."""
     tensorrt_build: str = ""

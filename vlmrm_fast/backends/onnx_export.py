@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from vlmrm_fast.argtypes import ONNX_EXPORTERS, ONNX_INPUT_FORMATS
 from vlmrm_fast.atomic import default_file_mode, fsync_dir
-from vlmrm_fast.backends.base import missing_extra
+from vlmrm_fast.backends.base import BackendError, missing_extra
 from vlmrm_fast.ops.preprocess import PreprocessSpec
 
 InputFormat = Literal["uint8-nhwc", "pixels"]
@@ -185,6 +185,13 @@ def _mha_fastpath_disabled() -> Iterator[None]:
         mha.set_fastpath_enabled(previous)
 
 
+def check_exporter(exporter: str, backend: str) -> str:
+    """``exporter`` as a backend's option, or a :class:`~vlmrm_fast.backends.BackendError` naming the choices."""
+    if exporter not in ONNX_EXPORTERS:
+        raise BackendError(f"backend_options exporter={exporter!r} is not one of {ONNX_EXPORTERS} for backend={backend!r}.")
+    return exporter
+
+
 def _torchscript_kwargs() -> dict:
     # Newer torch defaults to the dynamo exporter, so ask for the TorchScript one by name.
     if "dynamo" in inspect.signature(torch.onnx.export).parameters:
@@ -325,7 +332,8 @@ def export_onnx(
             warnings.warn(
                 f"torch's TorchScript ONNX exporter failed ({type(fell_back).__name__}: {fell_back}); the tower was "
                 "exported with its dynamo exporter instead, which vlmrm_fast's graph rewrites are tested on less. "
-                "Pass exporter='dynamo' to choose it without this warning.",
+                "exporter='dynamo' chooses it without this warning (export_onnx, `vlmrm-fast export --exporter`, "
+                "or backend_options of the onnxruntime and tensorrt backends).",
                 UserWarning, stacklevel=2,
             )
         _log.info("exported the vision tower with torch's %s ONNX exporter",

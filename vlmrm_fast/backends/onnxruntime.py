@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from vlmrm_fast.backends.base import ONE_TORCH_THREAD, BackendError, VisionBackend, missing_extra
-from vlmrm_fast.backends.onnx_export import export_onnx
+from vlmrm_fast.backends.onnx_export import check_exporter, export_onnx
 from vlmrm_fast.backends.onnx_quantize import QUANTIZE_CHOICES, quantize_int8
 from vlmrm_fast.ops.preprocess import PreprocessSpec
 
@@ -46,14 +46,17 @@ class OnnxRuntimeBackend(VisionBackend):
     Args:
         quantize: None (the tower as exported), or "int8" for dynamic int8 quantisation of its weight
             matmuls (CPU and float32 only; float32 pixels in, float32 embeddings out).
+        exporter: which of torch's ONNX exporters writes the graph (:func:`~vlmrm_fast.backends.onnx_export.export_onnx`).
     """
 
     name = "onnxruntime"
 
     def __init__(
         self, visual: torch.nn.Module, spec: PreprocessSpec, device, dtype, image_size, quantize: Optional[str] = None,
+        exporter: str = "auto",
     ) -> None:
         super().__init__(device, dtype, image_size)
+        self.exporter = check_exporter(exporter, self.name)
         if quantize is not None and quantize not in QUANTIZE_CHOICES:
             also = "; fp8 needs backend='tensorrt' on a Hopper GPU" if quantize == "fp8" else ""
             raise BackendError(f"backend_options quantize={quantize!r} is not one of {QUANTIZE_CHOICES} (or None) for "
@@ -89,7 +92,7 @@ class OnnxRuntimeBackend(VisionBackend):
         _log.info("exporting the vision tower to ONNX for ONNX Runtime (once per reward model; backend='torch' "
                   "skips it)")
         self._workdir = tempfile.TemporaryDirectory(prefix="vlmrm_fast_onnx_")
-        path = export_onnx(visual, Path(self._workdir.name) / "tower.onnx", spec, input_format="pixels")
+        path = export_onnx(visual, Path(self._workdir.name) / "tower.onnx", spec, input_format="pixels", exporter=exporter)
         if quantize == "int8":
             path = quantize_int8(path, path.with_name("tower-int8.onnx"))
         self._model_path = path

@@ -35,7 +35,7 @@ import torch
 
 from vlmrm_fast.backends.base import BackendError, VisionBackend, missing_extra
 from vlmrm_fast.backends.engine_cache import EngineCache, EngineKey, tensorrt_build, weights_digest
-from vlmrm_fast.backends.onnx_export import export_onnx
+from vlmrm_fast.backends.onnx_export import check_exporter, export_onnx
 from vlmrm_fast.frames import as_frame_batch
 from vlmrm_fast.ops.preprocess import PreprocessSpec, preprocess
 
@@ -109,9 +109,11 @@ class TensorRTBackend(VisionBackend):
         quantize: Optional[str] = None,
         calibration_frames=None,
         opt_batch_size: Optional[int] = None,
+        exporter: str = "auto",
     ) -> None:
         super().__init__(device, dtype, image_size)
         batch_range = profile_batch_range(max_batch_size, opt_batch_size)
+        self.exporter = check_exporter(exporter, self.name)
         if dtype not in _PRECISIONS:
             raise BackendError(f"backend='tensorrt' supports {sorted(_PRECISIONS.values())}, not {dtype}.")
         self.quantize = quantize
@@ -140,6 +142,7 @@ class TensorRTBackend(VisionBackend):
             tensorrt_build=tensorrt_build(),
             device_name=torch.cuda.get_device_name(device),
             torch_version=torch.__version__,
+            exporter=exporter,
         )
         cache = EngineCache(cache_dir)
         start = time.perf_counter()
@@ -181,7 +184,8 @@ class TensorRTBackend(VisionBackend):
             # Exported in float32 whatever the tower's dtype: the typed graph rounds each weight once.
             fp32_copy = copy.deepcopy(visual).float()
             opset = {"opset": FP8_OPSET} if self.quantize == "fp8" else {}
-            onnx_path = export_onnx(fp32_copy, Path(tmp) / "tower.onnx", spec, input_format="pixels", **opset)
+            onnx_path = export_onnx(fp32_copy, Path(tmp) / "tower.onnx", spec, input_format="pixels",
+                                    exporter=self.exporter, **opset)
             del fp32_copy
             torch.cuda.empty_cache()  # the copy's memory (7 GB for ViT-bigG-14) is the builder's to use
             if self.quantize == "fp8":
