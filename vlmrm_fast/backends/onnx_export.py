@@ -215,9 +215,10 @@ def _export_torchscript(module: torch.nn.Module, example: torch.Tensor, raw: Pat
 
 def _export_dynamo(module: torch.nn.Module, example: torch.Tensor, raw: Path, input_name: str, opset: int,
                    external_data: bool) -> None:
-    if "dynamic_shapes" not in inspect.signature(torch.onnx.export).parameters:
+    parameters = inspect.signature(torch.onnx.export).parameters
+    if "dynamic_shapes" not in parameters:
         raise RuntimeError(f"torch {torch.__version__}'s torch.onnx.export takes no dynamic_shapes: the dynamo "
-                           "exporter needs torch >= 2.5 here; use exporter='torchscript'.")
+                           "exporter needs torch >= 2.5.")
     if not _has_onnxscript():
         raise missing_extra("onnxscript", "export", "torch's dynamo ONNX exporter")
     from torch.export import Dim
@@ -228,6 +229,7 @@ def _export_dynamo(module: torch.nn.Module, example: torch.Tensor, raw: Path, in
         dynamic_shapes=({0: Dim("batch")},),  # the example's batch of 2 keeps it from specialising to 1
         # Its lowest opset is 18: lower ones go through a version converter that warns and may fail.
         opset_version=max(opset, _DYNAMO_MIN_OPSET), external_data=external_data, dynamo=True, verbose=False,
+        **({"optimize": True} if "optimize" in parameters else {}),  # its graph optimiser: not on in every torch
     )
 
 

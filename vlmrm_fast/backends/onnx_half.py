@@ -66,6 +66,7 @@ def to_half_precision(source: Union[str, Path], target: Union[str, Path], half: 
         return tensor is not None and tensor.data_type == FLOAT
 
     kind: Dict[str, int] = {}  # float tensors computed so far -> FLOAT or HALF
+    graph_outputs = {value.name for value in graph.output}
 
     def is_float(name: str) -> bool:
         return name in kind or is_float_constant(name)
@@ -119,8 +120,13 @@ def to_half_precision(source: Union[str, Path], target: Union[str, Path], half: 
             continue
         if node.op_type == "LayerNormalization":
             x = node.input[0]
-            if kind.get(x) != HALF:  # shape arithmetic, or a float32 input: left as it is
-                kind[node.output[0]] = FLOAT
+            for name in node.output:  # the result, and the optional Mean and InvStdDev (float32)
+                if name:
+                    kind[name] = FLOAT
+            if kind.get(x) != HALF or node.output[0] in graph_outputs:
+                # Shape arithmetic or a float32 input, left as it is; or the graph's float32 output.
+                if kind.get(x) == HALF:
+                    node.input[0] = cast(x, FLOAT)
                 nodes.append(node)
                 continue
             # Normalised in float32 (scale and bias stay float32), the result cast back to half: what
