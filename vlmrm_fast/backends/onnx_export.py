@@ -16,8 +16,9 @@ exceed what one protobuf can hold (2 GB; ViT-bigG-14) are written with their ten
 Two of torch's exporters can write the graph (``exporter=``): the TorchScript-based one, which every
 supported torch has and every test of the graph rewrites here (half precision, fp8, int8) runs on, and
 the ``torch.export``-based "dynamo" one (torch >= 2.5 and the ``onnxscript`` package; a selection of
-those tests), which torch makes its default from 2.9 and is replacing the TorchScript one with. ``"auto"`` (the default) uses the TorchScript
-exporter and, where it fails (a torch that no longer has it), the dynamo one, with a warning.
+those tests), which torch makes its default from 2.9 and is replacing the TorchScript one with.
+``"auto"`` (the default) uses the TorchScript exporter and, where it fails (a torch that no longer has
+it), the dynamo one, with a warning.
 """
 from __future__ import annotations
 
