@@ -97,7 +97,9 @@ def to_half_precision(source: Union[str, Path], target: Union[str, Path], half: 
         nodes.append(helper.make_node("Cast", [name], [out], to=to, name=out))
         return out
 
+    same_as: Dict[str, str] = {}  # outputs of dropped identity casts -> the tensor they passed on
     for node in graph.node:
+        node.input[:] = [same_as.get(name, name) for name in node.input]
         if node.op_type == "Constant" and node.output[0] in constants and is_float_constant(node.output[0]):
             kind[node.output[0]] = FLOAT  # left as is; a half reader gets a half twin
             nodes.append(node)
@@ -113,6 +115,9 @@ def to_half_precision(source: Union[str, Path], target: Union[str, Path], half: 
                 nodes.extend([node, helper.make_node("Cast", [node.output[0]], [out], to=HALF, name=out + "_to_half")])
                 continue
             if to.i == FLOAT:
+                if kind.get(node.input[0]) == HALF and node.output[0] not in graph_outputs:
+                    same_as[node.output[0]] = node.input[0]  # a cast from half to half: dropped
+                    continue
                 if is_float(node.input[0]):  # open_clip's cast back to the input's type: that type is now half
                     to.i = HALF
                 kind[node.output[0]] = to.i  # else from integers: shape arithmetic, stays float32
