@@ -15,6 +15,7 @@ graph itself must say "bf16 here, fp32 in LayerNorm". This pass says it:
 - A Cast to float32 of a float tensor casts to half instead: the exporter writes those where the
   model casts to its own dtype (open_clip's LayerNorm casting back to its input's type, the attention
   scale cast to the queries' type), and that dtype is now half, as in a tower run in half by PyTorch.
+  Where the tensor is half already (after a LayerNorm), the cast is dropped.
 
 Type rules, node by node: an op that reads any half tensor computes in half (its float32 inputs are cast);
 an op that reads only float32 tensors and constants stays float32; DequantizeLinear's scale, and so its
