@@ -19,6 +19,7 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
+from vlmrm_fast.backends.onnx_export import dynamo_exporter_problem  # noqa: E402
 from vlmrm_fast.models import TINY_MODEL, create_clip  # noqa: E402  (importing it registers the tiny config with open_clip)
 
 HAS_CUDA = torch.cuda.is_available()
@@ -31,19 +32,8 @@ DEVICES = [
 ]
 
 
-def _dynamo_exporter_missing() -> str:
-    """Why torch's dynamo ONNX exporter cannot run here, or "" where it can."""
-    import importlib.util
-    import inspect
-
-    if "dynamic_shapes" not in inspect.signature(torch.onnx.export).parameters:
-        return f"torch {torch.__version__}'s ONNX export has no dynamo exporter with dynamic shapes (torch >= 2.5)"
-    if importlib.util.find_spec("onnxscript") is None:
-        return "the dynamo ONNX exporter needs onnxscript (pip install 'vlmrm-fast[export]')"
-    return ""
-
-
-DYNAMO_MISSING = _dynamo_exporter_missing()
+DYNAMO_MISSING = str(dynamo_exporter_problem() or "")
+"""Why torch's dynamo ONNX exporter cannot run here (the error it would raise), or ""."""
 EXPORTERS = [
     pytest.param("auto", id="auto"),  # the TorchScript exporter, where torch has it
     pytest.param("dynamo", id="dynamo", marks=pytest.mark.skipif(bool(DYNAMO_MISSING), reason=DYNAMO_MISSING)),

@@ -30,3 +30,18 @@ def root_records_dropped(folder: str) -> Iterator[None]:
     finally:
         root.removeFilter(drop)
         root.removeHandler(guard)
+
+
+@contextlib.contextmanager
+def loggers_quieted(*names: str) -> Iterator[None]:
+    """While inside, the named loggers pass on WARNING and above only (their own INFO lines, logged
+    through them rather than the root logger); their levels are restored on the way out."""
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(max(logger.getEffectiveLevel(), logging.WARNING))
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)

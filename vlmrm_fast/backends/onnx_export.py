@@ -41,6 +41,7 @@ from vlmrm_fast.argtypes import ONNX_EXPORTERS, ONNX_INPUT_FORMATS
 from vlmrm_fast.atomic import default_file_mode, fsync_dir
 from vlmrm_fast.backends.base import BackendError, missing_extra
 from vlmrm_fast.ops.preprocess import PreprocessSpec
+from vlmrm_fast.quiet_logging import loggers_quieted
 
 InputFormat = Literal["uint8-nhwc", "pixels"]
 Exporter = Literal["auto", "torchscript", "dynamo"]
@@ -214,39 +215,33 @@ def _export_torchscript(module: torch.nn.Module, example: torch.Tensor, raw: Pat
     )
 
 
+def dynamo_exporter_problem() -> Optional[Exception]:
+    """The error ``export_onnx(..., exporter="dynamo")`` raises before exporting where torch's dynamo
+    exporter cannot run here (a torch without it, no ``onnxscript``), else None."""
+    if "dynamic_shapes" not in inspect.signature(torch.onnx.export).parameters:
+        return RuntimeError(f"torch {torch.__version__}'s torch.onnx.export takes no dynamic_shapes: the dynamo "
+                            "exporter needs torch >= 2.5.")
+    if not _has_onnxscript():
+        return missing_extra("onnxscript", "export", "torch's dynamo ONNX exporter")
+    return None
+
+
 def _export_dynamo(module: torch.nn.Module, example: torch.Tensor, raw: Path, input_name: str, opset: int,
                    external_data: bool) -> None:
-    parameters = inspect.signature(torch.onnx.export).parameters
-    if "dynamic_shapes" not in parameters:
-        raise RuntimeError(f"torch {torch.__version__}'s torch.onnx.export takes no dynamic_shapes: the dynamo "
-                           "exporter needs torch >= 2.5.")
-    if not _has_onnxscript():
-        raise missing_extra("onnxscript", "export", "torch's dynamo ONNX exporter")
+    problem = dynamo_exporter_problem()
+    if problem is not None:
+        raise problem
     from torch.export import Dim
 
+    optimize = {"optimize": True} if "optimize" in inspect.signature(torch.onnx.export).parameters else {}
     torch.onnx.export(
         module, (example,), str(raw),
         input_names=[input_name], output_names=["embeddings"],
         dynamic_shapes=({0: Dim("batch")},),  # the example's batch of 2 keeps it from specialising to 1
         # Its lowest opset is 18: lower ones go through a version converter that warns and may fail.
         opset_version=max(opset, _DYNAMO_MIN_OPSET), external_data=external_data, dynamo=True, verbose=False,
-        **({"optimize": True} if "optimize" in parameters else {}),  # its graph optimiser: not on in every torch
+        **optimize,  # its graph optimiser, not on by default in every torch
     )
-
-
-@contextlib.contextmanager
-def _quiet_exporter_logs() -> Iterator[None]:
-    # The dynamo exporter's optimiser logs each pass at INFO: hundreds of lines where a user turned INFO
-    # on to see vlmrm_fast's one-off builds announced.
-    loggers = [logging.getLogger(name) for name in ("onnxscript", "onnx_ir", "torch.onnx")]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(max(logger.getEffectiveLevel(), logging.WARNING))
-    try:
-        yield
-    finally:
-        for logger, level in zip(loggers, levels):
-            logger.setLevel(level)
 
 
 def _write_raw_graph(module: torch.nn.Module, example: torch.Tensor, raw: Path, input_name: str, opset: int,
@@ -328,7 +323,10 @@ def export_onnx(
         raw.parent.mkdir()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the exporters' deprecation and tracer notes
-            with torch.inference_mode(False), torch.no_grad(), _mha_fastpath_disabled(), _quiet_exporter_logs(), \
+            # The dynamo exporter's optimiser logs each pass at INFO: hundreds of lines where a user turned
+            # INFO on to see vlmrm_fast's one-off builds announced.
+            with torch.inference_mode(False), torch.no_grad(), _mha_fastpath_disabled(), \
+                    loggers_quieted("onnxscript", "onnx_ir", "torch.onnx"), \
                     static_self_attention(module, example[:1]):  # one frame: the token count is all it needs
                 fell_back = _write_raw_graph(module, example, raw, input_name, opset, external_data, exporter)
         if fell_back is not None:

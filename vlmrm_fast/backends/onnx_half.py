@@ -98,6 +98,14 @@ def to_half_precision(source: Union[str, Path], target: Union[str, Path], half: 
         nodes.append(helper.make_node("Cast", [name], [out], to=to, name=out))
         return out
 
+    def append_then_half(node) -> None:
+        """Append ``node``, whose first output is float32, followed by a cast of that output to half
+        under the output's own name (which readers further on take as half)."""
+        out = node.output[0]
+        node.output[0] = out + "_float"
+        kind[node.output[0]], kind[out] = FLOAT, HALF
+        nodes.extend([node, helper.make_node("Cast", [node.output[0]], [out], to=HALF, name=out + "_to_half")])
+
     same_as: Dict[str, str] = {}  # outputs of dropped identity casts -> the tensor they passed on
     for node in graph.node:
         node.input[:] = [same_as.get(name, name) for name in node.input]
@@ -110,10 +118,7 @@ def to_half_precision(source: Union[str, Path], target: Union[str, Path], half: 
             if to.i == FLOAT and node.input[0] in data_inputs and not is_float(node.input[0]):
                 # The uint8 frames are data, not shape arithmetic: cast to float32, then to half
                 # (TensorRT casts uint8 to float32 or float16 only; 0-255 are exact in all three).
-                out = node.output[0]
-                node.output[0] = out + "_float"
-                kind[node.output[0]], kind[out] = FLOAT, HALF
-                nodes.extend([node, helper.make_node("Cast", [node.output[0]], [out], to=HALF, name=out + "_to_half")])
+                append_then_half(node)
                 continue
             if to.i == FLOAT:
                 if kind.get(node.input[0]) == HALF and node.output[0] not in graph_outputs:
@@ -125,24 +130,19 @@ def to_half_precision(source: Union[str, Path], target: Union[str, Path], half: 
             nodes.append(node)
             continue
         if node.op_type == "LayerNormalization":
-            x = node.input[0]
+            reads_half = kind.get(node.input[0]) == HALF
+            if reads_half:  # normalised in float32; scale and bias stay float32
+                node.input[0] = cast(node.input[0], FLOAT)
             for name in node.output:  # the result, and the optional Mean and InvStdDev (float32)
                 if name:
                     kind[name] = FLOAT
-            if kind.get(x) != HALF or node.output[0] in graph_outputs:
-                # Shape arithmetic or a float32 input, left as it is; or the graph's float32 output.
-                if kind.get(x) == HALF:
-                    node.input[0] = cast(x, FLOAT)
+            if reads_half and node.output[0] not in graph_outputs:
+                # The result cast back to half: what the model does in half, with or without a Cast of
+                # its own after the LayerNorm (torch's dynamo exporter drops open_clip's cast back to
+                # the input's type, a float32 no-op).
+                append_then_half(node)
+            else:  # shape arithmetic or a float32 input; or the graph's float32 output
                 nodes.append(node)
-                continue
-            # Normalised in float32 (scale and bias stay float32), the result cast back to half: what
-            # the model does in half, with or without a Cast of its own after the LayerNorm (torch's
-            # dynamo exporter drops open_clip's cast back to the input's type, a float32 no-op).
-            node.input[0] = cast(x, FLOAT)
-            out = node.output[0]
-            node.output[0] = out + "_float"
-            kind[node.output[0]], kind[out] = FLOAT, HALF
-            nodes.extend([node, helper.make_node("Cast", [node.output[0]], [out], to=HALF, name=out + "_to_half")])
             continue
         if node.op_type == "DequantizeLinear":
             node.input[1] = as_half_constant(node.input[1])
