@@ -131,7 +131,7 @@ def test_auto_names_both_exporters_errors_when_both_fail(tmp_path, monkeypatch):
 def test_the_dynamo_exporter_without_onnxscript_names_the_extra(tmp_path, monkeypatch):
     from vlmrm_fast.backends import BackendError, onnx_export
 
-    if "dynamic_shapes" not in __import__("inspect").signature(torch.onnx.export).parameters:
+    if "optimize" not in __import__("inspect").signature(torch.onnx.export).parameters:
         pytest.skip(DYNAMO_MISSING)
     monkeypatch.setattr(onnx_export, "_has_onnxscript", lambda: False)
     model, _ = make_tiny()
@@ -143,17 +143,56 @@ def test_the_dynamo_exporter_without_onnxscript_names_the_extra(tmp_path, monkey
         onnx_export.export_onnx(model.visual, tmp_path / "t.onnx", spec)
 
 
-def test_the_dynamo_exporter_on_a_torch_without_dynamic_shapes_says_so(tmp_path, monkeypatch):
-    from vlmrm_fast.backends.onnx_export import export_onnx
+def _torch_2_4_export(model, args, f, export_params=True, verbose=False, input_names=None, output_names=None,
+                      opset_version=None, dynamic_axes=None, dynamo=False):  # its parameters, abridged
+    raise AssertionError("not to be called")
 
-    def old_export(model, args, f, export_params=True, verbose=False, input_names=None, output_names=None,
-                   opset_version=None, dynamic_axes=None, dynamo=False):  # torch 2.4's parameters, abridged
-        raise AssertionError("not to be called")
+
+def _torch_2_5_export(model, args, f, kwargs=None, export_params=True, verbose=False, input_names=None,
+                      output_names=None, opset_version=None, dynamic_axes=None, dynamo=False, external_data=True,
+                      dynamic_shapes=None, report=False, verify=False):  # its parameters, abridged
+    raise AssertionError("not to be called")
+
+
+@pytest.mark.parametrize("old_export", [_torch_2_4_export, _torch_2_5_export], ids=["torch-2.4", "torch-2.5"])
+def test_the_dynamo_exporter_on_a_torch_before_2_6_says_so(tmp_path, monkeypatch, old_export):
+    """torch 2.4's exporter has no dynamo path to speak of; torch 2.5's writes graphs without its optimiser,
+    weights transposed by nodes, which the int8 and fp8 rewrites cannot convert."""
+    from vlmrm_fast.backends.onnx_export import export_onnx
 
     monkeypatch.setattr(torch.onnx, "export", old_export)
     model, _ = make_tiny()
-    with pytest.raises(RuntimeError, match=r"takes no dynamic_shapes: the dynamo exporter needs torch >= 2\.5\.$"):
+    with pytest.raises(RuntimeError, match=r"takes no optimize: vlmrm_fast's use of the dynamo exporter needs "
+                                           r"torch >= 2\.6\.$"):
         export_onnx(model.visual, tmp_path / "t.onnx", preprocess_spec_of(model, "vlmrm"), exporter="dynamo")
+    assert list(tmp_path.iterdir()) == []
+
+
+@needs_dynamo
+@pytest.mark.parametrize("exporter", ["dynamo", "auto"])  # auto: after falling back
+def test_a_dynamo_graph_with_a_fixed_batch_size_is_refused(tmp_path, monkeypatch, exporter):
+    """What torch 2.6's dynamo exporter wrote for a batch axis without an upper bound: a graph traced at
+    the example's batch of 2, which a backend would build for and then fail on every other batch."""
+    from vlmrm_fast.backends.onnx_export import export_onnx
+
+    if exporter == "auto":
+        _without_torchscript(monkeypatch)
+    real_export = torch.onnx.export
+
+    @functools.wraps(real_export)
+    def fixed_batch_export(*args, **kwargs):
+        kwargs.pop("dynamic_shapes", None)
+        return real_export(*args, **kwargs)
+
+    monkeypatch.setattr(torch.onnx, "export", fixed_batch_export)
+    model, _ = make_tiny()
+    refused = (r"dynamo ONNX exporter wrote 'frames' with a fixed batch size of 2 instead of a dynamic batch axis\. "
+               r"Export with exporter='torchscript'")
+    if exporter == "auto":  # after both exporters failed, the error names both
+        refused = r"both of torch's exporters\. TorchScript: .*removed\. Dynamo: RuntimeError: torch .*'s " + refused
+    with pytest.raises(RuntimeError, match=refused):
+        export_onnx(model.visual, tmp_path / "t.onnx", preprocess_spec_of(model, "vlmrm"), exporter=exporter)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_an_unknown_exporter_is_refused_with_the_choices(tmp_path):

@@ -42,8 +42,10 @@ def _types(model) -> dict:
     import onnx
 
     typed = onnx.shape_inference.infer_shapes(model, strict_mode=True)
-    return {v.name: v.type.tensor_type.elem_type
-            for v in list(typed.graph.value_info) + list(typed.graph.input) + list(typed.graph.output)}
+    types = {init.name: init.data_type for init in typed.graph.initializer}  # (an exporter may cast a weight)
+    types.update((v.name, v.type.tensor_type.elem_type)
+                 for v in list(typed.graph.value_info) + list(typed.graph.input) + list(typed.graph.output))
+    return types
 
 
 @pytest.mark.parametrize("half", ["bf16", "fp16"])

@@ -15,7 +15,7 @@ exceed what one protobuf can hold (2 GB; ViT-bigG-14) are written with their ten
 
 Two of torch's exporters can write the graph (``exporter=``): the TorchScript-based one, which every
 supported torch has and every test of the graph rewrites here (half precision, fp8, int8) runs on, and
-the ``torch.export``-based "dynamo" one (torch >= 2.5 and the ``onnxscript`` package; a selection of
+the ``torch.export``-based "dynamo" one (torch >= 2.6 and the ``onnxscript`` package; a selection of
 those tests), which torch makes its default from 2.9 and is replacing the TorchScript one with.
 ``"auto"`` (the default) uses the TorchScript exporter and, where it fails (a torch that no longer has
 it), the dynamo one, with a warning.
@@ -218,9 +218,11 @@ def _export_torchscript(module: torch.nn.Module, example: torch.Tensor, raw: Pat
 def dynamo_exporter_problem() -> Optional[Exception]:
     """The error ``export_onnx(..., exporter="dynamo")`` raises before exporting where torch's dynamo
     exporter cannot run here (a torch without it, no ``onnxscript``), else None."""
-    if "dynamic_shapes" not in inspect.signature(torch.onnx.export).parameters:
-        return RuntimeError(f"torch {torch.__version__}'s torch.onnx.export takes no dynamic_shapes: the dynamo "
-                            "exporter needs torch >= 2.5.")
+    if "optimize" not in inspect.signature(torch.onnx.export).parameters:
+        # torch 2.5's dynamo exporter has no graph optimiser: its graphs keep each weight's transpose as a
+        # node (a Gemm of Transpose(weight)), which the int8 and fp8 rewrites find no weight matmul in.
+        return RuntimeError(f"torch {torch.__version__}'s torch.onnx.export takes no optimize: vlmrm_fast's use "
+                            "of the dynamo exporter needs torch >= 2.6.")
     if not _has_onnxscript():
         return missing_extra("onnxscript", "export", "torch's dynamo ONNX exporter")
     return None
@@ -233,15 +235,17 @@ def _export_dynamo(module: torch.nn.Module, example: torch.Tensor, raw: Path, in
         raise problem
     from torch.export import Dim
 
-    optimize = {"optimize": True} if "optimize" in inspect.signature(torch.onnx.export).parameters else {}
     torch.onnx.export(
         module, (example,), str(raw),
         input_names=[input_name], output_names=["embeddings"],
-        dynamic_shapes=({0: Dim("batch")},),  # the example's batch of 2 keeps it from specialising to 1
+        # The example's batch of 2 keeps it from specialising to 1. The upper bound is for torch 2.6, whose
+        # torch.export fails on an unbounded axis and whose exporter then traces a fixed-batch graph instead.
+        dynamic_shapes=({0: Dim("batch", min=1, max=1 << 20)},),
         # Its lowest opset is 18: lower ones go through a version converter that warns and may fail.
         opset_version=max(opset, _DYNAMO_MIN_OPSET), external_data=external_data, dynamo=True, verbose=False,
-        **optimize,  # its graph optimiser, not on by default in every torch
+        optimize=True,  # its graph optimiser (constant folding), not on by default in every torch
     )
+    _require_dynamic_batch(raw)  # (the TorchScript exporter's dynamic_axes have held on every torch tested)
 
 
 def _write_raw_graph(module: torch.nn.Module, example: torch.Tensor, raw: Path, input_name: str, opset: int,
@@ -269,6 +273,24 @@ def _write_raw_graph(module: torch.nn.Module, example: torch.Tensor, raw: Path, 
             f"{type(torchscript_error).__name__}: {torchscript_error}. Dynamo: {type(exc).__name__}: {exc}"
         ) from exc
     return torchscript_error
+
+
+def _require_dynamic_batch(raw: Path) -> None:
+    """Refuse a dynamo export whose input or output has a fixed batch size: a backend would build for it
+    and fail on every other batch. (torch 2.6's dynamo exporter wrote one for a batch axis without an
+    upper bound, silently falling back to tracing the example batch.)"""
+    import onnx
+
+    graph = onnx.load(str(raw), load_external_data=False).graph
+    for value in (*graph.input, *graph.output):
+        batch = value.type.tensor_type.shape.dim[0]
+        if not batch.dim_param:
+            raise RuntimeError(
+                f"torch {torch.__version__}'s dynamo ONNX exporter wrote {value.name!r} with a fixed batch size "
+                f"of {batch.dim_value or '?'} instead of a dynamic batch axis. Export with exporter='torchscript' "
+                "(`vlmrm-fast export --exporter torchscript`, or backend_options={'exporter': 'torchscript'}) or "
+                "with another torch version."
+            )
 
 
 def export_onnx(
