@@ -106,9 +106,23 @@ def _variants() -> List[Tuple[str, Any, Callable[[], None], bool]]:
     ]
 
 
+def _launch_type(value: Any) -> str:
+    """The type Triton's launcher gives a scalar argument: ``mangle_type(value, True)``, whose
+    specialisation makes an integer equal to 1 a constant. Triton 3.3 to 3.5's ``mangle_type`` raises a TypeError
+    when asked to specialise (its stand-in hook is called with one argument more than it takes); there
+    the same rule is applied to the unspecialised type."""
+    from triton.runtime.jit import mangle_type
+
+    try:
+        return mangle_type(value, True)
+    except TypeError:
+        if isinstance(value, int) and not isinstance(value, bool) and value == 1:
+            return "constexpr"
+        return mangle_type(value)
+
+
 def _signature(kernel: Any, args: tuple, kwargs: dict) -> Tuple[Dict[str, str], Dict[str, Any], Dict[str, Any]]:
     """(signature, compile-time constants, compile options such as num_warps) of a recorded launch."""
-    from triton.runtime.jit import mangle_type
     names = [p.name for p in kernel.params]
     values = dict(zip(names, args), **kwargs)
     options = {key: value for key, value in kwargs.items() if key not in names}
@@ -117,10 +131,10 @@ def _signature(kernel: Any, args: tuple, kwargs: dict) -> Tuple[Dict[str, str], 
         value = values[param.name]
         if isinstance(value, torch.Tensor):
             signature[param.name] = "*" + _TYPES[value.dtype]
-        elif param.is_constexpr or mangle_type(value, True) == "constexpr":  # the latter: an int equal to 1
+        elif param.is_constexpr or _launch_type(value) == "constexpr":  # the latter: an int equal to 1
             signature[param.name], constexprs[param.name] = "constexpr", value
         else:
-            signature[param.name] = mangle_type(value, True)
+            signature[param.name] = _launch_type(value)
     return signature, constexprs, options
 
 

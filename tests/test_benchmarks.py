@@ -633,9 +633,7 @@ def test_kernel_resources_compile_each_recorded_launch_and_read_its_counts(monke
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     with pytest.raises(SystemExit, match="unset TRITON_INTERPRET"):
         kr.compile_all([90])
-    from triton.runtime.jit import mangle_type
-
-    mangle_type(1, True)  # its lazy imports done while this process's interpreter setting is still in place
+    kr._launch_type(1)  # Triton's lazy imports done while this process's interpreter setting is still in place
     monkeypatch.delenv("TRITON_INTERPRET")
     rows = kr.compile_all([80, 90])
 
@@ -648,6 +646,29 @@ def test_kernel_resources_compile_each_recorded_launch_and_read_its_counts(monke
     # an integer equal to 1 is compiled as a constant, as Triton's launcher does on a GPU
     assert source.signature == {"x_ptr": "*fp32", "n": "i32", "stride": "constexpr", "BLOCK": "constexpr"}
     assert source.constexprs == {"stride": 1, "BLOCK": 64} and source.fn is kernel
+
+
+def test_kernel_resources_launch_types_where_mangle_type_cannot_specialise(monkeypatch):
+    """Triton 3.3 to 3.5's mangle_type(value, True) raises a TypeError (its stand-in hook takes one argument and is
+    given two); the script applies the launcher's rule itself there: an integer equal to 1 is a constant."""
+    triton = pytest.importorskip("triton")
+    compiler = pytest.importorskip("triton.compiler")
+    if "constexprs" not in inspect.signature(compiler.ASTSource.__init__).parameters:
+        pytest.skip(f"Triton {triton.__version__} predates the ahead-of-time API the script uses (3.3+)")
+    from triton.runtime import jit
+
+    kr = _load("kernel_resources")
+    values, want = (1, 7, -1, 2**40, 1.5), ["constexpr", "i32", "i32", "i64", "fp32"]  # the launcher's rule
+    real = jit.mangle_type
+    assert [kr._launch_type(value) for value in values] == want  # this Triton's mangle_type, or the fallback
+
+    def triton_3_5_mangle_type(arg, specialize=False):
+        if specialize and isinstance(arg, int):
+            raise TypeError("mangle_type.<locals>.<lambda>() takes 1 positional argument but 2 were given")
+        return real(arg)
+
+    monkeypatch.setattr(jit, "mangle_type", triton_3_5_mangle_type)
+    assert [kr._launch_type(value) for value in values] == want
 
 
 def test_kernel_resources_read_cuobjdumps_counts(monkeypatch):
