@@ -108,9 +108,9 @@ def _variants() -> List[Tuple[str, Any, Callable[[], None], bool]]:
 
 def _launch_type(value: Any) -> str:
     """The type Triton's launcher gives a scalar argument: ``mangle_type(value, True)``, whose
-    specialisation makes an integer equal to 1 a constant. Triton 3.3 to 3.5's ``mangle_type`` raises a TypeError
-    when asked to specialise (its stand-in hook is called with one argument more than it takes); there
-    the same rule is applied to the unspecialised type."""
+    specialisation makes an integer equal to 1 a constant. Triton 3.3 to 3.5's ``mangle_type`` raises a
+    TypeError when asked to specialise (its stand-in hook is called with one argument more than it
+    takes); there the same rule is applied to the unspecialised type."""
     from triton.runtime.jit import mangle_type
 
     try:

@@ -217,7 +217,7 @@ def _export_torchscript(module: torch.nn.Module, example: torch.Tensor, raw: Pat
 
 def dynamo_exporter_problem() -> Optional[Exception]:
     """The error ``export_onnx(..., exporter="dynamo")`` raises before exporting where torch's dynamo
-    exporter cannot run here (a torch without it, no ``onnxscript``), else None."""
+    exporter cannot run here (a torch before 2.6, no ``onnxscript``), else None."""
     if "optimize" not in inspect.signature(torch.onnx.export).parameters:
         # torch 2.5's dynamo exporter has no graph optimiser: its graphs keep each weight's transpose as a
         # node (a Gemm of Transpose(weight)), which the int8 and fp8 rewrites find no weight matmul in.
