@@ -205,8 +205,8 @@ def _has_onnxscript() -> bool:
     return importlib.util.find_spec("onnxscript") is not None
 
 
-def _export_torchscript(module: torch.nn.Module, example: torch.Tensor, raw: Path, input_name: str, opset: int,
-                        external_data: bool) -> None:
+def _export_torchscript(module: torch.nn.Module, example: torch.Tensor, raw: Path, input_name: str, opset: int) -> None:
+    # (Graphs over 2 GB come out in side files without being asked: save_graph gathers them.)
     torch.onnx.export(
         module, (example,), str(raw),
         input_names=[input_name], output_names=["embeddings"],
@@ -252,9 +252,9 @@ def _write_raw_graph(module: torch.nn.Module, example: torch.Tensor, raw: Path, 
                      external_data: bool, exporter: str) -> Optional[BaseException]:
     """Write the graph to ``raw`` (and, for large graphs, side files beside it) with ``exporter``;
     returns the TorchScript exporter's error where "auto" fell back to the dynamo one, else None."""
-    args = (module, example, raw, input_name, opset, external_data)
+    args = (module, example, raw, input_name, opset)
     if exporter == "dynamo":
-        _export_dynamo(*args)
+        _export_dynamo(*args, external_data)
         return None
     try:
         _export_torchscript(*args)
@@ -266,7 +266,7 @@ def _write_raw_graph(module: torch.nn.Module, example: torch.Tensor, raw: Path, 
     for leftover in raw.parent.iterdir():  # whatever the failed export wrote
         leftover.unlink()
     try:
-        _export_dynamo(*args)
+        _export_dynamo(*args, external_data)
     except Exception as exc:
         raise RuntimeError(
             "ONNX export failed with both of torch's exporters. TorchScript: "
