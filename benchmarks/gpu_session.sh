@@ -10,11 +10,16 @@
 #
 # PARTs:
 #   info         nvidia-smi, library versions, commit, whether EGL reaches the GPU       (seconds)
-#   tests        build the GL-CUDA extension, then `pytest -m gpu`                       (minutes)
-#   kernels      benchmarks/bench_kernels.py: preprocess GB/s against the copy (with 3 other tiles),
-#                score frames/s
+#   tests        build the GL-CUDA extension, then `pytest -m gpu` (GPU_TESTS="tests/x.py ..." for some
+#                files only)                                                              (minutes)
+#   kernels      benchmarks/bench_kernels.py: preprocess GB/s against the copy (with the other tiles
+#                in KERNEL_TILES, default "16x64w8 8x64w4 16x32w4"), score frames/s
 #   render       benchmarks/bench_env.py --no-env-steps: render-only frames/s (target 3,000/s at 224)
+#   render-breakdown
+#                benchmarks/render_breakdown.py: where a frame's render time goes (scene passes,
+#                shadow-map size, multisampling) and whether threads or processes add up
 #   env          benchmarks/bench_env.py --no-render: env steps/s with the VLM reward, N = 1 8 32
+#                (ENV_BACKEND=compile: the fast path's tower through torch.compile, default auto)
 #   profile-b32, profile-l14, profile-bigg
 #                `vlmrm-fast bench` for one model at 224 px, batch 1-1024, bf16, torch and compile,
 #                with the kernel profile of the largest batch (where the time goes against the ceiling);
@@ -141,16 +146,24 @@ part_info() { part info info; }
 part_tests() {
     local per_test=()  # pytest-timeout, where installed: one hung test must not take the whole call
     "$PYTHON" -c "import pytest_timeout" 2>/dev/null && per_test=(--timeout=240)
-    part tests "$PYTHON" -m pytest -m gpu -q -rs -p no:cacheprovider ${per_test[@]+"${per_test[@]}"}
+    # shellcheck disable=SC2086
+    part tests "$PYTHON" -m pytest -m gpu -q -rs -p no:cacheprovider ${per_test[@]+"${per_test[@]}"} ${GPU_TESTS:-}
 }
 part_kernels() {
-    part kernels "$PYTHON" benchmarks/bench_kernels.py --preprocess-tiles 16x64w8 8x64w4 16x32w4 \
+    # shellcheck disable=SC2086
+    part kernels "$PYTHON" benchmarks/bench_kernels.py --preprocess-tiles ${KERNEL_TILES:-16x64w8 8x64w4 16x32w4} \
         --csv "$RESULTS/kernels/kernels.csv" --json "$RESULTS/kernels/kernels.json"
 }
 part_render() {
     part render "$PYTHON" benchmarks/bench_env.py --no-env-steps --csv "$RESULTS/render/env.csv" --json "$RESULTS/render/env.json"
 }
-part_env() { part env "$PYTHON" benchmarks/bench_env.py --no-render --csv "$RESULTS/env/env.csv" --json "$RESULTS/env/env.json"; }
+part_render_breakdown() {
+    part render-breakdown "$PYTHON" benchmarks/render_breakdown.py --json "$RESULTS/render-breakdown/render-breakdown.json"
+}
+part_env() {
+    part env "$PYTHON" benchmarks/bench_env.py --no-render --backend "${ENV_BACKEND:-auto}" --csv "$RESULTS/env/env.csv" \
+        --json "$RESULTS/env/env.json"
+}
 part_profile_b32() { profile profile-b32 ViT-B-32; }
 part_profile_l14() { profile profile-l14 ViT-L-14; }
 part_profile_bigg() { profile profile-bigg ViT-bigG-14; }
@@ -166,7 +179,7 @@ fi
 NEEDS_EXTENSION=0
 for name in "$@"; do  # every name checked before setup touches the machine
     declare -F "part_${name//-/_}" >/dev/null || { echo "unknown part '$name' (see the top of $0)" >&2; exit 2; }
-    case $name in tests | render | env) NEEDS_EXTENSION=1 ;; esac
+    case $name in tests | render | render-breakdown | env) NEEDS_EXTENSION=1 ;; esac
 done
 if ! git rev-parse --git-dir >/dev/null 2>&1 && [ -z "${VLMRM_FAST_COMMIT:-}" ]; then
     echo "this copy of the tree has no .git, so results could not name their commit: run it as" >&2

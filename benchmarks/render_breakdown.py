@@ -1,0 +1,248 @@
+"""Where a humanoid frame's render time goes, and whether renderers working in parallel add up.
+
+``bench_env.py`` measures how fast ``BatchRenderer`` is; this script asks why. Each variant draws
+``--num-envs`` humanoid envs (``vlmrm_fast/TexturedHumanoid-v0``, 224 x 224) per call into one uint8
+tensor on the device, and reports frames/s (``N`` / the median call over ``--repeats`` calls):
+
+| variant | what changes |
+|---|---|
+| ``default`` | nothing: the scene as the env defines it (``bench_env.py``'s render row) |
+| ``update_scene_only`` | ``mjv_updateScene`` for every env, no drawing: the CPU cost MuJoCo pays before any GL |
+| ``no_shadow``, ``no_reflection``, ``no_skybox`` | that scene flag off (one extra pass each: the shadow map, the mirrored floor, the sky) |
+| ``shadowsize_S`` | ``model.vis.quality.shadowsize`` = S (MuJoCo's default is 4096: a 4096 x 4096 depth pass per frame, whatever the frame size) |
+| ``offsamples_0`` | no multisampling (the XML default is 4) |
+| ``threads_T`` | T renderers, each in its own thread with its own EGL context and envs; frames/s summed |
+| ``processes_P`` | T renderers in P processes; frames/s summed over the same wall-clock window |
+
+If frames/s barely moves with the frame size or the number of envs per call, the cost is per frame
+(passes, state changes, driver work); ``threads``/``processes`` then say whether it is the CPU (they
+scale) or the GPU's rasteriser (they do not). Threads that scale less than processes point at the
+GIL.
+
+Usage:
+    python benchmarks/render_breakdown.py --json benchmarks/results/render-breakdown-h200.json
+    python benchmarks/render_breakdown.py --quick        # CPU: Mesa, a smoke run (about a minute)
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("MUJOCO_GL", "egl")
+if os.environ["MUJOCO_GL"] in ("egl", "osmesa"):
+    os.environ.setdefault("PYOPENGL_PLATFORM", os.environ["MUJOCO_GL"])
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import multiprocessing  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple  # noqa: E402
+
+import torch  # noqa: E402
+
+from bench_env import environment, make_envs  # noqa: E402  (benchmarks/, beside this script)
+
+SIZE = 224
+SCENE_FLAGS = {"no_shadow": "mjRND_SHADOW", "no_reflection": "mjRND_REFLECTION", "no_skybox": "mjRND_SKYBOX"}
+
+
+def _set_quality(envs: Sequence[Any], **quality: int) -> None:
+    """Set ``model.vis.quality`` fields on each env's model (read when a GL context is made)."""
+    for env in envs:
+        for name, value in quality.items():
+            setattr(env.unwrapped.model.vis.quality, name, value)
+
+
+def _scene_of(renderer: Any) -> Any:
+    """The MjvScene a BatchRenderer draws from (its own on the GPU path, its mujoco.Renderer's on the CPU path)."""
+    return renderer._scene if renderer.path == "gpu" else renderer._renderer.scene
+
+
+def _renderer(envs: Sequence[Any], device: torch.device, flag_off: Optional[str] = None) -> Any:
+    import mujoco
+
+    from vlmrm_fast.render import BatchRenderer
+
+    renderer = BatchRenderer.from_envs(list(envs), SIZE, SIZE, device=device)
+    if flag_off is not None:
+        _scene_of(renderer).flags[getattr(mujoco.mjtRndFlag, flag_off)] = 0
+    return renderer
+
+
+def _render_call(renderer: Any, device: torch.device) -> Callable[[], None]:
+    def call() -> None:
+        renderer.render()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    return call
+
+
+def _update_scene_call(renderer: Any, envs: Sequence[Any]) -> Callable[[], None]:
+    import mujoco
+
+    scene = _scene_of(renderer)
+    cams, options = renderer.cameras, renderer._options
+
+    def call() -> None:
+        for env, cam, opt in zip(envs, cams, options):
+            u = env.unwrapped
+            mujoco.mjv_updateScene(u.model, u.data, opt, None, cam, mujoco.mjtCatBit.mjCAT_ALL, scene)
+    return call
+
+
+def _median_fps(call: Callable[[], None], frames_per_call: int, repeats: int, warmup: int) -> Dict[str, float]:
+    for _ in range(warmup):
+        call()
+    times = []
+    for _ in range(repeats):
+        begin = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - begin)
+    median = statistics.median(times)
+    return {"median_ms": median * 1e3, "min_ms": min(times) * 1e3, "max_ms": max(times) * 1e3,
+            "frames_per_s": frames_per_call / median}
+
+
+def single_variants(args: argparse.Namespace) -> List[Dict[str, Any]]:
+    """The variants that change one thing in one renderer."""
+    rows = []
+    variants: List[Tuple[str, Dict[str, int], Optional[str]]] = [("default", {}, None)]
+    variants += [(name, {}, flag) for name, flag in SCENE_FLAGS.items()]
+    variants += [(f"shadowsize_{s}", {"shadowsize": s}, None) for s in args.shadow_sizes]
+    variants += [("offsamples_0", {"offsamples": 0}, None)]
+    for name, quality, flag in variants:
+        envs = make_envs(args.num_envs, SIZE, args.seed)
+        _set_quality(envs, **quality)
+        renderer = _renderer(envs, args.device, flag)
+        try:
+            measured = _median_fps(_render_call(renderer, args.device), args.num_envs, args.repeats, args.warmup)
+            rows.append({"variant": name, "workers": 1, "path": renderer.path, **measured})
+            if name == "default":
+                scene_only = _median_fps(_update_scene_call(renderer, envs), args.num_envs, args.repeats, args.warmup)
+                rows.append({"variant": "update_scene_only", "workers": 1, "path": "cpu", **scene_only})
+        finally:
+            renderer.close()
+            for env in envs:
+                env.close()
+        log(f"{rows[-1]['variant']}: {rows[-1]['frames_per_s']:.1f} frames/s")
+    return rows
+
+
+def _worker_loop(num_envs: int, seed: int, device: str, calls: int, warmup: int, start: Any) -> Tuple[float, float, str]:
+    """Make envs and a renderer, wait for the others, render ``calls`` times: (begin, end, path)."""
+    dev = torch.device(device)
+    envs = make_envs(num_envs, SIZE, seed)
+    renderer = _renderer(envs, dev)
+    call = _render_call(renderer, dev)
+    try:
+        for _ in range(warmup):
+            call()
+        start.wait()
+        begin = time.monotonic()
+        for _ in range(calls):
+            call()
+        return begin, time.monotonic(), renderer.path
+    finally:
+        renderer.close()
+        for env in envs:
+            env.close()
+
+
+def _process_worker(num_envs: int, seed: int, device: str, calls: int, warmup: int, start: Any, results: Any) -> None:
+    results.put(_worker_loop(num_envs, seed, device, calls, warmup, start))
+
+
+def parallel_variant(args: argparse.Namespace, workers: int, kind: str) -> Dict[str, Any]:
+    """``workers`` renderers in threads or processes, each drawing ``num_envs`` envs ``repeats`` times."""
+    device = str(args.device)
+    if kind == "threads":
+        start: Any = threading.Barrier(workers)
+        out: List[Any] = [None] * workers
+
+        def run(i: int) -> None:
+            out[i] = _worker_loop(args.num_envs, args.seed + 100 * i, device, args.repeats, args.warmup, start)
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(workers)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        spans = out
+    else:
+        ctx = multiprocessing.get_context("spawn")
+        start = ctx.Barrier(workers)
+        results = ctx.Queue()
+        procs = [ctx.Process(target=_process_worker,
+                             args=(args.num_envs, args.seed + 100 * i, device, args.repeats, args.warmup, start, results))
+                 for i in range(workers)]
+        for p in procs:
+            p.start()
+        spans = [results.get(timeout=600) for _ in procs]
+        for p in procs:
+            p.join()
+    if any(s is None for s in spans):
+        raise RuntimeError(f"a {kind} worker failed")
+    wall = max(s[1] for s in spans) - min(s[0] for s in spans)
+    frames = workers * args.num_envs * args.repeats
+    row = {"variant": f"{kind}_{workers}", "workers": workers, "path": ",".join(sorted({s[2] for s in spans})),
+           "median_ms": None, "min_ms": None, "max_ms": None, "frames_per_s": frames / wall}
+    log(f"{row['variant']}: {row['frames_per_s']:.1f} frames/s")
+    return row
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    p.add_argument("--num-envs", type=int, default=8, help="envs per renderer call (default 8)")
+    p.add_argument("--repeats", type=int, default=20, help="timed calls per variant (default 20)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed calls first (default 2)")
+    p.add_argument("--shadow-sizes", type=int, nargs="*", default=[2048, 1024], help="shadowsize variants")
+    p.add_argument("--threads", type=int, nargs="*", default=[2, 4, 8], help="thread counts (default 2 4 8)")
+    p.add_argument("--processes", type=int, nargs="*", default=[2, 4, 8], help="process counts (default 2 4 8)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="2 envs, 3 calls, 2 threads and 2 processes")
+    p.add_argument("--json", type=Path, help="write the environment and rows here")
+    args = p.parse_args(argv)
+    args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.quick:
+        args.num_envs, args.repeats, args.warmup = 2, 3, 1
+        args.shadow_sizes, args.threads, args.processes = [1024], [2], [2]
+    return args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    args = parse_args(argv)
+    env = environment(args.device)
+    log(f"# render breakdown on {env['device']} (GL: {env['gl_renderer']}), {args.num_envs} envs per call, "
+        f"{SIZE} x {SIZE}, {args.repeats} calls")
+    rows = single_variants(args)
+    for kind, counts in (("threads", args.threads), ("processes", args.processes)):
+        for count in counts:
+            try:
+                rows.append(parallel_variant(args, count, kind))
+            except Exception as exc:  # noqa: BLE001 - one failed variant must not lose the others
+                log(f"{kind}_{count} failed: {type(exc).__name__}: {exc}")
+                rows.append({"variant": f"{kind}_{count}", "workers": count, "error": f"{type(exc).__name__}: {exc}"})
+    base = next(r["frames_per_s"] for r in rows if r["variant"] == "default")
+    print("| variant | workers | path | median ms | frames/s | vs default |\n|---|---|---|---|---|---|")
+    for r in rows:
+        fps = r.get("frames_per_s")
+        median = r.get("median_ms")
+        print(f"| {r['variant']} | {r['workers']} | {r.get('path', '')} | {'' if median is None else f'{median:.3g}'} | "
+              f"{'' if fps is None else f'{fps:.1f}'} | {'' if fps is None else f'{fps / base:.2f}x'} |"
+              + (f" {r['error']}" if "error" in r else ""))
+    if args.json:
+        config = {k: (str(v) if isinstance(v, (torch.device, Path)) else v) for k, v in vars(args).items()}
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"environment": env, "config": config, "rows": rows}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
