@@ -18,9 +18,8 @@ import torch
 from conftest import DEVICES
 from reference import reference_preprocess
 from vlmrm_fast.ops._triton import triton_runs_on
-from vlmrm_fast.ops.preprocess import PreprocessSpec, needs_64bit_offsets, preprocess, preprocess_triton
+from vlmrm_fast.ops.preprocess import PreprocessSpec, preprocess, preprocess_triton
 
-preprocess_module = importlib.import_module("vlmrm_fast.ops.preprocess")  # its name is also a function's
 MEAN = (0.48145466, 0.4578275, 0.40821073)
 STD = (0.26862954, 0.26130258, 0.27577711)
 GEOMETRIES = [  # (H, W, S): downscale, upscale in one axis, odd sizes, and the identity fast path
@@ -311,34 +310,3 @@ def test_a_non_square_tower_resizes_frames_of_its_transposed_size(impl):
     x = bicubic_matrix(20, 15) @ x @ bicubic_matrix(15, 20).T
     ref = (x - np.asarray(MEAN).reshape(1, 3, 1, 1)) / np.asarray(STD).reshape(1, 3, 1, 1)
     _check(preprocess(torch.from_numpy(frames), spec, torch.float32, impl=impl), ref, torch.float32)
-
-
-def test_offsets_widen_to_64_bits_only_for_frames_that_reach_past_2_31():
-    # Meta tensors: the strides of a view into a buffer of many GB, with nothing allocated. (torch
-    # strides are never negative: numpy's flipped views are copied before they become tensors.)
-    def frames(height, width, strides):
-        return torch.empty_strided((2, height, width, 3), strides, dtype=torch.uint8, device="meta")
-
-    assert not needs_64bit_offsets(frames(480, 480, (480 * 480 * 3, 480 * 3, 3, 1)))
-    row = (2**31 - 1 - 2) // 479  # the last pixel's last channel at 2**31 - 1 at most: int32 still holds it
-    assert not needs_64bit_offsets(frames(480, 1, (480 * row, row, 3, 1)))
-    assert needs_64bit_offsets(frames(480, 1, (480 * (row + 1), row + 1, 3, 1)))
-    assert needs_64bit_offsets(frames(3, 3, (3, 1, 1, 2**30)))  # planar storage, channels 2**30 apart
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("mode,h,w,s,bottom_up", [("vlmrm", 37, 53, 17, True), ("openclip", 23, 23, 23, True),
-                                                  ("openclip", 40, 61, 16, False)])
-def test_the_64_bit_offset_kernel_gives_the_32_bit_one_s_output(device, mode, h, w, s, bottom_up, monkeypatch):
-    # No frame small enough to test with reaches 2**31, so the 64-bit variant is forced: it must read
-    # the same pixels (resize and identity paths) and write the same bits.
-    if not triton_runs_on(torch.device(device)):
-        pytest.skip("the Triton kernel does not run on this device here")
-    spec = PreprocessSpec((s, s), MEAN, STD, mode)
-    frames = torch.from_numpy(_frames(2, h, w, seed=7)).to(device)
-    narrow = preprocess_triton(frames, spec, torch.float32, bottom_up=bottom_up)
-    monkeypatch.setattr(preprocess_module, "needs_64bit_offsets", lambda frames: True)
-    wide = preprocess_triton(frames, spec, torch.float32, bottom_up=bottom_up)
-    assert torch.equal(narrow, wide)
-    ref = reference_preprocess(frames.cpu().numpy()[:, ::-1] if bottom_up else frames.cpu().numpy(), s, MEAN, STD, mode)
-    _check(wide, ref, torch.float32)

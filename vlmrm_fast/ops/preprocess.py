@@ -82,14 +82,6 @@ if HAS_TRITON:
         return value.to(out_ty)
 
     @triton.jit
-    def _offset(index, OFFSETS_64: tl.constexpr):
-        # In-frame offsets in 32 bits where they fit (the host checks): half the registers and
-        # integer work of 64-bit address arithmetic on every tap of every pixel.
-        if OFFSETS_64:
-            return index.to(tl.int64)
-        return index.to(tl.int32)
-
-    @triton.jit
     def _preprocess_kernel(
         src_ptr,
         out_ptr,
@@ -108,14 +100,12 @@ if HAS_TRITON:
         RESAMPLE: tl.constexpr,
         BOTTOM_UP: tl.constexpr,
         ROUND_BF16: tl.constexpr,
-        OFFSETS_64: tl.constexpr,
         BLOCK_Y: tl.constexpr,
         BLOCK_X: tl.constexpr,
     ):
         # One program: a BLOCK_Y x BLOCK_X tile of one frame's output, all three channels. Frames run
         # along grid axis 0 (no 65535 limit there). Offsets are int64: a strided view (a mosaic of all
-        # envs, a planar buffer) can put one frame's pixels more than 2**31 bytes apart; then the
-        # in-frame offsets are int64 too (OFFSETS_64), else int32.
+        # envs, a planar buffer) can put one frame's pixels more than 2**31 bytes apart.
         frame = tl.program_id(0).to(tl.int64)
         tile = tl.program_id(1)
         tiles_x = tl.cdiv(out_w, BLOCK_X)
@@ -127,7 +117,7 @@ if HAS_TRITON:
         src = src_ptr + frame * stride_n
         # tl.cast, not .to(): a GPU launch turns an integer argument equal to 1 (stride_c of every
         # NHWC frame tensor) into a compile-time constant, a plain int with no .to method.
-        stride_c = _offset(tl.cast(stride_c, tl.int64), OFFSETS_64)
+        stride_c = tl.cast(stride_c, tl.int64)
 
         if RESAMPLE:
             # Tap counts are compile-time constants: a frame size has one pair (4 x 4 for the squash
@@ -137,13 +127,13 @@ if HAS_TRITON:
             acc1 = tl.zeros((BLOCK_Y, BLOCK_X), dtype=tl.float32)
             acc2 = tl.zeros((BLOCK_Y, BLOCK_X), dtype=tl.float32)
             for ky in range(TAPS_Y):
-                iy = _offset(tl.load(row_idx_ptr + oy * TAPS_Y + ky, mask=in_y, other=0), OFFSETS_64)
+                iy = tl.load(row_idx_ptr + oy * TAPS_Y + ky, mask=in_y, other=0).to(tl.int64)
                 wy = tl.load(row_w_ptr + oy * TAPS_Y + ky, mask=in_y, other=0.0)
                 row0 = tl.zeros((BLOCK_Y, BLOCK_X), dtype=tl.float32)
                 row1 = tl.zeros((BLOCK_Y, BLOCK_X), dtype=tl.float32)
                 row2 = tl.zeros((BLOCK_Y, BLOCK_X), dtype=tl.float32)
                 for kx in range(TAPS_X):
-                    ix = _offset(tl.load(col_idx_ptr + ox * TAPS_X + kx, mask=in_x, other=0), OFFSETS_64)
+                    ix = tl.load(col_idx_ptr + ox * TAPS_X + kx, mask=in_x, other=0).to(tl.int64)
                     wx = tl.load(col_w_ptr + ox * TAPS_X + kx, mask=in_x, other=0.0)[None, :]
                     p = src + iy[:, None] * stride_h + ix[None, :] * stride_w
                     row0 += wx * tl.load(p, mask=mask, other=0).to(tl.float32)
@@ -154,10 +144,10 @@ if HAS_TRITON:
                 acc2 += wy[:, None] * row2
         else:
             if BOTTOM_UP:
-                iy = _offset(height - 1 - oy, OFFSETS_64)
+                iy = (height - 1 - oy).to(tl.int64)
             else:
-                iy = _offset(oy, OFFSETS_64)
-            p = src + iy[:, None] * stride_h + _offset(ox, OFFSETS_64)[None, :] * stride_w
+                iy = oy.to(tl.int64)
+            p = src + iy[:, None] * stride_h + ox.to(tl.int64)[None, :] * stride_w
             acc0 = tl.load(p, mask=mask, other=0).to(tl.float32)
             acc1 = tl.load(p + stride_c, mask=mask, other=0).to(tl.float32)
             acc2 = tl.load(p + 2 * stride_c, mask=mask, other=0).to(tl.float32)
@@ -179,15 +169,6 @@ def _tile_shape(out_h: int, out_w: int) -> Tuple[int, int]:
     if interpreter_enabled():
         return triton.next_power_of_2(out_h), triton.next_power_of_2(out_w)
     return _BLOCK_Y, _BLOCK_X
-
-
-def needs_64bit_offsets(frames: torch.Tensor) -> bool:
-    """Whether a pixel of one frame of ``frames`` [N, H, W, C] can lie 2**31 elements or more from the
-    frame's first (a strided view into a huge buffer): the kernel then computes offsets in int64."""
-    _, height, width, channels = frames.shape
-    _, stride_h, stride_w, stride_c = frames.stride()
-    reach = (height - 1) * abs(stride_h) + (width - 1) * abs(stride_w) + (channels - 1) * abs(stride_c)
-    return reach >= 2**31
 
 
 MAX_GRID_Y = 65535
@@ -260,7 +241,7 @@ def preprocess_triton(
             height, out_h, out_w,
             TAPS_Y=taps_y, TAPS_X=taps_x, RESAMPLE=resample, BOTTOM_UP=bottom_up,
             ROUND_BF16=out_dtype == torch.bfloat16 and interpreter_enabled(),
-            OFFSETS_64=needs_64bit_offsets(frames), BLOCK_Y=block_y, BLOCK_X=block_x, **launch,
+            BLOCK_Y=block_y, BLOCK_X=block_x, **launch,
         )
     return out
 
