@@ -1321,6 +1321,7 @@ def test_commit_is_dirty_for_changed_tracked_files_only(tmp_path, monkeypatch):
     # edit to a tracked file does.
     from vlmrm_fast import run_info
 
+    monkeypatch.delenv(run_info.COMMIT_VARIABLE, raising=False)
     repo = tmp_path / "repo"
     repo.mkdir()
     (repo / "code.py").write_text("x = 1\n")
@@ -1334,6 +1335,10 @@ def test_commit_is_dirty_for_changed_tracked_files_only(tmp_path, monkeypatch):
     assert run_info.git_commit() == head
     (repo / "code.py").write_text("x = 2\n")
     assert run_info.git_commit() == head + "+dirty"
+    # A tree sent to a GPU machine with a git folder from an older commit: the commit the session
+    # names is the tree's, not the stale folder's (nor "+dirty" against it).
+    monkeypatch.setenv(run_info.COMMIT_VARIABLE, "e173084")
+    assert run_info.git_commit() == "e173084"
 
 
 def test_a_tree_inside_another_repository_does_not_take_its_commit(tmp_path, monkeypatch):

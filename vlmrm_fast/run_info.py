@@ -38,13 +38,17 @@ COMMIT_VARIABLE = "VLMRM_FAST_COMMIT"
 
 
 def git_commit() -> str:
-    """Short commit of the checkout this package runs from, "+dirty" with uncommitted changes to
-    tracked files. Outside a checkout (an installed copy, or a copy of the tree without its git
-    folder), what ``$VLMRM_FAST_COMMIT`` says, else "unknown"."""
+    """What ``$VLMRM_FAST_COMMIT`` says where it is set (the commit of a tree sent to another machine,
+    whose git folder, if one travelled with it, may be stale); else the short commit of the checkout
+    this package runs from, "+dirty" with uncommitted changes to tracked files; else (an installed
+    copy, a copy of the tree without its git folder) "unknown"."""
+    named = os.environ.get(COMMIT_VARIABLE, "").strip()
+    if named:
+        return named
     git = ["git", "-C", str(REPO_ROOT)]
     top = command_output(git + ["rev-parse", "--show-toplevel"])
     if top is None or Path(top).resolve() != REPO_ROOT:
-        return os.environ.get(COMMIT_VARIABLE, "").strip() or "unknown"
+        return "unknown"
     commit = command_output(git + ["rev-parse", "--short", "HEAD"]) or "unknown"
     if command_output(git + ["status", "--porcelain", "--untracked-files=no"]):
         commit += "+dirty"
