@@ -271,3 +271,28 @@ def test_a_failed_gl_context_leaves_no_second_traceback(monkeypatch):
     e.close()
     gc.collect()
     assert unraisable == []
+
+
+@needs_egl
+def test_shadow_size_reaches_the_model_the_pickle_and_the_frames():
+    default = gym.make(HUMANOID_ENV_ID, width=96, height=96)
+    small = gym.make(HUMANOID_ENV_ID, width=96, height=96, shadow_size=128)
+    assert default.unwrapped.model.vis.quality.shadowsize == 4096  # MuJoCo's, the paper's look
+    assert small.unwrapped.model.vis.quality.shadowsize == 128
+    copy = pickle.loads(pickle.dumps(small.unwrapped))
+    assert copy.model.vis.quality.shadowsize == 128
+    frames = []
+    for e in (default, small):
+        e.reset(seed=0)
+        frames.append(e.render().astype(np.int16))
+    diff = np.abs(frames[0] - frames[1])
+    # The same scene (most pixels equal); only the shadow's edge changes with a coarser map.
+    assert 0 < (diff.max(axis=-1) > 0).mean() < 0.25, (diff.max(axis=-1) > 0).mean()
+    for e in (default, small, copy):
+        e.close()
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, True, "1024"])
+def test_a_bad_shadow_size_is_refused_naming_the_default(bad):
+    with pytest.raises(ValueError, match="shadow_size must be a positive integer.*4096"):
+        gym.make(HUMANOID_ENV_ID, shadow_size=bad)

@@ -130,6 +130,12 @@ class TexturedHumanoidEnv(_HumanoidBase):
         camera_config: overrides of :data:`DEFAULT_CAMERA_CONFIG` (``mujoco.MjvCamera`` attributes).
         textured: False keeps gymnasium's original scene (same physics, same camera).
         terminate_when_unhealthy: default False (the paper's setting).
+        shadow_size: side of the light's shadow map in texels (``model.vis.quality.shadowsize``);
+            None keeps MuJoCo's 4096, the look the paper's frames had. Drawing that map is most of a
+            frame's render time on a GPU whatever the frame size: on an H200, 8 envs at 224 x 224
+            render at about 380 frames/s with 4096, 1,020 with 2048, 1,860 with 1024
+            (benchmarks/results/render-breakdown-h200.md). Smaller maps blur and alias the
+            shadow's edge, so the frames, and the rewards, change a little.
     """
 
     def __init__(
@@ -140,12 +146,18 @@ class TexturedHumanoidEnv(_HumanoidBase):
         camera_config: Optional[Dict[str, Any]] = None,
         textured: bool = True,
         terminate_when_unhealthy: bool = False,
+        shadow_size: Optional[int] = None,
         **kwargs: Any,
     ):
         for key in ("camera_id", "camera_name", "default_camera_config", "xml_file", "frame_skip"):
             if key in kwargs:
                 raise TypeError(f"TexturedHumanoidEnv does not take {key!r} (see camera_config / textured)")
+        if shadow_size is not None and (isinstance(shadow_size, bool) or not isinstance(shadow_size, (int, np.integer))
+                                        or shadow_size < 1):
+            raise ValueError(f"shadow_size must be a positive integer (texels; MuJoCo's default is 4096) or None; "
+                             f"got {shadow_size!r}.")
         self._textured = bool(textured)
+        self._shadow_size = None if shadow_size is None else int(shadow_size)
         cam = dict(DEFAULT_CAMERA_CONFIG)
         if camera_config:
             unknown = [k for k in camera_config if not hasattr(mujoco.MjvCamera(), k)]
@@ -164,7 +176,7 @@ class TexturedHumanoidEnv(_HumanoidBase):
         # only) so that copies (pickling, async vector envs) rebuild this env.
         EzPickle.__init__(
             self, render_mode=render_mode, width=width, height=height, camera_config=camera_config,
-            textured=textured, terminate_when_unhealthy=terminate_when_unhealthy, **kwargs,
+            textured=textured, terminate_when_unhealthy=terminate_when_unhealthy, shadow_size=shadow_size, **kwargs,
         )
         renderer = self.mujoco_renderer
         renderer.default_cam_config = cam
@@ -180,6 +192,8 @@ class TexturedHumanoidEnv(_HumanoidBase):
             model = mujoco.MjModel.from_xml_path(self.fullpath)
         model.vis.global_.offwidth = max(model.vis.global_.offwidth, self.width)
         model.vis.global_.offheight = max(model.vis.global_.offheight, self.height)
+        if self._shadow_size is not None:
+            model.vis.quality.shadowsize = self._shadow_size
         data = mujoco.MjData(model)
         return model, data
 
