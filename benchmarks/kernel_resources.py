@@ -89,8 +89,8 @@ def _variants() -> List[Tuple[str, Any, Callable[[], None], bool]]:
     kernel_pre, kernel_score = pre._preprocess_kernel, sc._score_kernel
     return [
         ("480 squash resize -> bf16", kernel_pre, lambda: pre.preprocess_triton(u8(480), spec, torch.bfloat16), True),
-        ("480 squash resize, 8 warps -> bf16", kernel_pre,
-         lambda: pre.preprocess_triton(u8(480), spec, torch.bfloat16, tile=(16, 64, 8)), False),
+        ("480 squash resize, 16 x 64 tile -> bf16", kernel_pre,  # the default before the H200's tile sweep
+         lambda: pre.preprocess_triton(u8(480), spec, torch.bfloat16, tile=(16, 64, 4)), False),
         ("224 identity, bottom-up -> bf16", kernel_pre,
          lambda: pre.preprocess_triton(u8(224), spec, torch.bfloat16, bottom_up=True), True),
         ("480 float, crop + antialias -> fp16", kernel_pre,
