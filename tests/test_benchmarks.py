@@ -733,3 +733,39 @@ def test_timed_reward_model_takes_bottom_up_frames_as_the_model_it_times():
     _rewards_of(bench.TimedRewardModel(Reward(), bench.Clock(torch.device("cpu"))), frames, bottom_up=True)
     ((seen, bottom_up),) = calls
     assert bottom_up is True and torch.equal(seen, frames)  # the kernel flips the rows, for free
+
+
+def test_render_breakdown_measures_each_variant_and_its_scene_changes_take_effect(tmp_path):
+    from vlmrm_fast.render import rendering_unavailable_reason
+
+    reason = rendering_unavailable_reason()
+    if reason:
+        pytest.skip(str(reason))
+    rb = _load("render_breakdown")
+    out = tmp_path / "rb.json"
+    rb.main(["--device", "cpu", "--num-envs", "1", "--repeats", "1", "--warmup", "0", "--shadow-sizes", "256",
+             "--threads", "1", "--processes", "--json", str(out)])
+    data = json.loads(out.read_text())
+    assert [r["variant"] for r in data["rows"]] == [
+        "default", "update_scene_only", "no_shadow", "no_reflection", "no_skybox", "shadowsize_256", "offsamples_0",
+        "threads_1"]
+    assert all(r["frames_per_s"] > 0 for r in data["rows"]) and data["environment"]["gl_renderer"]
+    # Each variant changes what is drawn: the frames differ from the default's.
+    import torch
+
+    envs = rb.make_envs(1, rb.SIZE, 0)
+    try:
+        frames = {}
+        for name, flag, quality in (("default", None, {}), ("no_shadow", "mjRND_SHADOW", {}),
+                                    ("shadowsize_256", None, {"shadowsize": 256})):
+            rb._set_quality(envs, **({"shadowsize": 4096} | quality))
+            renderer = rb._renderer(envs, torch.device("cpu"), flag)
+            try:
+                frames[name] = renderer.render().clone()
+            finally:
+                renderer.close()
+        assert not torch.equal(frames["default"], frames["no_shadow"])
+        assert not torch.equal(frames["default"], frames["shadowsize_256"])
+    finally:
+        for env in envs:
+            env.close()
