@@ -32,21 +32,36 @@ if os.environ["MUJOCO_GL"] in ("egl", "osmesa"):
     os.environ.setdefault("PYOPENGL_PLATFORM", os.environ["MUJOCO_GL"])
 
 import argparse  # noqa: E402
-import json  # noqa: E402
 import multiprocessing  # noqa: E402
 import statistics  # noqa: E402
-import sys  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple  # noqa: E402
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple  # noqa: E402
 
 import torch  # noqa: E402
 
-from bench_env import environment, make_envs  # noqa: E402  (benchmarks/, beside this script)
+from bench_env import environment, log, make_envs  # noqa: E402  (benchmarks/, beside this script)
+from results_io import RunFiles, config_of, fmt  # noqa: E402
 
 SIZE = 224
 SCENE_FLAGS = {"no_shadow": "mjRND_SHADOW", "no_reflection": "mjRND_REFLECTION", "no_skybox": "mjRND_SKYBOX"}
+
+
+@dataclass
+class Row:
+    """One variant: frames/s over ``workers`` renderers (the median call's for one renderer, with the
+    median, min and max call times; for several, all their frames over one wall-clock window)."""
+
+    variant: str
+    workers: int
+    path: str = ""
+    frames_per_s: Optional[float] = None
+    median_ms: Optional[float] = None
+    min_ms: Optional[float] = None
+    max_ms: Optional[float] = None
+    error: str = ""
 
 
 def _set_quality(envs: Sequence[Any], **quality: int) -> None:
@@ -106,9 +121,8 @@ def _median_fps(call: Callable[[], None], frames_per_call: int, repeats: int, wa
             "frames_per_s": frames_per_call / median}
 
 
-def single_variants(args: argparse.Namespace) -> List[Dict[str, Any]]:
-    """The variants that change one thing in one renderer."""
-    rows = []
+def single_variants(args: argparse.Namespace) -> Iterator[Row]:
+    """The variants that change one thing in one renderer, each row as it is measured."""
     variants: List[Tuple[str, Dict[str, int], Optional[str]]] = [("default", {}, None)]
     variants += [(name, {}, flag) for name, flag in SCENE_FLAGS.items()]
     variants += [(f"shadowsize_{s}", {"shadowsize": s}, None) for s in args.shadow_sizes]
@@ -119,16 +133,14 @@ def single_variants(args: argparse.Namespace) -> List[Dict[str, Any]]:
         renderer = _renderer(envs, args.device, flag)
         try:
             measured = _median_fps(_render_call(renderer, args.device), args.num_envs, args.repeats, args.warmup)
-            rows.append({"variant": name, "workers": 1, "path": renderer.path, **measured})
+            yield Row(name, 1, renderer.path, **measured)
             if name == "default":
                 scene_only = _median_fps(_update_scene_call(renderer, envs), args.num_envs, args.repeats, args.warmup)
-                rows.append({"variant": "update_scene_only", "workers": 1, "path": "cpu", **scene_only})
+                yield Row("update_scene_only", 1, "cpu", **scene_only)
         finally:
             renderer.close()
             for env in envs:
                 env.close()
-        log(f"{rows[-1]['variant']}: {rows[-1]['frames_per_s']:.1f} frames/s")
-    return rows
 
 
 def _worker_loop(num_envs: int, seed: int, device: str, calls: int, warmup: int, start: Any) -> Tuple[float, float, str]:
@@ -155,7 +167,7 @@ def _process_worker(num_envs: int, seed: int, device: str, calls: int, warmup: i
     results.put(_worker_loop(num_envs, seed, device, calls, warmup, start))
 
 
-def parallel_variant(args: argparse.Namespace, workers: int, kind: str) -> Dict[str, Any]:
+def parallel_variant(args: argparse.Namespace, workers: int, kind: str) -> Row:
     """``workers`` renderers in threads or processes, each drawing ``num_envs`` envs ``repeats`` times."""
     device = str(args.device)
     if kind == "threads":
@@ -187,14 +199,16 @@ def parallel_variant(args: argparse.Namespace, workers: int, kind: str) -> Dict[
         raise RuntimeError(f"a {kind} worker failed")
     wall = max(s[1] for s in spans) - min(s[0] for s in spans)
     frames = workers * args.num_envs * args.repeats
-    row = {"variant": f"{kind}_{workers}", "workers": workers, "path": ",".join(sorted({s[2] for s in spans})),
-           "median_ms": None, "min_ms": None, "max_ms": None, "frames_per_s": frames / wall}
-    log(f"{row['variant']}: {row['frames_per_s']:.1f} frames/s")
-    return row
+    return Row(f"{kind}_{workers}", workers, ",".join(sorted({s[2] for s in spans})), frames / wall)
 
 
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+def _parallel_rows(args: argparse.Namespace) -> Iterator[Row]:
+    for kind, counts in (("threads", args.threads), ("processes", args.processes)):
+        for count in counts:
+            try:
+                yield parallel_variant(args, count, kind)
+            except Exception as exc:  # noqa: BLE001 - one failed variant must not lose the others
+                yield Row(f"{kind}_{count}", count, error=f"{type(exc).__name__}: {exc}")
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -222,26 +236,20 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     env = environment(args.device)
     log(f"# render breakdown on {env['device']} (GL: {env['gl_renderer']}), {args.num_envs} envs per call, "
         f"{SIZE} x {SIZE}, {args.repeats} calls")
-    rows = single_variants(args)
-    for kind, counts in (("threads", args.threads), ("processes", args.processes)):
-        for count in counts:
-            try:
-                rows.append(parallel_variant(args, count, kind))
-            except Exception as exc:  # noqa: BLE001 - one failed variant must not lose the others
-                log(f"{kind}_{count} failed: {type(exc).__name__}: {exc}")
-                rows.append({"variant": f"{kind}_{count}", "workers": count, "error": f"{type(exc).__name__}: {exc}"})
-    base = next(r["frames_per_s"] for r in rows if r["variant"] == "default")
+    # The JSON is rewritten after every row: a run stopped part way keeps what it measured.
+    files = RunFiles(None, args.json, (), {"environment": env, "config": config_of(args)})
+    with files.interruptible():
+        for rows in (single_variants(args), _parallel_rows(args)):
+            for row in rows:
+                log(f"{row.variant}: " + (f"{row.frames_per_s:.1f} frames/s" if row.error == "" else row.error))
+                files.add([row])
+    base = next((r.frames_per_s for r in files.rows if r.variant == "default"), None)
     print("| variant | workers | path | median ms | frames/s | vs default |\n|---|---|---|---|---|---|")
-    for r in rows:
-        fps = r.get("frames_per_s")
-        median = r.get("median_ms")
-        print(f"| {r['variant']} | {r['workers']} | {r.get('path', '')} | {'' if median is None else f'{median:.3g}'} | "
-              f"{'' if fps is None else f'{fps:.1f}'} | {'' if fps is None else f'{fps / base:.2f}x'} |"
-              + (f" {r['error']}" if "error" in r else ""))
-    if args.json:
-        config = {k: (str(v) if isinstance(v, (torch.device, Path)) else v) for k, v in vars(args).items()}
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"environment": env, "config": config, "rows": rows}, indent=1) + "\n")
+    for r in files.rows:
+        ratio = f"{r.frames_per_s / base:.2f}x" if r.frames_per_s and base else ""
+        print(f"| {r.variant} | {r.workers} | {r.path} | {fmt(r.median_ms)} | {fmt(r.frames_per_s)} | {ratio} |"
+              + (f" {r.error}" if r.error else ""))
+    files.finish()
 
 
 if __name__ == "__main__":

@@ -5,8 +5,10 @@ Tolerance, as for every float32 export (tests/test_backends.py): ONNX Runtime wi
 the tower, here the float64 tower (measured about 1e-6 for both exporters). The graph rewrites built on
 an export (half precision, fp8, int8) run on both exporters' graphs in their own test files.
 """
+import copy
 import functools
 import importlib.util
+import inspect
 from pathlib import Path
 
 import numpy as np
@@ -131,7 +133,7 @@ def test_auto_names_both_exporters_errors_when_both_fail(tmp_path, monkeypatch):
 def test_the_dynamo_exporter_without_onnxscript_names_the_extra(tmp_path, monkeypatch):
     from vlmrm_fast.backends import BackendError, onnx_export
 
-    if "optimize" not in __import__("inspect").signature(torch.onnx.export).parameters:
+    if "optimize" not in inspect.signature(torch.onnx.export).parameters:
         pytest.skip(DYNAMO_MISSING)
     monkeypatch.setattr(onnx_export, "_has_onnxscript", lambda: False)
     model, _ = make_tiny()
@@ -211,7 +213,7 @@ def test_the_onnxruntime_backend_runs_on_a_dynamo_export_where_torchscript_fails
     goal, baseline = ["a humanoid robot kneeling"], ["a humanoid robot"]
     calls = _without_torchscript(monkeypatch)
     model, tokenizer = make_tiny()
-    untouched = __import__("copy").deepcopy(model)
+    untouched = copy.deepcopy(model)
     with pytest.warns(UserWarning, match="dynamo exporter instead"):
         rm = CLIPReward(model, tokenizer, goal=goal, baseline=baseline, alpha=0.3, device="cpu", backend="onnxruntime")
     assert calls == [False, True] and rm.backend == "onnxruntime"
@@ -239,7 +241,7 @@ def test_the_onnxruntime_backend_takes_the_exporter_as_an_option(recwarn):
 
     goal, baseline = ["a humanoid robot kneeling"], ["a humanoid robot"]
     model, tokenizer = make_tiny()
-    untouched = __import__("copy").deepcopy(model)
+    untouched = copy.deepcopy(model)
     rm = CLIPReward(model, tokenizer, goal=goal, baseline=baseline, alpha=0.3, device="cpu", backend="onnxruntime",
                     backend_options={"exporter": "dynamo"})
     import onnx

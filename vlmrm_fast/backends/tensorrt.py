@@ -142,7 +142,7 @@ class TensorRTBackend(VisionBackend):
             tensorrt_build=tensorrt_build(),
             device_name=torch.cuda.get_device_name(device),
             torch_version=torch.__version__,
-            exporter=exporter,
+            exporter=self.exporter,
         )
         cache = EngineCache(cache_dir)
         start = time.perf_counter()
