@@ -1,8 +1,12 @@
-"""Benchmark vlmrm_fast's two fused ops against the plain torch path and the original VLM-RM code.
+"""Benchmark vlmrm_fast's fused ops and the tower's patch embedding against the plain torch path and the
+original VLM-RM code.
 
 Ops (SPEC §1.2, §1.4, §2):
 - ``preprocess``: uint8 frames [N, H, W, 3] -> normalised tower input [N, 3, 224, 224].
 - ``score``: image embeddings [N, D] -> rewards [N, T].
+- ``patch_embed``: a ViT's patch embedding, normalised pixels [N, 3, 224, 224] -> [N, D, 224 / p, 224 / p],
+  as the ``torch`` and ``compile`` backends run it (one matmul over the patches,
+  :mod:`vlmrm_fast.backends.patch_embed`) against the tower's own ``nn.Conv2d`` (the seed's way).
 - ``copy``: a device-to-device copy, the bandwidth ceiling preprocessing is judged against. It is
   measured whenever ``preprocess`` is, so that every preprocess row gets its ``frac_of_copy``.
 
@@ -11,8 +15,9 @@ Providers:
   CPU interpreter (``TRITON_INTERPRET=1``), whose timings say nothing about the kernel's speed.
 - ``triton-16x64w8`` (with ``--preprocess-tiles 16x64w8``): the preprocess kernel launched with
   16 x 64 tiles and 8 warps instead of its default, for tuning.
-- ``torch``: the package's plain torch path (``impl="torch"``).
-- ``seed``: the original VLM-RM code's way, the baseline for ``speedup_vs_seed``.
+- ``torch``: the package's plain torch path (``impl="torch"``); for ``patch_embed``, the matmul.
+- ``seed``: the original VLM-RM code's way, the baseline for ``speedup_vs_seed``; for ``patch_embed``,
+  the convolution (cuDNN on CUDA) in the benchmark's dtype.
 
 Usage:
     python benchmarks/bench_kernels.py                     # defaults for the device found
@@ -37,6 +42,7 @@ import torch
 
 from vlmrm_fast.ops._triton import interpreter_enabled, triton_runs_on
 from results_io import RunFiles, check_csv, config_of, fmt  # noqa: E402  (benchmarks/, beside this script)
+from vlmrm_fast.backends.patch_embed import PatchMatmulConv2d
 from vlmrm_fast.run_info import device_name, git_commit, gpu_driver, package_version
 from vlmrm_fast.ops.preprocess import PreprocessSpec, check_tile, preprocess, preprocess_triton
 from vlmrm_fast.ops.score import ScoringTargets, score
@@ -89,6 +95,20 @@ PREPROCESS_CASES = (
     PreprocessCase("224-fast", 224, 224, "vlmrm"),
     PreprocessCase("480-openclip", 480, 480, "openclip"),
 )
+@dataclass(frozen=True)
+class PatchEmbedCase:
+    """A ViT's patch embedding: ``patch`` x ``patch`` patches of a 224 x 224 image to width ``width``."""
+
+    name: str
+    patch: int
+    width: int
+
+
+PATCH_EMBED_CASES = (
+    PatchEmbedCase("B32-p32-D768", 32, 768),
+    PatchEmbedCase("L14-p14-D1024", 14, 1024),
+    PatchEmbedCase("bigG-p14-D1664", 14, 1664),
+)
 SCORE_CASES = (
     ScoreCase("bigG-D1280-T1", 1280, 1),
     ScoreCase("B32-D512-T1", 512, 1),
@@ -135,8 +155,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """Command line; device-dependent defaults (batch sizes, repeats, dtype) are filled in here."""
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--ops", nargs="+", choices=("preprocess", "score", "copy"),
-                        default=["preprocess", "score", "copy"], help="copy is always added with preprocess")
+    parser.add_argument("--ops", nargs="+", choices=("preprocess", "score", "patch_embed", "copy"),
+                        default=["preprocess", "score", "patch_embed", "copy"],
+                        help="copy is always added with preprocess")
     parser.add_argument("--batch-sizes", nargs="+", type=int, help="N; default 1 64 1024 on CUDA, 1 32 on CPU")
     parser.add_argument("--repeats", type=int, help="timed calls per row; default 20 on CUDA, 5 on CPU")
     parser.add_argument("--warmup", type=int, help="untimed calls first (Triton compiles); default 3 on CUDA, 1 on CPU")
@@ -392,6 +413,32 @@ def bench_score(args: argparse.Namespace, env: Dict[str, str], timer: Timer, pro
     return rows
 
 
+def bench_patch_embed(args: argparse.Namespace, env: Dict[str, str], timer: Timer) -> List[Row]:
+    """Every patch-embedding case and batch size, convolution ("seed") then matmul ("torch"); frames/s
+    only (the op is a matmul, judged by the tower's profile, not in GB/s)."""
+    dtype = DTYPES[args.dtype]
+    rows = []
+    for case in PATCH_EMBED_CASES:
+        torch.manual_seed(0)
+        conv = torch.nn.Conv2d(3, case.width, case.patch, case.patch, bias=False).to(args.device, dtype)
+        providers = {"seed": conv, "torch": PatchMatmulConv2d.from_conv(conv)}
+        for n in args.batch_sizes:
+            pixels = torch.randn(n, 3, *TOWER_SIZE, device=args.device).to(dtype)
+            reference = None
+            for provider, module in providers.items():
+                fn = functools.partial(module, pixels)
+                output = fn()
+                reference = output if provider == "seed" else reference
+                timing = timer(fn)
+                rows.append(Row(
+                    **env, op="patch_embed", case=case.name, provider=provider, N=n, H=TOWER_SIZE[0],
+                    W=TOWER_SIZE[1], dtype=args.dtype, repeats=args.repeats, **asdict(timing),
+                    frames_per_s=n / (timing.median_ms * 1e-3),
+                    max_abs_diff_vs_seed=None if reference is None else max_abs_diff(output, reference),
+                ))
+    return rows
+
+
 def add_ratios(rows: List[Row]) -> None:
     """Fill ``speedup_vs_seed`` (frames/s over the seed's, same op/case/N) and ``frac_of_copy``."""
     seed = {(r.op, r.case, r.N): r.frames_per_s for r in rows if r.provider == "seed"}
@@ -450,6 +497,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             add(bench_preprocess(args, env, timer, providers, tiled))
         if "score" in args.ops:
             add(bench_score(args, env, timer, providers))
+        if "patch_embed" in args.ops:
+            add(bench_patch_embed(args, env, timer))
     elapsed = time.perf_counter() - begin
 
     print(markdown_table(files.rows))

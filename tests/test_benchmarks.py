@@ -139,6 +139,20 @@ def test_results_csv_with_other_columns_is_refused(tmp_path):
     assert "other columns" in str(refused.value.code)
 
 
+def test_kernel_benchmark_times_the_patch_embedding_both_ways(tmp_path):
+    bench = _load("bench_kernels")
+    out_json = tmp_path / "k.json"
+    bench.main(["--device", "cpu", "--ops", "patch_embed", "--batch-sizes", "2", "--repeats", "1", "--warmup", "1",
+                "--json", str(out_json)])
+    rows = json.loads(out_json.read_text())["rows"]
+    assert [(r["case"], r["provider"]) for r in rows] == [
+        (case.name, provider) for case in bench.PATCH_EMBED_CASES for provider in ("seed", "torch")]
+    for seed, fast in zip(rows[::2], rows[1::2]):
+        assert seed["speedup_vs_seed"] == 1 and fast["speedup_vs_seed"] == pytest.approx(
+            fast["frames_per_s"] / seed["frames_per_s"])
+        assert fast["max_abs_diff_vs_seed"] <= 1e-4  # the same layer, summed in another order
+
+
 def test_kernel_timer_reports_median_min_max_of_the_timed_repeats_only(monkeypatch):
     bench = _load("bench_kernels")
     now = _fake_clock(monkeypatch, bench)

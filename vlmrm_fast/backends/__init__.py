@@ -2,8 +2,8 @@
 
 | backend | devices | precisions | notes |
 |---|---|---|---|
-| "torch" | any | fp32, bf16, fp16 | eager PyTorch, SDPA attention |
-| "compile" | any | fp32, bf16, fp16 | torch.compile per batch bucket, CUDA graphs on CUDA |
+| "torch" | any | fp32, bf16, fp16 | eager PyTorch, SDPA attention, patch embedding as a matmul |
+| "compile" | any | fp32, bf16, fp16 | torch.compile per batch bucket, CUDA graphs on CUDA; patch embedding as "torch" |
 | "onnxruntime" | CPU, CUDA (onnxruntime-gpu) | fp32, int8 opt-in (CPU); fp32, fp16 (CUDA) | extra `export` |
 | "tensorrt" | CUDA | fp16, bf16, fp32; fp8 opt-in (Hopper) | extra `tensorrt`; engines cached on disk |
 

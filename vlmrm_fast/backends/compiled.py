@@ -15,6 +15,7 @@ from typing import Dict, Optional, Sequence
 import torch
 
 from vlmrm_fast.backends.base import BackendError, VisionBackend
+from vlmrm_fast.backends.patch_embed import use_patch_matmul
 
 DEFAULT_BUCKETS = (1, 8, 32, 64, 128, 256, 512, 1024)
 
@@ -65,6 +66,7 @@ class CompileBackend(VisionBackend):
         self.buckets = tuple(sorted(int(b) for b in buckets)) if buckets else default_buckets(max_batch_size)
         self.mode = mode or ("reduce-overhead" if device.type == "cuda" else "default")
         _allow_more_graphs(len(self.buckets))
+        use_patch_matmul(visual)  # inductor leaves convolutions to cuDNN, which runs this one slowly
         self.compiled = torch.compile(visual, mode=self.mode, dynamic=False)
         self.compile_seconds: Dict[int, float] = {}
 
