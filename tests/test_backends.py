@@ -332,7 +332,7 @@ def test_onnxruntime_on_cpu_refuses_half_precision(tiny):
 def test_backend_options_are_checked_against_the_backend(tiny):
     model, tokenizer = tiny
     with pytest.raises(BackendError, match=r"\['buckets'\] are not options of the 'torch' backend, whose options are: "
-                                           r"none; they are options of 'compile'"):
+                                           r"quantize; they are options of 'compile'"):
         CLIPReward(model, tokenizer, goal="a", device="cpu", backend="torch", backend_options={"buckets": (1, 8)})
     if importlib.util.find_spec("onnxruntime") is not None:  # "auto" takes ONNX Runtime on CPU
         with pytest.raises(BackendError, match=r"'onnxruntime' backend \(which backend='auto' picked on cpu\), whose "

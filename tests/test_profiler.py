@@ -1207,10 +1207,15 @@ def test_profile_backend_builds_each_precision_with_its_options(small_profiler, 
         raise BackendError("no; pass dtype=torch.float32.")
 
     monkeypatch.setattr(profiler_, "_reward_model", refuse)
-    for backend, dtype in (("compile", "fp32"), ("onnxruntime", "int8"), ("tensorrt", "fp8"), ("torch", "int8")):
+    for backend, dtype in (("compile", "fp32"), ("onnxruntime", "int8"), ("tensorrt", "fp8"), ("torch", "int8"),
+                           ("compile", "fp8"), ("torch", "fp8"), ("onnxruntime", "fp8")):
         profiler_._profile_backend("vlmrm-tiny", None, None, backend, dtype, 1.0, "analytic", None, None)
-    compiled, int8, fp8 = built  # torch int8 is skipped before anything is built
+    compiled, int8, fp8, compiled_fp8, torch_fp8 = built  # torch int8 and onnxruntime fp8 are skipped before a build
     assert compiled == dict(dtype=torch.float32, backend="compile", max_batch_size=2, backend_options={"buckets": (2,)})
+    # torch's fp8 scales activations per call: no calibration frames.
+    assert compiled_fp8 == dict(dtype=torch.bfloat16, backend="compile", max_batch_size=2,
+                                backend_options={"buckets": (2,), "quantize": "fp8"})
+    assert torch_fp8 == dict(dtype=torch.bfloat16, backend="torch", max_batch_size=2, backend_options={"quantize": "fp8"})
     assert int8 == dict(dtype=torch.float32, backend="onnxruntime", max_batch_size=2,
                         backend_options={"quantize": "int8"})
     assert (fp8["dtype"], fp8["backend"], fp8["backend_options"]["quantize"]) == (torch.bfloat16, "tensorrt", "fp8")
@@ -1220,6 +1225,8 @@ def test_profile_backend_builds_each_precision_with_its_options(small_profiler, 
     assert not torch.equal(calibration[:2], profiler_.frames.device[:2])
     reasons = [s["reason"] for s in profiler_.report.skipped]
     assert reasons[:3] == ["no; pass --dtypes fp32."] * 3 and "onnxruntime backend only" in reasons[3]
+    assert reasons[4:6] == ["no; pass --dtypes fp32."] * 2
+    assert "the torch, compile and tensorrt backends only" in reasons[6]
     assert profiler_.report.rows == [] and profiler_.report.failures == []
 
 

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from vlmrm_fast.backends import VisionBackend, build_backend, check_backend_options, resolve_backend
 from vlmrm_fast.backends.base import checked_device
+from vlmrm_fast.backends.torch_fp8 import check_torch_quantize
 from vlmrm_fast.frames import FrameInput, as_frame_batch
 from vlmrm_fast.models import create_clip, image_size_of, preprocess_spec_of
 from vlmrm_fast.ops._triton import resolve_kernels
@@ -95,8 +96,9 @@ class CLIPReward:
         backend_options: extra arguments for the backend (e.g. ``{"buckets": (1, 32, 256)}`` for
             "compile", ``{"cache_dir": ...}`` for "tensorrt", ``{"quantize": "int8"}`` for
             "onnxruntime" on CPU, ``{"quantize": "fp8", "calibration_frames": frames}`` for "tensorrt"
-            on Hopper GPUs: both opt-in, see :mod:`vlmrm_fast.backends.onnx_quantize` and
-            :mod:`vlmrm_fast.backends.onnx_fp8`).
+            on Hopper GPUs, ``{"quantize": "fp8"}`` for "torch" and "compile" on Hopper GPUs: all opt-in,
+            see :mod:`vlmrm_fast.backends.onnx_quantize`, :mod:`vlmrm_fast.backends.onnx_fp8` and
+            :mod:`vlmrm_fast.backends.torch_fp8`).
         max_batch_size: most frames per tower call; default 256 on CUDA, 32 on CPU.
         model_name: a label for logs and engine caches (set by :meth:`from_pretrained`).
     """
@@ -168,8 +170,11 @@ class CLIPReward:
         if tasks is not None and not isinstance(tasks, Task):
             tasks = list(tasks)  # once: a generator is read by the check below and again by the model
         resolved = _resolve_device(device)
-        picked = resolve_backend(backend, resolved, _resolve_dtype(dtype, resolved))
+        resolved_dtype = _resolve_dtype(dtype, resolved)
+        picked = resolve_backend(backend, resolved, resolved_dtype)
         check_backend_options(picked, dict(backend_options or {}), resolved, requested=backend)
+        if picked in ("torch", "compile"):
+            check_torch_quantize((backend_options or {}).get("quantize"), picked, resolved, resolved_dtype)
         resolve_kernels(kernels, resolved)
         check_preprocess_mode(preprocess)
         if max_batch_size is not None:

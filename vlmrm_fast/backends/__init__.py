@@ -2,8 +2,8 @@
 
 | backend | devices | precisions | notes |
 |---|---|---|---|
-| "torch" | any | fp32, bf16, fp16 | eager PyTorch, SDPA attention, patch embedding as a matmul |
-| "compile" | any | fp32, bf16, fp16 | torch.compile per batch bucket, CUDA graphs on CUDA; patch embedding as "torch" |
+| "torch" | any | fp32, bf16, fp16; fp8 opt-in (Hopper) | eager PyTorch, SDPA attention, patch embedding as a matmul |
+| "compile" | any | fp32, bf16, fp16; fp8 opt-in (Hopper) | torch.compile per batch bucket, CUDA graphs on CUDA; patch embedding and fp8 as "torch" |
 | "onnxruntime" | CPU, CUDA (onnxruntime-gpu) | fp32, int8 opt-in (CPU); fp32, fp16 (CUDA) | extra `export` |
 | "tensorrt" | CUDA | fp16, bf16, fp32; fp8 opt-in (Hopper) | extra `tensorrt`; engines cached on disk |
 
@@ -24,8 +24,8 @@ from vlmrm_fast.ops.preprocess import PreprocessSpec
 
 BACKEND_CHOICES = ("auto", *BACKEND_NAMES)
 BACKEND_OPTIONS = {
-    "torch": (),
-    "compile": ("buckets", "mode"),
+    "torch": ("quantize",),
+    "compile": ("buckets", "mode", "quantize"),
     "onnxruntime": ("quantize", "exporter"),
     "tensorrt": ("cache_dir", "workspace_gib", "quantize", "calibration_frames", "opt_batch_size", "exporter"),
 }
@@ -73,7 +73,7 @@ def build_backend(
     """Build a resolved backend around ``visual`` (already on ``device`` in ``dtype``).
 
     ``options`` go to the backend's constructor (:data:`BACKEND_OPTIONS`): ``buckets``/``mode`` for
-    "compile", ``cache_dir``/``workspace_gib``/``quantize``/``calibration_frames``/``opt_batch_size``/``exporter``
+    "compile" (and ``quantize`` for both it and "torch"), ``cache_dir``/``workspace_gib``/``quantize``/``calibration_frames``/``opt_batch_size``/``exporter``
     for "tensorrt", ``quantize``/``exporter`` for "onnxruntime". ``requested`` is the caller's choice ("auto"), for
     error messages.
     """

@@ -16,6 +16,7 @@ import torch
 
 from vlmrm_fast.backends.base import BackendError, VisionBackend
 from vlmrm_fast.backends.patch_embed import use_patch_matmul
+from vlmrm_fast.backends.torch_fp8 import check_torch_quantize, quantize_fp8
 
 DEFAULT_BUCKETS = (1, 8, 32, 64, 128, 256, 512, 1024)
 
@@ -58,8 +59,10 @@ class CompileBackend(VisionBackend):
         max_batch_size: int,
         buckets: Optional[Sequence[int]] = None,
         mode: Optional[str] = None,
+        quantize: Optional[str] = None,
     ) -> None:
         super().__init__(device, dtype, image_size)
+        check_torch_quantize(quantize, self.name, self.device, dtype)
         if buckets is not None and (not isinstance(buckets, (list, tuple, range)) or not buckets or not all(
                 isinstance(b, numbers.Integral) and not isinstance(b, bool) and b >= 1 for b in buckets)):
             raise BackendError(f"backend_options buckets must be a list of positive integers (batch sizes); got {buckets!r}.")
@@ -67,6 +70,9 @@ class CompileBackend(VisionBackend):
         self.mode = mode or ("reduce-overhead" if device.type == "cuda" else "default")
         _allow_more_graphs(len(self.buckets))
         use_patch_matmul(visual)  # inductor leaves convolutions to cuDNN, which runs this one slowly
+        self.quantize = quantize
+        if quantize == "fp8":
+            quantize_fp8(visual, dtype)  # before compiling: inductor fuses each activation's scaling and cast
         self.compiled = torch.compile(visual, mode=self.mode, dynamic=False)
         self.compile_seconds: Dict[int, float] = {}
 

@@ -12,7 +12,7 @@ from vlmrm_fast.argtypes import BACKEND_NAMES, dtype_choice, positive_int
 
 FLOAT_PRECISIONS = ("fp32", "bf16", "fp16")
 QUANTIZED_PRECISIONS = ("int8", "fp8")
-"""int8: ONNX Runtime's dynamic quantisation (CPU); fp8: TensorRT's (Hopper)."""
+"""int8: ONNX Runtime's dynamic quantisation (CPU); fp8: the torch, compile and tensorrt backends' (Hopper)."""
 PRECISIONS = (*FLOAT_PRECISIONS, *QUANTIZED_PRECISIONS)
 SEED_FRAME_SIZE = 480
 """The original code rendered 480 x 480 frames (SPEC §1.3): the seed pipeline always gets those, and
@@ -42,7 +42,7 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
                    "(default: CPU torch onnxruntime; CUDA torch compile)")
     p.add_argument("--dtypes", nargs="+", type=dtype_choice(PRECISIONS), metavar="DTYPE",
                    help=f"tower precisions, from {', '.join(PRECISIONS)} (float32/bfloat16/float16 too); int8 is ONNX Runtime's dynamic "
-                   "quantisation, on CPU; fp8 is TensorRT's, on Hopper GPUs (default: CPU fp32; CUDA bf16)")
+                   "quantisation, on CPU; fp8 is the torch, compile and tensorrt backends', on Hopper GPUs (default: CPU fp32; CUDA bf16)")
     p.add_argument("--frame-size", type=positive_int, default=SEED_FRAME_SIZE, metavar="PX",
                    help="square frames of PX x PX; 480 is the original's render size, 224 the towers' input "
                    "(the fast path: no resize). The seed always gets 480 x 480 (default: %(default)s)")

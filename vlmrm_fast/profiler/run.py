@@ -13,8 +13,9 @@ timed on its own (median of the repeats, frames/s = N / median):
 
 Each configuration's accuracy is reported beside its speed: ``reward_error`` is the largest difference
 between its rewards and those of the float32 eager path of the same model, over the first
-``REWARD_CHECK_FRAMES`` frames (what bf16, fp16, int8 or fp8 cost in reward). fp8 is calibrated on
-``FP8_CALIBRATION_FRAMES`` other random frames, never on the frames it is checked on.
+``REWARD_CHECK_FRAMES`` frames (what bf16, fp16, int8 or fp8 cost in reward). TensorRT's fp8 is calibrated
+on ``FP8_CALIBRATION_FRAMES`` other random frames, never on the frames it is checked on; the torch and
+compile backends' fp8 scales each call's activations from themselves.
 
 The seed pipeline (SPEC §1.4: fp32 weights under fp16 autocast on CUDA, torchvision resize of
 480 x 480 frames, a D x D projection) is measured in the same run for every model and batch size, as
@@ -93,8 +94,8 @@ from vlmrm_fast.profiler.timing import StageTimer, StageTiming, measure_peak_tfl
 from vlmrm_fast.reward import CLIPReward
 
 DTYPES = dict(zip(FLOAT_PRECISIONS, (torch.float32, torch.bfloat16, torch.float16)))
-QUANTIZED = {"int8": ("onnxruntime", torch.float32), "fp8": ("tensorrt", torch.bfloat16)}
-"""Precisions that are a quantisation option of one backend: (backend, the tower's float dtype)."""
+QUANTIZED = {"int8": (("onnxruntime",), torch.float32), "fp8": (("torch", "compile", "tensorrt"), torch.bfloat16)}
+"""Precisions that are a quantisation option of some backends: (those backends, the tower's float dtype)."""
 FP8_CALIBRATION_FRAMES = 64
 
 
@@ -380,16 +381,18 @@ class Profiler:
     ) -> None:
         batches = self.config.batch_sizes
         what = f"{name} {backend} {dtype}"
-        if dtype in QUANTIZED and QUANTIZED[dtype][0] != backend:
-            self.skip(what, f"{dtype} is a quantisation of the {QUANTIZED[dtype][0]} backend only")
+        if dtype in QUANTIZED and backend not in QUANTIZED[dtype][0]:
+            *others, last = QUANTIZED[dtype][0]
+            owners = f"{', '.join(others)} and {last} backends" if others else f"{last} backend"
+            self.skip(what, f"{dtype} is a quantisation of the {owners} only")
             self.bar.update(len(batches))
             return
         options: Optional[Dict[str, Any]] = None
         if backend == "compile":
             options = {"buckets": tuple(batches)}
-        elif dtype in QUANTIZED:
-            options = {"quantize": dtype}
-            if dtype == "fp8":
+        if dtype in QUANTIZED:
+            options = {**(options or {}), "quantize": dtype}
+            if backend == "tensorrt":  # its fp8 scales activations statically; torch's per call
                 options["calibration_frames"] = calibration_frames(FP8_CALIBRATION_FRAMES, self.config.frame_size)
         self.bar.set_description(f"{what}: building")
         start = time.perf_counter()

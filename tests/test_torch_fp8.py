@@ -1,0 +1,249 @@
+"""fp8 (E4M3) matmuls for the "torch" and "compile" backends (vlmrm_fast/backends/torch_fp8.py).
+
+Per-row scaled ``torch._scaled_mm`` runs on CPU from torch 2.15 (on Hopper GPUs from 2.5); where it does
+not, the tests that multiply skip. On CPU the backends refuse fp8 (it is for Hopper GPUs), so those
+tests lift the device check and nothing else.
+
+Tolerances:
+- ``quantize_rows``: every value within half an E4M3 step of the input: 2^-4 relative for normal values
+  (3 mantissa bits), 2^-10 of the row's scale below E4M3's smallest normal (2^-6 of the scale; subnormal
+  steps are 2^-9 of it).
+- ``Float8Linear`` against the float64 product of the very E4M3 values and scales it multiplies: only
+  the bf16 rounding of each output (2^-9 relative) and float32 accumulation remain; held to 2^-8 of the
+  largest output.
+- ``SelfAttention`` with exact projections against ``nn.MultiheadAttention``, both float64: 1e-12, the
+  same maths.
+- The reward, as tests/test_fp8.py argues for fp8: at most twice PyTorch's own fp8 error against the
+  float64 reference. PyTorch's own fp8 here is the same layers with their inputs rounded through E4M3,
+  scaled per call from each tensor's largest value (one scale per tensor, what PyTorch's fp8 recipes
+  do), the weights per output row, in plain bf16 PyTorch; ours scales activations per row.
+"""
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import DEVICES, make_model, make_tiny
+from reference import reference_reward
+from vlmrm_fast import CLIPReward
+from vlmrm_fast.backends import BackendError, torch_fp8
+from vlmrm_fast.backends.torch_fp8 import (
+    E4M3_MAX, Float8Linear, SelfAttention, fp8_unsupported_reason, quantize_rows, replace_projections)
+
+GOAL, BASELINE, ALPHA = ["a humanoid robot kneeling", "kneeling"], ["a humanoid robot"], 0.5
+
+
+def _cpu_scaled_mm_problem():
+    try:
+        torch._scaled_mm(torch.zeros(16, 16, dtype=torch.float8_e4m3fn), torch.zeros(16, 16, dtype=torch.float8_e4m3fn).t(),
+                         scale_a=torch.ones(16, 1), scale_b=torch.ones(1, 16), out_dtype=torch.bfloat16)
+    except Exception as error:  # torch < 2.15: no CPU kernel, or per-tensor scales only
+        return f"per-row scaled torch._scaled_mm does not run on CPU with torch {torch.__version__}: {str(error)[:80]}"
+    return None
+
+
+CPU_PROBLEM = _cpu_scaled_mm_problem()
+
+
+def _usable(device: str) -> None:
+    if device == "cpu" and CPU_PROBLEM:
+        pytest.skip(CPU_PROBLEM)
+    if device == "cuda":
+        reason = fp8_unsupported_reason(torch.device("cuda"), torch.bfloat16)
+        if reason:
+            pytest.skip(reason)
+
+
+@pytest.fixture
+def fp8_on_cpu(monkeypatch):
+    """Lift the backends' refusal of fp8 on CPU (the dtype check stays)."""
+    check = torch_fp8.fp8_unsupported_reason
+    monkeypatch.setattr(torch_fp8, "fp8_unsupported_reason",
+                        lambda device, dtype: check(device, dtype) if device.type == "cuda" or dtype != torch.bfloat16 else None)
+
+
+def _fp8_round(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x through E4M3 with ``scale`` (broadcastable), back in x's dtype."""
+    return ((x.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).float() * scale).to(x.dtype)
+
+
+class PerTensorFp8Linear(torch.nn.Module):
+    """PyTorch's own fp8 of one projection: the input rounded through E4M3 with one scale from its own
+    largest value per call, the weight with one per output row, then plain ``F.linear`` at the input's dtype."""
+
+    def __init__(self, weight: torch.Tensor, bias) -> None:
+        super().__init__()
+        w = weight.detach().float()
+        self.register_buffer("weight", _fp8_round(w, w.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / E4M3_MAX))
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xq = _fp8_round(x, x.detach().abs().amax().float().clamp_min(1e-12) / E4M3_MAX)
+        return F.linear(xq, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+
+class ExactLinear(torch.nn.Module):
+    def __init__(self, weight: torch.Tensor, bias) -> None:
+        super().__init__()
+        self.weight, self.bias = weight, bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+# ---- the parts ---------------------------------------------------------------------------------
+
+
+def test_quantize_rows_rounds_each_row_to_its_own_scale():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(37, 80, dtype=torch.float64, generator=generator) * torch.logspace(-3, 3, 37, dtype=torch.float64)[:, None]
+    x[5] = 0.0  # an all-zero row: scale must stay finite, values zero
+    x[6, :3] = torch.tensor([1e-9, -2e-9, 5.0])  # values far below the row's smallest normal
+    q, scale = quantize_rows(x.to(torch.bfloat16))
+    assert q.dtype == torch.float8_e4m3fn and scale.dtype == torch.float32 and scale.shape == (37, 1)
+    xb = x.to(torch.bfloat16).double()
+    back = q.double() * scale.double()
+    assert torch.isfinite(back).all() and torch.equal(back[5], torch.zeros(80, dtype=torch.float64))
+    nonzero = torch.arange(37) != 5
+    assert torch.allclose(q.double().abs().amax(dim=1)[nonzero], torch.full((36,), E4M3_MAX, dtype=torch.float64))
+    normal = xb.abs() >= 2.0 ** -6 * scale.double()
+    error = (back - xb).abs()
+    assert (error[normal] <= 2.0 ** -4 * xb.abs()[normal] * (1 + 1e-6)).all()
+    assert (error[~normal] <= (2.0 ** -10 * scale.double()).expand_as(xb)[~normal] * (1 + 1e-6)).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_float8_linear_multiplies_its_e4m3_values_exactly(device, bias):
+    _usable(device)
+    generator = torch.Generator().manual_seed(1)
+    weight = torch.randn(80, 48, generator=generator).to(device, torch.bfloat16)
+    b = torch.randn(80, generator=generator).to(device, torch.bfloat16) if bias else None
+    x = (torch.randn(3, 13, 48, generator=generator) * 4).to(device, torch.bfloat16)  # 39 rows: not a multiple of 16
+    layer = Float8Linear(weight, b, torch.bfloat16)
+    got = layer(x)
+    assert got.shape == (3, 13, 80) and got.dtype == torch.bfloat16
+    xq, xs = quantize_rows(x.reshape(-1, 48))
+    want = (xq.double() * xs.double()) @ (layer.weight_fp8.double() * layer.weight_scale.double().t()).t()
+    if bias:
+        want = want + b.double()
+    assert (got.reshape(-1, 80).double() - want).abs().max().item() <= 2.0 ** -8 * want.abs().max().item()
+    # ... and those E4M3 values are the weight's, per output row
+    w_back = layer.weight_fp8.double() * layer.weight_scale.double().t()
+    assert ((w_back - weight.double()).abs() <= 2.0 ** -4 * weight.double().abs() + 2.0 ** -10 * layer.weight_scale.double().t()).all()
+
+
+def test_float8_linear_refuses_sizes_scaled_mm_cannot_take():
+    with pytest.raises(ValueError, match="multiples of 16"):
+        Float8Linear(torch.zeros(40, 24), None, torch.bfloat16)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_self_attention_is_multihead_attention(batch_first):
+    torch.manual_seed(2)
+    mha = torch.nn.MultiheadAttention(48, 3, batch_first=batch_first).double().eval()
+    torch.nn.init.normal_(mha.in_proj_bias)
+    torch.nn.init.normal_(mha.out_proj.bias)
+    ours = SelfAttention(mha, ExactLinear)
+    x = torch.randn((2, 11, 48) if batch_first else (11, 2, 48), dtype=torch.float64)
+    with torch.no_grad():
+        want, _ = mha(x, x, x, need_weights=False)
+        got, weights = ours(x, x, x, need_weights=False)
+    assert weights is None and (got - want).abs().max().item() <= 1e-12
+    y = x.clone()
+    with pytest.raises(ValueError, match="unmasked self-attention"):
+        ours(x, y, y, need_weights=False)  # not self-attention
+    with pytest.raises(ValueError, match="unmasked self-attention"):
+        ours(x, x, x, need_weights=False, attn_mask=torch.zeros(11, 11, dtype=torch.float64))
+
+
+def test_replace_projections_takes_the_transformer_matmuls_only():
+    model, _ = make_tiny()
+    visual = model.visual
+    blocks = len(visual.transformer.resblocks)
+    count = replace_projections(visual, PerTensorFp8Linear)
+    assert count == 3 * blocks  # per block: the attention (both projections), c_fc, c_proj
+    for block in visual.transformer.resblocks:
+        assert isinstance(block.attn, SelfAttention) and isinstance(block.attn.in_proj, PerTensorFp8Linear)
+        assert isinstance(block.attn.out_proj, PerTensorFp8Linear)
+        assert isinstance(block.mlp.c_fc, PerTensorFp8Linear) and isinstance(block.mlp.c_proj, PerTensorFp8Linear)
+    assert isinstance(visual.conv1, torch.nn.Conv2d) and isinstance(visual.proj, torch.nn.Parameter)  # left in bf16
+    assert replace_projections(torch.nn.Linear(16, 16), PerTensorFp8Linear) == 0  # no transformer: left alone
+
+
+# ---- the reward ----------------------------------------------------------------------------------
+
+
+def _frames(seed: int, n: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, 231, 199, 3), dtype=np.uint8)  # odd sizes: resized
+
+
+def _torch_own_fp8_reward(model, tokenizer, frames) -> torch.Tensor:
+    """PyTorch's own fp8 reward: the tower in bf16 with :class:`PerTensorFp8Linear` projections, the rest
+    in float64 (tests/reference.py)."""
+    quantized = copy.deepcopy(model)
+    replace_projections(quantized.visual, PerTensorFp8Linear)
+    return reference_reward(quantized, tokenizer, frames, GOAL, BASELINE, ALPHA, tower_dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("model_name", ["vlmrm-tiny", "ViT-B-32"])
+def test_fp8_rewards_within_twice_pytorchs_own_fp8_error(device, model_name, fp8_on_cpu):
+    _usable(device)
+    model, tokenizer = make_model(model_name)
+    frames = _frames(3, 16)  # the largest error of a few frames varies too much to compare two of them
+    want = reference_reward(model, tokenizer, frames, GOAL, BASELINE, ALPHA)
+    own_error = (_torch_own_fp8_reward(model, tokenizer, frames) - want).abs().max().item()
+    rm = CLIPReward(model, tokenizer, goal=GOAL, baseline=BASELINE, alpha=ALPHA, device=device, dtype="bf16",
+                    backend="torch", backend_options={"quantize": "fp8"})
+    blocks = rm.model.visual.transformer.resblocks
+    assert all(isinstance(b.mlp.c_fc, Float8Linear) and isinstance(b.attn.in_proj, Float8Linear) for b in blocks)
+    error = (rm(frames).double().cpu() - want).abs().max().item()
+    assert 0 < own_error and error <= 2 * own_error, (error, own_error)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_compiled_fp8_rewards_within_twice_pytorchs_own_fp8_error(device, fp8_on_cpu):
+    _usable(device)
+    model, tokenizer = make_tiny()
+    frames = _frames(4, 16)
+    want = reference_reward(model, tokenizer, frames, GOAL, BASELINE, ALPHA)
+    own_error = (_torch_own_fp8_reward(model, tokenizer, frames) - want).abs().max().item()
+    rm = CLIPReward(model, tokenizer, goal=GOAL, baseline=BASELINE, alpha=ALPHA, device=device, dtype="bf16",
+                    backend="compile", backend_options={"quantize": "fp8", "buckets": (16,)})
+    assert rm.vision_backend.quantize == "fp8"
+    error = (rm(frames).double().cpu() - want).abs().max().item()
+    assert error <= 2 * own_error, (error, own_error)
+
+
+# ---- refusals ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["torch", "compile"])
+def test_fp8_refusals_name_the_fix(backend):
+    model, tokenizer = make_tiny()
+    cases = [
+        (dict(device="cpu", dtype="bf16", backend_options={"quantize": "fp8"}), "Hopper.*onnxruntime.*int8"),
+        (dict(device="cpu", dtype="fp32", backend_options={"quantize": "fp8"}), "pass dtype=torch.bfloat16"),
+        (dict(device="cpu", dtype="bf16", backend_options={"quantize": "int8"}), "int8 is backend='onnxruntime'"),
+        (dict(device="cpu", dtype="bf16", backend_options={"quantize": "fp4"}), r"not one of \('fp8',\)"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(BackendError, match=message):
+            CLIPReward(copy.deepcopy(model), tokenizer, goal=GOAL, backend=backend, **kwargs)
+        with pytest.raises(BackendError, match=message):  # before any model is loaded
+            CLIPReward.from_pretrained("no-such-model", None, goal=GOAL, backend=backend, **kwargs)
+
+
+def test_fp8_needs_a_hopper_gpu(monkeypatch):
+    monkeypatch.setattr(torch_fp8.torch, "__version__", "2.11.0+cu130")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 6))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A10")
+    reason = fp8_unsupported_reason(torch.device("cuda", 0), torch.bfloat16)
+    assert "9.0" in reason and "NVIDIA A10 is 8.6" in reason
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert fp8_unsupported_reason(torch.device("cuda", 0), torch.bfloat16) is None
+    monkeypatch.setattr(torch_fp8.torch, "__version__", "2.4.1+cu121")
+    assert "torch >= 2.5" in fp8_unsupported_reason(torch.device("cuda", 0), torch.bfloat16)

@@ -1,0 +1,184 @@
+"""fp8 (E4M3) matmuls for the "torch" and "compile" backends: ``backend_options={"quantize": "fp8"}``.
+
+The ViT's matmuls (each block's attention projections and MLP) are nearly all of its FLOPs, and on the
+H200 they already run at the bf16 matmul peak (benchmarks/results/profile-h200-bigg): the towers' bf16
+targets are out of reach of bf16 itself. fp8 matmuls have twice the peak. Here each such ``nn.Linear``
+(and each ``nn.MultiheadAttention``'s two projections) becomes a :class:`Float8Linear`:
+
+- weights: E4M3, one scale per output row (its largest magnitude maps to 448, E4M3's largest value);
+- activations: E4M3, one scale per row (per token), computed on every call (dynamic scaling: nothing to
+  calibrate, and no frame is clipped by scales set on other frames);
+- ``torch._scaled_mm`` multiplies them, accumulating in float32, and adds the bias in its epilogue,
+  writing bfloat16.
+
+Everything else (patch embedding, LayerNorm, softmax, GELU, the output projection ``visual.proj``) stays
+in bf16. With ``"compile"``, inductor fuses each activation's scaling and cast into one pass.
+
+No library does this here: torchao's float8 inference quantisation refuses devices below compute
+capability 8.9 (so it cannot be tested on CPU), and is tied to particular torch versions. Per-row
+scaled ``torch._scaled_mm`` runs on Hopper GPUs (compute capability 9.0) from torch 2.5 and on CPU from
+torch 2.15; CPU use is for tests only (:func:`fp8_unsupported_reason` refuses it).
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from vlmrm_fast.backends.base import BackendError
+
+E4M3_MAX = 448.0
+"""The largest finite float8_e4m3fn value."""
+_TINY_AMAX = 1e-12
+"""An all-zero row gets this largest magnitude instead (its scale must not be 0)."""
+MIN_CAPABILITY = (9, 0)
+MIN_TORCH = (2, 5)
+
+
+def quantize_rows(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """[M, K] float -> ([M, K] float8_e4m3fn, [M, 1] float32 scales): row ``i`` is ``q[i] * scale[i]``,
+    its largest magnitude mapped to 448. Rounding to nearest, in float32."""
+    amax = torch.linalg.vector_norm(x, float("inf"), dim=1, keepdim=True, dtype=torch.float32)
+    scale = amax.clamp_min(_TINY_AMAX) / E4M3_MAX
+    # The clamp: x / scale can round just past 448, and float8_e4m3fn has no infinity to saturate to.
+    return (x.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn), scale
+
+
+class Float8Linear(torch.nn.Module):
+    """``y = x @ W.T + b`` with ``x`` and ``W`` in E4M3, each scaled per row (module docstring).
+
+    Input [..., K] in any float dtype; output [..., N] in ``out_dtype`` (bfloat16 on CUDA, where per-row
+    scales require it), on the weight's device. K and N must be multiples of 16 (``torch._scaled_mm``).
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], out_dtype: torch.dtype) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        if self.in_features % 16 or self.out_features % 16:
+            raise ValueError(f"fp8 matmuls need both sizes to be multiples of 16; this weight is {tuple(weight.shape)}.")
+        self.out_dtype = out_dtype
+        weight_fp8, weight_scale = quantize_rows(weight.detach())
+        self.register_buffer("weight_fp8", weight_fp8)
+        self.register_buffer("weight_scale", weight_scale.reshape(1, -1).contiguous())  # [1, N]: per column of W.T
+        self.register_buffer("bias", None if bias is None else bias.detach().to(out_dtype))
+
+    @classmethod
+    def from_linear(cls, linear: torch.nn.Linear, out_dtype: torch.dtype) -> "Float8Linear":
+        return cls(linear.weight, linear.bias, out_dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, scale = quantize_rows(x.reshape(-1, self.in_features))
+        out = torch._scaled_mm(q, self.weight_fp8.t(), scale_a=scale, scale_b=self.weight_scale, bias=self.bias,
+                               out_dtype=self.out_dtype)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, out_dtype={self.out_dtype}"
+
+
+Projection = Callable[[torch.Tensor, Optional[torch.Tensor]], torch.nn.Module]
+"""Makes a projection module from a weight [N, K] and a bias [N] (or None)."""
+
+
+class SelfAttention(torch.nn.Module):
+    """An ``nn.MultiheadAttention``'s unmasked self-attention, with its two projections as the modules
+    ``projection`` makes from its weights (:class:`Float8Linear` for fp8), attention through
+    ``F.scaled_dot_product_attention``. Called as open_clip's blocks call the module it replaces:
+    ``attn(x, x, x, need_weights=False, attn_mask=None)`` -> (out, None), tokens [B, L, E] (or [L, B, E]
+    when the original was not ``batch_first``)."""
+
+    def __init__(self, attention: torch.nn.MultiheadAttention, projection: Projection) -> None:
+        super().__init__()
+        if not is_plain_attention(attention):
+            raise ValueError("only an nn.MultiheadAttention with one input projection, no bias_k/bias_v and no "
+                             "add_zero_attn can be replaced.")
+        self.heads = attention.num_heads
+        self.head_dim = attention.embed_dim // attention.num_heads
+        self.batch_first = attention.batch_first
+        self.in_proj = projection(attention.in_proj_weight, attention.in_proj_bias)
+        self.out_proj = projection(attention.out_proj.weight, attention.out_proj.bias)
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_padding_mask=None,
+                need_weights: bool = True, attn_mask=None, average_attn_weights: bool = True, is_causal: bool = False):
+        if key is not query or value is not query or key_padding_mask is not None or attn_mask is not None \
+                or need_weights or is_causal or query.dim() != 3:
+            raise ValueError("this attention was replaced for fp8 as unmasked self-attention over batched tokens "
+                             "(attn(x, x, x, need_weights=False)); it cannot take other calls. Build the reward "
+                             "without quantize='fp8' for this model.")
+        x = query if self.batch_first else query.transpose(0, 1)
+        batch, tokens, width = x.shape
+        q, k, v = self.in_proj(x).view(batch, tokens, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(batch, tokens, width)
+        out = self.out_proj(out)
+        return (out if self.batch_first else out.transpose(0, 1)), None
+
+
+def is_plain_attention(module: object) -> bool:
+    """An ``nn.MultiheadAttention`` that :class:`SelfAttention` computes alike (given plain calls)."""
+    return (isinstance(module, torch.nn.MultiheadAttention) and module._qkv_same_embed_dim
+            and module.bias_k is None and module.bias_v is None and not module.add_zero_attn)
+
+
+def _fits_fp8(weight: torch.Tensor) -> bool:
+    return weight.dim() == 2 and weight.shape[0] % 16 == 0 and weight.shape[1] % 16 == 0
+
+
+def replace_projections(visual: torch.nn.Module, projection: Projection) -> int:
+    """In ``visual.transformer``, replace each ``nn.Linear`` and each plain ``nn.MultiheadAttention``
+    whose weights ``projection`` can take (sizes multiples of 16) by its ``projection`` form, in place;
+    returns how many modules were replaced. Towers without a ``transformer`` (ResNets) are left alone."""
+    transformer = getattr(visual, "transformer", None)
+    if transformer is None:
+        return 0
+    swaps = []
+    for parent in transformer.modules():
+        if isinstance(parent, torch.nn.MultiheadAttention):
+            continue  # its out_proj goes with the attention, below
+        for name, child in parent.named_children():
+            if isinstance(child, torch.nn.Linear) and _fits_fp8(child.weight):
+                swaps.append((parent, name, projection(child.weight, child.bias)))
+            elif is_plain_attention(child) and _fits_fp8(child.in_proj_weight) and _fits_fp8(child.out_proj.weight):
+                swaps.append((parent, name, SelfAttention(child, projection)))
+    for parent, name, module in swaps:
+        setattr(parent, name, module)
+    return len(swaps)
+
+
+def quantize_fp8(visual: torch.nn.Module, out_dtype: torch.dtype = torch.bfloat16) -> int:
+    """Turn ``visual``'s transformer matmuls into :class:`Float8Linear` in place (their bf16 weights are
+    freed); returns how many modules were replaced. Call :func:`fp8_unsupported_reason` first."""
+    return replace_projections(visual, lambda weight, bias: Float8Linear(weight, bias, out_dtype))
+
+
+TORCH_QUANTIZE_CHOICES = ("fp8",)
+
+
+def check_torch_quantize(quantize: Optional[str], backend: str, device: torch.device, dtype: torch.dtype) -> None:
+    """A :class:`~vlmrm_fast.backends.BackendError` unless ``quantize`` is None, or "fp8" where it can run."""
+    if quantize is None:
+        return
+    if quantize not in TORCH_QUANTIZE_CHOICES:
+        also = "; int8 is backend='onnxruntime''s, on CPU" if quantize == "int8" else ""
+        raise BackendError(f"backend_options quantize={quantize!r} is not one of {TORCH_QUANTIZE_CHOICES} (or None) "
+                           f"for backend={backend!r}{also}.")
+    reason = fp8_unsupported_reason(device, dtype)
+    if reason:
+        raise BackendError(reason + ".")
+
+
+def fp8_unsupported_reason(device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    """Why ``quantize="fp8"`` cannot run on ``device`` with a tower in ``dtype``, or None."""
+    if dtype != torch.bfloat16:
+        return f"quantize='fp8' computes in bfloat16 around its fp8 matmuls; pass dtype=torch.bfloat16, not {dtype}"
+    if device.type != "cuda":
+        return ("quantize='fp8' runs on CUDA GPUs of compute capability 9.0 or newer (Hopper), not on "
+                f"{device.type}; on CPU, backend='onnxruntime' with quantize='int8' is the lossy fast path")
+    version = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
+    if version < MIN_TORCH:
+        return f"quantize='fp8' needs torch >= 2.5 (per-row scaled fp8 matmuls); this is torch {torch.__version__}"
+    capability = torch.cuda.get_device_capability(device)
+    if capability < MIN_CAPABILITY:
+        return (f"quantize='fp8' needs a GPU of compute capability 9.0 or newer (Hopper); "
+                f"{torch.cuda.get_device_name(device)} is {capability[0]}.{capability[1]}: use bfloat16")
+    return None
