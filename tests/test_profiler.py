@@ -558,6 +558,20 @@ def test_matmul_peak_times_bursts_of_products(monkeypatch):
     assert tflops == pytest.approx(2 * n**3 * burst / median_s / 1e12)
 
 
+def test_fp8_matmul_peak_runs_as_the_fp8_backends_do(monkeypatch):
+    # fp8 rows are set against an fp8 product: torch._scaled_mm of E4M3 operands with per-row scales.
+    from vlmrm_fast.profiler import run, timing
+
+    seen = []
+    monkeypatch.setattr(timing.torch, "_scaled_mm", lambda a, b, **kw: seen.append(
+        (a.dtype, b.dtype, tuple(kw["scale_a"].shape), tuple(kw["scale_b"].shape), kw["out_dtype"])))
+    monkeypatch.setattr(timing, "PEAK_SIZE", {"cpu": 512, "cuda": 512})
+    tflops, n = timing.measure_peak_tflops(torch.device("cpu"), run.PEAK_DTYPES["fp8"], timing.StageTimer(
+        torch.device("cpu"), warmup=0, repeats=1, time_budget=1.0))
+    e4m3 = torch.float8_e4m3fn
+    assert n == 512 and tflops > 0 and set(seen) == {(e4m3, e4m3, (512, 1), (1, 512), torch.bfloat16)}
+
+
 def test_a_seed_that_moved_during_the_run_marks_the_ratio():
     # 'vs seed' divides by the seed timed in alternation with the row; where that seed and the
     # seed's own row disagree by over 1.5x, the machine's load changed and the ratio is marked.

@@ -97,6 +97,8 @@ DTYPES = dict(zip(FLOAT_PRECISIONS, (torch.float32, torch.bfloat16, torch.float1
 QUANTIZED = {"int8": (("onnxruntime",), torch.float32), "fp8": (("torch", "compile", "tensorrt"), torch.bfloat16)}
 """Precisions that are a quantisation option of some backends: (those backends, the tower's float dtype)."""
 FP8_CALIBRATION_FRAMES = 64
+PEAK_DTYPES = {**DTYPES, "fp8": torch.float8_e4m3fn}
+"""The matmul precisions whose peak a run measures (fp8 as the torch backends' fp8 runs; on CUDA only)."""
 
 
 # --------------------------------------------------------------------------- configuration
@@ -290,7 +292,7 @@ class Profiler:
         moment on a shared machine does not become the ceiling."""
         for name in dtypes:
             self.bar.set_description(f"matmul peak {name}")
-            self.report.add_peak(name, *measure_peak_tflops(self.device, DTYPES[name], self.timer))
+            self.report.add_peak(name, *measure_peak_tflops(self.device, PEAK_DTYPES[name], self.timer))
 
     def profile_model(self, name: str, backends: Sequence[str]) -> None:
         """The seed, then every backend x dtype, over all batch sizes, for one model."""
@@ -550,8 +552,8 @@ def run_bench(args: argparse.Namespace) -> int:
     per_model = len(config.batch_sizes) * (len(backends) * len(config.dtypes) + int(config.seed))
     # The seed's own precision too (fp16 autocast on CUDA, fp32 on CPU): its rows are set against it.
     seed_peak = ["fp16" if config.device.type == "cuda" else "fp32"] if config.seed else []
-    peak_dtypes = [d for d in dict.fromkeys(config.dtypes + seed_peak)
-                   if d in DTYPES]  # no int8 matmul peak: its rows show none
+    peak_dtypes = [d for d in dict.fromkeys(config.dtypes + seed_peak)  # no int8 matmul peak: its rows show none;
+                   if d in DTYPES or (d == "fp8" and config.device.type == "cuda")]  # fp8 is refused off CUDA
     try:
         with tqdm(total=per_model * len(config.models), unit="config", disable=None if config.progress else True,
                   file=sys.stderr, dynamic_ncols=True) as bar, sigterm_as_interrupt():
