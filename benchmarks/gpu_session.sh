@@ -17,7 +17,8 @@
 #   render       benchmarks/bench_env.py --no-env-steps: render-only frames/s (target 3,000/s at 224)
 #   render-breakdown
 #                benchmarks/render_breakdown.py: where a frame's render time goes (scene passes,
-#                shadow-map size, multisampling) and whether threads or processes add up
+#                shadow-map size, multisampling) and whether threads or processes add up;
+#                RENDER_BREAKDOWN_ARGS="--scene-no-shadow --num-envs 32" (for one) changes its scene
 #   env          benchmarks/bench_env.py --no-render: env steps/s with the VLM reward, N = 1 8 32
 #                (ENV_BACKEND=compile: the fast path's tower through torch.compile, default auto)
 #   profile-b32, profile-l14, profile-bigg
@@ -159,7 +160,9 @@ part_render() {
     part render "$PYTHON" benchmarks/bench_env.py --no-env-steps --csv "$RESULTS/render/env.csv" --json "$RESULTS/render/env.json"
 }
 part_render_breakdown() {
-    part render-breakdown "$PYTHON" benchmarks/render_breakdown.py --json "$RESULTS/render-breakdown/render-breakdown.json"
+    # shellcheck disable=SC2086
+    part render-breakdown "$PYTHON" benchmarks/render_breakdown.py ${RENDER_BREAKDOWN_ARGS:-} \
+        --json "$RESULTS/render-breakdown/render-breakdown.json"
 }
 part_env() {
     part env "$PYTHON" benchmarks/bench_env.py --no-render --backend "${ENV_BACKEND:-auto}" --csv "$RESULTS/env/env.csv" \

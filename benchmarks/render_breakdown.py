@@ -14,6 +14,10 @@ tensor on the device, and reports frames/s (``N`` / the median call over ``--rep
 | ``threads_T`` | T renderers, each in its own thread with its own EGL context and envs; frames/s summed |
 | ``processes_P`` | T renderers in P processes; frames/s summed over the same wall-clock window |
 
+``--scene-shadow-size S`` and ``--scene-no-shadow`` change the scene every variant starts from (the
+parallel ones included), to see how far a lighter scene goes with more renderers: e.g. whether 1024-texel
+shadows or none in 2-8 processes reach the 3,000 frames/s target.
+
 If frames/s barely moves with the frame size or the number of envs per call, the cost is per frame
 (passes, state changes, driver work); ``threads``/``processes`` then say whether it is the CPU (they
 scale) or the GPU's rasteriser (they do not). Threads that scale less than processes point at the
@@ -76,15 +80,26 @@ def _scene_of(renderer: Any) -> Any:
     return renderer._scene if renderer.path == "gpu" else renderer._renderer.scene
 
 
-def _renderer(envs: Sequence[Any], device: torch.device, flag_off: Optional[str] = None) -> Any:
+def _renderer(envs: Sequence[Any], device: torch.device, *flags_off: Optional[str]) -> Any:
     import mujoco
 
     from vlmrm_fast.render import BatchRenderer
 
     renderer = BatchRenderer.from_envs(list(envs), SIZE, SIZE, device=device)
-    if flag_off is not None:
-        _scene_of(renderer).flags[getattr(mujoco.mjtRndFlag, flag_off)] = 0
+    for flag in flags_off:
+        if flag is not None:
+            _scene_of(renderer).flags[getattr(mujoco.mjtRndFlag, flag)] = 0
     return renderer
+
+
+def _scene_quality(shadow_size: Optional[int]) -> Dict[str, int]:
+    """``model.vis.quality`` settings of the scene every variant starts from (``--scene-shadow-size``)."""
+    return {} if shadow_size is None else {"shadowsize": shadow_size}
+
+
+def _scene_flag(no_shadow: bool) -> Optional[str]:
+    """The scene flag every variant turns off (``--scene-no-shadow``), or None."""
+    return SCENE_FLAGS["no_shadow"] if no_shadow else None
 
 
 def _render_call(renderer: Any, device: torch.device) -> Callable[[], None]:
@@ -129,8 +144,8 @@ def single_variants(args: argparse.Namespace) -> Iterator[Row]:
     variants += [("offsamples_0", {"offsamples": 0}, None)]
     for name, quality, flag in variants:
         envs = make_envs(args.num_envs, SIZE, args.seed)
-        _set_quality(envs, **quality)
-        renderer = _renderer(envs, args.device, flag)
+        _set_quality(envs, **{**_scene_quality(args.scene_shadow_size), **quality})
+        renderer = _renderer(envs, args.device, _scene_flag(args.scene_no_shadow), flag)
         try:
             measured = _median_fps(_render_call(renderer, args.device), args.num_envs, args.repeats, args.warmup)
             yield Row(name, 1, renderer.path, **measured)
@@ -143,11 +158,14 @@ def single_variants(args: argparse.Namespace) -> Iterator[Row]:
                 env.close()
 
 
-def _worker_loop(num_envs: int, seed: int, device: str, calls: int, warmup: int, start: Any) -> Tuple[float, float, str]:
-    """Make envs and a renderer, wait for the others, render ``calls`` times: (begin, end, path)."""
+def _worker_loop(num_envs: int, seed: int, device: str, calls: int, warmup: int, start: Any,
+                 shadow_size: Optional[int] = None, no_shadow: bool = False) -> Tuple[float, float, str]:
+    """Make envs and a renderer (in the ``--scene-*`` scene), wait for the others, render ``calls`` times:
+    (begin, end, path)."""
     dev = torch.device(device)
     envs = make_envs(num_envs, SIZE, seed)
-    renderer = _renderer(envs, dev)
+    _set_quality(envs, **_scene_quality(shadow_size))
+    renderer = _renderer(envs, dev, _scene_flag(no_shadow))
     call = _render_call(renderer, dev)
     try:
         for _ in range(warmup):
@@ -163,8 +181,9 @@ def _worker_loop(num_envs: int, seed: int, device: str, calls: int, warmup: int,
             env.close()
 
 
-def _process_worker(num_envs: int, seed: int, device: str, calls: int, warmup: int, start: Any, results: Any) -> None:
-    results.put(_worker_loop(num_envs, seed, device, calls, warmup, start))
+def _process_worker(num_envs: int, seed: int, device: str, calls: int, warmup: int, start: Any, results: Any,
+                    shadow_size: Optional[int], no_shadow: bool) -> None:
+    results.put(_worker_loop(num_envs, seed, device, calls, warmup, start, shadow_size, no_shadow))
 
 
 def parallel_variant(args: argparse.Namespace, workers: int, kind: str) -> Row:
@@ -175,7 +194,8 @@ def parallel_variant(args: argparse.Namespace, workers: int, kind: str) -> Row:
         out: List[Any] = [None] * workers
 
         def run(i: int) -> None:
-            out[i] = _worker_loop(args.num_envs, args.seed + 100 * i, device, args.repeats, args.warmup, start)
+            out[i] = _worker_loop(args.num_envs, args.seed + 100 * i, device, args.repeats, args.warmup, start,
+                                  args.scene_shadow_size, args.scene_no_shadow)
 
         threads = [threading.Thread(target=run, args=(i,)) for i in range(workers)]
         for t in threads:
@@ -188,7 +208,8 @@ def parallel_variant(args: argparse.Namespace, workers: int, kind: str) -> Row:
         start = ctx.Barrier(workers)
         results = ctx.Queue()
         procs = [ctx.Process(target=_process_worker,
-                             args=(args.num_envs, args.seed + 100 * i, device, args.repeats, args.warmup, start, results))
+                             args=(args.num_envs, args.seed + 100 * i, device, args.repeats, args.warmup, start, results,
+                                   args.scene_shadow_size, args.scene_no_shadow))
                  for i in range(workers)]
         for p in procs:
             p.start()
@@ -220,6 +241,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--shadow-sizes", type=int, nargs="*", default=[2048, 1024], help="shadowsize variants")
     p.add_argument("--threads", type=int, nargs="*", default=[2, 4, 8], help="thread counts (default 2 4 8)")
     p.add_argument("--processes", type=int, nargs="*", default=[2, 4, 8], help="process counts (default 2 4 8)")
+    p.add_argument("--scene-shadow-size", type=int, default=None, metavar="S",
+                   help="every variant's scene starts with this shadow-map size (default: the env's, 4096)")
+    p.add_argument("--scene-no-shadow", action="store_true", help="every variant's scene starts without shadows")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="2 envs, 3 calls, 2 threads and 2 processes")
     p.add_argument("--json", type=Path, help="write the environment and rows here")
@@ -234,8 +258,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parse_args(argv)
     env = environment(args.device)
+    scene = ", ".join(([f"shadow map {args.scene_shadow_size}"] if args.scene_shadow_size is not None else [])
+                      + (["no shadows"] if args.scene_no_shadow else [])) or "the env's"
     log(f"# render breakdown on {env['device']} (GL: {env['gl_renderer']}), {args.num_envs} envs per call, "
-        f"{SIZE} x {SIZE}, {args.repeats} calls")
+        f"{SIZE} x {SIZE}, {args.repeats} calls; scene: {scene}")
     # The JSON is rewritten after every row: a run stopped part way keeps what it measured.
     files = RunFiles(None, args.json, (), {"environment": env, "config": config_of(args)})
     with files.interruptible():

@@ -783,3 +783,29 @@ def test_render_breakdown_measures_each_variant_and_its_scene_changes_take_effec
     finally:
         for env in envs:
             env.close()
+
+
+def test_render_breakdown_scene_options_reach_every_variant(tmp_path, monkeypatch):
+    from vlmrm_fast.render import rendering_unavailable_reason
+
+    reason = rendering_unavailable_reason()
+    if reason:
+        pytest.skip(str(reason))
+    rb = _load("render_breakdown")
+    seen = []
+    real = rb._renderer
+
+    def spy(envs, device, *flags):
+        seen.append((int(envs[0].unwrapped.model.vis.quality.shadowsize), flags))
+        return real(envs, device, *flags)
+
+    monkeypatch.setattr(rb, "_renderer", spy)
+    out = tmp_path / "rb.json"
+    rb.main(["--device", "cpu", "--num-envs", "1", "--repeats", "1", "--warmup", "0", "--shadow-sizes", "128",
+             "--threads", "1", "--processes", "--scene-shadow-size", "256", "--scene-no-shadow", "--json", str(out)])
+    # default, no_shadow, no_reflection, no_skybox, shadowsize_128 (its own size), offsamples_0, threads_1:
+    # each starts from the scene asked for.
+    assert [size for size, _ in seen] == [256, 256, 256, 256, 128, 256, 256]
+    assert all(flags[0] == "mjRND_SHADOW" for _, flags in seen)
+    config = json.loads(out.read_text())["config"]
+    assert config["scene_shadow_size"] == 256 and config["scene_no_shadow"] is True

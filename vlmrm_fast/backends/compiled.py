@@ -72,7 +72,7 @@ class CompileBackend(VisionBackend):
         use_patch_matmul(visual)  # inductor leaves convolutions to cuDNN, which runs this one slowly
         self.quantize = quantize
         if quantize == "fp8":
-            quantize_fp8(visual, dtype)  # before compiling: inductor fuses each activation's scaling and cast
+            quantize_fp8(visual, dtype)  # before compiling, so inductor sees (and can fuse) each activation's scaling
         self.compiled = torch.compile(visual, mode=self.mode, dynamic=False)
         self.compile_seconds: Dict[int, float] = {}
 

@@ -12,7 +12,7 @@ targets are out of reach of bf16 itself. fp8 matmuls have twice the peak. Here e
   writing bfloat16.
 
 Everything else (patch embedding, LayerNorm, softmax, GELU, the output projection ``visual.proj``) stays
-in bf16. With ``"compile"``, inductor fuses each activation's scaling and cast into one pass.
+in bf16. Eager scales each activation in a few passes over it; with ``"compile"``, inductor can fuse them.
 
 No library does this here: torchao's float8 inference quantisation refuses devices below compute
 capability 8.9 (so it cannot be tested on CPU), and is tied to particular torch versions. Per-row
