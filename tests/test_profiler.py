@@ -629,6 +629,8 @@ def test_skip_reasons_speak_in_the_commands_options():
         "backend='onnxruntime' on CPU runs float32, not torch.bfloat16; pass --dtypes fp32.")
     assert in_cli_terms("use backend='torch' there, or pick another backend (backend='compile').") == (
         "use --backends torch there, or pick another backend (--backends compile).")
+    assert in_cli_terms("on CPU, backend='onnxruntime' with quantize='int8' is the lossy fast path.") == (
+        "on CPU, --backends onnxruntime --dtypes int8 is the lossy fast path.")
 
 
 def test_an_interrupted_run_sets_the_peaks_of_rows_not_saved_yet(tmp_path, monkeypatch):

@@ -510,6 +510,7 @@ def in_cli_terms(message: str) -> str:
     dtype=torch.float32" becomes "pass --dtypes fp32", "use backend='torch'" "use --backends torch"."""
     names = {str(dtype).replace("torch.", ""): name for name, dtype in DTYPES.items()}
     message = re.sub(r"dtype=torch\.(\w+)", lambda m: f"--dtypes {names.get(m.group(1), m.group(1))}", message)
+    message = re.sub(r"backend='(\w+)' with quantize='(\w+)'", r"--backends \1 --dtypes \2", message)
     for before in (r"(?<=use )", r"(?<=\()"):
         message = re.sub(before + r"backend='(\w+)'", r"--backends \1", message)
     return message
