@@ -237,13 +237,26 @@ def test_fp8_refusals_name_the_fix(backend):
             CLIPReward.from_pretrained("no-such-model", None, goal=GOAL, backend=backend, **kwargs)
 
 
-def test_fp8_needs_a_hopper_gpu(monkeypatch):
+def test_fp8_needs_a_hopper_gpu_and_a_torch_that_has_its_kernel(monkeypatch):
+    cuda = torch.device("cuda", 0)
     monkeypatch.setattr(torch_fp8.torch, "__version__", "2.11.0+cu130")
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 6))
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A10")
-    reason = fp8_unsupported_reason(torch.device("cuda", 0), torch.bfloat16)
-    assert "9.0" in reason and "NVIDIA A10 is 8.6" in reason
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA GPU")
+    for capability in ((8, 6), (8, 9), (10, 0), (12, 0)):  # Ampere, Ada, Blackwell, RTX 50xx
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert f"NVIDIA GPU is {capability[0]}.{capability[1]}: use bfloat16" in fp8_unsupported_reason(cuda, torch.bfloat16)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    assert fp8_unsupported_reason(torch.device("cuda", 0), torch.bfloat16) is None
-    monkeypatch.setattr(torch_fp8.torch, "__version__", "2.4.1+cu121")
-    assert "torch >= 2.5" in fp8_unsupported_reason(torch.device("cuda", 0), torch.bfloat16)
+    assert fp8_unsupported_reason(cuda, torch.bfloat16) is None
+    monkeypatch.setattr(torch.version, "cuda", "11.8")
+    assert "CUDA >= 12" in fp8_unsupported_reason(cuda, torch.bfloat16)
+    monkeypatch.setattr(torch_fp8.torch, "__version__", "2.5.1+cu124")
+    assert "torch >= 2.6" in fp8_unsupported_reason(cuda, torch.bfloat16)
+    monkeypatch.setattr(torch.version, "hip", "6.2")
+    assert "not ROCm" in fp8_unsupported_reason(cuda, torch.bfloat16)
+
+
+def test_fp8_on_a_tower_without_a_transformer_is_refused():
+    tower = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3), torch.nn.Flatten())
+    with pytest.raises(BackendError, match="no transformer matmuls"):
+        torch_fp8.quantize_fp8(tower)

@@ -16,8 +16,8 @@ in bf16. Eager scales each activation in a few passes over it; with ``"compile"`
 
 No library does this here: torchao's float8 inference quantisation refuses devices below compute
 capability 8.9 (so it cannot be tested on CPU), and is tied to particular torch versions. Per-row
-scaled ``torch._scaled_mm`` runs on Hopper GPUs (compute capability 9.0) from torch 2.5 and on CPU from
-torch 2.15; CPU use is for tests only (:func:`fp8_unsupported_reason` refuses it).
+scaled ``torch._scaled_mm`` runs on Hopper GPUs (compute capability 9.x; taken from torch 2.6, CUDA 12
+builds) and on CPU from torch 2.15; CPU use is for tests only (:func:`fp8_unsupported_reason` refuses it).
 """
 from __future__ import annotations
 
@@ -32,8 +32,14 @@ E4M3_MAX = 448.0
 """The largest finite float8_e4m3fn value."""
 _TINY_AMAX = 1e-12
 """An all-zero row gets this largest magnitude instead (its scale must not be 0)."""
-MIN_CAPABILITY = (9, 0)
-MIN_TORCH = (2, 5)
+HOPPER = 9
+"""The compute capability major this runs on: torch's per-row fp8 kernel is a Hopper (sm90) kernel; on
+Blackwell and consumer GPUs it depends on the torch build, and ROCm's fp8 is another type (e4m3fnuz)."""
+MIN_TORCH = (2, 6)
+"""torch 2.5's per-row fp8 kernel was reported to read past its scales when the rows are not a multiple
+of 256 (pytorch/pytorch#133334), as a batch of tokens usually is."""
+MIN_CUDA = 12
+"""torch builds for CUDA 11 leave the per-row fp8 kernel out."""
 
 
 def quantize_rows(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -147,8 +153,14 @@ def replace_projections(visual: torch.nn.Module, projection: Projection) -> int:
 
 def quantize_fp8(visual: torch.nn.Module, out_dtype: torch.dtype = torch.bfloat16) -> int:
     """Turn ``visual``'s transformer matmuls into :class:`Float8Linear` in place (their bf16 weights are
-    freed); returns how many modules were replaced. Call :func:`fp8_unsupported_reason` first."""
-    return replace_projections(visual, lambda weight, bias: Float8Linear(weight, bias, out_dtype))
+    freed); returns how many modules were replaced, or raises a :class:`~vlmrm_fast.backends.BackendError`
+    where there is none (a ResNet or timm tower): fp8 asked for is never silently bf16. Call
+    :func:`fp8_unsupported_reason` first."""
+    count = replace_projections(visual, lambda weight, bias: Float8Linear(weight, bias, out_dtype))
+    if count == 0:
+        raise BackendError(f"quantize='fp8' found no transformer matmuls to quantise in this vision tower "
+                           f"({type(visual).__name__}); drop quantize, or use a ViT.")
+    return count
 
 
 TORCH_QUANTIZE_CHOICES = ("fp8",)
@@ -172,13 +184,20 @@ def fp8_unsupported_reason(device: torch.device, dtype: torch.dtype) -> Optional
     if dtype != torch.bfloat16:
         return f"quantize='fp8' computes in bfloat16 around its fp8 matmuls; pass dtype=torch.bfloat16, not {dtype}"
     if device.type != "cuda":
-        return ("quantize='fp8' runs on CUDA GPUs of compute capability 9.0 or newer (Hopper), not on "
+        return ("quantize='fp8' runs on Hopper GPUs (CUDA, compute capability 9.x), not on "
                 f"{device.type}; on CPU, backend='onnxruntime' with quantize='int8' is the lossy fast path")
+    if torch.version.hip is not None:
+        return "quantize='fp8' runs on NVIDIA Hopper GPUs, not ROCm (whose fp8 is float8_e4m3fnuz): use bfloat16"
     version = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
     if version < MIN_TORCH:
-        return f"quantize='fp8' needs torch >= 2.5 (per-row scaled fp8 matmuls); this is torch {torch.__version__}"
+        return (f"quantize='fp8' needs torch >= {MIN_TORCH[0]}.{MIN_TORCH[1]} (per-row scaled fp8 matmuls); this is "
+                f"torch {torch.__version__}")
+    cuda_major = int((torch.version.cuda or "0").split(".")[0])
+    if cuda_major < MIN_CUDA:
+        return (f"quantize='fp8' needs a torch build for CUDA >= {MIN_CUDA} (those for {torch.version.cuda} have no "
+                "per-row fp8 matmul)")
     capability = torch.cuda.get_device_capability(device)
-    if capability < MIN_CAPABILITY:
-        return (f"quantize='fp8' needs a GPU of compute capability 9.0 or newer (Hopper); "
-                f"{torch.cuda.get_device_name(device)} is {capability[0]}.{capability[1]}: use bfloat16")
+    if capability[0] != HOPPER:
+        return (f"quantize='fp8' runs on Hopper GPUs (compute capability 9.x), where torch's per-row fp8 matmul "
+                f"is built; {torch.cuda.get_device_name(device)} is {capability[0]}.{capability[1]}: use bfloat16")
     return None
