@@ -26,7 +26,8 @@
 #                with the kernel profile of the largest batch (where the time goes against the ceiling);
 #                PROFILE_BATCHES="1 64 1024", PROFILE_BACKENDS=torch (or compile) and PROFILE_NO_SEED=1
 #                split a long one (ViT-bigG-14) over calls; PROFILE_DTYPES="bf16 fp8" (or fp8) adds the
-#                torch and compile backends' fp8 matmuls (Hopper)
+#                torch and compile backends' fp8 matmuls (Hopper); PROFILE_ARGS="--compile-mode
+#                max-autotune" (for one) passes more options
 #
 # Each part writes under $RESULTS/<part>/ (RESULTS defaults to $OUT where that is set, else
 # runs/gpu-session/): its log and results, at most 4 files; copy the figures worth keeping to
@@ -134,13 +135,13 @@ except Exception as error:  # the summary must print whatever is missing
 EOF
 }
 
-profile() {  # profile PART MODEL; PROFILE_BATCHES, PROFILE_BACKENDS and PROFILE_NO_SEED=1 trim a long part; PROFILE_DTYPES="bf16 fp8" adds fp8
+profile() {  # profile PART MODEL; PROFILE_BATCHES, PROFILE_BACKENDS and PROFILE_NO_SEED=1 trim a long part; PROFILE_DTYPES="bf16 fp8" adds fp8; PROFILE_ARGS more options
     local seed=()
     [ "${PROFILE_NO_SEED:-0}" = 1 ] && seed=(--no-seed)
     # shellcheck disable=SC2086
     part "$1" "$PYTHON" -m vlmrm_fast bench --models "$2" --frame-size 224 --batch-sizes ${PROFILE_BATCHES:-1 8 64 256 1024} \
         --dtypes ${PROFILE_DTYPES:-bf16} --backends ${PROFILE_BACKENDS:-torch compile} --out "$RESULTS/$1" --no-progress --kernel-profile \
-        ${seed[@]+"${seed[@]}"}
+        ${seed[@]+"${seed[@]}"} ${PROFILE_ARGS:-}
 }
 
 # One function per part: part_<name>, dashes as underscores.

@@ -1246,6 +1246,32 @@ def test_profile_backend_builds_each_precision_with_its_options(small_profiler, 
     assert profiler_.report.rows == [] and profiler_.report.failures == []
 
 
+def test_compile_mode_reaches_the_compile_backend_and_the_report(small_profiler, monkeypatch, tmp_path):
+    from vlmrm_fast.backends import BackendError
+    from vlmrm_fast.profiler.report import Report, markdown_report
+    from vlmrm_fast.profiler.run import resolve_config
+
+    profiler_ = small_profiler[0]
+    profiler_.config = resolve_config(_bench_args("--models", "vlmrm-tiny", "--batch-sizes", "2", "--backends", "compile",
+                                                  "--compile-mode", "max-autotune", "--out", str(tmp_path)))
+    built = []
+
+    def refuse(base, tokenizer, name, **options):
+        built.append(options)
+        raise BackendError("no")
+
+    monkeypatch.setattr(profiler_, "_reward_model", refuse)
+    profiler_._profile_backend("vlmrm-tiny", None, None, "compile", "fp32", 1.0, "analytic", None, None)
+    profiler_._profile_backend("vlmrm-tiny", None, None, "torch", "fp32", 1.0, "analytic", None, None)
+    assert [b["backend_options"] for b in built] == [{"buckets": (2,), "mode": "max-autotune"}, None]
+    env = {"device": "cpu", "timestamp": "t", "commit": "c", "cpu_count": 2}
+    config = profiler_.config.as_json()
+    assert "mode=max-autotune" in markdown_report(Report(env, config, rows=[]))
+    assert "mode=" not in markdown_report(Report(env, {**config, "compile_mode": None}, rows=[]))
+    with pytest.raises(SystemExit):
+        _bench_args("--compile-mode", "fastest")
+
+
 def test_profile_backend_warms_up_before_timing_and_reports_the_reward_error(small_profiler, monkeypatch):
     profiler_, base, tokenizer, _ = small_profiler
     timer = profiler_.timer

@@ -14,6 +14,8 @@ FLOAT_PRECISIONS = ("fp32", "bf16", "fp16")
 QUANTIZED_PRECISIONS = ("int8", "fp8")
 """int8: ONNX Runtime's dynamic quantisation (CPU); fp8: the torch, compile and tensorrt backends' (Hopper)."""
 PRECISIONS = (*FLOAT_PRECISIONS, *QUANTIZED_PRECISIONS)
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+"""torch.compile's modes (``backend_options={"mode": ...}`` of the compile backend)."""
 SEED_FRAME_SIZE = 480
 """The original code rendered 480 x 480 frames (SPEC §1.3): the seed pipeline always gets those, and
 they are the default ``--frame-size``."""
@@ -52,6 +54,10 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--warmup", type=positive_int, metavar="N", help="untimed calls first (default: CPU 1, CUDA 3)")
     p.add_argument("--time-budget", type=float, default=10.0, metavar="S",
                    help="stop repeating a stage after S seconds of timed calls, once 3 are done (default: %(default)s)")
+    p.add_argument("--compile-mode", choices=COMPILE_MODES, metavar="MODE",
+                   help=f"torch.compile's mode for the compile backend, from {', '.join(COMPILE_MODES)} (default: "
+                   "reduce-overhead on CUDA, default on CPU); max-autotune also tries Triton matmuls with the GELU, "
+                   "bias and residual adds fused in, and autotunes for minutes")
     p.add_argument("--no-seed", action="store_true", help="skip the seed pipeline (no speedups)")
     p.add_argument("--out", type=Path, metavar="DIR", help="output folder (default: runs/bench-<UTC timestamp>/)")
     p.add_argument("--quick", action="store_true",

@@ -281,6 +281,8 @@ def markdown_report(report: Report) -> str:
         f"timed with it, starts after a {SWITCH_PAUSE_S:g} s pause (ONNX Runtime's threads spin after a run and slow "
         "the torch work that follows).",
     ]
+    if config.get("compile_mode"):
+        lines += ["", f"The compile rows ran torch.compile with mode={config['compile_mode']}."]
     if any(r.frac_of_peak is not None and r.frac_of_peak > 1 for r in report.rows):
         lines += [
             "",

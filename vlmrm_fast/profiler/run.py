@@ -123,6 +123,8 @@ class BenchConfig:
     plot: bool
     quick: bool
     kernel_profile: bool = False
+    compile_mode: Optional[str] = None
+    """torch.compile's mode for the compile backend's rows; None for the backend's default."""
 
     def as_json(self) -> Dict[str, Any]:
         return {key: str(value) if isinstance(value, (Path, torch.device)) else value for key, value in asdict(self).items()}
@@ -169,6 +171,7 @@ def resolve_config(args: argparse.Namespace) -> BenchConfig:
         plot=not args.no_plot,
         quick=args.quick,
         kernel_profile=args.kernel_profile,
+        compile_mode=getattr(args, "compile_mode", None),
     )
 
 
@@ -392,6 +395,8 @@ class Profiler:
         options: Optional[Dict[str, Any]] = None
         if backend == "compile":
             options = {"buckets": tuple(batches)}
+            if self.config.compile_mode is not None:
+                options["mode"] = self.config.compile_mode
         if dtype in QUANTIZED:
             options = {**(options or {}), "quantize": dtype}
             if backend == "tensorrt":  # its fp8 scales activations statically; torch's per call
