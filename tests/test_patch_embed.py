@@ -121,3 +121,22 @@ def test_export_folds_it_back_into_a_convolution():
     frames = torch.randint(0, 256, (2, 224, 224, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(4))
     with torch.inference_mode():
         assert torch.equal(wrapped(frames), plain(frames))
+
+
+def test_a_pixels_export_writes_the_convolution_back(tmp_path):
+    onnx = pytest.importorskip("onnx", reason="needs onnx (pip install 'vlmrm-fast[export]')")
+    from vlmrm_fast.backends.onnx_export import export_onnx
+
+    model, _ = make_tiny()
+    visual = model.visual.eval()
+    use_patch_matmul(visual)
+    path = export_onnx(visual, tmp_path / "tower.onnx", preprocess_spec_of(model, "vlmrm"), input_format="pixels")
+    ops = [node.op_type for node in onnx.load(str(path)).graph.node]
+    assert ops.count("Conv") == 1  # one node, as ONNX Runtime and TensorRT expect a patch embedding
+    assert type(visual.conv1) is PatchMatmulConv2d  # put back after the export
+    ort = pytest.importorskip("onnxruntime", reason="needs onnxruntime (pip install 'vlmrm-fast[export]')")
+    pixels = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(5))
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"pixels": pixels.numpy()})[0]
+    with torch.inference_mode():
+        want = visual(pixels)
+    assert (torch.from_numpy(got) - want).abs().max().item() <= 1e-4 * want.abs().max().item()

@@ -260,3 +260,14 @@ def test_fp8_on_a_tower_without_a_transformer_is_refused():
     tower = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3), torch.nn.Flatten())
     with pytest.raises(BackendError, match="no transformer matmuls"):
         torch_fp8.quantize_fp8(tower)
+
+
+def test_an_fp8_tower_is_not_exported():
+    # The export would trace torch._scaled_mm, which has no ONNX form: refused, naming what to export.
+    from vlmrm_fast.backends.onnx_export import export_onnx
+    from vlmrm_fast.models import preprocess_spec_of
+
+    model, _ = make_tiny()
+    torch_fp8.quantize_fp8(model.visual)
+    with pytest.raises(ValueError, match="quantised to fp8.*export the model as loaded"):
+        export_onnx(model.visual, "unused.onnx", preprocess_spec_of(model, "vlmrm"), input_format="pixels")

@@ -40,6 +40,8 @@ import torch.nn.functional as F
 from vlmrm_fast.argtypes import ONNX_EXPORTERS, ONNX_INPUT_FORMATS
 from vlmrm_fast.atomic import default_file_mode, fsync_dir
 from vlmrm_fast.backends.base import BackendError, missing_extra
+from vlmrm_fast.backends.patch_embed import patch_convolution
+from vlmrm_fast.backends.torch_fp8 import Float8Linear
 from vlmrm_fast.ops.preprocess import PreprocessSpec
 from vlmrm_fast.quiet_logging import loggers_quieted
 
@@ -325,6 +327,10 @@ def export_onnx(
         raise ValueError(f"input_format={input_format!r} is not one of {ONNX_INPUT_FORMATS}.")
     if exporter not in ONNX_EXPORTERS:
         raise ValueError(f"exporter={exporter!r} is not one of {ONNX_EXPORTERS}.")
+    if any(isinstance(m, Float8Linear) for m in visual.modules()):
+        raise ValueError("this vision tower's matmuls were quantised to fp8 for the torch backends (backend_options "
+                         "quantize='fp8'), which an ONNX graph cannot hold: export the model as loaded, before a "
+                         "reward quantises it (or load it again).")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     param = next(visual.parameters())
@@ -348,7 +354,7 @@ def export_onnx(
             # The dynamo exporter's optimiser logs each pass at INFO: hundreds of lines where a user turned
             # INFO on to see vlmrm_fast's one-off builds announced.
             with torch.inference_mode(False), torch.no_grad(), _mha_fastpath_disabled(), \
-                    loggers_quieted("onnxscript", "onnx_ir", "torch.onnx"), \
+                    loggers_quieted("onnxscript", "onnx_ir", "torch.onnx"), patch_convolution(visual), \
                     static_self_attention(module, example[:1]):  # one frame: the token count is all it needs
                 fell_back = _write_raw_graph(module, example, raw, input_name, opset, external_data, exporter)
         if fell_back is not None:

@@ -9,6 +9,9 @@ TFLOP that a matmul at the measured peak does in 0.35 ms (10 ms and 19 ms for Vi
 """
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import torch
 import torch.nn.functional as F
 
@@ -69,3 +72,22 @@ def use_patch_matmul(visual: torch.nn.Module) -> bool:
         return False
     visual.conv1 = PatchMatmulConv2d.from_conv(conv)
     return True
+
+
+@contextlib.contextmanager
+def patch_convolution(visual: torch.nn.Module) -> Iterator[None]:
+    """For the duration of the block, ``visual.conv1`` is a plain ``nn.Conv2d`` again if it was a
+    :class:`PatchMatmulConv2d` (same parameters): an ONNX export then writes one Conv node, which ONNX
+    Runtime and TensorRT run as they are tuned to, not a reshape, transpose and matmul."""
+    conv = getattr(visual, "conv1", None)
+    if not isinstance(conv, PatchMatmulConv2d):
+        yield
+        return
+    plain = torch.nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
+                            bias=conv.bias is not None, device="meta")
+    plain.weight, plain.bias = conv.weight, conv.bias
+    visual.conv1 = plain
+    try:
+        yield
+    finally:
+        visual.conv1 = conv
