@@ -42,7 +42,7 @@ import torch
 
 from vlmrm_fast.ops._triton import interpreter_enabled, triton_runs_on
 from results_io import RunFiles, check_csv, config_of, fmt  # noqa: E402  (benchmarks/, beside this script)
-from vlmrm_fast.backends.patch_embed import PatchMatmulConv2d
+from vlmrm_fast.backends.patch_embed import PatchMatmulConv2d  # noqa: E402
 from vlmrm_fast.run_info import device_name, git_commit, gpu_driver, package_version
 from vlmrm_fast.ops.preprocess import PreprocessSpec, check_tile, preprocess, preprocess_triton
 from vlmrm_fast.ops.score import ScoringTargets, score
@@ -95,6 +95,8 @@ PREPROCESS_CASES = (
     PreprocessCase("224-fast", 224, 224, "vlmrm"),
     PreprocessCase("480-openclip", 480, 480, "openclip"),
 )
+
+
 @dataclass(frozen=True)
 class PatchEmbedCase:
     """A ViT's patch embedding: ``patch`` x ``patch`` patches of a 224 x 224 image to width ``width``."""

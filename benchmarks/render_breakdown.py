@@ -243,7 +243,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--processes", type=int, nargs="*", default=[2, 4, 8], help="process counts (default 2 4 8)")
     p.add_argument("--scene-shadow-size", type=int, default=None, metavar="S",
                    help="every variant's scene starts with this shadow-map size (default: the env's, 4096)")
-    p.add_argument("--scene-no-shadow", action="store_true", help="every variant's scene starts without shadows")
+    p.add_argument("--scene-no-shadow", action="store_true",
+                   help="every variant's scene starts without shadows (its shadowsize variants then change nothing: "
+                   "pass --shadow-sizes with no sizes)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="2 envs, 3 calls, 2 threads and 2 processes")
     p.add_argument("--json", type=Path, help="write the environment and rows here")

@@ -572,6 +572,23 @@ def test_fp8_matmul_peak_runs_as_the_fp8_backends_do(monkeypatch):
     assert n == 512 and tflops > 0 and set(seen) == {(e4m3, e4m3, (512, 1), (1, 512), torch.bfloat16)}
 
 
+def test_fp8_peak_only_where_fp8_runs(monkeypatch, tmp_path):
+    # An fp8 product on a GPU without fp8 matmuls would stop the whole run: the peak is left out there,
+    # and the fp8 rows are skipped with the backends' reason.
+    import dataclasses
+
+    from vlmrm_fast.profiler import run
+    from vlmrm_fast.profiler.run import peak_precisions, resolve_config
+
+    config = resolve_config(_bench_args("--dtypes", "bf16", "fp8", "int8", "--out", str(tmp_path)))
+    on_cuda = dataclasses.replace(config, device=torch.device("cuda", 0))
+    monkeypatch.setattr(run, "fp8_unsupported_reason", lambda device, dtype: "an A100")
+    assert peak_precisions(on_cuda) == ["bf16", "fp16"]  # fp16: the seed's autocast
+    monkeypatch.setattr(run, "fp8_unsupported_reason", lambda device, dtype: None)
+    assert peak_precisions(on_cuda) == ["bf16", "fp8", "fp16"]
+    assert peak_precisions(dataclasses.replace(config, seed=False)) == ["bf16", "fp8"]
+
+
 def test_a_seed_that_moved_during_the_run_marks_the_ratio():
     # 'vs seed' divides by the seed timed in alternation with the row; where that seed and the
     # seed's own row disagree by over 1.5x, the machine's load changed and the ratio is marked.

@@ -2,7 +2,8 @@
 
 Each batch is padded up to the smallest bucket that holds it, so only ``len(buckets)`` graphs are
 ever compiled and (on CUDA, ``mode="reduce-overhead"``) captured; larger batches run in slices of
-the largest bucket. Compilation happens on first use of a bucket, or up front with
+the largest bucket. ``quantize="fp8"`` and, on CUDA, the patch embedding as a matmul are as in the
+"torch" backend (:class:`~vlmrm_fast.backends.eager.TorchBackend`), applied before compiling. Compilation happens on first use of a bucket, or up front with
 :meth:`CompileBackend.warmup`; its time is kept in ``build_seconds`` (per bucket in
 ``compile_seconds``), apart from steady-state time.
 """
@@ -69,7 +70,8 @@ class CompileBackend(VisionBackend):
         self.buckets = tuple(sorted(int(b) for b in buckets)) if buckets else default_buckets(max_batch_size)
         self.mode = mode or ("reduce-overhead" if device.type == "cuda" else "default")
         _allow_more_graphs(len(self.buckets))
-        use_patch_matmul(visual)  # inductor leaves convolutions to cuDNN, which runs this one slowly
+        if self.device.type == "cuda":  # inductor leaves convolutions to cuDNN, which runs this one slowly
+            use_patch_matmul(visual)
         self.quantize = quantize
         if quantize == "fp8":
             quantize_fp8(visual, dtype)  # before compiling, so inductor sees (and can fuse) each activation's scaling

@@ -12,9 +12,10 @@ from vlmrm_fast.backends.torch_fp8 import check_torch_quantize, quantize_fp8
 
 class TorchBackend(VisionBackend):
     """Eager PyTorch in the tower's dtype. Attention goes through ``nn.MultiheadAttention``, whose
-    inference fast path calls scaled-dot-product attention (flash / memory-efficient kernels on CUDA);
-    a ViT's patch embedding runs as one matmul (:mod:`vlmrm_fast.backends.patch_embed`; ``visual.conv1``
-    is replaced in place, its parameters kept).
+    inference fast path calls scaled-dot-product attention (flash / memory-efficient kernels on CUDA; with
+    fp8, through :class:`~vlmrm_fast.backends.torch_fp8.SelfAttention` and SDPA). On CUDA a ViT's patch
+    embedding runs as one matmul (:mod:`vlmrm_fast.backends.patch_embed`; ``visual.conv1`` is replaced in
+    place, its parameters kept).
 
     Args:
         quantize: None, or "fp8": the transformer's matmuls in E4M3 (:mod:`vlmrm_fast.backends.torch_fp8`;
@@ -28,7 +29,8 @@ class TorchBackend(VisionBackend):
         check_torch_quantize(quantize, self.name, self.device, dtype)
         self.visual = visual
         self.quantize = quantize
-        use_patch_matmul(visual)
+        if self.device.type == "cuda":  # cuDNN's convolution is what was slow; on CPU it is not measured
+            use_patch_matmul(visual)
         if quantize == "fp8":
             quantize_fp8(visual, dtype)
 

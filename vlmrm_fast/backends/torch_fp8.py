@@ -1,9 +1,11 @@
 """fp8 (E4M3) matmuls for the "torch" and "compile" backends: ``backend_options={"quantize": "fp8"}``.
 
 The ViT's matmuls (each block's attention projections and MLP) are nearly all of its FLOPs, and on the
-H200 they already run at the bf16 matmul peak (benchmarks/results/profile-h200-bigg): the towers' bf16
-targets are out of reach of bf16 itself. fp8 matmuls have twice the peak. Here each such ``nn.Linear``
-(and each ``nn.MultiheadAttention``'s two projections) becomes a :class:`Float8Linear`:
+H200 ViT-bigG-14's already run at about the bf16 matmul peak measured beside them (670 of 683 TFLOP/s,
+benchmarks/results/profile-h200-bigg), while the frames/s targets sit within 10% of the towers' bf16 FLOP
+ceilings. fp8 tensor cores have twice bf16's dense peak on paper (how much of it these matmuls get is not
+measured yet). Here each such ``nn.Linear`` (and each ``nn.MultiheadAttention``'s two projections) whose
+sizes are multiples of 16 becomes a :class:`Float8Linear` (others stay bf16):
 
 - weights: E4M3, one scale per output row (its largest magnitude maps to 448, E4M3's largest value);
 - activations: E4M3, one scale per row (per token), computed on every call (dynamic scaling: nothing to
@@ -11,8 +13,9 @@ targets are out of reach of bf16 itself. fp8 matmuls have twice the peak. Here e
 - ``torch._scaled_mm`` multiplies them, accumulating in float32, and adds the bias in its epilogue,
   writing bfloat16.
 
-Everything else (patch embedding, LayerNorm, softmax, GELU, the output projection ``visual.proj``) stays
-in bf16. Eager scales each activation in a few passes over it; with ``"compile"``, inductor can fuse them.
+Everything else stays bf16: the patch embedding, LayerNorm, attention itself (SDPA's two matmuls and
+softmax), GELU and the output projection ``visual.proj``. Eager scales each activation in a few passes over
+it; with ``"compile"``, inductor may fuse them (not yet seen on a GPU).
 
 No library does this here: torchao's float8 inference quantisation refuses devices below compute
 capability 8.9 (so it cannot be tested on CPU), and is tied to particular torch versions. Per-row
@@ -157,6 +160,8 @@ def quantize_fp8(visual: torch.nn.Module, out_dtype: torch.dtype = torch.bfloat1
     where there is none (a ResNet or timm tower): fp8 asked for is never silently bf16. Call
     :func:`fp8_unsupported_reason` first."""
     count = replace_projections(visual, lambda weight, bias: Float8Linear(weight, bias, out_dtype))
+    if count == 0 and any(isinstance(m, Float8Linear) for m in visual.modules()):
+        return 0  # quantised already (a second backend on the same tower)
     if count == 0:
         raise BackendError(f"quantize='fp8' found no transformer matmuls to quantise in this vision tower "
                            f"({type(visual).__name__}); drop quantize, or use a ViT.")
@@ -171,7 +176,7 @@ def check_torch_quantize(quantize: Optional[str], backend: str, device: torch.de
     if quantize is None:
         return
     if quantize not in TORCH_QUANTIZE_CHOICES:
-        also = "; int8 is backend='onnxruntime''s, on CPU" if quantize == "int8" else ""
+        also = "; int8 is the onnxruntime backend's, on CPU" if quantize == "int8" else ""
         raise BackendError(f"backend_options quantize={quantize!r} is not one of {TORCH_QUANTIZE_CHOICES} (or None) "
                            f"for backend={backend!r}{also}.")
     reason = fp8_unsupported_reason(device, dtype)

@@ -273,7 +273,8 @@ def markdown_report(report: Report) -> str:
         "pinned memory, then the upload; n/a on CPU; the seed's rows copy from pageable memory, as the original did). The seed pipeline (the original code's) always gets 480 x 480 frames; in a backend's row, "
         "'seed' is the seed's end to end at that batch size timed in alternation with the row's own end to end (so "
         "load on a shared machine weighs on both alike), and 'vs seed' is their ratio. TFLOP/s = tower GFLOP/img x "
-        "tower frames/s; 'of peak' against the matmul peak in that dtype (fp16 for the seed on CUDA). 'build s' (export, compile, "
+        "tower frames/s; 'of peak' against the matmul peak in that dtype (fp16 for the seed on CUDA; for fp8 rows the fp8 peak, "
+        "though their attention and patch embedding run in bf16). 'build s' (export, compile, "
         "engine build) is not in any frames/s. 'reward err' is the largest difference between the row's rewards and "
         f"the float32 eager path's, on the same model and the first {min(REWARD_CHECK_FRAMES, max(config['batch_sizes']))} "
         "frames, in one batch (random weights: a guide, not a "
@@ -286,7 +287,7 @@ def markdown_report(report: Report) -> str:
     if any(r.frac_of_peak is not None and r.frac_of_peak > 1 for r in report.rows):
         lines += [
             "",
-            "'of peak' above 100%: that row's tower runs faster than torch.mm in its dtype did here, so the measured "
+            "'of peak' above 100%: that row's tower runs faster than the measured matmul in its dtype did here, so the measured "
             "peak is no ceiling for it (on CPU, bf16 and fp16 torch.mm take slow paths that compiled towers avoid).",
         ]
     if unsteady_rows(report.rows):

@@ -61,6 +61,7 @@ from tqdm import tqdm
 
 from vlmrm_fast.backends import BackendError
 from vlmrm_fast.backends.base import missing_cuda_device
+from vlmrm_fast.backends.torch_fp8 import fp8_unsupported_reason
 from vlmrm_fast.frames import as_frame_batch
 from vlmrm_fast.models import TINY_MODEL, check_model_name, preprocess_spec_of
 from vlmrm_fast.ops._triton import HAS_TRITON, interpreter_enabled
@@ -521,6 +522,15 @@ def in_cli_terms(message: str) -> str:
     return message
 
 
+def peak_precisions(config: BenchConfig) -> List[str]:
+    """The precisions whose matmul peak a run measures: its float ones, the seed's own (fp16 autocast on
+    CUDA, fp32 on CPU: its rows are set against it), and fp8 where the torch backends' fp8 can run (an fp8
+    product elsewhere would fail, not skip). int8 has none: its rows show no 'of peak'."""
+    seed = ["fp16" if config.device.type == "cuda" else "fp32"] if config.seed else []
+    return [d for d in dict.fromkeys(config.dtypes + seed)
+            if d in DTYPES or (d == "fp8" and fp8_unsupported_reason(config.device, torch.bfloat16) is None)]
+
+
 def run_bench(args: argparse.Namespace) -> int:
     """``vlmrm-fast bench``: profile, write bench.json/.md/.png, print the table.
 
@@ -556,10 +566,7 @@ def run_bench(args: argparse.Namespace) -> int:
               "the torch path on CPU)")
 
     per_model = len(config.batch_sizes) * (len(backends) * len(config.dtypes) + int(config.seed))
-    # The seed's own precision too (fp16 autocast on CUDA, fp32 on CPU): its rows are set against it.
-    seed_peak = ["fp16" if config.device.type == "cuda" else "fp32"] if config.seed else []
-    peak_dtypes = [d for d in dict.fromkeys(config.dtypes + seed_peak)  # no int8 matmul peak: its rows show none;
-                   if d in DTYPES or (d == "fp8" and config.device.type == "cuda")]  # fp8 is refused off CUDA
+    peak_dtypes = peak_precisions(config)
     try:
         with tqdm(total=per_model * len(config.models), unit="config", disable=None if config.progress else True,
                   file=sys.stderr, dynamic_ncols=True) as bar, sigterm_as_interrupt():
