@@ -17,8 +17,8 @@ Everything else stays bf16: the patch embedding, LayerNorm, attention itself (SD
 softmax), GELU and the output projection ``visual.proj``. Eager scales each activation in a few passes over
 it; with ``"compile"``, inductor may fuse them (not yet seen on a GPU).
 
-No library does this here: torchao's float8 inference quantisation refuses devices below compute
-capability 8.9 (so it cannot be tested on CPU), and is tied to particular torch versions. Per-row
+torchao's float8 inference quantisation does the same, but refuses devices below compute capability 8.9
+(so CI, on CPU, could not test it) and is tied to particular torch versions; hence this module. Per-row
 scaled ``torch._scaled_mm`` runs on Hopper GPUs (compute capability 9.x; taken from torch 2.6, CUDA 12
 builds) and on CPU from torch 2.15; CPU use is for tests only (:func:`fp8_unsupported_reason` refuses it).
 """
