@@ -10,7 +10,6 @@ import torch.nn.functional as F
 
 from vlmrm_fast.backends import VisionBackend, build_backend, check_backend_options, resolve_backend
 from vlmrm_fast.backends.base import checked_device
-from vlmrm_fast.backends.torch_fp8 import check_torch_quantize
 from vlmrm_fast.frames import FrameInput, as_frame_batch
 from vlmrm_fast.models import create_clip, image_size_of, preprocess_spec_of
 from vlmrm_fast.ops._triton import resolve_kernels
@@ -172,9 +171,7 @@ class CLIPReward:
         resolved = _resolve_device(device)
         resolved_dtype = _resolve_dtype(dtype, resolved)
         picked = resolve_backend(backend, resolved, resolved_dtype)
-        check_backend_options(picked, dict(backend_options or {}), resolved, requested=backend)
-        if picked in ("torch", "compile"):
-            check_torch_quantize((backend_options or {}).get("quantize"), picked, resolved, resolved_dtype)
+        check_backend_options(picked, dict(backend_options or {}), resolved, requested=backend, dtype=resolved_dtype)
         resolve_kernels(kernels, resolved)
         check_preprocess_mode(preprocess)
         if max_batch_size is not None:

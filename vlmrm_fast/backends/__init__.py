@@ -45,9 +45,12 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> s
 
 
 def check_backend_options(
-    backend: str, options: Optional[Dict[str, Any]], device: torch.device, requested: Optional[str] = None
+    backend: str, options: Optional[Dict[str, Any]], device: torch.device, requested: Optional[str] = None,
+    dtype: Optional[torch.dtype] = None,
 ) -> None:
-    """A :class:`BackendError` for ``options`` that the resolved ``backend``'s constructor does not take."""
+    """A :class:`BackendError` for ``options`` that the resolved ``backend``'s constructor does not take;
+    given ``dtype``, also for a ``quantize`` the "torch" or "compile" backend cannot run there (checked
+    before a model is loaded; the constructors check it again when built directly)."""
     unknown = sorted(set(options or {}) - set(BACKEND_OPTIONS.get(backend, ())))
     if unknown:
         takes = ", ".join(BACKEND_OPTIONS.get(backend, ())) or "none"
@@ -56,6 +59,10 @@ def check_backend_options(
         hint = f"; they are options of {', '.join(repr(b) for b in owners)}: pass that backend by name" if owners else ""
         raise BackendError(f"backend_options {unknown} are not options of the {backend!r} backend{picked}, "
                            f"whose options are: {takes}{hint}.")
+    if dtype is not None and backend in ("torch", "compile"):
+        from vlmrm_fast.backends.torch_fp8 import check_torch_quantize
+
+        check_torch_quantize((options or {}).get("quantize"), backend, device, dtype)
 
 
 def build_backend(

@@ -2,8 +2,9 @@
 
 Each batch is padded up to the smallest bucket that holds it, so only ``len(buckets)`` graphs are
 ever compiled and (on CUDA, ``mode="reduce-overhead"``) captured; larger batches run in slices of
-the largest bucket. ``quantize="fp8"`` and, on CUDA, the patch embedding as a matmul are as in the
-"torch" backend (:class:`~vlmrm_fast.backends.eager.TorchBackend`), applied before compiling. Compilation happens on first use of a bucket, or up front with
+the largest bucket. The tower is first changed as the "torch" backend changes it
+(:func:`~vlmrm_fast.backends.eager.adapt_tower`: the patch embedding as a matmul on CUDA, ``quantize="fp8"``),
+so that inductor compiles those forms. Compilation happens on first use of a bucket, or up front with
 :meth:`CompileBackend.warmup`; its time is kept in ``build_seconds`` (per bucket in
 ``compile_seconds``), apart from steady-state time.
 """
@@ -16,8 +17,7 @@ from typing import Dict, Optional, Sequence
 import torch
 
 from vlmrm_fast.backends.base import BackendError, VisionBackend
-from vlmrm_fast.backends.patch_embed import use_patch_matmul
-from vlmrm_fast.backends.torch_fp8 import check_torch_quantize, quantize_fp8
+from vlmrm_fast.backends.eager import adapt_tower
 
 DEFAULT_BUCKETS = (1, 8, 32, 64, 128, 256, 512, 1024)
 
@@ -63,18 +63,14 @@ class CompileBackend(VisionBackend):
         quantize: Optional[str] = None,
     ) -> None:
         super().__init__(device, dtype, image_size)
-        check_torch_quantize(quantize, self.name, self.device, dtype)
         if buckets is not None and (not isinstance(buckets, (list, tuple, range)) or not buckets or not all(
                 isinstance(b, numbers.Integral) and not isinstance(b, bool) and b >= 1 for b in buckets)):
             raise BackendError(f"backend_options buckets must be a list of positive integers (batch sizes); got {buckets!r}.")
         self.buckets = tuple(sorted(int(b) for b in buckets)) if buckets else default_buckets(max_batch_size)
         self.mode = mode or ("reduce-overhead" if device.type == "cuda" else "default")
         _allow_more_graphs(len(self.buckets))
-        if self.device.type == "cuda":  # inductor leaves convolutions to cuDNN, which runs this one slowly
-            use_patch_matmul(visual)
         self.quantize = quantize
-        if quantize == "fp8":
-            quantize_fp8(visual, dtype)  # before compiling, so inductor sees (and can fuse) each activation's scaling
+        adapt_tower(visual, self.name, self.device, dtype, quantize)
         self.compiled = torch.compile(visual, mode=self.mode, dynamic=False)
         self.compile_seconds: Dict[int, float] = {}
 

@@ -10,6 +10,18 @@ from vlmrm_fast.backends.patch_embed import use_patch_matmul
 from vlmrm_fast.backends.torch_fp8 import check_torch_quantize, quantize_fp8
 
 
+def adapt_tower(visual: torch.nn.Module, backend: str, device: torch.device, dtype: torch.dtype,
+                quantize: Optional[str]) -> None:
+    """What the "torch" and "compile" backends change in ``visual`` (in place) before running it: on CUDA,
+    the patch embedding as a matmul (cuDNN's convolution was the slow one; on CPU it is not measured);
+    with ``quantize="fp8"``, the transformer's matmuls in E4M3, after checking that they can run here."""
+    check_torch_quantize(quantize, backend, device, dtype)
+    if device.type == "cuda":
+        use_patch_matmul(visual)
+    if quantize == "fp8":
+        quantize_fp8(visual, dtype)
+
+
 class TorchBackend(VisionBackend):
     """Eager PyTorch in the tower's dtype. Attention goes through ``nn.MultiheadAttention``, whose
     inference fast path calls scaled-dot-product attention (flash / memory-efficient kernels on CUDA; with
@@ -26,13 +38,9 @@ class TorchBackend(VisionBackend):
 
     def __init__(self, visual: torch.nn.Module, device, dtype, image_size, quantize: Optional[str] = None) -> None:
         super().__init__(device, dtype, image_size)
-        check_torch_quantize(quantize, self.name, self.device, dtype)
         self.visual = visual
         self.quantize = quantize
-        if self.device.type == "cuda":  # cuDNN's convolution is what was slow; on CPU it is not measured
-            use_patch_matmul(visual)
-        if quantize == "fp8":
-            quantize_fp8(visual, dtype)
+        adapt_tower(visual, self.name, self.device, dtype, quantize)
 
     @torch.inference_mode()
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:

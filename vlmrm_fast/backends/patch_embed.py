@@ -31,12 +31,7 @@ class PatchMatmulConv2d(torch.nn.Conv2d):
         """A module sharing ``conv``'s weight and bias (nothing is copied); see :func:`is_patch_conv`."""
         if not is_patch_conv(conv):
             raise ValueError(f"{conv} is not an unpadded convolution whose stride equals its kernel.")
-        new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
-                  bias=conv.bias is not None, device="meta")
-        new.weight = conv.weight
-        new.bias = conv.bias
-        new.train(conv.training)
-        return new
+        return _sharing(cls, conv)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4:  # an unbatched image: not the tower's case, and the convolution handles it
@@ -50,6 +45,15 @@ class PatchMatmulConv2d(torch.nn.Conv2d):
                    .reshape(n * gh * gw, c * ph * pw))
         tokens = F.linear(patches, self.weight.reshape(self.out_channels, -1), self.bias)
         return tokens.view(n, gh, gw, self.out_channels).permute(0, 3, 1, 2)
+
+
+def _sharing(cls: type, conv: torch.nn.Conv2d) -> torch.nn.Conv2d:
+    """An unpadded ``cls`` (a Conv2d class) with ``conv``'s sizes, weight and bias (the same tensors:
+    made on the meta device, nothing is allocated) and training mode."""
+    new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, bias=conv.bias is not None,
+              device="meta")
+    new.weight, new.bias = conv.weight, conv.bias
+    return new.train(conv.training)
 
 
 def is_patch_conv(module: object) -> bool:
@@ -83,10 +87,7 @@ def patch_convolution(visual: torch.nn.Module) -> Iterator[None]:
     if not isinstance(conv, PatchMatmulConv2d):
         yield
         return
-    plain = torch.nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
-                            bias=conv.bias is not None, device="meta")
-    plain.weight, plain.bias = conv.weight, conv.bias
-    visual.conv1 = plain
+    visual.conv1 = _sharing(torch.nn.Conv2d, conv)
     try:
         yield
     finally:

@@ -64,17 +64,13 @@ class Float8Linear(torch.nn.Module):
     def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], out_dtype: torch.dtype) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
-        if self.in_features % 16 or self.out_features % 16:
+        if not _fits_fp8(weight):
             raise ValueError(f"fp8 matmuls need both sizes to be multiples of 16; this weight is {tuple(weight.shape)}.")
         self.out_dtype = out_dtype
         weight_fp8, weight_scale = quantize_rows(weight.detach())
         self.register_buffer("weight_fp8", weight_fp8)
         self.register_buffer("weight_scale", weight_scale.reshape(1, -1).contiguous())  # [1, N]: per column of W.T
         self.register_buffer("bias", None if bias is None else bias.detach().to(out_dtype))
-
-    @classmethod
-    def from_linear(cls, linear: torch.nn.Linear, out_dtype: torch.dtype) -> "Float8Linear":
-        return cls(linear.weight, linear.bias, out_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, scale = quantize_rows(x.reshape(-1, self.in_features))
@@ -130,6 +126,7 @@ def is_plain_attention(module: object) -> bool:
 
 
 def _fits_fp8(weight: torch.Tensor) -> bool:
+    """Whether ``torch._scaled_mm`` takes this [N, K] weight: both sizes multiples of 16."""
     return weight.dim() == 2 and weight.shape[0] % 16 == 0 and weight.shape[1] % 16 == 0
 
 
