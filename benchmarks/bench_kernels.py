@@ -15,6 +15,8 @@ Providers:
   CPU interpreter (``TRITON_INTERPRET=1``), whose timings say nothing about the kernel's speed.
 - ``triton-16x64w8`` (with ``--preprocess-tiles 16x64w8``): the preprocess kernel launched with
   16 x 64 tiles and 8 warps instead of its default, for tuning.
+- ``triton-flat1024w4``, ``triton-words1024w4`` (with ``--identity-variants``): candidate kernels for
+  frames already at the tower's size (``identity_variants.py``), timed on the ``224-fast`` case only.
 - ``torch``: the package's plain torch path (``impl="torch"``); for ``patch_embed``, the matmul.
 - ``seed``: the original VLM-RM code's way, the baseline for ``speedup_vs_seed``; for ``patch_embed``,
   the convolution (cuDNN on CUDA) in the benchmark's dtype.
@@ -40,12 +42,15 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from vlmrm_fast.ops._triton import interpreter_enabled, triton_runs_on
+from vlmrm_fast.ops._triton import HAS_TRITON, interpreter_enabled, triton_runs_on
 from results_io import RunFiles, check_csv, config_of, fmt  # noqa: E402  (benchmarks/, beside this script)
 from vlmrm_fast.backends.patch_embed import PatchMatmulConv2d  # noqa: E402
 from vlmrm_fast.run_info import device_name, git_commit, gpu_driver, package_version
 from vlmrm_fast.ops.preprocess import PreprocessSpec, check_tile, preprocess, preprocess_triton
 from vlmrm_fast.ops.score import ScoringTargets, score
+
+if HAS_TRITON:
+    import identity_variants  # noqa: E402  (beside this script; it defines Triton kernels)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -171,6 +176,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="also time the preprocess kernel with these tiles, e.g. 16x64w8 8x64w4 (rows x "
                         "columns, warps; powers of two), as providers triton-RxCwW (where Triton runs; in the "
                         "interpreter, triton-interpret-RxCwW, slower than its whole-frame default tile)")
+    parser.add_argument("--identity-variants", nargs="+", default=[], metavar="KINDBwW",
+                        help="also time candidate kernels for frames at the tower's size (224-fast only; "
+                        "benchmarks/identity_variants.py), e.g. flat1024w4 words1024w4: the kind, pixels a "
+                        "program and warps, as providers triton-KINDBwW")
     parser.add_argument("--csv", type=Path, help="append one row per (op, case, provider, N) to this CSV")
     parser.add_argument("--json", type=Path, help="write the whole run (environment, config, rows) as JSON")
     args = parser.parse_args(argv)
@@ -195,6 +204,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         args.ops.append("copy")
     try:
         args.preprocess_tiles = [parse_tile(t) for t in args.preprocess_tiles]
+        if args.identity_variants and not HAS_TRITON:
+            raise ValueError("--identity-variants: the triton package is not installed")
+        args.identity_variants = [identity_variants.parse_variant(v) for v in args.identity_variants]
     except ValueError as error:
         parser.error(str(error))
     if min(args.batch_sizes) < 1 or args.repeats < 1 or args.warmup < 1 or args.copy_mib < 1:
@@ -327,6 +339,14 @@ def tile_providers(tiles: Sequence[Tuple[int, int, int]], providers: Sequence[st
     return {f"{prefix}-{rows}x{cols}w{warps}": (rows, cols, warps) for rows, cols, warps in tiles}
 
 
+def identity_providers(variants: Sequence[Tuple[str, int, int]], providers: Sequence[str]) -> Dict[str, Tuple[str, int, int]]:
+    """Provider name -> candidate identity kernel (:mod:`identity_variants`), where Triton runs at all."""
+    if not any(p.startswith("triton") for p in providers):
+        return {}
+    prefix = "triton-interpret" if interpreter_enabled() else "triton"
+    return {f"{prefix}-{kind}{block}w{warps}": (kind, block, warps) for kind, block, warps in variants}
+
+
 def impl_of(provider: str) -> str:
     return "triton" if provider.startswith("triton") else "torch"
 
@@ -348,10 +368,11 @@ def bench_copy(args: argparse.Namespace, env: Dict[str, str], timer: Timer) -> R
 
 def bench_preprocess(
     args: argparse.Namespace, env: Dict[str, str], timer: Timer, providers: List[str],
-    tiled: Dict[str, Tuple[int, int, int]],
+    tiled: Dict[str, Tuple[int, int, int]], identity: Optional[Dict[str, Tuple[str, int, int]]] = None,
 ) -> List[Row]:
     """Every preprocess case and batch size; GB/s = (uint8 bytes read + output bytes written) / time.
-    ``tiled``: extra providers, the Triton kernel with another tile (:func:`tile_providers`)."""
+    ``tiled``: extra providers, the Triton kernel with another tile (:func:`tile_providers`);
+    ``identity``: candidate kernels for the case at the tower's size (:func:`identity_providers`)."""
     out_dtype = DTYPES[args.dtype]
     rows = []
     for case in PREPROCESS_CASES:
@@ -360,9 +381,13 @@ def bench_preprocess(
             frames = torch.randint(0, 256, (n, case.height, case.width, 3), dtype=torch.uint8, device=args.device)
             nbytes = frames.numel() + n * 3 * TOWER_SIZE[0] * TOWER_SIZE[1] * out_dtype.itemsize
             reference = None
-            for provider in [*providers, *tiled]:
+            candidates = (identity or {}) if (case.height, case.width) == TOWER_SIZE else {}
+            for provider in [*providers, *tiled, *candidates]:
                 if provider == "seed":
                     fn = functools.partial(seed_preprocess, frames, case.mode, out_dtype)
+                elif provider in candidates:
+                    fn = functools.partial(identity_variants.preprocess_identity, frames, spec, out_dtype,
+                                           candidates[provider])
                 elif provider in tiled:
                     fn = functools.partial(preprocess_triton, frames, spec, out_dtype, tile=tiled[provider])
                 else:
@@ -471,6 +496,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     env = environment(args.device)
     providers, skipped = providers_for(args.device)
     tiled = tile_providers(args.preprocess_tiles, providers)
+    identity = identity_providers(args.identity_variants, providers)
     begin = time.perf_counter()
 
     print(f"# vlmrm_fast kernel benchmark on {env['device']}")
@@ -485,7 +511,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     print()
 
     files = RunFiles(args.csv, args.json, COLUMNS, {"environment": env, "config": config_of(args),
-                                                    "providers": providers + list(tiled), "skipped": skipped})
+                                                    "providers": providers + list(tiled) + list(identity),
+                                                    "skipped": skipped})
     timer = Timer(args.device, args.warmup, args.repeats)
 
     def add(new: List[Row]) -> None:  # each op's rows written as soon as they are measured, ratios filled
@@ -496,7 +523,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         if "copy" in args.ops:
             add([bench_copy(args, env, timer)])
         if "preprocess" in args.ops:
-            add(bench_preprocess(args, env, timer, providers, tiled))
+            add(bench_preprocess(args, env, timer, providers, tiled, identity))
         if "score" in args.ops:
             add(bench_score(args, env, timer, providers))
         if "patch_embed" in args.ops:

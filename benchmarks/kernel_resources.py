@@ -10,8 +10,8 @@ The kernels are compiled exactly as the ops launch them: each variant runs the r
 the recorded arguments give the signature and the compile-time constants. Argument types come from
 Triton's own launch-time rule (``triton.runtime.jit.mangle_type``), so an integer equal to 1 becomes a
 compile-time constant as it does on a GPU (code that only works on a runtime integer fails here). The
-divisibility hints Triton also adds at launch are left out, so register counts can differ a little
-from a GPU's.
+divisibility hints Triton adds at launch (a 16-byte aligned pointer, an integer divisible by 16) are
+added too, as they decide how wide loads and stores are vectorised; the table shows those widths.
 
     python benchmarks/kernel_resources.py                 # sm_80 and sm_90, a table
     python benchmarks/kernel_resources.py --archs 90 --json resources.json
@@ -26,6 +26,7 @@ import importlib
 import inspect
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -50,6 +51,7 @@ class Resources:
     local_bytes: int
     stack_bytes: int
     shared_bytes: int
+    global_memory: str  # the global loads and stores in the PTX by width, e.g. "ld.b8 x6, st.v4.b32 x3"
     compile_s: float
 
 
@@ -87,6 +89,8 @@ def _variants() -> List[Tuple[str, Any, Callable[[], None], bool]]:
         return sc.ScoringTargets(torch.randn(t, d), torch.randn(t, d), torch.rand(t))
 
     kernel_pre, kernel_score = pre._preprocess_kernel, sc._score_kernel
+    ident = importlib.import_module("identity_variants")  # beside this script: candidates, not the op's path
+    bf16_224 = lambda variant: lambda: ident.preprocess_identity(u8(224), spec, torch.bfloat16, variant, bottom_up=True)  # noqa: E731
     return [
         ("480 squash resize -> bf16", kernel_pre, lambda: pre.preprocess_triton(u8(480), spec, torch.bfloat16), True),
         ("480 squash resize, 16 x 64 tile -> bf16", kernel_pre,  # the default before the H200's tile sweep
@@ -100,6 +104,8 @@ def _variants() -> List[Tuple[str, Any, Callable[[], None], bool]]:
                                        torch.bfloat16), True),
         ("400x600 squash resize -> fp32", kernel_pre,
          lambda: pre.preprocess_triton(torch.zeros((2, 400, 600, 3), dtype=torch.uint8), spec, torch.float32), True),
+        ("224 identity flat 1024 px, 4 warps", ident._identity_flat_kernel, bf16_224(("flat", 1024, 4)), False),
+        ("224 identity words 1024 px, 4 warps", ident._identity_words_kernel, bf16_224(("words", 1024, 4)), False),
         ("bf16 D=1280 T=1", kernel_score, lambda: sc.score_triton(torch.zeros((4, 1280), dtype=torch.bfloat16), targets(1, 1280)), True),
         ("fp16 D=768 T=3", kernel_score, lambda: sc.score_triton(torch.zeros((4, 768), dtype=torch.float16), targets(3, 768)), True),
         ("fp32 D=512 T=8", kernel_score, lambda: sc.score_triton(torch.zeros((4, 512)), targets(8, 512)), True),
@@ -121,21 +127,31 @@ def _launch_type(value: Any) -> str:
         return mangle_type(value)
 
 
-def _signature(kernel: Any, args: tuple, kwargs: dict) -> Tuple[Dict[str, str], Dict[str, Any], Dict[str, Any]]:
-    """(signature, compile-time constants, compile options such as num_warps) of a recorded launch."""
+def _signature(kernel: Any, args: tuple, kwargs: dict) -> Tuple[Dict[str, str], Dict[str, Any], Dict[str, Any], Dict[Any, Any]]:
+    """(signature, compile-time constants, compile options such as num_warps, attributes) of a recorded launch.
+
+    The attributes are the divisibility hints Triton's launcher adds on a GPU: a pointer aligned to 16
+    bytes, or an integer divisible by 16, is marked so (``tt.divisibility``), which is what lets the
+    compiler vectorise loads and stores. Pointers get the mark when their tensor is 16-byte aligned here
+    (fresh allocations are, on a GPU and on the CPU alike)."""
     names = [p.name for p in kernel.params]
     values = dict(zip(names, args), **kwargs)
     options = {key: value for key, value in kwargs.items() if key not in names}
-    signature, constexprs = {}, {}
-    for param in kernel.params:
+    signature, constexprs, attrs = {}, {}, {}
+    for index, param in enumerate(kernel.params):
         value = values[param.name]
         if isinstance(value, torch.Tensor):
             signature[param.name] = "*" + _TYPES[value.dtype]
+            aligned = value.data_ptr() % 16 == 0
         elif param.is_constexpr or _launch_type(value) == "constexpr":  # the latter: an int equal to 1
             signature[param.name], constexprs[param.name] = "constexpr", value
+            continue
         else:
             signature[param.name] = _launch_type(value)
-    return signature, constexprs, options
+            aligned = isinstance(value, int) and not isinstance(value, bool) and value % 16 == 0
+        if aligned:
+            attrs[(index,)] = [["tt.divisibility", 16]]
+    return signature, constexprs, options, attrs
 
 
 def _cuobjdump() -> Path:
@@ -155,6 +171,15 @@ def _resource_usage(cubin: bytes) -> Dict[str, int]:
     return {key: int(fields[key]) for key in ("REG", "STACK", "SHARED", "LOCAL")}
 
 
+def _global_memory(ptx: str) -> str:
+    """The kernel's global load and store instructions by width ("ld.b8 x6, st.v4.b32 x3"): how wide
+    its accesses are vectorised, counted in the code (a loop body once), not per thread at run time."""
+    counts: Dict[str, int] = {}
+    for op, width in re.findall(r"\b(ld|st)\.global(?:\.[\w:]+)*?((?:\.v[248])?\.[bfsu]\d+)\b", ptx):
+        counts[op + width] = counts.get(op + width, 0) + 1
+    return ", ".join(f"{key} x{n}" for key, n in sorted(counts.items()))
+
+
 def compile_all(archs: List[int]) -> List[Resources]:
     import triton
     from triton.backends.compiler import GPUTarget
@@ -170,15 +195,16 @@ def compile_all(archs: List[int]) -> List[Resources]:
         with _recording(module, kernel.fn.__name__) as recorder:
             launch()
         ((args, kwargs),) = recorder.calls
-        signature, constexprs, options = _signature(kernel, args, kwargs)
+        signature, constexprs, options, attrs = _signature(kernel, args, kwargs)
         for arch in archs:
             start = time.perf_counter()
-            compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+            compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
                                       target=GPUTarget("cuda", arch, 32), options=options)
             seconds = time.perf_counter() - start
             usage = _resource_usage(compiled.asm["cubin"])
             rows.append(Resources(kernel.fn.__name__, variant, default_launch, arch, usage["REG"], usage["LOCAL"], usage["STACK"],
-                                  max(usage["SHARED"], int(compiled.metadata.shared)), round(seconds, 2)))
+                                  max(usage["SHARED"], int(compiled.metadata.shared)),
+                                  _global_memory(compiled.asm["ptx"]), round(seconds, 2)))
     return rows
 
 
@@ -190,11 +216,13 @@ def main(argv: List[str] = None) -> int:
     import triton
 
     rows = compile_all(args.archs)
-    print(f"Triton {triton.__version__}, torch {torch.__version__}: registers per thread, spills, shared memory")
-    print(f"{'kernel':<20} {'variant':<42} {'sm':>3} {'regs':>5} {'local B':>8} {'stack B':>8} {'shared B':>9} {'compile s':>9}")
+    print(f"Triton {triton.__version__}, torch {torch.__version__}: registers per thread, spills, shared memory, "
+          "global loads and stores by width")
+    print(f"{'kernel':<22} {'variant':<42} {'sm':>3} {'regs':>5} {'local B':>8} {'stack B':>8} {'shared B':>9} {'compile s':>9}  "
+          "global ld/st")
     for r in rows:
-        print(f"{r.kernel:<20} {r.variant + ('' if r.default_launch else ' *'):<42} {r.arch:>3} {r.registers:>5} {r.local_bytes:>8} {r.stack_bytes:>8} "
-              f"{r.shared_bytes:>9} {r.compile_s:>9.2f}")
+        print(f"{r.kernel:<22} {r.variant + ('' if r.default_launch else ' *'):<42} {r.arch:>3} {r.registers:>5} {r.local_bytes:>8} {r.stack_bytes:>8} "
+              f"{r.shared_bytes:>9} {r.compile_s:>9.2f}  {r.global_memory}")
     print("* a tuning candidate, not the tile the op launches; compile s is 0 where Triton's cache held the kernel")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

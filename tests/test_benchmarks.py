@@ -303,6 +303,28 @@ def test_kernel_options_add_copy_and_refuse_what_cannot_be_measured(capsys):
             bench.parse_args(["--device", "cpu", *bad])
         assert refused.value.code == 2, bad
     assert "power of two" in capsys.readouterr().err
+    assert bench.parse_args(["--device", "cpu", "--identity-variants", "flat1024w4"]).identity_variants == [
+        ("flat", 1024, 4)]
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--device", "cpu", "--identity-variants", "flat1000w4"])
+    assert "'flat1000w4'" in capsys.readouterr().err
+
+
+def test_identity_candidates_are_timed_on_frames_of_the_towers_size_only(tmp_path):
+    # A real run in Triton's interpreter, one frame: the candidates' rows sit beside the op's on the
+    # 224-fast case, with the same output (their difference from the seed is the op's), and nowhere else.
+    bench = _load("bench_kernels")
+    if not bench.HAS_TRITON or not bench.triton_runs_on(torch.device("cpu")):
+        pytest.skip("Triton cannot run here")
+    out_json = tmp_path / "k.json"
+    bench.main(["--device", "cpu", "--ops", "preprocess", "--batch-sizes", "1", "--repeats", "1", "--warmup", "1",
+                "--copy-mib", "1", "--identity-variants", "flat1024w4", "words512w2", "--json", str(out_json)])
+    rows = [r for r in json.loads(out_json.read_text())["rows"] if r["op"] == "preprocess"]
+    candidates = {r["provider"]: r for r in rows if "flat" in r["provider"] or "words" in r["provider"]}
+    assert set(candidates) == {"triton-interpret-flat1024w4", "triton-interpret-words512w2"}
+    (op,) = [r for r in rows if r["provider"] == "triton-interpret" and r["case"] == "224-fast"]
+    for row in candidates.values():
+        assert row["case"] == "224-fast" and row["max_abs_diff_vs_seed"] == op["max_abs_diff_vs_seed"] > 0
 
 
 def test_kernel_providers_name_the_interpreter(monkeypatch):
@@ -631,18 +653,18 @@ def test_kernel_resources_compile_each_recorded_launch_and_read_its_counts(monke
     kernels._k = kernel
 
     def launch():  # as the op's launcher: looks the kernel up in its module when called
-        kernels._k[(4,)](torch.zeros(3), 7, 1, BLOCK=64, num_warps=8)
+        kernels._k[(4,)](torch.zeros(3), 48, 1, BLOCK=64, num_warps=8)
 
     monkeypatch.setattr(kr, "_variants", lambda: [("tile 16x64w8", kernel, launch, False)])
 
     class Source:
-        def __init__(self, fn, signature, constexprs):
-            self.fn, self.signature, self.constexprs = fn, signature, constexprs
+        def __init__(self, fn, signature, constexprs, attrs):
+            self.fn, self.signature, self.constexprs, self.attrs = fn, signature, constexprs, attrs
 
     compiled = []
     monkeypatch.setattr(compiler, "ASTSource", Source)
     monkeypatch.setattr(triton, "compile", lambda source, target, options: compiled.append((source, target, options))
-                        or SimpleNamespace(asm={"cubin": b"\x7fELF"}, metadata=SimpleNamespace(shared=4096)))
+                        or SimpleNamespace(asm={"cubin": b"\x7fELF", "ptx": PTX}, metadata=SimpleNamespace(shared=4096)))
     monkeypatch.setattr(kr, "_resource_usage", lambda cubin: {"REG": 80, "STACK": 16, "SHARED": 1024, "LOCAL": 8})
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     with pytest.raises(SystemExit, match="unset TRITON_INTERPRET"):
@@ -660,6 +682,18 @@ def test_kernel_resources_compile_each_recorded_launch_and_read_its_counts(monke
     # an integer equal to 1 is compiled as a constant, as Triton's launcher does on a GPU
     assert source.signature == {"x_ptr": "*fp32", "n": "i32", "stride": "constexpr", "BLOCK": "constexpr"}
     assert source.constexprs == {"stride": 1, "BLOCK": 64} and source.fn is kernel
+    # the launcher's divisibility hints: the 16-byte aligned pointer and the integer divisible by 16
+    assert source.attrs == {(0,): [["tt.divisibility", 16]], (1,): [["tt.divisibility", 16]]}
+    assert rows[0].global_memory == "ld.b8 x2, ld.v4.b32 x1, st.v4.b32 x1"
+
+
+PTX = """
+    ld.global.b8 %rs1, [%rd1+0];
+    @%p1 ld.global.b8 %rs2, [%rd1+1];
+    ld.global.nc.L1::evict_last.v4.b32 {%r1, %r2, %r3, %r4}, [%rd2];
+    ld.shared.b32 %r5, [%r6];
+    st.global.v4.b32 [%rd3], {%r1, %r2, %r3, %r4};
+"""
 
 
 def test_kernel_resources_launch_types_where_mangle_type_cannot_specialise(monkeypatch):

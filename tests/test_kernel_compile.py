@@ -33,11 +33,12 @@ def test_kernels_compile_for_sm80_and_sm90_without_spills(tmp_path):
     )
     assert result.returncode == 0, result.stdout + result.stderr
     rows = json.loads(out.read_text())["rows"]
-    assert {(r["kernel"], r["arch"]) for r in rows} == {
-        (kernel, arch) for kernel in ("_preprocess_kernel", "_score_kernel") for arch in (80, 90)
-    }
-    assert len(rows) == 18 and sum(not r["default_launch"] for r in rows) == 2  # one tuning tile, two archs
+    kernels = ("_preprocess_kernel", "_score_kernel", "_identity_flat_kernel", "_identity_words_kernel")
+    assert {(r["kernel"], r["arch"]) for r in rows} == {(kernel, arch) for kernel in kernels for arch in (80, 90)}
+    # one tuning tile and the two identity candidates (benchmarks/identity_variants.py), two archs each
+    assert len(rows) == 22 and sum(not r["default_launch"] for r in rows) == 6
     for r in rows:
         assert 0 < r["registers"] <= 255, r
+        assert "ld." in r["global_memory"] and "st." in r["global_memory"], r  # the PTX was read
         if r["default_launch"]:  # tuning candidates must compile; only the tiles in use must not spill
             assert r["local_bytes"] == 0 and r["stack_bytes"] == 0, f"spills: {r}"
