@@ -70,6 +70,35 @@ def test_global_new_api_setting():
     """)
 
 
+@needs_new_api
+@pytest.mark.parametrize("global_setting", ["tf32", "ieee"])
+def test_a_global_setting_still_reaches_matmuls_after_the_block(global_setting):
+    # Matmuls inherit torch.backends.fp32_precision; the block must not pin them to the value it read
+    # (a later global change would then no longer reach them). "ieee" keeps the legacy flag readable,
+    # "tf32" does not: both paths.
+    other = {"tf32": "ieee", "ieee": "tf32"}[global_setting]
+    _run(f"""
+        torch.backends.fp32_precision = "{global_setting}"
+        with float32_matmuls():
+            assert matmul.fp32_precision == "ieee"
+        assert matmul.fp32_precision == "{global_setting}"
+        torch.backends.fp32_precision = "{other}"
+        assert matmul.fp32_precision == "{other}"
+    """)
+
+
+@needs_new_api
+def test_a_matmul_setting_of_its_own_stays_its_own():
+    _run("""
+        matmul.fp32_precision = "tf32"
+        torch.backends.fp32_precision = "ieee"
+        with float32_matmuls():
+            assert matmul.fp32_precision == "ieee"
+        torch.backends.fp32_precision = "none"
+        assert matmul.fp32_precision == "tf32"
+    """)
+
+
 # ---- behaviours a mutation audit found untested ---------------------------------------------------
 
 

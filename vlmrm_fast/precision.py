@@ -10,6 +10,14 @@ where the legacy flag cannot be read or nothing was set ("none"), and through th
 that is what the process set. cuDNN convolutions always go through the new API where it exists: a
 legacy write does not reach them once the global setting is used, and the legacy flag stays
 readable and consistent after a new-API write.
+
+Reading an operator's ``fp32_precision`` gives the value in force: its own, or where that is "none",
+the one it inherits (``torch.backends.fp32_precision``). A matmul setting that reads the same as the
+inherited one is taken to be inherited and restored as "none", so that a later global change still
+reaches matmuls (restoring the value read would pin it). The one case this gets wrong, a matmul
+setting pinned to the very value the global one has, then follows later global changes.
+cuDNN convolutions are restored to the value read: their untouched default reads "tf32" without
+being "none", and writing "none" would turn their TF32 off.
 """
 from __future__ import annotations
 
@@ -19,6 +27,11 @@ from typing import Any, Iterator
 import torch
 
 
+def _inherited_precision() -> str:
+    """What an operator of the CUDA backend inherits: the backend's setting, or the global one."""
+    return torch._C._get_fp32_precision_getter("cuda", "all")
+
+
 @contextlib.contextmanager
 def _tf32_off(legacy_owner: Any, new_owner: Any, new_api_always: bool) -> Iterator[None]:
     current = getattr(new_owner, "fp32_precision", None)  # None: torch < 2.9, no new API
@@ -26,8 +39,11 @@ def _tf32_off(legacy_owner: Any, new_owner: Any, new_api_always: bool) -> Iterat
         legacy = legacy_owner.allow_tf32
     except RuntimeError:  # the new API is in use
         legacy = None
-    if current is not None and (new_api_always or legacy is None or current == "none"):
-        owner, name, previous, off = new_owner, "fp32_precision", current, "ieee"
+    inherited = _inherited_precision() if current is not None and not new_api_always else None
+    if current is not None and (new_api_always or legacy is None or current == "none" or inherited != "none"):
+        # A global new-API setting is in use (inherited != "none") or nothing is set: new API.
+        previous = "none" if current == inherited else current
+        owner, name, off = new_owner, "fp32_precision", "ieee"
     else:
         owner, name, previous, off = legacy_owner, "allow_tf32", legacy, False
     setattr(owner, name, off)
