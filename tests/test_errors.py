@@ -97,6 +97,22 @@ def test_non_finite_tower_output_is_reported_not_returned(rm, monkeypatch):
         rm(np.zeros((2, 16, 16, 3), np.uint8))
 
 
+def test_embed_reports_rows_it_cannot_normalise(rm, monkeypatch):
+    # embed promises unit rows: a tower row of zeros (F.normalize would leave it zero), NaN, inf or a
+    # norm under MIN_NORM is an error naming the rows, as __call__ gives, not a row returned as is.
+    rows = torch.randn(6, rm.embed_dim)
+    rows[1] = 0.0
+    rows[2, 3] = float("nan")
+    rows[3, 0] = float("inf")
+    rows[4] = rows[4] / rows[4].norm() * 1e-13
+    monkeypatch.setattr(type(rm.vision_backend), "__call__", lambda self, pixels: rows[: pixels.shape[0]])
+    with pytest.raises(ValueError, match=r"Embeddings are not finite for 4 of 6 frames \(rows 1, 2, 3, 4\).*"
+                                         "vision tower produced NaN/inf"):
+        rm.embed(np.zeros((6, 16, 16, 3), np.uint8))
+    out = rm.embed(np.zeros((1, 16, 16, 3), np.uint8))  # row 0 alone: a unit row
+    assert torch.allclose(out.norm(dim=1), torch.ones(1))
+
+
 @pytest.mark.parametrize(
     "emb,error,match",
     [

@@ -6,7 +6,6 @@ import os
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 
 from vlmrm_fast.backends import VisionBackend, build_backend, check_backend_options, resolve_backend
 from vlmrm_fast.backends.base import checked_device
@@ -14,6 +13,7 @@ from vlmrm_fast.frames import FrameInput, as_frame_batch
 from vlmrm_fast.models import create_clip, image_size_of, preprocess_spec_of
 from vlmrm_fast.ops._triton import resolve_kernels
 from vlmrm_fast.ops.preprocess import PreprocessSpec, check_preprocess_mode, preprocess
+from vlmrm_fast.ops.score import MIN_NORM
 from vlmrm_fast.ops.score import score as score_op
 from vlmrm_fast.tasks import EncodedTasks, Prompts, Task, check_alpha, check_tasks, encode_tasks, task_list
 
@@ -302,12 +302,17 @@ class CLIPReward:
         """Unit image embeddings [N, D], float32, on ``device``.
 
         ``bottom_up=True`` takes frames whose rows are stored last-first (OpenGL's ``glReadPixels``).
+        A frame whose tower output cannot be normalised (NaN/inf, all zeros, or a norm under
+        :data:`~vlmrm_fast.ops.score.MIN_NORM`) is a ``ValueError`` naming its row, as in ``__call__``.
         """
         batch = as_frame_batch(frames)
         out = torch.empty((batch.num_frames, self.embed_dim), dtype=torch.float32, device=self._device)
         for i in range(0, batch.num_frames, self.max_batch_size):
-            raw = self._tower(batch.chunk(i, i + self.max_batch_size, self._device), bottom_up)
-            out[i : i + raw.shape[0]] = F.normalize(raw.float(), dim=-1)
+            raw = self._tower(batch.chunk(i, i + self.max_batch_size, self._device), bottom_up).float()
+            norms = raw.norm(dim=-1, keepdim=True)
+            # As the score op: NaN where the norm is not finite or too small to square in float32.
+            out[i : i + raw.shape[0]] = raw / torch.where((norms < float("inf")) & (norms >= MIN_NORM), norms, float("nan"))
+        self._check_finite(out, "frames", quantity="Embeddings")
         return out
 
     def __call__(self, frames: FrameInput, *, bottom_up: bool = False) -> torch.Tensor:
@@ -341,9 +346,10 @@ class CLIPReward:
         self._check_finite(rewards, "embeddings")
         return rewards[:, 0] if self._single else rewards
 
-    def _check_finite(self, rewards: torch.Tensor, what: str) -> None:
-        # The reward is NaN exactly when an embedding has a NaN/inf or a squared norm that is 0 or
-        # overflows in float32; checking the small [N, T] output costs one sync instead of a pass over [N, D].
+    def _check_finite(self, rewards: torch.Tensor, what: str, quantity: str = "Rewards") -> None:
+        # The reward is NaN exactly when an embedding has a NaN/inf or a norm float32 cannot square
+        # (0, under MIN_NORM, or overflowing); checking the small [N, T] output costs one sync instead
+        # of a pass over [N, D]. ``embed`` passes its [N, D] embeddings, NaN in the same rows.
         if rewards.numel() == 0 or bool(torch.isfinite(rewards).all()):
             return
         bad = (~torch.isfinite(rewards)).any(dim=1).nonzero().flatten().tolist()
@@ -353,9 +359,9 @@ class CLIPReward:
             + (" (float16 can overflow: try dtype=torch.bfloat16 or torch.float32)" if self._dtype == torch.float16 else "")
             if what == "frames"
             else "those embedding rows contain NaN/inf, are all zeros, or have norms float32 cannot square "
-            "(outside about 1e-22 to 1e19: rescale them)"
+            "(outside about 1e-12 to 1e19: rescale them)"
         )
-        raise ValueError(f"Rewards are not finite for {len(bad)} of {rewards.shape[0]} {what} (rows {shown}): {cause}.")
+        raise ValueError(f"{quantity} are not finite for {len(bad)} of {rewards.shape[0]} {what} (rows {shown}): {cause}.")
 
     def __repr__(self) -> str:
         return (
