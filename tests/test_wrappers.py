@@ -769,6 +769,52 @@ def test_single_env_negative_task_index_counts_from_the_end(rm_tasks):
         VLMRewardWrapper(CountingEnv(), rm_tasks, task=-3)
 
 
+class NamedTasks:
+    """A reward callable with tasks, as a CLIPReward with ``tasks=``: column j is 1000 (j + 1) plus the
+    frame's mean gray level, so a reward says which column it came from."""
+
+    def __init__(self, names):
+        self.task_names = list(names)
+
+    def set_tasks(self, names):
+        self.task_names = list(names)
+
+    def __call__(self, frames):
+        base = mean_brightness(frames)
+        return np.stack([base + 1000 * (j + 1) for j in range(len(self.task_names))], axis=1)
+
+
+def test_every_wrapper_follows_the_reward_models_tasks_after_set_tasks():
+    # The wrapper drives its reward with the task it was given by name; set_tasks (new prompts, same
+    # model) moves that name to another column and adds one: the reward and the per-task info follow.
+    rm = NamedTasks(["A", "B"])
+    single = VLMRewardWrapper(CountingEnv(), rm, task="B")
+    vec = VLMRewardVecEnv(DummyVecEnv([CountingEnv]), rm, task="B", render="images")
+    single.reset(seed=0)
+    vec.reset()
+    _, reward, *_, info = single.step(np.zeros(1, np.float32))
+    assert reward == 2000 + 40 and info["vlm_rewards"] == {"A": 1040, "B": 2040}
+    rm.set_tasks(["C", "D", "B"])
+    _, reward, *_, info = single.step(np.zeros(1, np.float32))
+    assert single.task == 2 and reward == 3000 + 80 and info["vlm_rewards"] == {"C": 1080, "D": 2080, "B": 3080}
+    vec.step_async(np.zeros((1, 1), np.float32))
+    _, rewards, _, infos = vec.step_wait()
+    assert rewards[0] == 3000 + 40 and infos[0]["vlm_rewards"] == {"C": 1040, "D": 2040, "B": 3040}
+    rm.set_tasks(["C"])  # the wrapper's task is gone: an error naming it, not another task's reward
+    with pytest.raises(ValueError, match="'B' is not one of the reward model's tasks"):
+        single.step(np.zeros(1, np.float32))
+    vec.close()
+
+
+def test_single_env_gives_reward_functions_frames_torch_can_take():
+    # gymnasium's MuJoCo envs render flipped views (negative strides), which torch.as_tensor refuses:
+    # a reward function of the user's own gets a plain array.
+    env = VLMRewardWrapper(CountingEnv(frame_fn=lambda f: f[::-1]), lambda frames: torch.as_tensor(frames).float().mean((1, 2, 3)))
+    env.reset(seed=0)
+    _, reward, *_ = env.step(np.zeros(1, np.float32))
+    assert reward == 40
+
+
 def test_single_env_frames_that_are_not_arrays_are_named():
     for frame_fn, error, message in (
         (lambda f: None, ValueError, r'returned None instead of an RGB frame: create the env with render_mode="rgb_a'),

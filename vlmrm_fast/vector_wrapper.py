@@ -157,7 +157,8 @@ class VLMRewardVectorWrapper(_RewardMode, _BatchFrames, gym.vector.VectorWrapper
         self, *, seed: Optional[Union[int, List[int]]] = None, options: Optional[Dict[str, Any]] = None
     ) -> Tuple[Any, Dict[str, Any]]:
         mask = (options or {}).get("reset_mask")  # read first: SyncVectorEnv.reset pops it from options
-        obs, info = self.env.reset(seed=seed, options=options)
+        # A copy: SyncVectorEnv pops reset_mask, which wrappers above (RecordEpisodeStatistics) read after us.
+        obs, info = self.env.reset(seed=seed, options=None if options is None else dict(options))
         rows = np.ones(self.num_envs, dtype=bool) if mask is None else np.asarray(mask, dtype=bool)
         self._episode_vlm[rows] = 0.0
         self._episode_gt[rows] = 0.0

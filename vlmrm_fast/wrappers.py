@@ -241,8 +241,23 @@ class _RewardMode:
     def _set_reward(self, reward_model: Any, mode: str, weight: float, task: Union[int, str]) -> None:
         self.reward_model = reward_model
         self._mode, self._weight = _check_mode(mode, weight)
-        self.task = _task_index(reward_model, task)
-        self.task_names: List[str] = list(getattr(reward_model, "task_names", []) or [])
+        _task_index(reward_model, task)  # checked now
+        self._task_request = task
+
+    @property
+    def task_names(self) -> List[str]:
+        """The reward model's task names now (``set_tasks`` may change them)."""
+        return list(getattr(self.reward_model, "task_names", []) or [])
+
+    @property
+    def task(self) -> int:
+        """Index of the task that drives the reward, in the model's current tasks."""
+        return _task_index(self.reward_model, self._task_request)
+
+    @task.setter
+    def task(self, value: Union[int, str]) -> None:
+        _task_index(self.reward_model, value)
+        self._task_request = value
 
     @property
     def mode(self) -> str:
@@ -371,6 +386,8 @@ class VLMRewardWrapper(_RewardMode, gym.Wrapper, gym.utils.RecordConstructorArgs
         if not self._size_checked:
             self._size_checked = True
             _warn_size(_frame_size(frame), self.reward_model, "The env")
+        if isinstance(frame, np.ndarray):  # env.render() of gymnasium's MuJoCo envs is a negative-stride view
+            frame = np.ascontiguousarray(frame)
         return _rewards_of(self.reward_model, frame[None])[0]
 
     def step(self, action: Any) -> Tuple[Any, SupportsFloat, bool, bool, Dict[str, Any]]:
