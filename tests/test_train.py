@@ -807,6 +807,53 @@ def test_every_episode_and_the_runs_tail_reach_tensorboard_across_a_stop(tmp_pat
         assert [v for _, v in got[tag]] == pytest.approx([v for _, v in full[tag]], rel=1e-5), tag
 
 
+def test_a_run_resumed_after_a_crash_logs_the_episodes_its_checkpoint_had_not_logged(tmp_path, monkeypatch):
+    # log_every=100, checkpoints every 40, episodes of 10 steps (2 envs): the episodes ending by step 40
+    # are in the checkpoint's pending rows, not yet in TensorBoard, when the process dies at step 78.
+    # The resumed run logs them in the row at 100, as the uninterrupted run does.
+    from vlmrm_fast.train import callbacks, train
+
+    def config_in(folder):
+        return dot_config(folder, total_timesteps=120, checkpoint_every=40, log_every=100, episode_length=10)
+
+    full = tb_scalars(train(config_in(tmp_path / "full"), reward_model=tiny_reward(config_in(tmp_path))).run_dir)
+    config = config_in(tmp_path / "crashed")
+    on_step = callbacks.TrainingCallback._on_step
+
+    def crash_at_78(self):
+        if self.model.num_timesteps == 78:
+            raise RuntimeError("the node went down")
+        return on_step(self)
+
+    monkeypatch.setattr(callbacks.TrainingCallback, "_on_step", crash_at_78)
+    with pytest.raises(RuntimeError, match="went down"):
+        train(config, reward_model=tiny_reward(config))
+    monkeypatch.setattr(callbacks.TrainingCallback, "_on_step", on_step)
+    assert ckpt.read_meta(ckpt.find_latest(Path(config.run_dir)))["step"] == 40
+    train(config, resume=Path(config.run_dir), reward_model=tiny_reward(config))
+    got = tb_scalars(Path(config.run_dir))
+    for tag in ("rollout/vlm_return", "rollout/gt_return"):
+        assert [step for step, _ in got[tag]] == [step for step, _ in full[tag]] == [100, 120], tag
+        assert [v for _, v in got[tag]] == pytest.approx([v for _, v in full[tag]], rel=1e-5), tag
+
+
+def test_extending_a_run_that_ended_inside_a_rollout_warns(tmp_path):
+    # 2 envs x train_freq 10: rollouts of 20 steps. A run to 90 cut its last rollout short (and trained
+    # on it), so its extension to 140 is not the run to 140: said when it is extended. Runs ending on a
+    # rollout boundary extend exactly and say nothing.
+    from vlmrm_fast.train import train
+
+    cut = dot_config(tmp_path / "cut", total_timesteps=90)
+    train(cut, reward_model=tiny_reward(cut))
+    with pytest.warns(UserWarning, match=r"ended at step 90, inside a rollout of 20 steps.*10 steps off.*to 140"):
+        train(dataclasses.replace(cut, total_timesteps=140), resume=Path(cut.run_dir), reward_model=tiny_reward(cut))
+    whole = dot_config(tmp_path / "whole", total_timesteps=80)
+    train(whole, reward_model=tiny_reward(whole))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*inside a rollout.*")
+        train(dataclasses.replace(whole, total_timesteps=120), resume=Path(whole.run_dir), reward_model=tiny_reward(whole))
+
+
 def test_crash_during_checkpoint_keeps_previous(tmp_path, monkeypatch):
     from vlmrm_fast.train import train
 
@@ -940,6 +987,8 @@ def test_env_setup_mistakes_are_clear_errors(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ValueError, match=r"sac_device='cuda:1' but CUDA is not available here; pass --sac-device cpu"):
         train(dot_config(tmp_path, sac_device="cuda:1"))
+    with pytest.raises(ValueError, match=r"sac_device='CPU' is not a torch device: pass auto, cpu, cuda or cuda:N"):
+        train(dot_config(tmp_path, sac_device="CPU"))  # torch's own error lists twenty device types
     assert not (tmp_path / "run").exists()  # refused before anything is written
 
 
@@ -1099,6 +1148,15 @@ def test_resume_with_another_config_names_fields_and_fix(tmp_path):
                               print_config=False, **{f"field_{k}": None for k in TrainConfig.__dataclass_fields__})
     config, _ = config_from_args(args)
     assert (config.total_timesteps, config.checkpoint_every, config.video_width) == (40, 40, 48)
+    # A file of only the fields to change (as the README has it): the rest are the run's, not defaults.
+    (tmp_path / "longer.toml").write_text("total_timesteps = 80\n")
+    args.config = tmp_path / "longer.toml"
+    config, _ = config_from_args(args)
+    assert config.total_timesteps == 80 and config.n_envs == 2 and config.env_id == DOT_ID
+    (tmp_path / "reseed.toml").write_text("seed = 5\n")
+    args.config = tmp_path / "reseed.toml"
+    with pytest.raises(ValueError, match="seed: 0 in the checkpoint, 5 given"):
+        config_from_args(args)
     # Through the Python API too.
     with pytest.raises(ValueError, match="n_envs: 2 in the checkpoint, 3 given"):
         train(dot_config(tmp_path, total_timesteps=80, n_envs=3), resume=result.run_dir)
@@ -1171,6 +1229,14 @@ def test_config_file_and_overrides(tmp_path):
     assert (config.net_arch, config.progress, config.run_dir) == ([64, 32], True, "2024-05-01")
     with pytest.raises(ValueError, match="net_arch.*positive layer sizes"):
         apply_overrides(config, parse_set(["net_arch=64,0"]))
+    # An empty value (an unset shell variable) is not none: for pretrained that would mean random weights.
+    for empty in ("pretrained=", "pretrained= ", "run_dir=", "goal="):
+        with pytest.raises(ValueError, match=empty.split("=")[0] + r" in the command line is empty: give a value"):
+            apply_overrides(config, parse_set([empty]), "the command line")
+    # A list in brackets that is not TOML (unquoted items) is refused, not taken as one prompt "[a, b]".
+    with pytest.raises(ValueError, match=r"goal in overrides must be a list of quoted strings"):
+        apply_overrides(config, parse_set(["goal=[a robot, a humanoid]"]))
+    assert apply_overrides(config, parse_set(['goal=["a robot", "a humanoid"]'])).goal == ["a robot", "a humanoid"]
     for bad, match in (("gamma=nan", "gamma"), ("tau=-3", "tau"), ("learning_rate=0", "learning_rate")):
         with pytest.raises(ValueError, match=match):
             apply_overrides(config, parse_set([bad])).validate()
@@ -1603,7 +1669,7 @@ def test_overrides_reach_their_fields_type_or_are_refused():
     assert base.total_timesteps == 10_000_000  # a copy: the base config is left as it was
     # Command-line flags arrive as strings.
     config = apply_overrides(base, {"n_envs": "8", "buffer_size": "1_000", "progress": "off", "tensorboard": "on",
-                                    "reward_batch_size": "", "reward_dtype": "bf16", "env_kwargs": '{"frame_skip": 2}',
+                                    "reward_batch_size": "none", "reward_dtype": "bf16", "env_kwargs": '{"frame_skip": 2}',
                                     "goal": "a robot", "ent_coef": 0.1})
     assert (config.n_envs, config.buffer_size, config.progress, config.tensorboard) == (8, 1000, False, True)
     assert (config.reward_batch_size, config.reward_dtype, config.env_kwargs) == (None, "bfloat16", {"frame_skip": 2})
@@ -1614,7 +1680,8 @@ def test_overrides_reach_their_fields_type_or_are_refused():
                           ({"alpha": True}, "alpha .* must be a number"),
                           ({"model": 5}, "model .* must be a string"),
                           ({"env_kwargs": "frame_skip=2"}, "env_kwargs .* must be a JSON object"),
-                          ({"n_envs": None}, "n_envs .* cannot be none")):
+                          ({"n_envs": None}, "n_envs .* cannot be none"),
+                          ({"reward_batch_size": ""}, "reward_batch_size .* is empty: give a value, or none")):
         with pytest.raises(ValueError, match=match):
             apply_overrides(base, values, "the command line")
     with pytest.raises(ValueError, match="unknown preset 'kneel'; choose one of kneeling, smoke"):
@@ -1931,7 +1998,8 @@ def test_a_row_holds_per_rollout_stage_times_and_this_intervals_steps_per_s(tmp_
     callback.model = SimpleNamespace(num_timesteps=1040, logger=logger)
     callback._stage.update(sac_update_s=0.8, eval_s=1.2, checkpoint_s=0.8)
     callback._stage_seen = {"render_s": 1.0, "reward_s": 1.0, "env_s": 1.0}  # counted in the previous row
-    callback._rollouts, callback._log_t, callback._log_step = 2, 100.0, 1000  # a resumed run: steps from 1000 on
+    callback._rollouts, callback._log_t = 2, 100.0
+    callback._log_step = callback._rate_step = 1000  # a resumed run: steps from 1000 on
     callback._done_vlm, callback._done_gt = [1.0, 2.0], [-3.0, -5.0]
     monkeypatch.setattr(callbacks.time, "perf_counter", lambda: 104.0)
     callback._log()

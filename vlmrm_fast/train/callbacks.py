@@ -87,11 +87,14 @@ class TrainingCallback(BaseCallback):
         n_envs = self.training_env.num_envs
         self._ep_vlm = np.asarray(extra.get("ep_vlm", np.zeros(n_envs)), dtype=np.float64).copy()
         self._ep_gt = np.asarray(extra.get("ep_gt", np.zeros(n_envs)), dtype=np.float64).copy()
-        self._done_vlm: list = []
-        self._done_gt: list = []
+        # Episode returns not yet logged when the checkpoint was written, and the step of the last row,
+        # so that a run resumed after a crash logs the same rows as an uninterrupted one.
+        self._done_vlm: list = list(extra.get("pending_vlm_returns", []))
+        self._done_gt: list = list(extra.get("pending_gt_returns", []))
         self._stage_seen = {"render_s": 0.0, "reward_s": 0.0, "env_s": 0.0}
         self._rollouts = 0
-        self._log_t, self._log_step = time.perf_counter(), n
+        self._log_step = int(extra.get("log_step", n))
+        self._log_t, self._rate_step = time.perf_counter(), n  # rates count this session's steps only
         if self._rollout_offset:
             # Resumed mid-rollout (after a signal): finish that rollout, so gradient steps fall
             # on the same env steps as in an uninterrupted run.
@@ -219,9 +222,9 @@ class TrainingCallback(BaseCallback):
             if self._bar is not None:
                 self._bar.set_postfix(vlm_return=f"{np.mean(self._done_vlm):.3g}", refresh=False)
         wall = now - self._log_t
-        record("time/steps_per_s", (n - self._log_step) / max(wall, 1e-9))
+        record("time/steps_per_s", (n - self._rate_step) / max(wall, 1e-9))
         paused = self._stage["eval_s"] + self._stage["checkpoint_s"]
-        record("time/train_steps_per_s", (n - self._log_step) / max(wall - paused, 1e-9))
+        record("time/train_steps_per_s", (n - self._rate_step) / max(wall - paused, 1e-9))
         for key, value in self._stage.items():
             record(f"time/{key}", value / rollouts)  # seconds per rollout
         record("time/total_timesteps", n)
@@ -229,7 +232,7 @@ class TrainingCallback(BaseCallback):
         self._done_vlm, self._done_gt = [], []
         self._stage = {k: 0.0 for k in self._stage}
         self._rollouts = 0
-        self._log_t, self._log_step = now, n
+        self._log_t, self._log_step, self._rate_step = now, n, n
 
     # ------------------------------------------------------------------ checkpoints and signals
 
@@ -258,6 +261,11 @@ class TrainingCallback(BaseCallback):
             "last_eval_step": self._last_eval_step,
             "ep_vlm": self._ep_vlm.copy(),
             "ep_gt": self._ep_gt.copy(),
+            # A stop logs what is pending before it exits (_on_training_end); a periodic checkpoint
+            # keeps it for a resume after a crash, which would otherwise never log those episodes.
+            "pending_vlm_returns": [] if mid_rollout else list(self._done_vlm),
+            "pending_gt_returns": [] if mid_rollout else list(self._done_gt),
+            "log_step": n if mid_rollout else self._log_step,
             "reward_setup": reward_setup(self.reward_model),
         }
         current = self.model.train_freq

@@ -312,7 +312,11 @@ def coerce(name: str, hint: Any, value: Any, source: str = "config") -> Any:
     """Convert ``value`` (from TOML, JSON or a command line) to the type ``hint`` of field ``name``."""
     optional = get_origin(hint) is Union and type(None) in get_args(hint)
     base = next(a for a in get_args(hint) if a is not type(None)) if optional else hint
-    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null", "")):
+    if isinstance(value, str) and not value.strip():
+        # An empty value is a slip (an unset shell variable, say), not "none": for pretrained, none means
+        # random weights, which must be asked for by name.
+        raise ValueError(f"{name} in {source} is empty: give a value" + (", or none" if optional else ""))
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null")):
         if optional:
             return None
         raise ValueError(f"{name} in {source} cannot be none")
@@ -373,6 +377,9 @@ def coerce(name: str, hint: Any, value: Any, source: str = "config") -> Any:
             if not sizes or min(sizes) < 1:
                 raise bad("a list of positive layer sizes, e.g. 256,256")
             return sizes
+        if isinstance(value, str) and value.lstrip().startswith("["):  # not TOML: unquoted items
+            raise bad('a list of quoted strings, e.g. ["a humanoid robot kneeling", "a kneeling robot"] '
+                      "(a single value needs no brackets)")
         if isinstance(value, str):
             value = [value]
         if not isinstance(value, (list, tuple)):

@@ -307,6 +307,7 @@ def _train_in(run_dir: Path, config: TrainConfig, resume, reward_model, start: f
     else:
         model, extra = _load_checkpoint(resume_from, env, config)
         _warn_if_reward_setup_changed(extra.get("reward_setup"), rm, model.num_timesteps)
+        _warn_if_extending_a_cut_rollout(extra, model.num_timesteps, config)
     model.set_logger(make_logger(run_dir, config.tensorboard, model.num_timesteps))
     if extra is not None and extra.get("train_pending"):
         _train_after_rollout(model)
@@ -363,6 +364,10 @@ def _check_sac_device(device: str) -> None:
 
     if device == "auto":
         return
+    try:
+        torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"sac_device={device!r} is not a torch device: pass auto, cpu, cuda or cuda:N") from None
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"sac_device={device!r} but CUDA is not available here; pass --sac-device cpu (or auto)")
     why = missing_cuda_device(torch.device(device))
@@ -509,13 +514,28 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, Optional[Pa
         pass  # in use, or not ours to write: reading is safe (--print-config); train() refuses to run beside a holder
     found = _resume_checkpoint(run_dir, run_dir)
     saved = TrainConfig.from_dict(json.loads((found / "config.json").read_text()), f"checkpoint '{found}'")
-    given = config if (args.preset or args.config) else apply_overrides(saved, overrides, "the command line")
+    # A preset names a whole config; a config file or flags without one change the saved config.
+    given = config if args.preset else apply_overrides(
+        apply_overrides(saved, from_file, f"config file '{args.config}'"), overrides, "the command line")
     _check_resume_config(found, given)
     # Of the fields a resumed run may change, those given (in the file or on the command line) change;
     # the others keep the run's own values, not a preset's or the defaults (total_timesteps above all).
     changed = RESUMABLE_FIELDS & (set(from_file) | set(overrides))
     effective = dataclasses.replace(saved, **{k: getattr(given, k) for k in changed})
     return dataclasses.replace(effective, run_dir=str(run_dir)), run_dir
+
+
+def _warn_if_extending_a_cut_rollout(extra: dict, step: int, config: TrainConfig) -> None:
+    """A run whose total_timesteps fell inside a rollout ended with a shortened rollout and its gradient
+    steps; extended, its rollouts start from there, so it is not the run one longer total would give."""
+    rollout = config.n_envs * config.train_freq
+    stopped = extra.get("rollout_steps_done", 0) or extra.get("train_pending")  # a signal's stop resumes exactly
+    if step % rollout and not stopped and config.total_timesteps > step:
+        warnings.warn(
+            f"this run ended at step {step}, inside a rollout of {rollout} steps (n_envs x train_freq): its last "
+            f"rollout was cut short and trained on, so the extended run's rollouts and gradient steps fall "
+            f"{step % rollout} steps off those of one run to {config.total_timesteps}. For runs you mean to extend, "
+            "use a total_timesteps that is a multiple of the rollout.", stacklevel=2)
 
 
 def run_train_command(args: argparse.Namespace) -> int:
