@@ -99,6 +99,21 @@ def test_a_matmul_setting_of_its_own_stays_its_own():
     """)
 
 
+@needs_new_api
+def test_a_legacy_pin_beside_a_global_tf32_stays_a_legacy_pin():
+    # set_float32_matmul_precision("high") pins matmuls through the legacy flag; beside a global "tf32"
+    # that flag stays readable, and it is what the block restores (not "none", which would let a later
+    # global "ieee" take TF32 away and make the legacy flag unreadable).
+    _run("""
+        torch.backends.fp32_precision = "tf32"
+        torch.set_float32_matmul_precision("high")
+        with float32_matmuls():
+            assert matmul.fp32_precision == "ieee"
+        torch.backends.fp32_precision = "ieee"
+        assert matmul.fp32_precision == "tf32" and matmul.allow_tf32 is True
+    """)
+
+
 # ---- behaviours a mutation audit found untested ---------------------------------------------------
 
 

@@ -837,20 +837,34 @@ def test_a_run_resumed_after_a_crash_logs_the_episodes_its_checkpoint_had_not_lo
         assert [v for _, v in got[tag]] == pytest.approx([v for _, v in full[tag]], rel=1e-5), tag
 
 
-def test_extending_a_run_that_ended_inside_a_rollout_warns(tmp_path):
+def test_extending_a_run_that_ended_inside_a_rollout_warns(tmp_path, monkeypatch):
     # 2 envs x train_freq 10: rollouts of 20 steps. A run to 90 cut its last rollout short (and trained
-    # on it), so its extension to 140 is not the run to 140: said when it is extended. Runs ending on a
-    # rollout boundary extend exactly and say nothing.
-    from vlmrm_fast.train import train
+    # on it), so its extension to 140 is not the run to 140: said when it is extended. The extension's
+    # own checkpoints (130, off the rollout grid since) resume exactly after a crash and say nothing;
+    # nor do runs ending on a rollout boundary.
+    from vlmrm_fast.train import callbacks, train
 
     cut = dot_config(tmp_path / "cut", total_timesteps=90)
     train(cut, reward_model=tiny_reward(cut))
+    on_step = callbacks.TrainingCallback._on_step
+
+    def crash_at_134(self):
+        if self.model.num_timesteps == 134:
+            raise RuntimeError("the node went down")
+        return on_step(self)
+
+    longer = dataclasses.replace(cut, total_timesteps=140)
+    monkeypatch.setattr(callbacks.TrainingCallback, "_on_step", crash_at_134)
     with pytest.warns(UserWarning, match=r"ended at step 90, inside a rollout of 20 steps.*10 steps off.*to 140"):
-        train(dataclasses.replace(cut, total_timesteps=140), resume=Path(cut.run_dir), reward_model=tiny_reward(cut))
+        with pytest.raises(RuntimeError, match="went down"):
+            train(longer, resume=Path(cut.run_dir), reward_model=tiny_reward(cut))
+    monkeypatch.setattr(callbacks.TrainingCallback, "_on_step", on_step)
+    assert ckpt.read_meta(ckpt.find_latest(Path(cut.run_dir)))["step"] == 130
     whole = dot_config(tmp_path / "whole", total_timesteps=80)
     train(whole, reward_model=tiny_reward(whole))
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*inside a rollout.*")
+        train(longer, resume=Path(cut.run_dir), reward_model=tiny_reward(cut))
         train(dataclasses.replace(whole, total_timesteps=120), resume=Path(whole.run_dir), reward_model=tiny_reward(whole))
 
 

@@ -14,8 +14,10 @@ readable and consistent after a new-API write.
 Reading an operator's ``fp32_precision`` gives the value in force: its own, or where that is "none",
 the one it inherits (``torch.backends.fp32_precision``). A matmul setting that reads the same as the
 inherited one is taken to be inherited and restored as "none", so that a later global change still
-reaches matmuls (restoring the value read would pin it). The one case this gets wrong, a matmul
-setting pinned to the very value the global one has, then follows later global changes.
+reaches matmuls (restoring the value read would pin it). Beside a global "tf32", a matmul setting
+pinned through the legacy flag (``torch.set_float32_matmul_precision("high")``) keeps the legacy flag
+readable, and the legacy flag is restored instead. The one case this gets wrong, a matmul setting
+pinned through the new API to the very value the global one has, then follows later global changes.
 cuDNN convolutions are restored to the value read: their untouched default reads "tf32" without
 being "none", and writing "none" would turn their TF32 off.
 """
@@ -40,7 +42,10 @@ def _tf32_off(legacy_owner: Any, new_owner: Any, new_api_always: bool) -> Iterat
     except RuntimeError:  # the new API is in use
         legacy = None
     inherited = _inherited_precision() if current is not None and not new_api_always else None
-    if current is not None and (new_api_always or legacy is None or current == "none" or inherited != "none"):
+    # Beside a global "tf32", the legacy flag reads only where it pinned matmuls itself: keep to it then.
+    legacy_pinned = legacy is not None and inherited == "tf32"
+    if current is not None and not legacy_pinned and (
+            new_api_always or legacy is None or current == "none" or inherited != "none"):
         # A global new-API setting is in use (inherited != "none") or nothing is set: new API.
         previous = "none" if current == inherited else current
         owner, name, off = new_owner, "fp32_precision", "ieee"

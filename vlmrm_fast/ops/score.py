@@ -29,7 +29,9 @@ MIN_NORM = 1e-12
 """The smallest embedding norm scored. Below about 1e-19 the squares of a row's entries fall below
 float32's normal range and lose precision (a norm of 1e-21 cost 3e-4 in reward); from 1e-12 on, the
 entries that underflow add at most D * 1.2e-38 to a squared norm of at least 1e-24, a relative error
-under 1e-10 for any CLIP width. Tower outputs have norms of about 1 to 100."""
+under 1e-10 for any CLIP width. Tower outputs have norms of about 1 to 100. The kernel compares its
+float32 squared norm with ``MIN_NORM ** 2``, the torch path (and ``CLIPReward.embed``) the norm with
+``MIN_NORM``: a row within float32 rounding of the bound may fall on either side."""
 
 
 @dataclass(frozen=True)

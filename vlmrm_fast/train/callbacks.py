@@ -68,6 +68,7 @@ class TrainingCallback(BaseCallback):
         self._slots: list = []
         self._rollout_steps = 0
         self._rollout_offset = int(self.resume_extra.get("rollout_steps_done", 0))
+        self._cut_rollout = False  # the run's last rollout shortened to end at total_timesteps
         self._train_freq_original: Optional[TrainFreq] = None
         self._previous_handlers: dict = {}
         self._bar = None
@@ -146,6 +147,7 @@ class TrainingCallback(BaseCallback):
         steps_left = -(-(self.config.total_timesteps - n) // n_envs)
         freq = self.model.train_freq
         if 0 < steps_left < freq.frequency:
+            self._cut_rollout = True
             if self._train_freq_original is None:
                 self._train_freq_original = freq
             self.model.train_freq = TrainFreq(steps_left, TrainFrequencyUnit.STEP)
@@ -266,6 +268,8 @@ class TrainingCallback(BaseCallback):
             "pending_vlm_returns": [] if mid_rollout else list(self._done_vlm),
             "pending_gt_returns": [] if mid_rollout else list(self._done_gt),
             "log_step": n if mid_rollout else self._log_step,
+            # The run ended here inside a rollout, which was trained on: extending it is not the longer run.
+            "cut_rollout": self._cut_rollout and not mid_rollout and n >= self.config.total_timesteps,
             "reward_setup": reward_setup(self.reward_model),
         }
         current = self.model.train_freq

@@ -529,8 +529,7 @@ def _warn_if_extending_a_cut_rollout(extra: dict, step: int, config: TrainConfig
     """A run whose total_timesteps fell inside a rollout ended with a shortened rollout and its gradient
     steps; extended, its rollouts start from there, so it is not the run one longer total would give."""
     rollout = config.n_envs * config.train_freq
-    stopped = extra.get("rollout_steps_done", 0) or extra.get("train_pending")  # a signal's stop resumes exactly
-    if step % rollout and not stopped and config.total_timesteps > step:
+    if extra.get("cut_rollout") and config.total_timesteps > step:  # not a stop's or a periodic checkpoint
         warnings.warn(
             f"this run ended at step {step}, inside a rollout of {rollout} steps (n_envs x train_freq): its last "
             f"rollout was cut short and trained on, so the extended run's rollouts and gradient steps fall "
