@@ -421,9 +421,10 @@ def test_tensorboard_hides_what_a_crashed_session_logged_after_its_checkpoint(tm
 
 
 def test_a_run_resumed_mid_rollout_evaluates_and_checkpoints_on_the_uninterrupted_schedule(tmp_path, monkeypatch):
-    # Rollouts of 20 steps (2 envs x 10); evaluations and checkpoints every 30 fall at 40, 80 and the
-    # end. Stopped at 74, the resumed run's first (partial) rollout starts at 74, not on a boundary:
-    # the evaluation and checkpoint due at 80 stay there.
+    # Rollouts of 20 steps (2 envs x 10); evaluations and checkpoints every 30 fall at the first
+    # boundary past each multiple (40, 60; not 40, 80: the schedule does not drift) and the end. Stopped
+    # at 54, the resumed run's first (partial) rollout starts at 54, not on a boundary: the evaluation
+    # and checkpoint due at 60 stay there.
     from vlmrm_fast.train import callbacks, train
 
     events = []
@@ -439,12 +440,12 @@ def test_a_run_resumed_mid_rollout_evaluates_and_checkpoints_on_the_uninterrupte
 
     train(config_in(tmp_path / "full"), reward_model=tiny_reward(config_in(tmp_path)))
     uninterrupted, events[:] = list(events), []
-    assert uninterrupted == [("eval", 40), ("save", 40), ("eval", 80), ("save", 80), ("eval", 100), ("save", 100)]
+    assert uninterrupted == [("eval", 40), ("save", 40), ("eval", 60), ("save", 60), ("eval", 100), ("save", 100)]
 
     config = config_in(tmp_path / "stopped")
-    assert train_stopped_at(74, config, monkeypatch).num_timesteps == 74
+    assert train_stopped_at(54, config, monkeypatch).num_timesteps == 54
     train(config, resume=config.run_dir, reward_model=tiny_reward(config))
-    assert events == uninterrupted[:2] + [("save", 74)] + uninterrupted[2:]
+    assert events == uninterrupted[:2] + [("save", 54)] + uninterrupted[2:]
 
 
 # --------------------------------------------------------------------------- signals and crashes
@@ -673,6 +674,21 @@ def test_resume_without_env_state_restarts_episode_sums(tmp_path, monkeypatch):
     assert "ep_vlm" not in extra and "ep_gt" not in extra and extra["step"] == saved["step"]
 
 
+def test_the_schedule_stays_on_the_multiples_of_its_interval():
+    # The paper's run: rollouts of 3,200 steps (32 envs x 100), an evaluation every 100k over 10M steps.
+    # One at the first boundary past each multiple: 100 of them (counting from the last one drifted to 97).
+    from vlmrm_fast.train.callbacks import _due
+
+    last, at = 0, []
+    for step in range(3_200, 10_000_001, 3_200):
+        if _due(step, last, 100_000):
+            last = step
+            at.append(step)
+    assert len(at) == 100 and at[0] == 102_400 and at[-1] == 10_000_000  # the last: the run's end
+    assert all(step - 3_200 < k * 100_000 <= step for k, step in enumerate(at, 1))
+    assert not _due(5_000, 0, 0)  # 0: never
+
+
 def test_checkpoint_records_the_evaluation_of_its_own_step(tmp_path):
     # Evaluation and checkpoint due at the same step: the checkpoint knows the evaluation was done,
     # so a run resumed from it does not evaluate (and log) that step twice.
@@ -681,12 +697,12 @@ def test_checkpoint_records_the_evaluation_of_its_own_step(tmp_path):
     config = dot_config(tmp_path, total_timesteps=60, checkpoint_every=40, eval_every=40)
     run_dir = train(config, reward_model=tiny_reward(config)).run_dir
     assert ckpt.load_state(run_dir / "checkpoints" / ckpt.step_name(40))["extra"]["last_eval_step"] == 40
-    # The run's final evaluation too: extended from its last checkpoint, the run evaluates at 100
-    # (40 steps on), not at 80 again after 60.
+    # The run's final evaluation too: extended from its last checkpoint, the run evaluates at 80 (the
+    # next multiple of 40) and at its end, not at 60 again.
     assert ckpt.load_state(run_dir / "checkpoints" / ckpt.step_name(60))["extra"]["last_eval_step"] == 60
     train(dot_config(tmp_path, total_timesteps=100, checkpoint_every=40, eval_every=40), resume=run_dir,
           reward_model=tiny_reward(config))
-    assert [step for step, _ in tb_scalars(run_dir)["eval/gt_return"]] == [40, 60, 100]
+    assert [step for step, _ in tb_scalars(run_dir)["eval/gt_return"]] == [40, 60, 80, 100]
 
 
 def test_a_signal_during_the_final_checkpoint_lets_it_finish(tmp_path, monkeypatch):

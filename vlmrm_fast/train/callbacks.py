@@ -39,6 +39,13 @@ from vlmrm_fast.train.deferred import DeferredRewardRecorder, score_and_write_ba
 from vlmrm_fast.wrappers import _rewards_of
 
 
+def _due(step: int, last: int, every: int) -> bool:
+    """Whether a rollout boundary at ``step`` is the first one past a multiple of ``every`` since ``last``:
+    the schedule stays on the multiples (100 evaluations in 10M steps for every 100k, with rollouts of
+    3,200), rather than drifting by a rollout's remainder each time (``step - last >= every``: 97)."""
+    return every > 0 and step // every > last // every
+
+
 class TrainingCallback(BaseCallback):
     """Everything around SB3's SAC loop for a VLM-RM run (see the module docstring).
 
@@ -134,11 +141,9 @@ class TrainingCallback(BaseCallback):
         n = self.model.num_timesteps
         # Evaluate first, so that a checkpoint at the same step records it: a run resumed from there
         # does not evaluate (and log) that step again. Evaluation leaves the training RNG alone.
-        every = self.config.eval_every
-        if every and n - self._last_eval_step >= every:
+        if _due(n, self._last_eval_step, self.config.eval_every):
             self.evaluate()
-        every = self.config.checkpoint_every
-        if every and n - self._last_ckpt_step >= every:
+        if _due(n, self._last_ckpt_step, self.config.checkpoint_every):
             self.save()
 
     def _trim_last_rollout(self, n: int) -> None:
