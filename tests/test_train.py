@@ -1365,9 +1365,10 @@ def test_a_second_signal_stops_at_once_and_restores_the_handler(tmp_path):
     callback._install_signal_handlers()
     try:
         callback._handle_signal(signal.SIGTERM, None)
-        with pytest.raises(KeyboardInterrupt):
+        with pytest.raises(KeyboardInterrupt) as stopped:
             callback._handle_signal(signal.SIGTERM, None)
         assert signal.getsignal(signal.SIGTERM) == before
+        assert stopped.value.signum == signal.SIGTERM  # vlmrm-fast train then exits 143, as for one SIGTERM
     finally:
         callback.restore_signal_handlers()
 
@@ -1952,6 +1953,20 @@ def test_the_command_line_entry_point_answers_with_exit_codes(tmp_path, capsys):
     assert err.startswith("vlmrm-fast: error: config file") and "does not exist" in err
     assert main(["--preset", "smoke", "--seed", "4", "--print-config"]) == 0
     assert json.loads(capsys.readouterr().out)["seed"] == 4
+
+
+def test_a_second_signal_exits_with_the_shells_code_for_it(tmp_path, monkeypatch, capsys):
+    from vlmrm_fast.train import run
+    from vlmrm_fast.train.callbacks import StoppedAtOnce
+
+    for raised, code in ((StoppedAtOnce(signal.SIGTERM), 143), (StoppedAtOnce(signal.SIGINT), 130),
+                         (KeyboardInterrupt(), 130)):
+        def train(config, resume=None, raised=raised):
+            raise raised
+
+        monkeypatch.setattr(run, "train", train)
+        assert run.main(["--preset", "smoke", "--run-dir", str(tmp_path / "run")]) == code, raised
+    assert "SIGINT again: stopped at once, without a checkpoint" in capsys.readouterr().err
 
 
 def test_a_size_asked_for_in_one_dimension_is_exact_too(tmp_path):

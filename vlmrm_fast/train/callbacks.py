@@ -39,6 +39,15 @@ from vlmrm_fast.train.deferred import DeferredRewardRecorder, score_and_write_ba
 from vlmrm_fast.wrappers import _rewards_of
 
 
+class StoppedAtOnce(KeyboardInterrupt):
+    """A second SIGINT/SIGTERM during training: stop without a checkpoint. ``signum`` says which, so that
+    ``vlmrm-fast train`` exits with the shell's code for it (130 for SIGINT, 143 for SIGTERM)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"{signal.Signals(signum).name} again: stopped at once, without a checkpoint")
+        self.signum = signum
+
+
 def _due(step: int, last: int, every: int) -> bool:
     """Whether a rollout boundary at ``step`` is the first one past a multiple of ``every`` since ``last``:
     the schedule stays on the multiples (100 evaluations in 10M steps for every 100k, with rollouts of
@@ -306,7 +315,7 @@ class TrainingCallback(BaseCallback):
     def _handle_signal(self, signum, frame) -> None:
         if self.stop_signal is not None:  # a second signal: stop now, without a checkpoint
             self.restore_signal_handlers()
-            raise KeyboardInterrupt
+            raise StoppedAtOnce(signum)
         self.stop_signal = signum
         message = (f"{signal.Signals(signum).name}: checkpointing after this step, then stopping "
                    "(send it again to stop at once)")

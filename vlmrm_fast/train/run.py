@@ -650,9 +650,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ValueError, TypeError, OSError) as exc:
         print(f"vlmrm-fast: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("vlmrm-fast: error: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        print(f"vlmrm-fast: error: {exc or 'interrupted'}", file=sys.stderr)
+        return 128 + getattr(exc, "signum", signal.SIGINT)  # 130 for SIGINT (Ctrl-C), 143 for SIGTERM
 
 
 if __name__ == "__main__":
