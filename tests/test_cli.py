@@ -494,7 +494,10 @@ def test_frames_past_the_listed_timestamps_are_labelled_by_fps(tmp_path: Path) -
      [0.0, 0.1, 0.2, 0.3]),  # B-frames: packets in decoding order
     ("#tb 0: 1/10\n0, 0, 1, 1, 9, 0x0\n0, 1, 0, 1, 9, 0x0\n0, 2, 2, 1, 9, 0x0\n", [0.0, 0.1, 0.2]),
     (f"#tb 0: 1/10\n0, 0, 0, 1, 9, 0x0\n0, 1, {cli.NO_PTS}, 1, 9, 0x0\n", None),  # a packet without a time
-], ids=["reordered", "first-not-earliest", "no-pts"])
+    # a stream-copied trim: packets before the edit list's start are flagged discard (0x4), never decoded
+    ("#tb 0: 1/10\n0, -4, -4, 1, 9, 0x0, F=0x5\n0, -3, -2, 1, 9, 0x0, F=0x4\n0, -2, 0, 1, 9, 0x0, F=0x1\n"
+     "0, -1, 1, 1, 9, 0x0\n", [0.0, 0.1]),
+], ids=["reordered", "first-not-earliest", "no-pts", "discarded"])
 def test_frame_timestamps_are_presentation_times_from_the_earliest(monkeypatch, listing, times) -> None:
     import subprocess
     import types
@@ -503,6 +506,38 @@ def test_frame_timestamps_are_presentation_times_from_the_earliest(monkeypatch, 
     fake = types.SimpleNamespace(get_ffmpeg_exe=lambda: "ffmpeg")
     got = cli._frame_timestamps(fake, Path("v.mp4"))
     assert got == (None if times is None else pytest.approx(times))
+
+
+def test_backend_errors_name_the_commands_flags(frames: Path, capsys: pytest.CaptureFixture) -> None:
+    # The backends' errors are written for Python callers (dtype=torch.float32, backend='torch'); score
+    # names its own flags instead, as bench does.
+    base = [str(frames), "--goal", "a", "--model", "vlmrm-tiny", "--pretrained", "none", "--device", "cpu"]
+    assert score([*base, "--backend", "onnxruntime", "--dtype", "bf16"]) == 2
+    err = capsys.readouterr().err
+    assert "pass --dtype fp32" in err and "dtype=torch" not in err, err
+    assert score([*base, "--backend", "tensorrt"]) == 2
+    err = capsys.readouterr().err
+    assert "use --backend onnxruntime" in err and "backend='onnxruntime'" not in err, err
+
+
+def test_a_stream_copied_trim_is_labelled_by_the_frames_it_decodes_to(tmp_path: Path, capsys) -> None:
+    # ffmpeg -ss ... -c copy keeps the packets before the cut, flagged discard, for the decoder to start
+    # from: they are not frames. 27 frames at 10 fps with B-frames, cut at 0.35 s, decode to 23.
+    ffmpeg = pytest.importorskip("imageio_ffmpeg")
+    import subprocess
+
+    exe, long, trimmed = ffmpeg.get_ffmpeg_exe(), tmp_path / "long.mp4", tmp_path / "trimmed.mp4"
+    for command in ([exe, "-y", "-v", "error", "-f", "lavfi", "-i", "testsrc=size=64x48:rate=10", "-frames:v", "27",
+                     "-g", "30", "-bf", "2", "-pix_fmt", "yuv420p", str(long)],
+                    [exe, "-y", "-v", "error", "-ss", "0.35", "-i", str(long), "-c", "copy", str(trimmed)]):
+        if subprocess.run(command, capture_output=True).returncode != 0:
+            pytest.skip("this ffmpeg cannot make the clip (no H.264 encoder)")
+    times = cli._frame_timestamps(ffmpeg, trimmed)
+    assert times == pytest.approx([i / 10 for i in range(23)])
+    out = tmp_path / "r.csv"
+    assert score([str(trimmed), "--goal", "a", "--model", "vlmrm-tiny", "--pretrained", "none", "--backend", "torch",
+                  "--device", "cpu", "--out", str(out), "--no-progress"]) == 0
+    assert len(_read_csv(out)) == 23 and "container lists" not in capsys.readouterr().err
 
 
 def test_an_interrupted_score_exits_130(frames: Path, monkeypatch: pytest.MonkeyPatch,

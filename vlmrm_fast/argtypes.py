@@ -3,6 +3,7 @@
 Free of heavy imports (torch, open_clip): the parsers are built from it before ``--help`` answers.
 """
 import argparse
+import re
 from typing import Callable, Sequence
 
 BACKEND_NAMES = ("torch", "compile", "onnxruntime", "tensorrt")
@@ -53,3 +54,15 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
     return value
+
+
+def in_cli_terms(message: str, dtype_flag: str = "--dtypes", backend_flag: str = "--backends") -> str:
+    """A backend's error, written for ``CLIPReward`` callers, in a command's options: with ``bench``'s
+    flags (the defaults), "pass dtype=torch.float32" becomes "pass --dtypes fp32" and "use
+    backend='torch'" "use --backends torch"; ``score`` passes its ``--dtype`` and ``--backend``."""
+    message = re.sub(r"dtype=torch\.(\w+)", lambda m: f"{dtype_flag} {SHORT_DTYPE_NAMES.get(m.group(1), m.group(1))}",
+                     message)
+    message = re.sub(r"backend='(\w+)' with quantize='(\w+)'", rf"{backend_flag} \1 {dtype_flag} \2", message)
+    for before in (r"(?<=use )", r"(?<=\()"):
+        message = re.sub(before + r"backend='(\w+)'", rf"{backend_flag} \1", message)
+    return message

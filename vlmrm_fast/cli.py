@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Callable, Optional, TextIO, TypeVar
 import numpy as np
 from tqdm import tqdm
 
-from vlmrm_fast.argtypes import BACKEND_NAMES, dtype_choice, positive_int
+from vlmrm_fast.argtypes import BACKEND_NAMES, dtype_choice, in_cli_terms, positive_int
 from vlmrm_fast.atomic import save_figure_atomically, write_atomically
 from vlmrm_fast.export import add_export_parser
 from vlmrm_fast.profiler import add_bench_parser
@@ -324,20 +324,24 @@ def _run_score(args: argparse.Namespace) -> int:
     source = open_frames(args.path)
     csv_path = args.out if args.out is not None else default_csv_path(args.path)
     plot_path = _plot_path(args.plot, csv_path)
+    from vlmrm_fast.backends import BackendError
     from vlmrm_fast.reward import CLIPReward
 
-    rm = CLIPReward.from_pretrained(
-        args.model,
-        None if args.pretrained.lower() == "none" else args.pretrained,
-        goal=args.goal,
-        baseline=args.baseline,
-        alpha=args.alpha,
-        device=args.device,
-        dtype=None if args.dtype == "auto" else args.dtype,
-        preprocess=args.preprocess,
-        backend=args.backend,
-        max_batch_size=args.batch_size,
-    )
+    try:
+        rm = CLIPReward.from_pretrained(
+            args.model,
+            None if args.pretrained.lower() == "none" else args.pretrained,
+            goal=args.goal,
+            baseline=args.baseline,
+            alpha=args.alpha,
+            device=args.device,
+            dtype=None if args.dtype == "auto" else args.dtype,
+            preprocess=args.preprocess,
+            backend=args.backend,
+            max_batch_size=args.batch_size,
+        )
+    except BackendError as error:  # written for Python callers: name this command's flags instead
+        raise BackendError(in_cli_terms(str(error), dtype_flag="--dtype", backend_flag="--backend")) from None
     start = time.perf_counter()
     rewards, labels = score_frames(rm, source, rm.max_batch_size, progress=not args.no_progress)
     elapsed = time.perf_counter() - start
@@ -685,12 +689,18 @@ def _passthrough_option(ffmpeg) -> list[str]:
     return ["-fps_mode", "passthrough"]  # 5.1 or newer, or a development build ("N-...")
 
 
+DISCARD_FLAG = 0x4
+"""AV_PKT_FLAG_DISCARD, in framecrc's ``F=0x..`` field: a packet the decoder drops."""
+
+
 def _frame_timestamps(ffmpeg, path: Path) -> Optional[list[float]]:
     """Presentation times of the first video stream's frames (cover art aside), in seconds from the first, sorted.
 
     Read from the packets of a stream copy (no decoding) in ffmpeg's framecrc format: a ``#tb 0:
-    NUM/DEN`` header, then ``stream, dts, pts, duration, size, hash`` per packet. None where ffmpeg
-    fails or a packet has no timestamp.
+    NUM/DEN`` header, then ``stream, dts, pts, duration, size, hash`` per packet, and ``F=0x..`` where
+    a packet has flags. Packets flagged discard (before an edit list's start, as a stream-copied trim
+    leaves them) are never decoded, so they have no frame. None where ffmpeg fails or a packet has no
+    timestamp.
     """
     command = [ffmpeg.get_ffmpeg_exe(), "-nostdin", "-v", "error", "-i", str(path),
                "-map", VIDEO_STREAM, "-c", "copy", "-f", "framecrc", "-"]
@@ -705,6 +715,9 @@ def _frame_timestamps(ffmpeg, path: Path) -> Optional[list[float]]:
             timebase = int(num) / int(den)
         elif line and not line.startswith("#"):
             fields = [field.strip() for field in line.split(",")]
+            flags = next((field[2:] for field in fields[6:] if field.startswith("F=")), "0")
+            if int(flags, 16) & DISCARD_FLAG:
+                continue
             if len(fields) < 3 or not fields[2].lstrip("-").isdigit() or int(fields[2]) == NO_PTS:
                 return None
             pts.append(int(fields[2]))

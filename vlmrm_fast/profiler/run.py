@@ -48,7 +48,6 @@ import importlib
 import importlib.metadata
 import importlib.util
 import os
-import re
 import shutil
 import sys
 import time
@@ -59,6 +58,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 import torch
 from tqdm import tqdm
 
+from vlmrm_fast.argtypes import in_cli_terms
 from vlmrm_fast.backends import BackendError
 from vlmrm_fast.backends.base import missing_cuda_device
 from vlmrm_fast.backends.torch_fp8 import fp8_unsupported_reason
@@ -509,17 +509,6 @@ class Profiler:
             row.seed_fps = n / timings["seed_end_to_end"].median_s
             row.speedup_vs_seed = row.end_to_end_fps / row.seed_fps
         return row
-
-
-def in_cli_terms(message: str) -> str:
-    """A backend's error, written for ``CLIReward`` callers, in this command's options: "pass
-    dtype=torch.float32" becomes "pass --dtypes fp32", "use backend='torch'" "use --backends torch"."""
-    names = {str(dtype).replace("torch.", ""): name for name, dtype in DTYPES.items()}
-    message = re.sub(r"dtype=torch\.(\w+)", lambda m: f"--dtypes {names.get(m.group(1), m.group(1))}", message)
-    message = re.sub(r"backend='(\w+)' with quantize='(\w+)'", r"--backends \1 --dtypes \2", message)
-    for before in (r"(?<=use )", r"(?<=\()"):
-        message = re.sub(before + r"backend='(\w+)'", r"--backends \1", message)
-    return message
 
 
 def peak_precisions(config: BenchConfig) -> List[str]:
