@@ -70,47 +70,32 @@ def test_global_new_api_setting():
     """)
 
 
+RESTORES = {
+    # Matmuls inherit torch.backends.fp32_precision: the block must not pin them to the value it read, or
+    # a later global change no longer reaches them ("ieee" keeps the legacy flag readable, "tf32" not).
+    "global tf32": ('torch.backends.fp32_precision = "tf32"', "tf32", "ieee", 'matmul.fp32_precision == "ieee"'),
+    "global ieee": ('torch.backends.fp32_precision = "ieee"', "ieee", "tf32", 'matmul.fp32_precision == "tf32"'),
+    # A matmul setting of its own stays its own.
+    "own setting": ('matmul.fp32_precision = "tf32"; torch.backends.fp32_precision = "ieee"', "tf32", "none",
+                    'matmul.fp32_precision == "tf32"'),
+    # set_float32_matmul_precision("high") pins matmuls through the legacy flag; beside a global "tf32" that
+    # flag stays readable and is what the block restores (as "none", a later global "ieee" would take TF32
+    # away and make the legacy flag unreadable).
+    "legacy pin": ('torch.backends.fp32_precision = "tf32"; torch.set_float32_matmul_precision("high")', "tf32",
+                   "ieee", 'matmul.fp32_precision == "tf32" and matmul.allow_tf32 is True'),
+}
+
+
 @needs_new_api
-@pytest.mark.parametrize("global_setting", ["tf32", "ieee"])
-def test_a_global_setting_still_reaches_matmuls_after_the_block(global_setting):
-    # Matmuls inherit torch.backends.fp32_precision; the block must not pin them to the value it read
-    # (a later global change would then no longer reach them). "ieee" keeps the legacy flag readable,
-    # "tf32" does not: both paths.
-    other = {"tf32": "ieee", "ieee": "tf32"}[global_setting]
+@pytest.mark.parametrize("setup,after,later,then", RESTORES.values(), ids=RESTORES.keys())
+def test_matmul_settings_are_restored_as_they_were_set(setup, after, later, then):
     _run(f"""
-        torch.backends.fp32_precision = "{global_setting}"
+        {setup}
         with float32_matmuls():
             assert matmul.fp32_precision == "ieee"
-        assert matmul.fp32_precision == "{global_setting}"
-        torch.backends.fp32_precision = "{other}"
-        assert matmul.fp32_precision == "{other}"
-    """)
-
-
-@needs_new_api
-def test_a_matmul_setting_of_its_own_stays_its_own():
-    _run("""
-        matmul.fp32_precision = "tf32"
-        torch.backends.fp32_precision = "ieee"
-        with float32_matmuls():
-            assert matmul.fp32_precision == "ieee"
-        torch.backends.fp32_precision = "none"
-        assert matmul.fp32_precision == "tf32"
-    """)
-
-
-@needs_new_api
-def test_a_legacy_pin_beside_a_global_tf32_stays_a_legacy_pin():
-    # set_float32_matmul_precision("high") pins matmuls through the legacy flag; beside a global "tf32"
-    # that flag stays readable, and it is what the block restores (not "none", which would let a later
-    # global "ieee" take TF32 away and make the legacy flag unreadable).
-    _run("""
-        torch.backends.fp32_precision = "tf32"
-        torch.set_float32_matmul_precision("high")
-        with float32_matmuls():
-            assert matmul.fp32_precision == "ieee"
-        torch.backends.fp32_precision = "ieee"
-        assert matmul.fp32_precision == "tf32" and matmul.allow_tf32 is True
+        assert matmul.fp32_precision == "{after}"
+        torch.backends.fp32_precision = "{later}"
+        assert {then}
     """)
 
 
