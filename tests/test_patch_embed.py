@@ -109,6 +109,23 @@ def test_the_tower_is_the_same_with_it():
     assert (got - want).abs().max().item() <= 1e-5 * want.abs().max().item()
 
 
+def test_inductor_compiles_the_tower_with_it():
+    # On CUDA the compile backend compiles the tower with the patch matmul in it, and that path is the
+    # default there; on the CPU it runs the convolution. Compiled here (inductor's CPU code, the same
+    # tracing): a graph break in the module or an inductor failure would show on CUDA too.
+    model, _ = make_tiny()
+    visual = model.visual.eval()
+    pixels = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        want = visual(pixels)
+    use_patch_matmul(visual)
+    with torch.inference_mode():
+        tokens = torch.compile(visual.conv1, fullgraph=True)(pixels)  # no graph break inside
+        got = torch.compile(visual)(pixels)
+        assert torch.allclose(tokens, visual.conv1(pixels), atol=1e-5 * tokens.abs().max().item(), rtol=0)
+    assert (got - want).abs().max().item() <= 1e-5 * want.abs().max().item()
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", ["torch", "compile"])
 def test_the_torch_backends_use_it_on_cuda_only(backend, device):
