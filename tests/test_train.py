@@ -1956,17 +1956,25 @@ def test_the_command_line_entry_point_answers_with_exit_codes(tmp_path, capsys):
 
 
 def test_a_second_signal_exits_with_the_shells_code_for_it(tmp_path, monkeypatch, capsys):
+    # Through both entry points: the vlmrm-fast console script (vlmrm_fast.cli) and python -m vlmrm_fast.train.run.
+    import copy
+
+    from vlmrm_fast import cli
     from vlmrm_fast.train import run
     from vlmrm_fast.train.callbacks import StoppedAtOnce
 
-    for raised, code in ((StoppedAtOnce(signal.SIGTERM), 143), (StoppedAtOnce(signal.SIGINT), 130),
-                         (KeyboardInterrupt(), 130)):
-        def train(config, resume=None, raised=raised):
-            raise raised
+    argv = ["--preset", "smoke", "--run-dir", str(tmp_path / "run")]
+    for main in (run.main, lambda argv: cli.main(["train", *argv])):
+        for raised, code, said in ((StoppedAtOnce(signal.SIGTERM), 143, "SIGTERM again: stopped at once"),
+                                   (StoppedAtOnce(signal.SIGINT), 130, "SIGINT again: stopped at once"),
+                                   (KeyboardInterrupt(), 130, "error: interrupted")):
+            def train(config, resume=None, raised=raised):
+                raise raised
 
-        monkeypatch.setattr(run, "train", train)
-        assert run.main(["--preset", "smoke", "--run-dir", str(tmp_path / "run")]) == code, raised
-    assert "SIGINT again: stopped at once, without a checkpoint" in capsys.readouterr().err
+            monkeypatch.setattr(run, "train", train)
+            assert main(argv) == code, raised
+            assert said in capsys.readouterr().err, raised
+    assert copy.copy(StoppedAtOnce(signal.SIGTERM)).signum == signal.SIGTERM
 
 
 def test_a_size_asked_for_in_one_dimension_is_exact_too(tmp_path):

@@ -27,6 +27,7 @@ import io
 import logging
 import queue
 import re
+import signal
 import subprocess
 import sys
 import textwrap
@@ -271,9 +272,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         _print_error(OUT_OF_MEMORY_FIX.get(args.command, "out of GPU memory; use a smaller --model"))
     except (CLIError, ValueError, TypeError, OSError, PretrainedWeightsError) as exc:
         _print_error(str(exc))
-    except KeyboardInterrupt:
-        _print_error("interrupted")
-        return 130
+    except KeyboardInterrupt as exc:  # Ctrl-C; or train's second SIGINT/SIGTERM, which names its signal
+        signum = getattr(exc, "signum", None)
+        _print_error(str(exc) if signum else "interrupted")
+        return 128 + (signum or signal.SIGINT)  # the shell's codes: 130 for SIGINT, 143 for SIGTERM
     return 2
 
 

@@ -47,6 +47,9 @@ class StoppedAtOnce(KeyboardInterrupt):
         super().__init__(f"{signal.Signals(signum).name} again: stopped at once, without a checkpoint")
         self.signum = signum
 
+    def __reduce__(self):  # copied or pickled from its signal, not from its message
+        return type(self), (self.signum,)
+
 
 def _due(step: int, last: int, every: int) -> bool:
     """Whether a rollout boundary at ``step`` is the first one past a multiple of ``every`` since ``last``:

@@ -651,8 +651,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"vlmrm-fast: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
-        print(f"vlmrm-fast: error: {exc or 'interrupted'}", file=sys.stderr)
-        return 128 + getattr(exc, "signum", signal.SIGINT)  # 130 for SIGINT (Ctrl-C), 143 for SIGTERM
+        signum = getattr(exc, "signum", None)  # a second SIGINT/SIGTERM (StoppedAtOnce) names its signal
+        print(f"vlmrm-fast: error: {exc if signum else 'interrupted'}", file=sys.stderr)
+        return 128 + (signum or signal.SIGINT)  # 130 for SIGINT (Ctrl-C), 143 for SIGTERM
 
 
 if __name__ == "__main__":
