@@ -331,20 +331,24 @@ def parse_tile(text: str) -> Tuple[int, int, int]:
     return tile
 
 
+def _triton_prefix(providers: Sequence[str]) -> Optional[str]:
+    """The name extra Triton providers start with ("triton", or "triton-interpret" in the CPU
+    interpreter), or None where Triton does not run at all."""
+    if not any(p.startswith("triton") for p in providers):
+        return None
+    return "triton-interpret" if interpreter_enabled() else "triton"
+
+
 def tile_providers(tiles: Sequence[Tuple[int, int, int]], providers: Sequence[str]) -> Dict[str, Tuple[int, int, int]]:
     """Provider name -> tile for the extra preprocess tiles, where Triton runs at all."""
-    if not any(p.startswith("triton") for p in providers):
-        return {}
-    prefix = "triton-interpret" if interpreter_enabled() else "triton"
-    return {f"{prefix}-{rows}x{cols}w{warps}": (rows, cols, warps) for rows, cols, warps in tiles}
+    prefix = _triton_prefix(providers)
+    return {} if prefix is None else {f"{prefix}-{r}x{c}w{w}": (r, c, w) for r, c, w in tiles}
 
 
 def identity_providers(variants: Sequence[Tuple[str, int, int]], providers: Sequence[str]) -> Dict[str, Tuple[str, int, int]]:
     """Provider name -> candidate identity kernel (:mod:`identity_variants`), where Triton runs at all."""
-    if not any(p.startswith("triton") for p in providers):
-        return {}
-    prefix = "triton-interpret" if interpreter_enabled() else "triton"
-    return {f"{prefix}-{kind}{block}w{warps}": (kind, block, warps) for kind, block, warps in variants}
+    prefix = _triton_prefix(providers)
+    return {} if prefix is None else {f"{prefix}-{kind}{block}w{w}": (kind, block, w) for kind, block, w in variants}
 
 
 def impl_of(provider: str) -> str:

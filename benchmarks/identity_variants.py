@@ -166,8 +166,9 @@ def preprocess_identity(
     if not is_identity(height, width, spec.size):
         raise ValueError(f"{kind}: frames of {height} x {width} need a resize to {spec.size}; these kernels only "
                          "take frames of the tower's size.")
-    if kind == "words" and words_unsupported_reason(frames):
-        raise ValueError(words_unsupported_reason(frames))
+    why = words_unsupported_reason(frames) if kind == "words" else ""
+    if why:
+        raise ValueError(why)
     out = torch.empty((n, 3, height, width), dtype=out_dtype, device=frames.device)
     if n == 0:
         return out

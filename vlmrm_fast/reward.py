@@ -13,8 +13,8 @@ from vlmrm_fast.frames import FrameInput, as_frame_batch
 from vlmrm_fast.models import create_clip, image_size_of, preprocess_spec_of
 from vlmrm_fast.ops._triton import resolve_kernels
 from vlmrm_fast.ops.preprocess import PreprocessSpec, check_preprocess_mode, preprocess
-from vlmrm_fast.ops.score import MIN_NORM
 from vlmrm_fast.ops.score import score as score_op
+from vlmrm_fast.ops.score import unit_rows
 from vlmrm_fast.tasks import EncodedTasks, Prompts, Task, check_alpha, check_tasks, encode_tasks, task_list
 
 _DTYPES = {
@@ -308,10 +308,8 @@ class CLIPReward:
         batch = as_frame_batch(frames)
         out = torch.empty((batch.num_frames, self.embed_dim), dtype=torch.float32, device=self._device)
         for i in range(0, batch.num_frames, self.max_batch_size):
-            raw = self._tower(batch.chunk(i, i + self.max_batch_size, self._device), bottom_up).float()
-            norms = raw.norm(dim=-1, keepdim=True)
-            # As the score op: NaN where the norm is not finite or too small to square in float32.
-            out[i : i + raw.shape[0]] = raw / torch.where((norms < float("inf")) & (norms >= MIN_NORM), norms, float("nan"))
+            raw = self._tower(batch.chunk(i, i + self.max_batch_size, self._device), bottom_up)
+            out[i : i + raw.shape[0]] = unit_rows(raw)  # NaN rows where the score op would give NaN
         self._check_finite(out, "frames", quantity="Embeddings")
         return out
 

@@ -41,7 +41,7 @@ from vlmrm_fast.argtypes import ONNX_EXPORTERS, ONNX_INPUT_FORMATS
 from vlmrm_fast.atomic import default_file_mode, fsync_dir
 from vlmrm_fast.backends.base import BackendError, missing_extra
 from vlmrm_fast.backends.patch_embed import patch_convolution
-from vlmrm_fast.backends.torch_fp8 import Float8Linear
+from vlmrm_fast.backends.torch_fp8 import is_fp8_quantised
 from vlmrm_fast.ops.preprocess import PreprocessSpec
 from vlmrm_fast.quiet_logging import loggers_quieted
 
@@ -327,7 +327,7 @@ def export_onnx(
         raise ValueError(f"input_format={input_format!r} is not one of {ONNX_INPUT_FORMATS}.")
     if exporter not in ONNX_EXPORTERS:
         raise ValueError(f"exporter={exporter!r} is not one of {ONNX_EXPORTERS}.")
-    if any(isinstance(m, Float8Linear) for m in visual.modules()):
+    if is_fp8_quantised(visual):
         raise ValueError("this vision tower's matmuls were quantised to fp8 for the torch backends (backend_options "
                          "quantize='fp8'), which an ONNX graph cannot hold: export the model as loaded, before a "
                          "reward quantises it (or load it again).")

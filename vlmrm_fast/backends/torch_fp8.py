@@ -157,12 +157,17 @@ def quantize_fp8(visual: torch.nn.Module, out_dtype: torch.dtype = torch.bfloat1
     where there is none (a ResNet or timm tower): fp8 asked for is never silently bf16. Call
     :func:`fp8_unsupported_reason` first."""
     count = replace_projections(visual, lambda weight, bias: Float8Linear(weight, bias, out_dtype))
-    if count == 0 and any(isinstance(m, Float8Linear) for m in visual.modules()):
+    if count == 0 and is_fp8_quantised(visual):
         return 0  # quantised already (a second backend on the same tower)
     if count == 0:
         raise BackendError(f"quantize='fp8' found no transformer matmuls to quantise in this vision tower "
                            f"({type(visual).__name__}); drop quantize, or use a ViT.")
     return count
+
+
+def is_fp8_quantised(visual: torch.nn.Module) -> bool:
+    """Whether :func:`quantize_fp8` has turned any of ``visual``'s matmuls into :class:`Float8Linear`."""
+    return any(isinstance(m, Float8Linear) for m in visual.modules())
 
 
 TORCH_QUANTIZE_CHOICES = ("fp8",)

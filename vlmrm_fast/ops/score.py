@@ -174,11 +174,17 @@ def score_triton(embeddings: torch.Tensor, targets: ScoringTargets) -> torch.Ten
     return out
 
 
-def score_torch(embeddings: torch.Tensor, targets: ScoringTargets) -> torch.Tensor:
-    """The same closed form in plain torch, float32: the fallback and the kernel's reference."""
+def unit_rows(embeddings: torch.Tensor) -> torch.Tensor:
+    """[N, D] float -> [N, D] float32 rows of norm 1, as the kernel normalises them: NaN rows where the
+    norm is not finite, or under :data:`MIN_NORM` (zero included)."""
     x = embeddings.to(torch.float32)
     norm = x.norm(dim=1, keepdim=True)
-    x = x / torch.where((norm < float("inf")) & (norm >= MIN_NORM), norm, float("nan"))  # as the kernel
+    return x / torch.where((norm < float("inf")) & (norm >= MIN_NORM), norm, float("nan"))
+
+
+def score_torch(embeddings: torch.Tensor, targets: ScoringTargets) -> torch.Tensor:
+    """The same closed form in plain torch, float32: the fallback and the kernel's reference."""
+    x = unit_rows(embeddings)
     x_dot_g = x @ targets.goals.T
     x_dot_u = x @ targets.directions.T
     alpha = targets.alphas[None, :]

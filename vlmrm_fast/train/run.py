@@ -365,12 +365,12 @@ def _check_sac_device(device: str) -> None:
     if device == "auto":
         return
     try:
-        torch.device(device)
+        parsed = torch.device(device)
     except RuntimeError:
         raise ValueError(f"sac_device={device!r} is not a torch device: pass auto, cpu, cuda or cuda:N") from None
-    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+    if parsed.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"sac_device={device!r} but CUDA is not available here; pass --sac-device cpu (or auto)")
-    why = missing_cuda_device(torch.device(device))
+    why = missing_cuda_device(parsed)
     if why:
         raise ValueError(f"sac_device={device!r}: {why}; pass one of those, or --sac-device cuda (or auto)")
 
@@ -637,23 +637,10 @@ def _shown_default(value: Any) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``python -m vlmrm_fast.train.run ARGS`` (the same as ``vlmrm-fast train ARGS``)."""
-    parser = argparse.ArgumentParser(prog="vlmrm-fast")
-    add_train_parser(parser.add_subparsers(dest="command", required=True))
-    argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        args = parser.parse_args(["train", *argv])
-    except SystemExit as exc:
-        return 0 if exc.code is None else exc.code if isinstance(exc.code, int) else 2
-    try:
-        return args.handler(args)
-    except (ValueError, TypeError, OSError) as exc:
-        print(f"vlmrm-fast: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt as exc:
-        signum = getattr(exc, "signum", None)  # a second SIGINT/SIGTERM (StoppedAtOnce) names its signal
-        print(f"vlmrm-fast: error: {exc if signum else 'interrupted'}", file=sys.stderr)
-        return 128 + (signum or signal.SIGINT)  # 130 for SIGINT (Ctrl-C), 143 for SIGTERM
+    """``python -m vlmrm_fast.train.run ARGS``: ``vlmrm-fast train ARGS``, through the same entry point."""
+    from vlmrm_fast.cli import main as cli_main
+
+    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
