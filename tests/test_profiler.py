@@ -648,6 +648,8 @@ def test_skip_reasons_speak_in_the_commands_options():
         "use --backends torch there, or pick another backend (--backends compile).")
     assert in_cli_terms("on CPU, backend='onnxruntime' with quantize='int8' is the lossy fast path.") == (
         "on CPU, --backends onnxruntime --dtypes int8 is the lossy fast path.")
+    assert in_cli_terms("free GPU memory, or lower max_batch_size.", batch_flag="--batch-size") == (
+        "free GPU memory, or lower --batch-size.")
 
 
 def test_an_interrupted_run_sets_the_peaks_of_rows_not_saved_yet(tmp_path, monkeypatch):

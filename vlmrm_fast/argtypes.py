@@ -56,13 +56,15 @@ def positive_int(text: str) -> int:
     return value
 
 
-def in_cli_terms(message: str, dtype_flag: str = "--dtypes", backend_flag: str = "--backends") -> str:
+def in_cli_terms(message: str, dtype_flag: str = "--dtypes", backend_flag: str = "--backends",
+                 batch_flag: str = "--batch-sizes") -> str:
     """A backend's error, written for ``CLIPReward`` callers, in a command's options: with ``bench``'s
-    flags (the defaults), "pass dtype=torch.float32" becomes "pass --dtypes fp32" and "use
-    backend='torch'" "use --backends torch"; ``score`` passes its ``--dtype`` and ``--backend``."""
+    flags (the defaults), "pass dtype=torch.float32" becomes "pass --dtypes fp32", "use
+    backend='torch'" "use --backends torch" and "lower max_batch_size" "lower --batch-sizes"; ``score``
+    passes its ``--dtype``, ``--backend`` and ``--batch-size``."""
     message = re.sub(r"dtype=torch\.(\w+)", lambda m: f"{dtype_flag} {SHORT_DTYPE_NAMES.get(m.group(1), m.group(1))}",
                      message)
     message = re.sub(r"backend='(\w+)' with quantize='(\w+)'", rf"{backend_flag} \1 {dtype_flag} \2", message)
     for before in (r"(?<=use )", r"(?<=\()"):
         message = re.sub(before + r"backend='(\w+)'", rf"{backend_flag} \1", message)
-    return message
+    return re.sub(r"\bmax_batch_size\b", batch_flag, message)

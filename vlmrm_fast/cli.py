@@ -343,7 +343,8 @@ def _run_score(args: argparse.Namespace) -> int:
             max_batch_size=args.batch_size,
         )
     except BackendError as error:  # written for Python callers: name this command's flags instead
-        raise BackendError(in_cli_terms(str(error), dtype_flag="--dtype", backend_flag="--backend")) from None
+        raise BackendError(in_cli_terms(str(error), dtype_flag="--dtype", backend_flag="--backend",
+                                        batch_flag="--batch-size")) from None
     start = time.perf_counter()
     rewards, labels = score_frames(rm, source, rm.max_batch_size, progress=not args.no_progress)
     elapsed = time.perf_counter() - start
