@@ -250,11 +250,12 @@ def test_default_names_of_checkpoints_hub_models_and_engines():
 
 @pytest.mark.parametrize("input_format", ["uint8-nhwc", "pixels"])
 def test_a_float16_export_is_written_unverified(tmp_path, capsys, input_format):
-    # The check against torch is for float32 graphs; a float16 one is written without it.
+    # The check against torch is for float32 graphs; a float16 one is written without it, and says so.
     out = tmp_path / "t.onnx"
     assert main(["export", "vlmrm-tiny", "--dtype", "fp16", "--input", input_format, "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert out.exists() and "max relative error" not in printed
+    assert "not checked against torch (the ONNX Runtime check is for --dtype fp32 exports)" in printed
 
 
 def test_no_verify_skips_the_check(tmp_path, monkeypatch, capsys):

@@ -102,6 +102,8 @@ def run_export(args: argparse.Namespace) -> int:
         message = f"wrote {path} ({_size(path)}) in {time.perf_counter() - start:.1f} s"
         if errors:
             message += f"; ONNX Runtime vs torch: max relative error {errors[-1]:.2e}"
+        elif dtype != "fp32" and not args.no_verify:
+            message += "; not checked against torch (the ONNX Runtime check is for --dtype fp32 exports)"
     else:
         path = export_engine(model.visual, spec, out, dtype, args.input, args.max_batch_size, args.opt_batch_size,
                              args.exporter)
