@@ -799,6 +799,17 @@ def test_each_rows_sac_update_time_is_its_own_rollouts(tmp_path, monkeypatch, ti
         updates, durations)
 
 
+def test_tensorboard_rows_keep_to_the_multiples_of_log_every(tmp_path):
+    # Rollouts of 20 steps (2 envs x train_freq 10), log_every=50: a row at the first rollout boundary
+    # past each multiple of 50 (60, 100, 160) and the run's tail (200), not every 60 steps of drift
+    # (60, 120, 180), which would put a resumed run's rows elsewhere than the uninterrupted run's.
+    from vlmrm_fast.train import train
+
+    config = dot_config(tmp_path, total_timesteps=200, log_every=50, checkpoint_every=0)
+    got = tb_scalars(train(config, reward_model=tiny_reward(config)).run_dir)
+    assert [step for step, _ in got["time/steps_per_s"]] == [60, 100, 160, 200]
+
+
 @pytest.mark.parametrize("timing", ["deferred", "step"])
 def test_every_episode_and_the_runs_tail_reach_tensorboard_across_a_stop(tmp_path, monkeypatch, timing):
     # log_every=60 over 100 steps (2 envs, episodes of 20 steps end at 40 and 80): the steps after the

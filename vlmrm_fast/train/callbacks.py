@@ -54,7 +54,9 @@ class StoppedAtOnce(KeyboardInterrupt):
 def _due(step: int, last: int, every: int) -> bool:
     """Whether a rollout boundary at ``step`` is the first one past a multiple of ``every`` since ``last``:
     the schedule stays on the multiples (100 evaluations in 10M steps for every 100k, with rollouts of
-    3,200), rather than drifting by a rollout's remainder each time (``step - last >= every``: 97)."""
+    3,200), rather than drifting by a rollout's remainder each time (``step - last >= every``: 97).
+    Evaluations, checkpoints and TensorBoard rows all keep to it, so a resumed run's fall where the
+    uninterrupted run's do."""
     return every > 0 and step // every > last // every
 
 
@@ -144,7 +146,7 @@ class TrainingCallback(BaseCallback):
         # A rollout's row is written once its gradient steps are done, so that every stage in a row
         # (render, reward, env, SAC update) belongs to the same rollouts.
         every = self.config.log_every
-        if self._rollouts and (not every or self.model.num_timesteps - self._log_step >= every):
+        if self._rollouts and (not every or _due(self.model.num_timesteps, self._log_step, every)):
             self._log()
         self._rollout_steps = 0
         self._slots = []
