@@ -905,23 +905,33 @@ def test_an_export_without_external_data_removes_the_previous_side_file(tmp_path
 
 
 @needs_ort
-def test_external_data_is_renamed_into_place_before_the_graph(tmp_path, monkeypatch):
-    # A crash between the two renames must leave the old graph beside weights it can still read, never a
-    # new graph pointing at the old weights.
+@pytest.mark.parametrize("crash_at", [1, 2])
+def test_an_export_interrupted_between_its_renames_leaves_no_mixed_pair(tmp_path, monkeypatch, crash_at):
+    # Re-exporting the same tower with another input format writes weights of the same sizes at the same
+    # offsets: the old graph would read the new side file without an error and compute another tower.
+    # The old graph goes before the side file is replaced: interrupted at either rename, no graph is
+    # left at the path (loading fails), never that pair. (A failed check, before, leaves it whole.)
     import os
 
     from vlmrm_fast.backends import onnx_export
 
     model, _ = make_tiny()
+    spec, out = preprocess_spec_of(model, "vlmrm"), tmp_path / "t.onnx"
+    onnx_export.export_onnx(model.visual, out, spec, input_format="uint8-nhwc", external_data=True)
     moved, real_replace = [], os.replace
+
     def replace(source, target):  # the renames into tmp_path, not those inside an exporter's own folder
         if os.path.dirname(os.path.abspath(target)) == str(tmp_path):
             moved.append(os.path.basename(target))
+            if len(moved) == crash_at:
+                raise KeyboardInterrupt
         return real_replace(source, target)
 
     monkeypatch.setattr(onnx_export.os, "replace", replace)
-    onnx_export.export_onnx(model.visual, tmp_path / "t.onnx", preprocess_spec_of(model, "vlmrm"), external_data=True)
-    assert moved == ["t.onnx.data", "t.onnx"]
+    with pytest.raises(KeyboardInterrupt):
+        onnx_export.export_onnx(model.visual, out, spec, input_format="pixels", external_data=True)
+    assert moved == ["t.onnx.data", "t.onnx"][:crash_at]
+    assert not out.exists()
 
 
 def test_save_graph_refuses_an_invalid_graph_and_writes_nothing(tmp_path):

@@ -382,8 +382,9 @@ def save_graph(model, path: Union[str, Path], external_data: Optional[bool] = No
     ``<path>.data`` when ``external_data``, by default when they near protobuf's 2 GB limit.
 
     The files are written and checked (ONNX's checker, then ``check`` if given) in a temporary folder
-    beside ``path``, then renamed into place, side file first: an interrupted or failed export leaves
-    the previous one whole, never half a graph under the final name.
+    beside ``path``, then renamed into place (see :func:`_check_and_place`): a failed export leaves the
+    previous one whole, an interrupted one the previous one or no graph at ``path``; never half a graph
+    under the final name, nor a graph beside another export's weights.
     """
     import onnx
 
@@ -408,7 +409,12 @@ def save_graph(model, path: Union[str, Path], external_data: Optional[bool] = No
 def _check_and_place(staged: Path, path: Path, external_data: bool, check: Optional[Callable[[Path], None]]) -> None:
     """Check the graph ``staged`` (with its side file ``<path>.data`` beside it if ``external_data``),
     in a folder beside ``path`` on the same file system, then make it durable and rename it to ``path``,
-    side file first; without a side file, a previous export's one is removed."""
+    side file first; without a side file, a previous export's one is removed.
+
+    Two files cannot be swapped at once. A previous graph at ``path`` may read ``<path>.data`` at the
+    offsets of its own weights, which the new side file's may match with other values (a silently wrong
+    tower), so it is removed before the side file is replaced: a crash between the renames leaves no
+    graph, which fails loudly, rather than that pair."""
     import onnx
 
     onnx.checker.check_model(str(staged))
@@ -422,6 +428,8 @@ def _check_and_place(staged: Path, path: Path, external_data: bool, check: Optio
         os.chmod(staged_file, mode)  # onnx writes the side file owner-only
         with open(staged_file, "rb") as f:
             os.fsync(f.fileno())
+    if external_data and (path.parent / data_name).exists():
+        path.unlink(missing_ok=True)
     for staged_file, final in files:
         os.replace(staged_file, final)
     if not external_data:
