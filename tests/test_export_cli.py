@@ -214,11 +214,12 @@ def test_a_verification_that_gives_nan_does_not_pass(tmp_path, monkeypatch, caps
 
 
 def test_tensorrt_export_checks_bf16_and_tensorrt_before_exporting(tmp_path, monkeypatch, capsys):
-    # The default --dtype bf16 on a pre-Ampere GPU, or no TensorRT: said before minutes of export,
-    # not by TensorRT afterwards.
+    # The default --dtype bf16 on a pre-Ampere GPU, or no TensorRT: said before the weights load (a
+    # download and gigabytes for ViT-bigG-14) and minutes of export, not by TensorRT afterwards.
     import sys
     import types
 
+    monkeypatch.setattr("vlmrm_fast.models.create_clip", lambda *a, **k: pytest.fail("weights loaded first"))
     exported = []
     monkeypatch.setattr(onnx_export, "export_onnx", lambda *a, **k: exported.append(a))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -232,6 +233,25 @@ def test_tensorrt_export_checks_bf16_and_tensorrt_before_exporting(tmp_path, mon
     assert main(["export", "vlmrm-tiny", "--format", "tensorrt", "--out", out]) == 2
     assert "Tesla T4 is 7.5: use --dtype fp16" in capsys.readouterr().err
     assert not exported and not os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize("fmt,missing,cuda,said", [
+    ("onnx", "onnx", False, "--format onnx needs the `onnx` package, which is not installed. Install it with "
+                            "`pip install 'vlmrm-fast[export]'`"),
+    ("tensorrt", "onnx", True, "--format tensorrt needs the `onnx` package"),
+    ("tensorrt", None, False, "--format tensorrt needs a CUDA device"),
+])
+def test_export_refuses_what_it_cannot_do_before_loading_weights(tmp_path, monkeypatch, capsys, fmt, missing, cuda,
+                                                                  said):
+    import sys
+
+    monkeypatch.setattr("vlmrm_fast.models.create_clip", lambda *a, **k: pytest.fail("weights loaded first"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    if missing:
+        monkeypatch.setitem(sys.modules, missing, None)  # not installed
+    args = ["export", "ViT-bigG-14", "--pretrained", "laion2b_s39b_b160k", "--format", fmt]
+    assert main(args + ["--out", str(tmp_path / "x")]) == 2
+    assert said in capsys.readouterr().err and not list(tmp_path.iterdir())
 
 
 # ---- behaviours a mutation audit found untested ---------------------------------------------------

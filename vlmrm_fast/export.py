@@ -70,12 +70,8 @@ def run_export(args: argparse.Namespace) -> int:
     from vlmrm_fast.models import create_clip, preprocess_spec_of
 
     pretrained = None if args.pretrained.lower() == "none" else args.pretrained
-    if args.format == "tensorrt" and args.opt_batch_size is not None and args.opt_batch_size > args.max_batch_size:
-        raise ValueError(f"--opt-batch-size {args.opt_batch_size} is over --max-batch-size {args.max_batch_size}: "
-                         "the engine is tuned for a batch within its profile; raise --max-batch-size or lower it.")
     dtype = args.dtype or ("fp32" if args.format == "onnx" else "bf16")
-    if args.format == "onnx" and dtype == "bf16":
-        raise ValueError("ONNX export supports fp32 or fp16 (ONNX Runtime has few bf16 kernels); use --dtype fp16.")
+    batch_range = _check_before_loading(args, dtype)  # a refusal costs no download or load of the weights
     out = args.out or default_out(args.model, pretrained, args.input, args.format, dtype)
     if out.is_dir():  # a folder: the default file name inside it
         out = out / default_out(args.model, pretrained, args.input, args.format, dtype)
@@ -105,12 +101,40 @@ def run_export(args: argparse.Namespace) -> int:
         elif dtype != "fp32" and not args.no_verify:
             message += "; not checked against torch (the ONNX Runtime check is for --dtype fp32 exports)"
     else:
-        path = export_engine(model.visual, spec, out, dtype, args.input, args.max_batch_size, args.opt_batch_size,
-                             args.exporter)
+        path = export_engine(model.visual, spec, out, dtype, args.input, batch_range, args.exporter)
         message = f"wrote {path} ({_size(path)}) in {time.perf_counter() - start:.1f} s"
     print(f"{message}. Input: {'frames uint8 [N, %d, %d, 3]' % spec.size if args.input == 'uint8-nhwc' else 'pixels [N, 3, %d, %d]' % spec.size}"
           f"; output: embeddings [N, D] (unnormalised).")
     return 0
+
+
+def _check_before_loading(args: argparse.Namespace, dtype: str) -> Optional[tuple]:
+    """Refuse what the export cannot do before the weights are loaded (gigabytes for ViT-bigG-14, and
+    a download for a pretrained tag): a missing package, no CUDA, a precision the GPU lacks, a batch
+    profile out of order. Returns TensorRT's (min, opt, max) batch profile, else None."""
+    import importlib.util
+
+    import torch
+
+    from vlmrm_fast.backends.base import missing_extra
+
+    if importlib.util.find_spec("onnx") is None:  # both formats go through an ONNX graph
+        raise missing_extra("onnx", "export", f"--format {args.format}")
+    if args.format == "onnx":
+        if dtype == "bf16":
+            raise ValueError("ONNX export supports fp32 or fp16 (ONNX Runtime has few bf16 kernels); use --dtype fp16.")
+        return None
+    from vlmrm_fast.backends.tensorrt import check_precision_support, import_tensorrt, profile_batch_range
+
+    if args.opt_batch_size is not None and args.opt_batch_size > args.max_batch_size:
+        raise ValueError(f"--opt-batch-size {args.opt_batch_size} is over --max-batch-size {args.max_batch_size}: "
+                         "the engine is tuned for a batch within its profile; raise --max-batch-size or lower it.")
+    if not torch.cuda.is_available():
+        raise ValueError("--format tensorrt needs a CUDA device; export --format onnx here and build the engine on the GPU machine.")
+    import_tensorrt("--format tensorrt")
+    if dtype == "bf16":
+        check_precision_support(torch.bfloat16, torch.device("cuda"), "use --dtype fp16")
+    return profile_batch_range(args.max_batch_size, args.opt_batch_size)
 
 
 VERIFY_TOLERANCE = 1e-4
@@ -145,21 +169,13 @@ def verify_onnx(path: Path, visual: torch.nn.Module, spec, input_format: str) ->
     return float(np.abs(got - want).max() / np.abs(want).max())
 
 
-def export_engine(visual, spec, out: Path, dtype: str, input_format: str, max_batch_size: int,
-                  opt_batch_size: Optional[int] = None, exporter: str = "auto") -> Path:
-    """Build a TensorRT engine file (needs CUDA and tensorrt)."""
-    import torch
-
+def export_engine(visual, spec, out: Path, dtype: str, input_format: str, batch_range: tuple,
+                  exporter: str = "auto") -> Path:
+    """Build a TensorRT engine file for the (min, opt, max) ``batch_range`` (needs CUDA and tensorrt,
+    checked by :func:`_check_before_loading`)."""
     from vlmrm_fast.backends.onnx_export import export_onnx
-    from vlmrm_fast.backends.tensorrt import (build_engine, check_precision_support, import_tensorrt, keep_only_graph,
-                                              profile_batch_range, typed_tower_graph)
+    from vlmrm_fast.backends.tensorrt import build_engine, keep_only_graph, typed_tower_graph
 
-    if not torch.cuda.is_available():
-        raise ValueError("--format tensorrt needs a CUDA device; export --format onnx here and build the engine on the GPU machine.")
-    import_tensorrt("--format tensorrt")  # before minutes of export
-    batch_range = profile_batch_range(max_batch_size, opt_batch_size)
-    if dtype == "bf16":
-        check_precision_support(torch.bfloat16, torch.device("cuda"), "use --dtype fp16")
     out.parent.mkdir(parents=True, exist_ok=True)
     # The graph beside the engine rather than in the system's temporary folder (often a small tmpfs):
     # gigabytes for ViT-bigG-14.
