@@ -135,6 +135,13 @@ def cuda_extensions():
     )
 
     class BuildExt(cpp_extension.BuildExtension):
+        def finalize_options(self):
+            super().finalize_options()
+            # setuptools skips an extension whose output in build/ is newer than its sources, though
+            # torch, the toolkit or the flags changed since (torch forces a rebuild only with ninja): a
+            # wheel must not ship a library built against another torch. One source file: cheap.
+            self.force = True
+
         def run(self):
             try:
                 super().run()

@@ -172,6 +172,31 @@ def test_a_failed_optional_build_gives_a_pure_wheel_without_a_stale_extension(tm
     assert not stale.exists()
 
 
+def test_a_forced_build_rebuilds_an_extension_left_in_build_by_an_earlier_one(tmp_path):
+    # A wheel built again in the same checkout after `pip install torch==...`: setuptools takes an output
+    # newer than its sources as up to date, and without ninja nothing else forces the build. Here the
+    # build must run (and, its toolkit broken, fail), not ship the earlier build's library.
+    import sysconfig
+
+    torch = pytest.importorskip("torch")
+    if torch.version.cuda is None:
+        pytest.skip("a CPU-only torch build: a forced build stops before compiling")
+    src, out = copy_sources(tmp_path / "src"), tmp_path / "dist"
+    platlib = src / "build" / f"lib.{sysconfig.get_platform()}-{sys.implementation.cache_tag}" / "vlmrm_fast"
+    platlib.mkdir(parents=True)
+    (platlib / f"_render_cuda{sysconfig.get_config_var('EXT_SUFFIX')}").write_bytes(b"built against another torch")
+    no_ninja = tmp_path / "no-ninja"  # torch's builder forces rebuilds itself when ninja runs
+    no_ninja.mkdir()
+    (no_ninja / "ninja").write_text("#!/bin/sh\nexit 1\n")
+    (no_ninja / "ninja").chmod(0o755)
+    result = _pip_wheel(src, out, PATH=f"{no_ninja}{os.pathsep}{os.environ.get('PATH', '')}",
+                        CUDA_HOME=str(_fake_toolkit(tmp_path / "cuda")), VLMRM_FAST_FORCE_BUILD="1",
+                        VLMRM_FAST_CUDA_ARCHS="9.0")
+    log = result.stdout + result.stderr
+    assert "skipping 'vlmrm_fast._render_cuda' extension (up-to-date)" not in log
+    assert result.returncode != 0 and not list(out.glob("*.whl")), log[-3000:]
+
+
 def test_the_toolkit_of_the_nvcc_on_path_comes_before_the_system_one(tmp_path):
     # `module load cuda/X` often sets only PATH; /usr/local/cuda may be another toolkit.
     torch = pytest.importorskip("torch")
