@@ -191,6 +191,15 @@ def _has_ninja():
         return False
 
 
+def _license() -> dict:
+    """The licence in the form this setuptools takes: an SPDX expression from 77 on (its table form in
+    pyproject.toml stops building in 2027), the plain field before (pyproject can hold only one form)."""
+    import setuptools
+
+    major = int(setuptools.__version__.split(".")[0])
+    return {"license_expression": "MIT"} if major >= 77 else {"license": "MIT"}
+
+
 if __name__ == "__main__":  # as pip and setuptools run it; tests import its helpers
     ext_modules, cmdclass = cuda_extensions()
-    setup(ext_modules=ext_modules, cmdclass=cmdclass)
+    setup(ext_modules=ext_modules, cmdclass=cmdclass, **_license())

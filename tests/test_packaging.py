@@ -52,6 +52,9 @@ def test_pure_python_wheel_holds_the_package_and_its_model_configs(tmp_path):
     import vlmrm_fast  # the version is written once, in the package; the wheel's metadata reads it there
 
     assert f"\nVersion: {vlmrm_fast.__version__}\n" in metadata and f"-{vlmrm_fast.__version__}-" in wheel.name
+    # License-Expression from setuptools 77, whose table form of the licence stops building in 2027.
+    assert "\nLicense-Expression: MIT\n" in metadata or "\nLicense: MIT\n" in metadata, metadata[:800]
+    assert "SetuptoolsDeprecationWarning" not in result.stdout + result.stderr
     assert not any(n.startswith(("tests/", "benchmarks/", "csrc/")) for n in names)
     entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
     assert "vlmrm-fast = vlmrm_fast.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
