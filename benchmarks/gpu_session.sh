@@ -37,7 +37,8 @@
 # ends by CALL_LIMIT seconds (default 570, for a 600 s limit): each part gets what is left, or
 # PART_TIMEOUT=S seconds if less, then SIGTERM (every benchmark then writes what it measured); a
 # part with under 30 s left is skipped. The GL-CUDA extension is built only for the parts that use
-# it (tests, render, env).
+# it (tests, render, render-breakdown, env). Every part but info needs the wheels of .whl/ and the
+# rendering ones the libraries of .gl/ (or both installed): the call stops at once without them.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -91,6 +92,24 @@ setup() {
     grep "vlmrm_fast setup" "$log" || true  # whether the GL-CUDA extension was built
 }
 
+require() {
+    # A call that did not carry .whl and .gl (ignored by git, so only `carry` sends them) would
+    # otherwise run its parts into skips and exit 0 with no figures.
+    local fix="carry them: the device tool's run(carry=[\".whl\", \".gl\"]), after \`bash $0 fetch\` here"
+    if [ "$NEEDS_PACKAGES" = 1 ] && ! "$PYTHON" -c "import open_clip, mujoco, gymnasium, stable_baselines3" 2>/dev/null; then
+        echo "open_clip, mujoco, gymnasium or stable_baselines3 is missing (.whl/ holds them): $fix" >&2
+        return 1
+    fi
+    if [ "$NEEDS_EXTENSION" = 1 ]; then
+        local reason
+        reason=$("$PYTHON" -c "from vlmrm_fast.render import rendering_unavailable_reason as r; print(r() or '')" 2>&1)
+        if [ -n "$reason" ]; then
+            echo "the EGL libraries of .gl/ are missing or fail: $reason; $fix" >&2
+            return 1
+        fi
+    fi
+}
+
 part() {  # part NAME COMMAND...: run COMMAND with its output also in $RESULTS/NAME/log.txt
     local name=$1
     shift
@@ -116,6 +135,7 @@ info() {
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv || true
     "$PYTHON" - <<'EOF'
 import importlib.metadata as md
+import os
 try:
     from vlmrm_fast.run_info import git_commit
     print("commit", git_commit())
@@ -131,7 +151,10 @@ print("cuda", torch.version.cuda, "device", torch.cuda.get_device_name() if torc
 try:
     from vlmrm_fast.render import gpu_unavailable_reason, rendering_unavailable_reason
     print("MuJoCo rendering:", rendering_unavailable_reason() or "available")
-    print("GPU render path:", gpu_unavailable_reason() or "available")
+    if os.environ.get("NEEDS_EXTENSION") == "0":  # setup skipped the build: its reason says nothing of the GPU
+        print("GPU render path: not built in this call (only with tests, render, render-breakdown or env)")
+    else:
+        print("GPU render path:", gpu_unavailable_reason() or "available")
 except Exception as error:  # the summary must print whatever is missing
     print("rendering: unknown", repr(error))
 EOF
@@ -184,17 +207,20 @@ if [ "$1" = fetch ]; then
     fetch
     exit
 fi
-NEEDS_EXTENSION=0
+NEEDS_EXTENSION=0 NEEDS_PACKAGES=0
 for name in "$@"; do  # every name checked before setup touches the machine
     declare -F "part_${name//-/_}" >/dev/null || { echo "unknown part '$name' (see the top of $0)" >&2; exit 2; }
     case $name in tests | render | render-breakdown | env) NEEDS_EXTENSION=1 ;; esac
+    [ "$name" = info ] || NEEDS_PACKAGES=1
 done
+export NEEDS_EXTENSION
 if ! git rev-parse --git-dir >/dev/null 2>&1 && [ -z "${VLMRM_FAST_COMMIT:-}" ]; then
     echo "this copy of the tree has no .git, so results could not name their commit: run it as" >&2
     echo "  VLMRM_FAST_COMMIT=\$(git rev-parse --short HEAD) bash $0 $* (the commit of the tree sent)" >&2
     exit 2
 fi
 setup || { echo "setup failed (log: $RESULTS/setup.log)" >&2; exit 1; }
+require || exit 1
 status=0
 for name in "$@"; do
     "part_${name//-/_}" || status=1

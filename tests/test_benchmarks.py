@@ -843,3 +843,33 @@ def test_render_breakdown_scene_options_reach_every_variant(tmp_path, monkeypatc
     assert all(flags[0] == "mjRND_SHADOW" for _, flags in seen)
     config = json.loads(out.read_text())["config"]
     assert config["scene_shadow_size"] == 256 and config["scene_no_shadow"] is True
+
+
+def _gpu_session(tmp_path: Path, parts: list, blocked: str = "") -> subprocess.CompletedProcess:
+    """benchmarks/gpu_session.sh PARTS, its pip installs skipped (this checkout is importable as is) and
+    ``blocked`` (a module) made to fail to import, as on a GPU machine that lacks it."""
+    wrapper = tmp_path / "python"
+    wrapper.write_text(f'#!/bin/sh\n[ "$1 $2" = "-m pip" ] && exit 0\nexec {sys.executable} "$@"\n')
+    wrapper.chmod(0o755)
+    path = [str(REPO)]
+    if blocked:
+        (tmp_path / "blocked").mkdir()
+        (tmp_path / "blocked" / f"{blocked}.py").write_text("raise ImportError('not on this machine')\n")
+        path.insert(0, str(tmp_path / "blocked"))
+    env = {**os.environ, "PYTHON": str(wrapper), "RESULTS": str(tmp_path / "results"), "VLMRM_FAST_COMMIT": "test",
+           "PYTHONPATH": os.pathsep.join(path)}
+    return subprocess.run(["bash", str(BENCHMARKS / "gpu_session.sh"), *parts], env=env, capture_output=True,
+                          text=True, timeout=240)
+
+
+def test_a_gpu_session_without_its_carried_wheels_stops_at_once_and_says_to_carry_them(tmp_path):
+    # .whl/ and .gl/ are ignored by git: a device call that does not carry them would otherwise run its
+    # parts into skips and exit 0 with no figures, its ten minutes spent.
+    result = _gpu_session(tmp_path, ["info", "kernels"], blocked="mujoco")
+    assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
+    assert 'carry=[".whl", ".gl"]' in result.stderr and "== kernels" not in result.stdout
+    (tmp_path / "info").mkdir()
+    info = _gpu_session(tmp_path / "info", ["info"], blocked="mujoco")
+    assert info.returncode == 0, info.stderr[-2000:]  # info reports what is missing; it needs none of it
+    assert "MuJoCo rendering: MuJoCo cannot render" in info.stdout
+    assert "GPU render path: not built in this call" in info.stdout
