@@ -158,54 +158,98 @@ def single_variants(args: argparse.Namespace) -> Iterator[Row]:
                 env.close()
 
 
+START_TIMEOUT_S = 300
+"""How long a worker waits at the start line for the others (their envs, renderer and warm-up calls)."""
+
+
 def _worker_loop(num_envs: int, seed: int, device: str, calls: int, warmup: int, start: Any,
                  shadow_size: Optional[int] = None, no_shadow: bool = False) -> Tuple[float, float, str]:
     """Make envs and a renderer (in the ``--scene-*`` scene), wait for the others, render ``calls`` times:
-    (begin, end, path)."""
+    (begin, end, path). A worker that fails before the start line breaks it for the others."""
     dev = torch.device(device)
-    envs = make_envs(num_envs, SIZE, seed)
-    _set_quality(envs, **_scene_quality(shadow_size))
-    renderer = _renderer(envs, dev, _scene_flag(no_shadow))
-    call = _render_call(renderer, dev)
+    envs: list = []
+    renderer = None
     try:
-        for _ in range(warmup):
-            call()
+        try:
+            envs = make_envs(num_envs, SIZE, seed)
+            _set_quality(envs, **_scene_quality(shadow_size))
+            renderer = _renderer(envs, dev, _scene_flag(no_shadow))
+            call = _render_call(renderer, dev)
+            for _ in range(warmup):
+                call()
+        except BaseException:
+            start.abort()  # the others' wait() raises BrokenBarrierError instead of waiting for this one
+            raise
         start.wait()
         begin = time.monotonic()
         for _ in range(calls):
             call()
         return begin, time.monotonic(), renderer.path
     finally:
-        renderer.close()
+        if renderer is not None:
+            renderer.close()
         for env in envs:
             env.close()
 
 
 def _process_worker(num_envs: int, seed: int, device: str, calls: int, warmup: int, start: Any, results: Any,
                     shadow_size: Optional[int], no_shadow: bool) -> None:
-    results.put(_worker_loop(num_envs, seed, device, calls, warmup, start, shadow_size, no_shadow))
+    try:
+        results.put(("ok", _worker_loop(num_envs, seed, device, calls, warmup, start, shadow_size, no_shadow)))
+    except BaseException as error:  # the parent waits for one message a worker
+        results.put(("error", f"{type(error).__name__}: {error}"))
+
+
+def _first_cause(errors: Sequence[str]) -> str:
+    """The error that broke the start line, rather than the others' BrokenBarrierError."""
+    return next((e for e in errors if not e.startswith("BrokenBarrierError")), errors[0])
+
+
+def _collect(procs: Sequence[Any], results: Any, timeout: float) -> Tuple[List[Any], List[str]]:
+    """One message a worker process: (spans, errors); a process that died without one is an error."""
+    import queue
+
+    spans: List[Any] = []
+    errors: List[str] = []
+    deadline = time.monotonic() + timeout
+    while len(spans) + len(errors) < len(procs):
+        try:
+            status, value = results.get(timeout=5)
+        except queue.Empty:
+            if time.monotonic() > deadline or not any(p.is_alive() for p in procs):
+                dead = [p.exitcode for p in procs if not p.is_alive()]
+                errors.append(f"no result from {len(procs) - len(spans) - len(errors)} worker process(es) "
+                              f"(exit codes of the finished ones: {dead})")
+                break
+            continue
+        (spans if status == "ok" else errors).append(value)
+    return spans, errors
 
 
 def parallel_variant(args: argparse.Namespace, workers: int, kind: str) -> Row:
     """``workers`` renderers in threads or processes, each drawing ``num_envs`` envs ``repeats`` times."""
     device = str(args.device)
+    errors: List[str] = []
     if kind == "threads":
-        start: Any = threading.Barrier(workers)
+        start: Any = threading.Barrier(workers, timeout=START_TIMEOUT_S)
         out: List[Any] = [None] * workers
 
         def run(i: int) -> None:
-            out[i] = _worker_loop(args.num_envs, args.seed + 100 * i, device, args.repeats, args.warmup, start,
-                                  args.scene_shadow_size, args.scene_no_shadow)
+            try:
+                out[i] = _worker_loop(args.num_envs, args.seed + 100 * i, device, args.repeats, args.warmup, start,
+                                      args.scene_shadow_size, args.scene_no_shadow)
+            except BaseException as error:
+                errors.append(f"{type(error).__name__}: {error}")
 
         threads = [threading.Thread(target=run, args=(i,)) for i in range(workers)]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
-        spans = out
+        spans = [s for s in out if s is not None]
     else:
         ctx = multiprocessing.get_context("spawn")
-        start = ctx.Barrier(workers)
+        start = ctx.Barrier(workers, timeout=START_TIMEOUT_S)
         results = ctx.Queue()
         procs = [ctx.Process(target=_process_worker,
                              args=(args.num_envs, args.seed + 100 * i, device, args.repeats, args.warmup, start, results,
@@ -213,11 +257,13 @@ def parallel_variant(args: argparse.Namespace, workers: int, kind: str) -> Row:
                  for i in range(workers)]
         for p in procs:
             p.start()
-        spans = [results.get(timeout=600) for _ in procs]
+        spans, errors = _collect(procs, results, timeout=START_TIMEOUT_S + 600)
         for p in procs:
-            p.join()
-    if any(s is None for s in spans):
-        raise RuntimeError(f"a {kind} worker failed")
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    if errors:
+        raise RuntimeError(f"{len(errors)} of {workers} {kind} workers failed: {_first_cause(errors)}")
     wall = max(s[1] for s in spans) - min(s[0] for s in spans)
     frames = workers * args.num_envs * args.repeats
     return Row(f"{kind}_{workers}", workers, ",".join(sorted({s[2] for s in spans})), frames / wall)

@@ -845,6 +845,57 @@ def test_render_breakdown_scene_options_reach_every_variant(tmp_path, monkeypatc
     assert config["scene_shadow_size"] == 256 and config["scene_no_shadow"] is True
 
 
+def test_render_breakdown_reports_a_failed_thread_worker_instead_of_hanging_the_others(monkeypatch):
+    # One of three renderers fails to start: the others must not wait at the start line for ever (the
+    # call's remaining minutes, and every later row, lost); the variant becomes an error row.
+    import threading
+
+    rb = _load("render_breakdown")
+    made = []
+
+    class Renderer:
+        path = "cpu"
+
+        def close(self):
+            pass
+
+    def renderer(envs, device, *flags):
+        with threading.Lock():
+            made.append(None)
+            if len(made) == 2:
+                raise RuntimeError("eglMakeCurrent failed")
+        return Renderer()
+
+    monkeypatch.setattr(rb, "make_envs", lambda n, size, seed: [])
+    monkeypatch.setattr(rb, "_set_quality", lambda envs, **quality: None)
+    monkeypatch.setattr(rb, "_renderer", renderer)
+    monkeypatch.setattr(rb, "_render_call", lambda renderer, device: lambda: None)
+    monkeypatch.setattr(rb, "START_TIMEOUT_S", 60)  # only if the abort does not reach the others
+    args = rb.parse_args(["--device", "cpu", "--threads", "3", "--processes", "--num-envs", "1", "--repeats", "1"])
+    start = time.monotonic()
+    (row,) = rb._parallel_rows(args)
+    assert time.monotonic() - start < 30
+    assert row.variant == "threads_3" and row.error == "RuntimeError: 3 of 3 threads workers failed: RuntimeError: eglMakeCurrent failed"
+
+
+def test_render_breakdown_reports_failed_worker_processes(monkeypatch):
+    # Spawned workers that fail (here: a CUDA device on a machine without one, as an EGL failure would)
+    # report their error; the parent raised "a worker failed" only after 600 s before. Imported under
+    # its own name from benchmarks/ on sys.path, which spawned processes inherit and import it from.
+    import importlib
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    rb = importlib.import_module("render_breakdown")
+    if rb.torch.cuda.is_available():
+        pytest.skip("needs a machine where the cuda device fails")
+    args = rb.parse_args(["--device", "cpu", "--threads", "--processes", "2", "--num-envs", "1", "--repeats", "1"])
+    args.device = rb.torch.device("cuda")
+    start = time.monotonic()
+    (row,) = rb._parallel_rows(args)
+    assert time.monotonic() - start < 240, "the parent waited out its timeout"
+    assert row.variant == "processes_2" and row.error.startswith("RuntimeError: 2 of 2 processes workers failed: ")
+
+
 def _gpu_session(tmp_path: Path, parts: list, blocked: str = "") -> subprocess.CompletedProcess:
     """benchmarks/gpu_session.sh PARTS, its pip installs skipped (this checkout is importable as is) and
     ``blocked`` (a module) made to fail to import, as on a GPU machine that lacks it."""
