@@ -182,6 +182,11 @@ BAD_PROMPTS = [
     (dict(goal="a", tasks=[Task("a")]), ValueError, "either goal"),
     (dict(tasks=[Task("a", "b", alpha=2.0)]), ValueError, r"tasks\[0\]\.alpha"),
     (dict(tasks=[Task("a", alpha=0.5)]), ValueError, "no baseline"),
+    (dict(goal=""), ValueError, "goal has a blank prompt"),
+    (dict(goal=["a", " \n"]), ValueError, "goal has a blank prompt"),
+    (dict(goal="a", baseline="  "), ValueError, "baseline has a blank prompt .* baseline=None"),
+    (dict(tasks=[Task("a", name="t"), Task("b", name="t")]), ValueError, "several tasks are named 't'"),
+    (dict(tasks=[Task("a"), Task("b", name="a")]), ValueError, "several tasks are named 'a'.*own name="),
 ]
 
 BAD_OPTIONS = [

@@ -49,7 +49,7 @@ class Task:
 
 def _prompt_list(prompts: Prompts, what: str) -> List[str]:
     if isinstance(prompts, (str, collections.UserString)):
-        return [str(prompts)]
+        return [_non_blank(str(prompts), what)]
     if not isinstance(prompts, collections.abc.Sequence) or isinstance(prompts, (bytes, bytearray, memoryview)):
         raise TypeError(f"{what} must be a string or a list of strings; got {type(prompts).__name__}.")
     if len(prompts) == 0:
@@ -57,7 +57,16 @@ def _prompt_list(prompts: Prompts, what: str) -> List[str]:
     for p in prompts:
         if not isinstance(p, str):
             raise TypeError(f"{what} must contain strings only; found {type(p).__name__} {p!r}.")
-    return list(prompts)
+    return [_non_blank(p, what) for p in prompts]
+
+
+def _non_blank(prompt: str, what: str) -> str:
+    # A blank prompt embeds as CLIP's empty text: a reward, but not for anything asked (an unset config
+    # value, say). For no baseline, pass baseline=None.
+    if not prompt.strip():
+        raise ValueError(f"{what} has a blank prompt ({prompt!r}): give it words, e.g. goal='a humanoid robot "
+                         "kneeling', baseline='a humanoid robot'; for no baseline, pass baseline=None.")
+    return prompt
 
 
 def check_alpha(alpha: float, what: str = "alpha") -> float:
@@ -131,6 +140,11 @@ def check_tasks(tasks: Sequence[Task], default_alpha: float) -> None:
         alpha = default_alpha if task.alpha is None else task.alpha
         if alpha > 0 and task.baseline is None:
             _no_direction(task, alpha)
+    labels = [task.label for task in tasks]
+    shared = sorted({label for label in labels if labels.count(label) > 1})
+    if shared:
+        raise ValueError(f"several tasks are named {', '.join(map(repr, shared))}: the wrappers' task=, "
+                         "info['vlm_rewards'] and CSV columns go by name; give each task its own name=.")
 
 
 def _no_direction(task: Task, alpha: float) -> None:

@@ -140,8 +140,9 @@ class TrainConfig:
         need(self.reward_dtype in DTYPES,
              f"reward_dtype must be one of {', '.join(DTYPES)} (or fp32, bf16, fp16), got {self.reward_dtype!r}")
         need(self.preprocess in ("vlmrm", "openclip"), f"preprocess must be vlmrm or openclip, got {self.preprocess!r}")
-        need(bool(self.goal) and all(isinstance(g, str) and g for g in self.goal), "goal needs at least one non-empty prompt")
-        need(all(isinstance(b, str) and b for b in self.baseline), "baseline prompts must be non-empty strings")
+        need(bool(self.goal) and all(isinstance(g, str) and g.strip() for g in self.goal),
+             "goal needs at least one prompt, none blank")
+        need(all(isinstance(b, str) and b.strip() for b in self.baseline), "baseline prompts must be non-blank strings")
         need(self.alpha == 0 or bool(self.baseline), "alpha > 0 needs a baseline prompt; set baseline or alpha = 0")
         need(self.reward_batch_size is None or self.reward_batch_size >= 1, "reward_batch_size must be >= 1 (or none)")
         need(math.isfinite(self.reward_weight), "reward_weight must be finite")
