@@ -701,6 +701,30 @@ def test_a_width_without_a_height_still_refuses_envs_of_other_sizes():
         large.close()
 
 
+@pytest.mark.parametrize("wrap", ["VLMRewardVecEnv", "VLMRewardVectorWrapper"])
+@pytest.mark.parametrize("render", ["auto", "images"])
+def test_vector_wrappers_refuse_envs_of_other_render_sizes_when_made(wrap, render):
+    # Said when the wrapper is made, in terms of the envs (not of BatchRenderer's width=/height=, which
+    # the wrappers do not take), rather than at the first step, after a warning about the renderer.
+    import warnings
+
+    from stable_baselines3.common.vec_env import DummyVecEnv
+
+    import vlmrm_fast
+
+    makers = [lambda: gym.make(HUMANOID_ENV_ID, render_mode="rgb_array", width=32, height=32),
+              lambda: gym.make(HUMANOID_ENV_ID, render_mode="rgb_array", width=48, height=24)]
+    envs = DummyVecEnv(makers) if wrap == "VLMRewardVecEnv" else gym.vector.SyncVectorEnv(makers)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no "BatchRenderer could not be built" first
+            with pytest.raises(ValueError, match=r"different sizes \[\(32, 32\), \(48, 24\)\] \(width x height\).*"
+                                                 r"make every env with the same width= and height="):
+                getattr(vlmrm_fast, wrap)(envs, lambda frames: frames.float().mean(dim=(1, 2, 3)), render=render)
+    finally:
+        envs.close()
+
+
 def test_an_env_that_replaced_its_model_is_refused():
     env = gym.make(HUMANOID_ENV_ID, width=32, height=32)
     env.reset(seed=0)

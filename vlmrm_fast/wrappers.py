@@ -126,6 +126,24 @@ def _combine(mode: str, weight: float, env_reward: Any, vlm_reward: Any) -> Any:
     return env_reward
 
 
+_ONE_SIZE = ("make every env with the same width= and height= (e.g. gymnasium.make(env_id, render_mode='rgb_array', "
+             "width=224, height=224)).")
+
+
+def _check_declared_sizes(envs: Sequence[Any]) -> None:
+    """Refuse, before the first step, MuJoCo envs whose render sizes (their ``width`` and ``height``)
+    differ: neither the batch renderer nor the images could score them as one batch."""
+    sizes = set()
+    for env in envs:
+        unwrapped = getattr(env, "unwrapped", env)
+        width, height = getattr(unwrapped, "width", None), getattr(unwrapped, "height", None)
+        if isinstance(width, int) and isinstance(height, int):
+            sizes.add((width, height))
+    if len(sizes) > 1:
+        raise ValueError(f"The envs render at different sizes {sorted(sizes)} (width x height), and one batch holds "
+                         f"one size: {_ONE_SIZE}")
+
+
 def _frame_size(frame: Any) -> Tuple[int, int]:
     return int(frame.shape[0]), int(frame.shape[1])
 
@@ -609,6 +627,7 @@ class _BatchFrames:
         """Picks the frame source for ``render``; ``envs`` are the envs the vector env steps in this process
         (None for others). Returns each of those envs' (MjModel, MjData), None for non-MuJoCo envs."""
         mujoco_parts = [_mujoco_parts(env) for env in envs] if envs is not None else []
+        _check_declared_sizes([env for env, parts in zip(envs or [], mujoco_parts) if parts is not None])
         all_mujoco = bool(mujoco_parts) and all(p is not None for p in mujoco_parts)
         self.renderer = self._pick_renderer(render, list(envs) if all_mujoco else None, vector_kind)
         if self.renderer is None:
@@ -681,7 +700,8 @@ class _BatchFrames:
             _check_frame(frame, f"{self._images_source}[{i}]")
         sizes = {_frame_size(f) for f in images}
         if len(sizes) > 1:
-            raise ValueError(f"The envs render frames of different sizes {sorted(sizes)}; give them one render size.")
+            raise ValueError(f"The envs render frames of different sizes {sorted(sizes)} (height x width), and one "
+                             f"batch holds one size: {_ONE_SIZE}")
         if images:
             self._check_size(_frame_size(images[0]), what)
 
