@@ -80,6 +80,24 @@ def test_an_unpickled_onnxruntime_backend_leaves_no_files(tiny, tmp_path, monkey
     assert backend._model_path.exists()  # the original keeps its own until it goes
 
 
+@needs_ort
+def test_an_onnxruntime_backend_removes_its_graph_when_collected_without_a_resource_warning(tiny):
+    # The folder lives as long as the backend; TemporaryDirectory's finaliser warned "Implicitly
+    # cleaning up" for every reward model collected.
+    import gc
+    import warnings
+
+    backend = CLIPReward(*tiny, goal="a", device="cpu", backend="onnxruntime").vision_backend
+    folder = backend._model_path.parent
+    assert folder.is_dir()
+    with warnings.catch_warnings(record=True) as caught:  # raised from a finaliser, a warning is only printed
+        warnings.simplefilter("always")
+        del backend
+        gc.collect()
+    assert not folder.exists()
+    assert not [w for w in caught if issubclass(w.category, ResourceWarning)], [str(w.message) for w in caught]
+
+
 def test_a_tensorrt_reward_model_refuses_pickling_naming_the_fix():
     import pickle
 

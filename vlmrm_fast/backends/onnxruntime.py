@@ -14,8 +14,10 @@ import contextlib
 import functools
 import json
 import logging
+import shutil
 import tempfile
 import time
+import weakref
 from pathlib import Path
 from typing import ContextManager, List, Optional, Tuple
 
@@ -91,8 +93,11 @@ class OnnxRuntimeBackend(VisionBackend):
         start = time.perf_counter()
         _log.info("exporting the vision tower to ONNX for ONNX Runtime (once per reward model; backend='torch' "
                   "skips it)")
-        self._workdir = tempfile.TemporaryDirectory(prefix="vlmrm_fast_onnx_")
-        path = export_onnx(visual, Path(self._workdir.name) / "tower.onnx", spec, input_format="pixels", exporter=exporter)
+        # The graph lives as long as this backend (copies and profile_nodes read it): removed when it is
+        # collected or at exit, without TemporaryDirectory's "implicitly cleaning up" ResourceWarning.
+        self._workdir = Path(tempfile.mkdtemp(prefix="vlmrm_fast_onnx_"))
+        self._remove_workdir = weakref.finalize(self, shutil.rmtree, self._workdir, True)
+        path = export_onnx(visual, self._workdir / "tower.onnx", spec, input_format="pixels", exporter=exporter)
         if quantize == "int8":
             path = quantize_int8(path, path.with_name("tower-int8.onnx"))
         self._model_path = path
@@ -120,6 +125,7 @@ class OnnxRuntimeBackend(VisionBackend):
         keeps no files, so a copy cannot be copied again (nor profiled by :meth:`profile_nodes`)."""
         state = self.__dict__.copy()
         del state["session"], state["_workdir"]
+        state.pop("_remove_workdir", None)  # a copy has none
         path = state.pop("_model_path")
         if path is None:
             raise TypeError(
@@ -168,7 +174,7 @@ class OnnxRuntimeBackend(VisionBackend):
 
         options = self._session_options()
         options.enable_profiling = True
-        options.profile_file_prefix = str(Path(self._workdir.name) / "profile")
+        options.profile_file_prefix = str(self._workdir / "profile")
         session = ort.InferenceSession(str(self._model_path), options, providers=["CPUExecutionProvider"])
         feed = {"pixels": pixels.contiguous().numpy()}
         for _ in range(warmup + calls):
