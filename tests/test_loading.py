@@ -67,6 +67,54 @@ def test_checkpoint_of_another_architecture(tmp_path):
         create_clip("vlmrm-tiny", str(path))
 
 
+def _cut(data: bytes) -> bytes:
+    return data[: len(data) * 2 // 3]
+
+
+@pytest.mark.parametrize("kind,why", [
+    ("empty", "it is empty"),
+    ("lfs", r"it is a git-lfs pointer, not the weights .*`git lfs pull`"),
+    ("cut zip", r"its zip archive has no end \(a cut download\?\)"),
+    ("cut safetensors", r"it is shorter than its safetensors header says \(a cut download\?\)"),
+    ("bad safetensors header", "its safetensors header cannot be read"),
+    ("text", "it is neither a torch.save file .* nor a safetensors file"),
+])
+def test_a_file_that_is_no_checkpoint_is_named_so_not_blamed_on_the_architecture(tmp_path, kind, why):
+    # torch.load's errors for these said to check the architecture, or to pass weights_only=False.
+    import io
+
+    from safetensors.torch import save as safetensors_bytes
+
+    state = open_clip.create_model("vlmrm-tiny").state_dict()
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    contents = {
+        "empty": b"",
+        "lfs": b"version https://git-lfs.github.com/spec/v1\noid sha256:" + b"0" * 64 + b"\nsize 605157884\n",
+        "cut zip": _cut(buffer.getvalue()),
+        "cut safetensors": _cut(safetensors_bytes({k: v.contiguous() for k, v in state.items()})),
+        "bad safetensors header": (7).to_bytes(8, "little") + b"{nope}}" + b"\0" * 64,
+        "text": b"<html>404 Not Found</html>\n" * 4,
+    }
+    path = tmp_path / "open_clip_pytorch_model.bin"
+    path.write_bytes(contents[kind])
+    with pytest.raises(PretrainedWeightsError, match=f"is not a checkpoint file: {why}.* Download it again") as error:
+        create_clip("vlmrm-tiny", str(path))
+    assert "architecture" not in str(error.value) and "weights_only" not in str(error.value)
+
+
+def test_whole_checkpoints_of_every_format_pass_the_file_check(tmp_path):
+    from safetensors.torch import save_file
+
+    from vlmrm_fast.models import _not_a_checkpoint
+
+    state = {k: v.contiguous() for k, v in open_clip.create_model("vlmrm-tiny").state_dict().items()}
+    torch.save(state, tmp_path / "zip.pt")
+    torch.save(state, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    save_file(state, tmp_path / "w.safetensors")
+    assert [_not_a_checkpoint(str(tmp_path / n)) for n in ("zip.pt", "legacy.pt", "w.safetensors")] == [None] * 3
+
+
 def test_checkpoint_of_another_width_is_another_architecture_not_another_image_size(tmp_path):
     # Position embeddings of the same count but another width: not a question of image size.
     wide = open_clip.create_model("vlmrm-tiny")

@@ -13,6 +13,7 @@ import json
 import os
 import socket
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Tuple, Union
 from urllib.parse import urlparse
@@ -141,9 +142,41 @@ SIDECAR_CONFIG = "open_clip_config.json"
 """The config the Hugging Face hub keeps beside open_clip weights: their activation and preprocessing."""
 
 
+def _not_a_checkpoint(path: str) -> Optional[str]:
+    """Why the file at ``path`` cannot hold weights at all, or None. torch.load's own errors for these
+    blame the architecture or suggest ``weights_only=False``: the wrong diagnosis, and an unsafe fix."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(64)
+        if size == 0:
+            return "it is empty"
+        if head.startswith(b"version https://git-lfs"):
+            return ("it is a git-lfs pointer, not the weights (a repository cloned without git-lfs; "
+                    "`git lfs pull` there fetches them)")
+        if head.startswith(b"PK\x03\x04"):  # torch.save's zip format
+            return None if zipfile.is_zipfile(f) else "its zip archive has no end (a cut download?)"
+        if head.startswith(b"\x80"):  # a pickle: torch.save's legacy format
+            return None
+        if head[8:9] == b"{":  # safetensors: the header's length (8 bytes), then the header, JSON
+            length = int.from_bytes(head[:8], "little")
+            f.seek(8)
+            try:
+                header = json.loads(f.read(length)) if 8 + length <= size else None
+                ends = [t["data_offsets"][1] for name, t in header.items() if name != "__metadata__"] if header else []
+            except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+                return "its safetensors header cannot be read"
+            if header is None or 8 + length + max(ends, default=0) > size:
+                return "it is shorter than its safetensors header says (a cut download?)"
+            return None
+    return "it is neither a torch.save file (zip or pickle) nor a safetensors file"
+
+
 def _create_from_file(model_name: str, path: str) -> torch.nn.Module:
     """Weights from a file; their QuickGELU flag and preprocessing from an ``open_clip_config.json``
     beside it, else the model config's (with a warning where tags of the model differ from it)."""
+    why = _not_a_checkpoint(path)
+    if why is not None:
+        raise PretrainedWeightsError(f"{path!r} is not a checkpoint file: {why}. Download it again, or pass another.")
     sidecar = Path(path).with_name(SIDECAR_CONFIG)
     config = _read_sidecar(sidecar) if sidecar.is_file() else None
     model_cfg, preprocess = (config or {}).get("model_cfg") or {}, (config or {}).get("preprocess_cfg") or {}
