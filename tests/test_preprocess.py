@@ -70,17 +70,69 @@ def test_at_render_sizes(mode, h, w, bottom_up, impl):
     _check(out, reference_preprocess(frames, 224, MEAN, STD, mode), torch.float32)
 
 
-def test_torch_path_in_slices_of_the_batch(monkeypatch):
-    # On CPU the torch path resamples a large batch in slices (for the cache): force one frame a slice.
-    import importlib
+@pytest.mark.parametrize("frames_a_slice", [1, 2])
+def test_torch_path_in_slices_of_the_batch(monkeypatch, frames_a_slice):
+    # On CPU the torch path resamples a large batch in slices (for the cache): force one or two frames a
+    # slice; with two, 5 frames end in a partial slice (2, 2, 1), which must be written too.
+    from vlmrm_fast.ops.resize_taps import resize_bands
 
     module = importlib.import_module("vlmrm_fast.ops.preprocess")  # not the function of that name
-    monkeypatch.setattr(module, "_CPU_SLICE_BYTES", 1)
     frames = _frames(5, 37, 53, seed=5)
     for mode in ("vlmrm", "openclip"):
+        bands = resize_bands(37, 53, (17, 17), crop=mode == "openclip", antialias=mode == "openclip",
+                             bottom_up=False, device=torch.device("cpu"))
+        k_y, _, win_y = bands[1].shape
+        monkeypatch.setattr(module, "_CPU_SLICE_BYTES", frames_a_slice * k_y * win_y * 53 * 3 * 4)
         spec = PreprocessSpec((17, 17), MEAN, STD, mode)
         out = preprocess(torch.from_numpy(frames), spec, torch.float32, impl="torch")
         _check(out, reference_preprocess(frames, 17, MEAN, STD, mode), torch.float32)
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+@pytest.mark.parametrize("h,w,s", [(51, 29, 13), (19, 16, 16)])
+def test_bottom_up_portrait_frames_keep_the_centre_crop(impl, h, w, s):
+    # Portrait frames are cropped in rows (top 4 of 9, and 2 of 3): stored bottom-up, the crop must be
+    # taken from the image's top, not mirrored with it. Landscape frames crop columns only.
+    frames = _frames(2, h, w, seed=9)
+    spec = PreprocessSpec((s, s), MEAN, STD, "openclip")
+    for bottom_up in (False, True):
+        stored = np.ascontiguousarray(frames[:, ::-1]) if bottom_up else frames
+        out = preprocess(torch.from_numpy(stored), spec, torch.float32, bottom_up=bottom_up, impl=impl)
+        _check(out, reference_preprocess(frames, s, MEAN, STD, "openclip"), torch.float32)
+
+
+def test_the_crop_offset_rounds_half_to_even_as_open_clip():
+    # 19 x 16 to 16: 3 rows to crop, 1.5 on top, rounded to 2 (floor would give 1).
+    from vlmrm_fast.ops.resize_taps import shortest_side_geometry
+
+    assert shortest_side_geometry(19, 16, 16) == (19, 16, 2, 0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_frames_more_than_2_31_bytes_apart(device):
+    # The batch stride fits in int32 (a launch argument of that type), but the third frame starts past
+    # 2**31 bytes: the kernel must compute frame offsets in int64. Only the frames' bytes are touched.
+    h, w = 13, 11
+    stride_n = (1 << 30) + 4096
+    storage = torch.empty(2 * stride_n + h * w * 3, dtype=torch.uint8, device=device)
+    frames = storage.as_strided((3, h, w, 3), (stride_n, w * 3, 3, 1))
+    expected = _frames(3, h, w, seed=11)
+    frames.copy_(torch.from_numpy(expected))
+    spec = PreprocessSpec((7, 7), MEAN, STD, "vlmrm")
+    _check(preprocess(frames, spec, torch.float32, impl="triton"), reference_preprocess(expected, 7, MEAN, STD),
+           torch.float32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bfloat16_output_rounds_ties_to_even(device):
+    # 0.5 + 2**-9 lies halfway between two bfloat16 values (0.5 and 0.5 + 2**-8): the op must round it
+    # to even (0.5), as the GPU's cast and PyTorch's do, not away from zero. Float frames at the tower's
+    # size with mean 0 and std 1: the output is the input, exactly, before the cast.
+    frames = torch.full((1, 5, 5, 3), 0.25, dtype=torch.float32)
+    frames[0, 2, 3, 1] = 0.5 + 2 ** -9
+    spec = PreprocessSpec((5, 5), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), "vlmrm")
+    out = preprocess(frames.to(device), spec, torch.bfloat16, impl="triton").cpu()
+    assert torch.equal(out, frames.permute(0, 3, 1, 2).to(torch.bfloat16)) and out[0, 1, 2, 3].item() == 0.5
 
 
 def test_bands_hold_every_tap():

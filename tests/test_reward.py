@@ -350,6 +350,27 @@ def test_a_list_of_float_frames_outside_unit_range_is_refused():
         rm([np.full((8, 8, 3), 255.0, np.float32)])
 
 
+@pytest.mark.parametrize("bad", [2.0, float("nan")])
+@pytest.mark.parametrize("kind", ["tensor", "array", "list"])
+def test_float_frames_are_range_checked_in_every_frame(kind, bad):
+    # One value out of [0, 1] in the last frame of a batch, not only in the first.
+    from vlmrm_fast.frames import as_frame_batch
+
+    frames = torch.rand(3, 4, 5, 3)
+    frames[2, 3, 4, 2] = bad
+    given = {"tensor": frames, "array": frames.numpy(), "list": list(frames)}[kind]
+    with pytest.raises(ValueError, match=r"must lie in \[0, 1\]"):
+        as_frame_batch(given)
+
+
+def test_a_list_of_frames_on_two_devices_is_refused():
+    from vlmrm_fast.frames import as_frame_batch
+
+    frame = torch.zeros(4, 5, 3, dtype=torch.uint8)
+    with pytest.raises(ValueError, match=r"frames\[1\] is on meta but frames\[0\] on cpu: one device per call"):
+        as_frame_batch([frame, torch.empty_like(frame, device="meta")])
+
+
 def test_numpy_float16_frames_stay_float16():
     from vlmrm_fast.frames import as_frame_batch
 
