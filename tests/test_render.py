@@ -702,10 +702,11 @@ def test_a_width_without_a_height_still_refuses_envs_of_other_sizes():
 
 
 @pytest.mark.parametrize("wrap", ["VLMRewardVecEnv", "VLMRewardVectorWrapper"])
-@pytest.mark.parametrize("render", ["auto", "images"])
-def test_vector_wrappers_refuse_envs_of_other_render_sizes_when_made(wrap, render):
-    # Said when the wrapper is made, in terms of the envs (not of BatchRenderer's width=/height=, which
-    # the wrappers do not take), rather than at the first step, after a warning about the renderer.
+@pytest.mark.parametrize("render", ["batch", "auto", "images"])
+def test_vector_wrappers_name_the_envs_sizes_when_they_differ(wrap, render):
+    # In terms of the envs (not of BatchRenderer's width=/height=, which the wrappers do not take): with
+    # render="batch" when the wrapper is made; otherwise at the first step, from the frames themselves
+    # (a wrapper's render() may resize them), with no warning about the batch renderer first.
     import warnings
 
     from stable_baselines3.common.vec_env import DummyVecEnv
@@ -715,14 +716,49 @@ def test_vector_wrappers_refuse_envs_of_other_render_sizes_when_made(wrap, rende
     makers = [lambda: gym.make(HUMANOID_ENV_ID, render_mode="rgb_array", width=32, height=32),
               lambda: gym.make(HUMANOID_ENV_ID, render_mode="rgb_array", width=48, height=24)]
     envs = DummyVecEnv(makers) if wrap == "VLMRewardVecEnv" else gym.vector.SyncVectorEnv(makers)
+    fix = r".*make every env with the same width= and height="
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # no "BatchRenderer could not be built" first
-            with pytest.raises(ValueError, match=r"different sizes \[\(32, 32\), \(48, 24\)\] \(width x height\).*"
-                                                 r"make every env with the same width= and height="):
-                getattr(vlmrm_fast, wrap)(envs, lambda frames: frames.float().mean(dim=(1, 2, 3)), render=render)
+            reward = lambda frames: frames.float().mean(dim=(1, 2, 3))  # noqa: E731
+            if render == "batch":
+                with pytest.raises(ValueError, match=r"different sizes \[\(32, 32\), \(48, 24\)\] \(width x height\)" + fix):
+                    getattr(vlmrm_fast, wrap)(envs, reward, render=render)
+                return
+            wrapped = getattr(vlmrm_fast, wrap)(envs, reward, render=render)
+            if wrap == "VLMRewardVecEnv":  # SB3: one env's action space; gymnasium: the batch's
+                wrapped.reset()
+                actions = np.zeros((2,) + envs.action_space.shape, np.float32)
+            else:
+                wrapped.reset(seed=0)
+                actions = np.zeros(envs.action_space.shape, np.float32)
+            with pytest.raises(ValueError, match=r"different sizes \[\(24, 48\), \(32, 32\)\] \(height x width\)" + fix):
+                wrapped.step(actions)
     finally:
         envs.close()
+
+
+def test_vector_wrappers_take_envs_of_other_sizes_whose_frames_are_one_size():
+    # A render() wrapper that crops or resizes makes the envs' frames alike whatever their own sizes:
+    # only the frames count (render="auto" then renders the images, not through BatchRenderer).
+    from stable_baselines3.common.vec_env import DummyVecEnv
+
+    from vlmrm_fast import VLMRewardVecEnv
+
+    class Cropped(gym.Wrapper):
+        def render(self):
+            return self.env.render()[:24, :24]
+
+    makers = [lambda w=w, h=h: Cropped(gym.make(HUMANOID_ENV_ID, render_mode="rgb_array", width=w, height=h))
+              for w, h in ((32, 32), (48, 24))]
+    wrapped = VLMRewardVecEnv(DummyVecEnv(makers), lambda frames: np.asarray(frames, np.float32).mean(axis=(1, 2, 3)),
+                              render="auto")
+    try:
+        wrapped.reset()
+        _, rewards, _, _ = wrapped.step(np.zeros((2,) + wrapped.action_space.shape, np.float32))
+        assert wrapped.render_source == "images" and rewards.shape == (2,) and np.isfinite(rewards).all()
+    finally:
+        wrapped.close()
 
 
 def test_an_env_that_replaced_its_model_is_refused():

@@ -456,7 +456,7 @@ def test_a_long_prompt_given_twice_is_one_warning():
     cut = "a " * 76
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        CLIPReward(model, tokenizer, tasks=[Task(cut, "a robot"), Task([cut, "a robot kneeling"], name="both")], device="cpu",
+        CLIPReward(model, tokenizer, tasks=[Task(cut, "a robot"), Task([cut, "a robot kneeling"])], device="cpu",
                    backend="torch")
     assert len([w for w in caught if "tokens long" in str(w.message)]) == 1
 

@@ -273,8 +273,10 @@ def test_errors(rm):
     with pytest.raises(ValueError, match="not one of the reward model's tasks"):
         VLMRewardVectorWrapper(sync_envs(make_env, 1), rm, task="splits")
     sizes = gym.vector.SyncVectorEnv([make_env, lambda: make_env(size=SIZE + 8)])
-    with pytest.raises(ValueError, match="render at different sizes"):  # when made, not at the first step
-        VLMRewardVectorWrapper(sizes, rm, render="images")
+    envs = VLMRewardVectorWrapper(sizes, rm, render="images")
+    envs.reset(seed=0)
+    with pytest.raises(ValueError, match="frames of different sizes"):
+        envs.step(np.zeros((2, 1), np.float32))
 
 
 @NO_MODES

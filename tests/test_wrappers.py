@@ -806,6 +806,22 @@ def test_every_wrapper_follows_the_reward_models_tasks_after_set_tasks():
     vec.close()
 
 
+def test_wrappers_refuse_a_reward_model_whose_tasks_share_a_name():
+    # task= and info["vlm_rewards"] go by name: with two tasks named alike the reward came from the first
+    # and info held the second's under that name. A reward model alone may have them (rm(frames) is [N, T]).
+    match = r"several of the reward model's tasks are named 'A'.*give each Task its own name="
+    with pytest.raises(ValueError, match=match):
+        VLMRewardWrapper(CountingEnv(), NamedTasks(["A", "B", "A"]))
+    with pytest.raises(ValueError, match=match):
+        VLMRewardVecEnv(DummyVecEnv([CountingEnv]), NamedTasks(["A", "A"]), render="images")
+    rm = NamedTasks(["A", "B"])
+    single = VLMRewardWrapper(CountingEnv(), rm, task=1)
+    single.reset(seed=0)
+    rm.set_tasks(["A", "A"])  # after the wrapper was made: said at the next step
+    with pytest.raises(ValueError, match=match):
+        single.step(np.zeros(1, np.float32))
+
+
 def test_single_env_gives_reward_functions_frames_torch_can_take():
     # gymnasium's MuJoCo envs render flipped views (negative strides), which torch.as_tensor refuses:
     # a reward function of the user's own gets a plain array.

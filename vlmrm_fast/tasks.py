@@ -65,7 +65,8 @@ def _non_blank(prompt: str, what: str) -> str:
     # value, say). For no baseline, pass baseline=None.
     if not prompt.strip():
         raise ValueError(f"{what} has a blank prompt ({prompt!r}): give it words, e.g. goal='a humanoid robot "
-                         "kneeling', baseline='a humanoid robot'; for no baseline, pass baseline=None.")
+                         "kneeling', baseline='a humanoid robot'; for no baseline, give none (baseline=None; on the "
+                         "command line, leave out --baseline).")
     return prompt
 
 
@@ -140,11 +141,6 @@ def check_tasks(tasks: Sequence[Task], default_alpha: float) -> None:
         alpha = default_alpha if task.alpha is None else task.alpha
         if alpha > 0 and task.baseline is None:
             _no_direction(task, alpha)
-    labels = [task.label for task in tasks]
-    shared = sorted({label for label in labels if labels.count(label) > 1})
-    if shared:
-        raise ValueError(f"several tasks are named {', '.join(map(repr, shared))}: the wrappers' task=, "
-                         "info['vlm_rewards'] and CSV columns go by name; give each task its own name=.")
 
 
 def _no_direction(task: Task, alpha: float) -> None:

@@ -107,7 +107,12 @@ def _check_reward_model(reward_model: Any, wrapper: str) -> None:
 
 
 def _task_index(reward_model: Any, task: Union[int, str]) -> int:
+    """The index of ``task`` in the reward model's tasks now; refuses names that are not one each."""
     names = list(getattr(reward_model, "task_names", []) or [])
+    shared = sorted({name for name in names if names.count(name) > 1})
+    if shared:  # a task's name (default: its first goal prompt) keys task= and info["vlm_rewards"]
+        raise ValueError(f"several of the reward model's tasks are named {', '.join(map(repr, shared))}, and the "
+                         "wrappers' task= and info['vlm_rewards'] go by name: give each Task its own name=.")
     if isinstance(task, str):
         if task not in names:
             raise ValueError(f"task {task!r} is not one of the reward model's tasks {names}.")
@@ -130,18 +135,15 @@ _ONE_SIZE = ("make every env with the same width= and height= (e.g. gymnasium.ma
              "width=224, height=224)).")
 
 
-def _check_declared_sizes(envs: Sequence[Any]) -> None:
-    """Refuse, before the first step, MuJoCo envs whose render sizes (their ``width`` and ``height``)
-    differ: neither the batch renderer nor the images could score them as one batch."""
+def _declared_sizes(envs: Sequence[Any]) -> List[Tuple[int, int]]:
+    """The MuJoCo envs' render sizes (``width``, ``height`` of each unwrapped env), sorted, one each."""
     sizes = set()
     for env in envs:
         unwrapped = getattr(env, "unwrapped", env)
         width, height = getattr(unwrapped, "width", None), getattr(unwrapped, "height", None)
         if isinstance(width, int) and isinstance(height, int):
             sizes.add((width, height))
-    if len(sizes) > 1:
-        raise ValueError(f"The envs render at different sizes {sorted(sizes)} (width x height), and one batch holds "
-                         f"one size: {_ONE_SIZE}")
+    return sorted(sizes)
 
 
 def _frame_size(frame: Any) -> Tuple[int, int]:
@@ -627,7 +629,6 @@ class _BatchFrames:
         """Picks the frame source for ``render``; ``envs`` are the envs the vector env steps in this process
         (None for others). Returns each of those envs' (MjModel, MjData), None for non-MuJoCo envs."""
         mujoco_parts = [_mujoco_parts(env) for env in envs] if envs is not None else []
-        _check_declared_sizes([env for env, parts in zip(envs or [], mujoco_parts) if parts is not None])
         all_mujoco = bool(mujoco_parts) and all(p is not None for p in mujoco_parts)
         self.renderer = self._pick_renderer(render, list(envs) if all_mujoco else None, vector_kind)
         if self.renderer is None:
@@ -641,14 +642,20 @@ class _BatchFrames:
         """
         if render not in RENDER_SOURCES:
             raise ValueError(f"render must be one of {RENDER_SOURCES}; got {render!r}.")
+        # The batch renderer draws each env at its own size (a wrapper's render() that resizes is not
+        # seen): one batch needs one. The images then decide, at the first step.
+        sizes = _declared_sizes(envs) if envs is not None else []
         if render == "batch":
             if envs is None:
                 raise ValueError(
                     f'render="batch" needs a {vector_kind} of MuJoCo envs (it renders their MjData directly); '
                     'use render="images" (or "auto") for other vector envs.'
                 )
+            if len(sizes) > 1:
+                raise ValueError(f"The envs render at different sizes {sizes} (width x height), and one batch "
+                                 f"holds one size: {_ONE_SIZE}")
             return _new_batch_renderer(envs, self.reward_model)
-        if render == "auto" and envs is not None:
+        if render == "auto" and envs is not None and len(sizes) <= 1:
             try:
                 return _new_batch_renderer(envs, self.reward_model)
             except ImportError:
