@@ -37,8 +37,9 @@
 # ends by CALL_LIMIT seconds (default 570, for a 600 s limit): each part gets what is left, or
 # PART_TIMEOUT=S seconds if less, then SIGTERM (every benchmark then writes what it measured); a
 # part with under 30 s left is skipped. The GL-CUDA extension is built only for the parts that use
-# it (tests, render, render-breakdown, env). Every part but info needs the wheels of .whl/ and the
-# rendering ones the libraries of .gl/ (or both installed): the call stops at once without them.
+# it (tests, render, render-breakdown, env). Every part but info needs open_clip from .whl/, the
+# rendering ones (the same four) also mujoco, gymnasium, stable-baselines3 and the libraries of .gl/
+# (or all of them installed): the call stops at once without them, after info where asked.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -96,13 +97,16 @@ require() {
     # A call that did not carry .whl and .gl (ignored by git, so only `carry` sends them) would
     # otherwise run its parts into skips and exit 0 with no figures.
     local fix="carry them: the device tool's run(carry=[\".whl\", \".gl\"]), after \`bash $0 fetch\` here"
-    if [ "$NEEDS_PACKAGES" = 1 ] && ! "$PYTHON" -c "import open_clip, mujoco, gymnasium, stable_baselines3" 2>/dev/null; then
-        echo "open_clip, mujoco, gymnasium or stable_baselines3 is missing (.whl/ holds them): $fix" >&2
+    local modules=open_clip
+    [ "$NEEDS_EXTENSION" = 1 ] && modules="open_clip, mujoco, gymnasium, stable_baselines3"
+    if [ "$NEEDS_PACKAGES" = 1 ] && ! "$PYTHON" -c "import $modules" >/dev/null 2>&1; then
+        echo "one of $modules is missing (.whl/ holds them): $fix" >&2
         return 1
     fi
     if [ "$NEEDS_EXTENSION" = 1 ]; then
-        local reason
-        reason=$("$PYTHON" -c "from vlmrm_fast.render import rendering_unavailable_reason as r; print(r() or '')" 2>&1)
+        local reason  # stdout only: a warning on stderr while importing is no failure
+        reason=$("$PYTHON" -c "from vlmrm_fast.render import rendering_unavailable_reason as r; print(r() or '')" \
+            2>/dev/null) || reason="vlmrm_fast.render does not import"
         if [ -n "$reason" ]; then
             echo "the EGL libraries of .gl/ are missing or fail: $reason; $fix" >&2
             return 1
@@ -220,9 +224,10 @@ if ! git rev-parse --git-dir >/dev/null 2>&1 && [ -z "${VLMRM_FAST_COMMIT:-}" ];
     exit 2
 fi
 setup || { echo "setup failed (log: $RESULTS/setup.log)" >&2; exit 1; }
-require || exit 1
 status=0
+case " $* " in *" info "*) part_info || status=1 ;; esac  # the diagnosis, even where the rest cannot run
+require || exit 1
 for name in "$@"; do
-    "part_${name//-/_}" || status=1
+    [ "$name" = info ] || "part_${name//-/_}" || status=1
 done
 exit $status

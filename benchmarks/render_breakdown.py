@@ -205,8 +205,9 @@ def _first_cause(errors: Sequence[str]) -> str:
     return next((e for e in errors if not e.startswith("BrokenBarrierError")), errors[0])
 
 
-def _collect(procs: Sequence[Any], results: Any, timeout: float) -> Tuple[List[Any], List[str]]:
-    """One message a worker process: (spans, errors); a process that died without one is an error."""
+def _collect(procs: Sequence[Any], results: Any, start: Any, timeout: float) -> Tuple[List[Any], List[str]]:
+    """One message a worker process: (spans, errors). A process that died without one (a crash in the
+    GL driver, the OOM killer) is an error, and breaks the start line for the others."""
     import queue
 
     spans: List[Any] = []
@@ -216,6 +217,9 @@ def _collect(procs: Sequence[Any], results: Any, timeout: float) -> Tuple[List[A
         try:
             status, value = results.get(timeout=5)
         except queue.Empty:
+            crashed = [p.exitcode for p in procs if not p.is_alive() and p.exitcode != 0]
+            if crashed:
+                start.abort()  # the others would wait at the start line for it until START_TIMEOUT_S
             if time.monotonic() > deadline or not any(p.is_alive() for p in procs):
                 dead = [p.exitcode for p in procs if not p.is_alive()]
                 errors.append(f"no result from {len(procs) - len(spans) - len(errors)} worker process(es) "
@@ -241,11 +245,16 @@ def parallel_variant(args: argparse.Namespace, workers: int, kind: str) -> Row:
             except BaseException as error:
                 errors.append(f"{type(error).__name__}: {error}")
 
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(workers)]
+        # Daemons, joined with a limit: a renderer hung in the driver must not hold the run (or its exit).
+        threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(workers)]
         for t in threads:
             t.start()
+        deadline = time.monotonic() + START_TIMEOUT_S + 600
         for t in threads:
-            t.join()
+            t.join(timeout=max(0.0, deadline - time.monotonic()))
+        hung = sum(t.is_alive() for t in threads)
+        if hung:
+            errors.append(f"{hung} thread(s) still rendering after {START_TIMEOUT_S + 600} s")
         spans = [s for s in out if s is not None]
     else:
         ctx = multiprocessing.get_context("spawn")
@@ -257,7 +266,7 @@ def parallel_variant(args: argparse.Namespace, workers: int, kind: str) -> Row:
                  for i in range(workers)]
         for p in procs:
             p.start()
-        spans, errors = _collect(procs, results, timeout=START_TIMEOUT_S + 600)
+        spans, errors = _collect(procs, results, start, timeout=START_TIMEOUT_S + 600)
         for p in procs:
             p.join(timeout=30)
             if p.is_alive():

@@ -896,6 +896,33 @@ def test_render_breakdown_reports_failed_worker_processes(monkeypatch):
     assert row.variant == "processes_2" and row.error.startswith("RuntimeError: 2 of 2 processes workers failed: ")
 
 
+def test_render_breakdown_breaks_the_start_line_for_a_worker_process_that_died_without_a_word():
+    # A crash in the GL driver or the OOM killer sends no message: the parent sees the exit code, lets the
+    # others go (they would wait START_TIMEOUT_S at the start line) and reports it.
+    import queue
+
+    rb = _load("render_breakdown")
+
+    class Process:
+        def __init__(self, exitcode):
+            self.exitcode = exitcode
+
+        def is_alive(self):
+            return self.exitcode is None
+
+    class Start:
+        aborted = False
+
+        def abort(self):
+            Start.aborted = True
+
+    results = queue.Queue()
+    results.put(("ok", (0.0, 1.0, "cpu")))
+    spans, errors = rb._collect([Process(0), Process(-11)], results, Start(), timeout=60)
+    assert spans == [(0.0, 1.0, "cpu")] and Start.aborted
+    assert errors == ["no result from 1 worker process(es) (exit codes of the finished ones: [0, -11])"]
+
+
 def _gpu_session(tmp_path: Path, parts: list, blocked: str = "") -> subprocess.CompletedProcess:
     """benchmarks/gpu_session.sh PARTS, its pip installs skipped (this checkout is importable as is) and
     ``blocked`` (a module) made to fail to import, as on a GPU machine that lacks it."""
@@ -915,12 +942,17 @@ def _gpu_session(tmp_path: Path, parts: list, blocked: str = "") -> subprocess.C
 
 def test_a_gpu_session_without_its_carried_wheels_stops_at_once_and_says_to_carry_them(tmp_path):
     # .whl/ and .gl/ are ignored by git: a device call that does not carry them would otherwise run its
-    # parts into skips and exit 0 with no figures, its ten minutes spent.
-    result = _gpu_session(tmp_path, ["info", "kernels"], blocked="mujoco")
+    # parts into skips and exit 0 with no figures, its ten minutes spent. info, asked for, runs first.
+    result = _gpu_session(tmp_path, ["info", "render"], blocked="mujoco")
     assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
-    assert 'carry=[".whl", ".gl"]' in result.stderr and "== kernels" not in result.stdout
+    assert "one of open_clip, mujoco, gymnasium, stable_baselines3 is missing" in result.stderr
+    assert 'carry=[".whl", ".gl"]' in result.stderr and "== render" not in result.stdout
+    assert "== info: exit 0" in result.stdout and "MuJoCo rendering: MuJoCo cannot render" in result.stdout
+    assert "GPU render path: not built in this call" not in result.stdout  # this call would have built it
+    (tmp_path / "kernels").mkdir()
+    kernels = _gpu_session(tmp_path / "kernels", ["kernels"], blocked="open_clip")  # needs open_clip only
+    assert kernels.returncode == 1 and "one of open_clip is missing" in kernels.stderr, kernels.stderr[-2000:]
+    assert "== kernels" not in kernels.stdout
     (tmp_path / "info").mkdir()
-    info = _gpu_session(tmp_path / "info", ["info"], blocked="mujoco")
-    assert info.returncode == 0, info.stderr[-2000:]  # info reports what is missing; it needs none of it
-    assert "MuJoCo rendering: MuJoCo cannot render" in info.stdout
-    assert "GPU render path: not built in this call" in info.stdout
+    info = _gpu_session(tmp_path / "info", ["info"], blocked="mujoco")  # info needs nothing it reports on
+    assert info.returncode == 0 and "GPU render path: not built in this call" in info.stdout, info.stderr[-2000:]
