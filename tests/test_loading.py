@@ -67,6 +67,26 @@ def test_checkpoint_of_another_architecture(tmp_path):
         create_clip("vlmrm-tiny", str(path))
 
 
+def test_the_hub_is_reached_through_the_proxy_huggingface_hub_would_use(monkeypatch):
+    # Cluster nodes often reach the internet only through HTTPS_PROXY: probing the hub itself there said
+    # "unreachable" and refused every download that huggingface_hub would have made through the proxy.
+    import socket
+
+    from vlmrm_fast.models import _hub_reachable
+
+    for name in ("HF_HUB_OFFLINE", "NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy", "https_proxy", "http_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "https://hub.invalid")  # resolves nowhere: only the proxy answers
+    with socket.create_server(("127.0.0.1", 0)) as proxy:
+        monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{proxy.getsockname()[1]}")
+        assert _hub_reachable(timeout=2.0)
+        monkeypatch.setenv("NO_PROXY", "hub.invalid")  # the hub is not behind it
+        assert not _hub_reachable(timeout=2.0)
+        monkeypatch.delenv("NO_PROXY")
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        assert not _hub_reachable(timeout=2.0)
+
+
 def _cut(data: bytes) -> bytes:
     return data[: len(data) * 2 // 3]
 

@@ -12,6 +12,7 @@ import difflib
 import json
 import os
 import socket
+import urllib.request
 import warnings
 import zipfile
 from pathlib import Path
@@ -51,10 +52,15 @@ register_model_configs()  # on import, so that open_clip.create_model("vlmrm-tin
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the Hugging Face hub (or ``HF_ENDPOINT``) answers a TCP connection within ``timeout``."""
+    """Whether the Hugging Face hub (or ``HF_ENDPOINT``) answers a TCP connection within ``timeout``; behind
+    a proxy (``HTTPS_PROXY`` and the like, which huggingface_hub uses), whether the proxy does."""
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
         return False
     endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    proxies = urllib.request.getproxies()
+    proxy = proxies.get(endpoint.scheme) or proxies.get("all")
+    if proxy and not urllib.request.proxy_bypass(endpoint.hostname or ""):
+        endpoint = urlparse(proxy if "://" in proxy else "http://" + proxy)
     port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
     try:
         with socket.create_connection((endpoint.hostname, port), timeout=timeout):
