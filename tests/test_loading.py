@@ -509,3 +509,41 @@ def test_root_records_dropped_drops_only_that_folders_records_and_leaves_the_roo
             raise RuntimeError("inside")
     assert (list(root.handlers), list(root.filters)) == before  # removed on the way out, an error or not
     assert root.filter(record("pkg"))
+
+
+# ---- from a mutation audit of the loading code: each test kills a mutation that survived ------------
+
+
+def test_a_tag_load_is_required_and_goes_to_the_given_cache(monkeypatch, tmp_path):
+    # open_clip < 3 builds random weights for a tag it cannot load unless require_pretrained is set.
+    calls, tiny = [], make_tiny()[0]
+    monkeypatch.setattr(models, "_hub_reachable", lambda timeout=3.0: True)
+    monkeypatch.setattr(open_clip, "create_model", lambda name, **kw: calls.append(kw) or tiny)
+    CLIPReward.from_pretrained("ViT-B-32", "laion2b_s34b_b79k", goal="a", device="cpu", backend="torch",
+                               cache_dir=tmp_path)
+    assert calls[0]["cache_dir"] == str(tmp_path) and calls[0]["require_pretrained"] is True
+
+
+def test_a_missing_path_without_a_checkpoint_suffix_is_a_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="No checkpoint file"):
+        create_clip("vlmrm-tiny", str(tmp_path / "weights"))
+
+
+@pytest.mark.filterwarnings("ignore:.*random weights:UserWarning")
+def test_from_pretrained_forwards_every_option():
+    rm = CLIPReward.from_pretrained("vlmrm-tiny", None, goal="a", device="cpu", dtype="bf16", preprocess="openclip",
+                                    max_batch_size=7, backend="compile", backend_options={"buckets": (3, 7)})
+    assert rm.dtype == torch.bfloat16 and rm.preprocess_spec.mode == "openclip" and rm.max_batch_size == 7
+    assert rm.vision_backend.buckets == (3, 7) and rm.model_name == "vlmrm-tiny"
+
+
+def test_a_small_but_real_goal_baseline_direction_is_kept(monkeypatch):
+    # |g - b| about 6e-3: goal and baseline that differ a little still define a direction.
+    from vlmrm_fast import tasks
+
+    tiny = make_tiny()
+    g = torch.nn.functional.normalize(torch.randn(32, generator=torch.Generator().manual_seed(0)), dim=0)
+    b = torch.nn.functional.normalize(g + 1e-3 * torch.randn(32, generator=torch.Generator().manual_seed(1)), dim=0)
+    monkeypatch.setattr(tasks, "embed_prompts", lambda model, tokenizer, prompts, device: torch.stack([g, b]))
+    encoded = tasks.encode_tasks(tiny[0], tiny[1], [tasks.Task("x", "y")], torch.device("cpu"))
+    assert encoded.has_direction == (True,)
