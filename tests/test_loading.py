@@ -547,3 +547,43 @@ def test_a_small_but_real_goal_baseline_direction_is_kept(monkeypatch):
     monkeypatch.setattr(tasks, "embed_prompts", lambda model, tokenizer, prompts, device: torch.stack([g, b]))
     encoded = tasks.encode_tasks(tiny[0], tiny[1], [tasks.Task("x", "y")], torch.device("cpu"))
     assert encoded.has_direction == (True,)
+
+
+@pytest.mark.skipif(int(open_clip.__version__.split(".")[0]) < 3, reason="open_clip < 3 has no local-dir: models")
+@pytest.mark.parametrize("contents,why", [
+    (b"version https://git-lfs.github.com/spec/v1\noid sha256:" + b"0" * 64 + b"\nsize 605157884\n",
+     "is not a checkpoint file: it is a git-lfs pointer"),
+    (b"", "is not a checkpoint file: it is empty"),
+])
+def test_a_local_dir_whose_weights_are_no_checkpoint_is_named_so(tmp_path, contents, why):
+    # A hub repo cloned without git-lfs: the folder route of the README meets it first. torch's errors
+    # (or a bare EOFError, a traceback from the CLI) said nothing of it.
+    import json
+
+    (tmp_path / "open_clip_config.json").write_text(
+        json.dumps({"model_cfg": open_clip.get_model_config("vlmrm-tiny"), "preprocess_cfg": {}}))
+    (tmp_path / "open_clip_pytorch_model.bin").write_bytes(contents)
+    with pytest.raises(PretrainedWeightsError, match=why):
+        create_clip(f"local-dir:{tmp_path}", None)
+
+
+def test_checkpoints_with_no_weights_or_cut_short_say_so(tmp_path):
+    torch.save({}, tmp_path / "empty.pt")
+    with pytest.raises(PretrainedWeightsError, match="holds no weights"):
+        create_clip("vlmrm-tiny", str(tmp_path / "empty.pt"))
+    torch.save(open_clip.create_model("vlmrm-tiny").state_dict(), tmp_path / "legacy.bin",
+               _use_new_zipfile_serialization=False)
+    data = (tmp_path / "legacy.bin").read_bytes()
+    (tmp_path / "legacy.bin").write_bytes(data[: len(data) // 2])  # a pickle passes the file check: cut later
+    with pytest.raises(PretrainedWeightsError, match=r"it ends early \(a cut download\?\)"):
+        create_clip("vlmrm-tiny", str(tmp_path / "legacy.bin"))
+
+
+def test_a_checkpoint_path_may_start_with_home_and_a_folder_is_named_as_one(tmp_path, monkeypatch):
+    model, _ = make_tiny(seed=3)
+    torch.save(model.state_dict(), tmp_path / "tiny.pt")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    loaded, _ = create_clip("vlmrm-tiny", "~/tiny.pt")
+    assert torch.equal(next(loaded.parameters()), next(model.parameters()))
+    with pytest.raises(ValueError, match=r"is a folder, not a checkpoint file.*model_name='local-dir:"):
+        create_clip("vlmrm-tiny", str(tmp_path))

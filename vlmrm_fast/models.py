@@ -34,6 +34,8 @@ TINY_MODEL = "vlmrm-tiny"
 
 _CONFIG_DIR = Path(__file__).parent / "model_configs"
 _CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
+_LOCAL_DIR_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+"""The weight files open_clip reads from a ``local-dir:`` folder (or a hub repo)."""
 _OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 _OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -202,7 +204,12 @@ def _create_from_file(model_name: str, path: str) -> torch.nn.Module:
                 force_preprocess_cfg={k: v for k, v in preprocess.items() if k != "size"} or None)
     except PretrainedWeightsError:
         raise
+    except StopIteration as error:  # open_clip reads the first key of what it loaded
+        raise PretrainedWeightsError(f"The checkpoint {path!r} holds no weights (an empty state_dict).") from error
     except Exception as error:
+        if isinstance(error, EOFError) or "unexpected EOF" in str(error) or "Ran out of input" in str(error):
+            raise PretrainedWeightsError(f"{path!r} is not a checkpoint file: it ends early (a cut download?). "
+                                         "Download it again, or pass another.") from error
         raise PretrainedWeightsError(
             f"The checkpoint {path!r} does not load into {model_name}: {str(error)[:600]}. "
             "Check that it was saved from this architecture (a state_dict of the open_clip model)."
@@ -327,11 +334,19 @@ def _create(model_name: str, pretrained: Optional[str], cache_dir: Optional[str]
                 f"{model_name!r} needs the Hugging Face hub, which is unreachable (offline?). Download the repo "
                 "once elsewhere and pass 'local-dir:/path/to/it' instead."
             )
+        if model_name.startswith("local-dir:"):
+            folder = Path(os.path.expanduser(model_name[len("local-dir:"):]))
+            for name in _LOCAL_DIR_WEIGHTS:
+                why = _not_a_checkpoint(str(folder / name)) if (folder / name).is_file() else None
+                if why is not None:
+                    raise PretrainedWeightsError(f"{folder / name} is not a checkpoint file: {why}. Download it "
+                                                 "again, or remove it.")
         try:  # open_clip only logs (and builds random weights) where the folder or repo holds none
             return open_clip.create_model(model_name, cache_dir=cache_dir, require_pretrained=True)
-        except RuntimeError as exc:
-            if "required" not in str(exc).lower():  # weights found but not loadable (load_state_dict's error)
-                raise PretrainedWeightsError(f"{model_name!r}: its weights do not load into its config: {exc}") from exc
+        except Exception as exc:
+            if not isinstance(exc, RuntimeError) or "required" not in str(exc).lower():  # found, not loadable
+                raise PretrainedWeightsError(f"{model_name!r}: its weights do not load into its config: "
+                                             f"{type(exc).__name__}: {exc}") from exc
             raise PretrainedWeightsError(
                 f"{model_name!r}: no weights were loaded ({exc}). The folder or repo must hold "
                 "open_clip_pytorch_model.bin (or open_clip_model.safetensors) beside its open_clip_config.json."
@@ -347,8 +362,13 @@ def _create(model_name: str, pretrained: Optional[str], cache_dir: Optional[str]
     tags = open_clip.list_pretrained_tags_by_model(model_name)
     if pretrained in tags:
         return _create_from_tag(model_name, pretrained, cache_dir)
+    pretrained = os.path.expanduser(pretrained)
     if os.path.isfile(pretrained):
         return _create_from_file(model_name, pretrained)
+    if os.path.isdir(pretrained):
+        raise ValueError(f"{pretrained!r} is a folder, not a checkpoint file: pass the file in it, or, for a folder "
+                         f"holding open_clip_config.json and its weights, model_name='local-dir:{pretrained}' "
+                         "with pretrained=None.")
     if os.sep in pretrained or pretrained.endswith(_CHECKPOINT_SUFFIXES):
         raise FileNotFoundError(
             f"No checkpoint file at {pretrained!r}. Pass an existing path, or one of open_clip's tags "
