@@ -587,3 +587,23 @@ def test_a_checkpoint_path_may_start_with_home_and_a_folder_is_named_as_one(tmp_
     assert torch.equal(next(loaded.parameters()), next(model.parameters()))
     with pytest.raises(ValueError, match=r"is a folder, not a checkpoint file.*model_name='local-dir:"):
         create_clip("vlmrm-tiny", str(tmp_path))
+
+
+def test_an_hf_hub_model_in_the_local_cache_loads_offline(tmp_path, monkeypatch):
+    # As a cached tag does: offline, the hub's cache answers (it was refused before open_clip was asked).
+    import json
+
+    model, _ = make_tiny(seed=5)
+    repo = tmp_path / "models--fakeorg--tiny"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    (snapshot / "open_clip_config.json").write_text(
+        json.dumps({"model_cfg": open_clip.get_model_config("vlmrm-tiny"), "preprocess_cfg": {}}))
+    torch.save(model.state_dict(), snapshot / "open_clip_pytorch_model.bin")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    loaded = models._create("hf-hub:fakeorg/tiny", None, str(tmp_path))  # the weights (its tokenizer: transformers)
+    assert torch.equal(next(loaded.parameters()), next(model.parameters()))
+    with pytest.raises(PretrainedWeightsError, match="unreachable .* not in the local cache.*local-dir:"):
+        models._create("hf-hub:fakeorg/other", None, str(tmp_path))

@@ -330,10 +330,14 @@ def _create(model_name: str, pretrained: Optional[str], cache_dir: Optional[str]
         if pretrained is not None:
             raise ValueError(f"{model_name!r} names its own weights; pass pretrained=None with it.")
         if model_name.startswith("hf-hub:") and not _hub_reachable():
-            raise PretrainedWeightsError(
-                f"{model_name!r} needs the Hugging Face hub, which is unreachable (offline?). Download the repo "
-                "once elsewhere and pass 'local-dir:/path/to/it' instead."
-            )
+            try:  # from the local cache, as a tag is
+                with _hub_offline():
+                    return open_clip.create_model(model_name, cache_dir=cache_dir, require_pretrained=True)
+            except Exception as exc:
+                raise PretrainedWeightsError(
+                    f"{model_name!r} needs the Hugging Face hub, which is unreachable (offline?), and it is not in "
+                    "the local cache. Download the repo once elsewhere and pass 'local-dir:/path/to/it' instead."
+                ) from exc
         if model_name.startswith("local-dir:"):
             folder = Path(os.path.expanduser(model_name[len("local-dir:"):]))
             for name in _LOCAL_DIR_WEIGHTS:
