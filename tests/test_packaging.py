@@ -145,20 +145,27 @@ def _fake_toolkit(root: Path) -> Path:
     return root
 
 
-def test_a_failed_optional_build_gives_a_pure_wheel_without_a_stale_extension(tmp_path):
-    # Without VLMRM_FAST_FORCE_BUILD, a GPU machine whose build of the extension fails still installs: the
-    # wheel must then be what it holds (pure Python, py3-none-any), and an extension left in build/ by an
-    # earlier build (against another torch, say) must not ship in place of the one that failed.
+def _sources_with_an_earlier_build(tmp_path: Path):
+    """(sources, wheel folder, extension): a copy of the sources whose build/ holds an extension left by an
+    earlier build (against another torch, say), newer than its sources."""
     import sysconfig
 
-    torch = pytest.importorskip("torch")
-    if torch.version.cuda is None:
-        pytest.skip("a CPU-only torch build: setup.py does not try the extension")
-    src, out = copy_sources(tmp_path / "src"), tmp_path / "dist"
+    src = copy_sources(tmp_path / "src")
     platlib = src / "build" / f"lib.{sysconfig.get_platform()}-{sys.implementation.cache_tag}" / "vlmrm_fast"
     platlib.mkdir(parents=True)
     stale = platlib / f"_render_cuda{sysconfig.get_config_var('EXT_SUFFIX')}"
     stale.write_bytes(b"an earlier build")
+    return src, tmp_path / "dist", stale
+
+
+def test_a_failed_optional_build_gives_a_pure_wheel_without_a_stale_extension(tmp_path):
+    # Without VLMRM_FAST_FORCE_BUILD, a GPU machine whose build of the extension fails still installs: the
+    # wheel must then be what it holds (pure Python, py3-none-any), and an extension left in build/ by an
+    # earlier build (against another torch, say) must not ship in place of the one that failed.
+    torch = pytest.importorskip("torch")
+    if torch.version.cuda is None:
+        pytest.skip("a CPU-only torch build: setup.py does not try the extension")
+    src, out, stale = _sources_with_an_earlier_build(tmp_path)
     fake_gpu = tmp_path / "fake-gpu"  # torch.cuda.is_available() is True in the build's processes
     fake_gpu.mkdir()
     (fake_gpu / "sitecustomize.py").write_text("import torch\ntorch.cuda.is_available = lambda: True\n")
@@ -179,15 +186,10 @@ def test_a_forced_build_rebuilds_an_extension_left_in_build_by_an_earlier_one(tm
     # A wheel built again in the same checkout after `pip install torch==...`: setuptools takes an output
     # newer than its sources as up to date, and without ninja nothing else forces the build. Here the
     # build must run (and, its toolkit broken, fail), not ship the earlier build's library.
-    import sysconfig
-
     torch = pytest.importorskip("torch")
     if torch.version.cuda is None:
         pytest.skip("a CPU-only torch build: a forced build stops before compiling")
-    src, out = copy_sources(tmp_path / "src"), tmp_path / "dist"
-    platlib = src / "build" / f"lib.{sysconfig.get_platform()}-{sys.implementation.cache_tag}" / "vlmrm_fast"
-    platlib.mkdir(parents=True)
-    (platlib / f"_render_cuda{sysconfig.get_config_var('EXT_SUFFIX')}").write_bytes(b"built against another torch")
+    src, out, _ = _sources_with_an_earlier_build(tmp_path)
     no_ninja = tmp_path / "no-ninja"  # torch's builder forces rebuilds itself when ninja runs
     no_ninja.mkdir()
     (no_ninja / "ninja").write_text("#!/bin/sh\nexit 1\n")
