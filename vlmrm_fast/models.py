@@ -179,12 +179,20 @@ def _not_a_checkpoint(path: str) -> Optional[str]:
     return "it is neither a torch.save file (zip or pickle) nor a safetensors file"
 
 
+def _not_a_checkpoint_error(path: Union[str, Path], why: str) -> PretrainedWeightsError:
+    return PretrainedWeightsError(f"{str(path)!r} is not a checkpoint file: {why}. Download it again, or pass another.")
+
+
+def _refuse_a_non_checkpoint(path: Union[str, Path]) -> None:
+    why = _not_a_checkpoint(str(path))
+    if why is not None:
+        raise _not_a_checkpoint_error(path, why)
+
+
 def _create_from_file(model_name: str, path: str) -> torch.nn.Module:
     """Weights from a file; their QuickGELU flag and preprocessing from an ``open_clip_config.json``
     beside it, else the model config's (with a warning where tags of the model differ from it)."""
-    why = _not_a_checkpoint(path)
-    if why is not None:
-        raise PretrainedWeightsError(f"{path!r} is not a checkpoint file: {why}. Download it again, or pass another.")
+    _refuse_a_non_checkpoint(path)
     sidecar = Path(path).with_name(SIDECAR_CONFIG)
     config = _read_sidecar(sidecar) if sidecar.is_file() else None
     model_cfg, preprocess = (config or {}).get("model_cfg") or {}, (config or {}).get("preprocess_cfg") or {}
@@ -208,8 +216,7 @@ def _create_from_file(model_name: str, path: str) -> torch.nn.Module:
         raise PretrainedWeightsError(f"The checkpoint {path!r} holds no weights (an empty state_dict).") from error
     except Exception as error:
         if isinstance(error, EOFError) or "unexpected EOF" in str(error) or "Ran out of input" in str(error):
-            raise PretrainedWeightsError(f"{path!r} is not a checkpoint file: it ends early (a cut download?). "
-                                         "Download it again, or pass another.") from error
+            raise _not_a_checkpoint_error(path, "it ends early (a cut download?)") from error
         raise PretrainedWeightsError(
             f"The checkpoint {path!r} does not load into {model_name}: {str(error)[:600]}. "
             "Check that it was saved from this architecture (a state_dict of the open_clip model)."
@@ -341,10 +348,8 @@ def _create(model_name: str, pretrained: Optional[str], cache_dir: Optional[str]
         if model_name.startswith("local-dir:"):
             folder = Path(os.path.expanduser(model_name[len("local-dir:"):]))
             for name in _LOCAL_DIR_WEIGHTS:
-                why = _not_a_checkpoint(str(folder / name)) if (folder / name).is_file() else None
-                if why is not None:
-                    raise PretrainedWeightsError(f"{folder / name} is not a checkpoint file: {why}. Download it "
-                                                 "again, or remove it.")
+                if (folder / name).is_file():
+                    _refuse_a_non_checkpoint(folder / name)
         try:  # open_clip only logs (and builds random weights) where the folder or repo holds none
             return open_clip.create_model(model_name, cache_dir=cache_dir, require_pretrained=True)
         except Exception as exc:

@@ -109,8 +109,8 @@ def _check_reward_model(reward_model: Any, wrapper: str) -> None:
 def _task_index(reward_model: Any, task: Union[int, str]) -> int:
     """The index of ``task`` in the reward model's tasks now; refuses names that are not one each."""
     names = list(getattr(reward_model, "task_names", []) or [])
-    shared = sorted({name for name in names if names.count(name) > 1})
-    if shared:  # a task's name (default: its first goal prompt) keys task= and info["vlm_rewards"]
+    if len(set(names)) < len(names):  # a task's name (default: its first goal prompt) keys task= and info
+        shared = sorted({name for name in names if names.count(name) > 1})
         raise ValueError(f"several of the reward model's tasks are named {', '.join(map(repr, shared))}, and the "
                          "wrappers' task= and info['vlm_rewards'] go by name: give each Task its own name=.")
     if isinstance(task, str):
