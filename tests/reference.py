@@ -36,20 +36,32 @@ def bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
     return m
 
 
-def antialiased_bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
-    """[out, in] matrix of antialiased bicubic: the kernel widened by the downscale factor, truncated
-    at the borders and renormalised (the PIL/torch antialias convention)."""
+def triangle_weight(distance: float) -> float:
+    """The bilinear (tent) kernel."""
+    return max(1.0 - abs(distance), 0.0)
+
+
+def antialiased_matrix(in_size: int, out_size: int, interpolation: str = "bicubic") -> np.ndarray:
+    """[out, in] matrix of antialiased bicubic (a = -0.5, radius 2) or bilinear (radius 1): the
+    kernel widened by the downscale factor, truncated at the borders and renormalised (the PIL/torch
+    antialias convention)."""
+    kernel, radius = {"bicubic": (lambda d: cubic_weight(d, -0.5), 2), "bilinear": (triangle_weight, 1)}[interpolation]
     m = np.zeros((out_size, in_size))
     scale = in_size / out_size
     stretch = max(scale, 1.0)
     for i in range(out_size):
         centre = (i + 0.5) * scale
-        lo = max(int(centre - 2 * stretch + 0.5), 0)
-        hi = min(int(centre + 2 * stretch + 0.5), in_size)
+        lo = max(int(centre - radius * stretch + 0.5), 0)
+        hi = min(int(centre + radius * stretch + 0.5), in_size)
         for j in range(lo, hi):
-            m[i, j] = cubic_weight((j + 0.5 - centre) / stretch, -0.5)
+            m[i, j] = kernel((j + 0.5 - centre) / stretch)
         m[i] /= m[i].sum()
     return m
+
+
+def antialiased_bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
+    """[out, in] matrix of antialiased bicubic (see :func:`antialiased_matrix`)."""
+    return antialiased_matrix(in_size, out_size, "bicubic")
 
 
 def reference_preprocess(
@@ -59,8 +71,13 @@ def reference_preprocess(
     std: Sequence[float],
     mode: str = "vlmrm",
     bottom_up: bool = False,
+    resize_mode: str = "shortest",
+    interpolation: str = "bicubic",
 ) -> np.ndarray:
-    """uint8 [N, H, W, 3] -> float64 [N, 3, size, size] (SPEC §1.2)."""
+    """uint8 [N, H, W, 3] -> float64 [N, 3, size, size] (SPEC §1.2).
+
+    ``resize_mode`` ("shortest" or "squash") and ``interpolation`` ("bicubic" or "bilinear") shape
+    mode "openclip" as open_clip's eval transform does (torchvision's antialiased Resize)."""
     x = np.asarray(frames, dtype=np.float64)
     if frames.dtype == np.uint8:
         x = x / 255.0
@@ -71,16 +88,18 @@ def reference_preprocess(
     if mode == "vlmrm":
         rows, cols = bicubic_matrix(h, size), bicubic_matrix(w, size)
         x = rows @ x @ cols.T
-    elif mode == "openclip":
+    elif mode == "openclip" and resize_mode == "squash":
+        x = antialiased_matrix(h, size, interpolation) @ x @ antialiased_matrix(w, size, interpolation).T
+    elif mode == "openclip" and resize_mode == "shortest":
         if w <= h:
             new_w, new_h = size, int(size * h / w)
         else:
             new_h, new_w = size, int(size * w / h)
-        x = antialiased_bicubic_matrix(h, new_h) @ x @ antialiased_bicubic_matrix(w, new_w).T
+        x = antialiased_matrix(h, new_h, interpolation) @ x @ antialiased_matrix(w, new_w, interpolation).T
         top, left = int(round((new_h - size) / 2)), int(round((new_w - size) / 2))
         x = x[:, :, top : top + size, left : left + size]
     else:
-        raise ValueError(mode)
+        raise ValueError((mode, resize_mode))
     mean = np.asarray(mean, dtype=np.float64).reshape(1, 3, 1, 1)
     std = np.asarray(std, dtype=np.float64).reshape(1, 3, 1, 1)
     return (x - mean) / std

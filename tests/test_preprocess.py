@@ -139,12 +139,15 @@ def test_bands_hold_every_tap():
     # The bands reassemble into the dense resampling matrices exactly (every tap in its band's window).
     from vlmrm_fast.ops.resize_taps import _dense, _host_taps, resize_bands
 
-    for h, w, s, crop in [(480, 480, 224, False), (37, 53, 17, False), (9, 40, 16, True), (1080, 1920, 224, True)]:
-        row_idx, row_taps, col_idx, col_taps = _host_taps(h, w, (s, s), crop, crop, True)
+    for h, w, s, crop, interpolation in [(480, 480, 224, False, "bicubic"), (37, 53, 17, False, "bicubic"),
+                                         (9, 40, 16, True, "bicubic"), (1080, 1920, 224, True, "bicubic"),
+                                         (37, 53, 17, True, "bilinear")]:
+        row_idx, row_taps, col_idx, col_taps = _host_taps(h, w, (s, s), crop, crop, True, interpolation)
         rows = torch.from_numpy(_dense(row_idx, row_taps, h).astype(np.float32))
         cols = torch.from_numpy(_dense(col_idx, col_taps, w).astype(np.float32))
         row_windows, row_w, col_windows, col_w_t = resize_bands(
-            h, w, (s, s), crop=crop, antialias=crop, bottom_up=True, device=torch.device("cpu"))
+            h, w, (s, s), crop=crop, antialias=crop, bottom_up=True, device=torch.device("cpu"),
+            interpolation=interpolation)
         for dense, windows, weights in [(rows, row_windows, row_w), (cols, col_windows, col_w_t.transpose(1, 2))]:
             k, band, win = weights.shape
             rebuilt = torch.zeros(k * band, dense.shape[1])
@@ -362,3 +365,66 @@ def test_a_non_square_tower_resizes_frames_of_its_transposed_size(impl):
     x = bicubic_matrix(20, 15) @ x @ bicubic_matrix(15, 20).T
     ref = (x - np.asarray(MEAN).reshape(1, 3, 1, 1)) / np.asarray(STD).reshape(1, 3, 1, 1)
     _check(preprocess(torch.from_numpy(frames), spec, torch.float32, impl=impl), ref, torch.float32)
+
+
+OPEN_CLIP_RESAMPLINGS = [("shortest", "bilinear"), ("squash", "bicubic"), ("squash", "bilinear")]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+@pytest.mark.parametrize("resize_mode,interpolation", OPEN_CLIP_RESAMPLINGS)
+@pytest.mark.parametrize("h,w,s", [(37, 53, 17), (9, 40, 16)])
+def test_openclip_mode_follows_the_models_resize_mode_and_interpolation(device, impl, resize_mode, interpolation, h, w, s):
+    # open_clip's DFN, SigLIP, CLIPA and PE tags squash, and MobileCLIP, CLIPA and PE resize bilinearly:
+    # a shortest-side bicubic crop for them differs by >1e-2.
+    frames = _frames(3, h, w, seed=s)
+    spec = PreprocessSpec((s, s), MEAN, STD, "openclip", resize_mode=resize_mode, interpolation=interpolation)
+    out = preprocess(torch.from_numpy(frames).to(device), spec, torch.float32, impl=impl)
+    ref = reference_preprocess(frames, s, MEAN, STD, "openclip", resize_mode=resize_mode, interpolation=interpolation)
+    _check(out, ref, torch.float32)
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_openclip_squash_takes_a_non_square_tower_and_bottom_up_rows(impl):
+    from reference import antialiased_matrix
+
+    frames = _frames(2, 29, 41, seed=5)
+    spec = PreprocessSpec((15, 20), MEAN, STD, "openclip", resize_mode="squash", interpolation="bilinear")
+    out = preprocess(torch.from_numpy(np.ascontiguousarray(frames[:, ::-1])), spec, torch.bfloat16,
+                     bottom_up=True, impl=impl)
+    x = (frames.astype(np.float64) / 255.0).transpose(0, 3, 1, 2)
+    x = antialiased_matrix(29, 15, "bilinear") @ x @ antialiased_matrix(41, 20, "bilinear").T
+    ref = (x - np.asarray(MEAN).reshape(1, 3, 1, 1)) / np.asarray(STD).reshape(1, 3, 1, 1)
+    _check(out, ref, torch.bfloat16)
+
+
+def test_resampling_options_that_the_spec_cannot_honour_are_refused():
+    with pytest.raises(ValueError, match="'longest'.*letterbox.*preprocess='vlmrm'"):
+        PreprocessSpec((8, 8), MEAN, STD, "openclip", resize_mode="longest")
+    with pytest.raises(ValueError, match="interpolation='nearest' is not one of"):
+        PreprocessSpec((8, 8), MEAN, STD, "openclip", interpolation="nearest")
+    with pytest.raises(ValueError, match="mode='openclip' only.*paper's fixed transform"):
+        PreprocessSpec((8, 8), MEAN, STD, "vlmrm", interpolation="bilinear")
+    with pytest.raises(ValueError, match="mode='openclip' only"):
+        PreprocessSpec((8, 8), MEAN, STD, "vlmrm", resize_mode="squash")
+    with pytest.raises(ValueError, match="square input size"):
+        PreprocessSpec((6, 8), MEAN, STD, "openclip", resize_mode="shortest", interpolation="bilinear")
+
+
+@pytest.mark.parametrize("cfg,expected", [
+    ({}, ("shortest", "bicubic")),
+    ({"resize_mode": "squash", "interpolation": "bilinear"}, ("squash", "bilinear")),
+    ({"resize_mode": "shortest", "interpolation": "random"}, ("shortest", "bicubic")),  # open_clip's eval reading
+])
+def test_the_models_preprocess_config_sets_the_openclip_resampling(tiny, cfg, expected):
+    from vlmrm_fast.models import preprocess_spec_of
+
+    model, _ = tiny
+    model.visual.preprocess_cfg = {**getattr(model.visual, "preprocess_cfg", {}), **cfg}
+    spec = preprocess_spec_of(model, "openclip")
+    assert (spec.resize_mode, spec.interpolation) == expected
+    assert (preprocess_spec_of(model, "vlmrm").resize_mode, preprocess_spec_of(model, "vlmrm").interpolation) == (
+        "shortest", "bicubic")  # the paper's transform whatever the config says
+    model.visual.preprocess_cfg["resize_mode"] = "longest"
+    with pytest.raises(ValueError, match="'longest'"):
+        preprocess_spec_of(model, "openclip")

@@ -168,8 +168,9 @@ def _add_score_parser(subparsers: argparse._SubParsersAction) -> None:
         default="vlmrm",
         help="how frames are fitted to the model's input: 'vlmrm' squashes the whole frame "
         "to the input size without antialiasing (as the original VLM-RM code does); "
-        "'openclip' resizes the shorter side with antialiasing and centre-crops, like "
-        "open_clip's own transform (default: %(default)s)",
+        "'openclip' applies open_clip's own eval transform as the model's config sets it "
+        "(antialiased; shorter side and centre crop, or a squash; bicubic or bilinear) "
+        "(default: %(default)s)",
     )
     model.add_argument(
         "--device",

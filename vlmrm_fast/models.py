@@ -408,8 +408,22 @@ def image_size_of(model: torch.nn.Module) -> Tuple[int, int]:
 
 
 def preprocess_spec_of(model: torch.nn.Module, mode: str) -> PreprocessSpec:
-    """The tower's input size and normalisation, read from the model's open_clip preprocess config."""
+    """The tower's input size and normalisation, read from the model's open_clip preprocess config.
+
+    With ``mode="openclip"`` the config's ``resize_mode`` and ``interpolation`` come along too (SigLIP,
+    DFN and MobileCLIP tags squash, some bilinearly); ``"vlmrm"`` is the paper's fixed transform.
+    """
     cfg = getattr(model.visual, "preprocess_cfg", None) or {}
     mean = cfg.get("mean", getattr(model.visual, "image_mean", None) or _OPENAI_MEAN)
     std = cfg.get("std", getattr(model.visual, "image_std", None) or _OPENAI_STD)
-    return PreprocessSpec(size=image_size_of(model), mean=mean_std_of(mean), std=mean_std_of(std), mode=mode)
+    resampling = {}
+    if mode == "openclip":
+        # open_clip's eval transform reads "random" interpolation as bicubic.
+        interpolation = cfg.get("interpolation") or "bicubic"
+        resampling = {
+            "resize_mode": cfg.get("resize_mode") or "shortest",
+            "interpolation": "bicubic" if interpolation == "random" else interpolation,
+        }
+    return PreprocessSpec(
+        size=image_size_of(model), mean=mean_std_of(mean), std=mean_std_of(std), mode=mode, **resampling
+    )

@@ -87,7 +87,8 @@ class CLIPReward:
         device: where everything runs; default CUDA when available, else CPU.
         dtype: the vision tower's precision; default bfloat16 on CUDA, float32 on CPU.
         preprocess: "vlmrm" (squash resize, no antialiasing: parity with the original code) or
-            "openclip" (shorter side, antialiased, centre crop). See SPEC §1.2.
+            "openclip" (open_clip's eval transform as the model's config sets it: antialiased, shorter
+            side and centre crop unless the config squashes; bicubic unless it says bilinear). See SPEC §1.2.
         kernels: "auto" (Triton on CUDA, torch elsewhere), "triton" or "torch".
         backend: how the vision tower runs: "auto" (the fastest verified here), "torch", "compile",
             "onnxruntime" or "tensorrt" (see :mod:`vlmrm_fast.backends`). The fused preprocessing and

@@ -8,7 +8,10 @@ shift``.
 
 Semantics (SPEC §1.2), shared by the Triton kernel and the torch path:
 - "vlmrm": frames / 255 -> resize to (S, S), bicubic, no antialiasing (aspect ratio not kept) -> normalise.
-- "openclip": frames / 255 -> shorter side to S, bicubic with antialiasing -> centre crop S x S -> normalise.
+- "openclip": open_clip's eval transform, as the model's preprocess config sets it: frames / 255 ->
+  shorter side to S with antialiasing -> centre crop S x S (``resize_mode="shortest"``, the default),
+  or straight to (S_h, S_w) with antialiasing (``"squash"``); bicubic (the default) or bilinear
+  (``interpolation``) -> normalise.
 - Frames already S x S: both reduce to the cast and the normalisation (the fast path).
 """
 import contextlib
@@ -19,11 +22,13 @@ import torch
 
 from vlmrm_fast.ops._triton import HAS_TRITON, interpreter_enabled, require_working_interpreter
 from vlmrm_fast.ops._triton import on_device as _on_device
-from vlmrm_fast.ops.resize_taps import is_identity, resize_bands, resize_tables
+from vlmrm_fast.ops.resize_taps import INTERPOLATIONS, Interpolation, is_identity, resize_bands, resize_tables
 from vlmrm_fast.precision import float32_matmuls
 
 PreprocessMode = Literal["vlmrm", "openclip"]
 PREPROCESS_MODES = ("vlmrm", "openclip")
+ResizeMode = Literal["shortest", "squash"]
+RESIZE_MODES = ("shortest", "squash")
 
 
 def check_preprocess_mode(mode: str) -> None:
@@ -39,13 +44,18 @@ class PreprocessSpec:
     Attributes:
         size: (height, width) of the tower's input.
         mean, std: per-channel normalisation of [0, 1] RGB values.
-        mode: "vlmrm" (squash, no antialiasing) or "openclip" (shorter side, antialiased, centre crop).
+        mode: "vlmrm" (bicubic squash, no antialiasing: the paper's) or "openclip" (open_clip's eval
+            transform, antialiased, shaped by the two fields below).
+        resize_mode: "openclip" mode only: "shortest" (shorter side to S, centre crop) or "squash".
+        interpolation: "openclip" mode only: "bicubic" or "bilinear".
     """
 
     size: Tuple[int, int]
     mean: Tuple[float, float, float]
     std: Tuple[float, float, float]
     mode: PreprocessMode = "vlmrm"
+    resize_mode: ResizeMode = "shortest"
+    interpolation: Interpolation = "bicubic"
 
     def __post_init__(self) -> None:
         check_preprocess_mode(self.mode)
@@ -53,11 +63,33 @@ class PreprocessSpec:
             raise ValueError(f"mean and std need 3 values (RGB); got {self.mean} and {self.std}.")
         if any(s <= 0 for s in self.std):
             raise ValueError(f"std must be positive; got {self.std}.")
-        if self.mode == "openclip" and self.size[0] != self.size[1]:  # here, not at the first frames to resize
+        if self.resize_mode not in RESIZE_MODES:
+            raise ValueError(
+                f"resize_mode={self.resize_mode!r} is not one of {RESIZE_MODES}; open_clip's 'longest' (a "
+                "letterbox with padding) is not supported: use preprocess='vlmrm' (a squash resize) for this model."
+            )
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation={self.interpolation!r} is not one of {INTERPOLATIONS}.")
+        if self.mode == "vlmrm" and (self.resize_mode, self.interpolation) != ("shortest", "bicubic"):
+            raise ValueError(
+                f"resize_mode={self.resize_mode!r} and interpolation={self.interpolation!r} apply to "
+                "mode='openclip' only; mode='vlmrm' is the paper's fixed transform (bicubic squash, no "
+                "antialiasing). Leave them at their defaults, or use mode='openclip'."
+            )
+        if self.crops and self.size[0] != self.size[1]:  # here, not at the first frames to resize
             raise ValueError(
                 f"preprocess='openclip' (shorter side + centre crop) needs a square input size; the model "
                 f"takes {self.size[0]}x{self.size[1]}. Use preprocess='vlmrm' (a squash resize) for this model."
             )
+
+    @property
+    def crops(self) -> bool:
+        """Whether frames are resized by their shorter side and centre-cropped (else squashed)."""
+        return self.mode == "openclip" and self.resize_mode == "shortest"
+
+    def resample_options(self) -> dict:
+        """The keyword arguments of :func:`resize_tables` and :func:`resize_bands` for this spec."""
+        return {"crop": self.crops, "antialias": self.mode == "openclip", "interpolation": self.interpolation}
 
     def affine(self, frames_dtype: torch.dtype) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
         """Per-channel (scale, shift) mapping a stored value v to ``(v / range - mean) / std``."""
@@ -217,9 +249,7 @@ def preprocess_triton(
     resample = not is_identity(height, width, spec.size)
     if resample:
         row_idx, row_w, col_idx, col_w = resize_tables(
-            height, width, spec.size,
-            crop=spec.mode == "openclip", antialias=spec.mode == "openclip",
-            bottom_up=bottom_up, device=frames.device,
+            height, width, spec.size, bottom_up=bottom_up, device=frames.device, **spec.resample_options()
         )
         taps_y, taps_x = row_idx.shape[1], col_idx.shape[1]
     else:  # the tables are not read on the fast path; any int32/float32 pointers do
@@ -307,9 +337,7 @@ def preprocess_torch(
     n, height, width, _ = frames.shape
     if n > 0 and not is_identity(height, width, spec.size):
         bands = resize_bands(
-            height, width, spec.size,
-            crop=spec.mode == "openclip", antialias=spec.mode == "openclip",
-            bottom_up=bottom_up, device=frames.device,
+            height, width, spec.size, bottom_up=bottom_up, device=frames.device, **spec.resample_options()
         )
         with _full_precision_matmul(frames.device):
             x = _resample_banded_in_slices(frames, bands, spec.size)

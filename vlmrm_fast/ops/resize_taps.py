@@ -1,22 +1,25 @@
-"""Sampling taps of the bicubic resizes, computed once per geometry on the host.
+"""Sampling taps of the resizes, computed once per geometry on the host.
 
 A separable resize maps each output index ``i`` along an axis to a few input indices and
 weights: ``out[i] = sum_k w[i, k] * in[idx[i, k]]``. Tabulating them (float64 on the host, cast to
 float32 on the device, cached) lets one kernel serve every mode: torch's bicubic without
-antialiasing (a = -0.75, borders clamped), torch's antialiased bicubic (a = -0.5, a filter widened
-by the downscale factor, weights renormalised at the borders), a centre crop (an offset into the
-resized axis) and OpenGL's bottom-up rows (mirrored indices).
+antialiasing (a = -0.75, borders clamped), torch's antialiased bicubic and bilinear (a = -0.5 cubic
+or a triangle, widened by the downscale factor, weights renormalised at the borders), a centre crop
+(an offset into the resized axis) and OpenGL's bottom-up rows (mirrored indices).
 """
 from __future__ import annotations
 
 import functools
-from typing import Tuple
+from typing import Literal, Tuple
 
 import numpy as np
 import torch
 
 _A_PLAIN = -0.75  # torch.nn.functional.interpolate(mode="bicubic", antialias=False)
 _A_ANTIALIAS = -0.5  # antialias=True (the PIL convention)
+
+Interpolation = Literal["bicubic", "bilinear"]
+INTERPOLATIONS = ("bicubic", "bilinear")
 
 
 def _cubic(x: np.ndarray, a: float) -> np.ndarray:
@@ -39,10 +42,18 @@ def _plain_taps(in_size: int, out_size: int, positions: np.ndarray) -> Tuple[np.
     return idx, weights
 
 
-def _antialias_taps(in_size: int, out_size: int, positions: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+def _triangle(x: np.ndarray) -> np.ndarray:
+    """The bilinear (tent) kernel, support [-1, 1]."""
+    return np.maximum(1.0 - np.abs(x), 0.0)
+
+
+def _antialias_taps(
+    in_size: int, out_size: int, positions: np.ndarray, interpolation: Interpolation
+) -> Tuple[np.ndarray, np.ndarray]:
     """A filter stretched by the downscale factor; taps past the border are dropped and the rest renormalised."""
     scale = in_size / out_size
-    support = 2.0 * scale if scale >= 1.0 else 2.0
+    radius = 2.0 if interpolation == "bicubic" else 1.0  # the unscaled filter's half-width
+    support = radius * scale if scale >= 1.0 else radius
     inv_scale = 1.0 / scale if scale >= 1.0 else 1.0
     center = scale * (positions + 0.5)
     # Truncation toward zero, as the reference implementation casts to an integer.
@@ -52,7 +63,8 @@ def _antialias_taps(in_size: int, out_size: int, positions: np.ndarray) -> Tuple
     width = int(count.max())
     k = np.arange(width)
     idx = first[:, None] + k[None, :]
-    weights = _cubic((idx - center[:, None] + 0.5) * inv_scale, _A_ANTIALIAS)
+    x = (idx - center[:, None] + 0.5) * inv_scale
+    weights = _cubic(x, _A_ANTIALIAS) if interpolation == "bicubic" else _triangle(x)
     weights = np.where(k[None, :] < count[:, None], weights, 0.0)
     weights = weights / weights.sum(axis=1, keepdims=True)
     return np.clip(idx, 0, in_size - 1), weights
@@ -65,15 +77,21 @@ def axis_taps(
     crop_offset: int = 0,
     antialias: bool = False,
     mirror: bool = False,
+    interpolation: Interpolation = "bicubic",
 ) -> Tuple[np.ndarray, np.ndarray]:
     """Taps of one axis: resize ``in_size`` -> ``resized_size``, keep ``out_size`` from ``crop_offset``.
 
     Returns ``(idx, weights)``, int64 and float64 arrays of shape [out_size, K]. With ``mirror`` the
     input is stored last row first (OpenGL), so index ``i`` reads memory row ``in_size - 1 - i``.
+    ``interpolation="bilinear"`` needs ``antialias`` (only open_clip's transforms use it, antialiased).
     """
     positions = np.arange(out_size, dtype=np.float64) + crop_offset
-    taps = _antialias_taps if antialias else _plain_taps
-    idx, weights = taps(in_size, resized_size, positions)
+    if antialias:
+        idx, weights = _antialias_taps(in_size, resized_size, positions, interpolation)
+    elif interpolation == "bicubic":
+        idx, weights = _plain_taps(in_size, resized_size, positions)
+    else:
+        raise ValueError("bilinear taps are antialiased only (open_clip's transforms); pass antialias=True.")
     if mirror:
         idx = in_size - 1 - idx
     return idx, weights
@@ -94,7 +112,7 @@ def shortest_side_geometry(height: int, width: int, size: int) -> Tuple[int, int
     return resized_h, resized_w, crop_top, crop_left
 
 
-def _host_taps(height, width, out_size, crop, antialias, bottom_up):
+def _host_taps(height, width, out_size, crop, antialias, bottom_up, interpolation):
     out_h, out_w = out_size
     if crop:
         if out_h != out_w:
@@ -105,8 +123,8 @@ def _host_taps(height, width, out_size, crop, antialias, bottom_up):
         resized_h, resized_w, top, left = shortest_side_geometry(height, width, out_h)
     else:
         resized_h, resized_w, top, left = out_h, out_w, 0, 0
-    row_idx, row_w = axis_taps(height, resized_h, out_h, top, antialias, mirror=bottom_up)
-    col_idx, col_w = axis_taps(width, resized_w, out_w, left, antialias)
+    row_idx, row_w = axis_taps(height, resized_h, out_h, top, antialias, bottom_up, interpolation)
+    col_idx, col_w = axis_taps(width, resized_w, out_w, left, antialias, interpolation=interpolation)
     return row_idx, row_w, col_idx, col_w
 
 
@@ -120,13 +138,14 @@ def resize_tables(
     antialias: bool,
     bottom_up: bool,
     device: torch.device,
+    interpolation: Interpolation = "bicubic",
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Row and column taps for one geometry on ``device``: (row_idx, row_w, col_idx, col_w).
 
     Indices are int32 [out_h, Ky] / [out_w, Kx]; weights float32 of the same shapes. Cached: an RL
     loop renders one frame size, so the tables are built once.
     """
-    row_idx, row_w, col_idx, col_w = _host_taps(height, width, out_size, crop, antialias, bottom_up)
+    row_idx, row_w, col_idx, col_w = _host_taps(height, width, out_size, crop, antialias, bottom_up, interpolation)
     with torch.inference_mode(False):  # cached: must stay usable outside inference mode too
         return (
             torch.from_numpy(row_idx.astype(np.int32)).to(device),
@@ -178,6 +197,7 @@ def resize_bands(
     antialias: bool,
     bottom_up: bool,
     device: torch.device,
+    interpolation: Interpolation = "bicubic",
     band: int = BAND,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The same resize in bands for the torch path: (row_windows, row_w, col_windows, col_w_t).
@@ -187,7 +207,7 @@ def resize_bands(
     ``col_windows`` [Kx * win_x] and ``col_w_t`` float32 [Kx, win_x, band] likewise for columns,
     transposed for ``windows @ col_w_t``. Output rows and columns past ``out_size`` are padding.
     """
-    row_idx, row_w, col_idx, col_w = _host_taps(height, width, out_size, crop, antialias, bottom_up)
+    row_idx, row_w, col_idx, col_w = _host_taps(height, width, out_size, crop, antialias, bottom_up, interpolation)
     rows, row_bw = _bands(row_idx, row_w, height, band)
     cols, col_bw = _bands(col_idx, col_w, width, band)
     with torch.inference_mode(False):  # cached: must stay usable outside inference mode too
