@@ -410,8 +410,9 @@ def image_size_of(model: torch.nn.Module) -> Tuple[int, int]:
 def preprocess_spec_of(model: torch.nn.Module, mode: str) -> PreprocessSpec:
     """The tower's input size and normalisation, read from the model's open_clip preprocess config.
 
-    With ``mode="openclip"`` the config's ``resize_mode`` and ``interpolation`` come along too (SigLIP,
-    DFN and MobileCLIP tags squash, some bilinearly); ``"vlmrm"`` is the paper's fixed transform.
+    With ``mode="openclip"`` the config's ``resize_mode`` and ``interpolation`` come along too (DFN,
+    SigLIP and CLIPA tags squash; MobileCLIP, CLIPA and PE resize bilinearly); ``"vlmrm"`` is the
+    paper's fixed transform whatever the config says.
     """
     cfg = getattr(model.visual, "preprocess_cfg", None) or {}
     mean = cfg.get("mean", getattr(model.visual, "image_mean", None) or _OPENAI_MEAN)
