@@ -53,6 +53,29 @@ def test_tower_gflops_same_from_config_and_from_instantiated_tower():
     assert tower_gflops(model.visual) == pytest.approx(from_config, rel=1e-12)
 
 
+def test_the_counter_sees_multihead_attention_in_eval_mode():
+    # In eval mode under no_grad, nn.MultiheadAttention runs one fused op that torch's flop counter does
+    # not know (open_clip's attentional-pool towers, CoCa, take it): every projection went uncounted.
+    from vlmrm_fast.profiler.flops import counted_gflops
+
+    class AttentionTower(torch.nn.Module):
+        image_size = 8
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 16, kernel_size=4, stride=4, bias=False)
+            self.attn = torch.nn.MultiheadAttention(16, 2, batch_first=True)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            tokens = self.conv(x).flatten(2).transpose(1, 2)
+            return self.attn(tokens, tokens, tokens, need_weights=False)[0]
+
+    t, w = 4, 16  # multiply-adds x 2: patch embedding, q/k/v/out projections, scores and weighted sum
+    expected = 2 * (t * w * 48 + t * 4 * w * w + 2 * t * t * w) / 1e9
+    assert counted_gflops(AttentionTower().eval()) == pytest.approx(expected)
+    assert torch.backends.mha.get_fastpath_enabled()  # the user's setting is restored
+
+
 def test_tower_gflops_counts_other_towers_and_warns():
     class TinyConvTower(torch.nn.Module):
         image_size = (16, 16)

@@ -92,12 +92,19 @@ def counted_gflops(visual: torch.nn.Module) -> float:
     height, width = _pair(getattr(visual, "image_size", 224))
     parameter = next(visual.parameters())
     counter = FlopCounterMode(display=False)
+    # nn.MultiheadAttention's fast path (eval, no grad) is one fused op the counter does not know:
+    # every projection and the attention would go uncounted (a third of a CoCa tower).
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
     # Out of inference_mode (a caller's too), under no_grad: torch 2.4's counter sees no ops in it,
     # nor on an input made in it.
-    with torch.inference_mode(False), torch.no_grad():
-        pixels = torch.zeros((1, 3, height, width), dtype=parameter.dtype, device=parameter.device)
-        with counter:
-            visual(pixels)
+    try:
+        with torch.inference_mode(False), torch.no_grad():
+            pixels = torch.zeros((1, 3, height, width), dtype=parameter.dtype, device=parameter.device)
+            with counter:
+                visual(pixels)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
     return counter.get_total_flops() / 1e9
 
 
@@ -113,7 +120,8 @@ def _gflops_and_method(model: Union[str, torch.nn.Module]) -> Tuple[float, str]:
     if shape is not None:
         return shape.gflops(), "analytic"
     warnings.warn(
-        f"{type(visual).__name__} is not an open_clip VisionTransformer: its FLOPs are counted by "
+        f"{type(visual).__name__} is not a plain open_clip ViT (a ResNet, a timm tower, or a ViT with an "
+        "attentional pool): its FLOPs are counted by "
         "torch.utils.flop_counter, which may undercount (it sees matmuls and convolutions only).",
         UserWarning,
         stacklevel=3,
