@@ -405,6 +405,11 @@ def test_summarize_events_counts_device_kernels_per_call():
         event("nvjet_tst_gemm", "CUDA", 0.0, 6000.0, 12),
         event("vectorized_layer_norm_kernel", "CUDA", 0.0, 1500.0, 15, old_torch=True),
         event("idle_kernel", "CUDA", 0.0, 0.0, 3),  # no time: left out
+        # torch.compile's guard checks and wrappers on CPU: plain ranges, not ops
+        event("TorchDynamo Cache Lookup", "CPU", 540.0, 0.0, 3),
+        event("Torch-Compiled Region: 0/1", "CPU", 370.0, 0.0, 3),
+        event("Pregraph bytecode", "CPU", 60.0, 0.0, 3),
+        event("AOTDispatcher Runtime Wrapper Prologue", "CPU", 30.0, 0.0, 3),
     ]
     events.append(SimpleNamespace(key="my_range", device_type="DeviceType.CUDA", self_cpu_time_total=0.0,
                                   self_device_time_total=9000.0, count=3, is_user_annotation=True))
@@ -1124,6 +1129,9 @@ def test_resolve_config_refuses_devices_it_cannot_profile(monkeypatch):
 
     with pytest.raises(ValueError, match="only cuda and cpu"):
         resolve_config(cli.build_parser().parse_args(["bench", "--device", "meta"]))
+    for name in ("foo", "cuda:x"):  # torch raises RuntimeError, which the CLI would show as a traceback
+        with pytest.raises(ValueError, match=f"--device '{name}' is not a device: pass cuda, cuda:N or cpu"):
+            resolve_config(cli.build_parser().parse_args(["bench", "--device", name]))
     with pytest.raises(ValueError, match="must be positive"):
         resolve_config(_bench_args("--time-budget", "0"))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

@@ -1667,6 +1667,7 @@ def test_deferred_scoring_hands_a_plain_reward_function_top_down_frames():
     (dict(eval_episodes=0), "eval_episodes must be >= 1"),
     (dict(video_length=0), "video_length must be >= 1"),
     (dict(seed=2**32), r"seed must be in \[0, 2\*\*32\)"),
+    (dict(reward_device="cuda:x"), "reward_device 'cuda:x' is not a torch device: pass cuda, cuda:N or cpu"),
 ])
 def test_each_bad_value_is_refused_naming_its_field(tmp_path, bad, match):
     with pytest.raises(ValueError, match=match):

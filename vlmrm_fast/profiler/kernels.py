@@ -144,19 +144,24 @@ def _self_ms(event: object, on_cuda: bool) -> float:
     return (event.self_cuda_time_total if value is None else value) / 1e3
 
 
+_RANGES = ("## ", "Torch-Compiled Region", "TorchDynamo", "Pregraph bytecode", "AOTDispatcher", "CompiledFxGraph")
+"""Names of ranges torch.compile records around its graphs (annotated, or plain ops on CPU): not kernels."""
+
+
 def summarize_events(events: Iterable[object], on_cuda: bool, calls: int) -> List[KernelTime]:
     """Averaged profiler events -> kernels per tower call, the costliest first.
 
     On CUDA only device events count (CPU-side ops and runtime calls are host work, which the idle
     time covers); on CPU only the ops' self time, so that nested ops are not counted twice. Annotated
     ranges are not kernels (on CUDA their "kernel" spans the range's kernels: torch.compile wraps every
-    graph call in one, ``## Call CompiledFxGraph ... ##``), so they are left out; on CPU the code they
-    run outside torch ops (Inductor's C++ kernels) then shows as idle time.
+    graph call in one, ``## Call CompiledFxGraph ... ##``; on CPU its guard checks and wrappers are
+    plain ranges, ``TorchDynamo Cache Lookup``, ``Torch-Compiled Region: 0/1``), so they are left out;
+    on CPU the code they run outside torch ops (Inductor's C++ kernels) then shows as idle time.
     """
     totals = []
     for event in events:
         is_device = str(getattr(event, "device_type", "")).endswith(("CUDA", "PrivateUse1"))
-        if is_device != on_cuda or getattr(event, "is_user_annotation", False) or event.key.startswith("## "):
+        if is_device != on_cuda or getattr(event, "is_user_annotation", False) or event.key.startswith(_RANGES):
             continue
         ms = _self_ms(event, on_cuda)
         if ms > 0:

@@ -133,7 +133,10 @@ class BenchConfig:
 
 def resolve_config(args: argparse.Namespace) -> BenchConfig:
     """Fill in the defaults for the device (and ``--quick``), and check the model names."""
-    device = torch.device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as error:  # torch's own message lists every device type torch knows
+        raise ValueError(f"--device {args.device!r} is not a device: pass cuda, cuda:N or cpu.") from error
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: CUDA is not available here; pass --device cpu.")
     if device.type not in ("cuda", "cpu"):

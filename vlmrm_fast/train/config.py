@@ -39,6 +39,16 @@ REWARD_TIMINGS = ("step", "deferred")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
+def _is_device(name: str) -> bool:
+    import torch  # here: reading and checking a config needs no torch otherwise
+
+    try:
+        torch.device(name)
+    except (RuntimeError, TypeError):
+        return False
+    return True
+
+
 def _f(default: Any, help: str, **kw: Any) -> Any:
     """A dataclass field with its documentation (shown by ``vlmrm-fast train --help``)."""
     if isinstance(default, (list, dict)):
@@ -163,6 +173,8 @@ class TrainConfig:
         need(self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1")
         need(self.eval_episodes >= 1, "eval_episodes must be >= 1")
         need(self.video_length is None or self.video_length >= 1, "video_length must be >= 1 (or none)")
+        need(self.reward_device is None or _is_device(self.reward_device),
+             f"reward_device {self.reward_device!r} is not a torch device: pass cuda, cuda:N or cpu (or none)")
         need(0 <= self.seed < 2**32, f"seed must be in [0, 2**32) (numpy and gymnasium seeds), got {self.seed}")
         if self.ent_coef != "auto":
             # SB3 asserts on these deep inside SAC, after the env and the reward model are built.
