@@ -344,6 +344,23 @@ def test_a_cuda_device_index_past_the_last_gpu_is_refused_at_the_boundary(monkey
         _resolve_device("cuda:2")
 
 
+def test_a_name_that_is_no_device_is_refused_with_the_forms_torch_takes(tmp_path, capsys):
+    # torch.device raises RuntimeError, which score's command line showed as a traceback.
+    from PIL import Image
+
+    from vlmrm_fast import cli
+    from vlmrm_fast.reward import _resolve_device
+
+    for name in ("foo", "cuda:x"):
+        with pytest.raises(ValueError, match=f"device='{name}' is not a torch device: pass 'cuda', 'cuda:N' or 'cpu'"):
+            _resolve_device(name)
+    Image.new("RGB", (8, 8)).save(tmp_path / "frame.png")
+    argv = ["score", str(tmp_path / "frame.png"), "--model", "vlmrm-tiny", "--pretrained", "none", "--goal", "a",
+            "--device", "foo"]
+    assert cli.main(argv) != 0
+    assert "is not a torch device" in capsys.readouterr().err
+
+
 # ---- behaviours a mutation audit found untested ---------------------------------------------------
 
 

@@ -40,8 +40,11 @@ def missing_cuda_device(device: torch.device) -> Optional[str]:
 def checked_device(device: Union[str, torch.device], no_cuda_fix: str) -> torch.device:
     """``device`` with its CUDA index (:func:`with_cuda_index`), or a ValueError where this machine has no
     such device: without CUDA, naming ``no_cuda_fix`` (the caller's way to the CPU); past the last GPU,
-    naming the devices there are."""
-    device = torch.device(device)
+    naming the devices there are; for a name that is no device at all, the forms torch takes."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device={device!r} is not a torch device: pass 'cuda', 'cuda:N' or 'cpu'.") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={str(device)!r} but CUDA is not available here; {no_cuda_fix}")
     why = missing_cuda_device(device)
