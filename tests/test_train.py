@@ -420,6 +420,33 @@ def test_tensorboard_hides_what_a_crashed_session_logged_after_its_checkpoint(tm
     assert len(list((Path(config.run_dir) / "tb").glob("events.out.tfevents.*"))) == 2  # one per session
 
 
+def test_a_fresh_run_hides_what_a_session_that_crashed_before_its_first_checkpoint_logged(tmp_path, monkeypatch):
+    # --resume refuses a folder with no checkpoint and says to start a new run there; that run logs
+    # steps 20, 40, 60 again, and TensorBoard, reading the folder, must show each step once.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from vlmrm_fast.train import callbacks, train
+
+    on_step = callbacks.TrainingCallback._on_step
+
+    def crash_at_70(self):
+        if self.model.num_timesteps == 70:
+            raise MemoryError("simulated out of memory")
+        return on_step(self)
+
+    config = dot_config(tmp_path, total_timesteps=100, checkpoint_every=1000)
+    monkeypatch.setattr(callbacks.TrainingCallback, "_on_step", crash_at_70)
+    with pytest.raises(MemoryError):
+        train(config, reward_model=tiny_reward(config))
+    monkeypatch.setattr(callbacks.TrainingCallback, "_on_step", on_step)
+    assert ckpt.find_latest(Path(config.run_dir)) is None
+    train(config, reward_model=tiny_reward(config))
+    board = EventAccumulator(str(Path(config.run_dir) / "tb"))
+    board.Reload()
+    assert [e.step for e in board.Scalars("time/total_timesteps")] == [20, 40, 60, 80, 100]
+    assert [e.step for e in board.Scalars("rollout/vlm_return")] == [40, 80]
+
+
 def test_a_run_resumed_mid_rollout_evaluates_and_checkpoints_on_the_uninterrupted_schedule(tmp_path, monkeypatch):
     # Rollouts of 20 steps (2 envs x 10); evaluations and checkpoints every 30 fall at the first
     # boundary past each multiple (40, 60; not 40, 80: the schedule does not drift) and the end. Stopped

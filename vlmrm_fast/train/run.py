@@ -225,16 +225,17 @@ def make_logger(run_dir: Path, tensorboard: bool, start_step: int):
     if tensorboard:
         before = set(folder.iterdir())
         board = TensorBoardOutputFormat(str(folder))
-        if start_step:
+        if start_step or any(path.name.startswith("events.out.tfevents.") for path in before):
             # A session that died after its last checkpoint (a crash, SIGKILL) logged steps this one logs
-            # again; TensorBoard hides them behind a purge mark. Not the checkpoint's own step: it was
+            # again, and one that died before its first checkpoint logged steps a fresh run here logs
+            # again; TensorBoard hides them behind a purge mark. Not a checkpoint's own step: it was
             # logged before the checkpoint was written, and is not logged again.
             from torch.utils.tensorboard import SummaryWriter
 
             board.writer.close()
             for empty in set(folder.iterdir()) - before:
                 empty.unlink()  # the closed writer's file, which holds no events
-            board.writer = SummaryWriter(log_dir=str(folder), purge_step=start_step + 1)
+            board.writer = SummaryWriter(log_dir=str(folder), purge_step=start_step + 1 if start_step else 0)
         formats.append(board)
     return Logger(str(folder), formats)
 
