@@ -1978,6 +1978,20 @@ def test_resume_refuses_another_run_dir_from_the_config_file(tmp_path):
         config_from_args(_train_parser().parse_args(["train", "--config", str(path), "--resume", str(tmp_path / "run")]))
 
 
+def test_resume_compares_a_date_like_run_dir_as_the_config_reads_it(tmp_path, monkeypatch):
+    # TOML and --set read an unquoted 2024-05-01 as a date; the comparison with --resume raised TypeError.
+    from vlmrm_fast.train.run import config_from_args
+
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "run.toml"
+    path.write_text("run_dir = 2024-05-01\n")
+    with pytest.raises(ValueError, match=r"run_dir '2024-05-01' is given in '.*run.toml': drop it"):
+        config_from_args(_train_parser().parse_args(["train", "--config", str(path), "--resume", "elsewhere"]))
+    with pytest.raises(FileNotFoundError, match="no run folder .2024-05-01. to resume") as same_folder:  # past it
+        config_from_args(_train_parser().parse_args(["train", "--set", "run_dir=2024-05-01", "--resume", "2024-05-01"]))
+    assert "is given on the command line" not in str(same_folder.value)
+
+
 def test_the_command_line_entry_point_answers_with_exit_codes(tmp_path, capsys):
     from vlmrm_fast.train.run import main
 

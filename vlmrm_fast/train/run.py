@@ -502,7 +502,8 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, Optional[Pa
         return config, None
 
     run_dir = Path(args.resume)
-    asked = overrides.get("run_dir", from_file.get("run_dir"))
+    # The converted value (TOML reads an unquoted 2024-05-01 as a date), from the flags, else the file.
+    asked = config.run_dir if "run_dir" in overrides or "run_dir" in from_file else None
     if asked is not None and Path(asked).resolve() != run_dir.resolve():
         where = "on the command line" if "run_dir" in overrides else f"in '{args.config}'"
         raise ValueError(f"--resume {run_dir} continues the run in its own folder, but run_dir {str(asked)!r} is given "
