@@ -420,6 +420,39 @@ def test_tensorboard_hides_what_a_crashed_session_logged_after_its_checkpoint(tm
     assert len(list((Path(config.run_dir) / "tb").glob("events.out.tfevents.*"))) == 2  # one per session
 
 
+@pytest.mark.parametrize("stop_at", [100, None], ids=["last-step", "last-gradient-steps"])
+def test_a_run_stopped_before_its_final_evaluation_evaluates_when_resumed(tmp_path, monkeypatch, stop_at):
+    # A signal on the last env step (or during the last rollout's gradient steps) ends the run with no
+    # final evaluation; resumed, with no steps left, it evaluates and checkpoints that, once.
+    from vlmrm_fast.train import callbacks, train
+
+    config = dot_config(tmp_path, total_timesteps=100, eval_every=40, checkpoint_every=0)
+    if stop_at is not None:
+        stopped = train_stopped_at(stop_at, config, monkeypatch)
+    else:
+        on_rollout_end = callbacks.TrainingCallback._on_rollout_end
+
+        def signal_during_the_last_update(self):
+            on_rollout_end(self)
+            if self.model.num_timesteps == 100:
+                self.stop_signal = signal.SIGTERM
+
+        with monkeypatch.context() as patch:
+            patch.setattr(callbacks.TrainingCallback, "_on_rollout_end", signal_during_the_last_update)
+            stopped = train(config, reward_model=tiny_reward(config))
+    assert stopped.stopped_by == "SIGTERM" and stopped.num_timesteps == 100
+    videos = Path(config.run_dir) / "videos"
+    assert sorted(p.name for p in videos.glob("*.mp4")) == [f"eval_step_{s:012d}.mp4" for s in (40, 80)]
+    resumed = train(config, resume=config.run_dir, reward_model=tiny_reward(config))
+    assert resumed.stopped_by is None and resumed.steps_this_session == 0
+    assert sorted(p.name for p in videos.glob("*.mp4")) == [f"eval_step_{s:012d}.mp4" for s in (40, 80, 100)]
+    assert [step for step, _ in tb_scalars(Path(config.run_dir))["eval/vlm_return"]] == [40, 80, 100]
+    assert resumed.checkpoint.name == ckpt.step_name(100)
+    (videos / f"eval_step_{100:012d}.mp4").unlink()
+    train(config, resume=config.run_dir, reward_model=tiny_reward(config))  # the checkpoint recorded it
+    assert not (videos / f"eval_step_{100:012d}.mp4").exists()
+
+
 def test_a_fresh_run_hides_what_a_session_that_crashed_before_its_first_checkpoint_logged(tmp_path, monkeypatch):
     # --resume refuses a folder with no checkpoint and says to start a new run there; that run logs
     # steps 20, 40, 60 again, and TensorBoard, reading the folder, must show each step once.

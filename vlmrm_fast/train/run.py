@@ -317,6 +317,10 @@ def _train_in(run_dir: Path, config: TrainConfig, resume, reward_model, start: f
     callback = TrainingCallback(config, rm, run_dir, config_json, recorder=recorder, timed_env=env,
                                 resume_extra=extra)
     remaining = config.total_timesteps - model.num_timesteps
+    # A signal on the last step, or during its gradient steps, stops the run before its final
+    # evaluation: the run resumed from there has no steps left, and evaluates.
+    final_eval_missing = bool(remaining == 0 and config.eval_every and extra is not None
+                              and int(extra.get("last_eval_step", model.num_timesteps)) < model.num_timesteps)
     first_step, learn_seconds = model.num_timesteps, 0.0
     try:
         if remaining > 0:
@@ -324,18 +328,22 @@ def _train_in(run_dir: Path, config: TrainConfig, resume, reward_model, start: f
             model.learn(total_timesteps=remaining, callback=callback, reset_num_timesteps=resume_from is None,
                         log_interval=None)
             learn_seconds = time.perf_counter() - learn_start
+        elif final_eval_missing:  # learn() would reset the envs for nothing: the callback's own set-up
+            callback.init_callback(model)
+            callback.on_training_start(locals(), globals())
+            callback.on_training_end()
         # The final evaluation comes before the final checkpoint, so that the checkpoint records it
         # and a run extended from there does not evaluate (and log) this step again; the checkpoint
         # is written whatever the evaluation does (an error, a second Ctrl-C).
         try:
-            if callback.stop_signal is None and remaining > 0 and config.eval_every:
+            if callback.stop_signal is None and (remaining > 0 or final_eval_missing) and config.eval_every:
                 callback.evaluate()
         finally:
             # Also after a signal that came too late for the callback's own checkpoint (during the last
             # gradient steps, or the evaluation): the work since the last checkpoint is saved either way.
             behind = (callback.last_checkpoint is None
                       or callback.last_checkpoint.name != ckpt.step_name(model.num_timesteps))
-            if remaining > 0 and behind:
+            if (remaining > 0 or final_eval_missing) and behind:
                 callback.save()
         stopped = signal.Signals(callback.stop_signal).name if callback.stop_signal is not None else None
     finally:
