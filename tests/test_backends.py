@@ -118,6 +118,36 @@ def test_compile_backend_buckets_pad_and_split():
     assert backend.buckets == (4,) and set(backend.compile_seconds) == {4} and backend.build_seconds > 0
 
 
+TINY_COCA = {  # open_clip's CoCa, shrunk: a tower with an attentional pool that returns (pooled, tokens)
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "head_width": 32, "patch_size": 16,
+                   "attentional_pool": True, "attn_pooler_heads": 2, "output_tokens": True},
+    "text_cfg": {"context_length": 76, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2,
+                 "embed_cls": True, "output_tokens": True},
+    "multimodal_cfg": {"context_length": 76, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1,
+                       "attn_pooler_heads": 2},
+    "custom_text": True,
+}
+
+
+@pytest.mark.parametrize("backend", ["torch", "compile", pytest.param("onnxruntime", marks=needs_ort)])
+def test_a_tower_that_returns_its_tokens_too_is_scored_on_its_pooled_embedding(monkeypatch, backend):
+    # CoCa's tower returns (pooled, tokens); its encode_image keeps the pooled one. "torch" and "compile"
+    # failed on the tuple.
+    import copy
+
+    from open_clip import factory
+
+    monkeypatch.setitem(factory._MODEL_CONFIGS, "test-tiny-coca", TINY_COCA)
+    torch.manual_seed(0)
+    model, tokenizer = create_clip("test-tiny-coca", None)
+    assert isinstance(model.visual(torch.zeros(1, 3, 64, 64)), tuple)
+    want = reference_reward(copy.deepcopy(model), tokenizer, _noise(3, 70, 50, seed=2), GOAL, BASELINE, 0.3)
+    rm = CLIPReward(model, tokenizer, goal=GOAL, baseline=BASELINE, alpha=0.3, device="cpu", backend=backend,
+                    backend_options={"buckets": (4,)} if backend == "compile" else None)
+    assert (rm(_noise(3, 70, 50, seed=2)).double() - want).abs().max().item() <= 1e-5
+
+
 @pytest.fixture
 def counting_compile(monkeypatch):
     """torch.compile through a pass-through compiler backend that counts the graphs it compiles and the

@@ -53,6 +53,12 @@ def checked_device(device: Union[str, torch.device], no_cuda_fix: str) -> torch.
     return with_cuda_index(device)
 
 
+def pooled_embeddings(output: Union[torch.Tensor, tuple, list]) -> torch.Tensor:
+    """A tower's image embeddings [N, D] from its output: open_clip towers built with ``output_tokens``
+    (CoCa's) return (pooled, tokens), and the model's ``encode_image`` keeps the pooled one."""
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
 def missing_extra(package: str, extra: str, needed_by: str) -> BackendError:
     """The error for a missing optional package; ``needed_by`` is a backend's name or a feature ("ONNX export")."""
     if needed_by in BACKEND_NAMES:

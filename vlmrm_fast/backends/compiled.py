@@ -16,7 +16,7 @@ from typing import Dict, Optional, Sequence
 
 import torch
 
-from vlmrm_fast.backends.base import BackendError, VisionBackend
+from vlmrm_fast.backends.base import BackendError, VisionBackend, pooled_embeddings
 from vlmrm_fast.backends.eager import adapt_tower
 
 DEFAULT_BUCKETS = (1, 8, 32, 64, 128, 256, 512, 1024)
@@ -100,13 +100,13 @@ class CompileBackend(VisionBackend):
             # CLIPReward's preprocessing makes) and others: one graph per bucket needs one kind.
             pixels = pixels.clone()
         if bucket in self.compile_seconds:
-            out = self.compiled(pixels)
+            out = pooled_embeddings(self.compiled(pixels))
         else:
             # The first call compiles; with CUDA graphs the second records and the third replays, so
             # all three belong to the one-off cost, not to steady state.
             start = time.perf_counter()
             for _ in range(3 if self.device.type == "cuda" else 1):
-                out = self.compiled(pixels)
+                out = pooled_embeddings(self.compiled(pixels))
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             self.compile_seconds[bucket] = time.perf_counter() - start

@@ -5,7 +5,7 @@ from typing import Optional
 
 import torch
 
-from vlmrm_fast.backends.base import VisionBackend
+from vlmrm_fast.backends.base import VisionBackend, pooled_embeddings
 from vlmrm_fast.backends.patch_embed import use_patch_matmul
 from vlmrm_fast.backends.torch_fp8 import check_torch_quantize, quantize_fp8
 
@@ -44,4 +44,4 @@ class TorchBackend(VisionBackend):
 
     @torch.inference_mode()
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.visual(pixels)
+        return pooled_embeddings(self.visual(pixels))

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from vlmrm_fast.argtypes import ONNX_EXPORTERS, ONNX_INPUT_FORMATS
 from vlmrm_fast.atomic import default_file_mode, fsync_dir
-from vlmrm_fast.backends.base import BackendError, missing_extra
+from vlmrm_fast.backends.base import BackendError, missing_extra, pooled_embeddings
 from vlmrm_fast.backends.patch_embed import patch_convolution
 from vlmrm_fast.backends.torch_fp8 import is_fp8_quantised
 from vlmrm_fast.ops.preprocess import PreprocessSpec
@@ -87,7 +87,7 @@ class Uint8VisionTower(torch.nn.Module):
         x = frames.to(self.scale.dtype).permute(0, 3, 1, 2)
         if not self.folded:
             x = x * self.scale + self.shift
-        return self.visual(x)
+        return pooled_embeddings(self.visual(x))
 
 
 class StaticSelfAttention(torch.nn.Module):
