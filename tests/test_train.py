@@ -391,28 +391,37 @@ def test_signal_then_resume_continues_exactly(tmp_path, monkeypatch, uninterrupt
     _assert_same_run(resumed if stop_at < 100 else stopped, uninterrupted_runs(train_freq))
 
 
-def test_tensorboard_hides_what_a_crashed_session_logged_after_its_checkpoint(tmp_path, monkeypatch):
-    # Crashed at 78 (checkpoint at 40, rows logged up to 60): the resumed session logs 60 again.
-    # TensorBoard, reading the folder, must show each step once, 40 (logged before its checkpoint)
-    # included.
+@pytest.mark.parametrize("checkpoint_every,crash_at", [(40, 78), (1000, 70)],
+                         ids=["after-its-checkpoint", "before-any-checkpoint"])
+def test_tensorboard_hides_what_a_crashed_session_logged_past_where_the_next_one_starts(
+        tmp_path, monkeypatch, checkpoint_every, crash_at):
+    # Crashed at 78 (checkpoint at 40, rows logged up to 60): the resumed session logs 60 again, and
+    # 40 (logged before its checkpoint) must stay. Crashed at 70 before any checkpoint: --resume refuses
+    # the folder and says to start a new run there, which logs 20, 40 and 60 again. TensorBoard, reading
+    # the folder, must show each step once.
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from vlmrm_fast.train import callbacks, train
 
     on_step = callbacks.TrainingCallback._on_step
 
-    def crash_at_78(self):
-        if self.model.num_timesteps == 78:
-            raise RuntimeError("simulated crash")
+    def crash(self):
+        if self.model.num_timesteps == crash_at:
+            raise MemoryError("simulated out of memory")
         return on_step(self)
 
-    config = dot_config(tmp_path, total_timesteps=100, checkpoint_every=40)
-    monkeypatch.setattr(callbacks.TrainingCallback, "_on_step", crash_at_78)
-    with pytest.raises(RuntimeError, match="simulated crash"):
+    config = dot_config(tmp_path, total_timesteps=100, checkpoint_every=checkpoint_every)
+    monkeypatch.setattr(callbacks.TrainingCallback, "_on_step", crash)
+    with pytest.raises(MemoryError, match="simulated"):
         train(config, reward_model=tiny_reward(config))
     monkeypatch.setattr(callbacks.TrainingCallback, "_on_step", on_step)
-    assert ckpt.find_latest(Path(config.run_dir)).name == ckpt.step_name(40)
-    train(config, resume=config.run_dir, reward_model=tiny_reward(config))
+    checkpoint = ckpt.find_latest(Path(config.run_dir))
+    if checkpoint_every == 40:
+        assert checkpoint.name == ckpt.step_name(40)
+        train(config, resume=config.run_dir, reward_model=tiny_reward(config))
+    else:
+        assert checkpoint is None
+        train(config, reward_model=tiny_reward(config))
     board = EventAccumulator(str(Path(config.run_dir) / "tb"))  # the folder, as TensorBoard loads it
     board.Reload()
     assert [e.step for e in board.Scalars("time/total_timesteps")] == [20, 40, 60, 80, 100]
@@ -451,33 +460,6 @@ def test_a_run_stopped_before_its_final_evaluation_evaluates_when_resumed(tmp_pa
     (videos / f"eval_step_{100:012d}.mp4").unlink()
     train(config, resume=config.run_dir, reward_model=tiny_reward(config))  # the checkpoint recorded it
     assert not (videos / f"eval_step_{100:012d}.mp4").exists()
-
-
-def test_a_fresh_run_hides_what_a_session_that_crashed_before_its_first_checkpoint_logged(tmp_path, monkeypatch):
-    # --resume refuses a folder with no checkpoint and says to start a new run there; that run logs
-    # steps 20, 40, 60 again, and TensorBoard, reading the folder, must show each step once.
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    from vlmrm_fast.train import callbacks, train
-
-    on_step = callbacks.TrainingCallback._on_step
-
-    def crash_at_70(self):
-        if self.model.num_timesteps == 70:
-            raise MemoryError("simulated out of memory")
-        return on_step(self)
-
-    config = dot_config(tmp_path, total_timesteps=100, checkpoint_every=1000)
-    monkeypatch.setattr(callbacks.TrainingCallback, "_on_step", crash_at_70)
-    with pytest.raises(MemoryError):
-        train(config, reward_model=tiny_reward(config))
-    monkeypatch.setattr(callbacks.TrainingCallback, "_on_step", on_step)
-    assert ckpt.find_latest(Path(config.run_dir)) is None
-    train(config, reward_model=tiny_reward(config))
-    board = EventAccumulator(str(Path(config.run_dir) / "tb"))
-    board.Reload()
-    assert [e.step for e in board.Scalars("time/total_timesteps")] == [20, 40, 60, 80, 100]
-    assert [e.step for e in board.Scalars("rollout/vlm_return")] == [40, 80]
 
 
 def test_a_run_resumed_mid_rollout_evaluates_and_checkpoints_on_the_uninterrupted_schedule(tmp_path, monkeypatch):
