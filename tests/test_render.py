@@ -448,12 +448,14 @@ class _RecordingRenderer:
     calls: list = []
     close_fails = False
 
+    failure = "Offscreen framebuffer is not complete"  # MuJoCo's, for a size past the GL driver's limit
+
     def __init__(self, *args, fail: bool = False) -> None:
         calls = self.calls
         self._gl_context = SimpleNamespace(make_current=lambda: calls.append("make_current"),
                                            free=lambda: calls.append("gl.free"))
         if fail:
-            raise ValueError("framebuffer too large")
+            raise ValueError(self.failure)
 
     def close(self) -> None:
         self.calls.append("close")
@@ -483,6 +485,14 @@ def test_a_mujoco_renderer_that_fails_to_start_is_closed_before_the_error(monkey
         with pytest.raises(RuntimeError, match="smaller width and height"):
             BatchRenderer.from_envs([env], device="cpu")
         assert _RecordingRenderer.calls == ["make_current", "close"]
+        # EGL without a usable GL configuration is no size problem: the rendering help, as env.render() gives.
+        from vlmrm_fast.envs.humanoid import RenderingUnavailable
+
+        monkeypatch.setattr(_RecordingRenderer, "failure", "EGL failed to find a framebuffer configuration that "
+                                                           "matches the desired attributes")
+        with pytest.raises(RenderingUnavailable) as unavailable:
+            BatchRenderer.from_envs([env], device="cpu")
+        assert "smaller width" not in str(unavailable.value)
     finally:
         env.close()
 
@@ -494,6 +504,22 @@ def test_envs_of_another_look_are_refused():
         env.reset(seed=0)
     with pytest.raises(ValueError, match="ONE model.*tex_data"):
         BatchRenderer.from_envs([textured, plain], width=16, height=16, device="cpu")
+
+
+@pytest.mark.parametrize("group,name,value", [("quality", "shadowsize", 64), ("quality", "offsamples", 0),
+                                              ("map", "shadowclip", 0.3), ("map", "fogend", 3.0)])
+def test_envs_whose_context_settings_differ_are_refused(group, name, value):
+    # mjr_makeContext copies the shadow map's size, multisampling, shadow and fog ranges from model 0
+    # into the context every env is drawn with: env 1's frames were drawn with env 0's (142 pixels off
+    # with shadow_size=64, 685 without multisampling).
+    first, second = _make_envs(2, width=16, height=16)
+    setattr(getattr(second.unwrapped.model.vis, group), name, value)
+    try:
+        with pytest.raises(ValueError, match=rf"ONE model.*vis\.{group}\.{name}"):
+            BatchRenderer.from_envs([first, second], device="cpu")
+    finally:
+        first.close()
+        second.close()
 
 
 _MESH_XML = """<mujoco><asset>{asset}</asset><worldbody><light pos="0 0 3"/>{geom}</worldbody></mujoco>"""
@@ -1277,6 +1303,9 @@ def test_an_extension_whose_library_cannot_load_is_reported_with_the_loaders_err
     for name in ("_ext", "_import_error", "_built"):  # put back as they are after the reload below
         monkeypatch.setattr(_cuda, name, getattr(_cuda, name))
     monkeypatch.delitem(sys.modules, "vlmrm_fast._render_cuda", raising=False)
+    # A loaded extension is also an attribute of the package, which `from vlmrm_fast import _render_cuda`
+    # finds before any finder is asked (this failed wherever the extension is built).
+    monkeypatch.delattr(sys.modules["vlmrm_fast"], "_render_cuda", raising=False)
     monkeypatch.setattr(sys, "meta_path", [MissingLibrary(), *sys.meta_path])
     importlib.reload(_cuda)
     assert _cuda.extension() is None and _cuda._built is True

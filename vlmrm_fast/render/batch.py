@@ -187,8 +187,11 @@ _UPLOADED_ARRAYS = ("tex_type", "tex_nchannel", "tex_colorspace", "tex_adr", "te
                     "hfield_nrow", "hfield_ncol", "hfield_adr", "hfield_data", "hfield_size",
                     "skin_face", "skin_texcoord", "geom_type")
 _UPLOADED_VISUAL = (("quality", "numslices"), ("quality", "numstacks"), ("quality", "numquads"), ("map", "haze"),
-                    ("rgba", "haze"))
-"""Fields of ``model.vis`` the context's display lists are built with."""
+                    ("rgba", "haze"), ("quality", "shadowsize"), ("quality", "offsamples"), ("map", "shadowclip"),
+                    ("map", "shadowscale"), ("map", "fogstart"), ("map", "fogend"), ("rgba", "fog"),
+                    ("global_", "linewidth"))
+"""Fields of ``model.vis`` the context is made with: its display lists, and the shadow map, multisampling,
+fog and line width that ``mjr_makeContext`` copies from model 0 for every env."""
 
 
 def _uploaded_differences(m: Any, first: Any) -> List[str]:
@@ -568,7 +571,10 @@ class BatchRenderer:
         try:
             self._renderer = open_mujoco_renderer(self._models[0], self.height, self.width, self.max_geom)
         except Exception as exc:
-            if "framebuffer" in str(exc).lower():
+            # MuJoCo's size errors; not EGL's "failed to find a framebuffer configuration" (no usable GL
+            # driver), which rendering_help explains.
+            message = str(exc).lower()
+            if "framebuffer" in message and "configuration" not in message:
                 raise RuntimeError(f"cannot make a {self.width} x {self.height} offscreen framebuffer ({exc}): "
                                    "render at a smaller width and height") from exc
             from vlmrm_fast.envs.humanoid import RenderingUnavailable, rendering_help
