@@ -87,6 +87,7 @@ def vit_shape_from_tower(visual: torch.nn.Module) -> Optional[ViTShape]:
 def counted_gflops(visual: torch.nn.Module) -> float:
     """GFLOP per image counted by ``torch.utils.flop_counter`` over one forward pass at the tower's
     input size. It counts matmuls and convolutions only, so it may undercount (custom kernels)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
     height, width = _pair(getattr(visual, "image_size", 224))
@@ -101,7 +102,9 @@ def counted_gflops(visual: torch.nn.Module) -> float:
     try:
         with torch.inference_mode(False), torch.no_grad():
             pixels = torch.zeros((1, 3, height, width), dtype=parameter.dtype, device=parameter.device)
-            with counter:
+            # The math backend: attention as matmuls the counter sees (before torch 2.15 it had no
+            # formula for the CPU's fused attention op, and counted none of it).
+            with sdpa_kernel(SDPBackend.MATH), counter:
                 visual(pixels)
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
