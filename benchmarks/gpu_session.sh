@@ -13,7 +13,7 @@
 #   tests        build the GL-CUDA extension, then `pytest -m gpu` (GPU_TESTS="tests/x.py ..." for some
 #                files only)                                                              (minutes)
 #   kernels      benchmarks/bench_kernels.py: preprocess GB/s against the copy (with the other tiles
-#                in KERNEL_TILES, default "16x64w4 4x128w4 8x64w4", and the identity candidates of
+#                in KERNEL_TILES, default "16x64w4 4x128w4 4x64w4", and the identity candidates of
 #                benchmarks/identity_variants.py in KERNEL_IDENTITY, default "flat1024w4 flat2048w8
 #                words1024w4 words2048w8"), score frames/s, the patch embedding
 #   render       benchmarks/bench_env.py --no-env-steps: render-only frames/s (target 3,000/s at 224)
@@ -183,7 +183,7 @@ part_tests() {
 }
 part_kernels() {
     # shellcheck disable=SC2086
-    part kernels "$PYTHON" benchmarks/bench_kernels.py --preprocess-tiles ${KERNEL_TILES:-16x64w4 4x128w4 8x64w4} \
+    part kernels "$PYTHON" benchmarks/bench_kernels.py --preprocess-tiles ${KERNEL_TILES:-16x64w4 4x128w4 4x64w4} \
         --identity-variants ${KERNEL_IDENTITY:-flat1024w4 flat2048w8 words1024w4 words2048w8} \
         --csv "$RESULTS/kernels/kernels.csv" --json "$RESULTS/kernels/kernels.json"
 }

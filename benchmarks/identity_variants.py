@@ -1,9 +1,9 @@
 """Two candidate kernels for preprocessing frames already at the tower's size, to time against the op's own.
 
 The op (:func:`vlmrm_fast.ops.preprocess.preprocess_triton`) runs frames that need no resize (the
-renderer's 224 x 224, the case the package is built around) through its tiled kernel: 4 x 64 outputs
-a program, three byte loads a pixel. On the H200 that reached 55% of the copy bandwidth for 1024
-frames to bf16 (``benchmarks/results/kernels-h200.csv``), whatever the tile; the target is 80%. Two
+renderer's 224 x 224, the case the package is built around) through its tiled kernel: 4 x 128 outputs
+a program, three byte loads a pixel. On the H200 that reached 60% of the copy bandwidth for 1024
+frames to bf16 (``benchmarks/results/kernels-h200.csv``; 39-60% over 12 tiles); the target is 80%. Two
 guesses at what holds it back, each a kernel here, so that one GPU run can tell (``bench_kernels.py
 --identity-variants``) before either replaces the op's path:
 

@@ -192,18 +192,22 @@ if HAS_TRITON:
         tl.store(dst + 2 * plane, _to_output(acc2 * scale2 + shift2, out_ty, ROUND_BF16), mask=mask)
 
 
-_BLOCK_Y, _BLOCK_X = 4, 64
-"""The GPU tile, with 4 warps (2 outputs a thread): the fastest of 12 tiles timed on an H200 for both
-resizes and the identity path at 64 and 1024 frames, 1.8-2.0x faster than 16 x 64 on the resizes
-(benchmarks/results/kernels-h200.csv: the sweep at e173084, confirmed in one run at cd6449d)."""
+_RESIZE_TILE = (4, 64)
+"""The resizes' GPU tile, with 4 warps (2 outputs a thread): the fastest of 12 tiles timed on an H200 for
+both resizes at 1024 frames, 1.8-2.0x faster than 16 x 64 (benchmarks/results/kernels-h200.csv: the
+sweep at e173084, confirmed in one run at cd6449d)."""
+_IDENTITY_TILE = (4, 128)
+"""The identity path's (frames at the tower's size), with 4 warps (4 outputs a thread): the fastest of
+the same 12 for 1024 frames at 224, 0.182 and 0.180 ms against 4 x 64's 0.197 in the two runs (60% of
+the copy bandwidth against 55%)."""
 
 
-def _tile_shape(out_h: int, out_w: int) -> Tuple[int, int]:
-    """4 x 64 tiles on a GPU; in the CPU interpreter, whose cost is per operation rather than per
-    element, one tile covers the whole frame."""
+def _tile_shape(out_h: int, out_w: int, resample: bool) -> Tuple[int, int]:
+    """The GPU tile of a resize or of the identity path; in the CPU interpreter, whose cost is per
+    operation rather than per element, one tile covers the whole frame."""
     if interpreter_enabled():
         return triton.next_power_of_2(out_h), triton.next_power_of_2(out_w)
-    return _BLOCK_Y, _BLOCK_X
+    return _RESIZE_TILE if resample else _IDENTITY_TILE
 
 
 MAX_GRID_Y = 65535
@@ -228,7 +232,8 @@ def preprocess_triton(
     *,
     tile: Optional[Tuple[int, int, int]] = None,
 ) -> torch.Tensor:
-    """Launch the fused kernel: one program per output tile (4 x 64 on a GPU) per frame.
+    """Launch the fused kernel: one program per output tile per frame (on a GPU 4 x 64 for a resize,
+    4 x 128 for frames at the tower's size).
 
     Args:
         frames: [N, H, W, 3] uint8 or float in [0, 1], any strides, on a CUDA device (or CPU under
@@ -257,7 +262,7 @@ def preprocess_triton(
         row_w = col_w = torch.empty(1, dtype=torch.float32, device=frames.device)
         taps_y = taps_x = 0
     scale, shift = spec.affine(frames.dtype)
-    block_y, block_x = _tile_shape(out_h, out_w) if tile is None else tile[:2]
+    block_y, block_x = _tile_shape(out_h, out_w, resample) if tile is None else tile[:2]
     # FMA contraction pinned on: Triton 3.10 turns its default off (and 3.9 warns that it will).
     launch = {"enable_fp_fusion": True} if tile is None else {"enable_fp_fusion": True, "num_warps": tile[2]}
     grid = (n, triton.cdiv(out_h, block_y) * triton.cdiv(out_w, block_x))
