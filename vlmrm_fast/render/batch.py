@@ -218,7 +218,8 @@ def _check_same_model(models: Sequence[Any]) -> None:
         if diff:
             raise ValueError(
                 f"BatchRenderer renders envs of ONE model (its textures, meshes and heightfields are uploaded "
-                f"once); model {i} differs from model 0 in {diff}"
+                f"once, its GL context made with one shadow map, multisampling and fog); model {i} differs "
+                f"from model 0 in {diff}: make the envs alike (the same shadow_size=, for one)"
             )
 
 
