@@ -30,13 +30,16 @@ class _ArrayLike:
         (np.zeros((2, 16, 17), np.uint8), ValueError, r"Grayscale frames \[N, H, W\]\?.*np\.repeat"),
         (np.zeros((2, 16, 16, 2), np.uint8), ValueError, r"3 channels"),
         (np.zeros((16, 16, 3), np.uint8), ValueError, r"one frame.*frames\[None\]"),
+        (np.zeros((16, 16, 1), np.uint8), ValueError, r"one frame.*frames\[None\]"),  # one [H, W, 1] frame, not [N, H, W]
         (np.zeros((1, 2, 16, 16, 3), np.uint8), ValueError, r"rank 4"),
         (np.zeros((2, 16, 16, 3), np.int64), TypeError, r"uint8"),
+        (np.zeros((2, 16, 16, 3), np.int8), TypeError, r"numpy int8.*uint8"),  # one byte, but signed: 200 reads as -56
         (np.zeros((2, 16, 16, 3), bool), TypeError, r"uint8"),
         (torch.zeros((2, 16, 16, 3), dtype=torch.int32), TypeError, r"uint8"),
         (np.full((2, 16, 16, 3), 255.0, np.float32), ValueError, r"\[0, 1\].*uint8"),
         (np.full((2, 16, 16, 3), -0.5, np.float32), ValueError, r"\[0, 1\]"),
         (np.full((2, 16, 16, 3), np.nan, np.float32), ValueError, r"\[0, 1\]"),
+        (np.full((1, 16, 16, 3), 255.0, np.float32), ValueError, r"\[0, 1\].*uint8"),  # a batch of one frame too
         ("frames.png", TypeError, r"torch.Tensor or numpy.*use `vlmrm-fast score PATH`"),
         (bytearray(b"frames"), TypeError, r"torch.Tensor or numpy.*got bytearray"),
         (_ArrayLike(), TypeError, r"got _ArrayLike\. Convert it with np\.asarray"),  # a PIL image, say
@@ -48,8 +51,10 @@ class _ArrayLike:
         ([np.zeros((8, 8, 3), np.uint8), np.zeros((8, 8, 3), np.float32)], ValueError, "one dtype per call"),
         (np.zeros((2, 16, 0, 3), np.uint8), ValueError, "zero height or width"),
         (np.zeros((2, 0, 16, 3), np.uint8), ValueError, "zero height or width"),
+        (np.zeros((1, 16, 0, 3), np.uint8), ValueError, "zero height or width"),
         ([np.zeros((0, 8, 3), np.uint8)], ValueError, "zero height or width"),
         (np.zeros((2, 16, 16, 3), np.uint16), TypeError, r"numpy uint16.*>> 8"),
+        (np.zeros((2, 16, 16, 3), ">u2"), TypeError, r">> 8"),  # big-endian (a TIFF's): 16-bit all the same
         (np.zeros((2, 16, 16, 3), np.complex64), TypeError, r"numpy complex64"),
     ],
 )
@@ -156,7 +161,7 @@ def test_alpha_outside_unit_interval(rm, tiny, alpha):
 def test_alpha_type(rm):
     with pytest.raises(TypeError, match="number"):
         rm.alpha = "0.5"
-    for ok in (np.float32(0.25), np.int64(1), torch.tensor(0.75)):
+    for ok in (np.float32(0.25), np.int64(1), torch.tensor(0.75), torch.tensor([0.5]), np.array(0.5)):  # one-element arrays too
         rm.alpha = ok
         assert rm.alpha == float(ok)
 
@@ -191,6 +196,7 @@ BAD_OPTIONS = [
     (dict(device="cuda:0"), ValueError, "CUDA is not available"),
     (dict(dtype="fp8"), ValueError, "dtype="),
     (dict(dtype=torch.int8), ValueError, "not supported"),
+    (dict(dtype=torch.float64), ValueError, "not supported"),  # a float, but not a tower precision offered
     (dict(preprocess="bilinear"), ValueError, "preprocess="),
     (dict(kernels="cuda"), ValueError, "kernels="),
     (dict(max_batch_size=0), ValueError, "positive integer"),
@@ -403,6 +409,7 @@ def test_one_task_object_is_taken_as_a_list_of_one(rm):
     rm.set_tasks(tasks=Task("a humanoid robot kneeling", "a humanoid robot", name="kneel"))
     assert rm.task_names == ["kneel"]
     assert rm.score(torch.randn(2, rm.embed_dim)).shape == (2, 1)
+    assert rm(np.zeros((2, 16, 16, 3), np.uint8)).shape == (2, 1)  # tasks= keeps its task axis, one task or many
 
 
 def test_many_non_finite_rows_are_listed_ten_at_most(rm):
@@ -467,3 +474,15 @@ def test_launches_are_made_on_the_tensors_gpu():
     assert isinstance(block, torch.cuda.device) and block.idx == 1
     with on_device(torch.device("cpu")):
         pass
+
+
+def test_the_default_device_is_cuda_where_there_is_one(monkeypatch):
+    # Checked without a GPU: the choice reads only whether CUDA is available (and the current device).
+    from vlmrm_fast.reward import _resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert _resolve_device(None) == torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert _resolve_device(None) == torch.device("cpu")

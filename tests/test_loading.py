@@ -14,6 +14,7 @@ import torch
 from conftest import make_tiny
 from vlmrm_fast import CLIPReward, PretrainedWeightsError, create_clip
 from vlmrm_fast import models
+from vlmrm_fast.ops._triton import triton_runs_on
 
 
 def test_tiny_config_is_registered_with_open_clip():
@@ -535,6 +536,14 @@ def test_from_pretrained_forwards_every_option():
                                     max_batch_size=7, backend="compile", backend_options={"buckets": (3, 7)})
     assert rm.dtype == torch.bfloat16 and rm.preprocess_spec.mode == "openclip" and rm.max_batch_size == 7
     assert rm.vision_backend.buckets == (3, 7) and rm.model_name == "vlmrm-tiny"
+
+
+@pytest.mark.filterwarnings("ignore:.*random weights:UserWarning")
+@pytest.mark.skipif(not triton_runs_on(torch.device("cpu")), reason="needs Triton's CPU interpreter")
+def test_from_pretrained_forwards_kernels():
+    # 'auto' gives the torch path on CPU: only 'triton' shows here whether the choice reached the model.
+    rm = CLIPReward.from_pretrained("vlmrm-tiny", None, goal="a", device="cpu", kernels="triton", backend="torch")
+    assert rm.kernels == "triton"
 
 
 def test_a_small_but_real_goal_baseline_direction_is_kept(monkeypatch):

@@ -15,6 +15,7 @@ import torch
 from conftest import make_tiny
 from reference import reference_reward, torch_own_reward
 from vlmrm_fast import CLIPReward, Task
+from vlmrm_fast.ops._triton import triton_runs_on
 
 GOALS = {
     "one": (["a humanoid robot kneeling"], ["a humanoid robot"]),
@@ -220,6 +221,17 @@ def test_host_frames_reach_cuda_as_device_frames_do():
     want = rm(torch.from_numpy(frames).cuda())
     for layout, part in _host_layouts(frames).items():
         assert torch.equal(rm(part), want), layout
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_score_takes_host_embeddings_on_a_cuda_model():
+    # rm.score moves embeddings to the model's device: host ones score as the same ones on the GPU do.
+    model, tokenizer = make_tiny()
+    rm = CLIPReward(model, tokenizer, goal=GOALS["one"][0], baseline=GOALS["one"][1], alpha=0.5, device="cuda",
+                    dtype=torch.float32)
+    embeddings = torch.randn(5, rm.embed_dim, generator=torch.Generator().manual_seed(24))
+    torch.testing.assert_close(rm.score(embeddings), rm.score(embeddings.cuda()), rtol=0, atol=0)
 
 
 def test_text_side_is_float32_whatever_the_model_came_in():
@@ -513,3 +525,32 @@ def test_stacklevel_names_the_first_frame_outside_the_package_folder():
     out = queue.Queue()
     _thread.start_new_thread(package["entry"], (out,))
     assert out.get(timeout=10) == 2
+
+
+def test_score_gives_one_column_per_task():
+    # rm.score is rm(frames) from embeddings: with tasks= it is [N, T] too, each column its own task's.
+    rm, _, _ = _reward_model(goal=None, baseline=None, alpha=0.5, tasks=[
+        Task(GOALS["one"][0], GOALS["one"][1]), Task(GOALS["several"][0], GOALS["several"][1], alpha=1.0),
+        Task("a humanoid robot doing the splits", alpha=0.0)])
+    frames = _noise(4, 40, 50, seed=21)
+    rewards = rm.score(rm.embed(frames))
+    assert rewards.shape == (4, 3)
+    torch.testing.assert_close(rewards, rm(frames), rtol=0, atol=1e-6)
+
+
+def test_bfloat16_frames_score_as_their_float32_values():
+    # Float frames come in every torch float dtype, bfloat16 included; bf16 -> float32 is exact, so the
+    # same pixels in either dtype are the same tower input (float32 rounding of the resize at most).
+    rm = _torch_reward(goal="a", baseline="b", alpha=0.5)
+    frames = torch.from_numpy(np.random.default_rng(23).random((2, 20, 30, 3), dtype=np.float32)).bfloat16()
+    torch.testing.assert_close(rm(frames), rm(frames.float()), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("kernels", ["torch", pytest.param("triton", marks=pytest.mark.skipif(
+    not triton_runs_on(torch.device("cpu")), reason="needs Triton's CPU interpreter"))])
+def test_scores_carry_no_autograd_graph_on_either_kernel_path(kernels):
+    # The Triton kernel has no backward: the torch path must not make rewards differentiable either.
+    model, tokenizer = make_tiny()
+    rm = CLIPReward(model, tokenizer, goal="a", baseline="b", alpha=0.5, device="cpu", kernels=kernels, backend="torch")
+    rewards = rm.score(torch.randn(3, rm.embed_dim, requires_grad=True))
+    assert not rewards.requires_grad and rewards.grad_fn is None

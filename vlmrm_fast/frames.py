@@ -139,12 +139,17 @@ def _check_shape(shape: Sequence[int], what: str, item: bool = False) -> None:
     raise ValueError(f"{what} must have 3 channels (RGB) in the last axis, [N, H, W, 3]; got shape {tuple(shape)}.")
 
 
+def _is_uint16(dtype: Union[np.dtype, torch.dtype]) -> bool:
+    # Either byte order: a big-endian TIFF's ">u2" is not equal to np.uint16.
+    return dtype == torch.uint16 or isinstance(dtype, np.dtype) and dtype.kind == "u" and dtype.itemsize == 2
+
+
 def _check_dtype(frames: Union[np.ndarray, torch.Tensor], what: str) -> torch.dtype:
     dtype = _torch_dtype(frames)
     if dtype == torch.uint8 or dtype in _FLOAT_DTYPES:
         return dtype
     hint = "Convert 0-255 integers with .astype(np.uint8) / .to(torch.uint8)."
-    if frames.dtype in (np.uint16, torch.uint16):
+    if _is_uint16(frames.dtype):
         hint = "16-bit images: scale to 8 bits first, e.g. (frames >> 8).astype(np.uint8)."
     raise TypeError(f"{what} has dtype {_dtype_name(frames)}; frames must be uint8 (0-255) or float in [0, 1]. {hint}")
 

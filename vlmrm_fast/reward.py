@@ -332,7 +332,9 @@ class CLIPReward:
         return rewards[:, 0] if self._single else rewards
 
     def score(self, embeddings: torch.Tensor) -> torch.Tensor:
-        """Rewards from image embeddings [N, D] (normalised here; unit ones are fine): [N] or [N, T]."""
+        """Rewards from image embeddings [N, D] (normalised here; unit ones are fine): [N] or [N, T].
+
+        No autograd graph, whichever kernels run (the Triton kernel has no backward)."""
         if not isinstance(embeddings, torch.Tensor):
             raise TypeError(f"embeddings must be a torch.Tensor [N, D]; got {type(embeddings).__name__}.")
         if embeddings.ndim != 2 or embeddings.shape[1] != self.embed_dim:
@@ -341,7 +343,8 @@ class CLIPReward:
             )
         if not embeddings.is_floating_point():
             raise TypeError(f"embeddings must be floating point; got {embeddings.dtype}.")
-        rewards = score_op(embeddings.to(self._device), self._targets, impl=self._kernels)
+        with torch.no_grad():
+            rewards = score_op(embeddings.to(self._device), self._targets, impl=self._kernels)
         self._check_finite(rewards, "embeddings")
         return rewards[:, 0] if self._single else rewards
 

@@ -14,6 +14,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -72,7 +73,7 @@ def _non_blank(prompt: str, what: str) -> str:
 
 def check_alpha(alpha: float, what: str = "alpha") -> float:
     """``alpha`` as a float in [0, 1], or a ValueError that says so."""
-    if isinstance(alpha, torch.Tensor) and alpha.numel() == 1:
+    if isinstance(alpha, torch.Tensor) and alpha.numel() == 1 or isinstance(alpha, np.ndarray) and alpha.size == 1:
         alpha = alpha.item()
     if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):  # numpy scalars are Real
         raise TypeError(f"{what} must be a number in [0, 1]; got {type(alpha).__name__}.")
