@@ -2285,3 +2285,158 @@ def test_the_readmes_config_file_example_is_a_valid_config(tmp_path):
     config, _ = config_from_args(_train_parser().parse_args(["train", "--config", str(tmp_path / "run.toml")]))
     config.validate()
     assert (config.model, config.n_envs, config.goal) == ("ViT-B-32", 8, ["a humanoid robot kneeling"])
+
+
+# The next ones come from a fourth audit (mutations) of checkpoint.py, deferred.py, callbacks.py, run.py
+# and atomic.py.
+
+
+def test_a_stop_past_a_multiple_keeps_the_uninterrupted_runs_checkpoints_evaluations_and_rows(tmp_path, monkeypatch):
+    # Rollouts of 20 steps (2 envs x 10); every=50: evaluation, checkpoint and row at 60 (the first boundary
+    # past 50) and the end. A stop at 54 is already past 50: its checkpoint is extra and its row is the
+    # last one before 100, so the resumed run still evaluates and checkpoints at 60 (not at 54, where its
+    # partial rollout starts) and writes its next row at 100.
+    from vlmrm_fast.train import callbacks, train
+
+    events = []
+    evaluate, save = callbacks.TrainingCallback.evaluate, callbacks.TrainingCallback.save
+    monkeypatch.setattr(callbacks.TrainingCallback, "evaluate",
+                        lambda self: (events.append(("eval", self.model.num_timesteps)), evaluate(self))[1])
+    monkeypatch.setattr(callbacks.TrainingCallback, "save",
+                        lambda self, mid_rollout=False: (events.append(("save", self.model.num_timesteps)),
+                                                         save(self, mid_rollout))[1])
+
+    def config_in(folder):
+        return dot_config(folder, total_timesteps=100, eval_every=50, checkpoint_every=50, log_every=50,
+                          eval_episodes=1)
+
+    full = train(config_in(tmp_path / "full"), reward_model=tiny_reward(config_in(tmp_path)))
+    uninterrupted, events[:] = list(events), []
+    assert uninterrupted == [("eval", 60), ("save", 60), ("eval", 100), ("save", 100)]
+    assert [step for step, _ in tb_scalars(full.run_dir)["time/total_timesteps"]] == [60, 100]
+
+    config = config_in(tmp_path / "stopped")
+    assert train_stopped_at(54, config, monkeypatch).num_timesteps == 54
+    train(config, resume=config.run_dir, reward_model=tiny_reward(config))
+    assert events == [("save", 54)] + uninterrupted
+    got = tb_scalars(Path(config.run_dir))
+    assert [step for step, _ in got["time/total_timesteps"]] == [54, 100]
+    assert [step for step, _ in got["eval/gt_return"]] == [60, 100]
+
+
+def test_evaluations_leave_the_training_run_alone(tmp_path, uninterrupted_runs):
+    # eval_every may change on resume: evaluating (deterministic actions, its own env) must not draw from
+    # the training RNG, or a run would depend on how often it was evaluated.
+    from vlmrm_fast.train import train
+
+    config = dot_config(tmp_path, total_timesteps=100, eval_every=40, eval_episodes=2)
+    evaluated = train(config, reward_model=tiny_reward(config))
+    assert [step for step, _ in tb_scalars(evaluated.run_dir)["eval/gt_return"]] == [40, 80, 100]
+    _assert_same_run(evaluated, uninterrupted_runs(10))
+
+
+def test_a_new_run_in_a_folder_that_holds_checkpoints_is_refused(tmp_path):
+    # A second new run there would prune the first one's checkpoints (keep_checkpoints) and mix two runs.
+    from vlmrm_fast.train import train
+
+    config = dot_config(tmp_path, total_timesteps=40)
+    first = train(config, reward_model=tiny_reward(config))
+    with pytest.raises(ValueError, match=r"already holds checkpoints; continue it with --resume .*or choose another --run-dir"):
+        train(dataclasses.replace(config, total_timesteps=80), reward_model=tiny_reward(config))
+    assert ckpt.find_latest(first.run_dir) == first.checkpoint and first.checkpoint.name == ckpt.step_name(40)
+
+
+def test_a_session_with_less_than_a_rollout_to_go_stops_at_total_timesteps(tmp_path):
+    # Rollouts of 20 steps (2 envs x 10): a run of 10 steps, or a resumed run with 10 steps left, cuts its
+    # only rollout short rather than running a whole one past total_timesteps.
+    from vlmrm_fast.train import train
+
+    short = dot_config(tmp_path / "short", total_timesteps=10, checkpoint_every=0)
+    assert train(short, reward_model=tiny_reward(short)).num_timesteps == 10
+    config = dot_config(tmp_path / "extended", total_timesteps=80, checkpoint_every=0)
+    train(config, reward_model=tiny_reward(config))
+    extended = train(dataclasses.replace(config, total_timesteps=90), resume=config.run_dir,
+                     reward_model=tiny_reward(config))
+    assert extended.num_timesteps == 90 and extended.checkpoint.name == ckpt.step_name(90)
+
+
+def test_a_stop_inside_the_runs_cut_last_rollout_resumes_exactly_on_the_runs_own_train_freq(tmp_path, monkeypatch):
+    # total 90 with rollouts of 20: the last rollout (80-90) is cut to 5 steps. Stopped at 84 in it, the
+    # resumed run finishes it as the uninterrupted run does, and the run keeps train_freq 10 (what its
+    # final checkpoint saves, and what an extension's rollouts use), not the shortened rollout's.
+    from vlmrm_fast.train import train
+
+    def config_in(folder):
+        return dot_config(folder, total_timesteps=90, checkpoint_every=0)
+
+    full = train(config_in(tmp_path / "full"), reward_model=tiny_reward(config_in(tmp_path)))
+    config = config_in(tmp_path / "stopped")
+    assert train_stopped_at(84, config, monkeypatch).num_timesteps == 84
+    resumed = train(config, resume=Path(config.run_dir), reward_model=tiny_reward(config))
+    _assert_same_run(resumed, full)
+    assert resumed.model.train_freq.frequency == full.model.train_freq.frequency == 10
+
+
+def test_the_first_row_after_a_resume_times_its_own_steps(tmp_path, monkeypatch):
+    # Stage times are per row; a resumed session must not restore the last session's running totals from
+    # the checkpoint (its first row would report the whole earlier session's env, render and reward time).
+    from vlmrm_fast.train import train
+
+    step = DotEnv.step
+
+    def slow_step(self, action):
+        time.sleep(0.004)
+        return step(self, action)
+
+    monkeypatch.setattr(DotEnv, "step", slow_step)
+    for timing in ("deferred", "step"):
+        config = dot_config(tmp_path / timing, total_timesteps=120, checkpoint_every=0, eval_every=0,
+                            learning_starts=0, reward_timing=timing)
+        train(config, reward_model=tiny_reward(config))
+        train(dataclasses.replace(config, total_timesteps=160), resume=config.run_dir,
+              reward_model=tiny_reward(config))
+        rows = dict(tb_scalars(Path(config.run_dir))["time/env_s"])
+        assert sorted(rows) == [20, 40, 60, 80, 100, 120, 140, 160]
+        # Restored totals would make the first row at least the six before it together (the earlier
+        # session's whole env time); a row of its own is one of ~7 alike rows (the sleep dominates).
+        earlier = sum(rows[step] for step in (20, 40, 60, 80, 100, 120))
+        assert rows[140] < earlier, (timing, rows)
+
+
+def test_the_checkpoint_folders_entries_reach_the_disk_before_it_is_renamed_into_place(one_checkpoint, monkeypatch):
+    # Its files' data is flushed (test above), and the folder's entries too: else a power cut after the
+    # rename (and the pruning of the older checkpoints) could leave a folder without its files.
+    result, _ = one_checkpoint
+    events = []
+    real_fsync_dir, real_rename = ckpt._fsync_dir, os.rename
+    monkeypatch.setattr(ckpt, "_fsync_dir", lambda path: (events.append(("fsync", Path(path).name)), real_fsync_dir(path))[1])
+    monkeypatch.setattr(os, "rename", lambda src, dst: (events.append(("rename", Path(src).name)), real_rename(src, dst))[1])
+    result.model.num_timesteps += 2
+    ckpt.save_checkpoint(result.run_dir, result.model, "{}", {})
+    into_place = next(i for i, e in enumerate(events) if e[0] == "rename" and e[1].startswith(".tmp-"))
+    assert ("fsync", events[into_place][1]) in events[:into_place]
+
+
+def test_a_checkpoint_of_another_format_is_not_taken(tmp_path, one_checkpoint):
+    _, path = one_checkpoint
+    other = tmp_path / "other"
+    shutil.copytree(path, other)
+    meta = ckpt.read_meta(other)
+    (other / "meta.json").write_text(json.dumps(dict(meta, format=ckpt.FORMAT + 1)))
+    assert ckpt.is_complete(path) and not ckpt.is_complete(other)
+
+
+def test_files_written_atomically_get_the_permissions_of_a_plain_open_under_any_umask(tmp_path):
+    # RUN_DIR/config.json, checkpoints/latest: readable by the group when the umask says so (0o002: 0o664).
+    from vlmrm_fast.atomic import write_atomically
+
+    for umask in (0o002, 0o077):
+        old = os.umask(umask)
+        try:
+            write_atomically(tmp_path / f"written-{umask:o}", b"x")
+            with open(tmp_path / f"plain-{umask:o}", "w"):
+                pass
+        finally:
+            os.umask(old)
+        mode = (tmp_path / f"written-{umask:o}").stat().st_mode & 0o777
+        assert mode == (tmp_path / f"plain-{umask:o}").stat().st_mode & 0o777 == 0o666 & ~umask, oct(mode)
