@@ -429,13 +429,19 @@ def test_tensorboard_hides_what_a_crashed_session_logged_past_where_the_next_one
     assert len(list((Path(config.run_dir) / "tb").glob("events.out.tfevents.*"))) == 2  # one per session
 
 
-@pytest.mark.parametrize("stop_at", [100, None], ids=["last-step", "last-gradient-steps"])
-def test_a_run_stopped_before_its_final_evaluation_evaluates_when_resumed(tmp_path, monkeypatch, stop_at):
-    # A signal on the last env step (or during the last rollout's gradient steps) ends the run with no
-    # final evaluation; resumed, with no steps left, it evaluates and checkpoints that, once.
-    from vlmrm_fast.train import callbacks, train
+def _same_fields(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(np.array_equal(a[key], b[key]) for key in a)
 
-    config = dot_config(tmp_path, total_timesteps=100, eval_every=40, checkpoint_every=0)
+
+@pytest.mark.parametrize("stop_at,total", [(100, 100), (None, 110)], ids=["last-step", "last-gradient-steps"])
+def test_a_run_stopped_before_its_final_evaluation_evaluates_when_resumed(tmp_path, monkeypatch, stop_at, total):
+    # A signal on the last env step (or during the last rollout's gradient steps) ends the run with no
+    # final evaluation; resumed, with no steps left, it evaluates and records that in its checkpoint,
+    # once, every other field kept (at 110 the last rollout is cut to 5 steps: an extension must know).
+    from vlmrm_fast.train import callbacks, train
+    from vlmrm_fast.train.run import main
+
+    config = dot_config(tmp_path, total_timesteps=total, eval_every=40, checkpoint_every=0)
     if stop_at is not None:
         stopped = train_stopped_at(stop_at, config, monkeypatch)
     else:
@@ -443,23 +449,45 @@ def test_a_run_stopped_before_its_final_evaluation_evaluates_when_resumed(tmp_pa
 
         def signal_during_the_last_update(self):
             on_rollout_end(self)
-            if self.model.num_timesteps == 100:
+            if self.model.num_timesteps == total:
                 self.stop_signal = signal.SIGTERM
 
         with monkeypatch.context() as patch:
             patch.setattr(callbacks.TrainingCallback, "_on_rollout_end", signal_during_the_last_update)
             stopped = train(config, reward_model=tiny_reward(config))
-    assert stopped.stopped_by == "SIGTERM" and stopped.num_timesteps == 100
+    assert stopped.stopped_by == "SIGTERM" and stopped.num_timesteps == total
+    before = ckpt.load_state(stopped.checkpoint)["extra"]
+    assert before["cut_rollout"] == (total == 110)
     videos = Path(config.run_dir) / "videos"
     assert sorted(p.name for p in videos.glob("*.mp4")) == [f"eval_step_{s:012d}.mp4" for s in (40, 80)]
     resumed = train(config, resume=config.run_dir, reward_model=tiny_reward(config))
-    assert resumed.stopped_by is None and resumed.steps_this_session == 0
-    assert sorted(p.name for p in videos.glob("*.mp4")) == [f"eval_step_{s:012d}.mp4" for s in (40, 80, 100)]
-    assert [step for step, _ in tb_scalars(Path(config.run_dir))["eval/vlm_return"]] == [40, 80, 100]
-    assert resumed.checkpoint.name == ckpt.step_name(100)
-    (videos / f"eval_step_{100:012d}.mp4").unlink()
-    train(config, resume=config.run_dir, reward_model=tiny_reward(config))  # the checkpoint recorded it
-    assert not (videos / f"eval_step_{100:012d}.mp4").exists()
+    assert resumed.stopped_by is None and resumed.steps_this_session == 0 and resumed.evaluated_only
+    assert sorted(p.name for p in videos.glob("*.mp4")) == [f"eval_step_{s:012d}.mp4" for s in (40, 80, total)]
+    assert [step for step, _ in tb_scalars(Path(config.run_dir))["eval/vlm_return"]] == [40, 80, total]
+    assert resumed.checkpoint.name == ckpt.step_name(total)
+    assert _same_fields(ckpt.load_state(resumed.checkpoint)["extra"], dict(before, last_eval_step=total))
+    (videos / f"eval_step_{total:012d}.mp4").unlink()
+    assert main(["--resume", config.run_dir]) == 0  # the checkpoint recorded it: nothing to do
+    assert not (videos / f"eval_step_{total:012d}.mp4").exists()
+
+
+def test_a_stop_inside_a_rollout_that_total_timesteps_is_lowered_to_is_not_taken_for_the_end(tmp_path, monkeypatch,
+                                                                                              uninterrupted_runs):
+    # Stopped at 50, inside the rollout 40-60, and resumed with total_timesteps=50: no steps left, but no
+    # end of a run either. Its checkpoint must stay as it is, so that extending it to 100 finishes that
+    # rollout and gives the uninterrupted run.
+    from vlmrm_fast.train import train
+
+    config = dot_config(tmp_path, total_timesteps=100, eval_every=40, checkpoint_every=0)
+    stopped = train_stopped_at(50, config, monkeypatch)
+    before = ckpt.load_state(stopped.checkpoint)["extra"]
+    assert before["rollout_steps_done"] > 0
+    at_50 = train(dataclasses.replace(config, total_timesteps=50), resume=config.run_dir,
+                  reward_model=tiny_reward(config))
+    assert at_50.steps_this_session == 0 and not at_50.evaluated_only
+    assert _same_fields(ckpt.load_state(ckpt.find_latest(Path(config.run_dir)))["extra"], before)
+    resumed = train(config, resume=config.run_dir, reward_model=tiny_reward(config))
+    _assert_same_run(resumed, uninterrupted_runs(10))
 
 
 def test_a_run_resumed_mid_rollout_evaluates_and_checkpoints_on_the_uninterrupted_schedule(tmp_path, monkeypatch):

@@ -59,6 +59,7 @@ class TrainResult:
     model: object = None  # SB3's SAC; its logger writes nowhere (set_logger to log further learn() calls)
     steps_this_session: int = 0
     learn_seconds: float = 0.0  # this session's time in SB3's learn(): env steps, rewards, updates
+    evaluated_only: bool = False  # no steps left, but the final evaluation (missed at a stop) done
 
 
 # --------------------------------------------------------------------------- environments
@@ -318,8 +319,11 @@ def _train_in(run_dir: Path, config: TrainConfig, resume, reward_model, start: f
                                 resume_extra=extra)
     remaining = config.total_timesteps - model.num_timesteps
     # A signal on the last step, or during its gradient steps, stops the run before its final
-    # evaluation: the run resumed from there has no steps left, and evaluates.
+    # evaluation: resumed with no steps left, at a rollout's end with its gradient steps done, it
+    # evaluates. (Not a stop inside a rollout that total_timesteps was lowered to: extending that run
+    # must finish the rollout, as its checkpoint says.)
     final_eval_missing = bool(remaining == 0 and config.eval_every and extra is not None
+                              and not extra.get("rollout_steps_done") and not extra.get("train_pending")
                               and int(extra.get("last_eval_step", model.num_timesteps)) < model.num_timesteps)
     first_step, learn_seconds = model.num_timesteps, 0.0
     try:
@@ -339,11 +343,17 @@ def _train_in(run_dir: Path, config: TrainConfig, resume, reward_model, start: f
             if callback.stop_signal is None and (remaining > 0 or final_eval_missing) and config.eval_every:
                 callback.evaluate()
         finally:
+            if final_eval_missing:
+                # The checkpoint as it was, the evaluation recorded: a session that took no step knows
+                # nothing of the run's rollouts (a cut last one, say) that the checkpoint does not.
+                callback.last_checkpoint = ckpt.save_checkpoint(
+                    run_dir, model, config_json, dict(extra, last_eval_step=model.num_timesteps),
+                    keep=config.keep_checkpoints)
             # Also after a signal that came too late for the callback's own checkpoint (during the last
             # gradient steps, or the evaluation): the work since the last checkpoint is saved either way.
             behind = (callback.last_checkpoint is None
                       or callback.last_checkpoint.name != ckpt.step_name(model.num_timesteps))
-            if (remaining > 0 or final_eval_missing) and behind:
+            if remaining > 0 and behind:
                 callback.save()
         stopped = signal.Signals(callback.stop_signal).name if callback.stop_signal is not None else None
     finally:
@@ -353,7 +363,8 @@ def _train_in(run_dir: Path, config: TrainConfig, resume, reward_model, start: f
         finally:
             _close_logger(model)
     return TrainResult(run_dir, int(model.num_timesteps), callback.last_checkpoint or resume_from, stopped,
-                       time.perf_counter() - start, model, int(model.num_timesteps - first_step), learn_seconds)
+                       time.perf_counter() - start, model, int(model.num_timesteps - first_step), learn_seconds,
+                       final_eval_missing)
 
 
 def _close_logger(model) -> None:
@@ -559,6 +570,11 @@ def run_train_command(args: argparse.Namespace) -> int:
         print(f"stopped by {result.stopped_by} at step {result.num_timesteps}; {where}; continue with: "
               f"vlmrm-fast train --resume {result.run_dir}", file=sys.stderr)
         return 130 if result.stopped_by == "SIGINT" else 143
+    if result.evaluated_only:
+        print(f"{result.run_dir} is at step {result.num_timesteps} (total_timesteps); its final evaluation, missed "
+              f"when it was stopped, is done and in {where}. Continue it with: vlmrm-fast train --resume "
+              f"{result.run_dir} --total-timesteps N")
+        return 0
     if result.steps_this_session == 0:
         print(f"{result.run_dir} is already at step {result.num_timesteps} (total_timesteps); nothing to train. "
               f"Continue it with: vlmrm-fast train --resume {result.run_dir} --total-timesteps N")
