@@ -64,6 +64,18 @@ def copy_sources(dest: Path) -> Path:
     return dest
 
 
+TINY_COCA = {  # open_clip's CoCa, shrunk: a tower with an attentional pool that returns (pooled, tokens)
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "head_width": 32, "patch_size": 16,
+                   "attentional_pool": True, "attn_pooler_heads": 2, "output_tokens": True},
+    "text_cfg": {"context_length": 76, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2,
+                 "embed_cls": True, "output_tokens": True},
+    "multimodal_cfg": {"context_length": 76, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1,
+                       "attn_pooler_heads": 2},
+    "custom_text": True,
+}
+
+
 def make_tiny(seed: int = 0):
     """The tiny random-init CLIP (float32, CPU) and its tokenizer, with reproducible weights."""
     return make_model(TINY_MODEL, seed)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import DEVICES, EXPORTERS, make_tiny, tensorrt_is_float32
+from conftest import DEVICES, EXPORTERS, TINY_COCA, make_tiny, tensorrt_is_float32
 from reference import reference_reward
 from vlmrm_fast import CLIPReward, create_clip
 from vlmrm_fast.backends import BackendError, resolve_backend
@@ -116,18 +116,6 @@ def test_compile_backend_buckets_pad_and_split():
     assert torch.allclose(compiled(frames), eager(frames), atol=1e-5, rtol=0)
     backend = compiled.vision_backend
     assert backend.buckets == (4,) and set(backend.compile_seconds) == {4} and backend.build_seconds > 0
-
-
-TINY_COCA = {  # open_clip's CoCa, shrunk: a tower with an attentional pool that returns (pooled, tokens)
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "head_width": 32, "patch_size": 16,
-                   "attentional_pool": True, "attn_pooler_heads": 2, "output_tokens": True},
-    "text_cfg": {"context_length": 76, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2,
-                 "embed_cls": True, "output_tokens": True},
-    "multimodal_cfg": {"context_length": 76, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1,
-                       "attn_pooler_heads": 2},
-    "custom_text": True,
-}
 
 
 @pytest.mark.parametrize("backend", ["torch", "compile", pytest.param("onnxruntime", marks=needs_ort)])

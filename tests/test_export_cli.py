@@ -38,6 +38,23 @@ def test_export_onnx(tmp_path, capsys, input_format, external):
     assert embeddings.shape == (3, 32) and np.isfinite(embeddings).all()
 
 
+def test_export_of_a_tower_that_returns_its_tokens_too(tmp_path, capsys, monkeypatch):
+    # CoCa's tower returns (pooled, tokens): the graph has the pooled embedding as its one output, and
+    # export's check against torch compares that (it failed on the tuple).
+    from open_clip import factory
+
+    from conftest import TINY_COCA
+
+    monkeypatch.setitem(factory._MODEL_CONFIGS, "test-tiny-coca", TINY_COCA)
+    out = tmp_path / "coca.onnx"
+    assert main(["export", "test-tiny-coca", "--pretrained", "none", "--out", str(out)]) == 0
+    assert float(re.search(r"max relative error ([0-9.e+-]+\d)", capsys.readouterr().out).group(1)) <= 1e-4
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert [o.shape[1] for o in session.get_outputs()] == [32]
+
+
 def _session(path, dtype):
     import onnxruntime as ort
 

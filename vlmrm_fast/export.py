@@ -157,12 +157,13 @@ def verify_onnx(path: Path, visual: torch.nn.Module, spec, input_format: str) ->
     import onnxruntime as ort
     import torch
 
+    from vlmrm_fast.backends.base import pooled_embeddings
     from vlmrm_fast.ops.preprocess import preprocess
 
     frames = torch.randint(0, 256, (3,) + tuple(spec.size) + (3,), dtype=torch.uint8)
     pixels = preprocess(frames, spec, torch.float32, impl="torch")
     with torch.inference_mode():
-        want = visual.float()(pixels).numpy()
+        want = pooled_embeddings(visual.float()(pixels)).numpy()
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     inputs = frames.numpy() if input_format == "uint8-nhwc" else pixels.numpy()
     got = session.run(None, {session.get_inputs()[0].name: inputs})[0]
