@@ -255,12 +255,14 @@ def test_checkpoint_with_its_open_clip_config_gets_its_activation_and_normalisat
 def test_bare_checkpoint_warns_where_tags_of_the_model_differ(tmp_path, monkeypatch):
     path = tmp_path / "weights.pt"
     _save_tiny(path)
-    tags = {"plain": {}, "halves": {"mean": (0.5,) * 3, "std": (0.5,) * 3}, "quick": {"quick_gelu": True}}
+    tags = {"plain": {}, "halves": {"mean": (0.5,) * 3, "std": (0.5,) * 3}, "quick": {"quick_gelu": True},
+            "squashed": {"resize_mode": "squash", "interpolation": "bilinear"}, "spelt": {"resize_mode": "shortest"}}
     monkeypatch.setattr(open_clip, "list_pretrained_tags_by_model", lambda name: list(tags))
     monkeypatch.setattr(open_clip, "get_pretrained_cfg", lambda name, tag: tags[tag])
-    with pytest.warns(UserWarning, match=r"no open_clip_config.json.*halves \(mean \(0.5, 0.5, 0.5\).*quick \(QuickGELU\)"):
+    with pytest.warns(UserWarning, match=r"no open_clip_config.json.*halves \(mean \(0.5, 0.5, 0.5\).*quick \(QuickGELU\)"
+                                         r"; squashed \(squash bilinear resize with preprocess='openclip'\)\. "):
         create_clip("vlmrm-tiny", str(path))
-    del tags["halves"], tags["quick"]
+    del tags["halves"], tags["quick"], tags["squashed"]  # "spelt" gives open_clip's default explicitly
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         create_clip("vlmrm-tiny", str(path))  # every tag matches the config: nothing to say

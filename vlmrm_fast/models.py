@@ -241,6 +241,10 @@ def _read_sidecar(path: Path) -> dict:
     return config
 
 
+_RESAMPLING_DEFAULTS = (("resize_mode", "shortest"), ("interpolation", "bicubic"))
+"""open_clip's eval transform's settings beside normalisation, and the values it takes when unset."""
+
+
 def _warn_if_tags_differ(model: torch.nn.Module, model_name: str, path: str) -> None:
     """Weights from a bare file get the model config's activation and normalisation; say so where some
     of the model's tags were trained with others, since the file may hold one of those."""
@@ -256,6 +260,9 @@ def _warn_if_tags_differ(model: torch.nn.Module, model_name: str, path: str) -> 
         tag_quick = _tag_quick_gelu(model_name, tag)
         if tag_quick != quick:
             what.append("QuickGELU" if tag_quick else "GELU")
+        resampling = [cfg.get(key) or default for key, default in _RESAMPLING_DEFAULTS]
+        if resampling != [current.get(key) or default for key, default in _RESAMPLING_DEFAULTS]:
+            what.append("{} {} resize with preprocess='openclip'".format(*resampling))
         if what:
             differing.append(f"{tag} ({', '.join(what)})")
     if differing:
