@@ -471,6 +471,28 @@ def test_a_run_stopped_before_its_final_evaluation_evaluates_when_resumed(tmp_pa
     assert not (videos / f"eval_step_{total:012d}.mp4").exists()
 
 
+def test_a_signal_before_the_missed_final_evaluation_leaves_it_missing(tmp_path, monkeypatch):
+    # Stopped again before that evaluation starts: the checkpoint must not record an evaluation that
+    # did not run, so the next resume still makes it.
+    from vlmrm_fast.train import callbacks, train
+
+    config = dot_config(tmp_path, total_timesteps=100, eval_every=40, checkpoint_every=0)
+    stopped = train_stopped_at(100, config, monkeypatch)
+    before = ckpt.load_state(stopped.checkpoint)["extra"]
+    on_training_start = callbacks.TrainingCallback._on_training_start
+
+    def signal_at_start(self):
+        on_training_start(self)
+        self.stop_signal = signal.SIGTERM
+
+    with monkeypatch.context() as patch:
+        patch.setattr(callbacks.TrainingCallback, "_on_training_start", signal_at_start)
+        again = train(config, resume=config.run_dir, reward_model=tiny_reward(config))
+    assert again.stopped_by == "SIGTERM"
+    assert _same_fields(ckpt.load_state(ckpt.find_latest(Path(config.run_dir)))["extra"], before)
+    assert train(config, resume=config.run_dir, reward_model=tiny_reward(config)).evaluated_only
+
+
 def test_a_stop_inside_a_rollout_that_total_timesteps_is_lowered_to_is_not_taken_for_the_end(tmp_path, monkeypatch,
                                                                                               uninterrupted_runs):
     # Stopped at 50, inside the rollout 40-60, and resumed with total_timesteps=50: no steps left, but no

@@ -331,6 +331,11 @@ class TrainingCallback(BaseCallback):
 
     # ------------------------------------------------------------------ evaluation
 
+    @property
+    def last_eval_step(self) -> int:
+        """The step of the run's last evaluation (from the checkpoint until this session evaluates)."""
+        return self._last_eval_step
+
     def evaluate(self) -> Optional[Path]:
         """Run ``eval_episodes`` deterministic episodes in a separate env; write the first as mp4."""
         self._last_eval_step = self.model.num_timesteps

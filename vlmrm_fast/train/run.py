@@ -343,7 +343,7 @@ def _train_in(run_dir: Path, config: TrainConfig, resume, reward_model, start: f
             if callback.stop_signal is None and (remaining > 0 or final_eval_missing) and config.eval_every:
                 callback.evaluate()
         finally:
-            if final_eval_missing:
+            if final_eval_missing and callback.last_eval_step == model.num_timesteps:
                 # The checkpoint as it was, the evaluation recorded: a session that took no step knows
                 # nothing of the run's rollouts (a cut last one, say) that the checkpoint does not.
                 callback.last_checkpoint = ckpt.save_checkpoint(
