@@ -512,12 +512,9 @@ def test_a_stop_inside_a_rollout_that_total_timesteps_is_lowered_to_is_not_taken
     _assert_same_run(resumed, uninterrupted_runs(10))
 
 
-def test_a_run_resumed_mid_rollout_evaluates_and_checkpoints_on_the_uninterrupted_schedule(tmp_path, monkeypatch):
-    # Rollouts of 20 steps (2 envs x 10); evaluations and checkpoints every 30 fall at the first
-    # boundary past each multiple (40, 60; not 40, 80: the schedule does not drift) and the end. Stopped
-    # at 54, the resumed run's first (partial) rollout starts at 54, not on a boundary: the evaluation
-    # and checkpoint due at 60 stay there.
-    from vlmrm_fast.train import callbacks, train
+def _record_evaluations_and_checkpoints(monkeypatch) -> list:
+    """("eval" | "save", step) for every evaluation and checkpoint from here on, in order."""
+    from vlmrm_fast.train import callbacks
 
     events = []
     evaluate, save = callbacks.TrainingCallback.evaluate, callbacks.TrainingCallback.save
@@ -526,6 +523,17 @@ def test_a_run_resumed_mid_rollout_evaluates_and_checkpoints_on_the_uninterrupte
     monkeypatch.setattr(callbacks.TrainingCallback, "save",
                         lambda self, mid_rollout=False: (events.append(("save", self.model.num_timesteps)),
                                                          save(self, mid_rollout))[1])
+    return events
+
+
+def test_a_run_resumed_mid_rollout_evaluates_and_checkpoints_on_the_uninterrupted_schedule(tmp_path, monkeypatch):
+    # Rollouts of 20 steps (2 envs x 10); evaluations and checkpoints every 30 fall at the first
+    # boundary past each multiple (40, 60; not 40, 80: the schedule does not drift) and the end. Stopped
+    # at 54, the resumed run's first (partial) rollout starts at 54, not on a boundary: the evaluation
+    # and checkpoint due at 60 stay there.
+    from vlmrm_fast.train import train
+
+    events = _record_evaluations_and_checkpoints(monkeypatch)
 
     def config_in(folder):
         return dot_config(folder, total_timesteps=100, eval_every=30, checkpoint_every=30, eval_episodes=1)
@@ -1476,9 +1484,8 @@ def test_a_second_signal_stops_at_once_and_restores_the_handler(tmp_path):
         callback.restore_signal_handlers()
 
 
-def test_stage_times_are_per_row_not_running_totals(tmp_path, monkeypatch):
-    from vlmrm_fast.train import train
-
+def _slow_env_steps(monkeypatch) -> None:
+    """DotEnv steps of 4 ms: env time that dominates a row's timing noise."""
     step = DotEnv.step
 
     def slow_step(self, action):
@@ -1486,6 +1493,12 @@ def test_stage_times_are_per_row_not_running_totals(tmp_path, monkeypatch):
         return step(self, action)
 
     monkeypatch.setattr(DotEnv, "step", slow_step)
+
+
+def test_stage_times_are_per_row_not_running_totals(tmp_path, monkeypatch):
+    from vlmrm_fast.train import train
+
+    _slow_env_steps(monkeypatch)
     config = dot_config(tmp_path, total_timesteps=80, checkpoint_every=0, eval_every=0, learning_starts=0)
     rows = [v for _, v in tb_scalars(train(config, reward_model=tiny_reward(config)).run_dir)["time/env_s"]]
     assert len(rows) >= 3 and max(rows) < 2 * min(rows), rows
@@ -2346,15 +2359,9 @@ def test_a_stop_past_a_multiple_keeps_the_uninterrupted_runs_checkpoints_evaluat
     # past 50) and the end. A stop at 54 is already past 50: its checkpoint is extra and its row is the
     # last one before 100, so the resumed run still evaluates and checkpoints at 60 (not at 54, where its
     # partial rollout starts) and writes its next row at 100.
-    from vlmrm_fast.train import callbacks, train
+    from vlmrm_fast.train import train
 
-    events = []
-    evaluate, save = callbacks.TrainingCallback.evaluate, callbacks.TrainingCallback.save
-    monkeypatch.setattr(callbacks.TrainingCallback, "evaluate",
-                        lambda self: (events.append(("eval", self.model.num_timesteps)), evaluate(self))[1])
-    monkeypatch.setattr(callbacks.TrainingCallback, "save",
-                        lambda self, mid_rollout=False: (events.append(("save", self.model.num_timesteps)),
-                                                         save(self, mid_rollout))[1])
+    events = _record_evaluations_and_checkpoints(monkeypatch)
 
     def config_in(folder):
         return dot_config(folder, total_timesteps=100, eval_every=50, checkpoint_every=50, log_every=50,
@@ -2432,13 +2439,7 @@ def test_the_first_row_after_a_resume_times_its_own_steps(tmp_path, monkeypatch)
     # the checkpoint (its first row would report the whole earlier session's env, render and reward time).
     from vlmrm_fast.train import train
 
-    step = DotEnv.step
-
-    def slow_step(self, action):
-        time.sleep(0.004)
-        return step(self, action)
-
-    monkeypatch.setattr(DotEnv, "step", slow_step)
+    _slow_env_steps(monkeypatch)
     for timing in ("deferred", "step"):
         config = dot_config(tmp_path / timing, total_timesteps=120, checkpoint_every=0, eval_every=0,
                             learning_starts=0, reward_timing=timing)
