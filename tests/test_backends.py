@@ -118,6 +118,7 @@ def test_compile_backend_buckets_pad_and_split():
     assert backend.buckets == (4,) and set(backend.compile_seconds) == {4} and backend.build_seconds > 0
 
 
+@pytest.mark.filterwarnings("ignore:.*random weights:UserWarning")
 @pytest.mark.parametrize("backend", ["torch", "compile", pytest.param("onnxruntime", marks=needs_ort)])
 def test_a_tower_that_returns_its_tokens_too_is_scored_on_its_pooled_embedding(monkeypatch, backend):
     # CoCa's tower returns (pooled, tokens); its encode_image keeps the pooled one. "torch" and "compile"
