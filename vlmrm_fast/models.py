@@ -241,8 +241,11 @@ def _read_sidecar(path: Path) -> dict:
     return config
 
 
-_RESAMPLING_DEFAULTS = (("resize_mode", "shortest"), ("interpolation", "bicubic"))
-"""open_clip's eval transform's settings beside normalisation, and the values it takes when unset."""
+def _openclip_resampling(cfg: dict) -> Tuple[str, str]:
+    """(resize_mode, interpolation) of an open_clip preprocess config as its eval transform reads them:
+    unset is "shortest" and "bicubic", and "random" interpolation is bicubic."""
+    interpolation = cfg.get("interpolation") or "bicubic"
+    return cfg.get("resize_mode") or "shortest", "bicubic" if interpolation == "random" else interpolation
 
 
 def _warn_if_tags_differ(model: torch.nn.Module, model_name: str, path: str) -> None:
@@ -260,8 +263,8 @@ def _warn_if_tags_differ(model: torch.nn.Module, model_name: str, path: str) -> 
         tag_quick = _tag_quick_gelu(model_name, tag)
         if tag_quick != quick:
             what.append("QuickGELU" if tag_quick else "GELU")
-        resampling = [cfg.get(key) or default for key, default in _RESAMPLING_DEFAULTS]
-        if resampling != [current.get(key) or default for key, default in _RESAMPLING_DEFAULTS]:
+        resampling = _openclip_resampling(cfg)
+        if resampling != _openclip_resampling(current):
             what.append("{} {} resize with preprocess='openclip'".format(*resampling))
         if what:
             differing.append(f"{tag} ({', '.join(what)})")
@@ -426,12 +429,7 @@ def preprocess_spec_of(model: torch.nn.Module, mode: str) -> PreprocessSpec:
     std = cfg.get("std", getattr(model.visual, "image_std", None) or _OPENAI_STD)
     resampling = {}
     if mode == "openclip":
-        # open_clip's eval transform reads "random" interpolation as bicubic.
-        interpolation = cfg.get("interpolation") or "bicubic"
-        resampling = {
-            "resize_mode": cfg.get("resize_mode") or "shortest",
-            "interpolation": "bicubic" if interpolation == "random" else interpolation,
-        }
+        resampling = dict(zip(("resize_mode", "interpolation"), _openclip_resampling(cfg)))
     return PreprocessSpec(
         size=image_size_of(model), mean=mean_std_of(mean), std=mean_std_of(std), mode=mode, **resampling
     )

@@ -37,14 +37,23 @@ def missing_cuda_device(device: torch.device) -> Optional[str]:
     return f"{device} does not exist: this machine has {count} CUDA device{'s' if count != 1 else ''} (cuda:0 to cuda:{count - 1})"
 
 
+def parse_device(name: Union[str, torch.device]) -> Optional[torch.device]:
+    """``torch.device(name)``, or None for a name that is no device (torch raises RuntimeError): each
+    caller's error then names its own option."""
+    try:
+        return torch.device(name)
+    except (RuntimeError, TypeError):
+        return None
+
+
 def checked_device(device: Union[str, torch.device], no_cuda_fix: str) -> torch.device:
     """``device`` with its CUDA index (:func:`with_cuda_index`), or a ValueError where this machine has no
     such device: without CUDA, naming ``no_cuda_fix`` (the caller's way to the CPU); past the last GPU,
     naming the devices there are; for a name that is no device at all, the forms torch takes."""
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"device={device!r} is not a torch device: pass 'cuda', 'cuda:N' or 'cpu'.") from None
+    parsed = parse_device(device)
+    if parsed is None:
+        raise ValueError(f"device={device!r} is not a torch device: pass 'cuda', 'cuda:N' or 'cpu'.")
+    device = parsed
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={str(device)!r} but CUDA is not available here; {no_cuda_fix}")
     why = missing_cuda_device(device)

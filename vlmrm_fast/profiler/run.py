@@ -60,7 +60,7 @@ from tqdm import tqdm
 
 from vlmrm_fast.argtypes import in_cli_terms
 from vlmrm_fast.backends import BackendError
-from vlmrm_fast.backends.base import missing_cuda_device
+from vlmrm_fast.backends.base import missing_cuda_device, parse_device
 from vlmrm_fast.backends.torch_fp8 import fp8_unsupported_reason
 from vlmrm_fast.frames import as_frame_batch
 from vlmrm_fast.models import TINY_MODEL, check_model_name, preprocess_spec_of
@@ -133,10 +133,9 @@ class BenchConfig:
 
 def resolve_config(args: argparse.Namespace) -> BenchConfig:
     """Fill in the defaults for the device (and ``--quick``), and check the model names."""
-    try:
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError as error:  # torch's own message lists every device type torch knows
-        raise ValueError(f"--device {args.device!r} is not a device: pass cuda, cuda:N or cpu.") from error
+    device = parse_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device is None:
+        raise ValueError(f"--device {args.device!r} is not a device: pass cuda, cuda:N or cpu.")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: CUDA is not available here; pass --device cpu.")
     if device.type not in ("cuda", "cpu"):

@@ -39,14 +39,10 @@ REWARD_TIMINGS = ("step", "deferred")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
-def _is_device(name: str) -> bool:
-    import torch  # here: reading and checking a config needs no torch otherwise
+def _parse_device(name: str) -> Any:
+    from vlmrm_fast.backends.base import parse_device  # here: reading a config needs no torch otherwise
 
-    try:
-        torch.device(name)
-    except (RuntimeError, TypeError):
-        return False
-    return True
+    return parse_device(name)
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -173,7 +169,7 @@ class TrainConfig:
         need(self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1")
         need(self.eval_episodes >= 1, "eval_episodes must be >= 1")
         need(self.video_length is None or self.video_length >= 1, "video_length must be >= 1 (or none)")
-        need(self.reward_device is None or _is_device(self.reward_device),
+        need(self.reward_device is None or _parse_device(self.reward_device) is not None,
              f"reward_device {self.reward_device!r} is not a torch device: pass cuda, cuda:N or cpu (or none)")
         need(0 <= self.seed < 2**32, f"seed must be in [0, 2**32) (numpy and gymnasium seeds), got {self.seed}")
         if self.ent_coef != "auto":

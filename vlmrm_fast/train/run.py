@@ -380,14 +380,13 @@ def _check_sac_device(device: str) -> None:
     """SB3 trains on the CPU, silently, when given a CUDA device that is not there: say so instead."""
     import torch
 
-    from vlmrm_fast.backends.base import missing_cuda_device
+    from vlmrm_fast.backends.base import missing_cuda_device, parse_device
 
     if device == "auto":
         return
-    try:
-        parsed = torch.device(device)
-    except RuntimeError:
-        raise ValueError(f"sac_device={device!r} is not a torch device: pass auto, cpu, cuda or cuda:N") from None
+    parsed = parse_device(device)
+    if parsed is None:
+        raise ValueError(f"sac_device={device!r} is not a torch device: pass auto, cpu, cuda or cuda:N")
     if parsed.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"sac_device={device!r} but CUDA is not available here; pass --sac-device cpu (or auto)")
     why = missing_cuda_device(parsed)
