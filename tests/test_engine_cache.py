@@ -221,7 +221,8 @@ def test_a_built_engine_that_does_not_load_or_fit_is_never_cached(tmp_path, tens
     cache = EngineCache(tmp_path)
     with pytest.raises(BackendError, match=error):
         load_or_build(cache, Runtime({b"bad": tensors}), built=b"bad")
-    assert cache.load(KEY) is None and not list(tmp_path.iterdir())
+    assert cache.load(KEY) is None
+    assert [p.name for p in tmp_path.iterdir()] == [cache.path(KEY).name + ".lock"]  # the build's empty lock file
 
 
 def test_a_built_engine_survives_a_cache_it_cannot_write(tmp_path, monkeypatch):
@@ -392,3 +393,72 @@ def test_storing_an_engine_is_atomic_and_makes_the_cache_folder(tmp_path, monkey
         cache.store(KEY, b"new engine, never complete")
     assert cache.load(KEY) == b"old engine"
     assert [p.name for p in cache.directory.iterdir()] == [cache.path(KEY).name]
+
+
+def test_processes_sharing_the_cache_build_an_engine_once(tmp_path):
+    # Subprocess envs each making their reward model (as the backend's pickling error advises), or an
+    # array job's tasks, start on an empty cache at once: one builds (ViT-bigG-14: minutes, 8 GiB of
+    # builder workspace and a float32 copy of the tower on the GPU), the others wait and load its engine.
+    import threading
+    import time
+
+    from vlmrm_fast.backends.tensorrt import engine_io_problem, load_or_build_engine
+
+    runtime = Runtime({b"fresh": tower_tensors()})
+    builds, engines, errors = [], [], []
+    start = threading.Barrier(3)
+
+    def build():
+        builds.append(threading.get_ident())
+        time.sleep(0.5)  # long enough for the others to find the cache empty
+        return b"fresh"
+
+    def worker():
+        try:
+            cache = EngineCache(tmp_path)  # each its own, as in separate processes
+            start.wait()
+            engines.append(load_or_build_engine(cache, KEY, runtime.deserialize, build,
+                                                lambda engine: engine_io_problem(FAKE_TRT, engine, KEY.precision)))
+        except BaseException as error:  # pragma: no cover - reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=worker) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    assert len(builds) == 1 and [e.origin for e in engines] == [b"fresh"] * 3
+
+
+def test_a_build_removes_what_a_killed_build_of_its_engine_left(tmp_path):
+    # SIGKILL or the OOM killer mid-build runs no clean-up: gigabytes of ONNX (ViT-bigG-14) in a scratch
+    # folder, or half an engine in write_atomically's temporary file, would stay in the cache for good.
+    cache = EngineCache(tmp_path)
+    other = dataclasses.replace(KEY, precision="fp16")
+    scratch = tmp_path / (cache.scratch_prefix(KEY) + "abc123")
+    (scratch / "export").mkdir(parents=True)
+    (scratch / "export" / "tower.onnx").write_bytes(b"graph")
+    half_written = tmp_path / f".{cache.path(KEY).name}.x1y2.tmp"
+    half_written.write_bytes(b"half an engine")
+    others = [tmp_path / (cache.scratch_prefix(other) + "def456"), tmp_path / f".{cache.path(other).name}.z9.tmp"]
+    others[0].mkdir()
+    others[1].write_bytes(b"another engine being written")
+    engine, builds = load_or_build(cache, Runtime({b"fresh": tower_tensors()}), built=b"fresh")
+    assert builds == [b"fresh"] and not scratch.exists() and not half_written.exists()
+    assert all(p.exists() for p in others)  # another key's build may be running beside this one
+
+
+def test_a_cache_that_cannot_lock_still_builds_and_removes_nothing(tmp_path, monkeypatch):
+    # A file system without locks: builds go on side by side, so none may remove another's scratch folder.
+    import fcntl
+
+    def no_locks(fd, operation):
+        raise OSError(37, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    cache = EngineCache(tmp_path)
+    running = tmp_path / (cache.scratch_prefix(KEY) + "abc123")
+    running.mkdir()
+    engine, builds = load_or_build(cache, Runtime({b"fresh": tower_tensors()}), built=b"fresh")
+    assert engine.origin == b"fresh" and running.exists()

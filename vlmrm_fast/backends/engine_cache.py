@@ -5,22 +5,27 @@ precision and batch range it was built for, the recipe that built it (typing, ex
 its calibration frames, so all of these form its key. Each file holds a header (the key and a
 SHA-256 of the engine bytes) and the engine; a file whose header does not match the key, or whose
 bytes do not match the checksum, is rebuilt. Files are written to a temporary name and renamed into
-place, so a crash mid-write never leaves half an engine under the real name.
+place, so a crash mid-write never leaves half an engine under the real name. Processes that share the
+cache (subprocess envs each making their reward model, array jobs) build each engine once: the first
+holds a lock on the engine's name while it builds, the others wait for it, then load its engine.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
-from typing import Optional, Tuple, Union
+from typing import Iterator, Optional, Tuple, Union
 
 import torch
 
 from vlmrm_fast.atomic import write_atomically
 
 _MAGIC = b"VLMRMTRT1\n"
+_log = logging.getLogger(__name__)
 
 
 def default_cache_dir() -> Path:
@@ -127,3 +132,55 @@ class EngineCache:
         """Write atomically (:func:`vlmrm_fast.atomic.write_atomically`)."""
         header = json.dumps({"key": json.loads(key.as_json()), "sha256": hashlib.sha256(payload).hexdigest()})
         return write_atomically(self.path(key), _MAGIC + header.encode() + b"\n" + payload)
+
+    @contextlib.contextmanager
+    def build_lock(self, key: EngineKey) -> Iterator[bool]:
+        """Held while ``key``'s engine is built and stored, by one process (or thread) at a time:
+        an exclusive ``flock`` on ``<engine>.lock`` beside the engine (an empty file, left in place:
+        removing it would let a waiting process lock a file no longer under that name). Where no lock
+        can be taken (a read-only cache folder, a file system without locks), nothing is held and
+        builds go on side by side. Yields whether the lock is held."""
+        try:
+            import fcntl
+
+            self.directory.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path(key).with_name(self.path(key).name + ".lock"), os.O_RDWR | os.O_CREAT, 0o666)
+        except (ImportError, OSError):
+            yield False
+            return
+        try:
+            held = True
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                _log.warning("another process is building the TensorRT engine %s: waiting for it, then loading "
+                             "its engine", self.path(key))
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError:  # ENOLCK and the like: no locks here
+                held = False
+            yield held
+        finally:
+            os.close(fd)  # releases the lock
+
+    def scratch_prefix(self, key: EngineKey) -> str:
+        """Name prefix of the folders, in the cache folder, that builds of ``key`` write their ONNX
+        graphs to (gigabytes for ViT-bigG-14)."""
+        return f".{key.filename()}.build-"
+
+    def remove_abandoned(self, key: EngineKey) -> None:
+        """Remove what killed builds of ``key`` left (SIGKILL, the OOM killer: no clean-up ran): their
+        scratch folders (:meth:`scratch_prefix`) and half-written engine files. Only for the holder of
+        the key's :meth:`build_lock`, beside which no other build of ``key`` runs."""
+        import shutil
+
+        name = key.filename()
+        try:
+            entries = list(self.directory.iterdir())
+        except OSError:
+            return
+        for entry in entries:
+            if entry.name.startswith(self.scratch_prefix(key)) and entry.is_dir():
+                _log.info("removing %s, left by an engine build that was killed", entry)
+                shutil.rmtree(entry, ignore_errors=True)
+            elif entry.name.startswith(f".{name}.") and entry.name.endswith(".tmp") and entry.is_file():
+                entry.unlink(missing_ok=True)  # write_atomically's temporary file

@@ -151,7 +151,8 @@ class TensorRTBackend(VisionBackend):
             runtime = _created(trt, trt.Runtime, self._logger, "runtime")
             engine = load_or_build_engine(
                 cache, key, runtime.deserialize_cuda_engine,
-                build=lambda: self._build(visual, spec, key, workspace_gib, scratch_parent(cache.directory)),
+                build=lambda: self._build(visual, spec, key, workspace_gib, scratch_parent(cache.directory),
+                                          cache.scratch_prefix(key)),
                 io_problem=lambda engine: engine_io_problem(trt, engine, precision),
             )
             self._calibration = None  # only needed to build
@@ -177,8 +178,9 @@ class TensorRTBackend(VisionBackend):
             "in one batch), or build the reward model inside each worker (the engine cache makes that quick)."
         )
 
-    def _build(self, visual, spec, key: EngineKey, workspace_gib: float, scratch: Optional[Path]) -> bytes:
-        with tempfile.TemporaryDirectory(prefix=".vlmrm_fast_build_", dir=scratch) as tmp:
+    def _build(self, visual, spec, key: EngineKey, workspace_gib: float, scratch: Optional[Path],
+               prefix: str) -> bytes:
+        with tempfile.TemporaryDirectory(prefix=prefix, dir=scratch) as tmp:
             from vlmrm_fast.backends.onnx_fp8 import FP8_OPSET, fp8_tower_graph, ort_providers
 
             # Exported in float32 whatever the tower's dtype: the typed graph rounds each weight once.
@@ -322,29 +324,45 @@ def load_or_build_engine(cache: EngineCache, key: EngineKey, deserialize: Callab
                          build: Callable[[], bytes], io_problem: Callable[[object], Optional[str]]):
     """The engine for ``key``: the cached one where its file deserializes and has the tower's inputs
     and outputs (``io_problem(engine)`` is None), else one built afresh (``build()``, serialized
-    bytes), checked the same way, then cached. An engine that fails those checks is never cached."""
+    bytes), checked the same way, then cached. An engine that fails those checks is never cached.
+    Builds hold the cache's lock on ``key`` (:meth:`EngineCache.build_lock`): a process that finds it
+    held waits, then loads the engine the other one built."""
+    engine, problem = _cached_engine(cache, key, deserialize, io_problem)
+    if engine is not None and problem is None:
+        return engine
+    with cache.build_lock(key) as held:
+        if problem is None:  # another process may have built it while this one waited for the lock
+            engine, problem = _cached_engine(cache, key, deserialize, io_problem)
+            if engine is not None and problem is None:
+                return engine
+        if problem is not None:
+            _log.warning("the cached TensorRT engine %s is not the tower's (%s): rebuilding it", cache.path(key), problem)
+        # absent, stale, damaged, refused by this TensorRT, or not the tower's: build afresh
+        if held:
+            cache.remove_abandoned(key)
+        _log.info("building a TensorRT engine (%s, batch %d to %d; minutes for the large towers), then "
+                  "caching it in %s", key.precision, key.batch_range[0], key.batch_range[2], cache.directory)
+        payload = build()
+        engine = deserialize(payload)
+        if engine is None:
+            raise BackendError("TensorRT built an engine it cannot deserialize; see the TensorRT log above.")
+        problem = io_problem(engine)
+        if problem is not None:
+            raise BackendError(f"TensorRT built an engine whose inputs and outputs are not the tower's: {problem}.")
+        try:
+            cache.store(key, payload)
+        except OSError as error:  # a read-only cache must not throw away a built engine
+            warnings.warn(f"TensorRT engine not cached ({error}); it is rebuilt next time.", stacklevel=3)
+    return engine
+
+
+def _cached_engine(cache: EngineCache, key: EngineKey, deserialize: Callable[[bytes], object],
+                   io_problem: Callable[[object], Optional[str]]) -> Tuple[object, Optional[str]]:
+    """(engine, None) for a good cached engine, (engine, problem) for one that is not the tower's,
+    (None, None) where none deserializes."""
     payload = cache.load(key)
     engine = deserialize(payload) if payload is not None else None
-    if engine is not None:
-        problem = io_problem(engine)
-        if problem is None:
-            return engine
-        _log.warning("the cached TensorRT engine %s is not the tower's (%s): rebuilding it", cache.path(key), problem)
-    # absent, stale, damaged, refused by this TensorRT, or not the tower's: build afresh
-    _log.info("building a TensorRT engine (%s, batch %d to %d; minutes for the large towers), then "
-              "caching it in %s", key.precision, key.batch_range[0], key.batch_range[2], cache.directory)
-    payload = build()
-    engine = deserialize(payload)
-    if engine is None:
-        raise BackendError("TensorRT built an engine it cannot deserialize; see the TensorRT log above.")
-    problem = io_problem(engine)
-    if problem is not None:
-        raise BackendError(f"TensorRT built an engine whose inputs and outputs are not the tower's: {problem}.")
-    try:
-        cache.store(key, payload)
-    except OSError as error:  # a read-only cache must not throw away a built engine
-        warnings.warn(f"TensorRT engine not cached ({error}); it is rebuilt next time.", stacklevel=3)
-    return engine
+    return engine, (io_problem(engine) if engine is not None else None)
 
 
 def _float_precision(precision: str) -> str:
