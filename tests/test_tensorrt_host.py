@@ -183,6 +183,10 @@ def read_graph(path):
         return Tensor(value.name, ONNX_TYPES[value.type.tensor_type.elem_type], shape)
 
     layers = [Layer(ONNX_LAYERS[n.op_type], ONNX_TYPES[types_[n.output[0]]]) for n in graph.node if n.op_type in ONNX_LAYERS]
+    given = graph.input[0]
+    if ONNX_TYPES[given.type.tensor_type.elem_type] == DataType.UINT8:  # DataType::kUINT8's notes in NvInferRuntimeBase.h
+        readers = [n.op_type for n in graph.node if given.name in n.input]
+        assert readers == ["Cast"], f"TensorRT takes a uint8 input only straight into a cast layer; it feeds {readers}"
     return tensor(graph.input[0]), tensor(graph.output[0]), layers
 
 

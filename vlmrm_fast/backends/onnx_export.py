@@ -295,6 +295,31 @@ def _require_dynamic_batch(raw: Path) -> None:
             )
 
 
+def _frames_feed_only_their_cast(raw: Path) -> None:
+    """Make the graph's uint8 input feed nothing but its Cast. The dynamo exporter also reads the batch
+    size off it (``Shape(frames)``), and TensorRT wants every uint8 input to go straight into a cast
+    layer (its ``DataType::kUINT8`` notes); the Cast's float output has the same shape. Rewritten in
+    place, only where there is such a reader (the TorchScript exporter writes none)."""
+    import onnx
+
+    model = onnx.load(str(raw), load_external_data=False)
+    graph = model.graph
+    frames = graph.input[0].name
+    readers = [node for node in graph.node if frames in node.input]
+    casts = [node for node in readers if node.op_type == "Cast"]
+    shapes = [node for node in readers if node.op_type == "Shape"]
+    if len(casts) != 1 or not shapes:
+        return
+    for node in shapes:
+        node.input[:] = [casts[0].output[0] if name == frames else name for name in node.input]
+    # The Cast reads only the graph's input, so it may go first: nodes must stay topologically sorted.
+    cast = onnx.NodeProto()
+    cast.CopyFrom(casts[0])
+    graph.node.remove(casts[0])
+    graph.node.insert(0, cast)
+    onnx.save(model, str(raw))  # side files stay where the graph's references name them
+
+
 def export_onnx(
     visual: torch.nn.Module,
     path: Union[str, Path],
@@ -365,8 +390,10 @@ def export_onnx(
                 "or backend_options of the onnxruntime and tensorrt backends).",
                 UserWarning, stacklevel=2,
             )
-        _log.info("exported the vision tower with torch's %s ONNX exporter",
-                  "dynamo" if exporter == "dynamo" or fell_back is not None else "TorchScript")
+        dynamo = exporter == "dynamo" or fell_back is not None
+        _log.info("exported the vision tower with torch's %s ONNX exporter", "dynamo" if dynamo else "TorchScript")
+        if dynamo and input_format == "uint8-nhwc":
+            _frames_feed_only_their_cast(raw)
         if not external_data and [f.name for f in raw.parent.iterdir()] == [raw.name]:
             # One self-contained file: placed as written (loading and saving it again took 2.8 s of a
             # 7.4 s ViT-B-32 export here). The exporters split graphs over 2 GB into side files.
