@@ -94,7 +94,8 @@ def cuda_extensions():
         import torch
     except ImportError:
         msg = ("torch is not importable in the build environment (build isolation?): no CUDA extension; "
-               "to build it, install torch first and run `pip install -e . --no-build-isolation`")
+               "to build it, install torch first and run pip with --no-build-isolation "
+               "(`pip install -e . --no-build-isolation`, `pip wheel --no-deps --no-build-isolation -w dist .`)")
         if force:
             raise RuntimeError("VLMRM_FAST_FORCE_BUILD: " + msg)
         _note(msg)
@@ -154,10 +155,17 @@ def cuda_extensions():
         def _install_without_extensions(self):
             # An output of an earlier build must not ship in place of the one that failed, and a wheel
             # without the extension is pure Python: say so in its tag (py3-none-any), not a platform one.
+            # An editable install imports the copy an earlier build left in the source tree: remove it too.
+            build_py = self.get_finalized_command("build_py")
             for extension in self.extensions:
-                output = self.get_ext_fullpath(extension.name)
-                if os.path.exists(output):
-                    os.remove(output)
+                outputs = [self.get_ext_fullpath(extension.name)]
+                if getattr(self, "editable_mode", False):
+                    package = extension.name.rpartition(".")[0]
+                    filename = os.path.basename(self.get_ext_filename(extension.name))
+                    outputs.append(os.path.join(build_py.get_package_dir(package), filename))
+                for output in outputs:
+                    if os.path.exists(output):
+                        os.remove(output)
             self.distribution.ext_modules = []
             wheel = self.distribution.command_obj.get("bdist_wheel")
             if wheel is not None:
@@ -200,6 +208,21 @@ def _license() -> dict:
     return {"license_expression": "MIT"} if major >= 77 else {"license": "MIT"}
 
 
+def _clean_build_py():
+    """build_py that first empties the package's folder in build/: setuptools never removes what an earlier
+    build copied there, so a module deleted or renamed since (a `git pull` in the same checkout) would ship."""
+    from setuptools.command.build_py import build_py
+
+    class CleanBuildPy(build_py):
+        def run(self):
+            stale = os.path.join(self.build_lib, "vlmrm_fast")
+            if os.path.isdir(stale):
+                shutil.rmtree(stale)
+            super().run()
+
+    return CleanBuildPy
+
+
 if __name__ == "__main__":  # as pip and setuptools run it; tests import its helpers
     ext_modules, cmdclass = cuda_extensions()
-    setup(ext_modules=ext_modules, cmdclass=cmdclass, **_license())
+    setup(ext_modules=ext_modules, cmdclass={"build_py": _clean_build_py(), **cmdclass}, **_license())

@@ -60,6 +60,22 @@ def test_pure_python_wheel_holds_the_package_and_its_model_configs(tmp_path):
     assert "vlmrm-fast = vlmrm_fast.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
 
 
+def test_a_module_left_in_build_by_an_earlier_build_does_not_ship(tmp_path):
+    # `git pull` (a module deleted or renamed) and the wheel built again in the same checkout: setuptools
+    # copies the package into build/ over what an earlier build left there and never removes the rest.
+    import sysconfig
+
+    src, out = copy_sources(tmp_path / "src"), tmp_path / "dist"
+    for lib in ("lib", f"lib.{sysconfig.get_platform()}-{sys.implementation.cache_tag}"):
+        (src / "build" / lib / "vlmrm_fast").mkdir(parents=True)
+        (src / "build" / lib / "vlmrm_fast" / "removed_since.py").write_text("x = 1\n")
+    result = _pip_wheel(src, out, VLMRM_FAST_SKIP_CUDA_BUILD="1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    (wheel,) = out.glob("vlmrm_fast-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "vlmrm_fast/reward.py" in names and "vlmrm_fast/removed_since.py" not in names
+
+
 def test_forced_cuda_build_without_the_toolkit_fails_and_says_why(tmp_path):
     torch = pytest.importorskip("torch")
     if torch.version.cuda is None:

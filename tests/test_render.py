@@ -1200,10 +1200,13 @@ def test_gpu_unavailable_reason_names_each_cause(monkeypatch):
     monkeypatch.setattr(_cuda, "_import_error", "ImportError: undefined symbol _ZN3c10")
     monkeypatch.setattr(_cuda, "_ext", None)
     monkeypatch.setattr(_cuda, "_built", True)
-    assert "is built but does not load (ImportError: undefined symbol _ZN3c10)" in gpu_unavailable_reason()
+    reason = gpu_unavailable_reason()
+    assert "is built but does not load (ImportError: undefined symbol _ZN3c10)" in reason
+    # Without the variable, a machine with no GPU visible (a login node) skips the rebuild, keeping the old one.
+    assert "VLMRM_FAST_FORCE_BUILD=1 pip install -e . --no-build-isolation" in reason
     monkeypatch.setattr(_cuda, "_built", False)
     reason = gpu_unavailable_reason()
-    assert "is not built (ImportError" in reason and "pip install -e . --no-build-isolation" in reason
+    assert "is not built (ImportError" in reason and "VLMRM_FAST_FORCE_BUILD=1 pip install -e . --no-build-isolation" in reason
     monkeypatch.setattr(_cuda, "_ext", object())
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert gpu_unavailable_reason("cuda:0") == "no CUDA device (torch.cuda.is_available() is False)"

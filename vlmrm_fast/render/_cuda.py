@@ -41,12 +41,15 @@ def gpu_unavailable_reason(device: Any = None) -> Optional[str]:
         return (
             f"the CUDA extension vlmrm_fast._render_cuda is built but does not load ({_import_error}); "
             f"usually it was built against another torch than this one ({torch.__version__}): rebuild it "
-            "against this torch (`pip install -e . --no-build-isolation`, or a wheel built where this torch is installed)"
+            "against this torch (`VLMRM_FAST_FORCE_BUILD=1 pip install -e . --no-build-isolation`: without the "
+            "variable a machine with no GPU visible skips the build and keeps the old one; or a wheel built where "
+            "this torch is installed)"
         )
     if _ext is None:
         return (
             "the CUDA extension vlmrm_fast._render_cuda is not built "
-            f"({_import_error}); build it on a CUDA machine with `pip install -e . --no-build-isolation`"
+            f"({_import_error}); build it where the CUDA toolkit is, with "
+            "`VLMRM_FAST_FORCE_BUILD=1 pip install -e . --no-build-isolation` (a GPU is not needed)"
         )
     if not torch.cuda.is_available():
         return "no CUDA device (torch.cuda.is_available() is False)"
