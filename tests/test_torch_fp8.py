@@ -272,3 +272,32 @@ def test_an_fp8_tower_is_not_exported():
     torch_fp8.quantize_fp8(model.visual)
     with pytest.raises(ValueError, match="quantised to fp8.*export the model as loaded"):
         export_onnx(model.visual, "unused.onnx", preprocess_spec_of(model, "vlmrm"), input_format="pixels")
+
+
+def test_a_second_fp8_reward_on_the_same_model_leaves_the_first_as_it_was(fp8_on_cpu):
+    # CLIPReward casts the tower it is given in place (Module.to(dtype) casts float8 buffers too): the
+    # E4M3 weights and float32 scales quantised by the first reward must come through a second one whole.
+    _usable("cpu")
+    model, tokenizer = make_tiny()
+    frames = _frames(5, 3)
+    kwargs = dict(goal=GOAL, baseline=BASELINE, alpha=ALPHA, device="cpu", dtype="bf16", backend="torch",
+                  backend_options={"quantize": "fp8"})
+    first = CLIPReward(model, tokenizer, **kwargs)
+    before = first(frames)
+    layer = first.model.visual.transformer.resblocks[0].mlp.c_fc
+    weights, scales = layer.weight_fp8.clone(), layer.weight_scale.clone()
+    second = CLIPReward(model, tokenizer, **kwargs)
+    model.visual.float().to(torch.bfloat16)  # what a user's casts do as well
+    assert layer.weight_fp8.dtype == torch.float8_e4m3fn and torch.equal(layer.weight_fp8.view(torch.uint8),
+                                                                         weights.view(torch.uint8))
+    assert layer.weight_scale.dtype == torch.float32 and torch.equal(layer.weight_scale, scales)
+    assert torch.equal(first(frames), before) and torch.equal(second(frames), before)
+
+
+@pytest.mark.parametrize("backend", ["torch", "compile"])
+def test_a_reward_without_fp8_on_a_tower_quantised_by_another_is_refused(backend):
+    # The first reward quantised the shared tower in place: the second would score in fp8 unasked.
+    model, tokenizer = make_tiny()
+    torch_fp8.quantize_fp8(model.visual)
+    with pytest.raises(BackendError, match="quantised to fp8, in place, by a reward made earlier.*Load the model again"):
+        CLIPReward(model, tokenizer, goal=GOAL, device="cpu", dtype="bf16", backend=backend)

@@ -5,9 +5,9 @@ from typing import Optional
 
 import torch
 
-from vlmrm_fast.backends.base import VisionBackend, pooled_embeddings
+from vlmrm_fast.backends.base import BackendError, VisionBackend, pooled_embeddings
 from vlmrm_fast.backends.patch_embed import use_patch_matmul
-from vlmrm_fast.backends.torch_fp8 import check_torch_quantize, quantize_fp8
+from vlmrm_fast.backends.torch_fp8 import check_torch_quantize, is_fp8_quantised, quantize_fp8
 
 
 def adapt_tower(visual: torch.nn.Module, backend: str, device: torch.device, dtype: torch.dtype,
@@ -16,6 +16,12 @@ def adapt_tower(visual: torch.nn.Module, backend: str, device: torch.device, dty
     the patch embedding as a matmul (cuDNN's convolution was the slow one; on CPU it is not measured);
     with ``quantize="fp8"``, the transformer's matmuls in E4M3, after checking that they can run here."""
     check_torch_quantize(quantize, backend, device, dtype)
+    if quantize != "fp8" and is_fp8_quantised(visual):
+        raise BackendError(
+            "this vision tower's matmuls were quantised to fp8, in place, by a reward made earlier on the same "
+            "model (backend_options quantize='fp8'): it would score in fp8 unasked. Load the model again for "
+            "this reward (or give it a copy.deepcopy of the model), or pass backend_options={'quantize': 'fp8'}."
+        )
     if device.type == "cuda":
         use_patch_matmul(visual)
     if quantize == "fp8":

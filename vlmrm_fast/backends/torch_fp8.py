@@ -68,9 +68,27 @@ class Float8Linear(torch.nn.Module):
             raise ValueError(f"fp8 matmuls need both sizes to be multiples of 16; this weight is {tuple(weight.shape)}.")
         self.out_dtype = out_dtype
         weight_fp8, weight_scale = quantize_rows(weight.detach())
-        self.register_buffer("weight_fp8", weight_fp8)
-        self.register_buffer("weight_scale", weight_scale.reshape(1, -1).contiguous())  # [1, N]: per column of W.T
-        self.register_buffer("bias", None if bias is None else bias.detach().to(out_dtype))
+        # Held as raw bytes: Module.to(dtype), .half() and .float() cast every floating-point buffer,
+        # float8 included, which would round the E4M3 values and the float32 scales away (a second
+        # CLIPReward on the same model casts its tower so).
+        self.register_buffer("weight_fp8_bytes", _as_bytes(weight_fp8))
+        self.register_buffer("weight_scale_bytes", _as_bytes(weight_scale.reshape(1, -1)))  # [1, N]: per column of W.T
+        self.register_buffer("bias_bytes", None if bias is None else _as_bytes(bias.detach().to(out_dtype)))
+
+    @property
+    def weight_fp8(self) -> torch.Tensor:
+        """[N, K] float8_e4m3fn."""
+        return self.weight_fp8_bytes.view(torch.float8_e4m3fn)
+
+    @property
+    def weight_scale(self) -> torch.Tensor:
+        """[1, N] float32: column ``j`` of ``W.T`` is ``weight_fp8[j] * weight_scale[0, j]``."""
+        return self.weight_scale_bytes.view(torch.float32)
+
+    @property
+    def bias(self) -> Optional[torch.Tensor]:
+        """[N] in ``out_dtype``, or None."""
+        return None if self.bias_bytes is None else self.bias_bytes.view(self.out_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, scale = quantize_rows(x.reshape(-1, self.in_features))
@@ -80,6 +98,11 @@ class Float8Linear(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, out_dtype={self.out_dtype}"
+
+
+def _as_bytes(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor``'s bytes as uint8 (its last axis times its element size), which no dtype cast touches."""
+    return tensor.contiguous().view(torch.uint8)
 
 
 Projection = Callable[[torch.Tensor, Optional[torch.Tensor]], torch.nn.Module]
