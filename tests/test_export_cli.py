@@ -295,6 +295,26 @@ def test_a_float16_export_is_written_unverified(tmp_path, capsys, input_format):
     assert "not checked against torch (the ONNX Runtime check is for --dtype fp32 exports)" in printed
 
 
+@pytest.mark.parametrize("input_format", ["uint8-nhwc", "pixels"])
+def test_a_float16_export_keeps_layernorm_in_float32(tmp_path, input_format):
+    # fp16 CLIP towers lose accuracy in LayerNorm (SPEC §3), and a strongly typed runtime (TensorRT) runs each
+    # layer in the type the graph gives it: the file is the typed graph the tensorrt backend builds from.
+    import onnx
+    from onnx import TensorProto
+
+    out = tmp_path / "t.onnx"
+    assert main(["export", "vlmrm-tiny", "--dtype", "fp16", "--input", input_format, "--out", str(out)]) == 0
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(out)), strict_mode=True)
+    graph = model.graph
+    types = {v.name: v.type.tensor_type.elem_type for v in [*graph.value_info, *graph.input, *graph.output]}
+    norms = [n for n in graph.node if n.op_type == "LayerNormalization"]
+    matmuls = [n for n in graph.node if n.op_type in ("MatMul", "Gemm")]
+    assert norms and {types[n.input[0]] for n in norms} == {types[n.output[0]] for n in norms} == {TensorProto.FLOAT}
+    assert matmuls and {types[n.output[0]] for n in matmuls} == {TensorProto.FLOAT16}
+    given = TensorProto.UINT8 if input_format == "uint8-nhwc" else TensorProto.FLOAT16
+    assert (types[graph.input[0].name], types[graph.output[0].name]) == (given, TensorProto.FLOAT)
+
+
 def test_no_verify_skips_the_check(tmp_path, monkeypatch, capsys):
     from vlmrm_fast import export
 

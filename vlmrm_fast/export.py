@@ -43,8 +43,8 @@ def add_export_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, default=None, help="output file (default: <model>-<weights>-<input>-<dtype>.onnx/.engine)")
     p.add_argument("--input", choices=ONNX_INPUT_FORMATS, default="uint8-nhwc", help="the graph's input (default: %(default)s)")
     p.add_argument("--dtype", type=dtype_choice(("fp32", "fp16", "bf16")), default=None,
-                   help="precision: ONNX fp32 or fp16 (default fp32); TensorRT fp16, bf16 or fp32 (default bf16); "
-                   "float32/float16/bfloat16 too")
+                   help="precision: ONNX fp32 or fp16 (default fp32; fp16 computes in float16 with LayerNorm in "
+                   "float32, output float32); TensorRT fp16, bf16 or fp32 (default bf16); float32/float16/bfloat16 too")
     p.add_argument("--max-batch-size", type=positive_int, default=256, help="TensorRT: largest batch of the engine's profile (default: %(default)s)")
     p.add_argument("--opt-batch-size", type=positive_int, default=None,
                    help="TensorRT: the batch its kernels are tuned for, the one you will run most (default: half the max)")
@@ -64,8 +64,6 @@ def default_out(model: str, pretrained: Optional[str], input_format: str, fmt: s
 
 
 def run_export(args: argparse.Namespace) -> int:
-    import torch
-
     from vlmrm_fast.backends.onnx_export import export_onnx
     from vlmrm_fast.models import create_clip, preprocess_spec_of
 
@@ -79,7 +77,7 @@ def run_export(args: argparse.Namespace) -> int:
     spec = preprocess_spec_of(model, "vlmrm")
     start = time.perf_counter()
     if args.format == "onnx":
-        visual = model.visual.to(torch.float16 if dtype == "fp16" else torch.float32)
+        visual = model.visual.float()
         external = {"auto": None, "yes": True, "no": False}[args.external_data]
         errors = []
 
@@ -93,8 +91,11 @@ def run_export(args: argparse.Namespace) -> int:
                 )
 
         verify = not args.no_verify and dtype == "fp32" and _has_onnxruntime()
-        path = export_onnx(visual, out, spec, input_format=args.input, external_data=external,
-                           check=check if verify else None, exporter=args.exporter)
+        if dtype == "fp16":
+            path = export_float16_onnx(model.visual, out, spec, args.input, external, args.exporter)
+        else:
+            path = export_onnx(visual, out, spec, input_format=args.input, external_data=external,
+                               check=check if verify else None, exporter=args.exporter)
         message = f"wrote {path} ({_size(path)}) in {time.perf_counter() - start:.1f} s"
         if errors:
             message += f"; ONNX Runtime vs torch: max relative error {errors[-1]:.2e}"
@@ -168,6 +169,21 @@ def verify_onnx(path: Path, visual: torch.nn.Module, spec, input_format: str) ->
     inputs = frames.numpy() if input_format == "uint8-nhwc" else pixels.numpy()
     got = session.run(None, {session.get_inputs()[0].name: inputs})[0]
     return float(np.abs(got - want).max() / np.abs(want).max())
+
+
+def export_float16_onnx(visual, out: Path, spec, input_format: str, external_data: Optional[bool],
+                        exporter: str = "auto") -> Path:
+    """The tower as an ONNX graph computing in float16 with LayerNorm in float32, where fp16 CLIP
+    towers lose accuracy (:func:`~vlmrm_fast.backends.onnx_half.to_half_precision`, the graph TensorRT's
+    fp16 engines are built from): exported in float32 beside ``out``, then rewritten into place. Input
+    uint8 frames or float16 pixels; output float32 embeddings."""
+    from vlmrm_fast.backends.onnx_export import export_onnx
+    from vlmrm_fast.backends.onnx_half import to_half_precision
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
+        graph = export_onnx(visual.float(), Path(tmp) / "tower.onnx", spec, input_format=input_format, exporter=exporter)
+        return to_half_precision(graph, out, "fp16", external_data=external_data)
 
 
 def export_engine(visual, spec, out: Path, dtype: str, input_format: str, batch_range: tuple,

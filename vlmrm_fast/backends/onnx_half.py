@@ -25,7 +25,7 @@ reference evaluator runs it.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, List, Set, Union
+from typing import Dict, List, Optional, Set, Union
 
 import numpy as np
 
@@ -38,10 +38,12 @@ _FLOAT32_INPUTS = {"Resize": (1, 2)}
 """Inputs that ONNX requires in float32 whatever the data's type (Resize's roi and scales)."""
 
 
-def to_half_precision(source: Union[str, Path], target: Union[str, Path], half: str = "bf16") -> Path:
+def to_half_precision(source: Union[str, Path], target: Union[str, Path], half: str = "bf16",
+                      external_data: Optional[bool] = None) -> Path:
     """Write the float32 graph ``source`` rewritten to compute in ``half`` ("bf16" or "fp16") to ``target``.
 
-    Weights over 2 GB (ViT-bigG-14) go to ``<target>.data``. Limits: a Cast to float32 of a float
+    Weights go to ``<target>.data`` where ``external_data``, by default where they are over 2 GB
+    (ViT-bigG-14). Limits: a Cast to float32 of a float
     tensor becomes a cast to half (see above), so a deliberate float32 island other than LayerNorm
     would not survive; open_clip's ViTs have none.
     """
@@ -187,7 +189,7 @@ def to_half_precision(source: Union[str, Path], target: Union[str, Path], half: 
 
     # Every tensor's type must follow from the graph: what a strongly typed TensorRT build relies on.
     _inferred_types(model)
-    return save_graph(model, target)
+    return save_graph(model, target, external_data)
 
 
 def matmul_types(path: Union[str, Path]) -> Set[str]:
