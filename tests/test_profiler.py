@@ -1487,3 +1487,213 @@ def test_gpu_driver_and_package_versions(monkeypatch):
     assert run_info.package_version("vlmrm-no-such-distribution", "pytest") == version("pytest")
     assert run_info.package_version("vlmrm-no-such-distribution") == ""
     assert run_info.device_name(torch.device("cpu")).endswith(f"({torch.get_num_threads()} threads)")
+
+
+# ---- the profiler's figures: behaviours a second mutation audit found untested ----------------------
+
+
+def _noting_batches(rm, timer):
+    """``rm`` with its preprocessing op, tower and score noting (step, batch) to ``timer`` (a _StageRecorder)."""
+    real_pixels, real_score, backend = rm._pixels, rm.score, rm._backend
+
+    class Tower:
+        def __getattr__(self, name):
+            return getattr(backend, name)
+
+        def __call__(self, pixels):
+            timer.note(("tower", pixels.shape[0]))
+            return backend(pixels)
+
+    rm._backend = Tower()
+    rm._pixels = lambda frames, bottom_up: (timer.note(("pixels", frames.shape[0])), real_pixels(frames, bottom_up))[1]
+    rm.score = lambda embeddings: (timer.note(("score", embeddings.shape[0])), real_score(embeddings))[1]
+    return rm
+
+
+def test_every_stage_is_timed_on_the_whole_batch(small_profiler):
+    # frames/s = N / median: a stage timed on fewer than N frames would read up to N times too fast.
+    from vlmrm_fast.profiler.seed import SeedPipeline
+
+    profiler_, base, tokenizer, _ = small_profiler
+    timer = profiler_.timer
+
+    class Seed(SeedPipeline):  # the seed, noting the batch each step gets
+        def preprocess(self, frames):
+            timer.note(("seed preprocess", frames.shape[0]))
+            return super().preprocess(frames)
+
+        def tower(self, pixels):
+            timer.note(("seed tower", pixels.shape[0]))
+            return super().tower(pixels)
+
+        def score(self, embeddings):
+            timer.note(("seed score", embeddings.shape[0]))
+            return super().score(embeddings)
+
+    from vlmrm_fast.models import preprocess_spec_of
+
+    seed = Seed(base, preprocess_spec_of(base, "vlmrm"), torch.device("cpu"))
+    seed_row = profiler_._measure_seed("vlmrm-tiny", seed, 2, "fp32", 1.0, "analytic")
+    steps = [("seed preprocess", 2), ("seed tower", 2), ("seed score", 2)]
+    assert [timer.ran_in(seed_row.timings[s]) for s in ("preprocess", "tower", "score", "end_to_end")] == [
+        steps[:1], steps[1:2], steps[2:], steps]
+    profiler_.report.rows.append(seed_row)
+
+    rm = _noting_batches(profiler_._reward_model(base, tokenizer, "vlmrm-tiny", dtype=torch.float32, backend="torch"),
+                         timer)
+    row = profiler_._measure_reward(rm, "vlmrm-tiny", "fp32", 2, 1.0, "analytic", 0.0, seed)
+    stages = ("preprocess", "tower", "score", "end_to_end", "seed_end_to_end")
+    assert [timer.ran_in(row.timings[s]) for s in stages] == [
+        [("pixels", 2)], [("tower", 2)], [("score", 2)], [("pixels", 2), ("tower", 2)], steps]
+
+
+def test_a_batch_the_seed_did_not_run_at_is_timed_without_it(small_profiler):
+    # Where the seed's own row is missing (it failed there: the fp32 seed runs out of memory first at
+    # large batches), the row is timed alone, with no 'vs seed', rather than failing with the seed.
+    import dataclasses
+
+    profiler_, base, tokenizer, _ = small_profiler
+
+    def seed_out_of_memory(frames):
+        raise RuntimeError("CUDA out of memory")
+
+    # The seed ran for another model at this batch size, and for this model at another one.
+    profiler_.report.rows += [dataclasses.replace(_row("ViT-B-32", "seed", 10.0, 1.0), batch=2),
+                              dataclasses.replace(_row("vlmrm-tiny", "seed", 10.0, 1.0), batch=1)]
+    timer = profiler_.timer
+    rm = _noting_batches(profiler_._reward_model(base, tokenizer, "vlmrm-tiny", dtype=torch.float32, backend="torch"),
+                         timer)
+    row = profiler_._measure_reward(rm, "vlmrm-tiny", "fp32", 2, 1.0, "analytic", 0.0, seed_out_of_memory)
+    assert "seed_end_to_end" not in row.timings
+    assert timer.ran_in(row.timings["end_to_end"]) == [("pixels", 2), ("tower", 2)]  # still rm(frames), whole
+    assert row.seed_fps is None and row.speedup_vs_seed is None
+
+
+def test_reward_error_is_the_largest_difference_not_a_typical_one(small_profiler):
+    profiler_, base, tokenizer, _ = small_profiler
+    reference = profiler_._reference_rewards("vlmrm-tiny", base, tokenizer)
+    # One frame off by 0.25, the other exact: the error is 0.25 (a mean would say 0.125).
+    profiler_._profile_backend("vlmrm-tiny", base, tokenizer, "torch", "fp32", 1.0, "analytic", None,
+                               reference + torch.tensor([0.0, 0.25]))
+    [row] = profiler_.report.rows
+    assert row.reward_error == pytest.approx(0.25, abs=1e-6)
+
+
+def test_the_seed_scores_through_its_d_by_d_matrix():
+    # SPEC §1.4: the original multiplies by the explicit D x D matrix M (what the fast path avoids); the
+    # seed's score must be that product, not the O(D) shortcut, for its 'score' figure to be the original's.
+    from conftest import make_tiny
+    from vlmrm_fast.models import preprocess_spec_of
+    from vlmrm_fast.profiler.seed import SeedPipeline
+
+    model = make_tiny(seed=2)[0]
+    seed = SeedPipeline(model, preprocess_spec_of(model, "vlmrm"), torch.device("cpu"))
+    dim = len(seed.goal)
+    generator = torch.Generator().manual_seed(3)
+    x = torch.nn.functional.normalize(torch.randn(4, dim, generator=generator), dim=-1)
+    a = torch.randn(dim, dim, generator=generator)
+    seed.projection = (a + a.T) / dim  # any matrix: the score is 1 - |(x - g) M|^2 / 2 with it
+    expected = 1 - ((x - seed.goal) @ seed.projection).norm(dim=-1) ** 2 / 2
+    assert torch.allclose(seed.score(x), expected, atol=1e-6)
+    assert all(p.dtype == torch.float32 for p in seed.model.parameters())  # fp32 weights, as the original's
+
+
+def test_the_plot_shows_end_to_end_frames_per_second_per_configuration(tmp_path, monkeypatch):
+    # bench.png: one line per (model, backend, dtype), end to end frames/s against the batch size.
+    import dataclasses
+
+    from matplotlib.axes import Axes
+
+    from vlmrm_fast.profiler.report import Report, write_plot
+
+    lines = []
+    real_plot = Axes.plot
+    monkeypatch.setattr(Axes, "plot", lambda self, x, y, **kw: lines.append((kw["label"], list(x), list(y)))
+                        or real_plot(self, x, y, **kw))
+    rows = [dataclasses.replace(_row("ViT-B-32", "torch", fps, 1.0), batch=batch, tower_fps=3 * fps, score_fps=7 * fps)
+            for batch, fps in ((8, 20.0), (1, 5.0))]
+    rows.append(dataclasses.replace(_row("ViT-B-32", "seed", 4.0, 1.0), tower_fps=9.0))
+    write_plot(tmp_path / "bench.png", Report(ENV, {**CONFIG, "device": "cpu", "frame_size": 224}, rows=rows))
+    assert lines == [("ViT-B-32 torch fp32", [1, 8], [5.0, 20.0]), ("ViT-B-32 seed fp32", [8], [4.0])]
+
+
+def test_summarize_events_lists_the_costliest_first():
+    from types import SimpleNamespace
+
+    from vlmrm_fast.profiler.kernels import summarize_events
+
+    events = [SimpleNamespace(key=name, device_type="DeviceType.CPU", self_cpu_time_total=us, count=3)
+              for name, us in (("aten::gelu", 300.0), ("aten::layer_norm", 600.0), ("aten::addmm", 1500.0))]
+    kernels = summarize_events(events, on_cuda=False, calls=3)
+    assert [k.name for k in kernels] == ["aten::addmm", "aten::layer_norm", "aten::gelu"]
+    assert [k.ms for k in kernels] == pytest.approx([0.5, 0.2, 0.1])
+
+
+def test_a_ratio_is_checked_against_the_seed_at_its_own_batch_size():
+    # The seed's speed depends on the batch: a row's paired seed is compared with the seed's row at
+    # the same batch size, not with another batch's.
+    import dataclasses
+
+    from vlmrm_fast.profiler.report import unsteady_rows
+
+    seed_1 = dataclasses.replace(_row("ViT-B-32", "seed", 10.0, 1.0), batch=1, seed_fps=None, speedup_vs_seed=None)
+    seed_8 = dataclasses.replace(_row("ViT-B-32", "seed", 40.0, 1.0), seed_fps=None, speedup_vs_seed=None)
+    row_1 = dataclasses.replace(_row("ViT-B-32", "torch", 20.0, 10.0), batch=1)
+    row_8 = _row("ViT-B-32", "torch", 80.0, 40.0)
+    assert unsteady_rows([seed_1, seed_8, row_1, row_8]) == []
+    assert unsteady_rows([seed_8, seed_1, row_1, row_8]) == []
+    assert unsteady_rows([seed_1, seed_8, dataclasses.replace(row_8, seed_fps=10.0)]) == [2]
+    assert unsteady_rows([seed_8, seed_1, dataclasses.replace(row_1, seed_fps=40.0)]) == [2]
+
+
+def test_paired_timing_gives_each_callable_its_own_times(monkeypatch):
+    # end to end and the seed's are timed as a pair: each must get its own calls' times, or 'vs seed' inverts.
+    timer, _ = _scripted_timer(monkeypatch, [1.0, 5.0, 6.0, 2.0, 3.0, 7.0], warmup=0, repeats=3, time_budget=100.0)
+    first, second = timer.paired(lambda: None, lambda: None)  # timed: first, second, second, first, first, second
+    assert (first.median_s, first.min_s, first.max_s) == (2.0, 1.0, 3.0)
+    assert (second.median_s, second.min_s, second.max_s) == (6.0, 5.0, 7.0)
+
+
+def test_the_cuda_seed_rows_name_its_fp16_autocast(small_profiler, monkeypatch):
+    # On a GPU the seed runs fp32 weights under fp16 autocast: its rows say so, and are set against the
+    # fp16 peak (a row labelled fp32 would be set against a peak the run does not measure on CUDA).
+    from vlmrm_fast.profiler import run as bench
+    from vlmrm_fast.profiler.report import peak_dtype
+    from vlmrm_fast.profiler.seed import SEED_CUDA_DTYPE
+
+    profiler_, base, _, _ = small_profiler
+    labels = []
+    monkeypatch.setattr(bench, "SeedPipeline", lambda model, spec, device: "a seed")
+    monkeypatch.setattr(profiler_, "_measure_seed", lambda name, seed, n, dtype, *args: labels.append(dtype)
+                        or _row(name, "seed", 1.0, 1.0, dtype))
+    profiler_.device = torch.device("cuda")  # what it labels on a GPU (nothing runs here)
+    profiler_._profile_seed("vlmrm-tiny", base, 1.0, "analytic")
+    assert labels == [SEED_CUDA_DTYPE] and peak_dtype(labels[0]) == "fp16"
+
+
+def test_the_table_cells_of_one_row():
+    # Each figure under its own header: rates, the seed's, the ratio, the FLOP rate and 'of peak' in percent.
+    import dataclasses
+
+    from vlmrm_fast.profiler.report import markdown_table
+
+    row = dataclasses.replace(_row("ViT-B-32", "torch", 2500.0, 1000.0), h2d_fps=9000.0, preprocess_fps=8000.0,
+                              tower_fps=3000.0, score_fps=50000.0, achieved_tflops=26.46, peak_tflops=105.84,
+                              frac_of_peak=0.25, build_seconds=12.34, reward_error=3e-4)
+    header, _, line = markdown_table([row]).splitlines()
+    cells = dict(zip(header.strip("| ").split(" | "), line.strip("| ").split(" | ")))
+    assert cells == {"model": "ViT-B-32", "backend": "torch", "dtype": "fp32", "kernels": "torch", "batch": "8",
+                     "frame": "480", "h2d": "9,000", "preprocess": "8,000", "tower": "3,000", "score": "50,000",
+                     "end to end": "2,500", "seed": "1,000", "vs seed": "2.50x", "GFLOP/img": "8.82", "TFLOP/s": "26.5",
+                     "of peak": "25.0%", "build s": "12.3", "reward err": "3.0e-04"}
+
+
+def test_a_stage_within_the_margin_of_the_pipeline_is_not_marked():
+    # Timing noise of a few percent is no disturbance: only a stage over 1.25x slower than the whole is marked.
+    import dataclasses
+
+    from vlmrm_fast.profiler.report import disturbed_stages
+
+    row = dataclasses.replace(_row("ViT-B-32", "torch", 20.0, 10.0), preprocess_fps=300.0, tower_fps=17.0,
+                              score_fps=900.0)
+    assert disturbed_stages(row) == []  # 17 x 1.25 > 20
