@@ -99,6 +99,17 @@ def test_matmul_settings_are_restored_as_they_were_set(setup, after, later, then
     """)
 
 
+def test_a_matmul_precision_set_by_name_still_reads_after_the_block():
+    # torch.set_float32_matmul_precision("medium") keeps the legacy flag readable, so the block goes through
+    # it; writing it back mixed the two APIs, and torch.get_float32_matmul_precision() raised from then on.
+    _run("""
+        torch.set_float32_matmul_precision("medium")
+        with float32_matmuls():
+            assert matmul.allow_tf32 is False
+        assert torch.get_float32_matmul_precision() == "medium" and matmul.allow_tf32 is True
+    """)
+
+
 # ---- behaviours a mutation audit found untested ---------------------------------------------------
 
 

@@ -51,11 +51,24 @@ def _tf32_off(legacy_owner: Any, new_owner: Any, new_api_always: bool) -> Iterat
         owner, name, off = new_owner, "fp32_precision", "ieee"
     else:
         owner, name, previous, off = legacy_owner, "allow_tf32", legacy, False
+    # A matmul precision set by name ("medium") no longer reads after a legacy write (torch raises on the
+    # mix): it is set again by name after the block.
+    named = _matmul_precision() if owner is torch.backends.cuda.matmul and name == "allow_tf32" else None
     setattr(owner, name, off)
     try:
         yield
     finally:
         setattr(owner, name, previous)
+        if named is not None and _matmul_precision() is None:
+            torch.set_float32_matmul_precision(named)
+
+
+def _matmul_precision() -> Any:
+    """``torch.get_float32_matmul_precision()``, or None where it raises (the two TF32 APIs mixed)."""
+    try:
+        return torch.get_float32_matmul_precision()
+    except RuntimeError:
+        return None
 
 
 def float32_matmuls() -> "contextlib.AbstractContextManager[None]":
