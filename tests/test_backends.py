@@ -867,6 +867,50 @@ def test_onnxruntime_cuda_session_runs_on_the_backends_gpu(monkeypatch):
     assert seen == [[("CUDAExecutionProvider", {"device_id": 1}), "CPUExecutionProvider"]] and backend.embed_dim == 32
 
 
+@needs_ort
+def test_onnxruntime_cuda_calls_bind_their_tensors_on_the_backends_gpu(monkeypatch):
+    # The session runs on cuda:1 (above); its inputs and outputs must be bound as memory of cuda:1 too, or
+    # ONNX Runtime reads cuda:1's pointers as cuda:0's. Checked with stand-ins for the session and CUDA.
+    import onnxruntime as ort
+
+    from vlmrm_fast.backends.onnxruntime import OnnxRuntimeBackend
+
+    bound = []
+
+    class Binding:
+        def bind_input(self, name, device, index, *rest):
+            bound.append((name, device, index))
+
+        bind_output = bind_input
+
+    class Session:
+        def __init__(self, path, options, providers):
+            pass
+
+        def get_providers(self):
+            return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+        def get_outputs(self):
+            return [type("Output", (), {"shape": ["batch", 32]})()]
+
+        def io_binding(self):
+            return Binding()
+
+        def run_with_iobinding(self, binding):
+            pass
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(ort, "InferenceSession", Session)
+    model, _ = make_tiny()
+    backend = OnnxRuntimeBackend(model.visual, preprocess_spec_of(model, "vlmrm"), torch.device("cuda", 1),
+                                 torch.float16, (224, 224))
+    empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *args, device=None, **kwargs: empty(*args, **kwargs))  # on the CPU
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: type("Stream", (), {"synchronize": lambda self: None})())
+    out = backend(torch.zeros(2, 3, 224, 224, dtype=torch.float16))
+    assert out.shape == (2, 32) and bound == [("pixels", "cuda", 1), ("embeddings", "cuda", 1)]
+
+
 class _ConvTower(torch.nn.Module):
     """A tower whose first layer is ``conv1`` (as open_clip's ViTs), padded or with a bias as asked."""
 

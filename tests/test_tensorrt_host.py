@@ -697,6 +697,37 @@ def test_export_format_tensorrt_writes_the_engine_of_the_typed_frames_graph(monk
     assert [p.name for p in tmp_path.iterdir()] == ["tiny.engine"]  # the graphs went with their folder
 
 
+def test_export_format_tensorrt_never_leaves_a_half_written_engine_under_its_name(monkeypatch, tmp_path):
+    # The engine goes to a temporary file renamed into place: a failed rename (a full disk, an interrupt)
+    # keeps the previous engine whole and leaves no temporary beside it.
+    pytest.importorskip("onnx")
+    import os
+
+    from vlmrm_fast.cli import main
+
+    monkeypatch.setitem(sys.modules, "tensorrt", tensorrt_stand_in("11.1.0.106"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    out = tmp_path / "tiny.engine"
+    out.write_bytes(b"previous engine")
+    replace = os.replace
+
+    def full_disk(src, dst, **kwargs):
+        if Path(dst) == out:
+            raise OSError(28, "No space left on device")
+        return replace(src, dst, **kwargs)
+
+    monkeypatch.setattr(os, "replace", full_disk)
+    args = ["export", "vlmrm-tiny", "--format", "tensorrt", "--dtype", "fp16", "--max-batch-size", "2", "--out", str(out)]
+    try:
+        assert main(args) != 0
+    except OSError:
+        pass
+    assert out.read_bytes() == b"previous engine"
+    assert [p.name for p in tmp_path.iterdir()] == ["tiny.engine"]
+
+
 @pytest.mark.parametrize("stand_in,gpu,dtype,options,match", [
     ({"runtime_starts": False}, None, torch.bfloat16, {}, r"could not create its runtime.*pip uninstall -y tensorrt"),
     ({"context_starts": False}, None, torch.bfloat16, {},
