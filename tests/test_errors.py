@@ -166,6 +166,17 @@ def test_alpha_type(rm):
         assert rm.alpha == float(ok)
 
 
+def test_a_tasks_alpha_takes_what_the_models_alpha_takes(rm):
+    # Task(alpha=...) is checked by the same check_alpha, so every value rm.alpha takes works there too and
+    # scores as its float (a one-element numpy array failed in torch.tensor with "not a sequence").
+    emb = torch.randn(3, rm.embed_dim)
+    for ok in (np.float32(0.25), np.int64(1), torch.tensor(0.75), torch.tensor([0.5]), np.array(0.5), np.array([0.5])):
+        rm.set_tasks(tasks=[Task("a humanoid robot kneeling", "a humanoid robot", alpha=ok, name="t"),
+                            Task("a humanoid robot kneeling", "a humanoid robot", alpha=np.asarray(ok).item(), name="f")])
+        scores = rm.score(emb)
+        torch.testing.assert_close(scores[:, 0], scores[:, 1])
+
+
 @pytest.mark.parametrize("bad", [0, -3, 2.5, None, True])
 def test_max_batch_size_is_checked_when_set(rm, bad):
     with pytest.raises(ValueError, match="positive integer"):

@@ -10,6 +10,8 @@ import os
 os.environ.setdefault("MUJOCO_GL", "egl")
 os.environ.setdefault("PYOPENGL_PLATFORM", "egl")
 
+import warnings  # noqa: E402
+
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
@@ -413,4 +415,43 @@ def test_env_rewards_keep_float64_precision(rm):
         _, rewards, _, _, info = envs.step(np.zeros((2, 1), np.float32))
     assert info["gt_reward"].tolist() == [3 / 3] * 2 and rewards.dtype == np.float64
     assert info["episode_gt_return"].tolist() == [1 / 3 + 2 / 3 + 3 / 3] * 2
+    envs.close()
+
+
+def test_batch_rendering_refuses_envs_that_replace_their_mujoco_data(rm, monkeypatch):
+    """NEXT_STEP with the batch renderer: an env that makes a new MjData at reset would leave the renderer
+    drawing the old one; an error at the first step after that reset, not stale frames (mutation audit)."""
+    import mujoco
+
+    monkeypatch.setattr(W, "_import_batch_renderer", lambda: FakeBatchRenderer)
+
+    def make():
+        env = make_env(max_episode_steps=50)
+        reset_model = env.unwrapped.reset_model
+
+        def new_data_then_reset():
+            env.unwrapped.data = mujoco.MjData(env.unwrapped.model)
+            return reset_model()
+
+        env.unwrapped.reset_model = new_data_then_reset
+        return env
+
+    envs = VLMRewardVectorWrapper(sync_envs(make, 1), mean_brightness, render="batch")
+    envs.reset(seed=0)  # made a new MjData, after the wrapper (and its renderer) took the old one
+    with pytest.raises(RuntimeError, match="replaced its MjModel or MjData"):
+        envs.step(np.zeros((1, 1), np.float32))
+    envs.close()
+
+
+@NO_MODES
+def test_a_sync_vector_env_under_same_step_gives_no_missing_frame_warning(rm):
+    """SAME_STEP in a SyncVectorEnv: the wrapper keeps the terminal frame itself, so the warning about
+    missing terminal frames (meant for other vector envs) must not come (mutation audit)."""
+    envs = VLMRewardVectorWrapper(sync_envs(CountingEnv, 2, "same_step"), mean_brightness, render="images")
+    envs.reset()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(3):
+            _, rewards, terminated, _, info = envs.step(np.zeros((2, 1), np.float32))
+    assert terminated.all() and info["vlm_terminal_frame"].all() and (rewards == 120).all()
     envs.close()

@@ -1069,3 +1069,85 @@ def test_a_reward_callable_without_a_signature_gets_top_down_frames(fake_batch):
     ref.step(np.zeros(1, np.float32))
     np.testing.assert_allclose(rewards[0], row_weighted_brightness([ref.render()]), rtol=1e-5, atol=1e-5)
     wrapped.close()
+
+
+def test_the_lowest_negative_task_index_is_the_first_task_and_a_bad_task_is_refused_when_set():
+    # -T counts from the end to task 0, as a list index does (found by a mutation audit: only -1 and -T-1 were tried).
+    for wrapped in (VLMRewardWrapper(CountingEnv(), NamedTasks(["A", "B"]), task=-2),
+                    VLMRewardVecEnv(DummyVecEnv([CountingEnv]), NamedTasks(["A", "B"]), task=-2, render="images")):
+        assert wrapped.task == 0
+        wrapped.task = -1
+        assert wrapped.task == 1
+        with pytest.raises(ValueError, match="not one of the reward model's tasks"):
+            wrapped.task = "C"  # refused when set, not at the next step
+        assert wrapped.task == 1
+        wrapped.close()
+
+
+def test_a_reward_function_returning_three_dimensional_rewards_is_a_clear_error():
+    # [N, T] is the most a reward model returns: [N, T, 1] is refused, not flattened into more "tasks".
+    env = VLMRewardWrapper(CountingEnv(), lambda frames: np.zeros((len(frames), 2, 1), np.float32))
+    env.reset(seed=0)
+    with pytest.raises(ValueError, match=r"returned rewards of shape \(1, 2, 1\) for 1 frames"):
+        env.step(np.zeros(1, np.float32))
+
+
+def test_render_terminal_frame_copies_a_torch_frame():
+    """The terminal frame of an env that renders torch tensors into one buffer it reuses is the frame as it
+    was when the episode ended, as for numpy frames (found by a mutation audit)."""
+    class OneTensorBuffer(CountingEnv):
+        buffer = torch.zeros((32, 32, 3), dtype=torch.uint8)
+
+        def render(self):
+            self.buffer.fill_(40 * self.t)
+            return self.buffer
+
+    env = RenderTerminalFrame(OneTensorBuffer())
+    env.reset(seed=0)
+    for _ in range(3):
+        *_, terminated, _, info = env.step(np.zeros(1, np.float32))
+    assert terminated
+    env.reset(seed=0)
+    env.render()  # the buffer now holds the next episode's first frame
+    np.testing.assert_array_equal(info["terminal_frame"].numpy(), counting_frame(3))
+
+
+def test_batch_rendering_refuses_mujoco_envs_of_different_render_sizes(fake_batch):
+    """render="batch": MuJoCo envs rendering at different sizes are refused when the wrapper is built, naming
+    the fix; render="auto" takes the images instead, without a warning (found by a mutation audit)."""
+    makes = [make_env, lambda: make_env(size=SIZE + 8)]
+    with pytest.raises(ValueError, match=r"render at different sizes \[\(64, 64\), \(72, 72\)\].*same width= and height="):
+        VLMRewardVecEnv(DummyVecEnv(makes), mean_brightness, render="batch")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        wrapped = VLMRewardVecEnv(DummyVecEnv(makes), mean_brightness)
+    assert wrapped.render_source == "images"
+    wrapped.close()
+
+
+def test_auto_rendering_without_the_batch_renderer_is_silent(no_batch):
+    # The optional renderer missing is not worth a warning: render="auto" takes the images (mutation audit).
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        wrapped = VLMRewardVecEnv(DummyVecEnv([make_env]), mean_brightness)
+    assert wrapped.render_source == "images"
+    wrapped.close()
+
+
+def test_a_reward_model_taking_bottom_up_gets_the_renderers_frames_as_they_are(rm, fake_batch):
+    """The batch renderer's bottom-up frames go to a model with a ``bottom_up`` parameter (CLIPReward flips
+    them inside its fused preprocessing) unflipped, with ``bottom_up=True``: no extra flip of every frame
+    on the way (found by a mutation audit: the rewards alone cannot tell the two apart)."""
+    calls = []
+
+    class RecordsRowOrder(Spy):
+        def __call__(self, frames, bottom_up=False):
+            calls.append((bottom_up, frames.clone()))
+            return super().__call__(frames, bottom_up=bottom_up)
+
+    wrapped = VLMRewardVecEnv(DummyVecEnv([make_env] * 2), RecordsRowOrder(rm), render="batch")
+    wrapped.reset()
+    wrapped.step(np.zeros((2, 1), np.float32))
+    assert len(calls) == 1 and calls[0][0] is True
+    torch.testing.assert_close(calls[0][1], wrapped.renderer.render())  # the renderer's frames, rows as drawn
+    wrapped.close()

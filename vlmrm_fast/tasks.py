@@ -106,7 +106,7 @@ class EncodedTasks:
         """The scoring op's inputs with each task's alpha resolved; checks that alpha > 0 has a direction."""
         alphas = []
         for task, has_dir in zip(self.tasks, self.has_direction):
-            alpha = default_alpha if task.alpha is None else task.alpha
+            alpha = default_alpha if task.alpha is None else check_alpha(task.alpha)
             if alpha > 0 and not has_dir:
                 _no_direction(task, alpha)
             alphas.append(alpha)
