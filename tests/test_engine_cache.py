@@ -114,6 +114,21 @@ def test_weights_digest_follows_the_architecture_too():
     assert weights_digest(gelu) != weights_digest(quick)
 
 
+def test_weights_digest_is_the_same_after_a_cuda_reward_ran_the_patch_embedding_as_a_matmul():
+    # backend='torch' or 'compile' on CUDA swaps visual.conv1 for a PatchMatmulConv2d in place (same
+    # weights, same state_dict); the engine is built from the convolution (export folds it back), so a
+    # tensorrt reward on that model must find the engine a fresh load of the model cached.
+    import open_clip
+
+    from vlmrm_fast.backends.patch_embed import use_patch_matmul
+
+    torch.manual_seed(0)
+    visual = open_clip.create_model("vlmrm-tiny").visual
+    before = weights_digest(visual)
+    assert use_patch_matmul(visual)
+    assert weights_digest(visual) == before
+    assert type(visual.conv1).__name__ == "PatchMatmulConv2d"  # left as it was
+
 
 # ---- loading or building an engine (TensorRT's runtime stood in for: no TensorRT needed) ----------
 

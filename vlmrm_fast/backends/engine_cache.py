@@ -37,8 +37,14 @@ def default_cache_dir() -> Path:
 def weights_digest(module: torch.nn.Module) -> str:
     """SHA-256 over the module's structure (its repr: layers, activations, norms' settings) and state
     (names, shapes, dtypes, bytes): changes whenever the weights do, or the code they run through
-    (the same weights under GELU and QuickGELU are two towers)."""
-    digest = hashlib.sha256(repr(module).encode())
+    (the same weights under GELU and QuickGELU are two towers). A patch embedding the torch backends
+    run as a matmul on CUDA is read as the convolution it computes, as the engine is built from it
+    (:func:`~vlmrm_fast.backends.patch_embed.patch_convolution`): one tower, one key."""
+    from vlmrm_fast.backends.patch_embed import patch_convolution
+
+    with patch_convolution(module):
+        structure = repr(module)
+    digest = hashlib.sha256(structure.encode())
     for name, tensor in sorted(module.state_dict().items()):
         tensor = tensor.detach().cpu().contiguous()
         digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
