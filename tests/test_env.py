@@ -296,3 +296,22 @@ def test_shadow_size_reaches_the_model_the_pickle_and_the_frames():
 def test_a_bad_shadow_size_is_refused_naming_the_default(bad):
     with pytest.raises(ValueError, match="shadow_size must be a positive integer.*4096"):
         gym.make(HUMANOID_ENV_ID, shadow_size=bad)
+
+
+def test_registering_again_changes_nothing():
+    # Re-registering would replace the spec, with gymnasium's "Overriding environment" warning each time.
+    import warnings
+
+    spec = gym.spec(HUMANOID_ENV_ID)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        register_envs()
+    assert gym.spec(HUMANOID_ENV_ID) is spec
+
+
+def test_an_unknown_name_of_the_envs_module_is_an_attribute_error():
+    # The lazy attribute hook answers for TexturedHumanoidEnv only: a typo is not a silent None.
+    with pytest.raises(AttributeError, match="no attribute 'TexturedHumanoid'"):
+        envs_mod.TexturedHumanoid  # noqa: B018
+    with pytest.raises(ImportError):
+        from vlmrm_fast.envs import NoSuchEnv  # noqa: F401

@@ -1354,3 +1354,119 @@ def test_a_mapped_llvm_is_told_from_proc_self_maps(monkeypatch):
 
     monkeypatch.setattr(llvm_clash, "open", no_proc, raising=False)
     assert llvm_clash.mesa_llvm_loaded() is False
+
+
+# ---- behaviours a mutation audit of the CPU rendering path found untested --------------------------
+
+
+def test_camera_minus_one_is_the_free_camera():
+    # gymnasium's camera_id=-1: MuJoCo's default free camera, as camera=None (the id check names -1 as valid).
+    with BatchRenderer(_pairs(), 16, 16, camera=-1, device="cpu") as minus_one, \
+            BatchRenderer(_pairs(), 16, 16, camera=None, device="cpu") as free:
+        assert minus_one.cameras[0].type == mujoco.mjtCamera.mjCAMERA_FREE
+        assert torch.equal(minus_one.render(), free.render())
+
+
+def test_each_envs_visual_options_are_drawn_whether_or_not_its_viewer_was_made():
+    # gymnasium's visual_options= (here: centres of mass and joints shown) go into that env's frames; the
+    # batch draws them too, per env: from the env's viewer where it was made, else from its renderer's flags.
+    flags = {int(mujoco.mjtVisFlag.mjVIS_COM): True, int(mujoco.mjtVisFlag.mjVIS_JOINT): True}
+    envs = [_make_envs(1, width=64, height=64, **kwargs)[0] for kwargs in ({}, {"visual_options": flags},
+                                                                           {"visual_options": flags})]
+    try:
+        envs[2].render()  # this one's viewer exists before the renderer is made; env 1's after
+        with BatchRenderer.from_envs(envs, device="cpu") as r:
+            frames = r.render().numpy()
+        own = np.stack([e.render() for e in envs])
+        assert not np.array_equal(own[0], own[1])  # the options change the frame (the same state)
+        np.testing.assert_array_equal(frames, own)
+    finally:
+        for env in envs:
+            env.close()
+
+
+@pytest.mark.parametrize("group,name,value", [
+    ("quality", "numslices", 8), ("quality", "numstacks", 8), ("quality", "numquads", 1), ("map", "haze", 0.9),
+    ("rgba", "haze", [1.0, 0.0, 0.0, 1.0]), ("map", "shadowscale", 0.2), ("map", "fogstart", 0.1),
+    ("rgba", "fog", [1.0, 0.0, 0.0, 1.0]), ("global_", "linewidth", 5.0)])
+def test_envs_whose_other_context_settings_differ_are_refused(group, name, value):
+    # The rest of what mjr_makeContext takes from model 0 (display lists' detail, haze, fog, line width):
+    # numslices=8 alone puts 289 pixels of a 64 x 64 frame of env 1 off if it is not refused.
+    first, second = _make_envs(2, width=16, height=16)
+    target = getattr(second.unwrapped.model.vis, group)
+    if isinstance(value, list):
+        getattr(target, name)[:] = value
+    else:
+        setattr(target, name, value)
+    try:
+        with pytest.raises(ValueError, match=rf"ONE model.*vis\.{group}\.{name}"):
+            BatchRenderer.from_envs([first, second], device="cpu")
+    finally:
+        first.close()
+        second.close()
+
+
+def test_a_camera_copied_from_an_env_viewer_or_given_keeps_its_lookat_and_projection():
+    # An env rendered before the renderer is made: its viewer's free camera (lookat placed at that first
+    # render, the env moved since) is the one copied. A given MjvCamera is copied field by field too.
+    envs = [gym.make("InvertedPendulum-v5", render_mode="rgb_array", width=40, height=40) for _ in range(2)]
+    try:
+        for i, env in enumerate(envs):
+            env.reset(seed=i)
+            env.render()
+            env.action_space.seed(i)
+            for _ in range(5):
+                env.step(env.action_space.sample())
+        with BatchRenderer.from_envs(envs, device="cpu") as r:
+            np.testing.assert_array_equal(r.render().numpy(), np.stack([env.render() for env in envs]))
+    finally:
+        for env in envs:
+            env.close()
+    view = {"lookat": [0.3, 0.2, 0.1], "distance": 3.0, "elevation": -20.0, "azimuth": 60.0, "orthographic": 1}
+    cam = mujoco.MjvCamera()
+    for key, value in view.items():
+        if key == "lookat":
+            cam.lookat[:] = value
+        else:
+            setattr(cam, key, value)
+    with BatchRenderer(_pairs(), 24, 24, camera=cam, device="cpu") as given, \
+            BatchRenderer(_pairs(), 24, 24, camera=view, device="cpu") as config, \
+            BatchRenderer(_pairs(), 24, 24, camera={**view, "orthographic": 0}, device="cpu") as perspective:
+        frames = given.render()
+        assert torch.equal(frames, config.render())
+        assert not torch.equal(frames, perspective.render())  # the projection shows
+
+
+def test_max_geom_bounds_the_scene(monkeypatch, tmp_path):
+    # max_geom=1: room for one geom of the two (a sphere on a plane), so the frame differs from the whole scene.
+    monkeypatch.chdir(tmp_path)  # MuJoCo's warning of the full scene goes to MUJOCO_LOG.TXT there
+    with BatchRenderer(_pairs(1), 24, 24, camera="cam", device="cpu") as whole, \
+            BatchRenderer(_pairs(1), 24, 24, camera="cam", device="cpu", max_geom=1) as one:
+        assert not torch.equal(whole.render(), one.render())
+
+
+def test_a_size_below_the_models_offscreen_buffer_leaves_it():
+    # A batch of small frames from envs not yet rendered: their offscreen buffer keeps its size, so their
+    # own viewers, made afterwards at the envs' size, still fit.
+    [env] = _make_envs(1, width=64, height=48)
+    model = env.unwrapped.model
+    sizes = (model.vis.global_.offwidth, model.vis.global_.offheight)
+    try:
+        with BatchRenderer.from_envs([env], width=16, height=16, device="cpu") as r:
+            r.render()
+        assert (model.vis.global_.offwidth, model.vis.global_.offheight) == sizes
+        assert env.render().shape == (48, 64, 3)
+    finally:
+        env.close()
+
+
+def test_an_env_without_unwrapped_is_taken_at_the_default_size():
+    # Any object holding .model and .data (a simulation class of one's own, not gymnasium's) is an env;
+    # without a render size of its own, from_envs draws the CLIP towers' 224 x 224.
+    model, data = _pairs(1)[0]
+    sim = SimpleNamespace(model=model, data=data)
+    with BatchRenderer.from_envs([sim], device="cpu") as r, \
+            BatchRenderer([(model, data)], 224, 224, device="cpu") as pair:
+        frames = r.render()
+        assert tuple(frames.shape) == (1, 224, 224, 3)
+        assert torch.equal(frames, pair.render())
