@@ -440,11 +440,24 @@ class FastRollout:
         self.clock = clock
         # Stage timers: instance attributes shadow the methods the wrapper calls.
         venv.step_wait = clock.timed("physics", venv.step_wait)
+        # What the wrapper renders through if the batch renderer fails in use (it then drops it, with a warning).
+        venv.get_images = clock.timed("render", venv.get_images)
         renderer = self.venv.renderer
         renderer.render = clock.timed("render", renderer.render)
         self.venv.reward_model = TimedRewardModel(rm, clock)
-        self.render_path = renderer.path
-        self.fallback_reason = renderer.fallback_reason
+        self._render_path = renderer.path
+        self._fallback_reason = renderer.fallback_reason
+
+    @property
+    def render_path(self) -> str:
+        """The batch renderer's path; "host" once the wrapper has dropped it (frames from env.render() per env)."""
+        return self._render_path if self.venv.renderer is not None else "host"
+
+    @property
+    def fallback_reason(self) -> Optional[str]:
+        if self.venv.renderer is None:
+            return "BatchRenderer.render() failed in use; the wrapper rendered through env.render() per env"
+        return self._fallback_reason
 
     def __call__(self, actions: np.ndarray) -> None:
         for step_actions in actions:
@@ -624,7 +637,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                 for s in sorted(ref_sizes)}
     log(f"{n_max} envs per size ready ({time.perf_counter() - begin:.1f} s)")
 
-    files = RunFiles(args.csv, args.json, COLUMNS, {"environment": env, "config": config_of(args)})
+    # Versions the rows depend on beyond the CSV's columns: the fast path's kernels and backends, the seed's resize.
+    libraries = {name: package_version(*dists) for name, dists in (
+        ("triton", ("triton",)), ("torchvision", ("torchvision",)),
+        ("onnxruntime", ("onnxruntime", "onnxruntime-gpu")), ("tensorrt", ("tensorrt", "tensorrt-cu12", "tensorrt-cu13")))}
+    files = RunFiles(args.csv, args.json, COLUMNS,
+                     {"environment": env, "libraries": libraries, "config": config_of(args)})
     try:
         with files.interruptible():
             if not args.no_render:

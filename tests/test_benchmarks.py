@@ -766,6 +766,41 @@ def test_fast_rollout_times_physics_render_and_reward_of_the_wrapped_env(monkeyp
     assert set(clock.totals) == {"physics", "render", "reward"} and all(t > 0 for t in clock.totals.values())
 
 
+def test_fast_rollout_names_the_host_path_when_the_wrapper_drops_a_failing_batch_renderer(monkeypatch):
+    # A batch renderer that fails in use (a CUDA-GL interop error at the first frame) is dropped by the
+    # wrapper, which renders through env.render() from then on: the row must not say "gpu" with 0 ms render.
+    os.environ.setdefault("MUJOCO_GL", "egl")
+    from vlmrm_fast.render import BatchRenderer, rendering_unavailable_reason
+
+    reason = rendering_unavailable_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    bench = _load("bench_env")
+
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("cudaGraphicsGLRegisterImage failed")
+
+    class Reward:
+        def __call__(self, frames, *, bottom_up=False):
+            return torch.zeros(len(frames))
+
+    envs = bench.make_envs(2, 32, seed=0)
+    try:
+        clock = bench.Clock(torch.device("cpu"))
+        monkeypatch.setattr(BatchRenderer, "render", broken)
+        rollout = bench.FastRollout(envs, Reward(), clock, seed=0)
+        try:
+            with pytest.warns(UserWarning, match="failed"):
+                rollout(np.zeros((2, 2, envs[0].action_space.shape[0]), np.float32))
+            assert rollout.render_path == "host" and "env.render()" in rollout.fallback_reason
+            assert clock.totals["render"] > 0  # the frames' time stays in the render stage
+        finally:
+            rollout.close()
+    finally:
+        for env in envs:
+            env.close()
+
+
 def test_timed_reward_model_takes_bottom_up_frames_as_the_model_it_times():
     from vlmrm_fast.wrappers import _rewards_of
 
