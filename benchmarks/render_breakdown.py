@@ -38,6 +38,7 @@ if os.environ["MUJOCO_GL"] in ("egl", "osmesa"):
 import argparse  # noqa: E402
 import multiprocessing  # noqa: E402
 import statistics  # noqa: E402
+import sys  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
@@ -48,6 +49,8 @@ import torch  # noqa: E402
 
 from bench_env import environment, log, make_envs  # noqa: E402  (benchmarks/, beside this script)
 from results_io import RunFiles, config_of, fmt  # noqa: E402
+
+from vlmrm_fast.argtypes import positive_int  # noqa: E402
 
 SIZE = 224
 SCENE_FLAGS = {"no_shadow": "mjRND_SHADOW", "no_reflection": "mjRND_REFLECTION", "no_skybox": "mjRND_SKYBOX"}
@@ -287,33 +290,56 @@ def _parallel_rows(args: argparse.Namespace) -> Iterator[Row]:
                 yield Row(f"{kind}_{count}", count, error=f"{type(exc).__name__}: {exc}")
 
 
+QUICK = {"num_envs": 2, "repeats": 3, "warmup": 1, "shadow_sizes": [1024], "threads": [2], "processes": [2]}
+"""What --quick sets, where the command line does not."""
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
+    return value
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
-    p.add_argument("--num-envs", type=int, default=8, help="envs per renderer call (default 8)")
-    p.add_argument("--repeats", type=int, default=20, help="timed calls per variant (default 20)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed calls first (default 2)")
-    p.add_argument("--shadow-sizes", type=int, nargs="*", default=[2048, 1024], help="shadowsize variants")
-    p.add_argument("--threads", type=int, nargs="*", default=[2, 4, 8], help="thread counts (default 2 4 8)")
-    p.add_argument("--processes", type=int, nargs="*", default=[2, 4, 8], help="process counts (default 2 4 8)")
-    p.add_argument("--scene-shadow-size", type=int, default=None, metavar="S",
+    p.add_argument("--num-envs", type=positive_int, default=8, help="envs per renderer call (default 8)")
+    p.add_argument("--repeats", type=positive_int, default=20, help="timed calls per variant (default 20)")
+    p.add_argument("--warmup", type=_non_negative_int, default=2, help="untimed calls first (default 2)")
+    p.add_argument("--shadow-sizes", type=positive_int, nargs="*", default=[2048, 1024], help="shadowsize variants")
+    p.add_argument("--threads", type=positive_int, nargs="*", default=[2, 4, 8], help="thread counts (default 2 4 8)")
+    p.add_argument("--processes", type=positive_int, nargs="*", default=[2, 4, 8], help="process counts (default 2 4 8)")
+    p.add_argument("--scene-shadow-size", type=positive_int, default=None, metavar="S",
                    help="every variant's scene starts with this shadow-map size (default: the env's, 4096)")
     p.add_argument("--scene-no-shadow", action="store_true",
                    help="every variant's scene starts without shadows (its shadowsize variants then change nothing: "
                    "pass --shadow-sizes with no sizes)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quick", action="store_true", help="2 envs, 3 calls, 2 threads and 2 processes")
+    p.add_argument("--quick", action="store_true",
+                   help="2 envs, 3 calls, 2 threads and 2 processes, where those options are not given")
     p.add_argument("--json", type=Path, help="write the environment and rows here")
+    if argv is None:
+        argv = sys.argv[1:]
     args = p.parse_args(argv)
     args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if args.quick:
-        args.num_envs, args.repeats, args.warmup = 2, 3, 1
-        args.shadow_sizes, args.threads, args.processes = [1024], [2], [2]
+    if args.quick:  # an option given beside --quick keeps its value
+        given = p.parse_args(argv, argparse.Namespace(**{name: None for name in QUICK}))
+        for name, value in QUICK.items():
+            if getattr(given, name) is None:
+                setattr(args, name, value)
     return args
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parse_args(argv)
+    from vlmrm_fast.render import rendering_unavailable_reason
+
+    reason = rendering_unavailable_reason()
+    if reason is not None:  # as bench_env: a clear line, not a traceback from deep inside PyOpenGL
+        print(f"skipped: {reason}. Set MUJOCO_GL=egl and PYOPENGL_PLATFORM=egl with an EGL library installed "
+              "(CPU: apt-get install libegl1 libgl1-mesa-dri; GPU: the NVIDIA driver's EGL).")
+        return
     env = environment(args.device)
     scene = ", ".join(([f"shadow map {args.scene_shadow_size}"] if args.scene_shadow_size is not None else [])
                       + (["no shadows"] if args.scene_no_shadow else [])) or "the env's"

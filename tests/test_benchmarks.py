@@ -991,3 +991,20 @@ def test_a_gpu_session_without_its_carried_wheels_stops_at_once_and_says_to_carr
     (tmp_path / "info").mkdir()
     info = _gpu_session(tmp_path / "info", ["info"], blocked="mujoco")  # info needs nothing it reports on
     assert info.returncode == 0 and "GPU render path: not built in this call" in info.stdout, info.stderr[-2000:]
+
+
+def test_render_breakdown_options(capsys, monkeypatch):
+    # --quick fills in only what the command line leaves out; counts are checked; no EGL is a clear skip.
+    rb = _load("render_breakdown")
+    args = rb.parse_args(["--quick", "--num-envs", "32", "--threads", "4", "8"])
+    assert (args.num_envs, args.threads, args.repeats, args.processes, args.warmup) == (32, [4, 8], 3, [2], 1)
+    assert rb.parse_args([]).num_envs == 8 and rb.parse_args(["--warmup", "0"]).warmup == 0
+    for bad in (["--repeats", "0"], ["--num-envs", "-1"], ["--warmup", "-1"], ["--threads", "0"]):
+        with pytest.raises(SystemExit):
+            rb.parse_args(bad)
+        assert "expected" in capsys.readouterr().err
+    import vlmrm_fast.render
+
+    monkeypatch.setattr(vlmrm_fast.render, "rendering_unavailable_reason", lambda: "MuJoCo cannot make a GL context")
+    rb.main(["--device", "cpu"])
+    assert capsys.readouterr().out.startswith("skipped: MuJoCo cannot make a GL context. Set MUJOCO_GL=egl")
