@@ -423,6 +423,45 @@ def _recoloured_pendulum(max_episode_steps=3):
     return gym.wrappers.TimeLimit(Recoloured(render_mode="rgb_array", width=SIZE, height=SIZE), max_episode_steps)
 
 
+def _relit_pendulum(max_episode_steps=3):
+    """InvertedPendulum whose every reset switches its light and shadows on or off and changes the headlight."""
+    from gymnasium.envs.mujoco.inverted_pendulum_v5 import InvertedPendulumEnv
+
+    class Relit(InvertedPendulumEnv):
+        def _initialize_simulation(self):  # gymnasium's scene with a light (it has none)
+            import xml.etree.ElementTree as ET
+
+            import mujoco
+
+            root = ET.parse(self.fullpath).getroot()
+            ET.SubElement(root.find("worldbody"), "light", pos="0 -1 4", dir="0 0.2 -1", castshadow="true")
+            model = mujoco.MjModel.from_xml_string(ET.tostring(root, encoding="unicode"))
+            model.vis.global_.offwidth, model.vis.global_.offheight = self.width, self.height
+            return model, mujoco.MjData(model)
+
+        def reset_model(self):
+            model, rng = self.model, self.np_random
+            model.light_active[:] = rng.integers(0, 2, model.nlight)
+            model.light_castshadow[:] = rng.integers(0, 2, model.nlight)
+            model.vis.headlight.active = int(rng.integers(0, 2))
+            model.vis.headlight.ambient[:] = rng.uniform(0, 0.6, 3)
+            return super().reset_model()
+
+    return gym.wrappers.TimeLimit(Relit(render_mode="rgb_array", width=SIZE, height=SIZE), max_episode_steps)
+
+
+@pytest.mark.parametrize("render", ["images", "batch"])
+def test_vec_env_terminal_frames_keep_the_episodes_lights(rm, render):
+    """As its colours, an episode's lights (on or off, shadows, the headlight) are its own in its terminal frame."""
+    venv = DummyVecEnv([_relit_pendulum] * 2)
+    assert venv.envs[0].unwrapped.model.nlight >= 1
+    ref_renderer = batch_reference(real_batch_renderer_or_skip(list(venv.envs))) if render == "batch" else None
+    wrapped = VLMRewardVecEnv(venv, rm, render=render)
+    ends = run_against_reference(venv, wrapped, rm, 2, 7, 3, _relit_pendulum, 1.0, ref_renderer=ref_renderer)
+    assert ends >= 4
+    wrapped.close()
+
+
 @pytest.mark.parametrize("render", ["images", "batch"])
 def test_vec_env_terminal_frames_keep_the_episodes_colours(rm, render):
     """The terminal state is drawn with the model as it was when the episode ended, not as the auto-reset

@@ -481,10 +481,42 @@ class _InsertedRenderTerminalFrame(_PassesNewAttributesOn, RenderTerminalFrame):
         self._passes_on = True
 
 
-# What a frame reads from the MjModel that an env may change at reset (visual domain randomisation).
+# What a frame reads from the MjModel that an env may change at reset (visual domain randomisation); fields
+# a MuJoCo version lacks are left out.
 _LOOK_FIELDS = ("geom_rgba", "geom_size", "geom_matid", "mat_rgba", "mat_emission", "mat_specular", "mat_shininess",
-                "mat_reflectance", "site_rgba", "site_size", "skin_matid", "light_diffuse", "light_ambient",
-                "light_specular", "cam_fovy")
+                "mat_reflectance", "mat_metallic", "mat_roughness", "mat_texid", "mat_texrepeat", "mat_texuniform",
+                "site_rgba", "site_size", "skin_matid", "light_diffuse", "light_ambient", "light_specular",
+                "light_active", "light_castshadow", "light_intensity", "light_attenuation", "light_cutoff",
+                "light_exponent", "light_type", "light_directional", "light_texid", "light_bulbradius", "cam_fovy",
+                "vis.headlight.active", "vis.headlight.ambient", "vis.headlight.diffuse", "vis.headlight.specular")
+
+
+def _look_owner(model: Any, field: str) -> Tuple[Any, str]:
+    """The object holding ``field`` ("geom_rgba", "vis.headlight.ambient") and its last name; (None, name)
+    where this MuJoCo has no such field."""
+    *path, name = field.split(".")
+    owner = model
+    for part in path:
+        owner = getattr(owner, part, None)
+    return (owner if owner is not None and getattr(owner, name, None) is not None else None), name
+
+
+def _read_look(model: Any, field: str, into: Optional[np.ndarray] = None) -> np.ndarray:
+    owner, name = _look_owner(model, field)
+    value = getattr(owner, name)
+    if into is None:
+        return np.array(value)
+    np.copyto(into, value)
+    return into
+
+
+def _write_look(model: Any, field: str, value: np.ndarray) -> None:
+    owner, name = _look_owner(model, field)
+    live = getattr(owner, name)
+    if isinstance(live, np.ndarray):
+        np.copyto(live, value)
+    else:  # a scalar field (vis.headlight.active)
+        setattr(owner, name, type(live)(value.item()))
 
 
 class _MujocoTerminalState(_PassesNewAttributesOn, gym.Wrapper):
@@ -505,9 +537,9 @@ class _MujocoTerminalState(_PassesNewAttributesOn, gym.Wrapper):
         self._terminal = mujoco.MjData(model)
         self._scratch = mujoco.MjData(model)
         # Not for a model other envs share: its terminal fields would redraw them in the same batch.
-        self._fields = [f for f in _LOOK_FIELDS if model_fields and getattr(model, f, None) is not None]
-        self._terminal_look = {f: np.array(getattr(model, f)) for f in self._fields}
-        self._scratch_look = {f: np.array(getattr(model, f)) for f in self._fields}
+        self._fields = [f for f in _LOOK_FIELDS if model_fields and _look_owner(model, f)[0] is not None]
+        self._terminal_look = {f: _read_look(model, f) for f in self._fields}
+        self._scratch_look = {f: _read_look(model, f) for f in self._fields}
         self.pending = False
         self._passes_on = True
 
@@ -529,7 +561,7 @@ class _MujocoTerminalState(_PassesNewAttributesOn, gym.Wrapper):
         if terminated or truncated:
             self._mujoco.mj_copyData(self._terminal, self._model, self._data)
             for f in self._fields:
-                np.copyto(self._terminal_look[f], getattr(self._model, f))
+                _read_look(self._model, f, into=self._terminal_look[f])
             self.pending = True
         return obs, reward, terminated, truncated, info
 
@@ -540,15 +572,14 @@ class _MujocoTerminalState(_PassesNewAttributesOn, gym.Wrapper):
         mj.mj_copyData(self._scratch, self._model, self._data)
         mj.mj_copyData(self._data, self._model, self._terminal)
         for f in self._fields:
-            live = getattr(self._model, f)
-            np.copyto(self._scratch_look[f], live)
-            np.copyto(live, self._terminal_look[f])
+            _read_look(self._model, f, into=self._scratch_look[f])
+            _write_look(self._model, f, self._terminal_look[f])
         try:
             yield
         finally:
             mj.mj_copyData(self._data, self._model, self._scratch)
             for f in self._fields:
-                np.copyto(getattr(self._model, f), self._scratch_look[f])
+                _write_look(self._model, f, self._scratch_look[f])
             self.pending = False
 
 
