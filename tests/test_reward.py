@@ -554,3 +554,41 @@ def test_scores_carry_no_autograd_graph_on_either_kernel_path(kernels):
     rm = CLIPReward(model, tokenizer, goal="a", baseline="b", alpha=0.5, device="cpu", kernels=kernels, backend="torch")
     rewards = rm.score(torch.randn(3, rm.embed_dim, requires_grad=True))
     assert not rewards.requires_grad and rewards.grad_fn is None
+
+
+_FORKED_WORKER = """
+import multiprocessing, sys
+import numpy as np, torch
+from conftest import make_tiny
+from vlmrm_fast import CLIPReward
+
+torch.set_num_threads(2)  # the parent's OpenMP pool has workers (one thread would need none)
+model, tokenizer = make_tiny()
+rm = CLIPReward(model, tokenizer, goal="a robot kneeling", baseline="a robot", alpha=0.5, device="cpu", backend="torch")
+frames = np.random.default_rng(0).integers(0, 256, (4, 224, 224, 3), dtype=np.uint8)
+want = rm(frames)
+context = multiprocessing.get_context("fork")
+queue = context.Queue()
+worker = context.Process(target=lambda: queue.put(rm(frames).tolist()))
+worker.start()
+worker.join(60)
+if worker.is_alive():
+    worker.kill()
+    sys.exit("the forked worker hung")
+print("equal" if queue.get() == want.tolist() else "differ")
+"""
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "register_at_fork"), reason="needs os.fork")
+def test_a_forked_worker_scores_after_the_parent_did():
+    # gymnasium's AsyncVectorEnv and SubprocVecEnv(start_method="fork") fork the process that made the reward
+    # model: GNU OpenMP's thread pool does not survive that, and the worker's first torch op hung for ever.
+    import os
+    import subprocess
+    import sys
+
+    tests = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, "-c", _FORKED_WORKER], capture_output=True, text=True, timeout=240,
+                          cwd=tests, env=env)
+    assert done.returncode == 0 and done.stdout.strip() == "equal", done.stderr[-2000:]

@@ -37,6 +37,20 @@ def _place(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> 
     return model
 
 
+_FORK_HOOK_REGISTERED = False
+
+
+def _one_torch_thread_in_forked_children() -> None:
+    """A process forked after torch's CPU ops ran here (gymnasium's AsyncVectorEnv and SubprocVecEnv with
+    start_method="fork" on Linux, the text tower at the least) hangs at its first parallel torch op: GNU
+    OpenMP's thread pool does not survive a fork. Forked children use one torch thread, which needs no pool:
+    a worker scoring a few frames of its own env loses little by it. Registered once per process."""
+    global _FORK_HOOK_REGISTERED
+    if not _FORK_HOOK_REGISTERED and hasattr(os, "register_at_fork"):
+        os.register_at_fork(after_in_child=lambda: torch.set_num_threads(1))
+        _FORK_HOOK_REGISTERED = True
+
+
 def _resolve_device(device: Union[str, torch.device, None]) -> torch.device:
     """The device, with a CUDA index always set (:func:`~vlmrm_fast.backends.base.checked_device`)."""
     if device is None:
@@ -122,6 +136,8 @@ class CLIPReward:
         model_name: Optional[str] = None,
     ) -> None:
         self._device = _resolve_device(device)
+        if self._device.type == "cpu":
+            _one_torch_thread_in_forked_children()
         self._dtype = _resolve_dtype(dtype, self._device)
         self._kernels = resolve_kernels(kernels, self._device)
         self._spec: PreprocessSpec = preprocess_spec_of(model, preprocess)
