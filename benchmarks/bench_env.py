@@ -639,7 +639,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
     # Versions the rows depend on beyond the CSV's columns: the fast path's kernels and backends, the seed's resize.
     libraries = {name: package_version(*dists) for name, dists in (
-        ("triton", ("triton",)), ("torchvision", ("torchvision",)),
+        ("triton", ("triton", "pytorch-triton")), ("torchvision", ("torchvision",)),
         ("onnxruntime", ("onnxruntime", "onnxruntime-gpu")), ("tensorrt", ("tensorrt", "tensorrt-cu12", "tensorrt-cu13")))}
     files = RunFiles(args.csv, args.json, COLUMNS,
                      {"environment": env, "libraries": libraries, "config": config_of(args)})

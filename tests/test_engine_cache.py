@@ -449,18 +449,33 @@ def test_processes_sharing_the_cache_build_an_engine_once(tmp_path):
 def test_a_build_removes_what_a_killed_build_of_its_engine_left(tmp_path):
     # SIGKILL or the OOM killer mid-build runs no clean-up: gigabytes of ONNX (ViT-bigG-14) in a scratch
     # folder, or half an engine in write_atomically's temporary file, would stay in the cache for good.
+    import os
+    import subprocess
+
+    from vlmrm_fast.backends.engine_cache import _this_host
+
     cache = EngineCache(tmp_path)
     other = dataclasses.replace(KEY, precision="fp16")
-    scratch = tmp_path / (cache.scratch_prefix(KEY) + "abc123")
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    base = f".{cache.path(KEY).name}.build-"
+    host = _this_host()
+    scratch = tmp_path / f"{base}{host}-{dead.pid}-abc123"
     (scratch / "export").mkdir(parents=True)
     (scratch / "export" / "tower.onnx").write_bytes(b"graph")
+    running = tmp_path / f"{base}{host}-{os.getpid()}-live"  # this very process: alive
+    running.mkdir()
+    elsewhere = tmp_path / f"{base}node17-{dead.pid}-other"  # another node's build, maybe running
+    elsewhere.mkdir()
     half_written = tmp_path / f".{cache.path(KEY).name}.x1y2.tmp"
     half_written.write_bytes(b"half an engine")
+    os.utime(half_written, (0, 0))  # long ago
     others = [tmp_path / (cache.scratch_prefix(other) + "def456"), tmp_path / f".{cache.path(other).name}.z9.tmp"]
     others[0].mkdir()
     others[1].write_bytes(b"another engine being written")
     engine, builds = load_or_build(cache, Runtime({b"fresh": tower_tensors()}), built=b"fresh")
     assert builds == [b"fresh"] and not scratch.exists() and not half_written.exists()
+    assert running.exists() and elsewhere.exists()
     assert all(p.exists() for p in others)  # another key's build may be running beside this one
 
 

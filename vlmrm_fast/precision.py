@@ -59,7 +59,7 @@ def _tf32_off(legacy_owner: Any, new_owner: Any, new_api_always: bool) -> Iterat
         yield
     finally:
         setattr(owner, name, previous)
-        if named is not None and _matmul_precision() is None:
+        if named is not None and _matmul_precision() != named:  # raises (torch >= 2.9) or reads 'high' (< 2.9)
             torch.set_float32_matmul_precision(named)
 
 

@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import os
+import socket
 from pathlib import Path
 from typing import Iterator, Optional, Tuple, Union
 
@@ -150,8 +151,11 @@ class EngineCache:
             import fcntl
 
             self.directory.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path(key).with_name(self.path(key).name + ".lock"), os.O_RDWR | os.O_CREAT, 0o666)
+            fd: Optional[int] = os.open(self.path(key).with_name(self.path(key).name + ".lock"),
+                                        os.O_RDWR | os.O_CREAT, 0o666)
         except (ImportError, OSError):
+            fd = None
+        if fd is None:  # yielded outside the handler: the block's own errors must not chain to this one
             yield False
             return
         try:
@@ -170,23 +174,61 @@ class EngineCache:
 
     def scratch_prefix(self, key: EngineKey) -> str:
         """Name prefix of the folders, in the cache folder, that builds of ``key`` write their ONNX
-        graphs to (gigabytes for ViT-bigG-14)."""
+        graphs to (gigabytes for ViT-bigG-14); it names the building host and process (see
+        :meth:`remove_abandoned`)."""
+        return f"{self._scratch_base(key)}{_this_host()}-{os.getpid()}-"
+
+    def _scratch_base(self, key: EngineKey) -> str:
         return f".{key.filename()}.build-"
 
     def remove_abandoned(self, key: EngineKey) -> None:
-        """Remove what killed builds of ``key`` left (SIGKILL, the OOM killer: no clean-up ran): their
-        scratch folders (:meth:`scratch_prefix`) and half-written engine files. Only for the holder of
-        the key's :meth:`build_lock`, beside which no other build of ``key`` runs."""
+        """Remove what killed builds of ``key`` left (SIGKILL, the OOM killer: no clean-up ran): scratch
+        folders of this host whose process is gone, and, older than :data:`ABANDONED_AFTER_S`, other
+        hosts' folders and half-written engine files. Not by the lock alone: on file systems whose
+        ``flock`` is node-local (Lustre ``-o localflock``, BeeGFS by default, NFS ``nolock``) every node
+        holds it, and another node's build may be running. Only for the holder of :meth:`build_lock`."""
         import shutil
+        import time
 
-        name = key.filename()
+        name, base, host = key.filename(), self._scratch_base(key), _this_host()
         try:
             entries = list(self.directory.iterdir())
         except OSError:
             return
+        now = time.time()
         for entry in entries:
-            if entry.name.startswith(self.scratch_prefix(key)) and entry.is_dir():
-                _log.info("removing %s, left by an engine build that was killed", entry)
-                shutil.rmtree(entry, ignore_errors=True)
-            elif entry.name.startswith(f".{name}.") and entry.name.endswith(".tmp") and entry.is_file():
+            try:
+                old = now - entry.stat().st_mtime > ABANDONED_AFTER_S
+            except OSError:
+                continue
+            if entry.name.startswith(base) and entry.is_dir():
+                owner, _, rest = entry.name[len(base):].rpartition("-")[0].rpartition("-")
+                if (owner == host and rest.isdigit() and not _alive(int(rest))) or old:
+                    _log.info("removing %s, left by an engine build that was killed", entry)
+                    shutil.rmtree(entry, ignore_errors=True)
+            elif entry.name.startswith(f".{name}.") and entry.name.endswith(".tmp") and entry.is_file() and old:
                 entry.unlink(missing_ok=True)  # write_atomically's temporary file
+
+
+ABANDONED_AFTER_S = 24 * 3600.0
+"""Age after which a scratch folder or temporary engine file no live build of this host owns is abandoned."""
+
+
+def _this_host() -> str:
+    """The host name, and the PID namespace where there is one: containers on one host (``--net=host``)
+    share its name but not their process ids."""
+    try:
+        namespace = f"@{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:
+        namespace = ""
+    return socket.gethostname() + namespace
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process
+        return True
+    return True
