@@ -1190,3 +1190,32 @@ def test_a_reward_model_taking_bottom_up_gets_the_renderers_frames_as_they_are(r
     assert len(calls) == 1 and calls[0][0] is True
     torch.testing.assert_close(calls[0][1], wrapped.renderer.render())  # the renderer's frames, rows as drawn
     wrapped.close()
+
+
+class _Cropped(gym.Wrapper):
+    """A user's wrapper whose render() changes the frames (the top rows cut away)."""
+
+    def render(self):
+        frame = self.env.render()
+        return np.ascontiguousarray(frame[SIZE // 4:])
+
+
+def test_envs_whose_wrappers_change_their_frames_are_rendered_through_them(rm):
+    # The batch renderer draws each env's MuJoCo state, past its wrappers' render(): under "auto" their frames
+    # come from env.render(), as the reward's own; "batch" is refused, naming them. gymnasium's checks
+    # (OrderEnforcing, PassiveEnvChecker, from gym.make) leave the frames as they are.
+    from vlmrm_fast.wrappers import _frame_changing_wrappers
+
+    assert _frame_changing_wrappers([make_env()]) == []
+    make = lambda: _Cropped(make_env())  # noqa: E731
+    with pytest.raises(ValueError, match=r"past the render\(\) of its wrappers \['_Cropped'\].*render=\"images\""):
+        VLMRewardVecEnv(DummyVecEnv([make]), rm, render="batch")
+    with pytest.warns(UserWarning, match=r"\['_Cropped'\] have a render\(\) of their own"):
+        wrapped = VLMRewardVecEnv(DummyVecEnv([make] * 2), rm)
+    assert wrapped.render_source == "images"
+    wrapped.reset()
+    _, rewards, _, _ = wrapped.step(np.zeros((2, 1), np.float32))
+    frames = [env.render() for env in wrapped.venv.envs]
+    assert frames[0].shape == (SIZE - SIZE // 4, SIZE, 3)
+    assert torch.allclose(torch.as_tensor(rewards), rm(frames).cpu(), atol=1e-6)
+    wrapped.close()

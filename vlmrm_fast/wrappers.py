@@ -146,6 +146,25 @@ def _declared_sizes(envs: Sequence[Any]) -> List[Tuple[int, int]]:
     return sorted(sizes)
 
 
+# gymnasium's wrappers whose render() hands on the env's frames as they are (checks, display, recording).
+_RENDER_PASSES_FRAMES_ON = ("OrderEnforcing", "PassiveEnvChecker", "HumanRendering", "RecordVideo", "RenderCollection")
+
+
+def _frame_changing_wrappers(envs: Sequence[Any]) -> List[str]:
+    """Names of the wrappers, over the envs, whose own ``render()`` may change the frames (a crop, noise, a
+    user's overlay): the batch renderer draws each env's MuJoCo state past them, so its frames would not be
+    ``env.render()``'s."""
+    found: List[str] = []
+    for env in envs:
+        while isinstance(env, gym.Wrapper):
+            cls = type(env)
+            passes_on = cls.__module__.startswith("gymnasium.") and cls.__name__ in _RENDER_PASSES_FRAMES_ON
+            if cls.render is not gym.Wrapper.render and not passes_on and cls.__name__ not in found:
+                found.append(cls.__name__)
+            env = env.env
+    return found
+
+
 def _frame_size(frame: Any) -> Tuple[int, int]:
     return int(frame.shape[0]), int(frame.shape[1])
 
@@ -676,6 +695,7 @@ class _BatchFrames:
         # The batch renderer draws each env at its own size (a wrapper's render() that resizes is not
         # seen): one batch needs one. The images then decide, at the first step.
         sizes = _declared_sizes(envs) if envs is not None else []
+        changing = _frame_changing_wrappers(envs) if envs is not None else []
         if render == "batch":
             if envs is None:
                 raise ValueError(
@@ -685,7 +705,20 @@ class _BatchFrames:
             if len(sizes) > 1:
                 raise ValueError(f"The envs render at different sizes {sizes} (width x height), and one batch "
                                  f"holds one size: {_ONE_SIZE}")
+            if changing:
+                raise ValueError(
+                    f'render="batch" draws each env\'s MuJoCo state directly, past the render() of its wrappers '
+                    f"{changing}, so the rewards would not be of the frames env.render() gives. Use render=\"images\" "
+                    "(\"auto\" does so for these envs), or apply what those wrappers do to the frames in your "
+                    "reward function instead."
+                )
             return _new_batch_renderer(envs, self.reward_model)
+        if render == "auto" and changing:
+            warnings.warn(
+                f"The envs' wrappers {changing} have a render() of their own, which the batch renderer would not "
+                f"see: rendering through {self._images_source}.", stacklevel=3,
+            )
+            return None
         if render == "auto" and envs is not None and len(sizes) <= 1:
             try:
                 return _new_batch_renderer(envs, self.reward_model)
