@@ -506,14 +506,22 @@ def test_envs_of_another_look_are_refused():
         BatchRenderer.from_envs([textured, plain], width=16, height=16, device="cpu")
 
 
-@pytest.mark.parametrize("group,name,value", [("quality", "shadowsize", 64), ("quality", "offsamples", 0),
-                                              ("map", "shadowclip", 0.3), ("map", "fogend", 3.0)])
+@pytest.mark.parametrize("group,name,value", [
+    ("quality", "shadowsize", 64), ("quality", "offsamples", 0), ("map", "shadowclip", 0.3), ("map", "fogend", 3.0),
+    ("quality", "numslices", 8), ("quality", "numstacks", 8), ("quality", "numquads", 1), ("map", "haze", 0.9),
+    ("rgba", "haze", [1.0, 0.0, 0.0, 1.0]), ("map", "shadowscale", 0.2), ("map", "fogstart", 0.1),
+    ("rgba", "fog", [1.0, 0.0, 0.0, 1.0]), ("global_", "linewidth", 5.0)])
 def test_envs_whose_context_settings_differ_are_refused(group, name, value):
-    # mjr_makeContext copies the shadow map's size, multisampling, shadow and fog ranges from model 0
-    # into the context every env is drawn with: env 1's frames were drawn with env 0's (142 pixels off
-    # with shadow_size=64, 685 without multisampling).
+    # mjr_makeContext copies the shadow map's size, multisampling, shadow and fog ranges, display lists'
+    # detail, haze and line width from model 0 into the context every env is drawn with: env 1's frames were
+    # drawn with env 0's (142 pixels off with shadow_size=64, 685 without multisampling, 289 of 64 x 64 with
+    # numslices=8).
     first, second = _make_envs(2, width=16, height=16)
-    setattr(getattr(second.unwrapped.model.vis, group), name, value)
+    target = getattr(second.unwrapped.model.vis, group)
+    if isinstance(value, list):
+        getattr(target, name)[:] = value
+    else:
+        setattr(target, name, value)
     try:
         with pytest.raises(ValueError, match=rf"ONE model.*vis\.{group}\.{name}"):
             BatchRenderer.from_envs([first, second], device="cpu")
@@ -1383,27 +1391,6 @@ def test_each_envs_visual_options_are_drawn_whether_or_not_its_viewer_was_made()
     finally:
         for env in envs:
             env.close()
-
-
-@pytest.mark.parametrize("group,name,value", [
-    ("quality", "numslices", 8), ("quality", "numstacks", 8), ("quality", "numquads", 1), ("map", "haze", 0.9),
-    ("rgba", "haze", [1.0, 0.0, 0.0, 1.0]), ("map", "shadowscale", 0.2), ("map", "fogstart", 0.1),
-    ("rgba", "fog", [1.0, 0.0, 0.0, 1.0]), ("global_", "linewidth", 5.0)])
-def test_envs_whose_other_context_settings_differ_are_refused(group, name, value):
-    # The rest of what mjr_makeContext takes from model 0 (display lists' detail, haze, fog, line width):
-    # numslices=8 alone puts 289 pixels of a 64 x 64 frame of env 1 off if it is not refused.
-    first, second = _make_envs(2, width=16, height=16)
-    target = getattr(second.unwrapped.model.vis, group)
-    if isinstance(value, list):
-        getattr(target, name)[:] = value
-    else:
-        setattr(target, name, value)
-    try:
-        with pytest.raises(ValueError, match=rf"ONE model.*vis\.{group}\.{name}"):
-            BatchRenderer.from_envs([first, second], device="cpu")
-    finally:
-        first.close()
-        second.close()
 
 
 def test_a_camera_copied_from_an_env_viewer_or_given_keeps_its_lookat_and_projection():

@@ -23,7 +23,7 @@ AutoresetMode = getattr(gym.vector, "AutoresetMode", None)  # gymnasium 1.0: nex
 from stable_baselines3.common.vec_env import DummyVecEnv  # noqa: E402
 from test_wrappers import (  # noqa: E402  helpers only (its fixtures stay there)
     ENV_ID, MODES, SIZE, CountingEnv, FakeBatchRenderer, GLlessBatchRenderer, Spy, _tiny_reward, actions,
-    counting_frame, make_env, mean_brightness, real_batch_renderer_or_skip, row_weighted_brightness,
+    counting_frame, env_replacing_its_mjdata, make_env, mean_brightness, real_batch_renderer_or_skip, row_weighted_brightness,
 )
 
 from vlmrm_fast import Task, VLMRewardVectorWrapper, VLMRewardWrapper  # noqa: E402
@@ -421,22 +421,8 @@ def test_env_rewards_keep_float64_precision(rm):
 def test_batch_rendering_refuses_envs_that_replace_their_mujoco_data(rm, monkeypatch):
     """NEXT_STEP with the batch renderer: an env that makes a new MjData at reset would leave the renderer
     drawing the old one; an error at the first step after that reset, not stale frames (mutation audit)."""
-    import mujoco
-
     monkeypatch.setattr(W, "_import_batch_renderer", lambda: FakeBatchRenderer)
-
-    def make():
-        env = make_env(max_episode_steps=50)
-        reset_model = env.unwrapped.reset_model
-
-        def new_data_then_reset():
-            env.unwrapped.data = mujoco.MjData(env.unwrapped.model)
-            return reset_model()
-
-        env.unwrapped.reset_model = new_data_then_reset
-        return env
-
-    envs = VLMRewardVectorWrapper(sync_envs(make, 1), mean_brightness, render="batch")
+    envs = VLMRewardVectorWrapper(sync_envs(lambda: env_replacing_its_mjdata(50), 1), mean_brightness, render="batch")
     envs.reset(seed=0)  # made a new MjData, after the wrapper (and its renderer) took the old one
     with pytest.raises(RuntimeError, match="replaced its MjModel or MjData"):
         envs.step(np.zeros((1, 1), np.float32))

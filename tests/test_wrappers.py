@@ -474,22 +474,25 @@ def test_vec_env_terminal_frames_keep_the_episodes_colours(rm, render):
     wrapped.close()
 
 
+def env_replacing_its_mjdata(max_episode_steps: int) -> gym.Env:
+    """The humanoid, making a new MjData object at every reset (rather than resetting its own in place)."""
+    import mujoco
+
+    env = make_env(max_episode_steps=max_episode_steps)
+    reset_model = env.unwrapped.reset_model
+
+    def new_data_then_reset():
+        env.unwrapped.data = mujoco.MjData(env.unwrapped.model)
+        return reset_model()
+
+    env.unwrapped.reset_model = new_data_then_reset
+    return env
+
+
 def test_vec_env_refuses_envs_that_replace_their_mujoco_data(rm, no_batch):
     """An env that makes a new MjData at reset would leave the terminal-state copy (and a BatchRenderer)
     on the old one: an error, at the first step after that reset, rather than stale frames."""
-    import mujoco
-
-    def make():
-        env = make_env(max_episode_steps=2)
-        reset_model = env.unwrapped.reset_model
-
-        def new_data_then_reset():
-            env.unwrapped.data = mujoco.MjData(env.unwrapped.model)
-            return reset_model()
-
-        env.unwrapped.reset_model = new_data_then_reset
-        return env
-
+    make = lambda: env_replacing_its_mjdata(2)  # noqa: E731
     wrapped = VLMRewardVecEnv(DummyVecEnv([make]), rm)
     wrapped.reset()  # made a new MjData already, after the wrapper kept the old one
     with pytest.raises(RuntimeError, match="replaced its MjModel or MjData.*RenderTerminalFrame.*render='images'"):
