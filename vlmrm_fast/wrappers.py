@@ -713,13 +713,13 @@ class _BatchFrames:
                     "reward function instead."
                 )
             return _new_batch_renderer(envs, self.reward_model)
-        if render == "auto" and changing:
+        if render == "auto" and changing and len(sizes) <= 1:  # (envs of other sizes render the images anyway)
             warnings.warn(
                 f"The envs' wrappers {changing} have a render() of their own, which the batch renderer would not "
                 f"see: rendering through {self._images_source}.", stacklevel=3,
             )
             return None
-        if render == "auto" and envs is not None and len(sizes) <= 1:
+        if render == "auto" and envs is not None and len(sizes) <= 1 and not changing:
             try:
                 return _new_batch_renderer(envs, self.reward_model)
             except ImportError:
