@@ -64,7 +64,7 @@ import torch  # noqa: E402
 # Importing vlmrm_fast loads open_clip and with it Triton, which must happen before any Mesa GL
 # context exists (README, "Import order on CPU machines").
 from results_io import RunFiles, check_csv, config_of, fmt  # noqa: E402  (benchmarks/, beside this script)
-from vlmrm_fast.run_info import cpu_name, git_commit, gpu_driver, package_version  # noqa: E402
+from vlmrm_fast.run_info import cpu_name, git_commit, gpu_driver, library_versions, package_version  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 REFERENCE_SIZE = 480  # the original code's frames (SPEC §1.3)
@@ -93,6 +93,18 @@ def gl_renderer_name() -> str:
         return ""
 
 
+def skipped_without_rendering() -> bool:
+    """Where MuJoCo cannot render here, say so and how to fix it in one line (not a traceback from deep
+    inside PyOpenGL), and return True."""
+    from vlmrm_fast.render import rendering_unavailable_reason
+
+    reason = rendering_unavailable_reason()
+    if reason is not None:
+        print(f"skipped: {reason}. Set MUJOCO_GL=egl and PYOPENGL_PLATFORM=egl with an EGL library installed "
+              "(CPU: apt-get install libegl1 libgl1-mesa-dri; GPU: the NVIDIA driver's EGL).")
+    return reason is not None
+
+
 def environment(device: torch.device) -> Dict[str, str]:
     """What a result depends on: commit, device, driver, versions and the GL renderer (the CSV's key columns)."""
     commit = git_commit()
@@ -112,7 +124,7 @@ def environment(device: torch.device) -> Dict[str, str]:
         "mujoco": package_version("mujoco"),
         "gymnasium": package_version("gymnasium"),
         "stable_baselines3": package_version("stable_baselines3"),
-        "open_clip": package_version("open_clip_torch"),
+        **library_versions("open_clip"),
         "python": platform.python_version(),
         "mujoco_gl": os.environ.get("MUJOCO_GL", ""),
         "gl_renderer": gl_renderer_name(),
@@ -597,12 +609,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         pass
     if args.device.type == "cuda":  # the envs' own contexts and the batch renderer on the benchmarked GPU
         os.environ.setdefault("MUJOCO_EGL_DEVICE_ID", str(args.device.index))
-    from vlmrm_fast.render import rendering_unavailable_reason
-
-    reason = rendering_unavailable_reason()
-    if reason is not None:
-        print(f"skipped: {reason}. Set MUJOCO_GL=egl and PYOPENGL_PLATFORM=egl with an EGL library installed "
-              "(CPU: apt-get install libegl1 libgl1-mesa-dri; GPU: the NVIDIA driver's EGL).")
+    if skipped_without_rendering():
         return
     try:
         import gymnasium  # noqa: F401
@@ -638,9 +645,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     log(f"{n_max} envs per size ready ({time.perf_counter() - begin:.1f} s)")
 
     # Versions the rows depend on beyond the CSV's columns: the fast path's kernels and backends, the seed's resize.
-    libraries = {name: package_version(*dists) for name, dists in (
-        ("triton", ("triton", "pytorch-triton")), ("torchvision", ("torchvision",)),
-        ("onnxruntime", ("onnxruntime", "onnxruntime-gpu")), ("tensorrt", ("tensorrt", "tensorrt-cu12", "tensorrt-cu13")))}
+    libraries = library_versions("triton", "torchvision", "onnxruntime", "tensorrt")
     files = RunFiles(args.csv, args.json, COLUMNS,
                      {"environment": env, "libraries": libraries, "config": config_of(args)})
     try:

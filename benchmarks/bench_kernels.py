@@ -45,7 +45,7 @@ import torch
 from vlmrm_fast.ops._triton import HAS_TRITON, interpreter_enabled, triton_runs_on
 from results_io import RunFiles, check_csv, config_of, fmt  # noqa: E402  (benchmarks/, beside this script)
 from vlmrm_fast.backends.patch_embed import PatchMatmulConv2d  # noqa: E402
-from vlmrm_fast.run_info import device_name, git_commit, gpu_driver, package_version
+from vlmrm_fast.run_info import device_name, git_commit, gpu_driver, library_versions
 from vlmrm_fast.ops.preprocess import PreprocessSpec, check_tile, preprocess, preprocess_triton
 from vlmrm_fast.ops.score import ScoringTargets, score
 
@@ -69,9 +69,7 @@ def environment(device: torch.device) -> Dict[str, str]:
         "driver": gpu_driver() if device.type == "cuda" else "",
         "cuda": (torch.version.cuda or "") if device.type == "cuda" else "",
         "torch": torch.__version__,
-        "triton": package_version("triton"),
-        "open_clip": package_version("open_clip_torch"),
-        "torchvision": package_version("torchvision"),
+        **library_versions("triton", "open_clip", "torchvision"),
         "python": platform.python_version(),
     }
 

@@ -47,10 +47,10 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 
 import torch  # noqa: E402
 
-from bench_env import environment, log, make_envs  # noqa: E402  (benchmarks/, beside this script)
+from bench_env import environment, log, make_envs, skipped_without_rendering  # noqa: E402  (benchmarks/, beside this script)
 from results_io import RunFiles, config_of, fmt  # noqa: E402
 
-from vlmrm_fast.argtypes import positive_int  # noqa: E402
+from vlmrm_fast.argtypes import non_negative_int, positive_int  # noqa: E402
 
 SIZE = 224
 SCENE_FLAGS = {"no_shadow": "mjRND_SHADOW", "no_reflection": "mjRND_REFLECTION", "no_skybox": "mjRND_SKYBOX"}
@@ -294,19 +294,12 @@ QUICK = {"num_envs": 2, "repeats": 3, "warmup": 1, "shadow_sizes": [1024], "thre
 """What --quick sets, where the command line does not."""
 
 
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
-    return value
-
-
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     p.add_argument("--num-envs", type=positive_int, default=8, help="envs per renderer call (default 8)")
     p.add_argument("--repeats", type=positive_int, default=20, help="timed calls per variant (default 20)")
-    p.add_argument("--warmup", type=_non_negative_int, default=2, help="untimed calls first (default 2)")
+    p.add_argument("--warmup", type=non_negative_int, default=2, help="untimed calls first (default 2)")
     p.add_argument("--shadow-sizes", type=positive_int, nargs="*", default=[2048, 1024], help="shadowsize variants")
     p.add_argument("--threads", type=positive_int, nargs="*", default=[2, 4, 8], help="thread counts (default 2 4 8)")
     p.add_argument("--processes", type=positive_int, nargs="*", default=[2, 4, 8], help="process counts (default 2 4 8)")
@@ -333,12 +326,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parse_args(argv)
-    from vlmrm_fast.render import rendering_unavailable_reason
-
-    reason = rendering_unavailable_reason()
-    if reason is not None:  # as bench_env: a clear line, not a traceback from deep inside PyOpenGL
-        print(f"skipped: {reason}. Set MUJOCO_GL=egl and PYOPENGL_PLATFORM=egl with an EGL library installed "
-              "(CPU: apt-get install libegl1 libgl1-mesa-dri; GPU: the NVIDIA driver's EGL).")
+    if skipped_without_rendering():
         return
     env = environment(args.device)
     scene = ", ".join(([f"shadow map {args.scene_shadow_size}"] if args.scene_shadow_size is not None else [])

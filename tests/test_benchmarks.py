@@ -18,6 +18,16 @@ REPO = Path(__file__).resolve().parent.parent
 BENCHMARKS = REPO / "benchmarks"
 
 
+def _skip_without_rendering() -> None:
+    """Skip, saying why, where MuJoCo cannot render here (MUJOCO_GL=egl unless set)."""
+    os.environ.setdefault("MUJOCO_GL", "egl")
+    from vlmrm_fast.render import rendering_unavailable_reason
+
+    reason = rendering_unavailable_reason()
+    if reason is not None:
+        pytest.skip(str(reason))
+
+
 def _load(name: str):
     sys.path.insert(0, str(BENCHMARKS))  # the scripts import results_io from beside them
     try:
@@ -52,12 +62,7 @@ def test_kernel_benchmark_keeps_the_ops_measured_before_an_interrupt(tmp_path, m
 
 
 def test_env_benchmark_keeps_its_rows_on_sigterm(tmp_path):
-    os.environ.setdefault("MUJOCO_GL", "egl")
-    from vlmrm_fast.render import rendering_unavailable_reason
-
-    reason = rendering_unavailable_reason()
-    if reason is not None:
-        pytest.skip(reason)
+    _skip_without_rendering()
     out_json = tmp_path / "e.json"
     env = {**os.environ, "MUJOCO_GL": "egl", "PYOPENGL_PLATFORM": "egl", "PYTHONPATH": str(REPO)}
     # Render rows first (fast), then env-step rollouts long enough to be stopped in.
@@ -267,8 +272,10 @@ def test_kernel_environment_names_the_gpu_driver_and_cuda(monkeypatch):
     env = bench.environment(torch.device("cuda", 0))
     assert (env["device"], env["driver"], env["cuda"]) == ("NVIDIA H200 (cuda:0)", "550.54", "12.4")
     assert env["commit"] and env["torch"] == torch.__version__
+    from vlmrm_fast.run_info import package_version
+
     assert (env["triton"], env["open_clip"], env["torchvision"]) == (
-        bench.package_version("triton"), bench.package_version("open_clip_torch"), bench.package_version("torchvision"))
+        package_version("triton"), package_version("open_clip_torch"), package_version("torchvision"))
     cpu = bench.environment(torch.device("cpu"))
     assert (cpu["driver"], cpu["cuda"]) == ("", "")
 
@@ -736,12 +743,7 @@ def test_kernel_resources_read_cuobjdumps_counts(monkeypatch):
 
 
 def test_fast_rollout_times_physics_render_and_reward_of_the_wrapped_env(monkeypatch):
-    os.environ.setdefault("MUJOCO_GL", "egl")
-    from vlmrm_fast.render import rendering_unavailable_reason
-
-    reason = rendering_unavailable_reason()
-    if reason is not None:
-        pytest.skip(reason)
+    _skip_without_rendering()
     bench = _load("bench_env")
     calls = []
 
@@ -769,12 +771,9 @@ def test_fast_rollout_times_physics_render_and_reward_of_the_wrapped_env(monkeyp
 def test_fast_rollout_names_the_host_path_when_the_wrapper_drops_a_failing_batch_renderer(monkeypatch):
     # A batch renderer that fails in use (a CUDA-GL interop error at the first frame) is dropped by the
     # wrapper, which renders through env.render() from then on: the row must not say "gpu" with 0 ms render.
-    os.environ.setdefault("MUJOCO_GL", "egl")
-    from vlmrm_fast.render import BatchRenderer, rendering_unavailable_reason
+    from vlmrm_fast.render import BatchRenderer
 
-    reason = rendering_unavailable_reason()
-    if reason is not None:
-        pytest.skip(reason)
+    _skip_without_rendering()
     bench = _load("bench_env")
 
     def broken(self, *args, **kwargs):
@@ -819,11 +818,7 @@ def test_timed_reward_model_takes_bottom_up_frames_as_the_model_it_times():
 
 
 def test_render_breakdown_measures_each_variant_and_its_scene_changes_take_effect(tmp_path):
-    from vlmrm_fast.render import rendering_unavailable_reason
-
-    reason = rendering_unavailable_reason()
-    if reason:
-        pytest.skip(str(reason))
+    _skip_without_rendering()
     rb = _load("render_breakdown")
     out = tmp_path / "rb.json"
     rb.main(["--device", "cpu", "--num-envs", "1", "--repeats", "1", "--warmup", "0", "--shadow-sizes", "256",
@@ -855,11 +850,7 @@ def test_render_breakdown_measures_each_variant_and_its_scene_changes_take_effec
 
 
 def test_render_breakdown_scene_options_reach_every_variant(tmp_path, monkeypatch):
-    from vlmrm_fast.render import rendering_unavailable_reason
-
-    reason = rendering_unavailable_reason()
-    if reason:
-        pytest.skip(str(reason))
+    _skip_without_rendering()
     rb = _load("render_breakdown")
     seen = []
     real = rb._renderer

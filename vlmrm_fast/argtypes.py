@@ -47,12 +47,21 @@ def dtype_choice(choices: Sequence[str]) -> Callable[[str], str]:
 
 def positive_int(text: str) -> int:
     """An integer >= 1."""
+    return _int_from(text, 1, "a positive integer")
+
+
+def non_negative_int(text: str) -> int:
+    """An integer >= 0."""
+    return _int_from(text, 0, "an integer >= 0")
+
+
+def _int_from(text: str, lowest: int, what: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if value < lowest:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text}")
     return value
 
 

@@ -1,6 +1,7 @@
 """CLIPReward: a sentence in, a reward per frame out (the VLM-RM method, SPEC §1)."""
 from __future__ import annotations
 
+import functools
 import numbers
 import os
 from typing import Callable, List, Optional, Sequence, Tuple, Union
@@ -37,18 +38,14 @@ def _place(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> 
     return model
 
 
-_FORK_HOOK_REGISTERED = False
-
-
+@functools.lru_cache(maxsize=None)  # registered once per process
 def _one_torch_thread_in_forked_children() -> None:
     """A process forked after torch's CPU ops ran here (gymnasium's AsyncVectorEnv and SubprocVecEnv with
     start_method="fork" on Linux, the text tower at the least) hangs at its first parallel torch op: GNU
     OpenMP's thread pool does not survive a fork. Forked children use one torch thread, which needs no pool:
-    a worker scoring a few frames of its own env loses little by it. Registered once per process."""
-    global _FORK_HOOK_REGISTERED
-    if not _FORK_HOOK_REGISTERED and hasattr(os, "register_at_fork"):
+    a worker scoring a few frames of its own env loses little by it."""
+    if hasattr(os, "register_at_fork"):
         os.register_at_fork(after_in_child=lambda: torch.set_num_threads(1))
-        _FORK_HOOK_REGISTERED = True
 
 
 def _resolve_device(device: Union[str, torch.device, None]) -> torch.device:

@@ -7,7 +7,7 @@ import os
 import platform
 import subprocess
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import torch
 
@@ -31,6 +31,24 @@ def package_version(*distributions: str) -> str:
         except importlib.metadata.PackageNotFoundError:
             continue
     return ""
+
+
+#: The distributions each library a figure depends on may be installed as (nightly torch brings triton as
+#: pytorch-triton; ONNX Runtime's and TensorRT's GPU builds have names of their own).
+LIBRARY_DISTRIBUTIONS = {
+    "triton": ("triton", "pytorch-triton"),
+    "open_clip": ("open_clip_torch",),
+    "torchvision": ("torchvision",),
+    "onnxruntime": ("onnxruntime", "onnxruntime-gpu"),
+    "onnx": ("onnx",),
+    "tensorrt": ("tensorrt", "tensorrt-cu12", "tensorrt-cu13"),
+    "numpy": ("numpy",),
+}
+
+
+def library_versions(*libraries: str) -> Dict[str, str]:
+    """{library: installed version, or ""} for names of :data:`LIBRARY_DISTRIBUTIONS`, in that order."""
+    return {name: package_version(*LIBRARY_DISTRIBUTIONS[name]) for name in libraries}
 
 
 #: Names the commit where the tree runs without its git folder (a copy sent to a GPU machine).

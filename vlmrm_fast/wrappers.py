@@ -719,7 +719,7 @@ class _BatchFrames:
                 f"see: rendering through {self._images_source}.", stacklevel=3,
             )
             return None
-        if render == "auto" and envs is not None and len(sizes) <= 1 and not changing:
+        if render == "auto" and envs is not None and len(sizes) <= 1:
             try:
                 return _new_batch_renderer(envs, self.reward_model)
             except ImportError:

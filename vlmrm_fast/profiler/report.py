@@ -20,7 +20,7 @@ from vlmrm_fast.ops._triton import interpreter_enabled
 from vlmrm_fast.profiler.kernels import TowerProfile, markdown_kernel_profiles
 from vlmrm_fast.profiler.seed import SEED, SEED_CUDA_DTYPE, SEED_FRAME_SIZE
 from vlmrm_fast.profiler.timing import MIN_REPEATS, SWITCH_PAUSE_S, StageTiming
-from vlmrm_fast.run_info import command_output, cpu_name, git_commit, package_version
+from vlmrm_fast.run_info import command_output, cpu_name, git_commit, library_versions
 
 if TYPE_CHECKING:
     from vlmrm_fast.profiler.run import BenchConfig
@@ -412,13 +412,7 @@ def environment(device: torch.device) -> Dict[str, Any]:
         "driver": "",
         "cuda": "",
         "torch": torch.__version__,
-        "triton": package_version("triton", "pytorch-triton"),
-        "open_clip": package_version("open_clip_torch"),
-        "torchvision": package_version("torchvision"),
-        "onnxruntime": package_version("onnxruntime", "onnxruntime-gpu"),
-        "onnx": package_version("onnx"),
-        "tensorrt": package_version("tensorrt", "tensorrt-cu12", "tensorrt-cu13"),
-        "numpy": package_version("numpy"),
+        **library_versions("triton", "open_clip", "torchvision", "onnxruntime", "onnx", "tensorrt", "numpy"),
         "python": platform.python_version(),
         "triton_interpret": interpreter_enabled(),
         "cpu_count": os.cpu_count(),
