@@ -870,6 +870,16 @@ def test_train_closes_its_log_files_and_the_model_logs_nowhere_after(tmp_path, m
     assert csv.file.closed and board.writer.all_writers is None
 
 
+def test_train_frees_the_rollout_frame_buffer(tmp_path):
+    """The returned model keeps its (closed) env: the deferred recorder's frames (train_freq x n_envs frames on
+    the reward device, 480 MB for the kneeling preset) must not stay allocated with it."""
+    from vlmrm_fast.train import train
+
+    config = dot_config(tmp_path, total_timesteps=40, checkpoint_every=0, eval_every=0)
+    result = train(config, reward_model=tiny_reward(config))
+    assert result.model.get_env().frames is None
+
+
 @pytest.mark.parametrize("timing", ["deferred", "step"])
 def test_each_rows_sac_update_time_is_its_own_rollouts(tmp_path, monkeypatch, timing):
     # SAC's gradient steps follow a rollout; its row waits for them, so that every rollout's update

@@ -104,6 +104,14 @@ class DeferredRewardRecorder(VLMRewardVecEnv):
         placeholder = np.zeros_like(gt) if self.mode == "replace" else gt
         return obs, placeholder, dones, infos
 
+    def close(self) -> None:
+        """Close the envs and free the rollout's frame buffer (``capacity x n_envs`` frames on the reward
+        device): a ``TrainResult`` keeps this env through its model, and a later step allocates it again."""
+        try:
+            super().close()
+        finally:
+            self.frames, self.count = None, 0
+
     def pop(self):
         """The recorded ``(frames [T, n, H, W, 3], gt [T, n], dones [T, n], combined_as)``, ``combined_as[t]``
         being step t's ``(mode, weight)``; clears the record."""

@@ -49,7 +49,11 @@ RGB_FIX = 'render_mode="rgb_array"'
 
 @dataclass
 class TrainResult:
-    """What :func:`train` did."""
+    """What :func:`train` did.
+
+    ``model`` keeps its (closed) env and through it the reward model, on its device (GB for ViT-bigG-14),
+    so that a further ``learn()`` can run: in a sweep, drop the result (or its ``model``) before the next
+    run unless you need it."""
 
     run_dir: Path
     num_timesteps: int
