@@ -7,8 +7,12 @@ Ops (SPEC §1.2, §1.4, §2):
 - ``patch_embed``: a ViT's patch embedding, normalised pixels [N, 3, 224, 224] -> [N, D, 224 / p, 224 / p],
   as the ``torch`` and ``compile`` backends run it (one matmul over the patches,
   :mod:`vlmrm_fast.backends.patch_embed`) against the tower's own ``nn.Conv2d`` (the seed's way).
-- ``copy``: a device-to-device copy, the bandwidth ceiling preprocessing is judged against. It is
-  measured whenever ``preprocess`` is, so that every preprocess row gets its ``frac_of_copy``.
+- ``layer_norm``: the tower's LayerNorm over N frames' tokens [N, L, D] in the benchmark's dtype, as the
+  ``torch`` backend runs it with Triton kernels (:mod:`vlmrm_fast.ops.layer_norm`) against torch's own
+  ``F.layer_norm`` (the seed's way, and the ``compile``-less tower's before); GB/s counts one read and
+  one write of the tokens.
+- ``copy``: a device-to-device copy, the bandwidth ceiling preprocessing and LayerNorm are judged
+  against. It is measured whenever either is, so that their rows get their ``frac_of_copy``.
 
 Providers:
 - ``triton``: the fused kernel (``impl="triton"``); ``triton-interpret`` when it runs in Triton's
@@ -17,9 +21,12 @@ Providers:
   16 x 64 tiles and 8 warps instead of its default, for tuning.
 - ``triton-flat1024w4``, ``triton-words1024w4`` (with ``--identity-variants``): candidate kernels for
   frames already at the tower's size (``identity_variants.py``), timed on the ``224-fast`` case only.
-- ``torch``: the package's plain torch path (``impl="torch"``); for ``patch_embed``, the matmul.
+- ``triton-r8w8`` (with ``--layer-norm-configs 8w8``): the LayerNorm kernel launched with 8 rows a
+  program and 8 warps instead of its default, for tuning.
+- ``torch``: the package's plain torch path (``impl="torch"``); for ``patch_embed``, the matmul; none for
+  ``layer_norm`` (its plain path, ``F.layer_norm`` in float32, is a fallback, not a contender).
 - ``seed``: the original VLM-RM code's way, the baseline for ``speedup_vs_seed``; for ``patch_embed``,
-  the convolution (cuDNN on CUDA) in the benchmark's dtype.
+  the convolution (cuDNN on CUDA) in the benchmark's dtype; for ``layer_norm``, ``F.layer_norm``.
 
 Usage:
     python benchmarks/bench_kernels.py                     # defaults for the device found
@@ -41,10 +48,12 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 
 from vlmrm_fast.ops._triton import HAS_TRITON, interpreter_enabled, triton_runs_on
 from results_io import RunFiles, check_csv, config_of, fmt  # noqa: E402  (benchmarks/, beside this script)
 from vlmrm_fast.backends.patch_embed import PatchMatmulConv2d  # noqa: E402
+from vlmrm_fast.ops.layer_norm import launch_config, layer_norm_triton
 from vlmrm_fast.run_info import device_name, git_commit, gpu_driver, library_versions
 from vlmrm_fast.ops.preprocess import PreprocessSpec, check_tile, preprocess, preprocess_triton
 from vlmrm_fast.ops.score import ScoringTargets, score
@@ -114,6 +123,22 @@ PATCH_EMBED_CASES = (
     PatchEmbedCase("L14-p14-D1024", 14, 1024),
     PatchEmbedCase("bigG-p14-D1664", 14, 1664),
 )
+
+
+@dataclass(frozen=True)
+class LayerNormCase:
+    """A tower's LayerNorm: ``tokens`` rows of width ``width`` per frame (224 px input)."""
+
+    name: str
+    tokens: int
+    width: int
+
+
+LAYER_NORM_CASES = (
+    LayerNormCase("B32-L50-D768", 50, 768),
+    LayerNormCase("L14-L257-D1024", 257, 1024),
+    LayerNormCase("bigG-L257-D1664", 257, 1664),
+)
 SCORE_CASES = (
     ScoreCase("bigG-D1280-T1", 1280, 1),
     ScoreCase("B32-D512-T1", 512, 1),
@@ -160,9 +185,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """Command line; device-dependent defaults (batch sizes, repeats, dtype) are filled in here."""
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--ops", nargs="+", choices=("preprocess", "score", "patch_embed", "copy"),
-                        default=["preprocess", "score", "patch_embed", "copy"],
-                        help="copy is always added with preprocess")
+    parser.add_argument("--ops", nargs="+", choices=("preprocess", "score", "patch_embed", "layer_norm", "copy"),
+                        default=["preprocess", "score", "patch_embed", "layer_norm", "copy"],
+                        help="copy is always added with preprocess and layer_norm")
     parser.add_argument("--batch-sizes", nargs="+", type=int, help="N; default 1 64 1024 on CUDA, 1 32 on CPU")
     parser.add_argument("--repeats", type=int, help="timed calls per row; default 20 on CUDA, 5 on CPU")
     parser.add_argument("--warmup", type=int, help="untimed calls first (Triton compiles); default 3 on CUDA, 1 on CPU")
@@ -178,6 +203,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="also time candidate kernels for frames at the tower's size (224-fast only; "
                         "benchmarks/identity_variants.py), e.g. flat1024w4 words1024w4: the kind, pixels a "
                         "program and warps, as providers triton-KINDBwW")
+    parser.add_argument("--layer-norm-configs", nargs="+", default=[], metavar="RwW",
+                        help="also time the LayerNorm kernel with these launches, e.g. 1w4 8w8 (rows a program, "
+                        "warps; powers of two), as providers triton-rRwW")
     parser.add_argument("--csv", type=Path, help="append one row per (op, case, provider, N) to this CSV")
     parser.add_argument("--json", type=Path, help="write the whole run (environment, config, rows) as JSON")
     args = parser.parse_args(argv)
@@ -198,10 +226,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         args.copy_mib = 1024 if on_cuda else 256
     if args.dtype == "auto":
         args.dtype = "bf16" if on_cuda else "fp32"
-    if "preprocess" in args.ops and "copy" not in args.ops:
+    if {"preprocess", "layer_norm"} & set(args.ops) and "copy" not in args.ops:
         args.ops.append("copy")
     try:
         args.preprocess_tiles = [parse_tile(t) for t in args.preprocess_tiles]
+        args.layer_norm_configs = [parse_layer_norm_config(c) for c in args.layer_norm_configs]
         if args.identity_variants and not HAS_TRITON:
             raise ValueError("--identity-variants: the triton package is not installed")
         args.identity_variants = [identity_variants.parse_variant(v) for v in args.identity_variants]
@@ -329,6 +358,18 @@ def parse_tile(text: str) -> Tuple[int, int, int]:
     return tile
 
 
+def parse_layer_norm_config(text: str) -> Tuple[int, int]:
+    """ "8w8" -> (8, 8): rows a program, warps."""
+    try:
+        rows, warps = (int(part) for part in text.lower().split("w"))
+        launch_config(768, rows, warps)  # checks both are powers of two
+    except ValueError as error:
+        detail = f": {error}" if "power of two" in str(error) else ""
+        raise ValueError(f"--layer-norm-configs {text!r}: write rows a program, then w and the warps, e.g. 8w8"
+                         f"{detail}") from None
+    return rows, warps
+
+
 def _triton_prefix(providers: Sequence[str]) -> Optional[str]:
     """The name extra Triton providers start with ("triton", or "triton-interpret" in the CPU
     interpreter), or None where Triton does not run at all."""
@@ -347,6 +388,12 @@ def identity_providers(variants: Sequence[Tuple[str, int, int]], providers: Sequ
     """Provider name -> candidate identity kernel (:mod:`identity_variants`), where Triton runs at all."""
     prefix = _triton_prefix(providers)
     return {} if prefix is None else {f"{prefix}-{kind}{block}w{w}": (kind, block, w) for kind, block, w in variants}
+
+
+def layer_norm_providers(configs: Sequence[Tuple[int, int]], providers: Sequence[str]) -> Dict[str, Tuple[int, int]]:
+    """Provider name -> (rows a program, warps) for the extra LayerNorm launches, where Triton runs at all."""
+    prefix = _triton_prefix(providers)
+    return {} if prefix is None else {f"{prefix}-r{rows}w{warps}": (rows, warps) for rows, warps in configs}
 
 
 def impl_of(provider: str) -> str:
@@ -468,6 +515,39 @@ def bench_patch_embed(args: argparse.Namespace, env: Dict[str, str], timer: Time
     return rows
 
 
+def bench_layer_norm(args: argparse.Namespace, env: Dict[str, str], timer: Timer, providers: List[str],
+                     configs: Dict[str, Tuple[int, int]]) -> List[Row]:
+    """Every LayerNorm case and batch size: torch's ``F.layer_norm`` ("seed") against the Triton kernel
+    (and its other launches, ``configs``: :func:`layer_norm_providers`); GB/s = the tokens read and written."""
+    dtype = DTYPES[args.dtype]
+    rows = []
+    for case in LAYER_NORM_CASES:
+        generator = torch.Generator().manual_seed(0)
+        weight = (1 + 0.1 * torch.randn(case.width, generator=generator)).to(args.device, dtype)
+        bias = (0.1 * torch.randn(case.width, generator=generator)).to(args.device, dtype)
+        for n in args.batch_sizes:
+            tokens = (torch.randn(n, case.tokens, case.width, generator=generator) * 2 + 0.5).to(args.device, dtype)
+            nbytes = 2 * tokens.numel() * tokens.element_size()
+            candidates = {"seed": functools.partial(F.layer_norm, tokens, (case.width,), weight, bias, 1e-5)}
+            candidates.update({p: functools.partial(layer_norm_triton, tokens, weight, bias, 1e-5)
+                               for p in providers if p.startswith("triton")})
+            candidates.update({p: functools.partial(layer_norm_triton, tokens, weight, bias, 1e-5, rows_per_program=r,
+                                                    num_warps=w) for p, (r, w) in configs.items()})
+            reference = None
+            for provider, fn in candidates.items():
+                output = fn()
+                reference = output if provider == "seed" else reference
+                timing = timer(fn)
+                rows.append(Row(
+                    **env, op="layer_norm", case=case.name, provider=provider, N=n, H=None, W=None,
+                    dtype=args.dtype, repeats=args.repeats, **asdict(timing),
+                    frames_per_s=n / (timing.median_ms * 1e-3),
+                    gb_per_s=nbytes / (timing.median_ms * 1e-3) / 1e9,
+                    max_abs_diff_vs_seed=max_abs_diff(output, reference),
+                ))
+    return rows
+
+
 def add_ratios(rows: List[Row]) -> None:
     """Fill ``speedup_vs_seed`` (frames/s over the seed's, same op/case/N) and ``frac_of_copy``."""
     seed = {(r.op, r.case, r.N): r.frames_per_s for r in rows if r.provider == "seed"}
@@ -476,7 +556,7 @@ def add_ratios(rows: List[Row]) -> None:
         seed_rate = seed.get((row.op, row.case, row.N))
         if seed_rate and row.frames_per_s:
             row.speedup_vs_seed = row.frames_per_s / seed_rate
-        if row.op == "preprocess" and copy:
+        if row.op in ("preprocess", "layer_norm") and copy:
             row.frac_of_copy = row.gb_per_s / copy
 
 
@@ -499,6 +579,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     providers, skipped = providers_for(args.device)
     tiled = tile_providers(args.preprocess_tiles, providers)
     identity = identity_providers(args.identity_variants, providers)
+    layer_norm_configs = layer_norm_providers(args.layer_norm_configs, providers)
     begin = time.perf_counter()
 
     print(f"# vlmrm_fast kernel benchmark on {env['device']}")
@@ -513,7 +594,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     print()
 
     files = RunFiles(args.csv, args.json, COLUMNS, {"environment": env, "config": config_of(args),
-                                                    "providers": providers + list(tiled) + list(identity),
+                                                    "providers": providers + list(tiled) + list(identity)
+                                                    + list(layer_norm_configs),
                                                     "skipped": skipped})
     timer = Timer(args.device, args.warmup, args.repeats)
 
@@ -530,6 +612,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             add(bench_score(args, env, timer, providers))
         if "patch_embed" in args.ops:
             add(bench_patch_embed(args, env, timer))
+        if "layer_norm" in args.ops:
+            add(bench_layer_norm(args, env, timer, providers, layer_norm_configs))
     elapsed = time.perf_counter() - begin
 
     print(markdown_table(files.rows))

@@ -15,7 +15,8 @@
 #   kernels      benchmarks/bench_kernels.py: preprocess GB/s against the copy (with the other tiles
 #                in KERNEL_TILES, default "16x64w4 4x128w4 4x64w4", and the identity candidates of
 #                benchmarks/identity_variants.py in KERNEL_IDENTITY, default "flat1024w4 flat2048w8
-#                words1024w4 words2048w8"), score frames/s, the patch embedding
+#                words1024w4 words2048w8"), score frames/s, the patch embedding, the LayerNorm kernel
+#                against torch's (with the other launches in KERNEL_LAYER_NORM, default "1w4 2w4 8w8")
 #   render       benchmarks/bench_env.py --no-env-steps: render-only frames/s (target 3,000/s at 224)
 #   render-breakdown
 #                benchmarks/render_breakdown.py: where a frame's render time goes (scene passes,
@@ -185,6 +186,7 @@ part_kernels() {
     # shellcheck disable=SC2086
     part kernels "$PYTHON" benchmarks/bench_kernels.py --preprocess-tiles ${KERNEL_TILES:-16x64w4 4x128w4 4x64w4} \
         --identity-variants ${KERNEL_IDENTITY:-flat1024w4 flat2048w8 words1024w4 words2048w8} \
+        --layer-norm-configs ${KERNEL_LAYER_NORM:-1w4 2w4 8w8} \
         --csv "$RESULTS/kernels/kernels.csv" --json "$RESULTS/kernels/kernels.json"
 }
 part_render() {

@@ -24,9 +24,9 @@ import torch
 import triton
 import triton.language as tl
 
-from vlmrm_fast.ops._triton import interpreter_enabled
 from vlmrm_fast.ops._triton import on_device as _on_device
-from vlmrm_fast.ops.preprocess import PreprocessSpec, _to_output
+from vlmrm_fast.ops._triton import rounds_bf16_by_hand, to_output
+from vlmrm_fast.ops.preprocess import PreprocessSpec
 from vlmrm_fast.ops.resize_taps import is_identity
 
 VARIANTS = ("flat", "words")
@@ -55,9 +55,9 @@ def _identity_flat_kernel(
     b = tl.load(p + 2 * stride_c, mask=mask, other=0).to(tl.float32)
     dst = out_ptr + frame * 3 * plane + pix
     out_ty = out_ptr.dtype.element_ty
-    tl.store(dst, _to_output(r * scale0 + shift0, out_ty, ROUND_BF16), mask=mask)
-    tl.store(dst + plane, _to_output(g * scale1 + shift1, out_ty, ROUND_BF16), mask=mask)
-    tl.store(dst + 2 * plane, _to_output(b * scale2 + shift2, out_ty, ROUND_BF16), mask=mask)
+    tl.store(dst, to_output(r * scale0 + shift0, out_ty, ROUND_BF16), mask=mask)
+    tl.store(dst + plane, to_output(g * scale1 + shift1, out_ty, ROUND_BF16), mask=mask)
+    tl.store(dst + 2 * plane, to_output(b * scale2 + shift2, out_ty, ROUND_BF16), mask=mask)
 
 
 @triton.jit
@@ -102,9 +102,9 @@ def _identity_words_kernel(
     out_mask = pix < plane
     dst = out_ptr + frame * 3 * plane + pix
     out_ty = out_ptr.dtype.element_ty
-    tl.store(dst, _to_output(r * scale0 + shift0, out_ty, ROUND_BF16), mask=out_mask)
-    tl.store(dst + plane, _to_output(g * scale1 + shift1, out_ty, ROUND_BF16), mask=out_mask)
-    tl.store(dst + 2 * plane, _to_output(b * scale2 + shift2, out_ty, ROUND_BF16), mask=out_mask)
+    tl.store(dst, to_output(r * scale0 + shift0, out_ty, ROUND_BF16), mask=out_mask)
+    tl.store(dst + plane, to_output(g * scale1 + shift1, out_ty, ROUND_BF16), mask=out_mask)
+    tl.store(dst + 2 * plane, to_output(b * scale2 + shift2, out_ty, ROUND_BF16), mask=out_mask)
 
 
 def words_unsupported_reason(frames: torch.Tensor) -> str:
@@ -174,7 +174,7 @@ def preprocess_identity(
         return out
     scale, shift = spec.affine(frames.dtype)
     launch = dict(
-        BOTTOM_UP=bottom_up, ROUND_BF16=out_dtype == torch.bfloat16 and interpreter_enabled(),
+        BOTTOM_UP=bottom_up, ROUND_BF16=rounds_bf16_by_hand(out_dtype),
         num_warps=warps, enable_fp_fusion=True,
     )
     with _on_device(frames.device):

@@ -88,7 +88,12 @@ def _variants() -> List[Tuple[str, Any, Callable[[], None], bool]]:
     def targets(t: int, d: int) -> Any:
         return sc.ScoringTargets(torch.randn(t, d), torch.randn(t, d), torch.rand(t))
 
-    kernel_pre, kernel_score = pre._preprocess_kernel, sc._score_kernel
+    ln = importlib.import_module("vlmrm_fast.ops.layer_norm")
+    kernel_pre, kernel_score, kernel_ln = pre._preprocess_kernel, sc._score_kernel, ln._layer_norm_kernel
+
+    def norm(width: int, dtype: torch.dtype, **launch: int) -> Callable[[], None]:
+        return lambda: ln.layer_norm_triton(torch.zeros((8, width), dtype=dtype), torch.ones(width, dtype=dtype),
+                                            torch.zeros(width, dtype=dtype), 1e-5, **launch)
     ident = importlib.import_module("identity_variants")  # beside this script: candidates, not the op's path
     bf16_224 = lambda variant: lambda: ident.preprocess_identity(u8(224), spec, torch.bfloat16, variant, bottom_up=True)  # noqa: E731
     return [
@@ -109,6 +114,10 @@ def _variants() -> List[Tuple[str, Any, Callable[[], None], bool]]:
         ("bf16 D=1280 T=1", kernel_score, lambda: sc.score_triton(torch.zeros((4, 1280), dtype=torch.bfloat16), targets(1, 1280)), True),
         ("fp16 D=768 T=3", kernel_score, lambda: sc.score_triton(torch.zeros((4, 768), dtype=torch.float16), targets(3, 768)), True),
         ("fp32 D=512 T=8", kernel_score, lambda: sc.score_triton(torch.zeros((4, 512)), targets(8, 512)), True),
+        ("bf16 D=768 (ViT-B-32)", kernel_ln, norm(768, torch.bfloat16), True),
+        ("bf16 D=1664 (ViT-bigG-14)", kernel_ln, norm(1664, torch.bfloat16), True),
+        ("fp16 D=1024 (ViT-L-14)", kernel_ln, norm(1024, torch.float16), True),
+        ("bf16 D=768, 8 rows, 8 warps", kernel_ln, norm(768, torch.bfloat16, rows_per_program=8, num_warps=8), False),
     ]
 
 

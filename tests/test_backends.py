@@ -429,7 +429,8 @@ def test_backend_options_list_each_constructors_keywords():
     from vlmrm_fast.backends.onnxruntime import OnnxRuntimeBackend
     from vlmrm_fast.backends.tensorrt import TensorRTBackend
 
-    passed_by_builder = {"self", "visual", "spec", "device", "dtype", "image_size", "max_batch_size", "model_name"}
+    passed_by_builder = {"self", "visual", "spec", "device", "dtype", "image_size", "max_batch_size", "model_name",
+                         "kernels"}
     classes = {"torch": TorchBackend, "compile": CompileBackend, "onnxruntime": OnnxRuntimeBackend,
                "tensorrt": TensorRTBackend}
     assert set(classes) == set(BACKEND_OPTIONS)

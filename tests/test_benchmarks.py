@@ -158,6 +158,30 @@ def test_kernel_benchmark_times_the_patch_embedding_both_ways(tmp_path):
         assert fast["max_abs_diff_vs_seed"] <= 1e-4  # the same layer, summed in another order
 
 
+def test_kernel_benchmark_times_layer_norm_against_torchs(tmp_path):
+    # A real run (Triton's interpreter on CPU, one frame): torch's F.layer_norm is the baseline, the kernel
+    # and its other launches agree with it, and every row is judged against the copy.
+    bench = _load("bench_kernels")
+    if not bench.HAS_TRITON or not bench.triton_runs_on(torch.device("cpu")):
+        pytest.skip("Triton cannot run here")
+    out_json = tmp_path / "k.json"
+    bench.main(["--device", "cpu", "--ops", "layer_norm", "--batch-sizes", "1", "--repeats", "1", "--warmup", "1",
+                "--copy-mib", "1", "--layer-norm-configs", "8w8", "--json", str(out_json)])
+    rows = json.loads(out_json.read_text())["rows"]
+    (copy,) = [r for r in rows if r["op"] == "copy"]
+    rows = [r for r in rows if r["op"] == "layer_norm"]
+    assert [(r["case"], r["provider"]) for r in rows] == [
+        (case.name, provider) for case in bench.LAYER_NORM_CASES
+        for provider in ("seed", "triton-interpret", "triton-interpret-r8w8")]
+    for row in rows:
+        case = next(c for c in bench.LAYER_NORM_CASES if c.name == row["case"])
+        assert row["gb_per_s"] == pytest.approx(2 * case.tokens * case.width * 4 / (row["median_ms"] * 1e-3) / 1e9)
+        assert row["frac_of_copy"] == pytest.approx(row["gb_per_s"] / copy["gb_per_s"])
+        assert row["max_abs_diff_vs_seed"] <= 1e-5  # float32: the same LayerNorm, rounded apart
+    for seed, fast in zip(rows[::3], rows[1::3]):
+        assert fast["speedup_vs_seed"] == pytest.approx(fast["frames_per_s"] / seed["frames_per_s"])
+
+
 def test_kernel_timer_reports_median_min_max_of_the_timed_repeats_only(monkeypatch):
     bench = _load("bench_kernels")
     now = _fake_clock(monkeypatch, bench)
@@ -303,9 +327,12 @@ def test_kernel_options_add_copy_and_refuse_what_cannot_be_measured(capsys):
     bench = _load("bench_kernels")
     args = bench.parse_args(["--device", "cpu", "--ops", "preprocess"])
     assert args.ops == ["preprocess", "copy"] and args.dtype == "fp32" and args.warmup == 1
+    assert bench.parse_args(["--device", "cpu", "--ops", "layer_norm"]).ops == ["layer_norm", "copy"]
+    assert bench.parse_args(["--device", "cpu", "--layer-norm-configs", "8W8", "1w4"]).layer_norm_configs == [(8, 8), (1, 4)]
     assert bench.parse_args(["--device", "cpu", "--preprocess-tiles", "16x64W8"]).preprocess_tiles == [(16, 64, 8)]
     for bad in (["--warmup", "0"], ["--repeats", "0"], ["--batch-sizes", "1", "0"], ["--copy-mib", "0"],
-                ["--preprocess-tiles", "12x64w4"], ["--preprocess-tiles", "16x64"], ["--device", "meta"]):
+                ["--preprocess-tiles", "12x64w4"], ["--preprocess-tiles", "16x64"], ["--device", "meta"],
+                ["--layer-norm-configs", "3w4"], ["--layer-norm-configs", "8"]):
         with pytest.raises(SystemExit) as refused:
             bench.parse_args(["--device", "cpu", *bad])
         assert refused.value.code == 2, bad

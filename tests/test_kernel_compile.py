@@ -33,10 +33,12 @@ def test_kernels_compile_for_sm80_and_sm90_without_spills(tmp_path):
     )
     assert result.returncode == 0, result.stdout + result.stderr
     rows = json.loads(out.read_text())["rows"]
-    kernels = ("_preprocess_kernel", "_score_kernel", "_identity_flat_kernel", "_identity_words_kernel")
+    kernels = ("_preprocess_kernel", "_score_kernel", "_identity_flat_kernel", "_identity_words_kernel",
+               "_layer_norm_kernel")
     assert {(r["kernel"], r["arch"]) for r in rows} == {(kernel, arch) for kernel in kernels for arch in (80, 90)}
-    # one tuning tile and the two identity candidates (benchmarks/identity_variants.py), two archs each
-    assert len(rows) == 22 and sum(not r["default_launch"] for r in rows) == 6
+    # one preprocess tuning tile, the two identity candidates (benchmarks/identity_variants.py) and one
+    # LayerNorm launch, two archs each
+    assert len(rows) == 30 and sum(not r["default_launch"] for r in rows) == 8
     for r in rows:
         assert 0 < r["registers"] <= 255, r
         assert "ld." in r["global_memory"] and "st." in r["global_memory"], r  # the PTX was read

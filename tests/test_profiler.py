@@ -362,6 +362,7 @@ def test_kernel_profile_of_the_largest_batch(results, bench_run):
     # layer norms: ATen's CUDA kernel, Inductor's fused one (which also names a copy), ONNX Runtime's
     ("void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<c10::BFloat16, float>", "layernorm"),
     ("triton_per_fused_native_layer_norm_clone_2", "layernorm"),
+    ("_layer_norm_kernel", "layernorm"),  # this package's (vlmrm_fast/ops/layer_norm.py), in the torch backend
     ("__myl_AddCastMeanSubMulMeanAddSqrtDivMulCastMulAdd_0x1a2b", "layernorm"),  # TensorRT's fused norm
     ("void onnxruntime::cuda::cuApplyLayerNorm<float, float, float, false>", "layernorm"),
     ("aten::native_layer_norm", "layernorm"),

@@ -147,7 +147,7 @@ class CLIPReward:
         self._backend: VisionBackend = build_backend(
             resolve_backend(backend, self._device, self._dtype), self.model.visual, self._spec, self._device,
             self._dtype, max_batch_size=self.max_batch_size, model_name=self.model_name, options=backend_options,
-            requested=backend,
+            requested=backend, kernels=self._kernels,
         )
 
     @classmethod

@@ -2,7 +2,7 @@
 
 | backend | devices | precisions | notes |
 |---|---|---|---|
-| "torch" | any | fp32, bf16, fp16; fp8 opt-in (Hopper) | eager PyTorch, SDPA attention, patch embedding as a matmul |
+| "torch" | any | fp32, bf16, fp16; fp8 opt-in (Hopper) | eager PyTorch, SDPA attention, patch embedding as a matmul, LayerNorms through Triton |
 | "compile" | any | fp32, bf16, fp16; fp8 opt-in (Hopper) | torch.compile per batch bucket, CUDA graphs on CUDA; patch embedding and fp8 as "torch" |
 | "onnxruntime" | CPU, CUDA (onnxruntime-gpu) | fp32, int8 opt-in (CPU); fp32, fp16 (CUDA) | extra `export` |
 | "tensorrt" | CUDA | fp16, bf16, fp32; fp8 opt-in (Hopper) | extra `tensorrt`; engines cached on disk |
@@ -76,13 +76,15 @@ def build_backend(
     model_name: str = "model",
     options: Optional[Dict[str, Any]] = None,
     requested: Optional[str] = None,
+    kernels: str = "torch",
 ) -> VisionBackend:
     """Build a resolved backend around ``visual`` (already on ``device`` in ``dtype``).
 
     ``options`` go to the backend's constructor (:data:`BACKEND_OPTIONS`): ``buckets``/``mode`` for
     "compile" (and ``quantize`` for both it and "torch"), ``cache_dir``/``workspace_gib``/``quantize``/``calibration_frames``/``opt_batch_size``/``exporter``
     for "tensorrt", ``quantize``/``exporter`` for "onnxruntime". ``requested`` is the caller's choice ("auto"), for
-    error messages.
+    error messages. ``kernels``: the reward's resolved choice ("triton" or "torch"); with "triton" the "torch"
+    backend runs the tower's LayerNorms through the Triton kernel.
     """
     options = dict(options or {})
     check_backend_options(backend, options, device, requested)
@@ -90,7 +92,7 @@ def build_backend(
     if backend == "torch":
         from vlmrm_fast.backends.eager import TorchBackend
 
-        return TorchBackend(visual, device, dtype, image_size, **options)
+        return TorchBackend(visual, device, dtype, image_size, kernels=kernels, **options)
     if backend == "compile":
         from vlmrm_fast.backends.compiled import CompileBackend
 

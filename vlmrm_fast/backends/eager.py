@@ -8,13 +8,16 @@ import torch
 from vlmrm_fast.backends.base import BackendError, VisionBackend, pooled_embeddings
 from vlmrm_fast.backends.patch_embed import use_patch_matmul
 from vlmrm_fast.backends.torch_fp8 import check_torch_quantize, is_fp8_quantised, quantize_fp8
+from vlmrm_fast.backends.triton_layer_norm import use_triton_layer_norm
 
 
 def adapt_tower(visual: torch.nn.Module, backend: str, device: torch.device, dtype: torch.dtype,
-                quantize: Optional[str]) -> None:
+                quantize: Optional[str], kernels: str = "torch") -> None:
     """What the "torch" and "compile" backends change in ``visual`` (in place) before running it: on CUDA,
     the patch embedding as a matmul (cuDNN's convolution was the slow one; on CPU it is not measured);
-    with ``quantize="fp8"``, the transformer's matmuls in E4M3, after checking that they can run here."""
+    with ``quantize="fp8"``, the transformer's matmuls in E4M3, after checking that they can run here;
+    with ``kernels="triton"`` (which only "torch" passes: "compile" leaves them to inductor, which fuses
+    them), the LayerNorms through the Triton kernel (:mod:`vlmrm_fast.backends.triton_layer_norm`)."""
     check_torch_quantize(quantize, backend, device, dtype)
     if quantize != "fp8" and is_fp8_quantised(visual):
         raise BackendError(
@@ -26,6 +29,8 @@ def adapt_tower(visual: torch.nn.Module, backend: str, device: torch.device, dty
         use_patch_matmul(visual)
     if quantize == "fp8":
         quantize_fp8(visual, dtype)
+    if kernels == "triton":
+        use_triton_layer_norm(visual)
 
 
 class TorchBackend(VisionBackend):
@@ -38,15 +43,19 @@ class TorchBackend(VisionBackend):
     Args:
         quantize: None, or "fp8": the transformer's matmuls in E4M3 (:mod:`vlmrm_fast.backends.torch_fp8`;
             Hopper GPUs, bf16; lossy, opt-in). The tower's modules are replaced in place.
+        kernels: "triton" (the reward's choice on CUDA) runs the tower's LayerNorms through the Triton kernel
+            (:mod:`vlmrm_fast.backends.triton_layer_norm`; the modules are replaced in place, their
+            parameters kept); "torch" leaves them to torch.
     """
 
     name = "torch"
 
-    def __init__(self, visual: torch.nn.Module, device, dtype, image_size, quantize: Optional[str] = None) -> None:
+    def __init__(self, visual: torch.nn.Module, device, dtype, image_size, quantize: Optional[str] = None,
+                 kernels: str = "torch") -> None:
         super().__init__(device, dtype, image_size)
         self.visual = visual
         self.quantize = quantize
-        adapt_tower(visual, self.name, self.device, dtype, quantize)
+        adapt_tower(visual, self.name, self.device, dtype, quantize, kernels)
 
     @torch.inference_mode()
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:

@@ -49,6 +49,23 @@ if HAS_TRITON:
         offsets = tl.arange(0, BLOCK)
         tl.store(out_ptr + offsets, offsets + 1)
 
+    @triton.jit
+    def to_output(value, out_ty: tl.constexpr, ROUND_BF16: tl.constexpr):
+        """float32 ``value`` cast to ``out_ty`` for a store. Triton's CPU interpreter truncates float32 ->
+        bfloat16 casts where GPUs round to nearest even; kernels pass ``ROUND_BF16`` (see
+        :func:`rounds_bf16_by_hand`) and the rounding is then done on the bits, so CPU tests see GPU numerics."""
+        if ROUND_BF16:
+            bits = value.to(tl.uint32, bitcast=True)
+            bits = (bits + (((bits >> 16) & 1) + 0x7FFF)) & 0xFFFF0000
+            value = bits.to(tl.float32, bitcast=True)
+        return value.to(out_ty)
+
+
+def rounds_bf16_by_hand(out_dtype: torch.dtype) -> bool:
+    """The ``ROUND_BF16`` argument of :func:`to_output` for stores of ``out_dtype``: bfloat16 output
+    from interpreted kernels."""
+    return out_dtype == torch.bfloat16 and interpreter_enabled()
+
 
 @functools.lru_cache(maxsize=None)
 def interpreter_problem() -> Optional[str]:

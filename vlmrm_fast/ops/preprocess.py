@@ -20,7 +20,7 @@ from typing import ContextManager, Literal, Optional, Sequence, Tuple
 
 import torch
 
-from vlmrm_fast.ops._triton import HAS_TRITON, interpreter_enabled, require_working_interpreter
+from vlmrm_fast.ops._triton import HAS_TRITON, interpreter_enabled, require_working_interpreter, rounds_bf16_by_hand
 from vlmrm_fast.ops._triton import on_device as _on_device
 from vlmrm_fast.ops.resize_taps import INTERPOLATIONS, Interpolation, is_identity, resize_bands, resize_tables
 from vlmrm_fast.precision import float32_matmuls
@@ -103,15 +103,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    @triton.jit
-    def _to_output(value, out_ty: tl.constexpr, ROUND_BF16: tl.constexpr):
-        # Triton's CPU interpreter truncates float32 -> bfloat16 casts where GPUs round to nearest
-        # even; with ROUND_BF16 the rounding is done on the bits, so CPU tests see GPU numerics.
-        if ROUND_BF16:
-            bits = value.to(tl.uint32, bitcast=True)
-            bits = (bits + (((bits >> 16) & 1) + 0x7FFF)) & 0xFFFF0000
-            value = bits.to(tl.float32, bitcast=True)
-        return value.to(out_ty)
+    from vlmrm_fast.ops._triton import to_output
 
     @triton.jit
     def _preprocess_kernel(
@@ -187,9 +179,9 @@ if HAS_TRITON:
         plane = out_h * out_w
         dst = out_ptr + frame * 3 * plane + oy[:, None] * out_w + ox[None, :]
         out_ty = out_ptr.dtype.element_ty
-        tl.store(dst, _to_output(acc0 * scale0 + shift0, out_ty, ROUND_BF16), mask=mask)
-        tl.store(dst + plane, _to_output(acc1 * scale1 + shift1, out_ty, ROUND_BF16), mask=mask)
-        tl.store(dst + 2 * plane, _to_output(acc2 * scale2 + shift2, out_ty, ROUND_BF16), mask=mask)
+        tl.store(dst, to_output(acc0 * scale0 + shift0, out_ty, ROUND_BF16), mask=mask)
+        tl.store(dst + plane, to_output(acc1 * scale1 + shift1, out_ty, ROUND_BF16), mask=mask)
+        tl.store(dst + 2 * plane, to_output(acc2 * scale2 + shift2, out_ty, ROUND_BF16), mask=mask)
 
 
 _RESIZE_TILE = (4, 64)
@@ -278,7 +270,7 @@ def preprocess_triton(
             *frames.stride(),
             height, out_h, out_w,
             TAPS_Y=taps_y, TAPS_X=taps_x, RESAMPLE=resample, BOTTOM_UP=bottom_up,
-            ROUND_BF16=out_dtype == torch.bfloat16 and interpreter_enabled(),
+            ROUND_BF16=rounds_bf16_by_hand(out_dtype),
             BLOCK_Y=block_y, BLOCK_X=block_x, **launch,
         )
     return out

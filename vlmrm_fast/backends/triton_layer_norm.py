@@ -1,0 +1,93 @@
+"""The tower's LayerNorms through the Triton kernel of :mod:`vlmrm_fast.ops.layer_norm`, for the "torch"
+backend on CUDA.
+
+The modules are swapped in place for :class:`TritonLayerNorm`, which shares their parameters (the same
+tensors, under the same ``state_dict`` keys) and falls back to the replaced class's own ``forward``
+wherever the kernel is not the right tool: under ``torch.compile``, ``torch.export`` and ONNX export
+(which trace the plain op: inductor fuses it itself, and exporters need the graph op), when autograd
+needs a graph (the kernel has no backward), for tensor subclasses (fake tensors have no data), on
+devices Triton does not run on (a swapped tower moved to the CPU), and for small inputs, where a Triton
+launch costs the host more than torch's kernel costs the GPU.
+"""
+from __future__ import annotations
+
+from typing import Tuple, Type
+
+import torch
+
+from vlmrm_fast.ops._triton import triton_runs_on
+from vlmrm_fast.ops.layer_norm import DTYPES, MAX_WIDTH, layer_norm_triton, rows_of
+
+MIN_ELEMENTS = 1 << 23
+"""Inputs smaller than this (in elements) go to torch's kernel. The eager tower is bound by the host's
+launches up to a few hundred ViT-B-32 frames a call (H200: about 5 ms a call from batch 1 to 64), where
+each Triton launch would add host time; from 2**23 elements (ViT-B-32: 219 frames, ViT-L-14: 32,
+ViT-bigG-14: 20) the GPU's time dominates."""
+
+
+def _replaceable_types() -> Tuple[Type[torch.nn.LayerNorm], ...]:
+    """The LayerNorm classes whose forward is the float32-computed LayerNorm the kernel gives: torch's
+    own and open_clip's two (one casts its input to float32 first, both return the input's dtype)."""
+    types = [torch.nn.LayerNorm]
+    try:
+        from open_clip.transformer import LayerNorm, LayerNormFp32
+
+        types += [LayerNorm, LayerNormFp32]
+    except ImportError:  # pragma: no cover - open_clip is a dependency; the classes moved in some version
+        pass
+    return tuple(types)
+
+
+class TritonLayerNorm(torch.nn.LayerNorm):
+    """A LayerNorm of the tower computed by the Triton kernel where that applies (see the module's
+    docstring), else by the forward of the class it replaced (``base``).
+
+    Input [..., D] float32/bfloat16/float16 -> [..., D] in the input's dtype, computed in float32.
+    """
+
+    min_elements: int = MIN_ELEMENTS
+
+    @classmethod
+    def from_layer_norm(cls, norm: torch.nn.LayerNorm) -> "TritonLayerNorm":
+        """A module sharing ``norm``'s weight and bias (nothing is copied); see :func:`is_replaceable`."""
+        if not is_replaceable(norm):
+            raise ValueError(f"{norm} is not a LayerNorm over one dimension with a weight and a bias.")
+        new = cls(norm.normalized_shape, eps=norm.eps, device="meta")
+        new.weight, new.bias = norm.weight, norm.bias
+        new.base = type(norm)
+        return new.train(norm.training)
+
+    def _kernel_applies(self, x: torch.Tensor) -> bool:
+        if torch.compiler.is_compiling() or torch.jit.is_tracing():  # torch.compile, torch.export, ONNX export
+            return False
+        if type(x) is not torch.Tensor or x.numel() < self.min_elements or x.dtype not in DTYPES:
+            return False
+        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad or self.bias.requires_grad):
+            return False
+        return triton_runs_on(x.device) and rows_of(x) is not None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._kernel_applies(x):
+            return layer_norm_triton(x, self.weight, self.bias, self.eps)
+        return self.base.forward(self, x)
+
+
+def is_replaceable(module: object) -> bool:
+    """Whether ``module`` is one of the LayerNorm classes :class:`TritonLayerNorm` computes as they do,
+    over one dimension of at most :data:`~vlmrm_fast.ops.layer_norm.MAX_WIDTH`, with a weight and a bias."""
+    return (type(module) in _replaceable_types() and len(module.normalized_shape) == 1
+            and module.normalized_shape[0] <= MAX_WIDTH and module.weight is not None and module.bias is not None)
+
+
+def use_triton_layer_norm(visual: torch.nn.Module) -> int:
+    """Replace, in place, every LayerNorm of ``visual`` that :func:`is_replaceable` accepts with a
+    :class:`TritonLayerNorm` sharing its parameters; the number of LayerNorms that now run so."""
+    count = 0
+    for parent in list(visual.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, TritonLayerNorm):
+                count += 1
+            elif is_replaceable(child):
+                setattr(parent, name, TritonLayerNorm.from_layer_norm(child))
+                count += 1
+    return count
