@@ -22,7 +22,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from conftest import DEVICES, EXPORTERS, make_tiny
 from vlmrm_fast import CLIPReward
-from vlmrm_fast.backends.triton_layer_norm import TritonLayerNorm, is_replaceable, use_triton_layer_norm
+from vlmrm_fast.backends.triton_layer_norm import (TritonLayerNorm, is_replaceable, triton_layer_norms,
+                                                   use_triton_layer_norm)
 from vlmrm_fast.ops.layer_norm import MAX_WIDTH, launch_config, layer_norm
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -189,7 +190,9 @@ def test_module_computes_as_the_class_it_replaces(cls, dtype, kernel_always, mon
     monkeypatch.setattr("vlmrm_fast.backends.triton_layer_norm.layer_norm_triton",
                         lambda *a, **k: launched.append(1) or layer_norm(*a, **k))
     with torch.inference_mode():
-        got, want = fast(x), norm(x)
+        with triton_layer_norms():
+            got = fast(x)
+        want = norm(x)
     assert launched == [1]
     assert got.dtype == want.dtype == dtype
     assert_close_to_reference(got, x, norm.weight, norm.bias, 1e-6, dtype)
@@ -237,7 +240,15 @@ def test_module_falls_back_where_the_kernel_does_not_fit(kernel_always, monkeypa
     fast = TritonLayerNorm.from_layer_norm(norm)
     launched = _spy_kernel(monkeypatch)
     x = torch.randn(4, 16)
+    with torch.no_grad():
+        fast(x)  # outside triton_layer_norms: a user's own call, another backend's, an export
+        assert launched == []
+    with triton_layer_norms():
+        _falls_back_inside(fast, norm, x, launched, monkeypatch)
+    assert len(launched) == 1
 
+
+def _falls_back_inside(fast, norm, x, launched, monkeypatch):
     # Autograd needs a graph: parameters that require grad, or an input that does.
     y = fast(x)
     assert y.grad_fn is not None and launched == []
@@ -245,6 +256,9 @@ def test_module_falls_back_where_the_kernel_does_not_fit(kernel_always, monkeypa
     assert norm.weight.grad is not None
 
     with torch.no_grad():
+        with triton_layer_norms(False):
+            fast(x)
+        assert launched == []
         fast(x)
         assert len(launched) == 1
         TritonLayerNorm.from_layer_norm(torch.nn.LayerNorm(16).double())(x.double())  # a dtype the kernel does not take
@@ -258,9 +272,9 @@ def test_module_falls_back_where_the_kernel_does_not_fit(kernel_always, monkeypa
         with monkeypatch.context() as patch:  # a tower swapped on CUDA, moved to where Triton does not run
             patch.setattr("vlmrm_fast.backends.triton_layer_norm.triton_runs_on", lambda device: False)
             assert torch.equal(fast(x), norm(x))
+        assert torch.equal(torch.compile(fast, backend="eager", fullgraph=True)(x), norm(x))  # dynamo: the plain op
         monkeypatch.setattr(TritonLayerNorm, "min_elements", x.numel() + 1)
         fast(x)
-    assert len(launched) == 1
 
 
 def test_swaps_every_layer_norm_of_a_tower(kernel_always):
@@ -304,6 +318,14 @@ def test_reward_with_triton_kernels_swaps_and_agrees(device, kernel_always, monk
     got, want = rm(frames), reference(frames)
     assert len(launched) == 6
     assert (got - want).abs().max().item() <= 1e-5
+    # The swapped modules compute as before in any other call: a reward with kernels="torch" on the same
+    # model, the user's own call of the tower.
+    plain = CLIPReward(model, tokenizer, goal="a humanoid kneeling", baseline="a humanoid", alpha=0.5, device=device,
+                       dtype=torch.float32, kernels="torch", backend="torch")
+    assert (plain(frames) - want).abs().max().item() <= 1e-6
+    with torch.no_grad():
+        model.visual(torch.zeros(1, 3, 224, 224, device=device))
+    assert len(launched) == 6
 
 
 def test_compile_backend_leaves_layer_norms_to_inductor(kernel_always, monkeypatch):

@@ -8,7 +8,7 @@ import torch
 from vlmrm_fast.backends.base import BackendError, VisionBackend, pooled_embeddings
 from vlmrm_fast.backends.patch_embed import use_patch_matmul
 from vlmrm_fast.backends.torch_fp8 import check_torch_quantize, is_fp8_quantised, quantize_fp8
-from vlmrm_fast.backends.triton_layer_norm import use_triton_layer_norm
+from vlmrm_fast.backends.triton_layer_norm import triton_layer_norms, use_triton_layer_norm
 
 
 def adapt_tower(visual: torch.nn.Module, backend: str, device: torch.device, dtype: torch.dtype,
@@ -44,8 +44,9 @@ class TorchBackend(VisionBackend):
         quantize: None, or "fp8": the transformer's matmuls in E4M3 (:mod:`vlmrm_fast.backends.torch_fp8`;
             Hopper GPUs, bf16; lossy, opt-in). The tower's modules are replaced in place.
         kernels: "triton" (the reward's choice on CUDA) runs the tower's LayerNorms through the Triton kernel
-            (:mod:`vlmrm_fast.backends.triton_layer_norm`; the modules are replaced in place, their
-            parameters kept); "torch" leaves them to torch.
+            in this backend's calls (:mod:`vlmrm_fast.backends.triton_layer_norm`; the modules are replaced
+            in place, their parameters kept, and compute as before in any other call); "torch" leaves them
+            to torch.
     """
 
     name = "torch"
@@ -55,8 +56,10 @@ class TorchBackend(VisionBackend):
         super().__init__(device, dtype, image_size)
         self.visual = visual
         self.quantize = quantize
+        self.kernels = kernels
         adapt_tower(visual, self.name, self.device, dtype, quantize, kernels)
 
     @torch.inference_mode()
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
-        return pooled_embeddings(self.visual(pixels))
+        with triton_layer_norms(self.kernels == "triton"):
+            return pooled_embeddings(self.visual(pixels))

@@ -2,16 +2,19 @@
 backend on CUDA.
 
 The modules are swapped in place for :class:`TritonLayerNorm`, which shares their parameters (the same
-tensors, under the same ``state_dict`` keys) and falls back to the replaced class's own ``forward``
-wherever the kernel is not the right tool: under ``torch.compile``, ``torch.export`` and ONNX export
-(which trace the plain op: inductor fuses it itself, and exporters need the graph op), when autograd
-needs a graph (the kernel has no backward), for tensor subclasses (fake tensors have no data), on
-devices Triton does not run on (a swapped tower moved to the CPU), and for small inputs, where a Triton
-launch costs the host more than torch's kernel costs the GPU.
+tensors, under the same ``state_dict`` keys). It runs the kernel only inside :func:`triton_layer_norms`,
+which the backend enters for its own calls: the same model called any other way (by the user, by a
+reward with ``kernels="torch"``, by the "compile" backend, by an ONNX export) runs the replaced class's
+own ``forward``. Inside too, torch's op stays wherever the kernel is not the right tool: under
+``torch.compile``, ``torch.export`` and tracing, when autograd needs a graph (the kernel has no
+backward), for tensor subclasses (fake tensors have no data), on devices Triton does not run on, and for
+small inputs, where a Triton launch costs the host more than torch's kernel costs the GPU.
 """
 from __future__ import annotations
 
-from typing import Tuple, Type
+import contextlib
+import contextvars
+from typing import Iterator, Tuple, Type
 
 import torch
 
@@ -23,6 +26,20 @@ MIN_ELEMENTS = 1 << 23
 launches up to a few hundred ViT-B-32 frames a call (H200: about 5 ms a call from batch 1 to 64), where
 each Triton launch would add host time; from 2**23 elements (ViT-B-32: 219 frames, ViT-L-14: 32,
 ViT-bigG-14: 20) the GPU's time dominates."""
+
+
+_ENABLED = contextvars.ContextVar("vlmrm_fast_triton_layer_norms", default=False)
+
+
+@contextlib.contextmanager
+def triton_layer_norms(enabled: bool = True) -> Iterator[None]:
+    """Within the block (in this thread or task), :class:`TritonLayerNorm` modules run the Triton kernel
+    (``enabled``) or torch's op."""
+    token = _ENABLED.set(enabled)
+    try:
+        yield
+    finally:
+        _ENABLED.reset(token)
 
 
 def _replaceable_types() -> Tuple[Type[torch.nn.LayerNorm], ...]:
@@ -39,8 +56,8 @@ def _replaceable_types() -> Tuple[Type[torch.nn.LayerNorm], ...]:
 
 
 class TritonLayerNorm(torch.nn.LayerNorm):
-    """A LayerNorm of the tower computed by the Triton kernel where that applies (see the module's
-    docstring), else by the forward of the class it replaced (``base``).
+    """A LayerNorm of the tower computed by the Triton kernel inside :func:`triton_layer_norms`, where that
+    applies (see the module's docstring), else by the forward of the class it replaced (``base``).
 
     Input [..., D] float32/bfloat16/float16 -> [..., D] in the input's dtype, computed in float32.
     """
@@ -58,7 +75,7 @@ class TritonLayerNorm(torch.nn.LayerNorm):
         return new.train(norm.training)
 
     def _kernel_applies(self, x: torch.Tensor) -> bool:
-        if torch.compiler.is_compiling() or torch.jit.is_tracing():  # torch.compile, torch.export, ONNX export
+        if not _ENABLED.get() or torch.compiler.is_compiling() or torch.jit.is_tracing():  # torch.compile, torch.export, ONNX export
             return False
         if type(x) is not torch.Tensor or x.numel() < self.min_elements or x.dtype not in DTYPES:
             return False
