@@ -1,6 +1,6 @@
 """fp8 (E4M3) matmuls for the "torch" and "compile" backends (vlmrm_fast/backends/torch_fp8.py).
 
-Per-row scaled ``torch._scaled_mm`` runs on CPU from torch 2.15 (on Hopper GPUs, taken from 2.6); where it does
+Per-row scaled ``torch._scaled_mm`` runs on CPU in torch 2.14 and 2.15 (on Hopper GPUs, taken from 2.6); where it does
 not, the tests that multiply skip. On CPU the backends refuse fp8 (it is for Hopper GPUs), so those
 tests lift the device check and nothing else.
 
@@ -39,7 +39,7 @@ def _cpu_scaled_mm_problem():
     try:
         torch._scaled_mm(torch.zeros(16, 16, dtype=torch.float8_e4m3fn), torch.zeros(16, 16, dtype=torch.float8_e4m3fn).t(),
                          scale_a=torch.ones(16, 1), scale_b=torch.ones(1, 16), out_dtype=torch.bfloat16)
-    except Exception as error:  # torch < 2.15: no CPU kernel, or per-tensor scales only
+    except Exception as error:  # older torch: no CPU kernel, or per-tensor scales only
         return f"per-row scaled torch._scaled_mm does not run on CPU with torch {torch.__version__}: {str(error)[:80]}"
     return None
 

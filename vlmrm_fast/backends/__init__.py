@@ -2,7 +2,7 @@
 
 | backend | devices | precisions | notes |
 |---|---|---|---|
-| "torch" | any | fp32, bf16, fp16; fp8 opt-in (Hopper) | eager PyTorch, SDPA attention, patch embedding as a matmul, LayerNorms through Triton |
+| "torch" | any | fp32, bf16, fp16; fp8 opt-in (Hopper) | eager PyTorch, SDPA attention, patch embedding as a matmul and LayerNorms through Triton (on CUDA) |
 | "compile" | any | fp32, bf16, fp16; fp8 opt-in (Hopper) | torch.compile per batch bucket, CUDA graphs on CUDA; patch embedding and fp8 as "torch" |
 | "onnxruntime" | CPU, CUDA (onnxruntime-gpu) | fp32, int8 opt-in (CPU); fp32, fp16 (CUDA) | extra `export` |
 | "tensorrt" | CUDA | fp16, bf16, fp32; fp8 opt-in (Hopper) | extra `tensorrt`; engines cached on disk |
@@ -10,7 +10,8 @@
 "auto" picks the fastest backend *verified* on that kind of device (README, "Status"): ONNX Runtime
 on CPU for float32 when it is installed, else torch. On CUDA it is "torch": on the H200
 (benchmarks/results/profile-h200-*) "compile" was 2.1-4.1x faster end to end at batch 1 but no
-faster at 1024, and compiles each bucket for 45-130 s; TensorRT has no GPU results yet.
+faster at 1024, and took 45-130 s to compile the three buckets of those runs (1, 64, 1024) together;
+TensorRT has no GPU results yet.
 """
 from __future__ import annotations
 

@@ -20,7 +20,8 @@ it; with ``"compile"``, inductor may fuse them (not yet seen on a GPU).
 torchao's float8 inference quantisation does the same, but refuses devices below compute capability 8.9
 (so CI, on CPU, could not test it) and is tied to particular torch versions; hence this module. Per-row
 scaled ``torch._scaled_mm`` runs on Hopper GPUs (compute capability 9.x; taken from torch 2.6, CUDA 12
-builds) and on CPU from torch 2.15; CPU use is for tests only (:func:`fp8_unsupported_reason` refuses it).
+builds) and on CPU in torch 2.14 and 2.15 (2.14.1 checked); CPU use is for tests only
+(:func:`fp8_unsupported_reason` refuses it).
 """
 from __future__ import annotations
 
