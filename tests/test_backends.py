@@ -185,44 +185,6 @@ def test_compile_backend_compiles_every_bucket_of_every_instance(counting_compil
                 assert len(graph_runs) == before + 1, f"bucket {bucket} of {buckets} ran eagerly"
 
 
-def test_compile_backends_give_dynamos_graph_limits_back():
-    # A sweep builds and drops backends in one process: the limits follow the live backends' buckets and
-    # return to their value before, not grow by each backend's buckets for good; a value set by someone else
-    # meanwhile is kept as the floor.
-    import gc
-
-    import torch._dynamo
-
-    from vlmrm_fast.backends import compiled
-
-    config = torch._dynamo.config
-    names = ("recompile_limit", "accumulated_recompile_limit") if hasattr(config, "recompile_limit") else (
-        "cache_size_limit", "accumulated_cache_size_limit")
-    visual = make_tiny()[0].visual.eval()
-
-    def build(buckets):
-        return compiled.CompileBackend(visual, torch.device("cpu"), torch.float32, (224, 224), max_batch_size=11,
-                                       buckets=buckets)
-
-    gc.collect()
-    with config.patch({names[0]: 8, names[1]: 9}):
-        live = compiled._live_graphs  # other tests' backends not collected yet
-        first, second = build((1, 2, 3, 4, 5)), build((6, 7, 9))
-        assert [getattr(config, n) for n in names] == [max(limit, 16 + live) for limit in (8, 9)]
-        del first
-        gc.collect()
-        assert [getattr(config, n) for n in names] == [max(limit, 11 + live) for limit in (8, 9)]
-        del second
-        gc.collect()
-        assert [getattr(config, n) for n in names] == [max(limit, 8 + live) for limit in (8, 9)]
-        setattr(config, names[0], 500)  # a user's own setting
-        third = build((1, 2))
-        assert getattr(config, names[0]) == 500
-        del third
-        gc.collect()
-        assert getattr(config, names[0]) == 500
-
-
 def test_compile_backend_warmup_compiles_the_graphs_real_calls_run(counting_compile):
     # CLIPReward's calls bring inference tensors (preprocessed under inference mode); dynamo guards on
     # that, so a warm-up on other tensors would compile graphs no call runs, and every bucket twice.

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import numbers
 import time
-import weakref
 from typing import Dict, Optional, Sequence
 
 import torch
@@ -23,45 +22,25 @@ from vlmrm_fast.backends.eager import adapt_tower
 DEFAULT_BUCKETS = (1, 8, 32, 64, 128, 256, 512, 1024)
 
 
-_live_graphs = 0  # the buckets of the compile backends alive now
-_limits_base: Dict[str, int] = {}  # each limit as it was before this module raised it (or as someone else set it since)
-_limits_set: Dict[str, int] = {}  # what this module last set
+_graphs_requested = 0
 
 
-def _reserve_graphs(owner: object, count: int) -> None:
-    """Make room in dynamo's per-function graph limits for ``count`` more graphs, for as long as ``owner``
-    (a backend) lives.
+def _allow_more_graphs(count: int) -> None:
+    """Make room in dynamo's per-function graph limits for ``count`` more graphs.
 
     Every instance of a model class shares one ``forward``, so the default limits (8 graphs, 256 over
     all) are shared by all compiled towers, buckets and dtypes in a process; past them, dynamo runs
     the call eagerly with no more than a log line, and "compile" rows would silently measure eager.
-    Both limits are process-wide settings: while backends live they are raised to 8 plus the buckets of
-    every live compile backend, which loosens dynamo's recompilation guard for other code too; as
-    backends are collected they go back down, never below their value before (a sweep that builds a
-    thousand backends in one process does not switch the guard off for good).
+    Both limits are process-wide settings: they are raised to 8 plus the buckets of every compile
+    backend built so far (never lowered), which loosens dynamo's recompilation guard for other code too.
     """
-    global _live_graphs
-    _live_graphs += count
-    weakref.finalize(owner, _release_graphs, count).atexit = False  # nothing to restore at exit
-    _apply_graph_limits()
-
-
-def _release_graphs(count: int) -> None:
-    global _live_graphs
-    _live_graphs -= count
-    _apply_graph_limits()
-
-
-def _apply_graph_limits() -> None:
+    global _graphs_requested
+    _graphs_requested += count
     config = torch._dynamo.config
     new_names = hasattr(config, "recompile_limit")  # torch >= 2.6; cache_size_limit before
     for name in ("recompile_limit", "accumulated_recompile_limit") if new_names else (
             "cache_size_limit", "accumulated_cache_size_limit"):
-        current = getattr(config, name)
-        if current != _limits_set.get(name):  # first use, or set by someone else since: their value is the floor
-            _limits_base[name] = current
-        _limits_set[name] = max(_limits_base[name], 8 + _live_graphs)
-        setattr(config, name, _limits_set[name])
+        setattr(config, name, max(getattr(config, name), 8 + _graphs_requested))
 
 
 def default_buckets(max_batch_size: int) -> tuple:
@@ -89,7 +68,7 @@ class CompileBackend(VisionBackend):
             raise BackendError(f"backend_options buckets must be a list of positive integers (batch sizes); got {buckets!r}.")
         self.buckets = tuple(sorted(int(b) for b in buckets)) if buckets else default_buckets(max_batch_size)
         self.mode = mode or ("reduce-overhead" if device.type == "cuda" else "default")
-        _reserve_graphs(self, len(self.buckets))
+        _allow_more_graphs(len(self.buckets))
         self.quantize = quantize
         adapt_tower(visual, self.name, self.device, dtype, quantize)
         self.compiled = torch.compile(visual, mode=self.mode, dynamic=False)
