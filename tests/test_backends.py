@@ -185,6 +185,32 @@ def test_compile_backend_compiles_every_bucket_of_every_instance(counting_compil
                 assert len(graph_runs) == before + 1, f"bucket {bucket} of {buckets} ran eagerly"
 
 
+def test_compile_backends_built_in_turn_compile_every_bucket(counting_compile):
+    # A sweep (vlmrm-fast bench over models and dtypes) builds a backend, uses it and drops it before the next.
+    # Dynamo keeps a dropped backend's graphs cached on the shared forward: they count against the limits, so
+    # the third backend's buckets must still compile, not run eagerly (the limits are never lowered).
+    import gc
+
+    import torch._dynamo
+
+    from vlmrm_fast.backends.compiled import CompileBackend
+
+    config = torch._dynamo.config
+    names = ("recompile_limit", "accumulated_recompile_limit") if hasattr(config, "recompile_limit") else (
+        "cache_size_limit", "accumulated_cache_size_limit")
+    _, graph_runs = counting_compile
+    with config.patch({names[0]: 8, names[1]: 256}):
+        for buckets in [(1, 2, 3, 4, 5), (6, 7, 9, 10, 11), (12, 13, 14, 15, 16)]:
+            backend = CompileBackend(make_tiny()[0].visual.eval(), torch.device("cpu"), torch.float32, (224, 224),
+                                     max_batch_size=16, buckets=buckets)
+            for bucket in buckets:
+                before = len(graph_runs)
+                backend(torch.zeros((bucket, 3, 224, 224)))
+                assert len(graph_runs) == before + 1, f"bucket {bucket} of {buckets} ran eagerly"
+            del backend
+            gc.collect()
+
+
 def test_compile_backend_warmup_compiles_the_graphs_real_calls_run(counting_compile):
     # CLIPReward's calls bring inference tensors (preprocessed under inference mode); dynamo guards on
     # that, so a warm-up on other tensors would compile graphs no call runs, and every bucket twice.
