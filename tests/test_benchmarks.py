@@ -332,7 +332,7 @@ def test_kernel_options_add_copy_and_refuse_what_cannot_be_measured(capsys):
     assert bench.parse_args(["--device", "cpu", "--preprocess-tiles", "16x64W8"]).preprocess_tiles == [(16, 64, 8)]
     for bad in (["--warmup", "0"], ["--repeats", "0"], ["--batch-sizes", "1", "0"], ["--copy-mib", "0"],
                 ["--preprocess-tiles", "12x64w4"], ["--preprocess-tiles", "16x64"], ["--device", "meta"],
-                ["--layer-norm-configs", "3w4"], ["--layer-norm-configs", "8"]):
+                ["--layer-norm-configs", "3w4"], ["--layer-norm-configs", "8"], ["--layer-norm-configs", "0w4"]):
         with pytest.raises(SystemExit) as refused:
             bench.parse_args(["--device", "cpu", *bad])
         assert refused.value.code == 2, bad

@@ -146,6 +146,8 @@ def test_launch_config():
         launch_config(768, rows_per_program=3)
     with pytest.raises(ValueError, match="num_warps must be a power of two"):
         launch_config(768, num_warps=6)
+    with pytest.raises(ValueError, match="rows_per_program must be a power of two; got 0"):
+        launch_config(768, rows_per_program=0)  # not the default under another name
 
 
 def test_bad_input_names_the_problem():
@@ -361,3 +363,25 @@ def test_export_after_a_swap_writes_the_same_graph(exporter, kernel_always, tmp_
               for i, m in enumerate((model, untouched))]
     ops = [[node.op_type for node in graph.node] for graph in graphs]
     assert ops[0] == ops[1] and "LayerNormalization" in ops[0]
+
+
+def test_swap_keeps_the_engine_cache_key_and_the_users_hooks():
+    # A TensorRT engine built from a tower a "torch" reward swapped is the engine of the untouched tower: one key.
+    # A forward hook the user put on a LayerNorm (a feature probe) keeps firing on the user's own calls, and its
+    # handle still removes it.
+    from vlmrm_fast.backends.engine_cache import weights_digest
+
+    model, _ = make_tiny()
+    before = weights_digest(model.visual)
+    seen = []
+    handle = model.visual.ln_post.register_forward_hook(lambda module, args, out: seen.append(1))
+    use_triton_layer_norm(model.visual)
+    assert weights_digest(model.visual) == before
+    assert isinstance(model.visual.ln_post, TritonLayerNorm)  # swapped back after the digest
+    with torch.no_grad():
+        model.visual(torch.zeros(1, 3, 224, 224))
+    assert seen == [1]
+    handle.remove()
+    with torch.no_grad():
+        model.visual(torch.zeros(1, 3, 224, 224))
+    assert seen == [1]

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from conftest import DEVICES, make_tiny
 from vlmrm_fast.backends import build_backend
 from vlmrm_fast.backends.onnx_export import Uint8VisionTower
-from vlmrm_fast.backends.patch_embed import PatchMatmulConv2d, is_patch_conv, use_patch_matmul
+from vlmrm_fast.backends.patch_embed import PatchMatmulConv2d, is_patch_conv, patch_convolution, use_patch_matmul
 from vlmrm_fast.models import preprocess_spec_of
 
 # (channels in, out, kernel = stride, image H x W): odd sizes, non-square kernels, and images whose last
@@ -68,6 +68,24 @@ def test_shares_the_parameters_and_state_dict_keys():
     assert list(fast.state_dict()) == list(conv.state_dict())
     assert isinstance(fast, torch.nn.Conv2d) and fast.training == conv.training
     assert all(p.device.type == "cpu" for p in fast.parameters())  # nothing left on the meta device
+
+
+def test_swap_keeps_the_users_hooks():
+    # A forward hook on the tower's first layer (a probe of the patch tokens) fires after the swap, and on
+    # the convolution put back for an export; its handle still removes it.
+    model, _ = make_tiny()
+    seen = []
+    handle = model.visual.conv1.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    assert use_patch_matmul(model.visual) and isinstance(model.visual.conv1, PatchMatmulConv2d)
+    with torch.no_grad():
+        model.visual(torch.zeros(1, 3, 224, 224))
+        with patch_convolution(model.visual):
+            model.visual(torch.zeros(2, 3, 224, 224))
+    assert seen == [(1, 64, 7, 7), (2, 64, 7, 7)]
+    handle.remove()
+    with torch.no_grad():
+        model.visual(torch.zeros(1, 3, 224, 224))
+    assert len(seen) == 2
 
 
 def test_tokens_are_a_view():

@@ -62,6 +62,14 @@ def checked_device(device: Union[str, torch.device], no_cuda_fix: str) -> torch.
     return with_cuda_index(device)
 
 
+def in_place_of(new: torch.nn.Module, old: torch.nn.Module) -> torch.nn.Module:
+    """``new``, made to replace ``old`` in a model, with ``old``'s hooks (the same dicts: hooks registered on
+    either fire, and their handles still remove them) and training mode: what a user attached to a layer
+    (a feature probe, say) survives the layer's swap."""
+    new.__dict__.update({key: value for key, value in old.__dict__.items() if "hook" in key})
+    return new.train(old.training)
+
+
 def pooled_embeddings(output: Union[torch.Tensor, tuple, list]) -> torch.Tensor:
     """A tower's image embeddings [N, D] from its output: open_clip towers built with ``output_tokens``
     (CoCa's) return (pooled, tokens), and the model's ``encode_image`` keeps the pooled one."""

@@ -40,10 +40,13 @@ def weights_digest(module: torch.nn.Module) -> str:
     (names, shapes, dtypes, bytes): changes whenever the weights do, or the code they run through
     (the same weights under GELU and QuickGELU are two towers). A patch embedding the torch backends
     run as a matmul on CUDA is read as the convolution it computes, as the engine is built from it
-    (:func:`~vlmrm_fast.backends.patch_embed.patch_convolution`): one tower, one key."""
+    (:func:`~vlmrm_fast.backends.patch_embed.patch_convolution`), and LayerNorms the torch backend runs
+    through Triton as the classes they replaced (:func:`~vlmrm_fast.backends.triton_layer_norm.plain_layer_norms`):
+    one tower, one key."""
     from vlmrm_fast.backends.patch_embed import patch_convolution
+    from vlmrm_fast.backends.triton_layer_norm import plain_layer_norms
 
-    with patch_convolution(module):
+    with patch_convolution(module), plain_layer_norms(module):
         structure = repr(module)
     digest = hashlib.sha256(structure.encode())
     for name, tensor in sorted(module.state_dict().items()):

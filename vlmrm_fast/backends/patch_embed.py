@@ -15,6 +15,8 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
+from vlmrm_fast.backends.base import in_place_of
+
 
 class PatchMatmulConv2d(torch.nn.Conv2d):
     """An unpadded ``nn.Conv2d`` whose stride equals its kernel, computed as one matmul over the patches.
@@ -49,11 +51,11 @@ class PatchMatmulConv2d(torch.nn.Conv2d):
 
 def _sharing(cls: type, conv: torch.nn.Conv2d) -> torch.nn.Conv2d:
     """An unpadded ``cls`` (a Conv2d class) with ``conv``'s sizes, weight and bias (the same tensors:
-    made on the meta device, nothing is allocated) and training mode."""
+    made on the meta device, nothing is allocated), hooks and training mode."""
     new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, bias=conv.bias is not None,
               device="meta")
     new.weight, new.bias = conv.weight, conv.bias
-    return new.train(conv.training)
+    return in_place_of(new, conv)
 
 
 def is_patch_conv(module: object) -> bool:

@@ -18,6 +18,7 @@ from typing import Iterator, Tuple, Type
 
 import torch
 
+from vlmrm_fast.backends.base import in_place_of
 from vlmrm_fast.ops._triton import triton_runs_on
 from vlmrm_fast.ops.layer_norm import DTYPES, MAX_WIDTH, layer_norm_triton, rows_of
 
@@ -69,13 +70,14 @@ class TritonLayerNorm(torch.nn.LayerNorm):
         """A module sharing ``norm``'s weight and bias (nothing is copied); see :func:`is_replaceable`."""
         if not is_replaceable(norm):
             raise ValueError(f"{norm} is not a LayerNorm over one dimension with a weight and a bias.")
-        new = cls(norm.normalized_shape, eps=norm.eps, device="meta")
-        new.weight, new.bias = norm.weight, norm.bias
+        new = _sharing(cls, norm)
         new.base = type(norm)
-        return new.train(norm.training)
+        return new
 
     def _kernel_applies(self, x: torch.Tensor) -> bool:
-        if not _ENABLED.get() or torch.compiler.is_compiling() or torch.jit.is_tracing():  # torch.compile, torch.export, ONNX export
+        # torch.compile, torch.export, ONNX export; asked before the context variable, which dynamo cannot
+        # trace before torch 2.14 (a graph break at every LayerNorm of a swapped tower compiled later)
+        if torch.compiler.is_compiling() or torch.jit.is_tracing() or not _ENABLED.get():
             return False
         if type(x) is not torch.Tensor or x.numel() < self.min_elements or x.dtype not in DTYPES:
             return False
@@ -87,6 +89,14 @@ class TritonLayerNorm(torch.nn.LayerNorm):
         if self._kernel_applies(x):
             return layer_norm_triton(x, self.weight, self.bias, self.eps)
         return self.base.forward(self, x)
+
+
+def _sharing(cls: type, norm: torch.nn.LayerNorm) -> torch.nn.LayerNorm:
+    """A ``cls`` (a LayerNorm class) with ``norm``'s shape, eps, weight and bias (the same tensors: made on
+    the meta device, nothing is allocated), hooks and training mode."""
+    new = cls(norm.normalized_shape, eps=norm.eps, device="meta")
+    new.weight, new.bias = norm.weight, norm.bias
+    return in_place_of(new, norm)
 
 
 def is_replaceable(module: object) -> bool:
@@ -108,3 +118,20 @@ def use_triton_layer_norm(visual: torch.nn.Module) -> int:
                 setattr(parent, name, TritonLayerNorm.from_layer_norm(child))
                 count += 1
     return count
+
+
+@contextlib.contextmanager
+def plain_layer_norms(visual: torch.nn.Module) -> Iterator[None]:
+    """For the duration of the block, each :class:`TritonLayerNorm` of ``visual`` is the class it replaced
+    again (same parameters, hooks and mode): for what must see the tower as it was, such as the TensorRT
+    engine cache's key (:func:`~vlmrm_fast.backends.engine_cache.weights_digest`), so that one tower has one
+    engine whichever reward touched it first."""
+    swapped = [(parent, name, child) for parent in list(visual.modules())
+               for name, child in list(parent.named_children()) if isinstance(child, TritonLayerNorm)]
+    for parent, name, child in swapped:
+        setattr(parent, name, _sharing(child.base, child))
+    try:
+        yield
+    finally:
+        for parent, name, child in swapped:
+            setattr(parent, name, child)

@@ -70,8 +70,8 @@ def launch_config(width: int, rows_per_program: Optional[int] = None, num_warps:
     """(rows a program, columns a program (``width`` rounded up to a power of two), warps) for rows of
     ``width``; ``rows_per_program`` and ``num_warps`` override the defaults (powers of two), for tuning."""
     block_width = triton.next_power_of_2(width)
-    rows = rows_per_program or max(1, min(16, ELEMENTS_PER_PROGRAM // block_width))
-    warps = num_warps or max(4, min(16, rows * block_width // 1024))
+    rows = max(1, min(16, ELEMENTS_PER_PROGRAM // block_width)) if rows_per_program is None else rows_per_program
+    warps = max(4, min(16, rows * block_width // 1024)) if num_warps is None else num_warps
     for name, value in (("rows_per_program", rows), ("num_warps", warps)):
         if value < 1 or value & (value - 1):
             raise ValueError(f"{name} must be a power of two; got {value}.")
