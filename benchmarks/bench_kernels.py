@@ -110,35 +110,29 @@ PREPROCESS_CASES = (
 
 
 @dataclass(frozen=True)
-class PatchEmbedCase:
-    """A ViT's patch embedding: ``patch`` x ``patch`` patches of a 224 x 224 image to width ``width``."""
+class TowerShape:
+    """A ViT at 224 x 224: ``patch`` x ``patch`` patches embedded to width ``width``, the shapes of its patch
+    embedding and of its LayerNorms' tokens."""
 
-    name: str
+    model: str
     patch: int
     width: int
 
+    @property
+    def tokens(self) -> int:
+        """Tokens a frame: the patches and the class token."""
+        return (TOWER_SIZE[0] // self.patch) * (TOWER_SIZE[1] // self.patch) + 1
 
-PATCH_EMBED_CASES = (
-    PatchEmbedCase("B32-p32-D768", 32, 768),
-    PatchEmbedCase("L14-p14-D1024", 14, 1024),
-    PatchEmbedCase("bigG-p14-D1664", 14, 1664),
-)
+    @property
+    def patch_embed_case(self) -> str:
+        return f"{self.model}-p{self.patch}-D{self.width}"
 
-
-@dataclass(frozen=True)
-class LayerNormCase:
-    """A tower's LayerNorm: ``tokens`` rows of width ``width`` per frame (224 px input)."""
-
-    name: str
-    tokens: int
-    width: int
+    @property
+    def layer_norm_case(self) -> str:
+        return f"{self.model}-L{self.tokens}-D{self.width}"
 
 
-LAYER_NORM_CASES = (
-    LayerNormCase("B32-L50-D768", 50, 768),
-    LayerNormCase("L14-L257-D1024", 257, 1024),
-    LayerNormCase("bigG-L257-D1664", 257, 1664),
-)
+TOWER_SHAPES = (TowerShape("B32", 32, 768), TowerShape("L14", 14, 1024), TowerShape("bigG", 14, 1664))
 SCORE_CASES = (
     ScoreCase("bigG-D1280-T1", 1280, 1),
     ScoreCase("B32-D512-T1", 512, 1),
@@ -494,7 +488,7 @@ def bench_patch_embed(args: argparse.Namespace, env: Dict[str, str], timer: Time
     only (the op is a matmul, judged by the tower's profile, not in GB/s)."""
     dtype = DTYPES[args.dtype]
     rows = []
-    for case in PATCH_EMBED_CASES:
+    for case in TOWER_SHAPES:
         torch.manual_seed(0)
         conv = torch.nn.Conv2d(3, case.width, case.patch, case.patch, bias=False).to(args.device, dtype)
         providers = {"seed": conv, "torch": PatchMatmulConv2d.from_conv(conv)}
@@ -507,7 +501,7 @@ def bench_patch_embed(args: argparse.Namespace, env: Dict[str, str], timer: Time
                 reference = output if provider == "seed" else reference
                 timing = timer(fn)
                 rows.append(Row(
-                    **env, op="patch_embed", case=case.name, provider=provider, N=n, H=TOWER_SIZE[0],
+                    **env, op="patch_embed", case=case.patch_embed_case, provider=provider, N=n, H=TOWER_SIZE[0],
                     W=TOWER_SIZE[1], dtype=args.dtype, repeats=args.repeats, **asdict(timing),
                     frames_per_s=n / (timing.median_ms * 1e-3),
                     max_abs_diff_vs_seed=None if reference is None else max_abs_diff(output, reference),
@@ -521,7 +515,7 @@ def bench_layer_norm(args: argparse.Namespace, env: Dict[str, str], timer: Timer
     (and its other launches, ``configs``: :func:`layer_norm_providers`); GB/s = the tokens read and written."""
     dtype = DTYPES[args.dtype]
     rows = []
-    for case in LAYER_NORM_CASES:
+    for case in TOWER_SHAPES:
         generator = torch.Generator().manual_seed(0)
         weight = (1 + 0.1 * torch.randn(case.width, generator=generator)).to(args.device, dtype)
         bias = (0.1 * torch.randn(case.width, generator=generator)).to(args.device, dtype)
@@ -539,7 +533,7 @@ def bench_layer_norm(args: argparse.Namespace, env: Dict[str, str], timer: Timer
                 reference = output if provider == "seed" else reference
                 timing = timer(fn)
                 rows.append(Row(
-                    **env, op="layer_norm", case=case.name, provider=provider, N=n, H=None, W=None,
+                    **env, op="layer_norm", case=case.layer_norm_case, provider=provider, N=n, H=None, W=None,
                     dtype=args.dtype, repeats=args.repeats, **asdict(timing),
                     frames_per_s=n / (timing.median_ms * 1e-3),
                     gb_per_s=nbytes / (timing.median_ms * 1e-3) / 1e9,

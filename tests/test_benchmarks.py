@@ -40,6 +40,14 @@ def _load(name: str):
         sys.path.remove(str(BENCHMARKS))
 
 
+def _kernel_bench_with_triton():
+    """bench_kernels.py, loaded; the test skips where its Triton providers cannot run (no triton, or no interpreter)."""
+    bench = _load("bench_kernels")
+    if not bench.HAS_TRITON or not bench.triton_runs_on(torch.device("cpu")):
+        pytest.skip("Triton cannot run here")
+    return bench
+
+
 def test_kernel_benchmark_keeps_the_ops_measured_before_an_interrupt(tmp_path, monkeypatch, capsys):
     bench = _load("bench_kernels")
 
@@ -151,7 +159,7 @@ def test_kernel_benchmark_times_the_patch_embedding_both_ways(tmp_path):
                 "--json", str(out_json)])
     rows = json.loads(out_json.read_text())["rows"]
     assert [(r["case"], r["provider"]) for r in rows] == [
-        (case.name, provider) for case in bench.PATCH_EMBED_CASES for provider in ("seed", "torch")]
+        (case.patch_embed_case, provider) for case in bench.TOWER_SHAPES for provider in ("seed", "torch")]
     for seed, fast in zip(rows[::2], rows[1::2]):
         assert seed["speedup_vs_seed"] == 1 and fast["speedup_vs_seed"] == pytest.approx(
             fast["frames_per_s"] / seed["frames_per_s"])
@@ -161,9 +169,7 @@ def test_kernel_benchmark_times_the_patch_embedding_both_ways(tmp_path):
 def test_kernel_benchmark_times_layer_norm_against_torchs(tmp_path):
     # A real run (Triton's interpreter on CPU, one frame): torch's F.layer_norm is the baseline, the kernel
     # and its other launches agree with it, and every row is judged against the copy.
-    bench = _load("bench_kernels")
-    if not bench.HAS_TRITON or not bench.triton_runs_on(torch.device("cpu")):
-        pytest.skip("Triton cannot run here")
+    bench = _kernel_bench_with_triton()
     out_json = tmp_path / "k.json"
     bench.main(["--device", "cpu", "--ops", "layer_norm", "--batch-sizes", "1", "--repeats", "1", "--warmup", "1",
                 "--copy-mib", "1", "--layer-norm-configs", "8w8", "--json", str(out_json)])
@@ -171,10 +177,10 @@ def test_kernel_benchmark_times_layer_norm_against_torchs(tmp_path):
     (copy,) = [r for r in rows if r["op"] == "copy"]
     rows = [r for r in rows if r["op"] == "layer_norm"]
     assert [(r["case"], r["provider"]) for r in rows] == [
-        (case.name, provider) for case in bench.LAYER_NORM_CASES
+        (case.layer_norm_case, provider) for case in bench.TOWER_SHAPES
         for provider in ("seed", "triton-interpret", "triton-interpret-r8w8")]
     for row in rows:
-        case = next(c for c in bench.LAYER_NORM_CASES if c.name == row["case"])
+        case = next(c for c in bench.TOWER_SHAPES if c.layer_norm_case == row["case"])
         assert row["gb_per_s"] == pytest.approx(2 * case.tokens * case.width * 4 / (row["median_ms"] * 1e-3) / 1e9)
         assert row["frac_of_copy"] == pytest.approx(row["gb_per_s"] / copy["gb_per_s"])
         assert row["max_abs_diff_vs_seed"] <= 1e-5  # float32: the same LayerNorm, rounded apart
@@ -347,9 +353,7 @@ def test_kernel_options_add_copy_and_refuse_what_cannot_be_measured(capsys):
 def test_identity_candidates_are_timed_on_frames_of_the_towers_size_only(tmp_path):
     # A real run in Triton's interpreter, one frame: the candidates' rows sit beside the op's on the
     # 224-fast case, with the same output (their difference from the seed is the op's), and nowhere else.
-    bench = _load("bench_kernels")
-    if not bench.HAS_TRITON or not bench.triton_runs_on(torch.device("cpu")):
-        pytest.skip("Triton cannot run here")
+    bench = _kernel_bench_with_triton()
     out_json = tmp_path / "k.json"
     bench.main(["--device", "cpu", "--ops", "preprocess", "--batch-sizes", "1", "--repeats", "1", "--warmup", "1",
                 "--copy-mib", "1", "--identity-variants", "flat1024w4", "words512w2", "--json", str(out_json)])
