@@ -398,6 +398,24 @@ def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.to(torch.float32) - b.to(torch.float32)).abs().max().item()
 
 
+def time_calls(timer: Timer, calls: Dict[str, Callable[[], torch.Tensor]], n: int, nbytes: Optional[int],
+               **labels: object) -> List[Row]:
+    """One row per provider of ``calls``, in order (a "seed" call is the reference of those after it): its
+    timing, frames/s, GB/s where ``nbytes`` (read and written) is given, and its largest difference from
+    the seed's output. ``labels``: the row's other columns."""
+    rows, reference = [], None
+    for provider, fn in calls.items():
+        output = fn()
+        reference = output if provider == "seed" else reference
+        timing = timer(fn)
+        rows.append(Row(
+            **labels, provider=provider, N=n, **asdict(timing), frames_per_s=n / (timing.median_ms * 1e-3),
+            gb_per_s=None if nbytes is None else nbytes / (timing.median_ms * 1e-3) / 1e9,
+            max_abs_diff_vs_seed=None if reference is None else max_abs_diff(output, reference),
+        ))
+    return rows
+
+
 def bench_copy(args: argparse.Namespace, env: Dict[str, str], timer: Timer) -> Row:
     """``dst.copy_(src)`` of ``--copy-mib`` MiB of uint8; GB/s counts the bytes read and written."""
     nbytes = args.copy_mib << 20
@@ -423,28 +441,20 @@ def bench_preprocess(
         for n in args.batch_sizes:
             frames = torch.randint(0, 256, (n, case.height, case.width, 3), dtype=torch.uint8, device=args.device)
             nbytes = frames.numel() + n * 3 * TOWER_SIZE[0] * TOWER_SIZE[1] * out_dtype.itemsize
-            reference = None
             candidates = (identity or {}) if (case.height, case.width) == TOWER_SIZE else {}
+            calls = {}
             for provider in [*providers, *tiled, *candidates]:
                 if provider == "seed":
-                    fn = functools.partial(seed_preprocess, frames, case.mode, out_dtype)
+                    calls[provider] = functools.partial(seed_preprocess, frames, case.mode, out_dtype)
                 elif provider in candidates:
-                    fn = functools.partial(identity_variants.preprocess_identity, frames, spec, out_dtype,
-                                           candidates[provider])
+                    calls[provider] = functools.partial(identity_variants.preprocess_identity, frames, spec, out_dtype,
+                                                        candidates[provider])
                 elif provider in tiled:
-                    fn = functools.partial(preprocess_triton, frames, spec, out_dtype, tile=tiled[provider])
+                    calls[provider] = functools.partial(preprocess_triton, frames, spec, out_dtype, tile=tiled[provider])
                 else:
-                    fn = functools.partial(preprocess, frames, spec, out_dtype, impl=impl_of(provider))
-                output = fn()
-                reference = output if provider == "seed" else reference
-                timing = timer(fn)
-                rows.append(Row(
-                    **env, op="preprocess", case=case.name, provider=provider, N=n, H=case.height, W=case.width,
-                    dtype=args.dtype, repeats=args.repeats, **asdict(timing),
-                    frames_per_s=n / (timing.median_ms * 1e-3),
-                    gb_per_s=nbytes / (timing.median_ms * 1e-3) / 1e9,
-                    max_abs_diff_vs_seed=None if reference is None else max_abs_diff(output, reference),
-                ))
+                    calls[provider] = functools.partial(preprocess, frames, spec, out_dtype, impl=impl_of(provider))
+            rows += time_calls(timer, calls, n, nbytes, **env, op="preprocess", case=case.name, H=case.height,
+                               W=case.width, dtype=args.dtype, repeats=args.repeats)
     return rows
 
 
@@ -465,21 +475,10 @@ def bench_score(args: argparse.Namespace, env: Dict[str, str], timer: Timer, pro
         projections = seed_projections(targets)
         for n in args.batch_sizes:
             embeddings = torch.randn(n, case.dim, device=args.device).to(DTYPES[args.dtype])
-            reference = None
-            for provider in providers:
-                if provider == "seed":
-                    fn = functools.partial(seed_score, embeddings, targets, projections)
-                else:
-                    fn = functools.partial(score, embeddings, targets, impl=impl_of(provider))
-                output = fn()
-                reference = output if provider == "seed" else reference
-                timing = timer(fn)
-                rows.append(Row(
-                    **env, op="score", case=case.name, provider=provider, N=n, H=None, W=None,
-                    dtype=args.dtype, repeats=args.repeats, **asdict(timing),
-                    frames_per_s=n / (timing.median_ms * 1e-3),
-                    max_abs_diff_vs_seed=None if reference is None else max_abs_diff(output, reference),
-                ))
+            calls = {provider: functools.partial(seed_score, embeddings, targets, projections) if provider == "seed"
+                     else functools.partial(score, embeddings, targets, impl=impl_of(provider)) for provider in providers}
+            rows += time_calls(timer, calls, n, None, **env, op="score", case=case.name, H=None, W=None,
+                               dtype=args.dtype, repeats=args.repeats)
     return rows
 
 
@@ -494,18 +493,9 @@ def bench_patch_embed(args: argparse.Namespace, env: Dict[str, str], timer: Time
         providers = {"seed": conv, "torch": PatchMatmulConv2d.from_conv(conv)}
         for n in args.batch_sizes:
             pixels = torch.randn(n, 3, *TOWER_SIZE, device=args.device).to(dtype)
-            reference = None
-            for provider, module in providers.items():
-                fn = functools.partial(module, pixels)
-                output = fn()
-                reference = output if provider == "seed" else reference
-                timing = timer(fn)
-                rows.append(Row(
-                    **env, op="patch_embed", case=case.patch_embed_case, provider=provider, N=n, H=TOWER_SIZE[0],
-                    W=TOWER_SIZE[1], dtype=args.dtype, repeats=args.repeats, **asdict(timing),
-                    frames_per_s=n / (timing.median_ms * 1e-3),
-                    max_abs_diff_vs_seed=None if reference is None else max_abs_diff(output, reference),
-                ))
+            calls = {provider: functools.partial(module, pixels) for provider, module in providers.items()}
+            rows += time_calls(timer, calls, n, None, **env, op="patch_embed", case=case.patch_embed_case,
+                               H=TOWER_SIZE[0], W=TOWER_SIZE[1], dtype=args.dtype, repeats=args.repeats)
     return rows
 
 
@@ -527,18 +517,8 @@ def bench_layer_norm(args: argparse.Namespace, env: Dict[str, str], timer: Timer
                                for p in providers if p.startswith("triton")})
             candidates.update({p: functools.partial(layer_norm_triton, tokens, weight, bias, 1e-5, rows_per_program=r,
                                                     num_warps=w) for p, (r, w) in configs.items()})
-            reference = None
-            for provider, fn in candidates.items():
-                output = fn()
-                reference = output if provider == "seed" else reference
-                timing = timer(fn)
-                rows.append(Row(
-                    **env, op="layer_norm", case=case.layer_norm_case, provider=provider, N=n, H=None, W=None,
-                    dtype=args.dtype, repeats=args.repeats, **asdict(timing),
-                    frames_per_s=n / (timing.median_ms * 1e-3),
-                    gb_per_s=nbytes / (timing.median_ms * 1e-3) / 1e9,
-                    max_abs_diff_vs_seed=max_abs_diff(output, reference),
-                ))
+            rows += time_calls(timer, candidates, n, nbytes, **env, op="layer_norm", case=case.layer_norm_case,
+                               H=None, W=None, dtype=args.dtype, repeats=args.repeats)
     return rows
 
 
