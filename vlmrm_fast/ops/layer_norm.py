@@ -69,7 +69,7 @@ if HAS_TRITON:
 def launch_config(width: int, rows_per_program: Optional[int] = None, num_warps: Optional[int] = None) -> Tuple[int, int, int]:
     """(rows a program, columns a program (``width`` rounded up to a power of two), warps) for rows of
     ``width``; ``rows_per_program`` and ``num_warps`` override the defaults (powers of two), for tuning."""
-    block_width = triton.next_power_of_2(width)
+    block_width = 1 << (width - 1).bit_length()  # the next power of two (plain Python: no triton needed to plan)
     rows = max(1, min(16, ELEMENTS_PER_PROGRAM // block_width)) if rows_per_program is None else rows_per_program
     warps = max(4, min(16, rows * block_width // 1024)) if num_warps is None else num_warps
     for name, value in (("rows_per_program", rows), ("num_warps", warps)):
