@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from conftest import DEVICES, make_tiny
 from vlmrm_fast.backends import build_backend
 from vlmrm_fast.backends.onnx_export import Uint8VisionTower
-from vlmrm_fast.backends.patch_embed import PatchMatmulConv2d, is_patch_conv, patch_convolution, use_patch_matmul
+from vlmrm_fast.backends.base import original_modules
+from vlmrm_fast.backends.patch_embed import PatchMatmulConv2d, is_patch_conv, use_patch_matmul
 from vlmrm_fast.models import preprocess_spec_of
 
 # (channels in, out, kernel = stride, image H x W): odd sizes, non-square kernels, and images whose last
@@ -79,7 +80,7 @@ def test_swap_keeps_the_users_hooks():
     assert use_patch_matmul(model.visual) and isinstance(model.visual.conv1, PatchMatmulConv2d)
     with torch.no_grad():
         model.visual(torch.zeros(1, 3, 224, 224))
-        with patch_convolution(model.visual):
+        with original_modules(model.visual):
             model.visual(torch.zeros(2, 3, 224, 224))
     assert seen == [(1, 64, 7, 7), (2, 64, 7, 7)]
     handle.remove()

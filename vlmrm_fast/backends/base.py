@@ -4,7 +4,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import threading
-from typing import ContextManager, List, Optional, Tuple, Union
+from typing import ContextManager, Iterator, List, Optional, Tuple, Union
 
 import torch
 
@@ -60,6 +60,33 @@ def checked_device(device: Union[str, torch.device], no_cuda_fix: str) -> torch.
     if why:
         raise ValueError(f"device={str(device)!r}: {why}; pass one of those, or device='cuda' for the current one.")
     return with_cuda_index(device)
+
+
+class SwappedModule:
+    """A layer this package put in a tower in place of the tower's own (the patch embedding as a matmul, the
+    LayerNorms through Triton), computing what it replaced. :meth:`original` gives the replaced layer back,
+    for what must see the tower as it was built (:func:`original_modules`)."""
+
+    def original(self) -> torch.nn.Module:
+        """A module of the replaced class sharing this one's parameters, hooks and mode."""
+        raise NotImplementedError
+
+
+@contextlib.contextmanager
+def original_modules(model: torch.nn.Module) -> Iterator[None]:
+    """For the duration of the block, every :class:`SwappedModule` in ``model`` is the layer it replaced again
+    (same parameters): an ONNX export then writes the graph ONNX Runtime and TensorRT are tuned to (one Conv
+    node, not a reshape, transpose and matmul), and the TensorRT engine cache's key is the same whichever
+    reward touched the tower first."""
+    swapped = [(parent, name, child) for parent in list(model.modules())
+               for name, child in list(parent.named_children()) if isinstance(child, SwappedModule)]
+    for parent, name, child in swapped:
+        setattr(parent, name, child.original())
+    try:
+        yield
+    finally:
+        for parent, name, child in swapped:
+            setattr(parent, name, child)
 
 
 def in_place_of(new: torch.nn.Module, old: torch.nn.Module) -> torch.nn.Module:

@@ -38,15 +38,12 @@ def default_cache_dir() -> Path:
 def weights_digest(module: torch.nn.Module) -> str:
     """SHA-256 over the module's structure (its repr: layers, activations, norms' settings) and state
     (names, shapes, dtypes, bytes): changes whenever the weights do, or the code they run through
-    (the same weights under GELU and QuickGELU are two towers). A patch embedding the torch backends
-    run as a matmul on CUDA is read as the convolution it computes, as the engine is built from it
-    (:func:`~vlmrm_fast.backends.patch_embed.patch_convolution`), and LayerNorms the torch backend runs
-    through Triton as the classes they replaced (:func:`~vlmrm_fast.backends.triton_layer_norm.plain_layer_norms`):
-    one tower, one key."""
-    from vlmrm_fast.backends.patch_embed import patch_convolution
-    from vlmrm_fast.backends.triton_layer_norm import plain_layer_norms
+    (the same weights under GELU and QuickGELU are two towers). Layers the torch backends swapped in (the
+    patch embedding as a matmul, LayerNorms through Triton) are read as the layers they replaced, from which
+    the engine is built (:func:`~vlmrm_fast.backends.base.original_modules`): one tower, one key."""
+    from vlmrm_fast.backends.base import original_modules
 
-    with patch_convolution(module), plain_layer_norms(module):
+    with original_modules(module):
         structure = repr(module)
     digest = hashlib.sha256(structure.encode())
     for name, tensor in sorted(module.state_dict().items()):

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from vlmrm_fast.argtypes import ONNX_EXPORTERS, ONNX_INPUT_FORMATS
 from vlmrm_fast.atomic import default_file_mode, fsync_dir
 from vlmrm_fast.backends.base import BackendError, missing_extra, pooled_embeddings
-from vlmrm_fast.backends.patch_embed import patch_convolution
+from vlmrm_fast.backends.base import original_modules
 from vlmrm_fast.backends.torch_fp8 import is_fp8_quantised
 from vlmrm_fast.ops.preprocess import PreprocessSpec
 from vlmrm_fast.quiet_logging import loggers_quieted
@@ -379,7 +379,7 @@ def export_onnx(
             # The dynamo exporter's optimiser logs each pass at INFO: hundreds of lines where a user turned
             # INFO on to see vlmrm_fast's one-off builds announced.
             with torch.inference_mode(False), torch.no_grad(), _mha_fastpath_disabled(), \
-                    loggers_quieted("onnxscript", "onnx_ir", "torch.onnx"), patch_convolution(visual), \
+                    loggers_quieted("onnxscript", "onnx_ir", "torch.onnx"), original_modules(visual), \
                     static_self_attention(module, example[:1]):  # one frame: the token count is all it needs
                 fell_back = _write_raw_graph(module, example, raw, input_name, opset, external_data, exporter)
         if fell_back is not None:

@@ -9,16 +9,13 @@ TFLOP that a matmul at the measured peak does in 0.35 ms (10 ms and 19 ms for Vi
 """
 from __future__ import annotations
 
-import contextlib
-from typing import Iterator
-
 import torch
 import torch.nn.functional as F
 
-from vlmrm_fast.backends.base import in_place_of
+from vlmrm_fast.backends.base import SwappedModule, in_place_of
 
 
-class PatchMatmulConv2d(torch.nn.Conv2d):
+class PatchMatmulConv2d(SwappedModule, torch.nn.Conv2d):
     """An unpadded ``nn.Conv2d`` whose stride equals its kernel, computed as one matmul over the patches.
 
     Same parameters (the same tensors, under the same ``state_dict`` keys) and the same sums, in another
@@ -34,6 +31,10 @@ class PatchMatmulConv2d(torch.nn.Conv2d):
         if not is_patch_conv(conv):
             raise ValueError(f"{conv} is not an unpadded convolution whose stride equals its kernel.")
         return _sharing(cls, conv)
+
+    def original(self) -> torch.nn.Conv2d:
+        """A plain ``nn.Conv2d`` sharing this layer's parameters (:func:`~vlmrm_fast.backends.base.original_modules`)."""
+        return _sharing(torch.nn.Conv2d, self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4:  # an unbatched image: not the tower's case, and the convolution handles it
@@ -78,19 +79,3 @@ def use_patch_matmul(visual: torch.nn.Module) -> bool:
         return False
     visual.conv1 = PatchMatmulConv2d.from_conv(conv)
     return True
-
-
-@contextlib.contextmanager
-def patch_convolution(visual: torch.nn.Module) -> Iterator[None]:
-    """For the duration of the block, ``visual.conv1`` is a plain ``nn.Conv2d`` again if it was a
-    :class:`PatchMatmulConv2d` (same parameters): an ONNX export then writes one Conv node, which ONNX
-    Runtime and TensorRT run as they are tuned to, not a reshape, transpose and matmul."""
-    conv = getattr(visual, "conv1", None)
-    if not isinstance(conv, PatchMatmulConv2d):
-        yield
-        return
-    visual.conv1 = _sharing(torch.nn.Conv2d, conv)
-    try:
-        yield
-    finally:
-        visual.conv1 = conv

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 from typing import Iterator, Tuple, Type
 
 import torch
 
-from vlmrm_fast.backends.base import in_place_of
+from vlmrm_fast.backends.base import SwappedModule, in_place_of
 from vlmrm_fast.ops._triton import triton_runs_on
 from vlmrm_fast.ops.layer_norm import DTYPES, MAX_WIDTH, layer_norm_triton, rows_of
 
@@ -43,6 +44,7 @@ def triton_layer_norms(enabled: bool = True) -> Iterator[None]:
         _ENABLED.reset(token)
 
 
+@functools.lru_cache(maxsize=None)  # once: asked for every module of every tower swapped
 def _replaceable_types() -> Tuple[Type[torch.nn.LayerNorm], ...]:
     """The LayerNorm classes whose forward is the float32-computed LayerNorm the kernel gives: torch's
     own and open_clip's two (one casts its input to float32 first, both return the input's dtype)."""
@@ -56,7 +58,7 @@ def _replaceable_types() -> Tuple[Type[torch.nn.LayerNorm], ...]:
     return tuple(types)
 
 
-class TritonLayerNorm(torch.nn.LayerNorm):
+class TritonLayerNorm(SwappedModule, torch.nn.LayerNorm):
     """A LayerNorm of the tower computed by the Triton kernel inside :func:`triton_layer_norms`, where that
     applies (see the module's docstring), else by the forward of the class it replaced (``base``).
 
@@ -73,6 +75,10 @@ class TritonLayerNorm(torch.nn.LayerNorm):
         new = _sharing(cls, norm)
         new.base = type(norm)
         return new
+
+    def original(self) -> torch.nn.LayerNorm:
+        """A ``base`` module sharing this one's parameters (:func:`~vlmrm_fast.backends.base.original_modules`)."""
+        return _sharing(self.base, self)
 
     def _kernel_applies(self, x: torch.Tensor) -> bool:
         # torch.compile, torch.export, ONNX export; asked before the context variable, which dynamo cannot
@@ -118,20 +124,3 @@ def use_triton_layer_norm(visual: torch.nn.Module) -> int:
                 setattr(parent, name, TritonLayerNorm.from_layer_norm(child))
                 count += 1
     return count
-
-
-@contextlib.contextmanager
-def plain_layer_norms(visual: torch.nn.Module) -> Iterator[None]:
-    """For the duration of the block, each :class:`TritonLayerNorm` of ``visual`` is the class it replaced
-    again (same parameters, hooks and mode): for what must see the tower as it was, such as the TensorRT
-    engine cache's key (:func:`~vlmrm_fast.backends.engine_cache.weights_digest`), so that one tower has one
-    engine whichever reward touched it first."""
-    swapped = [(parent, name, child) for parent in list(visual.modules())
-               for name, child in list(parent.named_children()) if isinstance(child, TritonLayerNorm)]
-    for parent, name, child in swapped:
-        setattr(parent, name, _sharing(child.base, child))
-    try:
-        yield
-    finally:
-        for parent, name, child in swapped:
-            setattr(parent, name, child)
