@@ -30,7 +30,8 @@
 #                PROFILE_BATCHES="1 64 1024", PROFILE_BACKENDS=torch (or compile) and PROFILE_NO_SEED=1
 #                split a long one (ViT-bigG-14) over calls; PROFILE_DTYPES="bf16 fp8" (or fp8) adds the
 #                torch and compile backends' fp8 matmuls (Hopper); PROFILE_ARGS="--compile-mode
-#                max-autotune" (for one) passes more options
+#                max-autotune" (for one) passes more options, "--kernels triton torch" an end-to-end
+#                A/B of the package's Triton kernels (the LayerNorm's, on the torch backend)
 #
 # Each part writes under $RESULTS/<part>/ (RESULTS defaults to $OUT where that is set, else
 # runs/gpu-session/): its log and results, at most 4 files; copy the figures worth keeping to

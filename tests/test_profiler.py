@@ -8,6 +8,7 @@ and are positive: speed on a shared 2-core machine says nothing.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.util
 import io
 import json
@@ -334,7 +335,7 @@ def test_kernel_profile_of_the_largest_batch(results, bench_run):
     if HAS_ORT:  # the int8 graph's weight matmuls are integer ones, and its profile says so
         assert any("Integer" in k["name"] or "Quantize" in k["name"] for k in profiles[("onnxruntime", "int8")]["kernels"])
     table = (bench_run[1] / "bench.md").read_text()
-    assert "## Where the tower's time goes" in table and "| vlmrm-tiny | torch | fp32 | 2 | cpu torch ops |" in table
+    assert "## Where the tower's time goes" in table and "| vlmrm-tiny | torch | fp32 | torch | 2 | cpu torch ops |" in table
     # Each configuration's costliest ops, as listed in the JSON (which ops make the cut depends on timing
     # noise: layer norm's 6 launches are checked above from the JSON, not here).
     for kernel in eager["kernels"][:3]:
@@ -537,6 +538,11 @@ def test_targets_take_the_best_configuration():
     bf16, fp8 = check_targets(gpu_rows + [_row("ViT-B-32", "tensorrt", 40_000.0, 20_000.0, "fp8")], torch.device("cuda"))
     assert "(bf16)" in bf16["kind"] and bf16["measured"] == 60_000.0 and bf16["met"]
     assert "(fp8)" in fp8["kind"] and fp8["measured"] == 40_000.0 and not fp8["met"]
+    # A run of both kernel paths says which one the best figure came from.
+    triton_row = dataclasses.replace(_row("ViT-B-32", "torch", 65_000.0, 20_000.0, "bf16"), kernels="triton")
+    [ab] = check_targets(gpu_rows + [triton_row], torch.device("cuda"))
+    assert ab["measured"] == 65_000.0 and ab["where"] == "torch bf16 batch 8, 480 px, kernels triton"
+    assert "kernels" not in gpu["where"]  # one path: nothing to tell apart
 
 
 def test_commit_of_a_tree_without_its_git_folder(tmp_path, monkeypatch):
@@ -1278,13 +1284,15 @@ def test_profile_backend_builds_each_precision_with_its_options(small_profiler, 
                            ("compile", "fp8"), ("torch", "fp8"), ("onnxruntime", "fp8")):
         profiler_._profile_backend("vlmrm-tiny", None, None, backend, dtype, 1.0, "analytic", None, None)
     compiled, int8, fp8, compiled_fp8, torch_fp8 = built  # torch int8 and onnxruntime fp8 are skipped before a build
-    assert compiled == dict(dtype=torch.float32, backend="compile", max_batch_size=2, backend_options={"buckets": (2,)})
+    assert compiled == dict(dtype=torch.float32, backend="compile", max_batch_size=2, backend_options={"buckets": (2,)},
+                            kernels="torch")
     # torch's fp8 scales activations per call: no calibration frames.
     assert compiled_fp8 == dict(dtype=torch.bfloat16, backend="compile", max_batch_size=2,
-                                backend_options={"buckets": (2,), "quantize": "fp8"})
-    assert torch_fp8 == dict(dtype=torch.bfloat16, backend="torch", max_batch_size=2, backend_options={"quantize": "fp8"})
+                                backend_options={"buckets": (2,), "quantize": "fp8"}, kernels="torch")
+    assert torch_fp8 == dict(dtype=torch.bfloat16, backend="torch", max_batch_size=2, backend_options={"quantize": "fp8"},
+                             kernels="torch")
     assert int8 == dict(dtype=torch.float32, backend="onnxruntime", max_batch_size=2,
-                        backend_options={"quantize": "int8"})
+                        backend_options={"quantize": "int8"}, kernels="torch")
     assert (fp8["dtype"], fp8["backend"], fp8["backend_options"]["quantize"]) == (torch.bfloat16, "tensorrt", "fp8")
     # fp8 is calibrated on frames of the run's size, never the ones it is checked on.
     calibration = fp8["backend_options"]["calibration_frames"]
@@ -1321,6 +1329,71 @@ def test_compile_mode_reaches_the_compile_backend_and_the_report(small_profiler,
     assert "mode=" not in markdown_report(Report(env, {**config, "compile_mode": None}, rows=[]))
     with pytest.raises(SystemExit):
         _bench_args("--compile-mode", "fastest")
+
+
+def test_kernels_resolve_for_the_device_and_name_the_option_where_they_cannot_run(monkeypatch):
+    from vlmrm_fast.ops import _triton
+    from vlmrm_fast.profiler.options import KERNEL_OPTIONS
+    from vlmrm_fast.profiler.run import resolve_config
+
+    assert KERNEL_OPTIONS == _triton.KERNEL_CHOICES  # the parser's names are the reward's
+    assert resolve_config(_bench_args()).kernels == ["torch"]  # auto, on CPU
+    assert resolve_config(_bench_args("--kernels", "torch", "auto")).kernels == ["torch"]  # one path: measured once
+    # tests/conftest.py interprets the kernels, so that Triton runs on CPU tensors here.
+    assert resolve_config(_bench_args("--kernels", "triton", "torch")).kernels == ["triton", "torch"]
+    with pytest.raises(SystemExit):
+        _bench_args("--kernels", "cuda")
+    monkeypatch.setattr(_triton, "triton_runs_on", lambda device: False)
+    with pytest.raises(ValueError, match=r"^--kernels triton cannot run on device cpu: .* or pass "
+                       r"--kernels torch\.$"):
+        resolve_config(_bench_args("--kernels", "torch", "triton"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # only the defaults are looked at
+    monkeypatch.setattr(_triton, "HAS_TRITON", True)
+    assert resolve_config(cli.build_parser().parse_args(["bench", "--device", "cuda"])).kernels == ["triton"]
+
+
+def test_each_configuration_is_built_with_its_kernels_and_named_by_them_in_an_ab(small_profiler, monkeypatch):
+    from vlmrm_fast.backends import BackendError
+
+    profiler_ = small_profiler[0]
+    built = []
+
+    def refuse(base, tokenizer, name, **options):
+        built.append(options["kernels"])
+        raise BackendError("no")
+
+    monkeypatch.setattr(profiler_, "_reward_model", refuse)
+    profiler_._profile_backend("vlmrm-tiny", None, None, "torch", "fp32", 1.0, "analytic", None, None)
+    profiler_.config.kernels = ["triton", "torch"]
+    for kernels in ("triton", "torch"):
+        profiler_._profile_backend("vlmrm-tiny", None, None, "torch", "fp32", 1.0, "analytic", None, None, kernels=kernels)
+    assert built == ["torch", "triton", "torch"]
+    assert [s["what"] for s in profiler_.report.skipped] == [
+        "vlmrm-tiny torch fp32", "vlmrm-tiny torch fp32 kernels=triton", "vlmrm-tiny torch fp32 kernels=torch"]
+
+
+def test_a_kernels_ab_measures_and_profiles_each_configuration_with_each_path(tmp_path):
+    out = tmp_path / "ab"
+    argv = ["bench", "--models", "vlmrm-tiny", "--batch-sizes", "1", "2", "--repeats", "1", "--warmup", "1",
+            "--backends", "torch", "--dtypes", "fp32", "--kernels", "triton", "torch", "--frame-size", "64",
+            "--device", "cpu", "--out", str(out), "--no-progress", "--no-plot", "--kernel-profile"]
+    with contextlib.redirect_stdout(io.StringIO()) as stdout:
+        assert cli.main(argv) == 0, stdout.getvalue()
+    results = json.loads((out / "bench.json").read_text())
+    rows = {(r["backend"], r["kernels"], r["batch"]): r for r in results["rows"]}
+    assert set(rows) == {(backend, kernels, n) for n in (1, 2)
+                         for backend, kernels in (("seed", "torch"), ("torch", "triton"), ("torch", "torch"))}
+    for kernels in ("triton", "torch"):  # each against the float32 eager path with torch's ops
+        assert rows[("torch", kernels, 2)]["reward_error"] < 1e-5
+    # Each path's profile sits beside its own row, not the first row of its backend and precision.
+    profiles = {p["package_kernels"]: p for p in results["kernel_profiles"]}
+    assert set(profiles) == {"triton", "torch"}
+    for kernels, p in profiles.items():
+        assert p["wall_ms"] == pytest.approx(1e3 * rows[("torch", kernels, 2)]["timings"]["tower"]["median_s"])
+    table = (out / "bench.md").read_text()
+    for kernels in ("triton", "torch"):
+        assert f"| vlmrm-tiny | torch | fp32 | {kernels} | 2 |" in table
+        assert f"vlmrm-tiny torch fp32, kernels {kernels}, batch 2: the costliest" in table
 
 
 def test_profile_backend_warms_up_before_timing_and_reports_the_reward_error(small_profiler, monkeypatch):
@@ -1403,7 +1476,7 @@ def test_the_kernel_table_lists_the_costliest_with_names_that_fit():
     assert len(shown) == TOP_KERNELS and "`k5`" in text and "`k6`" not in text  # k6 to k8 are left out
     assert shown[0] == f"| `{long_name[:87]}...` | matmul | 1 | 1,000 | 40.0% |"
     assert shown[1] == "| `mul/add` | elementwise | 2 | 500 | 20.0% |"  # no stray column separator
-    assert "| m | torch | bf16 | 8 | cpu torch ops | 2,500 |  |" in text  # thousands separated; no peak, no ceiling
+    assert "| m | torch | bf16 | torch | 8 | cpu torch ops | 2,500 |  |" in text  # thousands separated; no peak, no ceiling
 
 
 # ---- run_info (what every result row names): behaviours a mutation audit found untested -------------
@@ -1600,22 +1673,27 @@ def test_the_seed_scores_through_its_d_by_d_matrix():
 
 
 def test_the_plot_shows_end_to_end_frames_per_second_per_configuration(tmp_path, monkeypatch):
-    # bench.png: one line per (model, backend, dtype), end to end frames/s against the batch size.
-    import dataclasses
-
+    # bench.png: one line per (model, backend, dtype, kernels), end to end frames/s against the batch size.
     from matplotlib.axes import Axes
 
     from vlmrm_fast.profiler.report import Report, write_plot
 
     lines = []
     real_plot = Axes.plot
-    monkeypatch.setattr(Axes, "plot", lambda self, x, y, **kw: lines.append((kw["label"], list(x), list(y)))
+    monkeypatch.setattr(Axes, "plot", lambda self, x, y, **kw: lines.append((kw["label"], list(x), list(y), kw["linewidth"]))
                         or real_plot(self, x, y, **kw))
     rows = [dataclasses.replace(_row("ViT-B-32", "torch", fps, 1.0), batch=batch, tower_fps=3 * fps, score_fps=7 * fps)
             for batch, fps in ((8, 20.0), (1, 5.0))]
     rows.append(dataclasses.replace(_row("ViT-B-32", "seed", 4.0, 1.0), tower_fps=9.0))
-    write_plot(tmp_path / "bench.png", Report(ENV, {**CONFIG, "device": "cpu", "frame_size": 224}, rows=rows))
-    assert lines == [("ViT-B-32 torch fp32", [1, 8], [5.0, 20.0]), ("ViT-B-32 seed fp32", [8], [4.0])]
+    config = {**CONFIG, "device": "cpu", "frame_size": 224}
+    write_plot(tmp_path / "bench.png", Report(ENV, config, rows=rows))
+    assert lines == [("ViT-B-32 torch fp32", [1, 8], [5.0, 20.0], 1.5), ("ViT-B-32 seed fp32", [8], [4.0], 1.5)]
+    # --kernels triton torch: a line per path, named, torch's thin; the seed (always torch's ops) as before.
+    lines.clear()
+    rows += [dataclasses.replace(row, kernels="triton", end_to_end_fps=2 * row.end_to_end_fps) for row in rows[:2]]
+    write_plot(tmp_path / "bench.png", Report(ENV, config, rows=rows))
+    assert lines == [("ViT-B-32 torch fp32 kernels=torch", [1, 8], [5.0, 20.0], 0.8), ("ViT-B-32 seed fp32", [8], [4.0], 1.5),
+                     ("ViT-B-32 torch fp32 kernels=triton", [1, 8], [10.0, 40.0], 1.5)]
 
 
 def test_summarize_events_lists_the_costliest_first():

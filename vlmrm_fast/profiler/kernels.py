@@ -91,6 +91,9 @@ class TowerProfile:
     gflops_per_image: float
     peak_tflops: Optional[float]
     kernels: List[KernelTime] = field(default_factory=list)
+    package_kernels: str = "torch"
+    """The reward's ``kernels`` ("triton" or "torch"): which ops ran this package's Triton kernels (on the
+    torch backend, its LayerNorms); not the kernels listed above."""
 
     @property
     def busy_ms(self) -> float:
@@ -127,8 +130,8 @@ class TowerProfile:
 
     def as_json(self) -> Dict[str, object]:
         return {
-            "model": self.model, "backend": self.backend, "dtype": self.dtype, "batch": self.batch,
-            "source": self.source, "calls": self.calls, "wall_ms": self.wall_ms, "busy_ms": self.busy_ms,
+            "model": self.model, "backend": self.backend, "dtype": self.dtype,
+            "package_kernels": self.package_kernels, "batch": self.batch, "source": self.source, "calls": self.calls, "wall_ms": self.wall_ms, "busy_ms": self.busy_ms,
             "idle_ms": self.idle_ms, "by_kind_ms": self.by_kind, "ceiling_ms": self.ceiling_ms,
             "gflops_per_image": self.gflops_per_image, "peak_tflops": self.peak_tflops,
             "matmul_attention_tflops": self.matmul_tflops,
@@ -179,13 +182,15 @@ def _per_call(totals: Iterable[tuple], calls: int) -> List[KernelTime]:
 def profile_tower(
     tower: Callable[[torch.Tensor], torch.Tensor], pixels: torch.Tensor, *, model: str, backend: str, dtype: str,
     wall_ms: float, gflops_per_image: float, peak_tflops: Optional[float], calls: int = 3, warmup: int = 1,
+    package_kernels: str = "torch",
 ) -> TowerProfile:
     """Profile ``calls`` calls of ``tower(pixels)`` (pixels [N, 3, S, S] on the tower's device) after
-    ``warmup`` unprofiled ones; ``wall_ms`` is the caller's unprofiled time per call."""
+    ``warmup`` unprofiled ones; ``wall_ms`` is the caller's unprofiled time per call, and
+    ``package_kernels`` the reward's kernels choice, recorded with the profile."""
     from torch.profiler import ProfilerActivity, profile
 
     meta = dict(model=model, backend=backend, dtype=dtype, batch=pixels.shape[0], calls=calls, wall_ms=wall_ms,
-                gflops_per_image=gflops_per_image, peak_tflops=peak_tflops)
+                gflops_per_image=gflops_per_image, peak_tflops=peak_tflops, package_kernels=package_kernels)
     own = tower.profile_nodes(pixels, calls, warmup) if isinstance(tower, VisionBackend) else None
     if own is not None:
         return TowerProfile(source=f"{backend} nodes", kernels=_per_call(own, calls), **meta)
@@ -231,20 +236,20 @@ def markdown_kernel_profiles(profiles: Sequence[TowerProfile]) -> List[str]:
         "the tower's FLOPs at the measured matmul peak. 'mm+attn TFLOP/s': the tower's FLOPs over the time in "
         "matmul and attention kernels. Idle: wall time in which nothing profiled ran (on CUDA: launch gaps, "
         "host work; on CPU: time outside the ops profiled).", "",
-        "| model | backend | dtype | batch | source | wall | ceiling | " + " | ".join(KINDS)
+        "| model | backend | dtype | kernels | batch | source | wall | ceiling | " + " | ".join(KINDS)
         + " | idle | mm+attn TFLOP/s |",
-        "|" + "---|" * (9 + len(KINDS)),
+        "|" + "---|" * (10 + len(KINDS)),
     ]
     for p in profiles:
         kinds = p.by_kind
         lines.append(
-            f"| {p.model} | {p.backend} | {p.dtype} | {p.batch} | {p.source} | {_ms(p.wall_ms)} | {_ms(p.ceiling_ms)} | "
+            f"| {p.model} | {p.backend} | {p.dtype} | {p.package_kernels} | {p.batch} | {p.source} | {_ms(p.wall_ms)} | {_ms(p.ceiling_ms)} | "
             + " | ".join(_share(kinds[k], p.whole_ms) for k in KINDS)
             + f" | {_share(p.idle_ms, p.whole_ms)} | {_ms(p.matmul_tflops)} |"
         )
     for p in profiles:
         what = "kernels" if p.source.startswith("cuda") else "ops"
-        lines += ["", f"{p.model} {p.backend} {p.dtype}, batch {p.batch}: the costliest "
+        lines += ["", f"{p.model} {p.backend} {p.dtype}, kernels {p.package_kernels}, batch {p.batch}: the costliest "
                   f"{min(TOP_KERNELS, len(p.kernels))} of {len(p.kernels)} {what}", "",
                   "| kernel | kind | launches per call | ms per call | share |", "|---|---|---|---|---|"]
         for k in p.kernels[:TOP_KERNELS]:

@@ -14,6 +14,8 @@ FLOAT_PRECISIONS = ("fp32", "bf16", "fp16")
 QUANTIZED_PRECISIONS = ("int8", "fp8")
 """int8: ONNX Runtime's dynamic quantisation (CPU); fp8: the torch, compile and tensorrt backends' (Hopper)."""
 PRECISIONS = (*FLOAT_PRECISIONS, *QUANTIZED_PRECISIONS)
+KERNEL_OPTIONS = ("auto", "triton", "torch")
+"""The reward's ``kernels`` (``vlmrm_fast.ops._triton.KERNEL_CHOICES``, not imported: it loads torch)."""
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 """torch.compile's modes (``backend_options={"mode": ...}`` of the compile backend)."""
 SEED_FRAME_SIZE = 480
@@ -45,6 +47,10 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dtypes", nargs="+", type=dtype_choice(PRECISIONS), metavar="DTYPE",
                    help=f"tower precisions, from {', '.join(PRECISIONS)} (float32/bfloat16/float16 too); int8 is ONNX Runtime's dynamic "
                    "quantisation, on CPU; fp8 is the torch, compile and tensorrt backends', on Hopper GPUs (default: CPU fp32; CUDA bf16)")
+    p.add_argument("--kernels", nargs="+", choices=KERNEL_OPTIONS, metavar="KERNELS",
+                   help="the package's own kernels: triton (the fused preprocess and score kernels, and the torch "
+                   "backend's LayerNorms), torch (torch's ops), or auto (triton on CUDA, torch elsewhere); "
+                   "--kernels triton torch measures both in one run, an A/B of the kernels (default: auto)")
     p.add_argument("--frame-size", type=positive_int, default=SEED_FRAME_SIZE, metavar="PX",
                    help="square frames of PX x PX; 480 is the original's render size, 224 the towers' input "
                    "(the fast path: no resize). The seed always gets 480 x 480 (default: %(default)s)")

@@ -39,7 +39,7 @@ REWARD_CHECK_FRAMES = 8
 
 @dataclass
 class Row:
-    """One (model, backend, dtype, batch): frames/s per stage, the seed's, and the tower's FLOP rate.
+    """One (model, backend, dtype, kernels, batch): frames/s per stage, the seed's, and the tower's FLOP rate.
 
     The seed pipeline's rows have ``backend == "seed"`` and ``frame_size == 480``. In the other rows
     ``seed_fps`` is the seed's end to end timed in alternation with the row's own (``timings`` keeps
@@ -140,6 +140,7 @@ def check_targets(rows: Sequence[Row], device: torch.device) -> List[Dict[str, A
     targets = []
 
     unsteady = {id(rows[i]) for i in unsteady_rows(rows)}
+    several_kernels = len({r.kernels for r in rows if r.backend != SEED}) > 1
 
     def add(model: str, kind: str, required: float, key: Callable[[Row], Optional[float]], dtype: str) -> None:
         mine = [r for r in rows if r.backend != SEED and r.model == model and r.dtype == dtype and key(r) is not None]
@@ -151,7 +152,8 @@ def check_targets(rows: Sequence[Row], device: torch.device) -> List[Dict[str, A
         targets.append({
             "model": model, "kind": kind, "required": required,
             "measured": None if best is None else key(best),
-            "where": None if best is None else f"{best.backend} {best.dtype} batch {best.batch}, {best.frame_size} px",
+            "where": None if best is None else (f"{best.backend} {best.dtype} batch {best.batch}, {best.frame_size} px"
+                                                + (f", kernels {best.kernels}" if several_kernels else "")),
             "met": best is not None and key(best) >= required,
         })
 
@@ -330,9 +332,9 @@ def _require_matplotlib() -> None:
 
 
 def write_plot(path: Path, report: Report) -> Path:
-    """End-to-end frames/s against batch size, log-log: one line per (model, backend, dtype), in the
-    model's colour, a line style per backend (the seed dashed) and a marker per precision; dotted lines
-    at the GPU targets."""
+    """End-to-end frames/s against batch size, log-log: one line per (model, backend, dtype, kernels), in
+    the model's colour, a line style per backend (the seed dashed), a marker per precision and, where the
+    run measured both kernel paths, thin lines for torch's; dotted lines at the GPU targets."""
     from matplotlib.figure import Figure
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter, NullLocator
 
@@ -342,13 +344,16 @@ def write_plot(path: Path, report: Report) -> Path:
     colours = {m: f"C{i % 10}" for i, m in enumerate(models)}
     styles = {"torch": "-", "compile": "-.", "onnxruntime": (0, (5, 1, 1, 1)), "tensorrt": (0, (1, 1))}
     markers = {"fp32": "o", "bf16": "s", "fp16": "^", "int8": "D", "fp8": "v"}  # the precision: its own marker
-    for key in dict.fromkeys((r.model, r.backend, r.dtype) for r in report.rows):
-        line = sorted((r for r in report.rows if (r.model, r.backend, r.dtype) == key), key=lambda r: r.batch)
-        model, backend, dtype = key
+    several_kernels = len({r.kernels for r in report.rows if r.backend != SEED}) > 1
+    for key in dict.fromkeys((r.model, r.backend, r.dtype, r.kernels) for r in report.rows):
+        line = sorted((r for r in report.rows if (r.model, r.backend, r.dtype, r.kernels) == key), key=lambda r: r.batch)
+        model, backend, dtype, kernels = key
+        thin = several_kernels and backend != SEED and kernels == "torch"
         ax.plot([r.batch for r in line], [r.end_to_end_fps for r in line], color=colours[model],
                 linestyle="--" if backend == SEED else styles.get(backend, "-"), marker=markers.get(dtype, "x"),
                 markersize=4, markerfacecolor="none" if backend == SEED else colours[model],
-                label=f"{model} {backend} {dtype}")
+                linewidth=0.8 if thin else 1.5,
+                label=f"{model} {backend} {dtype}" + (f" kernels={kernels}" if several_kernels and backend != SEED else ""))
     if report.config["device"].startswith("cuda"):
         for model, target in GPU_FPS_TARGETS.items():
             if model in colours:

@@ -1,7 +1,7 @@
 """``vlmrm-fast bench``: frames/s per stage of the reward pipeline, against the original code's.
 
-For every model x backend x precision x batch size, over the same random uint8 frames, each stage is
-timed on its own (median of the repeats, frames/s = N / median):
+For every model x backend x precision x kernels (``--kernels``: the package's Triton kernels, torch's
+ops, or both for an A/B) x batch size, over the same random uint8 frames, each stage is timed on its own (median of the repeats, frames/s = N / median):
 
 | stage | what is timed |
 |---|---|
@@ -48,10 +48,11 @@ import importlib
 import importlib.metadata
 import importlib.util
 import os
+import re
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
@@ -64,7 +65,7 @@ from vlmrm_fast.backends.base import missing_cuda_device, parse_device
 from vlmrm_fast.backends.torch_fp8 import fp8_unsupported_reason
 from vlmrm_fast.frames import as_frame_batch
 from vlmrm_fast.models import TINY_MODEL, check_model_name, preprocess_spec_of
-from vlmrm_fast.ops._triton import HAS_TRITON, interpreter_enabled
+from vlmrm_fast.ops._triton import HAS_TRITON, interpreter_enabled, resolve_kernels
 from vlmrm_fast.precision import float32_convolutions, float32_matmuls
 from vlmrm_fast.profiler.flops import _gflops_and_method, create_random_model
 from vlmrm_fast.profiler.kernels import profile_tower
@@ -126,6 +127,9 @@ class BenchConfig:
     kernel_profile: bool = False
     compile_mode: Optional[str] = None
     """torch.compile's mode for the compile backend's rows; None for the backend's default."""
+    kernels: List[str] = field(default_factory=lambda: ["torch"])
+    """The reward's kernels, resolved for the device ("triton", "torch" or both): every backend and
+    precision is measured with each."""
 
     def as_json(self) -> Dict[str, Any]:
         return {key: str(value) if isinstance(value, (Path, torch.device)) else value for key, value in asdict(self).items()}
@@ -157,6 +161,12 @@ def resolve_config(args: argparse.Namespace) -> BenchConfig:
         check_model_name(model)  # suggests close names
     if not args.time_budget > 0:
         raise ValueError(f"--time-budget must be positive; got {args.time_budget}.")
+    kernels = []
+    for choice in getattr(args, "kernels", None) or ["auto"]:
+        try:
+            kernels.append(resolve_kernels(choice, device))
+        except ValueError as error:  # in the command's terms: "pass kernels='torch'" -> "pass --kernels torch"
+            raise ValueError(re.sub(r"kernels='(\w+)'", r"--kernels \1", str(error))) from None
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
     return BenchConfig(
         models=models,
@@ -175,6 +185,7 @@ def resolve_config(args: argparse.Namespace) -> BenchConfig:
         quick=args.quick,
         kernel_profile=args.kernel_profile,
         compile_mode=getattr(args, "compile_mode", None),
+        kernels=list(dict.fromkeys(kernels)),
     )
 
 
@@ -316,8 +327,10 @@ class Profiler:
         reference = self._reference_rewards(name, base, tokenizer)
         for backend in backends:
             for dtype in self.config.dtypes:
-                self._profile_backend(name, base, tokenizer, backend, dtype, gflops, method, seed, reference)
-                self.save()
+                for kernels in self.config.kernels:
+                    self._profile_backend(name, base, tokenizer, backend, dtype, gflops, method, seed, reference,
+                                          kernels=kernels)
+                    self.save()
         del base, seed
         self._free()
 
@@ -385,10 +398,13 @@ class Profiler:
 
     def _profile_backend(
         self, name: str, base: torch.nn.Module, tokenizer: Callable, backend: str, dtype: str, gflops: float,
-        method: str, seed: Optional[SeedPipeline], reference: Optional[torch.Tensor],
+        method: str, seed: Optional[SeedPipeline], reference: Optional[torch.Tensor], kernels: Optional[str] = None,
     ) -> None:
+        """One backend at one precision with one choice of kernels (the run's first by default), over
+        every batch size."""
         batches = self.config.batch_sizes
-        what = f"{name} {backend} {dtype}"
+        kernels = kernels or self.config.kernels[0]
+        what = f"{name} {backend} {dtype}" + (f" kernels={kernels}" if len(self.config.kernels) > 1 else "")
         if dtype in QUANTIZED and backend not in QUANTIZED[dtype][0]:
             *others, last = QUANTIZED[dtype][0]
             owners = f"{', '.join(others)} and {last} backends" if others else f"{last} backend"
@@ -409,7 +425,7 @@ class Profiler:
         try:
             rm = self._reward_model(
                 base, tokenizer, name, dtype=QUANTIZED[dtype][1] if dtype in QUANTIZED else DTYPES[dtype],
-                backend=backend, max_batch_size=max(batches), backend_options=options,
+                backend=backend, max_batch_size=max(batches), backend_options=options, kernels=kernels,
             )
             warmup = getattr(rm.vision_backend, "warmup", None)
             if callable(warmup):  # compile now, so that compilation is measured apart, not timed
@@ -461,15 +477,17 @@ class Profiler:
     def _profile_kernels(self, rm: CLIPReward, name: str, dtype: str, gflops: float) -> None:
         """The tower's kernels at the largest batch size, beside that batch's row (none if it failed)."""
         n = max(self.config.batch_sizes)
-        row = next((r for r in self.report.rows if (r.model, r.backend, r.dtype, r.batch) == (name, rm.backend, dtype, n)), None)
+        key = (name, rm.backend, dtype, rm.kernels, n)
+        row = next((r for r in self.report.rows if (r.model, r.backend, r.dtype, r.kernels, r.batch) == key), None)
         if row is None:
             return
-        what = f"{name} {rm.backend} {dtype} batch {n} kernel profile"
-        self.bar.set_description(f"{name} {rm.backend} {dtype} b={n}: kernel profile")
+        configuration = f"{name} {rm.backend} {dtype}" + (f" kernels={rm.kernels}" if len(self.config.kernels) > 1 else "")
+        what = f"{configuration} batch {n} kernel profile"
+        self.bar.set_description(f"{configuration} b={n}: kernel profile")
         try:
             pixels = rm._pixels(self.frames.device[:n], False)
             self.report.kernel_profiles.append(profile_tower(
-                rm.vision_backend, pixels, model=name, backend=rm.backend, dtype=dtype,
+                rm.vision_backend, pixels, model=name, backend=rm.backend, dtype=dtype, package_kernels=rm.kernels,
                 wall_ms=1e3 * row.timings["tower"].median_s, gflops_per_image=gflops,
                 peak_tflops=self.report.peak_tflops.get(peak_dtype(dtype)),
             ))
@@ -548,7 +566,8 @@ def run_bench(args: argparse.Namespace) -> int:
 
     env = report.environment
     print(f"vlmrm-fast bench on {env['device']} (torch {env['torch']}, commit {env['commit']}): "
-          f"{len(config.models)} model(s) x batch {config.batch_sizes} x {backends} x {config.dtypes}, "
+          f"{len(config.models)} model(s) x batch {config.batch_sizes} x {backends} x {config.dtypes} x kernels "
+          f"{config.kernels}, "
           f"{config.frame_size}x{config.frame_size} frames, weights random (speed does not depend on them)")
     for skipped in report.skipped:
         print(f"skipped {skipped['what']}: {skipped['reason']}")
@@ -556,7 +575,7 @@ def run_bench(args: argparse.Namespace) -> int:
         print("note: TRITON_INTERPRET=1; the Triton kernels would run in Triton's interpreter (kernels=auto picks "
               "the torch path on CPU)")
 
-    per_model = len(config.batch_sizes) * (len(backends) * len(config.dtypes) + int(config.seed))
+    per_model = len(config.batch_sizes) * (len(backends) * len(config.dtypes) * len(config.kernels) + int(config.seed))
     peak_dtypes = peak_precisions(config)
     try:
         with tqdm(total=per_model * len(config.models), unit="config", disable=None if config.progress else True,
