@@ -870,6 +870,41 @@ def test_train_closes_its_log_files_and_the_model_logs_nowhere_after(tmp_path, m
     assert csv.file.closed and board.writer.all_writers is None
 
 
+@pytest.mark.parametrize("failing", ["SAC", "TrainingCallback"])
+def test_a_set_up_that_fails_after_the_envs_are_open_closes_them(tmp_path, monkeypatch, failing):
+    """The envs are built before the SAC model and the callback: when either fails (a checkpoint SB3 cannot
+    load into these envs, a CUDA device out of memory, Ctrl-C), the envs' subprocess workers and renderers
+    are closed, and the run's log files, not left to the garbage collector in a notebook's sweep."""
+    import stable_baselines3
+
+    from vlmrm_fast.train import callbacks, run, train
+
+    closed, loggers = [], []
+    build, make_logger = run.build_vec_env, run.make_logger
+
+    def recorded(*args, **kwargs):
+        env = build(*args, **kwargs)
+        close = env.close
+        env.close = lambda: closed.append(True) or close()
+        return env
+
+    def broken(*args, **kwargs):
+        raise MemoryError(f"{failing} broke (simulated)")
+
+    monkeypatch.setattr(run, "build_vec_env", recorded)
+    monkeypatch.setattr(run, "make_logger", lambda *a: loggers.append(make_logger(*a)) or loggers[-1])
+    monkeypatch.setattr(stable_baselines3 if failing == "SAC" else callbacks, failing, broken)
+    config = dot_config(tmp_path, total_timesteps=40, checkpoint_every=0, eval_every=0)
+    with pytest.raises(MemoryError, match="simulated"):
+        train(config, reward_model=tiny_reward(config))
+    assert closed == [True]
+    if failing == "TrainingCallback":  # the logger came before it
+        csv, board = loggers[0].output_formats
+        assert csv.file.closed and board.writer.all_writers is None
+    else:
+        assert loggers == []
+
+
 def test_train_frees_the_rollout_frame_buffer(tmp_path):
     """The returned model keeps its (closed) env: the deferred recorder's frames (train_freq x n_envs frames on
     the reward device, 480 MB for the kneeling preset) must not stay allocated with it."""

@@ -272,10 +272,6 @@ def train(config: TrainConfig, *, resume: Union[str, os.PathLike, None] = None, 
 
 def _train_in(run_dir: Path, config: TrainConfig, resume, reward_model, start: float) -> TrainResult:
     """:func:`train`'s work, in ``run_dir``, which this process holds."""
-    from stable_baselines3 import SAC
-
-    from vlmrm_fast.train.callbacks import TrainingCallback
-
     ckpt.clean_stale(run_dir)  # first: it puts back a checkpoint a crash left mid-overwrite
     resume_from = _resume_checkpoint(run_dir, resume)
     if resume_from is not None:
@@ -298,29 +294,13 @@ def _train_in(run_dir: Path, config: TrainConfig, resume, reward_model, start: f
     env = build_vec_env(config, rm, width, height)
     recorder = env if config.reward_timing == "deferred" else None
 
-    # 4. SAC: new, or exactly where the checkpoint left it.
-    extra = None
-    if resume_from is None:
-        model = SAC(
-            "MlpPolicy", env, learning_rate=config.learning_rate, buffer_size=config.buffer_size,
-            learning_starts=config.learning_starts, batch_size=config.batch_size, tau=config.tau,
-            gamma=config.gamma, train_freq=(config.train_freq, "step"), gradient_steps=config.gradient_steps,
-            ent_coef=config.ent_coef if config.ent_coef.startswith("auto") else float(config.ent_coef),
-            optimize_memory_usage=False,  # deferred rewards index the buffer by transition
-            policy_kwargs=dict(net_arch=list(config.net_arch)), seed=config.seed, device=config.sac_device,
-            verbose=0,
-        )
-    else:
-        model, extra = _load_checkpoint(resume_from, env, config)
-        _warn_if_reward_setup_changed(extra.get("reward_setup"), rm, model.num_timesteps)
-        _warn_if_extending_a_cut_rollout(extra, model.num_timesteps, config)
-    model.set_logger(make_logger(run_dir, config.tensorboard, model.num_timesteps))
-    if extra is not None and extra.get("train_pending"):
-        _train_after_rollout(model)
+    try:  # a set-up that fails from here closes the envs (subprocess workers, renderers) it opened
+        model, extra, callback = _set_up_learning(run_dir, config, config_json, rm, env, recorder, resume_from)
+    except BaseException:
+        env.close()
+        raise
 
-    # 5. learn.
-    callback = TrainingCallback(config, rm, run_dir, config_json, recorder=recorder, timed_env=env,
-                                resume_extra=extra)
+    # 6. learn.
     remaining = config.total_timesteps - model.num_timesteps
     # A signal on the last step, or during its gradient steps, stops the run before its final
     # evaluation: resumed with no steps left, at a rollout's end with its gradient steps done, it
@@ -369,6 +349,43 @@ def _train_in(run_dir: Path, config: TrainConfig, resume, reward_model, start: f
     return TrainResult(run_dir, int(model.num_timesteps), callback.last_checkpoint or resume_from, stopped,
                        time.perf_counter() - start, model, int(model.num_timesteps - first_step), learn_seconds,
                        final_eval_missing)
+
+
+def _set_up_learning(run_dir: Path, config: TrainConfig, config_json: str, rm, env, recorder, resume_from):
+    """Steps 4 and 5 of :func:`_train_in` before learning: the SAC model (new, or loaded from
+    ``resume_from``) with the run's logger, and the training callback. Returns (model, the checkpoint's
+    extra state or None, callback); the logger is closed again if a later step raises."""
+    from stable_baselines3 import SAC
+
+    from vlmrm_fast.train.callbacks import TrainingCallback
+
+    # 4. SAC: new, or exactly where the checkpoint left it.
+    extra = None
+    if resume_from is None:
+        model = SAC(
+            "MlpPolicy", env, learning_rate=config.learning_rate, buffer_size=config.buffer_size,
+            learning_starts=config.learning_starts, batch_size=config.batch_size, tau=config.tau,
+            gamma=config.gamma, train_freq=(config.train_freq, "step"), gradient_steps=config.gradient_steps,
+            ent_coef=config.ent_coef if config.ent_coef.startswith("auto") else float(config.ent_coef),
+            optimize_memory_usage=False,  # deferred rewards index the buffer by transition
+            policy_kwargs=dict(net_arch=list(config.net_arch)), seed=config.seed, device=config.sac_device,
+            verbose=0,
+        )
+    else:
+        model, extra = _load_checkpoint(resume_from, env, config)
+        _warn_if_reward_setup_changed(extra.get("reward_setup"), rm, model.num_timesteps)
+        _warn_if_extending_a_cut_rollout(extra, model.num_timesteps, config)
+    model.set_logger(make_logger(run_dir, config.tensorboard, model.num_timesteps))
+    try:
+        if extra is not None and extra.get("train_pending"):
+            _train_after_rollout(model)
+        # 5. the callback that logs, checkpoints and evaluates as the model learns.
+        callback = TrainingCallback(config, rm, run_dir, config_json, recorder=recorder, timed_env=env,
+                                    resume_extra=extra)
+    except BaseException:
+        _close_logger(model)
+        raise
+    return model, extra, callback
 
 
 def _close_logger(model) -> None:
