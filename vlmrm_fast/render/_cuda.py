@@ -43,7 +43,7 @@ def gpu_unavailable_reason(device: Any = None) -> Optional[str]:
             f"usually it was built against another torch than this one ({torch.__version__}): rebuild it "
             "against this torch (`VLMRM_FAST_FORCE_BUILD=1 pip install -e . --no-build-isolation`: without the "
             "variable a machine with no GPU visible skips the build and keeps the old one; or a wheel built where "
-            "this torch is installed)"
+            "this torch is installed, after `pip uninstall -y vlmrm-fast`: pip skips a wheel of the version installed)"
         )
     if _ext is None:
         return (
