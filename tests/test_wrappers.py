@@ -8,6 +8,7 @@ import os
 os.environ.setdefault("MUJOCO_GL", "egl")
 os.environ.setdefault("PYOPENGL_PLATFORM", "egl")
 
+import re  # noqa: E402
 import warnings  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -1211,9 +1212,9 @@ def test_envs_whose_wrappers_change_their_frames_are_rendered_through_them(rm):
 
     assert _frame_changing_wrappers([make_env()]) == []
     make = lambda: _Cropped(make_env())  # noqa: E731
-    with pytest.raises(ValueError, match=r"past the render\(\) of its wrappers \['_Cropped'\].*render=\"images\""):
+    with pytest.raises(ValueError, match=r"past the render\(\) of \['_Cropped'\].*render=\"images\""):
         VLMRewardVecEnv(DummyVecEnv([make]), rm, render="batch")
-    with pytest.warns(UserWarning, match=r"\['_Cropped'\] have a render\(\) of their own"):
+    with pytest.warns(UserWarning, match=r"\['_Cropped'\] \(the envs' wrappers, or the envs\) have a render\(\) of their own"):
         wrapped = VLMRewardVecEnv(DummyVecEnv([make] * 2), rm)
     assert wrapped.render_source == "images"
     wrapped.reset()
@@ -1222,3 +1223,143 @@ def test_envs_whose_wrappers_change_their_frames_are_rendered_through_them(rm):
     assert frames[0].shape == (SIZE - SIZE // 4, SIZE, 3)
     assert torch.allclose(torch.as_tensor(rewards), rm(frames).cpu(), atol=1e-6)
     wrapped.close()
+
+
+class _OwnMujocoEnv(gym.Env):
+    """A user's MuJoCo env written without gymnasium's MujocoEnv: an MjModel and MjData of its own, and a
+    render() with its own camera (the model's free camera) and size (48 x 80), no ``mujoco_renderer``."""
+
+    metadata = {"render_modes": ["rgb_array"]}
+
+    def __init__(self):
+        import os
+
+        import mujoco
+        from gymnasium.envs import mujoco as gym_mujoco
+
+        self.model = mujoco.MjModel.from_xml_path(
+            os.path.join(os.path.dirname(gym_mujoco.__file__), "assets", "inverted_pendulum.xml"))
+        self.data = mujoco.MjData(self.model)
+        self.render_mode = "rgb_array"
+        self.observation_space = gym.spaces.Box(-np.inf, np.inf, (4,), np.float64)
+        self.action_space = gym.spaces.Box(-3.0, 3.0, (1,), np.float32)
+        self._renderer = None
+
+    def _obs(self):
+        return np.concatenate([self.data.qpos, self.data.qvel])
+
+    def reset(self, *, seed=None, options=None):
+        import mujoco
+
+        super().reset(seed=seed)
+        mujoco.mj_resetData(self.model, self.data)
+        self.data.qpos[:] = self.np_random.uniform(-0.1, 0.1, self.model.nq)
+        mujoco.mj_forward(self.model, self.data)
+        return self._obs(), {}
+
+    def step(self, action):
+        import mujoco
+
+        self.data.ctrl[:] = action
+        mujoco.mj_step(self.model, self.data, 5)
+        return self._obs(), 1.0, False, False, {}
+
+    def render(self):
+        import mujoco
+
+        if self._renderer is None:
+            self._renderer = mujoco.Renderer(self.model, 48, 80)
+        self._renderer.update_scene(self.data)
+        return self._renderer.render()
+
+    def close(self):
+        if self._renderer is not None:
+            self._renderer.close()
+            self._renderer = None
+
+
+def _overlaid_pendulum():
+    """gymnasium's own MuJoCo env, subclassed with a render() that draws on its frames."""
+    from gymnasium.envs.mujoco.inverted_pendulum_v5 import InvertedPendulumEnv
+
+    class OverlaidPendulum(InvertedPendulumEnv):
+        def render(self):
+            frame = super().render().copy()
+            frame[:8] = 255  # a user's overlay: a white band on top
+            return frame
+
+    return gym.wrappers.TimeLimit(OverlaidPendulum(render_mode="rgb_array", width=SIZE, height=SIZE), 1000)
+
+
+@pytest.mark.parametrize("make, name", [(_OwnMujocoEnv, "_OwnMujocoEnv"), (_overlaid_pendulum, "OverlaidPendulum")])
+def test_mujoco_envs_with_a_render_of_their_own_are_rendered_through_it(rm, make, name):
+    # The batch renderer draws an env's MjData as gymnasium's MujocoEnv.render() would (its mujoco_renderer's
+    # camera, size and scene options). A MuJoCo env of one's own, or a MujocoEnv subclass with its own
+    # render(), has other frames: "auto" scores its env.render(), with a warning, and "batch" is refused,
+    # naming it, as for wrappers that change the frames (found by a drop-in user's audit: both were drawn by
+    # the batch renderer, with the free camera at 224 x 224 for the first, and scored without a word).
+    from vlmrm_fast.wrappers import _frame_changing_wrappers
+
+    assert _frame_changing_wrappers([make()]) == [name]
+    with pytest.raises(ValueError, match=rf"past the render\(\) of \['{name}'\]"):
+        VLMRewardVecEnv(DummyVecEnv([make]), rm, render="batch")
+    with pytest.warns(UserWarning, match=rf"\['{name}'\] \(the envs' wrappers, or the envs\) have a render\(\)"):
+        wrapped = VLMRewardVecEnv(DummyVecEnv([make] * 2), rm)
+    assert wrapped.render_source == "images"
+    wrapped.reset()
+    _, rewards, _, _ = wrapped.step(np.zeros((2, 1), np.float32))
+    frames = [env.render() for env in wrapped.venv.envs]
+    if name == "OverlaidPendulum":
+        assert (frames[0][:8] == 255).all()
+    else:
+        assert frames[0].shape == (48, 80, 3)
+    assert torch.allclose(torch.as_tensor(rewards), rm(frames).cpu(), atol=1e-6)
+    wrapped.close()
+    # This package's humanoid words render()'s errors its own way and draws as MujocoEnv does: batch-rendered.
+    assert _frame_changing_wrappers([gym.make("vlmrm_fast/TexturedHumanoid-v0", render_mode="rgb_array")]) == []
+
+
+class _GridEnv(gym.Env):
+    """A grid world whose ``width`` and ``height`` count cells (8 x 8), rendering 64 x 64 frames."""
+
+    metadata = {"render_modes": ["rgb_array"]}
+    width = height = 8
+
+    def __init__(self):
+        self.render_mode = "rgb_array"
+        self.observation_space = gym.spaces.Discrete(64)
+        self.action_space = gym.spaces.Discrete(4)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        return 0, {}
+
+    def step(self, action):
+        return 0, 0.0, False, False, {}
+
+    def render(self):
+        return np.full((64, 64, 3), 128, np.uint8)
+
+
+def test_the_render_size_is_taken_from_width_and_height_of_mujoco_envs_only(rm):
+    # Other envs may call other things width and height (a grid's cells): their size is the first frame's,
+    # or the wrapper would warn of 8 x 8 frames (and never of the 64 x 64 ones it resizes).
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        env = VLMRewardWrapper(_GridEnv(), rm)
+    env.reset()
+    with pytest.warns(UserWarning, match=r"The env renders 64x64 frames but the reward model's tower takes 224x224"):
+        env.step(0)
+    with pytest.warns(UserWarning, match=rf"The env renders {SIZE}x{SIZE} frames"):  # MuJoCo's: known at once
+        VLMRewardWrapper(make_env(), rm)
+
+
+def test_weight_and_task_of_the_wrong_kind_are_refused_naming_them(rm):
+    for weight in (None, "0.5", True, float("nan")):
+        with pytest.raises(ValueError, match=rf"weight must be a finite number .*; got {re.escape(repr(weight))}\."):
+            VLMRewardWrapper(make_env(), rm, mode="add", weight=weight)
+    assert VLMRewardWrapper(make_env(), rm, mode="add", weight=np.float32(0.5)).weight == 0.5
+    for task in (None, 0.7, True):  # 0.7 was task 0, silently
+        with pytest.raises(TypeError, match=rf"task must be a task's name \(str\) or its index \(int\).*; got {task!r}\."):
+            VLMRewardWrapper(make_env(), rm, task=task)
+    assert VLMRewardWrapper(make_env(), rm, task=np.int64(0)).task == 0

@@ -45,6 +45,7 @@ action reached. :class:`VLMRewardVecEnv` scores the true terminal state wherever
 from __future__ import annotations
 
 import inspect
+import numbers
 import warnings
 from collections import Counter
 from contextlib import ExitStack, contextmanager
@@ -92,10 +93,9 @@ _RGB_FIX = 'gymnasium.make(env_id, render_mode="rgb_array")'
 def _check_mode(mode: str, weight: float) -> Tuple[str, float]:
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}; got {mode!r}.")
-    weight = float(weight)
-    if not np.isfinite(weight):
-        raise ValueError(f"weight must be a finite number; got {weight}.")
-    return mode, weight
+    if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not np.isfinite(float(weight)):
+        raise ValueError(f"weight must be a finite number (the VLM reward's factor in mode='add'); got {weight!r}.")
+    return mode, float(weight)
 
 
 def _check_reward_model(reward_model: Any, wrapper: str) -> None:
@@ -117,6 +117,9 @@ def _task_index(reward_model: Any, task: Union[int, str]) -> int:
         if task not in names:
             raise ValueError(f"task {task!r} is not one of the reward model's tasks {names}.")
         return names.index(task)
+    if isinstance(task, bool) or not isinstance(task, numbers.Integral):
+        raise TypeError(f"task must be a task's name (str) or its index (int) in the reward model's tasks {names}; "
+                        f"got {task!r}.")
     index = int(task)
     if names and not -len(names) <= index < len(names):
         raise ValueError(f"task index {index} is out of range for the reward model's {len(names)} task(s) {names}.")
@@ -150,10 +153,25 @@ def _declared_sizes(envs: Sequence[Any]) -> List[Tuple[int, int]]:
 _RENDER_PASSES_FRAMES_ON = ("OrderEnforcing", "PassiveEnvChecker", "HumanRendering", "RecordVideo", "RenderCollection")
 
 
+def _renders_as_mujoco_env(env: Any) -> bool:
+    """Whether an unwrapped env's ``render()`` is gymnasium ``MujocoEnv``'s (or this package's humanoid's,
+    which only words its errors better): frames of its ``mujoco_renderer``'s camera, size and scene options,
+    which the batch renderer reads. A MuJoCo env of one's own (``model`` and ``data``, with a ``render()`` of
+    its own camera or size), or a ``MujocoEnv`` subclass with its own ``render()``, is not."""
+    try:
+        from gymnasium.envs.mujoco.mujoco_env import MujocoEnv
+
+        from vlmrm_fast.envs.humanoid import TexturedHumanoidEnv
+    except ImportError:  # gymnasium's MuJoCo envs need the mujoco package
+        return False
+    return type(env).render in (MujocoEnv.render, TexturedHumanoidEnv.render)
+
+
 def _frame_changing_wrappers(envs: Sequence[Any]) -> List[str]:
     """Names of the wrappers, over the envs, whose own ``render()`` may change the frames (a crop, noise, a
-    user's overlay): the batch renderer draws each env's MuJoCo state past them, so its frames would not be
-    ``env.render()``'s."""
+    user's overlay), and of the envs under them whose ``render()`` is not gymnasium ``MujocoEnv``'s (another
+    camera or size): the batch renderer draws each env's MuJoCo state as ``MujocoEnv`` would, past those, so
+    its frames would not be ``env.render()``'s."""
     found: List[str] = []
     for env in envs:
         while isinstance(env, gym.Wrapper):
@@ -162,6 +180,8 @@ def _frame_changing_wrappers(envs: Sequence[Any]) -> List[str]:
             if cls.render is not gym.Wrapper.render and not passes_on and cls.__name__ not in found:
                 found.append(cls.__name__)
             env = env.env
+        if not _renders_as_mujoco_env(env) and type(env).__name__ not in found:
+            found.append(type(env).__name__)
     return found
 
 
@@ -201,7 +221,11 @@ def _warn_size(size: Tuple[int, int], reward_model: Any, what: str) -> None:
 
 
 def _declared_render_size(env: Any) -> Optional[Tuple[int, int]]:
-    """(H, W) an env says it renders at (MuJoCo envs: ``width``/``height``), or None if unknown."""
+    """(H, W) an env says it renders at, or None if unknown: ``width``/``height`` of gymnasium's MuJoCo envs,
+    whose ``render()`` gives frames of that size when no wrapper's ``render()`` changes them (other envs may
+    name other things so: a grid's cells)."""
+    if _frame_changing_wrappers([env]):
+        return None
     base = getattr(env, "unwrapped", env)
     width, height = getattr(base, "width", None), getattr(base, "height", None)
     if isinstance(width, (int, np.integer)) and isinstance(height, (int, np.integer)):
@@ -707,16 +731,16 @@ class _BatchFrames:
                                  f"holds one size: {_ONE_SIZE}")
             if changing:
                 raise ValueError(
-                    f'render="batch" draws each env\'s MuJoCo state directly, past the render() of its wrappers '
-                    f"{changing}, so the rewards would not be of the frames env.render() gives. Use render=\"images\" "
-                    "(\"auto\" does so for these envs), or apply what those wrappers do to the frames in your "
-                    "reward function instead."
+                    f'render="batch" draws each env\'s MuJoCo state directly, as gymnasium\'s MujocoEnv.render() '
+                    f"does, past the render() of {changing} (wrappers, or envs with a render() of their own), so the "
+                    "rewards would not be of the frames env.render() gives. Use render=\"images\" (\"auto\" does so "
+                    "for these envs), or apply what those wrappers do to the frames in your reward function instead."
                 )
             return _new_batch_renderer(envs, self.reward_model)
         if render == "auto" and changing and len(sizes) <= 1:  # (envs of other sizes render the images anyway)
             warnings.warn(
-                f"The envs' wrappers {changing} have a render() of their own, which the batch renderer would not "
-                f"see: rendering through {self._images_source}.", stacklevel=3,
+                f"{changing} (the envs' wrappers, or the envs) have a render() of their own, which the batch renderer "
+                f"would not see: rendering through {self._images_source}.", stacklevel=3,
             )
             return None
         if render == "auto" and envs is not None and len(sizes) <= 1:
