@@ -130,8 +130,8 @@ class TowerProfile:
 
     def as_json(self) -> Dict[str, object]:
         return {
-            "model": self.model, "backend": self.backend, "dtype": self.dtype,
-            "package_kernels": self.package_kernels, "batch": self.batch, "source": self.source, "calls": self.calls, "wall_ms": self.wall_ms, "busy_ms": self.busy_ms,
+            "model": self.model, "backend": self.backend, "dtype": self.dtype, "package_kernels": self.package_kernels,
+            "batch": self.batch, "source": self.source, "calls": self.calls, "wall_ms": self.wall_ms, "busy_ms": self.busy_ms,
             "idle_ms": self.idle_ms, "by_kind_ms": self.by_kind, "ceiling_ms": self.ceiling_ms,
             "gflops_per_image": self.gflops_per_image, "peak_tflops": self.peak_tflops,
             "matmul_attention_tflops": self.matmul_tflops,

@@ -1,7 +1,8 @@
 """``vlmrm-fast bench``: frames/s per stage of the reward pipeline, against the original code's.
 
 For every model x backend x precision x kernels (``--kernels``: the package's Triton kernels, torch's
-ops, or both for an A/B) x batch size, over the same random uint8 frames, each stage is timed on its own (median of the repeats, frames/s = N / median):
+ops, or both for an A/B) x batch size, over the same random uint8 frames, each stage is timed on its
+own (median of the repeats, frames/s = N / median):
 
 | stage | what is timed |
 |---|---|
