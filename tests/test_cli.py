@@ -745,3 +745,20 @@ def test_a_plot_cut_short_keeps_the_earlier_plot_and_leaves_no_temporary(tmp_pat
     with pytest.raises(OSError, match="No space left"):
         cli.write_plot(plot, np.array([0.1, 0.2]), ["a goal"], None, 0.0)
     assert plot.read_bytes() == b"an earlier run's plot" and os.listdir(tmp_path) == ["r.png"]
+
+
+def test_outputs_that_are_inputs_or_folders_are_settled_before_scoring(
+    image_folder: Path, video: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """--out/--plot naming an input would replace it; a folder took the whole run before failing."""
+    image = image_folder / "frame2.png"
+    before = image.read_bytes(), video.read_bytes()
+    assert score([str(image), "--goal", "x", f"--plot={image}", *TINY]) == 2
+    assert score([str(image_folder), "--goal", "x", f"--plot={image}", *TINY]) == 2
+    assert score([str(video), "--goal", "x", "--out", str(video), *TINY]) == 2
+    assert (image.read_bytes(), video.read_bytes()) == before
+    assert "is an input of this run" in capsys.readouterr().err
+    folder = tmp_path / "results"
+    folder.mkdir()
+    assert score([str(video), "--goal", "x", "--out", str(folder), *TINY]) == 0
+    assert len(_read_csv(folder / video.with_suffix(".rewards.csv").name)) > 0

@@ -670,8 +670,14 @@ def test_a_run_that_measures_nothing_fails_and_leaves_no_stale_plot(tmp_path, ca
     argv = ["bench", "--models", "vlmrm-tiny", "--no-seed", "--dtypes", "fp8", "--batch-sizes", "1", "--device",
             "cpu", "--out", str(tmp_path), "--no-progress", "--no-plot"]
     assert cli.main(argv) == 1
-    assert "nothing was measured" in capsys.readouterr().err
+    assert "no configuration was measured" in capsys.readouterr().err
     assert not (tmp_path / "bench.png").exists() and json.loads((tmp_path / "bench.json").read_text())["rows"] == []
+    # With the seed: its rows are the reference, not a measurement asked for; a job script must see the failure
+    # (it exited 0, from a profiler user's audit).
+    with_seed = [a for a in argv if a != "--no-seed"]
+    assert cli.main(with_seed) == 1
+    assert "no configuration was measured" in capsys.readouterr().err
+    assert {r["backend"] for r in json.loads((tmp_path / "bench.json").read_text())["rows"]} == {"seed"}
 
 
 def test_skip_reasons_speak_in_the_commands_options():

@@ -2536,3 +2536,35 @@ def test_files_written_atomically_get_the_permissions_of_a_plain_open_under_any_
             os.umask(old)
         mode = (tmp_path / f"written-{umask:o}").stat().st_mode & 0o777
         assert mode == (tmp_path / f"plain-{umask:o}").stat().st_mode & 0o777 == 0o666 & ~umask, oct(mode)
+
+
+def test_a_typo_in_env_kwargs_is_named_as_such_not_as_a_render_size_refusal():
+    # gymnasium's TypeError for an unknown keyword lists every keyword, width and height among them: that read
+    # as "the env does not take width/height" (from a training user's audit).
+    from vlmrm_fast.train.run import make_env
+
+    config = apply_overrides(from_preset("smoke"), dict(render_width=32, render_height=32,
+                                                        env_kwargs={"shadowsize": 1024}))
+    with pytest.raises(ValueError, match=r"with env_kwargs \{'shadowsize': 1024\}: .*shadowsize.*check env_kwargs") as info:
+        make_env(config, 32, 32)
+    assert "does not take width/height" not in str(info.value)
+
+
+def test_the_tiny_models_input_size_is_known_in_a_fresh_process():
+    # `import vlmrm_fast` registers vlmrm-tiny lazily: train() with one render side set made the env with the
+    # other side None (from a training user's audit).
+    import subprocess
+    import sys
+
+    code = "from vlmrm_fast.train.run import model_input_size; print(model_input_size('vlmrm-tiny'))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "(224, 224)"
+
+
+def test_default_run_folders_of_runs_started_in_the_same_second_differ():
+    # A sweep started in one second shared a folder, and its lock refused all runs but one (a training user's audit).
+    import os
+
+    from vlmrm_fast.train.run import default_run_dir
+
+    assert default_run_dir("smoke").name.endswith(f"-{os.getpid()}")

@@ -25,11 +25,13 @@ import csv
 import importlib
 import io
 import logging
+import os
 import queue
 import re
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
@@ -206,7 +208,7 @@ def _add_score_parser(subparsers: argparse._SubParsersAction) -> None:
         type=Path,
         default=None,
         metavar="CSV",
-        help="where to write the rewards CSV (default: next to PATH, clip.mp4 -> "
+        help="where to write the rewards CSV, a file or an existing folder (default: next to PATH, clip.mp4 -> "
         "clip.rewards.csv, folder frames/ -> frames.rewards.csv)",
     )
     io.add_argument(
@@ -326,7 +328,10 @@ def _run_score(args: argparse.Namespace) -> int:
     """``vlmrm-fast score``: score the frames, write CSV (and PNG), print a summary."""
     source = open_frames(args.path)
     csv_path = args.out if args.out is not None else default_csv_path(args.path)
+    if csv_path.is_dir():  # a folder: the default file name inside it, as `export --out` does
+        csv_path = csv_path / default_csv_path(args.path).name
     plot_path = _plot_path(args.plot, csv_path)
+    _check_outputs(args.path, source, [p for p in (csv_path, plot_path) if p is not None])
     from vlmrm_fast.backends import BackendError
     from vlmrm_fast.reward import CLIPReward
 
@@ -354,6 +359,25 @@ def _run_score(args: argparse.Namespace) -> int:
         written.append(write_plot(plot_path, rewards, args.goal, args.baseline, args.alpha))
     print(_summary(rewards, elapsed, written))
     return 0
+
+
+def _check_outputs(path: Path, source, outputs: Sequence[Path]) -> None:
+    """Refuse, before any model loads or frame is scored, an output that is one of the inputs (it would
+    be replaced) or a folder, and one whose folder cannot be written."""
+    inputs = {p.resolve() for p in getattr(source, "files", [path])}
+    for out in outputs:
+        if out.resolve() in inputs:
+            raise CLIError(f"'{out}' is an input of this run; writing the results there would replace it: "
+                           "pass another --out/--plot")
+        if out.is_dir():
+            raise CLIError(f"'{out}' is a folder; give a file name")
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            fd, probe = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".probe")
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as exc:
+            raise CLIError(f"cannot write '{out}' ({exc.strerror or exc}); pass another --out/--plot") from None
 
 
 def default_csv_path(path: Path) -> Path:

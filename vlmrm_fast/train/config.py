@@ -99,7 +99,7 @@ class TrainConfig:
     seed: int = _f(0, "random seed (envs, SAC, action sampling)")
 
     # ---- outputs
-    run_dir: Optional[str] = _f(None, "output folder (default: runs/<preset or 'run'>-<time>)")
+    run_dir: Optional[str] = _f(None, "output folder (default: runs/<preset or 'run'>-<time>-<pid>)")
     checkpoint_every: int = _f(100_000, "env steps between checkpoints (0: only at the end and on SIGINT/SIGTERM)")
     keep_checkpoints: int = _f(2, "how many of the newest checkpoints to keep")
     eval_every: int = _f(100_000, "env steps between evaluation videos (0: never)")

@@ -15,6 +15,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import signal
 import sys
 import textwrap
@@ -96,8 +97,11 @@ def make_env(config: TrainConfig, width: Optional[int], height: Optional[int], *
     except gym.error.Error as exc:
         raise ValueError(f"cannot make env {config.env_id!r}: {exc}") from None
     except TypeError as exc:
-        if "width" not in str(exc) and "height" not in str(exc):
-            raise
+        # Only the env refusing width/height itself: gymnasium's message also lists every kwarg (width and
+        # height included), so a typo in env_kwargs must not read as "does not take width/height".
+        if not re.search(r"unexpected keyword argument '(width|height)'", str(exc)):
+            raise ValueError(f"cannot make env {config.env_id!r} with env_kwargs {dict(config.env_kwargs)}: {exc}; "
+                             "check env_kwargs against the env's arguments") from None
         if exact:
             raise ValueError(
                 f"env {config.env_id!r} does not take width/height ({exc}); leave render_width and render_height "
@@ -174,7 +178,7 @@ def model_input_size(model_name: str) -> Optional[tuple[int, int]]:
     try:
         import open_clip
 
-        import vlmrm_fast  # noqa: F401  (registers vlmrm-tiny)
+        import vlmrm_fast.models  # noqa: F401  (registers vlmrm-tiny; `import vlmrm_fast` alone loads it lazily)
 
         cfg = open_clip.get_model_config(model_name)
     except Exception:  # noqa: BLE001 - unknown here: decided after loading
@@ -284,6 +288,8 @@ def _train_in(run_dir: Path, config: TrainConfig, resume, reward_model, start: f
     if None in size:
         size = model_input_size(config.model) or (None, None)
         size = (config.render_height or size[0], config.render_width or size[1])
+        if None in size and size != (None, None):  # one side given, the model's size unknown: square frames
+            size = (size[0] or size[1], size[1] or size[0])
     height, width = check_env_frames(config, size[1], size[0])
 
     # 2. the reward model, and a check that it takes these frames.
@@ -416,7 +422,9 @@ def _check_sac_device(device: str) -> None:
 
 
 def default_run_dir(name: str = "run") -> Path:
-    return Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    # The pid too: runs of a sweep started in the same second would otherwise share a folder (and all
+    # but one be refused by its lock).
+    return Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
 
 
 def _check_resume_folder(run_dir: Path) -> None:
