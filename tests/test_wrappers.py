@@ -1211,18 +1211,24 @@ def test_envs_whose_wrappers_change_their_frames_are_rendered_through_them(rm):
     from vlmrm_fast.wrappers import _frame_changing_wrappers
 
     assert _frame_changing_wrappers([make_env()]) == []
-    make = lambda: _Cropped(make_env())  # noqa: E731
-    with pytest.raises(ValueError, match=r"past the render\(\) of \['_Cropped'\].*render=\"images\""):
+    frames = _scored_through_env_render(rm, lambda: _Cropped(make_env()), "_Cropped")
+    assert frames[0].shape == (SIZE - SIZE // 4, SIZE, 3)
+
+
+def _scored_through_env_render(rm, make, name):
+    """``render="batch"`` refused and ``"auto"`` warning, both naming ``name``, for envs from ``make``; the
+    rewards of a step under "auto" are those of the envs' own ``env.render()`` frames, which are returned."""
+    with pytest.raises(ValueError, match=rf"past the render\(\) of \['{name}'\].*render=\"images\""):
         VLMRewardVecEnv(DummyVecEnv([make]), rm, render="batch")
-    with pytest.warns(UserWarning, match=r"\['_Cropped'\] \(the envs' wrappers, or the envs\) have a render\(\) of their own"):
+    with pytest.warns(UserWarning, match=rf"\['{name}'\] \(the envs' wrappers, or the envs\) have a render\(\) of their own"):
         wrapped = VLMRewardVecEnv(DummyVecEnv([make] * 2), rm)
     assert wrapped.render_source == "images"
     wrapped.reset()
     _, rewards, _, _ = wrapped.step(np.zeros((2, 1), np.float32))
     frames = [env.render() for env in wrapped.venv.envs]
-    assert frames[0].shape == (SIZE - SIZE // 4, SIZE, 3)
     assert torch.allclose(torch.as_tensor(rewards), rm(frames).cpu(), atol=1e-6)
     wrapped.close()
+    return frames
 
 
 class _OwnMujocoEnv(gym.Env):
@@ -1301,20 +1307,11 @@ def test_mujoco_envs_with_a_render_of_their_own_are_rendered_through_it(rm, make
     from vlmrm_fast.wrappers import _frame_changing_wrappers
 
     assert _frame_changing_wrappers([make()]) == [name]
-    with pytest.raises(ValueError, match=rf"past the render\(\) of \['{name}'\]"):
-        VLMRewardVecEnv(DummyVecEnv([make]), rm, render="batch")
-    with pytest.warns(UserWarning, match=rf"\['{name}'\] \(the envs' wrappers, or the envs\) have a render\(\)"):
-        wrapped = VLMRewardVecEnv(DummyVecEnv([make] * 2), rm)
-    assert wrapped.render_source == "images"
-    wrapped.reset()
-    _, rewards, _, _ = wrapped.step(np.zeros((2, 1), np.float32))
-    frames = [env.render() for env in wrapped.venv.envs]
+    frames = _scored_through_env_render(rm, make, name)
     if name == "OverlaidPendulum":
         assert (frames[0][:8] == 255).all()
     else:
         assert frames[0].shape == (48, 80, 3)
-    assert torch.allclose(torch.as_tensor(rewards), rm(frames).cpu(), atol=1e-6)
-    wrapped.close()
     # This package's humanoid words render()'s errors its own way and draws as MujocoEnv does: batch-rendered.
     assert _frame_changing_wrappers([gym.make("vlmrm_fast/TexturedHumanoid-v0", render_mode="rgb_array")]) == []
 
