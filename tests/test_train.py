@@ -1626,6 +1626,72 @@ def test_a_checkpoint_with_any_file_one_byte_short_is_incomplete(tmp_path, one_c
         assert not ckpt.is_complete(copy), name
 
 
+def _flip_a_byte(path: Path) -> None:
+    """Damage ``path`` as a disk fault would: one byte changed, the size kept."""
+    with open(path, "r+b") as f:
+        f.seek(path.stat().st_size // 2)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0x01]))
+
+
+def test_a_checkpoint_with_any_file_changed_in_place_is_found_damaged(tmp_path, one_checkpoint):
+    _, path = one_checkpoint
+    assert ckpt.damaged_files(path) == []
+    for name in ckpt.FILES:
+        copy = tmp_path / f"copy-{name}"
+        shutil.copytree(path, copy)
+        _flip_a_byte(copy / name)
+        assert ckpt.is_complete(copy), name  # the sizes alone cannot tell
+        assert ckpt.damaged_files(copy) == [name]
+    # A checkpoint written before checksums were kept is taken as it is.
+    old = tmp_path / "no-checksums"
+    shutil.copytree(path, old)
+    meta = ckpt.read_meta(old)
+    del meta["sha256"]
+    (old / "meta.json").write_text(json.dumps(meta))
+    assert ckpt.is_complete(old) and ckpt.damaged_files(old) == []
+
+
+def test_resume_passes_over_a_damaged_checkpoint_for_the_newest_intact_one_and_keeps_it(tmp_path):
+    from vlmrm_fast.train import train
+
+    config = dot_config(tmp_path, total_timesteps=40, checkpoint_every=20)
+    result = train(config, reward_model=tiny_reward(config))
+    root = result.run_dir / "checkpoints"
+    older, newest = ckpt.checkpoint_root(result.run_dir) / ckpt.step_name(20), ckpt.find_latest(result.run_dir)
+    assert newest.name == ckpt.step_name(40) and ckpt.is_complete(older)
+    _flip_a_byte(newest / "replay_buffer.pkl")
+    damaged_bytes = (newest / "replay_buffer.pkl").read_bytes()
+    assert ckpt.find_latest(result.run_dir) == newest  # by size alone it would be loaded
+    with pytest.warns(UserWarning, match=r"step_000000000040.* is damaged: replay_buffer.pkl"):
+        assert ckpt.find_latest(result.run_dir, verify=True) == older
+
+    with pytest.warns(UserWarning) as caught:
+        resumed = train(dataclasses.replace(config, total_timesteps=60), resume=result.run_dir,
+                        reward_model=tiny_reward(config))
+    said = " | ".join(str(w.message) for w in caught)
+    assert "is damaged: replay_buffer.pkl" in said and "kept as" in said, said
+    assert resumed.model.num_timesteps == 60
+    # Resumed from step 20; the damaged checkpoint is set aside as it was (not overwritten at step 40,
+    # not pruned), and the run's own checkpoints are intact.
+    kept = root / f"damaged-{ckpt.step_name(40)}"
+    assert (kept / "replay_buffer.pkl").read_bytes() == damaged_bytes
+    assert ckpt.find_latest(result.run_dir, verify=True).name == ckpt.step_name(60)
+    assert ckpt.damaged_files(root / ckpt.step_name(40)) == []
+
+
+def test_resume_with_every_checkpoint_damaged_names_the_problem(tmp_path, one_checkpoint):
+    from vlmrm_fast.train import train
+
+    result, path = one_checkpoint
+    _flip_a_byte(path / "model.zip")
+    config = dot_config(tmp_path, total_timesteps=60)
+    with pytest.raises(ValueError, match="every checkpoint in .* is damaged.*restore the run folder from a copy"):
+        train(config, resume=result.run_dir, reward_model=tiny_reward(config))
+    assert ckpt.damaged_files(path) == ["model.zip"]  # left in place for the user
+
+
 def test_a_crash_while_overwriting_a_checkpoint_of_the_same_step_keeps_it(one_checkpoint, monkeypatch):
     result, path = one_checkpoint
     real = os.rename

@@ -8,17 +8,21 @@ Layout of a run folder::
         replay_buffer.pkl    SB3 ``model.save_replay_buffer``
         state.pt             RNG states (python, numpy, torch, action space), env states, training-loop state
         config.json          the config it was made with
-        meta.json            written last: step and the size of every file above
+        meta.json            written last: step, and the size and SHA-256 of every file above
     RUN_DIR/checkpoints/latest              the name of the newest complete checkpoint
+    RUN_DIR/checkpoints/damaged-step_*/     checkpoints a resume found damaged, set aside (never deleted)
 
 A checkpoint is written into ``checkpoints/.tmp-*`` and renamed into place only once every file,
 ``meta.json`` last, has been written and flushed to disk; ``latest`` is then replaced with
 ``os.replace``. A crash at any point leaves the previous checkpoint and ``latest`` untouched; the
 loader also checks ``meta.json`` (present, file sizes) and falls back to the newest complete
-checkpoint if ``latest`` is missing or bad.
+checkpoint if ``latest`` is missing or bad. A resume also checks the files' SHA-256 against
+``meta.json``, so a checkpoint damaged after it was written (a bad disk, a copy cut short and padded,
+a file edited by hand) is reported and passed over for the newest intact one, never loaded.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -238,7 +242,8 @@ def save_checkpoint(run_dir: os.PathLike, model, config_json: str, extra: dict, 
     tmp.mkdir()
     try:
         _write_files(tmp, model, config_json, extra)
-        meta = {"format": FORMAT, "step": step, "files": {f: (tmp / f).stat().st_size for f in FILES}}
+        meta = {"format": FORMAT, "step": step, "files": {f: (tmp / f).stat().st_size for f in FILES},
+                "sha256": {f: _sha256(tmp / f) for f in FILES}}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
         for f in (*FILES, "meta.json"):
             _fsync_file(tmp / f)
@@ -313,6 +318,31 @@ def clean_stale(run_dir: os.PathLike) -> None:
 # --------------------------------------------------------------------------- load
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    block = bytearray(1 << 22)
+    view = memoryview(block)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(block):
+            digest.update(view[:n])
+    return digest.hexdigest()
+
+
+def damaged_files(path: Path) -> list[str]:
+    """The files of checkpoint ``path`` whose SHA-256 differs from the one ``meta.json`` recorded
+    (unreadable ones too); [] for an intact checkpoint, or one written before checksums were kept.
+    Reads every file: seconds for a replay buffer of gigabytes."""
+    recorded = read_meta(path).get("sha256") or {}
+    damaged = []
+    for name, expected in sorted(recorded.items()):
+        try:
+            if _sha256(path / name) != expected:
+                damaged.append(name)
+        except OSError:
+            damaged.append(name)
+    return damaged
+
+
 def is_complete(path: Path) -> bool:
     """Whether ``path`` is a complete checkpoint (meta.json present, every file of its size)."""
     try:
@@ -324,11 +354,13 @@ def is_complete(path: Path) -> bool:
         return False
 
 
-def find_latest(run_dir: os.PathLike) -> Optional[Path]:
+def find_latest(run_dir: os.PathLike, verify: bool = False) -> Optional[Path]:
     """The newest complete checkpoint, else None.
 
     ``latest`` is a pointer written after each checkpoint; a crash between the two leaves it one
-    behind, so the newest complete folder wins over it (names sort by step).
+    behind, so the newest complete folder wins over it (names sort by step). With ``verify``, the
+    newest one whose files match their checksums (:func:`damaged_files`); each damaged one passed
+    over is named in a warning.
     """
     root = checkpoint_root(run_dir)
     if not root.is_dir():
@@ -342,7 +374,33 @@ def find_latest(run_dir: os.PathLike) -> Optional[Path]:
         return None
     if name and candidates[0].name != name and not is_complete(root / name):
         warnings.warn(f"checkpoint '{name}' named by {root / 'latest'} is incomplete; using '{candidates[0].name}'")
-    return candidates[0]
+    if not verify:
+        return candidates[0]
+    for path in candidates:
+        damaged = damaged_files(path)
+        if not damaged:
+            return path
+        warnings.warn(f"checkpoint '{path}' is damaged: {', '.join(damaged)} no longer match(es) the checksum "
+                      "written with it (a disk fault, or a file changed or cut short since); passing over it")
+    return None
+
+
+def set_aside_newer(run_dir: os.PathLike, chosen: Path) -> list[Path]:
+    """Rename every checkpoint folder newer than ``chosen`` (damaged or incomplete: a resume passed over
+    it) to ``damaged-<name>``, so that the resumed run's pruning and same-step overwrites never delete
+    it and no later resume picks it; return the new paths."""
+    root = checkpoint_root(run_dir)
+    moved = []
+    for path in sorted(root.glob(PREFIX + "*")):
+        if path.name > chosen.name:
+            target = root / f"damaged-{path.name}"
+            if target.exists():
+                target = root / f"damaged-{path.name}-{uuid.uuid4().hex[:8]}"
+            os.rename(path, target)
+            moved.append(target)
+    if moved:
+        _fsync_dir(root)
+    return moved
 
 
 def read_meta(path: Path) -> dict:

@@ -280,6 +280,8 @@ def _train_in(run_dir: Path, config: TrainConfig, resume, reward_model, start: f
     resume_from = _resume_checkpoint(run_dir, resume)
     if resume_from is not None:
         _check_resume_config(resume_from, config)
+        for path in ckpt.set_aside_newer(run_dir, resume_from):
+            warnings.warn(f"resuming from '{resume_from.name}'; the newer checkpoint passed over is kept as '{path}'")
     config_json = config.to_json()
     write_atomically(run_dir / "config.json", config_json.encode())
 
@@ -441,11 +443,16 @@ def _resume_checkpoint(run_dir: Path, resume: Optional[os.PathLike]) -> Optional
                 "or choose another --run-dir"
             )
         return None
-    found = ckpt.find_latest(resume)
+    found = ckpt.find_latest(resume, verify=True)
     if found is None:
+        root = Path(resume) / "checkpoints"
+        if ckpt.find_latest(resume) is not None:
+            raise ValueError(
+                f"every checkpoint in '{root}' is damaged (its files no longer match the checksums written with "
+                "them; see the warnings above): restore the run folder from a copy, or start a new run without --resume"
+            )
         raise FileNotFoundError(
-            f"no complete checkpoint in '{Path(resume) / 'checkpoints'}'; check the path, or start a new run "
-            "without --resume"
+            f"no complete checkpoint in '{root}'; check the path, or start a new run without --resume"
         )
     return found
 
