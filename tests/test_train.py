@@ -870,6 +870,24 @@ def test_train_closes_its_log_files_and_the_model_logs_nowhere_after(tmp_path, m
     assert csv.file.closed and board.writer.all_writers is None
 
 
+def test_a_learn_of_its_own_after_a_deferred_run_is_refused_before_a_reward_reaches_the_buffer(tmp_path):
+    from vlmrm_fast.train import train
+
+    config = dot_config(tmp_path, total_timesteps=40, checkpoint_every=0, eval_every=0)
+    assert config.reward_timing == "deferred"
+    result = train(config, reward_model=tiny_reward(config))
+    buffer = result.model.replay_buffer
+    pos, rewards = buffer.pos, buffer.rewards.copy()
+    with pytest.raises(RuntimeError, match="deferred-reward env is closed.*--resume RUN_DIR.*reward_timing='step'"):
+        result.model.learn(20, reset_num_timesteps=False)
+    assert buffer.pos == pos and np.array_equal(buffer.rewards, rewards)
+    # With per-step rewards, nothing is left to score after learn(): a learn() of its own goes on.
+    step = train(dot_config(tmp_path, total_timesteps=40, checkpoint_every=0, eval_every=0, reward_timing="step",
+                            run_dir=str(tmp_path / "step")), reward_model=tiny_reward(config))
+    step.model.learn(20, reset_num_timesteps=False)
+    assert step.model.num_timesteps == 60 and np.count_nonzero(step.model.replay_buffer.rewards[40 // 2:60 // 2])
+
+
 @pytest.mark.parametrize("failing", ["SAC", "TrainingCallback"])
 def test_a_set_up_that_fails_after_the_envs_are_open_closes_them(tmp_path, monkeypatch, failing):
     """The envs are built before the SAC model and the callback: when either fails (a checkpoint SB3 cannot

@@ -65,8 +65,19 @@ class DeferredRewardRecorder(VLMRewardVecEnv):
         self.env_s = 0.0
         self.render_s = 0.0
         self._t0 = 0.0
+        self._closed = False
 
     def step_async(self, actions: np.ndarray) -> None:
+        if self._closed:
+            # A TrainResult's model keeps this env; a learn() of its own has no training callback to score
+            # the rollouts, so its replay buffer would get the placeholder rewards (0 for "replace").
+            raise RuntimeError(
+                "this run's deferred-reward env is closed: its VLM rewards are scored at the end of each rollout "
+                "by vlmrm_fast's training callback, which a learn() of your own does not run, so the replay buffer "
+                "would get placeholder rewards. Continue the run with `vlmrm-fast train --resume RUN_DIR "
+                "--total-timesteps N` (train(config, resume=RUN_DIR)), or train with reward_timing='step' to "
+                "call model.learn() yourself"
+            )
         self._t0 = time.perf_counter()
         self.venv.step_async(actions)
 
@@ -106,11 +117,11 @@ class DeferredRewardRecorder(VLMRewardVecEnv):
 
     def close(self) -> None:
         """Close the envs and free the rollout's frame buffer (``capacity x n_envs`` frames on the reward
-        device): a ``TrainResult`` keeps this env through its model, and a later step allocates it again."""
+        device): a ``TrainResult`` keeps this env through its model. A closed recorder refuses steps."""
         try:
             super().close()
         finally:
-            self.frames, self.count = None, 0
+            self.frames, self.count, self._closed = None, 0, True
 
     def pop(self):
         """The recorded ``(frames [T, n, H, W, 3], gt [T, n], dones [T, n], combined_as)``, ``combined_as[t]``
