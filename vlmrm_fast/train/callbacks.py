@@ -89,6 +89,7 @@ class TrainingCallback(BaseCallback):
         self._slots: list = []
         self._rollout_steps = 0
         self._rollout_offset = int(self.resume_extra.get("rollout_steps_done", 0))
+        self._restored_slots: list = []  # the replay slots of the resumed rollout's steps already recorded
         self._cut_rollout = False  # the run's last rollout shortened to end at total_timesteps
         self._train_freq_original: Optional[TrainFreq] = None
         self._previous_handlers: dict = {}
@@ -117,6 +118,10 @@ class TrainingCallback(BaseCallback):
         self._rollouts = 0
         self._log_step = int(extra.get("log_step", n))
         self._log_t, self._rate_step = time.perf_counter(), n  # rates count this session's steps only
+        pending = extra.get("deferred_pending")
+        if pending is not None and self.recorder is not None:
+            self.recorder.restore_pending(pending["recorded"])
+            self._restored_slots = list(pending["slots"])
         if self._rollout_offset:
             # Resumed mid-rollout (after a signal): finish that rollout, so gradient steps fall
             # on the same env steps as in an uninterrupted run.
@@ -149,7 +154,7 @@ class TrainingCallback(BaseCallback):
         if self._rollouts and (not every or _due(self.model.num_timesteps, self._log_step, every)):
             self._log()
         self._rollout_steps = 0
-        self._slots = []
+        self._slots, self._restored_slots = self._restored_slots, []
         if self._rollout_offset:
             return  # resumed mid-rollout: the schedule runs at rollout boundaries, as it did before the stop
         n = self.model.num_timesteps
@@ -185,7 +190,10 @@ class TrainingCallback(BaseCallback):
         # On the run's last step, stopping would only skip its final gradient steps: finish instead.
         if self.stop_signal is not None and self.model.num_timesteps < self.config.total_timesteps:
             self._store_current_step()
-            self._flush_rewards()
+            if self._rollout_complete():
+                self._flush_rewards()
+            # else (deferred): the recorded steps go into the checkpoint unscored, and the resumed run
+            # scores the whole rollout in one batch, as an uninterrupted run does (see save()).
             self.save(mid_rollout=True)
             return False
         return True
@@ -257,6 +265,10 @@ class TrainingCallback(BaseCallback):
 
     # ------------------------------------------------------------------ checkpoints and signals
 
+    def _rollout_complete(self) -> bool:
+        """Whether this session's steps end the rollout (SB3's train_freq, shortened for a resumed or cut one)."""
+        return self._rollout_steps >= self.model.train_freq.frequency
+
     def _store_current_step(self) -> None:
         """Store the step SB3 would store after ``on_step`` (it returns early when we stop)."""
         m, loc = self.model, self.locals
@@ -272,7 +284,8 @@ class TrainingCallback(BaseCallback):
         n = self.model.num_timesteps
         # Stopped on a rollout's last step: the rollout is complete but its gradient steps are not
         # done; the resumed run does them first (train_pending), then starts the next rollout.
-        complete = mid_rollout and self._rollout_steps >= self.model.train_freq.frequency
+        complete = mid_rollout and self._rollout_complete()
+        recorded = self.recorder.pending() if self.recorder is not None and mid_rollout and not complete else None
         extra = {
             "step": n,
             "rollout_steps_done": (self._rollout_offset + self._rollout_steps) if mid_rollout and not complete else 0,
@@ -290,6 +303,9 @@ class TrainingCallback(BaseCallback):
             # The run ended here inside a rollout, which was trained on: extending it is not the longer run.
             "cut_rollout": self._cut_rollout and not mid_rollout and n >= self.config.total_timesteps,
             "reward_setup": reward_setup(self.reward_model),
+            # Deferred, stopped inside a rollout: its steps so far, frames included (at most a rollout's),
+            # with the replay slots whose placeholder rewards they replace once the rollout ends.
+            "deferred_pending": None if recorded is None else {"recorded": recorded, "slots": list(self._slots)},
         }
         current = self.model.train_freq
         if self._train_freq_original is not None:

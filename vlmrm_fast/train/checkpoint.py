@@ -7,6 +7,7 @@ Layout of a run folder::
         model.zip            SB3 ``model.save`` (policy, optimisers, entropy coefficient, counters, last obs)
         replay_buffer.pkl    SB3 ``model.save_replay_buffer``
         state.pt             RNG states (python, numpy, torch, action space), env states, training-loop state
+                             (after a stop inside a deferred rollout: its frames so far, scored on resume)
         config.json          the config it was made with
         meta.json            written last: step, and the size and SHA-256 of every file above
     RUN_DIR/checkpoints/latest              the name of the newest complete checkpoint

@@ -47,6 +47,10 @@ class DeferredRewardRecorder(VLMRewardVecEnv):
     #: Per-session timings: not restored from a checkpoint (the first log after a resume would
     #: otherwise report the whole previous session).
     checkpoint_skip = ("env_s", "render_s", "reward_s", "_t0", "_t_render_end")
+    #: The recorded steps travel whole through :meth:`pending` and :meth:`restore_pending` (frames
+    #: included), never as loose counters beside an empty frame buffer.
+    _record = ("count", "gt", "dones", "bottom_up", "_closed")
+    checkpoint_skip = checkpoint_skip + _record
     #: No resize warning: train renders at the tower's size unless its config asks for another size
     #: (a choice, like the smoke preset's 64 x 64) or the env cannot take one (``check_env_frames`` says so).
     _size_checked = True
@@ -122,6 +126,31 @@ class DeferredRewardRecorder(VLMRewardVecEnv):
             super().close()
         finally:
             self.frames, self.count, self._closed = None, 0, True
+
+    def pending(self) -> Optional[dict]:
+        """The steps recorded and not yet scored, on the CPU (for a checkpoint written inside a rollout),
+        else None: ``{"frames": uint8 [k, n, H, W, 3], "gt": [k, n], "dones": [k, n], "combined_as": list,
+        "bottom_up": bool}``."""
+        if not self.count:
+            return None
+        k = self.count
+        return {"frames": self.frames[:k].cpu().clone(), "gt": self.gt[:k].copy(), "dones": self.dones[:k].copy(),
+                "combined_as": list(self.combined_as[:k]), "bottom_up": bool(self.bottom_up)}
+
+    def restore_pending(self, state: dict) -> None:
+        """Take back :meth:`pending`'s steps, so that the rollout they began is scored in one batch when it
+        ends, as in a run never stopped (scored apart, in a batch of another size, rewards would differ in
+        their last bits on CPU, and more under bf16 on a GPU, whose kernels depend on the batch size)."""
+        frames = state["frames"]
+        k = int(frames.shape[0])
+        if k > self.capacity or tuple(frames.shape[1:2]) != (self.num_envs,):
+            raise ValueError(f"the checkpoint holds {k} recorded steps of {frames.shape[1]} envs; this run records "
+                             f"up to {self.capacity} steps of {self.num_envs} envs")
+        self.frames = torch.empty((self.capacity, *frames.shape[1:]), dtype=torch.uint8, device=self.device)
+        self.frames[:k].copy_(frames)
+        self.gt[:k], self.dones[:k] = state["gt"], state["dones"]
+        self.combined_as[:k] = [tuple(c) for c in state["combined_as"]]
+        self.bottom_up, self.count = bool(state["bottom_up"]), k
 
     def pop(self):
         """The recorded ``(frames [T, n, H, W, 3], gt [T, n], dones [T, n], combined_as)``, ``combined_as[t]``

@@ -54,8 +54,9 @@ class TrainResult:
 
     ``model`` keeps its (closed) env and through it the reward model, on its device (GB for ViT-bigG-14),
     so that a further ``learn()`` can run with per-step rewards (``reward_timing="step"``; with deferred
-    ones it is refused, as nothing would score its rollouts: resume the run instead). In a sweep, drop the
-    result (or its ``model``) before the next run unless you need it."""
+    ones it is refused, as nothing would score its rollouts: resume the run instead). After a deferred run
+    stopped inside a rollout, that rollout's replay rows hold placeholder rewards until the resumed run
+    scores it whole. In a sweep, drop the result (or its ``model``) before the next run unless you need it."""
 
     run_dir: Path
     num_timesteps: int
