@@ -1596,7 +1596,7 @@ def test_evaluation_and_checkpoint_time_is_logged_apart_from_training_steps_per_
         time.sleep(0.2)
         return save(*args, **kwargs)
 
-    def slow_evaluation(model, config, reward_model, run_dir):
+    def slow_evaluation(model, config, reward_model, run_dir, render_size=None):
         time.sleep(0.3)
         return None, 1.0, 2.0
 
@@ -2399,6 +2399,43 @@ def test_the_evaluation_video_is_the_first_episode_at_the_envs_frame_rate(tmp_pa
     assert video() == (15, 10)  # one episode of 15 frames, not both; DotEnv's render_fps
     assert video(video_length=6) == (6, 10)
     assert video(video_length=30) == (15, 10)  # longer than an episode: still the first episode only
+
+
+def test_evaluations_are_scored_at_the_training_frame_size_and_filmed_at_the_video_size(tmp_path):
+    # Rendered at 32 x 32 for training and 48 x 48 for the video: eval/vlm_return must score the frames
+    # the reward model sees in training (a frame resized from the video size is another frame).
+    import imageio.v2 as imageio
+
+    from vlmrm_fast.train import train
+
+    def width_reward(frames) -> np.ndarray:
+        return np.full(len(frames), float(np.shape(frames)[2]))
+
+    config = dot_config(tmp_path, total_timesteps=40, checkpoint_every=0, eval_every=40, episode_length=15,
+                        eval_episodes=1, video_width=48, video_height=48)
+    result = train(config, reward_model=width_reward)
+    assert dict(tb_scalars(result.run_dir)["eval/vlm_return"]) == {40: 15 * 32.0}
+    logged_gt = dict(tb_scalars(result.run_dir)["eval/gt_return"])[40]
+    reader = imageio.get_reader(result.run_dir / "videos" / f"eval_step_{40:012d}.mp4")
+    try:
+        frames = [np.asarray(f) for f in reader]
+    finally:
+        reader.close()
+    assert len(frames) == 15 and frames[0].shape == (48, 48, 3)
+    # The video is the first scored episode, filmed from a second env in step: the square (DotEnv's
+    # position) sits where the scored episode's last observation puts it.
+    env = DotEnv(width=48, height=48)
+    env.reset(seed=config.seed + 1_000_003)
+    gt = 0.0
+    for _ in range(15):
+        action, _ = result.model.predict(env.pos, deterministic=True)
+        gt += env.step(action)[1]
+    def square_at(frame):  # the centre of the bright square (the mp4 blurs its edges)
+        return np.argwhere(frame[..., 0] > 150).mean(axis=0)
+
+    np.testing.assert_allclose(square_at(frames[-1]), square_at(env.render()), atol=1.0)
+    assert np.abs(square_at(frames[-1]) - square_at(frames[0])).max() > 2  # it moved: a test that can fail
+    assert logged_gt == pytest.approx(gt, rel=1e-6)
 
 
 def test_the_progress_bar_counts_env_steps_and_a_resumed_run_starts_at_its_step(tmp_path, capsys):

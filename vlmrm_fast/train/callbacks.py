@@ -71,12 +71,15 @@ class TrainingCallback(BaseCallback):
         recorder: the :class:`DeferredRewardRecorder` for deferred rewards, else None (per-step).
         timed_env: the env wrapper with ``env_s``/``render_s``/``reward_s`` counters.
         resume_extra: the ``extra`` dict of the checkpoint resumed from, if any.
+        render_size: ``(height, width)`` of the training frames, at which evaluations are scored too
+            (default: the video size).
     """
 
     def __init__(self, config: TrainConfig, reward_model, run_dir: Path, config_json: str,
                  recorder: Optional[DeferredRewardRecorder] = None, timed_env=None,
-                 resume_extra: Optional[dict] = None) -> None:
+                 resume_extra: Optional[dict] = None, render_size: Optional[tuple] = None) -> None:
         super().__init__(verbose=0)
+        self.render_size = render_size
         self.config = config
         self.reward_model = reward_model
         self.run_dir = Path(run_dir)
@@ -357,7 +360,8 @@ class TrainingCallback(BaseCallback):
         self._last_eval_step = self.model.num_timesteps
         start = time.perf_counter()
         try:
-            path, gt, vlm = evaluate_policy_video(self.model, self.config, self.reward_model, self.run_dir)
+            path, gt, vlm = evaluate_policy_video(self.model, self.config, self.reward_model, self.run_dir,
+                                                  self.render_size)
         except (ImportError, OSError, RuntimeError) as exc:
             warnings.warn(f"evaluation video skipped: {exc}")
             return None
@@ -378,23 +382,34 @@ def reward_setup(reward_model) -> dict:
 _EVAL_CHUNK = 64
 
 
-def evaluate_policy_video(model, config: TrainConfig, reward_model, run_dir: Path):
-    """Deterministic episodes in a fresh env at the video size; returns (mp4 path of the first episode,
-    mean ground-truth return, mean VLM return).
+def evaluate_policy_video(model, config: TrainConfig, reward_model, run_dir: Path,
+                          render_size: Optional[tuple] = None):
+    """Deterministic episodes in a fresh env; returns (mp4 path of the first episode, mean ground-truth
+    return, mean VLM return).
 
-    Each episode's VLM return is the reward model's sum over its frames (at the video size, resized
-    by the model), scored in chunks of up to 64 frames as the episode runs.
+    The episodes are rendered and scored at ``render_size`` (``(height, width)``, the training frames'
+    size; default: the video size), so that ``eval/vlm_return`` compares with the training returns, in
+    chunks of up to 64 frames as each episode runs. The video is rendered at the video size: where that
+    differs, by a second env run beside the first episode, from the same seed and on its own observations
+    (the same episode for a deterministic env such as MuJoCo's).
     """
     import imageio.v2 as imageio
 
     from vlmrm_fast.train.run import make_env
 
-    env = make_env(config, config.video_width, config.video_height, exact=False)
+    video_size = (config.video_height, config.video_width)
+    height, width = render_size or video_size
+    env = make_env(config, width, height, exact=False)
+    video_env = make_env(config, video_size[1], video_size[0], exact=False) if (height, width) != video_size else None
     length = config.video_length or config.episode_length
     video, gt_returns, vlm_returns = [], [], []
     try:
         for episode in range(config.eval_episodes):
-            obs, _ = env.reset(seed=config.seed + 1_000_003 + episode)
+            seed = config.seed + 1_000_003 + episode
+            obs, _ = env.reset(seed=seed)
+            filming = episode == 0 and length > 0
+            if filming and video_env is not None:
+                video_obs, _ = video_env.reset(seed=seed)
             gt, vlm, done, pending = 0.0, 0.0, False, []
             while not done:
                 action, _ = model.predict(obs, deterministic=True)
@@ -403,8 +418,14 @@ def evaluate_policy_video(model, config: TrainConfig, reward_model, run_dir: Pat
                 done = terminated or truncated
                 frame = np.asarray(env.render())
                 pending.append(frame)
-                if episode == 0 and len(video) < length:
+                if filming and video_env is not None:
+                    video_action, _ = model.predict(video_obs, deterministic=True)
+                    video_obs, _, video_terminated, video_truncated, _ = video_env.step(video_action)
+                    video.append(np.asarray(video_env.render()))
+                    filming = len(video) < length and not (video_terminated or video_truncated)
+                elif filming:
                     video.append(frame)
+                    filming = len(video) < length
                 if len(pending) == _EVAL_CHUNK or done:
                     with torch.inference_mode():
                         vlm += float(_rewards_of(reward_model, np.stack(pending))[:, 0].sum(dtype=np.float64))
@@ -414,6 +435,8 @@ def evaluate_policy_video(model, config: TrainConfig, reward_model, run_dir: Pat
         fps = int(env.metadata.get("render_fps") or 30)
     finally:
         env.close()
+        if video_env is not None:
+            video_env.close()
     out = Path(run_dir) / "videos" / f"eval_step_{model.num_timesteps:012d}.mp4"
     out.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():

@@ -305,7 +305,8 @@ def _train_in(run_dir: Path, config: TrainConfig, resume, reward_model, start: f
     recorder = env if config.reward_timing == "deferred" else None
 
     try:  # a set-up that fails from here closes the envs (subprocess workers, renderers) it opened
-        model, extra, callback = _set_up_learning(run_dir, config, config_json, rm, env, recorder, resume_from)
+        model, extra, callback = _set_up_learning(run_dir, config, config_json, rm, env, recorder, resume_from,
+                                                  (height, width))
     except BaseException:
         env.close()
         raise
@@ -361,7 +362,8 @@ def _train_in(run_dir: Path, config: TrainConfig, resume, reward_model, start: f
                        final_eval_missing)
 
 
-def _set_up_learning(run_dir: Path, config: TrainConfig, config_json: str, rm, env, recorder, resume_from):
+def _set_up_learning(run_dir: Path, config: TrainConfig, config_json: str, rm, env, recorder, resume_from,
+                     render_size: tuple):
     """Steps 4 and 5 of :func:`_train_in` before learning: the SAC model (new, or loaded from
     ``resume_from``) with the run's logger, and the training callback. Returns (model, the checkpoint's
     extra state or None, callback); the logger is closed again if a later step raises."""
@@ -391,7 +393,7 @@ def _set_up_learning(run_dir: Path, config: TrainConfig, config_json: str, rm, e
             _train_after_rollout(model)
         # 5. the callback that logs, checkpoints and evaluates as the model learns.
         callback = TrainingCallback(config, rm, run_dir, config_json, recorder=recorder, timed_env=env,
-                                    resume_extra=extra)
+                                    resume_extra=extra, render_size=render_size)
     except BaseException:
         _close_logger(model)
         raise
@@ -638,7 +640,8 @@ EPILOG = textwrap.dedent("""\
     time/sac_update_s, time/env_s, time/eval_s, time/checkpoint_s (seconds per rollout; the last
     two are what the row's evaluations and checkpoint writes took, spread over its rollouts),
     time/total_timesteps, SB3's train/*,
-    and eval/vlm_return, eval/gt_return with --eval-every; the same rows in progress.csv, and
+    and eval/vlm_return (scored at the training frame size), eval/gt_return with --eval-every; the
+    same rows in progress.csv, and
     progress-from-STEP.csv per resumed session), checkpoints/ (every
     --checkpoint-every steps, at the end and on SIGINT/SIGTERM; written atomically), videos/ (mp4
     every --eval-every steps).
