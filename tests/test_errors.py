@@ -378,6 +378,25 @@ def test_a_name_that_is_no_device_is_refused_with_the_forms_torch_takes(tmp_path
     assert "is not a torch device" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("name", ["mps", "xpu", "meta", "hpu:0"])
+def test_a_device_type_other_than_cuda_or_cpu_is_refused_by_name(name, tmp_path, capsys):
+    # torch.device takes them; the model then failed deep inside torch (mps: "not linked with support",
+    # xpu: a bare AssertionError, meta: "Tensor.item() cannot be called").
+    from PIL import Image
+
+    from vlmrm_fast import cli
+    from vlmrm_fast.reward import _resolve_device
+
+    kind = name.split(":")[0]
+    with pytest.raises(ValueError, match=f"runs on CUDA GPUs and the CPU, not on '{kind}' devices; pass 'cuda'"):
+        _resolve_device(name)
+    Image.new("RGB", (8, 8)).save(tmp_path / "frame.png")
+    argv = ["score", str(tmp_path / "frame.png"), "--model", "vlmrm-tiny", "--pretrained", "none", "--goal", "a",
+            "--device", name]
+    assert cli.main(argv) != 0
+    assert f"not on '{kind}' devices" in capsys.readouterr().err
+
+
 # ---- behaviours a mutation audit found untested ---------------------------------------------------
 
 

@@ -1210,6 +1210,13 @@ def test_env_setup_mistakes_are_clear_errors(tmp_path, monkeypatch):
         train(dot_config(tmp_path, sac_device="cuda:1"))
     with pytest.raises(ValueError, match=r"sac_device='CPU' is not a torch device: pass auto, cpu, cuda or cuda:N"):
         train(dot_config(tmp_path, sac_device="CPU"))  # torch's own error lists twenty device types
+    if not torch.backends.mps.is_available():  # SB3 takes mps on a Mac; elsewhere torch failed inside SAC
+        with pytest.raises(ValueError, match=r"sac_device='mps' is not available here \(.*\); pass --sac-device cpu"):
+            train(dot_config(tmp_path, sac_device="mps"))
+    with pytest.raises(ValueError, match=r"sac_device='meta' is not available here \(.*\); pass --sac-device cpu"):
+        train(dot_config(tmp_path, sac_device="meta"))
+    with pytest.raises(ValueError, match=r"reward_device='meta': vlmrm_fast runs on CUDA GPUs and the CPU"):
+        train(dot_config(tmp_path, reward_device="meta"))
     assert not (tmp_path / "run").exists()  # refused before anything is written
 
 

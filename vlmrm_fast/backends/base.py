@@ -54,6 +54,11 @@ def checked_device(device: Union[str, torch.device], no_cuda_fix: str) -> torch.
     if parsed is None:
         raise ValueError(f"device={device!r} is not a torch device: pass 'cuda', 'cuda:N' or 'cpu'.")
     device = parsed
+    if device.type not in ("cpu", "cuda"):
+        # torch names many device types (mps, xpu, meta, ...); these kernels, backends and the renderer's
+        # GPU path are written for CUDA (ROCm's GPUs are "cuda" devices too) and the CPU.
+        raise ValueError(f"device={str(device)!r}: vlmrm_fast runs on CUDA GPUs and the CPU, not on {device.type!r} "
+                         f"devices; pass 'cuda', 'cuda:N' or 'cpu'.")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={str(device)!r} but CUDA is not available here; {no_cuda_fix}")
     why = missing_cuda_device(device)

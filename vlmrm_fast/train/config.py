@@ -171,6 +171,9 @@ class TrainConfig:
         need(self.video_length is None or self.video_length >= 1, "video_length must be >= 1 (or none)")
         need(self.reward_device is None or _parse_device(self.reward_device) is not None,
              f"reward_device {self.reward_device!r} is not a torch device: pass cuda, cuda:N or cpu (or none)")
+        need(self.reward_device is None or _parse_device(self.reward_device).type in ("cpu", "cuda"),
+             f"reward_device={self.reward_device!r}: vlmrm_fast runs on CUDA GPUs and the CPU; pass cuda, cuda:N or "
+             "cpu (or none)")
         need(0 <= self.seed < 2**32, f"seed must be in [0, 2**32) (numpy and gymnasium seeds), got {self.seed}")
         if self.ent_coef != "auto":
             # SB3 asserts on these deep inside SAC, after the env and the reward model are built.

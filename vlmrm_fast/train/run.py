@@ -425,6 +425,13 @@ def _check_sac_device(device: str) -> None:
     why = missing_cuda_device(parsed)
     if why:
         raise ValueError(f"sac_device={device!r}: {why}; pass one of those, or --sac-device cuda (or auto)")
+    if parsed.type not in ("cpu", "cuda"):  # SB3 takes any torch device (mps on a Mac): this torch must have it
+        try:
+            torch.zeros(1, device=parsed).add(1).item()  # meta's tensors, which hold no values, fail here
+        except (RuntimeError, AssertionError, NotImplementedError) as exc:
+            first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ValueError(f"sac_device={device!r} is not available here ({first_line[:200]}); pass "
+                             "--sac-device cpu, cuda or auto") from None
 
 
 def default_run_dir(name: str = "run") -> Path:
