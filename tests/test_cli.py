@@ -762,3 +762,7 @@ def test_outputs_that_are_inputs_or_folders_are_settled_before_scoring(
     folder.mkdir()
     assert score([str(video), "--goal", "x", "--out", str(folder), *TINY]) == 0
     assert len(_read_csv(folder / video.with_suffix(".rewards.csv").name)) > 0
+    # A folder not there yet, named with a trailing separator, is made (argparse's Path dropped the
+    # separator, and the CSV became a file named "new").
+    assert score([str(video), "--goal", "x", "--out", str(tmp_path / "new") + os.sep, *TINY]) == 0
+    assert len(_read_csv(tmp_path / "new" / video.with_suffix(".rewards.csv").name)) > 0

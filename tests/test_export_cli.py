@@ -1,8 +1,9 @@
 """`vlmrm-fast export`: files that ONNX Runtime runs and that agree with torch."""
 import copy
-import os
 import importlib.util
+import os
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -210,6 +211,22 @@ def test_a_graph_the_exporter_splits_into_files_is_saved_whole(tmp_path, monkeyp
 def test_export_into_a_folder_takes_the_default_name(tmp_path):
     assert main(["export", "vlmrm-tiny", "--out", str(tmp_path), "--no-verify"]) == 0
     assert (tmp_path / "vlmrm-tiny-random-uint8-nhwc-fp32.onnx").exists()
+    # One not there yet, named with a trailing separator: made, not taken for a file name.
+    assert main(["export", "vlmrm-tiny", "--out", str(tmp_path / "new") + os.sep, "--no-verify"]) == 0
+    assert (tmp_path / "new" / "vlmrm-tiny-random-uint8-nhwc-fp32.onnx").is_file()
+
+
+@pytest.mark.parametrize("model,pretrained,name", [
+    ("hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K", None, "CLIP-ViT-B-32-laion2B-s34B-b79K-hub"),
+    ("local-dir:/data/clips/my-clip/", None, "my-clip-local"),  # their own weights, not "random"
+    ("ViT-B-32", None, "ViT-B-32-random"),
+    ("ViT-B-32", "laion2b_s34b_b79k", "ViT-B-32-laion2b_s34b_b79k"),
+    ("ViT-B-32", "/data/w/open_clip_model.safetensors", "ViT-B-32-open_clip_model"),
+])
+def test_the_default_export_name_says_whose_weights(model, pretrained, name):
+    from vlmrm_fast.export import default_out
+
+    assert default_out(model, pretrained, "uint8-nhwc", "onnx", "fp32") == Path(f"{name}-uint8-nhwc-fp32.onnx")
 
 
 def test_exporting_again_into_the_current_folder_with_external_data(tmp_path, monkeypatch):
@@ -274,14 +291,10 @@ def test_export_refuses_what_it_cannot_do_before_loading_weights(tmp_path, monke
 # ---- behaviours a mutation audit found untested ---------------------------------------------------
 
 
-def test_default_names_of_checkpoints_hub_models_and_engines():
-    from pathlib import Path
-
+def test_default_names_of_checkpoints_and_engines():
     from vlmrm_fast.export import default_out
 
     assert default_out("ViT-B-32", "/ckpts/run-3/tiny.pt", "pixels", "onnx", "fp16") == Path("ViT-B-32-tiny-pixels-fp16.onnx")
-    assert default_out("hf-hub:laion/CLIP-ViT-B-32", "laion2b_s34b_b79k", "uint8-nhwc", "onnx", "fp32") == Path(
-        "hf-hub:laion-CLIP-ViT-B-32-laion2b_s34b_b79k-uint8-nhwc-fp32.onnx")
     assert default_out("ViT-B-32", None, "uint8-nhwc", "tensorrt", "bf16") == Path("ViT-B-32-random-uint8-nhwc-bf16.engine")
 
 

@@ -3,8 +3,10 @@
 Free of heavy imports (torch, open_clip): the parsers are built from it before ``--help`` answers.
 """
 import argparse
+import os
 import re
-from typing import Callable, Sequence
+from pathlib import Path
+from typing import Callable, Optional, Sequence
 
 BACKEND_NAMES = ("torch", "compile", "onnxruntime", "tensorrt")
 """The concrete vision-tower backends (``"auto"`` picks one of them)."""
@@ -43,6 +45,18 @@ def dtype_choice(choices: Sequence[str]) -> Callable[[str], str]:
         return value
 
     return parse
+
+
+def output_file(given: Optional[str], default: Path) -> Path:
+    """Where an ``--out FILE`` (given as typed, a ``str``) writes: ``default`` when not given; inside a
+    folder, ``default``'s name, the folder being one that exists or a name ending in a separator
+    (``runs/new/``: made by the caller's first write; a ``Path`` would drop that separator and make
+    the file ``runs/new``); else the file named."""
+    if given is None:
+        return default
+    if given.endswith(("/", os.sep)) or Path(given).is_dir():
+        return Path(given) / default.name
+    return Path(given)
 
 
 def positive_int(text: str) -> int:

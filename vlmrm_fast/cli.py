@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Callable, Optional, TextIO, TypeVar
 import numpy as np
 from tqdm import tqdm
 
-from vlmrm_fast.argtypes import BACKEND_NAMES, dtype_choice, in_cli_terms, positive_int
+from vlmrm_fast.argtypes import BACKEND_NAMES, dtype_choice, in_cli_terms, output_file, positive_int
 from vlmrm_fast.atomic import save_figure_atomically, write_atomically
 from vlmrm_fast.export import add_export_parser
 from vlmrm_fast.profiler import add_bench_parser
@@ -205,11 +205,10 @@ def _add_score_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     io.add_argument(
         "--out",
-        type=Path,
         default=None,
         metavar="CSV",
-        help="where to write the rewards CSV, a file or an existing folder (default: next to PATH, clip.mp4 -> "
-        "clip.rewards.csv, folder frames/ -> frames.rewards.csv)",
+        help="where to write the rewards CSV, a file or a folder (one that exists, or DIR/, made if missing) "
+        "(default: next to PATH, clip.mp4 -> clip.rewards.csv, folder frames/ -> frames.rewards.csv)",
     )
     io.add_argument(
         "--plot",
@@ -327,9 +326,7 @@ def _show_warning(
 def _run_score(args: argparse.Namespace) -> int:
     """``vlmrm-fast score``: score the frames, write CSV (and PNG), print a summary."""
     source = open_frames(args.path)
-    csv_path = args.out if args.out is not None else default_csv_path(args.path)
-    if csv_path.is_dir():  # a folder: the default file name inside it, as `export --out` does
-        csv_path = csv_path / default_csv_path(args.path).name
+    csv_path = output_file(args.out, default_csv_path(args.path))  # a folder: the default name inside it
     plot_path = _plot_path(args.plot, csv_path)
     _check_outputs(args.path, source, [p for p in (csv_path, plot_path) if p is not None])
     from vlmrm_fast.backends import BackendError

@@ -7,13 +7,14 @@ NCHW float input instead. The batch axis is dynamic; ONNX weights over 2 GB go t
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
-from vlmrm_fast.argtypes import ONNX_EXPORTERS, ONNX_INPUT_FORMATS, dtype_choice, positive_int
+from vlmrm_fast.argtypes import ONNX_EXPORTERS, ONNX_INPUT_FORMATS, dtype_choice, output_file, positive_int
 from vlmrm_fast.atomic import write_atomically
 
 if TYPE_CHECKING:
@@ -40,7 +41,8 @@ def add_export_parser(subparsers: argparse._SubParsersAction) -> None:
         help="open_clip tag or local checkpoint; 'none' exports random weights, which serve for speed "
         "tests only (default: %(default)s)",
     )
-    p.add_argument("--out", type=Path, default=None, help="output file (default: <model>-<weights>-<input>-<dtype>.onnx/.engine)")
+    p.add_argument("--out", default=None, help="output file, or a folder (one that exists, or DIR/) to write the default "
+                   "name in (default: <model>-<weights>-<input>-<dtype>.onnx/.engine)")
     p.add_argument("--input", choices=ONNX_INPUT_FORMATS, default="uint8-nhwc", help="the graph's input (default: %(default)s)")
     p.add_argument("--dtype", type=dtype_choice(("fp32", "fp16", "bf16")), default=None,
                    help="precision: ONNX fp32 or fp16 (default fp32; fp16 computes in float16 with LayerNorm in "
@@ -58,9 +60,24 @@ def add_export_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def default_out(model: str, pretrained: Optional[str], input_format: str, fmt: str, dtype: str) -> Path:
-    weights = "random" if pretrained is None else Path(pretrained).stem if "/" in pretrained else pretrained
+    """``<model>-<weights>-<input>-<dtype>.onnx/.engine``; weights: the tag, a checkpoint file's stem, "hub"
+    or "local" for a model that brings its own (``hf-hub:org/repo``, ``local-dir:PATH``, named after the
+    repo or folder), "random" for none."""
+    for scheme, weights in (("hf-hub:", "hub"), ("local-dir:", "local")):
+        if model.startswith(scheme):
+            where = model[len(scheme):].rstrip("/" + os.sep)
+            name = Path(os.path.expanduser(where)).name or "model"
+            break
+    else:
+        name = model.replace("/", "-")
+        if pretrained is None:
+            weights = "random"
+        elif "/" in pretrained or os.sep in pretrained or Path(pretrained).is_file():
+            weights = Path(pretrained).stem
+        else:
+            weights = pretrained
     suffix = ".onnx" if fmt == "onnx" else ".engine"
-    return Path(f"{model.replace('/', '-')}-{weights}-{input_format}-{dtype}{suffix}")
+    return Path(f"{name}-{weights}-{input_format}-{dtype}{suffix}")
 
 
 def run_export(args: argparse.Namespace) -> int:
@@ -70,9 +87,7 @@ def run_export(args: argparse.Namespace) -> int:
     pretrained = None if args.pretrained.lower() == "none" else args.pretrained
     dtype = args.dtype or ("fp32" if args.format == "onnx" else "bf16")
     batch_range = _check_before_loading(args, dtype)  # a refusal costs no download or load of the weights
-    out = args.out or default_out(args.model, pretrained, args.input, args.format, dtype)
-    if out.is_dir():  # a folder: the default file name inside it
-        out = out / default_out(args.model, pretrained, args.input, args.format, dtype)
+    out = output_file(args.out, default_out(args.model, pretrained, args.input, args.format, dtype))
     model, _ = create_clip(args.model, pretrained)
     spec = preprocess_spec_of(model, "vlmrm")
     start = time.perf_counter()
