@@ -452,7 +452,7 @@ def test_a_build_removes_what_a_killed_build_of_its_engine_left(tmp_path):
     import os
     import subprocess
 
-    from vlmrm_fast.backends.engine_cache import _this_host
+    from vlmrm_fast.scratch import this_host as _this_host
 
     cache = EngineCache(tmp_path)
     other = dataclasses.replace(KEY, precision="fp16")

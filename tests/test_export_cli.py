@@ -216,6 +216,31 @@ def test_export_into_a_folder_takes_the_default_name(tmp_path):
     assert (tmp_path / "new" / "vlmrm-tiny-random-uint8-nhwc-fp32.onnx").is_file()
 
 
+def test_an_export_removes_the_scratch_folders_killed_exports_left_beside_its_output(tmp_path):
+    # SIGKILL or the OOM killer mid-export runs no clean-up: the float32 graph (gigabytes for
+    # ViT-bigG-14) stayed beside the output for good, under a name nothing would remove.
+    import subprocess
+
+    from vlmrm_fast.scratch import this_host
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    out = tmp_path / "t.onnx"
+    left = [tmp_path / f".t.onnx.export-{this_host()}-{dead.pid}-{rand}" for rand in ("abc123", "def456")]
+    for folder in left:
+        (folder / "export").mkdir(parents=True)
+        (folder / "export" / "tower.onnx").write_bytes(b"half a graph")
+    running = tmp_path / f".t.onnx.export-{this_host()}-{os.getpid()}-live"  # this process: alive
+    elsewhere = tmp_path / f".t.onnx.export-node17-{dead.pid}-x"  # another node's, maybe running
+    unrelated = tmp_path / f".u.onnx.export-{this_host()}-{dead.pid}-y"  # another output's: its own export's to remove
+    for folder in (running, elsewhere, unrelated):
+        folder.mkdir()
+    assert main(["export", "vlmrm-tiny", "--out", str(out), "--no-verify"]) == 0
+    assert out.is_file() and not any(folder.exists() for folder in left)
+    assert running.exists() and elsewhere.exists() and unrelated.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([out.name, running.name, elsewhere.name, unrelated.name])
+
+
 @pytest.mark.parametrize("model,pretrained,name", [
     ("hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K", None, "CLIP-ViT-B-32-laion2B-s34B-b79K-hub"),
     ("local-dir:/data/clips/my-clip/", None, "my-clip-local"),  # their own weights, not "random"

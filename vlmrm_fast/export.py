@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import TYPE_CHECKING, Optional
 
 from vlmrm_fast.argtypes import ONNX_EXPORTERS, ONNX_INPUT_FORMATS, dtype_choice, output_file, positive_int
 from vlmrm_fast.atomic import write_atomically
+from vlmrm_fast.scratch import scratch_folder
 
 if TYPE_CHECKING:
     import torch
@@ -196,8 +196,8 @@ def export_float16_onnx(visual, out: Path, spec, input_format: str, external_dat
     from vlmrm_fast.backends.onnx_half import to_half_precision
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
-        graph = export_onnx(visual.float(), Path(tmp) / "tower.onnx", spec, input_format=input_format, exporter=exporter)
+    with scratch_folder(out, "export") as tmp:
+        graph = export_onnx(visual.float(), tmp / "tower.onnx", spec, input_format=input_format, exporter=exporter)
         return to_half_precision(graph, out, "fp16", external_data=external_data)
 
 
@@ -211,8 +211,8 @@ def export_engine(visual, spec, out: Path, dtype: str, input_format: str, batch_
     out.parent.mkdir(parents=True, exist_ok=True)
     # The graph beside the engine rather than in the system's temporary folder (often a small tmpfs):
     # gigabytes for ViT-bigG-14.
-    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
-        graph = export_onnx(visual.float(), Path(tmp) / "tower.onnx", spec, input_format=input_format, exporter=exporter)
+    with scratch_folder(out, "export") as tmp:
+        graph = export_onnx(visual.float(), tmp / "tower.onnx", spec, input_format=input_format, exporter=exporter)
         onnx_path = typed_tower_graph(graph, dtype)
         keep_only_graph(onnx_path)
         engine = build_engine(onnx_path, dtype, batch_range)

@@ -17,13 +17,13 @@ import hashlib
 import json
 import logging
 import os
-import socket
 from pathlib import Path
 from typing import Iterator, Optional, Tuple, Union
 
 import torch
 
 from vlmrm_fast.atomic import write_atomically
+from vlmrm_fast.scratch import ABANDONED_AFTER_S, remove_abandoned, scratch_prefix
 
 _MAGIC = b"VLMRMTRT1\n"
 _log = logging.getLogger(__name__)
@@ -176,7 +176,7 @@ class EngineCache:
         """Name prefix of the folders, in the cache folder, that builds of ``key`` write their ONNX
         graphs to (gigabytes for ViT-bigG-14); it names the building host and process (see
         :meth:`remove_abandoned`)."""
-        return f"{self._scratch_base(key)}{_this_host()}-{os.getpid()}-"
+        return scratch_prefix(self._scratch_base(key))
 
     def _scratch_base(self, key: EngineKey) -> str:
         return f".{key.filename()}.build-"
@@ -187,48 +187,19 @@ class EngineCache:
         hosts' folders and half-written engine files. Not by the lock alone: on file systems whose
         ``flock`` is node-local (Lustre ``-o localflock``, BeeGFS by default, NFS ``nolock``) every node
         holds it, and another node's build may be running. Only for the holder of :meth:`build_lock`."""
-        import shutil
         import time
 
-        name, base, host = key.filename(), self._scratch_base(key), _this_host()
+        name = key.filename()
+        remove_abandoned(self.directory, self._scratch_base(key))
         try:
             entries = list(self.directory.iterdir())
         except OSError:
             return
         now = time.time()
         for entry in entries:
-            try:
-                old = now - entry.stat().st_mtime > ABANDONED_AFTER_S
-            except OSError:
-                continue
-            if entry.name.startswith(base) and entry.is_dir():
-                owner, _, rest = entry.name[len(base):].rpartition("-")[0].rpartition("-")
-                if (owner == host and rest.isdigit() and not _alive(int(rest))) or old:
-                    _log.info("removing %s, left by an engine build that was killed", entry)
-                    shutil.rmtree(entry, ignore_errors=True)
-            elif entry.name.startswith(f".{name}.") and entry.name.endswith(".tmp") and entry.is_file() and old:
-                entry.unlink(missing_ok=True)  # write_atomically's temporary file
-
-
-ABANDONED_AFTER_S = 24 * 3600.0
-"""Age after which a scratch folder or temporary engine file no live build of this host owns is abandoned."""
-
-
-def _this_host() -> str:
-    """The host name, and the PID namespace where there is one: containers on one host (``--net=host``)
-    share its name but not their process ids."""
-    try:
-        namespace = f"@{os.stat('/proc/self/ns/pid').st_ino}"
-    except OSError:
-        namespace = ""
-    return socket.gethostname() + namespace
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # another user's process
-        return True
-    return True
+            if entry.name.startswith(f".{name}.") and entry.name.endswith(".tmp") and entry.is_file():
+                try:
+                    if now - entry.stat().st_mtime > ABANDONED_AFTER_S:
+                        entry.unlink(missing_ok=True)  # write_atomically's temporary file
+                except OSError:
+                    continue

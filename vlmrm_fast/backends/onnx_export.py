@@ -29,7 +29,6 @@ import inspect
 import logging
 import math
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Callable, Dict, Iterator, Literal, Optional, Union
@@ -44,6 +43,7 @@ from vlmrm_fast.backends.base import original_modules
 from vlmrm_fast.backends.torch_fp8 import is_fp8_quantised
 from vlmrm_fast.ops.preprocess import PreprocessSpec
 from vlmrm_fast.quiet_logging import loggers_quieted
+from vlmrm_fast.scratch import scratch_folder
 
 InputFormat = Literal["uint8-nhwc", "pixels"]
 Exporter = Literal["auto", "torchscript", "dynamo"]
@@ -371,8 +371,8 @@ def export_onnx(
     weight_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
     if external_data is None:
         external_data = weight_bytes > _PROTOBUF_LIMIT * 0.9
-    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-        raw = Path(tmp) / "export" / "tower.onnx"
+    with scratch_folder(path, "export") as tmp:
+        raw = tmp / "export" / "tower.onnx"
         raw.parent.mkdir()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the exporters' deprecation and tracer notes
@@ -420,8 +420,8 @@ def save_graph(model, path: Union[str, Path], external_data: Optional[bool] = No
         external_data = sum(init.ByteSize() for init in model.graph.initializer) > _PROTOBUF_LIMIT * 0.9
     data_name = path.name + ".data"
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as tmp:
-        staged = Path(tmp) / path.name
+    with scratch_folder(path, "export") as tmp:  # the same name as export_onnx's: one kind to clean up
+        staged = tmp / path.name
         if external_data:
             # Marked here rather than by save_model(save_as_external_data=True), which refuses a location
             # that exists relative to the current folder (the previous export's side file, often).
