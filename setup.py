@@ -73,6 +73,11 @@ def _arch_list(torch):
             raise ValueError(f"VLMRM_FAST_CUDA_ARCHS: {token!r} is not a compute capability such as 8.0, 90, sm_90, "
                              f"9.0a or 9.0+PTX, nor an architecture name ({', '.join(_ARCH_NAMES)})")
         major, minor, suffix, ptx = match.groups()
+        if suffix.lower() not in ("", "a"):
+            # torch.utils.cpp_extension takes "a" (arch-specific) only: "12.0f" (family) failed there, and
+            # without VLMRM_FAST_FORCE_BUILD that build gave a wheel without the extension.
+            raise ValueError(f"VLMRM_FAST_CUDA_ARCHS: {token!r}: torch's extension builder takes the suffix 'a' "
+                             f"only (such as 9.0a), not {suffix!r}; write {major}.{minor} or {major}.{minor}a")
         key = (int(major), int(minor), suffix.lower())
         capabilities[key] = capabilities.get(key, False) or bool(ptx)
     if not capabilities and not named:

@@ -280,6 +280,15 @@ def test_a_cuda_archs_value_that_names_no_capability_is_refused_with_the_accepte
         _setup_helpers()["_arch_list"](_torch_with_gpus())
 
 
+@pytest.mark.parametrize("given", ["12.0f", "sm_100f", "9.0b+PTX"])
+def test_a_cuda_arch_suffix_torchs_builder_refuses_is_refused_here_naming_the_forms_it_takes(monkeypatch, given):
+    # "12.0f" passed here and failed in torch's builder, which without VLMRM_FAST_FORCE_BUILD gave a wheel
+    # without the extension; torch.utils.cpp_extension takes only "a".
+    monkeypatch.setenv("VLMRM_FAST_CUDA_ARCHS", given)
+    with pytest.raises(ValueError, match=r"VLMRM_FAST_CUDA_ARCHS: .*takes the suffix 'a' only .*; write \d+\.\d or \d+\.\da"):
+        _setup_helpers()["_arch_list"](_torch_with_gpus())
+
+
 def test_the_arch_list_with_names_is_one_torchs_extension_builder_takes(monkeypatch):
     from torch.utils import cpp_extension
 
