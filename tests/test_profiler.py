@@ -1387,19 +1387,39 @@ def test_a_kernels_ab_measures_and_profiles_each_configuration_with_each_path(tm
         assert cli.main(argv) == 0, stdout.getvalue()
     results = json.loads((out / "bench.json").read_text())
     rows = {(r["backend"], r["kernels"], r["batch"]): r for r in results["rows"]}
+    # Triton's kernels ran in its interpreter here (conftest): the rows say so, not plain "triton".
     assert set(rows) == {(backend, kernels, n) for n in (1, 2)
-                         for backend, kernels in (("seed", "torch"), ("torch", "triton"), ("torch", "torch"))}
-    for kernels in ("triton", "torch"):  # each against the float32 eager path with torch's ops
+                         for backend, kernels in (("seed", "torch"), ("torch", "triton-interpret"), ("torch", "torch"))}
+    for kernels in ("triton-interpret", "torch"):  # each against the float32 eager path with torch's ops
         assert rows[("torch", kernels, 2)]["reward_error"] < 1e-5
     # Each path's profile sits beside its own row, not the first row of its backend and precision.
     profiles = {p["package_kernels"]: p for p in results["kernel_profiles"]}
-    assert set(profiles) == {"triton", "torch"}
+    assert set(profiles) == {"triton-interpret", "torch"}
     for kernels, p in profiles.items():
         assert p["wall_ms"] == pytest.approx(1e3 * rows[("torch", kernels, 2)]["timings"]["tower"]["median_s"])
     table = (out / "bench.md").read_text()
-    for kernels in ("triton", "torch"):
+    for kernels in ("triton-interpret", "torch"):
         assert f"| vlmrm-tiny | torch | fp32 | {kernels} | 2 |" in table
         assert f"vlmrm-tiny torch fp32, kernels {kernels}, batch 2: the costliest" in table
+    assert "'triton-interpret' rows ran the package's Triton kernels in Triton's CPU interpreter" in table
+    assert "runs the package's LayerNorm kernel on calls of 2^23 elements or more" in table
+
+
+def test_the_kernels_notes_name_the_interpreter_and_the_layer_norm_threshold_only_where_rows_need_them():
+    from vlmrm_fast.backends.triton_layer_norm import MIN_ELEMENTS
+    from vlmrm_fast.profiler.report import kernels_notes
+
+    assert MIN_ELEMENTS == 2 ** 23  # the note's figure (and its frames per model) follow from it
+    for tokens, width, frames in ((50, 768, 219), (257, 1024, 32), (257, 1664, 20)):  # B-32, L-14, bigG-14 at 224
+        assert -(-MIN_ELEMENTS // (tokens * width)) == frames
+    torch_row = _row("ViT-B-32", "torch", 1.0, 1.0, "bf16")
+    assert kernels_notes([torch_row]) == []
+    notes = " ".join(kernels_notes([dataclasses.replace(torch_row, kernels="triton")]))
+    assert "LayerNorm" in notes and "interpreter" not in notes
+    compiled = dataclasses.replace(_row("ViT-B-32", "compile", 1.0, 1.0, "bf16"), kernels="triton")
+    assert kernels_notes([compiled]) == []  # its tower runs inductor's kernels, never the swap
+    notes = " ".join(kernels_notes([dataclasses.replace(torch_row, kernels="triton-interpret")]))
+    assert "interpreter" in notes and "LayerNorm" in notes
 
 
 def test_profile_backend_warms_up_before_timing_and_reports_the_reward_error(small_profiler, monkeypatch):

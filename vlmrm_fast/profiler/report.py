@@ -248,6 +248,23 @@ def markdown_table(rows: Sequence[Row]) -> str:
     return "\n".join(lines)
 
 
+def kernels_notes(rows: Sequence[Row]) -> List[str]:
+    """What a row's kernels name leaves out: the interpreter, and where the tower's LayerNorm ran torch's op."""
+    from vlmrm_fast.backends.triton_layer_norm import MIN_ELEMENTS
+
+    lines = []
+    if any(r.kernels == "triton-interpret" for r in rows):
+        lines += ["", "'triton-interpret' rows ran the package's Triton kernels in Triton's CPU interpreter "
+                      "(TRITON_INTERPRET=1): their times measure the interpreter, not the kernels."]
+    if any(r.backend == "torch" and r.kernels.startswith("triton") for r in rows):
+        lines += ["", f"With kernels triton, the torch backend's tower runs the package's LayerNorm kernel on calls of "
+                      f"2^{MIN_ELEMENTS.bit_length() - 1} elements or more (frames x tokens x width: ViT-B-32 from 219 "
+                      "frames a call, ViT-L-14 from 32, ViT-bigG-14 from 20) and torch's below, where host launches "
+                      "bound the tower; the other backends' towers run torch's or their own. Preprocess and score run "
+                      "the package's kernels at every size."]
+    return lines
+
+
 def markdown_report(report: Report) -> str:
     """bench.md: the environment, the table, the targets, what was skipped or failed."""
     env, config = report.environment, report.config
@@ -287,6 +304,7 @@ def markdown_report(report: Report) -> str:
     ]
     if config.get("compile_mode"):
         lines += ["", f"The compile rows ran torch.compile with mode={config['compile_mode']}."]
+    lines += kernels_notes(report.rows)
     if any(r.frac_of_peak is not None and r.frac_of_peak > 1 for r in report.rows):
         lines += [
             "",

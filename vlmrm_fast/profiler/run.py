@@ -478,7 +478,7 @@ class Profiler:
     def _profile_kernels(self, rm: CLIPReward, name: str, dtype: str, gflops: float) -> None:
         """The tower's kernels at the largest batch size, beside that batch's row (none if it failed)."""
         n = max(self.config.batch_sizes)
-        key = (name, rm.backend, dtype, rm.kernels, n)
+        key = (name, rm.backend, dtype, kernels_label(rm.kernels), n)
         row = next((r for r in self.report.rows if (r.model, r.backend, r.dtype, r.kernels, r.batch) == key), None)
         if row is None:
             return
@@ -488,7 +488,7 @@ class Profiler:
         try:
             pixels = rm._pixels(self.frames.device[:n], False)
             self.report.kernel_profiles.append(profile_tower(
-                rm.vision_backend, pixels, model=name, backend=rm.backend, dtype=dtype, package_kernels=rm.kernels,
+                rm.vision_backend, pixels, model=name, backend=rm.backend, dtype=dtype, package_kernels=kernels_label(rm.kernels),
                 wall_ms=1e3 * row.timings["tower"].median_s, gflops_per_image=gflops,
                 peak_tflops=self.report.peak_tflops.get(peak_dtype(dtype)),
             ))
@@ -522,7 +522,7 @@ class Profiler:
             else:
                 timings["end_to_end"] = timer(lambda: rm(frames))
         row = _stage_row(
-            model=name, backend=rm.backend, dtype=dtype, kernels=rm.kernels, batch=n,
+            model=name, backend=rm.backend, dtype=dtype, kernels=kernels_label(rm.kernels), batch=n,
             frame_size=self.config.frame_size, timings=timings, gflops=gflops, flops_method=method,
             build_seconds=rm.vision_backend.build_seconds, setup_seconds=setup_seconds,
         )
@@ -530,6 +530,12 @@ class Profiler:
             row.seed_fps = n / timings["seed_end_to_end"].median_s
             row.speedup_vs_seed = row.end_to_end_fps / row.seed_fps
         return row
+
+
+def kernels_label(kernels: str) -> str:
+    """How rows name a reward's kernels: "triton-interpret" where the Triton kernels ran in Triton's CPU
+    interpreter (``TRITON_INTERPRET=1``), whose times measure the interpreter, not the kernels."""
+    return "triton-interpret" if kernels == "triton" and interpreter_enabled() else kernels
 
 
 def peak_precisions(config: BenchConfig) -> List[str]:
