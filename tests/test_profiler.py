@@ -644,6 +644,24 @@ def test_a_seed_that_moved_during_the_run_marks_the_ratio():
     assert "ratio is unsteady" not in markdown_report(Report(env, config, rows=[seed, steady]))
 
 
+def test_a_speedup_target_whose_every_ratio_is_unsteady_says_so_rather_than_not_measured():
+    import dataclasses
+
+    from vlmrm_fast.profiler.report import Report, check_targets, markdown_report
+
+    seed = dataclasses.replace(_row("ViT-B-32", "seed", 10.0, 1.0, "fp32"), seed_fps=None, speedup_vs_seed=None)
+    moved = _row("ViT-B-32", "torch", 16.0, 4.0, "fp32")  # its seed 4 against the seed's own 10: unsteady
+    [target] = check_targets([seed, moved], torch.device("cpu"))
+    assert target["measured"] is None and target["unsteady"] and not target["met"]
+    env = {"device": "cpu", "timestamp": "t", "commit": "c", "cpu_count": 2}
+    config = {"repeats": 3, "warmup": 1, "time_budget": 1.0, "batch_sizes": [8]}
+    report = markdown_report(Report(env, config, rows=[seed, moved], targets=[target]))
+    assert "every ratio unsteady †: run again" in report and "not measured" not in report
+    [unmeasured] = check_targets([seed], torch.device("cpu"))  # no row of its own: not measured
+    assert unmeasured["measured"] is None and not unmeasured["unsteady"]
+    assert "not measured" in markdown_report(Report(env, config, rows=[seed], targets=[unmeasured]))
+
+
 def test_a_stage_slower_than_the_whole_pipeline_is_marked():
     # The pipeline runs every stage, so a stage timed alone cannot be much slower than it: where it is
     # (one slow call among few repeats, a busy moment), its cell is marked and a note says why.

@@ -144,8 +144,10 @@ def check_targets(rows: Sequence[Row], device: torch.device) -> List[Dict[str, A
 
     def add(model: str, kind: str, required: float, key: Callable[[Row], Optional[float]], dtype: str) -> None:
         mine = [r for r in rows if r.backend != SEED and r.model == model and r.dtype == dtype and key(r) is not None]
+        all_unsteady = False
         if "seed" in kind:  # a ratio whose two seed figures disagree (marked † in the table) decides nothing
-            mine = [r for r in mine if id(r) not in unsteady]
+            steady = [r for r in mine if id(r) not in unsteady]
+            all_unsteady, mine = bool(mine) and not steady, steady
         if not any(r.model == model for r in rows):
             return
         best = max(mine, key=key, default=None)
@@ -155,6 +157,8 @@ def check_targets(rows: Sequence[Row], device: torch.device) -> List[Dict[str, A
             "where": None if best is None else (f"{best.backend} {best.dtype} batch {best.batch}, {best.frame_size} px"
                                                 + (f", kernels {best.kernels}" if several_kernels else "")),
             "met": best is not None and key(best) >= required,
+            # Measured, but every ratio unsteady: not the same as a target this run did not measure.
+            "unsteady": all_unsteady,
         })
 
     measured = list(dict.fromkeys(r.dtype for r in rows if r.backend != SEED))
@@ -167,6 +171,15 @@ def check_targets(rows: Sequence[Row], device: torch.device) -> List[Dict[str, A
         for dtype in precisions:
             add(model, f"end-to-end speedup vs seed ({dtype})", required, lambda r: r.speedup_vs_seed, dtype)
     return targets
+
+
+def _measured(target: Dict[str, Any], fmt: Callable[[float], str]) -> str:
+    """A target's 'best measured' cell."""
+    if target["measured"] is not None:
+        return fmt(target["measured"])
+    if target.get("unsteady"):
+        return f"every ratio unsteady{UNSTEADY_MARK}: run again on an idle machine"
+    return "not measured"
 
 
 def _rate(value: Optional[float]) -> str:
@@ -332,7 +345,7 @@ def markdown_report(report: Report) -> str:
             # Speedups round down, so that "met: no" never sits beside a figure that reads as the target.
             fmt = (lambda v: f"{math.floor(v * 100) / 100:.2f}x") if "speedup" in t["kind"] else _rate
             lines.append(f"| {t['model']} | {t['kind']} | {fmt(t['required'])} | "
-                         f"{'not measured' if t['measured'] is None else fmt(t['measured'])} | {t['where'] or ''} | "
+                         f"{_measured(t, fmt)} | {t['where'] or ''} | "
                          f"{'yes' if t['met'] else 'no'} |")
     lines += markdown_kernel_profiles(report.kernel_profiles)
     if report.skipped:
