@@ -103,6 +103,22 @@ def test_env_render_unaffected(envs, env_frames):
     np.testing.assert_array_equal(np.stack([e.render() for e in envs]), env_frames)
 
 
+def test_from_envs_warns_that_frames_an_env_renders_its_own_way_are_not_reproduced(envs):
+    class Overlay(gym.Wrapper):  # a user's overlay on the env's frames
+        def render(self):
+            frame = self.env.render().copy()
+            frame[:8] = 255
+            return frame
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        BatchRenderer.from_envs(envs, device="cpu").close()  # gymnasium's own: nothing to say
+    with pytest.warns(UserWarning, match=r"^Overlay render frames of their own .* use env.render\(\) for those envs"):
+        r = BatchRenderer.from_envs([Overlay(envs[0])], device="cpu")
+    assert not np.array_equal(r.render()[0].numpy(), Overlay(envs[0]).render())  # as the warning says
+    r.close()
+
+
 def test_follows_env_steps(envs):
     e = _make_envs(1)[0]
     r = BatchRenderer.from_envs([e], device="cpu")

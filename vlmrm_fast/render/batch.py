@@ -555,6 +555,14 @@ class BatchRenderer:
         if not envs:
             raise ValueError("from_envs needs at least one env")
         _model_data_of(envs[0])
+        from vlmrm_fast.wrappers import _frame_changing_wrappers  # wrappers imports this module
+
+        own_frames = _frame_changing_wrappers([e for e in envs if callable(getattr(e, "render", None))])
+        if own_frames:
+            warnings.warn(
+                f"{', '.join(own_frames)} render frames of their own (a wrapper's render(), or an env's own camera or "
+                "size); this renderer draws each env's MuJoCo state as gymnasium's MujocoEnv renders it, so its frames "
+                "are not their env.render()'s: use env.render() for those envs", stacklevel=2)
         sizes = [(getattr(u, "width", None) or 224, getattr(u, "height", None) or 224)
                  for u in (getattr(env, "unwrapped", env) for env in envs)]
         if (width is None or height is None) and len(set(sizes)) > 1:
