@@ -126,9 +126,9 @@ def tiny_reward(config):
         return RecordingReward(build_reward_model(config))
 
 
-def train_stopped_at(step: int, config: TrainConfig, monkeypatch, resume: Optional[Path] = None):
-    """Train ``config`` (continuing ``resume``) as if SIGTERM arrived at env step ``step`` (what the
-    handler records); the result."""
+def train_stopped_at(step: int, config: TrainConfig, monkeypatch, resume: Optional[Path] = None, reward_model=None):
+    """Train ``config`` (continuing ``resume``; with ``reward_model``, by default the tiny CLIP) as if
+    SIGTERM arrived at env step ``step`` (what the handler records); the result."""
     from vlmrm_fast.train import callbacks, train
 
     on_step = callbacks.TrainingCallback._on_step
@@ -140,7 +140,7 @@ def train_stopped_at(step: int, config: TrainConfig, monkeypatch, resume: Option
 
     with monkeypatch.context() as patch:
         patch.setattr(callbacks.TrainingCallback, "_on_step", signal_at_step)
-        return train(config, resume=resume, reward_model=tiny_reward(config))
+        return train(config, resume=resume, reward_model=reward_model or tiny_reward(config))
 
 
 def tb_scalars(run_dir: Path) -> dict:
@@ -788,7 +788,25 @@ def test_resume_without_env_state_restarts_episode_sums(tmp_path, monkeypatch):
     monkeypatch.setattr(ckpt, "set_env_state", lambda venv, state: False)
     with pytest.warns(UserWarning, match="episodes in progress restart"):
         _, extra = _load_checkpoint(path, env, config)
-    assert "ep_vlm" not in extra and "ep_gt" not in extra and extra["step"] == saved["step"]
+    assert extra["episodes_restarted"] and extra["step"] == saved["step"]
+
+
+def test_episodes_restarted_by_a_resume_after_a_stop_inside_a_rollout_log_their_own_returns(tmp_path, monkeypatch):
+    # Stopped at 44, inside the rollout 40-60, with 2 vector steps recorded and unscored; the resume cannot
+    # restore the envs and resets them. Those 2 steps belong to the old episodes: the new ones (20 steps,
+    # reward 1 a frame) must log 20, not 22.
+    from vlmrm_fast.train import train
+
+    def one_a_frame(frames):
+        return np.ones(len(frames))
+
+    config = dot_config(tmp_path, total_timesteps=100, checkpoint_every=0, eval_every=0)
+    stopped = train_stopped_at(44, config, monkeypatch, reward_model=one_a_frame)
+    assert len(ckpt.load_state(stopped.checkpoint)["extra"]["deferred_pending"]["slots"]) == 2
+    monkeypatch.setattr(ckpt, "set_env_state", lambda venv, state: False)  # another MuJoCo version, say
+    with pytest.warns(UserWarning, match="episodes in progress restart"):
+        train(config, resume=stopped.run_dir, reward_model=one_a_frame)
+    assert tb_scalars(stopped.run_dir)["rollout/vlm_return"] == [(40, 20.0), (100, 20.0)]
 
 
 def test_the_schedule_stays_on_the_multiples_of_its_interval():

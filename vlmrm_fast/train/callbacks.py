@@ -93,6 +93,7 @@ class TrainingCallback(BaseCallback):
         self._rollout_steps = 0
         self._rollout_offset = int(self.resume_extra.get("rollout_steps_done", 0))
         self._restored_slots: list = []  # the replay slots of the resumed rollout's steps already recorded
+        self._restart_points: set = set()  # recorded steps at which the episode sums restart (see _on_training_start)
         self._cut_rollout = False  # the run's last rollout shortened to end at total_timesteps
         self._train_freq_original: Optional[TrainFreq] = None
         self._previous_handlers: dict = {}
@@ -125,6 +126,15 @@ class TrainingCallback(BaseCallback):
         if pending is not None and self.recorder is not None:
             self.recorder.restore_pending(pending["recorded"])
             self._restored_slots = list(pending["slots"])
+        # Envs whose state could not be restored were reset: the episodes in progress end there, after the
+        # recorded steps of theirs (episodes that ended within those are still logged). A stop before those
+        # steps are scored keeps the points in its checkpoint.
+        self._restart_points = set(extra.get("episode_restart_points", ()))
+        if extra.get("episodes_restarted"):
+            self._restart_points.add(len(self._restored_slots))
+        if 0 in self._restart_points:
+            self._restart_points.discard(0)
+            self._restart_episode_sums()
         if self._rollout_offset:
             # Resumed mid-rollout (after a signal): finish that rollout, so gradient steps fall
             # on the same env steps as in an uninterrupted run.
@@ -230,12 +240,21 @@ class TrainingCallback(BaseCallback):
         self._stage["reward_s"] += time.perf_counter() - t
         self._slots = []
         for step in range(len(vlm)):
+            if step in self._restart_points:
+                self._restart_episode_sums()
             self._ep_vlm += vlm[step]
             self._ep_gt += gt[step]
             for i in np.flatnonzero(dones[step]):
                 self._done_vlm.append(float(self._ep_vlm[i]))
                 self._done_gt.append(float(self._ep_gt[i]))
                 self._ep_vlm[i] = self._ep_gt[i] = 0.0
+        if any(point >= len(vlm) for point in self._restart_points):
+            self._restart_episode_sums()  # the rollout ended with the recorded steps (a cut last one)
+        self._restart_points = set()
+
+    def _restart_episode_sums(self) -> None:
+        self._ep_vlm[:] = 0.0
+        self._ep_gt[:] = 0.0
 
     def _log(self) -> None:
         now, n = time.perf_counter(), self.model.num_timesteps
@@ -309,6 +328,7 @@ class TrainingCallback(BaseCallback):
             # Deferred, stopped inside a rollout: its steps so far, frames included (at most a rollout's),
             # with the replay slots whose placeholder rewards they replace once the rollout ends.
             "deferred_pending": None if recorded is None else {"recorded": recorded, "slots": list(self._slots)},
+            "episode_restart_points": sorted(self._restart_points) if recorded is not None else [],
         }
         current = self.model.train_freq
         if self._train_freq_original is not None:

@@ -535,8 +535,9 @@ def _load_checkpoint(path: Path, env, config: TrainConfig):
     if not ckpt.set_env_state(env, state["env"]):
         warnings.warn("could not restore every env's simulator state; episodes in progress restart")
         model._last_obs = env.reset()
-        # Their return sums restart with them, or the next logged returns would mix in the old episodes.
-        state["extra"] = {k: v for k, v in state["extra"].items() if k not in ("ep_vlm", "ep_gt")}
+        # Their return sums restart with them, or the next logged returns would mix in the old episodes
+        # (the callback restarts them once a stop's recorded steps, which belong to those, are scored).
+        state["extra"] = dict(state["extra"], episodes_restarted=True)
     ckpt.set_rng_state(model, state["rng"])
     if model.num_timesteps != meta["step"]:
         raise ValueError(f"checkpoint '{path}' is inconsistent (model at step {model.num_timesteps}, meta {meta['step']})")
