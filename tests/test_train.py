@@ -1695,6 +1695,12 @@ def _flip_a_byte(path: Path) -> None:
         f.write(bytes([byte[0] ^ 0x01]))
 
 
+def _write_meta(path: Path, meta: dict) -> None:
+    """meta.json as the package writes it: with the checksum of its fields (format 2)."""
+    meta = {k: v for k, v in meta.items() if k != "meta_sha256"}
+    (path / "meta.json").write_text(json.dumps(dict(meta, meta_sha256=ckpt._fields_digest(meta))))
+
+
 def test_a_checkpoint_with_any_file_changed_in_place_is_found_damaged(tmp_path, one_checkpoint):
     _, path = one_checkpoint
     assert ckpt.damaged_files(path) == []
@@ -1704,13 +1710,32 @@ def test_a_checkpoint_with_any_file_changed_in_place_is_found_damaged(tmp_path, 
         _flip_a_byte(copy / name)
         assert ckpt.is_complete(copy), name  # the sizes alone cannot tell
         assert ckpt.damaged_files(copy) == [name]
-    # A checkpoint written before checksums were kept is taken as it is.
+    # A checkpoint written before checksums were kept (format 1) is taken as it is.
     old = tmp_path / "no-checksums"
     shutil.copytree(path, old)
     meta = ckpt.read_meta(old)
-    del meta["sha256"]
-    (old / "meta.json").write_text(json.dumps(meta))
+    (old / "meta.json").write_text(json.dumps({"format": 1, "step": meta["step"], "files": meta["files"]}))
     assert ckpt.is_complete(old) and ckpt.damaged_files(old) == []
+
+
+@pytest.mark.parametrize("change", [("\"step\": 40", "\"step\": 50"), ("\"sha256\"", "\"sha257\""),
+                                    ("\"format\": 2", "\"format\": 1")],
+                         ids=["step", "checksums-key", "format"])
+def test_a_checkpoint_whose_meta_json_changed_is_incomplete_and_a_resume_takes_the_one_before(tmp_path, change):
+    # One bit each ('0' ^ 1 is '1', '6' ^ 1 is '7'; '2' ^ 3 is '1', two bits): meta.json's own checksum finds
+    # it, where the step read 50 (and the resume failed) or the checksums went unread.
+    from vlmrm_fast.train import train
+
+    config = dot_config(tmp_path, total_timesteps=40, checkpoint_every=20)
+    result = train(config, reward_model=tiny_reward(config))
+    newest = ckpt.find_latest(result.run_dir)
+    text = (newest / "meta.json").read_text()
+    assert text.count(change[0]) == 1
+    (newest / "meta.json").write_text(text.replace(change[0], change[1]))
+    assert not ckpt.is_complete(newest)
+    resumed = train(dataclasses.replace(config, total_timesteps=60), resume=result.run_dir,
+                    reward_model=tiny_reward(config))
+    assert resumed.num_timesteps == 60 and ckpt.find_latest(result.run_dir, verify=True).name == ckpt.step_name(60)
 
 
 def test_resume_passes_over_a_damaged_checkpoint_for_the_newest_intact_one_and_keeps_it(tmp_path):
@@ -1739,6 +1764,38 @@ def test_resume_passes_over_a_damaged_checkpoint_for_the_newest_intact_one_and_k
     assert (kept / "replay_buffer.pkl").read_bytes() == damaged_bytes
     assert ckpt.find_latest(result.run_dir, verify=True).name == ckpt.step_name(60)
     assert ckpt.damaged_files(root / ckpt.step_name(40)) == []
+
+
+def test_a_checkpoint_is_hashed_once_per_process_until_it_changes(tmp_path, one_checkpoint, monkeypatch):
+    # --resume chooses the checkpoint (to read its config) and train() chooses it again: gigabytes of replay
+    # buffer read twice. A file changed since is read again.
+    import hashlib
+
+    _, path = one_checkpoint
+    copy = tmp_path / "copy"
+    shutil.copytree(path, copy)
+    hashed = []
+    real = hashlib.sha256
+    monkeypatch.setattr(ckpt.hashlib, "sha256", lambda *a: hashed.append(1) or real(*a))
+    assert ckpt.damaged_files(copy) == [] and ckpt.damaged_files(copy) == []
+    assert len(hashed) == len(ckpt.FILES)
+    _flip_a_byte(copy / "state.pt")
+    assert ckpt.damaged_files(copy) == ["state.pt"] and len(hashed) == len(ckpt.FILES) + 1
+
+
+def test_setting_a_damaged_checkpoint_aside_points_latest_at_the_one_resumed_from(tmp_path):
+    from vlmrm_fast.train import train
+
+    config = dot_config(tmp_path, total_timesteps=40, checkpoint_every=20)
+    result = train(config, reward_model=tiny_reward(config))
+    root = ckpt.checkpoint_root(result.run_dir)
+    assert (root / "latest").read_text().strip() == ckpt.step_name(40)
+    moved = ckpt.set_aside_newer(result.run_dir, root / ckpt.step_name(20))
+    assert moved == [root / f"damaged-{ckpt.step_name(40)}"] and moved[0].is_dir()
+    assert (root / "latest").read_text().strip() == ckpt.step_name(20)  # it named the one set aside
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "named by latest is incomplete" on the next resume
+        assert ckpt.find_latest(result.run_dir, verify=True) == root / ckpt.step_name(20)
 
 
 def test_resume_with_every_checkpoint_damaged_names_the_problem(tmp_path, one_checkpoint):
@@ -2054,7 +2111,7 @@ def test_a_checkpoint_whose_meta_lists_fewer_files_or_whose_file_grew_is_incompl
     fewer = tmp_path / "fewer"
     shutil.copytree(path, fewer)
     del meta["files"]["state.pt"]
-    (fewer / "meta.json").write_text(json.dumps(meta))
+    _write_meta(fewer, meta)
     assert ckpt.is_complete(path) and not ckpt.is_complete(fewer)
     grown = tmp_path / "grown"
     shutil.copytree(path, grown)
@@ -2480,7 +2537,7 @@ def test_a_checkpoint_whose_model_and_meta_disagree_on_the_step_is_refused(tmp_p
 
     result, path = one_checkpoint
     meta = ckpt.read_meta(path)
-    (path / "meta.json").write_text(json.dumps({**meta, "step": 60}))
+    _write_meta(path, {**meta, "step": 60})
     config = dot_config(tmp_path)
     with pytest.raises(ValueError, match=r"is inconsistent \(model at step 40, meta 60\)"):
         _load_checkpoint(path, build_vec_env(config, top_heavy_brightness, 32, 32), config)
@@ -2681,7 +2738,7 @@ def test_a_checkpoint_of_another_format_is_not_taken(tmp_path, one_checkpoint):
     other = tmp_path / "other"
     shutil.copytree(path, other)
     meta = ckpt.read_meta(other)
-    (other / "meta.json").write_text(json.dumps(dict(meta, format=ckpt.FORMAT + 1)))
+    _write_meta(other, dict(meta, format=ckpt.FORMAT + 1))
     assert ckpt.is_complete(path) and not ckpt.is_complete(other)
 
 

@@ -9,7 +9,8 @@ Layout of a run folder::
         state.pt             RNG states (python, numpy, torch, action space), env states, training-loop state
                              (after a stop inside a deferred rollout: its frames so far, scored on resume)
         config.json          the config it was made with
-        meta.json            written last: step, and the size and SHA-256 of every file above
+        meta.json            written last: step, the size and SHA-256 of every file above, and a
+                             SHA-256 of its own fields
     RUN_DIR/checkpoints/latest              the name of the newest complete checkpoint
     RUN_DIR/checkpoints/damaged-step_*/     checkpoints a resume found damaged, set aside (never deleted)
 
@@ -39,7 +40,10 @@ import numpy as np
 from vlmrm_fast.atomic import fsync_dir as _fsync_dir
 from vlmrm_fast.atomic import write_atomically
 
-FORMAT = 1
+FORMAT = 2
+"""Version of ``meta.json``: 2 records each file's SHA-256 and a SHA-256 of its own fields; 1 (read
+still) neither."""
+_FORMATS = (1, 2)
 FILES = ("model.zip", "replay_buffer.pkl", "state.pt", "config.json")
 PREFIX = "step_"
 
@@ -245,6 +249,7 @@ def save_checkpoint(run_dir: os.PathLike, model, config_json: str, extra: dict, 
         _write_files(tmp, model, config_json, extra)
         meta = {"format": FORMAT, "step": step, "files": {f: (tmp / f).stat().st_size for f in FILES},
                 "sha256": {f: _sha256(tmp / f) for f in FILES}}
+        meta["meta_sha256"] = _fields_digest(meta)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
         for f in (*FILES, "meta.json"):
             _fsync_file(tmp / f)
@@ -320,19 +325,38 @@ def clean_stale(run_dir: os.PathLike) -> None:
 
 
 def _sha256(path: Path) -> str:
+    """SHA-256 of the file; remembered for the file as it is (size, mtime, inode), so that choosing a
+    checkpoint and loading it in one process (``--resume`` reads its config first) reads it once."""
+    st = path.stat()
+    signature = (str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
+    if signature in _digests:
+        return _digests[signature]
     digest = hashlib.sha256()
     block = bytearray(1 << 22)
     view = memoryview(block)
     with open(path, "rb", buffering=0) as f:
         while n := f.readinto(block):
             digest.update(view[:n])
-    return digest.hexdigest()
+    if len(_digests) > 64:
+        _digests.clear()
+    _digests[signature] = digest.hexdigest()
+    return _digests[signature]
+
+
+_digests: dict = {}
+
+
+def _fields_digest(meta: dict) -> str:
+    """SHA-256 of meta.json's fields but its own: a byte changed in meta.json (the step, a checksum, a
+    key) is found, not taken for the truth or for a checkpoint written before checksums."""
+    fields = {k: v for k, v in meta.items() if k != "meta_sha256"}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
 def damaged_files(path: Path) -> list[str]:
     """The files of checkpoint ``path`` whose SHA-256 differs from the one ``meta.json`` recorded
-    (unreadable ones too); [] for an intact checkpoint, or one written before checksums were kept.
-    Reads every file: seconds for a replay buffer of gigabytes."""
+    (unreadable ones too); [] for an intact checkpoint, or one written before checksums were kept
+    (format 1). Reads every file: seconds for a replay buffer of gigabytes."""
     recorded = read_meta(path).get("sha256") or {}
     damaged = []
     for name, expected in sorted(recorded.items()):
@@ -345,10 +369,17 @@ def damaged_files(path: Path) -> list[str]:
 
 
 def is_complete(path: Path) -> bool:
-    """Whether ``path`` is a complete checkpoint (meta.json present, every file of its size)."""
+    """Whether ``path`` is a complete checkpoint: meta.json present and intact (format 2: its fields'
+    checksum), every file of its size."""
     try:
         meta = json.loads((path / "meta.json").read_text())
-        return meta.get("format") == FORMAT and all(
+        if meta.get("format") not in _FORMATS:
+            return False
+        if meta["format"] >= 2 and (meta.get("meta_sha256") != _fields_digest(meta) or "sha256" not in meta):
+            return False
+        if meta["format"] == 1 and ("sha256" in meta or "meta_sha256" in meta):
+            return False  # a format 2 meta.json whose "format" changed: no checkpoint of format 1 has them
+        return all(
             (path / f).stat().st_size == size for f, size in meta["files"].items()
         ) and set(meta["files"]) >= set(FILES)
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
@@ -401,6 +432,7 @@ def set_aside_newer(run_dir: os.PathLike, chosen: Path) -> list[Path]:
             moved.append(target)
     if moved:
         _fsync_dir(root)
+        _write_latest(root, chosen.name)  # it named one of those
     return moved
 
 
