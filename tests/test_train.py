@@ -2520,6 +2520,24 @@ def test_evaluations_are_scored_at_the_training_frame_size_and_filmed_at_the_vid
     assert logged_gt == pytest.approx(gt, rel=1e-6)
 
 
+def test_an_env_that_renders_at_its_own_size_is_filmed_from_the_scored_episode(tmp_path, monkeypatch):
+    # It ignores the video size, so a second env would only film the same frames again.
+    from vlmrm_fast.train import run, train
+    from vlmrm_fast.train.callbacks import evaluate_policy_video
+
+    config = dot_config(tmp_path, env_id="test_train:VlmrmTestFixedSize-v0", render_width=None, render_height=None,
+                        total_timesteps=20, checkpoint_every=0, eval_every=0, episode_length=10, eval_episodes=1,
+                        video_width=32, video_height=32)
+    result = train(config, reward_model=top_heavy_brightness)
+    made, make_env = [], run.make_env
+    monkeypatch.setattr(run, "make_env", lambda *a, **kw: made.append(make_env(*a, **kw)) or made[-1])
+    steps = []
+    monkeypatch.setattr(FixedSizeEnv, "step", lambda self, action: steps.append(id(self)) or DotEnv.step(self, action))
+    frame = FixedSizeEnv().render()
+    evaluate_policy_video(result.model, config, top_heavy_brightness, tmp_path / "v", frame.shape[:2])
+    assert len(made) == 2 and set(steps) == {id(made[0].unwrapped)} and len(steps) == 10  # the scored env's only
+
+
 def test_the_progress_bar_counts_env_steps_and_a_resumed_run_starts_at_its_step(tmp_path, capsys):
     from vlmrm_fast.train import train
 

@@ -411,7 +411,8 @@ def evaluate_policy_video(model, config: TrainConfig, reward_model, run_dir: Pat
     size; default: the video size), so that ``eval/vlm_return`` compares with the training returns, in
     chunks of up to 64 frames as each episode runs. The video is rendered at the video size: where that
     differs, by a second env run beside the first episode, from the same seed and on its own observations
-    (the same episode for a deterministic env such as MuJoCo's).
+    (the same episode for a deterministic env such as MuJoCo's); an env that renders at its own size,
+    whatever it is asked, is filmed at that size from the scored episode.
     """
     import imageio.v2 as imageio
 
@@ -430,6 +431,9 @@ def evaluate_policy_video(model, config: TrainConfig, reward_model, run_dir: Pat
             filming = episode == 0 and length > 0
             if filming and video_env is not None:
                 video_obs, _ = video_env.reset(seed=seed)
+                if np.shape(video_env.render()) == np.shape(env.render()):  # an env that renders at its own size
+                    video_env.close()
+                    video_env = None
             gt, vlm, done, pending = 0.0, 0.0, False, []
             while not done:
                 action, _ = model.predict(obs, deterministic=True)
