@@ -28,6 +28,7 @@ from test_wrappers import (  # noqa: E402  helpers only (its fixtures stay there
 
 from vlmrm_fast import Task, VLMRewardVectorWrapper, VLMRewardWrapper  # noqa: E402
 from vlmrm_fast import wrappers as W  # noqa: E402
+from vlmrm_fast.env_render import render_env  # noqa: E402
 from vlmrm_fast.vector_wrapper import reset_mode_of  # noqa: E402
 from vlmrm_fast.wrappers import RenderTerminalFrame  # noqa: E402
 
@@ -252,7 +253,7 @@ def test_a_plain_reward_function_gets_top_down_frames(render, monkeypatch):
         _, rewards, _, _, _ = envs.step(action)
         for ref, a in zip(refs, action):
             ref.step(a)
-        expected = row_weighted_brightness([ref.render() for ref in refs])
+        expected = row_weighted_brightness([render_env(ref) for ref in refs])
         np.testing.assert_allclose(rewards, expected, rtol=1e-5, atol=1e-5)
     envs.close()
 

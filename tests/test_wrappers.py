@@ -23,6 +23,7 @@ from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv  # noqa:
 
 from vlmrm_fast import CLIPReward, Task  # noqa: E402
 from vlmrm_fast import wrappers as W  # noqa: E402
+from vlmrm_fast.env_render import make_own_context_current, render_env  # noqa: E402
 from vlmrm_fast.wrappers import RenderTerminalFrame, VLMRewardVecEnv, VLMRewardWrapper  # noqa: E402
 
 pytestmark = [
@@ -136,7 +137,7 @@ def test_single_env_modes(rm):
         obs, reward, term, trunc, info = env.step(action)
         ref_obs, ref_reward, ref_term, ref_trunc, _ = ref.step(action)
         np.testing.assert_array_equal(obs, ref_obs)
-        expected_vlm = float(rm(ref.render()[None])[0])
+        expected_vlm = float(rm(render_env(ref)[None])[0])
         assert info["vlm_reward"] == pytest.approx(expected_vlm, abs=1e-6)
         assert info["gt_reward"] == ref_reward
         expected = {"replace": expected_vlm, "add": ref_reward + 0.5 * expected_vlm, "log": ref_reward}[mode]
@@ -646,10 +647,97 @@ def test_a_plain_reward_function_gets_top_down_frames_and_may_return_numpy(rende
         else:
             _, rewards, *_ = wrapped.step(action)
         ref.step(action[0])
-        expected, flipped = row_weighted_brightness([ref.render(), ref.render()[::-1]])
+        expected, flipped = row_weighted_brightness([render_env(ref), render_env(ref)[::-1]])
         assert abs(expected - flipped) > 0.1  # the frame is not symmetric: a flipped one would fail below
         np.testing.assert_allclose(rewards[0], expected, rtol=1e-5, atol=1e-5)
     wrapped.close()
+
+
+def _close_another_env_whose_context_is_current(victim) -> None:
+    """An evaluation env closed: its GL context was current, and closing it leaves none; gymnasium's envs
+    then render black frames unless theirs is made current."""
+    other = make_env()
+    other.reset(seed=0)
+    assert other.render().any()
+    other.close()
+    assert not victim.render().any()  # gymnasium's own render() now gives a black frame
+
+
+def _drop_another_env_unclosed(victim) -> None:
+    """A MuJoCo env collected without close() while ``victim``'s context is current: its MjrContext is
+    freed there, deleting ``victim``'s framebuffer (the same GL ids): black frames until it is rebuilt."""
+    import gc
+
+    other = make_env()
+    other.reset(seed=0)
+    assert other.render().any()
+    assert render_env(victim).any()  # current: the victim's
+    del other
+    gc.collect()
+    make_own_context_current(victim)
+    assert not victim.render().any()  # even in its own context
+
+
+def test_in_process_envs_are_found_under_wrappers_that_leave_rendering_to_them():
+    from stable_baselines3.common.vec_env import VecEnvWrapper, VecNormalize
+
+    from vlmrm_fast.env_render import in_process_envs
+
+    class OwnImages(VecEnvWrapper):  # may change the frames: its get_images must be called
+        def reset(self):
+            return self.venv.reset()
+
+        def step_wait(self):
+            return self.venv.step_wait()
+
+        def get_images(self):
+            return [frame[::-1] for frame in self.venv.get_images()]
+
+    venv = DummyVecEnv([make_env] * 2)
+    assert in_process_envs(venv) == venv.envs and in_process_envs(VecNormalize(venv)) == venv.envs
+    assert in_process_envs(OwnImages(venv)) is None
+    patched = DummyVecEnv([make_env])
+    patched.get_images = lambda: []  # replaced on the object: it decides the frames
+    assert in_process_envs(patched) is None
+    assert in_process_envs(object()) is None  # a VecEnv of its own (subprocess envs render where they live)
+    venv.close()
+
+
+@pytest.mark.parametrize("wrapper", ["single", "vec-images", "vector-images"])
+@pytest.mark.parametrize("mishap", [_close_another_env_whose_context_is_current, _drop_another_env_unclosed],
+                         ids=["closed", "dropped"])
+def test_frames_stay_the_envs_own_after_another_mujoco_env_is_closed_or_dropped(wrapper, mishap, no_batch):
+    # Either made gymnasium's env.render() return black frames, and so a reward of black frames.
+    from gymnasium.vector import SyncVectorEnv
+
+    from vlmrm_fast import VLMRewardVectorWrapper
+
+    n = 1 if wrapper == "single" else 2
+    if wrapper == "single":
+        wrapped = VLMRewardWrapper(make_env(), row_weighted_brightness)
+        wrapped.reset(seed=5)
+    elif wrapper == "vec-images":
+        venv = DummyVecEnv([make_env] * n)
+        wrapped = VLMRewardVecEnv(venv, row_weighted_brightness, render="images")
+        venv.seed(5)
+        wrapped.reset()
+    else:
+        wrapped = VLMRewardVectorWrapper(SyncVectorEnv([make_env] * n), row_weighted_brightness, render="images")
+        wrapped.reset(seed=5)
+    ref = make_env()
+    ref.reset(seed=5)
+    for step, action in enumerate(actions(2, n, seed=1)):
+        if step == 1:
+            mishap(wrapped.env if wrapper == "single" else (venv.envs[0] if wrapper == "vec-images"
+                                                            else wrapped.env.envs[0]))
+        out = wrapped.step(action[0] if wrapper == "single" else action)
+        reward = out[1] if wrapper == "single" else out[1][0]
+        ref.step(action[0])
+        expected = row_weighted_brightness([render_env(ref)])[0]
+        assert expected > 1.0  # not a black frame
+        np.testing.assert_allclose(reward, expected, rtol=1e-5)
+    wrapped.close()
+    ref.close()
 
 
 def test_a_reward_function_returning_the_wrong_number_of_rewards_is_a_clear_error(no_batch):
@@ -1110,7 +1198,7 @@ def test_a_reward_callable_without_a_signature_gets_top_down_frames(fake_batch):
     ref.reset(seed=5)
     _, rewards, _, _ = wrapped.step(np.zeros((1, 1), np.float32))
     ref.step(np.zeros(1, np.float32))
-    np.testing.assert_allclose(rewards[0], row_weighted_brightness([ref.render()]), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(rewards[0], row_weighted_brightness([render_env(ref)]), rtol=1e-5, atol=1e-5)
     wrapped.close()
 
 

@@ -28,6 +28,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 
+from vlmrm_fast.env_render import in_process_envs, release_env_gl, render_env
 from vlmrm_fast.wrappers import (
     TERMINAL_FRAME_KEY,
     _BatchFrames,
@@ -177,7 +178,8 @@ class VLMRewardVectorWrapper(_RewardMode, _BatchFrames, gym.vector.VectorWrapper
             batch = self._batch_frames()
             if batch is not None:
                 return batch[0], batch[1], terminal
-            images = list(self.env.render() or ())
+            envs = in_process_envs(self.env)
+            images = [render_env(env) for env in envs] if envs is not None else list(self.env.render() or ())
         if len(images) != self.num_envs:
             raise ValueError(
                 f"envs.render() returned {len(images)} frames for {self.num_envs} envs; VLMRewardVectorWrapper needs "
@@ -235,6 +237,8 @@ class VLMRewardVectorWrapper(_RewardMode, _BatchFrames, gym.vector.VectorWrapper
 
     def close(self, **kwargs: Any) -> None:
         self._close_renderer()
+        for env in in_process_envs(self.env) or ():
+            release_env_gl(env)  # else freed later in whatever GL context is current: another env's
         self.env.close(**kwargs)
 
 

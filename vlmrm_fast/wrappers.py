@@ -54,6 +54,8 @@ from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence,
 import numpy as np
 import torch
 
+from vlmrm_fast.env_render import in_process_envs, release_env_gl, render_env
+
 try:
     import gymnasium as gym
 except ImportError as exc:  # pragma: no cover - depends on the environment
@@ -442,9 +444,13 @@ class VLMRewardWrapper(_RewardMode, gym.Wrapper, gym.utils.RecordConstructorArgs
         self._episode_gt = 0.0
         return self.env.reset(seed=seed, options=options)
 
+    def close(self) -> None:
+        release_env_gl(self.env)  # else freed later in whatever GL context is current: another env's
+        super().close()
+
     def vlm_rewards(self) -> np.ndarray:
         """Render the env now and score the frame: float32 [T] (one entry per task of the reward model)."""
-        frame = self.env.render()
+        frame = render_env(self.env)
         _check_frame(frame, "env.render()")
         if not self._size_checked:
             self._size_checked = True
@@ -498,7 +504,7 @@ class RenderTerminalFrame(gym.Wrapper, gym.utils.RecordConstructorArgs):
     def step(self, action: Any) -> Tuple[Any, SupportsFloat, bool, bool, Dict[str, Any]]:
         obs, reward, terminated, truncated, info = self.env.step(action)
         if terminated or truncated:
-            frame = self.env.render()
+            frame = render_env(self.env)
             _check_frame(frame, "env.render()")
             info[TERMINAL_FRAME_KEY] = frame.clone() if isinstance(frame, torch.Tensor) else np.array(frame)
         return obs, reward, terminated, truncated, info
@@ -932,7 +938,8 @@ class VLMRewardVecEnv(_RewardMode, _BatchFrames, VecEnvWrapper):
                 for info in infos:
                     info.pop(TERMINAL_FRAME_KEY, None)
                 return batch[0], batch[1], terminal
-            images = list(self.venv.get_images())
+            envs = in_process_envs(self.venv)
+            images = [render_env(env) for env in envs] if envs is not None else list(self.venv.get_images())
         for i, info in enumerate(infos):
             frame = info.pop(TERMINAL_FRAME_KEY, None)
             if frame is not None and not terminal[i]:
@@ -966,6 +973,8 @@ class VLMRewardVecEnv(_RewardMode, _BatchFrames, VecEnvWrapper):
 
     def close(self) -> None:
         self._close_renderer()
+        for env in in_process_envs(self.venv) or ():
+            release_env_gl(env)  # else freed later in whatever GL context is current: another env's
         self.venv.close()
 
 

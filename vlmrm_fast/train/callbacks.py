@@ -33,6 +33,7 @@ from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.type_aliases import TrainFreq, TrainFrequencyUnit
 from tqdm import tqdm
 
+from vlmrm_fast.env_render import release_env_gl, render_env
 from vlmrm_fast.train import checkpoint as ckpt
 from vlmrm_fast.train.config import TrainConfig
 from vlmrm_fast.train.deferred import DeferredRewardRecorder, score_and_write_back
@@ -431,7 +432,8 @@ def evaluate_policy_video(model, config: TrainConfig, reward_model, run_dir: Pat
             filming = episode == 0 and length > 0
             if filming and video_env is not None:
                 video_obs, _ = video_env.reset(seed=seed)
-                if np.shape(video_env.render()) == np.shape(env.render()):  # an env that renders at its own size
+                if np.shape(render_env(video_env)) == np.shape(render_env(env)):  # an env that renders at its own size
+                    release_env_gl(video_env)
                     video_env.close()
                     video_env = None
             gt, vlm, done, pending = 0.0, 0.0, False, []
@@ -440,12 +442,12 @@ def evaluate_policy_video(model, config: TrainConfig, reward_model, run_dir: Pat
                 obs, reward, terminated, truncated, _ = env.step(action)
                 gt += float(reward)
                 done = terminated or truncated
-                frame = np.asarray(env.render())
+                frame = np.asarray(render_env(env))
                 pending.append(frame)
                 if filming and video_env is not None:
                     video_action, _ = model.predict(video_obs, deterministic=True)
                     video_obs, _, video_terminated, video_truncated, _ = video_env.step(video_action)
-                    video.append(np.asarray(video_env.render()))
+                    video.append(np.asarray(render_env(video_env)))
                     filming = len(video) < length and not (video_terminated or video_truncated)
                 elif filming:
                     video.append(frame)
@@ -458,9 +460,10 @@ def evaluate_policy_video(model, config: TrainConfig, reward_model, run_dir: Pat
             vlm_returns.append(vlm)
         fps = int(env.metadata.get("render_fps") or 30)
     finally:
-        env.close()
-        if video_env is not None:
-            video_env.close()
+        for opened in (env, video_env):
+            if opened is not None:
+                release_env_gl(opened)  # with its own context current: not the training envs' GL objects
+                opened.close()
     out = Path(run_dir) / "videos" / f"eval_step_{model.num_timesteps:012d}.mp4"
     out.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():

@@ -31,6 +31,7 @@ os.environ.setdefault("PYOPENGL_PLATFORM", "egl")
 import numpy as np  # noqa: E402
 
 from vlmrm_fast.atomic import write_atomically  # noqa: E402
+from vlmrm_fast.env_render import render_env  # noqa: E402
 from vlmrm_fast.train import checkpoint as ckpt  # noqa: E402
 from vlmrm_fast.train.config import (  # noqa: E402
     PRESETS,
@@ -126,7 +127,7 @@ def _first_frame(env, config: TrainConfig):
 
     try:
         env.reset(seed=config.seed)
-        return env.render()
+        return render_env(env)
     except (gymnasium.error.DependencyNotInstalled, RenderingUnavailable) as exc:
         # A missing package (pygame for classic-control frames) or no GL context here: a setup
         # problem whose message names the fix, not a crash.
