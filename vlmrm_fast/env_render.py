@@ -77,9 +77,8 @@ def render_env(env: Any) -> Any:
         release_env_gl(env)
         env.render()  # makes the new viewer
         new_cam = getattr(getattr(renderer, "viewer", None), "cam", None)
-        for key, value in saved.items():
-            if new_cam is not None:
-                setattr(new_cam, key, value.item() if value.ndim == 0 else value)
+        for key, value in saved.items() if new_cam is not None else ():
+            setattr(new_cam, key, value.item() if value.ndim == 0 else value)
         frame = env.render()
         if isinstance(frame, np.ndarray) and frame.any():
             warnings.warn(
@@ -96,9 +95,8 @@ def in_process_envs(venv: Any) -> Optional[List[Any]]:
     rendering to them, else None (subprocess envs render in processes of their own, one env each)."""
     layer = venv
     while True:
-        patched = any(name in vars(layer) for name in ("get_images", "render")) if hasattr(layer, "__dict__") else True
-        if patched:  # render() or get_images() replaced on the object: they decide the frames
-            return None
+        if {"get_images", "render"} & getattr(layer, "__dict__", {}).keys():
+            return None  # render() or get_images() replaced on the object: they decide the frames
         if type(layer).__name__ in ("DummyVecEnv", "SyncVectorEnv"):
             envs = getattr(layer, "envs", None)
             return list(envs) if envs is not None else None

@@ -24,6 +24,7 @@ a file edited by hand) is reported and passed over for the newest intact one, ne
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -328,22 +329,18 @@ def _sha256(path: Path) -> str:
     """SHA-256 of the file; remembered for the file as it is (size, mtime, inode), so that choosing a
     checkpoint and loading it in one process (``--resume`` reads its config first) reads it once."""
     st = path.stat()
-    signature = (str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
-    if signature in _digests:
-        return _digests[signature]
+    return _sha256_of(str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+@functools.lru_cache(maxsize=64)
+def _sha256_of(path: str, size: int, mtime_ns: int, inode: int) -> str:
     digest = hashlib.sha256()
     block = bytearray(1 << 22)
     view = memoryview(block)
     with open(path, "rb", buffering=0) as f:
         while n := f.readinto(block):
             digest.update(view[:n])
-    if len(_digests) > 64:
-        _digests.clear()
-    _digests[signature] = digest.hexdigest()
-    return _digests[signature]
-
-
-_digests: dict = {}
+    return digest.hexdigest()
 
 
 def _fields_digest(meta: dict) -> str:

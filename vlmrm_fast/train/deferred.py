@@ -44,13 +44,12 @@ class DeferredRewardRecorder(VLMRewardVecEnv):
         task: which task (index or name) of a several-task reward model drives the reward.
     """
 
-    #: Per-session timings: not restored from a checkpoint (the first log after a resume would
-    #: otherwise report the whole previous session).
-    checkpoint_skip = ("env_s", "render_s", "reward_s", "_t0", "_t_render_end")
-    #: The recorded steps travel whole through :meth:`pending` and :meth:`restore_pending` (frames
-    #: included), never as loose counters beside an empty frame buffer.
-    _record = ("count", "gt", "dones", "bottom_up", "_closed")
-    checkpoint_skip = checkpoint_skip + _record
+    #: Not restored from a checkpoint's env state: the per-session timings (the first log after a resume
+    #: would otherwise report the whole previous session), and the record, which travels whole through
+    #: :meth:`pending` and :meth:`restore_pending` (frames included), never as loose counters beside an
+    #: empty frame buffer.
+    checkpoint_skip = ("env_s", "render_s", "reward_s", "_t0", "_t_render_end",
+                       "count", "gt", "dones", "bottom_up", "_closed")
     #: No resize warning: train renders at the tower's size unless its config asks for another size
     #: (a choice, like the smoke preset's 64 x 64) or the env cannot take one (``check_env_frames`` says so).
     _size_checked = True
