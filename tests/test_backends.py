@@ -65,6 +65,53 @@ def test_a_cpu_reward_model_pickles_and_copies(backend, options):
         assert copied.vision_backend.profile_nodes(torch.zeros(1, 3, 32, 32), calls=1) is None
 
 
+def _load_other_weights(visual):
+    visual.load_state_dict(make_tiny(seed=7)[0].visual.state_dict())
+
+
+def _sgd_step(visual):
+    opt = torch.optim.SGD(visual.parameters(), lr=0.5)
+    for p in visual.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()
+
+
+def _shift_in_place(visual):
+    with torch.no_grad():
+        visual.ln_post.bias.add_(0.5)
+
+
+@needs_ort
+@pytest.mark.parametrize("change", [_load_other_weights, _sgd_step, _shift_in_place])
+def test_onnxruntime_refuses_frames_once_the_towers_weights_changed_until_rebuilt(change):
+    # Its graph holds a copy of the weights: after a change it would score with the old ones (silently
+    # unlike "torch" on the same model), while the prompts use the text tower as it is now.
+    model, tokenizer = make_tiny()
+    rm = CLIPReward(model, tokenizer, goal=GOAL, baseline=BASELINE, alpha=0.3, device="cpu", backend="onnxruntime")
+    frames = _noise(3, 40, 40, seed=9)
+    before = rm(frames)
+    copied = __import__("copy").deepcopy(rm)  # a copy watches its own tensors
+    change(rm.model.visual)
+    with pytest.raises(ValueError, match=r"weights changed.*rm\.rebuild_backend\(\)"):
+        rm(frames)
+    with pytest.raises(ValueError, match="weights changed"):
+        rm.embed(frames)
+    assert torch.equal(copied(frames), before)
+    rm.rebuild_backend()
+    want = reference_reward(__import__("copy").deepcopy(rm.model), tokenizer, frames, GOAL, BASELINE, 0.3)
+    assert (rm(frames).double() - want).abs().max().item() <= 1e-5
+    assert (before.double() - want).abs().max().item() > 1e-3  # the change mattered
+
+
+def test_backends_reading_the_weights_live_need_no_rebuild(tiny):
+    model, tokenizer = tiny
+    rm = CLIPReward(model, tokenizer, goal=GOAL, baseline=BASELINE, alpha=0.3, device="cpu", backend="torch")
+    frames = _noise(2, 40, 40, seed=10)
+    _load_other_weights(rm.model.visual)
+    want = reference_reward(__import__("copy").deepcopy(rm.model), tokenizer, frames, GOAL, BASELINE, 0.3)
+    assert (rm(frames).double() - want).abs().max().item() <= 1e-5
+
+
 @needs_ort
 def test_an_unpickled_onnxruntime_backend_leaves_no_files(tiny, tmp_path, monkeypatch):
     # Subprocess envs' workers end with os._exit, which no cleanup outlives: a copy's graph files

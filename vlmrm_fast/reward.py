@@ -9,7 +9,7 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 import torch
 
 from vlmrm_fast.backends import VisionBackend, build_backend, check_backend_options, resolve_backend
-from vlmrm_fast.backends.base import checked_device
+from vlmrm_fast.backends.base import WeightsWatch, checked_device
 from vlmrm_fast.frames import FrameInput, as_frame_batch
 from vlmrm_fast.models import create_clip, image_size_of, preprocess_spec_of
 from vlmrm_fast.ops._triton import resolve_kernels
@@ -144,11 +144,39 @@ class CLIPReward:
         self.tokenizer = tokenizer
         self._alpha = check_alpha(alpha)
         self.set_tasks(goal=goal, baseline=baseline, tasks=tasks)
+        self._backend_request = (backend, None if backend_options is None else dict(backend_options))
+        self._build_backend()
+
+    def _build_backend(self) -> None:
+        backend, options = self._backend_request
         self._backend: VisionBackend = build_backend(
             resolve_backend(backend, self._device, self._dtype), self.model.visual, self._spec, self._device,
-            self._dtype, max_batch_size=self.max_batch_size, model_name=self.model_name, options=backend_options,
+            self._dtype, max_batch_size=self.max_batch_size, model_name=self.model_name, options=options,
             requested=backend, kernels=self._kernels,
         )
+        self._weights_watch = WeightsWatch(self.model.visual) if self._backend.copies_weights else None
+
+    def rebuild_backend(self) -> None:
+        """Build the vision-tower backend again from ``rm.model.visual`` as it is now, with the options it was
+        built with: after its weights changed (``load_state_dict``, fine-tuning), which a backend running
+        a copy of them ("onnxruntime"'s graph, "tensorrt"'s engine) does not see. Takes the export or
+        engine build again; "torch" and "compile" read the weights live and need no rebuild."""
+        self._build_backend()
+
+    def __setstate__(self, state: dict) -> None:
+        # A copy's tensors live at new addresses: its watch starts from them.
+        self.__dict__.update(state)
+        if self._weights_watch is not None:
+            self._weights_watch = WeightsWatch(self.model.visual)
+
+    def _check_weights_unchanged(self) -> None:
+        if self._weights_watch is not None and self._weights_watch.changed():
+            raise ValueError(
+                f"rm.model.visual's weights changed after backend={self.backend!r} copied them into its "
+                f"{'ONNX graph' if self.backend == 'onnxruntime' else 'engine'}, which would score frames with "
+                "the old ones: call rm.rebuild_backend() after changing them (it exports again), or use "
+                "backend='torch' or 'compile', which read the weights live."
+            )
 
     @classmethod
     def from_pretrained(
@@ -310,6 +338,7 @@ class CLIPReward:
 
     @torch.inference_mode()
     def _tower(self, frames: torch.Tensor, bottom_up: bool) -> torch.Tensor:
+        self._check_weights_unchanged()
         return self._backend(self._pixels(frames, bottom_up))
 
     def embed(self, frames: FrameInput, *, bottom_up: bool = False) -> torch.Tensor:

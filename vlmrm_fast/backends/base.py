@@ -108,6 +108,33 @@ def pooled_embeddings(output: Union[torch.Tensor, tuple, list]) -> torch.Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
+class WeightsWatch:
+    """Whether a module's weights changed since this was made, in microseconds per look (ViT-B-32: about 10).
+
+    It watches the version counter of each of the module's parameters and buffers, which every in-place
+    write bumps (``load_state_dict``, an optimizer step, ``p.mul_()`` under ``no_grad``), and the storage
+    of the first, which ``module.to()`` replaces. Escaping it: writes through ``p.data`` (a version counter
+    of its own) and parameters replaced by new objects after it was made."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self._tensors = list(module.parameters()) + list(module.buffers())
+        self._seen = self._now()
+
+    def _now(self) -> Tuple[int, Tuple[int, ...]]:
+        first = self._tensors[0].data_ptr() if self._tensors else 0
+        return first, tuple(_version_of(t) for t in self._tensors)
+
+    def changed(self) -> bool:
+        return self._now() != self._seen
+
+
+def _version_of(tensor: torch.Tensor) -> int:
+    try:
+        return tensor._version
+    except RuntimeError:  # a buffer made under torch.inference_mode() has no version counter (nor can change)
+        return -1
+
+
 def missing_extra(package: str, extra: str, needed_by: str) -> BackendError:
     """The error for a missing optional package; ``needed_by`` is a backend's name or a feature ("ONNX export")."""
     if needed_by in BACKEND_NAMES:
@@ -157,6 +184,9 @@ class VisionBackend(abc.ABC):
     """
 
     name: str = ""
+    copies_weights: bool = False
+    """True where the backend runs a copy of the tower's weights made when it was built (an ONNX graph,
+    a TensorRT engine): later changes to the tower's weights do not reach it."""
 
     def __init__(self, device: torch.device, dtype: torch.dtype, image_size: Tuple[int, int]) -> None:
         self.device = with_cuda_index(device)

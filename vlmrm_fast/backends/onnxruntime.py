@@ -52,6 +52,7 @@ class OnnxRuntimeBackend(VisionBackend):
     """
 
     name = "onnxruntime"
+    copies_weights = True
 
     def __init__(
         self, visual: torch.nn.Module, spec: PreprocessSpec, device, dtype, image_size, quantize: Optional[str] = None,

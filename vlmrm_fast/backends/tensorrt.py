@@ -94,6 +94,7 @@ def import_tensorrt(what: str = "tensorrt"):
 
 class TensorRTBackend(VisionBackend):
     name = "tensorrt"
+    copies_weights = True
 
     def __init__(
         self,
