@@ -618,3 +618,31 @@ def test_an_hf_hub_model_in_the_local_cache_loads_offline(tmp_path, monkeypatch)
     assert torch.equal(next(loaded.parameters()), next(model.parameters()))
     with pytest.raises(PretrainedWeightsError, match="unreachable .* not in the local cache.*local-dir:"):
         models._create("hf-hub:fakeorg/other", None, str(tmp_path))
+
+
+def test_damaged_pickled_or_tower_only_checkpoints_are_named_without_torchs_unsafe_advice(tmp_path):
+    # torch.load's own message for the first two suggests weights_only=False (running the file's code), and the
+    # last read as "another text context length": the tower's 50 position embeddings taken for the text's 77.
+    model = open_clip.create_model("vlmrm-tiny")
+    torch.save(model.state_dict(), tmp_path / "good.pt")
+    data = bytearray((tmp_path / "good.pt").read_bytes())
+    start = data.index(b"data.pkl") + 200  # inside the pickled index of the tensors, past the zip entry's header
+    data[start : start + 50] = bytes(b ^ 0xFF for b in data[start : start + 50])
+    (tmp_path / "damaged.pt").write_bytes(bytes(data))
+    (tmp_path / "garbage.pt").write_bytes(b"\x80garbage" * 10)  # passes the file check: a pickle's first byte
+    torch.save(model, tmp_path / "whole.pt")
+    torch.save(model.visual.state_dict(), tmp_path / "tower.pt")
+    for name in ("damaged.pt", "garbage.pt"):
+        with pytest.raises(PretrainedWeightsError, match=r"cannot be read: its data is damaged.*Download it again") as error:
+            create_clip("vlmrm-tiny", str(tmp_path / name))
+        assert "weights_only" not in str(error.value)
+    with pytest.raises(PretrainedWeightsError, match=r"pickled Python object \(open_clip.model.CLIP.*model.state_dict\(\)"):
+        create_clip("vlmrm-tiny", str(tmp_path / "whole.pt"))
+    with pytest.raises(PretrainedWeightsError, match=r"vision tower's weights alone \(model.visual.state_dict\(\)\)"):
+        create_clip("vlmrm-tiny", str(tmp_path / "tower.pt"))
+    create_clip("vlmrm-tiny", str(tmp_path / "good.pt"))  # the file they came from loads
+
+
+def test_a_local_dir_that_does_not_exist_is_named_as_such(tmp_path):
+    with pytest.raises(FileNotFoundError, match="there is no folder .*nowhere"):
+        create_clip(f"local-dir:{tmp_path / 'nowhere'}", None)

@@ -11,7 +11,9 @@ import contextlib
 import difflib
 import json
 import os
+import re
 import socket
+import traceback
 import urllib.request
 import warnings
 import zipfile
@@ -217,6 +219,9 @@ def _create_from_file(model_name: str, path: str) -> torch.nn.Module:
     except Exception as error:
         if isinstance(error, EOFError) or "unexpected EOF" in str(error) or "Ran out of input" in str(error):
             raise _not_a_checkpoint_error(path, "it ends early (a cut download?)") from error
+        unreadable = _unreadable_checkpoint(error)
+        if unreadable:
+            raise PretrainedWeightsError(f"The checkpoint {path!r} {unreadable}") from error
         raise PretrainedWeightsError(
             f"The checkpoint {path!r} does not load into {model_name}: {str(error)[:600]}. "
             "Check that it was saved from this architecture (a state_dict of the open_clip model)."
@@ -224,6 +229,24 @@ def _create_from_file(model_name: str, path: str) -> torch.nn.Module:
     if config is None:
         _warn_if_tags_differ(model, model_name, path)
     return model
+
+
+def _unreadable_checkpoint(error: BaseException) -> Optional[str]:
+    """Why torch could not read the checkpoint (the rest of the sentence), where ``error`` came from reading it
+    rather than from fitting its weights to the model; else None. torch's own message for both cases below
+    suggests ``weights_only=False``: an unsafe fix, and for a damaged file no fix at all."""
+    if not any(frame.filename.endswith(os.path.join("torch", "serialization.py"))
+               for frame in traceback.extract_tb(error.__traceback__)):
+        return None
+    pickled = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
+    if pickled:
+        return (f"holds a pickled Python object ({pickled.group(1)}: a whole model saved with torch.save(model)?), "
+                "which is not loaded, as unpickling it could run any code. Save model.state_dict() instead, or build "
+                "the reward from the model itself: CLIPReward(model, tokenizer, goal=...).")
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    detail = next((line for line in lines if line.startswith("Unsupported")), lines[-1] if lines else "")
+    return (f"cannot be read: its data is damaged ({type(error).__name__}: {detail[:200]}). "
+            "Download it again, or pass another.")
 
 
 def _read_sidecar(path: Path) -> dict:
@@ -283,13 +306,15 @@ def _warn_if_tags_differ(model: torch.nn.Module, model_name: str, path: str) -> 
 @contextlib.contextmanager
 def _position_embeddings_kept(model_name: str, path: str) -> Iterator[None]:
     """While ``path`` loads: open_clip interpolates position embeddings of another length to fit, without
-    a word (weights for another image size or context length: another model); here that is refused."""
+    a word (weights for another image size or context length: another model); here that is refused, as is a
+    vision tower's state_dict alone (whose position embeddings would read as the text tower's)."""
     factory = open_clip.factory
     originals = {name: getattr(factory, name) for name in ("resize_pos_embed", "resize_text_pos_embed")
                  if hasattr(factory, name)}
 
     def guarded(name: str) -> Callable:
         def check(state_dict, model, *args, **kwargs):
+            _refuse_a_tower_alone(state_dict, model, path)
             if name == "resize_pos_embed":
                 keys, target = ("visual.positional_embedding",), getattr(model.visual, "positional_embedding", None)
             else:
@@ -315,6 +340,20 @@ def _position_embeddings_kept(model_name: str, path: str) -> Iterator[None]:
     finally:
         for name, original in originals.items():
             setattr(factory, name, original)
+
+
+def _refuse_a_tower_alone(state_dict: dict, model: torch.nn.Module, path: str) -> None:
+    """A ``model.visual.state_dict()`` (no ``visual.`` prefix, no text tower) is named as such."""
+    visual = getattr(model, "visual", None)
+    if visual is None or any(key.startswith("visual.") for key in state_dict):
+        return
+    tower_keys = set(visual.state_dict())
+    if tower_keys and len(tower_keys & set(state_dict)) >= len(tower_keys) // 2:
+        raise PretrainedWeightsError(
+            f"The checkpoint {path!r} holds a vision tower's weights alone (model.visual.state_dict()), without the "
+            "text tower the prompts need: save the whole model's state_dict(), or load these into model.visual "
+            "yourself and pass the model: CLIPReward(model, tokenizer, goal=...)."
+        )
 
 
 def create_clip(
@@ -357,6 +396,11 @@ def _create(model_name: str, pretrained: Optional[str], cache_dir: Optional[str]
                 ) from exc
         if model_name.startswith("local-dir:"):
             folder = Path(os.path.expanduser(model_name[len("local-dir:"):]))
+            if not folder.is_dir():
+                raise FileNotFoundError(
+                    f"{model_name!r}: there is no folder {str(folder)!r}. Pass 'local-dir:' and the path of a folder "
+                    "holding open_clip_config.json and its weights (a Hugging Face hub repo downloaded there)."
+                )
             for name in _LOCAL_DIR_WEIGHTS:
                 if (folder / name).is_file():
                     _refuse_a_non_checkpoint(folder / name)
