@@ -31,6 +31,7 @@ class _ArrayLike:
         (np.zeros((2, 16, 16, 2), np.uint8), ValueError, r"3 channels"),
         (np.zeros((16, 16, 3), np.uint8), ValueError, r"one frame.*frames\[None\]"),
         (np.zeros((16, 16, 1), np.uint8), ValueError, r"one frame.*frames\[None\]"),  # one [H, W, 1] frame, not [N, H, W]
+        (np.zeros((16, 16, 2), np.uint8), ValueError, r"one frame.*frames\[None\]"),  # not grayscale [N, H, W]
         (np.zeros((1, 2, 16, 16, 3), np.uint8), ValueError, r"rank 4"),
         (np.zeros((2, 16, 16, 3), np.int64), TypeError, r"uint8"),
         (np.zeros((2, 16, 16, 3), np.int8), TypeError, r"numpy int8.*uint8"),  # one byte, but signed: 200 reads as -56
@@ -516,3 +517,29 @@ def test_the_default_device_is_cuda_where_there_is_one(monkeypatch):
     assert _resolve_device(None) == torch.device("cuda", 0)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert _resolve_device(None) == torch.device("cpu")
+
+
+@pytest.mark.parametrize("method", ["__call__", "embed", "preprocess"])
+@pytest.mark.parametrize("flag", ["yes", np.array([1, 0]), 1, None])
+def test_bottom_up_is_one_flag(rm, method, flag):
+    # "yes" (or "no") was taken for True, an array of per-frame flags failed inside a cache lookup.
+    with pytest.raises(TypeError, match="bottom_up must be True or False"):
+        getattr(rm, method)(np.zeros((1, 8, 8, 3), np.uint8), bottom_up=flag)
+    getattr(rm, method)(np.zeros((1, 8, 8, 3), np.uint8), bottom_up=np.bool_(True))  # numpy's bool is one
+
+
+def test_the_constructor_names_a_model_name_or_a_missing_tokenizer(tiny):
+    model, tokenizer = tiny
+    with pytest.raises(TypeError, match=r"open_clip CLIP model.*got str.*CLIPReward.from_pretrained\('ViT-B-32'"):
+        CLIPReward("ViT-B-32", tokenizer, goal="a robot")
+    with pytest.raises(TypeError, match=r"open_clip CLIP model.*got Linear"):
+        CLIPReward(torch.nn.Linear(2, 2), tokenizer, goal="a robot")
+    with pytest.raises(TypeError, match=r"tokenizer must be .*open_clip.get_tokenizer"):
+        CLIPReward(model, None, goal="a robot")
+
+
+@pytest.mark.parametrize("name", [5, "  ", ""])
+def test_a_task_name_is_a_non_blank_string(rm, name):
+    # An int would read as a column index in the wrappers' task=, a blank name as no label at all.
+    with pytest.raises(TypeError, match=r"tasks\[1\].name must be a non-blank string"):
+        rm.set_tasks(tasks=[Task(goal="a robot", baseline="a thing"), Task(goal="a dog", baseline="a thing", name=name)])

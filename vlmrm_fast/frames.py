@@ -107,7 +107,7 @@ def _check_shape(shape: Sequence[int], what: str, item: bool = False) -> None:
         if len(shape) != 3:
             raise ValueError(f"{what} has shape {tuple(shape)}; list items must be single frames [H, W, 3].")
         shape = (1,) + tuple(shape)
-    elif len(shape) == 3 and shape[-1] in (1, 3, 4):
+    elif len(shape) == 3 and shape[-1] in (1, 2, 3, 4):
         raise ValueError(
             f"{what} has shape {tuple(shape)}: one frame [H, W, C], but a batch [N, H, W, 3] is expected. "
             "Pass frames[None] (numpy or torch) to score a single frame."

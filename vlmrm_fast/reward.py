@@ -6,6 +6,7 @@ import numbers
 import os
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 
 from vlmrm_fast.backends import VisionBackend, build_backend, check_backend_options, resolve_backend
@@ -73,6 +74,23 @@ def _check_max_batch_size(value: int) -> int:
     return int(value)
 
 
+def _check_bottom_up(value: object) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"bottom_up must be True or False (one flag for the whole batch); got {value!r}.")
+    return bool(value)
+
+
+def _check_model_and_tokenizer(model: object, tokenizer: object) -> None:
+    if not isinstance(model, torch.nn.Module) or not isinstance(getattr(model, "visual", None), torch.nn.Module):
+        also = (f" For a model by name, use CLIPReward.from_pretrained({model!r}, pretrained, goal=...)."
+                if isinstance(model, str) else "")
+        raise TypeError(f"model must be an open_clip CLIP model (a torch.nn.Module with a .visual tower); got "
+                        f"{type(model).__name__}.{also}")
+    if not callable(tokenizer):
+        raise TypeError(f"tokenizer must be the model's tokenizer, open_clip.get_tokenizer(model_name); got "
+                        f"{type(tokenizer).__name__}.")
+
+
 class CLIPReward:
     """A CLIP model as a zero-shot reward: ``rm(frames)`` gives one reward per frame (and per task).
 
@@ -132,6 +150,7 @@ class CLIPReward:
         max_batch_size: Optional[int] = None,
         model_name: Optional[str] = None,
     ) -> None:
+        _check_model_and_tokenizer(model, tokenizer)
         self._device = _resolve_device(device)
         if self._device.type == "cpu":
             _one_torch_thread_in_forked_children()
@@ -322,6 +341,7 @@ class CLIPReward:
 
     def preprocess(self, frames: FrameInput, *, bottom_up: bool = False) -> torch.Tensor:
         """Frames -> the tower's input [N, 3, S_h, S_w] in the tower's dtype (for inspection)."""
+        bottom_up = _check_bottom_up(bottom_up)
         batch = as_frame_batch(frames)
         chunks = [
             self._pixels(batch.chunk(i, i + self.max_batch_size, self._device), bottom_up)
@@ -348,6 +368,7 @@ class CLIPReward:
         A frame whose tower output cannot be normalised (NaN/inf, all zeros, or a norm under
         :data:`~vlmrm_fast.ops.score.MIN_NORM`) is a ``ValueError`` naming its row, as in ``__call__``.
         """
+        bottom_up = _check_bottom_up(bottom_up)
         batch = as_frame_batch(frames)
         out = torch.empty((batch.num_frames, self.embed_dim), dtype=torch.float32, device=self._device)
         for i in range(0, batch.num_frames, self.max_batch_size):
@@ -365,6 +386,7 @@ class CLIPReward:
                 to the tower's input (render at ``image_size`` to skip that).
             bottom_up: rows stored last-first (OpenGL), flipped inside the preprocessing kernel.
         """
+        bottom_up = _check_bottom_up(bottom_up)
         batch = as_frame_batch(frames)
         rewards = torch.empty((batch.num_frames, self._targets.num_tasks), dtype=torch.float32, device=self._device)
         for i in range(0, batch.num_frames, self.max_batch_size):

@@ -136,6 +136,10 @@ def check_tasks(tasks: Sequence[Task], default_alpha: float) -> None:
             raise TypeError(f"tasks[{i}] is a {type(task).__name__}; use vlmrm_fast.Task(goal=..., baseline=...).")
         if task.alpha is not None:
             check_alpha(task.alpha, f"tasks[{i}].alpha")
+        if task.name is not None and (not isinstance(task.name, str) or not task.name.strip()):
+            # A name keys info["vlm_rewards"] and the wrappers' task=, where an int means a column index.
+            raise TypeError(f"tasks[{i}].name must be a non-blank string (or None: the first goal prompt); "
+                            f"got {task.name!r}.")
         _prompt_list(task.goal, "goal")
         if task.baseline is not None:
             _prompt_list(task.baseline, "baseline")
