@@ -376,7 +376,7 @@ def test_a_name_that_is_no_device_is_refused_with_the_forms_torch_takes(tmp_path
     argv = ["score", str(tmp_path / "frame.png"), "--model", "vlmrm-tiny", "--pretrained", "none", "--goal", "a",
             "--device", "foo"]
     assert cli.main(argv) != 0
-    assert "is not a torch device" in capsys.readouterr().err
+    assert "error: --device foo is not a torch device: pass 'cuda', 'cuda:N' or 'cpu'" in capsys.readouterr().err  # its option
 
 
 @pytest.mark.parametrize("name", ["mps", "xpu", "meta", "hpu:0"])

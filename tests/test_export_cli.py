@@ -313,6 +313,20 @@ def test_export_refuses_what_it_cannot_do_before_loading_weights(tmp_path, monke
     assert said in capsys.readouterr().err and not list(tmp_path.iterdir())
 
 
+def test_an_out_that_cannot_be_written_is_refused_before_loading_weights(tmp_path, monkeypatch, capsys):
+    # It was an OSError from the first write, after the model had loaded (gigabytes for ViT-bigG-14), naming
+    # the export's scratch file or printing "[Errno 17] File exists".
+    monkeypatch.setattr("vlmrm_fast.models.create_clip", lambda *a, **k: pytest.fail("weights loaded first"))
+    (tmp_path / "a-file").write_text("")
+    (tmp_path / "a-folder").mkdir()
+    for out, said in [(tmp_path / "a-file" / "x.onnx", "'{}' is a file, not a folder; pass another --out"),
+                      (str(tmp_path / "a-file") + "/", "'{}' is a file, not a folder; pass another --out")]:
+        assert main(["export", "ViT-bigG-14", "--pretrained", "laion2b_s39b_b160k", "--out", str(out)]) == 2
+        assert said.format(tmp_path / "a-file") in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "a-folder"]
+    assert [p.name for p in (tmp_path / "a-folder").iterdir()] == []  # the probe file is gone
+
+
 # ---- behaviours a mutation audit found untested ---------------------------------------------------
 
 

@@ -5,6 +5,7 @@ Free of heavy imports (torch, open_clip): the parsers are built from it before `
 import argparse
 import os
 import re
+import tempfile
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -59,6 +60,31 @@ def output_file(given: Optional[str], default: Path) -> Path:
     return Path(given)
 
 
+def writable_folder(folder: Path, flag: str) -> Path:
+    """``folder``, made where missing, once a file can be written in it; else a ValueError naming ``flag``:
+    before a command loads a model (gigabytes) or measures for minutes only to fail at its first write."""
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"'{folder}' is a file, not a folder; pass another {flag}")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".vlmrm-fast-", suffix=".probe")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        blocker = next((p for p in folder.parents if p.exists() and not p.is_dir()), None)
+        why = f"'{blocker}' is a file" if blocker is not None else exc.strerror or str(exc)
+        raise ValueError(f"cannot write in '{folder}' ({why}); pass another {flag}") from None
+    return folder
+
+
+def writable_file(path: Path, flag: str) -> Path:
+    """``path``, once it is no folder and a file can be written beside it (:func:`writable_folder`)."""
+    if path.is_dir():
+        raise ValueError(f"'{path}' is a folder; give a file name, or end {flag} with '/' to write the default name in it")
+    writable_folder(path.parent, flag)
+    return path
+
+
 def positive_int(text: str) -> int:
     """An integer >= 1."""
     return _int_from(text, 1, "a positive integer")
@@ -82,12 +108,19 @@ def _int_from(text: str, lowest: int, what: str) -> int:
 def in_cli_terms(message: str, dtype_flag: str = "--dtypes", backend_flag: str = "--backends",
                  batch_flag: str = "--batch-sizes") -> str:
     """A backend's error, written for ``CLIPReward`` callers, in a command's options: with ``bench``'s
-    flags (the defaults), "pass dtype=torch.float32" becomes "pass --dtypes fp32", "use
-    backend='torch'" "use --backends torch" and "lower max_batch_size" "lower --batch-sizes"; ``score``
-    passes its ``--dtype``, ``--backend`` and ``--batch-size``."""
-    message = re.sub(r"dtype=torch\.(\w+)", lambda m: f"{dtype_flag} {SHORT_DTYPE_NAMES.get(m.group(1), m.group(1))}",
-                     message)
+    flags (the defaults), "pass dtype=torch.float32" becomes "pass --dtypes fp32", "backend='torch'"
+    "--backends torch", "quantize='int8'" "--dtypes int8" (bench's precisions), "device='cpu'" "--device
+    cpu" and "lower max_batch_size" "lower --batch-sizes"; ``score`` passes its ``--dtype``, ``--backend``
+    and ``--batch-size``."""
+    def short(match: re.Match) -> str:
+        return SHORT_DTYPE_NAMES.get(match.group(1), match.group(1))
+
+    message = re.sub(r"dtype=torch\.(\w+)", lambda m: f"{dtype_flag} {short(m)}", message)
+    message = re.sub(r"\btorch\.(float32|bfloat16|float16)\b", short, message)
     message = re.sub(r"backend='(\w+)' with quantize='(\w+)'", rf"{backend_flag} \1 {dtype_flag} \2", message)
-    for before in (r"(?<=use )", r"(?<=\()"):
-        message = re.sub(before + r"backend='(\w+)'", rf"{backend_flag} \1", message)
+    message = re.sub(r"backend='(\w+)'( or '(\w+)')?", lambda m: f"{backend_flag} {m.group(1)}"
+                     + (f" or {m.group(3)}" if m.group(3) else ""), message)
+    message = re.sub(r"quantize='(\w+)'", rf"{dtype_flag} \1", message)
+    message = re.sub(r"device='([^']*)'", r"--device \1", message)
+    message = re.sub(r" \(command line: [^)]*\)", "", message)  # what the Python message adds for these commands
     return re.sub(r"\bmax_batch_size\b", batch_flag, message)

@@ -25,13 +25,11 @@ import csv
 import importlib
 import io
 import logging
-import os
 import queue
 import re
 import signal
 import subprocess
 import sys
-import tempfile
 import textwrap
 import threading
 import time
@@ -44,7 +42,7 @@ from typing import TYPE_CHECKING, Callable, Optional, TextIO, TypeVar
 import numpy as np
 from tqdm import tqdm
 
-from vlmrm_fast.argtypes import BACKEND_NAMES, dtype_choice, in_cli_terms, output_file, positive_int
+from vlmrm_fast.argtypes import BACKEND_NAMES, dtype_choice, in_cli_terms, output_file, positive_int, writable_file
 from vlmrm_fast.atomic import save_figure_atomically, write_atomically
 from vlmrm_fast.export import add_export_parser
 from vlmrm_fast.profiler import add_bench_parser
@@ -329,7 +327,6 @@ def _run_score(args: argparse.Namespace) -> int:
     csv_path = output_file(args.out, default_csv_path(args.path))  # a folder: the default name inside it
     plot_path = _plot_path(args.plot, csv_path)
     _check_outputs(args.path, source, [p for p in (csv_path, plot_path) if p is not None])
-    from vlmrm_fast.backends import BackendError
     from vlmrm_fast.reward import CLIPReward
 
     try:
@@ -345,9 +342,9 @@ def _run_score(args: argparse.Namespace) -> int:
             backend=args.backend,
             max_batch_size=args.batch_size,
         )
-    except BackendError as error:  # written for Python callers: name this command's flags instead
-        raise BackendError(in_cli_terms(str(error), dtype_flag="--dtype", backend_flag="--backend",
-                                        batch_flag="--batch-size")) from None
+    except ValueError as error:  # a BackendError too: written for Python callers, name this command's flags instead
+        raise CLIError(in_cli_terms(str(error), dtype_flag="--dtype", backend_flag="--backend",
+                                    batch_flag="--batch-size")) from None
     start = time.perf_counter()
     rewards, labels = score_frames(rm, source, rm.max_batch_size, progress=not args.no_progress)
     elapsed = time.perf_counter() - start
@@ -366,15 +363,7 @@ def _check_outputs(path: Path, source, outputs: Sequence[Path]) -> None:
         if out.resolve() in inputs:
             raise CLIError(f"'{out}' is an input of this run; writing the results there would replace it: "
                            "pass another --out/--plot")
-        if out.is_dir():
-            raise CLIError(f"'{out}' is a folder; give a file name")
-        try:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            fd, probe = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".probe")
-            os.close(fd)
-            os.unlink(probe)
-        except OSError as exc:
-            raise CLIError(f"cannot write '{out}' ({exc.strerror or exc}); pass another --out/--plot") from None
+        writable_file(out, "--out/--plot")
 
 
 def default_csv_path(path: Path) -> Path:

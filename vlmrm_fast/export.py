@@ -13,7 +13,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
-from vlmrm_fast.argtypes import ONNX_EXPORTERS, ONNX_INPUT_FORMATS, dtype_choice, output_file, positive_int
+from vlmrm_fast.argtypes import ONNX_EXPORTERS, ONNX_INPUT_FORMATS, dtype_choice, output_file, positive_int, writable_file
 from vlmrm_fast.atomic import write_atomically
 from vlmrm_fast.scratch import scratch_folder
 
@@ -87,7 +87,7 @@ def run_export(args: argparse.Namespace) -> int:
     pretrained = None if args.pretrained.lower() == "none" else args.pretrained
     dtype = args.dtype or ("fp32" if args.format == "onnx" else "bf16")
     batch_range = _check_before_loading(args, dtype)  # a refusal costs no download or load of the weights
-    out = output_file(args.out, default_out(args.model, pretrained, args.input, args.format, dtype))
+    out = writable_file(output_file(args.out, default_out(args.model, pretrained, args.input, args.format, dtype)), "--out")
     model, _ = create_clip(args.model, pretrained)
     spec = preprocess_spec_of(model, "vlmrm")
     start = time.perf_counter()

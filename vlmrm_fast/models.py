@@ -416,7 +416,7 @@ def _create(model_name: str, pretrained: Optional[str], cache_dir: Optional[str]
             ) from exc
     if pretrained is None:
         warnings.warn(
-            f"{model_name} has random weights (pretrained=None): its rewards carry no meaning. "
+            f"{model_name} has random weights (no pretrained weights asked for): its rewards carry no meaning. "
             "Pass an open_clip tag or a checkpoint path for a real reward model.",
             UserWarning,
             stacklevel=4,

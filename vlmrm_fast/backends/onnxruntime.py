@@ -92,8 +92,8 @@ class OnnxRuntimeBackend(VisionBackend):
             providers = ["CPUExecutionProvider"]
         self._providers = providers
         start = time.perf_counter()
-        _log.info("exporting the vision tower to ONNX for ONNX Runtime (once per reward model; backend='torch' "
-                  "skips it)")
+        _log.info("exporting the vision tower to ONNX for ONNX Runtime (once per reward model; the torch "
+                  "backend skips it)")
         # The graph lives as long as this backend (copies and profile_nodes read it): removed when it is
         # collected or at exit, without TemporaryDirectory's "implicitly cleaning up" ResourceWarning.
         self._workdir = Path(tempfile.mkdtemp(prefix="vlmrm_fast_onnx_"))

@@ -60,7 +60,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 import torch
 from tqdm import tqdm
 
-from vlmrm_fast.argtypes import in_cli_terms
+from vlmrm_fast.argtypes import in_cli_terms, writable_folder
 from vlmrm_fast.backends import BackendError
 from vlmrm_fast.backends.base import missing_cuda_device, parse_device
 from vlmrm_fast.backends.torch_fp8 import fp8_unsupported_reason
@@ -79,6 +79,7 @@ from vlmrm_fast.profiler.report import (
     _require_matplotlib,
     _stage_row,
     check_targets,
+    machine_was_busy,
     environment,
     markdown_report,
     peak_dtype,
@@ -555,7 +556,7 @@ def run_bench(args: argparse.Namespace) -> int:
     config = resolve_config(args)
     if config.plot:
         _require_matplotlib()
-    config.out.mkdir(parents=True, exist_ok=True)
+    writable_folder(config.out, "--out")
     # An earlier run's plot in the same folder would pass for this run's (bench.json and .md are rewritten).
     (config.out / "bench.png").unlink(missing_ok=True)
     began = time.perf_counter()
@@ -599,16 +600,17 @@ def run_bench(args: argparse.Namespace) -> int:
             profiler.profile_kernels()  # each saves the report with the peaks set
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM (a job's time limit): keep what was measured, marked incomplete
         report.set_peaks()  # the rows measured since the last save have none yet
-        report.targets = check_targets(report.rows, config.device)
+        report.environment["load_average_end"] = _load_average()
+        report.targets = check_targets(report.rows, config.device, busy=machine_was_busy(report.environment))
         report.elapsed_seconds = time.perf_counter() - began
         written = write_outputs(report, config)
         print(f"interrupted after {report.elapsed_seconds:.0f} s; wrote what was measured: "
               f"{', '.join(map(str, written))}", file=sys.stderr)
         raise
-    report.targets = check_targets(report.rows, config.device)
+    report.environment["load_average_end"] = _load_average()
+    report.targets = check_targets(report.rows, config.device, busy=machine_was_busy(report.environment))
     report.complete = True
     report.elapsed_seconds = time.perf_counter() - began
-    report.environment["load_average_end"] = _load_average()
     written = write_outputs(report, config)
     print()
     print(markdown_report(report))
