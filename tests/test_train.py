@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import os
 import shutil
 import signal
@@ -1807,6 +1808,38 @@ def test_resume_with_every_checkpoint_damaged_names_the_problem(tmp_path, one_ch
     with pytest.raises(ValueError, match="every checkpoint in .* is damaged.*restore the run folder from a copy"):
         train(config, resume=result.run_dir, reward_model=tiny_reward(config))
     assert ckpt.damaged_files(path) == ["model.zip"]  # left in place for the user
+
+
+def test_a_run_whose_checkpoints_are_all_cut_short_is_named_and_a_new_run_there_refused(tmp_path, one_checkpoint):
+    # It said "no complete checkpoint ...; start a new run without --resume", and that new run replaced the
+    # cut checkpoint of its step, whose model and buffer were whole.
+    from vlmrm_fast.train import train
+
+    result, path = one_checkpoint
+    with open(path / "state.pt", "r+b") as f:
+        f.truncate(1000)
+    before = sorted((p.name, p.stat().st_size) for p in path.iterdir())
+    config = dot_config(tmp_path, total_timesteps=60)
+    with pytest.raises(ValueError, match=r"every checkpoint in .* is incomplete \(step_0+40: files cut short.*restore "
+                                         r"the run folder from a copy, or start a new run in another --run-dir"):
+        train(config, resume=result.run_dir, reward_model=tiny_reward(config))
+    with pytest.raises(ValueError, match=r"holds checkpoints that are incomplete \(step_0+40.*choose another --run-dir"):
+        train(dataclasses.replace(config, run_dir=str(result.run_dir)), reward_model=tiny_reward(config))
+    assert sorted((p.name, p.stat().st_size) for p in path.iterdir()) == before
+
+
+def test_resume_of_a_checkpoint_folder_names_its_run_folder_and_leaves_no_lock_in_it(tmp_path, one_checkpoint):
+    from vlmrm_fast.train import train
+
+    result, path = one_checkpoint
+    before = sorted(p.name for p in path.iterdir())
+    config = dot_config(tmp_path, total_timesteps=60)
+    with pytest.raises(FileNotFoundError, match=f"is a checkpoint folder: resume its run folder, --resume {re.escape(str(result.run_dir))}$"):
+        train(config, resume=path, reward_model=tiny_reward(config))
+    assert sorted(p.name for p in path.iterdir()) == before
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(ValueError, match="'.*a-file' is a file, not a folder; pass another --run-dir"):
+        train(dataclasses.replace(config, run_dir=str(tmp_path / "a-file")), reward_model=tiny_reward(config))
 
 
 def test_a_crash_while_overwriting_a_checkpoint_of_the_same_step_keeps_it(one_checkpoint, monkeypatch):

@@ -414,6 +414,12 @@ def find_latest(run_dir: os.PathLike, verify: bool = False) -> Optional[Path]:
     return None
 
 
+def checkpoint_folders(run_dir: os.PathLike) -> list[Path]:
+    """Every checkpoint folder of the run, complete or not, oldest first."""
+    root = checkpoint_root(run_dir)
+    return sorted(root.glob(PREFIX + "*")) if root.is_dir() else []
+
+
 def set_aside_newer(run_dir: os.PathLike, chosen: Path) -> list[Path]:
     """Rename every checkpoint folder newer than ``chosen`` (damaged or incomplete: a resume passed over
     it) to ``damaged-<name>``, so that the resumed run's pruning and same-step overwrites never delete

@@ -30,6 +30,7 @@ os.environ.setdefault("PYOPENGL_PLATFORM", "egl")
 
 import numpy as np  # noqa: E402
 
+from vlmrm_fast.argtypes import writable_folder  # noqa: E402
 from vlmrm_fast.atomic import write_atomically  # noqa: E402
 from vlmrm_fast.env_render import render_env  # noqa: E402
 from vlmrm_fast.train import checkpoint as ckpt  # noqa: E402
@@ -273,6 +274,8 @@ def train(config: TrainConfig, *, resume: Union[str, os.PathLike, None] = None, 
     config = dataclasses.replace(config, run_dir=str(run_dir))
     if resume is not None:
         _check_resume_folder(run_dir)  # before the lock, which would make it
+    else:
+        writable_folder(run_dir, "--run-dir")  # a file there, or a folder that cannot be written: named
     with hold_run_folder(run_dir):  # a second process here would clear and prune this one's checkpoints
         return _train_in(run_dir, config, resume, reward_model, start)
 
@@ -444,6 +447,9 @@ def default_run_dir(name: str = "run") -> Path:
 def _check_resume_folder(run_dir: Path) -> None:
     if not run_dir.is_dir():
         raise FileNotFoundError(f"no run folder '{run_dir}' to resume; check the path, or start a new run without --resume")
+    if (run_dir / "meta.json").is_file() or run_dir.name.startswith(ckpt.PREFIX):  # before a lock file lands in it
+        raise FileNotFoundError(f"'{run_dir}' is a checkpoint folder: resume its run folder, --resume "
+                                f"{run_dir.parent.parent if run_dir.parent.name == 'checkpoints' else run_dir.parent}")
 
 
 def _resume_checkpoint(run_dir: Path, resume: Optional[os.PathLike]) -> Optional[Path]:
@@ -454,6 +460,11 @@ def _resume_checkpoint(run_dir: Path, resume: Optional[os.PathLike]) -> Optional
                 f"run folder '{run_dir}' already holds checkpoints; continue it with --resume {run_dir}, "
                 "or choose another --run-dir"
             )
+        if ckpt.checkpoint_folders(run_dir):  # incomplete ones, which a new run's first saves would replace
+            raise ValueError(
+                f"run folder '{run_dir}' holds checkpoints that are incomplete ({_names(ckpt.checkpoint_folders(run_dir))}: "
+                "files cut short or missing): restore it from a copy and resume it, or choose another --run-dir"
+            )
         return None
     found = ckpt.find_latest(resume, verify=True)
     if found is None:
@@ -461,12 +472,25 @@ def _resume_checkpoint(run_dir: Path, resume: Optional[os.PathLike]) -> Optional
         if ckpt.find_latest(resume) is not None:
             raise ValueError(
                 f"every checkpoint in '{root}' is damaged (its files no longer match the checksums written with "
-                "them; see the warnings above): restore the run folder from a copy, or start a new run without --resume"
+                "them; see the warnings above): restore the run folder from a copy, or start a new run in another "
+                "--run-dir"
+            )
+        folders = ckpt.checkpoint_folders(resume)
+        if folders:
+            raise ValueError(
+                f"every checkpoint in '{root}' is incomplete ({_names(folders)}: files cut short or missing, such as "
+                "a copy of the run folder cut short): restore the run folder from a copy, or start a new run in "
+                "another --run-dir"
             )
         raise FileNotFoundError(
             f"no complete checkpoint in '{root}'; check the path, or start a new run without --resume"
         )
     return found
+
+
+def _names(folders: Sequence[Path]) -> str:
+    shown = [f.name for f in folders[-3:]]
+    return ", ".join(shown) + (f" and {len(folders) - 3} older" if len(folders) > 3 else "")
 
 
 def _check_resume_config(found: Path, config: TrainConfig) -> None:
