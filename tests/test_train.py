@@ -2487,10 +2487,50 @@ def test_an_evaluation_that_cannot_write_its_video_is_skipped_with_a_warning(tmp
 
     monkeypatch.setattr(callbacks, "evaluate_policy_video", no_ffmpeg)
     config = dot_config(tmp_path, total_timesteps=40, eval_every=20, checkpoint_every=20)
-    with pytest.warns(UserWarning, match=r"evaluation video skipped: no ffmpeg \(simulated\)"):
+    with pytest.warns(UserWarning, match=r"evaluation at step 20 skipped: OSError: no ffmpeg \(simulated\); training goes on"):
         result = train(config, reward_model=top_heavy_brightness)
     assert result.num_timesteps == 40 and result.checkpoint.name == ckpt.step_name(40)
     assert not {"eval/gt_return", "eval/vlm_return"} & tb_tags(result.run_dir)
+    # The final evaluation failed too: a resume with no steps left, ffmpeg back, makes it (it was counted done).
+    monkeypatch.undo()
+    again = train(config, resume=result.run_dir, reward_model=top_heavy_brightness)
+    assert again.evaluated_only and (result.run_dir / "videos" / "eval_step_000000000040.mp4").exists()
+    assert {"eval/gt_return", "eval/vlm_return"} <= tb_tags(result.run_dir)
+    done = train(config, resume=result.run_dir, reward_model=top_heavy_brightness)
+    assert not done.evaluated_only  # recorded in the checkpoint: a further resume does not evaluate again
+
+
+class FatalError(Exception):
+    """Stands for mujoco.FatalError (a plain Exception), matched by its name as MuJoCo's is."""
+
+
+def test_a_size_gl_cannot_render_is_an_error_naming_the_size_to_change(tmp_path, monkeypatch):
+    # MuJoCo's offscreen framebuffer past GL's size limit: a traceback at start-up (training size) or mid-run,
+    # losing the steps since the last checkpoint (video size, at an evaluation).
+    from vlmrm_fast.train import callbacks, train
+    from vlmrm_fast.train.run import check_env_frames
+
+    with pytest.raises(ValueError, match=r"cannot render frames of the size asked \(Offscreen framebuffer is not "
+                                         r"complete.*choose a smaller render_width and render_height"):
+        check_env_frames(dot_config(tmp_path, env_id="vlmrm_fast/TexturedHumanoid-v0", render_width=70000,
+                                    render_height=8), 70000, 8)  # past every GL's limit (32768 at most)
+
+    def too_large(*args, **kwargs):
+        raise FatalError("Offscreen framebuffer is not complete, error 0x8cd6")
+
+    monkeypatch.setattr(callbacks, "evaluate_policy_video", too_large)
+    config = dot_config(tmp_path, total_timesteps=40, eval_every=20, checkpoint_every=40)
+    with pytest.warns(UserWarning, match=r"evaluation at step 20 skipped: FatalError: Offscreen framebuffer.*choose a "
+                                         r"smaller video_width and video_height"):
+        result = train(config, reward_model=top_heavy_brightness)
+    assert result.checkpoint.name == ckpt.step_name(40)
+
+    def a_bug(*args, **kwargs):
+        raise FatalError("mj_step: bad state")  # not a size: the evaluation's own error stops the run
+
+    monkeypatch.setattr(callbacks, "evaluate_policy_video", a_bug)
+    with pytest.raises(FatalError, match="bad state"):
+        train(dot_config(tmp_path / "b", total_timesteps=40, eval_every=20), reward_model=top_heavy_brightness)
 
 
 def test_the_evaluation_video_is_the_first_episode_at_the_envs_frame_rate(tmp_path):
@@ -2514,6 +2554,28 @@ def test_the_evaluation_video_is_the_first_episode_at_the_envs_frame_rate(tmp_pa
     assert video() == (15, 10)  # one episode of 15 frames, not both; DotEnv's render_fps
     assert video(video_length=6) == (6, 10)
     assert video(video_length=30) == (15, 10)  # longer than an episode: still the first episode only
+
+
+@pytest.mark.parametrize("height,width,written", [(60, 100, (60, 100)), (27, 33, (28, 34))])
+def test_the_evaluation_video_keeps_its_size_and_pixels(tmp_path, height, width, written):
+    # imageio resized every frame to a multiple of 16 (60 x 100 became 64 x 112, the dot stretched); H.264 takes
+    # even sizes, so an odd one gains a copy of its last row or column and keeps every pixel.
+    import imageio.v2 as imageio
+
+    from vlmrm_fast.train import train
+    from vlmrm_fast.train.callbacks import evaluate_policy_video
+
+    config = dot_config(tmp_path, total_timesteps=20, checkpoint_every=0, episode_length=5, eval_episodes=1,
+                        video_width=width, video_height=height, render_width=width, render_height=height)
+    model = train(config, reward_model=top_heavy_brightness).model
+    path, _, _ = evaluate_policy_video(model, config, top_heavy_brightness, tmp_path / "v")
+    frames = np.stack(imageio.mimread(path))
+    assert frames.shape[1:] == written + (3,)
+    env = DotEnv(width=width, height=height)  # the evaluation's first episode, its first frame
+    obs, _ = env.reset(seed=config.seed + 1_000_003)
+    env.step(model.predict(obs, deterministic=True)[0])
+    expected = env.render()  # the background and the dot's colours survive H.264 within its loss
+    assert np.abs(frames[0, :height, :width].astype(int) - expected.astype(int)).mean() < 12
 
 
 def test_evaluations_are_scored_at_the_training_frame_size_and_filmed_at_the_video_size(tmp_path):

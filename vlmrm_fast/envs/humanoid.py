@@ -241,6 +241,12 @@ def looks_like_gl_error(exc: BaseException) -> bool:
     return any(s in text for s in ("egl", "opengl", "gl context", "glfw", "osmesa", "display", "pyopengl"))
 
 
+def looks_like_framebuffer_limit(exc: BaseException) -> bool:
+    """MuJoCo's error for an offscreen framebuffer GL will not allocate: a render size past the GL
+    implementation's limit (Mesa's llvmpipe: 16384 pixels a side), not a missing GL."""
+    return type(exc).__name__ == "FatalError" and "framebuffer" in str(exc).lower()
+
+
 def rendering_help(exc: Optional[BaseException] = None) -> str:
     """A one-paragraph explanation of why MuJoCo cannot render RGB frames here, and the fix."""
     gl = os.environ.get("MUJOCO_GL")

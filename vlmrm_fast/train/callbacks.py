@@ -112,6 +112,7 @@ class TrainingCallback(BaseCallback):
         extra = self.resume_extra
         self._last_ckpt_step = int(extra.get("last_checkpoint_step", n))
         self._last_eval_step = int(extra.get("last_eval_step", n))
+        self._last_eval_failed = bool(extra.get("last_eval_failed", False))
         n_envs = self.training_env.num_envs
         self._ep_vlm = np.asarray(extra.get("ep_vlm", np.zeros(n_envs)), dtype=np.float64).copy()
         self._ep_gt = np.asarray(extra.get("ep_gt", np.zeros(n_envs)), dtype=np.float64).copy()
@@ -316,6 +317,8 @@ class TrainingCallback(BaseCallback):
             # A stop's checkpoint is extra: the periodic ones stay where an uninterrupted run puts them.
             "last_checkpoint_step": self._last_ckpt_step if mid_rollout else n,
             "last_eval_step": self._last_eval_step,
+            # The schedule counts a failed evaluation as done; a resume with no steps left tries the final one again.
+            "last_eval_failed": self._last_eval_failed,
             "ep_vlm": self._ep_vlm.copy(),
             "ep_gt": self._ep_gt.copy(),
             # A stop logs what is pending before it exits (_on_training_end); a periodic checkpoint
@@ -376,18 +379,34 @@ class TrainingCallback(BaseCallback):
         """The step of the run's last evaluation (from the checkpoint until this session evaluates)."""
         return self._last_eval_step
 
+    @property
+    def last_eval_failed(self) -> bool:
+        """Whether the evaluation at :attr:`last_eval_step` failed (a warning said why)."""
+        return self._last_eval_failed
+
     def evaluate(self) -> Optional[Path]:
-        """Run ``eval_episodes`` deterministic episodes in a separate env; write the first as mp4."""
+        """Run ``eval_episodes`` deterministic episodes in a separate env; write the first as mp4.
+
+        An evaluation that fails for want of something outside the run (a package, a file system, a GL
+        framebuffer of the video size) warns and returns None: training goes on."""
+        from vlmrm_fast.envs.humanoid import looks_like_framebuffer_limit
+
         self._last_eval_step = self.model.num_timesteps
+        self._last_eval_failed = True
         start = time.perf_counter()
         try:
             path, gt, vlm = evaluate_policy_video(self.model, self.config, self.reward_model, self.run_dir,
                                                   self.render_size)
-        except (ImportError, OSError, RuntimeError) as exc:
-            warnings.warn(f"evaluation video skipped: {exc}")
+        except Exception as exc:
+            if not (isinstance(exc, (ImportError, OSError, RuntimeError)) or looks_like_framebuffer_limit(exc)):
+                raise
+            also = (": choose a smaller video_width and video_height" if looks_like_framebuffer_limit(exc) else "")
+            warnings.warn(f"evaluation at step {self._last_eval_step} skipped: {type(exc).__name__}: {exc}{also}; training goes "
+                          "on (a failed final evaluation is tried again by --resume)")
             return None
         finally:
             self._stage["eval_s"] += time.perf_counter() - start
+        self._last_eval_failed = False
         self.logger.record("eval/gt_return", gt)
         self.logger.record("eval/vlm_return", vlm)
         self.logger.dump(self.model.num_timesteps)  # at the step evaluated, not at the next log
@@ -466,7 +485,8 @@ def evaluate_policy_video(model, config: TrainConfig, reward_model, run_dir: Pat
                 opened.close()
     out = Path(run_dir) / "videos" / f"eval_step_{model.num_timesteps:012d}.mp4"
     out.parent.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # imageio's note on resizing to a multiple of 16
-        imageio.mimwrite(out, video, fps=fps, macro_block_size=16)
+    # H.264 in yuv420p takes even sizes only: an odd one gets a copy of its last row or column, so that the
+    # frames keep their pixels (imageio would resize them all, to a multiple of 16 by default).
+    video = [np.pad(f, ((0, f.shape[0] % 2), (0, f.shape[1] % 2), (0, 0)), mode="edge") for f in video]
+    imageio.mimwrite(out, video, fps=fps, macro_block_size=1)
     return out, float(np.mean(gt_returns)), float(np.mean(vlm_returns))

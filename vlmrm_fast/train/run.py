@@ -122,6 +122,7 @@ def _first_frame(env, config: TrainConfig):
     from vlmrm_fast.envs.humanoid import (
         RenderingUnavailable,
         defuse_half_made_viewer,
+        looks_like_framebuffer_limit,
         looks_like_gl_error,
         rendering_help,
     )
@@ -134,6 +135,9 @@ def _first_frame(env, config: TrainConfig):
         # problem whose message names the fix, not a crash.
         raise ValueError(f"env {config.env_id!r} cannot render: {exc}") from exc
     except Exception as exc:
+        if looks_like_framebuffer_limit(exc):
+            raise ValueError(f"env {config.env_id!r} cannot render frames of the size asked ({exc}): choose a smaller "
+                             "render_width and render_height") from exc
         if not looks_like_gl_error(exc):
             raise
         defuse_half_made_viewer(exc)  # an env of gymnasium's or the user's own, which does not name the fix
@@ -323,7 +327,8 @@ def _train_in(run_dir: Path, config: TrainConfig, resume, reward_model, start: f
     # must finish the rollout, as its checkpoint says.)
     final_eval_missing = bool(remaining == 0 and config.eval_every and extra is not None
                               and not extra.get("rollout_steps_done") and not extra.get("train_pending")
-                              and int(extra.get("last_eval_step", model.num_timesteps)) < model.num_timesteps)
+                              and (int(extra.get("last_eval_step", model.num_timesteps)) < model.num_timesteps
+                                   or bool(extra.get("last_eval_failed"))))
     first_step, learn_seconds = model.num_timesteps, 0.0
     try:
         if remaining > 0:
@@ -342,11 +347,11 @@ def _train_in(run_dir: Path, config: TrainConfig, resume, reward_model, start: f
             if callback.stop_signal is None and (remaining > 0 or final_eval_missing) and config.eval_every:
                 callback.evaluate()
         finally:
-            if final_eval_missing and callback.last_eval_step == model.num_timesteps:
+            if final_eval_missing and callback.last_eval_step == model.num_timesteps and not callback.last_eval_failed:
                 # The checkpoint as it was, the evaluation recorded: a session that took no step knows
                 # nothing of the run's rollouts (a cut last one, say) that the checkpoint does not.
                 callback.last_checkpoint = ckpt.save_checkpoint(
-                    run_dir, model, config_json, dict(extra, last_eval_step=model.num_timesteps),
+                    run_dir, model, config_json, dict(extra, last_eval_step=model.num_timesteps, last_eval_failed=False),
                     keep=config.keep_checkpoints)
             # Also after a signal that came too late for the callback's own checkpoint (during the last
             # gradient steps, or the evaluation): the work since the last checkpoint is saved either way.
