@@ -81,6 +81,17 @@ class NeedsPygameEnv(DotEnv):
         raise gym.error.DependencyNotInstalled('pygame is not installed, run `pip install "gymnasium[classic-control]"`')
 
 
+class DiscreteDotEnv(DotEnv):
+    """Frames as DotEnv's, but three discrete actions: SAC cannot drive it."""
+
+    def __init__(self, render_mode="rgb_array", width=32, height=32):
+        super().__init__(render_mode, width, height)
+        self.action_space = gym.spaces.Discrete(3)
+
+    def step(self, action):
+        return super().step(np.eye(2, dtype=np.float32)[min(int(action), 1)])
+
+
 class FixedSizeEnv(DotEnv):
     """Renders at its own size (24 x 40) and takes no width/height, like most gymnasium envs."""
 
@@ -90,7 +101,7 @@ class FixedSizeEnv(DotEnv):
 
 for _id, _cls in (("VlmrmTestDot-v0", DotEnv), ("VlmrmTestNoRender-v0", NoRenderEnv),
                   ("VlmrmTestFixedSize-v0", FixedSizeEnv), ("VlmrmTestNoGL-v0", NoGLEnv),
-                  ("VlmrmTestNeedsPygame-v0", NeedsPygameEnv)):
+                  ("VlmrmTestNeedsPygame-v0", NeedsPygameEnv), ("VlmrmTestDiscrete-v0", DiscreteDotEnv)):
     if _id not in gym.registry:
         gym.register(_id, entry_point=_cls)
 
@@ -1191,6 +1202,16 @@ def test_env_without_rgb_rendering_is_a_clear_error(tmp_path):
         train(config)
 
 
+def test_an_env_with_discrete_actions_is_refused_before_the_reward_model_loads(tmp_path, monkeypatch):
+    # SAC's own assertion came after the reward model had loaded (minutes for ViT-bigG-14), as a traceback.
+    from vlmrm_fast.train import run, train
+
+    monkeypatch.setattr(run, "build_reward_model", lambda *a, **k: pytest.fail("the reward model loaded first"))
+    config = dot_config(tmp_path, env_id="test_train:VlmrmTestDiscrete-v0")
+    with pytest.raises(ValueError, match=r"has a Discrete\(3\) action space, and SAC takes continuous \(Box\) actions only"):
+        train(config)
+
+
 def test_env_that_cannot_make_a_gl_context_is_a_clear_error(tmp_path, monkeypatch, capsys):
     # No EGL on a headless machine: one line naming the fix from the command line, not a traceback.
     from vlmrm_fast.cli import main
@@ -1460,6 +1481,8 @@ def test_config_file_and_overrides(tmp_path):
     assert config.goal == ["a robot"] and config.pretrained is None and config.net_arch == [64, 64]
     with pytest.raises(ValueError, match="unknown config key.*did you mean 'n_envs' for 'n_env'"):
         apply_overrides(config, {"n_env": 3})
+    with pytest.raises(ValueError, match=r"unknown config key\(s\) in overrides: zzz\. Valid keys are listed"):
+        apply_overrides(config, {"zzz": 3})  # no guess: still a sentence
     # Sections are flattened: one key in two places is an error, not a silent last-one-wins.
     for text, match in (("gamma = 0.9\n[sac]\ngamma = 0.99\n", r"sets 'gamma' twice, in the top level and in \[sac\]"),
                         ("[a]\ntau = 0.1\n[b]\ntau = 0.2\n", r"sets 'tau' twice, in \[a\] and in \[b\]")):

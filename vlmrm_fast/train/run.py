@@ -145,12 +145,21 @@ def _first_frame(env, config: TrainConfig):
 
 
 def check_env_frames(config: TrainConfig, width: Optional[int], height: Optional[int]) -> tuple[int, int]:
-    """Make one env, render a frame and check it is uint8 RGB [H, W, 3]; return (H, W).
+    """Make one env, check that SAC takes its actions, render a frame and check it is uint8 RGB [H, W, 3];
+    return (H, W).
 
     Runs before the reward model is loaded, so a bad env fails in seconds with the fix named.
     """
+    import gymnasium as gym
+
     env = make_env(config, width, height)
     try:
+        if not isinstance(env.action_space, gym.spaces.Box):
+            raise ValueError(
+                f"env {config.env_id!r} has a {env.action_space} action space, and SAC takes continuous (Box) "
+                "actions only: pick an env with continuous actions (MuJoCo's, the textured humanoid), or use the "
+                "reward wrappers (vlmrm_fast.VLMRewardVecEnv) with an algorithm for discrete actions in your own loop"
+            )
         modes = env.metadata.get("render_modes") or []
         if "rgb_array" in modes and "render_mode" in config.env_kwargs and env.render_mode != "rgb_array":
             raise ValueError(
