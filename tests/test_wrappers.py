@@ -768,6 +768,37 @@ def test_a_reward_function_returning_nan_is_a_clear_error(no_batch, bad):
     single.close()
 
 
+def test_a_plain_callable_with_several_columns_keys_them_by_index_and_task_is_checked_against_them(no_batch):
+    # Without task_names, info["vlm_rewards"] was {} and an out-of-range task= an IndexError at the first step.
+    def two_columns(frames):
+        return np.stack([np.full(len(frames), 1.0), np.full(len(frames), 2.0)], axis=1).astype(np.float32)
+
+    single = VLMRewardWrapper(make_env(), two_columns, task=1)
+    single.reset(seed=0)
+    info = single.step(single.action_space.sample())[-1]
+    assert info["vlm_reward"] == 2.0 and info["vlm_rewards"] == {"0": 1.0, "1": 2.0}
+    single.close()
+    venv = VLMRewardVecEnv(DummyVecEnv([make_env] * 2), two_columns, task=-2)
+    venv.reset()
+    infos = venv.step(actions(1, 2)[0])[-1]
+    assert [i["vlm_reward"] for i in infos] == [1.0, 1.0] and infos[1]["vlm_rewards"] == {"0": 1.0, "1": 2.0}
+    venv.close()
+    from vlmrm_fast import VLMRewardVectorWrapper
+
+    vector = VLMRewardVectorWrapper(gym.vector.SyncVectorEnv([make_env] * 2), two_columns, render="images")
+    vector.reset(seed=0)
+    info = vector.step(actions(1, 2)[0])[-1]
+    np.testing.assert_array_equal(info["vlm_rewards"]["1"], [2.0, 2.0])
+    assert list(info["vlm_rewards"]) == ["0", "_0", "1", "_1"]
+    vector.close()
+    for wrapped in (VLMRewardWrapper(make_env(), two_columns, task=2), VLMRewardVecEnv(DummyVecEnv([make_env]), two_columns, task=2)):
+        wrapped.reset()
+        with pytest.raises(ValueError, match=r"task=2, but the reward model returns 2 reward\(s\) per frame: pass a task "
+                                             r"index from 0 to 1"):
+            wrapped.step(wrapped.action_space.sample() if isinstance(wrapped, gym.Env) else actions(1, 1)[0])
+        wrapped.close()
+
+
 def test_vec_env_errors(rm, no_batch):
     with pytest.raises(ValueError, match=r'render_mode="rgb_array"'):
         VLMRewardVecEnv(DummyVecEnv([lambda: gym.make(ENV_ID)]), rm)

@@ -200,7 +200,7 @@ class VLMRewardVectorWrapper(_RewardMode, _BatchFrames, gym.vector.VectorWrapper
         frames, bottom_up, terminal = self._render(infos, ended)
         all_rewards = _rewards_of(self.reward_model, frames, bottom_up)  # [N, T] float32
         all_rewards = np.where(stepped[:, None], all_rewards, np.float32(0.0))
-        vlm = all_rewards[:, self.task]
+        vlm = all_rewards[:, self._task_column(all_rewards.shape[1])]
         env_rewards = np.asarray(env_rewards)
         gt = env_rewards.astype(np.float64).reshape(n)
         rewards = _combine(self.mode, self.weight, gt, vlm.astype(np.float64))
@@ -222,7 +222,7 @@ class VLMRewardVectorWrapper(_RewardMode, _BatchFrames, gym.vector.VectorWrapper
         _set(infos, "vlm_reward", vlm, stepped)
         if all_rewards.shape[1] > 1:
             per_task: Dict[str, Any] = {}
-            for j, name in enumerate(self.task_names):
+            for j, name in enumerate(self._reward_keys(all_rewards.shape[1])):
                 _set(per_task, name, all_rewards[:, j], stepped)
             _set(infos, "vlm_rewards", per_task, stepped)
         if ended.any():

@@ -20,7 +20,7 @@ Modes (both wrappers):
 Every step's ``info`` gets ``"gt_reward"`` (the env's own reward, float) and ``"vlm_reward"`` (float).
 With a several-task reward model (``CLIPReward(tasks=[...])``) the task chosen by ``task=`` (index or
 name, default the first) drives the reward and ``info["vlm_rewards"]`` maps every task name to its
-reward. On the step where an episode ends, ``info["episode_vlm_return"]`` and
+reward (a plain callable returning [N, T] names no tasks: its columns are keyed "0" to "T-1"). On the step where an episode ends, ``info["episode_vlm_return"]`` and
 ``info["episode_gt_return"]`` hold the episode's sums of the VLM and env rewards.
 
 **Terminal steps in a VecEnv.** SB3 VecEnvs reset an env inside ``step_wait`` as soon as its episode
@@ -319,6 +319,22 @@ class _RewardMode:
         """Index of the task that drives the reward, in the model's current tasks."""
         return _task_index(self.reward_model, self._task_request)
 
+    def _task_column(self, width: int) -> int:
+        """:attr:`task` as a column of rewards [..., width]: a reward model without ``task_names`` (a plain
+        callable) is checked here, against what it returns."""
+        index = self.task
+        if not -width <= index < width:
+            raise ValueError(f"task={self._task_request!r}, but the reward model returns {width} reward(s) per frame: "
+                             f"pass a task index from 0 to {width - 1}.")
+        return index % width
+
+    def _reward_keys(self, width: int) -> List[str]:
+        """The keys of ``info["vlm_rewards"]``: the task names, or the column indices as strings ("0", "1",
+        ...: gymnasium's vector infos put a mask beside each key as "_" + key) for a reward model that names
+        none (a plain callable)."""
+        names = self.task_names
+        return list(names) if len(names) == width else [str(i) for i in range(width)]
+
     @task.setter
     def task(self, value: Union[int, str]) -> None:
         _task_index(self.reward_model, value)
@@ -462,12 +478,12 @@ class VLMRewardWrapper(_RewardMode, gym.Wrapper, gym.utils.RecordConstructorArgs
     def step(self, action: Any) -> Tuple[Any, SupportsFloat, bool, bool, Dict[str, Any]]:
         obs, env_reward, terminated, truncated, info = self.env.step(action)
         rewards = self.vlm_rewards()
-        vlm = float(rewards[self.task])
+        vlm = float(rewards[self._task_column(len(rewards))])
         gt = float(env_reward)
         info["gt_reward"] = gt
         info["vlm_reward"] = vlm
         if len(rewards) > 1:
-            info["vlm_rewards"] = {name: float(r) for name, r in zip(self.task_names, rewards)}
+            info["vlm_rewards"] = {name: float(r) for name, r in zip(self._reward_keys(len(rewards)), rewards)}
         self._episode_vlm += vlm
         self._episode_gt += gt
         if terminated or truncated:
@@ -952,17 +968,18 @@ class VLMRewardVecEnv(_RewardMode, _BatchFrames, VecEnvWrapper):
         obs, env_rewards, dones, infos = self.venv.step_wait()
         frames, bottom_up, terminal = self._render(infos)
         all_rewards = _rewards_of(self.reward_model, frames, bottom_up)  # [N, T]
-        vlm = all_rewards[:, self.task]
+        vlm = all_rewards[:, self._task_column(all_rewards.shape[1])]
         gt = np.asarray(env_rewards, dtype=np.float32).reshape(self.num_envs)
         rewards = _combine(self.mode, self.weight, gt, vlm).astype(np.float32)
         self._episode_vlm += vlm
         self._episode_gt += gt
         several = all_rewards.shape[1] > 1
+        keys = self._reward_keys(all_rewards.shape[1])
         for i, info in enumerate(infos):
             info["gt_reward"] = float(gt[i])
             info["vlm_reward"] = float(vlm[i])
             if several:
-                info["vlm_rewards"] = {name: float(r) for name, r in zip(self.task_names, all_rewards[i])}
+                info["vlm_rewards"] = {name: float(r) for name, r in zip(keys, all_rewards[i])}
             if dones[i]:
                 info["episode_vlm_return"] = float(self._episode_vlm[i])
                 info["episode_gt_return"] = float(self._episode_gt[i])

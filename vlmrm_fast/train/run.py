@@ -16,6 +16,7 @@ import dataclasses
 import json
 import os
 import re
+import shlex
 import signal
 import sys
 import textwrap
@@ -471,7 +472,7 @@ def _resume_checkpoint(run_dir: Path, resume: Optional[os.PathLike]) -> Optional
     if resume is None:
         if ckpt.find_latest(run_dir) is not None:
             raise ValueError(
-                f"run folder '{run_dir}' already holds checkpoints; continue it with --resume {run_dir}, "
+                f"run folder '{run_dir}' already holds checkpoints; continue it with --resume {shlex.quote(str(run_dir))}, "
                 "or choose another --run-dir"
             )
         if ckpt.checkpoint_folders(run_dir):  # incomplete ones, which a new run's first saves would replace
@@ -515,7 +516,7 @@ def _check_resume_config(found: Path, config: TrainConfig) -> None:
         lines = "; ".join(f"{k}: {a!r} in the checkpoint, {b!r} given" for k, a, b in diffs)
         raise ValueError(
             f"checkpoint '{found}' comes from another config ({lines}). Resume with the run's own config "
-            f"(vlmrm-fast train --resume {found.parent.parent}, without --preset/--config or those overrides), or "
+            f"(vlmrm-fast train --resume {shlex.quote(str(found.parent.parent))}, without --preset/--config or those overrides), or "
             f"start a new run in another folder (--run-dir). Only these may change on resume: "
             f"{', '.join(sorted(RESUMABLE_FIELDS - {'run_dir'}))} (run_dir: the run stays in its folder)"
         )
@@ -654,7 +655,7 @@ def run_train_command(args: argparse.Namespace) -> int:
     where = f"checkpoint {result.checkpoint}" if result.checkpoint else "no checkpoint"
     if result.stopped_by:
         print(f"stopped by {result.stopped_by} at step {result.num_timesteps}; {where}; continue with: "
-              f"vlmrm-fast train --resume {result.run_dir}", file=sys.stderr)
+              f"vlmrm-fast train --resume {shlex.quote(str(result.run_dir))}", file=sys.stderr)
         return 130 if result.stopped_by == "SIGINT" else 143
     if result.evaluated_only:
         print(f"{result.run_dir} is at step {result.num_timesteps} (total_timesteps); its final evaluation, missed "
@@ -663,7 +664,7 @@ def run_train_command(args: argparse.Namespace) -> int:
         return 0
     if result.steps_this_session == 0:
         print(f"{result.run_dir} is already at step {result.num_timesteps} (total_timesteps); nothing to train. "
-              f"Continue it with: vlmrm-fast train --resume {result.run_dir} --total-timesteps N")
+              f"Continue it with: vlmrm-fast train --resume {shlex.quote(str(result.run_dir))} --total-timesteps N")
         return 0
     rate = result.steps_this_session / max(result.learn_seconds, 1e-9)
     print(f"trained {result.steps_this_session} steps, to step {result.num_timesteps}, in {result.learn_seconds:.1f} s "
