@@ -1860,6 +1860,10 @@ def test_resume_of_a_checkpoint_folder_names_its_run_folder_and_leaves_no_lock_i
     with pytest.raises(FileNotFoundError, match=f"is a checkpoint folder: resume its run folder, --resume {re.escape(str(result.run_dir))}$"):
         train(config, resume=path, reward_model=tiny_reward(config))
     assert sorted(p.name for p in path.iterdir()) == before
+    named_alike = dot_config(tmp_path, run_dir=str(tmp_path / "step_size_sweep"), total_timesteps=40)  # a run, not a checkpoint
+    first = train(named_alike, reward_model=tiny_reward(named_alike))
+    assert train(dataclasses.replace(named_alike, total_timesteps=60), resume=first.run_dir,
+                 reward_model=tiny_reward(named_alike)).num_timesteps == 60
     (tmp_path / "a-file").write_text("")
     with pytest.raises(ValueError, match="'.*a-file' is a file, not a folder; pass another --run-dir"):
         train(dataclasses.replace(config, run_dir=str(tmp_path / "a-file")), reward_model=tiny_reward(config))

@@ -462,7 +462,8 @@ def default_run_dir(name: str = "run") -> Path:
 def _check_resume_folder(run_dir: Path) -> None:
     if not run_dir.is_dir():
         raise FileNotFoundError(f"no run folder '{run_dir}' to resume; check the path, or start a new run without --resume")
-    if (run_dir / "meta.json").is_file() or run_dir.name.startswith(ckpt.PREFIX):  # before a lock file lands in it
+    checkpoint = run_dir.parent.name == "checkpoints" and re.fullmatch(re.escape(ckpt.PREFIX) + r"\d+", run_dir.name)
+    if checkpoint or (run_dir / "meta.json").is_file():  # before a lock file lands in it
         raise FileNotFoundError(f"'{run_dir}' is a checkpoint folder: resume its run folder, --resume "
                                 f"{run_dir.parent.parent if run_dir.parent.name == 'checkpoints' else run_dir.parent}")
 
