@@ -97,10 +97,29 @@ def test_onnxruntime_refuses_frames_once_the_towers_weights_changed_until_rebuil
     with pytest.raises(ValueError, match="weights changed"):
         rm.embed(frames)
     assert torch.equal(copied(frames), before)
+    for stale in (__import__("copy").deepcopy(rm), __import__("pickle").loads(__import__("pickle").dumps(rm))):
+        with pytest.raises(ValueError, match="weights changed"):  # it carries the graph of the old weights
+            stale(frames)
     rm.rebuild_backend()
     want = reference_reward(__import__("copy").deepcopy(rm.model), tokenizer, frames, GOAL, BASELINE, 0.3)
     assert (rm(frames).double() - want).abs().max().item() <= 1e-5
     assert (before.double() - want).abs().max().item() > 1e-3  # the change mattered
+
+
+@needs_ort
+def test_weights_moved_into_shared_memory_are_no_change(tiny):
+    # torch's multiprocessing pickler (a reward model sent to a Process or an mp.Queue) moves CPU storage into
+    # shared memory in place, in the sending process: same values, new addresses.
+    import io
+    from multiprocessing.reduction import ForkingPickler
+
+    model, tokenizer = tiny
+    rm = CLIPReward(model, tokenizer, goal=GOAL, baseline=BASELINE, alpha=0.3, device="cpu", backend="onnxruntime")
+    frames = _noise(2, 40, 40, seed=11)
+    before = rm(frames)
+    ForkingPickler(io.BytesIO()).dump(rm.model.visual)
+    rm.model.visual.share_memory()
+    assert torch.equal(rm(frames), before)
 
 
 def test_backends_reading_the_weights_live_need_no_rebuild(tiny):

@@ -324,7 +324,12 @@ def test_an_out_that_cannot_be_written_is_refused_before_loading_weights(tmp_pat
         assert main(["export", "ViT-bigG-14", "--pretrained", "laion2b_s39b_b160k", "--out", str(out)]) == 2
         assert said.format(tmp_path / "a-file") in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "a-folder"]
-    assert [p.name for p in (tmp_path / "a-folder").iterdir()] == []  # the probe file is gone
+    from vlmrm_fast.argtypes import writable_file
+
+    assert writable_file(tmp_path / "a-folder" / "x.onnx", "--out") == tmp_path / "a-folder" / "x.onnx"
+    assert [p.name for p in (tmp_path / "a-folder").iterdir()] == []  # the probe file it wrote is gone
+    with pytest.raises(ValueError, match=r"a-folder' is a folder; give a file name \(--out\)"):
+        writable_file(tmp_path / "a-folder", "--out")
 
 
 # ---- behaviours a mutation audit found untested ---------------------------------------------------

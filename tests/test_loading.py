@@ -636,8 +636,14 @@ def test_damaged_pickled_or_tower_only_checkpoints_are_named_without_torchs_unsa
         with pytest.raises(PretrainedWeightsError, match=r"cannot be read: its data is damaged.*Download it again") as error:
             create_clip("vlmrm-tiny", str(tmp_path / name))
         assert "weights_only" not in str(error.value)
-    with pytest.raises(PretrainedWeightsError, match=r"pickled Python object \(open_clip.model.CLIP.*model.state_dict\(\)"):
+    with pytest.raises(PretrainedWeightsError, match=r"pickled Python object \(open_clip.model.CLIP: a whole model.*state_dict\(\)"):
         create_clip("vlmrm-tiny", str(tmp_path / "whole.pt"))
+    import argparse
+
+    torch.save({"state_dict": model.state_dict(), "args": argparse.Namespace(lr=1)}, tmp_path / "with-args.pt")
+    with pytest.raises(PretrainedWeightsError, match=r"pickled Python object \(argparse.Namespace\), which is not loaded") as error:
+        create_clip("vlmrm-tiny", str(tmp_path / "with-args.pt"))
+    assert "whole model" not in str(error.value)
     with pytest.raises(PretrainedWeightsError, match=r"vision tower's weights alone \(model.visual.state_dict\(\)\)"):
         create_clip("vlmrm-tiny", str(tmp_path / "tower.pt"))
     create_clip("vlmrm-tiny", str(tmp_path / "good.pt"))  # the file they came from loads

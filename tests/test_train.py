@@ -1851,7 +1851,7 @@ def test_a_run_whose_checkpoints_are_all_cut_short_is_named_and_a_new_run_there_
     assert sorted((p.name, p.stat().st_size) for p in path.iterdir()) == before
 
 
-def test_resume_of_a_checkpoint_folder_names_its_run_folder_and_leaves_no_lock_in_it(tmp_path, one_checkpoint):
+def test_resume_of_a_checkpoint_folder_names_its_run_folder_and_leaves_no_lock_in_it(tmp_path, one_checkpoint, monkeypatch):
     from vlmrm_fast.train import train
 
     result, path = one_checkpoint
@@ -1859,6 +1859,10 @@ def test_resume_of_a_checkpoint_folder_names_its_run_folder_and_leaves_no_lock_i
     config = dot_config(tmp_path, total_timesteps=60)
     with pytest.raises(FileNotFoundError, match=f"is a checkpoint folder: resume its run folder, --resume {re.escape(str(result.run_dir))}$"):
         train(config, resume=path, reward_model=tiny_reward(config))
+    monkeypatch.chdir(path)
+    with pytest.raises(FileNotFoundError, match=f"'.' is a checkpoint folder: resume its run folder, --resume {re.escape(str(result.run_dir.resolve()))}$"):
+        train(config, resume=".", reward_model=tiny_reward(config))
+    monkeypatch.chdir(tmp_path)
     assert sorted(p.name for p in path.iterdir()) == before
     named_alike = dot_config(tmp_path, run_dir=str(tmp_path / "step_size_sweep"), total_timesteps=40)  # a run, not a checkpoint
     first = train(named_alike, reward_model=tiny_reward(named_alike))
@@ -2518,7 +2522,10 @@ def test_an_evaluation_that_cannot_write_its_video_is_skipped_with_a_warning(tmp
         result = train(config, reward_model=top_heavy_brightness)
     assert result.num_timesteps == 40 and result.checkpoint.name == ckpt.step_name(40)
     assert not {"eval/gt_return", "eval/vlm_return"} & tb_tags(result.run_dir)
-    # The final evaluation failed too: a resume with no steps left, ffmpeg back, makes it (it was counted done).
+    # The final evaluation failed too: a resume with no steps left makes it (it was counted done), once ffmpeg
+    # is back; failing again, it is not reported done.
+    with pytest.warns(UserWarning, match="evaluation at step 40 skipped"):
+        assert not train(config, resume=result.run_dir, reward_model=top_heavy_brightness).evaluated_only
     monkeypatch.undo()
     again = train(config, resume=result.run_dir, reward_model=top_heavy_brightness)
     assert again.evaluated_only and (result.run_dir / "videos" / "eval_step_000000000040.mp4").exists()

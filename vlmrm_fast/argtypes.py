@@ -80,7 +80,7 @@ def writable_folder(folder: Path, flag: str) -> Path:
 def writable_file(path: Path, flag: str) -> Path:
     """``path``, once it is no folder and a file can be written beside it (:func:`writable_folder`)."""
     if path.is_dir():
-        raise ValueError(f"'{path}' is a folder; give a file name, or end {flag} with '/' to write the default name in it")
+        raise ValueError(f"'{path}' is a folder; give a file name ({flag})")
     writable_folder(path.parent, flag)
     return path
 

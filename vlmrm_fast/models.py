@@ -240,9 +240,11 @@ def _unreadable_checkpoint(error: BaseException) -> Optional[str]:
         return None
     pickled = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
     if pickled:
-        return (f"holds a pickled Python object ({pickled.group(1)}: a whole model saved with torch.save(model)?), "
-                "which is not loaded, as unpickling it could run any code. Save model.state_dict() instead, or build "
-                "the reward from the model itself: CLIPReward(model, tokenizer, goal=...).")
+        name = pickled.group(1)
+        whole = ": a whole model saved with torch.save(model)?" if name.startswith(("open_clip.", "torch.nn.")) else ""
+        return (f"holds a pickled Python object ({name}{whole}), which is not loaded, as unpickling it could run any "
+                "code. Save the model's state_dict() (tensors only) instead, or build the reward from the model "
+                "itself: CLIPReward(model, tokenizer, goal=...).")
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     detail = next((line for line in lines if line.startswith("Unsupported")), lines[-1] if lines else "")
     return (f"cannot be read: its data is damaged ({type(error).__name__}: {detail[:200]}). "

@@ -163,33 +163,46 @@ class CLIPReward:
         self.tokenizer = tokenizer
         self._alpha = check_alpha(alpha)
         self.set_tasks(goal=goal, baseline=baseline, tasks=tasks)
-        self._backend_request = (backend, None if backend_options is None else dict(backend_options))
-        self._build_backend()
+        self._build_backend(backend, backend_options)
 
-    def _build_backend(self) -> None:
-        backend, options = self._backend_request
+    def _build_backend(self, backend: str, options: Optional[dict]) -> None:
         self._backend: VisionBackend = build_backend(
             resolve_backend(backend, self._device, self._dtype), self.model.visual, self._spec, self._device,
             self._dtype, max_batch_size=self.max_batch_size, model_name=self.model_name, options=options,
             requested=backend, kernels=self._kernels,
         )
+        # Kept for rebuild_backend, bar calibration frames (the fp8 build frees them once calibrated).
+        self._backend_request = (backend, {k: v for k, v in (options or {}).items() if k != "calibration_frames"})
         self._weights_watch = WeightsWatch(self.model.visual) if self._backend.copies_weights else None
+        self._weights_stale = False
 
-    def rebuild_backend(self) -> None:
+    def rebuild_backend(self, backend_options: Optional[dict] = None) -> None:
         """Build the vision-tower backend again from ``rm.model.visual`` as it is now, with the options it was
-        built with: after its weights changed (``load_state_dict``, fine-tuning), which a backend running
-        a copy of them ("onnxruntime"'s graph, "tensorrt"'s engine) does not see. Takes the export or
-        engine build again; "torch" and "compile" read the weights live and need no rebuild."""
-        self._build_backend()
+        built with (updated by ``backend_options``; an fp8 TensorRT build takes its ``calibration_frames``
+        again): after its weights changed (``load_state_dict``, fine-tuning), which a backend running a copy
+        of them ("onnxruntime"'s graph, "tensorrt"'s engine) does not see. Takes the export or engine build
+        again; "torch" and "compile" read the weights live and need no rebuild."""
+        backend, options = self._backend_request
+        self._build_backend(backend, {**options, **(backend_options or {})})
+
+    def _weights_outdated(self) -> bool:
+        """Whether the backend runs weights the tower no longer has (a copy made after they changed, too)."""
+        watch = getattr(self, "_weights_watch", None)  # None in a copy pickled before the watch existed
+        return getattr(self, "_weights_stale", False) or (watch is not None and watch.changed())
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_weights_stale"] = self._weights_outdated()  # a copy carries the backend's graph, old weights and all
+        return state
 
     def __setstate__(self, state: dict) -> None:
-        # A copy's tensors live at new addresses: its watch starts from them.
+        # A copy's tensors are new ones: its watch starts from them.
         self.__dict__.update(state)
-        if self._weights_watch is not None:
+        if getattr(self, "_weights_watch", None) is not None:
             self._weights_watch = WeightsWatch(self.model.visual)
 
     def _check_weights_unchanged(self) -> None:
-        if self._weights_watch is not None and self._weights_watch.changed():
+        if self._weights_outdated():
             raise ValueError(
                 f"rm.model.visual's weights changed after backend={self.backend!r} copied them into its "
                 f"{'ONNX graph' if self.backend == 'onnxruntime' else 'engine'}, which would score frames with "

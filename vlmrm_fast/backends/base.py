@@ -112,16 +112,17 @@ class WeightsWatch:
     """Whether a module's weights changed since this was made, in microseconds per look (ViT-B-32: about 10).
 
     It watches the version counter of each of the module's parameters and buffers, which every in-place
-    write bumps (``load_state_dict``, an optimizer step, ``p.mul_()`` under ``no_grad``), and the storage
-    of the first, which ``module.to()`` replaces. Escaping it: writes through ``p.data`` (a version counter
-    of its own) and parameters replaced by new objects after it was made."""
+    write bumps (``load_state_dict``, an optimizer step, ``p.mul_()`` under ``no_grad``), and the dtype and
+    device of the first, which ``module.to()`` changes (not its address: moving the storage into shared
+    memory, as torch's multiprocessing pickler does, changes no value). Escaping it: writes through
+    ``p.data`` (a version counter of its own) and parameters replaced by new objects after it was made."""
 
     def __init__(self, module: torch.nn.Module) -> None:
         self._tensors = list(module.parameters()) + list(module.buffers())
         self._seen = self._now()
 
-    def _now(self) -> Tuple[int, Tuple[int, ...]]:
-        first = self._tensors[0].data_ptr() if self._tensors else 0
+    def _now(self) -> tuple:
+        first = (self._tensors[0].dtype, self._tensors[0].device) if self._tensors else None
         return first, tuple(_version_of(t) for t in self._tensors)
 
     def changed(self) -> bool:

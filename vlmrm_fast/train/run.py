@@ -69,7 +69,7 @@ class TrainResult:
     model: object = None  # SB3's SAC; its logger writes nowhere (set_logger to log further learn() calls)
     steps_this_session: int = 0
     learn_seconds: float = 0.0  # this session's time in SB3's learn(): env steps, rewards, updates
-    evaluated_only: bool = False  # no steps left, but the final evaluation (missed at a stop) done
+    evaluated_only: bool = False  # no steps left, but the final evaluation (missed at a stop, or failed) made now
 
 
 # --------------------------------------------------------------------------- environments
@@ -339,7 +339,7 @@ def _train_in(run_dir: Path, config: TrainConfig, resume, reward_model, start: f
                               and not extra.get("rollout_steps_done") and not extra.get("train_pending")
                               and (int(extra.get("last_eval_step", model.num_timesteps)) < model.num_timesteps
                                    or bool(extra.get("last_eval_failed"))))
-    first_step, learn_seconds = model.num_timesteps, 0.0
+    first_step, learn_seconds, evaluated_only = model.num_timesteps, 0.0, False
     try:
         if remaining > 0:
             learn_start = time.perf_counter()
@@ -357,7 +357,9 @@ def _train_in(run_dir: Path, config: TrainConfig, resume, reward_model, start: f
             if callback.stop_signal is None and (remaining > 0 or final_eval_missing) and config.eval_every:
                 callback.evaluate()
         finally:
-            if final_eval_missing and callback.last_eval_step == model.num_timesteps and not callback.last_eval_failed:
+            evaluated_only = (final_eval_missing and callback.last_eval_step == model.num_timesteps
+                              and not callback.last_eval_failed)
+            if evaluated_only:
                 # The checkpoint as it was, the evaluation recorded: a session that took no step knows
                 # nothing of the run's rollouts (a cut last one, say) that the checkpoint does not.
                 callback.last_checkpoint = ckpt.save_checkpoint(
@@ -378,7 +380,7 @@ def _train_in(run_dir: Path, config: TrainConfig, resume, reward_model, start: f
             _close_logger(model)
     return TrainResult(run_dir, int(model.num_timesteps), callback.last_checkpoint or resume_from, stopped,
                        time.perf_counter() - start, model, int(model.num_timesteps - first_step), learn_seconds,
-                       final_eval_missing)
+                       evaluated_only)
 
 
 def _set_up_learning(run_dir: Path, config: TrainConfig, config_json: str, rm, env, recorder, resume_from,
@@ -462,10 +464,13 @@ def default_run_dir(name: str = "run") -> Path:
 def _check_resume_folder(run_dir: Path) -> None:
     if not run_dir.is_dir():
         raise FileNotFoundError(f"no run folder '{run_dir}' to resume; check the path, or start a new run without --resume")
-    checkpoint = run_dir.parent.name == "checkpoints" and re.fullmatch(re.escape(ckpt.PREFIX) + r"\d+", run_dir.name)
-    if checkpoint or (run_dir / "meta.json").is_file():  # before a lock file lands in it
-        raise FileNotFoundError(f"'{run_dir}' is a checkpoint folder: resume its run folder, --resume "
-                                f"{run_dir.parent.parent if run_dir.parent.name == 'checkpoints' else run_dir.parent}")
+    folder = run_dir.resolve()  # "--resume ." inside a checkpoint has a parent too
+    in_checkpoints = folder.parent.name == "checkpoints"
+    if (in_checkpoints and re.fullmatch(re.escape(ckpt.PREFIX) + r"\d+", folder.name)) or (run_dir / "meta.json").is_file():
+        # Refused before a lock file lands in it.
+        where = (f"resume its run folder, --resume {shlex.quote(str(folder.parent.parent))}" if in_checkpoints
+                 else "resume the run folder that holds it in checkpoints/")
+        raise FileNotFoundError(f"'{run_dir}' is a checkpoint folder: {where}")
 
 
 def _resume_checkpoint(run_dir: Path, resume: Optional[os.PathLike]) -> Optional[Path]:
@@ -660,8 +665,8 @@ def run_train_command(args: argparse.Namespace) -> int:
         return 130 if result.stopped_by == "SIGINT" else 143
     if result.evaluated_only:
         print(f"{result.run_dir} is at step {result.num_timesteps} (total_timesteps); its final evaluation, missed "
-              f"when it was stopped, is done and in {where}. Continue it with: vlmrm-fast train --resume "
-              f"{result.run_dir} --total-timesteps N")
+              f"earlier, is done and in {where}. Continue it with: vlmrm-fast train --resume "
+              f"{shlex.quote(str(result.run_dir))} --total-timesteps N")
         return 0
     if result.steps_this_session == 0:
         print(f"{result.run_dir} is already at step {result.num_timesteps} (total_timesteps); nothing to train. "
