@@ -620,6 +620,7 @@ def test_an_hf_hub_model_in_the_local_cache_loads_offline(tmp_path, monkeypatch)
         models._create("hf-hub:fakeorg/other", None, str(tmp_path))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol:UserWarning")  # torch's, reading the garbage file
 def test_damaged_pickled_or_tower_only_checkpoints_are_named_without_torchs_unsafe_advice(tmp_path):
     # torch.load's own message for the first two suggests weights_only=False (running the file's code), and the
     # last read as "another text context length": the tower's 50 position embeddings taken for the text's 77.
