@@ -2003,6 +2003,13 @@ def test_deferred_rewards_follow_the_chosen_task_of_a_several_task_model():
         np.testing.assert_allclose(vlm, want, atol=1e-6)
         scored[task] = vlm
     assert not np.allclose(scored["yellow"], scored["dark"])
+    # A plain callable names no tasks: task= is checked against the columns it returns, as the wrappers do.
+    recorder = DeferredRewardRecorder(DummyVecEnv([DotEnv] * 2), lambda frames: np.zeros((len(frames), 2)), capacity=1,
+                                      task=2)
+    recorder.reset()
+    recorder.step(np.full((2, 2), 0.5, np.float32))
+    with pytest.raises(ValueError, match=r"task=2, but the reward model returns 2 reward\(s\) per frame"):
+        score_and_write_back(recorder, recorder.reward_model, SimpleNamespace(rewards=np.zeros((1, 2), np.float32)), [0])
 
 
 def test_the_lock_file_names_only_its_holder(tmp_path):

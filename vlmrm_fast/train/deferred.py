@@ -17,7 +17,7 @@ Here that works in three parts:
 from __future__ import annotations
 
 import time
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import numpy as np
 import torch
@@ -164,16 +164,18 @@ def combine(gt: np.ndarray, vlm: np.ndarray, mode: str, weight: float) -> np.nda
     return np.asarray(_combine(mode, weight, gt, vlm), dtype=np.float32)
 
 
-def score_frames(reward_model, frames: torch.Tensor, bottom_up: bool, task: int = 0) -> np.ndarray:
+def score_frames(reward_model, frames: torch.Tensor, bottom_up: bool,
+                 task_column: Callable[[int], int] = lambda width: 0) -> np.ndarray:
     """VLM rewards [T, n] for frames [T, n, H, W, 3] in one call (a CLIPReward chunks it; a plain reward
     callable gets all T * n frames, flipped top-down first if ``bottom_up``). A several-task reward model
-    contributes its ``task`` column, as in :class:`VLMRewardVecEnv`."""
+    contributes the column ``task_column(its number of columns)`` picks (the recorder's, checked as in
+    :class:`VLMRewardVecEnv`); by default the first."""
     t, n = frames.shape[:2]
     if t * n == 0:
         return np.zeros((t, n), dtype=np.float32)
     with torch.inference_mode():
         rewards = _rewards_of(reward_model, frames.reshape(t * n, *frames.shape[2:]), bottom_up)  # [t * n, T]
-    return rewards[:, task].reshape(t, n)
+    return rewards[:, task_column(rewards.shape[1])].reshape(t, n)
 
 
 def score_and_write_back(recorder: DeferredRewardRecorder, reward_model, replay_buffer,
@@ -187,7 +189,7 @@ def score_and_write_back(recorder: DeferredRewardRecorder, reward_model, replay_
     frames, gt, dones, combined_as = recorder.pop()
     if len(slots) != len(gt):
         raise RuntimeError(f"recorded {len(gt)} steps but {len(slots)} replay slots; the callback missed steps")
-    vlm = score_frames(reward_model, frames, bool(recorder.bottom_up), recorder.task)
+    vlm = score_frames(reward_model, frames, bool(recorder.bottom_up), recorder._task_column)
     if len(slots):
         # In order, so a slot written twice (rollout longer than the buffer) keeps the newest.
         for t, slot in enumerate(slots):
