@@ -174,7 +174,6 @@ class CLIPReward:
         # Kept for rebuild_backend, bar calibration frames (the fp8 build frees them once calibrated).
         self._backend_request = (backend, {k: v for k, v in (options or {}).items() if k != "calibration_frames"})
         self._weights_watch = WeightsWatch(self.model.visual) if self._backend.copies_weights else None
-        self._weights_stale = False
 
     def rebuild_backend(self, backend_options: Optional[dict] = None) -> None:
         """Build the vision-tower backend again from ``rm.model.visual`` as it is now, with the options it was
@@ -185,24 +184,9 @@ class CLIPReward:
         backend, options = self._backend_request
         self._build_backend(backend, {**options, **(backend_options or {})})
 
-    def _weights_outdated(self) -> bool:
-        """Whether the backend runs weights the tower no longer has (a copy made after they changed, too)."""
-        watch = getattr(self, "_weights_watch", None)  # None in a copy pickled before the watch existed
-        return getattr(self, "_weights_stale", False) or (watch is not None and watch.changed())
-
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        state["_weights_stale"] = self._weights_outdated()  # a copy carries the backend's graph, old weights and all
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        # A copy's tensors are new ones: its watch starts from them.
-        self.__dict__.update(state)
-        if getattr(self, "_weights_watch", None) is not None:
-            self._weights_watch = WeightsWatch(self.model.visual)
-
     def _check_weights_unchanged(self) -> None:
-        if self._weights_outdated():
+        watch = getattr(self, "_weights_watch", None)  # None in a copy pickled before the watch existed
+        if watch is not None and watch.changed():
             raise ValueError(
                 f"rm.model.visual's weights changed after backend={self.backend!r} copied them into its "
                 f"{'ONNX graph' if self.backend == 'onnxruntime' else 'engine'}, which would score frames with "

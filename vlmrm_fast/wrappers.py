@@ -20,8 +20,9 @@ Modes (both wrappers):
 Every step's ``info`` gets ``"gt_reward"`` (the env's own reward, float) and ``"vlm_reward"`` (float).
 With a several-task reward model (``CLIPReward(tasks=[...])``) the task chosen by ``task=`` (index or
 name, default the first) drives the reward and ``info["vlm_rewards"]`` maps every task name to its
-reward (a plain callable returning [N, T] names no tasks: its columns are keyed "0" to "T-1"). On the step where an episode ends, ``info["episode_vlm_return"]`` and
-``info["episode_gt_return"]`` hold the episode's sums of the VLM and env rewards.
+reward (a plain callable returning [N, T] names no tasks: its columns are keyed "0" to "T-1"). On the
+step where an episode ends, ``info["episode_vlm_return"]`` and ``info["episode_gt_return"]`` hold the
+episode's sums of the VLM and env rewards.
 
 **Terminal steps in a VecEnv.** SB3 VecEnvs reset an env inside ``step_wait`` as soon as its episode
 ends, so a frame rendered afterwards shows the *next* episode's first state, not the state the last
@@ -319,6 +320,11 @@ class _RewardMode:
         """Index of the task that drives the reward, in the model's current tasks."""
         return _task_index(self.reward_model, self._task_request)
 
+    @task.setter
+    def task(self, value: Union[int, str]) -> None:
+        _task_index(self.reward_model, value)
+        self._task_request = value
+
     def _task_column(self, width: int) -> int:
         """:attr:`task` as a column of rewards [..., width]: a reward model without ``task_names`` (a plain
         callable) is checked here, against what it returns."""
@@ -334,11 +340,6 @@ class _RewardMode:
         none (a plain callable)."""
         names = self.task_names
         return list(names) if len(names) == width else [str(i) for i in range(width)]
-
-    @task.setter
-    def task(self, value: Union[int, str]) -> None:
-        _task_index(self.reward_model, value)
-        self._task_request = value
 
     @property
     def mode(self) -> str:

@@ -115,18 +115,29 @@ class WeightsWatch:
     write bumps (``load_state_dict``, an optimizer step, ``p.mul_()`` under ``no_grad``), and the dtype and
     device of the first, which ``module.to()`` changes (not its address: moving the storage into shared
     memory, as torch's multiprocessing pickler does, changes no value). Escaping it: writes through
-    ``p.data`` (a version counter of its own) and parameters replaced by new objects after it was made."""
+    ``p.data`` (a version counter of its own) and parameters replaced by new objects after it was made.
+
+    A copy (pickle, deepcopy: copied with the module, whose tensors it then holds) watches its own tensors,
+    and stays changed if the original had seen a change: what the weights were copied into is copied too."""
 
     def __init__(self, module: torch.nn.Module) -> None:
         self._tensors = list(module.parameters()) + list(module.buffers())
         self._seen = self._now()
+        self._changed_before = False
+
+    def __getstate__(self) -> dict:
+        return {"_tensors": self._tensors, "_changed_before": self.changed()}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._seen = self._now()  # new tensors: new version counters
 
     def _now(self) -> tuple:
         first = (self._tensors[0].dtype, self._tensors[0].device) if self._tensors else None
         return first, tuple(_version_of(t) for t in self._tensors)
 
     def changed(self) -> bool:
-        return self._now() != self._seen
+        return self._changed_before or self._now() != self._seen
 
 
 def _version_of(tensor: torch.Tensor) -> int:

@@ -319,6 +319,7 @@ def markdown_report(report: Report) -> str:
                                                      "tensorrt", "python") if env.get(k))
     peaks = ", ".join(f"{k} {v:.3g} TFLOP/s ({report.peak_sizes[k]}^3)" for k, v in report.peak_tflops.items())
     load = [env.get("load_average_start"), env.get("load_average_end")]
+    repeats, before_budget = config["repeats"], min(MIN_REPEATS, config["repeats"])
     lines = [
         f"# vlmrm-fast bench: {env['device']}",
         "",
@@ -333,10 +334,9 @@ def markdown_report(report: Report) -> str:
         "",
         markdown_table(report.rows),
         "",
-        f"Frames/s = batch / median seconds per call ({config['repeats']} repeat{'' if config['repeats'] == 1 else 's'} at most, after {config['warmup']} "
-        f"warm-up; stages stop after {config['time_budget']:g} s of timed calls once "
-        f"{min(MIN_REPEATS, config['repeats'])} {'is' if min(MIN_REPEATS, config['repeats']) == 1 else 'are'} done). "
-        "Frames are uint8 "
+        f"Frames/s = batch / median seconds per call ({repeats} repeat{'' if repeats == 1 else 's'} at most, after "
+        f"{config['warmup']} warm-up; stages stop after {config['time_budget']:g} s of timed calls once "
+        f"{before_budget} {'is' if before_budget == 1 else 'are'} done). Frames are uint8 "
         f"already on the device except for h2d (from pageable host memory, as rm(frames) uploads them: one copy into "
         "pinned memory, then the upload; n/a on CPU; the seed's rows copy from pageable memory, as the original did). The seed pipeline (the original code's) always gets 480 x 480 frames; in a backend's row, "
         "'seed' is the seed's end to end at that batch size timed in alternation with the row's own end to end (so "

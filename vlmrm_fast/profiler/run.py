@@ -79,8 +79,8 @@ from vlmrm_fast.profiler.report import (
     _require_matplotlib,
     _stage_row,
     check_targets,
-    machine_was_busy,
     environment,
+    machine_was_busy,
     markdown_report,
     peak_dtype,
     write_outputs,
@@ -548,6 +548,12 @@ def peak_precisions(config: BenchConfig) -> List[str]:
             if d in DTYPES or (d == "fp8" and fp8_unsupported_reason(config.device, torch.bfloat16) is None)]
 
 
+def _set_targets(report: Report, config: BenchConfig) -> None:
+    """The run's targets, with the load average at its end (a busy machine marks a speedup met)."""
+    report.environment["load_average_end"] = _load_average()
+    report.targets = check_targets(report.rows, config.device, busy=machine_was_busy(report.environment))
+
+
 def run_bench(args: argparse.Namespace) -> int:
     """``vlmrm-fast bench``: profile, write bench.json/.md/.png, print the table.
 
@@ -600,15 +606,13 @@ def run_bench(args: argparse.Namespace) -> int:
             profiler.profile_kernels()  # each saves the report with the peaks set
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM (a job's time limit): keep what was measured, marked incomplete
         report.set_peaks()  # the rows measured since the last save have none yet
-        report.environment["load_average_end"] = _load_average()
-        report.targets = check_targets(report.rows, config.device, busy=machine_was_busy(report.environment))
+        _set_targets(report, config)
         report.elapsed_seconds = time.perf_counter() - began
         written = write_outputs(report, config)
         print(f"interrupted after {report.elapsed_seconds:.0f} s; wrote what was measured: "
               f"{', '.join(map(str, written))}", file=sys.stderr)
         raise
-    report.environment["load_average_end"] = _load_average()
-    report.targets = check_targets(report.rows, config.device, busy=machine_was_busy(report.environment))
+    _set_targets(report, config)
     report.complete = True
     report.elapsed_seconds = time.perf_counter() - began
     written = write_outputs(report, config)

@@ -398,9 +398,10 @@ class TrainingCallback(BaseCallback):
             path, gt, vlm = evaluate_policy_video(self.model, self.config, self.reward_model, self.run_dir,
                                                   self.render_size)
         except Exception as exc:
-            if not (isinstance(exc, (ImportError, OSError, RuntimeError)) or looks_like_framebuffer_limit(exc)):
+            too_large = looks_like_framebuffer_limit(exc)
+            if not (too_large or isinstance(exc, (ImportError, OSError, RuntimeError))):
                 raise
-            also = (": choose a smaller video_width and video_height" if looks_like_framebuffer_limit(exc) else "")
+            also = ": choose a smaller video_width and video_height" if too_large else ""
             warnings.warn(f"evaluation at step {self._last_eval_step} skipped: {type(exc).__name__}: {exc}{also}; training goes "
                           "on (a failed final evaluation is tried again by --resume)")
             return None

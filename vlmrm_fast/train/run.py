@@ -481,9 +481,10 @@ def _resume_checkpoint(run_dir: Path, resume: Optional[os.PathLike]) -> Optional
                 f"run folder '{run_dir}' already holds checkpoints; continue it with --resume {shlex.quote(str(run_dir))}, "
                 "or choose another --run-dir"
             )
-        if ckpt.checkpoint_folders(run_dir):  # incomplete ones, which a new run's first saves would replace
+        incomplete = ckpt.checkpoint_folders(run_dir)  # none complete: a new run's first saves would replace them
+        if incomplete:
             raise ValueError(
-                f"run folder '{run_dir}' holds checkpoints that are incomplete ({_names(ckpt.checkpoint_folders(run_dir))}: "
+                f"run folder '{run_dir}' holds checkpoints that are incomplete ({_names(incomplete)}: "
                 "files cut short or missing): restore it from a copy and resume it, or choose another --run-dir"
             )
         return None
