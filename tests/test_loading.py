@@ -650,6 +650,19 @@ def test_damaged_pickled_or_tower_only_checkpoints_are_named_without_torchs_unsa
     create_clip("vlmrm-tiny", str(tmp_path / "good.pt"))  # the file they came from loads
 
 
+def test_a_checkpoint_from_a_newer_torch_says_to_upgrade_torch_not_to_download_again(tmp_path):
+    import zipfile
+
+    torch.save(open_clip.create_model("vlmrm-tiny").state_dict(), tmp_path / "good.pt")
+    with zipfile.ZipFile(tmp_path / "good.pt") as source, zipfile.ZipFile(tmp_path / "newer.pt", "w") as newer:
+        for item in source.infolist():  # the same file, its format version raised past what this torch reads
+            newer.writestr(item, b"99\n" if item.filename.endswith("/version") else source.read(item))
+    with pytest.raises(PretrainedWeightsError, match=r"newer PyTorch than this one \(file format version 99; torch "
+                                                     r".* reads up to \d+\)\. Upgrade torch") as error:
+        create_clip("vlmrm-tiny", str(tmp_path / "newer.pt"))
+    assert "damaged" not in str(error.value) and "Download it again" not in str(error.value)
+
+
 def test_a_local_dir_that_does_not_exist_is_named_as_such(tmp_path):
     with pytest.raises(FileNotFoundError, match="there is no folder .*nowhere"):
         create_clip(f"local-dir:{tmp_path / 'nowhere'}", None)

@@ -1569,7 +1569,9 @@ def test_total_timesteps_not_a_multiple_of_the_envs_rounds_up_once(tmp_path):
     from vlmrm_fast.train import train
 
     config = dot_config(tmp_path, total_timesteps=61, checkpoint_every=0)  # 2 envs
-    assert train(config, reward_model=tiny_reward(config)).num_timesteps == 62
+    with pytest.warns(UserWarning, match=r"total_timesteps=61 is not a multiple of n_envs=2.*ends at step 62.*"
+                                         r"total_timesteps=62 \(or 60\)"):
+        assert train(config, reward_model=tiny_reward(config)).num_timesteps == 62
 
 
 def test_each_logged_gt_return_is_its_own_episodes(tmp_path):

@@ -245,6 +245,12 @@ def _unreadable_checkpoint(error: BaseException) -> Optional[str]:
         return (f"holds a pickled Python object ({name}{whole}), which is not loaded, as unpickling it could run any "
                 "code. Save the model's state_dict() (tensors only) instead, or build the reward from the model "
                 "itself: CLIPReward(model, tokenizer, goal=...).")
+    newer = re.search(r"PyTorch file with version (\d+), but the maximum supported version for reading is (\d+)",
+                      str(error))
+    if newer:  # intact, but written by a newer torch: no download fixes that
+        return (f"was written by a newer PyTorch than this one (file format version {newer.group(1)}; torch "
+                f"{torch.__version__} reads up to {newer.group(2)}). Upgrade torch, or save the weights again with "
+                "this version.")
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     detail = next((line for line in lines if line.startswith("Unsupported")), lines[-1] if lines else "")
     return (f"cannot be read: its data is damaged ({type(error).__name__}: {detail[:200]}). "

@@ -408,6 +408,7 @@ def _set_up_learning(run_dir: Path, config: TrainConfig, config_json: str, rm, e
         model, extra = _load_checkpoint(resume_from, env, config)
         _warn_if_reward_setup_changed(extra.get("reward_setup"), rm, model.num_timesteps)
         _warn_if_extending_a_cut_rollout(extra, model.num_timesteps, config)
+    _warn_if_total_overshoots(config, model.num_timesteps)
     model.set_logger(make_logger(run_dir, config.tensorboard, model.num_timesteps))
     try:
         if extra is not None and extra.get("train_pending"):
@@ -650,6 +651,16 @@ def _warn_if_extending_a_cut_rollout(extra: dict, step: int, config: TrainConfig
             f"rollout was cut short and trained on, so the extended run's rollouts and gradient steps fall "
             f"{step % rollout} steps off those of one run to {config.total_timesteps}. For runs you mean to extend, "
             "use a total_timesteps that is a multiple of the rollout.", stacklevel=2)
+
+
+def _warn_if_total_overshoots(config: TrainConfig, step: int) -> None:
+    """The envs step together: a total_timesteps between multiples of n_envs is passed, not met."""
+    n, total = config.n_envs, config.total_timesteps
+    if step < total and total % n:
+        end = -(-total // n) * n
+        warnings.warn(
+            f"total_timesteps={total} is not a multiple of n_envs={n}: the {n} envs step together, so the run ends "
+            f"at step {end}. Pass total_timesteps={end} (or {end - n}) to make it exact.", stacklevel=3)
 
 
 def run_train_command(args: argparse.Namespace) -> int:
