@@ -106,6 +106,34 @@ def test_onnxruntime_refuses_frames_once_the_towers_weights_changed_until_rebuil
     assert (before.double() - want).abs().max().item() > 1e-3  # the change mattered
 
 
+@pytest.mark.parametrize("backend", ["torch", pytest.param("onnxruntime", marks=needs_ort)])
+def test_a_change_of_the_text_side_refuses_rewards_until_the_tasks_are_encoded_again(backend):
+    # The goal and baseline embeddings are the text tower's output, computed once: after a checkpoint
+    # loaded into rm.model they would be the old model's, while the image side is the new one's.
+    import copy
+
+    model, tokenizer = make_tiny()
+    other = make_tiny(seed=7)[0]
+    rm = CLIPReward(model, tokenizer, goal=GOAL, baseline=BASELINE, alpha=0.3, device="cpu", backend=backend)
+    frames = _noise(3, 40, 40, seed=12)
+    before = rm(frames)
+    rm.model.load_state_dict(other.state_dict())
+    for call in (lambda: rm(frames), lambda: rm.score(torch.randn(2, rm.embed_dim))):
+        with pytest.raises(ValueError, match=r"text-side weights changed.*rm\.rebuild_backend\(\).*rm\.set_tasks"):
+            call()
+    want = reference_reward(copy.deepcopy(other), tokenizer, frames, GOAL, BASELINE, 0.3)
+    rm.rebuild_backend()
+    assert (rm(frames).double() - want).abs().max().item() <= 1e-5
+    assert (before.double() - want).abs().max().item() > 1e-3  # the change mattered
+    with torch.no_grad():
+        rm.model.text_projection.mul_(2.0)  # the text side alone: set_tasks is enough
+    with pytest.raises(ValueError, match="text-side weights changed"):
+        rm(frames)
+    rm.set_tasks(goal=GOAL, baseline=BASELINE)
+    assert (rm(frames).double() - want).abs().max().item() <= 1e-5  # a scaled projection: the same unit goals
+    assert rm(frames).shape == (3,)  # one task, as it was
+
+
 @needs_ort
 def test_weights_moved_into_shared_memory_are_no_change(tiny):
     # torch's multiprocessing pickler (a reward model sent to a Process or an mp.Queue) moves CPU storage into

@@ -178,11 +178,24 @@ class CLIPReward:
     def rebuild_backend(self, backend_options: Optional[dict] = None) -> None:
         """Build the vision-tower backend again from ``rm.model.visual`` as it is now, with the options it was
         built with (updated by ``backend_options``; an fp8 TensorRT build takes its ``calibration_frames``
-        again): after its weights changed (``load_state_dict``, fine-tuning), which a backend running a copy
-        of them ("onnxruntime"'s graph, "tensorrt"'s engine) does not see. Takes the export or engine build
-        again; "torch" and "compile" read the weights live and need no rebuild."""
+        again), and encode the tasks again with the text tower as it is now: after the model's weights
+        changed (``load_state_dict``, fine-tuning). A backend running a copy of the tower's weights
+        ("onnxruntime"'s graph, "tensorrt"'s engine) does not see such a change, nor do the goal and
+        baseline embeddings, which are computed once. Takes the export or engine build again; "torch" and
+        "compile" read the tower's weights live (after a change of the text side alone, ``set_tasks`` with
+        the prompts again is enough)."""
         backend, options = self._backend_request
         self._build_backend(backend, {**options, **(backend_options or {})})
+        self._encode_tasks(self._encoded.tasks, self._single)
+
+    def _check_tasks_current(self) -> None:
+        watch = getattr(self, "_text_watch", None)  # None in a copy pickled before the watch existed
+        if watch is not None and watch.changed():
+            raise ValueError(
+                "rm.model's text-side weights changed after the tasks were encoded, so the goal and baseline "
+                "embeddings are those of the old weights: call rm.rebuild_backend() after changing the model's "
+                "weights (it encodes the tasks again), or rm.set_tasks(...) with the prompts again."
+            )
 
     def _check_weights_unchanged(self) -> None:
         watch = getattr(self, "_weights_watch", None)  # None in a copy pickled before the watch existed
@@ -251,11 +264,15 @@ class CLIPReward:
         tasks: Optional[Sequence[Task]] = None,
     ) -> None:
         """Replace the prompts (one goal/baseline, or several tasks) without reloading the model."""
-        tasks, single = task_list(goal, baseline, tasks)
+        self._encode_tasks(*task_list(goal, baseline, tasks))
+
+    def _encode_tasks(self, tasks: Sequence[Task], single: bool) -> None:
         encoded = encode_tasks(self.model, self.tokenizer, tasks, self._device)
         self._targets = encoded.targets(self._alpha)  # raises before any state changes
         self._encoded: EncodedTasks = encoded
         self._single = single
+        # The goals hold the text tower's output: a later change of its weights makes them stale.
+        self._text_watch = WeightsWatch(self.model, leave_out=self.model.visual)
 
     @property
     def alpha(self) -> float:
@@ -384,6 +401,7 @@ class CLIPReward:
             bottom_up: rows stored last-first (OpenGL), flipped inside the preprocessing kernel.
         """
         bottom_up = _check_bottom_up(bottom_up)
+        self._check_tasks_current()
         batch = as_frame_batch(frames)
         rewards = torch.empty((batch.num_frames, self._targets.num_tasks), dtype=torch.float32, device=self._device)
         for i in range(0, batch.num_frames, self.max_batch_size):
@@ -404,6 +422,7 @@ class CLIPReward:
             )
         if not embeddings.is_floating_point():
             raise TypeError(f"embeddings must be floating point; got {embeddings.dtype}.")
+        self._check_tasks_current()
         with torch.no_grad():
             rewards = score_op(embeddings.to(self._device), self._targets, impl=self._kernels)
         self._check_finite(rewards, "embeddings")

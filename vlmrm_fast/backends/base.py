@@ -120,8 +120,10 @@ class WeightsWatch:
     A copy (pickle, deepcopy: copied with the module, whose tensors it then holds) watches its own tensors,
     and stays changed if the original had seen a change: what the weights were copied into is copied too."""
 
-    def __init__(self, module: torch.nn.Module) -> None:
-        self._tensors = list(module.parameters()) + list(module.buffers())
+    def __init__(self, module: torch.nn.Module, *, leave_out: Optional[torch.nn.Module] = None) -> None:
+        """Watch ``module``'s parameters and buffers, bar those of its submodule ``leave_out``."""
+        skip = {id(t) for t in _tensors_of(leave_out)} if leave_out is not None else set()
+        self._tensors = [t for t in _tensors_of(module) if id(t) not in skip]
         self._seen = self._now()
         self._changed_before = False
 
@@ -138,6 +140,10 @@ class WeightsWatch:
 
     def changed(self) -> bool:
         return self._changed_before or self._now() != self._seen
+
+
+def _tensors_of(module: torch.nn.Module) -> list:
+    return list(module.parameters()) + list(module.buffers())
 
 
 def _version_of(tensor: torch.Tensor) -> int:
