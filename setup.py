@@ -8,11 +8,13 @@ Environment knobs (flash-attention style):
 
 - ``VLMRM_FAST_SKIP_CUDA_BUILD=1``: never build the extension.
 - ``VLMRM_FAST_FORCE_BUILD=1``: build even when no GPU is visible (CUDA toolkit still needed),
-  e.g. in a wheel-building container; a failed forced build is an error.
+  e.g. in a wheel-building container; a failed forced build is an error (and so is setting both).
+  An sdist (and the metadata pip asks for first) compiles nothing, so neither knob affects it.
 - ``VLMRM_FAST_CUDA_ARCHS="8.0;9.0"``: compute capabilities to compile device code for (as
   ``TORCH_CUDA_ARCH_LIST``; "80 90", "sm_90", "9.0a", "+PTX" and torch's architecture names such as
   "Ampere;Hopper" are understood). Default: ``TORCH_CUDA_ARCH_LIST`` if set, else the visible GPUs'
-  capabilities, else "8.0;9.0". The extension today is host code calling the CUDA runtime (no kernels
+  capabilities, else "8.0;9.0"; the newest is also compiled as PTX, in its portable form ("9.0a" adds
+  "9.0+PTX"), so that newer GPUs can compile it when it loads. The extension today is host code calling the CUDA runtime (no kernels
   of its own), so its one build runs on every GPU the torch it was built against supports; the list
   matters once device code is added.
 
@@ -82,19 +84,35 @@ def _arch_list(torch):
         capabilities[key] = capabilities.get(key, False) or bool(ptx)
     if not capabilities and not named:
         raise ValueError(f"VLMRM_FAST_CUDA_ARCHS={archs!r} names no compute capability")
-    # The newest also as PTX, so that newer GPUs can compile it at load time (names carry their own).
-    newest = max(capabilities) if capabilities and not named else None
-    numbers = [f"{a}.{b}{s}" + ("+PTX" if ptx or (a, b, s) == newest else "")
-               for (a, b, s), ptx in sorted(capabilities.items())]
+    # The newest also as PTX, so that newer GPUs can compile it at load time (names carry their own). In
+    # its portable form: PTX for an arch-specific "9.0a" runs on that architecture alone.
+    if capabilities and not named:
+        major, minor, _ = max(capabilities)
+        capabilities[(major, minor, "")] = True
+    numbers = [f"{a}.{b}{s}" + ("+PTX" if ptx else "") for (a, b, s), ptx in sorted(capabilities.items())]
     return ";".join(numbers + list(dict.fromkeys(named)))
+
+
+#: setup.py commands that build or install nothing compiled: the extension is not tried for them (an sdist
+#: holds its source whatever the machine can build), and VLMRM_FAST_FORCE_BUILD does not fail them.
+_METADATA_COMMANDS = {"sdist", "egg_info", "dist_info"}
+_BUILD_COMMANDS = {"build", "build_ext", "bdist_wheel", "bdist", "bdist_egg", "install", "develop", "editable_wheel"}
+
+
+def _builds_nothing_compiled(argv):
+    """Whether setup.py's command line (``sys.argv``) only writes metadata or a source distribution."""
+    return bool(_METADATA_COMMANDS & set(argv)) and not _BUILD_COMMANDS & set(argv)
 
 
 def cuda_extensions():
     """The extension list and cmdclass, or ([], {}) with a printed reason."""
+    force = _truthy("VLMRM_FAST_FORCE_BUILD")
+    if force and _truthy("VLMRM_FAST_SKIP_CUDA_BUILD"):
+        raise ValueError("VLMRM_FAST_FORCE_BUILD and VLMRM_FAST_SKIP_CUDA_BUILD are both set, and contradict each "
+                         "other: unset one (FORCE builds the CUDA extension, SKIP installs without it)")
     if _truthy("VLMRM_FAST_SKIP_CUDA_BUILD"):
         _note("VLMRM_FAST_SKIP_CUDA_BUILD is set: pure-Python install, no CUDA extension")
         return [], {}
-    force = _truthy("VLMRM_FAST_FORCE_BUILD")
     try:
         import torch
     except ImportError:
@@ -228,6 +246,21 @@ def _clean_build_py():
     return CleanBuildPy
 
 
+def _check_setuptools():
+    """setuptools older than 61 ignores pyproject.toml's [project] table and builds an empty wheel named
+    UNKNOWN-0.0.0, without an error; pip's --no-build-isolation skips the [build-system] requirement."""
+    import setuptools
+
+    try:
+        version = tuple(int(part) for part in setuptools.__version__.split(".")[:2])
+    except ValueError:
+        return
+    if version < (64, 0):
+        raise SystemExit(f"vlmrm_fast setup: setuptools {setuptools.__version__} is too old (64 or newer reads this "
+                         "project's pyproject.toml): pip install -U 'setuptools>=64' wheel, then build again")
+
+
 if __name__ == "__main__":  # as pip and setuptools run it; tests import its helpers
-    ext_modules, cmdclass = cuda_extensions()
+    _check_setuptools()
+    ext_modules, cmdclass = ([], {}) if _builds_nothing_compiled(sys.argv[1:]) else cuda_extensions()
     setup(ext_modules=ext_modules, cmdclass={"build_py": _clean_build_py(), **cmdclass}, **_license())

@@ -18,6 +18,7 @@
 // before any later GL work that touches the buffer (the next batch's glReadPixels).
 
 #include <torch/extension.h>
+#include <torch/version.h>
 
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -30,6 +31,14 @@
 #include <stdexcept>
 #include <string>
 #include <vector>
+
+// What this file was built against, kept in the library as text: when it does not load (built against
+// another torch, the usual cause), vlmrm_fast.render._cuda reads it from the file to name that torch.
+#define VLMRM_STR_(x) #x
+#define VLMRM_STR(x) VLMRM_STR_(x)
+extern "C" __attribute__((used, visibility("default"))) const char vlmrm_fast_build_info[] =
+    "vlmrm_fast extension built with: torch " VLMRM_STR(TORCH_VERSION_MAJOR) "." VLMRM_STR(TORCH_VERSION_MINOR) "."
+    VLMRM_STR(TORCH_VERSION_PATCH) ", CUDA runtime " VLMRM_STR(CUDART_VERSION);
 
 // ---------------------------------------------------------------------------------------------
 // CUDA <-> OpenGL interop declarations. cuda_gl_interop.h needs <GL/gl.h>, which machines without

@@ -126,6 +126,7 @@ def test_the_command_line_parser_and_the_package_load_without_torch() -> None:
     code = (
         "import sys, vlmrm_fast; from vlmrm_fast.cli import build_parser, main\n"
         "assert main(['--help']) == 0 and main(['train', '--help']) == 0 and main(['bench', '--nope']) == 2\n"
+        "assert main(['--version']) == 0\n"
         # Not triton: the package loads it before MuJoCo can render (vlmrm_fast/llvm_clash.py; 0.15 s).
         "heavy = sorted(m for m in ('torch', 'open_clip', 'stable_baselines3', 'mujoco') if m in sys.modules)\n"
         "assert not heavy, heavy\n"
@@ -133,6 +134,16 @@ def test_the_command_line_parser_and_the_package_load_without_torch() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_version_names_the_package_and_its_torch(capsys: pytest.CaptureFixture) -> None:
+    import torch
+
+    import vlmrm_fast
+    from vlmrm_fast.cli import main
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip().startswith(f"vlmrm-fast {vlmrm_fast.__version__} (torch {torch.__version__}")
 
 
 def test_the_lazy_package_names_all_resolve() -> None:

@@ -115,19 +115,31 @@ def test_forced_cuda_build_gives_a_platform_wheel_with_the_extension(tmp_path):
     (wheel,) = out.glob("vlmrm_fast-*.whl")
     assert wheel.name.endswith("_x86_64.whl") and f"-cp{sys.version_info[0]}{sys.version_info[1]}-" in wheel.name
     names = zipfile.ZipFile(wheel).namelist()
-    assert any(n.startswith("vlmrm_fast/_render_cuda") and n.endswith(".so") for n in names), names
+    (library,) = [n for n in names if n.startswith("vlmrm_fast/_render_cuda") and n.endswith(".so")]
+    # It names the torch it was built against, for the message when it does not load elsewhere.
+    import re
+
+    info = re.search(rb"vlmrm_fast extension built with: torch ([\d.]+), CUDA runtime \d+\x00",
+                     zipfile.ZipFile(wheel).read(library))
+    assert info is not None and info.group(1).decode() == torch.__version__.split("+")[0]
 
 
-def test_source_distribution_holds_the_extension_source(tmp_path):
+@pytest.mark.parametrize("knobs", [
+    {"VLMRM_FAST_SKIP_CUDA_BUILD": "1"},
+    # A job that exports the forced build for its wheel also makes its sdist, which compiles nothing:
+    # no toolkit, nor a torch, nor a valid arch list is needed for it.
+    {"VLMRM_FAST_FORCE_BUILD": "1", "CUDA_HOME": "/nonexistent/cuda", "VLMRM_FAST_CUDA_ARCHS": "garbage"},
+], ids=["skip", "forced"])
+def test_source_distribution_holds_the_extension_source(tmp_path, knobs):
     # A cluster may build its wheel from the sdist, made anywhere (here: where no extension is built,
     # as in an isolated `python -m build --sdist`): csrc/ must be in it, tests and benchmarks not.
     import tarfile
 
     src = copy_sources(tmp_path / "src")
     result = subprocess.run([sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path / "dist")], cwd=src,
-                            env={**os.environ, "VLMRM_FAST_SKIP_CUDA_BUILD": "1"}, capture_output=True, text=True,
-                            timeout=300)
+                            env={**os.environ, **knobs}, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "no CUDA extension" not in result.stderr  # nothing tried, so no note either
     (sdist,) = (tmp_path / "dist").glob("vlmrm*-*.tar.gz")  # vlmrm_fast- or, setuptools < 69, vlmrm-fast-
     names = {n.split("/", 1)[1] for n in tarfile.open(sdist).getnames() if "/" in n}
     assert {"csrc/gl_cuda_readback.cpp", "setup.py", "pyproject.toml", "vlmrm_fast/model_configs/vlmrm-tiny.json"} <= names
@@ -140,14 +152,24 @@ def test_an_extension_that_does_not_load_is_reported_as_such(tmp_path):
     import importlib.machinery
 
     src = copy_sources(tmp_path / "src")
-    (src / "vlmrm_fast" / f"_render_cuda{importlib.machinery.EXTENSION_SUFFIXES[0]}").write_bytes(b"not a library")
+    library = src / "vlmrm_fast" / f"_render_cuda{importlib.machinery.EXTENSION_SUFFIXES[0]}"
     code = "import vlmrm_fast.render._cuda as c; print(c.__file__); print(c.gpu_unavailable_reason())"
-    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(src)},
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr[-2000:]
-    where, reason = result.stdout.splitlines()[:2]
-    assert where.startswith(str(src))
-    assert "built but does not load" in reason and "another torch" in reason
+
+    def reason_given() -> str:
+        result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(src)},
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr[-2000:]
+        where, reason = result.stdout.splitlines()[:2]
+        assert where.startswith(str(src))
+        return reason
+
+    library.write_bytes(b"not a library")
+    reason = reason_given()
+    assert "built but does not load" in reason and "usually it was built against another torch" in reason
+    # One that names what it was built against (as csrc/ writes it into the library): named in turn.
+    library.write_bytes(b"\x7fELF...\x00vlmrm_fast extension built with: torch 2.6.0, CUDA runtime 12040\x00...")
+    reason = reason_given()
+    assert "built but does not load" in reason and "it was built against torch 2.6.0 and CUDA 12.4, and this is torch" in reason
 
 
 def _fake_toolkit(root: Path) -> Path:
@@ -251,7 +273,8 @@ def _torch_with_gpus(*capabilities):
 @pytest.mark.parametrize("given, expected", [
     ("9.0", "9.0+PTX"),
     ("80 90", "8.0;9.0+PTX"),
-    ("sm_90a,8.6", "8.6;9.0a+PTX"),
+    ("sm_90a,8.6", "8.6;9.0+PTX;9.0a"),  # PTX for 9.0a would run on 9.0 alone: the portable 9.0's instead
+    ("9.0a;9.0", "9.0+PTX;9.0a"),
     ("8.0+PTX;9.0", "8.0+PTX;9.0+PTX"),
     ("90 sm_90 8.0+PTX 80", "8.0+PTX;9.0+PTX"),  # each capability once
     ("Hopper", "Hopper"),  # names go to torch as they are: it expands them for its own toolkit
@@ -300,6 +323,40 @@ def test_the_arch_list_with_names_is_one_torchs_extension_builder_takes(monkeypa
     flags = flags_of()
     assert "-gencode=arch=compute_80,code=sm_80" in flags and "-gencode=arch=compute_90,code=sm_90" in flags
     assert "-gencode=arch=compute_90,code=compute_90" in flags  # Hopper's own +PTX
+
+
+def test_forcing_and_skipping_the_cuda_build_at_once_is_refused(monkeypatch):
+    monkeypatch.setenv("VLMRM_FAST_FORCE_BUILD", "1")
+    monkeypatch.setenv("VLMRM_FAST_SKIP_CUDA_BUILD", "1")
+    with pytest.raises(ValueError, match="FORCE_BUILD and VLMRM_FAST_SKIP_CUDA_BUILD are both set.*unset one"):
+        _setup_helpers()["cuda_extensions"]()
+
+
+@pytest.mark.parametrize("argv, nothing_compiled", [
+    (["sdist", "--formats", "gztar", "--dist-dir", "/tmp/x"], True),  # what build_meta runs for an sdist
+    (["egg_info"], True),
+    (["dist_info", "--output-dir", "/tmp/x"], True),
+    (["bdist_wheel", "--dist-dir", "/tmp/x"], False),
+    (["egg_info", "build_ext"], False),
+    (["editable_wheel", "--dist-dir", "/tmp/x"], False),
+    (["--version"], False),
+])
+def test_only_metadata_and_sdist_commands_skip_the_extension(argv, nothing_compiled):
+    assert _setup_helpers()["_builds_nothing_compiled"](argv) is nothing_compiled
+
+
+@pytest.mark.parametrize("version, refused", [("59.6.0", True), ("63.4.3", True), ("64.0.0", False), ("80.9.0", False)])
+def test_a_setuptools_that_ignores_pyproject_is_refused_not_built_into_an_unknown_wheel(monkeypatch, version, refused):
+    # setuptools < 61 reads no [project] table: `pip wheel --no-build-isolation` gave UNKNOWN-0.0.0-py3-none-any.whl.
+    import setuptools
+
+    monkeypatch.setattr(setuptools, "__version__", version)
+    check = _setup_helpers()["_check_setuptools"]
+    if refused:
+        with pytest.raises(SystemExit, match=rf"setuptools {version} is too old.*pip install -U 'setuptools>=64'"):
+            check()
+    else:
+        check()
 
 
 # ---- the README's Python examples ----

@@ -237,8 +237,11 @@ def test_quantised_precision_is_skipped_for_other_backends(results):
 
 def test_environment_is_recorded(results):
     env = results["environment"]
-    for key in ("timestamp", "commit", "device", "torch", "open_clip", "python"):
+    for key in ("timestamp", "commit", "vlmrm_fast", "device", "torch", "open_clip", "python"):
         assert env[key], key
+    import vlmrm_fast  # an installed copy has no commit to name: its version says what ran
+
+    assert env["vlmrm_fast"] == vlmrm_fast.__version__
     assert env["device_type"] == "cpu" and "random" in env["weights"]
     assert results["config"]["batch_sizes"] == [1, 2]
 

@@ -75,12 +75,30 @@ class CLIError(Exception):
 # --------------------------------------------------------------------------- arguments
 
 
+def _version_line() -> str:
+    """``vlmrm-fast --version``: this package's version, and the torch it runs with (what a bug report needs),
+    read from torch's version file (its build, "+cu126" included): the parser stays quick, without importing torch."""
+    import importlib.util
+
+    from vlmrm_fast import __version__
+
+    spec, torch_version = importlib.util.find_spec("torch"), "not installed"
+    if spec is not None and spec.submodule_search_locations:
+        try:
+            text = (Path(list(spec.submodule_search_locations)[0]) / "version.py").read_text()
+            torch_version = re.search(r"^__version__\s*=\s*['\"]([^'\"]+)", text, re.M).group(1)  # type: ignore[union-attr]
+        except (OSError, AttributeError):
+            torch_version = "unknown"
+    return f"{PROG} {__version__} (torch {torch_version}, Python {sys.version.split()[0]})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Build the top-level parser with one subparser per command."""
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Fast CLIP rewards for reinforcement learning (VLM-RM).",
     )
+    parser.add_argument("--version", action="version", version=_version_line())
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_score_parser(subparsers)
     add_export_parser(subparsers)

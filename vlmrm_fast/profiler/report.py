@@ -20,6 +20,7 @@ from vlmrm_fast.ops._triton import interpreter_enabled
 from vlmrm_fast.profiler.kernels import TowerProfile, markdown_kernel_profiles
 from vlmrm_fast.profiler.seed import SEED, SEED_CUDA_DTYPE, SEED_FRAME_SIZE
 from vlmrm_fast.profiler.timing import MIN_REPEATS, SWITCH_PAUSE_S, StageTiming
+from vlmrm_fast import __version__ as vlmrm_fast_version
 from vlmrm_fast.run_info import command_output, cpu_name, git_commit, library_versions
 
 if TYPE_CHECKING:
@@ -323,7 +324,7 @@ def markdown_report(report: Report) -> str:
     lines = [
         f"# vlmrm-fast bench: {env['device']}",
         "",
-        f"{env['timestamp']}, commit {env['commit']}" + (f", driver {env['driver']}" if env.get("driver") else "")
+        f"{env['timestamp']}, vlmrm-fast {env.get('vlmrm_fast', '?')}, commit {env['commit']}" + (f", driver {env['driver']}" if env.get("driver") else "")
         + f"; {versions}.",
         f"Weights are random (no downloads); speed does not depend on them. Measured matmul peak (the best of the "
         f"measurements before and after each model): {peaks}.",
@@ -479,6 +480,7 @@ def environment(device: torch.device) -> Dict[str, Any]:
     env: Dict[str, Any] = {
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "commit": git_commit(),
+        "vlmrm_fast": vlmrm_fast_version,
         "device": f"{cpu_name()} ({torch.get_num_threads()} threads)",
         "device_type": device.type,
         "cpu": cpu_name(),

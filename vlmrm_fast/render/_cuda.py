@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 from typing import Any, Optional
 
 _ext: Any = None
@@ -28,6 +29,26 @@ def extension() -> Any:
     return _ext
 
 
+_BUILD_INFO = re.compile(rb"vlmrm_fast extension built with: torch (\d+\.\d+\.\d+), CUDA runtime (\d+)\x00")
+
+
+def built_against() -> Optional[str]:
+    """The torch and CUDA runtime the compiled file was built against ("torch 2.6.0 and CUDA 12.4"), read
+    from the file itself (it holds them as text), so also when it does not load; None if unknown."""
+    spec = importlib.util.find_spec("vlmrm_fast._render_cuda")
+    if spec is None or not spec.origin:
+        return None
+    try:
+        with open(spec.origin, "rb") as file:
+            found = _BUILD_INFO.search(file.read())
+    except OSError:
+        return None
+    if found is None:  # built before the file recorded it
+        return None
+    runtime = int(found.group(2))
+    return f"torch {found.group(1).decode()} and CUDA {runtime // 1000}.{runtime % 1000 // 10}"
+
+
 def gpu_unavailable_reason(device: Any = None) -> Optional[str]:
     """Why the GPU render path cannot run here, in one line; None when it can be tried.
 
@@ -38,9 +59,12 @@ def gpu_unavailable_reason(device: Any = None) -> Optional[str]:
     import torch
 
     if _ext is None and _built:
+        built_with = built_against()
+        cause = (f"it was built against {built_with}, and this is torch {torch.__version__}" if built_with else
+                 f"usually it was built against another torch than this one ({torch.__version__})")
         return (
             f"the CUDA extension vlmrm_fast._render_cuda is built but does not load ({_import_error}); "
-            f"usually it was built against another torch than this one ({torch.__version__}): rebuild it "
+            f"{cause}: rebuild it "
             "against this torch (`VLMRM_FAST_FORCE_BUILD=1 pip install -e . --no-build-isolation`: without the "
             "variable a machine with no GPU visible skips the build and keeps the old one; or a wheel built where "
             "this torch is installed, after `pip uninstall -y vlmrm-fast`: pip skips a wheel of the version installed)"
@@ -48,8 +72,9 @@ def gpu_unavailable_reason(device: Any = None) -> Optional[str]:
     if _ext is None:
         return (
             "the CUDA extension vlmrm_fast._render_cuda is not built "
-            f"({_import_error}); build it where the CUDA toolkit is, with "
-            "`VLMRM_FAST_FORCE_BUILD=1 pip install -e . --no-build-isolation` (a GPU is not needed)"
+            f"({_import_error}); build it where the CUDA toolkit is (a GPU is not needed): in a source checkout, "
+            "`VLMRM_FAST_FORCE_BUILD=1 pip install -e . --no-build-isolation`, or a wheel with it, "
+            "`VLMRM_FAST_FORCE_BUILD=1 pip wheel --no-deps --no-build-isolation -w dist .` (README: Wheels for a GPU cluster)"
         )
     if not torch.cuda.is_available():
         return "no CUDA device (torch.cuda.is_available() is False)"
