@@ -247,8 +247,9 @@ def _clean_build_py():
 
 
 def _check_setuptools():
-    """setuptools older than 61 ignores pyproject.toml's [project] table and builds an empty wheel named
-    UNKNOWN-0.0.0, without an error; pip's --no-build-isolation skips the [build-system] requirement."""
+    """pyproject.toml's [build-system] asks for setuptools >= 64 (PEP 660 editable installs), which pip's
+    --no-build-isolation does not check: one older than 61 ignores the [project] table and builds an empty
+    wheel named UNKNOWN-0.0.0, without an error."""
     import setuptools
 
     try:
@@ -256,8 +257,9 @@ def _check_setuptools():
     except ValueError:
         return
     if version < (64, 0):
-        raise SystemExit(f"vlmrm_fast setup: setuptools {setuptools.__version__} is too old (64 or newer reads this "
-                         "project's pyproject.toml): pip install -U 'setuptools>=64' wheel, then build again")
+        raise SystemExit(f"vlmrm_fast setup: setuptools {setuptools.__version__} is older than the 64 this project's "
+                         "build needs (pyproject.toml; before 61 it builds an empty wheel named UNKNOWN): "
+                         "pip install -U 'setuptools>=64' wheel, then build again")
 
 
 if __name__ == "__main__":  # as pip and setuptools run it; tests import its helpers

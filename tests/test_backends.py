@@ -134,6 +134,28 @@ def test_a_change_of_the_text_side_refuses_rewards_until_the_tasks_are_encoded_a
     assert rm(frames).shape == (3,)  # one task, as it was
 
 
+def test_what_the_text_tower_does_not_read_may_change_and_what_replaces_its_weights_is_seen(tiny):
+    # A vision fine-tune with open_clip's locked text tower still steps and clamps logit_scale in place.
+    model, tokenizer = make_tiny()
+    rm = CLIPReward(model, tokenizer, goal=GOAL, baseline=BASELINE, alpha=0.3, device="cpu", backend="torch")
+    frames = _noise(2, 40, 40, seed=13)
+    with torch.no_grad():
+        rm.model.logit_scale.clamp_(0, 4.6052)
+    rm(frames)
+    # load_state_dict(assign=True) puts new tensors in place of the watched ones: no version counter moves.
+    rm.model.load_state_dict(make_tiny(seed=7)[0].state_dict(), assign=True)
+    with pytest.raises(ValueError, match="text-side weights changed"):
+        rm(frames)
+    # A tensor the text side shares with the image tower is watched as part of the text side.
+    model, tokenizer = make_tiny()
+    model.text_projection = model.visual.proj
+    rm = CLIPReward(model, tokenizer, goal=GOAL, baseline=BASELINE, alpha=0.3, device="cpu", backend="torch")
+    with torch.no_grad():
+        rm.model.visual.proj.add_(0.1)
+    with pytest.raises(ValueError, match="text-side weights changed"):
+        rm(frames)
+
+
 @needs_ort
 def test_weights_moved_into_shared_memory_are_no_change(tiny):
     # torch's multiprocessing pickler (a reward model sent to a Process or an mp.Queue) moves CPU storage into

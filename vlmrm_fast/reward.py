@@ -74,6 +74,11 @@ def _check_max_batch_size(value: int) -> int:
     return int(value)
 
 
+#: Top-level parts of an open_clip model that its encode_text does not read: a change there leaves the goals as
+#: they are (the image tower, the contrastive logit scale and bias, CoCa's caption decoder).
+_NOT_READ_BY_ENCODE_TEXT = ("visual", "logit_scale", "logit_bias", "text_decoder")
+
+
 def _check_bottom_up(value: object) -> bool:
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"bottom_up must be True or False (one flag for the whole batch); got {value!r}.")
@@ -185,8 +190,8 @@ class CLIPReward:
         "compile" read the tower's weights live (after a change of the text side alone, ``set_tasks`` with
         the prompts again is enough)."""
         backend, options = self._backend_request
+        self._encode_tasks(self._encoded.tasks, self._single)  # first: it can fail (goal = baseline now), quickly
         self._build_backend(backend, {**options, **(backend_options or {})})
-        self._encode_tasks(self._encoded.tasks, self._single)
 
     def _check_tasks_current(self) -> None:
         watch = getattr(self, "_text_watch", None)  # None in a copy pickled before the watch existed
@@ -271,8 +276,9 @@ class CLIPReward:
         self._targets = encoded.targets(self._alpha)  # raises before any state changes
         self._encoded: EncodedTasks = encoded
         self._single = single
-        # The goals hold the text tower's output: a later change of its weights makes them stale.
-        self._text_watch = WeightsWatch(self.model, leave_out=self.model.visual)
+        # The goals hold the text tower's output: a later change of its weights makes them stale. Not
+        # watched: the parts encode_text does not read (a vision fine-tune clamps logit_scale each step).
+        self._text_watch = WeightsWatch(self.model, leave_out=_NOT_READ_BY_ENCODE_TEXT)
 
     @property
     def alpha(self) -> float:
@@ -296,11 +302,13 @@ class CLIPReward:
     @property
     def goals(self) -> torch.Tensor:
         """[T, D] float32 goal embeddings (means of unit prompt embeddings, not re-normalised); a copy."""
+        self._check_tasks_current()
         return self._encoded.goals.clone()
 
     @property
     def directions(self) -> torch.Tensor:
         """[T, D] float32 unit goal-baseline directions (zero rows for tasks without one); a copy."""
+        self._check_tasks_current()
         return self._encoded.directions.clone()
 
     @property

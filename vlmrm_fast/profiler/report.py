@@ -15,12 +15,12 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
+from vlmrm_fast import __version__ as vlmrm_fast_version
 from vlmrm_fast.atomic import save_figure_atomically, write_atomically
 from vlmrm_fast.ops._triton import interpreter_enabled
 from vlmrm_fast.profiler.kernels import TowerProfile, markdown_kernel_profiles
 from vlmrm_fast.profiler.seed import SEED, SEED_CUDA_DTYPE, SEED_FRAME_SIZE
 from vlmrm_fast.profiler.timing import MIN_REPEATS, SWITCH_PAUSE_S, StageTiming
-from vlmrm_fast import __version__ as vlmrm_fast_version
 from vlmrm_fast.run_info import command_output, cpu_name, git_commit, library_versions
 
 if TYPE_CHECKING:

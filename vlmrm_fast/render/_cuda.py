@@ -32,6 +32,12 @@ def extension() -> Any:
 _BUILD_INFO = re.compile(rb"vlmrm_fast extension built with: torch (\d+\.\d+\.\d+), CUDA runtime (\d+)\x00")
 
 
+def _release(version: str) -> str:
+    """"2.6.0" of "2.6.0+cu124", "2.6.0a0+ecf3bae" (an NGC container's) or "2.8.0.dev20250601" (a nightly)."""
+    found = re.match(r"\d+\.\d+\.\d+", version)
+    return found.group(0) if found else version
+
+
 def built_against() -> Optional[str]:
     """The torch and CUDA runtime the compiled file was built against ("torch 2.6.0 and CUDA 12.4"), read
     from the file itself (it holds them as text), so also when it does not load; None if unknown."""
@@ -60,8 +66,13 @@ def gpu_unavailable_reason(device: Any = None) -> Optional[str]:
 
     if _ext is None and _built:
         built_with = built_against()
-        cause = (f"it was built against {built_with}, and this is torch {torch.__version__}" if built_with else
-                 f"usually it was built against another torch than this one ({torch.__version__})")
+        if built_with is None:
+            cause = f"usually it was built against another torch than this one ({torch.__version__})"
+        elif built_with.split()[1] != _release(torch.__version__):
+            cause = f"it was built against {built_with}, and this is torch {torch.__version__}"
+        else:  # the same torch release: another build of it (+cu124 against +cu126, say), or a library missing
+            cause = (f"it was built against {built_with}, the release of this torch ({torch.__version__}): the error "
+                     "names what is missing, or it was built against another build of it (CUDA version, C++ ABI)")
         return (
             f"the CUDA extension vlmrm_fast._render_cuda is built but does not load ({_import_error}); "
             f"{cause}: rebuild it "

@@ -658,9 +658,10 @@ def _warn_if_total_overshoots(config: TrainConfig, step: int) -> None:
     n, total = config.n_envs, config.total_timesteps
     if step < total and total % n:
         end = -(-total // n) * n
+        lower = f" (or {end - n})" if end - n > step else ""
         warnings.warn(
             f"total_timesteps={total} is not a multiple of n_envs={n}: the {n} envs step together, so the run ends "
-            f"at step {end}. Pass total_timesteps={end} (or {end - n}) to make it exact.", stacklevel=3)
+            f"at step {end}. Pass total_timesteps={end}{lower} to make it exact.", stacklevel=5)  # train()'s caller
 
 
 def run_train_command(args: argparse.Namespace) -> int:
