@@ -1057,6 +1057,15 @@ def test_nan_in_one_task_names_its_row(no_batch):
     venv.close()
 
 
+def test_a_weight_the_mode_does_not_use_is_named():
+    with pytest.warns(UserWarning, match=r"weight=2 is unused in mode='log'.*mode='add' only"):
+        VLMRewardWrapper(CountingEnv(), mean_brightness, mode="log", weight=2.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        VLMRewardWrapper(CountingEnv(), mean_brightness, mode="add", weight=2.0)
+        VLMRewardWrapper(CountingEnv(), mean_brightness, mode="replace")
+
+
 def test_weight_is_stored_as_a_float():
     env = VLMRewardWrapper(CountingEnv(), mean_brightness, mode="add")
     env.weight = np.float32(0.25)

@@ -307,6 +307,10 @@ class _RewardMode:
     def _set_reward(self, reward_model: Any, mode: str, weight: float, task: Union[int, str]) -> None:
         self.reward_model = reward_model
         self._mode, self._weight = _check_mode(mode, weight)
+        if self._mode != "add" and self._weight != 1.0:
+            warnings.warn(f"weight={self._weight:g} is unused in mode={self._mode!r}: it scales the VLM reward in "
+                          "mode='add' only. Pass mode='add' to add the weighted VLM reward to the env's, or drop "
+                          "weight.", UserWarning, stacklevel=4)
         _task_index(reward_model, task)  # checked now
         self._task_request = task
 
