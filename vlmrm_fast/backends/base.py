@@ -126,9 +126,11 @@ class WeightsWatch:
     def __init__(self, module: torch.nn.Module, *, leave_out: Sequence[str] = ()) -> None:
         """Watch ``module``'s parameters and buffers, bar those under its top-level names ``leave_out``
         (a tensor shared with one of those is watched under its other name)."""
-        named = [(name, t) for name, t in _named_tensors(module) if name.split(".", 1)[0] not in leave_out]
-        unique = {id(t): (name, t) for name, t in reversed(named)}  # each tensor once, under its first name
-        named = [item for item in named if unique[id(item[1])][0] == item[0]]
+        named, seen = [], set()
+        for name, t in _named_tensors(module):  # each tensor once, under its first name outside leave_out
+            if name.split(".", 1)[0] not in leave_out and id(t) not in seen:
+                seen.add(id(t))
+                named.append((name, t))
         self._module = module
         self._tensors = [t for _, t in named]
         self._ends = [named[0][0], named[-1][0]] if named else []

@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
-from typing import Any, Optional
+from typing import Any, Optional, Tuple
 
 _ext: Any = None
 _import_error: Optional[str] = None
@@ -38,8 +38,8 @@ def _release(version: str) -> str:
     return found.group(0) if found else version
 
 
-def built_against() -> Optional[str]:
-    """The torch and CUDA runtime the compiled file was built against ("torch 2.6.0 and CUDA 12.4"), read
+def built_against() -> Optional[Tuple[str, str]]:
+    """The torch release and CUDA runtime the compiled file was built against (("2.6.0", "12.4")), read
     from the file itself (it holds them as text), so also when it does not load; None if unknown."""
     spec = importlib.util.find_spec("vlmrm_fast._render_cuda")
     if spec is None or not spec.origin:
@@ -52,7 +52,7 @@ def built_against() -> Optional[str]:
     if found is None:  # built before the file recorded it
         return None
     runtime = int(found.group(2))
-    return f"torch {found.group(1).decode()} and CUDA {runtime // 1000}.{runtime % 1000 // 10}"
+    return found.group(1).decode(), f"{runtime // 1000}.{runtime % 1000 // 10}"
 
 
 def gpu_unavailable_reason(device: Any = None) -> Optional[str]:
@@ -65,14 +65,16 @@ def gpu_unavailable_reason(device: Any = None) -> Optional[str]:
     import torch
 
     if _ext is None and _built:
-        built_with = built_against()
-        if built_with is None:
+        built = built_against()
+        if built is None:
             cause = f"usually it was built against another torch than this one ({torch.__version__})"
-        elif built_with.split()[1] != _release(torch.__version__):
-            cause = f"it was built against {built_with}, and this is torch {torch.__version__}"
-        else:  # the same torch release: another build of it (+cu124 against +cu126, say), or a library missing
-            cause = (f"it was built against {built_with}, the release of this torch ({torch.__version__}): the error "
-                     "names what is missing, or it was built against another build of it (CUDA version, C++ ABI)")
+        else:
+            cause = f"it was built against torch {built[0]} and CUDA {built[1]}"
+            if built[0] != _release(torch.__version__):
+                cause += f", and this is torch {torch.__version__}"
+            else:  # the same torch release: another build of it (+cu124 against +cu126, say), or a library missing
+                cause += (f", the release of this torch ({torch.__version__}): the error names what is missing, or it "
+                          "was built against another build of it (CUDA version, C++ ABI)")
         return (
             f"the CUDA extension vlmrm_fast._render_cuda is built but does not load ({_import_error}); "
             f"{cause}: rebuild it "
