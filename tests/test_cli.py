@@ -482,6 +482,18 @@ def test_summary_reports_min_and_max() -> None:
     line = cli._summary(np.array([1.0, -2.0, 3.0], np.float32), 0.5, [Path("r.csv")])
     assert "scored 3 frames in 0.50 s (6.0 frames/s)" in line
     assert "mean 0.6667, min -2.0000, max 3.0000; wrote r.csv" in line
+    assert cli._summary(np.array([0.5], np.float32), 0.5, [Path("r.csv")]).startswith("scored 1 frame in ")
+
+
+@pytest.mark.parametrize("flags,noted", [
+    (["--baseline", "a shape"], True),                      # the baseline given, alpha left at 0: unused
+    (["--baseline", "a shape", "--alpha", "0.5"], False),
+    ([], False),
+], ids=["baseline-alpha0", "baseline-alpha", "no-baseline"])
+def test_a_baseline_that_alpha_0_leaves_unused_is_noted(image_folder: Path, tmp_path: Path, capsys, flags,
+                                                         noted) -> None:
+    assert score([str(image_folder), "--goal", "a red square", *flags, "--out", str(tmp_path / "r.csv"), *TINY]) == 0
+    assert ("--baseline is unused at --alpha 0" in capsys.readouterr().err) is noted
 
 
 def test_image_suffixes_in_capitals_are_images(tmp_path: Path) -> None:

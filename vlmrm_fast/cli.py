@@ -363,6 +363,9 @@ def _run_score(args: argparse.Namespace) -> int:
     except ValueError as error:  # a BackendError too: written for Python callers, name this command's flags instead
         raise CLIError(in_cli_terms(str(error), dtype_flag="--dtype", backend_flag="--backend",
                                     batch_flag="--batch-size")) from None
+    if args.baseline and args.alpha == 0:
+        print("note: --baseline is unused at --alpha 0 (the default: cosine similarity to the goal); give --alpha "
+              "in (0, 1] to use it", file=sys.stderr)
     start = time.perf_counter()
     rewards, labels = score_frames(rm, source, rm.max_batch_size, progress=not args.no_progress)
     elapsed = time.perf_counter() - start
@@ -530,7 +533,7 @@ def _summary(rewards: np.ndarray, elapsed: float, written: Sequence[Path]) -> st
     n = len(rewards)
     rate = n / elapsed if elapsed > 0 else float("inf")
     return (
-        f"scored {n} frames in {elapsed:.2f} s ({rate:.1f} frames/s): reward mean "
+        f"scored {n} frame{'' if n == 1 else 's'} in {elapsed:.2f} s ({rate:.1f} frames/s): reward mean "
         f"{np.mean(rewards):.4f}, min {np.min(rewards):.4f}, max {np.max(rewards):.4f}; "
         f"wrote {', '.join(str(p) for p in written)}"
     )
