@@ -588,6 +588,29 @@ def test_vec_env_subproc(rm):
         framed.close()
 
 
+def _pendulum_with_vlm_reward(rm: CLIPReward) -> gym.Env:
+    return VLMRewardWrapper(make_env(), rm, mode="add")
+
+
+def test_subprocess_envs_started_by_forkserver_render_after_this_process_did(rm):
+    """README: workers forked after this process rendered through Mesa hang at their first frame; under
+    context="forkserver" they start clean, and each scores its own frames with its copy of the model."""
+    here = make_env()
+    here.reset(seed=3)
+    assert here.render().shape == (SIZE, SIZE, 3)  # this process has rendered through Mesa (EGL) by now
+    here.close()
+    remote = gym.vector.AsyncVectorEnv([lambda: _pendulum_with_vlm_reward(rm)], context="forkserver")
+    try:
+        remote.reset(seed=3)
+        for action in actions(2, 1, seed=1):
+            _, rewards, _, _, infos = remote.step(action)
+            expected = rm(np.stack(remote.render())).numpy()  # the workers' frames, scored here
+            np.testing.assert_allclose(infos["vlm_reward"], expected, atol=1e-5)
+            assert np.isfinite(rewards).all()
+    finally:
+        remote.close()
+
+
 @pytest.mark.parametrize("not_a_model", [None, "ViT-B-32"])
 def test_wrappers_refuse_what_is_not_a_reward_model(not_a_model):
     # Not at the first step: at the wrapper, naming what it takes.
