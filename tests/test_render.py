@@ -1231,6 +1231,16 @@ def test_gpu_unavailable_reason_names_each_cause(monkeypatch):
     monkeypatch.setattr(_cuda, "_built", False)
     reason = gpu_unavailable_reason()
     assert "is not built (ImportError" in reason and "VLMRM_FAST_FORCE_BUILD=1 pip install -e . --no-build-isolation" in reason
+    # Where there is no GPU that comes first, the extension's state after it; a CPU device is named before both.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    reason = gpu_unavailable_reason("cuda")
+    assert reason.startswith("no CUDA device (torch.cuda.is_available() is False); also, the CUDA extension")
+    assert "is not built (ImportError" in reason
+    assert gpu_unavailable_reason("cpu") == "device cpu is not a CUDA device"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert "is not built (ImportError" in gpu_unavailable_reason("cuda:0")
+    assert gpu_unavailable_reason("cuda:1") == "cuda:1 does not exist (1 CUDA devices)"
     monkeypatch.setattr(_cuda, "_ext", object())
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert gpu_unavailable_reason("cuda:0") == "no CUDA device (torch.cuda.is_available() is False)"

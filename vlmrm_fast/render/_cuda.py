@@ -64,6 +64,30 @@ def gpu_unavailable_reason(device: Any = None) -> Optional[str]:
     """
     import torch
 
+    dev = None if device is None else torch.device(device)
+    if dev is not None and dev.type != "cuda":
+        return f"device {dev} is not a CUDA device"
+    extension_problem = _extension_problem()
+    if not torch.cuda.is_available():  # first: on a machine without a GPU it is the reason that matters
+        return "no CUDA device (torch.cuda.is_available() is False)" + (
+            f"; also, {extension_problem}" if extension_problem else "")
+    if dev is not None and dev.index is not None and dev.index >= torch.cuda.device_count():
+        return f"{dev} does not exist ({torch.cuda.device_count()} CUDA devices)"
+    if extension_problem:
+        return extension_problem
+    gl = os.environ.get("MUJOCO_GL", "").strip().lower()
+    if gl != "egl":
+        return (
+            f"MUJOCO_GL={gl!r}: the GPU path renders through EGL on the CUDA device; set "
+            "MUJOCO_GL=egl (and PYOPENGL_PLATFORM=egl) before importing mujoco"
+        )
+    return None
+
+
+def _extension_problem() -> Optional[str]:
+    """Why the extension cannot be used (not built, or built and not loading), with the fix; None if it loaded."""
+    import torch
+
     if _ext is None and _built:
         built = built_against()
         if built is None:
@@ -88,19 +112,5 @@ def gpu_unavailable_reason(device: Any = None) -> Optional[str]:
             f"({_import_error}); build it where the CUDA toolkit is (a GPU is not needed): in a source checkout, "
             "`VLMRM_FAST_FORCE_BUILD=1 pip install -e . --no-build-isolation`, or a wheel with it, "
             "`VLMRM_FAST_FORCE_BUILD=1 pip wheel --no-deps --no-build-isolation -w dist .` (README: Wheels for a GPU cluster)"
-        )
-    if not torch.cuda.is_available():
-        return "no CUDA device (torch.cuda.is_available() is False)"
-    if device is not None:
-        dev = torch.device(device)
-        if dev.type != "cuda":
-            return f"device {dev} is not a CUDA device"
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            return f"{dev} does not exist ({torch.cuda.device_count()} CUDA devices)"
-    gl = os.environ.get("MUJOCO_GL", "").strip().lower()
-    if gl != "egl":
-        return (
-            f"MUJOCO_GL={gl!r}: the GPU path renders through EGL on the CUDA device; set "
-            "MUJOCO_GL=egl (and PYOPENGL_PLATFORM=egl) before importing mujoco"
         )
     return None
