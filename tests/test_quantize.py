@@ -53,7 +53,7 @@ def test_int8_rewards_within_twice_pytorch_int8_error(name):
         torch_int8 = reference_reward_from_embeddings(_torch_int8_tower(model.visual)(pixels.float()), goal, direction, ALPHA)
     rm = CLIPReward(copy.deepcopy(model), tokenizer, goal=GOAL, baseline=BASELINE, alpha=ALPHA, device="cpu",
                     kernels="torch", backend="onnxruntime", backend_options={"quantize": "int8"})
-    assert rm.vision_backend.quantize == "int8"
+    assert rm.vision_backend.quantize == "int8" and "backend='onnxruntime', quantize='int8'," in repr(rm)
     got = rm(frames).double()
     assert torch.isfinite(got).all()
     pytorch_error = (torch_int8 - want).abs().max().item()

@@ -454,8 +454,10 @@ class CLIPReward:
         raise ValueError(f"{quantity} are not finite for {len(bad)} of {rewards.shape[0]} {what} (rows {shown}): {cause}.")
 
     def __repr__(self) -> str:
+        quantize = self._backend_request[1].get("quantize")  # int8/fp8: the tower does not compute in `dtype`
         return (
             f"CLIPReward(tasks={self.task_names}, alpha={self._alpha}, device={self._device}, "
             f"dtype={self._dtype}, preprocess={self._spec.mode!r}, kernels={self._kernels!r}, backend={self.backend!r}, "
-            f"image_size={self.image_size}, max_batch_size={self.max_batch_size})"
+            + (f"quantize={quantize!r}, " if quantize else "")
+            + f"image_size={self.image_size}, max_batch_size={self.max_batch_size})"
         )
