@@ -1227,6 +1227,29 @@ def test_compile_backend_counts_compile_and_capture_as_build_time(monkeypatch):
     assert calls == [4, 4] and set(cpu.compile_seconds) == {4}  # on CPU nothing to capture: one call compiles
 
 
+def test_a_compile_backend_says_when_its_graphs_came_from_the_cache_on_disk():
+    # 'build s' of a build that took its graphs from Inductor's cache is no first build's time: the bench
+    # marks it. After dynamo forgets the first backend's graph, a second backend on the same module compiles
+    # the same graph, which Inductor then finds in its cache.
+    from torch._inductor import config as inductor_config
+
+    from vlmrm_fast.backends.compiled import CompileBackend
+
+    if not getattr(inductor_config, "fx_graph_cache", False):
+        pytest.skip("this torch does not cache Inductor's graphs by default")
+    torch.manual_seed(0)
+    visual = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 5)).eval()
+    x = torch.randn(3, 3, 2, 2)
+    first = CompileBackend(visual, torch.device("cpu"), torch.float32, (2, 2), 4, buckets=(4,))
+    assert first.build_cached is None  # nothing built yet
+    first(x)
+    assert isinstance(first.build_cached, bool)  # True where an earlier process cached this graph
+    torch._dynamo.reset()
+    second = CompileBackend(visual, torch.device("cpu"), torch.float32, (2, 2), 4, buckets=(4,))
+    torch.testing.assert_close(second(x), visual(x), rtol=1e-5, atol=1e-6)
+    assert second.build_cached is True
+
+
 def test_compile_backend_buckets_are_sorted_and_end_at_max_batch_size(monkeypatch):
     from vlmrm_fast.backends.compiled import CompileBackend, default_buckets
 

@@ -908,6 +908,50 @@ def test_stage_rows_take_each_stage_from_its_own_timing():
     assert row.achieved_tflops == pytest.approx(2.0 * 400 / 1e3)
 
 
+def test_one_ratio_reads_the_same_in_the_table_and_the_targets():
+    # Both round down: a committed bench.md read 1.65x in its table and 1.64x in its targets for one 1.6457.
+    from vlmrm_fast.profiler.report import Report, markdown_report
+
+    rows = [_row("ViT-B-32", "torch", 16.457, 10.0)]
+    text = markdown_report(Report(ENV, CONFIG, rows=rows, targets=check_targets(rows, torch.device("cpu"))))
+    assert "| 1.64x |" in text.split("## Targets")[0] and "| 1.50x | 1.64x |" in text
+    assert "1.65x" not in text
+
+
+def test_a_build_found_in_a_cache_on_disk_is_marked():
+    import dataclasses
+
+    from vlmrm_fast.profiler.report import Report, markdown_report
+
+    cold = dataclasses.replace(_row("ViT-B-32", "compile", 20.0, 10.0), build_seconds=11.44, build_cached=False)
+    warm = dataclasses.replace(cold, batch=16, build_seconds=6.14, build_cached=True)
+    text = markdown_report(Report(ENV, CONFIG, rows=[cold, warm]))
+    assert "| 11.4 |" in text and "| 6.1 (cached) |" in text
+    assert "'(cached)': that build found its work in a cache on disk" in text
+    assert "(cached)" not in markdown_report(Report(ENV, CONFIG, rows=[cold]))
+
+
+def test_the_compile_mode_is_named_where_compile_rows_ran():
+    # Also the default mode, where --compile-mode was not given (the config then records none).
+    from vlmrm_fast.profiler.report import Report, markdown_report
+
+    compiled, eager = _row("ViT-B-32", "compile", 20.0, 10.0), _row("ViT-B-32", "torch", 20.0, 10.0)
+    assert "mode=default (the backend's default here)." in markdown_report(Report(ENV, CONFIG, rows=[compiled]))
+    cuda = markdown_report(Report(ENV, {**CONFIG, "device": "cuda:0"}, rows=[compiled]))
+    assert "mode=reduce-overhead (the backend's default here)." in cuda
+    chosen = {**CONFIG, "compile_mode": "max-autotune"}
+    assert "torch.compile with mode=max-autotune." in markdown_report(Report(ENV, chosen, rows=[compiled]))
+    assert "torch.compile" not in markdown_report(Report(ENV, chosen, rows=[eager]))  # no compile rows: no note
+
+
+def test_the_header_names_the_cuda_build_and_the_compute_capability():
+    from vlmrm_fast.profiler.report import Report, markdown_report
+
+    env = {**ENV, "device": "NVIDIA H200", "driver": "570.1", "cuda": "12.8", "compute_capability": "9.0"}
+    assert "commit c, driver 570.1, CUDA 12.8, compute capability 9.0;" in markdown_report(Report(env, CONFIG))
+    assert "CUDA" not in markdown_report(Report(ENV, CONFIG)).splitlines()[2]
+
+
 def test_a_target_reached_exactly_is_met():
     [target] = check_targets([_row("ViT-B-32", "torch", 15.0, 10.0)], torch.device("cpu"))
     assert target["measured"] == pytest.approx(1.5) and target["met"]
@@ -1429,7 +1473,9 @@ def test_compile_mode_reaches_the_compile_backend_and_the_report(small_profiler,
     env = {"device": "cpu", "timestamp": "t", "commit": "c", "cpu_count": 2}
     config = profiler_.config.as_json()
     assert "mode=max-autotune" in markdown_report(Report(env, config, rows=[]))
-    assert "mode=" not in markdown_report(Report(env, {**config, "compile_mode": None}, rows=[]))
+    unnamed = markdown_report(Report(env, {**config, "compile_mode": None}, rows=[]))
+    assert "mode=default (the backend's default here)" in unnamed  # asked for: the mode it runs is named
+    assert "mode=" not in markdown_report(Report(env, {**config, "backends": ["torch"]}, rows=[]))
     with pytest.raises(SystemExit):
         _bench_args("--compile-mode", "fastest")
 

@@ -225,7 +225,9 @@ class VisionBackend(abc.ABC):
     Every backend takes the output of the fused preprocessing op, in ``dtype`` on ``device``, and
     returns unnormalised embeddings (any float dtype) on ``device``; the fused score op follows.
     ``build_seconds`` is the one-off cost (export, compilation, engine build), reported apart from
-    steady-state time.
+    steady-state time; ``build_cached`` says whether that build found its work in a cache on disk
+    (True: torch.compile's graph cache or a TensorRT engine, so not what a first build takes; False: built
+    from nothing; None: no such cache).
     """
 
     name: str = ""
@@ -238,6 +240,7 @@ class VisionBackend(abc.ABC):
         self.dtype = dtype
         self.image_size = image_size
         self.build_seconds = 0.0
+        self.build_cached: Optional[bool] = None
 
     def preprocessing(self, frames: torch.Tensor) -> ContextManager[None]:
         """The context in which CLIPReward runs the preprocessing op on ``frames`` (one chunk, as

@@ -150,12 +150,16 @@ class TensorRTBackend(VisionBackend):
         # TensorRT builds and deserializes on the current CUDA device, which need not be ``device``.
         with torch.cuda.device(device):
             runtime = _created(trt, trt.Runtime, self._logger, "runtime")
-            engine = load_or_build_engine(
-                cache, key, runtime.deserialize_cuda_engine,
-                build=lambda: self._build(visual, spec, key, workspace_gib, scratch_parent(cache.directory),
-                                          cache.scratch_prefix(key)),
-                io_problem=lambda engine: engine_io_problem(trt, engine, precision),
-            )
+            built = []
+
+            def build() -> bytes:
+                built.append(True)
+                return self._build(visual, spec, key, workspace_gib, scratch_parent(cache.directory),
+                                   cache.scratch_prefix(key))
+
+            engine = load_or_build_engine(cache, key, runtime.deserialize_cuda_engine, build=build,
+                                          io_problem=lambda engine: engine_io_problem(trt, engine, precision))
+            self.build_cached = not built
             self._calibration = None  # only needed to build
             self.context = engine.create_execution_context()
             if self.context is None:  # the bindings return TensorRT's null pointer as None

@@ -69,6 +69,9 @@ class Row:
     speedup_vs_seed: Optional[float] = None
     reward_error: Optional[float] = None
     """max |r - r_fp32| over the run's first frames, r_fp32 from the float32 eager path (not for the seed)."""
+    build_cached: Optional[bool] = None
+    """Whether the build found its work in a cache on disk (torch.compile's graphs, a TensorRT engine): then
+    ``build_seconds`` is no first build's time. None where the backend has no such cache."""
     timings: Dict[str, Optional[StageTiming]] = field(default_factory=dict)
 
 
@@ -108,7 +111,7 @@ class Report:
 def _stage_row(
     *, model: str, backend: str, dtype: str, kernels: str, batch: int, frame_size: int,
     timings: Dict[str, Optional[StageTiming]], gflops: float, flops_method: str,
-    build_seconds: float, setup_seconds: float,
+    build_seconds: float, setup_seconds: float, build_cached: Optional[bool] = None,
 ) -> Row:
     """A row from its stage timings; the peak fraction is filled in by :meth:`Report.set_peaks`."""
     rate = {stage: None if t is None else batch / t.median_s for stage, t in timings.items()}
@@ -117,7 +120,8 @@ def _stage_row(
         h2d_fps=rate["h2d"], preprocess_fps=rate["preprocess"], tower_fps=rate["tower"],
         score_fps=rate["score"], end_to_end_fps=rate["end_to_end"], tower_gflops=gflops,
         flops_method=flops_method, achieved_tflops=gflops * rate["tower"] / 1e3, peak_tflops=None,
-        frac_of_peak=None, build_seconds=build_seconds, setup_seconds=setup_seconds, timings=timings,
+        frac_of_peak=None, build_seconds=build_seconds, setup_seconds=setup_seconds, build_cached=build_cached,
+        timings=timings,
     )
 
 
@@ -230,11 +234,11 @@ TABLE_COLUMNS = (
     ("score", lambda r: _rate(r.score_fps)),
     ("end to end", lambda r: _rate(r.end_to_end_fps)),
     ("seed", lambda r: _rate(r.seed_fps) if r.seed_fps else ""),
-    ("vs seed", lambda r: _num(r.speedup_vs_seed, ".2f") + ("x" if r.speedup_vs_seed else "")),
+    ("vs seed", lambda r: _speedup(r.speedup_vs_seed) if r.speedup_vs_seed else ""),
     ("GFLOP/img", lambda r: f"{r.tower_gflops:.4g}"),
     ("TFLOP/s", lambda r: f"{r.achieved_tflops:.3g}"),
     ("of peak", lambda r: _num(None if r.frac_of_peak is None else 100 * r.frac_of_peak, ".1f") + ("%" if r.frac_of_peak else "")),
-    ("build s", lambda r: f"{r.build_seconds:.1f}"),
+    ("build s", lambda r: f"{r.build_seconds:.1f}" + (" (cached)" if r.build_cached else "")),
     ("reward err", lambda r: _num(r.reward_error, ".1e")),
 )
 
@@ -324,7 +328,9 @@ def markdown_report(report: Report) -> str:
     lines = [
         f"# vlmrm-fast bench: {env['device']}",
         "",
-        f"{env['timestamp']}, vlmrm-fast {env.get('vlmrm_fast', '?')}, commit {env['commit']}" + (f", driver {env['driver']}" if env.get("driver") else "")
+        f"{env['timestamp']}, vlmrm-fast {env.get('vlmrm_fast', '?')}, commit {env['commit']}"
+        + (f", driver {env['driver']}" if env.get("driver") else "") + (f", CUDA {env['cuda']}" if env.get("cuda") else "")
+        + (f", compute capability {env['compute_capability']}" if env.get("compute_capability") else "")
         + f"; {versions}.",
         f"Weights are random (no downloads); speed does not depend on them. Measured matmul peak (the best of the "
         f"measurements before and after each model): {peaks}.",
@@ -351,8 +357,14 @@ def markdown_report(report: Report) -> str:
         f"timed with it, starts after a {SWITCH_PAUSE_S:g} s pause (ONNX Runtime's threads spin after a run and slow "
         "the torch work that follows).",
     ]
-    if config.get("compile_mode"):
-        lines += ["", f"The compile rows ran torch.compile with mode={config['compile_mode']}."]
+    if any(r.backend == "compile" for r in report.rows) or "compile" in config.get("backends", ()):
+        mode = config.get("compile_mode") or ("reduce-overhead" if str(config.get("device", "")).startswith("cuda") else "default")
+        lines += ["", f"The compile rows ran torch.compile with mode={mode}" + ("" if config.get("compile_mode")
+                                                                                  else " (the backend's default here)") + "."]
+    if any(r.build_cached for r in report.rows):
+        lines += ["", "'(cached)': that build found its work in a cache on disk, left by an earlier process "
+                      "(torch.compile's graphs in Inductor's cache, a TensorRT engine in the engine cache), so its "
+                      "'build s' is less than a first build's."]
     lines += kernels_notes(report.rows)
     if any(r.frac_of_peak is not None and r.frac_of_peak > 1 for r in report.rows):
         lines += [
@@ -379,8 +391,7 @@ def markdown_report(report: Report) -> str:
     if report.targets:
         lines += ["", "## Targets", "", "| model | target | required | best measured | where | met |", "|---|---|---|---|---|---|"]
         for t in report.targets:
-            # Speedups round down, so that "met: no" never sits beside a figure that reads as the target.
-            fmt = (lambda v: f"{math.floor(v * 100) / 100:.2f}x") if "speedup" in t["kind"] else _rate
+            fmt = _speedup if "speedup" in t["kind"] else _rate
             lines.append(f"| {t['model']} | {t['kind']} | {fmt(t['required'])} | "
                          f"{_measured(t, fmt)} | {t['where'] or ''} | "
                          f"{_met(t)} |")
@@ -439,7 +450,8 @@ def write_plot(path: Path, report: Report) -> Path:
     ax.set_ylabel("end-to-end frames/s")
     size = report.config["frame_size"]
     seed_size = "" if size == SEED_FRAME_SIZE else f" at {SEED_FRAME_SIZE}x{SEED_FRAME_SIZE}"
-    seed = f" (the seed dashed{seed_size})" if any(r.backend == SEED for r in report.rows) else ""
+    seed = (f" (the seed dashed{seed_size}, timed alone; bench.md's 'vs seed' times it beside each row)"
+            if any(r.backend == SEED for r in report.rows) else "")
     ax.set_title(f"vlmrm-fast bench, {report.environment['device']}\n{size}x{size} uint8 frames on the device"
                  f"{seed}; random weights", fontsize=9)
     ax.grid(alpha=0.3)
@@ -506,3 +518,9 @@ def environment(device: torch.device) -> Dict[str, Any]:
             compute_capability=f"{props.major}.{props.minor}",
         )
     return env
+
+
+def _speedup(value: float) -> str:
+    """A speedup with two decimals, rounded down: "met: no" never sits beside a figure that reads as its
+    target, and the table and the targets show one ratio the same way."""
+    return f"{math.floor(value * 100) / 100:.2f}x"

@@ -526,6 +526,7 @@ class Profiler:
             model=name, backend=rm.backend, dtype=dtype, kernels=kernels_label(rm.kernels), batch=n,
             frame_size=self.config.frame_size, timings=timings, gflops=gflops, flops_method=method,
             build_seconds=rm.vision_backend.build_seconds, setup_seconds=setup_seconds,
+            build_cached=rm.vision_backend.build_cached,
         )
         if "seed_end_to_end" in timings:
             row.seed_fps = n / timings["seed_end_to_end"].median_s
