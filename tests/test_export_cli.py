@@ -435,3 +435,19 @@ def test_external_data_no_keeps_a_large_graph_in_one_file(tmp_path, monkeypatch)
     monkeypatch.setattr(onnx_export, "_PROTOBUF_LIMIT", 64 * 1024)  # "auto" would split the tiny tower
     assert main(["export", "vlmrm-tiny", "--out", str(tmp_path / "t.onnx"), "--external-data", "no", "--no-verify"]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.onnx"]
+
+
+def test_an_export_refuses_to_replace_its_checkpoint_or_a_file_that_is_no_export(tmp_path, capsys):
+    # `--out` onto the --pretrained checkpoint replaced it with a graph (exit 0); so did a typo onto any file.
+    model, _ = make_tiny()
+    checkpoint = tmp_path / "w.pt"
+    torch.save(model.state_dict(), checkpoint)
+    saved = checkpoint.read_bytes()
+    assert main(["export", "vlmrm-tiny", "--pretrained", str(checkpoint), "--out", str(checkpoint)]) == 2
+    assert "is the checkpoint this export reads (--pretrained)" in capsys.readouterr().err
+    notes = tmp_path / "notes.csv"
+    notes.write_text("step,reward\n")
+    assert main(["export", "vlmrm-tiny", "--out", str(notes)]) == 2
+    assert "exists and is not an earlier export (.onnx, .engine" in capsys.readouterr().err
+    assert checkpoint.read_bytes() == saved and notes.read_text() == "step,reward\n"
+    assert main(["export", "vlmrm-tiny", "--pretrained", str(checkpoint), "--out", str(tmp_path / "w.onnx")]) == 0

@@ -88,6 +88,7 @@ def run_export(args: argparse.Namespace) -> int:
     dtype = args.dtype or ("fp32" if args.format == "onnx" else "bf16")
     batch_range = _check_before_loading(args, dtype)  # a refusal costs no download or load of the weights
     out = writable_file(output_file(args.out, default_out(args.model, pretrained, args.input, args.format, dtype)), "--out")
+    _check_not_replacing_other_files(out, pretrained)
     model, _ = create_clip(args.model, pretrained)
     spec = preprocess_spec_of(model, "vlmrm")
     start = time.perf_counter()
@@ -122,6 +123,22 @@ def run_export(args: argparse.Namespace) -> int:
     print(f"{message}. Input: {'frames uint8 [N, %d, %d, 3]' % spec.size if args.input == 'uint8-nhwc' else 'pixels [N, 3, %d, %d]' % spec.size}"
           f"; output: embeddings [N, D] (unnormalised).")
     return 0
+
+
+EXPORT_SUFFIXES = (".onnx", ".engine", ".plan", ".trt")
+"""What an existing file at ``--out`` may be named for an export to replace it: an earlier export."""
+
+
+def _check_not_replacing_other_files(out: Path, pretrained: Optional[str]) -> None:
+    """Refuse an ``--out`` that is the checkpoint being exported, or an existing file that is no earlier export
+    (a checkpoint, a CSV, anything else a typo points at): the export would replace it, and it is lost."""
+    if pretrained is not None and Path(pretrained).expanduser().is_file() and \
+            Path(pretrained).expanduser().resolve() == out.resolve():
+        raise ValueError(f"--out '{out}' is the checkpoint this export reads (--pretrained); writing the graph there "
+                         "would replace it: pass another --out")
+    if out.exists() and out.suffix.lower() not in EXPORT_SUFFIXES:
+        raise ValueError(f"--out '{out}' exists and is not an earlier export ({', '.join(EXPORT_SUFFIXES)}); writing "
+                         "the graph there would replace it: pass another --out, or remove the file first")
 
 
 def _check_before_loading(args: argparse.Namespace, dtype: str) -> Optional[tuple]:
