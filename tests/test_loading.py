@@ -295,6 +295,21 @@ def test_checkpoint_for_another_context_length_is_refused(tmp_path):
         create_clip("vlmrm-tiny", str(path))
 
 
+@pytest.mark.parametrize("key,values", [("std", [0, 0, 0]), ("std", "Infinity"), ("mean", "NaN"), ("mean", [0.5]),
+                                        ("std", ["a", "b", "c"])], ids=["std0", "std-inf", "mean-nan", "mean-1", "std-str"])
+def test_an_open_clip_config_with_unusable_mean_or_std_names_the_file(tmp_path, key, values):
+    # An infinite std (JSON's Infinity is read) gave every frame the same pixels, so the same reward, silently.
+    import json
+
+    _save_tiny(tmp_path / "weights.pt")
+    values = [values] * 3 if isinstance(values, str) and values in ("Infinity", "NaN") else values
+    text = json.dumps({"preprocess_cfg": {key: values}}).replace('"Infinity"', "Infinity").replace('"NaN"', "NaN")
+    (tmp_path / "open_clip_config.json").write_text(text)
+    with pytest.raises(PretrainedWeightsError, match=rf"open_clip_config.json: preprocess_cfg.{key} is .*not three "
+                                                     r"finite numbers.*fix or remove it"):
+        create_clip("vlmrm-tiny", str(tmp_path / "weights.pt"))
+
+
 @pytest.mark.parametrize("text", ["{not json", "[1, 2]", '{"model_cfg": 3}'])
 def test_unreadable_open_clip_config_names_the_file(tmp_path, text):
     _save_tiny(tmp_path / "weights.pt")

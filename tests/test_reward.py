@@ -291,6 +291,16 @@ def test_alpha_change_takes_effect_on_next_call():
     assert not torch.allclose(before, rm(frames))
 
 
+@pytest.mark.parametrize("key,value", [("std", float("inf")), ("std", float("nan")), ("mean", float("nan"))])
+def test_a_model_whose_mean_or_std_is_not_finite_is_refused(key, value):
+    # std = inf made every frame the same pixels (zeros), so every frame the same reward, with no error.
+    import open_clip
+
+    model = open_clip.create_model("vlmrm-tiny", force_preprocess_cfg={key: (value,) * 3})
+    with pytest.raises(ValueError, match=r"mean and std must be finite numbers"):
+        CLIPReward(model, open_clip.get_tokenizer("vlmrm-tiny"), goal="a", device="cpu")
+
+
 def test_mean_and_std_come_from_the_models_open_clip_config():
     import open_clip
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import json
+import math
 import os
 import re
 import socket
@@ -269,7 +270,22 @@ def _read_sidecar(path: Path) -> dict:
             f"{path} is not an open_clip config (a JSON object with 'model_cfg' and 'preprocess_cfg' objects): "
             "fix or remove it."
         )
+    for key in ("mean", "std"):
+        values = (config.get("preprocess_cfg") or {}).get(key)
+        if values is not None and not _three_finite(values, positive=key == "std"):
+            raise PretrainedWeightsError(
+                f"{path}: preprocess_cfg.{key} is {values!r}, not three finite numbers"
+                + (" above 0" if key == "std" else "") + " (one per RGB channel): fix or remove it."
+            )
     return config
+
+
+def _three_finite(values, *, positive: bool) -> bool:
+    try:
+        numbers = [float(v) for v in values]
+    except (TypeError, ValueError):
+        return False
+    return len(numbers) == 3 and all(math.isfinite(v) and (v > 0 or not positive) for v in numbers)
 
 
 def _openclip_resampling(cfg: dict) -> Tuple[str, str]:

@@ -15,6 +15,7 @@ Semantics (SPEC §1.2), shared by the Triton kernel and the torch path:
 - Frames already S x S: both reduce to the cast and the normalisation (the fast path).
 """
 import contextlib
+import math
 from dataclasses import dataclass
 from typing import ContextManager, Literal, Optional, Sequence, Tuple
 
@@ -61,6 +62,8 @@ class PreprocessSpec:
         check_preprocess_mode(self.mode)
         if len(self.mean) != 3 or len(self.std) != 3:
             raise ValueError(f"mean and std need 3 values (RGB); got {self.mean} and {self.std}.")
+        if not all(math.isfinite(v) for v in (*self.mean, *self.std)):  # inf std: every frame the same pixels
+            raise ValueError(f"mean and std must be finite numbers; got {self.mean} and {self.std}.")
         if any(s <= 0 for s in self.std):
             raise ValueError(f"std must be positive; got {self.std}.")
         if self.resize_mode not in RESIZE_MODES:
