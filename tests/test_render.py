@@ -615,6 +615,32 @@ def test_free_camera_takes_the_lookat_of_a_viewer_made_after_it():
 
 
 
+@pytest.mark.parametrize("env_id", ["InvertedPendulum-v5", "HalfCheetah-v5"])
+def test_an_env_first_rendered_after_the_renderer_looks_where_the_scored_frames_did(env_id):
+    # A researcher records a video from step k on: the env's viewer, made then, placed its free camera at the
+    # geoms' median at step k, while the renderer had placed its own at its first frame (HalfCheetah runs
+    # away: 255 off in half the pixels). The renderer hands its lookat to the env's camera config instead.
+    envs = [gym.make(env_id, render_mode="rgb_array", width=40, height=40) for _ in range(2)]
+    originals = [env.unwrapped.mujoco_renderer.default_cam_config for env in envs]  # may be one shared dict
+    renderer = BatchRenderer.from_envs(envs, device="cpu")
+    try:
+        for i, env in enumerate(envs):
+            env.reset(seed=i)
+            env.action_space.seed(i)
+        renderer.render()  # the scored frames' camera is placed here
+        for _ in range(15):
+            for env in envs:
+                env.step(env.action_space.sample())
+        own = np.stack([env.render() for env in envs])  # the envs' viewers are made only now
+        np.testing.assert_array_equal(renderer.render().numpy(), own)
+        # Each env got a config of its own; a default the envs share is left as it was.
+        configs = [env.unwrapped.mujoco_renderer.default_cam_config for env in envs]
+        assert configs[0] is not configs[1] and all("lookat" in c for c in configs)
+        assert all(o is None or "lookat" not in o for o in originals)
+    finally:
+        renderer.close()
+        for env in envs:
+            env.close()
 def test_egl_position_of_a_cuda_device():
     """MuJoCo < 4 takes MUJOCO_EGL_DEVICE_ID as a position in EGL's device list: torch's cuda:i is looked
     up there by the driver's CUDA ordinal (physical, through CUDA_VISIBLE_DEVICES, then torch's own)."""

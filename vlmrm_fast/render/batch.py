@@ -688,14 +688,20 @@ class BatchRenderer:
         """Free cameras from a camera config without a lookat look at the median geom position when
         they first render, as gymnasium's viewer does when it is made: at construction the envs may not
         have been reset yet (every geom at the origin). Where the env's own viewer was made since, its
-        camera is the one ``env.render()`` uses, placed when it was made: that one is taken."""
+        camera is the one ``env.render()`` uses, placed when it was made: that one is taken. Where it was
+        not, the env's camera config gets this lookat, so that a viewer the env makes later (a video
+        recorded from step k on) looks where the scored frames did, not at the geoms' median at step k."""
         for cam, model, data, env in zip(self._cameras, self._models, self._datas, self._viewer_envs):
             if np.isnan(cam.lookat).any():
                 viewer = _rgb_viewer(env) if env is not None else None
                 if viewer is not None:
                     cam.lookat[:] = viewer.cam.lookat
-                else:
-                    cam.lookat[:] = np.median(data.geom_xpos, axis=0) if model.ngeom else 0.0
+                    continue
+                cam.lookat[:] = np.median(data.geom_xpos, axis=0) if model.ngeom else 0.0
+                renderer = getattr(env.unwrapped if hasattr(env, "unwrapped") else env, "mujoco_renderer", None)
+                if renderer is not None and hasattr(renderer, "default_cam_config"):
+                    # A new dict: gymnasium's envs share their class's DEFAULT_CAMERA_CONFIG.
+                    renderer.default_cam_config = {**(renderer.default_cam_config or {}), "lookat": cam.lookat.copy()}
 
     __call__ = render
 
