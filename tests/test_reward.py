@@ -6,6 +6,7 @@ the project's 1e-5 bar; a wrong prompt mean, projection or resize costs far more
 spread across these noise frames is ~1e-2).
 """
 import copy
+import functools
 import warnings
 
 import numpy as np
@@ -602,3 +603,73 @@ def test_a_forked_worker_scores_after_the_parent_did():
     done = subprocess.run([sys.executable, "-c", _FORKED_WORKER], capture_output=True, text=True, timeout=240,
                           cwd=tests, env=env)
     assert done.returncode == 0 and done.stdout.strip() == "equal", done.stderr[-2000:]
+
+
+def test_a_second_reward_model_may_not_cast_the_model_the_first_one_runs():
+    # CLIPReward casts its model in place: a bf16 one built on a float32 one's model broke that one (a raw
+    # dtype error at its next call; built back in float32, its weights had been rounded through bf16).
+    import gc
+
+    rm, _, tokenizer = _reward_model(kernels="torch")
+    frames = _noise(2, 24, 24, seed=3)
+    before = rm(frames)
+    with pytest.raises(ValueError, match=r"in use by another CLIPReward, on cpu in torch.float32.*copy.deepcopy"):
+        CLIPReward(rm.model, tokenizer, goal="a", device="cpu", dtype="bf16", backend="torch")
+    assert rm.model.visual.conv1.weight.dtype == torch.float32 and torch.equal(rm(frames), before)
+    same = CLIPReward(rm.model, tokenizer, goal="a", device="cpu", dtype="fp32", backend="torch")  # shares it
+    copied = CLIPReward(copy.deepcopy(rm.model), tokenizer, goal="a", device="cpu", dtype="bf16", backend="torch")
+    assert copied.model.visual.conv1.weight.dtype == torch.bfloat16 and torch.equal(rm(frames), before)
+    model = rm.model
+    del rm, same
+    gc.collect()
+    CLIPReward(model, tokenizer, goal="a", device="cpu", dtype="bf16", backend="torch")  # no one else runs it now
+
+
+class _TokenizerReturning:
+    """The tiny model's tokenizer, its output changed by ``change`` (a custom tokenizer gone wrong)."""
+
+    def __init__(self, change):
+        import open_clip
+
+        self.inner, self.change = open_clip.get_tokenizer("vlmrm-tiny"), change
+
+    def __call__(self, prompts, **kwargs):
+        return self.change(self.inner(prompts, **kwargs))
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda t: t[:1], r"returned 1 rows of tokens for 3 prompts"),  # the goal was the first prompt alone, silently
+    (lambda t: t.float(), r"returned torch.float32 of shape"),
+    (lambda t: t.tolist(), None),  # a list of id lists is taken as the ids
+    (lambda t: torch.cat([t, t[:, :5]], dim=1), r"context length is 82, the text tower's 77"),
+    (lambda t: ["a"] * len(t), r"returned a list that is no tensor of token ids"),
+], ids=["rows", "float", "list", "context", "strings"])
+def test_a_tokenizer_giving_something_else_than_token_ids_is_named(change, message):
+    model, tokenizer = make_tiny()
+    build = functools.partial(CLIPReward, model, _TokenizerReturning(change), goal=["a robot", "a dog"],
+                              baseline="x", alpha=0.5, device="cpu", backend="torch")
+    if message is None:
+        want = CLIPReward(copy.deepcopy(model), tokenizer, goal=["a robot", "a dog"], baseline="x", alpha=0.5,
+                          device="cpu", backend="torch").goals
+        torch.testing.assert_close(build().goals, want)
+    else:
+        with pytest.raises(ValueError, match=message):
+            build()
+
+
+@pytest.mark.parametrize("prompt", ["\x00", "\ufeff", " \ufeff\x00 "])
+def test_a_prompt_that_tokenizes_to_nothing_is_refused_as_a_blank_one(prompt):
+    # A NUL or a lone byte-order mark (a UTF-8 file read with its BOM) passed the blank check and embedded as "".
+    rm, _, _ = _reward_model(kernels="torch")
+    with pytest.raises(ValueError, match=r"tokenizes to nothing .*give it words"):
+        rm.set_tasks(goal=["a humanoid robot kneeling", prompt])
+    rm.set_tasks(goal="a \ufeffrobot")  # a prompt with words keeps them
+
+
+def test_a_text_tower_with_nan_weights_is_named_when_the_prompts_are_embedded():
+    # NaN goals were blamed later on the vision tower, on the embeddings given to score, or on goal = baseline.
+    model, tokenizer = make_tiny()
+    with torch.no_grad():
+        model.token_embedding.weight[:] = float("nan")
+    with pytest.raises(ValueError, match=r"the text tower embeds the prompts to NaN/inf.*load good weights"):
+        CLIPReward(model, tokenizer, goal="a robot", baseline="x", alpha=0.5, device="cpu", backend="torch")

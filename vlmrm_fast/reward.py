@@ -4,6 +4,7 @@ from __future__ import annotations
 import functools
 import numbers
 import os
+import weakref
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -24,6 +25,24 @@ _DTYPES = {
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
     "float16": torch.float16, "fp16": torch.float16,
 }
+
+
+_REWARDS_ON_MODEL: "weakref.WeakKeyDictionary[torch.nn.Module, weakref.WeakSet]" = weakref.WeakKeyDictionary()
+"""The live reward models built on each model (whose tower :func:`_place` cast in place)."""
+
+
+def _check_no_other_placement(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """Refuse to cast a model that another live CLIPReward runs on another device or in another dtype:
+    the cast is in place, so that one's tower would change under it (a raw dtype error at its next call,
+    or weights rounded through bf16 for good)."""
+    for other in list(_REWARDS_ON_MODEL.get(model, ())):
+        if (other.device, other.dtype) != (device, dtype):
+            raise ValueError(
+                f"this model is in use by another CLIPReward, on {other.device} in {other.dtype}, and building one on "
+                f"{device} in {dtype} would move or cast it in place, under that one (a CLIPReward does not copy its "
+                "model): build this one on a copy, CLIPReward(copy.deepcopy(model), ...), or with that one's device "
+                "and dtype, or let that one go first (del it)."
+            )
 
 
 def _place(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
@@ -164,11 +183,13 @@ class CLIPReward:
         self._spec: PreprocessSpec = preprocess_spec_of(model, preprocess)
         self.max_batch_size = (256 if self._device.type == "cuda" else 32) if max_batch_size is None else max_batch_size
         self.model_name = model_name or type(model).__name__
+        _check_no_other_placement(model, self._device, self._dtype)
         self.model = _place(model.eval(), self._device, self._dtype)
         self.tokenizer = tokenizer
         self._alpha = check_alpha(alpha)
         self.set_tasks(goal=goal, baseline=baseline, tasks=tasks)
         self._build_backend(backend, backend_options)
+        _REWARDS_ON_MODEL.setdefault(model, weakref.WeakSet()).add(self)
 
     def _build_backend(self, backend: str, options: Optional[dict]) -> None:
         self._backend: VisionBackend = build_backend(

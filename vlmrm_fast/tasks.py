@@ -12,7 +12,7 @@ import math
 import numbers
 import warnings
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -88,9 +88,39 @@ def check_alpha(alpha: float, what: str = "alpha") -> float:
 
 @torch.inference_mode()
 def embed_prompts(model: torch.nn.Module, tokenizer: Callable, prompts: List[str], device: torch.device) -> torch.Tensor:
-    """Unit text embeddings [P, D], float32, on ``device``."""
-    tokens = tokenizer(prompts).to(device)
-    return F.normalize(model.encode_text(tokens).float(), dim=-1)
+    """Unit text embeddings [P, D], float32, on ``device``. Refuses token ids that are not one row of integers
+    per prompt of the text tower's context length, a prompt that tokenizes as the empty text does, and
+    embeddings that are not finite (a silent wrong goal each, else)."""
+    tokens = _checked_tokens(model, tokenizer(prompts), len(prompts))
+    empty = (tokens == _checked_tokens(model, tokenizer([""]), 1)).all(dim=1)
+    if empty.any():  # "\x00", a lone byte-order mark: cleaned away, so CLIP's empty text, like a blank prompt
+        prompt = prompts[int(empty.nonzero()[0])]
+        raise ValueError(f"the prompt {prompt!r} tokenizes to nothing (no character the tokenizer keeps), so it would "
+                         "embed as the empty text: give it words.")
+    embeddings = model.encode_text(tokens.to(device)).float()
+    if not torch.isfinite(embeddings).all():
+        raise ValueError("the text tower embeds the prompts to NaN/inf: its weights hold NaN/inf (a damaged "
+                         "checkpoint, or a fine-tune that diverged); load good weights.")
+    return F.normalize(embeddings, dim=-1)
+
+
+def _checked_tokens(model: torch.nn.Module, tokens: Any, rows: int) -> torch.Tensor:
+    """The tokenizer's output as an integer tensor [rows, context length], or a ValueError saying what it is."""
+    fix = "the tokenizer must return integer token ids [prompts, context length], as open_clip.get_tokenizer(model_name) does"
+    if not isinstance(tokens, torch.Tensor):
+        try:
+            tokens = torch.as_tensor(tokens)
+        except (TypeError, ValueError, RuntimeError):
+            raise ValueError(f"the tokenizer returned a {type(tokens).__name__} that is no tensor of token ids: {fix}.") from None
+    width = getattr(model, "context_length", None)
+    if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool or tokens.ndim != 2:
+        raise ValueError(f"the tokenizer returned {tokens.dtype} of shape {tuple(tokens.shape)}: {fix}.")
+    if tokens.shape[0] != rows:
+        raise ValueError(f"the tokenizer returned {tokens.shape[0]} rows of tokens for {rows} prompts: {fix}.")
+    if isinstance(width, int) and tokens.shape[1] != width:
+        raise ValueError(f"the tokenizer's context length is {tokens.shape[1]}, the text tower's {width}: use the "
+                         "model's own tokenizer (open_clip.get_tokenizer(model_name)).")
+    return tokens
 
 
 @dataclass(frozen=True)
