@@ -1575,6 +1575,18 @@ def test_total_timesteps_not_a_multiple_of_the_envs_rounds_up_once(tmp_path):
         assert train(config, reward_model=tiny_reward(config)).num_timesteps == 62
 
 
+@pytest.mark.parametrize("kw,why", [(dict(learning_starts=40), "learning_starts=40 is not below total_timesteps=40"),
+                                     (dict(gradient_steps=0), "gradient_steps=0")])
+def test_a_run_that_would_take_no_gradient_step_says_so(tmp_path, kw, why):
+    from vlmrm_fast.train import train
+
+    config = dot_config(tmp_path, total_timesteps=40, checkpoint_every=0, eval_every=0, **kw)
+    with pytest.warns(UserWarning, match=rf"{why}: SAC takes no gradient step in this run") as caught:
+        result = train(config, reward_model=tiny_reward(config))
+    assert result.model._n_updates == 0
+    assert any(w.filename == __file__ for w in caught)  # names the line that called train()
+
+
 def test_each_logged_gt_return_is_its_own_episodes(tmp_path):
     # Episodes of 20 steps on 2 envs: the second pair ends at step 80, and its return is the sum of
     # its own env rewards, not one carried on from the first episodes.
@@ -2064,6 +2076,7 @@ def test_deferred_scoring_hands_a_plain_reward_function_top_down_frames():
     (dict(alpha=0.5, baseline=[]), "alpha > 0 needs a baseline prompt"),
     (dict(reward_batch_size=0), "reward_batch_size must be >= 1"),
     (dict(reward_weight=float("inf")), "reward_weight must be finite"),
+    (dict(reward_weight=1e39), "reward_weight must be finite and within float32's range"),
     (dict(batch_size=0), "batch_size and train_freq must be >= 1"),
     (dict(gradient_steps=-1), "gradient_steps >= 0"),
     (dict(learning_starts=-1), "learning_starts must be >= 0"),

@@ -791,6 +791,42 @@ def test_a_reward_function_returning_nan_is_a_clear_error(no_batch, bad):
     single.close()
 
 
+def test_rewards_beyond_float32_are_named_not_passed_on_as_inf(no_batch):
+    # SB3 holds float32 rewards: weight=1e39 gave -inf rewards, 1e39 from the model read "NaN/inf".
+    with pytest.raises(ValueError, match=r"weight must be a finite number within float32's range"):
+        VLMRewardVecEnv(DummyVecEnv([make_env]), mean_brightness, mode="add", weight=1e39)
+    venv = VLMRewardVecEnv(DummyVecEnv([make_env] * 2), lambda frames: np.full(len(frames), 1e37), mode="add",
+                           weight=1e3)
+    venv.reset()
+    with pytest.raises(ValueError, match=r"in mode='add' the env reward \+ weight \* VLM reward \(weight=1000\) is "
+                                         r"beyond float32's range"):
+        venv.step(actions(1, 2)[0])
+    venv.close()
+    single = VLMRewardWrapper(make_env(), lambda frames: np.full(len(frames), 1e39))
+    single.reset(seed=0)
+    with pytest.raises(ValueError, match=r"returned rewards beyond float32's range \(up to 1e\+39\)"):
+        single.step(single.action_space.sample())
+    single.close()
+
+
+class _SquareTower:
+    def __init__(self, image_size):
+        self.image_size = image_size
+
+    def __call__(self, frames):
+        return np.zeros(len(frames), np.float32)
+
+
+def test_a_reward_callable_may_give_its_image_size_as_one_int(no_batch):
+    # An int crashed every wrapper ('int' object is not iterable); something unreadable is named at construction.
+    with pytest.warns(UserWarning, match=r"renders 64x64 frames but the reward model's tower takes 32x32"):
+        VLMRewardWrapper(make_env(), _SquareTower(32)).close()
+    VLMRewardWrapper(make_env(), _SquareTower(np.int64(SIZE))).close()  # the render size: no warning
+    for bad in ("224", (224,), (0, 224), 2.5):
+        with pytest.raises(ValueError, match=r"image_size is .*: give an int \(square\) or \(height, width\)"):
+            VLMRewardVecEnv(DummyVecEnv([make_env]), _SquareTower(bad))
+
+
 def test_a_plain_callable_with_several_columns_keys_them_by_index_and_task_is_checked_against_them(no_batch):
     # Without task_names, info["vlm_rewards"] was {} and an out-of-range task= an IndexError at the first step.
     def two_columns(frames):

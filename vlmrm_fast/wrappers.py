@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import inspect
 import numbers
+import operator
 import warnings
 from collections import Counter
 from contextlib import ExitStack, contextmanager
@@ -93,11 +94,15 @@ _RGB_FIX = 'gymnasium.make(env_id, render_mode="rgb_array")'
 # ---- shared helpers -----------------------------------------------------------------------------
 
 
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
 def _check_mode(mode: str, weight: float) -> Tuple[str, float]:
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}; got {mode!r}.")
-    if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not np.isfinite(float(weight)):
-        raise ValueError(f"weight must be a finite number (the VLM reward's factor in mode='add'); got {weight!r}.")
+    if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not abs(float(weight)) <= _FLOAT32_MAX:
+        raise ValueError(f"weight must be a finite number within float32's range, as the rewards are (the VLM reward's "
+                         f"factor in mode='add'); got {weight!r}.")
     return mode, float(weight)
 
 
@@ -107,6 +112,7 @@ def _check_reward_model(reward_model: Any, wrapper: str) -> None:
             f"{wrapper} needs a reward model: a CLIPReward (CLIPReward.from_pretrained(...)) or any callable "
             f"rm(frames [N, H, W, 3] uint8) -> rewards [N]; got {type(reward_model).__name__}."
         )
+    _tower_size(reward_model)  # an image_size that cannot be read: said now, not at the first frame
 
 
 def _task_index(reward_model: Any, task: Union[int, str]) -> int:
@@ -133,7 +139,13 @@ def _combine(mode: str, weight: float, env_reward: Any, vlm_reward: Any) -> Any:
     if mode == "replace":
         return vlm_reward
     if mode == "add":
-        return env_reward + weight * vlm_reward
+        with np.errstate(over="ignore", invalid="ignore"):
+            combined = env_reward + weight * vlm_reward
+            overflowed = np.isfinite(env_reward) & ~np.isfinite(np.asarray(combined, dtype=np.float32))
+        if np.any(overflowed):  # SB3 and the replay buffer hold float32 rewards: an inf would reach SAC's targets
+            raise ValueError(f"in mode='add' the env reward + weight * VLM reward (weight={weight:g}) is beyond "
+                             "float32's range (inf): lower weight.")
+        return combined
     return env_reward
 
 
@@ -211,8 +223,26 @@ def _check_frame(frame: Any, where: str) -> None:
         )
 
 
+def _tower_size(reward_model: Any) -> Optional[Tuple[int, int]]:
+    """The (H, W) a reward model's ``image_size`` names (an int: square), or None where it has none."""
+    size = getattr(reward_model, "image_size", None)
+    if size is None:
+        return None
+    if isinstance(size, (int, np.integer)) and not isinstance(size, bool):
+        size = (size, size)
+    try:
+        height, width = size
+        height, width = operator.index(height), operator.index(width)
+    except (TypeError, ValueError):
+        height = width = 0
+    if height <= 0 or width <= 0:
+        raise ValueError(f"the reward model's image_size is {size!r}: give an int (square) or (height, width) of "
+                         "positive ints, or no image_size attribute at all (it is only read to warn of resizing)")
+    return height, width
+
+
 def _warn_size(size: Tuple[int, int], reward_model: Any, what: str) -> None:
-    want = tuple(getattr(reward_model, "image_size", size))
+    want = _tower_size(reward_model) or tuple(size)
     if tuple(size) != want:
         warnings.warn(
             f"{what} renders {size[0]}x{size[1]} frames but the reward model's tower takes {want[0]}x{want[1]}: every "
@@ -264,7 +294,8 @@ def _rewards_of(reward_model: Any, frames: Any, bottom_up: bool = False) -> np.n
     if isinstance(rewards, torch.Tensor):
         array = rewards.detach().to("cpu", torch.float32).numpy()
     else:
-        array = np.asarray(rewards, dtype=np.float32)
+        with np.errstate(over="ignore"):  # beyond float32's range: named below
+            array = np.asarray(rewards, dtype=np.float32)
     n = len(frames)
     if array.ndim not in (1, 2) or array.shape[0] != n:
         raise ValueError(
@@ -273,6 +304,11 @@ def _rewards_of(reward_model: Any, frames: Any, bottom_up: bool = False) -> np.n
         )
     finite = np.isfinite(array)
     if not finite.all():
+        as_given = (rewards.detach().to("cpu", torch.float64).numpy() if isinstance(rewards, torch.Tensor)
+                    else np.asarray(rewards, dtype=np.float64))
+        if np.isfinite(as_given).all():  # finite, but not as float32
+            raise ValueError(f"the reward model returned rewards beyond float32's range (up to {np.abs(as_given).max():.3g}), "
+                             "the wrappers' and SB3's reward type: make the reward function return smaller values.")
         bad = np.flatnonzero(~finite.reshape(n, -1).all(axis=1)).tolist()
         shown = ", ".join(map(str, bad[:10])) + (", ..." if len(bad) > 10 else "")
         raise ValueError(

@@ -409,6 +409,7 @@ def _set_up_learning(run_dir: Path, config: TrainConfig, config_json: str, rm, e
         _warn_if_reward_setup_changed(extra.get("reward_setup"), rm, model.num_timesteps)
         _warn_if_extending_a_cut_rollout(extra, model.num_timesteps, config)
     _warn_if_total_overshoots(config, model.num_timesteps)
+    _warn_if_no_gradient_step(config, model.num_timesteps)
     model.set_logger(make_logger(run_dir, config.tensorboard, model.num_timesteps))
     try:
         if extra is not None and extra.get("train_pending"):
@@ -662,6 +663,16 @@ def _warn_if_total_overshoots(config: TrainConfig, step: int) -> None:
         warnings.warn(
             f"total_timesteps={total} is not a multiple of n_envs={n}: the {n} envs step together, so the run ends "
             f"at step {end}. Pass total_timesteps={end}{lower} to make it exact.", stacklevel=5)  # train()'s caller
+
+
+def _warn_if_no_gradient_step(config: TrainConfig, step: int) -> None:
+    """SAC learns only after learning_starts steps: a run that ends by then saves an agent it never trained."""
+    if step < config.total_timesteps and (config.learning_starts >= config.total_timesteps or config.gradient_steps == 0):
+        why = ("gradient_steps=0" if config.gradient_steps == 0 else
+               f"learning_starts={config.learning_starts} is not below total_timesteps={config.total_timesteps}")
+        warnings.warn(f"{why}: SAC takes no gradient step in this run, and the agent it saves is untrained (the random "
+                      "actions of its first steps). Lower learning_starts (or raise total_timesteps) to train.",
+                      stacklevel=5)  # train()'s caller
 
 
 def run_train_command(args: argparse.Namespace) -> int:
