@@ -5,6 +5,7 @@ Tolerances: float32 rewards within 1e-5 of the float64 reference (as tests/test_
 ONNX Runtime against torch on raw embeddings within 1e-4 relative (the issue's bar: ORT reorders
 float32 sums, and folding the normalisation into the patch weights rounds them once more).
 """
+import functools
 import importlib.util
 import sys
 
@@ -509,6 +510,8 @@ def test_onnxruntime_on_cpu_refuses_half_precision(tiny):
 
 
 def test_backend_options_are_checked_against_the_backend(tiny):
+    from vlmrm_fast.backends.compiled import CompileBackend
+
     model, tokenizer = tiny
     with pytest.raises(BackendError, match=r"\['buckets'\] are not options of the 'torch' backend, whose options are: "
                                            r"quantize; they are options of 'compile'"):
@@ -520,6 +523,17 @@ def test_backend_options_are_checked_against_the_backend(tiny):
     for buckets in ([2.5], (4, True), (0, 8), 8, (b for b in (1, 8)), []):
         with pytest.raises(BackendError, match="buckets must be a list of positive integers"):
             CLIPReward(model, tokenizer, goal="a", device="cpu", backend="compile", backend_options={"buckets": buckets})
+    # Not a dict: named (dict() of a string said "dictionary update sequence element #0 has length 1").
+    for build in (functools.partial(CLIPReward.from_pretrained, "vlmrm-tiny", None),
+                  functools.partial(CLIPReward, model, tokenizer)):
+        with pytest.raises(BackendError, match=r"backend_options must be a dict of option names.*got str 'quantize'"):
+            build(goal="a", device="cpu", backend="torch", backend_options="quantize")
+    # A mode torch.compile does not have: before the model loads, not at the first call.
+    with pytest.raises(BackendError, match=r"mode='nope' is not one of torch.compile's modes: default, reduce-overhead"):
+        CLIPReward.from_pretrained("no-such-model-is-loaded", None, goal="a", device="cpu", backend="compile",
+                                   backend_options={"mode": "nope"})
+    with pytest.raises(BackendError, match=r"mode='nope' is not one of torch.compile's modes"):
+        CompileBackend(model.visual, torch.device("cpu"), torch.float32, (224, 224), 4, mode="nope")
 
 
 def test_backend_options_list_each_constructors_keywords():

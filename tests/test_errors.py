@@ -28,6 +28,12 @@ class _ArrayLike:
         (np.zeros((2, 3, 16, 16), np.uint8), ValueError, r"channels first.*transpose"),
         (np.zeros((2, 16, 16, 1), np.uint8), ValueError, r"1 channel.*np\.repeat\(frames, 3, axis=-1\)"),
         (np.zeros((2, 16, 17), np.uint8), ValueError, r"Grayscale frames \[N, H, W\]\?.*np\.repeat"),
+        (np.zeros((3, 16, 17), np.uint8), ValueError, r"One frame channels first \[3, H, W\]\?.*transpose\(1, 2, 0\)\[None\]"),
+        (np.ma.masked_array(np.zeros((2, 8, 8, 3), np.uint8), mask=True), TypeError, r"masked array.*\.filled\(0\)"),
+        (torch.zeros((2, 8, 8, 3), dtype=torch.uint8).to_sparse(), TypeError, r"torch.sparse_coo tensor.*to_dense"),
+        (torch.zeros((2, 8, 8, 3), dtype=torch.uint8, device="meta"), ValueError, r"meta device.*no values"),
+        ([np.zeros((8, 8, 3), np.uint8), torch.zeros((8, 8, 3), dtype=torch.uint8, device="meta")], ValueError,
+         r"frames\[1\] is on the meta device"),
         (np.zeros((2, 16, 16, 2), np.uint8), ValueError, r"3 channels"),
         (np.zeros((16, 16, 3), np.uint8), ValueError, r"one frame.*frames\[None\]"),
         (np.zeros((16, 16, 1), np.uint8), ValueError, r"one frame.*frames\[None\]"),  # one [H, W, 1] frame, not [N, H, W]
@@ -126,6 +132,8 @@ def test_embed_reports_rows_it_cannot_normalise(rm, monkeypatch):
         (torch.zeros(2, 31), ValueError, r"\[N, 32\]"),
         (torch.zeros(32), ValueError, r"\[N, 32\]"),
         (torch.zeros(2, 32, dtype=torch.int64), TypeError, "floating point"),
+        (torch.ones(2, 32).to_sparse(), TypeError, r"sparse_coo tensor: pass embeddings.to_dense\(\)"),
+        (torch.ones(2, 32, device="meta"), ValueError, r"embeddings is on the meta device"),
     ],
 )
 def test_bad_embeddings(rm, emb, error, match):
@@ -466,7 +474,8 @@ def test_empty_batches_are_not_checked_for_size_or_range(rm):
 
 def test_a_list_mixing_numpy_arrays_and_tensors_is_refused(rm):
     frame = np.zeros((8, 8, 3), np.uint8)
-    with pytest.raises(ValueError, match="share shape and type"):
+    with pytest.raises(TypeError, match=r"frames\[1\] is a Tensor but frames\[0\] a ndarray: one kind per call.*"
+                                        r"torch.from_numpy"):
         rm([frame, torch.from_numpy(frame)])
 
 

@@ -5,6 +5,7 @@ import sys
 import textwrap
 import time
 import warnings
+from pathlib import Path
 
 import numpy as np
 import open_clip
@@ -172,6 +173,20 @@ def test_missing_checkpoint_file(tmp_path):
         create_clip("ViT-B-32", str(tmp_path / "missing.pt"))
     with pytest.raises(FileNotFoundError, match="No checkpoint file"):  # a pathlib.Path as well as a str
         create_clip("ViT-B-32", tmp_path / "missing.pt")
+
+
+@pytest.mark.parametrize("args,match", [
+    ((None, None), r"model_name must be an open_clip model name \(a str such as 'ViT-B-32'\); got NoneType"),
+    ((Path("vlmrm-tiny"), None), r"got PosixPath .*For a checkpoint file, give its path as pretrained="),
+    (("vlmrm-tiny", 5), r"pretrained must be an open_clip tag or a checkpoint path.*got int 5"),
+    (("vlmrm-tiny", False), r"pretrained must be .*None for random weights; got bool False"),
+], ids=["none", "path", "int", "false"])
+def test_arguments_of_the_wrong_type_are_named(args, match):
+    # They ended in AttributeError ('NoneType' object has no attribute 'startswith') or os.fspath's TypeError.
+    with pytest.raises(TypeError, match=match):
+        CLIPReward.from_pretrained(*args, goal="a")
+    with pytest.raises(TypeError, match=r"cache_dir must be a folder path \(str or path\) or None; got int"):
+        create_clip("vlmrm-tiny", None, cache_dir=5)
 
 
 def test_unknown_model_name_suggests_close_ones():

@@ -12,6 +12,9 @@ from typing import Callable, Optional, Sequence
 BACKEND_NAMES = ("torch", "compile", "onnxruntime", "tensorrt")
 """The concrete vision-tower backends (``"auto"`` picks one of them)."""
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+"""torch.compile's modes, which the "compile" backend's ``mode`` option takes."""
+
 ONNX_INPUT_FORMATS = ("uint8-nhwc", "pixels")
 """An exported tower's input: uint8 frames [N, H, W, 3] with the preprocessing folded in, or
 preprocessed float pixels [N, 3, H, W]."""

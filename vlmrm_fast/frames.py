@@ -117,6 +117,9 @@ def _check_shape(shape: Sequence[int], what: str, item: bool = False) -> None:
         if len(shape) == 3:  # [N, H, W]
             hint = (" Grayscale frames [N, H, W]? Give them 3 channels: np.repeat(frames[..., None], 3, axis=-1) "
                     "(numpy) or frames[..., None].expand(-1, -1, -1, 3) (torch).")
+            if shape[0] == 3:
+                hint += (" One frame channels first [3, H, W]? Pass frame.transpose(1, 2, 0)[None] (numpy) or "
+                         "frame.permute(1, 2, 0)[None] (torch).")
         raise ValueError(f"{what} must have rank 4, [N, H, W, 3] (RGB, channels last); got shape {tuple(shape)}.{hint}")
     channels = shape[-1]
     if channels == 3:
@@ -171,9 +174,23 @@ def _check_float_range(frames: Union[np.ndarray, torch.Tensor], what: str) -> No
         )
 
 
+def check_tensor_holds_data(array: Union[np.ndarray, torch.Tensor], what: str) -> None:
+    """Refuse arrays whose values are not all there to read as they are: a masked numpy array (its mask
+    would be ignored), a sparse tensor, a tensor on the meta device (shapes only)."""
+    if isinstance(array, np.ma.MaskedArray):
+        raise TypeError(f"{what} is a masked array, whose mask would be ignored: pass {what}.filled(0) (masked "
+                        f"values as 0) or np.asarray({what}.data).")
+    if isinstance(array, torch.Tensor):
+        if array.layout != torch.strided:
+            raise TypeError(f"{what} is a {array.layout} tensor: pass {what}.to_dense().")
+        if array.device.type == "meta":
+            raise ValueError(f"{what} is on the meta device, which holds shapes but no values: pass real data.")
+
+
 def as_frame_batch(frames: FrameInput) -> FrameBatch:
     """Validate ``frames`` and describe them; raises TypeError/ValueError naming the fix."""
     if isinstance(frames, (torch.Tensor, np.ndarray)):
+        check_tensor_holds_data(frames, "frames")
         _check_shape(frames.shape, "frames")
         dtype = _check_dtype(frames, "frames")
         n, height, width, _ = frames.shape
@@ -207,12 +224,17 @@ def _list_batch(frames: List) -> FrameBatch:
         if not isinstance(frame, (torch.Tensor, np.ndarray)):
             raise TypeError(f"frames[{i}] is a {type(frame).__name__}; list items must be numpy arrays or "
                             f"tensors.{_conversion_hint(frame)}")
+        check_tensor_holds_data(frame, f"frames[{i}]")
         _check_shape(frame.shape, f"frames[{i}]", item=True)
-        if tuple(frame.shape) != tuple(first.shape) or type(frame) is not type(first):
+        if tuple(frame.shape) != tuple(first.shape):
             raise ValueError(
-                f"frames[{i}] has shape {tuple(frame.shape)} ({type(frame).__name__}) but frames[0] has "
-                f"{tuple(first.shape)} ({type(first).__name__}): frames in one call must share shape and type. "
-                "Score frames of different sizes in separate calls."
+                f"frames[{i}] has shape {tuple(frame.shape)} but frames[0] has {tuple(first.shape)}: frames in one "
+                "call must share shape. Score frames of different sizes in separate calls."
+            )
+        if isinstance(frame, torch.Tensor) != isinstance(first, torch.Tensor):
+            raise TypeError(
+                f"frames[{i}] is a {type(frame).__name__} but frames[0] a {type(first).__name__}: one kind per call. "
+                "Convert them alike first (torch.from_numpy(array), or tensor.cpu().numpy())."
             )
         dtype = _check_dtype(frame, f"frames[{i}]")
         if dtype != _torch_dtype(first):

@@ -393,10 +393,18 @@ def create_clip(
         ValueError: unknown model name or tag. FileNotFoundError: a checkpoint path that does not exist.
         PretrainedWeightsError: weights that cannot be downloaded or do not fit the model.
     """
+    if not isinstance(model_name, str):
+        raise TypeError(f"model_name must be an open_clip model name (a str such as 'ViT-B-32'); got "
+                        f"{type(model_name).__name__} {model_name!r}. For a checkpoint file, give its path as pretrained=.")
     check_model_name(model_name)
     if isinstance(pretrained, os.PathLike):
         pretrained = os.fspath(pretrained)
+    if pretrained is not None and not isinstance(pretrained, str):
+        raise TypeError(f"pretrained must be an open_clip tag or a checkpoint path (str or path), or None for random "
+                        f"weights; got {type(pretrained).__name__} {pretrained!r}.")
     if cache_dir is not None:
+        if not isinstance(cache_dir, (str, os.PathLike)):
+            raise TypeError(f"cache_dir must be a folder path (str or path) or None; got {type(cache_dir).__name__}.")
         cache_dir = os.fspath(cache_dir)
     with _quiet_open_clip_logs():  # the tokenizer too: its logging.info would configure the root logger
         model = _create(model_name, pretrained, cache_dir)

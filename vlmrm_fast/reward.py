@@ -18,6 +18,7 @@ from vlmrm_fast.ops._triton import resolve_kernels
 from vlmrm_fast.ops.preprocess import PreprocessSpec, check_preprocess_mode, preprocess
 from vlmrm_fast.ops.score import score as score_op
 from vlmrm_fast.ops.score import unit_rows
+from vlmrm_fast.frames import check_tensor_holds_data
 from vlmrm_fast.tasks import EncodedTasks, Prompts, Task, check_alpha, check_tasks, encode_tasks, task_list
 
 _DTYPES = {
@@ -268,7 +269,7 @@ class CLIPReward:
         resolved = _resolve_device(device)
         resolved_dtype = _resolve_dtype(dtype, resolved)
         picked = resolve_backend(backend, resolved, resolved_dtype)
-        check_backend_options(picked, dict(backend_options or {}), resolved, requested=backend, dtype=resolved_dtype)
+        check_backend_options(picked, backend_options, resolved, requested=backend, dtype=resolved_dtype)
         resolve_kernels(kernels, resolved)
         check_preprocess_mode(preprocess)
         if max_batch_size is not None:
@@ -445,6 +446,7 @@ class CLIPReward:
         No autograd graph, whichever kernels run (the Triton kernel has no backward)."""
         if not isinstance(embeddings, torch.Tensor):
             raise TypeError(f"embeddings must be a torch.Tensor [N, D]; got {type(embeddings).__name__}.")
+        check_tensor_holds_data(embeddings, "embeddings")
         if embeddings.ndim != 2 or embeddings.shape[1] != self.embed_dim:
             raise ValueError(
                 f"embeddings must be [N, {self.embed_dim}] (this model's embedding width); got {tuple(embeddings.shape)}."

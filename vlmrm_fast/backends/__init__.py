@@ -16,10 +16,11 @@ TensorRT has no GPU results yet.
 from __future__ import annotations
 
 import importlib.util
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import torch
 
+from vlmrm_fast.argtypes import COMPILE_MODES
 from vlmrm_fast.backends.base import BACKEND_NAMES, BackendError, VisionBackend
 from vlmrm_fast.ops.preprocess import PreprocessSpec
 
@@ -52,6 +53,9 @@ def check_backend_options(
     """A :class:`BackendError` for ``options`` that the resolved ``backend``'s constructor does not take;
     given ``dtype``, also for a ``quantize`` the "torch" or "compile" backend cannot run there (checked
     before a model is loaded; the constructors check it again when built directly)."""
+    if options is not None and not isinstance(options, Mapping):
+        raise BackendError(f"backend_options must be a dict of option names and values (e.g. {{'quantize': 'int8'}}), "
+                           f"or None; got {type(options).__name__} {options!r}.")
     unknown = sorted(set(options or {}) - set(BACKEND_OPTIONS.get(backend, ())))
     if unknown:
         takes = ", ".join(BACKEND_OPTIONS.get(backend, ())) or "none"
@@ -60,6 +64,9 @@ def check_backend_options(
         hint = f"; they are options of {', '.join(repr(b) for b in owners)}: pass that backend by name" if owners else ""
         raise BackendError(f"backend_options {unknown} are not options of the {backend!r} backend{picked}, "
                            f"whose options are: {takes}{hint}.")
+    mode = (options or {}).get("mode")
+    if backend == "compile" and mode is not None and mode not in COMPILE_MODES:  # before a model loads
+        raise BackendError(f"backend_options mode={mode!r} is not one of torch.compile's modes: {', '.join(COMPILE_MODES)}.")
     if dtype is not None and backend in ("torch", "compile"):
         from vlmrm_fast.backends.torch_fp8 import check_torch_quantize
 
@@ -87,8 +94,8 @@ def build_backend(
     error messages. ``kernels``: the reward's resolved choice ("triton" or "torch"); with "triton" the "torch"
     backend runs the tower's LayerNorms through the Triton kernel.
     """
-    options = dict(options or {})
     check_backend_options(backend, options, device, requested)
+    options = dict(options or {})
     image_size: Tuple[int, int] = tuple(spec.size)  # type: ignore[assignment]
     if backend == "torch":
         from vlmrm_fast.backends.eager import TorchBackend

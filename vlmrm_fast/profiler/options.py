@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from vlmrm_fast.argtypes import BACKEND_NAMES, dtype_choice, positive_int
+from vlmrm_fast.argtypes import BACKEND_NAMES, COMPILE_MODES, dtype_choice, positive_int
 
 FLOAT_PRECISIONS = ("fp32", "bf16", "fp16")
 QUANTIZED_PRECISIONS = ("int8", "fp8")
@@ -16,8 +16,6 @@ QUANTIZED_PRECISIONS = ("int8", "fp8")
 PRECISIONS = (*FLOAT_PRECISIONS, *QUANTIZED_PRECISIONS)
 KERNEL_OPTIONS = ("auto", "triton", "torch")
 """The reward's ``kernels`` (``vlmrm_fast.ops._triton.KERNEL_CHOICES``, not imported: it loads torch)."""
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-"""torch.compile's modes (``backend_options={"mode": ...}`` of the compile backend)."""
 SEED_FRAME_SIZE = 480
 """The original code rendered 480 x 480 frames (SPEC §1.3): the seed pipeline always gets those, and
 they are the default ``--frame-size``."""
