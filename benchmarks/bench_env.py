@@ -236,6 +236,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                args.reference_batch]
     if min(numbers) < 1 or args.warmup < 0:
         parser.error("N, sizes, --steps, --repeats and --reference-batch must be at least 1; --warmup at least 0.")
+    if args.warmup == 0:  # allowed for quick checks; the first rollout then builds (compiles, captures, makes GL contexts)
+        print("note: --warmup 0 times the first rollout and render call with their one-off set-up (torch.compile, "
+              "CUDA graphs, GL contexts): not steady-state figures.", file=sys.stderr)
     args.num_envs = sorted(set(args.num_envs))
     args.render_num_envs = sorted(set(args.render_num_envs))
     return args

@@ -385,9 +385,10 @@ _ENV_COLUMNS = ("timestamp", "commit", "device", "driver", "cuda", "torch", "muj
                 "open_clip", "python", "mujoco_gl", "gl_renderer")
 
 
-def test_env_options_defaults_and_refusals():
+def test_env_options_defaults_and_refusals(capsys):
     bench = _load("bench_env")
     args = bench.parse_args(["--device", "cpu", "--num-envs", "8", "1", "8", "--warmup", "0"])
+    assert "--warmup 0 times the first rollout and render call with their one-off set-up" in capsys.readouterr().err
     assert args.num_envs == [1, 8] and args.render_num_envs == [8]  # on CPU render rows at the largest N only
     assert (args.steps, args.repeats, args.model, args.dtype) == (4, 3, "vlmrm-tiny", "fp32")
     assert args.reference_batch == 3200 and args.render_sizes == [224, 480]

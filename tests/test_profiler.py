@@ -1658,9 +1658,9 @@ def _git(repo, *args):
                    capture_output=True)
 
 
-def test_commit_is_dirty_for_changed_tracked_files_only(tmp_path, monkeypatch):
+def test_commit_is_dirty_for_changed_tracked_files_and_new_code_only(tmp_path, monkeypatch):
     # Untracked files (results just written, caches) do not make a measurement's tree dirty; an
-    # edit to a tracked file does.
+    # edit to a tracked file does, and so does a new module (code that may have run).
     from vlmrm_fast import run_info
 
     monkeypatch.delenv(run_info.COMMIT_VARIABLE, raising=False)
@@ -1674,7 +1674,17 @@ def test_commit_is_dirty_for_changed_tracked_files_only(tmp_path, monkeypatch):
     head = run_info.command_output(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"])
     assert head and run_info.git_commit() == head
     (repo / "results.json").write_text("{}")
+    (repo / "benchmarks" / "results").mkdir(parents=True)
+    (repo / "benchmarks" / "results" / "kernels-cpu.csv").write_text("op\n")
     assert run_info.git_commit() == head
+    (repo / "vlmrm_fast" / "profiler").mkdir(parents=True)
+    (repo / "vlmrm_fast" / "profiler" / "new_stage.py").write_text("y = 1\n")
+    assert run_info.git_commit() == head + "+dirty"
+    (repo / "vlmrm_fast" / "profiler" / "new_stage.py").unlink()
+    assert run_info.git_commit() == head
+    (repo / "benchmarks" / "bench_more.py").write_text("z = 1\n")
+    assert run_info.git_commit() == head + "+dirty"
+    (repo / "benchmarks" / "bench_more.py").unlink()
     (repo / "code.py").write_text("x = 2\n")
     assert run_info.git_commit() == head + "+dirty"
     # A tree sent to a GPU machine with a git folder from an older commit: the commit the session

@@ -8,7 +8,7 @@ Commands
 ``vlmrm-fast export MODEL``
     The vision tower as ONNX or a TensorRT engine (vlmrm_fast/export.py).
 ``vlmrm-fast bench``
-    Frames/s per stage against the seed's pipeline (vlmrm_fast/profiler.py).
+    Frames/s per stage against the seed's pipeline (vlmrm_fast/profiler/).
 ``vlmrm-fast train``
     SAC on the VLM reward (vlmrm_fast/train/run.py).
 

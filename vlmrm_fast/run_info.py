@@ -58,7 +58,8 @@ COMMIT_VARIABLE = "VLMRM_FAST_COMMIT"
 def git_commit() -> str:
     """What ``$VLMRM_FAST_COMMIT`` says where it is set (the commit of a tree sent to another machine,
     whose git folder, if one travelled with it, may be stale); else the short commit of the checkout
-    this package runs from, "+dirty" with uncommitted changes to tracked files; else (an installed
+    this package runs from, "+dirty" with uncommitted changes to tracked files or untracked files among
+    the code (:data:`CODE_PATHS`); else (an installed
     copy, a copy of the tree without its git folder) "unknown"."""
     named = os.environ.get(COMMIT_VARIABLE, "").strip()
     if named:
@@ -68,9 +69,15 @@ def git_commit() -> str:
     if top is None or Path(top).resolve() != REPO_ROOT:
         return "unknown"
     commit = command_output(git + ["rev-parse", "--short", "HEAD"]) or "unknown"
-    if command_output(git + ["status", "--porcelain", "--untracked-files=no"]):
+    if (command_output(git + ["status", "--porcelain", "--untracked-files=no"])
+            or command_output(git + ["status", "--porcelain", "--untracked-files=all", "--", *CODE_PATHS])):
         commit += "+dirty"
     return commit
+
+
+#: Where an untracked file is code that may have run (a new module), so the tree is "+dirty"; untracked
+#: files elsewhere (results just written, caches) are not.
+CODE_PATHS = ("vlmrm_fast", "csrc", ":(glob)benchmarks/*.py", ":(glob)benchmarks/*.sh", "setup.py")
 
 
 def cpu_name() -> str:
