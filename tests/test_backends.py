@@ -1357,3 +1357,31 @@ def test_weights_near_protobufs_limit_go_to_a_side_file(tmp_path, monkeypatch):
     monkeypatch.setattr(onnx_export, "_PROTOBUF_LIMIT", int(weight_bytes / 0.95))
     onnx_export.export_onnx(model.visual, tmp_path / "t.onnx", preprocess_spec_of(model, "vlmrm"), input_format="pixels")
     assert (tmp_path / "t.onnx.data").exists()
+
+
+def test_rebuild_backend_takes_new_options_over_the_ones_it_was_built_with(tiny):
+    # (A mutation audit: the merge the other way round kept the old value, silently.)
+    rm = CLIPReward(*tiny, goal="a", device="cpu", backend="compile", backend_options={"buckets": (1, 8)})
+    assert rm.vision_backend.buckets == (1, 8)
+    rm.rebuild_backend({"buckets": (1, 16)})
+    assert rm.vision_backend.buckets == (1, 16)
+    rm.rebuild_backend()  # without options: those of the last build
+    assert rm.vision_backend.buckets == (1, 16)
+
+
+def test_a_logit_bias_is_not_watched_as_the_text_side(tiny):
+    # SigLIP-style models train a logit_bias beside logit_scale; encode_text reads neither, so a change of
+    # it must not refuse rewards as a text-side change would. (The tiny model has none: one is added.)
+    model, tokenizer = tiny
+    model.logit_bias = torch.nn.Parameter(torch.zeros(1))
+    rm = CLIPReward(model, tokenizer, goal=GOAL, baseline=BASELINE, alpha=0.3, device="cpu", backend="torch")
+    frames = _noise(2, 24, 24, seed=4)
+    before = rm(frames)
+    with torch.no_grad():
+        rm.model.logit_bias.add_(1.0)
+        rm.model.logit_scale.add_(1.0)
+    assert torch.equal(rm(frames), before)
+    with torch.no_grad():
+        rm.model.token_embedding.weight.mul_(2.0)  # while a change encode_text does read is still seen
+    with pytest.raises(ValueError, match="text-side weights changed"):
+        rm(frames)

@@ -12,6 +12,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import make_tiny
 from reference import reference_reward, torch_own_reward
@@ -673,3 +674,34 @@ def test_a_text_tower_with_nan_weights_is_named_when_the_prompts_are_embedded():
         model.token_embedding.weight[:] = float("nan")
     with pytest.raises(ValueError, match=r"the text tower embeds the prompts to NaN/inf.*load good weights"):
         CLIPReward(model, tokenizer, goal="a robot", baseline="x", alpha=0.5, device="cpu", backend="torch")
+
+
+def test_directions_are_unit_vectors():
+    # (A mutation audit: diff / (norm + 1e-6) stayed within the float64 test's 1e-5.)
+    rm, _, _ = _reward_model(kernels="torch", goal=None, baseline=None,
+                             tasks=[Task(goal="a robot kneeling", baseline="a robot"),
+                                    Task(goal="a dog", baseline=["a cat", "an animal"])])
+    assert (rm.directions.double().norm(dim=1) - 1).abs().max().item() <= 1e-6
+
+
+def test_a_goal_close_to_its_baseline_still_has_a_direction(monkeypatch):
+    # Means 1e-4 apart are two prompts that differ: the "same vector" refusal is for differences of about
+    # float32 rounding (1e-6 and below), not for every near pair. (A mutation audit: a 1e-3 threshold passed.)
+    from vlmrm_fast import tasks
+
+    goal = F.normalize(torch.randn(1, 32, generator=torch.Generator().manual_seed(0)), dim=-1)
+    baseline = F.normalize(goal + 1e-4 * F.normalize(torch.randn(1, 32, generator=torch.Generator().manual_seed(1))), dim=-1)
+    monkeypatch.setattr(tasks, "embed_prompts", lambda model, tokenizer, prompts, device: torch.cat([goal, baseline]))
+    rm, _, _ = _reward_model(kernels="torch", goal="a", baseline="b", alpha=0.5)
+    assert rm._encoded.has_direction == (True,)
+    want = F.normalize((goal - baseline).double(), dim=-1)
+    torch.testing.assert_close(rm.directions.double(), want, rtol=0, atol=1e-3)  # float32 cancellation of a 1e-4 gap
+
+
+def test_a_nan_message_lists_ten_rows_without_an_ellipsis():
+    rm, _, _ = _reward_model(kernels="torch")
+    emb = torch.randn(12, rm.embed_dim)
+    emb[:10, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"\(rows 0, 1, 2, 3, 4, 5, 6, 7, 8, 9\)") as error:
+        rm.score(emb)
+    assert "..." not in str(error.value)

@@ -1547,3 +1547,35 @@ def test_weight_and_task_of_the_wrong_kind_are_refused_naming_them(rm):
         with pytest.raises(TypeError, match=rf"task must be a task's name \(str\) or its index \(int\).*; got {task!r}\."):
             VLMRewardWrapper(make_env(), rm, task=task)
     assert VLMRewardWrapper(make_env(), rm, task=np.int64(0)).task == 0
+
+
+def test_the_wrappers_nan_message_lists_ten_rows_without_an_ellipsis(no_batch):
+    def nan_on_ten(frames):
+        rewards = np.zeros(len(frames), np.float32)
+        rewards[:10] = np.nan
+        return rewards
+
+    venv = VLMRewardVecEnv(DummyVecEnv([make_env] * 11), nan_on_ten)
+    venv.reset()
+    with pytest.raises(ValueError, match=r"for 10 of 11 frames \(rows 0, 1, 2, 3, 4, 5, 6, 7, 8, 9\);") as error:
+        venv.step(actions(1, 11)[0])
+    assert "..." not in str(error.value)
+    venv.close()
+
+
+class _MisnamedColumns:
+    """A reward callable naming one task while returning two columns."""
+
+    task_names = ["a"]
+
+    def __call__(self, frames):
+        return np.stack([np.full(len(frames), 1.0), np.full(len(frames), 2.0)], axis=1).astype(np.float32)
+
+
+def test_rewards_keyed_by_index_where_the_names_do_not_match_the_columns(no_batch):
+    # zip() of one name and two columns would drop the second column from info["vlm_rewards"].
+    single = VLMRewardWrapper(make_env(), _MisnamedColumns())
+    single.reset(seed=0)
+    info = single.step(single.action_space.sample())[-1]
+    assert info["vlm_rewards"] == {"0": 1.0, "1": 2.0}
+    single.close()
