@@ -789,3 +789,16 @@ def test_outputs_that_are_inputs_or_folders_are_settled_before_scoring(
     # separator, and the CSV became a file named "new").
     assert score([str(video), "--goal", "x", "--out", str(tmp_path / "new") + os.sep, *TINY]) == 0
     assert len(_read_csv(tmp_path / "new" / video.with_suffix(".rewards.csv").name)) > 0
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--pretrained", "laion9b"], r"or --pretrained none for random weights"),  # the Python form said pretrained=None
+    (["--pretrained", "none", "--alpha", "0.5"], r"cannot use --alpha 0.5: it has no baseline.*Use --alpha 0, or give a "
+                                                 r"--baseline"),
+], ids=["tag", "alpha"])
+def test_score_errors_name_its_own_flags(image_folder: Path, tmp_path: Path, capsys, flags, message) -> None:
+    argv = [str(image_folder), "--goal", "a red square", "--model", "vlmrm-tiny", *flags, "--out", str(tmp_path / "r.csv")]
+    assert score(argv) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err), err
+    assert "pretrained=None" not in err and "alpha=" not in err

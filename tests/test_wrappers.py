@@ -1579,3 +1579,34 @@ def test_rewards_keyed_by_index_where_the_names_do_not_match_the_columns(no_batc
     info = single.step(single.action_space.sample())[-1]
     assert info["vlm_rewards"] == {"0": 1.0, "1": 2.0}
     single.close()
+
+
+def test_an_env_rendering_float_rgb_is_told_to_give_uint8_not_a_render_mode(no_batch):
+    # Its render_mode is already rgb_array: the message said to use it.
+    env = VLMRewardWrapper(CountingEnv(frame_fn=lambda frame: frame.astype(np.float32) / 255), mean_brightness)
+    env.reset(seed=0)
+    with pytest.raises(ValueError, match=r"got shape \(32, 32, 3\) and dtype float32\. Give the wrapper uint8 frames") as error:
+        env.step(np.zeros(1, np.float32))
+    assert "render_mode" not in str(error.value)
+    grey = VLMRewardWrapper(CountingEnv(frame_fn=lambda frame: frame[..., 0]), mean_brightness)
+    grey.reset(seed=0)
+    with pytest.raises(ValueError, match=r"Use render_mode=\"rgb_array\""):  # not RGB at all: the render mode
+        grey.step(np.zeros(1, np.float32))
+
+
+class _RewardOf(CountingEnv):
+    def __init__(self, reward):
+        super().__init__()
+        self.reward = reward
+
+    def step(self, action):
+        obs, _, terminated, truncated, info = super().step(action)
+        return obs, self.reward, terminated, truncated, info
+
+
+@pytest.mark.parametrize("reward", [None, "1.0x", [1.0, 2.0]])
+def test_an_env_reward_that_is_no_number_is_named(no_batch, reward):
+    env = VLMRewardWrapper(_RewardOf(reward), mean_brightness, mode="add")
+    env.reset(seed=0)
+    with pytest.raises(TypeError, match=r"the env's step\(\) returned the reward .* gymnasium's API asks for one number"):
+        env.step(np.zeros(1, np.float32))

@@ -217,9 +217,14 @@ def _check_frame(frame: Any, where: str) -> None:
         )
     uint8 = frame.dtype == (torch.uint8 if isinstance(frame, torch.Tensor) else np.uint8)
     if frame.ndim != 3 or frame.shape[2] != 3 or not uint8:
+        if frame.ndim == 3 and frame.shape[2] == 3:  # RGB, in another dtype: the env's own render does that
+            fix = ("Give the wrapper uint8 frames (0-255): e.g. a gymnasium.Wrapper under it whose render() "
+                   "returns (frame * 255).round().astype(np.uint8) for frames in [0, 1].")
+        else:
+            fix = f"Use render_mode=\"rgb_array\" ({_RGB_FIX})."
         raise ValueError(
             f"{where} must return a uint8 RGB frame [H, W, 3]; got shape {tuple(frame.shape)} and dtype {frame.dtype}. "
-            f"Use render_mode=\"rgb_array\" ({_RGB_FIX})."
+            f"{fix}"
         )
 
 
@@ -520,7 +525,11 @@ class VLMRewardWrapper(_RewardMode, gym.Wrapper, gym.utils.RecordConstructorArgs
         obs, env_reward, terminated, truncated, info = self.env.step(action)
         rewards = self.vlm_rewards()
         vlm = float(rewards[self._task_column(len(rewards))])
-        gt = float(env_reward)
+        try:
+            gt = float(env_reward)
+        except (TypeError, ValueError):
+            raise TypeError(f"the env's step() returned the reward {env_reward!r} ({type(env_reward).__name__}); "
+                            "gymnasium's API asks for one number (SupportsFloat) per step.") from None
         info["gt_reward"] = gt
         info["vlm_reward"] = vlm
         if len(rewards) > 1:
