@@ -4,7 +4,7 @@
 # by git), fetched beforehand on a machine that reaches PyPI and Debian.
 #
 #   bash benchmarks/gpu_session.sh fetch            # on the networked machine: fill .whl/ and .gl/
-#   VLMRM_FAST_COMMIT=$(python -c "from vlmrm_fast.run_info import git_commit; print(git_commit())") \
+#   VLMRM_FAST_COMMIT=$(env -u VLMRM_FAST_COMMIT python -c "from vlmrm_fast.run_info import git_commit; print(git_commit())") \
 #       bash benchmarks/gpu_session.sh PART [PART ...]
 #                                                   # on the GPU machine (a copy of the tree without
 #                                                   # .git needs the commit named: results carry it)
@@ -224,7 +224,7 @@ done
 export NEEDS_EXTENSION
 if ! git rev-parse --git-dir >/dev/null 2>&1 && [ -z "${VLMRM_FAST_COMMIT:-}" ]; then
     echo "this copy of the tree has no .git, so results could not name their commit: run it as" >&2
-    echo "  VLMRM_FAST_COMMIT=\$(python -c 'from vlmrm_fast.run_info import git_commit; print(git_commit())') bash $0 $*" >&2
+    echo "  VLMRM_FAST_COMMIT=\$(env -u VLMRM_FAST_COMMIT python -c 'from vlmrm_fast.run_info import git_commit; print(git_commit())') bash $0 $*" >&2
     echo "  (run where the tree was sent from: the commit of the tree sent, +dirty with uncommitted changes)" >&2
     exit 2
 fi

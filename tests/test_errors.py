@@ -472,6 +472,11 @@ def test_empty_batches_are_not_checked_for_size_or_range(rm):
     assert rm(np.zeros((0, 0, 0, 3), np.uint8)).shape == (0,)
 
 
+def test_a_masked_array_with_nothing_masked_is_scored_as_its_data(rm):
+    frames = np.random.default_rng(4).integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
+    torch.testing.assert_close(rm(np.ma.masked_array(frames, mask=False)), rm(frames), rtol=0, atol=0)
+
+
 def test_a_list_mixing_numpy_arrays_and_tensors_is_refused(rm):
     frame = np.zeros((8, 8, 3), np.uint8)
     with pytest.raises(TypeError, match=r"frames\[1\] is a Tensor but frames\[0\] a ndarray: one kind per call.*"

@@ -641,6 +641,29 @@ def test_an_env_first_rendered_after_the_renderer_looks_where_the_scored_frames_
         renderer.close()
         for env in envs:
             env.close()
+
+
+def test_two_renderers_made_before_the_first_frame_keep_the_first_ones_aim():
+    # The wrapper's renderer and a second one for videos: the second, first rendering later, took the geoms'
+    # median then and handed that to the env, so the env's own frames followed it, not the scored ones.
+    env = gym.make("Ant-v5", render_mode="rgb_array", width=40, height=40)
+    scored, video = BatchRenderer.from_envs([env], device="cpu"), BatchRenderer.from_envs([env], device="cpu")
+    try:
+        env.reset(seed=0)
+        env.action_space.seed(0)
+        first = scored.render()
+        for _ in range(15):
+            env.step(env.action_space.sample())
+        later = video.render()
+        np.testing.assert_array_equal(later.numpy(), scored.render().numpy())
+        np.testing.assert_array_equal(env.render(), later[0].numpy())
+        assert not torch.equal(first, later)  # the ant moved: the frames differ, the aim does not
+    finally:
+        scored.close()
+        video.close()
+        env.close()
+
+
 def test_egl_position_of_a_cuda_device():
     """MuJoCo < 4 takes MUJOCO_EGL_DEVICE_ID as a position in EGL's device list: torch's cuda:i is looked
     up there by the driver's CUDA ordinal (physical, through CUDA_VISIBLE_DEVICES, then torch's own)."""

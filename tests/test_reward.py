@@ -7,6 +7,7 @@ spread across these noise frames is ~1e-2).
 """
 import copy
 import functools
+import pickle
 import warnings
 
 import numpy as np
@@ -387,12 +388,14 @@ def test_float_frames_are_range_checked_in_every_frame(kind, bad):
         as_frame_batch(given)
 
 
-def test_a_list_of_frames_on_two_devices_is_refused():
-    from vlmrm_fast.frames import as_frame_batch
+def test_a_list_of_frames_on_two_devices_is_refused(monkeypatch):
+    from vlmrm_fast import frames as frames_module
 
+    # meta stands in for a second device on a machine with one; its own refusal (no values) is set aside here.
+    monkeypatch.setattr(frames_module, "check_tensor_holds_data", lambda array, what: None)
     frame = torch.zeros(4, 5, 3, dtype=torch.uint8)
     with pytest.raises(ValueError, match=r"frames\[1\] is on meta but frames\[0\] on cpu: one device per call"):
-        as_frame_batch([frame, torch.empty_like(frame, device="meta")])
+        frames_module.as_frame_batch([frame, torch.empty_like(frame, device="meta")])
 
 
 def test_numpy_float16_frames_stay_float16():
@@ -617,7 +620,13 @@ def test_a_second_reward_model_may_not_cast_the_model_the_first_one_runs():
     with pytest.raises(ValueError, match=r"in use by another CLIPReward, on cpu in torch.float32.*copy.deepcopy"):
         CLIPReward(rm.model, tokenizer, goal="a", device="cpu", dtype="bf16", backend="torch")
     assert rm.model.visual.conv1.weight.dtype == torch.float32 and torch.equal(rm(frames), before)
-    same = CLIPReward(rm.model, tokenizer, goal="a", device="cpu", dtype="fp32", backend="torch")  # shares it
+    same = CLIPReward(rm.model, tokenizer, goal="a", device="cpu:0", dtype="fp32", backend="torch")  # shares it
+    with pytest.raises(ValueError, match=r"in torch.float32, and building one on cpu in torch.float32 with fp8 projections"):
+        CLIPReward(rm.model, tokenizer, goal="a", device="cpu", backend="torch", backend_options={"quantize": "fp8"})
+    for twin in (copy.deepcopy(rm), pickle.loads(pickle.dumps(rm))):  # a copy runs a model of its own, guarded too
+        with pytest.raises(ValueError, match=r"in use by another CLIPReward"):
+            CLIPReward(twin.model, tokenizer, goal="a", device="cpu", dtype="bf16", backend="torch")
+        assert torch.equal(twin(frames), before)
     copied = CLIPReward(copy.deepcopy(rm.model), tokenizer, goal="a", device="cpu", dtype="bf16", backend="torch")
     assert copied.model.visual.conv1.weight.dtype == torch.bfloat16 and torch.equal(rm(frames), before)
     model = rm.model
@@ -705,3 +714,25 @@ def test_a_nan_message_lists_ten_rows_without_an_ellipsis():
     with pytest.raises(ValueError, match=r"\(rows 0, 1, 2, 3, 4, 5, 6, 7, 8, 9\)") as error:
         rm.score(emb)
     assert "..." not in str(error.value)
+
+
+def test_a_context_length_attribute_is_no_requirement_where_the_text_tower_does_not_fix_one():
+    # open_clip's Hugging Face text towers set model.context_length to the HF config's max_position_embeddings
+    # (514 for roberta, 0 for mt5) while their tokenizer gives 77: only CLIP's own positional embedding fixes
+    # the length. (A review found those models refused.)
+    model, tokenizer = make_tiny()
+    model.context_length = 514
+    CLIPReward(model, tokenizer, goal="a robot", device="cpu", backend="torch")
+
+
+def test_a_prompt_that_tokenizes_to_nothing_is_found_with_a_tokenizer_padding_to_the_longest_text():
+    from vlmrm_fast.tasks import _first_empty_prompt
+
+    def longest(texts):  # [SOT, one id per word, EOT], padded with 0 to the longest text
+        rows = [[1, *(10 + len(word) for word in text.replace("\x00", "").split()), 2] for text in texts]
+        width = max(map(len, rows))
+        return torch.tensor([row + [0] * (width - len(row)) for row in rows])
+
+    prompts = ["a robot standing up", "\x00"]
+    assert _first_empty_prompt(longest, prompts, longest(prompts)) == "\x00"
+    assert _first_empty_prompt(longest, prompts[:1], longest(prompts[:1])) is None

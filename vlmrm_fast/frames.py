@@ -177,7 +177,7 @@ def _check_float_range(frames: Union[np.ndarray, torch.Tensor], what: str) -> No
 def check_tensor_holds_data(array: Union[np.ndarray, torch.Tensor], what: str) -> None:
     """Refuse arrays whose values are not all there to read as they are: a masked numpy array (its mask
     would be ignored), a sparse tensor, a tensor on the meta device (shapes only)."""
-    if isinstance(array, np.ma.MaskedArray):
+    if isinstance(array, np.ma.MaskedArray) and np.ma.is_masked(array):
         raise TypeError(f"{what} is a masked array, whose mask would be ignored: pass {what}.filled(0) (masked "
                         f"values as 0) or np.asarray({what}.data).")
     if isinstance(array, torch.Tensor):

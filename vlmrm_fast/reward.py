@@ -32,17 +32,29 @@ _REWARDS_ON_MODEL: "weakref.WeakKeyDictionary[torch.nn.Module, weakref.WeakSet]"
 """The live reward models built on each model (whose tower :func:`_place` cast in place)."""
 
 
-def _check_no_other_placement(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
-    """Refuse to cast a model that another live CLIPReward runs on another device or in another dtype:
-    the cast is in place, so that one's tower would change under it (a raw dtype error at its next call,
-    or weights rounded through bf16 for good)."""
+def _placement(device: torch.device, dtype: torch.dtype, backend: str, options: Optional[dict]) -> tuple:
+    """What a CLIPReward does to its model in place: the device (any CPU is one), the tower's dtype, and
+    whether its projections become fp8 ones (the "torch" and "compile" backends' fp8)."""
+    fp8 = isinstance(options, dict) and options.get("quantize") == "fp8" and backend != "tensorrt"
+    return device.type, device.index if device.type == "cuda" else None, dtype, fp8
+
+
+def _describe(placement: tuple) -> str:
+    kind, index, dtype, fp8 = placement
+    return f"on {kind}{'' if index is None else f':{index}'} in {dtype}" + (" with fp8 projections" if fp8 else "")
+
+
+def _check_no_other_placement(model: torch.nn.Module, placement: tuple) -> None:
+    """Refuse to change a model that another live CLIPReward runs on another device, in another dtype or
+    with other projections: the change is in place, so that one's tower would change under it (a raw dtype
+    error at its next call, weights rounded through bf16 for good, or fp8 matmuls it was not built with)."""
     for other in list(_REWARDS_ON_MODEL.get(model, ())):
-        if (other.device, other.dtype) != (device, dtype):
+        theirs = getattr(other, "_placement", None)
+        if theirs is not None and theirs != placement:
             raise ValueError(
-                f"this model is in use by another CLIPReward, on {other.device} in {other.dtype}, and building one on "
-                f"{device} in {dtype} would move or cast it in place, under that one (a CLIPReward does not copy its "
-                "model): build this one on a copy, CLIPReward(copy.deepcopy(model), ...), or with that one's device "
-                "and dtype, or let that one go first (del it)."
+                f"this model is in use by another CLIPReward, {_describe(theirs)}, and building one {_describe(placement)} "
+                "would change it in place, under that one (a CLIPReward does not copy its model): build this one on "
+                "a copy, CLIPReward(copy.deepcopy(model), ...), or as that one is, or let that one go first (del it)."
             )
 
 
@@ -184,13 +196,19 @@ class CLIPReward:
         self._spec: PreprocessSpec = preprocess_spec_of(model, preprocess)
         self.max_batch_size = (256 if self._device.type == "cuda" else 32) if max_batch_size is None else max_batch_size
         self.model_name = model_name or type(model).__name__
-        _check_no_other_placement(model, self._device, self._dtype)
+        self._placement = _placement(self._device, self._dtype, backend, backend_options)
+        _check_no_other_placement(model, self._placement)
         self.model = _place(model.eval(), self._device, self._dtype)
         self.tokenizer = tokenizer
         self._alpha = check_alpha(alpha)
         self.set_tasks(goal=goal, baseline=baseline, tasks=tasks)
         self._build_backend(backend, backend_options)
         _REWARDS_ON_MODEL.setdefault(model, weakref.WeakSet()).add(self)
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        if "model" in state:  # a copy (deepcopy, pickle) runs its own model: registered as the original was
+            _REWARDS_ON_MODEL.setdefault(self.model, weakref.WeakSet()).add(self)
 
     def _build_backend(self, backend: str, options: Optional[dict]) -> None:
         self._backend: VisionBackend = build_backend(

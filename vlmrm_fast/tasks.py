@@ -89,19 +89,30 @@ def check_alpha(alpha: float, what: str = "alpha") -> float:
 @torch.inference_mode()
 def embed_prompts(model: torch.nn.Module, tokenizer: Callable, prompts: List[str], device: torch.device) -> torch.Tensor:
     """Unit text embeddings [P, D], float32, on ``device``. Refuses token ids that are not one row of integers
-    per prompt of the text tower's context length, a prompt that tokenizes as the empty text does, and
-    embeddings that are not finite (a silent wrong goal each, else)."""
+    per prompt (of the context length CLIP's own text transformer needs), a prompt that tokenizes as the
+    empty text does, and embeddings that are not finite (a silent wrong goal each, else)."""
     tokens = _checked_tokens(model, tokenizer(prompts), len(prompts))
-    empty = (tokens == _checked_tokens(model, tokenizer([""]), 1)).all(dim=1)
-    if empty.any():  # "\x00", a lone byte-order mark: cleaned away, so CLIP's empty text, like a blank prompt
-        prompt = prompts[int(empty.nonzero()[0])]
-        raise ValueError(f"the prompt {prompt!r} tokenizes to nothing (no character the tokenizer keeps), so it would "
+    empty = _first_empty_prompt(tokenizer, prompts, tokens)
+    if empty is not None:  # "\x00", a lone byte-order mark: cleaned away, so CLIP's empty text, like a blank prompt
+        raise ValueError(f"the prompt {empty!r} tokenizes to nothing (no character the tokenizer keeps), so it would "
                          "embed as the empty text: give it words.")
     embeddings = model.encode_text(tokens.to(device)).float()
     if not torch.isfinite(embeddings).all():
         raise ValueError("the text tower embeds the prompts to NaN/inf: its weights hold NaN/inf (a damaged "
                          "checkpoint, or a fine-tune that diverged); load good weights.")
     return F.normalize(embeddings, dim=-1)
+
+
+def _first_empty_prompt(tokenizer: Callable, prompts: List[str], tokens: torch.Tensor) -> Optional[str]:
+    """The first of ``prompts`` whose token ids [P, L] are those of the empty text, or None."""
+    empty = torch.as_tensor(tokenizer([""]))
+    if empty.shape[-1] != tokens.shape[1]:  # a tokenizer that pads to the longest text: the empty one asked with them
+        both = torch.as_tensor(tokenizer([*prompts, ""]))
+        if both.ndim != 2 or both.shape[0] != len(prompts) + 1:
+            return None
+        tokens, empty = both[:-1], both[-1:]
+    same = (tokens == empty.reshape(1, -1)).all(dim=1)
+    return prompts[int(same.nonzero()[0])] if same.any() else None
 
 
 def _checked_tokens(model: torch.nn.Module, tokens: Any, rows: int) -> torch.Tensor:
@@ -112,12 +123,15 @@ def _checked_tokens(model: torch.nn.Module, tokens: Any, rows: int) -> torch.Ten
             tokens = torch.as_tensor(tokens)
         except (TypeError, ValueError, RuntimeError):
             raise ValueError(f"the tokenizer returned a {type(tokens).__name__} that is no tensor of token ids: {fix}.") from None
-    width = getattr(model, "context_length", None)
+    # CLIP's own text transformer adds a positional embedding of one fixed length (other towers slice theirs, or
+    # are Hugging Face models, whose context_length attribute is no requirement).
+    positions = getattr(model, "positional_embedding", None)
+    width = positions.shape[0] if isinstance(positions, torch.Tensor) and positions.ndim == 2 else None
     if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool or tokens.ndim != 2:
         raise ValueError(f"the tokenizer returned {tokens.dtype} of shape {tuple(tokens.shape)}: {fix}.")
     if tokens.shape[0] != rows:
         raise ValueError(f"the tokenizer returned {tokens.shape[0]} rows of tokens for {rows} prompts: {fix}.")
-    if isinstance(width, int) and tokens.shape[1] != width:
+    if width is not None and tokens.shape[1] != width:
         raise ValueError(f"the tokenizer's context length is {tokens.shape[1]}, the text tower's {width}: use the "
                          "model's own tokenizer (open_clip.get_tokenizer(model_name)).")
     return tokens

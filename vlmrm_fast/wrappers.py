@@ -46,8 +46,8 @@ action reached. :class:`VLMRewardVecEnv` scores the true terminal state wherever
 from __future__ import annotations
 
 import inspect
+import math
 import numbers
-import operator
 import warnings
 from collections import Counter
 from contextlib import ExitStack, contextmanager
@@ -144,7 +144,7 @@ def _combine(mode: str, weight: float, env_reward: Any, vlm_reward: Any) -> Any:
             overflowed = np.isfinite(env_reward) & ~np.isfinite(np.asarray(combined, dtype=np.float32))
         if np.any(overflowed):  # SB3 and the replay buffer hold float32 rewards: an inf would reach SAC's targets
             raise ValueError(f"in mode='add' the env reward + weight * VLM reward (weight={weight:g}) is beyond "
-                             "float32's range (inf): lower weight.")
+                             "float32's range (inf): lower weight, or scale the env's rewards down.")
         return combined
     return env_reward
 
@@ -236,14 +236,20 @@ def _tower_size(reward_model: Any) -> Optional[Tuple[int, int]]:
     if isinstance(size, (int, np.integer)) and not isinstance(size, bool):
         size = (size, size)
     try:
-        height, width = size
-        height, width = operator.index(height), operator.index(width)
+        height, width = (_whole(v) for v in size)
     except (TypeError, ValueError):
         height = width = 0
     if height <= 0 or width <= 0:
         raise ValueError(f"the reward model's image_size is {size!r}: give an int (square) or (height, width) of "
                          "positive ints, or no image_size attribute at all (it is only read to warn of resizing)")
     return height, width
+
+
+def _whole(value: Any) -> int:
+    """A positive whole number (224, or 224.0) as an int; 0 for anything else (a str, 2.5, True)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value != int(value):
+        return 0
+    return max(int(value), 0)
 
 
 def _warn_size(size: Tuple[int, int], reward_model: Any, what: str) -> None:

@@ -18,9 +18,12 @@ class BackendError(ValueError):
 def with_cuda_index(device: torch.device) -> torch.device:
     """``device`` with a CUDA index always set (the current device's when none is given): tensors
     report ``cuda:0``, which is not equal to ``torch.device("cuda")``. Without CUDA it is returned
-    as is, for the caller's own error."""
+    as is, for the caller's own error. A CPU device loses its index: tensors report ``cpu``, and
+    ``module.to("cpu:0")`` copies a module's buffers on the CPU (new tensors in their places)."""
     if device.type == "cuda" and device.index is None and torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
+    if device.type == "cpu" and device.index is not None:
+        return torch.device("cpu")
     return device
 
 

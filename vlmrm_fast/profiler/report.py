@@ -362,9 +362,9 @@ def markdown_report(report: Report) -> str:
         lines += ["", f"The compile rows ran torch.compile with mode={mode}" + ("" if config.get("compile_mode")
                                                                                   else " (the backend's default here)") + "."]
     if any(r.build_cached for r in report.rows):
-        lines += ["", "'(cached)': that build found its work in a cache on disk, left by an earlier process "
-                      "(torch.compile's graphs in Inductor's cache, a TensorRT engine in the engine cache), so its "
-                      "'build s' is less than a first build's."]
+        lines += ["", "'(cached)': that build found its work in a cache on disk, left by an earlier build of the same "
+                      "graph, in this run or another (torch.compile's graphs in Inductor's cache, a TensorRT engine in "
+                      "the engine cache), so its 'build s' is less than a first build's."]
     lines += kernels_notes(report.rows)
     if any(r.frac_of_peak is not None and r.frac_of_peak > 1 for r in report.rows):
         lines += [

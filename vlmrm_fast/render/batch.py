@@ -697,11 +697,15 @@ class BatchRenderer:
                 if viewer is not None:
                     cam.lookat[:] = viewer.cam.lookat
                     continue
-                cam.lookat[:] = np.median(data.geom_xpos, axis=0) if model.ngeom else 0.0
                 renderer = getattr(env.unwrapped if hasattr(env, "unwrapped") else env, "mujoco_renderer", None)
+                config = getattr(renderer, "default_cam_config", None) or {}
+                if "lookat" in config:  # handed off by another renderer's first frame: the first one's aim holds
+                    cam.lookat[:] = np.asarray(config["lookat"], dtype=np.float64)
+                    continue
+                cam.lookat[:] = np.median(data.geom_xpos, axis=0) if model.ngeom else 0.0
                 if renderer is not None and hasattr(renderer, "default_cam_config"):
                     # A new dict: gymnasium's envs share their class's DEFAULT_CAMERA_CONFIG.
-                    renderer.default_cam_config = {**(renderer.default_cam_config or {}), "lookat": cam.lookat.copy()}
+                    renderer.default_cam_config = {**config, "lookat": cam.lookat.copy()}
 
     __call__ = render
 
