@@ -12,13 +12,12 @@ import torch
 
 from vlmrm_fast.backends import VisionBackend, build_backend, check_backend_options, resolve_backend
 from vlmrm_fast.backends.base import WeightsWatch, checked_device
-from vlmrm_fast.frames import FrameInput, as_frame_batch
+from vlmrm_fast.frames import FrameInput, as_frame_batch, check_tensor_holds_data
 from vlmrm_fast.models import create_clip, image_size_of, preprocess_spec_of
 from vlmrm_fast.ops._triton import resolve_kernels
 from vlmrm_fast.ops.preprocess import PreprocessSpec, check_preprocess_mode, preprocess
 from vlmrm_fast.ops.score import score as score_op
 from vlmrm_fast.ops.score import unit_rows
-from vlmrm_fast.frames import check_tensor_holds_data
 from vlmrm_fast.tasks import EncodedTasks, Prompts, Task, check_alpha, check_tasks, encode_tasks, task_list
 
 _DTYPES = {
