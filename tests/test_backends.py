@@ -1385,3 +1385,27 @@ def test_a_logit_bias_is_not_watched_as_the_text_side(tiny):
         rm.model.token_embedding.weight.mul_(2.0)  # while a change encode_text does read is still seen
     with pytest.raises(ValueError, match="text-side weights changed"):
         rm(frames)
+
+
+@pytest.mark.parametrize("change", ["double", "meta", "new last parameter", "layer swapped out", "in place"])
+def test_the_weights_watch_sees_each_kind_of_change(change):
+    # (A mutation audit: leaving out the dtype/device part, or the last tensor's identity, or a removed layer,
+    # went unseen by the tests, which changed weights in place only.)
+    from vlmrm_fast.backends.base import WeightsWatch
+
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    watch = WeightsWatch(module)
+    assert not watch.changed()
+    if change == "double":
+        module.double()  # same Parameters, same version counters: only the dtype tells
+    elif change == "meta":
+        module.to("meta")
+    elif change == "new last parameter":
+        module[2].bias = torch.nn.Parameter(module[2].bias.detach().clone())
+    elif change == "layer swapped out":
+        module[2] = torch.nn.Identity()
+    else:
+        with torch.no_grad():
+            module[0].weight.add_(1.0)
+    assert watch.changed()

@@ -742,7 +742,10 @@ def test_env_state_leaves_out_wall_clock_times():
     state = ckpt.env_state(venv)
     assert "t_start" not in state["wrappers"][0] and "episode_returns" in state["wrappers"][0]
     layers = state["envs"][0]["layers"]
-    assert all("episode_start_times" not in layer for layer in layers)
+    # gymnasium 1.x names the single-env wrapper's start time in the singular (the vector one's in the plural).
+    clock = "episode_start_time" if hasattr(gym.wrappers.RecordEpisodeStatistics(DotEnv()), "episode_start_time") \
+        else "episode_start_times"
+    assert all(clock not in layer for layer in layers)
     assert any("episode_returns" in layer for layer in layers)
 
 
@@ -2087,6 +2090,15 @@ def test_deferred_scoring_hands_a_plain_reward_function_top_down_frames():
     (dict(eval_episodes=0), "eval_episodes must be >= 1"),
     (dict(video_length=0), "video_length must be >= 1"),
     (dict(seed=2**32), r"seed must be in \[0, 2\*\*32\)"),
+    # From a mutation audit: each bound below was unguarded by a test.
+    (dict(gamma=0.0), r"gamma \(discount\) must be in \(0, 1\]"),
+    (dict(tau=0.0), r"tau \(target smoothing\) must be in \(0, 1\]"),  # 0 freezes the target networks
+    (dict(learning_rate=float("inf")), "learning_rate must be > 0"),
+    (dict(checkpoint_every=-1), "checkpoint_every, eval_every and log_every must be >= 0"),
+    (dict(eval_every=-1), "checkpoint_every, eval_every and log_every must be >= 0"),
+    (dict(video_height=0), "video_width/video_height must be positive"),
+    (dict(render_height=0), "render_height must be a positive number of pixels"),
+    (dict(train_freq=0), "batch_size and train_freq must be >= 1"),
     (dict(reward_device="cuda:x"), "reward_device 'cuda:x' is not a torch device: pass cuda, cuda:N or cpu"),
 ])
 def test_each_bad_value_is_refused_naming_its_field(tmp_path, bad, match):
@@ -2158,6 +2170,12 @@ def test_a_resume_may_change_only_what_leaves_the_run_the_same(tmp_path):
     given = apply_overrides(saved, {"seed": 1, "learning_rate": 1e-3, "total_timesteps": 10**6, "progress": True,
                                     "run_dir": "elsewhere", "sac_device": "cuda", "eval_every": 7})
     assert diff_configs(saved, given) == [("learning_rate", saved.learning_rate, 1e-3), ("seed", 0, 1)]
+    # Each field the README calls resumable, changed alone (a mutation audit found five unguarded).
+    changes = dict(keep_checkpoints=9, video_length=3, reward_batch_size=7, log_every=11, eval_episodes=4,
+                   checkpoint_every=13, video_width=48, video_height=40, tensorboard=not saved.tensorboard,
+                   reward_device="cpu", reward_backend="torch")
+    for name, value in changes.items():
+        assert diff_configs(saved, dataclasses.replace(saved, **{name: value})) == [], name
 
 
 def test_rng_state_restores_every_generator_it_names():
@@ -2291,6 +2309,13 @@ def test_the_deferred_recorder_holds_one_rollout_and_hands_sac_placeholders(tmp_
     assert [a.shape for a in nothing] == [(0, 2)] * 3 and np.isnan(buffer.rewards).all()
     _, placeholder, _, infos = recorder.step(action)
     assert (placeholder == 0).all() and all(info["gt_reward"] < 0 for info in infos)  # "replace": 0 until scored
+    adding = DeferredRewardRecorder(DummyVecEnv([lambda: gym.wrappers.TimeLimit(DotEnv(), 2)] * 2), rm, capacity=2,
+                                    render="images", mode="add")
+    adding.reset()
+    _, held, _, infos = adding.step(action)  # "add"/"log": the env reward until scored (a mutation audit: 0 passed)
+    np.testing.assert_array_equal(held, [info["gt_reward"] for info in infos])
+    assert (held < 0).all()
+    adding.close()
     recorder.step(action)
     with pytest.raises(RuntimeError, match=r"deferred reward buffer full \(2 steps\)"):
         recorder.step(action)
@@ -2958,3 +2983,22 @@ def test_default_run_folders_of_runs_started_in_the_same_second_differ():
     from vlmrm_fast.train.run import default_run_dir
 
     assert default_run_dir("smoke").name.endswith(f"-{os.getpid()}")
+
+
+def test_the_start_up_warnings_stay_quiet_where_nothing_is_wrong(tmp_path):
+    # (A mutation audit: each boundary below was unguarded.) Unit calls, no training.
+    from vlmrm_fast.train import run
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        # A finished run resumed (for its final evaluation, say): no step left, no "no gradient step" warning.
+        done = dot_config(tmp_path, total_timesteps=40, learning_starts=40)
+        run._warn_if_no_gradient_step(done, 40)
+        # 61 on 2 envs, resumed at 60: the run ends at 62; "(or 60)", the step it is at, is no advice.
+        run._warn_if_total_overshoots(dot_config(tmp_path, total_timesteps=62), 60)
+        # A checkpoint from before reward_setup was recorded: nothing to compare, nothing to say.
+        run._warn_if_reward_setup_changed(None, SimpleNamespace(), 0)
+    with pytest.warns(UserWarning, match=r"ends at step 62\. Pass total_timesteps=62 to make it exact\.$"):
+        run._warn_if_total_overshoots(dot_config(tmp_path, total_timesteps=61), 60)
+    with pytest.warns(UserWarning, match=r"learning_starts=40 is not below total_timesteps=40"):
+        run._warn_if_no_gradient_step(done, 20)

@@ -97,9 +97,10 @@ def set_rng_state(model, state: dict) -> None:
 
 
 _SCALARS = (bool, int, float, str, np.number, np.bool_)
-#: Wall-clock start times (SB3's VecMonitor/Monitor, gymnasium's RecordEpisodeStatistics): they belong
-#: to one process, and restored they would count the time between the stop and the resume.
-_WALL_CLOCK = ("t_start", "episode_start_times")
+#: Wall-clock start times (SB3's VecMonitor/Monitor; gymnasium's RecordEpisodeStatistics, whose single-env
+#: form names it in the singular, its vector form in the plural): they belong to one process, and restored
+#: they would count the time between the stop and the resume (another process's clock, even).
+_WALL_CLOCK = ("t_start", "episode_start_time", "episode_start_times")
 
 
 def _plain_attrs(obj: Any, skip: tuple = ()) -> dict:
