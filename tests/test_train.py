@@ -1758,6 +1758,25 @@ def test_a_checkpoint_with_any_file_changed_in_place_is_found_damaged(tmp_path, 
     meta = ckpt.read_meta(old)
     (old / "meta.json").write_text(json.dumps({"format": 1, "step": meta["step"], "files": meta["files"]}))
     assert ckpt.is_complete(old) and ckpt.damaged_files(old) == []
+    # A format-2 meta.json without its checksums (its own digest recomputed) is no complete checkpoint.
+    unhashed = tmp_path / "no-sha256"
+    shutil.copytree(path, unhashed)
+    _write_meta(unhashed, {k: v for k, v in ckpt.read_meta(unhashed).items() if k != "sha256"})
+    assert not ckpt.is_complete(unhashed)
+
+
+def test_a_checkpoint_file_that_cannot_be_read_counts_as_damaged(one_checkpoint, monkeypatch):
+    # Passed over like a changed one, not handed to SB3's loader. (A mutation audit found this unguarded.)
+    _, path = one_checkpoint
+    real = ckpt._sha256
+
+    def unreadable(file):
+        if Path(file).name == "state.pt":
+            raise PermissionError(13, "Permission denied", str(file))
+        return real(file)
+
+    monkeypatch.setattr(ckpt, "_sha256", unreadable)
+    assert ckpt.damaged_files(path) == ["state.pt"]
 
 
 @pytest.mark.parametrize("change", [("\"step\": 40", "\"step\": 50"), ("\"sha256\"", "\"sha257\""),
