@@ -821,8 +821,11 @@ def test_a_reward_callable_may_give_its_image_size_as_one_int(no_batch):
     # An int crashed every wrapper ('int' object is not iterable); something unreadable is named at construction.
     with pytest.warns(UserWarning, match=r"renders 64x64 frames but the reward model's tower takes 32x32"):
         VLMRewardWrapper(make_env(), _SquareTower(32)).close()
-    VLMRewardWrapper(make_env(), _SquareTower(np.int64(SIZE))).close()  # the render size: no warning
-    VLMRewardWrapper(make_env(), _SquareTower((float(SIZE), float(SIZE)))).close()  # whole floats: their ints
+    for same in (np.int64(SIZE), (float(SIZE), float(SIZE))):  # the render size, as a numpy int or whole floats
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            VLMRewardWrapper(make_env(), _SquareTower(same)).close()
+        assert not [w for w in caught if "resized" in str(w.message)], same
     for bad in ("224", (224,), (0, 224), 2.5):
         with pytest.raises(ValueError, match=r"image_size is .*: give an int \(square\) or \(height, width\)"):
             VLMRewardVecEnv(DummyVecEnv([make_env]), _SquareTower(bad))

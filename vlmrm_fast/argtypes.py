@@ -12,6 +12,9 @@ from typing import Callable, Optional, Sequence
 BACKEND_NAMES = ("torch", "compile", "onnxruntime", "tensorrt")
 """The concrete vision-tower backends (``"auto"`` picks one of them)."""
 
+FLOAT32_MAX = 3.4028234663852886e38
+"""The largest float32, the rewards' type in SB3 and the wrappers (a weight or reward past it is inf there)."""
+
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 """torch.compile's modes, which the "compile" backend's ``mode`` option takes."""
 

@@ -32,15 +32,15 @@ _REWARDS_ON_MODEL: "weakref.WeakKeyDictionary[torch.nn.Module, weakref.WeakSet]"
 
 
 def _placement(device: torch.device, dtype: torch.dtype, backend: str, options: Optional[dict]) -> tuple:
-    """What a CLIPReward does to its model in place: the device (any CPU is one), the tower's dtype, and
-    whether its projections become fp8 ones (the "torch" and "compile" backends' fp8)."""
+    """What a CLIPReward does to its model in place: the device (resolved: ``cuda:N``, ``cpu``), the tower's
+    dtype, and whether its projections become fp8 ones (the "torch" and "compile" backends' fp8)."""
     fp8 = isinstance(options, dict) and options.get("quantize") == "fp8" and backend != "tensorrt"
-    return device.type, device.index if device.type == "cuda" else None, dtype, fp8
+    return device, dtype, fp8
 
 
 def _describe(placement: tuple) -> str:
-    kind, index, dtype, fp8 = placement
-    return f"on {kind}{'' if index is None else f':{index}'} in {dtype}" + (" with fp8 projections" if fp8 else "")
+    device, dtype, fp8 = placement
+    return f"on {device} in {dtype}" + (" with fp8 projections" if fp8 else "")
 
 
 def _check_no_other_placement(model: torch.nn.Module, placement: tuple) -> None:

@@ -56,6 +56,7 @@ from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence,
 import numpy as np
 import torch
 
+from vlmrm_fast.argtypes import FLOAT32_MAX
 from vlmrm_fast.env_render import in_process_envs, release_env_gl, render_env
 
 try:
@@ -94,13 +95,10 @@ _RGB_FIX = 'gymnasium.make(env_id, render_mode="rgb_array")'
 # ---- shared helpers -----------------------------------------------------------------------------
 
 
-_FLOAT32_MAX = float(np.finfo(np.float32).max)
-
-
 def _check_mode(mode: str, weight: float) -> Tuple[str, float]:
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}; got {mode!r}.")
-    if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not abs(float(weight)) <= _FLOAT32_MAX:
+    if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not abs(float(weight)) <= FLOAT32_MAX:
         raise ValueError(f"weight must be a finite number within float32's range, as the rewards are (the VLM reward's "
                          f"factor in mode='add'); got {weight!r}.")
     return mode, float(weight)

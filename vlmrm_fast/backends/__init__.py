@@ -20,8 +20,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 
 import torch
 
-from vlmrm_fast.argtypes import COMPILE_MODES
-from vlmrm_fast.backends.base import BACKEND_NAMES, BackendError, VisionBackend
+from vlmrm_fast.backends.base import BACKEND_NAMES, BackendError, VisionBackend, check_compile_mode
 from vlmrm_fast.ops.preprocess import PreprocessSpec
 
 BACKEND_CHOICES = ("auto", *BACKEND_NAMES)
@@ -64,9 +63,8 @@ def check_backend_options(
         hint = f"; they are options of {', '.join(repr(b) for b in owners)}: pass that backend by name" if owners else ""
         raise BackendError(f"backend_options {unknown} are not options of the {backend!r} backend{picked}, "
                            f"whose options are: {takes}{hint}.")
-    mode = (options or {}).get("mode")
-    if backend == "compile" and mode is not None and mode not in COMPILE_MODES:  # before a model loads
-        raise BackendError(f"backend_options mode={mode!r} is not one of torch.compile's modes: {', '.join(COMPILE_MODES)}.")
+    if backend == "compile":  # before a model loads
+        check_compile_mode((options or {}).get("mode"))
     if dtype is not None and backend in ("torch", "compile"):
         from vlmrm_fast.backends.torch_fp8 import check_torch_quantize
 

@@ -9,6 +9,7 @@ from typing import ContextManager, Iterator, List, Optional, Sequence, Tuple, Un
 import torch
 
 from vlmrm_fast.argtypes import BACKEND_NAMES  # noqa: F401  (re-exported; defined where parsers need no torch)
+from vlmrm_fast.argtypes import COMPILE_MODES
 
 
 class BackendError(ValueError):
@@ -220,6 +221,13 @@ class _OneTorchThread:
 
 
 ONE_TORCH_THREAD = _OneTorchThread()
+
+
+def check_compile_mode(mode: Optional[str]) -> None:
+    """A :class:`BackendError` for a "compile" backend ``mode`` torch.compile lacks (it would raise only at
+    the first call, after the model loaded)."""
+    if mode is not None and mode not in COMPILE_MODES:
+        raise BackendError(f"backend_options mode={mode!r} is not one of torch.compile's modes: {', '.join(COMPILE_MODES)}.")
 
 
 class VisionBackend(abc.ABC):

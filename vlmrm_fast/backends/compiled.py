@@ -16,8 +16,7 @@ from typing import Dict, Optional, Sequence
 
 import torch
 
-from vlmrm_fast.argtypes import COMPILE_MODES
-from vlmrm_fast.backends.base import BackendError, VisionBackend, pooled_embeddings
+from vlmrm_fast.backends.base import BackendError, VisionBackend, check_compile_mode, pooled_embeddings
 from vlmrm_fast.backends.eager import adapt_tower
 
 DEFAULT_BUCKETS = (1, 8, 32, 64, 128, 256, 512, 1024)
@@ -68,9 +67,7 @@ class CompileBackend(VisionBackend):
                 isinstance(b, numbers.Integral) and not isinstance(b, bool) and b >= 1 for b in buckets)):
             raise BackendError(f"backend_options buckets must be a list of positive integers (batch sizes); got {buckets!r}.")
         self.buckets = tuple(sorted(int(b) for b in buckets)) if buckets else default_buckets(max_batch_size)
-        if mode is not None and mode not in COMPILE_MODES:  # torch.compile would raise only at the first call
-            raise BackendError(f"backend_options mode={mode!r} is not one of torch.compile's modes: "
-                               f"{', '.join(COMPILE_MODES)}.")
+        check_compile_mode(mode)
         self.mode = mode or ("reduce-overhead" if device.type == "cuda" else "default")
         _allow_more_graphs(len(self.buckets))
         self.quantize = quantize

@@ -137,18 +137,21 @@ def _make_camera(model: Any, data: Any, spec: CameraSpec) -> Any:
     )
 
 
+def _mujoco_renderer(env: Any) -> Optional[Any]:
+    """A gymnasium MuJoCo env's ``MujocoRenderer`` (past its wrappers), or None."""
+    return getattr(env.unwrapped if hasattr(env, "unwrapped") else env, "mujoco_renderer", None)
+
+
 def _rgb_viewer(env: Any) -> Optional[Any]:
     """The offscreen viewer a gymnasium MuJoCo env renders rgb_array frames with, once it was made."""
-    u = env.unwrapped if hasattr(env, "unwrapped") else env
-    r = getattr(u, "mujoco_renderer", None)
+    r = _mujoco_renderer(env)
     return getattr(r, "_viewers", {}).get("rgb_array") if hasattr(r, "_viewers") else None
 
 
 def _env_camera(env: Any) -> Tuple[CameraSpec, Optional[Any]]:
     """The camera and scene options an env's own ``render()`` uses (gymnasium MujocoEnv)."""
     mujoco = _mujoco()
-    u = env.unwrapped if hasattr(env, "unwrapped") else env
-    r = getattr(u, "mujoco_renderer", None)
+    r = _mujoco_renderer(env)
     if r is None:
         return None, None
     camera_id = getattr(r, "camera_id", -1)
@@ -697,7 +700,7 @@ class BatchRenderer:
                 if viewer is not None:
                     cam.lookat[:] = viewer.cam.lookat
                     continue
-                renderer = getattr(env.unwrapped if hasattr(env, "unwrapped") else env, "mujoco_renderer", None)
+                renderer = _mujoco_renderer(env)
                 config = getattr(renderer, "default_cam_config", None) or {}
                 if "lookat" in config:  # handed off by another renderer's first frame: the first one's aim holds
                     cam.lookat[:] = np.asarray(config["lookat"], dtype=np.float64)

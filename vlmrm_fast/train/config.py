@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 
-from vlmrm_fast.argtypes import dtype_name
+from vlmrm_fast.argtypes import FLOAT32_MAX, dtype_name
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -151,7 +151,7 @@ class TrainConfig:
         need(all(isinstance(b, str) and b.strip() for b in self.baseline), "baseline prompts must be non-blank strings")
         need(self.alpha == 0 or bool(self.baseline), "alpha > 0 needs a baseline prompt; set baseline or alpha = 0")
         need(self.reward_batch_size is None or self.reward_batch_size >= 1, "reward_batch_size must be >= 1 (or none)")
-        need(abs(self.reward_weight) <= 3.4028234663852886e38,  # NaN fails too
+        need(abs(self.reward_weight) <= FLOAT32_MAX,  # NaN fails too
              "reward_weight must be finite and within float32's range (the rewards' type)")
         need(self.batch_size >= 1 and self.train_freq >= 1 and self.gradient_steps >= 0,
              "batch_size and train_freq must be >= 1, gradient_steps >= 0")
