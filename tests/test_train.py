@@ -1859,6 +1859,53 @@ def test_setting_a_damaged_checkpoint_aside_points_latest_at_the_one_resumed_fro
         assert ckpt.find_latest(result.run_dir, verify=True) == root / ckpt.step_name(20)
 
 
+def test_a_checkpoint_set_aside_twice_under_one_name_keeps_both(tmp_path, one_checkpoint):
+    # Two resumes that each pass over a damaged step 40 (the run went on to write another step 40 in between):
+    # the second set-aside must neither fail on the first's folder (rename onto a non-empty folder) nor replace it.
+    result, path = one_checkpoint
+    root = ckpt.checkpoint_root(result.run_dir)
+    first = root / f"damaged-{path.name}"
+    first.mkdir()
+    (first / "model.zip").write_bytes(b"the first one")
+    older = tmp_path / "older"
+    shutil.copytree(path, older)  # any folder that sorts before step 40 will do as the one resumed from
+    chosen = root / ckpt.step_name(20)
+    os.rename(older, chosen)
+    moved = ckpt.set_aside_newer(result.run_dir, chosen)
+    assert len(moved) == 1 and moved[0].name.startswith(f"damaged-{path.name}-") and moved[0].is_dir()
+    assert (first / "model.zip").read_bytes() == b"the first one"
+    assert ckpt.damaged_files(moved[0]) == []  # the second one, as it was
+
+
+def test_a_checkpoint_written_twice_at_one_step_leaves_only_the_new_one(one_checkpoint):
+    # A SIGTERM right after a periodic save writes the same step again: the old folder is renamed aside,
+    # the new one takes its place, and nothing of the old one is left for the disk to fill with.
+    result, path = one_checkpoint
+    root = ckpt.checkpoint_root(result.run_dir)
+    written = ckpt.save_checkpoint(result.run_dir, result.model, '{"again": true}', {})
+    assert written == path and (path / "config.json").read_text() == '{"again": true}'
+    assert sorted(p.name for p in root.iterdir() if p.name.startswith(".")) == []
+    assert ckpt.find_latest(result.run_dir, verify=True) == path
+
+
+def test_a_checkpoint_file_replaced_by_one_of_the_same_size_and_time_is_hashed_again(tmp_path, one_checkpoint):
+    # The digest is remembered per (path, size, mtime, inode): a copy restored over a file, keeping its size and
+    # mtime (rsync -t, cp -p), is another inode, so it is read again, not taken for the file it replaced.
+    _, path = one_checkpoint
+    copy = tmp_path / "copy"
+    shutil.copytree(path, copy)
+    assert ckpt.damaged_files(copy) == []
+    target = copy / "state.pt"
+    st = target.stat()
+    other = tmp_path / "other.pt"
+    shutil.copyfile(target, other)
+    _flip_a_byte(other)
+    os.utime(other, ns=(st.st_atime_ns, st.st_mtime_ns))
+    os.replace(other, target)
+    assert (target.stat().st_size, target.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    assert ckpt.damaged_files(copy) == ["state.pt"]
+
+
 def test_resume_with_every_checkpoint_damaged_names_the_problem(tmp_path, one_checkpoint):
     from vlmrm_fast.train import train
 
