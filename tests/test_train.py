@@ -1935,6 +1935,14 @@ def test_a_run_whose_checkpoints_are_all_cut_short_is_named_and_a_new_run_there_
     assert sorted((p.name, p.stat().st_size) for p in path.iterdir()) == before
 
 
+def test_an_error_about_many_checkpoint_folders_names_the_newest_three():
+    from vlmrm_fast.train.run import _names
+
+    folders = [Path(ckpt.step_name(step)) for step in (20, 40, 60, 80, 100)]  # oldest first, as listed
+    assert _names(folders) == f"{ckpt.step_name(60)}, {ckpt.step_name(80)}, {ckpt.step_name(100)} and 2 older"
+    assert _names(folders[:3]) == f"{ckpt.step_name(20)}, {ckpt.step_name(40)}, {ckpt.step_name(60)}"
+
+
 def test_resume_of_a_checkpoint_folder_names_its_run_folder_and_leaves_no_lock_in_it(tmp_path, one_checkpoint, monkeypatch):
     from vlmrm_fast.train import train
 
