@@ -470,12 +470,14 @@ def test_a_build_removes_what_a_killed_build_of_its_engine_left(tmp_path):
     half_written = tmp_path / f".{cache.path(KEY).name}.x1y2.tmp"
     half_written.write_bytes(b"half an engine")
     os.utime(half_written, (0, 0))  # long ago
+    being_written = tmp_path / f".{cache.path(KEY).name}.n0w1.tmp"  # maybe another node's store, under way
+    being_written.write_bytes(b"an engine being written")
     others = [tmp_path / (cache.scratch_prefix(other) + "def456"), tmp_path / f".{cache.path(other).name}.z9.tmp"]
     others[0].mkdir()
     others[1].write_bytes(b"another engine being written")
     engine, builds = load_or_build(cache, Runtime({b"fresh": tower_tensors()}), built=b"fresh")
     assert builds == [b"fresh"] and not scratch.exists() and not half_written.exists()
-    assert running.exists() and elsewhere.exists()
+    assert running.exists() and elsewhere.exists() and being_written.exists()
     assert all(p.exists() for p in others)  # another key's build may be running beside this one
 
 
