@@ -252,6 +252,18 @@ def test_a_built_engine_survives_a_cache_it_cannot_write(tmp_path, monkeypatch):
     assert engine.origin == b"fresh"
 
 
+def test_a_cache_folder_that_cannot_be_made_holds_no_lock_and_still_builds(tmp_path):
+    # No lock file can be opened (the cache path runs through a file here; a read-only folder on a cluster):
+    # the build goes on unlocked and unstored, rather than failing the reward model's construction.
+    (tmp_path / "a-file").write_text("")
+    cache = EngineCache(tmp_path / "a-file" / "engines")
+    with cache.build_lock(KEY) as held:
+        assert held is False
+    with pytest.warns(UserWarning, match="not cached"):
+        engine, builds = load_or_build(cache, Runtime({b"fresh": tower_tensors()}), built=b"fresh")
+    assert engine.origin == b"fresh" and builds == [b"fresh"]
+
+
 def test_the_key_names_tensorrts_cuda_build(monkeypatch):
     # The CUDA 12 and 13 wheels report the same tensorrt.__version__.
     import importlib.metadata
