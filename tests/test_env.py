@@ -315,3 +315,36 @@ def test_an_unknown_name_of_the_envs_module_is_an_attribute_error():
         envs_mod.TexturedHumanoid  # noqa: B018
     with pytest.raises(ImportError):
         from vlmrm_fast.envs import NoSuchEnv  # noqa: F401
+
+
+def test_textured_scene_sky_headlight_and_robot_colour(env):
+    m = env.unwrapped.model
+    sky = next(t for t in range(m.ntex) if m.tex_type[t] == mujoco.mjtTexture.mjTEXTURE_SKYBOX)
+    size = m.tex_width[sky] * m.tex_height[sky] * m.tex_nchannel[sky]
+    texels = m.tex_data[m.tex_adr[sky]:m.tex_adr[sky] + size].reshape(-1, m.tex_nchannel[sky])
+    assert len(np.unique(texels, axis=0)) > 16  # a gradient sky, not a flat colour
+    np.testing.assert_allclose(m.vis.headlight.ambient, [0.3] * 3, rtol=1e-6)
+    np.testing.assert_allclose(m.vis.headlight.diffuse, [0.4] * 3, rtol=1e-6)
+    floor = mujoco.mj_name2id(m, mujoco.mjtObj.mjOBJ_GEOM, "floor")
+    robot = [g for g in range(m.ngeom) if g != floor]
+    # no rgba of their own: MuJoCo draws a geom's own rgba over its material's unless it is the default
+    np.testing.assert_allclose(m.geom_rgba[robot], np.tile([0.5, 0.5, 0.5, 1.0], (len(robot), 1)), rtol=1e-6)
+    np.testing.assert_allclose(m.geom_rgba[floor], [0.5, 0.5, 0.5, 1.0], rtol=1e-6)
+
+
+def test_a_small_render_size_keeps_mujocos_default_framebuffer():
+    # Other renderers of the model (mujoco.Renderer at up to 640 x 480) keep working: the size only grows it.
+    e = gym.make(HUMANOID_ENV_ID, width=64, height=48)
+    m = e.unwrapped.model
+    assert (m.vis.global_.offwidth, m.vis.global_.offheight) == (640, 480)
+    e.close()
+
+
+def test_untextured_keeps_gymnasiums_scene():
+    plain, gymnasiums = gym.make(HUMANOID_ENV_ID, textured=False), gym.make("Humanoid-v5")
+    m, ref = plain.unwrapped.model, gymnasiums.unwrapped.model
+    assert mujoco.mj_name2id(m, mujoco.mjtObj.mjOBJ_LIGHT, "key") == -1  # not the textured scene's light
+    np.testing.assert_array_equal(m.tex_data, ref.tex_data)
+    np.testing.assert_array_equal(m.mat_texrepeat, ref.mat_texrepeat)
+    plain.close()
+    gymnasiums.close()

@@ -1532,3 +1532,24 @@ def test_an_env_without_unwrapped_is_taken_at_the_default_size():
         frames = r.render()
         assert tuple(frames.shape) == (1, 224, 224, 3)
         assert torch.equal(frames, pair.render())
+
+
+def test_leaving_a_with_block_closes_the_renderer():
+    with BatchRenderer(_pairs(), 16, 16, camera="cam", device="cpu") as r:
+        r.render()
+    with pytest.raises(RuntimeError, match="after close"):
+        r.render()
+
+
+def test_close_closes_the_cpu_paths_mujoco_renderer():
+    r = BatchRenderer(_pairs(), 16, 16, camera="cam", device="cpu")
+    inner = r._renderer
+    r.render()
+    assert inner._gl_context is not None and inner._mjr_context is not None
+    r.close()
+    assert inner._gl_context is None and inner._mjr_context is None  # its GL context and MjrContext freed
+
+
+def test_from_envs_of_no_envs_is_refused_by_name():
+    with pytest.raises(ValueError, match="from_envs needs at least one env"):
+        BatchRenderer.from_envs(iter([]), device="cpu")
