@@ -791,6 +791,30 @@ def test_outputs_that_are_inputs_or_folders_are_settled_before_scoring(
     assert len(_read_csv(tmp_path / "new" / video.with_suffix(".rewards.csv").name)) > 0
 
 
+def test_out_and_plot_naming_one_file_are_refused_before_scoring(image_folder: Path, tmp_path: Path, monkeypatch,
+                                                                 capsys) -> None:
+    # The plot, written second, replaced the CSV: "wrote r.png, r.png", exit 0, no rewards anywhere.
+    from vlmrm_fast.reward import CLIPReward
+
+    monkeypatch.setattr(CLIPReward, "from_pretrained", lambda *a, **k: pytest.fail("model loaded first"))
+    out = tmp_path / "r.png"
+    assert score([str(image_folder), "--goal", "x", "--out", str(out), f"--plot={out}", *TINY]) == 2
+    assert "--out and --plot both name" in capsys.readouterr().err and not out.exists()
+    (tmp_path / "sub").mkdir()
+    assert score([str(image_folder), "--goal", "x", "--out", str(out), f"--plot={tmp_path / 'sub' / '..' / 'r.png'}",
+                  *TINY]) == 2  # the same file, spelt another way
+
+
+def test_an_out_that_cannot_be_written_is_refused_before_the_model_loads(image_folder: Path, tmp_path: Path,
+                                                                         monkeypatch, capsys) -> None:
+    from vlmrm_fast.reward import CLIPReward
+
+    monkeypatch.setattr(CLIPReward, "from_pretrained", lambda *a, **k: pytest.fail("model loaded first"))
+    (tmp_path / "a-file").write_text("")
+    assert score([str(image_folder), "--goal", "x", "--out", str(tmp_path / "a-file" / "r.csv"), *TINY]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("flags,message", [
     (["--pretrained", "laion9b"], r"or --pretrained none for random weights"),  # the Python form said pretrained=None
     (["--pretrained", "none", "--alpha", "0.5"], r"cannot use --alpha 0.5: it has no baseline.*Use --alpha 0, or give a "

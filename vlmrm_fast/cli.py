@@ -377,14 +377,17 @@ def _run_score(args: argparse.Namespace) -> int:
 
 
 def _check_outputs(path: Path, source, outputs: Sequence[Path]) -> None:
-    """Refuse, before any model loads or frame is scored, an output that is one of the inputs (it would
-    be replaced) or a folder, and one whose folder cannot be written."""
+    """Refuse, before any model loads or frame is scored, an output that is one of the inputs or the
+    other output (it would be replaced) or a folder, and one whose folder cannot be written."""
     inputs = {p.resolve() for p in getattr(source, "files", [path])}
     for out in outputs:
         if out.resolve() in inputs:
             raise CLIError(f"'{out}' is an input of this run; writing the results there would replace it: "
                            "pass another --out/--plot")
         writable_file(out, "--out/--plot")
+    if len(outputs) == 2 and outputs[0].resolve() == outputs[1].resolve():
+        raise CLIError(f"--out and --plot both name '{outputs[0]}'; the plot would replace the CSV: "
+                       "give them different names")
 
 
 def default_csv_path(path: Path) -> Path:
