@@ -451,3 +451,19 @@ def test_an_export_refuses_to_replace_its_checkpoint_or_a_file_that_is_no_export
     assert "exists and is not an earlier export (.onnx, .engine" in capsys.readouterr().err
     assert checkpoint.read_bytes() == saved and notes.read_text() == "step,reward\n"
     assert main(["export", "vlmrm-tiny", "--pretrained", str(checkpoint), "--out", str(tmp_path / "w.onnx")]) == 0
+
+
+@pytest.mark.parametrize("none", ["None", "NONE"])
+def test_export_pretrained_none_in_any_case_means_random_weights(tmp_path, monkeypatch, none):
+    # As for score: --pretrained none in any case is random weights, not a tag or a file named "None".
+    monkeypatch.chdir(tmp_path)
+    assert main(["export", "vlmrm-tiny", "--pretrained", none, "--no-verify"]) == 0
+    assert (tmp_path / "vlmrm-tiny-random-uint8-nhwc-fp32.onnx").is_file()
+
+
+def test_an_earlier_export_named_in_capitals_may_be_replaced(tmp_path):
+    # EXPORT_SUFFIXES are compared case-blind: T.ONNX is an earlier export, not a file to protect.
+    out = tmp_path / "T.ONNX"
+    out.write_bytes(b"an earlier export")
+    assert main(["export", "vlmrm-tiny", "--out", str(out), "--no-verify"]) == 0
+    assert out.read_bytes() != b"an earlier export"

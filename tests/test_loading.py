@@ -311,7 +311,8 @@ def test_checkpoint_for_another_context_length_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("key,values", [("std", [0, 0, 0]), ("std", "Infinity"), ("mean", "NaN"), ("mean", [0.5]),
-                                        ("std", ["a", "b", "c"])], ids=["std0", "std-inf", "mean-nan", "mean-1", "std-str"])
+                                        ("std", ["a", "b", "c"]), ("mean", [0.5, 0.5, 0.5, 0.5])],
+                         ids=["std0", "std-inf", "mean-nan", "mean-1", "std-str", "mean-4"])
 def test_an_open_clip_config_with_unusable_mean_or_std_names_the_file(tmp_path, key, values):
     # An infinite std (JSON's Infinity is read) gave every frame the same pixels, so the same reward, silently.
     import json
@@ -696,3 +697,20 @@ def test_a_checkpoint_from_a_newer_torch_says_to_upgrade_torch_not_to_download_a
 def test_a_local_dir_that_does_not_exist_is_named_as_such(tmp_path):
     with pytest.raises(FileNotFoundError, match="there is no folder .*nowhere"):
         create_clip(f"local-dir:{tmp_path / 'nowhere'}", None)
+
+
+def test_random_interpolation_is_read_as_bicubic_as_open_clips_eval_transform_does():
+    # open_clip's eval transform takes interpolation "random" (a training setting) as bicubic.
+    model, _ = make_tiny()
+    model.visual.preprocess_cfg = {**model.visual.preprocess_cfg, "interpolation": "random", "resize_mode": None}
+    spec = models.preprocess_spec_of(model, "openclip")
+    assert (spec.resize_mode, spec.interpolation) == ("shortest", "bicubic")
+
+
+def test_the_vlmrm_transform_ignores_a_config_that_squashes_or_resizes_bilinearly():
+    # resize_mode/interpolation are read for preprocess="openclip" only; "vlmrm" is the paper's fixed transform.
+    model, _ = make_tiny()
+    model.visual.preprocess_cfg = {**model.visual.preprocess_cfg, "resize_mode": "squash", "interpolation": "bilinear"}
+    spec = models.preprocess_spec_of(model, "vlmrm")
+    assert (spec.mode, spec.resize_mode, spec.interpolation) == ("vlmrm", "shortest", "bicubic")
+    assert models.preprocess_spec_of(model, "openclip").resize_mode == "squash"

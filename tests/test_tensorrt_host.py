@@ -815,3 +815,20 @@ def test_tensorrt_inspector_types_are_read_in_either_versions_layout():
     assert not tensorrt_is_float32({"Format": "Row major linear format (kLINEAR)", "DataType": "BFloat16"})
     assert not tensorrt_is_float32({"Name": "x"})
     assert tensorrt_type_text({"Format/Datatype": "Channel major FP8 format"}) == "CHANNEL MAJOR FP8 FORMAT"
+
+
+@pytest.mark.parametrize("flags,profile", [([], (1, 128, 256)),  # the defaults: max 256, opt half of it
+                                           (["--max-batch-size", "4", "--opt-batch-size", "4"], (1, 4, 4))])
+def test_export_tensorrt_batch_profile_defaults_and_an_opt_batch_equal_to_the_max(monkeypatch, tmp_path, flags, profile):
+    pytest.importorskip("onnx")
+    from vlmrm_fast.cli import main
+
+    trt = tensorrt_stand_in("11.1.0.106")
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    out = tmp_path / "tiny.engine"
+    assert main(["export", "vlmrm-tiny", "--format", "tensorrt", "--out", str(out), *flags]) == 0
+    shapes = trt.record.configs[0].profiles[0].shapes["frames"]
+    assert tuple(shape[0] for shape in shapes) == profile
