@@ -76,7 +76,7 @@ def test_the_hub_is_reached_through_the_proxy_huggingface_hub_would_use(monkeypa
 
     from vlmrm_fast.models import _hub_reachable
 
-    for name in ("HF_HUB_OFFLINE", "NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy", "https_proxy", "http_proxy"):
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy", "https_proxy", "http_proxy"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("HF_ENDPOINT", "https://hub.invalid")  # resolves nowhere: only the proxy answers
     with socket.create_server(("127.0.0.1", 0)) as proxy:
@@ -365,15 +365,22 @@ def connections(monkeypatch):
 
     monkeypatch.setattr(models.socket, "create_connection", create_connection)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
     return calls
 
 
-@pytest.mark.parametrize("value", ["1", "true", "YES"])
-def test_every_spelling_of_hf_hub_offline_counts_as_offline(monkeypatch, connections, value):
+@pytest.mark.parametrize("name,value", [("HF_HUB_OFFLINE", "1"), ("HF_HUB_OFFLINE", "true"), ("HF_HUB_OFFLINE", "YES"),
+                                        ("HF_HUB_OFFLINE", "on"), ("TRANSFORMERS_OFFLINE", "1")])
+def test_every_spelling_of_hf_hub_offline_counts_as_offline(monkeypatch, connections, name, value):
+    # Every spelling huggingface_hub takes as offline: online here, its raw error would replace our
+    # "offline: pass a local file" hint for a tag missing from the cache.
     assert models._hub_reachable() is True  # the stand-in answers
-    monkeypatch.setenv("HF_HUB_OFFLINE", value)
+    monkeypatch.setenv(name, value)
     assert models._hub_reachable() is False
     assert len(connections) == 1  # offline: not even a connection attempt
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    if name == "TRANSFORMERS_OFFLINE":  # HF_HUB_OFFLINE, set, wins over it, as in huggingface_hub
+        assert models._hub_reachable() is True
 
 
 @pytest.mark.parametrize("endpoint,address", [

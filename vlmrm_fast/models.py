@@ -59,7 +59,9 @@ register_model_configs()  # on import, so that open_clip.create_model("vlmrm-tin
 def _hub_reachable(timeout: float = 3.0) -> bool:
     """Whether the Hugging Face hub (or ``HF_ENDPOINT``) answers a TCP connection within ``timeout``; behind
     a proxy (``HTTPS_PROXY`` and the like, which huggingface_hub uses), whether the proxy does."""
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+    # huggingface_hub's own reading of its switch: TRANSFORMERS_OFFLINE stands in for HF_HUB_OFFLINE when unset.
+    offline = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or "0"
+    if offline.upper() in ("1", "ON", "YES", "TRUE"):
         return False
     endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
     proxies = urllib.request.getproxies()
