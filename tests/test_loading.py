@@ -688,6 +688,23 @@ def test_damaged_pickled_or_tower_only_checkpoints_are_named_without_torchs_unsa
     create_clip("vlmrm-tiny", str(tmp_path / "good.pt"))  # the file they came from loads
 
 
+@pytest.mark.parametrize("message", [
+    # torch 2.4: the words at the end of a line of its advice
+    "Weights only load failed. Re-running `torch.load` with `weights_only` set to `False` will likely succeed, but "
+    "it can result in arbitrary code execution.\n Please file an issue with the following so that we can make "
+    "`weights_only=True` compatible with your use case: WeightsUnpickler error: Unsupported operand 121\n\nCheck the "
+    "documentation of torch.load to learn more about types accepted by default with weights_only https://x.",
+    # torch 2.5 on: on their own line
+    "Weights only load failed. In PyTorch 2.6, we changed the default value of the `weights_only` argument.\n"
+    "Unsupported operand 121\n\nCheck the documentation of torch.load to learn more about weights_only https://x.",
+], ids=["torch-2.4", "torch-2.5+"])
+def test_a_damaged_checkpoint_is_described_without_torchs_weights_only_advice(message):
+    # The whole-suite run on torch 2.4 found its advice in our "damaged" message: the words were looked for
+    # at the start of a line only.
+    assert models._damage_detail(message) == "Unsupported operand 121"
+    assert models._damage_detail("bad\nthe weights_only advice") == "bad"  # no such words: a line without it
+
+
 def test_a_checkpoint_from_a_newer_torch_says_to_upgrade_torch_not_to_download_again(tmp_path):
     import zipfile
 

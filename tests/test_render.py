@@ -1496,7 +1496,30 @@ def test_a_camera_copied_from_an_env_viewer_or_given_keeps_its_lookat_and_projec
             BatchRenderer(_pairs(), 24, 24, camera={**view, "orthographic": 0}, device="cpu") as perspective:
         frames = given.render()
         assert torch.equal(frames, config.render())
-        assert not torch.equal(frames, perspective.render())  # the projection shows
+        if int(mujoco.__version__.split(".")[0]) >= 4:  # before MuJoCo 4, a free camera takes the model's projection
+            assert not torch.equal(frames, perspective.render())  # the projection shows
+
+
+@pytest.mark.parametrize("version", ["3.5.0", None], ids=["mujoco-3", "this-mujoco"])
+def test_an_orthographic_free_camera_that_mujoco_ignores_is_named(monkeypatch, version):
+    # Before MuJoCo 4 a free camera's orthographic is ignored (the model's projection is drawn): the frames
+    # are env.render()'s, but not what the camera asked for.
+    if version is not None:
+        monkeypatch.setattr(mujoco, "__version__", version)
+    ignored = int(mujoco.__version__.split(".")[0]) < 4
+    view = {"lookat": [0.3, 0.2, 0.1], "distance": 3.0, "orthographic": 1}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        BatchRenderer(_pairs(), 24, 24, camera=view, device="cpu").close()
+    said = [str(w.message) for w in caught if "orthographic" in str(w.message)]
+    assert len(said) == int(ignored), said
+    if ignored:
+        assert "free camera with its model's projection" in said[0] and "use mujoco >= 4" in said[0]
+        assert caught[0].filename == __file__  # names the caller's line
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no projection asked for, or a fixed camera: nothing to say
+        BatchRenderer(_pairs(), 24, 24, camera={**view, "orthographic": 0}, device="cpu").close()
+        BatchRenderer(_pairs(), 24, 24, camera="cam", device="cpu").close()
 
 
 def test_max_geom_bounds_the_scene(monkeypatch, tmp_path):

@@ -254,10 +254,19 @@ def _unreadable_checkpoint(error: BaseException) -> Optional[str]:
         return (f"was written by a newer PyTorch than this one (file format version {newer.group(1)}; torch "
                 f"{torch.__version__} reads up to {newer.group(2)}). Upgrade torch, or save the weights again with "
                 "this version.")
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    detail = next((line for line in lines if line.startswith("Unsupported")), lines[-1] if lines else "")
-    return (f"cannot be read: its data is damaged ({type(error).__name__}: {detail[:200]}). "
+    return (f"cannot be read: its data is damaged ({type(error).__name__}: {_damage_detail(str(error))[:200]}). "
             "Download it again, or pass another.")
+
+
+def _damage_detail(message: str) -> str:
+    """What torch's message on a checkpoint it cannot read says of the data, without its ``weights_only``
+    advice: its "Unsupported ..." words (their own line from torch 2.5 on, the end of one in torch 2.4), else
+    its last line that gives no such advice."""
+    unsupported = re.search(r"Unsupported[^\n]*", message)
+    if unsupported:
+        return unsupported.group(0).strip()
+    lines = [line.strip() for line in message.splitlines() if line.strip() and "weights_only" not in line]
+    return lines[-1] if lines else "no detail given"
 
 
 def _read_sidecar(path: Path) -> dict:

@@ -137,6 +137,24 @@ def _make_camera(model: Any, data: Any, spec: CameraSpec) -> Any:
     )
 
 
+def _warn_if_projection_ignored(cameras: Sequence[Tuple[Any, Any]]) -> None:
+    """Warn where a given free camera asks for an orthographic projection that this MuJoCo ignores: before
+    MuJoCo 4, a free camera is drawn with its model's projection (``model.vis.global_.orthographic``).
+    ``cameras``: (MjModel, MjvCamera) pairs."""
+    mujoco = _mujoco()
+    if int(mujoco.__version__.split(".")[0]) >= 4:
+        return
+    for model, cam in cameras:
+        if (cam.type == mujoco.mjtCamera.mjCAMERA_FREE and bool(cam.orthographic)
+                != bool(model.vis.global_.orthographic)):
+            warnings.warn(
+                f"MuJoCo {mujoco.__version__} draws a free camera with its model's projection "
+                f"(model.vis.global_.orthographic = {int(model.vis.global_.orthographic)}), not the camera's "
+                f"orthographic = {int(cam.orthographic)}, as env.render() does; set it on the model, or use "
+                "mujoco >= 4", stacklevel=stacklevel_outside_package())
+            return
+
+
 def _mujoco_renderer(env: Any) -> Optional[Any]:
     """A gymnasium MuJoCo env's ``MujocoRenderer`` (past its wrappers), or None."""
     return getattr(env.unwrapped if hasattr(env, "unwrapped") else env, "mujoco_renderer", None)
@@ -477,6 +495,7 @@ class BatchRenderer:
             specs = [camera] * n
         from_env = [specs[i] is None and env_cams[i] is not None for i in range(n)]
         self._cameras = [env_cams[i] if from_env[i] else _make_camera(models[i], datas[i], specs[i]) for i in range(n)]
+        _warn_if_projection_ignored([(models[i], self._cameras[i]) for i in range(n) if not from_env[i]])
         # The envs whose own camera is used: where its viewer is made later, that viewer's lookat is env.render()'s.
         self._viewer_envs = [envs[i] if from_env[i] else None for i in range(n)]
         if scene_option is not None:
