@@ -1,4 +1,7 @@
 """Bad input at the API boundary: a TypeError or ValueError that names the problem and the fix."""
+import collections
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -48,6 +51,7 @@ class _ArrayLike:
         (np.full((2, 16, 16, 3), np.nan, np.float32), ValueError, r"\[0, 1\]"),
         (np.full((1, 16, 16, 3), 255.0, np.float32), ValueError, r"\[0, 1\].*uint8"),  # a batch of one frame too
         ("frames.png", TypeError, r"torch.Tensor or numpy.*use `vlmrm-fast score PATH`"),
+        (Path("clip.mp4"), TypeError, r"torch.Tensor or numpy.*use `vlmrm-fast score PATH`"),  # a pathlib path too
         (bytearray(b"frames"), TypeError, r"torch.Tensor or numpy.*got bytearray"),
         (_ArrayLike(), TypeError, r"got _ArrayLike\. Convert it with np\.asarray"),  # a PIL image, say
         ([np.zeros((8, 8, 3), np.uint8), _ArrayLike()], TypeError, r"frames\[1\] is a _ArrayLike.*np\.asarray"),
@@ -62,6 +66,10 @@ class _ArrayLike:
         ([np.zeros((0, 8, 3), np.uint8)], ValueError, "zero height or width"),
         (np.zeros((2, 16, 16, 3), np.uint16), TypeError, r"numpy uint16.*>> 8"),
         (np.zeros((2, 16, 16, 3), ">u2"), TypeError, r">> 8"),  # big-endian (a TIFF's): 16-bit all the same
+        (torch.zeros((2, 16, 16, 3), dtype=torch.uint16), TypeError,  # torch's 16 bits too, a fix torch runs
+         r"torch.uint16.*\(frames.to\(torch.int32\) >> 8\).to\(torch.uint8\) \(torch\)"),
+        (memoryview(b"frames"), TypeError, r"torch.Tensor or numpy.*got memoryview"),  # sequences, but of bytes
+        (collections.UserString("frames.png"), TypeError, r"torch.Tensor or numpy.*got UserString"),
         (np.zeros((2, 16, 16, 3), np.complex64), TypeError, r"numpy complex64"),
     ],
 )

@@ -674,6 +674,7 @@ def test_egl_position_of_a_cuda_device():
     assert position(egl, 0, "3,1") == 3 and position(egl, 1, "3,1") == 4  # physical GPUs 3 and 1
     assert position([None, 1, 0], 0, "5") == 2  # ordinal 5 unknown to EGL: torch's own number, 0
     assert position(egl, 0, "GPU-8a0c1e2f") == 2  # UUIDs: no physical ordinal to look up
+    assert position(egl, 2, "3,1") == 1  # an index past the list names no physical GPU: torch's own number, 2
     assert position([None], 0, None) is None  # no CUDA device behind EGL (Mesa): EGL's own order
     assert position([None, 0], 3, None) is None  # no EGL device on that GPU
     if os.environ.get("MUJOCO_GL") == "egl":
@@ -776,6 +777,35 @@ def test_a_camera_given_overrides_the_envs_own():
             assert not np.array_equal(frame[0].numpy(), env.render())
     finally:
         env.close()
+
+
+def test_a_given_camera_without_a_lookat_is_aimed_by_the_renderer_not_from_or_into_the_envs_camera():
+    # Only an env's own camera follows its viewer and hands its aim to the env's camera config: a camera config
+    # given to the renderer looks at the geoms' median at its first frame, and leaves the env's config alone.
+    env = gym.make("InvertedPendulum-v5", render_mode="rgb_array", width=32, height=32)
+    try:
+        env.reset(seed=0)
+        original = env.unwrapped.mujoco_renderer.default_cam_config
+        median = np.median(env.unwrapped.data.geom_xpos, axis=0)
+        with BatchRenderer.from_envs([env], device="cpu", camera={"distance": 3.0}) as r:
+            r.render()
+            np.testing.assert_array_equal(r.cameras[0].lookat, median)
+        assert env.unwrapped.mujoco_renderer.default_cam_config is original
+        env.render()  # the env's viewer is made; aim it elsewhere
+        env.unwrapped.mujoco_renderer._viewers["rgb_array"].cam.lookat[:] = [5.0, -5.0, 2.0]
+        with BatchRenderer.from_envs([env], device="cpu", camera={"distance": 3.0}) as r:
+            r.render()
+            np.testing.assert_array_equal(r.cameras[0].lookat, median)
+    finally:
+        env.close()
+
+
+def test_a_camera_config_without_a_lookat_on_a_model_without_geoms_looks_at_the_origin():
+    model = mujoco.MjModel.from_xml_string("<mujoco><worldbody><light pos='0 0 3'/></worldbody></mujoco>")
+    with BatchRenderer([(model, mujoco.MjData(model))], 16, 16, camera={"distance": 2.0}, device="cpu") as r:
+        frame = r.render()
+        np.testing.assert_array_equal(r.cameras[0].lookat, 0.0)  # not the median of no geoms: NaN
+    assert frame.shape == (1, 16, 16, 3)
 
 
 def test_a_scene_option_applies_to_every_env():
@@ -1151,6 +1181,16 @@ def test_closing_the_gpu_path_frees_its_buffer_and_contexts_once(fake_gpu):
     assert fake_gpu.gl_contexts[-1].freed == 1
     r.close()
     assert fake_gpu.readers[-1].closed == 1
+
+
+def test_a_gpu_path_renderer_dropped_unclosed_frees_its_buffer_and_context(fake_gpu):
+    import gc
+
+    r = BatchRenderer(_pairs(), 16, 16, camera="cam", device="cuda:0")
+    [ctx], [reader] = fake_gpu.gl_contexts, fake_gpu.readers
+    del r
+    gc.collect()
+    assert reader.closed == 1 and ctx.freed == 1  # freed when collected, not only at exit
 
 
 def test_gpu_path_renderers_left_open_are_closed_at_exit(fake_gpu, monkeypatch):

@@ -153,7 +153,9 @@ def _check_dtype(frames: Union[np.ndarray, torch.Tensor], what: str) -> torch.dt
         return dtype
     hint = "Convert 0-255 integers with .astype(np.uint8) / .to(torch.uint8)."
     if _is_uint16(frames.dtype):
-        hint = "16-bit images: scale to 8 bits first, e.g. (frames >> 8).astype(np.uint8)."
+        # torch has no >> for uint16 on CPU: through int32 first.
+        hint = ("16-bit images: scale to 8 bits first, e.g. (frames >> 8).astype(np.uint8) (numpy) or "
+                "(frames.to(torch.int32) >> 8).to(torch.uint8) (torch).")
     raise TypeError(f"{what} has dtype {_dtype_name(frames)}; frames must be uint8 (0-255) or float in [0, 1]. {hint}")
 
 
