@@ -94,7 +94,9 @@ def test_score_folder_natural_order(image_folder: Path, capsys: pytest.CaptureFi
     (["--goal", "a red square"], dict(goal="a red square")),
     (["--goal", "a red square", "--goal", "a red box", "--baseline", "a square", "--alpha", "0.5"],
      dict(goal=["a red square", "a red box"], baseline="a square", alpha=0.5)),
-], ids=["one-goal", "goals-baseline-alpha"])
+    # The pictures are not square: open_clip's crop and the paper's squash give other rewards.
+    (["--goal", "a red square", "--preprocess", "openclip"], dict(goal="a red square", preprocess="openclip")),
+], ids=["one-goal", "goals-baseline-alpha", "openclip-preprocess"])
 def test_rewards_match_the_api(image_folder: Path, tmp_path: Path, prompts, api) -> None:
     out = tmp_path / "r.csv"
     torch.manual_seed(0)  # the same random weights in the CLI and here
@@ -188,6 +190,15 @@ def test_a_gif_with_uneven_frame_durations_gives_one_row_per_frame_at_its_time(
     assert [float(r["source"]) for r in rows] == pytest.approx(starts.tolist())
     expected = [float(rm(np.full((1, 24, 32, 3), level, np.uint8))[0]) for level in (0, 80, 160, 240)]
     assert [float(r["reward"]) for r in rows] == pytest.approx(expected, abs=1e-5)
+
+
+def test_the_frame_count_of_a_video_with_timestamps_is_theirs(video: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The progress bar's total: one frame per timestamp the container lists, not fps x duration (which a
+    # variable-rate video, or a GIF of uneven frame durations, does not have).
+    listed = [0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.55]
+    monkeypatch.setattr(cli, "_frame_timestamps", lambda ffmpeg, path: listed)
+    source = cli.VideoFile.open(video)
+    assert source.timestamps == listed and source.total == len(listed)
 
 
 def test_video_labels_fall_back_to_frame_over_fps_and_a_count_mismatch_is_reported(
@@ -717,7 +728,8 @@ def test_the_packages_log_lines_are_shown_for_score_and_train_once_each(monkeypa
 
 
 def test_bad_alpha_is_refused_with_the_interval(capsys) -> None:
-    for given, shown in (("nan", "got nan"), ("-0.1", "got -0.1"), ("half", "got 'half'")):
+    # (1.5 too: past 1, refused by the parser, before any model loads.)
+    for given, shown in (("nan", "got nan"), ("-0.1", "got -0.1"), ("1.5", "got 1.5"), ("half", "got 'half'")):
         assert cli.main([*COMMAND_ARGV["score"], "--alpha", given]) == 2
         assert f"--alpha: expected a number in [0, 1], {shown}" in capsys.readouterr().err
 

@@ -467,3 +467,55 @@ def test_an_earlier_export_named_in_capitals_may_be_replaced(tmp_path):
     out.write_bytes(b"an earlier export")
     assert main(["export", "vlmrm-tiny", "--out", str(out), "--no-verify"]) == 0
     assert out.read_bytes() != b"an earlier export"
+
+
+@pytest.mark.parametrize("error,written", [(2e-4, False), (5e-5, True)])
+def test_a_verification_is_held_to_one_part_in_ten_thousand(tmp_path, monkeypatch, capsys, error, written):
+    # A float32 graph off the torch tower by more than 1e-4 relative (measured: ~1e-6) gives other rewards:
+    # refused, nothing written; within it, written with the error reported.
+    from vlmrm_fast import export
+
+    monkeypatch.setattr(export, "verify_onnx", lambda *args: error)
+    assert main(["export", "vlmrm-tiny", "--out", str(tmp_path / "t.onnx")]) == (0 if written else 2)
+    captured = capsys.readouterr()
+    assert (tmp_path / "t.onnx").exists() == written
+    assert ("does not match" in captured.err) != written
+    assert (f"max relative error {error:.2e}" in captured.out) == written
+
+
+def test_export_takes_the_fixed_transform_whatever_the_models_config_says(tmp_path, monkeypatch):
+    # The graph takes frames of the tower's size, so no resize happens in it: a config open_clip's own
+    # transform letterboxes ('longest', which preprocess='openclip' refuses) exports all the same.
+    from vlmrm_fast import models
+
+    create = models.create_clip
+
+    def letterboxing(*args, **kwargs):
+        model, tokenizer = create(*args, **kwargs)
+        model.visual.preprocess_cfg = {**getattr(model.visual, "preprocess_cfg", {}), "resize_mode": "longest"}
+        return model, tokenizer
+
+    monkeypatch.setattr(models, "create_clip", letterboxing)
+    assert main(["export", "vlmrm-tiny", "--out", str(tmp_path / "t.onnx")]) == 0
+    assert (tmp_path / "t.onnx").exists()
+
+
+def test_a_float16_export_with_no_verify_has_no_note_on_the_check(tmp_path, capsys):
+    # --no-verify asked for no check: the note on why a float16 graph is unchecked is for those who did not.
+    out = tmp_path / "t.onnx"
+    assert main(["export", "vlmrm-tiny", "--dtype", "fp16", "--out", str(out), "--no-verify"]) == 0
+    printed = capsys.readouterr().out
+    assert out.exists() and "not checked against torch" not in printed
+
+
+@pytest.mark.parametrize("external,files", [("yes", ["t.onnx", "t.onnx.data"]), ("no", ["t.onnx"])])
+def test_a_float16_export_follows_external_data(tmp_path, monkeypatch, external, files):
+    # --external-data applies to the float16 graph too: "yes" splits the tiny tower that "auto" keeps whole,
+    # "no" keeps whole a graph that "auto" would split (here: the limit made small).
+    from vlmrm_fast.backends import onnx_export
+
+    if external == "no":
+        monkeypatch.setattr(onnx_export, "_PROTOBUF_LIMIT", 64 * 1024)
+    assert main(["export", "vlmrm-tiny", "--dtype", "fp16", "--out", str(tmp_path / "t.onnx"),
+                 "--external-data", external]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == files

@@ -369,6 +369,15 @@ def test_low_precision_embeddings_are_normalised_in_float32():
     assert (embeddings.norm(dim=1) - 1).abs().max().item() <= 1e-6
 
 
+def test_goals_built_under_autocast_are_float32_unit_vectors():
+    # A reward model built (or retargeted) inside a training loop's autocast: the text tower then gives
+    # bf16 embeddings; normalised in bf16, a goal's norm would be off by up to ~4e-3.
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        rm = _torch_reward(goal="a red square")
+    assert rm.goals.dtype == torch.float32
+    assert (rm.goals.norm(dim=-1) - 1).abs().max().item() <= 1e-6
+
+
 def test_a_list_of_float_frames_outside_unit_range_is_refused():
     rm = _torch_reward(goal="a")
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
