@@ -670,6 +670,16 @@ def test_export_checks_opt_batch_size_against_max_batch_size_before_loading_weig
     assert not list(tmp_path.iterdir())
 
 
+def export_on_an_h200_stand_in(monkeypatch):
+    """The TensorRT stand-in (11.1) as ``tensorrt``, on what looks like an H200 to ``vlmrm-fast export``."""
+    trt = tensorrt_stand_in("11.1.0.106")
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    return trt
+
+
 @pytest.mark.parametrize("dtype,parsed,trt_dtype", [(None, "tower-bf16.onnx", DataType.BF16),  # the default
                                                     ("fp16", "tower-fp16.onnx", DataType.HALF),
                                                     ("fp32", "tower.onnx", DataType.FLOAT)])
@@ -678,11 +688,7 @@ def test_export_format_tensorrt_writes_the_engine_of_the_typed_frames_graph(monk
     pytest.importorskip("onnx")
     from vlmrm_fast.cli import main
 
-    trt = tensorrt_stand_in("11.1.0.106")
-    monkeypatch.setitem(sys.modules, "tensorrt", trt)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    trt = export_on_an_h200_stand_in(monkeypatch)
     out = tmp_path / "tiny.engine"
     args = ["export", "vlmrm-tiny", "--format", "tensorrt", "--max-batch-size", "6", "--opt-batch-size", "2", "--out", str(out)]
     assert main(args + (["--dtype", dtype] if dtype else [])) == 0
@@ -705,10 +711,7 @@ def test_export_format_tensorrt_never_leaves_a_half_written_engine_under_its_nam
 
     from vlmrm_fast.cli import main
 
-    monkeypatch.setitem(sys.modules, "tensorrt", tensorrt_stand_in("11.1.0.106"))
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    export_on_an_h200_stand_in(monkeypatch)
     out = tmp_path / "tiny.engine"
     out.write_bytes(b"previous engine")
     replace = os.replace
@@ -823,11 +826,7 @@ def test_export_tensorrt_batch_profile_defaults_and_an_opt_batch_equal_to_the_ma
     pytest.importorskip("onnx")
     from vlmrm_fast.cli import main
 
-    trt = tensorrt_stand_in("11.1.0.106")
-    monkeypatch.setitem(sys.modules, "tensorrt", trt)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    trt = export_on_an_h200_stand_in(monkeypatch)
     out = tmp_path / "tiny.engine"
     assert main(["export", "vlmrm-tiny", "--format", "tensorrt", "--out", str(out), *flags]) == 0
     shapes = trt.record.configs[0].profiles[0].shapes["frames"]
