@@ -65,6 +65,11 @@ def _mujoco():
     return mujoco
 
 
+def mujoco_major_version() -> int:
+    """MuJoCo's major version: 4 changed how EGL devices are numbered and how free cameras are projected."""
+    return int(_mujoco().__version__.split(".")[0])
+
+
 def _is_env(obj: Any) -> bool:
     return hasattr(obj, "unwrapped") or (hasattr(obj, "model") and hasattr(obj, "data")
                                          and not isinstance(obj, tuple))
@@ -141,9 +146,9 @@ def _warn_if_projection_ignored(cameras: Sequence[Tuple[Any, Any]]) -> None:
     """Warn where a given free camera asks for an orthographic projection that this MuJoCo ignores: before
     MuJoCo 4, a free camera is drawn with its model's projection (``model.vis.global_.orthographic``).
     ``cameras``: (MjModel, MjvCamera) pairs."""
-    mujoco = _mujoco()
-    if int(mujoco.__version__.split(".")[0]) >= 4:
+    if mujoco_major_version() >= 4:
         return
+    mujoco = _mujoco()
     for model, cam in cameras:
         if (cam.type == mujoco.mjtCamera.mjCAMERA_FREE and bool(cam.orthographic)
                 != bool(model.vis.global_.orthographic)):
@@ -296,11 +301,10 @@ def _egl_device_for(index: int):
     """
     created, major = False, 4
     try:
-        import mujoco
         import mujoco.egl as megl
 
         created = getattr(megl, "EGL_DISPLAY", None) is not None
-        major = int(mujoco.__version__.split(".")[0])
+        major = mujoco_major_version()
     except Exception:
         pass
     set_here = not created and "MUJOCO_EGL_DEVICE_ID" not in os.environ
