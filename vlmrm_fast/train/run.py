@@ -425,11 +425,16 @@ def _set_up_learning(run_dir: Path, config: TrainConfig, config_json: str, rm, e
 
 def _close_logger(model) -> None:
     """Close the run's CSV and TensorBoard files (a sweep of ``train()`` calls in one process would
-    otherwise hold a file and a writer thread per run); the model keeps a logger that writes nowhere."""
-    from stable_baselines3.common.logger import Logger
+    otherwise hold a file and a writer thread per run); the model keeps a logger that writes nowhere.
+    A CSV this session wrote no row to (a resume with nothing left to train) is removed."""
+    from stable_baselines3.common.logger import CSVOutputFormat, Logger
 
+    csvs = [Path(out.file.name) for out in model.logger.output_formats if isinstance(out, CSVOutputFormat)]
     model.logger.close()
     model.set_logger(Logger(folder=None, output_formats=[]))
+    for path in csvs:
+        if path.exists() and path.stat().st_size == 0:
+            path.unlink()
 
 
 def _check_sac_device(device: str) -> None:
@@ -720,7 +725,7 @@ EPILOG = textwrap.dedent("""\
     time/total_timesteps, SB3's train/*,
     and eval/vlm_return (scored at the training frame size), eval/gt_return with --eval-every; the
     same rows in progress.csv, and
-    progress-from-STEP.csv per resumed session), checkpoints/ (every
+    progress-from-STEP.csv per resumed session that logs a row), checkpoints/ (every
     --checkpoint-every steps, at the end and on SIGINT/SIGTERM; written atomically), videos/ (mp4
     every --eval-every steps).
 
