@@ -357,10 +357,12 @@ def markdown_report(report: Report) -> str:
         f"timed with it, starts after a {SWITCH_PAUSE_S:g} s pause (ONNX Runtime's threads spin after a run and slow "
         "the torch work that follows).",
     ]
-    if any(r.backend == "compile" for r in report.rows) or "compile" in config.get("backends", ()):
+    compiled = any(r.backend == "compile" for r in report.rows)
+    if compiled or "compile" in config.get("backends", ()):
         mode = config.get("compile_mode") or ("reduce-overhead" if str(config.get("device", "")).startswith("cuda") else "default")
-        lines += ["", f"The compile rows ran torch.compile with mode={mode}" + ("" if config.get("compile_mode")
-                                                                                  else " (the backend's default here)") + "."]
+        mode += "" if config.get("compile_mode") else " (the backend's default here)"
+        lines += ["", f"The compile rows ran torch.compile with mode={mode}." if compiled else
+                  f"torch.compile was asked for with mode={mode}; no compile row ran (see Skipped/Failed below)."]
     if any(r.build_cached for r in report.rows):
         lines += ["", "'(cached)': that build found its work in a cache on disk, left by an earlier build of the same "
                       "graph, in this run or another (torch.compile's graphs in Inductor's cache, a TensorRT engine in "
