@@ -48,7 +48,9 @@ class _ArrayLike:
         (torch.zeros((2, 16, 16, 3), dtype=torch.int32), TypeError, r"uint8"),
         (np.full((2, 16, 16, 3), 255.0, np.float32), ValueError, r"\[0, 1\].*uint8"),
         (np.full((2, 16, 16, 3), -0.5, np.float32), ValueError, r"\[0, 1\]"),
-        (np.full((2, 16, 16, 3), np.nan, np.float32), ValueError, r"\[0, 1\]"),
+        (np.full((2, 16, 16, 3), np.nan, np.float32), ValueError, r"\[0, 1\] \(finite\); found NaN or infinite"),
+        (torch.full((2, 16, 16, 3), 0.5).index_put_((torch.tensor(1),), torch.tensor(float("inf"))), ValueError,
+         r"found NaN or infinite values"),  # one bad frame among good ones, in torch
         (np.full((1, 16, 16, 3), 255.0, np.float32), ValueError, r"\[0, 1\].*uint8"),  # a batch of one frame too
         ("frames.png", TypeError, r"torch.Tensor or numpy.*use `vlmrm-fast score PATH`"),
         (Path("clip.mp4"), TypeError, r"torch.Tensor or numpy.*use `vlmrm-fast score PATH`"),  # a pathlib path too

@@ -173,6 +173,10 @@ def test_missing_checkpoint_file(tmp_path):
         create_clip("ViT-B-32", str(tmp_path / "missing.pt"))
     with pytest.raises(FileNotFoundError, match="No checkpoint file"):  # a pathlib.Path as well as a str
         create_clip("ViT-B-32", tmp_path / "missing.pt")
+    # A model open_clip has no tags for: the fix named is random weights (pretrained=None), not a tag "none".
+    with pytest.raises(FileNotFoundError, match=r"Pass an existing path, or pretrained=None for random weights "
+                                                r"\(command line: --pretrained none\): open_clip has no tags for vlmrm-tiny"):
+        create_clip("vlmrm-tiny", str(tmp_path / "missing.pt"))
 
 
 @pytest.mark.parametrize("args,match", [
@@ -738,3 +742,14 @@ def test_the_vlmrm_transform_ignores_a_config_that_squashes_or_resizes_bilinearl
     spec = models.preprocess_spec_of(model, "vlmrm")
     assert (spec.mode, spec.resize_mode, spec.interpolation) == ("vlmrm", "shortest", "bicubic")
     assert models.preprocess_spec_of(model, "openclip").resize_mode == "squash"
+
+
+def test_the_random_weights_warning_names_the_callers_line():
+    # Raised a different number of calls below create_clip and CLIPReward.from_pretrained: both point at the line
+    # that asked for the model (here), not at vlmrm_fast's own code.
+    with pytest.warns(UserWarning, match="has random weights") as caught:
+        create_clip("vlmrm-tiny", None)
+    assert [w.filename for w in caught if "random weights" in str(w.message)] == [__file__]
+    with pytest.warns(UserWarning, match="has random weights") as caught:
+        CLIPReward.from_pretrained("vlmrm-tiny", None, goal="a robot", device="cpu")
+    assert [w.filename for w in caught if "random weights" in str(w.message)] == [__file__]

@@ -1318,6 +1318,12 @@ def test_gpu_unavailable_reason_names_each_cause(monkeypatch):
     assert "is built but does not load (ImportError: undefined symbol _ZN3c10)" in reason
     # Without the variable, a machine with no GPU visible (a login node) skips the rebuild, keeping the old one.
     assert "VLMRM_FAST_FORCE_BUILD=1 pip install -e . --no-build-isolation" in reason
+    with monkeypatch.context() as cpu_only:  # a CPU-only torch: setup.py refuses to rebuild, so name the torch to install
+        cpu_only.setattr(torch.version, "cuda", None)
+        cpu_only.setattr(_cuda, "built_against", lambda: ("2.15.0", "13.0"))
+        reason = gpu_unavailable_reason()
+        assert "a CPU-only build: install a CUDA build of torch (2.15.0, the one it was built against)" in reason
+        assert "rebuild" not in reason
     monkeypatch.setattr(_cuda, "_built", False)
     reason = gpu_unavailable_reason()
     assert "is not built (ImportError" in reason and "VLMRM_FAST_FORCE_BUILD=1 pip install -e . --no-build-isolation" in reason

@@ -1112,6 +1112,20 @@ def test_a_reward_function_returning_a_scalar_is_a_clear_error():
         env.step(np.zeros(1, np.float32))
 
 
+@pytest.mark.parametrize("returned,match", [
+    (None, r"returned None for 1 frames \(a missing `return`\?\)"),
+    (["bad"], r"returned list rewards that are not numbers \(could not convert string to float"),
+    (np.array([object()]), r"returned ndarray rewards that are not numbers"),
+    (np.array([1 + 2j]), r"returned complex rewards; it must return real ones"),  # numpy would drop the 2j, warning only
+    (torch.tensor([1 + 2j]), r"returned complex rewards"),
+])
+def test_a_reward_function_returning_no_numbers_is_named(returned, match):
+    env = VLMRewardWrapper(CountingEnv(), lambda frames: returned)
+    env.reset(seed=0)
+    with pytest.raises(TypeError, match=match):
+        env.step(np.zeros(1, np.float32))
+
+
 def test_nan_in_one_task_names_its_row(no_batch):
     def nan_in_second_task_of_row_2(frames):
         rewards = np.zeros((len(frames), 2), np.float32)
@@ -1132,6 +1146,34 @@ def test_a_weight_the_mode_does_not_use_is_named():
         warnings.simplefilter("error")
         VLMRewardWrapper(CountingEnv(), mean_brightness, mode="add", weight=2.0)
         VLMRewardWrapper(CountingEnv(), mean_brightness, mode="replace")
+
+
+def test_the_wrappers_warnings_name_the_users_line():
+    """Guards the ``stacklevel`` of the wrappers' own warnings: the unused-weight warning (raised two calls
+    below the user's constructor call) and the resize warning (three below the user's ``step``) point at the
+    line that made or stepped the wrapper, not at vlmrm_fast's code or past the script (``sys:1``)."""
+    from gymnasium.vector import SyncVectorEnv
+
+    from vlmrm_fast import VLMRewardVectorWrapper
+
+    with pytest.warns(UserWarning, match=r"weight=2 is unused") as caught:
+        VLMRewardWrapper(CountingEnv(), mean_brightness, mode="log", weight=2.0)
+    assert [w.filename for w in caught] == [__file__]
+    with pytest.warns(UserWarning, match=r"weight=2 is unused") as caught:
+        VLMRewardVectorWrapper(SyncVectorEnv([CountingEnv] * 2), mean_brightness, mode="log", weight=2.0)
+    assert [w.filename for w in caught] == [__file__]
+
+    class TowerOf16:  # a reward model whose tower takes 16 x 16 frames: CountingEnv's 32 x 32 are resized
+        image_size = 16
+
+        def __call__(self, frames):
+            return mean_brightness(frames)
+
+    env = VLMRewardWrapper(CountingEnv(), TowerOf16())
+    env.reset(seed=0)
+    with pytest.warns(UserWarning, match=r"renders 32x32 frames \(height x width\) but the reward model's tower takes 16x16") as caught:
+        env.step(np.zeros(1, np.float32))
+    assert [w.filename for w in caught] == [__file__]
 
 
 def test_weight_is_stored_as_a_float():
@@ -1416,8 +1458,11 @@ def _scored_through_env_render(rm, make, name):
     rewards of a step under "auto" are those of the envs' own ``env.render()`` frames, which are returned."""
     with pytest.raises(ValueError, match=rf"past the render\(\) of \['{name}'\].*render=\"images\""):
         VLMRewardVecEnv(DummyVecEnv([make]), rm, render="batch")
-    with pytest.warns(UserWarning, match=rf"\['{name}'\] \(the envs' wrappers, or the envs\) have a render\(\) of their own"):
+    own_render = rf"\['{name}'\] \(the envs' wrappers, or the envs\) have a render\(\) of their own"
+    with pytest.warns(UserWarning, match=own_render) as caught:
         wrapped = VLMRewardVecEnv(DummyVecEnv([make] * 2), rm)
+    # the warning names the line that built the wrapper (here), not vlmrm_fast's constructor
+    assert {w.filename for w in caught if "render() of their own" in str(w.message)} == {__file__}
     assert wrapped.render_source == "images"
     wrapped.reset()
     _, rewards, _, _ = wrapped.step(np.zeros((2, 1), np.float32))

@@ -44,6 +44,7 @@ from tqdm import tqdm
 
 from vlmrm_fast.argtypes import BACKEND_NAMES, dtype_choice, in_cli_terms, output_file, positive_int, writable_file
 from vlmrm_fast.atomic import save_figure_atomically, write_atomically
+from vlmrm_fast.callers import stacklevel_outside_package
 from vlmrm_fast.export import add_export_parser
 from vlmrm_fast.profiler import add_bench_parser
 from vlmrm_fast.train.run import add_train_parser
@@ -686,7 +687,7 @@ class VideoFile:
                 f"ffmpeg decoded {index} frames from '{self.path}' but its container lists "
                 f"{len(self.timestamps)}, so the times in the source column may be off; re-encode it "
                 f"for exact ones: ffmpeg -i '{self.path}' -c:v libx264 fixed.mp4",
-                stacklevel=2,
+                stacklevel=stacklevel_outside_package(),
             )
 
     def _label(self, index: int) -> str:

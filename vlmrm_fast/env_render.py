@@ -20,6 +20,8 @@ from typing import Any, List, Optional
 
 import numpy as np
 
+from vlmrm_fast.callers import stacklevel_outside_package
+
 
 _CAMERA_FIELDS = ("type", "fixedcamid", "trackbodyid", "lookat", "distance", "azimuth", "elevation", "orthographic")
 """``mujoco.MjvCamera``'s state."""
@@ -85,7 +87,7 @@ def render_env(env: Any) -> Any:
                 f"{type(getattr(env, 'unwrapped', env)).__name__} rendered a black frame: its GL objects were freed "
                 "by another MuJoCo env (one dropped without close() while this env's context was current, say); "
                 "its renderer was rebuilt. Close MuJoCo envs you no longer need (env.close()) to avoid it.",
-                stacklevel=2,
+                stacklevel=stacklevel_outside_package(),
             )
     return frame
 

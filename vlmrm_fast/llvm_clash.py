@@ -15,6 +15,8 @@ import importlib.util
 import sys
 import warnings
 
+from vlmrm_fast.callers import stacklevel_outside_package
+
 _warned = False
 
 
@@ -51,5 +53,5 @@ def warn_if_triton_may_crash() -> None:
             "which is loading now; if the process crashes here (a segmentation fault), the two LLVMs clashed: "
             "import vlmrm_fast (or triton) before the first frame is rendered, e.g. `import vlmrm_fast` at the "
             "top of the script.",
-            stacklevel=3,
+            stacklevel=stacklevel_outside_package(),
         )

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional, Tuple, Union
 from urllib.parse import urlparse
 
+from vlmrm_fast.callers import stacklevel_outside_package
 from vlmrm_fast.llvm_clash import warn_if_triton_may_crash
 
 warn_if_triton_may_crash()  # open_clip's torchvision loads Triton: the cause of a crash, named first
@@ -205,7 +206,7 @@ def _create_from_file(model_name: str, path: str) -> torch.nn.Module:
     if "quick_gelu" in model_cfg and not quick_gelu and config_quick_gelu:
         warnings.warn(
             f"{sidecar} says its weights were trained with GELU, but {model_name} runs QuickGELU: load them with "
-            f"the config of the same name without '-quickgelu'.", UserWarning, stacklevel=5,
+            f"the config of the same name without '-quickgelu'.", UserWarning, stacklevel=stacklevel_outside_package(),
         )
     try:
         # The sidecar's preprocessing goes through open_clip, which keeps the keys it knows; the input size
@@ -334,7 +335,7 @@ def _warn_if_tags_differ(model: torch.nn.Module, model_name: str, path: str) -> 
             f"holds one of them, put that tag's {SIDECAR_CONFIG} (downloaded with the weights from the Hugging Face "
             "hub) in the same folder, or load it by its tag.",
             UserWarning,
-            stacklevel=5,
+            stacklevel=stacklevel_outside_package(),
         )
 
 
@@ -462,7 +463,7 @@ def _create(model_name: str, pretrained: Optional[str], cache_dir: Optional[str]
             f"{model_name} has random weights (no pretrained weights asked for): its rewards carry no meaning. "
             "Pass an open_clip tag or a checkpoint path for a real reward model.",
             UserWarning,
-            stacklevel=4,
+            stacklevel=stacklevel_outside_package(),
         )
         return open_clip.create_model(model_name)
     tags = open_clip.list_pretrained_tags_by_model(model_name)
@@ -477,8 +478,10 @@ def _create(model_name: str, pretrained: Optional[str], cache_dir: Optional[str]
                          "with pretrained=None.")
     if os.sep in pretrained or pretrained.endswith(_CHECKPOINT_SUFFIXES):
         raise FileNotFoundError(
-            f"No checkpoint file at {pretrained!r}. Pass an existing path, or one of open_clip's tags "
-            f"for {model_name}: {tags or 'none'}."
+            f"No checkpoint file at {pretrained!r}. Pass an existing path, or "
+            + (f"one of open_clip's tags for {model_name}: {tags}." if tags else
+               f"pretrained=None for random weights (command line: --pretrained none): open_clip has no tags for "
+               f"{model_name}.")
         )
     if not tags:
         raise ValueError(

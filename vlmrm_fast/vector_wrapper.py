@@ -28,6 +28,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 
+from vlmrm_fast.callers import stacklevel_outside_package
 from vlmrm_fast.env_render import in_process_envs, release_env_gl, render_env
 from vlmrm_fast.wrappers import (
     TERMINAL_FRAME_KEY,
@@ -213,7 +214,7 @@ class VLMRewardVectorWrapper(_RewardMode, _BatchFrames, gym.vector.VectorWrapper
                 "terminal step's VLM reward is scored on it. Wrap each env in vlmrm_fast.wrappers.RenderTerminalFrame "
                 "(its frame arrives in info['final_info']), use a SyncVectorEnv, or NEXT_STEP auto-reset.",
                 UserWarning,
-                stacklevel=2,
+                stacklevel=stacklevel_outside_package(),
             )
 
         self._episode_vlm[stepped] += vlm[stepped]

@@ -57,6 +57,7 @@ import numpy as np
 import torch
 
 from vlmrm_fast.argtypes import FLOAT32_MAX
+from vlmrm_fast.callers import stacklevel_outside_package
 from vlmrm_fast.env_render import in_process_envs, release_env_gl, render_env
 
 try:
@@ -254,11 +255,12 @@ def _warn_size(size: Tuple[int, int], reward_model: Any, what: str) -> None:
     want = _tower_size(reward_model) or tuple(size)
     if tuple(size) != want:
         warnings.warn(
-            f"{what} renders {size[0]}x{size[1]} frames but the reward model's tower takes {want[0]}x{want[1]}: every "
+            f"{what} renders {size[0]}x{size[1]} frames (height x width) but the reward model's tower takes "
+            f"{want[0]}x{want[1]}: every "
             f"frame is resized, which costs time. Render at the tower's size to skip it (for MuJoCo envs: "
             f"gymnasium.make(env_id, render_mode=\"rgb_array\", width={want[1]}, height={want[0]})).",
             UserWarning,
-            stacklevel=3,
+            stacklevel=stacklevel_outside_package(),
         )
 
 
@@ -300,12 +302,22 @@ def _rewards_of(reward_model: Any, frames: Any, bottom_up: bool = False) -> np.n
         frames = frames.flip(1) if isinstance(frames, torch.Tensor) else np.ascontiguousarray(frames[:, ::-1])
         bottom_up = False
     rewards = reward_model(frames, bottom_up=True) if bottom_up else reward_model(frames)
+    n = len(frames)
+    if rewards is None:
+        raise TypeError(f"the reward model returned None for {n} frames (a missing `return`?); it must return "
+                        f"[{n}] rewards (one per frame) or [{n}, T] (T tasks), as a tensor or an array.")
+    if rewards.is_complex() if isinstance(rewards, torch.Tensor) else np.iscomplexobj(rewards):
+        raise TypeError("the reward model returned complex rewards; it must return real ones (float32 or float64).")
     if isinstance(rewards, torch.Tensor):
         array = rewards.detach().to("cpu", torch.float32).numpy()
     else:
-        with np.errstate(over="ignore"):  # beyond float32's range: named below
-            array = np.asarray(rewards, dtype=np.float32)
-    n = len(frames)
+        try:
+            with np.errstate(over="ignore"):  # beyond float32's range: named below
+                array = np.asarray(rewards, dtype=np.float32)
+        except (TypeError, ValueError) as exc:  # strings, objects, ragged lists
+            raise TypeError(f"the reward model returned {type(rewards).__name__} rewards that are not numbers ({exc}); "
+                            f"it must return [{n}] rewards (one per frame) or [{n}, T] (T tasks), as a tensor or an "
+                            "array of floats.") from None
     if array.ndim not in (1, 2) or array.shape[0] != n:
         raise ValueError(
             f"the reward model returned rewards of shape {tuple(array.shape)} for {n} frames; it must return "
@@ -355,7 +367,7 @@ class _RewardMode:
         if self._mode != "add" and self._weight != 1.0:
             warnings.warn(f"weight={self._weight:g} is unused in mode={self._mode!r}: it scales the VLM reward in "
                           "mode='add' only. Pass mode='add' to add the weighted VLM reward to the env's, or drop "
-                          "weight.", UserWarning, stacklevel=4)
+                          "weight.", UserWarning, stacklevel=stacklevel_outside_package())
         _task_index(reward_model, task)  # checked now
         self._task_request = task
 
@@ -816,7 +828,7 @@ class _BatchFrames:
         if render == "auto" and changing and len(sizes) <= 1:  # (envs of other sizes render the images anyway)
             warnings.warn(
                 f"{changing} (the envs' wrappers, or the envs) have a render() of their own, which the batch renderer "
-                f"would not see: rendering through {self._images_source}.", stacklevel=3,
+                f"would not see: rendering through {self._images_source}.", stacklevel=stacklevel_outside_package(),
             )
             return None
         if render == "auto" and envs is not None and len(sizes) <= 1:
@@ -826,7 +838,7 @@ class _BatchFrames:
                 return None  # the optional renderer is not there: images, silently
             except Exception as exc:  # noqa: BLE001 - any failure of the optional fast path
                 warnings.warn(f"BatchRenderer could not be built ({exc!r}); rendering through {self._images_source}.",
-                              stacklevel=3)
+                              stacklevel=stacklevel_outside_package())
         return None
 
     @contextmanager
@@ -980,7 +992,7 @@ class VLMRewardVecEnv(_RewardMode, _BatchFrames, VecEnvWrapper):
                     "(make_vec_env(..., wrapper_class=RenderTerminalFrame)) to score the true terminal frame, or "
                     "use a DummyVecEnv.",
                     UserWarning,
-                    stacklevel=2,
+                    stacklevel=stacklevel_outside_package(),
                 )
 
     def _require_rgb_array(self) -> None:

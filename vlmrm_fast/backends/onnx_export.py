@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from vlmrm_fast.argtypes import ONNX_EXPORTERS, ONNX_INPUT_FORMATS
 from vlmrm_fast.atomic import default_file_mode, fsync_dir
 from vlmrm_fast.backends.base import BackendError, missing_extra, pooled_embeddings
+from vlmrm_fast.callers import stacklevel_outside_package
 from vlmrm_fast.backends.base import original_modules
 from vlmrm_fast.backends.torch_fp8 import is_fp8_quantised
 from vlmrm_fast.ops.preprocess import PreprocessSpec
@@ -388,7 +389,7 @@ def export_onnx(
                 "exported with its dynamo exporter instead, which vlmrm_fast's graph rewrites are tested on less. "
                 "exporter='dynamo' chooses it without this warning (export_onnx, `vlmrm-fast export --exporter`, "
                 "or backend_options of the onnxruntime and tensorrt backends).",
-                UserWarning, stacklevel=2,
+                UserWarning, stacklevel=stacklevel_outside_package(),
             )
         dynamo = exporter == "dynamo" or fell_back is not None
         _log.info("exported the vision tower with torch's %s ONNX exporter", "dynamo" if dynamo else "TorchScript")

@@ -34,6 +34,7 @@ from typing import Callable, Optional, Tuple
 import torch
 
 from vlmrm_fast.backends.base import BackendError, VisionBackend, missing_extra
+from vlmrm_fast.callers import stacklevel_outside_package
 from vlmrm_fast.backends.engine_cache import EngineCache, EngineKey, tensorrt_build, weights_digest
 from vlmrm_fast.backends.onnx_export import check_exporter, export_onnx
 from vlmrm_fast.frames import as_frame_batch
@@ -357,7 +358,7 @@ def load_or_build_engine(cache: EngineCache, key: EngineKey, deserialize: Callab
         try:
             cache.store(key, payload)
         except OSError as error:  # a read-only cache must not throw away a built engine
-            warnings.warn(f"TensorRT engine not cached ({error}); it is rebuilt next time.", stacklevel=3)
+            warnings.warn(f"TensorRT engine not cached ({error}); it is rebuilt next time.", stacklevel=stacklevel_outside_package())
     return engine
 
 

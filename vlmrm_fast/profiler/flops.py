@@ -8,6 +8,7 @@ from typing import Callable, Optional, Sequence, Tuple, Union
 import open_clip
 import torch
 
+from vlmrm_fast.callers import stacklevel_outside_package
 from vlmrm_fast.models import create_clip  # its import registers vlmrm-tiny with open_clip
 
 # --------------------------------------------------------------------------- FLOPs
@@ -127,7 +128,7 @@ def _gflops_and_method(model: Union[str, torch.nn.Module]) -> Tuple[float, str]:
         "attentional pool): its FLOPs are counted by "
         "torch.utils.flop_counter, which may undercount (it sees matmuls and convolutions only).",
         UserWarning,
-        stacklevel=3,
+        stacklevel=stacklevel_outside_package(),
     )
     return counted_gflops(visual), "flop-counter"
 

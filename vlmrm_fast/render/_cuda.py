@@ -99,6 +99,12 @@ def _extension_problem() -> Optional[str]:
             else:  # the same torch release: another build of it (+cu124 against +cu126, say), or a library missing
                 cause += (f", the release of this torch ({torch.__version__}): the error names what is missing, or it "
                           "was built against another build of it (CUDA version, C++ ABI)")
+        if torch.version.cuda is None:  # no rebuild helps: setup.py refuses a CPU-only torch
+            return (f"the CUDA extension vlmrm_fast._render_cuda is built but does not load ({_import_error}); "
+                    f"{cause}, a CPU-only build: install a CUDA build of torch"
+                    + (f" ({built[0]}, the one it was built against)" if built is not None else "") + ", e.g. "
+                    "`pip install torch --index-url https://download.pytorch.org/whl/cu126` (the CUDA version the "
+                    "cluster's driver takes)")
         return (
             f"the CUDA extension vlmrm_fast._render_cuda is built but does not load ({_import_error}); "
             f"{cause}: rebuild it "

@@ -588,7 +588,7 @@ class BatchRenderer:
             warnings.warn(
                 f"{', '.join(own_frames)} render frames of their own (a wrapper's render(), or an env's own camera or "
                 "size); this renderer draws each env's MuJoCo state as gymnasium's MujocoEnv renders it, so its frames "
-                "are not their env.render()'s: use env.render() for those envs", stacklevel=2)
+                "are not their env.render()'s: use env.render() for those envs", stacklevel=stacklevel_outside_package())
         sizes = [(getattr(u, "width", None) or 224, getattr(u, "height", None) or 224)
                  for u in (getattr(env, "unwrapped", env) for env in envs)]
         if (width is None or height is None) and len(set(sizes)) > 1:

@@ -33,6 +33,7 @@ import numpy as np  # noqa: E402
 
 from vlmrm_fast.argtypes import writable_folder  # noqa: E402
 from vlmrm_fast.atomic import write_atomically  # noqa: E402
+from vlmrm_fast.callers import stacklevel_outside_package  # noqa: E402
 from vlmrm_fast.env_render import render_env  # noqa: E402
 from vlmrm_fast.train import checkpoint as ckpt  # noqa: E402
 from vlmrm_fast.train.config import (  # noqa: E402
@@ -555,7 +556,7 @@ def _warn_if_reward_setup_changed(saved: Optional[dict], rm, step: int) -> None:
             f"the reward model now runs on {show(now)}, before this resume on {show(saved)}: rewards from step "
             f"{step} on are computed differently and can differ slightly from those already in the replay buffer. "
             "To keep them the same, resume with the run's reward_device and reward_backend on a machine like its own.",
-            stacklevel=3,
+            stacklevel=stacklevel_outside_package(),
         )
 
 
@@ -656,7 +657,7 @@ def _warn_if_extending_a_cut_rollout(extra: dict, step: int, config: TrainConfig
             f"this run ended at step {step}, inside a rollout of {rollout} steps (n_envs x train_freq): its last "
             f"rollout was cut short and trained on, so the extended run's rollouts and gradient steps fall "
             f"{step % rollout} steps off those of one run to {config.total_timesteps}. For runs you mean to extend, "
-            "use a total_timesteps that is a multiple of the rollout.", stacklevel=2)
+            "use a total_timesteps that is a multiple of the rollout.", stacklevel=stacklevel_outside_package())
 
 
 def _warn_if_total_overshoots(config: TrainConfig, step: int) -> None:
@@ -667,7 +668,7 @@ def _warn_if_total_overshoots(config: TrainConfig, step: int) -> None:
         lower = f" (or {end - n})" if end - n > step else ""
         warnings.warn(
             f"total_timesteps={total} is not a multiple of n_envs={n}: the {n} envs step together, so the run ends "
-            f"at step {end}. Pass total_timesteps={end}{lower} to make it exact.", stacklevel=5)  # train()'s caller
+            f"at step {end}. Pass total_timesteps={end}{lower} to make it exact.", stacklevel=stacklevel_outside_package())
 
 
 def _warn_if_no_gradient_step(config: TrainConfig, step: int) -> None:
@@ -677,7 +678,7 @@ def _warn_if_no_gradient_step(config: TrainConfig, step: int) -> None:
                f"learning_starts={config.learning_starts} is not below total_timesteps={config.total_timesteps}")
         warnings.warn(f"{why}: SAC takes no gradient step in this run, and the agent it saves is untrained (the random "
                       "actions of its first steps). Lower learning_starts (or raise total_timesteps) to train.",
-                      stacklevel=5)  # train()'s caller
+                      stacklevel=stacklevel_outside_package())
 
 
 def run_train_command(args: argparse.Namespace) -> int:

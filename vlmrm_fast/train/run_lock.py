@@ -18,6 +18,8 @@ import warnings
 from pathlib import Path
 from typing import Iterator
 
+from vlmrm_fast.callers import stacklevel_outside_package
+
 try:
     import fcntl
 except ImportError:  # pragma: no cover - Windows: no flock; runs there are not locked
@@ -77,6 +79,6 @@ def _lock(fd: int, run_dir: Path, path: Path, warn_unlocked: bool) -> bool:
             warnings.warn(
                 f"cannot lock run folder '{run_dir}' ({exc}; the filesystem may not support flock): make sure no other "
                 "process trains in it, or two runs would overwrite each other's checkpoints",
-                stacklevel=4,
+                stacklevel=stacklevel_outside_package(),
             )
         return False
