@@ -1958,3 +1958,174 @@ def test_a_stage_within_the_margin_of_the_pipeline_is_not_marked():
     row = dataclasses.replace(_row("ViT-B-32", "torch", 20.0, 10.0), preprocess_fps=300.0, tower_fps=17.0,
                               score_fps=900.0)
     assert disturbed_stages(row) == []  # 17 x 1.25 > 20
+
+
+# ---- what a second mutation audit of the profiler found unguarded ------------------------------------
+
+
+def test_paired_timing_pauses_only_at_a_switch_of_callable(monkeypatch):
+    # The exact sequence: a pause before each warm-up call (the second's too), then before every change
+    # of callable, followed by an untimed warm call; consecutive calls of one callable get no pause.
+    from vlmrm_fast.profiler import timing
+
+    events = []
+    monkeypatch.setattr(timing.time, "sleep", lambda s: events.append("pause"))
+
+    class Recording(timing.StageTimer):
+        def _time_once(self, fn):
+            events.append("timed")
+            return super()._time_once(fn)
+
+    timer = Recording(torch.device("cpu"), warmup=1, repeats=2, time_budget=10.0)
+    timer.paired(lambda: events.append("a"), lambda: events.append("b"))
+    assert events == ["pause", "a", "pause", "b",                        # one warm-up call each
+                      "pause", "a", "timed", "a", "pause", "b", "timed", "b",  # pair 1: a then b
+                      "timed", "b", "pause", "a", "timed", "a"]         # pair 2: b (no switch), then a
+
+
+def test_matmul_peak_sizes_on_cpu_and_an_untimed_first_product_at_each(monkeypatch):
+    # n doubles from 512 up to 2048 on CPU (the docstring's size); at every size the first product is
+    # untimed (library set-up), the second times one product, and only the last size is timed in bursts.
+    import collections
+
+    from vlmrm_fast.profiler import timing
+
+    sizes = []
+    monkeypatch.setattr(timing.torch, "mm", lambda a, b, out: sizes.append(a.shape[0]))  # instant
+    monkeypatch.setattr(timing.time, "sleep", lambda s: None)
+    monkeypatch.setattr(timing, "PEAK_BURST_S", 0.0)  # bursts of one product
+    timer = timing.StageTimer(torch.device("cpu"), warmup=0, repeats=1, time_budget=1.0)
+    assert timing.measure_peak_tflops(torch.device("cpu"), torch.float32, timer)[1] == 2048
+    assert collections.Counter(sizes) == {512: 2, 1024: 2, 2048: 3}
+
+
+def test_a_towers_mlp_width_is_read_off_the_tower_not_assumed_four_times_its_width():
+    # ViT-g-14 and ViT-bigG-14 have MLP ratios of 4.36 and 4.92: an instantiated tower's count must use
+    # its own MLP width, the same as the count from a config with that ratio.
+    from vlmrm_fast.profiler.flops import ViTShape, tower_gflops
+
+    tower = open_clip.transformer.VisionTransformer(
+        image_size=16, patch_size=8, width=16, layers=2, heads=2, mlp_ratio=2.0, output_dim=8)
+    expected = ViTShape(width=16, layers=2, patch=(8, 8), image=(16, 16), mlp_hidden=32, embed_dim=8).gflops()
+    assert tower_gflops(tower) == pytest.approx(expected, rel=1e-12)
+
+
+def test_a_vit_whose_mlp_is_not_a_linear_layer_gets_no_analytic_count():
+    # A tower whose first MLP is not an nn.Linear (replaced, quantised) is not the plain ViT the formula
+    # describes: it is counted instead, with the warning, rather than read (or crashed on) as one.
+    from vlmrm_fast.profiler.flops import vit_shape_from_tower
+
+    tower = open_clip.transformer.VisionTransformer(
+        image_size=16, patch_size=8, width=16, layers=1, heads=2, mlp_ratio=2.0, output_dim=8)
+    assert vit_shape_from_tower(tower) is not None
+    tower.transformer.resblocks[0].mlp.c_fc = torch.nn.Sequential(torch.nn.Linear(16, 32))
+    assert vit_shape_from_tower(tower) is None
+    del tower.transformer.resblocks[0].mlp
+    assert vit_shape_from_tower(tower) is None
+
+
+def test_random_models_are_the_same_on_every_creation():
+    # Speed does not depend on the weights, but 'reward err' does: one model name gives one set of weights
+    # (seed 0), whatever random numbers were drawn before.
+    from vlmrm_fast.profiler.flops import create_random_model
+
+    first, _ = create_random_model("vlmrm-tiny")
+    torch.rand(7)
+    second, _ = create_random_model("vlmrm-tiny")
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values()))
+
+
+@pytest.mark.parametrize("option", ["--repeats", "--warmup", "--batch-sizes", "--frame-size"])
+def test_bench_counts_refuse_zero_and_negatives(option, capsys):
+    # --repeats 0 would silently fall back to the default (0 is falsy), and -1 would time no call at all
+    # and fail on an empty median after the models were built: the parser refuses both.
+    for given in ("0", "-1"):
+        with pytest.raises(SystemExit):
+            cli.build_parser().parse_args(["bench", option, given])
+        assert option in capsys.readouterr().err
+
+
+def test_frames_per_second_are_the_batch_over_the_median_call_not_the_fastest():
+    # bench.md: "Frames/s = batch / median seconds per call"; a row built from the min (or the max) of
+    # uneven repeats would quote the luckiest (or unluckiest) call.
+    from vlmrm_fast.profiler.report import _stage_row
+    from vlmrm_fast.profiler.timing import StageTiming
+
+    def t(median):
+        return StageTiming(median_s=median, min_s=median / 2, max_s=median * 3, repeats=3)
+
+    timings = {"h2d": t(0.005), "preprocess": t(0.01), "tower": t(0.02), "score": t(0.04), "end_to_end": t(0.08)}
+    row = _stage_row(model="m", backend="torch", dtype="fp32", kernels="torch", batch=8, frame_size=224,
+                     timings=timings, gflops=2.0, flops_method="analytic", build_seconds=1.0, setup_seconds=2.0)
+    assert (row.h2d_fps, row.preprocess_fps, row.tower_fps, row.score_fps, row.end_to_end_fps) == pytest.approx(
+        (1600, 800, 400, 200, 100))
+    assert row.achieved_tflops == pytest.approx(2.0 * 400 / 1e3)
+
+
+def test_the_seed_normalises_the_embeddings_it_scores_as_the_original_did():
+    # The original's reward normalises x before the D x D product, whatever the tower gave: the seed's
+    # 'score' stage does that work too, and a scaled embedding scores as the unit one.
+    from conftest import make_tiny
+    from vlmrm_fast.models import preprocess_spec_of
+    from vlmrm_fast.profiler.seed import SeedPipeline
+
+    model = make_tiny(seed=2)[0]
+    seed = SeedPipeline(model, preprocess_spec_of(model, "vlmrm"), torch.device("cpu"))
+    x = torch.nn.functional.normalize(torch.randn(4, len(seed.goal), generator=torch.Generator().manual_seed(3)), dim=-1)
+    expected = 1 - ((x - seed.goal) @ seed.projection).norm(dim=-1) ** 2 / 2
+    assert torch.allclose(seed.score(3.0 * x), expected, atol=1e-6)
+
+
+def test_a_rows_setup_time_covers_its_build_and_warm_up(small_profiler, monkeypatch):
+    # bench.json's setup_seconds: what the configuration cost before its first timed call (build, then the
+    # warm-up that compiles), reported apart from the frames/s and not lost.
+    import time
+
+    profiler_, base, tokenizer, _ = small_profiler
+    build = profiler_._reward_model
+
+    def with_slow_warmup(*args, **kwargs):
+        rm = build(*args, **kwargs)
+        rm.vision_backend.warmup = lambda: time.sleep(0.2)
+        return rm
+
+    monkeypatch.setattr(profiler_, "_reward_model", with_slow_warmup)
+    profiler_._profile_backend("vlmrm-tiny", base, tokenizer, "torch", "fp32", 1.0, "analytic", None, None)
+    [row] = profiler_.report.rows
+    assert row.setup_seconds >= 0.2 and row.build_seconds == 0.0  # the torch backend builds nothing
+
+
+def test_the_seed_figure_beside_a_row_is_its_paired_median(small_profiler, monkeypatch):
+    # 'seed' and 'vs seed' come from the seed's end to end timed in alternation with the row's: the batch over
+    # its median, like every other frames/s, not over its fastest call.
+    import dataclasses
+
+    from vlmrm_fast.profiler.timing import StageTiming
+
+    profiler_, base, tokenizer, seed = small_profiler
+    profiler_.report.rows.append(dataclasses.replace(_row("vlmrm-tiny", "seed", 50.0, 1.0), batch=2, seed_fps=None,
+                                                     speedup_vs_seed=None))
+    own, seeds = StageTiming(0.02, 0.01, 0.04, 3), StageTiming(0.08, 0.02, 0.16, 3)
+    monkeypatch.setattr(profiler_.timer, "paired", lambda first, second: (own, seeds))
+    rm = profiler_._reward_model(base, tokenizer, "vlmrm-tiny", dtype=torch.float32, backend="torch")
+    row = profiler_._measure_reward(rm, "vlmrm-tiny", "fp32", 2, 1.0, "analytic", 0.0, seed)
+    assert (row.end_to_end_fps, row.seed_fps, row.speedup_vs_seed) == pytest.approx((100.0, 25.0, 4.0))
+    assert row.timings["end_to_end"] is own and row.timings["seed_end_to_end"] is seeds
+
+
+def test_the_reference_rewards_run_in_full_float32(small_profiler, monkeypatch):
+    # On CUDA, TF32 matmuls and convolutions (cuDNN's default) in the reference would become part of every
+    # row's 'reward err': the float32 eager path runs with them off (a no-op on CPU, so it is recorded here).
+    from vlmrm_fast.profiler import run as bench
+
+    profiler_, base, tokenizer, _ = small_profiler
+    entered = []
+
+    @contextlib.contextmanager
+    def recording():
+        entered.append("full float32")
+        yield
+
+    monkeypatch.setattr(bench, "_full_float32", recording)
+    assert profiler_._reference_rewards("vlmrm-tiny", base, tokenizer).shape == (2,)
+    assert entered == ["full float32"]
