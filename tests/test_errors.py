@@ -302,6 +302,17 @@ def test_triton_without_a_gpu_names_the_fixes(monkeypatch):
     assert resolve_kernels("auto", torch.device("cpu")) == "torch"
 
 
+def test_auto_never_picks_the_interpreter(monkeypatch):
+    # "auto" is Triton on CUDA devices only: with the interpreter on (this suite's setting) CPU tensors still
+    # get the torch path, whose cost is a fraction of the interpreter's (mutation audit).
+    from vlmrm_fast.ops import _triton
+
+    monkeypatch.setattr(_triton, "_INTERPRETED", True)
+    assert _triton.triton_runs_on(torch.device("cpu")) == HAS_TRITON  # the interpreter could run them
+    assert _triton.resolve_kernels("auto", torch.device("cpu")) == "torch"
+    assert _triton.resolve_kernels("auto", torch.device("cuda", 0)) == ("triton" if HAS_TRITON else "torch")
+
+
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
 def test_a_broken_triton_interpreter_is_refused_with_the_fix(monkeypatch):
     # Triton 3.0's interpreter under NumPy 2 runs kernels but drops their stores: outputs would be

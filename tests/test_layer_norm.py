@@ -128,6 +128,33 @@ def test_rows_more_than_2_31_elements_apart(device):
     assert_close_to_reference(got, want_x, weight, bias, 1e-5, torch.float16)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_strided_weight_and_bias(device):
+    # The kernel reads weight and bias as dense [D] vectors: views with a stride (every other value of a
+    # longer parameter) must be read by their strides or copied, never read as if contiguous (mutation audit).
+    x, weight, bias = _inputs((5, 45), torch.float32, seed=9)
+    wide_weight, wide_bias = torch.stack([weight, -weight], 1).reshape(-1), torch.stack([bias, bias + 3], 1).reshape(-1)
+    weight_view, bias_view = wide_weight[::2], wide_bias[::2]
+    assert not weight_view.is_contiguous() and torch.equal(weight_view, weight) and torch.equal(bias_view, bias)
+    got = layer_norm(x.to(device), weight_view.to(device), bias_view.to(device), 1e-5)
+    assert_close_to_reference(got, x, weight, bias, 1e-5, torch.float32)
+
+
+def test_default_eps_is_torchs():
+    # layer_norm(x, weight, bias) without eps is F.layer_norm's (and nn.LayerNorm's) default, 1e-5: rows of a
+    # small variance (about 1e-5 here), where eps decides the scale, tell it from another (mutation audit).
+    x, weight, bias = _inputs((4, 45), torch.float32, seed=10)
+    x = x * 1e-3
+    assert_close_to_reference(layer_norm(x, weight, bias), x, weight, bias, 1e-5, torch.float32)
+
+
+def test_the_widest_row_is_taken():
+    # launch_config plans rows of up to 16384 values (one row a program, 16 warps); the op must take them,
+    # not refuse them as too wide (mutation audit).
+    x, weight, bias = _inputs((2, 16384), torch.float32, seed=11)
+    assert_close_to_reference(layer_norm(x, weight, bias, 1e-5), x, weight, bias, 1e-5, torch.float32)
+
+
 @pytest.mark.parametrize("rows,warps", [(1, 4), (8, 8), (2, 16)])
 def test_other_launch_configs(rows, warps):
     from vlmrm_fast.ops.layer_norm import layer_norm_triton

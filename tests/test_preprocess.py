@@ -124,6 +124,22 @@ def test_frames_more_than_2_31_bytes_apart(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_rows_of_a_frame_more_than_2_31_bytes_apart(device):
+    # Within one frame: a row stride that fits in int32 (a mosaic's, a planar buffer's), with the last rows
+    # past 2**31 bytes from the first. The resize must compute row offsets in int64 too (mutation audit: the
+    # test above, whose frames are small, passes with int32 row offsets). Only the rows' bytes are touched.
+    h, w = 9, 11
+    stride_h = (1 << 28) + 4096
+    storage = torch.empty((h - 1) * stride_h + w * 3, dtype=torch.uint8, device=device)
+    frames = storage.as_strided((1, h, w, 3), (h * stride_h, stride_h, 3, 1))
+    expected = _frames(1, h, w, seed=12)
+    frames.copy_(torch.from_numpy(expected))
+    spec = PreprocessSpec((7, 7), MEAN, STD, "vlmrm")
+    _check(preprocess(frames, spec, torch.float32, impl="triton"), reference_preprocess(expected, 7, MEAN, STD),
+           torch.float32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_bfloat16_output_rounds_ties_to_even(device):
     # 0.5 + 2**-9 lies halfway between two bfloat16 values (0.5 and 0.5 + 2**-8): the op must round it
     # to even (0.5), as the GPU's cast and PyTorch's do, not away from zero. Float frames at the tower's
@@ -133,6 +149,20 @@ def test_bfloat16_output_rounds_ties_to_even(device):
     spec = PreprocessSpec((5, 5), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), "vlmrm")
     out = preprocess(frames.to(device), spec, torch.bfloat16, impl="triton").cpu()
     assert torch.equal(out, frames.permute(0, 3, 1, 2).to(torch.bfloat16)) and out[0, 1, 2, 3].item() == 0.5
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bfloat16_output_rounds_ties_up_to_an_even_neighbour(device):
+    # The other half of ties to even: 0.5 + 3 * 2**-9 lies halfway between 0.5 + 2**-8 (odd) and 0.5 + 2**-7
+    # (even), so it rounds up; below a tie it rounds down, above one up. A rounding that sends every tie
+    # down passes the test above, whose even neighbour is the lower one (mutation audit).
+    values = [0.5 + 3 * 2 ** -9, 0.5 + 3 * 2 ** -9 - 2 ** -20, 0.5 + 2 ** -9 + 2 ** -20]
+    frames = torch.full((1, 5, 5, 3), 0.25, dtype=torch.float32)
+    frames[0, 0, :3, 0] = torch.tensor(values)
+    spec = PreprocessSpec((5, 5), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), "vlmrm")
+    out = preprocess(frames.to(device), spec, torch.bfloat16, impl="triton").cpu()
+    assert out[0, 0, 0, :3].tolist() == [0.5 + 2 ** -7, 0.5 + 2 ** -8, 0.5 + 2 ** -8]
+    assert torch.equal(out, frames.permute(0, 3, 1, 2).to(torch.bfloat16))
 
 
 def test_bands_hold_every_tap():

@@ -354,6 +354,7 @@ def test_per_task_rewards_of_reset_rows_are_masked_out():
     assert truncated.all() and info["vlm_rewards"]["_kneel"].all()
     _, rewards, _, _, info = envs.step(np.zeros((2, 1), np.float32))  # resets both envs
     assert not info["_vlm_reward"].any() and (rewards == 0).all()
+    assert not info["_gt_reward"].any()  # the env's reward of that row is no transition's either
     for name in ("kneel", "splits"):
         assert not info["vlm_rewards"]["_" + name].any() and (info["vlm_rewards"][name] == 0).all()
     envs.close()
@@ -441,4 +442,38 @@ def test_a_sync_vector_env_under_same_step_gives_no_missing_frame_warning(rm):
         for _ in range(3):
             _, rewards, terminated, _, info = envs.step(np.zeros((2, 1), np.float32))
     assert terminated.all() and info["vlm_terminal_frame"].all() and (rewards == 120).all()
+    envs.close()
+
+
+def test_info_masks_of_a_step_stay_as_returned_after_a_reset():
+    """The ``_key`` masks handed back in ``info`` are the wrapper's to give away: a reset after the step that
+    ended the episodes (NEXT_STEP: it clears the envs to be reset) must not change a kept info's masks
+    (mutation audit: a mask that aliased the wrapper's own array read False after the reset)."""
+    envs = VLMRewardVectorWrapper(sync_envs(CountingEnv, 2), mean_brightness, render="images")
+    envs.reset(seed=0)
+    for _ in range(3):
+        _, _, terminated, _, info = envs.step(np.zeros((2, 1), np.float32))
+    assert terminated.all()
+    kept = {key: np.array(value) for key, value in info.items() if key.startswith("_")}
+    assert kept["_episode_vlm_return"].all() and kept["_vlm_terminal_frame"].all()
+    envs.reset(seed=1)
+    for key, mask in kept.items():
+        assert np.array_equal(info[key], mask), key
+    envs.close()
+
+
+@pytest.mark.parametrize("reset_mode", ["next_step", pytest.param("same_step", marks=NO_MODES)])
+def test_each_auto_reset_episode_returns_its_own_sums(reset_mode):
+    """Episodes that follow one another by auto-reset (no reset() call between them): each one's
+    ``episode_vlm_return``/``episode_gt_return`` sums its own steps, not the episodes' before it
+    (mutation audit). CountingEnv's steps score 40, 80 and 120 (mean brightness) with env rewards 1, 2, 3."""
+    envs = VLMRewardVectorWrapper(sync_envs(CountingEnv, 2, reset_mode), mean_brightness, render="images")
+    envs.reset(seed=0)
+    returns = []
+    for _ in range(7 if reset_mode == "next_step" else 6):  # NEXT_STEP: one more step, the reset between them
+        _, _, _, _, info = envs.step(np.zeros((2, 1), np.float32))
+        if "episode_vlm_return" in info:
+            assert info["_episode_vlm_return"].all() and info["_episode_gt_return"].all()
+            returns.append((info["episode_vlm_return"].tolist(), info["episode_gt_return"].tolist()))
+    assert returns == [([240.0, 240.0], [6.0, 6.0])] * 2
     envs.close()
