@@ -839,9 +839,9 @@ def test_the_seed_is_set_against_a_peak_in_its_own_dtype(tmp_path):
     assert "fp32" in results["peak_tflops"] and seed["frac_of_peak"] is not None
 
 
-def test_paired_timing_never_times_a_call_straight_after_a_pause(monkeypatch):
-    # The first call after an idle pause runs about twice as slow on CPU, and the pauses fall unevenly
-    # on the two callables: every timed call must follow a call of its own callable, never a pause.
+def _recorded_paired_timing(monkeypatch, repeats: int):
+    """``StageTimer.paired`` of two callables "a" and "b" on CPU (one warm-up call each), with its pauses,
+    calls and timed calls recorded in order: (events, (a's timing, b's timing))."""
     from vlmrm_fast.profiler import timing
 
     events = []
@@ -852,8 +852,14 @@ def test_paired_timing_never_times_a_call_straight_after_a_pause(monkeypatch):
             events.append("timed")
             return super()._time_once(fn)
 
-    timer = Recording(torch.device("cpu"), warmup=1, repeats=5, time_budget=10.0)
-    first, second = timer.paired(lambda: events.append("a"), lambda: events.append("b"))
+    timer = Recording(torch.device("cpu"), warmup=1, repeats=repeats, time_budget=10.0)
+    return events, timer.paired(lambda: events.append("a"), lambda: events.append("b"))
+
+
+def test_paired_timing_never_times_a_call_straight_after_a_pause(monkeypatch):
+    # The first call after an idle pause runs about twice as slow on CPU, and the pauses fall unevenly
+    # on the two callables: every timed call must follow a call of its own callable, never a pause.
+    events, (first, second) = _recorded_paired_timing(monkeypatch, repeats=5)
     assert first.repeats == second.repeats == 5
     calls = [e for e in events if e != "timed"]
     for i, event in enumerate(events):
@@ -1966,18 +1972,7 @@ def test_a_stage_within_the_margin_of_the_pipeline_is_not_marked():
 def test_paired_timing_pauses_only_at_a_switch_of_callable(monkeypatch):
     # The exact sequence: a pause before each warm-up call (the second's too), then before every change
     # of callable, followed by an untimed warm call; consecutive calls of one callable get no pause.
-    from vlmrm_fast.profiler import timing
-
-    events = []
-    monkeypatch.setattr(timing.time, "sleep", lambda s: events.append("pause"))
-
-    class Recording(timing.StageTimer):
-        def _time_once(self, fn):
-            events.append("timed")
-            return super()._time_once(fn)
-
-    timer = Recording(torch.device("cpu"), warmup=1, repeats=2, time_budget=10.0)
-    timer.paired(lambda: events.append("a"), lambda: events.append("b"))
+    events, _ = _recorded_paired_timing(monkeypatch, repeats=2)
     assert events == ["pause", "a", "pause", "b",                        # one warm-up call each
                       "pause", "a", "timed", "a", "pause", "b", "timed", "b",  # pair 1: a then b
                       "timed", "b", "pause", "a", "timed", "a"]         # pair 2: b (no switch), then a
