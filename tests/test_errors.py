@@ -454,6 +454,30 @@ def test_a_refused_set_tasks_leaves_the_old_tasks(rm):
     assert torch.equal(rm.score(emb), want)
 
 
+def test_set_tasks_takes_an_alpha_with_the_prompts(rm):
+    # Prompts that give no direction need alpha 0: set_tasks takes both at once; refused, it changes neither.
+    emb = torch.randn(3, rm.embed_dim)
+    rm.set_tasks(goal="a robot", baseline="a robot", alpha=0.0)
+    assert rm.alpha == 0.0 and rm.tasks[0].goal == "a robot"
+    with pytest.raises(ValueError, match="same vector"):
+        rm.set_tasks(goal="a robot", baseline="a robot", alpha=0.5)
+    assert rm.alpha == 0.0
+    rm.set_tasks(goal="a humanoid robot kneeling", baseline="a humanoid robot")  # no alpha: rm.alpha kept
+    assert rm.alpha == 0.0
+    with pytest.raises(ValueError, match=r"alpha=2.0 is outside \[0, 1\]"):
+        rm.set_tasks(goal="a humanoid robot kneeling", baseline="a humanoid robot", alpha=2.0)
+    rm.set_tasks(goal="a humanoid robot kneeling", baseline="a humanoid robot", alpha=0.5)
+    with torch.no_grad():
+        text = rm.model.encode_text(rm.tokenizer(["a humanoid robot kneeling", "a humanoid robot"])).double()
+    g, b = torch.nn.functional.normalize(text, dim=-1)
+    d = (g - b) / (g - b).norm()
+    x = torch.nn.functional.normalize(emb.double(), dim=-1)
+    off = x - g
+    along = (off @ d)[:, None] * d
+    want = 1 - 0.5 * (along + 0.5 * (off - along)).square().sum(-1)  # SPEC's reward at alpha = 0.5
+    torch.testing.assert_close(rm.score(emb).double(), want, atol=1e-5, rtol=0)
+
+
 def test_alpha_true_is_not_taken_for_one(rm):
     with pytest.raises(TypeError, match="number"):
         rm.alpha = True

@@ -306,13 +306,18 @@ class CLIPReward:
         goal: Optional[Prompts] = None,
         baseline: Optional[Prompts] = None,
         tasks: Optional[Sequence[Task]] = None,
+        alpha: Optional[float] = None,
     ) -> None:
-        """Replace the prompts (one goal/baseline, or several tasks) without reloading the model."""
-        self._encode_tasks(*task_list(goal, baseline, tasks))
+        """Replace the prompts (one goal/baseline, or several tasks) without reloading the model; ``alpha``
+        (default: ``rm.alpha`` as it is) becomes ``rm.alpha`` with them, for the tasks without their own.
+        A change that is refused (goal equal to baseline with alpha > 0, say) leaves tasks and alpha as they were."""
+        self._encode_tasks(*task_list(goal, baseline, tasks), alpha=None if alpha is None else check_alpha(alpha))
 
-    def _encode_tasks(self, tasks: Sequence[Task], single: bool) -> None:
+    def _encode_tasks(self, tasks: Sequence[Task], single: bool, alpha: Optional[float] = None) -> None:
+        alpha = self._alpha if alpha is None else alpha
         encoded = encode_tasks(self.model, self.tokenizer, tasks, self._device)
-        self._targets = encoded.targets(self._alpha)  # raises before any state changes
+        self._targets = encoded.targets(alpha)  # raises before any state changes
+        self._alpha = alpha
         self._encoded: EncodedTasks = encoded
         self._single = single
         # The goals hold the text tower's output: a later change of its weights makes them stale. Not
