@@ -39,9 +39,9 @@ import torch.nn.functional as F
 from vlmrm_fast.argtypes import ONNX_EXPORTERS, ONNX_INPUT_FORMATS
 from vlmrm_fast.atomic import default_file_mode, fsync_dir
 from vlmrm_fast.backends.base import BackendError, missing_extra, pooled_embeddings
-from vlmrm_fast.callers import stacklevel_outside_package
 from vlmrm_fast.backends.base import original_modules
 from vlmrm_fast.backends.torch_fp8 import is_fp8_quantised
+from vlmrm_fast.callers import stacklevel_outside_package
 from vlmrm_fast.ops.preprocess import PreprocessSpec
 from vlmrm_fast.quiet_logging import loggers_quieted
 from vlmrm_fast.scratch import scratch_folder

@@ -34,9 +34,9 @@ from typing import Callable, Optional, Tuple
 import torch
 
 from vlmrm_fast.backends.base import BackendError, VisionBackend, missing_extra
-from vlmrm_fast.callers import stacklevel_outside_package
 from vlmrm_fast.backends.engine_cache import EngineCache, EngineKey, tensorrt_build, weights_digest
 from vlmrm_fast.backends.onnx_export import check_exporter, export_onnx
+from vlmrm_fast.callers import stacklevel_outside_package
 from vlmrm_fast.frames import as_frame_batch
 from vlmrm_fast.ops.preprocess import PreprocessSpec, preprocess
 
