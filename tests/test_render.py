@@ -493,6 +493,45 @@ def test_a_mujoco_renderer_is_closed_with_its_own_gl_context_current(monkeypatch
     assert _RecordingRenderer.calls == ["make_current", "close"] + (["gl.free"] if close_fails else [])
 
 
+class _Mujoco35Renderer:
+    """``mujoco.Renderer`` as MuJoCo 3.5 and 3.6 have it where ``__init__`` fails: nothing set before its GL
+    context, and ``close()``, which ``__del__`` calls, reads both contexts."""
+
+    def __init__(self, *args) -> None:
+        self._gl_context = SimpleNamespace(make_current=lambda: None, free=lambda: None)
+        raise ValueError(_RecordingRenderer.failure)
+
+    def close(self) -> None:
+        if self._gl_context:
+            self._gl_context.free()
+        self._gl_context = None
+        if self._mjr_context:
+            self._mjr_context.free()
+        self._mjr_context = None
+
+    def __del__(self) -> None:
+        self.close()
+
+
+def test_a_mujoco_renderer_that_fails_to_start_leaves_nothing_for_its_finaliser_to_raise(monkeypatch):
+    # On MuJoCo 3.5 the renderer closed after its failed __init__ raised AttributeError again from
+    # Renderer.__del__ ("Exception ignored in ..." on stderr; test_a_size_too_large_leaves_the_envs_renderers_working
+    # warned with it); MuJoCo 4 sets both attributes first, so the finaliser is pinned on a stand-in.
+    import gc
+    import sys
+
+    from vlmrm_fast.render import batch
+
+    model = mujoco.MjModel.from_xml_string("<mujoco/>")
+    raised = []
+    monkeypatch.setattr(sys, "unraisablehook", raised.append)
+    monkeypatch.setattr(mujoco, "Renderer", _Mujoco35Renderer)
+    with pytest.raises(ValueError, match=_RecordingRenderer.failure):
+        batch.open_mujoco_renderer(model, 8, 8)
+    gc.collect()
+    assert [str(error.exc_value) for error in raised] == []
+
+
 def test_a_mujoco_renderer_that_fails_to_start_is_closed_before_the_error(monkeypatch):
     [env] = _make_envs(1, width=32, height=32, render_mode="rgb_array")
     monkeypatch.setattr(_RecordingRenderer, "calls", [])

@@ -396,6 +396,9 @@ def close_mujoco_renderer(renderer: Any) -> None:
     except AttributeError:  # an __init__ that failed before setting the attributes close() reads
         if gl is not None:
             gl.free()
+        # Its __del__ calls close() again: where __init__ does not set them first (MuJoCo 3.5 and 3.6; 3.10 on
+        # does), that raised the same AttributeError from the garbage collector ("Exception ignored in ...").
+        renderer._gl_context = renderer._mjr_context = None
 
 
 def open_mujoco_renderer(model: Any, height: int, width: int, max_geom: int = 10_000) -> Any:
