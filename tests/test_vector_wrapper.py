@@ -10,6 +10,7 @@ import os
 os.environ.setdefault("MUJOCO_GL", "egl")
 os.environ.setdefault("PYOPENGL_PLATFORM", "egl")
 
+import contextlib  # noqa: E402
 import warnings  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -129,8 +130,11 @@ def test_modes_tasks_and_info_layout(mode):
     """``mode``/``weight``, a several-task model's per-task rewards, and gymnasium's vector-info layout."""
     rm2 = _tiny_reward(tasks=[Task(goal="kneeling", baseline="a robot", name="kneel"),
                               Task(goal="the splits", baseline="a robot", name="splits")])
-    envs = VLMRewardVectorWrapper(sync_envs(lambda: make_env(max_episode_steps=50), 2), rm2, mode=mode,
-                                  weight=0.25, render="images", task="splits")
+    # weight=0.25 in every mode: "replace" and "log" must not use it (and say so)
+    unused = pytest.warns(UserWarning, match="weight=0.25 is unused") if mode != "add" else contextlib.nullcontext()
+    with unused:
+        envs = VLMRewardVectorWrapper(sync_envs(lambda: make_env(max_episode_steps=50), 2), rm2, mode=mode,
+                                      weight=0.25, render="images", task="splits")
     envs.reset(seed=0)
     _, rewards, _, _, info = envs.step(np.zeros((2, 1), np.float32))
     frames = np.stack(envs.env.render())
