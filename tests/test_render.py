@@ -1353,6 +1353,7 @@ def test_gpu_unavailable_reason_names_each_cause(monkeypatch):
     monkeypatch.setattr(_cuda, "_import_error", "ImportError: undefined symbol _ZN3c10")
     monkeypatch.setattr(_cuda, "_ext", None)
     monkeypatch.setattr(_cuda, "_built", True)
+    monkeypatch.setattr(torch.version, "cuda", "12.6")  # a CUDA build of torch (the test suite may run on a CPU one)
     reason = gpu_unavailable_reason()
     assert "is built but does not load (ImportError: undefined symbol _ZN3c10)" in reason
     # Without the variable, a machine with no GPU visible (a login node) skips the rebuild, keeping the old one.

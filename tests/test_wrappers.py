@@ -234,7 +234,7 @@ def test_single_env_negative_strides(rm):
 
 
 def test_single_env_size_warning(rm):
-    with pytest.warns(UserWarning, match="renders 64x64 frames but the reward model's tower takes 224x224"):
+    with pytest.warns(UserWarning, match=r"renders 64x64 frames \(height x width\) but the reward model's tower takes 224x224"):
         VLMRewardWrapper(make_env(), rm)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -824,7 +824,7 @@ class _SquareTower:
 
 def test_a_reward_callable_may_give_its_image_size_as_one_int(no_batch):
     # An int crashed every wrapper ('int' object is not iterable); something unreadable is named at construction.
-    with pytest.warns(UserWarning, match=r"renders 64x64 frames but the reward model's tower takes 32x32"):
+    with pytest.warns(UserWarning, match=r"renders 64x64 frames \(height x width\) but the reward model's tower takes 32x32"):
         VLMRewardWrapper(make_env(), _SquareTower(32)).close()
     for same in (np.int64(SIZE), (float(SIZE), float(SIZE))):  # the render size, as a numpy int or whole floats
         with warnings.catch_warnings(record=True) as caught:
@@ -1586,7 +1586,7 @@ def test_the_render_size_is_taken_from_width_and_height_of_mujoco_envs_only(rm):
         warnings.simplefilter("error")
         env = VLMRewardWrapper(_GridEnv(), rm)
     env.reset()
-    with pytest.warns(UserWarning, match=r"The env renders 64x64 frames but the reward model's tower takes 224x224"):
+    with pytest.warns(UserWarning, match=r"The env renders 64x64 frames \(height x width\) but the reward model's tower takes 224x224"):
         env.step(0)
     with pytest.warns(UserWarning, match=rf"The env renders {SIZE}x{SIZE} frames"):  # MuJoCo's: known at once
         VLMRewardWrapper(make_env(), rm)
