@@ -709,6 +709,24 @@ def test_a_run_that_measures_nothing_fails_and_leaves_no_stale_plot(tmp_path, ca
     assert {r["backend"] for r in json.loads((tmp_path / "bench.json").read_text())["rows"]} == {"seed"}
 
 
+def test_a_run_whose_models_all_fail_to_load_points_at_the_models(tmp_path, capsys, monkeypatch):
+    """Guards the closing hint of a run that measured nothing because no model could be created (an
+    ``hf-hub:`` name offline, say): it names ``--models``, not the backends and ``--dtypes``, which were
+    never tried (from a profiler user's audit: the hint sent them to the wrong options)."""
+    from vlmrm_fast.profiler import run as bench
+
+    def offline(name):
+        raise ValueError(f"{name!r} needs the Hugging Face hub, which is unreachable")
+
+    monkeypatch.setattr(bench, "create_random_model", offline)
+    argv = ["bench", "--models", "vlmrm-tiny", "--batch-sizes", "1", "--device", "cpu", "--out", str(tmp_path),
+            "--no-progress", "--no-plot", "--backends", "torch"]
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "no configuration was measured" in err
+    assert "no model could be created" in err and "--models" in err and "--dtypes" not in err
+
+
 def test_skip_reasons_speak_in_the_commands_options():
     from vlmrm_fast.profiler.run import in_cli_terms
 

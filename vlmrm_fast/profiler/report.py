@@ -372,7 +372,8 @@ def markdown_report(report: Report) -> str:
         lines += [
             "",
             "'of peak' above 100%: that row's tower runs faster than the measured matmul in its dtype did here, so the measured "
-            "peak is no ceiling for it (on CPU, bf16 and fp16 torch.mm take slow paths that compiled towers avoid).",
+            "peak is no ceiling for it (on CPU, bf16 and fp16 torch.mm take slow paths that compiled towers avoid; on "
+            "shared cores the peak, measured before and after each model, may have met more load than the row did).",
         ]
     if unsteady_rows(report.rows):
         lines += [

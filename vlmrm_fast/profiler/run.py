@@ -621,8 +621,12 @@ def run_bench(args: argparse.Namespace) -> int:
     print(markdown_report(report))
     print(f"{len(report.rows)} rows in {report.elapsed_seconds:.1f} s; wrote {', '.join(map(str, written))}")
     if not any(r.backend != SEED for r in report.rows):  # the seed's rows alone are no measurement asked for
+        # No model created: the backends and dtypes were never tried, so the fix is in --models (or the network).
+        uncreated = {f["what"][:-len(" (create)")] for f in report.failures if f["what"].endswith(" (create)")}
+        hint = (f"no model could be created ({', '.join(config.models)}); check --models (the failure "
+                "above says why)" if uncreated >= set(config.models) else
+                "choose backends and --dtypes that run on this device")
         print("no configuration was measured (the seed's rows are only its reference): every one was skipped or failed "
-              "(see above); choose backends and "
-              "--dtypes that run on this device", file=sys.stderr)
+              f"(see above); {hint}", file=sys.stderr)
         return 1
     return 1 if report.failures else 0
