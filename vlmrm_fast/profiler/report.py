@@ -482,7 +482,7 @@ def write_outputs(report: Report, config: BenchConfig, plot: Optional[bool] = No
 # --------------------------------------------------------------------------- environment
 
 
-def _load_average() -> Optional[float]:
+def load_average() -> Optional[float]:
     """The 1-minute load average (other work on the machine shows here), where the OS has one."""
     try:
         return round(os.getloadavg()[0], 2)
@@ -507,7 +507,7 @@ def environment(device: torch.device) -> Dict[str, Any]:
         "python": platform.python_version(),
         "triton_interpret": interpreter_enabled(),
         "cpu_count": os.cpu_count(),
-        "load_average_start": _load_average(),
+        "load_average_start": load_average(),
         "weights": "random (pretrained=None): speed does not depend on them",
     }
     if device.type == "cuda":

@@ -75,7 +75,7 @@ from vlmrm_fast.profiler.report import (
     REWARD_CHECK_FRAMES,
     Report,
     Row,
-    _load_average,
+    load_average,
     _require_matplotlib,
     _stage_row,
     check_targets,
@@ -551,7 +551,7 @@ def peak_precisions(config: BenchConfig) -> List[str]:
 
 def _set_targets(report: Report, config: BenchConfig) -> None:
     """The run's targets, with the load average at its end (a busy machine marks a speedup met)."""
-    report.environment["load_average_end"] = _load_average()
+    report.environment["load_average_end"] = load_average()
     report.targets = check_targets(report.rows, config.device, busy=machine_was_busy(report.environment))
 
 
