@@ -644,6 +644,7 @@ def test_a_seed_that_moved_during_the_run_marks_the_ratio():
     env = {"device": "cpu", "timestamp": "t", "commit": "c", "cpu_count": 2}
     config = {"repeats": 3, "warmup": 1, "time_budget": 1.0, "batch_sizes": [8]}
     assert "ratio is unsteady" in markdown_report(Report(env, config, rows=rows))
+    assert "more than 1.5x (up to 2.5x in this run)" in markdown_report(Report(env, config, rows=rows))  # 10 against 4
     assert "ratio is unsteady" not in markdown_report(Report(env, config, rows=[seed, steady]))
 
 

@@ -249,17 +249,22 @@ factor: the machine's load changed during the run, and the row's 'vs seed' is ma
 UNSTEADY_MARK = " †"
 
 
-def unsteady_rows(rows: Sequence[Row]) -> List[int]:
-    """Indices of the rows whose seed figure disagrees with the seed's own row at that model and batch
-    by more than :data:`SEED_DISAGREEMENT` either way."""
+def seed_disagreements(rows: Sequence[Row]) -> Dict[int, float]:
+    """{row index: the factor (>= 1) by which its seed figure and the seed's own row at that model and batch
+    differ, either way}, for the backends' rows that have both."""
     seed = {(r.model, r.batch): r.end_to_end_fps for r in rows if r.backend == SEED and r.end_to_end_fps}
-    flagged = []
+    factors = {}
     for i, row in enumerate(rows):
         own = seed.get((row.model, row.batch))
         if row.backend != SEED and row.seed_fps and own:
-            if max(row.seed_fps / own, own / row.seed_fps) > SEED_DISAGREEMENT:
-                flagged.append(i)
-    return flagged
+            factors[i] = max(row.seed_fps / own, own / row.seed_fps)
+    return factors
+
+
+def unsteady_rows(rows: Sequence[Row]) -> List[int]:
+    """Indices of the rows whose seed figure disagrees with the seed's own row at that model and batch
+    by more than :data:`SEED_DISAGREEMENT` either way."""
+    return [i for i, factor in seed_disagreements(rows).items() if factor > SEED_DISAGREEMENT]
 
 
 STAGE_EXCESS = 1.25
@@ -376,11 +381,12 @@ def markdown_report(report: Report) -> str:
             "shared cores the peak, measured before and after each model, may have met more load than the row did).",
         ]
     if unsteady_rows(report.rows):
+        worst = max(seed_disagreements(report.rows).values())
         lines += [
             "",
             f"{UNSTEADY_MARK.strip()} The seed timed with this row and the seed's own row differ by more than "
-            f"{SEED_DISAGREEMENT:g}x: the machine's load changed during the run (other work on shared cores), so this "
-            "ratio is unsteady; run again on an idle machine before quoting it.",
+            f"{SEED_DISAGREEMENT:g}x (up to {worst:.1f}x in this run): the machine's load changed during the run "
+            "(other work on shared cores), so this ratio is unsteady; run again on an idle machine before quoting it.",
         ]
     if any(disturbed_stages(r) for r in report.rows):
         lines += [
