@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from reference import float64_model, reference_reward_from_embeddings, reference_targets
 from vlmrm_fast import CLIPReward, Task
 from vlmrm_fast.ops._triton import HAS_TRITON, interpreter_enabled
 
@@ -468,13 +469,9 @@ def test_set_tasks_takes_an_alpha_with_the_prompts(rm):
         rm.set_tasks(goal="a humanoid robot kneeling", baseline="a humanoid robot", alpha=2.0)
     rm.set_tasks(goal="a humanoid robot kneeling", baseline="a humanoid robot", alpha=0.5)
     with torch.no_grad():
-        text = rm.model.encode_text(rm.tokenizer(["a humanoid robot kneeling", "a humanoid robot"])).double()
-    g, b = torch.nn.functional.normalize(text, dim=-1)
-    d = (g - b) / (g - b).norm()
-    x = torch.nn.functional.normalize(emb.double(), dim=-1)
-    off = x - g
-    along = (off @ d)[:, None] * d
-    want = 1 - 0.5 * (along + 0.5 * (off - along)).square().sum(-1)  # SPEC's reward at alpha = 0.5
+        g, u = reference_targets(float64_model(rm.model), rm.tokenizer, ["a humanoid robot kneeling"],
+                                 ["a humanoid robot"])
+    want = reference_reward_from_embeddings(emb, g, u, 0.5)  # SPEC's reward at the new alpha
     torch.testing.assert_close(rm.score(emb).double(), want, atol=1e-5, rtol=0)
 
 

@@ -303,9 +303,9 @@ def _rewards_of(reward_model: Any, frames: Any, bottom_up: bool = False) -> np.n
         bottom_up = False
     rewards = reward_model(frames, bottom_up=True) if bottom_up else reward_model(frames)
     n = len(frames)
+    expected = f"it must return [{n}] (one reward per frame) or [{n}, T] (T tasks), as CLIPReward does"
     if rewards is None:
-        raise TypeError(f"the reward model returned None for {n} frames (a missing `return`?); it must return "
-                        f"[{n}] rewards (one per frame) or [{n}, T] (T tasks), as a tensor or an array.")
+        raise TypeError(f"the reward model returned None for {n} frames (a missing `return`?); {expected}.")
     if rewards.is_complex() if isinstance(rewards, torch.Tensor) else np.iscomplexobj(rewards):
         raise TypeError("the reward model returned complex rewards; it must return real ones (float32 or float64).")
     if isinstance(rewards, torch.Tensor):
@@ -315,13 +315,11 @@ def _rewards_of(reward_model: Any, frames: Any, bottom_up: bool = False) -> np.n
             with np.errstate(over="ignore"):  # beyond float32's range: named below
                 array = np.asarray(rewards, dtype=np.float32)
         except (TypeError, ValueError) as exc:  # strings, objects, ragged lists
-            raise TypeError(f"the reward model returned {type(rewards).__name__} rewards that are not numbers ({exc}); "
-                            f"it must return [{n}] rewards (one per frame) or [{n}, T] (T tasks), as a tensor or an "
-                            "array of floats.") from None
+            raise TypeError(f"the reward model returned {type(rewards).__name__} rewards that are not numbers "
+                            f"({exc}); {expected}.") from None
     if array.ndim not in (1, 2) or array.shape[0] != n:
         raise ValueError(
-            f"the reward model returned rewards of shape {tuple(array.shape)} for {n} frames; it must return "
-            f"[{n}] (one reward per frame) or [{n}, T] (T tasks), as CLIPReward does."
+            f"the reward model returned rewards of shape {tuple(array.shape)} for {n} frames; {expected}."
         )
     finite = np.isfinite(array)
     if not finite.all():

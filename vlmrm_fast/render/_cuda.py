@@ -100,18 +100,16 @@ def _extension_problem() -> Optional[str]:
                 cause += (f", the release of this torch ({torch.__version__}): the error names what is missing, or it "
                           "was built against another build of it (CUDA version, C++ ABI)")
         if torch.version.cuda is None:  # no rebuild helps: setup.py refuses a CPU-only torch
-            return (f"the CUDA extension vlmrm_fast._render_cuda is built but does not load ({_import_error}); "
-                    f"{cause}, a CPU-only build: install a CUDA build of torch"
-                    + (f" ({built[0]}, the one it was built against)" if built is not None else "") + ", e.g. "
-                    "`pip install torch --index-url https://download.pytorch.org/whl/cu126` (the CUDA version the "
-                    "cluster's driver takes)")
-        return (
-            f"the CUDA extension vlmrm_fast._render_cuda is built but does not load ({_import_error}); "
-            f"{cause}: rebuild it "
-            "against this torch (`VLMRM_FAST_FORCE_BUILD=1 pip install -e . --no-build-isolation`: without the "
-            "variable a machine with no GPU visible skips the build and keeps the old one; or a wheel built where "
-            "this torch is installed, after `pip uninstall -y vlmrm-fast`: pip skips a wheel of the version installed)"
-        )
+            fix = (", a CPU-only build: install a CUDA build of torch"
+                   + (f" ({built[0]}, the one it was built against)" if built is not None else "") + ", e.g. "
+                   "`pip install torch --index-url https://download.pytorch.org/whl/cu126` (the CUDA version the "
+                   "cluster's driver takes)")
+        else:
+            fix = (": rebuild it against this torch (`VLMRM_FAST_FORCE_BUILD=1 pip install -e . --no-build-isolation`: "
+                   "without the variable a machine with no GPU visible skips the build and keeps the old one; or a "
+                   "wheel built where this torch is installed, after `pip uninstall -y vlmrm-fast`: pip skips a wheel "
+                   "of the version installed)")
+        return f"the CUDA extension vlmrm_fast._render_cuda is built but does not load ({_import_error}); {cause}{fix}"
     if _ext is None:
         return (
             "the CUDA extension vlmrm_fast._render_cuda is not built "
