@@ -246,7 +246,7 @@ class Timing:
 
 
 class Timer:
-    """Times a callable: warm-up calls first (compilation, cached tables), then one timed call per repeat.
+    """Times callables: warm-up calls first (compilation, cached tables), then one timed call per repeat.
 
     On CUDA each repeat is bracketed by CUDA events, after a write of 256 MiB that evicts the inputs
     from L2 (as ``triton.testing.do_bench`` does), so small batches are not read from cache.
@@ -259,28 +259,40 @@ class Timer:
         self.flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device=device) if device.type == "cuda" else None
 
     def __call__(self, fn: Callable[[], object]) -> Timing:
-        for _ in range(self.warmup):
-            fn()
+        return self.alternating({"": fn})[""]
+
+    def alternating(self, calls: Dict[str, Callable[[], object]]) -> Dict[str, Timing]:
+        """Time several callables in turn, one call of each per repeat, each repeat starting one further
+        along (A B C, B C A, C A B, ...), so that load drifting on a shared machine or a clock ramping
+        weighs on all of them alike, not on whichever was timed last."""
+        names = list(calls)
+        for name in names:
+            for _ in range(self.warmup):
+                calls[name]()
+        times: Dict[str, List[float]] = {name: [] for name in names}
+        events = []
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-            events = []
-            for _ in range(self.repeats):
-                self.flush.zero_()
-                start = torch.cuda.Event(enable_timing=True)
-                end = torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                events.append((start, end))
+        for repeat in range(self.repeats):
+            shift = repeat % len(names)
+            for name in names[shift:] + names[:shift]:
+                if self.device.type == "cuda":
+                    self.flush.zero_()
+                    start = torch.cuda.Event(enable_timing=True)
+                    end = torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    calls[name]()
+                    end.record()
+                    events.append((name, start, end))
+                else:
+                    begin = time.perf_counter()
+                    calls[name]()
+                    times[name].append((time.perf_counter() - begin) * 1e3)
+        if events:
             torch.cuda.synchronize(self.device)
-            times = [start.elapsed_time(end) for start, end in events]
-        else:
-            times = []
-            for _ in range(self.repeats):
-                begin = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - begin) * 1e3)
-        return Timing(statistics.median(times), min(times), max(times))
+            for name, start, end in events:
+                times[name].append(start.elapsed_time(end))
+        return {name: Timing(statistics.median(t), min(t), max(t)) for name, t in times.items()}
 
 
 def seed_preprocess(frames: torch.Tensor, mode: str, out_dtype: torch.dtype) -> torch.Tensor:
@@ -400,14 +412,15 @@ def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def time_calls(timer: Timer, calls: Dict[str, Callable[[], torch.Tensor]], n: int, nbytes: Optional[int],
                **labels: object) -> List[Row]:
-    """One row per provider of ``calls``, in order (a "seed" call is the reference of those after it): its
-    timing, frames/s, GB/s where ``nbytes`` (read and written) is given, and its largest difference from
+    """One row per provider of ``calls``, in order (a "seed" call is the reference of those after it), the
+    providers timed in alternation (:meth:`Timer.alternating`): its timing, frames/s, GB/s where ``nbytes`` (read and written) is given, and its largest difference from
     the seed's output. ``labels``: the row's other columns."""
+    outputs = {provider: fn() for provider, fn in calls.items()}
+    timings = timer.alternating(calls)
     rows, reference = [], None
-    for provider, fn in calls.items():
-        output = fn()
+    for provider, output in outputs.items():
         reference = output if provider == "seed" else reference
-        timing = timer(fn)
+        timing = timings[provider]
         rows.append(Row(
             **labels, provider=provider, N=n, **asdict(timing), frames_per_s=n / (timing.median_ms * 1e-3),
             gb_per_s=None if nbytes is None else nbytes / (timing.median_ms * 1e-3) / 1e9,

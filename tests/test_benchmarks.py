@@ -220,6 +220,27 @@ def test_kernel_timer_reports_median_min_max_of_the_timed_repeats_only(monkeypat
     assert (timing.median_ms, timing.min_ms, timing.max_ms) == pytest.approx((3.0, 1.0, 8.0))
 
 
+def test_kernel_timer_alternates_the_providers_and_keeps_each_ones_times_apart(monkeypatch):
+    """Load drifting on a shared machine must weigh on every provider alike: each repeat times one call
+    of each, starting one further along, and a provider's figures are its own calls' times."""
+    bench = _load("bench_kernels")
+    now = _fake_clock(monkeypatch, bench)
+    order = []
+
+    def call(name, ms):
+        def fn():
+            order.append(name)
+            now[0] += ms[len([o for o in order if o == name]) - 1] * 1e-3
+        return fn
+
+    calls = {"a": call("a", [90, 1, 2, 3, 4]), "b": call("b", [90, 10, 20, 30, 40]), "c": call("c", [90, 5, 6, 7, 8])}
+    timings = bench.Timer(torch.device("cpu"), warmup=1, repeats=4).alternating(calls)
+    assert order == ["a", "b", "c", "a", "b", "c", "b", "c", "a", "c", "a", "b", "a", "b", "c"]
+    assert (timings["a"].median_ms, timings["a"].min_ms, timings["a"].max_ms) == pytest.approx((2.5, 1, 4))
+    assert (timings["b"].median_ms, timings["b"].min_ms, timings["b"].max_ms) == pytest.approx((25, 10, 40))
+    assert (timings["c"].median_ms, timings["c"].min_ms, timings["c"].max_ms) == pytest.approx((6.5, 5, 8))
+
+
 def test_kernel_benchmark_rows_carry_their_labels_and_exact_ratios(tmp_path, monkeypatch):
     bench = _load("bench_kernels")
     calls = []
@@ -255,6 +276,9 @@ def test_kernel_benchmark_rows_carry_their_labels_and_exact_ratios(tmp_path, mon
             out = fn()
             ms = 0.5 if out.dtype == torch.uint8 else base_ms[out.flatten()[0].item()] + out.shape[0]
             return bench.Timing(ms, ms - 0.25, ms + 0.25)
+
+        def alternating(self, calls):
+            return {provider: self(fn) for provider, fn in calls.items()}
 
     monkeypatch.setattr(bench, "Timer", FixedTimer)
     out_csv, out_json = tmp_path / "k.csv", tmp_path / "k.json"
