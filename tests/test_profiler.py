@@ -845,6 +845,48 @@ def test_the_plot_names_the_seed_only_where_it_ran_and_is_not_written_empty(tmp_
     assert [p.name for p in written] == ["bench.json", "bench.md"] and not (tmp_path / "c" / "bench.png").exists()
 
 
+def test_the_plot_title_fits_the_figure_and_frames_per_s_within_a_decade_get_numbers(tmp_path):
+    """A user-role review found bench.png's subtitle cut off at the right edge and a log axis over
+    105-900 frames/s labelled only at 100, 200 and 500, so the lines above 500 could not be read."""
+    pytest.importorskip("matplotlib")
+    import dataclasses
+
+    from vlmrm_fast.profiler import report as bench_report
+
+    figures = []
+    real = bench_report.save_figure_atomically
+
+    def keep_figure(figure, path):
+        figures.append(figure)
+        return real(figure, path)
+
+    config = {**CONFIG, "device": "cpu", "frame_size": 224, "batch_sizes": [1, 8]}
+    seed = dataclasses.replace(_row("ViT-B-32", "seed", 105.0, 1.0), seed_fps=None, speedup_vs_seed=None)
+    rows = [seed, dataclasses.replace(_row("ViT-B-32", "torch", 480.0, 105.0), batch=1),
+            _row("ViT-B-32", "torch", 900.0, 105.0)]
+    env = {**ENV, "device": "a CPU with a long name (and its thread count, 128 threads)"}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(bench_report, "save_figure_atomically", keep_figure)
+        bench_report.write_plot(tmp_path / "a.png", bench_report.Report(env, config, rows=rows))
+    [figure] = figures
+    ax = figure.axes[0]
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    renderer = FigureCanvasAgg(figure).get_renderer()
+    figure.draw(renderer)
+    title, box = ax.title, figure.bbox
+    extent = title.get_window_extent(renderer)
+    assert box.x0 <= extent.x0 and extent.x1 <= box.x1, (extent, box)
+    assert "random weights" in title.get_text().replace("\n", " ")
+    labelled = [t for t in ax.yaxis.get_major_locator().tick_values(105.0, 900.0) if 105.0 <= t <= 900.0]
+    assert len(labelled) >= 3 and max(labelled) > 500, labelled
+    # A wide range keeps the 1-2-5 labels; a narrow one gets finer steps still.
+    assert bench_report.log_tick_steps([10.0, 30_000.0]) == (1.0, 2.0, 5.0)
+    assert len([t for t in (310, 320, 330, 340, 350, 360, 370, 380, 390)
+                if round(t / 100, 6) in bench_report.log_tick_steps([310.0, 390.0])]) == 9
+    assert bench_report.log_tick_steps([]) == (1.0, 2.0, 5.0)
+
+
 @pytest.mark.skipif(not HAS_ORT, reason="needs onnxruntime")
 def test_the_seed_is_set_against_a_peak_in_its_own_dtype(tmp_path):
     # With only int8 asked for (no int8 matmul peak), the seed (fp32 on CPU) still gets its "of peak".

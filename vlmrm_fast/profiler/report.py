@@ -9,9 +9,10 @@ import json
 import math
 import os
 import platform
+import textwrap
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -420,6 +421,26 @@ def _require_matplotlib() -> None:
         raise ValueError(f"bench.png needs matplotlib, which is not installed: {CLI_EXTRA} (or pass --no-plot).")
 
 
+TITLE_WIDTH = 100
+"""Characters a line of bench.png's title holds at its size and font (8.5 in, 9 pt), with margin."""
+LOG_TICK_STEPS = ((1.0, 2.0, 5.0), tuple(float(k) for k in range(1, 10)), tuple(k / 10 for k in range(10, 100)))
+
+
+def log_tick_steps(values: Sequence[float]) -> Tuple[float, ...]:
+    """The multiples of each power of ten that label a log axis over ``values``: 1-2-5 where that puts at
+    least three labels among them, else finer steps (frames/s within one decade would otherwise get one
+    or two numbers, and lines between them could not be read)."""
+    positive = [v for v in values if v > 0 and math.isfinite(v)]
+    if not positive:
+        return LOG_TICK_STEPS[0]
+    low, high = min(positive), max(positive)
+    for steps in LOG_TICK_STEPS:
+        decades = range(math.floor(math.log10(low)), math.floor(math.log10(high)) + 1)
+        if sum(low <= step * 10.0**d <= high for d in decades for step in steps) >= 3:
+            return steps
+    return LOG_TICK_STEPS[-1]
+
+
 def write_plot(path: Path, report: Report) -> Path:
     """End-to-end frames/s against batch size, log-log: one line per (model, backend, dtype, kernels), in
     the model's colour, a line style per backend (the seed dashed), a marker per precision and, where the
@@ -452,8 +473,7 @@ def write_plot(path: Path, report: Report) -> Path:
     batches = sorted({r.batch for r in report.rows})
     ax.set_xticks(batches, labels=[str(b) for b in batches])
     ax.xaxis.set_minor_locator(NullLocator())
-    # Labels at 1-2-5 steps too: frames/s within one decade would otherwise get no number at all.
-    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_locator(LogLocator(base=10, subs=log_tick_steps([r.end_to_end_fps for r in report.rows])))
     ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:,.0f}" if value >= 1 else f"{value:g}"))
     ax.yaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("batch size (frames per call)")
@@ -462,8 +482,8 @@ def write_plot(path: Path, report: Report) -> Path:
     seed_size = "" if size == SEED_FRAME_SIZE else f" at {SEED_FRAME_SIZE}x{SEED_FRAME_SIZE}"
     seed = (f" (the seed dashed{seed_size}, timed alone; bench.md's 'vs seed' times it beside each row)"
             if any(r.backend == SEED for r in report.rows) else "")
-    ax.set_title(f"vlmrm-fast bench, {report.environment['device']}\n{size}x{size} uint8 frames on the device"
-                 f"{seed}; random weights", fontsize=9)
+    subtitle = textwrap.fill(f"{size}x{size} uint8 frames on the device{seed}; random weights", TITLE_WIDTH)
+    ax.set_title(f"vlmrm-fast bench, {report.environment['device']}\n{subtitle}", fontsize=9)
     ax.grid(alpha=0.3)
     if report.rows:
         ax.legend(fontsize=7, loc="best", handlelength=4)  # long enough to tell the line styles apart
