@@ -434,8 +434,8 @@ def log_tick_steps(values: Sequence[float]) -> Tuple[float, ...]:
     if not positive:
         return LOG_TICK_STEPS[0]
     low, high = min(positive), max(positive)
+    decades = range(math.floor(math.log10(low)), math.floor(math.log10(high)) + 1)
     for steps in LOG_TICK_STEPS:
-        decades = range(math.floor(math.log10(low)), math.floor(math.log10(high)) + 1)
         if sum(low <= step * 10.0**d <= high for d in decades for step in steps) >= 3:
             return steps
     return LOG_TICK_STEPS[-1]
