@@ -1057,6 +1057,30 @@ def test_the_report_notes_load_skips_failures_and_the_frames_checked():
     assert "Failed: compile fp32 (" + "x" * 300 + ")." in text
 
 
+def test_the_report_explains_only_what_ran_the_seed_and_the_peaks():
+    """A user-role review: with --no-seed, bench.md still explained the seed columns, now empty; a seed
+    row showed a kernels value, which means nothing for the original code; an int8 row's empty 'of peak'
+    went unexplained; and one checked frame read "the first 1 frames"."""
+    import dataclasses
+
+    from vlmrm_fast.profiler.report import Report, markdown_report
+
+    ours = _row("ViT-B-32", "torch", 12.0, 10.0)
+    seed = dataclasses.replace(_row("ViT-B-32", "seed", 10.0, 1.0), seed_fps=None, speedup_vs_seed=None)
+    with_seed = markdown_report(Report(ENV, {**CONFIG, "batch_sizes": [1], "seed": True}, rows=[seed, ours],
+                                       peak_tflops={"fp32": 1.0}, peak_sizes={"fp32": 2048}))
+    assert "the first frame," in with_seed and "timed in alternation with the row's own end to end" in with_seed
+    assert "was not run" not in with_seed and "'of peak' is empty" not in with_seed
+    seed_line, own_line = [line for line in with_seed.splitlines() if line.startswith("| ViT-B-32")]
+    assert seed_line.split(" | ")[3] == "" and own_line.split(" | ")[3] == "torch"
+    int8 = dataclasses.replace(ours, backend="onnxruntime", dtype="int8", seed_fps=None, speedup_vs_seed=None)
+    without = markdown_report(Report(ENV, {**CONFIG, "seed": False}, rows=[ours, int8], peak_tflops={"fp32": 1.0}, peak_sizes={"fp32": 2048}))
+    assert "The seed pipeline was not run (--no-seed), so 'seed' and 'vs seed' are empty." in without
+    assert "alternation" not in without and "switch between the seed" not in without
+    assert "the first 8 frames," in without
+    assert "'of peak' is empty for int8: no matmul peak in that precision was measured" in without
+
+
 def test_rates_of_a_thousand_and_more_get_thousands_separators():
     from vlmrm_fast.profiler.report import _rate
 

@@ -226,7 +226,7 @@ TABLE_COLUMNS = (
     ("model", lambda r: r.model),
     ("backend", lambda r: r.backend),
     ("dtype", lambda r: r.dtype),
-    ("kernels", lambda r: r.kernels),
+    ("kernels", lambda r: "" if r.backend == SEED else r.kernels),  # the seed runs the original code, not ours
     ("batch", lambda r: str(r.batch)),
     ("frame", lambda r: str(r.frame_size)),
     ("h2d", lambda r: _rate(r.h2d_fps)),
@@ -294,6 +294,10 @@ def disturbed_stages(row: Row) -> List[str]:
     return disturbed
 
 
+def _first_frames(count: int) -> str:
+    return "the first frame" if count == 1 else f"the first {count} frames"
+
+
 def markdown_table(rows: Sequence[Row]) -> str:
     """One line per row: frames/s per stage (median), end to end, the seed's, FLOP rate, build time."""
     flagged = set(unsteady_rows(rows))
@@ -331,6 +335,7 @@ def markdown_report(report: Report) -> str:
     peaks = ", ".join(f"{k} {v:.3g} TFLOP/s ({report.peak_sizes[k]}^3)" for k, v in report.peak_tflops.items())
     load = [env.get("load_average_start"), env.get("load_average_end")]
     repeats, before_budget = config["repeats"], min(MIN_REPEATS, config["repeats"])
+    seeded = config.get("seed", True)
     lines = [
         f"# vlmrm-fast bench: {env['device']}",
         "",
@@ -351,16 +356,18 @@ def markdown_report(report: Report) -> str:
         f"{config['warmup']} warm-up; stages stop after {config['time_budget']:g} s of timed calls once "
         f"{before_budget} {'is' if before_budget == 1 else 'are'} done). Frames are uint8 "
         f"already on the device except for h2d (from pageable host memory, as rm(frames) uploads them: one copy into "
-        "pinned memory, then the upload; n/a on CPU; the seed's rows copy from pageable memory, as the original did). The seed pipeline (the original code's) always gets 480 x 480 frames; in a backend's row, "
+        "pinned memory, then the upload; n/a on CPU" + ("; the seed's rows copy from pageable memory, as the original did). "
+                                                        "The seed pipeline (the original code's) always gets 480 x 480 frames; in a backend's row, "
         "'seed' is the seed's end to end at that batch size timed in alternation with the row's own end to end (so "
-        "load on a shared machine weighs on both alike), and 'vs seed' is their ratio. TFLOP/s = tower GFLOP/img x "
-        "tower frames/s; 'of peak' against the matmul peak in that dtype (fp16 for the seed on CUDA; for fp8 rows the fp8 peak, "
-        "though their attention and patch embedding run in bf16). 'build s' (export, compile, "
+        "load on a shared machine weighs on both alike), and 'vs seed' is their ratio." if seeded else
+        "). The seed pipeline was not run (--no-seed), so 'seed' and 'vs seed' are empty.") + " TFLOP/s = tower GFLOP/img x "
+        "tower frames/s; 'of peak' against the matmul peak in that dtype (" + ("fp16 for the seed on CUDA; " if seeded else "")
+        + "for fp8 rows the fp8 peak, though their attention and patch embedding run in bf16). 'build s' (export, compile, "
         "engine build) is not in any frames/s. 'reward err' is the largest difference between the row's rewards and "
-        f"the float32 eager path's, on the same model and the first {min(REWARD_CHECK_FRAMES, max(config['batch_sizes']))} "
-        "frames, in one batch (random weights: a guide, not a "
-        "guarantee for a pretrained checkpoint). On CPU each stage, and each switch between the seed and the pipeline "
-        f"timed with it, starts after a {SWITCH_PAUSE_S:g} s pause (ONNX Runtime's threads spin after a run and slow "
+        f"the float32 eager path's, on the same model and {_first_frames(min(REWARD_CHECK_FRAMES, max(config['batch_sizes'])))}, "
+        "in one batch (random weights: a guide, not a "
+        "guarantee for a pretrained checkpoint). On CPU each stage" + (", and each switch between the seed and the "
+        "pipeline timed with it," if seeded else "") + f" starts after a {SWITCH_PAUSE_S:g} s pause (ONNX Runtime's threads spin after a run and slow "
         "the torch work that follows).",
     ]
     compiled = any(r.backend == "compile" for r in report.rows)
@@ -374,6 +381,10 @@ def markdown_report(report: Report) -> str:
                       "graph, in this run or another (torch.compile's graphs in Inductor's cache, a TensorRT engine in "
                       "the engine cache), so its 'build s' is less than a first build's."]
     lines += kernels_notes(report.rows)
+    unpeaked = sorted({r.dtype for r in report.rows if peak_dtype(r.dtype) not in report.peak_tflops})
+    if unpeaked:
+        lines += ["", f"'of peak' is empty for {', '.join(unpeaked)}: no matmul peak in that precision was measured on "
+                      "this device (none is measured for int8; fp8's only where the torch backends' fp8 runs)."]
     if any(r.frac_of_peak is not None and r.frac_of_peak > 1 for r in report.rows):
         lines += [
             "",
