@@ -13,6 +13,7 @@ import importlib.util
 import io
 import json
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -700,14 +701,31 @@ def test_a_run_that_measures_nothing_fails_and_leaves_no_stale_plot(tmp_path, ca
     argv = ["bench", "--models", "vlmrm-tiny", "--no-seed", "--dtypes", "fp8", "--batch-sizes", "1", "--device",
             "cpu", "--out", str(tmp_path), "--no-progress", "--no-plot"]
     assert cli.main(argv) == 1
-    assert "no configuration was measured" in capsys.readouterr().err
+    first = capsys.readouterr()
+    assert "no configuration was measured" in first.err and "held" not in first.out
     assert not (tmp_path / "bench.png").exists() and json.loads((tmp_path / "bench.json").read_text())["rows"] == []
     # With the seed: its rows are the reference, not a measurement asked for; a job script must see the failure
     # (it exited 0, from a profiler user's audit).
     with_seed = [a for a in argv if a != "--no-seed"]
     assert cli.main(with_seed) == 1
-    assert "no configuration was measured" in capsys.readouterr().err
+    second = capsys.readouterr()
+    assert "no configuration was measured" in second.err
+    # The earlier run's files are replaced, and the run says so (a user-role review: it was silent).
+    stamp = re.escape(str(tmp_path))
+    assert re.search(f"note: {stamp} held a run of 0 rows from [0-9T:+-]+; this run's bench.json, bench.md and "
+                     "bench.png replace it", second.out), second.out
     assert {r["backend"] for r in json.loads((tmp_path / "bench.json").read_text())["rows"]} == {"seed"}
+
+
+def test_an_earlier_run_is_described_even_when_its_json_is_unreadable(tmp_path):
+    from vlmrm_fast.profiler.run import earlier_run
+
+    assert earlier_run(tmp_path) is None
+    (tmp_path / "bench.json").write_text('{"rows": [{}, {}], "environment": {"timestamp": "T"}}')
+    assert earlier_run(tmp_path) == "a run of 2 rows from T"
+    for text in ("{cut sho", "[]", '{"rows": 3}'):
+        (tmp_path / "bench.json").write_text(text)
+        assert earlier_run(tmp_path) == "a bench.json that could not be read"
 
 
 def test_a_run_whose_models_all_fail_to_load_points_at_the_models(tmp_path, capsys, monkeypatch):

@@ -48,6 +48,7 @@ import gc
 import importlib
 import importlib.metadata
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -555,6 +556,19 @@ def _set_targets(report: Report, config: BenchConfig) -> None:
     report.targets = check_targets(report.rows, config.device, busy=machine_was_busy(report.environment))
 
 
+def earlier_run(out: Path) -> Optional[str]:
+    """What an earlier bench run left in ``out`` ("a run of 5 rows from TIMESTAMP"), or None: a run into the
+    same folder replaces its files, and should say so."""
+    path = out / "bench.json"
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        return f"a run of {len(data['rows'])} rows from {data['environment']['timestamp']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "a bench.json that could not be read"
+
+
 def run_bench(args: argparse.Namespace) -> int:
     """``vlmrm-fast bench``: profile, write bench.json/.md/.png, print the table.
 
@@ -564,6 +578,7 @@ def run_bench(args: argparse.Namespace) -> int:
     if config.plot:
         _require_matplotlib()
     writable_folder(config.out, "--out")
+    earlier = earlier_run(config.out)
     # An earlier run's plot in the same folder would pass for this run's (bench.json and .md are rewritten).
     (config.out / "bench.png").unlink(missing_ok=True)
     began = time.perf_counter()
@@ -586,6 +601,8 @@ def run_bench(args: argparse.Namespace) -> int:
           f"{config.frame_size}x{config.frame_size} frames, weights random (speed does not depend on them)")
     for skipped in report.skipped:
         print(f"skipped {skipped['what']}: {skipped['reason']}")
+    if earlier:
+        print(f"note: {config.out} held {earlier}; this run's bench.json, bench.md and bench.png replace it")
     if interpreter_enabled():
         print("note: TRITON_INTERPRET=1; the Triton kernels would run in Triton's interpreter (kernels=auto picks "
               "the torch path on CPU)")
