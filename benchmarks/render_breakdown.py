@@ -338,7 +338,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     with files.interruptible():
         for rows in (single_variants(args), _parallel_rows(args)):
             for row in rows:
-                log(f"{row.variant}: " + (f"{row.frames_per_s:.1f} frames/s" if row.error == "" else row.error))
+                unit = "scenes/s (updated, nothing drawn)" if row.variant == "update_scene_only" else "frames/s"
+                log(f"{row.variant}: " + (f"{row.frames_per_s:.1f} {unit}" if row.error == "" else row.error))
                 files.add([row])
     base = next((r.frames_per_s for r in files.rows if r.variant == "default"), None)
     print("| variant | workers | path | median ms | frames/s | vs default |\n|---|---|---|---|---|---|")

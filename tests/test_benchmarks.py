@@ -6,6 +6,7 @@ import importlib.util
 import inspect
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -893,7 +894,7 @@ def test_timed_reward_model_takes_bottom_up_frames_as_the_model_it_times():
     assert bottom_up is True and torch.equal(seen, frames)  # the kernel flips the rows, for free
 
 
-def test_render_breakdown_measures_each_variant_and_its_scene_changes_take_effect(tmp_path):
+def test_render_breakdown_measures_each_variant_and_its_scene_changes_take_effect(tmp_path, capsys):
     _skip_without_rendering()
     rb = _load("render_breakdown")
     out = tmp_path / "rb.json"
@@ -904,6 +905,8 @@ def test_render_breakdown_measures_each_variant_and_its_scene_changes_take_effec
         "default", "update_scene_only", "no_shadow", "no_reflection", "no_skybox", "shadowsize_256", "offsamples_0",
         "threads_1"]
     assert all(r["frames_per_s"] > 0 for r in data["rows"]) and data["environment"]["gl_renderer"]
+    printed = "".join(capsys.readouterr())  # progress: scene updates are not frames (a user-role review)
+    assert re.search(r"update_scene_only: [0-9.]+ scenes/s", printed) and re.search(r"default: [0-9.]+ frames/s", printed)
     # Each variant changes what is drawn: the frames differ from the default's.
     import torch
 
