@@ -644,6 +644,22 @@ def test_the_stand_in_commands_cover_every_command() -> None:
     assert set(_subparsers(cli.build_parser())) == set(COMMAND_ARGV)
 
 
+@pytest.mark.parametrize("command", sorted(COMMAND_ARGV))
+def test_an_unknown_option_is_refused_with_its_commands_usage(monkeypatch, capsys, command: str) -> None:
+    """``vlmrm-fast bench --plot`` printed the top level's usage (``COMMAND ...``), which names none of
+    bench's options; the command's own usage shows the one meant (``--no-plot``). An unknown option before
+    the command is the top level's, and nothing runs either way."""
+    _every_handler(monkeypatch, lambda args: pytest.fail("a command ran despite an unknown option"))
+    assert cli.main([*COMMAND_ARGV[command], "--no-such-option"]) == 2
+    err = capsys.readouterr().err
+    assert f"usage: vlmrm-fast {command} " in err, err
+    assert err.rstrip().endswith(f"vlmrm-fast {command}: error: unrecognized arguments: --no-such-option"), err
+    assert cli.main(["--no-such-option", *COMMAND_ARGV[command]]) == 2
+    err = capsys.readouterr().err
+    assert "usage: vlmrm-fast [-h] [--version] COMMAND" in err
+    assert err.rstrip().endswith("vlmrm-fast: error: unrecognized arguments: --no-such-option"), err
+
+
 @pytest.mark.parametrize("command,knob", [("score", "--batch-size"), ("bench", "--batch-sizes"),
                                           ("train", "--reward-batch-size"), ("export", None)])
 def test_out_of_gpu_memory_names_options_the_command_has(monkeypatch, capsys, command: str, knob) -> None:

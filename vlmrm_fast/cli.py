@@ -37,7 +37,7 @@ import warnings
 from collections.abc import Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Optional, TextIO, TypeVar
+from typing import TYPE_CHECKING, Callable, List, Optional, TextIO, TypeVar
 
 import numpy as np
 from tqdm import tqdm
@@ -270,11 +270,25 @@ OUT_OF_MEMORY_FIX = {
 }
 
 
+def _refuse_unknown(parser: argparse.ArgumentParser, command: str, argv: List[str], unknown: List[str]) -> None:
+    """Exit with a usage error for the ``unknown`` arguments, given by the command's parser (its usage and
+    name) where they all follow the command; argparse's own gives the top level's usage, which names no option
+    of the command."""
+    # argparse has no public accessor for a command's parser: the subparsers action keeps them in ``choices``.
+    (commands,) = [a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    after = argv[argv.index(command) + 1:]
+    owner = commands[command] if all(arg in after for arg in unknown) else parser
+    owner.error(f"unrecognized arguments: {' '.join(unknown)}")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command line ``argv`` (default: ``sys.argv[1:]``); return the exit code."""
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        args = parser.parse_args(argv)
+        args, unknown = parser.parse_known_args(argv)
+        if unknown:
+            _refuse_unknown(parser, args.command, argv, unknown)
     except SystemExit as exc:  # --help and usage errors; return the code instead of exiting
         return 0 if exc.code is None else exc.code if isinstance(exc.code, int) else 2
     # Imported after parsing, so that --help and usage errors do not wait for torch; every command
