@@ -336,6 +336,7 @@ def markdown_report(report: Report) -> str:
     load = [env.get("load_average_start"), env.get("load_average_end")]
     repeats, before_budget = config["repeats"], min(MIN_REPEATS, config["repeats"])
     seeded = config.get("seed", True)
+    checked = min(REWARD_CHECK_FRAMES, max(config["batch_sizes"]))
     lines = [
         f"# vlmrm-fast bench: {env['device']}",
         "",
@@ -356,18 +357,20 @@ def markdown_report(report: Report) -> str:
         f"{config['warmup']} warm-up; stages stop after {config['time_budget']:g} s of timed calls once "
         f"{before_budget} {'is' if before_budget == 1 else 'are'} done). Frames are uint8 "
         f"already on the device except for h2d (from pageable host memory, as rm(frames) uploads them: one copy into "
-        "pinned memory, then the upload; n/a on CPU" + ("; the seed's rows copy from pageable memory, as the original did). "
-                                                        "The seed pipeline (the original code's) always gets 480 x 480 frames; in a backend's row, "
-        "'seed' is the seed's end to end at that batch size timed in alternation with the row's own end to end (so "
-        "load on a shared machine weighs on both alike), and 'vs seed' is their ratio." if seeded else
-        "). The seed pipeline was not run (--no-seed), so 'seed' and 'vs seed' are empty.") + " TFLOP/s = tower GFLOP/img x "
-        "tower frames/s; 'of peak' against the matmul peak in that dtype (" + ("fp16 for the seed on CUDA; " if seeded else "")
-        + "for fp8 rows the fp8 peak, though their attention and patch embedding run in bf16). 'build s' (export, compile, "
-        "engine build) is not in any frames/s. 'reward err' is the largest difference between the row's rewards and "
-        f"the float32 eager path's, on the same model and {_first_frames(min(REWARD_CHECK_FRAMES, max(config['batch_sizes'])))}, "
-        "in one batch (random weights: a guide, not a "
-        "guarantee for a pretrained checkpoint). On CPU each stage" + (", and each switch between the seed and the "
-        "pipeline timed with it," if seeded else "") + f" starts after a {SWITCH_PAUSE_S:g} s pause (ONNX Runtime's threads spin after a run and slow "
+        "pinned memory, then the upload; n/a on CPU" + (
+            "; the seed's rows copy from pageable memory, as the original did). The seed pipeline (the original "
+            "code's) always gets 480 x 480 frames; in a backend's row, 'seed' is the seed's end to end at that batch "
+            "size timed in alternation with the row's own end to end (so load on a shared machine weighs on both "
+            "alike), and 'vs seed' is their ratio." if seeded else
+            "). The seed pipeline was not run (--no-seed), so 'seed' and 'vs seed' are empty.")
+        + " TFLOP/s = tower GFLOP/img x tower frames/s; 'of peak' against the matmul peak in that dtype ("
+        + ("fp16 for the seed on CUDA; " if seeded else "")
+        + "for fp8 rows the fp8 peak, though their attention and patch embedding run in bf16). 'build s' (export, "
+        "compile, engine build) is not in any frames/s. 'reward err' is the largest difference between the row's "
+        f"rewards and the float32 eager path's, on the same model and {_first_frames(checked)}, in one batch (random "
+        "weights: a guide, not a guarantee for a pretrained checkpoint). On CPU each stage"
+        + (", and each switch between the seed and the pipeline timed with it," if seeded else "")
+        + f" starts after a {SWITCH_PAUSE_S:g} s pause (ONNX Runtime's threads spin after a run and slow "
         "the torch work that follows).",
     ]
     compiled = any(r.backend == "compile" for r in report.rows)
