@@ -53,6 +53,7 @@ class Resources:
     shared_bytes: int
     global_memory: str  # the global loads and stores in the PTX by width, e.g. "ld.b8 x6, st.v4.b32 x3"
     compile_s: float
+    divisions: str = ""  # the float divisions in the PTX by rounding, e.g. "div.full.f32 x2, div.rn.f32 x1"
 
 
 class _Recorder:
@@ -189,6 +190,15 @@ def _global_memory(ptx: str) -> str:
     return ", ".join(f"{key} x{n}" for key, n in sorted(counts.items()))
 
 
+def _divisions(ptx: str) -> str:
+    """The kernel's float divisions by kind ("div.full.f32 x2, div.rn.f32 x1"): ``/`` on float32 compiles to
+    div.full.f32 (up to 2 ulp off) or div.approx, only ``tl.div_rn`` to the IEEE-rounded div.rn."""
+    counts: Dict[str, int] = {}
+    for op in re.findall(r"\bdiv\.(?:full|approx|rn|rz|rm|rp)(?:\.ftz)?\.f(?:32|64)\b", ptx):
+        counts[op] = counts.get(op, 0) + 1
+    return ", ".join(f"{key} x{n}" for key, n in sorted(counts.items()))
+
+
 def compile_all(archs: List[int]) -> List[Resources]:
     import triton
     from triton.backends.compiler import GPUTarget
@@ -213,7 +223,8 @@ def compile_all(archs: List[int]) -> List[Resources]:
             usage = _resource_usage(compiled.asm["cubin"])
             rows.append(Resources(kernel.fn.__name__, variant, default_launch, arch, usage["REG"], usage["LOCAL"], usage["STACK"],
                                   max(usage["SHARED"], int(compiled.metadata.shared)),
-                                  _global_memory(compiled.asm["ptx"]), round(seconds, 2)))
+                                  _global_memory(compiled.asm["ptx"]), round(seconds, 2),
+                                  _divisions(compiled.asm["ptx"])))
     return rows
 
 

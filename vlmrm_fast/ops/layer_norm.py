@@ -55,7 +55,10 @@ if HAS_TRITON:
         mask = (rows < n_rows)[:, None] & col_ok[None, :]
         rows = rows.to(tl.int64)  # rows x width passes 2**31 elements at bigG batch 4096
         x = tl.load(x_ptr + rows[:, None] * stride_x_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        mean = tl.sum(x, axis=1) / WIDTH
+        # An IEEE division: a GPU's plain float32 '/' (div.full.f32) may be 2 ulp off, and a constant row's
+        # mean must be the constant (centred values 0, output the bias exactly), as in torch's LayerNorm.
+        # (Both operands float32 tensors: some Triton 3 releases do not convert an integer divisor here.)
+        mean = tl.math.div_rn(tl.sum(x, axis=1), tl.full((BLOCK_ROWS,), WIDTH, tl.float32))
         centred = tl.where(mask, x - mean[:, None], 0.0)
         var = tl.sum(centred * centred, axis=1) / WIDTH
         inv_std = 1.0 / tl.sqrt(var + eps)
