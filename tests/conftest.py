@@ -105,3 +105,27 @@ def tensorrt_type_text(tensor: dict) -> str:
 def tensorrt_is_float32(tensor: dict) -> bool:
     text = tensorrt_type_text(tensor)
     return text in ("FLOAT", "FP32", "FLOAT32") or "FP32" in text.split()
+
+
+def cuda_rowwise_scaled_mm(a, b, *, scale_a, scale_b, bias=None, out_dtype=None, **kwargs):
+    """``torch._scaled_mm`` with per-row scales as CUDA runs it on Hopper (torch 2.6 to 2.11), for CPU tests:
+    what CUDA refuses and torch's CPU kernel takes (a row-major second matrix, float32 output, a float32
+    bias) raises here, with CUDA's wording where it has one; the rest is the product in float64, rounded
+    once to ``out_dtype``. CUDA's rules: E4M3 operands, the first row-major and the second column-major,
+    K and N multiples of 16; float32 scales [M, 1] and [1, N], contiguous; bfloat16 output and bias [N]."""
+    e4m3 = torch.float8_e4m3fn
+    assert a.dtype == e4m3 and b.dtype == e4m3 and a.dim() == 2 and b.dim() == 2, (a.dtype, b.dtype)
+    (m, k), n = a.shape, b.shape[1]
+    assert b.shape[0] == k, (a.shape, b.shape)
+    assert a.stride(1) == 1, "mat_a must be a row major tensor"
+    assert b.stride(0) == 1, "mat_b must be a column major tensor"
+    assert k % 16 == 0 and n % 16 == 0, f"mat2 shape {tuple(b.shape)} must be divisible by 16"
+    assert tuple(scale_a.shape) == (m, 1) and tuple(scale_b.shape) == (1, n), (scale_a.shape, scale_b.shape)
+    assert scale_a.dtype == scale_b.dtype == torch.float32, (scale_a.dtype, scale_b.dtype)
+    assert scale_a.is_contiguous() and scale_b.is_contiguous(), \
+        "Both scale_a and scale_b must be contiguous for RowWise scaling."
+    assert out_dtype == torch.bfloat16, "Only bf16 high precision output types are supported for row-wise scaling."
+    if bias is not None:
+        assert bias.dtype == torch.bfloat16 and tuple(bias.shape) == (n,), (bias.dtype, bias.shape)
+    out = (a.double() * scale_a.double()) @ (b.double() * scale_b.double())
+    return (out if bias is None else out + bias.double()).to(out_dtype)

@@ -21,6 +21,7 @@ import open_clip
 import pytest
 import torch
 
+from conftest import cuda_rowwise_scaled_mm
 from vlmrm_fast import cli, create_clip, profiler
 from vlmrm_fast.profiler import Row, check_targets, tower_gflops
 
@@ -609,6 +610,25 @@ def test_fp8_matmul_peak_runs_as_the_fp8_backends_do(monkeypatch):
         torch.device("cpu"), warmup=0, repeats=1, time_budget=1.0))
     e4m3 = torch.float8_e4m3fn
     assert n == 512 and tflops > 0 and set(seen) == {(e4m3, e4m3, (512, 1), (1, 512), torch.bfloat16)}
+
+
+def test_fp8_matmul_peak_keeps_to_what_cuda_takes(monkeypatch):
+    # torch._scaled_mm on CPU also takes a row-major second matrix and float32 output, which CUDA refuses:
+    # the peak's product goes through CUDA's rules (tests/conftest.py) here, as it would run on the H200.
+    from vlmrm_fast.profiler import run, timing
+
+    calls = []
+
+    def scaled_mm(*args, **kwargs):
+        calls.append(1)
+        return cuda_rowwise_scaled_mm(*args, **kwargs)
+
+    monkeypatch.setattr(timing.torch, "_scaled_mm", scaled_mm)
+    monkeypatch.setattr(timing, "PEAK_SIZE", {"cpu": 512, "cuda": 512})
+    monkeypatch.setattr(timing, "PEAK_MAX_BURST", 1)
+    tflops, n = timing.measure_peak_tflops(torch.device("cpu"), run.PEAK_DTYPES["fp8"], timing.StageTimer(
+        torch.device("cpu"), warmup=0, repeats=1, time_budget=1.0))
+    assert n == 512 and tflops > 0 and calls
 
 
 def test_fp8_peak_only_where_fp8_runs(monkeypatch, tmp_path):

@@ -25,7 +25,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import DEVICES, make_model, make_tiny
+from conftest import DEVICES, cuda_rowwise_scaled_mm, make_model, make_tiny
 from reference import reference_reward
 from vlmrm_fast import CLIPReward
 from vlmrm_fast.backends import BackendError, torch_fp8
@@ -138,6 +138,34 @@ def test_float8_linear_multiplies_its_e4m3_values_exactly(device, bias):
 def test_float8_linear_refuses_sizes_scaled_mm_cannot_take():
     with pytest.raises(ValueError, match="multiples of 16"):
         Float8Linear(torch.zeros(40, 24), None, torch.bfloat16)
+
+
+def test_fp8_matmuls_keep_to_what_cuda_takes(monkeypatch, fp8_on_cpu):
+    # torch._scaled_mm on CPU takes what it refuses on CUDA (a row-major second matrix, float32 output or
+    # bias), so the CPU tests above cannot see a layout the H200 would reject: here every fp8 matmul, the
+    # reward's on the tiny tower, a layer with and one without bias and attention in [L, B, E] layout, goes
+    # through CUDA's rules (tests/conftest.py), in float64.
+    calls = []
+
+    def scaled_mm(*args, **kwargs):
+        calls.append(1)
+        return cuda_rowwise_scaled_mm(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "_scaled_mm", scaled_mm)
+    model, tokenizer = make_tiny()
+    rm = CLIPReward(model, tokenizer, goal=GOAL, baseline=BASELINE, alpha=ALPHA, device="cpu", dtype="bf16",
+                    backend="torch", backend_options={"quantize": "fp8"})
+    layers = sum(isinstance(m, Float8Linear) for m in rm.model.visual.modules())
+    assert layers > 0 and torch.isfinite(rm(_frames(6, 2))).all() and len(calls) == layers
+    generator = torch.Generator().manual_seed(7)
+    x = torch.randn(3, 13, 48, generator=generator).to(torch.bfloat16)  # 39 rows: not a multiple of 16
+    for bias in (torch.randn(80, generator=generator).to(torch.bfloat16), None):
+        layer = Float8Linear(torch.randn(80, 48, generator=generator).to(torch.bfloat16), bias, torch.bfloat16)
+        assert layer(x).shape == (3, 13, 80)
+    mha = torch.nn.MultiheadAttention(48, 3, batch_first=False).to(torch.bfloat16).eval()
+    attention = SelfAttention(mha, lambda weight, bias: Float8Linear(weight.detach(), bias, torch.bfloat16))
+    out, _ = attention(x, x, x, need_weights=False)
+    assert out.shape == x.shape and torch.isfinite(out).all()
 
 
 @pytest.mark.parametrize("batch_first", [True, False])
