@@ -1239,6 +1239,13 @@ def test_compile_backend_counts_compile_and_capture_as_build_time(monkeypatch):
     cpu(x)
     cpu(x)
     assert calls == [4, 4] and set(cpu.compile_seconds) == {4}  # on CPU nothing to capture: one call compiles
+    # On CUDA without CUDA graphs there is nothing to record or replay either: two more calls would be
+    # steady-state runs counted as compile time (a GPU-path desk review).
+    for mode, first_calls in (("default", 1), ("max-autotune-no-cudagraphs", 1), ("max-autotune", 3)):
+        del calls[:]
+        backend = CompileBackend(visual, torch.device("cuda"), torch.float32, (2, 2), 4, buckets=(4,), mode=mode)
+        backend(x)
+        assert len(calls) == first_calls and set(backend.compile_seconds) == {4}, (mode, calls)
 
 
 def test_a_compile_backend_says_when_its_graphs_came_from_the_cache_on_disk():
