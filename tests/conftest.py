@@ -56,7 +56,7 @@ def copy_sources(dest: Path) -> Path:
     """What setup.py builds from (metadata, csrc/, the package; no build outputs), copied to ``dest``:
     builds in tests run there, so the checkout gets no build/ folder or stray extension."""
     dest.mkdir(parents=True, exist_ok=True)
-    for name in ("pyproject.toml", "setup.py", "README.md", "MANIFEST.in", "LICENSE"):
+    for name in ("pyproject.toml", "setup.py", "README.md", "STATUS.md", "MANIFEST.in", "LICENSE"):
         shutil.copy2(ROOT / name, dest / name)
     ignore = shutil.ignore_patterns("__pycache__", "*.so", "*.egg-info")
     for name in ("vlmrm_fast", "csrc"):
