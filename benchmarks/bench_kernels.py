@@ -549,7 +549,7 @@ def add_ratios(rows: List[Row]) -> None:
 
 def markdown_table(rows: List[Row]) -> str:
     header = ["op", "case", "provider", "N", "dtype", "median ms", "min ms", "max ms",
-              "frames/s", "GB/s", "frac of copy", "vs seed", "max |diff| vs seed"]
+              "frames/s", "GB/s", "frac of copy", "vs seed", "max abs diff vs seed"]
     keys = ["op", "case", "provider", "N", "dtype", "median_ms", "min_ms", "max_ms",
             "frames_per_s", "gb_per_s", "frac_of_copy", "speedup_vs_seed", "max_abs_diff_vs_seed"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
