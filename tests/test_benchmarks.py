@@ -173,6 +173,32 @@ def test_results_csv_with_other_columns_is_refused(tmp_path):
     assert "other columns" in str(refused.value.code)
 
 
+def test_results_csv_with_more_columns_than_the_script_writes_is_refused_too(tmp_path):
+    # A CSV from a newer script (an added column) would get rows one cell short under its header.
+    results_io = _load("results_io")
+    path = tmp_path / "r.csv"
+    path.write_text("a,b,c\n1,2,3\n")
+    with pytest.raises(SystemExit):
+        results_io.check_csv(path, ["a", "b"])
+
+
+def test_results_csv_left_empty_gets_its_header_with_the_first_rows(tmp_path):
+    # An empty file (created, then the run stopped before its first row) is new: the header comes first.
+    results_io = _load("results_io")
+    path = tmp_path / "r.csv"
+    path.write_text("")
+    results_io.append_csv(path, [_Row(1, 2.5)], ["a", "b"])
+    results_io.append_csv(path, [_Row(3, None)], ["a", "b"])
+    assert path.read_text().splitlines() == ["a,b", "1,2.5", "3,"]
+
+
+def test_results_figures_keep_4_significant_digits_whatever_their_sign():
+    # Large magnitudes lose only their decimals (-12345.6 -> -12346), not their digits to an exponent.
+    results_io = _load("results_io")
+    assert [results_io.fmt(v) for v in (12345.6, -12345.6, 1.23456, -0.000123456, 7, None)] == [
+        "12346", "-12346", "1.235", "-0.0001235", "7", ""]
+
+
 def test_kernel_benchmark_times_the_patch_embedding_both_ways(tmp_path):
     bench = _load("bench_kernels")
     out_json = tmp_path / "k.json"
@@ -339,6 +365,49 @@ def test_kernel_benchmark_rows_carry_their_labels_and_exact_ratios(tmp_path, mon
         assert r["max_abs_diff_vs_seed"] == pytest.approx(value - 2.0)
 
 
+def test_kernel_rows_without_a_seed_provider_have_no_difference_from_it():
+    # Without torchvision there is no seed: the first provider timed is no stand-in for it, and the column
+    # "max abs diff vs seed" stays empty rather than holding a difference from torch's op.
+    import dataclasses
+
+    bench = _load("bench_kernels")
+    names = [f.name for f in dataclasses.fields(bench.Row)]
+    env = dict.fromkeys(names[:names.index("op")], "")  # the run's environment columns
+    timer = bench.Timer(torch.device("cpu"), warmup=1, repeats=1)
+    calls = {"torch": lambda: torch.zeros(2), "triton-interpret": lambda: torch.ones(2)}
+    rows = bench.time_calls(timer, calls, 2, None, **env, op="score", case="c", H=None, W=None, dtype="fp32",
+                            repeats=1)
+    assert [(r.provider, r.max_abs_diff_vs_seed) for r in rows] == [("torch", None), ("triton-interpret", None)]
+    with_seed = bench.time_calls(timer, {"seed": lambda: torch.zeros(2), **calls}, 2, None, **env, op="score",
+                                 case="c", H=None, W=None, dtype="fp32", repeats=1)
+    assert [r.max_abs_diff_vs_seed for r in with_seed] == [0.0, 0.0, 1.0]
+
+
+def test_kernel_and_env_tables_put_each_figure_under_its_own_header():
+    # Every column of bench_kernels' and bench_env's markdown tables has its header (read header by header,
+    # not counted; a "|" inside a header, "max |diff| vs seed", split it in two and shifted every header after it),
+    # and LayerNorm rows take a ViT's tokens with its class token (ViT-B-32: 7 x 7 + 1 = 50).
+    import dataclasses
+
+    kernels, env = _load("bench_kernels"), _load("bench_env")
+    assert [shape.tokens for shape in kernels.TOWER_SHAPES] == [50, 257, 257]
+
+    def cells(table):
+        header, _, row = table.splitlines()
+        return dict(zip(*([c.strip() for c in line.split("|")[1:-1]] for line in (header, row))))
+
+    blank = {f.name: "" for f in dataclasses.fields(kernels.Row) if f.default is dataclasses.MISSING}
+    row = kernels.Row(**{**blank, "N": 8, "median_ms": 1.0, "min_ms": 0.5, "max_ms": 2.0}, frames_per_s=8000.0,
+                      gb_per_s=3.0, frac_of_copy=0.6, speedup_vs_seed=1.5, max_abs_diff_vs_seed=0.25)
+    got = cells(kernels.markdown_table([row]))
+    assert (got["vs seed"], got["max abs diff vs seed"], got["frac of copy"], got["GB/s"]) == ("1.5", "0.25", "0.6", "3")
+    blank = {f.name: "" for f in dataclasses.fields(env.Row) if f.default is dataclasses.MISSING}
+    row = env.Row(**{**blank, "N": 8, "width": 224, "height": 224}, median_ms=1.0, other_ms=0.125,
+                  speedup_vs_reference=2.5)
+    got = cells(env.markdown_table([row]))
+    assert (got["other ms"], got["vs reference"], got["W x H"]) == ("0.125", "2.5", "224x224")
+
+
 def test_kernel_environment_names_the_gpu_driver_and_cuda(monkeypatch):
     bench = _load("bench_kernels")
     monkeypatch.setattr(bench, "device_name", lambda device: f"NVIDIA H200 ({device})")
@@ -372,6 +441,26 @@ def test_kernel_seed_baselines_compute_what_the_package_computes():
         spec = PreprocessSpec(bench.TOWER_SIZE, bench.OPENAI_MEAN, bench.OPENAI_STD, mode)
         ours = preprocess(frames, spec, torch.float32, impl="torch")
         assert bench.max_abs_diff(bench.seed_preprocess(frames, mode, torch.float32), ours) < 1e-3, mode
+
+
+def test_kernel_options_default_on_cpu():
+    # The CPU defaults the committed CPU results were taken with; --quick takes one N and fewer repeats.
+    bench = _load("bench_kernels")
+    args = bench.parse_args(["--device", "cpu"])
+    assert (args.batch_sizes, args.repeats, args.warmup, args.copy_mib, args.dtype) == ([1, 32], 5, 1, 256, "fp32")
+    quick = bench.parse_args(["--device", "cpu", "--quick"])
+    assert (quick.batch_sizes, quick.repeats) == ([8], 3)
+
+
+def test_kernel_options_default_on_cuda(monkeypatch):
+    # The defaults of a GPU run (read without a GPU: parsing touches no device).
+    bench = _load("bench_kernels")
+    monkeypatch.setattr(bench.torch.cuda, "is_available", lambda: True)
+    args = bench.parse_args(["--device", "cuda"])
+    assert (args.batch_sizes, args.repeats, args.warmup, args.copy_mib, args.dtype) == ([1, 64, 1024], 20, 3, 1024,
+                                                                                        "bf16")
+    quick = bench.parse_args(["--device", "cuda", "--quick"])
+    assert (quick.batch_sizes, quick.repeats) == ([64], 10)
 
 
 def test_kernel_options_add_copy_and_refuse_what_cannot_be_measured(capsys):
@@ -442,6 +531,28 @@ def test_env_options_defaults_and_refusals(capsys):
         with pytest.raises(SystemExit) as refused:
             bench.parse_args(["--device", "cpu", *bad])
         assert refused.value.code == 2, bad
+
+
+def test_env_options_default_to_1_and_8_envs_on_cpu():
+    # The CPU defaults the committed CPU results were taken with (N 1 and 8; render rows at 8 only).
+    bench = _load("bench_env")
+    args = bench.parse_args(["--device", "cpu"])
+    assert (args.num_envs, args.render_num_envs, args.warmup) == ([1, 8], [8], 1)
+    quick = bench.parse_args(["--device", "cpu", "--quick"])
+    assert (quick.num_envs, quick.steps, quick.repeats) == ([1, 4], 2, 2)
+
+
+def test_a_scripts_config_is_written_as_json_values():
+    # Devices and paths as their text; other values as they are (json.dumps of a torch.device fails).
+    import argparse
+
+    results_io = _load("results_io")
+    args = argparse.Namespace(device=torch.device("cpu"), csv=Path("results/r.csv"), repeats=3, ops=["copy"],
+                              quick=False, json=None)
+    config = results_io.config_of(args)
+    assert config == {"device": "cpu", "csv": "results/r.csv", "repeats": 3, "ops": ["copy"], "quick": False,
+                      "json": None}
+    json.dumps(config)
 
 
 def test_env_environment_names_the_gpu_driver_and_gl(monkeypatch):
@@ -948,6 +1059,51 @@ def test_render_breakdown_scene_options_reach_every_variant(tmp_path, monkeypatc
     assert all(flags[0] == "mjRND_SHADOW" for _, flags in seen)
     config = json.loads(out.read_text())["config"]
     assert config["scene_shadow_size"] == 256 and config["scene_no_shadow"] is True
+
+
+def test_render_breakdown_rates_are_over_the_median_call(monkeypatch):
+    # Calls of 1, 2 and 6 s (after an untimed warm-up): the median 2 s gives the rate, not the mean 3 s nor the
+    # fastest 1 s.
+    rb = _load("render_breakdown")
+    now = _fake_clock(monkeypatch, rb)
+    durations = iter([9.0, 1.0, 6.0, 2.0])
+
+    def call():
+        now[0] += next(durations)
+
+    measured = rb._median_fps(call, frames_per_call=8, repeats=3, warmup=1)
+    assert measured == {"median_ms": 2000.0, "min_ms": 1000.0, "max_ms": 6000.0, "frames_per_s": 4.0}
+
+
+def test_render_breakdown_parallel_rate_is_every_workers_frames_over_the_shared_window(monkeypatch):
+    # Two workers drawing 3 envs 4 times each, busy over [10, 12] and [11, 14] s: 24 frames in the 4 s from
+    # the first start to the last end (not over the longest single span, 3 s, nor one worker's frames).
+    import argparse
+
+    rb = _load("render_breakdown")
+    spans = {0: (10.0, 12.0, "egl"), 100: (11.0, 14.0, "egl")}
+    monkeypatch.setattr(rb, "_worker_loop", lambda num_envs, seed, *rest: spans[seed])
+    args = argparse.Namespace(num_envs=3, repeats=4, warmup=0, seed=0, device="cpu", scene_shadow_size=None,
+                              scene_no_shadow=False)
+    row = rb.parallel_variant(args, 2, "threads")
+    assert (row.variant, row.workers, row.path, row.frames_per_s) == ("threads_2", 2, "egl", 6.0)
+
+
+def test_render_breakdown_table_sets_each_variant_against_the_default(monkeypatch, capsys):
+    # "vs default" is the variant's frames/s over the default's (2x: twice as fast); the scene-only row
+    # draws nothing, so it gets no ratio and its rate reads as scenes.
+    rb = _load("render_breakdown")
+    rows = [rb.Row("default", 1, "egl", 100.0, 10.0), rb.Row("update_scene_only", 1, "cpu", 400.0, 2.5),
+            rb.Row("no_shadow", 1, "egl", 200.0, 5.0)]
+    monkeypatch.setattr(rb, "skipped_without_rendering", lambda: False)
+    monkeypatch.setattr(rb, "environment", lambda device: {"device": "cpu", "gl_renderer": "llvmpipe"})
+    monkeypatch.setattr(rb, "single_variants", lambda args: iter(rows))
+    monkeypatch.setattr(rb, "_parallel_rows", lambda args: iter([]))
+    rb.main(["--device", "cpu"])
+    table = capsys.readouterr().out
+    assert "| default | 1 | egl | 10 | 100 | 1.00x |" in table
+    assert "| update_scene_only | 1 | cpu | 2.5 | 400 scenes |  |" in table
+    assert "| no_shadow | 1 | egl | 5 | 200 | 2.00x |" in table
 
 
 def test_render_breakdown_reports_a_failed_thread_worker_instead_of_hanging_the_others(monkeypatch):

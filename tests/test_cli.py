@@ -854,3 +854,26 @@ def test_score_errors_name_its_own_flags(image_folder: Path, tmp_path: Path, cap
     err = capsys.readouterr().err
     assert re.search(message, err), err
     assert "pretrained=None" not in err and "alpha=" not in err
+
+
+# ---- vlmrm_fast.argtypes: what a mutation audit found unguarded ----------------------------------------
+
+
+def test_the_smallest_allowed_integers_are_taken() -> None:
+    # The bounds themselves: --batch-size 1 and --warmup 0 are allowed.
+    from vlmrm_fast.argtypes import non_negative_int, positive_int
+
+    assert positive_int("1") == 1 and non_negative_int("0") == 0
+    with pytest.raises(argparse.ArgumentTypeError, match="expected an integer >= 0, got -1$"):
+        non_negative_int("-1")
+
+
+def test_an_out_below_a_file_names_the_file_in_the_way(tmp_path: Path) -> None:
+    # --out a-file/sub/: the folder cannot be made because a folder on its way is a file; the message names
+    # that file, not the OS's "Not a directory" alone.
+    from vlmrm_fast.argtypes import writable_folder
+
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(ValueError, match=re.escape(f"cannot write in '{tmp_path / 'a-file' / 'sub'}' "
+                                                   f"('{tmp_path / 'a-file'}' is a file); pass another --out")):
+        writable_folder(tmp_path / "a-file" / "sub", "--out")

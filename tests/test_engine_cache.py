@@ -506,3 +506,57 @@ def test_a_cache_that_cannot_lock_still_builds_and_removes_nothing(tmp_path, mon
     running.mkdir()
     engine, builds = load_or_build(cache, Runtime({b"fresh": tower_tensors()}), built=b"fresh")
     assert engine.origin == b"fresh" and running.exists()
+
+
+# ---- vlmrm_fast.scratch and vlmrm_fast.atomic: what a mutation audit found unguarded --------------------
+
+
+def test_a_scratch_folder_of_another_host_is_abandoned_only_after_a_day():
+    # Another host's process cannot be asked whether it runs: its folder stays for ABANDONED_AFTER_S (longer
+    # than any build), then goes; this host's folder of a live process stays.
+    from vlmrm_fast.scratch import is_abandoned, this_host
+
+    base = ".tower.onnx.export-"
+    assert not is_abandoned(f"{base}node17-123-abc", base, age_s=2 * 3600.0)  # a long build elsewhere
+    assert is_abandoned(f"{base}node17-123-abc", base, age_s=25 * 3600.0)
+    assert not is_abandoned(f"{base}{this_host()}-{os.getpid()}-abc", base, age_s=3600.0)  # this process: alive
+
+
+def test_a_process_of_another_user_counts_as_alive(monkeypatch):
+    # os.kill(pid, 0) on another user's process raises PermissionError: it runs, and its folder must stay.
+    from vlmrm_fast import scratch
+
+    def not_permitted(pid, signal):
+        raise PermissionError(1, "Operation not permitted")
+
+    def gone(pid, signal):
+        raise ProcessLookupError(3, "No such process")
+
+    monkeypatch.setattr(scratch.os, "kill", not_permitted)
+    assert scratch.alive(1)
+    monkeypatch.setattr(scratch.os, "kill", gone)
+    assert not scratch.alive(1)
+
+
+def test_the_host_of_a_scratch_folder_names_its_pid_namespace():
+    # Containers sharing a host name (--net=host) have their own process ids: a pid is only asked about by
+    # a process of the same PID namespace.
+    import socket
+
+    from vlmrm_fast.scratch import this_host
+
+    if not os.path.exists("/proc/self/ns/pid"):
+        pytest.skip("no PID namespaces here")
+    assert this_host() == f"{socket.gethostname()}@{os.stat('/proc/self/ns/pid').st_ino}"
+
+
+def test_atomic_write_follows_a_umask_other_than_the_usual_one(tmp_path):
+    # The mode is read from the umask in force, not assumed to be 0o644.
+    from vlmrm_fast import atomic
+
+    old = os.umask(0o027)
+    try:
+        atomic.write_atomically(tmp_path / "engine.plan", b"bytes")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "engine.plan").stat().st_mode & 0o777 == 0o640

@@ -116,6 +116,17 @@ def test_words_refuses_what_it_cannot_read_as_words(variants):
             variants.preprocess_identity(bad, bad_spec, torch.float32, ("words", 16, 1))
 
 
+def test_words_refuses_frames_or_rows_that_start_off_a_word(variants):
+    # Frames whose first pixel is aligned but whose frame (or row) stride is no multiple of 4 bytes: the second
+    # frame (row) would start off a word boundary.
+    base = torch.zeros(2 * 13 * 64 * 3, dtype=torch.uint8)
+    odd_frames = base.as_strided((2, 13, 20, 3), (13 * 60 + 2, 60, 3, 1))
+    odd_rows = base.as_strided((2, 13, 20, 3), (13 * 64, 62, 3, 1))
+    for bad in (odd_frames, odd_rows):
+        assert variants.words_unsupported_reason(bad) == "words needs 4-byte aligned rows and frames"
+    assert variants.words_unsupported_reason(base.as_strided((2, 13, 20, 3), (13 * 64, 64, 3, 1))) == ""
+
+
 def test_parse_variant(variants):
     assert variants.parse_variant("flat1024w4") == ("flat", 1024, 4)
     assert variants.parse_variant("Words512W8") == ("words", 512, 8)

@@ -556,6 +556,27 @@ def test_root_records_dropped_drops_only_that_folders_records_and_leaves_the_roo
     assert root.filter(record("pkg"))
 
 
+def test_loggers_quieted_raises_levels_to_warning_only_and_restores_them():
+    # A logger already quieter than WARNING (ERROR) stays so inside; each level, set or unset, is restored.
+    import logging
+
+    from vlmrm_fast.quiet_logging import loggers_quieted
+
+    chatty, quiet, unset = (logging.getLogger(f"vlmrm-test-{n}") for n in ("chatty", "quiet", "unset"))
+    chatty.setLevel(logging.INFO)
+    quiet.setLevel(logging.ERROR)
+    try:
+        with pytest.raises(RuntimeError):
+            with loggers_quieted(chatty.name, quiet.name, unset.name):
+                assert (chatty.level, quiet.level) == (logging.WARNING, logging.ERROR)
+                assert unset.getEffectiveLevel() >= logging.WARNING
+                raise RuntimeError("inside")
+        assert (chatty.level, quiet.level, unset.level) == (logging.INFO, logging.ERROR, logging.NOTSET)
+    finally:
+        for logger in (chatty, quiet, unset):
+            logger.setLevel(logging.NOTSET)
+
+
 # ---- from a mutation audit of the loading code: each test kills a mutation that survived ------------
 
 

@@ -357,6 +357,7 @@ def test_kernel_profile_of_the_largest_batch(results, bench_run):
     ("triton_tem_fused_mm_3", "matmul"),
     ("FusedConv", "matmul"), ("QLinearConv", "matmul"), ("ConvInteger", "matmul"),  # ONNX Runtime's
     ("aten::addmm", "matmul"), ("aten::mm", "matmul"), ("aten::bmm", "matmul"), ("aten::mkldnn_convolution", "matmul"),
+    ("aten::_scaled_mm", "matmul"), ("aten::_int_mm", "matmul"),  # fp8 and int8 products: no word boundary before mm
     # fused attention (their names contain "gemm" too), softmax of the unfused path
     ("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128, 128, 4, false, false, cutlass::bfloat16_t>>",
      "attention"),
@@ -1874,6 +1875,33 @@ def test_gpu_driver_and_package_versions(monkeypatch):
     assert run_info.device_name(torch.device("cpu")).endswith(f"({torch.get_num_threads()} threads)")
 
 
+def test_a_command_that_fails_gives_no_output():
+    # A failing command's stdout (git outside a repository, nvidia-smi without a driver) is no answer:
+    # None, as for one that cannot run, so that callers fall back ("unknown", "").
+    import sys
+
+    from vlmrm_fast import run_info
+
+    assert run_info.command_output([sys.executable, "-c", "print(' 550.54 ')"]) == "550.54"
+    assert run_info.command_output([sys.executable, "-c", "print('partial'); raise SystemExit(1)"]) is None
+    assert run_info.command_output(["vlmrm-no-such-command"]) is None
+
+
+def test_tensorrts_version_is_found_under_its_cuda_specific_distribution_names(monkeypatch):
+    # pip installs TensorRT as tensorrt-cu12 (or -cu13) beside a bare "tensorrt" shim that may be absent.
+    import importlib.metadata
+
+    from vlmrm_fast import run_info
+
+    def version(name):
+        if name != "tensorrt-cu13":
+            raise importlib.metadata.PackageNotFoundError(name)
+        return "10.9.0"
+
+    monkeypatch.setattr(run_info.importlib.metadata, "version", version)
+    assert run_info.library_versions("tensorrt") == {"tensorrt": "10.9.0"}
+
+
 # ---- the profiler's figures: behaviours a second mutation audit found untested ----------------------
 
 
@@ -2247,3 +2275,82 @@ def test_the_reference_rewards_run_in_full_float32(small_profiler, monkeypatch):
     monkeypatch.setattr(bench, "_full_float32", recording)
     assert profiler_._reference_rewards("vlmrm-tiny", base, tokenizer).shape == (2,)
     assert entered == ["full float32"]
+
+
+# ---- what a mutation audit of the report's text found unguarded ------------------------------------
+
+
+def test_the_tables_separator_row_has_one_cell_per_column():
+    # Markdown renders no table whose separator row has fewer cells than its header: bench.md's whole
+    # table, and the kernel profile's summary, would show as plain text.
+    from vlmrm_fast.profiler.kernels import KernelTime, TowerProfile, markdown_kernel_profiles
+    from vlmrm_fast.profiler.report import markdown_table
+
+    header, separator = markdown_table([_row("ViT-B-32", "torch", 12.0, 10.0)]).splitlines()[:2]
+    assert separator.count("---") == header.count("|") - 1
+    profile = TowerProfile(model="ViT-B-32", backend="torch", dtype="fp32", batch=8, source="cpu torch ops", calls=3,
+                           wall_ms=10.0, gflops_per_image=8.8, peak_tflops=1.0,
+                           kernels=[KernelTime("aten::addmm", "matmul", 12.0, 6.0)])
+    lines = markdown_kernel_profiles([profile])
+    for i, line in enumerate(lines):
+        if line.startswith("|---"):
+            assert line.count("---") == lines[i - 1].count("|") - 1, lines[i - 1]
+
+
+def test_the_layer_norm_note_gives_the_threshold_the_kernel_uses():
+    # "2^23 elements": the figure the note's frames per model (219, 32, 20) follow from, read off MIN_ELEMENTS.
+    from vlmrm_fast.profiler.report import kernels_notes
+
+    row = dataclasses.replace(_row("ViT-B-32", "torch", 1.0, 1.0, "bf16"), kernels="triton")
+    assert "on calls of 2^23 elements or more" in " ".join(kernels_notes([row]))
+
+
+def test_the_report_gives_each_peak_with_its_matrix_size_and_the_pause_between_stages():
+    # "fp32 1.23 TFLOP/s (2048^3)": the size says how the peak was measured (a CPU peak from 2048^3 products,
+    # not from the GPU's); the pause figure is timing.SWITCH_PAUSE_S, not a number written beside it.
+    from vlmrm_fast.profiler.report import Report, markdown_report
+    from vlmrm_fast.profiler.timing import SWITCH_PAUSE_S
+
+    report = Report(ENV, CONFIG)
+    report.add_peak("fp32", 1.0, 1024)
+    report.add_peak("fp32", 1.234, 2048)
+    text = markdown_report(report)
+    assert "before and after each model): fp32 1.23 TFLOP/s (2048^3)." in text
+    assert f"starts after a {SWITCH_PAUSE_S:g} s pause" in text
+
+
+def test_the_load_average_is_the_one_minute_figure_rounded(monkeypatch):
+    # bench.md says "Load average (1 min)": the first of os.getloadavg()'s three, not the 5- or 15-minute one.
+    from vlmrm_fast.profiler import report
+
+    monkeypatch.setattr(report.os, "getloadavg", lambda: (1.23456, 5.0, 9.0))
+    assert report.load_average() == 1.23
+
+
+def test_the_cuda_environment_gives_the_gpu_memory_in_gib(monkeypatch):
+    # 80 GiB is 85.9 GB: a "gpu_memory_gib" in GB would read as another card.
+    import types
+
+    from vlmrm_fast.profiler import report
+
+    props = types.SimpleNamespace(total_memory=80 * 2**30, major=9, minor=0)
+    monkeypatch.setattr(report.torch.cuda, "get_device_properties", lambda device: props)
+    monkeypatch.setattr(report.torch.cuda, "get_device_name", lambda device: "NVIDIA H100")
+    monkeypatch.setattr(report, "command_output", lambda args: "570.1\n570.1")
+    env = report.environment(torch.device("cuda", 0))
+    assert env["gpu_memory_gib"] == 80.0 and env["compute_capability"] == "9.0"
+    assert env["device"] == "NVIDIA H100" and env["driver"] == "570.1"
+
+
+def test_a_kernels_share_is_of_the_kernels_sum_where_that_exceeds_the_wall_time():
+    # On CPU the profiler's overhead can make the ops' sum exceed the unprofiled wall time: each listed op's
+    # share is then of that sum, as the summary line's are, so that shares never add up past 100%.
+    from vlmrm_fast.profiler.kernels import KernelTime, TowerProfile, markdown_kernel_profiles
+
+    kernels = [KernelTime("aten::addmm", "matmul", 12, 15.0), KernelTime("aten::gelu", "elementwise", 2, 5.0)]
+    profile = TowerProfile(model="m", backend="torch", dtype="fp32", batch=8, source="cpu torch ops", calls=3,
+                           wall_ms=10.0, gflops_per_image=1.0, peak_tflops=None, kernels=kernels)
+    lines = markdown_kernel_profiles([profile])
+    assert "| `aten::addmm` | matmul | 12 | 15 | 75.0% |" in lines
+    assert "| `aten::gelu` | elementwise | 2 | 5 | 25.0% |" in lines
+    assert "| cpu torch ops | 10 |  | 15 (75%) | 0 (0%) | 0 (0%) | 5 (25%) | 0 (0%) | 0 (0%) |" in "\n".join(lines)

@@ -1526,6 +1526,23 @@ def test_a_mapped_llvm_is_told_from_proc_self_maps(monkeypatch):
     assert llvm_clash.mesa_llvm_loaded() is False
 
 
+def test_no_llvm_clash_is_feared_where_triton_is_not_installed(monkeypatch):
+    # Without the triton package nothing will load a second LLVM: no warning, and no import attempted.
+    import sys
+    import warnings
+
+    from vlmrm_fast import llvm_clash
+
+    monkeypatch.setattr(llvm_clash, "_warned", False)
+    monkeypatch.delitem(sys.modules, "triton", raising=False)
+    monkeypatch.setattr(llvm_clash.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(llvm_clash, "mesa_llvm_loaded", lambda: True)
+    assert not llvm_clash._triton_not_loaded()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        llvm_clash.warn_if_triton_may_crash()
+
+
 # ---- behaviours a mutation audit of the CPU rendering path found untested --------------------------
 
 
