@@ -629,8 +629,9 @@ def test_env_steps_rows_median_the_timed_rollouts_per_env_step(monkeypatch):
 
     monkeypatch.setattr(bench, "FastRollout", type("Fast", (StubRollout,), {"name": "vlmrm_fast"}))
     monkeypatch.setattr(bench, "ReferenceRollout", type("Ref", (StubRollout,), {"name": "reference"}))
+    # bf16: the reference row keeps the seed's own precision (fp32 on CPU), not the one asked of ours
     args = bench.parse_args(["--device", "cpu", "--num-envs", "2", "--steps", "5", "--repeats", "3", "--warmup", "1",
-                             "--reference-batch", "7"])
+                             "--reference-batch", "7", "--dtype", "bf16"])
     space = gym.spaces.Box(-1.0, 1.0, (3,), dtype=np.float32)
     fast_envs = [SimpleNamespace(action_space=space, tag=("fast", i)) for i in range(3)]
     ref_envs = [SimpleNamespace(action_space=space, tag=("ref", i)) for i in range(3)]
@@ -648,7 +649,7 @@ def test_env_steps_rows_median_the_timed_rollouts_per_env_step(monkeypatch):
     env_steps = 2 * 5
     assert (fast.bench, fast.path, fast.render_path, fast.N, fast.width, fast.height) == (
         "env_steps", "vlmrm_fast", "cpu", 2, 32, 24)
-    assert (fast.model, fast.dtype, fast.backend, fast.steps, fast.repeats) == ("vlmrm-tiny", "fp32", "onnxruntime", 5, 3)
+    assert (fast.model, fast.dtype, fast.backend, fast.steps, fast.repeats) == ("vlmrm-tiny", "bf16", "onnxruntime", 5, 3)
     # rollouts took 4.5, 5.5 and 9.5 s
     assert (fast.median_ms, fast.min_ms, fast.max_ms) == pytest.approx((5500, 4500, 9500))
     assert fast.steps_per_s == pytest.approx(env_steps / 5.5)
