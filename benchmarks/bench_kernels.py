@@ -270,7 +270,7 @@ class Timer:
             for _ in range(self.warmup):
                 calls[name]()
         times: Dict[str, List[float]] = {name: [] for name in names}
-        events = []
+        events: List[Tuple[str, torch.cuda.Event, torch.cuda.Event]] = []
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         for repeat in range(self.repeats):
@@ -413,8 +413,9 @@ def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 def time_calls(timer: Timer, calls: Dict[str, Callable[[], torch.Tensor]], n: int, nbytes: Optional[int],
                **labels: object) -> List[Row]:
     """One row per provider of ``calls``, in order (a "seed" call is the reference of those after it), the
-    providers timed in alternation (:meth:`Timer.alternating`): its timing, frames/s, GB/s where ``nbytes`` (read and written) is given, and its largest difference from
-    the seed's output. ``labels``: the row's other columns."""
+    providers timed in alternation (:meth:`Timer.alternating`): its timing, frames/s, GB/s where ``nbytes``
+    (read and written) is given, and its largest difference from the seed's output. ``labels``: the row's
+    other columns."""
     outputs = {provider: fn() for provider, fn in calls.items()}
     timings = timer.alternating(calls)
     rows, reference = [], None
