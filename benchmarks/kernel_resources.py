@@ -21,6 +21,7 @@ Needs Triton >= 3.3 (its ahead-of-time API) and must run without TRITON_INTERPRE
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import importlib
 import inspect
@@ -181,22 +182,22 @@ def _resource_usage(cubin: bytes) -> Dict[str, int]:
     return {key: int(fields[key]) for key in ("REG", "STACK", "SHARED", "LOCAL")}
 
 
+def _tally(instructions: List[str]) -> str:
+    """Instructions counted by name, sorted: "ld.b8 x6, st.v4.b32 x3"."""
+    return ", ".join(f"{name} x{n}" for name, n in sorted(collections.Counter(instructions).items()))
+
+
 def _global_memory(ptx: str) -> str:
     """The kernel's global load and store instructions by width ("ld.b8 x6, st.v4.b32 x3"): how wide
     its accesses are vectorised, counted in the code (a loop body once), not per thread at run time."""
-    counts: Dict[str, int] = {}
-    for op, width in re.findall(r"\b(ld|st)\.global(?:\.[\w:]+)*?((?:\.v[248])?\.[bfsu]\d+)\b", ptx):
-        counts[op + width] = counts.get(op + width, 0) + 1
-    return ", ".join(f"{key} x{n}" for key, n in sorted(counts.items()))
+    return _tally([op + width for op, width in
+                   re.findall(r"\b(ld|st)\.global(?:\.[\w:]+)*?((?:\.v[248])?\.[bfsu]\d+)\b", ptx)])
 
 
 def _divisions(ptx: str) -> str:
     """The kernel's float divisions by kind ("div.full.f32 x2, div.rn.f32 x1"): ``/`` on float32 compiles to
     div.full.f32 (up to 2 ulp off) or div.approx, only ``tl.div_rn`` to the IEEE-rounded div.rn."""
-    counts: Dict[str, int] = {}
-    for op in re.findall(r"\bdiv\.(?:full|approx|rn|rz|rm|rp)(?:\.ftz)?\.f(?:32|64)\b", ptx):
-        counts[op] = counts.get(op, 0) + 1
-    return ", ".join(f"{key} x{n}" for key, n in sorted(counts.items()))
+    return _tally(re.findall(r"\bdiv\.(?:full|approx|rn|rz|rm|rp)(?:\.ftz)?\.f(?:32|64)\b", ptx))
 
 
 def compile_all(archs: List[int]) -> List[Resources]:

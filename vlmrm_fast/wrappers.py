@@ -290,6 +290,12 @@ def _takes_bottom_up(reward_model: Any) -> bool:
         return False
 
 
+def _expected_rewards(n: int) -> str:
+    """What a reward model must return for ``n`` frames, for the errors of :func:`_rewards_of` (built only
+    when one is raised: the check runs on every step)."""
+    return f"it must return [{n}] (one reward per frame) or [{n}, T] (T tasks), as CLIPReward does"
+
+
 def _rewards_of(reward_model: Any, frames: Any, bottom_up: bool = False) -> np.ndarray:
     """``reward_model``'s rewards for ``frames`` [N, H, W, 3] as float32 numpy [N, T] on the host.
 
@@ -303,9 +309,8 @@ def _rewards_of(reward_model: Any, frames: Any, bottom_up: bool = False) -> np.n
         bottom_up = False
     rewards = reward_model(frames, bottom_up=True) if bottom_up else reward_model(frames)
     n = len(frames)
-    expected = f"it must return [{n}] (one reward per frame) or [{n}, T] (T tasks), as CLIPReward does"
     if rewards is None:
-        raise TypeError(f"the reward model returned None for {n} frames (a missing `return`?); {expected}.")
+        raise TypeError(f"the reward model returned None for {n} frames (a missing `return`?); {_expected_rewards(n)}.")
     if rewards.is_complex() if isinstance(rewards, torch.Tensor) else np.iscomplexobj(rewards):
         raise TypeError("the reward model returned complex rewards; it must return real ones (float32 or float64).")
     if isinstance(rewards, torch.Tensor):
@@ -316,10 +321,10 @@ def _rewards_of(reward_model: Any, frames: Any, bottom_up: bool = False) -> np.n
                 array = np.asarray(rewards, dtype=np.float32)
         except (TypeError, ValueError) as exc:  # strings, objects, ragged lists
             raise TypeError(f"the reward model returned {type(rewards).__name__} rewards that are not numbers "
-                            f"({exc}); {expected}.") from None
+                            f"({exc}); {_expected_rewards(n)}.") from None
     if array.ndim not in (1, 2) or array.shape[0] != n:
         raise ValueError(
-            f"the reward model returned rewards of shape {tuple(array.shape)} for {n} frames; {expected}."
+            f"the reward model returned rewards of shape {tuple(array.shape)} for {n} frames; {_expected_rewards(n)}."
         )
     finite = np.isfinite(array)
     if not finite.all():
