@@ -81,6 +81,16 @@ def test_bad_frames(rm, frames, error, match):
         rm(frames)
 
 
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_a_non_finite_frame_is_not_called_0_255_values(rm, bad):
+    # Infinity is above 1 but is no sign of 0-255 data: the uint8 hint would send users the wrong way.
+    frames = np.full((2, 16, 16, 3), 0.5, np.float32)
+    frames[1, 3, 4, 0] = bad
+    with pytest.raises(ValueError, match="found NaN or infinite") as raised:
+        rm(frames)
+    assert "uint8" not in str(raised.value)
+
+
 def test_the_fixes_bad_frames_name_work(rm):
     # What the grayscale errors tell users to write must give frames rm takes, in numpy and torch.
     gray = np.random.default_rng(0).integers(0, 256, (2, 16, 17), dtype=np.uint8)

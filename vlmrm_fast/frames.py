@@ -171,11 +171,13 @@ def _check_float_range(frames: Union[np.ndarray, torch.Tensor], what: str) -> No
     else:
         lo, hi = frames.amin().item(), frames.amax().item()
     if not (0.0 <= lo and hi <= 1.0):  # also false for NaN
-        hint = " If they are 0-255 values, pass them as uint8." if hi > 1.0 else ""
+        hint = ""
         if not (math.isfinite(lo) and math.isfinite(hi)):  # NaN (min/max then give NaN) or infinity
             found = "found NaN or infinite values (a frame that failed upstream: check what produced it)"
         else:
             found = f"found values in [{lo}, {hi}]"
+            if hi > 1.0:
+                hint = " If they are 0-255 values, pass them as uint8."
         raise ValueError(f"Float {what} must lie in [0, 1] (finite); {found}.{hint}")
 
 
