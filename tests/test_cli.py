@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 import torch
 
-from vlmrm_fast import CLIPReward, cli
+from vlmrm_fast import CLIPReward, cli, frame_files, score_command
+from vlmrm_fast.argtypes import require_cli_extra
 
 Image = pytest.importorskip("PIL.Image", reason="the CLI needs pillow: pip install 'vlmrm-fast[cli]'")
 
@@ -196,16 +197,16 @@ def test_the_frame_count_of_a_video_with_timestamps_is_theirs(video: Path, monke
     # The progress bar's total: one frame per timestamp the container lists, not fps x duration (which a
     # variable-rate video, or a GIF of uneven frame durations, does not have).
     listed = [0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.55]
-    monkeypatch.setattr(cli, "_frame_timestamps", lambda ffmpeg, path: listed)
-    source = cli.VideoFile.open(video)
+    monkeypatch.setattr(frame_files, "_frame_timestamps", lambda ffmpeg, path: listed)
+    source = frame_files.VideoFile.open(video)
     assert source.timestamps == listed and source.total == len(listed)
 
 
 def test_video_labels_fall_back_to_frame_over_fps_and_a_count_mismatch_is_reported(
     video: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(cli, "_frame_timestamps", lambda ffmpeg, path: None)
-    source = cli.VideoFile.open(video)
+    monkeypatch.setattr(frame_files, "_frame_timestamps", lambda ffmpeg, path: None)
+    source = frame_files.VideoFile.open(video)
     assert source.timestamps is None and source.total == 6
     assert [label for _, label in source] == [f"{i / 10:.4f}" for i in range(6)]
 
@@ -227,11 +228,11 @@ def test_passthrough_option_follows_the_ffmpeg_version(version: str, option: str
         def get_ffmpeg_version() -> str:
             return version
 
-    assert cli._passthrough_option(FakeFFmpeg) == [option, "passthrough"]
+    assert frame_files._passthrough_option(FakeFFmpeg) == [option, "passthrough"]
 
 
 def test_a_bare_plot_beside_the_csv_in_the_frames_folder_is_not_scored_next_time(image_folder: Path) -> None:
-    from vlmrm_fast.cli import _plot_path
+    from vlmrm_fast.score_command import _plot_path
 
     assert _plot_path("", Path("clip.rewards.csv")) == Path("clip.rewards.png")
     argv = [str(image_folder), "--goal", "x", "--out", str(image_folder / "rewards.csv"), "--plot", *TINY]
@@ -334,11 +335,11 @@ def test_help_lists_score(capsys: pytest.CaptureFixture) -> None:
 
 def test_natural_key_orders_numbers_by_value() -> None:
     names = ["frame10.png", "Frame2.png", "frame1.png", "frame_b.png", "frame_a10.png", "frame_a9.png"]
-    ordered = [p.name for p in sorted(map(Path, names), key=cli.natural_key)]
+    ordered = [p.name for p in sorted(map(Path, names), key=frame_files.natural_key)]
     assert ordered == ["frame1.png", "Frame2.png", "frame10.png", "frame_a9.png", "frame_a10.png", "frame_b.png"]
     # Names equal by number value and case still have one order, whatever order the folder lists them in.
     ties = ["frame1.png", "frame01.png", "Frame1.png"]
-    orders = {tuple(p.name for p in sorted(map(Path, given), key=cli.natural_key)) for given in (ties, ties[::-1])}
+    orders = {tuple(p.name for p in sorted(map(Path, given), key=frame_files.natural_key)) for given in (ties, ties[::-1])}
     assert orders == {("Frame1.png", "frame01.png", "frame1.png")}
 
 
@@ -346,7 +347,7 @@ def test_batched_splits_on_size_change() -> None:
     shapes = [(2, 3), (2, 3), (2, 3), (4, 4), (2, 3)]
     frames = [(np.zeros((*s, 3), np.uint8), str(i)) for i, s in enumerate(shapes)]
 
-    batches = list(cli.batched(frames, batch_size=2))
+    batches = list(score_command.batched(frames, batch_size=2))
 
     assert [names for _, names in batches] == [["0", "1"], ["2"], ["3"], ["4"]]
     assert [b.shape for b, _ in batches] == [(2, 2, 3, 3), (1, 2, 3, 3), (1, 4, 4, 3), (1, 2, 3, 3)]
@@ -355,7 +356,7 @@ def test_batched_splits_on_size_change() -> None:
 def test_images_are_read_upright_by_their_exif_orientation(tmp_path: Path) -> None:
     # Stored 40 wide and 20 high, left half red; Orientation 6: shown turned 90 degrees clockwise, so
     # 20 wide and 40 high with the red half on top, as a video's rotation is applied by its reader.
-    from vlmrm_fast.cli import read_image
+    from vlmrm_fast.frame_files import read_image
 
     stored = np.zeros((20, 40, 3), np.uint8)
     stored[:, :20, 0] = 255
@@ -370,7 +371,8 @@ def test_images_are_read_upright_by_their_exif_orientation(tmp_path: Path) -> No
 
 def test_sixteen_bit_greyscale_keeps_its_range(tmp_path: Path) -> None:
     # PIL's convert("RGB") clips 16-bit values at 255: nearly every pixel white. The high byte is kept.
-    from vlmrm_fast.cli import CLIError, read_image
+    from vlmrm_fast.cli import CLIError
+    from vlmrm_fast.frame_files import read_image
 
     values = np.arange(0, 65536, 256, dtype=np.uint16).reshape(16, 16)
     Image.fromarray(values).save(tmp_path / "deep.png")
@@ -460,40 +462,40 @@ def test_pretrained_none_in_any_case_means_random_weights(frames: Path, tmp_path
 
 def test_scoring_the_current_folder_writes_beside_it(frames: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(frames)
-    assert cli.default_csv_path(Path(".")).resolve() == frames.parent / "frames.rewards.csv"
+    assert score_command.default_csv_path(Path(".")).resolve() == frames.parent / "frames.rewards.csv"
     sub = frames / "sub"
     sub.mkdir()
     monkeypatch.chdir(sub)
-    assert cli.default_csv_path(Path("..")).resolve() == frames.parent / "frames.rewards.csv"
+    assert score_command.default_csv_path(Path("..")).resolve() == frames.parent / "frames.rewards.csv"
 
 
 def test_plot_names_in_capitals_are_pngs_too() -> None:
-    assert cli._plot_path("plots/R.PNG", Path("x.rewards.csv")) == Path("plots/R.PNG")
+    assert score_command._plot_path("plots/R.PNG", Path("x.rewards.csv")) == Path("plots/R.PNG")
     with pytest.raises(cli.CLIError, match="expects a .png"):
-        cli._plot_path("r.jpg", Path("x.rewards.csv"))
+        score_command._plot_path("r.jpg", Path("x.rewards.csv"))
 
 
 def test_csv_rewards_read_back_as_the_same_float32(tmp_path: Path) -> None:
     rewards = np.random.default_rng(0).normal(size=50).astype(np.float32) / 7
-    cli.write_csv(tmp_path / "r.csv", rewards, [str(i) for i in range(50)])
+    score_command.write_csv(tmp_path / "r.csv", rewards, [str(i) for i in range(50)])
     read = np.array([float(r["reward"]) for r in _read_csv(tmp_path / "r.csv")], dtype=np.float32)
     np.testing.assert_array_equal(read, rewards)
 
 
 def test_a_csv_that_fails_mid_write_leaves_the_earlier_one_in_place(tmp_path: Path) -> None:
-    cli.write_csv(tmp_path / "r.csv", np.array([0.5, 0.25], np.float32), ["a.png", "b.png"])
+    score_command.write_csv(tmp_path / "r.csv", np.array([0.5, 0.25], np.float32), ["a.png", "b.png"])
     before = (tmp_path / "r.csv").read_bytes()
     with pytest.raises(ValueError):  # the second row's reward cannot be written
-        cli.write_csv(tmp_path / "r.csv", np.array([1.0, "not a number"], dtype=object), ["a.png", "b.png"])
+        score_command.write_csv(tmp_path / "r.csv", np.array([1.0, "not a number"], dtype=object), ["a.png", "b.png"])
     assert (tmp_path / "r.csv").read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["r.csv"]  # and no temporary file left beside it
 
 
 def test_summary_reports_min_and_max() -> None:
-    line = cli._summary(np.array([1.0, -2.0, 3.0], np.float32), 0.5, [Path("r.csv")])
+    line = score_command._summary(np.array([1.0, -2.0, 3.0], np.float32), 0.5, [Path("r.csv")])
     assert "scored 3 frames in 0.50 s (6.0 frames/s)" in line
     assert "mean 0.6667, min -2.0000, max 3.0000; wrote r.csv" in line
-    assert cli._summary(np.array([0.5], np.float32), 0.5, [Path("r.csv")]).startswith("scored 1 frame in ")
+    assert score_command._summary(np.array([0.5], np.float32), 0.5, [Path("r.csv")]).startswith("scored 1 frame in ")
 
 
 @pytest.mark.parametrize("flags,noted", [
@@ -509,17 +511,17 @@ def test_a_baseline_that_alpha_0_leaves_unused_is_noted(image_folder: Path, tmp_
 
 def test_image_suffixes_in_capitals_are_images(tmp_path: Path) -> None:
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "SHOT.PNG", format="PNG")
-    source = cli.open_frames(tmp_path / "SHOT.PNG")
-    assert isinstance(source, cli.ImageFiles) and source.total == 1
+    source = frame_files.open_frames(tmp_path / "SHOT.PNG")
+    assert isinstance(source, frame_files.ImageFiles) and source.total == 1
 
 
 def test_a_folder_named_like_an_image_is_not_a_frame(frames: Path) -> None:
     (frames / "more.png").mkdir()
-    assert [p.name for p in cli.list_images(frames)] == [f"f{i}.png" for i in range(5)]
+    assert [p.name for p in frame_files.list_images(frames)] == [f"f{i}.png" for i in range(5)]
 
 
 def test_frames_past_the_listed_timestamps_are_labelled_by_fps(tmp_path: Path) -> None:
-    source = cli.VideoFile(tmp_path / "v.mp4", fps=10.0, size=(4, 4), total=2, timestamps=[0.0, 0.5])
+    source = frame_files.VideoFile(tmp_path / "v.mp4", fps=10.0, size=(4, 4), total=2, timestamps=[0.0, 0.5])
     assert [source._label(i) for i in range(4)] == ["0.0000", "0.5000", "0.2000", "0.3000"]
 
 
@@ -527,7 +529,7 @@ def test_frames_past_the_listed_timestamps_are_labelled_by_fps(tmp_path: Path) -
     ("#tb 0: 1/10\n0, 0, 0, 1, 9, 0x0\n0, 1, 3, 1, 9, 0x0\n0, 2, 1, 1, 9, 0x0\n0, 3, 2, 1, 9, 0x0\n",
      [0.0, 0.1, 0.2, 0.3]),  # B-frames: packets in decoding order
     ("#tb 0: 1/10\n0, 0, 1, 1, 9, 0x0\n0, 1, 0, 1, 9, 0x0\n0, 2, 2, 1, 9, 0x0\n", [0.0, 0.1, 0.2]),
-    (f"#tb 0: 1/10\n0, 0, 0, 1, 9, 0x0\n0, 1, {cli.NO_PTS}, 1, 9, 0x0\n", None),  # a packet without a time
+    (f"#tb 0: 1/10\n0, 0, 0, 1, 9, 0x0\n0, 1, {frame_files.NO_PTS}, 1, 9, 0x0\n", None),  # a packet without a time
     # a stream-copied trim: packets before the edit list's start are flagged discard (0x4), never decoded
     ("#tb 0: 1/10\n0, -4, -4, 1, 9, 0x0, F=0x5\n0, -3, -2, 1, 9, 0x0, F=0x4\n0, -2, 0, 1, 9, 0x0, F=0x1\n"
      "0, -1, 1, 1, 9, 0x0\n", [0.0, 0.1]),
@@ -536,9 +538,9 @@ def test_frame_timestamps_are_presentation_times_from_the_earliest(monkeypatch, 
     import subprocess
     import types
 
-    monkeypatch.setattr(cli.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 0, stdout=listing))
+    monkeypatch.setattr(frame_files.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 0, stdout=listing))
     fake = types.SimpleNamespace(get_ffmpeg_exe=lambda: "ffmpeg")
-    got = cli._frame_timestamps(fake, Path("v.mp4"))
+    got = frame_files._frame_timestamps(fake, Path("v.mp4"))
     assert got == (None if times is None else pytest.approx(times))
 
 
@@ -567,7 +569,7 @@ def test_a_stream_copied_trim_is_labelled_by_the_frames_it_decodes_to(tmp_path: 
                     [exe, "-y", "-v", "error", "-ss", "0.35", "-i", str(long), "-c", "copy", str(trimmed)]):
         if subprocess.run(command, capture_output=True).returncode != 0:
             pytest.skip("this ffmpeg cannot make the clip (no H.264 encoder)")
-    times = cli._frame_timestamps(ffmpeg, trimmed)
+    times = frame_files._frame_timestamps(ffmpeg, trimmed)
     assert times == pytest.approx([i / 10 for i in range(23)])
     out = tmp_path / "r.csv"
     assert score([str(trimmed), "--goal", "a", "--model", "vlmrm-tiny", "--pretrained", "none", "--backend", "torch",
@@ -580,7 +582,7 @@ def test_an_interrupted_score_exits_130(frames: Path, monkeypatch: pytest.Monkey
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "score_frames", interrupted)
+    monkeypatch.setattr(score_command, "score_frames", interrupted)
     assert score([str(frames), "--goal", "x", *TINY]) == 130
     assert capsys.readouterr().err.strip().endswith("vlmrm-fast: error: interrupted")
 
@@ -589,7 +591,7 @@ def test_thirty_two_bit_integer_images_are_refused(tmp_path: Path) -> None:
     Image.fromarray(np.full((4, 4), 70000, np.int32)).save(tmp_path / "deep.tiff")
     assert Image.open(tmp_path / "deep.tiff").mode == "I"
     with pytest.raises(cli.CLIError, match="32-bit integer greyscale"):
-        cli.read_image(tmp_path / "deep.tiff")
+        frame_files.read_image(tmp_path / "deep.tiff")
 
 
 def test_a_video_of_no_decodable_frames_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -597,8 +599,8 @@ def test_a_video_of_no_decodable_frames_says_so(tmp_path: Path, monkeypatch: pyt
     def metadata_only(ffmpeg, path):  # a generator, as imageio-ffmpeg's reader: the metadata, then no frame
         yield {"size": (4, 4), "fps": 10.0}
 
-    monkeypatch.setattr(cli, "_read_frames", metadata_only)
-    source = cli.VideoFile(tmp_path / "v.mp4", fps=10.0, size=(4, 4), total=None)
+    monkeypatch.setattr(frame_files, "_read_frames", metadata_only)
+    source = frame_files.VideoFile(tmp_path / "v.mp4", fps=10.0, size=(4, 4), total=None)
     with pytest.raises(cli.CLIError, match="no frames could be decoded"):
         list(source)
 
@@ -608,7 +610,7 @@ def test_the_plot_title_names_the_baseline_only_where_it_counts(tmp_path: Path, 
     axes = pytest.importorskip("matplotlib.axes")
     titles = []
     monkeypatch.setattr(axes.Axes, "set_title", lambda self, title, **kwargs: titles.append(title))
-    cli.write_plot(tmp_path / "r.png", np.zeros(3, np.float32), ["a cat"], ["an animal"], alpha)
+    score_command.write_plot(tmp_path / "r.png", np.zeros(3, np.float32), ["a cat"], ["an animal"], alpha)
     assert titles[0].startswith('goal: "a cat"')
     assert ("baseline:" in titles[0]) is shown
     if shown:
@@ -776,7 +778,7 @@ def test_a_missing_optional_dependency_names_the_install_command(monkeypatch) ->
 
     monkeypatch.setattr(importlib, "import_module", missing)
     with pytest.raises(cli.CLIError, match=r"'pillow' is needed .*pip install 'vlmrm-fast\[cli\]'"):
-        cli._require("PIL.Image", "pillow")
+        require_cli_extra("PIL.Image", "pillow")
 
 
 def _cut_short_savefig(figure, target, **kwargs):
@@ -794,7 +796,7 @@ def test_a_plot_cut_short_keeps_the_earlier_plot_and_leaves_no_temporary(tmp_pat
     plot.write_bytes(b"an earlier run's plot")
     monkeypatch.setattr(figure_module.Figure, "savefig", _cut_short_savefig)
     with pytest.raises(OSError, match="No space left"):
-        cli.write_plot(plot, np.array([0.1, 0.2]), ["a goal"], None, 0.0)
+        score_command.write_plot(plot, np.array([0.1, 0.2]), ["a goal"], None, 0.0)
     assert plot.read_bytes() == b"an earlier run's plot" and os.listdir(tmp_path) == ["r.png"]
 
 

@@ -1,8 +1,9 @@
-"""argparse value types and the names the ``vlmrm-fast`` commands offer.
+"""argparse value types, the names the ``vlmrm-fast`` commands offer, and the commands' error type.
 
 Free of heavy imports (torch, open_clip): the parsers are built from it before ``--help`` answers.
 """
 import argparse
+import importlib
 import os
 import re
 import tempfile
@@ -24,6 +25,21 @@ preprocessed float pixels [N, 3, H, W]."""
 
 ONNX_EXPORTERS = ("auto", "torchscript", "dynamo")
 """Which of torch's ONNX exporters writes a graph (:func:`vlmrm_fast.backends.onnx_export.export_onnx`)."""
+
+CLI_EXTRA_HINT = "install the CLI extra: pip install 'vlmrm-fast[cli]'"
+
+
+class CLIError(Exception):
+    """A user-facing error of a command; :func:`vlmrm_fast.cli.main` prints its message and exits with code 2."""
+
+
+def require_cli_extra(module: str, package: str):
+    """Import ``module``, an optional dependency of the CLI (``package`` on PyPI), or fail with the install command."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise CLIError(f"'{package}' is needed to read frames and plot; {CLI_EXTRA_HINT}") from None
+
 
 SHORT_DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 """torch's dtype names and the short ones; every command takes both."""
