@@ -2356,6 +2356,54 @@ def test_a_run_folder_is_held_by_one_holder_at_a_time(tmp_path):
         pass
 
 
+def test_a_lock_file_its_holder_removed_is_not_what_the_next_process_holds(tmp_path, monkeypatch):
+    # Between a newcomer's open of .lock and its flock, the holder gives up a run whose set-up failed and
+    # removes the folder. The newcomer's lock on the removed file would guard nothing: it must take a new one.
+    from vlmrm_fast.train import run_lock
+
+    run_dir = tmp_path / "run"
+    opened, real_open = [], os.open
+
+    def open_then_lose_it(path, flags, mode=0o777):
+        fd = real_open(path, flags, mode)
+        if not opened and str(path).endswith(run_lock.LOCK_NAME):
+            opened.append(path)
+            assert run_lock.remove_unstarted_run(run_dir)  # the holder's clean-up, just after our open
+        return fd
+
+    with run_lock.hold_run_folder(run_dir):
+        pass
+    monkeypatch.setattr(run_lock.os, "open", open_then_lose_it)
+    with run_lock.hold_run_folder(run_dir):
+        assert opened and (run_dir / run_lock.LOCK_NAME).is_file()
+        with pytest.raises(run_lock.RunFolderBusy):  # the file at the path is the one held
+            with run_lock.hold_run_folder(run_dir):
+                pass
+
+
+def test_a_new_run_whose_set_up_fails_leaves_no_folder_behind(tmp_path):
+    # Each failed start (a mistyped env id, weights that could not be downloaded) left a folder with
+    # config.json and .lock. A folder that existed before, or holds anything else, stays as it was.
+    from vlmrm_fast.train import train
+    from vlmrm_fast.train.run_lock import remove_unstarted_run
+
+    bad = dict(env_id="test_train:VlmrmTestNoRender-v0")
+    config = dot_config(tmp_path, run_dir=str(tmp_path / "runs" / "new"), **bad)
+    with pytest.raises(ValueError, match='render_mode="rgb_array"'):
+        train(config)
+    assert not (tmp_path / "runs" / "new").exists() and (tmp_path / "runs").is_dir()
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    with pytest.raises(ValueError, match='render_mode="rgb_array"'):
+        train(dot_config(tmp_path, run_dir=str(mine), **bad))
+    assert mine.is_dir()
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "notes.txt").write_text("mine")
+    assert remove_unstarted_run(kept, keep=["config.json"]) is False and (kept / "notes.txt").read_text() == "mine"
+
+
 def test_env_state_is_a_snapshot_not_a_view_of_the_running_envs():
     from stable_baselines3.common.vec_env import DummyVecEnv, VecMonitor
 

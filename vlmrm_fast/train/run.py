@@ -12,6 +12,7 @@ Python use::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -47,7 +48,7 @@ from vlmrm_fast.train.config import (  # noqa: E402
     load_config_file,
     parse_set,
 )
-from vlmrm_fast.train.run_lock import RunFolderBusy, hold_run_folder  # noqa: E402
+from vlmrm_fast.train.run_lock import RunFolderBusy, hold_run_folder, remove_unstarted_run  # noqa: E402
 
 RGB_FIX = 'render_mode="rgb_array"'
 
@@ -287,12 +288,19 @@ def train(config: TrainConfig, *, resume: Union[str, os.PathLike, None] = None, 
     # A resumed run lives on in its own folder, whatever config.run_dir says.
     run_dir = Path(resume) if resume is not None else Path(config.run_dir or default_run_dir())
     config = dataclasses.replace(config, run_dir=str(run_dir))
+    new_folder = resume is None and not run_dir.exists()
     if resume is not None:
         _check_resume_folder(run_dir)  # before the lock, which would make it
     else:
         writable_folder(run_dir, "--run-dir")  # a file there, or a folder that cannot be written: named
     with hold_run_folder(run_dir):  # a second process here would clear and prune this one's checkpoints
-        return _train_in(run_dir, config, resume, reward_model, start)
+        try:
+            return _train_in(run_dir, config, resume, reward_model, start)
+        except BaseException:
+            if new_folder:  # a set-up that failed before any log or checkpoint: the folder goes too
+                with contextlib.suppress(OSError):  # the error to report is the set-up's
+                    remove_unstarted_run(run_dir, keep=["config.json"])
+            raise
 
 
 def _train_in(run_dir: Path, config: TrainConfig, resume, reward_model, start: float) -> TrainResult:

@@ -16,7 +16,7 @@ import socket
 import time
 import warnings
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from vlmrm_fast.callers import stacklevel_outside_package
 
@@ -49,19 +49,61 @@ def hold_run_folder(run_dir: os.PathLike, *, warn_unlocked: bool = True) -> Iter
     runs unlocked, with a warning if ``warn_unlocked``.
     """
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / LOCK_NAME
     if fcntl is None:  # pragma: no cover
+        run_dir.mkdir(parents=True, exist_ok=True)
         yield
         return
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    while True:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            locked = _lock(fd, run_dir, path, warn_unlocked)
+        except BaseException:
+            os.close(fd)
+            raise
+        if not locked or _still_at(fd, path):
+            break
+        # The holder removed the lock file (with the folder of a run whose set-up failed: see
+        # remove_unstarted_run) between our open and our lock: what we hold guards nothing. Again.
+        os.close(fd)
     try:
-        if _lock(fd, run_dir, path, warn_unlocked):
+        if locked:
             os.ftruncate(fd, 0)
             os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode())
         yield
     finally:
-        os.close(fd)  # releases the lock; the file stays (removing it would race with a new holder)
+        os.close(fd)  # releases the lock
+
+
+def _still_at(fd: int, path: Path) -> bool:
+    """Whether the file open as ``fd`` is still the one at ``path`` (not removed, nor replaced)."""
+    try:
+        found = os.stat(path)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (found.st_dev, found.st_ino) == (held.st_dev, held.st_ino)
+
+
+def remove_unstarted_run(run_dir: os.PathLike, keep: Iterable[str] = ()) -> bool:
+    """Remove the folder of a new run whose set-up failed, if it holds nothing but its lock file and the
+    files named in ``keep`` (its ``config.json``): each failed start (a mistyped env id, weights that could
+    not be downloaded) would otherwise leave a folder behind. Call it while holding the lock; a process
+    waiting for the lock then takes a new one (:func:`hold_run_folder` checks that the file it locked is
+    still there). Anything else in the folder (logs, a checkpoint) keeps it whole. True if removed."""
+    run_dir = Path(run_dir)
+    names = {entry.name for entry in run_dir.iterdir()}
+    if not names <= {LOCK_NAME, *keep}:
+        return False
+    for name in names - {LOCK_NAME}:
+        (run_dir / name).unlink()
+    (run_dir / LOCK_NAME).unlink(missing_ok=True)  # last: until then a newcomer is refused as it should be
+    try:
+        run_dir.rmdir()
+    except OSError:  # a file came in meanwhile (not through the lock): it stays, with its folder
+        return False
+    return True
 
 
 def _lock(fd: int, run_dir: Path, path: Path, warn_unlocked: bool) -> bool:
