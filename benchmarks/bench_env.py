@@ -82,7 +82,7 @@ def gl_renderer_name() -> str:
         import mujoco
         from OpenGL import GL
 
-        from vlmrm_fast.render.batch import temporary_mujoco_renderer
+        from vlmrm_fast.render.gl_context import temporary_mujoco_renderer
 
         model = mujoco.MjModel.from_xml_string("<mujoco><worldbody><geom size='1'/></worldbody></mujoco>")
         with temporary_mujoco_renderer(model, 8, 8) as renderer:

@@ -29,7 +29,7 @@ mujoco = pytest.importorskip("mujoco")
 from conftest import copy_sources  # noqa: E402
 from vlmrm_fast.envs import HUMANOID_ENV_ID  # noqa: E402
 from vlmrm_fast.render import BatchRenderer, gpu_unavailable_reason, rendering_unavailable_reason  # noqa: E402
-from vlmrm_fast.render.batch import mujoco_major_version  # noqa: E402
+from vlmrm_fast.render.gl_context import mujoco_major_version  # noqa: E402
 
 
 _EGL = rendering_unavailable_reason()
@@ -204,7 +204,7 @@ def test_renders_from_another_thread():
     refused on the second: none is left current where none was)."""
     import threading
 
-    from vlmrm_fast.render.batch import _keep_current_gl
+    from vlmrm_fast.render.gl_context import _keep_current_gl
 
     if os.environ.get("MUJOCO_GL") != "egl":
         pytest.skip("needs MUJOCO_GL=egl")
@@ -297,7 +297,7 @@ def _gl_enable(cap: int) -> None:
 def test_extension_gl_readback_without_cuda(size, offsamples, render_extension):
     """The GL half of the GPU path (resolve blit, glReadPixels into a PBO): read back through
     glGetBufferSubData instead of CUDA, so it runs on any EGL (Mesa too)."""
-    from vlmrm_fast.render.batch import _keep_current_gl
+    from vlmrm_fast.render.gl_context import _keep_current_gl
 
     ext = render_extension
     if os.environ.get("MUJOCO_GL") != "egl":
@@ -485,11 +485,11 @@ def test_a_mujoco_renderer_is_closed_with_its_own_gl_context_current(monkeypatch
     # Before MuJoCo 4, Renderer.close freed its MjrContext in whatever GL context was current: a gymnasium
     # env's, whose env.render() then gave black frames (seen with MuJoCo 3.17; the two tests above fail
     # there without this). CI's MuJoCo frees in its own context, so the order is pinned on a stand-in.
-    from vlmrm_fast.render import batch
+    from vlmrm_fast.render import gl_context
 
     monkeypatch.setattr(_RecordingRenderer, "calls", [])
     monkeypatch.setattr(_RecordingRenderer, "close_fails", close_fails)
-    batch.close_mujoco_renderer(_RecordingRenderer())
+    gl_context.close_mujoco_renderer(_RecordingRenderer())
     assert _RecordingRenderer.calls == ["make_current", "close"] + (["gl.free"] if close_fails else [])
 
 
@@ -520,14 +520,14 @@ def test_a_mujoco_renderer_that_fails_to_start_leaves_nothing_for_its_finaliser_
     import gc
     import sys
 
-    from vlmrm_fast.render import batch
+    from vlmrm_fast.render import gl_context
 
     model = mujoco.MjModel.from_xml_string("<mujoco/>")
     raised = []
     monkeypatch.setattr(sys, "unraisablehook", raised.append)
     monkeypatch.setattr(mujoco, "Renderer", _Mujoco35Renderer)
     with pytest.raises(ValueError, match=_RecordingRenderer.failure):
-        batch.open_mujoco_renderer(model, 8, 8)
+        gl_context.open_mujoco_renderer(model, 8, 8)
     gc.collect()
     assert [str(error.exc_value) for error in raised] == []
 
@@ -707,7 +707,7 @@ def test_two_renderers_made_before_the_first_frame_keep_the_first_ones_aim():
 def test_egl_position_of_a_cuda_device():
     """MuJoCo < 4 takes MUJOCO_EGL_DEVICE_ID as a position in EGL's device list: torch's cuda:i is looked
     up there by the driver's CUDA ordinal (physical, through CUDA_VISIBLE_DEVICES, then torch's own)."""
-    from vlmrm_fast.render.batch import _egl_cuda_ids, egl_position_of_cuda_device as position
+    from vlmrm_fast.render.gl_context import _egl_cuda_ids, egl_position_of_cuda_device as position
 
     egl = [None, 2, 0, 3, 1]  # a software device first, then four GPUs in another order than CUDA's
     assert position(egl, 0, None) == 2 and position(egl, 3, None) == 3
@@ -1123,7 +1123,7 @@ def fake_gpu(monkeypatch):
     import mujoco.egl as megl
 
     from vlmrm_fast.render import _cuda, batch
-    from vlmrm_fast.render.batch import _keep_current_gl
+    from vlmrm_fast.render.gl_context import _keep_current_gl
 
     cuda = _FakeCuda(count=2)
     fake_torch = _FakeTorch(cuda)
@@ -1411,7 +1411,7 @@ def test_rendering_unavailable_reason_says_why(monkeypatch):
 def test_the_egl_device_is_chosen_for_the_context_only_where_nobody_chose(monkeypatch):
     import mujoco.egl as megl
 
-    from vlmrm_fast.render.batch import _egl_device_for
+    from vlmrm_fast.render.gl_context import _egl_device_for
 
     monkeypatch.setattr(megl, "EGL_DISPLAY", None)  # no EGL display made yet: the device can still be chosen
     monkeypatch.delenv("MUJOCO_EGL_DEVICE_ID", raising=False)

@@ -698,7 +698,7 @@ def _drop_another_env_unclosed(victim) -> None:
     del other
     gc.collect()
     make_own_context_current(victim)
-    from vlmrm_fast.render.batch import mujoco_major_version
+    from vlmrm_fast.render.gl_context import mujoco_major_version
 
     if mujoco_major_version() < 4 and victim.render().any():
         # MuJoCo 3.5 to 3.17 (the whole-suite runs at the training floors) leave the victim's framebuffer whole.

@@ -50,7 +50,7 @@ def release_env_gl(env: Any) -> None:
     viewers = getattr(renderer, "_viewers", None)
     if not viewers:
         return
-    from vlmrm_fast.render.batch import _keep_current_gl
+    from vlmrm_fast.render.gl_context import _keep_current_gl
 
     with _keep_current_gl():
         for viewer in list(viewers.values()):

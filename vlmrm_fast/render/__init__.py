@@ -7,7 +7,8 @@ import os
 from typing import Optional
 
 from vlmrm_fast.render._cuda import gpu_unavailable_reason
-from vlmrm_fast.render.batch import BatchRenderer, temporary_mujoco_renderer
+from vlmrm_fast.render.batch import BatchRenderer
+from vlmrm_fast.render.gl_context import temporary_mujoco_renderer
 
 
 def rendering_unavailable_reason() -> Optional[str]:

@@ -15,11 +15,9 @@ Two paths:
 from __future__ import annotations
 
 import atexit
-import os
 import warnings
 import weakref
-from contextlib import contextmanager, suppress
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Iterable, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -27,13 +25,12 @@ import torch
 from vlmrm_fast.backends.base import checked_device
 from vlmrm_fast.callers import stacklevel_outside_package
 from vlmrm_fast.render import _cuda
+from vlmrm_fast.render.cameras import (CameraSpec, _env_camera, _make_camera, _model_data_of, _mujoco_renderer,
+                                       _rgb_viewer, _warn_if_projection_ignored)
+from vlmrm_fast.render.gl_context import (_egl_device_for, _keep_current_gl, _mujoco, close_mujoco_renderer,
+                                          open_mujoco_renderer)
 
 __all__ = ["BatchRenderer"]
-
-CameraSpec = Union[None, int, str, Dict[str, Any], Any]  # Any: mujoco.MjvCamera
-
-_CAMERA_FIELDS = ("type", "fixedcamid", "trackbodyid", "lookat", "distance", "azimuth", "elevation",
-                  "orthographic")
 
 
 # GPU-path renderers not yet closed, closed at interpreter exit while CUDA and EGL are whole: a __del__ run
@@ -59,147 +56,9 @@ def _track_gpu_renderer(renderer: "BatchRenderer") -> None:
     _open_gpu_renderers.add(renderer)
 
 
-def _mujoco():
-    import mujoco
-
-    return mujoco
-
-
-def mujoco_major_version() -> int:
-    """MuJoCo's major version: 4 changed how EGL devices are numbered and how free cameras are projected."""
-    return int(_mujoco().__version__.split(".")[0])
-
-
 def _is_env(obj: Any) -> bool:
     return hasattr(obj, "unwrapped") or (hasattr(obj, "model") and hasattr(obj, "data")
                                          and not isinstance(obj, tuple))
-
-
-def _model_data_of(env: Any) -> Tuple[Any, Any]:
-    mujoco = _mujoco()
-    u = getattr(env, "unwrapped", env)
-    model, data = getattr(u, "model", None), getattr(u, "data", None)
-    if not isinstance(model, mujoco.MjModel) or not isinstance(data, mujoco.MjData):
-        raise TypeError(
-            f"{type(u).__name__} is not a MuJoCo env: BatchRenderer needs env.unwrapped.model "
-            "(mujoco.MjModel) and env.unwrapped.data (mujoco.MjData)"
-        )
-    return model, data
-
-
-def _copy_camera(src: Any) -> Any:
-    mujoco = _mujoco()
-    cam = mujoco.MjvCamera()
-    for name in _CAMERA_FIELDS:
-        value = getattr(src, name)
-        if name == "lookat":
-            cam.lookat[:] = value
-        else:
-            setattr(cam, name, value)
-    return cam
-
-
-def _make_camera(model: Any, data: Any, spec: CameraSpec) -> Any:
-    """An ``mujoco.MjvCamera`` from a camera spec (see :class:`BatchRenderer`)."""
-    mujoco = _mujoco()
-    if isinstance(spec, mujoco.MjvCamera):
-        return _copy_camera(spec)
-    cam = mujoco.MjvCamera()
-    if spec is None or (isinstance(spec, (int, np.integer)) and int(spec) == -1):
-        cam.type = mujoco.mjtCamera.mjCAMERA_FREE
-        cam.fixedcamid = -1
-        mujoco.mjv_defaultFreeCamera(model, cam)
-        return cam
-    if isinstance(spec, str):
-        cam_id = mujoco.mj_name2id(model, mujoco.mjtObj.mjOBJ_CAMERA, spec)
-        if cam_id == -1:
-            raise ValueError(f"camera {spec!r} is not a camera of the model")
-        spec = cam_id
-    if isinstance(spec, (int, np.integer)):
-        if not 0 <= int(spec) < model.ncam:
-            raise ValueError(f"camera id {spec} outside [-1, {model.ncam})")
-        cam.type = mujoco.mjtCamera.mjCAMERA_FIXED
-        cam.fixedcamid = int(spec)
-        return cam
-    if isinstance(spec, dict):
-        # gymnasium's default_camera_config: attributes set on a free camera that gymnasium first
-        # points at the median geom position from the model's extent.
-        cam.type = mujoco.mjtCamera.mjCAMERA_FREE
-        cam.fixedcamid = -1
-        cam.lookat[:] = np.nan  # unless the config sets it: placed at the first render (see _place_lookats)
-        cam.distance = model.stat.extent
-        for key, value in spec.items():
-            if not hasattr(cam, key):
-                raise ValueError(f"camera config key {key!r} is not an attribute of mujoco.MjvCamera")
-            if key == "lookat":
-                cam.lookat[:] = np.asarray(value, dtype=np.float64)
-            else:
-                setattr(cam, key, value)
-        return cam
-    raise TypeError(
-        "camera must be None (free camera), an int id or name of a model camera, a dict of "
-        f"mujoco.MjvCamera attributes (gymnasium's default_camera_config) or an MjvCamera; got {type(spec)}"
-    )
-
-
-def _warn_if_projection_ignored(cameras: Sequence[Tuple[Any, Any]]) -> None:
-    """Warn where a given free camera asks for an orthographic projection that this MuJoCo ignores: before
-    MuJoCo 4, a free camera is drawn with its model's projection (``model.vis.global_.orthographic``).
-    ``cameras``: (MjModel, MjvCamera) pairs."""
-    if mujoco_major_version() >= 4:
-        return
-    mujoco = _mujoco()
-    for model, cam in cameras:
-        if (cam.type == mujoco.mjtCamera.mjCAMERA_FREE and bool(cam.orthographic)
-                != bool(model.vis.global_.orthographic)):
-            warnings.warn(
-                f"MuJoCo {mujoco.__version__} draws a free camera with its model's projection "
-                f"(model.vis.global_.orthographic = {int(model.vis.global_.orthographic)}), not the camera's "
-                f"orthographic = {int(cam.orthographic)}, as env.render() does; set it on the model, or use "
-                "mujoco >= 4", stacklevel=stacklevel_outside_package())
-            return
-
-
-def _mujoco_renderer(env: Any) -> Optional[Any]:
-    """A gymnasium MuJoCo env's ``MujocoRenderer`` (past its wrappers), or None."""
-    return getattr(env.unwrapped if hasattr(env, "unwrapped") else env, "mujoco_renderer", None)
-
-
-def _rgb_viewer(env: Any) -> Optional[Any]:
-    """The offscreen viewer a gymnasium MuJoCo env renders rgb_array frames with, once it was made."""
-    r = _mujoco_renderer(env)
-    return getattr(r, "_viewers", {}).get("rgb_array") if hasattr(r, "_viewers") else None
-
-
-def _env_camera(env: Any) -> Tuple[CameraSpec, Optional[Any]]:
-    """The camera and scene options an env's own ``render()`` uses (gymnasium MujocoEnv)."""
-    mujoco = _mujoco()
-    r = _mujoco_renderer(env)
-    if r is None:
-        return None, None
-    camera_id = getattr(r, "camera_id", -1)
-    viewer = _rgb_viewer(env)
-    vopt = None
-    if viewer is not None:
-        cam = _copy_camera(viewer.cam)
-        vopt = viewer.vopt
-    else:
-        config = dict(getattr(r, "default_cam_config", None) or {})
-        model, data = _model_data_of(env)
-        cam = _make_camera(model, data, config)
-        flags = getattr(r, "_vopt", None)
-        if flags:
-            vopt = mujoco.MjvOption()
-            for flag, value in flags.items():
-                vopt.flags[flag] = value
-    # gymnasium's render: camera_id -1 forces a free camera, >= 0 a fixed one, None keeps the type.
-    if camera_id is not None:
-        if camera_id == -1:
-            cam.type = mujoco.mjtCamera.mjCAMERA_FREE
-        else:
-            cam.type = mujoco.mjtCamera.mjCAMERA_FIXED
-        cam.fixedcamid = camera_id
-    return cam, vopt
 
 
 # What the GL context uploads once, from model 0 (mjr_makeContext): textures, the materials' texture
@@ -247,184 +106,6 @@ def _check_same_model(models: Sequence[Any]) -> None:
                 f"once, its GL context made with one shadow map, multisampling and fog); model {i} differs "
                 f"from model 0 in {diff}: make the envs alike (the same shadow_size=, for one)"
             )
-
-
-def egl_position_of_cuda_device(egl_cuda_ids: Sequence[Optional[int]], index: int,
-                                visible: Optional[str]) -> Optional[int]:
-    """Position in EGL's device list of the device behind torch's ``cuda:index``.
-
-    ``egl_cuda_ids``: each EGL device's ``EGL_CUDA_DEVICE_NV`` (None where the driver gives none);
-    ``visible``: ``CUDA_VISIBLE_DEVICES``. The driver's ordinal is looked up as the physical one
-    (``visible`` maps torch's index to it) and then as torch's own; None where neither is there
-    (a software renderer, GPUs named by UUID): the caller then keeps EGL's own order.
-    """
-    physical: Optional[int] = index
-    if visible is not None and visible.strip():
-        try:
-            ids = [int(v) for v in visible.split(",") if v.strip()]
-            physical = ids[index] if index < len(ids) else None
-        except ValueError:  # UUIDs or MIG names
-            physical = None
-    for wanted in dict.fromkeys(x for x in (physical, index) if x is not None):
-        if wanted in egl_cuda_ids:
-            return list(egl_cuda_ids).index(wanted)
-    return None
-
-
-def _egl_cuda_ids() -> List[Optional[int]]:
-    """``EGL_CUDA_DEVICE_NV`` of each EGL device, in ``eglQueryDevicesEXT``'s order (EGL_NV_device_cuda)."""
-    import ctypes
-
-    from mujoco.egl import egl_ext as EGL
-
-    query = EGL.eglGetProcAddress("eglQueryDeviceAttribEXT")  # EGL_EXT_device_query
-    if not query:
-        return []
-    attrib = ctypes.CFUNCTYPE(ctypes.c_uint, ctypes.c_void_p, ctypes.c_int32, ctypes.POINTER(ctypes.c_ssize_t))(
-        ctypes.cast(query, ctypes.c_void_p).value)
-    out: List[Optional[int]] = []
-    for device in EGL.eglQueryDevicesEXT():
-        value = ctypes.c_ssize_t(-1)
-        handle = ctypes.cast(device, ctypes.c_void_p).value
-        out.append(int(value.value) if attrib(handle, 0x323A, ctypes.byref(value)) and value.value >= 0 else None)
-    EGL.eglGetError()  # a driver without EGL_NV_device_cuda refused the attribute: clear that error
-    return out
-
-
-@contextmanager
-def _egl_device_for(index: int):
-    """Point MuJoCo's EGL display at CUDA device ``index`` unless the user or an earlier context chose.
-
-    ``MUJOCO_EGL_DEVICE_ID`` is a CUDA device number for MuJoCo >= 4 (it reads ``EGL_CUDA_DEVICE_NV``
-    itself) but a position in EGL's device list before, where the two orders differ on many-GPU
-    machines and under ``CUDA_VISIBLE_DEVICES``: there the position is looked up here.
-    """
-    created, major = False, 4
-    try:
-        import mujoco.egl as megl
-
-        created = getattr(megl, "EGL_DISPLAY", None) is not None
-        major = mujoco_major_version()
-    except Exception:
-        pass
-    set_here = not created and "MUJOCO_EGL_DEVICE_ID" not in os.environ
-    if set_here:
-        position: Optional[int] = index
-        if major < 4:
-            try:
-                found = egl_position_of_cuda_device(_egl_cuda_ids(), index, os.environ.get("CUDA_VISIBLE_DEVICES"))
-                position = index if found is None else found
-            except Exception:  # no device-query extension: EGL's own order, checked after by cudaGLGetDevices
-                pass
-        os.environ["MUJOCO_EGL_DEVICE_ID"] = str(position)
-    try:
-        yield
-    finally:
-        if set_here:
-            os.environ.pop("MUJOCO_EGL_DEVICE_ID", None)
-
-
-@contextmanager
-def _keep_current_gl():
-    """Restore the caller's current GL context afterwards.
-
-    gymnasium's MuJoCo envs make their own context current once, when their viewer is created, and
-    render into whatever context is current afterwards: a renderer that leaves its own context
-    current (or none, after freeing it) would silently break their ``env.render()``. EGL and GLFW
-    contexts are restored; with OSMesa this is best effort (nothing is restored). Where no EGL context
-    was current, none is left current: an EGL context current on one thread cannot be made current
-    on another, so one left current here would make rendering from another thread fail.
-    """
-    backend = os.environ.get("MUJOCO_GL", "").strip().lower()
-    saved = None
-    try:
-        if backend == "egl":
-            from mujoco.egl import egl_ext as EGL
-
-            ctx = EGL.eglGetCurrentContext()
-            if ctx:
-                saved = ("egl", (EGL.eglGetCurrentDisplay(), EGL.eglGetCurrentSurface(EGL.EGL_DRAW),
-                                 EGL.eglGetCurrentSurface(EGL.EGL_READ), ctx))
-        elif backend in ("", "glfw", "glx", "enable", "enabled", "on", "true", "1"):
-            import glfw
-
-            win = glfw.get_current_context()
-            if win:
-                saved = ("glfw", win)
-    except Exception:
-        saved = None
-    try:
-        yield
-    finally:
-        if saved is None and backend == "egl":
-            try:
-                from mujoco.egl import egl_ext as EGL
-
-                if EGL.eglGetCurrentContext():
-                    EGL.eglMakeCurrent(EGL.eglGetCurrentDisplay(), EGL.EGL_NO_SURFACE, EGL.EGL_NO_SURFACE,
-                                       EGL.EGL_NO_CONTEXT)
-            except Exception:
-                pass
-        if saved is not None:
-            kind, state = saved
-            try:
-                if kind == "egl":
-                    from mujoco.egl import egl_ext as EGL
-
-                    EGL.eglMakeCurrent(*state)
-                else:
-                    import glfw
-
-                    glfw.make_context_current(state)
-            except Exception:  # the saved context is gone (e.g. it was ours, freed by close())
-                pass
-
-
-def close_mujoco_renderer(renderer: Any) -> None:
-    """Close a ``mujoco.Renderer`` (one whose ``__init__`` failed too) with its own GL context current.
-
-    Before MuJoCo 4, ``Renderer.close`` frees its ``MjrContext`` in whatever context is current, deleting
-    the GL objects of the same ids there (a gymnasium env's: its ``env.render()`` then returns black
-    frames), and ``GLContext.free`` releases the thread's current context even when that is another's.
-    Run inside :func:`_keep_current_gl`, which makes the caller's context current again afterwards.
-    """
-    gl = getattr(renderer, "_gl_context", None)
-    try:
-        if gl is not None:
-            gl.make_current()
-        renderer.close()
-    except AttributeError:  # an __init__ that failed before setting the attributes close() reads
-        if gl is not None:
-            gl.free()
-        # Its __del__ calls close() again: where __init__ does not set them first (MuJoCo 3.5 and 3.6; 3.10 on
-        # does), that raised the same AttributeError from the garbage collector ("Exception ignored in ...").
-        renderer._gl_context = renderer._mjr_context = None
-
-
-def open_mujoco_renderer(model: Any, height: int, width: int, max_geom: int = 10_000) -> Any:
-    """``mujoco.Renderer(model, height, width, max_geom)``; one whose ``__init__`` fails is closed by
-    :func:`close_mujoco_renderer` before the error is raised (not left to the garbage collector)."""
-    mujoco = _mujoco()
-    renderer = mujoco.Renderer.__new__(mujoco.Renderer)
-    try:
-        renderer.__init__(model, height, width, max_geom)
-    except Exception:
-        with suppress(Exception):  # the error that matters is __init__'s
-            close_mujoco_renderer(renderer)
-        raise
-    return renderer
-
-
-@contextmanager
-def temporary_mujoco_renderer(model: Any, height: int, width: int):
-    """A ``mujoco.Renderer`` for a short job (a check, a query), closed on exit with the caller's GL
-    context current again: gymnasium envs render into whatever context is current."""
-    with _keep_current_gl():
-        renderer = open_mujoco_renderer(model, height, width)
-        try:
-            yield renderer
-        finally:
-            close_mujoco_renderer(renderer)
 
 
 class BatchRenderer:
