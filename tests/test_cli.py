@@ -389,7 +389,7 @@ def test_every_command_takes_both_dtype_spellings():
     # bf16 and bfloat16 (fp32/float32, fp16/float16) name one precision in every command, each
     # command keeping its own spelling internally; anything else is refused by the parser.
     from vlmrm_fast.argtypes import dtype_choice
-    from vlmrm_fast.train.run import config_from_args
+    from vlmrm_fast.train.command import config_from_args
 
     parser = cli.build_parser()
     for given, want in (("bf16", "bfloat16"), ("BFloat16", "bfloat16"), ("fp32", "float32"), ("auto", "auto")):

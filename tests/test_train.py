@@ -203,7 +203,7 @@ def test_smoke_humanoid_deferred_rewards_reach_buffer(tmp_path):
     for tag in ("rollout/vlm_return", "rollout/gt_return", "time/steps_per_s", "time/render_s", "time/reward_s",
                 "time/sac_update_s", "time/train_steps_per_s", "time/eval_s", "time/checkpoint_s", "eval/vlm_return"):
         assert tag in tags
-    from vlmrm_fast.train.run import EPILOG  # `vlmrm-fast train --help` lists every tag the run logs
+    from vlmrm_fast.train.command import EPILOG  # `vlmrm-fast train --help` lists every tag the run logs
 
     assert [t for t in tags if not t.startswith("train/") and t not in " ".join(EPILOG.split())] == []
     assert ckpt.find_latest(result.run_dir).name == ckpt.step_name(80)
@@ -598,7 +598,8 @@ def _wait_for_checkpoint(proc: subprocess.Popen, run_dir: Path, min_step: int = 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL], ids=["sigterm", "sigint", "sigkill"])
 def test_killed_run_resumes_from_last_checkpoint(tmp_path, sig):
-    from vlmrm_fast.train.run import config_from_args, train
+    from vlmrm_fast.train.command import config_from_args
+    from vlmrm_fast.train.run import train
 
     run_dir = tmp_path / "run"
     proc = _spawn(run_dir)
@@ -645,7 +646,8 @@ def test_a_second_process_in_a_run_folder_is_refused_and_the_first_keeps_its_che
     # A requeued job starting while its first copy still trains would clear that copy's half-written
     # checkpoint and prune its checkpoints; it is refused instead, naming the holder.
 
-    from vlmrm_fast.train.run import config_from_args, train
+    from vlmrm_fast.train.command import config_from_args
+    from vlmrm_fast.train.run import train
     from vlmrm_fast.train.run_lock import RunFolderBusy
 
     run_dir = tmp_path / "run"
@@ -686,7 +688,8 @@ def test_a_filesystem_without_flock_warns_once_and_trains_unlocked(tmp_path, mon
     import errno
 
     from vlmrm_fast.train import run_lock
-    from vlmrm_fast.train.run import config_from_args, train
+    from vlmrm_fast.train.command import config_from_args
+    from vlmrm_fast.train.run import train
 
     first = train(dot_config(tmp_path, total_timesteps=40), reward_model=tiny_reward(dot_config(tmp_path)))
 
@@ -709,7 +712,8 @@ def test_resume_reads_a_run_folder_it_cannot_write(tmp_path, monkeypatch):
     import errno
 
     from vlmrm_fast.train import run_lock
-    from vlmrm_fast.train.run import config_from_args, train
+    from vlmrm_fast.train.command import config_from_args
+    from vlmrm_fast.train.run import train
 
     first = train(dot_config(tmp_path, total_timesteps=40), reward_model=tiny_reward(dot_config(tmp_path)))
     real_open = os.open
@@ -1156,7 +1160,8 @@ def test_interrupted_overwrite_and_stale_pointer_recover_the_newest_checkpoint(t
     # --resume puts it back before choosing the checkpoint to continue from, not after.
     import argparse
 
-    from vlmrm_fast.train.run import _resume_checkpoint, config_from_args
+    from vlmrm_fast.train.command import config_from_args
+    from vlmrm_fast.train.run import _resume_checkpoint
 
     os.rename(newest, root / f".old-{newest.name}-0123abcd")
     args = argparse.Namespace(set=[], preset=None, config=None, resume=result.run_dir, print_config=False,
@@ -1294,12 +1299,12 @@ def test_a_viewer_left_without_a_gl_context_is_freed_quietly(monkeypatch):
 def test_out_of_gpu_memory_in_train_names_the_reward_models_knobs(monkeypatch, capsys):
     # train's --batch-size is SAC's minibatch: it does not touch the reward model's memory.
     from vlmrm_fast.cli import main
-    from vlmrm_fast.train import run
+    from vlmrm_fast.train import command
 
     def out_of_memory(config, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(run, "train", out_of_memory)
+    monkeypatch.setattr(command, "train", out_of_memory)
     assert main(["train", "--preset", "smoke", "--run-dir", "unused"]) == 2
     err = capsys.readouterr().err
     assert "--reward-batch-size" in err and "--reward-timing step" in err and "--batch-size " not in err
@@ -1311,7 +1316,7 @@ def test_summary_counts_this_sessions_steps(tmp_path, capsys):
     import argparse
 
     from vlmrm_fast.train import train
-    from vlmrm_fast.train.run import run_train_command
+    from vlmrm_fast.train.command import run_train_command
 
     first = train(dot_config(tmp_path, total_timesteps=40), reward_model=tiny_reward(dot_config(tmp_path)))
     assert (first.steps_this_session, first.num_timesteps) == (40, 40) and 0 < first.learn_seconds < first.seconds
@@ -1378,7 +1383,7 @@ def test_resume_with_another_config_names_fields_and_fix(tmp_path):
     import argparse
 
     from vlmrm_fast.train import train
-    from vlmrm_fast.train.run import config_from_args
+    from vlmrm_fast.train.command import config_from_args
 
     result = train(dot_config(tmp_path, total_timesteps=40), reward_model=tiny_reward(dot_config(tmp_path)))
     fields = {f"field_{k}": None for k in TrainConfig.__dataclass_fields__}
@@ -1539,7 +1544,7 @@ def test_config_file_and_overrides(tmp_path):
 def test_net_arch_flag_takes_layer_sizes(given):
     import argparse
 
-    from vlmrm_fast.train.run import add_train_parser, config_from_args
+    from vlmrm_fast.train.command import add_train_parser, config_from_args
 
     parser = argparse.ArgumentParser()
     add_train_parser(parser.add_subparsers(dest="command"))
@@ -2470,7 +2475,7 @@ def test_the_deferred_recorder_holds_one_rollout_and_hands_sac_placeholders(tmp_
 def _train_parser():
     import argparse
 
-    from vlmrm_fast.train.run import add_train_parser
+    from vlmrm_fast.train.command import add_train_parser
 
     parser = argparse.ArgumentParser()
     add_train_parser(parser.add_subparsers(dest="command"))
@@ -2481,7 +2486,7 @@ def test_every_config_field_has_a_flag_that_reaches_it(tmp_path):
     # --no-progress / --no-tensorboard are False, not "not given"; --goal and --baseline repeat.
     import argparse
 
-    from vlmrm_fast.train.run import add_train_parser, config_from_args
+    from vlmrm_fast.train.command import add_train_parser, config_from_args
 
     parser = argparse.ArgumentParser()
     flags = set(add_train_parser(parser.add_subparsers(dest="command"))._option_string_actions)
@@ -2496,7 +2501,7 @@ def test_every_config_field_has_a_flag_that_reaches_it(tmp_path):
 
 
 def test_the_command_line_beats_the_config_file_which_beats_the_preset(tmp_path):
-    from vlmrm_fast.train.run import config_from_args
+    from vlmrm_fast.train.command import config_from_args
 
     path = tmp_path / "run.toml"
     path.write_text('seed = 3\ngamma = 0.9\n[sac]\ntau = 0.5\n')
@@ -2512,7 +2517,7 @@ def test_the_command_line_beats_the_config_file_which_beats_the_preset(tmp_path)
 
 def test_resume_refuses_another_run_dir_from_the_config_file(tmp_path):
     # Checked before the folder is read: no run is needed.
-    from vlmrm_fast.train.run import config_from_args
+    from vlmrm_fast.train.command import config_from_args
 
     path = tmp_path / "run.toml"
     path.write_text(f'run_dir = "{tmp_path / "elsewhere"}"\n')
@@ -2522,7 +2527,7 @@ def test_resume_refuses_another_run_dir_from_the_config_file(tmp_path):
 
 def test_resume_compares_a_date_like_run_dir_as_the_config_reads_it(tmp_path, monkeypatch):
     # TOML and --set read an unquoted 2024-05-01 as a date; the comparison with --resume raised TypeError.
-    from vlmrm_fast.train.run import config_from_args
+    from vlmrm_fast.train.command import config_from_args
 
     monkeypatch.chdir(tmp_path)
     path = tmp_path / "run.toml"
@@ -2555,7 +2560,7 @@ def test_a_second_signal_exits_with_the_shells_code_for_it(tmp_path, monkeypatch
     import copy
 
     from vlmrm_fast import cli
-    from vlmrm_fast.train import run
+    from vlmrm_fast.train import command, run
     from vlmrm_fast.train.callbacks import StoppedAtOnce
 
     argv = ["--preset", "smoke", "--run-dir", str(tmp_path / "run")]
@@ -2566,7 +2571,7 @@ def test_a_second_signal_exits_with_the_shells_code_for_it(tmp_path, monkeypatch
             def train(config, resume=None, raised=raised):
                 raise raised
 
-            monkeypatch.setattr(run, "train", train)
+            monkeypatch.setattr(command, "train", train)
             assert main(argv) == code, raised
             assert said in capsys.readouterr().err, raised
     assert copy.copy(StoppedAtOnce(signal.SIGTERM)).signum == signal.SIGTERM
@@ -2879,7 +2884,7 @@ def test_help_names_every_tag_a_run_logs(tmp_path, capsys):
 
 
 def test_a_field_given_as_a_flag_and_through_set_is_refused():
-    from vlmrm_fast.train.run import config_from_args
+    from vlmrm_fast.train.command import config_from_args
 
     parser = _train_parser()
     with pytest.raises(ValueError, match=r"alpha is given twice on the command line \(--alpha and --set alpha=...\)"):
@@ -2925,7 +2930,7 @@ def test_the_readmes_config_file_example_is_a_valid_config(tmp_path):
 
     from conftest import ROOT
 
-    from vlmrm_fast.train.run import config_from_args
+    from vlmrm_fast.train.command import config_from_args
 
     [example] = re.findall(r"```toml\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
     (tmp_path / "run.toml").write_text(example)

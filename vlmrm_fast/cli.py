@@ -11,7 +11,7 @@ Commands
 ``vlmrm-fast bench``
     Frames/s per stage against the seed's pipeline (vlmrm_fast/profiler/).
 ``vlmrm-fast train``
-    SAC on the VLM reward (vlmrm_fast/train/run.py).
+    SAC on the VLM reward (vlmrm_fast/train/command.py; the run itself: vlmrm_fast/train/run.py).
 
 Adding a command: write ``add_<name>_parser(subparsers)`` that registers its options and sets
 ``handler=`` to a function ``(args) -> int``, then call it from :func:`build_parser`. :func:`main` turns the
@@ -35,7 +35,7 @@ from vlmrm_fast.argtypes import CLIError
 from vlmrm_fast.export import add_export_parser
 from vlmrm_fast.profiler import add_bench_parser
 from vlmrm_fast.score_command import add_score_parser
-from vlmrm_fast.train.run import add_train_parser
+from vlmrm_fast.train.command import add_train_parser
 
 __all__ = ["CLIError", "PROG", "build_parser", "main"]
 

@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING
 from vlmrm_fast.train.config import PRESETS, TrainConfig, from_preset
 
 if TYPE_CHECKING:  # what type checkers and IDEs see
-    from vlmrm_fast.train.run import TrainResult, add_train_parser, train
+    from vlmrm_fast.train.command import add_train_parser
+    from vlmrm_fast.train.run import TrainResult, train
 
 __all__ = ["TrainConfig", "PRESETS", "from_preset", "train", "TrainResult", "add_train_parser"]
 
@@ -17,8 +18,12 @@ __all__ = ["TrainConfig", "PRESETS", "from_preset", "train", "TrainResult", "add
 if not TYPE_CHECKING:
 
     def __getattr__(name: str) -> object:  # lazy, so that ``python -m vlmrm_fast.train.run`` imports run.py once
-        if name in ("train", "TrainResult", "add_train_parser"):
+        if name in ("train", "TrainResult"):
             from vlmrm_fast.train import run
 
             return getattr(run, name)
+        if name == "add_train_parser":
+            from vlmrm_fast.train.command import add_train_parser
+
+            return add_train_parser
         raise AttributeError(f"module 'vlmrm_fast.train' has no attribute {name!r}")
