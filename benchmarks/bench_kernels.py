@@ -1,5 +1,5 @@
-"""Benchmark vlmrm_fast's fused ops and the tower's patch embedding against the plain torch path and the
-original VLM-RM code.
+"""Benchmark vlmrm_fast's fused ops and the tower's patch embedding and LayerNorm against the plain torch
+path and the original VLM-RM code.
 
 Ops (SPEC §1.2, §1.4, §2):
 - ``preprocess``: uint8 frames [N, H, W, 3] -> normalised tower input [N, 3, 224, 224].
