@@ -990,7 +990,7 @@ def test_fast_rollout_names_the_host_path_when_the_wrapper_drops_a_failing_batch
 
 
 def test_timed_reward_model_takes_bottom_up_frames_as_the_model_it_times():
-    from vlmrm_fast.wrappers import _rewards_of
+    from vlmrm_fast.wrappers.scoring import _rewards_of
 
     bench = _load("bench_env")
     calls = []

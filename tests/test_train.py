@@ -2054,11 +2054,11 @@ class _BottomUpRenderer:
 def test_deferred_rewards_score_bottom_up_frames_the_right_way_up(tmp_path, monkeypatch, fail_at):
     from stable_baselines3.common.vec_env import DummyVecEnv
 
-    from vlmrm_fast import wrappers
     from vlmrm_fast.train.deferred import DeferredRewardRecorder, score_and_write_back
+    from vlmrm_fast.wrappers import batch_frames
 
     monkeypatch.setattr(_BottomUpRenderer, "fail_at", fail_at)
-    monkeypatch.setattr(wrappers, "_import_batch_renderer", lambda: _BottomUpRenderer)
+    monkeypatch.setattr(batch_frames, "_import_batch_renderer", lambda: _BottomUpRenderer)
     venv = DummyVecEnv([lambda: gym.make("InvertedPendulum-v5", render_mode="rgb_array", width=32, height=32)] * 2)
     rm = tiny_reward(dot_config(tmp_path))
     recorder = DeferredRewardRecorder(venv, rm, capacity=4, render="batch")

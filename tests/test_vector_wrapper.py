@@ -28,9 +28,9 @@ from test_wrappers import (  # noqa: E402  helpers only (its fixtures stay there
 )
 
 from vlmrm_fast import Task, VLMRewardVectorWrapper, VLMRewardWrapper  # noqa: E402
-from vlmrm_fast import wrappers as W  # noqa: E402
 from vlmrm_fast.env_render import render_env  # noqa: E402
 from vlmrm_fast.vector_wrapper import reset_mode_of  # noqa: E402
+from vlmrm_fast.wrappers import batch_frames  # noqa: E402  tests swap its batch renderer class
 from vlmrm_fast.wrappers import RenderTerminalFrame  # noqa: E402
 
 pytestmark = [
@@ -72,7 +72,7 @@ def test_rewards_match_one_wrapper_per_env(rm, reset_mode, render, monkeypatch):
     n, steps, seeds = 3, 13, [11, 12, 13]
     makes = [lambda limit=limit: make_env(max_episode_steps=limit) for limit in (3, 4, 5)]
     if render == "fake_batch":  # bottom-up rows, flipped by the reward model
-        monkeypatch.setattr(W, "_import_batch_renderer", lambda: FakeBatchRenderer)
+        monkeypatch.setattr(batch_frames, "_import_batch_renderer", lambda: FakeBatchRenderer)
     if render == "batch":
         real_batch_renderer_or_skip([short_env()])
     spy = Spy(rm)
@@ -231,7 +231,7 @@ def test_terminal_frame_of_non_mujoco_envs(rm, vector, reset_mode):
 
 
 def test_batch_renderer_failure_falls_back_to_images(rm, monkeypatch):
-    monkeypatch.setattr(W, "_import_batch_renderer", lambda: GLlessBatchRenderer)
+    monkeypatch.setattr(batch_frames, "_import_batch_renderer", lambda: GLlessBatchRenderer)
     envs = VLMRewardVectorWrapper(sync_envs(make_env, 2), rm)
     assert envs.render_source == "batch"
     envs.reset(seed=0)
@@ -246,7 +246,7 @@ def test_a_plain_reward_function_gets_top_down_frames(render, monkeypatch):
     """Any callable rm(frames) -> rewards (numpy here, no ``bottom_up=``): the batch renderer's bottom-up
     frames reach it flipped; its rewards are each env's own frame's."""
     if render == "fake_batch":
-        monkeypatch.setattr(W, "_import_batch_renderer", lambda: FakeBatchRenderer)
+        monkeypatch.setattr(batch_frames, "_import_batch_renderer", lambda: FakeBatchRenderer)
     envs = VLMRewardVectorWrapper(sync_envs(make_env, 2), row_weighted_brightness,
                                   render="images" if render == "images" else "batch")
     refs = [make_env() for _ in range(2)]
@@ -405,7 +405,7 @@ def test_render_terminal_frame_leaves_no_keys_behind(rm, reset_mode):
 
 
 def test_close_closes_the_batch_renderer(rm, monkeypatch):
-    monkeypatch.setattr(W, "_import_batch_renderer", lambda: FakeBatchRenderer)
+    monkeypatch.setattr(batch_frames, "_import_batch_renderer", lambda: FakeBatchRenderer)
     envs = VLMRewardVectorWrapper(sync_envs(make_env, 2), rm, render="batch")
     renderer = envs.renderer
     envs.close()
@@ -427,7 +427,7 @@ def test_env_rewards_keep_float64_precision(rm):
 def test_batch_rendering_refuses_envs_that_replace_their_mujoco_data(rm, monkeypatch):
     """NEXT_STEP with the batch renderer: an env that makes a new MjData at reset would leave the renderer
     drawing the old one; an error at the first step after that reset, not stale frames (mutation audit)."""
-    monkeypatch.setattr(W, "_import_batch_renderer", lambda: FakeBatchRenderer)
+    monkeypatch.setattr(batch_frames, "_import_batch_renderer", lambda: FakeBatchRenderer)
     envs = VLMRewardVectorWrapper(sync_envs(lambda: env_replacing_its_mjdata(50), 1), mean_brightness, render="batch")
     envs.reset(seed=0)  # made a new MjData, after the wrapper (and its renderer) took the old one
     with pytest.raises(RuntimeError, match="replaced its MjModel or MjData"):

@@ -22,8 +22,8 @@ pytest.importorskip("mujoco")
 from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv  # noqa: E402
 
 from vlmrm_fast import CLIPReward, Task  # noqa: E402
-from vlmrm_fast import wrappers as W  # noqa: E402
 from vlmrm_fast.env_render import make_own_context_current, render_env  # noqa: E402
+from vlmrm_fast.wrappers import batch_frames  # noqa: E402  tests swap its batch renderer class
 from vlmrm_fast.wrappers import RenderTerminalFrame, VLMRewardVecEnv, VLMRewardWrapper  # noqa: E402
 
 pytestmark = [
@@ -284,7 +284,7 @@ class GLlessBatchRenderer(FakeBatchRenderer):
 
 @pytest.fixture
 def fake_batch(monkeypatch):
-    monkeypatch.setattr(W, "_import_batch_renderer", lambda: FakeBatchRenderer)
+    monkeypatch.setattr(batch_frames, "_import_batch_renderer", lambda: FakeBatchRenderer)
     return FakeBatchRenderer
 
 
@@ -293,7 +293,7 @@ def no_batch(monkeypatch):
     def missing():
         raise ImportError("no vlmrm_fast.render here")
 
-    monkeypatch.setattr(W, "_import_batch_renderer", missing)
+    monkeypatch.setattr(batch_frames, "_import_batch_renderer", missing)
 
 
 def run_against_reference(venv, wrapped, rm, n_envs, n_steps, seed, make, weight, modes=("replace",),
@@ -396,7 +396,7 @@ def test_vec_env_terminal_frames_mujoco(rm, monkeypatch, render):
 
     venv = DummyVecEnv([make] * n_envs)
     if render == "fake-batch":
-        monkeypatch.setattr(W, "_import_batch_renderer", lambda: FakeBatchRenderer)
+        monkeypatch.setattr(batch_frames, "_import_batch_renderer", lambda: FakeBatchRenderer)
     ref_renderer = None
     if render == "batch":
         ref_renderer = batch_reference(real_batch_renderer_or_skip(list(venv.envs)))
@@ -650,7 +650,7 @@ def test_a_plain_reward_function_gets_top_down_frames_and_may_return_numpy(rende
     """The wrappers take any callable rm(frames) -> rewards, as their docs say: bottom-up frames from
     the batch renderer are flipped for one without a ``bottom_up`` parameter, and arrays are rewards too."""
     if render == "fake-batch":
-        monkeypatch.setattr(W, "_import_batch_renderer", lambda: FakeBatchRenderer)
+        monkeypatch.setattr(batch_frames, "_import_batch_renderer", lambda: FakeBatchRenderer)
     reward = REWARD_CALLABLES[model]
     n = 1 if render == "single" else 2
     if render == "single":
@@ -887,7 +887,7 @@ def test_vec_env_errors(rm, no_batch):
 
 
 def test_vec_env_auto_fallbacks(rm, monkeypatch):
-    monkeypatch.setattr(W, "_import_batch_renderer", lambda: GLlessBatchRenderer)
+    monkeypatch.setattr(batch_frames, "_import_batch_renderer", lambda: GLlessBatchRenderer)
     wrapped = VLMRewardVecEnv(DummyVecEnv([make_env] * 2), rm)
     assert wrapped.render_source == "batch"
     renderer = wrapped.renderer
@@ -903,7 +903,7 @@ def test_vec_env_auto_fallbacks(rm, monkeypatch):
         def from_envs(cls, envs, width=None, height=None):
             raise RuntimeError("EGL device not found")
 
-    monkeypatch.setattr(W, "_import_batch_renderer", lambda: Unbuildable)
+    monkeypatch.setattr(batch_frames, "_import_batch_renderer", lambda: Unbuildable)
     with pytest.warns(UserWarning, match="could not be built"):
         wrapped = VLMRewardVecEnv(DummyVecEnv([make_env]), rm)
     assert wrapped.render_source == "images"
@@ -1275,7 +1275,7 @@ def test_batch_renderer_is_built_on_the_reward_models_device(monkeypatch):
         def __call__(self, frames):
             return mean_brightness(frames)
 
-    monkeypatch.setattr(W, "_import_batch_renderer", lambda: OnDevice)
+    monkeypatch.setattr(batch_frames, "_import_batch_renderer", lambda: OnDevice)
     VLMRewardVecEnv(DummyVecEnv([make_env]), Model(), render="batch").close()
     assert built["device"] == torch.device("meta")
 
@@ -1285,7 +1285,7 @@ def test_vec_env_refuses_a_renderer_giving_too_few_frames(monkeypatch):
         def render(self):
             return super().render()[1:]
 
-    monkeypatch.setattr(W, "_import_batch_renderer", lambda: OneShort)
+    monkeypatch.setattr(batch_frames, "_import_batch_renderer", lambda: OneShort)
     wrapped = VLMRewardVecEnv(DummyVecEnv([make_env] * 2), mean_brightness, render="batch")
     wrapped.reset()
     with pytest.raises(ValueError, match=r"render\(\) must return uint8 \[2, H, W, 3\]"):
@@ -1446,7 +1446,7 @@ def test_envs_whose_wrappers_change_their_frames_are_rendered_through_them(rm):
     # The batch renderer draws each env's MuJoCo state, past its wrappers' render(): under "auto" their frames
     # come from env.render(), as the reward's own; "batch" is refused, naming them. gymnasium's checks
     # (OrderEnforcing, PassiveEnvChecker, from gym.make) leave the frames as they are.
-    from vlmrm_fast.wrappers import _frame_changing_wrappers
+    from vlmrm_fast.wrappers.frame_checks import _frame_changing_wrappers
 
     assert _frame_changing_wrappers([make_env()]) == []
     frames = _scored_through_env_render(rm, lambda: _Cropped(make_env()), "_Cropped")
@@ -1545,7 +1545,7 @@ def test_mujoco_envs_with_a_render_of_their_own_are_rendered_through_it(rm, make
     # render(), has other frames: "auto" scores its env.render(), with a warning, and "batch" is refused,
     # naming it, as for wrappers that change the frames (found by a drop-in user's audit: both were drawn by
     # the batch renderer, with the free camera at 224 x 224 for the first, and scored without a word).
-    from vlmrm_fast.wrappers import _frame_changing_wrappers
+    from vlmrm_fast.wrappers.frame_checks import _frame_changing_wrappers
 
     assert _frame_changing_wrappers([make()]) == [name]
     frames = _scored_through_env_render(rm, make, name)

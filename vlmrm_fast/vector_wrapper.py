@@ -30,17 +30,12 @@ import numpy as np
 
 from vlmrm_fast.callers import stacklevel_outside_package
 from vlmrm_fast.env_render import in_process_envs, release_env_gl, render_env
-from vlmrm_fast.wrappers import (
-    TERMINAL_FRAME_KEY,
-    _BatchFrames,
-    _check_reward_model,
-    _combine,
-    _keep_terminal_states,
-    _MujocoTerminalState,
-    _RewardMode,
-    _rewards_of,
-    gym,
-)
+from vlmrm_fast.wrappers.batch_frames import _BatchFrames
+from vlmrm_fast.wrappers.modes import _combine, _RewardMode
+from vlmrm_fast.wrappers.scoring import _check_reward_model, _rewards_of
+from vlmrm_fast.wrappers.terminal import TERMINAL_FRAME_KEY, _keep_terminal_states, _MujocoTerminalState
+
+import gymnasium as gym  # after vlmrm_fast.wrappers, whose import says which extra to install when it is missing
 
 __all__ = ["VLMRewardVectorWrapper"]
 

@@ -265,7 +265,7 @@ class BatchRenderer:
         if not envs:
             raise ValueError("from_envs needs at least one env")
         _model_data_of(envs[0])
-        from vlmrm_fast.wrappers import _frame_changing_wrappers  # wrappers imports this module
+        from vlmrm_fast.wrappers.frame_checks import _frame_changing_wrappers  # wrappers imports this module
 
         own_frames = _frame_changing_wrappers([e for e in envs if callable(getattr(e, "render", None))])
         if own_frames:

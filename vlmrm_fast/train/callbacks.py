@@ -37,7 +37,7 @@ from vlmrm_fast.env_render import release_env_gl, render_env
 from vlmrm_fast.train import checkpoint as ckpt
 from vlmrm_fast.train.config import TrainConfig
 from vlmrm_fast.train.deferred import DeferredRewardRecorder, score_and_write_back
-from vlmrm_fast.wrappers import _rewards_of
+from vlmrm_fast.wrappers.scoring import _rewards_of
 
 
 class StoppedAtOnce(KeyboardInterrupt):

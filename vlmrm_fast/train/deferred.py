@@ -23,7 +23,9 @@ import numpy as np
 import torch
 from stable_baselines3.common.vec_env import VecEnv
 
-from vlmrm_fast.wrappers import VLMRewardVecEnv, _combine, _rewards_of
+from vlmrm_fast.wrappers import VLMRewardVecEnv
+from vlmrm_fast.wrappers.modes import _combine
+from vlmrm_fast.wrappers.scoring import _rewards_of
 
 
 class DeferredRewardRecorder(VLMRewardVecEnv):
