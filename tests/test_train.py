@@ -2386,6 +2386,57 @@ def test_a_lock_file_its_holder_removed_is_not_what_the_next_process_holds(tmp_p
                 pass
 
 
+@pytest.mark.parametrize("lost_in", ["open", "mkdir"])
+def test_a_run_folder_its_holder_removes_while_a_newcomer_makes_it_is_made_again(tmp_path, monkeypatch, lost_in):
+    # The holder of a run whose set-up failed removes the folder (remove_unstarted_run) just after a newcomer's
+    # mkdir found it ("open": the open of .lock then raised FileNotFoundError), or inside that mkdir (EEXIST,
+    # then no folder: pathlib raised FileExistsError). The newcomer is not refused, nor told a file is missing:
+    # it makes the folder again and holds it.
+    from vlmrm_fast.train import run_lock
+
+    run_dir = tmp_path / "run"
+    with run_lock.hold_run_folder(run_dir):
+        pass
+    removed = []
+
+    def removed_first(real, target, error=None):
+        def call(path, *args):
+            if not removed and Path(path) == target:
+                removed.append(path)
+                assert run_lock.remove_unstarted_run(run_dir)  # the holder's clean-up, just before
+                if error is not None:
+                    raise error
+            return real(path, *args)
+        return call
+
+    if lost_in == "open":
+        monkeypatch.setattr(run_lock.os, "open", removed_first(os.open, run_dir / run_lock.LOCK_NAME))
+    else:
+        monkeypatch.setattr(run_lock.os, "mkdir", removed_first(os.mkdir, run_dir, FileExistsError(17, "File exists")))
+    with run_lock.hold_run_folder(run_dir):
+        assert removed and (run_dir / run_lock.LOCK_NAME).is_file()
+        with pytest.raises(run_lock.RunFolderBusy):  # the file at the path is the one held
+            with run_lock.hold_run_folder(run_dir):
+                pass
+
+
+def test_a_lock_file_that_cannot_be_made_is_an_error_not_a_loop(tmp_path):
+    # hold_run_folder tries again when the folder vanished under it (a holder's clean-up), a bounded number of
+    # times: a .lock that links into a missing folder, or a file at run_dir, fail every time.
+    from vlmrm_fast.train import run_lock
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / run_lock.LOCK_NAME).symlink_to(tmp_path / "missing" / "lock")
+    with pytest.raises(FileNotFoundError):
+        with run_lock.hold_run_folder(run_dir):
+            pass
+    (tmp_path / "file").write_text("")
+    with pytest.raises(FileExistsError):
+        with run_lock.hold_run_folder(tmp_path / "file"):
+            pass
+
+
 def test_a_new_run_whose_set_up_fails_leaves_no_folder_behind(tmp_path):
     # Each failed start (a mistyped env id, weights that could not be downloaded) left a folder with
     # config.json and .lock. A folder that existed before, or holds anything else, stays as it was.

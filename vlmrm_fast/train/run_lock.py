@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import os
 import socket
 import time
@@ -26,6 +27,7 @@ except ImportError:  # pragma: no cover - Windows: no flock; runs there are not 
     fcntl = None
 
 LOCK_NAME = ".lock"
+_MAKE_ATTEMPTS = 100  # hold_run_folder's tries to make the folder and open .lock while others remove it
 
 
 class RunFolderBusy(ValueError):
@@ -54,9 +56,17 @@ def hold_run_folder(run_dir: os.PathLike, *, warn_unlocked: bool = True) -> Iter
         run_dir.mkdir(parents=True, exist_ok=True)
         yield
         return
-    while True:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    for attempt in itertools.count(1):
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except (FileNotFoundError, FileExistsError):
+            # The holder of a run whose set-up failed removed the folder (remove_unstarted_run) after our
+            # mkdir found it (ENOENT), or during it (EEXIST, then no folder): again. A few times only: a .lock
+            # that links into a missing folder, or a file at run_dir, fails like this every time.
+            if attempt >= _MAKE_ATTEMPTS:
+                raise
+            continue
         try:
             locked = _lock(fd, run_dir, path, warn_unlocked)
         except BaseException:
