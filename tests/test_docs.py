@@ -64,7 +64,7 @@ def test_the_readmes_where_things_live_table_names_every_module_and_benchmark():
         if f"`vlmrm_fast/{sub.name}/" not in table:  # the package's row, or rows of its modules
             missing.append(f"vlmrm_fast/{sub.name}/")
     # The subpackages whose rows list their modules by name (ops by path, the others by name).
-    for sub in ("ops", "backends", "profiler", "render", "wrappers"):
+    for sub in ("ops", "backends", "profiler", "render", "wrappers", "train", "envs"):
         rows = "\n".join(line for line in table.splitlines() if line.startswith(f"| `vlmrm_fast/{sub}/"))
         for path in sorted((package / sub).glob("*.py")):
             if path.name != "__init__.py" and not re.search(rf"\b{re.escape(path.stem)}\b", rows):
