@@ -879,3 +879,60 @@ def test_an_out_below_a_file_names_the_file_in_the_way(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=re.escape(f"cannot write in '{tmp_path / 'a-file' / 'sub'}' "
                                                    f"('{tmp_path / 'a-file'}' is a file); pass another --out")):
         writable_folder(tmp_path / "a-file" / "sub", "--out")
+
+
+def test_a_folder_removed_before_the_probe_is_made_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A failed training run removes the run folder it made (run_lock.remove_unstarted_run); a newcomer's
+    # writable_folder can meet that between its mkdir and its probe file. It makes the folder again instead
+    # of calling the folder unwritable.
+    import tempfile
+
+    from vlmrm_fast import argtypes
+
+    folder = tmp_path / "runs" / "shared"
+    real_mkstemp = tempfile.mkstemp
+    calls = []
+
+    def removed_once(*args, **kwargs):
+        calls.append(kwargs["dir"])
+        if len(calls) == 1:
+            folder.rmdir()
+        return real_mkstemp(*args, **kwargs)
+
+    monkeypatch.setattr(argtypes.tempfile, "mkstemp", removed_once)
+    assert argtypes.writable_folder(folder, "--run-dir") == folder
+    assert len(calls) == 2 and folder.is_dir() and list(folder.iterdir()) == []
+
+
+def test_a_folder_removed_again_and_again_is_given_up_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Bounded: a folder that vanishes before every probe ends in the usual error, not an endless loop; and a
+    # FileNotFoundError while the folder is still there (nothing to make again) is not retried.
+    import tempfile
+
+    from vlmrm_fast import argtypes
+
+    folder = tmp_path / "shared"
+    real_mkstemp = tempfile.mkstemp
+    calls = []
+
+    def always_removed(*args, **kwargs):
+        calls.append(1)
+        folder.rmdir()
+        return real_mkstemp(*args, **kwargs)
+
+    monkeypatch.setattr(argtypes.tempfile, "mkstemp", always_removed)
+    with pytest.raises(ValueError, match=re.escape(f"cannot write in '{folder}' (No such file or directory); "
+                                                   "pass another --run-dir")):
+        argtypes.writable_folder(folder, "--run-dir")
+    assert len(calls) == argtypes._PROBE_ATTEMPTS
+
+    calls.clear()
+
+    def missing_but_there(*args, **kwargs):
+        calls.append(1)
+        raise FileNotFoundError(2, "No such file or directory")
+
+    monkeypatch.setattr(argtypes.tempfile, "mkstemp", missing_but_there)
+    with pytest.raises(ValueError, match="cannot write in"):
+        argtypes.writable_folder(folder, "--out")
+    assert len(calls) == 1

@@ -26,6 +26,9 @@ preprocessed float pixels [N, 3, H, W]."""
 ONNX_EXPORTERS = ("auto", "torchscript", "dynamo")
 """Which of torch's ONNX exporters writes a graph (:func:`vlmrm_fast.backends.onnx_export.export_onnx`)."""
 
+_PROBE_ATTEMPTS = 100
+"""writable_folder's tries to make the folder and write in it while other processes remove it."""
+
 CLI_EXTRA_HINT = "install the CLI extra: pip install 'vlmrm-fast[cli]'"
 
 
@@ -88,10 +91,19 @@ def writable_folder(folder: Path, flag: str) -> Path:
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"'{folder}' is a file, not a folder; pass another {flag}")
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=folder, prefix=".vlmrm-fast-", suffix=".probe")
-        os.close(fd)
-        os.unlink(probe)
+        for attempt in range(1, _PROBE_ATTEMPTS + 1):
+            folder.mkdir(parents=True, exist_ok=True)
+            try:
+                fd, probe = tempfile.mkstemp(dir=folder, prefix=".vlmrm-fast-", suffix=".probe")
+            except FileNotFoundError:
+                # Another process removed the folder after our mkdir (a failed training run cleaning up the
+                # run folder it made): make it again rather than call it unwritable.
+                if attempt == _PROBE_ATTEMPTS or folder.exists():
+                    raise
+                continue
+            os.close(fd)
+            os.unlink(probe)
+            break
     except OSError as exc:
         blocker = next((p for p in folder.parents if p.exists() and not p.is_dir()), None)
         why = f"'{blocker}' is a file" if blocker is not None else exc.strerror or str(exc)
