@@ -904,9 +904,42 @@ def test_a_folder_removed_before_the_probe_is_made_again(tmp_path: Path, monkeyp
     assert len(calls) == 2 and folder.is_dir() and list(folder.iterdir()) == []
 
 
+def test_a_folder_removed_inside_mkdir_is_made_again_and_a_file_put_there_is_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # mkdir(exist_ok=True) raises FileExistsError when the folder it found is gone by the time it checks it is
+    # a folder: look again and make it. Something put there meanwhile that is no folder is named as such.
+    import pathlib
+
+    from vlmrm_fast import argtypes
+
+    folder = tmp_path / "shared"
+    real_mkdir = pathlib.Path.mkdir
+    calls = []
+
+    def vanished_once(self, *args, **kwargs):
+        calls.append(self)
+        if len(calls) == 1:
+            raise FileExistsError(17, "File exists")
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "mkdir", vanished_once)
+    assert argtypes.writable_folder(folder, "--run-dir") == folder
+    assert len(calls) == 2 and folder.is_dir()
+
+    other = tmp_path / "other"
+
+    def a_file_appears(self, *args, **kwargs):
+        self.write_text("")
+        raise FileExistsError(17, "File exists")
+
+    monkeypatch.setattr(pathlib.Path, "mkdir", a_file_appears)
+    with pytest.raises(ValueError, match=re.escape(f"'{other}' is a file, not a folder; pass another --out")):
+        argtypes.writable_folder(other, "--out")
+
+
 def test_a_folder_removed_again_and_again_is_given_up_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # Bounded: a folder that vanishes before every probe ends in the usual error, not an endless loop; and a
-    # FileNotFoundError while the folder is still there (nothing to make again) is not retried.
+    # Bounded: a folder that vanishes before every probe ends in the usual error, not an endless loop.
     import tempfile
 
     from vlmrm_fast import argtypes
@@ -925,14 +958,3 @@ def test_a_folder_removed_again_and_again_is_given_up_on(tmp_path: Path, monkeyp
                                                    "pass another --run-dir")):
         argtypes.writable_folder(folder, "--run-dir")
     assert len(calls) == argtypes._PROBE_ATTEMPTS
-
-    calls.clear()
-
-    def missing_but_there(*args, **kwargs):
-        calls.append(1)
-        raise FileNotFoundError(2, "No such file or directory")
-
-    monkeypatch.setattr(argtypes.tempfile, "mkstemp", missing_but_there)
-    with pytest.raises(ValueError, match="cannot write in"):
-        argtypes.writable_folder(folder, "--out")
-    assert len(calls) == 1

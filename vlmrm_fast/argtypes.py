@@ -6,6 +6,7 @@ import argparse
 import importlib
 import os
 import re
+import stat
 import tempfile
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -88,27 +89,35 @@ def output_file(given: Optional[str], default: Path) -> Path:
 def writable_folder(folder: Path, flag: str) -> Path:
     """``folder``, made where missing, once a file can be written in it; else a ValueError naming ``flag``:
     before a command loads a model (gigabytes) or measures for minutes only to fail at its first write."""
-    if folder.exists() and not folder.is_dir():
-        raise ValueError(f"'{folder}' is a file, not a folder; pass another {flag}")
     try:
         for attempt in range(1, _PROBE_ATTEMPTS + 1):
-            folder.mkdir(parents=True, exist_ok=True)
+            if not _is_folder_or_missing(folder):
+                raise ValueError(f"'{folder}' is a file, not a folder; pass another {flag}")
             try:
+                folder.mkdir(parents=True, exist_ok=True)
                 fd, probe = tempfile.mkstemp(dir=folder, prefix=".vlmrm-fast-", suffix=".probe")
-            except FileNotFoundError:
-                # Another process removed the folder after our mkdir (a failed training run cleaning up the
-                # run folder it made): make it again rather than call it unwritable.
-                if attempt == _PROBE_ATTEMPTS or folder.exists():
+            except (FileNotFoundError, FileExistsError):
+                # Another process removed the folder between our steps (a failed training run cleaning up the
+                # run folder it made): look and make it again rather than call it unwritable.
+                if attempt == _PROBE_ATTEMPTS:
                     raise
                 continue
             os.close(fd)
             os.unlink(probe)
-            break
+            return folder
     except OSError as exc:
         blocker = next((p for p in folder.parents if p.exists() and not p.is_dir()), None)
         why = f"'{blocker}' is a file" if blocker is not None else exc.strerror or str(exc)
         raise ValueError(f"cannot write in '{folder}' ({why}); pass another {flag}") from None
-    return folder
+    raise AssertionError("unreachable: the last attempt returns or raises")
+
+
+def _is_folder_or_missing(path: Path) -> bool:
+    # One stat, not exists() then is_dir(): a folder removed between the two would pass for a file.
+    try:
+        return stat.S_ISDIR(path.stat().st_mode)
+    except (FileNotFoundError, NotADirectoryError):
+        return True
 
 
 def writable_file(path: Path, flag: str) -> Path:
