@@ -5,7 +5,7 @@ see benchmarks/results/). On CUDA it needs the onnxruntime-gpu build and runs fl
 with the inputs and outputs bound to torch's device memory (no host copies).
 
 ``quantize="int8"`` (CPU only, opt-in, never picked by "auto") runs the tower with int8 weight matmuls
-(:mod:`vlmrm_fast.backends.onnx_quantize`): 1.3-1.7x the float32 tower on a 2-core AVX-512 VNNI CPU (committed runs), at a reward
+(:mod:`vlmrm_fast.backends.onnx_quantize`): 1.7-2.8x the float32 tower on a 2-core AVX-512 VNNI CPU with ONNX Runtime 1.32 (committed runs), at a reward
 error that the profiler reports per run; check it on your checkpoint before training on it.
 """
 from __future__ import annotations
