@@ -958,3 +958,53 @@ def test_a_folder_removed_again_and_again_is_given_up_on(tmp_path: Path, monkeyp
                                                    "pass another --run-dir")):
         argtypes.writable_folder(folder, "--run-dir")
     assert len(calls) == argtypes._PROBE_ATTEMPTS
+
+
+def test_a_folder_removed_between_two_looks_is_not_called_a_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # One stat decides "is a file": with exists() then is_dir(), a folder removed between the two (another
+    # process's clean-up) passed for a file, and the command refused a folder it could have made again.
+    import pathlib
+
+    from vlmrm_fast import argtypes
+
+    folder = tmp_path / "shared"
+    folder.mkdir()
+    real_stat = pathlib.Path.stat
+    removed = []
+
+    def removed_after_the_first_look(self, *args, **kwargs):
+        result = real_stat(self, *args, **kwargs)
+        if self == folder and not removed:
+            removed.append(1)
+            folder.rmdir()
+        return result
+
+    monkeypatch.setattr(pathlib.Path, "stat", removed_after_the_first_look)
+    assert argtypes.writable_folder(folder, "--run-dir") == folder
+    assert removed and folder.is_dir() and list(folder.iterdir()) == []
+
+
+def test_a_folder_below_one_we_may_not_enter_is_named_unwritable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # --out locked/new/sub, where locked/ may not be entered: looking for a file on the way must not let the
+    # OS's PermissionError escape as a traceback; the error names the folder and the OS's reason.
+    import pathlib
+
+    from vlmrm_fast import argtypes
+
+    locked = tmp_path / "locked"
+    folder = locked / "new" / "sub"
+
+    def denied(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    real_stat = pathlib.Path.stat
+
+    def stat_denied_below_locked(self, *args, **kwargs):
+        if locked in self.parents:
+            denied(self)
+        return real_stat(self, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "mkdir", denied)
+    monkeypatch.setattr(pathlib.Path, "stat", stat_denied_below_locked)
+    with pytest.raises(ValueError, match=re.escape(f"cannot write in '{folder}' (Permission denied); pass another --out")):
+        argtypes.writable_folder(folder, "--out")

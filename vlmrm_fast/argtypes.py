@@ -106,10 +106,22 @@ def writable_folder(folder: Path, flag: str) -> Path:
             os.unlink(probe)
             return folder
     except OSError as exc:
-        blocker = next((p for p in folder.parents if p.exists() and not p.is_dir()), None)
+        blocker = _file_on_the_way(folder)
         why = f"'{blocker}' is a file" if blocker is not None else exc.strerror or str(exc)
         raise ValueError(f"cannot write in '{folder}' ({why}); pass another {flag}") from None
     raise AssertionError("unreachable: the last attempt returns or raises")
+
+
+def _file_on_the_way(folder: Path) -> Optional[Path]:
+    """The nearest of ``folder``'s parents that exists and is no folder, if any. Parents that cannot be
+    looked at (a folder on the way that we may not enter) are passed over: the caller's error names that."""
+    for parent in folder.parents:
+        try:
+            if not stat.S_ISDIR(parent.stat().st_mode):
+                return parent
+        except OSError:
+            continue
+    return None
 
 
 def _is_folder_or_missing(path: Path) -> bool:
