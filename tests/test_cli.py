@@ -943,6 +943,7 @@ def test_a_folder_removed_again_and_again_is_given_up_on(tmp_path: Path, monkeyp
     import tempfile
 
     from vlmrm_fast import argtypes
+    from vlmrm_fast.atomic import MAKE_ATTEMPTS
 
     folder = tmp_path / "shared"
     real_mkstemp = tempfile.mkstemp
@@ -957,7 +958,7 @@ def test_a_folder_removed_again_and_again_is_given_up_on(tmp_path: Path, monkeyp
     with pytest.raises(ValueError, match=re.escape(f"cannot write in '{folder}' (No such file or directory); "
                                                    "pass another --run-dir")):
         argtypes.writable_folder(folder, "--run-dir")
-    assert len(calls) == argtypes._PROBE_ATTEMPTS
+    assert len(calls) == MAKE_ATTEMPTS
 
 
 def test_a_folder_removed_between_two_looks_is_not_called_a_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

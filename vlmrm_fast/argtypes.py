@@ -11,6 +11,8 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+from vlmrm_fast.atomic import in_made_folder
+
 BACKEND_NAMES = ("torch", "compile", "onnxruntime", "tensorrt")
 """The concrete vision-tower backends (``"auto"`` picks one of them)."""
 
@@ -26,9 +28,6 @@ preprocessed float pixels [N, 3, H, W]."""
 
 ONNX_EXPORTERS = ("auto", "torchscript", "dynamo")
 """Which of torch's ONNX exporters writes a graph (:func:`vlmrm_fast.backends.onnx_export.export_onnx`)."""
-
-_PROBE_ATTEMPTS = 100
-"""writable_folder's tries to make the folder and write in it while other processes remove it."""
 
 CLI_EXTRA_HINT = "install the CLI extra: pip install 'vlmrm-fast[cli]'"
 
@@ -89,46 +88,34 @@ def output_file(given: Optional[str], default: Path) -> Path:
 def writable_folder(folder: Path, flag: str) -> Path:
     """``folder``, made where missing, once a file can be written in it; else a ValueError naming ``flag``:
     before a command loads a model (gigabytes) or measures for minutes only to fail at its first write."""
+    is_a_file = ValueError(f"'{folder}' is a file, not a folder; pass another {flag}")
+    if not _is_folder_or_missing(folder):
+        raise is_a_file
     try:
-        for attempt in range(1, _PROBE_ATTEMPTS + 1):
-            if not _is_folder_or_missing(folder):
-                raise ValueError(f"'{folder}' is a file, not a folder; pass another {flag}")
-            try:
-                folder.mkdir(parents=True, exist_ok=True)
-                fd, probe = tempfile.mkstemp(dir=folder, prefix=".vlmrm-fast-", suffix=".probe")
-            except (FileNotFoundError, FileExistsError):
-                # Another process removed the folder between our steps (a failed training run cleaning up the
-                # run folder it made): look and make it again rather than call it unwritable.
-                if attempt == _PROBE_ATTEMPTS:
-                    raise
-                continue
-            os.close(fd)
-            os.unlink(probe)
-            return folder
+        fd, probe = in_made_folder(folder, lambda f: tempfile.mkstemp(dir=f, prefix=".vlmrm-fast-", suffix=".probe"))
+        os.close(fd)
+        os.unlink(probe)
     except OSError as exc:
+        if not _is_folder_or_missing(folder):  # put there meanwhile
+            raise is_a_file from None
         blocker = _file_on_the_way(folder)
         why = f"'{blocker}' is a file" if blocker is not None else exc.strerror or str(exc)
         raise ValueError(f"cannot write in '{folder}' ({why}); pass another {flag}") from None
-    raise AssertionError("unreachable: the last attempt returns or raises")
+    return folder
 
 
 def _file_on_the_way(folder: Path) -> Optional[Path]:
-    """The nearest of ``folder``'s parents that exists and is no folder, if any. Parents that cannot be
-    looked at (a folder on the way that we may not enter) are passed over: the caller's error names that."""
-    for parent in folder.parents:
-        try:
-            if not stat.S_ISDIR(parent.stat().st_mode):
-                return parent
-        except OSError:
-            continue
-    return None
+    """The nearest of ``folder``'s parents that exists and is no folder, if any (parents that cannot be looked
+    at are passed over: the caller's error names what went wrong)."""
+    return next((parent for parent in folder.parents if not _is_folder_or_missing(parent)), None)
 
 
 def _is_folder_or_missing(path: Path) -> bool:
-    # One stat, not exists() then is_dir(): a folder removed between the two would pass for a file.
+    # One stat, not exists() then is_dir(): a folder removed between the two would pass for a file. A path
+    # that cannot be looked at (missing, or behind a folder we may not enter) is left to mkdir to name.
     try:
         return stat.S_ISDIR(path.stat().st_mode)
-    except (FileNotFoundError, NotADirectoryError):
+    except OSError:
         return True
 
 

@@ -1,11 +1,17 @@
-"""Writing a file so that a crash never leaves a half-written one under its real name."""
+"""Writing a file so that a crash never leaves a half-written one under its real name, and making a file in a
+folder that another process may remove meanwhile."""
 from __future__ import annotations
 
 import io
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Callable, TypeVar, Union
+
+T = TypeVar("T")
+
+MAKE_ATTEMPTS = 100
+""":func:`in_made_folder`'s tries to make the folder and a file in it while other processes remove it."""
 
 
 def fsync_dir(path: Union[str, Path]) -> None:
@@ -34,6 +40,23 @@ def default_file_mode(folder: Union[str, Path]) -> int:
         return os.stat(probe).st_mode & 0o777
     finally:
         Path(probe).unlink(missing_ok=True)
+
+
+def in_made_folder(folder: Path, create: Callable[[Path], T]) -> T:
+    """``create(folder)`` (make or open a file in it), after making ``folder`` where it is missing. Made again
+    and retried while another process removes the folder between the two (a failed training run's clean-up,
+    :func:`vlmrm_fast.train.run_lock.remove_unstarted_run`): ``create`` then raises FileNotFoundError, or
+    mkdir raises FileExistsError when the folder it found was gone before it checked it is a folder. At most
+    :data:`MAKE_ATTEMPTS` times, then the last error is raised: a dangling link fails so every time."""
+    attempts_left = MAKE_ATTEMPTS
+    while True:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            return create(folder)
+        except (FileNotFoundError, FileExistsError):
+            attempts_left -= 1
+            if attempts_left == 0:
+                raise
 
 
 def write_atomically(path: Union[str, Path], data: bytes) -> Path:

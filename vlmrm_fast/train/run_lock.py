@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import itertools
 import os
 import socket
 import time
@@ -19,6 +18,7 @@ import warnings
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from vlmrm_fast.atomic import in_made_folder
 from vlmrm_fast.callers import stacklevel_outside_package
 
 try:
@@ -27,7 +27,6 @@ except ImportError:  # pragma: no cover - Windows: no flock; runs there are not 
     fcntl = None
 
 LOCK_NAME = ".lock"
-_MAKE_ATTEMPTS = 100  # hold_run_folder's tries to make the folder and open .lock while others remove it
 
 
 class RunFolderBusy(ValueError):
@@ -56,17 +55,9 @@ def hold_run_folder(run_dir: os.PathLike, *, warn_unlocked: bool = True) -> Iter
         run_dir.mkdir(parents=True, exist_ok=True)
         yield
         return
-    for attempt in itertools.count(1):
-        try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        except (FileNotFoundError, FileExistsError):
-            # The holder of a run whose set-up failed removed the folder (remove_unstarted_run) after our
-            # mkdir found it (ENOENT), or during it (EEXIST, then no folder): again. A few times only: a .lock
-            # that links into a missing folder, or a file at run_dir, fails like this every time.
-            if attempt >= _MAKE_ATTEMPTS:
-                raise
-            continue
+    while True:
+        # made again if the holder of a run whose set-up failed removed the folder (remove_unstarted_run)
+        fd = in_made_folder(run_dir, lambda folder: os.open(path, os.O_RDWR | os.O_CREAT, 0o644))
         try:
             locked = _lock(fd, run_dir, path, warn_unlocked)
         except BaseException:
