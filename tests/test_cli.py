@@ -1009,3 +1009,41 @@ def test_a_folder_below_one_we_may_not_enter_is_named_unwritable(tmp_path: Path,
     monkeypatch.setattr(pathlib.Path, "stat", stat_denied_below_locked)
     with pytest.raises(ValueError, match=re.escape(f"cannot write in '{folder}' (Permission denied); pass another --out")):
         argtypes.writable_folder(folder, "--out")
+
+
+@pytest.mark.parametrize("below", [False, True], ids=["the-folder", "a-parent"])
+def test_a_link_to_a_missing_disk_is_named(tmp_path: Path, below: bool) -> None:
+    # runs -> /scratch/me/runs on a node where /scratch is not mounted: mkdir says only "File exists" (after
+    # in_made_folder's retries); the error names the link, its target and the fix.
+    from vlmrm_fast.argtypes import writable_folder
+
+    link = tmp_path / "runs"
+    link.symlink_to(tmp_path / "scratch" / "runs")
+    folder = link / "exp1" if below else link
+    with pytest.raises(ValueError, match=re.escape(
+            f"cannot write in '{folder}' ('{link}' is a symbolic link to '{tmp_path / 'scratch' / 'runs'}', which "
+            f"does not exist); make it (is its disk mounted?), or pass another --out")):
+        writable_folder(folder, "--out")
+    assert not (tmp_path / "scratch").exists()  # the target is the user's to make: never made behind their back
+
+
+def test_a_loop_of_links_is_named(tmp_path: Path) -> None:
+    from vlmrm_fast.argtypes import writable_folder
+
+    (tmp_path / "a").symlink_to("b")
+    (tmp_path / "b").symlink_to("a")
+    for folder in (tmp_path / "a", tmp_path / "a" / "sub"):
+        with pytest.raises(ValueError, match=re.escape(f"cannot write in '{folder}' ('{tmp_path / 'a'}' is a symbolic "
+                                                       "link to 'b', a loop of links); point it at a folder, or pass "
+                                                       "another --out")):
+            writable_folder(folder, "--out")
+
+
+def test_a_link_that_leads_to_a_folder_is_written_through(tmp_path: Path) -> None:
+    # Only a link that leads nowhere is an error: one to a folder (the usual runs -> /scratch/runs) is used.
+    from vlmrm_fast.argtypes import writable_folder
+
+    (tmp_path / "scratch").mkdir()
+    (tmp_path / "runs").symlink_to(tmp_path / "scratch")
+    assert writable_folder(tmp_path / "runs" / "exp1", "--out") == tmp_path / "runs" / "exp1"
+    assert (tmp_path / "scratch" / "exp1").is_dir()

@@ -3,6 +3,7 @@
 Free of heavy imports (torch, open_clip): the parsers are built from it before ``--help`` answers.
 """
 import argparse
+import errno
 import importlib
 import os
 import re
@@ -98,10 +99,35 @@ def writable_folder(folder: Path, flag: str) -> Path:
     except OSError as exc:
         if not _is_folder_or_missing(folder):  # put there meanwhile
             raise is_a_file from None
+        link = broken_link_on_the_way(folder)
+        if link is not None:
+            why, fix = link
+            raise ValueError(f"cannot write in '{folder}' ({why}); {fix}, or pass another {flag}") from None
         blocker = _file_on_the_way(folder)
         why = f"'{blocker}' is a file" if blocker is not None else exc.strerror or str(exc)
         raise ValueError(f"cannot write in '{folder}' ({why}); pass another {flag}") from None
     return folder
+
+
+def broken_link_on_the_way(folder: Path) -> Optional[tuple[str, str]]:
+    """What is wrong with the nearest of ``folder`` and its parents that is a symbolic link leading nowhere
+    (``runs -> /scratch/runs`` on a node where /scratch is not mounted), and the fix; None if there is none.
+    mkdir only says "File exists" there."""
+    for path in (folder, *folder.parents):
+        try:
+            if not stat.S_ISLNK(os.lstat(path).st_mode):
+                continue
+            target = os.readlink(path)
+        except OSError:  # missing, or cannot be looked at: the caller's other checks name it
+            continue
+        try:
+            os.stat(path)
+        except FileNotFoundError:
+            return f"'{path}' is a symbolic link to '{target}', which does not exist", "make it (is its disk mounted?)"
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                return f"'{path}' is a symbolic link to '{target}', a loop of links", "point it at a folder"
+    return None
 
 
 def _file_on_the_way(folder: Path) -> Optional[Path]:

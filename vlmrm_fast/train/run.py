@@ -31,7 +31,7 @@ os.environ.setdefault("PYOPENGL_PLATFORM", "egl")
 
 import numpy as np  # noqa: E402
 
-from vlmrm_fast.argtypes import writable_folder  # noqa: E402
+from vlmrm_fast.argtypes import broken_link_on_the_way, writable_folder  # noqa: E402
 from vlmrm_fast.atomic import write_atomically  # noqa: E402
 from vlmrm_fast.callers import stacklevel_outside_package  # noqa: E402
 from vlmrm_fast.env_render import render_env  # noqa: E402
@@ -472,6 +472,10 @@ def default_run_dir(name: str = "run") -> Path:
 
 def _check_resume_folder(run_dir: Path) -> None:
     if not run_dir.is_dir():
+        link = broken_link_on_the_way(run_dir)  # runs -> /scratch/runs, /scratch not mounted on this node
+        if link is not None:
+            why, fix = link
+            raise FileNotFoundError(f"no run folder '{run_dir}' to resume ({why}); {fix}")
         raise FileNotFoundError(f"no run folder '{run_dir}' to resume; check the path, or start a new run without --resume")
     folder = run_dir.resolve()  # "--resume ." inside a checkpoint has a parent too
     in_checkpoints = folder.parent.name == "checkpoints"
