@@ -821,6 +821,23 @@ def test_outputs_that_are_inputs_or_folders_are_settled_before_scoring(
     assert len(_read_csv(tmp_path / "new" / video.with_suffix(".rewards.csv").name)) > 0
 
 
+def test_an_out_that_is_a_symbolic_link_is_written_through(image_folder: Path, video: Path, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture) -> None:
+    # --out latest.csv -> runs/r7.csv: the rewards land in runs/r7.csv and the link stays (it was replaced by a
+    # file, the target left as it was). A link that leads to an input is still an input of the run.
+    target = tmp_path / "runs" / "r7.csv"
+    target.parent.mkdir()
+    target.write_text("an earlier run\n")
+    link = tmp_path / "latest.csv"
+    link.symlink_to(target)
+    assert score([str(image_folder), "--goal", "x", "--out", str(link), *TINY]) == 0
+    assert link.is_symlink() and len(_read_csv(target)) == len(FRAME_NAMES)
+    to_input = tmp_path / "to-input.csv"
+    to_input.symlink_to(video)
+    before = video.read_bytes()
+    assert score([str(video), "--goal", "x", "--out", str(to_input), *TINY]) == 2
+    assert "is an input of this run" in capsys.readouterr().err and video.read_bytes() == before
+
 def test_out_and_plot_naming_one_file_are_refused_before_scoring(image_folder: Path, tmp_path: Path, monkeypatch,
                                                                  capsys) -> None:
     # The plot, written second, replaced the CSV: "wrote r.png, r.png", exit 0, no rewards anywhere.
@@ -843,6 +860,10 @@ def test_an_out_that_cannot_be_written_is_refused_before_the_model_loads(image_f
     (tmp_path / "a-file").write_text("")
     assert score([str(image_folder), "--goal", "x", "--out", str(tmp_path / "a-file" / "r.csv"), *TINY]) == 2
     assert "is a file, not a folder" in capsys.readouterr().err
+    # Through a symbolic link, the folder checked is the one the link leads into (where the CSV is written).
+    (tmp_path / "latest.csv").symlink_to(tmp_path / "a-file" / "r.csv")
+    assert score([str(image_folder), "--goal", "x", "--out", str(tmp_path / "latest.csv"), *TINY]) == 2
+    assert f"'{tmp_path / 'a-file'}' is a file, not a folder" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("flags,message", [

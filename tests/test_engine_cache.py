@@ -389,6 +389,25 @@ def test_atomic_write_stages_in_the_target_folder_and_fsyncs_every_byte(tmp_path
     assert [os.path.dirname(s) for s in sources] == [str(tmp_path)]
 
 
+
+@pytest.mark.parametrize("target_exists", [True, False], ids=["to-a-file", "to-a-new-file"])
+def test_atomic_write_writes_through_a_symbolic_link(tmp_path, target_exists):
+    # scores.csv -> data/run-7.csv: the file the link leads to gets the data (staged beside it), as a plain open
+    # writes; the rename went onto the link, replacing it and leaving its target as it was.
+    from vlmrm_fast import atomic
+
+    target = tmp_path / "data" / "run-7.csv"
+    if target_exists:
+        target.parent.mkdir()
+        target.write_bytes(b"old")
+    link = tmp_path / "scores.csv"
+    link.symlink_to(target)
+    assert atomic.write_atomically(link, b"new") == link
+    assert link.is_symlink() and os.readlink(link) == str(target) and target.read_bytes() == b"new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "scores.csv"]  # no temporary left beside the link
+    assert [p.name for p in target.parent.iterdir()] == ["run-7.csv"]
+    assert atomic.destination_of(tmp_path / "plain.csv") == tmp_path / "plain.csv"
+
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts open descriptors in /proc/self/fd (Linux)")
 def test_atomic_write_closes_what_it_opens(tmp_path):
     from vlmrm_fast import atomic

@@ -519,3 +519,41 @@ def test_a_float16_export_follows_external_data(tmp_path, monkeypatch, external,
     assert main(["export", "vlmrm-tiny", "--dtype", "fp16", "--out", str(tmp_path / "t.onnx"),
                  "--external-data", external]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == files
+
+
+@pytest.mark.parametrize("external,dtype", [("no", "fp32"), ("yes", "fp32"), ("yes", "fp16")])
+def test_an_out_that_is_a_symbolic_link_is_written_through(tmp_path, capsys, external, dtype):
+    # --out latest.onnx -> exports/tower.onnx: the graph (and its side file) land where the link leads, as a
+    # plain open writes; the link stays. A rename onto the link replaced it and left the old graph in place.
+    exports = tmp_path / "exports"
+    exports.mkdir()
+    graph = exports / "tower.onnx"
+    graph.write_bytes(b"an earlier export")
+    link = tmp_path / "latest.onnx"
+    link.symlink_to(graph)
+    assert main(["export", "vlmrm-tiny", "--out", str(link), "--external-data", external, "--dtype", dtype,
+                 "--no-verify"]) == 0
+    assert link.is_symlink() and os.readlink(link) == str(graph)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exports", "latest.onnx"]
+    assert sorted(p.name for p in exports.iterdir()) == ["tower.onnx"] + ["tower.onnx.data"] * (external == "yes")
+    printed = capsys.readouterr().out
+    size = graph.stat().st_size + ((exports / "tower.onnx.data").stat().st_size if external == "yes" else 0)
+    assert f"wrote {link}, a symbolic link to {graph} ({size / 1e6:.1f} MB)" in printed
+    # ONNX Runtime refuses a side file outside the folder of the path it opens: the summary says to open the target.
+    assert (f"open it as {graph}" in printed) == (external == "yes")
+    session = _session(graph if external == "yes" else link, dtype)
+    frames = np.zeros((2, 224, 224, 3), np.uint8)
+    (embeddings,) = session.run(None, {session.get_inputs()[0].name: frames})
+    assert embeddings.shape == (2, 32) and np.isfinite(embeddings).all()
+
+
+def test_an_out_linked_to_a_file_that_is_no_export_is_refused(tmp_path, capsys):
+    # Written through, a link named like an export would replace what it leads to: the check looks there.
+    notes = tmp_path / "notes.csv"
+    notes.write_text("step,reward\n")
+    link = tmp_path / "tower.onnx"
+    link.symlink_to(notes)
+    assert main(["export", "vlmrm-tiny", "--out", str(link)]) == 2
+    assert (f"--out '{link}' (a symbolic link to '{notes}') exists and is not an earlier export"
+            in capsys.readouterr().err)
+    assert notes.read_text() == "step,reward\n" and link.is_symlink()

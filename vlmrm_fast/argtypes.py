@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from vlmrm_fast.atomic import in_made_folder
+from vlmrm_fast.atomic import destination_of, in_made_folder
 
 BACKEND_NAMES = ("torch", "compile", "onnxruntime", "tensorrt")
 """The concrete vision-tower backends (``"auto"`` picks one of them)."""
@@ -146,10 +146,11 @@ def _is_folder_or_missing(path: Path) -> bool:
 
 
 def writable_file(path: Path, flag: str) -> Path:
-    """``path``, once it is no folder and a file can be written beside it (:func:`writable_folder`)."""
+    """``path``, once it is no folder and a file can be written beside it (:func:`writable_folder`), or beside
+    the file it leads to when it is a symbolic link (written through: :func:`vlmrm_fast.atomic.destination_of`)."""
     if path.is_dir():
         raise ValueError(f"'{path}' is a folder; give a file name ({flag})")
-    writable_folder(path.parent, flag)
+    writable_folder(destination_of(path).parent, flag)
     return path
 
 

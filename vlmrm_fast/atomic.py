@@ -59,25 +59,35 @@ def in_made_folder(folder: Path, create: Callable[[Path], T]) -> T:
                 raise
 
 
+def destination_of(path: Union[str, Path]) -> Path:
+    """The file that writing ``path`` replaces: where ``path`` leads when it is a symbolic link (``out.csv ->
+    /data/scores.csv``), as a plain ``open`` writes through the link, else ``path`` itself. A rename onto the
+    link would replace the link, leaving its target as it was."""
+    path = Path(path)
+    return Path(os.path.realpath(path)) if os.path.islink(path) else path
+
+
 def write_atomically(path: Union[str, Path], data: bytes) -> Path:
     """Write ``data`` to ``path``: a unique temporary file in the same folder, fsynced, given the
     permissions a plain ``open`` would (umask), then renamed into place, and the rename flushed too
     (else a power cut can lose it). Writers running side by side each use their own temporary file;
-    on any error it is removed."""
+    on any error it is removed. A symbolic link at ``path`` stays: the file it leads to is written
+    (:func:`destination_of`). Returns ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    target = destination_of(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, default_file_mode(path.parent))  # mkstemp's file is owner-only
-        os.replace(tmp, path)
+        os.chmod(tmp, default_file_mode(target.parent))  # mkstemp's file is owner-only
+        os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    fsync_dir(path.parent)
+    fsync_dir(target.parent)
     return path
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 from vlmrm_fast.argtypes import ONNX_EXPORTERS, ONNX_INPUT_FORMATS, dtype_choice, output_file, positive_int, writable_file
-from vlmrm_fast.atomic import write_atomically
+from vlmrm_fast.atomic import destination_of, write_atomically
 from vlmrm_fast.scratch import scratch_folder
 
 if TYPE_CHECKING:
@@ -112,14 +112,14 @@ def run_export(args: argparse.Namespace) -> int:
         else:
             path = export_onnx(visual, out, spec, input_format=args.input, external_data=external,
                                check=check if verify else None, exporter=args.exporter)
-        message = f"wrote {path} ({_size(path)}) in {time.perf_counter() - start:.1f} s"
+        message = f"wrote {_written(path)} in {time.perf_counter() - start:.1f} s"
         if errors:
             message += f"; ONNX Runtime vs torch: max relative error {errors[-1]:.2e}"
         elif dtype != "fp32" and not args.no_verify:
             message += "; not checked against torch (the ONNX Runtime check is for --dtype fp32 exports)"
     else:
         path = export_engine(model.visual, spec, out, dtype, args.input, batch_range, args.exporter)
-        message = f"wrote {path} ({_size(path)}) in {time.perf_counter() - start:.1f} s"
+        message = f"wrote {_written(path)} in {time.perf_counter() - start:.1f} s"
     print(f"{message}. Input: {'frames uint8 [N, %d, %d, 3]' % spec.size if args.input == 'uint8-nhwc' else 'pixels [N, 3, %d, %d]' % spec.size}"
           f"; output: embeddings [N, D] (unnormalised).")
     return 0
@@ -136,9 +136,11 @@ def _check_not_replacing_other_files(out: Path, pretrained: Optional[str]) -> No
             Path(pretrained).expanduser().resolve() == out.resolve():
         raise ValueError(f"--out '{out}' is the checkpoint this export reads (--pretrained); writing the graph there "
                          "would replace it: pass another --out")
-    if out.exists() and out.suffix.lower() not in EXPORT_SUFFIXES:
-        raise ValueError(f"--out '{out}' exists and is not an earlier export ({', '.join(EXPORT_SUFFIXES)}); writing "
-                         "the graph there would replace it: pass another --out, or remove the file first")
+    target = destination_of(out)  # written through a symbolic link: what it leads to is what would be replaced
+    if target.exists() and target.suffix.lower() not in EXPORT_SUFFIXES:
+        leads = f" (a symbolic link to '{target}')" if target != out else ""
+        raise ValueError(f"--out '{out}'{leads} exists and is not an earlier export ({', '.join(EXPORT_SUFFIXES)}); "
+                         "writing the graph there would replace it: pass another --out, or remove the file first")
 
 
 def _check_before_loading(args: argparse.Namespace, dtype: str) -> Optional[tuple]:
@@ -234,6 +236,18 @@ def export_engine(visual, spec, out: Path, dtype: str, input_format: str, batch_
         keep_only_graph(onnx_path)
         engine = build_engine(onnx_path, dtype, batch_range)
     return write_atomically(out, engine)  # never a half-written engine under the real name
+
+
+def _written(path: Path) -> str:
+    """"PATH (SIZE)" for the summary, naming where a symbolic link at ``path`` leads (the file written)."""
+    target = destination_of(path)
+    if target == path:
+        return f"{path} ({_size(path)})"
+    where = f"{path}, a symbolic link to {target} ({_size(target)})"
+    if target.with_name(target.name + ".data").exists():
+        # ONNX Runtime looks for the side file beside the path it opens, and refuses it outside the link's folder
+        where += f"; open it as {target}: its weights file is beside it, not beside the link"
+    return where
 
 
 def _size(path: Path) -> str:

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from vlmrm_fast.argtypes import ONNX_EXPORTERS, ONNX_INPUT_FORMATS
-from vlmrm_fast.atomic import default_file_mode, fsync_dir
+from vlmrm_fast.atomic import default_file_mode, destination_of, fsync_dir
 from vlmrm_fast.backends.base import BackendError, missing_extra, pooled_embeddings
 from vlmrm_fast.backends.base import original_modules
 from vlmrm_fast.backends.torch_fp8 import is_fp8_quantised
@@ -357,7 +357,7 @@ def export_onnx(
         raise ValueError("this vision tower's matmuls were quantised to fp8 for the torch backends (backend_options "
                          "quantize='fp8'), which an ONNX graph cannot hold: export the model as loaded, before a "
                          "reward quantises it (or load it again).")
-    path = Path(path)
+    given, path = Path(path), destination_of(path)  # a symbolic link at `path` stays: its target is written
     path.parent.mkdir(parents=True, exist_ok=True)
     param = next(visual.parameters())
     height, width = spec.size
@@ -401,7 +401,7 @@ def export_onnx(
             _check_and_place(raw, path, False, check)
         else:
             save_graph(onnx.load(str(raw), load_external_data=True), path, external_data, check=check)
-    return path
+    return given
 
 
 def save_graph(model, path: Union[str, Path], external_data: Optional[bool] = None,
@@ -416,7 +416,7 @@ def save_graph(model, path: Union[str, Path], external_data: Optional[bool] = No
     """
     import onnx
 
-    path = Path(path)
+    given, path = Path(path), destination_of(path)  # a symbolic link at `path` stays: its target is written
     if external_data is None:
         external_data = sum(init.ByteSize() for init in model.graph.initializer) > _PROTOBUF_LIMIT * 0.9
     data_name = path.name + ".data"
@@ -431,7 +431,7 @@ def save_graph(model, path: Union[str, Path], external_data: Optional[bool] = No
                     onnx.external_data_helper.set_external_data(tensor, data_name)
         onnx.save_model(model, str(staged))  # the side file goes beside `staged`
         _check_and_place(staged, path, external_data, check)
-    return path
+    return given
 
 
 def _check_and_place(staged: Path, path: Path, external_data: bool, check: Optional[Callable[[Path], None]]) -> None:
