@@ -1002,6 +1002,10 @@ def test_a_folder_removed_between_two_looks_is_not_called_a_file(tmp_path: Path,
         return result
 
     monkeypatch.setattr(os, "stat", removed_after_the_first_look)
+    import pathlib
+
+    if hasattr(pathlib, "_NormalAccessor"):  # Python 3.10: Path.stat calls the os.stat its accessor bound at import
+        monkeypatch.setattr(pathlib._NormalAccessor, "stat", staticmethod(removed_after_the_first_look))
     assert argtypes.writable_folder(folder, "--run-dir") == folder
     assert removed and folder.is_dir() and list(folder.iterdir()) == []
 
@@ -1068,3 +1072,39 @@ def test_a_link_that_leads_to_a_folder_is_written_through(tmp_path: Path) -> Non
     (tmp_path / "runs").symlink_to(tmp_path / "scratch")
     assert writable_folder(tmp_path / "runs" / "exp1", "--out") == tmp_path / "runs" / "exp1"
     assert (tmp_path / "scratch" / "exp1").is_dir()
+
+
+def test_a_chain_of_links_to_a_missing_disk_names_where_it_ends(tmp_path: Path) -> None:
+    # runs -> scratch/runs, scratch -> /mnt/gone: "make 'scratch/runs'" cannot be done (scratch leads nowhere);
+    # the end of the chain is what to make. A relative target is named where it leads too.
+    from vlmrm_fast.argtypes import writable_folder
+
+    (tmp_path / "runs").symlink_to("scratch/runs")
+    (tmp_path / "scratch").symlink_to(tmp_path / "mnt" / "gone")
+    with pytest.raises(ValueError, match=re.escape(
+            f"('{tmp_path / 'runs'}' is a symbolic link to 'scratch/runs' (leading to "
+            f"'{tmp_path / 'mnt' / 'gone' / 'runs'}'), which does not exist)")):
+        writable_folder(tmp_path / "runs" / "exp1", "--out")
+
+
+def test_an_out_linked_into_a_missing_folder_is_refused_and_nothing_made(image_folder: Path, tmp_path: Path,
+                                                                          capsys: pytest.CaptureFixture) -> None:
+    # latest.csv -> /scratch/runs/r7.csv, /scratch not mounted: a plain open fails; the check made
+    # /scratch/runs (on the wrong disk) and the rewards went there.
+    link = tmp_path / "latest.csv"
+    link.symlink_to(tmp_path / "scratch" / "runs" / "r7.csv")
+    assert score([str(image_folder), "--goal", "x", "--out", str(link), *TINY]) == 2
+    assert (f"'{link}' is a symbolic link to '{tmp_path / 'scratch' / 'runs' / 'r7.csv'}', whose folder does not "
+            "exist; make it (is its disk mounted?)" in capsys.readouterr().err)
+    assert not (tmp_path / "scratch").exists() and link.is_symlink()
+
+
+def test_an_out_that_is_a_loop_of_links_is_named_and_kept(image_folder: Path, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture) -> None:
+    # Path.resolve raised RuntimeError (a traceback) before 3.13; from 3.13 the rename replaced the link with a file.
+    (tmp_path / "a.csv").symlink_to("b.csv")
+    (tmp_path / "b.csv").symlink_to("a.csv")
+    assert score([str(image_folder), "--goal", "x", "--out", str(tmp_path / "a.csv"), *TINY]) == 2
+    assert (f"'{tmp_path / 'a.csv'}' is a symbolic link to 'b.csv', a loop of links; point it at a file"
+            in capsys.readouterr().err)
+    assert (tmp_path / "a.csv").is_symlink()

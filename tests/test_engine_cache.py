@@ -408,6 +408,21 @@ def test_atomic_write_writes_through_a_symbolic_link(tmp_path, target_exists):
     assert [p.name for p in target.parent.iterdir()] == ["run-7.csv"]
     assert atomic.destination_of(tmp_path / "plain.csv") == tmp_path / "plain.csv"
 
+
+def test_atomic_write_refuses_a_loop_of_links(tmp_path):
+    # realpath leaves a loop unresolved: the rename replaced the link with a file, where a plain open fails.
+    import errno
+
+    from vlmrm_fast import atomic
+
+    (tmp_path / "a.csv").symlink_to("b.csv")
+    (tmp_path / "b.csv").symlink_to("a.csv")
+    with pytest.raises(OSError) as raised:
+        atomic.write_atomically(tmp_path / "a.csv", b"x")
+    assert raised.value.errno == errno.ELOOP and (tmp_path / "a.csv").is_symlink()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.csv", "b.csv"]
+
+
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts open descriptors in /proc/self/fd (Linux)")
 def test_atomic_write_closes_what_it_opens(tmp_path):
     from vlmrm_fast import atomic

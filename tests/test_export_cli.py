@@ -557,3 +557,17 @@ def test_an_out_linked_to_a_file_that_is_no_export_is_refused(tmp_path, capsys):
     assert (f"--out '{link}' (a symbolic link to '{notes}') exists and is not an earlier export"
             in capsys.readouterr().err)
     assert notes.read_text() == "step,reward\n" and link.is_symlink()
+
+
+def test_a_link_beside_its_target_is_not_sent_to_the_target(tmp_path):
+    # latest.onnx -> tower.onnx in one folder: ONNX Runtime finds tower.onnx.data opening the link, so the summary
+    # does not tell the user to open the target instead.
+    from vlmrm_fast.export import _written
+
+    (tmp_path / "tower.onnx").write_bytes(b"g")
+    (tmp_path / "tower.onnx.data").write_bytes(b"w")
+    (tmp_path / "latest.onnx").symlink_to("tower.onnx")
+    assert "open it as" not in _written(tmp_path / "latest.onnx")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "latest.onnx").symlink_to(tmp_path / "tower.onnx")
+    assert f"open it as {tmp_path / 'tower.onnx'}" in _written(tmp_path / "elsewhere" / "latest.onnx")

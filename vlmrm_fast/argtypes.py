@@ -123,7 +123,11 @@ def broken_link_on_the_way(folder: Path) -> Optional[tuple[str, str]]:
         try:
             os.stat(path)
         except FileNotFoundError:
-            return f"'{path}' is a symbolic link to '{target}', which does not exist", "make it (is its disk mounted?)"
+            # A relative target, or one through more links (runs -> scratch/runs, scratch -> /mnt/gone), is
+            # named where it ends too: that is what to make.
+            resolved = os.path.realpath(path)
+            leads = f"'{target}'" if resolved == target else f"'{target}' (leading to '{resolved}')"
+            return f"'{path}' is a symbolic link to {leads}, which does not exist", "make it (is its disk mounted?)"
         except OSError as exc:
             if exc.errno == errno.ELOOP:
                 return f"'{path}' is a symbolic link to '{target}', a loop of links", "point it at a folder"
@@ -150,7 +154,22 @@ def writable_file(path: Path, flag: str) -> Path:
     the file it leads to when it is a symbolic link (written through: :func:`vlmrm_fast.atomic.destination_of`)."""
     if path.is_dir():
         raise ValueError(f"'{path}' is a folder; give a file name ({flag})")
-    writable_folder(destination_of(path).parent, flag)
+    try:
+        target = destination_of(path)
+    except OSError as exc:  # a loop of links: written, it replaced the link with a file
+        if exc.errno != errno.ELOOP:
+            raise
+        raise ValueError(f"'{path}' is a symbolic link to '{os.readlink(path)}', a loop of links; point it at a "
+                         f"file, or pass another {flag}") from None
+    if target != path:  # latest.csv -> /scratch/runs/r7.csv, /scratch not mounted: not made behind the user's back
+        try:
+            os.stat(target.parent)
+        except FileNotFoundError:
+            raise ValueError(f"'{path}' is a symbolic link to '{target}', whose folder does not exist; make it (is "
+                             f"its disk mounted?), or pass another {flag}") from None
+        except OSError:  # cannot be looked at: writable_folder names it
+            pass
+    writable_folder(target.parent, flag)
     return path
 
 

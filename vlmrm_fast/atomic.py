@@ -2,6 +2,7 @@
 folder that another process may remove meanwhile."""
 from __future__ import annotations
 
+import errno
 import io
 import os
 import tempfile
@@ -64,7 +65,12 @@ def destination_of(path: Union[str, Path]) -> Path:
     /data/scores.csv``), as a plain ``open`` writes through the link, else ``path`` itself. A rename onto the
     link would replace the link, leaving its target as it was."""
     path = Path(path)
-    return Path(os.path.realpath(path)) if os.path.islink(path) else path
+    if not os.path.islink(path):
+        return path
+    target = Path(os.path.realpath(path))
+    if os.path.islink(target):  # realpath leaves a loop of links unresolved: replacing it would drop the link
+        raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), str(path))
+    return target
 
 
 def write_atomically(path: Union[str, Path], data: bytes) -> Path:

@@ -244,7 +244,7 @@ def _written(path: Path) -> str:
     if target == path:
         return f"{path} ({_size(path)})"
     where = f"{path}, a symbolic link to {target} ({_size(target)})"
-    if target.with_name(target.name + ".data").exists():
+    if target.with_name(target.name + ".data").exists() and Path(os.path.realpath(path.parent)) != target.parent:
         # ONNX Runtime looks for the side file beside the path it opens, and refuses it outside the link's folder
         where += f"; open it as {target}: its weights file is beside it, not beside the link"
     return where

@@ -224,10 +224,10 @@ def _check_outputs(path: Path, source, outputs: Sequence[Path]) -> None:
     other output (it would be replaced) or a folder, and one whose folder cannot be written."""
     inputs = {p.resolve() for p in getattr(source, "files", [path])}
     for out in outputs:
+        writable_file(out, "--out/--plot")  # first: it names a loop of links, where resolve() raises RuntimeError (< 3.13)
         if out.resolve() in inputs:
             raise CLIError(f"'{out}' is an input of this run; writing the results there would replace it: "
                            "pass another --out/--plot")
-        writable_file(out, "--out/--plot")
     if len(outputs) == 2 and outputs[0].resolve() == outputs[1].resolve():
         raise CLIError(f"--out and --plot both name '{outputs[0]}'; the plot would replace the CSV: "
                        "give them different names")
