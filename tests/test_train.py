@@ -736,7 +736,6 @@ def test_resuming_a_folder_that_does_not_exist_creates_nothing(tmp_path):
     assert not (tmp_path / "typo").exists()
 
 
-
 def test_resuming_through_a_link_to_a_missing_disk_names_the_link(tmp_path):
     # --resume runs/x with runs -> /scratch/runs on a node where /scratch is not mounted: "check the path" alone
     # sends the user looking for a typo; the link and its target are named.
@@ -748,6 +747,7 @@ def test_resuming_through_a_link_to_a_missing_disk_names_the_link(tmp_path):
             f"'{tmp_path / 'scratch' / 'runs'}', which does not exist); make it (is its disk mounted?)")):
         train(dot_config(tmp_path), resume=tmp_path / "runs" / "x")
     assert not (tmp_path / "scratch").exists()
+
 
 def test_env_state_leaves_out_wall_clock_times():
     # Episode times after a resume count from the new process, not across the downtime.

@@ -109,6 +109,10 @@ def writable_folder(folder: Path, flag: str) -> Path:
     return folder
 
 
+MAKE_THE_TARGET = "make it (is its disk mounted?)"
+"""The fix for a symbolic link whose target, or its folder, does not exist (``runs -> /scratch/runs``)."""
+
+
 def broken_link_on_the_way(folder: Path) -> Optional[tuple[str, str]]:
     """What is wrong with the nearest of ``folder`` and its parents that is a symbolic link leading nowhere
     (``runs -> /scratch/runs`` on a node where /scratch is not mounted), and the fix; None if there is none.
@@ -127,7 +131,7 @@ def broken_link_on_the_way(folder: Path) -> Optional[tuple[str, str]]:
             # named where it ends too: that is what to make.
             resolved = os.path.realpath(path)
             leads = f"'{target}'" if resolved == target else f"'{target}' (leading to '{resolved}')"
-            return f"'{path}' is a symbolic link to {leads}, which does not exist", "make it (is its disk mounted?)"
+            return f"'{path}' is a symbolic link to {leads}, which does not exist", MAKE_THE_TARGET
         except OSError as exc:
             if exc.errno == errno.ELOOP:
                 return f"'{path}' is a symbolic link to '{target}', a loop of links", "point it at a folder"
@@ -165,8 +169,8 @@ def writable_file(path: Path, flag: str) -> Path:
         try:
             os.stat(target.parent)
         except FileNotFoundError:
-            raise ValueError(f"'{path}' is a symbolic link to '{target}', whose folder does not exist; make it (is "
-                             f"its disk mounted?), or pass another {flag}") from None
+            raise ValueError(f"'{path}' is a symbolic link to '{target}', whose folder does not exist; "
+                             f"{MAKE_THE_TARGET}, or pass another {flag}") from None
         except OSError:  # cannot be looked at: writable_folder names it
             pass
     writable_folder(target.parent, flag)
