@@ -2831,6 +2831,34 @@ def test_the_evaluation_video_is_the_first_episode_at_the_envs_frame_rate(tmp_pa
     assert video(video_length=30) == (15, 10)  # longer than an episode: still the first episode only
 
 
+def test_an_evaluation_video_cut_short_is_never_left_under_its_name(tmp_path, monkeypatch):
+    # imageio wrote straight to videos/eval_step_N.mp4: a full disk or a crash mid-encode left a short or broken
+    # mp4 under the step's name, read as that step's evaluation. Now the encoder writes a temporary file
+    # (ending in .mp4: ffmpeg picks the format by extension), renamed into place once complete.
+    import imageio.v2 as imageio
+
+    from vlmrm_fast.train import train
+    from vlmrm_fast.train.callbacks import evaluate_policy_video
+
+    config = dot_config(tmp_path, total_timesteps=20, checkpoint_every=0, episode_length=7, eval_episodes=1)
+    model = train(config, reward_model=top_heavy_brightness).model
+    videos = tmp_path / "v" / "videos"
+    real_mimwrite = imageio.mimwrite
+
+    def disk_full_after_two_frames(uri, frames, **kwargs):
+        real_mimwrite(uri, frames[:2], **kwargs)
+        raise OSError(28, "No space left on device (simulated)")
+
+    monkeypatch.setattr(imageio, "mimwrite", disk_full_after_two_frames)
+    with pytest.raises(OSError, match="No space left"):
+        evaluate_policy_video(model, config, top_heavy_brightness, tmp_path / "v")
+    assert list(videos.iterdir()) == []  # neither a short video nor the temporary file
+    monkeypatch.undo()
+    path, _, _ = evaluate_policy_video(model, config, top_heavy_brightness, tmp_path / "v")
+    assert list(videos.iterdir()) == [path] and path.name == "eval_step_000000000020.mp4"
+    assert len(imageio.mimread(path)) == 7
+
+
 @pytest.mark.parametrize("height,width,written", [(60, 100, (60, 100)), (27, 33, (28, 34))])
 def test_the_evaluation_video_keeps_its_size_and_pixels(tmp_path, height, width, written):
     # imageio resized every frame to a multiple of 16 (60 x 100 became 64 x 112, the dot stretched); H.264 takes

@@ -2,12 +2,13 @@
 folder that another process may remove meanwhile."""
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, TypeVar, Union
+from typing import Any, Callable, Iterator, TypeVar, Union
 
 T = TypeVar("T")
 
@@ -73,28 +74,41 @@ def destination_of(path: Union[str, Path]) -> Path:
     return target
 
 
-def write_atomically(path: Union[str, Path], data: bytes) -> Path:
-    """Write ``data`` to ``path``: a unique temporary file in the same folder, fsynced, given the
-    permissions a plain ``open`` would (umask), then renamed into place, and the rename flushed too
-    (else a power cut can lose it). Writers running side by side each use their own temporary file;
-    on any error it is removed. A symbolic link at ``path`` stays: the file it leads to is written
-    (:func:`destination_of`). Returns ``path``."""
-    path = Path(path)
+@contextlib.contextmanager
+def replaced_when_written(path: Union[str, Path], suffix: str = ".tmp") -> Iterator[Path]:
+    """A new, empty temporary file to write in place of ``path``, for a writer that needs a path of its own
+    (an encoder writing a video by name). It sits in the folder of the file ``path`` leads to
+    (:func:`destination_of`), named ``.NAME.XXXXXXXX`` + ``suffix`` (an encoder that picks its format by
+    extension needs ``suffix`` to end in it). When the block ends without error it is fsynced, given the
+    permissions a plain ``open`` would (umask), renamed into place, and the rename flushed too (else a power
+    cut can lose it); on any error it is removed and the file at ``path`` is as it was. Writers running side
+    by side each get their own temporary file."""
     target = destination_of(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=suffix)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        yield Path(tmp)
+        fd = os.open(tmp, os.O_RDONLY)  # the writer may have replaced the file: flush the one now at ``tmp``
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.chmod(tmp, default_file_mode(target.parent))  # mkstemp's file is owner-only
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_dir(target.parent)
-    return path
+
+
+def write_atomically(path: Union[str, Path], data: bytes) -> Path:
+    """Write ``data`` to ``path`` through :func:`replaced_when_written`: a crash never leaves a half-written
+    file under its real name. A symbolic link at ``path`` stays: the file it leads to is written. Returns
+    ``path``."""
+    with replaced_when_written(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
 
 
 def save_figure_atomically(figure: Any, path: Union[str, Path], dpi: int = 120) -> Path:

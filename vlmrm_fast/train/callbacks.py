@@ -33,6 +33,7 @@ from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.type_aliases import TrainFreq, TrainFrequencyUnit
 from tqdm import tqdm
 
+from vlmrm_fast.atomic import replaced_when_written
 from vlmrm_fast.env_render import release_env_gl, render_env
 from vlmrm_fast.train import checkpoint as ckpt
 from vlmrm_fast.train.config import TrainConfig
@@ -485,9 +486,9 @@ def evaluate_policy_video(model, config: TrainConfig, reward_model, run_dir: Pat
                 release_env_gl(opened)  # with its own context current: not the training envs' GL objects
                 opened.close()
     out = Path(run_dir) / "videos" / f"eval_step_{model.num_timesteps:012d}.mp4"
-    out.parent.mkdir(parents=True, exist_ok=True)
     # H.264 in yuv420p takes even sizes only: an odd one gets a copy of its last row or column, so that the
     # frames keep their pixels (imageio would resize them all, to a multiple of 16 by default).
     video = [np.pad(f, ((0, f.shape[0] % 2), (0, f.shape[1] % 2), (0, 0)), mode="edge") for f in video]
-    imageio.mimwrite(out, video, fps=fps, macro_block_size=1)
+    with replaced_when_written(out, suffix=".tmp.mp4") as partial:  # a crash mid-encode leaves no cut-short video
+        imageio.mimwrite(partial, video, fps=fps, macro_block_size=1)
     return out, float(np.mean(gt_returns)), float(np.mean(vlm_returns))
