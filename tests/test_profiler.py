@@ -741,6 +741,33 @@ def test_a_run_that_measures_nothing_fails_and_leaves_no_stale_plot(tmp_path, ca
     assert {r["backend"] for r in json.loads((tmp_path / "bench.json").read_text())["rows"]} == {"seed"}
 
 
+def test_reports_given_as_links_are_written_through_and_a_broken_one_is_named_before_measuring(tmp_path, capsys):
+    # The stale plot was removed by unlinking OUT/bench.png: a link there (bench.png -> plots/latest.png) was
+    # replaced by a plain file and plots/latest.png kept the earlier run's plot.
+    plots = tmp_path / "plots"
+    plots.mkdir()
+    (plots / "latest.png").write_bytes(b"an earlier run's plot")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "bench.png").symlink_to(plots / "latest.png")
+    (out / "bench.md").symlink_to("../plots/latest.md")  # relative, to a file not made yet
+    argv = ["bench", "--models", "vlmrm-tiny", "--no-seed", "--backends", "torch", "--dtypes", "fp32",
+            "--batch-sizes", "1", "--repeats", "1", "--device", "cpu", "--out", str(out), "--no-progress"]
+    assert cli.main(argv) == 0
+    assert (out / "bench.png").is_symlink() and (out / "bench.md").is_symlink()
+    assert (plots / "latest.png").read_bytes().startswith(b"\x89PNG") and "vlmrm-tiny" in (plots / "latest.md").read_text()
+    # A link into a folder that does not exist is refused before any model loads (the folder was made, on
+    # whatever disk holds that path while /unmounted is not mounted).
+    (out / "bench.json").unlink()
+    (out / "bench.json").symlink_to(tmp_path / "unmounted" / "bench.json")
+    capsys.readouterr()
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"'{out / 'bench.json'}' is a symbolic link to '{tmp_path / 'unmounted' / 'bench.json'}', whose folder does not " \
+           "exist" in err and "vlmrm-fast bench on" not in err
+    assert (plots / "latest.png").read_bytes().startswith(b"\x89PNG")  # nothing removed by the refused run
+
+
 def test_an_earlier_run_is_described_even_when_its_json_is_unreadable(tmp_path):
     from vlmrm_fast.profiler.run import earlier_run
 

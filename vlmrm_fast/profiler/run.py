@@ -61,7 +61,8 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 import torch
 from tqdm import tqdm
 
-from vlmrm_fast.argtypes import in_cli_terms, writable_folder
+from vlmrm_fast.argtypes import in_cli_terms, writable_file, writable_folder
+from vlmrm_fast.atomic import destination_of
 from vlmrm_fast.backends import BackendError
 from vlmrm_fast.backends.base import missing_cuda_device, parse_device
 from vlmrm_fast.backends.torch_fp8 import fp8_unsupported_reason
@@ -578,9 +579,12 @@ def run_bench(args: argparse.Namespace) -> int:
     if config.plot:
         _require_matplotlib()
     writable_folder(config.out, "--out")
+    # A link among the reports is written through; one that cannot be is named now, not after the measuring.
+    for name in ("bench.json", "bench.md", "bench.png"):
+        writable_file(config.out / name, "--out")
     earlier = earlier_run(config.out)
     # An earlier run's plot in the same folder would pass for this run's (bench.json and .md are rewritten).
-    (config.out / "bench.png").unlink(missing_ok=True)
+    destination_of(config.out / "bench.png").unlink(missing_ok=True)
     began = time.perf_counter()
     report = Report(environment=environment(config.device), config=config.as_json())
     backends = []
