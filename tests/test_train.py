@@ -2857,6 +2857,14 @@ def test_an_evaluation_video_cut_short_is_never_left_under_its_name(tmp_path, mo
     path, _, _ = evaluate_policy_video(model, config, top_heavy_brightness, tmp_path / "v")
     assert list(videos.iterdir()) == [path] and path.name == "eval_step_000000000020.mp4"
     assert len(imageio.mimread(path)) == 7
+    # A kill mid-encode leaves the hidden temporary file: the next session in the run folder removes it, and
+    # nothing else there.
+    partial = videos / ".eval_step_000000000040.mp4.k1ll3d.tmp.mp4"
+    partial.write_bytes(b"the first frames of a video")
+    (videos / ".notes").write_text("a user's file")
+    train(dataclasses.replace(config, run_dir=str(tmp_path / "v"), total_timesteps=1, eval_every=0),
+          reward_model=top_heavy_brightness)
+    assert sorted(p.name for p in videos.iterdir()) == [".notes", path.name]
 
 
 @pytest.mark.parametrize("height,width,written", [(60, 100, (60, 100)), (27, 33, (28, 34))])

@@ -423,6 +423,19 @@ def reward_setup(reward_model) -> dict:
 #: Evaluation frames per reward-model call: memory stays one chunk of frames, not a whole episode.
 _EVAL_CHUNK = 64
 
+#: How the encoder's temporary file of an evaluation video ends (ffmpeg picks the format by extension).
+_PARTIAL_VIDEO_SUFFIX = ".tmp.mp4"
+
+
+def remove_partial_videos(run_dir: Path) -> None:
+    """Remove what a crash mid-encode left in ``run_dir/videos``: the encoder's temporary files
+    (``.eval_step_*.mp4.*.tmp.mp4``), never a finished video. Call it while holding the run folder (no other
+    process encodes there)."""
+    videos = Path(run_dir) / "videos"
+    if videos.is_dir():
+        for partial in videos.glob(f".eval_step_*{_PARTIAL_VIDEO_SUFFIX}"):
+            partial.unlink(missing_ok=True)
+
 
 def evaluate_policy_video(model, config: TrainConfig, reward_model, run_dir: Path,
                           render_size: Optional[tuple] = None):
@@ -489,6 +502,6 @@ def evaluate_policy_video(model, config: TrainConfig, reward_model, run_dir: Pat
     # H.264 in yuv420p takes even sizes only: an odd one gets a copy of its last row or column, so that the
     # frames keep their pixels (imageio would resize them all, to a multiple of 16 by default).
     video = [np.pad(f, ((0, f.shape[0] % 2), (0, f.shape[1] % 2), (0, 0)), mode="edge") for f in video]
-    with replaced_when_written(out, suffix=".tmp.mp4") as partial:  # a crash mid-encode leaves no cut-short video
+    with replaced_when_written(out, suffix=_PARTIAL_VIDEO_SUFFIX) as partial:  # a crash mid-encode leaves no cut-short video
         imageio.mimwrite(partial, video, fps=fps, macro_block_size=1)
     return out, float(np.mean(gt_returns)), float(np.mean(vlm_returns))

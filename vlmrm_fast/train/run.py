@@ -298,7 +298,10 @@ def train(config: TrainConfig, *, resume: Union[str, os.PathLike, None] = None, 
 
 def _train_in(run_dir: Path, config: TrainConfig, resume, reward_model, start: float) -> TrainResult:
     """:func:`train`'s work, in ``run_dir``, which this process holds."""
+    from vlmrm_fast.train.callbacks import remove_partial_videos
+
     ckpt.clean_stale(run_dir)  # first: it puts back a checkpoint a crash left mid-overwrite
+    remove_partial_videos(run_dir)
     resume_from = _resume_checkpoint(run_dir, resume)
     if resume_from is not None:
         _check_resume_config(resume_from, config)
