@@ -1174,6 +1174,13 @@ def test_the_wrappers_warnings_name_the_users_line():
     with pytest.warns(UserWarning, match=r"renders 32x32 frames \(height x width\) but the reward model's tower takes 16x16") as caught:
         env.step(np.zeros(1, np.float32))
     assert [w.filename for w in caught] == [__file__]
+    # Under VLMRewardVecEnv the warning is raised in step_wait, called by stable-baselines3's VecEnv.step:
+    # it named that line of SB3's, not the user's.
+    venv = VLMRewardVecEnv(DummyVecEnv([CountingEnv]), TowerOf16(), render="images")
+    venv.reset()
+    with pytest.warns(UserWarning, match=r"renders 32x32 frames \(height x width\)") as caught:
+        venv.step(np.zeros((1, 1), np.float32))
+    assert [w.filename for w in caught] == [__file__]
 
 
 def test_weight_is_stored_as_a_float():
@@ -1646,6 +1653,28 @@ def test_an_env_rendering_float_rgb_is_told_to_give_uint8_not_a_render_mode(no_b
     grey.reset(seed=0)
     with pytest.raises(ValueError, match=r"Use render_mode=\"rgb_array\""):  # not RGB at all: the render mode
         grey.step(np.zeros(1, np.float32))
+
+
+@pytest.mark.parametrize("frame_fn, fix", [
+    (lambda frame: np.concatenate([frame, frame[..., :1]], axis=-1), r"looks like RGBA: .* returns frame\[\.\.\., :3\]\."),
+    (lambda frame: np.concatenate([frame, frame[..., :1]], axis=-1) / 255.0,
+     r"looks like RGBA: .* returns frame\[\.\.\., :3\], scaled to uint8 \(0-255\)\."),
+    (lambda frame: np.ascontiguousarray(frame[:, :20].transpose(2, 0, 1)),
+     r"looks channels-first \[C, H, W\]: .* returns frame\.transpose\(1, 2, 0\)\[\.\.\., :3\]\."),
+    (lambda frame: torch.from_numpy(frame[:, :20]).permute(2, 0, 1), r"returns frame\.permute\(1, 2, 0\)\[\.\.\., :3\]\."),
+], ids=["rgba", "rgba-float", "chw", "chw-tensor"])
+def test_an_rgb_array_env_rendering_rgba_or_channels_first_is_told_how_to_convert_not_a_render_mode(frame_fn, fix, no_batch):
+    # Both wrappers said 'Use render_mode="rgb_array"' to an env made so already.
+    single = VLMRewardWrapper(CountingEnv(frame_fn=frame_fn), mean_brightness)
+    single.reset(seed=0)
+    with pytest.raises(ValueError, match=r"must return a uint8 RGB frame \[H, W, 3\]; got shape .*" + fix) as error:
+        single.step(np.zeros(1, np.float32))
+    assert "render_mode" not in str(error.value)
+    vec = VLMRewardVecEnv(DummyVecEnv([lambda: CountingEnv(frame_fn=frame_fn)]), mean_brightness, render="images")
+    vec.reset()
+    with pytest.raises(ValueError, match=fix) as error:
+        vec.step(np.zeros((1, 1), np.float32))
+    assert "render_mode" not in str(error.value)
 
 
 class _RewardOf(CountingEnv):

@@ -82,15 +82,27 @@ def _check_frame(frame: Any, where: str) -> None:
         )
     uint8 = frame.dtype == (torch.uint8 if isinstance(frame, torch.Tensor) else np.uint8)
     if frame.ndim != 3 or frame.shape[2] != 3 or not uint8:
-        if frame.ndim == 3 and frame.shape[2] == 3:  # RGB, in another dtype: the env's own render does that
-            fix = ("Give the wrapper uint8 frames (0-255): e.g. a gymnasium.Wrapper under it whose render() "
-                   "returns (frame * 255).round().astype(np.uint8) for frames in [0, 1].")
-        else:
-            fix = f"Use render_mode=\"rgb_array\" ({_RGB_FIX})."
         raise ValueError(
             f"{where} must return a uint8 RGB frame [H, W, 3]; got shape {tuple(frame.shape)} and dtype {frame.dtype}. "
-            f"{fix}"
+            f"{_frame_fix(frame, uint8)}"
         )
+
+
+def _frame_fix(frame: Any, uint8: bool) -> str:
+    """The fix for a rendered frame that is not uint8 [H, W, 3]: an env in ``rgb_array`` mode that renders
+    RGBA, channels first or floats needs a wrapper that converts its frames, not another render mode."""
+    under = "a gymnasium.Wrapper around the env whose render() returns"
+    scale = "" if uint8 else ", scaled to uint8 (0-255)"
+    if frame.ndim == 3 and frame.shape[2] == 4:
+        return f"The frame looks like RGBA: give the wrapper its RGB channels, e.g. {under} frame[..., :3]{scale}."
+    if frame.ndim == 3 and frame.shape[0] in (3, 4) and frame.shape[2] not in (3, 4):
+        permute = "frame.permute(1, 2, 0)" if isinstance(frame, torch.Tensor) else "frame.transpose(1, 2, 0)"
+        return (f"The frame looks channels-first [C, H, W]: give the wrapper [H, W, 3], e.g. {under} "
+                f"{permute}[..., :3]{scale}.")
+    if frame.ndim == 3 and frame.shape[2] == 3:  # RGB, in another dtype: the env's own render does that
+        return (f"Give the wrapper uint8 frames (0-255): e.g. {under} (frame * 255).round().astype(np.uint8) for "
+                f"frames in [0, 1].")
+    return f"Use render_mode=\"rgb_array\" ({_RGB_FIX})."
 
 
 def _warn_size(size: Tuple[int, int], reward_model: Any, what: str) -> None:
