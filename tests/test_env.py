@@ -298,6 +298,21 @@ def test_a_bad_shadow_size_is_refused_naming_the_default(bad):
         gym.make(HUMANOID_ENV_ID, shadow_size=bad)
 
 
+@pytest.mark.parametrize("name", ["width", "height"])
+@pytest.mark.parametrize("bad", [0, -3, 10.5, True, "224"])
+def test_a_bad_render_size_is_refused_when_the_env_is_made(name, bad):
+    # 10.5 was truncated to 10 without a word, and 0 made (224, 0, 3) frames that only the wrappers refused.
+    with pytest.raises(ValueError, match=rf"{name} must be a positive integer number of pixels \(default 224"):
+        gym.make(HUMANOID_ENV_ID, **{name: bad})
+
+
+def test_a_render_size_may_be_a_numpy_integer():
+    env = gym.make(HUMANOID_ENV_ID, width=np.int64(33), height=np.int32(17))
+    env.reset(seed=0)
+    assert env.render().shape == (17, 33, 3)
+    env.close()
+
+
 def test_registering_again_changes_nothing():
     # Re-registering would replace the spec, with gymnasium's "Overriding environment" warning each time.
     import warnings

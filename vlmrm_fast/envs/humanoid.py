@@ -117,6 +117,10 @@ def textured_humanoid_xml(source_path: Optional[str] = None) -> str:
     return ET.tostring(root, encoding="unicode")
 
 
+def _is_positive_int(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, np.integer)) and value >= 1
+
+
 class TexturedHumanoidEnv(_HumanoidBase):
     """gymnasium's Humanoid (frame_skip 5) in the paper's textured scene, rendering 224 x 224 RGB.
 
@@ -152,8 +156,11 @@ class TexturedHumanoidEnv(_HumanoidBase):
         for key in ("camera_id", "camera_name", "default_camera_config", "xml_file", "frame_skip"):
             if key in kwargs:
                 raise TypeError(f"TexturedHumanoidEnv does not take {key!r} (see camera_config / textured)")
-        if shadow_size is not None and (isinstance(shadow_size, bool) or not isinstance(shadow_size, (int, np.integer))
-                                        or shadow_size < 1):
+        for name, value in (("width", width), ("height", height)):
+            if not _is_positive_int(value):
+                raise ValueError(f"{name} must be a positive integer number of pixels (default {DEFAULT_SIZE}: "
+                                 f"the input size of CLIP's ViT towers, so frames need no resize); got {value!r}.")
+        if shadow_size is not None and not _is_positive_int(shadow_size):
             raise ValueError(f"shadow_size must be a positive integer (texels; MuJoCo's default is 4096) or None; "
                              f"got {shadow_size!r}.")
         self._textured = bool(textured)
