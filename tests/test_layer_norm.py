@@ -93,6 +93,20 @@ def test_large_eps_and_constant_rows(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("offset", [30.0, -30.0])
+def test_rows_far_from_zero_lose_nothing_to_cancellation(device, impl, dtype, offset):
+    # A residual stream's channels can sit far from zero. The variance as mean(x^2) - mean^2 (one pass over
+    # the row) cancels there: 4e-4 off at an offset of 30 in float32, where the centred sum is 6e-6 off,
+    # within the bounds above; the rows of _inputs (mean 1.5) could not tell the two apart.
+    x, weight, bias = _inputs((5, 769), dtype, seed=6)
+    x = (x.float() + offset).to(dtype)
+    got = layer_norm(x.to(device), weight.to(device), bias.to(device), 1e-5, impl=impl)
+    assert_close_to_reference(got, x, weight, bias, 1e-5, dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_mixed_weight_dtype(device):
     # bf16 activations with float32 parameters (a tower kept in float32 LayerNorms): computed in float32.
     x, weight, bias = _inputs((9, 130), torch.bfloat16, seed=4, weight_dtype=torch.float32)
