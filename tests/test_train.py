@@ -2140,17 +2140,22 @@ def test_deferred_scoring_hands_a_plain_reward_function_top_down_frames():
 
     frames = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (3, 2, 7, 5, 3), dtype=np.uint8))
 
-    def row_weighted(batch):  # numpy out, no bottom_up=
-        rows = torch.arange(batch.shape[1], dtype=torch.float64)
-        return (batch.double().mean(dim=(2, 3)) * rows).mean(dim=1).numpy()
+    def position_weighted(batch):  # numpy out, no bottom_up=; weighted by row, column and channel, so that
+        # a frame mirrored too (a flip of both axes) or with its channels swapped scores differently
+        height, width = batch.shape[1:3]
+        weight = (torch.arange(1, height + 1, dtype=torch.float64)[:, None, None] / height
+                  * (1 + torch.arange(1, width + 1, dtype=torch.float64)[None, :, None] / width)
+                  * torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64))
+        return (batch.double() * weight).mean(dim=(1, 2, 3)).numpy()
 
     def takes_flag(batch, bottom_up=False):
-        return torch.from_numpy(row_weighted(batch.flip(1) if bottom_up else batch))
+        return torch.from_numpy(position_weighted(batch.flip(1) if bottom_up else batch))
 
     top_down = frames.flip(2).reshape(6, 7, 5, 3)
-    want = row_weighted(top_down).reshape(3, 2)
-    assert not np.allclose(want, row_weighted(frames.reshape(6, 7, 5, 3)).reshape(3, 2))
-    np.testing.assert_allclose(score_frames(row_weighted, frames, bottom_up=True), want, rtol=1e-6)
+    want = position_weighted(top_down).reshape(3, 2)
+    for wrong in (frames, frames.flip(3), frames.flip(4)):  # bottom-up; top-down but mirrored; channels swapped
+        assert not np.allclose(want, position_weighted(wrong.reshape(6, 7, 5, 3)).reshape(3, 2))
+    np.testing.assert_allclose(score_frames(position_weighted, frames, bottom_up=True), want, rtol=1e-6)
     np.testing.assert_allclose(score_frames(takes_flag, frames, bottom_up=True), want, rtol=1e-6)
 
 

@@ -24,7 +24,7 @@ AutoresetMode = getattr(gym.vector, "AutoresetMode", None)  # gymnasium 1.0: nex
 from stable_baselines3.common.vec_env import DummyVecEnv  # noqa: E402
 from test_wrappers import (  # noqa: E402  helpers only (its fixtures stay there)
     ENV_ID, MODES, SIZE, CountingEnv, FakeBatchRenderer, GLlessBatchRenderer, Spy, _tiny_reward, actions,
-    counting_frame, env_replacing_its_mjdata, make_env, mean_brightness, real_batch_renderer_or_skip, row_weighted_brightness,
+    counting_frame, env_replacing_its_mjdata, make_env, mean_brightness, real_batch_renderer_or_skip, position_weighted_brightness,
 )
 
 from vlmrm_fast import Task, VLMRewardVectorWrapper, VLMRewardWrapper  # noqa: E402
@@ -247,7 +247,7 @@ def test_a_plain_reward_function_gets_top_down_frames(render, monkeypatch):
     frames reach it flipped; its rewards are each env's own frame's."""
     if render == "fake_batch":
         monkeypatch.setattr(batch_frames, "_import_batch_renderer", lambda: FakeBatchRenderer)
-    envs = VLMRewardVectorWrapper(sync_envs(make_env, 2), row_weighted_brightness,
+    envs = VLMRewardVectorWrapper(sync_envs(make_env, 2), position_weighted_brightness,
                                   render="images" if render == "images" else "batch")
     refs = [make_env() for _ in range(2)]
     envs.reset(seed=[3, 4])
@@ -257,7 +257,7 @@ def test_a_plain_reward_function_gets_top_down_frames(render, monkeypatch):
         _, rewards, _, _, _ = envs.step(action)
         for ref, a in zip(refs, action):
             ref.step(a)
-        expected = row_weighted_brightness([render_env(ref) for ref in refs])
+        expected = position_weighted_brightness([render_env(ref) for ref in refs])
         np.testing.assert_allclose(rewards, expected, rtol=1e-5, atol=1e-5)
     envs.close()
 

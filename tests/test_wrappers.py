@@ -25,6 +25,7 @@ from vlmrm_fast import CLIPReward, Task  # noqa: E402
 from vlmrm_fast.env_render import make_own_context_current, render_env  # noqa: E402
 from vlmrm_fast.wrappers import batch_frames  # noqa: E402  tests swap its batch renderer class
 from vlmrm_fast.wrappers import RenderTerminalFrame, VLMRewardVecEnv, VLMRewardWrapper  # noqa: E402
+from vlmrm_fast.wrappers.scoring import _rewards_of  # noqa: E402
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*random weights.*:UserWarning"),
@@ -620,28 +621,31 @@ def test_wrappers_refuse_what_is_not_a_reward_model(not_a_model):
         VLMRewardVecEnv(DummyVecEnv([make_env]), not_a_model)
 
 
-def row_weighted_brightness(frames):
-    """A plain reward function (no ``bottom_up=``, numpy out): each row's mean brightness weighted by its
-    row index, so frames handed over upside down score differently."""
+def position_weighted_brightness(frames):
+    """A plain reward function (no ``bottom_up=``, numpy out): the mean brightness weighted by row, column
+    and channel, so frames handed over upside down, mirrored or with their channels swapped score
+    differently (a weight by row alone is blind to a mirror: a flip of both axes went unseen)."""
     frames = np.stack([np.asarray(f) for f in frames]).astype(np.float64)
-    rows = np.arange(frames.shape[1]) / frames.shape[1]
-    return (frames.mean(axis=(2, 3)) * rows).mean(axis=1)
+    height, width = frames.shape[1:3]
+    weight = (np.arange(1, height + 1)[:, None, None] / height * (1 + np.arange(1, width + 1)[None, :, None] / width)
+              * np.array([1.0, 2.0, 3.0]))
+    return (frames * weight).mean(axis=(1, 2, 3))
 
 
-class RowWeightedModule(torch.nn.Module):
+class PositionWeightedModule(torch.nn.Module):
     """The same reward as a torch module: its ``__call__`` takes ``**kwargs``, its ``forward`` no ``bottom_up``."""
 
     def forward(self, frames):
-        return torch.from_numpy(row_weighted_brightness(frames))
+        return torch.from_numpy(position_weighted_brightness(frames))
 
 
-def row_weighted_ignoring_kwargs(frames, **kwargs):
+def position_weighted_ignoring_kwargs(frames, **kwargs):
     """A reward function that takes any keyword and ignores it: ``bottom_up=True`` must not reach it."""
-    return row_weighted_brightness(frames)
+    return position_weighted_brightness(frames)
 
 
-REWARD_CALLABLES = {"function": row_weighted_brightness, "module": RowWeightedModule(),
-                    "kwargs": row_weighted_ignoring_kwargs}
+REWARD_CALLABLES = {"function": position_weighted_brightness, "module": PositionWeightedModule(),
+                    "kwargs": position_weighted_ignoring_kwargs}
 
 
 @pytest.mark.parametrize("model", list(REWARD_CALLABLES))
@@ -670,10 +674,25 @@ def test_a_plain_reward_function_gets_top_down_frames_and_may_return_numpy(rende
         else:
             _, rewards, *_ = wrapped.step(action)
         ref.step(action[0])
-        expected, flipped = row_weighted_brightness([render_env(ref), render_env(ref)[::-1]])
+        expected, flipped = position_weighted_brightness([render_env(ref), render_env(ref)[::-1]])
         assert abs(expected - flipped) > 0.1  # the frame is not symmetric: a flipped one would fail below
         np.testing.assert_allclose(rewards[0], expected, rtol=1e-5, atol=1e-5)
     wrapped.close()
+
+
+@pytest.mark.parametrize("as_tensor", [False, True], ids=["numpy", "torch"])
+def test_bottom_up_frames_reach_a_plain_reward_function_flipped_by_rows_only(as_tensor):
+    # The env frames above are near mirror-symmetric (a pendulum in the middle): a flip of both axes, or a
+    # channel swap, would pass there. Random frames tell them apart.
+    top_down = np.random.default_rng(7).integers(0, 256, (3, 9, 11, 3), dtype=np.uint8)
+    bottom_up = np.ascontiguousarray(top_down[:, ::-1])
+    if as_tensor:
+        bottom_up = torch.from_numpy(bottom_up)
+    want = position_weighted_brightness(top_down)
+    for wrong in (bottom_up, top_down[:, :, ::-1], top_down[..., ::-1]):  # unflipped; mirrored; channels swapped
+        assert np.abs(position_weighted_brightness(np.asarray(wrong)) - want).min() > 0.1
+    got = _rewards_of(position_weighted_brightness, bottom_up, bottom_up=True)
+    np.testing.assert_allclose(got[:, 0], want, rtol=1e-6)
 
 
 def _close_another_env_whose_context_is_current(victim) -> None:
@@ -742,15 +761,15 @@ def test_frames_stay_the_envs_own_after_another_mujoco_env_is_closed_or_dropped(
 
     n = 1 if wrapper == "single" else 2
     if wrapper == "single":
-        wrapped = VLMRewardWrapper(make_env(), row_weighted_brightness)
+        wrapped = VLMRewardWrapper(make_env(), position_weighted_brightness)
         wrapped.reset(seed=5)
     elif wrapper == "vec-images":
         venv = DummyVecEnv([make_env] * n)
-        wrapped = VLMRewardVecEnv(venv, row_weighted_brightness, render="images")
+        wrapped = VLMRewardVecEnv(venv, position_weighted_brightness, render="images")
         venv.seed(5)
         wrapped.reset()
     else:
-        wrapped = VLMRewardVectorWrapper(SyncVectorEnv([make_env] * n), row_weighted_brightness, render="images")
+        wrapped = VLMRewardVectorWrapper(SyncVectorEnv([make_env] * n), position_weighted_brightness, render="images")
         wrapped.reset(seed=5)
     ref = make_env()
     ref.reset(seed=5)
@@ -761,7 +780,7 @@ def test_frames_stay_the_envs_own_after_another_mujoco_env_is_closed_or_dropped(
         out = wrapped.step(action[0] if wrapper == "single" else action)
         reward = out[1] if wrapper == "single" else out[1][0]
         ref.step(action[0])
-        expected = row_weighted_brightness([render_env(ref)])[0]
+        expected = position_weighted_brightness([render_env(ref)])[0]
         assert expected > 1.0  # not a black frame
         np.testing.assert_allclose(reward, expected, rtol=1e-5)
     wrapped.close()
@@ -1343,7 +1362,7 @@ class Opaque:
     __signature__ = "unreadable"
 
     def __call__(self, frames):
-        return row_weighted_brightness(frames)
+        return position_weighted_brightness(frames)
 
 
 def test_a_reward_callable_without_a_signature_gets_top_down_frames(fake_batch):
@@ -1355,7 +1374,7 @@ def test_a_reward_callable_without_a_signature_gets_top_down_frames(fake_batch):
     ref.reset(seed=5)
     _, rewards, _, _ = wrapped.step(np.zeros((1, 1), np.float32))
     ref.step(np.zeros(1, np.float32))
-    np.testing.assert_allclose(rewards[0], row_weighted_brightness([render_env(ref)]), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(rewards[0], position_weighted_brightness([render_env(ref)]), rtol=1e-5, atol=1e-5)
     wrapped.close()
 
 
