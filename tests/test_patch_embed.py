@@ -155,6 +155,18 @@ def test_the_torch_backends_use_it_on_cuda_only(backend, device):
     assert type(model.visual.conv1) is (PatchMatmulConv2d if device == "cuda" else torch.nn.Conv2d)
 
 
+@pytest.mark.parametrize("backend", ["torch", "compile"])
+def test_both_torch_backends_choose_it_for_cuda_on_a_machine_without_one(backend):
+    # The test above skips its CUDA half without a GPU: adapt_tower only swaps modules, so what it chooses
+    # for CUDA can be checked anywhere ("compile" skipping it passed every CPU test).
+    from vlmrm_fast.backends.eager import adapt_tower
+
+    for device, kind in ((torch.device("cuda", 0), PatchMatmulConv2d), (torch.device("cpu"), torch.nn.Conv2d)):
+        visual = make_tiny()[0].visual
+        adapt_tower(visual, backend, device, torch.float32, None)
+        assert type(visual.conv1) is kind
+
+
 def test_export_folds_it_back_into_a_convolution():
     model, _ = make_tiny()
     spec = preprocess_spec_of(model, "vlmrm")

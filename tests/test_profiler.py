@@ -1355,6 +1355,16 @@ def test_vit_flops_formula_term_by_term():
     assert no_projection.gflops() == pytest.approx(2 * (1536 + 2 * 3600) / 1e9, rel=1e-12)
 
 
+def test_vit_flops_of_a_rectangular_image_and_patch():
+    # Every tower above is square: a count that took one side twice passed. t = (8/4)(12/2) + 1 = 13 tokens,
+    # w = 8, h = 32, one layer, no projection: (t - 1) w 3 ph pw + t (4 w^2 + 2 w h) + 2 t^2 w multiply-adds.
+    from vlmrm_fast.profiler.flops import ViTShape
+
+    shape = ViTShape(width=8, layers=1, patch=(4, 2), image=(8, 12), mlp_hidden=32, embed_dim=None)
+    assert shape.tokens == 13
+    assert shape.gflops() == pytest.approx(2 * (12 * 8 * 3 * 8 + 13 * (256 + 512) + 2 * 169 * 8) / 1e9, rel=1e-12)
+
+
 def test_towers_that_are_not_plain_vits_get_no_analytic_count():
     from vlmrm_fast.profiler.flops import _gflops_and_method, vit_shape_from_config, vit_shape_from_tower
 

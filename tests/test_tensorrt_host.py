@@ -622,6 +622,18 @@ def test_the_backend_keys_its_engine_builds_it_once_and_rebuilds_a_damaged_file(
     assert cached_key(other.engine_path)["batch_range"] == [1, 8, 16] and other._max_batch == 16
 
 
+def test_the_backends_key_names_tensorrts_cuda_build(monkeypatch, tmp_path, fake_cuda):
+    # TensorRT's CUDA 12 and 13 wheels share a version: environments of both sharing a cache would load
+    # each other's engines. The test above runs where no such wheel is installed (the build is "").
+    trt = tensorrt_stand_in()
+    monkeypatch.setattr(backend, "tensorrt_build", lambda: "tensorrt-cu12-libs 10.13.3.9")
+    cu12 = make_backend(monkeypatch, trt, tmp_path)
+    assert cached_key(cu12.engine_path)["tensorrt_build"] == "tensorrt-cu12-libs 10.13.3.9"
+    monkeypatch.setattr(backend, "tensorrt_build", lambda: "tensorrt-cu13-libs 10.13.3.9")
+    cu13 = make_backend(monkeypatch, trt, tmp_path)
+    assert cu13.engine_path != cu12.engine_path and trt.record.builds == 2  # not the cu12 engine loaded
+
+
 @pytest.mark.parametrize("dtype,half", [(torch.bfloat16, "bf16"), (torch.float16, "fp16")])
 def test_an_fp8_backend_builds_from_its_calibrated_graph_and_keys_the_frames(monkeypatch, tmp_path, fake_cuda, dtype,
                                                                               half):
