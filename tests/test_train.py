@@ -230,6 +230,17 @@ def test_evaluation_logged_at_its_step_over_all_episodes(tmp_path, monkeypatch):
     assert [step for step, _ in logged] == [40, 80]
     for (_, value), pair in zip(logged, (episodes[:2], episodes[2:])):
         assert value == pytest.approx(np.mean(pair), rel=1e-5)
+    # progress.csv: each evaluation in a row of its own, which names its step (the rows had none) and
+    # its time; TensorBoard, which has the step, logs it once per row.
+    import csv
+
+    with open(result.run_dir / "tb" / "progress.csv") as f:
+        rows = list(csv.DictReader(f))
+    evaluations = [row for row in rows if row["eval/vlm_return"]]
+    assert [int(row["time/total_timesteps"]) for row in evaluations] == [40, 80]
+    assert all(float(row["eval/seconds"]) > 0 and not row["time/steps_per_s"] for row in evaluations)
+    assert [step for step, _ in tb_scalars(result.run_dir)["time/total_timesteps"]] == [20, 40, 60, 80]
+    assert [step for step, _ in tb_scalars(result.run_dir)["eval/seconds"]] == [40, 80]
 
 
 def vlm_of_next_observations(rm, buf) -> np.ndarray:
@@ -436,12 +447,58 @@ def test_tensorboard_hides_what_a_crashed_session_logged_past_where_the_next_one
         train(config, resume=config.run_dir, reward_model=tiny_reward(config))
     else:
         assert checkpoint is None
-        train(config, reward_model=tiny_reward(config))
+        with pytest.warns(UserWarning, match=r"holds the logs of an earlier run that stopped before its first "
+                                             r"checkpoint .*kept as tb/superseded/progress\.csv"):
+            train(config, reward_model=tiny_reward(config))
     board = EventAccumulator(str(Path(config.run_dir) / "tb"))  # the folder, as TensorBoard loads it
     board.Reload()
     assert [e.step for e in board.Scalars("time/total_timesteps")] == [20, 40, 60, 80, 100]
     assert [e.step for e in board.Scalars("rollout/vlm_return")] == [40, 80]  # episodes of 20 steps x 2 envs
     assert len(list((Path(config.run_dir) / "tb").glob("events.out.tfevents.*"))) == 2  # one per session
+    # The CSVs, read in order of their sessions' first steps, show what TensorBoard shows: step 60 of the
+    # crashed session was in progress.csv beside the resumed session's 60. Its file as it was is kept.
+    tb = Path(config.run_dir) / "tb"
+    assert [step for name in csv_files_in_order(tb) for step in csv_steps(tb / name)] == [20, 40, 60, 80, 100]
+    assert csv_steps(tb / "superseded" / "progress.csv") == [20, 40, 60]
+
+
+def test_rows_logged_past_a_resumed_sessions_start_leave_the_csvs_and_are_kept_aside(tmp_path):
+    from vlmrm_fast.train.progress_csv import drop_rows_logged_past
+
+    header = "eval/vlm_return,time/total_timesteps,time/steps_per_s\n"
+    (tmp_path / "progress.csv").write_text(header + "1.5,,\n,20,9.5\n2.5,,\n,40,9.0\n,60,8.5\n3.5,,\n")
+    (tmp_path / "progress-from-40.csv").write_text(header + ",60,7.0\n,80,7.5\n,100,7")  # a last line cut short
+    (tmp_path / "progress-from-100.csv").write_text(header + ",120,7.0\n")  # a session after the crash point
+    (tmp_path / "notes.csv").write_text(header + ",500,1\n")  # not a session's file
+    (tmp_path / "superseded").mkdir()
+    (tmp_path / "superseded" / "progress.csv").write_text("an earlier crash's\n")
+    kept = drop_rows_logged_past(tmp_path, 80)
+    # Cut at the first row past 80; an evaluation's row without a step goes with the rows around it.
+    assert (tmp_path / "progress.csv").read_text() == header + "1.5,,\n,20,9.5\n2.5,,\n,40,9.0\n,60,8.5\n3.5,,\n"
+    assert (tmp_path / "progress-from-40.csv").read_text() == header + ",60,7.0\n,80,7.5\n"
+    assert not (tmp_path / "progress-from-100.csv").exists()  # no row left: the session's file goes
+    assert (tmp_path / "notes.csv").read_text() == header + ",500,1\n"
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in kept) == [
+        "superseded/progress-from-100.csv", "superseded/progress-from-40.csv"]
+    assert (tmp_path / "superseded" / "progress-from-40.csv").read_text() == header + ",60,7.0\n,80,7.5\n,100,7"
+    kept = drop_rows_logged_past(tmp_path, 30)  # an older checkpoint: the earlier copy of the name stays
+    assert (tmp_path / "progress.csv").read_text() == header + "1.5,,\n,20,9.5\n2.5,,\n"
+    assert sorted(p.name for p in kept) == ["progress-2.csv", "progress-from-40-2.csv"]
+    assert (tmp_path / "superseded" / "progress.csv").read_text() == "an earlier crash's\n"
+    assert drop_rows_logged_past(tmp_path, 30) == []  # nothing past 30 now: nothing rewritten
+
+
+def csv_files_in_order(folder: Path) -> list:
+    """The run's CSV files, in the order of their sessions: progress.csv, then progress-from-STEP.csv by STEP."""
+    names = [p.name for p in folder.glob("progress*.csv")]
+    return sorted(names, key=lambda name: int(name[len("progress-from-"):-4]) if "-from-" in name else 0)
+
+
+def csv_steps(path: Path) -> list:
+    import csv
+
+    with open(path) as f:
+        return [int(float(row["time/total_timesteps"])) for row in csv.DictReader(f)]
 
 
 def _same_fields(a, b) -> bool:
@@ -1983,6 +2040,31 @@ def test_resume_of_a_checkpoint_folder_names_its_run_folder_and_leaves_no_lock_i
     (tmp_path / "a-file").write_text("")
     with pytest.raises(ValueError, match="'.*a-file' is a file, not a folder; pass another --run-dir"):
         train(dataclasses.replace(config, run_dir=str(tmp_path / "a-file")), reward_model=tiny_reward(config))
+
+
+def test_resume_of_a_folder_that_is_no_run_folder_leaves_no_lock_and_names_the_run_folder_it_is_in(
+        tmp_path, one_checkpoint):
+    # The lock was taken before the folder was refused: an empty folder, RUN/tb or RUN/checkpoints given
+    # to --resume kept a .lock; RUN/checkpoints was said to lack RUN/checkpoints/checkpoints.
+    from vlmrm_fast.train import train
+    from vlmrm_fast.train.command import config_from_args
+
+    result, _ = one_checkpoint
+    config = dot_config(tmp_path, total_timesteps=60)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "home" / "checkpoints").mkdir(parents=True)  # a parent with a checkpoints/ of its own, no run
+    (tmp_path / "home" / "typo").mkdir()
+    for folder, fix in ((tmp_path / "empty", "check the path, or start a new run without --resume"),
+                        (tmp_path / "home" / "typo", "check the path, or start a new run without --resume"),
+                        (result.run_dir / "tb", f"it is inside the run folder '{result.run_dir.resolve()}': --resume "),
+                        (result.run_dir / "checkpoints", f"it is inside the run folder '{result.run_dir.resolve()}'")):
+        before = sorted(p.name for p in folder.iterdir())
+        message = rf"no checkpoints folder in '{re.escape(str(folder))}' \(.* is missing\); {re.escape(fix)}"
+        with pytest.raises(FileNotFoundError, match=message):
+            train(config, resume=folder, reward_model=tiny_reward(config))
+        with pytest.raises(FileNotFoundError, match=message):
+            config_from_args(_resume_args(folder))
+        assert sorted(p.name for p in folder.iterdir()) == before  # no .lock
 
 
 def test_a_crash_while_overwriting_a_checkpoint_of_the_same_step_keeps_it(one_checkpoint, monkeypatch):

@@ -411,6 +411,9 @@ class TrainingCallback(BaseCallback):
         self._last_eval_failed = False
         self.logger.record("eval/gt_return", gt)
         self.logger.record("eval/vlm_return", vlm)
+        self.logger.record("eval/seconds", time.perf_counter() - start)  # the final one is in no row's eval_s
+        # The CSV row needs its step (TensorBoard has it from dump()); TensorBoard has the step's once already.
+        self.logger.record("time/total_timesteps", self.model.num_timesteps, exclude=("tensorboard",))
         self.logger.dump(self.model.num_timesteps)  # at the step evaluated, not at the next log
         return path
 

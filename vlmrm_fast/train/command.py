@@ -108,11 +108,13 @@ EPILOG = textwrap.dedent("""\
     (env steps per wall-clock second since the last row, evaluations and checkpoints included),
     time/train_steps_per_s (the same without them), time/render_s, time/reward_s,
     time/sac_update_s, time/env_s, time/eval_s, time/checkpoint_s (seconds per rollout; the last
-    two are what the row's evaluations and checkpoint writes took, spread over its rollouts),
-    time/total_timesteps, SB3's train/*,
-    and eval/vlm_return (scored at the training frame size), eval/gt_return with --eval-every; the
-    same rows in progress.csv, and
-    progress-from-STEP.csv per resumed session that logs a row), checkpoints/ (every
+    two are what the row's evaluations and checkpoint writes took, spread over its rollouts; the
+    final evaluation and checkpoint come after the last row), time/total_timesteps, SB3's train/*,
+    and eval/vlm_return (scored at the training frame size), eval/gt_return, eval/seconds (the
+    evaluation's own time) with --eval-every; the same rows in progress.csv (an evaluation's in a
+    row of its own), and progress-from-STEP.csv per resumed session that logs a row: read in order
+    of STEP, the files hold each step's row once: a session resumed after a crash drops the rows it
+    logs again from the earlier files, kept whole in tb/superseded/), checkpoints/ (every
     --checkpoint-every steps, at the end and on SIGINT/SIGTERM; written atomically), videos/ (mp4
     every --eval-every steps).
 

@@ -41,6 +41,7 @@ from vlmrm_fast.train.config import (  # noqa: E402
     TrainConfig,
     diff_configs,
 )
+from vlmrm_fast.train.progress_csv import csv_name, drop_rows_logged_past  # noqa: E402
 from vlmrm_fast.train.run_lock import hold_run_folder, remove_unstarted_run  # noqa: E402
 
 RGB_FIX = 'render_mode="rgb_array"'
@@ -242,8 +243,13 @@ def make_logger(run_dir: Path, tensorboard: bool, start_step: int):
 
     folder = run_dir / "tb"
     folder.mkdir(parents=True, exist_ok=True)
-    name = "progress.csv" if start_step == 0 else f"progress-from-{start_step}.csv"
-    formats = [CSVOutputFormat(str(folder / name))]
+    superseded = drop_rows_logged_past(folder, start_step)
+    if superseded and start_step == 0:
+        kept = ", ".join(str(path.relative_to(run_dir)) for path in superseded)
+        warnings.warn(f"'{run_dir}' holds the logs of an earlier run that stopped before its first checkpoint "
+                      f"(nothing to resume): this run starts over there, its rows replacing that run's (kept as "
+                      f"{kept}; TensorBoard hides that run's events).", stacklevel=stacklevel_outside_package())
+    formats = [CSVOutputFormat(str(folder / csv_name(start_step)))]
     if tensorboard:
         before = set(folder.iterdir())
         board = TensorBoardOutputFormat(str(folder))
@@ -487,6 +493,12 @@ def _check_resume_folder(run_dir: Path) -> None:
         where = (f"resume its run folder, --resume {shlex.quote(str(folder.parent.parent))}" if in_checkpoints
                  else "resume the run folder that holds it in checkpoints/")
         raise FileNotFoundError(f"'{run_dir}' is a checkpoint folder: {where}")
+    if not ckpt.checkpoint_root(run_dir).is_dir():  # not a run folder: refused before a lock file lands in it
+        run = next((parent for parent in list(folder.parents)[:2]  # RUN/tb, RUN/videos/x, RUN/checkpoints
+                    if ckpt.checkpoint_root(parent).is_dir() and (parent / "config.json").is_file()), None)
+        fix = (f"it is inside the run folder '{run}': --resume {shlex.quote(str(run))}" if run is not None
+               else "check the path, or start a new run without --resume")
+        raise FileNotFoundError(f"no checkpoints folder in '{run_dir}' ({ckpt.checkpoint_root(run_dir)} is missing); {fix}")
 
 
 def _resume_checkpoint(run_dir: Path, resume: Optional[os.PathLike]) -> Optional[Path]:
