@@ -3269,6 +3269,13 @@ def test_files_written_atomically_get_the_permissions_of_a_plain_open_under_any_
         assert mode == (tmp_path / f"plain-{umask:o}").stat().st_mode & 0o777 == 0o666 & ~umask, oct(mode)
 
 
+def test_an_episode_length_given_in_env_kwargs_is_refused_naming_episode_length(tmp_path):
+    # gymnasium.make said "got multiple values for keyword argument 'max_episode_steps'", once the run had started.
+    with pytest.raises(ValueError, match=r"env_kwargs sets max_episode_steps=10, .* give episode_length instead "
+                                         r"\(--episode-length N, or --set episode_length=N\)"):
+        dot_config(tmp_path, env_kwargs={"max_episode_steps": 10}).validate()
+
+
 def test_a_typo_in_env_kwargs_is_named_as_such_not_as_a_render_size_refusal():
     # gymnasium's TypeError for an unknown keyword lists every keyword, width and height among them: that read
     # as "the env does not take width/height" (from a training user's audit).

@@ -133,6 +133,9 @@ class TrainConfig:
 
         need(self.n_envs >= 1, f"n_envs must be >= 1, got {self.n_envs}")
         need(self.episode_length >= 1, f"episode_length must be >= 1, got {self.episode_length}")
+        need("max_episode_steps" not in self.env_kwargs,
+             f"env_kwargs sets max_episode_steps={self.env_kwargs.get('max_episode_steps')!r}, which the run sets "
+             "from episode_length: give episode_length instead (--episode-length N, or --set episode_length=N)")
         for name in ("render_width", "render_height"):
             value = getattr(self, name)
             need(value is None or value >= 1,
