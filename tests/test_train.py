@@ -447,8 +447,8 @@ def test_tensorboard_hides_what_a_crashed_session_logged_past_where_the_next_one
         train(config, resume=config.run_dir, reward_model=tiny_reward(config))
     else:
         assert checkpoint is None
-        with pytest.warns(UserWarning, match=r"holds the logs of an earlier run that stopped before its first "
-                                             r"checkpoint .*kept as tb/superseded/progress\.csv"):
+        with pytest.warns(UserWarning, match=r"holds an earlier run's logs but no checkpoint to resume .*"
+                                             r"kept as tb/superseded/progress\.csv"):
             train(config, reward_model=tiny_reward(config))
     board = EventAccumulator(str(Path(config.run_dir) / "tb"))  # the folder, as TensorBoard loads it
     board.Reload()

@@ -246,8 +246,8 @@ def make_logger(run_dir: Path, tensorboard: bool, start_step: int):
     superseded = drop_rows_logged_past(folder, start_step)
     if superseded and start_step == 0:
         kept = ", ".join(str(path.relative_to(run_dir)) for path in superseded)
-        warnings.warn(f"'{run_dir}' holds the logs of an earlier run that stopped before its first checkpoint "
-                      f"(nothing to resume): this run starts over there, its rows replacing that run's (kept as "
+        warnings.warn(f"'{run_dir}' holds an earlier run's logs but no checkpoint to resume (that run stopped "
+                      f"before its first one, say): this run starts over there, its rows replacing that run's (kept as "
                       f"{kept}; TensorBoard hides that run's events).", stacklevel=stacklevel_outside_package())
     formats = [CSVOutputFormat(str(folder / csv_name(start_step)))]
     if tensorboard:
