@@ -774,3 +774,24 @@ def test_the_random_weights_warning_names_the_callers_line():
     with pytest.warns(UserWarning, match="has random weights") as caught:
         CLIPReward.from_pretrained("vlmrm-tiny", None, goal="a robot", device="cpu")
     assert [w.filename for w in caught if "random weights" in str(w.message)] == [__file__]
+
+
+def test_a_model_whose_tower_needs_a_missing_package_names_the_package_to_install(monkeypatch):
+    # ViT-B-16-SigLIP without transformers failed with open_clip's bare "No module named 'transformers'".
+    from vlmrm_fast import models
+
+    def needs_transformers(*args, **kwargs):
+        raise ModuleNotFoundError("No module named 'transformers'", name="transformers")
+
+    monkeypatch.setattr(models, "_create", needs_transformers)
+    with pytest.raises(ModuleNotFoundError, match=r"'ViT-B-16-SigLIP' needs the 'transformers' package.*pip install "
+                                                  r"transformers$") as error:
+        models.create_clip("ViT-B-16-SigLIP", None)
+    assert error.value.name == "transformers"
+
+    def needs_protobuf(*args, **kwargs):
+        raise ModuleNotFoundError("No module named 'google.protobuf'", name="google.protobuf")
+
+    monkeypatch.setattr(models, "_create", needs_protobuf)
+    with pytest.raises(ModuleNotFoundError, match=r"pip install protobuf$"):
+        models.create_clip("ViT-B-16-SigLIP", None)

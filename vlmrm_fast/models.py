@@ -418,11 +418,24 @@ def create_clip(
         if not isinstance(cache_dir, (str, os.PathLike)):
             raise TypeError(f"cache_dir must be a folder path (str or path) or None; got {type(cache_dir).__name__}.")
         cache_dir = os.fspath(cache_dir)
-    with _quiet_open_clip_logs():  # the tokenizer too: its logging.info would configure the root logger
-        model = _create(model_name, pretrained, cache_dir)
-        tokenizer = open_clip.get_tokenizer(model_name)
+    try:
+        with _quiet_open_clip_logs():  # the tokenizer too: its logging.info would configure the root logger
+            model = _create(model_name, pretrained, cache_dir)
+            tokenizer = open_clip.get_tokenizer(model_name)
+    except ModuleNotFoundError as exc:  # open_clip imports a tower's or tokenizer's library only when asked for it
+        if not exc.name:
+            raise
+        package = _PIP_NAMES.get(exc.name.split(".")[0], exc.name.split(".")[0])
+        raise ModuleNotFoundError(
+            f"{model_name!r} needs the {exc.name!r} package, which open_clip imports for this model's towers or "
+            f"tokenizer (SigLIP and other Hugging Face text towers: transformers; timm vision towers: timm): "
+            f"pip install {package}", name=exc.name) from exc
     model.eval()
     return model, tokenizer
+
+
+# Import names whose pip package is named otherwise.
+_PIP_NAMES = {"google": "protobuf", "sentencepiece": "sentencepiece", "PIL": "pillow"}
 
 
 def _create(model_name: str, pretrained: Optional[str], cache_dir: Optional[str]) -> torch.nn.Module:
