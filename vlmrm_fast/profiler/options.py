@@ -63,7 +63,7 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
                    "reduce-overhead on CUDA, default on CPU); max-autotune also tries Triton matmuls with the GELU, "
                    "bias and residual adds fused in, and autotunes for minutes")
     p.add_argument("--no-seed", action="store_true", help="skip the seed pipeline (no speedups)")
-    p.add_argument("--out", type=Path, metavar="DIR", help="output folder (default: runs/bench-<UTC timestamp>/)")
+    p.add_argument("--out", type=Path, metavar="DIR", help="output folder (default: runs/bench-<UTC timestamp>-<pid>/)")
     p.add_argument("--quick", action="store_true",
                    help="a smoke run: vlmrm-tiny, batch sizes 1 and 8, torch and onnxruntime, 3 repeats "
                    "(options given explicitly still apply)")

@@ -10,6 +10,7 @@ import math
 import os
 import platform
 import textwrap
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -135,18 +136,59 @@ def peak_dtype(row_dtype: str) -> str:
 
 
 BUSY_LOAD = 1.5
-"""Load average per CPU over which a machine counts as busy (:func:`machine_was_busy`). The run's own threads
-count: the committed runs on an idle 2-core machine ended at 1.7-1.9; the busy one seen was 3.9-4.6."""
+"""Load average per CPU over which a machine counts as busy where the CPU time of other processes cannot be
+read (:func:`machine_was_busy`). The run's own threads count: the committed runs on an idle 2-core machine
+ended at 1.7-1.9; the busy one seen was 3.9-4.6."""
+
+OTHER_CPU_BUSY = 0.25
+"""Share of the CPUs' time that other processes (and a hypervisor, as stolen time) took during the run over
+which the machine counts as busy (:func:`machine_was_busy`). One process spinning on one core of two is 0.5;
+an idle machine a few hundredths. The load average missed that one process: 2.1-2.4 on 2 CPUs, under
+:data:`BUSY_LOAD`, while ViT-B-32's ratio to the seed read 8.65x (1.51x idle)."""
 
 
 def machine_was_busy(environment: Dict[str, Any]) -> bool:
-    """Whether the load average at the start or the end of the run exceeded :data:`BUSY_LOAD` per CPU: other work
-    competed for the cores. It slows eager torch (the seed) far more than ONNX Runtime, so a ratio to the seed
-    rises, and its two seed figures, slowed alike, do not show it (a loaded 2-core machine gave ViT-B-32 10.3x
-    against 1.56x idle)."""
+    """Whether other work competed for the cores during the run: other processes took more than
+    :data:`OTHER_CPU_BUSY` of the CPUs' time (``other_cpu_share``, where /proc/stat has it), else the load
+    average at the start or the end exceeded :data:`BUSY_LOAD` per CPU. Load slows eager torch (the seed) far
+    more than ONNX Runtime, so a ratio to the seed rises, and its two seed figures, slowed alike, do not show it
+    (a loaded 2-core machine gave ViT-B-32 10.3x against 1.56x idle)."""
+    share = environment.get("other_cpu_share")
+    if share is not None:
+        return share > OTHER_CPU_BUSY
     cpus = environment.get("cpu_count")
     loads = [environment.get("load_average_start"), environment.get("load_average_end")]
     return bool(cpus) and any(load is not None and load > BUSY_LOAD * cpus for load in loads)
+
+
+def cpu_times() -> Optional[List[float]]:
+    """[CPU seconds the whole machine spent busy (time stolen by a hypervisor included), CPU seconds of this
+    process (all its threads), seconds of a monotonic clock], for :func:`other_cpu_share`; None where
+    /proc/stat cannot be read (not Linux)."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+        ticks = [int(value) for value in fields[1:9]]  # user nice system idle iowait irq softirq steal
+        per_second = os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not fields or fields[0] != "cpu" or len(ticks) < 5:
+        return None
+    busy = sum(ticks) - ticks[3] - ticks[4]  # less idle and iowait (guest time is inside user already)
+    return [busy / per_second, time.process_time(), time.monotonic()]
+
+
+def other_cpu_share(start: Optional[Sequence[float]], end: Optional[Sequence[float]],
+                    cpus: Optional[int]) -> Optional[float]:
+    """The share (0-1) of the machine's CPU time between two :func:`cpu_times` that went to other processes
+    (rounded to 0.01), or None where either is missing."""
+    if not start or not end or not cpus:
+        return None
+    wall = end[2] - start[2]
+    if wall <= 0:
+        return None
+    others = (end[0] - start[0]) - (end[1] - start[1])
+    return round(min(1.0, max(0.0, others / (wall * cpus))), 2)
 
 
 def check_targets(rows: Sequence[Row], device: torch.device, busy: bool = False) -> List[Dict[str, Any]]:
@@ -262,10 +304,27 @@ def seed_disagreements(rows: Sequence[Row]) -> Dict[int, float]:
     return factors
 
 
+def disturbed_seed_pairings(rows: Sequence[Row]) -> List[int]:
+    """Indices of the backends' rows whose seed figure (timed in alternation with them) took more than
+    :data:`END_TO_END_EXCESS` times the seed's stages timed one by one (its own row's, at that model and batch),
+    as :func:`disturbed_stages` marks an end to end: that pairing was disturbed. Its two seed figures can be
+    disturbed alike and agree: 154 ms and 211 ms a call against 57 ms of stages gave the tiny model 104x
+    (about 1.9x idle), unmarked."""
+    stages = {}
+    for row in rows:
+        rates = [getattr(row, field) for field in _STAGE_COLUMNS.values()]
+        if row.backend == SEED and all(rates):
+            stages[(row.model, row.batch)] = sum(1 / rate for rate in rates)
+    return [i for i, row in enumerate(rows)
+            if row.backend != SEED and row.seed_fps and (row.model, row.batch) in stages
+            and 1 / row.seed_fps > END_TO_END_EXCESS * stages[(row.model, row.batch)]]
+
+
 def unsteady_rows(rows: Sequence[Row]) -> List[int]:
     """Indices of the rows whose seed figure disagrees with the seed's own row at that model and batch
-    by more than :data:`SEED_DISAGREEMENT` either way."""
-    return [i for i, factor in seed_disagreements(rows).items() if factor > SEED_DISAGREEMENT]
+    by more than :data:`SEED_DISAGREEMENT` either way, or was itself disturbed (:func:`disturbed_seed_pairings`)."""
+    disagreeing = [i for i, factor in seed_disagreements(rows).items() if factor > SEED_DISAGREEMENT]
+    return sorted(set(disagreeing) | set(disturbed_seed_pairings(rows)))
 
 
 STAGE_EXCESS = 1.25
@@ -350,6 +409,9 @@ def markdown_report(report: Report) -> str:
         *([f"Load average (1 min): {load[0]} at start, {'n/a' if load[1] is None else load[1]} at end, on "
            f"{env.get('cpu_count')} CPUs (this run's threads count too; above the CPU count, other work was "
            "competing for the cores and every figure is lower)."] if load[0] is not None else []),
+        *([f"Other processes took {env['other_cpu_share']:.0%} of the CPUs' time during the run (over "
+           f"{OTHER_CPU_BUSY:.0%}, the machine counts as busy: a speedup target met is marked to be confirmed)."]
+          if env.get("other_cpu_share") is not None else []),
         "",
         markdown_table(report.rows),
         "",
@@ -403,6 +465,13 @@ def markdown_report(report: Report) -> str:
             f"{UNSTEADY_MARK.strip()} The seed timed with this row and the seed's own row differ by more than "
             f"{SEED_DISAGREEMENT:g}x (up to {worst:.2f}x in this run): the machine's load changed during the run "
             "(other work on shared cores), so this ratio is unsteady; run again on an idle machine before quoting it.",
+        ]
+    if disturbed_seed_pairings(report.rows):
+        lines += [
+            "",
+            f"{UNSTEADY_MARK.strip()} {'Also where' if unsteady else 'Where'} the seed timed with this row took more "
+            f"than {END_TO_END_EXCESS:g}x the seed's stages timed one by one: that timing was disturbed (other work on "
+            "shared cores), so this ratio is unsteady; run again on an idle machine before quoting it.",
         ]
     if any(disturbed_stages(r) for r in report.rows):
         lines += [
@@ -460,12 +529,14 @@ def write_plot(path: Path, report: Report) -> Path:
     the model's colour, a line style per backend (the seed dashed), a marker per precision and, where the
     run measured both kernel paths, thin lines for torch's; dotted lines at the GPU targets."""
     from matplotlib.figure import Figure
-    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter, NullLocator
+    from matplotlib.ticker import NullLocator
 
     figure = Figure(figsize=(8.5, 5.5), layout="constrained")
     ax = figure.add_subplot()
     models = list(dict.fromkeys(r.model for r in report.rows))
     colours = {m: f"C{i % 10}" for i, m in enumerate(models)}
+    if len({r.batch for r in report.rows}) == 1:  # one point a line: no line style tells the backends apart
+        return _write_bars(figure, ax, path, report, colours)
     styles = {"torch": "-", "compile": "-.", "onnxruntime": (0, (5, 1, 1, 1)), "tensorrt": (0, (1, 1))}
     markers = {"fp32": "o", "bf16": "s", "fp16": "^", "int8": "D", "fp8": "v"}  # the precision: its own marker
     several_kernels = len({r.kernels for r in report.rows if r.backend != SEED}) > 1
@@ -487,21 +558,59 @@ def write_plot(path: Path, report: Report) -> Path:
     batches = sorted({r.batch for r in report.rows})
     ax.set_xticks(batches, labels=[str(b) for b in batches])
     ax.xaxis.set_minor_locator(NullLocator())
-    ax.yaxis.set_major_locator(LogLocator(base=10, subs=log_tick_steps([r.end_to_end_fps for r in report.rows])))
-    ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:,.0f}" if value >= 1 else f"{value:g}"))
-    ax.yaxis.set_minor_formatter(NullFormatter())
+    _log_rate_axis(ax.yaxis, ax.set_ylim, [r.end_to_end_fps for r in report.rows])
     ax.set_xlabel("batch size (frames per call)")
     ax.set_ylabel("end-to-end frames/s")
-    size = report.config["frame_size"]
-    seed_size = "" if size == SEED_FRAME_SIZE else f" at {SEED_FRAME_SIZE}x{SEED_FRAME_SIZE}"
-    seed = (f" (the seed dashed{seed_size}, timed alone; bench.md's 'vs seed' times it beside each row)"
-            if any(r.backend == SEED for r in report.rows) else "")
-    subtitle = textwrap.fill(f"{size}x{size} uint8 frames on the device{seed}; random weights", TITLE_WIDTH)
-    ax.set_title(f"vlmrm-fast bench, {report.environment['device']}\n{subtitle}", fontsize=9)
+    _title(ax, report, "the seed dashed")
     ax.grid(alpha=0.3)
     if report.rows:
         ax.legend(fontsize=7, loc="best", handlelength=4)  # long enough to tell the line styles apart
     return save_figure_atomically(figure, path)
+
+
+def _write_bars(figure, ax, path: Path, report: Report, colours: Dict[str, str]) -> Path:
+    """:func:`write_plot` for a run at one batch size: a bar per (model, backend, dtype, kernels), labelled."""
+    several_kernels = len({r.kernels for r in report.rows if r.backend != SEED}) > 1
+    rows = list(reversed(report.rows))  # the table's first row on top
+    labels = [f"{r.model} {r.backend} {r.dtype}" + (f" kernels={r.kernels}" if several_kernels and r.backend != SEED
+                                                    else "") for r in rows]
+    bars = ax.barh(range(len(rows)), [r.end_to_end_fps for r in rows], color=[colours[r.model] for r in rows],
+                   edgecolor="white")
+    for bar, row in zip(bars, rows):
+        bar.set_hatch("//" if row.backend == SEED else "")  # per bar: a list of hatches needs matplotlib 3.7
+    ax.bar_label(bars, labels=[_rate(r.end_to_end_fps) for r in rows], fontsize=7, padding=2)
+    ax.set_yticks(range(len(rows)), labels=labels, fontsize=7)
+    ax.set_xscale("log")
+    _log_rate_axis(ax.xaxis, ax.set_xlim, [r.end_to_end_fps for r in rows])
+    ax.set_xlabel(f"end-to-end frames/s at batch {rows[0].batch}")
+    _title(ax, report, "the seed hatched")
+    ax.grid(alpha=0.3, axis="x")
+    return save_figure_atomically(figure, path)
+
+
+def _log_rate_axis(axis, set_limits: Callable[..., Any], values: Sequence[float]) -> None:
+    """Frames/s on a log axis labelled at :func:`log_tick_steps` over the values; one value (or values within
+    1.5x) gets limits 1.5x either side, and steps over those: matplotlib widened one point's axis to a decade,
+    and the finest steps over it put 90 labels there."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    positive = [v for v in values if v and v > 0 and math.isfinite(v)]
+    if positive and max(positive) < 1.5 * min(positive):
+        centre = math.sqrt(min(positive) * max(positive))
+        values = (centre / 1.5, centre * 1.5)
+        set_limits(*values)
+    axis.set_major_locator(LogLocator(base=10, subs=log_tick_steps(values)))
+    axis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:,.0f}" if value >= 1 else f"{value:g}"))
+    axis.set_minor_formatter(NullFormatter())
+
+
+def _title(ax, report: Report, seed_drawn: str) -> None:
+    size = report.config["frame_size"]
+    seed_size = "" if size == SEED_FRAME_SIZE else f" at {SEED_FRAME_SIZE}x{SEED_FRAME_SIZE}"
+    seed = (f" ({seed_drawn}{seed_size}, timed alone; bench.md's 'vs seed' times it beside each row)"
+            if any(r.backend == SEED for r in report.rows) else "")
+    subtitle = textwrap.fill(f"{size}x{size} uint8 frames on the device{seed}; random weights", TITLE_WIDTH)
+    ax.set_title(f"vlmrm-fast bench, {report.environment['device']}\n{subtitle}", fontsize=9)
 
 
 def write_outputs(report: Report, config: BenchConfig, plot: Optional[bool] = None) -> List[Path]:
@@ -549,6 +658,7 @@ def environment(device: torch.device) -> Dict[str, Any]:
         "triton_interpret": interpreter_enabled(),
         "cpu_count": os.cpu_count(),
         "load_average_start": load_average(),
+        "cpu_times_start": cpu_times(),  # for other_cpu_share, set with the targets
         "weights": "random (pretrained=None): speed does not depend on them",
     }
     if device.type == "cuda":

@@ -49,6 +49,7 @@ import importlib
 import importlib.metadata
 import importlib.util
 import json
+import math
 import os
 import re
 import shutil
@@ -77,12 +78,14 @@ from vlmrm_fast.profiler.report import (
     REWARD_CHECK_FRAMES,
     Report,
     Row,
+    cpu_times,
     load_average,
     _require_matplotlib,
     _stage_row,
     check_targets,
     environment,
     machine_was_busy,
+    other_cpu_share,
     markdown_report,
     peak_dtype,
     write_outputs,
@@ -163,8 +166,8 @@ def resolve_config(args: argparse.Namespace) -> BenchConfig:
     models = list(dict.fromkeys(args.models or defaults["models"]))
     for model in models:
         check_model_name(model)  # suggests close names
-    if not args.time_budget > 0:
-        raise ValueError(f"--time-budget must be positive; got {args.time_budget}.")
+    if not (math.isfinite(args.time_budget) and args.time_budget > 0):  # inf: bench.json is JSON, which has no inf
+        raise ValueError(f"--time-budget must be a positive number of seconds; got {args.time_budget}.")
     kernels = []
     for choice in getattr(args, "kernels", None) or ["auto"]:
         try:
@@ -183,7 +186,8 @@ def resolve_config(args: argparse.Namespace) -> BenchConfig:
         warmup=args.warmup or (3 if on_cuda else 1),
         time_budget=args.time_budget,
         seed=not args.no_seed,
-        out=args.out or Path("runs") / f"bench-{stamp}",
+        # The pid too: two runs started in the same second (a job array) shared a folder, one's files lost.
+        out=args.out or Path("runs") / f"bench-{stamp}-{os.getpid()}",
         progress=not args.no_progress,
         plot=not args.no_plot,
         quick=args.quick,
@@ -553,8 +557,10 @@ def peak_precisions(config: BenchConfig) -> List[str]:
 
 def _set_targets(report: Report, config: BenchConfig) -> None:
     """The run's targets, with the load average at its end (a busy machine marks a speedup met)."""
-    report.environment["load_average_end"] = load_average()
-    report.targets = check_targets(report.rows, config.device, busy=machine_was_busy(report.environment))
+    env = report.environment
+    env["load_average_end"] = load_average()
+    env["other_cpu_share"] = other_cpu_share(env.get("cpu_times_start"), cpu_times(), env.get("cpu_count"))
+    report.targets = check_targets(report.rows, config.device, busy=machine_was_busy(env))
 
 
 def earlier_run(out: Path) -> Optional[str]:
@@ -606,7 +612,9 @@ def run_bench(args: argparse.Namespace) -> int:
     for skipped in report.skipped:
         print(f"skipped {skipped['what']}: {skipped['reason']}")
     if earlier:
-        print(f"note: {config.out} held {earlier}; this run's bench.json, bench.md and bench.png replace it")
+        replaced = "bench.json, bench.md and bench.png replace it" if config.plot else \
+            "bench.json and bench.md replace it, and its bench.png is removed (--no-plot)"
+        print(f"note: {config.out} held {earlier}; this run's {replaced}")
     if interpreter_enabled():
         print("note: TRITON_INTERPRET=1; the Triton kernels would run in Triton's interpreter (kernels=auto picks "
               "the torch path on CPU)")
