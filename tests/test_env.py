@@ -363,3 +363,27 @@ def test_untextured_keeps_gymnasiums_scene():
     np.testing.assert_array_equal(m.mat_texrepeat, ref.mat_texrepeat)
     plain.close()
     gymnasiums.close()
+
+
+def _texels(m, tex):
+    size = m.tex_width[tex] * m.tex_height[tex] * m.tex_nchannel[tex]
+    return m.tex_data[m.tex_adr[tex]:m.tex_adr[tex] + size].reshape(-1, m.tex_nchannel[tex])
+
+
+def test_the_floor_and_the_robot_are_checkered_not_flat():
+    # SPEC §1.3: "a tiled floor and a texture on the robot's geoms"; a flat texture (one colour) passed
+    # every test of test_env.py.
+    import mujoco
+
+    env = gym.make(HUMANOID_ENV_ID)
+    m = env.unwrapped.model
+    floor = mujoco.mj_name2id(m, mujoco.mjtObj.mjOBJ_GEOM, "floor")
+    robot = next(g for g in range(m.ngeom) if g != floor)
+    for geom in (floor, robot):
+        tex = m.mat_texid[m.geom_matid[geom]].max()
+        _, counts = np.unique(_texels(m, tex), axis=0, return_counts=True)
+        top_two = np.sort(counts)[-2:] / counts.sum()
+        # a checker: two colours in about equal shares (a flat texture is one colour, edge marks aside;
+        # a flat cube has one colour on its top and another on its sides: 1 to 5)
+        assert len(counts) >= 2 and top_two.min() > 0.3, (geom, top_two)
+    env.close()

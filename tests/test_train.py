@@ -27,7 +27,8 @@ import pytest
 import torch
 
 from vlmrm_fast.train import checkpoint as ckpt
-from vlmrm_fast.train.config import TrainConfig, apply_overrides, from_preset, load_config_file, parse_set
+from vlmrm_fast.train.config import (RESUMABLE_FIELDS, TrainConfig, apply_overrides, diff_configs, from_preset,
+                                     load_config_file, parse_set)
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -3325,3 +3326,73 @@ def test_the_start_up_warnings_stay_quiet_where_nothing_is_wrong(tmp_path):
         run._warn_if_total_overshoots(dot_config(tmp_path, total_timesteps=61), 60)
     with pytest.warns(UserWarning, match=r"learning_starts=40 is not below total_timesteps=40"):
         run._warn_if_no_gradient_step(done, 20)
+
+
+# From a mutation audit of train/ (each failed no surviving mutant before: the ground-truth sum not restarted,
+# a field that changes the run made resumable, the preset's or the defaults' env and reward, "yes" read as false).
+
+
+def test_restarted_episodes_log_their_own_gt_return_too(tmp_path, monkeypatch):
+    # As test_episodes_restarted_by_a_resume_after_a_stop_inside_a_rollout_log_their_own_returns, for the
+    # ground-truth sum: the new episodes (rows 22..41 of the buffer) log the sum of their own env rewards,
+    # not that plus the 2 recorded steps (rows 20, 21) of the episodes the reset ended.
+    from vlmrm_fast.train import train
+
+    def one_a_frame(frames):
+        return np.ones(len(frames))
+
+    config = dot_config(tmp_path, total_timesteps=100, checkpoint_every=0, eval_every=0)
+    stopped = train_stopped_at(44, config, monkeypatch, reward_model=one_a_frame)
+    monkeypatch.setattr(ckpt, "set_env_state", lambda venv, state: False)
+    with pytest.warns(UserWarning, match="episodes in progress restart"):
+        result = train(config, resume=stopped.run_dir, reward_model=one_a_frame)
+    buf = result.model.replay_buffer
+    assert buf.dones[41].all() and not buf.dones[22:41].any()
+    gt = -np.linalg.norm(buf.next_observations[22:42].astype(np.float64), axis=-1)  # DotEnv's reward: -|pos|
+    logged = dict(tb_scalars(stopped.run_dir)["rollout/gt_return"])
+    assert logged[100] == pytest.approx(gt.sum(axis=0).mean(), rel=1e-4)
+
+
+def test_every_field_outside_resumable_fields_is_refused_by_a_resume(tmp_path):
+    # The README: a resume may change only what does not alter the run. Each field that alters it, changed
+    # alone, is reported (only seed and learning_rate were checked).
+    documented = {"total_timesteps", "run_dir", "checkpoint_every", "keep_checkpoints", "eval_every",
+                  "eval_episodes", "video_width", "video_height", "video_length", "tensorboard", "log_every",
+                  "progress", "reward_device", "reward_backend", "reward_batch_size", "sac_device"}
+    assert RESUMABLE_FIELDS == documented
+    saved = dot_config(tmp_path)
+    changed = dict(env_id="Other-v0", env_kwargs={"a": 1}, n_envs=3, episode_length=21, render_width=33,
+                   render_height=31, model="ViT-B-32", pretrained="openai", goal=["x"], baseline=["y"], alpha=0.5,
+                   preprocess="openclip", reward_mode="add", reward_weight=2.0, reward_timing="step",
+                   reward_dtype="bfloat16", learning_rate=1e-3, batch_size=17, gamma=0.9, tau=0.01,
+                   learning_starts=21, train_freq=11, gradient_steps=3, buffer_size=5001, ent_coef="0.1",
+                   net_arch=[8], seed=1)
+    assert set(changed) | documented == {f.name for f in dataclasses.fields(TrainConfig)}
+    for name, value in changed.items():
+        assert [d[0] for d in diff_configs(saved, dataclasses.replace(saved, **{name: value}))] == [name], name
+
+
+# SPEC §1.3's paper-scale run; reward_mode "replace": VLM-RM trains on the CLIP reward alone.
+SPEC_1_3 = dict(env_id="vlmrm_fast/TexturedHumanoid-v0", n_envs=32, episode_length=100, model="ViT-bigG-14",
+                pretrained="laion2b_s39b_b160k", alpha=0.0, reward_mode="replace", reward_timing="deferred",
+                batch_size=512, learning_rate=6e-4, gamma=0.95, tau=0.005, learning_starts=50_000, train_freq=100,
+                gradient_steps=100, total_timesteps=10_000_000)
+
+
+def test_the_kneeling_preset_is_the_papers_env_and_reward():
+    kneel = from_preset("kneeling")
+    assert {k: getattr(kneel, k) for k in SPEC_1_3} == SPEC_1_3
+
+
+def test_the_defaults_are_the_papers_setup():
+    # config.py: "Defaults are the paper's humanoid setup (SPEC §1.3)"; `vlmrm-fast train` without --preset
+    # runs them, and the preset restating every value could not show a changed default.
+    default = TrainConfig()
+    assert {k: getattr(default, k) for k in SPEC_1_3} == SPEC_1_3
+
+
+@pytest.mark.parametrize("text,value", [("true", True), ("yes", True), ("1", True), ("on", True), ("YES", True),
+                                        ("false", False), ("no", False), ("0", False), ("off", False)])
+def test_every_bool_spelling_reaches_its_value(text, value):
+    config = apply_overrides(TrainConfig(), {"progress": text, "tensorboard": text})
+    assert (config.progress, config.tensorboard) == (value, value)
