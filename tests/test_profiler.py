@@ -967,12 +967,10 @@ def test_the_plot_names_the_seed_only_where_it_ran_and_is_not_written_empty(tmp_
     assert [p.name for p in written] == ["bench.json", "bench.md"] and not (tmp_path / "c" / "bench.png").exists()
 
 
-def test_the_plot_title_fits_the_figure_and_frames_per_s_within_a_decade_get_numbers(tmp_path):
-    """A user-role review found bench.png's subtitle cut off at the right edge and a log axis over
-    105-900 frames/s labelled only at 100, 200 and 500, so the lines above 500 could not be read."""
+@pytest.fixture
+def kept_figures(monkeypatch):
+    """The matplotlib figures write_plot saves (still written to their files), to look at their axes."""
     pytest.importorskip("matplotlib")
-    import dataclasses
-
     from vlmrm_fast.profiler import report as bench_report
 
     figures = []
@@ -982,15 +980,24 @@ def test_the_plot_title_fits_the_figure_and_frames_per_s_within_a_decade_get_num
         figures.append(figure)
         return real(figure, path)
 
+    monkeypatch.setattr(bench_report, "save_figure_atomically", keep_figure)
+    return figures
+
+
+def test_the_plot_title_fits_the_figure_and_frames_per_s_within_a_decade_get_numbers(tmp_path, kept_figures):
+    """A user-role review found bench.png's subtitle cut off at the right edge and a log axis over
+    105-900 frames/s labelled only at 100, 200 and 500, so the lines above 500 could not be read."""
+    import dataclasses
+
+    from vlmrm_fast.profiler import report as bench_report
+
     config = {**CONFIG, "device": "cpu", "frame_size": 224, "batch_sizes": [1, 8]}
     seed = dataclasses.replace(_row("ViT-B-32", "seed", 105.0, 1.0), seed_fps=None, speedup_vs_seed=None)
     rows = [seed, dataclasses.replace(_row("ViT-B-32", "torch", 480.0, 105.0), batch=1),
             _row("ViT-B-32", "torch", 900.0, 105.0)]
     env = {**ENV, "device": "a CPU with a long name (and its thread count, 128 threads)"}
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(bench_report, "save_figure_atomically", keep_figure)
-        bench_report.write_plot(tmp_path / "a.png", bench_report.Report(env, config, rows=rows))
-    [figure] = figures
+    bench_report.write_plot(tmp_path / "a.png", bench_report.Report(env, config, rows=rows))
+    [figure] = kept_figures
     ax = figure.axes[0]
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
@@ -1009,33 +1016,23 @@ def test_the_plot_title_fits_the_figure_and_frames_per_s_within_a_decade_get_num
     assert bench_report.log_tick_steps([]) == (1.0, 2.0, 5.0)
 
 
-def test_a_plot_at_one_batch_size_tells_the_configurations_apart_and_labels_its_axis_readably(tmp_path):
+def test_a_plot_at_one_batch_size_tells_the_configurations_apart_and_labels_its_axis_readably(tmp_path, kept_figures):
     # A user-role review: at one batch size each line is one point, so the backends' line styles showed
     # nothing (torch and onnxruntime fp32 were both blue dots), and one point's log axis, widened to a
     # decade by matplotlib, got 90 overlapping labels.
-    pytest.importorskip("matplotlib")
     import dataclasses
 
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     from vlmrm_fast.profiler import report as bench_report
 
-    figures = []
-    real = bench_report.save_figure_atomically
-
-    def keep_figure(figure, path):
-        figures.append(figure)
-        return real(figure, path)
-
     config = {**CONFIG, "device": "cpu", "frame_size": 224, "batch_sizes": [2]}
     seed = dataclasses.replace(_row("vlmrm-tiny", "seed", 129.0, 1.0), seed_fps=None, speedup_vs_seed=None, batch=2)
     torch_row = dataclasses.replace(_row("vlmrm-tiny", "torch", 7.81, 129.0), batch=2)
     ort_row = dataclasses.replace(_row("vlmrm-tiny", "onnxruntime", 1164.0, 129.0), batch=2)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(bench_report, "save_figure_atomically", keep_figure)
-        bench_report.write_plot(tmp_path / "a.png", bench_report.Report(ENV, config, rows=[seed, torch_row, ort_row]))
-        bench_report.write_plot(tmp_path / "b.png", bench_report.Report(ENV, config, rows=[ort_row]))
-    for figure, names in zip(figures, (["vlmrm-tiny seed fp32", "vlmrm-tiny torch fp32", "vlmrm-tiny onnxruntime fp32"],
+    bench_report.write_plot(tmp_path / "a.png", bench_report.Report(ENV, config, rows=[seed, torch_row, ort_row]))
+    bench_report.write_plot(tmp_path / "b.png", bench_report.Report(ENV, config, rows=[ort_row]))
+    for figure, names in zip(kept_figures, (["vlmrm-tiny seed fp32", "vlmrm-tiny torch fp32", "vlmrm-tiny onnxruntime fp32"],
                                        ["vlmrm-tiny onnxruntime fp32"])):
         ax = figure.axes[0]
         figure.draw(FigureCanvasAgg(figure).get_renderer())
