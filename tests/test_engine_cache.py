@@ -102,6 +102,23 @@ def test_failed_atomic_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path
     assert [p.name for p in tmp_path.iterdir()] == ["engine.plan"]  # the temporary file is gone
 
 
+def test_a_full_disk_names_the_file_being_written(tmp_path, monkeypatch):
+    # bench on a full disk ended with "error: [Errno 28] No space left on device", naming no file.
+    import errno
+    from pathlib import Path
+
+    from vlmrm_fast import atomic
+
+    def full(self, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(Path, "write_bytes", full)
+    target = tmp_path / "bench.json"
+    with pytest.raises(OSError, match=rf"No space left on device: '{re.escape(str(target))}'") as error:
+        atomic.write_atomically(target, b"{}")
+    assert error.value.errno == errno.ENOSPC and list(tmp_path.iterdir()) == []
+
+
 def test_weights_digest_follows_the_architecture_too():
     # The same weights under GELU and under QuickGELU are two towers: never one cached engine.
     import open_clip

@@ -96,8 +96,10 @@ def replaced_when_written(path: Union[str, Path], suffix: str = ".tmp") -> Itera
             os.close(fd)
         os.chmod(tmp, default_file_mode(target.parent))  # mkstemp's file is owner-only
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.errno is not None and exc.filename is None:  # ENOSPC from a write names no file
+            exc.filename = str(path)
         raise
     fsync_dir(target.parent)
 
