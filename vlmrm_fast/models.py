@@ -435,7 +435,7 @@ def create_clip(
 
 
 # Import names whose pip package is named otherwise.
-_PIP_NAMES = {"google": "protobuf", "sentencepiece": "sentencepiece", "PIL": "pillow"}
+_PIP_NAMES = {"google": "protobuf", "PIL": "pillow"}
 
 
 def _create(model_name: str, pretrained: Optional[str], cache_dir: Optional[str]) -> torch.nn.Module:

@@ -535,11 +535,11 @@ def write_plot(path: Path, report: Report) -> Path:
     ax = figure.add_subplot()
     models = list(dict.fromkeys(r.model for r in report.rows))
     colours = {m: f"C{i % 10}" for i, m in enumerate(models)}
+    several_kernels = len({r.kernels for r in report.rows if r.backend != SEED}) > 1
     if len({r.batch for r in report.rows}) == 1:  # one point a line: no line style tells the backends apart
-        return _write_bars(figure, ax, path, report, colours)
+        return _write_bars(figure, ax, path, report, colours, several_kernels)
     styles = {"torch": "-", "compile": "-.", "onnxruntime": (0, (5, 1, 1, 1)), "tensorrt": (0, (1, 1))}
     markers = {"fp32": "o", "bf16": "s", "fp16": "^", "int8": "D", "fp8": "v"}  # the precision: its own marker
-    several_kernels = len({r.kernels for r in report.rows if r.backend != SEED}) > 1
     for key in dict.fromkeys((r.model, r.backend, r.dtype, r.kernels) for r in report.rows):
         line = sorted((r for r in report.rows if (r.model, r.backend, r.dtype, r.kernels) == key), key=lambda r: r.batch)
         model, backend, dtype, kernels = key
@@ -548,7 +548,7 @@ def write_plot(path: Path, report: Report) -> Path:
                 linestyle="--" if backend == SEED else styles.get(backend, "-"), marker=markers.get(dtype, "x"),
                 markersize=4, markerfacecolor="none" if backend == SEED else colours[model],
                 linewidth=0.8 if thin else 1.5,
-                label=f"{model} {backend} {dtype}" + (f" kernels={kernels}" if several_kernels and backend != SEED else ""))
+                label=_plot_label(line[0], several_kernels))
     if report.config["device"].startswith("cuda"):
         for model, target in GPU_FPS_TARGETS.items():
             if model in colours:
@@ -568,12 +568,16 @@ def write_plot(path: Path, report: Report) -> Path:
     return save_figure_atomically(figure, path)
 
 
-def _write_bars(figure, ax, path: Path, report: Report, colours: Dict[str, str]) -> Path:
+def _plot_label(row: Row, several_kernels: bool) -> str:
+    """A configuration's name in the plot: model, backend, dtype, and its kernels where the run measured both."""
+    kernels = f" kernels={row.kernels}" if several_kernels and row.backend != SEED else ""
+    return f"{row.model} {row.backend} {row.dtype}{kernels}"
+
+
+def _write_bars(figure, ax, path: Path, report: Report, colours: Dict[str, str], several_kernels: bool) -> Path:
     """:func:`write_plot` for a run at one batch size: a bar per (model, backend, dtype, kernels), labelled."""
-    several_kernels = len({r.kernels for r in report.rows if r.backend != SEED}) > 1
     rows = list(reversed(report.rows))  # the table's first row on top
-    labels = [f"{r.model} {r.backend} {r.dtype}" + (f" kernels={r.kernels}" if several_kernels and r.backend != SEED
-                                                    else "") for r in rows]
+    labels = [_plot_label(r, several_kernels) for r in rows]
     bars = ax.barh(range(len(rows)), [r.end_to_end_fps for r in rows], color=[colours[r.model] for r in rows],
                    edgecolor="white")
     for bar, row in zip(bars, rows):

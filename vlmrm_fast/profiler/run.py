@@ -85,8 +85,8 @@ from vlmrm_fast.profiler.report import (
     check_targets,
     environment,
     machine_was_busy,
-    other_cpu_share,
     markdown_report,
+    other_cpu_share,
     peak_dtype,
     write_outputs,
 )
@@ -556,7 +556,8 @@ def peak_precisions(config: BenchConfig) -> List[str]:
 
 
 def _set_targets(report: Report, config: BenchConfig) -> None:
-    """The run's targets, with the load average at its end (a busy machine marks a speedup met)."""
+    """The run's targets, with the load average at its end and the CPU time other processes took so far (a busy
+    machine marks a speedup met)."""
     env = report.environment
     env["load_average_end"] = load_average()
     env["other_cpu_share"] = other_cpu_share(env.get("cpu_times_start"), cpu_times(), env.get("cpu_count"))
