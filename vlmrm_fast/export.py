@@ -11,7 +11,7 @@ import os
 import time
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Optional, cast
 
 from vlmrm_fast.argtypes import ONNX_EXPORTERS, ONNX_INPUT_FORMATS, dtype_choice, output_file, positive_int, writable_file
 from vlmrm_fast.atomic import destination_of, write_atomically
@@ -19,6 +19,8 @@ from vlmrm_fast.scratch import scratch_folder
 
 if TYPE_CHECKING:
     import torch
+
+    from vlmrm_fast.backends.onnx_export import Exporter, InputFormat
 
 # torch, open_clip and the exporters load inside the functions: the parser (``--help``) needs none of them.
 
@@ -91,14 +93,15 @@ def run_export(args: argparse.Namespace) -> int:
     _check_not_replacing_other_files(out, pretrained)
     model, _ = create_clip(args.model, pretrained)
     spec = preprocess_spec_of(model, "vlmrm")
+    visual = cast("torch.nn.Module", model.visual)  # an open_clip model's vision tower
     start = time.perf_counter()
     if args.format == "onnx":
-        visual = model.visual.float()
+        visual = visual.float()
         external = {"auto": None, "yes": True, "no": False}[args.external_data]
         errors = []
 
         def check(staged: Path) -> None:  # before the graph replaces anything at `out`
-            errors.append(verify_onnx(staged, model.visual, spec, args.input))
+            errors.append(verify_onnx(staged, visual, spec, args.input))
             if not errors[-1] <= VERIFY_TOLERANCE:  # NaN fails too
                 raise ValueError(
                     f"the exported graph does not match the torch tower in ONNX Runtime (max relative error "
@@ -108,7 +111,7 @@ def run_export(args: argparse.Namespace) -> int:
 
         verify = not args.no_verify and dtype == "fp32" and _has_onnxruntime()
         if dtype == "fp16":
-            path = export_float16_onnx(model.visual, out, spec, args.input, external, args.exporter)
+            path = export_float16_onnx(visual, out, spec, args.input, external, args.exporter)
         else:
             path = export_onnx(visual, out, spec, input_format=args.input, external_data=external,
                                check=check if verify else None, exporter=args.exporter)
@@ -118,7 +121,7 @@ def run_export(args: argparse.Namespace) -> int:
         elif dtype != "fp32" and not args.no_verify:
             message += "; not checked against torch (the ONNX Runtime check is for --dtype fp32 exports)"
     else:
-        path = export_engine(model.visual, spec, out, dtype, args.input, batch_range, args.exporter)
+        path = export_engine(visual, spec, out, dtype, args.input, cast(tuple, batch_range), args.exporter)
         message = f"wrote {_written(path)} in {time.perf_counter() - start:.1f} s"
     print(f"{message}. Input: {'frames uint8 [N, %d, %d, 3]' % spec.size if args.input == 'uint8-nhwc' else 'pixels [N, 3, %d, %d]' % spec.size}"
           f"; output: embeddings [N, D] (unnormalised).")
@@ -205,8 +208,8 @@ def verify_onnx(path: Path, visual: torch.nn.Module, spec, input_format: str) ->
     return float(np.abs(got - want).max() / np.abs(want).max())
 
 
-def export_float16_onnx(visual, out: Path, spec, input_format: str, external_data: Optional[bool],
-                        exporter: str = "auto") -> Path:
+def export_float16_onnx(visual, out: Path, spec, input_format: InputFormat, external_data: Optional[bool],
+                        exporter: Exporter = "auto") -> Path:
     """The tower as an ONNX graph computing in float16 with LayerNorm in float32, where fp16 CLIP
     towers lose accuracy (:func:`~vlmrm_fast.backends.onnx_half.to_half_precision`, the graph TensorRT's
     fp16 engines are built from): exported in float32 beside ``out``, then rewritten into place. Input
@@ -220,8 +223,8 @@ def export_float16_onnx(visual, out: Path, spec, input_format: str, external_dat
         return to_half_precision(graph, out, "fp16", external_data=external_data)
 
 
-def export_engine(visual, spec, out: Path, dtype: str, input_format: str, batch_range: tuple,
-                  exporter: str = "auto") -> Path:
+def export_engine(visual, spec, out: Path, dtype: str, input_format: InputFormat, batch_range: tuple,
+                  exporter: Exporter = "auto") -> Path:
     """Build a TensorRT engine file for the (min, opt, max) ``batch_range`` (needs CUDA and tensorrt,
     checked by :func:`_check_before_loading`)."""
     from vlmrm_fast.backends.onnx_export import export_onnx

@@ -11,10 +11,10 @@ import contextlib
 import re
 import subprocess
 import warnings
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 
@@ -147,6 +147,7 @@ class VideoFile:
             meta = _next_frame(reader, path)
         fps = meta.get("fps") or None
         timestamps = _frame_timestamps(ffmpeg, path)
+        total: Optional[int]
         if timestamps is not None:
             total = len(timestamps)
         else:
@@ -181,7 +182,7 @@ class VideoFile:
         return f"{index / self.fps:.4f}" if self.fps else ""
 
 
-def _read_frames(ffmpeg, path: Path) -> Iterator:
+def _read_frames(ffmpeg, path: Path) -> Generator[Any, None, None]:
     """imageio-ffmpeg's frame generator: a metadata dict, then raw RGB24 frames, one per stored frame."""
     options = ["-map", VIDEO_STREAM, *_passthrough_option(ffmpeg)]
     return ffmpeg.read_frames(str(path), pix_fmt="rgb24", output_params=options)

@@ -60,10 +60,9 @@ def staged_on_host(part: Union[torch.Tensor, np.ndarray, List], dtype: torch.dty
     """Host frames (a numpy array of any strides and byte order, a CPU tensor of any strides, or a list
     of single frames of either) copied once into a new contiguous ``dtype`` tensor [n, H, W, 3], in
     pinned memory with ``pin`` (what an upload that does not block the host reads from)."""
-    is_list = isinstance(part, list)
-    shape = (len(part),) + tuple(part[0].shape) if is_list else tuple(part.shape)
+    shape = (len(part),) + tuple(part[0].shape) if isinstance(part, list) else tuple(part.shape)
     out = torch.empty(shape, dtype=dtype, device="cpu", pin_memory=pin)  # whatever torch's default device
-    for item, target in zip(part, out.unbind(0)) if is_list else [(part, out)]:
+    for item, target in zip(part, out.unbind(0)) if isinstance(part, list) else [(part, out)]:
         if isinstance(item, np.ndarray):
             target.numpy()[...] = item  # numpy reads negative strides and other byte orders itself
         else:
@@ -252,4 +251,4 @@ def _list_batch(frames: List) -> FrameBatch:
             _check_float_range(frame, f"frames[{i}]")
     height, width, _ = first.shape
     _check_size(height, width, "frames")
-    return FrameBatch(frames, len(frames), height, width, _torch_dtype(first))
+    return FrameBatch(frames, len(frames), height, width, dtype)  # every frame's: checked equal above

@@ -19,7 +19,7 @@ import urllib.request
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple, Union, cast
 from urllib.parse import urlparse
 
 from vlmrm_fast.callers import stacklevel_outside_package
@@ -30,7 +30,7 @@ warn_if_triton_may_crash()  # open_clip's torchvision loads Triton: the cause of
 import open_clip  # noqa: E402
 import torch  # noqa: E402
 
-from vlmrm_fast.ops.preprocess import PreprocessSpec, mean_std_of
+from vlmrm_fast.ops.preprocess import PreprocessMode, PreprocessSpec, mean_std_of
 from vlmrm_fast.quiet_logging import root_records_dropped
 
 TINY_MODEL = "vlmrm-tiny"
@@ -530,9 +530,10 @@ def preprocess_spec_of(model: torch.nn.Module, mode: str) -> PreprocessSpec:
     cfg = getattr(model.visual, "preprocess_cfg", None) or {}
     mean = cfg.get("mean", getattr(model.visual, "image_mean", None) or _OPENAI_MEAN)
     std = cfg.get("std", getattr(model.visual, "image_std", None) or _OPENAI_STD)
-    resampling = {}
+    resampling: Dict[str, Any] = {}  # strings from the config, like mode: PreprocessSpec checks them
     if mode == "openclip":
         resampling = dict(zip(("resize_mode", "interpolation"), _openclip_resampling(cfg)))
     return PreprocessSpec(
-        size=image_size_of(model), mean=mean_std_of(mean), std=mean_std_of(std), mode=mode, **resampling
+        size=image_size_of(model), mean=mean_std_of(mean), std=mean_std_of(std), mode=cast(PreprocessMode, mode),
+        **resampling,
     )

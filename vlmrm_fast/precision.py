@@ -24,7 +24,7 @@ being "none", and writing "none" would turn their TF32 off.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator
+from typing import Any, Iterator, Union
 
 import torch
 
@@ -44,6 +44,7 @@ def _tf32_off(legacy_owner: Any, new_owner: Any, new_api_always: bool) -> Iterat
     inherited = _inherited_precision() if current is not None and not new_api_always else None
     # Beside a global "tf32", the legacy flag reads only where it pinned matmuls itself: keep to it then.
     legacy_pinned = legacy is not None and inherited == "tf32"
+    off: Union[str, bool]  # the new API's "ieee", the legacy flag's False
     if current is not None and not legacy_pinned and (
             new_api_always or legacy is None or current == "none" or inherited != "none"):
         # A global new-API setting is in use (inherited != "none") or nothing is set: new API.

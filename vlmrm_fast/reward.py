@@ -5,7 +5,7 @@ import functools
 import numbers
 import os
 import weakref
-from typing import Callable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union, cast
 
 import numpy as np
 import torch
@@ -61,7 +61,7 @@ def _place(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> 
     """``model`` on ``device``, its vision tower in ``dtype`` and everything else (the text side) in
     float32, whatever it came in. The tower is cast first and left out of the float32 cast: a bf16
     ViT-bigG-14 never holds a float32 copy of its tower."""
-    visual = model.visual.to(device, dtype)
+    visual = cast(torch.nn.Module, model.visual).to(device, dtype)
     model._modules["visual"] = torch.nn.Identity()  # in its place (the order of modules is kept)
     try:
         model.to(device, torch.float32)
@@ -210,14 +210,15 @@ class CLIPReward:
             _REWARDS_ON_MODEL.setdefault(self.model, weakref.WeakSet()).add(self)
 
     def _build_backend(self, backend: str, options: Optional[dict]) -> None:
+        visual = cast(torch.nn.Module, self.model.visual)
         self._backend: VisionBackend = build_backend(
-            resolve_backend(backend, self._device, self._dtype), self.model.visual, self._spec, self._device,
+            resolve_backend(backend, self._device, self._dtype), visual, self._spec, self._device,
             self._dtype, max_batch_size=self.max_batch_size, model_name=self.model_name, options=options,
             requested=backend, kernels=self._kernels,
         )
         # Kept for rebuild_backend, bar calibration frames (the fp8 build frees them once calibrated).
         self._backend_request = (backend, {k: v for k, v in (options or {}).items() if k != "calibration_frames"})
-        self._weights_watch = WeightsWatch(self.model.visual) if self._backend.copies_weights else None
+        self._weights_watch = WeightsWatch(visual) if self._backend.copies_weights else None
 
     def rebuild_backend(self, backend_options: Optional[dict] = None) -> None:
         """Build the vision-tower backend again from ``rm.model.visual`` as it is now, with the options it was

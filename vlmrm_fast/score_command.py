@@ -285,7 +285,7 @@ def score_frames(
 
 def batched(
     frames: Iterable[LabelledFrame], batch_size: int
-) -> Iterator[tuple[np.ndarray, list[str]]]:
+) -> Generator[tuple[np.ndarray, list[str]], None, None]:
     """Group consecutive frames of the same shape into uint8 batches [B, H, W, 3]."""
     buffer: list[np.ndarray] = []
     names: list[str] = []

@@ -12,7 +12,7 @@ import math
 import numbers
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, List, Optional, Sequence, Tuple, Union, cast
 
 import numpy as np
 import torch
@@ -96,7 +96,8 @@ def embed_prompts(model: torch.nn.Module, tokenizer: Callable, prompts: List[str
     if empty is not None:  # "\x00", a lone byte-order mark: cleaned away, so CLIP's empty text, like a blank prompt
         raise ValueError(f"the prompt {empty!r} tokenizes to nothing (no character the tokenizer keeps), so it would "
                          "embed as the empty text: give it words.")
-    embeddings = model.encode_text(tokens.to(device)).float()
+    encode_text = cast(Callable[[torch.Tensor], torch.Tensor], model.encode_text)
+    embeddings = encode_text(tokens.to(device)).float()
     if not torch.isfinite(embeddings).all():
         raise ValueError("the text tower embeds the prompts to NaN/inf: its weights hold NaN/inf (a damaged "
                          "checkpoint, or a fine-tune that diverged); load good weights.")
@@ -219,6 +220,7 @@ def _warn_of_cut_prompts(tokenizer: Callable, prompts: List[str]) -> None:
     except ImportError:  # a tokenizer of the user's own, without open_clip
         SimpleTokenizer = ()
     prompts = list(dict.fromkeys(prompts))
+    lengths: Optional[List[int]]
     if isinstance(tokenizer, SimpleTokenizer):
         lengths, measured = [len(tokenizer.encode(p)) + 2 for p in prompts], None  # with start and end tokens
     else:
@@ -270,17 +272,16 @@ def encode_tasks(
     embeddings = embed_prompts(model, tokenizer, prompts, device)
     goals, directions, has_direction = [], [], []
     for start, n_goal, n_base in spans:
-        goal = embeddings[start : start + n_goal].mean(dim=0)
-        direction = torch.zeros_like(goal)
+        goal_mean = embeddings[start : start + n_goal].mean(dim=0)
+        direction = torch.zeros_like(goal_mean)
         ok = False
         if n_base:
-            baseline = embeddings[start + n_goal : start + n_goal + n_base].mean(dim=0)
-            diff = goal - baseline
+            diff = goal_mean - embeddings[start + n_goal : start + n_goal + n_base].mean(dim=0)
             norm = diff.norm()
             ok = bool(norm > _MIN_DIRECTION_NORM)
             if ok:
                 direction = diff / norm
-        goals.append(goal)
+        goals.append(goal_mean)
         directions.append(direction)
         has_direction.append(ok)
     return EncodedTasks(tuple(tasks), torch.stack(goals), torch.stack(directions), tuple(has_direction))

@@ -155,7 +155,10 @@ class VLMRewardVectorWrapper(_RewardMode, _BatchFrames, gym.vector.VectorWrapper
     ) -> Tuple[Any, Dict[str, Any]]:
         mask = (options or {}).get("reset_mask")  # read first: SyncVectorEnv.reset pops it from options
         # A copy: SyncVectorEnv pops reset_mask, which wrappers above (RecordEpisodeStatistics) read after us.
-        obs, info = self.env.reset(seed=seed, options=None if options is None else dict(options))
+        obs, info = self.env.reset(
+            seed=seed,  # type: ignore[arg-type]  # gymnasium's VectorEnv.reset types no list; SyncVectorEnv's takes one
+            options=None if options is None else dict(options),
+        )
         rows = np.ones(self.num_envs, dtype=bool) if mask is None else np.asarray(mask, dtype=bool)
         self._episode_vlm[rows] = 0.0
         self._episode_gt[rows] = 0.0

@@ -16,7 +16,7 @@ TensorRT has no GPU results yet.
 from __future__ import annotations
 
 import importlib.util
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple, cast
 
 import torch
 
@@ -94,7 +94,7 @@ def build_backend(
     """
     check_backend_options(backend, options, device, requested)
     options = dict(options or {})
-    image_size: Tuple[int, int] = tuple(spec.size)  # type: ignore[assignment]
+    image_size = cast(Tuple[int, int], tuple(spec.size))  # spec.size is (height, width)
     if backend == "torch":
         from vlmrm_fast.backends.eager import TorchBackend
 

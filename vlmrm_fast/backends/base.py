@@ -4,7 +4,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import threading
-from typing import ContextManager, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import ContextManager, Iterator, List, Optional, Sequence, Tuple, TypeVar, Union
 
 import torch
 
@@ -98,7 +98,10 @@ def original_modules(model: torch.nn.Module) -> Iterator[None]:
             setattr(parent, name, child)
 
 
-def in_place_of(new: torch.nn.Module, old: torch.nn.Module) -> torch.nn.Module:
+ModuleT = TypeVar("ModuleT", bound=torch.nn.Module)
+
+
+def in_place_of(new: ModuleT, old: torch.nn.Module) -> ModuleT:
     """``new``, made to replace ``old`` in a model, with ``old``'s hooks (the same dicts: hooks registered on
     either fire, and their handles still remove them) and training mode: what a user attached to a layer
     (a feature probe, say) survives the layer's swap."""

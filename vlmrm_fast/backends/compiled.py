@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numbers
 import time
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence, cast
 
 import torch
 
@@ -66,7 +66,7 @@ class CompileBackend(VisionBackend):
     ) -> None:
         super().__init__(device, dtype, image_size)
         if buckets is not None and (not isinstance(buckets, (list, tuple, range)) or not buckets or not all(
-                isinstance(b, numbers.Integral) and not isinstance(b, bool) and b >= 1 for b in buckets)):
+                isinstance(b, numbers.Integral) and not isinstance(b, bool) and int(b) >= 1 for b in buckets)):
             raise BackendError(f"backend_options buckets must be a list of positive integers (batch sizes); got {buckets!r}.")
         self.buckets = tuple(sorted(int(b) for b in buckets)) if buckets else default_buckets(max_batch_size)
         check_compile_mode(mode)
@@ -116,7 +116,7 @@ class CompileBackend(VisionBackend):
             self.compile_seconds[bucket] = time.perf_counter() - start
             self.build_seconds = sum(self.compile_seconds.values())
             if hits is not None:  # a graph from the cache on disk (an earlier process's): not a first build's time
-                self.build_cached = bool(self.build_cached) or _graph_cache_hits() > hits
+                self.build_cached = bool(self.build_cached) or cast(int, _graph_cache_hits()) > hits
         # CUDA graphs reuse their output buffer on the next replay: hand back a copy.
         return out[:n].clone()
 

@@ -31,7 +31,7 @@ import math
 import os
 import warnings
 from pathlib import Path
-from typing import Callable, Dict, Iterator, Literal, Optional, Union
+from typing import Callable, Dict, Iterator, Literal, Optional, Union, cast
 
 import torch
 import torch.nn.functional as F
@@ -61,6 +61,9 @@ class Uint8VisionTower(torch.nn.Module):
     per-channel affine step instead; the result is the same.
     """
 
+    scale: torch.Tensor
+    shift: torch.Tensor
+
     def __init__(self, visual: torch.nn.Module, spec: PreprocessSpec) -> None:
         super().__init__()
         self.visual = copy.deepcopy(visual)
@@ -69,15 +72,17 @@ class Uint8VisionTower(torch.nn.Module):
         scale_t = torch.tensor(scale, dtype=torch.float64)
         shift_t = torch.tensor(shift, dtype=torch.float64)
         conv = getattr(self.visual, "conv1", None)
-        self.folded = isinstance(conv, torch.nn.Conv2d) and conv.padding in ((0, 0), 0) and conv.in_channels == 3
-        if self.folded:
+        self.folded = False
+        if isinstance(conv, torch.nn.Conv2d) and conv.padding in ((0, 0), 0) and conv.in_channels == 3:
+            self.folded = True
             weight = conv.weight.detach().double()
             bias = weight.mul(shift_t.view(1, 3, 1, 1)).sum(dim=(1, 2, 3))
             if conv.bias is not None:
                 bias = bias + conv.bias.detach().double()
-            folded = torch.nn.Conv2d(3, conv.out_channels, conv.kernel_size, conv.stride, bias=True)
+            size, stride = cast("tuple[int, int]", conv.kernel_size), cast("tuple[int, int]", conv.stride)
+            folded = torch.nn.Conv2d(3, conv.out_channels, size, stride, bias=True)
             folded.weight.data = (weight * scale_t.view(1, 3, 1, 1)).to(dtype)
-            folded.bias.data = bias.to(dtype)
+            cast(torch.Tensor, folded.bias).data = bias.to(dtype)  # made with bias=True
             self.visual.conv1 = folded.to(conv.weight.device)
         self.register_buffer("scale", scale_t.to(dtype).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("shift", shift_t.to(dtype).view(1, 3, 1, 1), persistent=False)
@@ -167,7 +172,7 @@ def static_self_attention(module: torch.nn.Module, example: torch.Tensor) -> Ite
     ]
     try:
         for parent, name, child in swaps:
-            setattr(parent, name, StaticSelfAttention(child, tokens[child]))
+            setattr(parent, name, StaticSelfAttention(child, cast(int, tokens[child])))
         yield len(swaps)
     finally:
         for parent, name, child in swaps:
@@ -190,11 +195,11 @@ def _mha_fastpath_disabled() -> Iterator[None]:
         mha.set_fastpath_enabled(previous)
 
 
-def check_exporter(exporter: str, backend: str) -> str:
+def check_exporter(exporter: str, backend: str) -> Exporter:
     """``exporter`` as a backend's option, or a :class:`~vlmrm_fast.backends.BackendError` naming the choices."""
     if exporter not in ONNX_EXPORTERS:
         raise BackendError(f"backend_options exporter={exporter!r} is not one of {ONNX_EXPORTERS} for backend={backend!r}.")
-    return exporter
+    return cast(Exporter, exporter)
 
 
 def _torchscript_kwargs() -> dict:
@@ -362,7 +367,7 @@ def export_onnx(
     param = next(visual.parameters())
     height, width = spec.size
     if input_format == "uint8-nhwc":
-        module = Uint8VisionTower(visual, spec).eval()
+        module: torch.nn.Module = Uint8VisionTower(visual, spec).eval()
         example = torch.zeros((2, height, width, 3), dtype=torch.uint8, device=param.device)
         input_name = "frames"
     else:

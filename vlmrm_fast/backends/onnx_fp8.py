@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Dict, Iterable, List, Tuple, Union
+from typing import Any, Dict, Iterable, List, Tuple, Union
 
 import numpy as np
 
@@ -175,7 +175,7 @@ def quantize_fp8(
             quantized = (torch.from_numpy(values) / torch.from_numpy(scale_values)).to(torch.float8_e4m3fn)
             new_initializers.append(helper.make_tensor(f"{weight}_fp8", TensorProto.FLOAT8E4M3FN, list(values.shape),
                                                        quantized.view(torch.uint8).numpy().tobytes(), raw=True))
-            kwargs = {"axis": 1} if per_channel else {}
+            kwargs: Dict[str, Any] = {"axis": 1} if per_channel else {}  # make_node's node attributes
             inserted[weight] = [helper.make_node("DequantizeLinear", [f"{weight}_fp8", scale, zero], [f"{weight}_fp8_dq"],
                                                  name=f"{weight}_fp8_dq", **kwargs)]
         replacements[node_name] = (f"{activation}_fp8_dq", f"{weight}_fp8_dq")

@@ -200,7 +200,8 @@ def matmul_types(path: Union[str, Path]) -> Set[str]:
 
     model = onnx.load(str(path), load_external_data=False)
     elem = _inferred_types(model)
-    names = {TensorProto.FLOAT: "fp32", TensorProto.BFLOAT16: "bf16", TensorProto.FLOAT16: "fp16"}
+    names: Dict[Optional[int], str] = {TensorProto.FLOAT: "fp32", TensorProto.BFLOAT16: "bf16",
+                                       TensorProto.FLOAT16: "fp16"}
     return {names.get(elem.get(n.output[0]), "other") for n in model.graph.node if n.op_type in ("MatMul", "Gemm")}
 
 

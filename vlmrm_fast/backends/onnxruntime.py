@@ -19,7 +19,7 @@ import tempfile
 import time
 import weakref
 from pathlib import Path
-from typing import ContextManager, List, Optional, Tuple
+from typing import ContextManager, List, Optional, Tuple, cast
 
 import numpy as np
 import torch
@@ -96,12 +96,12 @@ class OnnxRuntimeBackend(VisionBackend):
                   "backend skips it)")
         # The graph lives as long as this backend (copies and profile_nodes read it): removed when it is
         # collected or at exit, without TemporaryDirectory's "implicitly cleaning up" ResourceWarning.
-        self._workdir = Path(tempfile.mkdtemp(prefix="vlmrm_fast_onnx_"))
+        self._workdir: Optional[Path] = Path(tempfile.mkdtemp(prefix="vlmrm_fast_onnx_"))
         self._remove_workdir = weakref.finalize(self, shutil.rmtree, self._workdir, True)
-        path = export_onnx(visual, self._workdir / "tower.onnx", spec, input_format="pixels", exporter=exporter)
+        path = export_onnx(visual, self._workdir / "tower.onnx", spec, input_format="pixels", exporter=self.exporter)
         if quantize == "int8":
             path = quantize_int8(path, path.with_name("tower-int8.onnx"))
-        self._model_path = path
+        self._model_path: Optional[Path] = path
         self._start_session()
         self.embed_dim = self.session.get_outputs()[0].shape[1]
         self.build_seconds = time.perf_counter() - start
@@ -175,7 +175,7 @@ class OnnxRuntimeBackend(VisionBackend):
 
         options = self._session_options()
         options.enable_profiling = True
-        options.profile_file_prefix = str(self._workdir / "profile")
+        options.profile_file_prefix = str(cast(Path, self._workdir) / "profile")  # None only with _model_path
         session = ort.InferenceSession(str(self._model_path), options, providers=["CPUExecutionProvider"])
         feed = {"pixels": pixels.contiguous().numpy()}
         for _ in range(warmup + calls):

@@ -9,10 +9,14 @@ TFLOP that a matmul at the measured peak does in 0.35 ms (10 ms and 19 ms for Vi
 """
 from __future__ import annotations
 
+from typing import Type, TypeGuard, TypeVar, cast
+
 import torch
 import torch.nn.functional as F
 
 from vlmrm_fast.backends.base import SwappedModule, in_place_of
+
+Conv2dT = TypeVar("Conv2dT", bound=torch.nn.Conv2d)
 
 
 class PatchMatmulConv2d(SwappedModule, torch.nn.Conv2d):
@@ -50,16 +54,17 @@ class PatchMatmulConv2d(SwappedModule, torch.nn.Conv2d):
         return tokens.view(n, gh, gw, self.out_channels).permute(0, 3, 1, 2)
 
 
-def _sharing(cls: type, conv: torch.nn.Conv2d) -> torch.nn.Conv2d:
+def _sharing(cls: Type[Conv2dT], conv: torch.nn.Conv2d) -> Conv2dT:
     """An unpadded ``cls`` (a Conv2d class) with ``conv``'s sizes, weight and bias (the same tensors:
     made on the meta device, nothing is allocated), hooks and training mode."""
-    new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, bias=conv.bias is not None,
-              device="meta")
+    # torch types a Conv2d's sizes as any _ConvNd's, Tuple[int, ...]
+    new = cls(conv.in_channels, conv.out_channels, cast("tuple[int, int]", conv.kernel_size),
+              cast("tuple[int, int]", conv.stride), bias=conv.bias is not None, device="meta")
     new.weight, new.bias = conv.weight, conv.bias
     return in_place_of(new, conv)
 
 
-def is_patch_conv(module: object) -> bool:
+def is_patch_conv(module: object) -> TypeGuard[torch.nn.Conv2d]:
     """Whether ``module`` is an ``nn.Conv2d`` that a :class:`PatchMatmulConv2d` computes exactly: no
     padding, no dilation, one group, stride equal to the kernel."""
     return (isinstance(module, torch.nn.Conv2d) and tuple(module.stride) == tuple(module.kernel_size)

@@ -29,13 +29,13 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Callable, Optional, Tuple
+from typing import Callable, Optional, Tuple, cast
 
 import torch
 
 from vlmrm_fast.backends.base import BackendError, VisionBackend, missing_extra
 from vlmrm_fast.backends.engine_cache import EngineCache, EngineKey, tensorrt_build, weights_digest
-from vlmrm_fast.backends.onnx_export import check_exporter, export_onnx
+from vlmrm_fast.backends.onnx_export import _OPSET, check_exporter, export_onnx
 from vlmrm_fast.callers import stacklevel_outside_package
 from vlmrm_fast.frames import as_frame_batch
 from vlmrm_fast.ops.preprocess import PreprocessSpec, preprocess
@@ -130,7 +130,7 @@ class TensorRTBackend(VisionBackend):
         if quantize == "fp8":
             _check_fp8_support(trt, device)
             precision = f"fp8-{precision}"
-            calibration = calibration_digest(self._calibration, spec)
+            calibration = calibration_digest(cast(torch.Tensor, self._calibration), spec)  # None only without fp8
         self._logger = trt.Logger(trt.Logger.WARNING)
         key = EngineKey(
             model=model_name,
@@ -191,13 +191,13 @@ class TensorRTBackend(VisionBackend):
 
             # Exported in float32 whatever the tower's dtype: the typed graph rounds each weight once.
             fp32_copy = copy.deepcopy(visual).float()
-            opset = {"opset": FP8_OPSET} if self.quantize == "fp8" else {}
+            opset = FP8_OPSET if self.quantize == "fp8" else _OPSET
             onnx_path = export_onnx(fp32_copy, Path(tmp) / "tower.onnx", spec, input_format="pixels",
-                                    exporter=self.exporter, **opset)
+                                    exporter=self.exporter, opset=opset)
             del fp32_copy
             torch.cuda.empty_cache()  # the copy's memory (7 GB for ViT-bigG-14) is the builder's to use
             if self.quantize == "fp8":
-                pixels = _calibration_pixels(self._calibration, spec)
+                pixels = _calibration_pixels(cast(torch.Tensor, self._calibration), spec)
                 onnx_path = fp8_tower_graph(onnx_path, pixels, _float_precision(key.precision), ort_providers(self.device.index))
             else:
                 onnx_path = typed_tower_graph(onnx_path, key.precision)
@@ -293,7 +293,8 @@ def _calibration_pixels(frames: torch.Tensor, spec: PreprocessSpec) -> torch.Ten
 def _version(trt) -> Tuple[int, int]:
     """(major, minor) of the installed TensorRT."""
     parts = (str(getattr(trt, "__version__", "0")).split(".") + ["0"])[:2]
-    return tuple(int("".join(ch for ch in part if ch.isdigit()) or 0) for part in parts)  # type: ignore[return-value]
+    major, minor = (int("".join(ch for ch in part if ch.isdigit()) or 0) for part in parts)
+    return major, minor
 
 
 def aligned_contiguous(tensor: torch.Tensor) -> torch.Tensor:

@@ -62,6 +62,10 @@ class Float8Linear(torch.nn.Module):
     scales require it), on the weight's device. K and N must be multiples of 16 (``torch._scaled_mm``).
     """
 
+    weight_fp8_bytes: torch.Tensor
+    weight_scale_bytes: torch.Tensor
+    bias_bytes: Optional[torch.Tensor]
+
     def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], out_dtype: torch.dtype) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape

@@ -15,13 +15,15 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
-from typing import Iterator, Tuple, Type
+from typing import Iterator, Tuple, Type, TypeGuard, TypeVar
 
 import torch
 
 from vlmrm_fast.backends.base import SwappedModule, in_place_of
 from vlmrm_fast.ops._triton import triton_runs_on
 from vlmrm_fast.ops.layer_norm import DTYPES, MAX_WIDTH, layer_norm_triton, rows_of
+
+LayerNormT = TypeVar("LayerNormT", bound=torch.nn.LayerNorm)
 
 MIN_ELEMENTS = 1 << 23
 """Inputs smaller than this (in elements) go to torch's kernel. The eager tower is bound by the host's
@@ -66,6 +68,7 @@ class TritonLayerNorm(SwappedModule, torch.nn.LayerNorm):
     """
 
     min_elements: int = MIN_ELEMENTS
+    base: Type[torch.nn.LayerNorm]
 
     @classmethod
     def from_layer_norm(cls, norm: torch.nn.LayerNorm) -> "TritonLayerNorm":
@@ -97,7 +100,7 @@ class TritonLayerNorm(SwappedModule, torch.nn.LayerNorm):
         return self.base.forward(self, x)
 
 
-def _sharing(cls: type, norm: torch.nn.LayerNorm) -> torch.nn.LayerNorm:
+def _sharing(cls: Type[LayerNormT], norm: torch.nn.LayerNorm) -> LayerNormT:
     """A ``cls`` (a LayerNorm class) with ``norm``'s shape, eps, weight and bias (the same tensors: made on
     the meta device, nothing is allocated), hooks and training mode."""
     new = cls(norm.normalized_shape, eps=norm.eps, device="meta")
@@ -105,11 +108,12 @@ def _sharing(cls: type, norm: torch.nn.LayerNorm) -> torch.nn.LayerNorm:
     return in_place_of(new, norm)
 
 
-def is_replaceable(module: object) -> bool:
+def is_replaceable(module: object) -> TypeGuard[torch.nn.LayerNorm]:
     """Whether ``module`` is one of the LayerNorm classes :class:`TritonLayerNorm` computes as they do,
     over one dimension of at most :data:`~vlmrm_fast.ops.layer_norm.MAX_WIDTH`, with a weight and a bias."""
-    return (type(module) in _replaceable_types() and len(module.normalized_shape) == 1
-            and module.normalized_shape[0] <= MAX_WIDTH and module.weight is not None and module.bias is not None)
+    return (isinstance(module, torch.nn.LayerNorm) and type(module) in _replaceable_types()
+            and len(module.normalized_shape) == 1 and module.normalized_shape[0] <= MAX_WIDTH
+            and module.weight is not None and module.bias is not None)
 
 
 def use_triton_layer_norm(visual: torch.nn.Module) -> int:

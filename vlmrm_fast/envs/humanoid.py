@@ -29,7 +29,7 @@ from vlmrm_fast.envs import EPISODE_LENGTH  # 100 env steps, as in the paper's r
 try:  # the paper's physics; gymnasium still ships the v4 class (deprecated in the registry only)
     from gymnasium.envs.mujoco.humanoid_v4 import HumanoidEnv as _HumanoidBase
 except ImportError:  # pragma: no cover - a gymnasium without v4
-    from gymnasium.envs.mujoco.humanoid_v5 import HumanoidEnv as _HumanoidBase
+    from gymnasium.envs.mujoco.humanoid_v5 import HumanoidEnv as _HumanoidBase  # type: ignore[assignment]
 
 __all__ = ["TexturedHumanoidEnv", "textured_humanoid_xml", "DEFAULT_CAMERA_CONFIG", "EPISODE_LENGTH"]
 
@@ -118,7 +118,7 @@ def textured_humanoid_xml(source_path: Optional[str] = None) -> str:
 
 
 def _is_positive_int(value: Any) -> bool:
-    return not isinstance(value, bool) and isinstance(value, (int, np.integer)) and value >= 1
+    return not isinstance(value, bool) and isinstance(value, (int, np.integer)) and bool(value >= 1)
 
 
 class TexturedHumanoidEnv(_HumanoidBase):
@@ -226,16 +226,17 @@ class RenderingUnavailable(RuntimeError):
 def defuse_half_made_viewer(exc: BaseException) -> None:
     """gymnasium's OffScreenViewer, when its GL context could not be made, is left without one, and its
     ``__del__`` then prints a second traceback under the clear error; give it a context to free."""
-    while exc is not None:
-        tb = exc.__traceback__
+    current: Optional[BaseException] = exc
+    while current is not None:
+        tb = current.__traceback__
         while tb is not None:
             # Only constructors' frames: reading a running frame's locals would keep them alive.
             if tb.tb_frame.f_code.co_name == "__init__":
-                viewer = tb.tb_frame.f_locals.get("self")
+                viewer: Any = tb.tb_frame.f_locals.get("self")
                 if type(viewer).__name__ == "OffScreenViewer" and not hasattr(viewer, "opengl_context"):
                     viewer.opengl_context = _NoContext()
             tb = tb.tb_next
-        exc = exc.__cause__ or exc.__context__
+        current = current.__cause__ or current.__context__
 
 
 class _NoContext:

@@ -378,4 +378,4 @@ def mean_std_of(values: Sequence[float]) -> Tuple[float, float, float]:
     out = tuple(float(v) for v in values)
     if len(out) != 3:
         raise ValueError(f"expected 3 per-channel values, got {len(out)}: {out}")
-    return out  # type: ignore[return-value]
+    return out

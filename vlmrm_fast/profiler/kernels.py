@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 
 import torch
 
@@ -139,7 +139,7 @@ class TowerProfile:
         }
 
 
-def _self_ms(event: object, on_cuda: bool) -> float:
+def _self_ms(event: Any, on_cuda: bool) -> float:
     """An averaged event's self time in ms (torch < 2.4 names the device field self_cuda_time_total)."""
     if not on_cuda:
         return event.self_cpu_time_total / 1e3
@@ -151,7 +151,7 @@ _RANGES = ("## ", "Torch-Compiled Region", "TorchDynamo", "Pregraph bytecode", "
 """Names of ranges torch.compile records around its graphs (annotated, or plain ops on CPU): not kernels."""
 
 
-def summarize_events(events: Iterable[object], on_cuda: bool, calls: int) -> List[KernelTime]:
+def summarize_events(events: Iterable[Any], on_cuda: bool, calls: int) -> List[KernelTime]:
     """Averaged profiler events -> kernels per tower call, the costliest first.
 
     On CUDA only device events count (CPU-side ops and runtime calls are host work, which the idle
@@ -189,8 +189,9 @@ def profile_tower(
     ``package_kernels`` the reward's kernels choice, recorded with the profile."""
     from torch.profiler import ProfilerActivity, profile
 
-    meta = dict(model=model, backend=backend, dtype=dtype, batch=pixels.shape[0], calls=calls, wall_ms=wall_ms,
-                gflops_per_image=gflops_per_image, peak_tflops=peak_tflops, package_kernels=package_kernels)
+    meta: Dict[str, Any] = dict(
+        model=model, backend=backend, dtype=dtype, batch=pixels.shape[0], calls=calls, wall_ms=wall_ms,
+        gflops_per_image=gflops_per_image, peak_tflops=peak_tflops, package_kernels=package_kernels)
     own = tower.profile_nodes(pixels, calls, warmup) if isinstance(tower, VisionBackend) else None
     if own is not None:
         return TowerProfile(source=f"{backend} nodes", kernels=_per_call(own, calls), **meta)

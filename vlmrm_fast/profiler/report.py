@@ -13,7 +13,7 @@ import textwrap
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple, TypedDict, cast
 
 import torch
 
@@ -38,6 +38,18 @@ REWARD_CHECK_FRAMES = 8
 
 
 # --------------------------------------------------------------------------- results
+
+
+class StageTimings(TypedDict, total=False):
+    """A row's timing of each stage: ``h2d`` None where the frames are not uploaded (CPU), ``seed_end_to_end``
+    only where end to end was timed in alternation with the seed."""
+
+    h2d: Optional[StageTiming]
+    preprocess: StageTiming
+    tower: StageTiming
+    score: StageTiming
+    end_to_end: StageTiming
+    seed_end_to_end: StageTiming
 
 
 @dataclass
@@ -74,7 +86,7 @@ class Row:
     build_cached: Optional[bool] = None
     """Whether the build found its work in a cache on disk (torch.compile's graphs, a TensorRT engine): then
     ``build_seconds`` is no first build's time. None where the backend has no such cache."""
-    timings: Dict[str, Optional[StageTiming]] = field(default_factory=dict)
+    timings: StageTimings = field(default_factory=StageTimings)
 
 
 @dataclass
@@ -112,16 +124,19 @@ class Report:
 
 def _stage_row(
     *, model: str, backend: str, dtype: str, kernels: str, batch: int, frame_size: int,
-    timings: Dict[str, Optional[StageTiming]], gflops: float, flops_method: str,
+    timings: StageTimings, gflops: float, flops_method: str,
     build_seconds: float, setup_seconds: float, build_cached: Optional[bool] = None,
 ) -> Row:
     """A row from its stage timings; the peak fraction is filled in by :meth:`Report.set_peaks`."""
-    rate = {stage: None if t is None else batch / t.median_s for stage, t in timings.items()}
+    def rate(timing: StageTiming) -> float:
+        return batch / timing.median_s
+
+    h2d, tower_fps = timings["h2d"], rate(timings["tower"])
     return Row(
         model=model, backend=backend, dtype=dtype, kernels=kernels, batch=batch, frame_size=frame_size,
-        h2d_fps=rate["h2d"], preprocess_fps=rate["preprocess"], tower_fps=rate["tower"],
-        score_fps=rate["score"], end_to_end_fps=rate["end_to_end"], tower_gflops=gflops,
-        flops_method=flops_method, achieved_tflops=gflops * rate["tower"] / 1e3, peak_tflops=None,
+        h2d_fps=None if h2d is None else rate(h2d), preprocess_fps=rate(timings["preprocess"]), tower_fps=tower_fps,
+        score_fps=rate(timings["score"]), end_to_end_fps=rate(timings["end_to_end"]), tower_gflops=gflops,
+        flops_method=flops_method, achieved_tflops=gflops * tower_fps / 1e3, peak_tflops=None,
         frac_of_peak=None, build_seconds=build_seconds, setup_seconds=setup_seconds, build_cached=build_cached,
         timings=timings,
     )
@@ -158,7 +173,7 @@ def machine_was_busy(environment: Dict[str, Any]) -> bool:
         return share > OTHER_CPU_BUSY
     cpus = environment.get("cpu_count")
     loads = [environment.get("load_average_start"), environment.get("load_average_end")]
-    return bool(cpus) and any(load is not None and load > BUSY_LOAD * cpus for load in loads)
+    return bool(cpus and any(load is not None and load > BUSY_LOAD * cpus for load in loads))
 
 
 def cpu_times() -> Optional[List[float]]:
@@ -213,13 +228,14 @@ def check_targets(rows: Sequence[Row], device: torch.device, busy: bool = False)
             all_unsteady, mine = bool(mine) and not steady, steady
         if not any(r.model == model for r in rows):
             return
-        best = max(mine, key=key, default=None)
+        best = max(mine, key=cast(Callable[[Row], float], key), default=None)  # mine: the rows key measures
+        value = None if best is None else key(best)
         targets.append({
             "model": model, "kind": kind, "required": required,
-            "measured": None if best is None else key(best),
+            "measured": value,
             "where": None if best is None else (f"{best.backend} {best.dtype} batch {best.batch}, {best.frame_size} px"
                                                 + (f", kernels {best.kernels}" if several_kernels else "")),
-            "met": best is not None and key(best) >= required,
+            "met": value is not None and value >= required,
             # Measured, but every ratio unsteady: not the same as a target this run did not measure.
             "unsteady": all_unsteady,
             # Met on a busy machine, a speedup may owe it to the load (machine_was_busy): to be confirmed idle.

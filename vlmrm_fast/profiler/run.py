@@ -57,7 +57,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, cast
 
 import torch
 from tqdm import tqdm
@@ -78,6 +78,7 @@ from vlmrm_fast.profiler.report import (
     REWARD_CHECK_FRAMES,
     Report,
     Row,
+    StageTimings,
     cpu_times,
     load_average,
     _require_matplotlib,
@@ -99,7 +100,7 @@ from vlmrm_fast.profiler.seed import (
     SEED_FRAME_SIZE,
     SeedPipeline,
 )
-from vlmrm_fast.profiler.timing import StageTimer, StageTiming, measure_peak_tflops, sigterm_as_interrupt
+from vlmrm_fast.profiler.timing import StageTimer, measure_peak_tflops, sigterm_as_interrupt
 from vlmrm_fast.reward import CLIPReward
 
 DTYPES = dict(zip(FLOAT_PRECISIONS, (torch.float32, torch.bfloat16, torch.float16)))
@@ -156,7 +157,8 @@ def resolve_config(args: argparse.Namespace) -> BenchConfig:
         raise ValueError(f"--device {device}: {why}.")
     on_cuda = device.type == "cuda"
     if args.quick:
-        defaults = dict(models=[TINY_MODEL], batch_sizes=[1, 8], backends=["torch", "onnxruntime"], repeats=3)
+        defaults: Dict[str, Any] = dict(models=[TINY_MODEL], batch_sizes=[1, 8], backends=["torch", "onnxruntime"],
+                                        repeats=3)
     elif on_cuda:
         defaults = dict(models=["ViT-B-32", "ViT-L-14", "ViT-bigG-14"], batch_sizes=[1, 8, 64, 256, 1024],
                         backends=["torch", "compile"], repeats=20)
@@ -386,13 +388,11 @@ class Profiler:
         return seed
 
     def _measure_seed(self, name: str, seed: SeedPipeline, n: int, dtype: str, gflops: float, method: str) -> Row:
-        frames = self.frames.seed_device[:n]
+        frames = cast(torch.Tensor, self.frames.seed_device)[:n]  # made where the seed runs
+        pageable = self.frames.seed_pageable
         timer = self.timer
         with torch.inference_mode():
-            timings: Dict[str, Optional[StageTiming]] = {
-                "h2d": None if self.frames.seed_pageable is None
-                else timer(lambda: self.frames.seed_pageable[:n].to(self.device)),
-            }
+            timings: StageTimings = {"h2d": None if pageable is None else timer(lambda: pageable[:n].to(self.device))}
             pixels = seed.preprocess(frames)
             timings["preprocess"] = timer(lambda: seed.preprocess(frames))
             embeddings = seed.tower(pixels)
@@ -512,7 +512,7 @@ class Profiler:
         seed_ran = any(r.backend == SEED and r.model == name and r.batch == n for r in self.report.rows)
         timer = self.timer
         with torch.inference_mode():
-            timings: Dict[str, Optional[StageTiming]] = {"h2d": None}
+            timings: StageTimings = {"h2d": None}
             if self.frames.host is not None:  # the upload rm(frames) makes of host frames, staging included
                 host, device = self.frames.host[:n], frames.device
                 timings["h2d"] = timer(lambda: as_frame_batch(host).chunk(0, n, device))
@@ -523,7 +523,7 @@ class Profiler:
             timings["tower"] = timer(lambda: rm.vision_backend(pixels))
             timings["score"] = timer(lambda: rm.score(embeddings))
             if seed is not None and seed_ran:
-                seed_frames = self.frames.seed_device[:n]
+                seed_frames = cast(torch.Tensor, self.frames.seed_device)[:n]  # made where the seed runs
                 timings["end_to_end"], timings["seed_end_to_end"] = timer.paired(
                     lambda: rm(frames), lambda: seed(seed_frames))
             else:

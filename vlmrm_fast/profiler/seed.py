@@ -1,6 +1,8 @@
 """The original VLM-RM code's pipeline (SPEC §1.4), the reference every row is measured against."""
 from __future__ import annotations
 
+from typing import Callable, cast
+
 import torch
 import torch.nn.functional as F
 
@@ -53,8 +55,9 @@ class SeedPipeline:
 
     def tower(self, pixels: torch.Tensor) -> torch.Tensor:
         """[N, 3, S, S] -> unit embeddings [N, D] (float16 under autocast)."""
+        encode_image = cast(Callable[..., torch.Tensor], self.model.encode_image)  # open_clip's method
         with self._autocast():
-            return self.model.encode_image(pixels, normalize=True)
+            return encode_image(pixels, normalize=True)
 
     def score(self, embeddings: torch.Tensor) -> torch.Tensor:
         """[N, D] -> rewards [N], through the D x D matrix."""

@@ -182,7 +182,7 @@ class BatchRenderer:
         else:
             specs = [camera] * n
         from_env = [specs[i] is None and env_cams[i] is not None for i in range(n)]
-        self._cameras = [env_cams[i] if from_env[i] else _make_camera(models[i], datas[i], specs[i]) for i in range(n)]
+        self._cameras: List[Any] = [env_cams[i] if from_env[i] else _make_camera(models[i], datas[i], specs[i]) for i in range(n)]
         _warn_if_projection_ignored([(models[i], self._cameras[i]) for i in range(n) if not from_env[i]])
         # The envs whose own camera is used: where its viewer is made later, that viewer's lookat is env.render()'s.
         self._viewer_envs = [envs[i] if from_env[i] else None for i in range(n)]

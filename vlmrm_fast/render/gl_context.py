@@ -48,11 +48,10 @@ def _egl_cuda_ids() -> List[Optional[int]]:
 
     from mujoco.egl import egl_ext as EGL
 
-    query = EGL.eglGetProcAddress("eglQueryDeviceAttribEXT")  # EGL_EXT_device_query
-    if not query:
+    query = ctypes.cast(EGL.eglGetProcAddress("eglQueryDeviceAttribEXT"), ctypes.c_void_p).value
+    if not query:  # no EGL_EXT_device_query
         return []
-    attrib = ctypes.CFUNCTYPE(ctypes.c_uint, ctypes.c_void_p, ctypes.c_int32, ctypes.POINTER(ctypes.c_ssize_t))(
-        ctypes.cast(query, ctypes.c_void_p).value)
+    attrib = ctypes.CFUNCTYPE(ctypes.c_uint, ctypes.c_void_p, ctypes.c_int32, ctypes.POINTER(ctypes.c_ssize_t))(query)
     out: List[Optional[int]] = []
     for device in EGL.eglQueryDevicesEXT():
         value = ctypes.c_ssize_t(-1)

@@ -25,10 +25,11 @@ import threading
 import time
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 import torch
+from numpy.typing import ArrayLike
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.type_aliases import TrainFreq, TrainFrequencyUnit
 from tqdm import tqdm
@@ -39,6 +40,16 @@ from vlmrm_fast.train import checkpoint as ckpt
 from vlmrm_fast.train.config import TrainConfig
 from vlmrm_fast.train.deferred import DeferredRewardRecorder, score_and_write_back
 from vlmrm_fast.wrappers.scoring import _rewards_of
+
+if TYPE_CHECKING:
+    from stable_baselines3.common.buffers import ReplayBuffer
+    from stable_baselines3.common.off_policy_algorithm import OffPolicyAlgorithm
+
+    class _SetUpOffPolicyAlgorithm(OffPolicyAlgorithm):
+        """An off-policy algorithm (SAC) once ``_setup_model`` has run, as the callback sees it."""
+
+        train_freq: TrainFreq  # type: ignore[assignment]  # SB3 types it as the argument; _setup_model makes it this
+        replay_buffer: ReplayBuffer
 
 
 class StoppedAtOnce(KeyboardInterrupt):
@@ -76,6 +87,8 @@ class TrainingCallback(BaseCallback):
         render_size: ``(height, width)`` of the training frames, at which evaluations are scored too
             (default: the video size).
     """
+
+    model: _SetUpOffPolicyAlgorithm
 
     def __init__(self, config: TrainConfig, reward_model, run_dir: Path, config_json: str,
                  recorder: Optional[DeferredRewardRecorder] = None, timed_env=None,
@@ -504,7 +517,8 @@ def evaluate_policy_video(model, config: TrainConfig, reward_model, run_dir: Pat
     out = Path(run_dir) / "videos" / f"eval_step_{model.num_timesteps:012d}.mp4"
     # H.264 in yuv420p takes even sizes only: an odd one gets a copy of its last row or column, so that the
     # frames keep their pixels (imageio would resize them all, to a multiple of 16 by default).
-    video = [np.pad(f, ((0, f.shape[0] % 2), (0, f.shape[1] % 2), (0, 0)), mode="edge") for f in video]
+    padded: list[ArrayLike] = [np.pad(f, ((0, f.shape[0] % 2), (0, f.shape[1] % 2), (0, 0)), mode="edge")
+                               for f in video]
     with replaced_when_written(out, suffix=_PARTIAL_VIDEO_SUFFIX) as partial:  # a crash mid-encode leaves no cut-short video
-        imageio.mimwrite(partial, video, fps=fps, macro_block_size=1)
+        imageio.mimwrite(partial, padded, fps=fps, macro_block_size=1)
     return out, float(np.mean(gt_returns)), float(np.mean(vlm_returns))

@@ -34,7 +34,7 @@ import shutil
 import uuid
 import warnings
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Tuple
 
 import numpy as np
 
@@ -123,7 +123,7 @@ def _restore_attrs(obj: Any, attrs: dict) -> None:
             pass
 
 
-def _mujoco_handles(env):
+def _mujoco_handles(env) -> Optional[Tuple[Any, Any, Any]]:
     """``(mujoco module, MjModel, MjData)`` of a MuJoCo env, or None."""
     base = env.unwrapped
     model, data = getattr(base, "model", None), getattr(base, "data", None)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import difflib
+import functools
 import json
 import math
 import sys
@@ -48,7 +49,7 @@ def _parse_device(name: str) -> Any:
 def _f(default: Any, help: str, **kw: Any) -> Any:
     """A dataclass field with its documentation (shown by ``vlmrm-fast train --help``)."""
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **kw})
+        return field(default_factory=functools.partial(type(default), default), metadata={"help": help, **kw})
     return field(default=default, metadata={"help": help, **kw})
 
 

@@ -17,7 +17,7 @@ Here that works in three parts:
 from __future__ import annotations
 
 import time
-from typing import Callable, Optional, Union
+from typing import Callable, Optional, Union, cast
 
 import numpy as np
 import torch
@@ -134,8 +134,8 @@ class DeferredRewardRecorder(VLMRewardVecEnv):
         "bottom_up": bool}``."""
         if not self.count:
             return None
-        k = self.count
-        return {"frames": self.frames[:k].cpu().clone(), "gt": self.gt[:k].copy(), "dones": self.dones[:k].copy(),
+        k, frames = self.count, cast(torch.Tensor, self.frames)  # allocated by the first step counted
+        return {"frames": frames[:k].cpu().clone(), "gt": self.gt[:k].copy(), "dones": self.dones[:k].copy(),
                 "combined_as": list(self.combined_as[:k]), "bottom_up": bool(self.bottom_up)}
 
     def restore_pending(self, state: dict) -> None:

@@ -24,7 +24,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union, overload
 
 os.environ.setdefault("MUJOCO_GL", "egl")  # headless MuJoCo rendering; before mujoco is imported
 os.environ.setdefault("PYOPENGL_PLATFORM", "egl")
@@ -237,6 +237,7 @@ def make_logger(run_dir: Path, tensorboard: bool, start_step: int):
     """SB3 logger: TensorBoard events in RUN_DIR/tb and a CSV (a new file per resumed session)."""
     from stable_baselines3.common.logger import (
         CSVOutputFormat,
+        KVWriter,
         Logger,
         TensorBoardOutputFormat,
     )
@@ -249,7 +250,7 @@ def make_logger(run_dir: Path, tensorboard: bool, start_step: int):
         warnings.warn(f"'{run_dir}' holds an earlier run's logs but no checkpoint to resume (that run stopped "
                       f"before its first one, say): this run starts over there, its rows replacing that run's (kept as "
                       f"{kept}; TensorBoard hides that run's events).", stacklevel=stacklevel_outside_package())
-    formats = [CSVOutputFormat(str(folder / csv_name(start_step)))]
+    formats: list[KVWriter] = [CSVOutputFormat(str(folder / csv_name(start_step)))]
     if tensorboard:
         before = set(folder.iterdir())
         board = TensorBoardOutputFormat(str(folder))
@@ -501,6 +502,10 @@ def _check_resume_folder(run_dir: Path) -> None:
         raise FileNotFoundError(f"no checkpoints folder in '{run_dir}' ({ckpt.checkpoint_root(run_dir)} is missing); {fix}")
 
 
+@overload
+def _resume_checkpoint(run_dir: Path, resume: os.PathLike) -> Path: ...
+@overload
+def _resume_checkpoint(run_dir: Path, resume: Optional[os.PathLike]) -> Optional[Path]: ...
 def _resume_checkpoint(run_dir: Path, resume: Optional[os.PathLike]) -> Optional[Path]:
     """The checkpoint to continue from (``resume``), checking a new run does not overwrite one."""
     if resume is None:

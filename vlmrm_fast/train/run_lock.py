@@ -16,11 +16,13 @@ import socket
 import time
 import warnings
 from pathlib import Path
-from typing import Iterable, Iterator
+from types import ModuleType
+from typing import Iterable, Iterator, Optional, cast
 
 from vlmrm_fast.atomic import in_made_folder
 from vlmrm_fast.callers import stacklevel_outside_package
 
+fcntl: Optional[ModuleType]
 try:
     import fcntl
 except ImportError:  # pragma: no cover - Windows: no flock; runs there are not locked
@@ -109,8 +111,9 @@ def remove_unstarted_run(run_dir: os.PathLike, keep: Iterable[str] = ()) -> bool
 
 def _lock(fd: int, run_dir: Path, path: Path, warn_unlocked: bool) -> bool:
     """Take the lock on ``fd``: True; False (with a warning) where the filesystem cannot lock."""
+    lock = cast(ModuleType, fcntl)  # not None: hold_run_folder runs unlocked without it
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        lock.flock(fd, lock.LOCK_EX | lock.LOCK_NB)
         return True
     except OSError as exc:
         if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):

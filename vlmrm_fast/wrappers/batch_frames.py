@@ -82,7 +82,8 @@ class _BatchFrames:
         (None for others). Returns each of those envs' (MjModel, MjData), None for non-MuJoCo envs."""
         mujoco_parts = [_mujoco_parts(env) for env in envs] if envs is not None else []
         all_mujoco = bool(mujoco_parts) and all(p is not None for p in mujoco_parts)
-        self.renderer = self._pick_renderer(render, list(envs) if all_mujoco else None, vector_kind)
+        mujoco_envs = list(envs) if envs is not None and all_mujoco else None
+        self.renderer = self._pick_renderer(render, mujoco_envs, vector_kind)
         if self.renderer is None:
             self._require_rgb_array()
         return mujoco_parts
@@ -138,7 +139,7 @@ class _BatchFrames:
         pending = [s is not None and s.pending for s in self._terminal_states]
         with ExitStack() as stack:
             for state, swap in zip(self._terminal_states, pending):
-                if swap:
+                if swap and state is not None:
                     stack.enter_context(state.terminal_state())
             yield np.array(pending, dtype=bool)
 

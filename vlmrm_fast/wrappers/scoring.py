@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 import math
 import numbers
-from typing import Any, Optional, Tuple
+from typing import Any, Optional, SupportsInt, Tuple, cast
 
 import numpy as np
 import torch
@@ -39,9 +39,10 @@ def _tower_size(reward_model: Any) -> Optional[Tuple[int, int]]:
 
 def _whole(value: Any) -> int:
     """A positive whole number (224, or 224.0) as an int; 0 for anything else (a str, 2.5, True)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value != int(value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         return 0
-    return max(int(value), 0)
+    whole = int(cast(SupportsInt, value))  # int, float, numpy and Fraction are; typeshed's numbers.Real is not
+    return max(whole, 0) if value == whole else 0
 
 
 def _takes_bottom_up(reward_model: Any) -> bool:

@@ -52,6 +52,8 @@ class _PassesNewAttributesOn:
     an attribute on each env's outermost object, so one this wrapper does not own goes on to the env it
     wraps, where it went before the wrapper was there."""
 
+    env: gym.Env
+
     def __setattr__(self, name: str, value: Any) -> None:
         if self.__dict__.get("_passes_on", False) and name not in self.__dict__ and not hasattr(type(self), name):
             setattr(self.env, name, value)
@@ -130,7 +132,7 @@ class _MujocoTerminalState(_PassesNewAttributesOn, gym.Wrapper):
         self._passes_on = True
 
     @property
-    def spec(self) -> Any:
+    def spec(self) -> Any:  # type: ignore[override]  # gymnasium's Env.spec: an attribute its Wrapper makes a property
         """The env's own spec: this wrapper is an implementation detail, not part of how the env is made."""
         return self.env.spec
 
@@ -184,9 +186,9 @@ def _keep_terminal_states(
         framed = _is_wrapped(env, RenderTerminalFrame)
         if isinstance(env, _MujocoTerminalState):
             states[i] = env
-        elif mujoco_parts[i] is not None and not (framed and not batch):
-            shared = envs_per_model[id(mujoco_parts[i][0])] > 1
-            states[i] = envs[i] = _MujocoTerminalState(env, *mujoco_parts[i], model_fields=not shared)
+        elif (parts := mujoco_parts[i]) is not None and not (framed and not batch):
+            shared = envs_per_model[id(parts[0])] > 1
+            states[i] = envs[i] = _MujocoTerminalState(env, *parts, model_fields=not shared)
         elif not framed:
             envs[i] = _InsertedRenderTerminalFrame(env)
     return states
