@@ -1069,22 +1069,28 @@ def test_onnxruntime_cuda_calls_bind_their_tensors_on_the_backends_gpu(monkeypat
 
 
 class _ConvTower(torch.nn.Module):
-    """A tower whose first layer is ``conv1`` (as open_clip's ViTs), padded or with a bias as asked."""
+    """A tower whose first layer is ``conv1`` (as open_clip's ViTs), padded, dilated, grouped or with a bias
+    as asked."""
 
     image_size = (32, 32)
 
-    def __init__(self, padding=0, bias=False):
+    def __init__(self, padding=0, bias=False, dilation=1, groups=1):
         super().__init__()
-        self.conv1 = torch.nn.Conv2d(3, 8, kernel_size=4, stride=4, padding=padding, bias=bias)
+        self.conv1 = torch.nn.Conv2d(3, 9, kernel_size=4, stride=4, padding=padding, bias=bias, dilation=dilation,
+                                     groups=groups)
 
     def forward(self, x):
         return self.conv1(x).flatten(1)
 
 
-@pytest.mark.parametrize("padding,bias,folded", [(0, True, True), (1, False, False), (1, True, False)])
-def test_uint8_tower_normalises_exactly_whether_folded_or_not(padding, bias, folded):
+@pytest.mark.parametrize("padding,bias,dilation,groups,folded", [
+    (0, True, 1, 1, True), (1, False, 1, 1, False), (1, True, 1, 1, False), (0, False, 2, 1, False),
+    (0, True, 1, 3, False),
+])
+def test_uint8_tower_normalises_exactly_whether_folded_or_not(padding, bias, dilation, groups, folded):
     """A padded first convolution pads with zeros after normalising, which folding cannot express: the
-    affine step stays explicit. A convolution's own bias is kept when folding. In float64 to 1e-12."""
+    affine step stays explicit, as for a dilated or grouped one (the folded convolution is a plain one).
+    A convolution's own bias is kept when folding. In float64 to 1e-12."""
     import dataclasses
 
     from vlmrm_fast.backends.onnx_export import Uint8VisionTower
@@ -1092,7 +1098,7 @@ def test_uint8_tower_normalises_exactly_whether_folded_or_not(padding, bias, fol
     model, _ = make_tiny()
     spec = dataclasses.replace(preprocess_spec_of(model, "vlmrm"), size=(32, 32))
     torch.manual_seed(0)
-    visual = _ConvTower(padding, bias).double()
+    visual = _ConvTower(padding, bias, dilation, groups).double()
     tower = Uint8VisionTower(visual, spec)
     assert tower.folded == folded
     frames = torch.from_numpy(_noise(2, 32, 32, seed=3))

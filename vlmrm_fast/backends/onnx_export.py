@@ -57,8 +57,8 @@ _log = logging.getLogger(__name__)
 class Uint8VisionTower(torch.nn.Module):
     """uint8 frames [N, S, S, 3] -> raw embeddings [N, D], normalisation folded into ``conv1``.
 
-    Towers whose first layer is not an unpadded convolution (e.g. ResNets) keep an explicit
-    per-channel affine step instead; the result is the same.
+    Towers whose first layer is not a plain unpadded convolution (e.g. ResNets, padded; a dilated or grouped
+    one) keep an explicit per-channel affine step instead; the result is the same.
     """
 
     scale: torch.Tensor
@@ -73,7 +73,8 @@ class Uint8VisionTower(torch.nn.Module):
         shift_t = torch.tensor(shift, dtype=torch.float64)
         conv = getattr(self.visual, "conv1", None)
         self.folded = False
-        if isinstance(conv, torch.nn.Conv2d) and conv.padding in ((0, 0), 0) and conv.in_channels == 3:
+        if (isinstance(conv, torch.nn.Conv2d) and conv.padding in ((0, 0), 0) and conv.in_channels == 3
+                and tuple(conv.dilation) == (1, 1) and conv.groups == 1):
             self.folded = True
             weight = conv.weight.detach().double()
             bias = weight.mul(shift_t.view(1, 3, 1, 1)).sum(dim=(1, 2, 3))
