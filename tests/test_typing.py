@@ -34,7 +34,7 @@ USER_CODE = """
     from stable_baselines3.common.env_util import make_vec_env
 
     import vlmrm_fast
-    from vlmrm_fast import CLIPReward, Task, VLMRewardVecEnv, VLMRewardWrapper
+    from vlmrm_fast import BatchRenderer, CLIPReward, Task, VLMRewardVecEnv, VLMRewardVectorWrapper, VLMRewardWrapper
 
     rm = CLIPReward.from_pretrained("vlmrm-tiny", None, goal="a humanoid robot kneeling",
                                     baseline="a humanoid robot", alpha=0.5, dtype=torch.float32)
@@ -43,6 +43,9 @@ USER_CODE = """
     env = VLMRewardWrapper(gym.make("vlmrm_fast/TexturedHumanoid-v0", render_mode="rgb_array"), rm, mode="add")
     venv = VLMRewardVecEnv(make_vec_env("vlmrm_fast/TexturedHumanoid-v0", n_envs=2), several, task="a robot")
     size: tuple[int, int] = rm.image_size
+    renderer = BatchRenderer([gym.make("vlmrm_fast/TexturedHumanoid-v0") for _ in range(2)], width=224, height=224)
+    frames: torch.Tensor = renderer.render()
+    vector = VLMRewardVectorWrapper(gym.make_vec("vlmrm_fast/TexturedHumanoid-v0", num_envs=2), rm, mode="log")
 """
 
 #: Mistakes a type checker should catch in a user's code, each with the mypy error code it gives.
@@ -51,6 +54,8 @@ USER_MISTAKES = {
     'reward: np.ndarray = rm(np.zeros((1, 224, 224, 3), dtype=np.uint8))': "assignment",
     'CLIPReward.from_pretrained("vlmrm-tiny", None, goal="a robot", devcie="cpu")': "call-arg",
     "vlmrm_fast.CLIPRewards": "attr-defined",
+    'BatchRenderer([], width="224")': "arg-type",
+    "VLMRewardVecEnv(venv, rm, weight=None)": "arg-type",
 }
 
 
