@@ -191,7 +191,10 @@ class VLMRewardVectorWrapper(_RewardMode, _BatchFrames, gym.vector.VectorWrapper
         self._check_images(images, "The vector env")
         return images, False, terminal
 
-    def step(self, actions: Any) -> Tuple[Any, np.ndarray, np.ndarray, np.ndarray, Dict[str, Any]]:
+    # gymnasium < 1.4 types VectorWrapper.step with type variables it never binds
+    def step(  # type: ignore[override, unused-ignore]
+        self, actions: Any
+    ) -> Tuple[Any, np.ndarray, np.ndarray, np.ndarray, Dict[str, Any]]:
         obs, env_rewards, terminations, truncations, infos = self.env.step(actions)
         n = self.num_envs
         stepped = ~self._resetting  # NEXT_STEP: the rows this call reset are no transitions

@@ -244,7 +244,7 @@ def _export_dynamo(module: torch.nn.Module, example: torch.Tensor, raw: Path, in
         raise problem
     from torch.export import Dim
 
-    torch.onnx.export(
+    torch.onnx.export(  # type: ignore[call-arg, unused-ignore]  # torch < 2.5 has no dynamo exporter (refused above)
         module, (example,), str(raw),
         input_names=[input_name], output_names=["embeddings"],
         # The example's batch of 2 keeps it from specialising to 1. The upper bound is for torch 2.6, whose

@@ -25,7 +25,7 @@ builds) and on CPU in torch 2.14 and 2.15 (2.14.1 checked); CPU use is for tests
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Tuple
+from typing import Callable, Optional, Tuple, cast
 
 import torch
 import torch.nn.functional as F
@@ -97,8 +97,9 @@ class Float8Linear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, scale = quantize_rows(x.reshape(-1, self.in_features))
-        out = torch._scaled_mm(q, self.weight_fp8.t(), scale_a=scale, scale_b=self.weight_scale, bias=self.bias,
-                               out_dtype=self.out_dtype)
+        # torch < 2.5 types it as an (out, amax) pair; fp8 needs torch >= 2.6 (fp8_unsupported_reason)
+        out = cast(torch.Tensor, torch._scaled_mm(q, self.weight_fp8.t(), scale_a=scale, scale_b=self.weight_scale,
+                                                  bias=self.bias, out_dtype=self.out_dtype))
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:

@@ -103,7 +103,7 @@ class TritonLayerNorm(SwappedModule, torch.nn.LayerNorm):
 def _sharing(cls: Type[LayerNormT], norm: torch.nn.LayerNorm) -> LayerNormT:
     """A ``cls`` (a LayerNorm class) with ``norm``'s shape, eps, weight and bias (the same tensors: made on
     the meta device, nothing is allocated), hooks and training mode."""
-    new = cls(norm.normalized_shape, eps=norm.eps, device="meta")
+    new = cls(list(norm.normalized_shape), eps=norm.eps, device="meta")
     new.weight, new.bias = norm.weight, norm.bias
     return in_place_of(new, norm)
 
