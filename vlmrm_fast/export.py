@@ -121,7 +121,8 @@ def run_export(args: argparse.Namespace) -> int:
         elif dtype != "fp32" and not args.no_verify:
             message += "; not checked against torch (the ONNX Runtime check is for --dtype fp32 exports)"
     else:
-        path = export_engine(visual, spec, out, dtype, args.input, cast(tuple, batch_range), args.exporter)
+        batch_range = cast(tuple, batch_range)  # None for --format onnx only
+        path = export_engine(visual, spec, out, dtype, args.input, batch_range, args.exporter)
         message = f"wrote {_written(path)} in {time.perf_counter() - start:.1f} s"
     print(f"{message}. Input: {'frames uint8 [N, %d, %d, 3]' % spec.size if args.input == 'uint8-nhwc' else 'pixels [N, 3, %d, %d]' % spec.size}"
           f"; output: embeddings [N, D] (unnormalised).")

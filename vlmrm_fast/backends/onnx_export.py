@@ -57,8 +57,8 @@ _log = logging.getLogger(__name__)
 class Uint8VisionTower(torch.nn.Module):
     """uint8 frames [N, S, S, 3] -> raw embeddings [N, D], normalisation folded into ``conv1``.
 
-    Towers whose first layer is not a plain unpadded convolution (e.g. ResNets, padded; a dilated or grouped
-    one) keep an explicit per-channel affine step instead; the result is the same.
+    Towers whose first layer is not a plain unpadded convolution (padded, as in ResNets, dilated or grouped)
+    keep an explicit per-channel affine step instead; the result is the same.
     """
 
     scale: torch.Tensor

@@ -175,7 +175,7 @@ class OnnxRuntimeBackend(VisionBackend):
 
         options = self._session_options()
         options.enable_profiling = True
-        options.profile_file_prefix = str(cast(Path, self._workdir) / "profile")  # None only with _model_path
+        options.profile_file_prefix = str(cast(Path, self._workdir) / "profile")  # None only in a copy (returned above)
         session = ort.InferenceSession(str(self._model_path), options, providers=["CPUExecutionProvider"])
         feed = {"pixels": pixels.contiguous().numpy()}
         for _ in range(warmup + calls):

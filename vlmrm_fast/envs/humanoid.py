@@ -29,7 +29,7 @@ from vlmrm_fast.envs import EPISODE_LENGTH  # 100 env steps, as in the paper's r
 try:  # the paper's physics; gymnasium still ships the v4 class (deprecated in the registry only)
     from gymnasium.envs.mujoco.humanoid_v4 import HumanoidEnv as _HumanoidBase
 except ImportError:  # pragma: no cover - a gymnasium without v4
-    from gymnasium.envs.mujoco.humanoid_v5 import HumanoidEnv as _HumanoidBase  # type: ignore[assignment]
+    from gymnasium.envs.mujoco.humanoid_v5 import HumanoidEnv as _HumanoidBase  # type: ignore[assignment]  # v5's in v4's place
 
 __all__ = ["TexturedHumanoidEnv", "textured_humanoid_xml", "DEFAULT_CAMERA_CONFIG", "EPISODE_LENGTH"]
 

@@ -285,7 +285,7 @@ def _write_files(folder: Path, model, config_json: str, extra: dict) -> None:
 
 
 def _write_latest(root: Path, name: str) -> None:
-    write_atomically(root / "latest", (name + "\n").encode())  # the rename flushed too
+    write_atomically(root / "latest", (name + "\n").encode())  # which fsyncs root after its rename
 
 
 def _prune(root: Path, keep: int, protect: str) -> None:
