@@ -17,20 +17,23 @@ import dataclasses
 import datetime
 import difflib
 import functools
+import importlib
 import json
 import math
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 
 from vlmrm_fast.argtypes import FLOAT32_MAX, dtype_name
 
+tomllib: Optional[ModuleType]  # None: Python < 3.11 without tomli (TOML configs refused, JSON read)
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python < 3.11
-    try:
-        import tomli as tomllib
+    try:  # imported by name: the same type to mypy whether or not tomli is installed
+        tomllib = importlib.import_module("tomli")
     except ImportError:
         tomllib = None
 
