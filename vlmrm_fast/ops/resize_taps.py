@@ -60,7 +60,7 @@ def _antialias_taps(
     first = np.maximum(np.trunc(center - support + 0.5), 0).astype(np.int64)
     last = np.minimum(np.trunc(center + support + 0.5), in_size).astype(np.int64)
     count = last - first
-    width = int(count.max())
+    width = int(np.max(count))  # not count.max(): NumPy 2.5's stubs, read as Python 3.10, have no overload for it
     k = np.arange(width)
     idx = first[:, None] + k[None, :]
     x = (idx - center[:, None] + 0.5) * inv_scale
