@@ -24,7 +24,8 @@ AutoresetMode = getattr(gym.vector, "AutoresetMode", None)  # gymnasium 1.0: nex
 from stable_baselines3.common.vec_env import DummyVecEnv  # noqa: E402
 from test_wrappers import (  # noqa: E402  helpers only (its fixtures stay there)
     ENV_ID, MODES, SIZE, CountingEnv, FakeBatchRenderer, GLlessBatchRenderer, Spy, _tiny_reward, actions,
-    counting_frame, env_replacing_its_mjdata, make_env, mean_brightness, real_batch_renderer_or_skip, position_weighted_brightness,
+    counting_frame, env_replacing_its_mjdata, forks_on_purpose, make_env, mean_brightness, real_batch_renderer_or_skip,
+    position_weighted_brightness,
 )
 
 from vlmrm_fast import Task, VLMRewardVectorWrapper, VLMRewardWrapper  # noqa: E402
@@ -193,6 +194,7 @@ def test_episode_statistics_of_partial_resets_see_the_reset_mask():
     envs.close()
 
 
+@forks_on_purpose
 @pytest.mark.parametrize("vector", ["sync", "async"])
 @pytest.mark.parametrize("reset_mode", RESET_MODES)
 def test_terminal_frame_of_non_mujoco_envs(rm, vector, reset_mode):
@@ -331,6 +333,7 @@ def test_a_vector_env_that_renders_too_few_frames_is_refused(rm):
     envs.close()
 
 
+@forks_on_purpose
 @NO_MODES
 def test_the_missing_terminal_frame_warning_comes_once(rm):
     """AsyncVectorEnv under SAME_STEP without RenderTerminalFrame: one warning, however many episodes end."""
@@ -386,6 +389,7 @@ def test_episode_gt_return_of_running_envs_is_zero_filled(rm):
     envs.close()
 
 
+@forks_on_purpose
 @pytest.mark.parametrize("reset_mode", ["next_step", pytest.param("same_step", marks=NO_MODES)])
 def test_render_terminal_frame_leaves_no_keys_behind(rm, reset_mode):
     """RenderTerminalFrame's frame and its mask are removed from the infos (and from final_info)."""

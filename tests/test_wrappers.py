@@ -91,6 +91,12 @@ class Spy:
         return getattr(self.rm, name)
 
 
+# Python 3.12+ warns at every fork of a process that runs threads (torch's here). The tests that fork do so
+# on purpose: their envs are plain Python (no GL, no torch in the children), and forking keeps them quick.
+forks_on_purpose = pytest.mark.filterwarnings(
+    "ignore:This process .* is multi-threaded, use of fork:DeprecationWarning")
+
+
 class CountingEnv(gym.Env):
     """A non-MuJoCo env whose frame shows its step count (gray level 40 * t); episodes end at t = 3."""
 
@@ -569,6 +575,7 @@ def test_vec_env_through_vec_wrappers(rm):
     wrapped.close()
 
 
+@forks_on_purpose
 def test_vec_env_subproc(rm):
     """SubprocVecEnv: without RenderTerminalFrame a warning; with it the terminal frame is scored."""
     expected = rm(np.stack([counting_frame(t) for t in (0, 3)])).numpy()  # next episode's first frame, terminal
@@ -1341,6 +1348,7 @@ def test_vec_env_batch_rendering_needs_all_envs_mujoco(fake_batch):
     wrapped.close()
 
 
+@forks_on_purpose
 def test_vec_env_warns_when_some_subprocess_envs_lack_render_terminal_frame(rm):
     with pytest.warns(UserWarning, match="RenderTerminalFrame"):
         wrapped = VLMRewardVecEnv(SubprocVecEnv([CountingEnv, lambda: RenderTerminalFrame(CountingEnv())],
