@@ -86,7 +86,7 @@ def calibrate_amax(
         options = ort.SessionOptions()
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         session = ort.InferenceSession(str(probe), options, providers=list(providers))
-        amax = np.zeros(len(activations), dtype=np.float64)
+        amax: np.ndarray = np.zeros(len(activations), dtype=np.float64)  # NumPy 2.2 types it 1-D, np.maximum N-D
         seen = 0
         for pixels in pixel_batches:
             pixels = np.ascontiguousarray(pixels, dtype=np.float32)
