@@ -92,7 +92,7 @@ class Spy:
 
 
 # Python 3.12+ warns at every fork of a process that runs threads (torch's here). The tests that fork do so
-# on purpose: their envs are plain Python (no GL, no torch in the children), and forking keeps them quick.
+# on purpose: their envs are plain Python (no GL or torch work in the children), and forking keeps them quick.
 forks_on_purpose = pytest.mark.filterwarnings(
     "ignore:This process .* is multi-threaded, use of fork:DeprecationWarning")
 
