@@ -3,7 +3,8 @@ user's type checker must see the public API's real types, not Any.
 
 mypy's verdicts change between its releases, so the dev extra pins the version these tests were written
 against; bump it deliberately. The verdicts also depend on the installed torch, NumPy, gymnasium and
-stable-baselines3 (their own annotations): the checks are kept clean for the versions ``.ci/run`` installs.
+stable-baselines3 (their own annotations): the checks are kept clean for the versions ``.ci/run`` installs and
+for the NumPy each supported Python gets (2.2 on 3.10, 2.5 from 3.12: their stubs differ).
 """
 from __future__ import annotations
 

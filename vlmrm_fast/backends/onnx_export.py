@@ -49,7 +49,7 @@ from vlmrm_fast.scratch import scratch_folder
 InputFormat = Literal["uint8-nhwc", "pixels"]
 Exporter = Literal["auto", "torchscript", "dynamo"]
 _PROTOBUF_LIMIT = 2 * 1024**3
-_OPSET = 17
+OPSET = 17  # export_onnx's default; the dynamo exporter writes at least _DYNAMO_MIN_OPSET
 _DYNAMO_MIN_OPSET = 18
 _log = logging.getLogger(__name__)
 
@@ -334,7 +334,7 @@ def export_onnx(
     *,
     input_format: InputFormat = "uint8-nhwc",
     external_data: Optional[bool] = None,
-    opset: int = _OPSET,
+    opset: int = OPSET,
     check: Optional[Callable[[Path], None]] = None,
     exporter: Exporter = "auto",
 ) -> Path:

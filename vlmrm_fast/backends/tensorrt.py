@@ -35,7 +35,7 @@ import torch
 
 from vlmrm_fast.backends.base import BackendError, VisionBackend, missing_extra
 from vlmrm_fast.backends.engine_cache import EngineCache, EngineKey, tensorrt_build, weights_digest
-from vlmrm_fast.backends.onnx_export import _OPSET, check_exporter, export_onnx
+from vlmrm_fast.backends.onnx_export import OPSET, check_exporter, export_onnx
 from vlmrm_fast.callers import stacklevel_outside_package
 from vlmrm_fast.frames import as_frame_batch
 from vlmrm_fast.ops.preprocess import PreprocessSpec, preprocess
@@ -191,7 +191,7 @@ class TensorRTBackend(VisionBackend):
 
             # Exported in float32 whatever the tower's dtype: the typed graph rounds each weight once.
             fp32_copy = copy.deepcopy(visual).float()
-            opset = FP8_OPSET if self.quantize == "fp8" else _OPSET
+            opset = FP8_OPSET if self.quantize == "fp8" else OPSET
             onnx_path = export_onnx(fp32_copy, Path(tmp) / "tower.onnx", spec, input_format="pixels",
                                     exporter=self.exporter, opset=opset)
             del fp32_copy
