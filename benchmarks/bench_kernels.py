@@ -11,6 +11,10 @@ Ops (SPEC §1.2, §1.4, §2):
   ``torch`` backend runs it with Triton kernels (:mod:`vlmrm_fast.ops.layer_norm`) against torch's own
   ``F.layer_norm`` (the seed's way, and the ``compile``-less tower's before); GB/s counts one read and
   one write of the tokens.
+- ``fc1_gelu``: a transformer block's first MLP matmul and its GELU over N frames' tokens [N, L, D] ->
+  [N, L, hidden], as the ``torch`` backend runs it in bf16 on CUDA (one matmul with cuBLASLt's GELU
+  epilogue, :mod:`vlmrm_fast.backends.gelu_epilogue`) against ``F.linear`` then ``F.gelu`` (the seed's
+  way); in the defaults on CUDA only (on CPU the package does not use it: ``--ops fc1_gelu`` asks).
 - ``copy``: a device-to-device copy, the bandwidth ceiling preprocessing and LayerNorm are judged
   against. It is measured whenever either is, so that their rows get their ``frac_of_copy``.
 
@@ -23,10 +27,12 @@ Providers:
   frames already at the tower's size (``identity_variants.py``), timed on the ``224-fast`` case only.
 - ``triton-r8w8`` (with ``--layer-norm-configs 8w8``): the LayerNorm kernel launched with 8 rows a
   program and 8 warps instead of its default, for tuning.
-- ``torch``: the package's plain torch path (``impl="torch"``); for ``patch_embed``, the matmul; none for
-  ``layer_norm`` (its plain path, ``F.layer_norm`` in float32, is a fallback, not a contender).
+- ``torch``: the package's plain torch path (``impl="torch"``); for ``patch_embed``, the matmul; for
+  ``fc1_gelu``, the epilogue; none for ``layer_norm`` (its plain path, ``F.layer_norm`` in float32, is a
+  fallback, not a contender).
 - ``seed``: the original VLM-RM code's way, the baseline for ``speedup_vs_seed``; for ``patch_embed``,
-  the convolution (cuDNN on CUDA) in the benchmark's dtype; for ``layer_norm``, ``F.layer_norm``.
+  the convolution (cuDNN on CUDA) in the benchmark's dtype; for ``layer_norm``, ``F.layer_norm``; for
+  ``fc1_gelu``, ``F.linear`` then the exact ``F.gelu``.
 
 Usage:
     python benchmarks/bench_kernels.py                     # defaults for the device found
@@ -52,6 +58,7 @@ import torch.nn.functional as F
 
 from vlmrm_fast.ops._triton import HAS_TRITON, interpreter_enabled, triton_runs_on
 from results_io import RunFiles, check_csv, config_of, fmt  # noqa: E402  (benchmarks/, beside this script)
+from vlmrm_fast.backends.gelu_epilogue import gelu_linear  # noqa: E402
 from vlmrm_fast.backends.patch_embed import PatchMatmulConv2d  # noqa: E402
 from vlmrm_fast.ops.layer_norm import launch_config, layer_norm_triton
 from vlmrm_fast.run_info import device_name, git_commit, gpu_driver, library_versions
@@ -67,6 +74,7 @@ OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 TOWER_SIZE = (224, 224)
 L2_FLUSH_BYTES = 256 << 20  # larger than any GPU's L2, so no repeat reads the previous one's data from cache
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+OPS = ("preprocess", "score", "patch_embed", "layer_norm", "fc1_gelu", "copy")
 
 
 def environment(device: torch.device) -> Dict[str, str]:
@@ -111,12 +119,13 @@ PREPROCESS_CASES = (
 
 @dataclass(frozen=True)
 class TowerShape:
-    """A ViT at 224 x 224: ``patch`` x ``patch`` patches embedded to width ``width``, the shapes of its patch
-    embedding and of its LayerNorms' tokens."""
+    """A ViT at 224 x 224: ``patch`` x ``patch`` patches embedded to width ``width``, MLPs ``mlp_width`` wide:
+    the shapes of its patch embedding, of its LayerNorms' tokens and of its MLPs' first matmul."""
 
     model: str
     patch: int
     width: int
+    mlp_width: int
 
     @property
     def tokens(self) -> int:
@@ -131,8 +140,13 @@ class TowerShape:
     def layer_norm_case(self) -> str:
         return f"{self.model}-L{self.tokens}-D{self.width}"
 
+    @property
+    def fc1_gelu_case(self) -> str:
+        return f"{self.model}-L{self.tokens}-D{self.width}-H{self.mlp_width}"
 
-TOWER_SHAPES = (TowerShape("B32", 32, 768), TowerShape("L14", 14, 1024), TowerShape("bigG", 14, 1664))
+
+TOWER_SHAPES = (TowerShape("B32", 32, 768, 3072), TowerShape("L14", 14, 1024, 4096),
+                TowerShape("bigG", 14, 1664, 8192))
 SCORE_CASES = (
     ScoreCase("bigG-D1280-T1", 1280, 1),
     ScoreCase("B32-D512-T1", 512, 1),
@@ -179,9 +193,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """Command line; device-dependent defaults (batch sizes, repeats, dtype) are filled in here."""
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--ops", nargs="+", choices=("preprocess", "score", "patch_embed", "layer_norm", "copy"),
-                        default=["preprocess", "score", "patch_embed", "layer_norm", "copy"],
-                        help="copy is always added with preprocess and layer_norm")
+    parser.add_argument("--ops", nargs="+", choices=OPS,
+                        help="default: all on CUDA, all but fc1_gelu on CPU; copy is always added with preprocess "
+                        "and layer_norm")
     parser.add_argument("--batch-sizes", nargs="+", type=int, help="N; default 1 64 1024 on CUDA, 1 32 on CPU")
     parser.add_argument("--repeats", type=int, help="timed calls per row; default 20 on CUDA, 5 on CPU")
     parser.add_argument("--warmup", type=int, help="untimed calls first (Triton compiles); default 3 on CUDA, 1 on CPU")
@@ -210,6 +224,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if args.device.type not in ("cuda", "cpu"):
         parser.error(f"--device {args.device}: only cuda and cpu are benchmarked.")
     on_cuda = args.device.type == "cuda"
+    if args.ops is None:
+        args.ops = [op for op in OPS if on_cuda or op != "fc1_gelu"]
     if args.batch_sizes is None:
         args.batch_sizes = ([64] if on_cuda else [8]) if args.quick else ([1, 64, 1024] if on_cuda else [1, 32])
     if args.repeats is None:
@@ -536,6 +552,27 @@ def bench_layer_norm(args: argparse.Namespace, env: Dict[str, str], timer: Timer
     return rows
 
 
+def unfused_gelu_linear(x: torch.Tensor, linear: torch.nn.Linear) -> torch.Tensor:
+    return F.gelu(linear(x))
+
+
+def bench_fc1_gelu(args: argparse.Namespace, env: Dict[str, str], timer: Timer) -> List[Row]:
+    """Every MLP case and batch size: ``F.linear`` then ``F.gelu`` ("seed") against one matmul with the GELU
+    in its epilogue ("torch"); frames/s only (a matmul, judged by the tower's profile, not in GB/s)."""
+    dtype = DTYPES[args.dtype]
+    rows = []
+    for case in TOWER_SHAPES:
+        torch.manual_seed(0)
+        fc = torch.nn.Linear(case.width, case.mlp_width).to(args.device, dtype)
+        for n in args.batch_sizes:
+            tokens = torch.randn(n, case.tokens, case.width, device=args.device).to(dtype)
+            calls = {"seed": functools.partial(unfused_gelu_linear, tokens, fc),
+                     "torch": functools.partial(gelu_linear, tokens, fc)}
+            rows += time_calls(timer, calls, n, None, **env, op="fc1_gelu", case=case.fc1_gelu_case,
+                               H=None, W=None, dtype=args.dtype, repeats=args.repeats)
+    return rows
+
+
 def add_ratios(rows: List[Row]) -> None:
     """Fill ``speedup_vs_seed`` (frames/s over the seed's, same op/case/N) and ``frac_of_copy``."""
     seed = {(r.op, r.case, r.N): r.frames_per_s for r in rows if r.provider == "seed"}
@@ -602,6 +639,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             add(bench_patch_embed(args, env, timer))
         if "layer_norm" in args.ops:
             add(bench_layer_norm(args, env, timer, providers, layer_norm_configs))
+        if "fc1_gelu" in args.ops:
+            add(bench_fc1_gelu(args, env, timer))
     elapsed = time.perf_counter() - begin
 
     print(markdown_table(files.rows))

@@ -129,3 +129,17 @@ def cuda_rowwise_scaled_mm(a, b, *, scale_a, scale_b, bias=None, out_dtype=None,
         assert bias.dtype == torch.bfloat16 and tuple(bias.shape) == (n,), (bias.dtype, bias.shape)
     out = (a.double() * scale_a.double()) @ (b.double() * scale_b.double())
     return (out if bias is None else out + bias.double()).to(out_dtype)
+
+
+def cublaslt_gelu_addmm(bias, mat1, mat2, *, beta=1, alpha=1, use_gelu=False):
+    """``torch._addmm_activation`` as CUDA runs it through cuBLASLt's epilogue, for CPU tests: the product
+    (in float64, nearly float32's accumulation) plus the bias, rounded to float32, then the tanh GELU
+    (``CUBLASLT_EPILOGUE_GELU_BIAS``) or ReLU in float32, rounded once to the inputs' dtype. What the
+    epilogue path takes is asserted: 2-D operands of one dtype, a contiguous bias [N], beta = alpha = 1."""
+    assert mat1.dim() == 2 and mat2.dim() == 2 and mat1.shape[1] == mat2.shape[0], (mat1.shape, mat2.shape)
+    assert bias.dim() == 1 and bias.shape[0] == mat2.shape[1] and bias.is_contiguous(), bias.shape
+    assert mat1.dtype == mat2.dtype == bias.dtype, (mat1.dtype, mat2.dtype, bias.dtype)
+    assert beta == 1 and alpha == 1, (beta, alpha)
+    out = (mat1.double() @ mat2.double() + bias.double()).float()
+    out = torch.nn.functional.gelu(out, approximate="tanh") if use_gelu else torch.relu(out)
+    return out.to(mat1.dtype)

@@ -199,6 +199,24 @@ def test_results_figures_keep_4_significant_digits_whatever_their_sign():
         "12346", "-12346", "1.235", "-0.0001235", "7", ""]
 
 
+def test_kernel_benchmark_times_the_mlps_first_matmul_and_gelu_both_ways(tmp_path):
+    bench = _load("bench_kernels")
+    assert "fc1_gelu" not in bench.parse_args(["--device", "cpu"]).ops  # CUDA's path: asked for on CPU
+    out_json = tmp_path / "k.json"
+    bench.main(["--device", "cpu", "--ops", "fc1_gelu", "--batch-sizes", "1", "--repeats", "1", "--warmup", "1",
+                "--json", str(out_json)])
+    rows = json.loads(out_json.read_text())["rows"]
+    assert [(r["case"], r["provider"]) for r in rows] == [
+        (case.fc1_gelu_case, provider) for case in bench.TOWER_SHAPES for provider in ("seed", "torch")]
+    assert rows[-1]["case"] == "bigG-L257-D1664-H8192"
+    for seed, fast in zip(rows[::2], rows[1::2]):
+        assert seed["speedup_vs_seed"] == 1 and fast["speedup_vs_seed"] == pytest.approx(
+            fast["frames_per_s"] / seed["frames_per_s"])
+        # the same float32 sums; at most the tanh GELU's 4.7e-4 from the exact one (a torch whose CPU op
+        # uses it), plus float32 rounding
+        assert fast["max_abs_diff_vs_seed"] <= 5e-4
+
+
 def test_kernel_benchmark_times_the_patch_embedding_both_ways(tmp_path):
     bench = _load("bench_kernels")
     out_json = tmp_path / "k.json"

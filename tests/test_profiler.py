@@ -352,6 +352,8 @@ def test_kernel_profile_of_the_largest_batch(results, bench_run):
     # cuBLAS / cuBLASLt GEMMs (Ampere, Hopper), cuDNN convolution, CUTLASS, Inductor's template matmul
     ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1_execute_segment_k_off", "matmul"),
     ("nvjet_tst_192x192_64x4_2x1_v_bz_coopB_TNT", "matmul"),
+    ("nvjet_sm90_tst_192x192_64x4_1x2_h_bz_coopB_bias_gelu_TNN", "matmul"),  # the GELU in its epilogue
+    ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_gelu_aux_bias", "matmul"),
     ("ampere_bf16_s16816gemm_bf16_128x128_ldg8_f2f_stages_32x5_tn", "matmul"),
     ("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc_tilesize128x128x64", "matmul"),
     ("cutlass_80_tensorop_bf16_s16816gemm_relu_bf16_64x64_32x6_tn_align8", "matmul"),

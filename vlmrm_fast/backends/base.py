@@ -73,7 +73,7 @@ def checked_device(device: Union[str, torch.device], no_cuda_fix: str) -> torch.
 
 class SwappedModule:
     """A layer this package put in a tower in place of the tower's own (the patch embedding as a matmul, the
-    LayerNorms through Triton), computing what it replaced. :meth:`original` gives the replaced layer back,
+    MLPs with the GELU in a matmul epilogue, the LayerNorms through Triton), computing what it replaced. :meth:`original` gives the replaced layer back,
     for what must see the tower as it was built (:func:`original_modules`)."""
 
     def original(self) -> torch.nn.Module:
@@ -89,7 +89,9 @@ def original_modules(model: torch.nn.Module) -> Iterator[None]:
     reward touched the tower first."""
     swapped = [(parent, name, child) for parent in list(model.modules())
                for name, child in list(parent.named_children()) if isinstance(child, SwappedModule)]
-    for parent, name, child in swapped:
+    # innermost first: a swapped layer inside another (a LayerNorm in a fused MLP) is put back before the
+    # outer one's original() takes its children
+    for parent, name, child in reversed(swapped):
         setattr(parent, name, child.original())
     try:
         yield

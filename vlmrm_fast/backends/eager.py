@@ -6,6 +6,8 @@ from typing import Optional
 import torch
 
 from vlmrm_fast.backends.base import BackendError, VisionBackend, pooled_embeddings
+from vlmrm_fast.backends.gelu_epilogue import DTYPES as GELU_EPILOGUE_DTYPES
+from vlmrm_fast.backends.gelu_epilogue import use_gelu_epilogue
 from vlmrm_fast.backends.patch_embed import use_patch_matmul
 from vlmrm_fast.backends.torch_fp8 import check_torch_quantize, is_fp8_quantised, quantize_fp8
 from vlmrm_fast.backends.triton_layer_norm import triton_layer_norms, use_triton_layer_norm
@@ -16,6 +18,8 @@ def adapt_tower(visual: torch.nn.Module, backend: str, device: torch.device, dty
     """What the "torch" and "compile" backends change in ``visual`` (in place) before running it: on CUDA,
     the patch embedding as a matmul (cuDNN's convolution was the slow one; on CPU it is not measured);
     with ``quantize="fp8"``, the transformer's matmuls in E4M3, after checking that they can run here;
+    otherwise, for "torch" on CUDA in bf16, each MLP's GELU in its first matmul's epilogue
+    (:mod:`vlmrm_fast.backends.gelu_epilogue`; "compile" leaves that to inductor);
     with ``kernels="triton"`` (which only "torch" passes: "compile" leaves them to inductor, which fuses
     them), the LayerNorms through the Triton kernel (:mod:`vlmrm_fast.backends.triton_layer_norm`)."""
     check_torch_quantize(quantize, backend, device, dtype)
@@ -29,6 +33,8 @@ def adapt_tower(visual: torch.nn.Module, backend: str, device: torch.device, dty
         use_patch_matmul(visual)
     if quantize == "fp8":
         quantize_fp8(visual, dtype)
+    elif device.type == "cuda" and backend == "torch" and dtype in GELU_EPILOGUE_DTYPES:
+        use_gelu_epilogue(visual)
     if kernels == "triton":
         use_triton_layer_norm(visual)
 
@@ -38,7 +44,8 @@ class TorchBackend(VisionBackend):
     inference fast path calls scaled-dot-product attention (flash / memory-efficient kernels on CUDA; with
     fp8, through :class:`~vlmrm_fast.backends.torch_fp8.SelfAttention` and SDPA). On CUDA a ViT's patch
     embedding runs as one matmul (:mod:`vlmrm_fast.backends.patch_embed`; ``visual.conv1`` is replaced in
-    place, its parameters kept).
+    place, its parameters kept), and in bf16 each MLP's GELU runs in its first matmul's epilogue
+    (:mod:`vlmrm_fast.backends.gelu_epilogue`; the MLPs are replaced in place, their layers kept).
 
     Args:
         quantize: None, or "fp8": the transformer's matmuls in E4M3 (:mod:`vlmrm_fast.backends.torch_fp8`;

@@ -1,0 +1,126 @@
+"""Each transformer block's MLP with its GELU in the first matmul's epilogue, for the "torch" backend on
+CUDA in bf16.
+
+An open_clip block's MLP is ``c_proj(gelu(c_fc(x)))``. Eager PyTorch writes ``c_fc``'s output [tokens,
+hidden] to memory, reads it back for the GELU and writes it again: on the H200
+(``benchmarks/results/profile-h200-b32``, bf16, batch 1024, at cb02e91) that pass took 2.5 ms of ViT-B-32's
+30.8 ms tower, bandwidth bound (315 MB each way per block). ``torch._addmm_activation(..., use_gelu=True)``
+hands the GELU to cuBLASLt's epilogue (``CUBLASLT_EPILOGUE_GELU_BIAS``): bias and GELU are applied to the
+float32 accumulator before its one rounding to bf16, and the pass is gone.
+
+cuBLASLt's GELU is the tanh approximation, ``0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))``, which is
+within 4.7e-4 of the exact (erf) GELU everywhere (largest near x = 2.7, where the output is 2.69 and a bf16
+step is 0.016; where the output is above 0.01 in magnitude, within 0.5 of a bf16 step), so it is used for
+bf16 only: fp16's steps are 8 times finer, and there the approximation would be of the order of the
+rounding. The approximation is what the epilogue computes, not a choice; towers whose GELU is already the
+tanh one get it exactly, and QuickGELU towers (``x * sigmoid(1.702 x)``) keep their own.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Optional, TypeGuard
+
+import torch
+
+from vlmrm_fast.backends.base import SwappedModule, in_place_of
+
+DTYPES = (torch.bfloat16,)
+"""Where the approximation is well below the rounding (module docstring)."""
+_addmm_activation = getattr(torch, "_addmm_activation", None)
+"""torch's addmm with a ReLU or GELU epilogue (private; since torch 1.13): None where a torch lacks it."""
+
+
+class GELUEpilogueMLP(SwappedModule, torch.nn.Sequential):
+    """An open_clip MLP (``nn.Sequential`` of ``c_fc``, ``gelu``, optionally ``ln``, then ``c_proj``) whose
+    ``c_fc`` and ``gelu`` run as one cuBLASLt matmul with a GELU epilogue where :meth:`epilogue_applies`,
+    else as the ``nn.Sequential`` it replaced.
+
+    The same children (the same modules, under the same ``state_dict`` keys). Input [..., D] -> [..., D]
+    in the input's dtype; on the fused path [..., D] is taken as [M, D] rows (a view where the input is
+    contiguous) and the hidden activations [M, hidden] are the epilogue's output.
+    """
+
+    @classmethod
+    def from_mlp(cls, mlp: torch.nn.Sequential) -> "GELUEpilogueMLP":
+        """A module holding ``mlp``'s children (nothing is copied); see :func:`is_fusable_mlp`."""
+        if not is_fusable_mlp(mlp):
+            raise ValueError(f"{mlp} is not an MLP of c_fc (nn.Linear with a bias), an exact or tanh nn.GELU, "
+                             f"then the rest.")
+        return in_place_of(cls(OrderedDict(mlp._modules)), mlp)
+
+    def original(self) -> torch.nn.Sequential:
+        """An ``nn.Sequential`` of the same children (:func:`~vlmrm_fast.backends.base.original_modules`)."""
+        return in_place_of(torch.nn.Sequential(OrderedDict(self._modules)), self)
+
+    def epilogue_applies(self, x: torch.Tensor) -> bool:
+        """Whether this call takes the fused path: CUDA, bf16 input and weights, no autograd graph wanted,
+        outside ``torch.compile`` and tracing (which get the replaced module's ops to fuse or export), and
+        the children still what :func:`is_fusable_mlp` accepted (an fp8 reward replaces ``c_fc`` in place)."""
+        if torch.compiler.is_compiling() or torch.jit.is_tracing() or _addmm_activation is None:
+            return False
+        fc = self._modules.get("c_fc")
+        if type(fc) is not torch.nn.Linear or fc.bias is None or not _is_gelu(self._modules.get("gelu")):
+            return False
+        if not _epilogue_device(x.device) or x.dtype not in DTYPES:
+            return False
+        if fc.weight.dtype != x.dtype or fc.bias.dtype != x.dtype or x.shape[-1] != fc.in_features:
+            return False
+        return not (torch.is_grad_enabled() and (x.requires_grad or fc.weight.requires_grad or fc.bias.requires_grad))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.epilogue_applies(x):
+            return super().forward(x)
+        fc = self._modules["c_fc"]
+        assert isinstance(fc, torch.nn.Linear)
+        hidden = gelu_linear(x, fc)
+        for name, module in self._modules.items():
+            if name not in ("c_fc", "gelu"):
+                hidden = module(hidden)
+        return hidden
+
+
+def gelu_linear(x: torch.Tensor, linear: torch.nn.Linear) -> torch.Tensor:
+    """``gelu(linear(x))`` as one matmul with cuBLASLt's GELU epilogue (the tanh GELU; see the module's
+    docstring): x [..., D_in] -> [..., D_out], in x's dtype (that of ``linear``'s weight and bias too).
+    The fused path of :class:`GELUEpilogueMLP`, and what ``benchmarks/bench_kernels.py`` times."""
+    if _addmm_activation is None or linear.bias is None:
+        raise ValueError("gelu_linear needs torch._addmm_activation (torch >= 1.13) and a Linear with a bias")
+    hidden = _addmm_activation(linear.bias, x.reshape(-1, x.shape[-1]), linear.weight.t(), use_gelu=True)
+    return hidden.view(*x.shape[:-1], linear.out_features)
+
+
+def _epilogue_device(device: torch.device) -> bool:
+    """Whether ``torch._addmm_activation`` runs cuBLASLt's epilogue on ``device``: CUDA (NVIDIA's; ROCm's
+    hipBLASLt has one too, not measured). The tests stand CPU in for it, with the epilogue's arithmetic."""
+    return device.type == "cuda" and torch.version.hip is None
+
+
+def _is_gelu(module: Optional[torch.nn.Module]) -> bool:
+    return type(module) is torch.nn.GELU and module.approximate in ("none", "tanh")
+
+
+def is_fusable_mlp(module: object) -> TypeGuard[torch.nn.Sequential]:
+    """Whether ``module`` is an open_clip MLP :class:`GELUEpilogueMLP` computes: an ``nn.Sequential``
+    whose first two children are ``c_fc`` (an ``nn.Linear`` with a bias) and ``gelu`` (``nn.GELU``, exact
+    or tanh: QuickGELU and other activations are left alone)."""
+    if type(module) is not torch.nn.Sequential:
+        return False
+    names = list(module._modules)
+    fc = module._modules.get("c_fc")
+    return (names[:2] == ["c_fc", "gelu"] and type(fc) is torch.nn.Linear and fc.bias is not None
+            and _is_gelu(module._modules["gelu"]))
+
+
+def use_gelu_epilogue(visual: torch.nn.Module) -> int:
+    """Replace, in place, every MLP of ``visual`` that :func:`is_fusable_mlp` accepts with a
+    :class:`GELUEpilogueMLP` holding its children; the number of MLPs that now run so."""
+    count = 0
+    for parent in list(visual.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, GELUEpilogueMLP):
+                count += 1
+            elif is_fusable_mlp(child):
+                setattr(parent, name, GELUEpilogueMLP.from_mlp(child))
+                count += 1
+    return count
+
