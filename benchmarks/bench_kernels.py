@@ -15,6 +15,10 @@ Ops (SPEC §1.2, §1.4, §2):
   [N, L, hidden], as the ``torch`` backend runs it in bf16 on CUDA (one matmul with cuBLASLt's GELU
   epilogue, :mod:`vlmrm_fast.backends.gelu_epilogue`) against ``F.linear`` then ``F.gelu`` (the seed's
   way); in the defaults on CUDA only (on CPU the package does not use it: ``--ops fc1_gelu`` asks).
+- ``fp8_quantize``: the fp8 matmuls' activations, N frames' token rows [N * L, K] -> E4M3 [N * L, K] and a
+  float32 scale a row, as the ``torch`` backend quantises them with ``quantize="fp8"`` on CUDA (one pass,
+  :mod:`vlmrm_fast.ops.quantize_rows`) against torch's ops (five passes); GB/s counts the rows read, the
+  E4M3 values and scales written. In the defaults on CUDA only (E4M3 stores need compute capability 8.9+).
 - ``copy``: a device-to-device copy, the bandwidth ceiling preprocessing and LayerNorm are judged
   against. It is measured whenever either is, so that their rows get their ``frac_of_copy``.
 
@@ -28,11 +32,12 @@ Providers:
 - ``triton-r8w8`` (with ``--layer-norm-configs 8w8``): the LayerNorm kernel launched with 8 rows a
   program and 8 warps instead of its default, for tuning.
 - ``torch``: the package's plain torch path (``impl="torch"``); for ``patch_embed``, the matmul; for
-  ``fc1_gelu``, the epilogue; none for ``layer_norm`` (its plain path, ``F.layer_norm`` in float32, is a
+  ``fc1_gelu``, the epilogue; none for ``layer_norm`` and ``fp8_quantize`` (its plain path, ``F.layer_norm`` in float32, is a
   fallback, not a contender).
 - ``seed``: the original VLM-RM code's way, the baseline for ``speedup_vs_seed``; for ``patch_embed``,
   the convolution (cuDNN on CUDA) in the benchmark's dtype; for ``layer_norm``, ``F.layer_norm``; for
-  ``fc1_gelu``, ``F.linear`` then the exact ``F.gelu``.
+  ``fc1_gelu``, ``F.linear`` then the exact ``F.gelu``; for ``fp8_quantize`` (the original had no fp8),
+  the same quantisation in torch's ops, which eager PyTorch would run.
 
 Usage:
     python benchmarks/bench_kernels.py                     # defaults for the device found
@@ -61,6 +66,7 @@ from results_io import RunFiles, check_csv, config_of, fmt  # noqa: E402  (bench
 from vlmrm_fast.backends.gelu_epilogue import gelu_linear  # noqa: E402
 from vlmrm_fast.backends.patch_embed import PatchMatmulConv2d  # noqa: E402
 from vlmrm_fast.ops.layer_norm import launch_config, layer_norm_triton
+from vlmrm_fast.ops.quantize_rows import quantize_rows_torch, quantize_rows_triton
 from vlmrm_fast.run_info import device_name, git_commit, gpu_driver, library_versions
 from vlmrm_fast.ops.preprocess import PreprocessSpec, check_tile, preprocess, preprocess_triton
 from vlmrm_fast.ops.score import ScoringTargets, score
@@ -74,7 +80,9 @@ OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 TOWER_SIZE = (224, 224)
 L2_FLUSH_BYTES = 256 << 20  # larger than any GPU's L2, so no repeat reads the previous one's data from cache
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-OPS = ("preprocess", "score", "patch_embed", "layer_norm", "fc1_gelu", "copy")
+OPS = ("preprocess", "score", "patch_embed", "layer_norm", "fc1_gelu", "fp8_quantize", "copy")
+CUDA_ONLY_OPS = ("fc1_gelu", "fp8_quantize")
+"""Paths the package takes on CUDA only: on CPU, run when asked for with ``--ops``."""
 
 
 def environment(device: torch.device) -> Dict[str, str]:
@@ -144,6 +152,9 @@ class TowerShape:
     def fc1_gelu_case(self) -> str:
         return f"{self.model}-L{self.tokens}-D{self.width}-H{self.mlp_width}"
 
+    def fp8_quantize_case(self, width: int) -> str:
+        return f"{self.model}-L{self.tokens}-K{width}"
+
 
 TOWER_SHAPES = (TowerShape("B32", 32, 768, 3072), TowerShape("L14", 14, 1024, 4096),
                 TowerShape("bigG", 14, 1664, 8192))
@@ -194,8 +205,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--ops", nargs="+", choices=OPS,
-                        help="default: all on CUDA, all but fc1_gelu on CPU; copy is always added with preprocess "
-                        "and layer_norm")
+                        help="default: all on CUDA, all but fc1_gelu and fp8_quantize on CPU; copy is always added "
+                        "with preprocess, layer_norm and fp8_quantize")
     parser.add_argument("--batch-sizes", nargs="+", type=int, help="N; default 1 64 1024 on CUDA, 1 32 on CPU")
     parser.add_argument("--repeats", type=int, help="timed calls per row; default 20 on CUDA, 5 on CPU")
     parser.add_argument("--warmup", type=int, help="untimed calls first (Triton compiles); default 3 on CUDA, 1 on CPU")
@@ -225,7 +236,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         parser.error(f"--device {args.device}: only cuda and cpu are benchmarked.")
     on_cuda = args.device.type == "cuda"
     if args.ops is None:
-        args.ops = [op for op in OPS if on_cuda or op != "fc1_gelu"]
+        args.ops = [op for op in OPS if on_cuda or op not in CUDA_ONLY_OPS]
     if args.batch_sizes is None:
         args.batch_sizes = ([64] if on_cuda else [8]) if args.quick else ([1, 64, 1024] if on_cuda else [1, 32])
     if args.repeats is None:
@@ -236,7 +247,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         args.copy_mib = 1024 if on_cuda else 256
     if args.dtype == "auto":
         args.dtype = "bf16" if on_cuda else "fp32"
-    if {"preprocess", "layer_norm"} & set(args.ops) and "copy" not in args.ops:
+    if {"preprocess", "layer_norm", "fp8_quantize"} & set(args.ops) and "copy" not in args.ops:
         args.ops.append("copy")
     try:
         args.preprocess_tiles = [parse_tile(t) for t in args.preprocess_tiles]
@@ -422,7 +433,10 @@ def impl_of(provider: str) -> str:
     return "triton" if provider.startswith("triton") else "torch"
 
 
-def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+def max_abs_diff(a, b) -> float:
+    """The largest difference between two outputs: tensors, or tuples of them (fp8_quantize's values, scales)."""
+    if isinstance(a, tuple):
+        return max(max_abs_diff(x, y) for x, y in zip(a, b))
     return (a.to(torch.float32) - b.to(torch.float32)).abs().max().item()
 
 
@@ -573,6 +587,28 @@ def bench_fc1_gelu(args: argparse.Namespace, env: Dict[str, str], timer: Timer) 
     return rows
 
 
+def bench_fp8_quantize(args: argparse.Namespace, env: Dict[str, str], timer: Timer,
+                       providers: List[str]) -> List[Row]:
+    """Every tower's two widths of fp8 matmul input (its width: attention and c_fc; its MLP's: c_proj) and
+    batch size: torch's ops ("seed") against the Triton kernel; GB/s = rows read + E4M3 and scales written."""
+    if args.device.type == "cuda" and torch.cuda.get_device_capability(args.device) < (8, 9):
+        print(f"skipped: fp8_quantize (E4M3 needs compute capability 8.9 or more; {env['device']} has less)")
+        return []
+    dtype = DTYPES[args.dtype]
+    rows = []
+    for case in TOWER_SHAPES:
+        for width in (case.width, case.mlp_width):
+            generator = torch.Generator().manual_seed(0)
+            for n in args.batch_sizes:
+                tokens = torch.randn(n * case.tokens, width, generator=generator).to(args.device, dtype)
+                nbytes = tokens.numel() * (tokens.element_size() + 1) + tokens.shape[0] * 4
+                calls = {"seed": functools.partial(quantize_rows_torch, tokens)}
+                calls.update({p: functools.partial(quantize_rows_triton, tokens) for p in providers if p.startswith("triton")})
+                rows += time_calls(timer, calls, n, nbytes, **env, op="fp8_quantize", case=case.fp8_quantize_case(width),
+                                   H=None, W=None, dtype=args.dtype, repeats=args.repeats)
+    return rows
+
+
 def add_ratios(rows: List[Row]) -> None:
     """Fill ``speedup_vs_seed`` (frames/s over the seed's, same op/case/N) and ``frac_of_copy``."""
     seed = {(r.op, r.case, r.N): r.frames_per_s for r in rows if r.provider == "seed"}
@@ -581,7 +617,7 @@ def add_ratios(rows: List[Row]) -> None:
         seed_rate = seed.get((row.op, row.case, row.N))
         if seed_rate and row.frames_per_s:
             row.speedup_vs_seed = row.frames_per_s / seed_rate
-        if row.op in ("preprocess", "layer_norm") and copy:
+        if row.op in ("preprocess", "layer_norm", "fp8_quantize") and copy:
             row.frac_of_copy = row.gb_per_s / copy
 
 
@@ -641,6 +677,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             add(bench_layer_norm(args, env, timer, providers, layer_norm_configs))
         if "fc1_gelu" in args.ops:
             add(bench_fc1_gelu(args, env, timer))
+        if "fp8_quantize" in args.ops:
+            add(bench_fp8_quantize(args, env, timer, providers))
     elapsed = time.perf_counter() - begin
 
     print(markdown_table(files.rows))

@@ -39,7 +39,9 @@ from typing import Any, Callable, Dict, Iterator, List, Tuple
 import torch
 
 _TYPES = {torch.uint8: "u8", torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
-          torch.int32: "i32", torch.int64: "i64"}
+          torch.int32: "i32", torch.int64: "i64", torch.float8_e4m3fn: "fp8e4nv"}
+FP8_MIN_ARCH = 89
+"""E4M3 conversions compile from Ada / Hopper on (the fp8 matmuls run on Hopper only)."""
 
 
 @dataclass
@@ -55,6 +57,7 @@ class Resources:
     global_memory: str  # the global loads and stores in the PTX by width, e.g. "ld.b8 x6, st.v4.b32 x3"
     compile_s: float
     divisions: str = ""  # the float divisions in the PTX by rounding, e.g. "div.full.f32 x2, div.rn.f32 x1"
+    fp8_conversions: str = ""  # the float32 -> E4M3 conversions in the PTX, e.g. "cvt.rn.satfinite.e4m3x2.f32 x4"
 
 
 class _Recorder:
@@ -78,7 +81,8 @@ def _recording(module: Any, name: str) -> Iterator[_Recorder]:
 
 
 def _variants() -> List[Tuple[str, Any, Callable[[], None], bool]]:
-    """(name, JITFunction, its launch on CPU tensors, whether the ops launch it so) for each variant."""
+    """(name, JITFunction, its launch on CPU tensors, whether the ops launch it so) for each variant (the
+    fp8 ones are compiled for :data:`FP8_MIN_ARCH` and up only)."""
     # The modules, not the functions of the same names that vlmrm_fast.ops exports.
     pre = importlib.import_module("vlmrm_fast.ops.preprocess")
     sc = importlib.import_module("vlmrm_fast.ops.score")
@@ -96,6 +100,8 @@ def _variants() -> List[Tuple[str, Any, Callable[[], None], bool]]:
     def norm(width: int, dtype: torch.dtype, **launch: int) -> Callable[[], None]:
         return lambda: ln.layer_norm_triton(torch.zeros((8, width), dtype=dtype), torch.ones(width, dtype=dtype),
                                             torch.zeros(width, dtype=dtype), 1e-5, **launch)
+    qr = importlib.import_module("vlmrm_fast.ops.quantize_rows")
+    quant = lambda width, dtype: lambda: qr.quantize_rows_triton(torch.zeros((8, width), dtype=dtype))  # noqa: E731
     ident = importlib.import_module("identity_variants")  # beside this script: candidates, not the op's path
     bf16_224 = lambda variant: lambda: ident.preprocess_identity(u8(224), spec, torch.bfloat16, variant, bottom_up=True)  # noqa: E731
     return [
@@ -120,6 +126,9 @@ def _variants() -> List[Tuple[str, Any, Callable[[], None], bool]]:
         ("bf16 D=1664 (ViT-bigG-14)", kernel_ln, norm(1664, torch.bfloat16), True),
         ("fp16 D=1024 (ViT-L-14)", kernel_ln, norm(1024, torch.float16), True),
         ("bf16 D=768, 8 rows, 8 warps", kernel_ln, norm(768, torch.bfloat16, rows_per_program=8, num_warps=8), False),
+        ("bf16 K=768 (ViT-B-32's attention, c_fc)", qr._quantize_rows_kernel, quant(768, torch.bfloat16), True),
+        ("bf16 K=8192 (ViT-bigG-14's c_proj)", qr._quantize_rows_kernel, quant(8192, torch.bfloat16), True),
+        ("fp32 K=1664 (ViT-bigG-14's width)", qr._quantize_rows_kernel, quant(1664, torch.float32), True),
     ]
 
 
@@ -200,6 +209,11 @@ def _divisions(ptx: str) -> str:
     return _tally(re.findall(r"\bdiv\.(?:full|approx|rn|rz|rm|rp)(?:\.ftz)?\.f(?:32|64)\b", ptx))
 
 
+def _fp8_conversions(ptx: str) -> str:
+    """The kernel's conversions to E4M3 by rounding and saturation ("cvt.rn.satfinite.e4m3x2.f32 x4")."""
+    return _tally(re.findall(r"\bcvt(?:\.\w+)*?\.e4m3x2\.f(?:32|16)\b", ptx))
+
+
 def compile_all(archs: List[int]) -> List[Resources]:
     import triton
     from triton.backends.compiler import GPUTarget
@@ -216,7 +230,11 @@ def compile_all(archs: List[int]) -> List[Resources]:
             launch()
         ((args, kwargs),) = recorder.calls
         signature, constexprs, options, attrs = _signature(kernel, args, kwargs)
+        fp8 = any(value is torch.float8_e4m3fn or getattr(value, "dtype", None) == torch.float8_e4m3fn
+                  for value in (*args, *kwargs.values()))
         for arch in archs:
+            if fp8 and arch < FP8_MIN_ARCH:
+                continue
             start = time.perf_counter()
             compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
                                       target=GPUTarget("cuda", arch, 32), options=options)
@@ -225,7 +243,7 @@ def compile_all(archs: List[int]) -> List[Resources]:
             rows.append(Resources(kernel.fn.__name__, variant, default_launch, arch, usage["REG"], usage["LOCAL"], usage["STACK"],
                                   max(usage["SHARED"], int(compiled.metadata.shared)),
                                   _global_memory(compiled.asm["ptx"]), round(seconds, 2),
-                                  _divisions(compiled.asm["ptx"])))
+                                  _divisions(compiled.asm["ptx"]), _fp8_conversions(compiled.asm["ptx"])))
     return rows
 
 

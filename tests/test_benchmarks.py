@@ -217,6 +217,23 @@ def test_kernel_benchmark_times_the_mlps_first_matmul_and_gelu_both_ways(tmp_pat
         assert fast["max_abs_diff_vs_seed"] <= 5e-4
 
 
+def test_kernel_benchmark_times_the_fp8_quantisation_both_ways(tmp_path):
+    # Triton's interpreter here (tests/conftest.py): the kernel's figures are the interpreter's, the
+    # bytes must be torch's ops' (no difference from the seed's output)
+    bench = _load("bench_kernels")
+    assert "fp8_quantize" not in bench.parse_args(["--device", "cpu"]).ops  # CUDA's path: asked for on CPU
+    out_json = tmp_path / "k.json"
+    bench.main(["--device", "cpu", "--ops", "fp8_quantize", "--batch-sizes", "1", "--repeats", "1", "--warmup", "1",
+                "--copy-mib", "8", "--json", str(out_json)])
+    rows = [r for r in json.loads(out_json.read_text())["rows"] if r["op"] == "fp8_quantize"]
+    cases = [case.fp8_quantize_case(width) for case in bench.TOWER_SHAPES for width in (case.width, case.mlp_width)]
+    assert [(r["case"], r["provider"]) for r in rows] == [(c, p) for c in cases for p in ("seed", "triton-interpret")]
+    assert rows[-1]["case"] == "bigG-L257-K8192"
+    for seed, fast in zip(rows[::2], rows[1::2]):
+        assert fast["max_abs_diff_vs_seed"] == 0 and fast["frac_of_copy"] == pytest.approx(
+            fast["gb_per_s"] / next(r for r in json.loads(out_json.read_text())["rows"] if r["op"] == "copy")["gb_per_s"])
+
+
 def test_kernel_benchmark_times_the_patch_embedding_both_ways(tmp_path):
     bench = _load("bench_kernels")
     out_json = tmp_path / "k.json"

@@ -22,8 +22,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from conftest import DEVICES, EXPORTERS, make_tiny
 from vlmrm_fast import CLIPReward
-from vlmrm_fast.backends.triton_layer_norm import (TritonLayerNorm, is_replaceable, triton_layer_norms,
-                                                   use_triton_layer_norm)
+from vlmrm_fast.backends.triton_layer_norm import TritonLayerNorm, is_replaceable, use_triton_layer_norm
+from vlmrm_fast.ops._triton import tower_kernels
 from vlmrm_fast.ops.layer_norm import MAX_WIDTH, launch_config, layer_norm
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -233,7 +233,7 @@ def test_module_computes_as_the_class_it_replaces(cls, dtype, kernel_always, mon
     monkeypatch.setattr("vlmrm_fast.backends.triton_layer_norm.layer_norm_triton",
                         lambda *a, **k: launched.append(1) or layer_norm(*a, **k))
     with torch.inference_mode():
-        with triton_layer_norms():
+        with tower_kernels():
             got = fast(x)
         want = norm(x)
     assert launched == [1]
@@ -286,9 +286,9 @@ def test_module_falls_back_where_the_kernel_does_not_fit(kernel_always, monkeypa
     launched = _spy_kernel(monkeypatch)
     x = torch.randn(4, 16)
     with torch.no_grad():
-        fast(x)  # outside triton_layer_norms: a user's own call, another backend's, an export
+        fast(x)  # outside tower_kernels: a user's own call, another backend's, an export
         assert launched == []
-    with triton_layer_norms():
+    with tower_kernels():
         _falls_back_inside(fast, norm, x, launched, monkeypatch)
     assert len(launched) == 1
 
@@ -301,7 +301,7 @@ def _falls_back_inside(fast, norm, x, launched, monkeypatch):
     assert norm.weight.grad is not None
 
     with torch.no_grad():
-        with triton_layer_norms(False):
+        with tower_kernels(False):
             fast(x)
         assert launched == []
         fast(x)

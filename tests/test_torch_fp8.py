@@ -233,6 +233,26 @@ def test_fp8_rewards_within_twice_pytorchs_own_fp8_error(device, model_name, fp8
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_fp8_rewards_with_the_quantisation_kernel(device, fp8_on_cpu, monkeypatch):
+    # kernels="triton" (the default on CUDA): every fp8 layer's activations through the Triton kernel
+    # (interpreted here), whose bytes equal torch's ops' (tests/test_quantize_rows.py).
+    _usable(device)
+    model, tokenizer = make_tiny()
+    frames = _frames(5, 16)
+    want = reference_reward(model, tokenizer, frames, GOAL, BASELINE, ALPHA)
+    own_error = (_torch_own_fp8_reward(model, tokenizer, frames) - want).abs().max().item()
+    kernel_rows = []
+    real = torch_fp8.quantize_rows_triton
+    monkeypatch.setattr(torch_fp8, "quantize_rows_triton", lambda x: kernel_rows.append(x.shape[0]) or real(x))
+    rm = CLIPReward(model, tokenizer, goal=GOAL, baseline=BASELINE, alpha=ALPHA, device=device, dtype="bf16",
+                    backend="torch", kernels="triton", backend_options={"quantize": "fp8"})
+    error = (rm(frames).double().cpu() - want).abs().max().item()
+    blocks = len(rm.model.visual.transformer.resblocks)
+    assert kernel_rows == [16 * 50] * 4 * blocks  # in_proj, out_proj, c_fc, c_proj of every block
+    assert 0 < own_error and error <= 2 * own_error, (error, own_error)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_compiled_fp8_rewards_within_twice_pytorchs_own_fp8_error(device, fp8_on_cpu):
     _usable(device)
     model, tokenizer = make_tiny()

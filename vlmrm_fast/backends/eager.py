@@ -10,7 +10,8 @@ from vlmrm_fast.backends.gelu_epilogue import DTYPES as GELU_EPILOGUE_DTYPES
 from vlmrm_fast.backends.gelu_epilogue import use_gelu_epilogue
 from vlmrm_fast.backends.patch_embed import use_patch_matmul
 from vlmrm_fast.backends.torch_fp8 import check_torch_quantize, is_fp8_quantised, quantize_fp8
-from vlmrm_fast.backends.triton_layer_norm import triton_layer_norms, use_triton_layer_norm
+from vlmrm_fast.backends.triton_layer_norm import use_triton_layer_norm
+from vlmrm_fast.ops._triton import tower_kernels
 
 
 def adapt_tower(visual: torch.nn.Module, backend: str, device: torch.device, dtype: torch.dtype,
@@ -68,5 +69,5 @@ class TorchBackend(VisionBackend):
 
     @torch.inference_mode()
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
-        with triton_layer_norms(self.kernels == "triton"):
+        with tower_kernels(self.kernels == "triton"):
             return pooled_embeddings(self.visual(pixels))

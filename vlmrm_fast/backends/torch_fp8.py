@@ -14,8 +14,9 @@ sizes are multiples of 16 becomes a :class:`Float8Linear` (others stay bf16):
   writing bfloat16.
 
 Everything else stays bf16: the patch embedding, LayerNorm, attention itself (SDPA's two matmuls and
-softmax), GELU and the output projection ``visual.proj``. Eager scales each activation in a few passes over
-it; with ``"compile"``, inductor may fuse them (not yet seen on a GPU).
+softmax), GELU and the output projection ``visual.proj``. The "torch" backend (with its Triton kernels,
+the default on CUDA) quantises each activation in one pass (:mod:`vlmrm_fast.ops.quantize_rows`; torch's
+ops take five); with ``"compile"``, inductor fuses torch's ops itself (not yet seen on a GPU).
 
 torchao's float8 inference quantisation does the same, but refuses devices below compute capability 8.9
 (so CI, on CPU, could not test it) and is tied to particular torch versions; hence this module. Per-row
@@ -25,17 +26,19 @@ builds) and on CPU in torch 2.14 and 2.15 (2.14.1 checked); CPU use is for tests
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Tuple, cast
+from typing import Callable, Optional, cast
 
 import torch
 import torch.nn.functional as F
 
 from vlmrm_fast.backends.base import BackendError
+from vlmrm_fast.ops._triton import tower_kernels_enabled, triton_runs_on
+from vlmrm_fast.ops.quantize_rows import E4M3_MAX, kernel_takes, quantize_rows_torch, quantize_rows_triton  # noqa: F401 (E4M3_MAX re-exported)
 
-E4M3_MAX = 448.0
-"""The largest finite float8_e4m3fn value."""
-_TINY_AMAX = 1e-12
-"""An all-zero row gets this largest magnitude instead (its scale must not be 0)."""
+quantize_rows = quantize_rows_torch
+"""[M, K] float -> ([M, K] float8_e4m3fn, [M, 1] float32 scales): row ``i`` is ``q[i] * scale[i]``, its
+largest magnitude mapped to :data:`E4M3_MAX` (:mod:`vlmrm_fast.ops.quantize_rows`, torch's ops)."""
+
 HOPPER = 9
 """The compute capability major this runs on: torch's per-row fp8 kernel is a Hopper (sm90) kernel; on
 Blackwell and consumer GPUs it depends on the torch build, and ROCm's fp8 is another type (e4m3fnuz)."""
@@ -44,15 +47,6 @@ MIN_TORCH = (2, 6)
 of 256 (pytorch/pytorch#133334), as a batch of tokens usually is."""
 MIN_CUDA = 12
 """torch builds for CUDA 11 leave the per-row fp8 kernel out."""
-
-
-def quantize_rows(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """[M, K] float -> ([M, K] float8_e4m3fn, [M, 1] float32 scales): row ``i`` is ``q[i] * scale[i]``,
-    its largest magnitude mapped to 448. Rounding to nearest, in float32."""
-    amax = torch.linalg.vector_norm(x, float("inf"), dim=1, keepdim=True, dtype=torch.float32)
-    scale = amax.clamp_min(_TINY_AMAX) / E4M3_MAX
-    # The clamp: x / scale can round just past 448, and float8_e4m3fn has no infinity to saturate to.
-    return (x.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn), scale
 
 
 class Float8Linear(torch.nn.Module):
@@ -96,7 +90,8 @@ class Float8Linear(torch.nn.Module):
         return None if self.bias_bytes is None else self.bias_bytes.view(self.out_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, scale = quantize_rows(x.reshape(-1, self.in_features))
+        rows = x.reshape(-1, self.in_features)
+        q, scale = quantize_rows_triton(rows) if _kernel_quantizes(rows) else quantize_rows_torch(rows)
         # torch < 2.5 types it as an (out, amax) pair; fp8 needs torch >= 2.6 (fp8_unsupported_reason)
         out = cast(torch.Tensor, torch._scaled_mm(q, self.weight_fp8.t(), scale_a=scale, scale_b=self.weight_scale,
                                                   bias=self.bias, out_dtype=self.out_dtype))
@@ -104,6 +99,17 @@ class Float8Linear(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, out_dtype={self.out_dtype}"
+
+
+def _kernel_quantizes(rows: torch.Tensor) -> bool:
+    """Whether the activation rows go through the Triton kernel (one pass; torch's ops take five): inside
+    the "torch" backend's calls (:func:`~vlmrm_fast.ops._triton.tower_kernels`), outside ``torch.compile``
+    and tracing (inductor fuses torch's ops itself), on a device Triton runs on, without autograd."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or not tower_kernels_enabled():
+        return False
+    if type(rows) is not torch.Tensor or kernel_takes(rows) is not None or not triton_runs_on(rows.device):
+        return False
+    return not (torch.is_grad_enabled() and rows.requires_grad)
 
 
 def _as_bytes(tensor: torch.Tensor) -> torch.Tensor:

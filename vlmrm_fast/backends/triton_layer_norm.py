@@ -2,8 +2,8 @@
 backend on CUDA.
 
 The modules are swapped in place for :class:`TritonLayerNorm`, which shares their parameters (the same
-tensors, under the same ``state_dict`` keys). It runs the kernel only inside :func:`triton_layer_norms`,
-which the backend enters for its own calls: the same model called any other way (by the user, by a
+tensors, under the same ``state_dict`` keys). It runs the kernel only inside
+:func:`~vlmrm_fast.ops._triton.tower_kernels`, which the backend enters for its own calls: the same model called any other way (by the user, by a
 reward with ``kernels="torch"``, by the "compile" backend, by an ONNX export) runs the replaced class's
 own ``forward``. Inside too, torch's op stays wherever the kernel is not the right tool: under
 ``torch.compile``, ``torch.export`` and tracing, when autograd needs a graph (the kernel has no
@@ -12,15 +12,13 @@ small inputs, where a Triton launch costs the host more than torch's kernel cost
 """
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import functools
-from typing import Iterator, Tuple, Type, TypeGuard, TypeVar
+from typing import Tuple, Type, TypeGuard, TypeVar
 
 import torch
 
 from vlmrm_fast.backends.base import SwappedModule, in_place_of
-from vlmrm_fast.ops._triton import triton_runs_on
+from vlmrm_fast.ops._triton import tower_kernels_enabled, triton_runs_on
 from vlmrm_fast.ops.layer_norm import DTYPES, MAX_WIDTH, layer_norm_triton, rows_of
 
 LayerNormT = TypeVar("LayerNormT", bound=torch.nn.LayerNorm)
@@ -30,20 +28,6 @@ MIN_ELEMENTS = 1 << 23
 launches up to a few hundred ViT-B-32 frames a call (H200: about 5 ms a call from batch 1 to 64), where
 each Triton launch would add host time; from 2**23 elements (ViT-B-32: 219 frames, ViT-L-14: 32,
 ViT-bigG-14: 20) the GPU's time dominates."""
-
-
-_ENABLED = contextvars.ContextVar("vlmrm_fast_triton_layer_norms", default=False)
-
-
-@contextlib.contextmanager
-def triton_layer_norms(enabled: bool = True) -> Iterator[None]:
-    """Within the block (in this thread or task), :class:`TritonLayerNorm` modules run the Triton kernel
-    (``enabled``) or torch's op."""
-    token = _ENABLED.set(enabled)
-    try:
-        yield
-    finally:
-        _ENABLED.reset(token)
 
 
 @functools.lru_cache(maxsize=None)  # once: asked for every module of every tower swapped
@@ -61,7 +45,8 @@ def _replaceable_types() -> Tuple[Type[torch.nn.LayerNorm], ...]:
 
 
 class TritonLayerNorm(SwappedModule, torch.nn.LayerNorm):
-    """A LayerNorm of the tower computed by the Triton kernel inside :func:`triton_layer_norms`, where that
+    """A LayerNorm of the tower computed by the Triton kernel inside
+    :func:`~vlmrm_fast.ops._triton.tower_kernels`, where that
     applies (see the module's docstring), else by the forward of the class it replaced (``base``).
 
     Input [..., D] float32/bfloat16/float16 -> [..., D] in the input's dtype, computed in float32.
@@ -86,7 +71,7 @@ class TritonLayerNorm(SwappedModule, torch.nn.LayerNorm):
     def _kernel_applies(self, x: torch.Tensor) -> bool:
         # torch.compile, torch.export, ONNX export; asked before the context variable, which dynamo cannot
         # trace before torch 2.14 (a graph break at every LayerNorm of a swapped tower compiled later)
-        if torch.compiler.is_compiling() or torch.jit.is_tracing() or not _ENABLED.get():
+        if torch.compiler.is_compiling() or torch.jit.is_tracing() or not tower_kernels_enabled():
             return False
         if type(x) is not torch.Tensor or x.numel() < self.min_elements or x.dtype not in DTYPES:
             return False

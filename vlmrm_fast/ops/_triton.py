@@ -9,9 +9,10 @@ Modules that define kernels do without ``from __future__ import annotations``: T
 interpreter recognises a ``tl.constexpr`` parameter by its annotation object, not by a string.
 """
 import contextlib
+import contextvars
 import functools
 import os
-from typing import ContextManager, Literal, Optional
+from typing import ContextManager, Iterator, Literal, Optional
 
 import torch
 
@@ -142,3 +143,24 @@ def resolve_kernels(kernels: str, device: torch.device) -> Literal["triton", "to
         )
     require_working_interpreter()  # interpreted kernels, on CPU or CUDA tensors alike
     return "triton"
+
+
+_TOWER_KERNELS = contextvars.ContextVar("vlmrm_fast_tower_kernels", default=False)
+
+
+@contextlib.contextmanager
+def tower_kernels(enabled: bool = True) -> Iterator[None]:
+    """Within the block (in this thread or task), the layers the "torch" backend swapped into a tower
+    run this package's Triton kernels (``enabled``: its LayerNorms, its fp8 matmuls' activation
+    quantisation) or torch's ops. The backend enters it for its own calls, so the same model called any
+    other way (by the user, another reward, the "compile" backend, an export) computes as before."""
+    token = _TOWER_KERNELS.set(enabled)
+    try:
+        yield
+    finally:
+        _TOWER_KERNELS.reset(token)
+
+
+def tower_kernels_enabled() -> bool:
+    """Whether the caller is inside :func:`tower_kernels` (enabled)."""
+    return _TOWER_KERNELS.get()

@@ -1,0 +1,146 @@
+"""Rows to E4M3 with a scale a row (vlmrm_fast/ops/quantize_rows.py): the Triton kernel and the torch path
+against a float64 reference written from the module's formula, and the fp8 layers' choice between them.
+
+No tolerance: the formula fixes every byte. The scale is one IEEE float32 division of the row's largest
+magnitude (float32 holds it exactly) by 448; each value is one IEEE float32 division by the scale, then
+rounded to the nearest E4M3 value, ties to even. The reference computes the divisions in float64 and
+rounds them to float32 (for the scale, ``amax / 448 = amax / 7 / 64`` never lies on a float32 midpoint,
+so that is the float32 division; for the values it is the definition), then picks the nearest E4M3
+value from the table of all 254 finite ones. Both implementations must give its bytes exactly.
+"""
+import pytest
+import torch
+
+from conftest import DEVICES
+from vlmrm_fast.backends import torch_fp8
+from vlmrm_fast.ops._triton import tower_kernels
+from vlmrm_fast.ops.quantize_rows import MAX_WIDTH, kernel_takes, launch_config, quantize_rows
+
+E4M3 = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).double()
+FINITE = ~E4M3.isnan()
+CODES = torch.arange(256)[FINITE]  # byte codes of the finite values
+VALUES = E4M3[FINITE]
+
+
+def reference_quantize(x: torch.Tensor):
+    """float64 (module docstring) -> (E4M3 byte codes [M, K] uint8, scales [M, 1] float32)."""
+    x = x.double().cpu()
+    amax = x.abs().amax(dim=1, keepdim=True)
+    scale = (amax.clamp_min(torch.tensor(1e-12, dtype=torch.float32).double()) / 448).float()
+    v = (x / scale.double()).float().double().clamp(-448, 448)
+    distance = (v[..., None] - VALUES).abs()
+    nearest = distance == distance.min(dim=-1, keepdim=True).values
+    # a tie: two neighbours; ties go to the even code (E4M3's last mantissa bit); +0 and -0 are both
+    # at distance 0 from a zero: the sign of v decides
+    even = (CODES % 2 == 0) & ~((VALUES == 0) & (torch.signbit(VALUES) != torch.signbit(v)[..., None]))
+    pick = torch.where(nearest.sum(-1, keepdim=True) > 1, nearest & even, nearest)
+    assert (pick.sum(-1) == 1).all()
+    return CODES[pick.double().argmax(-1)].to(torch.uint8), scale
+
+
+def _rows(shape, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    # rows of very different sizes (largest magnitudes about 1e-3 to 1e4, within float16's range), zeros,
+    # and values below E4M3's normal range
+    sizes = torch.exp(torch.randn(shape[0], 1, generator=gen, dtype=torch.float64) * 3).clamp(1e-3, 1e3)
+    x = torch.randn(shape, generator=gen, dtype=torch.float64) * sizes
+    if shape[0] > 2:
+        x[1] = 0
+    if shape[0] > 3:
+        tail = torch.tensor([1e-9, -3e-5, 7.0, 2e-4, -1e-3, -0.0])[: shape[1]]
+        x[2, : len(tail)] = tail
+    return x.to(dtype)
+
+
+SHAPES = [(7, 48), (3, 1), (5, 1664), (1, 8192), (37, 97), (0, 16), (2, 3072)]
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_equals_the_float64_reference(shape, dtype, device, impl):
+    x = _rows(shape, dtype, seed=sum(shape))
+    q, scale = quantize_rows(x.to(device), impl=impl)
+    want_q, want_scale = reference_quantize(x)
+    assert q.dtype == torch.float8_e4m3fn and q.shape == shape and scale.shape == (shape[0], 1)
+    assert torch.equal(q.view(torch.uint8).cpu(), want_q)
+    assert torch.equal(scale.cpu(), want_scale)
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_every_e4m3_value_midpoint_and_neighbour(device, impl):
+    # A row whose largest magnitude is 448 has scale 1: every finite E4M3 value must come back as itself,
+    # each midpoint between neighbours go to the even one, and the float32 numbers either side of it to
+    # the nearer one (what a lost carry into the next binade or a truncating cast gets wrong).
+    values = VALUES.float().unique()
+    mid = (values[1:] + values[:-1]) / 2
+    row = torch.cat([values, mid, torch.nextafter(mid, torch.tensor(1e9)), torch.nextafter(mid, torch.tensor(-1e9))])
+    x = row[None, :]
+    q, scale = quantize_rows(x.to(device), impl=impl)
+    assert scale.item() == 1.0
+    assert torch.equal(q.view(torch.uint8).cpu(), reference_quantize(x)[0])
+    assert torch.equal(q[0, : len(values)].float().cpu(), values)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_strided_rows(device):
+    base = _rows((9, 130), torch.bfloat16, seed=3).to(device)
+    for x in (base[::2, :97], base[:, 1:98], base.t()[:97, :5]):  # spaced rows; offset rows; columns (copied)
+        q, scale = quantize_rows(x)
+        want_q, want_scale = reference_quantize(x)
+        assert torch.equal(q.view(torch.uint8).cpu(), want_q) and torch.equal(scale.cpu(), want_scale)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_rows_more_than_2_31_elements_apart(device):
+    # The third row starts past 2**31 elements: row offsets in int64. Only the rows' pages are touched.
+    width, stride = 45, (1 << 30) + 4096
+    storage = torch.empty(2 * stride + width, dtype=torch.float16, device=device)
+    x = storage.as_strided((3, width), (stride, 1))
+    want = _rows((3, width), torch.float16, seed=8)
+    x.copy_(want)
+    q, scale = quantize_rows(x)
+    want_q, want_scale = reference_quantize(want)
+    assert torch.equal(q.view(torch.uint8).cpu(), want_q) and torch.equal(scale.cpu(), want_scale)
+
+
+def test_bad_input_names_the_problem():
+    with pytest.raises(ValueError, match=r"rows \[M, K\]"):
+        quantize_rows(torch.zeros(2, 3, 4))
+    for impl in ("triton", "torch"):
+        with pytest.raises(ValueError, match="float32, bfloat16 or float16"):
+            quantize_rows(torch.zeros(2, 3, dtype=torch.float64), impl=impl)
+    with pytest.raises(ValueError, match=f"1 to {MAX_WIDTH}.*impl='torch'"):
+        quantize_rows(torch.zeros(1, MAX_WIDTH + 1))
+    assert quantize_rows(torch.zeros(1, MAX_WIDTH + 1), impl="torch")[0].shape == (1, MAX_WIDTH + 1)
+
+
+def test_launch_config_keeps_a_program_near_4096_elements():
+    assert launch_config(768) == (4, 1024, 8)
+    assert launch_config(1664) == (2, 2048, 8)
+    assert launch_config(8192) == (1, 8192, 16)
+    assert launch_config(1) == (16, 1, 4)
+    assert [kernel_takes(x) for x in (torch.zeros(2, 3), torch.zeros(3, 2).t(), torch.zeros(1, MAX_WIDTH + 1))] == [
+        None, "rows not contiguous", f"rows wider than {MAX_WIDTH}"]
+
+
+# ---- which path the fp8 layers take -------------------------------------------------------------------
+
+
+def test_fp8_layers_quantise_with_the_kernel_in_the_backends_calls_only():
+    choose = torch_fp8._kernel_quantizes
+    x = torch.randn(15, 48)
+    assert not choose(x)  # a user's own call, another backend's, an export
+    with tower_kernels():
+        assert choose(x)
+        assert not choose(torch.randn(48, 15).t())  # rows not contiguous: torch's ops, no copy
+        assert not choose(torch.randn(2, MAX_WIDTH + 16))
+        assert not choose(torch.randn(15, 48, requires_grad=True))  # the kernel has no backward
+        with torch.no_grad():
+            assert choose(torch.randn(15, 48, requires_grad=True))
+        compiled = torch.compile(lambda t: t + int(choose(t)), backend="eager", fullgraph=True)
+        assert torch.equal(compiled(x), x)  # inductor fuses torch's ops itself
+    with tower_kernels(False):
+        assert not choose(x)

@@ -1,0 +1,156 @@
+"""Rows of activations to E4M3 (fp8) with one float32 scale a row, for the fp8 matmuls of the "torch"
+backend (:mod:`vlmrm_fast.backends.torch_fp8`).
+
+For a row ``x`` of width K:
+
+    amax = max_i |x_i|  (float32),   s = max(amax, 1e-12) / 448,   q_i = e4m3(x_i / s)
+
+with IEEE float32 divisions and ``e4m3`` rounding to nearest, ties to even: row ``x`` is about ``q * s``,
+its largest magnitude mapped to 448, E4M3's largest finite value. No clamp is needed: ``s`` is within
+2^-24 of ``amax / 448``, so ``|x_i / s|`` is at most ``448 (1 + 2^-23)``, which rounds to 448, far below
+464, where float8_e4m3fn (no infinity) would turn to NaN. The kernel and the torch path give the same
+bytes.
+
+Why a kernel of our own: eager torch computes this in five passes (the row maxima; a float32 copy; the
+division; the clamp; the cast), moving about 29 bytes per bf16 element, before every fp8 matmul. At
+ViT-bigG-14's batch 1024 the matmuls' inputs are 166 billion elements a tower call: about 1.4 s at the
+H200's copy bandwidth, against a 1.94 s bf16 tower (``benchmarks/results/profile-h200-bigg``), which
+would leave eager fp8 slower than bf16. The kernel reads each row once and writes one byte an element
+(3 bytes per bf16 element).
+"""
+from typing import Literal, Optional, Tuple
+
+import torch
+
+from vlmrm_fast.ops._triton import HAS_TRITON, interpreter_enabled, on_device, require_working_interpreter
+
+E4M3_MAX = 448.0
+"""The largest finite float8_e4m3fn value."""
+TINY_AMAX = 1e-12
+"""An all-zero row gets this largest magnitude instead (its scale must not be 0)."""
+MAX_WIDTH = 16384
+"""The widest row the kernel takes (a row is held in registers; the towers' matmul inputs are 768 to 8192 wide)."""
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+ELEMENTS_PER_PROGRAM = 4096
+"""Rows are packed into a program up to this many elements (16 float32 values a thread at the warps of
+:func:`launch_config`)."""
+
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _quantize_rows_kernel(
+        x_ptr,
+        q_ptr,
+        scale_ptr,
+        n_rows,
+        stride_x_row,
+        WIDTH: tl.constexpr,
+        BLOCK_ROWS: tl.constexpr,
+        BLOCK_WIDTH: tl.constexpr,
+        ROUND_BY_HAND: tl.constexpr,
+    ):
+        # One program: BLOCK_ROWS whole rows, each read once and kept in registers.
+        rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+        cols = tl.arange(0, BLOCK_WIDTH)
+        row_ok = rows < n_rows
+        mask = row_ok[:, None] & (cols < WIDTH)[None, :]
+        rows = rows.to(tl.int64)  # rows x width passes 2**31 elements (ViT-bigG-14's MLP at batch 1024)
+        x = tl.load(x_ptr + rows[:, None] * stride_x_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        amax = tl.max(tl.abs(x), axis=1)
+        # IEEE divisions (a GPU's plain float32 '/' may be 2 ulp off), as torch divides: the same bytes
+        scale = tl.math.div_rn(tl.maximum(amax, 1e-12), tl.full((BLOCK_ROWS,), 448.0, tl.float32))
+        q = tl.math.div_rn(x, tl.broadcast_to(scale[:, None], (BLOCK_ROWS, BLOCK_WIDTH)))  # |q| < 464: no clamp
+        if ROUND_BY_HAND:
+            q = _round_to_e4m3(q)
+        tl.store(q_ptr + rows[:, None] * WIDTH + cols[None, :], q.to(tl.float8e4nv), mask=mask)
+        tl.store(scale_ptr + rows, scale, mask=row_ok)
+
+    @triton.jit
+    def _round_to_e4m3(q):
+        """float32 ``q`` (|q| < 464) rounded to the nearest E4M3 value, ties to even, still float32.
+        Triton's CPU interpreter (3.9) loses the carry when a value rounds up into the next binade (124.7
+        became 64, not 128), where GPUs convert right; interpreted kernels round first, so that the cast
+        has nothing left to round."""
+        bits = q.to(tl.uint32, bitcast=True)
+        # normal values: 3 mantissa bits kept of float32's 23, the carry running into the exponent
+        normal = ((bits + (((bits >> 20) & 1) + 0x7FFFF)) & 0xFFF00000).to(tl.float32, bitcast=True)
+        # below 2**-6, E4M3's steps are 2**-9: float32's own rounding at 1.5 * 2**14 has that step (on the
+        # magnitude, the sign put back after: what rounds to zero keeps it, as a GPU's conversion does)
+        magnitude = (tl.abs(q) + 24576.0) - 24576.0
+        subnormal = (magnitude.to(tl.uint32, bitcast=True) | (bits & 0x80000000)).to(tl.float32, bitcast=True)
+        return tl.where(tl.abs(q) < 0.015625, subnormal, normal)
+
+
+def launch_config(width: int) -> Tuple[int, int, int]:
+    """(rows a program, columns a program (``width`` rounded up to a power of two), warps)."""
+    block_width = 1 << (width - 1).bit_length()
+    rows = max(1, min(16, ELEMENTS_PER_PROGRAM // block_width))
+    warps = max(4, min(16, rows * block_width // 512))
+    return rows, block_width, warps
+
+
+def check_quantize_args(x: torch.Tensor) -> None:
+    """A ``ValueError`` naming the problem unless ``x`` is a [M, K] float tensor the op takes."""
+    if x.dim() != 2:
+        raise ValueError(f"quantize_rows takes rows [M, K]; got a tensor of shape {tuple(x.shape)}.")
+    if x.dtype not in DTYPES:
+        raise ValueError(f"quantize_rows takes float32, bfloat16 or float16 rows; got {x.dtype}.")
+
+
+def quantize_rows_triton(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Launch the kernel: one program per few rows (:func:`launch_config`).
+
+    Args:
+        x: [M, K] float32/bfloat16/float16, 1 <= K <= :data:`MAX_WIDTH`, on a device Triton runs on
+            (E4M3 stores need compute capability 8.9 or more), each row contiguous.
+    Returns:
+        ([M, K] float8_e4m3fn, contiguous; [M, 1] float32 scales), on ``x``'s device.
+    """
+    require_working_interpreter()
+    check_quantize_args(x)
+    n_rows, width = x.shape
+    if not 1 <= width <= MAX_WIDTH:
+        raise ValueError(f"quantize_rows_triton takes rows of 1 to {MAX_WIDTH} values; got {width}: use "
+                         f"quantize_rows(x, impl='torch').")
+    if width > 1 and x.stride(1) != 1:
+        x = x.contiguous()
+    q = torch.empty((n_rows, width), dtype=torch.float8_e4m3fn, device=x.device)
+    scale = torch.empty((n_rows, 1), dtype=torch.float32, device=x.device)
+    if n_rows == 0:
+        return q, scale
+    rows, block_width, warps = launch_config(width)
+    with on_device(x.device):
+        _quantize_rows_kernel[(triton.cdiv(n_rows, rows),)](
+            x, q, scale, n_rows, x.stride(0), WIDTH=width, BLOCK_ROWS=rows, BLOCK_WIDTH=block_width,
+            ROUND_BY_HAND=interpreter_enabled(), num_warps=warps, enable_fp_fusion=True,  # pinned, as in ops/preprocess.py
+        )
+    return q, scale
+
+
+def quantize_rows_torch(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The same in torch ops (any device and width): the fallback, and the weights' quantiser."""
+    check_quantize_args(x)
+    amax = torch.linalg.vector_norm(x, float("inf"), dim=1, keepdim=True, dtype=torch.float32)
+    scale = amax.clamp_min(TINY_AMAX) / E4M3_MAX
+    return (x.float() / scale).to(torch.float8_e4m3fn), scale
+
+
+def quantize_rows(x: torch.Tensor, *, impl: Literal["triton", "torch"] = "triton") -> Tuple[torch.Tensor, torch.Tensor]:
+    """Rows ``x`` [M, K] -> (E4M3 values [M, K], float32 scales [M, 1]); see the module docstring."""
+    if impl == "triton":
+        return quantize_rows_triton(x)
+    return quantize_rows_torch(x)
+
+
+def kernel_takes(x: torch.Tensor) -> Optional[str]:
+    """Why :func:`quantize_rows_triton` would refuse ``x`` [M, K] (or copy it), or None."""
+    if x.dim() != 2 or x.dtype not in DTYPES:
+        return "not [M, K] float rows"
+    if not 1 <= x.shape[1] <= MAX_WIDTH:
+        return f"rows wider than {MAX_WIDTH}"
+    if x.shape[1] > 1 and x.stride(1) != 1:
+        return "rows not contiguous"
+    return None
