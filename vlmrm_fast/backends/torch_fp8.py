@@ -33,7 +33,8 @@ import torch.nn.functional as F
 
 from vlmrm_fast.backends.base import BackendError
 from vlmrm_fast.ops._triton import tower_kernels_enabled, triton_runs_on
-from vlmrm_fast.ops.quantize_rows import E4M3_MAX, kernel_takes, quantize_rows_torch, quantize_rows_triton  # noqa: F401 (E4M3_MAX re-exported)
+from vlmrm_fast.ops.quantize_rows import E4M3_MAX  # noqa: F401  (re-exported: the scales' target)
+from vlmrm_fast.ops.quantize_rows import kernel_takes, quantize_rows_torch, quantize_rows_triton
 
 quantize_rows = quantize_rows_torch
 """[M, K] float -> ([M, K] float8_e4m3fn, [M, 1] float32 scales): row ``i`` is ``q[i] * scale[i]``, its

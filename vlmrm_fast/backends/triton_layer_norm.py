@@ -3,9 +3,9 @@ backend on CUDA.
 
 The modules are swapped in place for :class:`TritonLayerNorm`, which shares their parameters (the same
 tensors, under the same ``state_dict`` keys). It runs the kernel only inside
-:func:`~vlmrm_fast.ops._triton.tower_kernels`, which the backend enters for its own calls: the same model called any other way (by the user, by a
-reward with ``kernels="torch"``, by the "compile" backend, by an ONNX export) runs the replaced class's
-own ``forward``. Inside too, torch's op stays wherever the kernel is not the right tool: under
+:func:`~vlmrm_fast.ops._triton.tower_kernels`, which the backend enters for its own calls: the same model
+called any other way (by the user, by a reward with ``kernels="torch"``, by the "compile" backend, by an
+ONNX export) runs the replaced class's own ``forward``. Inside too, torch's op stays wherever the kernel is not the right tool: under
 ``torch.compile``, ``torch.export`` and tracing, when autograd needs a graph (the kernel has no
 backward), for tensor subclasses (fake tensors have no data), on devices Triton does not run on, and for
 small inputs, where a Triton launch costs the host more than torch's kernel costs the GPU.
@@ -46,8 +46,8 @@ def _replaceable_types() -> Tuple[Type[torch.nn.LayerNorm], ...]:
 
 class TritonLayerNorm(SwappedModule, torch.nn.LayerNorm):
     """A LayerNorm of the tower computed by the Triton kernel inside
-    :func:`~vlmrm_fast.ops._triton.tower_kernels`, where that
-    applies (see the module's docstring), else by the forward of the class it replaced (``base``).
+    :func:`~vlmrm_fast.ops._triton.tower_kernels`, where that applies (see the module's docstring), else
+    by the forward of the class it replaced (``base``).
 
     Input [..., D] float32/bfloat16/float16 -> [..., D] in the input's dtype, computed in float32.
     """
