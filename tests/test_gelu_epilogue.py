@@ -174,6 +174,25 @@ def test_autograd_and_other_devices_run_the_replaced_mlp(epilogue_calls, monkeyp
     assert epilogue_calls == []  # still on the CPU
 
 
+def test_an_epilogue_that_fails_is_turned_off_with_one_warning(epilogue_calls, monkeypatch):
+    # No GPU has run it yet: a cuBLASLt status error must cost speed, not the run.
+    def failing(bias, mat1, mat2, **kwargs):
+        epilogue_calls.append(tuple(mat1.shape))
+        raise RuntimeError("CUDA error: CUBLAS_STATUS_NOT_SUPPORTED when calling cublasLtMatmul")
+
+    monkeypatch.setattr(gelu_epilogue, "_addmm_activation", failing)
+    monkeypatch.setattr(gelu_epilogue, "_failure", None)
+    fused, other = _swapped(), _swapped(seed=1)
+    with torch.inference_mode():
+        with pytest.warns(RuntimeWarning, match="GELU epilogue.*CUBLAS_STATUS_NOT_SUPPORTED.*F.linear then F.gelu"):
+            got = fused(_x())
+        assert torch.equal(got, fused.original()(_x()))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert torch.equal(other(_x()), other.original()(_x()))  # every MLP, no second warning
+    assert epilogue_calls == [(15, 24)]
+
+
 def test_a_torch_without_the_op_runs_the_replaced_mlp(epilogue_calls, monkeypatch):
     monkeypatch.setattr(gelu_epilogue, "_addmm_activation", None)
     fused = _swapped()

@@ -8,6 +8,8 @@ rounds them to float32 (for the scale, ``amax / 448 = amax / 7 / 64`` never lies
 so that is the float32 division; for the values it is the definition), then picks the nearest E4M3
 value from the table of all 254 finite ones. Both implementations must give its bytes exactly.
 """
+import warnings
+
 import pytest
 import torch
 
@@ -144,3 +146,26 @@ def test_fp8_layers_quantise_with_the_kernel_in_the_backends_calls_only():
         assert torch.equal(compiled(x), x)  # inductor fuses torch's ops itself
     with tower_kernels(False):
         assert not choose(x)
+
+
+def test_a_kernel_that_fails_is_turned_off_with_one_warning(monkeypatch):
+    # No GPU has run it yet: a Triton build or launch error must cost speed, not the run.
+    calls = []
+
+    def failing(rows):
+        calls.append(rows.shape)
+        raise RuntimeError("PTX .version 8.7 does not support .target sm_100")
+
+    monkeypatch.setattr(torch_fp8, "quantize_rows_triton", failing)
+    monkeypatch.setattr(torch_fp8, "_kernel_failure", None)
+    x = _rows((15, 48), torch.bfloat16, seed=2)
+    want_q, want_scale = reference_quantize(x)
+    with tower_kernels():
+        with pytest.warns(RuntimeWarning, match="quantisation kernel.*sm_100.*torch's ops quantise from now on"):
+            q, scale = torch_fp8._quantize(x)
+        assert torch.equal(q.view(torch.uint8), want_q) and torch.equal(scale, want_scale)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            torch_fp8._quantize(x)  # no second warning, no second try
+        assert not torch_fp8._kernel_quantizes(x)
+    assert calls == [(15, 48)]

@@ -17,6 +17,7 @@ tanh one get it exactly, and QuickGELU towers (``x * sigmoid(1.702 x)``) keep th
 """
 from __future__ import annotations
 
+import warnings
 from collections import OrderedDict
 from typing import Optional, TypeGuard
 
@@ -28,6 +29,8 @@ DTYPES = (torch.bfloat16,)
 """Where the approximation is well below the rounding (module docstring)."""
 _addmm_activation = getattr(torch, "_addmm_activation", None)
 """torch's addmm with a ReLU or GELU epilogue (private; since torch 1.13): None where a torch lacks it."""
+_failure: Optional[str] = None
+"""Why the epilogue failed in this process (its first error), after which every MLP runs unfused."""
 
 
 class GELUEpilogueMLP(SwappedModule, torch.nn.Sequential):
@@ -56,7 +59,7 @@ class GELUEpilogueMLP(SwappedModule, torch.nn.Sequential):
         """Whether this call takes the fused path: CUDA, bf16 input and weights, no autograd graph wanted,
         outside ``torch.compile`` and tracing (which get the replaced module's ops to fuse or export), and
         the children still what :func:`is_fusable_mlp` accepted (an fp8 reward replaces ``c_fc`` in place)."""
-        if torch.compiler.is_compiling() or torch.jit.is_tracing() or _addmm_activation is None:
+        if torch.compiler.is_compiling() or torch.jit.is_tracing() or _addmm_activation is None or _failure:
             return False
         fc = self._modules.get("c_fc")
         if type(fc) is not torch.nn.Linear or fc.bias is None or not _is_gelu(self._modules.get("gelu")):
@@ -72,7 +75,11 @@ class GELUEpilogueMLP(SwappedModule, torch.nn.Sequential):
             return super().forward(x)
         fc = self._modules["c_fc"]
         assert isinstance(fc, torch.nn.Linear)
-        hidden = gelu_linear(x, fc)
+        try:
+            hidden = gelu_linear(x, fc)
+        except RuntimeError as error:  # a cuBLASLt status (no GPU has run this yet): unfused is right too
+            _give_up(error)
+            return super().forward(x)
         for name, module in self._modules.items():
             if name not in ("c_fc", "gelu"):
                 hidden = module(hidden)
@@ -87,6 +94,15 @@ def gelu_linear(x: torch.Tensor, linear: torch.nn.Linear) -> torch.Tensor:
         raise ValueError("gelu_linear needs torch._addmm_activation (torch >= 1.13) and a Linear with a bias")
     hidden = _addmm_activation(linear.bias, x.reshape(-1, x.shape[-1]), linear.weight.t(), use_gelu=True)
     return hidden.view(*x.shape[:-1], linear.out_features)
+
+
+def _give_up(error: Exception) -> None:
+    """Turn the epilogue off for the process, with one warning naming ``error``."""
+    global _failure
+    _failure = f"{type(error).__name__}: {error}"
+    warnings.warn(f"cuBLASLt's GELU epilogue (torch._addmm_activation) failed here ({_failure}); the tower's MLPs "
+                  f"run F.linear then F.gelu from now on, as without it. Please report it with your GPU and torch "
+                  f"versions.", RuntimeWarning, stacklevel=3)
 
 
 def _epilogue_device(device: torch.device) -> bool:

@@ -26,7 +26,8 @@ builds) and on CPU in torch 2.14 and 2.15 (2.14.1 checked); CPU use is for tests
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, cast
+import warnings
+from typing import Callable, Optional, Tuple, cast
 
 import torch
 import torch.nn.functional as F
@@ -92,7 +93,7 @@ class Float8Linear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
-        q, scale = quantize_rows_triton(rows) if _kernel_quantizes(rows) else quantize_rows_torch(rows)
+        q, scale = _quantize(rows)
         # torch < 2.5 types it as an (out, amax) pair; fp8 needs torch >= 2.6 (fp8_unsupported_reason)
         out = cast(torch.Tensor, torch._scaled_mm(q, self.weight_fp8.t(), scale_a=scale, scale_b=self.weight_scale,
                                                   bias=self.bias, out_dtype=self.out_dtype))
@@ -102,11 +103,31 @@ class Float8Linear(torch.nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, out_dtype={self.out_dtype}"
 
 
+_kernel_failure: Optional[str] = None
+"""Why the quantisation kernel failed in this process (its first error), after which torch's ops run."""
+
+
+def _quantize(rows: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The activation rows' E4M3 values and scales: the Triton kernel where :func:`_kernel_quantizes`, else
+    torch's ops (the same bytes). A kernel that fails to build or launch (no GPU has run it yet) is turned
+    off for the process with one warning, and torch's ops quantise instead."""
+    global _kernel_failure
+    if _kernel_quantizes(rows):
+        try:
+            return quantize_rows_triton(rows)
+        except Exception as error:  # noqa: BLE001 - Triton's compile and launch errors have no common base
+            _kernel_failure = f"{type(error).__name__}: {str(error)[:300]}"
+            warnings.warn(f"the fp8 activations' quantisation kernel (vlmrm_fast/ops/quantize_rows.py) failed here "
+                          f"({_kernel_failure}); torch's ops quantise from now on (the same bytes, slower). Please "
+                          f"report it with your GPU, torch and Triton versions.", RuntimeWarning, stacklevel=4)
+    return quantize_rows_torch(rows)
+
+
 def _kernel_quantizes(rows: torch.Tensor) -> bool:
     """Whether the activation rows go through the Triton kernel (one pass; torch's ops take five): inside
     the "torch" backend's calls (:func:`~vlmrm_fast.ops._triton.tower_kernels`), outside ``torch.compile``
     and tracing (inductor fuses torch's ops itself), on a device Triton runs on, without autograd."""
-    if torch.compiler.is_compiling() or torch.jit.is_tracing() or not tower_kernels_enabled():
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or not tower_kernels_enabled() or _kernel_failure:
         return False
     if type(rows) is not torch.Tensor or kernel_takes(rows) is not None or not triton_runs_on(rows.device):
         return False
