@@ -4,7 +4,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import threading
-from typing import ContextManager, Iterator, List, Optional, Sequence, Tuple, TypeVar, Union
+from typing import Callable, ContextManager, Iterator, List, Optional, Sequence, Tuple, TypeGuard, TypeVar, Union
 
 import torch
 
@@ -101,6 +101,21 @@ def original_modules(model: torch.nn.Module) -> Iterator[None]:
 
 
 ModuleT = TypeVar("ModuleT", bound=torch.nn.Module)
+
+
+def swap_modules(model: torch.nn.Module, swapped: type, accepts: Callable[[object], TypeGuard[ModuleT]],
+                 make: Callable[[ModuleT], torch.nn.Module]) -> int:
+    """Replace, in place, every child module of ``model`` (at any depth) that ``accepts`` with ``make(child)``;
+    the number of modules of type ``swapped`` there now are (those swapped before included)."""
+    count = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, swapped):
+                count += 1
+            elif accepts(child):
+                setattr(parent, name, make(child))
+                count += 1
+    return count
 
 
 def in_place_of(new: ModuleT, old: torch.nn.Module) -> ModuleT:

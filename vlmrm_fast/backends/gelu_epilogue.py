@@ -23,7 +23,7 @@ from typing import Optional, TypeGuard
 
 import torch
 
-from vlmrm_fast.backends.base import SwappedModule, in_place_of
+from vlmrm_fast.backends.base import SwappedModule, in_place_of, swap_modules
 
 DTYPES = (torch.bfloat16,)
 """Where the approximation is well below the rounding (module docstring)."""
@@ -130,13 +130,5 @@ def is_fusable_mlp(module: object) -> TypeGuard[torch.nn.Sequential]:
 def use_gelu_epilogue(visual: torch.nn.Module) -> int:
     """Replace, in place, every MLP of ``visual`` that :func:`is_fusable_mlp` accepts with a
     :class:`GELUEpilogueMLP` holding its children; the number of MLPs that now run so."""
-    count = 0
-    for parent in list(visual.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, GELUEpilogueMLP):
-                count += 1
-            elif is_fusable_mlp(child):
-                setattr(parent, name, GELUEpilogueMLP.from_mlp(child))
-                count += 1
-    return count
+    return swap_modules(visual, GELUEpilogueMLP, is_fusable_mlp, GELUEpilogueMLP.from_mlp)
 

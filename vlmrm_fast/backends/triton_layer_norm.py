@@ -17,7 +17,7 @@ from typing import Tuple, Type, TypeGuard, TypeVar
 
 import torch
 
-from vlmrm_fast.backends.base import SwappedModule, in_place_of
+from vlmrm_fast.backends.base import SwappedModule, in_place_of, swap_modules
 from vlmrm_fast.ops._triton import tower_kernels_enabled, triton_runs_on
 from vlmrm_fast.ops.layer_norm import DTYPES, MAX_WIDTH, layer_norm_triton, rows_of
 
@@ -104,12 +104,4 @@ def is_replaceable(module: object) -> TypeGuard[torch.nn.LayerNorm]:
 def use_triton_layer_norm(visual: torch.nn.Module) -> int:
     """Replace, in place, every LayerNorm of ``visual`` that :func:`is_replaceable` accepts with a
     :class:`TritonLayerNorm` sharing its parameters; the number of LayerNorms that now run so."""
-    count = 0
-    for parent in list(visual.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, TritonLayerNorm):
-                count += 1
-            elif is_replaceable(child):
-                setattr(parent, name, TritonLayerNorm.from_layer_norm(child))
-                count += 1
-    return count
+    return swap_modules(visual, TritonLayerNorm, is_replaceable, TritonLayerNorm.from_layer_norm)
