@@ -169,3 +169,14 @@ def test_a_kernel_that_fails_is_turned_off_with_one_warning(monkeypatch):
             torch_fp8._quantize(x)  # no second warning, no second try
         assert not torch_fp8._kernel_quantizes(x)
     assert calls == [(15, 48)]
+
+
+def test_out_of_memory_is_raised_and_leaves_the_kernel_on(monkeypatch):
+    def out_of_memory(rows):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(torch_fp8, "quantize_rows_triton", out_of_memory)
+    monkeypatch.setattr(torch_fp8, "_kernel_failure", None)
+    with tower_kernels(), pytest.raises(torch.cuda.OutOfMemoryError):
+        torch_fp8._quantize(_rows((15, 48), torch.bfloat16, seed=2))
+    assert torch_fp8._kernel_failure is None

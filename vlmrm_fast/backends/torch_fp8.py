@@ -115,6 +115,8 @@ def _quantize(rows: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     if _kernel_quantizes(rows):
         try:
             return quantize_rows_triton(rows)
+        except torch.cuda.OutOfMemoryError:
+            raise  # the caller's to handle (a smaller batch), not a reason to turn the kernel off
         except Exception as error:  # noqa: BLE001 - Triton's compile and launch errors have no common base
             _kernel_failure = f"{type(error).__name__}: {str(error)[:300]}"
             warnings.warn(f"the fp8 activations' quantisation kernel (vlmrm_fast/ops/quantize_rows.py) failed here "

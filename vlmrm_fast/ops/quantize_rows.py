@@ -134,7 +134,9 @@ def quantize_rows_torch(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """The same in torch ops (any device and width): the fallback, and the weights' quantiser."""
     check_quantize_args(x)
     amax = torch.linalg.vector_norm(x, float("inf"), dim=1, keepdim=True, dtype=torch.float32)
-    scale = amax.clamp_min(TINY_AMAX) / E4M3_MAX
+    # 448 as a tensor on x's device: CUDA divides by a Python number as a multiplication by its float32
+    # reciprocal, which may be a bit off the IEEE quotient (and so a scale and the bytes after it)
+    scale = amax.clamp_min(TINY_AMAX) / amax.new_full((), E4M3_MAX)
     return (x.float() / scale).to(torch.float8_e4m3fn), scale
 
 
