@@ -17,7 +17,7 @@ Ops (SPEC §1.2, §1.4, §2):
   way); in the defaults on CUDA only (on CPU the package does not use it: ``--ops fc1_gelu`` asks).
 - ``fp8_quantize``: the fp8 matmuls' activations, N frames' token rows [N * L, K] -> E4M3 [N * L, K] and a
   float32 scale a row, as the ``torch`` backend quantises them with ``quantize="fp8"`` on CUDA (one pass,
-  :mod:`vlmrm_fast.ops.quantize_rows`) against torch's ops (five passes); GB/s counts the rows read, the
+  :mod:`vlmrm_fast.ops.quantize_rows`) against torch's ops (four passes); GB/s counts the rows read, the
   E4M3 values and scales written. In the defaults on CUDA only (E4M3 stores need compute capability 8.9+).
 - ``copy``: a device-to-device copy, the bandwidth ceiling preprocessing and LayerNorm are judged
   against. It is measured whenever either is, so that their rows get their ``frac_of_copy``.

@@ -14,8 +14,9 @@ step is 0.016). That is at most half a bf16 step where the output's magnitude is
 same absolute gap spans several of bf16's finer steps (up to 8 near outputs of -0.01), small beside the
 activations the next matmul sums them with. It is used for bf16 only: fp16's steps are 8 times finer,
 and there the approximation would be of the order of the rounding. The tests hold the MLP and the reward
-to twice PyTorch's own bf16 error against the exact GELU in float64. The approximation is what the epilogue computes, not a choice; towers whose GELU is already the
-tanh one get it exactly, and QuickGELU towers (``x * sigmoid(1.702 x)``) keep their own.
+to twice PyTorch's own bf16 error against the exact GELU in float64. The approximation is what the
+epilogue computes, not a choice; towers whose GELU is already the tanh one get it exactly, and QuickGELU
+towers (``x * sigmoid(1.702 x)``) keep their own.
 """
 from __future__ import annotations
 

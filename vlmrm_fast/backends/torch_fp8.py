@@ -16,7 +16,7 @@ sizes are multiples of 16 becomes a :class:`Float8Linear` (others stay bf16):
 Everything else stays bf16: the patch embedding, LayerNorm, attention itself (SDPA's two matmuls and
 softmax), GELU and the output projection ``visual.proj``. The "torch" backend (with its Triton kernels,
 the default on CUDA) quantises each activation in one pass (:mod:`vlmrm_fast.ops.quantize_rows`; torch's
-ops take five); with ``"compile"``, inductor fuses torch's ops itself (not yet seen on a GPU).
+ops take four); with ``"compile"``, inductor fuses torch's ops itself (not yet seen on a GPU).
 
 torchao's float8 inference quantisation does the same, but refuses devices below compute capability 8.9
 (so CI, on CPU, could not test it) and is tied to particular torch versions; hence this module. Per-row
@@ -126,7 +126,7 @@ def _quantize(rows: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
 
 
 def _kernel_quantizes(rows: torch.Tensor) -> bool:
-    """Whether the activation rows go through the Triton kernel (one pass; torch's ops take five): inside
+    """Whether the activation rows go through the Triton kernel (one pass; torch's ops take four): inside
     the "torch" backend's calls (:func:`~vlmrm_fast.ops._triton.tower_kernels`), outside ``torch.compile``
     and tracing (inductor fuses torch's ops itself), on a device Triton runs on, without autograd."""
     if torch.compiler.is_compiling() or torch.jit.is_tracing() or not tower_kernels_enabled() or _kernel_failure:

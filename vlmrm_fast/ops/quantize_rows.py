@@ -11,12 +11,13 @@ its largest magnitude mapped to 448, E4M3's largest finite value. No clamp is ne
 464, where float8_e4m3fn (no infinity) would turn to NaN. The kernel and the torch path give the same
 bytes.
 
-Why a kernel of our own: eager torch computes this in five passes (the row maxima; a float32 copy; the
-division; the clamp; the cast), moving about 29 bytes per bf16 element, before every fp8 matmul. At
-ViT-bigG-14's batch 1024 the matmuls' inputs are 166 billion elements a tower call: about 1.4 s at the
-H200's copy bandwidth, against a 1.94 s bf16 tower (``benchmarks/results/profile-h200-bigg``), which
-would leave eager fp8 slower than bf16. The kernel reads each row once and writes one byte an element
-(3 bytes per bf16 element).
+Why a kernel of our own: eager torch computes this in four passes (the row maxima; a float32 copy; the
+division; the cast), moving about 21 bytes per bf16 element, before every fp8 matmul. At ViT-bigG-14's
+batch 1024 the matmuls' inputs are 166 billion elements a tower call, 3.5 TB of traffic: about 0.8 s at
+the H200's measured copy bandwidth (4.2 TB/s), beside a 1.94 s bf16 tower whose matmuls take 1.45 s
+(``benchmarks/results/profile-h200-bigg``), so even twice as fast fp8 matmuls would leave eager fp8 no
+faster than bf16. The kernel reads each row once and writes one byte an element (3 bytes per bf16
+element: about 0.12 s).
 """
 from typing import Literal, Optional, Tuple
 
@@ -125,7 +126,8 @@ def quantize_rows_triton(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     with on_device(x.device):
         _quantize_rows_kernel[(triton.cdiv(n_rows, rows),)](
             x, q, scale, n_rows, x.stride(0), WIDTH=width, BLOCK_ROWS=rows, BLOCK_WIDTH=block_width,
-            ROUND_BY_HAND=interpreter_enabled(), num_warps=warps, enable_fp_fusion=True,  # pinned, as in ops/preprocess.py
+            ROUND_BY_HAND=interpreter_enabled(), num_warps=warps,
+            enable_fp_fusion=True,  # pinned, as in ops/preprocess.py
         )
     return q, scale
 
