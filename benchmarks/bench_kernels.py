@@ -32,8 +32,8 @@ Providers:
 - ``triton-r8w8`` (with ``--layer-norm-configs 8w8``): the LayerNorm kernel launched with 8 rows a
   program and 8 warps instead of its default, for tuning.
 - ``torch``: the package's plain torch path (``impl="torch"``); for ``patch_embed``, the matmul; for
-  ``fc1_gelu``, the epilogue; none for ``layer_norm`` and ``fp8_quantize`` (its plain path, ``F.layer_norm`` in float32, is a
-  fallback, not a contender).
+  ``fc1_gelu``, the epilogue; none for ``layer_norm`` (its plain path, ``F.layer_norm`` in float32, is a
+  fallback, not a contender) and ``fp8_quantize`` (its plain path is the seed's row).
 - ``seed``: the original VLM-RM code's way, the baseline for ``speedup_vs_seed``; for ``patch_embed``,
   the convolution (cuDNN on CUDA) in the benchmark's dtype; for ``layer_norm``, ``F.layer_norm``; for
   ``fc1_gelu``, ``F.linear`` then the exact ``F.gelu``; for ``fp8_quantize`` (the original had no fp8),

@@ -29,8 +29,9 @@ from conftest import DEVICES, cuda_rowwise_scaled_mm, make_model, make_tiny
 from reference import reference_reward
 from vlmrm_fast import CLIPReward
 from vlmrm_fast.backends import BackendError, torch_fp8
-from vlmrm_fast.backends.torch_fp8 import (
-    E4M3_MAX, Float8Linear, SelfAttention, fp8_unsupported_reason, quantize_rows, replace_projections)
+from vlmrm_fast.backends.torch_fp8 import Float8Linear, SelfAttention, fp8_unsupported_reason, replace_projections
+from vlmrm_fast.ops.quantize_rows import E4M3_MAX
+from vlmrm_fast.ops.quantize_rows import quantize_rows_torch as quantize_rows
 
 GOAL, BASELINE, ALPHA = ["a humanoid robot kneeling", "kneeling"], ["a humanoid robot"], 0.5
 

@@ -25,6 +25,7 @@ from collections import OrderedDict
 from typing import Optional, TypeGuard
 
 import torch
+from torch.nn.modules import module as nn_module
 
 from vlmrm_fast.backends.base import SwappedModule, in_place_of, swap_modules
 
@@ -115,8 +116,6 @@ def _give_up(error: Exception) -> None:
 
 def _hooked(module: Optional[torch.nn.Module]) -> bool:
     """Whether calling ``module`` would run forward hooks (its own, or every module's)."""
-    from torch.nn.modules import module as nn_module
-
     return bool(module is not None and (module._forward_hooks or module._forward_pre_hooks
                                         or nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks))
 

@@ -34,12 +34,7 @@ import torch.nn.functional as F
 
 from vlmrm_fast.backends.base import BackendError
 from vlmrm_fast.ops._triton import tower_kernels_enabled, triton_runs_on
-from vlmrm_fast.ops.quantize_rows import E4M3_MAX  # noqa: F401  (re-exported: the scales' target)
 from vlmrm_fast.ops.quantize_rows import kernel_takes, quantize_rows_torch, quantize_rows_triton
-
-quantize_rows = quantize_rows_torch
-"""[M, K] float -> ([M, K] float8_e4m3fn, [M, 1] float32 scales): row ``i`` is ``q[i] * scale[i]``, its
-largest magnitude mapped to :data:`E4M3_MAX` (:mod:`vlmrm_fast.ops.quantize_rows`, torch's ops)."""
 
 HOPPER = 9
 """The compute capability major this runs on: torch's per-row fp8 kernel is a Hopper (sm90) kernel; on
@@ -68,7 +63,7 @@ class Float8Linear(torch.nn.Module):
         if not _fits_fp8(weight):
             raise ValueError(f"fp8 matmuls need both sizes to be multiples of 16; this weight is {tuple(weight.shape)}.")
         self.out_dtype = out_dtype
-        weight_fp8, weight_scale = quantize_rows(weight.detach())
+        weight_fp8, weight_scale = quantize_rows_torch(weight.detach())
         # Held as raw bytes: Module.to(dtype), .half() and .float() cast every floating-point buffer,
         # float8 included, which would round the E4M3 values and the float32 scales away (a second
         # CLIPReward on the same model casts its tower so).

@@ -61,7 +61,8 @@ if HAS_TRITON:
         rows = rows.to(tl.int64)  # rows x width passes 2**31 elements (ViT-bigG-14's MLP at batch 1024)
         x = tl.load(x_ptr + rows[:, None] * stride_x_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         amax = tl.max(tl.abs(x), axis=1)
-        # IEEE divisions (a GPU's plain float32 '/' may be 2 ulp off), as torch divides: the same bytes
+        # IEEE divisions (a GPU's plain float32 '/' may be 2 ulp off), as torch divides: the same bytes.
+        # 1e-12 and 448 are TINY_AMAX and E4M3_MAX (a kernel reads no plain module globals)
         scale = tl.math.div_rn(tl.maximum(amax, 1e-12), tl.full((BLOCK_ROWS,), 448.0, tl.float32))
         q = tl.math.div_rn(x, tl.broadcast_to(scale[:, None], (BLOCK_ROWS, BLOCK_WIDTH)))  # |q| < 464: no clamp
         if ROUND_BY_HAND:
