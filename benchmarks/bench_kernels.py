@@ -19,6 +19,10 @@ Ops (SPEC §1.2, §1.4, §2):
   float32 scale a row, as the ``torch`` backend quantises them with ``quantize="fp8"`` on CUDA (one pass,
   :mod:`vlmrm_fast.ops.quantize_rows`) against torch's ops (four passes); GB/s counts the rows read, the
   E4M3 values and scales written. In the defaults on CUDA only (E4M3 stores need compute capability 8.9+).
+  The cases ending ``-gelu`` quantise ``GELU(tokens)``, each MLP's second matmul input, as the ``torch``
+  backend does (the GELU inside the kernel, :mod:`vlmrm_fast.backends.fp8_gelu_mlp`), against torch's
+  GELU then torch's ops ("seed") and torch's GELU then the kernel (``triton-after-gelu``, the backend
+  before the fusion); GB/s counts the same bytes for all three (their extra pass is their cost).
 - ``copy``: a device-to-device copy, the bandwidth ceiling preprocessing and LayerNorm are judged
   against. It is measured whenever either is, so that their rows get their ``frac_of_copy``.
 
@@ -606,7 +610,21 @@ def bench_fp8_quantize(args: argparse.Namespace, env: Dict[str, str], timer: Tim
                 calls.update({p: functools.partial(quantize_rows_triton, tokens) for p in providers if p.startswith("triton")})
                 rows += time_calls(timer, calls, n, nbytes, **env, op="fp8_quantize", case=case.fp8_quantize_case(width),
                                    H=None, W=None, dtype=args.dtype, repeats=args.repeats)
+                if width == case.mlp_width:  # c_proj's input: c_fc's output, the GELU first
+                    calls = {"seed": functools.partial(gelu_then_quantize, tokens, quantize_rows_torch)}
+                    for p in providers:
+                        if p.startswith("triton"):
+                            calls[p] = functools.partial(quantize_rows_triton, tokens, gelu=True)
+                            calls[f"{p}-after-gelu"] = functools.partial(gelu_then_quantize, tokens, quantize_rows_triton)
+                    rows += time_calls(timer, calls, n, nbytes, **env, op="fp8_quantize",
+                                       case=case.fp8_quantize_case(width) + "-gelu", H=None, W=None, dtype=args.dtype,
+                                       repeats=args.repeats)
     return rows
+
+
+def gelu_then_quantize(tokens: torch.Tensor, quantize: Callable) -> Tuple[torch.Tensor, torch.Tensor]:
+    """torch's GELU pass (rounded to the tokens' dtype), then ``quantize``: the fp8 MLP without the fusion."""
+    return quantize(F.gelu(tokens))
 
 
 def add_ratios(rows: List[Row]) -> None:

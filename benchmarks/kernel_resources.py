@@ -101,7 +101,7 @@ def _variants() -> List[Tuple[str, Any, Callable[[], None], bool]]:
         return lambda: ln.layer_norm_triton(torch.zeros((8, width), dtype=dtype), torch.ones(width, dtype=dtype),
                                             torch.zeros(width, dtype=dtype), 1e-5, **launch)
     qr = importlib.import_module("vlmrm_fast.ops.quantize_rows")
-    quant = lambda width, dtype: lambda: qr.quantize_rows_triton(torch.zeros((8, width), dtype=dtype))  # noqa: E731
+    quant = lambda width, dtype, gelu=False: lambda: qr.quantize_rows_triton(torch.zeros((8, width), dtype=dtype), gelu=gelu)  # noqa: E731
     ident = importlib.import_module("identity_variants")  # beside this script: candidates, not the op's path
     bf16_224 = lambda variant: lambda: ident.preprocess_identity(u8(224), spec, torch.bfloat16, variant, bottom_up=True)  # noqa: E731
     return [
@@ -127,7 +127,8 @@ def _variants() -> List[Tuple[str, Any, Callable[[], None], bool]]:
         ("fp16 D=1024 (ViT-L-14)", kernel_ln, norm(1024, torch.float16), True),
         ("bf16 D=768, 8 rows, 8 warps", kernel_ln, norm(768, torch.bfloat16, rows_per_program=8, num_warps=8), False),
         ("bf16 K=768 (ViT-B-32's attention, c_fc)", qr._quantize_rows_kernel, quant(768, torch.bfloat16), True),
-        ("bf16 K=8192 (ViT-bigG-14's c_proj)", qr._quantize_rows_kernel, quant(8192, torch.bfloat16), True),
+        ("bf16 K=8192, GELU first (ViT-bigG-14's c_proj)", qr._quantize_rows_kernel, quant(8192, torch.bfloat16, True), True),
+        ("bf16 K=3072, GELU first (ViT-B-32's c_proj)", qr._quantize_rows_kernel, quant(3072, torch.bfloat16, True), True),
         ("fp32 K=1664 (ViT-bigG-14's width)", qr._quantize_rows_kernel, quant(1664, torch.float32), True),
     ]
 

@@ -107,6 +107,17 @@ def tensorrt_is_float32(tensor: dict) -> bool:
     return text in ("FLOAT", "FP32", "FLOAT32") or "FP32" in text.split()
 
 
+@pytest.fixture
+def fp8_on_cpu(monkeypatch):
+    """Lift the backends' refusal of fp8 on CPU (the dtype check stays): per-row scaled ``torch._scaled_mm``
+    runs on CPU in torch 2.14+, where the fp8 tests multiply (tests/test_torch_fp8.py)."""
+    from vlmrm_fast.backends import torch_fp8
+
+    check = torch_fp8.fp8_unsupported_reason
+    monkeypatch.setattr(torch_fp8, "fp8_unsupported_reason",
+                        lambda device, dtype: check(device, dtype) if device.type == "cuda" or dtype != torch.bfloat16 else None)
+
+
 def cuda_rowwise_scaled_mm(a, b, *, scale_a, scale_b, bias=None, out_dtype=None, **kwargs):
     """``torch._scaled_mm`` with per-row scales as CUDA runs it on Hopper (torch 2.6 to 2.11), for CPU tests:
     what CUDA refuses and torch's CPU kernel takes (a row-major second matrix, float32 output, a float32

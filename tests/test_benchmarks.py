@@ -226,12 +226,23 @@ def test_kernel_benchmark_times_the_fp8_quantisation_both_ways(tmp_path):
     bench.main(["--device", "cpu", "--ops", "fp8_quantize", "--batch-sizes", "1", "--repeats", "1", "--warmup", "1",
                 "--copy-mib", "8", "--json", str(out_json)])
     rows = [r for r in json.loads(out_json.read_text())["rows"] if r["op"] == "fp8_quantize"]
-    cases = [case.fp8_quantize_case(width) for case in bench.TOWER_SHAPES for width in (case.width, case.mlp_width)]
-    assert [(r["case"], r["provider"]) for r in rows] == [(c, p) for c in cases for p in ("seed", "triton-interpret")]
-    assert rows[-1]["case"] == "bigG-L257-K8192"
-    for seed, fast in zip(rows[::2], rows[1::2]):
-        assert fast["max_abs_diff_vs_seed"] == 0 and fast["frac_of_copy"] == pytest.approx(
-            fast["gb_per_s"] / next(r for r in json.loads(out_json.read_text())["rows"] if r["op"] == "copy")["gb_per_s"])
+    copy_rate = next(r for r in json.loads(out_json.read_text())["rows"] if r["op"] == "copy")["gb_per_s"]
+    expected = []
+    for case in bench.TOWER_SHAPES:
+        expected += [(case.fp8_quantize_case(case.width), p) for p in ("seed", "triton-interpret")]
+        expected += [(case.fp8_quantize_case(case.mlp_width), p) for p in ("seed", "triton-interpret")]
+        expected += [(case.fp8_quantize_case(case.mlp_width) + "-gelu", p)
+                     for p in ("seed", "triton-interpret", "triton-interpret-after-gelu")]
+    assert [(r["case"], r["provider"]) for r in rows] == expected
+    assert rows[-1]["case"] == "bigG-L257-K8192-gelu"
+    for row in rows:
+        assert row["frac_of_copy"] == pytest.approx(row["gb_per_s"] / copy_rate)
+        if row["provider"] == "triton-interpret" and row["case"].endswith("-gelu"):
+            # its GELU is not rounded to bf16 before the quantisation: at most one E4M3 step off the
+            # seed's values (32 at the top of the range), and its scales a bf16 rounding of the row's max
+            assert 0 < row["max_abs_diff_vs_seed"] <= 32
+        elif row["provider"] != "seed":
+            assert row["max_abs_diff_vs_seed"] == 0  # the same bytes as torch's ops
 
 
 def test_kernel_benchmark_times_the_patch_embedding_both_ways(tmp_path):

@@ -29,15 +29,19 @@ def reference_quantize(x: torch.Tensor):
     x = x.double().cpu()
     amax = x.abs().amax(dim=1, keepdim=True)
     scale = (amax.clamp_min(torch.tensor(1e-12, dtype=torch.float32).double()) / 448).float()
-    v = (x / scale.double()).float().double().clamp(-448, 448)
-    distance = (v[..., None] - VALUES).abs()
+    return nearest_codes((x / scale.double()).float().double()), scale
+
+
+def nearest_codes(v: torch.Tensor) -> torch.Tensor:
+    """float64 ``v`` (|v| <= 448 (1 + 2^-23)) -> the byte codes of the nearest E4M3 values, ties to even."""
+    distance = (v.clamp(-448, 448)[..., None] - VALUES).abs()
     nearest = distance == distance.min(dim=-1, keepdim=True).values
     # a tie: two neighbours; ties go to the even code (E4M3's last mantissa bit); +0 and -0 are both
     # at distance 0 from a zero: the sign of v decides
     even = (CODES % 2 == 0) & ~((VALUES == 0) & (torch.signbit(VALUES) != torch.signbit(v)[..., None]))
     pick = torch.where(nearest.sum(-1, keepdim=True) > 1, nearest & even, nearest)
     assert (pick.sum(-1) == 1).all()
-    return CODES[pick.double().argmax(-1)].to(torch.uint8), scale
+    return CODES[pick.double().argmax(-1)].to(torch.uint8)
 
 
 def _rows(shape, dtype, seed):
@@ -68,6 +72,78 @@ def test_equals_the_float64_reference(shape, dtype, device, impl):
     assert q.dtype == torch.float8_e4m3fn and q.shape == shape and scale.shape == (shape[0], 1)
     assert torch.equal(q.view(torch.uint8).cpu(), want_q)
     assert torch.equal(scale.cpu(), want_scale)
+
+
+# ---- with the GELU first (gelu=True) -------------------------------------------------------------------
+# The float32 GELU is not correctly rounded: erf is an ulp or two off (libdevice's and torch's are not the
+# same bits), and 1 + erf(x / sqrt 2) cancels for negative x, where erf is near -1 and float32's steps
+# there (2^-24) are all that is left of it. So the reference computes the GELU in float64, and a value
+# must be the nearest E4M3 one to the float64 quotient moved by at most the float32 GELU's error bound
+# over the scale plus the division's rounding: exact wherever that band holds no E4M3 midpoint, either
+# neighbour where it does. The bound on |GELU32(x) - GELU64(x)|: 8 float32 ulps of the result, plus
+# |x| * 2^-22 for the cancellation (|x| / 2 times 1 + erf's absolute error, at most 4 of float32's steps
+# near 1). The scale must be within that bound of the float64 amax over 448, plus its own rounding.
+
+
+def _gelu64(x: torch.Tensor) -> torch.Tensor:
+    """The exact GELU, ``x / 2 (1 + erf(x / sqrt 2))``, in float64."""
+    x = x.double().cpu()
+    return x * 0.5 * (1 + torch.erf(x / 2 ** 0.5))
+
+
+def _gelu32_error_bound(x: torch.Tensor) -> torch.Tensor:
+    """A bound on a float32 GELU's distance from :func:`_gelu64` (comment above), float64."""
+    g = _gelu64(x).abs()
+    ulp = torch.exp2(torch.floor(torch.log2(g.clamp_min(2.0 ** -126))) - 23)
+    return 8 * ulp + x.double().cpu().abs() * 2.0 ** -22
+
+
+def check_gelu_quantized(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> float:
+    """Assert that ``q`` [M, K] and ``scale`` [M, 1] are the E4M3 values and scales of GELU(x) (comment
+    above); returns the fraction of values within the band of a midpoint."""
+    g, bound = _gelu64(x), _gelu32_error_bound(x)
+    scale = scale.cpu().double()
+    amax = g.abs().amax(dim=1, keepdim=True)
+    amax_bound = torch.where(g.abs() == amax, bound, 0).amax(dim=1, keepdim=True) if g.numel() else amax
+    assert ((scale - amax.clamp_min(1e-12) / 448).abs() <= amax_bound / 448 + scale * 2.0 ** -23).all()
+    v = g / scale
+    band = bound / scale + v.abs() * 2.0 ** -23 + 2.0 ** -140  # the last: a zero GELU may come back as -0
+    low, high, got = nearest_codes(v - band), nearest_codes(v + band), q.view(torch.uint8).cpu()
+    assert ((got == low) | (got == high)).all()
+    either = E4M3[low.long()] != E4M3[high.long()]  # -0 and +0 are one value here: a sign is no midpoint
+    return either.double().mean().item() if v.numel() else 0.0
+
+
+GELU_SHAPES = [(7, 48), (5, 1664), (1, 8192), (37, 97), (0, 16), (3, 1)]
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", GELU_SHAPES)
+def test_gelu_first_equals_the_float64_reference(shape, dtype, device, impl):
+    x = _rows(shape, dtype, seed=sum(shape) + 1)
+    q, scale = quantize_rows(x.to(device), gelu=True, impl=impl)
+    assert q.dtype == torch.float8_e4m3fn and q.shape == shape and scale.shape == (shape[0], 1)
+    near_midpoints = check_gelu_quantized(x, q, scale)
+    # A band wide enough to pass anything would fail here. Random float32 values would fall in it about
+    # once in 10^4; these rows, of few-bit values (bf16: 8 bits) over a scale of the same kind, with
+    # GELU(x) = x in float32 above x = 5.5 or so, land on E4M3 midpoints more often (0.42% at most here).
+    assert near_midpoints < 0.01
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gelu_first_is_not_rounded_to_the_input_dtype(device):
+    # The row's largest GELU is 448 (x = 448): scale 1. GELU(1.203125) = 1.06540 is above the midpoint of
+    # E4M3's 1 and 1.125 and goes up; rounded to bf16 first it would be 1.0625, the midpoint itself, and
+    # go to the even 1. The others are such values too (found by search).
+    x = torch.tensor([[448.0, 1.203125, -0.59375, 0.171875, 2.390625]], dtype=torch.bfloat16)
+    q, scale = quantize_rows(x.to(device), gelu=True)
+    assert scale.item() == 1.0
+    assert check_gelu_quantized(x, q, scale) == 0  # none near a midpoint
+    unfused, _ = quantize_rows(torch.nn.functional.gelu(x).to(device))  # torch's GELU pass, then quantised
+    assert (q.view(torch.uint8) != unfused.view(torch.uint8)).cpu().tolist() == [[False] + [True] * 4]
+    assert q[0, 1].item() == 1.125 and unfused[0, 1].item() == 1.0
 
 
 @pytest.mark.parametrize("impl", ["triton", "torch"])
@@ -132,7 +208,7 @@ def test_launch_config_keeps_a_program_near_4096_elements():
 
 
 def test_fp8_layers_quantise_with_the_kernel_in_the_backends_calls_only():
-    choose = torch_fp8._kernel_quantizes
+    choose = torch_fp8.kernel_quantizes
     x = torch.randn(15, 48)
     assert not choose(x)  # a user's own call, another backend's, an export
     with tower_kernels():
@@ -152,7 +228,7 @@ def test_a_kernel_that_fails_is_turned_off_with_one_warning(monkeypatch):
     # No GPU has run it yet: a Triton build or launch error must cost speed, not the run.
     calls = []
 
-    def failing(rows):
+    def failing(rows, gelu=False):
         calls.append(rows.shape)
         raise RuntimeError("PTX .version 8.7 does not support .target sm_100")
 
@@ -167,12 +243,12 @@ def test_a_kernel_that_fails_is_turned_off_with_one_warning(monkeypatch):
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             torch_fp8._quantize(x)  # no second warning, no second try
-        assert not torch_fp8._kernel_quantizes(x)
+        assert not torch_fp8.kernel_quantizes(x)
     assert calls == [(15, 48)]
 
 
 def test_out_of_memory_is_raised_and_leaves_the_kernel_on(monkeypatch):
-    def out_of_memory(rows):
+    def out_of_memory(rows, gelu=False):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
     monkeypatch.setattr(torch_fp8, "quantize_rows_triton", out_of_memory)

@@ -57,14 +57,6 @@ def _usable(device: str) -> None:
             pytest.skip(reason)
 
 
-@pytest.fixture
-def fp8_on_cpu(monkeypatch):
-    """Lift the backends' refusal of fp8 on CPU (the dtype check stays)."""
-    check = torch_fp8.fp8_unsupported_reason
-    monkeypatch.setattr(torch_fp8, "fp8_unsupported_reason",
-                        lambda device, dtype: check(device, dtype) if device.type == "cuda" or dtype != torch.bfloat16 else None)
-
-
 def _fp8_round(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x through E4M3 with ``scale`` (broadcastable), back in x's dtype."""
     return ((x.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).float() * scale).to(x.dtype)
@@ -244,12 +236,14 @@ def test_fp8_rewards_with_the_quantisation_kernel(device, fp8_on_cpu, monkeypatc
     own_error = (_torch_own_fp8_reward(model, tokenizer, frames) - want).abs().max().item()
     kernel_rows = []
     real = torch_fp8.quantize_rows_triton
-    monkeypatch.setattr(torch_fp8, "quantize_rows_triton", lambda x: kernel_rows.append(x.shape[0]) or real(x))
+    monkeypatch.setattr(torch_fp8, "quantize_rows_triton",
+                        lambda x, gelu=False: kernel_rows.append((x.shape[0], gelu)) or real(x, gelu=gelu))
     rm = CLIPReward(model, tokenizer, goal=GOAL, baseline=BASELINE, alpha=ALPHA, device=device, dtype="bf16",
                     backend="torch", kernels="triton", backend_options={"quantize": "fp8"})
     error = (rm(frames).double().cpu() - want).abs().max().item()
     blocks = len(rm.model.visual.transformer.resblocks)
-    assert kernel_rows == [16 * 50] * 4 * blocks  # in_proj, out_proj, c_fc, c_proj of every block
+    # in_proj, out_proj, c_fc, then c_proj with the MLP's GELU (backends/fp8_gelu_mlp.py), in every block
+    assert kernel_rows == ([(16 * 50, False)] * 3 + [(16 * 50, True)]) * blocks
     assert 0 < own_error and error <= 2 * own_error, (error, own_error)
 
 

@@ -7,6 +7,7 @@ import threading
 from typing import Callable, ContextManager, Iterator, List, Optional, Sequence, Tuple, TypeGuard, TypeVar, Union
 
 import torch
+from torch.nn.modules import module as nn_module
 
 from vlmrm_fast.argtypes import BACKEND_NAMES  # noqa: F401  (re-exported; defined where parsers need no torch)
 from vlmrm_fast.argtypes import COMPILE_MODES
@@ -116,6 +117,13 @@ def swap_modules(model: torch.nn.Module, swapped: type, accepts: Callable[[objec
                 setattr(parent, name, make(child))
                 count += 1
     return count
+
+
+def runs_forward_hooks(module: Optional[torch.nn.Module]) -> bool:
+    """Whether calling ``module`` would run forward hooks (its own, or every module's): a fused path that
+    computes it without calling it would skip them (a user's probe of its output), so it steps aside."""
+    return bool(module is not None and (module._forward_hooks or module._forward_pre_hooks
+                                        or nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks))
 
 
 def in_place_of(new: ModuleT, old: torch.nn.Module) -> ModuleT:

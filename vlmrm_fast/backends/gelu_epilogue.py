@@ -25,9 +25,8 @@ from collections import OrderedDict
 from typing import Optional, TypeGuard
 
 import torch
-from torch.nn.modules import module as nn_module
 
-from vlmrm_fast.backends.base import SwappedModule, in_place_of, swap_modules
+from vlmrm_fast.backends.base import SwappedModule, in_place_of, runs_forward_hooks, swap_modules
 
 DTYPES = (torch.bfloat16,)
 """Where the approximation is well below the rounding (module docstring)."""
@@ -73,7 +72,7 @@ class GELUEpilogueMLP(SwappedModule, torch.nn.Sequential):
             return False
         if fc.weight.dtype != x.dtype or fc.bias.dtype != x.dtype or x.shape[-1] != fc.in_features:
             return False
-        if _hooked(fc) or _hooked(self._modules["gelu"]):  # the fused call would skip a user's hooks on them
+        if runs_forward_hooks(fc) or runs_forward_hooks(self._modules["gelu"]):  # the fused call would skip them
             return False
         return not (torch.is_grad_enabled() and (x.requires_grad or fc.weight.requires_grad or fc.bias.requires_grad))
 
@@ -112,12 +111,6 @@ def _give_up(error: Exception) -> None:
     warnings.warn(f"cuBLASLt's GELU epilogue (torch._addmm_activation) failed here ({_failure}); the tower's MLPs "
                   f"run F.linear then F.gelu from now on, as without it. Please report it with your GPU and torch "
                   f"versions.", RuntimeWarning, stacklevel=3)
-
-
-def _hooked(module: Optional[torch.nn.Module]) -> bool:
-    """Whether calling ``module`` would run forward hooks (its own, or every module's)."""
-    return bool(module is not None and (module._forward_hooks or module._forward_pre_hooks
-                                        or nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks))
 
 
 def _epilogue_device(device: torch.device) -> bool:

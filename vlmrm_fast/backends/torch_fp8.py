@@ -87,8 +87,17 @@ class Float8Linear(torch.nn.Module):
         return None if self.bias_bytes is None else self.bias_bytes.view(self.out_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._matmul(x, gelu=False)
+
+    def gelu_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``forward(GELU(x))``, the exact GELU computed in float32 as the activations are quantised, not
+        rounded to ``x``'s dtype first (:mod:`vlmrm_fast.ops.quantize_rows`, ``gelu=True``): an fp8 MLP's
+        second matmul (:mod:`vlmrm_fast.backends.fp8_gelu_mlp`)."""
+        return self._matmul(x, gelu=True)
+
+    def _matmul(self, x: torch.Tensor, gelu: bool) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
-        q, scale = _quantize(rows)
+        q, scale = _quantize(rows, gelu)
         # torch < 2.5 types it as an (out, amax) pair; fp8 needs torch >= 2.6 (fp8_unsupported_reason)
         out = cast(torch.Tensor, torch._scaled_mm(q, self.weight_fp8.t(), scale_a=scale, scale_b=self.weight_scale,
                                                   bias=self.bias, out_dtype=self.out_dtype))
@@ -102,14 +111,15 @@ _kernel_failure: Optional[str] = None
 """Why the quantisation kernel failed in this process (its first error), after which torch's ops run."""
 
 
-def _quantize(rows: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The activation rows' E4M3 values and scales: the Triton kernel where :func:`_kernel_quantizes`, else
-    torch's ops (the same bytes). A kernel that fails to build or launch (no GPU has run it yet) is turned
-    off for the process with one warning, and torch's ops quantise instead."""
+def _quantize(rows: torch.Tensor, gelu: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The activation rows' (or their GELU's, with ``gelu``) E4M3 values and scales: the Triton kernel where
+    :func:`kernel_quantizes`, else torch's ops (the same bytes, bar the GELU's last ulp). A kernel that
+    fails to build or launch (no GPU has run it yet) is turned off for the process with one warning, and
+    torch's ops quantise instead."""
     global _kernel_failure
-    if _kernel_quantizes(rows):
+    if kernel_quantizes(rows):
         try:
-            return quantize_rows_triton(rows)
+            return quantize_rows_triton(rows, gelu=gelu)
         except torch.cuda.OutOfMemoryError:
             raise  # the caller's to handle (a smaller batch), not a reason to turn the kernel off
         except Exception as error:  # noqa: BLE001 - Triton's compile and launch errors have no common base
@@ -117,10 +127,10 @@ def _quantize(rows: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
             warnings.warn(f"the fp8 activations' quantisation kernel (vlmrm_fast/ops/quantize_rows.py) failed here "
                           f"({_kernel_failure}); torch's ops quantise from now on (the same bytes, slower). Please "
                           f"report it with your GPU, torch and Triton versions.", RuntimeWarning, stacklevel=4)
-    return quantize_rows_torch(rows)
+    return quantize_rows_torch(rows, gelu=gelu)
 
 
-def _kernel_quantizes(rows: torch.Tensor) -> bool:
+def kernel_quantizes(rows: torch.Tensor) -> bool:
     """Whether the activation rows go through the Triton kernel (one pass; torch's ops take four): inside
     the "torch" backend's calls (:func:`~vlmrm_fast.ops._triton.tower_kernels`), outside ``torch.compile``
     and tracing (inductor fuses torch's ops itself), on a device Triton runs on, without autograd."""

@@ -11,6 +11,15 @@ its largest magnitude mapped to 448, E4M3's largest finite value. No clamp is ne
 464, where float8_e4m3fn (no infinity) would turn to NaN. The kernel and the torch path give the same
 bytes.
 
+With ``gelu=True`` the row quantised is ``GELU(x)`` instead, the exact GELU as torch writes it,
+``x * 0.5 * (1 + erf(x / sqrt(2)))``, computed in float32 and quantised as it is (not rounded to ``x``'s
+dtype first, as eager torch's own GELU pass would): the input of each fp8 MLP's second matmul, straight
+from the first matmul's bf16 output. Eager torch spends a pass on the GELU, reading and writing the hidden
+activations (4 bytes per bf16 element: about 0.14 s of ViT-bigG-14's batch-1024 call and 34 ms of
+ViT-L-14's, at the 3 TB/s torch's GELU kernel moved in the H200 profile of ViT-B-32); here it costs only
+the arithmetic. The two paths' float32 ``erf`` (libdevice's, torch's) may differ by an ulp, so their
+bytes may differ where that moves a value across an E4M3 rounding midpoint.
+
 Why a kernel of our own: eager torch computes this in four passes (the row maxima; a float32 copy; the
 division; the cast), moving about 21 bytes per bf16 element, before every fp8 matmul. At ViT-bigG-14's
 batch 1024 the matmuls' inputs are 166 billion elements a tower call, 3.5 TB of traffic: about 0.8 s at
@@ -51,6 +60,7 @@ if HAS_TRITON:
         WIDTH: tl.constexpr,
         BLOCK_ROWS: tl.constexpr,
         BLOCK_WIDTH: tl.constexpr,
+        GELU: tl.constexpr,
         ROUND_BY_HAND: tl.constexpr,
     ):
         # One program: BLOCK_ROWS whole rows, each read once and kept in registers.
@@ -60,6 +70,8 @@ if HAS_TRITON:
         mask = row_ok[:, None] & (cols < WIDTH)[None, :]
         rows = rows.to(tl.int64)  # rows x width passes 2**31 elements (ViT-bigG-14's MLP at batch 1024)
         x = tl.load(x_ptr + rows[:, None] * stride_x_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        if GELU:  # torch's formula and order; 0.7071... is 1 / sqrt(2) in float32. GELU(0) = 0 where masked
+            x = x * 0.5 * (1.0 + tl.math.erf(x * 0.7071067811865476))
         amax = tl.max(tl.abs(x), axis=1)
         # IEEE divisions (a GPU's plain float32 '/' may be 2 ulp off), as torch divides: the same bytes.
         # 1e-12 and 448 are TINY_AMAX and E4M3_MAX (a kernel reads no plain module globals)
@@ -102,12 +114,13 @@ def check_quantize_args(x: torch.Tensor) -> None:
         raise ValueError(f"quantize_rows takes float32, bfloat16 or float16 rows; got {x.dtype}.")
 
 
-def quantize_rows_triton(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+def quantize_rows_triton(x: torch.Tensor, *, gelu: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """Launch the kernel: one program per few rows (:func:`launch_config`).
 
     Args:
         x: [M, K] float32/bfloat16/float16, 1 <= K <= :data:`MAX_WIDTH`, on a device Triton runs on
             (E4M3 stores need compute capability 8.9 or more), each row contiguous.
+        gelu: quantise ``GELU(x)``, computed in float32 (module docstring).
     Returns:
         ([M, K] float8_e4m3fn, contiguous; [M, 1] float32 scales), on ``x``'s device.
     """
@@ -127,15 +140,17 @@ def quantize_rows_triton(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     with on_device(x.device):
         _quantize_rows_kernel[(triton.cdiv(n_rows, rows),)](
             x, q, scale, n_rows, x.stride(0), WIDTH=width, BLOCK_ROWS=rows, BLOCK_WIDTH=block_width,
-            ROUND_BY_HAND=interpreter_enabled(), num_warps=warps,
+            GELU=gelu, ROUND_BY_HAND=interpreter_enabled(), num_warps=warps,
             enable_fp_fusion=True,  # pinned, as in ops/preprocess.py
         )
     return q, scale
 
 
-def quantize_rows_torch(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+def quantize_rows_torch(x: torch.Tensor, *, gelu: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """The same in torch ops (any device and width): the fallback, and the weights' quantiser."""
     check_quantize_args(x)
+    if gelu:
+        x = torch.nn.functional.gelu(x.float())
     amax = torch.linalg.vector_norm(x, float("inf"), dim=1, keepdim=True, dtype=torch.float32)
     # 448 as a tensor on x's device: CUDA divides by a Python number as a multiplication by its float32
     # reciprocal, which may be a bit off the IEEE quotient (and so a scale and the bytes after it)
@@ -143,11 +158,13 @@ def quantize_rows_torch(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return (x.float() / scale).to(torch.float8_e4m3fn), scale
 
 
-def quantize_rows(x: torch.Tensor, *, impl: Literal["triton", "torch"] = "triton") -> Tuple[torch.Tensor, torch.Tensor]:
-    """Rows ``x`` [M, K] -> (E4M3 values [M, K], float32 scales [M, 1]); see the module docstring."""
+def quantize_rows(x: torch.Tensor, *, gelu: bool = False,
+                  impl: Literal["triton", "torch"] = "triton") -> Tuple[torch.Tensor, torch.Tensor]:
+    """Rows ``x`` [M, K] (or ``GELU(x)`` with ``gelu``) -> (E4M3 values [M, K], float32 scales [M, 1]); see
+    the module docstring."""
     if impl == "triton":
-        return quantize_rows_triton(x)
-    return quantize_rows_torch(x)
+        return quantize_rows_triton(x, gelu=gelu)
+    return quantize_rows_torch(x, gelu=gelu)
 
 
 def kernel_takes(x: torch.Tensor) -> Optional[str]:
