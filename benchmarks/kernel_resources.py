@@ -127,6 +127,7 @@ def _variants() -> List[Tuple[str, Any, Callable[[], None], bool]]:
         ("fp16 D=1024 (ViT-L-14)", kernel_ln, norm(1024, torch.float16), True),
         ("bf16 D=768, 8 rows, 8 warps", kernel_ln, norm(768, torch.bfloat16, rows_per_program=8, num_warps=8), False),
         ("bf16 K=768 (ViT-B-32's attention, c_fc)", qr._quantize_rows_kernel, quant(768, torch.bfloat16), True),
+        ("bf16 K=8192 (ViT-bigG-14's c_proj, unfused)", qr._quantize_rows_kernel, quant(8192, torch.bfloat16), True),
         ("bf16 K=8192, GELU first (ViT-bigG-14's c_proj)", qr._quantize_rows_kernel, quant(8192, torch.bfloat16, True), True),
         ("bf16 K=3072, GELU first (ViT-B-32's c_proj)", qr._quantize_rows_kernel, quant(3072, torch.bfloat16, True), True),
         ("fp32 K=1664 (ViT-bigG-14's width)", qr._quantize_rows_kernel, quant(1664, torch.float32), True),

@@ -23,6 +23,7 @@ from vlmrm_fast.backends import torch_fp8
 from vlmrm_fast.backends.base import original_modules
 from vlmrm_fast.backends.eager import adapt_tower
 from vlmrm_fast.backends.fp8_gelu_mlp import Float8GELUMLP, is_fusable_fp8_mlp, use_fp8_gelu_fusion
+from vlmrm_fast.backends.gelu_epilogue import GELUEpilogueMLP
 from vlmrm_fast.backends.torch_fp8 import Float8Linear, quantize_fp8
 from vlmrm_fast.ops._triton import tower_kernels
 from vlmrm_fast.ops.quantize_rows import quantize_rows_torch
@@ -223,6 +224,21 @@ def test_the_swap_shares_the_layers_and_keys():
     with original_modules(visual):
         assert type(visual.transformer.resblocks[0].mlp) is torch.nn.Sequential
     assert visual.transformer.resblocks[0].mlp is swapped
+
+
+def test_an_mlp_a_bf16_reward_swapped_first_is_fused_too():
+    # A bf16 reward on CUDA swapped the MLP for its GELU epilogue; an fp8 reward on the same model then
+    # quantised its layers in place: the epilogue steps aside for them, the fp8 MLP takes over.
+    epilogue = GELUEpilogueMLP.from_mlp(mlp(32, 48).to(torch.bfloat16))
+    for name in ("c_fc", "c_proj"):  # what quantize_fp8 does in place
+        layer = getattr(epilogue, name)
+        setattr(epilogue, name, Float8Linear(layer.weight, layer.bias, torch.bfloat16))
+    holder = torch.nn.Module()
+    holder.mlp = epilogue
+    assert is_fusable_fp8_mlp(epilogue) and use_fp8_gelu_fusion(holder) == 1
+    assert type(holder.mlp) is Float8GELUMLP and holder.mlp.c_proj is epilogue.c_proj
+    with original_modules(holder):
+        assert type(holder.mlp) is torch.nn.Sequential
 
 
 def test_the_torch_backend_fuses_with_its_kernels_only(fp8_on_cpu):

@@ -21,8 +21,9 @@ def adapt_tower(visual: torch.nn.Module, backend: str, device: torch.device, dty
     the patch embedding as a matmul (cuDNN's convolution was the slow one; on CPU it is not measured);
     with ``quantize="fp8"``, the transformer's matmuls in E4M3, after checking that they can run here
     (and, with ``kernels="triton"``, each MLP's GELU in its second matmul's input quantisation:
-    :mod:`vlmrm_fast.backends.fp8_gelu_mlp`); otherwise, for "torch" on CUDA in bf16, each MLP's GELU in its first matmul's epilogue
-    (:mod:`vlmrm_fast.backends.gelu_epilogue`; "compile" leaves that to inductor);
+    :mod:`vlmrm_fast.backends.fp8_gelu_mlp`); otherwise, for "torch" on CUDA in bf16, each MLP's GELU in
+    its first matmul's epilogue (:mod:`vlmrm_fast.backends.gelu_epilogue`; "compile" leaves that to
+    inductor);
     with ``kernels="triton"`` (which only "torch" passes: "compile" leaves them to inductor, which fuses
     them), the LayerNorms through the Triton kernel (:mod:`vlmrm_fast.backends.triton_layer_norm`)."""
     check_torch_quantize(quantize, backend, device, dtype)

@@ -25,6 +25,7 @@ from typing import TypeGuard
 import torch
 
 from vlmrm_fast.backends.base import SwappedModule, in_place_of, runs_forward_hooks, swap_modules
+from vlmrm_fast.backends.gelu_epilogue import GELUEpilogueMLP
 from vlmrm_fast.backends.torch_fp8 import Float8Linear, kernel_quantizes
 
 CHILDREN = ["c_fc", "gelu", "c_proj"]
@@ -53,12 +54,13 @@ class Float8GELUMLP(SwappedModule, torch.nn.Sequential):
         return in_place_of(torch.nn.Sequential(OrderedDict(self._modules)), self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not _fusable_children(self) or torch.compiler.is_compiling() or torch.jit.is_tracing():
+        if torch.compiler.is_compiling() or torch.jit.is_tracing() or not _fusable_children(self):
             return super().forward(x)
         fc, gelu, proj = (self._modules[name] for name in CHILDREN)
-        assert fc is not None and gelu is not None and isinstance(proj, Float8Linear)
+        assert isinstance(proj, Float8Linear)  # _fusable_children's
         hidden = fc(x)
-        if runs_forward_hooks(gelu) or runs_forward_hooks(proj) or not kernel_quantizes(hidden.reshape(-1, proj.in_features)):
+        rows = hidden.reshape(-1, proj.in_features)
+        if runs_forward_hooks(gelu) or runs_forward_hooks(proj) or not kernel_quantizes(rows):
             return proj(gelu(hidden))
         return proj.gelu_forward(hidden)
 
@@ -74,8 +76,11 @@ def _fusable_children(mlp: torch.nn.Module) -> bool:
 def is_fusable_fp8_mlp(module: object) -> TypeGuard[torch.nn.Sequential]:
     """Whether ``module`` is an fp8 open_clip MLP :class:`Float8GELUMLP` computes: an ``nn.Sequential`` of
     ``c_fc``, an exact ``nn.GELU`` (the tanh one, QuickGELU and other activations are left alone) and a
-    :class:`Float8Linear` ``c_proj``."""
-    return type(module) is torch.nn.Sequential and _fusable_children(module)
+    :class:`Float8Linear` ``c_proj``; or such an MLP a bf16 reward made earlier on the same model swapped
+    for its GELU epilogue (:class:`~vlmrm_fast.backends.gelu_epilogue.GELUEpilogueMLP`, which steps aside
+    for fp8 layers)."""
+    return isinstance(module, torch.nn.Sequential) and type(module) in (torch.nn.Sequential, GELUEpilogueMLP) \
+        and _fusable_children(module)
 
 
 def use_fp8_gelu_fusion(visual: torch.nn.Module) -> int:

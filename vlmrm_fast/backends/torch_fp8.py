@@ -113,9 +113,9 @@ _kernel_failure: Optional[str] = None
 
 def _quantize(rows: torch.Tensor, gelu: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """The activation rows' (or their GELU's, with ``gelu``) E4M3 values and scales: the Triton kernel where
-    :func:`kernel_quantizes`, else torch's ops (the same bytes, bar the GELU's last ulp). A kernel that
-    fails to build or launch (no GPU has run it yet) is turned off for the process with one warning, and
-    torch's ops quantise instead."""
+    :func:`kernel_quantizes`, else torch's ops (the same bytes; with the GELU, bar where the two float32
+    erfs' last bits move a value across an E4M3 midpoint). A kernel that fails to build or launch (no GPU
+    has run it yet) is turned off for the process with one warning, and torch's ops quantise instead."""
     global _kernel_failure
     if kernel_quantizes(rows):
         try:

@@ -17,8 +17,9 @@ dtype first, as eager torch's own GELU pass would): the input of each fp8 MLP's 
 from the first matmul's bf16 output. Eager torch spends a pass on the GELU, reading and writing the hidden
 activations (4 bytes per bf16 element: about 0.14 s of ViT-bigG-14's batch-1024 call and 34 ms of
 ViT-L-14's, at the 3 TB/s torch's GELU kernel moved in the H200 profile of ViT-B-32); here it costs only
-the arithmetic. The two paths' float32 ``erf`` (libdevice's, torch's) may differ by an ulp, so their
-bytes may differ where that moves a value across an E4M3 rounding midpoint.
+the arithmetic. The two paths' float32 ``erf`` (libdevice's, torch's) may differ in their last bits
+(times |x| / 2 in the GELU), so their bytes may differ where that moves a value across an E4M3 rounding
+midpoint.
 
 Why a kernel of our own: eager torch computes this in four passes (the row maxima; a float32 copy; the
 division; the cast), moving about 21 bytes per bf16 element, before every fp8 matmul. At ViT-bigG-14's
@@ -149,8 +150,9 @@ def quantize_rows_triton(x: torch.Tensor, *, gelu: bool = False) -> Tuple[torch.
 def quantize_rows_torch(x: torch.Tensor, *, gelu: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """The same in torch ops (any device and width): the fallback, and the weights' quantiser."""
     check_quantize_args(x)
-    if gelu:
-        x = torch.nn.functional.gelu(x.float())
+    if gelu:  # the kernel's formula: F.gelu on CPU is oneDNN's, whose float32 erf is several ulp further off
+        x = x.float()
+        x = x * 0.5 * (1 + torch.erf(x * 0.7071067811865476))
     amax = torch.linalg.vector_norm(x, float("inf"), dim=1, keepdim=True, dtype=torch.float32)
     # 448 as a tensor on x's device: CUDA divides by a Python number as a multiplication by its float32
     # reciprocal, which may be a bit off the IEEE quotient (and so a scale and the bytes after it)
