@@ -11,13 +11,13 @@ approximate GELU, or the wrong scale, is off by far more.
 import copy
 import math
 import warnings
-from collections import OrderedDict
 
 import open_clip.transformer
 import pytest
 import torch
 
 from conftest import DEVICES, make_tiny
+from test_gelu_epilogue import mlp, reference_mlp, register_probe  # helpers only
 from test_torch_fp8 import CPU_PROBLEM, PerTensorFp8Linear, _usable  # helpers only
 from vlmrm_fast.backends import torch_fp8
 from vlmrm_fast.backends.base import original_modules
@@ -48,16 +48,6 @@ def kernel_calls(monkeypatch):
     return calls
 
 
-def mlp(width: int, hidden: int, act=torch.nn.GELU, seed: int = 0, ln: bool = False) -> torch.nn.Sequential:
-    """An open_clip MLP (float64, CPU): c_fc, the activation, optionally a LayerNorm, c_proj."""
-    torch.manual_seed(seed)
-    layers = [("c_fc", torch.nn.Linear(width, hidden)), ("gelu", act())]
-    if ln:
-        layers.append(("ln", torch.nn.LayerNorm(hidden)))
-    layers.append(("c_proj", torch.nn.Linear(hidden, width)))
-    return torch.nn.Sequential(OrderedDict(layers)).double().eval()
-
-
 def with_projections(module: torch.nn.Sequential, projection, device="cpu") -> torch.nn.Sequential:
     """A bf16 copy of ``module`` on ``device`` with ``c_fc`` and ``c_proj`` made by ``projection`` (weight, bias)."""
     low = copy.deepcopy(module).to(device, torch.bfloat16)
@@ -68,14 +58,6 @@ def with_projections(module: torch.nn.Sequential, projection, device="cpu") -> t
 
 def fp8_mlp(width: int = 32, hidden: int = 48, device="cpu", **kwargs) -> torch.nn.Sequential:
     return with_projections(mlp(width, hidden, **kwargs), lambda w, b: Float8Linear(w, b, torch.bfloat16), device)
-
-
-def reference_mlp(x: torch.Tensor, module: torch.nn.Sequential) -> torch.Tensor:
-    """float64, from the formula: c_proj(h * (1 + erf(h / sqrt 2)) / 2), h = c_fc(x)."""
-    x = x.double().cpu()
-    fc, proj = module.c_fc, module.c_proj
-    h = x @ fc.weight.double().T + fc.bias.double()
-    return (h * (1 + torch.erf(h / math.sqrt(2))) / 2) @ proj.weight.double().T + proj.bias.double()
 
 
 def _x(width: int = 32, shape=(3, 5), device="cpu", seed: int = 4) -> torch.Tensor:
@@ -131,13 +113,7 @@ def test_compile_runs_the_replaced_mlp(kernel_calls):
 def test_hooks_on_the_gelu_or_c_proj_run_the_replaced_mlp(where, kernel_calls):
     # A probe of the GELU's output or c_proj's input must see it: the fused call would skip their hooks.
     fused, seen = Float8GELUMLP.from_mlp(fp8_mlp()), []
-    layer = fused.gelu if where == "gelu" else fused.c_proj
-    if where == "c_proj pre":
-        handle = layer.register_forward_pre_hook(lambda module, args: seen.append(where))
-    elif where == "every module":
-        handle = torch.nn.modules.module.register_module_forward_hook(lambda module, args, out: seen.append(where))
-    else:
-        handle = layer.register_forward_hook(lambda module, args, out: seen.append(where))
+    handle = register_probe(fused.gelu if where == "gelu" else fused.c_proj, where, seen)
     try:
         with torch.inference_mode(), tower_kernels():
             fused(_x())

@@ -204,17 +204,21 @@ def test_out_of_memory_is_raised_and_leaves_the_epilogue_on(epilogue_calls, monk
     assert gelu_epilogue._failure is None
 
 
+def register_probe(layer: torch.nn.Module, where: str, seen: list):
+    """A hook that appends ``where`` to ``seen``: a forward pre-hook on ``layer`` where ``where`` ends in
+    "pre", a forward hook on every module for "every module", else a forward hook on ``layer``; its handle."""
+    if where.endswith("pre"):
+        return layer.register_forward_pre_hook(lambda module, args: seen.append(where))
+    if where == "every module":
+        return torch.nn.modules.module.register_module_forward_hook(lambda module, args, out: seen.append(where))
+    return layer.register_forward_hook(lambda module, args, out: seen.append(where))
+
+
 @pytest.mark.parametrize("where", ["c_fc", "gelu", "c_fc pre", "every module"])
 def test_hooks_on_its_layers_run_the_replaced_mlp(where, epilogue_calls):
     # A probe of c_fc's or the GELU's output must see it: the fused call would skip their hooks.
     fused, seen = _swapped(), []
-    layer = fused.c_fc if where.startswith("c_fc") else fused.gelu
-    if where == "c_fc pre":
-        handle = layer.register_forward_pre_hook(lambda module, args: seen.append(where))
-    elif where == "every module":
-        handle = torch.nn.modules.module.register_module_forward_hook(lambda module, args, out: seen.append(where))
-    else:
-        handle = layer.register_forward_hook(lambda module, args, out: seen.append(where))
+    handle = register_probe(fused.c_fc if where.startswith("c_fc") else fused.gelu, where, seen)
     try:
         with torch.inference_mode():
             fused(_x())
