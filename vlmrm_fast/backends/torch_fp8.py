@@ -125,7 +125,7 @@ def _quantize(rows: torch.Tensor, gelu: bool = False) -> Tuple[torch.Tensor, tor
         except Exception as error:  # noqa: BLE001 - Triton's compile and launch errors have no common base
             _kernel_failure = f"{type(error).__name__}: {str(error)[:300]}"
             warnings.warn(f"the fp8 activations' quantisation kernel (vlmrm_fast/ops/quantize_rows.py) failed here "
-                          f"({_kernel_failure}); torch's ops quantise from now on (the same bytes, slower). Please "
+                          f"({_kernel_failure}); torch's ops quantise from now on (the same results, slower). Please "
                           f"report it with your GPU, torch and Triton versions.", RuntimeWarning, stacklevel=4)
     return quantize_rows_torch(rows, gelu=gelu)
 

@@ -5,10 +5,11 @@ The modules are swapped in place for :class:`TritonLayerNorm`, which shares thei
 tensors, under the same ``state_dict`` keys). It runs the kernel only inside
 :func:`~vlmrm_fast.ops._triton.tower_kernels`, which the backend enters for its own calls: the same model
 called any other way (by the user, by a reward with ``kernels="torch"``, by the "compile" backend, by an
-ONNX export) runs the replaced class's own ``forward``. Inside too, torch's op stays wherever the kernel is not the right tool: under
-``torch.compile``, ``torch.export`` and tracing, when autograd needs a graph (the kernel has no
-backward), for tensor subclasses (fake tensors have no data), on devices Triton does not run on, and for
-small inputs, where a Triton launch costs the host more than torch's kernel costs the GPU.
+ONNX export) runs the replaced class's own ``forward``. Inside too, torch's op stays wherever the kernel
+is not the right tool: under ``torch.compile``, ``torch.export`` and tracing, when autograd needs a graph
+(the kernel has no backward), for tensor subclasses (fake tensors have no data), on devices Triton does
+not run on, and for small inputs, where a Triton launch costs the host more than torch's kernel costs
+the GPU.
 """
 from __future__ import annotations
 
