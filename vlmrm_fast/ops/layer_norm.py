@@ -35,6 +35,24 @@ if HAS_TRITON:
     from vlmrm_fast.ops._triton import to_output
 
     @triton.jit
+    def normalise_rows(x, mask, weight_ptr, bias_ptr, eps, WIDTH: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+                       BLOCK_WIDTH: tl.constexpr):
+        """The LayerNorm (module docstring) of float32 rows ``x`` [BLOCK_ROWS, BLOCK_WIDTH] (``mask``: the
+        real values; the others must be 0), float32; shared by the kernels that normalise rows."""
+        cols = tl.arange(0, BLOCK_WIDTH)
+        col_ok = cols < WIDTH
+        # An IEEE division: a GPU's plain float32 '/' (div.full.f32) may be 2 ulp off, and a constant row's
+        # mean must be the constant (centred values 0, output the bias exactly), as in torch's LayerNorm.
+        # (Both operands float32 tensors: some Triton 3 releases do not convert an integer divisor here.)
+        mean = tl.math.div_rn(tl.sum(x, axis=1), tl.full((BLOCK_ROWS,), WIDTH, tl.float32))
+        centred = tl.where(mask, x - mean[:, None], 0.0)
+        var = tl.sum(centred * centred, axis=1) / WIDTH
+        inv_std = 1.0 / tl.sqrt(var + eps)
+        w = tl.load(weight_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        b = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        return centred * inv_std[:, None] * w[None, :] + b[None, :]
+
+    @triton.jit
     def _layer_norm_kernel(
         x_ptr,
         weight_ptr,
@@ -51,20 +69,10 @@ if HAS_TRITON:
         # One program: BLOCK_ROWS whole rows. The row width is a compile-time constant (one per model).
         rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
         cols = tl.arange(0, BLOCK_WIDTH)
-        col_ok = cols < WIDTH
-        mask = (rows < n_rows)[:, None] & col_ok[None, :]
+        mask = (rows < n_rows)[:, None] & (cols < WIDTH)[None, :]
         rows = rows.to(tl.int64)  # rows x width passes 2**31 elements at bigG batch 4096
         x = tl.load(x_ptr + rows[:, None] * stride_x_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        # An IEEE division: a GPU's plain float32 '/' (div.full.f32) may be 2 ulp off, and a constant row's
-        # mean must be the constant (centred values 0, output the bias exactly), as in torch's LayerNorm.
-        # (Both operands float32 tensors: some Triton 3 releases do not convert an integer divisor here.)
-        mean = tl.math.div_rn(tl.sum(x, axis=1), tl.full((BLOCK_ROWS,), WIDTH, tl.float32))
-        centred = tl.where(mask, x - mean[:, None], 0.0)
-        var = tl.sum(centred * centred, axis=1) / WIDTH
-        inv_std = 1.0 / tl.sqrt(var + eps)
-        w = tl.load(weight_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-        b = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-        y = centred * inv_std[:, None] * w[None, :] + b[None, :]
+        y = normalise_rows(x, mask, weight_ptr, bias_ptr, eps, WIDTH, BLOCK_ROWS, BLOCK_WIDTH)
         tl.store(out_ptr + rows[:, None] * WIDTH + cols[None, :], to_output(y, out_ptr.dtype.element_ty, ROUND_BF16),
                  mask=mask)
 

@@ -52,6 +52,20 @@ if HAS_TRITON:
     import triton.language as tl
 
     @triton.jit
+    def quantize_tile(x, BLOCK_ROWS: tl.constexpr, BLOCK_WIDTH: tl.constexpr, ROUND_BY_HAND: tl.constexpr):
+        """Float32 rows ``x`` [BLOCK_ROWS, BLOCK_WIDTH] (padding 0) -> (their E4M3 values, still float32 and
+        exact in E4M3 once cast; their scales [BLOCK_ROWS]): the module docstring's formula, shared by
+        the kernels that quantise rows."""
+        amax = tl.max(tl.abs(x), axis=1)
+        # IEEE divisions (a GPU's plain float32 '/' may be 2 ulp off), as torch divides: the same bytes.
+        # 1e-12 and 448 are TINY_AMAX and E4M3_MAX (a kernel reads no plain module globals)
+        scale = tl.math.div_rn(tl.maximum(amax, 1e-12), tl.full((BLOCK_ROWS,), 448.0, tl.float32))
+        q = tl.math.div_rn(x, tl.broadcast_to(scale[:, None], (BLOCK_ROWS, BLOCK_WIDTH)))  # |q| < 464: no clamp
+        if ROUND_BY_HAND:
+            q = _round_to_e4m3(q)
+        return q, scale
+
+    @triton.jit
     def _quantize_rows_kernel(
         x_ptr,
         q_ptr,
@@ -73,13 +87,7 @@ if HAS_TRITON:
         x = tl.load(x_ptr + rows[:, None] * stride_x_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         if GELU:  # torch's formula and order; 0.7071... is 1 / sqrt(2) in float32. GELU(0) = 0 where masked
             x = x * 0.5 * (1.0 + tl.math.erf(x * 0.7071067811865476))
-        amax = tl.max(tl.abs(x), axis=1)
-        # IEEE divisions (a GPU's plain float32 '/' may be 2 ulp off), as torch divides: the same bytes.
-        # 1e-12 and 448 are TINY_AMAX and E4M3_MAX (a kernel reads no plain module globals)
-        scale = tl.math.div_rn(tl.maximum(amax, 1e-12), tl.full((BLOCK_ROWS,), 448.0, tl.float32))
-        q = tl.math.div_rn(x, tl.broadcast_to(scale[:, None], (BLOCK_ROWS, BLOCK_WIDTH)))  # |q| < 464: no clamp
-        if ROUND_BY_HAND:
-            q = _round_to_e4m3(q)
+        q, scale = quantize_tile(x, BLOCK_ROWS, BLOCK_WIDTH, ROUND_BY_HAND)
         tl.store(q_ptr + rows[:, None] * WIDTH + cols[None, :], q.to(tl.float8e4nv), mask=mask)
         tl.store(scale_ptr + rows, scale, mask=row_ok)
 
