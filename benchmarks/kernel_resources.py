@@ -102,6 +102,12 @@ def _variants() -> List[Tuple[str, Any, Callable[[], None], bool]]:
                                             torch.zeros(width, dtype=dtype), 1e-5, **launch)
     qr = importlib.import_module("vlmrm_fast.ops.quantize_rows")
     quant = lambda width, dtype, gelu=False: lambda: qr.quantize_rows_triton(torch.zeros((8, width), dtype=dtype), gelu=gelu)  # noqa: E731
+    lnq = importlib.import_module("vlmrm_fast.ops.layer_norm_quantize")
+
+    def norm_quant(width: int, add: bool) -> Callable[[], None]:
+        x = torch.zeros((8, width), dtype=torch.bfloat16)
+        return lambda: lnq.layer_norm_quantize_triton(x, torch.ones(width), torch.zeros(width), 1e-5,
+                                                      add=torch.zeros_like(x) if add else None)
     ident = importlib.import_module("identity_variants")  # beside this script: candidates, not the op's path
     bf16_224 = lambda variant: lambda: ident.preprocess_identity(u8(224), spec, torch.bfloat16, variant, bottom_up=True)  # noqa: E731
     return [
@@ -131,6 +137,9 @@ def _variants() -> List[Tuple[str, Any, Callable[[], None], bool]]:
         ("bf16 K=8192, GELU first (ViT-bigG-14's c_proj)", qr._quantize_rows_kernel, quant(8192, torch.bfloat16, True), True),
         ("bf16 K=3072, GELU first (ViT-B-32's c_proj)", qr._quantize_rows_kernel, quant(3072, torch.bfloat16, True), True),
         ("fp32 K=1664 (ViT-bigG-14's width)", qr._quantize_rows_kernel, quant(1664, torch.float32), True),
+        ("bf16 D=768 (ViT-B-32's ln_1)", lnq._layer_norm_quantize_kernel, norm_quant(768, False), True),
+        ("bf16 D=768, add first (ViT-B-32's ln_2)", lnq._layer_norm_quantize_kernel, norm_quant(768, True), True),
+        ("bf16 D=1664, add first (ViT-bigG-14's ln_2)", lnq._layer_norm_quantize_kernel, norm_quant(1664, True), True),
     ]
 
 

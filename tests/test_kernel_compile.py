@@ -36,10 +36,12 @@ def test_kernels_compile_for_sm80_and_sm90_without_spills(tmp_path):
     kernels = ("_preprocess_kernel", "_score_kernel", "_identity_flat_kernel", "_identity_words_kernel",
                "_layer_norm_kernel")
     assert {(r["kernel"], r["arch"]) for r in rows} == (
-        {(kernel, arch) for kernel in kernels for arch in (80, 90)} | {("_quantize_rows_kernel", 90)})  # E4M3: sm_89+
+        {(kernel, arch) for kernel in kernels for arch in (80, 90)}
+        | {("_quantize_rows_kernel", 90), ("_layer_norm_quantize_kernel", 90)})  # E4M3: sm_89+
     # one preprocess tuning tile, the two identity candidates (benchmarks/identity_variants.py) and one
-    # LayerNorm launch, two archs each; the fp8 quantisation's five on sm_90 (two with the GELU first)
-    assert len(rows) == 35 and sum(not r["default_launch"] for r in rows) == 8
+    # LayerNorm launch, two archs each; the fp8 quantisation's five on sm_90 (two with the GELU first), the
+    # fp8 blocks' LayerNorm and quantisation's three (two with the residual add first)
+    assert len(rows) == 38 and sum(not r["default_launch"] for r in rows) == 8
     for r in rows:
         assert 0 < r["registers"] <= 255, r
         assert "ld." in r["global_memory"] and "st." in r["global_memory"], r  # the PTX was read
@@ -50,6 +52,13 @@ def test_kernels_compile_for_sm80_and_sm90_without_spills(tmp_path):
             # up to 2 ulp off, which the interpreter's exact division hides; a constant row's mean must be the
             # constant (tests/test_layer_norm.py: its output is then the bias exactly).
             assert "div.rn.f32" in r["divisions"], r
+        if r["kernel"] == "_layer_norm_quantize_kernel":
+            # the LayerNorm's mean and the quantisation's divisions (one a value) IEEE-rounded; only the
+            # variance's and the root's (one or two a row) may be 2 ulp off, which
+            # tests/test_layer_norm_quantize.py's bound allows
+            kinds = {name: int(n) for name, n in (item.split(" x") for item in r["divisions"].split(", "))}
+            assert kinds["div.rn.f32"] >= 16 and kinds.get("div.full.f32", 0) + kinds.get("div.approx.f32", 0) <= 4, r
+            assert r["fp8_conversions"].startswith("cvt.rn.satfinite.e4m3x2.f32") and "," not in r["fp8_conversions"], r
         if r["kernel"] == "_quantize_rows_kernel":
             # The same bytes as torch's ops (tests/test_quantize_rows.py, interpreted): IEEE divisions only,
             # and the conversion rounds to nearest (the interpreter's cast needed help: ROUND_BY_HAND)

@@ -98,20 +98,25 @@ def _gelu32_error_bound(x: torch.Tensor) -> torch.Tensor:
     return 8 * ulp + x.double().cpu().abs() * 2.0 ** -22
 
 
-def check_gelu_quantized(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> float:
-    """Assert that ``q`` [M, K] and ``scale`` [M, 1] are the E4M3 values and scales of GELU(x) (comment
-    above); returns the fraction of values within the band of a midpoint."""
-    g, bound = _gelu64(x), _gelu32_error_bound(x)
+def check_quantized(values: torch.Tensor, bound: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> float:
+    """Assert that ``q`` [M, K] and ``scale`` [M, 1] are the E4M3 values and scales of rows computed in
+    float32 within ``bound`` (float64 [M, K]) of float64 ``values`` [M, K] (comment above); returns the
+    fraction of values within the band of a midpoint."""
     scale = scale.cpu().double()
-    amax = g.abs().amax(dim=1, keepdim=True)
-    amax_bound = bound.amax(dim=1, keepdim=True) if g.numel() else amax  # another value's GELU may come out larger
+    amax = values.abs().amax(dim=1, keepdim=True)
+    amax_bound = bound.amax(dim=1, keepdim=True) if values.numel() else amax  # another value may come out larger
     assert ((scale - amax.clamp_min(1e-12) / 448).abs() <= amax_bound / 448 + scale * 2.0 ** -23).all()
-    v = g / scale
-    band = bound / scale + v.abs() * 2.0 ** -23 + 2.0 ** -140  # the last: a zero GELU may come back as -0
-    low, high, got = nearest_codes(v - band), nearest_codes(v + band), q.view(torch.uint8).cpu()
-    assert ((got == low) | (got == high)).all()
-    either = E4M3[low.long()] != E4M3[high.long()]  # -0 and +0 are one value here: a sign is no midpoint
-    return either.double().mean().item() if v.numel() else 0.0
+    v = values / scale
+    band = bound / scale + v.abs() * 2.0 ** -23 + 2.0 ** -140  # the last: a zero may come back as -0
+    low, high = (E4M3[nearest_codes(end).long()] for end in (v - band, v + band))
+    got = E4M3[q.view(torch.uint8).cpu().long()]
+    assert ((low <= got) & (got <= high)).all()  # a band wider than a step (near 0) may hold several values
+    return (low != high).double().mean().item() if v.numel() else 0.0  # -0 and +0: one value, no midpoint
+
+
+def check_gelu_quantized(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> float:
+    """:func:`check_quantized` for rows that are GELU(x)."""
+    return check_quantized(_gelu64(x), _gelu32_error_bound(x), q, scale)
 
 
 GELU_SHAPES = [(7, 48), (5, 1664), (1, 8192), (37, 97), (0, 16), (3, 1)]
