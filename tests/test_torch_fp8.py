@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from conftest import DEVICES, cuda_rowwise_scaled_mm, make_model, make_tiny
 from reference import reference_reward
 from vlmrm_fast import CLIPReward
-from vlmrm_fast.backends import BackendError, torch_fp8
+from vlmrm_fast.backends import BackendError, fp8_block, torch_fp8
 from vlmrm_fast.backends.torch_fp8 import Float8Linear, SelfAttention, fp8_unsupported_reason, replace_projections
 from vlmrm_fast.ops.quantize_rows import E4M3_MAX
 from vlmrm_fast.ops.quantize_rows import quantize_rows_torch as quantize_rows
@@ -235,15 +235,19 @@ def test_fp8_rewards_with_the_quantisation_kernel(device, fp8_on_cpu, monkeypatc
     want = reference_reward(model, tokenizer, frames, GOAL, BASELINE, ALPHA)
     own_error = (_torch_own_fp8_reward(model, tokenizer, frames) - want).abs().max().item()
     kernel_rows = []
-    real = torch_fp8.quantize_rows_triton
+    real, real_norm = torch_fp8.quantize_rows_triton, fp8_block.layer_norm_quantize_triton
     monkeypatch.setattr(torch_fp8, "quantize_rows_triton",
                         lambda x, gelu=False: kernel_rows.append((x.shape[0], gelu)) or real(x, gelu=gelu))
+    monkeypatch.setattr(fp8_block, "layer_norm_quantize_triton", lambda x, *args, add=None: kernel_rows.append(
+        ("LayerNorm", x.numel() // x.shape[-1], add is not None)) or real_norm(x, *args, add=add))
     rm = CLIPReward(model, tokenizer, goal=GOAL, baseline=BASELINE, alpha=ALPHA, device=device, dtype="bf16",
                     backend="torch", kernels="triton", backend_options={"quantize": "fp8"})
     error = (rm(frames).double().cpu() - want).abs().max().item()
     blocks = len(rm.model.visual.transformer.resblocks)
-    # in_proj, out_proj, c_fc, then c_proj with the MLP's GELU (backends/fp8_gelu_mlp.py), in every block
-    assert kernel_rows == ([(16 * 50, False)] * 3 + [(16 * 50, True)]) * blocks
+    # In every block: ln_1 with in_proj's quantisation, out_proj's, ln_2 with the residual add before it
+    # and c_fc's quantisation (backends/fp8_block.py), then c_proj's with the MLP's GELU (fp8_gelu_mlp.py).
+    tokens = 16 * 50
+    assert kernel_rows == [("LayerNorm", tokens, False), (tokens, False), ("LayerNorm", tokens, True), (tokens, True)] * blocks
     assert 0 < own_error and error <= 2 * own_error, (error, own_error)
 
 

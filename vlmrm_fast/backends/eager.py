@@ -6,6 +6,7 @@ from typing import Optional
 import torch
 
 from vlmrm_fast.backends.base import BackendError, VisionBackend, pooled_embeddings
+from vlmrm_fast.backends.fp8_block import use_fp8_block_fusion
 from vlmrm_fast.backends.fp8_gelu_mlp import use_fp8_gelu_fusion
 from vlmrm_fast.backends.gelu_epilogue import DTYPES as GELU_EPILOGUE_DTYPES
 from vlmrm_fast.backends.gelu_epilogue import use_gelu_epilogue
@@ -20,10 +21,11 @@ def adapt_tower(visual: torch.nn.Module, backend: str, device: torch.device, dty
     """What the "torch" and "compile" backends change in ``visual`` (in place) before running it: on CUDA,
     the patch embedding as a matmul (cuDNN's convolution was the slow one; on CPU it is not measured);
     with ``quantize="fp8"``, the transformer's matmuls in E4M3, after checking that they can run here
-    (and, with ``kernels="triton"``, each MLP's GELU in its second matmul's input quantisation:
-    :mod:`vlmrm_fast.backends.fp8_gelu_mlp`); otherwise, for "torch" on CUDA in bf16, each MLP's GELU in
-    its first matmul's epilogue (:mod:`vlmrm_fast.backends.gelu_epilogue`; "compile" leaves that to
-    inductor);
+    (and, with ``kernels="triton"``, each MLP's GELU in its second matmul's input quantisation,
+    :mod:`vlmrm_fast.backends.fp8_gelu_mlp`, and each block's LayerNorms, with the residual add before the
+    second, in their matmuls' input quantisation, :mod:`vlmrm_fast.backends.fp8_block`); otherwise, for
+    "torch" on CUDA in bf16, each MLP's GELU in its first matmul's epilogue
+    (:mod:`vlmrm_fast.backends.gelu_epilogue`; "compile" leaves that to inductor);
     with ``kernels="triton"`` (which only "torch" passes: "compile" leaves them to inductor, which fuses
     them), the LayerNorms through the Triton kernel (:mod:`vlmrm_fast.backends.triton_layer_norm`)."""
     check_torch_quantize(quantize, backend, device, dtype)
@@ -39,6 +41,7 @@ def adapt_tower(visual: torch.nn.Module, backend: str, device: torch.device, dty
         quantize_fp8(visual, dtype)
         if kernels == "triton":
             use_fp8_gelu_fusion(visual)
+            use_fp8_block_fusion(visual)
     elif device.type == "cuda" and backend == "torch" and dtype in GELU_EPILOGUE_DTYPES:
         use_gelu_epilogue(visual)
     if kernels == "triton":
@@ -56,7 +59,8 @@ class TorchBackend(VisionBackend):
     Args:
         quantize: None, or "fp8": the transformer's matmuls in E4M3 (:mod:`vlmrm_fast.backends.torch_fp8`;
             Hopper GPUs, bf16; lossy, opt-in), their activations quantised by a Triton kernel with
-            ``kernels="triton"``, each MLP's GELU in that kernel (:mod:`vlmrm_fast.backends.fp8_gelu_mlp`).
+            ``kernels="triton"``, each MLP's GELU in that kernel (:mod:`vlmrm_fast.backends.fp8_gelu_mlp`),
+            each block's LayerNorms in a kernel that also quantises (:mod:`vlmrm_fast.backends.fp8_block`).
             The tower's modules are replaced in place.
         kernels: "triton" (the reward's choice on CUDA) runs the tower's LayerNorms through the Triton kernel
             in this backend's calls (:mod:`vlmrm_fast.backends.triton_layer_norm`; the modules are replaced

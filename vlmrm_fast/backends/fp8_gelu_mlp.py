@@ -54,10 +54,10 @@ class Float8GELUMLP(SwappedModule, torch.nn.Sequential):
         return in_place_of(torch.nn.Sequential(OrderedDict(self._modules)), self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling() or torch.jit.is_tracing() or not _fusable_children(self):
+        if torch.compiler.is_compiling() or torch.jit.is_tracing() or not has_fusable_children(self):
             return super().forward(x)
         fc, gelu, proj = (self._modules[name] for name in CHILDREN)
-        assert isinstance(proj, Float8Linear)  # _fusable_children's
+        assert isinstance(proj, Float8Linear)  # has_fusable_children's
         hidden = fc(x)
         rows = hidden.reshape(-1, proj.in_features)
         if runs_forward_hooks(gelu) or runs_forward_hooks(proj) or not kernel_quantizes(rows):
@@ -65,7 +65,7 @@ class Float8GELUMLP(SwappedModule, torch.nn.Sequential):
         return proj.gelu_forward(hidden)
 
 
-def _fusable_children(mlp: torch.nn.Module) -> bool:
+def has_fusable_children(mlp: torch.nn.Module) -> bool:
     """Whether ``mlp``'s children are ``c_fc``, an exact ``nn.GELU`` and a :class:`Float8Linear` ``c_proj``."""
     names = list(mlp._modules)
     gelu = mlp._modules.get("gelu")
@@ -80,7 +80,7 @@ def is_fusable_fp8_mlp(module: object) -> TypeGuard[torch.nn.Sequential]:
     for its GELU epilogue (:class:`~vlmrm_fast.backends.gelu_epilogue.GELUEpilogueMLP`, which steps aside
     for fp8 layers)."""
     return isinstance(module, torch.nn.Sequential) and type(module) in (torch.nn.Sequential, GELUEpilogueMLP) \
-        and _fusable_children(module)
+        and has_fusable_children(module)
 
 
 def use_fp8_gelu_fusion(visual: torch.nn.Module) -> int:

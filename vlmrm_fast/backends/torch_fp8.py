@@ -16,7 +16,9 @@ sizes are multiples of 16 becomes a :class:`Float8Linear` (others stay bf16):
 Everything else stays bf16: the patch embedding, LayerNorm, attention itself (SDPA's two matmuls and
 softmax), GELU and the output projection ``visual.proj``. The "torch" backend (with its Triton kernels,
 the default on CUDA) quantises each activation in one pass (:mod:`vlmrm_fast.ops.quantize_rows`; torch's
-ops take four); with ``"compile"``, inductor fuses torch's ops itself (not yet seen on a GPU).
+ops take four), with each MLP's GELU (:mod:`vlmrm_fast.backends.fp8_gelu_mlp`) and each block's
+LayerNorms (:mod:`vlmrm_fast.backends.fp8_block`) in that pass; with ``"compile"``, inductor fuses torch's
+ops itself (not yet seen on a GPU).
 
 torchao's float8 inference quantisation does the same, but refuses devices below compute capability 8.9
 (so CI, on CPU, could not test it) and is tied to particular torch versions; hence this module. Per-row
@@ -27,7 +29,7 @@ builds) and on CPU in torch 2.14 and 2.15 (2.14.1 checked); CPU use is for tests
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Optional, Tuple, cast
+from typing import Callable, Optional, Tuple, TypeVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -95,38 +97,54 @@ class Float8Linear(torch.nn.Module):
         second matmul (:mod:`vlmrm_fast.backends.fp8_gelu_mlp`)."""
         return self._matmul(x, gelu=True)
 
-    def _matmul(self, x: torch.Tensor, gelu: bool) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features)
-        q, scale = _quantize(rows, gelu)
+    def quantized_forward(self, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """The layer on activations quantised already: E4M3 rows ``q`` [M, K] (row-major) with float32
+        scales [M, 1] -> [M, N] in ``out_dtype`` (an fp8 block's LayerNorm quantises them:
+        :mod:`vlmrm_fast.backends.fp8_block`)."""
         # torch < 2.5 types it as an (out, amax) pair; fp8 needs torch >= 2.6 (fp8_unsupported_reason)
-        out = cast(torch.Tensor, torch._scaled_mm(q, self.weight_fp8.t(), scale_a=scale, scale_b=self.weight_scale,
-                                                  bias=self.bias, out_dtype=self.out_dtype))
-        return out.reshape(*x.shape[:-1], self.out_features)
+        return cast(torch.Tensor, torch._scaled_mm(q, self.weight_fp8.t(), scale_a=scale, scale_b=self.weight_scale,
+                                                   bias=self.bias, out_dtype=self.out_dtype))
+
+    def _matmul(self, x: torch.Tensor, gelu: bool) -> torch.Tensor:
+        q, scale = _quantize(x.reshape(-1, self.in_features), gelu)
+        return self.quantized_forward(q, scale).reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, out_dtype={self.out_dtype}"
 
 
 _kernel_failure: Optional[str] = None
-"""Why the quantisation kernel failed in this process (its first error), after which torch's ops run."""
+"""Why an fp8 activation kernel failed in this process (the first error), after which torch's ops run."""
+
+T = TypeVar("T")
+
+
+def run_kernel(kernel: Callable[[], T], torch_ops: Callable[[], T], what: str) -> T:
+    """``kernel()``, an fp8 activation kernel's launch (``what``: which, and its file); should it fail to
+    build or launch (no GPU has run these kernels yet), every such kernel is turned off for the process
+    with one warning, and ``torch_ops()`` (the same results, slower) runs instead, then and from then on."""
+    global _kernel_failure
+    if _kernel_failure:
+        return torch_ops()
+    try:
+        return kernel()
+    except torch.cuda.OutOfMemoryError:
+        raise  # the caller's to handle (a smaller batch), not a reason to turn the kernel off
+    except Exception as error:  # noqa: BLE001 - Triton's compile and launch errors have no common base
+        _kernel_failure = f"{type(error).__name__}: {str(error)[:300]}"
+        warnings.warn(f"the fp8 activations' {what} failed here ({_kernel_failure}); torch's ops quantise from now "
+                      f"on (the same results, slower). Please report it with your GPU, torch and Triton versions.",
+                      RuntimeWarning, stacklevel=5)
+    return torch_ops()
 
 
 def _quantize(rows: torch.Tensor, gelu: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """The activation rows' (or their GELU's, with ``gelu``) E4M3 values and scales: the Triton kernel where
-    :func:`kernel_quantizes`, else torch's ops (the same bytes; with the GELU, bar where the two float32
-    erfs' last bits move a value across an E4M3 midpoint). A kernel that fails to build or launch (no GPU
-    has run it yet) is turned off for the process with one warning, and torch's ops quantise instead."""
-    global _kernel_failure
+    :func:`kernel_quantizes` (through :func:`run_kernel`), else torch's ops (the same bytes; with the GELU,
+    bar where the two float32 erfs' last bits move a value across an E4M3 midpoint)."""
     if kernel_quantizes(rows):
-        try:
-            return quantize_rows_triton(rows, gelu=gelu)
-        except torch.cuda.OutOfMemoryError:
-            raise  # the caller's to handle (a smaller batch), not a reason to turn the kernel off
-        except Exception as error:  # noqa: BLE001 - Triton's compile and launch errors have no common base
-            _kernel_failure = f"{type(error).__name__}: {str(error)[:300]}"
-            warnings.warn(f"the fp8 activations' quantisation kernel (vlmrm_fast/ops/quantize_rows.py) failed here "
-                          f"({_kernel_failure}); torch's ops quantise from now on (the same results, slower). Please "
-                          f"report it with your GPU, torch and Triton versions.", RuntimeWarning, stacklevel=4)
+        return run_kernel(lambda: quantize_rows_triton(rows, gelu=gelu), lambda: quantize_rows_torch(rows, gelu=gelu),
+                          "quantisation kernel (vlmrm_fast/ops/quantize_rows.py)")
     return quantize_rows_torch(rows, gelu=gelu)
 
 
@@ -176,11 +194,14 @@ class SelfAttention(torch.nn.Module):
                              "(attn(x, x, x, need_weights=False)); it cannot take other calls. Build the reward "
                              "without quantize='fp8' for this model.")
         x = query if self.batch_first else query.transpose(0, 1)
-        batch, tokens, width = x.shape
-        q, k, v = self.in_proj(x).view(batch, tokens, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(batch, tokens, width)
-        out = self.out_proj(out)
+        out = self.out_proj(self.attend(self.in_proj(x), *x.shape[:2]))
         return (out if self.batch_first else out.transpose(0, 1)), None
+
+    def attend(self, qkv: torch.Tensor, batch: int, tokens: int) -> torch.Tensor:
+        """The attention of ``in_proj``'s output ``qkv`` ([batch * tokens, 3E] or [batch, tokens, 3E], the
+        tokens batch-first) -> [batch, tokens, E], ``out_proj``'s input."""
+        q, k, v = qkv.view(batch, tokens, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(batch, tokens, self.heads * self.head_dim)
 
 
 def is_plain_attention(module: object) -> bool:
