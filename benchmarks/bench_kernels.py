@@ -22,7 +22,12 @@ Ops (SPEC §1.2, §1.4, §2):
   The cases ending ``-gelu`` quantise ``GELU(tokens)``, each MLP's second matmul input, as the ``torch``
   backend does (the GELU inside the kernel, :mod:`vlmrm_fast.backends.fp8_gelu_mlp`), against torch's
   GELU then torch's ops ("seed") and torch's GELU then the kernel (``triton-after-gelu``, the backend
-  before the fusion); GB/s counts the same bytes for all three (their extra pass is their cost).
+  before the fusion); GB/s counts the same bytes for all three (their extra pass is their cost). The cases
+  ending ``-ln`` and ``-add-ln`` are each fp8 block's LayerNorms with their quantisation, the second after
+  the residual add (one kernel, :mod:`vlmrm_fast.ops.layer_norm_quantize`, as the ``torch`` backend runs
+  them: :mod:`vlmrm_fast.backends.fp8_block`), against torch's add, ``F.layer_norm`` and torch's ops
+  ("seed") and the LayerNorm kernel then the quantisation kernel (``triton-after-ln``, the backend before
+  the fusion); GB/s counts the fused kernel's bytes for all three.
 - ``copy``: a device-to-device copy, the bandwidth ceiling preprocessing and LayerNorm are judged
   against. It is measured whenever either is, so that their rows get their ``frac_of_copy``.
 
@@ -70,6 +75,7 @@ from results_io import RunFiles, check_csv, config_of, fmt  # noqa: E402  (bench
 from vlmrm_fast.backends.gelu_epilogue import gelu_linear  # noqa: E402
 from vlmrm_fast.backends.patch_embed import PatchMatmulConv2d  # noqa: E402
 from vlmrm_fast.ops.layer_norm import launch_config, layer_norm_triton
+from vlmrm_fast.ops.layer_norm_quantize import layer_norm_quantize_triton
 from vlmrm_fast.ops.quantize_rows import quantize_rows_torch, quantize_rows_triton
 from vlmrm_fast.run_info import device_name, git_commit, gpu_driver, library_versions
 from vlmrm_fast.ops.preprocess import PreprocessSpec, check_tile, preprocess, preprocess_triton
@@ -610,6 +616,8 @@ def bench_fp8_quantize(args: argparse.Namespace, env: Dict[str, str], timer: Tim
                 calls.update({p: functools.partial(quantize_rows_triton, tokens) for p in providers if p.startswith("triton")})
                 rows += time_calls(timer, calls, n, nbytes, **env, op="fp8_quantize", case=case.fp8_quantize_case(width),
                                    H=None, W=None, dtype=args.dtype, repeats=args.repeats)
+                if width == case.width:  # in_proj's and c_fc's inputs: LayerNorms, the second after an add
+                    rows += bench_layer_norm_quantize(args, env, timer, providers, case, tokens, n)
                 if width == case.mlp_width:  # c_proj's input: c_fc's output, the GELU first
                     calls = {"seed": functools.partial(gelu_then_quantize, tokens, quantize_rows_torch)}
                     for p in providers:
@@ -620,6 +628,40 @@ def bench_fp8_quantize(args: argparse.Namespace, env: Dict[str, str], timer: Tim
                                        case=case.fp8_quantize_case(width) + "-gelu", H=None, W=None, dtype=args.dtype,
                                        repeats=args.repeats)
     return rows
+
+
+def bench_layer_norm_quantize(args: argparse.Namespace, env: Dict[str, str], timer: Timer, providers: List[str],
+                              case: TowerShape, tokens: torch.Tensor, n: int) -> List[Row]:
+    """The fp8 block's LayerNorm and quantisation in one kernel (``-ln``: ln_1's; ``-add-ln``: ln_2's, the
+    residual add first) against torch's ops ("seed") and the backend before the fusion (``-after-ln``: the
+    LayerNorm kernel, then the quantisation kernel); GB/s counts the same bytes for all (the fused kernel's)."""
+    generator = torch.Generator().manual_seed(1)
+    weight, bias = (torch.randn(case.width, generator=generator).to(args.device, tokens.dtype) for _ in range(2))
+    added = torch.randn(tokens.shape, generator=generator).to(args.device, tokens.dtype)
+    seed_norm = functools.partial(F.layer_norm, normalized_shape=(case.width,), weight=weight, bias=bias, eps=1e-5)
+    kernel_norm = functools.partial(layer_norm_triton, weight=weight, bias=bias, eps=1e-5)
+    rows = []
+    for suffix, add in (("-ln", None), ("-add-ln", added)):
+        reads = 1 if add is None else 2
+        writes = 0 if add is None else 1  # the stream, after the add
+        nbytes = tokens.numel() * (tokens.element_size() * (reads + writes) + 1) + tokens.shape[0] * 4
+        calls = {"seed": functools.partial(unfused_layer_norm_quantize, tokens, add, seed_norm, quantize_rows_torch)}
+        for p in providers:
+            if p.startswith("triton"):
+                calls[p] = functools.partial(layer_norm_quantize_triton, tokens, weight, bias, 1e-5, add=add)
+                calls[f"{p}-after-ln"] = functools.partial(unfused_layer_norm_quantize, tokens, add, kernel_norm,
+                                                           quantize_rows_triton)
+        rows += time_calls(timer, calls, n, nbytes, **env, op="fp8_quantize", case=case.fp8_quantize_case(case.width) + suffix,
+                           H=None, W=None, dtype=args.dtype, repeats=args.repeats)
+    return rows
+
+
+def unfused_layer_norm_quantize(tokens: torch.Tensor, add: Optional[torch.Tensor], layer_norm: Callable,
+                                quantize: Callable) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """torch's add (with ``add``), ``layer_norm`` (rounded to the tokens' dtype), then ``quantize``: the fp8
+    block without the fusion; (stream, E4M3 values, scales) as :func:`layer_norm_quantize_triton` returns."""
+    total = tokens if add is None else tokens + add
+    return (total, *quantize(layer_norm(total)))
 
 
 def gelu_then_quantize(tokens: torch.Tensor, quantize: Callable) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -230,6 +230,8 @@ def test_kernel_benchmark_times_the_fp8_quantisation_both_ways(tmp_path):
     expected = []
     for case in bench.TOWER_SHAPES:
         expected += [(case.fp8_quantize_case(case.width), p) for p in ("seed", "triton-interpret")]
+        expected += [(case.fp8_quantize_case(case.width) + suffix, p) for suffix in ("-ln", "-add-ln")
+                     for p in ("seed", "triton-interpret", "triton-interpret-after-ln")]
         expected += [(case.fp8_quantize_case(case.mlp_width), p) for p in ("seed", "triton-interpret")]
         expected += [(case.fp8_quantize_case(case.mlp_width) + "-gelu", p)
                      for p in ("seed", "triton-interpret", "triton-interpret-after-gelu")]
@@ -237,10 +239,14 @@ def test_kernel_benchmark_times_the_fp8_quantisation_both_ways(tmp_path):
     assert rows[-1]["case"] == "bigG-L257-K8192-gelu"
     for row in rows:
         assert row["frac_of_copy"] == pytest.approx(row["gb_per_s"] / copy_rate)
-        if row["provider"] == "triton-interpret" and row["case"].endswith("-gelu"):
-            # its GELU is not rounded to bf16 before the quantisation: at most one E4M3 step off the
-            # seed's values (32 at the top of the range), and its scales a bf16 rounding of the row's max
+        if row["provider"] == "triton-interpret" and row["case"].endswith(("-gelu", "-ln")):
+            # its GELU or LayerNorm is not rounded to bf16 before the quantisation: at most one E4M3 step off
+            # the seed's values (32 at the top of the range), and its scales a bf16 rounding of the row's max
             assert 0 < row["max_abs_diff_vs_seed"] <= 32
+        elif row["provider"] == "triton-interpret-after-ln":
+            # the LayerNorm kernel's bf16 output may be an ulp off F.layer_norm's: a step off where that moves
+            # a value across a midpoint; the stream after the add is the same
+            assert row["max_abs_diff_vs_seed"] <= 32
         elif row["provider"] != "seed":
             assert row["max_abs_diff_vs_seed"] == 0  # the same bytes as torch's ops
 
