@@ -61,7 +61,8 @@ class Float8Block(SwappedModule, ResidualAttentionBlock):
         return _holding_children(ResidualAttentionBlock, self)
 
     def forward(self, q_x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if args or any(value is not None for value in kwargs.values()) or not self._fuses(q_x):
+        # k_x, v_x and attn_mask, all None from open_clip's Transformer (positional under grad checkpointing)
+        if any(value is not None for value in (*args, *kwargs.values())) or not self._fuses(q_x):
             return super().forward(q_x, *args, **kwargs)
         attn, fc, proj = self.attn, self.mlp.c_fc, self.mlp.c_proj
         assert isinstance(attn, SelfAttention) and isinstance(attn.in_proj, Float8Linear)  # _fuses's checks
