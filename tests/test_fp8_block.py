@@ -11,6 +11,7 @@ residual, a LayerNorm with the other's parameters or none, or the wrong scale is
 import copy
 import math
 import warnings
+from collections import OrderedDict
 
 import open_clip.transformer
 import pytest
@@ -60,10 +61,10 @@ def fused_calls(rows: int) -> list:
     return [("LayerNorm", rows, False), (rows, False), ("LayerNorm", rows, True), (rows, True)]
 
 
-def block(width: int = 32, heads: int = 2, ratio: float = 4.0, seed: int = 0) -> Block:
+def block(width: int = 32, heads: int = 2, ratio: float = 4.0, seed: int = 0, act=torch.nn.GELU) -> Block:
     """An open_clip block (float64, CPU) whose LayerNorms and attention biases are random too (not 1 and 0)."""
     torch.manual_seed(seed)
-    module = Block(width, heads, mlp_ratio=ratio, batch_first=True).double().eval()
+    module = Block(width, heads, mlp_ratio=ratio, act_layer=act, batch_first=True).double().eval()
     with torch.no_grad():
         for norm in (module.ln_1, module.ln_2):
             norm.weight.normal_(1, 0.3)
@@ -85,7 +86,19 @@ def reference_block(x: torch.Tensor, module: Block) -> torch.Tensor:
     q, k, v = qkv.view(batch, tokens, 3, heads, width // heads).permute(2, 0, 3, 1, 4)
     a = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(width // heads), dim=-1) @ v
     x = x + a.transpose(1, 2).reshape(batch, tokens, width) @ attn.out_proj.weight.double().T + attn.out_proj.bias.double()
-    return x + reference_mlp(reference_layer_norm(x, module.ln_2.weight, module.ln_2.bias, module.ln_2.eps), module.mlp)
+    h = reference_layer_norm(x, module.ln_2.weight, module.ln_2.bias, module.ln_2.eps)
+    fc, proj = module.mlp.c_fc, module.mlp.c_proj
+    if type(module.mlp.gelu) is torch.nn.GELU and module.mlp.gelu.approximate == "none":
+        return x + reference_mlp(h, module.mlp)
+    h = h @ fc.weight.double().T + fc.bias.double()
+    return x + ACTIVATIONS[type(module.mlp.gelu)](h) @ proj.weight.double().T + proj.bias.double()
+
+
+ACTIVATIONS = {
+    open_clip.transformer.QuickGELU: lambda h: h / (1 + torch.exp(-1.702 * h)),
+    torch.nn.ReLU: lambda h: h.clamp_min(0),
+}
+"""float64 activations other than the exact GELU, from their formulas."""
 
 
 def with_projections(module: Block, projection, device="cpu") -> Block:
@@ -136,22 +149,17 @@ def test_within_twice_pytorchs_own_fp8_error(shape, width, heads, ratio, device,
 
 
 @cpu_fp8
-def test_the_kernels_layer_norms_equal_the_modules(kernel_calls):
-    # The block hands each LayerNorm module's own parameters and eps to the op: with the op's torch path
-    # in place of the kernel, the fused block computes what the unfused one does, bar the LayerNorms'
-    # bf16 rounding (one E4M3 step at some values). Swapped ln_1 and ln_2 parameters are far off.
-    exact = block(48, 3)
-    exact.ln_2.eps = 1e-3
-    fused = fp8_block_of(exact)
-    with torch.inference_mode():
-        with tower_kernels():
-            got = fused(_x(48))
-        unfused = fused.original()(_x(48))
-        fused.ln_1, fused.ln_2 = fused.ln_2, fused.ln_1
-        with tower_kernels():
-            swapped = fused(_x(48))
-    close = (got.double() - unfused.double()).abs().max().item()
-    assert close < 0.1 * (swapped.double() - unfused.double()).abs().max().item(), close
+def test_each_layer_norm_hands_the_op_its_own_parameters(kernel_calls, monkeypatch):
+    # The weight, bias and eps of ln_1, then of ln_2 (the residual add with it), as the modules hold them.
+    fused, handed = fp8_block_of(block(48, 3)), []
+    fused.ln_1.eps, fused.ln_2.eps = 1e-6, 1e-3
+    real = fp8_block.layer_norm_quantize_triton
+    monkeypatch.setattr(fp8_block, "layer_norm_quantize_triton",
+                        lambda x, weight, bias, eps, add=None: handed.append((weight, bias, eps)) or real(x, weight, bias, eps, add=add))
+    with torch.inference_mode(), tower_kernels():
+        fused(_x(48))
+    assert [(w is norm.weight, b is norm.bias, eps) for (w, b, eps), norm in zip(handed, (fused.ln_1, fused.ln_2))] == [
+        (True, True, 1e-6), (True, True, 1e-3)]
 
 
 @cpu_fp8
@@ -176,8 +184,7 @@ def test_compile_runs_the_replaced_block(kernel_calls):
 
 
 @cpu_fp8
-@pytest.mark.parametrize("where", ["ln_1", "attn", "attn.in_proj", "ln_2", "mlp", "mlp.c_fc", "mlp.gelu",
-                                   "mlp.c_proj pre", "ls_1", "every module"])
+@pytest.mark.parametrize("where", ["ln_1", "attn", "attn.in_proj", "ln_2", "mlp", "mlp.c_fc", "ls_1", "every module"])
 def test_hooks_on_the_modules_it_skips_run_the_replaced_block(where, kernel_calls):
     # A probe of a LayerNorm's output or the attention's input must see it: the fused call skips them.
     fused, seen = fp8_block_of(block()), []
@@ -192,6 +199,35 @@ def test_hooks_on_the_modules_it_skips_run_the_replaced_block(where, kernel_call
     with torch.inference_mode(), tower_kernels():
         fused(_x())
     assert kernel_calls[-4:] == fused_calls(15)  # the hook removed: fused again
+
+
+@cpu_fp8
+@pytest.mark.parametrize("where", ["mlp.gelu", "mlp.c_proj pre"])
+def test_hooks_on_the_gelu_or_c_proj_fire_and_only_the_gelu_is_unfused(where, kernel_calls):
+    # The block still fuses its LayerNorms; the GELU and c_proj are called as modules, so their hooks fire.
+    fused, seen = fp8_block_of(block()), []
+    register_probe(fused.get_submodule(where.split()[0]), where, seen)
+    with torch.inference_mode(), tower_kernels():
+        fused(_x())
+    assert seen == [where] and kernel_calls == fused_calls(15)[:3] + [(15, False)]
+
+
+@cpu_fp8
+@pytest.mark.parametrize("act", [open_clip.transformer.QuickGELU, torch.nn.ReLU], ids=["QuickGELU", "ReLU"])
+def test_other_activations_keep_the_layer_norms_fused(act, kernel_calls):
+    # OpenAI's towers' QuickGELU: the block fuses its LayerNorms and calls the activation module between
+    # c_fc and c_proj (whose input is then quantised without it). Within twice PyTorch's own fp8 error.
+    exact = block(48, 3, act=act)
+    x = _x(48, (3, 37), seed=1)
+    want = reference_block(x, exact)
+    with torch.inference_mode():
+        own_error = (with_projections(exact, PerTensorFp8Linear)(x).double() - want).abs().max().item()
+        fused = fp8_block_of(exact)
+        with tower_kernels():
+            got = fused(x)
+    assert kernel_calls == fused_calls(111)[:3] + [(111, False)]
+    error = (got.double() - want).abs().max().item()
+    assert 0 < own_error and error <= 2 * own_error, (error, own_error)
 
 
 @cpu_fp8
@@ -225,18 +261,29 @@ def test_other_calls_go_to_the_replaced_block(kernel_calls):
 @cpu_fp8
 def test_changed_children_run_the_replaced_block(kernel_calls):
     # A user's edit of the swapped block: what it holds now is what runs, unfused.
+    def wider_out_proj(b):  # sizes that do not fit: the block's own error, and the kernels stay on
+        b.attn.out_proj = torch_fp8.Float8Linear(torch.randn(48, 32), None, torch.bfloat16)
+
+    def mlp_subclass(b):  # a subclass may compute otherwise: its own forward
+        b.mlp = type("MyMLP", (torch.nn.Sequential,), {})(OrderedDict(b.mlp._modules))
+
     changes = {
         "layer scale": lambda b: setattr(b, "ls_1", open_clip.transformer.LayerScale(32, 0.1).to(torch.bfloat16)),
-        "tanh GELU": lambda b: setattr(b.mlp, "gelu", torch.nn.GELU(approximate="tanh")),
         "RMSNorm": lambda b: setattr(b, "ln_2", torch.nn.RMSNorm(32).to(torch.bfloat16)),
         "bf16 in_proj": lambda b: setattr(b.attn, "in_proj", torch.nn.Linear(32, 96).to(torch.bfloat16)),
+        "wider out_proj": wider_out_proj,
+        "MLP subclass": mlp_subclass,
     }
     for name, change in changes.items():
         fused = fp8_block_of(block())
         change(fused)
         with torch.inference_mode(), tower_kernels():
-            assert torch.equal(fused(_x()), fused.original()(_x())), name  # each with the quantisation kernel
-        assert not [call for call in kernel_calls if call[0] == "LayerNorm"], name
+            if name == "wider out_proj":
+                with pytest.raises(RuntimeError, match="size of tensor"):
+                    fused(_x())
+            else:
+                assert torch.equal(fused(_x()), fused.original()(_x())), name  # each with the quantisation kernel
+        assert not [call for call in kernel_calls if call[0] == "LayerNorm"] and torch_fp8._kernel_failure is None, name
 
 
 @cpu_fp8

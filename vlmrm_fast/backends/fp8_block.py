@@ -10,14 +10,17 @@ another adds the attention's output, writes the stream, normalises and quantises
 fewer per bf16 element of the stream a block, 3 launches fewer (about 70 ms of ViT-bigG-14's batch-1024
 call, not measured on a GPU yet). The LayerNorms' float32 outputs are quantised as computed, not rounded
 to bf16 first: one rounding fewer than the unfused path, whose values they may differ from by one E4M3
-step where bf16's rounding moved a value across a midpoint.
+step where bf16's rounding moved a value across a midpoint. Between ``c_fc`` and ``c_proj``, an exact GELU
+goes into ``c_proj``'s quantisation (:mod:`vlmrm_fast.backends.fp8_gelu_mlp`); another activation
+(OpenAI's towers' QuickGELU) is called as the module it is.
 
 :class:`Float8Block` computes so inside the backend's calls, wherever the quantisation kernel runs
 (:func:`~vlmrm_fast.backends.torch_fp8.kernel_quantizes`), and as the open_clip block it replaced
 everywhere else: under ``torch.compile`` (inductor fuses these itself), tracing and autograd, in a user's
 own call of the tower, with forward hooks on the modules the fused call skips (the LayerNorms, the
-attention and its input projection, the MLP and its layers), with cross-attention inputs or a mask, and
-where its children are no longer what it was built for.
+attention and its input projection, the MLP and ``c_fc``; with hooks on the activation or ``c_proj``,
+those two are called as modules), with cross-attention inputs or a mask, and where its children are no
+longer what it was built for (other classes, or sizes that do not fit together).
 """
 from __future__ import annotations
 
@@ -27,11 +30,13 @@ import torch
 from open_clip.transformer import ResidualAttentionBlock
 
 from vlmrm_fast.backends.base import SwappedModule, in_place_of, runs_forward_hooks, swap_modules
-from vlmrm_fast.backends.fp8_gelu_mlp import has_fusable_children
+from vlmrm_fast.backends.fp8_gelu_mlp import Float8GELUMLP, has_fusable_children
+from vlmrm_fast.backends.gelu_epilogue import GELUEpilogueMLP
 from vlmrm_fast.backends.torch_fp8 import Float8Linear, SelfAttention, kernel_quantizes, run_kernel
 from vlmrm_fast.backends.triton_layer_norm import TritonLayerNorm, is_replaceable
 from vlmrm_fast.ops.layer_norm import rows_of
-from vlmrm_fast.ops.layer_norm_quantize import layer_norm_quantize_torch, layer_norm_quantize_triton
+from vlmrm_fast.ops.layer_norm_quantize import (check_layer_norm_quantize_args, layer_norm_quantize_torch,
+                                                 layer_norm_quantize_triton)
 
 CHILDREN = ["ln_1", "attn", "ls_1", "ln_2", "mlp", "ls_2"]
 """An open_clip block's children, in order (cross-attention blocks, with ``ln_1_kv``, are left alone)."""
@@ -53,7 +58,7 @@ class Float8Block(SwappedModule, ResidualAttentionBlock):
         """A module holding ``block``'s children (nothing is copied); see :func:`is_fusable_fp8_block`."""
         if not is_fusable_fp8_block(block):
             raise ValueError(f"{type(block).__name__} is not an open_clip ResidualAttentionBlock with fp8 projections, "
-                             "plain LayerNorms, no layer scale and an MLP of c_fc, an exact GELU and c_proj.")
+                             "plain LayerNorms, no layer scale and an MLP of an fp8 c_fc, an activation and c_proj.")
         return _holding_children(cls, block)
 
     def original(self) -> ResidualAttentionBlock:
@@ -64,14 +69,17 @@ class Float8Block(SwappedModule, ResidualAttentionBlock):
         # k_x, v_x and attn_mask, all None from open_clip's Transformer (positional under grad checkpointing)
         if any(value is not None for value in (*args, *kwargs.values())) or not self._fuses(q_x):
             return super().forward(q_x, *args, **kwargs)
-        attn, fc, proj = self.attn, self.mlp.c_fc, self.mlp.c_proj
+        attn, mlp = self.attn, self.mlp
         assert isinstance(attn, SelfAttention) and isinstance(attn.in_proj, Float8Linear)  # _fuses's checks
-        assert isinstance(fc, Float8Linear) and isinstance(proj, Float8Linear)
+        assert isinstance(mlp.c_fc, Float8Linear)
         batch, tokens, _ = q_x.shape
         _, q, scale = _normalised(q_x, self.ln_1)
         hidden = attn.out_proj(attn.attend(attn.in_proj.quantized_forward(q, scale), batch, tokens))
         x, q, scale = _normalised(q_x, self.ln_2, add=hidden)
-        return x + proj.gelu_forward(fc.quantized_forward(q, scale)).view_as(x)
+        hidden = mlp.c_fc.quantized_forward(q, scale)
+        if has_fusable_children(mlp) and not (runs_forward_hooks(mlp.gelu) or runs_forward_hooks(mlp.c_proj)):
+            return x + mlp.c_proj.gelu_forward(hidden).view_as(x)  # the exact GELU in c_proj's quantisation
+        return x + mlp.c_proj(mlp.gelu(hidden)).view_as(x)  # another activation (QuickGELU), or hooks on it
 
     def _fuses(self, x: torch.Tensor) -> bool:
         """Whether this call of the block runs fused (module docstring)."""
@@ -84,7 +92,7 @@ class Float8Block(SwappedModule, ResidualAttentionBlock):
         norms = (self.ln_1, self.ln_2)
         if torch.is_grad_enabled() and any(p.requires_grad for norm in norms for p in (norm.weight, norm.bias)):
             return False
-        skipped = (*norms, attn, attn.in_proj, self.ls_1, self.ls_2, self.mlp, *self.mlp.children())
+        skipped = (*norms, attn, attn.in_proj, self.ls_1, self.ls_2, self.mlp, self.mlp.c_fc)
         return not any(runs_forward_hooks(module) for module in skipped)
 
 
@@ -92,6 +100,7 @@ def _normalised(x: torch.Tensor, norm: torch.nn.LayerNorm, add: Optional[torch.T
     """:mod:`vlmrm_fast.ops.layer_norm_quantize` of ``x`` (plus ``add``) with ``norm``'s parameters: the
     kernel, or torch's ops once it has failed (:func:`~vlmrm_fast.backends.torch_fp8.run_kernel`)."""
     args = (x, norm.weight, norm.bias, norm.eps)
+    check_layer_norm_quantize_args(*args[:3], add)  # a caller's mistake is raised, not taken for a kernel failure
     return run_kernel(lambda: layer_norm_quantize_triton(*args, add=add), lambda: layer_norm_quantize_torch(*args, add=add),
                       "LayerNorm and quantisation kernel (vlmrm_fast/ops/layer_norm_quantize.py)")
 
@@ -112,20 +121,38 @@ def _is_layer_norm(module: object, width: int) -> bool:
         tuple(module.normalized_shape) == (width,)
 
 
+MLP_CHILDREN = ["c_fc", "gelu", "c_proj"]
+MLP_TYPES = (torch.nn.Sequential, Float8GELUMLP, GELUEpilogueMLP)
+"""The MLP's classes: open_clip's, and those this package swaps in for it (which compute as it does)."""
+
+
 def _fusable_children(block: torch.nn.Module) -> bool:
     """Whether ``block``'s children are those :class:`Float8Block` fuses: plain LayerNorms, an fp8
-    batch-first :class:`~vlmrm_fast.backends.torch_fp8.SelfAttention`, no layer scale and an fp8 MLP of
-    ``c_fc``, an exact GELU and ``c_proj``."""
+    batch-first :class:`~vlmrm_fast.backends.torch_fp8.SelfAttention`, no layer scale and an MLP of an fp8
+    ``c_fc``, an activation and ``c_proj``, of sizes that fit together."""
     modules = block._modules
     attn, mlp = modules.get("attn"), modules.get("mlp")
-    if list(modules) != CHILDREN or block._parameters or block._buffers or not isinstance(attn, SelfAttention):
+    if list(modules) != CHILDREN or block._parameters or block._buffers or type(attn) is not SelfAttention:
         return False
     width = attn.heads * attn.head_dim
-    return (attn.batch_first and isinstance(attn.in_proj, Float8Linear) and isinstance(attn.out_proj, Float8Linear)
+    in_proj, out_proj = attn.in_proj, attn.out_proj
+    if not (attn.batch_first and _is_linear(in_proj, width, 3 * width, fp8=True) and _is_linear(out_proj, width, width)
             and all(_is_layer_norm(modules[name], width) for name in ("ln_1", "ln_2"))
-            and all(type(modules[name]) is torch.nn.Identity for name in ("ls_1", "ls_2"))
-            and isinstance(mlp, torch.nn.Sequential) and has_fusable_children(mlp)  # any of the MLP's classes
-            and isinstance(mlp.c_fc, Float8Linear) and mlp.c_fc.in_features == width)
+            and all(type(modules[name]) is torch.nn.Identity for name in ("ls_1", "ls_2"))):
+        return False
+    if mlp is None or type(mlp) not in MLP_TYPES or list(mlp._modules) != MLP_CHILDREN:
+        return False
+    fc, proj = mlp._modules["c_fc"], mlp._modules["c_proj"]
+    if not isinstance(fc, Float8Linear):
+        return False
+    return _is_linear(fc, width, fc.out_features, fp8=True) and _is_linear(proj, fc.out_features, width)
+
+
+def _is_linear(module: object, in_features: int, out_features: int, fp8: bool = False) -> bool:
+    """A :class:`~vlmrm_fast.backends.torch_fp8.Float8Linear` (or, unless ``fp8``, an ``nn.Linear``) of these sizes."""
+    kinds = (Float8Linear,) if fp8 else (Float8Linear, torch.nn.Linear)
+    return (isinstance(module, kinds) and module.in_features == in_features
+            and module.out_features == out_features)
 
 
 def is_fusable_fp8_block(module: object) -> TypeGuard[ResidualAttentionBlock]:
