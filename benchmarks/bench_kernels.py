@@ -28,8 +28,13 @@ Ops (SPEC §1.2, §1.4, §2):
   them: :mod:`vlmrm_fast.backends.fp8_block`), against torch's add, ``F.layer_norm`` and torch's ops
   ("seed") and the LayerNorm kernel then the quantisation kernel (``triton-after-ln``, the backend before
   the fusion); GB/s counts the fused kernel's bytes for all three.
-- ``copy``: a device-to-device copy, the bandwidth ceiling preprocessing and LayerNorm are judged
-  against. It is measured whenever either is, so that their rows get their ``frac_of_copy``.
+- ``quick_gelu``: the MLPs' QuickGELU of OpenAI's towers (ViT-B-32, ViT-L-14) over N frames' hidden
+  activations [N, L, hidden], as the ``torch`` backend runs it with its kernels (one pass,
+  :mod:`vlmrm_fast.ops.quick_gelu`) against open_clip's ``x * torch.sigmoid(1.702 * x)`` (three passes);
+  GB/s counts one read and one write. In the defaults on CUDA only.
+- ``copy``: a device-to-device copy, the bandwidth ceiling the memory-bound ops (preprocess, layer_norm,
+  fp8_quantize, quick_gelu) are judged against. It is measured whenever one of them is, so that their
+  rows get their ``frac_of_copy``.
 
 Providers:
 - ``triton``: the fused kernel (``impl="triton"``); ``triton-interpret`` when it runs in Triton's
@@ -77,6 +82,7 @@ from vlmrm_fast.backends.patch_embed import PatchMatmulConv2d  # noqa: E402
 from vlmrm_fast.ops.layer_norm import launch_config, layer_norm_triton
 from vlmrm_fast.ops.layer_norm_quantize import layer_norm_quantize_triton
 from vlmrm_fast.ops.quantize_rows import quantize_rows_torch, quantize_rows_triton
+from vlmrm_fast.ops.quick_gelu import quick_gelu_triton
 from vlmrm_fast.run_info import device_name, git_commit, gpu_driver, library_versions
 from vlmrm_fast.ops.preprocess import PreprocessSpec, check_tile, preprocess, preprocess_triton
 from vlmrm_fast.ops.score import ScoringTargets, score
@@ -90,8 +96,8 @@ OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 TOWER_SIZE = (224, 224)
 L2_FLUSH_BYTES = 256 << 20  # larger than any GPU's L2, so no repeat reads the previous one's data from cache
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-OPS = ("preprocess", "score", "patch_embed", "layer_norm", "fc1_gelu", "fp8_quantize", "copy")
-CUDA_ONLY_OPS = ("fc1_gelu", "fp8_quantize")
+OPS = ("preprocess", "score", "patch_embed", "layer_norm", "fc1_gelu", "fp8_quantize", "quick_gelu", "copy")
+CUDA_ONLY_OPS = ("fc1_gelu", "fp8_quantize", "quick_gelu")
 """Paths the package takes on CUDA only: on CPU, run when asked for with ``--ops``."""
 
 
@@ -215,8 +221,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--ops", nargs="+", choices=OPS,
-                        help="default: all on CUDA, all but fc1_gelu and fp8_quantize on CPU; copy is always added "
-                        "with preprocess, layer_norm and fp8_quantize")
+                        help="default: all on CUDA, all but fc1_gelu, fp8_quantize and quick_gelu on CPU; copy is "
+                        "always added with preprocess, layer_norm, fp8_quantize and quick_gelu")
     parser.add_argument("--batch-sizes", nargs="+", type=int, help="N; default 1 64 1024 on CUDA, 1 32 on CPU")
     parser.add_argument("--repeats", type=int, help="timed calls per row; default 20 on CUDA, 5 on CPU")
     parser.add_argument("--warmup", type=int, help="untimed calls first (Triton compiles); default 3 on CUDA, 1 on CPU")
@@ -257,7 +263,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         args.copy_mib = 1024 if on_cuda else 256
     if args.dtype == "auto":
         args.dtype = "bf16" if on_cuda else "fp32"
-    if {"preprocess", "layer_norm", "fp8_quantize"} & set(args.ops) and "copy" not in args.ops:
+    if {"preprocess", "layer_norm", "fp8_quantize", "quick_gelu"} & set(args.ops) and "copy" not in args.ops:
         args.ops.append("copy")
     try:
         args.preprocess_tiles = [parse_tile(t) for t in args.preprocess_tiles]
@@ -664,6 +670,31 @@ def unfused_layer_norm_quantize(tokens: torch.Tensor, add: Optional[torch.Tensor
     return (total, *quantize(layer_norm(total)))
 
 
+QUICK_GELU_SHAPES = tuple(case for case in TOWER_SHAPES if case.model in ("B32", "L14"))
+"""The towers OpenAI trained with QuickGELU (ViT-bigG-14's are open_clip's own, with the exact GELU)."""
+
+
+def bench_quick_gelu(args: argparse.Namespace, env: Dict[str, str], timer: Timer, providers: List[str]) -> List[Row]:
+    """Every QuickGELU tower and batch size: open_clip's three ops ("seed") against the Triton kernel; GB/s =
+    the hidden activations read and written."""
+    dtype = DTYPES[args.dtype]
+    rows = []
+    for case in QUICK_GELU_SHAPES:
+        generator = torch.Generator().manual_seed(0)
+        for n in args.batch_sizes:
+            hidden = (torch.randn(n, case.tokens, case.mlp_width, generator=generator) * 2).to(args.device, dtype)
+            calls = {"seed": functools.partial(open_clip_quick_gelu, hidden)}
+            calls.update({p: functools.partial(quick_gelu_triton, hidden) for p in providers if p.startswith("triton")})
+            rows += time_calls(timer, calls, n, 2 * hidden.numel() * hidden.element_size(), **env, op="quick_gelu",
+                               case=case.fc1_gelu_case, H=None, W=None, dtype=args.dtype, repeats=args.repeats)
+    return rows
+
+
+def open_clip_quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    """open_clip's ``QuickGELU.forward``: three eager ops, each rounding to x's dtype."""
+    return x * torch.sigmoid(1.702 * x)
+
+
 def gelu_then_quantize(tokens: torch.Tensor, quantize: Callable) -> Tuple[torch.Tensor, torch.Tensor]:
     """torch's GELU pass (rounded to the tokens' dtype), then ``quantize``: the fp8 MLP without the fusion."""
     return quantize(F.gelu(tokens))
@@ -677,7 +708,7 @@ def add_ratios(rows: List[Row]) -> None:
         seed_rate = seed.get((row.op, row.case, row.N))
         if seed_rate and row.frames_per_s:
             row.speedup_vs_seed = row.frames_per_s / seed_rate
-        if row.op in ("preprocess", "layer_norm", "fp8_quantize") and copy:
+        if row.op in ("preprocess", "layer_norm", "fp8_quantize", "quick_gelu") and copy:
             row.frac_of_copy = row.gb_per_s / copy
 
 
@@ -739,6 +770,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             add(bench_fc1_gelu(args, env, timer))
         if "fp8_quantize" in args.ops:
             add(bench_fp8_quantize(args, env, timer, providers))
+        if "quick_gelu" in args.ops:
+            add(bench_quick_gelu(args, env, timer, providers))
     elapsed = time.perf_counter() - begin
 
     print(markdown_table(files.rows))

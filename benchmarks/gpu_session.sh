@@ -21,7 +21,8 @@
 #                the MLPs' first matmul with its GELU in the epilogue against the unfused pair, the fp8
 #                activations' quantisation kernel against torch's ops (and, with the MLPs' GELU in it,
 #                against the GELU pass then either; with the blocks' LayerNorms in it, against the
-#                LayerNorm kernel then the quantisation kernel)
+#                LayerNorm kernel then the quantisation kernel), OpenAI towers' QuickGELU kernel against
+#                open_clip's three ops
 #   render       benchmarks/bench_env.py --no-env-steps: render-only frames/s (target 3,000/s at 224)
 #   render-breakdown
 #                benchmarks/render_breakdown.py: where a frame's render time goes (scene passes,

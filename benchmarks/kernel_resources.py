@@ -108,6 +108,8 @@ def _variants() -> List[Tuple[str, Any, Callable[[], None], bool]]:
         x = torch.zeros((8, width), dtype=torch.bfloat16)
         return lambda: lnq.layer_norm_quantize_triton(x, torch.ones(width), torch.zeros(width), 1e-5,
                                                       add=torch.zeros_like(x) if add else None)
+    qg = importlib.import_module("vlmrm_fast.ops.quick_gelu")
+    quick = lambda dtype: lambda: qg.quick_gelu_triton(torch.zeros((8, 3072), dtype=dtype))  # noqa: E731
     ident = importlib.import_module("identity_variants")  # beside this script: candidates, not the op's path
     bf16_224 = lambda variant: lambda: ident.preprocess_identity(u8(224), spec, torch.bfloat16, variant, bottom_up=True)  # noqa: E731
     return [
@@ -137,6 +139,9 @@ def _variants() -> List[Tuple[str, Any, Callable[[], None], bool]]:
         ("bf16 K=8192, GELU first (ViT-bigG-14's c_proj)", qr._quantize_rows_kernel, quant(8192, torch.bfloat16, True), True),
         ("bf16 K=3072, GELU first (ViT-B-32's c_proj)", qr._quantize_rows_kernel, quant(3072, torch.bfloat16, True), True),
         ("fp32 K=1664 (ViT-bigG-14's width)", qr._quantize_rows_kernel, quant(1664, torch.float32), True),
+        ("bf16", qg._quick_gelu_kernel, quick(torch.bfloat16), True),
+        ("fp16", qg._quick_gelu_kernel, quick(torch.float16), True),
+        ("fp32", qg._quick_gelu_kernel, quick(torch.float32), True),
         ("bf16 D=768 (ViT-B-32's ln_1)", lnq._layer_norm_quantize_kernel, norm_quant(768, False), True),
         ("bf16 D=768, add first (ViT-B-32's ln_2)", lnq._layer_norm_quantize_kernel, norm_quant(768, True), True),
         ("bf16 D=1664, add first (ViT-bigG-14's ln_2)", lnq._layer_norm_quantize_kernel, norm_quant(1664, True), True),

@@ -251,6 +251,23 @@ def test_kernel_benchmark_times_the_fp8_quantisation_both_ways(tmp_path):
             assert row["max_abs_diff_vs_seed"] == 0  # the same bytes as torch's ops
 
 
+def test_kernel_benchmark_times_quick_gelu_both_ways(tmp_path):
+    # Triton's interpreter here: the kernel's figures are the interpreter's; its values are rounded once,
+    # open_clip's three times (tests/test_quick_gelu.py): they differ by at most one bf16 step of |x| <= 16
+    bench = _load("bench_kernels")
+    assert "quick_gelu" not in bench.parse_args(["--device", "cpu"]).ops  # CUDA's path: asked for on CPU
+    out_json = tmp_path / "k.json"
+    bench.main(["--device", "cpu", "--ops", "quick_gelu", "--batch-sizes", "1", "--repeats", "1", "--warmup", "1",
+                "--dtype", "bf16", "--copy-mib", "8", "--json", str(out_json)])
+    rows = [r for r in json.loads(out_json.read_text())["rows"] if r["op"] == "quick_gelu"]
+    assert [(r["case"], r["provider"]) for r in rows] == [
+        (case, provider) for case in ("B32-L50-D768-H3072", "L14-L257-D1024-H4096") for provider in ("seed", "triton-interpret")]
+    for row in rows:
+        assert row["gb_per_s"] > 0 and row["frac_of_copy"] > 0
+        if row["provider"] != "seed":
+            assert 0 < row["max_abs_diff_vs_seed"] <= 0.125
+
+
 def test_kernel_benchmark_times_the_patch_embedding_both_ways(tmp_path):
     bench = _load("bench_kernels")
     out_json = tmp_path / "k.json"

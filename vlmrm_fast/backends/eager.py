@@ -13,6 +13,7 @@ from vlmrm_fast.backends.gelu_epilogue import use_gelu_epilogue
 from vlmrm_fast.backends.patch_embed import use_patch_matmul
 from vlmrm_fast.backends.torch_fp8 import check_torch_quantize, is_fp8_quantised, quantize_fp8
 from vlmrm_fast.backends.triton_layer_norm import use_triton_layer_norm
+from vlmrm_fast.backends.triton_quick_gelu import use_triton_quick_gelu
 from vlmrm_fast.ops._triton import tower_kernels
 
 
@@ -27,7 +28,8 @@ def adapt_tower(visual: torch.nn.Module, backend: str, device: torch.device, dty
     "torch" on CUDA in bf16, each MLP's GELU in its first matmul's epilogue
     (:mod:`vlmrm_fast.backends.gelu_epilogue`; "compile" leaves that to inductor);
     with ``kernels="triton"`` (which only "torch" passes: "compile" leaves them to inductor, which fuses
-    them), the LayerNorms through the Triton kernel (:mod:`vlmrm_fast.backends.triton_layer_norm`)."""
+    them), the LayerNorms and OpenAI towers' QuickGELUs through Triton kernels
+    (:mod:`vlmrm_fast.backends.triton_layer_norm`, :mod:`vlmrm_fast.backends.triton_quick_gelu`)."""
     check_torch_quantize(quantize, backend, device, dtype)
     if quantize != "fp8" and is_fp8_quantised(visual):
         raise BackendError(
@@ -46,6 +48,7 @@ def adapt_tower(visual: torch.nn.Module, backend: str, device: torch.device, dty
         use_gelu_epilogue(visual)
     if kernels == "triton":
         use_triton_layer_norm(visual)
+        use_triton_quick_gelu(visual)
 
 
 class TorchBackend(VisionBackend):
@@ -62,10 +65,11 @@ class TorchBackend(VisionBackend):
             ``kernels="triton"``, each MLP's GELU in that kernel (:mod:`vlmrm_fast.backends.fp8_gelu_mlp`),
             each block's LayerNorms in a kernel that also quantises (:mod:`vlmrm_fast.backends.fp8_block`).
             The tower's modules are replaced in place.
-        kernels: "triton" (the reward's choice on CUDA) runs the tower's LayerNorms through the Triton kernel
-            in this backend's calls (:mod:`vlmrm_fast.backends.triton_layer_norm`; the modules are replaced
-            in place, their parameters kept, and compute as before in any other call); "torch" leaves them
-            to torch.
+        kernels: "triton" (the reward's choice on CUDA) runs the tower's LayerNorms (and OpenAI towers'
+            QuickGELUs) through Triton kernels in this backend's calls
+            (:mod:`vlmrm_fast.backends.triton_layer_norm`, :mod:`vlmrm_fast.backends.triton_quick_gelu`; the
+            modules are replaced in place, their parameters kept, and compute as before in any other call);
+            "torch" leaves them to torch.
     """
 
     name = "torch"

@@ -1,0 +1,99 @@
+"""The tower's QuickGELUs through the Triton kernel of :mod:`vlmrm_fast.ops.quick_gelu`, for the "torch"
+backend with its kernels (``kernels="triton"``: the default on CUDA).
+
+open_clip's ``QuickGELU`` modules (towers built for OpenAI's weights) are swapped in place for
+:class:`TritonQuickGELU`, which has no parameters and runs the kernel only inside
+:func:`~vlmrm_fast.ops._triton.tower_kernels`, which the backend enters for its own calls. Everywhere else
+it computes as open_clip's module: the same model called any other way, under ``torch.compile`` (inductor
+fuses the three ops itself), ``torch.export`` and tracing, when autograd needs a graph, for tensor
+subclasses, non-contiguous inputs, devices Triton does not run on and small inputs (below
+:data:`~vlmrm_fast.backends.triton_layer_norm.MIN_ELEMENTS`, where a Triton launch costs the host more
+than the three eager kernels cost the GPU). Its result is rounded once, not three times: within half a
+unit in the last place plus float32's error of the exact value, where open_clip's eager bf16 is up to
+about one and a half off. A kernel that fails to build or launch (no GPU has run it yet) is turned off
+for the process with one warning.
+"""
+from __future__ import annotations
+
+import functools
+import warnings
+from typing import Optional, Type, TypeGuard
+
+import torch
+
+from vlmrm_fast.backends.base import SwappedModule, in_place_of, swap_modules
+from vlmrm_fast.backends.triton_layer_norm import MIN_ELEMENTS
+from vlmrm_fast.ops._triton import tower_kernels_enabled, triton_runs_on
+from vlmrm_fast.ops.quick_gelu import DTYPES, quick_gelu_triton
+
+_failure: Optional[str] = None
+"""Why the kernel failed in this process (its first error), after which open_clip's ops run."""
+
+
+@functools.lru_cache(maxsize=None)
+def _quick_gelu_type() -> Optional[Type[torch.nn.Module]]:
+    try:
+        from open_clip.transformer import QuickGELU
+    except ImportError:  # pragma: no cover - open_clip is a dependency; the class moved in some version
+        return None
+    return QuickGELU
+
+
+def is_quick_gelu(module: object) -> TypeGuard[torch.nn.Module]:
+    """Whether ``module`` is open_clip's ``QuickGELU`` (that class exactly: a subclass may compute otherwise)."""
+    return _quick_gelu_type() is not None and type(module) is _quick_gelu_type()
+
+
+class TritonQuickGELU(SwappedModule, torch.nn.Module):
+    """open_clip's ``QuickGELU``, ``x * sigmoid(1.702 x)``, computed by the Triton kernel inside
+    :func:`~vlmrm_fast.ops._triton.tower_kernels` where that applies (module docstring), else by
+    open_clip's ops. Input any shape, float32/bfloat16/float16 -> the same shape and dtype."""
+
+    min_elements: int = MIN_ELEMENTS
+
+    @classmethod
+    def from_module(cls, module: torch.nn.Module) -> "TritonQuickGELU":
+        """A module in ``module``'s place (with its hooks and mode); see :func:`is_quick_gelu`."""
+        if not is_quick_gelu(module):
+            raise ValueError(f"{module} is not open_clip's QuickGELU.")
+        return in_place_of(cls(), module)
+
+    def original(self) -> torch.nn.Module:
+        """open_clip's ``QuickGELU`` (:func:`~vlmrm_fast.backends.base.original_modules`)."""
+        base = _quick_gelu_type()
+        assert base is not None  # there was one to swap
+        return in_place_of(base(), self)
+
+    def _kernel_applies(self, x: torch.Tensor) -> bool:
+        if torch.compiler.is_compiling() or torch.jit.is_tracing() or not tower_kernels_enabled() or _failure:
+            return False
+        if type(x) is not torch.Tensor or x.numel() < self.min_elements or x.dtype not in DTYPES:
+            return False
+        if torch.is_grad_enabled() and x.requires_grad:
+            return False
+        return triton_runs_on(x.device) and x.is_contiguous()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._kernel_applies(x):
+            try:
+                return quick_gelu_triton(x)
+            except torch.cuda.OutOfMemoryError:
+                raise  # the caller's to handle (a smaller batch), not a reason to turn the kernel off
+            except Exception as error:  # noqa: BLE001 - Triton's compile and launch errors have no common base
+                _give_up(error)
+        return x * torch.sigmoid(1.702 * x)  # open_clip's QuickGELU.forward
+
+
+def _give_up(error: Exception) -> None:
+    """Turn the kernel off for the process, with one warning naming ``error``."""
+    global _failure
+    _failure = f"{type(error).__name__}: {str(error)[:300]}"
+    warnings.warn(f"the QuickGELU kernel (vlmrm_fast/ops/quick_gelu.py) failed here ({_failure}); open_clip's "
+                  f"ops run from now on (slower). Please report it with your GPU, torch and Triton versions.",
+                  RuntimeWarning, stacklevel=3)
+
+
+def use_triton_quick_gelu(visual: torch.nn.Module) -> int:
+    """Replace, in place, every open_clip ``QuickGELU`` of ``visual`` with a :class:`TritonQuickGELU`; the
+    number that now run so."""
+    return swap_modules(visual, TritonQuickGELU, is_quick_gelu, TritonQuickGELU.from_module)
