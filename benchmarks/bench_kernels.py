@@ -27,7 +27,10 @@ Ops (SPEC §1.2, §1.4, §2):
   the residual add (one kernel, :mod:`vlmrm_fast.ops.layer_norm_quantize`, as the ``torch`` backend runs
   them: :mod:`vlmrm_fast.backends.fp8_block`), against torch's add, ``F.layer_norm`` and torch's ops
   ("seed") and the LayerNorm kernel then the quantisation kernel (``triton-after-ln``, the backend before
-  the fusion); GB/s counts the fused kernel's bytes for all three.
+  the fusion); GB/s counts the fused kernel's bytes for all three. The cases ending ``-quick-gelu``
+  (ViT-B-32's and ViT-L-14's, whose OpenAI weights have it) quantise ``QuickGELU(tokens)`` in the kernel,
+  against open_clip's QuickGELU then torch's ops ("seed") and the QuickGELU kernel then the quantisation
+  kernel (``triton-after-quick-gelu``, the backend before the fusion).
 - ``quick_gelu``: the MLPs' QuickGELU of OpenAI's towers (ViT-B-32, ViT-L-14) over N frames' hidden
   activations [N, L, hidden], as the ``torch`` backend runs it with its kernels (one pass,
   :mod:`vlmrm_fast.ops.quick_gelu`) against open_clip's ``x * torch.sigmoid(1.702 * x)`` (three passes);
@@ -628,12 +631,28 @@ def bench_fp8_quantize(args: argparse.Namespace, env: Dict[str, str], timer: Tim
                     calls = {"seed": functools.partial(gelu_then_quantize, tokens, quantize_rows_torch)}
                     for p in providers:
                         if p.startswith("triton"):
-                            calls[p] = functools.partial(quantize_rows_triton, tokens, gelu=True)
+                            calls[p] = functools.partial(quantize_rows_triton, tokens, activation="gelu")
                             calls[f"{p}-after-gelu"] = functools.partial(gelu_then_quantize, tokens, quantize_rows_triton)
                     rows += time_calls(timer, calls, n, nbytes, **env, op="fp8_quantize",
                                        case=case.fp8_quantize_case(width) + "-gelu", H=None, W=None, dtype=args.dtype,
                                        repeats=args.repeats)
+                if width == case.mlp_width and case in QUICK_GELU_SHAPES:  # OpenAI's towers: QuickGELU first
+                    calls = {"seed": functools.partial(quick_gelu_then_quantize, tokens, open_clip_quick_gelu,
+                                                       quantize_rows_torch)}
+                    for p in providers:
+                        if p.startswith("triton"):
+                            calls[p] = functools.partial(quantize_rows_triton, tokens, activation="quick_gelu")
+                            calls[f"{p}-after-quick-gelu"] = functools.partial(
+                                quick_gelu_then_quantize, tokens, quick_gelu_triton, quantize_rows_triton)
+                    rows += time_calls(timer, calls, n, nbytes, **env, op="fp8_quantize",
+                                       case=case.fp8_quantize_case(width) + "-quick-gelu", H=None, W=None,
+                                       dtype=args.dtype, repeats=args.repeats)
     return rows
+
+
+def quick_gelu_then_quantize(tokens: torch.Tensor, quick_gelu: Callable, quantize: Callable) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``quick_gelu`` (open_clip's three ops, or the kernel), rounded to the tokens' dtype, then ``quantize``."""
+    return quantize(quick_gelu(tokens))
 
 
 def bench_layer_norm_quantize(args: argparse.Namespace, env: Dict[str, str], timer: Timer, providers: List[str],

@@ -101,7 +101,7 @@ def _variants() -> List[Tuple[str, Any, Callable[[], None], bool]]:
         return lambda: ln.layer_norm_triton(torch.zeros((8, width), dtype=dtype), torch.ones(width, dtype=dtype),
                                             torch.zeros(width, dtype=dtype), 1e-5, **launch)
     qr = importlib.import_module("vlmrm_fast.ops.quantize_rows")
-    quant = lambda width, dtype, gelu=False: lambda: qr.quantize_rows_triton(torch.zeros((8, width), dtype=dtype), gelu=gelu)  # noqa: E731
+    quant = lambda width, dtype, act=None: lambda: qr.quantize_rows_triton(torch.zeros((8, width), dtype=dtype), activation=act)  # noqa: E731
     lnq = importlib.import_module("vlmrm_fast.ops.layer_norm_quantize")
 
     def norm_quant(width: int, add: bool) -> Callable[[], None]:
@@ -136,8 +136,10 @@ def _variants() -> List[Tuple[str, Any, Callable[[], None], bool]]:
         ("bf16 D=768, 8 rows, 8 warps", kernel_ln, norm(768, torch.bfloat16, rows_per_program=8, num_warps=8), False),
         ("bf16 K=768 (ViT-B-32's attention, c_fc)", qr._quantize_rows_kernel, quant(768, torch.bfloat16), True),
         ("bf16 K=8192 (ViT-bigG-14's c_proj, unfused)", qr._quantize_rows_kernel, quant(8192, torch.bfloat16), True),
-        ("bf16 K=8192, GELU first (ViT-bigG-14's c_proj)", qr._quantize_rows_kernel, quant(8192, torch.bfloat16, True), True),
-        ("bf16 K=3072, GELU first (ViT-B-32's c_proj)", qr._quantize_rows_kernel, quant(3072, torch.bfloat16, True), True),
+        ("bf16 K=8192, GELU first (ViT-bigG-14's c_proj)", qr._quantize_rows_kernel, quant(8192, torch.bfloat16, "gelu"), True),
+        ("bf16 K=3072, GELU first (ViT-B-32's c_proj)", qr._quantize_rows_kernel, quant(3072, torch.bfloat16, "gelu"), True),
+        ("bf16 K=4096, QuickGELU first (ViT-L-14's c_proj, OpenAI's)", qr._quantize_rows_kernel,
+         quant(4096, torch.bfloat16, "quick_gelu"), True),
         ("fp32 K=1664 (ViT-bigG-14's width)", qr._quantize_rows_kernel, quant(1664, torch.float32), True),
         ("bf16", qg._quick_gelu_kernel, quick(torch.bfloat16), True),
         ("fp16", qg._quick_gelu_kernel, quick(torch.float16), True),

@@ -1,10 +1,10 @@
-"""Each fp8 MLP's GELU in its second matmul's input quantisation (vlmrm_fast/backends/fp8_gelu_mlp.py)
+"""Each fp8 MLP's GELU (or QuickGELU) in its second matmul's input quantisation (vlmrm_fast/backends/fp8_gelu_mlp.py)
 against a float64 MLP written from its formula, which path runs where, and the swap's bookkeeping.
 
-The quantisation with the GELU (``quantize_rows(..., gelu=True)``) is held to its float64 reference in
+The quantisation with the activation (``quantize_rows(..., activation=...)``) is held to its float64 reference in
 tests/test_quantize_rows.py; here the MLP is. Tolerance, as tests/test_torch_fp8.py argues for fp8: twice
 PyTorch's own fp8 error against the float64 MLP (PyTorch's own: both matmuls' inputs rounded through E4M3
-with one scale a tensor, the weights one a row, the exact GELU between them in bf16). The fused MLP
+with one scale a tensor, the weights one a row, the activation between them in bf16). The fused MLP
 quantises per row, and its GELU without rounding to bf16 first: no less accurate. A lost, doubled or
 approximate GELU, or the wrong scale, is off by far more.
 """
@@ -25,6 +25,7 @@ from vlmrm_fast.backends.eager import adapt_tower
 from vlmrm_fast.backends.fp8_gelu_mlp import Float8GELUMLP, is_fusable_fp8_mlp, use_fp8_gelu_fusion
 from vlmrm_fast.backends.gelu_epilogue import GELUEpilogueMLP
 from vlmrm_fast.backends.torch_fp8 import Float8Linear, quantize_fp8
+from vlmrm_fast.backends.triton_quick_gelu import TritonQuickGELU
 from vlmrm_fast.ops._triton import tower_kernels
 from vlmrm_fast.ops.quantize_rows import quantize_rows_torch
 
@@ -34,14 +35,14 @@ cpu_fp8 = pytest.mark.skipif(CPU_PROBLEM is not None, reason=str(CPU_PROBLEM))
 
 @pytest.fixture
 def kernel_calls(monkeypatch):
-    """The (rows, gelu) of every quantisation the fp8 layers hand the Triton kernel (interpreted on CPU):
+    """The (rows, activation) of every quantisation the fp8 layers hand the Triton kernel (interpreted on CPU):
     how a test knows which path ran."""
     calls = []
     real = torch_fp8.quantize_rows_triton
 
-    def recording(rows, gelu=False):
-        calls.append((rows.shape[0], gelu))
-        return real(rows, gelu=gelu)
+    def recording(rows, activation=None):
+        calls.append((rows.shape[0], activation))
+        return real(rows, activation=activation)
 
     monkeypatch.setattr(torch_fp8, "quantize_rows_triton", recording)
     monkeypatch.setattr(torch_fp8, "_kernel_failure", None)
@@ -81,8 +82,35 @@ def test_within_twice_pytorchs_own_fp8_error(shape, width, hidden, device, kerne
         with tower_kernels():
             got = fused(x.to(device))
     rows = math.prod(shape)
-    assert kernel_calls == [(rows, False), (rows, True)]  # c_fc's input; c_proj's, the GELU in the kernel
+    assert kernel_calls == [(rows, None), (rows, "gelu")]  # c_fc's input; c_proj's, the GELU in the kernel
     assert got.shape == want.shape and got.dtype == torch.bfloat16
+    error = (got.double().cpu() - want).abs().max().item()
+    assert 0 < own_error.item() and error <= 2 * own_error.item(), (error, own_error.item())
+
+
+def reference_quick_gelu_mlp(x: torch.Tensor, module: torch.nn.Sequential) -> torch.Tensor:
+    """float64, from the formula: c_proj(h / (1 + exp(-1.702 h))), h = c_fc(x)."""
+    x = x.double()
+    fc, proj = module.c_fc, module.c_proj
+    h = x @ fc.weight.double().T + fc.bias.double()
+    return (h / (1 + torch.exp(-1.702 * h))) @ proj.weight.double().T + proj.bias.double()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("act", [open_clip.transformer.QuickGELU, TritonQuickGELU], ids=["open_clip", "swapped"])
+def test_quick_gelu_within_twice_pytorchs_own_fp8_error(act, device, kernel_calls):
+    # OpenAI's towers' QuickGELU in the quantisation kernel (as open_clip's module, or the torch backend's
+    # swap for it), against a float64 MLP; PyTorch's own: open_clip's QuickGELU in bf16 between the two.
+    _usable(device)
+    exact = mlp(48, 208, act=open_clip.transformer.QuickGELU)
+    x = _x(48, (3, 37), seed=1)
+    want = reference_quick_gelu_mlp(x, exact)
+    with torch.inference_mode():
+        own_error = (with_projections(exact, PerTensorFp8Linear, device)(x.to(device)).double().cpu() - want).abs().max()
+        fused = Float8GELUMLP.from_mlp(fp8_mlp(48, 208, device, act=act))
+        with tower_kernels():
+            got = fused(x.to(device))
+    assert kernel_calls == [(111, None), (111, "quick_gelu")]
     error = (got.double().cpu() - want).abs().max().item()
     assert 0 < own_error.item() and error <= 2 * own_error.item(), (error, own_error.item())
 
@@ -119,10 +147,10 @@ def test_hooks_on_the_gelu_or_c_proj_run_the_replaced_mlp(where, kernel_calls):
             fused(_x())
     finally:
         handle.remove()
-    assert seen and kernel_calls == [(15, False), (15, False)]
+    assert seen and kernel_calls == [(15, None), (15, None)]
     with torch.inference_mode(), tower_kernels():
         fused(_x())
-    assert kernel_calls[2:] == [(15, False), (15, True)]  # the hook removed: fused again
+    assert kernel_calls[2:] == [(15, None), (15, "gelu")]  # the hook removed: fused again
 
 
 @cpu_fp8
@@ -131,7 +159,7 @@ def test_a_hook_on_c_fc_fires_and_the_gelu_stays_fused(kernel_calls):
     fused.c_fc.register_forward_hook(lambda module, args, out: seen.append(out.shape))
     with torch.inference_mode(), tower_kernels():
         fused(_x())
-    assert seen == [(3, 5, 48)] and kernel_calls == [(15, False), (15, True)]
+    assert seen == [(3, 5, 48)] and kernel_calls == [(15, None), (15, "gelu")]
 
 
 @cpu_fp8
@@ -145,15 +173,15 @@ def test_changed_children_run_the_replaced_mlp(kernel_calls):
             fused.c_proj = torch.nn.Linear(48, 32).to(torch.bfloat16)
         with torch.inference_mode(), tower_kernels():
             assert torch.equal(fused(_x()), fused.original()(_x()))
-        assert all(not gelu for _, gelu in kernel_calls), change
+        assert all(activation is None for _, activation in kernel_calls), change
 
 
 @cpu_fp8
 def test_a_kernel_that_fails_is_turned_off_with_one_warning(kernel_calls, monkeypatch):
     # No GPU has run it: a build or launch error costs speed, not the run. torch's ops then quantise the
     # GELU, still without rounding it to bf16.
-    def failing(rows, gelu=False):
-        kernel_calls.append((rows.shape[0], gelu))
+    def failing(rows, activation=None):
+        kernel_calls.append((rows.shape[0], activation))
         raise RuntimeError("ptxas fatal: Unresolved extern function '__nv_erff'")
 
     fused = Float8GELUMLP.from_mlp(fp8_mlp())
@@ -161,8 +189,8 @@ def test_a_kernel_that_fails_is_turned_off_with_one_warning(kernel_calls, monkey
         hidden = fused.c_fc(_x())  # the kernel's c_fc, before it fails
         monkeypatch.setattr(torch_fp8, "quantize_rows_triton", failing)
         with pytest.warns(RuntimeWarning, match="quantisation kernel.*__nv_erff.*torch's ops quantise from now on"):
-            got = fused.c_proj.gelu_forward(hidden)
-        q, scale = quantize_rows_torch(hidden.reshape(-1, 48), gelu=True)
+            got = fused.c_proj.activated_forward(hidden, "gelu")
+        q, scale = quantize_rows_torch(hidden.reshape(-1, 48), activation="gelu")
         proj = fused.c_proj
         want = torch._scaled_mm(q, proj.weight_fp8.t(), scale_a=scale, scale_b=proj.weight_scale, bias=proj.bias,
                                 out_dtype=torch.bfloat16)
@@ -170,20 +198,21 @@ def test_a_kernel_that_fails_is_turned_off_with_one_warning(kernel_calls, monkey
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             assert torch.equal(fused(_x()), fused.original()(_x()))  # unfused, torch's ops, no second warning
-    assert kernel_calls == [(15, False), (15, True)]
+    assert kernel_calls == [(15, None), (15, "gelu")]
 
 
 # ---- the swap ----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("act", [torch.nn.ReLU, open_clip.transformer.QuickGELU,
-                                 lambda: torch.nn.GELU(approximate="tanh")])
-def test_only_exact_gelu_mlps_with_fp8_c_proj_are_fused(act):
+@pytest.mark.parametrize("act", [torch.nn.ReLU, lambda: torch.nn.GELU(approximate="tanh")])
+def test_only_exact_gelu_or_quick_gelu_mlps_with_fp8_c_proj_are_fused(act):
     assert is_fusable_fp8_mlp(fp8_mlp())
+    assert is_fusable_fp8_mlp(fp8_mlp(act=open_clip.transformer.QuickGELU))
+    assert is_fusable_fp8_mlp(fp8_mlp(act=TritonQuickGELU))  # the torch backend's swap for QuickGELU
     assert not is_fusable_fp8_mlp(fp8_mlp(act=act))
     assert not is_fusable_fp8_mlp(fp8_mlp(ln=True))  # open_clip's scale_fc: a LayerNorm after the GELU
     assert not is_fusable_fp8_mlp(mlp(32, 48).to(torch.bfloat16))  # not fp8
-    with pytest.raises(ValueError, match="exact nn.GELU, then a Float8Linear c_proj"):
+    with pytest.raises(ValueError, match="exact nn.GELU or QuickGELU, then a Float8Linear c_proj"):
         Float8GELUMLP.from_mlp(mlp(32, 48))
 
 

@@ -14,6 +14,8 @@ import pytest
 import torch
 
 from conftest import DEVICES
+from test_quick_gelu import float32_bound as quick_gelu_float32_bound  # helpers only
+from test_quick_gelu import reference_quick_gelu
 from vlmrm_fast.backends import torch_fp8
 from vlmrm_fast.ops._triton import tower_kernels
 from vlmrm_fast.ops.quantize_rows import MAX_WIDTH, kernel_takes, launch_config, quantize_rows
@@ -74,7 +76,7 @@ def test_equals_the_float64_reference(shape, dtype, device, impl):
     assert torch.equal(scale.cpu(), want_scale)
 
 
-# ---- with the GELU first (gelu=True) -------------------------------------------------------------------
+# ---- with the GELU first (activation="gelu") ----------------------------------------------------------------
 # The float32 GELU is not correctly rounded: erf is an ulp or two off (libdevice's and torch's are not the
 # same bits), and 1 + erf(x / sqrt 2) cancels for negative x, where erf is near -1 and float32's steps
 # there (2^-24) are all that is left of it. So the reference computes the GELU in float64, and a value
@@ -128,7 +130,7 @@ GELU_SHAPES = [(7, 48), (5, 1664), (1, 8192), (37, 97), (0, 16), (3, 1)]
 @pytest.mark.parametrize("shape", GELU_SHAPES)
 def test_gelu_first_equals_the_float64_reference(shape, dtype, device, impl):
     x = _rows(shape, dtype, seed=sum(shape) + 1)
-    q, scale = quantize_rows(x.to(device), gelu=True, impl=impl)
+    q, scale = quantize_rows(x.to(device), activation="gelu", impl=impl)
     assert q.dtype == torch.float8_e4m3fn and q.shape == shape and scale.shape == (shape[0], 1)
     near_midpoints = check_gelu_quantized(x, q, scale)
     # A band wide enough to pass anything would fail here. Random float32 values would fall in it about
@@ -143,9 +145,41 @@ def test_gelu_first_where_1_plus_erf_cancels(device, impl):
     # GELU(-3.44) = -0.0010: 1 + erf(-2.43) keeps 13 of float32's bits. oneDNN's GELU (F.gelu on CPU) was
     # 1.3 times the error bound off there and rounded this value to -1.0, not -1.125 (scale from 0.584).
     x = torch.tensor([[0.5842351317405701, -3.4403879642486572, -3.4403879642486572]])
-    q, scale = quantize_rows(x.to(device), gelu=True, impl=impl)
+    q, scale = quantize_rows(x.to(device), activation="gelu", impl=impl)
     assert check_gelu_quantized(x, q, scale) == 0
     assert q[0, 1].item() == -1.125
+
+
+# ---- with QuickGELU first (activation="quick_gelu"), OpenAI's towers' -----------------------------------
+# The same check, with the float32 QuickGELU's error bound argued in tests/test_quick_gelu.py.
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", GELU_SHAPES)
+def test_quick_gelu_first_equals_the_float64_reference(shape, dtype, device, impl):
+    x = _rows(shape, dtype, seed=sum(shape) + 2)
+    q, scale = quantize_rows(x.to(device), activation="quick_gelu", impl=impl)
+    assert q.dtype == torch.float8_e4m3fn and q.shape == shape and scale.shape == (shape[0], 1)
+    assert check_quantized(reference_quick_gelu(x), quick_gelu_float32_bound(x), q, scale) < 0.01
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_quick_gelu_first_is_not_rounded_and_not_the_gelu(device):
+    # What the band lets through: not open_clip's bf16 QuickGELU then the quantisation (three roundings),
+    # nor the exact GELU.
+    x = _rows((7, 96), torch.bfloat16, seed=6)
+    q, scale = quantize_rows(x.to(device), activation="quick_gelu")
+    check_quantized(reference_quick_gelu(x), quick_gelu_float32_bound(x), q, scale)
+    for wrong in (quantize_rows(x * torch.sigmoid(1.702 * x)), quantize_rows(x, activation="gelu")):
+        with pytest.raises(AssertionError):
+            check_quantized(reference_quick_gelu(x), quick_gelu_float32_bound(x), *wrong)
+
+
+def test_an_unknown_activation_names_the_choices():
+    with pytest.raises(ValueError, match="activation=None, 'gelu' or 'quick_gelu'; got 'relu'"):
+        quantize_rows(torch.zeros(2, 16), activation="relu")
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -154,7 +188,7 @@ def test_gelu_first_is_not_rounded_to_the_input_dtype(device):
     # E4M3's 1 and 1.125 and goes up; rounded to bf16 first it would be 1.0625, the midpoint itself, and
     # go to the even 1. The others are such values too (found by search).
     x = torch.tensor([[448.0, 1.203125, -0.59375, 0.171875, 2.390625]], dtype=torch.bfloat16)
-    q, scale = quantize_rows(x.to(device), gelu=True)
+    q, scale = quantize_rows(x.to(device), activation="gelu")
     assert scale.item() == 1.0
     assert check_gelu_quantized(x, q, scale) == 0  # none near a midpoint
     unfused, _ = quantize_rows(torch.nn.functional.gelu(x).to(device))  # torch's GELU pass, then quantised
@@ -244,7 +278,7 @@ def test_a_kernel_that_fails_is_turned_off_with_one_warning(monkeypatch):
     # No GPU has run it yet: a Triton build or launch error must cost speed, not the run.
     calls = []
 
-    def failing(rows, gelu=False):
+    def failing(rows, activation=None):
         calls.append(rows.shape)
         raise RuntimeError("PTX .version 8.7 does not support .target sm_100")
 
@@ -264,7 +298,7 @@ def test_a_kernel_that_fails_is_turned_off_with_one_warning(monkeypatch):
 
 
 def test_out_of_memory_is_raised_and_leaves_the_kernel_on(monkeypatch):
-    def out_of_memory(rows, gelu=False):
+    def out_of_memory(rows, activation=None):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
     monkeypatch.setattr(torch_fp8, "quantize_rows_triton", out_of_memory)

@@ -237,7 +237,7 @@ def test_fp8_rewards_with_the_quantisation_kernel(device, fp8_on_cpu, monkeypatc
     kernel_rows = []
     real, real_norm = torch_fp8.quantize_rows_triton, fp8_block.layer_norm_quantize_triton
     monkeypatch.setattr(torch_fp8, "quantize_rows_triton",
-                        lambda x, gelu=False: kernel_rows.append((x.shape[0], gelu)) or real(x, gelu=gelu))
+                        lambda x, activation=None: kernel_rows.append((x.shape[0], activation)) or real(x, activation=activation))
     monkeypatch.setattr(fp8_block, "layer_norm_quantize_triton", lambda x, *args, add=None: kernel_rows.append(
         ("LayerNorm", x.numel() // x.shape[-1], add is not None)) or real_norm(x, *args, add=add))
     rm = CLIPReward(model, tokenizer, goal=GOAL, baseline=BASELINE, alpha=ALPHA, device=device, dtype="bf16",
@@ -247,7 +247,7 @@ def test_fp8_rewards_with_the_quantisation_kernel(device, fp8_on_cpu, monkeypatc
     # In every block: ln_1 with in_proj's quantisation, out_proj's, ln_2 with the residual add before it
     # and c_fc's quantisation (backends/fp8_block.py), then c_proj's with the MLP's GELU (fp8_gelu_mlp.py).
     tokens = 16 * 50
-    assert kernel_rows == [("LayerNorm", tokens, False), (tokens, False), ("LayerNorm", tokens, True), (tokens, True)] * blocks
+    assert kernel_rows == [("LayerNorm", tokens, False), (tokens, None), ("LayerNorm", tokens, True), (tokens, "gelu")] * blocks
     assert 0 < own_error and error <= 2 * own_error, (error, own_error)
 
 

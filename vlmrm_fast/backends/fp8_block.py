@@ -11,8 +11,8 @@ fewer per bf16 element of the stream a block, 3 launches fewer (about 70 ms of V
 call, not measured on a GPU yet). The LayerNorms' float32 outputs are quantised as computed, not rounded
 to bf16 first: one rounding fewer than the unfused path, whose values they may differ from by one E4M3
 step where bf16's rounding moved a value across a midpoint. Between ``c_fc`` and ``c_proj``, an exact GELU
-goes into ``c_proj``'s quantisation (:mod:`vlmrm_fast.backends.fp8_gelu_mlp`); another activation
-(OpenAI's towers' QuickGELU) is called as the module it is.
+or QuickGELU goes into ``c_proj``'s quantisation (:mod:`vlmrm_fast.backends.fp8_gelu_mlp`); another
+activation is called as the module it is.
 
 :class:`Float8Block` computes so inside the backend's calls, wherever the quantisation kernel runs
 (:func:`~vlmrm_fast.backends.torch_fp8.kernel_quantizes`), and as the open_clip block it replaced
@@ -30,7 +30,7 @@ import torch
 from open_clip.transformer import ResidualAttentionBlock
 
 from vlmrm_fast.backends.base import SwappedModule, in_place_of, runs_forward_hooks, swap_modules
-from vlmrm_fast.backends.fp8_gelu_mlp import Float8GELUMLP, has_fusable_children
+from vlmrm_fast.backends.fp8_gelu_mlp import Float8GELUMLP, fused_activation, has_fusable_children
 from vlmrm_fast.backends.gelu_epilogue import GELUEpilogueMLP
 from vlmrm_fast.backends.torch_fp8 import Float8Linear, SelfAttention, kernel_quantizes, run_kernel
 from vlmrm_fast.backends.triton_layer_norm import TritonLayerNorm, is_replaceable
@@ -78,8 +78,9 @@ class Float8Block(SwappedModule, ResidualAttentionBlock):
         x, q, scale = _normalised(q_x, self.ln_2, add=hidden)
         hidden = mlp.c_fc.quantized_forward(q, scale)
         if has_fusable_children(mlp) and not (runs_forward_hooks(mlp.gelu) or runs_forward_hooks(mlp.c_proj)):
-            return x + mlp.c_proj.gelu_forward(hidden).view_as(x)  # the exact GELU in c_proj's quantisation
-        return x + mlp.c_proj(mlp.gelu(hidden)).view_as(x)  # another activation (QuickGELU), or hooks on it
+            activation = fused_activation(mlp.gelu)  # the GELU or QuickGELU in c_proj's quantisation
+            return x + mlp.c_proj.activated_forward(hidden, activation).view_as(x)
+        return x + mlp.c_proj(mlp.gelu(hidden)).view_as(x)  # another activation, or hooks on it or c_proj
 
     def _fuses(self, x: torch.Tensor) -> bool:
         """Whether this call of the block runs fused (module docstring)."""

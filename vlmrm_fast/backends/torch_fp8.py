@@ -16,7 +16,7 @@ sizes are multiples of 16 becomes a :class:`Float8Linear` (others stay bf16):
 Everything else stays bf16: the patch embedding, LayerNorm, attention itself (SDPA's two matmuls and
 softmax), GELU and the output projection ``visual.proj``. The "torch" backend (with its Triton kernels,
 the default on CUDA) quantises each activation in one pass (:mod:`vlmrm_fast.ops.quantize_rows`; torch's
-ops take four), with each MLP's GELU (:mod:`vlmrm_fast.backends.fp8_gelu_mlp`) and each block's
+ops take four), with each MLP's GELU or QuickGELU (:mod:`vlmrm_fast.backends.fp8_gelu_mlp`) and each block's
 LayerNorms (:mod:`vlmrm_fast.backends.fp8_block`) in that pass; with ``"compile"``, inductor fuses torch's
 ops itself (not yet seen on a GPU).
 
@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from vlmrm_fast.backends.base import BackendError
 from vlmrm_fast.ops._triton import tower_kernels_enabled, triton_runs_on
-from vlmrm_fast.ops.quantize_rows import kernel_takes, quantize_rows_torch, quantize_rows_triton
+from vlmrm_fast.ops.quantize_rows import Activation, kernel_takes, quantize_rows_torch, quantize_rows_triton
 
 HOPPER = 9
 """The compute capability major this runs on: torch's per-row fp8 kernel is a Hopper (sm90) kernel; on
@@ -89,13 +89,14 @@ class Float8Linear(torch.nn.Module):
         return None if self.bias_bytes is None else self.bias_bytes.view(self.out_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._matmul(x, gelu=False)
+        return self._matmul(x, None)
 
-    def gelu_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``forward(GELU(x))``, the exact GELU computed in float32 as the activations are quantised, not
-        rounded to ``x``'s dtype first (:mod:`vlmrm_fast.ops.quantize_rows`, ``gelu=True``): an fp8 MLP's
-        second matmul (:mod:`vlmrm_fast.backends.fp8_gelu_mlp`)."""
-        return self._matmul(x, gelu=True)
+    def activated_forward(self, x: torch.Tensor, activation: Activation) -> torch.Tensor:
+        """``forward(activation(x))``, the activation ("gelu": the exact GELU; "quick_gelu") computed in
+        float32 as the activations are quantised, not rounded to ``x``'s dtype first
+        (:mod:`vlmrm_fast.ops.quantize_rows`): an fp8 MLP's second matmul
+        (:mod:`vlmrm_fast.backends.fp8_gelu_mlp`)."""
+        return self._matmul(x, activation)
 
     def quantized_forward(self, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """The layer on activations quantised already: E4M3 rows ``q`` [M, K] (row-major) with float32
@@ -105,8 +106,8 @@ class Float8Linear(torch.nn.Module):
         return cast(torch.Tensor, torch._scaled_mm(q, self.weight_fp8.t(), scale_a=scale, scale_b=self.weight_scale,
                                                    bias=self.bias, out_dtype=self.out_dtype))
 
-    def _matmul(self, x: torch.Tensor, gelu: bool) -> torch.Tensor:
-        q, scale = _quantize(x.reshape(-1, self.in_features), gelu)
+    def _matmul(self, x: torch.Tensor, activation: Activation) -> torch.Tensor:
+        q, scale = _quantize(x.reshape(-1, self.in_features), activation)
         return self.quantized_forward(q, scale).reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
@@ -138,14 +139,15 @@ def run_kernel(kernel: Callable[[], T], torch_ops: Callable[[], T], what: str) -
     return torch_ops()
 
 
-def _quantize(rows: torch.Tensor, gelu: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The activation rows' (or their GELU's, with ``gelu``) E4M3 values and scales: the Triton kernel where
-    :func:`kernel_quantizes` (through :func:`run_kernel`), else torch's ops (the same bytes; with the GELU,
-    bar where the two float32 erfs' last bits move a value across an E4M3 midpoint)."""
+def _quantize(rows: torch.Tensor, activation: Activation = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The rows' (or their ``activation``'s) E4M3 values and scales: the Triton kernel where
+    :func:`kernel_quantizes` (through :func:`run_kernel`), else torch's ops (the same bytes; with an
+    activation, bar where the two float32 erfs' or exps' last bits move a value across an E4M3 midpoint)."""
     if kernel_quantizes(rows):
-        return run_kernel(lambda: quantize_rows_triton(rows, gelu=gelu), lambda: quantize_rows_torch(rows, gelu=gelu),
+        return run_kernel(lambda: quantize_rows_triton(rows, activation=activation),
+                          lambda: quantize_rows_torch(rows, activation=activation),
                           "quantisation kernel (vlmrm_fast/ops/quantize_rows.py)")
-    return quantize_rows_torch(rows, gelu=gelu)
+    return quantize_rows_torch(rows, activation=activation)
 
 
 def kernel_quantizes(rows: torch.Tensor) -> bool:

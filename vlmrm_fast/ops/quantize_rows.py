@@ -11,15 +11,17 @@ its largest magnitude mapped to 448, E4M3's largest finite value. No clamp is ne
 464, where float8_e4m3fn (no infinity) would turn to NaN. The kernel and the torch path give the same
 bytes.
 
-With ``gelu=True`` the row quantised is ``GELU(x)`` instead, the exact GELU as torch writes it,
+With ``activation="gelu"`` the row quantised is ``GELU(x)`` instead, the exact GELU as torch writes it,
 ``x * 0.5 * (1 + erf(x / sqrt(2)))``, computed in float32 and quantised as it is (not rounded to ``x``'s
 dtype first, as eager torch's own GELU pass would): the input of each fp8 MLP's second matmul, straight
-from the first matmul's bf16 output. Eager torch spends a pass on the GELU, reading and writing the hidden
+from the first matmul's bf16 output. ``activation="quick_gelu"`` does the same with OpenAI's towers'
+QuickGELU, ``x * sigmoid(1.702 x)`` (:mod:`vlmrm_fast.ops.quick_gelu`'s formula; 12 bytes per element in
+open_clip's three ops, 4 in that op's kernel, none here). Eager torch spends a pass on the GELU, reading and writing the hidden
 activations (4 bytes per bf16 element: about 0.14 s of ViT-bigG-14's batch-1024 call and 34 ms of
 ViT-L-14's, at the 3 TB/s torch's GELU kernel moved in the H200 profile of ViT-B-32); here it costs only
 the arithmetic. The two paths' float32 ``erf`` (libdevice's, torch's) may differ in their last bits
 (times |x| / 2 in the GELU), so their bytes may differ where that moves a value across an E4M3 rounding
-midpoint.
+midpoint; so may QuickGELU's (the kernel's exp and torch's sigmoid).
 
 Why a kernel of our own: eager torch computes this in four passes (the row maxima; a float32 copy; the
 division; the cast), moving about 21 bytes per bf16 element, before every fp8 matmul. At ViT-bigG-14's
@@ -34,6 +36,7 @@ from typing import Literal, Optional, Tuple
 import torch
 
 from vlmrm_fast.ops._triton import HAS_TRITON, interpreter_enabled, on_device, require_working_interpreter
+from vlmrm_fast.ops.quick_gelu import quick_gelu_float32
 
 E4M3_MAX = 448.0
 """The largest finite float8_e4m3fn value."""
@@ -42,6 +45,9 @@ TINY_AMAX = 1e-12
 MAX_WIDTH = 16384
 """The widest row the kernel takes (a row is held in registers; the towers' matmul inputs are 768 to 8192 wide)."""
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+Activation = Optional[Literal["gelu", "quick_gelu"]]
+ACTIVATIONS = (None, "gelu", "quick_gelu")
+"""What may be applied to the rows before they are quantised; the kernel's ``ACTIVATION`` is the index."""
 ELEMENTS_PER_PROGRAM = 4096
 """Rows are packed into a program up to this many elements (16 float32 values a thread at the warps of
 :func:`launch_config`)."""
@@ -50,6 +56,8 @@ ELEMENTS_PER_PROGRAM = 4096
 if HAS_TRITON:
     import triton
     import triton.language as tl
+
+    from vlmrm_fast.ops.quick_gelu import quick_gelu_f32
 
     @triton.jit
     def quantize_tile(x, BLOCK_ROWS: tl.constexpr, BLOCK_WIDTH: tl.constexpr, ROUND_BY_HAND: tl.constexpr):
@@ -75,7 +83,7 @@ if HAS_TRITON:
         WIDTH: tl.constexpr,
         BLOCK_ROWS: tl.constexpr,
         BLOCK_WIDTH: tl.constexpr,
-        GELU: tl.constexpr,
+        ACTIVATION: tl.constexpr,
         ROUND_BY_HAND: tl.constexpr,
     ):
         # One program: BLOCK_ROWS whole rows, each read once and kept in registers.
@@ -85,8 +93,10 @@ if HAS_TRITON:
         mask = row_ok[:, None] & (cols < WIDTH)[None, :]
         rows = rows.to(tl.int64)  # rows x width passes 2**31 elements (ViT-bigG-14's MLP at batch 1024)
         x = tl.load(x_ptr + rows[:, None] * stride_x_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        if GELU:  # torch's formula and order; 0.7071... is 1 / sqrt(2) in float32. GELU(0) = 0 where masked
+        if ACTIVATION == 1:  # torch's GELU formula and order; 0.7071... is 1 / sqrt(2) in float32; 0 where masked
             x = x * 0.5 * (1.0 + tl.math.erf(x * 0.7071067811865476))
+        elif ACTIVATION == 2:
+            x = quick_gelu_f32(x)
         q, scale = quantize_tile(x, BLOCK_ROWS, BLOCK_WIDTH, ROUND_BY_HAND)
         tl.store(q_ptr + rows[:, None] * WIDTH + cols[None, :], q.to(tl.float8e4nv), mask=mask)
         tl.store(scale_ptr + rows, scale, mask=row_ok)
@@ -115,26 +125,30 @@ def launch_config(width: int) -> Tuple[int, int, int]:
     return rows, block_width, warps
 
 
-def check_quantize_args(x: torch.Tensor) -> None:
-    """A ``ValueError`` naming the problem unless ``x`` is a [M, K] float tensor the op takes."""
+def check_quantize_args(x: torch.Tensor, activation: Activation = None) -> None:
+    """A ``ValueError`` naming the problem unless ``x`` is a [M, K] float tensor the op takes, and
+    ``activation`` one it applies."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"quantize_rows applies activation=None, 'gelu' or 'quick_gelu'; got {activation!r}.")
     if x.dim() != 2:
         raise ValueError(f"quantize_rows takes rows [M, K]; got a tensor of shape {tuple(x.shape)}.")
     if x.dtype not in DTYPES:
         raise ValueError(f"quantize_rows takes float32, bfloat16 or float16 rows; got {x.dtype}.")
 
 
-def quantize_rows_triton(x: torch.Tensor, *, gelu: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+def quantize_rows_triton(x: torch.Tensor, *, activation: Activation = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Launch the kernel: one program per few rows (:func:`launch_config`).
 
     Args:
         x: [M, K] float32/bfloat16/float16, 1 <= K <= :data:`MAX_WIDTH`, on a device Triton runs on
             (E4M3 stores need compute capability 8.9 or more), each row contiguous.
-        gelu: quantise ``GELU(x)``, computed in float32 (module docstring).
+        activation: None, or "gelu" or "quick_gelu": quantise that of ``x``, computed in float32 (module
+            docstring).
     Returns:
         ([M, K] float8_e4m3fn, contiguous; [M, 1] float32 scales), on ``x``'s device.
     """
     require_working_interpreter()
-    check_quantize_args(x)
+    check_quantize_args(x, activation)
     n_rows, width = x.shape
     if not 1 <= width <= MAX_WIDTH:
         raise ValueError(f"quantize_rows_triton takes rows of 1 to {MAX_WIDTH} values; got {width}: use "
@@ -149,18 +163,20 @@ def quantize_rows_triton(x: torch.Tensor, *, gelu: bool = False) -> Tuple[torch.
     with on_device(x.device):
         _quantize_rows_kernel[(triton.cdiv(n_rows, rows),)](
             x, q, scale, n_rows, x.stride(0), WIDTH=width, BLOCK_ROWS=rows, BLOCK_WIDTH=block_width,
-            GELU=gelu, ROUND_BY_HAND=interpreter_enabled(), num_warps=warps,
+            ACTIVATION=ACTIVATIONS.index(activation), ROUND_BY_HAND=interpreter_enabled(), num_warps=warps,
             enable_fp_fusion=True,  # pinned, as in ops/preprocess.py
         )
     return q, scale
 
 
-def quantize_rows_torch(x: torch.Tensor, *, gelu: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+def quantize_rows_torch(x: torch.Tensor, *, activation: Activation = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """The same in torch ops (any device and width): the fallback, and the weights' quantiser."""
-    check_quantize_args(x)
-    if gelu:  # the kernel's formula: F.gelu on CPU is oneDNN's, whose float32 erf is several ulp further off
+    check_quantize_args(x, activation)
+    if activation == "gelu":  # the kernel's formula: F.gelu on CPU is oneDNN's, whose erf is several ulp further off
         x = x.float()
         x = x * 0.5 * (1 + torch.erf(x * 0.7071067811865476))
+    elif activation == "quick_gelu":
+        x = quick_gelu_float32(x)
     amax = torch.linalg.vector_norm(x, float("inf"), dim=1, keepdim=True, dtype=torch.float32)
     # 448 as a tensor on x's device: CUDA divides by a Python number as a multiplication by its float32
     # reciprocal, which may be a bit off the IEEE quotient (and so a scale and the bytes after it)
@@ -168,13 +184,13 @@ def quantize_rows_torch(x: torch.Tensor, *, gelu: bool = False) -> Tuple[torch.T
     return (x.float() / scale).to(torch.float8_e4m3fn), scale
 
 
-def quantize_rows(x: torch.Tensor, *, gelu: bool = False,
+def quantize_rows(x: torch.Tensor, *, activation: Activation = None,
                   impl: Literal["triton", "torch"] = "triton") -> Tuple[torch.Tensor, torch.Tensor]:
-    """Rows ``x`` [M, K] (or ``GELU(x)`` with ``gelu``) -> (E4M3 values [M, K], float32 scales [M, 1]); see
-    the module docstring."""
+    """Rows ``x`` [M, K] (or their ``activation``) -> (E4M3 values [M, K], float32 scales [M, 1]); see the
+    module docstring."""
     if impl == "triton":
-        return quantize_rows_triton(x, gelu=gelu)
-    return quantize_rows_torch(x, gelu=gelu)
+        return quantize_rows_triton(x, activation=activation)
+    return quantize_rows_torch(x, activation=activation)
 
 
 def kernel_takes(x: torch.Tensor) -> Optional[str]:

@@ -28,16 +28,22 @@ if HAS_TRITON:
     from vlmrm_fast.ops._triton import to_output
 
     @triton.jit
+    def quick_gelu_f32(x):
+        """QuickGELU of float32 ``x``, float32 (0 at 0: padding stays 0); shared by the kernels that apply it."""
+        # sigmoid(z) as 1 / (1 + e) or e / (1 + e), e = exp(-|z|) <= 1: no overflow, and small results keep
+        # their relative accuracy. 1.702 rounded to float32, as torch's scalar multiply takes it. An IEEE
+        # division (a GPU's plain '/' may be 2 ulp off): the quantisation kernel, which applies this too,
+        # divides only so.
+        z = 1.702 * x
+        e = tl.exp(-tl.abs(z))
+        return tl.math.div_rn(tl.where(z >= 0, x, x * e), 1.0 + e)
+
+    @triton.jit
     def _quick_gelu_kernel(x_ptr, out_ptr, n_elements, BLOCK: tl.constexpr, ROUND_BF16: tl.constexpr):
         # int64 offsets: ViT-bigG-14's hidden activations pass 2**31 elements at batch 1024
         offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offsets < n_elements
-        x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        # sigmoid(z) as 1 / (1 + e) or e / (1 + e), e = exp(-|z|) <= 1: no overflow, and small results keep
-        # their relative accuracy. 1.702 rounded to float32, as torch's scalar multiply takes it.
-        z = 1.702 * x
-        e = tl.exp(-tl.abs(z))
-        y = tl.where(z >= 0, x, x * e) / (1.0 + e)
+        y = quick_gelu_f32(tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32))
         tl.store(out_ptr + offsets, to_output(y, out_ptr.dtype.element_ty, ROUND_BF16), mask=mask)
 
 
@@ -70,11 +76,16 @@ def quick_gelu_triton(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def quick_gelu_float32(x: torch.Tensor) -> torch.Tensor:
+    """QuickGELU of ``x`` in float32 ops -> float32, unrounded (the torch paths' formula)."""
+    y = x.float()
+    return y * torch.sigmoid(1.702 * y)
+
+
 def quick_gelu_torch(x: torch.Tensor) -> torch.Tensor:
     """The same semantics in torch ops (float32, rounded once): the fallback."""
     check_quick_gelu_args(x)
-    y = x.float()
-    return (y * torch.sigmoid(1.702 * y)).to(x.dtype)
+    return quick_gelu_float32(x).to(x.dtype)
 
 
 def quick_gelu(x: torch.Tensor, *, impl: Literal["triton", "torch"] = "triton") -> torch.Tensor:
