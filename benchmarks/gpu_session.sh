@@ -30,14 +30,16 @@
 #                RENDER_BREAKDOWN_ARGS="--scene-no-shadow --num-envs 32" (for one) changes its scene
 #   env          benchmarks/bench_env.py --no-render: env steps/s with the VLM reward, N = 1 8 32
 #                (ENV_BACKEND=compile: the fast path's tower through torch.compile, default auto)
-#   profile-b32, profile-l14, profile-bigg
+#   profile-b32, profile-l14, profile-bigg, profile-l14-quickgelu
 #                `vlmrm-fast bench` for one model at 224 px, batch 1-1024, bf16, torch and compile,
 #                with the kernel profile of the largest batch (where the time goes against the ceiling);
 #                PROFILE_BATCHES="1 64 1024", PROFILE_BACKENDS=torch (or compile) and PROFILE_NO_SEED=1
 #                split a long one (ViT-bigG-14) over calls; PROFILE_DTYPES="bf16 fp8" (or fp8) adds the
 #                torch and compile backends' fp8 matmuls (Hopper); PROFILE_ARGS="--compile-mode
 #                max-autotune" (for one) passes more options, "--kernels triton torch" an end-to-end
-#                A/B of the package's Triton kernels (the LayerNorm's, on the torch backend)
+#                A/B of the package's Triton kernels (the torch backend's tower kernels);
+#                profile-l14-quickgelu is ViT-L-14 as OpenAI's weights build it (QuickGELU), whose
+#                QuickGELU kernel the others do not run
 #
 # Each part writes under $RESULTS/<part>/ (RESULTS defaults to $OUT where that is set, else
 # runs/gpu-session/): its log and results, at most 4 files; copy the figures worth keeping to
@@ -211,6 +213,7 @@ part_env() {
 part_profile_b32() { profile profile-b32 ViT-B-32; }
 part_profile_l14() { profile profile-l14 ViT-L-14; }
 part_profile_bigg() { profile profile-bigg ViT-bigG-14; }
+part_profile_l14_quickgelu() { profile profile-l14-quickgelu ViT-L-14-quickgelu; }
 
 if [ $# -eq 0 ] || [ "$1" = -h ] || [ "$1" = --help ]; then
     sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'

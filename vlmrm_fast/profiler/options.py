@@ -47,7 +47,7 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
                    "quantisation, on CPU; fp8 is the torch, compile and tensorrt backends', on Hopper GPUs (default: CPU fp32; CUDA bf16)")
     p.add_argument("--kernels", nargs="+", choices=KERNEL_OPTIONS, metavar="KERNELS",
                    help="the package's own kernels: triton (the fused preprocess and score kernels, and the torch "
-                   "backend's LayerNorms), torch (torch's ops), or auto (triton on CUDA, torch elsewhere); "
+                   "backend's tower kernels: LayerNorms, QuickGELUs, fp8 quantisation), torch (torch's ops), or auto (triton on CUDA, torch elsewhere); "
                    "--kernels triton torch measures both in one run, an A/B of the kernels (default: auto)")
     p.add_argument("--frame-size", type=positive_int, default=SEED_FRAME_SIZE, metavar="PX",
                    help="square frames of PX x PX; 480 is the original's render size, 224 the towers' input "
