@@ -373,6 +373,7 @@ def test_kernel_profile_of_the_largest_batch(results, bench_run):
     ("void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<c10::BFloat16, float>", "layernorm"),
     ("triton_per_fused_native_layer_norm_clone_2", "layernorm"),
     ("_layer_norm_kernel", "layernorm"),  # this package's (vlmrm_fast/ops/layer_norm.py), in the torch backend
+    ("_layer_norm_quantize_kernel", "layernorm"),  # the fp8 blocks' (ops/layer_norm_quantize.py): mostly its norm
     ("__myl_AddCastMeanSubMulMeanAddSqrtDivMulCastMulAdd_0x1a2b", "layernorm"),  # TensorRT's fused norm
     ("void onnxruntime::cuda::cuApplyLayerNorm<float, float, float, false>", "layernorm"),
     ("aten::native_layer_norm", "layernorm"),
@@ -387,6 +388,7 @@ def test_kernel_profile_of_the_largest_batch(results, bench_run):
     ("void at::native::vectorized_elementwise_kernel<4, at::native::GeluCUDAKernelImpl>", "elementwise"),
     ("triton_poi_fused_add_gelu_4", "elementwise"), ("aten::gelu", "elementwise"), ("aten::add", "elementwise"),
     ("__myl_MulAddCast_0x7f", "elementwise"),
+    ("_quick_gelu_kernel", "elementwise"), ("_quantize_rows_kernel", "elementwise"),  # this package's (ops/)
     # Inductor's pointwise kernels after a cuBLAS matmul (bias, activation) are not matmuls, nor copies
     # when they only absorb a cast; "convert" is not a convolution
     ("triton_poi_fused_addmm_gelu_3", "elementwise"), ("triton_poi_fused__to_copy_gelu_view_3", "elementwise"),
