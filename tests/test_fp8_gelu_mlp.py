@@ -210,6 +210,7 @@ def test_only_exact_gelu_or_quick_gelu_mlps_with_fp8_c_proj_are_fused(act):
     assert is_fusable_fp8_mlp(fp8_mlp(act=open_clip.transformer.QuickGELU))
     assert is_fusable_fp8_mlp(fp8_mlp(act=TritonQuickGELU))  # the torch backend's swap for QuickGELU
     assert not is_fusable_fp8_mlp(fp8_mlp(act=act))
+    assert not is_fusable_fp8_mlp(fp8_mlp(act=type("MyQuickGELU", (open_clip.transformer.QuickGELU,), {})))  # may differ
     assert not is_fusable_fp8_mlp(fp8_mlp(ln=True))  # open_clip's scale_fc: a LayerNorm after the GELU
     assert not is_fusable_fp8_mlp(mlp(32, 48).to(torch.bfloat16))  # not fp8
     with pytest.raises(ValueError, match="exact nn.GELU or QuickGELU, then a Float8Linear c_proj"):

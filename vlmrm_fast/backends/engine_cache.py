@@ -39,8 +39,8 @@ def weights_digest(module: torch.nn.Module) -> str:
     """SHA-256 over the module's structure (its repr: layers, activations, norms' settings) and state
     (names, shapes, dtypes, bytes): changes whenever the weights do, or the code they run through
     (the same weights under GELU and QuickGELU are two towers). Layers the torch backends swapped in (the
-    patch embedding as a matmul, MLPs with a GELU epilogue, LayerNorms through Triton) are read as the
-    layers they replaced, from which the engine is built
+    patch embedding as a matmul, MLPs with a GELU epilogue, LayerNorms and QuickGELUs through Triton, the
+    fp8 MLPs and blocks) are read as the layers they replaced, from which the engine is built
     (:func:`~vlmrm_fast.backends.base.original_modules`): one tower, one key."""
     from vlmrm_fast.backends.base import original_modules
 
