@@ -193,14 +193,21 @@ def test_the_torch_backend_swaps_with_its_kernels_only():
         assert all(type(b.mlp.gelu) is kind for b in visual.transformer.resblocks), (backend, kernels)
 
 
-def test_rewards_with_the_kernel_equal_the_float64_reference(kernel_calls):
-    # fp32 (the float64 reference's tower runs open_clip's QuickGELU in float64): within 1e-5, the package's
-    # float32 bar; the kernel ran on every block's hidden activations
+@pytest.mark.parametrize("device", DEVICES)
+def test_rewards_with_the_kernel_equal_the_float64_reference(device, kernel_calls):
+    # fp32, within 1e-5 (the package's float32 bar) of the float64 reference (whose tower runs open_clip's
+    # QuickGELU in float64; on CPU, where float32 matmuls are float32) and of the same reward with torch's
+    # ops (on either device); the kernel ran on every block's hidden activations
     model, tokenizer = quick_gelu_tiny()
     frames = (torch.rand(3, 224, 224, 3, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8).numpy()
-    want = reference_reward(copy.deepcopy(model), tokenizer, frames, ["a humanoid robot kneeling"], ["a humanoid robot"], 0.5)
-    rm = CLIPReward(model, tokenizer, goal="a humanoid robot kneeling", baseline="a humanoid robot", alpha=0.5,
-                    device="cpu", dtype=torch.float32, backend="torch", kernels="triton")
-    got = rm(frames).double()
+    goal, baseline = "a humanoid robot kneeling", "a humanoid robot"
+    want = reference_reward(copy.deepcopy(model), tokenizer, frames, [goal], [baseline], 0.5)
+    plain = CLIPReward(copy.deepcopy(model), tokenizer, goal=goal, baseline=baseline, alpha=0.5, device=device,
+                       dtype=torch.float32, backend="torch", kernels="torch")
+    rm = CLIPReward(model, tokenizer, goal=goal, baseline=baseline, alpha=0.5, device=device, dtype=torch.float32,
+                    backend="torch", kernels="triton")
+    got = rm(frames).double().cpu()
     assert kernel_calls == [(3, 50, 256)] * 2
-    assert torch.allclose(got, want, rtol=0, atol=1e-5), (got - want).abs().max()
+    assert torch.allclose(got, plain(frames).double().cpu(), rtol=0, atol=1e-5)
+    if device == "cpu":
+        assert torch.allclose(got, want, rtol=0, atol=1e-5), (got - want).abs().max()
