@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from conftest import DEVICES, make_tiny
-from test_fp8_gelu_mlp import cpu_fp8  # helpers only
+from test_fp8_gelu_mlp import assert_the_replaced_module_runs_outside_and_compiled, cpu_fp8  # helpers only
 from test_gelu_epilogue import reference_mlp, register_probe
 from test_layer_norm import reference_layer_norm
 from test_torch_fp8 import PerTensorFp8Linear, _usable
@@ -154,8 +154,12 @@ def test_each_layer_norm_hands_the_op_its_own_parameters(kernel_calls, monkeypat
     fused, handed = fp8_block_of(block(48, 3)), []
     fused.ln_1.eps, fused.ln_2.eps = 1e-6, 1e-3
     real = fp8_block.layer_norm_quantize_triton
-    monkeypatch.setattr(fp8_block, "layer_norm_quantize_triton",
-                        lambda x, weight, bias, eps, add=None: handed.append((weight, bias, eps)) or real(x, weight, bias, eps, add=add))
+
+    def spying(x, weight, bias, eps, add=None):
+        handed.append((weight, bias, eps))
+        return real(x, weight, bias, eps, add=add)
+
+    monkeypatch.setattr(fp8_block, "layer_norm_quantize_triton", spying)
     with torch.inference_mode(), tower_kernels():
         fused(_x(48))
     assert [(w is norm.weight, b is norm.bias, eps) for (w, b, eps), norm in zip(handed, (fused.ln_1, fused.ln_2))] == [
@@ -163,24 +167,8 @@ def test_each_layer_norm_hands_the_op_its_own_parameters(kernel_calls, monkeypat
 
 
 @cpu_fp8
-def test_outside_the_backends_calls_it_is_the_replaced_block(kernel_calls):
-    fused = fp8_block_of(block())
-    with torch.inference_mode():
-        assert torch.equal(fused(_x()), fused.original()(_x()))
-        with tower_kernels(False):
-            assert torch.equal(fused(_x()), fused.original()(_x()))
-    assert kernel_calls == []
-
-
-@cpu_fp8
-def test_compile_runs_the_replaced_block(kernel_calls):
-    # inductor fuses the LayerNorms itself; dynamo must see the block's own ops (and no graph break)
-    fused = fp8_block_of(block())
-    with torch.inference_mode():
-        with tower_kernels():
-            got = torch.compile(fused, backend="eager", fullgraph=True)(_x())
-        want = fused.original()(_x())
-    assert kernel_calls == [] and torch.equal(got, want)
+def test_outside_the_backends_calls_and_compiled_it_is_the_replaced_block(kernel_calls):
+    assert_the_replaced_module_runs_outside_and_compiled(fp8_block_of(block()), _x(), kernel_calls)
 
 
 @cpu_fp8

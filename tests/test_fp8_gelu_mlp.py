@@ -115,25 +115,23 @@ def test_quick_gelu_within_twice_pytorchs_own_fp8_error(act, device, kernel_call
     assert 0 < own_error.item() and error <= 2 * own_error.item(), (error, own_error.item())
 
 
-@cpu_fp8
-def test_outside_the_backends_calls_it_is_the_replaced_mlp(kernel_calls):
-    fused = Float8GELUMLP.from_mlp(fp8_mlp())
+def assert_the_replaced_module_runs_outside_and_compiled(fused: torch.nn.Module, x: torch.Tensor, kernel_calls) -> None:
+    """Outside the backend's calls, and under ``torch.compile`` inside them (inductor fuses these ops itself;
+    dynamo must see the replaced module's ops, with no graph break), a swapped module computes as the one
+    it replaced, and hands no kernel anything."""
     with torch.inference_mode():
-        assert torch.equal(fused(_x()), fused.original()(_x()))
+        assert torch.equal(fused(x), fused.original()(x))
         with tower_kernels(False):
-            assert torch.equal(fused(_x()), fused.original()(_x()))
+            assert torch.equal(fused(x), fused.original()(x))
+        with tower_kernels():
+            got = torch.compile(fused, backend="eager", fullgraph=True)(x)
+        assert torch.equal(got, fused.original()(x))
     assert kernel_calls == []
 
 
 @cpu_fp8
-def test_compile_runs_the_replaced_mlp(kernel_calls):
-    # inductor fuses the GELU itself; dynamo must see the nn.Sequential's ops (and no graph break)
-    fused = Float8GELUMLP.from_mlp(fp8_mlp())
-    with torch.inference_mode():
-        with tower_kernels():
-            got = torch.compile(fused, backend="eager", fullgraph=True)(_x())
-        want = fused.original()(_x())
-    assert kernel_calls == [] and torch.equal(got, want)
+def test_outside_the_backends_calls_and_compiled_it_is_the_replaced_mlp(kernel_calls):
+    assert_the_replaced_module_runs_outside_and_compiled(Float8GELUMLP.from_mlp(fp8_mlp()), _x(), kernel_calls)
 
 
 @cpu_fp8

@@ -124,15 +124,24 @@ def check_gelu_quantized(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) 
 GELU_SHAPES = [(7, 48), (5, 1664), (1, 8192), (37, 97), (0, 16), (3, 1)]
 
 
+def check_activation_quantized(activation: str, x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> float:
+    """:func:`check_quantized` for rows that are ``activation``(x): the GELU's bound (above), or QuickGELU's
+    (argued in tests/test_quick_gelu.py)."""
+    if activation == "gelu":
+        return check_gelu_quantized(x, q, scale)
+    return check_quantized(reference_quick_gelu(x), quick_gelu_float32_bound(x), q, scale)
+
+
 @pytest.mark.parametrize("impl", ["triton", "torch"])
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", GELU_SHAPES)
-def test_gelu_first_equals_the_float64_reference(shape, dtype, device, impl):
+@pytest.mark.parametrize("activation", ["gelu", "quick_gelu"])
+def test_activation_first_equals_the_float64_reference(activation, shape, dtype, device, impl):
     x = _rows(shape, dtype, seed=sum(shape) + 1)
-    q, scale = quantize_rows(x.to(device), activation="gelu", impl=impl)
+    q, scale = quantize_rows(x.to(device), activation=activation, impl=impl)
     assert q.dtype == torch.float8_e4m3fn and q.shape == shape and scale.shape == (shape[0], 1)
-    near_midpoints = check_gelu_quantized(x, q, scale)
+    near_midpoints = check_activation_quantized(activation, x, q, scale)
     # A band wide enough to pass anything would fail here. Random float32 values would fall in it about
     # once in 10^4; these rows, of few-bit values (bf16: 8 bits) over a scale of the same kind, with
     # GELU(x) = x in float32 above x = 5.5 or so, land on E4M3 midpoints more often (0.42% at most here).
@@ -150,19 +159,7 @@ def test_gelu_first_where_1_plus_erf_cancels(device, impl):
     assert q[0, 1].item() == -1.125
 
 
-# ---- with QuickGELU first (activation="quick_gelu"), OpenAI's towers' -----------------------------------
-# The same check, with the float32 QuickGELU's error bound argued in tests/test_quick_gelu.py.
-
-
-@pytest.mark.parametrize("impl", ["triton", "torch"])
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("shape", GELU_SHAPES)
-def test_quick_gelu_first_equals_the_float64_reference(shape, dtype, device, impl):
-    x = _rows(shape, dtype, seed=sum(shape) + 2)
-    q, scale = quantize_rows(x.to(device), activation="quick_gelu", impl=impl)
-    assert q.dtype == torch.float8_e4m3fn and q.shape == shape and scale.shape == (shape[0], 1)
-    assert check_quantized(reference_quick_gelu(x), quick_gelu_float32_bound(x), q, scale) < 0.01
+# ---- with QuickGELU first (activation="quick_gelu"), OpenAI's towers': its band is tested above ------
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -151,9 +151,10 @@ _TOWER_KERNELS = contextvars.ContextVar("vlmrm_fast_tower_kernels", default=Fals
 @contextlib.contextmanager
 def tower_kernels(enabled: bool = True) -> Iterator[None]:
     """Within the block (in this thread or task), the layers the "torch" backend swapped into a tower
-    run this package's Triton kernels (``enabled``: its LayerNorms and QuickGELUs, its fp8 matmuls' activation
-    quantisation, with the MLPs' GELU and the blocks' LayerNorms in it) or torch's ops. The backend enters it for its own calls, so the same model called any
-    other way (by the user, another reward, the "compile" backend, an export) computes as before."""
+    run this package's Triton kernels (``enabled``: its LayerNorms and QuickGELUs, its fp8 matmuls'
+    activation quantisation, with the MLPs' GELU and the blocks' LayerNorms in it) or torch's ops. The
+    backend enters it for its own calls, so the same model called any other way (by the user, another
+    reward, the "compile" backend, an export) computes as before."""
     token = _TOWER_KERNELS.set(enabled)
     try:
         yield

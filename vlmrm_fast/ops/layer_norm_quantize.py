@@ -25,7 +25,8 @@ from typing import Literal, Optional, Tuple
 
 import torch
 
-from vlmrm_fast.ops._triton import HAS_TRITON, interpreter_enabled, on_device, require_working_interpreter, rounds_bf16_by_hand
+from vlmrm_fast.ops._triton import (HAS_TRITON, interpreter_enabled, on_device, require_working_interpreter,
+                                    rounds_bf16_by_hand)
 from vlmrm_fast.ops.layer_norm import check_layer_norm_args, launch_config, rows_of
 from vlmrm_fast.ops.quantize_rows import quantize_rows_torch
 

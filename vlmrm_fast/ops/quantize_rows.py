@@ -14,14 +14,14 @@ bytes.
 With ``activation="gelu"`` the row quantised is ``GELU(x)`` instead, the exact GELU as torch writes it,
 ``x * 0.5 * (1 + erf(x / sqrt(2)))``, computed in float32 and quantised as it is (not rounded to ``x``'s
 dtype first, as eager torch's own GELU pass would): the input of each fp8 MLP's second matmul, straight
-from the first matmul's bf16 output. ``activation="quick_gelu"`` does the same with OpenAI's towers'
-QuickGELU, ``x * sigmoid(1.702 x)`` (:mod:`vlmrm_fast.ops.quick_gelu`'s formula; 12 bytes per element in
-open_clip's three ops, 4 in that op's kernel, none here). Eager torch spends a pass on the GELU, reading and writing the hidden
-activations (4 bytes per bf16 element: about 0.14 s of ViT-bigG-14's batch-1024 call and 34 ms of
+from the first matmul's bf16 output. Eager torch spends a pass on the GELU, reading and writing the
+hidden activations (4 bytes per bf16 element: about 0.14 s of ViT-bigG-14's batch-1024 call and 34 ms of
 ViT-L-14's, at the 3 TB/s torch's GELU kernel moved in the H200 profile of ViT-B-32); here it costs only
 the arithmetic. The two paths' float32 ``erf`` (libdevice's, torch's) may differ in their last bits
 (times |x| / 2 in the GELU), so their bytes may differ where that moves a value across an E4M3 rounding
-midpoint; so may QuickGELU's (the kernel's exp and torch's sigmoid).
+midpoint. ``activation="quick_gelu"`` does the same with OpenAI's towers' QuickGELU, ``x * sigmoid(1.702
+x)`` (:mod:`vlmrm_fast.ops.quick_gelu`'s formula: 12 bytes per element in open_clip's three ops, 4 in
+that op's kernel, none here; the kernel's exp and torch's sigmoid may differ in their last bits too).
 
 Why a kernel of our own: eager torch computes this in four passes (the row maxima; a float32 copy; the
 division; the cast), moving about 21 bytes per bf16 element, before every fp8 matmul. At ViT-bigG-14's
