@@ -260,6 +260,7 @@ def test_changed_children_run_the_replaced_block(kernel_calls):
         "layer scale": lambda b: setattr(b, "ls_1", open_clip.transformer.LayerScale(32, 0.1).to(torch.bfloat16)),
         "RMSNorm": lambda b: setattr(b, "ln_2", torch.nn.RMSNorm(32).to(torch.bfloat16)),
         "bf16 in_proj": lambda b: setattr(b.attn, "in_proj", torch.nn.Linear(32, 96).to(torch.bfloat16)),
+        "bf16 out_proj": lambda b: setattr(b.attn, "out_proj", torch.nn.Linear(32, 32).to(torch.bfloat16)),
         "wider out_proj": wider_out_proj,
         "MLP subclass": mlp_subclass,
     }

@@ -137,7 +137,8 @@ def _fusable_children(block: torch.nn.Module) -> bool:
         return False
     width = attn.heads * attn.head_dim
     in_proj, out_proj = attn.in_proj, attn.out_proj
-    if not (attn.batch_first and _is_linear(in_proj, width, 3 * width, fp8=True) and _is_linear(out_proj, width, width)
+    if not (attn.batch_first and _is_linear(in_proj, width, 3 * width, fp8=True)
+            and _is_linear(out_proj, width, width, fp8=True)
             and all(_is_layer_norm(modules[name], width) for name in ("ln_1", "ln_2"))
             and all(type(modules[name]) is torch.nn.Identity for name in ("ls_1", "ls_2"))):
         return False
