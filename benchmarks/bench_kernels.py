@@ -77,6 +77,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
+from open_clip.transformer import QuickGELU
 
 from vlmrm_fast.ops._triton import HAS_TRITON, interpreter_enabled, triton_runs_on
 from results_io import RunFiles, check_csv, config_of, fmt  # noqa: E402  (benchmarks/, beside this script)
@@ -627,32 +628,29 @@ def bench_fp8_quantize(args: argparse.Namespace, env: Dict[str, str], timer: Tim
                                    H=None, W=None, dtype=args.dtype, repeats=args.repeats)
                 if width == case.width:  # in_proj's and c_fc's inputs: LayerNorms, the second after an add
                     rows += bench_layer_norm_quantize(args, env, timer, providers, case, tokens, n)
-                if width == case.mlp_width:  # c_proj's input: c_fc's output, the GELU first
-                    calls = {"seed": functools.partial(gelu_then_quantize, tokens, quantize_rows_torch)}
+                if width != case.mlp_width:
+                    continue
+                # c_proj's input: c_fc's output, its activation first (OpenAI's towers': QuickGELU); the unfused
+                # pair is the activation's own pass (torch's GELU, the QuickGELU kernel), then the kernel
+                for name, own_pass, unfused_pass in (("gelu", F.gelu, F.gelu), ("quick-gelu", QuickGELU(), quick_gelu_triton)):
+                    if name == "quick-gelu" and case not in QUICK_GELU_SHAPES:
+                        continue
+                    calls = {"seed": functools.partial(activation_then_quantize, tokens, own_pass, quantize_rows_torch)}
                     for p in providers:
                         if p.startswith("triton"):
-                            calls[p] = functools.partial(quantize_rows_triton, tokens, activation="gelu")
-                            calls[f"{p}-after-gelu"] = functools.partial(gelu_then_quantize, tokens, quantize_rows_triton)
+                            calls[p] = functools.partial(quantize_rows_triton, tokens, activation=name.replace("-", "_"))
+                            calls[f"{p}-after-{name}"] = functools.partial(activation_then_quantize, tokens, unfused_pass,
+                                                                           quantize_rows_triton)
                     rows += time_calls(timer, calls, n, nbytes, **env, op="fp8_quantize",
-                                       case=case.fp8_quantize_case(width) + "-gelu", H=None, W=None, dtype=args.dtype,
+                                       case=f"{case.fp8_quantize_case(width)}-{name}", H=None, W=None, dtype=args.dtype,
                                        repeats=args.repeats)
-                if width == case.mlp_width and case in QUICK_GELU_SHAPES:  # OpenAI's towers: QuickGELU first
-                    calls = {"seed": functools.partial(quick_gelu_then_quantize, tokens, open_clip_quick_gelu,
-                                                       quantize_rows_torch)}
-                    for p in providers:
-                        if p.startswith("triton"):
-                            calls[p] = functools.partial(quantize_rows_triton, tokens, activation="quick_gelu")
-                            calls[f"{p}-after-quick-gelu"] = functools.partial(
-                                quick_gelu_then_quantize, tokens, quick_gelu_triton, quantize_rows_triton)
-                    rows += time_calls(timer, calls, n, nbytes, **env, op="fp8_quantize",
-                                       case=case.fp8_quantize_case(width) + "-quick-gelu", H=None, W=None,
-                                       dtype=args.dtype, repeats=args.repeats)
     return rows
 
 
-def quick_gelu_then_quantize(tokens: torch.Tensor, quick_gelu: Callable, quantize: Callable) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``quick_gelu`` (open_clip's three ops, or the kernel), rounded to the tokens' dtype, then ``quantize``."""
-    return quantize(quick_gelu(tokens))
+def activation_then_quantize(tokens: torch.Tensor, activation: Callable, quantize: Callable) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``activation`` as a pass of its own (torch's GELU, open_clip's QuickGELU or its kernel), rounded to the
+    tokens' dtype, then ``quantize``: the fp8 MLP without the fusion."""
+    return quantize(activation(tokens))
 
 
 def bench_layer_norm_quantize(args: argparse.Namespace, env: Dict[str, str], timer: Timer, providers: List[str],
@@ -702,21 +700,11 @@ def bench_quick_gelu(args: argparse.Namespace, env: Dict[str, str], timer: Timer
         generator = torch.Generator().manual_seed(0)
         for n in args.batch_sizes:
             hidden = (torch.randn(n, case.tokens, case.mlp_width, generator=generator) * 2).to(args.device, dtype)
-            calls = {"seed": functools.partial(open_clip_quick_gelu, hidden)}
+            calls = {"seed": functools.partial(QuickGELU(), hidden)}
             calls.update({p: functools.partial(quick_gelu_triton, hidden) for p in providers if p.startswith("triton")})
             rows += time_calls(timer, calls, n, 2 * hidden.numel() * hidden.element_size(), **env, op="quick_gelu",
                                case=case.fc1_gelu_case, H=None, W=None, dtype=args.dtype, repeats=args.repeats)
     return rows
-
-
-def open_clip_quick_gelu(x: torch.Tensor) -> torch.Tensor:
-    """open_clip's ``QuickGELU.forward``: three eager ops, each rounding to x's dtype."""
-    return x * torch.sigmoid(1.702 * x)
-
-
-def gelu_then_quantize(tokens: torch.Tensor, quantize: Callable) -> Tuple[torch.Tensor, torch.Tensor]:
-    """torch's GELU pass (rounded to the tokens' dtype), then ``quantize``: the fp8 MLP without the fusion."""
-    return quantize(F.gelu(tokens))
 
 
 def add_ratios(rows: List[Row]) -> None:

@@ -75,8 +75,9 @@ def checked_device(device: Union[str, torch.device], no_cuda_fix: str) -> torch.
 class SwappedModule:
     """A layer this package put in a tower in place of the tower's own (the patch embedding as a matmul, the
     MLPs with the GELU in a matmul epilogue or in the fp8 quantisation kernel, the fp8 blocks with their
-    LayerNorms in it, the LayerNorms and QuickGELUs through Triton), computing what it replaced. :meth:`original` gives the
-    replaced layer back, for what must see the tower as it was built (:func:`original_modules`)."""
+    LayerNorms in it, the LayerNorms and QuickGELUs through Triton), computing what it replaced.
+    :meth:`original` gives the replaced layer back, for what must see the tower as it was built
+    (:func:`original_modules`)."""
 
     def original(self) -> torch.nn.Module:
         """A module of the replaced class sharing this one's parameters, hooks and mode."""

@@ -15,11 +15,11 @@ for the process with one warning.
 """
 from __future__ import annotations
 
-import functools
 import warnings
-from typing import Optional, Type, TypeGuard
+from typing import Optional, TypeGuard
 
 import torch
+from open_clip.transformer import QuickGELU
 
 from vlmrm_fast.backends.base import SwappedModule, in_place_of, swap_modules
 from vlmrm_fast.backends.triton_layer_norm import MIN_ELEMENTS
@@ -30,21 +30,12 @@ _failure: Optional[str] = None
 """Why the kernel failed in this process (its first error), after which open_clip's ops run."""
 
 
-@functools.lru_cache(maxsize=None)
-def _quick_gelu_type() -> Optional[Type[torch.nn.Module]]:
-    try:
-        from open_clip.transformer import QuickGELU
-    except ImportError:  # pragma: no cover - open_clip is a dependency; the class moved in some version
-        return None
-    return QuickGELU
-
-
-def is_quick_gelu(module: object) -> TypeGuard[torch.nn.Module]:
+def is_quick_gelu(module: object) -> TypeGuard[QuickGELU]:
     """Whether ``module`` is open_clip's ``QuickGELU`` (that class exactly: a subclass may compute otherwise)."""
-    return _quick_gelu_type() is not None and type(module) is _quick_gelu_type()
+    return type(module) is QuickGELU
 
 
-class TritonQuickGELU(SwappedModule, torch.nn.Module):
+class TritonQuickGELU(SwappedModule, QuickGELU):
     """open_clip's ``QuickGELU``, ``x * sigmoid(1.702 x)``, computed by the Triton kernel inside
     :func:`~vlmrm_fast.ops._triton.tower_kernels` where that applies (module docstring), else by
     open_clip's ops. Input any shape, float32/bfloat16/float16 -> the same shape and dtype."""
@@ -58,11 +49,9 @@ class TritonQuickGELU(SwappedModule, torch.nn.Module):
             raise ValueError(f"{module} is not open_clip's QuickGELU.")
         return in_place_of(cls(), module)
 
-    def original(self) -> torch.nn.Module:
+    def original(self) -> QuickGELU:
         """open_clip's ``QuickGELU`` (:func:`~vlmrm_fast.backends.base.original_modules`)."""
-        base = _quick_gelu_type()
-        assert base is not None  # there was one to swap
-        return in_place_of(base(), self)
+        return in_place_of(QuickGELU(), self)
 
     def _kernel_applies(self, x: torch.Tensor) -> bool:
         if torch.compiler.is_compiling() or torch.jit.is_tracing() or not tower_kernels_enabled() or _failure:
@@ -81,7 +70,7 @@ class TritonQuickGELU(SwappedModule, torch.nn.Module):
                 raise  # the caller's to handle (a smaller batch), not a reason to turn the kernel off
             except Exception as error:  # noqa: BLE001 - Triton's compile and launch errors have no common base
                 _give_up(error)
-        return x * torch.sigmoid(1.702 * x)  # open_clip's QuickGELU.forward
+        return super().forward(x)
 
 
 def _give_up(error: Exception) -> None:

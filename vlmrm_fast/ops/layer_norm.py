@@ -115,6 +115,12 @@ def rows_of(x: torch.Tensor) -> Optional[torch.Tensor]:
         return None
 
 
+def contiguous_rows(x: torch.Tensor) -> torch.Tensor:
+    """``x`` [..., D] as evenly spaced contiguous rows [M, D]: :func:`rows_of`'s view, or a copy where none exists."""
+    flat = rows_of(x)
+    return x.contiguous().view(-1, x.shape[-1]) if flat is None else flat
+
+
 def layer_norm_triton(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, *,
     rows_per_program: Optional[int] = None, num_warps: Optional[int] = None,
@@ -131,9 +137,7 @@ def layer_norm_triton(
     """
     require_working_interpreter()
     check_layer_norm_args(x, weight, bias)
-    flat = rows_of(x)
-    if flat is None:
-        flat = x.contiguous().view(-1, x.shape[-1])  # a copy: rows not contiguous or not evenly spaced
+    flat = contiguous_rows(x)
     n_rows, width = flat.shape
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if n_rows == 0:

@@ -27,8 +27,8 @@ import torch
 
 from vlmrm_fast.ops._triton import (HAS_TRITON, interpreter_enabled, on_device, require_working_interpreter,
                                     rounds_bf16_by_hand)
-from vlmrm_fast.ops.layer_norm import check_layer_norm_args, launch_config, rows_of
-from vlmrm_fast.ops.quantize_rows import quantize_rows_torch
+from vlmrm_fast.ops.layer_norm import check_layer_norm_args, contiguous_rows
+from vlmrm_fast.ops.quantize_rows import launch_config, quantize_rows_torch
 
 if HAS_TRITON:
     import triton
@@ -90,15 +90,9 @@ def check_layer_norm_quantize_args(x: torch.Tensor, weight: torch.Tensor, bias: 
                          f"({tuple(x.shape)} {x.dtype} on {x.device}); got {tuple(add.shape)} {add.dtype} on {add.device}.")
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """``t`` [..., D] as evenly spaced contiguous rows [M, D] (a view, or a copy where none exists)."""
-    flat = rows_of(t)
-    return t.contiguous().view(-1, t.shape[-1]) if flat is None else flat
-
-
 def layer_norm_quantize_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, *,
                                add: Optional[torch.Tensor] = None) -> Quantized:
-    """Launch the kernel: one program per few rows (those of :func:`~vlmrm_fast.ops.layer_norm.launch_config`).
+    """Launch the kernel: one program per few rows (:func:`~vlmrm_fast.ops.quantize_rows.launch_config`).
 
     Args:
         x: [..., D] float32/bfloat16/float16, 1 <= D <= 16384, on a device Triton runs on (E4M3 stores
@@ -112,18 +106,17 @@ def layer_norm_quantize_triton(x: torch.Tensor, weight: torch.Tensor, bias: torc
     """
     require_working_interpreter()
     check_layer_norm_quantize_args(x, weight, bias, add)
-    flat = _rows(x)
+    flat = contiguous_rows(x)
     n_rows, width = flat.shape
     total = x if add is None else torch.empty(x.shape, dtype=x.dtype, device=x.device)
     q = torch.empty((n_rows, width), dtype=torch.float8_e4m3fn, device=x.device)
     scale = torch.empty((n_rows, 1), dtype=torch.float32, device=x.device)
     if n_rows == 0:
         return total, q, scale
-    add_rows = flat if add is None else _rows(add)  # without ADD the kernel reads neither it nor total
-    rows, block_width, _ = launch_config(width)
-    # twice the LayerNorm kernel's warps (16 values a thread): with the quantisation's divisions, 32 kept
-    # ViT-B-32's ln_1 on a stack frame with Triton 3.6 (benchmarks/kernel_resources.py)
-    warps = max(4, min(16, rows * block_width // 512))
+    add_rows = flat if add is None else contiguous_rows(add)  # without ADD the kernel reads neither it nor total
+    # the quantisation kernel's launch (the LayerNorm kernel's rows, twice its warps: 16 values a thread;
+    # with 32, Triton 3.6 put ViT-B-32's ln_1 on a stack frame, benchmarks/kernel_resources.py)
+    rows, block_width, warps = launch_config(width)
     with on_device(x.device):
         _layer_norm_quantize_kernel[(triton.cdiv(n_rows, rows),)](
             flat, add_rows, total, weight.contiguous(), bias.contiguous(), q, scale, n_rows, flat.stride(0),
