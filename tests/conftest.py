@@ -19,6 +19,7 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
+from vlmrm_fast.backends.fast_path import FAST_PATHS  # noqa: E402
 from vlmrm_fast.backends.onnx_export import dynamo_exporter_problem  # noqa: E402
 from vlmrm_fast.models import TINY_MODEL, create_clip  # noqa: E402  (importing it registers the tiny config with open_clip)
 
@@ -39,6 +40,14 @@ EXPORTERS = [
     pytest.param("dynamo", id="dynamo", marks=pytest.mark.skipif(bool(DYNAMO_MISSING), reason=DYNAMO_MISSING)),
 ]
 """``export_onnx(exporter=...)`` values for the tests of what is built on an export."""
+
+
+@pytest.fixture(autouse=True)
+def fast_paths_on(monkeypatch):
+    """Every fast path on, as in a new process, and on again after the test: one that a test makes fail
+    turns itself off for the process (backends/fast_path.py), which must not reach the next test."""
+    for path in FAST_PATHS:
+        monkeypatch.setattr(path, "failure", None)
 
 
 def make_model(name: str, seed: int = 0):

@@ -45,7 +45,6 @@ def kernel_calls(monkeypatch):
         return real(rows, activation=activation)
 
     monkeypatch.setattr(torch_fp8, "quantize_rows_triton", recording)
-    monkeypatch.setattr(torch_fp8, "_kernel_failure", None)
     return calls
 
 

@@ -181,7 +181,6 @@ def test_an_epilogue_that_fails_is_turned_off_with_one_warning(epilogue_calls, m
         raise RuntimeError("CUDA error: CUBLAS_STATUS_NOT_SUPPORTED when calling cublasLtMatmul")
 
     monkeypatch.setattr(gelu_epilogue, "_addmm_activation", failing)
-    monkeypatch.setattr(gelu_epilogue, "_failure", None)
     fused, other = _swapped(), _swapped(seed=1)
     with torch.inference_mode():
         with pytest.warns(RuntimeWarning, match="GELU epilogue.*CUBLAS_STATUS_NOT_SUPPORTED.*F.linear then F.gelu"):
@@ -198,10 +197,9 @@ def test_out_of_memory_is_raised_and_leaves_the_epilogue_on(epilogue_calls, monk
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
     monkeypatch.setattr(gelu_epilogue, "_addmm_activation", out_of_memory)
-    monkeypatch.setattr(gelu_epilogue, "_failure", None)
     with torch.inference_mode(), pytest.raises(torch.cuda.OutOfMemoryError):
         _swapped()(_x())
-    assert gelu_epilogue._failure is None
+    assert gelu_epilogue.GELU_EPILOGUE.on
 
 
 def register_probe(layer: torch.nn.Module, where: str, seen: list):

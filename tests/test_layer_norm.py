@@ -22,7 +22,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from conftest import DEVICES, EXPORTERS, make_tiny
 from vlmrm_fast import CLIPReward
-from vlmrm_fast.backends.triton_layer_norm import TritonLayerNorm, is_replaceable, use_triton_layer_norm
+from vlmrm_fast.backends.triton_layer_norm import LAYER_NORM, TritonLayerNorm, is_replaceable, use_triton_layer_norm
 from vlmrm_fast.ops._triton import tower_kernels
 from vlmrm_fast.ops.layer_norm import MAX_WIDTH, launch_config, layer_norm
 
@@ -320,6 +320,35 @@ def _falls_back_inside(fast, norm, x, launched, monkeypatch):
         assert torch.equal(torch.compile(fast, backend="eager", fullgraph=True)(x), norm(x))  # dynamo: the plain op
         monkeypatch.setattr(TritonLayerNorm, "min_elements", x.numel() + 1)
         fast(x)
+
+
+def test_a_kernel_that_fails_is_turned_off_with_one_warning(kernel_always, monkeypatch):
+    # No GPU may have run it yet: a Triton build or launch error must cost speed, not the run.
+    calls = []
+
+    def failing(x, *args):
+        calls.append(tuple(x.shape))
+        raise RuntimeError("ptxas fatal: Unresolved extern function '__nv_rsqrtf'")
+
+    monkeypatch.setattr("vlmrm_fast.backends.triton_layer_norm.layer_norm_triton", failing)
+    norm = open_clip.transformer.LayerNorm(19)
+    fast, other = TritonLayerNorm.from_layer_norm(norm), TritonLayerNorm.from_layer_norm(torch.nn.LayerNorm(19))
+    x = torch.randn(3, 19)
+    with torch.inference_mode(), tower_kernels():
+        with pytest.warns(RuntimeWarning, match="LayerNorm kernel.*__nv_rsqrtf.*LayerNorm's forward runs from now on"):
+            assert torch.equal(fast(x), norm(x))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert torch.equal(other(x), other.original()(x))  # every LayerNorm, no second warning
+    assert calls == [(3, 19)]
+
+
+def test_a_callers_mistake_is_raised_and_leaves_the_kernel_on(kernel_always):
+    fast = TritonLayerNorm.from_layer_norm(torch.nn.LayerNorm(16))
+    with torch.inference_mode(), tower_kernels(), pytest.raises(ValueError, match="weight is on meta"):
+        fast.weight = torch.nn.Parameter(torch.ones(16, device="meta"), requires_grad=False)
+        fast(torch.randn(2, 16))
+    assert LAYER_NORM.on
 
 
 def test_swaps_every_layer_norm_of_a_tower(kernel_always):

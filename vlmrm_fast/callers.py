@@ -10,8 +10,9 @@ from typing import Tuple
 _PACKAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "")
 
 # Libraries whose base classes call into vlmrm_fast's overrides (SB3's ``VecEnv.step`` calls our
-# ``step_wait``, gymnasium's wrappers and vector envs call our ``step``): their frames are not the user's line.
-_CALLING_LIBRARIES = ("stable_baselines3", "gymnasium")
+# ``step_wait``, gymnasium's wrappers and vector envs call our ``step``, torch's ``Module.__call__`` the
+# swapped tower layers' ``forward``): their frames are not the user's line.
+_CALLING_LIBRARIES = ("stable_baselines3", "gymnasium", "torch")
 
 
 @functools.lru_cache(maxsize=None)

@@ -30,9 +30,10 @@ import torch
 from open_clip.transformer import ResidualAttentionBlock
 
 from vlmrm_fast.backends.base import SwappedModule, in_place_of, runs_forward_hooks, swap_modules
+from vlmrm_fast.backends.fast_path import FastPath
 from vlmrm_fast.backends.fp8_gelu_mlp import Float8GELUMLP, fused_activation, has_fusable_children
 from vlmrm_fast.backends.gelu_epilogue import GELUEpilogueMLP
-from vlmrm_fast.backends.torch_fp8 import Float8Linear, SelfAttention, kernel_quantizes, run_kernel
+from vlmrm_fast.backends.torch_fp8 import Float8Linear, SelfAttention, kernel_quantizes
 from vlmrm_fast.backends.triton_layer_norm import TritonLayerNorm, is_replaceable
 from vlmrm_fast.ops.layer_norm import rows_of
 from vlmrm_fast.ops.layer_norm_quantize import (check_layer_norm_quantize_args, layer_norm_quantize_torch,
@@ -42,6 +43,11 @@ CHILDREN = ["ln_1", "attn", "ls_1", "ln_2", "mlp", "ls_2"]
 """An open_clip block's children, in order (cross-attention blocks, with ``ln_1_kv``, are left alone)."""
 
 BlockT = TypeVar("BlockT", bound=torch.nn.Module)
+
+LAYER_NORM_QUANTIZE = FastPath(
+    "the fp8 blocks' LayerNorm and quantisation kernel (vlmrm_fast/ops/layer_norm_quantize.py)",
+    "torch's ops normalise and quantise")
+"""The fused LayerNorm of :class:`Float8Block`, and whether it has failed in this process."""
 
 
 class Float8Block(SwappedModule, ResidualAttentionBlock):
@@ -84,7 +90,9 @@ class Float8Block(SwappedModule, ResidualAttentionBlock):
 
     def _fuses(self, x: torch.Tensor) -> bool:
         """Whether this call of the block runs fused (module docstring)."""
-        if torch.compiler.is_compiling() or torch.jit.is_tracing() or not _fusable_children(self):
+        if torch.compiler.is_compiling() or torch.jit.is_tracing() or not LAYER_NORM_QUANTIZE.on:
+            return False  # once the fused LayerNorm is off, the replaced block's Triton LayerNorms are faster
+        if not _fusable_children(self):
             return False
         attn = self.attn
         rows = rows_of(x) if x.dim() == 3 and x.shape[-1] == attn.in_proj.in_features else None  # else: its error
@@ -99,11 +107,11 @@ class Float8Block(SwappedModule, ResidualAttentionBlock):
 
 def _normalised(x: torch.Tensor, norm: torch.nn.LayerNorm, add: Optional[torch.Tensor] = None):
     """:mod:`vlmrm_fast.ops.layer_norm_quantize` of ``x`` (plus ``add``) with ``norm``'s parameters: the
-    kernel, or torch's ops once it has failed (:func:`~vlmrm_fast.backends.torch_fp8.run_kernel`)."""
+    kernel, or torch's ops once it has failed (:data:`LAYER_NORM_QUANTIZE`)."""
     args = (x, norm.weight, norm.bias, norm.eps)
     check_layer_norm_quantize_args(*args[:3], add)  # a caller's mistake is raised, not taken for a kernel failure
-    return run_kernel(lambda: layer_norm_quantize_triton(*args, add=add), lambda: layer_norm_quantize_torch(*args, add=add),
-                      "LayerNorm and quantisation kernel (vlmrm_fast/ops/layer_norm_quantize.py)")
+    return LAYER_NORM_QUANTIZE.run(lambda: layer_norm_quantize_triton(*args, add=add),
+                                   lambda: layer_norm_quantize_torch(*args, add=add))
 
 
 def _holding_children(cls: Type[BlockT], block: torch.nn.Module) -> BlockT:

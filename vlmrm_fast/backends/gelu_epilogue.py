@@ -20,20 +20,23 @@ towers (``x * sigmoid(1.702 x)``) keep their own.
 """
 from __future__ import annotations
 
-import warnings
 from collections import OrderedDict
 from typing import Optional, TypeGuard
 
 import torch
 
 from vlmrm_fast.backends.base import SwappedModule, in_place_of, runs_forward_hooks, swap_modules
+from vlmrm_fast.backends.fast_path import FastPath
 
 DTYPES = (torch.bfloat16,)
 """Where the approximation is well below the rounding (module docstring)."""
 _addmm_activation = getattr(torch, "_addmm_activation", None)
 """torch's addmm with a ReLU or GELU epilogue (private; since torch 1.13): None where a torch lacks it."""
-_failure: Optional[str] = None
-"""Why the epilogue failed in this process (its first error), after which every MLP runs unfused."""
+GELU_EPILOGUE = FastPath("cuBLASLt's GELU epilogue (torch._addmm_activation)",
+                         "the tower's MLPs run F.linear then F.gelu, as without it",
+                         errors=(RuntimeError,), report="GPU and torch versions")
+"""The fused matmul of :class:`GELUEpilogueMLP`, and whether it has failed in this process. Only
+``RuntimeError`` turns it off: a cuBLASLt status, where the unfused ops are right too."""
 
 
 class GELUEpilogueMLP(SwappedModule, torch.nn.Sequential):
@@ -63,7 +66,7 @@ class GELUEpilogueMLP(SwappedModule, torch.nn.Sequential):
         outside ``torch.compile`` and tracing (which get the replaced module's ops to fuse or export), the
         children still what :func:`is_fusable_mlp` accepted (an fp8 reward replaces ``c_fc`` in place),
         no forward hooks on ``c_fc`` or ``gelu`` (a probe of their outputs), and no failure before."""
-        if torch.compiler.is_compiling() or torch.jit.is_tracing() or _addmm_activation is None or _failure:
+        if torch.compiler.is_compiling() or torch.jit.is_tracing() or not GELU_EPILOGUE.on or _addmm_activation is None:
             return False
         fc = self._modules.get("c_fc")
         if type(fc) is not torch.nn.Linear or fc.bias is None or not _is_gelu(self._modules.get("gelu")):
@@ -79,15 +82,9 @@ class GELUEpilogueMLP(SwappedModule, torch.nn.Sequential):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.epilogue_applies(x):
             return super().forward(x)
-        fc = self._modules["c_fc"]
-        assert isinstance(fc, torch.nn.Linear)
-        try:
-            hidden = gelu_linear(x, fc)
-        except torch.cuda.OutOfMemoryError:
-            raise  # the caller's to handle (a smaller batch), not a reason to turn the epilogue off
-        except RuntimeError as error:  # a cuBLASLt status (no GPU has run this yet): unfused is right too
-            _give_up(error)
-            return super().forward(x)
+        fc, gelu = self._modules["c_fc"], self._modules["gelu"]
+        assert isinstance(fc, torch.nn.Linear) and gelu is not None
+        hidden = GELU_EPILOGUE.run(lambda: gelu_linear(x, fc), lambda: gelu(fc(x)))
         for name, module in self._modules.items():
             if name not in ("c_fc", "gelu"):
                 hidden = module(hidden)
@@ -102,15 +99,6 @@ def gelu_linear(x: torch.Tensor, linear: torch.nn.Linear) -> torch.Tensor:
         raise ValueError("gelu_linear needs torch._addmm_activation (torch >= 1.13) and a Linear with a bias")
     hidden = _addmm_activation(linear.bias, x.reshape(-1, x.shape[-1]), linear.weight.t(), use_gelu=True)
     return hidden.view(*x.shape[:-1], linear.out_features)
-
-
-def _give_up(error: Exception) -> None:
-    """Turn the epilogue off for the process, with one warning naming ``error``."""
-    global _failure
-    _failure = f"{type(error).__name__}: {error}"
-    warnings.warn(f"cuBLASLt's GELU epilogue (torch._addmm_activation) failed here ({_failure}); the tower's MLPs "
-                  f"run F.linear then F.gelu from now on, as without it. Please report it with your GPU and torch "
-                  f"versions.", RuntimeWarning, stacklevel=3)
 
 
 def _epilogue_device(device: torch.device) -> bool:

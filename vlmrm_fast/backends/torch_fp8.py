@@ -28,13 +28,13 @@ builds) and on CPU in torch 2.14 and 2.15 (2.14.1 checked); CPU use is for tests
 """
 from __future__ import annotations
 
-import warnings
-from typing import Callable, Optional, Tuple, TypeVar, cast
+from typing import Callable, Optional, Tuple, cast
 
 import torch
 import torch.nn.functional as F
 
 from vlmrm_fast.backends.base import BackendError
+from vlmrm_fast.backends.fast_path import FastPath
 from vlmrm_fast.ops._triton import tower_kernels_enabled, triton_runs_on
 from vlmrm_fast.ops.quantize_rows import Activation, kernel_takes, quantize_rows_torch, quantize_rows_triton
 
@@ -114,39 +114,18 @@ class Float8Linear(torch.nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, out_dtype={self.out_dtype}"
 
 
-_kernel_failure: Optional[str] = None
-"""Why an fp8 activation kernel failed in this process (the first error), after which torch's ops run."""
-
-T = TypeVar("T")
-
-
-def run_kernel(kernel: Callable[[], T], torch_ops: Callable[[], T], what: str) -> T:
-    """``kernel()``, an fp8 activation kernel's launch (``what``: which, and its file); should it fail to
-    build or launch (no GPU has run these kernels yet), every such kernel is turned off for the process
-    with one warning, and ``torch_ops()`` (the same results, slower) runs instead, then and from then on."""
-    global _kernel_failure
-    if _kernel_failure:
-        return torch_ops()
-    try:
-        return kernel()
-    except torch.cuda.OutOfMemoryError:
-        raise  # the caller's to handle (a smaller batch), not a reason to turn the kernel off
-    except Exception as error:  # noqa: BLE001 - Triton's compile and launch errors have no common base
-        _kernel_failure = f"{type(error).__name__}: {str(error)[:300]}"
-        warnings.warn(f"the fp8 activations' {what} failed here ({_kernel_failure}); torch's ops quantise from now "
-                      f"on (the same results, slower). Please report it with your GPU, torch and Triton versions.",
-                      RuntimeWarning, stacklevel=5)
-    return torch_ops()
+QUANTIZE_ROWS = FastPath("the fp8 activations' quantisation kernel (vlmrm_fast/ops/quantize_rows.py)",
+                         "torch's ops quantise")
+"""The Triton quantisation of :func:`_quantize`, and whether it has failed in this process."""
 
 
 def _quantize(rows: torch.Tensor, activation: Activation = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """The rows' (or their ``activation``'s) E4M3 values and scales: the Triton kernel where
-    :func:`kernel_quantizes` (through :func:`run_kernel`), else torch's ops (the same bytes; with an
+    :func:`kernel_quantizes` (while :data:`QUANTIZE_ROWS` is on), else torch's ops (the same bytes; with an
     activation, bar where the two float32 erfs' or exps' last bits move a value across an E4M3 midpoint)."""
     if kernel_quantizes(rows):
-        return run_kernel(lambda: quantize_rows_triton(rows, activation=activation),
-                          lambda: quantize_rows_torch(rows, activation=activation),
-                          "quantisation kernel (vlmrm_fast/ops/quantize_rows.py)")
+        return QUANTIZE_ROWS.run(lambda: quantize_rows_triton(rows, activation=activation),
+                                 lambda: quantize_rows_torch(rows, activation=activation))
     return quantize_rows_torch(rows, activation=activation)
 
 
@@ -154,7 +133,7 @@ def kernel_quantizes(rows: torch.Tensor) -> bool:
     """Whether the activation rows go through the Triton kernel (one pass; torch's ops take four): inside
     the "torch" backend's calls (:func:`~vlmrm_fast.ops._triton.tower_kernels`), outside ``torch.compile``
     and tracing (inductor fuses torch's ops itself), on a device Triton runs on, without autograd."""
-    if torch.compiler.is_compiling() or torch.jit.is_tracing() or not tower_kernels_enabled() or _kernel_failure:
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or not tower_kernels_enabled() or not QUANTIZE_ROWS.on:
         return False
     if type(rows) is not torch.Tensor or kernel_takes(rows) is not None or not triton_runs_on(rows.device):
         return False

@@ -9,7 +9,8 @@ ONNX export) runs the replaced class's own ``forward``. Inside too, torch's op s
 is not the right tool: under ``torch.compile``, ``torch.export`` and tracing, when autograd needs a graph
 (the kernel has no backward), for tensor subclasses (fake tensors have no data), on devices Triton does
 not run on, and for small inputs, where a Triton launch costs the host more than torch's kernel costs
-the GPU.
+the GPU. A kernel that fails to build or launch is turned off for the process with one warning
+(:mod:`vlmrm_fast.backends.fast_path`).
 """
 from __future__ import annotations
 
@@ -19,8 +20,9 @@ from typing import Tuple, Type, TypeGuard, TypeVar
 import torch
 
 from vlmrm_fast.backends.base import SwappedModule, in_place_of, swap_modules
+from vlmrm_fast.backends.fast_path import FastPath
 from vlmrm_fast.ops._triton import tower_kernels_enabled, triton_runs_on
-from vlmrm_fast.ops.layer_norm import DTYPES, MAX_WIDTH, layer_norm_triton, rows_of
+from vlmrm_fast.ops.layer_norm import DTYPES, MAX_WIDTH, check_layer_norm_args, layer_norm_triton, rows_of
 
 LayerNormT = TypeVar("LayerNormT", bound=torch.nn.LayerNorm)
 
@@ -29,6 +31,9 @@ MIN_ELEMENTS = 1 << 23
 launches up to a few hundred ViT-B-32 frames a call (H200: about 5 ms a call from batch 1 to 64), where
 each Triton launch would add host time; from 2**23 elements (ViT-B-32: 219 frames, ViT-L-14: 32,
 ViT-bigG-14: 20) the GPU's time dominates."""
+
+LAYER_NORM = FastPath("the LayerNorm kernel (vlmrm_fast/ops/layer_norm.py)", "the replaced LayerNorm's forward runs")
+"""The kernel of :class:`TritonLayerNorm`, and whether it has failed in this process."""
 
 
 @functools.lru_cache(maxsize=None)  # once: asked for every module of every tower swapped
@@ -72,7 +77,7 @@ class TritonLayerNorm(SwappedModule, torch.nn.LayerNorm):
     def _kernel_applies(self, x: torch.Tensor) -> bool:
         # torch.compile, torch.export, ONNX export; asked before the context variable, which dynamo cannot
         # trace before torch 2.14 (a graph break at every LayerNorm of a swapped tower compiled later)
-        if torch.compiler.is_compiling() or torch.jit.is_tracing() or not tower_kernels_enabled():
+        if torch.compiler.is_compiling() or torch.jit.is_tracing() or not tower_kernels_enabled() or not LAYER_NORM.on:
             return False
         if type(x) is not torch.Tensor or x.numel() < self.min_elements or x.dtype not in DTYPES:
             return False
@@ -82,7 +87,9 @@ class TritonLayerNorm(SwappedModule, torch.nn.LayerNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._kernel_applies(x):
-            return layer_norm_triton(x, self.weight, self.bias, self.eps)
+            check_layer_norm_args(x, self.weight, self.bias)  # a caller's mistake is raised, not taken for a failure
+            return LAYER_NORM.run(lambda: layer_norm_triton(x, self.weight, self.bias, self.eps),
+                                  lambda: self.base.forward(self, x))
         return self.base.forward(self, x)
 
 

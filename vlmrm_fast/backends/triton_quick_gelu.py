@@ -15,19 +15,19 @@ for the process with one warning.
 """
 from __future__ import annotations
 
-import warnings
-from typing import Optional, TypeGuard
+from typing import TypeGuard
 
 import torch
 from open_clip.transformer import QuickGELU
 
 from vlmrm_fast.backends.base import SwappedModule, in_place_of, swap_modules
+from vlmrm_fast.backends.fast_path import FastPath
 from vlmrm_fast.backends.triton_layer_norm import MIN_ELEMENTS
 from vlmrm_fast.ops._triton import tower_kernels_enabled, triton_runs_on
 from vlmrm_fast.ops.quick_gelu import DTYPES, quick_gelu_triton
 
-_failure: Optional[str] = None
-"""Why the kernel failed in this process (its first error), after which open_clip's ops run."""
+QUICK_GELU = FastPath("the QuickGELU kernel (vlmrm_fast/ops/quick_gelu.py)", "open_clip's ops run")
+"""The kernel of :class:`TritonQuickGELU`, and whether it has failed in this process."""
 
 
 def is_quick_gelu(module: object) -> TypeGuard[QuickGELU]:
@@ -54,7 +54,7 @@ class TritonQuickGELU(SwappedModule, QuickGELU):
         return in_place_of(QuickGELU(), self)
 
     def _kernel_applies(self, x: torch.Tensor) -> bool:
-        if torch.compiler.is_compiling() or torch.jit.is_tracing() or not tower_kernels_enabled() or _failure:
+        if torch.compiler.is_compiling() or torch.jit.is_tracing() or not tower_kernels_enabled() or not QUICK_GELU.on:
             return False
         if type(x) is not torch.Tensor or x.numel() < self.min_elements or x.dtype not in DTYPES:
             return False
@@ -64,22 +64,8 @@ class TritonQuickGELU(SwappedModule, QuickGELU):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._kernel_applies(x):
-            try:
-                return quick_gelu_triton(x)
-            except torch.cuda.OutOfMemoryError:
-                raise  # the caller's to handle (a smaller batch), not a reason to turn the kernel off
-            except Exception as error:  # noqa: BLE001 - Triton's compile and launch errors have no common base
-                _give_up(error)
+            return QUICK_GELU.run(lambda: quick_gelu_triton(x), lambda: QuickGELU.forward(self, x))
         return super().forward(x)
-
-
-def _give_up(error: Exception) -> None:
-    """Turn the kernel off for the process, with one warning naming ``error``."""
-    global _failure
-    _failure = f"{type(error).__name__}: {str(error)[:300]}"
-    warnings.warn(f"the QuickGELU kernel (vlmrm_fast/ops/quick_gelu.py) failed here ({_failure}); open_clip's "
-                  f"ops run from now on (slower). Please report it with your GPU, torch and Triton versions.",
-                  RuntimeWarning, stacklevel=3)
 
 
 def use_triton_quick_gelu(visual: torch.nn.Module) -> int:
