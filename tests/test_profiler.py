@@ -1146,6 +1146,37 @@ def test_one_ratio_reads_the_same_in_the_table_and_the_targets():
     assert "1.65x" not in text
 
 
+def test_rows_timed_after_a_fast_path_turned_itself_off_are_marked(tmp_path, monkeypatch, capsys):
+    # A kernel that fails on the machine costs speed, not the run (backends/fast_path.py): the rows timed
+    # after that are partly the slower ops', and the report must say so rather than pass them off as the kernel's.
+    from vlmrm_fast.backends import triton_layer_norm
+    from vlmrm_fast.profiler import run as bench
+
+    measured = []
+    measure, kernel = bench.Profiler._measure_reward, triton_layer_norm.layer_norm_triton
+
+    def failing_from_the_second_batch(x, *args):
+        if len(measured) > 1:
+            raise RuntimeError("ptxas fatal: Unresolved extern function '__nv_rsqrtf'")
+        return kernel(x, *args)
+
+    monkeypatch.setattr(bench.Profiler, "_measure_reward", lambda *a, **k: measured.append(a[4]) or measure(*a, **k))
+    monkeypatch.setattr(triton_layer_norm, "layer_norm_triton", failing_from_the_second_batch)
+    monkeypatch.setattr(triton_layer_norm.TritonLayerNorm, "min_elements", 0)
+    argv = ["bench", "--models", "vlmrm-tiny", "--batch-sizes", "1", "2", "--repeats", "1", "--warmup", "1",
+            "--no-seed", "--backends", "torch", "--kernels", "triton", "--dtypes", "fp32", "--device", "cpu",
+            "--out", str(tmp_path), "--no-progress", "--no-plot"]
+    assert cli.main(argv) == 0
+    assert "warning: the LayerNorm kernel (vlmrm_fast/ops/layer_norm.py) failed here" in capsys.readouterr().err
+    results = json.loads((tmp_path / "bench.json").read_text())
+    name = triton_layer_norm.LAYER_NORM.name
+    assert [row["fast_paths_off"] for row in results["rows"]] == [[], [name]]
+    assert results["fast_paths_off"] == {name: "RuntimeError: ptxas fatal: Unresolved extern function '__nv_rsqrtf'"}
+    text = (tmp_path / "bench.md").read_text()
+    assert "| triton-interpret |" in text and "| triton-interpret § |" in text
+    assert "§ A fast path of the tower failed on this machine" in text and "__nv_rsqrtf" in text
+
+
 def test_a_build_found_in_a_cache_on_disk_is_marked():
     import dataclasses
 

@@ -86,6 +86,9 @@ class Row:
     build_cached: Optional[bool] = None
     """Whether the build found its work in a cache on disk (torch.compile's graphs, a TensorRT engine): then
     ``build_seconds`` is no first build's time. None where the backend has no such cache."""
+    fast_paths_off: List[str] = field(default_factory=list)
+    """The tower's fast paths that had failed and turned themselves off by the end of this row
+    (:mod:`vlmrm_fast.backends.fast_path`): the row timed, in part or whole, the slower ops standing in."""
     timings: StageTimings = field(default_factory=StageTimings)
 
 
@@ -104,6 +107,8 @@ class Report:
     failures: List[Dict[str, Any]] = field(default_factory=list)
     targets: List[Dict[str, Any]] = field(default_factory=list)
     kernel_profiles: List[TowerProfile] = field(default_factory=list)
+    fast_paths_off: Dict[str, str] = field(default_factory=dict)
+    """The tower's fast paths that failed in this run: name -> first error (rows' ``fast_paths_off``)."""
     complete: bool = False
     elapsed_seconds: float = 0.0
 
@@ -306,6 +311,7 @@ SEED_DISAGREEMENT = 1.5
 """A row's seed figure (timed in alternation with it) and the seed's own row further apart than this
 factor: the machine's load changed during the run, and the row's 'vs seed' is marked."""
 UNSTEADY_MARK = " †"
+FAST_PATH_OFF_MARK = " §"
 
 
 def seed_disagreements(rows: Sequence[Row]) -> Dict[int, float]:
@@ -380,7 +386,8 @@ def markdown_table(rows: Sequence[Row]) -> str:
     for i, row in enumerate(rows):
         disturbed = disturbed_stages(row)
         cells = [cell(row) + (UNSTEADY_MARK if name == "vs seed" and i in flagged else "")
-                 + (STAGE_MARK if name in disturbed else "") for name, cell in TABLE_COLUMNS]
+                 + (STAGE_MARK if name in disturbed else "")
+                 + (FAST_PATH_OFF_MARK if name == "kernels" and row.fast_paths_off else "") for name, cell in TABLE_COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -498,6 +505,11 @@ def markdown_report(report: Report) -> str:
             "bench.json has each stage's min and max). The row's other figures are measured apart; run again on an "
             "idle machine, or with more --repeats, before quoting the marked one.",
         ]
+    if report.fast_paths_off:
+        failed = "; ".join(f"{name} ({error})" for name, error in report.fast_paths_off.items())
+        lines += ["", f"{FAST_PATH_OFF_MARK.strip()} A fast path of the tower failed on this machine and turned itself off "
+                      f"for the rest of the run, so this row timed the slower ops that stand in for it, in part or "
+                      f"whole: {failed}. Please report it."]
     if report.targets:
         lines += ["", "## Targets", "", "| model | target | required | best measured | where | met |", "|---|---|---|---|---|---|"]
         for t in report.targets:

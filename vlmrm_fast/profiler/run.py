@@ -66,6 +66,7 @@ from vlmrm_fast.argtypes import in_cli_terms, writable_file, writable_folder
 from vlmrm_fast.atomic import destination_of
 from vlmrm_fast.backends import BackendError
 from vlmrm_fast.backends.base import missing_cuda_device, parse_device
+from vlmrm_fast.backends.fast_path import turned_off
 from vlmrm_fast.backends.torch_fp8 import fp8_unsupported_reason
 from vlmrm_fast.frames import as_frame_batch
 from vlmrm_fast.models import TINY_MODEL, check_model_name, preprocess_spec_of
@@ -296,6 +297,7 @@ class Profiler:
     def save(self, plot: bool = False) -> None:
         """Write what has been measured so far (bench.json, bench.md; bench.png with ``plot``)."""
         self.report.set_peaks()
+        self.report.fast_paths_off = turned_off()
         self.report.elapsed_seconds = time.perf_counter() - self.began
         write_outputs(self.report, self.config, plot=plot and self.config.plot)
 
@@ -534,6 +536,7 @@ class Profiler:
             build_seconds=rm.vision_backend.build_seconds, setup_seconds=setup_seconds,
             build_cached=rm.vision_backend.build_cached,
         )
+        row.fast_paths_off = sorted(turned_off())
         if "seed_end_to_end" in timings:
             row.seed_fps = n / timings["seed_end_to_end"].median_s
             row.speedup_vs_seed = row.end_to_end_fps / row.seed_fps
