@@ -678,13 +678,15 @@ def test_a_seed_that_moved_during_the_run_marks_the_ratio():
     assert "ratio is unsteady" not in markdown_report(Report(env, config, rows=[seed, steady]))
 
 
-def test_a_seed_timed_with_a_row_far_slower_than_the_seeds_stages_marks_the_ratio():
+def test_a_seed_timed_with_a_row_far_slower_than_the_seeds_stages_marks_the_ratio(tmp_path):
     # Both seed figures disturbed alike (154 and 211 ms a call against 57 ms of stages) agree within 1.5x:
     # the tiny model read 104x (about 1.9x idle), unmarked, and a target could be met on it.
     import dataclasses
 
+    from types import SimpleNamespace
+
     from vlmrm_fast.profiler.report import (Report, check_targets, disturbed_seed_pairings, markdown_report,
-                                            markdown_table, unsteady_rows)
+                                            markdown_table, unsteady_rows, write_outputs)
 
     seed = dataclasses.replace(_row("ViT-B-32", "seed", 8 / 0.211, 1.0), seed_fps=None, speedup_vs_seed=None,
                                preprocess_fps=8 / 0.0077, tower_fps=8 / 0.0488, score_fps=8 / 1e-4)  # 56.6 ms
@@ -696,6 +698,11 @@ def test_a_seed_timed_with_a_row_far_slower_than_the_seeds_stages_marks_the_rati
     config = {"repeats": 3, "warmup": 1, "time_budget": 1.0, "batch_sizes": [8]}
     text = markdown_report(Report(env, config, rows=rows))
     assert "† Where the seed timed with this row took more than 2x the seed's stages timed one by one" in text
+    out = tmp_path / "out"
+    write_outputs(Report(env, config, rows=rows), SimpleNamespace(out=out), plot=False)
+    json_rows = json.loads((out / "bench.json").read_text())["rows"]  # the marks reach scripts that read the JSON
+    assert [(r["speedup_unsteady"], r["disturbed_stages"]) for r in json_rows] == [
+        (False, ["end to end"]), (True, ["preprocess", "tower", "score"])]  # (_row's stages are 1 frame/s)
     assert "differ by more than 1.5x" not in text  # the two seed figures agree (1.37x)
     [target] = check_targets(rows, torch.device("cpu"))
     assert target["measured"] is None and target["unsteady"]  # not "met" on 96x

@@ -652,6 +652,11 @@ def write_outputs(report: Report, config: BenchConfig, plot: Optional[bool] = No
     out.mkdir(parents=True, exist_ok=True)
     data = asdict(report)
     data["kernel_profiles"] = [profile.as_json() for profile in report.kernel_profiles]  # with derived figures
+    # bench.md's marks, for scripts that read the JSON: † on 'vs seed', ‡ on the stages whose timing was disturbed.
+    unsteady = set(unsteady_rows(report.rows))
+    for i, (row, row_data) in enumerate(zip(report.rows, data["rows"])):
+        row_data["speedup_unsteady"] = i in unsteady
+        row_data["disturbed_stages"] = disturbed_stages(row)
     # Atomically: rewritten after every configuration, and a kill mid-write must not leave it cut short.
     write_atomically(out / "bench.json", (json.dumps(data, indent=2, default=str) + "\n").encode())
     write_atomically(out / "bench.md", markdown_report(report).encode())
