@@ -21,7 +21,7 @@ pytest.importorskip("mujoco")
 
 from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv  # noqa: E402
 
-from vlmrm_fast import CLIPReward, Task  # noqa: E402
+from vlmrm_fast import CLIPReward, Task, VLMRewardVectorWrapper  # noqa: E402
 from vlmrm_fast.env_render import make_own_context_current, render_env  # noqa: E402
 from vlmrm_fast.wrappers import batch_frames  # noqa: E402  tests swap its batch renderer class
 from vlmrm_fast.wrappers import RenderTerminalFrame, VLMRewardVecEnv, VLMRewardWrapper  # noqa: E402
@@ -573,6 +573,47 @@ def test_vec_env_through_vec_wrappers(rm):
     np.testing.assert_allclose(rewards, rm(counting_frame(3)[None]).numpy(), atol=1e-5)
     assert "episode" in infos[0]  # VecMonitor's own episode info is kept
     wrapped.close()
+
+
+def _normalised_below():
+    """Ways a reward normaliser ends up below a VLM reward wrapper: (wrapper class, the env it wraps, the
+    normaliser's class name)."""
+    from stable_baselines3.common.vec_env import VecMonitor, VecNormalize
+
+    return [
+        (VLMRewardVecEnv, VecMonitor(VecNormalize(DummyVecEnv([CountingEnv]))), "VecNormalize"),
+        (VLMRewardVecEnv, DummyVecEnv([lambda: gym.wrappers.NormalizeReward(CountingEnv())]), "NormalizeReward"),
+        (VLMRewardWrapper, gym.wrappers.RecordEpisodeStatistics(gym.wrappers.NormalizeReward(CountingEnv())),
+         "NormalizeReward"),
+        (VLMRewardVectorWrapper, gym.wrappers.vector.NormalizeReward(gym.vector.SyncVectorEnv([CountingEnv])),
+         "NormalizeReward"),
+        (VLMRewardVectorWrapper, gym.vector.SyncVectorEnv([lambda: gym.wrappers.NormalizeReward(CountingEnv())]),
+         "NormalizeReward"),
+    ]
+
+
+def test_a_reward_normaliser_below_the_wrapper_is_refused_but_in_log_mode(rm, no_batch):
+    # It would rescale the env's reward and never the VLM reward: in "add" the agent's reward would mix the two.
+    for wrapper, env, normaliser in _normalised_below():
+        for mode in ("replace", "add"):
+            with pytest.raises(ValueError, match=rf"{normaliser} is below {wrapper.__name__}: .*mode='{mode}'.*"
+                                                 rf"Put the normaliser above, {normaliser}\({wrapper.__name__}"):
+                wrapper(env, rm, mode=mode)
+        logged = wrapper(env, rm, mode="log")  # the agent gets the env's reward: normalising it is the user's choice
+        with pytest.raises(ValueError, match=f"{normaliser} is below"):
+            logged.mode = "add"
+        assert logged.mode == "log"
+        logged.close()
+
+
+def test_normalisers_above_the_wrapper_and_without_norm_reward_are_fine(rm, no_batch):
+    from stable_baselines3.common.vec_env import VecNormalize
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        VecNormalize(VLMRewardVecEnv(DummyVecEnv([CountingEnv]), rm)).close()
+        VLMRewardVecEnv(VecNormalize(DummyVecEnv([CountingEnv]), norm_reward=False), rm).close()  # observations only
+        gym.wrappers.NormalizeReward(VLMRewardWrapper(CountingEnv(), rm)).close()
 
 
 @forks_on_purpose

@@ -81,7 +81,8 @@ class VLMRewardVectorWrapper(_RewardMode, _BatchFrames, gym.vector.VectorWrapper
     (``"next_step"``, ``"same_step"`` or ``"disabled"``).
 
     Apply it on the vector env that steps the envs, before wrappers that read rewards (normalisation,
-    episode statistics), so they see the VLM reward. The envs of a ``SyncVectorEnv`` may be wrapped in place
+    episode statistics), so they see the VLM reward (a ``NormalizeReward`` below it is refused but in
+    ``"log"`` mode: :mod:`vlmrm_fast.wrappers.normalisers`). The envs of a ``SyncVectorEnv`` may be wrapped in place
     (``envs.envs[i]``) by a wrapper that keeps each episode's terminal state; ``call``/``get_attr`` still
     reach the envs.
 
@@ -120,7 +121,7 @@ class VLMRewardVectorWrapper(_RewardMode, _BatchFrames, gym.vector.VectorWrapper
         _check_reward_model(reward_model, "VLMRewardVectorWrapper")
         super().__init__(envs)
         self.renderer: Any = None  # before anything can fail: gymnasium 1.0 closes half-built wrappers too
-        self._set_reward(reward_model, mode, weight, task)
+        self._set_reward(reward_model, mode, weight, task, below=envs)
         # A name of its own: gymnasium's vector envs have `autoreset_mode`, an AutoresetMode enum.
         self.reset_mode = reset_mode_of(envs)
         n = self.num_envs

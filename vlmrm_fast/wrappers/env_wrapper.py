@@ -68,7 +68,9 @@ class VLMRewardWrapper(_RewardMode, gym.Wrapper, gym.utils.RecordConstructorArgs
         task: which task (index or name in ``reward_model.task_names``) drives the reward.
 
     Raises:
-        ValueError: the env's render mode is not ``"rgb_array"``, or a rendered frame is not uint8 [H, W, 3].
+        ValueError: the env's render mode is not ``"rgb_array"``, a rendered frame is not uint8 [H, W, 3],
+            or a ``NormalizeReward`` is below the wrapper outside ``"log"`` mode (it would rescale the env's
+            reward and never the VLM reward: put it above; :mod:`vlmrm_fast.wrappers.normalisers`).
     """
 
     def __init__(
@@ -94,7 +96,7 @@ class VLMRewardWrapper(_RewardMode, gym.Wrapper, gym.utils.RecordConstructorArgs
             )
         # Only RGB arrays work here; say so to tools that try every render mode (gymnasium's checker).
         self.metadata = {**env.metadata, "render_modes": ["rgb_array"]}
-        self._set_reward(reward_model, mode, weight, task)
+        self._set_reward(reward_model, mode, weight, task, below=env)
         self._size_checked = False
         size = _declared_render_size(env)
         if size is not None:

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import numbers
 import warnings
-from typing import Any, List, Tuple, Union
+from typing import Any, List, Optional, Tuple, Union
 
 import numpy as np
 
 from vlmrm_fast.argtypes import FLOAT32_MAX
 from vlmrm_fast.callers import stacklevel_outside_package
+from vlmrm_fast.wrappers.normalisers import refuse_reward_normaliser, reward_normaliser_below
 
 MODES = ("replace", "add", "log")
 
@@ -65,9 +66,14 @@ class _RewardMode:
     _mode: str = "replace"
     _weight: float = 1.0
 
-    def _set_reward(self, reward_model: Any, mode: str, weight: float, task: Union[int, str]) -> None:
+    _normaliser: Optional[str] = None
+    """A reward normaliser below the wrapper (:mod:`vlmrm_fast.wrappers.normalisers`), refused but in "log" mode."""
+
+    def _set_reward(self, reward_model: Any, mode: str, weight: float, task: Union[int, str], below: Any) -> None:
         self.reward_model = reward_model
         self._mode, self._weight = _check_mode(mode, weight)
+        self._normaliser = reward_normaliser_below(below)
+        refuse_reward_normaliser(self._normaliser, self._mode, type(self).__name__)
         if self._mode != "add" and self._weight != 1.0:
             warnings.warn(f"weight={self._weight:g} is unused in mode={self._mode!r}: it scales the VLM reward in "
                           "mode='add' only. Pass mode='add' to add the weighted VLM reward to the env's, or drop "
@@ -113,7 +119,9 @@ class _RewardMode:
 
     @mode.setter
     def mode(self, value: str) -> None:
-        self._mode, _ = _check_mode(value, self._weight)
+        mode, _ = _check_mode(value, self._weight)
+        refuse_reward_normaliser(self._normaliser, mode, type(self).__name__)
+        self._mode = mode
 
     @property
     def weight(self) -> float:

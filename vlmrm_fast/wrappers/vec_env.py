@@ -63,8 +63,11 @@ class VLMRewardVecEnv(_RewardMode, _BatchFrames, VecEnvWrapper):
     ``"episode_gt_return"`` (sums over the episode) and ``"vlm_terminal_frame"`` (whether the scored frame
     showed the terminal state: see :mod:`vlmrm_fast.wrappers` on auto-reset; ``True`` for DummyVecEnvs).
 
-    Apply it directly on the VecEnv that steps the envs (before ``VecNormalize``, so normalisation sees the
-    VLM reward). The envs of a ``DummyVecEnv`` are wrapped in place (``venv.envs[i]``) by a wrapper that
+    Apply it directly on the VecEnv that steps the envs, under ``VecNormalize`` (so normalisation sees the
+    VLM reward; one with ``norm_reward`` below it is refused but in ``"log"`` mode:
+    :mod:`vlmrm_fast.wrappers.normalisers`) and under a ``VecMonitor``, to log the returns of the rewards it
+    gives in SB3's ``ep_rew_mean`` (the ``Monitor`` that ``make_vec_env`` puts below it on each env records
+    the env's own). The envs of a ``DummyVecEnv`` are wrapped in place (``venv.envs[i]``) by a wrapper that
     keeps each episode's terminal state; ``env_method``/``get_attr`` still reach the envs.
 
     Args:
@@ -98,7 +101,7 @@ class VLMRewardVecEnv(_RewardMode, _BatchFrames, VecEnvWrapper):
             raise TypeError(f"VLMRewardVecEnv wraps a stable-baselines3 VecEnv, not {type(venv).__name__}: {fix}.")
         _check_reward_model(reward_model, "VLMRewardVecEnv")
         super().__init__(venv)
-        self._set_reward(reward_model, mode, weight, task)
+        self._set_reward(reward_model, mode, weight, task, below=venv)
         self._episode_vlm = np.zeros(self.num_envs, dtype=np.float64)
         self._episode_gt = np.zeros(self.num_envs, dtype=np.float64)
 
