@@ -734,24 +734,33 @@ import vlmrm_fast  # importing it here is the point
 reward = vlmrm_fast.CLIPReward.from_pretrained("vlmrm-tiny", None, goal="a", device="cpu", backend="torch",
                                                kernels="torch")
 print("reward", float(reward(frame[None])[0]), flush=True)
+print("triton loaded", sys.modules.get("triton") is not None, flush=True)
 """
 
 
+@pytest.mark.parametrize("interpreter", [True, False], ids=["interpreter", "no-triton-use"])
 @pytest.mark.parametrize("first", ["import vlmrm_fast", ""], ids=["package-first", "frame-first"])
-def test_the_cause_of_an_llvm_clash_is_named_before_it_crashes(first):
+def test_the_cause_of_an_llvm_clash_is_named_before_it_crashes(first, interpreter):
     # Mesa's llvmpipe and Triton each bring an LLVM: Triton loaded after Mesa's GL context crashes the
-    # process (a segmentation fault, no message). `import vlmrm_fast` loads Triton first; where a frame
-    # came before it, a warning naming the cause and the fix comes out before Triton loads (and the
+    # process (a segmentation fault, no message). `import vlmrm_fast` loads Triton first. Where a frame came
+    # before it: without a CUDA device or the interpreter, Triton has nothing to run and is kept out (it
+    # just works); with either, a warning naming the cause and the fix comes out before Triton loads (and the
     # process may then crash). A fresh interpreter each.
     env = dict(os.environ, MUJOCO_GL="egl", PYOPENGL_PLATFORM="egl")
+    env.pop("TRITON_INTERPRET", None)  # conftest sets it on CPU machines
+    if interpreter:
+        env["TRITON_INTERPRET"] = "1"
     result = subprocess.run([sys.executable, "-c", _ORDER_SCRIPT.format(first=first)], capture_output=True,
                             text=True, env=env, timeout=300)
     named = "import vlmrm_fast (or triton) before the first frame is rendered" in result.stderr
+    kept_out = "keeps it out of this process" in result.stderr
     if first or "mesa True" not in result.stdout:  # the package first, or a GPU driver's GL: it just works
         assert result.returncode == 0 and "reward" in result.stdout and not named, result.stderr[-2000:]
+    elif interpreter or HAS_CUDA:
+        assert named and not kept_out and result.returncode in (0, -signal.SIGSEGV), result.stderr[-2000:]
     else:
-        assert named and result.returncode in (0, -signal.SIGSEGV), result.stderr[-2000:]
-
+        assert named and kept_out and result.returncode == 0 and "reward" in result.stdout, result.stderr[-2000:]
+        assert "triton loaded False" in result.stdout
 
 
 def test_a_fall_back_from_the_gpu_path_is_announced(envs):
@@ -1493,19 +1502,45 @@ def test_the_llvm_clash_warning_comes_once_and_only_when_both_hold(monkeypatch):
     from vlmrm_fast import llvm_clash
 
     monkeypatch.setattr(llvm_clash, "_warned", False)
+    monkeypatch.setattr(llvm_clash, "_triton_needed", lambda: True)  # a CUDA device: Triton must load
     for triton_pending, mesa in [(True, False), (False, True), (False, False)]:
         monkeypatch.setattr(llvm_clash, "_triton_not_loaded", lambda: triton_pending)
         monkeypatch.setattr(llvm_clash, "mesa_llvm_loaded", lambda: mesa)
         with warnings.catch_warnings():
             warnings.simplefilter("error")
-            llvm_clash.warn_if_triton_may_crash()
+            llvm_clash.guard_triton_load()
     monkeypatch.setattr(llvm_clash, "_triton_not_loaded", lambda: True)
     monkeypatch.setattr(llvm_clash, "mesa_llvm_loaded", lambda: True)
     with pytest.warns(UserWarning, match="import vlmrm_fast .or triton. before the first frame"):
-        llvm_clash.warn_if_triton_may_crash()
+        llvm_clash.guard_triton_load()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        llvm_clash.warn_if_triton_may_crash()  # once a process: each kernel module asks
+        llvm_clash.guard_triton_load()  # once a process: each kernel module asks
+    assert not llvm_clash.triton_kept_out()
+
+
+def test_triton_is_kept_out_where_it_may_crash_and_has_nothing_to_run(monkeypatch):
+    from vlmrm_fast import llvm_clash
+
+    monkeypatch.setattr(llvm_clash, "_kept_out", False)
+    monkeypatch.setattr(llvm_clash, "_triton_needed", lambda: False)  # no CUDA device, no interpreter
+    monkeypatch.setattr(llvm_clash, "_triton_not_loaded", lambda: True)
+    monkeypatch.setattr(llvm_clash, "mesa_llvm_loaded", lambda: True)
+    monkeypatch.setitem(sys.modules, "triton", sys.modules.get("triton"))  # restored after the test
+    with pytest.warns(UserWarning, match="keeps it out of this process: `import triton` fails from now on"):
+        llvm_clash.guard_triton_load()
+    assert llvm_clash.triton_kept_out() and sys.modules["triton"] is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        llvm_clash.guard_triton_load()  # once
+    with pytest.raises(ImportError):
+        import triton  # noqa: F401
+    from vlmrm_fast.ops import _triton
+
+    monkeypatch.setattr(_triton, "HAS_TRITON", False)  # as a kept-out import leaves it
+    with pytest.raises(ValueError, match="kernels='triton' needs Triton, which vlmrm_fast kept out of this process"):
+        _triton.resolve_kernels("triton", torch.device("cpu"))
+    assert _triton.resolve_kernels("auto", torch.device("cpu")) == "torch"
 
 
 def test_a_mapped_llvm_is_told_from_proc_self_maps(monkeypatch):
@@ -1540,7 +1575,8 @@ def test_no_llvm_clash_is_feared_where_triton_is_not_installed(monkeypatch):
     assert not llvm_clash._triton_not_loaded()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        llvm_clash.warn_if_triton_may_crash()
+        llvm_clash.guard_triton_load()
+    assert not llvm_clash.triton_kept_out()
 
 
 # ---- behaviours a mutation audit of the CPU rendering path found untested --------------------------

@@ -23,9 +23,9 @@ from typing import Any, Callable, Dict, Iterator, Optional, Tuple, Union, cast
 from urllib.parse import urlparse
 
 from vlmrm_fast.callers import stacklevel_outside_package
-from vlmrm_fast.llvm_clash import warn_if_triton_may_crash
+from vlmrm_fast.llvm_clash import guard_triton_load
 
-warn_if_triton_may_crash()  # open_clip's torchvision loads Triton: the cause of a crash, named first
+guard_triton_load()  # open_clip's torchvision loads Triton: kept out where it may crash and is not needed
 
 import open_clip  # noqa: E402
 import torch  # noqa: E402

@@ -16,9 +16,9 @@ from typing import ContextManager, Iterator, Literal, Optional
 
 import torch
 
-from vlmrm_fast.llvm_clash import warn_if_triton_may_crash
+from vlmrm_fast.llvm_clash import guard_triton_load, triton_kept_out
 
-warn_if_triton_may_crash()  # where loading it now may crash the process: the cause, named first
+guard_triton_load()  # where loading it now may crash the process: kept out if not needed, else the cause named first
 
 try:  # Triton ships for Linux only; without it every op uses its torch path.
     import triton  # noqa: F401
@@ -130,6 +130,13 @@ def resolve_kernels(kernels: str, device: torch.device) -> Literal["triton", "to
         return "torch"
     if kernels == "auto":
         return "triton" if HAS_TRITON and device.type == "cuda" else "torch"
+    if triton_kept_out():
+        raise ValueError(
+            "kernels='triton' needs Triton, which vlmrm_fast kept out of this process: MuJoCo had rendered through "
+            "Mesa's software OpenGL before it loaded, and loading it after that can crash the process "
+            "(vlmrm_fast/llvm_clash.py). Import vlmrm_fast before the first frame is rendered (with "
+            "TRITON_INTERPRET=1 set before it, for the CPU interpreter), or pass kernels='torch'."
+        )
     if not HAS_TRITON:
         raise ValueError(
             "kernels='triton' needs the `triton` package, which is not installed (it has wheels for "
