@@ -8,6 +8,7 @@ spread across these noise frames is ~1e-2).
 import copy
 import functools
 import pickle
+import re
 import warnings
 
 import numpy as np
@@ -395,6 +396,25 @@ def test_float_frames_are_range_checked_in_every_frame(kind, bad):
     given = {"tensor": frames, "array": frames.numpy(), "list": list(frames)}[kind]
     with pytest.raises(ValueError, match=r"must lie in \[0, 1\]"):
         as_frame_batch(given)
+
+
+@pytest.mark.parametrize("lo, hi, hint", [(-0.03, 1.05, r"overshoot.*frames.clamp\(0, 1\)"),
+                                         (0.0, 255.0, "0-255 values, pass them as uint8"), (-0.5, 1.0, "")])
+def test_the_range_error_names_the_likely_cause(lo, hi, hint):
+    from vlmrm_fast.frames import as_frame_batch
+
+    frames = torch.rand(2, 4, 5, 3)
+    frames[0, 0, 0], frames[1, 3, 4] = lo, hi
+    with pytest.raises(ValueError, match=r"must lie in \[0, 1\] \(finite\); found values in") as error:
+        as_frame_batch(frames)
+    tail = str(error.value).split("]", 2)[-1]
+    assert (re.search(hint, tail) is not None) if hint else ("clamp" not in tail and "uint8" not in tail), tail
+
+
+def test_score_of_an_array_says_how_to_make_a_tensor(tiny):
+    rm = CLIPReward(*tiny, goal="a", device="cpu")
+    with pytest.raises(TypeError, match=r"torch.from_numpy\(embeddings\) makes one of an array\); got ndarray"):
+        rm.score(np.zeros((2, rm.embed_dim), np.float32))
 
 
 def test_a_list_of_frames_on_two_devices_is_refused(monkeypatch):

@@ -164,6 +164,11 @@ def _check_size(height: int, width: int, what: str) -> None:
         raise ValueError(f"{what} have zero height or width ({height} x {width}); there is nothing to score.")
 
 
+OVERSHOOT = 0.1
+"""How far outside [0, 1] float frames may lie for the error to suggest clamping (a resize's overshoot) rather
+than another scale: bicubic overshoots a step edge by about 7% of its height."""
+
+
 def _check_float_range(frames: Union[np.ndarray, torch.Tensor], what: str) -> None:
     if isinstance(frames, np.ndarray):
         lo, hi = float(np.min(frames)), float(np.max(frames))
@@ -175,7 +180,10 @@ def _check_float_range(frames: Union[np.ndarray, torch.Tensor], what: str) -> No
             found = "found NaN or infinite values (a frame that failed upstream: check what produced it)"
         else:
             found = f"found values in [{lo}, {hi}]"
-            if hi > 1.0:
+            if -OVERSHOOT <= lo and hi <= 1.0 + OVERSHOOT:
+                hint = (" Values this close to the range are a filter's overshoot (a bicubic resize, a blur): "
+                        "clamp them first, frames.clamp(0, 1) (np.clip(frames, 0, 1) for arrays).")
+            elif hi > 1.0:
                 hint = " If they are 0-255 values, pass them as uint8."
         raise ValueError(f"Float {what} must lie in [0, 1] (finite); {found}.{hint}")
 

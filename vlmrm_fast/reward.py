@@ -468,7 +468,8 @@ class CLIPReward:
 
         No autograd graph, whichever kernels run (the Triton kernel has no backward)."""
         if not isinstance(embeddings, torch.Tensor):
-            raise TypeError(f"embeddings must be a torch.Tensor [N, D]; got {type(embeddings).__name__}.")
+            also = " (torch.from_numpy(embeddings) makes one of an array)" if isinstance(embeddings, np.ndarray) else ""
+            raise TypeError(f"embeddings must be a torch.Tensor [N, D]{also}; got {type(embeddings).__name__}.")
         check_tensor_holds_data(embeddings, "embeddings")
         if embeddings.ndim != 2 or embeddings.shape[1] != self.embed_dim:
             raise ValueError(
