@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import math
 import os
 import re
@@ -89,6 +90,21 @@ def test_score_folder_natural_order(image_folder: Path, capsys: pytest.CaptureFi
     assert rewards["frame3.png"] == pytest.approx(rewards["frame20.png"], abs=1e-5)
     summary = capsys.readouterr().out
     assert "scored 7 frames" in summary and "frames.rewards.csv" in summary
+
+
+def test_score_to_standard_output(image_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    # `--out -`, as Unix tools take it: the CSV on stdout (to pipe), the summary on stderr, no file written.
+    assert score([str(image_folder), "--goal", "a red square", "--out", "-", *TINY]) == 0
+    out, err = capsys.readouterr()
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert [r["source"] for r in rows] == [f"{name}.png" for name in FRAME_NAMES]
+    assert "scored 7 frames" in err and "wrote the CSV to standard output" in err and "scored" not in out
+    assert not (image_folder.parent / "frames.rewards.csv").exists() and not (Path.cwd() / "-").exists()
+    assert score([str(image_folder), "--goal", "a", "--out", "-", "--plot", *TINY]) == 2
+    assert "give it one, --plot=FILE.png" in capsys.readouterr().err
+    plot = tmp_path / "r.png"
+    assert score([str(image_folder), "--goal", "a", "--out", "-", f"--plot={plot}", *TINY]) == 0
+    assert plot.exists() and f"wrote the CSV to standard output, {plot}" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("prompts,api", [

@@ -28,6 +28,8 @@ from vlmrm_fast.frame_files import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, LabelledF
 if TYPE_CHECKING:
     import torch
 
+STDOUT = "-"
+"""``--out -``: the CSV to standard output, as Unix tools take it."""
 DEFAULT_MODEL = "ViT-B-32"
 DEFAULT_PRETRAINED = "laion2b_s34b_b79k"
 DTYPES = ("float32", "bfloat16", "float16")
@@ -151,7 +153,8 @@ def add_score_parser(subparsers: argparse._SubParsersAction) -> None:
         "--out",
         default=None,
         metavar="CSV",
-        help="where to write the rewards CSV, a file or a folder (one that exists, or DIR/, made if missing) "
+        help="where to write the rewards CSV, a file or a folder (one that exists, or DIR/, made if missing), "
+        "or - for standard output (the summary then goes to standard error) "
         "(default: next to PATH, clip.mp4 -> clip.rewards.csv, folder frames/ -> frames.rewards.csv)",
     )
     io.add_argument(
@@ -185,8 +188,12 @@ def _unit_interval(text: str) -> float:
 def _run_score(args: argparse.Namespace) -> int:
     """``vlmrm-fast score``: score the frames, write CSV (and PNG), print a summary."""
     source = open_frames(args.path)
-    csv_path = output_file(args.out, default_csv_path(args.path))  # a folder: the default name inside it
-    plot_path = _plot_path(args.plot, csv_path)
+    to_stdout = args.out == STDOUT
+    if to_stdout and args.plot == "":
+        raise CLIError("--plot without a file name goes beside the CSV, which --out - sends to standard output: "
+                       "give it one, --plot=FILE.png")
+    csv_path = None if to_stdout else output_file(args.out, default_csv_path(args.path))  # a folder: the default name inside it
+    plot_path = _plot_path(args.plot, csv_path or Path())
     _check_outputs(args.path, source, [p for p in (csv_path, plot_path) if p is not None])
     from vlmrm_fast.reward import CLIPReward
 
@@ -212,10 +219,13 @@ def _run_score(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     rewards, labels = score_frames(rm, source, rm.max_batch_size, progress=not args.no_progress)
     elapsed = time.perf_counter() - start
-    written = [write_csv(csv_path, rewards, labels)]
+    if csv_path is None:
+        sys.stdout.write(csv_text(rewards, labels))
+        sys.stdout.flush()
+    written = [] if csv_path is None else [write_csv(csv_path, rewards, labels)]
     if plot_path is not None:
         written.append(write_plot(plot_path, rewards, args.goal, args.baseline, args.alpha))
-    print(_summary(rewards, elapsed, written))
+    print(_summary(rewards, elapsed, written, to_stdout), file=sys.stderr if to_stdout else sys.stdout)
     return 0
 
 
@@ -335,15 +345,20 @@ def _prefetch(items: Generator[T, None, None], depth: int = 2) -> Iterator[T]:
             slots.get_nowait()  # unblock a producer waiting on a full queue
 
 
-def write_csv(path: Path, rewards: np.ndarray, labels: Sequence[str]) -> Path:
-    """Write ``frame,source,reward`` rows; rewards at float32 round-trip precision. Atomically: a
-    crash never leaves a truncated file where an earlier run's CSV was."""
+def csv_text(rewards: np.ndarray, labels: Sequence[str]) -> str:
+    """``frame,source,reward`` rows; rewards at float32 round-trip precision."""
     text = io.StringIO(newline="")
     writer = csv.writer(text)
     writer.writerow(["frame", "source", "reward"])
     for index, (label, reward) in enumerate(zip(labels, rewards)):
         writer.writerow([index, label, f"{float(reward):.9g}"])
-    return write_atomically(path, text.getvalue().encode())
+    return text.getvalue()
+
+
+def write_csv(path: Path, rewards: np.ndarray, labels: Sequence[str]) -> Path:
+    """Write :func:`csv_text` to ``path``. Atomically: a crash never leaves a truncated file where an earlier
+    run's CSV was."""
+    return write_atomically(path, csv_text(rewards, labels).encode())
 
 
 def write_plot(
@@ -374,12 +389,12 @@ def _quote_prompts(prompts: Sequence[str], width: int = 90) -> str:
     return textwrap.shorten(text, width=width, placeholder=" ...")
 
 
-def _summary(rewards: np.ndarray, elapsed: float, written: Sequence[Path]) -> str:
+def _summary(rewards: np.ndarray, elapsed: float, written: Sequence[Path], to_stdout: bool = False) -> str:
     """One line: frame count, reward statistics, throughput, output files."""
     n = len(rewards)
     rate = n / elapsed if elapsed > 0 else float("inf")
     return (
         f"scored {n} frame{'' if n == 1 else 's'} in {elapsed:.2f} s ({rate:.1f} frames/s): reward mean "
         f"{np.mean(rewards):.4f}, min {np.min(rewards):.4f}, max {np.max(rewards):.4f}; "
-        f"wrote {', '.join(str(p) for p in written)}"
+        f"wrote {', '.join(['the CSV to standard output'] * to_stdout + [str(p) for p in written])}"
     )
