@@ -379,7 +379,8 @@ def _readme_python_blocks():
 
 # Examples that need a GPU or downloaded weights run here with the tiny random model on the CPU: the
 # same code, these names swapped (the test's, not the README's).
-_OFFLINE = {'"ViT-B-32"': '"vlmrm-tiny"', '"laion2b_s34b_b79k"': "None", 'device="cuda"': 'device="cpu"'}
+_OFFLINE = {'"ViT-B-32"': '"vlmrm-tiny"', '"laion2b_s34b_b79k"': "None", '"my_checkpoint.pt"': "None",
+            'device="cuda"': 'device="cpu"'}
 
 
 def test_the_readme_has_python_examples_and_each_compiles():
