@@ -97,6 +97,7 @@ def test_score_to_standard_output(image_folder: Path, tmp_path: Path, capsys: py
     assert score([str(image_folder), "--goal", "a red square", "--out", "-", *TINY]) == 0
     out, err = capsys.readouterr()
     rows = list(csv.DictReader(io.StringIO(out)))
+    assert "\r" not in out  # lines end as a pipe's tools expect
     assert [r["source"] for r in rows] == [f"{name}.png" for name in FRAME_NAMES]
     assert "scored 7 frames" in err and "wrote the CSV to standard output" in err and "scored" not in out
     assert not (image_folder.parent / "frames.rewards.csv").exists() and not (Path.cwd() / "-").exists()

@@ -40,13 +40,59 @@ def test_the_first_failure_turns_it_off_with_one_warning_at_the_callers_line(pat
     assert "off: RuntimeError" in repr(path)
 
 
-def test_out_of_memory_is_raised_and_leaves_it_on(path):
+@pytest.mark.parametrize("error", [torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"),
+                                   RuntimeError("Triton Error [CUDA]: out of memory")])  # Triton's, loading a kernel
+def test_out_of_memory_is_raised_and_leaves_it_on(path, error):
     def out_of_memory():
-        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        raise error
 
-    with pytest.raises(torch.cuda.OutOfMemoryError):
+    with pytest.raises(type(error), match="out of memory"):
         path.run(out_of_memory, lambda: "slow")
-    assert path.on
+    assert path.on and path.declined_calls == 0
+
+
+def test_an_error_the_stand_in_raises_too_is_not_the_paths_and_leaves_it_on(path):
+    # A sticky CUDA error, or one an earlier kernel left: the slower ops fail as well, so the fast path is
+    # not to blame. Its error is raised, from the fast path's, and nothing is turned off or warned about.
+    def failing(what):
+        def call():
+            raise RuntimeError(f"CUDA error: an illegal memory access was encountered ({what})")
+        return call
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(RuntimeError, match=r"\(stand-in\)") as raised:
+            path.run(failing("fast"), failing("stand-in"))
+    assert "(fast)" in str(raised.value.__cause__) and path.on
+
+
+def test_declined_calls_count_the_calls_its_stand_in_answered(path):
+    assert path.takes_call() and path.declined_calls == 0  # on: nothing counted
+    with pytest.warns(RuntimeWarning, match="failed here"):
+        path.run(lambda: 1 / 0, lambda: "slow")
+    assert path.declined_calls == 1  # the call that failed
+    assert not path.takes_call() and path.run(lambda: "fast", lambda: "slow") == "slow"
+    assert fast_path.declined_calls()[path.name] == 3
+
+
+def test_the_warning_names_the_users_line_through_a_tower_call(monkeypatch):
+    # The call goes through torch's Module.__call__ and open_clip's tower into the swapped layer: the warning
+    # names the line that called the tower, not either library's.
+    from conftest import make_tiny
+    from vlmrm_fast.backends import triton_layer_norm
+    from vlmrm_fast.backends.triton_layer_norm import TritonLayerNorm, use_triton_layer_norm
+    from vlmrm_fast.ops._triton import tower_kernels
+
+    def failing(x, *args):
+        raise RuntimeError("ptxas fatal: Unresolved extern function '__nv_rsqrtf'")
+
+    monkeypatch.setattr(triton_layer_norm, "layer_norm_triton", failing)
+    monkeypatch.setattr(TritonLayerNorm, "min_elements", 0)
+    visual = make_tiny()[0].visual
+    assert use_triton_layer_norm(visual) > 0
+    with torch.inference_mode(), tower_kernels(), pytest.warns(RuntimeWarning, match="LayerNorm kernel") as record:
+        visual(torch.zeros(1, 3, 224, 224))
+    assert [w.filename for w in record] == [__file__]
 
 
 def test_only_the_errors_named_turn_it_off(monkeypatch):

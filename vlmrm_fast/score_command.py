@@ -220,7 +220,7 @@ def _run_score(args: argparse.Namespace) -> int:
     rewards, labels = score_frames(rm, source, rm.max_batch_size, progress=not args.no_progress)
     elapsed = time.perf_counter() - start
     if csv_path is None:
-        sys.stdout.write(csv_text(rewards, labels))
+        sys.stdout.write(csv_text(rewards, labels, line_end="\n"))
         sys.stdout.flush()
     written = [] if csv_path is None else [write_csv(csv_path, rewards, labels)]
     if plot_path is not None:
@@ -345,10 +345,11 @@ def _prefetch(items: Generator[T, None, None], depth: int = 2) -> Iterator[T]:
             slots.get_nowait()  # unblock a producer waiting on a full queue
 
 
-def csv_text(rewards: np.ndarray, labels: Sequence[str]) -> str:
-    """``frame,source,reward`` rows; rewards at float32 round-trip precision."""
+def csv_text(rewards: np.ndarray, labels: Sequence[str], line_end: str = "\r\n") -> str:
+    """``frame,source,reward`` rows; rewards at float32 round-trip precision. Lines end as ``line_end``: the
+    CSV standard's CRLF in files, "\\n" for a pipe (``cut`` and ``awk`` would keep the CR)."""
     text = io.StringIO(newline="")
-    writer = csv.writer(text)
+    writer = csv.writer(text, lineterminator=line_end)
     writer.writerow(["frame", "source", "reward"])
     for index, (label, reward) in enumerate(zip(labels, rewards)):
         writer.writerow([index, label, f"{float(reward):.9g}"])

@@ -90,9 +90,7 @@ class Float8Block(SwappedModule, ResidualAttentionBlock):
 
     def _fuses(self, x: torch.Tensor) -> bool:
         """Whether this call of the block runs fused (module docstring)."""
-        if torch.compiler.is_compiling() or torch.jit.is_tracing() or not LAYER_NORM_QUANTIZE.on:
-            return False  # once the fused LayerNorm is off, the replaced block's Triton LayerNorms are faster
-        if not _fusable_children(self):
+        if torch.compiler.is_compiling() or torch.jit.is_tracing() or not _fusable_children(self):
             return False
         attn = self.attn
         rows = rows_of(x) if x.dim() == 3 and x.shape[-1] == attn.in_proj.in_features else None  # else: its error
@@ -102,7 +100,9 @@ class Float8Block(SwappedModule, ResidualAttentionBlock):
         if torch.is_grad_enabled() and any(p.requires_grad for norm in norms for p in (norm.weight, norm.bias)):
             return False
         skipped = (*norms, attn, attn.in_proj, self.ls_1, self.ls_2, self.mlp, self.mlp.c_fc)
-        return not any(runs_forward_hooks(module) for module in skipped)
+        if any(runs_forward_hooks(module) for module in skipped):
+            return False
+        return LAYER_NORM_QUANTIZE.takes_call()  # once it is off, the replaced block's Triton LayerNorms are faster
 
 
 def _normalised(x: torch.Tensor, norm: torch.nn.LayerNorm, add: Optional[torch.Tensor] = None):

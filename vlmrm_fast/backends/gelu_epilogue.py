@@ -66,7 +66,7 @@ class GELUEpilogueMLP(SwappedModule, torch.nn.Sequential):
         outside ``torch.compile`` and tracing (which get the replaced module's ops to fuse or export), the
         children still what :func:`is_fusable_mlp` accepted (an fp8 reward replaces ``c_fc`` in place),
         no forward hooks on ``c_fc`` or ``gelu`` (a probe of their outputs), and no failure before."""
-        if torch.compiler.is_compiling() or torch.jit.is_tracing() or not GELU_EPILOGUE.on or _addmm_activation is None:
+        if torch.compiler.is_compiling() or torch.jit.is_tracing() or _addmm_activation is None:
             return False
         fc = self._modules.get("c_fc")
         if type(fc) is not torch.nn.Linear or fc.bias is None or not _is_gelu(self._modules.get("gelu")):
@@ -77,7 +77,9 @@ class GELUEpilogueMLP(SwappedModule, torch.nn.Sequential):
             return False
         if runs_forward_hooks(fc) or runs_forward_hooks(self._modules["gelu"]):  # the fused call would skip them
             return False
-        return not (torch.is_grad_enabled() and (x.requires_grad or fc.weight.requires_grad or fc.bias.requires_grad))
+        if torch.is_grad_enabled() and (x.requires_grad or fc.weight.requires_grad or fc.bias.requires_grad):
+            return False
+        return GELU_EPILOGUE.takes_call()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.epilogue_applies(x):

@@ -133,11 +133,11 @@ def kernel_quantizes(rows: torch.Tensor) -> bool:
     """Whether the activation rows go through the Triton kernel (one pass; torch's ops take four): inside
     the "torch" backend's calls (:func:`~vlmrm_fast.ops._triton.tower_kernels`), outside ``torch.compile``
     and tracing (inductor fuses torch's ops itself), on a device Triton runs on, without autograd."""
-    if torch.compiler.is_compiling() or torch.jit.is_tracing() or not tower_kernels_enabled() or not QUANTIZE_ROWS.on:
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or not tower_kernels_enabled():
         return False
     if type(rows) is not torch.Tensor or kernel_takes(rows) is not None or not triton_runs_on(rows.device):
         return False
-    return not (torch.is_grad_enabled() and rows.requires_grad)
+    return not (torch.is_grad_enabled() and rows.requires_grad) and QUANTIZE_ROWS.takes_call()
 
 
 def _as_bytes(tensor: torch.Tensor) -> torch.Tensor:

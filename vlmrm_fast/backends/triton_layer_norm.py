@@ -77,13 +77,13 @@ class TritonLayerNorm(SwappedModule, torch.nn.LayerNorm):
     def _kernel_applies(self, x: torch.Tensor) -> bool:
         # torch.compile, torch.export, ONNX export; asked before the context variable, which dynamo cannot
         # trace before torch 2.14 (a graph break at every LayerNorm of a swapped tower compiled later)
-        if torch.compiler.is_compiling() or torch.jit.is_tracing() or not tower_kernels_enabled() or not LAYER_NORM.on:
+        if torch.compiler.is_compiling() or torch.jit.is_tracing() or not tower_kernels_enabled():
             return False
         if type(x) is not torch.Tensor or x.numel() < self.min_elements or x.dtype not in DTYPES:
             return False
         if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad or self.bias.requires_grad):
             return False
-        return triton_runs_on(x.device) and rows_of(x) is not None
+        return triton_runs_on(x.device) and rows_of(x) is not None and LAYER_NORM.takes_call()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._kernel_applies(x):

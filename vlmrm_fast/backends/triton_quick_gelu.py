@@ -54,13 +54,13 @@ class TritonQuickGELU(SwappedModule, QuickGELU):
         return in_place_of(QuickGELU(), self)
 
     def _kernel_applies(self, x: torch.Tensor) -> bool:
-        if torch.compiler.is_compiling() or torch.jit.is_tracing() or not tower_kernels_enabled() or not QUICK_GELU.on:
+        if torch.compiler.is_compiling() or torch.jit.is_tracing() or not tower_kernels_enabled():
             return False
         if type(x) is not torch.Tensor or x.numel() < self.min_elements or x.dtype not in DTYPES:
             return False
         if torch.is_grad_enabled() and x.requires_grad:
             return False
-        return triton_runs_on(x.device) and x.is_contiguous()
+        return triton_runs_on(x.device) and x.is_contiguous() and QUICK_GELU.takes_call()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._kernel_applies(x):

@@ -87,8 +87,8 @@ class Row:
     """Whether the build found its work in a cache on disk (torch.compile's graphs, a TensorRT engine): then
     ``build_seconds`` is no first build's time. None where the backend has no such cache."""
     fast_paths_off: List[str] = field(default_factory=list)
-    """The tower's fast paths that had failed and turned themselves off by the end of this row
-    (:mod:`vlmrm_fast.backends.fast_path`): the row timed, in part or whole, the slower ops standing in."""
+    """The tower's fast paths that had failed and turned themselves off (:mod:`vlmrm_fast.backends.fast_path`)
+    and whose stand-ins answered calls of this row: it timed, in part or whole, those slower ops."""
     timings: StageTimings = field(default_factory=StageTimings)
 
 
@@ -508,8 +508,8 @@ def markdown_report(report: Report) -> str:
     if report.fast_paths_off:
         failed = "; ".join(f"{name} ({error})" for name, error in report.fast_paths_off.items())
         lines += ["", f"{FAST_PATH_OFF_MARK.strip()} A fast path of the tower failed on this machine and turned itself off "
-                      f"for the rest of the run, so this row timed the slower ops that stand in for it, in part or "
-                      f"whole: {failed}. Please report it."]
+                      f"for the rest of the run, so the rows marked timed the slower ops that stand in for it, in part "
+                      f"or whole: {failed}. Please report it."]
     if report.targets:
         lines += ["", "## Targets", "", "| model | target | required | best measured | where | met |", "|---|---|---|---|---|---|"]
         for t in report.targets:

@@ -66,7 +66,7 @@ from vlmrm_fast.argtypes import in_cli_terms, writable_file, writable_folder
 from vlmrm_fast.atomic import destination_of
 from vlmrm_fast.backends import BackendError
 from vlmrm_fast.backends.base import missing_cuda_device, parse_device
-from vlmrm_fast.backends.fast_path import turned_off
+from vlmrm_fast.backends.fast_path import declined_calls, turned_off
 from vlmrm_fast.backends.torch_fp8 import fp8_unsupported_reason
 from vlmrm_fast.frames import as_frame_batch
 from vlmrm_fast.models import TINY_MODEL, check_model_name, preprocess_spec_of
@@ -511,6 +511,7 @@ class Profiler:
         """Every stage of ``rm`` at batch ``n``; end to end in alternation with the seed where the
         seed ran at that batch size, so that the speedup compares calls made side by side."""
         frames = self.frames.device[:n]
+        declined_before = declined_calls()
         seed_ran = any(r.backend == SEED and r.model == name and r.batch == n for r in self.report.rows)
         timer = self.timer
         with torch.inference_mode():
@@ -536,7 +537,7 @@ class Profiler:
             build_seconds=rm.vision_backend.build_seconds, setup_seconds=setup_seconds,
             build_cached=rm.vision_backend.build_cached,
         )
-        row.fast_paths_off = sorted(turned_off())
+        row.fast_paths_off = sorted(name for name, count in declined_calls().items() if count > declined_before.get(name, 0))
         if "seed_end_to_end" in timings:
             row.seed_fps = n / timings["seed_end_to_end"].median_s
             row.speedup_vs_seed = row.end_to_end_fps / row.seed_fps

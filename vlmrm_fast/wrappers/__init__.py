@@ -52,6 +52,7 @@ Modules:
 | terminal.py | :class:`RenderTerminalFrame`, and the MuJoCo terminal states kept past a VecEnv's auto-reset |
 | batch_frames.py | a vector wrapper's frames: the batch renderer, or the envs' own images |
 | modes.py | ``mode``, ``weight`` and ``task``: their checks, the rewards combined, the mixin that holds them |
+| normalisers.py | reward normalisers below a wrapper, found so that it can refuse them |
 | scoring.py | calling the reward model: what it must be, and its rewards checked as float32 [N, T] |
 | frame_checks.py | rendered frames and render sizes, and which envs the batch renderer draws as ``env.render()`` does |
 
