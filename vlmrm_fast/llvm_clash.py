@@ -26,7 +26,8 @@ from vlmrm_fast.callers import stacklevel_outside_package
 _warned = False
 _kept_out = False
 
-FIX = "import vlmrm_fast (or triton) before the first frame is rendered, e.g. `import vlmrm_fast` at the top of the script"
+FIX = ("import vlmrm_fast (or triton) before the first frame is rendered, e.g. `import vlmrm_fast` at the top of "
+       "the script")
 
 
 def mesa_llvm_loaded() -> bool:

@@ -192,7 +192,8 @@ def _run_score(args: argparse.Namespace) -> int:
     if to_stdout and args.plot == "":
         raise CLIError("--plot without a file name goes beside the CSV, which --out - sends to standard output: "
                        "give it one, --plot=FILE.png")
-    csv_path = None if to_stdout else output_file(args.out, default_csv_path(args.path))  # a folder: the default name inside it
+    # a folder: the default name inside it
+    csv_path = None if to_stdout else output_file(args.out, default_csv_path(args.path))
     plot_path = _plot_path(args.plot, csv_path or Path())
     _check_outputs(args.path, source, [p for p in (csv_path, plot_path) if p is not None])
     from vlmrm_fast.reward import CLIPReward

@@ -387,7 +387,8 @@ def markdown_table(rows: Sequence[Row]) -> str:
         disturbed = disturbed_stages(row)
         cells = [cell(row) + (UNSTEADY_MARK if name == "vs seed" and i in flagged else "")
                  + (STAGE_MARK if name in disturbed else "")
-                 + (FAST_PATH_OFF_MARK if name == "kernels" and row.fast_paths_off else "") for name, cell in TABLE_COLUMNS]
+                 + (FAST_PATH_OFF_MARK if name == "kernels" and row.fast_paths_off else "")
+                 for name, cell in TABLE_COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -507,9 +508,9 @@ def markdown_report(report: Report) -> str:
         ]
     if report.fast_paths_off:
         failed = "; ".join(f"{name} ({error})" for name, error in report.fast_paths_off.items())
-        lines += ["", f"{FAST_PATH_OFF_MARK.strip()} A fast path of the tower failed on this machine and turned itself off "
-                      f"for the rest of the run, so the rows marked timed the slower ops that stand in for it, in part "
-                      f"or whole: {failed}. Please report it."]
+        lines += ["", f"{FAST_PATH_OFF_MARK.strip()} A fast path of the tower failed on this machine and turned itself "
+                      f"off for the rest of the run, so the rows marked timed the slower ops that stand in for it, in "
+                      f"part or whole: {failed}. Please report it."]
     if report.targets:
         lines += ["", "## Targets", "", "| model | target | required | best measured | where | met |", "|---|---|---|---|---|---|"]
         for t in report.targets:

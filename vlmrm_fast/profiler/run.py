@@ -537,7 +537,8 @@ class Profiler:
             build_seconds=rm.vision_backend.build_seconds, setup_seconds=setup_seconds,
             build_cached=rm.vision_backend.build_cached,
         )
-        row.fast_paths_off = sorted(name for name, count in declined_calls().items() if count > declined_before.get(name, 0))
+        declined = declined_calls()
+        row.fast_paths_off = sorted(name for name, count in declined.items() if count > declined_before.get(name, 0))
         if "seed_end_to_end" in timings:
             row.seed_fps = n / timings["seed_end_to_end"].median_s
             row.speedup_vs_seed = row.end_to_end_fps / row.seed_fps
