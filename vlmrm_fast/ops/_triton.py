@@ -61,6 +61,20 @@ if HAS_TRITON:
             value = bits.to(tl.float32, bitcast=True)
         return value.to(out_ty)
 
+    @triton.jit
+    def load_row_tile(x_ptr, stride_row, n_rows, WIDTH: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+                      BLOCK_WIDTH: tl.constexpr):
+        """This program's BLOCK_ROWS whole rows of ``x`` [n_rows, WIDTH] (rows ``stride_row`` apart, each
+        contiguous), shared by the kernels that take rows: (the rows as float32 [BLOCK_ROWS, BLOCK_WIDTH],
+        0 outside them; their indices, int64; the column indices; which rows exist; which values exist)."""
+        rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+        cols = tl.arange(0, BLOCK_WIDTH)
+        row_ok = rows < n_rows
+        mask = row_ok[:, None] & (cols < WIDTH)[None, :]
+        rows = rows.to(tl.int64)  # rows x width passes 2**31 elements at ViT-bigG-14's larger batches
+        x = tl.load(x_ptr + rows[:, None] * stride_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        return x, rows, cols, row_ok, mask
+
 
 def rounds_bf16_by_hand(out_dtype: torch.dtype) -> bool:
     """The ``ROUND_BF16`` argument of :func:`to_output` for stores of ``out_dtype``: bfloat16 output

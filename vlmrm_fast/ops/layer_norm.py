@@ -32,7 +32,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from vlmrm_fast.ops._triton import to_output
+    from vlmrm_fast.ops._triton import load_row_tile, to_output
 
     @triton.jit
     def normalise_rows(x, mask, weight_ptr, bias_ptr, eps, WIDTH: tl.constexpr, BLOCK_ROWS: tl.constexpr,
@@ -67,11 +67,7 @@ if HAS_TRITON:
         ROUND_BF16: tl.constexpr,
     ):
         # One program: BLOCK_ROWS whole rows. The row width is a compile-time constant (one per model).
-        rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-        cols = tl.arange(0, BLOCK_WIDTH)
-        mask = (rows < n_rows)[:, None] & (cols < WIDTH)[None, :]
-        rows = rows.to(tl.int64)  # rows x width passes 2**31 elements at bigG batch 4096
-        x = tl.load(x_ptr + rows[:, None] * stride_x_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        x, rows, cols, _, mask = load_row_tile(x_ptr, stride_x_row, n_rows, WIDTH, BLOCK_ROWS, BLOCK_WIDTH)
         y = normalise_rows(x, mask, weight_ptr, bias_ptr, eps, WIDTH, BLOCK_ROWS, BLOCK_WIDTH)
         tl.store(out_ptr + rows[:, None] * WIDTH + cols[None, :], to_output(y, out_ptr.dtype.element_ty, ROUND_BF16),
                  mask=mask)

@@ -34,7 +34,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from vlmrm_fast.ops._triton import to_output
+    from vlmrm_fast.ops._triton import load_row_tile, to_output
     from vlmrm_fast.ops.layer_norm import normalise_rows
     from vlmrm_fast.ops.quantize_rows import quantize_tile
 
@@ -60,12 +60,7 @@ if HAS_TRITON:
     ):
         # One program: BLOCK_ROWS whole rows, read once and kept in registers for the add, both LayerNorm
         # passes and the quantisation.
-        rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-        cols = tl.arange(0, BLOCK_WIDTH)
-        row_ok = rows < n_rows
-        mask = row_ok[:, None] & (cols < WIDTH)[None, :]
-        rows = rows.to(tl.int64)  # rows x width passes 2**31 elements at ViT-bigG-14's batch 4096
-        x = tl.load(x_ptr + rows[:, None] * stride_x_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        x, rows, cols, row_ok, mask = load_row_tile(x_ptr, stride_x_row, n_rows, WIDTH, BLOCK_ROWS, BLOCK_WIDTH)
         if ADD:
             x += tl.load(add_ptr + rows[:, None] * stride_add_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             total = to_output(x, total_ptr.dtype.element_ty, ROUND_BF16)

@@ -57,6 +57,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    from vlmrm_fast.ops._triton import load_row_tile
     from vlmrm_fast.ops.quick_gelu import quick_gelu_f32
 
     @triton.jit
@@ -87,12 +88,7 @@ if HAS_TRITON:
         ROUND_BY_HAND: tl.constexpr,
     ):
         # One program: BLOCK_ROWS whole rows, each read once and kept in registers.
-        rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-        cols = tl.arange(0, BLOCK_WIDTH)
-        row_ok = rows < n_rows
-        mask = row_ok[:, None] & (cols < WIDTH)[None, :]
-        rows = rows.to(tl.int64)  # rows x width passes 2**31 elements (ViT-bigG-14's MLP at batch 1024)
-        x = tl.load(x_ptr + rows[:, None] * stride_x_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        x, rows, cols, row_ok, mask = load_row_tile(x_ptr, stride_x_row, n_rows, WIDTH, BLOCK_ROWS, BLOCK_WIDTH)
         if ACTIVATION == 1:  # torch's GELU formula and order; 0.7071... is 1 / sqrt(2) in float32; 0 where masked
             x = x * 0.5 * (1.0 + tl.math.erf(x * 0.7071067811865476))
         elif ACTIVATION == 2:
