@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Generator, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Optional, TypeVar
+from typing import TYPE_CHECKING, Callable, List, Optional, TypeVar
 
 import numpy as np
 from tqdm import tqdm
@@ -223,10 +223,10 @@ def _run_score(args: argparse.Namespace) -> int:
     if csv_path is None:
         sys.stdout.write(csv_text(rewards, labels, line_end="\n"))
         sys.stdout.flush()
-    written = [] if csv_path is None else [write_csv(csv_path, rewards, labels)]
+    written: List[object] = ["the CSV to standard output"] if csv_path is None else [write_csv(csv_path, rewards, labels)]
     if plot_path is not None:
         written.append(write_plot(plot_path, rewards, args.goal, args.baseline, args.alpha))
-    print(_summary(rewards, elapsed, written, to_stdout), file=sys.stderr if to_stdout else sys.stdout)
+    print(_summary(rewards, elapsed, written), file=sys.stderr if to_stdout else sys.stdout)
     return 0
 
 
@@ -391,12 +391,12 @@ def _quote_prompts(prompts: Sequence[str], width: int = 90) -> str:
     return textwrap.shorten(text, width=width, placeholder=" ...")
 
 
-def _summary(rewards: np.ndarray, elapsed: float, written: Sequence[Path], to_stdout: bool = False) -> str:
-    """One line: frame count, reward statistics, throughput, output files."""
+def _summary(rewards: np.ndarray, elapsed: float, written: Sequence[object]) -> str:
+    """One line: frame count, reward statistics, throughput, outputs (files, or where else they went)."""
     n = len(rewards)
     rate = n / elapsed if elapsed > 0 else float("inf")
     return (
         f"scored {n} frame{'' if n == 1 else 's'} in {elapsed:.2f} s ({rate:.1f} frames/s): reward mean "
         f"{np.mean(rewards):.4f}, min {np.min(rewards):.4f}, max {np.max(rewards):.4f}; "
-        f"wrote {', '.join(['the CSV to standard output'] * to_stdout + [str(p) for p in written])}"
+        f"wrote {', '.join(map(str, written))}"
     )

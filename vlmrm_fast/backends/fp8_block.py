@@ -31,7 +31,7 @@ from open_clip.transformer import ResidualAttentionBlock
 
 from vlmrm_fast.backends.base import SwappedModule, in_place_of, runs_forward_hooks, swap_modules
 from vlmrm_fast.backends.fast_path import FastPath
-from vlmrm_fast.backends.fp8_gelu_mlp import Float8GELUMLP, fused_activation, has_fusable_children
+from vlmrm_fast.backends.fp8_gelu_mlp import Float8GELUMLP, activated_projection
 from vlmrm_fast.backends.gelu_epilogue import GELUEpilogueMLP
 from vlmrm_fast.backends.torch_fp8 import Float8Linear, SelfAttention, kernel_quantizes
 from vlmrm_fast.backends.triton_layer_norm import TritonLayerNorm, is_replaceable
@@ -82,11 +82,7 @@ class Float8Block(SwappedModule, ResidualAttentionBlock):
         _, q, scale = _normalised(q_x, self.ln_1)
         hidden = attn.out_proj(attn.attend(attn.in_proj.quantized_forward(q, scale), batch, tokens))
         x, q, scale = _normalised(q_x, self.ln_2, add=hidden)
-        hidden = mlp.c_fc.quantized_forward(q, scale)
-        if has_fusable_children(mlp) and not (runs_forward_hooks(mlp.gelu) or runs_forward_hooks(mlp.c_proj)):
-            activation = fused_activation(mlp.gelu)  # the GELU or QuickGELU in c_proj's quantisation
-            return x + mlp.c_proj.activated_forward(hidden, activation).view_as(x)
-        return x + mlp.c_proj(mlp.gelu(hidden)).view_as(x)  # another activation, or hooks on it or c_proj
+        return x + activated_projection(mlp, mlp.c_fc.quantized_forward(q, scale)).view_as(x)
 
     def _fuses(self, x: torch.Tensor) -> bool:
         """Whether this call of the block runs fused (module docstring)."""

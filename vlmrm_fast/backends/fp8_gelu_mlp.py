@@ -61,13 +61,24 @@ class Float8GELUMLP(SwappedModule, torch.nn.Sequential):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling() or torch.jit.is_tracing() or not has_fusable_children(self):
             return super().forward(x)
-        fc, gelu, proj = (self._modules[name] for name in CHILDREN)
-        assert isinstance(proj, Float8Linear)  # has_fusable_children's
-        hidden = fc(x)
-        rows = hidden.reshape(-1, proj.in_features)
-        if runs_forward_hooks(gelu) or runs_forward_hooks(proj) or not kernel_quantizes(rows):
-            return proj(gelu(hidden))
-        return proj.activated_forward(hidden, fused_activation(gelu))
+        fc = self._modules["c_fc"]
+        assert fc is not None
+        return activated_projection(self, fc(x))
+
+
+def activated_projection(mlp: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """``c_proj(gelu(hidden))`` of an open_clip MLP, ``hidden`` its ``c_fc``'s output [..., hidden]: the
+    activation in ``c_proj``'s input quantisation where the kernel applies it (:func:`fused_activation`, a
+    :class:`Float8Linear` ``c_proj``, the kernel quantising these rows) and no forward hook on the two would
+    be skipped; else the two called as the modules they are. Shared by :class:`Float8GELUMLP` and the fp8
+    blocks (:mod:`vlmrm_fast.backends.fp8_block`)."""
+    gelu, proj = mlp._modules["gelu"], mlp._modules["c_proj"]
+    assert gelu is not None and proj is not None
+    activation = fused_activation(gelu)
+    if activation is None or not isinstance(proj, Float8Linear) or runs_forward_hooks(gelu) \
+            or runs_forward_hooks(proj) or not kernel_quantizes(hidden.reshape(-1, proj.in_features)):
+        return proj(gelu(hidden))
+    return proj.activated_forward(hidden, activation)
 
 
 def fused_activation(module: object) -> Activation:

@@ -8,40 +8,39 @@ the normaliser above the reward wrapper.
 """
 from __future__ import annotations
 
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, cast
 
 import gymnasium as gym
 
-_NORMALISERS = (gym.wrappers.NormalizeReward, gym.wrappers.vector.NormalizeReward)
+try:
+    from stable_baselines3.common.vec_env import DummyVecEnv, VecEnvWrapper, VecNormalize
+
+    _SB3_VEC_WRAPPERS: tuple = (VecEnvWrapper,)
+    _SB3_IN_PROCESS: tuple = (DummyVecEnv,)
+    _SB3_NORMALISERS: tuple = (VecNormalize,)
+except ImportError:  # pragma: no cover - the SB3 wrapper cannot be made without it; gymnasium's can
+    _SB3_VEC_WRAPPERS = _SB3_IN_PROCESS = _SB3_NORMALISERS = ()
 
 
 def _chain(env: Any) -> Iterator[Any]:
     """``env``, the wrappers and envs under it, and the envs of an in-process vector env at its bottom."""
-    try:
-        from stable_baselines3.common.vec_env import DummyVecEnv, VecEnvWrapper
-    except ImportError:  # pragma: no cover - the SB3 wrapper cannot be made without it; gymnasium's can
-        DummyVecEnv = VecEnvWrapper = ()  # type: ignore[assignment,misc]
     while True:
         yield env
-        if isinstance(env, VecEnvWrapper):
+        if isinstance(env, _SB3_VEC_WRAPPERS):
             env = env.venv
         elif isinstance(env, (gym.Wrapper, gym.vector.VectorWrapper)):
             env = env.env
         else:
             break
-    if isinstance(env, (DummyVecEnv, gym.vector.SyncVectorEnv)):
-        for sub_env in env.envs:
+    if isinstance(env, (*_SB3_IN_PROCESS, gym.vector.SyncVectorEnv)):
+        for sub_env in cast(Any, env).envs:
             yield from _chain(sub_env)
 
 
 def _normalises_rewards(env: Any) -> bool:
-    if isinstance(env, _NORMALISERS):
+    if isinstance(env, (gym.wrappers.NormalizeReward, gym.wrappers.vector.NormalizeReward)):
         return True
-    try:
-        from stable_baselines3.common.vec_env import VecNormalize
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(env, VecNormalize) and bool(env.norm_reward)
+    return isinstance(env, _SB3_NORMALISERS) and bool(env.norm_reward)
 
 
 def reward_normaliser_below(env: Any) -> Optional[str]:
