@@ -1530,6 +1530,11 @@ def test_triton_is_kept_out_where_it_may_crash_and_has_nothing_to_run(monkeypatc
     with pytest.warns(UserWarning, match="keeps it out of this process: `import triton` fails from now on"):
         llvm_clash.guard_triton_load()
     assert llvm_clash.triton_kept_out() and sys.modules["triton"] is None
+    from vlmrm_fast import run_info
+
+    monkeypatch.setattr(run_info, "package_version", lambda *names: "3.9.0")
+    assert run_info.library_versions("triton", "onnx") == {  # figures must not credit a Triton that never ran
+        "triton": "3.9.0 (installed, kept out of this process: vlmrm_fast.llvm_clash)", "onnx": "3.9.0"}
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         llvm_clash.guard_triton_load()  # once

@@ -46,9 +46,19 @@ LIBRARY_DISTRIBUTIONS = {
 }
 
 
+#: Follows Triton's version where :mod:`vlmrm_fast.llvm_clash` kept it out of the process: installed, not run.
+TRITON_KEPT_OUT = " (installed, kept out of this process: vlmrm_fast.llvm_clash)"
+
+
 def library_versions(*libraries: str) -> Dict[str, str]:
-    """{library: installed version, or ""} for names of :data:`LIBRARY_DISTRIBUTIONS`, in that order."""
-    return {name: package_version(*LIBRARY_DISTRIBUTIONS[name]) for name in libraries}
+    """{library: installed version, or ""} for names of :data:`LIBRARY_DISTRIBUTIONS`, in that order;
+    Triton's marked with :data:`TRITON_KEPT_OUT` where it was installed but kept out of this process."""
+    from vlmrm_fast.llvm_clash import triton_kept_out
+
+    versions = {name: package_version(*LIBRARY_DISTRIBUTIONS[name]) for name in libraries}
+    if versions.get("triton") and triton_kept_out():
+        versions["triton"] += TRITON_KEPT_OUT
+    return versions
 
 
 #: Names the commit where the tree runs without its git folder (a copy sent to a GPU machine).
