@@ -108,6 +108,18 @@ def test_score_to_standard_output(image_folder: Path, tmp_path: Path, capsys: py
     assert plot.exists() and f"wrote the CSV to standard output, {plot}" in capsys.readouterr().err
 
 
+def test_score_to_a_pipe_its_reader_closed(image_folder: Path, monkeypatch, capsys) -> None:
+    # `vlmrm-fast score ... --out - | head -3`: head exits, the next write raises BrokenPipeError. A Unix
+    # tool ends quietly then, with the code a shell gives SIGPIPE (141), not an error message or a traceback.
+    class ClosedPipe(io.StringIO):
+        def write(self, text: str) -> int:
+            raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(sys, "stdout", ClosedPipe())
+    assert score([str(image_folder), "--goal", "a red square", "--out", "-", *TINY]) == 141
+    assert "Broken pipe" not in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("prompts,api", [
     (["--goal", "a red square"], dict(goal="a red square")),
     (["--goal", "a red square", "--goal", "a red box", "--baseline", "a square", "--alpha", "0.5"],

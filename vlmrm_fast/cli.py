@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import re
 import signal
 import sys
@@ -124,6 +125,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         with warnings.catch_warnings(), _library_messages_shown(args.command in SHOW_LIBRARY_MESSAGES):
             warnings.showwarning = _show_warning
             return args.handler(args)
+    except BrokenPipeError:  # the reader of stdout stopped (`score --out - | head`): quiet, as Unix tools are
+        _stdout_to_devnull()
+        return 128 + signal.SIGPIPE  # the code a shell gives a tool SIGPIPE ended
     except torch.cuda.OutOfMemoryError:
         _print_error(OUT_OF_MEMORY_FIX.get(args.command, "out of GPU memory; use a smaller --model"))
     except (CLIError, ValueError, TypeError, OSError, PretrainedWeightsError) as exc:
@@ -133,6 +137,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         _print_error(str(exc) if signum else "interrupted")
         return 128 + (signum or signal.SIGINT)  # the shell's codes: 130 for SIGINT, 143 for SIGTERM
     return 2
+
+
+def _stdout_to_devnull() -> None:
+    """Point stdout's file descriptor at /dev/null, so that Python's flush of stdout at exit does not fail on
+    the closed pipe again (and print "Exception ignored ... BrokenPipeError")."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # not a file (captured by a test, or replaced)
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
 
 
 @contextlib.contextmanager
