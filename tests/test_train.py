@@ -1451,6 +1451,47 @@ def test_resume_with_another_reward_setup_warns(tmp_path):
         train(other, resume=first.run_dir, reward_model=tiny_reward(other))
 
 
+def test_a_run_on_a_local_weights_file_resumes_from_any_folder(tmp_path, monkeypatch):
+    # A relative pretrained path is read from the working folder, and a requeued cluster job starts in
+    # another: the run saves the path absolute, and takes another path to the same bytes on resume.
+    import open_clip
+
+    from vlmrm_fast.train import train
+
+    start, elsewhere = tmp_path / "start", tmp_path / "elsewhere"
+    start.mkdir(), elsewhere.mkdir()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        torch.save(open_clip.create_model("vlmrm-tiny").state_dict(), start / "tiny.pt")
+    monkeypatch.chdir(start)
+    first = train(dot_config(tmp_path, total_timesteps=20, checkpoint_every=20, pretrained="tiny.pt"))
+    assert json.loads((first.run_dir / "config.json").read_text())["pretrained"] == str(start / "tiny.pt")
+    monkeypatch.chdir(elsewhere)
+    shutil.copy(start / "tiny.pt", elsewhere / "copy.pt")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(2)
+        torch.save(open_clip.create_model("vlmrm-tiny").state_dict(), elsewhere / "other.pt")
+    with pytest.raises(ValueError, match=r"pretrained: '.*start/tiny.pt' in the checkpoint, '.*elsewhere/other.pt' given"):
+        train(dot_config(tmp_path, total_timesteps=40, pretrained="other.pt"), resume=first.run_dir)
+    resumed = train(dot_config(tmp_path, total_timesteps=40, pretrained="copy.pt"), resume=first.run_dir)
+    assert resumed.num_timesteps == 40
+    saved = json.loads((first.run_dir / "config.json").read_text())
+    assert saved["pretrained"] == str(elsewhere / "copy.pt")  # where the run reads its weights now
+    import argparse
+
+    from vlmrm_fast.train.command import config_from_args
+
+    args = argparse.Namespace(set=[f"pretrained={start / 'tiny.pt'}"], preset=None, config=None, resume=first.run_dir,
+                              print_config=False, **{f"field_{k}": None for k in TrainConfig.__dataclass_fields__})
+    assert config_from_args(args)[0].pretrained == str(start / "tiny.pt")  # the command line's too
+    # Weights moved away from the saved path: not taken on trust, and the error says why and what to do.
+    (elsewhere / "copy.pt").rename(elsewhere / "moved.pt")
+    with pytest.raises(ValueError, match="weights file is not found from here: .*put the file"):
+        train(dot_config(tmp_path, total_timesteps=60, pretrained=str(start / "tiny.pt")), resume=first.run_dir)
+    with pytest.raises(FileNotFoundError, match="the run's weights file .* is not found from here"):
+        train(TrainConfig.from_dict({**saved, "total_timesteps": 60}), resume=first.run_dir)
+
+
 def test_resume_with_another_config_names_fields_and_fix(tmp_path):
     import argparse
 

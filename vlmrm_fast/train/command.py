@@ -63,6 +63,8 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, Optional[Pa
     # Of the fields a resumed run may change, those given (in the file or on the command line) change;
     # the others keep the run's own values, not a preset's or the defaults (total_timesteps above all).
     changed = RESUMABLE_FIELDS & (set(from_file) | set(overrides))
+    if "pretrained" in from_file or "pretrained" in overrides:
+        changed |= {"pretrained"}  # checked above: the same bytes at another path, where the run reads them now
     effective = dataclasses.replace(saved, **{k: getattr(given, k) for k in changed})
     return dataclasses.replace(effective, run_dir=str(run_dir)), run_dir
 

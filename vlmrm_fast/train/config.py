@@ -16,10 +16,12 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import difflib
+import filecmp
 import functools
 import importlib
 import json
 import math
+import os
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -418,9 +420,42 @@ def coerce(name: str, hint: Any, value: Any, source: str = "config") -> Any:
 
 
 def diff_configs(saved: TrainConfig, given: TrainConfig, ignore=RESUMABLE_FIELDS) -> list[tuple[str, Any, Any]]:
-    """``(field, saved value, given value)`` for each field that differs, outside ``ignore``."""
+    """``(field, saved value, given value)`` for each field that differs, outside ``ignore``; two paths to
+    the same weights (:func:`same_weights_file`) do not differ."""
     a, b = saved.to_dict(), given.to_dict()
-    return [(k, a[k], b[k]) for k in a if k not in ignore and a[k] != b[k]]
+    return [(k, a[k], b[k]) for k in a if k not in ignore and a[k] != b[k]
+            and not (k == "pretrained" and same_weights_file(a[k], b[k]))]
+
+
+def weights_file(model: str, pretrained: Optional[str]) -> Optional[Path]:
+    """The local checkpoint file ``pretrained`` names, absolute, as CLIPReward reads it (``~`` expanded,
+    relative to the working folder; an open_clip tag of ``model`` comes first); None for a tag, none, or a
+    path with no file."""
+    if not pretrained or not os.path.isfile(os.path.expanduser(pretrained)):
+        return None
+    import open_clip
+
+    if pretrained in open_clip.list_pretrained_tags_by_model(model):
+        return None
+    return Path(os.path.abspath(os.path.expanduser(pretrained)))
+
+
+def with_absolute_weights_path(config: TrainConfig) -> TrainConfig:
+    """``config`` with a local checkpoint path in ``pretrained`` made absolute, so that the saved config
+    names the same file wherever the run is resumed from (a cluster job's working folder changes)."""
+    path = weights_file(config.model, config.pretrained)
+    return config if path is None else dataclasses.replace(config, pretrained=str(path))
+
+
+def same_weights_file(a: Optional[str], b: Optional[str]) -> bool:
+    """Whether ``a`` and ``b`` are paths of one file, or of two files with the same bytes (weights copied
+    or linked elsewhere between a run and its resume)."""
+    if not a or not b:
+        return False
+    a, b = os.path.expanduser(a), os.path.expanduser(b)
+    if not (os.path.isfile(a) and os.path.isfile(b)):
+        return False
+    return os.path.samefile(a, b) or filecmp.cmp(a, b, shallow=False)
 
 
 def field_help() -> dict[str, str]:

@@ -40,6 +40,7 @@ from vlmrm_fast.train.config import (  # noqa: E402
     RESUMABLE_FIELDS,
     TrainConfig,
     diff_configs,
+    with_absolute_weights_path,
 )
 from vlmrm_fast.train.progress_csv import csv_name, drop_rows_logged_past  # noqa: E402
 from vlmrm_fast.train.run_lock import hold_run_folder, remove_unstarted_run  # noqa: E402
@@ -284,6 +285,10 @@ def train(config: TrainConfig, *, resume: Union[str, os.PathLike, None] = None, 
     """
     config.validate()
     _check_sac_device(config.sac_device)
+    config = with_absolute_weights_path(config)
+    if resume is not None and _missing_weights_file(config.pretrained):
+        raise FileNotFoundError(
+            f"the run's weights file {config.pretrained!r} is not found from here: {_MISSING_WEIGHTS_FIX}")
     start = time.perf_counter()
     # A resumed run lives on in its own folder, whatever config.run_dir says.
     run_dir = Path(resume) if resume is not None else Path(config.run_dir or default_run_dir())
@@ -548,12 +553,30 @@ def _names(folders: Sequence[Path]) -> str:
     return ", ".join(shown) + (f" and {len(folders) - 3} older" if len(folders) > 3 else "")
 
 
+_MISSING_WEIGHTS_FIX = ("a relative path is read from the working folder (runs started before vlmrm-fast saved "
+                       "it absolute), so resume from the folder the run started in, or put the file (or a link to "
+                       "it) back at that path: pretrained may name another path on resume only to the same bytes, "
+                       "checked against that file")
+
+
+def _missing_weights_file(pretrained: Optional[str]) -> bool:
+    """Whether ``pretrained`` names a checkpoint file (by its form, as CLIPReward tells one) that is not there."""
+    from vlmrm_fast.models import _CHECKPOINT_SUFFIXES
+
+    if not pretrained or not (os.sep in pretrained or pretrained.endswith(_CHECKPOINT_SUFFIXES)):
+        return False
+    return not os.path.isfile(os.path.expanduser(pretrained))
+
+
 def _check_resume_config(found: Path, config: TrainConfig) -> None:
-    """A checkpoint continues only under its own config (bar the fields that may change on resume)."""
+    """A checkpoint continues only under its own config (bar the fields that may change on resume; the
+    weights file by its bytes, not its path)."""
     saved = TrainConfig.from_dict(json.loads((found / "config.json").read_text()), f"checkpoint '{found}'")
     diffs = diff_configs(saved, config)
     if diffs:
         lines = "; ".join(f"{k}: {a!r} in the checkpoint, {b!r} given" for k, a, b in diffs)
+        if any(k == "pretrained" for k, _, _ in diffs) and _missing_weights_file(saved.pretrained):
+            lines += f" (the checkpoint's weights file is not found from here: {_MISSING_WEIGHTS_FIX})"
         raise ValueError(
             f"checkpoint '{found}' comes from another config ({lines}). Resume with the run's own config "
             f"(vlmrm-fast train --resume {shlex.quote(str(found.parent.parent))}, without --preset/--config or those overrides), or "
