@@ -2504,6 +2504,22 @@ def test_a_run_folder_is_held_by_one_holder_at_a_time(tmp_path):
         pass
 
 
+def test_resuming_a_run_folder_whose_run_has_no_checkpoint_yet_names_its_holder(tmp_path):
+    # A requeued job resumes while its first copy is still starting: "no checkpoints folder, start a new run"
+    # would be wrong advice (a new run there is refused too); the holder is named, as a new run's error does.
+    from vlmrm_fast.train import run_lock
+    from vlmrm_fast.train.run import _check_resume_folder
+
+    run_dir = tmp_path / "run"
+    with run_lock.hold_run_folder(run_dir):
+        with pytest.raises(run_lock.RunFolderBusy, match=rf"in use by another training process \(pid {os.getpid()} on "
+                                                         r".*not written its first checkpoint yet.*then --resume it"):
+            _check_resume_folder(run_dir)
+    assert run_lock.busy_holder(run_dir) is None  # the holder gone: the usual error
+    with pytest.raises(FileNotFoundError, match="no checkpoints folder"):
+        _check_resume_folder(run_dir)
+
+
 def test_a_lock_file_its_holder_removed_is_not_what_the_next_process_holds(tmp_path, monkeypatch):
     # Between a newcomer's open of .lock and its flock, the holder gives up a run whose set-up failed and
     # removes the folder. The newcomer's lock on the removed file would guard nothing: it must take a new one.

@@ -43,7 +43,7 @@ from vlmrm_fast.train.config import (  # noqa: E402
     with_absolute_weights_path,
 )
 from vlmrm_fast.train.progress_csv import csv_name, drop_rows_logged_past  # noqa: E402
-from vlmrm_fast.train.run_lock import hold_run_folder, remove_unstarted_run  # noqa: E402
+from vlmrm_fast.train.run_lock import RunFolderBusy, busy_holder, hold_run_folder, remove_unstarted_run  # noqa: E402
 
 RGB_FIX = 'render_mode="rgb_array"'
 
@@ -500,6 +500,12 @@ def _check_resume_folder(run_dir: Path) -> None:
                  else "resume the run folder that holds it in checkpoints/")
         raise FileNotFoundError(f"'{run_dir}' is a checkpoint folder: {where}")
     if not ckpt.checkpoint_root(run_dir).is_dir():  # not a run folder: refused before a lock file lands in it
+        holder = busy_holder(run_dir)
+        if holder is not None:  # a run started there has not written its first checkpoint yet
+            raise RunFolderBusy(
+                f"run folder '{run_dir}' is in use by another training process{holder}, which has not written its "
+                "first checkpoint yet: wait for it to end (SIGINT or SIGTERM make it checkpoint and stop), then "
+                "--resume it")
         run = next((parent for parent in list(folder.parents)[:2]  # RUN/tb, RUN/videos/x, RUN/checkpoints
                     if ckpt.checkpoint_root(parent).is_dir() and (parent / "config.json").is_file()), None)
         fix = (f"it is inside the run folder '{run}': --resume {shlex.quote(str(run))}" if run is not None

@@ -43,6 +43,25 @@ def _holder(path: Path) -> str:
     return f" ({text})" if text else ""
 
 
+def busy_holder(run_dir: os.PathLike) -> Optional[str]:
+    """Who holds ``run_dir``'s lock now (pid, host and start, as the lock file says; "" if it says nothing),
+    or None where no process does (or it cannot be told: no lock file, no flock)."""
+    path = Path(run_dir) / LOCK_NAME
+    if fcntl is None:  # pragma: no cover
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        return _holder(path) if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES) else None
+    finally:
+        os.close(fd)  # releases the lock if it was taken
+    return None
+
+
 @contextlib.contextmanager
 def hold_run_folder(run_dir: os.PathLike, *, warn_unlocked: bool = True) -> Iterator[None]:
     """Hold ``RUN_DIR/.lock`` for the duration of the block (creating ``run_dir`` if needed).
