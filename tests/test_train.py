@@ -1529,8 +1529,15 @@ def test_resume_with_another_config_names_fields_and_fix(tmp_path):
                   field_train_freq="10", field_gradient_steps="2", field_learning_starts="20", field_batch_size="16",
                   field_buffer_size="5000")
     args = argparse.Namespace(set=[], preset="smoke", config=None, resume=result.run_dir, print_config=False, **fields)
-    config, _ = config_from_args(args)
+    with pytest.warns(UserWarning, match=r"--preset smoke on --resume .* checkpoint_every=100, total_timesteps=300, "
+                                         r"video_height=64, video_width=64 do not change the run, which keeps its "
+                                         r"checkpoint_every=40, total_timesteps=40, video_height=32, video_width=32"):
+        config, _ = config_from_args(args)
     assert (config.total_timesteps, config.checkpoint_every, config.video_width) == (40, 40, 32)
+    args.set = ["total_timesteps=300", "checkpoint_every=40", "video_width=32", "video_height=32"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing of the preset's is left unapplied
+        assert config_from_args(args)[0].total_timesteps == 300
     # A config file changes what it sets, and only that.
     saved = json.loads((ckpt.find_latest(result.run_dir) / "config.json").read_text())
     for key in ("total_timesteps", "checkpoint_every"):

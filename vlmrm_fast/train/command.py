@@ -10,6 +10,7 @@ import json
 import shlex
 import sys
 import textwrap
+import warnings
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, Optional
@@ -66,6 +67,16 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, Optional[Pa
     if "pretrained" in from_file or "pretrained" in overrides:
         changed |= {"pretrained"}  # checked above: the same bytes at another path, where the run reads them now
     effective = dataclasses.replace(saved, **{k: getattr(given, k) for k in changed})
+    if args.preset:
+        kept = {k: (v, getattr(effective, k)) for k, v in PRESETS[args.preset].items()
+                if k in RESUMABLE_FIELDS - changed - {"run_dir"} and getattr(given, k) != getattr(effective, k)}
+        if kept:
+            warnings.warn(
+                f"--preset {args.preset} on --resume is checked against the run's config, and its "
+                + ", ".join(f"{k}={getattr(given, k)!r}" for k in sorted(kept))
+                + " do not change the run, which keeps its "
+                + ", ".join(f"{k}={now!r}" for k, (_, now) in sorted(kept.items()))
+                + ": give those as flags (--set KEY=VALUE) to change them", UserWarning, stacklevel=2)
     return dataclasses.replace(effective, run_dir=str(run_dir)), run_dir
 
 
