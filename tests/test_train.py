@@ -1638,6 +1638,11 @@ def test_config_file_and_overrides(tmp_path):
     with pytest.raises(ValueError, match=r"goal in overrides must be a list of quoted strings"):
         apply_overrides(config, parse_set(["goal=[a robot, a humanoid]"]))
     assert apply_overrides(config, parse_set(['goal=["a robot", "a humanoid"]'])).goal == ["a robot", "a humanoid"]
+    # none unsets the baseline, as it does other fields (not the prompt "none"): with alpha > 0, an error.
+    for given in (parse_set(["baseline=none"]), {"baseline": ["None"]}, {"baseline": "null"}):  # --set, --baseline, TOML
+        assert apply_overrides(config, {**given, "alpha": 0.0}).baseline == []
+        with pytest.raises(ValueError, match="alpha > 0 needs a baseline prompt"):
+            apply_overrides(config, given).validate()
     for bad, match in (("gamma=nan", "gamma"), ("tau=-3", "tau"), ("learning_rate=0", "learning_rate")):
         with pytest.raises(ValueError, match=match):
             apply_overrides(config, parse_set([bad])).validate()

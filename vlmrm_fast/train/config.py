@@ -78,7 +78,7 @@ class TrainConfig:
     model: str = _f("ViT-bigG-14", "open_clip model name (vlmrm-tiny: the tiny random model for tests)")
     pretrained: Optional[str] = _f("laion2b_s39b_b160k", "open_clip tag, a local checkpoint path, or none (random weights)")
     goal: list = _f(["a humanoid robot kneeling"], "goal prompt(s); several are averaged")
-    baseline: list = _f(["a humanoid robot"], "baseline prompt(s); several are averaged (used when alpha > 0)")
+    baseline: list = _f(["a humanoid robot"], "baseline prompt(s); several are averaged (used when alpha > 0; none: no baseline)")
     alpha: float = _f(0.0, "goal-baseline regularisation strength in [0, 1]")
     preprocess: str = _f("vlmrm", "frame preprocessing: vlmrm (the original's squash) or openclip")
     reward_mode: str = _f("replace", "replace: reward = VLM; add: env reward + weight * VLM; log: env reward, VLM only logged")
@@ -338,6 +338,9 @@ def coerce(name: str, hint: Any, value: Any, source: str = "config") -> Any:
         # An empty value is a slip (an unset shell variable, say), not "none": for pretrained, none means
         # random weights, which must be asked for by name.
         raise ValueError(f"{name} in {source} is empty: give a value" + (", or none" if optional else ""))
+    one = value[0] if isinstance(value, list) and len(value) == 1 else value  # --baseline none: ["none"]
+    if name == "baseline" and (one is None or isinstance(one, str) and one.lower() in ("none", "null")):
+        return []  # no baseline prompt, as none unsets other fields; not the prompt "none"
     if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null")):
         if optional:
             return None
