@@ -3117,6 +3117,36 @@ def test_the_progress_bar_counts_env_steps_and_a_resumed_run_starts_at_its_step(
     assert "40/60" in bar and "60/60" in bar and "20/60" not in bar
 
 
+def test_progress_is_a_bar_on_a_terminal_and_lines_in_a_log_file(monkeypatch):
+    # A cluster job's stderr is a file: a bar redrawn with \r there makes one line growing all run long.
+    import io
+
+    from tqdm import tqdm
+
+    from vlmrm_fast.train import progress_bar
+
+    log = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", log)
+    clock = iter(range(0, 1000, 25))  # each reading of the clock 25 s after the last
+    monkeypatch.setattr(progress_bar.time, "monotonic", lambda: float(next(clock)))
+    lines = progress_bar.progress_display(total=100, initial=20)
+    assert isinstance(lines, progress_bar.ProgressLines)
+    for _ in range(4):
+        lines.update(10)  # at 25, 50, 75, 100 s: a line once 60 s have passed since the last
+    lines.set_postfix(vlm_return="0.5")
+    lines.write("SIGTERM: checkpointing")
+    lines.close()
+    text = log.getvalue()
+    assert "\r" not in text
+    assert [line.split(" [")[0] for line in text.splitlines()] == [
+        "train:  20% 20/100", "train:  50% 50/100", "SIGTERM: checkpointing", "train:  60% 60/100"]
+    assert text.splitlines()[-1].endswith("/step, vlm_return=0.5]")
+    monkeypatch.setattr(log, "isatty", lambda: True, raising=False)
+    bar = progress_bar.progress_display(total=100, initial=20)
+    assert isinstance(bar, tqdm) and bar.n == 20
+    bar.close()
+
+
 def test_a_checkpoint_whose_model_and_meta_disagree_on_the_step_is_refused(tmp_path, one_checkpoint):
     # E.g. model.zip copied in from another checkpoint: resuming would misplace every schedule.
     from vlmrm_fast.train.run import _load_checkpoint, build_vec_env

@@ -32,13 +32,13 @@ import torch
 from numpy.typing import ArrayLike
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.type_aliases import TrainFreq, TrainFrequencyUnit
-from tqdm import tqdm
 
 from vlmrm_fast.atomic import replaced_when_written
 from vlmrm_fast.env_render import release_env_gl, render_env
 from vlmrm_fast.train import checkpoint as ckpt
 from vlmrm_fast.train.config import TrainConfig
 from vlmrm_fast.train.deferred import DeferredRewardRecorder, score_and_write_back
+from vlmrm_fast.train.progress_bar import progress_display
 from vlmrm_fast.wrappers.scoring import _rewards_of
 
 if TYPE_CHECKING:
@@ -160,8 +160,7 @@ class TrainingCallback(BaseCallback):
         self._trim_last_rollout(n)
         self._install_signal_handlers()
         if self.config.progress:
-            self._bar = tqdm(total=self.config.total_timesteps, initial=n, unit="step", dynamic_ncols=True,
-                             desc="train", smoothing=0.05)
+            self._bar = progress_display(self.config.total_timesteps, n)
 
     def _on_training_end(self) -> None:
         # The signal handlers stay until train() has written its final checkpoint (it restores them):

@@ -1,0 +1,59 @@
+"""The training progress display: tqdm's bar on a terminal; in a log file (a cluster job's stderr), the
+same text as a line every minute, since a bar redrawn with carriage returns makes one ever-growing line."""
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any, Optional, TextIO, Union
+
+from tqdm import tqdm
+
+#: Seconds between two lines of :class:`ProgressLines`.
+LINE_INTERVAL_S = 60.0
+
+
+class ProgressLines:
+    """What tqdm's bar says, as a whole line at the start, every ``interval`` seconds, and at the end.
+
+    Takes the calls the training callback makes of a tqdm bar: ``update``, ``set_postfix``, ``write``
+    and ``close``.
+    """
+
+    def __init__(self, total: int, initial: int = 0, desc: str = "train", unit: str = "step",
+                 interval: float = LINE_INTERVAL_S, file: Optional[TextIO] = None) -> None:
+        self.total, self.n, self._initial = total, initial, initial
+        self._desc, self._unit, self._interval = desc, unit, interval
+        self._file = file if file is not None else sys.stderr
+        self._postfix = ""
+        self._start = self._last = time.monotonic()
+        self._print()
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        if time.monotonic() - self._last >= self._interval:
+            self._print()
+
+    def set_postfix(self, refresh: bool = True, **values: Any) -> None:
+        self._postfix = ", ".join(f"{key}={value}" for key, value in values.items())
+
+    def write(self, message: str) -> None:
+        print(message, file=self._file, flush=True)
+
+    def close(self) -> None:
+        self._print()
+
+    def _print(self) -> None:
+        self._last = time.monotonic()
+        elapsed = self._last - self._start
+        rate = (self.n - self._initial) / elapsed if elapsed > 0 and self.n > self._initial else None
+        line = tqdm.format_meter(self.n, self.total, elapsed, ncols=0, prefix=self._desc, unit=self._unit,
+                                 rate=rate, postfix=self._postfix or None, initial=self._initial)
+        print(line, file=self._file, flush=True)
+
+
+def progress_display(total: int, initial: int) -> Union[tqdm, ProgressLines]:
+    """A tqdm bar of env steps where stderr is a terminal, else :class:`ProgressLines`."""
+    isatty = getattr(sys.stderr, "isatty", None)
+    if isatty is not None and isatty():
+        return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, desc="train", smoothing=0.05)
+    return ProgressLines(total, initial)
