@@ -1400,8 +1400,9 @@ def test_summary_counts_this_sessions_steps(tmp_path, capsys):
         return capsys.readouterr().out
 
     assert "trained 20 steps, to step 60, in " in resume(60)
-    out = resume(60)
-    assert "already at step 60" in out and "--total-timesteps N" in out and "steps/s" not in out
+    out = resume(50)
+    assert "already at step 60, at or past total_timesteps (50)" in out and "--total-timesteps N (N > 60)" in out
+    assert "steps/s" not in out
     # A session with nothing to train leaves no empty progress-from-60.csv beside the sessions' CSVs.
     assert sorted(p.name for p in (first.run_dir / "tb").glob("*.csv")) == ["progress-from-40.csv", "progress.csv"]
 

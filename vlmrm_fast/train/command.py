@@ -93,13 +93,14 @@ def run_train_command(args: argparse.Namespace) -> int:
               f"vlmrm-fast train --resume {shlex.quote(str(result.run_dir))}", file=sys.stderr)
         return 130 if result.stopped_by == "SIGINT" else 143
     if result.evaluated_only:
-        print(f"{result.run_dir} is at step {result.num_timesteps} (total_timesteps); its final evaluation, missed "
+        print(f"{result.run_dir} is at step {result.num_timesteps}, its total_timesteps; its final evaluation, missed "
               f"earlier, is done and in {where}. Continue it with: vlmrm-fast train --resume "
-              f"{shlex.quote(str(result.run_dir))} --total-timesteps N")
+              f"{shlex.quote(str(result.run_dir))} --total-timesteps N (N > {result.num_timesteps})")
         return 0
     if result.steps_this_session == 0:
-        print(f"{result.run_dir} is already at step {result.num_timesteps} (total_timesteps); nothing to train. "
-              f"Continue it with: vlmrm-fast train --resume {shlex.quote(str(result.run_dir))} --total-timesteps N")
+        print(f"{result.run_dir} is already at step {result.num_timesteps}, at or past total_timesteps "
+              f"({config.total_timesteps}); nothing to train. Continue it with: vlmrm-fast train --resume "
+              f"{shlex.quote(str(result.run_dir))} --total-timesteps N (N > {result.num_timesteps})")
         return 0
     rate = result.steps_this_session / max(result.learn_seconds, 1e-9)
     print(f"trained {result.steps_this_session} steps, to step {result.num_timesteps}, in {result.learn_seconds:.1f} s "
