@@ -55,7 +55,7 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda if available, else cpu)")
     p.add_argument("--repeats", type=positive_int, metavar="N",
                    help="timed calls per stage; the median is reported (default: CPU 3, CUDA 20)")
-    p.add_argument("--warmup", type=positive_int, metavar="N", help="untimed calls first (default: CPU 1, CUDA 3)")
+    p.add_argument("--warmup", type=positive_int, metavar="N", help="untimed calls first, at least 1 (the first call builds and compiles; default: CPU 1, CUDA 3)")
     p.add_argument("--time-budget", type=float, default=10.0, metavar="S",
                    help="stop repeating a stage after S seconds of timed calls, once 3 are done (default: %(default)s)")
     p.add_argument("--compile-mode", choices=COMPILE_MODES, metavar="MODE",
