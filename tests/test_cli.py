@@ -527,6 +527,22 @@ def test_summary_reports_min_and_max() -> None:
     assert score_command._summary(np.array([0.5], np.float32), 0.5, [Path("r.csv")]).startswith("scored 1 frame in ")
 
 
+def test_summary_gives_the_rate_after_a_first_batch_that_warmed_up(monkeypatch) -> None:
+    # score --backend compile compiles in its first call: 17 s for 12 frames read as 0.7 frames/s.
+    rewards = np.zeros(12, np.float32)
+    line = score_command._summary(rewards, 10.0, [Path("r.csv")], first_call=(4, 9.0))
+    assert "(1.2 frames/s; the first batch took 9.00 s (compiling, building kernels, warming up), then 8.0 " in line
+    for plain in ((4, 10.0 * 4 / 12), (12, 9.0), None):  # no slower than the rest; one batch; not timed
+        assert "first batch" not in score_command._summary(rewards, 10.0, [Path("r.csv")], first_call=plain)
+    calls = []
+    timer = score_command._FirstCallTimer(lambda frames: calls.append(len(frames)) or torch.zeros(len(frames)))
+    clock = iter([1.0, 3.5])
+    monkeypatch.setattr(score_command.time, "perf_counter", lambda: next(clock))
+    timer(np.zeros((5, 2, 2, 3), np.uint8))
+    timer(np.zeros((3, 2, 2, 3), np.uint8))
+    assert calls == [5, 3] and timer.timing() == (5, 2.5)  # the first call's frames and seconds only
+
+
 @pytest.mark.parametrize("flags,noted", [
     (["--baseline", "a shape"], True),                      # the baseline given, alpha left at 0: unused
     (["--baseline", "a shape", "--alpha", "0.5"], False),

@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Generator, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, List, Optional, TypeVar
+from typing import TYPE_CHECKING, Callable, List, Optional, Tuple, TypeVar
 
 import numpy as np
 from tqdm import tqdm
@@ -217,8 +217,9 @@ def _run_score(args: argparse.Namespace) -> int:
     if args.baseline and args.alpha == 0:
         print("note: --baseline is unused at --alpha 0 (the default: cosine similarity to the goal); give --alpha "
               "in (0, 1] to use it", file=sys.stderr)
+    first_call = _FirstCallTimer(rm)
     start = time.perf_counter()
-    rewards, labels = score_frames(rm, source, rm.max_batch_size, progress=not args.no_progress)
+    rewards, labels = score_frames(first_call, source, rm.max_batch_size, progress=not args.no_progress)
     elapsed = time.perf_counter() - start
     if csv_path is None:
         sys.stdout.write(csv_text(rewards, labels, line_end="\n"))
@@ -226,8 +227,30 @@ def _run_score(args: argparse.Namespace) -> int:
     written: List[object] = ["the CSV to standard output"] if csv_path is None else [write_csv(csv_path, rewards, labels)]
     if plot_path is not None:
         written.append(write_plot(plot_path, rewards, args.goal, args.baseline, args.alpha))
-    print(_summary(rewards, elapsed, written), file=sys.stderr if to_stdout else sys.stdout)
+    print(_summary(rewards, elapsed, written, first_call.timing()), file=sys.stderr if to_stdout else sys.stdout)
     return 0
+
+
+class _FirstCallTimer:
+    """``rm`` that times its first call apart (where torch.compile compiles, Triton kernels build and the
+    backend warms up), so that the summary does not pass that off as the scoring rate."""
+
+    def __init__(self, rm: Callable[[np.ndarray], torch.Tensor]) -> None:
+        self._rm = rm
+        self._first: Optional[Tuple[int, float]] = None
+
+    def __call__(self, frames: np.ndarray) -> torch.Tensor:
+        if self._first is not None:
+            return self._rm(frames)
+        start = time.perf_counter()
+        rewards = self._rm(frames)
+        rewards = rewards.detach().float().cpu()  # what score_frames does next: the call's work is done here
+        self._first = (len(frames), time.perf_counter() - start)
+        return rewards
+
+    def timing(self) -> Optional[Tuple[int, float]]:
+        """(frames, seconds) of the first call, or None before it."""
+        return self._first
 
 
 def _check_outputs(path: Path, source, outputs: Sequence[Path]) -> None:
@@ -391,12 +414,25 @@ def _quote_prompts(prompts: Sequence[str], width: int = 90) -> str:
     return textwrap.shorten(text, width=width, placeholder=" ...")
 
 
-def _summary(rewards: np.ndarray, elapsed: float, written: Sequence[object]) -> str:
-    """One line: frame count, reward statistics, throughput, outputs (files, or where else they went)."""
+#: A first call this many times slower per frame than the rest is a warm-up (a compile, a kernel build): the
+#: summary gives the rate after it.
+WARM_UP_FACTOR = 3.0
+
+
+def _summary(rewards: np.ndarray, elapsed: float, written: Sequence[object],
+             first_call: Optional[Tuple[int, float]] = None) -> str:
+    """One line: frame count, reward statistics, throughput (and the rate after the first call, where that
+    call was a warm-up, ``first_call`` its (frames, seconds)), outputs (files, or where else they went)."""
     n = len(rewards)
     rate = n / elapsed if elapsed > 0 else float("inf")
+    rates = f"{rate:.1f} frames/s"
+    if first_call is not None and n > first_call[0] and elapsed > first_call[1] > 0:
+        (warm_frames, warm_s), rest = first_call, (n - first_call[0], elapsed - first_call[1])
+        if warm_s / warm_frames > WARM_UP_FACTOR * rest[1] / rest[0]:
+            rates += (f"; the first batch took {warm_s:.2f} s (compiling, building kernels, warming up), then "
+                      f"{rest[0] / rest[1]:.1f} frames/s")
     return (
-        f"scored {n} frame{'' if n == 1 else 's'} in {elapsed:.2f} s ({rate:.1f} frames/s): reward mean "
+        f"scored {n} frame{'' if n == 1 else 's'} in {elapsed:.2f} s ({rates}): reward mean "
         f"{np.mean(rewards):.4f}, min {np.min(rewards):.4f}, max {np.max(rewards):.4f}; "
         f"wrote {', '.join(map(str, written))}"
     )
