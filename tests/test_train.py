@@ -2141,25 +2141,30 @@ def test_a_crash_while_overwriting_a_checkpoint_of_the_same_step_keeps_it(one_ch
 
 
 def test_every_checkpoint_file_reaches_the_disk_before_the_checkpoint_is_renamed_into_place(one_checkpoint, monkeypatch):
+    # os.fsync itself is watched, not the helper around it: a helper that stopped flushing would pass.
     result, _ = one_checkpoint
     events = []
-    real_fsync, real_rename = ckpt._fsync_file, os.rename
+    real_fsync, real_rename = os.fsync, os.rename
 
-    def fsync(path):
-        events.append(("fsync", Path(path).name))
-        return real_fsync(path)
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
 
     def rename(src, dst):
-        events.append(("rename", Path(src).name))
+        events.append(("rename", str(src), str(dst)))
         return real_rename(src, dst)
 
-    monkeypatch.setattr(ckpt, "_fsync_file", fsync)
+    monkeypatch.setattr(ckpt.os, "fsync", fsync)
     monkeypatch.setattr(os, "rename", rename)
     result.model.num_timesteps += 2
-    ckpt.save_checkpoint(result.run_dir, result.model, "{}", {})
-    into_place = next(i for i, e in enumerate(events) if e[0] == "rename" and e[1].startswith(".tmp-"))
-    synced = {name for kind, name in events[:into_place] if kind == "fsync"}
-    assert synced >= {*ckpt.FILES, "meta.json"}
+    final = ckpt.save_checkpoint(result.run_dir, result.model, "{}", {})
+    into_place = next(i for i, e in enumerate(events) if e[0] == "rename" and Path(e[2]) == final)
+    tmp = Path(events[into_place][1])
+    tmp = tmp.parent.resolve() / tmp.name  # as /proc names it: through no link
+    synced = {path for kind, path, *_ in events[:into_place] if kind == "fsync"}
+    written = sorted(p.name for p in final.iterdir())
+    assert written == sorted([*ckpt.FILES, "meta.json"])
+    assert {str(tmp / name) for name in written} <= synced, (written, synced)
 
 
 def test_without_env_state_the_policy_starts_from_the_reset_observations(tmp_path, monkeypatch):
