@@ -401,6 +401,33 @@ def test_resume_continues_exactly(tmp_path, uninterrupted_runs):
     _assert_same_run(resumed, uninterrupted_runs(10))
 
 
+def test_resume_of_a_replay_buffer_that_wrapped_continues_exactly(tmp_path):
+    # buffer_size 50: 25 rows per env, wrapped at step 50 and again mid-rollout; the checkpoint at 80
+    # holds a full buffer (pos 15). Loaded as not full, SAC would sample only rows [0, pos).
+    from vlmrm_fast.train import train
+
+    def config(path, total):
+        return dot_config(path, total_timesteps=total, buffer_size=50)
+
+    full = train(config(tmp_path / "full", 100), reward_model=tiny_reward(config(tmp_path, 100)))
+    first = train(config(tmp_path, 80), reward_model=tiny_reward(config(tmp_path, 80)))
+    saved = load_buffer(first.checkpoint)
+    assert saved.full and saved.pos == 15
+    nothing_left = train(config(tmp_path, 80), resume=first.run_dir, reward_model=tiny_reward(config(tmp_path, 80)))
+    loaded = nothing_left.model.replay_buffer
+    assert (loaded.full, loaded.pos) == (saved.full, saved.pos)
+    for name in ("observations", "next_observations", "actions", "rewards", "dones"):
+        np.testing.assert_array_equal(getattr(loaded, name), getattr(saved, name), err_msg=name)
+    resumed = train(config(tmp_path, 100), resume=first.run_dir, reward_model=tiny_reward(config(tmp_path, 100)))
+    a, b = full.model.replay_buffer, resumed.model.replay_buffer
+    assert a.full and b.full and a.pos == b.pos
+    for name in ("observations", "actions", "rewards", "dones"):
+        np.testing.assert_array_equal(getattr(b, name), getattr(a, name), err_msg=name)
+    pa, pb = full.model.policy.state_dict(), resumed.model.policy.state_dict()
+    for key in pa:
+        torch.testing.assert_close(pa[key], pb[key], rtol=0, atol=0, msg=key)
+
+
 # 2 envs: with train_freq 10, rollouts end at 20, 40, 60, ... timesteps; 54 is mid-rollout, 60 a
 # rollout's last step (its gradient steps not yet run), 100 the run's last step. With train_freq 1
 # every step is a rollout's last.
