@@ -2479,6 +2479,27 @@ def test_checkpoints_are_ordered_by_step_and_only_the_newest_kept(one_checkpoint
     assert ckpt.is_complete(behind) and ckpt.is_complete(written[1000]) and not written[100].exists()
 
 
+def test_pruning_counts_only_complete_checkpoints_and_leaves_incomplete_ones_alone(one_checkpoint):
+    # An incomplete folder (a copy cut short) is no checkpoint to keep: counted, it would push a complete
+    # one out. Nor does pruning delete it: as with a damaged checkpoint set aside, that is left to the user.
+    result, first = one_checkpoint  # step 40
+    root, model = first.parent, result.model
+    cut_short = []
+    for step in (20, 50):  # one older than every complete checkpoint, one between two
+        shutil.copytree(first, root / ckpt.step_name(step))
+        with open(root / ckpt.step_name(step) / "model.zip", "r+b") as f:
+            f.truncate(10)
+        cut_short.append(root / ckpt.step_name(step))
+    model.num_timesteps = 60
+    newest = ckpt.save_checkpoint(result.run_dir, model, "{}", {}, keep=2)
+    assert ckpt.is_complete(first) and ckpt.is_complete(newest)
+    assert all(path.is_dir() and not ckpt.is_complete(path) for path in cut_short)
+    model.num_timesteps = 80
+    newer = ckpt.save_checkpoint(result.run_dir, model, "{}", {}, keep=2)
+    assert not first.exists() and ckpt.is_complete(newest) and ckpt.is_complete(newer)
+    assert all(path.is_dir() for path in cut_short)
+
+
 def test_a_checkpoint_whose_meta_lists_fewer_files_or_whose_file_grew_is_incomplete(tmp_path, one_checkpoint):
     _, path = one_checkpoint
     meta = ckpt.read_meta(path)
