@@ -2125,6 +2125,18 @@ def test_resume_of_a_checkpoint_folder_names_its_run_folder_and_leaves_no_lock_i
         train(dataclasses.replace(config, run_dir=str(tmp_path / "a-file")), reward_model=tiny_reward(config))
 
 
+def test_a_resume_refused_for_another_config_leaves_the_runs_config_json_as_it_was(tmp_path, one_checkpoint):
+    # The run's config.json is the config it runs under: a refused resume must not put the other one there.
+    from vlmrm_fast.train import train
+
+    result, _ = one_checkpoint
+    before = (result.run_dir / "config.json").read_bytes()
+    other = dot_config(tmp_path, total_timesteps=80, n_envs=3)
+    with pytest.raises(ValueError, match="n_envs: 2 in the checkpoint, 3 given"):
+        train(other, resume=result.run_dir, reward_model=tiny_reward(other))
+    assert (result.run_dir / "config.json").read_bytes() == before
+
+
 def test_resume_of_a_folder_that_is_no_run_folder_leaves_no_lock_and_names_the_run_folder_it_is_in(
         tmp_path, one_checkpoint):
     # The lock was taken before the folder was refused: an empty folder, RUN/tb or RUN/checkpoints given
