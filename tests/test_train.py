@@ -2125,6 +2125,20 @@ def test_resume_of_a_checkpoint_folder_names_its_run_folder_and_leaves_no_lock_i
         train(dataclasses.replace(config, run_dir=str(tmp_path / "a-file")), reward_model=tiny_reward(config))
 
 
+def test_a_checkpoint_folder_moved_out_of_its_run_is_named_a_checkpoint_folder_when_resumed(tmp_path, one_checkpoint):
+    # Outside checkpoints/ its name says nothing, but its meta.json does: named as such, no lock left in it.
+    from vlmrm_fast.train import train
+
+    _, path = one_checkpoint
+    moved = tmp_path / "kept"
+    shutil.copytree(path, moved)
+    config = dot_config(tmp_path, total_timesteps=60)
+    with pytest.raises(FileNotFoundError, match=f"^'{re.escape(str(moved))}' is a checkpoint folder: resume the run "
+                                                "folder that holds it in checkpoints/$"):
+        train(config, resume=moved, reward_model=tiny_reward(config))
+    assert sorted(p.name for p in moved.iterdir()) == sorted(p.name for p in path.iterdir())
+
+
 def test_a_resume_refused_for_another_config_leaves_the_runs_config_json_as_it_was(tmp_path, one_checkpoint):
     # The run's config.json is the config it runs under: a refused resume must not put the other one there.
     from vlmrm_fast.train import train
