@@ -2584,6 +2584,32 @@ def test_env_state_of_other_envs_is_reported_not_restored():
     assert ckpt.set_env_state(venv(lambda: gym.make("Hopper-v5")), ckpt.env_state(pendulum)) is False
 
 
+def test_the_simulator_data_of_another_model_of_the_same_data_size_is_not_restored():
+    # mj_copyData refuses only data buffers of another size: a second motor fits the same buffer, and
+    # would be copied in (its ctrl and actuator rows read as this model's) unless the sizes are compared.
+    import pickle
+
+    import mujoco
+
+    def model(motors: int):
+        motor = '<motor joint="j"/>'
+        return mujoco.MjModel.from_xml_string(
+            '<mujoco><worldbody><body><joint name="j" type="hinge"/><geom size=".1"/></body></worldbody>'
+            f'<actuator>{motor * motors}</actuator></mujoco>')
+
+    one, two = model(1), model(2)
+    saved = mujoco.MjData(two)
+    saved.qpos[:], saved.ctrl[:] = 0.3, (0.5, -0.5)
+    data = mujoco.MjData(one)
+    assert data.nbuffer == saved.nbuffer, "the premise: a copy mj_copyData takes (this MuJoCo pads otherwise)"
+    assert ckpt._restore_mjdata(mujoco, one, data, pickle.dumps(saved)) is False
+    assert data.qpos[0] == 0 and data.ctrl[0] == 0
+    same = mujoco.MjData(one)
+    same.qpos[:], same.ctrl[:] = 0.3, 0.5
+    assert ckpt._restore_mjdata(mujoco, one, data, pickle.dumps(same)) is True
+    assert data.qpos[0] == 0.3 and data.ctrl[0] == 0.5
+
+
 def test_a_run_folder_is_held_by_one_holder_at_a_time(tmp_path):
     from vlmrm_fast.train import run_lock
 
