@@ -2541,6 +2541,31 @@ def test_a_checkpoint_whose_meta_lists_fewer_files_or_whose_file_grew_is_incompl
     assert not ckpt.is_complete(grown)
 
 
+def test_a_crash_while_latest_is_written_leaves_the_old_pointer(tmp_path, monkeypatch):
+    # The disk fills half-way through the write: the old name stays under ``latest``, not half the new one.
+    import errno
+
+    root = tmp_path / "checkpoints"
+    root.mkdir()
+    (root / "latest").write_text(ckpt.step_name(40) + "\n")
+    real_write_bytes = Path.write_bytes
+
+    def half_then_full(self, data):
+        data = data.encode() if isinstance(data, str) else data
+        real_write_bytes(self, data[:len(data) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device (simulated)")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Path, "write_bytes", half_then_full)
+        patch.setattr(Path, "write_text", half_then_full)
+        with pytest.raises(OSError, match="simulated"):
+            ckpt._write_latest(root, ckpt.step_name(60))
+    assert sorted(p.name for p in root.iterdir()) == ["latest"]
+    assert (root / "latest").read_text() == ckpt.step_name(40) + "\n"
+    ckpt._write_latest(root, ckpt.step_name(60))
+    assert (root / "latest").read_text() == ckpt.step_name(60) + "\n"
+
+
 def test_a_stale_pointer_to_a_complete_checkpoint_is_no_warning(one_checkpoint):
     result, path = one_checkpoint
     result.model.num_timesteps = 60
