@@ -517,6 +517,12 @@ def test_kernel_profiles_take_the_best_peak_measured():
     profile.wall_ms = 200.0
     assert profile.whole_ms == 255.0 and profile.idle_ms == 0.0
     assert "| 200 (78%) | 25 (10%) | 30 (12%) | 0 (0%) | 0 (0%) | 0 (0%) |" in "\n".join(markdown_kernel_profiles([profile]))
+    assert not profile.disturbed and "Disturbed" not in "\n".join(markdown_kernel_profiles([profile]))
+    # Profiled while other work took the cores (seen on a loaded 2-core machine: 121 ms of ops a call, 1.73 ms wall).
+    profile.wall_ms = 100.0
+    assert profile.disturbed and profile.as_json()["disturbed"] is True
+    assert ("Disturbed: the profiled calls of ViT-B-32 torch bf16 at batch 1024 took 3x the timed ones (255 ms of ops "
+            "a call against 100 ms wall)") in "\n".join(markdown_kernel_profiles([profile]))
 
 
 def test_unknown_model_fails_before_any_work(tmp_path, capsys):

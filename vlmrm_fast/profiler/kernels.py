@@ -42,6 +42,10 @@ templates (triton_tem_) are matmuls like any other."""
 _LAYOUT_OPS = {"", "to", "copy", "view", "clone", "cat", "permute", "transpose", "t", "expand", "unsqueeze", "squeeze",
                "select", "slice", "reshape", "contiguous", "unsafe", "split", "with", "sizes", "stack"}
 TOP_KERNELS = 8
+DISTURBED_FACTOR = 2.0
+"""A profile whose ops sum to more than this many times the tower's unprofiled wall time is marked disturbed
+(:attr:`TowerProfile.disturbed`): a loaded 2-core machine gave 121 ms of matmul a call against 1.73 ms wall;
+idle, the sum is within 10% of the wall."""
 """Kernels listed per configuration in bench.md (bench.json keeps all of them)."""
 
 
@@ -116,6 +120,13 @@ class TowerProfile:
         return max(self.wall_ms, self.busy_ms)
 
     @property
+    def disturbed(self) -> bool:
+        """Whether the profiled calls ran far slower than the timed ones (their ops' sum over
+        :data:`DISTURBED_FACTOR` times the wall time): other work took the cores while profiling (a profiler's
+        own overhead on CPU is tens of percent), so the times say more about the machine than the tower."""
+        return self.busy_ms > DISTURBED_FACTOR * self.wall_ms
+
+    @property
     def ceiling_ms(self) -> Optional[float]:
         """The tower's FLOPs at the measured matmul peak (GFLOP / (TFLOP/s) = ms)."""
         return self.gflops_per_image * self.batch / self.peak_tflops if self.peak_tflops else None
@@ -133,7 +144,7 @@ class TowerProfile:
             "model": self.model, "backend": self.backend, "dtype": self.dtype, "package_kernels": self.package_kernels,
             "batch": self.batch, "source": self.source, "calls": self.calls, "wall_ms": self.wall_ms, "busy_ms": self.busy_ms,
             "idle_ms": self.idle_ms, "by_kind_ms": self.by_kind, "ceiling_ms": self.ceiling_ms,
-            "gflops_per_image": self.gflops_per_image, "peak_tflops": self.peak_tflops,
+            "gflops_per_image": self.gflops_per_image, "peak_tflops": self.peak_tflops, "disturbed": self.disturbed,
             "matmul_attention_tflops": self.matmul_tflops,
             "kernels": [vars(k) for k in self.kernels],
         }
@@ -248,6 +259,12 @@ def markdown_kernel_profiles(profiles: Sequence[TowerProfile]) -> List[str]:
             + " | ".join(_share(kinds[k], p.whole_ms) for k in KINDS)
             + f" | {_share(p.idle_ms, p.whole_ms)} | {_ms(p.matmul_tflops)} |"
         )
+    for p in profiles:
+        if p.disturbed:
+            lines += ["", f"Disturbed: the profiled calls of {p.model} {p.backend} {p.dtype} at batch {p.batch} took "
+                      f"{p.busy_ms / p.wall_ms:.0f}x the timed ones ({_ms(p.busy_ms)} ms of ops a call against "
+                      f"{_ms(p.wall_ms)} ms wall): other work took the cores while profiling, so its times and shares "
+                      "are of a slowed run. Profile again on an idle machine."]
     for p in profiles:
         what = "kernels" if p.source.startswith("cuda") else "ops"
         lines += ["", f"{p.model} {p.backend} {p.dtype}, kernels {p.package_kernels}, batch {p.batch}: the costliest "
