@@ -452,7 +452,9 @@ def markdown_report(report: Report) -> str:
         + " TFLOP/s = tower GFLOP/img x tower frames/s; 'of peak' against the matmul peak in that dtype ("
         + ("fp16 for the seed on CUDA; " if seeded else "")
         + "for fp8 rows the fp8 peak, though their attention and patch embedding run in bf16). 'build s' (export, "
-        "compile, engine build) is not in any frames/s. 'reward err' is the largest difference between the row's "
+        "compile, engine build) is not in any frames/s. 'score' is rm.score: the rewards and its checks of the "
+        "input and of the rewards' finiteness (one sync), which the seed does not run; at small batches on CPU "
+        "those checks cost more than the arithmetic, so the seed's score can be faster there. 'reward err' is the largest difference between the row's "
         f"rewards and the float32 eager path's, on the same model and {_first_frames(checked)}, in one batch (random "
         "weights: a guide, not a guarantee for a pretrained checkpoint). On CPU each stage"
         + (", and each switch between the seed and the pipeline timed with it," if seeded else "")
