@@ -69,6 +69,23 @@ def test_checkpoint_of_another_architecture(tmp_path):
         create_clip("vlmrm-tiny", str(path))
 
 
+def test_checkpoint_of_another_vit_names_its_shape_and_the_configs_it_fits(tmp_path):
+    # A ViT-S-32 or ViT-B-32 state_dict passed with the wrong model name: the strict load's list of unexpected
+    # keys (cut off at 600 characters) said nothing of which model the file is for.
+    shapes = {k: v.shape for k, v in open_clip.create_model("ViT-S-32").state_dict().items()}
+    torch.save({k: torch.zeros(()).expand(shape) for k, shape in shapes.items()}, tmp_path / "s32.pt")  # bytes, not MB
+    with pytest.raises(PretrainedWeightsError) as error:
+        create_clip("vlmrm-tiny", str(tmp_path / "s32.pt"))
+    assert str(error.value) == (
+        f"The checkpoint {str(tmp_path / 's32.pt')!r} does not load into vlmrm-tiny: it holds a vision tower of width "
+        "384, 12 layers, 32 px patches, 224 px input, 384-d embeddings, and vlmrm-tiny's has width 64, 2 layers, 32 "
+        "px patches, 224 px input, 32-d embeddings. It fits ViT-S-32: pass that model name.")
+    del shapes["token_embedding.weight"]  # another text tower: no config named
+    torch.save({k: torch.zeros(()).expand(shape) for k, shape in shapes.items()}, tmp_path / "s32.pt")
+    with pytest.raises(PretrainedWeightsError, match="No open_clip config has that shape .*: pass the model it was"):
+        create_clip("vlmrm-tiny", str(tmp_path / "s32.pt"))
+
+
 def test_the_hub_is_reached_through_the_proxy_huggingface_hub_would_use(monkeypatch):
     # Cluster nodes often reach the internet only through HTTPS_PROXY: probing the hub itself there said
     # "unreachable" and refused every download that huggingface_hub would have made through the proxy.

@@ -226,13 +226,69 @@ def _create_from_file(model_name: str, path: str) -> torch.nn.Module:
         unreadable = _unreadable_checkpoint(error)
         if unreadable:
             raise PretrainedWeightsError(f"The checkpoint {path!r} {unreadable}") from error
+        fits = _which_vit_fits(path, model_name)
         raise PretrainedWeightsError(
-            f"The checkpoint {path!r} does not load into {model_name}: {str(error)[:600]}. "
-            "Check that it was saved from this architecture (a state_dict of the open_clip model)."
+            f"The checkpoint {path!r} does not load into {model_name}"
+            + (f": {fits}" if fits else f": {str(error)[:600]}. Check that it was saved from this architecture (a "
+               "state_dict of the open_clip model).")
         ) from error
     if config is None:
         _warn_if_tags_differ(model, model_name, path)
     return model
+
+
+def _vit_shape(state_dict: Dict[str, Any]) -> Optional[Tuple[int, int, int, int, int]]:
+    """(width, layers, patch size, image size, embedding width) of an open_clip ViT's vision tower, from its
+    state_dict (or a model config's ``vision_cfg`` and ``embed_dim``); None where it is not such a ViT."""
+    conv, proj = state_dict.get("visual.conv1.weight"), state_dict.get("visual.proj")
+    positions = state_dict.get("visual.positional_embedding")
+    if not all(isinstance(t, torch.Tensor) for t in (conv, proj, positions)) or conv.ndim != 4 or proj.ndim != 2:
+        return None
+    layers = {key.split(".")[3] for key in state_dict if key.startswith("visual.transformer.resblocks.")}
+    grid = math.isqrt(max(positions.shape[0] - 1, 0))
+    return int(conv.shape[0]), len(layers), int(conv.shape[-1]), grid * int(conv.shape[-1]), int(proj.shape[1])
+
+
+def _config_vit_shape(model_name: str) -> Optional[Tuple[int, int, int, int, int]]:
+    """:func:`_vit_shape` of an open_clip model config (None for a non-ViT or an unknown name)."""
+    config = open_clip.get_model_config(model_name) or {}
+    vision = config.get("vision_cfg") or {}
+    size, patch = vision.get("image_size"), vision.get("patch_size")
+    if not all(isinstance(v, int) for v in (vision.get("width"), vision.get("layers"), size, patch,
+                                            config.get("embed_dim"))) or vision.get("timm_model_name"):
+        return None
+    return vision["width"], vision["layers"], patch, size, config["embed_dim"]
+
+
+def _config_text_shape(model_name: str) -> Optional[Tuple[int, int]]:
+    """(vocabulary, width) of a model config's own text tower, as its ``token_embedding.weight``; None for a
+    Hugging Face text tower or a captioner's (CoCa)."""
+    config = open_clip.get_model_config(model_name) or {}
+    text = config.get("text_cfg") or {}
+    if text.get("hf_model_name") or config.get("multimodal_cfg"):
+        return None
+    return text.get("vocab_size", 49408), text.get("width", 512)
+
+
+def _which_vit_fits(path: str, model_name: str) -> Optional[str]:
+    """What a checkpoint that does not load into ``model_name`` holds (a ViT's widths, layers and sizes) and
+    the open_clip configs it fits: the rest of the error's sentence; None where that cannot be told."""
+    try:
+        state_dict = open_clip.factory.load_state_dict(path)
+    except Exception:  # noqa: BLE001 - the caller reports the load's own error instead
+        return None
+    found, wanted = _vit_shape(state_dict), _config_vit_shape(model_name)
+    if found is None or wanted is None or found == wanted:
+        return None
+    show = lambda v: (f"width {v[0]}, {v[1]} layers, {v[2]} px patches, {v[3]} px input, "  # noqa: E731
+                      f"{v[4]}-d embeddings")
+    text = state_dict.get("token_embedding.weight")
+    text_shape = tuple(text.shape) if isinstance(text, torch.Tensor) and text.ndim == 2 else None
+    fits = [name for name in open_clip.list_models()
+            if _config_vit_shape(name) == found and _config_text_shape(name) == text_shape]
+    return (f"it holds a vision tower of {show(found)}, and {model_name}'s has {show(wanted)}. "
+            + (f"It fits {', '.join(fits)}: pass that model name." if fits else
+               "No open_clip config has that shape (and its text tower): pass the model it was saved from."))
 
 
 def _unreadable_checkpoint(error: BaseException) -> Optional[str]:
