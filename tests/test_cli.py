@@ -660,6 +660,16 @@ def test_the_plot_title_names_the_baseline_only_where_it_counts(tmp_path: Path, 
     assert ("baseline:" in titles[0]) is shown
     if shown:
         assert 'baseline: "an animal", alpha = 0.5' in titles[0]
+    score_command.write_plot(tmp_path / "r.png", np.zeros(3, np.float32), ["a cat"], None, 0.0, "v.mp4 by m, w")
+    assert titles[1] == 'goal: "a cat"\nv.mp4 by m, w'  # which frames, which model: plots get compared
+
+
+def test_score_plot_names_the_input_and_the_model(image_folder: Path, tmp_path: Path, monkeypatch) -> None:
+    titles = []
+    real = score_command.write_plot
+    monkeypatch.setattr(score_command, "write_plot", lambda *a, **kw: titles.append(a[-1]) or real(*a, **kw))
+    assert score([str(image_folder), "--goal", "a", f"--plot={tmp_path / 'p.png'}", *TINY]) == 0
+    assert titles == [f"{image_folder.name} by vlmrm-tiny, random weights"]
 
 
 # What main() does around every command: exit codes, one-line errors and warnings, the package's own

@@ -226,7 +226,9 @@ def _run_score(args: argparse.Namespace) -> int:
         sys.stdout.flush()
     written: List[object] = ["the CSV to standard output"] if csv_path is None else [write_csv(csv_path, rewards, labels)]
     if plot_path is not None:
-        written.append(write_plot(plot_path, rewards, args.goal, args.baseline, args.alpha))
+        weights = "random weights" if args.pretrained.lower() == "none" else args.pretrained
+        scored = f"{args.path.name or args.path} by {args.model}, {weights}"
+        written.append(write_plot(plot_path, rewards, args.goal, args.baseline, args.alpha, scored))
     print(_summary(rewards, elapsed, written, first_call.timing()), file=sys.stderr if to_stdout else sys.stdout)
     return 0
 
@@ -392,8 +394,10 @@ def write_plot(
     goal: Sequence[str],
     baseline: Optional[Sequence[str]],
     alpha: float,
+    scored: str = "",
 ) -> Path:
-    """Plot reward over frames to a PNG, titled with the prompts."""
+    """Plot reward over frames to a PNG, titled with the prompts and ``scored`` (what was scored, by which
+    model: e.g. "clip.mp4 by ViT-B-32, laion2b_s34b_b79k")."""
     figure_module = require_cli_extra("matplotlib.figure", "matplotlib")
     figure = figure_module.Figure(figsize=(8, 4), layout="constrained")
     ax = figure.add_subplot()
@@ -404,6 +408,8 @@ def write_plot(
     title = "goal: " + _quote_prompts(goal)
     if baseline and alpha > 0:
         title += f"\nbaseline: {_quote_prompts(baseline)}, alpha = {alpha:g}"
+    if scored:
+        title += "\n" + textwrap.shorten(scored, width=100, placeholder=" ...")
     ax.set_title(title, fontsize=10)
     return save_figure_atomically(figure, path)
 
