@@ -242,7 +242,8 @@ def _vit_shape(state_dict: Dict[str, Any]) -> Optional[Tuple[int, int, int, int,
     state_dict (or a model config's ``vision_cfg`` and ``embed_dim``); None where it is not such a ViT."""
     conv, proj = state_dict.get("visual.conv1.weight"), state_dict.get("visual.proj")
     positions = state_dict.get("visual.positional_embedding")
-    if not all(isinstance(t, torch.Tensor) for t in (conv, proj, positions)) or conv.ndim != 4 or proj.ndim != 2:
+    if not (isinstance(conv, torch.Tensor) and isinstance(proj, torch.Tensor) and isinstance(positions, torch.Tensor)
+            and conv.ndim == 4 and proj.ndim == 2):
         return None
     layers = {key.split(".")[3] for key in state_dict if key.startswith("visual.transformer.resblocks.")}
     grid = math.isqrt(max(positions.shape[0] - 1, 0))
@@ -253,11 +254,11 @@ def _config_vit_shape(model_name: str) -> Optional[Tuple[int, int, int, int, int
     """:func:`_vit_shape` of an open_clip model config (None for a non-ViT or an unknown name)."""
     config = open_clip.get_model_config(model_name) or {}
     vision = config.get("vision_cfg") or {}
-    size, patch = vision.get("image_size"), vision.get("patch_size")
-    if not all(isinstance(v, int) for v in (vision.get("width"), vision.get("layers"), size, patch,
-                                            config.get("embed_dim"))) or vision.get("timm_model_name"):
+    shape = (vision.get("width"), vision.get("layers"), vision.get("patch_size"), vision.get("image_size"),
+             config.get("embed_dim"))
+    if not all(isinstance(v, int) for v in shape) or vision.get("timm_model_name"):
         return None
-    return vision["width"], vision["layers"], patch, size, config["embed_dim"]
+    return cast(Tuple[int, int, int, int, int], shape)
 
 
 def _config_text_shape(model_name: str) -> Optional[Tuple[int, int]]:

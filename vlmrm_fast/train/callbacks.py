@@ -25,7 +25,7 @@ import threading
 import time
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Optional, Union
 
 import numpy as np
 import torch
@@ -38,10 +38,11 @@ from vlmrm_fast.env_render import release_env_gl, render_env
 from vlmrm_fast.train import checkpoint as ckpt
 from vlmrm_fast.train.config import TrainConfig
 from vlmrm_fast.train.deferred import DeferredRewardRecorder, score_and_write_back
-from vlmrm_fast.train.progress_bar import progress_display
+from vlmrm_fast.train.progress_bar import ProgressLines, progress_display
 from vlmrm_fast.wrappers.scoring import _rewards_of
 
 if TYPE_CHECKING:
+    from tqdm import tqdm
     from stable_baselines3.common.buffers import ReplayBuffer
     from stable_baselines3.common.off_policy_algorithm import OffPolicyAlgorithm
 
@@ -112,7 +113,7 @@ class TrainingCallback(BaseCallback):
         self._cut_rollout = False  # the run's last rollout shortened to end at total_timesteps
         self._train_freq_original: Optional[TrainFreq] = None
         self._previous_handlers: dict = {}
-        self._bar = None
+        self._bar: Optional[Union[tqdm, ProgressLines]] = None
         self._update_t0: Optional[float] = None
         # Seconds per stage since the last log. eval_s and checkpoint_s are outside training proper
         # (time/train_steps_per_s leaves them out); save() and evaluate() may run after learn() too.
