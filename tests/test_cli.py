@@ -14,6 +14,7 @@ import os
 import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -226,7 +227,7 @@ def test_the_frame_count_of_a_video_with_timestamps_is_theirs(video: Path, monke
     # The progress bar's total: one frame per timestamp the container lists, not fps x duration (which a
     # variable-rate video, or a GIF of uneven frame durations, does not have).
     listed = [0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.55]
-    monkeypatch.setattr(frame_files, "_frame_timestamps", lambda ffmpeg, path: listed)
+    monkeypatch.setattr(frame_files, "_list_packets", lambda ffmpeg, path: (listed, None))
     source = frame_files.VideoFile.open(video)
     assert source.timestamps == listed and source.total == len(listed)
 
@@ -234,14 +235,51 @@ def test_the_frame_count_of_a_video_with_timestamps_is_theirs(video: Path, monke
 def test_video_labels_fall_back_to_frame_over_fps_and_a_count_mismatch_is_reported(
     video: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(frame_files, "_frame_timestamps", lambda ffmpeg, path: None)
+    monkeypatch.setattr(frame_files, "_list_packets", lambda ffmpeg, path: (None, None))
     source = frame_files.VideoFile.open(video)
     assert source.timestamps is None and source.total == 6
     assert [label for _, label in source] == [f"{i / 10:.4f}" for i in range(6)]
 
     source.timestamps = [i / 10 for i in range(7)]  # the container listing a frame the decoder dropped
-    with pytest.warns(UserWarning, match="decoded 6 frames .* lists 7"):
+    with pytest.warns(UserWarning, match="frames are missing .* could not decode 1 of the 7 frames .* may be off"):
         assert len(list(source)) == 6
+    source.timestamps = [i / 10 for i in range(5)]  # more frames decoded than listed: only their times are in doubt
+    with pytest.warns(UserWarning, match="decoded 6 frames .* lists 5, so the times") as caught:
+        assert len(list(source)) == 6
+    assert not any("missing" in str(w.message) for w in caught)
+
+
+@pytest.mark.parametrize("container,codec", [("mkv", "ffv1"), ("mp4", "mpeg4")])
+def test_a_video_cut_short_is_reported_as_missing_frames(tmp_path: Path, container: str, codec: str) -> None:
+    # A download or copy cut short: the packets before the cut decode, and the container lists only those,
+    # so the frame count agrees; only ffmpeg's read error ("File ended prematurely", "partial file") tells.
+    ffmpeg = pytest.importorskip("imageio_ffmpeg", reason="needs imageio-ffmpeg: pip install 'vlmrm-fast[cli]'")
+    whole, cut = tmp_path / f"whole.{container}", tmp_path / f"cut.{container}"
+    command = [ffmpeg.get_ffmpeg_exe(), "-y", "-v", "error", "-f", "lavfi", "-i",
+               "testsrc=size=64x48:rate=10,noise=alls=60:allf=t", "-frames:v", "12", "-c:v", codec,
+               *(["-movflags", "+faststart"] if container == "mp4" else []), str(whole)]  # index first, as streamed
+    if subprocess.run(command, capture_output=True).returncode != 0:
+        pytest.skip(f"this ffmpeg cannot write {codec} in {container}")
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+
+    source = frame_files.VideoFile.open(whole)
+    assert source.read_error is None and source.total == 12
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        assert len(list(source)) == 12
+    source = frame_files.VideoFile.open(cut)
+    with pytest.warns(UserWarning, match=f"frames are missing from '{re.escape(str(cut))}': it may be cut short or "
+                                         "damaged .ffmpeg reports: .*(partial file|ended prematurely)") as caught:
+        decoded = len(list(source))
+    messages = [str(w.message) for w in caught if w.category is UserWarning]
+    assert 0 < decoded < 12 and len(messages) == 1 and f"scored the {decoded} frames it decoded" in messages[0]
+
+
+def test_ffmpegs_read_error_is_its_last_line_without_the_prefix() -> None:
+    stderr = ("[h264 @ 0x55c1961e76c0] Invalid NAL unit size (6228 > 1938).\n"
+              "[in#0/mov,mp4,m4a,3gp,3g2,mj2 @ 0x55c19613e080] stream 0, offset 0x346d5: partial file\n\n")
+    assert frame_files._last_error(stderr) == "stream 0, offset 0x346d5: partial file"
+    assert frame_files._last_error("") is None and frame_files._last_error(None) is None
 
 
 @pytest.mark.parametrize(("version", "option"), [

@@ -138,6 +138,9 @@ class VideoFile:
     #: Seconds from the first frame, one per stored frame in display order, from the container's
     #: timestamps; None where they could not be read (the labels are then frame / fps).
     timestamps: Optional[list[float]] = None
+    #: The last error ffmpeg reported while reading the file's packets ("File ended prematurely", "partial
+    #: file"): the file is cut short or damaged, and frames past that point are missing. None where it read cleanly.
+    read_error: Optional[str] = None
 
     @classmethod
     def open(cls, path: Path) -> VideoFile:
@@ -146,14 +149,14 @@ class VideoFile:
         with contextlib.closing(_read_frames(ffmpeg, path)) as reader:
             meta = _next_frame(reader, path)
         fps = meta.get("fps") or None
-        timestamps = _frame_timestamps(ffmpeg, path)
+        timestamps, read_error = _list_packets(ffmpeg, path)
         total: Optional[int]
         if timestamps is not None:
             total = len(timestamps)
         else:
             duration = meta.get("duration")
             total = round(fps * duration) if fps and duration else None
-        return cls(path, fps, tuple(meta["size"]), total, timestamps)
+        return cls(path, fps, tuple(meta["size"]), total, timestamps, read_error)
 
     def __iter__(self) -> Iterator[LabelledFrame]:
         ffmpeg = require_cli_extra("imageio_ffmpeg", "imageio-ffmpeg")
@@ -167,13 +170,29 @@ class VideoFile:
                 index += 1
         if index == 0:
             raise CLIError(f"no frames could be decoded from '{self.path}'; check that it plays")
-        if self.timestamps is not None and index != len(self.timestamps):
-            warnings.warn(
-                f"ffmpeg decoded {index} frames from '{self.path}' but its container lists "
-                f"{len(self.timestamps)}, so the times in the source column may be off; re-encode it "
-                f"for exact ones: ffmpeg -i '{self.path}' -c:v libx264 fixed.mp4",
-                stacklevel=stacklevel_outside_package(),
-            )
+        problem = self._missing_frames(index)
+        if problem is not None:
+            warnings.warn(problem, stacklevel=stacklevel_outside_package())
+
+    def _missing_frames(self, decoded: int) -> Optional[str]:
+        """The warning for a video that decoded to ``decoded`` frames, or None where nothing is amiss: frames
+        missing (fewer decoded than the container lists, or ffmpeg reporting an error on reading it: the file cut
+        short or damaged), or more decoded than listed (the times in the source column may then be off)."""
+        listed = None if self.timestamps is None else len(self.timestamps)
+        missing = listed is not None and decoded < listed
+        if missing or self.read_error is not None:
+            cause = (f"ffmpeg reports: {self.read_error}" if self.read_error is not None
+                     else f"ffmpeg could not decode {listed - decoded} of the {listed} frames it holds")
+            found = f" of the {listed} it holds" if missing and self.read_error is not None else ""
+            times = ", and the times in the source column may be off after the first missing one" if missing else ""
+            return (f"frames are missing from '{self.path}': it may be cut short or damaged ({cause}); scored the "
+                    f"{decoded} frames it decoded{found}{times}; check that it plays to the end, or get a whole copy "
+                    "of it (the rewards of the frames scored are right, those of the missing ones are absent)")
+        if listed is not None and decoded > listed:
+            return (f"ffmpeg decoded {decoded} frames from '{self.path}' but its container lists {listed}, so the "
+                    f"times in the source column may be off; re-encode it for exact ones: "
+                    f"ffmpeg -i '{self.path}' -c:v libx264 fixed.mp4")
+        return None
 
     def _label(self, index: int) -> str:
         """The ``source`` column of frame ``index``: its time in seconds, or '' where unknown."""
@@ -218,20 +237,41 @@ DISCARD_FLAG = 0x4
 
 
 def _frame_timestamps(ffmpeg, path: Path) -> Optional[list[float]]:
-    """Presentation times of the first video stream's frames (cover art aside), in seconds from the first, sorted.
+    """Presentation times of the first video stream's frames (cover art aside), in seconds from the first, sorted
+    (:func:`_list_packets`' first half)."""
+    return _list_packets(ffmpeg, path)[0]
+
+
+def _list_packets(ffmpeg, path: Path) -> tuple[Optional[list[float]], Optional[str]]:
+    """The first video stream's frame times (:func:`_frame_timestamps`) and the last error ffmpeg reported reading
+    its packets, or None: a file cut short ("File ended prematurely", "partial file") or damaged.
 
     Read from the packets of a stream copy (no decoding) in ffmpeg's framecrc format: a ``#tb 0:
     NUM/DEN`` header, then ``stream, dts, pts, duration, size, hash`` per packet, and ``F=0x..`` where
     a packet has flags. Packets flagged discard (before an edit list's start, as a stream-copied trim
-    leaves them) are never decoded, so they have no frame. None where ffmpeg fails or a packet has no
-    timestamp.
+    leaves them) are never decoded, so they have no frame. The times are None where ffmpeg fails or a
+    packet has no timestamp. The packets of a file cut short are those before the cut, so its frame count
+    agrees with what decodes: only the error tells that frames are missing.
     """
     command = [ffmpeg.get_ffmpeg_exe(), "-nostdin", "-v", "error", "-i", str(path),
                "-map", VIDEO_STREAM, "-c", "copy", "-f", "framecrc", "-"]
     try:
-        listing = subprocess.run(command, capture_output=True, text=True, timeout=600, check=True).stdout
+        done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=True)
+    except subprocess.CalledProcessError as exc:
+        return None, _last_error(exc.stderr)
     except (OSError, subprocess.SubprocessError):
-        return None
+        return None, None
+    return _parse_framecrc(done.stdout), _last_error(done.stderr)
+
+
+def _last_error(stderr: Optional[str]) -> Optional[str]:
+    """ffmpeg's last error line (``-v error``), without its ``[demuxer @ 0x...]`` prefix; None where there is none."""
+    lines = [line.strip() for line in (stderr or "").splitlines() if line.strip()]
+    return re.sub(r"^(\[[^]]*\]\s*)+", "", lines[-1]) if lines else None
+
+
+def _parse_framecrc(listing: str) -> Optional[list[float]]:
+    """The sorted presentation times, from the first, of a framecrc listing (see :func:`_list_packets`)."""
     timebase, pts = None, []
     for line in listing.splitlines():
         if line.startswith("#tb 0:"):
