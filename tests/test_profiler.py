@@ -532,6 +532,44 @@ def test_unknown_model_fails_before_any_work(tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.parametrize("free", [None, 2 * 10**9], ids=["allocation-fails", "checked-first"])
+def test_frames_that_do_not_fit_name_the_batch_size_and_leave_no_folder(tmp_path, monkeypatch, capsys, free):
+    # `bench --batch-sizes 100000`: its frames alone take 15 GB at 224 px. Where the memory free is known and too
+    # small, refused before allocating (Linux may grant it and kill the process later); else the allocator's
+    # failure (a RuntimeError) is turned into the same one line. The folders --out made are removed again.
+    from vlmrm_fast.profiler import run as bench
+
+    def allocator_fails(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:121] data. DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 15052800000 bytes. Error code 12 (Cannot allocate memory)")
+
+    monkeypatch.setattr(bench.Frames, "_make", classmethod(allocator_fails))
+    monkeypatch.setattr(bench, "available_memory", lambda device: free)
+    (tmp_path / "kept").mkdir()
+    for out in (tmp_path / "by" / "run", tmp_path / "kept"):
+        argv = ["bench", "--models", "vlmrm-tiny", "--batch-sizes", "1", "100000", "--frame-size", "224", "--no-seed",
+                "--backends", "torch", "--device", "cpu", "--out", str(out), "--no-progress", "--no-plot"]
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "Traceback" not in err, err
+        assert ("error: out of memory at --batch-sizes 100000: its frames alone (100000 x 224 x 224 x 3 bytes) take "
+                "15.1 GB, more than the cpu memory could give") in err and "pass smaller --batch-sizes" in err
+        assert ("(2.0 GB available)" in err) == (free is not None)
+    assert not (tmp_path / "by").exists() and (tmp_path / "kept").is_dir()  # made by the run: gone; given: kept
+
+
+def test_other_runtime_errors_making_the_frames_are_not_called_out_of_memory(monkeypatch):
+    from vlmrm_fast.profiler import run as bench
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("something else")
+
+    monkeypatch.setattr(bench.Frames, "_make", classmethod(broken))
+    monkeypatch.setattr(bench, "available_memory", lambda device: None)
+    with pytest.raises(RuntimeError, match="something else"):
+        bench.Frames.make(8, 224, torch.device("cpu"), seed=False)
+
+
 def _row(model: str, backend: str, fps: float, seed_fps: float, dtype: str = "fp32") -> Row:
     return Row(model=model, backend=backend, dtype=dtype, kernels="torch", batch=8, frame_size=480,
                h2d_fps=None, preprocess_fps=1.0, tower_fps=1.0, score_fps=1.0, end_to_end_fps=fps,

@@ -260,6 +260,21 @@ class Frames:
 
     @classmethod
     def make(cls, n: int, size: int, device: torch.device, seed: bool) -> "Frames":
+        """The frames, or a ValueError naming the batch size and the memory they need where they do not fit (also
+        before trying, where they would take more than the memory available: Linux may grant the allocation and
+        end the process later, as its memory runs out)."""
+        free = available_memory(device)
+        if free is not None and frame_bytes(n, size, seed) > free:
+            raise ValueError(frames_do_not_fit(n, size, device, seed, free))
+        try:
+            return cls._make(n, size, device, seed)
+        except (RuntimeError, MemoryError) as error:  # torch.cuda.OutOfMemoryError is a RuntimeError
+            if not is_out_of_memory(error):
+                raise
+            raise ValueError(frames_do_not_fit(n, size, device, seed, available_memory(device))) from None
+
+    @classmethod
+    def _make(cls, n: int, size: int, device: torch.device, seed: bool) -> "Frames":
         generator = torch.Generator().manual_seed(0)
 
         def noise(side: int) -> torch.Tensor:
@@ -275,6 +290,43 @@ class Frames:
             seed_device=None if seed_host is None else frames if seed_host is host else seed_host.to(device),
             seed_pageable=seed_host if on_cuda else None,
         )
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is an allocation that failed: torch's CPU allocator ("DefaultCPUAllocator: can't allocate
+    memory"), CUDA's ("CUDA out of memory"), or Python's MemoryError."""
+    text = str(error).lower()
+    return isinstance(error, (MemoryError, torch.cuda.OutOfMemoryError)) or "can't allocate memory" in text \
+        or "out of memory" in text
+
+
+def available_memory(device: torch.device) -> Optional[int]:
+    """Bytes free on ``device`` (CUDA's free memory; on the CPU, Linux's MemAvailable), or None where unknown."""
+    try:
+        if device.type == "cuda":
+            return int(torch.cuda.mem_get_info(device)[0])
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, RuntimeError, ValueError, IndexError):
+        pass
+    return None
+
+
+def frame_bytes(n: int, size: int, seed: bool) -> int:
+    """Bytes of :class:`Frames`' random frames for the largest batch ``n`` (one copy on the device)."""
+    seed_bytes = n * SEED_FRAME_SIZE * SEED_FRAME_SIZE * 3 if seed and size != SEED_FRAME_SIZE else 0
+    return n * size * size * 3 + seed_bytes
+
+
+def frames_do_not_fit(n: int, size: int, device: torch.device, seed: bool, free: Optional[int]) -> str:
+    """The error for a largest batch ``n`` whose random frames cannot be had on ``device`` (``free`` bytes free)."""
+    seed_part = f" and at {SEED_FRAME_SIZE} x {SEED_FRAME_SIZE} for the seed" if seed and size != SEED_FRAME_SIZE else ""
+    have = f" ({free / 1e9:.1f} GB available)" if free is not None else ""
+    return (f"out of memory at --batch-sizes {n}: its frames alone ({n} x {size} x {size} x 3 bytes{seed_part}) "
+            f"take {frame_bytes(n, size, seed) / 1e9:.1f} GB, more than the {device.type} memory could give{have}; "
+            "pass smaller --batch-sizes (the tower's activations need memory besides)")
 
 
 class Profiler:
@@ -590,7 +642,21 @@ def run_bench(args: argparse.Namespace) -> int:
     config = resolve_config(args)
     if config.plot:
         _require_matplotlib()
+    made = [folder for folder in (config.out, *config.out.parents) if not os.path.lexists(folder)]
     writable_folder(config.out, "--out")
+    try:
+        return _run_bench(config)
+    except BaseException:  # an error before the first report was written: no empty folder of ours is left
+        for folder in made:  # innermost first; one with anything in it stays, with its parents
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        raise
+
+
+def _run_bench(config: BenchConfig) -> int:
+    """:func:`run_bench` once ``--out`` is known to be writable."""
     # A link among the reports is written through; one that cannot be is named now, not after the measuring.
     for name in ("bench.json", "bench.md", "bench.png"):
         writable_file(config.out / name, "--out")
