@@ -14,14 +14,14 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import shutil  # noqa: E402
-import warnings  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import open_clip  # noqa: E402
 import pytest  # noqa: E402
 
 from vlmrm_fast.backends.fast_path import FAST_PATHS  # noqa: E402
 from vlmrm_fast.backends.onnx_export import dynamo_exporter_problem  # noqa: E402
-from vlmrm_fast.models import TINY_MODEL, create_clip  # noqa: E402  (importing it registers the tiny config with open_clip)
+from vlmrm_fast.models import TINY_MODEL  # noqa: E402  (importing it registers the tiny config with open_clip)
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -51,11 +51,11 @@ def fast_paths_on(monkeypatch):
 
 
 def make_model(name: str, seed: int = 0):
-    """A random-init open_clip model (float32, CPU) and its tokenizer, with reproducible weights."""
+    """A random-init open_clip model (float32, CPU, eval mode) and its tokenizer, with reproducible weights: drawn
+    from torch's global RNG seeded with ``seed``, so that seeds give different weights (``create_clip(name, None)``
+    always gives seed 0's, from a generator of its own)."""
     torch.manual_seed(seed)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # "random weights" is the point here
-        return create_clip(name, None)
+    return open_clip.create_model(name).eval(), open_clip.get_tokenizer(name)
 
 
 ROOT = Path(__file__).resolve().parents[1]

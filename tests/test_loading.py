@@ -812,3 +812,19 @@ def test_a_model_whose_tower_needs_a_missing_package_names_the_package_to_instal
     monkeypatch.setattr(models, "_create", needs_protobuf)
     with pytest.raises(ModuleNotFoundError, match=r"pip install protobuf$"):
         models.create_clip("ViT-B-16-SigLIP", None)
+
+
+def test_random_weights_are_the_same_in_every_build_and_leave_the_global_rng_alone():
+    # pretrained=None (`--pretrained none`): offline smoke runs compare across runs and backends only if their
+    # weights do; and a build must not move the caller's RNG stream (their seeded frames, SAC's initialisation).
+    torch.manual_seed(123)
+    before = torch.random.get_rng_state()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        first, _ = create_clip("vlmrm-tiny", None)
+        assert torch.equal(torch.random.get_rng_state(), before)
+        torch.manual_seed(7)  # another global state: the same weights
+        second = CLIPReward.from_pretrained("vlmrm-tiny", None, goal="a cat", device="cpu", backend="torch").model
+    one, two = first.state_dict(), second.state_dict()
+    assert one.keys() == two.keys() and all(torch.equal(one[k], two[k].cpu()) for k in one)
+    assert not torch.equal(one["visual.proj"], make_tiny(seed=1)[0].state_dict()["visual.proj"])  # seeds differ

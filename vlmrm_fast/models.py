@@ -1,6 +1,7 @@
 """Loading CLIP models through open_clip's registries, and what their towers expect.
 
-``pretrained`` resolves, in this order, to: None (random weights, with a warning), one of open_clip's
+``pretrained`` resolves, in this order, to: None (random weights, the same in every build: seeded with
+:data:`RANDOM_WEIGHTS_SEED`, the caller's RNG untouched; with a warning), one of open_clip's
 pretrained tags for the model, or a local checkpoint file. Downloads go through open_clip's own
 cache; when the hub cannot be reached, a tag is loaded from that cache or fails at once with an
 error that says how to pass a local file instead (open_clip itself would retry for about a minute).
@@ -42,6 +43,11 @@ _LOCAL_DIR_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bi
 """The weight files open_clip reads from a ``local-dir:`` folder (or a hub repo)."""
 _OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 _OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+RANDOM_WEIGHTS_SEED = 0
+"""The seed of random weights (``pretrained=None``): every build of a model gives the same weights, in any process
+and on any backend, so offline runs compare. Drawn from a generator of its own; the caller's RNG is left as it was."""
 
 
 class PretrainedWeightsError(RuntimeError):
@@ -456,7 +462,8 @@ def create_clip(
 
     Args:
         model_name: an open_clip model name ("ViT-B-32", "vlmrm-tiny", "hf-hub:org/repo", "local-dir:PATH").
-        pretrained: an open_clip tag for that model, a local checkpoint path, or None for random weights.
+        pretrained: an open_clip tag for that model, a local checkpoint path, or None for random weights (the
+            same in every build, from :data:`RANDOM_WEIGHTS_SEED`; the global torch RNG is left as it was).
         cache_dir: where downloads are cached (open_clip's default when None).
     Raises:
         ValueError: unknown model name or tag. FileNotFoundError: a checkpoint path that does not exist.
@@ -535,7 +542,9 @@ def _create(model_name: str, pretrained: Optional[str], cache_dir: Optional[str]
             UserWarning,
             stacklevel=stacklevel_outside_package(),
         )
-        return open_clip.create_model(model_name)
+        with torch.random.fork_rng(devices=[]):  # built on the CPU: its generator alone draws the weights
+            torch.manual_seed(RANDOM_WEIGHTS_SEED)
+            return open_clip.create_model(model_name)
     tags = open_clip.list_pretrained_tags_by_model(model_name)
     if pretrained in tags:
         return _create_from_tag(model_name, pretrained, cache_dir)
