@@ -757,22 +757,30 @@ def test_a_seed_timed_with_a_row_far_slower_than_the_seeds_stages_marks_the_rati
     assert disturbed_seed_pairings([disturbed]) == []  # no seed row: nothing to set it against
 
 
-def test_a_speedup_target_whose_every_ratio_is_unsteady_says_so_rather_than_not_measured():
+def test_a_speedup_target_whose_every_ratio_is_unsteady_says_so_rather_than_not_measured(tmp_path):
     import dataclasses
 
-    from vlmrm_fast.profiler.report import Report, check_targets, markdown_report
+    from types import SimpleNamespace
+
+    from vlmrm_fast.profiler.report import Report, check_targets, markdown_report, write_outputs
 
     seed = dataclasses.replace(_row("ViT-B-32", "seed", 10.0, 1.0, "fp32"), seed_fps=None, speedup_vs_seed=None)
     moved = _row("ViT-B-32", "torch", 16.0, 4.0, "fp32")  # its seed 4 against the seed's own 10: unsteady
     [target] = check_targets([seed, moved], torch.device("cpu"))
-    assert target["measured"] is None and target["unsteady"] and not target["met"]
+    assert target["measured"] is None and target["unsteady"] and target["met"] is None  # cannot tell, not "no"
     env = {"device": "cpu", "timestamp": "t", "commit": "c", "cpu_count": 2}
     config = {"repeats": 3, "warmup": 1, "time_budget": 1.0, "batch_sizes": [8]}
     report = markdown_report(Report(env, config, rows=[seed, moved], targets=[target]))
     assert "every ratio unsteady †: run again" in report and "not measured" not in report
+    [line] = [line for line in report.splitlines() if "speedup vs seed" in line]
+    assert line.endswith("| cannot tell: unsteady † |") and "| no |" not in line, line
     [unmeasured] = check_targets([seed], torch.device("cpu"))  # no row of its own: not measured
-    assert unmeasured["measured"] is None and not unmeasured["unsteady"]
-    assert "not measured" in markdown_report(Report(env, config, rows=[seed], targets=[unmeasured]))
+    assert unmeasured["measured"] is None and not unmeasured["unsteady"] and unmeasured["met"] is None
+    assert "| cannot tell: not measured |" in markdown_report(Report(env, config, rows=[seed], targets=[unmeasured]))
+    out = tmp_path / "out"  # bench.json says the same: null, not false
+    write_outputs(Report(env, config, rows=[seed, moved], targets=[target]), SimpleNamespace(out=out), plot=False)
+    [written] = json.loads((out / "bench.json").read_text())["targets"]
+    assert written["met"] is None and written["unsteady"] is True
 
 
 def test_a_stage_slower_than_the_whole_pipeline_is_marked():

@@ -240,7 +240,8 @@ def check_targets(rows: Sequence[Row], device: torch.device, busy: bool = False)
             "measured": value,
             "where": None if best is None else (f"{best.backend} {best.dtype} batch {best.batch}, {best.frame_size} px"
                                                 + (f", kernels {best.kernels}" if several_kernels else "")),
-            "met": value is not None and value >= required,
+            # None where the run cannot tell: every ratio unsteady, or nothing measured (no seed, every row failed).
+            "met": None if value is None else value >= required,
             # Measured, but every ratio unsteady: not the same as a target this run did not measure.
             "unsteady": all_unsteady,
             # Met on a busy machine, a speedup may owe it to the load (machine_was_busy): to be confirmed idle.
@@ -269,7 +270,9 @@ def _measured(target: Dict[str, Any], fmt: Callable[[float], str]) -> str:
 
 
 def _met(target: Dict[str, Any]) -> str:
-    """A target's 'met' cell."""
+    """A target's 'met' cell: "cannot tell" where ``met`` is None (every ratio unsteady, or not measured)."""
+    if target["met"] is None:
+        return f"cannot tell: unsteady{UNSTEADY_MARK}" if target.get("unsteady") else "cannot tell: not measured"
     if not target["met"]:
         return "no"
     return "yes, on a busy machine: run again idle to confirm" if target.get("busy_machine") else "yes"
