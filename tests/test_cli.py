@@ -1201,3 +1201,19 @@ def test_an_out_that_is_a_loop_of_links_is_named_and_kept(image_folder: Path, tm
     assert (f"'{tmp_path / 'a.csv'}' is a symbolic link to 'b.csv', a loop of links; point it at a file"
             in capsys.readouterr().err)
     assert (tmp_path / "a.csv").is_symlink()
+
+
+@pytest.mark.parametrize("name,kind", [("r.png", "an image"), ("r.JPG", "an image"), ("r.gif", "an image"),
+                                       ("r.tiff", "an image"), ("r.mp4", "a video"), ("r.webm", "a video")])
+def test_an_out_named_as_an_image_or_video_is_refused(frames: Path, tmp_path: Path, monkeypatch, capsys,
+                                                      name: str, kind: str) -> None:
+    # `score clip.gif --out r.png` wrote CSV into r.png: a viewer cannot open it, and a later score over the
+    # folder would take it for a frame. Refused before the model loads, naming the CSV name (and --plot for a PNG).
+    monkeypatch.setattr(score_command, "score_frames", lambda *a, **k: pytest.fail("scored"))
+    out = tmp_path / name
+    assert score([str(frames), "--goal", "a", "--out", str(out), *TINY]) == 2
+    err = capsys.readouterr().err
+    suffix = Path(name).suffix
+    assert (f"--out '{out}' names {kind} ({suffix.lower()}), but --out is the rewards CSV: pass --out "
+            f"{out.with_suffix('.csv')}") in err, err
+    assert ("--plot=" in err) == (suffix == ".png") and not out.exists()

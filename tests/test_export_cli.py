@@ -399,6 +399,28 @@ def test_the_summary_names_the_graphs_input(tmp_path, capsys, input_format, shap
     assert f"Input: {shape}; output: embeddings [N, D]" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("argv,said", [
+    (["--out", "{tmp}/x.engine"], "--out '{tmp}/x.engine' names a TensorRT engine (.engine), but --format onnx (the "
+                                   "default) writes an ONNX graph: pass --out {tmp}/x.onnx, or --format tensorrt"),
+    (["--out", "{tmp}/x.PLAN"], "names a TensorRT engine (.plan)"),
+    (["--format", "tensorrt", "--out", "{tmp}/x.onnx"], "--out '{tmp}/x.onnx' names an ONNX graph (.onnx), but "
+                                                        "--format tensorrt writes a TensorRT engine: pass --out "
+                                                        "{tmp}/x.engine, or --format onnx"),
+    (["--max-batch-size", "8", "--out", "{tmp}/x.onnx"], "--max-batch-size sets a TensorRT engine's batch profile; an "
+                                                         "ONNX graph takes any batch size (its batch axis is dynamic): "
+                                                         "leave it out, or pass --format tensorrt"),
+    (["--opt-batch-size", "4", "--max-batch-size", "8"], "--max-batch-size and --opt-batch-size set a TensorRT"),
+], ids=["onnx-as-engine", "onnx-as-plan", "engine-as-onnx", "max-batch-onnx", "both-batches-onnx"])
+def test_an_export_refuses_a_name_or_option_of_the_other_format(tmp_path, monkeypatch, capsys, argv, said):
+    # Before anything is loaded or exported (a TensorRT export is refused so without CUDA or TensorRT too).
+    monkeypatch.setattr("vlmrm_fast.models.create_clip", lambda *a, **k: pytest.fail("weights loaded first"))
+    monkeypatch.chdir(tmp_path)
+    assert main(["export", "vlmrm-tiny", *[a.format(tmp=tmp_path) for a in argv]]) == 2
+    err = capsys.readouterr().err
+    assert said.format(tmp=tmp_path) in err and err.count("\n") == 1, err
+    assert not os.listdir(tmp_path)
+
+
 def test_verify_onnx_reports_the_error_relative_to_the_embeddings(tmp_path):
     # A graph whose embeddings are all 1000x the tower's: the relative error is 999, whatever their scale.
     import copy
@@ -571,3 +593,4 @@ def test_a_link_beside_its_target_is_not_sent_to_the_target(tmp_path):
     (tmp_path / "elsewhere").mkdir()
     (tmp_path / "elsewhere" / "latest.onnx").symlink_to(tmp_path / "tower.onnx")
     assert f"open it as {tmp_path / 'tower.onnx'}" in _written(tmp_path / "elsewhere" / "latest.onnx")
+

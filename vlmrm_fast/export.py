@@ -25,6 +25,10 @@ if TYPE_CHECKING:
 # torch, open_clip and the exporters load inside the functions: the parser (``--help``) needs none of them.
 
 FORMATS = ("onnx", "tensorrt")
+DEFAULT_MAX_BATCH_SIZE = 256
+"""``--max-batch-size`` of a TensorRT engine where none is given."""
+ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
+"""The names TensorRT engines go by (``trtexec --saveEngine``'s, TensorRT's samples')."""
 
 
 def add_export_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -49,7 +53,9 @@ def add_export_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", type=dtype_choice(("fp32", "fp16", "bf16")), default=None,
                    help="precision: ONNX fp32 or fp16 (default fp32; fp16 computes in float16 with LayerNorm in "
                    "float32, output float32); TensorRT fp16, bf16 or fp32 (default bf16); float32/float16/bfloat16 too")
-    p.add_argument("--max-batch-size", type=positive_int, default=256, help="TensorRT: largest batch of the engine's profile (default: %(default)s)")
+    p.add_argument("--max-batch-size", type=positive_int, default=None,
+                   help=f"TensorRT: largest batch of the engine's profile (default: {DEFAULT_MAX_BATCH_SIZE}); an ONNX "
+                   "graph's batch axis is dynamic, so --format onnx refuses it")
     p.add_argument("--opt-batch-size", type=positive_int, default=None,
                    help="TensorRT: the batch its kernels are tuned for, the one you will run most (default: half the max)")
     p.add_argument("--external-data", choices=("auto", "yes", "no"), default="auto",
@@ -88,8 +94,10 @@ def run_export(args: argparse.Namespace) -> int:
 
     pretrained = None if args.pretrained.lower() == "none" else args.pretrained
     dtype = args.dtype or ("fp32" if args.format == "onnx" else "bf16")
+    out = output_file(args.out, default_out(args.model, pretrained, args.input, args.format, dtype))
+    _check_format_options(args, out)
     batch_range = _check_before_loading(args, dtype)  # a refusal costs no download or load of the weights
-    out = writable_file(output_file(args.out, default_out(args.model, pretrained, args.input, args.format, dtype)), "--out")
+    out = writable_file(out, "--out")
     _check_not_replacing_other_files(out, pretrained)
     model, _ = create_clip(args.model, pretrained)
     spec = preprocess_spec_of(model, "vlmrm")
@@ -147,6 +155,26 @@ def _check_not_replacing_other_files(out: Path, pretrained: Optional[str]) -> No
                          "writing the graph there would replace it: pass another --out, or remove the file first")
 
 
+def _check_format_options(args: argparse.Namespace, out: Path) -> None:
+    """Refuse an ``--out`` named for the other format (an ONNX graph in ``x.engine``, an engine in ``x.onnx``: what
+    reads the file by its name would fail on it), and TensorRT's batch options with ``--format onnx``, which has
+    none to set (its batch axis is dynamic) and would ignore them without a word."""
+    suffix = out.suffix.lower()
+    if args.format == "onnx" and suffix in ENGINE_SUFFIXES:
+        raise ValueError(f"--out '{out}' names a TensorRT engine ({suffix}), but --format onnx (the default) writes an "
+                         f"ONNX graph: pass --out {out.with_suffix('.onnx')}, or --format tensorrt for an engine")
+    if args.format == "tensorrt" and suffix == ".onnx":
+        raise ValueError(f"--out '{out}' names an ONNX graph (.onnx), but --format tensorrt writes a TensorRT engine: "
+                         f"pass --out {out.with_suffix('.engine')}, or --format onnx for the graph")
+    if args.format == "onnx":
+        given = [flag for flag, value in (("--max-batch-size", args.max_batch_size),
+                                          ("--opt-batch-size", args.opt_batch_size)) if value is not None]
+        if given:
+            raise ValueError(f"{' and '.join(given)} set{'s' if len(given) == 1 else ''} a TensorRT engine's batch "
+                             "profile; an ONNX graph takes any batch size (its batch axis is dynamic): leave "
+                             f"{'it' if len(given) == 1 else 'them'} out, or pass --format tensorrt")
+
+
 def _check_before_loading(args: argparse.Namespace, dtype: str) -> Optional[tuple]:
     """Refuse what the export cannot do before the weights are loaded (gigabytes for ViT-bigG-14, and
     a download for a pretrained tag): a missing package, no CUDA, a precision the GPU lacks, a batch
@@ -165,15 +193,16 @@ def _check_before_loading(args: argparse.Namespace, dtype: str) -> Optional[tupl
         return None
     from vlmrm_fast.backends.tensorrt import check_precision_support, import_tensorrt, profile_batch_range
 
-    if args.opt_batch_size is not None and args.opt_batch_size > args.max_batch_size:
-        raise ValueError(f"--opt-batch-size {args.opt_batch_size} is over --max-batch-size {args.max_batch_size}: "
+    max_batch_size = DEFAULT_MAX_BATCH_SIZE if args.max_batch_size is None else args.max_batch_size
+    if args.opt_batch_size is not None and args.opt_batch_size > max_batch_size:
+        raise ValueError(f"--opt-batch-size {args.opt_batch_size} is over --max-batch-size {max_batch_size}: "
                          "the engine is tuned for a batch within its profile; raise --max-batch-size or lower it.")
     if not torch.cuda.is_available():
         raise ValueError("--format tensorrt needs a CUDA device; export --format onnx here and build the engine on the GPU machine.")
     import_tensorrt("--format tensorrt")
     if dtype == "bf16":
         check_precision_support(torch.bfloat16, torch.device("cuda"), "use --dtype fp16")
-    return profile_batch_range(args.max_batch_size, args.opt_batch_size)
+    return profile_batch_range(max_batch_size, args.opt_batch_size)
 
 
 VERIFY_TOLERANCE = 1e-4

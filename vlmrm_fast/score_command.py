@@ -194,6 +194,8 @@ def _run_score(args: argparse.Namespace) -> int:
                        "give it one, --plot=FILE.png")
     # a folder: the default name inside it
     csv_path = None if to_stdout else output_file(args.out, default_csv_path(args.path))
+    if csv_path is not None:
+        _refuse_a_media_name(csv_path)
     plot_path = _plot_path(args.plot, csv_path or Path())
     _check_outputs(args.path, source, [p for p in (csv_path, plot_path) if p is not None])
     from vlmrm_fast.reward import CLIPReward
@@ -253,6 +255,25 @@ class _FirstCallTimer:
     def timing(self) -> Optional[Tuple[int, float]]:
         """(frames, seconds) of the first call, or None before it."""
         return self._first
+
+
+OTHER_IMAGE_EXTENSIONS = (".gif", ".tif", ".tiff", ".svg", ".pdf")
+"""Suffixes of pictures (or a plot's formats) that ``score`` does not read, which a CSV is no more."""
+
+
+def _refuse_a_media_name(csv_path: Path) -> None:
+    """Refuse an ``--out`` named as an image or video (``--out r.png``): the CSV written there would pass for one
+    (a viewer that cannot open it, a later ``score`` over the folder reading it as a frame)."""
+    suffix = csv_path.suffix.lower()
+    if suffix in VIDEO_EXTENSIONS and suffix != ".gif":
+        kind = "a video"
+    elif suffix in IMAGE_EXTENSIONS or suffix in OTHER_IMAGE_EXTENSIONS:
+        kind = "an image"
+    else:
+        return
+    plot = f", and --plot={csv_path} for the plot of the rewards" if suffix == ".png" else ""
+    raise CLIError(f"--out '{csv_path}' names {kind} ({suffix}), but --out is the rewards CSV: pass --out "
+                   f"{csv_path.with_suffix('.csv')}{plot}")
 
 
 def _check_outputs(path: Path, source, outputs: Sequence[Path]) -> None:
