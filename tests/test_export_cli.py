@@ -392,11 +392,45 @@ def test_an_export_without_onnxruntime_says_it_was_not_checked(tmp_path, monkeyp
     assert "onnxruntime is not installed: the export was not checked" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("input_format,shape", [("uint8-nhwc", "frames uint8 [N, 224, 224, 3]"),
-                                                ("pixels", "pixels [N, 3, 224, 224]")])
-def test_the_summary_names_the_graphs_input(tmp_path, capsys, input_format, shape):
-    assert main(["export", "vlmrm-tiny", "--out", str(tmp_path / "t.onnx"), "--input", input_format, "--no-verify"]) == 0
-    assert f"Input: {shape}; output: embeddings [N, D]" in capsys.readouterr().out
+@pytest.mark.parametrize("input_format,dtype,shape", [
+    ("uint8-nhwc", "fp32", "'frames' uint8 [N, 224, 224, 3] (RGB, 0-255, normalisation folded in)"),
+    ("pixels", "fp32", "'pixels' float32 [N, 3, 224, 224] (normalised)"),
+    ("pixels", "fp16", "'pixels' float16 [N, 3, 224, 224] (normalised)"),
+])
+def test_the_summary_names_the_graphs_input_and_output(tmp_path, capsys, input_format, dtype, shape):
+    # The graph's own names, types and shapes, D included (32 for vlmrm-tiny), as a user of the file outside this
+    # package needs them; and its output is the tower's, not normalised, as it says.
+    import onnxruntime as ort
+
+    out = tmp_path / "t.onnx"
+    assert main(["export", "vlmrm-tiny", "--out", str(out), "--input", input_format, "--dtype", dtype, "--no-verify"]) == 0
+    assert (f"Input: {shape}; output: 'embeddings' float32 [N, 32], not normalised"
+            in capsys.readouterr().out)
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    [given], [output] = session.get_inputs(), session.get_outputs()
+    assert (given.name, output.name, output.type, output.shape[1]) == (shape.split("'")[1], "embeddings", "tensor(float)", 32)
+    assert given.type == {"uint8-nhwc": "tensor(uint8)", "fp32": "tensor(float)", "fp16": "tensor(float16)"}[
+        input_format if input_format == "uint8-nhwc" else dtype]
+    frames = np.random.default_rng(0).integers(0, 256, (2, 224, 224, 3), dtype=np.uint8)
+    if input_format == "uint8-nhwc":
+        (embeddings,) = session.run(None, {given.name: frames})
+        assert not np.allclose(np.linalg.norm(embeddings, axis=1), 1.0, atol=1e-3)
+
+
+def test_the_embedding_width_of_a_tower_without_output_dim_is_its_outputs():
+    from vlmrm_fast.export import embedding_width
+    from vlmrm_fast.ops.preprocess import PreprocessSpec
+
+    class Tower(torch.nn.Module):  # as timm towers in open_clip: no output_dim
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(3, 24)
+
+        def forward(self, pixels):
+            return self.proj(pixels.mean(dim=(2, 3)))
+
+    assert embedding_width(make_tiny()[0].visual, None) == 32
+    assert embedding_width(Tower(), PreprocessSpec(size=(8, 8), mean=(0.5,) * 3, std=(0.5,) * 3)) == 24
 
 
 @pytest.mark.parametrize("argv,said", [
@@ -594,3 +628,24 @@ def test_a_link_beside_its_target_is_not_sent_to_the_target(tmp_path):
     (tmp_path / "elsewhere" / "latest.onnx").symlink_to(tmp_path / "tower.onnx")
     assert f"open it as {tmp_path / 'tower.onnx'}" in _written(tmp_path / "elsewhere" / "latest.onnx")
 
+
+def test_the_exported_files_embeddings_scored_as_the_readme_says_give_the_reward_models_rewards(tmp_path):
+    # README's export section: the file's output, normalised, into How it works' formula with rm.goals and
+    # rm.directions (or rm.score on the raw rows) gives rm(frames). Random weights are the same in every build.
+    import onnxruntime as ort
+
+    from vlmrm_fast import CLIPReward
+
+    out = tmp_path / "t.onnx"
+    assert main(["export", "vlmrm-tiny", "--out", str(out), "--no-verify"]) == 0
+    frames = np.random.default_rng(1).integers(0, 256, (4, 224, 224, 3), dtype=np.uint8)
+    (raw,) = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"frames": frames})
+    rm = CLIPReward.from_pretrained("vlmrm-tiny", None, goal="a cat", baseline="an animal", alpha=0.5,
+                                    device="cpu", backend="torch")
+    x = torch.from_numpy(raw).double()
+    x = x / x.norm(dim=1, keepdim=True)
+    g, u = rm.goals[0].double(), rm.directions[0].double()
+    v = x - g
+    rewards = 1 - 0.5 * ((1 - 0.5) ** 2 * (v * v).sum(1) + 0.5 * (2 - 0.5) * (v @ u) ** 2)
+    expected = rm(frames).double()
+    assert torch.allclose(rewards, expected, atol=1e-4) and torch.allclose(rm.score(torch.from_numpy(raw)).double(), expected, atol=1e-4)

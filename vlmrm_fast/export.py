@@ -132,9 +132,28 @@ def run_export(args: argparse.Namespace) -> int:
         batch_range = cast(tuple, batch_range)  # None for --format onnx only
         path = export_engine(visual, spec, out, dtype, args.input, batch_range, args.exporter)
         message = f"wrote {_written(path)} in {time.perf_counter() - start:.1f} s"
-    print(f"{message}. Input: {'frames uint8 [N, %d, %d, 3]' % spec.size if args.input == 'uint8-nhwc' else 'pixels [N, 3, %d, %d]' % spec.size}"
-          f"; output: embeddings [N, D] (unnormalised).")
+    height, width = spec.size
+    pixels = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[dtype]  # half graphs take half pixels
+    given = (f"'frames' uint8 [N, {height}, {width}, 3] (RGB, 0-255, normalisation folded in)" if args.input == "uint8-nhwc"
+             else f"'pixels' {pixels} [N, 3, {height}, {width}] (normalised)")
+    print(f"{message}. Input: {given}; output: 'embeddings' float32 [N, {embedding_width(visual, spec)}], not "
+          "normalised (the README's export section says how to score them).")
     return 0
+
+
+def embedding_width(visual: torch.nn.Module, spec) -> int:
+    """D, the width of the tower's embeddings: its ``output_dim`` (open_clip's ViTs and ResNets), else the width of
+    its output for one blank image (timm towers)."""
+    import torch
+
+    width = getattr(visual, "output_dim", None)
+    if isinstance(width, int):
+        return width
+    param = next(visual.parameters())
+    with torch.inference_mode():
+        from vlmrm_fast.backends.base import pooled_embeddings
+
+        return int(pooled_embeddings(visual(torch.zeros((1, 3, *spec.size), dtype=param.dtype, device=param.device))).shape[-1])
 
 
 EXPORT_SUFFIXES = (".onnx", ".engine", ".plan", ".trt")
