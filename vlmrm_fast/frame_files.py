@@ -182,7 +182,7 @@ class VideoFile:
         missing = listed is not None and decoded < listed
         if missing or self.read_error is not None:
             cause = (f"ffmpeg reports: {self.read_error}" if self.read_error is not None
-                     else f"ffmpeg could not decode {listed - decoded} of the {listed} frames it holds")
+                     else f"ffmpeg could not decode {(listed or 0) - decoded} of the {listed} frames it holds")
             found = f" of the {listed} it holds" if missing and self.read_error is not None else ""
             times = ", and the times in the source column may be off after the first missing one" if missing else ""
             return (f"frames are missing from '{self.path}': it may be cut short or damaged ({cause}); scored the "
