@@ -939,10 +939,15 @@ def test_out_and_plot_naming_one_file_are_refused_before_scoring(image_folder: P
     monkeypatch.setattr(CLIPReward, "from_pretrained", lambda *a, **k: pytest.fail("model loaded first"))
     out = tmp_path / "r.png"
     assert score([str(image_folder), "--goal", "x", "--out", str(out), f"--plot={out}", *TINY]) == 2
+    assert "names an image (.png), but --out is the rewards CSV" in capsys.readouterr().err and not out.exists()
+    link = tmp_path / "r.csv"  # a CSV name that leads to the plot's file
+    link.symlink_to(out)
+    assert score([str(image_folder), "--goal", "x", "--out", str(link), f"--plot={out}", *TINY]) == 2
     assert "--out and --plot both name" in capsys.readouterr().err and not out.exists()
     (tmp_path / "sub").mkdir()
-    assert score([str(image_folder), "--goal", "x", "--out", str(out), f"--plot={tmp_path / 'sub' / '..' / 'r.png'}",
+    assert score([str(image_folder), "--goal", "x", "--out", str(link), f"--plot={tmp_path / 'sub' / '..' / 'r.png'}",
                   *TINY]) == 2  # the same file, spelt another way
+    assert "--out and --plot both name" in capsys.readouterr().err and not out.exists()
 
 
 def test_an_out_that_cannot_be_written_is_refused_before_the_model_loads(image_folder: Path, tmp_path: Path,
