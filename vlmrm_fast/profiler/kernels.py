@@ -42,11 +42,11 @@ templates (triton_tem_) are matmuls like any other."""
 _LAYOUT_OPS = {"", "to", "copy", "view", "clone", "cat", "permute", "transpose", "t", "expand", "unsqueeze", "squeeze",
                "select", "slice", "reshape", "contiguous", "unsafe", "split", "with", "sizes", "stack"}
 TOP_KERNELS = 8
+"""Kernels listed per configuration in bench.md (bench.json keeps all of them)."""
 DISTURBED_FACTOR = 2.0
 """A profile whose ops sum to more than this many times the tower's unprofiled wall time is marked disturbed
 (:attr:`TowerProfile.disturbed`): a loaded 2-core machine gave 121 ms of matmul a call against 1.73 ms wall;
 idle, the sum is within 10% of the wall."""
-"""Kernels listed per configuration in bench.md (bench.json keeps all of them)."""
 
 
 def kernel_kind(name: str) -> str:
