@@ -828,3 +828,13 @@ def test_random_weights_are_the_same_in_every_build_and_leave_the_global_rng_alo
     one, two = first.state_dict(), second.state_dict()
     assert one.keys() == two.keys() and all(torch.equal(one[k], two[k].cpu()) for k in one)
     assert not torch.equal(one["visual.proj"], make_tiny(seed=1)[0].state_dict()["visual.proj"])  # seeds differ
+    # Another seed on request (an ensemble of random models; train draws them from its --seed), restored after.
+    from vlmrm_fast.models import random_weights_seed
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        with random_weights_seed(5):
+            five = create_clip("vlmrm-tiny", None)[0].state_dict()["visual.proj"]
+            assert torch.equal(five, create_clip("vlmrm-tiny", None)[0].state_dict()["visual.proj"])
+        assert not torch.equal(five, one["visual.proj"])
+        assert torch.equal(create_clip("vlmrm-tiny", None)[0].state_dict()["visual.proj"], one["visual.proj"])

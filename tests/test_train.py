@@ -1631,6 +1631,19 @@ def test_deferred_rewards_combine_each_step_by_its_own_mode_and_weight(tmp_path)
     recorder.close()
 
 
+def test_a_runs_random_reward_weights_follow_its_seed(tmp_path):
+    # pretrained none: drawn from the run's seed, as before random weights got a seed of their own, so that a run
+    # started then resumes with the same reward model.
+    from vlmrm_fast.train.run import build_reward_model
+
+    def proj(seed):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            return build_reward_model(dot_config(tmp_path, seed=seed)).model.visual.proj.detach().clone()
+
+    assert torch.equal(proj(3), proj(3)) and not torch.equal(proj(3), proj(0))
+
+
 def test_config_file_and_overrides(tmp_path):
     path = tmp_path / "run.toml"
     path.write_text('model = "vlmrm-tiny"\nn_envs = 4\n[sac]\nlearning_rate = 1e-3\ntotal_timesteps = 1e6\n')

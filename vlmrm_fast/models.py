@@ -1,7 +1,7 @@
 """Loading CLIP models through open_clip's registries, and what their towers expect.
 
 ``pretrained`` resolves, in this order, to: None (random weights, the same in every build: seeded with
-:data:`RANDOM_WEIGHTS_SEED`, the caller's RNG untouched; with a warning), one of open_clip's
+:data:`RANDOM_WEIGHTS_SEED` or :func:`random_weights_seed`'s, the caller's RNG untouched; with a warning), one of open_clip's
 pretrained tags for the model, or a local checkpoint file. Downloads go through open_clip's own
 cache; when the hub cannot be reached, a tag is loaded from that cache or fails at once with an
 error that says how to pass a local file instead (open_clip itself would retry for about a minute).
@@ -46,8 +46,24 @@ _OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 RANDOM_WEIGHTS_SEED = 0
-"""The seed of random weights (``pretrained=None``): every build of a model gives the same weights, in any process
-and on any backend, so offline runs compare. Drawn from a generator of its own; the caller's RNG is left as it was."""
+"""The seed of random weights (``pretrained=None``) by default: every build of a model gives the same weights, in
+any process and on any backend, so offline runs compare. Drawn from a generator of its own; the caller's RNG is
+left as it was. :func:`random_weights_seed` picks another."""
+
+_random_weights_seed = RANDOM_WEIGHTS_SEED
+
+
+@contextlib.contextmanager
+def random_weights_seed(seed: int) -> Iterator[None]:
+    """Inside the block, random weights (``pretrained=None``: ``create_clip``, ``CLIPReward.from_pretrained``) are
+    drawn with ``seed`` instead of :data:`RANDOM_WEIGHTS_SEED`: several random reward models (an ensemble), or a
+    training run's own (``vlmrm-fast train`` draws them from its ``seed``)."""
+    global _random_weights_seed
+    before, _random_weights_seed = _random_weights_seed, int(seed)
+    try:
+        yield
+    finally:
+        _random_weights_seed = before
 
 
 class PretrainedWeightsError(RuntimeError):
@@ -463,7 +479,8 @@ def create_clip(
     Args:
         model_name: an open_clip model name ("ViT-B-32", "vlmrm-tiny", "hf-hub:org/repo", "local-dir:PATH").
         pretrained: an open_clip tag for that model, a local checkpoint path, or None for random weights (the
-            same in every build, from :data:`RANDOM_WEIGHTS_SEED`; the global torch RNG is left as it was).
+            same in every build, from :data:`RANDOM_WEIGHTS_SEED` or :func:`random_weights_seed`'s; the global torch
+            RNG is left as it was).
         cache_dir: where downloads are cached (open_clip's default when None).
     Raises:
         ValueError: unknown model name or tag. FileNotFoundError: a checkpoint path that does not exist.
@@ -543,7 +560,7 @@ def _create(model_name: str, pretrained: Optional[str], cache_dir: Optional[str]
             stacklevel=stacklevel_outside_package(),
         )
         with torch.random.fork_rng(devices=[]):  # built on the CPU: its generator alone draws the weights
-            torch.manual_seed(RANDOM_WEIGHTS_SEED)
+            torch.manual_seed(_random_weights_seed)
             return open_clip.create_model(model_name)
     tags = open_clip.list_pretrained_tags_by_model(model_name)
     if pretrained in tags:

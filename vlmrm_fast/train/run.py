@@ -205,14 +205,15 @@ def model_input_size(model_name: str) -> Optional[tuple[int, int]]:
 
 
 def build_reward_model(config: TrainConfig):
-    """The CLIPReward of ``config``; random weights (pretrained none) are the same in every run
-    (``models.RANDOM_WEIGHTS_SEED``), so a resumed run gets the same model. Built under the run's ``seed``, with the
-    global RNG restored after, so that whatever else draws from it while building is the same on resuming."""
+    """The CLIPReward of ``config``; random weights (pretrained none) are drawn from ``seed``, so a resumed
+    run gets the same model. Built under the run's ``seed``, with the global RNG restored after, so that
+    whatever else draws from it while building is the same on resuming."""
     import torch
 
     from vlmrm_fast import CLIPReward
+    from vlmrm_fast.models import random_weights_seed
 
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), random_weights_seed(config.seed):
         torch.manual_seed(config.seed)
         return CLIPReward.from_pretrained(
             config.model, config.pretrained, goal=list(config.goal), baseline=list(config.baseline) or None,
