@@ -119,6 +119,15 @@ def test_score_to_a_pipe_its_reader_closed(image_folder: Path, monkeypatch, caps
     monkeypatch.setattr(sys, "stdout", ClosedPipe())
     assert score([str(image_folder), "--goal", "a red square", "--out", "-", *TINY]) == 141
     assert "Broken pipe" not in capsys.readouterr().err
+    # Another broken pipe (a socket, a subprocess of a library) is an error to report, not a reader gone.
+    monkeypatch.undo()
+
+    def broken(*args, **kwargs):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(score_command, "score_frames", broken)
+    assert score([str(image_folder), "--goal", "a red square", *TINY]) == 2
+    assert "Broken pipe" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("prompts,api", [
@@ -578,7 +587,8 @@ def test_summary_gives_the_rate_after_a_first_batch_that_warmed_up(monkeypatch) 
     monkeypatch.setattr(score_command.time, "perf_counter", lambda: next(clock))
     timer(np.zeros((5, 2, 2, 3), np.uint8))
     timer(np.zeros((3, 2, 2, 3), np.uint8))
-    assert calls == [5, 3] and timer.timing() == (5, 2.5)  # the first call's frames and seconds only
+    assert calls == [5, 3] and timer.timing(full_batch=5) == (5, 2.5)  # the first call's frames and seconds only
+    assert timer.timing(full_batch=8) is None  # a first batch cut short (the next frame had another size)
 
 
 @pytest.mark.parametrize("flags,noted", [
@@ -700,6 +710,9 @@ def test_the_plot_title_names_the_baseline_only_where_it_counts(tmp_path: Path, 
         assert 'baseline: "an animal", alpha = 0.5' in titles[0]
     score_command.write_plot(tmp_path / "r.png", np.zeros(3, np.float32), ["a cat"], None, 0.0, "v.mp4 by m, w")
     assert titles[1] == 'goal: "a cat"\nv.mp4 by m, w'  # which frames, which model: plots get compared
+    long = "clip.mp4 by ViT-B-32, " + "x" * 120 + ".pt"
+    score_command.write_plot(tmp_path / "r.png", np.zeros(3, np.float32), ["a cat"], None, 0.0, long)
+    assert titles[2] == 'goal: "a cat"\n' + long[:97] + "..."  # cut, not dropped whole as one long word
 
 
 def test_score_plot_names_the_input_and_the_model(image_folder: Path, tmp_path: Path, monkeypatch) -> None:

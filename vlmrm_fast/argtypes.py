@@ -3,6 +3,7 @@
 Free of heavy imports (torch, open_clip): the parsers are built from it before ``--help`` answers.
 """
 import argparse
+import contextlib
 import errno
 import importlib
 import os
@@ -10,7 +11,7 @@ import re
 import stat
 import tempfile
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 from vlmrm_fast.atomic import destination_of, in_made_folder
 
@@ -35,6 +36,21 @@ CLI_EXTRA_HINT = "install the CLI extra: pip install 'vlmrm-fast[cli]'"
 
 class CLIError(Exception):
     """A user-facing error of a command; :func:`vlmrm_fast.cli.main` prints its message and exits with code 2."""
+
+
+class StdoutClosed(Exception):
+    """The reader of a command's standard output stopped reading (``score --out - | head``): :func:`vlmrm_fast.cli.main`
+    ends quietly, as Unix tools do. Raised only around writes to stdout, so that another broken pipe (a socket, a
+    subprocess) is still reported."""
+
+
+@contextlib.contextmanager
+def stdout_may_close() -> Iterator[None]:
+    """Turn a broken pipe inside the block, which writes to stdout, into :class:`StdoutClosed`."""
+    try:
+        yield
+    except BrokenPipeError as error:
+        raise StdoutClosed() from error
 
 
 def require_cli_extra(module: str, package: str):

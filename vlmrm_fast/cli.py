@@ -32,7 +32,7 @@ from collections.abc import Generator, Sequence
 from pathlib import Path
 from typing import List, Optional, TextIO
 
-from vlmrm_fast.argtypes import CLIError
+from vlmrm_fast.argtypes import CLIError, StdoutClosed
 from vlmrm_fast.export import add_export_parser
 from vlmrm_fast.profiler import add_bench_parser
 from vlmrm_fast.score_command import add_score_parser
@@ -125,7 +125,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         with warnings.catch_warnings(), _library_messages_shown(args.command in SHOW_LIBRARY_MESSAGES):
             warnings.showwarning = _show_warning
             return args.handler(args)
-    except BrokenPipeError:  # the reader of stdout stopped (`score --out - | head`): quiet, as Unix tools are
+    except StdoutClosed:  # the reader of stdout stopped (`score --out - | head`): quiet, as Unix tools are
         _stdout_to_devnull()
         return 128 + signal.SIGPIPE  # the code a shell gives a tool SIGPIPE ended
     except torch.cuda.OutOfMemoryError:

@@ -8,6 +8,7 @@ import argparse
 import contextlib
 import csv
 import io
+import os
 import queue
 import sys
 import textwrap
@@ -21,7 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from vlmrm_fast.argtypes import (BACKEND_NAMES, CLIError, dtype_choice, in_cli_terms, output_file, positive_int,
-                                 require_cli_extra, writable_file)
+                                 require_cli_extra, stdout_may_close, writable_file)
 from vlmrm_fast.atomic import save_figure_atomically, write_atomically
 from vlmrm_fast.frame_files import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, LabelledFrame, open_frames
 
@@ -223,15 +224,19 @@ def _run_score(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     rewards, labels = score_frames(first_call, source, rm.max_batch_size, progress=not args.no_progress)
     elapsed = time.perf_counter() - start
+    warm_up = first_call.timing(full_batch=rm.max_batch_size)
     if csv_path is None:
-        sys.stdout.write(csv_text(rewards, labels, line_end="\n"))
-        sys.stdout.flush()
+        with stdout_may_close():
+            sys.stdout.write(csv_text(rewards, labels, line_end="\n"))
+            sys.stdout.flush()
     written: List[object] = ["the CSV to standard output"] if csv_path is None else [write_csv(csv_path, rewards, labels)]
     if plot_path is not None:
-        weights = "random weights" if args.pretrained.lower() == "none" else args.pretrained
+        weights = ("random weights" if args.pretrained.lower() == "none" else Path(args.pretrained).name
+                   if os.sep in args.pretrained else args.pretrained)  # a checkpoint by its file name
         scored = f"{args.path.name or args.path} by {args.model}, {weights}"
         written.append(write_plot(plot_path, rewards, args.goal, args.baseline, args.alpha, scored))
-    print(_summary(rewards, elapsed, written, first_call.timing()), file=sys.stderr if to_stdout else sys.stdout)
+    with stdout_may_close():
+        print(_summary(rewards, elapsed, written, warm_up), file=sys.stderr if to_stdout else sys.stdout, flush=True)
     return 0
 
 
@@ -252,9 +257,10 @@ class _FirstCallTimer:
         self._first = (len(frames), time.perf_counter() - start)
         return rewards
 
-    def timing(self) -> Optional[Tuple[int, float]]:
-        """(frames, seconds) of the first call, or None before it."""
-        return self._first
+    def timing(self, full_batch: int) -> Optional[Tuple[int, float]]:
+        """(frames, seconds) of the first call where it had ``full_batch`` frames; None before it, or where it
+        was cut short (a folder whose first image has another size: its rate is no measure of a warm-up)."""
+        return self._first if self._first is not None and self._first[0] == full_batch else None
 
 
 OTHER_IMAGE_EXTENSIONS = (".gif", ".tif", ".tiff", ".svg", ".pdf")
@@ -429,8 +435,8 @@ def write_plot(
     title = "goal: " + _quote_prompts(goal)
     if baseline and alpha > 0:
         title += f"\nbaseline: {_quote_prompts(baseline)}, alpha = {alpha:g}"
-    if scored:
-        title += "\n" + textwrap.shorten(scored, width=100, placeholder=" ...")
+    if scored:  # cut by characters: textwrap.shorten drops a word (a path) longer than the width whole
+        title += "\n" + (scored if len(scored) <= 100 else scored[:97] + "...")
     ax.set_title(title, fontsize=10)
     return save_figure_atomically(figure, path)
 
