@@ -2699,14 +2699,26 @@ def test_a_run_folder_is_held_by_one_holder_at_a_time(tmp_path):
 def test_resuming_a_run_folder_whose_run_has_no_checkpoint_yet_names_its_holder(tmp_path):
     # A requeued job resumes while its first copy is still starting: "no checkpoints folder, start a new run"
     # would be wrong advice (a new run there is refused too); the holder is named, as a new run's error does.
+    import argparse
+
     from vlmrm_fast.train import run_lock
+    from vlmrm_fast.train.command import config_from_args
     from vlmrm_fast.train.run import _check_resume_folder
 
     run_dir = tmp_path / "run"
     with run_lock.hold_run_folder(run_dir):
         with pytest.raises(run_lock.RunFolderBusy, match=rf"in use by another training process \(pid {os.getpid()} on "
-                                                         r".*not written its first checkpoint yet.*then --resume it"):
+                                                         r".*not written a complete checkpoint yet.*then --resume it"):
             _check_resume_folder(run_dir)
+        # Its first checkpoint being written: checkpoints/ holds a .tmp- folder only.
+        (run_dir / "checkpoints" / ".tmp-step_000000000040-1-abcd").mkdir(parents=True)
+        args = argparse.Namespace(set=[], preset=None, config=None, resume=run_dir, print_config=False,
+                                  **{f"field_{k}": None for k in TrainConfig.__dataclass_fields__})
+        with pytest.raises(run_lock.RunFolderBusy, match="not written a complete checkpoint yet"):
+            config_from_args(args)
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):  # the holder gone: the usual error
+        config_from_args(args)
+    shutil.rmtree(run_dir / "checkpoints")
     assert run_lock.busy_holder(run_dir) is None  # the holder gone: the usual error
     with pytest.raises(FileNotFoundError, match="no checkpoints folder"):
         _check_resume_folder(run_dir)

@@ -18,7 +18,8 @@ from typing import Any, Optional
 from vlmrm_fast.train import checkpoint as ckpt
 from vlmrm_fast.train.config import (PRESETS, RESUMABLE_FIELDS, TrainConfig, apply_overrides, field_help, from_preset,
                                      load_config_file, parse_set)
-from vlmrm_fast.train.run import _check_resume_config, _check_resume_folder, _resume_checkpoint, default_run_dir, train
+from vlmrm_fast.train.run import (_check_resume_config, _check_resume_folder, _resume_checkpoint, default_run_dir,
+                                  refuse_if_held, train)
 from vlmrm_fast.train.run_lock import RunFolderBusy, hold_run_folder
 
 
@@ -55,7 +56,11 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, Optional[Pa
             ckpt.clean_stale(run_dir)  # first: it puts back a checkpoint a crash left mid-overwrite
     except (RunFolderBusy, OSError):
         pass  # in use, or not ours to write: reading is safe (--print-config); train() refuses to run beside a holder
-    found = _resume_checkpoint(run_dir, run_dir)
+    try:
+        found = _resume_checkpoint(run_dir, run_dir)
+    except (FileNotFoundError, ValueError):
+        refuse_if_held(run_dir)  # its first checkpoint still being written, say
+        raise
     saved = TrainConfig.from_dict(json.loads((found / "config.json").read_text()), f"checkpoint '{found}'")
     # A preset names a whole config; a config file or flags without one change the saved config.
     given = config if args.preset else apply_overrides(

@@ -487,6 +487,17 @@ def default_run_dir(name: str = "run") -> Path:
     return Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
 
 
+def refuse_if_held(run_dir: Path) -> None:
+    """Where another process holds ``run_dir`` (a run that has not written a complete checkpoint yet, found
+    resuming it), raise :class:`RunFolderBusy` naming it: "no checkpoint, start a new run" would be wrong
+    advice. Not for a caller holding the folder itself (its own lock would name it)."""
+    holder = busy_holder(run_dir)
+    if holder is not None:
+        raise RunFolderBusy(
+            f"run folder '{run_dir}' is in use by another training process{holder}, which has not written a complete "
+            "checkpoint yet: wait for it to end (SIGINT or SIGTERM make it checkpoint and stop), then --resume it")
+
+
 def _check_resume_folder(run_dir: Path) -> None:
     if not run_dir.is_dir():
         link = broken_link_on_the_way(run_dir)  # runs -> /scratch/runs, /scratch not mounted on this node
@@ -502,12 +513,7 @@ def _check_resume_folder(run_dir: Path) -> None:
                  else "resume the run folder that holds it in checkpoints/")
         raise FileNotFoundError(f"'{run_dir}' is a checkpoint folder: {where}")
     if not ckpt.checkpoint_root(run_dir).is_dir():  # not a run folder: refused before a lock file lands in it
-        holder = busy_holder(run_dir)
-        if holder is not None:  # a run started there has not written its first checkpoint yet
-            raise RunFolderBusy(
-                f"run folder '{run_dir}' is in use by another training process{holder}, which has not written its "
-                "first checkpoint yet: wait for it to end (SIGINT or SIGTERM make it checkpoint and stop), then "
-                "--resume it")
+        refuse_if_held(run_dir)  # a run started there has not written its first checkpoint yet
         run = next((parent for parent in list(folder.parents)[:2]  # RUN/tb, RUN/videos/x, RUN/checkpoints
                     if ckpt.checkpoint_root(parent).is_dir() and (parent / "config.json").is_file()), None)
         fix = (f"it is inside the run folder '{run}': --resume {shlex.quote(str(run))}" if run is not None
