@@ -3309,7 +3309,7 @@ def test_the_progress_bar_counts_env_steps_and_a_resumed_run_starts_at_its_step(
     assert "40/60" in bar and "60/60" in bar and "20/60" not in bar
 
 
-def test_progress_is_a_bar_on_a_terminal_and_lines_in_a_log_file(monkeypatch):
+def test_progress_is_a_bar_on_a_terminal_and_lines_in_a_log_file(tmp_path, monkeypatch):
     # A cluster job's stderr is a file: a bar redrawn with \r there makes one line growing all run long.
     import io
 
@@ -3318,7 +3318,13 @@ def test_progress_is_a_bar_on_a_terminal_and_lines_in_a_log_file(monkeypatch):
     from vlmrm_fast.train import progress_bar
 
     log = io.StringIO()
-    monkeypatch.setattr(sys, "stderr", log)
+    monkeypatch.setattr(sys, "stderr", log)  # a notebook's stream: no file descriptor, tqdm's bar
+    notebook = progress_bar.progress_display(total=100, initial=20)
+    assert isinstance(notebook, tqdm)
+    notebook.close()
+    log.seek(0), log.truncate()
+    log_file = open(tmp_path / "job.log", "w+")  # a job's log (a pipe is the same): lines
+    monkeypatch.setattr(log, "fileno", log_file.fileno, raising=False)
     clock = iter(range(0, 1000, 25))  # each reading of the clock 25 s after the last
     monkeypatch.setattr(progress_bar.time, "monotonic", lambda: float(next(clock)))
     lines = progress_bar.progress_display(total=100, initial=20)
@@ -3333,10 +3339,14 @@ def test_progress_is_a_bar_on_a_terminal_and_lines_in_a_log_file(monkeypatch):
     assert [line.split(" [")[0] for line in text.splitlines()] == [
         "train:  20% 20/100", "train:  50% 50/100", "SIGTERM: checkpointing", "train:  60% 60/100"]
     assert text.splitlines()[-1].endswith("/step, vlm_return=0.5]")
-    monkeypatch.setattr(log, "isatty", lambda: True, raising=False)
+    master, terminal = os.openpty()  # a terminal: the bar
+    monkeypatch.setattr(log, "fileno", lambda: terminal, raising=False)
     bar = progress_bar.progress_display(total=100, initial=20)
     assert isinstance(bar, tqdm) and bar.n == 20
     bar.close()
+    for fd in (master, terminal):
+        os.close(fd)
+    log_file.close()
 
 
 def test_a_checkpoint_whose_model_and_meta_disagree_on_the_step_is_refused(tmp_path, one_checkpoint):

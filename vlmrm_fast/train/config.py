@@ -115,7 +115,7 @@ class TrainConfig:
     video_length: Optional[int] = _f(None, "frames per evaluation video (default: the episode length)")
     tensorboard: bool = _f(True, "write TensorBoard logs to RUN_DIR/tb")
     log_every: int = _f(0, "env steps between TensorBoard dumps (0: every rollout)")
-    progress: bool = _f(True, "show a progress bar with steps/s (where stderr is not a terminal, a log file: a line a minute)")
+    progress: bool = _f(True, "show a progress bar with steps/s (where stderr is a file or a pipe, a job's log: a line a minute)")
 
     # ------------------------------------------------------------------------- helpers
 

@@ -1,7 +1,10 @@
-"""The training progress display: tqdm's bar on a terminal; in a log file (a cluster job's stderr), the
-same text as a line every minute, since a bar redrawn with carriage returns makes one ever-growing line."""
+"""The training progress display: tqdm's bar on a terminal or in a notebook; in a log file or a pipe (a cluster
+job's stderr), the same text as a line every minute, since a bar redrawn with carriage returns makes one
+ever-growing line."""
 from __future__ import annotations
 
+import os
+import stat
 import sys
 import time
 from typing import Any, Optional, TextIO, Union
@@ -51,9 +54,19 @@ class ProgressLines:
         print(line, file=self._file, flush=True)
 
 
+def _stderr_is_a_log() -> bool:
+    """Whether stderr is a file, a pipe or a socket (a job's log, ``2>&1 | tee``): not a terminal, and not a
+    notebook's stream (no file descriptor), where tqdm's bar is the display."""
+    try:
+        mode = os.fstat(sys.stderr.fileno()).st_mode
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is both
+        return False
+    return stat.S_ISREG(mode) or stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)
+
+
 def progress_display(total: int, initial: int) -> Union[tqdm, ProgressLines]:
-    """A tqdm bar of env steps where stderr is a terminal, else :class:`ProgressLines`."""
-    isatty = getattr(sys.stderr, "isatty", None)
-    if isatty is not None and isatty():
-        return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, desc="train", smoothing=0.05)
-    return ProgressLines(total, initial)
+    """:class:`ProgressLines` where stderr is a log (a file, a pipe, a socket), else a tqdm bar of env steps
+    (a terminal, a notebook)."""
+    if _stderr_is_a_log():
+        return ProgressLines(total, initial)
+    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, desc="train", smoothing=0.05)
