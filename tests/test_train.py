@@ -1499,7 +1499,8 @@ def test_a_run_on_a_local_weights_file_resumes_from_any_folder(tmp_path, monkeyp
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(2)
         torch.save(open_clip.create_model("vlmrm-tiny").state_dict(), elsewhere / "other.pt")
-    with pytest.raises(ValueError, match=r"pretrained: '.*start/tiny.pt' in the checkpoint, '.*elsewhere/other.pt' given"):
+    with pytest.raises(ValueError, match=r"pretrained: '.*start/tiny.pt' in the checkpoint, '.*elsewhere/other.pt' "
+                                         r"given \(not the run's weights: their bytes differ\)"):
         train(dot_config(tmp_path, total_timesteps=40, pretrained="other.pt"), resume=first.run_dir)
     resumed = train(dot_config(tmp_path, total_timesteps=40, pretrained="copy.pt"), resume=first.run_dir)
     assert resumed.num_timesteps == 40
@@ -1512,12 +1513,22 @@ def test_a_run_on_a_local_weights_file_resumes_from_any_folder(tmp_path, monkeyp
     args = argparse.Namespace(set=[f"pretrained={start / 'tiny.pt'}"], preset=None, config=None, resume=first.run_dir,
                               print_config=False, **{f"field_{k}": None for k in TrainConfig.__dataclass_fields__})
     assert config_from_args(args)[0].pretrained == str(start / "tiny.pt")  # the command line's too
-    # Weights moved away from the saved path: not taken on trust, and the error says why and what to do.
+    # Weights moved away from the saved path (another node's mount): the new path is checked against the bytes
+    # recorded when the run started, not against the file that is gone.
     (elsewhere / "copy.pt").rename(elsewhere / "moved.pt")
-    with pytest.raises(ValueError, match="weights file is not found from here: .*put the file"):
-        train(dot_config(tmp_path, total_timesteps=60, pretrained=str(start / "tiny.pt")), resume=first.run_dir)
-    with pytest.raises(FileNotFoundError, match="the run's weights file .* is not found from here"):
+    with pytest.raises(FileNotFoundError, match="the run's weights file .* is not found from here: give its new path"):
         train(TrainConfig.from_dict({**saved, "total_timesteps": 60}), resume=first.run_dir)
+    assert train(dot_config(tmp_path, total_timesteps=60, pretrained="moved.pt"), resume=first.run_dir).num_timesteps == 60
+    # A run from before the record: the saved file is what the given one is compared with, so it must be there.
+    (first.run_dir / "weights.json").unlink()
+    (elsewhere / "moved.pt").rename(elsewhere / "gone.pt")
+    with pytest.raises(ValueError, match="weights file is not found from here: .*put the file"):
+        train(dot_config(tmp_path, total_timesteps=80, pretrained=str(start / "tiny.pt")), resume=first.run_dir)
+    assert not (first.run_dir / "weights.json").exists()
+    (elsewhere / "gone.pt").rename(elsewhere / "moved.pt")
+    assert train(dot_config(tmp_path, total_timesteps=80, pretrained=str(start / "tiny.pt")),
+                 resume=first.run_dir).num_timesteps == 80
+    assert json.loads((first.run_dir / "weights.json").read_text())["size"] == (start / "tiny.pt").stat().st_size
 
 
 def test_resume_with_another_config_names_fields_and_fix(tmp_path):

@@ -16,8 +16,8 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import difflib
-import filecmp
 import functools
+import hashlib
 import importlib
 import json
 import math
@@ -26,7 +26,7 @@ import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
+from typing import Any, Callable, Optional, Union, get_args, get_origin, get_type_hints
 
 from vlmrm_fast.argtypes import FLOAT32_MAX, dtype_name
 
@@ -422,12 +422,14 @@ def coerce(name: str, hint: Any, value: Any, source: str = "config") -> Any:
     return value  # pragma: no cover
 
 
-def diff_configs(saved: TrainConfig, given: TrainConfig, ignore=RESUMABLE_FIELDS) -> list[tuple[str, Any, Any]]:
-    """``(field, saved value, given value)`` for each field that differs, outside ``ignore``; two paths to
-    the same weights (:func:`same_weights_file`) do not differ."""
+def diff_configs(saved: TrainConfig, given: TrainConfig, ignore=RESUMABLE_FIELDS,
+                 same_weights: Callable[[Optional[str], Optional[str]], bool] = lambda a, b: False,
+                 ) -> list[tuple[str, Any, Any]]:
+    """``(field, saved value, given value)`` for each field that differs, outside ``ignore``; two values of
+    ``pretrained`` that ``same_weights`` says name the same weights do not differ."""
     a, b = saved.to_dict(), given.to_dict()
     return [(k, a[k], b[k]) for k in a if k not in ignore and a[k] != b[k]
-            and not (k == "pretrained" and same_weights_file(a[k], b[k]))]
+            and not (k == "pretrained" and same_weights(a[k], b[k]))]
 
 
 def weights_file(model: str, pretrained: Optional[str]) -> Optional[Path]:
@@ -450,15 +452,21 @@ def with_absolute_weights_path(config: TrainConfig) -> TrainConfig:
     return config if path is None else dataclasses.replace(config, pretrained=str(path))
 
 
-def same_weights_file(a: Optional[str], b: Optional[str]) -> bool:
-    """Whether ``a`` and ``b`` are paths of one file, or of two files with the same bytes (weights copied
-    or linked elsewhere between a run and its resume)."""
-    if not a or not b:
-        return False
-    a, b = os.path.expanduser(a), os.path.expanduser(b)
-    if not (os.path.isfile(a) and os.path.isfile(b)):
-        return False
-    return os.path.samefile(a, b) or filecmp.cmp(a, b, shallow=False)
+_digests: dict = {}
+
+
+def file_digest(path: Union[str, os.PathLike]) -> tuple[int, str]:
+    """(size, SHA-256) of a file, read once a process while its size and modification time stay the same
+    (a resume compares the weights file twice: from the command line, then in train)."""
+    stat = os.stat(path)
+    key = (os.path.realpath(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _digests:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                digest.update(block)
+        _digests[key] = (stat.st_size, digest.hexdigest())
+    return _digests[key]
 
 
 def field_help() -> dict[str, str]:

@@ -40,6 +40,8 @@ from vlmrm_fast.train.config import (  # noqa: E402
     RESUMABLE_FIELDS,
     TrainConfig,
     diff_configs,
+    file_digest,
+    weights_file,
     with_absolute_weights_path,
 )
 from vlmrm_fast.train.progress_csv import csv_name, drop_rows_logged_past  # noqa: E402
@@ -306,7 +308,7 @@ def train(config: TrainConfig, *, resume: Union[str, os.PathLike, None] = None, 
         except BaseException:
             if new_folder:  # a set-up that failed before any log or checkpoint: the folder goes too
                 with contextlib.suppress(OSError):  # the error to report is the set-up's
-                    remove_unstarted_run(run_dir, keep=["config.json"])
+                    remove_unstarted_run(run_dir, keep=["config.json", WEIGHTS_RECORD])
             raise
 
 
@@ -323,6 +325,7 @@ def _train_in(run_dir: Path, config: TrainConfig, resume, reward_model, start: f
             warnings.warn(f"resuming from '{resume_from.name}'; the newer checkpoint passed over is kept as '{path}'")
     config_json = config.to_json()
     write_atomically(run_dir / "config.json", config_json.encode())
+    _record_weights(run_dir, config)
 
     # 1. frames: check the env renders RGB before loading a large model.
     size = (config.render_height, config.render_width)
@@ -567,10 +570,43 @@ def _names(folders: Sequence[Path]) -> str:
     return ", ".join(shown) + (f" and {len(folders) - 3} older" if len(folders) > 3 else "")
 
 
-_MISSING_WEIGHTS_FIX = ("a relative path is read from the working folder (runs started before vlmrm-fast saved "
-                       "it absolute), so resume from the folder the run started in, or put the file (or a link to "
-                       "it) back at that path: pretrained may name another path on resume only to the same bytes, "
-                       "checked against that file")
+_MISSING_WEIGHTS_FIX = ("give its new path with --pretrained (accepted where its bytes are the run's: their SHA-256 is "
+                       "in RUN_DIR/weights.json), or put the file (or a link to it) back at that path; a relative "
+                       "path (runs started before vlmrm-fast saved it absolute) is read from the working folder, so "
+                       "resuming from the folder the run started in finds it too")
+
+WEIGHTS_RECORD = "weights.json"
+"""In the run folder: the size and SHA-256 of the run's local weights file, written when the run starts (or, for a
+run from before it, at its first resume), so that a resume may name another path to the same bytes."""
+
+
+def _weights_record(run_dir: Path) -> Optional[dict]:
+    try:
+        record = json.loads((run_dir / WEIGHTS_RECORD).read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and {"size", "sha256"} <= set(record) else None
+
+
+def _record_weights(run_dir: Path, config: TrainConfig) -> None:
+    """Write :data:`WEIGHTS_RECORD` for a run on a local weights file, where it is missing (one read of the file)."""
+    path = weights_file(config.model, config.pretrained)
+    if path is not None and _weights_record(run_dir) is None:
+        size, sha256 = file_digest(path)
+        write_atomically(run_dir / WEIGHTS_RECORD, json.dumps({"size": size, "sha256": sha256}).encode())
+
+
+def _same_weights(run_dir: Path, saved: Optional[str], given: Optional[str]) -> bool:
+    """Whether the weights file ``given`` on resume holds the run's weights (``saved``, its path in the checkpoint):
+    its bytes against the run's record, or, for a run without one, against the saved file, which must be there."""
+    if not saved or not given or not os.path.isfile(os.path.expanduser(given)):
+        return False
+    given = os.path.expanduser(given)
+    record = _weights_record(run_dir)
+    if record is not None:
+        return os.path.getsize(given) == record["size"] and file_digest(given)[1] == record["sha256"]
+    saved = os.path.expanduser(saved)
+    return os.path.isfile(saved) and (os.path.samefile(saved, given) or file_digest(saved) == file_digest(given))
 
 
 def _missing_weights_file(pretrained: Optional[str]) -> bool:
@@ -586,11 +622,14 @@ def _check_resume_config(found: Path, config: TrainConfig) -> None:
     """A checkpoint continues only under its own config (bar the fields that may change on resume; the
     weights file by its bytes, not its path)."""
     saved = TrainConfig.from_dict(json.loads((found / "config.json").read_text()), f"checkpoint '{found}'")
-    diffs = diff_configs(saved, config)
+    run_dir = found.parent.parent
+    diffs = diff_configs(saved, config, same_weights=lambda a, b: _same_weights(run_dir, a, b))
     if diffs:
         lines = "; ".join(f"{k}: {a!r} in the checkpoint, {b!r} given" for k, a, b in diffs)
-        if any(k == "pretrained" for k, _, _ in diffs) and _missing_weights_file(saved.pretrained):
-            lines += f" (the checkpoint's weights file is not found from here: {_MISSING_WEIGHTS_FIX})"
+        if any(k == "pretrained" for k, _, _ in diffs):
+            lines += (" (not the run's weights: their bytes differ)" if _weights_record(run_dir) is not None else
+                      f" (the checkpoint's weights file is not found from here: {_MISSING_WEIGHTS_FIX})"
+                      if _missing_weights_file(saved.pretrained) else "")
         raise ValueError(
             f"checkpoint '{found}' comes from another config ({lines}). Resume with the run's own config "
             f"(vlmrm-fast train --resume {shlex.quote(str(found.parent.parent))}, without --preset/--config or those overrides), or "
