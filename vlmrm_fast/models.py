@@ -296,10 +296,15 @@ def _config_text_shape(model_name: str) -> Optional[Tuple[int, int]]:
 def _which_vit_fits(path: str, model_name: str) -> Optional[str]:
     """What a checkpoint that does not load into ``model_name`` holds (a ViT's widths, layers and sizes) and
     the open_clip configs it fits: the rest of the error's sentence; None where that cannot be told."""
-    try:
-        state_dict = open_clip.factory.load_state_dict(path)
-    except Exception:  # noqa: BLE001 - the caller reports the load's own error instead
-        return None
+    try:  # memory-mapped where torch can (a zip checkpoint): the failed load's copy may still be held
+        state_dict = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        state_dict = state_dict.get("state_dict", state_dict) if isinstance(state_dict, dict) else {}
+        state_dict = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state_dict.items()}
+    except Exception:  # noqa: BLE001 - safetensors, a legacy pickle: open_clip's reader
+        try:
+            state_dict = open_clip.factory.load_state_dict(path)
+        except Exception:  # noqa: BLE001 - the caller reports the load's own error instead
+            return None
     found, wanted = _vit_shape(state_dict), _config_vit_shape(model_name)
     if found is None or wanted is None or found == wanted:
         return None
