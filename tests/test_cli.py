@@ -284,6 +284,18 @@ def test_a_video_cut_short_is_reported_as_missing_frames(tmp_path: Path, contain
     assert 0 < decoded < 12 and len(messages) == 1 and f"scored the {decoded} frames it decoded" in messages[0]
 
 
+def test_a_read_error_that_loses_no_frame_is_not_called_missing_frames(tmp_path: Path) -> None:
+    # A demuxer's complaint about another stream, with every listed frame decoded: no frame is missing.
+    source = frame_files.VideoFile(tmp_path / "v.mkv", fps=10.0, size=(4, 4), total=3,
+                                   timestamps=[0.0, 0.1, 0.2], read_error="Unknown codec for stream 1")
+    assert source._missing_frames(3) is None
+    source.read_error = "stream 0, offset 0x346d5: partial file"  # cut short: the listing stops at the cut too
+    assert "frames are missing" in source._missing_frames(3)
+    source.read_error = "Unknown codec for stream 1"
+    assert "frames are missing" in source._missing_frames(2)  # fewer decoded: missing, by the count, not that error
+    assert "ffmpeg could not decode 1 of the 3 frames" in source._missing_frames(2)
+
+
 def test_ffmpegs_read_error_is_its_last_line_without_the_prefix() -> None:
     stderr = ("[h264 @ 0x55c1961e76c0] Invalid NAL unit size (6228 > 1938).\n"
               "[in#0/mov,mp4,m4a,3gp,3g2,mj2 @ 0x55c19613e080] stream 0, offset 0x346d5: partial file\n\n")

@@ -180,10 +180,11 @@ class VideoFile:
         short or damaged), or more decoded than listed (the times in the source column may then be off)."""
         listed = None if self.timestamps is None else len(self.timestamps)
         missing = listed is not None and decoded < listed
-        if missing or self.read_error is not None:
-            cause = (f"ffmpeg reports: {self.read_error}" if self.read_error is not None
+        cut_short = self.read_error is not None and (TRUNCATED.search(self.read_error) is not None or listed is None)
+        if missing or cut_short:
+            cause = (f"ffmpeg reports: {self.read_error}" if cut_short
                      else f"ffmpeg could not decode {(listed or 0) - decoded} of the {listed} frames it holds")
-            found = f" of the {listed} it holds" if missing and self.read_error is not None else ""
+            found = f" of the {listed} it holds" if missing and cut_short else ""
             times = ", and the times in the source column may be off after the first missing one" if missing else ""
             return (f"frames are missing from '{self.path}': it may be cut short or damaged ({cause}); scored the "
                     f"{decoded} frames it decoded{found}{times}; check that it plays to the end, or get a whole copy "
@@ -199,6 +200,11 @@ class VideoFile:
         if self.timestamps is not None and index < len(self.timestamps):
             return f"{self.timestamps[index]:.4f}"
         return f"{index / self.fps:.4f}" if self.fps else ""
+
+
+TRUNCATED = re.compile(r"partial file|ended prematurely|truncat|end of file|\bEOF\b", re.IGNORECASE)
+"""ffmpeg's read errors that mean a file cut short (the listing, and so the frame count, stops at the cut). Another
+error reading a file whose every listed frame decoded (a demuxer's complaint about another stream) loses no frame."""
 
 
 def _read_frames(ffmpeg, path: Path) -> Generator[Any, None, None]:
