@@ -558,6 +558,27 @@ def test_frames_that_do_not_fit_name_the_batch_size_and_leave_no_folder(tmp_path
     assert not (tmp_path / "by").exists() and (tmp_path / "kept").is_dir()  # made by the run: gone; given: kept
 
 
+def test_frames_for_a_gpu_are_checked_against_host_memory_too(monkeypatch):
+    # On CUDA the frames are drawn in host memory first and kept there: host memory runs out too, and the error
+    # must name the memory that did not suffice (no GPU needed: the memory figures are stand-ins).
+    from vlmrm_fast.profiler import run as bench
+
+    cuda = torch.device("cuda")
+    for host_free, gpu_free, named in ((10**9, 10**12, "cpu"), (10**12, 10**9, "cuda")):
+        monkeypatch.setattr(bench, "available_memory",
+                            lambda device, h=host_free, g=gpu_free: h if device.type == "cpu" else g)
+        with pytest.raises(ValueError, match=f"more than the {named} memory could give"):
+            bench.Frames.make(100000, 224, cuda, seed=False)
+
+    def gpu_out_of_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 14.02 GiB")
+
+    monkeypatch.setattr(bench.Frames, "_make", classmethod(gpu_out_of_memory))
+    monkeypatch.setattr(bench, "available_memory", lambda device: None)
+    with pytest.raises(ValueError, match="more than the cuda memory could give"):
+        bench.Frames.make(8, 224, cuda, seed=False)
+
+
 def test_other_runtime_errors_making_the_frames_are_not_called_out_of_memory(monkeypatch):
     from vlmrm_fast.profiler import run as bench
 

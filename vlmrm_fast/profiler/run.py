@@ -263,15 +263,18 @@ class Frames:
         """The frames, or a ValueError naming the batch size and the memory they need where they do not fit (also
         before trying, where they would take more than the memory available: Linux may grant the allocation and
         end the process later, as its memory runs out)."""
-        free = available_memory(device)
-        if free is not None and frame_bytes(n, size, seed) > free:
-            raise ValueError(frames_do_not_fit(n, size, device, seed, free))
+        host = torch.device("cpu")  # the frames are drawn in host memory first, and kept there on CUDA
+        for memory in dict.fromkeys((host, device)):
+            free = available_memory(memory)
+            if free is not None and frame_bytes(n, size, seed) > free:
+                raise ValueError(frames_do_not_fit(n, size, memory, seed, free))
         try:
             return cls._make(n, size, device, seed)
         except (RuntimeError, MemoryError) as error:  # torch.cuda.OutOfMemoryError is a RuntimeError
             if not is_out_of_memory(error):
                 raise
-            raise ValueError(frames_do_not_fit(n, size, device, seed, available_memory(device))) from None
+            failed = device if isinstance(error, torch.cuda.OutOfMemoryError) or "cuda" in str(error).lower() else host
+            raise ValueError(frames_do_not_fit(n, size, failed, seed, available_memory(failed))) from None
 
     @classmethod
     def _make(cls, n: int, size: int, device: torch.device, seed: bool) -> "Frames":
