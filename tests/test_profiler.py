@@ -1986,6 +1986,21 @@ def test_a_failed_configuration_is_reported_and_the_command_exits_1(tmp_path, mo
     assert results["failures"] == [{"what": "vlmrm-tiny torch fp32 batch 2", "error": "RuntimeError: out of something"}]
 
 
+def test_a_configuration_out_of_memory_names_the_fix():
+    # Its frames fitted (checked up front), the tower's activations at that batch did not.
+    from types import SimpleNamespace
+
+    from vlmrm_fast.profiler import run as bench
+
+    failures = []
+    profiler_ = SimpleNamespace(report=SimpleNamespace(failures=failures), say=lambda message: None,
+                                _free=lambda: None)
+    bench.Profiler.fail(profiler_, "ViT-L-14 torch bf16 batch 1024",
+                        torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB"))
+    assert failures[0]["error"].startswith("out of memory: pass smaller --batch-sizes")
+    assert failures[0]["error"].endswith("(OutOfMemoryError: CUDA out of memory. Tried to allocate 9.00 GiB)")
+
+
 def test_a_run_with_nothing_it_can_run_stops_before_any_work(tmp_path, capsys):
     argv = ["bench", "--models", "vlmrm-tiny", "--backends", "tensorrt", "--no-seed", "--device", "cpu",
             "--out", str(tmp_path / "out"), "--no-progress", "--no-plot"]

@@ -295,6 +295,10 @@ class Frames:
         )
 
 
+OUT_OF_MEMORY_HINT = ("out of memory: pass smaller --batch-sizes (a configuration's activations grow with its batch), "
+                      "or a lower --dtypes")
+
+
 def is_out_of_memory(error: BaseException) -> bool:
     """Whether ``error`` is an allocation that failed: torch's CPU allocator ("DefaultCPUAllocator: can't allocate
     memory"), CUDA's ("CUDA out of memory"), or Python's MemoryError."""
@@ -362,6 +366,8 @@ class Profiler:
 
     def fail(self, what: str, error: BaseException) -> None:
         text = f"{type(error).__name__}: {error}"
+        if is_out_of_memory(error):  # the frames fitted, the tower's activations did not
+            text = f"{OUT_OF_MEMORY_HINT} ({text})"
         self.report.failures.append({"what": what, "error": text[:2000]})
         self.say(f"FAILED {what}: {text[:500]}")
         self._free()
