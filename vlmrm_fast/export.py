@@ -156,7 +156,7 @@ def embedding_width(visual: torch.nn.Module, spec) -> int:
         return int(pooled_embeddings(visual(torch.zeros((1, 3, *spec.size), dtype=param.dtype, device=param.device))).shape[-1])
 
 
-EXPORT_SUFFIXES = (".onnx", ".engine", ".plan", ".trt")
+EXPORT_SUFFIXES = (".onnx", *ENGINE_SUFFIXES)
 """What an existing file at ``--out`` may be named for an export to replace it: an earlier export."""
 
 

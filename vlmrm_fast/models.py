@@ -66,6 +66,12 @@ def random_weights_seed(seed: int) -> Iterator[None]:
         _random_weights_seed = before
 
 
+def names_a_file(pretrained: str) -> bool:
+    """Whether ``pretrained`` (not a tag of the model) is meant as a checkpoint path, by its form: a folder in it,
+    or a checkpoint's suffix; else it reads as a mistyped tag."""
+    return os.sep in pretrained or pretrained.endswith(_CHECKPOINT_SUFFIXES)
+
+
 class PretrainedWeightsError(RuntimeError):
     """Pretrained weights were asked for but cannot be had (offline, unknown tag, bad checkpoint)."""
 
@@ -290,7 +296,8 @@ def _config_text_shape(model_name: str) -> Optional[Tuple[int, int]]:
     text = config.get("text_cfg") or {}
     if text.get("hf_model_name") or config.get("multimodal_cfg"):
         return None
-    return text.get("vocab_size", 49408), text.get("width", 512)
+    defaults = open_clip.model.CLIPTextCfg()
+    return text.get("vocab_size", defaults.vocab_size), text.get("width", defaults.width)
 
 
 def _which_vit_fits(path: str, model_name: str) -> Optional[str]:
@@ -577,7 +584,7 @@ def _create(model_name: str, pretrained: Optional[str], cache_dir: Optional[str]
         raise ValueError(f"{pretrained!r} is a folder, not a checkpoint file: pass the file in it, or, for a folder "
                          f"holding open_clip_config.json and its weights, model_name='local-dir:{pretrained}' "
                          "with pretrained=None.")
-    if os.sep in pretrained or pretrained.endswith(_CHECKPOINT_SUFFIXES):
+    if names_a_file(pretrained):
         raise FileNotFoundError(
             f"No checkpoint file at {pretrained!r}. Pass an existing path, or "
             + (f"one of open_clip's tags for {model_name}: {tags}." if tags else

@@ -18,9 +18,8 @@ from typing import Any, Optional
 from vlmrm_fast.train import checkpoint as ckpt
 from vlmrm_fast.train.config import (PRESETS, RESUMABLE_FIELDS, TrainConfig, apply_overrides, field_help, from_preset,
                                      load_config_file, parse_set)
-from vlmrm_fast.train.run import (_check_resume_config, _check_resume_folder, _resume_checkpoint, default_run_dir,
-                                  refuse_if_held, train)
-from vlmrm_fast.train.run_lock import RunFolderBusy, hold_run_folder
+from vlmrm_fast.train.run import _check_resume_config, _check_resume_folder, _resume_checkpoint, default_run_dir, train
+from vlmrm_fast.train.run_lock import RunFolderBusy, hold_run_folder, refuse_if_held
 
 
 def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, Optional[Path]]:
@@ -73,15 +72,13 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, Optional[Pa
         changed |= {"pretrained"}  # checked above: the same bytes at another path, where the run reads them now
     effective = dataclasses.replace(saved, **{k: getattr(given, k) for k in changed})
     if args.preset:
-        kept = {k: (v, getattr(effective, k)) for k, v in PRESETS[args.preset].items()
-                if k in RESUMABLE_FIELDS - changed - {"run_dir"} and getattr(given, k) != getattr(effective, k)}
+        kept = sorted(k for k in PRESETS[args.preset] if k in RESUMABLE_FIELDS - changed - {"run_dir"}
+                      and getattr(given, k) != getattr(effective, k))
         if kept:
-            warnings.warn(
-                f"--preset {args.preset} on --resume is checked against the run's config, and its "
-                + ", ".join(f"{k}={getattr(given, k)!r}" for k in sorted(kept))
-                + " do not change the run, which keeps its "
-                + ", ".join(f"{k}={now!r}" for k, (_, now) in sorted(kept.items()))
-                + ": give those as flags (--set KEY=VALUE) to change them", UserWarning, stacklevel=2)
+            values = lambda config: ", ".join(f"{k}={getattr(config, k)!r}" for k in kept)  # noqa: E731
+            warnings.warn(f"--preset {args.preset} on --resume is checked against the run's config, and its "
+                          f"{values(given)} do not change the run, which keeps its {values(effective)}: give those "
+                          "as flags (--set KEY=VALUE) to change them", UserWarning, stacklevel=2)
     return dataclasses.replace(effective, run_dir=str(run_dir)), run_dir
 
 

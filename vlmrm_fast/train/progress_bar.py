@@ -7,7 +7,7 @@ import os
 import stat
 import sys
 import time
-from typing import Any, Optional, TextIO, Union
+from typing import Any, Union
 
 from tqdm import tqdm
 
@@ -22,25 +22,22 @@ class ProgressLines:
     and ``close``.
     """
 
-    def __init__(self, total: int, initial: int = 0, desc: str = "train", unit: str = "step",
-                 interval: float = LINE_INTERVAL_S, file: Optional[TextIO] = None) -> None:
+    def __init__(self, total: int, initial: int = 0) -> None:
         self.total, self.n, self._initial = total, initial, initial
-        self._desc, self._unit, self._interval = desc, unit, interval
-        self._file = file if file is not None else sys.stderr
         self._postfix = ""
         self._start = self._last = time.monotonic()
         self._print()
 
     def update(self, n: int = 1) -> None:
         self.n += n
-        if time.monotonic() - self._last >= self._interval:
+        if time.monotonic() - self._last >= LINE_INTERVAL_S:
             self._print()
 
     def set_postfix(self, refresh: bool = True, **values: Any) -> None:
         self._postfix = ", ".join(f"{key}={value}" for key, value in values.items())
 
     def write(self, message: str) -> None:
-        print(message, file=self._file, flush=True)
+        print(message, file=sys.stderr, flush=True)
 
     def close(self) -> None:
         self._print()
@@ -49,9 +46,9 @@ class ProgressLines:
         self._last = time.monotonic()
         elapsed = self._last - self._start
         rate = (self.n - self._initial) / elapsed if elapsed > 0 and self.n > self._initial else None
-        line = tqdm.format_meter(self.n, self.total, elapsed, ncols=0, prefix=self._desc, unit=self._unit,
-                                 rate=rate, postfix=self._postfix or None, initial=self._initial)
-        print(line, file=self._file, flush=True)
+        line = tqdm.format_meter(self.n, self.total, elapsed, ncols=0, prefix="train", unit="step", rate=rate,
+                                 postfix=self._postfix or None, initial=self._initial)
+        print(line, file=sys.stderr, flush=True)
 
 
 def _stderr_is_a_log() -> bool:

@@ -45,7 +45,7 @@ from vlmrm_fast.train.config import (  # noqa: E402
     with_absolute_weights_path,
 )
 from vlmrm_fast.train.progress_csv import csv_name, drop_rows_logged_past  # noqa: E402
-from vlmrm_fast.train.run_lock import RunFolderBusy, busy_holder, hold_run_folder, remove_unstarted_run  # noqa: E402
+from vlmrm_fast.train.run_lock import hold_run_folder, refuse_if_held, remove_unstarted_run  # noqa: E402
 
 RGB_FIX = 'render_mode="rgb_array"'
 
@@ -490,17 +490,6 @@ def default_run_dir(name: str = "run") -> Path:
     return Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
 
 
-def refuse_if_held(run_dir: Path) -> None:
-    """Where another process holds ``run_dir`` (a run that has not written a complete checkpoint yet, found
-    resuming it), raise :class:`RunFolderBusy` naming it: "no checkpoint, start a new run" would be wrong
-    advice. Not for a caller holding the folder itself (its own lock would name it)."""
-    holder = busy_holder(run_dir)
-    if holder is not None:
-        raise RunFolderBusy(
-            f"run folder '{run_dir}' is in use by another training process{holder}, which has not written a complete "
-            "checkpoint yet: wait for it to end (SIGINT or SIGTERM make it checkpoint and stop), then --resume it")
-
-
 def _check_resume_folder(run_dir: Path) -> None:
     if not run_dir.is_dir():
         link = broken_link_on_the_way(run_dir)  # runs -> /scratch/runs, /scratch not mounted on this node
@@ -611,11 +600,9 @@ def _same_weights(run_dir: Path, saved: Optional[str], given: Optional[str]) -> 
 
 def _missing_weights_file(pretrained: Optional[str]) -> bool:
     """Whether ``pretrained`` names a checkpoint file (by its form, as CLIPReward tells one) that is not there."""
-    from vlmrm_fast.models import _CHECKPOINT_SUFFIXES
+    from vlmrm_fast.models import names_a_file
 
-    if not pretrained or not (os.sep in pretrained or pretrained.endswith(_CHECKPOINT_SUFFIXES)):
-        return False
-    return not os.path.isfile(os.path.expanduser(pretrained))
+    return pretrained is not None and names_a_file(pretrained) and not os.path.isfile(os.path.expanduser(pretrained))
 
 
 def _check_resume_config(found: Path, config: TrainConfig) -> None:

@@ -29,6 +29,8 @@ except ImportError:  # pragma: no cover - Windows: no flock; runs there are not 
     fcntl = None
 
 LOCK_NAME = ".lock"
+_HELD = (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
+"""flock's errnos for a lock another open file holds."""
 
 
 class RunFolderBusy(ValueError):
@@ -56,10 +58,21 @@ def busy_holder(run_dir: os.PathLike) -> Optional[str]:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:
-        return _holder(path) if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES) else None
+        return _holder(path) if exc.errno in _HELD else None
     finally:
         os.close(fd)  # releases the lock if it was taken
     return None
+
+
+def refuse_if_held(run_dir: os.PathLike) -> None:
+    """Where another process holds ``run_dir`` (a run that has not written a complete checkpoint yet, found
+    resuming it), raise :class:`RunFolderBusy` naming it: "no checkpoint, start a new run" would be wrong
+    advice. Not for a caller holding the folder itself (its own lock would name it)."""
+    holder = busy_holder(run_dir)
+    if holder is not None:
+        raise RunFolderBusy(
+            f"run folder '{run_dir}' is in use by another training process{holder}, which has not written a complete "
+            "checkpoint yet: wait for it to end (SIGINT or SIGTERM make it checkpoint and stop), then --resume it")
 
 
 @contextlib.contextmanager
@@ -135,7 +148,7 @@ def _lock(fd: int, run_dir: Path, path: Path, warn_unlocked: bool) -> bool:
         lock.flock(fd, lock.LOCK_EX | lock.LOCK_NB)
         return True
     except OSError as exc:
-        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+        if exc.errno in _HELD:
             raise RunFolderBusy(
                 f"run folder '{run_dir}' is in use by another training process{_holder(path)}; wait for it to end "
                 "(SIGINT or SIGTERM make it checkpoint and stop), or train in another --run-dir"
