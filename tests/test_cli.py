@@ -645,7 +645,7 @@ def test_frame_timestamps_are_presentation_times_from_the_earliest(monkeypatch, 
 
     monkeypatch.setattr(frame_files.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 0, stdout=listing))
     fake = types.SimpleNamespace(get_ffmpeg_exe=lambda: "ffmpeg")
-    got = frame_files._frame_timestamps(fake, Path("v.mp4"))
+    got = frame_files._list_packets(fake, Path("v.mp4"))[0]
     assert got == (None if times is None else pytest.approx(times))
 
 
@@ -674,7 +674,7 @@ def test_a_stream_copied_trim_is_labelled_by_the_frames_it_decodes_to(tmp_path: 
                     [exe, "-y", "-v", "error", "-ss", "0.35", "-i", str(long), "-c", "copy", str(trimmed)]):
         if subprocess.run(command, capture_output=True).returncode != 0:
             pytest.skip("this ffmpeg cannot make the clip (no H.264 encoder)")
-    times = frame_files._frame_timestamps(ffmpeg, trimmed)
+    times = frame_files._list_packets(ffmpeg, trimmed)[0]
     assert times == pytest.approx([i / 10 for i in range(23)])
     out = tmp_path / "r.csv"
     assert score([str(trimmed), "--goal", "a", "--model", "vlmrm-tiny", "--pretrained", "none", "--backend", "torch",

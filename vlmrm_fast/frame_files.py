@@ -242,15 +242,10 @@ DISCARD_FLAG = 0x4
 """AV_PKT_FLAG_DISCARD, in framecrc's ``F=0x..`` field: a packet the decoder drops."""
 
 
-def _frame_timestamps(ffmpeg, path: Path) -> Optional[list[float]]:
-    """Presentation times of the first video stream's frames (cover art aside), in seconds from the first, sorted
-    (:func:`_list_packets`' first half)."""
-    return _list_packets(ffmpeg, path)[0]
-
-
 def _list_packets(ffmpeg, path: Path) -> tuple[Optional[list[float]], Optional[str]]:
-    """The first video stream's frame times (:func:`_frame_timestamps`) and the last error ffmpeg reported reading
-    its packets, or None: a file cut short ("File ended prematurely", "partial file") or damaged.
+    """The presentation times of the first video stream's frames (cover art aside), in seconds from the first,
+    sorted; and the last error ffmpeg reported reading its packets, or None: a file cut short ("File ended
+    prematurely", "partial file") or damaged.
 
     Read from the packets of a stream copy (no decoding) in ffmpeg's framecrc format: a ``#tb 0:
     NUM/DEN`` header, then ``stream, dts, pts, duration, size, hash`` per packet, and ``F=0x..`` where
