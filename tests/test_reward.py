@@ -379,6 +379,28 @@ def test_goals_built_under_autocast_are_float32_unit_vectors():
     assert (rm.goals.norm(dim=-1) - 1).abs().max().item() <= 1e-6
 
 
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+def test_a_callers_autocast_does_not_change_goals_embeddings_or_rewards(backend):
+    # A reward computed inside a training loop's mixed precision (torch.autocast on the reward's device): without
+    # a guard the text tower, the resize, the tower ("torch") and the score ran in bf16, moving rewards by ~1e-3.
+    if backend == "onnxruntime":
+        pytest.importorskip("onnxruntime")
+    model, tokenizer = make_tiny()
+    kwargs = dict(goal=KNEEL, baseline=STAND, alpha=0.5, device="cpu", kernels="torch", backend=backend)
+    rm = CLIPReward(model, tokenizer, **kwargs)
+    frames = np.random.default_rng(0).integers(0, 256, (4, 40, 50, 3), dtype=np.uint8)
+    embeddings, rewards, pixels = rm.embed(frames), rm(frames), rm.preprocess(frames)
+    goals, directions = rm.goals, rm.directions
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(rm.preprocess(frames), pixels)
+        assert torch.equal(rm.embed(frames), embeddings)
+        assert torch.equal(rm(frames), rewards)
+        assert torch.equal(rm.score(embeddings), rm.score(embeddings.clone()))
+        torch.testing.assert_close(rm.score(embeddings), rewards, rtol=0, atol=1e-6)
+        rm.set_tasks(goal=KNEEL, baseline=STAND)  # encoded again, inside the autocast
+    assert torch.equal(rm.goals, goals) and torch.equal(rm.directions, directions)
+
+
 def test_a_list_of_float_frames_outside_unit_range_is_refused():
     rm = _torch_reward(goal="a")
     with pytest.raises(ValueError, match=r"\[0, 1\]"):

@@ -99,6 +99,12 @@ def _resolve_dtype(dtype: Union[str, torch.dtype, None], device: torch.device) -
     return dtype
 
 
+def _without_autocast(device: torch.device) -> torch.autocast:
+    """A block that a caller's ``torch.autocast`` on ``device`` (a training loop's mixed precision) does not
+    reach: the tower computes in ``dtype`` and everything else in float32, as asked, inside an autocast or not."""
+    return torch.autocast(device.type, enabled=False)
+
+
 def _check_max_batch_size(value: int) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"max_batch_size must be a positive integer; got {value!r}.")
@@ -141,6 +147,7 @@ class CLIPReward:
     Build one with :meth:`from_pretrained`, or from an open_clip model you already have:
     ``CLIPReward(model, tokenizer, goal=...)`` (the model is moved to ``device`` and its vision tower
     cast to ``dtype`` in place; the text tower stays float32, so goals are computed in full precision).
+    A caller's ``torch.autocast`` (a training loop's mixed precision) does not reach its computations.
 
     Args:
         model: an open_clip CLIP model.
@@ -410,10 +417,11 @@ class CLIPReward:
         """Frames -> the tower's input [N, 3, S_h, S_w] in the tower's dtype (for inspection)."""
         bottom_up = _check_bottom_up(bottom_up)
         batch = as_frame_batch(frames)
-        chunks = [
-            self._pixels(batch.chunk(i, i + self.max_batch_size, self._device), bottom_up)
-            for i in range(0, batch.num_frames, self.max_batch_size)
-        ]
+        with _without_autocast(self._device):
+            chunks = [
+                self._pixels(batch.chunk(i, i + self.max_batch_size, self._device), bottom_up)
+                for i in range(0, batch.num_frames, self.max_batch_size)
+            ]
         if not chunks:
             return torch.empty((0, 3) + self.image_size, dtype=self._dtype, device=self._device)
         return torch.cat(chunks)
@@ -438,9 +446,10 @@ class CLIPReward:
         bottom_up = _check_bottom_up(bottom_up)
         batch = as_frame_batch(frames)
         out = torch.empty((batch.num_frames, self.embed_dim), dtype=torch.float32, device=self._device)
-        for i in range(0, batch.num_frames, self.max_batch_size):
-            raw = self._tower(batch.chunk(i, i + self.max_batch_size, self._device), bottom_up)
-            out[i : i + raw.shape[0]] = unit_rows(raw)  # NaN rows where the score op would give NaN
+        with _without_autocast(self._device):
+            for i in range(0, batch.num_frames, self.max_batch_size):
+                raw = self._tower(batch.chunk(i, i + self.max_batch_size, self._device), bottom_up)
+                out[i : i + raw.shape[0]] = unit_rows(raw)  # NaN rows where the score op would give NaN
         self._check_finite(out, "frames", quantity="Embeddings")
         return out
 
@@ -457,9 +466,10 @@ class CLIPReward:
         self._check_tasks_current()
         batch = as_frame_batch(frames)
         rewards = torch.empty((batch.num_frames, self._targets.num_tasks), dtype=torch.float32, device=self._device)
-        for i in range(0, batch.num_frames, self.max_batch_size):
-            raw = self._tower(batch.chunk(i, i + self.max_batch_size, self._device), bottom_up)
-            rewards[i : i + raw.shape[0]] = score_op(raw, self._targets, impl=self._kernels)
+        with _without_autocast(self._device):
+            for i in range(0, batch.num_frames, self.max_batch_size):
+                raw = self._tower(batch.chunk(i, i + self.max_batch_size, self._device), bottom_up)
+                rewards[i : i + raw.shape[0]] = score_op(raw, self._targets, impl=self._kernels)
         self._check_finite(rewards, "frames")
         return rewards[:, 0] if self._single else rewards
 
@@ -478,7 +488,7 @@ class CLIPReward:
         if not embeddings.is_floating_point():
             raise TypeError(f"embeddings must be floating point; got {embeddings.dtype}.")
         self._check_tasks_current()
-        with torch.no_grad():
+        with torch.no_grad(), _without_autocast(self._device):
             rewards = score_op(embeddings.to(self._device), self._targets, impl=self._kernels)
         self._check_finite(rewards, "embeddings")
         return rewards[:, 0] if self._single else rewards

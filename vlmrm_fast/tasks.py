@@ -88,7 +88,7 @@ def check_alpha(alpha: float, what: str = "alpha") -> float:
 
 @torch.inference_mode()
 def embed_prompts(model: torch.nn.Module, tokenizer: Callable, prompts: List[str], device: torch.device) -> torch.Tensor:
-    """Unit text embeddings [P, D], float32, on ``device``. Refuses token ids that are not one row of integers
+    """Unit text embeddings [P, D], float32 (computed so, inside a caller's autocast too), on ``device``. Refuses token ids that are not one row of integers
     per prompt (of the context length CLIP's own text transformer needs), a prompt that tokenizes as the
     empty text does, and embeddings that are not finite (a silent wrong goal each, else)."""
     tokens = _checked_tokens(model, tokenizer(prompts), len(prompts))
@@ -97,7 +97,8 @@ def embed_prompts(model: torch.nn.Module, tokenizer: Callable, prompts: List[str
         raise ValueError(f"the prompt {empty!r} tokenizes to nothing (no character the tokenizer keeps), so it would "
                          "embed as the empty text: give it words.")
     encode_text = cast(Callable[[torch.Tensor], torch.Tensor], model.encode_text)
-    embeddings = encode_text(tokens.to(device)).float()
+    with torch.autocast(device.type, enabled=False):  # float32 inside a caller's autocast (mixed precision) too
+        embeddings = encode_text(tokens.to(device)).float()
     if not torch.isfinite(embeddings).all():
         raise ValueError("the text tower embeds the prompts to NaN/inf: its weights hold NaN/inf (a damaged "
                          "checkpoint, or a fine-tune that diverged); load good weights.")
