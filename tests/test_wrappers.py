@@ -934,6 +934,18 @@ def test_a_plain_callable_with_several_columns_keys_them_by_index_and_task_is_ch
         wrapped.close()
 
 
+def test_env_wrapper_given_a_vector_env_names_the_vector_wrappers(rm):
+    # gymnasium's own check said only "Expected env to be a `gymnasium.Env`", not which wrapper takes vector envs.
+    with pytest.raises(TypeError, match=r"VLMRewardWrapper wraps one gymnasium env, not DummyVecEnv: .*VLMRewardVecEnv"):
+        VLMRewardWrapper(DummyVecEnv([make_env]), rm)
+    envs = gym.vector.SyncVectorEnv([make_env])
+    with pytest.raises(TypeError, match=r"not SyncVectorEnv: .*VLMRewardVectorWrapper"):
+        VLMRewardWrapper(envs, rm)
+    envs.close()
+    with pytest.raises(TypeError, match=r"not str: .*gymnasium.make\(env_id, render_mode=\"rgb_array\"\)"):
+        VLMRewardWrapper(ENV_ID, rm)
+
+
 def test_vec_env_errors(rm, no_batch):
     with pytest.raises(ValueError, match=r'render_mode="rgb_array"'):
         VLMRewardVecEnv(DummyVecEnv([lambda: gym.make(ENV_ID)]), rm)

@@ -33,6 +33,19 @@ class _SharedReference:
         return f"<shared {type(self.target).__name__}>"
 
 
+def _check_one_env(env: Any) -> None:
+    """A TypeError naming the wrapper to use where ``env`` is not one gymnasium env (a vector env, an env id)."""
+    if isinstance(env, gym.Env):
+        return
+    if isinstance(env, gym.vector.VectorEnv):
+        fix = "for a gymnasium vector env use vlmrm_fast.VLMRewardVectorWrapper(envs, rm) (all envs in one batch)"
+    elif hasattr(env, "step_wait") and hasattr(env, "num_envs"):  # stable-baselines3's VecEnv, without importing SB3
+        fix = "for a stable-baselines3 VecEnv use vlmrm_fast.VLMRewardVecEnv(venv, rm) (all envs in one batch)"
+    else:
+        fix = 'make the env first, gymnasium.make(env_id, render_mode="rgb_array")'
+    raise TypeError(f"VLMRewardWrapper wraps one gymnasium env, not {type(env).__name__}: {fix}.")
+
+
 class VLMRewardWrapper(_RewardMode, gym.Wrapper, gym.utils.RecordConstructorArgs):
     """A gymnasium wrapper whose reward is the CLIP (VLM-RM) reward of the frame rendered after each step.
 
@@ -68,6 +81,8 @@ class VLMRewardWrapper(_RewardMode, gym.Wrapper, gym.utils.RecordConstructorArgs
         task: which task (index or name in ``reward_model.task_names``) drives the reward.
 
     Raises:
+        TypeError: ``env`` is not one gymnasium env (a vector env: :class:`VLMRewardVecEnv` and
+            :class:`~vlmrm_fast.VLMRewardVectorWrapper` score those).
         ValueError: the env's render mode is not ``"rgb_array"``, a rendered frame is not uint8 [H, W, 3],
             or a ``NormalizeReward`` is below the wrapper outside ``"log"`` mode (it would rescale the env's
             reward and never the VLM reward: put it above; :mod:`vlmrm_fast.wrappers.normalisers`).
@@ -82,6 +97,7 @@ class VLMRewardWrapper(_RewardMode, gym.Wrapper, gym.utils.RecordConstructorArgs
         weight: float = 1.0,
         task: Union[int, str] = 0,
     ) -> None:
+        _check_one_env(env)
         if isinstance(reward_model, _SharedReference):  # made again from env.spec
             reward_model = reward_model.target
         gym.utils.RecordConstructorArgs.__init__(
