@@ -814,6 +814,22 @@ def test_a_model_whose_tower_needs_a_missing_package_names_the_package_to_instal
         models.create_clip("ViT-B-16-SigLIP", None)
 
 
+def test_random_weights_are_the_same_under_a_float64_default_dtype():
+    # torch.set_default_dtype(torch.float64) (common in RL code): the weights were drawn in float64, other values
+    # from the same seed, so rewards moved by ~3e-2 against every other process. The caller's default stays.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        want = create_clip("vlmrm-tiny", None)[0].state_dict()
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(torch.float64)
+        try:
+            got = create_clip("vlmrm-tiny", None)[0].state_dict()
+            assert torch.get_default_dtype() == torch.float64
+        finally:
+            torch.set_default_dtype(previous)
+    assert all(torch.equal(want[k], got[k]) for k in want)
+
+
 def test_random_weights_are_the_same_in_every_build_and_leave_the_global_rng_alone():
     # pretrained=None (`--pretrained none`): offline smoke runs compare across runs and backends only if their
     # weights do; and a build must not move the caller's RNG stream (their seeded frames, SAC's initialisation).

@@ -54,6 +54,18 @@ _random_weights_seed = RANDOM_WEIGHTS_SEED
 
 
 @contextlib.contextmanager
+def _float32_default_dtype() -> Iterator[None]:
+    """torch's default dtype float32 inside (random weights are drawn in it: under a caller's float64 default
+    the same seed gives other weights), the caller's again after."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+@contextlib.contextmanager
 def random_weights_seed(seed: int) -> Iterator[None]:
     """Inside the block, random weights (``pretrained=None``: ``create_clip``, ``CLIPReward.from_pretrained``) are
     drawn with ``seed`` instead of :data:`RANDOM_WEIGHTS_SEED`: several random reward models (an ensemble), or a
@@ -571,7 +583,7 @@ def _create(model_name: str, pretrained: Optional[str], cache_dir: Optional[str]
             UserWarning,
             stacklevel=stacklevel_outside_package(),
         )
-        with torch.random.fork_rng(devices=[]):  # built on the CPU: its generator alone draws the weights
+        with torch.random.fork_rng(devices=[]), _float32_default_dtype():  # on the CPU: its generator alone draws them
             torch.manual_seed(_random_weights_seed)
             return open_clip.create_model(model_name)
     tags = open_clip.list_pretrained_tags_by_model(model_name)
