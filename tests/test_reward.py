@@ -371,8 +371,8 @@ def test_low_precision_embeddings_are_normalised_in_float32():
 
 
 def test_goals_built_under_autocast_are_float32_unit_vectors():
-    # A reward model built (or retargeted) inside a training loop's autocast: the text tower then gives
-    # bf16 embeddings; normalised in bf16, a goal's norm would be off by up to ~4e-3.
+    # A reward model built (or retargeted) inside a training loop's autocast: the text tower runs outside it
+    # (float32 embeddings); normalised in bf16, a goal's norm would be off by up to ~4e-3.
     with torch.autocast("cpu", dtype=torch.bfloat16):
         rm = _torch_reward(goal="a red square")
     assert rm.goals.dtype == torch.float32
