@@ -1359,7 +1359,24 @@ def test_the_report_explains_only_what_ran_the_seed_and_the_peaks():
 def test_rates_of_a_thousand_and_more_get_thousands_separators():
     from vlmrm_fast.profiler.report import _rate
 
-    assert (_rate(1000.0), _rate(999.4), _rate(12345.6), _rate(None)) == ("1,000", "999", "12,346", "n/a")
+    assert (_rate(1000.0), _rate(999.4), _rate(12345.6), _rate(None)) == ("1,000", "999", "12,345", "n/a")
+
+
+def test_a_frames_per_second_target_missed_by_a_hair_never_reads_as_the_target():
+    # Frames/s round down, as speedups do: 649.96 frames/s against 650 required read "| 650 | 650 | ... | no |".
+    from vlmrm_fast.profiler.report import Report, _rate, _speedup, markdown_report
+
+    rows = [_row("ViT-bigG-14", "torch", 649.96, 100.0, "bf16"), _row("ViT-L-14", "torch", 3899.99, 100.0, "bf16")]
+    text = markdown_report(Report(ENV, CONFIG, rows=rows, targets=check_targets(rows, torch.device("cuda"))))
+    assert "| ViT-bigG-14 | end-to-end frames/s (bf16) | 650 | 649 | torch bf16 batch 8, 480 px | no |" in text
+    assert "| ViT-L-14 | end-to-end frames/s (bf16) | 3,900 | 3,899 | torch bf16 batch 8, 480 px | no |" in text
+    assert "| 649 |" in text.split("## Targets")[0]  # the table's cell reads the same
+    # Down at the digit shown, from the float as written (0.29 * 100 is 28.999...), never in e-notation.
+    assert [_rate(v) for v in (999.7, 0.29, 83.75, 0.000199, 5.0)] == ["999", "0.29", "83.7", "0.000199", "5"]
+    assert [_speedup(v) for v in (1.15, 0.29, 1.499)] == ["1.15x", "0.29x", "1.49x"]
+    import numpy as np  # a NumPy float's repr is no number in NumPy 2 ("np.float64(649.96)")
+
+    assert (_rate(np.float64(649.96)), _speedup(np.float64(1.15))) == ("649", "1.15x")
 
 
 def test_a_bench_plot_cut_short_keeps_the_earlier_plot_and_leaves_no_temporary(tmp_path, monkeypatch):

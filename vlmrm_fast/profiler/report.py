@@ -12,6 +12,7 @@ import platform
 import textwrap
 import time
 from dataclasses import asdict, dataclass, field
+from decimal import ROUND_FLOOR, Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple, TypedDict, cast
 
@@ -279,9 +280,18 @@ def _met(target: Dict[str, Any]) -> str:
 
 
 def _rate(value: Optional[float]) -> str:
+    """Frames/s: whole numbers with thousands separators from 1,000, three significant digits below, rounded
+    down as :func:`_speedup` is: a target's "met: no" never sits beside a figure that reads as the target
+    (649.96 frames/s read "650" against 650 required), and 999.7 reads "999", not "1e+03"."""
     if value is None:
         return "n/a"
-    return f"{value:,.0f}" if value >= 1000 else f"{value:.3g}"
+    if not math.isfinite(value) or value <= 0:
+        return f"{value:.3g}"
+    exact = Decimal(repr(float(value)))  # the float as written: 0.29 * 100 would floor to 28
+    if exact >= 1000:
+        return f"{int(exact.to_integral_value(rounding=ROUND_FLOOR)):,}"
+    down = exact.quantize(Decimal(1).scaleb(exact.adjusted() - 2), rounding=ROUND_FLOOR)
+    return f"{down.normalize():f}"
 
 
 def _num(value: Optional[float], spec: str) -> str:
@@ -720,4 +730,4 @@ def environment(device: torch.device) -> Dict[str, Any]:
 def _speedup(value: float) -> str:
     """A speedup with two decimals, rounded down: "met: no" never sits beside a figure that reads as its
     target, and the table and the targets show one ratio the same way."""
-    return f"{math.floor(value * 100) / 100:.2f}x"
+    return f"{Decimal(repr(float(value))).quantize(Decimal('0.01'), rounding=ROUND_FLOOR)}x"  # 1.15 * 100 floors to 114
