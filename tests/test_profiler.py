@@ -2599,6 +2599,26 @@ def test_the_report_gives_each_peak_with_its_matrix_size_and_the_pause_between_s
     assert f"starts after a {SWITCH_PAUSE_S:g} s pause" in text
 
 
+def test_tflops_and_milliseconds_of_a_thousand_and_more_are_never_in_e_notation():
+    # An H200's fp8 peak (over 1,000 TFLOP/s) read "fp8 1.31e+03 TFLOP/s", and 999.7 ms "1e+03".
+    import dataclasses
+
+    from vlmrm_fast.profiler.kernels import TowerProfile, markdown_kernel_profiles
+    from vlmrm_fast.profiler.report import Report, markdown_report, markdown_table
+
+    report = Report(ENV, CONFIG)
+    report.add_peak("fp8", 1312.4, 8192)
+    report.add_peak("bf16", 999.7, 8192)
+    assert "fp8 1,312 TFLOP/s (8192^3), bf16 1,000 TFLOP/s (8192^3)." in markdown_report(report)
+    row = dataclasses.replace(_row("ViT-B-32", "torch", 2500.0, 1000.0, "fp8"), achieved_tflops=1049.6)
+    header, _, line = markdown_table([row]).splitlines()
+    assert dict(zip(header.strip("| ").split(" | "), line.strip("| ").split(" | ")))["TFLOP/s"] == "1,050"
+    profile = TowerProfile(model="m", backend="torch", dtype="fp8", batch=1024, source="cuda kernels", calls=3,
+                           wall_ms=999.7, gflops_per_image=967.5, peak_tflops=1312.4)
+    text = "\n".join(markdown_kernel_profiles([profile]))
+    assert "| 1,000 | 755 |" in text and "e+" not in text  # wall 999.7 ms; ceiling 967.5 x 1024 / 1312.4 ms
+
+
 def test_the_load_average_is_the_one_minute_figure_rounded(monkeypatch):
     # bench.md says "Load average (1 min)": the first of os.getloadavg()'s three, not the 5- or 15-minute one.
     from vlmrm_fast.profiler import report

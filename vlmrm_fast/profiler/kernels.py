@@ -225,10 +225,16 @@ def profile_tower(
     return TowerProfile(source="cuda kernels" if on_cuda else "cpu torch ops", kernels=kernels, **meta)
 
 
+def three_digits(value: float) -> str:
+    """Three significant digits, rounded to nearest; whole numbers with thousands separators once they
+    reach 1,000, rounding included (999.7 ms or TFLOP/s read "1,000", never "1e+03"; 1,312 TFLOP/s, an fp8
+    peak, never "1.31e+03")."""
+    text = f"{value:.3g}"
+    return f"{value:,.0f}" if "e+" in text else text
+
+
 def _ms(value: Optional[float]) -> str:
-    if value is None:
-        return ""
-    return f"{value:,.0f}" if value >= 1000 else f"{value:.3g}"
+    return "" if value is None else three_digits(value)
 
 
 def _share(ms: float, wall: float) -> str:

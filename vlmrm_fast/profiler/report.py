@@ -21,7 +21,7 @@ import torch
 from vlmrm_fast import __version__ as vlmrm_fast_version
 from vlmrm_fast.atomic import save_figure_atomically, write_atomically
 from vlmrm_fast.ops._triton import interpreter_enabled
-from vlmrm_fast.profiler.kernels import TowerProfile, markdown_kernel_profiles
+from vlmrm_fast.profiler.kernels import TowerProfile, markdown_kernel_profiles, three_digits
 from vlmrm_fast.profiler.seed import SEED, SEED_CUDA_DTYPE, SEED_FRAME_SIZE
 from vlmrm_fast.profiler.timing import MIN_REPEATS, SWITCH_PAUSE_S, StageTiming
 from vlmrm_fast.run_info import command_output, cpu_name, git_commit, library_versions
@@ -313,7 +313,7 @@ TABLE_COLUMNS = (
     ("seed", lambda r: _rate(r.seed_fps) if r.seed_fps else ""),
     ("vs seed", lambda r: _speedup(r.speedup_vs_seed) if r.speedup_vs_seed else ""),
     ("GFLOP/img", lambda r: f"{r.tower_gflops:.4g}"),
-    ("TFLOP/s", lambda r: f"{r.achieved_tflops:.3g}"),
+    ("TFLOP/s", lambda r: three_digits(r.achieved_tflops)),
     ("of peak", lambda r: _num(None if r.frac_of_peak is None else 100 * r.frac_of_peak, ".1f") + ("%" if r.frac_of_peak else "")),
     ("build s", lambda r: f"{r.build_seconds:.1f}" + (" (cached)" if r.build_cached else "")),
     ("reward err", lambda r: _num(r.reward_error, ".1e")),
@@ -428,7 +428,7 @@ def markdown_report(report: Report) -> str:
     env, config = report.environment, report.config
     versions = ", ".join(f"{k} {env[k]}" for k in ("torch", "triton", "open_clip", "torchvision", "onnxruntime",
                                                      "tensorrt", "python") if env.get(k))
-    peaks = ", ".join(f"{k} {v:.3g} TFLOP/s ({report.peak_sizes[k]}^3)" for k, v in report.peak_tflops.items())
+    peaks = ", ".join(f"{k} {three_digits(v)} TFLOP/s ({report.peak_sizes[k]}^3)" for k, v in report.peak_tflops.items())
     load = [env.get("load_average_start"), env.get("load_average_end")]
     repeats, before_budget = config["repeats"], min(MIN_REPEATS, config["repeats"])
     seeded = config.get("seed", True)
