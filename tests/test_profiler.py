@@ -2619,6 +2619,20 @@ def test_tflops_and_milliseconds_of_a_thousand_and_more_are_never_in_e_notation(
     assert "| 1,000 | 755 |" in text and "e+" not in text  # wall 999.7 ms; ceiling 967.5 x 1024 / 1312.4 ms
 
 
+def test_the_peak_is_named_with_the_size_of_its_own_measurement():
+    # The size beside a peak is that of the measurement that gave it, not of the last one: CPU fp16 here took
+    # 0.11 s at 512^3 and 2.2 s at 1024^3 (0.0025 against 0.001 TFLOP/s), and lands on either with load.
+    from vlmrm_fast.profiler.report import Report, markdown_report
+
+    report = Report(ENV, CONFIG)
+    report.add_peak("fp16", 0.0025, 512)
+    report.add_peak("fp16", 0.001, 1024)
+    assert (report.peak_tflops["fp16"], report.peak_sizes["fp16"]) == (0.0025, 512)
+    assert "fp16 0.0025 TFLOP/s (512^3)." in markdown_report(report)
+    report.add_peak("fp16", 0.003, 1024)
+    assert (report.peak_tflops["fp16"], report.peak_sizes["fp16"]) == (0.003, 1024)
+
+
 def test_the_load_average_is_the_one_minute_figure_rounded(monkeypatch):
     # bench.md says "Load average (1 min)": the first of os.getloadavg()'s three, not the 5- or 15-minute one.
     from vlmrm_fast.profiler import report
