@@ -2633,6 +2633,23 @@ def test_the_peak_is_named_with_the_size_of_its_own_measurement():
     assert (report.peak_tflops["fp16"], report.peak_sizes["fp16"]) == (0.003, 1024)
 
 
+def test_the_tflops_formula_the_report_states_gives_the_tables_figure():
+    # GFLOP/img x frames/s is GFLOP/s: the note said "TFLOP/s = tower GFLOP/img x tower frames/s", 1,000x the
+    # figure beside it (0.0304 GFLOP x 554 frames/s = 16.8, the column 0.0168).
+    import dataclasses
+
+    from vlmrm_fast.profiler.report import Report, _stage_row, markdown_report
+    from vlmrm_fast.profiler.timing import StageTiming
+
+    timing = StageTiming(0.5, 0.5, 0.5, 1)
+    row = _stage_row(model="m", backend="torch", dtype="fp32", kernels="torch", batch=277, frame_size=480,
+                     timings={"h2d": None, "preprocess": timing, "tower": timing, "score": timing, "end_to_end": timing},
+                     gflops=0.0304, flops_method="analytic", build_seconds=0.0, setup_seconds=0.0)
+    assert row.achieved_tflops == pytest.approx(0.0304 * 554 / 1000)
+    text = markdown_report(Report(ENV, CONFIG, rows=[dataclasses.replace(row)]))
+    assert "TFLOP/s = tower GFLOP/img x tower frames/s / 1,000;" in text and "| 0.0168 |" in text
+
+
 def test_the_load_average_is_the_one_minute_figure_rounded(monkeypatch):
     # bench.md says "Load average (1 min)": the first of os.getloadavg()'s three, not the 5- or 15-minute one.
     from vlmrm_fast.profiler import report

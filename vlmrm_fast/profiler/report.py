@@ -467,7 +467,7 @@ def markdown_report(report: Report) -> str:
             "size timed in alternation with the row's own end to end (so load on a shared machine weighs on both "
             "alike), and 'vs seed' is their ratio." if seeded else
             "). The seed pipeline was not run (--no-seed), so 'seed' and 'vs seed' are empty.")
-        + " TFLOP/s = tower GFLOP/img x tower frames/s; 'of peak' against the matmul peak in that dtype ("
+        + " TFLOP/s = tower GFLOP/img x tower frames/s / 1,000; 'of peak' against the matmul peak in that dtype ("
         + ("fp16 for the seed on CUDA; " if seeded else "")
         + "for fp8 rows the fp8 peak, though their attention and patch embedding run in bf16). 'build s' (export, "
         "compile, engine build) is not in any frames/s. 'score' is rm.score: the rewards and its checks of the "
