@@ -270,8 +270,11 @@ def check_targets(rows: Sequence[Row], device: torch.device, busy: bool = False)
             batches = {r.batch for r in rows if r.backend != SEED and r.model == model and r.dtype == dtype}
             if len(batches) > 1:
                 largest = max(batches)
-                add(model, f"end-to-end speedup vs seed ({dtype}), at the largest batch", required,
-                    lambda r, b=largest: r.speedup_vs_seed if r.batch == b else None, dtype)
+
+                def at_largest(r: Row, b: int = largest) -> Optional[float]:
+                    return r.speedup_vs_seed if r.batch == b else None
+
+                add(model, f"end-to-end speedup vs seed ({dtype}), at the largest batch", required, at_largest, dtype)
     return targets
 
 
