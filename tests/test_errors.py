@@ -176,6 +176,10 @@ def test_alpha_without_baseline(tiny):
     model, tokenizer = tiny
     with pytest.raises(ValueError, match="no baseline"):
         CLIPReward(model, tokenizer, goal="kneeling", alpha=0.3, device="cpu")
+    # The fix names where alpha=0 goes in each form (a reviewer read a bare "Use alpha=0" as ambiguous).
+    rm = CLIPReward(model, tokenizer, goal="kneeling", baseline="standing", alpha=0.2, device="cpu")
+    with pytest.raises(ValueError, match=r"no baseline.*set_tasks; Task\(\.\.\., alpha=0\) for this task alone"):
+        rm.set_tasks(goal="sitting")  # keeps rm.alpha
 
 
 @pytest.mark.parametrize("alpha", [-0.1, 1.5, float("nan"), float("inf")])

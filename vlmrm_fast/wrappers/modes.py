@@ -114,7 +114,8 @@ class _RewardMode:
 
     @property
     def mode(self) -> str:
-        """``"replace"``, ``"add"`` or ``"log"``; may be changed between steps."""
+        """``"replace"``, ``"add"`` or ``"log"``; may be changed between steps, on this wrapper (a wrapper
+        above it keeps a value set on it for itself: keep a reference, or use gymnasium's ``set_wrapper_attr``)."""
         return self._mode
 
     @mode.setter
@@ -125,7 +126,8 @@ class _RewardMode:
 
     @property
     def weight(self) -> float:
-        """Scale of the VLM reward in ``"add"`` mode; may be changed between steps (e.g. annealed)."""
+        """Scale of the VLM reward in ``"add"`` mode; may be changed between steps (e.g. annealed), on this
+        wrapper, as :attr:`mode`."""
         return self._weight
 
     @weight.setter
