@@ -485,3 +485,20 @@ def test_each_auto_reset_episode_returns_its_own_sums(reset_mode):
             returns.append((info["episode_vlm_return"].tolist(), info["episode_gt_return"].tolist()))
     assert returns == [([240.0, 240.0], [6.0, 6.0])] * 2
     envs.close()
+
+
+@NO_MODES
+def test_each_env_is_scored_on_its_own_final_info_terminal_frame():
+    """SAME_STEP with RenderTerminalFrame inside the envs: each env's terminal step is scored on the frame in
+    its own row of ``info["final_info"]`` (mutation audit: every env was scored on env 0's). Env 1 renders
+    its CountingEnv frames inverted, so at the terminal step (t = 3) env 0 scores 120 and env 1 255 - 120."""
+    makes = [lambda: RenderTerminalFrame(CountingEnv()),
+             lambda: RenderTerminalFrame(CountingEnv(frame_fn=lambda frame: 255 - frame))]
+    envs = VLMRewardVectorWrapper(gym.vector.SyncVectorEnv(makes, **reset_kwargs("same_step")), mean_brightness,
+                                  render="images")
+    envs.reset(seed=0)
+    for _ in range(3):
+        _, rewards, terminated, _, info = envs.step(np.zeros((2, 1), np.float32))
+    assert terminated.all() and info["vlm_terminal_frame"].all()
+    assert rewards.tolist() == [120.0, 135.0]
+    envs.close()
