@@ -1773,3 +1773,37 @@ def test_an_env_reward_that_is_no_number_is_named(no_batch, reward):
     env.reset(seed=0)
     with pytest.raises(TypeError, match=r"the env's step\(\) returned the reward .* gymnasium's API asks for one number"):
         env.step(np.zeros(1, np.float32))
+
+
+def inverted_counting_env():
+    """CountingEnv rendering its frames inverted (gray level 255 - 40 * t): another env's frames."""
+    return CountingEnv(frame_fn=lambda frame: 255 - frame)
+
+
+def brightness_and_darkness(frames):
+    """A plain two-column reward function: each frame's mean gray level, and 255 minus it."""
+    brightness = mean_brightness(frames)
+    return np.stack([brightness, 255 - brightness], axis=1)
+
+
+def test_each_envs_per_task_rewards_are_its_own(no_batch):
+    """``info["vlm_rewards"]`` of each env holds its own frame's rewards, in VLMRewardVecEnv and
+    VLMRewardVectorWrapper (mutation audit: every env's info getting env 0's went unseen, the envs' frames
+    being alike). Env 1 renders inverted frames: at step t env 0 scores (40 t, 255 - 40 t), env 1 the reverse."""
+    venv = VLMRewardVecEnv(DummyVecEnv([CountingEnv, inverted_counting_env]), brightness_and_darkness, task=1)
+    vector = VLMRewardVectorWrapper(gym.vector.SyncVectorEnv([CountingEnv, inverted_counting_env]),
+                                    brightness_and_darkness, task=1, render="images")
+    venv.reset()
+    vector.reset(seed=0)
+    for t in (1, 2):
+        _, rewards, _, infos = venv.step(np.zeros((2, 1), np.float32))
+        dark = 255.0 - 40 * t
+        assert rewards.tolist() == [dark, 40.0 * t]
+        assert [info["vlm_rewards"] for info in infos] == [{"0": 40.0 * t, "1": dark}, {"0": dark, "1": 40.0 * t}]
+        _, rewards, _, _, info = vector.step(np.zeros((2, 1), np.float32))
+        assert rewards.tolist() == [dark, 40.0 * t]
+        assert info["vlm_rewards"]["0"].tolist() == [40.0 * t, dark]
+        assert info["vlm_rewards"]["1"].tolist() == [dark, 40.0 * t]
+    venv.close()
+    vector.close()
+
