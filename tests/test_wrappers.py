@@ -1807,3 +1807,31 @@ def test_each_envs_per_task_rewards_are_its_own(no_batch):
     venv.close()
     vector.close()
 
+
+def test_fractional_env_rewards_reach_the_rewards_infos_and_returns_whole(no_batch):
+    """Env rewards with a fraction (CountingEnv's t + 0.25) are added, reported and summed as they are by
+    every wrapper, in mode="add" (mutation audit: env rewards cast to whole numbers went unseen, the
+    tests' envs giving whole rewards). Frames score 40 t (mean brightness), weighted 0.5."""
+    def make():
+        return gym.wrappers.TransformReward(CountingEnv(), lambda reward: reward + 0.25)
+
+    single = VLMRewardWrapper(make(), mean_brightness, mode="add", weight=0.5)
+    venv = VLMRewardVecEnv(DummyVecEnv([make] * 2), mean_brightness, mode="add", weight=0.5)
+    vector = VLMRewardVectorWrapper(gym.vector.SyncVectorEnv([make] * 2), mean_brightness, mode="add", weight=0.5,
+                                    render="images")
+    single.reset(seed=0)
+    venv.reset()
+    vector.reset(seed=0)
+    for t in (1, 2, 3):
+        gt, want = t + 0.25, t + 0.25 + 20.0 * t
+        reward, _, _, info = single.step(np.zeros(1, np.float32))[1:]
+        assert (reward, info["gt_reward"]) == (want, gt)
+        rewards, _, infos = venv.step(np.zeros((2, 1), np.float32))[1:]
+        assert rewards.tolist() == [want] * 2 and [i["gt_reward"] for i in infos] == [gt] * 2
+        rewards, _, _, vector_info = vector.step(np.zeros((2, 1), np.float32))[1:]
+        assert rewards.tolist() == [want] * 2 and vector_info["gt_reward"].tolist() == [gt] * 2
+    assert info["episode_gt_return"] == 6.75
+    assert [i["episode_gt_return"] for i in infos] == [6.75] * 2
+    assert vector_info["episode_gt_return"].tolist() == [6.75] * 2
+    for wrapped in (single, venv, vector):
+        wrapped.close()
