@@ -1835,3 +1835,29 @@ def test_fractional_env_rewards_reach_the_rewards_infos_and_returns_whole(no_bat
     assert vector_info["episode_gt_return"].tolist() == [6.75] * 2
     for wrapped in (single, venv, vector):
         wrapped.close()
+
+
+def test_episode_vlm_returns_restart_on_a_reset_mid_episode(no_batch):
+    """A reset before the episode ended: the next episode's ``episode_vlm_return`` sums its own steps only, in
+    every wrapper (mutation audit: VLMRewardVecEnv.reset keeping the VLM sums went unseen, only the env
+    rewards' being checked). CountingEnv's frames score 40 t (mean brightness): 40 + 80 + 120 per episode."""
+    single = VLMRewardWrapper(CountingEnv(), mean_brightness)
+    venv = VLMRewardVecEnv(DummyVecEnv([CountingEnv] * 2), mean_brightness)
+    vector = VLMRewardVectorWrapper(gym.vector.SyncVectorEnv([CountingEnv] * 2), mean_brightness, render="images")
+    for reset in (lambda: single.reset(seed=0), venv.reset, lambda: vector.reset(seed=0)):
+        reset()
+    single.step(np.zeros(1, np.float32))
+    venv.step(np.zeros((2, 1), np.float32))
+    vector.step(np.zeros((2, 1), np.float32))
+    single.reset(seed=1)  # mid-episode: the step before is not part of the next episode
+    venv.reset()
+    vector.reset(seed=1)
+    for _ in range(3):
+        info = single.step(np.zeros(1, np.float32))[-1]
+        infos = venv.step(np.zeros((2, 1), np.float32))[-1]
+        vector_info = vector.step(np.zeros((2, 1), np.float32))[-1]
+    assert info["episode_vlm_return"] == 240.0
+    assert [i["episode_vlm_return"] for i in infos] == [240.0] * 2
+    assert vector_info["episode_vlm_return"].tolist() == [240.0] * 2
+    for wrapped in (single, venv, vector):
+        wrapped.close()
