@@ -1116,6 +1116,26 @@ def test_each_rows_sac_update_time_is_its_own_rollouts(tmp_path, monkeypatch, ti
         updates, durations)
 
 
+def test_a_stops_checkpoint_time_includes_copying_the_rollouts_frames_out(tmp_path, monkeypatch):
+    # A stop inside a deferred rollout writes the rollout's frames so far into its checkpoint: copying them
+    # off the reward device (up to a rollout's, 480 MB for the kneeling preset) is part of the checkpoint's
+    # time, and so left out of time/train_steps_per_s, not counted as training. Here the copy sleeps 300 ms.
+    from vlmrm_fast.train.deferred import DeferredRewardRecorder
+
+    real_pending, pause = DeferredRewardRecorder.pending, 0.3
+
+    def slow_pending(self):
+        time.sleep(pause)
+        return real_pending(self)
+
+    monkeypatch.setattr(DeferredRewardRecorder, "pending", slow_pending)
+    config = dot_config(tmp_path, total_timesteps=60, checkpoint_every=0, eval_every=0)  # rollouts of 20 steps
+    stopped = train_stopped_at(54, config, monkeypatch)
+    assert stopped.num_timesteps == 54
+    [(step, seconds)] = [point for point in tb_scalars(stopped.run_dir)["time/checkpoint_s"] if point[0] == 54]
+    assert seconds >= pause, seconds
+
+
 def test_tensorboard_rows_keep_to_the_multiples_of_log_every(tmp_path):
     # Rollouts of 20 steps (2 envs x train_freq 10), log_every=50: a row at the first rollout boundary
     # past each multiple of 50 (60, 100, 160) and the run's tail (200), not every 60 steps of drift

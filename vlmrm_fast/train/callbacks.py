@@ -320,6 +320,8 @@ class TrainingCallback(BaseCallback):
     def save(self, mid_rollout: bool = False) -> Path:
         """Write a checkpoint of the current state (see :mod:`vlmrm_fast.train.checkpoint`)."""
         n = self.model.num_timesteps
+        # From here: a stop's checkpoint copies the rollout's frames so far off the reward device first.
+        start = time.perf_counter()
         # Stopped on a rollout's last step: the rollout is complete but its gradient steps are not
         # done; the resumed run does them first (train_pending), then starts the next rollout.
         complete = mid_rollout and self._rollout_complete()
@@ -351,7 +353,6 @@ class TrainingCallback(BaseCallback):
         current = self.model.train_freq
         if self._train_freq_original is not None:
             self.model.train_freq = self._train_freq_original  # save the run's own schedule
-        start = time.perf_counter()
         try:
             path = ckpt.save_checkpoint(self.run_dir, self.model, self.config_json, extra,
                                         keep=self.config.keep_checkpoints)
