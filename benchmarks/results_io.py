@@ -14,7 +14,7 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence
 import torch
 
 from vlmrm_fast.atomic import write_atomically
-from vlmrm_fast.profiler.report import BUSY_LOAD, load_average, machine_was_busy
+from vlmrm_fast.profiler.report import BUSY_LOAD, OTHER_CPU_BUSY, cpu_times, load_average, machine_was_busy, other_cpu_share
 from vlmrm_fast.profiler.timing import sigterm_as_interrupt
 
 
@@ -56,15 +56,17 @@ class RunFiles:
     :meth:`add` appends the new rows to the CSV (header first when the file is new) and rewrites
     the JSON whole, atomically: ``{**header, "complete": False, "rows": [...]}``; :meth:`finish`
     rewrites it once more with ``complete`` and any extra keys (``elapsed_s``...). The JSON's ``load``
-    holds the CPU count and the load average at the start and the end (``machine_busy`` says whether it
-    was high): other work on the machine slows the reference paths (eager torch) more than ours, so a
-    busy run's ratios read high.
+    holds the CPU count, the load average at the start and the end, and the share of the CPUs' time that
+    other processes took (``machine_busy`` judges them as ``vlmrm-fast bench`` does,
+    :func:`~vlmrm_fast.profiler.report.machine_was_busy`): other work on the machine slows the reference
+    paths (eager torch) more than ours, so a busy run's ratios read high.
     """
 
     def __init__(self, csv_path: Optional[Path], json_path: Optional[Path], columns: Sequence[str],
                  header: Dict[str, Any]) -> None:
         self.csv_path, self.json_path, self.columns = csv_path, json_path, columns
         self.header = {**header, "load": {"cpu_count": os.cpu_count(), "load_average_start": load_average()}}
+        self._cpu_times_start = cpu_times()
         self.rows: List[Any] = []
         self.complete = True  # False once interrupted
 
@@ -88,12 +90,15 @@ class RunFiles:
     def finish(self, **extra: Any) -> None:
         load = self.header["load"]
         load["load_average_end"] = load_average()
+        load["other_cpu_share"] = other_cpu_share(self._cpu_times_start, cpu_times(), load["cpu_count"])
         busy = machine_was_busy(load)
         if busy:
-            print(f"note: the load average ({load['load_average_start']} at the start, "
-                  f"{load['load_average_end']} at the end, on {load['cpu_count']} CPUs) was above "
-                  f"{BUSY_LOAD:g} per CPU: other work competed for the cores, which slows the reference paths more "
-                  "than ours, so the speedups read high; run again on an idle machine before quoting them.")
+            share = load["other_cpu_share"]
+            what = (f"other processes took {share:.0%} of the CPUs' time (over {OTHER_CPU_BUSY:.0%})" if share is not None
+                    else f"the load average ({load['load_average_start']} at the start, {load['load_average_end']} at "
+                         f"the end, on {load['cpu_count']} CPUs) was above {BUSY_LOAD:g} per CPU")
+            print(f"note: {what}: other work competed for the cores, which slows the reference paths more than ours, "
+                  "so the speedups read high; run again on an idle machine before quoting them.")
         self._write_json(finished=True, **extra, machine_busy=busy)
         if self.csv_path:
             print(f"appended {len(self.rows)} rows to {self.csv_path}")

@@ -189,8 +189,9 @@ def machine_was_busy(environment: Dict[str, Any]) -> bool:
 
 def cpu_times() -> Optional[List[float]]:
     """[CPU seconds the whole machine spent busy (time stolen by a hypervisor included), CPU seconds of this
-    process (all its threads), seconds of a monotonic clock], for :func:`other_cpu_share`; None where
-    /proc/stat cannot be read (not Linux)."""
+    process (all its threads) and of its children that have ended (a benchmark's worker processes are its own
+    work, not other work), seconds of a monotonic clock], for :func:`other_cpu_share`; None where /proc/stat
+    cannot be read (not Linux)."""
     try:
         with open("/proc/stat") as f:
             fields = f.readline().split()
@@ -201,7 +202,8 @@ def cpu_times() -> Optional[List[float]]:
     if not fields or fields[0] != "cpu" or len(ticks) < 5:
         return None
     busy = sum(ticks) - ticks[3] - ticks[4]  # less idle and iowait (guest time is inside user already)
-    return [busy / per_second, time.process_time(), time.monotonic()]
+    own = os.times()
+    return [busy / per_second, own.user + own.system + own.children_user + own.children_system, time.monotonic()]
 
 
 def other_cpu_share(start: Optional[Sequence[float]], end: Optional[Sequence[float]],
