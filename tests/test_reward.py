@@ -401,6 +401,22 @@ def test_a_callers_autocast_does_not_change_goals_embeddings_or_rewards(backend)
     assert torch.equal(rm.goals, goals) and torch.equal(rm.directions, directions)
 
 
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+def test_a_reward_built_inside_a_callers_autocast_scores_as_one_built_outside(backend):
+    # from_pretrained or CLIPReward(...) inside a training loop's autocast: the backend's build (the ONNX export,
+    # compile's warm-up) ran inside it too, so onnxruntime refused the graph ("Type 'tensor(bfloat16)' of input
+    # parameter (/conv1/Cast_output_0) of operator (Conv) ... is invalid").
+    if backend == "onnxruntime":
+        pytest.importorskip("onnxruntime")
+    frames = np.random.default_rng(0).integers(0, 256, (4, 40, 50, 3), dtype=np.uint8)
+    kwargs = dict(goal=KNEEL, baseline=STAND, alpha=0.5, device="cpu", kernels="torch", backend=backend)
+    outside = CLIPReward(*make_tiny(), **kwargs)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = CLIPReward(*make_tiny(), **kwargs)
+        inside.rebuild_backend()
+    assert torch.equal(inside(frames), outside(frames))
+
+
 def test_a_list_of_float_frames_outside_unit_range_is_refused():
     rm = _torch_reward(goal="a")
     with pytest.raises(ValueError, match=r"\[0, 1\]"):

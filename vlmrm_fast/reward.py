@@ -218,11 +218,12 @@ class CLIPReward:
 
     def _build_backend(self, backend: str, options: Optional[dict]) -> None:
         visual = cast(torch.nn.Module, self.model.visual)
-        self._backend: VisionBackend = build_backend(
-            resolve_backend(backend, self._device, self._dtype), visual, self._spec, self._device,
-            self._dtype, max_batch_size=self.max_batch_size, model_name=self.model_name, options=options,
-            requested=backend, kernels=self._kernels,
-        )
+        with _without_autocast(self._device):  # a caller's autocast would reach the export, compile or engine build
+            self._backend: VisionBackend = build_backend(
+                resolve_backend(backend, self._device, self._dtype), visual, self._spec, self._device,
+                self._dtype, max_batch_size=self.max_batch_size, model_name=self.model_name, options=options,
+                requested=backend, kernels=self._kernels,
+            )
         # Kept for rebuild_backend, bar calibration frames (the fp8 build frees them once calibrated).
         self._backend_request = (backend, {k: v for k, v in (options or {}).items() if k != "calibration_frames"})
         self._weights_watch = WeightsWatch(visual) if self._backend.copies_weights else None
