@@ -1325,6 +1325,21 @@ def test_a_speedup_target_gets_a_line_for_the_largest_batch_where_several_were_m
     assert kinds == ["end-to-end speedup vs seed (fp32)", "end-to-end speedup vs seed (fp32), at the largest batch"]
 
 
+def test_the_largest_batch_line_takes_the_largest_batch_with_a_ratio():
+    # The seed failed at the largest batch (out of memory, say): the line is the ratio at the largest batch that has
+    # one, not "cannot tell: not measured"; without the seed (--no-seed) no second line says nothing again.
+    import dataclasses
+
+    small = _row("ViT-B-32", "torch", 16.0, 10.0)
+    mid = dataclasses.replace(_row("ViT-B-32", "torch", 13.0, 10.0), batch=16)
+    no_seed = dataclasses.replace(_row("ViT-B-32", "torch", 40.0, 10.0), batch=32, seed_fps=None, speedup_vs_seed=None)
+    best, at_largest = check_targets([small, mid, no_seed], torch.device("cpu"))
+    assert at_largest["measured"] == pytest.approx(1.3) and "batch 16" in at_largest["where"]
+    unseeded = [dataclasses.replace(r, seed_fps=None, speedup_vs_seed=None) for r in (small, mid, no_seed)]
+    [target] = check_targets(unseeded, torch.device("cpu"))
+    assert target["met"] is None and "largest" not in target["kind"]
+
+
 def test_a_target_reached_exactly_is_met():
     [target] = check_targets([_row("ViT-B-32", "torch", 15.0, 10.0)], torch.device("cpu"))
     assert target["measured"] == pytest.approx(1.5) and target["met"]

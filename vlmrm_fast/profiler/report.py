@@ -225,8 +225,8 @@ def check_targets(rows: Sequence[Row], device: torch.device, busy: bool = False)
     CUDA (bf16 rows, and fp8 rows on their own lines): end-to-end frames/s for ViT-B-32, ViT-L-14,
     ViT-bigG-14, and the speedup over the seed for ViT-bigG-14. CPU: the speedup over the seed for
     ViT-B-32, once per precision measured (so that a target met only by a lossy precision, int8 or
-    fp8, says so). Each speedup target also gets a line for the largest batch measured, where the run
-    measured several: the best ratio is usually at batch 1, while the seed scored a rollout's frames in large
+    fp8, says so). Each speedup target also gets a line for the largest batch with a ratio to the seed, where
+    several have one: the best ratio is usually at batch 1, while the seed scored a rollout's frames in large
     batches. ``busy`` (:func:`machine_was_busy`) marks each speedup target met as unconfirmed.
     """
     on_cuda = device.type == "cuda"
@@ -268,8 +268,10 @@ def check_targets(rows: Sequence[Row], device: torch.device, busy: bool = False)
         for dtype in precisions:
             add(model, f"end-to-end speedup vs seed ({dtype})", required, lambda r: r.speedup_vs_seed, dtype)
             # The best ratio is often at batch 1 (the seed's per-call overhead); the seed scored whole rollouts in
-            # large batches, so the largest batch measured gets its own line where the run measured several.
-            batches = {r.batch for r in rows if r.backend != SEED and r.model == model and r.dtype == dtype}
+            # large batches, so the largest batch with a ratio gets its own line where several have one (a batch
+            # whose seed failed, or --no-seed, has none: it would read "cannot tell: not measured").
+            batches = {r.batch for r in rows if r.backend != SEED and r.model == model and r.dtype == dtype
+                       and r.speedup_vs_seed is not None}
             if len(batches) > 1:
                 largest = max(batches)
 
