@@ -1,5 +1,7 @@
-"""Full float32 (TF32 off) in cuBLAS matmuls and cuDNN convolutions for the length of a block,
-whichever TF32 setting the process uses, and exactly as it was afterwards.
+"""Blocks that compute in the precision asked for, whatever the process set: no caller's autocast
+(:func:`without_autocast`), and full float32 (TF32 off) in cuBLAS matmuls and cuDNN convolutions
+(:func:`float32_matmuls`, :func:`float32_convolutions`) for the length of a block, whichever TF32
+setting the process uses, and exactly as it was afterwards.
 
 torch >= 2.9 has two ways to set TF32: the legacy flags (``torch.backends.cuda.matmul.allow_tf32``,
 ``torch.backends.cudnn.allow_tf32``) and ``fp32_precision`` (per backend and operator, or globally
@@ -83,3 +85,11 @@ def float32_convolutions() -> "contextlib.AbstractContextManager[None]":
     """Inside the block, cuDNN float32 convolutions run in full float32 (TF32 off, which is on by
     default); the setting is restored after."""
     return _tf32_off(torch.backends.cudnn, getattr(torch.backends.cudnn, "conv", None), new_api_always=True)
+
+
+def without_autocast(device: torch.device) -> torch.autocast:
+    """A block that a caller's ``torch.autocast`` on ``device``'s type (a training loop's mixed precision) does
+    not reach: what runs inside computes in the dtypes it was given (a reward model's tower in its ``dtype``,
+    the rest in float32)."""
+    return torch.autocast(device.type, enabled=False)
+

@@ -18,6 +18,7 @@ from vlmrm_fast.ops._triton import resolve_kernels
 from vlmrm_fast.ops.preprocess import PreprocessSpec, check_preprocess_mode, preprocess
 from vlmrm_fast.ops.score import score as score_op
 from vlmrm_fast.ops.score import unit_rows
+from vlmrm_fast.precision import without_autocast
 from vlmrm_fast.tasks import EncodedTasks, Prompts, Task, check_alpha, check_tasks, encode_tasks, task_list
 
 _DTYPES = {
@@ -97,12 +98,6 @@ def _resolve_dtype(dtype: Union[str, torch.dtype, None], device: torch.device) -
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"dtype={dtype} is not supported; use torch.float32, torch.bfloat16 or torch.float16.")
     return dtype
-
-
-def _without_autocast(device: torch.device) -> torch.autocast:
-    """A block that a caller's ``torch.autocast`` on ``device`` (a training loop's mixed precision) does not
-    reach: the tower computes in ``dtype`` and everything else in float32, as asked, inside an autocast or not."""
-    return torch.autocast(device.type, enabled=False)
 
 
 def _check_max_batch_size(value: int) -> int:
@@ -218,7 +213,7 @@ class CLIPReward:
 
     def _build_backend(self, backend: str, options: Optional[dict]) -> None:
         visual = cast(torch.nn.Module, self.model.visual)
-        with _without_autocast(self._device):  # a caller's autocast would reach the export, compile or engine build
+        with without_autocast(self._device):  # a caller's autocast would reach the export, compile or engine build
             self._backend: VisionBackend = build_backend(
                 resolve_backend(backend, self._device, self._dtype), visual, self._spec, self._device,
                 self._dtype, max_batch_size=self.max_batch_size, model_name=self.model_name, options=options,
@@ -418,7 +413,7 @@ class CLIPReward:
         """Frames -> the tower's input [N, 3, S_h, S_w] in the tower's dtype (for inspection)."""
         bottom_up = _check_bottom_up(bottom_up)
         batch = as_frame_batch(frames)
-        with _without_autocast(self._device):
+        with without_autocast(self._device):
             chunks = [
                 self._pixels(batch.chunk(i, i + self.max_batch_size, self._device), bottom_up)
                 for i in range(0, batch.num_frames, self.max_batch_size)
@@ -447,7 +442,7 @@ class CLIPReward:
         bottom_up = _check_bottom_up(bottom_up)
         batch = as_frame_batch(frames)
         out = torch.empty((batch.num_frames, self.embed_dim), dtype=torch.float32, device=self._device)
-        with _without_autocast(self._device):
+        with without_autocast(self._device):
             for i in range(0, batch.num_frames, self.max_batch_size):
                 raw = self._tower(batch.chunk(i, i + self.max_batch_size, self._device), bottom_up)
                 out[i : i + raw.shape[0]] = unit_rows(raw)  # NaN rows where the score op would give NaN
@@ -467,7 +462,7 @@ class CLIPReward:
         self._check_tasks_current()
         batch = as_frame_batch(frames)
         rewards = torch.empty((batch.num_frames, self._targets.num_tasks), dtype=torch.float32, device=self._device)
-        with _without_autocast(self._device):
+        with without_autocast(self._device):
             for i in range(0, batch.num_frames, self.max_batch_size):
                 raw = self._tower(batch.chunk(i, i + self.max_batch_size, self._device), bottom_up)
                 rewards[i : i + raw.shape[0]] = score_op(raw, self._targets, impl=self._kernels)
@@ -489,7 +484,7 @@ class CLIPReward:
         if not embeddings.is_floating_point():
             raise TypeError(f"embeddings must be floating point; got {embeddings.dtype}.")
         self._check_tasks_current()
-        with torch.no_grad(), _without_autocast(self._device):
+        with torch.no_grad(), without_autocast(self._device):
             rewards = score_op(embeddings.to(self._device), self._targets, impl=self._kernels)
         self._check_finite(rewards, "embeddings")
         return rewards[:, 0] if self._single else rewards

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from vlmrm_fast.callers import stacklevel_outside_package
 from vlmrm_fast.ops.score import ScoringTargets
+from vlmrm_fast.precision import without_autocast
 
 Prompts = Union[str, Sequence[str]]
 
@@ -88,16 +89,17 @@ def check_alpha(alpha: float, what: str = "alpha") -> float:
 
 @torch.inference_mode()
 def embed_prompts(model: torch.nn.Module, tokenizer: Callable, prompts: List[str], device: torch.device) -> torch.Tensor:
-    """Unit text embeddings [P, D], float32 (computed so, inside a caller's autocast too), on ``device``. Refuses token ids that are not one row of integers
-    per prompt (of the context length CLIP's own text transformer needs), a prompt that tokenizes as the
-    empty text does, and embeddings that are not finite (a silent wrong goal each, else)."""
+    """Unit text embeddings [P, D], float32 (computed so, inside a caller's autocast too), on ``device``.
+    Refuses token ids that are not one row of integers per prompt (of the context length CLIP's own text
+    transformer needs), a prompt that tokenizes as the empty text does, and embeddings that are not finite
+    (a silent wrong goal each, else)."""
     tokens = _checked_tokens(model, tokenizer(prompts), len(prompts))
     empty = _first_empty_prompt(tokenizer, prompts, tokens)
     if empty is not None:  # "\x00", a lone byte-order mark: cleaned away, so CLIP's empty text, like a blank prompt
         raise ValueError(f"the prompt {empty!r} tokenizes to nothing (no character the tokenizer keeps), so it would "
                          "embed as the empty text: give it words.")
     encode_text = cast(Callable[[torch.Tensor], torch.Tensor], model.encode_text)
-    with torch.autocast(device.type, enabled=False):  # float32 inside a caller's autocast (mixed precision) too
+    with without_autocast(device):
         embeddings = encode_text(tokens.to(device)).float()
     if not torch.isfinite(embeddings).all():
         raise ValueError("the text tower embeds the prompts to NaN/inf: its weights hold NaN/inf (a damaged "
