@@ -830,6 +830,21 @@ def test_random_weights_are_the_same_under_a_float64_default_dtype():
     assert all(torch.equal(want[k], got[k]) for k in want)
 
 
+def test_random_weights_are_drawn_on_the_cpu_under_another_default_device():
+    # torch.set_default_device("cuda") would draw them with the CUDA generator: other weights, and a CUDA RNG
+    # that fork_rng(devices=[]) does not give back. "meta" stands in for it here (no values at all).
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        want = create_clip("vlmrm-tiny", None)[0].state_dict()
+        torch.set_default_device("meta")
+        try:
+            got = models._create("vlmrm-tiny", None, None).state_dict()
+            assert torch.empty(1).device.type == "meta"  # the caller's default again
+        finally:
+            torch.set_default_device(None)
+    assert all(got[k].device.type == "cpu" and torch.equal(want[k], got[k]) for k in want)
+
+
 def test_random_weights_are_the_same_in_every_build_and_leave_the_global_rng_alone():
     # pretrained=None (`--pretrained none`): offline smoke runs compare across runs and backends only if their
     # weights do; and a build must not move the caller's RNG stream (their seeded frames, SAC's initialisation).

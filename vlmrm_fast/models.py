@@ -54,13 +54,16 @@ _random_weights_seed = RANDOM_WEIGHTS_SEED
 
 
 @contextlib.contextmanager
-def _float32_default_dtype() -> Iterator[None]:
-    """torch's default dtype float32 inside (random weights are drawn in it: under a caller's float64 default
-    the same seed gives other weights), the caller's again after."""
+def _cpu_float32_defaults() -> Iterator[None]:
+    """torch's default dtype float32 and default device the CPU inside, the caller's again after: random weights
+    are drawn in them (under a caller's float64 default, or ``torch.set_default_device("cuda")``, whose
+    generator draws other values and which ``fork_rng(devices=[])`` would not give back, the same seed gives
+    other weights)."""
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.float32)
     try:
-        yield
+        with torch.device("cpu"):
+            yield
     finally:
         torch.set_default_dtype(previous)
 
@@ -583,7 +586,7 @@ def _create(model_name: str, pretrained: Optional[str], cache_dir: Optional[str]
             UserWarning,
             stacklevel=stacklevel_outside_package(),
         )
-        with torch.random.fork_rng(devices=[]), _float32_default_dtype():  # on the CPU: its generator alone draws them
+        with torch.random.fork_rng(devices=[]), _cpu_float32_defaults():  # on the CPU: its generator alone draws them
             torch.manual_seed(_random_weights_seed)
             return open_clip.create_model(model_name)
     tags = open_clip.list_pretrained_tags_by_model(model_name)
