@@ -944,6 +944,8 @@ def test_env_wrapper_given_a_vector_env_names_the_vector_wrappers(rm):
     envs.close()
     with pytest.raises(TypeError, match=r"not str: .*gymnasium.make\(env_id, render_mode=\"rgb_array\"\)"):
         VLMRewardWrapper(ENV_ID, rm)
+    with pytest.raises(TypeError, match=r"not function: pass a gymnasium.Env .*call an env factory first"):
+        VLMRewardWrapper(make_env, rm)  # the factory, not its env
 
 
 def test_vec_env_errors(rm, no_batch):

@@ -189,9 +189,10 @@ def machine_was_busy(environment: Dict[str, Any]) -> bool:
 
 def cpu_times() -> Optional[List[float]]:
     """[CPU seconds the whole machine spent busy (time stolen by a hypervisor included), CPU seconds of this
-    process (all its threads) and of its children that have ended (a benchmark's worker processes are its own
-    work, not other work), seconds of a monotonic clock], for :func:`other_cpu_share`; None where /proc/stat
-    cannot be read (not Linux)."""
+    process (all its threads) and of its children that have ended and been waited for (a benchmark's worker
+    processes are its own work, not other work; children still running, such as inductor's compile workers,
+    count as other processes), seconds of a monotonic clock], for :func:`other_cpu_share`; None where
+    /proc/stat cannot be read (not Linux)."""
     try:
         with open("/proc/stat") as f:
             fields = f.readline().split()
@@ -753,4 +754,6 @@ def environment(device: torch.device) -> Dict[str, Any]:
 def _speedup(value: float) -> str:
     """A speedup with two decimals, rounded down: "met: no" never sits beside a figure that reads as its
     target, and the table and the targets show one ratio the same way."""
+    if not math.isfinite(value):  # Decimal cannot quantize inf (no real row has one)
+        return f"{value}x"
     return f"{Decimal(repr(float(value))).quantize(Decimal('0.01'), rounding=ROUND_FLOOR)}x"  # 1.15 * 100 floors to 114

@@ -41,8 +41,10 @@ def _check_one_env(env: Any) -> None:
         fix = "for a gymnasium vector env use vlmrm_fast.VLMRewardVectorWrapper(envs, rm) (all envs in one batch)"
     elif hasattr(env, "step_wait") and hasattr(env, "num_envs"):  # stable-baselines3's VecEnv, without importing SB3
         fix = "for a stable-baselines3 VecEnv use vlmrm_fast.VLMRewardVecEnv(venv, rm) (all envs in one batch)"
-    else:
+    elif isinstance(env, str):
         fix = 'make the env first, gymnasium.make(env_id, render_mode="rgb_array")'
+    else:
+        fix = 'pass a gymnasium.Env (made with render_mode="rgb_array"); call an env factory first'
     raise TypeError(f"VLMRewardWrapper wraps one gymnasium env, not {type(env).__name__}: {fix}.")
 
 
