@@ -475,8 +475,8 @@ def markdown_report(report: Report) -> str:
         markdown_table(report.rows),
         "",
         f"Frames/s = batch / median seconds per call ({repeats} repeat{'' if repeats == 1 else 's'} at most, after "
-        f"{config['warmup']} warm-up" + ("; one each for the ends to end timed in alternation with the seed, "
-                                         "whose stages were warmed before" if seeded and config["warmup"] != 1 else "")
+        f"{config['warmup']} warm-up" + ("; the row's end to end and the seed's, timed in alternation, one each "
+                                         "after the stages' own warm-ups" if seeded and config["warmup"] != 1 else "")
         + f"; stages stop after {config['time_budget']:g} s of timed calls once "
         f"{before_budget} {'is' if before_budget == 1 else 'are'} done). Frames are uint8 "
         f"already on the device except for h2d (from pageable host memory, as rm(frames) uploads them: one copy into "
