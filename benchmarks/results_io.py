@@ -14,7 +14,8 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence
 import torch
 
 from vlmrm_fast.atomic import write_atomically
-from vlmrm_fast.profiler.report import BUSY_LOAD, OTHER_CPU_BUSY, cpu_times, load_average, machine_was_busy, other_cpu_share
+from vlmrm_fast.profiler.report import (BUSY_LOAD, OTHER_CPU_BUSY, cpu_times, load_average, machine_was_busy,
+                                        other_cpu_share)
 from vlmrm_fast.profiler.timing import sigterm_as_interrupt
 
 

@@ -92,4 +92,3 @@ def without_autocast(device: torch.device) -> torch.autocast:
     not reach: what runs inside computes in the dtypes it was given (a reward model's tower in its ``dtype``,
     the rest in float32)."""
     return torch.autocast(device.type, enabled=False)
-

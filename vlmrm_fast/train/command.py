@@ -129,11 +129,10 @@ EPILOG = textwrap.dedent("""\
     and eval/vlm_return (scored at the training frame size), eval/gt_return, eval/seconds (the
     evaluation's own time) with --eval-every; the same rows in progress.csv (an evaluation's in a
     row of its own, with SB3's train/* recorded since the row before), and progress-from-STEP.csv per
-    resumed session that logs a row: read in order
-    of STEP, the files hold each step's row once: a session resumed after a crash drops the rows it
-    logs again from the earlier files, kept whole in tb/superseded/), checkpoints/ (every
-    --checkpoint-every steps, at the end and on SIGINT/SIGTERM; written atomically), videos/ (mp4
-    every --eval-every steps).
+    resumed session that logs a row: read in order of STEP, the files hold each step's row once: a
+    session resumed after a crash drops the rows it logs again from the earlier files, kept whole in
+    tb/superseded/), checkpoints/ (every --checkpoint-every steps, at the end and on SIGINT/SIGTERM;
+    written atomically), videos/ (mp4 every --eval-every steps).
 
     examples:
       vlmrm-fast train --preset smoke
