@@ -803,3 +803,21 @@ def test_a_prompt_that_tokenizes_to_nothing_is_found_with_a_tokenizer_padding_to
     prompts = ["a robot standing up", "\x00"]
     assert _first_empty_prompt(longest, prompts, longest(prompts)) == "\x00"
     assert _first_empty_prompt(longest, prompts[:1], longest(prompts[:1])) is None
+
+
+def test_rebuild_backend_keeps_the_task_axis_of_a_tasks_reward():
+    # rebuild_backend encodes the tasks again: a tasks= reward keeps its [N, T] rewards, each column its own task's
+    # (SPEC's reward at that task's alpha), not the first task's alone as [N]. (A mutation audit: encoding them
+    # again as the single-task form went unseen; the rebuild tests had one goal= task.)
+    tasks = [Task(GOALS["one"][0], GOALS["one"][1], name="kneel"), Task("a humanoid robot doing the splits", alpha=0.0)]
+    rm, model, tokenizer = _reward_model(kernels="torch", goal=None, baseline=None, tasks=tasks, alpha=0.5)
+    frames = _noise(3, 37, 29, seed=25)
+    rm.rebuild_backend()
+    rewards = rm(frames)
+    assert rewards.shape == (3, 2) and rm.task_names == ["kneel", "a humanoid robot doing the splits"]
+    for k, (goal, baseline, alpha) in enumerate([(GOALS["one"][0], GOALS["one"][1], 0.5), ([tasks[1].goal], None, 0.0)]):
+        want = reference_reward(model, tokenizer, frames, goal, baseline, alpha)
+        assert (rewards[:, k].double() - want).abs().max().item() <= 1e-5, k
+    rm.set_tasks(tasks=Task(GOALS["one"][0], GOALS["one"][1]))  # one Task object: still a task axis, [N, 1]
+    rm.rebuild_backend()
+    assert rm(frames).shape == (3, 1) and rm.score(rm.embed(frames)).shape == (3, 1)
