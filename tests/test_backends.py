@@ -1400,6 +1400,23 @@ def test_a_logit_bias_is_not_watched_as_the_text_side(tiny):
         rm(frames)
 
 
+@pytest.mark.parametrize("name", ["transformer.resblocks.1.mlp.c_proj.weight", "ln_final.bias", "positional_embedding"])
+def test_a_change_anywhere_in_the_text_tower_is_seen(tiny, name):
+    # A text fine-tune that trains the transformer's blocks alone (not the token embedding or the projection the
+    # tests above change) leaves the goals stale all the same. (A mutation audit: leaving "transformer" out of
+    # the text-side watch went unseen.)
+    model, tokenizer = tiny
+    rm = CLIPReward(model, tokenizer, goal=GOAL, baseline=BASELINE, alpha=0.3, device="cpu", backend="torch")
+    frames = _noise(2, 24, 24, seed=4)
+    rm(frames)
+    with torch.no_grad():
+        rm.model.get_parameter(name).add_(0.1)
+    with pytest.raises(ValueError, match="text-side weights changed"):
+        rm(frames)
+    rm.set_tasks(goal=GOAL, baseline=BASELINE)  # encoded again from the changed tower: scored again
+    assert rm(frames).shape == (2,)
+
+
 @pytest.mark.parametrize("change", ["double", "meta", "new last parameter", "layer swapped out", "in place"])
 def test_the_weights_watch_sees_each_kind_of_change(change):
     # (A mutation audit: leaving out the dtype/device part, or the last tensor's identity, or a removed layer,
