@@ -991,7 +991,7 @@ def test_an_out_that_cannot_be_written_is_refused_before_the_model_loads(image_f
 
 @pytest.mark.parametrize("flags,message", [
     (["--pretrained", "laion9b"], r"or --pretrained none for random weights"),  # the Python form said pretrained=None
-    (["--pretrained", "none", "--alpha", "0.5"], r"cannot use --alpha 0.5: it has no baseline.*Use --alpha 0, or give a "
+    (["--pretrained", "none", "--alpha", "0.5"], r"cannot use --alpha 0.5: it has no baseline.*Pass --alpha 0, or give a "
                                                  r"--baseline"),
 ], ids=["tag", "alpha"])
 def test_score_errors_name_its_own_flags(image_folder: Path, tmp_path: Path, capsys, flags, message) -> None:

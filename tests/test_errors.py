@@ -178,7 +178,7 @@ def test_alpha_without_baseline(tiny):
         CLIPReward(model, tokenizer, goal="kneeling", alpha=0.3, device="cpu")
     # The fix names where alpha=0 goes in each form (a reviewer read a bare "Use alpha=0" as ambiguous).
     rm = CLIPReward(model, tokenizer, goal="kneeling", baseline="standing", alpha=0.2, device="cpu")
-    with pytest.raises(ValueError, match=r"no baseline.*set_tasks; Task\(\.\.\., alpha=0\) for this task alone"):
+    with pytest.raises(ValueError, match=r"no baseline.*Pass alpha=0 \(in Python: to from_pretrained or set_tasks, or as this Task's own alpha"):
         rm.set_tasks(goal="sitting")  # keeps rm.alpha
 
 

@@ -231,6 +231,7 @@ def in_cli_terms(message: str, dtype_flag: str = "--dtypes", backend_flag: str =
     message = re.sub(r"quantize='(\w+)'", rf"{dtype_flag} \1", message)
     message = re.sub(r"device='([^']*)'", r"--device \1", message)
     message = re.sub(r" \(command line: [^)]*\)", "", message)  # what the Python message adds for these commands
+    message = re.sub(r" \(in Python: [^)]*\)", "", message)  # and what it says for Python callers alone
     message = message.replace("pretrained=None", "--pretrained none")
     message = re.sub(r"\balpha=(\d+(?:\.\d+)?)", r"--alpha \1", message).replace("give a baseline", "give a --baseline")
     return re.sub(r"\bmax_batch_size\b", batch_flag, message)

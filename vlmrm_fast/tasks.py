@@ -200,8 +200,8 @@ def _no_direction(task: Task, alpha: float) -> None:
     why = "it has no baseline" if task.baseline is None else "its goal and baseline embed to the same vector (same prompts?)"
     raise ValueError(
         f"Task {task.label!r} cannot use alpha={alpha}: {why}, so the goal-baseline direction is "
-        "undefined. Pass alpha=0 (to from_pretrained or set_tasks; Task(..., alpha=0) for this task alone), or "
-        "give a baseline that differs from the goal."
+        "undefined. Pass alpha=0 (in Python: to from_pretrained or set_tasks, or as this Task's own alpha for it "
+        "alone), or give a baseline that differs from the goal."
     )
 
 
