@@ -203,8 +203,11 @@ def cpu_times() -> Optional[List[float]]:
     if not fields or fields[0] != "cpu" or len(ticks) < 5:
         return None
     busy = sum(ticks) - ticks[3] - ticks[4]  # less idle and iowait (guest time is inside user already)
-    own = os.times()
-    return [busy / per_second, own.user + own.system + own.children_user + own.children_system, time.monotonic()]
+    import resource  # Unix only, as /proc/stat; its microseconds, as process_time's, where os.times counts ticks
+
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    own = time.process_time() + children.ru_utime + children.ru_stime
+    return [busy / per_second, own, time.monotonic()]
 
 
 def other_cpu_share(start: Optional[Sequence[float]], end: Optional[Sequence[float]],
