@@ -24,8 +24,8 @@ AutoresetMode = getattr(gym.vector, "AutoresetMode", None)  # gymnasium 1.0: nex
 from stable_baselines3.common.vec_env import DummyVecEnv  # noqa: E402
 from test_wrappers import (  # noqa: E402  helpers only (its fixtures stay there)
     ENV_ID, MODES, SIZE, CountingEnv, FakeBatchRenderer, GLlessBatchRenderer, Spy, _tiny_reward, actions,
-    counting_frame, env_replacing_its_mjdata, forks_on_purpose, make_env, mean_brightness, real_batch_renderer_or_skip,
-    position_weighted_brightness,
+    counting_frame, env_replacing_its_mjdata, forks_on_purpose, inverted_counting_env, make_env, mean_brightness,
+    position_weighted_brightness, real_batch_renderer_or_skip,
 )
 
 from vlmrm_fast import Task, VLMRewardVectorWrapper, VLMRewardWrapper  # noqa: E402
@@ -492,8 +492,7 @@ def test_each_env_is_scored_on_its_own_final_info_terminal_frame():
     """SAME_STEP with RenderTerminalFrame inside the envs: each env's terminal step is scored on the frame in
     its own row of ``info["final_info"]`` (mutation audit: every env was scored on env 0's). Env 1 renders
     its CountingEnv frames inverted, so at the terminal step (t = 3) env 0 scores 120 and env 1 255 - 120."""
-    makes = [lambda: RenderTerminalFrame(CountingEnv()),
-             lambda: RenderTerminalFrame(CountingEnv(frame_fn=lambda frame: 255 - frame))]
+    makes = [lambda: RenderTerminalFrame(CountingEnv()), lambda: RenderTerminalFrame(inverted_counting_env())]
     envs = VLMRewardVectorWrapper(gym.vector.SyncVectorEnv(makes, **reset_kwargs("same_step")), mean_brightness,
                                   render="images")
     envs.reset(seed=0)

@@ -312,11 +312,17 @@ def _rate(value: Optional[float]) -> str:
         return "n/a"
     if not math.isfinite(value) or value <= 0:
         return f"{value:.3g}"
-    exact = Decimal(repr(float(value)))  # the float as written: 0.29 * 100 would floor to 28
+    exact = _as_written(value)
     if exact >= 1000:
         return f"{int(exact.to_integral_value(rounding=ROUND_FLOOR)):,}"
     down = exact.quantize(Decimal(1).scaleb(exact.adjusted() - 2), rounding=ROUND_FLOOR)
     return f"{down.normalize():f}"
+
+
+def _as_written(value: float) -> Decimal:
+    """``value`` as its shortest repr reads, for rounding down at a digit: 0.29 * 100 is 28.999..., which
+    would floor to 28."""
+    return Decimal(repr(float(value)))
 
 
 def _num(value: Optional[float], spec: str) -> str:
@@ -759,4 +765,4 @@ def _speedup(value: float) -> str:
     target, and the table and the targets show one ratio the same way."""
     if not math.isfinite(value):  # Decimal cannot quantize inf (no real row has one)
         return f"{value}x"
-    return f"{Decimal(repr(float(value))).quantize(Decimal('0.01'), rounding=ROUND_FLOOR)}x"  # 1.15 * 100 floors to 114
+    return f"{_as_written(value).quantize(Decimal('0.01'), rounding=ROUND_FLOOR)}x"
