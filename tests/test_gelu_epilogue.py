@@ -11,6 +11,7 @@ the next matmul sums with the rest). So the MLP and the reward are held to twice
 against the float64 reference (the package's bar for bf16), which a wrong bias, a lost GELU or an
 exact-GELU mix-up of another activation exceeds many times over.
 """
+import contextvars
 import copy
 import math
 import warnings
@@ -29,6 +30,7 @@ from vlmrm_fast.backends.base import original_modules
 from vlmrm_fast.backends.engine_cache import weights_digest
 from vlmrm_fast.backends.gelu_epilogue import GELUEpilogueMLP, is_fusable_mlp, use_gelu_epilogue
 from vlmrm_fast.backends.triton_layer_norm import TritonLayerNorm
+from vlmrm_fast.ops._triton import tower_kernels
 
 GOAL, BASELINE, ALPHA = ["a humanoid robot kneeling", "kneeling"], ["a humanoid robot"], 0.5
 
@@ -36,7 +38,9 @@ GOAL, BASELINE, ALPHA = ["a humanoid robot kneeling", "kneeling"], ["a humanoid 
 @pytest.fixture
 def epilogue_calls(monkeypatch):
     """On CPU: the epilogue's arithmetic in place of torch's op, the CUDA check lifted; on every device,
-    a list of the shapes the fused path multiplied (how a test knows which path ran)."""
+    a list of the shapes the fused path multiplied (how a test knows which path ran). The test runs as a
+    "torch" backend's own call would (inside ``tower_kernels``, here with torch's LayerNorms), the only
+    calls the epilogue runs in."""
     calls = []
     real = gelu_epilogue._addmm_activation
     device_check = gelu_epilogue._epilogue_device
@@ -47,7 +51,8 @@ def epilogue_calls(monkeypatch):
 
     monkeypatch.setattr(gelu_epilogue, "_addmm_activation", recording)
     monkeypatch.setattr(gelu_epilogue, "_epilogue_device", lambda device: device.type == "cpu" or device_check(device))
-    return calls
+    with tower_kernels(False):
+        yield calls
 
 
 def mlp(width: int, hidden: int, act=torch.nn.GELU, seed: int = 0, ln: bool = False) -> torch.nn.Sequential:
@@ -121,6 +126,36 @@ def test_rewards_within_twice_pytorchs_own_bf16_error(model_name, device, epilog
     error = (rm(frames).double().cpu() - want).abs().max().item()
     assert epilogue_calls and len(epilogue_calls) % blocks == 0  # every block, in each call of the tower
     assert 0 < own_error and error <= 2 * own_error, (error, own_error)
+
+
+def outside_any_backend_call(fn, *args):
+    """``fn(*args)`` in a fresh context: as the user, another reward or an export calls a model."""
+    return contextvars.Context().run(fn, *args)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_model_called_outside_the_backend_keeps_the_exact_gelu(device, epilogue_calls):
+    # The backend swaps the MLPs of the model it is given; the user's own calls of that model (an
+    # embedding to log, another reward built on it) must compute what they did before the swap.
+    model, tokenizer = make_model("vlmrm-tiny")
+    rm = CLIPReward(model, tokenizer, goal=GOAL, baseline=BASELINE, alpha=ALPHA, device=device, dtype="bf16",
+                    backend="torch")
+    if device == "cpu":  # the backend swaps them on CUDA only
+        use_gelu_epilogue(rm.model.visual)
+    blocks = rm.model.visual.transformer.resblocks
+    assert all(type(block.mlp) is GELUEpilogueMLP for block in blocks)
+    unfused = copy.deepcopy(rm.model.visual)  # the same tower (on CUDA its patch matmul too), MLPs put back
+    for block in unfused.transformer.resblocks:
+        block.mlp = block.mlp.original()
+    pixels = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(5)).to(device, torch.bfloat16)
+    with torch.inference_mode():
+        rm.embed(np.zeros((2, 32, 32, 3), np.uint8))
+        assert len(epilogue_calls) == len(blocks)  # the backend's own call fuses
+        epilogue_calls.clear()
+        got = outside_any_backend_call(rm.model.visual, pixels)
+        want = unfused(pixels)
+    assert epilogue_calls == []
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 # ---- when it runs, and when the replaced MLP does ---------------------------------------------------

@@ -57,7 +57,8 @@ class TorchBackend(VisionBackend):
     fp8, through :class:`~vlmrm_fast.backends.torch_fp8.SelfAttention` and SDPA). On CUDA a ViT's patch
     embedding runs as one matmul (:mod:`vlmrm_fast.backends.patch_embed`; ``visual.conv1`` is replaced in
     place, its parameters kept), and in bf16 each MLP's GELU runs in its first matmul's epilogue
-    (:mod:`vlmrm_fast.backends.gelu_epilogue`; the MLPs are replaced in place, their layers kept).
+    (:mod:`vlmrm_fast.backends.gelu_epilogue`; the MLPs are replaced in place, their layers kept, and fused
+    in this backend's calls only).
 
     Args:
         quantize: None, or "fp8": the transformer's matmuls in E4M3 (:mod:`vlmrm_fast.backends.torch_fp8`;

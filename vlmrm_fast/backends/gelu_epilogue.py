@@ -17,6 +17,10 @@ and there the approximation would be of the order of the rounding. The tests hol
 to twice PyTorch's own bf16 error against the exact GELU in float64. The approximation is what the
 epilogue computes, not a choice; towers whose GELU is already the tanh one get it exactly, and QuickGELU
 towers (``x * sigmoid(1.702 x)``) keep their own.
+
+The fused path runs only inside :func:`~vlmrm_fast.ops._triton.tower_kernels`, which the backend enters
+for its own calls (whichever ``kernels`` it has): the same model called any other way (by the user, by
+another reward, by an export) computes the exact GELU as before.
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ import torch
 
 from vlmrm_fast.backends.base import SwappedModule, in_place_of, runs_forward_hooks, swap_modules
 from vlmrm_fast.backends.fast_path import FastPath
+from vlmrm_fast.ops._triton import in_tower_call
 
 DTYPES = (torch.bfloat16,)
 """Where the approximation is well below the rounding (module docstring)."""
@@ -62,11 +67,13 @@ class GELUEpilogueMLP(SwappedModule, torch.nn.Sequential):
         return in_place_of(torch.nn.Sequential(OrderedDict(self._modules)), self)
 
     def epilogue_applies(self, x: torch.Tensor) -> bool:
-        """Whether this call takes the fused path: CUDA, bf16 input and weights, no autograd graph wanted,
-        outside ``torch.compile`` and tracing (which get the replaced module's ops to fuse or export), the
+        """Whether this call takes the fused path: a "torch" backend's own call (module docstring), CUDA,
+        bf16 input and weights, no autograd graph wanted, outside ``torch.compile`` and tracing (which get the replaced module's ops to fuse or export), the
         children still what :func:`is_fusable_mlp` accepted (an fp8 reward replaces ``c_fc`` in place),
         no forward hooks on ``c_fc`` or ``gelu`` (a probe of their outputs), and no failure before."""
         if torch.compiler.is_compiling() or torch.jit.is_tracing() or _addmm_activation is None:
+            return False
+        if not in_tower_call():
             return False
         fc = self._modules.get("c_fc")
         if type(fc) is not torch.nn.Linear or fc.bias is None or not _is_gelu(self._modules.get("gelu")):

@@ -166,16 +166,17 @@ def resolve_kernels(kernels: str, device: torch.device) -> Literal["triton", "to
     return "triton"
 
 
-_TOWER_KERNELS = contextvars.ContextVar("vlmrm_fast_tower_kernels", default=False)
+_TOWER_KERNELS: contextvars.ContextVar[Optional[bool]] = contextvars.ContextVar("vlmrm_fast_tower_kernels", default=None)
 
 
 @contextlib.contextmanager
 def tower_kernels(enabled: bool = True) -> Iterator[None]:
     """Within the block (in this thread or task), the layers the "torch" backend swapped into a tower
     run this package's Triton kernels (``enabled``: its LayerNorms and QuickGELUs, its fp8 matmuls'
-    activation quantisation, with the MLPs' GELU and the blocks' LayerNorms in it) or torch's ops. The
-    backend enters it for its own calls, so the same model called any other way (by the user, another
-    reward, the "compile" backend, an export) computes as before."""
+    activation quantisation, with the MLPs' GELU and the blocks' LayerNorms in it) or torch's ops, and
+    its MLPs run their GELU in the matmul's epilogue either way. The backend enters it for its own calls,
+    so the same model called any other way (by the user, another reward, the "compile" backend, an
+    export) computes as before."""
     token = _TOWER_KERNELS.set(enabled)
     try:
         yield
@@ -185,4 +186,9 @@ def tower_kernels(enabled: bool = True) -> Iterator[None]:
 
 def tower_kernels_enabled() -> bool:
     """Whether the caller is inside :func:`tower_kernels` (enabled)."""
-    return _TOWER_KERNELS.get()
+    return _TOWER_KERNELS.get() is True
+
+
+def in_tower_call() -> bool:
+    """Whether the caller is inside :func:`tower_kernels`, enabled or not: a "torch" backend's own call."""
+    return _TOWER_KERNELS.get() is not None
