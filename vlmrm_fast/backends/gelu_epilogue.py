@@ -68,12 +68,11 @@ class GELUEpilogueMLP(SwappedModule, torch.nn.Sequential):
 
     def epilogue_applies(self, x: torch.Tensor) -> bool:
         """Whether this call takes the fused path: a "torch" backend's own call (module docstring), CUDA,
-        bf16 input and weights, no autograd graph wanted, outside ``torch.compile`` and tracing (which get the replaced module's ops to fuse or export), the
-        children still what :func:`is_fusable_mlp` accepted (an fp8 reward replaces ``c_fc`` in place),
-        no forward hooks on ``c_fc`` or ``gelu`` (a probe of their outputs), and no failure before."""
-        if torch.compiler.is_compiling() or torch.jit.is_tracing() or _addmm_activation is None:
-            return False
-        if not in_tower_call():
+        bf16 input and weights, no autograd graph wanted, outside ``torch.compile`` and tracing (which get
+        the replaced module's ops to fuse or export), the children still what :func:`is_fusable_mlp`
+        accepted (an fp8 reward replaces ``c_fc`` in place), no forward hooks on ``c_fc`` or ``gelu`` (a
+        probe of their outputs), and no failure before."""
+        if torch.compiler.is_compiling() or torch.jit.is_tracing() or _addmm_activation is None or not in_tower_call():
             return False
         fc = self._modules.get("c_fc")
         if type(fc) is not torch.nn.Linear or fc.bias is None or not _is_gelu(self._modules.get("gelu")):

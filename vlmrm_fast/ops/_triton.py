@@ -166,7 +166,9 @@ def resolve_kernels(kernels: str, device: torch.device) -> Literal["triton", "to
     return "triton"
 
 
-_TOWER_KERNELS: contextvars.ContextVar[Optional[bool]] = contextvars.ContextVar("vlmrm_fast_tower_kernels", default=None)
+_TOWER_KERNELS: contextvars.ContextVar[Optional[bool]] = contextvars.ContextVar("vlmrm_fast_tower_kernels",
+                                                                             default=None)
+"""None outside a "torch" backend's call; inside, whether its Triton kernels run (:func:`tower_kernels`)."""
 
 
 @contextlib.contextmanager
@@ -174,9 +176,9 @@ def tower_kernels(enabled: bool = True) -> Iterator[None]:
     """Within the block (in this thread or task), the layers the "torch" backend swapped into a tower
     run this package's Triton kernels (``enabled``: its LayerNorms and QuickGELUs, its fp8 matmuls'
     activation quantisation, with the MLPs' GELU and the blocks' LayerNorms in it) or torch's ops, and
-    its MLPs run their GELU in the matmul's epilogue either way. The backend enters it for its own calls,
-    so the same model called any other way (by the user, another reward, the "compile" backend, an
-    export) computes as before."""
+    its MLPs (bf16, CUDA) run their GELU in their first matmul's epilogue either way. The backend enters
+    it for its own calls, so the same model called any other way (by the user, another reward, the
+    "compile" backend, an export) computes as before."""
     token = _TOWER_KERNELS.set(enabled)
     try:
         yield
