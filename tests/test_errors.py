@@ -613,3 +613,18 @@ def test_a_task_name_is_a_non_blank_string(rm, name):
     # An int would read as a column index in the wrappers' task=, a blank name as no label at all.
     with pytest.raises(TypeError, match=r"tasks\[1\].name must be a non-blank string"):
         rm.set_tasks(tasks=[Task(goal="a robot", baseline="a thing"), Task(goal="a dog", baseline="a thing", name=name)])
+
+
+@pytest.mark.parametrize("method", ["__call__", "embed"])
+def test_a_tower_in_training_mode_is_refused_with_the_fix(rm, method):
+    # The "torch" backend runs the tower as it is: in training mode an RN50's BatchNorm would normalise by each
+    # batch (a frame's reward depending on the others) and change its running statistics for good.
+    frames = np.zeros((2, 8, 8, 3), np.uint8)
+    want = getattr(rm, method)(frames)
+    rm.model.train()
+    with pytest.raises(ValueError, match=r"training mode.*rm\.model\.eval\(\)"):
+        getattr(rm, method)(frames)
+    with pytest.raises(ValueError, match=r"training mode.*rm\.model\.eval\(\)"):
+        rm.set_tasks(goal="a robot")  # the text tower's dropout (Hugging Face towers) would make goals random
+    rm.model.eval()
+    torch.testing.assert_close(getattr(rm, method)(frames), want)

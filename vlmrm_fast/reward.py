@@ -430,7 +430,18 @@ class CLIPReward:
     @torch.inference_mode()
     def _tower(self, frames: torch.Tensor, bottom_up: bool) -> torch.Tensor:
         self._check_weights_unchanged()
+        self._check_eval_mode()
         return self._backend(self._pixels(frames, bottom_up))
+
+    def _check_eval_mode(self) -> None:
+        # A backend that runs the tower itself runs it in whatever mode it is in: in training mode a BatchNorm
+        # (RN50's) normalises by each batch's statistics and updates its running ones, dropout drops at random.
+        if not self._backend.copies_weights and cast(torch.nn.Module, self.model.visual).training:
+            raise ValueError(
+                "rm.model.visual is in training mode (model.train() was called), where BatchNorm and dropout layers "
+                "compute otherwise: rewards would depend on the other frames in the batch, and BatchNorm's running "
+                "statistics would change. Call rm.model.eval() before scoring (and .train() again to train it)."
+            )
 
     def embed(self, frames: FrameInput, *, bottom_up: bool = False) -> torch.Tensor:
         """Unit image embeddings [N, D], float32, on ``device``.

@@ -93,6 +93,9 @@ def embed_prompts(model: torch.nn.Module, tokenizer: Callable, prompts: List[str
     Refuses token ids that are not one row of integers per prompt (of the context length CLIP's own text
     transformer needs), a prompt that tokenizes as the empty text does, and embeddings that are not finite
     (a silent wrong goal each, else)."""
+    if model.training:  # dropout in a text tower (Hugging Face ones have it) would make the goals random
+        raise ValueError("rm.model is in training mode (model.train() was called), where dropout layers drop at "
+                         "random: call rm.model.eval() before encoding prompts (and .train() again to train it).")
     tokens = _checked_tokens(model, tokenizer(prompts), len(prompts))
     empty = _first_empty_prompt(tokenizer, prompts, tokens)
     if empty is not None:  # "\x00", a lone byte-order mark: cleaned away, so CLIP's empty text, like a blank prompt
