@@ -237,6 +237,18 @@ BAD_PROMPTS = [
     (dict(goal="a", baseline="  "), ValueError, "baseline has a blank prompt .*baseline=None.*leave out --baseline"),
 ]
 
+@pytest.mark.parametrize("kwargs,match", [
+    # CLIP's tokenizer reads these as its special tokens: the tower pools at the first end-of-text token, so
+    # "kneeling" would count for nothing (the goal embedding that of "a robot"), and "<end_of_text>" alone is the empty text.
+    (dict(goal="a robot <end_of_text> kneeling"), r"'<end_of_text>'.*special token.*take it out"),
+    (dict(goal=["a robot", "<End_Of_Text>"]), r"'<end_of_text>'.*special token"),
+    (dict(goal="a robot", baseline="<start_of_text> a thing"), r"'<start_of_text>'.*special token"),
+])
+def test_a_prompt_with_clips_special_tokens_is_refused(rm, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        rm.set_tasks(**kwargs)
+
+
 BAD_OPTIONS = [
     (dict(device="cuda:0"), ValueError, "CUDA is not available"),
     (dict(dtype="fp8"), ValueError, "dtype="),

@@ -101,6 +101,11 @@ def embed_prompts(model: torch.nn.Module, tokenizer: Callable, prompts: List[str
     if empty is not None:  # "\x00", a lone byte-order mark: cleaned away, so CLIP's empty text, like a blank prompt
         raise ValueError(f"the prompt {empty!r} tokenizes to nothing (no character the tokenizer keeps), so it would "
                          "embed as the empty text: give it words.")
+    special = _first_special_token(tokenizer, prompts)
+    if special is not None:  # the tower pools at the first end-of-text token: the words after it count for nothing
+        raise ValueError(f"the prompt {special[0]!r} holds {special[1]!r}, which CLIP's tokenizer reads as its own "
+                         "special token, not as words (the text tower reads no further than an end-of-text token): "
+                         "take it out of the prompt.")
     encode_text = cast(Callable[[torch.Tensor], torch.Tensor], model.encode_text)
     with without_autocast(device):
         embeddings = encode_text(tokens.to(device)).float()
@@ -120,6 +125,24 @@ def _first_empty_prompt(tokenizer: Callable, prompts: List[str], tokens: torch.T
         tokens, empty = both[:-1], both[-1:]
     same = (tokens == empty.reshape(1, -1)).all(dim=1)
     return prompts[int(same.nonzero()[0])] if same.any() else None
+
+
+def _first_special_token(tokenizer: Callable, prompts: List[str]) -> Optional[Tuple[str, str]]:
+    """The first of ``prompts`` in which open_clip's ``SimpleTokenizer`` (CLIP's) finds the text of one of its special
+    tokens ("<end_of_text>", "<start_of_text>", any case), with that token; None where there is none (or for
+    another tokenizer)."""
+    try:
+        from open_clip.tokenizer import SimpleTokenizer
+    except ImportError:  # a tokenizer of the user's own, without open_clip
+        return None
+    if not isinstance(tokenizer, SimpleTokenizer):
+        return None
+    special = set(tokenizer.all_special_ids)
+    for prompt in prompts:
+        found = [token for token in tokenizer.encode(prompt) if token in special]
+        if found:
+            return prompt, tokenizer.decoder[found[0]]
+    return None
 
 
 def _checked_tokens(model: torch.nn.Module, tokens: Any, rows: int) -> torch.Tensor:
