@@ -821,3 +821,19 @@ def test_rebuild_backend_keeps_the_task_axis_of_a_tasks_reward():
     rm.set_tasks(tasks=Task(GOALS["one"][0], GOALS["one"][1]))  # one Task object: still a task axis, [N, 1]
     rm.rebuild_backend()
     assert rm(frames).shape == (3, 1) and rm.score(rm.embed(frames)).shape == (3, 1)
+
+
+def test_the_tasks_encoded_are_kept_whatever_the_caller_does_to_what_it_passed():
+    # A Task is frozen, but the prompt list (or alpha tensor) in it was the caller's object: appending to that list
+    # afterwards changed what rm.tasks showed, and rebuild_backend encoded the new prompts without a word.
+    goal, baseline, alpha = ["a humanoid robot kneeling"], ["a humanoid robot"], torch.tensor(0.5)
+    rm = _torch_reward(tasks=[Task(goal, baseline, alpha=alpha, name="kneel")])
+    frames = _noise(2, 16, 16, seed=3)
+    want, shown = rm(frames), rm.tasks
+    goal.append("a cat")
+    baseline[0] = "a dog"
+    alpha.fill_(1.0)
+    assert rm.tasks == shown and rm.tasks[0].goal == ["a humanoid robot kneeling"] and rm.tasks[0].alpha == 0.5
+    rm.rebuild_backend()
+    rm.alpha = 0.25  # the task's own alpha (0.5) still overrides it
+    torch.testing.assert_close(rm(frames), want)

@@ -11,7 +11,7 @@ import collections.abc
 import math
 import numbers
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, List, Optional, Sequence, Tuple, Union, cast
 
 import numpy as np
@@ -286,11 +286,23 @@ def _padded_lengths(tokenizer: Callable, prompts: List[str], width: int) -> Opti
     return torch.where(not_padding.any(dim=1), after_last, 0).tolist()
 
 
+def _own_copy(task: Task) -> Task:
+    """``task`` with copies of its prompt lists and its alpha as a float: what is encoded is what ``rm.tasks`` shows
+    and what ``rebuild_backend`` and a change of ``rm.alpha`` read again, whatever the caller does later to the
+    list (or the alpha tensor) it passed."""
+    def own(prompts: Optional[Prompts]) -> Optional[Prompts]:
+        return prompts if prompts is None or isinstance(prompts, (str, collections.UserString, tuple)) else list(prompts)
+
+    alpha = None if task.alpha is None else check_alpha(task.alpha)
+    return replace(task, goal=cast(Prompts, own(task.goal)), baseline=own(task.baseline), alpha=alpha)
+
+
 def encode_tasks(
     model: torch.nn.Module, tokenizer: Callable, tasks: Sequence[Task], device: torch.device
 ) -> EncodedTasks:
     """Embed every task's prompts in one text-tower pass and form goals and directions."""
     check_tasks(tasks, default_alpha=0.0)
+    tasks = [_own_copy(task) for task in tasks]
     prompts: List[str] = []
     spans = []
     for task in tasks:
