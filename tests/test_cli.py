@@ -692,6 +692,17 @@ def test_an_interrupted_score_exits_130(frames: Path, monkeypatch: pytest.Monkey
     assert capsys.readouterr().err.strip().endswith("vlmrm-fast: error: interrupted")
 
 
+@pytest.mark.parametrize("name", ["moving.webp", "moving.png"])
+def test_an_animated_image_is_refused_not_scored_by_its_first_frame(tmp_path: Path, name: str) -> None:
+    # An animated WebP or PNG (APNG) read as one image gave one row, its first frame's, and the rest went unscored.
+    frames = [Image.fromarray(np.full((8, 8, 3), value, np.uint8)) for value in (0, 128, 255)]
+    frames[0].save(tmp_path / name, save_all=True, append_images=frames[1:])
+    with pytest.raises(cli.CLIError, match=r"animated \(3 frames\).*folder of images"):
+        frame_files.read_image(tmp_path / name)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "still.webp")  # one frame: an image as before
+    assert frame_files.read_image(tmp_path / "still.webp").shape == (8, 8, 3)
+
+
 def test_thirty_two_bit_integer_images_are_refused(tmp_path: Path) -> None:
     Image.fromarray(np.full((4, 4), 70000, np.int32)).save(tmp_path / "deep.tiff")
     assert Image.open(tmp_path / "deep.tiff").mode == "I"

@@ -109,6 +109,14 @@ def read_image(path: Path) -> np.ndarray:
     image_ops = require_cli_extra("PIL.ImageOps", "pillow")
     try:
         with image_module.open(path) as opened:
+            frames = getattr(opened, "n_frames", 1)
+            if frames > 1 and opened.format != "MPO":  # a camera's JPEG may carry a preview as a second picture
+                raise CLIError(
+                    f"image '{path}' is animated ({frames} frames), but an image is scored as one frame (its first); "
+                    "to score every frame, save them as a folder of images and score the folder, e.g. in Python, with "
+                    "PIL's Image and ImageSequence imported: for i, f in enumerate(ImageSequence.Iterator(Image.open("
+                    "path))): f.convert('RGB').save(f'frames/{i}.png')"
+                )
             image = image_ops.exif_transpose(opened)
             if image.mode.startswith("I;16"):  # PIL's convert("RGB") would clip every value above 255
                 grey = (np.asarray(image).astype(np.uint16) >> 8).astype(np.uint8)
