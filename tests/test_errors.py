@@ -45,7 +45,8 @@ class _ArrayLike:
         (np.zeros((1, 2, 16, 16, 3), np.uint8), ValueError, r"rank 4"),
         (np.zeros((2, 16, 16, 3), np.int64), TypeError, r"uint8"),
         (np.zeros((2, 16, 16, 3), np.int8), TypeError, r"numpy int8.*uint8"),  # one byte, but signed: 200 reads as -56
-        (np.zeros((2, 16, 16, 3), bool), TypeError, r"uint8"),
+        (np.zeros((2, 16, 16, 3), bool), TypeError, r"numpy bool.*astype\(np\.uint8\) \* 255"),  # not 0 and 1: black
+        (torch.zeros((2, 16, 16, 3), dtype=torch.bool), TypeError, r"torch.bool.*to\(torch\.uint8\) \* 255"),
         (torch.zeros((2, 16, 16, 3), dtype=torch.int32), TypeError, r"uint8"),
         (np.full((2, 16, 16, 3), 255.0, np.float32), ValueError, r"\[0, 1\].*uint8"),
         (np.full((2, 16, 16, 3), -0.5, np.float32), ValueError, r"\[0, 1\]"),

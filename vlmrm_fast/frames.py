@@ -152,7 +152,10 @@ def _check_dtype(frames: Union[np.ndarray, torch.Tensor], what: str) -> torch.dt
     if dtype == torch.uint8 or dtype in _FLOAT_DTYPES:
         return dtype
     hint = "Convert 0-255 integers with .astype(np.uint8) / .to(torch.uint8)."
-    if _is_uint16(frames.dtype):
+    if frames.dtype in (torch.bool, np.bool_):  # as uint8 they would be 0 and 1: black frames
+        hint = ("Boolean frames (masks?): scale them to 0-255 first, frames.astype(np.uint8) * 255 (numpy) or "
+                "frames.to(torch.uint8) * 255 (torch).")
+    elif _is_uint16(frames.dtype):
         # torch has no >> for uint16 on CPU: through int32 first.
         hint = ("16-bit images: scale to 8 bits first, e.g. (frames >> 8).astype(np.uint8) (numpy) or "
                 "(frames.to(torch.int32) >> 8).to(torch.uint8) (torch).")
