@@ -210,6 +210,20 @@ def test_bottom_up_rows_are_flipped(device, impl, mode, h, w, s):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("impl", ["triton", "torch"])
+@pytest.mark.parametrize("h,w,s", [(37, 53, 17), (19, 19, 19)])
+def test_a_view_with_the_negative_bit_is_read_as_its_values(device, impl, h, w, s):
+    # x.conj().imag is a view of -x's memory with the negative bit set; it passes the [0, 1] check (its values
+    # are x's), and the kernel read the memory: -x, another frame altogether.
+    frames = _frames(2, h, w, seed=5)
+    x = torch.from_numpy(frames).float() / 255
+    view = torch.complex(torch.zeros_like(x), -x).to(device).conj().imag
+    assert view.is_neg() and torch.equal(view.cpu(), x)
+    out = preprocess(view, PreprocessSpec((s, s), MEAN, STD, "vlmrm"), torch.float32, impl=impl)
+    _check(out, reference_preprocess(frames, s, MEAN, STD, "vlmrm"), torch.float32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("impl", ["triton", "torch"])
 def test_strided_views_are_read_in_place(device, impl):
     big = torch.from_numpy(_frames(4, 50, 70, seed=3)).to(device)
     view = big[::2, 3:44, 5::2]  # every other frame, a crop, every other column

@@ -65,6 +65,19 @@ def test_strided_embeddings(device, impl, rng):
     assert (out.cpu().double() - _reference(transposed, targets)).abs().max().item() <= 1e-5
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_a_view_with_the_negative_bit_scores_its_values(device, impl, rng):
+    # x.conj().imag is a view of -x's memory with the negative bit set: the kernel read the memory, and so the
+    # rewards of -x, a sign off in the u . v term.
+    targets = _targets(2, 33, rng)
+    x = torch.randn(5, 33, generator=rng)
+    view = torch.complex(torch.zeros_like(x), -x).to(device).conj().imag
+    assert view.is_neg() and torch.equal(view.cpu(), x)
+    on_device = ScoringTargets(*(v.to(device) for v in (targets.goals, targets.directions, targets.alphas)))
+    assert (score(view, on_device, impl=impl).cpu().double() - _reference(x, targets)).abs().max().item() <= 2e-6
+
+
 @pytest.mark.parametrize("impl", ["triton", "torch"])
 def test_alpha_zero_single_goal_is_cosine(impl, rng):
     goal = torch.nn.functional.normalize(torch.randn(1, 40, generator=rng), dim=1)

@@ -241,6 +241,7 @@ def preprocess_triton(
     require_working_interpreter()
     if tile is not None:
         check_tile(tile)
+    frames = frames.resolve_neg()  # a view with the negative bit (x.conj().imag) holds -x in memory: the kernel reads that
     n, height, width, _ = frames.shape
     out_h, out_w = spec.size
     out = torch.empty((n, 3, out_h, out_w), dtype=out_dtype, device=frames.device)

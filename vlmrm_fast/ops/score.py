@@ -151,6 +151,7 @@ def score_triton(embeddings: torch.Tensor, targets: ScoringTargets) -> torch.Ten
         [N, T] float32 rewards.
     """
     require_working_interpreter()
+    embeddings = embeddings.resolve_neg()  # a view with the negative bit (x.conj().imag) holds -x in memory: the kernel reads that
     n, dim = embeddings.shape
     out = torch.empty((n, targets.num_tasks), dtype=torch.float32, device=embeddings.device)
     if n == 0:
