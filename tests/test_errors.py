@@ -238,6 +238,7 @@ BAD_PROMPTS = [
     (dict(goal="a", baseline="  "), ValueError, "baseline has a blank prompt .*baseline=None.*leave out --baseline"),
 ]
 
+
 @pytest.mark.parametrize("kwargs,match", [
     # CLIP's tokenizer reads these as its special tokens: the tower pools at the first end-of-text token, so
     # "kneeling" would count for nothing (the goal embedding that of "a robot"), and "<end_of_text>" alone is the empty text.
