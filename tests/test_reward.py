@@ -837,3 +837,18 @@ def test_the_tasks_encoded_are_kept_whatever_the_caller_does_to_what_it_passed()
     rm.rebuild_backend()
     rm.alpha = 0.25  # the task's own alpha (0.5) still overrides it
     torch.testing.assert_close(rm(frames), want)
+
+
+def test_the_tasks_shown_are_copies_whose_lists_change_nothing():
+    # rm.tasks handed out the Task objects the reward encodes from, lists and all: appending to
+    # rm.tasks[0].goal changed what rm.tasks showed, and rebuild_backend then scored the new prompts.
+    rm = _torch_reward(tasks=[Task(["a humanoid robot kneeling"], ["a humanoid robot"], alpha=0.5, name="kneel")])
+    frames = _noise(2, 16, 16, seed=3)
+    want = rm(frames)
+    rm.tasks[0].goal.append("a cat")
+    rm.tasks[0].baseline[0] = "a dog"
+    assert rm.tasks == [Task(["a humanoid robot kneeling"], ["a humanoid robot"], alpha=0.5, name="kneel")]
+    rm.rebuild_backend()
+    torch.testing.assert_close(rm(frames), want)
+    rm.set_tasks(tasks=rm.tasks)  # still the way to score them again, changed or not
+    torch.testing.assert_close(rm(frames), want)

@@ -19,7 +19,7 @@ from vlmrm_fast.ops.preprocess import PreprocessSpec, check_preprocess_mode, pre
 from vlmrm_fast.ops.score import score as score_op
 from vlmrm_fast.ops.score import unit_rows
 from vlmrm_fast.precision import without_autocast
-from vlmrm_fast.tasks import EncodedTasks, Prompts, Task, check_alpha, check_tasks, encode_tasks, task_list
+from vlmrm_fast.tasks import EncodedTasks, Prompts, Task, check_alpha, check_tasks, encode_tasks, own_copy, task_list
 
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32,
@@ -341,7 +341,8 @@ class CLIPReward:
 
     @property
     def tasks(self) -> List[Task]:
-        return list(self._encoded.tasks)
+        """The tasks scored, as copies: changing their prompt lists changes nothing here (``set_tasks`` does)."""
+        return [own_copy(task) for task in self._encoded.tasks]
 
     @property
     def task_names(self) -> List[str]:

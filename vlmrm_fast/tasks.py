@@ -286,10 +286,10 @@ def _padded_lengths(tokenizer: Callable, prompts: List[str], width: int) -> Opti
     return torch.where(not_padding.any(dim=1), after_last, 0).tolist()
 
 
-def _own_copy(task: Task) -> Task:
+def own_copy(task: Task) -> Task:
     """``task`` with copies of its prompt lists and its alpha as a float: what is encoded is what ``rm.tasks`` shows
     and what ``rebuild_backend`` and a change of ``rm.alpha`` read again, whatever the caller does later to the
-    list (or the alpha tensor) it passed."""
+    list (or the alpha tensor) it passed, and ``rm.tasks`` hands out such copies too."""
     def own(prompts: Optional[Prompts]) -> Optional[Prompts]:
         return prompts if prompts is None or isinstance(prompts, (str, collections.UserString, tuple)) else list(prompts)
 
@@ -302,7 +302,7 @@ def encode_tasks(
 ) -> EncodedTasks:
     """Embed every task's prompts in one text-tower pass and form goals and directions."""
     check_tasks(tasks, default_alpha=0.0)
-    tasks = [_own_copy(task) for task in tasks]
+    tasks = [own_copy(task) for task in tasks]
     prompts: List[str] = []
     spans = []
     for task in tasks:
