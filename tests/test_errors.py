@@ -251,6 +251,16 @@ def test_a_prompt_with_clips_special_tokens_is_refused(rm, kwargs, match):
         rm.set_tasks(**kwargs)
 
 
+def test_a_special_token_is_refused_through_open_clip_tokenize_too(tiny):
+    # open_clip.tokenize, the function VLM-RM's code tokenizes with, is CLIP's tokenizer behind a function: the
+    # check let it through, and the goal embedded as that of "a robot", without a word.
+    import open_clip
+
+    with pytest.raises(ValueError, match=r"'<end_of_text>'.*special token"):
+        CLIPReward(tiny[0], open_clip.tokenize, goal="a robot <end_of_text> kneeling", device="cpu", kernels="torch",
+                   backend="torch")
+
+
 BAD_OPTIONS = [
     (dict(device="cuda:0"), ValueError, "CUDA is not available"),
     (dict(dtype="fp8"), ValueError, "dtype="),

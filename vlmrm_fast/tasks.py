@@ -130,18 +130,21 @@ def _first_empty_prompt(tokenizer: Callable, prompts: List[str], tokens: torch.T
 def _first_special_token(tokenizer: Callable, prompts: List[str]) -> Optional[Tuple[str, str]]:
     """The first of ``prompts`` in which open_clip's ``SimpleTokenizer`` (CLIP's) finds the text of one of its special
     tokens ("<end_of_text>", "<start_of_text>", any case), with that token; None where there is none (or for
-    another tokenizer)."""
+    another tokenizer). ``open_clip.tokenize``, the function VLM-RM's code passes, is that tokenizer too."""
     try:
-        from open_clip.tokenizer import SimpleTokenizer
+        import open_clip.tokenizer as open_clip_tokenizer
     except ImportError:  # a tokenizer of the user's own, without open_clip
         return None
-    if not isinstance(tokenizer, SimpleTokenizer):
+    clip_tokenizer: object = tokenizer
+    if tokenizer is getattr(open_clip_tokenizer, "tokenize", None):
+        clip_tokenizer = getattr(open_clip_tokenizer, "_tokenizer", None)
+    if not isinstance(clip_tokenizer, open_clip_tokenizer.SimpleTokenizer):
         return None
-    special = set(tokenizer.all_special_ids)
+    special = set(clip_tokenizer.all_special_ids)
     for prompt in prompts:
-        found = [token for token in tokenizer.encode(prompt) if token in special]
+        found = [token for token in clip_tokenizer.encode(prompt) if token in special]
         if found:
-            return prompt, tokenizer.decoder[found[0]]
+            return prompt, clip_tokenizer.decoder[found[0]]
     return None
 
 
