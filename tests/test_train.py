@@ -312,6 +312,20 @@ def test_train_refuses_a_reward_function_with_several_rewards_per_frame(tmp_path
         train(dot_config(tmp_path), reward_model=lambda frames: [[0.0, 1.0]] * len(frames))
 
 
+def test_a_reward_model_refusing_frames_of_its_own_size_keeps_its_own_fix(tmp_path):
+    # Frames of the model's input size: whatever it refuses, the render size is not the cause, so its own
+    # error (here a tower left in training mode, whose fix is rm.model.eval()) goes through unchanged.
+    from vlmrm_fast.train import train
+
+    config = dot_config(tmp_path)
+    rm = tiny_reward(config)
+    config = dot_config(tmp_path, render_width=rm.image_size[1], render_height=rm.image_size[0])
+    rm.model.train()
+    with pytest.raises(ValueError, match=r"training mode.*rm\.model\.eval\(\)") as raised:
+        train(config, reward_model=rm)
+    assert "render_width" not in str(raised.value)
+
+
 def test_a_reward_model_that_cannot_take_the_frames_names_the_render_size(tmp_path):
     # One frame is scored before anything else starts. A model that refuses it gets the render-size fix;
     # one that runs out of GPU memory is not about the size, and its error goes through unchanged (the
@@ -321,7 +335,8 @@ def test_a_reward_model_that_cannot_take_the_frames_names_the_render_size(tmp_pa
     def refuses(frames):
         raise ValueError("expects 7x7 frames")
 
-    with pytest.raises(ValueError, match=r"cannot take \d+x\d+ frames \(expects 7x7 frames\); set render_width/"):
+    with pytest.raises(ValueError, match=r"cannot take \d+x\d+ frames \(expects 7x7 frames\); where the size is "
+                       r"the cause, set render_width/"):
         train(dot_config(tmp_path), reward_model=refuses)
 
     def out_of_memory(frames):
