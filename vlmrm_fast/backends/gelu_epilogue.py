@@ -20,7 +20,7 @@ towers (``x * sigmoid(1.702 x)``) keep their own.
 
 The fused path runs only inside :func:`~vlmrm_fast.ops._triton.tower_kernels`, which the backend enters
 for its own calls (whichever ``kernels`` it has): the same model called any other way (by the user, by
-another reward, by an export) computes the exact GELU as before.
+another reward, by an export) computes its own GELU (exact or tanh) as before.
 """
 from __future__ import annotations
 
