@@ -348,6 +348,41 @@ def test_compile_backend_warmup_compiles_the_graphs_real_calls_run(counting_comp
     assert rm.vision_backend.warmup() == seconds  # nothing left to compile
 
 
+def test_compile_backend_sees_hooks_registered_or_removed_after_its_graphs(counting_compile):
+    # Dynamo does not guard against forward hooks being added (skip_nnmodule_hook_guards): a graph traced without
+    # them ran on without a hook registered since (on a layer of the tower, or a global one), scoring silently
+    # otherwise than "torch" and the model itself do.
+    model, tokenizer = make_tiny()
+    rm = CLIPReward(model, tokenizer, goal=GOAL, baseline=BASELINE, alpha=0.5, device="cpu",
+                    backend="compile", backend_options={"buckets": (4,)})
+    frames = _noise(3, 224, 224, seed=3)
+    pixels = rm.preprocess(frames)
+
+    def tower():
+        with torch.inference_mode():
+            return rm.model.visual(pixels)
+
+    def double(module, args):
+        return (args[0] * 2,)
+
+    plain = tower()
+    handle = rm.model.visual.transformer.resblocks[1].register_forward_pre_hook(double)
+    hooked = tower()
+    assert (hooked - plain).abs().max() > 1e-2
+    assert torch.allclose(rm.embed(frames), torch.nn.functional.normalize(hooked, dim=-1), atol=1e-5)
+    handle.remove()
+    assert torch.allclose(rm.embed(frames), torch.nn.functional.normalize(plain, dim=-1), atol=1e-5)
+    for register in (rm.model.visual.transformer.resblocks[1].register_forward_pre_hook,
+                     torch.nn.modules.module.register_module_forward_pre_hook):
+        handle = register(lambda module, args: double(module, args) if module is rm.model.visual.transformer.resblocks[1]
+                          else None)
+        try:
+            assert torch.allclose(rm.embed(frames), torch.nn.functional.normalize(hooked, dim=-1), atol=1e-5)
+        finally:
+            handle.remove()
+    assert torch.allclose(rm.embed(frames), torch.nn.functional.normalize(plain, dim=-1), atol=1e-5)
+
+
 def _errors_against_reference(frames, dtype, backend, device="cuda", **backend_kwargs):
     """(the ``backend`` reward model, its largest reward error, eager torch's) against the float64
     reference, both at ``dtype`` on ``device``: the bar "within twice eager's own error" of the GPU
