@@ -652,3 +652,10 @@ def test_a_tower_in_training_mode_is_refused_with_the_fix(rm, method):
         rm.set_tasks(goal="a robot")  # the text tower's dropout (Hugging Face towers) would make goals random
     rm.model.eval()
     torch.testing.assert_close(getattr(rm, method)(frames), want)
+    # One layer of it alone (a partial fine-tune, model.visual.layer4.train()) was let through: its flag is not
+    # the tower's.
+    rm.model.visual.transformer.resblocks[1].train()
+    with pytest.raises(ValueError, match=r"rm\.model\.visual\.transformer\.resblocks\.1 is in training mode.*rm\.model\.eval\(\)"):
+        getattr(rm, method)(frames)
+    rm.model.eval()
+    torch.testing.assert_close(getattr(rm, method)(frames), want)

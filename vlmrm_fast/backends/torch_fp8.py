@@ -213,7 +213,7 @@ def replace_projections(visual: torch.nn.Module, projection: Projection) -> int:
             elif is_plain_attention(child) and _fits_fp8(child.in_proj_weight) and _fits_fp8(child.out_proj.weight):
                 swaps.append((parent, name, SelfAttention(child, projection)))
     for parent, name, module in swaps:
-        setattr(parent, name, module)
+        setattr(parent, name, module.train(getattr(parent, name).training))  # new modules train by default
     return len(swaps)
 
 
