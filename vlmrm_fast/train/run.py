@@ -657,7 +657,8 @@ def _check_model_takes_frames(rm, config: TrainConfig, height: int, width: int) 
     except torch.cuda.OutOfMemoryError:
         raise  # a RuntimeError too, but no frame size fixes it; the command line names the fixes that do
     except (ValueError, TypeError, RuntimeError) as exc:
-        if tuple(getattr(rm, "image_size", ())) == (height, width):
+        size = getattr(rm, "image_size", None)  # CLIPReward's (height, width); a reward function's own, if any
+        if isinstance(size, (tuple, list)) and tuple(size) == (height, width):
             raise  # frames of its own input size: the size is not the cause, and the error names its own fix
         raise ValueError(
             f"the reward model {config.model!r} cannot take {width}x{height} frames ({exc}); where the size is the "
