@@ -699,6 +699,8 @@ def test_an_animated_image_is_refused_not_scored_by_its_first_frame(tmp_path: Pa
     frames[0].save(tmp_path / name, save_all=True, append_images=frames[1:])
     with pytest.raises(cli.CLIError, match=r"animated \(3 frames\).*folder of images"):
         frame_files.read_image(tmp_path / name)
+    with pytest.raises(cli.CLIError, match=r"animated \(3 frames\)"):  # as score's PATH: before the model loads
+        frame_files.open_frames(tmp_path / name)
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "still.webp")  # one frame: an image as before
     assert frame_files.read_image(tmp_path / "still.webp").shape == (8, 8, 3)
 

@@ -38,6 +38,7 @@ def open_frames(path: Path) -> ImageFiles | VideoFile:
         return ImageFiles(list_images(path))
     suffix = path.suffix.lower()
     if suffix in IMAGE_EXTENSIONS:
+        read_image(path)  # one image: a damaged or animated one is refused before the model loads, not after
         return ImageFiles([path])
     if suffix in VIDEO_EXTENSIONS:
         return VideoFile.open(path)
