@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from vlmrm_fast.backends import VisionBackend, build_backend, check_backend_options, resolve_backend
-from vlmrm_fast.backends.base import WeightsWatch, checked_device
+from vlmrm_fast.backends.base import WeightsWatch, checked_device, submodules
 from vlmrm_fast.frames import FrameInput, as_frame_batch, check_tensor_holds_data
 from vlmrm_fast.models import create_clip, image_size_of, preprocess_spec_of
 from vlmrm_fast.ops._triton import resolve_kernels
@@ -438,18 +438,9 @@ class CLIPReward:
         # A backend that runs the tower itself runs it in whatever mode it is in: in training mode a BatchNorm
         # (RN50's) normalises by each batch's statistics and updates its running ones, dropout drops at random.
         # Any layer of it: model.eval() then model.visual.layer4.train() (a partial fine-tune) leaves the tower's
-        # own flag False. A walk of about 25 us for ViT-B-32's 139 modules.
-        if self._backend.copies_weights:
-            return
+        # own flag False.
         visual = cast(torch.nn.Module, self.model.visual)
-        stack: List[Optional[torch.nn.Module]] = [visual]
-        while stack:
-            module = stack.pop()
-            if module is not None:
-                if module.training:
-                    break
-                stack.extend(module._modules.values())
-        else:
+        if self._backend.copies_weights or not any(module.training for module in submodules(visual)):
             return
         name = next(name for name, module in visual.named_modules() if module.training)
         where = "rm.model.visual" + (f".{name}" if name else "")

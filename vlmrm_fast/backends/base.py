@@ -121,6 +121,18 @@ def swap_modules(model: torch.nn.Module, swapped: type, accepts: Callable[[objec
     return count
 
 
+def submodules(root: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """``root`` and every module inside it, depth first: the checks the backends make on every call walk
+    the tower so (about 25 us for ViT-B-32's 139 modules), with neither the names nor the set of modules
+    already seen that ``root.modules()`` builds (a module held twice is visited twice)."""
+    stack: List[Optional[torch.nn.Module]] = [root]
+    while stack:
+        module = stack.pop()
+        if module is not None:
+            yield module
+            stack.extend(module._modules.values())
+
+
 def runs_forward_hooks(module: Optional[torch.nn.Module]) -> bool:
     """Whether calling ``module`` would run forward hooks (its own, or every module's): a fused path that
     computes it without calling it would skip them (a user's probe of its output), so it steps aside."""

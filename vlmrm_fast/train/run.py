@@ -662,7 +662,7 @@ def _check_model_takes_frames(rm, config: TrainConfig, height: int, width: int) 
             raise  # frames of its own input size: the size is not the cause, and the error names its own fix
         raise ValueError(
             f"the reward model {config.model!r} cannot take {width}x{height} frames ({exc}); where the size is the "
-            f"cause, set render_width/render_height to its input size {getattr(rm, 'image_size', '')} or leave them "
+            f"cause, set render_width/render_height to its input size {'' if size is None else size} or leave them "
             "unset"
         ) from None
     shape = tuple(np.shape(out))  # a tensor's own .shape; a list's or array's through numpy

@@ -115,7 +115,8 @@ class _RewardMode:
     @property
     def mode(self) -> str:
         """``"replace"``, ``"add"`` or ``"log"``; may be changed between steps, on this wrapper (a wrapper
-        above it keeps a value set on it for itself: keep a reference, or for a single gymnasium env use its ``set_wrapper_attr``)."""
+        above it keeps a value set on it for itself: keep a reference, or for a single gymnasium env use its
+        ``set_wrapper_attr``)."""
         return self._mode
 
     @mode.setter
