@@ -101,7 +101,23 @@ class FixedSizeEnv(DotEnv):
         super().__init__(render_mode, width=40, height=24)
 
 
-for _id, _cls in (("VlmrmTestDot-v0", DotEnv), ("VlmrmTestNoRender-v0", NoRenderEnv),
+class PixelDotEnv(DotEnv):
+    """DotEnv observed through its frame, 8 x 8 x 3 uint8: SB3 wraps such an env in a VecTransposeImage."""
+
+    def __init__(self, render_mode="rgb_array", width=32, height=32):
+        super().__init__(render_mode, width, height)
+        self.observation_space = gym.spaces.Box(0, 255, (8, 8, 3), np.uint8)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        return self.render()[::4, ::4].copy(), {}
+
+    def step(self, action):
+        _, reward, terminated, truncated, info = super().step(action)
+        return self.render()[::4, ::4].copy(), reward, terminated, truncated, info
+
+
+for _id, _cls in (("VlmrmTestDot-v0", DotEnv), ("VlmrmTestNoRender-v0", NoRenderEnv), ("VlmrmTestPixelDot-v0", PixelDotEnv),
                   ("VlmrmTestFixedSize-v0", FixedSizeEnv), ("VlmrmTestNoGL-v0", NoGLEnv),
                   ("VlmrmTestNeedsPygame-v0", NeedsPygameEnv), ("VlmrmTestDiscrete-v0", DiscreteDotEnv)):
     if _id not in gym.registry:
@@ -1184,6 +1200,27 @@ def test_every_episode_and_the_runs_tail_reach_tensorboard_across_a_stop(tmp_pat
     for tag in ("rollout/vlm_return", "rollout/gt_return"):
         assert [step for step, _ in got[tag]] == [54, 100], tag
         assert [v for _, v in got[tag]] == pytest.approx([v for _, v in full[tag]], rel=1e-5), tag
+
+
+def test_a_resume_restores_the_env_wrappers_state_under_sbs_image_transpose(tmp_path, monkeypatch):
+    # Image observations: SB3 puts a VecTransposeImage over the run's env, and the checkpoint saves the chain
+    # from there. Restored from the run's env instead, each wrapper got the state of the one above it, and
+    # the episode under way at the stop (ending at step 60) logged only its steps after the resume.
+    from vlmrm_fast.train import train
+
+    def config_in(folder):
+        return dot_config(folder, env_id="test_train:VlmrmTestPixelDot-v0", total_timesteps=60, episode_length=30,
+                          checkpoint_every=0, reward_timing="step")
+
+    full = train(config_in(tmp_path / "full"), reward_model=tiny_reward(config_in(tmp_path)))
+    assert type(full.model.get_env()).__name__ == "VecTransposeImage"
+    config = config_in(tmp_path / "stopped")
+    stopped = train_stopped_at(54, config, monkeypatch)
+    train(config, resume=stopped.run_dir, reward_model=tiny_reward(config))
+    want, got = tb_scalars(full.run_dir), tb_scalars(stopped.run_dir)
+    for tag in ("rollout/vlm_return", "rollout/gt_return"):
+        assert [step for step, _ in got[tag]] == [step for step, _ in want[tag]] == [60], tag
+        assert [v for _, v in got[tag]] == pytest.approx([v for _, v in want[tag]], rel=1e-5), tag
 
 
 def test_a_run_resumed_after_a_crash_logs_the_episodes_its_checkpoint_had_not_logged(tmp_path, monkeypatch):

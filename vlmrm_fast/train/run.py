@@ -677,11 +677,14 @@ def _load_checkpoint(path: Path, env, config: TrainConfig):
     meta = ckpt.read_meta(path)
     env.reset()  # initialise the envs; their state is overwritten below
     model = SAC.load(path / "model.zip", env=env, device=config.sac_device, force_reset=False)
+    # The env as SB3 holds it, which the checkpoint saved (SB3 puts a VecTransposeImage over an env of image
+    # observations): restored from ``env`` instead, each wrapper's state would go to the layer below it.
+    venv: Any = model.get_env()  # ``env``, in the wrappers SB3 put around it
     model.load_replay_buffer(path / "replay_buffer.pkl")
     state = ckpt.load_state(path)
-    if not ckpt.set_env_state(env, state["env"]):
+    if not ckpt.set_env_state(venv, state["env"]):
         warnings.warn("could not restore every env's simulator state; episodes in progress restart")
-        model._last_obs = env.reset()
+        model._last_obs = venv.reset()
         # Their return sums restart with them, or the next logged returns would mix in the old episodes
         # (the callback restarts them once a stop's recorded steps, which belong to those, are scored).
         state["extra"] = dict(state["extra"], episodes_restarted=True)
