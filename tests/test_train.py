@@ -2331,6 +2331,30 @@ def test_without_env_state_the_policy_starts_from_the_reset_observations(tmp_pat
     np.testing.assert_array_equal(model._last_obs, np.stack(env.get_attr("pos")))
 
 
+def test_envs_reset_by_a_resume_draw_from_their_restored_rng_not_the_runs_seed_again(tmp_path, monkeypatch):
+    # SAC.load seeds the envs' next reset with the run's seed: the envs that a resume resets started the
+    # run's first episodes over (the same initial states), their restored RNG streams discarded.
+    from vlmrm_fast.train import train
+    from vlmrm_fast.train.run import _load_checkpoint, build_vec_env
+
+    config = dot_config(tmp_path, total_timesteps=50, episode_length=30)
+    rm = tiny_reward(config)
+    result = train(config, reward_model=rm)
+    path = ckpt.find_latest(result.run_dir)
+    restore = ckpt.set_env_state
+    monkeypatch.setattr(ckpt, "set_env_state", lambda venv, state: restore(venv, state) and False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model, _ = _load_checkpoint(path, build_vec_env(config, rm, 32, 32), config)
+    want = []
+    for entry in ckpt.load_state(path)["env"]["envs"]:  # DotEnv.reset's draw, from each env's restored RNG
+        rng = np.random.Generator(np.random.PCG64())
+        rng.bit_generator.state = entry["np_random"]
+        want.append(rng.uniform(-0.5, 0.5, 2).astype(np.float32))
+    np.testing.assert_array_equal(model._last_obs, np.stack(want))
+    assert not np.array_equal(model._last_obs, result.model.replay_buffer.observations[0])
+
+
 class _BottomUpRenderer:
     """A BatchRenderer stand-in giving frames bottom up (as OpenGL reads them); ``fail_at``: the call
     that raises, as a lost GL context would, so the recorder falls back to ``get_images``."""

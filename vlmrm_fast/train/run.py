@@ -680,6 +680,10 @@ def _load_checkpoint(path: Path, env, config: TrainConfig):
     # The env as SB3 holds it, which the checkpoint saved (SB3 puts a VecTransposeImage over an env of image
     # observations): restored from ``env`` instead, each wrapper's state would go to the layer below it.
     venv: Any = model.get_env()  # ``env``, in the wrappers SB3 put around it
+    # SAC.load seeds the envs' next reset with the run's seed (VecEnv.seed): a reset of this session (envs whose
+    # state is not restored, below) would draw the run's first initial states again, and restart the envs' RNG
+    # streams that the checkpoint restores.
+    venv.unwrapped._reset_seeds()
     model.load_replay_buffer(path / "replay_buffer.pkl")
     state = ckpt.load_state(path)
     if not ckpt.set_env_state(venv, state["env"]):
