@@ -712,6 +712,16 @@ def test_thirty_two_bit_integer_images_are_refused(tmp_path: Path) -> None:
         frame_files.read_image(tmp_path / "deep.tiff")
 
 
+def test_an_image_past_pillows_size_limit_is_named_not_a_traceback(tmp_path: Path, monkeypatch) -> None:
+    # Pillow refuses an image of more than twice MAX_IMAGE_PIXELS (a 180-megapixel scan, or a damaged header
+    # claiming one) with DecompressionBombError, which is not an OSError: score stopped with a traceback.
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "huge.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 256 pixels: past twice the limit
+    with pytest.raises(cli.CLIError, match=r"cannot read image '.*huge\.png' \(Image size \(256 pixels\).*scale it down"):
+        frame_files.read_image(tmp_path / "huge.png")
+    assert score([str(tmp_path / "huge.png"), "--goal", "x", *TINY]) == 2  # a usage error, as for a damaged image
+
+
 def test_a_video_of_no_decodable_frames_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("imageio_ffmpeg", reason="needs imageio-ffmpeg: pip install 'vlmrm-fast[cli]'")
     def metadata_only(ffmpeg, path):  # a generator, as imageio-ffmpeg's reader: the metadata, then no frame

@@ -132,6 +132,11 @@ def read_image(path: Path) -> np.ndarray:
         raise CLIError(
             f"cannot read image '{path}' ({exc}); re-export it, or remove it from the folder"
         ) from None
+    except image_module.DecompressionBombError as exc:  # not an OSError: it left score with a traceback
+        raise CLIError(
+            f"cannot read image '{path}' ({exc}); scale it down (frames are resized to the model's input size "
+            "anyway), re-export it if its header is damaged, or remove it from the folder"
+        ) from None
 
 
 @dataclass
