@@ -108,10 +108,15 @@ def _mujoco_renderer(env: Any) -> Optional[Any]:
     return getattr(env.unwrapped if hasattr(env, "unwrapped") else env, "mujoco_renderer", None)
 
 
+_OFFSCREEN_MODES = ("rgb_array", "rgbd_tuple", "depth_array")
+"""gymnasium's render modes drawn by an offscreen viewer: each places its camera the same way when it is made."""
+
+
 def _rgb_viewer(env: Any) -> Optional[Any]:
-    """The offscreen viewer a gymnasium MuJoCo env renders rgb_array frames with, once it was made."""
-    r = _mujoco_renderer(env)
-    return getattr(r, "_viewers", {}).get("rgb_array") if hasattr(r, "_viewers") else None
+    """The offscreen viewer a gymnasium MuJoCo env renders its frames with, once it was made: the rgb_array one,
+    else that of rgbd_tuple (whose RGB half is the frame) or depth_array (the same camera)."""
+    viewers = getattr(_mujoco_renderer(env), "_viewers", None) or {}
+    return next((viewers[mode] for mode in _OFFSCREEN_MODES if mode in viewers), None)
 
 
 def _env_camera(env: Any) -> Tuple[CameraSpec, Optional[Any]]:
