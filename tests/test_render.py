@@ -826,11 +826,36 @@ def _pairs(n=2):
     (dict(camera="nope"), ValueError, "'nope' is not a camera of the model"),
     (dict(camera={"nope": 1}), ValueError, "'nope' is not an attribute of mujoco.MjvCamera"),
     (dict(gpu="yes"), ValueError, "gpu must be 'auto', True or False"),
+    # Cameras MuJoCo cannot draw from: its mjv_updateScene ended the process at the first render (a C error).
+    (dict(camera={"type": 2, "fixedcamid": 1}), ValueError, r"env 0's camera is fixed camera 1, not a camera.*ids 0 to 0"),
+    (dict(camera=[0, {"type": 1, "trackbodyid": 3}]), ValueError, r"env 1's camera tracks body 3, not a body.*0 to 0"),
+    (dict(camera={"type": 5}), ValueError, "env 0's camera has type 5"),
 ])
 def test_bad_arguments_are_refused(kwargs, error, message):
     args = {**dict(width=16, height=16, device="cpu"), **kwargs}
     with pytest.raises(error, match=message):
         BatchRenderer(_pairs(), **args).close()
+
+
+_CHANGED_CAMERA = """
+import mujoco
+from vlmrm_fast.render import BatchRenderer
+model = mujoco.MjModel.from_xml_string('<mujoco><worldbody><camera pos="0 0 3"/><geom size="1"/></worldbody></mujoco>')
+renderer = BatchRenderer([(model, mujoco.MjData(model))], 8, 8, camera=0, device="cpu")
+renderer.cameras[0].fixedcamid = 4
+try:
+    renderer.render()
+except ValueError as error:
+    print(error)
+"""
+
+
+def test_a_camera_changed_to_one_mujoco_cannot_draw_is_refused_at_render():
+    # renderer.cameras may be changed between renders; a fixed camera id past the model's ended the process
+    # inside MuJoCo ("fixed camera id is outside valid range", exit status 1): a subprocess keeps pytest alive.
+    result = subprocess.run([sys.executable, "-c", _CHANGED_CAMERA], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "env 0's camera is fixed camera 4, not a camera of the model (ids 0 to 0)" in result.stdout
 
 
 def test_a_camera_given_overrides_the_envs_own():
