@@ -136,6 +136,11 @@ def test_bad_arguments():
         gym.make(HUMANOID_ENV_ID, camera_config={"no_such_field": 1})
     with pytest.raises(TypeError, match="frame_skip"):
         gym.make(HUMANOID_ENV_ID, frame_skip=2)
+    # Values MuJoCo cannot draw from: the env's first render ended the process (a C error, exit status 1).
+    with pytest.raises(ValueError, match=r"camera_config tracks body 30, not a body of the model \(ids 0 to 13\)"):
+        gym.make(HUMANOID_ENV_ID, camera_config={"trackbodyid": 30})
+    with pytest.raises(ValueError, match=r"camera_config is fixed camera 5, not a camera of the model"):
+        gym.make(HUMANOID_ENV_ID, camera_config={"type": int(mujoco.mjtCamera.mjCAMERA_FIXED), "fixedcamid": 5})
 
 
 def test_render_mode_none_is_a_clear_error():

@@ -184,7 +184,7 @@ class BatchRenderer:
         from_env = [specs[i] is None and env_cams[i] is not None for i in range(n)]
         self._cameras: List[Any] = [env_cams[i] if from_env[i] else _make_camera(models[i], datas[i], specs[i]) for i in range(n)]
         for i in range(n):
-            _check_camera(models[i], self._cameras[i], i)
+            _check_camera(models[i], self._cameras[i], f"env {i}'s camera")
         _warn_if_projection_ignored([(models[i], self._cameras[i]) for i in range(n) if not from_env[i]])
         # The envs whose own camera is used: where its viewer is made later, that viewer's lookat is env.render()'s.
         self._viewer_envs = [envs[i] if from_env[i] else None for i in range(n)]
@@ -380,7 +380,7 @@ class BatchRenderer:
                 raise ValueError(f"out must be a contiguous uint8 tensor of shape {shape} on {self.device}")
         self._check_envs_keep_their_state()
         for i, (model, cam) in enumerate(zip(self._models, self._cameras)):  # ``cameras`` may have been changed
-            _check_camera(model, cam, i)
+            _check_camera(model, cam, f"env {i}'s camera")
         self._place_lookats()
         with _keep_current_gl():
             if self.path == "gpu":

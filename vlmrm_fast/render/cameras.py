@@ -85,21 +85,21 @@ def _make_camera(model: Any, data: Any, spec: CameraSpec) -> Any:
     )
 
 
-def _check_camera(model: Any, cam: Any, env: int) -> None:
+def _check_camera(model: Any, cam: Any, what: str) -> None:
     """Refuse an ``mujoco.MjvCamera`` that MuJoCo cannot draw from: its ``mjv_updateScene`` ends the whole process
     (a C error, no Python exception) on an unknown ``type``, a fixed camera's ``fixedcamid`` outside the model's
-    cameras or a tracking camera's ``trackbodyid`` outside its bodies. ``env``: the camera's env, for the message."""
+    cameras or a tracking camera's ``trackbodyid`` outside its bodies. ``what`` names the camera ("env 0's camera")."""
     types = _mujoco().mjtCamera
     kind = int(cam.type)
     if kind == types.mjCAMERA_FIXED and not 0 <= cam.fixedcamid < model.ncam:
         where = f"ids 0 to {model.ncam - 1}" if model.ncam else "it has none"
-        raise ValueError(f"env {env}'s camera is fixed camera {cam.fixedcamid}, not a camera of the model ({where}); "
-                         "give a camera id or name of the model, or None for the free camera")
+        raise ValueError(f"{what} is fixed camera {cam.fixedcamid}, not a camera of the model ({where}); "
+                         "set fixedcamid to one of them (or give a camera id or name), or use a free camera")
     if kind == types.mjCAMERA_TRACKING and not 0 <= cam.trackbodyid < model.nbody:
-        raise ValueError(f"env {env}'s camera tracks body {cam.trackbodyid}, not a body of the model (ids 0 to "
+        raise ValueError(f"{what} tracks body {cam.trackbodyid}, not a body of the model (ids 0 to "
                          f"{model.nbody - 1}); set trackbodyid to one of them")
     if kind not in (types.mjCAMERA_FREE, types.mjCAMERA_TRACKING, types.mjCAMERA_FIXED):
-        raise ValueError(f"env {env}'s camera has type {kind}; BatchRenderer draws from mjCAMERA_FREE (0), "
+        raise ValueError(f"{what} has type {kind}; MuJoCo's renderers draw from mjCAMERA_FREE (0), "
                          "mjCAMERA_TRACKING (1) or mjCAMERA_FIXED (2) cameras: set type to one of them")
 
 
