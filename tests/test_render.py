@@ -826,6 +826,7 @@ def _pairs(n=2):
     (dict(camera="nope"), ValueError, "'nope' is not a camera of the model"),
     (dict(camera={"nope": 1}), ValueError, "'nope' is not an attribute of mujoco.MjvCamera"),
     (dict(gpu="yes"), ValueError, "gpu must be 'auto', True or False"),
+    (dict(max_geom=0), ValueError, r"max_geom must be a positive number of geoms \(default 10000\), got 0"),  # black frames
     # Cameras MuJoCo cannot draw from: its mjv_updateScene ended the process at the first render (a C error).
     (dict(camera={"type": 2, "fixedcamid": 1}), ValueError, r"env 0's camera is fixed camera 1, not a camera.*ids 0 to 0"),
     (dict(camera=[0, {"type": 1, "trackbodyid": 3}]), ValueError, r"env 1's camera tracks body 3, not a body.*0 to 0"),

@@ -152,6 +152,8 @@ class BatchRenderer:
         width, height = int(width), int(height)
         if width <= 0 or height <= 0:
             raise ValueError(f"width and height must be positive, got {width} x {height}")
+        if int(max_geom) < 1:  # MuJoCo draws an empty scene: black frames, a warning in its log only
+            raise ValueError(f"max_geom must be a positive number of geoms (default 10000), got {max_geom}")
         models, datas, env_cams, env_opts, envs = [], [], [], [], []
         for src in sources:
             if isinstance(src, (tuple, list)) and len(src) == 2:
