@@ -722,6 +722,23 @@ def test_an_image_past_pillows_size_limit_is_named_not_a_traceback(tmp_path: Pat
     assert score([str(tmp_path / "huge.png"), "--goal", "x", *TINY]) == 2  # a usage error, as for a damaged image
 
 
+def test_a_file_name_that_is_not_utf8_is_written_with_escapes(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    # A name with a Latin-1 byte reached the CSV as a lone surrogate: every frame was scored, then writing failed
+    # ("'utf-8' codec can't encode character '\\udcff' ...: surrogates not allowed") and nothing was written.
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    try:
+        Image.fromarray(_picture("frame1")).save(folder / os.fsdecode(b"frame\xe91.png"))
+    except (OSError, UnicodeError):
+        pytest.skip("this file system takes only UTF-8 names")
+    Image.fromarray(_picture("frame2")).save(folder / "frame2.png")
+    out = tmp_path / "rewards.csv"
+    assert score([str(folder), "--goal", "x", *TINY, "--out", str(out)]) == 0
+    assert [row["source"] for row in _read_csv(out)] == ["frame2.png", "frame\\xe91.png"]  # the file is UTF-8
+    assert score([str(folder), "--goal", "x", *TINY, "--out", "-"]) == 0
+    assert "frame\\xe91.png" in capsys.readouterr().out
+
+
 def test_a_video_of_no_decodable_frames_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("imageio_ffmpeg", reason="needs imageio-ffmpeg: pip install 'vlmrm-fast[cli]'")
     def metadata_only(ffmpeg, path):  # a generator, as imageio-ffmpeg's reader: the metadata, then no frame

@@ -99,7 +99,13 @@ class ImageFiles:
 
     def __iter__(self) -> Iterator[LabelledFrame]:
         for file in self.files:
-            yield read_image(file), file.name
+            yield read_image(file), _printable_name(file)
+
+
+def _printable_name(path: Path) -> str:
+    """``path.name`` as UTF-8 text: bytes of a name that are not UTF-8 (a Latin-1 name from an old archive), which
+    Python keeps as lone surrogates that no UTF-8 file or terminal takes, written as ``\\xff`` escapes."""
+    return path.name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def read_image(path: Path) -> np.ndarray:
