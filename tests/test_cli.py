@@ -775,6 +775,19 @@ def test_score_plot_names_the_input_and_the_model(image_folder: Path, tmp_path: 
     assert titles == [f"{image_folder.name} by vlmrm-tiny, random weights"]
 
 
+def test_the_plot_of_a_folder_whose_name_is_not_utf8_is_written(tmp_path: Path) -> None:
+    # The title named the folder with a lone surrogate, which matplotlib refused ("set_text(): incompatible function
+    # arguments") after the CSV was written: exit status 2 and no plot.
+    try:
+        folder = tmp_path / os.fsdecode(b"fr\xe9mes")
+        folder.mkdir()
+    except (OSError, UnicodeError):
+        pytest.skip("this file system takes only UTF-8 names")
+    Image.fromarray(_picture("frame1")).save(folder / "frame1.png")
+    assert score([str(folder), "--goal", "a", f"--plot={tmp_path / 'p.png'}", *TINY]) == 0
+    assert (tmp_path / "p.png").stat().st_size > 0
+
+
 # What main() does around every command: exit codes, one-line errors and warnings, the package's own
 # log lines. Each command's real work is replaced by a stand-in handler.
 

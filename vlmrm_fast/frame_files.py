@@ -99,13 +99,13 @@ class ImageFiles:
 
     def __iter__(self) -> Iterator[LabelledFrame]:
         for file in self.files:
-            yield read_image(file), _printable_name(file)
+            yield read_image(file), _printable(file.name)
 
 
-def _printable_name(path: Path) -> str:
-    """``path.name`` as UTF-8 text: bytes of a name that are not UTF-8 (a Latin-1 name from an old archive), which
-    Python keeps as lone surrogates that no UTF-8 file or terminal takes, written as ``\\xff`` escapes."""
-    return path.name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+def _printable(text: str) -> str:
+    """``text`` (a file name) as UTF-8 text: bytes of a name that are not UTF-8 (a Latin-1 name from an old archive),
+    which Python keeps as lone surrogates that no UTF-8 file, terminal or font takes, written as ``\\xff`` escapes."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def read_image(path: Path) -> np.ndarray:
