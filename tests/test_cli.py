@@ -457,6 +457,29 @@ def test_images_are_read_upright_by_their_exif_orientation(tmp_path: Path) -> No
     assert frame[:20, :, 0].min() == 255 and frame[20:, :, 0].max() == 0
 
 
+def _exif(*entries: tuple[int, int, int, bytes]) -> bytes:
+    """An EXIF block: a big-endian TIFF header and one IFD of (tag, type, count, 4-byte value) entries."""
+    import struct
+
+    ifd = struct.pack(">H", len(entries)) + b"".join(struct.pack(">HHI", *e[:3]) + e[3] for e in entries) + bytes(4)
+    return b"Exif\0\0MM\0*" + struct.pack(">I", 8) + ifd
+
+
+def test_an_image_whose_exif_is_damaged_is_read_as_a_viewer_shows_it(tmp_path: Path) -> None:
+    # PIL's exif_transpose turns the image, then writes its EXIF again without the orientation, which raised
+    # struct.error ("required argument is not an integer") on a tag of the wrong type: score stopped with a
+    # traceback. An EXIF that cannot be parsed at all (SyntaxError: "not a TIFF file") did the same.
+    from vlmrm_fast.frame_files import read_image
+
+    stored = np.zeros((20, 40, 3), np.uint8)
+    stored[:, :20, 0] = 255
+    turned = _exif((0x0112, 3, 1, b"\0\x06\0\0"), (0x0128, 2, 4, b"ab\0\0"))  # Orientation 6; ResolutionUnit as text
+    Image.fromarray(stored).save(tmp_path / "turned.webp", lossless=True, exif=turned)
+    np.testing.assert_array_equal(read_image(tmp_path / "turned.webp"), np.rot90(stored, k=-1))
+    Image.fromarray(stored).save(tmp_path / "broken.webp", lossless=True, exif=b"Exif\0\0XX\0*" + bytes(8))
+    np.testing.assert_array_equal(read_image(tmp_path / "broken.webp"), stored)  # as stored: viewers show it so
+
+
 def test_sixteen_bit_greyscale_keeps_its_range(tmp_path: Path) -> None:
     # PIL's convert("RGB") clips 16-bit values at 255: nearly every pixel white. The high byte is kept.
     from vlmrm_fast.cli import CLIError

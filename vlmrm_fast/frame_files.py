@@ -113,7 +113,6 @@ def read_image(path: Path) -> np.ndarray:
     videos get their rotation), alpha dropped, greyscale expanded, 16-bit greyscale reduced to its
     high byte; 32-bit integer and float images are refused: their range is unknown."""
     image_module = require_cli_extra("PIL.Image", "pillow")
-    image_ops = require_cli_extra("PIL.ImageOps", "pillow")
     try:
         with image_module.open(path) as opened:
             frames = getattr(opened, "n_frames", 1)
@@ -124,7 +123,7 @@ def read_image(path: Path) -> np.ndarray:
                     "PIL's Image and ImageSequence imported: for i, f in enumerate(ImageSequence.Iterator(Image.open("
                     "path))): f.convert('RGB').save(f'frames/{i}.png')"
                 )
-            image = image_ops.exif_transpose(opened)
+            image = _upright(opened, image_module)
             if image.mode.startswith("I;16"):  # PIL's convert("RGB") would clip every value above 255
                 grey = (np.asarray(image).astype(np.uint16) >> 8).astype(np.uint8)
                 return np.repeat(grey[:, :, None], 3, axis=2)
@@ -143,6 +142,23 @@ def read_image(path: Path) -> np.ndarray:
             f"cannot read image '{path}' ({exc}); scale it down (frames are resized to the model's input size "
             "anyway), re-export it if its header is damaged, or remove it from the folder"
         ) from None
+
+
+#: EXIF orientation -> the PIL transpose that shows the image upright (PIL.ImageOps.exif_transpose's table).
+_TRANSPOSES = {2: "FLIP_LEFT_RIGHT", 3: "ROTATE_180", 4: "FLIP_TOP_BOTTOM", 5: "TRANSPOSE", 6: "ROTATE_270",
+               7: "TRANSVERSE", 8: "ROTATE_90"}
+
+
+def _upright(image: Any, image_module: Any) -> Any:
+    """``image`` (PIL) turned as its EXIF orientation says; as stored where its EXIF cannot be parsed, as viewers
+    show it then. Not PIL's ``exif_transpose``: after turning the image it writes the EXIF again without the
+    orientation, which raises on a damaged tag that matters nothing here (struct.error, TypeError)."""
+    try:
+        orientation = image.getexif().get(0x0112, 1)  # Orientation, from the EXIF or else the XMP
+    except Exception:  # a damaged EXIF block; PIL's parser raises SyntaxError, struct.error and others
+        orientation = 1
+    method = _TRANSPOSES.get(orientation) if isinstance(orientation, int) else None
+    return image if method is None else image.transpose(getattr(image_module.Transpose, method))
 
 
 @dataclass
