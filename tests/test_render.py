@@ -859,6 +859,16 @@ def test_a_camera_changed_to_one_mujoco_cannot_draw_is_refused_at_render():
     assert "env 0's camera is fixed camera 4, not a camera of the model (ids 0 to 0)" in result.stdout
 
 
+def test_a_data_made_for_another_model_is_refused():
+    # MuJoCo drew a 30-body model from the MjData of a 1-geom one without a word: a wrong frame, read past its arrays.
+    many = mujoco.MjModel.from_xml_string("<mujoco><worldbody>" + "".join(
+        f"<body pos='{i} 0 0'><geom size='.3'/></body>" for i in range(30)) + "</worldbody></mujoco>")
+    [(one, data)] = _pairs(1)
+    with pytest.raises(ValueError, match=r"data was made for another model \(model vs data: nbody 31 vs 1, ngeom 30 vs 2"):
+        BatchRenderer([(many, data)], 8, 8, device="cpu")
+    BatchRenderer([(one, data)], 8, 8, device="cpu").close()
+
+
 def test_a_camera_given_overrides_the_envs_own():
     env = gym.make(HUMANOID_ENV_ID, width=32, height=32)
     env.reset(seed=0)

@@ -108,6 +108,18 @@ def _check_same_model(models: Sequence[Any]) -> None:
             )
 
 
+def _check_data_fits(model: Any, data: Any) -> None:
+    """Refuse an ``MjData`` made for another model: MuJoCo draws it without a check, reading its arrays at the
+    model's sizes (a wrong frame, or memory past their ends)."""
+    sizes = {"nq": data.qpos, "nbody": data.xpos, "ngeom": data.geom_xpos, "nsite": data.site_xpos,
+             "ncam": data.cam_xpos, "nlight": data.light_xpos}
+    diff = [f"{name} {getattr(model, name)} vs {len(array)}" for name, array in sizes.items()
+            if len(array) != getattr(model, name)]
+    if diff:
+        raise ValueError(f"a (model, data) pair whose data was made for another model (model vs data: "
+                         f"{', '.join(diff)}): pair each MjData with the MjModel it was made from, mujoco.MjData(model)")
+
+
 class BatchRenderer:
     """Render N MuJoCo envs of the same model into one uint8 tensor ``[N, H, W, 3]``.
 
@@ -160,6 +172,7 @@ class BatchRenderer:
                 m, d = src
                 if not isinstance(m, mujoco.MjModel) or not isinstance(d, mujoco.MjData):
                     raise TypeError("a (model, data) pair must be (mujoco.MjModel, mujoco.MjData)")
+                _check_data_fits(m, d)
                 cam, opt, env = None, None, None
             elif _is_env(src):
                 m, d = _model_data_of(src)
