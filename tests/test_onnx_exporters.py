@@ -208,6 +208,21 @@ def test_an_unknown_exporter_is_refused_with_the_choices(tmp_path):
         export_onnx(model.visual, tmp_path / "t.onnx", preprocess_spec_of(model, "vlmrm"), exporter="jit")
 
 
+@pytest.mark.parametrize("input_format", ["pixels", "uint8-nhwc"])
+def test_an_export_leaves_each_layer_of_the_tower_in_its_mode(tmp_path, input_format):
+    # The "pixels" export called visual.eval() on the caller's tower and left it so: a tower exported
+    # mid-fine-tune went on training with its dropout off and BatchNorms frozen.
+    from vlmrm_fast.backends.onnx_export import export_onnx
+
+    model, _ = make_tiny()
+    model.visual.train()
+    model.visual.transformer.resblocks[0].eval()  # a partial fine-tune: layers in both modes
+    modes = [m.training for m in model.visual.modules()]
+    path = export_onnx(model.visual, tmp_path / "t.onnx", preprocess_spec_of(model, "vlmrm"), input_format=input_format)
+    assert [m.training for m in model.visual.modules()] == modes
+    assert _relative_error_against_float64(path, model, input_format, n=2, seed=0) <= 1e-4  # the eval tower
+
+
 @needs_dynamo
 def test_the_onnxruntime_backend_runs_on_a_dynamo_export_where_torchscript_fails(monkeypatch):
     from reference import reference_reward

@@ -181,6 +181,19 @@ def static_self_attention(module: torch.nn.Module, example: torch.Tensor) -> Ite
 
 
 @contextlib.contextmanager
+def _eval_mode(module: torch.nn.Module) -> Iterator[None]:
+    """``module`` and every layer in it in eval mode for the duration of the block, then each in the mode it
+    was in: an export of a tower being fine-tuned leaves it training."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+@contextlib.contextmanager
 def _mha_fastpath_disabled() -> Iterator[None]:
     # nn.MultiheadAttention's inference fast path (one fused op) has no ONNX form; the exporter
     # must trace the plain path.
@@ -372,7 +385,7 @@ def export_onnx(
         example = torch.zeros((2, height, width, 3), dtype=torch.uint8, device=param.device)
         input_name = "frames"
     else:
-        module = visual.eval()
+        module = visual  # exported in eval mode (:func:`_eval_mode`), the caller's modes left as they were
         example = torch.zeros((2, 3, height, width), dtype=param.dtype, device=param.device)
         input_name = "pixels"
     weight_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
@@ -386,7 +399,7 @@ def export_onnx(
             # The dynamo exporter's optimiser logs each pass at INFO: hundreds of lines where a user turned
             # INFO on to see vlmrm_fast's one-off builds announced.
             with torch.inference_mode(False), torch.no_grad(), _mha_fastpath_disabled(), \
-                    loggers_quieted("onnxscript", "onnx_ir", "torch.onnx"), original_modules(visual), \
+                    loggers_quieted("onnxscript", "onnx_ir", "torch.onnx"), original_modules(visual), _eval_mode(module), \
                     static_self_attention(module, example[:1]):  # one frame: the token count is all it needs
                 fell_back = _write_raw_graph(module, example, raw, input_name, opset, external_data, exporter)
         if fell_back is not None:
