@@ -928,6 +928,24 @@ def test_static_self_attention_takes_positional_query_key_value():
         assert swapped == 1
 
 
+@needs_ort
+@pytest.mark.filterwarnings("ignore:.*random weights:UserWarning")
+def test_onnxruntime_keeps_a_forward_hook_on_an_attention_layer():
+    # The export swapped every self-attention for StaticSelfAttention, which has none of its hooks: a
+    # user's ablation of a block's attention changed the "torch" rewards and not the "onnxruntime" ones.
+    import copy
+
+    model, tokenizer = make_tiny()
+    model.visual.transformer.resblocks[0].attn.register_forward_hook(lambda m, args, out: (out[0] * 0, out[1]))
+    kwargs = dict(goal=GOAL, baseline=BASELINE, alpha=0.5, device="cpu")
+    eager = CLIPReward(copy.deepcopy(model), tokenizer, backend="torch", kernels="torch", **kwargs)
+    ort = CLIPReward(model, tokenizer, backend="onnxruntime", **kwargs)
+    frames = _noise(2, 224, 224, seed=3)
+    unhooked = CLIPReward(make_tiny()[0], tokenizer, backend="torch", kernels="torch", **kwargs)(frames)
+    assert (eager(frames) - unhooked).abs().max().item() > 1e-3  # the hook changes the rewards
+    assert (ort(frames) - eager(frames)).abs().max().item() <= 1e-5
+
+
 def test_one_torch_thread_blocks_from_two_threads_run_one_at_a_time():
     """A second thread waits for the first one's block to end, and each restores what it found: the
     count of threads that start torch work afterwards is the one from before (overlapping

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from vlmrm_fast.argtypes import ONNX_EXPORTERS, ONNX_INPUT_FORMATS
 from vlmrm_fast.atomic import default_file_mode, destination_of, fsync_dir
 from vlmrm_fast.backends.base import BackendError, missing_extra, pooled_embeddings
-from vlmrm_fast.backends.base import original_modules
+from vlmrm_fast.backends.base import original_modules, runs_forward_hooks
 from vlmrm_fast.backends.torch_fp8 import is_fp8_quantised
 from vlmrm_fast.callers import stacklevel_outside_package
 from vlmrm_fast.ops.preprocess import PreprocessSpec
@@ -152,7 +152,8 @@ class StaticSelfAttention(torch.nn.Module):
 def static_self_attention(module: torch.nn.Module, example: torch.Tensor) -> Iterator[int]:
     """Swap, for the duration of the block, each ``nn.MultiheadAttention`` of ``module`` that a forward
     pass on ``example`` calls as unmasked self-attention for a :class:`StaticSelfAttention` (others stay
-    as they are); yields how many were swapped."""
+    as they are, as do those with forward hooks: the export traces those, as torch runs them); yields how
+    many were swapped."""
     attentions = [m for m in module.modules() if isinstance(m, torch.nn.MultiheadAttention)]
     tokens: Dict[torch.nn.Module, Optional[int]] = {}
 
@@ -170,6 +171,7 @@ def static_self_attention(module: torch.nn.Module, example: torch.Tensor) -> Ite
     swaps = [
         (parent, name, child) for parent in module.modules() for name, child in parent.named_children()
         if isinstance(child, torch.nn.MultiheadAttention) and tokens.get(child) is not None
+        and not runs_forward_hooks(child)  # (ours are removed) a user's hook, an ablation say, is in the tower
     ]
     try:
         for parent, name, child in swaps:
