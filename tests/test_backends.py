@@ -1167,14 +1167,15 @@ class _ConvTower(torch.nn.Module):
         return self.conv1(x).flatten(1)
 
 
-@pytest.mark.parametrize("padding,bias,dilation,groups,folded", [
-    (0, True, 1, 1, True), (1, False, 1, 1, False), (1, True, 1, 1, False), (0, False, 2, 1, False),
-    (0, True, 1, 3, False),
+@pytest.mark.parametrize("padding,bias,dilation,groups,hooked,folded", [
+    (0, True, 1, 1, False, True), (1, False, 1, 1, False, False), (1, True, 1, 1, False, False),
+    (0, False, 2, 1, False, False), (0, True, 1, 3, False, False), (0, True, 1, 1, True, False),
 ])
-def test_uint8_tower_normalises_exactly_whether_folded_or_not(padding, bias, dilation, groups, folded):
+def test_uint8_tower_normalises_exactly_whether_folded_or_not(padding, bias, dilation, groups, hooked, folded):
     """A padded first convolution pads with zeros after normalising, which folding cannot express: the
-    affine step stays explicit, as for a dilated or grouped one (the folded convolution is a plain one).
-    A convolution's own bias is kept when folding. In float64 to 1e-12."""
+    affine step stays explicit, as for a dilated or grouped one (the folded convolution is a plain one),
+    and for one with a forward hook (folded, the hook was dropped: the uint8 export left out a user's
+    change to the patch embeddings). A convolution's own bias is kept when folding. In float64 to 1e-12."""
     import dataclasses
 
     from vlmrm_fast.backends.onnx_export import Uint8VisionTower
@@ -1183,6 +1184,8 @@ def test_uint8_tower_normalises_exactly_whether_folded_or_not(padding, bias, dil
     spec = dataclasses.replace(preprocess_spec_of(model, "vlmrm"), size=(32, 32))
     torch.manual_seed(0)
     visual = _ConvTower(padding, bias, dilation, groups).double()
+    if hooked:
+        visual.conv1.register_forward_hook(lambda module, args, out: out * 0.5)
     tower = Uint8VisionTower(visual, spec)
     assert tower.folded == folded
     frames = torch.from_numpy(_noise(2, 32, 32, seed=3))
