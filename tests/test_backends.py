@@ -1168,14 +1168,16 @@ class _ConvTower(torch.nn.Module):
 
 
 @pytest.mark.parametrize("padding,bias,dilation,groups,hooked,folded", [
-    (0, True, 1, 1, False, True), (1, False, 1, 1, False, False), (1, True, 1, 1, False, False),
-    (0, False, 2, 1, False, False), (0, True, 1, 3, False, False), (0, True, 1, 1, True, False),
+    (0, True, 1, 1, None, True), (1, False, 1, 1, None, False), (1, True, 1, 1, None, False),
+    (0, False, 2, 1, None, False), (0, True, 1, 3, None, False), (0, True, 1, 1, "conv", False),
+    (0, True, 1, 1, "tower", False),
 ])
 def test_uint8_tower_normalises_exactly_whether_folded_or_not(padding, bias, dilation, groups, hooked, folded):
     """A padded first convolution pads with zeros after normalising, which folding cannot express: the
     affine step stays explicit, as for a dilated or grouped one (the folded convolution is a plain one),
-    and for one with a forward hook (folded, the hook was dropped: the uint8 export left out a user's
-    change to the patch embeddings). A convolution's own bias is kept when folding. In float64 to 1e-12."""
+    for one with a forward hook (folded, the hook was dropped: the uint8 export left out a user's change to
+    the patch embeddings) and for a tower with a forward pre-hook (folded, it saw 0-255 values, not the
+    normalised pixels). A convolution's own bias is kept when folding. In float64 to 1e-12."""
     import dataclasses
 
     from vlmrm_fast.backends.onnx_export import Uint8VisionTower
@@ -1184,8 +1186,10 @@ def test_uint8_tower_normalises_exactly_whether_folded_or_not(padding, bias, dil
     spec = dataclasses.replace(preprocess_spec_of(model, "vlmrm"), size=(32, 32))
     torch.manual_seed(0)
     visual = _ConvTower(padding, bias, dilation, groups).double()
-    if hooked:
+    if hooked == "conv":
         visual.conv1.register_forward_hook(lambda module, args, out: out * 0.5)
+    elif hooked == "tower":
+        visual.register_forward_pre_hook(lambda module, args: (args[0].clamp(-1, 1),))
     tower = Uint8VisionTower(visual, spec)
     assert tower.folded == folded
     frames = torch.from_numpy(_noise(2, 32, 32, seed=3))

@@ -58,8 +58,8 @@ class Uint8VisionTower(torch.nn.Module):
     """uint8 frames [N, S, S, 3] -> raw embeddings [N, D], normalisation folded into ``conv1``.
 
     Towers whose first layer is not a plain unpadded convolution (padded, as in ResNets, dilated or grouped),
-    or runs forward hooks (which see its normalised input and its output), keep an explicit per-channel
-    affine step instead; the result is the same.
+    or runs forward hooks, and towers with forward pre-hooks (hooks that see the normalised pixels), keep an
+    explicit per-channel affine step instead; the result is the same.
     """
 
     scale: torch.Tensor
@@ -75,7 +75,8 @@ class Uint8VisionTower(torch.nn.Module):
         conv = getattr(self.visual, "conv1", None)
         self.folded = False
         if (isinstance(conv, torch.nn.Conv2d) and conv.padding in ((0, 0), 0) and conv.in_channels == 3
-                and tuple(conv.dilation) == (1, 1) and conv.groups == 1 and not runs_forward_hooks(conv)):
+                and tuple(conv.dilation) == (1, 1) and conv.groups == 1 and not runs_forward_hooks(conv)
+                and not self.visual._forward_pre_hooks):
             self.folded = True
             weight = conv.weight.detach().double()
             bias = weight.mul(shift_t.view(1, 3, 1, 1)).sum(dim=(1, 2, 3))
