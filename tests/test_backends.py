@@ -1530,3 +1530,61 @@ def test_the_weights_watch_sees_each_kind_of_change(change):
         with torch.no_grad():
             module[0].weight.add_(1.0)
     assert watch.changed()
+
+
+@needs_ort
+def test_onnxruntime_refuses_frames_once_the_towers_hooks_changed_until_rebuilt():
+    # Its graph runs the hooks the tower had when it was exported: a hook registered since (an ablation, a
+    # probe that edits the features) or removed since would silently not be what "torch" runs.
+    import copy
+
+    from torch.nn.modules.module import register_module_forward_hook
+
+    model, tokenizer = make_tiny()
+    kwargs = dict(goal=GOAL, baseline=BASELINE, alpha=0.5, device="cpu")
+    rm = CLIPReward(model, tokenizer, backend="onnxruntime", **kwargs)
+    frames = _noise(2, 224, 224, seed=5)
+    unhooked = rm(frames)
+    model.text_projection.register_hook(lambda g: g)  # not a forward hook of the tower: no change
+    handle = model.transformer.register_forward_hook(lambda m, args, out: out)  # the text tower's: no change
+    assert torch.equal(rm(frames), unhooked)
+    handle.remove()
+    ablate = model.visual.transformer.resblocks[0].attn.register_forward_hook(lambda m, args, out: (out[0] * 0, out[1]))
+    for call in (lambda: rm(frames), lambda: rm.embed(frames), lambda: copy.deepcopy(rm)(frames)):
+        with pytest.raises(ValueError, match=r"forward hooks on rm\.model\.visual.*registered or removed.*"
+                                             r"rm\.rebuild_backend\(\)"):
+            call()
+    rm.rebuild_backend()
+    hooked = CLIPReward(copy.deepcopy(model), tokenizer, backend="torch", kernels="torch", **kwargs)(frames)
+    assert (hooked - unhooked).abs().max().item() > 1e-3  # the hook matters
+    assert (rm(frames) - hooked).abs().max().item() <= 1e-5
+    assert (copy.deepcopy(rm)(frames) - hooked).abs().max().item() <= 1e-5  # a copy holds the same hooks
+    ablate.remove()
+    with pytest.raises(ValueError, match="registered or removed"):  # the graph still ablates
+        rm(frames)
+    rm.rebuild_backend()
+    assert (rm(frames) - unhooked).abs().max().item() <= 1e-6
+    every = register_module_forward_hook(lambda m, args, out: out)  # a global hook runs inside the tower too
+    try:
+        with pytest.raises(ValueError, match="registered or removed"):
+            rm(frames)
+    finally:
+        every.remove()
+    assert (rm(frames) - unhooked).abs().max().item() <= 1e-6  # back to the hooks it was exported with
+
+
+def test_the_hooks_watch_costs_a_walk_only_after_a_hook_handle_was_made(monkeypatch):
+    from vlmrm_fast.backends import base
+
+    tower = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Sequential(torch.nn.ReLU()))
+    watch = base.HooksWatch(tower)
+    walks = []
+    real = base.forward_hook_keys
+    monkeypatch.setattr(base, "forward_hook_keys", lambda module: walks.append(1) or real(module))
+    assert not watch.changed() and not watch.changed() and walks == []
+    torch.nn.Linear(1, 1).register_forward_hook(lambda *a: None)  # elsewhere: one walk, then none again
+    assert not watch.changed() and not watch.changed() and len(walks) == 1
+    handle = tower[1][0].register_forward_pre_hook(lambda *a: None)
+    assert watch.changed()
+    handle.remove()
+    assert not watch.changed()

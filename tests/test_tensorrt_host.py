@@ -843,3 +843,28 @@ def test_export_tensorrt_batch_profile_defaults_and_an_opt_batch_equal_to_the_ma
     assert main(["export", "vlmrm-tiny", "--format", "tensorrt", "--out", str(out), *flags]) == 0
     shapes = trt.record.configs[0].profiles[0].shapes["frames"]
     assert tuple(shape[0] for shape in shapes) == profile
+
+
+def test_a_tower_with_forward_hooks_is_built_without_the_cache(monkeypatch, tmp_path, fake_cuda, caplog):
+    # The engine runs the hooks traced into it, but a hook's code is in no key: cached, a hooked tower's engine
+    # would be loaded for the same weights unhooked (or the other way round) in a later process.
+    trt = tensorrt_stand_in()
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+
+    def build(hooked):
+        visual = tower(torch.bfloat16)
+        if hooked:
+            visual.register_forward_hook(lambda m, args, out: out * 0)
+        return backend.TensorRTBackend(visual, SPEC, torch.device("cuda"), torch.bfloat16, (16, 16), 8,
+                                       model_name="ViT-tiny/16", cache_dir=tmp_path)
+
+    with caplog.at_level("WARNING", logger="vlmrm_fast.backends.tensorrt"):
+        hooked = build(True)
+    assert "forward hooks" in caplog.text and "without the cache" in caplog.text
+    assert hooked.engine_path is None and not hooked.build_cached and list(tmp_path.glob("*.engine")) == []
+    build(True)
+    assert trt.record.builds == 2  # never read from the cache either
+    plain = build(False)
+    assert trt.record.builds == 3 and plain.engine_path is not None and plain.engine_path.exists()
+    build(True)
+    assert trt.record.builds == 4  # the unhooked tower's cached engine is not the hooked one's

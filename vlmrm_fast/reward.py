@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from vlmrm_fast.backends import VisionBackend, build_backend, check_backend_options, resolve_backend
-from vlmrm_fast.backends.base import WeightsWatch, checked_device, submodules
+from vlmrm_fast.backends.base import HooksWatch, WeightsWatch, checked_device, submodules
 from vlmrm_fast.frames import FrameInput, as_frame_batch, check_tensor_holds_data
 from vlmrm_fast.models import create_clip, image_size_of, preprocess_spec_of
 from vlmrm_fast.ops._triton import resolve_kernels
@@ -222,6 +222,7 @@ class CLIPReward:
         # Kept for rebuild_backend, bar calibration frames (the fp8 build frees them once calibrated).
         self._backend_request = (backend, {k: v for k, v in (options or {}).items() if k != "calibration_frames"})
         self._weights_watch = WeightsWatch(visual) if self._backend.copies_weights else None
+        self._hooks_watch = HooksWatch(visual) if self._backend.copies_weights else None
 
     def rebuild_backend(self, backend_options: Optional[dict] = None) -> None:
         """Build the vision-tower backend again from ``rm.model.visual`` as it is now, with the options it was
@@ -245,7 +246,7 @@ class CLIPReward:
                 "weights (it encodes the tasks again), or rm.set_tasks(...) with the prompts again."
             )
 
-    def _check_weights_unchanged(self) -> None:
+    def _check_backend_copy_current(self) -> None:
         watch = getattr(self, "_weights_watch", None)  # None in a copy pickled before the watch existed
         if watch is not None and watch.changed():
             raise ValueError(
@@ -253,6 +254,15 @@ class CLIPReward:
                 f"{'ONNX graph' if self.backend == 'onnxruntime' else 'engine'}, which would score frames with "
                 "the old ones: call rm.rebuild_backend() after changing them (it exports again), or use "
                 "backend='torch' or 'compile', which read the weights live."
+            )
+        hooks = getattr(self, "_hooks_watch", None)  # None in a copy pickled before the watch existed
+        if hooks is not None and hooks.changed():
+            raise ValueError(
+                f"forward hooks on rm.model.visual, a layer of it or every module (global hooks) were registered "
+                f"or removed after backend={self.backend!r} traced the tower into its "
+                f"{'ONNX graph' if self.backend == 'onnxruntime' else 'engine'}, which runs the hooks it was "
+                "traced with: call rm.rebuild_backend() after changing hooks (it exports again, hooks and all), "
+                "or use backend='torch', which runs them as they are."
             )
 
     @classmethod
@@ -430,7 +440,7 @@ class CLIPReward:
 
     @torch.inference_mode()
     def _tower(self, frames: torch.Tensor, bottom_up: bool) -> torch.Tensor:
-        self._check_weights_unchanged()
+        self._check_backend_copy_current()
         self._check_eval_mode()
         return self._backend(self._pixels(frames, bottom_up))
 

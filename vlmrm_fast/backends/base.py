@@ -8,6 +8,7 @@ from typing import Callable, ContextManager, Iterator, List, Optional, Sequence,
 
 import torch
 from torch.nn.modules import module as nn_module
+from torch.utils.hooks import RemovableHandle
 
 from vlmrm_fast.argtypes import BACKEND_NAMES  # noqa: F401  (re-exported; defined where parsers need no torch)
 from vlmrm_fast.argtypes import COMPILE_MODES
@@ -224,6 +225,43 @@ def _version_of(tensor: torch.Tensor) -> int:
         return tensor._version
     except RuntimeError:  # a buffer made under torch.inference_mode() has no version counter (nor can change)
         return -1
+
+
+class HooksWatch:
+    """Whether the forward hooks a call of a module would run (on it, on any module inside it, or global)
+    were registered or removed since this was made: a backend that traced them into a copy of the tower
+    (an ONNX graph, an engine) runs the ones it saw then.
+
+    About 1 us a look while the module had no hooks when this was made and no hook handle has been made
+    anywhere in the process since the last look (torch numbers every one it makes); a walk of the module
+    otherwise (about 30 us for ViT-B-32's 139 modules). A copy (pickle, deepcopy) compares its own
+    module's hooks with those its original had when this was made."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self._module = module
+        self._seen = forward_hook_keys(module)
+        self._handles = getattr(RemovableHandle, "next_id", None)
+
+    def __getstate__(self) -> dict:
+        return {"_module": self._module, "_seen": self._seen, "_handles": None}  # another process numbers anew
+
+    def changed(self) -> bool:
+        handles = getattr(RemovableHandle, "next_id", None)
+        if handles is not None and handles == self._handles and not self._seen:  # (removing one makes no handle)
+            return False
+        now = forward_hook_keys(self._module)
+        self._handles = handles if now == self._seen else None
+        return now != self._seen
+
+
+def forward_hook_keys(module: torch.nn.Module) -> Tuple[int, ...]:
+    """The ids of the handles of the forward hooks and pre-hooks a call of ``module`` runs, sorted: unique in
+    a process, and kept by a layer the backends swap in (:func:`in_place_of` hands it the same dicts)."""
+    keys = [*nn_module._global_forward_pre_hooks, *nn_module._global_forward_hooks]
+    for m in submodules(module):
+        if m._forward_hooks or m._forward_pre_hooks:
+            keys += [*m._forward_pre_hooks, *m._forward_hooks]
+    return tuple(sorted(keys))
 
 
 def missing_extra(package: str, extra: str, needed_by: str) -> BackendError:

@@ -33,7 +33,7 @@ from typing import Callable, Optional, Tuple, cast
 
 import torch
 
-from vlmrm_fast.backends.base import BackendError, VisionBackend, missing_extra
+from vlmrm_fast.backends.base import BackendError, VisionBackend, forward_hook_keys, missing_extra
 from vlmrm_fast.backends.engine_cache import EngineCache, EngineKey, tensorrt_build, weights_digest
 from vlmrm_fast.backends.onnx_export import OPSET, check_exporter, export_onnx
 from vlmrm_fast.callers import stacklevel_outside_package
@@ -158,8 +158,14 @@ class TensorRTBackend(VisionBackend):
                 return self._build(visual, spec, key, workspace_gib, scratch_parent(cache.directory),
                                    cache.scratch_prefix(key))
 
+            # A forward hook (a user's probe or ablation) is traced into the engine, but its code is in no key.
+            cacheable = not forward_hook_keys(visual)
+            if not cacheable:
+                _log.warning("rm.model.visual runs forward hooks, which the engine cache's key cannot tell apart: "
+                             "building its TensorRT engine without the cache (minutes for the large towers)")
             engine = load_or_build_engine(cache, key, runtime.deserialize_cuda_engine, build=build,
-                                          io_problem=lambda engine: engine_io_problem(trt, engine, precision))
+                                          io_problem=lambda engine: engine_io_problem(trt, engine, precision),
+                                          cacheable=cacheable)
             self.build_cached = not built
             self._calibration = None  # only needed to build
             self.context = engine.create_execution_context()
@@ -174,7 +180,7 @@ class TensorRTBackend(VisionBackend):
         self._runtime = runtime  # TensorRT's samples keep the runtime alive as long as its engines
         self.engine = engine
         self.embed_dim = int(engine.get_tensor_shape("embeddings")[1])
-        self.engine_path = cache.path(key)
+        self.engine_path: Optional[Path] = cache.path(key) if cacheable else None
         self.build_seconds = time.perf_counter() - start
 
     def __getstate__(self) -> dict:
@@ -328,12 +334,16 @@ def _created(trt, factory, logger, what: str):
 
 
 def load_or_build_engine(cache: EngineCache, key: EngineKey, deserialize: Callable[[bytes], object],
-                         build: Callable[[], bytes], io_problem: Callable[[object], Optional[str]]):
+                         build: Callable[[], bytes], io_problem: Callable[[object], Optional[str]],
+                         cacheable: bool = True):
     """The engine for ``key``: the cached one where its file deserializes and has the tower's inputs
     and outputs (``io_problem(engine)`` is None), else one built afresh (``build()``, serialized
     bytes), checked the same way, then cached. An engine that fails those checks is never cached.
     Builds hold the cache's lock on ``key`` (:meth:`EngineCache.build_lock`): a process that finds it
-    held waits, then loads the engine the other one built."""
+    held waits, then loads the engine the other one built. ``cacheable=False``: built afresh, checked,
+    neither read from the cache nor written to it."""
+    if not cacheable:
+        return _checked_engine(build(), deserialize, io_problem)
     engine, problem = _cached_engine(cache, key, deserialize, io_problem)
     if engine is not None and problem is None:
         return engine
@@ -350,16 +360,23 @@ def load_or_build_engine(cache: EngineCache, key: EngineKey, deserialize: Callab
         _log.info("building a TensorRT engine (%s, batch %d to %d; minutes for the large towers), then "
                   "caching it in %s", key.precision, key.batch_range[0], key.batch_range[2], cache.directory)
         payload = build()
-        engine = deserialize(payload)
-        if engine is None:
-            raise BackendError("TensorRT built an engine it cannot deserialize; see the TensorRT log above.")
-        problem = io_problem(engine)
-        if problem is not None:
-            raise BackendError(f"TensorRT built an engine whose inputs and outputs are not the tower's: {problem}.")
+        engine = _checked_engine(payload, deserialize, io_problem)
         try:
             cache.store(key, payload)
         except OSError as error:  # a read-only cache must not throw away a built engine
             warnings.warn(f"TensorRT engine not cached ({error}); it is rebuilt next time.", stacklevel=stacklevel_outside_package())
+    return engine
+
+
+def _checked_engine(payload: bytes, deserialize: Callable[[bytes], object],
+                    io_problem: Callable[[object], Optional[str]]) -> object:
+    """The engine a build serialized, once it deserializes and has the tower's inputs and outputs."""
+    engine = deserialize(payload)
+    if engine is None:
+        raise BackendError("TensorRT built an engine it cannot deserialize; see the TensorRT log above.")
+    problem = io_problem(engine)
+    if problem is not None:
+        raise BackendError(f"TensorRT built an engine whose inputs and outputs are not the tower's: {problem}.")
     return engine
 
 
