@@ -6,6 +6,7 @@ ONNX Runtime against torch on raw embeddings within 1e-4 relative (the issue's b
 float32 sums, and folding the normalisation into the patch weights rounds them once more).
 """
 import functools
+import re
 import importlib.util
 import sys
 
@@ -1588,3 +1589,30 @@ def test_the_hooks_watch_costs_a_walk_only_after_a_hook_handle_was_made(monkeypa
     assert watch.changed()
     handle.remove()
     assert not watch.changed()
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("onnxruntime", marks=needs_ort)])
+@pytest.mark.parametrize("change, moved", [
+    (lambda model: model.visual.half(), "rm.model.visual is now torch.float16 on cpu"),
+    (lambda model: model.visual.double(), "rm.model.visual is now torch.float64 on cpu"),
+    (lambda model: model.transformer.to(torch.bfloat16), "rm.model's text side is now torch.bfloat16 on cpu"),
+])
+def test_a_model_moved_to_another_dtype_is_named_not_scored_and_not_rebuilt(backend, change, moved):
+    # The reward model's preprocessing, backend and kernels are set up for the tower's dtype and device, and
+    # the goals are encoded in float32: after rm.model.half() torch's own error (or ONNX Runtime's, after a
+    # rebuild) said nothing of the cause, and a rebuild encoded the goals with a bf16 text side.
+    model, tokenizer = make_tiny()
+    rm = CLIPReward(model, tokenizer, goal=GOAL, baseline=BASELINE, alpha=0.3, device="cpu", backend=backend)
+    frames = _noise(2, 40, 40, seed=14)
+    change(rm.model)
+    match = re.escape(moved) + r" \(rm\.model\..*\), where this reward model runs it in torch\.float32 on cpu.*move it back.*or build a new CLIPReward"
+    calls = [rm.rebuild_backend, lambda: rm.set_tasks(goal=GOAL, baseline=BASELINE)]
+    if "visual" in moved:  # (the goals encoded before a change of the text side alone are still good)
+        calls.append(lambda: rm(frames))
+    for call in calls:
+        with pytest.raises(ValueError, match=match):
+            call()
+    rm.model.float()
+    rm.rebuild_backend()
+    want = reference_reward(__import__("copy").deepcopy(rm.model), tokenizer, frames, GOAL, BASELINE, 0.3)
+    assert (rm(frames).double() - want).abs().max().item() <= 1e-5

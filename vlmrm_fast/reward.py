@@ -240,21 +240,21 @@ class CLIPReward:
     def _check_tasks_current(self) -> None:
         watch = getattr(self, "_text_watch", None)  # None in a copy pickled before the watch existed
         if watch is not None and watch.changed():
-            raise ValueError(
+            raise ValueError(self._placement_problem() or (  # (a rebuild would not mend that one)
                 "rm.model's text-side weights changed after the tasks were encoded, so the goal and baseline "
                 "embeddings are those of the old weights: call rm.rebuild_backend() after changing the model's "
                 "weights (it encodes the tasks again), or rm.set_tasks(...) with the prompts again."
-            )
+            ))
 
     def _check_backend_copy_current(self) -> None:
         watch = getattr(self, "_weights_watch", None)  # None in a copy pickled before the watch existed
         if watch is not None and watch.changed():
-            raise ValueError(
+            raise ValueError(self._placement_problem() or (  # (a rebuild would not mend that one)
                 f"rm.model.visual's weights changed after backend={self.backend!r} copied them into its "
                 f"{'ONNX graph' if self.backend == 'onnxruntime' else 'engine'}, which would score frames with "
                 "the old ones: call rm.rebuild_backend() after changing them (it exports again), or use "
                 "backend='torch' or 'compile', which read the weights live."
-            )
+            ))
         hooks = getattr(self, "_hooks_watch", None)  # None in a copy pickled before the watch existed
         if hooks is not None and hooks.changed():
             raise ValueError(
@@ -327,7 +327,26 @@ class CLIPReward:
         A change that is refused (goal equal to baseline with alpha > 0, say) leaves tasks and alpha as they were."""
         self._encode_tasks(*task_list(goal, baseline, tasks), alpha=None if alpha is None else check_alpha(alpha))
 
+    def _placement_problem(self) -> Optional[str]:
+        """Why ``rm.model`` is no longer where this reward model put it (:func:`_place`: the tower on its device
+        in its dtype, the text side in float32 there), or None: after ``rm.model.half()``, ``.to("cuda")``."""
+        for name, p in self.model.named_parameters():
+            in_tower = name.startswith("visual.")
+            want = self._dtype if in_tower else torch.float32
+            if p.is_floating_point() and p.element_size() > 1 and (p.dtype, p.device) != (want, self._device):  # not fp8
+                what = "rm.model.visual" if in_tower else "rm.model's text side"
+                return (
+                    f"{what} is now {p.dtype} on {p.device} (rm.model.{name}), where this reward model runs it in "
+                    f"{want} on {self._device} (its preprocessing, backend and kernels were set up for that): move it "
+                    f"back, rm.model.visual.to({str(self._device)!r}, {self._dtype}) and the rest of rm.model to "
+                    "torch.float32, or build a new CLIPReward on the model as it is now (device=..., dtype=...)."
+                )
+        return None
+
     def _encode_tasks(self, tasks: Sequence[Task], single: bool, alpha: Optional[float] = None) -> None:
+        problem = self._placement_problem()  # a text side in bf16 would encode the goals less precisely
+        if problem is not None:
+            raise ValueError(problem)
         alpha = self._alpha if alpha is None else alpha
         encoded = encode_tasks(self.model, self.tokenizer, tasks, self._device)
         self._targets = encoded.targets(alpha)  # raises before any state changes
@@ -442,7 +461,13 @@ class CLIPReward:
     def _tower(self, frames: torch.Tensor, bottom_up: bool) -> torch.Tensor:
         self._check_backend_copy_current()
         self._check_eval_mode()
-        return self._backend(self._pixels(frames, bottom_up))
+        try:
+            return self._backend(self._pixels(frames, bottom_up))
+        except RuntimeError as error:  # torch's own dtype or device mismatch, once it is the cause: ours says why
+            problem = self._placement_problem()
+            if problem is not None:
+                raise ValueError(problem) from error
+            raise
 
     def _check_eval_mode(self) -> None:
         # A backend that runs the tower itself runs it in whatever mode it is in: in training mode a BatchNorm
