@@ -1616,3 +1616,35 @@ def test_a_model_moved_to_another_dtype_is_named_not_scored_and_not_rebuilt(back
     rm.rebuild_backend()
     want = reference_reward(__import__("copy").deepcopy(rm.model), tokenizer, frames, GOAL, BASELINE, 0.3)
     assert (rm(frames).double() - want).abs().max().item() <= 1e-5
+
+
+@needs_ort
+def test_onnxruntime_removes_the_graph_folders_killed_runs_of_this_host_left(monkeypatch, tmp_path):
+    # The exported graph (gigabytes for the large towers) is in the system's temporary folder, removed when the
+    # backend goes or at exit; a SIGKILL or the OOM killer runs neither, and no later run removed it.
+    import os
+    import subprocess
+
+    from vlmrm_fast.backends import onnxruntime as ort_backend
+    from vlmrm_fast.scratch import this_host
+
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    base = ort_backend._SCRATCH_BASE
+    killed = tmp_path / f"{base}{this_host()}-{int(gone.stdout)}-abc"
+    live = tmp_path / f"{base}{this_host()}-{os.getppid()}-abc"  # pytest's parent: a live process, a long run's
+    elsewhere = tmp_path / f"{base}node17-123-abc"  # another host's or container's: not this host's to judge
+    for folder in (killed, live, elsewhere):
+        folder.mkdir()
+        (folder / "tower.onnx").write_bytes(b"graph")
+        os.utime(folder, (0, 0))  # days old
+    model, tokenizer = make_tiny()
+    rm = CLIPReward(model, tokenizer, goal=GOAL, baseline=BASELINE, device="cpu", backend="onnxruntime")
+    assert not killed.exists() and live.exists() and elsewhere.exists()
+    [own] = [f for f in tmp_path.iterdir() if f not in (live, elsewhere)]
+    assert own.name.startswith(f"{base}{this_host()}-{os.getpid()}-") and (own / "tower.onnx").exists()
+    del rm
+    import gc
+
+    gc.collect()
+    assert not own.exists()

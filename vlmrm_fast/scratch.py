@@ -14,7 +14,7 @@ import socket
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 _log = logging.getLogger(__name__)
 
@@ -49,15 +49,18 @@ def scratch_prefix(base: str) -> str:
     return f"{base}{this_host()}-{os.getpid()}-"
 
 
-def is_abandoned(name: str, base: str, age_s: float) -> bool:
+def is_abandoned(name: str, base: str, age_s: float, max_age_s: Optional[float] = ABANDONED_AFTER_S) -> bool:
     """Whether a scratch folder ``name`` (starting with ``base``) was left by a process gone from this
-    host, or is older than :data:`ABANDONED_AFTER_S`."""
+    host, or is older than ``max_age_s`` (None: never abandoned for its age alone)."""
     owner, _, pid = name[len(base):].rpartition("-")[0].rpartition("-")
-    return (owner == this_host() and pid.isdigit() and not alive(int(pid))) or age_s > ABANDONED_AFTER_S
+    return ((owner == this_host() and pid.isdigit() and not alive(int(pid)))
+            or (max_age_s is not None and age_s > max_age_s))
 
 
-def remove_abandoned(folder: Path, base: str) -> None:
-    """Remove the abandoned (:func:`is_abandoned`) scratch folders named ``base...`` in ``folder``."""
+def remove_abandoned(folder: Path, base: str, max_age_s: Optional[float] = ABANDONED_AFTER_S) -> None:
+    """Remove the abandoned (:func:`is_abandoned`) scratch folders named ``base...`` in ``folder``; with
+    ``max_age_s=None``, only those of this host's processes gone (a folder only this host uses, such as
+    its temporary one, where a day-old folder may be a long run's)."""
     try:
         entries = list(Path(folder).iterdir())
     except OSError:
@@ -70,7 +73,7 @@ def remove_abandoned(folder: Path, base: str) -> None:
             age = now - entry.stat().st_mtime
         except OSError:
             continue
-        if entry.is_dir() and is_abandoned(entry.name, base, age):
+        if entry.is_dir() and is_abandoned(entry.name, base, age, max_age_s):
             _log.info("removing %s, left by a process that was killed", entry)
             shutil.rmtree(entry, ignore_errors=True)
 

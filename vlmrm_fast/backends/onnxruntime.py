@@ -28,8 +28,11 @@ from vlmrm_fast.backends.base import ONE_TORCH_THREAD, BackendError, VisionBacke
 from vlmrm_fast.backends.onnx_export import check_exporter, export_onnx
 from vlmrm_fast.backends.onnx_quantize import QUANTIZE_CHOICES, quantize_int8
 from vlmrm_fast.ops.preprocess import PreprocessSpec
+from vlmrm_fast.scratch import remove_abandoned, scratch_prefix
 
 _NUMPY = {torch.float32: np.float32, torch.float16: np.float16}
+_SCRATCH_BASE = "vlmrm_fast_onnx-"
+"""Name of the folders, in the system's temporary folder, that hold the exported graphs (:mod:`vlmrm_fast.scratch`)."""
 ONE_THREAD_BYTES = 2 << 20
 """CPU frame chunks up to this size are preprocessed on one torch thread (see ``preprocessing``)."""
 _log = logging.getLogger(__name__)
@@ -96,7 +99,10 @@ class OnnxRuntimeBackend(VisionBackend):
                   "backend skips it)")
         # The graph lives as long as this backend (copies and profile_nodes read it): removed when it is
         # collected or at exit, without TemporaryDirectory's "implicitly cleaning up" ResourceWarning.
-        self._workdir: Optional[Path] = Path(tempfile.mkdtemp(prefix="vlmrm_fast_onnx_"))
+        # Named for this host and process: the next backend made on this host removes what a killed run (SIGKILL,
+        # the OOM killer) left, gigabytes for the large towers.
+        remove_abandoned(Path(tempfile.gettempdir()), _SCRATCH_BASE, max_age_s=None)
+        self._workdir: Optional[Path] = Path(tempfile.mkdtemp(prefix=scratch_prefix(_SCRATCH_BASE)))
         self._remove_workdir = weakref.finalize(self, shutil.rmtree, self._workdir, True)
         path = export_onnx(visual, self._workdir / "tower.onnx", spec, input_format="pixels", exporter=self.exporter)
         if quantize == "int8":
@@ -143,7 +149,7 @@ class OnnxRuntimeBackend(VisionBackend):
         # worker ends with os._exit, which no cleanup outlives, and a leftover graph is gigabytes.
         files, name = state.pop("_graph_files"), state.pop("_graph_name")
         self.__dict__.update(state)
-        with tempfile.TemporaryDirectory(prefix="vlmrm_fast_onnx_") as folder:
+        with tempfile.TemporaryDirectory(prefix=scratch_prefix(_SCRATCH_BASE)) as folder:
             for file_name, data in files.items():
                 (Path(folder) / file_name).write_bytes(data)
             self._model_path = Path(folder) / name
