@@ -232,7 +232,7 @@ class HooksWatch:
     were registered or removed since this was made: a backend that traced them into a copy of the tower
     (an ONNX graph, an engine) runs the ones it saw then.
 
-    About 1 us a look while the module had no hooks when this was made and no hook handle has been made
+    Under 1 us a look while the module had no hooks when this was made and no hook handle has been made
     anywhere in the process since the last look (torch numbers every one it makes); a walk of the module
     otherwise (about 30 us for ViT-B-32's 139 modules). A copy (pickle, deepcopy) compares its own
     module's hooks with those its original had when this was made."""
