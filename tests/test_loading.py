@@ -760,6 +760,25 @@ def test_a_checkpoint_from_a_newer_torch_says_to_upgrade_torch_not_to_download_a
     assert "damaged" not in str(error.value) and "Download it again" not in str(error.value)
 
 
+@pytest.mark.filterwarnings("ignore:'torch.load' received a zip file that looks like a TorchScript:UserWarning")
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
+def test_a_torchscript_checkpoint_is_named_as_such_not_as_damaged(tmp_path):
+    # OpenAI's clip package keeps its checkpoints as TorchScript archives; torch.load(weights_only=True) refuses
+    # them, and that refusal read as a damaged file ("Download it again"), which no download fixes.
+    class Tower(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(2, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.proj(x)
+
+    torch.jit.script(Tower()).save(str(tmp_path / "ViT-B-32.pt"))
+    with pytest.raises(PretrainedWeightsError, match=r"is a TorchScript archive .*open_clip.load_openai_model") as error:
+        create_clip("vlmrm-tiny", str(tmp_path / "ViT-B-32.pt"))
+    assert "damaged" not in str(error.value) and "weights_only" not in str(error.value)
+
+
 def test_a_local_dir_that_does_not_exist_is_named_as_such(tmp_path):
     with pytest.raises(FileNotFoundError, match="there is no folder .*nowhere"):
         create_clip(f"local-dir:{tmp_path / 'nowhere'}", None)

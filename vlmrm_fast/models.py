@@ -361,6 +361,12 @@ def _unreadable_checkpoint(error: BaseException) -> Optional[str]:
         return (f"was written by a newer PyTorch than this one (file format version {newer.group(1)}; torch "
                 f"{torch.__version__} reads up to {newer.group(2)}). Upgrade torch, or save the weights again with "
                 "this version.")
+    if "TorchScript archive" in str(error):  # intact: OpenAI's clip package saves its checkpoints so
+        return ("is a TorchScript archive (torch.jit.save; OpenAI's own CLIP checkpoints, ~/.cache/clip/*.pt, are), "
+                "not a state_dict, and is not loaded, as TorchScript runs the file's own code. Use the model's open_clip "
+                "tag ('openai' for OpenAI's weights), or, trusting the file, build the model from it and pass that: "
+                "model = open_clip.load_openai_model(path, precision='fp32', device='cpu'); CLIPReward(model, "
+                "open_clip.get_tokenizer(model_name), goal=...).")
     return (f"cannot be read: its data is damaged ({type(error).__name__}: {_damage_detail(str(error))[:200]}). "
             "Download it again, or pass another.")
 
