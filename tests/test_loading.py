@@ -730,6 +730,16 @@ def test_damaged_pickled_or_tower_only_checkpoints_are_named_without_torchs_unsa
     create_clip("vlmrm-tiny", str(tmp_path / "good.pt"))  # the file they came from loads
 
 
+def test_a_text_tower_alone_is_not_named_a_vision_tower(tmp_path):
+    # CLIP's text tower shares key names with the vision tower (transformer.resblocks.*, positional_embedding): the
+    # whole model's state_dict without its visual.* keys read as "a vision tower's weights alone".
+    state_dict = open_clip.create_model("vlmrm-tiny").state_dict()
+    torch.save({k: v for k, v in state_dict.items() if not k.startswith("visual.")}, tmp_path / "text.pt")
+    with pytest.raises(PretrainedWeightsError, match=r"(?s)does not load into vlmrm-tiny.*Missing key.*visual\.") as error:
+        create_clip("vlmrm-tiny", str(tmp_path / "text.pt"))
+    assert "vision tower" not in str(error.value)
+
+
 @pytest.mark.parametrize("message", [
     # torch 2.4: the words at the end of a line of its advice
     "Weights only load failed. Re-running `torch.load` with `weights_only` set to `False` will likely succeed, but "

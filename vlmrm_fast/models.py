@@ -491,12 +491,14 @@ def _position_embeddings_kept(model_name: str, path: str) -> Iterator[None]:
 
 
 def _refuse_a_tower_alone(state_dict: dict, model: torch.nn.Module, path: str) -> None:
-    """A ``model.visual.state_dict()`` (no ``visual.`` prefix, no text tower) is named as such."""
+    """A ``model.visual.state_dict()`` (no ``visual.`` prefix, no text tower) is named as such. Its keys are told
+    by those no key of the whole model shares (CLIP's text tower has ``transformer.resblocks.*`` and
+    ``positional_embedding`` too: the whole model's state_dict without ``visual.*`` is no vision tower)."""
     visual = getattr(model, "visual", None)
     if visual is None or any(key.startswith("visual.") for key in state_dict):
         return
-    tower_keys = set(visual.state_dict())
-    if tower_keys and len(tower_keys & set(state_dict)) >= len(tower_keys) // 2:
+    tower_keys = set(visual.state_dict()) - set(model.state_dict())
+    if tower_keys and len(tower_keys & set(state_dict)) >= max(len(tower_keys) // 2, 1):
         raise PretrainedWeightsError(
             f"The checkpoint {path!r} holds a vision tower's weights alone (model.visual.state_dict()), without the "
             "text tower the prompts need: save the whole model's state_dict(), or load these into model.visual "
