@@ -730,6 +730,19 @@ def test_damaged_pickled_or_tower_only_checkpoints_are_named_without_torchs_unsa
     create_clip("vlmrm-tiny", str(tmp_path / "good.pt"))  # the file they came from loads
 
 
+def test_weights_under_another_key_or_with_a_wrappers_prefix_are_named_so(tmp_path):
+    # A torch.compile'd model's state_dict ("_orig_mod." keys, "module." before them under DDP) or a training
+    # checkpoint's {"model": ...} failed the strict load with every key "missing" and "check that it was saved from
+    # this architecture": it was.
+    state_dict = open_clip.create_model("vlmrm-tiny").state_dict()
+    torch.save({"model": state_dict, "epoch": 3}, tmp_path / "nested.pt")
+    torch.save({f"module._orig_mod.{k}": v for k, v in state_dict.items()}, tmp_path / "compiled.pt")
+    with pytest.raises(PretrainedWeightsError, match=r"weights under its key 'model' .*torch.load\(path\)\['model'\]"):
+        create_clip("vlmrm-tiny", str(tmp_path / "nested.pt"))
+    with pytest.raises(PretrainedWeightsError, match=r"with '_orig_mod.' before every key .*model._orig_mod's"):
+        create_clip("vlmrm-tiny", str(tmp_path / "compiled.pt"))
+
+
 def test_a_text_tower_alone_is_not_named_a_vision_tower(tmp_path):
     # CLIP's text tower shares key names with the vision tower (transformer.resblocks.*, positional_embedding): the
     # whole model's state_dict without its visual.* keys read as "a vision tower's weights alone".

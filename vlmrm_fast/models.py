@@ -462,6 +462,7 @@ def _position_embeddings_kept(model_name: str, path: str) -> Iterator[None]:
 
     def guarded(name: str) -> Callable:
         def check(state_dict, model, *args, **kwargs):
+            _refuse_wrapped_weights(state_dict, model, path)
             _refuse_a_tower_alone(state_dict, model, path)
             if name == "resize_pos_embed":
                 keys, target = ("visual.positional_embedding",), getattr(model.visual, "positional_embedding", None)
@@ -488,6 +489,33 @@ def _position_embeddings_kept(model_name: str, path: str) -> Iterator[None]:
     finally:
         for name, original in originals.items():
             setattr(factory, name, original)
+
+
+def _refuse_wrapped_weights(state_dict: dict, model: torch.nn.Module, path: str) -> None:
+    """Weights saved under another key (``{"model": state_dict, "optimizer": ...}``) or with a wrapper's prefix on
+    every key (torch.compile's ``_orig_mod.``; open_clip strips DataParallel's ``module.`` alone) are named as such,
+    with the fix: the strict load would list every key as missing and blame the architecture."""
+    wanted = set(model.state_dict()) if isinstance(model, torch.nn.Module) else set()
+    if not wanted or wanted & set(state_dict):
+        return
+    places = [(None, state_dict)] + [(key, inner) for key, inner in state_dict.items() if isinstance(inner, dict)]
+    for key, inner in places:
+        names = [name for name in inner if isinstance(name, str)]
+        first = names[0] if names else ""
+        for prefix in {first[: len(first) - len(w)] for w in wanted if first.endswith(w)}:
+            if (prefix and not prefix.endswith(".")) or not all(name.startswith(prefix) for name in names):
+                continue
+            if len(wanted & {name[len(prefix):] for name in names}) < max(len(wanted) // 2, 1):
+                continue
+            where = f" under its key {key!r} (a training checkpoint's)" if key is not None else ""
+            strip = f" with {prefix!r} before every key (torch.compile's, or another wrapper's)" if prefix else ""
+            fix = (f"torch.save(torch.load(path)[{key!r}], new_path) keeps them alone" if key is not None and not prefix
+                   else "save the bare model's state_dict() (model._orig_mod's for a torch.compile'd model, "
+                        f"model.module's under DataParallel/DDP), or what you saved with {prefix!r} taken off each key")
+            raise PretrainedWeightsError(
+                f"The checkpoint {path!r} holds the model's weights{where}{strip}, not as the model's own state_dict: "
+                f"{fix}; pass that file."
+            )
 
 
 def _refuse_a_tower_alone(state_dict: dict, model: torch.nn.Module, path: str) -> None:
