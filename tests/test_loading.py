@@ -154,6 +154,21 @@ def test_whole_checkpoints_of_every_format_pass_the_file_check(tmp_path):
     assert [_not_a_checkpoint(str(tmp_path / n)) for n in ("zip.pt", "legacy.pt", "w.safetensors")] == [None] * 3
 
 
+@pytest.mark.parametrize("name,saved_as,suffix", [("weights", "safetensors", "'.safetensors'"),
+                                                   ("open_clip_pytorch_model.bin", "safetensors", "'.safetensors'"),
+                                                   ("w.safetensors", "torch", "'.pt'")])
+def test_an_intact_checkpoint_named_as_the_other_format_says_to_rename_it(tmp_path, name, saved_as, suffix):
+    # open_clip picks safetensors or torch.load by the name alone: an intact safetensors file without the suffix
+    # read as "its data is damaged ... Download it again", a torch.save file named .safetensors as another architecture.
+    from safetensors.torch import save_file
+
+    state = {k: v.contiguous() for k, v in open_clip.create_model("vlmrm-tiny").state_dict().items()}
+    (save_file if saved_as == "safetensors" else torch.save)(state, str(tmp_path / name))
+    with pytest.raises(PretrainedWeightsError, match=f"reads a file as safetensors by its name alone.*rename it .*{suffix}") as error:
+        create_clip("vlmrm-tiny", str(tmp_path / name))
+    assert "damaged" not in str(error.value) and "architecture" not in str(error.value)
+
+
 def test_checkpoint_of_another_width_is_another_architecture_not_another_image_size(tmp_path):
     # Position embeddings of the same count but another width: not a question of image size.
     wide = open_clip.create_model("vlmrm-tiny")

@@ -236,6 +236,17 @@ def _refuse_a_non_checkpoint(path: Union[str, Path]) -> None:
     why = _not_a_checkpoint(str(path))
     if why is not None:
         raise _not_a_checkpoint_error(path, why)
+    # open_clip reads a file as safetensors by its name alone: an intact file of the other format read as damaged.
+    with open(path, "rb") as f:
+        head = f.read(9)
+    safetensors = head[8:9] == b"{" and not head.startswith((b"PK\x03\x04", b"\x80"))
+    if safetensors != str(path).endswith(".safetensors"):
+        what, suffix = ("a safetensors file", "'.safetensors'") if safetensors else ("a torch.save file", "'.pt'")
+        raise PretrainedWeightsError(
+            f"{str(path)!r} is {what}, but open_clip reads a file as safetensors by its name alone (a name ending in "
+            f"'.safetensors'), so it would read this one in the wrong format: rename it (or link it) to a name ending "
+            f"in {suffix}, and pass that."
+        )
 
 
 def _create_from_file(model_name: str, path: str) -> torch.nn.Module:
