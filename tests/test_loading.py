@@ -200,6 +200,22 @@ def test_local_dir_without_weights_is_refused_not_random(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
 
 
+def test_a_local_dir_with_several_weight_files_is_refused_not_read_by_name(tmp_path):
+    # open_clip took the first by name (epoch_10 before epoch_2) and said so in a log line alone, which is kept out
+    # of the output: one of several fine-tunes, silently.
+    import json
+
+    (tmp_path / "open_clip_config.json").write_text(
+        json.dumps({"model_cfg": open_clip.get_model_config("vlmrm-tiny"), "preprocess_cfg": {}}))
+    state = open_clip.create_model("vlmrm-tiny").state_dict()
+    for name in ("epoch_2.pth", "epoch_10.pth"):
+        torch.save(state, tmp_path / name)
+    with pytest.raises(PretrainedWeightsError, match=r"several weight files, \['epoch_10.pth', 'epoch_2.pth'\].*alone"):
+        create_clip(f"local-dir:{tmp_path}", None)
+    torch.save(state, tmp_path / "open_clip_pytorch_model.bin")  # the name open_clip picks: no doubt which
+    create_clip(f"local-dir:{tmp_path}", None)
+
+
 def test_missing_checkpoint_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="No checkpoint file.*laion2b_s34b_b79k"):
         create_clip("ViT-B-32", str(tmp_path / "missing.pt"))

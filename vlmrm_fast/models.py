@@ -41,6 +41,9 @@ _CONFIG_DIR = Path(__file__).parent / "model_configs"
 _CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 _LOCAL_DIR_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 """The weight files open_clip reads from a ``local-dir:`` folder (or a hub repo)."""
+_LOCAL_DIR_NAMED = _LOCAL_DIR_WEIGHTS + ("open_clip_pytorch_model.safetensors", "open_clip_pytorch_model.pth",
+                                         "model.safetensors", "pytorch_model.bin", "pytorch_model.pth", "model.pth")
+"""The weight files open_clip picks by name in a ``local-dir:`` folder; among other files it takes the first by name."""
 _OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 _OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -616,6 +619,7 @@ def _create(model_name: str, pretrained: Optional[str], cache_dir: Optional[str]
             for name in _LOCAL_DIR_WEIGHTS:
                 if (folder / name).is_file():
                     _refuse_a_non_checkpoint(folder / name)
+            _refuse_several_weights(folder)
         try:  # open_clip only logs (and builds random weights) where the folder or repo holds none
             return open_clip.create_model(model_name, cache_dir=cache_dir, require_pretrained=True)
         except Exception as exc:
@@ -663,6 +667,18 @@ def _create(model_name: str, pretrained: Optional[str], cache_dir: Optional[str]
         f"{pretrained!r} is neither an open_clip pretrained tag for {model_name} nor a file. "
         f"Tags for {model_name}: {tags}; or a checkpoint path."
     )
+
+
+def _refuse_several_weights(folder: Path) -> None:
+    """Refuse a ``local-dir:`` folder holding several weight files, none of the names open_clip picks: it would load
+    the first by name (``epoch_10`` before ``epoch_2``) with only a log line, which is kept out of the output."""
+    files = sorted((p.name for pattern in ("*.safetensors", "*.bin", "*.pth") for p in folder.glob(pattern) if p.is_file()),
+                   key=lambda name: (not name.endswith(".safetensors"), name))  # open_clip's order
+    if len(files) > 1 and not set(files) & set(_LOCAL_DIR_NAMED):
+        raise PretrainedWeightsError(
+            f"'local-dir:{folder}' holds several weight files, {files}, and open_clip would load {files[0]!r} for no "
+            f"reason but its name: keep the one you mean in the folder alone (or name it {_LOCAL_DIR_WEIGHTS[0]!r})."
+        )
 
 
 def image_size_of(model: torch.nn.Module) -> Tuple[int, int]:
