@@ -731,6 +731,29 @@ def test_an_hf_hub_model_in_the_local_cache_loads_offline(tmp_path, monkeypatch)
         models._create("hf-hub:fakeorg/other", None, str(tmp_path))
 
 
+def test_an_hf_hub_models_tokenizer_is_read_from_the_cache_dir_its_weights_came_from(tmp_path, monkeypatch):
+    # The tokenizer was asked for without cache_dir: its config (which names CLIP's own tokenizer here) was looked for
+    # in the default cache, and open_clip fell back to a Hugging Face tokenizer named after the repo ("needs the
+    # 'transformers' package", or, with it, another tokenizer than the model's).
+    import json
+
+    from huggingface_hub import constants
+
+    repo = tmp_path / "models--fakeorg--tiny"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    (snapshot / "open_clip_config.json").write_text(
+        json.dumps({"model_cfg": open_clip.get_model_config("vlmrm-tiny"), "preprocess_cfg": {}}))
+    torch.save(make_tiny(seed=5)[0].state_dict(), snapshot / "open_clip_pytorch_model.bin")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # huggingface_hub reads the variable at its import
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "elsewhere"))
+    _, tokenizer = create_clip("hf-hub:fakeorg/tiny", None, cache_dir=tmp_path)
+    assert isinstance(tokenizer, open_clip.tokenizer.SimpleTokenizer)
+
+
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol:UserWarning")  # torch's, reading the garbage file
 def test_damaged_pickled_or_tower_only_checkpoints_are_named_without_torchs_unsafe_advice(tmp_path):
     # torch.load's own message for the first two suggests weights_only=False (running the file's code), and the
