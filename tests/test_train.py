@@ -1603,6 +1603,28 @@ def test_a_run_on_a_local_weights_file_resumes_from_any_folder(tmp_path, monkeyp
     assert json.loads((first.run_dir / "weights.json").read_text())["size"] == (start / "tiny.pt").stat().st_size
 
 
+def test_a_weights_file_changed_at_its_path_since_the_run_started_is_refused_on_resume(tmp_path):
+    # Only another path was checked against the bytes recorded at the start: a fine-tune saved over the run's file
+    # resumed with other reward weights, silently.
+    import open_clip
+
+    from vlmrm_fast.train import train
+
+    def save_weights(seed: int) -> None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            torch.save(open_clip.create_model("vlmrm-tiny").state_dict(), tmp_path / "tiny.pt")
+
+    save_weights(1)
+    first = train(dot_config(tmp_path, total_timesteps=20, checkpoint_every=20, pretrained=str(tmp_path / "tiny.pt")))
+    save_weights(2)
+    with pytest.raises(ValueError, match=r"weights file '.*tiny.pt' has changed since the run started .*weights.json"):
+        train(dot_config(tmp_path, total_timesteps=40, pretrained=str(tmp_path / "tiny.pt")), resume=first.run_dir)
+    save_weights(1)  # the run's own bytes again
+    assert train(dot_config(tmp_path, total_timesteps=40, pretrained=str(tmp_path / "tiny.pt")),
+                 resume=first.run_dir).num_timesteps == 40
+
+
 def test_resume_with_another_config_names_fields_and_fix(tmp_path):
     import argparse
 

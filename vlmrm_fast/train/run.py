@@ -611,6 +611,16 @@ def _check_resume_config(found: Path, config: TrainConfig) -> None:
     saved = TrainConfig.from_dict(json.loads((found / "config.json").read_text()), f"checkpoint '{found}'")
     run_dir = found.parent.parent
     diffs = diff_configs(saved, config, same_weights=lambda a, b: _same_weights(run_dir, a, b))
+    if (saved.pretrained == config.pretrained and _weights_record(run_dir) is not None
+            and weights_file(config.model, config.pretrained) is not None
+            and not _same_weights(run_dir, saved.pretrained, config.pretrained)):
+        # The same path, other bytes (a fine-tune saved over it since): the rewards would change mid-run.
+        raise ValueError(
+            f"checkpoint '{found}': the run's weights file {config.pretrained!r} has changed since the run started "
+            f"(its size and SHA-256 differ from those in {run_dir / WEIGHTS_RECORD}), so the reward model would not be "
+            "the run's: put the run's weights back at that path, or give their path with --pretrained; or start a new "
+            "run in another folder (--run-dir) with these."
+        )
     if diffs:
         lines = "; ".join(f"{k}: {a!r} in the checkpoint, {b!r} given" for k, a, b in diffs)
         if any(k == "pretrained" for k, _, _ in diffs):
