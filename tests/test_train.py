@@ -1572,7 +1572,7 @@ def test_a_run_on_a_local_weights_file_resumes_from_any_folder(tmp_path, monkeyp
         torch.manual_seed(2)
         torch.save(open_clip.create_model("vlmrm-tiny").state_dict(), elsewhere / "other.pt")
     with pytest.raises(ValueError, match=r"pretrained: '.*start/tiny.pt' in the checkpoint, '.*elsewhere/other.pt' "
-                                         r"given \(not the run's weights: their bytes differ\)"):
+                                         r"given \(not the run's weights: their bytes, or the open_clip_config.json beside them, differ\)"):
         train(dot_config(tmp_path, total_timesteps=40, pretrained="other.pt"), resume=first.run_dir)
     resumed = train(dot_config(tmp_path, total_timesteps=40, pretrained="copy.pt"), resume=first.run_dir)
     assert resumed.num_timesteps == 40
@@ -1622,6 +1622,34 @@ def test_a_weights_file_changed_at_its_path_since_the_run_started_is_refused_on_
         train(dot_config(tmp_path, total_timesteps=40, pretrained=str(tmp_path / "tiny.pt")), resume=first.run_dir)
     save_weights(1)  # the run's own bytes again
     assert train(dot_config(tmp_path, total_timesteps=40, pretrained=str(tmp_path / "tiny.pt")),
+                 resume=first.run_dir).num_timesteps == 40
+
+
+def test_the_open_clip_config_beside_the_weights_is_the_runs_on_resume(tmp_path):
+    # It sets the model's activation and normalisation: the same bytes at another path without it (or with another)
+    # resumed with other rewards, silently.
+    import open_clip
+
+    from vlmrm_fast import models
+    from vlmrm_fast.train import run, train
+
+    assert run._SIDECAR == models.SIDECAR_CONFIG
+    first_dir, copy_dir = tmp_path / "a", tmp_path / "b"
+    first_dir.mkdir(), copy_dir.mkdir()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        torch.save(open_clip.create_model("vlmrm-tiny").state_dict(), first_dir / "tiny.pt")
+    sidecar = json.dumps({"model_cfg": {"quick_gelu": True}, "preprocess_cfg": {}})
+    (first_dir / models.SIDECAR_CONFIG).write_text(sidecar)
+    first = train(dot_config(tmp_path, total_timesteps=20, checkpoint_every=20, pretrained=str(first_dir / "tiny.pt")))
+    shutil.copy(first_dir / "tiny.pt", copy_dir / "tiny.pt")
+    with pytest.raises(ValueError, match=r"not the run's weights: their bytes, or the open_clip_config.json beside them"):
+        train(dot_config(tmp_path, total_timesteps=40, pretrained=str(copy_dir / "tiny.pt")), resume=first.run_dir)
+    (first_dir / models.SIDECAR_CONFIG).unlink()
+    with pytest.raises(ValueError, match=r"has changed since the run started .*open_clip_config.json beside it"):
+        train(dot_config(tmp_path, total_timesteps=40, pretrained=str(first_dir / "tiny.pt")), resume=first.run_dir)
+    (copy_dir / models.SIDECAR_CONFIG).write_text(sidecar)
+    assert train(dot_config(tmp_path, total_timesteps=40, pretrained=str(copy_dir / "tiny.pt")),
                  resume=first.run_dir).num_timesteps == 40
 
 

@@ -564,6 +564,8 @@ _MISSING_WEIGHTS_FIX = ("give its new path with --pretrained (accepted where its
                        "path (runs started before vlmrm-fast saved it absolute) is read from the working folder, so "
                        "resuming from the folder the run started in finds it too")
 
+_SIDECAR = "open_clip_config.json"  # vlmrm_fast.models.SIDECAR_CONFIG, named here without importing open_clip
+
 WEIGHTS_RECORD = "weights.json"
 """In the run folder: the size and SHA-256 of the run's local weights file, written when the run starts (or, for a
 run from before it, at its first resume), so that a resume may name another path to the same bytes."""
@@ -578,11 +580,20 @@ def _weights_record(run_dir: Path) -> Optional[dict]:
 
 
 def _record_weights(run_dir: Path, config: TrainConfig) -> None:
-    """Write :data:`WEIGHTS_RECORD` for a run on a local weights file, where it is missing (one read of the file)."""
+    """Write :data:`WEIGHTS_RECORD` for a run on a local weights file, where it is missing (one read of the file), with
+    the SHA-256 of the open_clip_config.json beside it (None where there is none), which sets the model's activation
+    and normalisation."""
     path = weights_file(config.model, config.pretrained)
     if path is not None and _weights_record(run_dir) is None:
         size, sha256 = file_digest(path)
-        write_atomically(run_dir / WEIGHTS_RECORD, json.dumps({"size": size, "sha256": sha256}).encode())
+        record = {"size": size, "sha256": sha256, "open_clip_config": _sidecar_digest(path)}
+        write_atomically(run_dir / WEIGHTS_RECORD, json.dumps(record).encode())
+
+
+def _sidecar_digest(weights: Union[str, os.PathLike]) -> Optional[str]:
+    """SHA-256 of the open_clip_config.json beside a weights file (its activation and normalisation), or None."""
+    sidecar = Path(os.path.expanduser(weights)).with_name(_SIDECAR)
+    return file_digest(sidecar)[1] if sidecar.is_file() else None
 
 
 def _same_weights(run_dir: Path, saved: Optional[str], given: Optional[str]) -> bool:
@@ -593,7 +604,8 @@ def _same_weights(run_dir: Path, saved: Optional[str], given: Optional[str]) -> 
     given = os.path.expanduser(given)
     record = _weights_record(run_dir)
     if record is not None:
-        return os.path.getsize(given) == record["size"] and file_digest(given)[1] == record["sha256"]
+        return (os.path.getsize(given) == record["size"] and file_digest(given)[1] == record["sha256"]
+                and ("open_clip_config" not in record or _sidecar_digest(given) == record["open_clip_config"]))
     saved = os.path.expanduser(saved)
     return os.path.isfile(saved) and (os.path.samefile(saved, given) or file_digest(saved) == file_digest(given))
 
@@ -617,14 +629,16 @@ def _check_resume_config(found: Path, config: TrainConfig) -> None:
         # The same path, other bytes (a fine-tune saved over it since): the rewards would change mid-run.
         raise ValueError(
             f"checkpoint '{found}': the run's weights file {config.pretrained!r} has changed since the run started "
-            f"(its size and SHA-256 differ from those in {run_dir / WEIGHTS_RECORD}), so the reward model would not be "
+            f"(its size and SHA-256, or the {_SIDECAR} beside it, differ from those in {run_dir / WEIGHTS_RECORD}), so "
+            "the reward model would not be "
             "the run's: put the run's weights back at that path, or give their path with --pretrained; or start a new "
             "run in another folder (--run-dir) with these."
         )
     if diffs:
         lines = "; ".join(f"{k}: {a!r} in the checkpoint, {b!r} given" for k, a, b in diffs)
         if any(k == "pretrained" for k, _, _ in diffs):
-            lines += (" (not the run's weights: their bytes differ)" if _weights_record(run_dir) is not None else
+            lines += (f" (not the run's weights: their bytes, or the {_SIDECAR} beside them, differ)"
+                      if _weights_record(run_dir) is not None else
                       f" (the checkpoint's weights file is not found from here: {_MISSING_WEIGHTS_FIX})"
                       if _missing_weights_file(saved.pretrained) else "")
         raise ValueError(
