@@ -797,6 +797,18 @@ def test_weights_under_another_key_or_with_a_wrappers_prefix_are_named_so(tmp_pa
         create_clip("vlmrm-tiny", str(tmp_path / "compiled.pt"))
 
 
+def test_a_transformers_clip_checkpoint_is_named_as_such(tmp_path):
+    # A hub repo's model.safetensors of transformers' CLIPModel failed with a list of every open_clip key missing.
+    from safetensors.torch import save_file
+
+    save_file({"text_model.embeddings.token_embedding.weight": torch.zeros(8, 4),
+               "vision_model.embeddings.patch_embedding.weight": torch.zeros(4, 3, 2, 2),
+               "visual_projection.weight": torch.zeros(4, 4), "logit_scale": torch.zeros(())},
+              str(tmp_path / "model.safetensors"))
+    with pytest.raises(PretrainedWeightsError, match=r"Hugging Face transformers CLIPModel's weights .*open_clip_model"):
+        create_clip("vlmrm-tiny", str(tmp_path / "model.safetensors"))
+
+
 def test_a_text_tower_alone_is_not_named_a_vision_tower(tmp_path):
     # CLIP's text tower shares key names with the vision tower (transformer.resblocks.*, positional_embedding): the
     # whole model's state_dict without its visual.* keys read as "a vision tower's weights alone".

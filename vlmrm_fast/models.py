@@ -477,6 +477,7 @@ def _position_embeddings_kept(model_name: str, path: str) -> Iterator[None]:
 
     def guarded(name: str) -> Callable:
         def check(state_dict, model, *args, **kwargs):
+            _refuse_transformers_weights(state_dict, path)
             _refuse_wrapped_weights(state_dict, model, path)
             _refuse_a_tower_alone(state_dict, model, path)
             if name == "resize_pos_embed":
@@ -504,6 +505,19 @@ def _position_embeddings_kept(model_name: str, path: str) -> Iterator[None]:
     finally:
         for name, original in originals.items():
             setattr(factory, name, original)
+
+
+def _refuse_transformers_weights(state_dict: dict, path: str) -> None:
+    """A Hugging Face transformers ``CLIPModel``'s weights (``text_model.*``, ``vision_model.*``: a hub repo's
+    ``model.safetensors`` or ``pytorch_model.bin``) are named as such: open_clip's keys are other ones."""
+    names = [name for name in state_dict if isinstance(name, str)]
+    if any(n.startswith("text_model.") for n in names) and any(n.startswith("vision_model.") for n in names):
+        raise PretrainedWeightsError(
+            f"The checkpoint {path!r} holds a Hugging Face transformers CLIPModel's weights (text_model.*, "
+            "vision_model.* keys), which open_clip does not read: pass open_clip's weights of that model instead (the "
+            "hub repo's open_clip_model.safetensors or open_clip_pytorch_model.bin, with its open_clip_config.json, "
+            "where it has them; OpenAI's are the open_clip tag 'openai')."
+        )
 
 
 def _refuse_wrapped_weights(state_dict: dict, model: torch.nn.Module, path: str) -> None:
