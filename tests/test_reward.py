@@ -483,6 +483,16 @@ def test_a_prompt_longer_than_the_context_is_a_warning_not_a_silent_cut():
         rm.set_tasks(goal=fits, baseline="a robot")
 
 
+def test_a_prompt_longer_than_the_context_is_a_warning_with_open_clip_tokenize_too():
+    # open_clip.tokenize, the function VLM-RM's code passes, has no context_length attribute: it was not measured,
+    # and cut the prompt silently.
+    import open_clip
+
+    model, _ = make_tiny()
+    with pytest.warns(UserWarning, match=r"is 78 tokens long, but the text tower reads 77"):
+        CLIPReward(model, open_clip.tokenize, goal="a " * 76, device="cpu")
+
+
 class _PaddingTokenizer:
     """Stands in for open_clip's HFTokenizer: no start token, one id per word, an end token (2), then
     padding (1) up to ``context_length``, cut there as a Hugging Face tokenizer with truncation=True."""

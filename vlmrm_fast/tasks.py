@@ -244,14 +244,20 @@ def _warn_of_cut_prompts(tokenizer: Callable, prompts: List[str]) -> None:
     open_clip's ``SimpleTokenizer`` (every CLIP model named in the README) says exactly how long a prompt
     is. Any other tokenizer with a ``context_length`` that takes ``context_length=`` as open_clip's do
     (``HFTokenizer``, ``SigLipTokenizer``) is measured by :func:`_padded_lengths`; others are not checked.
+    ``open_clip.tokenize``, the function VLM-RM's code passes, is open_clip's ``SimpleTokenizer`` at its default
+    context length.
     """
-    context = getattr(tokenizer, "context_length", None)
-    if not isinstance(context, int) or context <= 0:
-        return
     try:
+        import open_clip.tokenizer as open_clip_tokenizer
         from open_clip.tokenizer import SimpleTokenizer
     except ImportError:  # a tokenizer of the user's own, without open_clip
         SimpleTokenizer = ()
+    else:
+        if tokenizer is getattr(open_clip_tokenizer, "tokenize", None):  # a function, without a context_length
+            tokenizer = getattr(open_clip_tokenizer, "_tokenizer", tokenizer)
+    context = getattr(tokenizer, "context_length", None)
+    if not isinstance(context, int) or context <= 0:
+        return
     prompts = list(dict.fromkeys(prompts))
     lengths: Optional[List[int]]
     if isinstance(tokenizer, SimpleTokenizer):
