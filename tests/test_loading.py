@@ -711,6 +711,21 @@ def test_a_checkpoint_path_may_start_with_home_and_a_folder_is_named_as_one(tmp_
         create_clip("vlmrm-tiny", str(tmp_path))
 
 
+def test_a_local_dir_may_start_with_home(tmp_path, monkeypatch):
+    # The folder was found with "~" expanded, then open_clip was given it as written, and found none: "its weights do
+    # not load into its config: FileNotFoundError".
+    import json
+
+    model, _ = make_tiny(seed=3)
+    (tmp_path / "tiny").mkdir()
+    (tmp_path / "tiny" / "open_clip_config.json").write_text(
+        json.dumps({"model_cfg": open_clip.get_model_config("vlmrm-tiny"), "preprocess_cfg": {}}))
+    torch.save(model.state_dict(), tmp_path / "tiny" / "open_clip_pytorch_model.bin")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    loaded, _ = create_clip("local-dir:~/tiny", None)
+    assert torch.equal(next(loaded.parameters()), next(model.parameters()))
+
+
 def test_an_hf_hub_model_in_the_local_cache_loads_offline(tmp_path, monkeypatch):
     # As a cached tag does: offline, the hub's cache answers (it was refused before open_clip was asked).
     import json

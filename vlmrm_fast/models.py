@@ -582,6 +582,8 @@ def create_clip(
         raise TypeError(f"model_name must be an open_clip model name (a str such as 'ViT-B-32'); got "
                         f"{type(model_name).__name__} {model_name!r}. For a checkpoint file, give its path as pretrained=.")
     check_model_name(model_name)
+    if model_name.startswith("local-dir:"):  # open_clip reads the folder's path as given: with "~" it finds none
+        model_name = "local-dir:" + os.path.expanduser(model_name[len("local-dir:"):])
     if isinstance(pretrained, os.PathLike):
         pretrained = os.fspath(pretrained)
     if pretrained is not None and not isinstance(pretrained, str):
