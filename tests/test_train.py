@@ -1625,6 +1625,32 @@ def test_a_weights_file_changed_at_its_path_since_the_run_started_is_refused_on_
                  resume=first.run_dir).num_timesteps == 40
 
 
+def test_a_local_dir_models_weights_changed_since_the_run_started_are_refused_on_resume(tmp_path):
+    # A local-dir: model's weights (and config) are in its folder, not in pretrained: none of them was recorded.
+    import open_clip
+
+    from vlmrm_fast.train import train
+
+    folder = tmp_path / "tiny"
+    folder.mkdir()
+    (folder / "open_clip_config.json").write_text(
+        json.dumps({"model_cfg": open_clip.get_model_config("vlmrm-tiny"), "preprocess_cfg": {}}))
+
+    def save_weights(seed: int) -> None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            torch.save(open_clip.create_model("vlmrm-tiny").state_dict(), folder / "open_clip_pytorch_model.bin")
+
+    save_weights(1)
+    config = dict(model=f"local-dir:{folder}", pretrained=None)
+    first = train(dot_config(tmp_path, total_timesteps=20, checkpoint_every=20, **config))
+    save_weights(2)
+    with pytest.raises(ValueError, match=r"weights file '.*open_clip_pytorch_model.bin' has changed since the run"):
+        train(dot_config(tmp_path, total_timesteps=40, **config), resume=first.run_dir)
+    save_weights(1)
+    assert train(dot_config(tmp_path, total_timesteps=40, **config), resume=first.run_dir).num_timesteps == 40
+
+
 def test_the_open_clip_config_beside_the_weights_is_the_runs_on_resume(tmp_path):
     # It sets the model's activation and normalisation: the same bytes at another path without it (or with another)
     # resumed with other rewards, silently.

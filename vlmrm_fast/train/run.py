@@ -583,11 +583,29 @@ def _record_weights(run_dir: Path, config: TrainConfig) -> None:
     """Write :data:`WEIGHTS_RECORD` for a run on a local weights file, where it is missing (one read of the file), with
     the SHA-256 of the open_clip_config.json beside it (None where there is none), which sets the model's activation
     and normalisation."""
-    path = weights_file(config.model, config.pretrained)
+    path = _run_weights(config)
     if path is not None and _weights_record(run_dir) is None:
         size, sha256 = file_digest(path)
         record = {"size": size, "sha256": sha256, "open_clip_config": _sidecar_digest(path)}
         write_atomically(run_dir / WEIGHTS_RECORD, json.dumps(record).encode())
+
+
+def _run_weights(config: TrainConfig) -> Optional[Path]:
+    """The local weights file the run's reward model reads: ``pretrained``'s, or the one open_clip picks in a
+    ``local-dir:`` model's folder (beside the open_clip_config.json that sets the whole model there); None for a tag,
+    random weights or an ``hf-hub:`` model."""
+    path = weights_file(config.model, config.pretrained)
+    if path is None and config.pretrained is None and config.model.startswith("local-dir:"):
+        import open_clip
+
+        from vlmrm_fast.models import _quiet_open_clip_logs
+
+        folder = Path(os.path.expanduser(config.model[len("local-dir:"):]))
+        find = getattr(open_clip.factory, "_find_checkpoint_in_dir", None)
+        with _quiet_open_clip_logs():
+            found = find(folder) if find is not None and folder.is_dir() else None
+        path = Path(os.path.abspath(found)) if found else None
+    return path
 
 
 def _sidecar_digest(weights: Union[str, os.PathLike]) -> Optional[str]:
@@ -623,12 +641,12 @@ def _check_resume_config(found: Path, config: TrainConfig) -> None:
     saved = TrainConfig.from_dict(json.loads((found / "config.json").read_text()), f"checkpoint '{found}'")
     run_dir = found.parent.parent
     diffs = diff_configs(saved, config, same_weights=lambda a, b: _same_weights(run_dir, a, b))
-    if (saved.pretrained == config.pretrained and _weights_record(run_dir) is not None
-            and weights_file(config.model, config.pretrained) is not None
-            and not _same_weights(run_dir, saved.pretrained, config.pretrained)):
+    weights = _run_weights(config)
+    if (saved.pretrained == config.pretrained and saved.model == config.model and weights is not None
+            and _weights_record(run_dir) is not None and not _same_weights(run_dir, str(weights), str(weights))):
         # The same path, other bytes (a fine-tune saved over it since): the rewards would change mid-run.
         raise ValueError(
-            f"checkpoint '{found}': the run's weights file {config.pretrained!r} has changed since the run started "
+            f"checkpoint '{found}': the run's weights file {str(weights)!r} has changed since the run started "
             f"(its size and SHA-256, or the {_SIDECAR} beside it, differ from those in {run_dir / WEIGHTS_RECORD}), so "
             "the reward model would not be "
             "the run's: put the run's weights back at that path, or give their path with --pretrained; or start a new "
