@@ -396,6 +396,19 @@ def test_open_clip_config_saying_gelu_beside_a_quickgelu_model_warns(tmp_path, m
         create_clip("vlmrm-tiny", str(tmp_path / "weights.pt"))
 
 
+def test_a_whole_open_clip_config_without_quick_gelu_beside_a_quickgelu_model_warns(tmp_path, monkeypatch):
+    # open_clip writes a GELU model's config without the key (LAION's repos hold such ones), and builds GELU from it:
+    # only an explicit "quick_gelu": false was taken to say GELU, so LAION weights ran QuickGELU without a word.
+    import json
+
+    _save_tiny(tmp_path / "weights.pt")
+    (tmp_path / "open_clip_config.json").write_text(
+        json.dumps({"model_cfg": open_clip.get_model_config("vlmrm-tiny"), "preprocess_cfg": {}}))
+    monkeypatch.setattr(models, "_config_quick_gelu", lambda name: True)  # as a "-quickgelu" config would
+    with pytest.warns(UserWarning, match="trained with GELU.*without '-quickgelu'"):
+        create_clip("vlmrm-tiny", str(tmp_path / "weights.pt"))
+
+
 def test_quickgelu_tags_are_known_from_the_quickgelu_config_too(monkeypatch):
     # open_clip before 2.29 has no quick_gelu flag on tags; it lists them under "<model>-quickgelu".
     monkeypatch.setattr(open_clip, "get_pretrained_cfg", lambda name, tag: {})

@@ -261,7 +261,10 @@ def _create_from_file(model_name: str, path: str) -> torch.nn.Module:
     config = _read_sidecar(sidecar) if sidecar.is_file() else None
     model_cfg, preprocess = (config or {}).get("model_cfg") or {}, (config or {}).get("preprocess_cfg") or {}
     quick_gelu, config_quick_gelu = bool(model_cfg.get("quick_gelu", False)), _config_quick_gelu(model_name)
-    if "quick_gelu" in model_cfg and not quick_gelu and config_quick_gelu:
+    # A whole model config without "quick_gelu" (as open_clip writes one for GELU weights) says GELU, as open_clip
+    # reads it; an empty one says nothing.
+    says = "quick_gelu" in model_cfg or any(key in model_cfg for key in ("embed_dim", "vision_cfg", "text_cfg"))
+    if says and not quick_gelu and config_quick_gelu:
         warnings.warn(
             f"{sidecar} says its weights were trained with GELU, but {model_name} runs QuickGELU: load them with "
             f"the config of the same name without '-quickgelu'.", UserWarning, stacklevel=stacklevel_outside_package(),
