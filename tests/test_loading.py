@@ -216,6 +216,17 @@ def test_a_local_dir_with_several_weight_files_is_refused_not_read_by_name(tmp_p
     create_clip(f"local-dir:{tmp_path}", None)
 
 
+def test_a_local_dir_without_a_usable_open_clip_config_names_the_config_not_the_weights(tmp_path):
+    # open_clip's errors for these read "its weights do not load into its config".
+    torch.save(open_clip.create_model("vlmrm-tiny").state_dict(), tmp_path / "open_clip_pytorch_model.bin")
+    with pytest.raises(FileNotFoundError, match=r"the folder has no open_clip_config.json.*create_clip\('ViT-B-32'"):
+        create_clip(f"local-dir:{tmp_path}", None)
+    (tmp_path / "open_clip_config.json").write_text('{"preprocess_cfg": {}}')
+    with pytest.raises(PretrainedWeightsError, match=r"open_clip_config.json has no 'model_cfg'") as error:
+        create_clip(f"local-dir:{tmp_path}", None)
+    assert "weights do not load" not in str(error.value)
+
+
 def test_missing_checkpoint_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="No checkpoint file.*laion2b_s34b_b79k"):
         create_clip("ViT-B-32", str(tmp_path / "missing.pt"))

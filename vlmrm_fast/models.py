@@ -644,6 +644,16 @@ def _create(model_name: str, pretrained: Optional[str], cache_dir: Optional[str]
                     f"{model_name!r}: there is no folder {str(folder)!r}. Pass 'local-dir:' and the path of a folder "
                     "holding open_clip_config.json and its weights (a Hugging Face hub repo downloaded there)."
                 )
+            config = folder / SIDECAR_CONFIG  # the model's whole architecture there: read by open_clip alone
+            if not config.is_file():
+                raise FileNotFoundError(
+                    f"{model_name!r}: the folder has no {SIDECAR_CONFIG}, which gives the model's architecture there: "
+                    "put the one that came with the weights in it, or pass the weights file with the open_clip model "
+                    "it fits: create_clip('ViT-B-32', '/path/to/weights.pt') (command line: --model, --pretrained)."
+                )
+            if not _read_sidecar(config).get("model_cfg"):  # a dict where there is one
+                raise PretrainedWeightsError(f"{config} has no 'model_cfg' (the model's architecture), which a "
+                                             "'local-dir:' folder's config needs: use the one that came with the weights.")
             for name in _LOCAL_DIR_WEIGHTS:
                 if (folder / name).is_file():
                     _refuse_a_non_checkpoint(folder / name)
