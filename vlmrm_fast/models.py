@@ -290,7 +290,7 @@ def _create_from_file(model_name: str, path: str) -> torch.nn.Module:
         fits = _which_vit_fits(path, model_name)
         raise PretrainedWeightsError(
             f"The checkpoint {path!r} does not load into {model_name}"
-            + (f": {fits}" if fits else f": {str(error)[:600]}. Check that it was saved from this architecture (a "
+            + (f": {fits}" if fits else f": {str(error)[:600].rstrip('.')}. Check that it was saved from this architecture (a "
                "state_dict of the open_clip model).")
         ) from error
     if config is None:
