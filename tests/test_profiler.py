@@ -2072,6 +2072,31 @@ def test_a_run_with_nothing_it_can_run_stops_before_any_work(tmp_path, capsys):
     assert not (tmp_path / "out" / "bench.json").exists()
 
 
+def test_a_refused_run_keeps_the_earlier_runs_plot_with_its_reports(tmp_path, monkeypatch, capsys):
+    # A run refused before measuring (no backend runs here; frames that do not fit) removed the earlier run's
+    # bench.png from --out and left its bench.json and bench.md: that run's plot was lost.
+    from vlmrm_fast.profiler import run as bench
+
+    earlier = {name: f"an earlier run's {name}".encode() for name in ("bench.json", "bench.md", "bench.png")}
+    for name, data in earlier.items():
+        (tmp_path / name).write_bytes(data)
+    base = ["bench", "--models", "vlmrm-tiny", "--no-seed", "--device", "cpu", "--out", str(tmp_path), "--no-progress"]
+    assert cli.main(base + ["--backends", "tensorrt"]) == 2
+    monkeypatch.setattr(bench, "available_memory", lambda device: 10**6)
+    assert cli.main(base + ["--backends", "torch", "--batch-sizes", "1000"]) == 2
+    assert "out of memory at --batch-sizes 1000" in capsys.readouterr().err
+    assert {name: (tmp_path / name).read_bytes() for name in earlier} == earlier
+    # Interrupted as it starts, the run writes its own (empty) reports: the earlier plot goes with the others.
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench.Frames, "make", classmethod(interrupted))
+    with pytest.raises(KeyboardInterrupt):
+        bench.run_bench(cli.build_parser().parse_args(base + ["--backends", "torch"]))
+    assert json.loads((tmp_path / "bench.json").read_text())["complete"] is False
+    assert not (tmp_path / "bench.png").exists()
+
+
 def test_profile_tower_warms_up_then_profiles_the_calls_it_names():
     from vlmrm_fast.profiler.kernels import profile_tower
 

@@ -670,8 +670,10 @@ def _run_bench(config: BenchConfig) -> int:
     for name in ("bench.json", "bench.md", "bench.png"):
         writable_file(config.out / name, "--out")
     earlier = earlier_run(config.out)
-    # An earlier run's plot in the same folder would pass for this run's (bench.json and .md are rewritten).
-    destination_of(config.out / "bench.png").unlink(missing_ok=True)
+    # An earlier run's plot in the same folder would pass for this run's (bench.json and .md are rewritten). It is
+    # removed once this run can measure: a run refused before (no backend runs here, frames that do not fit) keeps
+    # the earlier run's three files together.
+    stale_plot = destination_of(config.out / "bench.png")
     began = time.perf_counter()
     report = Report(environment=environment(config.device), config=config.as_json())
     backends = []
@@ -706,6 +708,7 @@ def _run_bench(config: BenchConfig) -> int:
         with tqdm(total=per_model * len(config.models), unit="config", disable=None if config.progress else True,
                   file=sys.stderr, dynamic_ncols=True) as bar, sigterm_as_interrupt():
             profiler = Profiler(config, report, bar, began)
+            stale_plot.unlink(missing_ok=True)
             profiler.measure_peaks(peak_dtypes)
             for name in config.models:
                 try:
@@ -716,6 +719,7 @@ def _run_bench(config: BenchConfig) -> int:
                 profiler.save(plot=True)
             profiler.profile_kernels()  # each saves the report with the peaks set
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM (a job's time limit): keep what was measured, marked incomplete
+        stale_plot.unlink(missing_ok=True)  # the new bench.json and .md replace the earlier run's (a plot with rows)
         report.set_peaks()  # the rows measured since the last save have none yet
         _set_targets(report, config)
         report.elapsed_seconds = time.perf_counter() - began
