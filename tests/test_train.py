@@ -1814,6 +1814,9 @@ def test_config_file_and_overrides(tmp_path):
         apply_overrides(config, {"n_env": 3})
     with pytest.raises(ValueError, match=r"unknown config key\(s\) in overrides: zzz\. Valid keys are listed"):
         apply_overrides(config, {"zzz": 3})  # no guess: still a sentence
+    with pytest.raises(ValueError, match=r"in checkpoint 'ckpt': zzz\. It was written by another version of "
+                                         r"vlmrm_fast: resume it with that version\."):
+        TrainConfig.from_dict({"zzz": 3}, "checkpoint 'ckpt'")  # a newer version's field, not a typo
     # Sections are flattened: one key in two places is an error, not a silent last-one-wins.
     for text, match in (("gamma = 0.9\n[sac]\ngamma = 0.99\n", r"sets 'gamma' twice, in the top level and in \[sac\]"),
                         ("[a]\ntau = 0.1\n[b]\ntau = 0.2\n", r"sets 'tau' twice, in \[a\] and in \[b\]")):

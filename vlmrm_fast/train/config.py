@@ -322,8 +322,10 @@ def apply_overrides(config: TrainConfig, values: dict, source: str = "overrides"
     if unknown:
         guesses = {key: difflib.get_close_matches(key, sorted(names), n=1) for key in unknown}
         hint = "".join(f"; did you mean {guess[0]!r} for {key!r}?" for key, guess in guesses.items() if guess)
+        written = (" It was written by another version of vlmrm_fast: resume it with that version."
+                   if source.startswith("checkpoint") else "")  # a run's own keys, not a typo of the user's
         raise ValueError(
-            f"unknown config key(s) in {source}: {', '.join(unknown)}{hint or '.'} Valid keys are listed by "
+            f"unknown config key(s) in {source}: {', '.join(unknown)}{hint or '.'}{written} Valid keys are listed by "
             "'vlmrm-fast train --help' (as flags: key total_timesteps is --total-timesteps)"
         )
     converted = {key: coerce(key, hints[key], value, source) for key, value in values.items()}
