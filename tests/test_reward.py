@@ -862,3 +862,21 @@ def test_the_tasks_shown_are_copies_whose_lists_change_nothing():
     torch.testing.assert_close(rm(frames), want)
     rm.set_tasks(tasks=rm.tasks)  # still the way to score them again, changed or not
     torch.testing.assert_close(rm(frames), want)
+
+
+def test_a_tower_sharing_a_parameter_with_the_text_side_is_placed_not_refused():
+    # _place casts the tower to its dtype, then the text side to float32: a parameter both hold ends float32, as
+    # it always did (open_clip casts the class embedding to the activations' dtype). The placement check took it
+    # for a tower moved to float32 and refused the model at construction, in bf16 or fp16.
+    model, tokenizer = make_tiny()
+    shared = torch.nn.Parameter(model.visual.class_embedding.detach().clone())
+    model.visual.class_embedding = shared
+    model.text_extra = torch.nn.Module()
+    model.text_extra.p = shared  # a text-side module holding the same parameter
+    rm = CLIPReward(model, tokenizer, goal="a robot walking", baseline="a robot", device="cpu",
+                    dtype=torch.bfloat16, backend="torch", kernels="torch")
+    assert torch.isfinite(rm(np.zeros((2, 64, 64, 3), np.uint8))).all()
+    rm.set_tasks(goal="a robot running", baseline="a robot")
+    rm.model.visual.half()  # a real move of the tower is still named
+    with pytest.raises(ValueError, match=r"rm\.model\.visual is now torch\.float16 on cpu"):
+        rm.set_tasks(goal="a robot walking", baseline="a robot")

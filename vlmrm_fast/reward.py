@@ -330,10 +330,15 @@ class CLIPReward:
     def _placement_problem(self) -> Optional[str]:
         """Why ``rm.model`` is no longer where this reward model put it (:func:`_place`: the tower on its device
         in its dtype, the text side in float32 there), or None: after ``rm.model.half()``, ``.to("cuda")``."""
+        # A parameter the tower shares with the text side is float32 after :func:`_place` (the text side is cast last),
+        # and the tower's dtype after a cast of the tower alone: either is where this reward model put it.
+        text_side = {id(p) for name, p in self.model.named_parameters(remove_duplicate=False)
+                     if not name.startswith("visual.")}
         for name, p in self.model.named_parameters():
             in_tower = name.startswith("visual.")
             want = self._dtype if in_tower else torch.float32
-            if p.is_floating_point() and p.element_size() > 1 and (p.dtype, p.device) != (want, self._device):  # not fp8
+            wants = (want, torch.float32) if in_tower and id(p) in text_side else (want,)
+            if p.is_floating_point() and p.element_size() > 1 and (p.dtype not in wants or p.device != self._device):  # not fp8
                 what = "rm.model.visual" if in_tower else "rm.model's text side"
                 return (
                     f"{what} is now {p.dtype} on {p.device} (rm.model.{name}), where this reward model runs it in "
