@@ -1,5 +1,6 @@
 """Model loading: local checkpoints, open_clip tags offline, and clear errors for the rest."""
 import contextlib
+import re
 import subprocess
 import sys
 import textwrap
@@ -1017,3 +1018,24 @@ def test_random_weights_are_the_same_in_every_build_and_leave_the_global_rng_alo
             assert torch.equal(five, create_clip("vlmrm-tiny", None)[0].state_dict()["visual.proj"])
         assert not torch.equal(five, one["visual.proj"])
         assert torch.equal(create_clip("vlmrm-tiny", None)[0].state_dict()["visual.proj"], one["visual.proj"])
+
+
+@pytest.mark.parametrize("name,saved_as", [("open_clip_model.safetensors", "torch"),
+                                           ("open_clip_pytorch_model.bin", "safetensors")])
+def test_a_local_dirs_file_in_the_other_format_is_told_a_name_the_folder_is_read_by(tmp_path, name, saved_as):
+    # The fix for a file named as the other format was "a name ending in '.pt', and pass that": in a local-dir:
+    # folder open_clip finds the weights by name and reads no '.pt' file, so following it loaded no weights at all.
+    import json
+
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "open_clip_config.json").write_text(
+        json.dumps({"model_cfg": open_clip.get_model_config("vlmrm-tiny"), "preprocess_cfg": {}}))
+    state = {k: v.contiguous() for k, v in open_clip.create_model("vlmrm-tiny").state_dict().items()}
+    (save_file if saved_as == "safetensors" else torch.save)(state, str(folder / name))
+    with pytest.raises(PretrainedWeightsError, match=r"by its name alone.*: rename it to '([a-z_.]+)' in its folder") as error:
+        create_clip(f"local-dir:{folder}", None)
+    (folder / name).rename(folder / re.search(r"rename it to '([a-z_.]+)'", str(error.value)).group(1))
+    create_clip(f"local-dir:{folder}", None)  # the fix given loads

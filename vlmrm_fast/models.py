@@ -236,7 +236,9 @@ def _not_a_checkpoint_error(path: Union[str, Path], why: str) -> PretrainedWeigh
     return PretrainedWeightsError(f"{str(path)!r} is not a checkpoint file: {why}. Download it again, or pass another.")
 
 
-def _refuse_a_non_checkpoint(path: Union[str, Path]) -> None:
+def _refuse_a_non_checkpoint(path: Union[str, Path], local_dir: bool = False) -> None:
+    """Refuse a file that holds no weights, or whose format is not the one its name makes open_clip read it in;
+    ``local_dir``: one of a ``local-dir:`` folder's files, which open_clip finds by their names."""
     why = _not_a_checkpoint(str(path))
     if why is not None:
         raise _not_a_checkpoint_error(path, why)
@@ -246,10 +248,12 @@ def _refuse_a_non_checkpoint(path: Union[str, Path]) -> None:
     safetensors = head[8:9] == b"{" and not head.startswith((b"PK\x03\x04", b"\x80"))
     if safetensors != str(path).endswith(".safetensors"):
         what, suffix = ("a safetensors file", "'.safetensors'") if safetensors else ("a torch.save file", "'.pt'")
+        # In a local-dir: folder open_clip finds weights by name, and never a '.pt' file: the name it reads first.
+        fix = (f"rename it to {_LOCAL_DIR_WEIGHTS[0 if safetensors else 1]!r} in its folder" if local_dir else
+               f"rename it (or link it) to a name ending in {suffix}, and pass that")
         raise PretrainedWeightsError(
             f"{str(path)!r} is {what}, but open_clip reads a file as safetensors by its name alone (a name ending in "
-            f"'.safetensors'), so it would read this one in the wrong format: rename it (or link it) to a name ending "
-            f"in {suffix}, and pass that."
+            f"'.safetensors'), so it would read this one in the wrong format: {fix}."
         )
 
 
@@ -656,7 +660,7 @@ def _create(model_name: str, pretrained: Optional[str], cache_dir: Optional[str]
                                              "'local-dir:' folder's config needs: use the one that came with the weights.")
             for name in _LOCAL_DIR_WEIGHTS:
                 if (folder / name).is_file():
-                    _refuse_a_non_checkpoint(folder / name)
+                    _refuse_a_non_checkpoint(folder / name, local_dir=True)
             _refuse_several_weights(folder)
         try:  # open_clip only logs (and builds random weights) where the folder or repo holds none
             return open_clip.create_model(model_name, cache_dir=cache_dir, require_pretrained=True)
