@@ -218,6 +218,21 @@ def test_a_local_dir_with_several_weight_files_is_refused_not_read_by_name(tmp_p
     create_clip(f"local-dir:{tmp_path}", None)
 
 
+def test_a_local_dir_of_several_torch_files_is_told_a_name_for_a_torch_file(tmp_path):
+    # The fix named open_clip_model.safetensors alone: a torch.save file renamed so is read as safetensors, and refused.
+    import json
+
+    (tmp_path / "open_clip_config.json").write_text(
+        json.dumps({"model_cfg": open_clip.get_model_config("vlmrm-tiny"), "preprocess_cfg": {}}))
+    state = open_clip.create_model("vlmrm-tiny").state_dict()
+    for name in ("epoch_2.pth", "epoch_10.pth"):
+        torch.save(state, tmp_path / name)
+    with pytest.raises(PretrainedWeightsError, match=r"'open_clip_pytorch_model.bin' if a torch.save one"):
+        create_clip(f"local-dir:{tmp_path}", None)
+    (tmp_path / "epoch_10.pth").rename(tmp_path / "open_clip_pytorch_model.bin")  # as told, for these files
+    create_clip(f"local-dir:{tmp_path}", None)
+
+
 def test_a_local_dir_without_a_usable_open_clip_config_names_the_config_not_the_weights(tmp_path):
     # open_clip's errors for these read "its weights do not load into its config".
     torch.save(open_clip.create_model("vlmrm-tiny").state_dict(), tmp_path / "open_clip_pytorch_model.bin")

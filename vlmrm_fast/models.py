@@ -719,7 +719,8 @@ def _refuse_several_weights(folder: Path) -> None:
     if len(files) > 1 and not set(files) & set(_LOCAL_DIR_NAMED):
         raise PretrainedWeightsError(
             f"'local-dir:{folder}' holds several weight files, {files}, and open_clip would load {files[0]!r} for no "
-            f"reason but its name: keep the one you mean in the folder alone (or name it {_LOCAL_DIR_WEIGHTS[0]!r})."
+            f"reason but its name: keep the one you mean in the folder alone (or name it {_LOCAL_DIR_WEIGHTS[0]!r} if it "
+            f"is a safetensors file, {_LOCAL_DIR_WEIGHTS[1]!r} if a torch.save one)."
         )
 
 
