@@ -869,6 +869,21 @@ def test_a_data_made_for_another_model_is_refused():
     BatchRenderer([(one, data)], 8, 8, device="cpu").close()
 
 
+def test_a_data_made_for_a_model_without_the_tendons_is_refused():
+    # The same bodies, geoms, sites, cameras and lights, and a tendon the data's model lacks: the check passed it,
+    # and MuJoCo drew the tendon from arrays the data does not have (a wrong frame).
+    def model(tendon):
+        return mujoco.MjModel.from_xml_string(
+            "<mujoco><worldbody><body pos='0 0 1'><freejoint/><geom size='.2'/><site name='a'/></body>"
+            "<body pos='1 0 1'><freejoint/><geom size='.2'/><site name='b'/></body></worldbody>"
+            + ("<tendon><spatial><site site='a'/><site site='b'/></spatial></tendon>" if tendon else "") + "</mujoco>")
+
+    with_tendon, without = model(True), model(False)
+    with pytest.raises(ValueError, match=r"data was made for another model \(model vs data: ntendon 1 vs 0, nwrap 2 vs 0"):
+        BatchRenderer([(with_tendon, mujoco.MjData(without))], 8, 8, device="cpu")
+    BatchRenderer([(with_tendon, mujoco.MjData(with_tendon))], 8, 8, device="cpu").close()
+
+
 def test_a_camera_given_overrides_the_envs_own():
     env = gym.make(HUMANOID_ENV_ID, width=32, height=32)
     env.reset(seed=0)

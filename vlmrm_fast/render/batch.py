@@ -112,7 +112,9 @@ def _check_data_fits(model: Any, data: Any) -> None:
     """Refuse an ``MjData`` made for another model: MuJoCo draws it without a check, reading its arrays at the
     model's sizes (a wrong frame, or memory past their ends)."""
     sizes = {"nq": data.qpos, "nbody": data.xpos, "ngeom": data.geom_xpos, "nsite": data.site_xpos,
-             "ncam": data.cam_xpos, "nlight": data.light_xpos}
+             "ncam": data.cam_xpos, "nlight": data.light_xpos, "nv": data.qvel, "nu": data.ctrl, "na": data.act,
+             "njnt": data.xanchor, "ntendon": data.ten_length, "nwrap": data.wrap_obj, "nmocap": data.mocap_pos,
+             "nflexvert": data.flexvert_xpos, "neq": data.eq_active}  # (the scene draws tendons, actuators, flexes)
     diff = [f"{name} {getattr(model, name)} vs {len(array)}" for name, array in sizes.items()
             if len(array) != getattr(model, name)]
     if diff:
