@@ -880,3 +880,23 @@ def test_a_tower_sharing_a_parameter_with_the_text_side_is_placed_not_refused():
     rm.model.visual.half()  # a real move of the tower is still named
     with pytest.raises(ValueError, match=r"rm\.model\.visual is now torch\.float16 on cpu"):
         rm.set_tasks(goal="a robot walking", baseline="a robot")
+
+
+def test_an_error_of_the_tower_is_not_blamed_on_a_text_side_moved_since_the_goals_were_encoded():
+    # The goals are encoded: the text side may go elsewhere (the CPU, to free GPU memory; another dtype) and
+    # rm(frames) still scores. An error the tower raised then (out of memory, a hook's) was replaced by "rm.model's
+    # text side is now ... move it back", which was not its cause.
+    model, tokenizer = make_tiny()
+    rm = CLIPReward(model, tokenizer, goal="a robot walking", baseline="a robot", device="cpu", backend="torch",
+                    kernels="torch")
+    frames = np.zeros((2, 64, 64, 3), np.uint8)
+    rm.model.transformer.to(torch.bfloat16)
+    assert torch.isfinite(rm(frames)).all()
+
+    def fail(module, args, out):
+        raise RuntimeError("CUDA out of memory (a stand-in)")
+
+    rm.model.visual.register_forward_hook(fail)
+    for call in (rm, rm.embed):
+        with pytest.raises(RuntimeError, match="out of memory"):
+            call(frames)

@@ -327,15 +327,19 @@ class CLIPReward:
         A change that is refused (goal equal to baseline with alpha > 0, say) leaves tasks and alpha as they were."""
         self._encode_tasks(*task_list(goal, baseline, tasks), alpha=None if alpha is None else check_alpha(alpha))
 
-    def _placement_problem(self) -> Optional[str]:
+    def _placement_problem(self, tower_only: bool = False) -> Optional[str]:
         """Why ``rm.model`` is no longer where this reward model put it (:func:`_place`: the tower on its device
-        in its dtype, the text side in float32 there), or None: after ``rm.model.half()``, ``.to("cuda")``."""
+        in its dtype, the text side in float32 there), or None: after ``rm.model.half()``, ``.to("cuda")``.
+        ``tower_only``: of the tower alone (the cause of an error the tower raised: a text side moved since the goals
+        were encoded, to the CPU to free GPU memory say, is none)."""
         # A parameter the tower shares with the text side is float32 after :func:`_place` (the text side is cast last),
         # and the tower's dtype after a cast of the tower alone: either is where this reward model put it.
         text_side = {id(p) for name, p in self.model.named_parameters(remove_duplicate=False)
                      if not name.startswith("visual.")}
         for name, p in self.model.named_parameters():
             in_tower = name.startswith("visual.")
+            if tower_only and not in_tower:
+                continue
             want = self._dtype if in_tower else torch.float32
             wants = (want, torch.float32) if in_tower and id(p) in text_side else (want,)
             if p.is_floating_point() and p.element_size() > 1 and (p.dtype not in wants or p.device != self._device):  # not fp8
@@ -469,7 +473,7 @@ class CLIPReward:
         try:
             return self._backend(self._pixels(frames, bottom_up))
         except RuntimeError as error:  # torch's own dtype or device mismatch, once it is the cause: ours says why
-            problem = self._placement_problem()
+            problem = self._placement_problem(tower_only=True)
             if problem is not None:
                 raise ValueError(problem) from error
             raise
