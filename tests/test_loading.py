@@ -1054,3 +1054,19 @@ def test_a_local_dirs_file_in_the_other_format_is_told_a_name_the_folder_is_read
         create_clip(f"local-dir:{folder}", None)
     (folder / name).rename(folder / re.search(r"rename it to '([a-z_.]+)'", str(error.value)).group(1))
     create_clip(f"local-dir:{folder}", None)  # the fix given loads
+
+
+@pytest.mark.skipif(not hasattr(open_clip.factory, "_find_checkpoint_in_dir"), reason="this open_clip has no local-dir:")
+@pytest.mark.parametrize("files", [
+    [], ["x.txt"], ["epoch_2.pth", "epoch_10.pth"], ["a.bin", "z.safetensors"], ["model.pth", "pytorch_model.bin"],
+    ["open_clip_pytorch_model.bin", "open_clip_pytorch_model.safetensors", "model.safetensors"], ["b.safetensors"],
+])
+def test_local_dir_weights_is_the_file_open_clip_loads(tmp_path, files):
+    # train records and checks this file's bytes: it must be the one open_clip's own search picks.
+    from vlmrm_fast.models import local_dir_weights
+
+    for name in files:
+        (tmp_path / name).write_bytes(b"weights")
+    found = open_clip.factory._find_checkpoint_in_dir(tmp_path)
+    assert local_dir_weights(f"local-dir:{tmp_path}") == (None if found is None else Path(found))
+    assert local_dir_weights("ViT-B-32") is None

@@ -21,7 +21,7 @@ import urllib.request
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, Optional, Tuple, Union, cast
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union, cast
 from urllib.parse import urlparse
 
 from vlmrm_fast.callers import stacklevel_outside_package
@@ -42,9 +42,10 @@ _CONFIG_DIR = Path(__file__).parent / "model_configs"
 _CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 _LOCAL_DIR_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 """The weight files open_clip reads from a ``local-dir:`` folder (or a hub repo)."""
-_LOCAL_DIR_NAMED = _LOCAL_DIR_WEIGHTS + ("open_clip_pytorch_model.safetensors", "open_clip_pytorch_model.pth",
-                                         "model.safetensors", "pytorch_model.bin", "pytorch_model.pth", "model.pth")
-"""The weight files open_clip picks by name in a ``local-dir:`` folder; among other files it takes the first by name."""
+_LOCAL_DIR_NAMED = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors", "open_clip_pytorch_model.bin",
+                    "open_clip_pytorch_model.pth", "model.safetensors", "pytorch_model.bin", "pytorch_model.pth", "model.pth")
+"""The weight files open_clip picks by name in a ``local-dir:`` folder, in its order of preference; among other files
+it takes the first by name, safetensors first (:func:`local_dir_weights`)."""
 _OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 _OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -711,11 +712,28 @@ def _create(model_name: str, pretrained: Optional[str], cache_dir: Optional[str]
     )
 
 
+def _weight_files(folder: Path) -> List[str]:
+    """The names of the weight files in a ``local-dir:`` folder, in the order open_clip (>= 3) considers them."""
+    return sorted((p.name for pattern in ("*.safetensors", "*.bin", "*.pth") for p in folder.glob(pattern) if p.is_file()),
+                  key=lambda name: (not name.endswith(".safetensors"), name))
+
+
+def local_dir_weights(model_name: str) -> Optional[Path]:
+    """The weights file open_clip loads for a ``local-dir:FOLDER`` model (absolute), as open_clip picks it: the first
+    of :data:`_LOCAL_DIR_NAMED` there, else the first weight file (a folder of several such files, :func:`create_clip`
+    refuses); None for other models or a folder with none."""
+    if not model_name.startswith("local-dir:"):
+        return None
+    folder = Path(os.path.expanduser(model_name[len("local-dir:"):])).absolute()
+    files = _weight_files(folder) if folder.is_dir() else []
+    named = [name for name in _LOCAL_DIR_NAMED if name in files]
+    return folder / (named or files)[0] if files else None
+
+
 def _refuse_several_weights(folder: Path) -> None:
     """Refuse a ``local-dir:`` folder holding several weight files, none of the names open_clip picks: it would load
     the first by name (``epoch_10`` before ``epoch_2``) with only a log line, which is kept out of the output."""
-    files = sorted((p.name for pattern in ("*.safetensors", "*.bin", "*.pth") for p in folder.glob(pattern) if p.is_file()),
-                   key=lambda name: (not name.endswith(".safetensors"), name))  # open_clip's order
+    files = _weight_files(folder)
     if len(files) > 1 and not set(files) & set(_LOCAL_DIR_NAMED):
         raise PretrainedWeightsError(
             f"'local-dir:{folder}' holds several weight files, {files}, and open_clip would load {files[0]!r} for no "

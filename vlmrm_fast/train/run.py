@@ -595,16 +595,10 @@ def _run_weights(config: TrainConfig) -> Optional[Path]:
     ``local-dir:`` model's folder (beside the open_clip_config.json that sets the whole model there); None for a tag,
     random weights or an ``hf-hub:`` model."""
     path = weights_file(config.model, config.pretrained)
-    if path is None and config.pretrained is None and config.model.startswith("local-dir:"):
-        import open_clip
+    if path is None and config.pretrained is None:
+        from vlmrm_fast.models import local_dir_weights
 
-        from vlmrm_fast.models import _quiet_open_clip_logs
-
-        folder = Path(os.path.expanduser(config.model[len("local-dir:"):]))
-        find = getattr(open_clip.factory, "_find_checkpoint_in_dir", None)
-        with _quiet_open_clip_logs():
-            found = find(folder) if find is not None and folder.is_dir() else None
-        path = Path(os.path.abspath(found)) if found else None
+        path = local_dir_weights(config.model)
     return path
 
 
