@@ -99,10 +99,10 @@ class ImageFiles:
 
     def __iter__(self) -> Iterator[LabelledFrame]:
         for file in self.files:
-            yield read_image(file), _printable(file.name)
+            yield read_image(file), printable_name(file.name)
 
 
-def _printable(text: str) -> str:
+def printable_name(text: str) -> str:
     """``text`` (a file name) as UTF-8 text: bytes of a name that are not UTF-8 (a Latin-1 name from an old archive),
     which Python keeps as lone surrogates that no UTF-8 file, terminal or font takes, written as ``\\xff`` escapes."""
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from vlmrm_fast.argtypes import (BACKEND_NAMES, CLIError, dtype_choice, in_cli_terms, output_file, positive_int,
                                  require_cli_extra, stdout_may_close, writable_file)
 from vlmrm_fast.atomic import save_figure_atomically, write_atomically
-from vlmrm_fast.frame_files import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, LabelledFrame, _printable, open_frames
+from vlmrm_fast.frame_files import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, LabelledFrame, open_frames, printable_name
 
 if TYPE_CHECKING:
     import torch
@@ -233,7 +233,7 @@ def _run_score(args: argparse.Namespace) -> int:
     if plot_path is not None:
         weights = ("random weights" if args.pretrained.lower() == "none" else Path(args.pretrained).name
                    if os.sep in args.pretrained else args.pretrained)  # a checkpoint by its file name
-        scored = _printable(f"{args.path.name or args.path} by {args.model}, {weights}")  # matplotlib refuses surrogates
+        scored = printable_name(f"{args.path.name or args.path} by {args.model}, {weights}")  # matplotlib refuses surrogates
         written.append(write_plot(plot_path, rewards, args.goal, args.baseline, args.alpha, scored))
     with stdout_may_close():
         print(_summary(rewards, elapsed, written, warm_up), file=sys.stderr if to_stdout else sys.stdout, flush=True)

@@ -186,9 +186,9 @@ class TexturedHumanoidEnv(_HumanoidBase):
             textured=textured, terminate_when_unhealthy=terminate_when_unhealthy, shadow_size=shadow_size, **kwargs,
         )
         if camera_config:  # a camera MuJoCo cannot draw from ends the process at the first render: refuse it now
-            from vlmrm_fast.render.cameras import _check_camera, _make_camera  # imports torch: only for overrides
+            from vlmrm_fast.render.cameras import check_camera, _make_camera  # imports torch: only for overrides
 
-            _check_camera(self.model, _make_camera(self.model, self.data, cam), "camera_config")
+            check_camera(self.model, _make_camera(self.model, self.data, cam), "camera_config")
         renderer = self.mujoco_renderer
         renderer.default_cam_config = cam
         # gymnasium renders with camera_id -1 when no camera is named, and then forces a *free*

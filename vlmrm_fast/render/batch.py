@@ -25,7 +25,7 @@ import torch
 from vlmrm_fast.backends.base import checked_device
 from vlmrm_fast.callers import stacklevel_outside_package
 from vlmrm_fast.render import _cuda
-from vlmrm_fast.render.cameras import (CameraSpec, _check_camera, _env_camera, _make_camera, _model_data_of,
+from vlmrm_fast.render.cameras import (CameraSpec, check_camera, _env_camera, _make_camera, _model_data_of,
                                        _mujoco_renderer, _rgb_viewer, _warn_if_projection_ignored)
 from vlmrm_fast.render.gl_context import (_egl_device_for, _keep_current_gl, _mujoco, close_mujoco_renderer,
                                           open_mujoco_renderer)
@@ -201,7 +201,7 @@ class BatchRenderer:
         from_env = [specs[i] is None and env_cams[i] is not None for i in range(n)]
         self._cameras: List[Any] = [env_cams[i] if from_env[i] else _make_camera(models[i], datas[i], specs[i]) for i in range(n)]
         for i in range(n):
-            _check_camera(models[i], self._cameras[i], f"env {i}'s camera")
+            check_camera(models[i], self._cameras[i], f"env {i}'s camera")
         _warn_if_projection_ignored([(models[i], self._cameras[i]) for i in range(n) if not from_env[i]])
         # The envs whose own camera is used: where its viewer is made later, that viewer's lookat is env.render()'s.
         self._viewer_envs = [envs[i] if from_env[i] else None for i in range(n)]
@@ -397,7 +397,7 @@ class BatchRenderer:
                 raise ValueError(f"out must be a contiguous uint8 tensor of shape {shape} on {self.device}")
         self._check_envs_keep_their_state()
         for i, (model, cam) in enumerate(zip(self._models, self._cameras)):  # ``cameras`` may have been changed
-            _check_camera(model, cam, f"env {i}'s camera")
+            check_camera(model, cam, f"env {i}'s camera")
         self._place_lookats()
         with _keep_current_gl():
             if self.path == "gpu":

@@ -85,7 +85,7 @@ def _make_camera(model: Any, data: Any, spec: CameraSpec) -> Any:
     )
 
 
-def _check_camera(model: Any, cam: Any, what: str) -> None:
+def check_camera(model: Any, cam: Any, what: str) -> None:
     """Refuse an ``mujoco.MjvCamera`` that MuJoCo cannot draw from: its ``mjv_updateScene`` ends the whole process
     (a C error, no Python exception) on an unknown ``type``, a fixed camera's ``fixedcamid`` outside the model's
     cameras or a tracking camera's ``trackbodyid`` outside its bodies. ``what`` names the camera ("env 0's camera")."""
