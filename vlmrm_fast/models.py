@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-import inspect
 import json
 import math
 import os
@@ -604,7 +603,8 @@ def create_clip(
     try:
         with _quiet_open_clip_logs():  # the tokenizer too: its logging.info would configure the root logger
             model = _create(model_name, pretrained, cache_dir)
-            tokenizer = open_clip.get_tokenizer(model_name, **_tokenizer_cache(cache_dir))
+            # an hf-hub: model's config (naming its tokenizer) and a Hugging Face tokenizer's files are in that cache
+            tokenizer = open_clip.get_tokenizer(model_name, cache_dir=cache_dir)
     except ModuleNotFoundError as exc:  # open_clip imports a tower's or tokenizer's library only when asked for it
         if not exc.name:
             raise
@@ -615,14 +615,6 @@ def create_clip(
             f"pip install {package}", name=exc.name) from exc
     model.eval()
     return model, tokenizer
-
-
-def _tokenizer_cache(cache_dir: Optional[str]) -> Dict[str, str]:
-    """``cache_dir`` for ``open_clip.get_tokenizer`` where it takes one (open_clip >= 3): an ``hf-hub:`` model's config,
-    which says which tokenizer it has, and a Hugging Face tokenizer's files are in the cache the weights came from."""
-    if cache_dir is None or "cache_dir" not in inspect.signature(open_clip.get_tokenizer).parameters:
-        return {}
-    return {"cache_dir": cache_dir}
 
 
 # Import names whose pip package is named otherwise.
