@@ -204,7 +204,8 @@ def test_local_dir_without_weights_is_refused_not_random(tmp_path):
 
 def test_a_local_dir_with_several_weight_files_is_refused_not_read_by_name(tmp_path):
     # open_clip took the first by name (epoch_10 before epoch_2) and said so in a log line alone, which is kept out
-    # of the output: one of several fine-tunes, silently.
+    # of the output: one of several fine-tunes, silently. The fix names a file name for each format (one named
+    # open_clip_model.safetensors alone: a torch.save file renamed so is read as safetensors, and refused).
     import json
 
     (tmp_path / "open_clip_config.json").write_text(
@@ -212,24 +213,10 @@ def test_a_local_dir_with_several_weight_files_is_refused_not_read_by_name(tmp_p
     state = open_clip.create_model("vlmrm-tiny").state_dict()
     for name in ("epoch_2.pth", "epoch_10.pth"):
         torch.save(state, tmp_path / name)
-    with pytest.raises(PretrainedWeightsError, match=r"several weight files, \['epoch_10.pth', 'epoch_2.pth'\].*alone"):
+    with pytest.raises(PretrainedWeightsError, match=r"several weight files, \['epoch_10.pth', 'epoch_2.pth'\].*alone.*"
+                                                     r"'open_clip_pytorch_model.bin' if a torch.save one"):
         create_clip(f"local-dir:{tmp_path}", None)
-    torch.save(state, tmp_path / "open_clip_pytorch_model.bin")  # the name open_clip picks: no doubt which
-    create_clip(f"local-dir:{tmp_path}", None)
-
-
-def test_a_local_dir_of_several_torch_files_is_told_a_name_for_a_torch_file(tmp_path):
-    # The fix named open_clip_model.safetensors alone: a torch.save file renamed so is read as safetensors, and refused.
-    import json
-
-    (tmp_path / "open_clip_config.json").write_text(
-        json.dumps({"model_cfg": open_clip.get_model_config("vlmrm-tiny"), "preprocess_cfg": {}}))
-    state = open_clip.create_model("vlmrm-tiny").state_dict()
-    for name in ("epoch_2.pth", "epoch_10.pth"):
-        torch.save(state, tmp_path / name)
-    with pytest.raises(PretrainedWeightsError, match=r"'open_clip_pytorch_model.bin' if a torch.save one"):
-        create_clip(f"local-dir:{tmp_path}", None)
-    (tmp_path / "epoch_10.pth").rename(tmp_path / "open_clip_pytorch_model.bin")  # as told, for these files
+    (tmp_path / "epoch_10.pth").rename(tmp_path / "open_clip_pytorch_model.bin")  # as told: no doubt which
     create_clip(f"local-dir:{tmp_path}", None)
 
 
@@ -767,12 +754,12 @@ def test_a_local_dir_may_start_with_home(tmp_path, monkeypatch):
     assert torch.equal(next(loaded.parameters()), next(model.parameters()))
 
 
-def test_an_hf_hub_model_in_the_local_cache_loads_offline(tmp_path, monkeypatch):
-    # As a cached tag does: offline, the hub's cache answers (it was refused before open_clip was asked).
+def _cached_hub_repo(cache: Path, model: torch.nn.Module) -> None:
+    """``hf-hub:fakeorg/tiny`` in a Hugging Face cache folder as huggingface_hub lays it out: ``model``'s weights
+    beside vlmrm-tiny's open_clip_config.json."""
     import json
 
-    model, _ = make_tiny(seed=5)
-    repo = tmp_path / "models--fakeorg--tiny"
+    repo = cache / "models--fakeorg--tiny"
     snapshot = repo / "snapshots" / ("0" * 40)
     snapshot.mkdir(parents=True)
     (repo / "refs").mkdir()
@@ -780,6 +767,12 @@ def test_an_hf_hub_model_in_the_local_cache_loads_offline(tmp_path, monkeypatch)
     (snapshot / "open_clip_config.json").write_text(
         json.dumps({"model_cfg": open_clip.get_model_config("vlmrm-tiny"), "preprocess_cfg": {}}))
     torch.save(model.state_dict(), snapshot / "open_clip_pytorch_model.bin")
+
+
+def test_an_hf_hub_model_in_the_local_cache_loads_offline(tmp_path, monkeypatch):
+    # As a cached tag does: offline, the hub's cache answers (it was refused before open_clip was asked).
+    model, _ = make_tiny(seed=5)
+    _cached_hub_repo(tmp_path, model)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     loaded = models._create("hf-hub:fakeorg/tiny", None, str(tmp_path))  # the weights (its tokenizer: transformers)
     assert torch.equal(next(loaded.parameters()), next(model.parameters()))
@@ -791,18 +784,9 @@ def test_an_hf_hub_models_tokenizer_is_read_from_the_cache_dir_its_weights_came_
     # The tokenizer was asked for without cache_dir: its config (which names CLIP's own tokenizer here) was looked for
     # in the default cache, and open_clip fell back to a Hugging Face tokenizer named after the repo ("needs the
     # 'transformers' package", or, with it, another tokenizer than the model's).
-    import json
-
     from huggingface_hub import constants
 
-    repo = tmp_path / "models--fakeorg--tiny"
-    snapshot = repo / "snapshots" / ("0" * 40)
-    snapshot.mkdir(parents=True)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text("0" * 40)
-    (snapshot / "open_clip_config.json").write_text(
-        json.dumps({"model_cfg": open_clip.get_model_config("vlmrm-tiny"), "preprocess_cfg": {}}))
-    torch.save(make_tiny(seed=5)[0].state_dict(), snapshot / "open_clip_pytorch_model.bin")
+    _cached_hub_repo(tmp_path, make_tiny(seed=5)[0])
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # huggingface_hub reads the variable at its import
     monkeypatch.setenv("HF_HOME", str(tmp_path / "elsewhere"))
