@@ -18,6 +18,8 @@ from vlmrm_fast import CLIPReward, PretrainedWeightsError, create_clip
 from vlmrm_fast import models
 from vlmrm_fast.ops._triton import triton_runs_on
 
+needs_local_dir = pytest.mark.skipif(int(open_clip.__version__.split(".")[0]) < 3, reason="open_clip < 3 has no local-dir: models")
+
 
 def test_tiny_config_is_registered_with_open_clip():
     assert "vlmrm-tiny" in open_clip.list_models()
@@ -182,7 +184,7 @@ def test_checkpoint_of_another_width_is_another_architecture_not_another_image_s
     assert ".. Check" not in str(error.value)  # torch's message ends with a full stop of its own
 
 
-@pytest.mark.skipif(int(open_clip.__version__.split(".")[0]) < 3, reason="open_clip < 3 has no local-dir: models")
+@needs_local_dir
 def test_local_dir_without_weights_is_refused_not_random(tmp_path):
     # open_clip builds such a model with random weights and only logs it; pretrained weights were asked for.
     import json
@@ -202,6 +204,7 @@ def test_local_dir_without_weights_is_refused_not_random(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
 
 
+@needs_local_dir
 def test_a_local_dir_with_several_weight_files_is_refused_not_read_by_name(tmp_path):
     # open_clip took the first by name (epoch_10 before epoch_2) and said so in a log line alone, which is kept out
     # of the output: one of several fine-tunes, silently. The fix names a file name for each format (one named
@@ -699,7 +702,7 @@ def test_a_small_but_real_goal_baseline_direction_is_kept(monkeypatch):
     assert encoded.has_direction == (True,)
 
 
-@pytest.mark.skipif(int(open_clip.__version__.split(".")[0]) < 3, reason="open_clip < 3 has no local-dir: models")
+@needs_local_dir
 @pytest.mark.parametrize("contents,why", [
     (b"version https://git-lfs.github.com/spec/v1\noid sha256:" + b"0" * 64 + b"\nsize 605157884\n",
      "is not a checkpoint file: it is a git-lfs pointer"),
@@ -739,6 +742,7 @@ def test_a_checkpoint_path_may_start_with_home_and_a_folder_is_named_as_one(tmp_
         create_clip("vlmrm-tiny", str(tmp_path))
 
 
+@needs_local_dir
 def test_a_local_dir_may_start_with_home(tmp_path, monkeypatch):
     # The folder was found with "~" expanded, then open_clip was given it as written, and found none: "its weights do
     # not load into its config: FileNotFoundError".
@@ -891,6 +895,8 @@ def test_a_checkpoint_from_a_newer_torch_says_to_upgrade_torch_not_to_download_a
 
 @pytest.mark.filterwarnings("ignore:'torch.load' received a zip file that looks like a TorchScript:UserWarning")
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
+@pytest.mark.skipif(tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 6), reason=(
+    "torch < 2.6 loads a TorchScript archive by default (weights_only=False), and open_clip reads its state_dict"))
 def test_a_torchscript_checkpoint_is_named_as_such_not_as_damaged(tmp_path):
     # OpenAI's clip package keeps its checkpoints as TorchScript archives; torch.load(weights_only=True) refuses
     # them, and that refusal read as a damaged file ("Download it again"), which no download fixes.
@@ -1021,6 +1027,7 @@ def test_random_weights_are_the_same_in_every_build_and_leave_the_global_rng_alo
 
 @pytest.mark.parametrize("name,saved_as", [("open_clip_model.safetensors", "torch"),
                                            ("open_clip_pytorch_model.bin", "safetensors")])
+@needs_local_dir
 def test_a_local_dirs_file_in_the_other_format_is_told_a_name_the_folder_is_read_by(tmp_path, name, saved_as):
     # The fix for a file named as the other format was "a name ending in '.pt', and pass that": in a local-dir:
     # folder open_clip finds the weights by name and reads no '.pt' file, so following it loaded no weights at all.
