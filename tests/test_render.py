@@ -655,23 +655,31 @@ def test_free_camera_takes_the_lookat_of_a_viewer_made_after_it():
 
 
 
+@pytest.mark.parametrize("mode", ["rgbd_tuple", "depth_array"])
 @pytest.mark.parametrize("made", ["before the viewer", "after the viewer"])
-def test_an_env_rendering_rgbd_tuples_is_drawn_from_its_viewers_camera(made):
-    # An env made with render_mode="rgbd_tuple" keeps its viewer under that mode, not "rgb_array": the renderer
-    # did not find it and aimed its free camera at the geoms' median at its own first frame, not where the env's
-    # viewer had placed it: frames other than env.render()'s (Ant-v5 after 40 steps: 70% of pixels differ).
-    env = gym.make("InvertedPendulum-v5", render_mode="rgbd_tuple", width=40, height=40)
-    renderer = BatchRenderer.from_envs([env], device="cpu") if made == "before the viewer" else None
-    env.reset(seed=0)
-    env.render()  # the viewer is made here, its lookat placed at this state
-    env.action_space.seed(0)
-    for _ in range(10):
-        env.step(env.action_space.sample())
-    renderer = renderer or BatchRenderer.from_envs([env], device="cpu")
-    rgb, _ = env.render()
-    np.testing.assert_array_equal(renderer.render()[0].numpy(), rgb)
+def test_an_env_rendering_rgbd_tuples_is_drawn_from_its_viewers_camera(made, mode):
+    # An env made with render_mode="rgbd_tuple" (or "depth_array") keeps its viewer under that mode, not "rgb_array":
+    # the renderer did not find it and aimed its free camera at the geoms' median at its own first frame, not where
+    # the env's viewer had placed it: frames other than env.render()'s (Ant-v5 after 40 steps: 70% of pixels differ).
+    # The frames are compared with a twin made with render_mode="rgb_array" and driven alike.
+    envs = [gym.make("InvertedPendulum-v5", render_mode=m, width=40, height=40) for m in (mode, "rgb_array")]
+    if mode not in envs[0].metadata["render_modes"]:
+        pytest.skip(f"this gymnasium's MuJoCo envs have no {mode!r} render mode (gymnasium 1.0's have none)")
+    renderer = BatchRenderer.from_envs([envs[0]], device="cpu") if made == "before the viewer" else None
+    for env in envs:
+        env.reset(seed=0)
+        env.render()  # the viewer is made here, its lookat placed at this state
+        env.action_space.seed(0)
+        for _ in range(10):
+            env.step(env.action_space.sample())
+    renderer = renderer or BatchRenderer.from_envs([envs[0]], device="cpu")
+    frame = renderer.render()[0].numpy()
+    np.testing.assert_array_equal(frame, envs[1].render())
+    if mode == "rgbd_tuple":
+        np.testing.assert_array_equal(frame, envs[0].render()[0])
     renderer.close()
-    env.close()
+    for env in envs:
+        env.close()
 
 
 @pytest.mark.parametrize("env_id", ["InvertedPendulum-v5", "Ant-v5"])
