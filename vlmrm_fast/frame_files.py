@@ -12,7 +12,7 @@ import re
 import subprocess
 import warnings
 from collections.abc import Generator, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -38,8 +38,8 @@ def open_frames(path: Path) -> ImageFiles | VideoFile:
         return ImageFiles(list_images(path))
     suffix = path.suffix.lower()
     if suffix in IMAGE_EXTENSIONS:
-        read_image(path)  # one image: a damaged or animated one is refused before the model loads, not after
-        return ImageFiles([path])
+        # One image: a damaged or animated one is refused before the model loads, not after.
+        return ImageFiles([path], read={path: read_image(path)})
     if suffix in VIDEO_EXTENSIONS:
         return VideoFile.open(path)
     raise CLIError(
@@ -91,6 +91,8 @@ class ImageFiles:
     """Frames from image files, each converted to RGB uint8; labelled by file name."""
 
     files: list[Path]
+    read: dict[Path, np.ndarray] = field(default_factory=dict)
+    """Frames already read, by file: handed out once, then read again."""
 
     @property
     def total(self) -> int:
@@ -99,7 +101,8 @@ class ImageFiles:
 
     def __iter__(self) -> Iterator[LabelledFrame]:
         for file in self.files:
-            yield read_image(file), printable_name(file.name)
+            frame = self.read.pop(file, None)
+            yield (read_image(file) if frame is None else frame), printable_name(file.name)
 
 
 def printable_name(text: str) -> str:

@@ -127,18 +127,28 @@ def _first_empty_prompt(tokenizer: Callable, prompts: List[str], tokens: torch.T
     return prompts[int(same.nonzero()[0])] if same.any() else None
 
 
+def _behind_tokenize(tokenizer: Callable) -> Callable:
+    """open_clip's own ``SimpleTokenizer`` where ``tokenizer`` is ``open_clip.tokenize`` (the function VLM-RM's code
+    passes, which calls it), else ``tokenizer``."""
+    try:
+        import open_clip.tokenizer as open_clip_tokenizer
+    except ImportError:
+        return tokenizer
+    if tokenizer is getattr(open_clip_tokenizer, "tokenize", None):
+        return getattr(open_clip_tokenizer, "_tokenizer", tokenizer)
+    return tokenizer
+
+
 def _first_special_token(tokenizer: Callable, prompts: List[str]) -> Optional[Tuple[str, str]]:
     """The first of ``prompts`` in which open_clip's ``SimpleTokenizer`` (CLIP's) finds the text of one of its special
     tokens ("<end_of_text>", "<start_of_text>", any case), with that token; None where there is none (or for
     another tokenizer). ``open_clip.tokenize``, the function VLM-RM's code passes, is that tokenizer too."""
+    clip_tokenizer = _behind_tokenize(tokenizer)
     try:
-        import open_clip.tokenizer as open_clip_tokenizer
+        from open_clip.tokenizer import SimpleTokenizer
     except ImportError:  # a tokenizer of the user's own, without open_clip
         return None
-    clip_tokenizer: object = tokenizer
-    if tokenizer is getattr(open_clip_tokenizer, "tokenize", None):
-        clip_tokenizer = getattr(open_clip_tokenizer, "_tokenizer", None)
-    if not isinstance(clip_tokenizer, open_clip_tokenizer.SimpleTokenizer):
+    if not isinstance(clip_tokenizer, SimpleTokenizer):
         return None
     special = set(clip_tokenizer.all_special_ids)
     for prompt in prompts:
@@ -247,14 +257,11 @@ def _warn_of_cut_prompts(tokenizer: Callable, prompts: List[str]) -> None:
     ``open_clip.tokenize``, the function VLM-RM's code passes, is open_clip's ``SimpleTokenizer`` at its default
     context length.
     """
+    tokenizer = _behind_tokenize(tokenizer)  # a function, without a context_length
     try:
-        import open_clip.tokenizer as open_clip_tokenizer
         from open_clip.tokenizer import SimpleTokenizer
     except ImportError:  # a tokenizer of the user's own, without open_clip
         SimpleTokenizer = ()
-    else:
-        if tokenizer is getattr(open_clip_tokenizer, "tokenize", None):  # a function, without a context_length
-            tokenizer = getattr(open_clip_tokenizer, "_tokenizer", tokenizer)
     context = getattr(tokenizer, "context_length", None)
     if not isinstance(context, int) or context <= 0:
         return

@@ -608,6 +608,13 @@ def _sidecar_digest(weights: Union[str, os.PathLike]) -> Optional[str]:
     return file_digest(sidecar)[1] if sidecar.is_file() else None
 
 
+def _matches_record(record: dict, path: Union[str, os.PathLike]) -> bool:
+    """Whether the weights file ``path`` (and the open_clip_config.json beside it, where the record has one) is the
+    one :data:`WEIGHTS_RECORD` describes."""
+    return (os.path.getsize(path) == record["size"] and file_digest(path)[1] == record["sha256"]
+            and ("open_clip_config" not in record or _sidecar_digest(path) == record["open_clip_config"]))
+
+
 def _same_weights(run_dir: Path, saved: Optional[str], given: Optional[str]) -> bool:
     """Whether the weights file ``given`` on resume holds the run's weights (``saved``, its path in the checkpoint):
     its bytes against the run's record, or, for a run without one, against the saved file, which must be there."""
@@ -616,8 +623,7 @@ def _same_weights(run_dir: Path, saved: Optional[str], given: Optional[str]) -> 
     given = os.path.expanduser(given)
     record = _weights_record(run_dir)
     if record is not None:
-        return (os.path.getsize(given) == record["size"] and file_digest(given)[1] == record["sha256"]
-                and ("open_clip_config" not in record or _sidecar_digest(given) == record["open_clip_config"]))
+        return _matches_record(record, given)
     saved = os.path.expanduser(saved)
     return os.path.isfile(saved) and (os.path.samefile(saved, given) or file_digest(saved) == file_digest(given))
 
@@ -635,9 +641,9 @@ def _check_resume_config(found: Path, config: TrainConfig) -> None:
     saved = TrainConfig.from_dict(json.loads((found / "config.json").read_text()), f"checkpoint '{found}'")
     run_dir = found.parent.parent
     diffs = diff_configs(saved, config, same_weights=lambda a, b: _same_weights(run_dir, a, b))
-    weights = _run_weights(config)
+    weights, record = _run_weights(config), _weights_record(run_dir)
     if (saved.pretrained == config.pretrained and saved.model == config.model and weights is not None
-            and _weights_record(run_dir) is not None and not _same_weights(run_dir, str(weights), str(weights))):
+            and record is not None and not _matches_record(record, weights)):
         # The same path, other bytes (a fine-tune saved over it since): the rewards would change mid-run.
         raise ValueError(
             f"checkpoint '{found}': the run's weights file {str(weights)!r} has changed since the run started "
