@@ -184,6 +184,27 @@ def test_unusual_numpy_layouts():
         assert torch.equal(rm(read_only), want)
 
 
+def _warn_once_here():
+    warnings.warn("a caller's show-once warning", UserWarning)
+
+
+@pytest.mark.parametrize("writeable", [True, False])
+def test_numpy_frames_leave_a_callers_show_once_warnings_shown_once(writeable):
+    # The conversion of numpy frames silenced torch's read-only warning under warnings.catch_warnings on every
+    # call, and leaving that resets Python's record of warnings already shown: a caller's show-once warning
+    # (a deprecation in their env, say) came back at every step of a training loop.
+    rm, _, _ = _reward_model(alpha=0.5)
+    frames = _noise(2, 5, 7, seed=3)
+    frames.flags.writeable = writeable
+    rm(frames)  # torch's read-only warning, once a process, may be silenced (with that reset) at a first call
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("default")  # show once per place, as Python does by default
+        for _ in range(3):
+            _warn_once_here()
+            rm(frames)
+    assert [str(w.message) for w in shown] == ["a caller's show-once warning"]
+
+
 def _host_layouts(frames):
     """The same uint8 frames [N, H, W, 3] in every host layout callers pass: name -> input."""
     flipped = np.ascontiguousarray(frames[:, ::-1, ::-1])[:, ::-1, ::-1]  # negative strides, same pixels

@@ -80,9 +80,20 @@ def _as_tensor(frames: Union[np.ndarray, torch.Tensor]) -> torch.Tensor:
         frames = np.array(frames, dtype=native, order="C", copy=True)
     else:
         frames = np.ascontiguousarray(frames)
+    global _read_only_warning_spent
+    if frames.flags.writeable or _read_only_warning_spent:
+        # Not under catch_warnings: leaving it resets Python's record of the warnings already shown, so
+        # every call would show a caller's show-once warnings again. torch warns of a read-only array
+        # once a process, so one silenced conversion is enough.
+        return torch.from_numpy(frames)
     with warnings.catch_warnings():  # read-only arrays are fine: the tensor is only read
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        return torch.from_numpy(frames)
+        tensor = torch.from_numpy(frames)
+    _read_only_warning_spent = True
+    return tensor
+
+
+_read_only_warning_spent = False  # torch has (silently) given its once-a-process read-only array warning
 
 
 def _torch_dtype(array: Union[np.ndarray, torch.Tensor]) -> Optional[torch.dtype]:
