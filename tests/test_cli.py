@@ -1323,3 +1323,25 @@ def test_an_out_named_as_an_image_or_video_is_refused(frames: Path, tmp_path: Pa
     assert (f"--out '{out}' names {kind} ({suffix.lower()}), but --out is the rewards CSV: pass --out "
             f"{out.with_suffix('.csv')}") in err, err
     assert ("--plot=" in err) == (suffix == ".png") and not out.exists()
+
+
+def test_a_score_stopped_early_leaves_no_decoding_thread_behind() -> None:
+    # A scoring call that failed (or was interrupted) while the decoder thread had queued its last batch left
+    # that thread waiting for good to put its end marker into the full queue: one thread and two decoded batches
+    # per call, in a process that goes on (score run from Python, Ctrl-C in a notebook).
+    import threading
+    import time
+
+    def decoding() -> set:
+        return {t for t in threading.enumerate() if t.name == "vlmrm-fast-decode"}
+
+    before = decoding()
+    for _ in range(3):
+        batches = score_command._prefetch(i for i in range(4))
+        assert next(batches) == 0
+        time.sleep(0.2)  # the decoder fills the queue and waits to put the last batch
+        batches.close()  # the consumer stops there
+    deadline = time.monotonic() + 10
+    while decoding() - before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not decoding() - before

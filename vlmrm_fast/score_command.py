@@ -373,17 +373,27 @@ def _prefetch(items: Generator[T, None, None], depth: int = 2) -> Iterator[T]:
     slots: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
 
+    def put(item: object) -> None:
+        # A consumer that stopped early takes nothing more: a plain put into the full queue (the last item's,
+        # or _DONE's) would block for good, keeping this thread and the decoded batches in it.
+        while not stop.is_set():
+            try:
+                slots.put(item, timeout=0.05)
+                return
+            except queue.Full:
+                pass
+
     def produce() -> None:
         try:
             with contextlib.closing(items):  # stops an ffmpeg reader when we stop early
                 for item in items:
                     if stop.is_set():
                         return
-                    slots.put(item)
+                    put(item)
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer
-            slots.put(exc)
+            put(exc)
         else:
-            slots.put(_DONE)
+            put(_DONE)
 
     worker = threading.Thread(target=produce, name="vlmrm-fast-decode", daemon=True)
     worker.start()
@@ -393,9 +403,7 @@ def _prefetch(items: Generator[T, None, None], depth: int = 2) -> Iterator[T]:
                 raise item
             yield item
     finally:
-        stop.set()
-        with contextlib.suppress(queue.Empty):
-            slots.get_nowait()  # unblock a producer waiting on a full queue
+        stop.set()  # the producer's next put, or the one it waits in, returns
 
 
 def csv_text(rewards: np.ndarray, labels: Sequence[str], line_end: str = "\r\n") -> str:
