@@ -188,8 +188,14 @@ part_info() { part info info; }
 part_tests() {
     local per_test=()  # pytest-timeout, where installed: one hung test must not take the whole call
     "$PYTHON" -c "import pytest_timeout" 2>/dev/null && per_test=(--timeout=240)
+    # pytest writes its failures and summary on a KeyboardInterrupt, but the time limit's SIGTERM ends it
+    # with only its progress dots in the log: SIGTERM raises KeyboardInterrupt here instead.
+    local run_pytest='import signal, sys, pytest
+def interrupt(signum, frame): raise KeyboardInterrupt
+signal.signal(signal.SIGTERM, interrupt)
+sys.exit(pytest.main(sys.argv[1:]))'
     # shellcheck disable=SC2086
-    part tests "$PYTHON" -m pytest -m gpu -q -rs -p no:cacheprovider ${per_test[@]+"${per_test[@]}"} ${GPU_TESTS:-}
+    part tests "$PYTHON" -c "$run_pytest" -m gpu -q -rfEs -p no:cacheprovider ${per_test[@]+"${per_test[@]}"} ${GPU_TESTS:-}
 }
 part_kernels() {
     # shellcheck disable=SC2086

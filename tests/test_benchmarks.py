@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
@@ -1270,9 +1271,10 @@ def test_render_breakdown_breaks_the_start_line_for_a_worker_process_that_died_w
     assert errors == ["no result from 1 worker process(es) (exit codes of the finished ones: [0, -11])"]
 
 
-def _gpu_session(tmp_path: Path, parts: list, blocked: str = "") -> subprocess.CompletedProcess:
+def _gpu_session(tmp_path: Path, parts: list, blocked: str = "", extra: Optional[dict] = None) -> subprocess.CompletedProcess:
     """benchmarks/gpu_session.sh PARTS, its pip installs skipped (this checkout is importable as is) and
-    ``blocked`` (a module) made to fail to import, as on a GPU machine that lacks it."""
+    ``blocked`` (a module) made to fail to import, as on a GPU machine that lacks it; ``extra``: more
+    environment variables."""
     wrapper = tmp_path / "python"
     wrapper.write_text(f'#!/bin/sh\n[ "$1 $2" = "-m pip" ] && exit 0\nexec {sys.executable} "$@"\n')
     wrapper.chmod(0o755)
@@ -1282,7 +1284,7 @@ def _gpu_session(tmp_path: Path, parts: list, blocked: str = "") -> subprocess.C
         (tmp_path / "blocked" / f"{blocked}.py").write_text("raise ImportError('not on this machine')\n")
         path.insert(0, str(tmp_path / "blocked"))
     env = {**os.environ, "PYTHON": str(wrapper), "RESULTS": str(tmp_path / "results"), "VLMRM_FAST_COMMIT": "test",
-           "PYTHONPATH": os.pathsep.join(path)}
+           "PYTHONPATH": os.pathsep.join(path), **(extra or {})}
     return subprocess.run(["bash", str(BENCHMARKS / "gpu_session.sh"), *parts], env=env, capture_output=True,
                           text=True, timeout=240)
 
@@ -1320,3 +1322,17 @@ def test_render_breakdown_options(capsys, monkeypatch):
     monkeypatch.setattr(vlmrm_fast.render, "rendering_unavailable_reason", lambda: "MuJoCo cannot make a GL context")
     rb.main(["--device", "cpu"])
     assert capsys.readouterr().out.startswith("skipped: MuJoCo cannot make a GL context. Set MUJOCO_GL=egl")
+
+
+def test_a_gpu_session_tests_part_stopped_by_its_time_limit_still_names_the_failed_tests(tmp_path):
+    # The time limit's SIGTERM killed pytest before its summary: the log kept "F." and no test's name, so a
+    # call that ran out of time during `tests` could not say which GPU test had failed. And -rs, after the
+    # project's -ra, left the failures out of the short summary even where pytest got to write it.
+    _skip_without_rendering()  # the tests part asks for what rendering needs, as the render tests use it
+    tests = tmp_path / "test_gpu_stub.py"
+    tests.write_text("import time\nimport pytest\n\n\n@pytest.mark.gpu\ndef test_broken_on_this_gpu():\n"
+                     "    assert 1 == 2\n\n\n@pytest.mark.gpu\ndef test_slow():\n    time.sleep(120)\n")
+    result = _gpu_session(tmp_path, ["tests"], extra={"GPU_TESTS": str(tests), "PART_TIMEOUT": "5"})
+    log = (tmp_path / "results" / "tests" / "log.txt").read_text()
+    assert "== tests: exit 124" in result.stdout, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "FAILED" in log and "test_broken_on_this_gpu" in log, log
