@@ -236,6 +236,13 @@ for name in "$@"; do  # every name checked before setup touches the machine
     [ "$name" = info ] || NEEDS_PACKAGES=1
 done
 export NEEDS_EXTENSION
+if [ -n "${VLMRM_FAST_COMMIT+set}" ] && [ -z "${VLMRM_FAST_COMMIT// /}" ]; then
+    # A variable of the machine the command was written on (the README's $C) is empty where the command
+    # runs; a git folder here, possibly an older one, would then name the results' commit without a word.
+    echo "VLMRM_FAST_COMMIT is set but empty: write the commit itself into the command sent to this machine" >&2
+    echo "  (VLMRM_FAST_COMMIT=1a2b3c4 bash $0 $*, the commit as the README's C=... prints it where the tree was sent from)" >&2
+    exit 2
+fi
 if ! git rev-parse --git-dir >/dev/null 2>&1 && [ -z "${VLMRM_FAST_COMMIT:-}" ]; then
     echo "this copy of the tree has no .git, so results could not name their commit: run it as" >&2
     echo "  VLMRM_FAST_COMMIT=\$(env -u VLMRM_FAST_COMMIT python -c 'from vlmrm_fast.run_info import git_commit; print(git_commit())') bash $0 $*" >&2

@@ -1336,3 +1336,12 @@ def test_a_gpu_session_tests_part_stopped_by_its_time_limit_still_names_the_fail
     log = (tmp_path / "results" / "tests" / "log.txt").read_text()
     assert "== tests: exit 124" in result.stdout, result.stdout[-2000:] + result.stderr[-2000:]
     assert "FAILED" in log and "test_broken_on_this_gpu" in log, log
+
+
+def test_a_gpu_session_refuses_an_empty_commit_name(tmp_path):
+    # `VLMRM_FAST_COMMIT=$C bash gpu_session.sh ...` sent to the GPU machine, where $C (set on the machine the
+    # command was written on) is empty: with a git folder there, possibly a stale one, the results named its
+    # commit without a word.
+    result = _gpu_session(tmp_path, ["info"], extra={"VLMRM_FAST_COMMIT": ""})
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "VLMRM_FAST_COMMIT is set but empty" in result.stderr and "== info" not in result.stdout
