@@ -11,8 +11,9 @@
 #
 # PARTs:
 #   info         nvidia-smi, library versions, commit, whether EGL reaches the GPU       (seconds)
-#   tests        build the GL-CUDA extension, then `pytest -m gpu` (GPU_TESTS="tests/x.py ..." for some
-#                files only)                                                              (minutes)
+#   tests        build the GL-CUDA extension, then `pytest -m gpu`, the files of GPU_TESTS_FIRST (the few
+#                end-to-end tests) before the kernels' (GPU_TESTS="tests/x.py ..." for some files only)
+#                                                                                         (minutes)
 #   kernels      benchmarks/bench_kernels.py: preprocess GB/s against the copy (with the other tiles
 #                in KERNEL_TILES, default "16x64w4 4x128w4 4x64w4", and the identity candidates of
 #                benchmarks/identity_variants.py in KERNEL_IDENTITY, default "flat1024w4 flat2048w8
@@ -61,6 +62,12 @@ WHEEL_PYTHON=${WHEEL_PYTHON:-3.12}
 WHEELS=(open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.9.4 mujoco==4.0.0 mujoco-core==4.0.0 mujoco-studio==4.0.0
         glfw==2.11.0 pyopengl==3.1.10 gymnasium==1.4.0 farama-notifications==0.0.6 stable-baselines3==2.9.2)
 GL_DEBS=(libegl1 libglvnd0 libopengl0 libgl1 libglx0 libgles2)
+# The tests part runs these files first: their few `gpu` tests check the GPU render path, the backends, fp8
+# on Hopper and the reward end to end, and the ~400 kernel-shape tests after them (a Triton compile each)
+# may outlast the call.
+GPU_TESTS_FIRST="tests/test_render.py tests/test_reward.py tests/test_backends.py tests/test_torch_fp8.py
+    tests/test_fp8.py tests/test_fp8_block.py tests/test_fp8_gelu_mlp.py tests/test_gelu_epilogue.py
+    tests/test_patch_embed.py tests/test_profiler.py tests/test_train.py"
 
 fetch() {
     mkdir -p .whl .gl
@@ -194,8 +201,16 @@ part_tests() {
 def interrupt(signum, frame): raise KeyboardInterrupt
 signal.signal(signal.SIGTERM, interrupt)
 sys.exit(pytest.main(sys.argv[1:]))'
+    local files=${GPU_TESTS:-}
+    if [ -z "$files" ]; then
+        # shellcheck disable=SC2086
+        files=$(echo $GPU_TESTS_FIRST)
+        for file in tests/test_*.py; do
+            case " $files " in *" $file "*) ;; *) files+=" $file" ;; esac
+        done
+    fi
     # shellcheck disable=SC2086
-    part tests "$PYTHON" -c "$run_pytest" -m gpu -q -rfEs -p no:cacheprovider ${per_test[@]+"${per_test[@]}"} ${GPU_TESTS:-}
+    part tests "$PYTHON" -c "$run_pytest" -m gpu -q -rfEs -p no:cacheprovider ${per_test[@]+"${per_test[@]}"} $files
 }
 part_kernels() {
     # shellcheck disable=SC2086
