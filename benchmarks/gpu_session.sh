@@ -4,10 +4,11 @@
 # by git), fetched beforehand on a machine that reaches PyPI and Debian.
 #
 #   bash benchmarks/gpu_session.sh fetch            # on the networked machine: fill .whl/ and .gl/
-#   VLMRM_FAST_COMMIT=$(env -u VLMRM_FAST_COMMIT python -c "from vlmrm_fast.run_info import git_commit; print(git_commit())") \
-#       bash benchmarks/gpu_session.sh PART [PART ...]
-#                                                   # on the GPU machine (a copy of the tree without
-#                                                   # .git needs the commit named: results carry it)
+#   env -u VLMRM_FAST_COMMIT python -c "from vlmrm_fast.run_info import git_commit; print(git_commit())"
+#                                                   # where the tree is sent from: its commit, 1a2b3c4 say
+#   VLMRM_FAST_COMMIT=1a2b3c4 bash benchmarks/gpu_session.sh PART [PART ...]
+#                                                   # on the GPU machine, the commit written in (results
+#                                                   # carry it; a copy of the tree has no .git, or an old one)
 #
 # PARTs:
 #   info         nvidia-smi, library versions, commit, whether EGL reaches the GPU       (seconds)
@@ -255,13 +256,15 @@ if [ -n "${VLMRM_FAST_COMMIT+set}" ] && [ -z "${VLMRM_FAST_COMMIT// /}" ]; then
     # A variable of the machine the command was written on (the README's $C) is empty where the command
     # runs; a git folder here, possibly an older one, would then name the results' commit without a word.
     echo "VLMRM_FAST_COMMIT is set but empty: write the commit itself into the command sent to this machine" >&2
-    echo "  (VLMRM_FAST_COMMIT=1a2b3c4 bash $0 $*, the commit as the README's C=... prints it where the tree was sent from)" >&2
+    echo "  (VLMRM_FAST_COMMIT=1a2b3c4 bash $0 $*, the commit as benchmarks/README.md's first command prints it" >&2
+    echo "  where the tree was sent from)" >&2
     exit 2
 fi
 if ! git rev-parse --git-dir >/dev/null 2>&1 && [ -z "${VLMRM_FAST_COMMIT:-}" ]; then
     echo "this copy of the tree has no .git, so results could not name their commit: run it as" >&2
-    echo "  VLMRM_FAST_COMMIT=\$(env -u VLMRM_FAST_COMMIT python -c 'from vlmrm_fast.run_info import git_commit; print(git_commit())') bash $0 $*" >&2
-    echo "  (run where the tree was sent from: the commit of the tree sent, +dirty with uncommitted changes)" >&2
+    echo "  VLMRM_FAST_COMMIT=1a2b3c4 bash $0 $*" >&2
+    echo "  with the commit that, where the tree was sent from, \`env -u VLMRM_FAST_COMMIT python -c" >&2
+    echo "  'from vlmrm_fast.run_info import git_commit; print(git_commit())'\` prints (+dirty with uncommitted changes)" >&2
     exit 2
 fi
 setup || { echo "setup failed (log: $RESULTS/setup.log)" >&2; exit 1; }
