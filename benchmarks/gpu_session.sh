@@ -198,10 +198,7 @@ part_tests() {
     "$PYTHON" -c "import pytest_timeout" 2>/dev/null && per_test=(--timeout=240)
     # pytest writes its failures and summary on a KeyboardInterrupt, but the time limit's SIGTERM ends it
     # with only its progress dots in the log: SIGTERM raises KeyboardInterrupt here instead.
-    local run_pytest='import signal, sys, pytest
-def interrupt(signum, frame): raise KeyboardInterrupt
-signal.signal(signal.SIGTERM, interrupt)
-sys.exit(pytest.main(sys.argv[1:]))'
+    local run_pytest='import signal, sys, pytest; signal.signal(signal.SIGTERM, signal.default_int_handler); sys.exit(pytest.main(sys.argv[1:]))'
     local files=${GPU_TESTS:-}
     if [ -z "$files" ]; then
         # shellcheck disable=SC2086
