@@ -64,7 +64,7 @@ WHEELS=(open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.9.4 mujoco==4.0.0 mujoco-c
         glfw==2.11.0 pyopengl==3.1.10 gymnasium==1.4.0 farama-notifications==0.0.6 stable-baselines3==2.9.2)
 GL_DEBS=(libegl1 libglvnd0 libopengl0 libgl1 libglx0 libgles2)
 # The tests part runs these files first: their few `gpu` tests check the GPU render path, the backends, fp8
-# on Hopper and the reward end to end, and the ~400 kernel-shape tests after them (a Triton compile each)
+# on Hopper and the reward end to end, and the ~400 kernel-shape tests after them (many a Triton compile)
 # may outlast the call.
 GPU_TESTS_FIRST="tests/test_render.py tests/test_reward.py tests/test_backends.py tests/test_torch_fp8.py
     tests/test_fp8.py tests/test_fp8_block.py tests/test_fp8_gelu_mlp.py tests/test_gelu_epilogue.py
@@ -250,8 +250,8 @@ for name in "$@"; do  # every name checked before setup touches the machine
 done
 export NEEDS_EXTENSION
 if [ -n "${VLMRM_FAST_COMMIT+set}" ] && [ -z "${VLMRM_FAST_COMMIT// /}" ]; then
-    # A variable of the machine the command was written on (the README's $C) is empty where the command
-    # runs; a git folder here, possibly an older one, would then name the results' commit without a word.
+    # A shell variable of the machine the command was written on ($C) is empty where the command runs; a
+    # git folder here, possibly an older one, would then name the results' commit without a word.
     echo "VLMRM_FAST_COMMIT is set but empty: write the commit itself into the command sent to this machine" >&2
     echo "  (VLMRM_FAST_COMMIT=1a2b3c4 bash $0 $*, the commit as benchmarks/README.md's first command prints it" >&2
     echo "  where the tree was sent from)" >&2
