@@ -215,6 +215,28 @@ def test_an_onnxruntime_backend_removes_its_graph_when_collected_without_a_resou
     assert not folder.exists()
     assert not [w for w in caught if issubclass(w.category, ResourceWarning)], [str(w.message) for w in caught]
 
+@needs_ort
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded, use of fork:DeprecationWarning")
+def test_a_forked_child_leaves_the_parents_onnx_graph_alone(tiny):
+    # A forked child (AsyncVectorEnv, SubprocVecEnv(start_method="fork")) that let its inherited backend go, here by
+    # rm.rebuild_backend(), hung for ever in ONNX Runtime's freeing of the session, and the inherited finaliser had
+    # removed the parent's graph folder: the parent's next copy (a spawn worker, copy.deepcopy) raised FileNotFoundError.
+    import copy
+    import multiprocessing
+
+    rm = CLIPReward(*tiny, goal="a", baseline="b", alpha=0.5, device="cpu", backend="onnxruntime")
+    frames = _noise(2, 32, 32, seed=4)
+    want = rm(frames)
+    folder = rm.vision_backend._model_path.parent
+    child = multiprocessing.get_context("fork").Process(target=rm.rebuild_backend)
+    child.start()
+    child.join(90)
+    if child.is_alive():
+        child.kill()
+        child.join()
+    assert child.exitcode == 0 and folder.is_dir()
+    assert torch.equal(copy.deepcopy(rm)(frames), want)
+
 
 def test_a_tensorrt_reward_model_refuses_pickling_naming_the_fix():
     import pickle

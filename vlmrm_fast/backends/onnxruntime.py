@@ -14,6 +14,7 @@ import contextlib
 import functools
 import json
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -36,6 +37,30 @@ _SCRATCH_BASE = "vlmrm_fast_onnx-"
 ONE_THREAD_BYTES = 2 << 20
 """CPU frame chunks up to this size are preprocessed on one torch thread (see ``preprocessing``)."""
 _log = logging.getLogger(__name__)
+
+
+_LIVE: "weakref.WeakSet[OnnxRuntimeBackend]" = weakref.WeakSet()
+"""The backends of this process that hold a session (:func:`_keep_inherited_sessions`)."""
+_INHERITED_SESSIONS: list = []
+"""The sessions a forked child inherited, held until it ends."""
+
+
+def _keep_inherited_sessions() -> None:
+    """In a forked child (gymnasium's AsyncVectorEnv, SubprocVecEnv with start_method="fork"), every inherited
+    backend keeps its session to the end and leaves the parent's graph folder alone. ONNX Runtime hangs for ever
+    freeing a session there (it waits on thread-pool threads the fork did not copy), which ``rm.rebuild_backend()``
+    or letting the reward model go would do; and the folder's finaliser, inherited too, removed the parent's
+    graph, which the parent's next copy (a spawn worker, ``copy.deepcopy``) reads. Runs fine in the child, and
+    costs it no memory: the session's pages are the parent's until written."""
+    for backend in list(_LIVE):
+        _INHERITED_SESSIONS.append(backend.session)
+        finalizer = backend.__dict__.get("_remove_workdir")
+        if finalizer is not None:
+            finalizer.detach()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_keep_inherited_sessions)
 
 
 @functools.lru_cache(maxsize=None)
@@ -117,6 +142,7 @@ class OnnxRuntimeBackend(VisionBackend):
         import onnxruntime as ort
 
         self.session = ort.InferenceSession(str(self._model_path), self._session_options(), providers=self._providers)
+        _LIVE.add(self)
         if self.device.type == "cuda" and "CUDAExecutionProvider" not in self.session.get_providers():
             # ONNX Runtime falls back to its CPU provider (a cuDNN or CUDA it cannot load) with a log line;
             # the calls would then hand it CUDA memory.
