@@ -1800,3 +1800,19 @@ def test_close_closes_the_cpu_paths_mujoco_renderer():
 def test_from_envs_of_no_envs_is_refused_by_name():
     with pytest.raises(ValueError, match="from_envs needs at least one env"):
         BatchRenderer.from_envs(iter([]), device="cpu")
+
+
+def test_a_renderer_refuses_to_be_pickled_or_copied_naming_the_fix():
+    # It holds this process's GL context: copy.deepcopy raised "ctypes objects containing pointers cannot be
+    # pickled" (and printed an error from a half-made mujoco.Renderer), pickle "cannot pickle 'MjvCamera' object".
+    import copy
+    import pickle
+
+    es = _make_envs(1, width=32, height=32)
+    with BatchRenderer.from_envs(es, device="cpu") as r:
+        frames = r.render()
+        for copy_of in (copy.deepcopy, pickle.dumps):
+            with pytest.raises(TypeError, match=r"BatchRenderer cannot be pickled or copied.*from_envs"):
+                copy_of(r)
+        assert torch.equal(r.render(), frames)
+    es[0].close()

@@ -504,6 +504,14 @@ class BatchRenderer:
             close_mujoco_renderer(self._renderer)
             self._renderer = None
 
+    def __getstate__(self) -> dict:
+        # Else the GL context's ctypes pointers, or the cameras, fail deep inside pickle with an error that names
+        # neither this class nor a way out.
+        raise TypeError(
+            "a BatchRenderer cannot be pickled or copied (copy.deepcopy, a subprocess): it holds this process's GL "
+            "context. Make one where the frames are needed, BatchRenderer.from_envs(envs) on the envs there."
+        )
+
     def __enter__(self) -> "BatchRenderer":
         return self
 
