@@ -969,6 +969,47 @@ def test_onnxruntime_keeps_a_forward_hook_on_an_attention_layer():
     assert (ort(frames) - eager(frames)).abs().max().item() <= 1e-5
 
 
+
+@needs_ort
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded, use of fork:DeprecationWarning")
+def test_a_child_forked_while_another_thread_preprocesses_scores(tiny):
+    # Subprocess envs forked while an evaluation thread was in a one-torch-thread block: the child inherited the
+    # block's lock held by a thread the fork did not copy, and its first score of a few frames waited for ever.
+    import multiprocessing
+    import threading
+
+    from vlmrm_fast.backends.base import ONE_TORCH_THREAD
+    from vlmrm_fast.backends.onnxruntime import _torch_uses_openmp
+
+    if not _torch_uses_openmp():
+        pytest.skip("the block is taken only where torch runs on OpenMP")
+    rm = CLIPReward(*tiny, goal="a", baseline="b", alpha=0.5, device="cpu", backend="onnxruntime")
+    frames = _noise(2, 32, 32, seed=6)
+    want = rm(frames).tolist()
+    inside, leave = threading.Event(), threading.Event()
+
+    def evaluate():
+        with ONE_TORCH_THREAD:
+            inside.set()
+            leave.wait(60)
+
+    evaluator = threading.Thread(target=evaluate)
+    evaluator.start()
+    try:
+        assert inside.wait(60)
+        context = multiprocessing.get_context("fork")
+        queue = context.Queue()
+        child = context.Process(target=lambda: queue.put(rm(frames).tolist()))
+        child.start()
+        child.join(60)
+        if child.is_alive():
+            child.kill()
+            child.join()
+    finally:
+        leave.set()
+        evaluator.join()
+    assert child.exitcode == 0 and queue.get(timeout=10) == want
+
 def test_one_torch_thread_blocks_from_two_threads_run_one_at_a_time():
     """A second thread waits for the first one's block to end, and each restores what it found: the
     count of threads that start torch work afterwards is the one from before (overlapping

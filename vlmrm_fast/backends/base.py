@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import os
 import threading
 from typing import Callable, ContextManager, Iterator, List, Optional, Sequence, Tuple, TypeGuard, TypeVar, Union
 
@@ -281,10 +282,17 @@ class _OneTorchThread:
     ``torch.set_num_threads`` sets the calling thread's count and the count that threads starting torch
     work later begin with, so blocks entered from several threads at once would restore each other's
     values out of order (and could leave new threads on one thread for good). Blocks therefore take a
-    lock: they run one at a time (they are short), and each restores exactly what it found.
+    lock: they run one at a time (they are short), and each restores exactly what it found. A process forked
+    while another thread was in a block (subprocess envs started beside an evaluation thread) starts with the
+    lock free: held there for ever by a thread the fork did not copy, it hung the child's first score.
     """
 
     def __init__(self) -> None:
+        self._unlocked()
+        if hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=self._unlocked)
+
+    def _unlocked(self) -> None:
         self._lock = threading.RLock()
         self._before: list = []
 
