@@ -139,3 +139,39 @@ def test_a_setting_is_restored_when_the_block_raises():
             assert new.fp32_precision == "ieee" and legacy.allow_tf32 is True
             raise KeyError("in the block")
     assert new.fp32_precision == "tf32" and legacy.allow_tf32 is True
+
+
+def test_blocks_from_two_threads_leave_the_setting_as_it_was():
+    # The settings are the process's: a block entered from a second thread while the first one's ran (two
+    # threads scoring CUDA frames on the torch path) read "ieee", the first restored "tf32" under it, and the
+    # second then wrote "ieee" back for good. Stand-in objects: the process's own flags are not touched.
+    import threading
+    import time
+    import types
+
+    from vlmrm_fast.precision import _tf32_off
+
+    legacy, new = types.SimpleNamespace(allow_tf32=True), types.SimpleNamespace(fp32_precision="tf32")
+    first_in, second_started, first_out = threading.Event(), threading.Event(), threading.Event()
+    seen = []
+
+    def first():
+        with _tf32_off(legacy, new, new_api_always=True):
+            first_in.set()
+            second_started.wait(10)
+            time.sleep(0.2)  # room for the second to enter, were it let in
+        first_out.set()
+
+    def second():
+        first_in.wait(10)
+        second_started.set()
+        with _tf32_off(legacy, new, new_api_always=True):
+            seen.append(new.fp32_precision)
+            first_out.wait(10)
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert seen == ["ieee"] and new.fp32_precision == "tf32"

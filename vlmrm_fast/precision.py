@@ -26,9 +26,25 @@ being "none", and writing "none" would turn their TF32 off.
 from __future__ import annotations
 
 import contextlib
+import os
+import threading
 from typing import Any, Iterator, Union
 
 import torch
+
+_SETTING = threading.RLock()
+"""Held for the length of a TF32-off block: the settings are the process's, so blocks entered from two threads at
+once restored each other's values out of order, leaving TF32 off for good (a user's "tf32" lost) and the later
+block's matmuls in TF32 (a reward model's CUDA frames scored from two threads)."""
+
+
+def _setting_lock_anew() -> None:
+    global _SETTING
+    _SETTING = threading.RLock()  # free in a child forked while another thread held it
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_setting_lock_anew)
 
 
 def _inherited_precision() -> str:
@@ -39,6 +55,13 @@ def _inherited_precision() -> str:
 
 @contextlib.contextmanager
 def _tf32_off(legacy_owner: Any, new_owner: Any, new_api_always: bool) -> Iterator[None]:
+    with _SETTING:
+        with _tf32_off_unlocked(legacy_owner, new_owner, new_api_always):
+            yield
+
+
+@contextlib.contextmanager
+def _tf32_off_unlocked(legacy_owner: Any, new_owner: Any, new_api_always: bool) -> Iterator[None]:
     current = getattr(new_owner, "fp32_precision", None)  # None: torch < 2.9, no new API
     try:
         legacy = legacy_owner.allow_tf32
