@@ -921,3 +921,34 @@ def test_an_error_of_the_tower_is_not_blamed_on_a_text_side_moved_since_the_goal
     for call in (rm, rm.embed):
         with pytest.raises(RuntimeError, match="out of memory"):
             call(frames)
+
+
+def test_reward_models_built_on_one_model_from_two_threads_at_once(monkeypatch):
+    # The registry of the reward models on each model (which refuses one that would change the model in place
+    # under another) was read while another thread's new reward model added itself: "Set changed size during
+    # iteration" from the constructor. Here a reader pauses mid-read until the other thread has added, or
+    # 0.5 s have passed (it waits on the registry's lock instead).
+    import threading
+    import weakref
+
+    from vlmrm_fast import reward as reward_module
+
+    class Holder:
+        _placement = ("cpu", torch.float32, False)
+
+    added = threading.Event()
+
+    class PausingSet(weakref.WeakSet):
+        def __iter__(self):
+            for i, item in enumerate(super().__iter__()):
+                if i == 0:
+                    threading.Thread(target=lambda: (reward_module._register_on_model(late, model), added.set())).start()
+                    added.wait(0.5)
+                yield item
+
+    model = torch.nn.Linear(1, 1)
+    early, more, late = Holder(), Holder(), Holder()
+    registry = weakref.WeakKeyDictionary({model: PausingSet([early, more])})
+    monkeypatch.setattr(reward_module, "_REWARDS_ON_MODEL", registry)
+    reward_module._check_no_other_placement(model, Holder._placement)
+    assert added.wait(5) and set(registry[model]) == {early, more, late}

@@ -4,6 +4,7 @@ from __future__ import annotations
 import functools
 import numbers
 import os
+import threading
 import weakref
 from typing import Callable, List, Optional, Sequence, Tuple, Union, cast
 
@@ -30,6 +31,12 @@ _DTYPES = {
 
 _REWARDS_ON_MODEL: "weakref.WeakKeyDictionary[torch.nn.Module, weakref.WeakSet]" = weakref.WeakKeyDictionary()
 """The live reward models built on each model (whose tower :func:`_place` cast in place)."""
+_REWARDS_ON_MODEL_LOCK = threading.Lock()  # a WeakSet read while another thread adds to it raises
+
+
+def _register_on_model(reward: "CLIPReward", model: torch.nn.Module) -> None:
+    with _REWARDS_ON_MODEL_LOCK:
+        _REWARDS_ON_MODEL.setdefault(model, weakref.WeakSet()).add(reward)
 
 
 def _placement(device: torch.device, dtype: torch.dtype, backend: str, options: Optional[dict]) -> tuple:
@@ -48,7 +55,9 @@ def _check_no_other_placement(model: torch.nn.Module, placement: tuple) -> None:
     """Refuse to change a model that another live CLIPReward runs on another device, in another dtype or
     with other projections: the change is in place, so that one's tower would change under it (a raw dtype
     error at its next call, weights rounded through bf16 for good, or fp8 matmuls it was not built with)."""
-    for other in list(_REWARDS_ON_MODEL.get(model, ())):
+    with _REWARDS_ON_MODEL_LOCK:
+        others = list(_REWARDS_ON_MODEL.get(model, ()))
+    for other in others:
         theirs = getattr(other, "_placement", None)
         if theirs is not None and theirs != placement:
             raise ValueError(
@@ -204,12 +213,12 @@ class CLIPReward:
         self._alpha = check_alpha(alpha)
         self.set_tasks(goal=goal, baseline=baseline, tasks=tasks)
         self._build_backend(backend, backend_options)
-        _REWARDS_ON_MODEL.setdefault(model, weakref.WeakSet()).add(self)
+        _register_on_model(self, model)
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         if "model" in state:  # a copy (deepcopy, pickle) runs its own model: registered as the original was
-            _REWARDS_ON_MODEL.setdefault(self.model, weakref.WeakSet()).add(self)
+            _register_on_model(self, self.model)
 
     def _build_backend(self, backend: str, options: Optional[dict]) -> None:
         visual = cast(torch.nn.Module, self.model.visual)
