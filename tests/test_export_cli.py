@@ -444,7 +444,13 @@ def test_the_embedding_width_of_a_tower_without_output_dim_is_its_outputs():
                                                          "ONNX graph takes any batch size (its batch axis is dynamic): "
                                                          "leave it out, or pass --format tensorrt"),
     (["--opt-batch-size", "4", "--max-batch-size", "8"], "--max-batch-size and --opt-batch-size set a TensorRT"),
-], ids=["onnx-as-engine", "onnx-as-plan", "engine-as-onnx", "max-batch-onnx", "both-batches-onnx"])
+    (["--format", "tensorrt", "--external-data", "yes"], "--external-data yes is for ONNX graphs (their weights file, "
+                                                         "their check in ONNX Runtime); a TensorRT engine is one file, "
+                                                         "not checked so: leave it out, or pass --format onnx"),
+    (["--format", "tensorrt", "--no-verify", "--external-data", "no"], "--external-data no and --no-verify are for "
+                                                                       "ONNX graphs"),
+], ids=["onnx-as-engine", "onnx-as-plan", "engine-as-onnx", "max-batch-onnx", "both-batches-onnx",
+        "external-data-engine", "onnx-options-engine"])
 def test_an_export_refuses_a_name_or_option_of_the_other_format(tmp_path, monkeypatch, capsys, argv, said):
     # Before anything is loaded or exported (a TensorRT export is refused so without CUDA or TensorRT too).
     monkeypatch.setattr("vlmrm_fast.models.create_clip", lambda *a, **k: pytest.fail("weights loaded first"))

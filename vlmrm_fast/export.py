@@ -176,8 +176,9 @@ def _check_not_replacing_other_files(out: Path, pretrained: Optional[str]) -> No
 
 def _check_format_options(args: argparse.Namespace, out: Path) -> None:
     """Refuse an ``--out`` named for the other format (an ONNX graph in ``x.engine``, an engine in ``x.onnx``: what
-    reads the file by its name would fail on it), and TensorRT's batch options with ``--format onnx``, which has
-    none to set (its batch axis is dynamic) and would ignore them without a word."""
+    reads the file by its name would fail on it), TensorRT's batch options with ``--format onnx``, which has
+    none to set (its batch axis is dynamic), and the ONNX graph's options with ``--format tensorrt``: either would
+    ignore them without a word."""
     suffix = out.suffix.lower()
     if args.format == "onnx" and suffix in ENGINE_SUFFIXES:
         raise ValueError(f"--out '{out}' names a TensorRT engine ({suffix}), but --format onnx (the default) writes an "
@@ -192,6 +193,13 @@ def _check_format_options(args: argparse.Namespace, out: Path) -> None:
             raise ValueError(f"{' and '.join(given)} set{'s' if len(given) == 1 else ''} a TensorRT engine's batch "
                              "profile; an ONNX graph takes any batch size (its batch axis is dynamic): leave "
                              f"{'it' if len(given) == 1 else 'them'} out, or pass --format tensorrt")
+    else:
+        given = [flag for flag, value in ((f"--external-data {args.external_data}", args.external_data != "auto"),
+                                          ("--no-verify", args.no_verify)) if value]
+        if given:
+            raise ValueError(f"{' and '.join(given)} {'is' if len(given) == 1 else 'are'} for ONNX graphs (their "
+                             "weights file, their check in ONNX Runtime); a TensorRT engine is one file, not checked "
+                             f"so: leave {'it' if len(given) == 1 else 'them'} out, or pass --format onnx")
 
 
 def _check_before_loading(args: argparse.Namespace, dtype: str) -> Optional[tuple]:
