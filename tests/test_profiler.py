@@ -1924,6 +1924,18 @@ def test_compile_mode_reaches_the_compile_backend_and_the_report(small_profiler,
         _bench_args("--compile-mode", "fastest")
 
 
+@pytest.mark.parametrize("backends", [["--backends", "torch", "onnxruntime"], ["--quick"]])
+def test_compile_mode_without_compile_rows_is_refused(backends):
+    # It would go unused without a word (the report names the mode only where compile was asked for).
+    from vlmrm_fast.profiler.run import resolve_config
+
+    with pytest.raises(ValueError, match=r"--compile-mode max-autotune sets the compile backend's torch.compile mode, "
+                                         r"but no compile rows run here \(--backends torch onnxruntime\): add compile "
+                                         "to --backends, or leave --compile-mode out"):
+        resolve_config(_bench_args(*backends, "--compile-mode", "max-autotune"))
+    assert resolve_config(_bench_args("--backends", "torch", "compile", "--compile-mode", "default")).compile_mode == "default"
+
+
 def test_kernels_resolve_for_the_device_and_name_the_option_where_they_cannot_run(monkeypatch):
     from vlmrm_fast.ops import _triton
     from vlmrm_fast.profiler.options import KERNEL_OPTIONS

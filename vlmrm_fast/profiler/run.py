@@ -177,11 +177,16 @@ def resolve_config(args: argparse.Namespace) -> BenchConfig:
             kernels.append(resolve_kernels(choice, device))
         except ValueError as error:  # in the command's terms: "pass kernels='torch'" -> "pass --kernels torch"
             raise ValueError(re.sub(r"kernels='(\w+)'", r"--kernels \1", str(error))) from None
+    backends = list(dict.fromkeys(args.backends or defaults["backends"]))
+    if getattr(args, "compile_mode", None) is not None and "compile" not in backends:
+        raise ValueError(f"--compile-mode {args.compile_mode} sets the compile backend's torch.compile mode, but no "
+                         f"compile rows run here (--backends {' '.join(backends)}): add compile to --backends, or "
+                         "leave --compile-mode out")
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
     return BenchConfig(
         models=models,
         batch_sizes=sorted(set(args.batch_sizes or defaults["batch_sizes"])),
-        backends=list(dict.fromkeys(args.backends or defaults["backends"])),
+        backends=backends,
         dtypes=list(dict.fromkeys(dtypes)),
         frame_size=args.frame_size,
         device=device,
