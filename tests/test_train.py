@@ -3159,6 +3159,13 @@ def test_the_command_line_entry_point_answers_with_exit_codes(tmp_path, capsys):
     assert err.startswith("vlmrm-fast: error: config file") and "does not exist" in err
     assert main(["--preset", "smoke", "--seed", "4", "--print-config"]) == 0
     assert json.loads(capsys.readouterr().out)["seed"] == 4
+    # A backend or SAC device that the run would refuse (the backend only once the env had rendered) is refused here.
+    assert main(["--preset", "smoke", "--reward-backend", "onxruntime", "--print-config"]) == 2
+    assert capsys.readouterr().err == ("vlmrm-fast: error: reward_backend must be one of auto, torch, compile, "
+                                       "onnxruntime, tensorrt, got 'onxruntime'\n")
+    assert main(["--preset", "smoke", "--sac-device", "gpu", "--print-config"]) == 2
+    assert capsys.readouterr().err == ("vlmrm-fast: error: sac_device='gpu' is not a torch device: pass auto, cpu, "
+                                       "cuda or cuda:N\n")
 
 
 def test_a_second_signal_exits_with_the_shells_code_for_it(tmp_path, monkeypatch, capsys):

@@ -18,7 +18,8 @@ from typing import Any, Optional
 from vlmrm_fast.train import checkpoint as ckpt
 from vlmrm_fast.train.config import (PRESETS, RESUMABLE_FIELDS, TrainConfig, apply_overrides, field_help, from_preset,
                                      load_config_file, parse_set)
-from vlmrm_fast.train.run import _check_resume_config, _check_resume_folder, _resume_checkpoint, default_run_dir, train
+from vlmrm_fast.train.run import (_check_resume_config, _check_resume_folder, _check_sac_device, _resume_checkpoint,
+                                  default_run_dir, train)
 from vlmrm_fast.train.run_lock import RunFolderBusy, hold_run_folder, refuse_if_held
 
 
@@ -86,7 +87,8 @@ def run_train_command(args: argparse.Namespace) -> int:
     """Handler of ``vlmrm-fast train``; exit code 0, or 130/143 after SIGINT/SIGTERM (checkpoint written)."""
     config, resume = config_from_args(args)
     if args.print_config:
-        print(config.validate().to_json())  # what would run, so what would be refused is refused here too
+        _check_sac_device(config.validate().sac_device)  # what would run, so what would be refused is refused here too
+        print(config.to_json())
         return 0
     result = train(config, resume=resume)
     where = f"checkpoint {result.checkpoint}" if result.checkpoint else "no checkpoint"

@@ -28,7 +28,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable, Optional, Union, get_args, get_origin, get_type_hints
 
-from vlmrm_fast.argtypes import FLOAT32_MAX, dtype_name
+from vlmrm_fast.argtypes import BACKEND_NAMES, FLOAT32_MAX, dtype_name
 
 tomllib: Optional[ModuleType]  # None: Python < 3.11 without tomli (TOML configs refused, JSON read)
 if sys.version_info >= (3, 11):
@@ -154,6 +154,8 @@ class TrainConfig:
              f"reward_timing must be one of {', '.join(REWARD_TIMINGS)}, got {self.reward_timing!r}")
         need(self.reward_dtype in DTYPES,
              f"reward_dtype must be one of {', '.join(DTYPES)} (or fp32, bf16, fp16), got {self.reward_dtype!r}")
+        need(self.reward_backend in ("auto", *BACKEND_NAMES),
+             f"reward_backend must be one of auto, {', '.join(BACKEND_NAMES)}, got {self.reward_backend!r}")
         need(self.preprocess in ("vlmrm", "openclip"), f"preprocess must be vlmrm or openclip, got {self.preprocess!r}")
         need(bool(self.goal) and all(isinstance(g, str) and g.strip() for g in self.goal),
              "goal needs at least one prompt, none blank")
