@@ -3157,6 +3157,14 @@ def test_the_command_line_entry_point_answers_with_exit_codes(tmp_path, capsys):
     assert main(["--preset", "smoke", "--config", str(tmp_path / "missing.toml")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("vlmrm-fast: error: config file") and "does not exist" in err
+    # A folder, or a file that is not UTF-8 (a binary picked by mistake): named, with the file.
+    assert main(["--preset", "smoke", "--config", str(tmp_path), "--print-config"]) == 2
+    assert capsys.readouterr().err == (f"vlmrm-fast: error: config file '{tmp_path}' is a folder; pass the TOML (or "
+                                       ".json) file in it\n")
+    (tmp_path / "run.toml").write_bytes(b'alpha = 0.5\ngoal = "caf\xe9"\n')  # Latin-1
+    assert main(["--preset", "smoke", "--config", str(tmp_path / "run.toml"), "--print-config"]) == 2
+    assert capsys.readouterr().err == (f"vlmrm-fast: error: config file '{tmp_path / 'run.toml'}' is not UTF-8 text "
+                                       "(invalid continuation byte on line 2); save it as UTF-8 TOML (or .json)\n")
     assert main(["--preset", "smoke", "--seed", "4", "--print-config"]) == 0
     assert json.loads(capsys.readouterr().out)["seed"] == 4
     # A backend or SAC device that the run would refuse (the backend only once the env had rendered) is refused here.

@@ -256,9 +256,16 @@ def _without_repeats(pairs: list) -> dict:
 def load_config_file(path: Union[str, Path]) -> dict:
     """Read a TOML (or ``.json``) config file into a flat dict (tables flattened)."""
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"config file '{path}' is a folder; pass the TOML (or .json) file in it")
     if not path.is_file():
         raise FileNotFoundError(f"config file '{path}' does not exist")
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")  # what TOML and JSON files are, whatever the locale says
+    except UnicodeDecodeError as exc:
+        line = exc.object[:exc.start].count(b"\n") + 1
+        raise ValueError(f"config file '{path}' is not UTF-8 text ({exc.reason} on line {line}); save it as UTF-8 "
+                         "TOML (or .json)") from None
     if path.suffix.lower() == ".json":
         try:
             data = json.loads(text, object_pairs_hook=_without_repeats)
