@@ -3131,6 +3131,29 @@ def test_resume_refuses_another_run_dir_from_the_config_file(tmp_path):
         config_from_args(_train_parser().parse_args(["train", "--config", str(path), "--resume", str(tmp_path / "run")]))
 
 
+def test_fields_given_but_unused_are_named(tmp_path):
+    # As score's note on --baseline at --alpha 0: a value given that the run does not use, not a preset's or a default.
+    from vlmrm_fast.train.command import config_from_args
+
+    def warned(*argv: str) -> list:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            config_from_args(_train_parser().parse_args(["train", "--preset", "smoke", *argv]))
+        return [str(w.message) for w in caught]
+
+    assert warned("--baseline", "a robot") == [
+        "baseline is unused at alpha 0 (the default: the reward is the cosine similarity to the goal); give --alpha "
+        "in (0, 1] to use it"]
+    path = tmp_path / "run.toml"
+    path.write_text('baseline = "a robot"\nvideo_length = 5\n')
+    assert warned("--config", str(path), "--eval-episodes", "2")[1] == (
+        "eval_episodes, video_length are unused at eval_every 0 (no evaluations); give --eval-every N to evaluate "
+        "every N steps")
+    assert warned("--config", str(path), "--alpha", "0.5", "--eval-every", "100") == []
+    assert warned("--baseline", "none") == warned("--goal", "a robot kneeling") == []
+    assert warned("--preset", "kneeling") == []  # the preset's own baseline at alpha 0, the paper's
+
+
 def test_resume_compares_a_date_like_run_dir_as_the_config_reads_it(tmp_path, monkeypatch):
     # TOML and --set read an unquoted 2024-05-01 as a date; the comparison with --resume raised TypeError.
     from vlmrm_fast.train.command import config_from_args

@@ -41,6 +41,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, Optional[Pa
     if args.preset and config.run_dir is None and args.resume is None:
         config = dataclasses.replace(config, run_dir=str(default_run_dir(args.preset)))
     if args.resume is None:
+        _warn_if_given_and_unused(config, set(from_file) | set(overrides))
         return config, None
 
     run_dir = Path(args.resume)
@@ -81,6 +82,19 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, Optional[Pa
                           f"{values(given)} do not change the run, which keeps its {values(effective)}: give those "
                           "as flags (--set KEY=VALUE) to change them", UserWarning, stacklevel=2)
     return dataclasses.replace(effective, run_dir=str(run_dir)), run_dir
+
+
+def _warn_if_given_and_unused(config: TrainConfig, given: set) -> None:
+    """Warn of the fields ``given`` (in a config file or on the command line, not by a preset or the defaults,
+    which set them all) that ``config`` does not use: a baseline at alpha 0, an evaluation's settings without
+    evaluations."""
+    if "baseline" in given and config.baseline and config.alpha == 0:
+        warnings.warn("baseline is unused at alpha 0 (the default: the reward is the cosine similarity to the goal); "
+                      "give --alpha in (0, 1] to use it", UserWarning, stacklevel=2)
+    unused = sorted(given & {"eval_episodes", "video_width", "video_height", "video_length"})
+    if unused and config.eval_every == 0:
+        warnings.warn(f"{', '.join(unused)} {'is' if len(unused) == 1 else 'are'} unused at eval_every 0 (no "
+                      "evaluations); give --eval-every N to evaluate every N steps", UserWarning, stacklevel=2)
 
 
 def run_train_command(args: argparse.Namespace) -> int:
