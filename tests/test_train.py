@@ -3168,7 +3168,7 @@ def test_resume_compares_a_date_like_run_dir_as_the_config_reads_it(tmp_path, mo
     assert "is given on the command line" not in str(same_folder.value)
 
 
-def test_the_command_line_entry_point_answers_with_exit_codes(tmp_path, capsys):
+def test_the_command_line_entry_point_answers_with_exit_codes(tmp_path, capsys, monkeypatch):
     from vlmrm_fast.train.run import main
 
     assert main(["--help"]) == 0
@@ -3190,6 +3190,16 @@ def test_the_command_line_entry_point_answers_with_exit_codes(tmp_path, capsys):
                                        "(invalid continuation byte on line 2); save it as UTF-8 TOML (or .json)\n")
     assert main(["--preset", "smoke", "--seed", "4", "--print-config"]) == 0
     assert json.loads(capsys.readouterr().out)["seed"] == 4
+
+    import io
+
+    class ClosedPipe(io.StringIO):  # `--print-config | head -3`, head gone: quiet, with the code for SIGPIPE
+        def write(self, text: str) -> int:
+            raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(sys, "stdout", ClosedPipe())
+    assert main(["--preset", "smoke", "--print-config"]) == 141
+    assert capsys.readouterr().err == ""
     # A backend or SAC device that the run would refuse (the backend only once the env had rendered) is refused here.
     assert main(["--preset", "smoke", "--reward-backend", "onxruntime", "--print-config"]) == 2
     assert capsys.readouterr().err == ("vlmrm-fast: error: reward_backend must be one of auto, torch, compile, "

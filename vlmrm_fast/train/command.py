@@ -15,6 +15,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any, Optional
 
+from vlmrm_fast.argtypes import stdout_may_close
 from vlmrm_fast.train import checkpoint as ckpt
 from vlmrm_fast.train.config import (PRESETS, RESUMABLE_FIELDS, TrainConfig, apply_overrides, field_help, from_preset,
                                      load_config_file, parse_set)
@@ -102,7 +103,8 @@ def run_train_command(args: argparse.Namespace) -> int:
     config, resume = config_from_args(args)
     if args.print_config:
         _check_sac_device(config.validate().sac_device)  # what would run, so what would be refused is refused here too
-        print(config.to_json())
+        with stdout_may_close():  # `--print-config | head`: quiet, as score --out - is
+            print(config.to_json(), flush=True)
         return 0
     result = train(config, resume=resume)
     where = f"checkpoint {result.checkpoint}" if result.checkpoint else "no checkpoint"
