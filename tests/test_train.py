@@ -3209,6 +3209,33 @@ def test_the_command_line_entry_point_answers_with_exit_codes(tmp_path, capsys, 
                                        "cuda or cuda:N\n")
 
 
+@pytest.mark.parametrize("argv,said", [
+    (["--reward-backend", "onnxruntime", "--reward-dtype", "bf16"],
+     "--reward-backend onnxruntime on CPU runs float32, not bf16; pass --reward-dtype fp32."),
+    (["--reward-backend", "tensorrt"], "--reward-backend tensorrt needs a CUDA device; use --reward-backend onnxruntime "
+                                       "or torch on CPU."),
+    (["--goal", "a robot", "--baseline", "a robot", "--alpha", "0.5"], "Pass --alpha 0, or give a --baseline that "
+                                                                        "differs from the goal."),
+], ids=["dtype", "backend", "alpha"])
+def test_the_reward_models_errors_name_the_train_flags(monkeypatch, capsys, argv, said):
+    # CLIPReward's errors are written for Python callers (backend='onnxruntime', dtype=torch.float32): the command
+    # names its own flags, as score does. The reward model is built as train builds it, without the envs.
+    from vlmrm_fast import cli
+    from vlmrm_fast.train import command
+    from vlmrm_fast.train.run import build_reward_model
+
+    monkeypatch.setattr(command, "train", lambda config, resume: build_reward_model(config))
+    assert cli.main(["train", "--preset", "smoke", "--reward-device", "cpu", *argv]) == 2
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err.startswith("vlmrm-fast: error: ") and err.endswith(said), err
+    assert "=" not in err  # no Python keyword left
+    # Names that end in a translated one are the fields' own, kept: sac_device='...' is not --device.
+    from vlmrm_fast.argtypes import in_cli_terms
+
+    assert in_cli_terms("sac_device='x' and reward_backend='y'; device='cpu'", device_flag="--reward-device") == (
+        "sac_device='x' and reward_backend='y'; --reward-device cpu")
+
+
 def test_a_second_signal_exits_with_the_shells_code_for_it(tmp_path, monkeypatch, capsys):
     # Through both entry points: the vlmrm-fast console script (vlmrm_fast.cli) and python -m vlmrm_fast.train.run.
     import copy

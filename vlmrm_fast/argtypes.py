@@ -214,22 +214,23 @@ def _int_from(text: str, lowest: int, what: str) -> int:
 
 
 def in_cli_terms(message: str, dtype_flag: str = "--dtypes", backend_flag: str = "--backends",
-                 batch_flag: str = "--batch-sizes") -> str:
+                 batch_flag: str = "--batch-sizes", device_flag: str = "--device") -> str:
     """A backend's error, written for ``CLIPReward`` callers, in a command's options: with ``bench``'s
     flags (the defaults), "pass dtype=torch.float32" becomes "pass --dtypes fp32", "backend='torch'"
     "--backends torch", "quantize='int8'" "--dtypes int8" (bench's precisions), "device='cpu'" "--device
     cpu" and "lower max_batch_size" "lower --batch-sizes"; ``score`` passes its ``--dtype``, ``--backend``
-    and ``--batch-size``."""
+    and ``--batch-size``, ``train`` its ``--reward-*`` flags. Names that end in these (``sac_device='x'``)
+    are left as they are."""
     def short(match: re.Match) -> str:
         return SHORT_DTYPE_NAMES.get(match.group(1), match.group(1))
 
-    message = re.sub(r"dtype=torch\.(\w+)", lambda m: f"{dtype_flag} {short(m)}", message)
+    message = re.sub(r"\bdtype=torch\.(\w+)", lambda m: f"{dtype_flag} {short(m)}", message)
     message = re.sub(r"\btorch\.(float32|bfloat16|float16)\b", short, message)
-    message = re.sub(r"backend='(\w+)' with quantize='(\w+)'", rf"{backend_flag} \1 {dtype_flag} \2", message)
-    message = re.sub(r"backend='(\w+)'( or '(\w+)')?", lambda m: f"{backend_flag} {m.group(1)}"
+    message = re.sub(r"\bbackend='(\w+)' with quantize='(\w+)'", rf"{backend_flag} \1 {dtype_flag} \2", message)
+    message = re.sub(r"\bbackend='(\w+)'( or '(\w+)')?", lambda m: f"{backend_flag} {m.group(1)}"
                      + (f" or {m.group(3)}" if m.group(3) else ""), message)
-    message = re.sub(r"quantize='(\w+)'", rf"{dtype_flag} \1", message)
-    message = re.sub(r"device='([^']*)'", r"--device \1", message)
+    message = re.sub(r"\bquantize='(\w+)'", rf"{dtype_flag} \1", message)
+    message = re.sub(r"\bdevice='([^']*)'", rf"{device_flag} \1", message)
     message = re.sub(r" \(command line: [^)]*\)", "", message)  # what the Python message adds for these commands
     message = re.sub(r" \(in Python: [^)]*\)", "", message)  # and what it says for Python callers alone
     message = message.replace("pretrained=None", "--pretrained none")

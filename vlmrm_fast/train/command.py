@@ -15,7 +15,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any, Optional
 
-from vlmrm_fast.argtypes import stdout_may_close
+from vlmrm_fast.argtypes import CLIError, in_cli_terms, stdout_may_close
 from vlmrm_fast.train import checkpoint as ckpt
 from vlmrm_fast.train.config import (PRESETS, RESUMABLE_FIELDS, TrainConfig, apply_overrides, field_help, from_preset,
                                      load_config_file, parse_set)
@@ -106,7 +106,11 @@ def run_train_command(args: argparse.Namespace) -> int:
         with stdout_may_close():  # `--print-config | head`: quiet, as score --out - is
             print(config.to_json(), flush=True)
         return 0
-    result = train(config, resume=resume)
+    try:
+        result = train(config, resume=resume)
+    except ValueError as error:  # the reward model's, written for Python callers: name this command's flags instead
+        raise CLIError(in_cli_terms(str(error), dtype_flag="--reward-dtype", backend_flag="--reward-backend",
+                                    batch_flag="--reward-batch-size", device_flag="--reward-device")) from None
     where = f"checkpoint {result.checkpoint}" if result.checkpoint else "no checkpoint"
     if result.stopped_by:
         print(f"stopped by {result.stopped_by} at step {result.num_timesteps}; {where}; continue with: "
