@@ -109,6 +109,17 @@ def test_score_to_standard_output(image_folder: Path, tmp_path: Path, capsys: py
     assert plot.exists() and f"wrote the CSV to standard output, {plot}" in capsys.readouterr().err
 
 
+def test_score_refuses_a_prompt_that_is_not_text(image_folder: Path, tmp_path: Path, capsys) -> None:
+    # `--goal café` typed in Latin-1 where the locale says UTF-8: Python's argv holds 'caf\udce9'. It was scored as
+    # whatever the tokenizer made of it, and --plot then failed in matplotlib with a page of its signatures.
+    out = tmp_path / "r.csv"
+    assert score([str(image_folder), "--goal", "caf\udce9", "--out", str(out), "--plot", *TINY]) == 2
+    err = capsys.readouterr().err
+    assert err.endswith("is a byte that is not UTF-8, from a terminal or file in another encoding): retype it as "
+                        "UTF-8.\n") and err.count("\n") == 1, err
+    assert not out.exists()
+
+
 def test_score_to_a_pipe_its_reader_closed(image_folder: Path, monkeypatch, capsys) -> None:
     # `vlmrm-fast score ... --out - | head -3`: head exits, the next write raises BrokenPipeError. A Unix
     # tool ends quietly then, with the code a shell gives SIGPIPE (141), not an error message or a traceback.

@@ -236,6 +236,9 @@ BAD_PROMPTS = [
     (dict(goal=""), ValueError, "goal has a blank prompt"),
     (dict(goal=["a", " \n"]), ValueError, "goal has a blank prompt"),
     (dict(goal="a", baseline="  "), ValueError, "baseline has a blank prompt .*baseline=None.*leave out --baseline"),
+    # sys.argv's decoding of a Latin-1 'café' in a UTF-8 locale: the tokenizer embedded it as something else.
+    (dict(goal="a robot", baseline="caf\udce9"), ValueError, r"baseline has a prompt that is not text \('caf\\udce9': "
+                                                            r"'\\udce9' is a byte that is not UTF-8"),
 ]
 
 

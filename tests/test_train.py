@@ -3204,6 +3204,9 @@ def test_the_command_line_entry_point_answers_with_exit_codes(tmp_path, capsys, 
     assert main(["--preset", "smoke", "--reward-backend", "onxruntime", "--print-config"]) == 2
     assert capsys.readouterr().err == ("vlmrm-fast: error: reward_backend must be one of auto, torch, compile, "
                                        "onnxruntime, tensorrt, got 'onxruntime'\n")
+    assert main(["--preset", "smoke", "--goal", "caf\udce9", "--print-config"]) == 2  # argv's Latin-1 'café'
+    assert capsys.readouterr().err == ("vlmrm-fast: error: the prompt 'caf\\udce9' is not text: it holds a byte that is "
+                                       "not UTF-8, from a terminal or file in another encoding; retype it as UTF-8\n")
     assert main(["--preset", "smoke", "--sac-device", "gpu", "--print-config"]) == 2
     assert capsys.readouterr().err == ("vlmrm-fast: error: sac_device='gpu' is not a torch device: pass auto, cpu, "
                                        "cuda or cuda:N\n")

@@ -160,6 +160,10 @@ class TrainConfig:
         need(bool(self.goal) and all(isinstance(g, str) and g.strip() for g in self.goal),
              "goal needs at least one prompt, none blank")
         need(all(isinstance(b, str) and b.strip() for b in self.baseline), "baseline prompts must be non-blank strings")
+        for prompt in (*self.goal, *self.baseline):  # as CLIPReward refuses them, but before the envs are made
+            need(not any("\ud800" <= c <= "\udfff" for c in prompt),
+                 f"the prompt {prompt!r} is not text: it holds a byte that is not UTF-8, from a terminal or file in "
+                 "another encoding; retype it as UTF-8")
         need(self.alpha == 0 or bool(self.baseline), "alpha > 0 needs a baseline prompt; set baseline or alpha = 0")
         need(self.reward_batch_size is None or self.reward_batch_size >= 1, "reward_batch_size must be >= 1 (or none)")
         need(abs(self.reward_weight) <= FLOAT32_MAX,  # NaN fails too
