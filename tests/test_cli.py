@@ -120,6 +120,21 @@ def test_score_refuses_a_prompt_that_is_not_text(image_folder: Path, tmp_path: P
     assert not out.exists()
 
 
+def test_score_refuses_a_plot_among_the_frames_it_scores(image_folder: Path, capsys) -> None:
+    # A later score of the folder read such a plot as a frame (one more reward, from the plot) without a word.
+    plot = image_folder / "plot.png"
+    assert score([str(image_folder), "--goal", "a red square", f"--plot={plot}", *TINY]) == 2
+    assert capsys.readouterr().err == (f"vlmrm-fast: error: --plot '{plot}' is in the folder being scored, where a "
+                                       "later score of it would read the plot as a frame: name it "
+                                       f"{image_folder / 'plot.rewards.png'} (skipped as a frame), or write it elsewhere\n")
+    assert not plot.exists()
+    assert score([str(image_folder), "--goal", "a red square", f"--plot={image_folder / 'plot.rewards.png'}", *TINY]) == 0
+    frames = len(frame_files.list_images(image_folder))
+    capsys.readouterr()
+    assert score([str(image_folder), "--goal", "a red square", "--out", "-", *TINY]) == 0
+    assert capsys.readouterr().out.count("\n") == 1 + frames
+
+
 def test_score_to_a_pipe_its_reader_closed(image_folder: Path, monkeypatch, capsys) -> None:
     # `vlmrm-fast score ... --out - | head -3`: head exits, the next write raises BrokenPipeError. A Unix
     # tool ends quietly then, with the code a shell gives SIGPIPE (141), not an error message or a traceback.

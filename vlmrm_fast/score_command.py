@@ -199,6 +199,8 @@ def _run_score(args: argparse.Namespace) -> int:
         _refuse_a_media_name(csv_path)
     plot_path = _plot_path(args.plot, csv_path or Path())
     _check_outputs(args.path, source, [p for p in (csv_path, plot_path) if p is not None])
+    if plot_path is not None:
+        _refuse_a_plot_among_the_frames(args.path, plot_path)
     from vlmrm_fast.reward import CLIPReward
 
     try:
@@ -294,6 +296,17 @@ def _check_outputs(path: Path, source, outputs: Sequence[Path]) -> None:
     if len(outputs) == 2 and outputs[0].resolve() == outputs[1].resolve():
         raise CLIError(f"--out and --plot both name '{outputs[0]}'; the plot would replace the CSV: "
                        "give them different names")
+
+
+def _refuse_a_plot_among_the_frames(path: Path, plot_path: Path) -> None:
+    """Refuse a ``--plot`` written into the folder being scored under a name a later run reads as a frame (any
+    PNG but ``*.rewards.png``): that run would score the plot too, and say nothing of it."""
+    if not path.is_dir() or plot_path.name.lower().endswith(".rewards.png"):
+        return
+    if plot_path.resolve().parent == path.resolve():
+        skipped = plot_path.with_name(plot_path.name[: -len(plot_path.suffix)] + ".rewards.png")
+        raise CLIError(f"--plot '{plot_path}' is in the folder being scored, where a later score of it would read the "
+                       f"plot as a frame: name it {skipped} (skipped as a frame), or write it elsewhere")
 
 
 def default_csv_path(path: Path) -> Path:
