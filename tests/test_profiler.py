@@ -560,6 +560,21 @@ def test_frames_that_do_not_fit_name_the_batch_size_and_leave_no_folder(tmp_path
     assert not (tmp_path / "by").exists() and (tmp_path / "kept").is_dir()  # made by the run: gone; given: kept
 
 
+def test_frames_that_do_not_fit_name_the_frame_size_where_it_is_the_cause(monkeypatch):
+    # `bench --frame-size 100000`: 30 GB a frame, which no --batch-sizes brings down (the error said to lower it).
+    from vlmrm_fast.profiler import run as bench
+
+    monkeypatch.setattr(bench, "available_memory", lambda device: 2 * 10**9)
+    cpu = torch.device("cpu")
+    with pytest.raises(ValueError, match=r"\(1 x 100000 x 100000 x 3 bytes\) take 30.0 GB, more than the cpu memory could "
+                                         r"give \(2.0 GB available\); pass a smaller --frame-size \(the tower's"):
+        bench.Frames.make(1, 100000, cpu, seed=False)
+    with pytest.raises(ValueError, match="; pass smaller --batch-sizes or a smaller --frame-size "):
+        bench.Frames.make(8, 20000, cpu, seed=False)
+    with pytest.raises(ValueError, match=r"; pass smaller --batch-sizes \(the tower's"):
+        bench.Frames.make(10**5, 224, cpu, seed=False)
+
+
 def test_frames_for_a_gpu_are_checked_against_host_memory_too(monkeypatch):
     # On CUDA the frames are drawn in host memory first and kept there: host memory runs out too, and the error
     # must name the memory that did not suffice (no GPU needed: the memory figures are stand-ins).

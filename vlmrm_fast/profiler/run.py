@@ -336,9 +336,12 @@ def frames_do_not_fit(n: int, size: int, device: torch.device, seed: bool, free:
     """The error for a largest batch ``n`` whose random frames cannot be had on ``device`` (``free`` bytes free)."""
     seed_part = f" and at {SEED_FRAME_SIZE} x {SEED_FRAME_SIZE} for the seed" if seed and size != SEED_FRAME_SIZE else ""
     have = f" ({free / 1e9:.1f} GB available)" if free is not None else ""
+    # At batch 1 only the frame size can come down; above the seed's 480, it may be what was not meant.
+    fix = ("pass a smaller --frame-size" if n == 1 else "pass smaller --batch-sizes"
+           + (" or a smaller --frame-size" if size > SEED_FRAME_SIZE else ""))
     return (f"out of memory at --batch-sizes {n}: its frames alone ({n} x {size} x {size} x 3 bytes{seed_part}) "
             f"take {frame_bytes(n, size, seed) / 1e9:.1f} GB, more than the {device.type} memory could give{have}; "
-            "pass smaller --batch-sizes (the tower's activations need memory besides)")
+            f"{fix} (the tower's activations need memory besides)")
 
 
 class Profiler:
