@@ -3131,6 +3131,24 @@ def test_resume_refuses_another_run_dir_from_the_config_file(tmp_path):
         config_from_args(_train_parser().parse_args(["train", "--config", str(path), "--resume", str(tmp_path / "run")]))
 
 
+def test_a_second_config_preset_or_resume_is_refused(tmp_path, capsys):
+    # argparse keeps the last: `--config base.toml --config sweep.toml` trained without base.toml's settings.
+    from vlmrm_fast.train.run import main
+
+    first, second = tmp_path / "base.toml", tmp_path / "sweep.toml"
+    first.write_text("gamma = 0.9\n")
+    second.write_text("alpha = 0.5\n")
+    assert main(["--preset", "smoke", "--config", str(first), "--config", str(second), "--print-config"]) == 2
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err == (f"vlmrm-fast train: error: --config is given twice ({first} and {second}); it takes one: give the "
+                   "other's settings as flags (--set KEY=VALUE), which win over the file's")
+    for argv in (["--preset", "smoke", "--preset", "kneeling"], ["--resume", "a", "--resume", "b"]):
+        assert main([*argv, "--print-config"]) == 2
+        assert capsys.readouterr().err.splitlines()[-1] == f"vlmrm-fast train: error: {argv[0]} is given twice; give it once"
+    assert main(["--preset", "smoke", "--config", str(first), "--print-config"]) == 0
+    assert json.loads(capsys.readouterr().out)["gamma"] == 0.9
+
+
 def test_fields_given_but_unused_are_named(tmp_path):
     # As score's note on --baseline at --alpha 0: a value given that the run does not use, not a preset's or a default.
     from vlmrm_fast.train.command import config_from_args

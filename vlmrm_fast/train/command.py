@@ -164,6 +164,18 @@ EPILOG = textwrap.dedent("""\
     """)
 
 
+class _GivenOnce(argparse.Action):
+    """Store the value, refusing a second one: two --config files (or presets, or runs) read as layers, where
+    argparse would keep the last and drop the first without a word."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if getattr(namespace, self.dest, None) is not None:
+            parser.error(f"{option_string} is given twice ({getattr(namespace, self.dest)} and {values}); it takes one: "
+                         "give the other's settings as flags (--set KEY=VALUE), which win over the file's"
+                         if self.dest == "config" else f"{option_string} is given twice; give it once")
+        setattr(namespace, self.dest, values)
+
+
 def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register ``train`` on ``subparsers``; sets ``handler=run_train_command``."""
     p = subparsers.add_parser(
@@ -171,11 +183,11 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         "VLM-RM rewards: a CLIP model scores rendered frames against a goal prompt.", epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--preset", choices=sorted(PRESETS),
+    p.add_argument("--preset", choices=sorted(PRESETS), action=_GivenOnce,
                    help="kneeling: the paper's ViT-bigG-14 humanoid run; smoke: a tiny CPU run")
-    p.add_argument("--config", type=Path, metavar="FILE", help="TOML (or .json) config file")
+    p.add_argument("--config", type=Path, metavar="FILE", action=_GivenOnce, help="TOML (or .json) config file")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any config field (repeatable)")
-    p.add_argument("--resume", type=Path, metavar="RUN_DIR",
+    p.add_argument("--resume", type=Path, metavar="RUN_DIR", action=_GivenOnce,
                    help="continue the run in RUN_DIR from its latest complete checkpoint")
     p.add_argument("--print-config", action="store_true", help="print the effective config as JSON and exit")
     group = p.add_argument_group("config fields (override the preset and the config file; defaults without a preset)")
