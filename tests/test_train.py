@@ -2645,6 +2645,9 @@ def test_overrides_reach_their_fields_type_or_are_refused():
     assert (config.n_envs, config.buffer_size, config.progress, config.tensorboard) == (8, 1000, False, True)
     assert (config.reward_batch_size, config.reward_dtype, config.env_kwargs) == (None, "bfloat16", {"frame_skip": 2})
     assert (config.goal, config.ent_coef) == (["a robot"], "0.1")
+    # Exactly, past float's 2**53 too (--total-timesteps 10000000000000001 was read as 10000000000000000), and 1e3.
+    config = apply_overrides(base, {"total_timesteps": "10000000000000001", "buffer_size": "1e3"})
+    assert (config.total_timesteps, config.buffer_size) == (10_000_000_000_000_001, 1000)
     for values, match in (({"n_envs": True}, "n_envs .* must be an integer"),
                           ({"n_envs": 1.5}, "n_envs .* must be an integer"),
                           ({"n_envs": "1.5"}, "n_envs .* must be an integer"),

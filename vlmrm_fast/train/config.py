@@ -13,6 +13,7 @@ The effective configuration is written to ``RUN_DIR/config.json`` and into every
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import difflib
@@ -381,8 +382,10 @@ def coerce(name: str, hint: Any, value: Any, source: str = "config") -> Any:
         if isinstance(value, float) and value.is_integer():
             return int(value)  # 1e7 in TOML/JSON
         if isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                return int(value.replace("_", ""))  # exact: a float holds integers up to 2**53 only
             try:
-                f = float(value.replace("_", ""))
+                f = float(value.replace("_", ""))  # 1e7
             except ValueError:
                 raise bad("an integer") from None
             if f.is_integer():
