@@ -2637,6 +2637,10 @@ def test_overrides_reach_their_fields_type_or_are_refused():
     # --set takes flag spellings (dashes) and values holding '='.
     config = apply_overrides(base, parse_set(["total-timesteps=5000", "goal=a robot, arms = up"]))
     assert config.total_timesteps == 5000 and config.goal == ["a robot, arms = up"]
+    # A text field takes what TOML reads as a number or a boolean as typed, as its flag does (--run-dir 0123).
+    config = apply_overrides(base, parse_set(["run_dir=0123", "model=5", "goal=true", "pretrained=1e3", "ent_coef=1e-3"]))
+    assert (config.run_dir, config.model, config.goal, config.pretrained) == ("0123", "5", ["true"], "1e3")
+    assert config.ent_coef == "0.001" and parse_set(["pretrained=none", "alpha=1"]) == {"pretrained": None, "alpha": 1}
     assert base.total_timesteps == 10_000_000  # a copy: the base config is left as it was
     # Command-line flags arrive as strings.
     config = apply_overrides(base, {"n_envs": "8", "buffer_size": "1_000", "progress": "off", "tensorboard": "on",
@@ -3159,19 +3163,19 @@ def test_fields_given_but_unused_are_named(tmp_path):
     def warned(*argv: str) -> list:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            config_from_args(_train_parser().parse_args(["train", "--preset", "smoke", *argv]))
+            config_from_args(_train_parser().parse_args(["train", *argv]))
         return [str(w.message) for w in caught]
 
-    assert warned("--baseline", "a robot") == [
+    assert warned("--preset", "smoke", "--baseline", "a robot") == [
         "baseline is unused at alpha 0 (the default: the reward is the cosine similarity to the goal); give --alpha "
         "in (0, 1] to use it"]
     path = tmp_path / "run.toml"
     path.write_text('baseline = "a robot"\nvideo_length = 5\n')
-    assert warned("--config", str(path), "--eval-episodes", "2")[1] == (
+    assert warned("--preset", "smoke", "--config", str(path), "--eval-episodes", "2")[1] == (
         "eval_episodes, video_length are unused at eval_every 0 (no evaluations); give --eval-every N to evaluate "
         "every N steps")
-    assert warned("--config", str(path), "--alpha", "0.5", "--eval-every", "100") == []
-    assert warned("--baseline", "none") == warned("--goal", "a robot kneeling") == []
+    assert warned("--preset", "smoke", "--config", str(path), "--alpha", "0.5", "--eval-every", "100") == []
+    assert warned("--preset", "smoke", "--baseline", "none") == warned("--preset", "smoke", "--goal", "a robot kneeling") == []
     assert warned("--preset", "kneeling") == []  # the preset's own baseline at alpha 0, the paper's
 
 

@@ -303,14 +303,19 @@ def load_config_file(path: Union[str, Path]) -> dict:
 
 
 def parse_set(items: list[str]) -> dict:
-    """``["alpha=0.5", "goal=a robot"]`` -> dict; values read as TOML literals, else strings."""
+    """``["alpha=0.5", "goal=a robot"]`` -> dict; values read as TOML literals, else strings (and as typed for a text
+    field, where TOML reads a number or a boolean: ``run_dir=123``, ``goal=true``, as their flags take them)."""
+    hints = get_type_hints(TrainConfig)
+    # Not ent_coef, a number as often as not: its value is the number's text, as coerce writes it.
+    text = {name for name, hint in hints.items() if str in (hint, *get_args(hint))} - {"ent_coef"} | {"goal", "baseline"}
     out: dict = {}
     for item in items:
         key, sep, raw = item.partition("=")
         key = key.strip().replace("-", "_")
         if not sep or not key:
             raise ValueError(f"--set expects key=value, got {item!r}")
-        out[key] = _parse_literal(raw.strip())
+        value = _parse_literal(raw.strip())
+        out[key] = raw.strip() if key in text and isinstance(value, (bool, int, float)) else value
     return out
 
 
