@@ -371,7 +371,8 @@ def test_replace_mode_trains_on_the_vlm_reward_in_both_timings(tmp_path, timing)
     config = dot_config(tmp_path, reward_timing=timing, reward_mode="replace", reward_weight=2.0, total_timesteps=60,
                         eval_every=0)
     rm = tiny_reward(config)
-    with pytest.warns(UserWarning, match=r"weight=2 is unused in mode='replace': it scales the VLM reward in mode='add'"):
+    with pytest.warns(UserWarning, match=r"reward_weight 2 is unused with reward_mode replace: it scales the VLM reward in "
+                      r"reward_mode add only; set reward_mode add \(--reward-mode add\)"):
         result = train(config, reward_model=rm)
     buf = result.model.replay_buffer
     assert buf.pos == 30 and buf.dones[:buf.pos].any()

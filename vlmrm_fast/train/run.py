@@ -231,11 +231,19 @@ def build_vec_env(config: TrainConfig, reward_model, width, height):
 
     from vlmrm_fast.train.deferred import DeferredRewardRecorder, TimedVLMRewardVecEnv
 
+    weight = config.reward_weight
+    if config.reward_mode != "add" and weight != 1.0:
+        # Named here in the config's terms: the wrapper's own warning says weight= and mode=.
+        warnings.warn(f"reward_weight {weight:g} is unused with reward_mode {config.reward_mode}: it scales the VLM "
+                      "reward in reward_mode add only; set reward_mode add (--reward-mode add) to add the weighted VLM "
+                      "reward to the env's, or leave reward_weight out", UserWarning,
+                      stacklevel=stacklevel_outside_package())
+        weight = 1.0
     venv = VecMonitor(DummyVecEnv([lambda: make_env(config, width, height)] * config.n_envs))
     if config.reward_timing == "deferred":
         return DeferredRewardRecorder(venv, reward_model, capacity=config.train_freq, mode=config.reward_mode,
-                                      weight=config.reward_weight)
-    return TimedVLMRewardVecEnv(venv, reward_model, mode=config.reward_mode, weight=config.reward_weight)
+                                      weight=weight)
+    return TimedVLMRewardVecEnv(venv, reward_model, mode=config.reward_mode, weight=weight)
 
 
 def make_logger(run_dir: Path, tensorboard: bool, start_step: int):
