@@ -1711,3 +1711,34 @@ def test_onnxruntime_removes_the_graph_folders_killed_runs_of_this_host_left(mon
 
     gc.collect()
     assert not own.exists()
+
+
+@pytest.mark.parametrize("backend", ["torch", "compile", pytest.param("onnxruntime", marks=needs_ort)])
+def test_one_reward_model_called_from_three_threads_at_once(backend):
+    # A data-loader thread and an evaluator scoring with one reward model: each thread's rewards equal those of
+    # the same frames scored one call at a time. Frame sizes and batch sizes differ between the threads
+    # (compile: two buckets, one padded), so a buffer or bucket shared between calls would show.
+    import threading
+
+    model, tokenizer = make_tiny()
+    rm = CLIPReward(model, tokenizer, goal=GOAL, baseline=BASELINE, alpha=0.5, device="cpu", backend=backend,
+                    backend_options={"buckets": (2, 4)} if backend == "compile" else None)
+    batches = [_noise(n, h, w, seed=n) for n, h, w in ((1, 50, 70), (3, 224, 224), (4, 61, 33))]
+    want = [rm(frames) for frames in batches]
+    start = threading.Barrier(len(batches))
+    got: dict = {}
+
+    def score(i: int) -> None:
+        start.wait()
+        got[i] = [rm(batches[i]) for _ in range(4)]
+
+    threads = [threading.Thread(target=score, args=(i,)) for i in range(len(batches))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert sorted(got) == [0, 1, 2]
+    for i, rewards in got.items():
+        for reward in rewards:
+            # fp32's 1e-5: torch's thread count, shared by the threads, may change the sums' order
+            assert reward.shape == want[i].shape and torch.allclose(reward, want[i], rtol=0, atol=1e-5), (i, reward, want[i])
