@@ -523,6 +523,14 @@ def test_export_pretrained_none_in_any_case_means_random_weights(tmp_path, monke
     assert (tmp_path / "vlmrm-tiny-random-uint8-nhwc-fp32.onnx").is_file()
 
 
+def test_export_names_its_own_arguments_in_a_loading_error(tmp_path, capsys):
+    # create_clip's errors are written for Python callers (model_name='local-dir:...' with pretrained=None), which
+    # export printed as they were.
+    assert main(["export", "vlmrm-tiny", "--pretrained", str(tmp_path), "--out", str(tmp_path / "t.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert f"MODEL local-dir:{tmp_path} with --pretrained none" in err and "=" not in err, err
+
+
 def test_an_earlier_export_named_in_capitals_may_be_replaced(tmp_path):
     # EXPORT_SUFFIXES are compared case-blind: T.ONNX is an earlier export, not a file to protect.
     out = tmp_path / "T.ONNX"

@@ -943,6 +943,8 @@ def test_skip_reasons_speak_in_the_commands_options():
         "on CPU, --backends onnxruntime --dtypes int8 is the lossy fast path.")
     assert in_cli_terms("free GPU memory, or lower max_batch_size.", batch_flag="--batch-size") == (
         "free GPU memory, or lower --batch-size.")
+    assert in_cli_terms("a folder of weights: model_name='local-dir:/w' with pretrained=None.") == (
+        "a folder of weights: --model local-dir:/w with --pretrained none.")
 
 
 def test_an_interrupted_run_sets_the_peaks_of_rows_not_saved_yet(tmp_path, monkeypatch):

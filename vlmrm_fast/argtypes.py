@@ -214,12 +214,13 @@ def _int_from(text: str, lowest: int, what: str) -> int:
 
 
 def in_cli_terms(message: str, dtype_flag: str = "--dtypes", backend_flag: str = "--backends",
-                 batch_flag: str = "--batch-sizes", device_flag: str = "--device") -> str:
+                 batch_flag: str = "--batch-sizes", device_flag: str = "--device", model_flag: str = "--model") -> str:
     """A backend's error, written for ``CLIPReward`` callers, in a command's options: with ``bench``'s
     flags (the defaults), "pass dtype=torch.float32" becomes "pass --dtypes fp32", "backend='torch'"
     "--backends torch", "quantize='int8'" "--dtypes int8" (bench's precisions), "device='cpu'" "--device
     cpu" and "lower max_batch_size" "lower --batch-sizes"; ``score`` passes its ``--dtype``, ``--backend``
-    and ``--batch-size``, ``train`` its ``--reward-*`` flags. Names that end in these (``sac_device='x'``)
+    and ``--batch-size``, ``train`` its ``--reward-*`` flags; "model_name='local-dir:x'" becomes
+    "--model local-dir:x" (``export``: its MODEL argument). Names that end in these (``sac_device='x'``)
     are left as they are."""
     def short(match: re.Match) -> str:
         return SHORT_DTYPE_NAMES.get(match.group(1), match.group(1))
@@ -234,5 +235,6 @@ def in_cli_terms(message: str, dtype_flag: str = "--dtypes", backend_flag: str =
     message = re.sub(r" \(command line: [^)]*\)", "", message)  # what the Python message adds for these commands
     message = re.sub(r" \(in Python: [^)]*\)", "", message)  # and what it says for Python callers alone
     message = message.replace("pretrained=None", "--pretrained none")
+    message = re.sub(r"\bmodel_name='([^']*)'", lambda m: f"{model_flag} {m.group(1)}", message)
     message = re.sub(r"\balpha=(\d+(?:\.\d+)?)", r"--alpha \1", message).replace("give a baseline", "give a --baseline")
     return re.sub(r"\bmax_batch_size\b", batch_flag, message)

@@ -13,7 +13,8 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, cast
 
-from vlmrm_fast.argtypes import ONNX_EXPORTERS, ONNX_INPUT_FORMATS, dtype_choice, output_file, positive_int, writable_file
+from vlmrm_fast.argtypes import (ONNX_EXPORTERS, ONNX_INPUT_FORMATS, CLIError, dtype_choice, in_cli_terms, output_file,
+                                positive_int, writable_file)
 from vlmrm_fast.atomic import destination_of, write_atomically
 from vlmrm_fast.scratch import scratch_folder
 
@@ -99,7 +100,10 @@ def run_export(args: argparse.Namespace) -> int:
     batch_range = _check_before_loading(args, dtype)  # a refusal costs no download or load of the weights
     out = writable_file(out, "--out")
     _check_not_replacing_other_files(out, pretrained)
-    model, _ = create_clip(args.model, pretrained)
+    try:
+        model, _ = create_clip(args.model, pretrained)
+    except ValueError as error:  # written for Python callers: in this command's terms
+        raise CLIError(in_cli_terms(str(error), model_flag="MODEL")) from None
     spec = preprocess_spec_of(model, "vlmrm")
     visual = cast("torch.nn.Module", model.visual)  # an open_clip model's vision tower
     start = time.perf_counter()
