@@ -66,6 +66,17 @@ SHORT_DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 _LONG_DTYPE_NAMES = {short: name for name, short in SHORT_DTYPE_NAMES.items()}
 
 
+def undecoded_byte(text: str) -> Optional[str]:
+    """The first lone surrogate in ``text``, or None: a byte of a command line or file typed in another encoding
+    than the locale's, which Python passes on as such (``--goal $'caf\\xe9'`` in a UTF-8 locale). It is no text:
+    CLIP's tokenizer would drop or mangle it without a word, and no plot title can draw it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return text[exc.start]
+    return None
+
+
 def dtype_name(text: str, long: bool) -> str:
     """``text`` (fp32 or float32, bf16 or bfloat16, fp16 or float16, any case) as torch's long name
     (``long``) or the short one; other text comes back lower-cased, for the caller's own check."""

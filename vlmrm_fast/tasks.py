@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from vlmrm_fast.argtypes import undecoded_byte
 from vlmrm_fast.callers import stacklevel_outside_package
 from vlmrm_fast.ops.score import ScoringTargets
 from vlmrm_fast.precision import without_autocast
@@ -69,14 +70,10 @@ def _non_blank(prompt: str, what: str) -> str:
         raise ValueError(f"{what} has a blank prompt ({prompt!r}): give it words, e.g. goal='a humanoid robot "
                          "kneeling', baseline='a humanoid robot'; for no baseline, give none (baseline=None; on the "
                          "command line, leave out --baseline).")
-    try:
-        prompt.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        # A lone surrogate: the byte of a command line (or file name) typed in another encoding than the locale's,
-        # which Python passes on as such. The tokenizer would drop or mangle it without a word, and the plot's
-        # title cannot draw it.
-        raise ValueError(f"{what} has a prompt that is not text ({prompt!r}: {prompt[exc.start]!r} is a byte that is "
-                         "not UTF-8, from a terminal or file in another encoding): retype it as UTF-8.") from None
+    byte = undecoded_byte(prompt)
+    if byte is not None:
+        raise ValueError(f"{what} has a prompt that is not text ({prompt!r}: {byte!r} is a byte that is not UTF-8, "
+                         "from a terminal or file in another encoding): retype it as UTF-8.")
     return prompt
 
 

@@ -54,7 +54,7 @@ def _keep_inherited_sessions() -> None:
     costs it no memory: the session's pages are the parent's until written."""
     for backend in list(_LIVE):
         _INHERITED_SESSIONS.append(backend.session)
-        finalizer = backend.__dict__.get("_remove_workdir")
+        finalizer = getattr(backend, "_remove_workdir", None)  # a copy has none
         if finalizer is not None:
             finalizer.detach()
 

@@ -29,7 +29,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable, Optional, Union, get_args, get_origin, get_type_hints
 
-from vlmrm_fast.argtypes import BACKEND_NAMES, FLOAT32_MAX, dtype_name
+from vlmrm_fast.argtypes import BACKEND_NAMES, FLOAT32_MAX, dtype_name, undecoded_byte
 
 tomllib: Optional[ModuleType]  # None: Python < 3.11 without tomli (TOML configs refused, JSON read)
 if sys.version_info >= (3, 11):
@@ -162,7 +162,7 @@ class TrainConfig:
              "goal needs at least one prompt, none blank")
         need(all(isinstance(b, str) and b.strip() for b in self.baseline), "baseline prompts must be non-blank strings")
         for prompt in (*self.goal, *self.baseline):  # as CLIPReward refuses them, but before the envs are made
-            need(not any("\ud800" <= c <= "\udfff" for c in prompt),
+            need(undecoded_byte(prompt) is None,
                  f"the prompt {prompt!r} is not text: it holds a byte that is not UTF-8, from a terminal or file in "
                  "another encoding; retype it as UTF-8")
         need(self.alpha == 0 or bool(self.baseline), "alpha > 0 needs a baseline prompt; set baseline or alpha = 0")
